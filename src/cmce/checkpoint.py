@@ -1,0 +1,96 @@
+"""Checkpoints: plain dicts of tensors and primitives, saved atomically and loaded weights-only
+(no pickle of arbitrary objects). The sha256 of the file is the version other artifacts record."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmce.models import EmbeddingNet
+from cmce.storage import atomic_path, file_sha256
+
+EMBEDDING_FORMAT = "cmce-embedding-model/1"
+TRANSFORM_FORMAT = "cmce-transformation/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or of the wrong kind; the message names the file."""
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return file_sha256(path)
+
+
+def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {err}") from None
+    if not isinstance(obj, dict) or obj.get("format") != expected_format:
+        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a {expected_format} checkpoint, got {got!r}")
+    return obj
+
+
+@dataclass
+class EmbeddingModel:
+    """A loaded embedding model with what is needed to feed it and to name its version."""
+
+    name: str
+    arch: str
+    net: EmbeddingNet
+    classifier: torch.Tensor  # (num_classes, dim), for the cosine head
+    scale: float
+    in_channels: int
+    image_size: int
+    embedding_dim: int
+    sha256: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_embedding_model(m: EmbeddingModel, path: str | Path, width: int) -> str:
+    obj = {
+        "format": EMBEDDING_FORMAT,
+        "name": m.name,
+        "arch": m.arch,
+        "width": width,
+        "in_channels": m.in_channels,
+        "image_size": m.image_size,
+        "embedding_dim": m.embedding_dim,
+        "scale": m.scale,
+        "classifier": m.classifier.detach().cpu().clone(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in m.net.state_dict().items()},
+        "meta": m.meta,
+    }
+    return save_checkpoint(obj, path)
+
+
+def load_embedding_model(path: str | Path) -> EmbeddingModel:
+    obj = load_checkpoint(path, EMBEDDING_FORMAT)
+    net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"])
+    try:
+        net.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match architecture {obj['arch']!r}: {err}") from None
+    net.eval()
+    return EmbeddingModel(
+        name=obj["name"],
+        arch=obj["arch"],
+        net=net,
+        classifier=obj["classifier"],
+        scale=float(obj["scale"]),
+        in_channels=obj["in_channels"],
+        image_size=obj["image_size"],
+        embedding_dim=obj["embedding_dim"],
+        sha256=file_sha256(path),
+        meta=obj.get("meta", {}),
+    )

@@ -1,0 +1,202 @@
+"""One typed configuration, loaded once from YAML; unknown keys are rejected with their path."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and the field."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "fashion_mnist", "imagefolder"] = "digits"
+    path: str | None = None  # fashion_mnist: folder with the IDX files; imagefolder: root folder
+    protocol: Literal["heldout", "disjoint"] = "heldout"
+    heldout_fraction: float = 0.25  # test share per class when the source has no official split
+    max_train_per_class: int | None = None
+    max_test_per_class: int | None = None
+    image_size: int = 28
+    channels: Literal[1, 3] = 1
+
+
+@dataclass
+class ModelSpec:
+    name: str = "query"
+    arch: str = "query_cnn"
+    embedding_dim: int = 64
+    width: int = 32
+    seed: int = 0
+    data_fraction: float = 1.0  # train on a random subset of the train split (ensemble diversity)
+    epochs: int | None = None  # overrides train.epochs for this model
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.1
+    scale: float = 16.0  # cosine-softmax temperature
+    label_smoothing: float = 0.1
+    augment: bool = True
+
+
+@dataclass
+class TransformConfig:
+    hidden_dim: int = 512
+    depth: int = 2  # number of linear layers
+    lam: float = 1.0  # weight of the cross-entropy term through the frozen query classifier
+    scale: float = 16.0
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class KDConfig:
+    enabled: bool = True
+    epochs: int | None = None  # default: train.epochs
+    augment: bool = True
+
+
+@dataclass
+class IndexConfig:
+    type: Literal["flat"] = "flat"
+    reject_fraction: float = 0.0
+
+
+@dataclass
+class EvaluateConfig:
+    recall_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    far: list[float] = field(default_factory=lambda: [1e-2, 1e-3, 1e-4])
+    rejection_rates: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
+    rejection_far: float = 1e-3
+    random_repeats: int = 5
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    batch_size: int = 256  # inference batch size
+    num_threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    query_model: ModelSpec = field(default_factory=ModelSpec)
+    gallery_models: list[ModelSpec] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short content hash of the whole config, recorded in artifact metadata."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, where: str) -> None:
+    if not cfg.gallery_models:
+        raise ConfigError(f"{where}: gallery_models must list at least one model")
+    names = [m.name for m in cfg.gallery_models] + [cfg.query_model.name]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: model names must be unique, got {names}")
+    for m in cfg.gallery_models:
+        if not 0.0 < m.data_fraction <= 1.0:
+            raise ConfigError(f"{where}: gallery_models[{m.name}].data_fraction must be in (0, 1]")
+    if not 0.0 <= cfg.index.reject_fraction < 1.0:
+        raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1)")
+    from cmce.models import check_arch  # late import: models imports torch
+
+    for m in [cfg.query_model, *cfg.gallery_models]:
+        try:
+            check_arch(m.arch)
+        except KeyError as err:
+            raise ConfigError(f"{where}: model {m.name!r}: {err.args[0]}") from None
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
+    cfg = _build(Config, raw or {}, "")
+    _validate(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return config_from_dict(raw, str(path))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

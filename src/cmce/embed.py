@@ -1,0 +1,158 @@
+"""Embedding: stream a dataset split through a model in batches; write per-model embedding files and
+combine them into the gallery file (ensemble embedding, uncertainty, running sum, raw embeddings).
+
+Per-model file (one gallery model): id, label, raw (its own space), transformed (query space, unit).
+Gallery file: id, label, embedding (unit, query space), uncertainty, ensemble_sum, n_models,
+raw_<model> for every member (kept so transformations can be refitted without re-reading images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from cmce.checkpoint import EmbeddingModel, load_embedding_model
+from cmce.data import SplitArrays, iter_split_batches, to_float
+from cmce.ensemble import RunningEnsemble
+from cmce.storage import atomic_path
+from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, string_column, int_column
+from cmce.transform import load_transformation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Embedded:
+    ids: list[str]
+    labels: np.ndarray
+    embeddings: np.ndarray  # float32 (rows, dim), raw model output
+
+
+@torch.no_grad()
+def embed_batch(model: EmbeddingModel, images_uint8: torch.Tensor) -> np.ndarray:
+    return model.net(to_float(images_uint8)).numpy().astype(np.float32, copy=False)
+
+
+def iter_embeddings(
+    model: EmbeddingModel, dataset: str | Path, split: str, batch_size: int
+) -> Iterator[tuple[SplitArrays, np.ndarray]]:
+    model.net.eval()
+    batches = iter_split_batches(dataset, split, batch_size, model.in_channels, model.image_size)
+    for batch in tqdm(batches, desc=f"embed {model.name} [{split}]", leave=False, mininterval=2):
+        yield batch, embed_batch(model, batch.images)
+
+
+def embed_split(model: EmbeddingModel, dataset: str | Path, split: str, batch_size: int = 256) -> Embedded:
+    ids, labels, embs = [], [], []
+    for batch, emb in iter_embeddings(model, dataset, split, batch_size):
+        ids += batch.ids
+        labels.append(batch.labels)
+        embs.append(emb)
+    return Embedded(ids, np.concatenate(labels), np.concatenate(embs))
+
+
+def embed_with_model(
+    dataset: str | Path,
+    model_path: str | Path,
+    transform_path: str | Path,
+    query_sha256: str,
+    out: str | Path,
+    split: str = "test",
+    batch_size: int = 256,
+) -> Path:
+    """Embed one split with one gallery model and its transformation; stream batches to Parquet."""
+    model = load_embedding_model(model_path)
+    t = load_transformation(transform_path, query_sha256=query_sha256, gallery_sha256=model.sha256)
+    meta = {
+        "kind": "gallery_member",
+        "split": split,
+        "gallery_model": {"name": model.name, "arch": model.arch, "sha256": model.sha256},
+        "transformation_sha256": t.sha256,
+        "query_model_sha256": query_sha256,
+    }
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("label", pa.int32()),
+            ("raw", pa.list_(pa.float32(), model.embedding_dim)),
+            ("transformed", pa.list_(pa.float32(), t.out_dim)),
+        ]
+    ).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+    out = Path(out)
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for batch, raw in iter_embeddings(model, dataset, split, batch_size):
+            cols = [pa.array(batch.ids), pa.array(batch.labels.astype(np.int32)), embedding_array(raw),
+                    embedding_array(t.apply(raw))]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+    log.info("wrote %s (%s, %s split)", out, model.name, split)
+    return out
+
+
+def combine_members(member_paths: list[str | Path], out: str | Path, batch_size: int = 8192) -> Path:
+    """Combine per-model embedding files into the gallery file, batch by batch (bounded memory)."""
+    if not member_paths:
+        raise ValueError("combine needs at least one per-model embedding file")
+    metas = [read_metadata(p) for p in member_paths]
+    for p, m in zip(member_paths, metas, strict=True):
+        if m.get("kind") != "gallery_member":
+            raise TableError(f"{p}: not a per-model gallery embedding file (kind={m.get('kind')!r})")
+    query_sha = {m["query_model_sha256"] for m in metas}
+    if len(query_sha) != 1:
+        raise TableError(f"{member_paths}: members were transformed for different query models {sorted(query_sha)}")
+    names = [m["gallery_model"]["name"] for m in metas]
+    if len(set(names)) != len(names):
+        raise TableError(f"duplicate gallery model names among members: {names}")
+    files = [pq.ParquetFile(p) for p in member_paths]
+    rows = {f.metadata.num_rows for f in files}
+    if len(rows) != 1:
+        raise TableError(f"{member_paths}: members have different row counts {sorted(rows)}")
+    q_dim = files[0].schema_arrow.field("transformed").type.list_size
+    fields = [
+        ("id", pa.string()),
+        ("label", pa.int32()),
+        ("embedding", pa.list_(pa.float32(), q_dim)),
+        ("uncertainty", pa.float32()),
+        ("ensemble_sum", pa.list_(pa.float32(), q_dim)),
+        ("n_models", pa.int32()),
+    ] + [(f"raw_{n}", f.schema_arrow.field("raw").type) for n, f in zip(names, files, strict=True)]
+    meta = {
+        "kind": "gallery",
+        "split": metas[0]["split"],
+        "query_model_sha256": query_sha.pop(),
+        "members": [{**m["gallery_model"], "transformation_sha256": m["transformation_sha256"]} for m in metas],
+    }
+    schema = pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+    out = Path(out)
+    iters = [f.iter_batches(batch_size=batch_size) for f in files]
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for parts in zip(*iters, strict=True):
+            tables = [pa.Table.from_batches([b]) for b in parts]
+            ids = string_column(tables[0], "id", str(member_paths[0]))
+            ens = RunningEnsemble()
+            raws = []
+            for p, t in zip(member_paths, tables, strict=True):
+                if string_column(t, "id", str(p)) != ids:
+                    raise TableError(f"{p}: ids are not in the same order as {member_paths[0]}")
+                ens.add(embedding_column(t, "transformed", str(p), q_dim))
+                raws.append(t.column("raw").combine_chunks())
+            cols = [
+                pa.array(ids),
+                pa.array(int_column(tables[0], "label", str(member_paths[0])).astype(np.int32)),
+                embedding_array(ens.embedding),
+                pa.array(ens.uncertainty),
+                embedding_array(ens.sum.astype(np.float32)),
+                pa.array(np.full(len(ids), ens.n_models, np.int32)),
+                *raws,
+            ]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+    log.info("wrote %s (%d members: %s)", out, len(names), names)
+    return out

@@ -1,0 +1,182 @@
+"""Evaluation of every configuration on the test split, and rejection by uncertainty.
+
+Queries and gallery are the same test images (leave-one-out): a query's own image is excluded.
+Configurations (metrics.json keys):
+  sym_query               query model → query model
+  sym_gallery/<m>         gallery model m → itself
+  asym/<m>                query model → T_m(gallery model m)
+  asym_ensemble/<n>       query model → mean of the first n transformed gallery models
+  kd/<m>                  distilled query-sized student of m → gallery model m
+  rejection/uncertainty   asym_ensemble/N with the most uncertain gallery items removed
+  rejection/random        the same number of gallery items removed at random (mean of repeats)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cmce.checkpoint import EmbeddingModel, load_embedding_model
+from cmce.config import EvaluateConfig
+from cmce.embed import embed_split
+from cmce.ensemble import normalize
+from cmce.index import rejection_mask
+from cmce.metrics import retrieval_metrics
+from cmce.tables import (
+    TableError,
+    embedding_array,
+    embedding_column,
+    int_column,
+    read_metadata,
+    read_table,
+    string_column,
+    with_metadata,
+    write_table,
+)
+from cmce.transform import load_transformation
+
+log = logging.getLogger(__name__)
+Metrics = dict[str, dict[str, float]]
+
+
+@dataclass
+class EvalInputs:
+    dataset: Path
+    query_model: Path
+    gallery: Path
+    transformations: list[Path]  # one per gallery model, in ensemble order
+    kd_students: dict[str, Path] = field(default_factory=dict)  # gallery model name → student
+
+
+def score_matrix(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray) -> np.ndarray:
+    """Cosine scores; the pair (query i, gallery self_cols[i]) is excluded (-inf) when self_cols[i] ≥ 0."""
+    scores = normalize(queries) @ normalize(gallery).T
+    rows = np.flatnonzero(self_cols >= 0)
+    scores[rows, self_cols[rows]] = -np.inf
+    return scores
+
+
+def rejection_curves(
+    scores: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    uncertainty: np.ndarray,
+    cfg: EvaluateConfig,
+    seed: int,
+) -> Metrics:
+    """Error vs rejection rate under the retrieval (1 − R@1) and verification (1 − TAR) protocols."""
+    far = cfg.rejection_far
+    rng = np.random.default_rng(seed)
+    out: Metrics = {"rejection/uncertainty": {}, "rejection/random": {}}
+
+    def errors(keep: np.ndarray) -> tuple[float, float]:
+        m = retrieval_metrics(scores[:, keep], query_labels, gallery_labels[keep], ks=[1], fars=[far], with_map=False)
+        return 1.0 - m["R@1"], 1.0 - m[f"TAR@FAR={far:g}"]
+
+    for rate in cfg.rejection_rates:
+        reject = rejection_mask(uncertainty, rate)
+        ret, ver = errors(~reject)
+        out["rejection/uncertainty"] |= {f"retrieval_error@{rate:g}": ret, f"verification_error@{rate:g}": ver}
+        n_reject = int(reject.sum())
+        rand = []
+        for _ in range(cfg.random_repeats if n_reject else 1):
+            keep = np.ones(len(uncertainty), bool)
+            keep[rng.choice(len(uncertainty), n_reject, replace=False)] = False
+            rand.append(errors(keep))
+        r_ret, r_ver = np.mean(rand, axis=0)
+        out["rejection/random"] |= {f"retrieval_error@{rate:g}": float(r_ret), f"verification_error@{rate:g}": float(r_ver)}
+    return out
+
+
+def _student_embeddings(path: Path, dataset: Path, order: list[str], batch: int) -> tuple[EmbeddingModel, np.ndarray]:
+    student = load_embedding_model(path)
+    emb = embed_split(student, dataset, "test", batch)
+    pos = {i: n for n, i in enumerate(emb.ids)}
+    return student, emb.embeddings[[pos[i] for i in order]]
+
+
+def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch_size: int = 256,
+             seed: int = 0) -> Metrics:
+    """Compute all configurations; write query.parquet, metrics.json, results.md and plots."""
+    from cmce.report import write_reports  # matplotlib is only needed here
+
+    out_dir = Path(out_dir)
+    query_model = load_embedding_model(inputs.query_model)
+    gmeta = read_metadata(inputs.gallery)
+    if gmeta.get("kind") != "gallery":
+        raise TableError(f"{inputs.gallery}: not a gallery file (kind={gmeta.get('kind')!r})")
+    if gmeta["query_model_sha256"] != query_model.sha256:
+        raise TableError(
+            f"{inputs.gallery}: gallery was transformed for query model {gmeta['query_model_sha256'][:12]}, "
+            f"not {query_model.sha256[:12]} ({inputs.query_model})"
+        )
+    members = gmeta["members"]
+    if len(inputs.transformations) != len(members):
+        raise ValueError(f"{len(members)} gallery members but {len(inputs.transformations)} transformations given")
+    table = read_table(inputs.gallery)
+    g_ids = string_column(table, "id", str(inputs.gallery))
+    g_labels = int_column(table, "label", str(inputs.gallery))
+
+    q = embed_split(query_model, inputs.dataset, "test", batch_size)
+    write_table(
+        with_metadata(
+            pa.table({"id": q.ids, "label": q.labels.astype(np.int32), "embedding": embedding_array(q.embeddings)}),
+            {"kind": "query", "split": "test", "query_model": {"name": query_model.name, "sha256": query_model.sha256}},
+        ),
+        out_dir / "query.parquet",
+    )
+    col = {gid: n for n, gid in enumerate(g_ids)}
+    self_cols = np.array([col.get(i, -1) for i in q.ids])
+    if (self_cols < 0).all():
+        log.warning("no query image is in the gallery: evaluating without self-exclusion")
+    # gallery-side arrays in gallery order; for symmetric configurations queries are the gallery rows
+    g_self = np.arange(len(g_ids))
+    metrics: Metrics = {}
+
+    def run(name: str, queries: np.ndarray, gallery: np.ndarray, cols: np.ndarray, qlab: np.ndarray) -> np.ndarray:
+        scores = score_matrix(queries, gallery, cols)
+        metrics[name] = retrieval_metrics(scores, qlab, g_labels, cfg.recall_k, cfg.far)
+        log.info("%-28s R@1 %.4f  MAP@R %.4f", name, metrics[name]["R@1"], metrics[name]["MAP@R"])
+        return scores
+
+    q_rows = self_cols >= 0
+    q_as_gallery = np.zeros((len(g_ids), q.embeddings.shape[1]), np.float32)
+    q_as_gallery[self_cols[q_rows]] = q.embeddings[q_rows]
+    if q_rows.all() and len(q.ids) == len(g_ids):
+        run("sym_query", q.embeddings, q_as_gallery, self_cols, q.labels)
+
+    transformed = []
+    for member, t_path in zip(members, inputs.transformations, strict=True):
+        name = member["name"]
+        raw = embedding_column(table, f"raw_{name}", str(inputs.gallery))
+        t = load_transformation(t_path, query_sha256=query_model.sha256, gallery_sha256=member["sha256"])
+        run(f"sym_gallery/{name}", raw, raw, g_self, g_labels)
+        transformed.append(t.apply(raw))
+        run(f"asym/{name}", q.embeddings, transformed[-1], self_cols, q.labels)
+    running = np.zeros_like(transformed[0], dtype=np.float64)
+    scores = None
+    for n, member_emb in enumerate(transformed, start=1):
+        running += member_emb
+        scores = run(f"asym_ensemble/{n}", q.embeddings, running.astype(np.float32), self_cols, q.labels)
+    stored = embedding_column(table, "embedding", str(inputs.gallery))
+    if not np.allclose(normalize(running.astype(np.float32)), stored, atol=1e-4):
+        raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
+    for gname, s_path in inputs.kd_students.items():
+        raw = embedding_column(table, f"raw_{gname}", str(inputs.gallery))
+        student, s_emb = _student_embeddings(Path(s_path), inputs.dataset, q.ids, batch_size)
+        run(f"kd/{gname}", s_emb, raw, self_cols, q.labels)
+
+    uncertainty = table.column("uncertainty").to_numpy().astype(np.float32)
+    assert scores is not None
+    metrics |= rejection_curves(scores, q.labels, g_labels, uncertainty, cfg, seed)
+    versions = {
+        "query_model": {"name": query_model.name, "sha256": query_model.sha256},
+        "members": members,
+        "gallery": str(inputs.gallery),
+    }
+    write_reports(metrics, versions, out_dir)
+    return metrics

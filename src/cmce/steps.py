@@ -1,0 +1,176 @@
+"""One function per pipeline step, composing the concept modules. The CLI, `cmce run` and any
+orchestrator call these; nothing here knows about KFP, DVC or MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cmce.checkpoint import load_embedding_model
+from cmce.config import Config, ModelSpec
+from cmce.data import dataset_info, prepare_dataset
+from cmce.embed import combine_members, embed_split, embed_with_model
+from cmce.evaluate import EvalInputs, evaluate
+from cmce.index import build_index
+from cmce.tables import embedding_array, with_metadata, write_table
+from cmce.train import train_distilled_student, train_embedding_model
+from cmce.transform import Transformation, fit_transformation, save_transformation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunLayout:
+    """Where `cmce run` puts each artifact under the output directory."""
+
+    root: Path
+    gallery_names: list[str] = field(default_factory=list)
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "data" / "dataset.parquet"
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / f"{name}.pt"
+
+    def kd_student(self, gallery_name: str) -> Path:
+        return self.root / "models" / f"kd_{gallery_name}.pt"
+
+    def transformation(self, name: str) -> Path:
+        return self.root / "transforms" / f"{name}.pt"
+
+    def train_embeddings(self, name: str) -> Path:
+        return self.root / "embeddings" / "train" / f"{name}.parquet"
+
+    def member(self, name: str) -> Path:
+        return self.root / "embeddings" / "gallery" / f"{name}.parquet"
+
+    @property
+    def gallery(self) -> Path:
+        return self.root / "gallery.parquet"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+
+def model_spec(cfg: Config, name: str) -> ModelSpec:
+    specs = {m.name: m for m in [cfg.query_model, *cfg.gallery_models]}
+    if name not in specs:
+        raise KeyError(f"unknown model {name!r}; models in the config: {sorted(specs)}")
+    return specs[name]
+
+
+def step_prepare_data(cfg: Config, out: Path) -> Path:
+    return prepare_dataset(cfg.data, out, cfg.seed)
+
+
+def step_train(cfg: Config, dataset: Path, name: str, out: Path) -> Path:
+    train_embedding_model(dataset, model_spec(cfg, name), cfg.data, cfg.train, out)
+    return out
+
+
+def step_train_kd(cfg: Config, dataset: Path, teacher: Path, out: Path) -> Path:
+    train_cfg = cfg.train
+    if not cfg.kd.augment:
+        train_cfg = type(cfg.train)(**{**cfg.train.__dict__, "augment": False})
+    student = ModelSpec(**{**cfg.query_model.__dict__, "seed": cfg.query_model.seed + 1000})
+    train_distilled_student(dataset, teacher, student, cfg.data, train_cfg, out, cfg.kd.epochs)
+    return out
+
+
+def step_fit_transform(
+    cfg: Config, dataset: Path, query_model: Path, gallery_model: Path, out: Path, train_embeddings_out: Path | None
+) -> Path:
+    """Embed the train split with both frozen models, fit T, save it (and the raw train embeddings)."""
+    q_model = load_embedding_model(query_model)
+    g_model = load_embedding_model(gallery_model)
+    q = embed_split(q_model, dataset, "train", cfg.batch_size)
+    g = embed_split(g_model, dataset, "train", cfg.batch_size)
+    if q.ids != g.ids:
+        raise ValueError(f"{dataset}: train split read in different orders")
+    mlp, history = fit_transformation(
+        g.embeddings, q.embeddings, q.labels, q_model.classifier, cfg.transform, cfg.seed, f"T[{g_model.name}]"
+    )
+    t = Transformation(
+        mlp=mlp,
+        gallery_model=g_model.name,
+        gallery_model_sha256=g_model.sha256,
+        query_model_sha256=q_model.sha256,
+        in_dim=g_model.embedding_dim,
+        out_dim=q_model.embedding_dim,
+        hidden_dim=cfg.transform.hidden_dim,
+        depth=cfg.transform.depth,
+        history=history,
+    )
+    save_transformation(t, out)
+    if train_embeddings_out is not None:
+        table = pa.table(
+            {
+                "id": g.ids,
+                "label": g.labels.astype(np.int32),
+                "raw": embedding_array(g.embeddings),
+                "query": embedding_array(q.embeddings),
+            }
+        )
+        meta = {
+            "kind": "train_embeddings",
+            "gallery_model": {"name": g_model.name, "sha256": g_model.sha256},
+            "query_model_sha256": q_model.sha256,
+        }
+        write_table(with_metadata(table, meta), train_embeddings_out)
+    return out
+
+
+def step_embed_member(dataset: Path, query_model: Path, gallery_model: Path, transform: Path, out: Path,
+                      batch_size: int) -> Path:
+    q_sha = load_embedding_model(query_model).sha256
+    return embed_with_model(dataset, gallery_model, transform, q_sha, out, "test", batch_size)
+
+
+def step_combine(members: list[Path], out: Path) -> Path:
+    return combine_members(list(members), out)
+
+
+def step_build_index(cfg: Config, gallery: Path, out: Path) -> Path:
+    return build_index(gallery, out, cfg.index.reject_fraction, cfg.index.type)
+
+
+def step_evaluate(cfg: Config, inputs: EvalInputs, out: Path) -> dict:
+    return evaluate(inputs, cfg.evaluate, out, cfg.batch_size, cfg.seed)
+
+
+def run_all(cfg: Config) -> dict:
+    """Every step in one process, in dependency order, under cfg.output_dir."""
+    lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
+    step_prepare_data(cfg, lay.dataset)
+    log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k != "classes"}))
+    step_train(cfg, lay.dataset, cfg.query_model.name, lay.model(cfg.query_model.name))
+    q_path = lay.model(cfg.query_model.name)
+    for g in cfg.gallery_models:
+        step_train(cfg, lay.dataset, g.name, lay.model(g.name))
+        step_fit_transform(cfg, lay.dataset, q_path, lay.model(g.name), lay.transformation(g.name),
+                           lay.train_embeddings(g.name))
+        step_embed_member(lay.dataset, q_path, lay.model(g.name), lay.transformation(g.name), lay.member(g.name),
+                          cfg.batch_size)
+        if cfg.kd.enabled:
+            step_train_kd(cfg, lay.dataset, lay.model(g.name), lay.kd_student(g.name))
+    step_combine([lay.member(g.name) for g in cfg.gallery_models], lay.gallery)
+    step_build_index(cfg, lay.gallery, lay.index)
+    inputs = EvalInputs(
+        dataset=lay.dataset,
+        query_model=q_path,
+        gallery=lay.gallery,
+        transformations=[lay.transformation(g.name) for g in cfg.gallery_models],
+        kd_students={g.name: lay.kd_student(g.name) for g in cfg.gallery_models} if cfg.kd.enabled else {},
+    )
+    return step_evaluate(cfg, inputs, lay.eval_dir)

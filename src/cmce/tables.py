@@ -1,0 +1,104 @@
+"""Embedding tables in Parquet: fixed-size float32 list columns plus JSON version metadata.
+
+Every embedding file carries schema metadata key ``cmce`` (JSON) naming the models that produced it.
+Readers validate column presence, type, dimension and finiteness, and name the file and column.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cmce.storage import atomic_path
+
+
+class TableError(ValueError):
+    """An embedding table is missing, malformed or from other models; names the file and field."""
+
+
+def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shape {x.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def with_metadata(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
+    return table.replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+
+
+def write_table(table: pa.Table, path: str | Path, row_group_size: int = 8192) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: file not found")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise TableError(f"{path}: not a readable Parquet file: {err}") from None
+    raw = (schema.metadata or {}).get(b"cmce")
+    if raw is None:
+        raise TableError(f"{path}: no cmce version metadata in the Parquet schema")
+    return json.loads(raw)
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: file not found")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise TableError(f"{path}: not a readable Parquet file: {err}") from None
+    for col in columns or []:
+        if col not in schema.names:
+            raise TableError(f"{path}: missing column '{col}' (has {schema.names})")
+    return pq.read_table(path, columns=columns)
+
+
+def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = None) -> np.ndarray:
+    """A fixed-size-list float32 column → (rows, dim) array, checked for type, dimension, finiteness."""
+    if name not in table.column_names:
+        raise TableError(f"{where}: missing column '{name}'")
+    col = table.column(name)
+    if not pa.types.is_fixed_size_list(col.type) or col.type.value_type != pa.float32():
+        raise TableError(f"{where}: column '{name}' has type {col.type}, expected fixed_size_list<float32>")
+    width = col.type.list_size
+    if dim is not None and width != dim:
+        raise TableError(f"{where}: column '{name}' has dimension {width}, expected {dim}")
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if arr.null_count:
+        raise TableError(f"{where}: column '{name}' has {arr.null_count} null rows")
+    values = arr.values.to_numpy(zero_copy_only=False)[arr.offset * width : (arr.offset + len(arr)) * width]
+    out = values.reshape(len(arr), width)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise TableError(f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))})")
+    return out
+
+
+def string_column(table: pa.Table, name: str, where: str) -> list[str]:
+    if name not in table.column_names:
+        raise TableError(f"{where}: missing column '{name}'")
+    if not pa.types.is_string(table.column(name).type) and not pa.types.is_large_string(table.column(name).type):
+        raise TableError(f"{where}: column '{name}' has type {table.column(name).type}, expected string")
+    return table.column(name).to_pylist()
+
+
+def int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
+    if name not in table.column_names:
+        raise TableError(f"{where}: missing column '{name}'")
+    if not pa.types.is_integer(table.column(name).type):
+        raise TableError(f"{where}: column '{name}' has type {table.column(name).type}, expected an integer")
+    return table.column(name).to_numpy().astype(np.int64)

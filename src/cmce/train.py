@@ -1,0 +1,187 @@
+"""Embedding-model training: cosine-softmax classification on the train split, and the
+knowledge-distillation baseline (a query-architecture student regressing a gallery model's
+normalised embedding)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
+from cmce.config import DataConfig, ModelSpec, TrainConfig
+from cmce.data import DataError, SplitArrays, dataset_info, load_split, to_float
+from cmce.models import CosineClassifier, EmbeddingNet
+
+log = logging.getLogger(__name__)
+History = list[dict[str, float]]
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (edge pixels replicated) and random horizontal flip,
+    on a uint8 batch NxCxHxW."""
+    n, c, h, w = images.shape
+    dy = torch.randint(-pad, pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(-pad, pad + 1, (n, 1), generator=generator)
+    rows = (torch.arange(h)[None] + dy).clamp_(0, h - 1).view(n, 1, h, 1)
+    cols = (torch.arange(w)[None] + dx).clamp_(0, w - 1)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols[flip] = cols[flip].flip(-1)
+    batch = torch.arange(n).view(n, 1, 1, 1)
+    chan = torch.arange(c).view(1, c, 1, 1)
+    return images[batch, chan, rows, cols.view(n, 1, 1, w)]
+
+
+def subset(data: SplitArrays, fraction: float, seed: int) -> SplitArrays:
+    if fraction >= 1.0:
+        return data
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(data.ids), max(1, int(len(data.ids) * fraction)), replace=False))
+    return SplitArrays([data.ids[i] for i in keep], data.labels[keep], data.images[keep])
+
+
+def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def run_epochs(
+    params: list[torch.nn.Parameter],
+    modules: list[torch.nn.Module],
+    data: SplitArrays,
+    step_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
+    cfg: TrainConfig,
+    epochs: int,
+    seed: int,
+    desc: str,
+) -> History:
+    """Shared optimisation loop: AdamW, warmup + cosine LR, optional augmentation, per-epoch log."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data.ids)
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * epochs, cfg.warmup_fraction))
+    labels = torch.from_numpy(data.labels)
+    history: History = []
+    for epoch in range(epochs):
+        for m in modules:
+            m.train()
+        order = torch.randperm(n, generator=gen)
+        total, metric_sum = 0.0, 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2)
+        for step in bar:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x = data.images[idx]
+            if cfg.augment:
+                x = augment(x, gen)
+            loss, metric = step_loss(to_float(x), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss)
+            metric_sum += metric
+        row = {"epoch": epoch + 1, "loss": total / steps_per_epoch, "metric": metric_sum / steps_per_epoch}
+        history.append(row)
+        log.info("%s epoch %d/%d loss %.4f metric %.4f", desc, epoch + 1, epochs, row["loss"], row["metric"])
+    for m in modules:
+        m.eval()
+    return history
+
+
+def train_embedding_model(
+    dataset: str | Path,
+    spec: ModelSpec,
+    data_cfg: DataConfig,
+    cfg: TrainConfig,
+    out: str | Path,
+) -> EmbeddingModel:
+    """Train one embedding model with a cosine-softmax head; save a weights-only checkpoint."""
+    torch.manual_seed(spec.seed)
+    data = subset(load_split(dataset, "train", data_cfg.channels, data_cfg.image_size), spec.data_fraction, spec.seed)
+    classes = np.unique(data.labels)
+    if len(classes) < 2:
+        raise DataError(f"{dataset}: the train split needs at least 2 classes, got {len(classes)}")
+    # classifier rows are indexed by the dataset label so the query head can score any train label
+    num_classes = int(classes.max()) + 1
+    net = EmbeddingNet(spec.arch, data_cfg.channels, spec.embedding_dim, spec.width)
+    head = CosineClassifier(spec.embedding_dim, num_classes, cfg.scale)
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        logits = head(net(x))
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        return loss, float((logits.argmax(1) == y).float().mean())
+
+    epochs = spec.epochs or cfg.epochs
+    history = run_epochs(
+        [*net.parameters(), *head.parameters()], [net, head], data, step_loss, cfg, epochs, spec.seed, spec.name
+    )
+    model = EmbeddingModel(
+        name=spec.name,
+        arch=spec.arch,
+        net=net,
+        classifier=head.weight.detach(),
+        scale=cfg.scale,
+        in_channels=data_cfg.channels,
+        image_size=data_cfg.image_size,
+        embedding_dim=spec.embedding_dim,
+        meta={"history": history, "seed": spec.seed, "train_images": len(data.ids), "role": "embedding"},
+    )
+    save_embedding_model(model, out, spec.width)
+    return load_embedding_model(out)
+
+
+def train_distilled_student(
+    dataset: str | Path,
+    teacher_path: str | Path,
+    student_spec: ModelSpec,
+    data_cfg: DataConfig,
+    cfg: TrainConfig,
+    out: str | Path,
+    epochs: int | None = None,
+) -> EmbeddingModel:
+    """KD baseline: a student of the query architecture regressing the teacher's normalised embedding."""
+    teacher = load_embedding_model(teacher_path)
+    torch.manual_seed(student_spec.seed)
+    data = load_split(dataset, "train", data_cfg.channels, data_cfg.image_size)
+    net = EmbeddingNet(student_spec.arch, data_cfg.channels, teacher.embedding_dim, student_spec.width)
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        with torch.no_grad():
+            target = F.normalize(teacher.net(x), dim=-1)
+        pred = F.normalize(net(x), dim=-1)
+        loss = (pred - target).pow(2).sum(-1).mean()
+        return loss, float((pred * target).sum(-1).mean())
+
+    history = run_epochs(
+        list(net.parameters()), [net], data, step_loss, cfg, epochs or cfg.epochs, student_spec.seed,
+        f"kd/{teacher.name}",
+    )
+    info = dataset_info(dataset)
+    student = EmbeddingModel(
+        name=f"kd_{teacher.name}",
+        arch=student_spec.arch,
+        net=net,
+        classifier=teacher.classifier,
+        scale=teacher.scale,
+        in_channels=data_cfg.channels,
+        image_size=data_cfg.image_size,
+        embedding_dim=teacher.embedding_dim,
+        meta={"history": history, "teacher_sha256": teacher.sha256, "role": "kd_student",
+              "dataset_source": info.get("source", "")},
+    )
+    save_embedding_model(student, out, student_spec.width)
+    return load_embedding_model(out)

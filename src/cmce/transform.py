@@ -1,0 +1,166 @@
+"""The transformation T_i: an MLP mapping one gallery model's embedding into the query space.
+
+Fitted with both backbones frozen, on their precomputed embeddings of the training images:
+    L = ‖n(T(g)) − n(q)‖² + λ · CE(s · n(T(g)) · n(W_q)ᵀ, y)
+n = L2 normalisation, W_q = the frozen query classifier. The query model never changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from cmce.config import TransformConfig
+from cmce.models import cosine_logits
+from cmce.storage import file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def build_mlp(in_dim: int, out_dim: int, hidden_dim: int, depth: int) -> nn.Sequential:
+    """`depth` linear layers; hidden ones followed by BatchNorm + ReLU. depth=1 is a linear map."""
+    if depth < 1:
+        raise ValueError(f"transform.depth must be >= 1, got {depth}")
+    dims = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < depth - 1:
+            layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Transformation:
+    mlp: nn.Sequential
+    gallery_model: str  # name
+    gallery_model_sha256: str
+    query_model_sha256: str
+    in_dim: int
+    out_dim: int
+    hidden_dim: int
+    depth: int
+    sha256: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @torch.no_grad()
+    def apply(self, raw: np.ndarray | torch.Tensor, batch_size: int = 8192) -> np.ndarray:
+        """Raw gallery embeddings → L2-normalised embeddings in the query space (float32)."""
+        x = torch.as_tensor(np.asarray(raw, dtype=np.float32))
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(
+                f"transformation for {self.gallery_model!r} expects embeddings of dim {self.in_dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        self.mlp.eval()
+        out = [F.normalize(self.mlp(x[i : i + batch_size]), dim=-1) for i in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.out_dim), np.float32)
+
+
+def transformation_loss(
+    out: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, lam: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Total, alignment and cross-entropy terms of the fitting loss (see module docstring)."""
+    align = (F.normalize(out, dim=-1) - F.normalize(query, dim=-1)).pow(2).sum(-1).mean()
+    ce = F.cross_entropy(cosine_logits(out, classifier, scale), labels) if lam > 0 else out.new_zeros(())
+    return align + lam * ce, align, ce
+
+
+def fit_transformation(
+    gallery_emb: np.ndarray,
+    query_emb: np.ndarray,
+    labels: np.ndarray,
+    query_classifier: torch.Tensor,
+    cfg: TransformConfig,
+    seed: int = 0,
+    desc: str = "transform",
+) -> tuple[nn.Sequential, list[dict[str, float]]]:
+    """Fit the MLP on paired embeddings of the same training images. Returns (mlp, per-epoch history)."""
+    if len(gallery_emb) != len(query_emb) or len(gallery_emb) != len(labels):
+        raise ValueError("gallery embeddings, query embeddings and labels must have the same length")
+    for name, arr in (("gallery", gallery_emb), ("query", query_emb)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} embeddings contain NaN or inf values")
+    torch.manual_seed(seed)
+    g = torch.as_tensor(gallery_emb, dtype=torch.float32)
+    q = torch.as_tensor(query_emb, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    w = query_classifier.detach().float()
+    mlp = build_mlp(g.shape[1], q.shape[1], cfg.hidden_dim, cfg.depth)
+    opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, len(g) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, mininterval=2):
+        mlp.train()
+        order = torch.randperm(len(g), generator=gen)
+        sums = np.zeros(3)
+        for s in range(steps):
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            loss, align, ce = transformation_loss(mlp(g[idx]), q[idx], y[idx], w, cfg.lam, cfg.scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums += [float(loss), float(align), float(ce)]
+        row = dict(zip(("loss", "align", "ce"), (sums / steps).tolist(), strict=True))
+        history.append({"epoch": epoch + 1, **row})
+    log.info("%s: final loss %.4f (align %.4f, ce %.4f)", desc, *(history[-1][k] for k in ("loss", "align", "ce")))
+    mlp.eval()
+    return mlp, history
+
+
+def save_transformation(t: Transformation, path: str | Path) -> str:
+    obj: dict[str, Any] = {
+        "format": TRANSFORM_FORMAT,
+        "gallery_model": t.gallery_model,
+        "gallery_model_sha256": t.gallery_model_sha256,
+        "query_model_sha256": t.query_model_sha256,
+        "in_dim": t.in_dim,
+        "out_dim": t.out_dim,
+        "hidden_dim": t.hidden_dim,
+        "depth": t.depth,
+        "history": t.history,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in t.mlp.state_dict().items()},
+    }
+    t.sha256 = save_checkpoint(obj, path)
+    return t.sha256
+
+
+def load_transformation(
+    path: str | Path, query_sha256: str | None = None, gallery_sha256: str | None = None
+) -> Transformation:
+    """Load a transformation; refuse it if it was fitted for another query or gallery model."""
+    obj = load_checkpoint(path, TRANSFORM_FORMAT)
+    for role, expected in (("query", query_sha256), ("gallery", gallery_sha256)):
+        actual = obj[f"{role}_model_sha256"]
+        if expected is not None and actual != expected:
+            raise CheckpointError(
+                f"{path}: transformation was fitted for {role} model {actual[:12]}, "
+                f"but {role} model {expected[:12]} was given"
+            )
+    mlp = build_mlp(obj["in_dim"], obj["out_dim"], obj["hidden_dim"], obj["depth"])
+    mlp.load_state_dict(obj["state_dict"], strict=True)
+    mlp.eval()
+    return Transformation(
+        mlp=mlp,
+        gallery_model=obj["gallery_model"],
+        gallery_model_sha256=obj["gallery_model_sha256"],
+        query_model_sha256=obj["query_model_sha256"],
+        in_dim=obj["in_dim"],
+        out_dim=obj["out_dim"],
+        hidden_dim=obj["hidden_dim"],
+        depth=obj["depth"],
+        sha256=file_sha256(path),
+        history=obj.get("history", []),
+    )
