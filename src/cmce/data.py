@@ -11,7 +11,10 @@ import gzip
 import io
 import json
 import logging
+import shutil
 import struct
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +158,42 @@ def _to_png(data: bytes, origin: Path | str) -> bytes:
     return buf.getvalue()
 
 
+def fetch_fashion_mnist(dest: str | Path) -> Path:
+    """Unpack Debian's dataset-fashion-mnist package into `dest` (nothing is downloaded from a hub).
+
+    Returns the folder holding the IDX files; does nothing when they are already there.
+    """
+    dest = Path(dest)
+    try:
+        return _find_fashion_dir(dest)
+    except DataError:
+        pass
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise DataError(f"fetching Fashion-MNIST needs {tool} (Debian); or set data.path to the IDX files")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["apt-get", "download", "dataset-fashion-mnist"]
+        if subprocess.run(cmd, cwd=tmp, capture_output=True).returncode != 0:
+            # a fresh machine has no package lists yet
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise DataError(f"apt-get download dataset-fashion-mnist failed: {res.stderr.strip()}")
+        deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+        unpacked = Path(tmp) / "x"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+        src = _find_fashion_dir(unpacked)
+        staging = Path(tempfile.mkdtemp(prefix=".fmnist.", dir=dest.parent if dest.parent.exists() else None))
+        for f in src.iterdir():
+            shutil.copy2(f, staging / f.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(staging), dest)
+    log.info("Fashion-MNIST unpacked into %s", dest)
+    return dest
+
+
 # ---------------------------------------------------------------- protocols
 def assign_splits(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
     """Return the split of every image ("train", "test" or "" for dropped) under the protocol."""
@@ -193,8 +232,8 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0) -> Path:
         raw = import_digits()
     elif cfg.source == "fashion_mnist":
         if not cfg.path:
-            raise DataError("data.path: Fashion-MNIST needs the folder holding its IDX files")
-        raw = import_fashion_mnist(cfg.path)
+            raise DataError("data.path: Fashion-MNIST needs a folder for its IDX files")
+        raw = import_fashion_mnist(fetch_fashion_mnist(cfg.path))
     else:
         if not cfg.path:
             raise DataError("data.path: imagefolder needs a root folder")
@@ -276,6 +315,7 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
     for col in DATASET_SCHEMA:
         if col.name not in names:
             raise DataError(f"{path}: missing column '{col.name}'")
+    for col in DATASET_SCHEMA:
         actual = pf.schema_arrow.field(col.name).type
         if actual != col.type and not (col.type == pa.binary() and actual == pa.large_binary()):
             raise DataError(f"{path}: column '{col.name}' has type {actual}, expected {col.type}")

@@ -24,7 +24,7 @@ from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data import SplitArrays, iter_split_batches, to_float
 from cmce.ensemble import RunningEnsemble
 from cmce.storage import atomic_path
-from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, string_column, int_column
+from cmce.tables import TableError, embedding_array, embedding_column, int_column, read_metadata, string_column
 from cmce.transform import load_transformation
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def iter_embeddings(
 ) -> Iterator[tuple[SplitArrays, np.ndarray]]:
     model.net.eval()
     batches = iter_split_batches(dataset, split, batch_size, model.in_channels, model.image_size)
-    for batch in tqdm(batches, desc=f"embed {model.name} [{split}]", leave=False, mininterval=2):
+    for batch in tqdm(batches, desc=f"embed {model.name} [{split}]", leave=False, mininterval=2, disable=None):
         yield batch, embed_batch(model, batch.images)
 
 
@@ -58,6 +58,35 @@ def embed_split(model: EmbeddingModel, dataset: str | Path, split: str, batch_si
         labels.append(batch.labels)
         embs.append(emb)
     return Embedded(ids, np.concatenate(labels), np.concatenate(embs))
+
+
+def member_metadata(name: str, arch: str, sha256: str, transformation_sha256: str, query_sha256: str,
+                    split: str) -> dict:
+    return {
+        "kind": "gallery_member",
+        "split": split,
+        "gallery_model": {"name": name, "arch": arch, "sha256": sha256},
+        "transformation_sha256": transformation_sha256,
+        "query_model_sha256": query_sha256,
+    }
+
+
+def member_schema(raw_dim: int, query_dim: int, meta: dict) -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("label", pa.int32()),
+            ("raw", pa.list_(pa.float32(), raw_dim)),
+            ("transformed", pa.list_(pa.float32(), query_dim)),
+        ]
+    ).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+
+
+def member_table(ids: list[str], labels: np.ndarray, raw: np.ndarray, transformed: np.ndarray,
+                 schema: pa.Schema) -> pa.Table:
+    cols = [pa.array(ids, pa.string()), pa.array(np.asarray(labels, np.int32)), embedding_array(raw),
+            embedding_array(transformed)]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def embed_with_model(
@@ -72,27 +101,12 @@ def embed_with_model(
     """Embed one split with one gallery model and its transformation; stream batches to Parquet."""
     model = load_embedding_model(model_path)
     t = load_transformation(transform_path, query_sha256=query_sha256, gallery_sha256=model.sha256)
-    meta = {
-        "kind": "gallery_member",
-        "split": split,
-        "gallery_model": {"name": model.name, "arch": model.arch, "sha256": model.sha256},
-        "transformation_sha256": t.sha256,
-        "query_model_sha256": query_sha256,
-    }
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("label", pa.int32()),
-            ("raw", pa.list_(pa.float32(), model.embedding_dim)),
-            ("transformed", pa.list_(pa.float32(), t.out_dim)),
-        ]
-    ).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+    meta = member_metadata(model.name, model.arch, model.sha256, t.sha256, query_sha256, split)
+    schema = member_schema(model.embedding_dim, t.out_dim, meta)
     out = Path(out)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for batch, raw in iter_embeddings(model, dataset, split, batch_size):
-            cols = [pa.array(batch.ids), pa.array(batch.labels.astype(np.int32)), embedding_array(raw),
-                    embedding_array(t.apply(raw))]
-            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+            writer.write_table(member_table(batch.ids, batch.labels, raw, t.apply(raw), schema))
     log.info("wrote %s (%s, %s split)", out, model.name, split)
     return out
 

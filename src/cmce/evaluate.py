@@ -88,7 +88,10 @@ def rejection_curves(
             keep[rng.choice(len(uncertainty), n_reject, replace=False)] = False
             rand.append(errors(keep))
         r_ret, r_ver = np.mean(rand, axis=0)
-        out["rejection/random"] |= {f"retrieval_error@{rate:g}": float(r_ret), f"verification_error@{rate:g}": float(r_ver)}
+        out["rejection/random"] |= {
+            f"retrieval_error@{rate:g}": float(r_ret),
+            f"verification_error@{rate:g}": float(r_ver),
+        }
     return out
 
 

@@ -84,7 +84,9 @@ def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = N
     out = values.reshape(len(arr), width)
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
-        raise TableError(f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))})")
+        raise TableError(
+            f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))})"
+        )
     return out
 
 

@@ -81,7 +81,8 @@ def run_epochs(
             m.train()
         order = torch.randperm(n, generator=gen)
         total, metric_sum = 0.0, 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2)
+        desc_epoch = f"{desc} epoch {epoch + 1}/{epochs}"
+        bar = tqdm(range(steps_per_epoch), desc=desc_epoch, leave=False, mininterval=2, disable=None)
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = data.images[idx]
@@ -92,7 +93,7 @@ def run_epochs(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += loss.item()
             metric_sum += metric
         row = {"epoch": epoch + 1, "loss": total / steps_per_epoch, "metric": metric_sum / steps_per_epoch}
         history.append(row)
@@ -164,7 +165,7 @@ def train_distilled_student(
             target = F.normalize(teacher.net(x), dim=-1)
         pred = F.normalize(net(x), dim=-1)
         loss = (pred - target).pow(2).sum(-1).mean()
-        return loss, float((pred * target).sum(-1).mean())
+        return loss, (pred.detach() * target).sum(-1).mean().item()
 
     history = run_epochs(
         list(net.parameters()), [net], data, step_loss, cfg, epochs or cfg.epochs, student_spec.seed,

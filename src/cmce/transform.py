@@ -55,7 +55,7 @@ class Transformation:
     @torch.no_grad()
     def apply(self, raw: np.ndarray | torch.Tensor, batch_size: int = 8192) -> np.ndarray:
         """Raw gallery embeddings → L2-normalised embeddings in the query space (float32)."""
-        x = torch.as_tensor(np.asarray(raw, dtype=np.float32))
+        x = torch.from_numpy(np.array(raw, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(
                 f"transformation for {self.gallery_model!r} expects embeddings of dim {self.in_dim}, "
@@ -101,7 +101,7 @@ def fit_transformation(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     gen = torch.Generator().manual_seed(seed)
     history = []
-    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, mininterval=2):
+    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, mininterval=2, disable=None):
         mlp.train()
         order = torch.randperm(len(g), generator=gen)
         sums = np.zeros(3)
@@ -112,7 +112,7 @@ def fit_transformation(
             loss.backward()
             opt.step()
             sched.step()
-            sums += [float(loss), float(align), float(ce)]
+            sums += [loss.item(), align.item(), ce.item()]
         row = dict(zip(("loss", "align", "ce"), (sums / steps).tolist(), strict=True))
         history.append({"epoch": epoch + 1, **row})
     log.info("%s: final loss %.4f (align %.4f, ce %.4f)", desc, *(history[-1][k] for k in ("loss", "align", "ce")))

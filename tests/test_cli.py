@@ -1,0 +1,166 @@
+"""End-to-end: `cmce run` on the smoke config, then the CLI steps and their error handling."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cmce.cli import build_parser, main
+from cmce.metrics import retrieval_metrics
+from cmce.tables import embedding_column
+from tests.conftest import SMOKE
+
+GALLERY = ["resnet_a", "vgg_b"]
+
+
+def test_metrics_json_has_every_configuration(smoke_run):
+    lay, metrics = smoke_run
+    on_disk = json.loads((lay.eval_dir / "metrics.json").read_text())
+    assert on_disk.keys() == metrics.keys()
+    for name, values in metrics.items():
+        assert on_disk[name] == pytest.approx(values, nan_ok=True)
+    expected = {"sym_query", "asym_ensemble/1", "asym_ensemble/2", "rejection/uncertainty", "rejection/random"}
+    for g in GALLERY:
+        expected |= {f"sym_gallery/{g}", f"asym/{g}", f"kd/{g}"}
+    assert set(on_disk) == expected
+    for name in expected - {"rejection/uncertainty", "rejection/random"}:
+        assert {"R@1", "R@2", "R@4", "R@8", "MAP@R", "TAR@FAR=0.01", "TAR@FAR=0.001", "TAR@FAR=0.0001"} <= set(
+            on_disk[name]
+        )
+    assert set(on_disk["rejection/uncertainty"]) == {
+        f"{p}_error@{r}" for p in ("retrieval", "verification") for r in ("0", "0.1", "0.3")
+    }
+    # the models learned something: far above the 10% chance level of digits
+    assert on_disk["sym_query"]["R@1"] > 0.6
+    assert on_disk["sym_gallery/resnet_a"]["R@1"] > 0.5
+    for f in ("results.md", "versions.json", "query.parquet"):
+        assert (lay.eval_dir / f).stat().st_size > 0
+    for f in ("recall.png", "rejection.png"):
+        assert (lay.eval_dir / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| asym_ensemble/2 |" in (lay.eval_dir / "results.md").read_text()
+
+
+def test_metrics_recompute_from_the_two_parquet_files(smoke_run):
+    lay, metrics = smoke_run
+    q = pq.read_table(lay.eval_dir / "query.parquet")
+    g = pq.read_table(lay.gallery)
+    assert q.column("id").to_pylist() == g.column("id").to_pylist()
+    scores = embedding_column(q, "embedding", "q")
+    scores = scores / np.linalg.norm(scores, axis=1, keepdims=True) @ embedding_column(g, "embedding", "g").T
+    np.fill_diagonal(scores, -np.inf)
+    labels = g.column("label").to_numpy()
+    m = retrieval_metrics(scores, labels, labels)
+    for key in ("R@1", "MAP@R", "TAR@FAR=0.001"):
+        assert m[key] == pytest.approx(metrics["asym_ensemble/2"][key], abs=1e-6)
+
+
+def test_gallery_file_schema_and_versions(smoke_run):
+    lay, _ = smoke_run
+    table = pq.read_table(lay.gallery)
+    assert {"id", "label", "embedding", "uncertainty", "ensemble_sum", "n_models", "raw_resnet_a", "raw_vgg_b"} <= set(
+        table.column_names
+    )
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    meta = json.loads(table.schema.metadata[b"cmce"])
+    from cmce.checkpoint import load_embedding_model
+
+    assert meta["query_model_sha256"] == load_embedding_model(lay.model("query")).sha256
+    assert [m["name"] for m in meta["members"]] == GALLERY
+    assert all(len(m["transformation_sha256"]) == 64 for m in meta["members"])
+    assert (table.column("uncertainty").to_numpy() > 0).all()
+
+
+def test_search_returns_hits_with_uncertainty(smoke_run, capsys):
+    lay, _ = smoke_run
+    rc = main(["search", "--index", str(lay.index), "--query-model", str(lay.model("query")),
+               "--dataset", str(lay.dataset), "--limit", "3", "--k", "4"])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(len(x["hits"]) == 4 for x in lines)
+    scores = [h["score"] for h in lines[0]["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(h["uncertainty"] >= 0 for h in lines[0]["hits"])
+
+
+def test_search_refuses_another_query_model(smoke_run, caplog):
+    lay, _ = smoke_run
+    rc = main(["search", "--index", str(lay.index), "--query-model", str(lay.kd_student("resnet_a")),
+               "--dataset", str(lay.dataset), "--limit", "1"])
+    assert rc == 2
+    assert "index was built for query model" in caplog.text
+
+
+def test_embed_member_with_corrupt_png_names_it_and_writes_nothing(smoke_run, tmp_path, caplog):
+    lay, _ = smoke_run
+    table = pq.read_table(lay.dataset)
+    images = table.column("image").to_pylist()
+    split = table.column("split").to_pylist()
+    victim = [i for i, s in enumerate(split) if s == "test"][3]
+    images[victim] = images[victim][:30]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), bad)
+    out = tmp_path / "member.parquet"
+    rc = main(["embed-member", "--dataset", str(bad), "--query-model", str(lay.model("query")),
+               "--gallery-model", str(lay.model("resnet_a")), "--transform", str(lay.transformation("resnet_a")),
+               "--out", str(out)])
+    assert rc == 2
+    assert f"(id {table.column('id')[victim]}): corrupt or unreadable image" in caplog.text
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_transformation_for_another_model_is_refused(smoke_run, tmp_path, caplog):
+    lay, _ = smoke_run
+    rc = main(["embed-member", "--dataset", str(lay.dataset), "--query-model", str(lay.model("query")),
+               "--gallery-model", str(lay.model("vgg_b")), "--transform", str(lay.transformation("resnet_a")),
+               "--out", str(tmp_path / "m.parquet")])
+    assert rc == 2 and "fitted for gallery model" in caplog.text
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_bad_config_is_a_clear_error(tmp_path, caplog):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(SMOKE.read_text().replace("arch: vgg", "arch: vggg"))
+    assert main(["prepare-data", "--config", str(cfg), "--out", str(tmp_path / "d.parquet")]) == 2
+    assert "unknown architecture 'vggg'" in caplog.text
+    assert not (tmp_path / "d.parquet").exists()
+
+
+def test_every_subcommand_has_help():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"prepare-data", "train", "fit-transform", "embed-gallery", "build-index", "evaluate", "search",
+            "run"} <= set(sub.choices)
+    for name in sub.choices:
+        res = subprocess.run([sys.executable, "-m", "cmce.cli", name, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and "usage: cmce" in res.stdout, name
+
+
+def test_step_by_step_cli_chain(smoke_run, tmp_path):
+    """The per-step subcommands, wired as an orchestrator would call them, give a full evaluation."""
+    lay, _ = smoke_run
+    quick = ["--config", str(SMOKE), "--set", "train.epochs=1", "--set", "transform.epochs=2"]
+    ds = tmp_path / "d.parquet"
+    assert main(["prepare-data", *quick, "--out", str(ds)]) == 0
+    q, g, t, s = tmp_path / "q.pt", tmp_path / "g.pt", tmp_path / "t.pt", tmp_path / "s.pt"
+    assert main(["train", *quick, "--dataset", str(ds), "--model", "query", "--out", str(q)]) == 0
+    assert main(["train", *quick, "--dataset", str(ds), "--model", "vgg_b", "--out", str(g)]) == 0
+    assert main(["train", *quick, "--dataset", str(ds), "--kd-teacher", str(g), "--out", str(s)]) == 0
+    assert main(["fit-transform", *quick, "--dataset", str(ds), "--query-model", str(q), "--gallery-model", str(g),
+                 "--out", str(t), "--train-embeddings-out", str(tmp_path / "train_g.parquet")]) == 0
+    gallery = tmp_path / "gallery.parquet"
+    assert main(["embed-gallery", "--dataset", str(ds), "--query-model", str(q), "--gallery-model", str(g),
+                 "--transform", str(t), "--out", str(gallery)]) == 0
+    assert (tmp_path / "gallery_members" / "g.parquet").exists()
+    assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "index"),
+                 "--reject-fraction", "0.1"]) == 0
+    assert main(["evaluate", *quick, "--dataset", str(ds), "--query-model", str(q), "--gallery", str(gallery),
+                 "--transform", str(t), "--kd", f"vgg_b={s}", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"sym_query", "sym_gallery/vgg_b", "asym/vgg_b", "asym_ensemble/1", "kd/vgg_b"} <= set(metrics)
+    # one member: the ensemble is that member's transformation
+    assert metrics["asym_ensemble/1"]["R@1"] == metrics["asym/vgg_b"]["R@1"]
+    train_emb = pq.read_table(tmp_path / "train_g.parquet")
+    assert {"raw", "query"} <= set(train_emb.column_names)

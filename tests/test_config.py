@@ -1,0 +1,54 @@
+import pytest
+
+from cmce.config import ConfigError, load_config
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+GOOD = """
+query_model: {name: q, arch: query_cnn}
+gallery_models: [{name: g, arch: resnet}]
+"""
+
+
+def test_loads_defaults_and_coerces_numbers(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD + "transform: {lam: 1}\nevaluate: {far: [1e-3]}\n"))
+    assert cfg.transform.lam == 1.0 and isinstance(cfg.transform.lam, float)
+    assert cfg.evaluate.far == [1e-3]
+    assert len(cfg.digest()) == 16
+
+
+def test_unknown_key_is_rejected_with_its_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['epoch'\]; valid keys:"):
+        load_config(_write(tmp_path, GOOD + "train: {epoch: 3}\n"))
+
+
+def test_unknown_architecture_lists_valid_names(tmp_path):
+    text = GOOD.replace("arch: resnet", "arch: resnet999")
+    with pytest.raises(ConfigError, match=r"c.yaml.*unknown architecture 'resnet999'; valid names: \[.*'resnet'"):
+        load_config(_write(tmp_path, text))
+
+
+def test_wrong_type_and_literal(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.epochs: expected int"):
+        load_config(_write(tmp_path, GOOD + "train: {epochs: three}\n"))
+    with pytest.raises(ConfigError, match=r"data.protocol: 'random' is not one of"):
+        load_config(_write(tmp_path, GOOD + "data: {protocol: random}\n"))
+
+
+def test_overrides_and_missing_file(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD), {"train.epochs": 7, "output_dir": "x"})
+    assert cfg.train.epochs == 7 and cfg.output_dir == "x"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_needs_gallery_models_and_unique_names(tmp_path):
+    with pytest.raises(ConfigError, match="at least one"):
+        load_config(_write(tmp_path, "query_model: {name: q}\n"))
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(_write(tmp_path, "query_model: {name: g}\ngallery_models: [{name: g, arch: vgg}]\n"))

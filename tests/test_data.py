@@ -1,0 +1,151 @@
+import gzip
+import io
+import struct
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cmce.config import DataConfig
+from cmce.data import (
+    DATASET_SCHEMA,
+    DataError,
+    dataset_info,
+    decode_image,
+    encode_png,
+    import_fashion_mnist,
+    import_imagefolder,
+    iter_split_batches,
+    load_split,
+    prepare_dataset,
+)
+
+
+def _png(mode, size=(6, 6), value=128):
+    buf = io.BytesIO()
+    Image.new(mode, size, value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_digits_heldout_split_is_stratified(tmp_path):
+    out = prepare_dataset(DataConfig(source="digits", heldout_fraction=0.25, image_size=8), tmp_path / "d.parquet")
+    t = pq.read_table(out)
+    assert t.schema.remove_metadata() == DATASET_SCHEMA
+    split = np.array(t.column("split").to_pylist())
+    labels = t.column("label").to_numpy()
+    for c in range(10):
+        frac = (split[labels == c] == "test").mean()
+        assert 0.2 < frac < 0.3
+    assert dataset_info(out)["protocol"] == "heldout"
+
+
+def test_disjoint_protocol_splits_classes(tmp_path):
+    cfg = DataConfig(source="digits", protocol="disjoint", max_test_per_class=20, image_size=8)
+    t = pq.read_table(prepare_dataset(cfg, tmp_path / "d.parquet"))
+    split = np.array(t.column("split").to_pylist())
+    labels = t.column("label").to_numpy()
+    assert set(labels[split == "train"]) == {0, 1, 2, 3, 4}
+    assert set(labels[split == "test"]) == {5, 6, 7, 8, 9}
+    assert np.bincount(labels[split == "test"])[5:].tolist() == [20] * 5
+
+
+def test_empty_split_is_a_clear_error_and_writes_nothing(tmp_path):
+    cfg = DataConfig(source="digits", max_test_per_class=0, image_size=8)
+    with pytest.raises(DataError, match="leaves the 'test' split empty"):
+        prepare_dataset(cfg, tmp_path / "d.parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_prepare_keeps_existing_output(tmp_path):
+    out = prepare_dataset(DataConfig(source="digits", image_size=8), tmp_path / "d.parquet")
+    before = out.read_bytes()
+    with pytest.raises(DataError):
+        prepare_dataset(DataConfig(source="digits", max_train_per_class=0, image_size=8), out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.parquet"]
+
+
+def _idx(path, array, dtype_code=0x08):
+    header = struct.pack(">HBB", 0, dtype_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    raw = import_fashion_mnist(tmp_path)
+    assert len(raw.ids) == 30 and raw.official_split.count("test") == 10
+    assert raw.classes[9] == "Ankle boot"
+    # truncated file: clear error naming it
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))
+    with pytest.raises(DataError, match="t10k has 10 images but 5 labels"):
+        import_fashion_mnist(tmp_path)
+
+
+def test_imagefolder_and_corrupt_image(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            (tmp_path / cls / f"{i}.png").write_bytes(_png("L", value=40 * i))
+    raw = import_imagefolder(tmp_path)
+    assert raw.classes == ["cat", "dog"] and len(raw.ids) == 6 and raw.ids[0] == "cat/0.png"
+    (tmp_path / "dog" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match=r"dog/9.png: corrupt or unreadable image"):
+        import_imagefolder(tmp_path)
+    (tmp_path / "dog" / "9.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"dog/9.png: empty \(zero-byte\) image"):
+        import_imagefolder(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16", "P"])
+def test_decode_converts_modes(mode):
+    value = 30000 if mode == "I;16" else 100
+    arr = decode_image(_png(mode, (5, 7), value if mode != "RGB" else (100, 100, 100)), 1, 4, "x")
+    assert arr.shape == (1, 4, 4) and arr.dtype == np.uint8
+    assert decode_image(_png(mode, (5, 7), value if mode != "RGB" else (1, 2, 3)), 3, 4, "x").shape == (3, 4, 4)
+
+
+def test_rgba_is_composited_on_white():
+    buf = io.BytesIO()
+    Image.new("RGBA", (2, 2), (0, 0, 0, 0)).save(buf, format="PNG")
+    assert decode_image(buf.getvalue(), 1, 2, "x").min() == 255
+
+
+def _dataset(path, images, ids=None, split="test"):
+    ids = ids or [f"i{n}" for n in range(len(images))]
+    pq.write_table(
+        pa.table({"id": ids, "label": pa.array([n % 2 for n in range(len(images))], pa.int32()),
+                  "class_name": ["a"] * len(images), "split": [split] * len(images), "image": images},
+                 schema=DATASET_SCHEMA),
+        path,
+    )
+    return path
+
+
+def test_corrupt_image_in_dataset_names_the_id(tmp_path):
+    good = encode_png(np.zeros((4, 4), np.uint8))
+    path = _dataset(tmp_path / "d.parquet", [good, good[:20], good])
+    with pytest.raises(DataError, match=r"d.parquet \(id i1\): corrupt or unreadable image"):
+        list(iter_split_batches(path, "test", 8, 1, 4))
+
+
+def test_missing_split_duplicate_ids_and_missing_column(tmp_path):
+    good = encode_png(np.zeros((4, 4), np.uint8))
+    path = _dataset(tmp_path / "d.parquet", [good, good])
+    with pytest.raises(DataError, match="split 'train' is empty"):
+        load_split(path, "train", 1, 4)
+    dup = _dataset(tmp_path / "dup.parquet", [good, good], ids=["a", "a"])
+    with pytest.raises(DataError, match="duplicate id 'a'"):
+        load_split(dup, "test", 1, 4)
+    pq.write_table(pa.table({"id": ["a"], "label": [0]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="bad.parquet: missing column 'class_name'"):
+        load_split(tmp_path / "bad.parquet", "test", 1, 4)
+    pq.write_table(pa.table({"id": ["a"], "label": ["x"], "class_name": ["a"], "split": ["test"], "image": [good]}),
+                   tmp_path / "bad2.parquet")
+    with pytest.raises(DataError, match="column 'label' has type string, expected int32"):
+        load_split(tmp_path / "bad2.parquet", "test", 1, 4)

@@ -1,0 +1,85 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cmce.embed import combine_members, member_metadata, member_schema, member_table
+from cmce.ensemble import RunningEnsemble, normalize
+from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, with_metadata, write_table
+
+
+def write_member(path, name, ids, raw, transformed, query_sha="q" * 64, labels=None):
+    meta = member_metadata(name, "resnet", name * 8, "t" + name, query_sha, "test")
+    schema = member_schema(raw.shape[1], transformed.shape[1], meta)
+    labels = np.arange(len(ids)) % 3 if labels is None else labels
+    pq.write_table(member_table(ids, labels, raw, transformed, schema), path, row_group_size=7)
+    return path
+
+
+def members(tmp_path, n_models=3, rows=40, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = [f"x{i}" for i in range(rows)]
+    paths, transformed = [], []
+    for m in range(n_models):
+        t = normalize(rng.normal(size=(rows, 6)))
+        transformed.append(t)
+        paths.append(write_member(tmp_path / f"m{m}.parquet", f"m{m}", ids, rng.normal(size=(rows, 4 + m)), t))
+    return ids, paths, np.stack(transformed)
+
+
+def test_combine_matches_direct_ensemble_and_keeps_raw(tmp_path):
+    ids, paths, transformed = members(tmp_path)
+    out = combine_members(paths, tmp_path / "gallery.parquet", batch_size=16)  # several batches
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == ids
+    ens = RunningEnsemble()
+    for t in transformed:
+        ens.add(t)
+    np.testing.assert_allclose(embedding_column(table, "embedding", "g"), ens.embedding, atol=1e-6)
+    np.testing.assert_allclose(table.column("uncertainty").to_numpy(), ens.uncertainty, atol=1e-5)
+    np.testing.assert_allclose(embedding_column(table, "ensemble_sum", "g"), ens.sum, atol=1e-5)
+    assert set(table.column("n_models").to_pylist()) == {3}
+    assert embedding_column(table, "raw_m2", "g").shape == (40, 6)
+    meta = read_metadata(out)
+    assert meta["kind"] == "gallery" and [m["name"] for m in meta["members"]] == ["m0", "m1", "m2"]
+
+
+def test_parquet_round_trip_with_schema_metadata(tmp_path):
+    import pyarrow as pa
+
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    table = with_metadata(pa.table({"id": list("abcde"), "e": embedding_array(x)}), {"model": {"sha256": "abc"}})
+    path = write_table(table, tmp_path / "t.parquet")
+    assert read_metadata(path) == {"model": {"sha256": "abc"}}
+    back = pq.read_table(path)
+    np.testing.assert_array_equal(embedding_column(back, "e", "t", dim=3), x)
+    with pytest.raises(TableError, match="column 'e' has dimension 3, expected 4"):
+        embedding_column(back, "e", "t", dim=4)
+    with pytest.raises(TableError, match="missing column 'f'"):
+        embedding_column(back, "f", "t")
+    with pytest.raises(TableError, match="column 'id' has type string, expected fixed_size_list"):
+        embedding_column(back, "id", "t")
+
+
+def test_nan_member_is_refused_and_nothing_written(tmp_path):
+    ids, paths, _ = members(tmp_path, n_models=2)
+    bad = normalize(np.random.default_rng(3).normal(size=(40, 6)))
+    bad[17, 2] = np.nan
+    write_member(paths[1], "m1", ids, np.zeros((40, 5)), bad)
+    out = tmp_path / "gallery.parquet"
+    with pytest.raises(TableError, match=r"m1.parquet: column 'transformed' has NaN/inf values in 1 rows"):
+        combine_members(paths, out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_members_must_agree(tmp_path):
+    ids, paths, _ = members(tmp_path, n_models=2)
+    write_member(paths[1], "m1", ids, np.zeros((40, 5)), normalize(np.ones((40, 7))))
+    with pytest.raises(TableError, match="column 'transformed' has dimension 7, expected 6"):
+        combine_members(paths, tmp_path / "g.parquet")
+    write_member(paths[1], "m1", ids, np.zeros((40, 5)), normalize(np.ones((40, 6))), query_sha="z" * 64)
+    with pytest.raises(TableError, match="different query models"):
+        combine_members(paths, tmp_path / "g.parquet")
+    write_member(paths[1], "m1", ids[::-1], np.zeros((40, 5)), normalize(np.ones((40, 6))))
+    with pytest.raises(TableError, match="ids are not in the same order"):
+        combine_members(paths, tmp_path / "g.parquet")

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cmce.metrics import (
+    far_threshold,
+    knn_from_scores,
+    map_at_r,
+    neighbour_labels,
+    recall_at_k,
+    retrieval_metrics,
+    tar_at_far,
+)
+
+# 3 queries x 4 gallery items, worked out by hand in the comments
+SCORES = np.array(
+    [
+        [0.9, 0.1, 0.8, 0.3],  # q0 (label 0): order g0 g2 g3 g1 → labels 0 1 1 0; R=2 → AP = (1/1)/2 = 0.5
+        [0.2, 0.7, 0.6, 0.5],  # q1 (label 1): order g1 g2 g3 g0 → labels 0 1 1 0; R=2 → AP = (1/2)/2 = 0.25
+        [0.5, 0.5, 0.4, 0.6],  # q2 (label 0): order g3 g0 g1 g2 (g0/g1 tie: lower column first) → AP = 0.25
+    ]
+)
+QL = np.array([0, 1, 0])
+GL = np.array([0, 0, 1, 1])
+
+
+def test_hand_computed_recall_and_map():
+    m = retrieval_metrics(SCORES, QL, GL, ks=[1, 2], fars=[])
+    assert m["R@1"] == pytest.approx(1 / 3)
+    assert m["R@2"] == pytest.approx(1.0)
+    assert m["MAP@R"] == pytest.approx((0.5 + 0.25 + 0.25) / 3)
+    assert m["lone_queries"] == 0
+
+
+def test_ties_are_broken_by_gallery_column():
+    scores = np.array([[0.5, 0.5]])
+    assert knn_from_scores(scores, 2).tolist() == [[0, 1]]
+    # the same tie counts as a hit only when the lower column carries the query's label
+    assert retrieval_metrics(scores, np.array([0]), np.array([1, 0]), ks=[1], fars=[])["R@1"] == 0.0
+    assert retrieval_metrics(scores, np.array([0]), np.array([0, 1]), ks=[1], fars=[])["R@1"] == 1.0
+
+
+def test_self_match_excluded_and_single_item_class_is_lone():
+    # leave-one-out on labels [0, 0, 1]: the single class-1 item has nothing to retrieve
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    scores = emb @ emb.T
+    np.fill_diagonal(scores, -np.inf)
+    m = retrieval_metrics(scores, np.array([0, 0, 1]), np.array([0, 0, 1]), ks=[1], fars=[])
+    assert m["lone_queries"] == 1
+    assert m["R@1"] == 1.0 and m["MAP@R"] == 1.0
+
+
+def test_tar_at_far_hand_computed():
+    genuine = np.array([0.9, 0.8, 0.3])
+    impostor = np.array([0.85, 0.5, 0.4, 0.2])
+    assert far_threshold(impostor, 0.25) == 0.5  # m = 1: the 2nd largest impostor score
+    assert tar_at_far(genuine, impostor, 0.25) == pytest.approx(2 / 3)
+    assert tar_at_far(genuine, impostor, 0.1) == pytest.approx(1 / 3)  # m = 0: above the best impostor
+    assert tar_at_far(genuine, impostor, 0.5) == pytest.approx(2 / 3)
+    assert tar_at_far(genuine, impostor, 1.0) == 1.0
+
+
+def test_tar_ignores_excluded_pairs():
+    scores = np.array([[-np.inf, 0.9, 0.1], [0.9, -np.inf, 0.2]])
+    m = retrieval_metrics(scores, np.array([0, 0]), np.array([0, 0, 1]), ks=[1], fars=[0.5])
+    # genuine pairs: 0.9, 0.9; impostors: 0.1, 0.2 → threshold 0.2 → TAR 1
+    assert m["TAR@FAR=0.5"] == 1.0
+
+
+def test_map_needs_enough_neighbours():
+    with pytest.raises(ValueError, match="needs 3 neighbours"):
+        map_at_r(np.zeros((1, 2), int), np.array([0]), np.array([3]))
+
+
+def test_recall_counts_padding_as_miss():
+    knn = np.array([[-1, -1]])
+    assert recall_at_k(neighbour_labels(knn, np.array([0])), np.array([0]), 2) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 6).flatmap(
+        lambda q: st.integers(1, 9).flatmap(
+            lambda g: st.tuples(
+                st.lists(st.lists(st.integers(0, 3), min_size=g, max_size=g), min_size=q, max_size=q),
+                st.integers(1, g),
+            )
+        )
+    )
+)
+def test_knn_equals_stable_full_sort(data):
+    rows, k = data
+    scores = np.array(rows, dtype=np.float32)  # few distinct values: many ties
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    assert knn_from_scores(scores, k).tolist() == expected.tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=4, max_size=12), st.integers(0, 10_000))
+def test_recall_is_monotone_in_k_and_bounds_map(labels, seed):
+    labels = np.array(labels)
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(len(labels), len(labels)))
+    np.fill_diagonal(scores, -np.inf)
+    m = retrieval_metrics(scores, labels, labels, ks=[1, 2, 4, 8], fars=[])
+    if m["lone_queries"] == len(labels):
+        return
+    r = [m[f"R@{k}"] for k in (1, 2, 4, 8)]
+    assert r == sorted(r)
+    assert 0.0 <= m["MAP@R"] <= 1.0

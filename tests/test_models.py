@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from cmce.checkpoint import CheckpointError, EmbeddingModel, load_embedding_model, save_embedding_model
+from cmce.models import CosineClassifier, EmbeddingNet, arch_names, check_arch
+
+
+@pytest.mark.parametrize("arch", ["query_cnn", "resnet", "vgg", "mobilenet"])
+@pytest.mark.parametrize("channels,size", [(1, 8), (3, 28)])
+def test_every_arch_embeds_to_the_configured_dim(arch, channels, size):
+    net = EmbeddingNet(arch, channels, 24, 8).eval()
+    assert net(torch.randn(3, channels, size, size)).shape == (3, 24)
+
+
+def test_registry_lists_valid_names():
+    assert {"query_cnn", "resnet", "vgg", "mobilenet"} <= set(arch_names())
+    with pytest.raises(KeyError, match="valid names"):
+        check_arch("nope")
+
+
+def test_cosine_classifier_is_scale_invariant():
+    head = CosineClassifier(4, 3, 10.0)
+    e = torch.randn(2, 4)
+    torch.testing.assert_close(head(e), head(5 * e))
+    assert head(e).abs().max() <= 10.0 + 1e-5
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    net = EmbeddingNet("vgg", 1, 16, 4).eval()
+    m = EmbeddingModel("g", "vgg", net, torch.randn(3, 16), 16.0, 1, 8, 16)
+    path = tmp_path / "m.pt"
+    save_embedding_model(m, path, width=4)
+    loaded = load_embedding_model(path)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded.net(x), net(x))
+    assert len(loaded.sha256) == 64
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt: not a loadable checkpoint"):
+        load_embedding_model(tmp_path / "bad.pt")
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="expected a cmce-embedding-model/1"):
+        load_embedding_model(tmp_path / "other.pt")

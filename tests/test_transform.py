@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from cmce.checkpoint import CheckpointError
+from cmce.config import TransformConfig
+from cmce.ensemble import normalize
+from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
+
+
+def test_recovers_a_known_linear_map():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(16, 8)).astype(np.float32)
+    g_train = rng.normal(size=(3000, 16)).astype(np.float32)
+    g_test = rng.normal(size=(500, 16)).astype(np.float32)
+    cfg = TransformConfig(hidden_dim=0, depth=1, lam=0.0, epochs=60, batch_size=256, lr=1e-2)
+    mlp, history = fit_transformation(g_train, g_train @ a, np.zeros(3000, int), torch.zeros(1, 8), cfg)
+    assert history[-1]["loss"] < history[0]["loss"]
+    with torch.no_grad():
+        pred = normalize(mlp(torch.from_numpy(g_test)).numpy())
+    cos = (pred * normalize(g_test @ a)).sum(1)
+    assert cos.mean() > 0.995 and cos.min() > 0.95
+
+
+def test_cross_entropy_term_uses_frozen_query_classifier():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 600)
+    w = torch.eye(3, 4)  # class c points along axis c
+    g = rng.normal(size=(600, 6)).astype(np.float32) + 3 * np.eye(3, 6)[labels]
+    q = rng.normal(size=(600, 4)).astype(np.float32)  # uninformative alignment target
+    cfg = TransformConfig(hidden_dim=32, depth=2, lam=5.0, epochs=40, batch_size=128)
+    mlp, _ = fit_transformation(g, q, labels, w, cfg)
+    with torch.no_grad():
+        out = mlp(torch.from_numpy(g.astype(np.float32))).numpy()
+    assert (out[:, :3].argmax(1) == labels).mean() > 0.9
+    assert torch.equal(w, torch.eye(3, 4))  # classifier not modified
+
+
+def test_nan_inputs_are_refused():
+    g = np.ones((4, 3), np.float32)
+    g[2, 1] = np.nan
+    with pytest.raises(ValueError, match="gallery embeddings contain NaN"):
+        fit_transformation(g, np.ones((4, 2), np.float32), np.zeros(4, int), torch.zeros(1, 2), TransformConfig())
+
+
+def test_checkpoint_round_trip_and_model_checks(tmp_path):
+    mlp, _ = fit_transformation(
+        np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32),
+        np.random.default_rng(1).normal(size=(64, 3)).astype(np.float32),
+        np.zeros(64, int), torch.zeros(1, 3), TransformConfig(hidden_dim=8, epochs=2, batch_size=32),
+    )
+    t = Transformation(mlp, "g", "gsha", "qsha", 5, 3, 8, 2)
+    path = tmp_path / "t.pt"
+    save_transformation(t, path)
+    loaded = load_transformation(path, query_sha256="qsha", gallery_sha256="gsha")
+    x = np.random.default_rng(2).normal(size=(10, 5)).astype(np.float32)
+    np.testing.assert_allclose(loaded.apply(x), t.apply(x), atol=1e-6)
+    with pytest.raises(CheckpointError, match="fitted for query model"):
+        load_transformation(path, query_sha256="other")
+    with pytest.raises(CheckpointError, match="fitted for gallery model"):
+        load_transformation(path, gallery_sha256="other")
+    with pytest.raises(ValueError, match="expects embeddings of dim 5"):
+        loaded.apply(np.zeros((2, 4), np.float32))
