@@ -157,7 +157,7 @@ def test_step_by_step_cli_chain(smoke_run, tmp_path):
     assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "index"),
                  "--reject-fraction", "0.1"]) == 0
     assert main(["evaluate", *quick, "--dataset", str(ds), "--query-model", str(q), "--gallery", str(gallery),
-                 "--transform", str(t), "--kd", f"vgg_b={s}", "--out", str(tmp_path / "eval")]) == 0
+                 "--transform", str(t), "--kd", str(s), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"sym_query", "sym_gallery/vgg_b", "asym/vgg_b", "asym_ensemble/1", "kd/vgg_b"} <= set(metrics)
     # one member: the ensemble is that member's transformation

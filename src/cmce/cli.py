@@ -94,14 +94,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from cmce.report import markdown_table
     from cmce.steps import step_evaluate
 
-    kd = {}
-    for pair in args.kd:
-        name, _, path = pair.partition("=")
-        if not path:
-            raise ValueError(f"--kd expects GALLERY_MODEL=STUDENT_CHECKPOINT, got {pair!r}")
-        kd[name] = Path(path)
     inputs = EvalInputs(Path(args.dataset), Path(args.query_model), Path(args.gallery),
-                        [Path(t) for t in args.transform], kd)
+                        [Path(t) for t in args.transform], [Path(s) for s in args.kd])
     metrics = step_evaluate(_config(args), inputs, Path(args.out))
     sys.stdout.write(markdown_table(metrics))
 
@@ -211,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--query-model", required=True)
     sp.add_argument("--gallery", required=True)
-    sp.add_argument("--transform", action="append", required=True, help="one per gallery model, in gallery order")
-    sp.add_argument("--kd", action="append", default=[], metavar="GALLERY_MODEL=STUDENT")
+    sp.add_argument("--transform", action="append", required=True, help="one per gallery model (any order)")
+    sp.add_argument("--kd", action="append", default=[], metavar="STUDENT", help="KD student checkpoint (repeatable)")
     sp.add_argument("--out", required=True)
 
     sp = add("search", cmd_search, "search the index with query images; prints JSON lines", config=False)
@@ -232,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
     if args.threads:
         import torch
 

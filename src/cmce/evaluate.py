@@ -48,8 +48,8 @@ class EvalInputs:
     dataset: Path
     query_model: Path
     gallery: Path
-    transformations: list[Path]  # one per gallery model, in ensemble order
-    kd_students: dict[str, Path] = field(default_factory=dict)  # gallery model name → student
+    transformations: list[Path]  # one per gallery member, any order: matched by gallery model sha256
+    kd_students: list[Path] = field(default_factory=list)  # any order: matched by their teacher's sha256
 
 
 def score_matrix(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray) -> np.ndarray:
@@ -118,8 +118,17 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
             f"not {query_model.sha256[:12]} ({inputs.query_model})"
         )
     members = gmeta["members"]
-    if len(inputs.transformations) != len(members):
-        raise ValueError(f"{len(members)} gallery members but {len(inputs.transformations)} transformations given")
+    # orchestrators may hand over collected lists in any order: match files to members by content hash
+    by_gallery = {}
+    for t_path in inputs.transformations:
+        t = load_transformation(t_path, query_sha256=query_model.sha256)
+        by_gallery[t.gallery_model_sha256] = t
+    missing = [m["name"] for m in members if m["sha256"] not in by_gallery]
+    if missing or len(by_gallery) != len(members):
+        raise ValueError(
+            f"{inputs.gallery}: need exactly one transformation per gallery member; missing for {missing}, "
+            f"got {len(inputs.transformations)} for {len(members)} members"
+        )
     table = read_table(inputs.gallery)
     g_ids = string_column(table, "id", str(inputs.gallery))
     g_labels = int_column(table, "label", str(inputs.gallery))
@@ -153,10 +162,10 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
         run("sym_query", q.embeddings, q_as_gallery, self_cols, q.labels)
 
     transformed = []
-    for member, t_path in zip(members, inputs.transformations, strict=True):
+    for member in members:
         name = member["name"]
         raw = embedding_column(table, f"raw_{name}", str(inputs.gallery))
-        t = load_transformation(t_path, query_sha256=query_model.sha256, gallery_sha256=member["sha256"])
+        t = by_gallery[member["sha256"]]
         run(f"sym_gallery/{name}", raw, raw, g_self, g_labels)
         transformed.append(t.apply(raw))
         run(f"asym/{name}", q.embeddings, transformed[-1], self_cols, q.labels)
@@ -168,10 +177,18 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     stored = embedding_column(table, "embedding", str(inputs.gallery))
     if not np.allclose(normalize(running.astype(np.float32)), stored, atol=1e-4):
         raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
-    for gname, s_path in inputs.kd_students.items():
-        raw = embedding_column(table, f"raw_{gname}", str(inputs.gallery))
+    member_by_sha = {m["sha256"]: m["name"] for m in members}
+    students = {}
+    for s_path in inputs.kd_students:
         student, s_emb = _student_embeddings(Path(s_path), inputs.dataset, q.ids, batch_size)
-        run(f"kd/{gname}", s_emb, raw, self_cols, q.labels)
+        teacher = student.meta.get("teacher_sha256")
+        if teacher not in member_by_sha:
+            raise ValueError(f"{s_path}: KD student's teacher {str(teacher)[:12]} is not a member of {inputs.gallery}")
+        students[member_by_sha[teacher]] = s_emb
+    for member in members:  # report in member order whatever order the students came in
+        if member["name"] in students:
+            raw = embedding_column(table, f"raw_{member['name']}", str(inputs.gallery))
+            run(f"kd/{member['name']}", students[member["name"]], raw, self_cols, q.labels)
 
     uncertainty = table.column("uncertainty").to_numpy().astype(np.float32)
     assert scores is not None

@@ -171,6 +171,6 @@ def run_all(cfg: Config) -> dict:
         query_model=q_path,
         gallery=lay.gallery,
         transformations=[lay.transformation(g.name) for g in cfg.gallery_models],
-        kd_students={g.name: lay.kd_student(g.name) for g in cfg.gallery_models} if cfg.kd.enabled else {},
+        kd_students=[lay.kd_student(g.name) for g in cfg.gallery_models] if cfg.kd.enabled else [],
     )
     return step_evaluate(cfg, inputs, lay.eval_dir)

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from cmce.config import EvaluateConfig
+from cmce.evaluate import EvalInputs, evaluate, rejection_curves, score_matrix
+
+
+def test_collected_inputs_in_any_order_give_the_same_metrics(smoke_run, tmp_path):
+    lay, metrics = smoke_run
+    names = lay.gallery_names[::-1]
+    inputs = EvalInputs(lay.dataset, lay.model("query"), lay.gallery,
+                        [lay.transformation(n) for n in names], [lay.kd_student(n) for n in names])
+    cfg = EvaluateConfig(rejection_rates=[0.0, 0.1, 0.3], random_repeats=2)
+    again = evaluate(inputs, cfg, tmp_path)
+    assert list(again) == list(metrics)
+    for key in metrics:
+        assert again[key] == pytest.approx(metrics[key], nan_ok=True)
+
+
+def test_missing_transformation_is_refused(smoke_run, tmp_path):
+    lay, _ = smoke_run
+    inputs = EvalInputs(lay.dataset, lay.model("query"), lay.gallery, [lay.transformation("resnet_a")])
+    with pytest.raises(ValueError, match=r"missing for \['vgg_b'\]"):
+        evaluate(inputs, EvaluateConfig(), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_score_matrix_excludes_self_pairs():
+    x = np.eye(3, dtype=np.float32)
+    s = score_matrix(x, x, np.array([0, -1, 2]))
+    assert np.isneginf(s[0, 0]) and s[1, 1] == 1.0 and np.isneginf(s[2, 2])
+
+
+def test_uncertainty_rejection_beats_random_when_uncertainty_marks_the_errors():
+    # 2 classes; the gallery items flagged uncertain are exactly the ones that look like the other class
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    centres = np.array([[1.0, 0.0], [0.0, 1.0]])
+    confused = rng.choice(200, 20, replace=False)
+    shown = labels.copy()
+    shown[confused] = 1 - labels[confused]  # these items embed like the other class
+    emb = centres[shown] + 0.05 * rng.normal(size=(200, 2))
+    scores = score_matrix(emb, emb, np.arange(200))
+    uncertainty = np.zeros(200)
+    uncertainty[confused] = 1.0
+    cfg = EvaluateConfig(rejection_rates=[0.0, 0.1], random_repeats=3)
+    out = rejection_curves(scores, labels, labels, uncertainty, cfg, seed=0)
+    unc, rnd = out["rejection/uncertainty"], out["rejection/random"]
+    assert unc["retrieval_error@0"] == rnd["retrieval_error@0"]
+    # confused queries still fail (queries are never rejected); the others no longer hit confused items
+    assert unc["retrieval_error@0.1"] < rnd["retrieval_error@0.1"] - 0.04
+    assert unc["verification_error@0.1"] < rnd["verification_error@0.1"]
