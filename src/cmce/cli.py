@@ -5,11 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cmce.steps import (
+    StepRecord,
+    record_model,
+    record_transformation,
+    registry_name,
+    run_all,
+    step_combine,
+    step_embed_member,
+    step_evaluate,
+    step_fit_transform,
+    step_prepare_data,
+    step_train,
+    step_train_kd,
+)
 
 log = logging.getLogger("cmce")
 
@@ -30,41 +46,51 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, _overrides(args.set))
 
 
-def cmd_prepare_data(args: argparse.Namespace) -> None:
-    from cmce.steps import step_prepare_data
+def _model(path: str) -> Path:
+    """A checkpoint argument: a local path, or a registered model `models:/NAME@ALIAS`."""
+    if path.startswith("models:/"):
+        from cmce.tracking import resolve_model_uri
 
-    step_prepare_data(_config(args), Path(args.out))
+        return resolve_model_uri(path)
+    return Path(path)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from cmce.steps import step_train, step_train_kd
+def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
+    from cmce.data import dataset_info
 
     cfg = _config(args)
+    out = step_prepare_data(cfg, Path(args.out))
+    info = dataset_info(out)
+    return StepRecord("prepare-data", {"data": cfg.data.__dict__, "seed": cfg.seed},
+                      {"classes": len(info.get("classes", []))})
+
+
+def cmd_train(args: argparse.Namespace) -> StepRecord:
+    cfg = _config(args)
     if args.kd_teacher:
-        step_train_kd(cfg, Path(args.dataset), Path(args.kd_teacher), Path(args.out))
-    else:
-        step_train(cfg, Path(args.dataset), args.model, Path(args.out))
+        step_train_kd(cfg, Path(args.dataset), _model(args.kd_teacher), Path(args.out))
+        return record_model(cfg, Path(args.out), "kd")
+    step_train(cfg, Path(args.dataset), args.model, Path(args.out))
+    role = "query" if args.model == cfg.query_model.name else "gallery"
+    return record_model(cfg, Path(args.out), role)
 
 
-def cmd_fit_transform(args: argparse.Namespace) -> None:
-    from cmce.steps import step_fit_transform
-
+def cmd_fit_transform(args: argparse.Namespace) -> StepRecord:
+    cfg = _config(args)
     step_fit_transform(
-        _config(args), Path(args.dataset), Path(args.query_model), Path(args.gallery_model), Path(args.out),
+        cfg, Path(args.dataset), _model(args.query_model), _model(args.gallery_model), Path(args.out),
         Path(args.train_embeddings_out) if args.train_embeddings_out else None,
     )
+    return record_transformation(cfg, Path(args.out))
 
 
-def cmd_embed_member(args: argparse.Namespace) -> None:
-    from cmce.steps import step_embed_member
+def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
+    step_embed_member(Path(args.dataset), _model(args.query_model), _model(args.gallery_model),
+                      _model(args.transform), Path(args.out), args.batch_size)
+    return StepRecord(f"embed-{Path(args.gallery_model).stem}")
 
-    step_embed_member(Path(args.dataset), Path(args.query_model), Path(args.gallery_model), Path(args.transform),
-                      Path(args.out), args.batch_size)
 
-
-def cmd_embed_gallery(args: argparse.Namespace) -> None:
-    from cmce.steps import step_combine, step_embed_member
-
+def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
     if len(args.gallery_model) != len(args.transform):
         raise ValueError("give one --transform per --gallery-model, in the same order")
     out = Path(args.out)
@@ -72,32 +98,41 @@ def cmd_embed_gallery(args: argparse.Namespace) -> None:
     members = []
     for g, t in zip(args.gallery_model, args.transform, strict=True):
         member = members_dir / f"{Path(g).stem}.parquet"
-        step_embed_member(Path(args.dataset), Path(args.query_model), Path(g), Path(t), member, args.batch_size)
+        step_embed_member(Path(args.dataset), _model(args.query_model), _model(g), _model(t), member, args.batch_size)
         members.append(member)
     step_combine(members, out)
+    return StepRecord("embed-gallery", {"members": len(members)})
 
 
-def cmd_combine(args: argparse.Namespace) -> None:
-    from cmce.steps import step_combine
-
+def cmd_combine(args: argparse.Namespace) -> StepRecord:
     step_combine([Path(m) for m in args.member], Path(args.out))
+    return StepRecord("combine", {"members": len(args.member)})
 
 
-def cmd_build_index(args: argparse.Namespace) -> None:
+def cmd_build_index(args: argparse.Namespace) -> StepRecord:
     from cmce.index import build_index
 
-    build_index(Path(args.gallery), Path(args.out), args.reject_fraction, args.index_type)
+    out = build_index(Path(args.gallery), Path(args.out), args.reject_fraction, args.index_type)
+    meta = json.loads((out / "meta.json").read_text())
+    return StepRecord("build-index", {"index_type": args.index_type, "reject_fraction": args.reject_fraction},
+                      {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [], [out / "meta.json"])
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
     from cmce.evaluate import EvalInputs
     from cmce.report import markdown_table
-    from cmce.steps import step_evaluate
 
-    inputs = EvalInputs(Path(args.dataset), Path(args.query_model), Path(args.gallery),
-                        [Path(t) for t in args.transform], [Path(s) for s in args.kd])
-    metrics = step_evaluate(_config(args), inputs, Path(args.out))
+    inputs = EvalInputs(Path(args.dataset), _model(args.query_model), Path(args.gallery),
+                        [_model(t) for t in args.transform], [_model(s) for s in args.kd])
+    out = Path(args.out)
+    metrics = step_evaluate(_config(args), inputs, out)
     sys.stdout.write(markdown_table(metrics))
+    versions = json.loads((out / "versions.json").read_text())
+    flat = {f"{cfg}/{name}": v for cfg, values in metrics.items() for name, v in values.items()}
+    files = [out / f for f in ("metrics.json", "results.md", "versions.json", "recall.png", "rejection.png")]
+    names = [registry_name("query", versions["query_model"]["name"])]
+    names += [registry_name(role, m["name"]) for m in versions["members"] for role in ("gallery", "transform")]
+    return StepRecord("evaluate", {"evaluated": versions}, flat, [], files, versions_of=names)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -109,7 +144,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from cmce.embed import embed_batch
     from cmce.index import load_index, search
 
-    model = load_embedding_model(args.query_model)
+    model = load_embedding_model(_model(args.query_model))
     loaded = load_index(args.index, query_sha256=model.sha256)
     names: list[str] = []
     embs = []
@@ -118,7 +153,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             arr = decode_image(Path(p).read_bytes(), model.in_channels, model.image_size, p)
             names.append(p)
             embs.append(embed_batch(model, torch.from_numpy(arr[None])))
-    else:
+    elif args.dataset:
         for batch in iter_split_batches(args.dataset, args.split, 256, model.in_channels, model.image_size):
             names += batch.ids
             embs.append(embed_batch(model, batch.images))
@@ -136,7 +171,6 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from cmce.report import markdown_table
-    from cmce.steps import run_all
 
     cfg = _config(args)
     metrics = run_all(cfg)
@@ -144,10 +178,35 @@ def cmd_run(args: argparse.Namespace) -> None:
     sys.stdout.write(markdown_table(metrics))
 
 
+def cmd_track_start(args: argparse.Namespace) -> None:
+    from cmce.tracking import start_parent_run, tracking_uri
+
+    cfg = _config(args)
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(args.run_dir)
+    info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict())}
+    if args.out:
+        from cmce.storage import write_text
+
+        write_text(args.out, json.dumps(info))
+    sys.stdout.write(json.dumps(info) + "\n")
+
+
+def cmd_track_end(args: argparse.Namespace) -> None:
+    from cmce.tracking import end_run
+
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not (uri and args.mlflow_parent):
+        raise ValueError("track-end needs --mlflow-parent RUN_ID and --mlflow-uri (or MLFLOW_TRACKING_URI)")
+    end_run(uri, args.mlflow_parent, args.status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--mlflow-parent", default=None, metavar="RUN_ID",
+                   help="record this step as a nested MLflow run under RUN_ID (and register its models)")
+    p.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help_: str, config: bool = True) -> argparse.ArgumentParser:
@@ -219,7 +278,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=5)
 
     add("run", cmd_run, "run every step in one process from a config")
+
+    sp = add("track-start", cmd_track_start, "open the parent MLflow run of a pipeline run; prints its id")
+    sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")
+    sp.add_argument("--name", default="cmce")
+    sp.add_argument("--out", default=None, help="also write {uri, run_id} as JSON to this file")
+    sp.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or a sqlite file)")
+
+    sp = add("track-end", cmd_track_end, "close the parent MLflow run", config=False)
+    sp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    sp.add_argument("--mlflow-parent", default=None, metavar="RUN_ID", help="the parent run to close")
+    sp.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
     return p
+
+
+def run_step(argv: list[str], config_path: str = "", tracking_path: str = "") -> None:
+    """Run one `cmce` step in-process, for orchestrators. `tracking_path` names a JSON file
+    {"uri": ..., "run_id": ...} written by `cmce track-start --out` (empty run_id = tracking off).
+    Raises when the step fails, so the orchestrator marks the task failed."""
+    argv = list(argv)
+    if config_path:
+        argv[1:1] = ["--config", config_path]
+    prefix: list[str] = []
+    if tracking_path:
+        info = json.loads(Path(tracking_path).read_text())
+        if info.get("run_id"):
+            prefix = ["--mlflow-parent", info["run_id"], "--mlflow-uri", info["uri"]]
+    rc = main(prefix + argv)
+    if rc != 0:
+        raise RuntimeError(f"cmce {argv[0]} failed with exit code {rc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cmce train: give --model NAME or --kd-teacher CHECKPOINT")
         return 2
     try:
-        args.func(args)
+        record = args.func(args)
+        if args.mlflow_parent and isinstance(record, StepRecord):
+            from cmce.tracking import log_step
+
+            uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                raise ValueError("--mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI")
+            log_step(uri, args.mlflow_parent, record.step, record.params, record.metrics, record.history,
+                     record.artifacts, record.register, record.versions_of)
     except (ValueError, KeyError, OSError) as err:
         if args.debug:
             raise

@@ -179,6 +179,21 @@ def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
     return cfg
 
 
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``train.epochs``) in a raw config mapping; returns the same mapping."""
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return raw
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values."""
     path = Path(path)
@@ -190,13 +205,49 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+    apply_overrides(raw, overrides or {})
     try:
         return config_from_dict(raw, str(path))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def resolve_config_text(
+    params_yaml: str,
+    gallery_models: list[str] | None = None,
+    epochs: int = 0,
+    lam: float = -1.0,
+    reject_fraction: float = -1.0,
+    index_type: str = "",
+    protocol: str = "",
+    dataset: str = "",
+) -> str:
+    """Merge an orchestrator's run parameters into the params file; return the validated config as YAML.
+
+    Unset values (0, negative, empty) keep the params file's value. `gallery_models` selects and orders
+    gallery models by name; an unknown name is an error listing the valid ones.
+    """
+    raw = yaml.safe_load(params_yaml) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("params: top level must be a mapping")
+    overrides: dict[str, Any] = {}
+    if epochs > 0:
+        overrides["train.epochs"] = epochs
+    if lam >= 0:
+        overrides["transform.lam"] = lam
+    if reject_fraction >= 0:
+        overrides["index.reject_fraction"] = reject_fraction
+    if index_type:
+        overrides["index.type"] = index_type
+    if protocol:
+        overrides["data.protocol"] = protocol
+    if dataset:
+        overrides["data.source"] = dataset
+    apply_overrides(raw, overrides)
+    if gallery_models:
+        specs = {m.get("name"): m for m in raw.get("gallery_models", [])}
+        unknown = [n for n in gallery_models if n not in specs]
+        if unknown:
+            raise ConfigError(f"params: unknown gallery model(s) {unknown}; valid names: {sorted(specs)}")
+        raw["gallery_models"] = [specs[n] for n in gallery_models]
+    return to_yaml(config_from_dict(raw, "params"))

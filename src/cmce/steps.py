@@ -174,3 +174,39 @@ def run_all(cfg: Config) -> dict:
         kd_students=[lay.kd_student(g.name) for g in cfg.gallery_models] if cfg.kd.enabled else [],
     )
     return step_evaluate(cfg, inputs, lay.eval_dir)
+
+
+@dataclass
+class StepRecord:
+    """What a step reports to a tracker: kept free of any tracking library."""
+
+    step: str
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    artifacts: list[Path] = field(default_factory=list)
+    register: list[tuple[str, Path]] = field(default_factory=list)  # (registered model name, checkpoint)
+    versions_of: list[str] = field(default_factory=list)  # registered models whose current version to record
+
+
+def registry_name(role: str, name: str) -> str:
+    """Registered-model name: cmce-query for the query model, cmce-<role>-<name> otherwise."""
+    return f"cmce-{name}" if role == "query" else f"cmce-{role}-{name}"
+
+
+def record_model(cfg: Config, path: Path, role: str) -> StepRecord:
+    m = load_embedding_model(path)
+    spec = {"arch": m.arch, "embedding_dim": m.embedding_dim, "sha256": m.sha256}
+    params = {"model": spec, "train": cfg.train.__dict__}
+    register = [] if role == "kd" else [(registry_name(role, m.name), path)]
+    return StepRecord(f"train-{m.name}", params, {"final_" + k: v for k, v in m.meta["history"][-1].items()},
+                      m.meta["history"], [], register)
+
+
+def record_transformation(cfg: Config, path: Path) -> StepRecord:
+    from cmce.transform import load_transformation
+
+    t = load_transformation(path)
+    final = {f"final_{k}": v for k, v in t.history[-1].items() if k != "epoch"}
+    return StepRecord(f"fit-transform-{t.gallery_model}", {"transform": cfg.transform.__dict__, "sha256": t.sha256},
+                      final, t.history, [], [(registry_name("transform", t.gallery_model), path)])

@@ -1,0 +1,136 @@
+"""One KFP v2 component per step. Each body is a single call into the cmce CLI (cmce.cli.run_step):
+the method lives in the library; a component only maps typed artifacts to paths.
+
+The resolved config and the MLflow parent run travel as small artifacts (YAML, JSON), not as string
+parameters: kfp.local replaces upstream string outputs used inside a ParallelFor with the loop item.
+Images: CPU step image by default, CUDA image for training; override with CMCE_CPU_IMAGE /
+CMCE_CUDA_IMAGE at compile time. `install_kfp_package=False`: the images already carry kfp and cmce.
+"""
+
+import os
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+CPU_IMAGE = os.environ.get("CMCE_CPU_IMAGE", "localhost/cmce:cpu")
+CUDA_IMAGE = os.environ.get("CMCE_CUDA_IMAGE", "localhost/cmce:cuda")
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def resolve_config(params_yaml: str, gallery_models: list, epochs: int, lam: float, reject_fraction: float,
+                   index_type: str, protocol: str, dataset: str, config: Output[Artifact]):
+    """Merge the run parameters into the params file; fail early on an invalid config."""
+    from cmce.config import resolve_config_text
+    from cmce.storage import write_text
+
+    write_text(config.path, resolve_config_text(params_yaml, gallery_models, epochs, lam, reject_fraction,
+                                                index_type, protocol, dataset))
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def start_tracking(config: Input[Artifact], mlflow_uri: str, run_name: str, tracking: Output[Artifact]):
+    """Open the parent MLflow run (none when mlflow_uri is empty); write {uri, run_id}."""
+    import json
+
+    from cmce.cli import run_step
+    from cmce.storage import write_text
+
+    if mlflow_uri:
+        run_step(["track-start", "--mlflow-uri", mlflow_uri, "--name", run_name, "--out", tracking.path], config.path)
+    else:
+        write_text(tracking.path, json.dumps({"uri": "", "run_id": ""}))
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def prepare_data(config: Input[Artifact], tracking: Input[Artifact], dataset: Output[Dataset]):
+    from cmce.cli import run_step
+
+    run_step(["prepare-data", "--out", dataset.path], config.path, tracking.path)
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def train_model(config: Input[Artifact], tracking: Input[Artifact], model_name: str, dataset: Input[Dataset],
+                model: Output[Model]):
+    from cmce.cli import run_step
+
+    run_step(["train", "--dataset", dataset.path, "--model", model_name, "--out", model.path], config.path,
+             tracking.path)
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def train_kd_student(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
+                     teacher: Input[Model], student: Output[Model]):
+    from cmce.cli import run_step
+
+    run_step(["train", "--dataset", dataset.path, "--kd-teacher", teacher.path, "--out", student.path],
+             config.path, tracking.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def fit_transform(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
+                  query_model: Input[Model], gallery_model: Input[Model], transformation: Output[Model],
+                  train_embeddings: Output[Dataset]):
+    from cmce.cli import run_step
+
+    run_step(["fit-transform", "--dataset", dataset.path, "--query-model", query_model.path, "--gallery-model",
+              gallery_model.path, "--out", transformation.path, "--train-embeddings-out", train_embeddings.path],
+             config.path, tracking.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def embed_member(dataset: Input[Dataset], query_model: Input[Model], gallery_model: Input[Model],
+                 transformation: Input[Model], member: Output[Dataset]):
+    from cmce.cli import run_step
+
+    run_step(["embed-member", "--dataset", dataset.path, "--query-model", query_model.path, "--gallery-model",
+              gallery_model.path, "--transform", transformation.path, "--out", member.path])
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def combine(members: Input[list[Dataset]], gallery: Output[Dataset]):
+    from cmce.cli import run_step
+
+    argv = ["combine", "--out", gallery.path]
+    for m in members:
+        argv += ["--member", m.path]
+    run_step(argv)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def build_index(config: Input[Artifact], gallery: Input[Dataset], index: Output[Artifact]):
+    from cmce.cli import run_step
+    from cmce.config import load_config
+
+    cfg = load_config(config.path).index
+    run_step(["build-index", "--gallery", gallery.path, "--out", index.path, "--reject-fraction",
+              str(cfg.reject_fraction), "--index-type", cfg.type])
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
+             gallery: Input[Dataset], transformations: Input[list[Model]], kd_students: Input[list[Model]],
+             index: Input[Artifact], metrics: Output[Metrics], results: Output[Markdown], report: Output[Artifact]):
+    """Evaluate every configuration; publish the metrics dict to KFP; close the MLflow parent run."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from cmce.cli import run_step
+
+    argv = ["evaluate", "--dataset", dataset.path, "--query-model", query_model.path, "--gallery", gallery.path,
+            "--out", report.path]
+    argv += [a for t in transformations for a in ("--transform", t.path)]
+    argv += [a for s in kd_students for a in ("--kd", s.path)]
+    info = json.loads(Path(tracking.path).read_text())
+    try:
+        run_step(argv, config.path, tracking.path)
+    finally:
+        if info["run_id"]:
+            ok = (Path(report.path) / "metrics.json").exists()
+            run_step(["track-end", "--mlflow-uri", info["uri"], "--mlflow-parent", info["run_id"], "--status",
+                      "FINISHED" if ok else "FAILED"])
+    values = json.loads((Path(report.path) / "metrics.json").read_text())
+    for name, value in values.items():
+        for metric, number in value.items():
+            metrics.log_metric(f"{name}/{metric}", number)
+    shutil.copyfile(Path(report.path) / "results.md", results.path)

@@ -1,0 +1,126 @@
+"""python -m pipeline compile | run --local | submit --host URL"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("pipeline")
+ROOT = Path(__file__).resolve().parents[1]
+COMPILED = ROOT / "pipeline" / "cmce_pipeline.yaml"
+
+
+def compile_pipeline(out: Path = COMPILED) -> Path:
+    from kfp import compiler
+
+    from pipeline.cmce_pipeline import cmce_pipeline
+
+    tmp = out.with_name(f".{out.stem}.tmp.yaml")
+    compiler.Compiler().compile(cmce_pipeline, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def _arguments(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    if args.params:
+        out["params_yaml"] = Path(args.params).read_text()
+        import yaml
+
+        raw = yaml.safe_load(out["params_yaml"])
+        out["gallery_models"] = [m["name"] for m in raw["gallery_models"]]
+        out["query_model"] = raw["query_model"]["name"]
+    for key in ("epochs", "lam", "reject_fraction", "index_type", "protocol", "dataset", "run_name"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = value
+    if args.gallery_models:
+        out["gallery_models"] = args.gallery_models.split(",")
+    return out
+
+
+def run_local(args: argparse.Namespace) -> Path:
+    """Run the whole DAG on this machine with kfp.local's subprocess runner (the embedded default)."""
+    from kfp import local
+
+    from pipeline.cmce_pipeline import cmce_pipeline
+
+    root = Path(args.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    started = time.time()
+    cmce_pipeline(**_arguments(args), mlflow_uri="" if args.no_mlflow else uri)
+    runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("cmce-")),
+                  key=lambda p: p.stat().st_mtime)
+    run_dir = runs[-1]
+    log.info("pipeline finished in %.0f s; artifacts under %s", time.time() - started, run_dir)
+    listing = sorted(p for task in run_dir.rglob("executor_output.json") for p in task.parent.iterdir()
+                     if p.name != "executor_output.json")
+    sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing))
+    if not args.no_mlflow:
+        sys.stderr.write(f"MLflow: {uri} (mlflow ui --backend-store-uri {uri})\n")
+    results = next(run_dir.glob("evaluate*/results"), None)
+    if results is not None:
+        sys.stdout.write(results.read_text())
+    return run_dir
+
+
+def submit(args: argparse.Namespace) -> None:
+    """Submit the compiled YAML to a KFP endpoint (cannot be exercised without a cluster)."""
+    import kfp
+
+    client = kfp.Client(host=args.host, namespace=args.namespace)
+    run = client.create_run_from_pipeline_package(str(args.package), arguments=_arguments(args),
+                                                  run_name=args.run_name or "cmce", experiment_name=args.experiment)
+    sys.stdout.write(json.dumps({"run_id": run.run_id}) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile the pipeline to YAML")
+    c.add_argument("--out", type=Path, default=COMPILED)
+    for name, help_ in (("run", "run the pipeline"), ("submit", "submit the compiled pipeline to KFP")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--params", default=None, help="params file (default: the one compiled in, params.yaml)")
+        sp.add_argument("--gallery-models", default=None, help="comma-separated subset of gallery model names")
+        sp.add_argument("--epochs", type=int, default=None)
+        sp.add_argument("--lam", type=float, default=None)
+        sp.add_argument("--reject-fraction", type=float, default=None)
+        sp.add_argument("--index-type", default=None)
+        sp.add_argument("--protocol", default=None, choices=["heldout", "disjoint"])
+        sp.add_argument("--dataset", default=None, help="data source (digits, fashion_mnist, imagefolder)")
+        sp.add_argument("--run-name", default=None)
+    r = sub.choices["run"]
+    r.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local")
+    r.add_argument("--root", default="runs/kfp", help="pipeline root for local artifacts")
+    r.add_argument("--no-mlflow", action="store_true")
+    s = sub.choices["submit"]
+    s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    s.add_argument("--namespace", default=None)
+    s.add_argument("--experiment", default="cmce")
+    s.add_argument("--package", type=Path, default=COMPILED)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "compile":
+        log.info("wrote %s", compile_pipeline(args.out))
+    elif args.command == "run":
+        run_local(args)
+    else:
+        submit(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

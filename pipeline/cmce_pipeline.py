@@ -1,0 +1,81 @@
+"""The cmce pipeline as a KFP v2 pipeline function: per gallery model in parallel (train → fit
+transformation → embed, plus the KD baseline student), collected into the ensemble, index, evaluation."""
+
+
+import os
+from pathlib import Path
+
+import yaml
+from kfp import dsl
+
+from components.steps import (
+    build_index,
+    combine,
+    embed_member,
+    evaluate,
+    fit_transform,
+    prepare_data,
+    resolve_config,
+    start_tracking,
+    train_kd_student,
+    train_model,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS_FILE = ROOT / "params.yaml"
+DEFAULT_PARAMS = PARAMS_FILE.read_text()
+DEFAULT_GALLERY = [m["name"] for m in yaml.safe_load(DEFAULT_PARAMS)["gallery_models"]]
+DEFAULT_QUERY = yaml.safe_load(DEFAULT_PARAMS)["query_model"]["name"]
+# compile with CMCE_TRAIN_GPU=1 to request one GPU per training task (the committed YAML is CPU-only)
+TRAIN_GPU = os.environ.get("CMCE_TRAIN_GPU") == "1"
+
+
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False) -> dsl.PipelineTask:
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if gpu:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    return task
+
+
+@dsl.pipeline(name="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
+def cmce_pipeline(
+    params_yaml: str = DEFAULT_PARAMS,
+    query_model: str = DEFAULT_QUERY,
+    gallery_models: list = DEFAULT_GALLERY,
+    epochs: int = 0,
+    lam: float = -1.0,
+    reject_fraction: float = -1.0,
+    index_type: str = "",
+    protocol: str = "",
+    dataset: str = "",
+    mlflow_uri: str = "",
+    run_name: str = "cmce",
+):
+    """Parameters left at 0 / -1 / "" keep the value in params_yaml (the same params.yaml DVC reads)."""
+    cfg = resolve_config(params_yaml=params_yaml, gallery_models=gallery_models, epochs=epochs, lam=lam,
+                         reject_fraction=reject_fraction, index_type=index_type, protocol=protocol, dataset=dataset)
+    config = cfg.outputs["config"]
+    track = start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name).outputs["tracking"]
+    data = _resources(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
+    query = train_model(config=config, tracking=track, model_name=query_model, dataset=data)
+    _resources(query.set_display_name("train-query-model"), "4", "8Gi", gpu=TRAIN_GPU)
+
+    with dsl.ParallelFor(gallery_models, name="gallery-models") as name:
+        gallery = train_model(config=config, tracking=track, model_name=name, dataset=data)
+        _resources(gallery.set_display_name("train-gallery-model"), "4", "16Gi", gpu=TRAIN_GPU)
+        transform = fit_transform(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
+                                  gallery_model=gallery.outputs["model"])
+        _resources(transform, "2", "8Gi")
+        member = embed_member(dataset=data, query_model=query.outputs["model"], gallery_model=gallery.outputs["model"],
+                              transformation=transform.outputs["transformation"])
+        _resources(member, "4", "8Gi")
+        student = train_kd_student(config=config, tracking=track, dataset=data, teacher=gallery.outputs["model"])
+        _resources(student, "4", "8Gi", gpu=TRAIN_GPU)
+
+    ensemble = _resources(combine(members=dsl.Collected(member.outputs["member"])), "1", "8Gi")
+    index = _resources(build_index(config=config, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
+    report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
+                      gallery=ensemble.outputs["gallery"],
+                      transformations=dsl.Collected(transform.outputs["transformation"]),
+                      kd_students=dsl.Collected(student.outputs["student"]), index=index.outputs["index"])
+    _resources(report, "2", "16Gi")

@@ -1,0 +1,165 @@
+"""MLflow tracking and model registry: the only module that imports mlflow.
+
+One parent run per pipeline run, one nested run per step (params, per-epoch losses, metrics, artifacts).
+Query models, gallery models and transformations become registered models; the versions a run
+produced get the alias ``candidate``. Registered files are cmce checkpoints, loaded weights-only; still,
+treat a registry as trusted input only (anyone who can write to it chooses what you load).
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else a sqlite file under the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "cmce"
+ALIAS = "candidate"
+
+
+def tracking_uri(run_dir: str | Path) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, uri: str) -> str:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # keep artifacts beside the sqlite file instead of ./mlruns of whatever the working directory is
+        location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def start_parent_run(uri: str, run_name: str, params: dict[str, Any]) -> str:
+    client = _client(uri)
+    run = client.create_run(_experiment_id(client, uri), run_name=run_name)
+    for key, value in flatten(params).items():
+        client.log_param(run.info.run_id, key, value)
+    log.info("MLflow parent run %s at %s", run.info.run_id, uri)
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, f"{key}.")
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for i, item in enumerate(v):
+                out |= flatten(item, f"{key}.{item.get('name', i)}.")
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def safe_metric_name(name: str) -> str:
+    """MLflow metric names allow letters, digits, _ - . / and space."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+def log_step(
+    uri: str,
+    parent_run_id: str,
+    step: str,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    history: Iterable[dict[str, float]] = (),
+    artifacts: Iterable[Path] = (),
+    register: Iterable[tuple[str, Path]] = (),
+    versions_of: Iterable[str] = (),
+) -> str:
+    """Record one step as a nested run; register the given (model name, checkpoint) pairs; record the
+    current `candidate` version of the models named in `versions_of` as params."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=step, tags={"mlflow.parentRunId": parent_run_id})
+    rid = run.info.run_id
+    for key, value in flatten(params or {}).items():
+        client.log_param(rid, key, value)
+    for key, value in (metrics or {}).items():
+        if isinstance(value, int | float) and math.isfinite(value):
+            client.log_metric(rid, safe_metric_name(key), float(value))
+    for row in history:
+        epoch = int(row.get("epoch", 0))
+        for key, value in row.items():
+            if key != "epoch":
+                client.log_metric(rid, safe_metric_name(key), float(value), step=epoch)
+    for path in artifacts:
+        if Path(path).is_dir():
+            client.log_artifacts(rid, str(path), artifact_path=Path(path).name)
+        elif Path(path).exists():
+            client.log_artifact(rid, str(path))
+    for name, path in register:
+        client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
+        register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid)
+    for name, version in model_versions(uri, versions_of).items():
+        client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
+    client.set_terminated(rid)
+    return rid
+
+
+def register_version(client: Any, name: str, source: str, run_id: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    client.set_registered_model_alias(name, ALIAS, version.version)
+    log.info("registered %s version %s as @%s", name, version.version, ALIAS)
+    return str(version.version)
+
+
+def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → local path of the registered checkpoint file."""
+    import mlflow
+
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    dst = Path(tempfile.mkdtemp(prefix="cmce-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    if len(files) != 1:
+        raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}")
+    return files[0]
+
+
+def model_versions(uri: str, names: Iterable[str]) -> dict[str, str]:
+    """Current `candidate` version of each registered model (for the evaluation record)."""
+    client = _client(uri)
+    out = {}
+    for name in names:
+        try:
+            out[name] = str(client.get_model_version_by_alias(name, ALIAS).version)
+        except Exception:  # noqa: BLE001 - a model may simply not be registered
+            continue
+    return out
