@@ -29,10 +29,10 @@ def compile_pipeline(out: Path = COMPILED) -> Path:
 def _arguments(args: argparse.Namespace) -> dict:
     out: dict = {}
     if args.params:
-        out["params_yaml"] = Path(args.params).read_text()
         import yaml
 
-        raw = yaml.safe_load(out["params_yaml"])
+        raw = yaml.safe_load(Path(args.params).read_text())
+        out["params_yaml"] = json.dumps(raw)
         out["gallery_models"] = [m["name"] for m in raw["gallery_models"]]
         out["query_model"] = raw["query_model"]["name"]
     for key in ("epochs", "lam", "reject_fraction", "index_type", "protocol", "dataset", "run_name"):

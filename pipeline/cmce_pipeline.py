@@ -2,6 +2,7 @@
 transformation → embed, plus the KD baseline student), collected into the ensemble, index, evaluation."""
 
 
+import json
 import os
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from components.steps import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
-DEFAULT_PARAMS = PARAMS_FILE.read_text()
-DEFAULT_GALLERY = [m["name"] for m in yaml.safe_load(DEFAULT_PARAMS)["gallery_models"]]
-DEFAULT_QUERY = yaml.safe_load(DEFAULT_PARAMS)["query_model"]["name"]
+_PARAMS = yaml.safe_load(PARAMS_FILE.read_text())
+# one line of JSON (valid YAML): the compiler echoes defaults into comment lines, where a newline breaks the file
+DEFAULT_PARAMS = json.dumps(_PARAMS)
+DEFAULT_GALLERY = [m["name"] for m in _PARAMS["gallery_models"]]
+DEFAULT_QUERY = _PARAMS["query_model"]["name"]
 # compile with CMCE_TRAIN_GPU=1 to request one GPU per training task (the committed YAML is CPU-only)
 TRAIN_GPU = os.environ.get("CMCE_TRAIN_GPU") == "1"
 

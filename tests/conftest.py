@@ -19,3 +19,13 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunLayout, dict
     cfg = load_config(SMOKE, {"output_dir": str(out)})
     metrics = run_all(cfg)
     return RunLayout(out, [m.name for m in cfg.gallery_models]), metrics
+
+
+@pytest.fixture(scope="session")
+def kfp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compiled-from-source pipeline run by kfp.local on the smoke params, 2 gallery models."""
+    from pipeline.__main__ import build_parser, run_local
+
+    root = tmp_path_factory.mktemp("kfp")
+    args = build_parser().parse_args(["run", "--local", "--params", str(SMOKE), "--root", str(root)])
+    return run_local(args)

@@ -80,7 +80,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def safe_metric_name(name: str) -> str:
-    """MLflow metric names allow letters, digits, _ - . / and space."""
+    """MLflow metric names allow letters, digits, _ - . / and space: R@1 → R_at_1, FAR=0.001 → FAR_0.001."""
+    name = name.replace("@", "_at_").replace("=", "_")
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 

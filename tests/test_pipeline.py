@@ -1,0 +1,97 @@
+"""The KFP pipeline: compiled YAML is current and loadable; a local run produces every per-model output
+and the same metrics as `cmce run`; MLflow holds the runs and the registered models."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from kfp import components
+
+from pipeline.__main__ import COMPILED, _arguments, build_parser, compile_pipeline
+
+GALLERY = ["resnet_a", "vgg_b"]
+
+
+def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
+    for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_TRAIN_GPU"):
+        monkeypatch.delenv(var, raising=False)
+    fresh = compile_pipeline(tmp_path / "fresh.yaml")
+    assert fresh.read_text() == COMPILED.read_text(), "run `python -m pipeline compile` and commit the YAML"
+    loaded = components.load_component_from_file(str(COMPILED))
+    assert loaded.name == "cmce"
+    spec = COMPILED.read_text()
+    assert "localhost/cmce:cpu" in spec and "resourceMemoryLimit" in spec
+
+
+def test_submit_arguments(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("query_model: {name: q}\ngallery_models: [{name: a, arch: vgg}, {name: b, arch: resnet}]\n")
+    args = build_parser().parse_args(["submit", "--host", "http://127.0.0.1:1", "--params", str(params),
+                                      "--epochs", "2", "--gallery-models", "b"])
+    out = _arguments(args)
+    assert out["gallery_models"] == ["b"] and out["epochs"] == 2 and out["query_model"] == "q"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["submit"])  # --host is required
+
+
+def test_local_run_has_every_per_model_output(kfp_run):
+    iterations = sorted(kfp_run.glob("for-loop-*-iteration-*"))
+    assert len(iterations) == 2
+    for it in iterations:
+        for artifact in ("train-model-2/model", "fit-transform/transformation", "fit-transform/train_embeddings",
+                         "embed-member/member", "train-kd-student/student"):
+            assert (it / artifact).stat().st_size > 0, it / artifact
+    gallery = kfp_run / "combine" / "gallery"
+    meta = json.loads(pq.read_schema(gallery).metadata[b"cmce"])
+    assert sorted(m["name"] for m in meta["members"]) == GALLERY
+    assert (kfp_run / "build-index" / "index" / "meta.json").exists()
+    assert "| asym_ensemble/2 |" in (kfp_run / "evaluate" / "results").read_text()
+
+
+def test_local_run_matches_in_process_run(kfp_run, smoke_run):
+    _, expected = smoke_run
+    got = json.loads((kfp_run / "evaluate" / "report" / "metrics.json").read_text())
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], nan_ok=True), key
+
+
+def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{kfp_run.parent / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("cmce")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    names = {r.info.run_name for r in children}
+    assert {"prepare-data", "train-query", "train-resnet_a", "train-vgg_b", "fit-transform-resnet_a",
+            "evaluate"} <= names
+    evaluation = next(r for r in children if r.info.run_name == "evaluate")
+    assert 0 < evaluation.data.metrics["asym_ensemble/2/R_at_1"] <= 1
+    assert "asym_ensemble/2/TAR_at_FAR_0.001" in evaluation.data.metrics
+    assert evaluation.data.params["registry.cmce-query"].startswith("cmce-query@candidate=v")
+    train = next(r for r in children if r.info.run_name == "train-query")
+    assert len(client.get_metric_history(train.info.run_id, "loss")) == 3  # one point per epoch
+    for name in ("cmce-query", "cmce-gallery-resnet_a", "cmce-transform-vgg_b"):
+        assert client.get_model_version_by_alias(name, "candidate").version
+
+    # a fresh client alone fetches the registered query model; it reproduces the pipeline's query embeddings
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/cmce-query@candidate")
+    from pathlib import Path
+
+    from cmce.checkpoint import load_embedding_model
+    from cmce.embed import embed_split
+    from cmce.tables import embedding_column
+
+    ckpt = next(p for p in Path(local).rglob("*") if p.is_file())
+    model = load_embedding_model(ckpt)
+    emb = embed_split(model, kfp_run / "prepare-data" / "dataset", "test")
+    query = pq.read_table(kfp_run / "evaluate" / "report" / "query.parquet")
+    assert emb.ids == query.column("id").to_pylist()
+    np.testing.assert_allclose(emb.embeddings, embedding_column(query, "embedding", "q"), atol=1e-5)
