@@ -1,26 +1,34 @@
 # Two entry points for a fresh machine: `make run` (main job on the default config) and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
-CONFIG ?= configs/default.yaml
+CONFIG ?= params.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install run smoke test lint clean
+.PHONY: install run run-inprocess repro smoke test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --upgrade-deps $(VENV)
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet -e ".[pipeline,dev]"
 	touch $@
 
 install: $(STAMP)
 
+# the embedded default: the KFP pipeline on this machine (kfp.local), MLflow on a sqlite file under runs/kfp
 run: $(STAMP)
+	$(VENV)/bin/python -m pipeline run --local --params $(CONFIG) --root runs/kfp
+
+# the same steps in one process, without KFP and MLflow
+run-inprocess: $(STAMP)
 	$(VENV)/bin/cmce run --config $(CONFIG)
 
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
 smoke: $(STAMP)
-	$(VENV)/bin/cmce run --config configs/smoke.yaml
+	$(VENV)/bin/python -m pipeline run --local --params configs/smoke.yaml --root runs/kfp-smoke
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests components pipeline
 
 test: lint
 	$(VENV)/bin/python -m pytest -q

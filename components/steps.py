@@ -78,32 +78,43 @@ def fit_transform(config: Input[Artifact], tracking: Input[Artifact], dataset: I
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def embed_member(dataset: Input[Dataset], query_model: Input[Model], gallery_model: Input[Model],
-                 transformation: Input[Model], member: Output[Dataset]):
+def embed_member(tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
+                 gallery_model: Input[Model], transformation: Input[Model], member: Output[Dataset]):
     from cmce.cli import run_step
 
     run_step(["embed-member", "--dataset", dataset.path, "--query-model", query_model.path, "--gallery-model",
-              gallery_model.path, "--transform", transformation.path, "--out", member.path])
+              gallery_model.path, "--transform", transformation.path, "--out", member.path],
+             tracking_path=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def combine(members: Input[list[Dataset]], gallery: Output[Dataset]):
+def combine(config: Input[Artifact], tracking: Input[Artifact], members: Input[list[Dataset]],
+            gallery: Output[Dataset]):
+    """Members go in config order (by the gallery model each file names), whatever the collected order."""
+    import json
+
+    import pyarrow.parquet as pq
+
     from cmce.cli import run_step
+    from cmce.config import load_config
 
+    by_name = {json.loads(pq.read_schema(m.path).metadata[b"cmce"])["gallery_model"]["name"]: m.path
+               for m in members}
     argv = ["combine", "--out", gallery.path]
-    for m in members:
-        argv += ["--member", m.path]
-    run_step(argv)
+    for spec in load_config(config.path).gallery_models:
+        argv += ["--member", by_name[spec.name]]
+    run_step(argv, tracking_path=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def build_index(config: Input[Artifact], gallery: Input[Dataset], index: Output[Artifact]):
+def build_index(config: Input[Artifact], tracking: Input[Artifact], gallery: Input[Dataset],
+                index: Output[Artifact]):
     from cmce.cli import run_step
     from cmce.config import load_config
 
     cfg = load_config(config.path).index
     run_step(["build-index", "--gallery", gallery.path, "--out", index.path, "--reject-fraction",
-              str(cfg.reject_fraction), "--index-type", cfg.type])
+              str(cfg.reject_fraction), "--index-type", cfg.type], tracking_path=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

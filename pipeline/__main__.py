@@ -48,8 +48,9 @@ def run_local(args: argparse.Namespace) -> Path:
     """Run the whole DAG on this machine with kfp.local's subprocess runner (the embedded default)."""
     from kfp import local
 
-    from pipeline.cmce_pipeline import cmce_pipeline
+    from pipeline.cmce_pipeline import make_pipeline
 
+    cmce_pipeline = make_pipeline(parallelism=args.parallelism)
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local")
     r.add_argument("--root", default="runs/kfp", help="pipeline root for local artifacts")
     r.add_argument("--no-mlflow", action="store_true")
+    r.add_argument("--parallelism", type=int, default=1,
+                   help="gallery-model branches run at once (default 1: they share this machine's cores)")
     s = sub.choices["submit"]
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
     s.add_argument("--namespace", default=None)

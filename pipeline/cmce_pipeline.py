@@ -29,8 +29,8 @@ _PARAMS = yaml.safe_load(PARAMS_FILE.read_text())
 DEFAULT_PARAMS = json.dumps(_PARAMS)
 DEFAULT_GALLERY = [m["name"] for m in _PARAMS["gallery_models"]]
 DEFAULT_QUERY = _PARAMS["query_model"]["name"]
-# compile with CMCE_TRAIN_GPU=1 to request one GPU per training task (the committed YAML is CPU-only)
-TRAIN_GPU = os.environ.get("CMCE_TRAIN_GPU") == "1"
+# training tasks request one GPU (and run the CUDA image); compile with CMCE_TRAIN_GPU=0 for a CPU-only cluster
+TRAIN_GPU = os.environ.get("CMCE_TRAIN_GPU", "1") != "0"
 
 
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False) -> dsl.PipelineTask:
@@ -40,45 +40,57 @@ def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False)
     return task
 
 
-@dsl.pipeline(name="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
-def cmce_pipeline(
-    params_yaml: str = DEFAULT_PARAMS,
-    query_model: str = DEFAULT_QUERY,
-    gallery_models: list = DEFAULT_GALLERY,
-    epochs: int = 0,
-    lam: float = -1.0,
-    reject_fraction: float = -1.0,
-    index_type: str = "",
-    protocol: str = "",
-    dataset: str = "",
-    mlflow_uri: str = "",
-    run_name: str = "cmce",
-):
-    """Parameters left at 0 / -1 / "" keep the value in params_yaml (the same params.yaml DVC reads)."""
-    cfg = resolve_config(params_yaml=params_yaml, gallery_models=gallery_models, epochs=epochs, lam=lam,
-                         reject_fraction=reject_fraction, index_type=index_type, protocol=protocol, dataset=dataset)
-    config = cfg.outputs["config"]
-    track = start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name).outputs["tracking"]
-    data = _resources(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
-    query = train_model(config=config, tracking=track, model_name=query_model, dataset=data)
-    _resources(query.set_display_name("train-query-model"), "4", "8Gi", gpu=TRAIN_GPU)
+def make_pipeline(parallelism: int = 0):
+    """Build the pipeline; `parallelism` caps concurrent gallery-model branches (0 = no cap). kfp.local
+    runs branches concurrently, so a one-machine run wants 1: parallel training processes only fight
+    over the same cores."""
 
-    with dsl.ParallelFor(gallery_models, name="gallery-models") as name:
-        gallery = train_model(config=config, tracking=track, model_name=name, dataset=data)
-        _resources(gallery.set_display_name("train-gallery-model"), "4", "16Gi", gpu=TRAIN_GPU)
-        transform = fit_transform(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
-                                  gallery_model=gallery.outputs["model"])
-        _resources(transform, "2", "8Gi")
-        member = embed_member(dataset=data, query_model=query.outputs["model"], gallery_model=gallery.outputs["model"],
-                              transformation=transform.outputs["transformation"])
-        _resources(member, "4", "8Gi")
-        student = train_kd_student(config=config, tracking=track, dataset=data, teacher=gallery.outputs["model"])
-        _resources(student, "4", "8Gi", gpu=TRAIN_GPU)
+    @dsl.pipeline(name="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
+    def cmce_pipeline(
+        params_yaml: str = DEFAULT_PARAMS,
+        query_model: str = DEFAULT_QUERY,
+        gallery_models: list = DEFAULT_GALLERY,
+        epochs: int = 0,
+        lam: float = -1.0,
+        reject_fraction: float = -1.0,
+        index_type: str = "",
+        protocol: str = "",
+        dataset: str = "",
+        mlflow_uri: str = "",
+        run_name: str = "cmce",
+    ):
+        """Parameters left at 0 / -1 / "" keep the value in params_yaml (the same params.yaml DVC reads)."""
+        cfg = resolve_config(params_yaml=params_yaml, gallery_models=gallery_models, epochs=epochs, lam=lam,
+                             reject_fraction=reject_fraction, index_type=index_type, protocol=protocol, dataset=dataset)
+        config = cfg.outputs["config"]
+        track = start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name).outputs["tracking"]
+        data = _resources(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
+        query = train_model(config=config, tracking=track, model_name=query_model, dataset=data)
+        _resources(query.set_display_name("train-query-model"), "4", "8Gi", gpu=TRAIN_GPU)
 
-    ensemble = _resources(combine(members=dsl.Collected(member.outputs["member"])), "1", "8Gi")
-    index = _resources(build_index(config=config, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
-    report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
-                      gallery=ensemble.outputs["gallery"],
-                      transformations=dsl.Collected(transform.outputs["transformation"]),
-                      kd_students=dsl.Collected(student.outputs["student"]), index=index.outputs["index"])
-    _resources(report, "2", "16Gi")
+        with dsl.ParallelFor(gallery_models, name="gallery-models", parallelism=parallelism) as name:
+            gallery = train_model(config=config, tracking=track, model_name=name, dataset=data)
+            _resources(gallery.set_display_name("train-gallery-model"), "4", "16Gi", gpu=TRAIN_GPU)
+            transform = fit_transform(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
+                                      gallery_model=gallery.outputs["model"])
+            _resources(transform, "2", "8Gi")
+            member = embed_member(tracking=track, dataset=data, query_model=query.outputs["model"],
+                                  gallery_model=gallery.outputs["model"],
+                                  transformation=transform.outputs["transformation"])
+            _resources(member, "4", "8Gi")
+            student = train_kd_student(config=config, tracking=track, dataset=data, teacher=gallery.outputs["model"])
+            _resources(student, "4", "8Gi", gpu=TRAIN_GPU)
+
+        ensemble = _resources(combine(config=config, tracking=track, members=dsl.Collected(member.outputs["member"])),
+                              "1", "8Gi")
+        index = _resources(build_index(config=config, tracking=track, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
+        report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
+                          gallery=ensemble.outputs["gallery"],
+                          transformations=dsl.Collected(transform.outputs["transformation"]),
+                          kd_students=dsl.Collected(student.outputs["student"]), index=index.outputs["index"])
+        _resources(report, "2", "16Gi")
+
+    return cmce_pipeline
+
+
+cmce_pipeline = make_pipeline()

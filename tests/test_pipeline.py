@@ -17,12 +17,14 @@ GALLERY = ["resnet_a", "vgg_b"]
 def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
     for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_TRAIN_GPU"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("pipeline.cmce_pipeline.TRAIN_GPU", True)
     fresh = compile_pipeline(tmp_path / "fresh.yaml")
     assert fresh.read_text() == COMPILED.read_text(), "run `python -m pipeline compile` and commit the YAML"
     loaded = components.load_component_from_file(str(COMPILED))
     assert loaded.name == "cmce"
     spec = COMPILED.read_text()
-    assert "localhost/cmce:cpu" in spec and "resourceMemoryLimit" in spec
+    assert "localhost/cmce:cpu" in spec and "localhost/cmce:cuda" in spec and "resourceMemoryLimit" in spec
+    assert "nvidia.com/gpu" in spec  # training tasks ask for a GPU
 
 
 def test_submit_arguments(tmp_path):
@@ -70,7 +72,7 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = {r.info.run_name for r in children}
     assert {"prepare-data", "train-query", "train-resnet_a", "train-vgg_b", "fit-transform-resnet_a",
-            "evaluate"} <= names
+            "embed-resnet_a", "embed-vgg_b", "combine", "build-index", "evaluate"} <= names
     evaluation = next(r for r in children if r.info.run_name == "evaluate")
     assert 0 < evaluation.data.metrics["asym_ensemble/2/R_at_1"] <= 1
     assert "asym_ensemble/2/TAR_at_FAR_0.001" in evaluation.data.metrics

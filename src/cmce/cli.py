@@ -86,9 +86,15 @@ def cmd_fit_transform(args: argparse.Namespace) -> StepRecord:
 
 
 def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
-    step_embed_member(Path(args.dataset), _model(args.query_model), _model(args.gallery_model),
-                      _model(args.transform), Path(args.out), args.batch_size)
-    return StepRecord(f"embed-{Path(args.gallery_model).stem}")
+    out = step_embed_member(Path(args.dataset), _model(args.query_model), _model(args.gallery_model),
+                            _model(args.transform), Path(args.out), args.batch_size)
+    from cmce.tables import read_metadata
+
+    meta = read_metadata(out)
+    import pyarrow.parquet as pq
+
+    return StepRecord(f"embed-{meta['gallery_model']['name']}", {"member": meta},
+                      {"rows": pq.ParquetFile(out).metadata.num_rows})
 
 
 def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
