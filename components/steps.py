@@ -127,12 +127,21 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
     from pathlib import Path
 
     from cmce.cli import run_step
+    from cmce.config import load_config
+    from cmce.steps import registered_uris
 
-    argv = ["evaluate", "--dataset", dataset.path, "--query-model", query_model.path, "--gallery", gallery.path,
-            "--out", report.path]
-    argv += [a for t in transformations for a in ("--transform", t.path)]
-    argv += [a for s in kd_students for a in ("--kd", s.path)]
     info = json.loads(Path(tracking.path).read_text())
+    # with tracking on, the query model and transformations are loaded back from the registry by alias
+    # (the library refuses them if another run moved an alias: their hashes would not match the gallery)
+    if info["run_id"]:
+        uris = registered_uris(load_config(config.path))
+        query, transforms = uris["query_model"][0], uris["transformations"]
+    else:
+        query, transforms = query_model.path, [t.path for t in transformations]
+    argv = ["evaluate", "--dataset", dataset.path, "--query-model", query, "--gallery", gallery.path,
+            "--out", report.path]
+    argv += [a for t in transforms for a in ("--transform", t)]
+    argv += [a for s in kd_students for a in ("--kd", s.path)]
     try:
         run_step(argv, config.path, tracking.path)
     finally:

@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and not (args.model or args.kd_teacher):
         log.error("cmce train: give --model NAME or --kd-teacher CHECKPOINT")
         return 2
+    if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     try:
         record = args.func(args)
         if args.mlflow_parent and isinstance(record, StepRecord):

@@ -199,6 +199,14 @@ def registry_name(role: str, name: str) -> str:
     return f"cmce-{name}" if role == "query" else f"cmce-{role}-{name}"
 
 
+def registered_uris(cfg: Config, alias: str = "candidate") -> dict[str, list[str]]:
+    """`models:/NAME@ALIAS` URIs of the query model and of every transformation in the config."""
+    return {
+        "query_model": [f"models:/{registry_name('query', cfg.query_model.name)}@{alias}"],
+        "transformations": [f"models:/{registry_name('transform', m.name)}@{alias}" for m in cfg.gallery_models],
+    }
+
+
 def record_model(cfg: Config, path: Path, role: str) -> StepRecord:
     m = load_embedding_model(path)
     spec = {"arch": m.arch, "embedding_dim": m.embedding_dim, "sha256": m.sha256}
