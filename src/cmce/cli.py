@@ -202,6 +202,40 @@ def cmd_run(args: argparse.Namespace) -> None:
     sys.stdout.write(markdown_table(metrics))
 
 
+def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
+    """Fit T for the new model, embed the gallery with it alone, update the ensemble from the running sum."""
+    from cmce.index import build_index
+    from cmce.lifecycle import add_member
+
+    cfg = _config(args)
+    new_model, out = _model(args.gallery_model), Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(f"{out.stem}_added")
+    transform = work / f"transform_{new_model.stem}.pt"
+    step_fit_transform(cfg, Path(args.dataset), _model(args.query_model), new_model, transform,
+                       work / f"train_{new_model.stem}.parquet")
+    member = step_embed_member(Path(args.dataset), _model(args.query_model), new_model, transform,
+                               work / f"member_{new_model.stem}.parquet", cfg.batch_size)
+    add_member(Path(args.gallery), member, out)
+    if args.index_out:
+        build_index(out, Path(args.index_out), cfg.index.reject_fraction, cfg.index.type)
+    return record_transformation(cfg, transform)
+
+
+def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
+    """Refit every transformation for a new query model from stored embeddings; gallery images unread."""
+    from cmce.index import build_index
+    from cmce.lifecycle import upgrade_query_model
+
+    cfg = _config(args)
+    out = Path(args.out)
+    upgrade_query_model(Path(args.gallery), _model(args.query_model), Path(args.dataset),
+                        [Path(p) for p in args.train_embeddings], cfg.transform, Path(args.transforms_out), out,
+                        cfg.seed, cfg.batch_size)
+    if args.index_out:
+        build_index(out, Path(args.index_out), cfg.index.reject_fraction, cfg.index.type)
+    return StepRecord("upgrade-query-model", {"gallery": str(args.gallery)})
+
+
 def cmd_track_start(args: argparse.Namespace) -> None:
     from cmce.tracking import start_parent_run, tracking_uri
 
@@ -311,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=5)
 
     add("run", cmd_run, "run every step in one process from a config")
+
+    sp = add("add-gallery-model", cmd_add_gallery_model,
+             "add a trained gallery model to a live ensemble (only that model embeds the gallery)")
+    sp.add_argument("--dataset", required=True, help="dataset Parquet (train split to fit T, test split = gallery)")
+    sp.add_argument("--gallery", required=True, help="current gallery Parquet")
+    sp.add_argument("--query-model", required=True)
+    sp.add_argument("--gallery-model", required=True, help="the new gallery model checkpoint")
+    sp.add_argument("--out", required=True, help="new gallery Parquet (may equal --gallery: replaced atomically)")
+    sp.add_argument("--index-out", default=None, help="also rebuild the index here")
+    sp.add_argument("--work-dir", default=None, help="where the new transformation and embeddings go")
+
+    sp = add("upgrade-query-model", cmd_upgrade_query_model,
+             "refit all transformations for a new query model from stored embeddings; gallery images unread")
+    sp.add_argument("--dataset", required=True, help="dataset Parquet; only its train split is read")
+    sp.add_argument("--gallery", required=True)
+    sp.add_argument("--query-model", required=True, help="the new query model checkpoint")
+    sp.add_argument("--train-embeddings", nargs="+", required=True, help="stored train embeddings, one per member")
+    sp.add_argument("--transforms-out", required=True, help="folder for the refitted transformations")
+    sp.add_argument("--out", required=True, help="new gallery Parquet (may equal --gallery)")
+    sp.add_argument("--index-out", default=None, help="also rebuild the index here")
 
     sp = add("track-start", cmd_track_start, "open the parent MLflow run of a pipeline run; prints its id")
     sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")

@@ -91,8 +91,8 @@ def fit_transformation(
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} embeddings contain NaN or inf values")
     torch.manual_seed(seed)
-    g = torch.as_tensor(gallery_emb, dtype=torch.float32)
-    q = torch.as_tensor(query_emb, dtype=torch.float32)
+    g = torch.from_numpy(np.array(gallery_emb, dtype=np.float32))
+    q = torch.from_numpy(np.array(query_emb, dtype=np.float32))
     y = torch.as_tensor(labels, dtype=torch.long)
     w = query_classifier.detach().float()
     mlp = build_mlp(g.shape[1], q.shape[1], cfg.hidden_dim, cfg.depth)

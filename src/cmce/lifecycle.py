@@ -1,0 +1,162 @@
+"""Change a live gallery without re-reading what need not be read.
+
+- add_member: add one gallery model to the ensemble from its per-model file; the stored running sum S
+  and count N give the new mean and uncertainty, the existing members are not recomputed.
+- upgrade_query_model: refit every transformation from the stored raw gallery-model embeddings of the
+  training images and the new query model's embeddings of those images, re-transform the stored raw
+  gallery embeddings, and rebuild the ensemble. Gallery images are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cmce.checkpoint import load_embedding_model
+from cmce.config import TransformConfig
+from cmce.embed import embed_split
+from cmce.ensemble import RunningEnsemble
+from cmce.storage import atomic_path
+from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, read_table, string_column
+from cmce.transform import Transformation, fit_transformation, save_transformation
+
+log = logging.getLogger(__name__)
+
+
+def aligned_batches(paths: list[Path], batch_size: int) -> Iterator[list[pa.Table]]:
+    """Read several Parquet files in lockstep, yielding equal-length slices whatever their row groups."""
+    readers = [pq.ParquetFile(p).iter_batches(batch_size=batch_size) for p in paths]
+    buffers = [pa.table({}) for _ in paths]
+    done = [False] * len(paths)
+    while True:
+        for i, reader in enumerate(readers):
+            while not done[i] and buffers[i].num_rows < batch_size:
+                try:
+                    batch = pa.Table.from_batches([next(reader)])
+                    buffers[i] = batch if buffers[i].num_columns == 0 else pa.concat_tables([buffers[i], batch])
+                except StopIteration:
+                    done[i] = True
+        n = min(b.num_rows for b in buffers)
+        if n == 0:
+            if any(b.num_rows for b in buffers):
+                raise TableError(f"{[str(p) for p in paths]}: files have different row counts")
+            return
+        yield [b.slice(0, n) for b in buffers]
+        buffers = [b.slice(n) for b in buffers]
+
+
+def _gallery_schema(base: pa.Schema, extra: list[tuple[str, pa.DataType]], meta: dict) -> pa.Schema:
+    fields = [base.field(i) for i in range(len(base))] + [pa.field(n, t) for n, t in extra]
+    return pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+
+
+def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_size: int = 8192) -> Path:
+    """New gallery file = `gallery` plus the model in `member` (a per-model file from embed-member)."""
+    gallery, member = Path(gallery), Path(member)
+    gmeta, mmeta = read_metadata(gallery), read_metadata(member)
+    if gmeta.get("kind") != "gallery" or mmeta.get("kind") != "gallery_member":
+        raise TableError(f"{gallery} must be a gallery file and {member} a per-model file")
+    if mmeta["query_model_sha256"] != gmeta["query_model_sha256"]:
+        raise TableError(f"{member}: transformed for query model {mmeta['query_model_sha256'][:12]}, the gallery "
+                         f"for {gmeta['query_model_sha256'][:12]}")
+    name = mmeta["gallery_model"]["name"]
+    if name in {m["name"] for m in gmeta["members"]}:
+        raise TableError(f"{gallery}: already has a member named {name!r}")
+    added = {**mmeta["gallery_model"], "transformation_sha256": mmeta["transformation_sha256"]}
+    new_meta = {**gmeta, "members": [*gmeta["members"], added]}
+    g_schema = pq.read_schema(gallery)
+    raw_type = pq.read_schema(member).field("raw").type
+    schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
+    dim = g_schema.field("embedding").type.list_size
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for g, m in aligned_batches([gallery, member], batch_size):
+            ids = string_column(g, "id", str(gallery))
+            if string_column(m, "id", str(member)) != ids:
+                raise TableError(f"{member}: ids are not in the gallery's order")
+            counts = set(g.column("n_models").to_pylist())
+            if len(counts) != 1:
+                raise TableError(f"{gallery}: rows disagree on n_models {sorted(counts)}")
+            ens = RunningEnsemble(embedding_column(g, "ensemble_sum", str(gallery), dim), counts.pop())
+            ens.add(embedding_column(m, "transformed", str(member), dim))
+            cols = {c: g.column(c) for c in g.column_names}
+            cols["embedding"] = embedding_array(ens.embedding)
+            cols["uncertainty"] = pa.array(ens.uncertainty)
+            cols["ensemble_sum"] = embedding_array(ens.sum.astype(np.float32))
+            cols["n_models"] = pa.array(np.full(len(ids), ens.n_models, np.int32))
+            cols[f"raw_{name}"] = m.column("raw")
+            writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
+    log.info("added %s to %s → %s (%d members)", name, gallery, out, len(new_meta["members"]))
+    return Path(out)
+
+
+def upgrade_query_model(
+    gallery: str | Path,
+    new_query_model: str | Path,
+    dataset: str | Path,
+    train_embeddings: list[str | Path],
+    cfg: TransformConfig,
+    transforms_dir: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Path:
+    """Refit all transformations for a new query model and rebuild the gallery from stored embeddings.
+
+    Reads only the train split of `dataset` (to embed the training images with the new query model)
+    and the raw gallery-model embeddings stored in `gallery` and `train_embeddings`.
+    """
+    gallery = Path(gallery)
+    gmeta = read_metadata(gallery)
+    if gmeta.get("kind") != "gallery":
+        raise TableError(f"{gallery}: not a gallery file")
+    query = load_embedding_model(new_query_model)
+    q_train = embed_split(query, dataset, "train", batch_size)
+    q_pos = {i: n for n, i in enumerate(q_train.ids)}
+    stored = {}
+    for path in train_embeddings:
+        meta = read_metadata(path)
+        if meta.get("kind") != "train_embeddings":
+            raise TableError(f"{path}: not a train-embeddings file (kind={meta.get('kind')!r})")
+        stored[meta["gallery_model"]["sha256"]] = Path(path)
+    table = read_table(gallery)
+    members, transformed = [], []
+    for member in gmeta["members"]:
+        if member["sha256"] not in stored:
+            raise TableError(f"no stored train embeddings for gallery model {member['name']!r} "
+                             f"({member['sha256'][:12]}) among {[str(p) for p in train_embeddings]}")
+        tr = read_table(stored[member["sha256"]], ["id", "label", "raw"])
+        ids = string_column(tr, "id", str(stored[member["sha256"]]))
+        missing = [i for i in ids if i not in q_pos]
+        if missing:
+            raise TableError(f"{dataset}: train split lacks {len(missing)} stored training ids (first {missing[0]!r})")
+        rows = np.array([q_pos[i] for i in ids])
+        raw_train = embedding_column(tr, "raw", str(stored[member["sha256"]]))
+        mlp, history = fit_transformation(raw_train, q_train.embeddings[rows], q_train.labels[rows],
+                                          query.classifier, cfg, seed, f"T[{member['name']}]")
+        t = Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
+                           query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history)
+        save_transformation(t, Path(transforms_dir) / f"{member['name']}.pt")
+        transformed.append(t.apply(embedding_column(table, f"raw_{member['name']}", str(gallery))))
+        members.append({**{k: member[k] for k in member if k != "transformation_sha256"},
+                        "transformation_sha256": t.sha256})
+    ens = RunningEnsemble()
+    for e in transformed:
+        ens.add(e)
+    cols = {c: table.column(c) for c in table.column_names}
+    cols["embedding"] = embedding_array(ens.embedding)
+    cols["uncertainty"] = pa.array(ens.uncertainty)
+    cols["ensemble_sum"] = embedding_array(ens.sum.astype(np.float32))
+    cols["n_models"] = pa.array(np.full(table.num_rows, ens.n_models, np.int32))
+    meta = {**gmeta, "query_model_sha256": query.sha256, "members": members,
+            "upgraded_from_query_model_sha256": gmeta["query_model_sha256"]}
+    new = pa.table(cols).replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+    with atomic_path(out) as tmp:
+        pq.write_table(new, tmp, row_group_size=8192)
+    log.info("upgraded %s to query model %s → %s", gallery, query.sha256[:12], out)
+    return Path(out)

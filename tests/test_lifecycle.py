@@ -1,0 +1,111 @@
+"""Growing the ensemble and upgrading the query model from stored embeddings."""
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cmce.config import ModelSpec, TrainConfig, TransformConfig
+from cmce.embed import combine_members
+from cmce.index import IndexLoadError, build_index, load_index, search
+from cmce.lifecycle import add_member, upgrade_query_model
+from cmce.tables import TableError, embedding_column, read_metadata
+from tests.test_embed import members
+
+
+def test_adding_models_one_at_a_time_equals_building_at_once(tmp_path):
+    _, paths, _ = members(tmp_path, n_models=3, rows=50)
+    at_once = pq.read_table(combine_members(paths, tmp_path / "all.parquet"))
+    grown = combine_members(paths[:1], tmp_path / "g1.parquet")
+    for i, p in enumerate(paths[1:], start=2):
+        grown = add_member(grown, p, tmp_path / f"g{i}.parquet", batch_size=16)  # batches ≠ row groups
+    grown = pq.read_table(grown)
+    for col in ("embedding", "ensemble_sum", "raw_m0", "raw_m1", "raw_m2"):
+        np.testing.assert_allclose(embedding_column(grown, col, "g"), embedding_column(at_once, col, "a"), atol=1e-5)
+    np.testing.assert_allclose(grown.column("uncertainty").to_numpy(), at_once.column("uncertainty").to_numpy(),
+                               atol=1e-5)
+    assert set(grown.column("n_models").to_pylist()) == {3}
+    assert [m["name"] for m in read_metadata(tmp_path / "g3.parquet")["members"]] == ["m0", "m1", "m2"]
+
+
+def test_add_member_refuses_duplicates_and_other_query_models(tmp_path):
+    ids, paths, _ = members(tmp_path, n_models=2, rows=20)
+    gallery = combine_members(paths, tmp_path / "g.parquet")
+    with pytest.raises(TableError, match="already has a member named 'm1'"):
+        add_member(gallery, paths[1], tmp_path / "out.parquet")
+    from tests.test_embed import write_member
+
+    other = write_member(tmp_path / "x.parquet", "x", ids, np.zeros((20, 3)), np.ones((20, 6)), query_sha="z" * 64)
+    with pytest.raises(TableError, match="transformed for query model zzzzzzzzzzzz"):
+        add_member(gallery, other, tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_upgrade_query_model_without_gallery_images(smoke_run, tmp_path):
+    lay, _ = smoke_run
+    from cmce.checkpoint import load_embedding_model
+    from cmce.config import DataConfig
+    from cmce.embed import embed_split
+    from cmce.train import train_embedding_model
+
+    # a new query model, trained as usual (the train split stays available)
+    spec = ModelSpec(name="query", arch="query_cnn", embedding_dim=24, width=8, seed=7)
+    new_q = tmp_path / "query_v2.pt"
+    train_embedding_model(lay.dataset, spec, DataConfig(source="digits", image_size=8), TrainConfig(epochs=2), new_q)
+    # the gallery images are gone: keep only the train split of the dataset
+    table = pq.read_table(lay.dataset)
+    train_only = tmp_path / "train_only.parquet"
+    pq.write_table(table.filter(pc.equal(table.column("split"), "train")), train_only)
+
+    out = upgrade_query_model(lay.gallery, new_q, train_only,
+                              [lay.train_embeddings(g) for g in lay.gallery_names],
+                              TransformConfig(hidden_dim=32, epochs=3), tmp_path / "transforms",
+                              tmp_path / "gallery_v2.parquet")
+    old, new = pq.read_table(lay.gallery), pq.read_table(out)
+    assert new.schema.field("embedding").type.list_size == 24
+    for g in lay.gallery_names:
+        np.testing.assert_array_equal(embedding_column(new, f"raw_{g}", "n"), embedding_column(old, f"raw_{g}", "o"))
+    q2 = load_embedding_model(new_q)
+    assert read_metadata(out)["query_model_sha256"] == q2.sha256
+    index_dir = build_index(out, tmp_path / "index")
+    # searching with the new query model works (queries embedded from wherever they come from) ...
+    queries = embed_split(q2, lay.dataset, "test").embeddings[:5]
+    res = search(load_index(index_dir, query_sha256=q2.sha256), queries, 3)
+    assert len(res.ids) == 5 and all(len(r) == 3 for r in res.ids)
+    # ... and the old query model is refused
+    with pytest.raises(IndexLoadError, match="built for query model"):
+        load_index(index_dir, query_sha256=load_embedding_model(lay.model("query")).sha256)
+
+
+def test_upgrade_needs_train_embeddings_of_every_member(smoke_run, tmp_path):
+    lay, _ = smoke_run
+    with pytest.raises(TableError, match="no stored train embeddings for gallery model 'vgg_b'"):
+        upgrade_query_model(lay.gallery, lay.model("query"), lay.dataset, [lay.train_embeddings("resnet_a")],
+                            TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")
+    assert not (tmp_path / "g.parquet").exists()
+
+
+def test_add_gallery_model_cli_equals_combining_all_members(smoke_run, tmp_path):
+    from cmce.cli import main
+    from cmce.config import DataConfig
+    from cmce.train import train_embedding_model
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    new = tmp_path / "mob_c.pt"
+    spec = ModelSpec(name="mob_c", arch="mobilenet", embedding_dim=40, width=8, seed=5)
+    train_embedding_model(lay.dataset, spec, DataConfig(source="digits", image_size=8), TrainConfig(epochs=2), new)
+    out, work = tmp_path / "gallery.parquet", tmp_path / "work"
+    rc = main(["add-gallery-model", "--config", str(SMOKE), "--dataset", str(lay.dataset), "--gallery",
+               str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery-model", str(new),
+               "--out", str(out), "--index-out", str(tmp_path / "index"), "--work-dir", str(work)])
+    assert rc == 0
+    expected = combine_members([lay.member(g) for g in lay.gallery_names] + [work / "member_mob_c.parquet"],
+                               tmp_path / "direct.parquet")
+    got, want = pq.read_table(out), pq.read_table(expected)
+    np.testing.assert_allclose(embedding_column(got, "embedding", "g"), embedding_column(want, "embedding", "w"),
+                               atol=1e-5)
+    np.testing.assert_allclose(got.column("uncertainty").to_numpy(), want.column("uncertainty").to_numpy(),
+                               atol=1e-5)
+    assert [m["name"] for m in read_metadata(out)["members"]] == [*lay.gallery_names, "mob_c"]
+    assert load_index(tmp_path / "index").meta["members"][-1]["name"] == "mob_c"
