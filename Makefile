@@ -28,7 +28,7 @@ smoke: $(STAMP)
 	$(VENV)/bin/python -m pipeline run --local --params configs/smoke.yaml --root runs/kfp-smoke
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests components pipeline
+	$(VENV)/bin/ruff check src tests components pipeline benchmarks
 
 test: lint
 	$(VENV)/bin/python -m pytest -q
