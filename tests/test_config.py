@@ -52,3 +52,19 @@ def test_needs_gallery_models_and_unique_names(tmp_path):
         load_config(_write(tmp_path, "query_model: {name: q}\n"))
     with pytest.raises(ConfigError, match="unique"):
         load_config(_write(tmp_path, "query_model: {name: g}\ngallery_models: [{name: g, arch: vgg}]\n"))
+
+
+def test_override_through_a_non_mapping_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="'gallery_models' is not a mapping"):
+        load_config(_write(tmp_path, GOOD), {"gallery_models.0.epochs": 1})
+    cfg = load_config(_write(tmp_path, GOOD + "train:\n"), {"train.epochs": 2})  # empty section becomes a mapping
+    assert cfg.train.epochs == 2
+
+
+def test_nonsense_values_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="train.epochs must be at least 1"):
+        load_config(_write(tmp_path, GOOD + "train: {epochs: 0}\n"))
+    with pytest.raises(ConfigError, match="heldout_fraction must be in"):
+        load_config(_write(tmp_path, GOOD + "data: {heldout_fraction: 5}\n"))
+    with pytest.raises(ConfigError, match="data.channels: True is not one of"):
+        load_config(_write(tmp_path, GOOD + "data: {channels: true}\n"))

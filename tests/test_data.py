@@ -149,3 +149,22 @@ def test_missing_split_duplicate_ids_and_missing_column(tmp_path):
                    tmp_path / "bad2.parquet")
     with pytest.raises(DataError, match="column 'label' has type string, expected int32"):
         load_split(tmp_path / "bad2.parquet", "test", 1, 4)
+
+
+def test_fetch_never_touches_a_foreign_folder(tmp_path):
+    from cmce.data import fetch_fashion_mnist
+
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(DataError, match="exists and is not empty"):
+        fetch_fashion_mnist(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_truncated_idx_header_names_the_file(tmp_path):
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3, 0, 0]))
+    from cmce.data import _read_idx
+
+    with pytest.raises(DataError, match="x-idx3-ubyte.gz: truncated IDX header"):
+        _read_idx(path)

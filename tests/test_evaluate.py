@@ -50,3 +50,11 @@ def test_uncertainty_rejection_beats_random_when_uncertainty_marks_the_errors():
     # confused queries still fail (queries are never rejected); the others no longer hit confused items
     assert unc["retrieval_error@0.1"] < rnd["retrieval_error@0.1"] - 0.04
     assert unc["verification_error@0.1"] < rnd["verification_error@0.1"]
+
+
+def test_results_table_follows_the_configured_metrics():
+    from cmce.report import markdown_table
+
+    table = markdown_table({"a": {"R@1": 0.5, "R@5": 0.75, "MAP@R": 0.25, "lone_queries": 0.0}})
+    assert table.splitlines()[0] == "| configuration | R@1 | R@5 | MAP@R |"
+    assert "| a | 50.00 | 75.00 | 25.00 |" in table

@@ -124,7 +124,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is Literal:
-        if value not in args:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
     if origin is list:
@@ -162,6 +162,13 @@ def _validate(cfg: Config, where: str) -> None:
     for m in cfg.gallery_models:
         if not 0.0 < m.data_fraction <= 1.0:
             raise ConfigError(f"{where}: gallery_models[{m.name}].data_fraction must be in (0, 1]")
+    for name, epochs in (("train.epochs", cfg.train.epochs), ("transform.epochs", cfg.transform.epochs),
+                         ("kd.epochs", cfg.kd.epochs or 1), *((f"{m.name}.epochs", m.epochs or 1)
+                                                              for m in [cfg.query_model, *cfg.gallery_models])):
+        if epochs < 1:
+            raise ConfigError(f"{where}: {name} must be at least 1, got {epochs}")
+    if not 0.0 < cfg.data.heldout_fraction < 1.0:
+        raise ConfigError(f"{where}: data.heldout_fraction must be in (0, 1)")
     if not 0.0 <= cfg.index.reject_fraction < 1.0:
         raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1)")
     from cmce.models import check_arch  # late import: models imports torch
@@ -185,7 +192,11 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {dotted}: '{p}' is not a mapping")
+            node = node[p]
         node[leaf] = value
     return raw
 

@@ -81,6 +81,8 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -196,6 +198,10 @@ def fetch_fashion_mnist(dest: str | Path) -> Path:
         return _find_fashion_dir(dest)
     except DataError:
         pass
+    if dest.exists() and any(dest.iterdir()):
+        # never delete or mix into a folder we did not create
+        raise DataError(f"{dest}: exists and is not empty, but holds no Fashion-MNIST IDX files; "
+                        "point data.path at an empty or missing folder")
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise DataError(f"fetching Fashion-MNIST needs {tool} (Debian); or set data.path to the IDX files")
@@ -216,7 +222,7 @@ def fetch_fashion_mnist(dest: str | Path) -> Path:
             shutil.copy2(f, staging / f.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
-            shutil.rmtree(dest)
+            dest.rmdir()  # empty (checked above)
         shutil.move(str(staging), dest)
     log.info("Fashion-MNIST unpacked into %s", dest)
     return dest
@@ -321,9 +327,9 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
     """PNG/JPEG bytes → uint8 CxHxW; converts any mode (grey, RGBA on white, 16-bit) and resizes."""
     img = open_image(data, origin)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: a fixed scale, so a dark image is not brightened relative to a bright one
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8))
+        img = Image.fromarray((arr * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

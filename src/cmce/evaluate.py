@@ -120,15 +120,18 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     members = gmeta["members"]
     # orchestrators may hand over collected lists in any order: match files to members by content hash
     by_gallery = {}
+    member_shas = {m["sha256"] for m in members}
     for t_path in inputs.transformations:
         t = load_transformation(t_path, query_sha256=query_model.sha256)
+        if t.gallery_model_sha256 not in member_shas:
+            # e.g. a stale file of a model since dropped from the config, left in a --transform-dir
+            log.warning("%s: transformation for %s is not for a member of %s; skipped", t_path, t.gallery_model,
+                        inputs.gallery)
+            continue
         by_gallery[t.gallery_model_sha256] = t
     missing = [m["name"] for m in members if m["sha256"] not in by_gallery]
-    if missing or len(by_gallery) != len(members):
-        raise ValueError(
-            f"{inputs.gallery}: need exactly one transformation per gallery member; missing for {missing}, "
-            f"got {len(inputs.transformations)} for {len(members)} members"
-        )
+    if missing:
+        raise ValueError(f"{inputs.gallery}: need one transformation per gallery member; missing for {missing}")
     table = read_table(inputs.gallery)
     g_ids = string_column(table, "id", str(inputs.gallery))
     g_labels = int_column(table, "label", str(inputs.gallery))
@@ -183,7 +186,9 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
         student, s_emb = _student_embeddings(Path(s_path), inputs.dataset, q.ids, batch_size)
         teacher = student.meta.get("teacher_sha256")
         if teacher not in member_by_sha:
-            raise ValueError(f"{s_path}: KD student's teacher {str(teacher)[:12]} is not a member of {inputs.gallery}")
+            log.warning("%s: KD student's teacher %s is not a member of %s; skipped", s_path, str(teacher)[:12],
+                        inputs.gallery)
+            continue
         students[member_by_sha[teacher]] = s_emb
     for member in members:  # report in member order whatever order the students came in
         if member["name"] in students:

@@ -34,7 +34,8 @@ class IndexLoadError(ValueError):
 def rejection_mask(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
     """True for the ceil(fraction·n) most uncertain items (ties broken by position, stable)."""
     n = len(uncertainty)
-    n_reject = int(np.ceil(fraction * n - 1e-9)) if fraction > 0 else 0
+    # never reject everything: an index needs at least one item
+    n_reject = min(int(np.ceil(fraction * n - 1e-9)), max(n - 1, 0)) if fraction > 0 else 0
     mask = np.zeros(n, dtype=bool)
     if n_reject:
         mask[np.argsort(-np.asarray(uncertainty), kind="stable")[:n_reject]] = True

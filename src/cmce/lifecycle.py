@@ -22,7 +22,7 @@ from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
 from cmce.embed import embed_split
 from cmce.ensemble import RunningEnsemble
-from cmce.storage import atomic_path
+from cmce.storage import atomic_dir, atomic_path
 from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, read_table, string_column
 from cmce.transform import Transformation, fit_transformation, save_transformation
 
@@ -109,7 +109,8 @@ def upgrade_query_model(
     """Refit all transformations for a new query model and rebuild the gallery from stored embeddings.
 
     Reads only the train split of `dataset` (to embed the training images with the new query model)
-    and the raw gallery-model embeddings stored in `gallery` and `train_embeddings`.
+    and the raw gallery-model embeddings stored in `gallery` and `train_embeddings`. `transforms_dir`
+    is replaced as a whole once every transformation is fitted, then the gallery file is written.
     """
     gallery = Path(gallery)
     gmeta = read_metadata(gallery)
@@ -125,7 +126,7 @@ def upgrade_query_model(
             raise TableError(f"{path}: not a train-embeddings file (kind={meta.get('kind')!r})")
         stored[meta["gallery_model"]["sha256"]] = Path(path)
     table = read_table(gallery)
-    members, transformed = [], []
+    members, transformed, fitted = [], [], []
     for member in gmeta["members"]:
         if member["sha256"] not in stored:
             raise TableError(f"no stored train embeddings for gallery model {member['name']!r} "
@@ -139,9 +140,13 @@ def upgrade_query_model(
         raw_train = embedding_column(tr, "raw", str(stored[member["sha256"]]))
         mlp, history = fit_transformation(raw_train, q_train.embeddings[rows], q_train.labels[rows],
                                           query.classifier, cfg, seed, f"T[{member['name']}]")
-        t = Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
-                           query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history)
-        save_transformation(t, Path(transforms_dir) / f"{member['name']}.pt")
+        fitted.append(Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
+                                     query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history))
+    # everything is fitted before anything is written: a failure above leaves the old state intact
+    with atomic_dir(transforms_dir) as tmp_dir:
+        for t in fitted:
+            save_transformation(t, tmp_dir / f"{t.gallery_model}.pt")
+    for member, t in zip(gmeta["members"], fitted, strict=True):
         transformed.append(t.apply(embedding_column(table, f"raw_{member['name']}", str(gallery))))
         members.append({**{k: member[k] for k in member if k != "transformation_sha256"},
                         "transformation_sha256": t.sha256})

@@ -15,7 +15,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cmce.storage import atomic_path, write_text  # noqa: E402
 
 Metrics = dict[str, dict[str, float]]
-RETRIEVAL_COLUMNS = ["R@1", "R@2", "R@4", "R@8", "MAP@R", "TAR@FAR=0.01", "TAR@FAR=0.001", "TAR@FAR=0.0001"]
 
 
 def _fmt(v: float) -> str:
@@ -25,7 +24,7 @@ def _fmt(v: float) -> str:
 def markdown_table(metrics: Metrics) -> str:
     """Retrieval table (percent) and rejection table; config order as in the dict."""
     configs = [k for k in metrics if not k.startswith("rejection/")]
-    cols = [c for c in RETRIEVAL_COLUMNS if any(c in metrics[k] for k in configs)]
+    cols = list(dict.fromkeys(c for k in configs for c in metrics[k] if c != "lone_queries"))
     lines = ["| configuration | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for k in configs:
         lines.append(f"| {k} | " + " | ".join(_fmt(metrics[k].get(c, float("nan"))) for c in cols) + " |")
