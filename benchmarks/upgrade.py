@@ -26,8 +26,7 @@ from cmce.lifecycle import upgrade_query_model
 from cmce.steps import (
     RunLayout,
     step_combine,
-    step_embed_member,
-    step_fit_transform,
+    step_gallery_branch,
     step_prepare_data,
     step_train,
 )
@@ -51,11 +50,7 @@ def main() -> None:
     q_old = lay.model("query_half")
     step_train(half, lay.dataset, half.query_model.name, q_old)
     for g in half.gallery_models:
-        step_train(half, lay.dataset, g.name, lay.model(g.name))
-        step_fit_transform(half, lay.dataset, q_old, lay.model(g.name), lay.transformation(g.name),
-                           lay.train_embeddings(g.name))
-        step_embed_member(lay.dataset, q_old, lay.model(g.name), lay.transformation(g.name), lay.member(g.name),
-                          half.batch_size)
+        step_gallery_branch(half, lay, q_old, g.name)
     step_combine([lay.member(g) for g in lay.gallery_names], lay.gallery)
     before = evaluate(EvalInputs(lay.dataset, q_old, lay.gallery, [lay.transformation(g) for g in lay.gallery_names]),
                       full.evaluate, lay.root / "eval_before", full.batch_size, full.seed)

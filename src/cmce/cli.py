@@ -86,13 +86,13 @@ def cmd_fit_transform(args: argparse.Namespace) -> StepRecord:
 
 
 def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
-    out = step_embed_member(Path(args.dataset), _model(args.query_model), _model(args.gallery_model),
-                            _model(args.transform), Path(args.out), args.batch_size)
-    from cmce.tables import read_metadata
-
-    meta = read_metadata(out)
     import pyarrow.parquet as pq
 
+    from cmce.tables import read_metadata
+
+    out = step_embed_member(Path(args.dataset), _model(args.query_model), _model(args.gallery_model),
+                            _model(args.transform), Path(args.out), args.batch_size)
+    meta = read_metadata(out)
     return StepRecord(f"embed-{meta['gallery_model']['name']}", {"member": meta},
                       {"rows": pq.ParquetFile(out).metadata.num_rows})
 

@@ -111,6 +111,16 @@ def embed_with_model(
     return out
 
 
+def ensemble_columns(ens: RunningEnsemble) -> dict[str, pa.Array]:
+    """The gallery file's ensemble columns, derived from the running sum and count."""
+    return {
+        "embedding": embedding_array(ens.embedding),
+        "uncertainty": pa.array(ens.uncertainty),
+        "ensemble_sum": embedding_array(ens.sum.astype(np.float32)),
+        "n_models": pa.array(np.full(len(ens.sum), ens.n_models, np.int32)),
+    }
+
+
 def combine_members(member_paths: list[str | Path], out: str | Path, batch_size: int = 8192) -> Path:
     """Combine per-model embedding files into the gallery file, batch by batch (bounded memory)."""
     if not member_paths:
@@ -161,10 +171,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
             cols = [
                 pa.array(ids),
                 pa.array(int_column(tables[0], "label", str(member_paths[0])).astype(np.int32)),
-                embedding_array(ens.embedding),
-                pa.array(ens.uncertainty),
-                embedding_array(ens.sum.astype(np.float32)),
-                pa.array(np.full(len(ids), ens.n_models, np.int32)),
+                *ensemble_columns(ens).values(),
                 *raws,
             ]
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))

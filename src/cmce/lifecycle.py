@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
-from cmce.embed import embed_split
+from cmce.embed import embed_split, ensemble_columns
 from cmce.ensemble import RunningEnsemble
 from cmce.storage import atomic_dir, atomic_path
-from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, read_table, string_column
+from cmce.tables import TableError, embedding_column, read_metadata, read_table, string_column
 from cmce.transform import Transformation, fit_transformation, save_transformation
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
             ens = RunningEnsemble(embedding_column(g, "ensemble_sum", str(gallery), dim), counts.pop())
             ens.add(embedding_column(m, "transformed", str(member), dim))
             cols = {c: g.column(c) for c in g.column_names}
-            cols["embedding"] = embedding_array(ens.embedding)
-            cols["uncertainty"] = pa.array(ens.uncertainty)
-            cols["ensemble_sum"] = embedding_array(ens.sum.astype(np.float32))
-            cols["n_models"] = pa.array(np.full(len(ids), ens.n_models, np.int32))
+            cols |= ensemble_columns(ens)
             cols[f"raw_{name}"] = m.column("raw")
             writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
     log.info("added %s to %s → %s (%d members)", name, gallery, out, len(new_meta["members"]))
@@ -154,10 +151,7 @@ def upgrade_query_model(
     for e in transformed:
         ens.add(e)
     cols = {c: table.column(c) for c in table.column_names}
-    cols["embedding"] = embedding_array(ens.embedding)
-    cols["uncertainty"] = pa.array(ens.uncertainty)
-    cols["ensemble_sum"] = embedding_array(ens.sum.astype(np.float32))
-    cols["n_models"] = pa.array(np.full(table.num_rows, ens.n_models, np.int32))
+    cols |= ensemble_columns(ens)
     meta = {**gmeta, "query_model_sha256": query.sha256, "members": members,
             "upgraded_from_query_model_sha256": gmeta["query_model_sha256"]}
     new = pa.table(cols).replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})

@@ -154,6 +154,15 @@ def step_evaluate(cfg: Config, inputs: EvalInputs, out: Path) -> dict:
     return evaluate(inputs, cfg.evaluate, out, cfg.batch_size, cfg.seed)
 
 
+def step_gallery_branch(cfg: Config, lay: RunLayout, query_model: Path, name: str) -> Path:
+    """One gallery model's branch: train it, fit its transformation, embed the gallery with it."""
+    step_train(cfg, lay.dataset, name, lay.model(name))
+    step_fit_transform(cfg, lay.dataset, query_model, lay.model(name), lay.transformation(name),
+                       lay.train_embeddings(name))
+    return step_embed_member(lay.dataset, query_model, lay.model(name), lay.transformation(name), lay.member(name),
+                             cfg.batch_size)
+
+
 def run_all(cfg: Config) -> dict:
     """Every step in one process, in dependency order, under cfg.output_dir."""
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
@@ -162,11 +171,7 @@ def run_all(cfg: Config) -> dict:
     step_train(cfg, lay.dataset, cfg.query_model.name, lay.model(cfg.query_model.name))
     q_path = lay.model(cfg.query_model.name)
     for g in cfg.gallery_models:
-        step_train(cfg, lay.dataset, g.name, lay.model(g.name))
-        step_fit_transform(cfg, lay.dataset, q_path, lay.model(g.name), lay.transformation(g.name),
-                           lay.train_embeddings(g.name))
-        step_embed_member(lay.dataset, q_path, lay.model(g.name), lay.transformation(g.name), lay.member(g.name),
-                          cfg.batch_size)
+        step_gallery_branch(cfg, lay, q_path, g.name)
         if cfg.kd.enabled:
             step_train_kd(cfg, lay.dataset, lay.model(g.name), lay.kd_student(g.name))
     step_combine([lay.member(g.name) for g in cfg.gallery_models], lay.gallery)
