@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> StepRecord:
         step_train_kd(cfg, Path(args.dataset), _model(args.kd_teacher), Path(args.out))
         return record_model(cfg, Path(args.out), "kd")
     step_train(cfg, Path(args.dataset), args.model, Path(args.out))
-    role = "query" if args.model == cfg.query_model.name else "gallery"
+    new_query = cfg.lifecycle.new_query_model
+    role = "query" if args.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
     return record_model(cfg, Path(args.out), role)
 
 
@@ -221,19 +222,73 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
     return record_transformation(cfg, transform)
 
 
+def _parquet_files(paths: list[str]) -> list[Path]:
+    """Files as given, folders expanded to the *.parquet files inside them."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        found = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+        if not found:
+            raise ValueError(f"{p}: folder holds no *.parquet files")
+        out += found
+    return out
+
+
 def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
     """Refit every transformation for a new query model from stored embeddings; gallery images unread."""
     from cmce.index import build_index
     from cmce.lifecycle import upgrade_query_model
 
     cfg = _config(args)
-    out = Path(args.out)
+    out, transforms_out = Path(args.out), Path(args.transforms_out)
     upgrade_query_model(Path(args.gallery), _model(args.query_model), Path(args.dataset),
-                        [Path(p) for p in args.train_embeddings], cfg.transform, Path(args.transforms_out), out,
+                        _parquet_files(args.train_embeddings), cfg.transform, transforms_out, out,
                         cfg.seed, cfg.batch_size)
     if args.index_out:
         build_index(out, Path(args.index_out), cfg.index.reject_fraction, cfg.index.type)
-    return StepRecord("upgrade-query-model", {"gallery": str(args.gallery)})
+    refitted = [record_transformation(cfg, t) for t in sorted(transforms_out.glob("*.pt"))]
+    return StepRecord("upgrade-query-model", {"gallery": str(args.gallery), "transform": cfg.transform.__dict__},
+                      {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
+                      register=[reg for r in refitted for reg in r.register])
+
+
+def cmd_add_member(args: argparse.Namespace) -> StepRecord:
+    """Add one per-model file (from embed-member) to a gallery from its stored running sum."""
+    from cmce.lifecycle import add_member
+    from cmce.tables import read_metadata
+
+    out = add_member(Path(args.gallery), Path(args.member), Path(args.out))
+    return StepRecord("add-member", {"gallery": str(args.gallery), "member": str(args.member)},
+                      {"n_models": float(len(read_metadata(out)["members"]))})
+
+
+def cmd_gate(args: argparse.Namespace) -> StepRecord:
+    """Measure the served gallery and the candidate the same way; promote only without regression."""
+    from cmce.promotion import decide, served_metrics
+    from cmce.steps import served_versions
+    from cmce.storage import write_text
+
+    cfg = _config(args)
+    gate = cfg.lifecycle.gate
+    ks = sorted({*cfg.evaluate.recall_k, *(int(m[2:]) for m in gate.metrics if m.startswith("R@"))})
+    fars = sorted({*cfg.evaluate.far, *(float(m.split("=")[1]) for m in gate.metrics if m.startswith("TAR@"))})
+
+    def measure(query: str, gallery: str) -> dict[str, float]:
+        return served_metrics(Path(args.dataset), _model(query), Path(gallery), gate.split, ks, fars, cfg.batch_size)
+
+    decision = decide(measure(args.baseline_query_model, args.baseline_gallery),
+                      measure(args.query_model, args.gallery), gate.metrics, gate.tolerance)
+    report = {**decision.to_dict(), "baseline_gallery": str(args.baseline_gallery),
+              "candidate_gallery": str(args.gallery)}
+    write_text(args.out, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
+    log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
+                                                 for m in decision.metrics))
+    if args.require_promotion and not decision.promoted:
+        raise ValueError(f"{args.gallery}: candidate regressed on {decision.regressed} (see {args.out})")
+    return StepRecord("gate", {"gate": gate.__dict__, "baseline_gallery": str(args.baseline_gallery),
+                               "candidate_gallery": str(args.gallery)},
+                      decision.flat(), [], [Path(args.out)],
+                      promote=served_versions(Path(args.gallery)) if decision.promoted else [])
 
 
 def cmd_track_start(args: argparse.Namespace) -> None:
@@ -361,10 +416,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True, help="dataset Parquet; only its train split is read")
     sp.add_argument("--gallery", required=True)
     sp.add_argument("--query-model", required=True, help="the new query model checkpoint")
-    sp.add_argument("--train-embeddings", nargs="+", required=True, help="stored train embeddings, one per member")
+    sp.add_argument("--train-embeddings", nargs="+", required=True,
+                    help="stored train embeddings, one file per member, or folders of them")
     sp.add_argument("--transforms-out", required=True, help="folder for the refitted transformations")
     sp.add_argument("--out", required=True, help="new gallery Parquet (may equal --gallery)")
     sp.add_argument("--index-out", default=None, help="also rebuild the index here")
+
+    sp = add("add-member", cmd_add_member, "add one per-model file (from embed-member) to a gallery", config=False)
+    sp.add_argument("--gallery", required=True)
+    sp.add_argument("--member", required=True, help="per-model file of the new gallery model")
+    sp.add_argument("--out", required=True, help="new gallery Parquet (may equal --gallery: replaced atomically)")
+
+    sp = add("gate", cmd_gate, "promotion gate: compare a candidate gallery with the served one on labelled "
+             "queries; MLflow's `production` alias moves only when no gated metric regresses")
+    sp.add_argument("--dataset", required=True, help="dataset Parquet with the labelled queries (lifecycle.gate.split)")
+    sp.add_argument("--baseline-query-model", required=True, help="the query model now served")
+    sp.add_argument("--baseline-gallery", required=True, help="the gallery now served")
+    sp.add_argument("--query-model", required=True, help="the candidate's query model (may be the same)")
+    sp.add_argument("--gallery", required=True, help="the candidate gallery")
+    sp.add_argument("--out", required=True, help="decision JSON (baseline, candidate, delta, promoted)")
+    sp.add_argument("--require-promotion", action="store_true", help="exit non-zero when the candidate regresses")
 
     sp = add("track-start", cmd_track_start, "open the parent MLflow run of a pipeline run; prints its id")
     sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")
@@ -418,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             if not uri:
                 raise ValueError("--mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI")
             log_step(uri, args.mlflow_parent, record.step, record.params, record.metrics, record.history,
-                     record.artifacts, record.register, record.versions_of)
+                     record.artifacts, record.register, record.versions_of, record.promote)
     except (ValueError, KeyError, OSError) as err:
         if args.debug:
             raise

@@ -88,6 +88,24 @@ class EvaluateConfig:
 
 
 @dataclass
+class GateConfig:
+    """When a changed gallery (grown ensemble, upgraded query model) may replace the served one."""
+
+    metrics: list[str] = field(default_factory=lambda: ["R@1", "MAP@R"])
+    tolerance: float = 0.0  # a metric may drop by at most this much (0 = must not drop at all)
+    split: str = "test"  # labelled queries the decision is measured on
+
+
+@dataclass
+class LifecycleConfig:
+    """Models for the live-gallery operations (lifecycle pipelines and DVC stages)."""
+
+    add_gallery_model: ModelSpec | None = None  # trained as usual, then added to the running ensemble
+    new_query_model: ModelSpec | None = None  # trained as usual, then every transformation refitted for it
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: str = "runs/default"
@@ -101,6 +119,12 @@ class Config:
     kd: KDConfig = field(default_factory=KDConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+
+    def all_models(self) -> list[ModelSpec]:
+        """Every model the config can train: query, gallery, and the lifecycle operations' models."""
+        extra = [m for m in (self.lifecycle.add_gallery_model, self.lifecycle.new_query_model) if m is not None]
+        return [self.query_model, *self.gallery_models, *extra]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,7 +180,7 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 def _validate(cfg: Config, where: str) -> None:
     if not cfg.gallery_models:
         raise ConfigError(f"{where}: gallery_models must list at least one model")
-    names = [m.name for m in cfg.gallery_models] + [cfg.query_model.name]
+    names = [m.name for m in cfg.all_models()]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: model names must be unique, got {names}")
     for m in cfg.gallery_models:
@@ -164,16 +188,24 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: gallery_models[{m.name}].data_fraction must be in (0, 1]")
     for name, epochs in (("train.epochs", cfg.train.epochs), ("transform.epochs", cfg.transform.epochs),
                          ("kd.epochs", cfg.kd.epochs or 1), *((f"{m.name}.epochs", m.epochs or 1)
-                                                              for m in [cfg.query_model, *cfg.gallery_models])):
+                                                              for m in cfg.all_models())):
         if epochs < 1:
             raise ConfigError(f"{where}: {name} must be at least 1, got {epochs}")
     if not 0.0 < cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"{where}: data.heldout_fraction must be in (0, 1)")
     if not 0.0 <= cfg.index.reject_fraction < 1.0:
         raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1)")
+    from cmce.metrics import check_metric_name
     from cmce.models import check_arch  # late import: models imports torch
 
-    for m in [cfg.query_model, *cfg.gallery_models]:
+    for name in cfg.lifecycle.gate.metrics:
+        try:
+            check_metric_name(name)
+        except KeyError as err:
+            raise ConfigError(f"{where}: lifecycle.gate.metrics: {err.args[0]}") from None
+    if cfg.lifecycle.gate.tolerance < 0:
+        raise ConfigError(f"{where}: lifecycle.gate.tolerance must be >= 0")
+    for m in cfg.all_models():
         try:
             check_arch(m.arch)
         except KeyError as err:
@@ -220,7 +252,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     try:
         return config_from_dict(raw, str(path))
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        msg = str(err)  # validation messages already start with the path; structural ones do not
+        raise ConfigError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
 
 
 def resolve_config_text(

@@ -145,3 +145,18 @@ def retrieval_metrics(
             out[f"TAR@FAR={far:g}"] = tar_at_far(gen, imp, far)
     out["lone_queries"] = float((~keep).sum())
     return out
+
+
+def check_metric_name(name: str) -> str:
+    """A name retrieval_metrics can produce: R@K (K ≥ 1), MAP@R or TAR@FAR=x (0 < x < 1); KeyError otherwise."""
+    if name == "MAP@R":
+        return name
+    if name.startswith("R@") and name[2:].isdigit() and int(name[2:]) >= 1:
+        return name
+    if name.startswith("TAR@FAR="):
+        try:
+            if 0.0 < float(name[len("TAR@FAR="):]) < 1.0:
+                return name
+        except ValueError:
+            pass
+    raise KeyError(f"unknown metric {name!r}; valid names: 'R@K' (K ≥ 1), 'MAP@R', 'TAR@FAR=x' (0 < x < 1)")

@@ -64,7 +64,7 @@ class RunLayout:
 
 
 def model_spec(cfg: Config, name: str) -> ModelSpec:
-    specs = {m.name: m for m in [cfg.query_model, *cfg.gallery_models]}
+    specs = {m.name: m for m in cfg.all_models()}
     if name not in specs:
         raise KeyError(f"unknown model {name!r}; models in the config: {sorted(specs)}")
     return specs[name]
@@ -195,13 +195,15 @@ class StepRecord:
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     artifacts: list[Path] = field(default_factory=list)
-    register: list[tuple[str, Path]] = field(default_factory=list)  # (registered model name, checkpoint)
+    register: list[tuple[str, Path, str]] = field(default_factory=list)  # (registered name, checkpoint, sha256)
     versions_of: list[str] = field(default_factory=list)  # registered models whose current version to record
+    promote: list[tuple[str, str]] = field(default_factory=list)  # (registered name, sha256) to move `production` to
 
 
 def registry_name(role: str, name: str) -> str:
-    """Registered-model name: cmce-query for the query model, cmce-<role>-<name> otherwise."""
-    return f"cmce-{name}" if role == "query" else f"cmce-{role}-{name}"
+    """Registered-model name: cmce-query for any query model (an upgraded query model is a new version
+    of the same registered model), cmce-<role>-<name> otherwise."""
+    return "cmce-query" if role == "query" else f"cmce-{role}-{name}"
 
 
 def registered_uris(cfg: Config, alias: str = "candidate") -> dict[str, list[str]]:
@@ -216,7 +218,7 @@ def record_model(cfg: Config, path: Path, role: str) -> StepRecord:
     m = load_embedding_model(path)
     spec = {"arch": m.arch, "embedding_dim": m.embedding_dim, "sha256": m.sha256}
     params = {"model": spec, "train": cfg.train.__dict__}
-    register = [] if role == "kd" else [(registry_name(role, m.name), path)]
+    register = [] if role == "kd" else [(registry_name(role, m.name), path, m.sha256)]
     return StepRecord(f"train-{m.name}", params, {"final_" + k: v for k, v in m.meta["history"][-1].items()},
                       m.meta["history"], [], register)
 
@@ -227,4 +229,17 @@ def record_transformation(cfg: Config, path: Path) -> StepRecord:
     t = load_transformation(path)
     final = {f"final_{k}": v for k, v in t.history[-1].items() if k != "epoch"}
     return StepRecord(f"fit-transform-{t.gallery_model}", {"transform": cfg.transform.__dict__, "sha256": t.sha256},
-                      final, t.history, [], [(registry_name("transform", t.gallery_model), path)])
+                      final, t.history, [], [(registry_name("transform", t.gallery_model), path, t.sha256)])
+
+
+def served_versions(gallery: Path) -> list[tuple[str, str]]:
+    """(registered name, sha256) of every model a gallery file is served with: the query model, each
+    gallery model and its transformation."""
+    from cmce.tables import read_metadata
+
+    meta = read_metadata(gallery)
+    out = [(registry_name("query", ""), meta["query_model_sha256"])]
+    for m in meta["members"]:
+        out += [(registry_name("gallery", m["name"]), m["sha256"]),
+                (registry_name("transform", m["name"]), m["transformation_sha256"])]
+    return out

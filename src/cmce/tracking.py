@@ -2,8 +2,11 @@
 
 One parent run per pipeline run, one nested run per step (params, per-epoch losses, metrics, artifacts).
 Query models, gallery models and transformations become registered models; the versions a run
-produced get the alias ``candidate``. Registered files are cmce checkpoints, loaded weights-only; still,
-treat a registry as trusted input only (anyone who can write to it chooses what you load).
+produced get the alias ``candidate``; each version is tagged with its checkpoint's sha256. The alias
+``production`` moves only through the promotion gate (cmce.promotion): a lifecycle operation's
+evaluation must not regress before the versions it served are promoted. Registered files are cmce
+checkpoints, loaded weights-only; still, treat a registry as trusted input only (anyone who can write
+to it chooses what you load).
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else a sqlite file under the run directory.
 """
@@ -21,6 +24,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 EXPERIMENT = "cmce"
 ALIAS = "candidate"
+PRODUCTION = "production"
 
 
 def tracking_uri(run_dir: str | Path) -> str:
@@ -93,11 +97,13 @@ def log_step(
     metrics: dict[str, float] | None = None,
     history: Iterable[dict[str, float]] = (),
     artifacts: Iterable[Path] = (),
-    register: Iterable[tuple[str, Path]] = (),
+    register: Iterable[tuple[str, Path, str]] = (),
     versions_of: Iterable[str] = (),
+    promote: Iterable[tuple[str, str]] = (),
 ) -> str:
-    """Record one step as a nested run; register the given (model name, checkpoint) pairs; record the
-    current `candidate` version of the models named in `versions_of` as params."""
+    """Record one step as a nested run; register the given (model name, checkpoint, sha256) triples;
+    record the current `candidate` version of the models named in `versions_of` as params; move the
+    `production` alias to the versions named by (model name, sha256) in `promote`."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     run = client.create_run(parent.info.experiment_id, run_name=step, tags={"mlflow.parentRunId": parent_run_id})
@@ -117,16 +123,19 @@ def log_step(
             client.log_artifacts(rid, str(path), artifact_path=Path(path).name)
         elif Path(path).exists():
             client.log_artifact(rid, str(path))
-    for name, path in register:
+    for name, path, sha256 in register:
         client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
-        register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid)
+        register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
     for name, version in model_versions(uri, versions_of).items():
         client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
+    for name, sha256 in promote:
+        version = set_alias_by_sha(client, name, sha256, PRODUCTION)
+        client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
     client.set_terminated(rid)
     return rid
 
 
-def register_version(client: Any, name: str, source: str, run_id: str) -> str:
+def register_version(client: Any, name: str, source: str, run_id: str, sha256: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -134,10 +143,23 @@ def register_version(client: Any, name: str, source: str, run_id: str) -> str:
     except MlflowException as err:
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags={"sha256": sha256})
     client.set_registered_model_alias(name, ALIAS, version.version)
     log.info("registered %s version %s as @%s", name, version.version, ALIAS)
     return str(version.version)
+
+
+def set_alias_by_sha(client: Any, name: str, sha256: str, alias: str) -> str:
+    """Point `alias` of registered model `name` at its version whose checkpoint has this sha256 (the
+    newest such version when a file was registered twice)."""
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
+    if not versions:
+        raise ValueError(f"registered model {name!r} has no version with sha256 {sha256[:12]}; it must be "
+                         f"registered (by the step that produced it, with tracking on) before it can be promoted")
+    version = str(max(int(v.version) for v in versions))
+    client.set_registered_model_alias(name, alias, version)
+    log.info("promoted %s version %s to @%s", name, version, alias)
+    return version
 
 
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
@@ -154,13 +176,13 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     return files[0]
 
 
-def model_versions(uri: str, names: Iterable[str]) -> dict[str, str]:
-    """Current `candidate` version of each registered model (for the evaluation record)."""
+def model_versions(uri: str, names: Iterable[str], alias: str = ALIAS) -> dict[str, str]:
+    """Current version behind `alias` of each registered model (for the evaluation record)."""
     client = _client(uri)
     out = {}
     for name in names:
         try:
-            out[name] = str(client.get_model_version_by_alias(name, ALIAS).version)
+            out[name] = str(client.get_model_version_by_alias(name, alias).version)
         except Exception:  # noqa: BLE001 - a model may simply not be registered
             continue
     return out

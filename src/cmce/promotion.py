@@ -1,0 +1,82 @@
+"""Promotion gate: may a changed gallery (grown ensemble, upgraded query model) replace the served one?
+
+Both sides are measured the way they are served: query-model embeddings of labelled queries searched
+against the gallery file's stored ensemble embedding (cosine, a query's own image excluded, the
+conventions of cmce.metrics). The candidate is promoted when no gated metric drops by more than the
+tolerance: ``candidate[m] >= baseline[m] - tolerance`` for every m. Ties promote (an equal gallery
+that carries a new model version is not a regression).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cmce.checkpoint import load_embedding_model
+from cmce.embed import embed_split
+from cmce.evaluate import score_matrix
+from cmce.metrics import retrieval_metrics
+from cmce.tables import TableError, embedding_column, int_column, read_metadata, read_table, string_column
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    metrics: list[str]
+    tolerance: float
+    baseline: dict[str, float]
+    candidate: dict[str, float]
+    delta: dict[str, float]
+    regressed: list[str]  # gated metrics that dropped by more than the tolerance
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def flat(self) -> dict[str, float]:
+        """One number per key, for metrics.json / MLflow / KFP (promoted as 1.0 or 0.0)."""
+        out = {"promoted": float(self.promoted)}
+        for side in ("baseline", "candidate", "delta"):
+            out |= {f"{side}/{k}": v for k, v in getattr(self, side).items()}
+        return out
+
+
+def decide(baseline: dict[str, float], candidate: dict[str, float], metrics: list[str],
+           tolerance: float = 0.0) -> Decision:
+    """Pure: compare the gated metrics of two measurements."""
+    missing = [m for m in metrics if m not in baseline or m not in candidate]
+    if missing:
+        raise KeyError(f"gate metrics {missing} not measured; measured: {sorted(baseline)}")
+    delta = {m: candidate[m] - baseline[m] for m in metrics}
+    # NaN (e.g. no query with a match) never passes: it is not evidence of no regression
+    regressed = [m for m in metrics if not delta[m] >= -tolerance]
+    return Decision(not regressed, list(metrics), tolerance, {m: baseline[m] for m in metrics},
+                    {m: candidate[m] for m in metrics}, delta, regressed)
+
+
+def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, recall_k: list[int],
+                   fars: list[float], batch_size: int = 256) -> dict[str, float]:
+    """Metrics of the query model searching the gallery's stored ensemble embedding."""
+    q_model = load_embedding_model(query_model)
+    meta = read_metadata(gallery)
+    if meta.get("kind") != "gallery":
+        raise TableError(f"{gallery}: not a gallery file (kind={meta.get('kind')!r})")
+    if meta["query_model_sha256"] != q_model.sha256:
+        raise TableError(f"{gallery}: gallery was transformed for query model {meta['query_model_sha256'][:12]}, "
+                         f"not {q_model.sha256[:12]} ({query_model})")
+    table = read_table(gallery, ["id", "label", "embedding"])
+    g_ids = string_column(table, "id", str(gallery))
+    g_labels = int_column(table, "label", str(gallery))
+    emb = embedding_column(table, "embedding", str(gallery))
+    q = embed_split(q_model, dataset, split, batch_size)
+    col = {gid: n for n, gid in enumerate(g_ids)}
+    self_cols = np.array([col.get(i, -1) for i in q.ids])
+    scores = score_matrix(q.embeddings, emb, self_cols)
+    out = retrieval_metrics(scores, q.labels, g_labels, recall_k, fars)
+    log.info("%s with %s: %s", gallery, Path(query_model).name,
+             ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "lone_queries"))
+    return out

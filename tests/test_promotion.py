@@ -1,0 +1,95 @@
+"""Promotion gate: the decision rule, the served measurement, and MLflow's `production` alias."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cmce.promotion import decide, served_metrics
+
+
+def test_decide_promotes_ties_and_improvements_only():
+    base = {"R@1": 0.80, "MAP@R": 0.50}
+    assert decide(base, {"R@1": 0.80, "MAP@R": 0.50}, ["R@1", "MAP@R"]).promoted
+    assert decide(base, {"R@1": 0.81, "MAP@R": 0.55}, ["R@1", "MAP@R"]).promoted
+    d = decide(base, {"R@1": 0.85, "MAP@R": 0.49}, ["R@1", "MAP@R"])
+    assert not d.promoted and d.regressed == ["MAP@R"] and d.delta["MAP@R"] == pytest.approx(-0.01)
+    assert decide(base, {"R@1": 0.85, "MAP@R": 0.49}, ["R@1", "MAP@R"], tolerance=0.02).promoted
+    assert decide(base, {"R@1": 0.79, "MAP@R": 0.40}, ["R@1"], tolerance=0.02).promoted  # MAP@R not gated
+    assert not decide(base, {"R@1": math.nan, "MAP@R": 0.9}, ["R@1", "MAP@R"]).promoted
+    with pytest.raises(KeyError, match="TAR@FAR=0.001"):
+        decide(base, base, ["TAR@FAR=0.001"])
+    flat = d.flat()
+    assert flat["promoted"] == 0.0 and flat["candidate/R@1"] == 0.85 and flat["baseline/MAP@R"] == 0.50
+
+
+def test_served_metrics_equal_the_evaluation_of_the_full_ensemble(smoke_run):
+    lay, metrics = smoke_run
+    served = served_metrics(lay.dataset, lay.model("query"), lay.gallery, "test", [1, 2], [1e-3])
+    n = len(lay.gallery_names)
+    for key in ("R@1", "R@2", "MAP@R", "TAR@FAR=0.001"):
+        assert served[key] == pytest.approx(metrics[f"asym_ensemble/{n}"][key], abs=1e-6), key
+
+
+def _scrambled(gallery, out, seed=0):
+    """Same file and versions, embeddings moved to other rows: a candidate that must regress."""
+    table = pq.read_table(gallery)
+    perm = np.random.default_rng(seed).permutation(table.num_rows)
+    i = table.schema.get_field_index("embedding")
+    pq.write_table(table.set_column(i, table.schema.field(i), table.column(i).take(pa.array(perm))), out)
+    return out
+
+
+def _register_smoke_models(uri, parent, lay, cfg):
+    from cmce.steps import record_model, record_transformation
+    from cmce.tracking import log_step
+
+    records = [record_model(cfg, lay.model("query"), "query")]
+    records += [record_model(cfg, lay.model(g), "gallery") for g in lay.gallery_names]
+    records += [record_transformation(cfg, lay.transformation(g)) for g in lay.gallery_names]
+    for r in records:
+        log_step(uri, parent, r.step, register=r.register)
+
+
+def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path):
+    from mlflow import MlflowClient
+
+    from cmce.cli import main
+    from cmce.config import load_config
+    from cmce.steps import served_versions
+    from cmce.tracking import start_parent_run
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "lifecycle", {})
+    _register_smoke_models(uri, parent, lay, load_config(SMOKE))
+    client = MlflowClient(tracking_uri=uri)
+    bad = _scrambled(lay.gallery, tmp_path / "scrambled.parquet")
+
+    def gate(candidate, out, *extra):
+        return main(["--mlflow-parent", parent, "--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset",
+                     str(lay.dataset), "--baseline-query-model", str(lay.model("query")), "--baseline-gallery",
+                     str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery", str(candidate),
+                     "--out", str(out), *extra])
+
+    assert gate(bad, tmp_path / "bad.json") == 0
+    decision = json.loads((tmp_path / "bad.json").read_text())
+    assert not decision["promoted"] and "R@1" in decision["regressed"]
+    assert decision["candidate"]["R@1"] < decision["baseline"]["R@1"]
+    with pytest.raises(Exception, match="production"):
+        client.get_model_version_by_alias("cmce-query", "production")
+    # the numbers are logged on the gate's run either way
+    runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
+    assert runs and runs[0].data.metrics["promoted"] == 0.0 and "delta/R_at_1" in runs[0].data.metrics
+
+    assert gate(bad, tmp_path / "bad2.json", "--require-promotion") != 0
+
+    assert gate(lay.gallery, tmp_path / "same.json") == 0  # a tie is not a regression
+    assert json.loads((tmp_path / "same.json").read_text())["promoted"]
+    for name, sha in served_versions(lay.gallery):
+        version = client.get_model_version_by_alias(name, "production")
+        assert version.tags["sha256"] == sha, name
