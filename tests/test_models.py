@@ -40,3 +40,12 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="expected a cmce-embedding-model/1"):
         load_embedding_model(tmp_path / "other.pt")
+
+
+def test_identical_weights_saved_twice_have_the_same_version(tmp_path):
+    import torch
+
+    from cmce.checkpoint import save_checkpoint
+
+    obj = {"format": "x", "weights": torch.arange(6.0)}
+    assert save_checkpoint(obj, tmp_path / "a.pt") == save_checkpoint(obj, tmp_path / "b" / "c.pt")

@@ -22,8 +22,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file handle: torch.save(obj, PATH) stores the file's (random temp) name inside the
+    # archive, which would give identical weights a different sha256 (= version) on every save
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return file_sha256(path)
 
 
