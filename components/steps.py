@@ -154,3 +154,56 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
         for metric, number in value.items():
             metrics.log_metric(f"{name}/{metric}", number)
     shutil.copyfile(Path(report.path) / "results.md", results.path)
+
+
+# --- live-gallery operations (pipeline/lifecycle.py) ---
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def add_member(tracking: Input[Artifact], gallery: Input[Dataset], member: Input[Dataset],
+               new_gallery: Output[Dataset]):
+    """New ensemble from the stored running sum plus one per-model file; existing members untouched."""
+    from cmce.cli import run_step
+
+    run_step(["add-member", "--gallery", gallery.path, "--member", member.path, "--out", new_gallery.path],
+             tracking_path=tracking.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def upgrade_query_model(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
+                        gallery: Input[Dataset], query_model: Input[Model], train_embeddings: Input[Dataset],
+                        transformations: Output[Model], new_gallery: Output[Dataset]):
+    """Refit every transformation for the new query model from stored embeddings (train split only)."""
+    from cmce.cli import run_step
+
+    run_step(["upgrade-query-model", "--dataset", dataset.path, "--gallery", gallery.path, "--query-model",
+              query_model.path, "--train-embeddings", train_embeddings.path, "--transforms-out",
+              transformations.path, "--out", new_gallery.path], config.path, tracking.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def gate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
+         baseline_query_model: Input[Model], baseline_gallery: Input[Dataset], query_model: Input[Model],
+         gallery: Input[Dataset], index: Input[Artifact], metrics: Output[Metrics], decision: Output[Artifact]):
+    """Promotion gate; publish its numbers to KFP; close the MLflow parent run. `index` is taken only
+    so the gate runs after the candidate's index exists."""
+    import json
+    from pathlib import Path
+
+    from cmce.cli import run_step
+
+    info = json.loads(Path(tracking.path).read_text())
+    argv = ["gate", "--dataset", dataset.path, "--baseline-query-model", baseline_query_model.path,
+            "--baseline-gallery", baseline_gallery.path, "--query-model", query_model.path, "--gallery",
+            gallery.path, "--out", decision.path]
+    try:
+        run_step(argv, config.path, tracking.path)
+    finally:
+        if info["run_id"]:
+            status = "FINISHED" if Path(decision.path).exists() else "FAILED"
+            run_step(["track-end", "--mlflow-uri", info["uri"], "--mlflow-parent", info["run_id"], "--status", status])
+    result = json.loads(Path(decision.path).read_text())
+    metrics.log_metric("promoted", float(result["promoted"]))
+    for side in ("baseline", "candidate", "delta"):
+        for name, value in result[side].items():
+            metrics.log_metric(f"{side}/{name}", value)

@@ -1,4 +1,7 @@
-"""python -m pipeline compile | run --local | submit --host URL"""
+"""python -m pipeline compile | run --local [--pipeline NAME] | submit --host URL [--pipeline NAME]
+
+Pipelines: cmce (the whole method), add-gallery-model and upgrade-query-model (live-gallery operations
+on the artifacts of a previous run, see pipeline/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -13,20 +16,66 @@ from pathlib import Path
 log = logging.getLogger("pipeline")
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / "pipeline" / "cmce_pipeline.yaml"
+LIFECYCLE = ("add-gallery-model", "upgrade-query-model")
+PACKAGES = {"cmce": COMPILED, **{name: ROOT / "pipeline" / f"{name.replace('-', '_')}.yaml" for name in LIFECYCLE}}
+# the lifecycle pipelines' inputs: artifacts of a previous run, by URI
+INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings_uri")
 
 
-def compile_pipeline(out: Path = COMPILED) -> Path:
+def pipeline_function(name: str):
+    if name == "cmce":
+        from pipeline.cmce_pipeline import cmce_pipeline
+
+        return cmce_pipeline
+    from pipeline.lifecycle import PIPELINES
+
+    return PIPELINES[name]
+
+
+def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
     from kfp import compiler
 
-    from pipeline.cmce_pipeline import cmce_pipeline
-
     tmp = out.with_name(f".{out.stem}.tmp.yaml")
-    compiler.Compiler().compile(cmce_pipeline, str(tmp))
+    compiler.Compiler().compile(pipeline_function(name), str(tmp))
     os.replace(tmp, out)
     return out
 
 
+def _lifecycle_arguments(args: argparse.Namespace) -> dict:
+    """URIs of the previous run's artifacts: from --inputs-from (a `cmce run` output folder) or flags."""
+    out: dict = {}
+    if args.inputs_from:
+        from cmce.steps import RunLayout
+
+        lay = RunLayout(Path(args.inputs_from).resolve())
+        out = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
+               "gallery_uri": str(lay.gallery), "train_embeddings_uri": str(lay.train_embeddings("x").parent)}
+    for key in INPUT_URIS:
+        if getattr(args, key, None):
+            out[key] = getattr(args, key)
+    if args.pipeline == "add-gallery-model":
+        out.pop("train_embeddings_uri", None)
+    needed = [k for k in INPUT_URIS if k not in out and (k != "train_embeddings_uri"
+                                                          or args.pipeline == "upgrade-query-model")]
+    if needed:
+        raise SystemExit(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
+    if args.params:
+        import yaml
+
+        raw = yaml.safe_load(Path(args.params).read_text())
+        out["params_yaml"] = json.dumps(raw)
+        key = "add_gallery_model" if args.pipeline == "add-gallery-model" else "new_query_model"
+        out["model_name"] = ((raw.get("lifecycle") or {}).get(key) or {}).get("name", "")
+    if args.model_name:
+        out["model_name"] = args.model_name
+    if args.run_name:
+        out["run_name"] = args.run_name
+    return out
+
+
 def _arguments(args: argparse.Namespace) -> dict:
+    if args.pipeline != "cmce":
+        return _lifecycle_arguments(args)
     out: dict = {}
     if args.params:
         import yaml
@@ -50,15 +99,18 @@ def run_local(args: argparse.Namespace) -> Path:
 
     from pipeline.cmce_pipeline import make_pipeline
 
-    cmce_pipeline = make_pipeline(parallelism=args.parallelism)
+    run = make_pipeline(parallelism=args.parallelism) if args.pipeline == "cmce" else pipeline_function(args.pipeline)
+    arguments = _arguments(args)
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     started = time.time()
-    cmce_pipeline(**_arguments(args), mlflow_uri="" if args.no_mlflow else uri)
-    runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("cmce-")),
+    run(**arguments, mlflow_uri="" if args.no_mlflow else uri)
+    prefix = "cmce-" if args.pipeline == "cmce" else f"cmce-{args.pipeline}-"
+    runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)
+                   and (args.pipeline != "cmce" or not p.name.startswith(tuple(f"cmce-{n}-" for n in LIFECYCLE)))),
                   key=lambda p: p.stat().st_mtime)
     run_dir = runs[-1]
     log.info("pipeline finished in %.0f s; artifacts under %s", time.time() - started, run_dir)
@@ -70,6 +122,9 @@ def run_local(args: argparse.Namespace) -> Path:
     results = next(run_dir.glob("evaluate*/results"), None)
     if results is not None:
         sys.stdout.write(results.read_text())
+    decision = next(run_dir.glob("gate*/decision"), None)
+    if decision is not None:
+        sys.stdout.write(decision.read_text())
     return run_dir
 
 
@@ -78,18 +133,28 @@ def submit(args: argparse.Namespace) -> None:
     import kfp
 
     client = kfp.Client(host=args.host, namespace=args.namespace)
-    run = client.create_run_from_pipeline_package(str(args.package), arguments=_arguments(args),
-                                                  run_name=args.run_name or "cmce", experiment_name=args.experiment)
+    package = args.package or PACKAGES[args.pipeline]
+    run = client.create_run_from_pipeline_package(str(package), arguments=_arguments(args),
+                                                  run_name=args.run_name or args.pipeline,
+                                                  experiment_name=args.experiment)
     sys.stdout.write(json.dumps({"run_id": run.run_id}) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compile", help="compile the pipeline to YAML")
-    c.add_argument("--out", type=Path, default=COMPILED)
+    c = sub.add_parser("compile", help="compile every pipeline to YAML (pipeline/*.yaml)")
+    c.add_argument("--out-dir", type=Path, default=COMPILED.parent)
     for name, help_ in (("run", "run the pipeline"), ("submit", "submit the compiled pipeline to KFP")):
         sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--pipeline", default="cmce", choices=sorted(PACKAGES), help="which pipeline (default cmce)")
+        sp.add_argument("--inputs-from", default=None, metavar="RUN_DIR",
+                        help="lifecycle pipelines: take the dataset, query model, gallery and train embeddings "
+                             "from this `cmce run` output folder")
+        for key in INPUT_URIS:
+            sp.add_argument(f"--{key.replace('_', '-')}", default=None, help="lifecycle pipelines: input artifact URI")
+        sp.add_argument("--model-name", default=None,
+                        help="lifecycle pipelines: the model to add / the new query model (default from params)")
         sp.add_argument("--params", default=None, help="params file (default: the one compiled in, params.yaml)")
         sp.add_argument("--gallery-models", default=None, help="comma-separated subset of gallery model names")
         sp.add_argument("--epochs", type=int, default=None)
@@ -109,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
     s.add_argument("--namespace", default=None)
     s.add_argument("--experiment", default="cmce")
-    s.add_argument("--package", type=Path, default=COMPILED)
+    s.add_argument("--package", type=Path, default=None, help="compiled YAML (default: the --pipeline's)")
     return p
 
 
@@ -117,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "compile":
-        log.info("wrote %s", compile_pipeline(args.out))
+        for name, package in PACKAGES.items():
+            log.info("wrote %s", compile_pipeline(args.out_dir / package.name, name))
     elif args.command == "run":
         run_local(args)
     else:

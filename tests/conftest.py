@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +33,24 @@ def kfp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("kfp")
     args = build_parser().parse_args(["run", "--local", "--params", str(SMOKE), "--root", str(root)])
     return run_local(args)
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the venv's dvc in `repo` with the venv first on PATH (stage commands call `cmce`)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("dvcrepo")
+    for name in (".dvc", ".dvcignore", "dvc.yaml", "src"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
+    shutil.copy(SMOKE, repo / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    res = dvc(repo, "repro")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return repo

@@ -2,35 +2,10 @@
 `cmce run` (and so as the KFP run), metrics/plots readable by DVC, outputs pushed to the local remote."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SMOKE
-
-
-def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("dvcrepo")
-    for name in (".dvc", ".dvcignore", "dvc.yaml", "src"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
-    shutil.copy(SMOKE, repo / "params.yaml")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    res = _dvc(repo, "repro")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return repo
+from tests.conftest import dvc as _dvc
 
 
 def test_repro_then_status_is_clean(dvc_repo):

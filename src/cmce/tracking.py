@@ -128,9 +128,18 @@ def log_step(
         register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
     for name, version in model_versions(uri, versions_of).items():
         client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
-    for name, sha256 in promote:
-        version = set_alias_by_sha(client, name, sha256, PRODUCTION)
-        client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+    promote = list(promote)
+    if promote:
+        # all or nothing: a half-moved alias would serve a query model with another model's transformations
+        try:
+            versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
+        except ValueError:
+            client.set_terminated(rid, "FAILED")
+            raise
+        for name, version in versions.items():
+            client.set_registered_model_alias(name, PRODUCTION, version)
+            client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+        log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
     client.set_terminated(rid)
     return rid
 
@@ -149,17 +158,14 @@ def register_version(client: Any, name: str, source: str, run_id: str, sha256: s
     return str(version.version)
 
 
-def set_alias_by_sha(client: Any, name: str, sha256: str, alias: str) -> str:
-    """Point `alias` of registered model `name` at its version whose checkpoint has this sha256 (the
-    newest such version when a file was registered twice)."""
+def version_by_sha(client: Any, name: str, sha256: str) -> str:
+    """The version of registered model `name` whose checkpoint has this sha256 (the newest such version
+    when a file was registered twice)."""
     versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
     if not versions:
         raise ValueError(f"registered model {name!r} has no version with sha256 {sha256[:12]}; it must be "
                          f"registered (by the step that produced it, with tracking on) before it can be promoted")
-    version = str(max(int(v.version) for v in versions))
-    client.set_registered_model_alias(name, alias, version)
-    log.info("promoted %s version %s to @%s", name, version, alias)
-    return version
+    return str(max(int(v.version) for v in versions))
 
 
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:

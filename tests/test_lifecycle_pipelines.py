@@ -1,0 +1,95 @@
+"""The live-gallery operations as KFP pipelines (kfp.local, on the smoke KFP run's artifacts and MLflow
+server) and as DVC stages (lifecycle/dvc.yaml, on top of the smoke `dvc repro`)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cmce.steps import served_versions
+from cmce.tables import embedding_column, read_metadata
+from pipeline.__main__ import build_parser, run_local
+from tests.conftest import ROOT, SMOKE
+from tests.conftest import dvc as _dvc
+
+
+def _lifecycle_run(kfp_run: Path, tmp_path: Path, pipeline: str, monkeypatch) -> tuple[Path, str]:
+    """Run a lifecycle pipeline on the artifacts of the smoke KFP run, tracked by the same MLflow server."""
+    uri = f"sqlite:///{kfp_run.parent / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    stored = tmp_path / "train_embeddings"  # the per-model train embeddings, gathered in one folder
+    stored.mkdir()
+    for i, path in enumerate(sorted(kfp_run.glob("for-loop-*/fit-transform/train_embeddings"))):
+        shutil.copy(path, stored / f"{i}.parquet")
+    argv = ["run", "--local", "--pipeline", pipeline, "--params", str(SMOKE), "--root", str(tmp_path / "kfp"),
+            "--dataset-uri", str(kfp_run / "prepare-data" / "dataset"),
+            "--query-model-uri", str(kfp_run / "train-model" / "model"),
+            "--gallery-uri", str(kfp_run / "combine" / "gallery"), "--train-embeddings-uri", str(stored)]
+    return run_local(build_parser().parse_args(argv)), uri
+
+
+def _check_alias_follows_decision(uri: str, decision: dict, gallery: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for name, sha in served_versions(gallery):
+        shas = [v.tags.get("sha256") for v in client.search_model_versions(f"name='{name}'")]
+        assert sha in shas, f"{name}: the version served by the candidate is not registered"
+        if decision["promoted"]:
+            assert client.get_model_version_by_alias(name, "production").tags["sha256"] == sha, name
+    if not decision["promoted"]:
+        with pytest.raises(Exception, match="production"):
+            client.get_model_version_by_alias("cmce-query", "production")
+
+
+def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch):
+    run_dir, uri = _lifecycle_run(kfp_run, tmp_path, "add-gallery-model", monkeypatch)
+    served, grown = kfp_run / "combine" / "gallery", run_dir / "add-member" / "new_gallery"
+    names = [m["name"] for m in read_metadata(grown)["members"]]
+    assert names[-1] == "resnet_c" and sorted(names[:-1]) == ["resnet_a", "vgg_b"]
+    old, new = pq.read_table(served), pq.read_table(grown)
+    for name in names[:-1]:  # existing members are carried over, not recomputed
+        col = f"raw_{name}"
+        np.testing.assert_array_equal(embedding_column(new, col, "new"), embedding_column(old, col, "old"))
+    index_meta = json.loads((run_dir / "build-index" / "index" / "meta.json").read_text())
+    assert index_meta["members"][-1]["name"] == "resnet_c"
+    decision = json.loads((run_dir / "gate" / "decision").read_text())
+    assert decision["promoted"] == (not decision["regressed"])
+    assert set(decision["candidate"]) == {"R@1", "MAP@R"}
+    _check_alias_follows_decision(uri, decision, grown)
+
+
+def test_upgrade_query_model_pipeline(kfp_run, tmp_path, monkeypatch):
+    run_dir, uri = _lifecycle_run(kfp_run, tmp_path, "upgrade-query-model", monkeypatch)
+    upgraded = run_dir / "upgrade-query-model" / "new_gallery"
+    meta = read_metadata(upgraded)
+    from cmce.checkpoint import load_embedding_model
+
+    assert meta["query_model_sha256"] == load_embedding_model(run_dir / "train-model" / "model").sha256
+    assert meta["upgraded_from_query_model_sha256"] == load_embedding_model(kfp_run / "train-model" / "model").sha256
+    assert len(list((run_dir / "upgrade-query-model" / "transformations").glob("*.pt"))) == 2
+    decision = json.loads((run_dir / "gate" / "decision").read_text())
+    assert decision["promoted"] == (not decision["regressed"])
+    _check_alias_follows_decision(uri, decision, upgraded)
+
+
+def test_dvc_lifecycle_stages(dvc_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    shutil.copytree(ROOT / "lifecycle", repo / "lifecycle")
+    res = _dvc(repo, "repro", "lifecycle/dvc.yaml")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ran = [line for line in res.stdout.splitlines() if line.startswith("Running stage")]
+    # the main pipeline was already reproduced: only the lifecycle stages run
+    assert len(ran) == 6 and all("lifecycle/dvc.yaml:" in line for line in ran), ran
+    for op in ("added", "upgraded"):
+        decision = json.loads((repo / "artifacts" / "lifecycle" / op / "decision.json").read_text())
+        assert decision["promoted"] == (not decision["regressed"])
+        assert (repo / "artifacts" / "lifecycle" / op / "index" / "meta.json").exists()
+    res = _dvc(repo, "metrics", "show", "--json")
+    assert res.returncode == 0 and "lifecycle/upgraded/decision.json" in res.stdout, res.stdout[-2000:]
+    res = _dvc(repo, "status")
+    assert "up to date" in res.stdout, res.stdout
