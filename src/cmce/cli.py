@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from cmce import distributed as ddp
 from cmce.steps import (
     StepRecord,
     member_paths,
@@ -29,6 +30,7 @@ from cmce.steps import (
 )
 
 log = logging.getLogger("cmce")
+DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -66,23 +68,29 @@ def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
                       {"classes": len(info.get("classes", []))})
 
 
-def cmd_train(args: argparse.Namespace) -> StepRecord:
+def cmd_train(args: argparse.Namespace) -> StepRecord | None:
     cfg = _config(args)
     if args.kd_teacher:
         step_train_kd(cfg, Path(args.dataset), _model(args.kd_teacher), Path(args.out))
+        if not ddp.is_main():
+            return None
         return record_model(cfg, Path(args.out), "kd")
     step_train(cfg, Path(args.dataset), args.model, Path(args.out))
+    if not ddp.is_main():
+        return None
     new_query = cfg.lifecycle.new_query_model
     role = "query" if args.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
     return record_model(cfg, Path(args.out), role)
 
 
-def cmd_fit_transform(args: argparse.Namespace) -> StepRecord:
+def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
     cfg = _config(args)
     step_fit_transform(
         cfg, Path(args.dataset), _model(args.query_model), _model(args.gallery_model), Path(args.out),
         Path(args.train_embeddings_out) if args.train_embeddings_out else None,
     )
+    if not ddp.is_main():
+        return None
     return record_transformation(cfg, Path(args.out))
 
 
@@ -478,8 +486,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and not (args.model or args.kd_teacher):
         log.error("cmce train: give --model NAME or --kd-teacher CHECKPOINT")
         return 2
+    if ddp.launched() and ddp.env_world_size() > 1 and args.command not in DATA_PARALLEL:
+        log.error("cmce %s does not run data-parallel; launch it without torchrun (data-parallel: %s)",
+                  args.command, ", ".join(DATA_PARALLEL))
+        return 2
     if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
+    # under torchrun: join the group here unless a caller already did (then the group is theirs to close)
+    owns_group = ddp.launched() and not ddp.current().enabled
+    if owns_group:
+        ddp.init_from_env()
+    if not ddp.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+    ok = False
     try:
         record = args.func(args)
         if args.mlflow_parent and isinstance(record, StepRecord):
@@ -490,12 +509,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI")
             log_step(uri, args.mlflow_parent, record.step, record.params, record.metrics, record.history,
                      record.artifacts, record.register, record.versions_of, record.promote)
+        ok = True
     except (ValueError, KeyError, OSError) as err:
         if args.debug:
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         log.error("cmce %s: %s", args.command, msg)
         return 2
+    finally:
+        if owns_group:
+            ddp.shutdown(clean=ok)
     return 0
 
 

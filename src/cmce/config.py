@@ -44,7 +44,7 @@ class ModelSpec:
 @dataclass
 class TrainConfig:
     epochs: int = 3
-    batch_size: int = 128
+    batch_size: int = 128  # global batch: split evenly over data-parallel ranks (cmce.distributed)
     lr: float = 3e-3
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.1
@@ -60,7 +60,7 @@ class TransformConfig:
     lam: float = 0.03  # weight of the CE term through the frozen query classifier (tuned: see README)
     scale: float = 16.0
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int = 256  # global batch, like train.batch_size
     lr: float = 2e-3
     weight_decay: float = 1e-4
 

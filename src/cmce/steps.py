@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from cmce import distributed as ddp
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec
 from cmce.data import dataset_info, prepare_dataset
@@ -96,7 +97,8 @@ def step_train_kd(cfg: Config, dataset: Path, teacher: Path, out: Path) -> Path:
 def step_fit_transform(
     cfg: Config, dataset: Path, query_model: Path, gallery_model: Path, out: Path, train_embeddings_out: Path | None
 ) -> Path:
-    """Embed the train split with both frozen models, fit T, save it (and the raw train embeddings)."""
+    """Embed the train split with both frozen models, fit T, save it (and the raw train embeddings).
+    Under torchrun every rank embeds the whole split and fits its share of each batch; rank 0 writes."""
     q_model = load_embedding_model(query_model)
     g_model = load_embedding_model(gallery_model)
     q = embed_split(q_model, dataset, "train", cfg.batch_size)
@@ -117,6 +119,9 @@ def step_fit_transform(
         depth=cfg.transform.depth,
         history=history,
     )
+    if not ddp.is_main():
+        ddp.barrier()  # rank 0 is writing; return when its files are in place
+        return out
     save_transformation(t, out)
     if train_embeddings_out is not None:
         table = pa.table(
@@ -133,6 +138,7 @@ def step_fit_transform(
             "query_model_sha256": q_model.sha256,
         }
         write_table(with_metadata(table, meta), train_embeddings_out)
+    ddp.barrier()
     return out
 
 

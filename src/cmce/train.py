@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from cmce import distributed as ddp
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import DataConfig, ModelSpec, TrainConfig
 from cmce.data import DataError, SplitArrays, dataset_info, load_split, to_float
@@ -59,47 +61,60 @@ def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float
 
 
 def run_epochs(
-    params: list[torch.nn.Parameter],
-    modules: list[torch.nn.Module],
+    model: nn.Module,
     data: SplitArrays,
-    step_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
+    step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
     cfg: TrainConfig,
     epochs: int,
     seed: int,
     desc: str,
 ) -> History:
-    """Shared optimisation loop: AdamW, warmup + cosine LR, optional augmentation, per-epoch log."""
+    """Shared optimisation loop: AdamW, warmup + cosine LR, optional augmentation, per-epoch log.
+
+    `step_loss(forward, x, y)` computes the loss through `forward` (the model, or its
+    DistributedDataParallel wrapper under torchrun). `cfg.batch_size` is the global batch: each
+    data-parallel rank takes an equal share of it (see cmce.distributed)."""
+    ctx = ddp.current()
+    ddp.check_batch_size(cfg.batch_size, ctx, "train.batch_size")
+    device = ctx.device
+    model.to(device)
+    forward = ddp.wrap(model, ctx)
     gen = torch.Generator().manual_seed(seed)
     n = len(data.ids)
     steps_per_epoch = max(1, n // cfg.batch_size)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * epochs, cfg.warmup_fraction))
     labels = torch.from_numpy(data.labels)
     history: History = []
     for epoch in range(epochs):
-        for m in modules:
-            m.train()
+        model.train()
         order = torch.randperm(n, generator=gen)
         total, metric_sum = 0.0, 0.0
         desc_epoch = f"{desc} epoch {epoch + 1}/{epochs}"
-        bar = tqdm(range(steps_per_epoch), desc=desc_epoch, leave=False, mininterval=2, disable=None)
+        bar = tqdm(range(steps_per_epoch), desc=desc_epoch, leave=False, mininterval=2,
+                   disable=None if ctx.is_main else True)
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = data.images[idx]
             if cfg.augment:
+                # the whole global batch, so the generator shared by the ranks stays in step
                 x = augment(x, gen)
-            loss, metric = step_loss(to_float(x), labels[idx])
+            mine = ddp.rank_share(len(idx), ctx.rank, ctx.world_size)
+            loss, metric = step_loss(forward, to_float(x[mine]).to(device), labels[idx][mine].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item()
             metric_sum += metric
-        row = {"epoch": epoch + 1, "loss": total / steps_per_epoch, "metric": metric_sum / steps_per_epoch}
+        loss_mean, metric_mean = ddp.mean_over_ranks([total / steps_per_epoch, metric_sum / steps_per_epoch], ctx)
+        row = {"epoch": epoch + 1, "loss": loss_mean, "metric": metric_mean}
         history.append(row)
-        log.info("%s epoch %d/%d loss %.4f metric %.4f", desc, epoch + 1, epochs, row["loss"], row["metric"])
-    for m in modules:
-        m.eval()
+        if ctx.is_main:
+            log.info("%s epoch %d/%d loss %.4f metric %.4f", desc, epoch + 1, epochs, row["loss"], row["metric"])
+    ddp.sync_buffers(model, ctx)
+    model.eval()
+    model.cpu()
     return history
 
 
@@ -121,15 +136,14 @@ def train_embedding_model(
     net = EmbeddingNet(spec.arch, data_cfg.channels, spec.embedding_dim, spec.width)
     head = CosineClassifier(spec.embedding_dim, num_classes, cfg.scale)
 
-    def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        logits = head(net(x))
+    def step_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        logits = forward(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         return loss, float((logits.argmax(1) == y).float().mean())
 
     epochs = spec.epochs or cfg.epochs
-    history = run_epochs(
-        [*net.parameters(), *head.parameters()], [net, head], data, step_loss, cfg, epochs, spec.seed, spec.name
-    )
+    # one module (backbone then head) so data-parallel training can wrap it as a whole
+    history = run_epochs(nn.Sequential(net, head), data, step_loss, cfg, epochs, spec.seed, spec.name)
     model = EmbeddingModel(
         name=spec.name,
         arch=spec.arch,
@@ -141,8 +155,7 @@ def train_embedding_model(
         embedding_dim=spec.embedding_dim,
         meta={"history": history, "seed": spec.seed, "train_images": len(data.ids), "role": "embedding"},
     )
-    save_embedding_model(model, out, spec.width)
-    return load_embedding_model(out)
+    return _save_on_main(model, out, spec.width)
 
 
 def train_distilled_student(
@@ -160,16 +173,17 @@ def train_distilled_student(
     data = load_split(dataset, "train", data_cfg.channels, data_cfg.image_size)
     net = EmbeddingNet(student_spec.arch, data_cfg.channels, teacher.embedding_dim, student_spec.width)
 
-    def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    teacher.net.to(ddp.current().device)
+
+    def step_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         with torch.no_grad():
             target = F.normalize(teacher.net(x), dim=-1)
-        pred = F.normalize(net(x), dim=-1)
+        pred = F.normalize(forward(x), dim=-1)
         loss = (pred - target).pow(2).sum(-1).mean()
         return loss, (pred.detach() * target).sum(-1).mean().item()
 
     history = run_epochs(
-        list(net.parameters()), [net], data, step_loss, cfg, epochs or cfg.epochs, student_spec.seed,
-        f"kd/{teacher.name}",
+        net, data, step_loss, cfg, epochs or cfg.epochs, student_spec.seed, f"kd/{teacher.name}",
     )
     info = dataset_info(dataset)
     student = EmbeddingModel(
@@ -184,5 +198,14 @@ def train_distilled_student(
         meta={"history": history, "teacher_sha256": teacher.sha256, "role": "kd_student",
               "dataset_source": info.get("source", "")},
     )
-    save_embedding_model(student, out, student_spec.width)
-    return load_embedding_model(out)
+    return _save_on_main(student, out, student_spec.width)
+
+
+def _save_on_main(model: EmbeddingModel, out: str | Path, width: int) -> EmbeddingModel:
+    """Rank 0 writes the checkpoint and returns it as loaded; the other ranks return their identical
+    in-memory copy (no sha256: they hold no file). Every rank returns once the file is in place."""
+    if ddp.is_main():
+        save_embedding_model(model, out, width)
+        model = load_embedding_model(out)
+    ddp.barrier()
+    return model

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cmce import distributed as ddp
 from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from cmce.config import TransformConfig
 from cmce.models import cosine_logits
@@ -84,40 +85,48 @@ def fit_transformation(
     seed: int = 0,
     desc: str = "transform",
 ) -> tuple[nn.Sequential, list[dict[str, float]]]:
-    """Fit the MLP on paired embeddings of the same training images. Returns (mlp, per-epoch history)."""
+    """Fit the MLP on paired embeddings of the same training images. Returns (mlp, per-epoch history).
+    Under torchrun every rank holds all embeddings; `cfg.batch_size` is the global batch (cmce.distributed)."""
     if len(gallery_emb) != len(query_emb) or len(gallery_emb) != len(labels):
         raise ValueError("gallery embeddings, query embeddings and labels must have the same length")
     for name, arr in (("gallery", gallery_emb), ("query", query_emb)):
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} embeddings contain NaN or inf values")
+    ctx = ddp.current()
+    ddp.check_batch_size(cfg.batch_size, ctx, "transform.batch_size")
+    device = ctx.device
     torch.manual_seed(seed)
-    g = torch.from_numpy(np.array(gallery_emb, dtype=np.float32))
-    q = torch.from_numpy(np.array(query_emb, dtype=np.float32))
-    y = torch.as_tensor(labels, dtype=torch.long)
-    w = query_classifier.detach().float()
-    mlp = build_mlp(g.shape[1], q.shape[1], cfg.hidden_dim, cfg.depth)
+    g = torch.from_numpy(np.array(gallery_emb, dtype=np.float32)).to(device)
+    q = torch.from_numpy(np.array(query_emb, dtype=np.float32)).to(device)
+    y = torch.as_tensor(labels, dtype=torch.long).to(device)
+    w = query_classifier.detach().float().to(device)
+    mlp = build_mlp(g.shape[1], q.shape[1], cfg.hidden_dim, cfg.depth).to(device)
+    forward = ddp.wrap(mlp, ctx)
     opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(g) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     gen = torch.Generator().manual_seed(seed)
     history = []
-    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, mininterval=2, disable=None):
+    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, mininterval=2, disable=None if ctx.is_main else True):
         mlp.train()
         order = torch.randperm(len(g), generator=gen)
         sums = np.zeros(3)
         for s in range(steps):
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            loss, align, ce = transformation_loss(mlp(g[idx]), q[idx], y[idx], w, cfg.lam, cfg.scale)
+            idx = idx[ddp.rank_share(len(idx), ctx.rank, ctx.world_size)].to(device)
+            loss, align, ce = transformation_loss(forward(g[idx]), q[idx], y[idx], w, cfg.lam, cfg.scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             sums += [loss.item(), align.item(), ce.item()]
-        row = dict(zip(("loss", "align", "ce"), (sums / steps).tolist(), strict=True))
+        row = dict(zip(("loss", "align", "ce"), ddp.mean_over_ranks((sums / steps).tolist(), ctx), strict=True))
         history.append({"epoch": epoch + 1, **row})
-    log.info("%s: final loss %.4f (align %.4f, ce %.4f)", desc, *(history[-1][k] for k in ("loss", "align", "ce")))
+    if ctx.is_main:
+        log.info("%s: final loss %.4f (align %.4f, ce %.4f)", desc, *(history[-1][k] for k in ("loss", "align", "ce")))
+    ddp.sync_buffers(mlp, ctx)
     mlp.eval()
-    return mlp, history
+    return mlp.cpu(), history
 
 
 def save_transformation(t: Transformation, path: str | Path) -> str:

@@ -1,0 +1,142 @@
+"""Data-parallel training under `torchrun`: one process per rank, gloo on CPU, nccl on GPU.
+
+Without torchrun's environment nothing here does anything: world size 1, no process group, the
+training loops run exactly as in a single process.
+
+Semantics the training loops follow when a process group is up:
+- every rank loads the full training data and draws the same global permutation (same seed), so all
+  ranks run the same number of steps; a step's global batch of `batch_size` rows is split into
+  `world_size` contiguous shares of `batch_size / world_size` rows (the batch size is the *global*
+  batch, and must divide evenly), so the optimisation schedule matches a single-process run;
+- DistributedDataParallel averages gradients; BatchNorm statistics are per rank during training and
+  rank 0's buffers are broadcast at the end, so every rank ends with identical weights;
+- only rank 0 writes checkpoints, logs, progress bars and tracking records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the data-parallel group (rank 0 of 1 when there is none)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""  # "" = no process group
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.backend)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+def launched() -> bool:
+    """True when started by torchrun (or anything else that sets its rendezvous variables)."""
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def current() -> Context:
+    if not (dist.is_available() and dist.is_initialized()):
+        return Context()
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                   str(dist.get_backend()))
+
+
+def is_main() -> bool:
+    return current().is_main
+
+
+def init_from_env(backend: str | None = None) -> Context:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT). Default backend: nccl when CUDA is available, else gloo.
+    A no-op outside torchrun or when a group is already up."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return current()
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed; cannot train data-parallel")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    ctx = current()
+    log.info("data-parallel: rank %d of %d, backend %s", ctx.rank, ctx.world_size, ctx.backend)
+    return ctx
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a failure, skip the barrier: the other ranks may be inside a
+    collective that this rank will never join (torchrun stops them)."""
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(module: nn.Module, ctx: Context) -> nn.Module:
+    """DistributedDataParallel around `module` (already on ctx.device) when a group is up."""
+    if not ctx.enabled:
+        return module
+    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def check_batch_size(batch_size: int, ctx: Context, field: str) -> None:
+    if ctx.enabled and batch_size % ctx.world_size:
+        raise ValueError(f"{field}={batch_size} is the global batch and must be divisible by the "
+                         f"world size {ctx.world_size}")
+
+
+def rank_share(n: int, rank: int, world_size: int) -> slice:
+    """This rank's contiguous share of a global batch of `n` rows (equal shares; a remainder, only
+    possible in a short last batch, is dropped so every rank does the same work)."""
+    if world_size == 1:
+        return slice(None)
+    per_rank = n // world_size
+    if per_rank == 0:
+        raise ValueError(f"a batch of {n} rows cannot be split over {world_size} ranks")
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def mean_over_ranks(values: list[float], ctx: Context) -> list[float]:
+    """Average per-rank scalars (epoch loss/metric) so every rank logs the global value."""
+    if not ctx.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return (t / ctx.world_size).tolist()
+
+
+def sync_buffers(module: nn.Module, ctx: Context) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics drift apart within a step)."""
+    if ctx.enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)
