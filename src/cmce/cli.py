@@ -94,30 +94,54 @@ def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
     return record_transformation(cfg, Path(args.out))
 
 
+def _shard(args: argparse.Namespace):
+    from cmce.loader import parse_shard
+
+    return parse_shard(args.shard)
+
+
 def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
     import pyarrow.parquet as pq
 
     from cmce.tables import read_metadata
 
     out = step_embed_member(Path(args.dataset), _model(args.query_model), _model(args.gallery_model),
-                            _model(args.transform), Path(args.out), args.batch_size)
+                            _model(args.transform), Path(args.out), args.batch_size, _shard(args), args.workers)
     meta = read_metadata(out)
     return StepRecord(f"embed-{meta['gallery_model']['name']}", {"member": meta},
                       {"rows": pq.ParquetFile(out).metadata.num_rows})
 
 
 def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
+    """Every gallery model on the gallery (or one shard of it), then the ensemble of that slice."""
+    import pyarrow.parquet as pq
+
+    from cmce.steps import pair_transformations
+
     if len(args.gallery_model) != len(args.transform):
-        raise ValueError("give one --transform per --gallery-model, in the same order")
-    out = Path(args.out)
+        raise ValueError("give one --transform per --gallery-model")
+    models = [_model(g) for g in args.gallery_model]
+    transforms = pair_transformations(models, [_model(t) for t in args.transform])
+    shard, out = _shard(args), Path(args.out)
     members_dir = Path(args.members_dir) if args.members_dir else out.with_name(f"{out.stem}_members")
     members = []
-    for g, t in zip(args.gallery_model, args.transform, strict=True):
-        member = members_dir / f"{Path(g).stem}.parquet"
-        step_embed_member(Path(args.dataset), _model(args.query_model), _model(g), _model(t), member, args.batch_size)
+    for g, t in zip(models, transforms, strict=True):
+        member = members_dir / f"{g.stem}.parquet"
+        step_embed_member(Path(args.dataset), _model(args.query_model), g, t, member, args.batch_size, shard,
+                          args.workers)
         members.append(member)
     step_combine(members, out)
-    return StepRecord("embed-gallery", {"members": len(members)})
+    return StepRecord("embed-gallery", {"members": len(members), "shard": str(shard)},
+                      {"rows": pq.ParquetFile(out).metadata.num_rows})
+
+
+def cmd_merge(args: argparse.Namespace) -> StepRecord:
+    import pyarrow.parquet as pq
+
+    from cmce.embed import merge_shards
+
+    out = merge_shards([Path(p) for p in args.shard_file], Path(args.out))
+    return StepRecord("merge", {"shards": len(args.shard_file)}, {"rows": pq.ParquetFile(out).metadata.num_rows})
 
 
 def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
@@ -371,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--transform", required=True, action=multi)
         sp.add_argument("--out", required=True)
         sp.add_argument("--batch-size", type=int, default=256)
+        sp.add_argument("--shard", default="0/1", metavar="I/K", help="embed only slice I of K (default: all)")
+        sp.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0: inline)")
         if name == "embed-gallery":
             sp.add_argument("--members-dir", default=None, help="where per-model files go (default: next to --out)")
 
@@ -379,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--members-dir", default=None, help="or: DIR/<gallery model>.parquet for each model in --config")
     sp.add_argument("--config", default=None)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--out", required=True)
+
+    sp = add("merge", cmd_merge, "concatenate the shards of a gallery (or per-model) file, in shard order",
+             config=False)
+    sp.add_argument("shard_file", nargs="+", help="shard files from `embed-gallery --shard I/K` (any order)")
     sp.add_argument("--out", required=True)
 
     sp = add("build-index", cmd_build_index, "build the FAISS index, optionally rejecting uncertain items",

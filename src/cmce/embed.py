@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
-from cmce.data import SplitArrays, iter_split_batches, to_float
+from cmce.data import SplitArrays, to_float
 from cmce.ensemble import RunningEnsemble
+from cmce.loader import WHOLE, Shard, iter_split_chunks, rebatch
 from cmce.storage import atomic_path
 from cmce.tables import TableError, embedding_array, embedding_column, int_column, read_metadata, string_column
 from cmce.transform import load_transformation
@@ -37,17 +38,36 @@ class Embedded:
     embeddings: np.ndarray  # float32 (rows, dim), raw model output
 
 
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @torch.no_grad()
 def embed_batch(model: EmbeddingModel, images_uint8: torch.Tensor) -> np.ndarray:
-    return model.net(to_float(images_uint8)).numpy().astype(np.float32, copy=False)
+    device = next(model.net.parameters()).device
+    x = to_float(images_uint8.to(device, non_blocking=True))
+    if device.type == "cuda":
+        # bf16 autocast + channels_last: the fast path of convolutions on tensor-core GPUs; embeddings are
+        # returned in float32 and normalised downstream, so bf16 rounding stays far below retrieval noise
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.net(x.contiguous(memory_format=torch.channels_last))
+        return out.float().cpu().numpy()
+    return model.net(x).numpy().astype(np.float32, copy=False)
 
 
 def iter_embeddings(
-    model: EmbeddingModel, dataset: str | Path, split: str, batch_size: int
+    model: EmbeddingModel, dataset: str | Path, split: str, batch_size: int, shard: Shard = WHOLE,
+    workers: int = 0,
 ) -> Iterator[tuple[SplitArrays, np.ndarray]]:
+    """(batch, raw embeddings) in file order for one split (or one shard of it); `workers` decode
+    processes feed the model while it runs."""
     model.net.eval()
-    batches = iter_split_batches(dataset, split, batch_size, model.in_channels, model.image_size)
-    for batch in tqdm(batches, desc=f"embed {model.name} [{split}]", leave=False, mininterval=2, disable=None):
+    device = inference_device()
+    if device.type == "cuda":
+        model.net.to(device, memory_format=torch.channels_last)
+    chunks = iter_split_chunks(dataset, split, model.in_channels, model.image_size, shard, workers)
+    desc = f"embed {model.name} [{split}{'' if shard.count == 1 else f' shard {shard}'}]"
+    for batch in tqdm(rebatch(chunks, batch_size), desc=desc, leave=False, mininterval=2, disable=None):
         yield batch, embed_batch(model, batch.images)
 
 
@@ -97,15 +117,20 @@ def embed_with_model(
     out: str | Path,
     split: str = "test",
     batch_size: int = 256,
+    shard: Shard = WHOLE,
+    workers: int = 0,
 ) -> Path:
-    """Embed one split with one gallery model and its transformation; stream batches to Parquet."""
+    """Embed one split (or one shard of it) with one gallery model and its transformation; stream
+    batches to Parquet."""
     model = load_embedding_model(model_path)
     t = load_transformation(transform_path, query_sha256=query_sha256, gallery_sha256=model.sha256)
     meta = member_metadata(model.name, model.arch, model.sha256, t.sha256, query_sha256, split)
+    if shard.count > 1:
+        meta["shard"] = str(shard)
     schema = member_schema(model.embedding_dim, t.out_dim, meta)
     out = Path(out)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for batch, raw in iter_embeddings(model, dataset, split, batch_size):
+        for batch, raw in iter_embeddings(model, dataset, split, batch_size, shard, workers):
             writer.write_table(member_table(batch.ids, batch.labels, raw, t.apply(raw), schema))
     log.info("wrote %s (%s, %s split)", out, model.name, split)
     return out
@@ -148,9 +173,13 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
         ("ensemble_sum", pa.list_(pa.float32(), q_dim)),
         ("n_models", pa.int32()),
     ] + [(f"raw_{n}", f.schema_arrow.field("raw").type) for n, f in zip(names, files, strict=True)]
+    shards = {m.get("shard") for m in metas}
+    if len(shards) != 1:
+        raise TableError(f"{member_paths}: members come from different shards {sorted(map(str, shards))}")
     meta = {
         "kind": "gallery",
         "split": metas[0]["split"],
+        **({"shard": metas[0]["shard"]} if metas[0].get("shard") else {}),
         "query_model_sha256": query_sha.pop(),
         "members": [{**m["gallery_model"], "transformation_sha256": m["transformation_sha256"]} for m in metas],
     }
@@ -176,4 +205,54 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
             ]
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
     log.info("wrote %s (%d members: %s)", out, len(names), names)
+    return out
+
+
+def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
+    """Concatenate the shards of one file (gallery or per-model) into one, row group by row group.
+
+    Shards go in shard order (read from their metadata, whatever the argument order); all K shards
+    must be present once and otherwise identical metadata. A file without shard metadata is the one
+    shard of K = 1. Memory: one row group at a time, plus
+    the id set used to prove the shards are disjoint.
+    """
+    if not shard_paths:
+        raise ValueError("merge needs at least one shard file")
+    metas = {Path(p): read_metadata(p) for p in shard_paths}
+    by_index: dict[int, Path] = {}
+    counts = set()
+    for p in map(Path, shard_paths):
+        m = metas[p]
+        if m.get("kind") not in ("gallery", "gallery_member"):
+            raise TableError(f"{p}: not a gallery or per-model embedding file (kind={m.get('kind')!r})")
+        i, k = (int(x) for x in m.get("shard", "0/1").split("/"))
+        if i in by_index:
+            raise TableError(f"{p}: shard {i}/{k} given twice (also {by_index[i]})")
+        by_index[i] = p
+        counts.add(k)
+    k = counts.pop() if len(counts) == 1 else 0
+    if not k or sorted(by_index) != list(range(k)):
+        raise TableError(f"{[str(p) for p in shard_paths]}: need shards 0..K-1 of one K, got "
+                         f"{sorted(m.get('shard', '0/1') for m in metas.values())}")
+    ordered = [by_index[i] for i in sorted(by_index)]
+    base = {k: v for k, v in metas[ordered[0]].items() if k != "shard"}
+    for p in ordered[1:]:
+        if {k: v for k, v in metas[p].items() if k != "shard"} != base:
+            raise TableError(f"{p}: metadata differs from {ordered[0]} (another model, query model or split)")
+    schema = pq.read_schema(ordered[0]).with_metadata({"cmce": json.dumps(base, sort_keys=True)})
+    seen: set[str] = set()
+    out = Path(out)
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for p in ordered:
+            pf = pq.ParquetFile(p)
+            if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
+                raise TableError(f"{p}: columns differ from {ordered[0]}")
+            for rg in range(pf.num_row_groups):
+                table = pf.read_row_group(rg)
+                ids = table.column("id").to_pylist()
+                if seen.intersection(ids):
+                    raise TableError(f"{p}: ids also in an earlier shard (e.g. {sorted(seen.intersection(ids))[0]!r})")
+                seen.update(ids)
+                writer.write_table(table.replace_schema_metadata(schema.metadata))
+    log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(seen))
     return out

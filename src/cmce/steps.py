@@ -18,6 +18,7 @@ from cmce.data import dataset_info, prepare_dataset
 from cmce.embed import combine_members, embed_split, embed_with_model
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.index import build_index
+from cmce.loader import WHOLE, Shard
 from cmce.tables import embedding_array, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, save_transformation
@@ -143,9 +144,25 @@ def step_fit_transform(
 
 
 def step_embed_member(dataset: Path, query_model: Path, gallery_model: Path, transform: Path, out: Path,
-                      batch_size: int) -> Path:
+                      batch_size: int, shard: Shard = WHOLE, workers: int = 0) -> Path:
     q_sha = load_embedding_model(query_model).sha256
-    return embed_with_model(dataset, gallery_model, transform, q_sha, out, "test", batch_size)
+    return embed_with_model(dataset, gallery_model, transform, q_sha, out, "test", batch_size, shard, workers)
+
+
+def pair_transformations(gallery_models: list[Path], transformations: list[Path]) -> list[Path]:
+    """The transformation of each gallery model, in the models' order, matched by the model's sha256
+    (orchestrators may hand both lists over in different orders)."""
+    from cmce.storage import file_sha256
+    from cmce.transform import load_transformation
+
+    by_sha = {load_transformation(t).gallery_model_sha256: t for t in transformations}
+    out = []
+    for m in gallery_models:
+        sha = file_sha256(m)
+        if sha not in by_sha:
+            raise ValueError(f"{m}: no transformation among {[str(t) for t in transformations]} was fitted for it")
+        out.append(by_sha[sha])
+    return out
 
 
 def step_combine(members: list[Path], out: Path) -> Path:

@@ -1,0 +1,132 @@
+"""Streaming, shardable reading of one dataset split for embedding.
+
+The split is cut into chunks along the Parquet file's row groups: a chunk is at most CHUNK_ROWS of the
+split's rows within one row group, in nearly equal pieces. A map-style torch Dataset decodes one chunk
+per item, so a DataLoader with worker processes decodes chunks in parallel and still yields them in
+file order; memory is bounded by (workers + prefetch) chunks and one row group per process, whatever
+the gallery size. Shard i of K is a contiguous range of chunks: concatenating shards 0..K-1 gives
+exactly the unsharded order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cmce.data import DataError, SplitArrays, decode_image, open_dataset
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+WHOLE = Shard()  # the whole split: one shard of one
+CHUNK_ROWS = 512  # decoding unit: small enough to balance shards and workers, large enough to amortise reads
+
+
+def parse_shard(text: str) -> Shard:
+    """'i/K' with 0 ≤ i < K → Shard(i, K)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
+        raise ValueError(f"--shard expects i/K with 0 <= i < K (e.g. 0/4), got {text!r}")
+    return Shard(int(m[1]), int(m[2]))
+
+
+def shard_range(n_chunks: int, shard: Shard) -> range:
+    """Contiguous, balanced range of chunk indices for one shard (may be empty when K > n_chunks)."""
+    return range(shard.index * n_chunks // shard.count, (shard.index + 1) * n_chunks // shard.count)
+
+
+class SplitChunks(Dataset):
+    """Item k = decoded images of chunk k of one split (within one shard)."""
+
+    def __init__(self, path: str | Path, split: str, channels: int, size: int, shard: Shard = WHOLE,
+                 chunk_rows: int = CHUNK_ROWS):
+        self.path, self.channels, self.size = str(path), channels, size
+        pf = open_dataset(path)
+        chunks = []
+        for rg in range(pf.num_row_groups):
+            split_col = pf.read_row_group(rg, columns=["split"]).column("split")
+            rows = np.flatnonzero(pc.equal(split_col, split).to_numpy(zero_copy_only=False))
+            if len(rows):
+                chunks += [(rg, part) for part in np.array_split(rows, -(-len(rows) // chunk_rows))]
+        if not chunks:
+            raise DataError(f"{path}: split '{split}' is empty")
+        self.chunks = [chunks[k] for k in shard_range(len(chunks), shard)]
+        self._file: pq.ParquetFile | None = None  # opened lazily in each worker process
+        self._group: tuple[int, object] | None = None  # last row group read: consecutive chunks share it
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def n_rows(self) -> int:
+        return int(sum(len(rows) for _, rows in self.chunks))
+
+    def __getitem__(self, k: int) -> SplitArrays:
+        if self._file is None:
+            self._file = pq.ParquetFile(self.path)
+        rg, rows = self.chunks[k]
+        if self._group is None or self._group[0] != rg:
+            self._group = (rg, self._file.read_row_group(rg, columns=["id", "label", "image"]))
+        table = self._group[1].take(rows)
+        ids = table.column("id").to_pylist()
+        blobs = table.column("image").to_pylist()
+        images = np.stack([decode_image(b, self.channels, self.size, f"{self.path} (id {i})")
+                           for b, i in zip(blobs, ids, strict=True)])
+        return SplitArrays(ids, table.column("label").to_numpy().astype(np.int64), torch.from_numpy(images))
+
+
+def _identity(item: SplitArrays) -> SplitArrays:
+    return item
+
+
+def iter_split_chunks(path: str | Path, split: str, channels: int, size: int, shard: Shard = WHOLE,
+                      workers: int = 0) -> Iterator[SplitArrays]:
+    """Decoded chunks in file order; `workers` > 0 decodes in that many background processes."""
+    chunks = SplitChunks(path, split, channels, size, shard)
+    if workers <= 0:
+        yield from (chunks[k] for k in range(len(chunks)))
+        return
+    loader = DataLoader(chunks, batch_size=None, num_workers=workers, collate_fn=_identity, prefetch_factor=2,
+                        persistent_workers=False)
+    yield from loader
+
+
+def rebatch(chunks: Iterator[SplitArrays], batch_size: int) -> Iterator[SplitArrays]:
+    """Re-cut chunks into batches of exactly `batch_size` rows (the last may be smaller)."""
+    buf: list[SplitArrays] = []
+    held = 0
+    for chunk in chunks:
+        buf.append(chunk)
+        held += len(chunk.ids)
+        while held >= batch_size:
+            merged = _concat(buf)
+            yield _slice(merged, 0, batch_size)
+            rest = _slice(merged, batch_size, held)
+            buf, held = ([rest] if len(rest.ids) else []), held - batch_size
+    if held:
+        yield _concat(buf)
+
+
+def _concat(parts: list[SplitArrays]) -> SplitArrays:
+    if len(parts) == 1:
+        return parts[0]
+    return SplitArrays([i for p in parts for i in p.ids], np.concatenate([p.labels for p in parts]),
+                       torch.cat([p.images for p in parts]))
+
+
+def _slice(a: SplitArrays, start: int, stop: int) -> SplitArrays:
+    return SplitArrays(a.ids[start:stop], a.labels[start:stop], a.images[start:stop])
