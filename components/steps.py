@@ -88,22 +88,62 @@ def embed_member(tracking: Input[Artifact], dataset: Input[Dataset], query_model
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def combine(config: Input[Artifact], tracking: Input[Artifact], members: Input[list[Dataset]],
-            gallery: Output[Dataset]):
-    """Members go in config order (by the gallery model each file names), whatever the collected order."""
-    import json
+def shard_list(num_shards: int) -> list:
+    """["0/K", ..., "K-1/K"]: the loop items of the embedding fan-out."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+    return [f"{i}/{num_shards}" for i in range(num_shards)]
 
-    import pyarrow.parquet as pq
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def bundle_members(config: Input[Artifact], gallery_models: Input[list[Model]], transformations: Input[list[Model]],
+                   bundle: Output[Artifact]):
+    """Gallery models and their transformations in one folder, in config (ensemble) order:
+    <i>_<name>.pt and <i>_<name>.transform.pt. (A ParallelFor cannot consume another loop's
+    dsl.Collected outputs; the shard loop consumes this one artifact instead.)"""
+    import shutil
+    from pathlib import Path
+
+    from cmce.checkpoint import load_embedding_model
+    from cmce.config import load_config
+    from cmce.steps import pair_transformations
+
+    paths = {load_embedding_model(m.path).name: Path(m.path) for m in gallery_models}
+    names = [spec.name for spec in load_config(config.path).gallery_models]
+    models = [paths[n] for n in names]
+    out = Path(bundle.path)
+    out.mkdir(parents=True)
+    for i, (name, model, transform) in enumerate(zip(names, models, pair_transformations(
+            models, [Path(t.path) for t in transformations]), strict=True)):
+        shutil.copyfile(model, out / f"{i}_{name}.pt")
+        shutil.copyfile(transform, out / f"{i}_{name}.transform.pt")
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def embed_gallery_shard(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
+                        query_model: Input[Model], bundle: Input[Artifact], shard: str, workers: int,
+                        gallery: Output[Dataset]):
+    """One slice of the gallery through every gallery model, and the ensemble of that slice."""
+    from pathlib import Path
 
     from cmce.cli import run_step
     from cmce.config import load_config
 
-    by_name = {json.loads(pq.read_schema(m.path).metadata[b"cmce"])["gallery_model"]["name"]: m.path
-               for m in members}
-    argv = ["combine", "--out", gallery.path]
-    for spec in load_config(config.path).gallery_models:
-        argv += ["--member", by_name[spec.name]]
+    folder = Path(bundle.path)
+    argv = ["embed-gallery", "--dataset", dataset.path, "--query-model", query_model.path, "--out", gallery.path,
+            "--shard", shard, "--workers", str(workers), "--batch-size", str(load_config(config.path).batch_size),
+            "--members-dir", str(Path(gallery.path).with_name("members"))]
+    for model in sorted(p for p in folder.glob("*.pt") if not p.name.endswith(".transform.pt")):
+        argv += ["--gallery-model", str(model), "--transform", str(model.with_suffix(".transform.pt"))]
     run_step(argv, tracking_path=tracking.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def merge_shards(tracking: Input[Artifact], shards: Input[list[Dataset]], gallery: Output[Dataset]):
+    """Concatenate the gallery shards in shard order (read from their metadata, whatever the collected order)."""
+    from cmce.cli import run_step
+
+    run_step(["merge", *[s.path for s in shards], "--out", gallery.path], tracking_path=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

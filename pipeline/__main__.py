@@ -84,7 +84,8 @@ def _arguments(args: argparse.Namespace) -> dict:
         out["params_yaml"] = json.dumps(raw)
         out["gallery_models"] = [m["name"] for m in raw["gallery_models"]]
         out["query_model"] = raw["query_model"]["name"]
-    for key in ("epochs", "lam", "reject_fraction", "index_type", "protocol", "dataset", "run_name"):
+    for key in ("epochs", "lam", "reject_fraction", "index_type", "protocol", "dataset", "run_name", "embed_shards",
+                "embed_workers"):
         value = getattr(args, key)
         if value is not None:
             out[key] = value
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--protocol", default=None, choices=["heldout", "disjoint"])
         sp.add_argument("--dataset", default=None, help="data source (digits, fashion_mnist, imagefolder)")
         sp.add_argument("--run-name", default=None)
+        sp.add_argument("--embed-shards", type=int, default=None, help="cmce pipeline: gallery slices in parallel")
+        sp.add_argument("--embed-workers", type=int, default=None, help="cmce pipeline: decoding processes per slice")
     r = sub.choices["run"]
     r.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local")
     r.add_argument("--root", default="runs/kfp", help="pipeline root for local artifacts")

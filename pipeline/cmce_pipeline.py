@@ -1,5 +1,6 @@
 """The cmce pipeline as a KFP v2 pipeline function: per gallery model in parallel (train → fit
-transformation → embed, plus the KD baseline student), collected into the ensemble, index, evaluation."""
+transformation, plus the KD baseline student); then per gallery shard in parallel (every gallery model
+on that slice, and its ensemble); merged into one gallery → index → evaluation."""
 
 
 import json
@@ -11,12 +12,14 @@ from kfp import dsl
 
 from components.steps import (
     build_index,
-    combine,
-    embed_member,
+    bundle_members,
+    embed_gallery_shard,
     evaluate,
     fit_transform,
+    merge_shards,
     prepare_data,
     resolve_config,
+    shard_list,
     start_tracking,
     train_kd_student,
     train_model,
@@ -41,9 +44,9 @@ def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False)
 
 
 def make_pipeline(parallelism: int = 0):
-    """Build the pipeline; `parallelism` caps concurrent gallery-model branches (0 = no cap). kfp.local
-    runs branches concurrently, so a one-machine run wants 1: parallel training processes only fight
-    over the same cores."""
+    """Build the pipeline; `parallelism` caps concurrent gallery-model branches and concurrent gallery
+    shards (0 = no cap). kfp.local runs branches concurrently, so a one-machine run wants 1: parallel
+    processes only fight over the same cores."""
 
     @dsl.pipeline(name="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
     def cmce_pipeline(
@@ -58,8 +61,12 @@ def make_pipeline(parallelism: int = 0):
         dataset: str = "",
         mlflow_uri: str = "",
         run_name: str = "cmce",
+        embed_shards: int = 1,
+        embed_workers: int = 0,
     ):
-        """Parameters left at 0 / -1 / "" keep the value in params_yaml (the same params.yaml DVC reads)."""
+        """Parameters left at 0 / -1 / "" keep the value in params_yaml (the same params.yaml DVC reads).
+        `embed_shards` slices the gallery for the embedding fan-out; `embed_workers` image-decoding
+        processes per shard task."""
         cfg = resolve_config(params_yaml=params_yaml, gallery_models=gallery_models, epochs=epochs, lam=lam,
                              reject_fraction=reject_fraction, index_type=index_type, protocol=protocol, dataset=dataset)
         config = cfg.outputs["config"]
@@ -74,15 +81,18 @@ def make_pipeline(parallelism: int = 0):
             transform = fit_transform(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                                       gallery_model=gallery.outputs["model"])
             _resources(transform, "2", "8Gi")
-            member = embed_member(tracking=track, dataset=data, query_model=query.outputs["model"],
-                                  gallery_model=gallery.outputs["model"],
-                                  transformation=transform.outputs["transformation"])
-            _resources(member, "4", "8Gi")
             student = train_kd_student(config=config, tracking=track, dataset=data, teacher=gallery.outputs["model"])
             _resources(student, "4", "8Gi", gpu=TRAIN_GPU)
 
-        ensemble = _resources(combine(config=config, tracking=track, members=dsl.Collected(member.outputs["member"])),
-                              "1", "8Gi")
+        bundle = _resources(bundle_members(config=config, gallery_models=dsl.Collected(gallery.outputs["model"]),
+                                           transformations=dsl.Collected(transform.outputs["transformation"])),
+                            "1", "2Gi")
+        shards = _resources(shard_list(num_shards=embed_shards), "1", "1Gi")
+        with dsl.ParallelFor(shards.output, name="gallery-shards", parallelism=parallelism) as shard:
+            part = embed_gallery_shard(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
+                                       bundle=bundle.outputs["bundle"], shard=shard, workers=embed_workers)
+            _resources(part, "4", "8Gi")
+        ensemble = _resources(merge_shards(tracking=track, shards=dsl.Collected(part.outputs["gallery"])), "1", "8Gi")
         index = _resources(build_index(config=config, tracking=track, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
         report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                           gallery=ensemble.outputs["gallery"],

@@ -27,11 +27,13 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunLayout, dict
 
 @pytest.fixture(scope="session")
 def kfp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The compiled-from-source pipeline run by kfp.local on the smoke params, 2 gallery models."""
+    """The compiled-from-source pipeline run by kfp.local on the smoke params: 2 gallery models, the
+    gallery embedded in 2 shards."""
     from pipeline.__main__ import build_parser, run_local
 
     root = tmp_path_factory.mktemp("kfp")
-    args = build_parser().parse_args(["run", "--local", "--params", str(SMOKE), "--root", str(root)])
+    args = build_parser().parse_args(["run", "--local", "--params", str(SMOKE), "--root", str(root),
+                                      "--embed-shards", "2", "--embed-workers", "1"])
     return run_local(args)
 
 

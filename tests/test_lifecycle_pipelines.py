@@ -27,7 +27,7 @@ def _lifecycle_run(kfp_run: Path, tmp_path: Path, pipeline: str, monkeypatch) ->
     argv = ["run", "--local", "--pipeline", pipeline, "--params", str(SMOKE), "--root", str(tmp_path / "kfp"),
             "--dataset-uri", str(kfp_run / "prepare-data" / "dataset"),
             "--query-model-uri", str(kfp_run / "train-model" / "model"),
-            "--gallery-uri", str(kfp_run / "combine" / "gallery"), "--train-embeddings-uri", str(stored)]
+            "--gallery-uri", str(kfp_run / "merge-shards" / "gallery"), "--train-embeddings-uri", str(stored)]
     return run_local(build_parser().parse_args(argv)), uri
 
 
@@ -47,7 +47,7 @@ def _check_alias_follows_decision(uri: str, decision: dict, gallery: Path) -> No
 
 def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch):
     run_dir, uri = _lifecycle_run(kfp_run, tmp_path, "add-gallery-model", monkeypatch)
-    served, grown = kfp_run / "combine" / "gallery", run_dir / "add-member" / "new_gallery"
+    served, grown = kfp_run / "merge-shards" / "gallery", run_dir / "add-member" / "new_gallery"
     names = [m["name"] for m in read_metadata(grown)["members"]]
     assert names[-1] == "resnet_c" and sorted(names[:-1]) == ["resnet_a", "vgg_b"]
     old, new = pq.read_table(served), pq.read_table(grown)

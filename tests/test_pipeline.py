@@ -38,16 +38,24 @@ def test_submit_arguments(tmp_path):
         build_parser().parse_args(["submit"])  # --host is required
 
 
-def test_local_run_has_every_per_model_output(kfp_run):
+def test_local_run_has_every_per_model_and_per_shard_output(kfp_run):
     iterations = sorted(kfp_run.glob("for-loop-*-iteration-*"))
-    assert len(iterations) == 2
-    for it in iterations:
+    per_model = [it for it in iterations if (it / "train-model-2").exists()]
+    per_shard = [it for it in iterations if (it / "embed-gallery-shard").exists()]
+    assert len(per_model) == 2 and len(per_shard) == 2, iterations
+    for it in per_model:
         for artifact in ("train-model-2/model", "fit-transform/transformation", "fit-transform/train_embeddings",
-                         "embed-member/member", "train-kd-student/student"):
+                         "train-kd-student/student"):
             assert (it / artifact).stat().st_size > 0, it / artifact
-    gallery = kfp_run / "combine" / "gallery"
+    shard_rows = []
+    for it in per_shard:
+        meta = json.loads(pq.read_schema(it / "embed-gallery-shard" / "gallery").metadata[b"cmce"])
+        assert meta["shard"] in ("0/2", "1/2") and [m["name"] for m in meta["members"]] == GALLERY
+        shard_rows.append(pq.ParquetFile(it / "embed-gallery-shard" / "gallery").metadata.num_rows)
+    gallery = kfp_run / "merge-shards" / "gallery"
     meta = json.loads(pq.read_schema(gallery).metadata[b"cmce"])
-    assert sorted(m["name"] for m in meta["members"]) == GALLERY
+    assert [m["name"] for m in meta["members"]] == GALLERY and "shard" not in meta
+    assert pq.ParquetFile(gallery).metadata.num_rows == sum(shard_rows) and min(shard_rows) > 0
     assert (kfp_run / "build-index" / "index" / "meta.json").exists()
     assert "| asym_ensemble/2 |" in (kfp_run / "evaluate" / "results").read_text()
 
@@ -72,7 +80,7 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = {r.info.run_name for r in children}
     assert {"prepare-data", "train-query", "train-resnet_a", "train-vgg_b", "fit-transform-resnet_a",
-            "embed-resnet_a", "embed-vgg_b", "combine", "build-index", "evaluate"} <= names
+            "embed-gallery", "merge", "build-index", "evaluate"} <= names
     evaluation = next(r for r in children if r.info.run_name == "evaluate")
     assert 0 < evaluation.data.metrics["asym_ensemble/2/R_at_1"] <= 1
     assert "asym_ensemble/2/TAR_at_FAR_0.001" in evaluation.data.metrics
