@@ -1,0 +1,276 @@
+"""Gallery-side scale benchmarks: embedding throughput of the embed step vs a bare torch loop, peak
+memory at two gallery sizes, Parquet throughput of gallery files vs pyarrow directly, and the cost of
+the query side vs the whole gallery ensemble (parameters, FLOPs, CPU latency).
+
+    python -m benchmarks.embedding [--config params.yaml] [--small 10000] [--large 100000] [--repeats 3]
+
+Models are the config's architectures with random weights (speed does not depend on training); images
+are synthetic smooth greyscale PNGs at the config's image size, stored like `prepare-data` stores them.
+Prints Markdown tables and appends them, dated, to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.report import ROOT, append_section
+from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
+from cmce.config import ModelSpec, load_config
+from cmce.data import DATASET_SCHEMA, load_split, to_float
+from cmce.embed import combine_members, embed_with_model, merge_shards
+from cmce.models import EmbeddingNet
+from cmce.tables import embedding_column, read_table, write_table
+from cmce.transform import Transformation, build_mlp, save_transformation
+
+log = logging.getLogger("bench")
+
+
+def synthetic_dataset(path: Path, n: int, size: int, seed: int = 0, row_group: int = 4096) -> Path:
+    """n smooth random greyscale PNGs (upsampled 7x7 noise), streamed to Parquet in row groups."""
+    rng = np.random.default_rng(seed)
+    with pq.ParquetWriter(path, DATASET_SCHEMA) as writer:
+        for start in range(0, n, row_group):
+            m = min(row_group, n - start)
+            blobs = []
+            for low in rng.integers(0, 256, size=(m, 7, 7), dtype=np.uint8):
+                buf = io.BytesIO()
+                Image.fromarray(low).resize((size, size), Image.Resampling.BILINEAR).save(buf, "PNG")
+                blobs.append(buf.getvalue())
+            ids = [f"img{start + i:08d}" for i in range(m)]
+            labels = [(start + i) % 10 for i in range(m)]
+            writer.write_table(pa.table({"id": ids, "label": pa.array(labels, pa.int64()),
+                                         "class_name": [str(c) for c in labels], "split": ["test"] * m,
+                                         "image": blobs}, schema=DATASET_SCHEMA))
+    return path
+
+
+def random_model(spec: ModelSpec, channels: int, size: int, out: Path) -> Path:
+    torch.manual_seed(spec.seed)
+    net = EmbeddingNet(spec.arch, channels, spec.embedding_dim, spec.width).eval()
+    model = EmbeddingModel(name=spec.name, arch=spec.arch, net=net, classifier=torch.randn(10, spec.embedding_dim),
+                           scale=16.0, in_channels=channels, image_size=size, embedding_dim=spec.embedding_dim)
+    save_embedding_model(model, out, spec.width)
+    return out
+
+
+def random_transformation(gallery: Path, query: Path, hidden: int, depth: int, out: Path) -> Path:
+    g, q = load_embedding_model(gallery), load_embedding_model(query)
+    mlp = build_mlp(g.embedding_dim, q.embedding_dim, hidden, depth).eval()
+    save_transformation(Transformation(mlp, g.name, g.sha256, q.sha256, g.embedding_dim, q.embedding_dim,
+                                       hidden, depth), out)
+    return out
+
+
+@torch.no_grad()
+def bare_loop(model: EmbeddingModel, images: torch.Tensor, batch: int) -> float:
+    """Seconds for a plain forward loop over already-decoded tensors (the upper bound for the step)."""
+    started = time.perf_counter()
+    for i in range(0, len(images), batch):
+        model.net(to_float(images[i:i + batch]))
+    return time.perf_counter() - started
+
+
+def throughput(cfg, work: Path, n: int, repeats: int, workers: list[int]) -> list[str]:
+    dataset = synthetic_dataset(work / f"data_{n}.parquet", n, cfg.data.image_size)
+    q = random_model(cfg.query_model, cfg.data.channels, cfg.data.image_size, work / "query.pt")
+    q_sha = load_embedding_model(q).sha256
+    rows = ["| gallery model | path | images/s (median) | vs bare loop |", "|---|---|---|---|"]
+    for spec in cfg.gallery_models:
+        g = random_model(spec, cfg.data.channels, cfg.data.image_size, work / f"{spec.name}.pt")
+        t = random_transformation(g, q, cfg.transform.hidden_dim, cfg.transform.depth, work / f"t_{spec.name}.pt")
+        model = load_embedding_model(g)
+        images = load_split(dataset, "test", cfg.data.channels, cfg.data.image_size).images
+        bare_loop(model, images[: cfg.batch_size], cfg.batch_size)  # warm-up
+        bare = statistics.median(n / bare_loop(model, images, cfg.batch_size) for _ in range(repeats))
+        rows.append(f"| {spec.name} ({spec.arch}) | bare forward loop, decoded tensors | {bare:,.0f} | 1.00 |")
+        for w in workers:
+            rates = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                embed_with_model(dataset, g, t, q_sha, work / f"member_{spec.name}.parquet", "test", cfg.batch_size,
+                                 workers=w)
+                rates.append(n / (time.perf_counter() - started))
+            step = statistics.median(rates)
+            rows.append(f"| {spec.name} ({spec.arch}) | embed step (decode + forward + T + Parquet), workers={w} | "
+                        f"{step:,.0f} | {step / bare:.2f} |")
+    return rows
+
+
+PEAK_RSS_CHILD = """
+import resource, sys
+from cmce.embed import embed_with_model
+from cmce.checkpoint import load_embedding_model
+d, g, t, q, out, batch, workers = sys.argv[1:]
+embed_with_model(d, g, t, load_embedding_model(q).sha256, out, "test", int(batch), workers=int(workers))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_memory(cfg, work: Path, sizes: list[int], workers: list[int]) -> list[str]:
+    spec = cfg.gallery_models[0]
+    q, g = work / "query.pt", work / f"{spec.name}.pt"
+    t = work / f"t_{spec.name}.pt"
+    rows = ["| gallery images | workers | peak RSS main process (MB) | peak RSS of a decode worker (MB) | "
+            "dataset file (MB) |", "|---|---|---|---|---|"]
+    for n in sizes:
+        dataset = work / f"data_{n}.parquet"
+        if not dataset.exists():
+            synthetic_dataset(dataset, n, cfg.data.image_size)
+        for w in workers:
+            res = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(dataset), str(g), str(t), str(q),
+                                  str(work / "rss.parquet"), str(cfg.batch_size), str(w)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            main_kb, child_kb = map(int, res.stdout.split()[-2:])
+            rows.append(f"| {n:,} | {w} | {main_kb / 1024:.0f} | {child_kb / 1024 if w else 0:.0f} | "
+                        f"{dataset.stat().st_size / 2**20:.1f} |")
+    return rows
+
+
+def parquet_io(work: Path, n: int, repeats: int) -> list[str]:
+    """Gallery files: the cmce writers/readers vs pyarrow on the same table."""
+    rng = np.random.default_rng(0)
+    from cmce.embed import member_metadata, member_schema, member_table
+
+    members = []
+    for i in range(3):
+        meta = member_metadata(f"m{i}", "resnet", f"{i}" * 64, "t" * 64, "q" * 64, "test")
+        raw = rng.normal(size=(n, 128)).astype(np.float32)
+        tr = rng.normal(size=(n, 64)).astype(np.float32)
+        tr /= np.linalg.norm(tr, axis=1, keepdims=True)
+        table = member_table([f"x{j}" for j in range(n)], np.arange(n) % 10, raw, tr,
+                             member_schema(128, 64, meta))
+        members.append(work / f"io_m{i}.parquet")
+        pq.write_table(table, members[-1], row_group_size=8192)
+    gallery = combine_members(members, work / "io_gallery.parquet")
+    table = pq.read_table(gallery)
+    size_mb = gallery.stat().st_size / 2**20
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return size_mb / statistics.median(times)
+
+    direct_w = timed(lambda: pq.write_table(table, work / "io_direct.parquet", row_group_size=8192))
+    ours_w = timed(lambda: write_table(table, work / "io_ours.parquet"))
+    shards = []
+    for i, part in enumerate((table.slice(0, n // 2), table.slice(n // 2))):
+        meta = json.loads(table.schema.metadata[b"cmce"]) | {"shard": f"{i}/2"}
+        shards.append(work / f"io_shard{i}.parquet")
+        pq.write_table(part.replace_schema_metadata({"cmce": json.dumps(meta)}), shards[-1], row_group_size=8192)
+    merge_w = timed(lambda: merge_shards(shards, work / "io_merged.parquet"))
+    combine_w = timed(lambda: combine_members(members, work / "io_gallery2.parquet"))
+    direct_r = timed(lambda: pq.read_table(gallery).column("embedding").combine_chunks().flatten().to_numpy())
+    ours_r = timed(lambda: embedding_column(read_table(gallery), "embedding", str(gallery)))
+    return [
+        f"Gallery file of {n:,} rows, 3 members (query dim 64, raw dim 128): {size_mb:.1f} MB. MB/s of the gallery "
+        "file, median of repeats.",
+        "",
+        "| operation | MB/s | vs pyarrow directly |",
+        "|---|---|---|",
+        f"| write: `pq.write_table` (baseline) | {direct_w:,.0f} | 1.00 |",
+        f"| write: `cmce.tables.write_table` (temp file + rename) | {ours_w:,.0f} | {ours_w / direct_w:.2f} |",
+        f"| write: `merge_shards` (2 shards, row group by row group, id check) | {merge_w:,.0f} | "
+        f"{merge_w / direct_w:.2f} |",
+        f"| write: `combine_members` (3 member files → ensemble, uncertainty) | {combine_w:,.0f} | "
+        f"{combine_w / direct_w:.2f} |",
+        f"| read embeddings: `pq.read_table` → numpy (baseline) | {direct_r:,.0f} | 1.00 |",
+        f"| read embeddings: `cmce.tables.read_table` + `embedding_column` (validated) | {ours_r:,.0f} | "
+        f"{ours_r / direct_r:.2f} |",
+    ]
+
+
+def model_costs(cfg, work: Path, repeats: int = 50) -> list[str]:
+    size, ch = cfg.data.image_size, cfg.data.channels
+    x = torch.zeros(1, ch, size, size)
+
+    @torch.no_grad()
+    def cost(module: torch.nn.Module, inp: torch.Tensor) -> tuple[int, int, float]:
+        module.eval()
+        with FlopCounterMode(display=False) as counter:
+            module(inp)
+        for _ in range(5):  # warm-up: the first calls create the kernels' primitives
+            module(inp)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            module(inp)
+            times.append(time.perf_counter() - started)
+        return sum(p.numel() for p in module.parameters()), counter.get_total_flops(), statistics.median(times)
+
+    rows = ["| model | parameters | FLOPs / image | CPU latency / image, batch 1 (ms) |", "|---|---|---|---|"]
+    q_params, q_flops, q_ms = cost(EmbeddingNet(cfg.query_model.arch, ch, cfg.query_model.embedding_dim,
+                                                cfg.query_model.width), x)
+    rows.append(f"| query: {cfg.query_model.name} ({cfg.query_model.arch}) | {q_params:,} | {q_flops:,} | "
+                f"{1e3 * q_ms:.2f} |")
+    total = [0, 0, 0.0]
+    for spec in cfg.gallery_models:
+        net = EmbeddingNet(spec.arch, ch, spec.embedding_dim, spec.width)
+        mlp = build_mlp(spec.embedding_dim, cfg.query_model.embedding_dim, cfg.transform.hidden_dim,
+                        cfg.transform.depth)
+        g = cost(net, x)
+        t = cost(mlp, torch.zeros(1, spec.embedding_dim))
+        rows.append(f"| gallery: {spec.name} ({spec.arch}) + its T | {g[0] + t[0]:,} | {g[1] + t[1]:,} | "
+                    f"{1e3 * (g[2] + t[2]):.2f} |")
+        total = [total[0] + g[0] + t[0], total[1] + g[1] + t[1], total[2] + g[2] + t[2]]
+    rows.append(f"| gallery ensemble (all {len(cfg.gallery_models)}) | {total[0]:,} | {total[1]:,} | "
+                f"{1e3 * total[2]:.2f} |")
+    rows.append(f"| **query / ensemble** | {q_params / total[0]:.3f} | {q_flops / total[1]:.3f} | "
+                f"{q_ms / total[2]:.3f} |")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "params.yaml"))
+    p.add_argument("--small", type=int, default=10_000)
+    p.add_argument("--large", type=int, default=100_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", default="0,1", help="decode worker counts to measure")
+    p.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config)
+    workers = [int(w) for w in args.workers.split(",")]
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="cmce-bench-") as tmp:
+        work = Path(tmp)
+        body = [f"Config `{Path(args.config).name}`: {cfg.data.image_size}×{cfg.data.image_size}×{cfg.data.channels} "
+                f"images, inference batch {cfg.batch_size}. Random weights, synthetic PNGs.", "",
+                f"### Embedding throughput, {args.small:,} images (median of {args.repeats})", ""]
+        body += throughput(cfg, work, args.small, args.repeats, workers)
+        body += ["", "### Peak memory of the embed step (one gallery model), by gallery size", ""]
+        body += peak_memory(cfg, work, [args.small, args.large], workers)
+        body += ["", "### Parquet throughput of gallery files", ""]
+        body += parquet_io(work, args.large, args.repeats)
+        body += ["", "### Query side vs gallery side", ""]
+        body += model_costs(cfg, work)
+    command = "python -m benchmarks.embedding" + "".join(
+        f" --{k} {v}" for k, v in (("small", args.small), ("large", args.large), ("repeats", args.repeats))
+        if v != p.get_default(k))
+    if args.no_write:
+        sys.stdout.write("\n".join(body) + "\n")
+    else:
+        append_section("Gallery embedding, memory, Parquet I/O and model costs", command, body, time.time() - started)
+
+
+if __name__ == "__main__":
+    main()
