@@ -22,8 +22,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # a file object, not a path: torch names the zip's root folder after a path's stem, which for the
+        # random temporary name would make identical weights give a different file (and sha256) every run
+        torch.save(obj, f)
     return file_sha256(path)
 
 
