@@ -304,6 +304,24 @@ def test_duplicate_ids_in_a_dataset_file(world, tmp_path, caplog, split):
     fails(caplog, [*argv, "--out", out], out, f"{ds}: split '{split}' has duplicate id {ids[rows[2]]!r}")
 
 
+def test_train_split_with_a_single_class(world, tmp_path, caplog):
+    labels = pq.read_table(world.dataset).column("label")
+    ds = rewrite(world.dataset, tmp_path / "one_class.parquet", label=pa.array([3] * len(labels), pa.int32()))
+    out = previous_file(tmp_path / "query.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
+          f"{ds}: the train split needs at least 2 classes, got 1")
+
+
+def test_negative_label_in_a_dataset_file(world, tmp_path, caplog):
+    table = pq.read_table(world.dataset)
+    labels = table.column("label").to_numpy().copy()
+    labels[table.column("split").to_pylist().index("train")] = -1
+    ds = rewrite(world.dataset, tmp_path / "negative.parquet", label=pa.array(labels, pa.int32()))
+    out = previous_file(tmp_path / "query.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
+          f"{ds}: column 'label' has a negative value -1")
+
+
 def test_duplicate_ids_in_a_gallery_file(world, tmp_path, caplog):
     ids = pq.read_table(world.gallery).column("id").to_pylist()
     ids[7] = ids[1]
