@@ -439,6 +439,7 @@ def test_gallery_file_that_is_not_parquet_or_not_a_gallery(world, tmp_path, capl
         ("raw inf", "column 'raw' has NaN/inf values in 1 rows (first: row 11)"),
         ("no transformed", "missing column 'transformed'"),
     ],
+    ids=["transformed-dim", "transformed-nan", "raw-inf", "missing-column"],
 )
 def test_bad_member_file_for_combine(world, tmp_path, caplog, part, message):
     table = pq.read_table(world.members[1])
