@@ -76,9 +76,20 @@ def save_embedding_model(m: EmbeddingModel, path: str | Path, width: int) -> str
     return save_checkpoint(obj, path)
 
 
+def require_keys(obj: dict[str, Any], keys: list[str], path: str | Path) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks field(s) {missing}")
+
+
 def load_embedding_model(path: str | Path) -> EmbeddingModel:
     obj = load_checkpoint(path, EMBEDDING_FORMAT)
-    net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"])
+    require_keys(obj, ["name", "arch", "width", "in_channels", "image_size", "embedding_dim", "scale", "classifier",
+                       "state_dict"], path)
+    try:
+        net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"])
+    except KeyError as err:  # an architecture this version does not know
+        raise CheckpointError(f"{path}: field 'arch': {err.args[0]}") from None
     try:
         net.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as err:

@@ -44,6 +44,7 @@ FASHION_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"}
 
 
 class DataError(ValueError):
@@ -149,15 +150,26 @@ def fetch_source(cfg: DataConfig, dest: str | Path) -> Path:
     raise DataError(f"data.source={cfg.source!r}: an ImageFolder is read from data.path; there is nothing to fetch")
 
 
+def _inside(path: Path, real_root: Path) -> None:
+    """Refuse a file or class folder that resolves outside the data root (a symlink pointing elsewhere):
+    the dataset must be exactly what lies under data.path."""
+    real = path.resolve()
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{path}: resolves to {real}, outside the ImageFolder root {real_root}")
+
+
 def import_imagefolder(path: str | Path) -> RawImages:
     """root/<class>/<image>; or root/train/<class>/… + root/test/<class>/… for an official split."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{root}: ImageFolder root is not a directory")
+    real_root = root.resolve()
     parts = [("train", root / "train"), ("test", root / "test")]
     has_split = all(p.is_dir() for _, p in parts)
     if not has_split:
         parts = [("", root)]
+    for _, base in parts:
+        _inside(base, real_root)
     classes = sorted({c.name for _, p in parts for c in p.iterdir() if c.is_dir()})
     if not classes:
         raise DataError(f"{root}: no class folders found")
@@ -168,9 +180,11 @@ def import_imagefolder(path: str | Path) -> RawImages:
             folder = base / cls
             if not folder.is_dir():
                 continue
+            _inside(folder, real_root)
             for f in sorted(folder.iterdir()):
                 if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
                     continue
+                _inside(f, real_root)
                 images.append(_to_png(f.read_bytes(), f))
                 rel = f.relative_to(root).as_posix()
                 ids.append(rel)
@@ -178,11 +192,30 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 split.append(part)
     if not ids:
         raise DataError(f"{root}: no images found under the class folders")
+    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    for cls in (c for c, n in zip(classes, counts, strict=True) if n == 1):
+        # kept: the heldout protocol puts it in train; as a test image it is a lone query (see metrics.py)
+        log.warning("%s: class %r has a single image; it cannot be both query and gallery", root, cls)
     return RawImages(ids, np.asarray(labels), classes, images, split if has_split else None)
 
 
+# modes PNG cannot store but that have a defined 8-bit colour conversion
+_TO_RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV"}
+
+
 def _to_png(data: bytes, origin: Path | str) -> bytes:
+    """Re-encode an imported image as PNG, keeping 16-bit grey; modes without a defined intensity
+    scale (32-bit float, 32-bit integers beyond 16 bits) are refused rather than guessed."""
     img = open_image(data, origin)
+    if img.mode in _TO_RGB_MODES:
+        img = img.convert("RGB")
+    elif img.mode == "I":  # 32-bit integer, e.g. a 16-bit TIFF or PNG some readers widen
+        arr = np.asarray(img)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"{origin}: 32-bit integer image with values outside 0..65535; convert it to 8 or 16 bit")
+        img = Image.fromarray(arr.astype(np.uint16))
+    elif img.mode not in _PNG_MODES:
+        raise DataError(f"{origin}: unsupported image mode {img.mode!r}; convert it to 8- or 16-bit grey or RGB(A)")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -280,7 +313,9 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     keep = np.flatnonzero(split != "")
     for part in ("train", "test"):
         if not np.any(split[keep] == part):
-            raise DataError(f"{cfg.source}: the {cfg.protocol} protocol leaves the '{part}' split empty")
+            where = cfg.path if cfg.source == "imagefolder" else f"data.source={cfg.source}"
+            cap = f", data.max_{part}_per_class={getattr(cfg, f'max_{part}_per_class')}"
+            raise DataError(f"{where}: the {cfg.protocol} protocol{cap} leaves the '{part}' split empty")
     labels = raw.labels[keep].astype(np.int32)
     table = pa.table(
         {
@@ -318,6 +353,8 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{origin}: refused, too many pixels: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
     return img
@@ -384,12 +421,22 @@ def iter_split_batches(
     """Stream one split in row batches; memory is bounded by the batch, not the file."""
     pf = open_dataset(path)
     n = 0
+    seen: set[str] = set()  # ids key every output row: a duplicate would silently alias two images
     for batch in pf.iter_batches(batch_size=batch_size, columns=["id", "label", "split", "image"]):
+        for col in ("id", "label", "split"):
+            if batch.column(col).null_count:
+                raise DataError(f"{path}: column '{col}' has {batch.column(col).null_count} null values")
         mask = np.asarray(batch.column("split").to_numpy(zero_copy_only=False) == split)
         if not mask.any():
             continue
         ids = [i for i, m in zip(batch.column("id").to_pylist(), mask, strict=True) if m]
+        for i in ids:
+            if i in seen:
+                raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
+            seen.add(i)
         labels = batch.column("label").to_numpy()[mask]
+        if labels.size and labels.min() < 0:
+            raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
         blobs = [b for b, m in zip(batch.column("image").to_pylist(), mask, strict=True) if m]
         imgs = np.stack([decode_image(b, channels, size, f"{path} (id {i})") for b, i in zip(blobs, ids, strict=True)])
         n += len(ids)
@@ -400,6 +447,5 @@ def iter_split_batches(
 
 def load_split(path: str | Path, split: str, channels: int, size: int) -> SplitArrays:
     parts = list(iter_split_batches(path, split, 4096, channels, size))
-    ids = [i for p in parts for i in p.ids]
-    check_unique_ids(ids, f"{path} split '{split}'")
+    ids = [i for p in parts for i in p.ids]  # unique: iter_split_batches checks
     return SplitArrays(ids, np.concatenate([p.labels for p in parts]), torch.cat([p.images for p in parts]))

@@ -25,7 +25,16 @@ from cmce.data import SplitArrays, to_float
 from cmce.ensemble import RunningEnsemble
 from cmce.loader import WHOLE, Shard, iter_split_chunks, rebatch
 from cmce.storage import atomic_path
-from cmce.tables import TableError, embedding_array, embedding_column, int_column, read_metadata, string_column
+from cmce.tables import (
+    TableError,
+    check_unique_ids,
+    embedding_array,
+    embedding_column,
+    int_column,
+    read_metadata,
+    read_schema,
+    string_column,
+)
 from cmce.transform import load_transformation
 
 log = logging.getLogger(__name__)
@@ -160,11 +169,18 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     names = [m["gallery_model"]["name"] for m in metas]
     if len(set(names)) != len(names):
         raise TableError(f"duplicate gallery model names among members: {names}")
+    for p in member_paths:
+        read_schema(p, ["id", "label", "raw", "transformed"])
     files = [pq.ParquetFile(p) for p in member_paths]
     rows = {f.metadata.num_rows for f in files}
     if len(rows) != 1:
         raise TableError(f"{member_paths}: members have different row counts {sorted(rows)}")
-    q_dim = files[0].schema_arrow.field("transformed").type.list_size
+    t_type = files[0].schema_arrow.field("transformed").type
+    if not pa.types.is_fixed_size_list(t_type):
+        raise TableError(
+            f"{member_paths[0]}: column 'transformed' has type {t_type}, expected fixed_size_list<float32>"
+        )
+    q_dim = t_type.list_size
     fields = [
         ("id", pa.string()),
         ("label", pa.int32()),
@@ -186,16 +202,19 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     schema = pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
     out = Path(out)
     iters = [f.iter_batches(batch_size=batch_size) for f in files]
+    seen: set[str] = set()
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for parts in zip(*iters, strict=True):
             tables = [pa.Table.from_batches([b]) for b in parts]
             ids = string_column(tables[0], "id", str(member_paths[0]))
+            check_unique_ids(ids, str(member_paths[0]), seen)
             ens = RunningEnsemble()
             raws = []
             for p, t in zip(member_paths, tables, strict=True):
                 if string_column(t, "id", str(p)) != ids:
                     raise TableError(f"{p}: ids are not in the same order as {member_paths[0]}")
                 ens.add(embedding_column(t, "transformed", str(p), q_dim))
+                embedding_column(t, "raw", str(p))  # checked here so no NaN reaches the gallery file
                 raws.append(t.column("raw").combine_chunks())
             cols = [
                 pa.array(ids),

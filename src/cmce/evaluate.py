@@ -28,8 +28,10 @@ from cmce.index import rejection_mask
 from cmce.metrics import retrieval_metrics
 from cmce.tables import (
     TableError,
+    check_unique_ids,
     embedding_array,
     embedding_column,
+    float_column,
     int_column,
     read_metadata,
     read_table,
@@ -134,16 +136,12 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
         raise ValueError(f"{inputs.gallery}: need one transformation per gallery member; missing for {missing}")
     table = read_table(inputs.gallery)
     g_ids = string_column(table, "id", str(inputs.gallery))
+    check_unique_ids(g_ids, str(inputs.gallery))
     g_labels = int_column(table, "label", str(inputs.gallery))
+    stored = embedding_column(table, "embedding", str(inputs.gallery), query_model.embedding_dim)
+    uncertainty = float_column(table, "uncertainty", str(inputs.gallery))
 
     q = embed_split(query_model, inputs.dataset, "test", batch_size)
-    write_table(
-        with_metadata(
-            pa.table({"id": q.ids, "label": q.labels.astype(np.int32), "embedding": embedding_array(q.embeddings)}),
-            {"kind": "query", "split": "test", "query_model": {"name": query_model.name, "sha256": query_model.sha256}},
-        ),
-        out_dir / "query.parquet",
-    )
     col = {gid: n for n, gid in enumerate(g_ids)}
     self_cols = np.array([col.get(i, -1) for i in q.ids])
     if (self_cols < 0).all():
@@ -167,8 +165,8 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     transformed = []
     for member in members:
         name = member["name"]
-        raw = embedding_column(table, f"raw_{name}", str(inputs.gallery))
         t = by_gallery[member["sha256"]]
+        raw = embedding_column(table, f"raw_{name}", str(inputs.gallery), t.in_dim)
         run(f"sym_gallery/{name}", raw, raw, g_self, g_labels)
         transformed.append(t.apply(raw))
         run(f"asym/{name}", q.embeddings, transformed[-1], self_cols, q.labels)
@@ -177,7 +175,6 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     for n, member_emb in enumerate(transformed, start=1):
         running += member_emb
         scores = run(f"asym_ensemble/{n}", q.embeddings, running.astype(np.float32), self_cols, q.labels)
-    stored = embedding_column(table, "embedding", str(inputs.gallery))
     if not np.allclose(normalize(running.astype(np.float32)), stored, atol=1e-4):
         raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
     member_by_sha = {m["sha256"]: m["name"] for m in members}
@@ -195,7 +192,6 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
             raw = embedding_column(table, f"raw_{member['name']}", str(inputs.gallery))
             run(f"kd/{member['name']}", students[member["name"]], raw, self_cols, q.labels)
 
-    uncertainty = table.column("uncertainty").to_numpy().astype(np.float32)
     assert scores is not None
     metrics |= rejection_curves(scores, q.labels, g_labels, uncertainty, cfg, seed)
     versions = {
@@ -203,5 +199,13 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
         "members": members,
         "gallery": str(inputs.gallery),
     }
+    # written only now, so a failure above leaves a previous evaluation in out_dir untouched
+    write_table(
+        with_metadata(
+            pa.table({"id": q.ids, "label": q.labels.astype(np.int32), "embedding": embedding_array(q.embeddings)}),
+            {"kind": "query", "split": "test", "query_model": {"name": query_model.name, "sha256": query_model.sha256}},
+        ),
+        out_dir / "query.parquet",
+    )
     write_reports(metrics, versions, out_dir)
     return metrics

@@ -21,7 +21,16 @@ import pyarrow.parquet as pq
 
 from cmce.ensemble import normalize
 from cmce.storage import atomic_dir, file_sha256
-from cmce.tables import TableError, embedding_column, int_column, read_metadata, read_table, string_column
+from cmce.tables import (
+    TableError,
+    check_unique_ids,
+    embedding_column,
+    float_column,
+    int_column,
+    read_metadata,
+    read_table,
+    string_column,
+)
 
 log = logging.getLogger(__name__)
 INDEX_FORMAT = "cmce-index/1"
@@ -53,8 +62,9 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     table = read_table(gallery_path, ["id", "label", "embedding", "uncertainty"])
     emb = normalize(embedding_column(table, "embedding", str(gallery_path)))
     ids = string_column(table, "id", str(gallery_path))
+    check_unique_ids(ids, str(gallery_path))
     labels = int_column(table, "label", str(gallery_path))
-    unc = table.column("uncertainty").to_numpy().astype(np.float32)
+    unc = float_column(table, "uncertainty", str(gallery_path))
     reject = rejection_mask(unc, reject_fraction)
     keep = ~reject
     index = faiss.IndexFlatIP(emb.shape[1])
@@ -103,9 +113,13 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None) -> Loaded
     meta_path = d / "meta.json"
     if not meta_path.exists():
         raise IndexLoadError(f"{d}: not an index directory (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != INDEX_FORMAT:
-        raise IndexLoadError(f"{meta_path}: unknown index format {meta.get('format')!r}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexLoadError(f"{meta_path}: not valid JSON: {err}") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if fmt != INDEX_FORMAT:
+        raise IndexLoadError(f"{meta_path}: unknown index format {fmt!r}")
     if query_sha256 is not None and meta["query_model_sha256"] != query_sha256:
         raise IndexLoadError(
             f"{d}: index was built for query model {meta['query_model_sha256'][:12]}, "

@@ -53,7 +53,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(raw)
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+def read_schema(path: str | Path, columns: list[str] | None = None) -> pa.Schema:
+    """The file's schema, after checking that it is a Parquet file holding `columns`."""
     path = Path(path)
     if not path.exists():
         raise TableError(f"{path}: file not found")
@@ -64,7 +65,15 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     for col in columns or []:
         if col not in schema.names:
             raise TableError(f"{path}: missing column '{col}' (has {schema.names})")
-    return pq.read_table(path, columns=columns)
+    return schema
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    read_schema(path, columns)
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:  # a valid footer over damaged data pages
+        raise TableError(f"{path}: not a readable Parquet file: {err}") from None
 
 
 def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = None) -> np.ndarray:
@@ -90,11 +99,41 @@ def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = N
     return out
 
 
+def float_column(table: pa.Table, name: str, where: str) -> np.ndarray:
+    """A scalar floating-point column → float32 array, checked for type, nulls and finiteness."""
+    if name not in table.column_names:
+        raise TableError(f"{where}: missing column '{name}'")
+    col = table.column(name)
+    if not pa.types.is_floating(col.type):
+        raise TableError(f"{where}: column '{name}' has type {col.type}, expected a float")
+    if col.null_count:
+        raise TableError(f"{where}: column '{name}' has {col.null_count} null rows")
+    out = col.to_numpy().astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        raise TableError(
+            f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))})"
+        )
+    return out
+
+
+def check_unique_ids(ids: list[str], where: str, seen: set[str] | None = None) -> None:
+    """Ids key every row (index id map, evaluation self-exclusion): a duplicate is an error.
+    Pass the same `seen` set across batches of one file."""
+    seen = set() if seen is None else seen
+    for i in ids:
+        if i in seen:
+            raise TableError(f"{where}: column 'id' has duplicate id {i!r}")
+        seen.add(i)
+
+
 def string_column(table: pa.Table, name: str, where: str) -> list[str]:
     if name not in table.column_names:
         raise TableError(f"{where}: missing column '{name}'")
     if not pa.types.is_string(table.column(name).type) and not pa.types.is_large_string(table.column(name).type):
         raise TableError(f"{where}: column '{name}' has type {table.column(name).type}, expected string")
+    if table.column(name).null_count:
+        raise TableError(f"{where}: column '{name}' has {table.column(name).null_count} null rows")
     return table.column(name).to_pylist()
 
 
@@ -103,4 +142,6 @@ def int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
         raise TableError(f"{where}: missing column '{name}'")
     if not pa.types.is_integer(table.column(name).type):
         raise TableError(f"{where}: column '{name}' has type {table.column(name).type}, expected an integer")
+    if table.column(name).null_count:
+        raise TableError(f"{where}: column '{name}' has {table.column(name).null_count} null rows")
     return table.column(name).to_numpy().astype(np.int64)

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cmce import distributed as ddp
-from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, require_keys, save_checkpoint
 from cmce.config import TransformConfig
 from cmce.models import cosine_logits
 from cmce.storage import file_sha256
@@ -151,6 +151,8 @@ def load_transformation(
 ) -> Transformation:
     """Load a transformation; refuse it if it was fitted for another query or gallery model."""
     obj = load_checkpoint(path, TRANSFORM_FORMAT)
+    require_keys(obj, ["gallery_model", "gallery_model_sha256", "query_model_sha256", "in_dim", "out_dim",
+                       "hidden_dim", "depth", "state_dict"], path)
     for role, expected in (("query", query_sha256), ("gallery", gallery_sha256)):
         actual = obj[f"{role}_model_sha256"]
         if expected is not None and actual != expected:
@@ -159,7 +161,10 @@ def load_transformation(
                 f"but {role} model {expected[:12]} was given"
             )
     mlp = build_mlp(obj["in_dim"], obj["out_dim"], obj["hidden_dim"], obj["depth"])
-    mlp.load_state_dict(obj["state_dict"], strict=True)
+    try:
+        mlp.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match the recorded MLP shape: {err}") from None
     mlp.eval()
     return Transformation(
         mlp=mlp,

@@ -1,0 +1,585 @@
+"""The bad-input matrix (RELIABILITY.md): every case drives the `cmce` CLI and checks that it exits with
+code 2, that the logged error names the file and the field / column / row at fault, that an output
+already at --out is unchanged byte for byte, and that no temporary file is left behind.
+
+Models here are untrained (random weights, seconds to build): the checks under test read versions,
+shapes and values, not quality.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cmce.checkpoint import EMBEDDING_FORMAT, EmbeddingModel, save_embedding_model
+from cmce.cli import main
+from cmce.data import decode_image
+from cmce.embed import member_metadata, member_schema, member_table
+from cmce.models import EmbeddingNet
+from cmce.storage import file_sha256
+from cmce.tables import embedding_array, embedding_column, read_metadata
+from cmce.transform import Transformation, build_mlp, save_transformation
+from tests.conftest import SMOKE
+
+TINY = ["--set", "data.max_train_per_class=6", "--set", "data.max_test_per_class=4"]  # 60 train, 40 test images
+PREVIOUS = b"previous output: must survive a failed step\n"
+NOISE = np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)  # incompressible: a 4 kB PNG, cut at 2 kB
+
+
+# ---------------------------------------------------------------- fixtures
+@dataclass
+class World:
+    root: Path
+    dataset: Path
+    query: Path
+    other_query: Path
+    gallery_models: list[Path]
+    transforms: list[Path]
+    transform_other_query: Path  # T for gallery_models[0], fitted against other_query
+    members: list[Path]
+    gallery: Path
+    index: Path
+
+
+def tiny_model(path: Path, name: str, arch: str, dim: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    net = EmbeddingNet(arch, 1, dim, 4).eval()
+    m = EmbeddingModel(name, arch, net, torch.randn(10, dim), 16.0, 1, 8, dim, meta={"history": [{"epoch": 1}]})
+    save_embedding_model(m, path, 4)
+    return path
+
+
+def tiny_transform(path: Path, gallery: Path, gallery_name: str, query: Path, in_dim: int, out_dim: int) -> Path:
+    t = Transformation(build_mlp(in_dim, out_dim, 16, 2).eval(), gallery_name, file_sha256(gallery),
+                       file_sha256(query), in_dim, out_dim, 16, 2, history=[{"epoch": 1, "loss": 0.0}])
+    save_transformation(t, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("bad_input")
+    ds = root / "dataset.parquet"
+    assert main(["prepare-data", "--config", str(SMOKE), *TINY, "--out", str(ds)]) == 0
+    q = tiny_model(root / "q.pt", "query", "query_cnn", 8, seed=0)
+    q2 = tiny_model(root / "q2.pt", "query", "query_cnn", 8, seed=1)
+    g = [tiny_model(root / "resnet_a.pt", "resnet_a", "resnet", 12, seed=2),
+         tiny_model(root / "vgg_b.pt", "vgg_b", "vgg", 10, seed=3)]
+    t = [tiny_transform(root / "t_resnet_a.pt", g[0], "resnet_a", q, 12, 8),
+         tiny_transform(root / "t_vgg_b.pt", g[1], "vgg_b", q, 10, 8)]
+    t_q2 = tiny_transform(root / "t_resnet_a_q2.pt", g[0], "resnet_a", q2, 12, 8)
+    gallery, members_dir, index = root / "gallery.parquet", root / "members", root / "index"
+    assert main(["embed-gallery", "--dataset", str(ds), "--query-model", str(q), "--gallery-model", str(g[0]),
+                 "--transform", str(t[0]), "--gallery-model", str(g[1]), "--transform", str(t[1]),
+                 "--members-dir", str(members_dir), "--out", str(gallery)]) == 0
+    assert main(["build-index", "--gallery", str(gallery), "--out", str(index)]) == 0
+    members = [members_dir / "resnet_a.parquet", members_dir / "vgg_b.parquet"]
+    return World(root, ds, q, q2, g, t, t_q2, members, gallery, index)
+
+
+# ---------------------------------------------------------------- helpers
+def snapshot(path: Path) -> dict[str, bytes] | None:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    if path.is_dir():
+        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return None
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files and folders of atomic_path / atomic_dir."""
+    return [p for p in folder.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+def previous_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(PREVIOUS)
+    return path
+
+
+def previous_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    for name in ("metrics.json", "query.parquet", "meta.json"):
+        (path / name).write_bytes(PREVIOUS)
+    return path
+
+
+def fails(caplog: pytest.LogCaptureFixture, argv: list, out: Path, *needles: str) -> str:
+    """Run `cmce argv`; require exit code 2, every needle in the logged error, `out` untouched
+    (whatever was there before, or nothing) and no temporary files next to it."""
+    before = snapshot(out)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = main([str(a) for a in argv])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    assert snapshot(out) == before
+    assert leftovers(out.parent) == []
+    return errors[0]
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def image_folder(root: Path, classes: dict[str, int]) -> Path:
+    rng = np.random.default_rng(0)
+    for cls, n in classes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / cls / f"{i}.png").write_bytes(encode(Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8))))
+    return root
+
+
+def imagefolder_args(root: Path) -> list:
+    return ["--config", str(SMOKE), "--set", "data.source=imagefolder", "--set", f"data.path={root}"]
+
+
+def png_bomb(side: int = 30000) -> bytes:
+    """A valid PNG header announcing side x side pixels, with no pixel data: what a decompression bomb
+    looks like before it is decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+
+
+def rewrite(src: Path, dst: Path, **columns) -> Path:
+    """Copy a Parquet file, replacing (array) or dropping (None) columns; the cmce metadata is kept."""
+    table = pq.read_table(src)
+    for name, values in columns.items():
+        i = table.schema.get_field_index(name)
+        table = table.remove_column(i) if values is None else table.set_column(i, name, values)
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(src).metadata), dst)
+    return dst
+
+
+def rewrite_member(src: Path, dst: Path, ids=None, raw=None, transformed=None) -> Path:
+    """A per-model file built with the project's own schema helpers from `src`, with parts replaced."""
+    table = pq.read_table(src)
+    meta = read_metadata(src)
+    ids = table.column("id").to_pylist() if ids is None else ids
+    raw = embedding_column(table, "raw", "src") if raw is None else raw
+    transformed = embedding_column(table, "transformed", "src") if transformed is None else transformed
+    g = meta["gallery_model"]
+    meta = member_metadata(g["name"], g["arch"], g["sha256"], meta["transformation_sha256"],
+                           meta["query_model_sha256"], meta["split"])
+    schema = member_schema(raw.shape[1], transformed.shape[1], meta)
+    pq.write_table(member_table(ids, table.column("label").to_numpy(), raw, transformed, schema), dst)
+    return dst
+
+
+def embed_member_args(w: World, dataset: Path | None = None, query: Path | None = None,
+                      gallery_model: Path | None = None, transform: Path | None = None) -> list:
+    return ["embed-member", "--dataset", dataset or w.dataset, "--query-model", query or w.query,
+            "--gallery-model", gallery_model or w.gallery_models[0], "--transform", transform or w.transforms[0]]
+
+
+def evaluate_args(w: World, gallery: Path | None = None, query: Path | None = None,
+                  transforms: list[Path] | None = None) -> list:
+    args = ["evaluate", "--config", SMOKE, "--dataset", w.dataset, "--query-model", query or w.query,
+            "--gallery", gallery or w.gallery]
+    for t in transforms or w.transforms:
+        args += ["--transform", t]
+    return args
+
+
+# ---------------------------------------------------------------- images
+@pytest.mark.parametrize(
+    "name,data,message",
+    [
+        ("bad.png", b"\x89PNG\r\n\x1a\n" + b"not a png" * 8, "corrupt or unreadable image"),
+        ("bad.png", encode(Image.fromarray(NOISE))[:2000], "corrupt or unreadable image: image file is truncated"),
+        ("bad.jpg", encode(Image.fromarray(NOISE), "JPEG")[:2000],
+         "corrupt or unreadable image: image file is truncated"),
+        ("bad.png", b"", "empty (zero-byte) image"),
+        ("bad.png", png_bomb(), "refused, too many pixels"),
+        ("bad.tif", encode(Image.new("F", (8, 8), 0.5), "TIFF"), "unsupported image mode 'F'"),
+        ("bad.tif", encode(Image.new("I", (8, 8), 70000), "TIFF"), "32-bit integer image with values outside"),
+    ],
+    ids=["corrupt", "truncated-png", "truncated-jpeg", "zero-byte", "decompression-bomb", "float-mode",
+         "int32-beyond-16-bit"],
+)
+def test_unreadable_image_in_imagefolder(tmp_path, caplog, name, data, message):
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    (root / "dog" / name).write_bytes(data)
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out, f"{root / 'dog' / name}: {message}")
+
+
+def test_image_modes_are_converted(tmp_path):
+    """Grey, RGB(A), palette, bilevel, 16-bit and 32-bit-integer grey, CMYK: all imported, decoded to the
+    model's channels with a fixed scale (16-bit: x·255/65535; transparency on white)."""
+    root = image_folder(tmp_path / "images", {"plain": 4})
+    (root / "modes").mkdir()
+    cases = {
+        "l.png": (Image.new("L", (6, 5), 100), "PNG", 100),
+        "rgb.png": (Image.new("RGB", (6, 5), (100, 100, 100)), "PNG", 100),
+        "rgba.png": (Image.new("RGBA", (6, 5), (0, 0, 0, 0)), "PNG", 255),
+        "la.png": (Image.new("LA", (6, 5), (0, 0)), "PNG", 255),
+        "bilevel.png": (Image.new("1", (6, 5), 1), "PNG", 255),
+        "palette.png": (Image.new("P", (6, 5), 0), "PNG", 0),
+        "grey16.png": (Image.new("I;16", (6, 5), 32896), "PNG", 128),
+        "int32.tif": (Image.new("I", (6, 5), 65535), "TIFF", 255),
+        "cmyk.tif": (Image.new("CMYK", (6, 5), (0, 0, 0, 0)), "TIFF", 255),
+    }
+    for name, (img, fmt, _) in cases.items():
+        (root / "modes" / name).write_bytes(encode(img, fmt))
+    out = tmp_path / "dataset.parquet"
+    assert main(["prepare-data", *imagefolder_args(root), "--out", str(out)]) == 0
+    table = pq.read_table(out)
+    images = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+    for name, (_, _, grey) in cases.items():
+        blob = images[f"modes/{name}"]
+        assert np.all(decode_image(blob, 1, 8, name) == grey), name
+        assert decode_image(blob, 3, 8, name).shape == (3, 8, 8)
+
+
+def test_single_image_class_is_kept_in_train_with_a_warning(tmp_path, caplog):
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4, "bird": 1})
+    out = tmp_path / "dataset.parquet"
+    with caplog.at_level(logging.WARNING):
+        assert main(["prepare-data", *imagefolder_args(root), "--out", str(out)]) == 0
+    assert f"{root}: class 'bird' has a single image" in caplog.text
+    table = pq.read_table(out)
+    split = dict(zip(table.column("id").to_pylist(), table.column("split").to_pylist(), strict=True))
+    assert split["bird/0.png"] == "train"
+    assert {"train", "test"} <= set(split.values())
+
+
+def test_empty_split_from_a_cap(tmp_path, caplog):
+    out = previous_file(tmp_path / "dataset.parquet")
+    fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "data.max_test_per_class=0", "--out", out], out,
+          "data.source=digits", "data.max_test_per_class=0", "leaves the 'test' split empty")
+
+
+def test_empty_split_in_an_imagefolder(tmp_path, caplog):
+    root = tmp_path / "images"
+    image_folder(root / "train", {"cat": 3, "dog": 3})
+    (root / "test" / "cat").mkdir(parents=True)  # an official split with nothing in it
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out, str(root),
+          "leaves the 'test' split empty")
+
+
+def test_empty_split_in_a_dataset_file(world, tmp_path, caplog):
+    split = pq.read_table(world.dataset).column("split")
+    ds = rewrite(world.dataset, tmp_path / "train_only.parquet", split=pa.array(["train"] * len(split)))
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, dataset=ds), "--out", out], out, f"{ds}: split 'test' is empty")
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_duplicate_ids_in_a_dataset_file(world, tmp_path, caplog, split):
+    table = pq.read_table(world.dataset)
+    ids = table.column("id").to_pylist()
+    rows = [i for i, s in enumerate(table.column("split").to_pylist()) if s == split]
+    ids[rows[5]] = ids[rows[2]]
+    ds = rewrite(world.dataset, tmp_path / "dup.parquet", id=pa.array(ids))
+    out = previous_file(tmp_path / "out.pt")
+    argv = (embed_member_args(world, dataset=ds) if split == "test"
+            else ["train", "--config", SMOKE, "--dataset", ds, "--model", "query"])
+    fails(caplog, [*argv, "--out", out], out, f"{ds}: split '{split}' has duplicate id {ids[rows[2]]!r}")
+
+
+def test_train_split_with_a_single_class(world, tmp_path, caplog):
+    labels = pq.read_table(world.dataset).column("label")
+    ds = rewrite(world.dataset, tmp_path / "one_class.parquet", label=pa.array([3] * len(labels), pa.int32()))
+    out = previous_file(tmp_path / "query.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
+          f"{ds}: the train split needs at least 2 classes, got 1")
+
+
+def test_negative_label_in_a_dataset_file(world, tmp_path, caplog):
+    table = pq.read_table(world.dataset)
+    labels = table.column("label").to_numpy().copy()
+    labels[table.column("split").to_pylist().index("train")] = -1
+    ds = rewrite(world.dataset, tmp_path / "negative.parquet", label=pa.array(labels, pa.int32()))
+    out = previous_file(tmp_path / "query.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
+          f"{ds}: column 'label' has a negative value -1")
+
+
+def test_duplicate_ids_in_a_gallery_file(world, tmp_path, caplog):
+    ids = pq.read_table(world.gallery).column("id").to_pylist()
+    ids[7] = ids[1]
+    gallery = rewrite(world.gallery, tmp_path / "gallery.parquet", id=pa.array(ids))
+    out = shutil.copytree(world.index, tmp_path / "index")
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", out], out,
+          f"{gallery}: column 'id' has duplicate id {ids[1]!r}")
+
+
+def test_duplicate_ids_in_member_files(world, tmp_path, caplog):
+    ids = pq.read_table(world.members[0]).column("id").to_pylist()
+    ids[9] = ids[0]
+    members = [rewrite_member(m, tmp_path / m.name, ids=ids) for m in world.members]
+    out = previous_file(tmp_path / "gallery.parquet")
+    fails(caplog, ["combine", "--member", members[0], "--member", members[1], "--out", out], out,
+          f"{members[0]}: column 'id' has duplicate id {ids[0]!r}")
+
+
+def test_paths_escaping_the_imagefolder_root(tmp_path, caplog):
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    outside = image_folder(tmp_path / "elsewhere", {"secret": 2})
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    # a link inside the root is fine
+    (root / "dog" / "alias.png").symlink_to(root / "cat" / "0.png")
+    assert main(["prepare-data", *imagefolder_args(root), "--out", str(tmp_path / "ok.parquet")]) == 0
+    # an image file linked to outside the root
+    (root / "dog" / "leak.png").symlink_to(outside / "secret" / "0.png")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          f"{root / 'dog' / 'leak.png'}: resolves to", "outside the ImageFolder root")
+    (root / "dog" / "leak.png").unlink()
+    # a whole class folder linked to outside the root
+    (root / "secret").symlink_to(outside / "secret", target_is_directory=True)
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          f"{root / 'secret'}: resolves to", "outside the ImageFolder root")
+
+
+# ---------------------------------------------------------------- Parquet
+def test_dataset_file_missing_column(world, tmp_path, caplog):
+    ds = rewrite(world.dataset, tmp_path / "no_image.parquet", image=None)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, dataset=ds), "--out", out], out, f"{ds}: missing column 'image'")
+
+
+def test_dataset_file_wrong_dtype(world, tmp_path, caplog):
+    labels = pq.read_table(world.dataset).column("label").to_pylist()
+    ds = rewrite(world.dataset, tmp_path / "str_label.parquet", label=pa.array([str(x) for x in labels]))
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, dataset=ds), "--out", out], out,
+          f"{ds}: column 'label' has type string, expected int32")
+
+
+def test_dataset_file_that_is_not_parquet(world, tmp_path, caplog):
+    ds = tmp_path / "dataset.parquet"
+    ds.write_bytes(b"PAR1 this is not a parquet file")
+    out = previous_file(tmp_path / "model.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
+          f"{ds}: not a readable Parquet file")
+
+
+def gallery_column(world: World, name: str) -> np.ndarray:
+    return embedding_column(pq.read_table(world.gallery), name, "g").copy()
+
+
+@pytest.mark.parametrize(
+    "column,values,message",
+    [
+        ("uncertainty", None, "missing column 'uncertainty'"),
+        ("embedding", "float64 lists",
+         "column 'embedding' has type list<element: double>, expected fixed_size_list<float32>"),
+        ("uncertainty", "strings", "column 'uncertainty' has type string, expected a float"),
+        ("embedding", "inf at row 5", "column 'embedding' has NaN/inf values in 1 rows (first: row 5)"),
+        ("uncertainty", "NaN at row 3", "column 'uncertainty' has NaN/inf values in 1 rows (first: row 3)"),
+        ("label", "strings", "column 'label' has type string, expected an integer"),
+    ],
+    ids=["missing-column", "embedding-float64", "uncertainty-string", "embedding-inf", "uncertainty-nan",
+         "label-string"],
+)
+def test_bad_gallery_file_for_build_index(world, tmp_path, caplog, column, values, message):
+    table = pq.read_table(world.gallery)
+    n = table.num_rows
+    if values == "float64 lists":
+        arr = pa.array(gallery_column(world, "embedding").astype(np.float64).tolist())
+    elif values == "strings":
+        arr = pa.array([str(v) for v in table.column(column).to_pylist()])
+    elif values == "inf at row 5":
+        emb = gallery_column(world, "embedding")
+        emb[5, 0] = np.inf
+        arr = embedding_array(emb)
+    elif values == "NaN at row 3":
+        unc = table.column("uncertainty").to_numpy().copy()
+        unc[3] = np.nan
+        arr = pa.array(unc)
+    else:
+        arr = None
+    assert n > 5
+    gallery = rewrite(world.gallery, tmp_path / "gallery.parquet", **{column: arr})
+    out = shutil.copytree(world.index, tmp_path / "index")
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", out], out, f"{gallery}: {message}")
+
+
+def test_gallery_file_that_is_not_parquet_or_not_a_gallery(world, tmp_path, caplog):
+    out = shutil.copytree(world.index, tmp_path / "index")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"\x00" * 64)
+    fails(caplog, ["build-index", "--gallery", garbage, "--out", out], out, f"{garbage}: not a readable Parquet file")
+    fails(caplog, ["build-index", "--gallery", world.members[0], "--out", out], out,
+          f"{world.members[0]}: not a gallery file (kind='gallery_member')")
+
+
+@pytest.mark.parametrize(
+    "part,message",
+    [
+        ("transformed dim", "column 'transformed' has dimension 7, expected 8"),
+        ("transformed NaN", "column 'transformed' has NaN/inf values in 1 rows (first: row 3)"),
+        ("raw inf", "column 'raw' has NaN/inf values in 1 rows (first: row 11)"),
+        ("no transformed", "missing column 'transformed'"),
+    ],
+    ids=["transformed-dim", "transformed-nan", "raw-inf", "missing-column"],
+)
+def test_bad_member_file_for_combine(world, tmp_path, caplog, part, message):
+    table = pq.read_table(world.members[1])
+    raw, transformed = embedding_column(table, "raw", "m").copy(), embedding_column(table, "transformed", "m").copy()
+    bad = tmp_path / "vgg_b.parquet"
+    if part == "transformed dim":
+        rewrite_member(world.members[1], bad, transformed=transformed[:, :7])
+    elif part == "transformed NaN":
+        transformed[3, 1] = np.nan
+        rewrite_member(world.members[1], bad, transformed=transformed)
+    elif part == "raw inf":
+        raw[11, 0] = -np.inf
+        rewrite_member(world.members[1], bad, raw=raw)
+    else:
+        rewrite(world.members[1], bad, transformed=None)
+    out = previous_file(tmp_path / "gallery.parquet")
+    fails(caplog, ["combine", "--member", world.members[0], "--member", bad, "--out", out], out, f"{bad}: {message}")
+
+
+def test_gallery_embedding_dimension_differs_from_the_query_model(world, tmp_path, caplog):
+    emb = gallery_column(world, "embedding")
+    gallery = rewrite(world.gallery, tmp_path / "gallery.parquet", embedding=embedding_array(emb[:, :5]))
+    out = previous_dir(tmp_path / "eval")
+    fails(caplog, evaluate_args(world, gallery=gallery) + ["--out", out], out,
+          f"{gallery}: column 'embedding' has dimension 5, expected 8")
+
+
+def test_raw_embedding_dimension_differs_from_the_transformation(world, tmp_path, caplog):
+    raw = gallery_column(world, "raw_resnet_a")
+    gallery = rewrite(world.gallery, tmp_path / "gallery.parquet", raw_resnet_a=embedding_array(raw[:, :11]))
+    out = previous_dir(tmp_path / "eval")
+    fails(caplog, evaluate_args(world, gallery=gallery) + ["--out", out], out,
+          f"{gallery}: column 'raw_resnet_a' has dimension 11, expected 12")
+
+
+# ---------------------------------------------------------------- models, transformations, indexes, configs
+def test_transformation_for_another_gallery_model(world, tmp_path, caplog):
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=world.gallery_models[1]), "--out", out], out,
+          f"{world.transforms[0]}: transformation was fitted for gallery model")
+
+
+def test_transformation_for_another_query_model(world, tmp_path, caplog):
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, transform=world.transform_other_query), "--out", out], out,
+          f"{world.transform_other_query}: transformation was fitted for query model")
+    out_dir = previous_dir(tmp_path / "eval")
+    fails(caplog, evaluate_args(world, transforms=[world.transform_other_query, world.transforms[1]])
+          + ["--out", out_dir], out_dir, f"{world.transform_other_query}: transformation was fitted for query model")
+
+
+def test_gallery_built_for_another_query_model(world, tmp_path, caplog):
+    out = previous_dir(tmp_path / "eval")
+    fails(caplog, evaluate_args(world, query=world.other_query) + ["--out", out], out,
+          f"{world.gallery}: gallery was transformed for query model")
+
+
+def test_index_searched_with_another_query_model(world, caplog):
+    fails(caplog, ["search", "--index", world.index, "--query-model", world.other_query, "--dataset", world.dataset,
+                   "--limit", "2"], world.index, f"{world.index}: index was built for query model")
+
+
+def test_index_with_damaged_files(world, tmp_path, caplog):
+    index = shutil.copytree(world.index, tmp_path / "index")
+    (index / "meta.json").write_text("{ not json")
+    fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset], index,
+          f"{index / 'meta.json'}: not valid JSON")
+    shutil.copy(world.index / "meta.json", index / "meta.json")
+    (index / "index.faiss").write_bytes((world.index / "index.faiss").read_bytes()[:-8])
+    fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset], index,
+          f"{index / 'index.faiss'}: missing or does not match the checksum")
+
+
+def test_config_naming_an_unknown_architecture(tmp_path, caplog):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(SMOKE.read_text().replace("arch: vgg", "arch: vggg"))
+    out = previous_file(tmp_path / "dataset.parquet")
+    fails(caplog, ["prepare-data", "--config", cfg, "--out", out], out,
+          f"{cfg}: ", "model 'vgg_b': unknown architecture 'vggg'; valid names")
+
+
+def test_checkpoint_naming_an_unknown_architecture(world, tmp_path, caplog):
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    bad = tmp_path / "resnet_a.pt"
+    torch.save({**obj, "arch": "resnet9000"}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out,
+          f"{bad}: field 'arch': unknown architecture 'resnet9000'")
+
+
+def test_checkpoint_lacking_a_field_or_of_the_wrong_kind(world, tmp_path, caplog):
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    bad = tmp_path / "resnet_a.pt"
+    torch.save({k: v for k, v in obj.items() if k != "embedding_dim"}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out,
+          f"{bad}: checkpoint lacks field(s) ['embedding_dim']")
+    fails(caplog, [*embed_member_args(world, gallery_model=world.transforms[0]), "--out", out], out,
+          f"{world.transforms[0]}: expected a {EMBEDDING_FORMAT} checkpoint, got 'cmce-transformation/1'")
+
+
+class _OpensAFile:
+    """Unpickling this calls open(path, "w"): what a hostile checkpoint could do with any callable."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused_without_running_it(world, tmp_path, caplog):
+    marker = tmp_path / "was_unpickled"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": EMBEDDING_FORMAT, "payload": _OpensAFile(marker)}, hostile)
+    assert not marker.exists()
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=hostile), "--out", out], out,
+          f"{hostile}: not a loadable checkpoint")
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint(world, tmp_path, caplog):
+    bad = tmp_path / "q.pt"
+    bad.write_bytes(world.query.read_bytes()[:500])
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out, f"{bad}: not a loadable checkpoint")
+
+
+def test_exit_code_and_message_of_the_installed_command(world, tmp_path):
+    """The process itself exits with 2 and prints the error on stderr (no traceback)."""
+    garbage = tmp_path / "gallery.parquet"
+    garbage.write_bytes(b"not parquet")
+    out = shutil.copytree(world.index, tmp_path / "index")
+    before = snapshot(out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "cmce.cli", "build-index", "--gallery", str(garbage), "--out",
+                          str(out)], capture_output=True, text=True, env=env)
+    assert res.returncode == 2
+    assert f"{garbage}: not a readable Parquet file" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert snapshot(out) == before and leftovers(tmp_path) == []
