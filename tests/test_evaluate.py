@@ -58,3 +58,38 @@ def test_results_table_follows_the_configured_metrics():
     table = markdown_table({"a": {"R@1": 0.5, "R@5": 0.75, "MAP@R": 0.25, "lone_queries": 0.0}})
     assert table.splitlines()[0] == "| configuration | R@1 | R@5 | MAP@R |"
     assert "| a | 50.00 | 75.00 | 25.00 |" in table
+
+
+def test_cross_vendor_scores_count_only_the_other_vendors_drawing():
+    from cmce.metrics import retrieval_metrics
+
+    # 4 classes x 2 vendors; the vendor's style dominates, so a query's nearest other image is its own
+    # vendor's drawing of another class, and the same class by the other vendor comes second
+    classes = np.tile(np.arange(4), 2)
+    vendor = np.repeat([0, 1], 4)
+    emb = np.hstack([np.eye(4)[classes], 3.0 * np.eye(2)[vendor]])  # cosine 0.9 within a vendor, 0.1 across
+    plain = retrieval_metrics(score_matrix(emb, emb, np.arange(8)), classes, classes, [1], [])
+    cross_scores = score_matrix(emb, emb, np.arange(8), (vendor, vendor))
+    cross = retrieval_metrics(cross_scores, classes, classes, [1], [])
+    assert np.isneginf(cross_scores[vendor[:, None] == vendor[None, :]]).all()
+    assert np.isfinite(cross_scores[vendor[:, None] != vendor[None, :]]).all()
+    assert plain["R@1"] == 0.0 and cross["R@1"] == 1.0 and cross["MAP@R"] == 1.0
+
+
+def test_cross_domains_only_under_the_cross_vendor_protocol(tmp_path):
+    from cmce.config import DataConfig
+    from cmce.data import prepare_dataset
+    from cmce.evaluate import cross_domains
+    from cmce.tables import TableError
+
+    from .test_importers_emoji import fake_emoji_root
+
+    root = fake_emoji_root(tmp_path / "raw")
+    ids = ["google/1f436", "twitter/1f436", "twitter/1f44d-1f3fb"]
+    disjoint = prepare_dataset(DataConfig(source="emoji", protocol="disjoint"), tmp_path / "d.parquet", 0, root)
+    assert cross_domains(disjoint, ids, ids) is None
+    cross = prepare_dataset(DataConfig(source="emoji", protocol="cross_vendor"), tmp_path / "c.parquet", 0, root)
+    q, g = cross_domains(cross, ids, ids[::-1])
+    assert q.tolist() == [0, 1, 1] and g.tolist() == [1, 1, 0]
+    with pytest.raises(TableError, match=r"c.parquet: no domain for 1 gallery ids, e.g. 'google/nope'"):
+        cross_domains(cross, ids, ["google/nope"])

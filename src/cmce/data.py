@@ -526,8 +526,8 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
     return pf
 
 
-def read_domains(path: str | Path, split: str = "test") -> dict[str, str]:
-    """id → domain for one split; empty when the dataset has no domain column (single-domain sources)."""
+def read_domains(path: str | Path, split: str | None = None) -> dict[str, str]:
+    """id → domain, of one split or all; empty when the dataset has no domain column (single-domain sources)."""
     pf = open_dataset(path)
     if DOMAIN_FIELD.name not in pf.schema_arrow.names:
         return {}
@@ -535,7 +535,7 @@ def read_domains(path: str | Path, split: str = "test") -> dict[str, str]:
     if table.column(DOMAIN_FIELD.name).null_count:
         raise DataError(f"{path}: column 'domain' has {table.column(DOMAIN_FIELD.name).null_count} null values")
     rows = zip(*(table.column(c).to_pylist() for c in ("id", "split", DOMAIN_FIELD.name)), strict=True)
-    return {i: d for i, s, d in rows if s == split}
+    return {i: d for i, s, d in rows if split is None or s == split}
 
 
 def dataset_info(path: str | Path) -> dict:

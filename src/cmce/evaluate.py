@@ -1,6 +1,8 @@
 """Evaluation of every configuration on the test split, and rejection by uncertainty.
 
-Queries and gallery are the same test images (leave-one-out): a query's own image is excluded.
+Queries and gallery are the same test images (leave-one-out): a query's own image is excluded. Under the
+cross_vendor protocol (dataset column `domain`) a query's whole domain is excluded: only the same emoji
+drawn by another vendor counts as a match, and other vendors' drawings of other emoji are the distractors.
 Configurations (metrics.json keys):
   sym_query               query model → query model
   sym_gallery/<m>         gallery model m → itself
@@ -22,6 +24,7 @@ import pyarrow as pa
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.config import EvaluateConfig
+from cmce.data import dataset_info, read_domains
 from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.index import rejection_mask
@@ -54,12 +57,35 @@ class EvalInputs:
     kd_students: list[Path] = field(default_factory=list)  # any order: matched by their teacher's sha256
 
 
-def score_matrix(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray) -> np.ndarray:
-    """Cosine scores; the pair (query i, gallery self_cols[i]) is excluded (-inf) when self_cols[i] ≥ 0."""
+Domains = tuple[np.ndarray, np.ndarray]  # domain code of each query, of each gallery item
+
+
+def score_matrix(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray,
+                 domains: Domains | None = None) -> np.ndarray:
+    """Cosine scores; the pair (query i, gallery self_cols[i]) is excluded (-inf) when self_cols[i] ≥ 0,
+    and with `domains` every pair within one domain is."""
     scores = normalize(queries) @ normalize(gallery).T
     rows = np.flatnonzero(self_cols >= 0)
     scores[rows, self_cols[rows]] = -np.inf
+    if domains is not None:
+        scores[domains[0][:, None] == domains[1][None, :]] = -np.inf
     return scores
+
+
+def cross_domains(dataset: Path, query_ids: list[str], gallery_ids: list[str]) -> Domains | None:
+    """Domain codes of queries and gallery items when the dataset's protocol is cross_vendor, else None."""
+    if dataset_info(dataset).get("protocol") != "cross_vendor":
+        return None
+    domain = read_domains(dataset)
+    codes = {d: n for n, d in enumerate(sorted(set(domain.values())))}
+
+    def encode(ids: list[str], what: str) -> np.ndarray:
+        missing = [i for i in ids if i not in domain]
+        if missing:
+            raise TableError(f"{dataset}: no domain for {len(missing)} {what} ids, e.g. {missing[0]!r}")
+        return np.array([codes[domain[i]] for i in ids])
+
+    return encode(query_ids, "query"), encode(gallery_ids, "gallery")
 
 
 def rejection_curves(
@@ -146,12 +172,15 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     self_cols = np.array([col.get(i, -1) for i in q.ids])
     if (self_cols < 0).all():
         log.warning("no query image is in the gallery: evaluating without self-exclusion")
+    domains = cross_domains(inputs.dataset, q.ids, g_ids)
     # gallery-side arrays in gallery order; for symmetric configurations queries are the gallery rows
     g_self = np.arange(len(g_ids))
     metrics: Metrics = {}
 
-    def run(name: str, queries: np.ndarray, gallery: np.ndarray, cols: np.ndarray, qlab: np.ndarray) -> np.ndarray:
-        scores = score_matrix(queries, gallery, cols)
+    def run(name: str, queries: np.ndarray, gallery: np.ndarray, cols: np.ndarray, qlab: np.ndarray,
+            symmetric: bool = False) -> np.ndarray:
+        pairs = None if domains is None else (domains[1] if symmetric else domains[0], domains[1])
+        scores = score_matrix(queries, gallery, cols, pairs)
         metrics[name] = retrieval_metrics(scores, qlab, g_labels, cfg.recall_k, cfg.far)
         log.info("%-28s R@1 %.4f  MAP@R %.4f", name, metrics[name]["R@1"], metrics[name]["MAP@R"])
         return scores
@@ -167,7 +196,7 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
         name = member["name"]
         t = by_gallery[member["sha256"]]
         raw = embedding_column(table, f"raw_{name}", str(inputs.gallery), t.in_dim)
-        run(f"sym_gallery/{name}", raw, raw, g_self, g_labels)
+        run(f"sym_gallery/{name}", raw, raw, g_self, g_labels, symmetric=True)
         transformed.append(t.apply(raw))
         run(f"asym/{name}", q.embeddings, transformed[-1], self_cols, q.labels)
     running = np.zeros_like(transformed[0], dtype=np.float64)
