@@ -193,5 +193,5 @@ def test_sop_errors_name_the_file_and_line(tmp_path):
         import_sop(root)
     test_file.write_text(good + "99 7 2 ../outside.JPG\n")
     (tmp_path / "outside.JPG").write_bytes(b"")
-    with pytest.raises(DataError, match=r"outside.JPG: resolves to .* outside"):
+    with pytest.raises(DataError, match=r"outside.JPG: resolves to .* outside the data root"):
         import_sop(root)

@@ -172,12 +172,12 @@ def fetch_source(cfg: DataConfig, dest: str | Path) -> Path:
     return src.fetch(Path(dest))
 
 
-def _inside(path: Path, real_root: Path) -> None:
-    """Refuse a file or class folder that resolves outside the data root (a symlink pointing elsewhere):
-    the dataset must be exactly what lies under data.path."""
+def _inside(path: Path, real_root: Path, root_name: str = "ImageFolder root") -> None:
+    """Refuse a file or class folder that resolves outside the data root (a symlink pointing elsewhere, or
+    a listed path with `..`): the dataset must be exactly what lies under data.path."""
     real = path.resolve()
     if not real.is_relative_to(real_root):
-        raise DataError(f"{path}: resolves to {real}, outside the ImageFolder root {real_root}")
+        raise DataError(f"{path}: resolves to {real}, outside the {root_name} {real_root}")
 
 
 def import_imagefolder(path: str | Path) -> RawImages:

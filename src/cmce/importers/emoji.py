@@ -250,7 +250,7 @@ def import_emoji(path: str | Path) -> RawImages:
                 if not f.is_file():
                     raise DataError(f"{f}: listed in {root / vendor / 'emoji.json'} (has_img_{vendor}) but missing; "
                                     f"the fetch is incomplete: remove {root / vendor} and fetch again")
-                _inside(f, real_root)
+                _inside(f, real_root, "data root")
                 ids.append(f"{vendor}/{Path(name).stem}")
                 labels.append(label_of[unified])
                 images.append(_to_png(f.read_bytes(), f))

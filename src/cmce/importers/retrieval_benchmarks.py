@@ -72,7 +72,7 @@ def _image(root: Path, real_root: Path, rel: str, where: str) -> bytes:
     f = root / rel
     if not f.is_file():
         raise DataError(f"{f}: image listed at {where} not found")
-    _inside(f, real_root)
+    _inside(f, real_root, "data root")
     data = f.read_bytes()
     img = open_image(data, f)  # decodes fully: a truncated file fails here, naming it
     if img.format == "JPEG" and img.mode in ("RGB", "L"):
