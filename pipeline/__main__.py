@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--lam", type=float, default=None)
         sp.add_argument("--reject-fraction", type=float, default=None)
         sp.add_argument("--index-type", default=None)
-        sp.add_argument("--protocol", default=None, choices=["heldout", "disjoint"])
-        sp.add_argument("--dataset", default=None, help="data source (digits, fashion_mnist, imagefolder)")
+        sp.add_argument("--protocol", default=None, choices=["heldout", "disjoint", "cross_vendor"])
+        sp.add_argument("--dataset", default=None,
+                        help="data source (digits, fashion_mnist, imagefolder, emoji, cub200, cars196, sop)")
         sp.add_argument("--run-name", default=None)
         sp.add_argument("--embed-shards", type=int, default=None, help="cmce pipeline: gallery slices in parallel")
         sp.add_argument("--embed-workers", type=int, default=None, help="cmce pipeline: decoding processes per slice")
