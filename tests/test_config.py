@@ -68,3 +68,14 @@ def test_nonsense_values_are_rejected(tmp_path):
         load_config(_write(tmp_path, GOOD + "data: {heldout_fraction: 5}\n"))
     with pytest.raises(ConfigError, match="data.channels: True is not one of"):
         load_config(_write(tmp_path, GOOD + "data: {channels: true}\n"))
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert any(p.name == "emoji.yaml" for p in configs)
+    for path in configs:
+        load_config(path)
+    emoji = load_config(configs[[p.name for p in configs].index("emoji.yaml")])
+    assert (emoji.data.protocol, emoji.data.disjoint_by, emoji.data.channels) == ("cross_vendor", "group", 3)
