@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         f"QPS: medians of {args.repeats} runs (batch 1: {args.batch1_queries} queries one at a time); builds use "
         f"{max(threads)} threads. recall@{K}: overlap with exact top-{K}. Index MiB: the written index.faiss. "
         "RSS Δ: resident growth kept after the build (peak during it).",
-        "Build parameters: " + "; ".join(f"{r.index_type} {r.build_params}" for r in rows if r.build_params) + ".",
+        "Build parameters: " + "; ".join(f"{r.index_type} " + ", ".join(f"{k}={v}" for k, v in r.build_params.items())
+                                         for r in rows if r.build_params) + ".",
         "",
         *lines,
         "",
