@@ -167,10 +167,14 @@ def cmd_combine(args: argparse.Namespace) -> StepRecord:
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
     from cmce.index import build_index
 
-    out = build_index(Path(args.gallery), Path(args.out), args.reject_fraction, args.index_type)
+    if args.set and not args.config:
+        raise ValueError("--set needs --config")
+    options = _config(args).index if args.config else None  # the type's parameters; flags override
+    out = build_index(Path(args.gallery), Path(args.out), args.reject_fraction, args.index_type, options)
     meta = json.loads((out / "meta.json").read_text())
-    return StepRecord("build-index", {"index_type": args.index_type, "reject_fraction": args.reject_fraction},
-                      {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [], [out / "meta.json"])
+    params = {k: meta[k] for k in ("index_type", "reject_fraction", "index_params", "search_params")}
+    return StepRecord("build-index", params, {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [],
+                      [out / "meta.json"])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
@@ -250,7 +254,7 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
                                work / f"member_{new_model.stem}.parquet", cfg.batch_size)
     add_member(Path(args.gallery), member, out)
     if args.index_out:
-        build_index(out, Path(args.index_out), cfg.index.reject_fraction, cfg.index.type)
+        build_index(out, Path(args.index_out), options=cfg.index)
     return record_transformation(cfg, transform)
 
 
@@ -276,7 +280,7 @@ def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
                         _parquet_files(args.train_embeddings), cfg.transform, transforms_out, out,
                         cfg.seed, cfg.batch_size)
     if args.index_out:
-        build_index(out, Path(args.index_out), cfg.index.reject_fraction, cfg.index.type)
+        build_index(out, Path(args.index_out), options=cfg.index)
     refitted = [record_transformation(cfg, t) for t in sorted(transforms_out.glob("*.pt"))]
     return StepRecord("upgrade-query-model", {"gallery": str(args.gallery), "transform": cfg.transform.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
@@ -416,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
              config=False)
     sp.add_argument("--gallery", required=True)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--reject-fraction", type=float, default=0.0)
-    sp.add_argument("--index-type", default="flat")
+    sp.add_argument("--config", default=None, help="YAML config: index type, rejection and the type's parameters")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--reject-fraction", type=float, default=None, help="default: the config's, else 0")
+    sp.add_argument("--index-type", default=None, help="flat | ivfpq | hnsw | auto (default: the config's, else flat)")
 
     sp = add("evaluate", cmd_evaluate, "evaluate every configuration; write metrics.json, results.md, plots")
     sp.add_argument("--dataset", required=True)
