@@ -131,15 +131,19 @@ def log_step(
     promote = list(promote)
     if promote:
         # all or nothing: a half-moved alias would serve a query model with another model's transformations
-        try:
-            versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
-        except ValueError:
-            client.set_terminated(rid, "FAILED")
-            raise
-        for name, version in versions.items():
-            client.set_registered_model_alias(name, PRODUCTION, version)
-            client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-        log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
+        versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
+        missing = sorted(name for name, version in versions.items() if version is None)
+        if missing:
+            # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
+            log.warning("not moving @%s: %s have no registered version with the served sha256 (register them "
+                        "with tracking on first)", PRODUCTION, missing)
+            client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
+        else:
+            for name, version in versions.items():
+                client.set_registered_model_alias(name, PRODUCTION, version)
+                client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+            client.set_tag(rid, "promotion", "done")
+            log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
     client.set_terminated(rid)
     return rid
 
@@ -158,14 +162,16 @@ def register_version(client: Any, name: str, source: str, run_id: str, sha256: s
     return str(version.version)
 
 
-def version_by_sha(client: Any, name: str, sha256: str) -> str:
+def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
     """The version of registered model `name` whose checkpoint has this sha256 (the newest such version
-    when a file was registered twice)."""
-    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
-    if not versions:
-        raise ValueError(f"registered model {name!r} has no version with sha256 {sha256[:12]}; it must be "
-                         f"registered (by the step that produced it, with tracking on) before it can be promoted")
-    return str(max(int(v.version) for v in versions))
+    when a file was registered twice); None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in versions)) if versions else None
 
 
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
