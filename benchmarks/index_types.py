@@ -14,13 +14,10 @@ appends it, dated, to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,12 +27,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from benchmarks.report import ROOT, append_section
 from cmce.config import IndexConfig
 from cmce.ensemble import normalize
 from cmce.index import make_index, set_search_params
-from cmce.storage import write_text
 
-ROOT = Path(__file__).resolve().parents[1]
 K = 10
 
 
@@ -126,16 +122,6 @@ def options_from(args: argparse.Namespace) -> IndexConfig:
     return replace(cfg, ivfpq=replace(cfg.ivfpq, **ivf))
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(args: argparse.Namespace) -> tuple[list[Row], list[int], float]:
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [faiss.omp_get_max_threads()]
     build_threads = max(threads)
@@ -219,15 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = (f"Target (IVF-PQ+refine ≥ 10× exact QPS at recall@{K} ≥ 0.95): {'met' if met else 'NOT met'} — "
                    + "; ".join(f"{t} thread(s): ×{r[0]:.1f} at batch 1, ×{r[1]:.1f} at batch {args.queries}"
                                for t, r in ratios.items()) + f"; recall@{K} {ivf.recall:.4f}.")
-    command = " ".join(["python benchmarks/index_types.py", *(argv if argv is not None else sys.argv[1:])])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    section = "\n".join([
-        f"## Index types at {args.n:,} × {args.dim} — {datetime.date.today().isoformat()}",
-        "",
-        f"Command: `{command.strip()}`; commit {commit.strip()}; {cpu_name()}, {os.cpu_count()} CPU cores "
-        f"(load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end: the cores are shared with other "
-        f"work, which hurts multi-threaded OpenMP most); faiss {faiss.__version__}; "
-        f"wall {time.time() - started:.0f} s (data generation {gen_s:.0f} s).",
+    command = " ".join(["python -m benchmarks.index_types", *(argv if argv is not None else sys.argv[1:])])
+    body = [
+        f"faiss {faiss.__version__}; load average {load:.1f} at start: the cores may be shared with other work, "
+        f"which hurts multi-threaded OpenMP most; data generation {gen_s:.0f} s.",
         f"Synthetic clustered unit vectors (`clustered_unit_vectors` in the script: ~1000 items per gaussian "
         f"cluster, anisotropic noise); {args.queries} queries from the same clusters, not gallery points. "
         f"QPS: medians of {args.repeats} runs (batch 1: {args.batch1_queries} queries one at a time); builds use "
@@ -237,14 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                                          for r in rows if r.build_params) + ".",
         "",
         *lines,
-        "",
-        *([verdict, ""] if verdict else []),
-    ])
-    sys.stdout.write(section + "\n")
-    if not args.no_write:
-        bench = Path(args.markdown)
-        text = bench.read_text() if bench.exists() else "# Benchmarks\n\n"
-        write_text(bench, text.rstrip("\n") + "\n\n" + section + "\n")
+        *(["", verdict] if verdict else []),
+    ]
+    append_section(f"Index types at {args.n:,} × {args.dim}", command.strip(), body, time.time() - started,
+                   Path(args.markdown), write=not args.no_write)
     return 0
 
 
