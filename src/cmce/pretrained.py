@@ -223,9 +223,10 @@ class ImageNetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        short = min(x.shape[-2:])
-        if short < self.min_size:
-            x = F.interpolate(x, scale_factor=self.min_size / short, mode="bilinear", align_corners=False)
+        h, w = x.shape[-2:]
+        if min(h, w) < self.min_size:  # keep the aspect ratio
+            k = self.min_size / min(h, w)
+            x = F.interpolate(x, size=(round(h * k), round(w * k)), mode="bilinear", align_corners=False)
         x = ((x + 1.0) * 0.5 - self.mean) / self.std
         return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
 
