@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *rows,
     ]
-    append_section("Model size and FLOPs per architecture", "python -m benchmarks.model_size " + " ".join(
-        argv if argv is not None else sys.argv[1:]), body, time.perf_counter() - started)
+    append_section("Model size and FLOPs per architecture", " ".join(["python -m benchmarks.model_size", *(
+        argv if argv is not None else sys.argv[1:])]), body, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
