@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.resources
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,5 +251,3 @@ def load_efficientnet_lite0_weights(backbone: nn.Module) -> None:
     trunk = _EfficientNetFeatures(pretrained_efficientnet_lite0())
     backbone.features.load_state_dict(trunk.state_dict(), strict=True)
 
-
-WeightsLoader = Callable[[nn.Module], None]
