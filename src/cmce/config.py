@@ -39,6 +39,9 @@ class ModelSpec:
     seed: int = 0
     data_fraction: float = 1.0  # train on a random subset of the train split (ensemble diversity)
     epochs: int | None = None  # overrides train.epochs for this model
+    # learning rate of the backbone relative to train.lr (the embedding and classifier heads keep train.lr):
+    # below 1 for an ImageNet-pretrained backbone, so fine-tuning does not wash out its features
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -211,6 +214,9 @@ def _validate(cfg: Config, where: str) -> None:
     for m in cfg.gallery_models:
         if not 0.0 < m.data_fraction <= 1.0:
             raise ConfigError(f"{where}: gallery_models[{m.name}].data_fraction must be in (0, 1]")
+    for m in cfg.all_models():
+        if not m.backbone_lr_scale > 0.0:
+            raise ConfigError(f"{where}: model {m.name!r}: backbone_lr_scale must be > 0, got {m.backbone_lr_scale}")
     for name, epochs in (("train.epochs", cfg.train.epochs), ("transform.epochs", cfg.transform.epochs),
                          ("kd.epochs", cfg.kd.epochs or 1), *((f"{m.name}.epochs", m.epochs or 1)
                                                               for m in cfg.all_models())):
