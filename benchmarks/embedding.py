@@ -35,7 +35,7 @@ from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding
 from cmce.config import ModelSpec, load_config
 from cmce.data import DATASET_SCHEMA, load_split, to_float
 from cmce.embed import combine_members, embed_with_model, merge_shards
-from cmce.models import EmbeddingNet
+from cmce.models import EmbeddingNet, count_parameters
 from cmce.tables import embedding_column, read_table, write_table
 from cmce.transform import Transformation, build_mlp, save_transformation
 
@@ -218,7 +218,7 @@ def model_costs(cfg, work: Path, repeats: int = 50) -> list[str]:
             started = time.perf_counter()
             module(inp)
             times.append(time.perf_counter() - started)
-        return sum(p.numel() for p in module.parameters()), counter.get_total_flops(), statistics.median(times)
+        return count_parameters(module), counter.get_total_flops(), statistics.median(times)
 
     rows = ["| model | parameters | FLOPs / image | CPU latency / image, batch 1 (ms) |", "|---|---|---|---|"]
     q_params, q_flops, q_ms = cost(EmbeddingNet(cfg.query_model.arch, ch, cfg.query_model.embedding_dim,
