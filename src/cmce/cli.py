@@ -57,7 +57,7 @@ def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | N
     """The local path a step writes the output `uri` to. An s3:// output is uploaded when the command
     succeeds (main closes args.outputs before tracking); a failed command uploads nothing."""
     if is_remote(uri) and not ddp.is_main():
-        return scratch_dir() / f"rank{ddp.current().rank}" / stem(uri)  # rank 0 writes and uploads
+        return scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name  # rank 0 writes and uploads
     return args.outputs.enter_context(local_output(uri, is_dir, last))
 
 
