@@ -386,3 +386,21 @@ def test_no_credentials_in_the_code_or_configs():
         text = path.read_text(errors="replace")
         assert not key_id.search(text), path
         assert not assigned.search(text), path
+
+
+def test_errors_about_an_s3_input_name_its_uri(s3_server, tmp_path, monkeypatch, caplog):
+    """A bad file read from S3 is reported under its URI, not under the scratch copy it was read from."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    s3_server.client().put_object(Bucket=bucket, Key="in/gallery.parquet", Body=b"not parquet at all")
+    assert main(["build-index", "--gallery", f"s3://{bucket}/in/gallery.parquet", "--out", str(tmp_path / "i")]) == 2
+    assert f"s3://{bucket}/in/gallery.parquet: not a readable Parquet file" in caplog.text
+    assert "cmce-scratch" not in caplog.text and not (tmp_path / "i").exists()
+
+
+def test_sibling_and_stem_of_paths_and_uris():
+    from cmce.storage import sibling, stem
+
+    assert sibling("s3://b/run/gallery.parquet", "gallery_members") == "s3://b/run/gallery_members"
+    assert sibling("runs/x/gallery.parquet", "gallery_members") == str(Path("runs/x/gallery_members"))
+    assert stem("s3://b/run/gallery.parquet") == stem("gallery.parquet") == "gallery"
