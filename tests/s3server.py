@@ -117,6 +117,13 @@ class WeedServer:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self.proc = None
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """weed leaves /tmp/seaweedfs-<service>-<port>.sock behind; remove this server's (its ports only)."""
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Ask the server to stop; kill it if it takes long (its data is thrown away with the test)."""
@@ -128,3 +135,4 @@ class WeedServer:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         self.proc = None
+        self._remove_sockets()
