@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.ensemble import normalize
-from cmce.storage import atomic_dir, file_sha256
+from cmce.storage import atomic_dir, file_sha256, local_input
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -245,26 +245,30 @@ class LoadedIndex:
 
 
 def load_index(index_dir: str | Path, query_sha256: str | None = None) -> LoadedIndex:
-    """Load and verify an index; refuse it when it was built for another query model."""
-    d = Path(index_dir)
+    """Load and verify an index (a folder, or an s3:// prefix); refuse it when it was built for another
+    query model. meta.json is written last (renamed in locally, uploaded after every other file on S3),
+    so a folder or prefix without it is an unfinished build or upload."""
+    shown = str(index_dir).rstrip("/")
+    d = local_input(index_dir)
     meta_path = d / "meta.json"
     if not meta_path.exists():
-        raise IndexLoadError(f"{d}: not an index directory (no meta.json)")
+        raise IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or upload "
+                             f"did not finish; build it again")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise IndexLoadError(f"{meta_path}: not valid JSON: {err}") from None
+        raise IndexLoadError(f"{shown}/meta.json: not valid JSON: {err}") from None
     fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if fmt != INDEX_FORMAT:
-        raise IndexLoadError(f"{meta_path}: unknown index format {fmt!r}")
+        raise IndexLoadError(f"{shown}/meta.json: unknown index format {fmt!r}")
     if query_sha256 is not None and meta["query_model_sha256"] != query_sha256:
         raise IndexLoadError(
-            f"{d}: index was built for query model {meta['query_model_sha256'][:12]}, "
+            f"{shown}: index was built for query model {meta['query_model_sha256'][:12]}, "
             f"but query model {query_sha256[:12]} was given; rebuild the index or use the matching query model"
         )
     for name, digest in meta["files"].items():
         if not (d / name).exists() or file_sha256(d / name) != digest:
-            raise IndexLoadError(f"{d / name}: missing or does not match the checksum in meta.json")
+            raise IndexLoadError(f"{shown}/{name}: missing or does not match the checksum in meta.json")
     table = pq.read_table(d / "ids.parquet")
     index = faiss.read_index(str(d / "index.faiss"))
     set_search_params(index, meta.get("search_params", {}))  # absent in indexes built before index types

@@ -45,20 +45,24 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client: Any, uri: str) -> str:
+def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+            log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", EXPERIMENT,
+                        exp.artifact_location, artifact_location)
         return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
+    location = artifact_location
+    if location is None and uri.startswith("sqlite:///"):
         # keep artifacts beside the sqlite file instead of ./mlruns of whatever the working directory is
         location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
     return client.create_experiment(EXPERIMENT, artifact_location=location)
 
 
-def start_parent_run(uri: str, run_name: str, params: dict[str, Any]) -> str:
+def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_location: str | None = None) -> str:
+    """Open the parent run. `artifact_location` (e.g. s3://bucket/mlflow) applies when the experiment is new."""
     client = _client(uri)
-    run = client.create_run(_experiment_id(client, uri), run_name=run_name)
+    run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name)
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
     log.info("MLflow parent run %s at %s", run.info.run_id, uri)
