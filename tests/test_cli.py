@@ -164,3 +164,24 @@ def test_step_by_step_cli_chain(smoke_run, tmp_path):
     assert metrics["asym_ensemble/1"]["R@1"] == metrics["asym/vgg_b"]["R@1"]
     train_emb = pq.read_table(tmp_path / "train_g.parquet")
     assert {"raw", "query"} <= set(train_emb.column_names)
+
+
+def test_build_index_reads_the_index_section_of_a_config(tmp_path):
+    from tests.test_index import clustered_gallery
+
+    gallery, _ = clustered_gallery(tmp_path, n=1000)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("query_model: {name: q}\ngallery_models: [{name: g}]\n"
+                   "index: {type: hnsw, reject_fraction: 0.1, hnsw: {m: 8, ef_search: 20}}\n")
+    assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["index_params"]["factory"] == "HNSW8,Flat" and meta["search_params"] == {"ef_search": 20}
+    assert meta["n_rejected"] == 100
+    # flags override the config; without a config the defaults apply
+    assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "b"),
+                 "--index-type", "flat", "--reject-fraction", "0"]) == 0
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["index_type"] == "flat" and meta["n_rejected"] == 0
+    assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["index_type"] == "flat"
+    assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "d"), "--index-type", "annoy"]) != 0

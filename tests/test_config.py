@@ -79,3 +79,17 @@ def test_shipped_configs_load():
         load_config(path)
     emoji = load_config(configs[[p.name for p in configs].index("emoji.yaml")])
     assert (emoji.data.protocol, emoji.data.disjoint_by, emoji.data.channels) == ("cross_vendor", "group", 3)
+
+
+def test_index_section_types_and_values(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD + "index: {type: auto, auto_threshold: 5000, ivfpq: {nlist: null, "
+                                              "nprobe: 8}, hnsw: {ef_search: 40}}\n"))
+    assert (cfg.index.type, cfg.index.auto_threshold, cfg.index.ivfpq.nlist, cfg.index.ivfpq.nprobe,
+            cfg.index.hnsw.ef_search, cfg.index.hnsw.m) == ("auto", 5000, None, 8, 40, 32)
+    for bad, message in (("type: annoy", r"index.type: 'annoy' is not one of \['flat', 'ivfpq', 'hnsw', 'auto'\]"),
+                         ("hnsw: {efSearch: 8}", r"index.hnsw: unknown key\(s\) \['efSearch'\]"),
+                         ("ivfpq: {nprobe: 0}", "index.ivfpq.nprobe must be at least 1, got 0"),
+                         ("ivfpq: {nlist: 0}", "index.ivfpq.nlist must be at least 1, got 0"),
+                         ("ivfpq: {nbits: 20}", r"index.ivfpq.nbits must be in \[1, 16\], got 20")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path, GOOD + f"index: {{{bad}}}\n"))

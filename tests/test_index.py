@@ -1,11 +1,15 @@
 import json
 
+import faiss
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from cmce.config import ConfigError, HnswConfig, IndexConfig, IvfPqConfig, load_config
 from cmce.embed import combine_members
 from cmce.ensemble import normalize
-from cmce.index import IndexLoadError, build_index, load_index, rejection_mask, search
+from cmce.index import IndexLoadError, build_index, load_index, rejection_mask, resolve_index_type, search
+from cmce.tables import embedding_column
 from tests.test_embed import members
 
 
@@ -61,3 +65,144 @@ def test_rebuild_replaces_index_atomically(tmp_path):
     build_index(gallery, tmp_path / "index", reject_fraction=0.5)
     assert load_index(tmp_path / "index").meta["n_rejected"] == 20
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# --- index types ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Tiny indexes: OpenMP threads only add synchronisation cost (large on shared cores)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def clustered_gallery(tmp_path, n=3000, dim=16, seed=0):
+    """A gallery file over clustered unit vectors (the benchmark's generator) and queries from the same clusters."""
+    from benchmarks.index_types import clustered_unit_vectors
+    from tests.test_embed import write_member
+
+    emb, queries = clustered_unit_vectors(n, 64, dim, seed)
+    ids = [f"x{i}" for i in range(n)]
+    member = write_member(tmp_path / "m.parquet", "m", ids, np.zeros((n, 2)), emb)
+    return combine_members([member], tmp_path / "g.parquet"), queries
+
+
+def recall_at(found: list[list[str]], exact: list[list[str]], k: int) -> float:
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(found, exact, strict=True)]))
+
+
+@pytest.mark.parametrize(("index_type", "factory", "search_params"), [
+    ("flat", "Flat", {}),
+    ("ivfpq", "IVF76,PQ4x8np,Refine(Flat)", {"nprobe": 12, "k_factor": 6}),
+    ("hnsw", "HNSW16,Flat", {"ef_search": 48}),
+])
+def test_each_type_builds_loads_searches_and_records_parameters(tmp_path, index_type, factory, search_params):
+    gallery, queries = clustered_gallery(tmp_path)
+    options = IndexConfig(ivfpq=IvfPqConfig(nprobe=12, k_factor=6), hnsw=HnswConfig(m=16, ef_search=48))
+    index_dir = build_index(gallery, tmp_path / "index", index_type=index_type, options=options)
+    meta = json.loads((index_dir / "meta.json").read_text())
+    assert meta["index_type"] == index_type and meta["index_params"]["factory"] == factory
+    assert meta["search_params"] == search_params
+    loaded = load_index(index_dir)
+    res = search(loaded, queries, k=10)
+    assert len(res.ids) == len(queries) and all(len(row) == 10 for row in res.ids)
+    assert res.scores.shape == (len(queries), 10) and (np.diff(res.scores, axis=1) <= 1e-5).all()
+    cosine = normalize(queries) @ embedding_column(pq.read_table(gallery), "embedding", "g").T
+    rows = np.array([[int(i[1:]) for i in row] for row in res.ids])
+    np.testing.assert_allclose(res.scores, np.take_along_axis(cosine, rows, 1), atol=1e-5)  # exact, re-ranked scores
+
+
+def test_loaded_index_searches_with_the_parameters_in_meta(tmp_path):
+    """Search parameters come from meta.json on load, not from whatever the faiss file carries."""
+    gallery, _ = clustered_gallery(tmp_path)
+    for index_type, params, read in (
+        ("ivfpq", {"nprobe": 5, "k_factor": 3},
+         lambda ix: {"nprobe": faiss.extract_index_ivf(ix).nprobe, "k_factor": round(ix.k_factor)}),
+        ("hnsw", {"ef_search": 23}, lambda ix: {"ef_search": ix.hnsw.efSearch}),
+    ):
+        index_dir = build_index(gallery, tmp_path / index_type, index_type=index_type)
+        meta = json.loads((index_dir / "meta.json").read_text())
+        assert read(load_index(index_dir).index) == meta["search_params"] != params
+        meta["search_params"] = params
+        (index_dir / "meta.json").write_text(json.dumps(meta))
+        assert read(load_index(index_dir).index) == params
+
+
+@pytest.mark.parametrize("index_type", ["ivfpq", "hnsw"])
+def test_approximate_types_reach_high_recall_against_flat(tmp_path, index_type):
+    gallery, queries = clustered_gallery(tmp_path)
+    exact = search(load_index(build_index(gallery, tmp_path / "flat")), queries, k=10)
+    approx = search(load_index(build_index(gallery, tmp_path / index_type, index_type=index_type)), queries, k=10)
+    assert recall_at(approx.ids, exact.ids, 10) >= 0.95
+
+
+def test_auto_picks_by_indexed_size(tmp_path):
+    gallery, _ = clustered_gallery(tmp_path, n=1000)
+    picked = {}
+    for threshold, reject in ((800, 0.0), (1001, 0.0), (800, 0.5)):  # the rejected items do not count
+        out = build_index(gallery, tmp_path / f"i{threshold}_{reject}", reject, "auto",
+                          IndexConfig(auto_threshold=threshold))
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["index_params"]["requested_type"] == "auto"
+        assert meta["index_params"]["auto_threshold"] == threshold
+        picked[threshold, reject] = meta["index_type"]
+    assert picked == {(800, 0.0): "ivfpq", (1001, 0.0): "flat", (800, 0.5): "flat"}
+    assert resolve_index_type("auto", 100_000, IndexConfig().auto_threshold) == "ivfpq"
+    assert resolve_index_type("auto", 99_999, IndexConfig().auto_threshold) == "flat"
+
+
+def test_small_gallery_clamps_nlist_or_falls_back_to_flat(tmp_path, caplog):
+    gallery, _ = clustered_gallery(tmp_path, n=1000)
+    out = build_index(gallery, tmp_path / "clamped", index_type="ivfpq", options=IndexConfig(ivfpq=IvfPqConfig(
+        nlist=64, nprobe=40)))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["index_params"]["nlist"] == 1000 // 39 and meta["index_params"]["nlist_requested"] == 64
+    assert meta["search_params"]["nprobe"] == 1000 // 39  # never more lists than exist
+    assert "nlist clamped from 64 to 25" in meta["notes"][0] and "nlist clamped" in caplog.text
+    out = build_index(gallery, tmp_path / "flat", reject_fraction=0.8, index_type="ivfpq")  # 200 items left
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["index_type"] == "flat" and meta["index_params"]["requested_type"] == "ivfpq"
+    assert "built an exact flat index instead" in meta["notes"][0]
+
+
+def test_unknown_type_and_bad_pq_split_are_errors(tmp_path):
+    gallery, _ = clustered_gallery(tmp_path, n=300)
+    valid = r"valid types: \['flat', 'ivfpq', 'hnsw', 'auto'\]"
+    with pytest.raises(ValueError, match=r"unknown index type 'annoy'; " + valid):
+        build_index(gallery, tmp_path / "index", index_type="annoy")
+    assert not (tmp_path / "index").exists()
+    with pytest.raises(ValueError, match="index.ivfpq.m=5 must divide the embedding dimension 16"):
+        build_index(gallery, tmp_path / "index", index_type="ivfpq", options=IndexConfig(ivfpq=IvfPqConfig(m=5)))
+
+
+def test_index_parameters_from_a_config_file(tmp_path):
+    gallery, _ = clustered_gallery(tmp_path)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("query_model: {name: q}\ngallery_models: [{name: g}]\n"
+                        "index: {type: ivfpq, reject_fraction: 0.1, ivfpq: {nlist: 32, m: 8, nprobe: 4}}\n")
+    out = build_index(gallery, tmp_path / "index", options=load_config(cfg_path).index)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["index_params"]["factory"] == "IVF32,PQ8x8np,Refine(Flat)" and meta["n_rejected"] == 300
+    assert meta["search_params"] == {"nprobe": 4, "k_factor": IvfPqConfig().k_factor}
+    cfg_path.write_text(cfg_path.read_text().replace("nprobe: 4", "nprob: 4"))
+    with pytest.raises(ConfigError, match=r"index.ivfpq: unknown key\(s\) \['nprob'\]; valid keys: \[.*'nprobe'"):
+        load_config(cfg_path)
+
+
+def test_benchmark_runs_tiny_and_appends_its_section(tmp_path):
+    from benchmarks.index_types import main
+
+    bench = tmp_path / "BENCHMARKS.md"
+    before = "# Benchmarks\n\n## Another benchmark\n\n| a |\n|---|\n| 1 |\n"
+    bench.write_text(before)
+    assert main(["--n", "3000", "--dim", "16", "--queries", "40", "--batch1-queries", "5", "--repeats", "1",
+                 "--threads", "1", "--markdown", str(bench)]) == 0
+    text = bench.read_text()
+    assert text.startswith(before + "\n## Index types at 3,000 × 16")  # appended, the rest untouched
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    assert [r.split()[1] for r in rows] == ["flat", "ivfpq", "hnsw"]
+    assert rows[0].endswith("| 1.0 | 1.0 | 1.0000 |")  # the baseline against itself
+    assert all(float(r.rstrip(" |").rsplit("|", 1)[1]) >= 0.9 for r in rows)  # recall@10
+    assert "Target (IVF-PQ+refine" in text

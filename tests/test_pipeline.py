@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from kfp import components
 
-from pipeline.__main__ import COMPILED, _arguments, build_parser, compile_pipeline
+from pipeline.__main__ import COMPILED, PACKAGES, _arguments, build_parser, compile_pipeline
 
 GALLERY = ["resnet_a", "vgg_b"]
 
@@ -18,8 +18,10 @@ def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
     for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_TRAIN_GPU"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("pipeline.cmce_pipeline.TRAIN_GPU", True)
-    fresh = compile_pipeline(tmp_path / "fresh.yaml")
-    assert fresh.read_text() == COMPILED.read_text(), "run `python -m pipeline compile` and commit the YAML"
+    for name, package in PACKAGES.items():
+        fresh = compile_pipeline(tmp_path / f"{name}.yaml", name)
+        assert fresh.read_text() == package.read_text(), f"{package}: run `python -m pipeline compile` and commit it"
+        assert components.load_component_from_file(str(package)).name.startswith("cmce")
     loaded = components.load_component_from_file(str(COMPILED))
     assert loaded.name == "cmce"
     spec = COMPILED.read_text()

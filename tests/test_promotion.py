@@ -93,3 +93,26 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     for name, sha in served_versions(lay.gallery):
         version = client.get_model_version_by_alias(name, "production")
         assert version.tags["sha256"] == sha, name
+    runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
+    assert any(r.data.tags.get("promotion") == "done" for r in runs)
+
+
+def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_run, tmp_path):
+    from mlflow import MlflowClient
+
+    from cmce.cli import main
+    from cmce.tracking import start_parent_run
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "lifecycle", {})
+    rc = main(["--mlflow-parent", parent, "--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset",
+               str(lay.dataset), "--baseline-query-model", str(lay.model("query")), "--baseline-gallery",
+               str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery),
+               "--out", str(tmp_path / "d.json")])
+    assert rc == 0 and json.loads((tmp_path / "d.json").read_text())["promoted"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")[0]
+    assert run.data.tags["promotion"].startswith("skipped: unregistered") and "cmce-query" in run.data.tags["promotion"]
+    assert not any(k.startswith("promoted.") for k in run.data.params)

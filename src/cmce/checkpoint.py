@@ -87,7 +87,8 @@ def load_embedding_model(path: str | Path) -> EmbeddingModel:
     require_keys(obj, ["name", "arch", "width", "in_channels", "image_size", "embedding_dim", "scale", "classifier",
                        "state_dict"], path)
     try:
-        net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"])
+        # the checkpoint's weights replace any pretrained initialisation: skip reading it
+        net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"], load_pretrained=False)
     except KeyError as err:  # an architecture this version does not know
         raise CheckpointError(f"{path}: field 'arch': {err.args[0]}") from None
     try:

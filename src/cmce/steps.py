@@ -170,7 +170,7 @@ def step_combine(members: list[Path], out: Path) -> Path:
 
 
 def step_build_index(cfg: Config, gallery: Path, out: Path) -> Path:
-    return build_index(gallery, out, cfg.index.reject_fraction, cfg.index.type)
+    return build_index(gallery, out, options=cfg.index)
 
 
 def step_evaluate(cfg: Config, inputs: EvalInputs, out: Path) -> dict:

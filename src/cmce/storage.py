@@ -1,15 +1,29 @@
-"""Atomic local writes: every artifact is written under a temporary name and renamed into place,
-so a crash leaves either the previous complete output or none."""
+"""Where artifacts live: local paths or `s3://bucket/key` URIs.
+
+Local writes are atomic: every artifact is written under a temporary name and renamed into place, so a
+crash leaves either the previous complete output or none. Every step reaches S3 through
+`local_input` (download an object, or every object under a prefix, to a scratch folder) and
+`local_output` (a scratch path that is uploaded when the step succeeds; see cmce.s3). Scratch files live
+until `clear_scratch` (the CLI calls it when a command ends) or the process exits.
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from cmce import s3
+
+_scratch: Path | None = None
+_origins: dict[Path, str] = {}  # scratch folder or file → the URI it stands for
+_downloaded: dict[str, Path] = {}
 
 
 def _umask() -> int:
@@ -75,3 +89,100 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def is_remote(uri: str | Path) -> bool:
+    return s3.is_s3(uri)
+
+
+def scratch_dir() -> Path:
+    """This process's scratch folder for downloads and staged outputs (created on first use)."""
+    global _scratch
+    if _scratch is None or not _scratch.exists():
+        _scratch = Path(tempfile.mkdtemp(prefix="cmce-scratch-"))
+        atexit.register(shutil.rmtree, _scratch, True)
+    return _scratch
+
+
+def clear_scratch() -> None:
+    """Remove every downloaded and staged file (after their uploads and any tracking that reads them)."""
+    global _scratch
+    if _scratch is not None:
+        shutil.rmtree(_scratch, ignore_errors=True)
+    _scratch = None
+    _origins.clear()
+    _downloaded.clear()
+
+
+def local_input(uri: str | Path) -> Path:
+    """A local path holding `uri`: the path itself, or for s3:// a download of the object (or of every
+    object under the prefix, as a folder) into scratch, keeping the key's file name. Downloaded once
+    per process until `clear_scratch`."""
+    if not s3.is_s3(uri):
+        return Path(uri)
+    uri = str(uri)
+    cached = _downloaded.get(uri)
+    if cached is not None and cached.exists():
+        return cached
+    u = s3.parse(uri)
+    dest = scratch_dir() / "in" / uuid.uuid4().hex[:12] / (PurePosixPath(u.key.rstrip("/")).name or u.bucket)
+    path = s3.download(uri, dest)
+    _origins[path] = uri.rstrip("/")
+    _downloaded[uri] = path
+    return path
+
+
+@contextlib.contextmanager
+def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None) -> Iterator[Path]:
+    """Yield the local path a step writes `uri` to. Local: the path itself (steps write atomically).
+    s3://: a scratch path with the key's file name, uploaded only if the block succeeds; the bucket and
+    credentials are checked first, before any work. A folder goes up file by file, `last` (its completion
+    marker, e.g. an index's meta.json) after all others; see cmce.s3.upload_dir."""
+    if not s3.is_s3(uri):
+        yield Path(uri)
+        return
+    uri = str(uri).rstrip("/")
+    u = s3.parse(uri)
+    if not u.key:
+        raise ValueError(f"{uri}: names a bucket; give the object key or prefix to write")
+    s3.check_writable(uri)
+    staged = scratch_dir() / "out" / uuid.uuid4().hex[:12] / (PurePosixPath(u.key).name or u.bucket)
+    staged.parent.mkdir(parents=True)
+    _origins[staged] = uri
+    yield staged
+    if not staged.exists():
+        raise FileNotFoundError(f"{uri}: the step wrote nothing to upload")
+    if is_dir:
+        s3.upload_dir(staged, uri, last)
+    else:
+        s3.upload_file(staged, uri)
+
+
+def origin(path: str | Path) -> str:
+    """The URI a scratch path stands for (`s3://b/idx/meta.json` for a file of a downloaded prefix), else
+    the path itself: for records and messages that should name where an artifact really is."""
+    p = Path(path)
+    for root, uri in _origins.items():
+        if p == root or p.is_relative_to(root):
+            rel = p.relative_to(root).as_posix()
+            return uri if rel == "." else f"{uri}/{rel}"
+    return str(path)
+
+
+def restore_uris(text: str) -> str:
+    """`text` with every scratch path replaced by the URI it stands for."""
+    for root in sorted(_origins, key=lambda r: len(str(r)), reverse=True):
+        text = text.replace(str(root), _origins[root])
+    return text
+
+
+def sibling(uri: str | Path, name: str) -> str:
+    """The path or URI named `name` in the same folder or prefix as `uri`."""
+    if s3.is_s3(uri):
+        head = str(uri).rstrip("/").rsplit("/", 1)[0]
+        return f"{head}/{name}"
+    return str(Path(uri).with_name(name))
+
+
+def stem(uri: str | Path) -> str:
+    return PurePosixPath(str(uri).rstrip("/")).stem

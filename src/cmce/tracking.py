@@ -45,20 +45,24 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client: Any, uri: str) -> str:
+def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+            log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", EXPERIMENT,
+                        exp.artifact_location, artifact_location)
         return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
+    location = artifact_location
+    if location is None and uri.startswith("sqlite:///"):
         # keep artifacts beside the sqlite file instead of ./mlruns of whatever the working directory is
         location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
     return client.create_experiment(EXPERIMENT, artifact_location=location)
 
 
-def start_parent_run(uri: str, run_name: str, params: dict[str, Any]) -> str:
+def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_location: str | None = None) -> str:
+    """Open the parent run. `artifact_location` (e.g. s3://bucket/mlflow) applies when the experiment is new."""
     client = _client(uri)
-    run = client.create_run(_experiment_id(client, uri), run_name=run_name)
+    run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name)
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
     log.info("MLflow parent run %s at %s", run.info.run_id, uri)
@@ -131,15 +135,19 @@ def log_step(
     promote = list(promote)
     if promote:
         # all or nothing: a half-moved alias would serve a query model with another model's transformations
-        try:
-            versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
-        except ValueError:
-            client.set_terminated(rid, "FAILED")
-            raise
-        for name, version in versions.items():
-            client.set_registered_model_alias(name, PRODUCTION, version)
-            client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-        log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
+        versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
+        missing = sorted(name for name, version in versions.items() if version is None)
+        if missing:
+            # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
+            log.warning("not moving @%s: %s have no registered version with the served sha256 (register them "
+                        "with tracking on first)", PRODUCTION, missing)
+            client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
+        else:
+            for name, version in versions.items():
+                client.set_registered_model_alias(name, PRODUCTION, version)
+                client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+            client.set_tag(rid, "promotion", "done")
+            log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
     client.set_terminated(rid)
     return rid
 
@@ -158,14 +166,16 @@ def register_version(client: Any, name: str, source: str, run_id: str, sha256: s
     return str(version.version)
 
 
-def version_by_sha(client: Any, name: str, sha256: str) -> str:
+def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
     """The version of registered model `name` whose checkpoint has this sha256 (the newest such version
-    when a file was registered twice)."""
-    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
-    if not versions:
-        raise ValueError(f"registered model {name!r} has no version with sha256 {sha256[:12]}; it must be "
-                         f"registered (by the step that produced it, with tracking on) before it can be promoted")
-    return str(max(int(v.version) for v in versions))
+    when a file was registered twice); None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in versions)) if versions else None
 
 
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:

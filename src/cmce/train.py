@@ -19,7 +19,7 @@ from cmce import distributed as ddp
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import DataConfig, ModelSpec, TrainConfig
 from cmce.data import DataError, SplitArrays, dataset_info, load_split, to_float
-from cmce.models import CosineClassifier, EmbeddingNet
+from cmce.models import CosineClassifier, EmbeddingNet, is_pretrained
 
 log = logging.getLogger(__name__)
 History = list[dict[str, float]]
@@ -68,12 +68,15 @@ def run_epochs(
     epochs: int,
     seed: int,
     desc: str,
+    param_groups: list[dict] | None = None,
 ) -> History:
     """Shared optimisation loop: AdamW, warmup + cosine LR, optional augmentation, per-epoch log.
 
     `step_loss(forward, x, y)` computes the loss through `forward` (the model, or its
     DistributedDataParallel wrapper under torchrun). `cfg.batch_size` is the global batch: each
-    data-parallel rank takes an equal share of it (see cmce.distributed)."""
+    data-parallel rank takes an equal share of it (see cmce.distributed). `param_groups`: optimiser
+    groups of the model's parameters, each with its own peak "lr" (default: one group at cfg.lr); the
+    schedule scales every group alike."""
     ctx = ddp.current()
     ddp.check_batch_size(cfg.batch_size, ctx, "train.batch_size")
     device = ctx.device
@@ -82,7 +85,7 @@ def run_epochs(
     gen = torch.Generator().manual_seed(seed)
     n = len(data.ids)
     steps_per_epoch = max(1, n // cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * epochs, cfg.warmup_fraction))
     labels = torch.from_numpy(data.labels)
     history: History = []
@@ -142,8 +145,12 @@ def train_embedding_model(
         return loss, float((logits.argmax(1) == y).float().mean())
 
     epochs = spec.epochs or cfg.epochs
+    groups = [
+        {"params": list(net.backbone.parameters()), "lr": cfg.lr * spec.backbone_lr_scale},
+        {"params": [*net.head.parameters(), *head.parameters()], "lr": cfg.lr},
+    ]
     # one module (backbone then head) so data-parallel training can wrap it as a whole
-    history = run_epochs(nn.Sequential(net, head), data, step_loss, cfg, epochs, spec.seed, spec.name)
+    history = run_epochs(nn.Sequential(net, head), data, step_loss, cfg, epochs, spec.seed, spec.name, groups)
     model = EmbeddingModel(
         name=spec.name,
         arch=spec.arch,
@@ -153,7 +160,8 @@ def train_embedding_model(
         in_channels=data_cfg.channels,
         image_size=data_cfg.image_size,
         embedding_dim=spec.embedding_dim,
-        meta={"history": history, "seed": spec.seed, "train_images": len(data.ids), "role": "embedding"},
+        meta={"history": history, "seed": spec.seed, "train_images": len(data.ids), "role": "embedding",
+              "pretrained": is_pretrained(spec.arch), "backbone_lr_scale": spec.backbone_lr_scale},
     )
     return _save_on_main(model, out, spec.width)
 

@@ -1,0 +1,250 @@
+"""The method's claims measured over seeds, with the paper's ablations.
+
+    python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2] [--ablations size,diversity,lambda]
+                                [--out runs/bench_method] [--set KEY=VALUE ...] [--no-write]
+
+For every seed: the whole method (`cmce run`: every configuration sym_query, sym_gallery/*, asym/*,
+asym_ensemble/1..N, kd/*, rejection curves) with that seed added to every model and transformation seed.
+Reported as mean ± std over seeds; a difference is called real only when it exceeds the two spreads
+combined (|Δmean| > std_a + std_b). Ablations (seed 0's trained models reused where possible):
+  size       accuracy vs ensemble size N (the asym_ensemble/n rows)
+  diversity  N transformations of ONE gallery model (different T seeds) vs N gallery models of one
+             architecture (different seeds) vs the config's different architectures
+  lambda     the transformation loss with λ = 0 (alignment only) vs the config's λ
+Appends a dated section to BENCHMARKS.md: command, commit, hardware, config, wall time, tables, targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.report import ROOT, append_section
+from cmce.config import Config, ModelSpec, load_config, to_yaml
+from cmce.evaluate import EvalInputs
+from cmce.steps import (
+    RunLayout,
+    run_all,
+    step_combine,
+    step_embed_member,
+    step_evaluate,
+    step_fit_transform,
+    step_train,
+)
+
+log = logging.getLogger("bench")
+METRICS = ["R@1", "R@2", "R@4", "R@8", "MAP@R", "TAR@FAR=0.001"]
+Runs = list[dict[str, dict[str, float]]]
+
+
+def seeded(cfg: Config, seed: int, out: Path) -> Config:
+    """The config with `seed` added to the global and every model seed, writing under `out`."""
+    def shift(m: ModelSpec) -> ModelSpec:
+        return replace(m, seed=m.seed + seed)
+
+    return replace(cfg, seed=cfg.seed + seed, output_dir=str(out), query_model=shift(cfg.query_model),
+                   gallery_models=[shift(m) for m in cfg.gallery_models])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def results_table(runs: Runs) -> list[str]:
+    configs = [k for k in runs[0] if not k.startswith("rejection/")]
+    rows = ["| configuration | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for c in configs:
+        rows.append(f"| {c} | " + " | ".join(fmt([r[c][m] for r in runs]) for m in METRICS) + " |")
+    return rows
+
+
+def rejection_table(runs: Runs) -> list[str]:
+    unc = runs[0]["rejection/uncertainty"]
+    rates = [k.split("@", 1)[1] for k in unc if k.startswith("verification_error@")]
+    rows = ["| rejected | verification error (uncertainty) | (random) | retrieval error (uncertainty) | (random) |",
+            "|---|---|---|---|---|"]
+    for r in rates:
+        cells = [fmt([run[f"rejection/{how}"][f"{kind}_error@{r}"] for run in runs])
+                 for kind in ("verification", "retrieval") for how in ("uncertainty", "random")]
+        rows.append(f"| {100 * float(r):g}% | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _diff(runs: Runs, a: str, b: str, metric: str) -> tuple[float, bool]:
+    """mean(a) − mean(b) for one metric, and whether it exceeds the combined spread."""
+    (ma, sa), (mb, sb) = mean_std([r[a][metric] for r in runs]), mean_std([r[b][metric] for r in runs])
+    return ma - mb, abs(ma - mb) > sa + sb
+
+
+def targets(runs: Runs, n: int) -> list[str]:
+    ens = f"asym_ensemble/{n}"
+    best = lambda prefix, metric: max((k for k in runs[0] if k.startswith(prefix)),  # noqa: E731
+                                      key=lambda k: statistics.fmean(r[k][metric] for r in runs))
+    rows = ["| target | measured Δ (points) | needed | met | beyond the spread |", "|---|---|---|---|---|"]
+
+    def row(text: str, a: str, b: str, metric: str, needed: float) -> None:
+        d, real = _diff(runs, a, b, metric)
+        rows.append(f"| {text} ({a} − {b}, {metric}) | {100 * d:+.2f} | ≥ {needed:+.0f} | "
+                    f"{'yes' if 100 * d >= needed else 'no'} | {'yes' if real else 'no'} |")
+
+    row("ensemble vs best single transformation", ens, best("asym/", "R@1"), "R@1", 1)
+    row("ensemble vs best single transformation", ens, best("asym/", "MAP@R"), "MAP@R", 4)
+    row("ensemble vs the query model alone", ens, "sym_query", "TAR@FAR=0.001", 5)
+    row("ensemble vs the query model alone", ens, "sym_query", "MAP@R", 5)
+    row("ensemble vs the query model alone", ens, "sym_query", "R@1", 0)
+    row("ensemble vs best KD student", ens, best("kd/", "R@1"), "R@1", 5)
+    unc, rnd = "rejection/uncertainty", "rejection/random"
+    base = [r[unc]["verification_error@0"] for r in runs]
+    at10 = [r[unc].get("verification_error@0.1", float("nan")) for r in runs]
+    rand10 = [r[rnd].get("verification_error@0.1", float("nan")) for r in runs]
+    rel = [(b - a) / b for a, b in zip(at10, base, strict=True)]
+    rel_rand = [(b - a) / b for a, b in zip(rand10, base, strict=True)]
+    rows.append(f"| rejecting 10% most uncertain lowers verification error (relative) | {fmt(rel)} % | ≥ 15 % | "
+                f"{'yes' if statistics.fmean(rel) >= 0.15 else 'no'} | random rejection: {fmt(rel_rand)} % |")
+    return rows
+
+
+def lambda_ablation(cfg: Config, lay: RunLayout, lam: float) -> dict:
+    """Refit every transformation with another λ on seed 0's trained models; evaluate the ensemble."""
+    alt = replace(cfg, transform=replace(cfg.transform, lam=lam))
+    root = lay.root / f"lambda_{lam:g}"
+    q = lay.model(cfg.query_model.name)
+    members, transforms = [], []
+    for g in lay.gallery_names:
+        t = step_fit_transform(alt, lay.dataset, q, lay.model(g), root / f"T_{g}.pt", None)
+        members.append(step_embed_member(lay.dataset, q, lay.model(g), t, root / f"member_{g}.parquet",
+                                         cfg.batch_size))
+        transforms.append(t)
+    gallery = step_combine(members, root / "gallery.parquet")
+    return step_evaluate(alt, EvalInputs(lay.dataset, q, gallery, transforms), root / "eval")
+
+
+def diversity_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
+    """asym_ensemble/N for: N T's of one gallery model; N same-architecture gallery models; the config's mix."""
+    n = len(cfg.gallery_models)
+    q = lay.model(cfg.query_model.name)
+    first = cfg.gallery_models[0]
+    out: dict[str, dict] = {}
+    # N transformations of one gallery model: only the transformation's seed differs
+    root = lay.root / "diversity_one_model"
+    members = []
+    for i in range(n):
+        alt = replace(cfg, seed=cfg.seed + 100 + i)
+        t = step_fit_transform(alt, lay.dataset, q, lay.model(first.name), root / f"T_{i}.pt", None)
+        members.append(step_embed_member(lay.dataset, q, lay.model(first.name), t, root / f"member_{i}.parquet",
+                                         cfg.batch_size))
+    out[f"{n} transformations of one model ({first.arch})"] = _ensemble_of(cfg, lay, q, members, root)
+    # N gallery models of one architecture, different seeds (and the first model's data fraction)
+    root = lay.root / "diversity_one_arch"
+    members = []
+    for i in range(n):
+        spec = replace(first, name=f"{first.name}_s{i}", seed=first.seed + 10 * i)
+        alt = replace(cfg, gallery_models=[spec])
+        model = step_train(alt, lay.dataset, spec.name, root / f"{spec.name}.pt")
+        t = step_fit_transform(alt, lay.dataset, q, model, root / f"T_{spec.name}.pt", None)
+        members.append(step_embed_member(lay.dataset, q, model, t, root / f"member_{spec.name}.parquet",
+                                         cfg.batch_size))
+    out[f"{n} {first.arch} models, different seeds"] = _ensemble_of(cfg, lay, q, members, root)
+    return out
+
+
+def _ensemble_of(cfg: Config, lay: RunLayout, q: Path, members: list[Path], root: Path) -> dict:
+    """asym_ensemble/N of these members, measured as served (query model vs the stored ensemble embedding)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from cmce.promotion import served_metrics
+
+    named = []
+    for i, m in enumerate(members):  # members of one gallery model share its name: make them distinct
+        table = pq.read_table(m)
+        meta = json.loads(table.schema.metadata[b"cmce"])
+        meta["gallery_model"]["name"] = f"m{i}"
+        named.append(root / f"named_{i}.parquet")
+        pq.write_table(table.replace_schema_metadata({"cmce": json.dumps(meta)}), named[-1])
+    gallery = step_combine(named, root / "gallery.parquet")
+    metrics = served_metrics(lay.dataset, q, gallery, "test", cfg.evaluate.recall_k, cfg.evaluate.far,
+                             cfg.batch_size)
+    return {f"asym_ensemble/{len(members)}": metrics}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "params.yaml"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ablations", default="size,diversity,lambda", help="comma-separated; empty for none")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_method"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config(args.config, {**overrides, "kd.enabled": True})
+    seeds = [int(s) for s in args.seeds.split(",")]
+    ablations = [a for a in args.ablations.split(",") if a]
+    started = time.time()
+    runs, layouts = [], []
+    for seed in seeds:
+        run_cfg = seeded(cfg, seed, Path(args.out) / f"seed{seed}")
+        t0 = time.time()
+        runs.append(run_all(run_cfg))
+        layouts.append(RunLayout(Path(run_cfg.output_dir), [m.name for m in run_cfg.gallery_models]))
+        log.info("seed %d: %.0f s", seed, time.time() - t0)
+    n = len(cfg.gallery_models)
+    body = [f"Config `{Path(args.config).name}`{' with ' + ', '.join(args.set) if args.set else ''}: "
+            f"{cfg.data.source}, {cfg.data.protocol} protocol; {len(seeds)} seeds ({args.seeds}); values in %, "
+            "mean ± std over seeds; leave-one-out on the test split.", "",
+            "<details><summary>resolved config (seed 0)</summary>", "", "```yaml", to_yaml(cfg).strip(), "```", "",
+            "</details>", "", "### Every configuration", ""]
+    body += results_table(runs)
+    body += ["", "### Rejection by uncertainty vs at random (error in %)", ""]
+    body += rejection_table(runs)
+    body += ["", "### Targets", ""]
+    body += targets(runs, n)
+    if "size" in ablations:
+        body += ["", "### Ablation: ensemble size N", "", "| N | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]
+        for k in range(1, n + 1):
+            c = f"asym_ensemble/{k}"
+            body.append(f"| {k} | " + " | ".join(fmt([r[c][m] for r in runs]) for m in ("R@1", "MAP@R",
+                                                                                        "TAR@FAR=0.001")) + " |")
+    seed0 = seeded(cfg, seeds[0], layouts[0].root)
+    if "diversity" in ablations:
+        body += ["", f"### Ablation: diversity (seed {seeds[0]}, ensemble of {n})", "",
+                 "| ensemble members | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]
+        variants = diversity_ablation(seed0, layouts[0])
+        variants[f"the config's {n} models ({', '.join(m.arch for m in cfg.gallery_models)})"] = runs[0]
+        for name, m in variants.items():
+            e = m[f"asym_ensemble/{n}"]
+            body.append(f"| {name} | {100 * e['R@1']:.2f} | {100 * e['MAP@R']:.2f} | {100 * e['TAR@FAR=0.001']:.2f} |")
+    if "lambda" in ablations:
+        body += ["", f"### Ablation: λ (seed {seeds[0]}, asym_ensemble/{n})", "",
+                 "| λ | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]
+        for lam, m in ((0.0, lambda_ablation(seed0, layouts[0], 0.0)), (cfg.transform.lam, runs[0])):
+            e = m[f"asym_ensemble/{n}"]
+            body.append(f"| {lam:g} | {100 * e['R@1']:.2f} | {100 * e['MAP@R']:.2f} | {100 * e['TAR@FAR=0.001']:.2f} |")
+    command = "python -m benchmarks.method" + "".join(
+        f" --{k} {v}" for k, v in (("config", Path(args.config).name), ("seeds", args.seeds),
+                                   ("ablations", args.ablations)) if v != Path(p.get_default(k)).name)
+    command += "".join(f" --set {s}" for s in args.set)
+    if args.no_write:
+        sys.stdout.write("\n".join(body) + "\n")
+    else:
+        append_section(f"Method over seeds: {cfg.data.source} ({cfg.data.protocol})", command, body,
+                       time.time() - started)
+
+
+if __name__ == "__main__":
+    main()

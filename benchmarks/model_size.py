@@ -1,0 +1,63 @@
+"""Size and compute of every registry architecture: parameters, float32 weight size and FLOPs per image at
+the given input sizes (torch.utils.flop_counter, a multiply-add counts 2 FLOPs), as embedding models
+(backbone + linear head to --dim).
+
+    python -m benchmarks.model_size [--config params.yaml] [--sizes 28 96 128 224] [--dim 128]
+
+Widths come from the config's model of that architecture, else --width (ImageNet backbones have a fixed
+width). Channels from the config's data section. Prints a Markdown table and appends it to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from benchmarks.report import ROOT, append_section
+from cmce.config import load_config
+from cmce.models import EmbeddingNet, arch_names, count_flops, count_parameters, is_pretrained
+from cmce.pretrained import ImageNetBackbone, MissingPretrainedError
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[28, 96, 128, 224])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--width", type=int, default=16)
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    cfg = load_config(args.config)
+    ch = cfg.data.channels
+    widths = {}
+    for m in reversed(cfg.all_models()):  # the first model of an architecture wins
+        widths[m.arch] = m.width
+    sizes = " | ".join(f"MFLOPs @{s}px" for s in args.sizes)
+    rows = [f"| architecture | init | width | parameters | weights (MB, fp32) | {sizes} |",
+            "|---|---|---|---|---|" + "---|" * len(args.sizes)]
+    for arch in arch_names():
+        width = widths.get(arch, args.width)
+        try:
+            # weights do not change size or FLOPs: build without reading the ImageNet files
+            net = EmbeddingNet(arch, ch, args.dim, width, load_pretrained=False)
+        except MissingPretrainedError:
+            rows.append(f"| {arch} | needs the `pretrained` extra |" + " |" * (3 + len(args.sizes)))
+            continue
+        params = count_parameters(net)
+        flops = " | ".join(f"{count_flops(net, ch, s) / 1e6:.1f}" for s in args.sizes)
+        fixed = "fixed" if isinstance(net.backbone, ImageNetBackbone) else str(width)
+        init = "ImageNet" if is_pretrained(arch) else "random"
+        rows.append(f"| {arch} | {init} | {fixed} | {params:,} | {params * 4 / 2**20:.1f} | {flops} |")
+    body = [
+        f"Embedding models ({ch} input channel(s), {args.dim}-d embedding head). ImageNet backbones repeat "
+        "greyscale to RGB and upsample inputs below 64 px to 64 px, so their cost at 28 px is their cost at 64 px.",
+        "",
+        *rows,
+    ]
+    append_section("Model size and FLOPs per architecture", " ".join(["python -m benchmarks.model_size", *(
+        argv if argv is not None else sys.argv[1:])]), body, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

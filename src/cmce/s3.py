@@ -1,0 +1,328 @@
+"""S3 objects for the storage layer (cmce.storage): the only module that imports boto3.
+
+Endpoint, credentials and region come from the standard AWS chain (environment, shared config and
+credentials files, profiles, instance roles); a non-AWS server is named by ``AWS_ENDPOINT_URL_S3`` or
+``AWS_ENDPOINT_URL``, which boto3 reads itself. Nothing here logs or formats a credential: errors name
+the URI and what to check, and boto3/botocore logging is kept at WARNING whatever the root level.
+
+Transient errors (throttling, 5xx, dropped connections) are retried by botocore with exponential
+backoff (retry mode ``AWS_RETRY_MODE``, default "standard"; ``AWS_MAX_ATTEMPTS``, default 5). Files
+above ``CMCE_S3_MULTIPART_THRESHOLD_MB`` (default 64) go up in parts of ``CMCE_S3_MULTIPART_CHUNK_MB``
+(default 16, at least 5), ``CMCE_S3_MAX_CONCURRENCY`` (default 8) at a time. An object appears at its key
+only when its single PUT or its multipart upload completes, so a failed upload never leaves a partial
+object there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+log = logging.getLogger(__name__)
+SCHEME = "s3://"
+MB = 1 << 20
+# every variable that changes which client (endpoint, identity, retries) a call gets
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+               "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
+
+
+def is_s3(uri: object) -> bool:
+    return isinstance(uri, str) and uri.startswith(SCHEME)
+
+
+def redact(text: str) -> str:
+    """Replace the user-info part of every URL in `text` (``scheme://user:secret@host`` → ``scheme://***@host``)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key}"
+
+    def join(self, rel: str) -> S3Uri:
+        return S3Uri(self.bucket, f"{self.key.rstrip('/')}/{rel}" if self.key else rel)
+
+    @property
+    def dir_prefix(self) -> str:
+        return f"{self.key.rstrip('/')}/" if self.key else ""
+
+
+def parse(uri: str) -> S3Uri:
+    """`s3://bucket/key` → (bucket, key). Credentials inside the URI are refused (they would end up
+    in logs, MLflow params and error messages); they belong in the environment or an AWS profile."""
+    if not is_s3(uri):
+        raise ValueError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[len(SCHEME):].partition("/")
+    if "@" in bucket or ":" in bucket:
+        raise ValueError(f"{redact(uri)}: credentials inside an s3:// URI are refused; set them in the environment "
+                         f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or an AWS profile")
+    if not bucket:
+        raise ValueError(f"{uri}: no bucket name")
+    return S3Uri(bucket, key)
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value}: must be at least {minimum}")
+    return value
+
+
+def quiet_sdk_logging() -> None:
+    """boto3/botocore/s3transfer/urllib3 log request details (headers, signing steps) at DEBUG; keep them
+    at WARNING so that a DEBUG root logger never records them."""
+    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def client() -> Any:
+    """The S3 client for the current environment (cached per endpoint/identity/retry settings)."""
+    h = hashlib.sha256()
+    for name in _CLIENT_ENV:  # hashed, so that no credential is kept as a cache key
+        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    return _client_for(h.hexdigest())
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(_env_digest: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    quiet_sdk_logging()
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+               "max_attempts": _env_int("AWS_MAX_ATTEMPTS", 5)}
+    config = Config(retries=retries, connect_timeout=10, read_timeout=120)
+    return boto3.session.Session().client("s3", config=config)
+
+
+def transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=_env_int("CMCE_S3_MULTIPART_THRESHOLD_MB", 64) * MB,
+        multipart_chunksize=_env_int("CMCE_S3_MULTIPART_CHUNK_MB", 16, minimum=5) * MB,  # S3's minimum part: 5 MiB
+        max_concurrency=_env_int("CMCE_S3_MAX_CONCURRENCY", 8),
+        preferred_transfer_client="classic",
+    )
+
+
+def _endpoint() -> str:
+    try:
+        return redact(str(client().meta.endpoint_url))
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return "the configured endpoint"
+
+
+def _client_error(err: BaseException) -> Any:
+    """The botocore ClientError behind `err` (boto3 wraps upload errors in S3UploadFailedError)."""
+    from botocore.exceptions import ClientError
+
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, ClientError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def _connection_error(err: BaseException) -> BaseException | None:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, BotoConnectionError | HTTPClientError):
+            return err
+        last = getattr(err, "last_exception", None)  # s3transfer's RetriesExceededError
+        err = last or err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError | None:
+    """A clear error naming `uri` (never a credential) for an SDK error, or None for other errors."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+
+    bucket = parse(uri).bucket
+    ce = _client_error(err)
+    if ce is not None:
+        error = ce.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = ce.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket" or (code in ("404", "NotFound") and action == "checking the bucket"):
+            return FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist (cmce never creates buckets)")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return FileNotFoundError(f"{uri}: no such object")
+        if code == "InvalidAccessKeyId":
+            return PermissionError(f"{uri}: the S3 server does not know the access key id while {action}; "
+                                   f"check AWS_ACCESS_KEY_ID or the AWS profile")
+        if code == "SignatureDoesNotMatch":
+            return PermissionError(f"{uri}: the S3 server rejected the request signature while {action}: wrong "
+                                   f"secret access key; check AWS_SECRET_ACCESS_KEY or the AWS profile")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
+            return PermissionError(f"{uri}: access denied while {action}; check the credentials and the bucket policy")
+        if code == "InvalidBucketName":
+            return ValueError(f"{uri}: invalid bucket name {bucket!r}")
+        return OSError(f"{uri}: S3 error while {action}: {code or status}: {redact(str(error.get('Message', '')))}")
+    if isinstance(err, NoCredentialsError | PartialCredentialsError):
+        return PermissionError(f"{uri}: no complete AWS credentials found while {action}; set AWS_ACCESS_KEY_ID and "
+                               f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    conn = _connection_error(err)
+    if conn is not None:
+        return OSError(f"{uri}: cannot reach the S3 endpoint {_endpoint()} while {action} (gave up after retries: "
+                       f"{type(conn).__name__})")
+    if isinstance(err, BotoCoreError | Boto3Error):
+        return OSError(f"{uri}: S3 error while {action}: {type(err).__name__}: {redact(str(err))}")
+    return None
+
+
+@contextlib.contextmanager
+def _errors(uri: str, action: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:
+        clear = translate(err, uri, action)
+        if clear is None:
+            raise
+        raise clear from None  # the SDK's chain adds request details, nothing the message lacks
+
+
+def _diagnose(u: S3Uri, action: str) -> None:
+    """HEAD responses carry no error code (a 403 may be a wrong key id, a wrong secret or a policy);
+    a LIST answers with one. Raises the precise error, or returns when listing is allowed."""
+    with _errors(str(u), action):
+        client().list_objects_v2(Bucket=u.bucket, Prefix=u.key, MaxKeys=1)
+
+
+def kind(uri: str) -> str:
+    """'file' for an object, 'dir' for a prefix holding objects; FileNotFoundError otherwise."""
+    from botocore.exceptions import ClientError
+
+    u = parse(uri)
+    if u.key and not u.key.endswith("/"):
+        with _errors(uri, "reading"):
+            try:
+                client().head_object(Bucket=u.bucket, Key=u.key)
+                return "file"
+            except ClientError as err:
+                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
+                    raise
+            _diagnose(u, "reading")  # raises for a missing bucket or refused credentials
+    with _errors(uri, "listing"):
+        listed = client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1)
+    if listed.get("KeyCount", 0):
+        return "dir"
+    raise FileNotFoundError(f"{uri}: no such object or prefix")
+
+
+def list_keys(uri: str) -> list[str]:
+    """Keys under the prefix `uri/`, relative to it, sorted."""
+    u = parse(uri)
+    out: list[str] = []
+    with _errors(uri, "listing"):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket, Prefix=u.dir_prefix):
+            out += [o["Key"][len(u.dir_prefix):] for o in page.get("Contents", [])]
+    return sorted(k for k in out if k and not k.endswith("/"))  # "folder/" placeholder objects hold nothing
+
+
+def _inside(dest: Path, rel: str, uri: str) -> Path:
+    """dest/rel, refusing keys that would land outside dest (`..`, absolute parts)."""
+    parts = PurePosixPath(rel).parts
+    if not parts or any(p in ("..", "") for p in parts) or PurePosixPath(rel).is_absolute():
+        raise ValueError(f"{uri}/{rel}: object key leaves its prefix; refused")
+    return dest.joinpath(*parts)
+
+
+def download(uri: str, dest: Path) -> Path:
+    """Download the object (or every object under the prefix) at `uri` to `dest`; returns `dest`."""
+    u = parse(uri)
+    what = kind(uri)
+    cfg = transfer_config()
+    if what == "file":
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _errors(uri, "downloading"):
+            client().download_file(u.bucket, u.key, str(dest), Config=cfg)
+        log.info("downloaded %s", uri)
+        return dest
+    keys = list_keys(uri)
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in keys:
+        target = _inside(dest, rel, uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _errors(f"{uri.rstrip('/')}/{rel}", "downloading"):
+            client().download_file(u.bucket, u.join(rel).key, str(target), Config=cfg)
+    log.info("downloaded %s (%d objects)", uri, len(keys))
+    return dest
+
+
+def check_writable(uri: str) -> None:
+    """Fail before any work when the bucket is missing or the credentials are refused. A plain policy
+    denial of the check itself is let through (writers may lack s3:ListBucket); the upload decides."""
+    from botocore.exceptions import ClientError
+
+    u = parse(uri)
+    try:
+        with _errors(uri, "checking the bucket"):
+            try:
+                client().head_bucket(Bucket=u.bucket)
+            except ClientError as err:
+                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 403:
+                    raise
+                _diagnose(u, "checking the bucket")
+    except PermissionError as err:
+        if "access denied" not in str(err):
+            raise
+        log.warning("%s: cannot check the bucket (access denied); trying the upload anyway", uri)
+
+
+def upload_file(path: Path, uri: str) -> None:
+    u = parse(uri)
+    with _errors(uri, "uploading"):
+        client().upload_file(str(path), u.bucket, u.key, Config=transfer_config())
+    log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
+
+
+def delete(uri: str) -> None:
+    u = parse(uri)
+    with _errors(uri, "deleting"):
+        client().delete_object(Bucket=u.bucket, Key=u.key)
+
+
+def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
+    """Upload every file under `local` to the prefix `uri/`. With `last` (a completion marker such as an
+    index's meta.json) the old marker is deleted first and the new one is uploaded after every other file,
+    so a reader never finds a marker next to half-replaced files, and a failed upload leaves no marker."""
+    u = parse(uri)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    rels = [p.relative_to(local).as_posix() for p in files]
+    if last is not None:
+        if last not in rels:
+            raise FileNotFoundError(f"{uri}: the step wrote no {last}")
+        delete(str(u.join(last)))
+        order = [r for r in rels if r != last] + [last]
+    else:
+        order = rels
+    for rel in order:
+        upload_file(local / rel, str(u.join(rel)))

@@ -1,0 +1,406 @@
+"""Storage on S3: the CLI steps read and write s3:// URIs on a real S3 server on 127.0.0.1
+(SeaweedFS `weed mini`, tests/s3server.py): the smoke chain, DVC and MLflow on the same server, faults,
+and no credential in any log, message or MLflow param."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cmce.cli import main
+from cmce.index import IndexLoadError, load_index
+from cmce.s3 import _inside, redact
+from cmce.tables import embedding_array, with_metadata, write_table
+from tests.conftest import SMOKE, dvc
+from tests.s3server import WeedServer, free_ports
+
+QUICK = ["--config", str(SMOKE), "--set", "train.epochs=1", "--set", "transform.epochs=1"]
+INDEX_FILES = {"meta.json", "index.faiss", "ids.parquet", "rejected.parquet"}
+
+
+def use_server(mp: pytest.MonkeyPatch, server: WeedServer) -> None:
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
+                 "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "MLFLOW_TRACKING_URI"):
+        mp.delenv(name, raising=False)
+    for name, value in server.env().items():
+        mp.setenv(name, value)
+
+
+def new_bucket(server: WeedServer) -> str:
+    name = f"cmce-{secrets.token_hex(4)}"
+    server.client().create_bucket(Bucket=name)
+    return name
+
+
+def keys(server: WeedServer, bucket: str, prefix: str = "") -> set[str]:
+    pages = server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def read_object(server: WeedServer, bucket: str, key: str) -> bytes:
+    return server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def chain(root: str) -> list[list[str]]:
+    """The smoke CLI chain (as in test_cli.py::test_step_by_step_cli_chain) with every path under `root`."""
+    return [
+        ["prepare-data", *QUICK, "--out", f"{root}/d.parquet"],
+        ["train", *QUICK, "--dataset", f"{root}/d.parquet", "--model", "query", "--out", f"{root}/q.pt"],
+        ["train", *QUICK, "--dataset", f"{root}/d.parquet", "--model", "vgg_b", "--out", f"{root}/g.pt"],
+        ["fit-transform", *QUICK, "--dataset", f"{root}/d.parquet", "--query-model", f"{root}/q.pt",
+         "--gallery-model", f"{root}/g.pt", "--out", f"{root}/t.pt",
+         "--train-embeddings-out", f"{root}/train_g.parquet"],
+        ["embed-gallery", "--dataset", f"{root}/d.parquet", "--query-model", f"{root}/q.pt",
+         "--gallery-model", f"{root}/g.pt", "--transform", f"{root}/t.pt", "--out", f"{root}/gallery.parquet"],
+        ["build-index", "--gallery", f"{root}/gallery.parquet", "--out", f"{root}/index", "--reject-fraction", "0.1"],
+        ["evaluate", *QUICK, "--dataset", f"{root}/d.parquet", "--query-model", f"{root}/q.pt",
+         "--gallery", f"{root}/gallery.parquet", "--transform-dir", f"{root}/tdir", "--out", f"{root}/eval"],
+    ]
+
+
+class Collect(logging.Handler):
+    """Every record of every logger, formatted with its traceback: what a log file would hold."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="module")
+def s3_chain(s3_server, tmp_path_factory):
+    """The chain on s3:// (every log record kept), then on local paths."""
+    tmp = tmp_path_factory.mktemp("s3chain")
+    local = tmp / "local"
+    (local / "tdir").mkdir(parents=True)
+    scratch_parent = tmp / "tmpdir"
+    scratch_parent.mkdir()
+    root_logger, collect = logging.getLogger(), Collect()
+    with pytest.MonkeyPatch.context() as mp:
+        use_server(mp, s3_server)
+        mp.setattr(tempfile, "tempdir", str(scratch_parent))  # where scratch goes, to check it is cleared
+        bucket = new_bucket(s3_server)
+        root = f"s3://{bucket}/run"
+        level = root_logger.level
+        root_logger.addHandler(collect)
+        root_logger.setLevel(logging.DEBUG)
+        try:
+            for argv in chain(root):
+                if argv[0] == "evaluate":  # --transform-dir: a prefix holding the transformation
+                    s3_server.client().copy_object(Bucket=bucket, Key="run/tdir/t.pt",
+                                                   CopySource={"Bucket": bucket, "Key": "run/t.pt"})
+                assert main(argv) == 0, (argv[0], collect.lines[-5:])
+        finally:
+            root_logger.removeHandler(collect)
+            root_logger.setLevel(level)
+        scratch_left = list(scratch_parent.glob("cmce-*"))
+    # the local reference: the same steps on local paths, from the same trained models (training twice
+    # would only test that training is deterministic, which test_determinism.py does)
+    for argv in chain(str(local)):
+        if argv[0] == "train":
+            out = Path(argv[argv.index("--out") + 1])
+            out.write_bytes(read_object(s3_server, bucket, f"run/{out.name}"))
+            continue
+        if argv[0] == "evaluate":
+            (local / "tdir" / "t.pt").write_bytes((local / "t.pt").read_bytes())
+        assert main(argv) == 0, argv[0]
+    return SimpleNamespace(bucket=bucket, root=root, local=local, logs=collect.lines, scratch_left=scratch_left)
+
+
+def test_smoke_chain_on_s3_gives_the_local_run_byte_for_byte(s3_server, s3_chain):
+    """Dataset, models, gallery Parquet, index and evaluation on s3://: the same metrics as the local run,
+    and every artifact the same bytes (the steps are deterministic); nothing left in scratch."""
+    b = s3_chain.bucket
+    local_files = {p.relative_to(s3_chain.local).as_posix() for p in s3_chain.local.rglob("*") if p.is_file()}
+    assert keys(s3_server, b, "run/") == {f"run/{f}" for f in local_files}
+    assert {f"index/{f}" for f in INDEX_FILES} | {"gallery.parquet", "gallery_members/g.parquet",
+                                                  "eval/metrics.json", "train_g.parquet"} <= local_files
+    s3_metrics = json.loads(read_object(s3_server, b, "run/eval/metrics.json"))
+    assert s3_metrics == json.loads((s3_chain.local / "eval" / "metrics.json").read_text())
+    assert {"sym_query", "asym/vgg_b", "asym_ensemble/1", "rejection/uncertainty"} <= set(s3_metrics)
+    for f in sorted(local_files - {"eval/versions.json"}):
+        assert read_object(s3_server, b, f"run/{f}") == (s3_chain.local / f).read_bytes(), f
+    # the record names where the gallery really is, not a scratch copy
+    versions = json.loads(read_object(s3_server, b, "run/eval/versions.json"))
+    assert versions["gallery"] == f"{s3_chain.root}/gallery.parquet"
+    assert s3_chain.scratch_left == []
+
+
+def test_search_on_an_s3_index_in_a_fresh_process(s3_server, s3_chain, capsys):
+    """`cmce search --index s3://...` as a real process: the hits of the local index; no credential printed."""
+    r = s3_chain.root
+    res = subprocess.run([sys.executable, "-m", "cmce.cli", "search", "--index", f"{r}/index",
+                          "--query-model", f"{r}/q.pt", "--dataset", f"{r}/d.parquet", "--limit", "3", "--k", "4"],
+                         env={**os.environ, **s3_server.env(), "PYTHONPATH": os.pathsep.join(
+                             [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    loc = s3_chain.local
+    assert main(["search", "--index", str(loc / "index"), "--query-model", str(loc / "q.pt"),
+                 "--dataset", str(loc / "d.parquet"), "--limit", "3", "--k", "4"]) == 0
+    local_lines = capsys.readouterr().out.splitlines()
+    assert res.stdout.splitlines() == local_lines and len(local_lines) == 3
+    assert all(len(json.loads(line)["hits"]) == 4 for line in local_lines)
+    assert "downloaded s3://" in res.stderr  # the log was captured: the check below can fail
+    for text in (res.stdout, res.stderr):
+        assert s3_server.secret_key not in text and s3_server.access_key not in text
+
+
+def test_no_credential_in_the_logs_of_an_s3_run(s3_server, s3_chain):
+    """Every record at every level, from every logger (boto3/botocore included), of the whole S3 chain."""
+    text = "\n".join(s3_chain.logs)
+    assert "uploaded s3://" in text and "downloaded s3://" in text  # the records are there
+    assert s3_server.secret_key not in text
+    assert s3_server.access_key not in text
+    sdk_debug = [line for line in s3_chain.logs if line.split(".")[0].split(" ")[0] in
+                 ("botocore", "boto3", "s3transfer", "urllib3") and line.split(" ")[1] == "DEBUG"]
+    assert sdk_debug == []  # request and signing details stay unrecorded even under a DEBUG root logger
+
+
+def test_dvc_remote_and_mlflow_artifacts_on_the_same_server(s3_server, s3_chain, tmp_path, monkeypatch):
+    """DVC pushes to an s3:// remote and MLflow stores a step's artifacts under s3:// on the server the
+    steps use; no credential in the DVC config or in any MLflow param, tag or artifact name."""
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    bucket = new_bucket(s3_server)  # DVC never creates buckets
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dataset = repo / "dataset.parquet"
+    dataset.write_bytes(read_object(s3_server, s3_chain.bucket, "run/d.parquet"))
+    for cmd in (["init", "-q"], ["add", "-q", "dataset.parquet"], ["remote", "add", "-d", "store", f"s3://{bucket}/dvc"],
+                ["remote", "modify", "store", "endpointurl", s3_server.endpoint], ["push", "-q"]):
+        res = dvc(repo, *cmd)
+        assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
+    pushed = keys(s3_server, bucket, "dvc/")
+    assert len(pushed) == 1 and next(iter(pushed)).startswith("dvc/files/md5/")
+    assert read_object(s3_server, bucket, next(iter(pushed))) == dataset.read_bytes()
+    config = (repo / ".dvc" / "config").read_text()
+    assert s3_server.endpoint in config and s3_server.secret_key not in config and s3_server.access_key not in config
+
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server.endpoint)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    track = tmp_path / "track.json"
+    assert main(["track-start", "--config", str(SMOKE), "--mlflow-uri", uri, "--artifact-location",
+                 f"s3://{bucket}/mlflow", "--out", str(track)]) == 0
+    parent = json.loads(track.read_text())["run_id"]
+    assert main(["--mlflow-parent", parent, "--mlflow-uri", uri, "build-index", "--gallery",
+                 f"{s3_chain.root}/gallery.parquet", "--out", f"s3://{bucket}/index"]) == 0
+    logged = [k for k in keys(s3_server, bucket, "mlflow/") if k.endswith("/artifacts/meta.json")]
+    assert len(logged) == 1
+    assert read_object(s3_server, bucket, logged[0]) == read_object(s3_server, bucket, "index/meta.json")
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("cmce").experiment_id])
+    assert len(runs) == 2 and any(r.data.params for r in runs)
+    recorded = json.dumps([[r.data.params, r.data.tags, [a.path for a in client.list_artifacts(r.info.run_id)]]
+                           for r in runs])
+    assert {r.data.tags.get("mlflow.runName") for r in runs} == {"cmce", "build-index"}
+    assert s3_server.secret_key not in recorded and s3_server.access_key not in recorded
+
+
+# --- faults -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_gallery(tmp_path_factory) -> Path:
+    """A gallery file of ~32 MB of incompressible embeddings (a multipart upload of 7 parts of 5 MiB)."""
+    rng = np.random.default_rng(0)
+    n, dim = 30_000, 256
+    table = pa.table({"id": [f"g{i:06d}" for i in range(n)], "label": rng.integers(0, 10, n).astype(np.int32),
+                      "embedding": embedding_array(rng.standard_normal((n, dim), dtype=np.float32)),
+                      "uncertainty": rng.random(n, dtype=np.float32)})
+    meta = {"kind": "gallery", "query_model_sha256": "0" * 64, "members": []}
+    return write_table(with_metadata(table, meta), tmp_path_factory.mktemp("big") / "gallery.parquet")
+
+
+@pytest.fixture
+def own_server(tmp_path, monkeypatch):
+    """A server of this test's own, to be killed; small parts, one at a time, few retries."""
+    server = WeedServer(tmp_path / "s3data").start()
+    use_server(monkeypatch, server)
+    monkeypatch.setenv("CMCE_S3_MULTIPART_THRESHOLD_MB", "8")
+    monkeypatch.setenv("CMCE_S3_MULTIPART_CHUNK_MB", "5")
+    monkeypatch.setenv("CMCE_S3_MAX_CONCURRENCY", "1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    yield server
+    server.stop()
+
+
+def kill_when_upload_starts(server: WeedServer, bucket: str, killed: list[float]) -> threading.Thread:
+    """Watch the bucket from another client; SIGKILL the server as soon as a multipart upload is open."""
+    watcher = server.client(fresh=True)
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if watcher.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+                    server.kill()
+                    killed.append(time.monotonic())
+                    return
+            except Exception:  # noqa: BLE001 - keep watching until the deadline
+                pass
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("step", ["merge", "build-index"])
+def test_server_killed_mid_upload_fails_clearly_and_a_rerun_succeeds(step, own_server, big_gallery, tmp_path,
+                                                                      caplog):
+    """The server dies while a large output is uploaded in parts: the step fails with a clear error, no
+    object appears at the final key (for an index: no meta.json, so readers refuse the prefix), and once
+    the server is back on the same data the same command succeeds."""
+    bucket = new_bucket(own_server)
+    out = f"s3://{bucket}/served/" + ("gallery.parquet" if step == "merge" else "index")
+    argv = ["merge", str(big_gallery), "--out", out] if step == "merge" else \
+        ["build-index", "--gallery", str(big_gallery), "--out", out]
+    killed: list[float] = []
+    watcher = kill_when_upload_starts(own_server, bucket, killed)
+    assert main(argv) == 2
+    watcher.join(timeout=60)
+    assert killed, "the upload finished before the server could be killed"
+    assert f"cmce {step}: {out}" in caplog.text and "cannot reach the S3 endpoint" in caplog.text
+
+    own_server.start()  # same data directory, same ports
+    left = keys(own_server, bucket)
+    if step == "merge":
+        assert left == set()
+    else:
+        assert "served/index/meta.json" not in left and "served/index/index.faiss" not in left
+        if left:  # files uploaded before the large one: a prefix readers refuse
+            with pytest.raises(IndexLoadError, match="not a complete index"):
+                load_index(out)
+    caplog.clear()
+    assert main(argv) == 0, caplog.text
+    if step == "merge":  # the bytes a local merge writes
+        assert main(["merge", str(big_gallery), "--out", str(tmp_path / "merged.parquet")]) == 0
+        assert read_object(own_server, bucket, "served/gallery.parquet") == (tmp_path / "merged.parquet").read_bytes()
+    else:
+        assert keys(own_server, bucket) == {f"served/index/{f}" for f in INDEX_FILES}
+        assert load_index(out).index.ntotal == 30_000
+
+
+@pytest.mark.parametrize("wrong", ["secret", "key-id"])
+@pytest.mark.parametrize("direction", ["read", "write"])
+def test_wrong_credentials_are_a_clear_error_without_the_secret(direction, wrong, s3_server, tmp_path, monkeypatch,
+                                                                caplog):
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    s3_server.client().put_object(Bucket=bucket, Key="g.parquet", Body=b"not read")
+    bad_secret = "wrong" + secrets.token_hex(12)
+    if wrong == "secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", bad_secret)
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN" + secrets.token_hex(4).upper())
+    local = tmp_path / "out.parquet"
+    uri = f"s3://{bucket}/g.parquet" if direction == "read" else f"s3://{bucket}/new/d.parquet"
+    argv = ["add-member", "--gallery", uri, "--member", uri, "--out", str(local)] if direction == "read" else \
+        ["prepare-data", "--config", str(SMOKE), "--out", uri]
+    assert main(argv) == 2
+    expected = "wrong secret access key" if wrong == "secret" else "does not know the access key id"
+    assert f"{uri}: " in caplog.text and expected in caplog.text
+    for secret in (s3_server.secret_key, bad_secret, s3_server.access_key):
+        assert secret not in caplog.text
+    assert keys(s3_server, bucket) == {"g.parquet"} and not local.exists()
+
+
+@pytest.mark.parametrize("direction", ["read", "write"])
+def test_missing_bucket_is_a_clear_error_and_nothing_is_written(direction, s3_server, s3_chain, tmp_path,
+                                                                monkeypatch, caplog):
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    missing = f"cmce-missing-{secrets.token_hex(4)}"
+    local_index = tmp_path / "index"
+    if direction == "read":
+        uri = f"s3://{missing}/gallery.parquet"
+        argv = ["build-index", "--gallery", uri, "--out", str(local_index)]
+    else:
+        uri = f"s3://{missing}/index"
+        argv = ["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"), "--out", uri]
+    assert main(argv) == 2
+    assert f"{uri}: bucket '{missing}' does not exist" in caplog.text
+    assert missing not in {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
+    assert not local_index.exists() and list((tmp_path / "tmp").glob("cmce-*")) == []
+
+
+def test_unreachable_endpoint_is_a_clear_error(s3_server, s3_chain, tmp_path, monkeypatch, caplog):
+    use_server(monkeypatch, s3_server)
+    port = free_ports(1)[0]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert main(["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"), "--out", "s3://some/index"]) == 2
+    assert f"s3://some/index: cannot reach the S3 endpoint http://127.0.0.1:{port}" in caplog.text
+
+
+def test_credentials_inside_a_uri_are_refused_and_not_echoed(tmp_path, caplog):
+    uri = "s3://AKIAEXAMPLE:topsecretvalue@bucket/g.parquet"
+    assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2
+    assert "credentials inside an s3:// URI are refused" in caplog.text
+    assert "topsecretvalue" not in caplog.text and "AKIAEXAMPLE" not in caplog.text
+    assert redact("see http://user:pw@host:9000/x and s3://k:s@b/y") == "see http://***@host:9000/x and s3://***@b/y"
+
+
+def test_object_keys_cannot_leave_the_download_folder(tmp_path):
+    assert _inside(tmp_path, "a/b.parquet", "s3://b/p") == tmp_path / "a" / "b.parquet"
+    for rel in ("../x", "a/../../x", "/etc/passwd", ""):
+        with pytest.raises(ValueError, match="leaves its prefix"):
+            _inside(tmp_path, rel, "s3://b/p")
+
+
+def test_no_credentials_in_the_code_or_configs():
+    """Nothing that looks like an AWS key or a hard-coded secret in what ships (tests use random fakes)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    key_id = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+    assigned = re.compile(r"(secret_access_key|aws_secret|password)\s*[=:]\s*['\"][^'\"$]{6,}['\"]", re.IGNORECASE)
+    files = [p for d in ("src", "components", "pipeline", "containers", "configs", "lifecycle") for p in
+             (root / d).rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".sh", ".toml", ".cfg")]
+    files += [root / f for f in ("dvc.yaml", "params.yaml", "pyproject.toml", "Makefile", ".dvc/config")
+              if (root / f).exists()]
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text(errors="replace")
+        assert not key_id.search(text), path
+        assert not assigned.search(text), path
+
+
+def test_errors_about_an_s3_input_name_its_uri(s3_server, tmp_path, monkeypatch, caplog):
+    """A bad file read from S3 is reported under its URI, not under the scratch copy it was read from."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    s3_server.client().put_object(Bucket=bucket, Key="in/gallery.parquet", Body=b"not parquet at all")
+    assert main(["build-index", "--gallery", f"s3://{bucket}/in/gallery.parquet", "--out", str(tmp_path / "i")]) == 2
+    assert f"s3://{bucket}/in/gallery.parquet: not a readable Parquet file" in caplog.text
+    assert "cmce-scratch" not in caplog.text and not (tmp_path / "i").exists()
+
+
+def test_sibling_and_stem_of_paths_and_uris():
+    from cmce.storage import sibling, stem
+
+    assert sibling("s3://b/run/gallery.parquet", "gallery_members") == "s3://b/run/gallery_members"
+    assert sibling("runs/x/gallery.parquet", "gallery_members") == str(Path("runs/x/gallery_members"))
+    assert stem("s3://b/run/gallery.parquet") == stem("gallery.parquet") == "gallery"
