@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmce.ensemble import normalize
-from cmce.storage import atomic_dir, file_sha256
+from cmce.storage import atomic_dir, file_sha256, restore_dir
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -110,6 +110,7 @@ class LoadedIndex:
 def load_index(index_dir: str | Path, query_sha256: str | None = None) -> LoadedIndex:
     """Load and verify an index; refuse it when it was built for another query model."""
     d = Path(index_dir)
+    restore_dir(d)  # a rebuild killed mid-swap leaves the previous index as .<name>.old
     meta_path = d / "meta.json"
     if not meta_path.exists():
         raise IndexLoadError(f"{d}: not an index directory (no meta.json)")
