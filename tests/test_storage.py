@@ -1,9 +1,12 @@
 import os
+import shutil
 import stat
+import time
+from pathlib import Path
 
 import pytest
 
-from cmce.storage import atomic_dir, atomic_path, write_text
+from cmce.storage import STALE_TEMP_AGE_S, atomic_dir, atomic_path, clean_stale_temps, restore_dir, write_text
 
 
 def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):
@@ -41,3 +44,105 @@ def test_atomic_dir_swaps_whole_directories(tmp_path):
         (tmp / "z").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["z"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def _age(path, seconds: float = 2 * STALE_TEMP_AGE_S) -> None:
+    """Backdate a file or a folder and everything in it."""
+    t = time.time() - seconds
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.utime(p, (t, t))
+
+
+def test_stale_temps_of_the_target_are_removed_young_and_foreign_ones_kept(tmp_path):
+    target = tmp_path / "a.parquet"
+    stale_file = tmp_path / ".a.parquet.k3x9_q0z.tmp"
+    stale_dir = tmp_path / ".a.parquet.abcdefgh.tmp"
+    young = tmp_path / ".a.parquet.young123.tmp"  # a writer that may still be running
+    other_target = tmp_path / ".b.parquet.abcdefgh.tmp"
+    longer_name = tmp_path / ".a.parquet.resume.abcdefgh.tmp"  # the temp of target a.parquet.resume
+    not_ours = tmp_path / ".a.parquet.backup.tmp"
+    for p in (stale_file, young, other_target, longer_name, not_ours):
+        p.write_bytes(b"half")
+    stale_dir.mkdir()
+    (stale_dir / "index.faiss").write_bytes(b"half")
+    for p in (stale_file, stale_dir, other_target, longer_name, not_ours):
+        _age(p)
+    write_text(target, "new")
+    assert target.read_text() == "new"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(p.name for p in (target, young, other_target, longer_name, not_ours))
+
+
+def test_a_stale_temp_folder_with_a_file_still_being_written_is_kept(tmp_path):
+    tmp_dir = tmp_path / ".index.abcdefgh.tmp"
+    tmp_dir.mkdir()
+    (tmp_dir / "index.faiss").write_bytes(b"growing")
+    _age(tmp_dir)
+    os.utime(tmp_dir / "index.faiss")  # written to just now
+    assert clean_stale_temps(tmp_path / "index") == []
+    _age(tmp_dir)
+    assert clean_stale_temps(tmp_path / "index") == [tmp_dir]
+    assert not tmp_dir.exists()
+
+
+def _kill_between_the_two_renames(target):
+    """What a run killed inside atomic_dir's swap leaves: the old folder moved aside, the new one
+    still under its temporary name, nothing at the target."""
+    new = target.with_name(f".{target.name}.abcdefgh.tmp")
+    new.mkdir()
+    (new / "x").write_text("new, never swapped in")
+    os.replace(target, target.with_name(f".{target.name}.old"))
+
+
+def test_next_atomic_dir_restores_a_folder_left_mid_swap_and_keeps_it_if_the_write_fails(tmp_path):
+    target = tmp_path / "d"
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("old")
+    _kill_between_the_two_renames(target)
+    assert not target.exists()
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        raise RuntimeError("this run fails too")
+    assert (target / "x").read_text() == "old"  # the previous complete folder is back
+    assert not (tmp_path / ".d.old").exists()
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("newer")
+    assert (target / "x").read_text() == "newer"
+    _age(tmp_path / ".d.abcdefgh.tmp")
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("newest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_restore_dir_only_acts_when_the_target_is_missing(tmp_path):
+    target = tmp_path / "d"
+    assert restore_dir(target) is False  # nothing at all
+    target.mkdir()
+    (tmp_path / ".d.old").mkdir()
+    assert restore_dir(target) is False  # a complete target wins; the .old is a leftover for atomic_dir
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the leftover .old is gone
+
+
+def test_a_kill_during_the_deletion_of_the_old_folder_never_leaves_a_partial_old(tmp_path, monkeypatch):
+    """The old folder is renamed to a temporary name before it is deleted, so a half-deleted folder is
+    never left as `.d.old` (which a later run would restore)."""
+    target = tmp_path / "d"
+    for content in ("1", "2"):
+        with atomic_dir(target) as tmp:
+            (tmp / "x").write_text(content)
+            (tmp / "y").write_text(content)
+
+    def killed_midway(path, ignore_errors=False):
+        next(Path(path).iterdir()).unlink()  # deleted one file, then the process died
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "x").write_text("3")
+        (tmp / "y").write_text("3")
+    monkeypatch.undo()
+    assert sorted(p.read_text() for p in target.iterdir()) == ["3", "3"]
+    assert not (tmp_path / ".d.old").exists()
+    half = [p for p in tmp_path.iterdir() if p.name != "d"]
+    assert len(half) == 1 and half[0].name.startswith(".d.") and half[0].name.endswith(".tmp")

@@ -140,3 +140,12 @@ def sync_buffers(module: nn.Module, ctx: Context) -> None:
     if ctx.enabled:
         for buf in module.buffers():
             dist.broadcast(buf, 0)
+
+
+def agree(value: int, ctx: Context) -> bool:
+    """True when every rank holds the same integer (always, without a process group)."""
+    if not ctx.enabled:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == -int(t[1])

@@ -29,7 +29,7 @@ from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.index import rejection_mask
 from cmce.metrics import retrieval_metrics
-from cmce.storage import origin
+from cmce.storage import atomic_dir, origin
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -229,13 +229,16 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
         "members": members,
         "gallery": origin(inputs.gallery),  # the s3:// URI when the gallery was downloaded
     }
-    # written only now, so a failure above leaves a previous evaluation in out_dir untouched
-    write_table(
-        with_metadata(
-            pa.table({"id": q.ids, "label": q.labels.astype(np.int32), "embedding": embedding_array(q.embeddings)}),
-            {"kind": "query", "split": "test", "query_model": {"name": query_model.name, "sha256": query_model.sha256}},
-        ),
-        out_dir / "query.parquet",
-    )
-    write_reports(metrics, versions, out_dir)
+    # written only now, so a failure above leaves a previous evaluation in out_dir untouched; and as
+    # one folder swapped in whole, so a kill never leaves new metrics next to an old query.parquet
+    with atomic_dir(out_dir) as tmp:
+        write_table(
+            with_metadata(
+                pa.table({"id": q.ids, "label": q.labels.astype(np.int32), "embedding": embedding_array(q.embeddings)}),
+                {"kind": "query", "split": "test",
+                 "query_model": {"name": query_model.name, "sha256": query_model.sha256}},
+            ),
+            tmp / "query.parquet",
+        )
+        write_reports(metrics, versions, tmp)
     return metrics

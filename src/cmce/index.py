@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.ensemble import normalize
-from cmce.storage import atomic_dir, file_sha256, local_input
+from cmce.storage import atomic_dir, file_sha256, local_input, restore_dir
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -249,6 +249,8 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None) -> Loaded
     query model. meta.json is written last (renamed in locally, uploaded after every other file on S3),
     so a folder or prefix without it is an unfinished build or upload."""
     shown = str(index_dir).rstrip("/")
+    if not str(index_dir).startswith("s3://"):
+        restore_dir(Path(index_dir))  # a rebuild killed mid-swap leaves the previous index as .<name>.old
     d = local_input(index_dir)
     meta_path = d / "meta.json"
     if not meta_path.exists():

@@ -19,6 +19,7 @@ from cmce.embed import combine_members, embed_split, embed_with_model
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.index import build_index
 from cmce.loader import WHOLE, Shard
+from cmce.resume import Resume, file_identity
 from cmce.tables import embedding_array, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, save_transformation
@@ -106,8 +107,11 @@ def step_fit_transform(
     g = embed_split(g_model, dataset, "train", cfg.batch_size)
     if q.ids != g.ids:
         raise ValueError(f"{dataset}: train split read in different orders")
+    resume = Resume.next_to(out, kind="transformation", transform=cfg.transform, seed=cfg.seed,
+                            batch_size=cfg.batch_size, dataset=file_identity(dataset), query_model=q_model.sha256,
+                            gallery_model=g_model.sha256)
     mlp, history = fit_transformation(
-        g.embeddings, q.embeddings, q.labels, q_model.classifier, cfg.transform, cfg.seed, f"T[{g_model.name}]"
+        g.embeddings, q.embeddings, q.labels, q_model.classifier, cfg.transform, cfg.seed, f"T[{g_model.name}]", resume
     )
     t = Transformation(
         mlp=mlp,
@@ -139,6 +143,7 @@ def step_fit_transform(
             "query_model_sha256": q_model.sha256,
         }
         write_table(with_metadata(table, meta), train_embeddings_out)
+    resume.remove()
     ddp.barrier()
     return out
 

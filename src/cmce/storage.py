@@ -12,9 +12,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -25,6 +28,10 @@ _scratch: Path | None = None
 _origins: dict[Path, str] = {}  # scratch folder or file → the URI it stands for
 _downloaded: dict[str, Path] = {}
 
+log = logging.getLogger(__name__)
+# a temporary file or folder untouched this long belongs to a killed run, not to a live writer
+STALE_TEMP_AGE_S = 3600.0
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -32,11 +39,76 @@ def _umask() -> int:
     return mask
 
 
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _newest_mtime(path: Path) -> float:
+    """A folder's own mtime does not change while a file in it is written: look one level down too."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [p.lstat().st_mtime for p in path.iterdir()]
+    return max(times)
+
+
+def clean_stale_temps(target: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove temporary files and folders that a killed writer of `target` left behind: only names of
+    our own pattern (`.<name>.XXXXXXXX.tmp`) for this target, untouched for `max_age_s` (younger ones
+    may belong to a writer still running). Returns what was removed."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    now, removed = time.time(), []
+    for p in target.parent.iterdir():
+        if not pattern.fullmatch(p.name):
+            continue
+        try:
+            if now - _newest_mtime(p) < max_age_s:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except FileNotFoundError:  # its writer finished or another cleaner got there first
+            continue
+        removed.append(p)
+    if removed:
+        log.info("removed %d stale temporary file(s) of %s left by an interrupted run", len(removed), target)
+    return removed
+
+
+def restore_dir(target: str | Path) -> bool:
+    """Put `.<name>.old` back when `target` is missing: a run killed between atomic_dir's two renames
+    leaves the previous complete folder there and nothing at `target`. Returns True if it did."""
+    target = Path(target)
+    old = _old(target)
+    if target.exists() or not old.is_dir():
+        return False
+    try:
+        os.rename(old, target)
+    except OSError:  # restored (or rebuilt) by someone else in the meantime
+        return False
+    log.warning("%s was missing after an interrupted swap; restored the previous version from %s", target, old.name)
+    return True
+
+
+def _discard_dir(path: Path) -> None:
+    """Delete a folder, renaming it to a temporary name first, so that a kill during the deletion
+    leaves a stale temporary folder (cleaned later), never a half-deleted `.old`."""
+    if not path.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=path.name.removesuffix(".old") + ".", suffix=".tmp", dir=path.parent))
+    os.replace(path, trash)  # onto the empty folder just made
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path next to `target`; rename it onto `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -53,22 +125,25 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it in for `target` only on success.
 
-    A directory cannot be renamed over a non-empty one, so the old one is moved aside first;
-    the window in which neither exists is two renames long.
+    A directory cannot be renamed over a non-empty one, so the old one is moved aside to
+    `.<name>.old` first; the window in which neither exists is two renames long. A run killed in
+    that window leaves only `.<name>.old`, which restore_dir (called here and by readers such as
+    cmce.index.load_index) puts back.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_dir(target)
+    clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
+        old = _old(target)
+        _discard_dir(old)  # a complete older version, left by a run killed before it could delete it
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard_dir(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

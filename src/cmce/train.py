@@ -20,6 +20,7 @@ from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding
 from cmce.config import DataConfig, ModelSpec, TrainConfig
 from cmce.data import DataError, SplitArrays, dataset_info, load_split, to_float
 from cmce.models import CosineClassifier, EmbeddingNet, is_pretrained
+from cmce.resume import Resume, file_identity
 
 log = logging.getLogger(__name__)
 History = list[dict[str, float]]
@@ -69,6 +70,7 @@ def run_epochs(
     seed: int,
     desc: str,
     param_groups: list[dict] | None = None,
+    resume: Resume | None = None,
 ) -> History:
     """Shared optimisation loop: AdamW, warmup + cosine LR, optional augmentation, per-epoch log.
 
@@ -76,20 +78,21 @@ def run_epochs(
     DistributedDataParallel wrapper under torchrun). `cfg.batch_size` is the global batch: each
     data-parallel rank takes an equal share of it (see cmce.distributed). `param_groups`: optimiser
     groups of the model's parameters, each with its own peak "lr" (default: one group at cfg.lr); the
-    schedule scales every group alike."""
+    schedule scales every group alike. With `resume`, the state is saved after every epoch and a
+    matching saved state is continued from (cmce.resume)."""
     ctx = ddp.current()
     ddp.check_batch_size(cfg.batch_size, ctx, "train.batch_size")
     device = ctx.device
     model.to(device)
-    forward = ddp.wrap(model, ctx)
     gen = torch.Generator().manual_seed(seed)
     n = len(data.ids)
     steps_per_epoch = max(1, n // cfg.batch_size)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * epochs, cfg.warmup_fraction))
     labels = torch.from_numpy(data.labels)
-    history: History = []
-    for epoch in range(epochs):
+    start, history = resume.restore(model, opt, sched, gen, desc) if resume else (0, [])
+    forward = ddp.wrap(model, ctx)  # after restoring: DDP copies rank 0's (restored) weights to every rank
+    for epoch in range(start, epochs):
         model.train()
         order = torch.randperm(n, generator=gen)
         total, metric_sum = 0.0, 0.0
@@ -115,6 +118,8 @@ def run_epochs(
         history.append(row)
         if ctx.is_main:
             log.info("%s epoch %d/%d loss %.4f metric %.4f", desc, epoch + 1, epochs, row["loss"], row["metric"])
+        if resume:
+            resume.save(model, opt, sched, gen, epoch + 1, epochs, history)
     ddp.sync_buffers(model, ctx)
     model.eval()
     model.cpu()
@@ -149,8 +154,11 @@ def train_embedding_model(
         {"params": list(net.backbone.parameters()), "lr": cfg.lr * spec.backbone_lr_scale},
         {"params": [*net.head.parameters(), *head.parameters()], "lr": cfg.lr},
     ]
+    resume = Resume.next_to(out, kind="embedding", spec=spec, channels=data_cfg.channels,
+                            image_size=data_cfg.image_size, train=cfg, epochs=epochs, dataset=file_identity(dataset))
     # one module (backbone then head) so data-parallel training can wrap it as a whole
-    history = run_epochs(nn.Sequential(net, head), data, step_loss, cfg, epochs, spec.seed, spec.name, groups)
+    history = run_epochs(nn.Sequential(net, head), data, step_loss, cfg, epochs, spec.seed, spec.name, groups,
+                         resume=resume)
     model = EmbeddingModel(
         name=spec.name,
         arch=spec.arch,
@@ -163,7 +171,7 @@ def train_embedding_model(
         meta={"history": history, "seed": spec.seed, "train_images": len(data.ids), "role": "embedding",
               "pretrained": is_pretrained(spec.arch), "backbone_lr_scale": spec.backbone_lr_scale},
     )
-    return _save_on_main(model, out, spec.width)
+    return _save_on_main(model, out, spec.width, resume)
 
 
 def train_distilled_student(
@@ -190,9 +198,12 @@ def train_distilled_student(
         loss = (pred - target).pow(2).sum(-1).mean()
         return loss, (pred.detach() * target).sum(-1).mean().item()
 
-    history = run_epochs(
-        net, data, step_loss, cfg, epochs or cfg.epochs, student_spec.seed, f"kd/{teacher.name}",
-    )
+    epochs = epochs or cfg.epochs
+    resume = Resume.next_to(out, kind="kd_student", spec=student_spec, channels=data_cfg.channels,
+                            image_size=data_cfg.image_size, train=cfg, epochs=epochs, dataset=file_identity(dataset),
+                            teacher=teacher.sha256)
+    history = run_epochs(net, data, step_loss, cfg, epochs, student_spec.seed, f"kd/{teacher.name}",
+                         resume=resume)
     info = dataset_info(dataset)
     student = EmbeddingModel(
         name=f"kd_{teacher.name}",
@@ -206,14 +217,16 @@ def train_distilled_student(
         meta={"history": history, "teacher_sha256": teacher.sha256, "role": "kd_student",
               "dataset_source": info.get("source", "")},
     )
-    return _save_on_main(student, out, student_spec.width)
+    return _save_on_main(student, out, student_spec.width, resume)
 
 
-def _save_on_main(model: EmbeddingModel, out: str | Path, width: int) -> EmbeddingModel:
-    """Rank 0 writes the checkpoint and returns it as loaded; the other ranks return their identical
-    in-memory copy (no sha256: they hold no file). Every rank returns once the file is in place."""
+def _save_on_main(model: EmbeddingModel, out: str | Path, width: int, resume: Resume) -> EmbeddingModel:
+    """Rank 0 writes the checkpoint (then drops the resume file) and returns it as loaded; the other
+    ranks return their identical in-memory copy (no sha256: they hold no file). Every rank returns once
+    the file is in place."""
     if ddp.is_main():
         save_embedding_model(model, out, width)
+        resume.remove()
         model = load_embedding_model(out)
     ddp.barrier()
     return model

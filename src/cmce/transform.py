@@ -22,6 +22,7 @@ from cmce import distributed as ddp
 from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, require_keys, save_checkpoint
 from cmce.config import TransformConfig
 from cmce.models import cosine_logits
+from cmce.resume import Resume
 from cmce.storage import file_sha256
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,11 @@ def fit_transformation(
     cfg: TransformConfig,
     seed: int = 0,
     desc: str = "transform",
+    resume: Resume | None = None,
 ) -> tuple[nn.Sequential, list[dict[str, float]]]:
     """Fit the MLP on paired embeddings of the same training images. Returns (mlp, per-epoch history).
-    Under torchrun every rank holds all embeddings; `cfg.batch_size` is the global batch (cmce.distributed)."""
+    Under torchrun every rank holds all embeddings; `cfg.batch_size` is the global batch (cmce.distributed).
+    With `resume`, the state is saved after every epoch and a matching saved state is continued from."""
     if len(gallery_emb) != len(query_emb) or len(gallery_emb) != len(labels):
         raise ValueError("gallery embeddings, query embeddings and labels must have the same length")
     for name, arr in (("gallery", gallery_emb), ("query", query_emb)):
@@ -101,13 +104,14 @@ def fit_transformation(
     y = torch.as_tensor(labels, dtype=torch.long).to(device)
     w = query_classifier.detach().float().to(device)
     mlp = build_mlp(g.shape[1], q.shape[1], cfg.hidden_dim, cfg.depth).to(device)
-    forward = ddp.wrap(mlp, ctx)
     opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(g) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     gen = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, mininterval=2, disable=None if ctx.is_main else True):
+    start, history = resume.restore(mlp, opt, sched, gen, desc) if resume else (0, [])
+    forward = ddp.wrap(mlp, ctx)
+    for epoch in tqdm(range(start, cfg.epochs), desc=desc, leave=False, mininterval=2,
+                      disable=None if ctx.is_main else True):
         mlp.train()
         order = torch.randperm(len(g), generator=gen)
         sums = np.zeros(3)
@@ -122,6 +126,8 @@ def fit_transformation(
             sums += [loss.item(), align.item(), ce.item()]
         row = dict(zip(("loss", "align", "ce"), ddp.mean_over_ranks((sums / steps).tolist(), ctx), strict=True))
         history.append({"epoch": epoch + 1, **row})
+        if resume:
+            resume.save(mlp, opt, sched, gen, epoch + 1, cfg.epochs, history)
     if ctx.is_main:
         log.info("%s: final loss %.4f (align %.4f, ce %.4f)", desc, *(history[-1][k] for k in ("loss", "align", "ce")))
     ddp.sync_buffers(mlp, ctx)

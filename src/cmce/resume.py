@@ -1,0 +1,161 @@
+"""Resumable training loops.
+
+After every epoch a training loop saves its whole state (weights, optimizer, LR schedule, every RNG it
+draws from, epoch, history) to `<out>.resume`, next to the output it will write, atomically. A run of
+the same step that finds that file continues after the last finished epoch and ends with exactly the
+weights an uninterrupted run gives. The file carries a fingerprint of everything the result depends on
+(settings, the dataset file, the input models, the data-parallel world size); a file written for
+anything else is ignored with a warning and training starts over. The step deletes the file once its
+output is in place. Delete it by hand to force a fresh start.
+
+The name does not end in `.pt`, so folder globs for checkpoints (`--kd-dir`, `--transform-dir`) never
+pick it up. It holds tensors and primitives only and is loaded weights-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmce import distributed as ddp
+from cmce.storage import atomic_path, clean_stale_temps, file_sha256
+
+log = logging.getLogger(__name__)
+RESUME_FORMAT = "cmce-resume/1"
+
+
+def resume_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name}.resume")
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """Content identity of an input file: its sha256 and size."""
+    return {"sha256": file_sha256(path), "size": os.path.getsize(path)}
+
+
+def fingerprint(**parts: Any) -> str:
+    """sha256 of the JSON of `parts` (dataclasses expanded) plus the data-parallel world size: a batch
+    split over another number of ranks is a different computation."""
+    parts = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}
+    parts["world_size"] = ddp.current().world_size
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random stream a training loop may draw from, as tensors and numbers only."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_gauss": float(gauss),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass
+class Resume:
+    """The resume file of one training run and the fingerprint a file must carry to be resumed."""
+
+    path: Path
+    fingerprint: str
+
+    @classmethod
+    def next_to(cls, out: str | Path, **parts: Any) -> Resume:
+        return cls(resume_path(out), fingerprint(**parts))
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+            log.warning("%s: unreadable resume file, starting over: %s", self.path, err)
+            return None
+        if not isinstance(obj, dict) or obj.get("format") != RESUME_FORMAT:
+            log.warning("%s: not a %s file, starting over", self.path, RESUME_FORMAT)
+            return None
+        if obj.get("fingerprint") != self.fingerprint:
+            log.warning("%s was written for other settings, data, input models or world size; ignoring it and "
+                        "starting over", self.path)
+            return None
+        return obj
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state when there is one for this very training, else None. Under torchrun every
+        rank reads the file; unless all of them find the same epoch, all start over together."""
+        state = self._read()
+        if not ddp.agree(int(state["epoch"]) if state else 0, ddp.current()):
+            log.warning("%s: data-parallel ranks disagree on the resume state (is the folder shared?); "
+                        "starting over", self.path)
+            return None
+        return state
+
+    def save(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+             generator: torch.Generator, epoch: int, epochs: int, history: list[dict[str, float]]) -> None:
+        """State after `epoch` finished epochs (rank 0 writes; atomic, so a kill keeps the previous one)."""
+        if not ddp.is_main():
+            return
+        obj = {
+            "format": RESUME_FORMAT,
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "epochs": epochs,
+            "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(generator),
+            "history": history,
+        }
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    def restore(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                generator: torch.Generator, desc: str) -> tuple[int, list[dict[str, float]]]:
+        """Load the saved state into the given objects; returns (finished epochs, history), (0, []) if none."""
+        state = self.load()
+        if state is None:
+            return 0, []
+        module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], generator)
+        if ddp.is_main():
+            log.info("%s: resuming from %s after epoch %d of %d", desc, self.path, state["epoch"], state["epochs"])
+        # interned keys, as in rows the loop builds: pickle memoizes by identity, so the final checkpoint
+        # is then byte-identical to an uninterrupted run's
+        history = [{sys.intern(k): v for k, v in row.items()} for row in state["history"]]
+        return int(state["epoch"]), history
+
+    def remove(self) -> None:
+        """Called once the final output is written."""
+        if ddp.is_main():
+            self.path.unlink(missing_ok=True)
+            clean_stale_temps(self.path)

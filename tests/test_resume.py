@@ -1,0 +1,115 @@
+"""Training resumes from its last finished epoch: an interrupted run, run again, writes the very
+checkpoint an uninterrupted run writes; a resume file written for anything else is ignored.
+(The same through a SIGKILLed `cmce train` process: tests/test_crash.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import cmce.resume
+from cmce import distributed as ddp
+from cmce.config import TransformConfig, load_config
+from cmce.resume import RESUME_FORMAT, Resume, fingerprint, resume_path
+from cmce.steps import step_fit_transform, step_train_kd
+from cmce.storage import file_sha256
+from cmce.transform import fit_transformation
+from tests.conftest import SMOKE
+
+
+class Crash(Exception):
+    """Stands in for the process dying right after a resume file was written."""
+
+
+@contextlib.contextmanager
+def crash_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
+    save = Resume.save
+
+    def save_then_crash(self, module, opt, sched, gen, done, epochs, history):
+        save(self, module, opt, sched, gen, done, epochs, history)
+        if done == epoch:
+            raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(Resume, "save", save_then_crash)
+        with pytest.raises(Crash):
+            yield
+
+
+def _kd(cfg, lay, out):
+    step_train_kd(cfg, lay.dataset, lay.model("resnet_a"), out)
+
+
+def _transform(cfg, lay, out):
+    step_fit_transform(cfg, lay.dataset, lay.model("query"), lay.model("resnet_a"), out, None)
+
+
+STEPS = {  # step, the smoke run's output of the same step, epochs, epoch to crash after
+    "kd_student": (_kd, lambda lay: lay.kd_student("resnet_a"), 3, 1),
+    "transformation": (_transform, lambda lay: lay.transformation("resnet_a"), 10, 6),
+}
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_interrupted_training_resumes_to_the_uninterrupted_checkpoint(name, smoke_run, tmp_path, monkeypatch, caplog):
+    lay, _ = smoke_run
+    step, reference, epochs, crash_at = STEPS[name]
+    cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
+    out = tmp_path / "out.pt"
+    with crash_after_epoch(monkeypatch, crash_at):
+        step(cfg, lay, out)
+    assert not out.exists()
+    saved = torch.load(resume_path(out), map_location="cpu", weights_only=True)  # tensors and primitives only
+    assert saved["format"] == RESUME_FORMAT and saved["epoch"] == crash_at and len(saved["history"]) == crash_at
+    assert isinstance(saved["rng"]["generator"], torch.Tensor) and isinstance(saved["rng"]["numpy_keys"], torch.Tensor)
+
+    with caplog.at_level(logging.INFO, logger="cmce"):
+        step(cfg, lay, out)
+    assert f"resuming from {resume_path(out)} after epoch {crash_at} of {epochs}" in caplog.text
+    # byte for byte, so every weight, the optimizer's trajectory and the recorded history are the same
+    assert file_sha256(out) == file_sha256(reference(lay))
+    assert not resume_path(out).exists()  # dropped once the output is in place
+
+
+def _fit(cfg: TransformConfig, resume: Resume | None) -> tuple[dict[str, torch.Tensor], list]:
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(256, 6)).astype(np.float32)
+    q = (g @ rng.normal(size=(6, 4))).astype(np.float32)
+    labels = rng.integers(0, 3, 256)
+    mlp, history = fit_transformation(g, q, labels, torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
+                                      cfg, seed=0, resume=resume)
+    return mlp.state_dict(), history
+
+
+def test_a_resume_file_for_other_settings_or_unreadable_is_ignored(tmp_path, monkeypatch, caplog):
+    cfg = TransformConfig(hidden_dim=16, epochs=6, batch_size=32)
+    expected_state, expected_history = _fit(cfg, None)
+    path = tmp_path / "t.pt.resume"
+    for written_by, needle in ((TransformConfig(hidden_dim=16, epochs=6, batch_size=32, lr=0.01),
+                                "written for other settings"),
+                               (None, "unreadable resume file, starting over")):
+        if written_by is None:
+            path.write_bytes(b"not a checkpoint")
+        else:
+            with crash_after_epoch(monkeypatch, 3):
+                _fit(written_by, Resume(path, fingerprint(transform=written_by)))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cmce"):
+            state, history = _fit(cfg, Resume(path, fingerprint(transform=cfg)))
+        assert needle in caplog.text and "resuming" not in caplog.text
+        assert history == expected_history
+        assert all(torch.equal(state[k], expected_state[k]) for k in expected_state)
+
+
+def test_fingerprint_covers_settings_inputs_and_world_size(monkeypatch):
+    base = fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "a" * 64, "size": 10})
+    assert base == fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "a" * 64, "size": 10})
+    assert base != fingerprint(kind="embedding", train={"lr": 0.004}, dataset={"sha256": "a" * 64, "size": 10})
+    assert base != fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "b" * 64, "size": 10})
+    monkeypatch.setattr(cmce.resume.ddp, "current", lambda: ddp.Context(rank=0, world_size=2, backend="gloo"))
+    assert base != fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "a" * 64, "size": 10})
