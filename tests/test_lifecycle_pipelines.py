@@ -17,8 +17,11 @@ from tests.conftest import dvc as _dvc
 
 
 def _lifecycle_run(kfp_run: Path, tmp_path: Path, pipeline: str, monkeypatch) -> tuple[Path, str]:
-    """Run a lifecycle pipeline on the artifacts of the smoke KFP run, tracked by the same MLflow server."""
-    uri = f"sqlite:///{kfp_run.parent / 'mlflow.db'}"
+    """Run a lifecycle pipeline on the artifacts of the smoke KFP run, tracked by a copy of its MLflow
+    store (registered versions included), so the run's own aliases stay as other tests expect them."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(kfp_run.parent / "mlflow.db", db)
+    uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     stored = tmp_path / "train_embeddings"  # the per-model train embeddings, gathered in one folder
     stored.mkdir()

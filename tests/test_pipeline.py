@@ -78,7 +78,7 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("cmce")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "cmce")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = {r.info.run_name for r in children}
     assert {"prepare-data", "train-query", "train-resnet_a", "train-vgg_b", "fit-transform-resnet_a",
