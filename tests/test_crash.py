@@ -33,6 +33,7 @@ from cmce.steps import RunLayout
 from cmce.storage import STALE_TEMP_AGE_S, file_sha256, restore_dir
 from cmce.tables import read_metadata
 from tests.conftest import ROOT, SMOKE
+from tests.test_bad_input import snapshot
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
 POLL_S = 0.002
@@ -41,14 +42,6 @@ POLL_S = 0.002
 def temp_pattern(target: Path) -> re.Pattern:
     """Temporary names of atomic_path / atomic_dir for `target`."""
     return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
-
-
-def snapshot(path: Path) -> dict[str, bytes] | None:
-    if path.is_file():
-        return {"": path.read_bytes()}
-    if path.is_dir():
-        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-    return None
 
 
 def leftovers(out: Path) -> list[str]:
