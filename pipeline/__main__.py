@@ -53,10 +53,9 @@ def _lifecycle_arguments(args: argparse.Namespace) -> dict:
     for key in INPUT_URIS:
         if getattr(args, key, None):
             out[key] = getattr(args, key)
-    if args.pipeline == "add-gallery-model":
-        out.pop("train_embeddings_uri", None)
-    needed = [k for k in INPUT_URIS if k not in out and (k != "train_embeddings_uri"
-                                                          or args.pipeline == "upgrade-query-model")]
+    required = INPUT_URIS if args.pipeline == "upgrade-query-model" else INPUT_URIS[:3]  # add: no train embeddings
+    out = {k: v for k, v in out.items() if k in required}
+    needed = [k for k in required if k not in out]
     if needed:
         raise SystemExit(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
     if args.params:
