@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -562,28 +563,39 @@ def iter_split_batches(
     """Stream one split in row batches; memory is bounded by the batch, not the file."""
     pf = open_dataset(path)
     n = 0
-    seen: set[str] = set()  # ids key every output row: a duplicate would silently alias two images
+    seen: set[str] = set()
     for batch in pf.iter_batches(batch_size=batch_size, columns=["id", "label", "split", "image"]):
-        for col in ("id", "label", "split"):
-            if batch.column(col).null_count:
-                raise DataError(f"{path}: column '{col}' has {batch.column(col).null_count} null values")
-        mask = np.asarray(batch.column("split").to_numpy(zero_copy_only=False) == split)
-        if not mask.any():
+        rows = split_rows(path, batch, split, seen)
+        if not len(rows):
             continue
-        ids = [i for i, m in zip(batch.column("id").to_pylist(), mask, strict=True) if m]
-        for i in ids:
-            if i in seen:
-                raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
-            seen.add(i)
-        labels = batch.column("label").to_numpy()[mask]
-        if labels.size and labels.min() < 0:
-            raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
-        blobs = [b for b, m in zip(batch.column("image").to_pylist(), mask, strict=True) if m]
+        ids = batch.column("id").take(rows).to_pylist()
+        labels = batch.column("label").take(rows).to_numpy()
+        blobs = batch.column("image").take(rows).to_pylist()
         imgs = np.stack([decode_image(b, channels, size, f"{path} (id {i})") for b, i in zip(blobs, ids, strict=True)])
         n += len(ids)
         yield SplitArrays(ids, labels.astype(np.int64), torch.from_numpy(imgs))
     if n == 0:
         raise DataError(f"{path}: split '{split}' is empty")
+
+
+def split_rows(path: str | Path, rows: pa.RecordBatch | pa.Table, split: str, seen: set[str]) -> np.ndarray:
+    """Indices of `split`'s rows in a slice of a dataset file (id, label, split columns), checked: no
+    nulls, no negative label, no id already in `seen` (ids key every output row: a duplicate would
+    silently alias two images). Adds the slice's ids to `seen`."""
+    for col in ("id", "label", "split"):
+        if rows.column(col).null_count:
+            raise DataError(f"{path}: column '{col}' has {rows.column(col).null_count} null values")
+    idx = np.flatnonzero(pc.equal(rows.column("split"), split).to_numpy(zero_copy_only=False))
+    if not len(idx):
+        return idx
+    for i in rows.column("id").take(idx).to_pylist():
+        if i in seen:
+            raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
+        seen.add(i)
+    labels = rows.column("label").take(idx).to_numpy()
+    if labels.min() < 0:
+        raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
+    return idx
 
 
 def load_split(path: str | Path, split: str, channels: int, size: int) -> SplitArrays:

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cmce.data import DataError, SplitArrays, decode_image, open_dataset
+from cmce.data import DataError, SplitArrays, decode_image, open_dataset, split_rows
 
 
 @dataclass(frozen=True)
@@ -58,22 +57,11 @@ class SplitChunks(Dataset):
         self.path, self.channels, self.size = str(path), channels, size
         pf = open_dataset(path)
         chunks = []
-        seen: set[str] = set()  # ids key every output row: a duplicate would silently alias two images
+        seen: set[str] = set()
         for rg in range(pf.num_row_groups):
-            cols = pf.read_row_group(rg, columns=["id", "label", "split"])
-            for col in ("id", "label", "split"):
-                if cols.column(col).null_count:
-                    raise DataError(f"{path}: column '{col}' has {cols.column(col).null_count} null values")
-            rows = np.flatnonzero(pc.equal(cols.column("split"), split).to_numpy(zero_copy_only=False))
+            rows = split_rows(path, pf.read_row_group(rg, columns=["id", "label", "split"]), split, seen)
             if not len(rows):
                 continue
-            for i in cols.column("id").take(rows).to_pylist():
-                if i in seen:
-                    raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
-                seen.add(i)
-            labels = cols.column("label").take(rows).to_numpy()
-            if labels.min() < 0:
-                raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
             chunks += [(rg, part) for part in np.array_split(rows, -(-len(rows) // chunk_rows))]
         if not chunks:
             raise DataError(f"{path}: split '{split}' is empty")
