@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
+PROBE_BUCKET = "cmce-ready-probe"
 # every listener of `weed mini`; each gets its own free port so that servers never collide
 PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
               "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")
@@ -103,13 +104,28 @@ class WeedServer:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see "
                                    f"{self.data_dir.with_suffix('.log')}")
             try:
-                self.client().list_buckets()
+                self._probe()
                 return
             except Exception as err:  # noqa: BLE001 - not up yet
                 last = err
                 time.sleep(0.2)
         self.kill()
         raise RuntimeError(f"weed mini did not answer within {timeout} s: {last}")
+
+    def _probe(self) -> None:
+        """A write and a read through the volume server, not only the S3 gateway: after a restart the
+        gateway answers listings before the volumes holding earlier objects serve them again."""
+        from botocore.exceptions import ClientError
+
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=PROBE_BUCKET)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+        client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ok")
+        if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ok":
+            raise RuntimeError("probe object read back wrong")
 
     def kill(self) -> None:
         """Stop the server at once (SIGKILL), as a crash would."""

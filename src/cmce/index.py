@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cmce import s3
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.ensemble import normalize
 from cmce.storage import atomic_dir, file_sha256, local_input, restore_dir
@@ -249,13 +250,17 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None) -> Loaded
     query model. meta.json is written last (renamed in locally, uploaded after every other file on S3),
     so a folder or prefix without it is an unfinished build or upload."""
     shown = str(index_dir).rstrip("/")
-    if not str(index_dir).startswith("s3://"):
+    unfinished = IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or "
+                                f"upload did not finish; build it again")
+    if s3.is_s3(index_dir):
+        if "meta.json" not in s3.list_keys(str(index_dir)):
+            raise unfinished  # refused from the listing, before downloading what an unfinished upload left
+    else:
         restore_dir(Path(index_dir))  # a rebuild killed mid-swap leaves the previous index as .<name>.old
     d = local_input(index_dir)
     meta_path = d / "meta.json"
     if not meta_path.exists():
-        raise IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or upload "
-                             f"did not finish; build it again")
+        raise unfinished
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
