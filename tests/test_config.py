@@ -68,6 +68,8 @@ def test_nonsense_values_are_rejected(tmp_path):
         load_config(_write(tmp_path, GOOD + "data: {heldout_fraction: 5}\n"))
     with pytest.raises(ConfigError, match="data.channels: True is not one of"):
         load_config(_write(tmp_path, GOOD + "data: {channels: true}\n"))
+    with pytest.raises(ConfigError, match="transform.augment_views must be >= 0, got -1"):
+        load_config(_write(tmp_path, GOOD + "transform: {augment_views: -1}\n"))
 
 
 def test_shipped_configs_load():

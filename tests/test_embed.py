@@ -83,3 +83,32 @@ def test_members_must_agree(tmp_path):
     write_member(paths[1], "m1", ids[::-1], np.zeros((40, 5)), normalize(np.ones((40, 6))))
     with pytest.raises(TableError, match="ids are not in the same order"):
         combine_members(paths, tmp_path / "g.parquet")
+
+
+def test_augmented_views_pair_rows_across_models_and_repeat_with_the_seed(smoke_run):
+    import torch
+
+    from cmce.checkpoint import load_embedding_model
+    from cmce.data import load_split
+    from cmce.embed import embed_augmented_views, embed_batch
+    from cmce.train import augment
+
+    lay, _ = smoke_run
+    q = load_embedding_model(lay.model("query"))
+    g = load_embedding_model(lay.model(lay.gallery_names[0]))
+    (eq, eg), labels = embed_augmented_views([q, g], lay.dataset, "train", views=2, seed=7, batch_size=64)
+    split = load_split(lay.dataset, "train", q.in_channels, q.image_size)
+    n = len(split.ids)
+    assert eq.shape == (2 * n, q.embedding_dim) and eg.shape == (2 * n, g.embedding_dim)
+    np.testing.assert_array_equal(labels, np.tile(split.labels, 2))
+    # the same augmented copy went through both models: redo view 1's first batch by hand
+    first = augment(split.images[:64], torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        np.testing.assert_allclose(eq[:64], embed_batch(q, first), atol=1e-5)
+        np.testing.assert_allclose(eg[:64], embed_batch(g, first), atol=1e-5)
+        plain = embed_batch(q, split.images[:64])
+    assert not np.allclose(eq[:64], plain, atol=1e-3)  # augmented, not the plain images
+    (again, _), _ = embed_augmented_views([q, g], lay.dataset, "train", views=2, seed=7, batch_size=64)
+    np.testing.assert_array_equal(again, eq)
+    (other, _), _ = embed_augmented_views([q, g], lay.dataset, "train", views=2, seed=8, batch_size=64)
+    assert not np.array_equal(other, eq)

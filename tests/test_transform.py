@@ -6,6 +6,7 @@ from cmce.checkpoint import CheckpointError
 from cmce.config import TransformConfig
 from cmce.ensemble import normalize
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
+from tests.conftest import SMOKE
 
 
 def test_recovers_a_known_linear_map():
@@ -61,3 +62,25 @@ def test_checkpoint_round_trip_and_model_checks(tmp_path):
         load_transformation(path, gallery_sha256="other")
     with pytest.raises(ValueError, match="expects embeddings of dim 5"):
         loaded.apply(np.zeros((2, 4), np.float32))
+
+
+def test_fit_transform_step_adds_augmented_views_to_the_fitting_pairs(smoke_run, tmp_path, monkeypatch):
+    from cmce import steps
+    from cmce.config import load_config
+    from cmce.data import load_split
+
+    lay, _ = smoke_run
+    seen = []
+    real = steps.fit_transformation
+
+    def spy(g, q, y, *args, **kwargs):
+        seen.append((len(g), len(q), len(y)))
+        return real(g, q, y, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "fit_transformation", spy)
+    n = len(load_split(lay.dataset, "train", 1, 8).ids)
+    for views in (0, 2):
+        cfg = load_config(SMOKE, {"transform.augment_views": views, "transform.epochs": 1})
+        steps.step_fit_transform(cfg, lay.dataset, lay.model("query"), lay.model(lay.gallery_names[0]),
+                                 tmp_path / f"T{views}.pt", None)
+    assert seen == [(n, n, n), (3 * n, 3 * n, 3 * n)]

@@ -76,6 +76,9 @@ class TransformConfig:
     batch_size: int = 256  # global batch, like train.batch_size
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    # extra randomly shifted/flipped copies of each train image embedded by both frozen models (the same
+    # copy for both), so T is fitted on more pairs than the images the backbones were trained on
+    augment_views: int = 0
 
 
 @dataclass
@@ -232,6 +235,8 @@ def _validate(cfg: Config, where: str) -> None:
                                                               for m in cfg.all_models())):
         if epochs < 1:
             raise ConfigError(f"{where}: {name} must be at least 1, got {epochs}")
+    if cfg.transform.augment_views < 0:
+        raise ConfigError(f"{where}: transform.augment_views must be >= 0, got {cfg.transform.augment_views}")
     if not 0.0 < cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"{where}: data.heldout_fraction must be in (0, 1)")
     if not 0.0 <= cfg.index.reject_fraction < 1.0:

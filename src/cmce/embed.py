@@ -35,6 +35,7 @@ from cmce.tables import (
     read_schema,
     string_column,
 )
+from cmce.train import augment
 from cmce.transform import load_transformation
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,34 @@ def embed_split(model: EmbeddingModel, dataset: str | Path, split: str, batch_si
         labels.append(batch.labels)
         embs.append(emb)
     return Embedded(ids, np.concatenate(labels), np.concatenate(embs))
+
+
+def embed_augmented_views(
+    models: list[EmbeddingModel], dataset: str | Path, split: str, views: int, seed: int, batch_size: int = 256
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every model's embeddings of `views` augmented copies of each image of the split (the same copy
+    for every model, so the rows pair up), and their labels; view after view, each in file order."""
+    first = models[0]
+    for m in models[1:]:
+        if (m.in_channels, m.image_size) != (first.in_channels, first.image_size):
+            raise ValueError(f"models {first.name!r} and {m.name!r} read images of different shape; "
+                             f"augmented views need one shape")
+    gen = torch.Generator().manual_seed(seed)
+    embs: list[list[np.ndarray]] = [[] for _ in models]
+    labels = []
+    for m in models:
+        m.net.eval()
+    for view in range(views):
+        chunks = iter_split_chunks(dataset, split, first.in_channels, first.image_size)
+        for batch in tqdm(rebatch(chunks, batch_size), desc=f"augmented view {view + 1}/{views}", leave=False,
+                          mininterval=2, disable=None):
+            images = augment(batch.images, gen)
+            labels.append(batch.labels)
+            for out, m in zip(embs, models, strict=True):
+                out.append(embed_batch(m, images))
+    if not labels:
+        return [np.zeros((0, m.embedding_dim), np.float32) for m in models], np.zeros(0, np.int64)
+    return [np.concatenate(e) for e in embs], np.concatenate(labels)
 
 
 def member_metadata(name: str, arch: str, sha256: str, transformation_sha256: str, query_sha256: str,

@@ -15,7 +15,7 @@ from cmce import distributed as ddp
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec
 from cmce.data import dataset_info, prepare_dataset
-from cmce.embed import combine_members, embed_split, embed_with_model
+from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.index import build_index
 from cmce.loader import WHOLE, Shard
@@ -107,11 +107,16 @@ def step_fit_transform(
     g = embed_split(g_model, dataset, "train", cfg.batch_size)
     if q.ids != g.ids:
         raise ValueError(f"{dataset}: train split read in different orders")
+    g_fit, q_fit, y_fit = g.embeddings, q.embeddings, q.labels
+    if cfg.transform.augment_views:
+        (q_aug, g_aug), y_aug = embed_augmented_views([q_model, g_model], dataset, "train",
+                                                      cfg.transform.augment_views, cfg.seed, cfg.batch_size)
+        g_fit, q_fit, y_fit = (np.concatenate(p) for p in ((g_fit, g_aug), (q_fit, q_aug), (y_fit, y_aug)))
     resume = Resume.next_to(out, kind="transformation", transform=cfg.transform, seed=cfg.seed,
                             batch_size=cfg.batch_size, dataset=file_identity(dataset), query_model=q_model.sha256,
                             gallery_model=g_model.sha256)
     mlp, history = fit_transformation(
-        g.embeddings, q.embeddings, q.labels, q_model.classifier, cfg.transform, cfg.seed, f"T[{g_model.name}]", resume
+        g_fit, q_fit, y_fit, q_model.classifier, cfg.transform, cfg.seed, f"T[{g_model.name}]", resume
     )
     t = Transformation(
         mlp=mlp,
