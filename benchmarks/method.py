@@ -1,6 +1,6 @@
 """The method's claims measured over seeds, with the paper's ablations.
 
-    python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2] [--ablations size,diversity,lambda]
+    python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2] [--ablations size,diversity,lambda,levers]
                                 [--out runs/bench_method] [--set KEY=VALUE ...] [--no-write]
 
 For every seed: the whole method (`cmce run`: every configuration sym_query, sym_gallery/*, asym/*,
@@ -11,6 +11,8 @@ combined (|Δmean| > std_a + std_b). Ablations (seed 0's trained models reused w
   diversity  N transformations of ONE gallery model (different T seeds) vs N gallery models of one
              architecture (different seeds) vs the config's different architectures
   lambda     the transformation loss with λ = 0 (alignment only) vs the config's λ
+  levers     what else was tried to lift the ensemble: λ grid, T epochs/depth/width, CE temperature,
+             augmented views for T, query-model width (off by default: about as long as one seed)
 Appends a dated section to BENCHMARKS.md: command, commit, hardware, config, wall time, tables, targets.
 """
 
@@ -114,11 +116,11 @@ def targets(runs: Runs, n: int) -> list[str]:
     return rows
 
 
-def lambda_ablation(cfg: Config, lay: RunLayout, lam: float) -> dict:
-    """Refit every transformation with another λ on seed 0's trained models; evaluate the ensemble."""
-    alt = replace(cfg, transform=replace(cfg.transform, lam=lam))
-    root = lay.root / f"lambda_{lam:g}"
-    q = lay.model(cfg.query_model.name)
+def refit(cfg: Config, lay: RunLayout, root: Path, transform: dict | None = None, query: Path | None = None) -> dict:
+    """Refit every transformation on seed 0's frozen gallery models (with other transformation settings,
+    or for another query model), rebuild the gallery and evaluate every configuration."""
+    alt = replace(cfg, transform=replace(cfg.transform, **(transform or {})))
+    q = query or lay.model(cfg.query_model.name)
     members, transforms = [], []
     for g in lay.gallery_names:
         t = step_fit_transform(alt, lay.dataset, q, lay.model(g), root / f"T_{g}.pt", None)
@@ -127,6 +129,33 @@ def lambda_ablation(cfg: Config, lay: RunLayout, lam: float) -> dict:
         transforms.append(t)
     gallery = step_combine(members, root / "gallery.parquet")
     return step_evaluate(alt, EvalInputs(lay.dataset, q, gallery, transforms), root / "eval")
+
+
+# the levers the issue asks about when the ensemble falls short; each refits T on seed 0's frozen models
+TRANSFORM_LEVERS: dict[str, dict] = {
+    "λ = 0.1": {"lam": 0.1},
+    "λ = 0.3": {"lam": 0.3},
+    "λ = 1": {"lam": 1.0},
+    "10 epochs": {"epochs": 10},
+    "100 epochs": {"epochs": 100},
+    "linear T (depth 1)": {"depth": 1},
+    "depth 3": {"depth": 3},
+    "hidden width 1024": {"hidden_dim": 1024},
+    "CE temperature: scale s = 8": {"scale": 8.0},
+    "CE temperature: scale s = 32": {"scale": 32.0},
+    "4 augmented views of each train image": {"augment_views": 4},
+}
+
+
+def levers_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
+    out = {name: refit(cfg, lay, lay.root / "levers" / f"t{i}", transform=t)
+           for i, (name, t) in enumerate(TRANSFORM_LEVERS.items())}
+    for width in (cfg.query_model.width // 2, cfg.query_model.width * 2):  # query-model quality
+        spec = replace(cfg.query_model, name=f"{cfg.query_model.name}_w{width}", width=width)
+        root = lay.root / "levers" / f"query_w{width}"
+        query = step_train(replace(cfg, query_model=spec), lay.dataset, spec.name, root / f"{spec.name}.pt")
+        out[f"query model width {width} (config: {cfg.query_model.width})"] = refit(cfg, lay, root, query=query)
+    return out
 
 
 def diversity_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
@@ -232,9 +261,23 @@ def main() -> None:
     if "lambda" in ablations:
         body += ["", f"### Ablation: λ (seed {seeds[0]}, asym_ensemble/{n})", "",
                  "| λ | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]
-        for lam, m in ((0.0, lambda_ablation(seed0, layouts[0], 0.0)), (cfg.transform.lam, runs[0])):
+        for lam, m in ((0.0, refit(seed0, layouts[0], layouts[0].root / "lambda_0", {"lam": 0.0})),
+                       (cfg.transform.lam, runs[0])):
             e = m[f"asym_ensemble/{n}"]
             body.append(f"| {lam:g} | {100 * e['R@1']:.2f} | {100 * e['MAP@R']:.2f} | {100 * e['TAR@FAR=0.001']:.2f} |")
+    if "levers" in ablations:
+        metrics = ("R@1", "MAP@R", "TAR@FAR=0.001")
+        body += ["", f"### Levers tried (seed {seeds[0]}): each refits every transformation on the same frozen "
+                 "gallery models", "",
+                 "Columns: the ensemble, the best single transformation (by R@1) and the query model alone "
+                 "(which changes only in the query-width rows); R@1 / MAP@R / TAR@FAR=0.001 in %.", "",
+                 f"| change | asym_ensemble/{n} | best asym/* | sym_query |", "|---|---|---|---|"]
+        rows = {"(the config)": runs[0], **levers_ablation(seed0, layouts[0])}
+        for name, m in rows.items():
+            best = max((k for k in m if k.startswith("asym/")), key=lambda k: m[k]["R@1"])
+            cells = [" / ".join(f"{100 * m[c][x]:.2f}" for x in metrics)
+                     for c in (f"asym_ensemble/{n}", best, "sym_query")]
+            body.append(f"| {name} | " + " | ".join(cells) + " |")
     command = "python -m benchmarks.method" + "".join(
         f" --{k} {v}" for k, v in (("config", Path(args.config).name), ("seeds", args.seeds),
                                    ("ablations", args.ablations)) if v != Path(p.get_default(k)).name)
