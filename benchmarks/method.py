@@ -278,9 +278,11 @@ def main() -> None:
             cells = [" / ".join(f"{100 * m[c][x]:.2f}" for x in metrics)
                      for c in (f"asym_ensemble/{n}", best, "sym_query")]
             body.append(f"| {name} | " + " | ".join(cells) + " |")
-    command = "python -m benchmarks.method" + "".join(
-        f" --{k} {v}" for k, v in (("config", Path(args.config).name), ("seeds", args.seeds),
-                                   ("ablations", args.ablations)) if v != Path(p.get_default(k)).name)
+    config = Path(args.config).resolve()
+    shown = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
+             "seeds": args.seeds, "ablations": args.ablations}
+    defaults = {"config": "params.yaml", "seeds": p.get_default("seeds"), "ablations": p.get_default("ablations")}
+    command = "python -m benchmarks.method" + "".join(f" --{k} {v}" for k, v in shown.items() if v != defaults[k])
     command += "".join(f" --set {s}" for s in args.set)
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
