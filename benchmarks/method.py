@@ -96,8 +96,9 @@ def targets(runs: Runs, n: int) -> list[str]:
 
     def row(text: str, a: str, b: str, metric: str, needed: float) -> None:
         d, real = _diff(runs, a, b, metric)
+        spread = ("yes" if real else "no") if len(runs) > 1 else "n/a (one seed)"
         rows.append(f"| {text} ({a} − {b}, {metric}) | {100 * d:+.2f} | ≥ {needed:+.0f} | "
-                    f"{'yes' if 100 * d >= needed else 'no'} | {'yes' if real else 'no'} |")
+                    f"{'yes' if 100 * d >= needed else 'no'} | {spread} |")
 
     row("ensemble vs best single transformation", ens, best("asym/", "R@1"), "R@1", 1)
     row("ensemble vs best single transformation", ens, best("asym/", "MAP@R"), "MAP@R", 4)
