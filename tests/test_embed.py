@@ -43,6 +43,16 @@ def test_combine_matches_direct_ensemble_and_keeps_raw(tmp_path):
     assert meta["kind"] == "gallery" and [m["name"] for m in meta["members"]] == ["m0", "m1", "m2"]
 
 
+def test_gallery_file_dictionary_encodes_ids_and_labels_but_not_embeddings(tmp_path):
+    _, paths, _ = members(tmp_path)
+    out = combine_members(paths, tmp_path / "gallery.parquet")
+    chunks = pq.ParquetFile(out).metadata.row_group(0)
+    dictionary = {chunks.column(i).path_in_schema.split(".")[0]
+                  for i in range(chunks.num_columns) if "RLE_DICTIONARY" in chunks.column(i).encodings}
+    assert {"id", "label", "n_models"} <= dictionary
+    assert not dictionary & {"embedding", "ensemble_sum", "uncertainty", "raw_m0", "raw_m1", "raw_m2"}
+
+
 def test_parquet_round_trip_with_schema_metadata(tmp_path):
     import pyarrow as pa
 

@@ -501,7 +501,9 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    img = img.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:  # convert() copies even when the mode already matches
+        img = img.convert(mode)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)

@@ -34,6 +34,7 @@ from cmce.tables import (
     read_metadata,
     read_schema,
     string_column,
+    writer_options,
 )
 from cmce.train import augment
 from cmce.transform import load_transformation
@@ -167,7 +168,7 @@ def embed_with_model(
         meta["shard"] = str(shard)
     schema = member_schema(model.embedding_dim, t.out_dim, meta)
     out = Path(out)
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for batch, raw in iter_embeddings(model, dataset, split, batch_size, shard, workers):
             writer.write_table(member_table(batch.ids, batch.labels, raw, t.apply(raw), schema))
     log.info("wrote %s (%s, %s split)", out, model.name, split)
@@ -232,7 +233,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     out = Path(out)
     iters = [f.iter_batches(batch_size=batch_size) for f in files]
     seen: set[str] = set()
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for parts in zip(*iters, strict=True):
             tables = [pa.Table.from_batches([b]) for b in parts]
             ids = string_column(tables[0], "id", str(member_paths[0]))
@@ -290,7 +291,7 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
     schema = pq.read_schema(ordered[0]).with_metadata({"cmce": json.dumps(base, sort_keys=True)})
     seen: set[str] = set()
     out = Path(out)
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for p in ordered:
             pf = pq.ParquetFile(p)
             if pf.schema_arrow.remove_metadata() != schema.remove_metadata():

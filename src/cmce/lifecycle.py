@@ -23,7 +23,7 @@ from cmce.config import TransformConfig
 from cmce.embed import embed_split, ensemble_columns
 from cmce.ensemble import RunningEnsemble
 from cmce.storage import atomic_dir, atomic_path
-from cmce.tables import TableError, embedding_column, read_metadata, read_table, string_column
+from cmce.tables import TableError, embedding_column, read_metadata, read_table, string_column, writer_options
 from cmce.transform import Transformation, fit_transformation, save_transformation
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
     raw_type = pq.read_schema(member).field("raw").type
     schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
     dim = g_schema.field("embedding").type.list_size
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for g, m in aligned_batches([gallery, member], batch_size):
             ids = string_column(g, "id", str(gallery))
             if string_column(m, "id", str(member)) != ids:
@@ -156,6 +156,6 @@ def upgrade_query_model(
             "upgraded_from_query_model_sha256": gmeta["query_model_sha256"]}
     new = pa.table(cols).replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})
     with atomic_path(out) as tmp:
-        pq.write_table(new, tmp, row_group_size=8192)
+        pq.write_table(new, tmp, row_group_size=8192, **writer_options(new.schema))
     log.info("upgraded %s to query model %s → %s", gallery, query.sha256[:12], out)
     return Path(out)

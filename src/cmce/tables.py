@@ -32,10 +32,19 @@ def with_metadata(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
     return table.replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})
 
 
+def writer_options(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet writer options for embedding tables: dictionary encoding only for scalar non-float columns
+    (ids, labels). Float embeddings almost never repeat, and trying a dictionary on them first made
+    writing ~4x slower for no smaller file."""
+    keep = [f.name for f in schema
+            if not (pa.types.is_floating(f.type) or pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))]
+    return {"use_dictionary": keep}
+
+
 def write_table(table: pa.Table, path: str | Path, row_group_size: int = 8192) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_size)
+        pq.write_table(table, tmp, row_group_size=row_group_size, **writer_options(table.schema))
     return path
 
 
