@@ -355,6 +355,56 @@ def test_unreachable_endpoint_is_a_clear_error(s3_server, s3_chain, tmp_path, mo
     assert f"s3://some/index: cannot reach the S3 endpoint http://127.0.0.1:{port}" in caplog.text
 
 
+class Throttled:
+    """A botocore `before-send` hook answering the first `failures` requests of one operation with
+    503 SlowDown, as a throttled S3 server does; the request never reaches the server."""
+
+    BODY = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+    def __init__(self, failures: int):
+        self.failures, self.answered = failures, 0
+
+    def __call__(self, request, **_):
+        from botocore.awsrequest import AWSResponse
+
+        if self.answered >= self.failures:
+            return None
+        self.answered += 1
+        body = self.BODY
+        raw = SimpleNamespace(stream=lambda **_: iter([body]))
+        return AWSResponse(request.url, 503, {"Content-Type": "application/xml"}, raw)
+
+
+@pytest.mark.parametrize("failures, max_attempts, succeeds", [(2, 5, True), (9, 3, False)])
+def test_transient_server_errors_are_retried_with_backoff(failures, max_attempts, succeeds, s3_server, tmp_path,
+                                                          monkeypatch):
+    from cmce import s3
+
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(max_attempts))
+    bucket = new_bucket(s3_server)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(os.urandom(4096))
+    uri = f"s3://{bucket}/blob.bin"
+    throttle = Throttled(failures)
+    events = s3.client().meta.events
+    events.register("before-send.s3.PutObject", throttle)
+    try:
+        if succeeds:
+            s3.upload_file(path, uri)
+        else:
+            with pytest.raises(OSError, match=rf"{uri}: S3 error while uploading: SlowDown"):
+                s3.upload_file(path, uri)
+    finally:
+        events.unregister("before-send.s3.PutObject", throttle)
+    if succeeds:  # failed twice, then the third attempt reached the server
+        assert throttle.answered == failures
+        assert read_object(s3_server, bucket, "blob.bin") == path.read_bytes()
+    else:  # gave up after exactly AWS_MAX_ATTEMPTS attempts, and nothing was written
+        assert throttle.answered == max_attempts
+        assert keys(s3_server, bucket) == set()
+
+
 def test_credentials_inside_a_uri_are_refused_and_not_echoed(tmp_path, caplog):
     uri = "s3://AKIAEXAMPLE:topsecretvalue@bucket/g.parquet"
     assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2

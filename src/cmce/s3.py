@@ -110,7 +110,7 @@ def _client_for(_env_digest: str) -> Any:
 
     quiet_sdk_logging()
     retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
-               "max_attempts": _env_int("AWS_MAX_ATTEMPTS", 5)}
+               "total_max_attempts": _env_int("AWS_MAX_ATTEMPTS", 5)}  # total, as AWS_MAX_ATTEMPTS means
     config = Config(retries=retries, connect_timeout=10, read_timeout=120)
     return boto3.session.Session().client("s3", config=config)
 
