@@ -1,6 +1,6 @@
 """The method's claims measured over seeds, with the paper's ablations.
 
-    python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2] [--ablations size,diversity,lambda,levers]
+    python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2] [--ablations size,diversity,lambda,levers,query]
                                 [--out runs/bench_method] [--set KEY=VALUE ...] [--no-write]
 
 For every seed: the whole method (`cmce run`: every configuration sym_query, sym_gallery/*, asym/*,
@@ -13,6 +13,8 @@ combined (|Δmean| > std_a + std_b). Ablations (seed 0's trained models reused w
   lambda     the transformation loss with λ = 0 (alignment only) vs the config's λ
   levers     what else was tried to lift the ensemble: λ grid, T epochs/depth/width, CE temperature,
              augmented views for T, query-model width (off by default: about as long as one seed)
+  query      the ensemble's lift over the query model alone vs query-model width (¼, ½, 1, 2 × the config's;
+             off by default)
 Appends a dated section to BENCHMARKS.md: command, commit, hardware, config, wall time, tables, targets.
 """
 
@@ -27,8 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.report import ROOT, append_section
+from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec, load_config, to_yaml
 from cmce.evaluate import EvalInputs
+from cmce.models import count_parameters
 from cmce.steps import (
     RunLayout,
     run_all,
@@ -40,6 +44,7 @@ from cmce.steps import (
 )
 
 log = logging.getLogger("bench")
+ABLATIONS = ("size", "diversity", "lambda", "levers", "query")
 METRICS = ["R@1", "R@2", "R@4", "R@8", "MAP@R", "TAR@FAR=0.001"]
 Runs = list[dict[str, dict[str, float]]]
 
@@ -151,12 +156,40 @@ TRANSFORM_LEVERS: dict[str, dict] = {
 def levers_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     out = {name: refit(cfg, lay, lay.root / "levers" / f"t{i}", transform=t)
            for i, (name, t) in enumerate(TRANSFORM_LEVERS.items())}
-    for width in (cfg.query_model.width // 2, cfg.query_model.width * 2):  # query-model quality
+    w = cfg.query_model.width
+    for width, m in query_width_runs(cfg, lay, [w // 2, w * 2]).items():
+        out[f"query model width {width} (config: {w})"] = m
+    return out
+
+
+def query_width_runs(cfg: Config, lay: RunLayout, widths: list[int]) -> dict[int, dict]:
+    """Query-model quality: the query model retrained at each width (same architecture and seed), every
+    transformation refitted for it on the same frozen gallery models, every configuration evaluated."""
+    out = {}
+    for width in widths:
         spec = replace(cfg.query_model, name=f"{cfg.query_model.name}_w{width}", width=width)
         root = lay.root / "levers" / f"query_w{width}"
         query = step_train(replace(cfg, query_model=spec), lay.dataset, spec.name, root / f"{spec.name}.pt")
-        out[f"query model width {width} (config: {cfg.query_model.width})"] = refit(cfg, lay, root, query=query)
+        out[width] = refit(cfg, lay, root, query=query)
+        out[width]["parameters"] = count_parameters(load_embedding_model(query).net)
     return out
+
+
+def query_quality_table(cfg: Config, lay: RunLayout, config_run: dict, n: int) -> list[str]:
+    w = cfg.query_model.width
+    runs = query_width_runs(cfg, lay, [w // 4, w // 2, w * 2])
+    runs[w] = {**config_run, "parameters": count_parameters(load_embedding_model(lay.model(cfg.query_model.name)).net)}
+    metrics = ("R@1", "MAP@R", "TAR@FAR=0.001")
+    rows = [f"| query width | query parameters | sym_query | asym_ensemble/{n} | Δ (ensemble − sym_query) |",
+            "|---|---|---|---|---|"]
+    for width in sorted(runs):
+        m = runs[width]
+        q, e = m["sym_query"], m[f"asym_ensemble/{n}"]
+        cells = [" / ".join(f"{100 * r[x]:.2f}" for x in metrics) for r in (q, e)]
+        delta = " / ".join(f"{100 * (e[x] - q[x]):+.2f}" for x in metrics)
+        rows.append(f"| {width}{' (config)' if width == w else ''} | {m['parameters']:,} | {cells[0]} | {cells[1]} | "
+                    f"{delta} |")
+    return rows
 
 
 def diversity_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
@@ -225,6 +258,8 @@ def main() -> None:
     cfg = load_config(args.config, {**overrides, "kd.enabled": True})
     seeds = [int(s) for s in args.seeds.split(",")]
     ablations = [a for a in args.ablations.split(",") if a]
+    if set(ablations) - set(ABLATIONS):
+        p.error(f"unknown ablation(s) {sorted(set(ablations) - set(ABLATIONS))}; valid: {', '.join(ABLATIONS)}")
     started = time.time()
     runs, layouts = [], []
     for seed in seeds:
@@ -279,6 +314,11 @@ def main() -> None:
             cells = [" / ".join(f"{100 * m[c][x]:.2f}" for x in metrics)
                      for c in (f"asym_ensemble/{n}", best, "sym_query")]
             body.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "query" in ablations:
+        body += ["", f"### Ablation: query-model quality (seed {seeds[0]}): the query model retrained at other widths, "
+                 "every transformation refitted on the same frozen gallery models", "",
+                 "R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]
+        body += query_quality_table(seed0, layouts[0], runs[0], n)
     config = Path(args.config).resolve()
     shown = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
              "seeds": args.seeds, "ablations": args.ablations}
