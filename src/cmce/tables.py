@@ -34,8 +34,8 @@ def with_metadata(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
 
 def writer_options(schema: pa.Schema) -> dict[str, Any]:
     """Parquet writer options for embedding tables: dictionary encoding only for scalar non-float columns
-    (ids, labels). Float embeddings almost never repeat, and trying a dictionary on them first made
-    writing ~4x slower for no smaller file."""
+    (ids, labels). Float embeddings almost never repeat: trying a dictionary on them first made writing
+    ~4x slower and, after the fallback, the file ~30 % larger."""
     keep = [f.name for f in schema
             if not (pa.types.is_floating(f.type) or pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))]
     return {"use_dictionary": keep}
