@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import statistics
 import sys
 import time
@@ -323,8 +324,10 @@ def main() -> None:
     shown = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
              "seeds": args.seeds, "ablations": args.ablations}
     defaults = {"config": "params.yaml", "seeds": p.get_default("seeds"), "ablations": p.get_default("ablations")}
-    command = "python -m benchmarks.method" + "".join(f" --{k} {v}" for k, v in shown.items() if v != defaults[k])
-    command += "".join(f" --set {s}" for s in args.set)
+    # quoted as a shell needs it, so the recorded command runs as written (e.g. an empty --ablations '')
+    command = "python -m benchmarks.method" + "".join(f" --{k} {shlex.quote(v)}" for k, v in shown.items()
+                                                      if v != defaults[k])
+    command += "".join(f" --set {shlex.quote(s)}" for s in args.set)
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:
