@@ -158,38 +158,38 @@ def levers_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     out = {name: refit(cfg, lay, lay.root / "levers" / f"t{i}", transform=t)
            for i, (name, t) in enumerate(TRANSFORM_LEVERS.items())}
     w = cfg.query_model.width
-    for width, m in query_width_runs(cfg, lay, [w // 2, w * 2]).items():
+    for width, (_, m) in query_width_runs(cfg, lay, [w // 2, w * 2]).items():
         out[f"query model width {width} (config: {w})"] = m
     return out
 
 
-def query_width_runs(cfg: Config, lay: RunLayout, widths: list[int]) -> dict[int, dict]:
+def query_width_runs(cfg: Config, lay: RunLayout, widths: list[int]) -> dict[int, tuple[Path, dict]]:
     """Query-model quality: the query model retrained at each width (same architecture and seed), every
-    transformation refitted for it on the same frozen gallery models, every configuration evaluated."""
+    transformation refitted for it on the same frozen gallery models, every configuration evaluated.
+    width → (query checkpoint, metrics)."""
     out = {}
     for width in widths:
         spec = replace(cfg.query_model, name=f"{cfg.query_model.name}_w{width}", width=width)
         root = lay.root / "levers" / f"query_w{width}"
         query = step_train(replace(cfg, query_model=spec), lay.dataset, spec.name, root / f"{spec.name}.pt")
-        out[width] = refit(cfg, lay, root, query=query)
-        out[width]["parameters"] = count_parameters(load_embedding_model(query).net)
+        out[width] = (query, refit(cfg, lay, root, query=query))
     return out
 
 
 def query_quality_table(cfg: Config, lay: RunLayout, config_run: dict, n: int) -> list[str]:
     w = cfg.query_model.width
     runs = query_width_runs(cfg, lay, [w // 4, w // 2, w * 2])
-    runs[w] = {**config_run, "parameters": count_parameters(load_embedding_model(lay.model(cfg.query_model.name)).net)}
+    runs[w] = (lay.model(cfg.query_model.name), config_run)
     metrics = ("R@1", "MAP@R", "TAR@FAR=0.001")
     rows = [f"| query width | query parameters | sym_query | asym_ensemble/{n} | Δ (ensemble − sym_query) |",
             "|---|---|---|---|---|"]
     for width in sorted(runs):
-        m = runs[width]
+        query, m = runs[width]
         q, e = m["sym_query"], m[f"asym_ensemble/{n}"]
         cells = [" / ".join(f"{100 * r[x]:.2f}" for x in metrics) for r in (q, e)]
         delta = " / ".join(f"{100 * (e[x] - q[x]):+.2f}" for x in metrics)
-        rows.append(f"| {width}{' (config)' if width == w else ''} | {m['parameters']:,} | {cells[0]} | {cells[1]} | "
-                    f"{delta} |")
+        params = count_parameters(load_embedding_model(query).net)
+        rows.append(f"| {width}{' (config)' if width == w else ''} | {params:,} | {cells[0]} | {cells[1]} | {delta} |")
     return rows
 
 
