@@ -2,7 +2,7 @@
 # Build the step images. Usage: containers/build.sh [cpu|cuda|all] [--smoke]
 #   cpu   FROM a Debian bookworm base (python3.11); built locally with debootstrap when it is missing
 #   cuda  FROM $CUDA_BASE_IMAGE (needs a registry to pull from); torch comes as the CUDA build from PyPI
-#   --smoke  run `cmce --help` inside each built image
+#   --smoke  run `cmce --help` and an import + PNG-decode check inside each built image
 # Env: CONTAINER_TOOL (podman|docker), CPU_BASE_IMAGE, CUDA_BASE_IMAGE, IMAGE_PREFIX (default localhost/cmce)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,9 @@ tool=${CONTAINER_TOOL:-$(command -v podman || command -v docker || true)}
 prefix=${IMAGE_PREFIX:-localhost/cmce}
 cpu_base=${CPU_BASE_IMAGE:-localhost/base:bookworm}
 cuda_base=${CUDA_BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
+
+decode_check='import faiss, numpy as np, torch; from cmce.data import decode_png_fast, encode_png
+assert decode_png_fast(encode_png(np.full((4, 4), 7, np.uint8)), 1, 4).sum() == 7 * 16'
 
 mounts=()
 # pip inside the build trusts the host's CA bundle, and finds a local torch wheel when the host has one
@@ -37,6 +40,8 @@ build() {  # build NAME BASE
   echo "built $prefix:$1 in $((SECONDS - start)) s"
   if [ "$smoke" = --smoke ]; then
     "$tool" run --rm "$prefix:$1" cmce --help >/dev/null && echo "$prefix:$1: cmce --help OK"
+    # the image's native libraries load (torch, faiss, OpenCV's libpng) and a PNG decodes on the fast path
+    "$tool" run --rm "$prefix:$1" python -c "$decode_check" && echo "$prefix:$1: imports and PNG decoding OK"
   fi
 }
 

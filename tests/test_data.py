@@ -6,14 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
+import cmce.data as data_module
 from cmce.config import DataConfig
 from cmce.data import (
     DATASET_SCHEMA,
     DataError,
     dataset_info,
     decode_image,
+    decode_png_fast,
     encode_png,
     import_fashion_mnist,
     import_imagefolder,
@@ -114,6 +116,56 @@ def test_rgba_is_composited_on_white():
     buf = io.BytesIO()
     Image.new("RGBA", (2, 2), (0, 0, 0, 0)).save(buf, format="PNG")
     assert decode_image(buf.getvalue(), 1, 2, "x").min() == 255
+
+
+def _encoded(mode, size, rng, **save):
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def _pil_only(monkeypatch, blob, channels, size):
+    with monkeypatch.context() as m:
+        m.setattr(data_module, "decode_png_fast", lambda *a: None)
+        return decode_image(blob, channels, size, "x")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("save", [{}, {"compress_level": 0}, {"optimize": True}, {"pnginfo": "gamma"},
+                                  {"transparency": "key"}])
+def test_png_fast_path_gives_the_same_pixels_as_pil(monkeypatch, mode, save):
+    rng = np.random.default_rng(len(str(save)))
+    if save.get("pnginfo") == "gamma":  # a gAMA chunk: neither decoder may apply it
+        info = PngImagePlugin.PngInfo()
+        info.add(b"gAMA", struct.pack(">I", 100000))
+        save = {"pnginfo": info}
+    if save.get("transparency") == "key":  # a tRNS colour key: OpenCV would add alpha, PIL keeps the mode
+        save = {"transparency": 7 if mode == "L" else (1, 2, 3)}
+    blob = _encoded(mode, 9, rng, **save)
+    for channels in (1, 3):
+        expected = _pil_only(monkeypatch, blob, channels, 9)
+        got = decode_image(blob, channels, 9, "x")
+        assert got.dtype == np.uint8 and got.shape == expected.shape == (channels, 9, 9)
+        assert np.array_equal(got, expected), (mode, save, channels)
+    if not save:  # the common case does take the fast path
+        assert decode_png_fast(blob, 1 if mode == "L" else 3, 9) is not None
+
+
+def test_png_fast_path_leaves_everything_else_to_pil():
+    rng = np.random.default_rng(0)
+    grey, rgb = _encoded("L", 9, rng), _encoded("RGB", 9, rng)
+    assert decode_png_fast(grey, 3, 9) is None and decode_png_fast(rgb, 1, 9) is None  # PIL's conversions
+    assert decode_png_fast(grey, 1, 8) is None  # resized by PIL
+    assert all(decode_png_fast(_png(m), 1, 6) is None for m in ("P", "LA", "RGBA", "I;16", "1"))
+    jpeg = io.BytesIO()
+    Image.new("L", (9, 9), 50).save(jpeg, format="JPEG")
+    assert decode_png_fast(jpeg.getvalue(), 1, 9) is None
+    assert decode_png_fast(grey[:-12], 1, 9) is None  # no IEND: truncated
+    broken = grey[:40] + b"\0" * (len(grey) - 40)  # valid header, corrupt pixel data
+    assert decode_png_fast(broken, 1, 9) is None
+    with pytest.raises(DataError, match=r"x: corrupt or unreadable image"):
+        decode_image(broken, 1, 9, "x")
 
 
 def _dataset(path, images, ids=None, split="test"):
