@@ -120,3 +120,25 @@ def test_augmented_views_pair_rows_across_models_and_repeat_with_the_seed(smoke_
     np.testing.assert_array_equal(again, eq)
     (other, _), _ = embed_augmented_views([q, g], lay.dataset, "train", views=2, seed=8, batch_size=64)
     assert not np.array_equal(other, eq)
+
+
+def test_mixed_precision_path_stays_close_to_float32(smoke_run):
+    """The GPU fast path (bf16 autocast + channels_last), exercised on CPU: same embeddings to bf16 rounding."""
+    import torch
+
+    from cmce.checkpoint import load_embedding_model
+    from cmce.data import load_split
+    from cmce.embed import embed_batch
+
+    lay, _ = smoke_run
+    for name in ["query", *lay.gallery_names]:
+        model = load_embedding_model(lay.model(name))
+        model.net.eval()
+        images = load_split(lay.dataset, "test", model.in_channels, model.image_size).images[:128]
+        full = embed_batch(model, images, mixed_precision=False)
+        model.net.to(memory_format=torch.channels_last)
+        fast = embed_batch(model, images, mixed_precision=True)
+        assert fast.dtype == np.float32 and fast.shape == full.shape
+        assert not np.array_equal(fast, full), name  # bf16 really ran
+        cosine = (normalize(fast) * normalize(full)).sum(axis=1)
+        assert cosine.min() > 0.99, (name, float(cosine.min()))

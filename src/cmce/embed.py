@@ -54,16 +54,18 @@ def inference_device() -> torch.device:
 
 
 @torch.no_grad()
-def embed_batch(model: EmbeddingModel, images_uint8: torch.Tensor) -> np.ndarray:
+def embed_batch(model: EmbeddingModel, images_uint8: torch.Tensor, mixed_precision: bool | None = None) -> np.ndarray:
+    """Raw float32 embeddings of a uint8 batch on the model's device. mixed_precision (default: on CUDA)
+    runs bf16 autocast on channels_last input: the fast path of convolutions on tensor-core GPUs;
+    embeddings are returned in float32 and normalised downstream, so bf16 rounding stays far below
+    retrieval noise (tests/test_embed.py bounds it)."""
     device = next(model.net.parameters()).device
     x = to_float(images_uint8.to(device, non_blocking=True))
-    if device.type == "cuda":
-        # bf16 autocast + channels_last: the fast path of convolutions on tensor-core GPUs; embeddings are
-        # returned in float32 and normalised downstream, so bf16 rounding stays far below retrieval noise
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    if device.type == "cuda" if mixed_precision is None else mixed_precision:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model.net(x.contiguous(memory_format=torch.channels_last))
         return out.float().cpu().numpy()
-    return model.net(x).numpy().astype(np.float32, copy=False)
+    return model.net(x).cpu().numpy().astype(np.float32, copy=False)
 
 
 def iter_embeddings(
