@@ -1,5 +1,6 @@
 import gzip
 import io
+import json
 import struct
 
 import numpy as np
@@ -13,6 +14,7 @@ from cmce.config import DataConfig
 from cmce.data import (
     DATASET_SCHEMA,
     DataError,
+    carve_validation,
     dataset_info,
     decode_image,
     decode_png_fast,
@@ -253,3 +255,67 @@ def test_disjoint_by_rules(tmp_path):
     raw.groups = ["x", "x", "y", "y", "y", "y"]
     grouped = assign_splits(raw, DataConfig(protocol="disjoint", disjoint_by="group"), 0)
     assert {tuple(sorted(set(raw.labels[grouped == p]))) for p in ("train", "test")} == {(0, 1), (2, 3, 4, 5)}
+
+
+def _ids_by_split(path):
+    t = pq.read_table(path, columns=["id", "split", "label"])
+    rows = list(zip(*(t.column(c).to_pylist() for c in ("id", "split", "label")), strict=True))
+    return {s: {i for i, sp, _ in rows if sp == s} for s in ("train", "test")}, rows
+
+
+def test_carve_validation_heldout_uses_train_images_only(tmp_path):
+    src = prepare_dataset(DataConfig(source="digits", image_size=8), tmp_path / "d.parquet")
+    original, _ = _ids_by_split(src)
+    val = carve_validation(src, tmp_path / "v.parquet", 0.25, seed=3)
+    carved, rows = _ids_by_split(val)
+    assert carved["train"] | carved["test"] == original["train"]  # every train image, no test image
+    assert not carved["train"] & carved["test"]
+    labels = {label for *_, label in rows}
+    for c in labels:  # a quarter of each class's train images
+        n = [sum(1 for _, sp, lab in rows if lab == c and sp == s) for s in ("train", "test")]
+        assert abs(n[1] - 0.25 * sum(n)) <= 1
+    assert dataset_info(val)["validation"]["fraction"] == 0.25
+    assert _ids_by_split(carve_validation(src, tmp_path / "v2.parquet", 0.25, seed=3))[0] == carved
+    assert _ids_by_split(carve_validation(src, tmp_path / "v3.parquet", 0.25, seed=4))[0] != carved
+
+
+def test_carve_validation_disjoint_carves_whole_train_classes(tmp_path):
+    src = prepare_dataset(DataConfig(source="digits", protocol="disjoint", image_size=8), tmp_path / "d.parquet")
+    original, orig_rows = _ids_by_split(src)
+    _, rows = _ids_by_split(carve_validation(src, tmp_path / "v.parquet", 0.4, seed=0))
+    classes = {s: {lab for _, sp, lab in rows if sp == s} for s in ("train", "test")}
+    train_classes = {lab for _, sp, lab in orig_rows if sp == "train"}
+    assert classes["train"] | classes["test"] == train_classes and not classes["train"] & classes["test"]
+    assert len(classes["test"]) == round(0.4 * len(train_classes))
+    assert {i for i, *_ in rows} == original["train"]
+
+
+def test_carve_validation_cross_vendor_drops_single_vendor_classes(tmp_path):
+    # 6 train classes drawn by vendors a and b, except classes 0 and 1 (a only); 5 of the 6 get carved,
+    # so at least one single-vendor class is carved and must be dropped (no countable match for its queries)
+    ids, labels, domains = [], [], []
+    for c in range(6):
+        for v in ("a",) if c < 2 else ("a", "b"):
+            ids.append(f"{v}/{c}"), labels.append(c), domains.append(v)
+    n = len(ids)
+    table = pa.table({"id": ids, "label": pa.array(labels, pa.int32()), "class_name": [str(c) for c in labels],
+                      "split": ["train"] * n, "image": [encode_png(np.zeros((4, 4), np.uint8))] * n,
+                      "domain": domains})
+    meta = {"source": "emoji", "protocol": "cross_vendor", "classes": [str(c) for c in range(6)], "seed": 0}
+    pq.write_table(table.replace_schema_metadata({"cmce": json.dumps(meta)}), tmp_path / "d.parquet")
+    _, rows = _ids_by_split(carve_validation(tmp_path / "d.parquet", tmp_path / "v.parquet", 0.8, seed=1))
+    carved = {lab for _, sp, lab in rows if sp == "test"}
+    kept = {lab for *_, lab in rows}
+    assert carved <= {2, 3, 4, 5} and len(carved) >= 3  # only two-vendor classes end up carved
+    assert kept >= {2, 3, 4, 5} and len(kept) < 6  # a carved single-vendor class is gone (one not carved stays)
+    assert all(sum(1 for _, sp, lab in rows if lab == c) == 2 for c in carved)  # both vendors kept
+
+
+def test_carve_validation_refuses_bad_fractions(tmp_path):
+    src = prepare_dataset(DataConfig(source="digits", protocol="disjoint", image_size=8), tmp_path / "d.parquet")
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="validation fraction"):
+            carve_validation(src, tmp_path / "v.parquet", bad, seed=0)
+    with pytest.raises(DataError, match=r"d.parquet: 5 train classes cannot give a validation share of 0.01"):
+        carve_validation(src, tmp_path / "v.parquet", 0.01, seed=0)
+    assert not (tmp_path / "v.parquet").exists()

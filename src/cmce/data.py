@@ -469,6 +469,50 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     return out
 
 
+def carve_validation(dataset: str | Path, out: str | Path, fraction: float, seed: int) -> Path:
+    """A tuning dataset made of a dataset file's train split alone, so settings chosen on it never saw
+    a test image: `fraction` of the train split becomes the new 'test' split and the rest stays
+    'train'; the original test split is left out. Under heldout that is `fraction` of each class's
+    train images; under disjoint / cross_vendor it is `fraction` of the train classes, whole (drawn by
+    `seed`), and under cross_vendor a carved class drawn by a single vendor is dropped, as in
+    assign_splits. Written atomically; schema and metadata are kept, with a "validation" entry added."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    pf = open_dataset(dataset)
+    info = dataset_info(dataset)
+    table = pf.read()
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    labels = train.column("label").to_numpy()
+    rng = np.random.default_rng([seed, 2])
+    carved = np.zeros(len(labels), dtype=bool)
+    classes = np.unique(labels)
+    if info.get("protocol", "heldout") == "heldout":
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            carved[idx[: int(round(len(idx) * fraction))]] = True
+    else:
+        n_carved = int(round(len(classes) * fraction))
+        if not 1 <= n_carved < len(classes):
+            raise DataError(f"{dataset}: {len(classes)} train classes cannot give a validation share of {fraction}")
+        carved = np.isin(labels, rng.choice(classes, n_carved, replace=False))
+        if info.get("protocol") == "cross_vendor":
+            domains = np.asarray(train.column("domain").to_pylist(), dtype=object)
+            lone = [c for c in np.unique(labels[carved]) if len(set(domains[carved & (labels == c)])) < 2]
+            keep = ~(carved & np.isin(labels, lone))
+            train, labels, carved = train.filter(pa.array(keep)), labels[keep], carved[keep]
+    if carved.all() or not carved.any():
+        raise DataError(f"{dataset}: a validation share of {fraction} leaves an empty split")
+    split = pa.array(np.where(carved, "test", "train"), pa.string())
+    train = train.set_column(train.schema.get_field_index("split"), "split", split)
+    info["validation"] = {"fraction": fraction, "seed": seed, "carved_from": str(dataset)}
+    train = train.replace_schema_metadata({**(table.schema.metadata or {}), b"cmce": json.dumps(info)})
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        pq.write_table(train, tmp, row_group_size=4096)
+    log.info("wrote %s: validation dataset, %d train / %d test images", out, int((~carved).sum()), int(carved.sum()))
+    return out
+
+
 def check_unique_ids(ids: list[str], where: str) -> None:
     seen: set[str] = set()
     for i in ids:

@@ -196,10 +196,12 @@ def step_gallery_branch(cfg: Config, lay: RunLayout, query_model: Path, name: st
                              cfg.batch_size)
 
 
-def run_all(cfg: Config) -> dict:
-    """Every step in one process, in dependency order, under cfg.output_dir."""
+def run_all(cfg: Config, prepare: bool = True) -> dict:
+    """Every step in one process, in dependency order, under cfg.output_dir. prepare=False uses the
+    dataset file already at the layout's dataset path (e.g. one made by cmce.data.carve_validation)."""
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
-    step_prepare_data(cfg, lay.dataset)
+    if prepare:
+        step_prepare_data(cfg, lay.dataset)
     log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k != "classes"}))
     step_train(cfg, lay.dataset, cfg.query_model.name, lay.model(cfg.query_model.name))
     q_path = lay.model(cfg.query_model.name)
