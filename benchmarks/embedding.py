@@ -3,7 +3,7 @@ memory at two gallery sizes, Parquet throughput of gallery files vs pyarrow dire
 the query side vs the whole gallery ensemble (parameters, FLOPs, CPU latency).
 
     python -m benchmarks.embedding [--config params.yaml] [--throughput-images 3000] [--small 10000]
-                                   [--large 100000] [--repeats 5] [--workers 0,1] [--threads ALL,1]
+                                   [--large 100000] [--repeats 9] [--workers 0,1] [--threads ALL,1]
 
 Models are the config's architectures with random weights (speed does not depend on training); images
 are synthetic smooth greyscale PNGs at the config's image size, stored like `prepare-data` stores them.
@@ -79,6 +79,7 @@ def random_transformation(gallery: Path, query: Path, hidden: int, depth: int, o
 
 
 @torch.no_grad()
+@torch.no_grad()  # as the step's embed_batch
 def bare_loop(model: EmbeddingModel, images: torch.Tensor, batch: int) -> float:
     """Seconds for a plain forward loop over already-decoded tensors (the upper bound for the step)."""
     started = time.perf_counter()
@@ -95,8 +96,8 @@ def throughput(cfg, work: Path, n: int, repeats: int, workers: list[int], thread
     dataset = synthetic_dataset(work / f"data_{n}.parquet", n, cfg.data.image_size)
     q = random_model(cfg.query_model, cfg.data.channels, cfg.data.image_size, work / "query.pt")
     q_sha = load_embedding_model(q).sha256
-    rows = ["| gallery model | torch threads | path | images/s (median) | vs bare loop (median of paired ratios) |",
-            "|---|---|---|---|---|"]
+    rows = ["| gallery model | torch threads | path | images/s (median) | vs bare loop (median of paired ratios) | "
+            "paired ratios (min–max) |", "|---|---|---|---|---|---|"]
     default_threads = torch.get_num_threads()
     for spec in cfg.gallery_models:
         g = random_model(spec, cfg.data.channels, cfg.data.image_size, work / f"{spec.name}.pt")
@@ -116,11 +117,12 @@ def throughput(cfg, work: Path, n: int, repeats: int, workers: list[int], thread
                                      cfg.batch_size, workers=w)
                     step[w].append(n / (time.perf_counter() - started))
             name = f"{spec.name} ({spec.arch}) | {n_threads}"
-            rows.append(f"| {name} | bare forward loop, decoded tensors | {statistics.median(bare):,.0f} | 1.00 |")
+            rows.append(f"| {name} | bare forward loop, decoded tensors | {statistics.median(bare):,.0f} | 1.00 | |")
             for w in workers:
-                ratio = statistics.median(s / b for s, b in zip(step[w], bare, strict=True))
+                ratios = [s / b for s, b in zip(step[w], bare, strict=True)]
                 rows.append(f"| {name} | embed step (decode + forward + T + Parquet), workers={w} | "
-                            f"{statistics.median(step[w]):,.0f} | {ratio:.2f} |")
+                            f"{statistics.median(step[w]):,.0f} | {statistics.median(ratios):.2f} | "
+                            f"{min(ratios):.2f}–{max(ratios):.2f} |")
     torch.set_num_threads(default_threads)
     return rows
 
@@ -261,7 +263,7 @@ def main() -> None:
     p.add_argument("--throughput-images", type=int, default=3_000)
     p.add_argument("--small", type=int, default=10_000, help="smaller gallery of the memory comparison")
     p.add_argument("--large", type=int, default=100_000, help="larger gallery of the memory comparison")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--workers", default="0,1", help="decode worker counts to measure")
     p.add_argument("--threads", default=f"{torch.get_num_threads()},1", help="torch thread counts to measure")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
