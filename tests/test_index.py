@@ -43,6 +43,10 @@ def test_rejection_removes_most_uncertain(tmp_path):
     unc = pq.read_table(gallery).column("uncertainty").to_numpy()
     assert loaded.uncertainty.max() <= np.sort(unc)[-21] + 1e-7
     assert rejection_mask(np.array([0.1, 0.5, 0.5, 0.2]), 0.5).tolist() == [False, True, True, False]
+    for name in ("ids.parquet", "rejected.parquet"):  # written like the gallery files: no dictionary on floats
+        chunks = pq.ParquetFile(index_dir / name).metadata.row_group(0)
+        encodings = {chunks.column(i).path_in_schema: chunks.column(i).encodings for i in range(chunks.num_columns)}
+        assert "RLE_DICTIONARY" not in encodings["uncertainty"] and "RLE_DICTIONARY" in encodings["id"], name
 
 
 def test_index_refuses_other_query_model_and_tampering(tmp_path):

@@ -38,6 +38,7 @@ from cmce.tables import (
     read_metadata,
     read_table,
     string_column,
+    writer_options,
 )
 
 log = logging.getLogger(__name__)
@@ -206,13 +207,14 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     with atomic_dir(out_dir) as tmp:
         faiss.write_index(built.index, str(tmp / "index.faiss"))
         kept = np.flatnonzero(keep)
-        pq.write_table(
-            pa.table({"id": [ids[i] for i in kept], "label": labels[keep].astype(np.int32), "uncertainty": unc[keep]}),
-            tmp / "ids.parquet",
-        )
         rej = np.flatnonzero(reject)
-        pq.write_table(pa.table({"id": pa.array([ids[i] for i in rej], pa.string()),
-                                 "uncertainty": pa.array(unc[reject], pa.float32())}), tmp / "rejected.parquet")
+        for name, table in (
+            ("ids.parquet", pa.table({"id": [ids[i] for i in kept], "label": labels[keep].astype(np.int32),
+                                      "uncertainty": unc[keep]})),
+            ("rejected.parquet", pa.table({"id": pa.array([ids[i] for i in rej], pa.string()),
+                                           "uncertainty": pa.array(unc[reject], pa.float32())})),
+        ):
+            pq.write_table(table, tmp / name, **writer_options(table.schema))
         info = {
             "format": INDEX_FORMAT,
             "index_type": built.index_type,
