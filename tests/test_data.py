@@ -311,6 +311,25 @@ def test_carve_validation_cross_vendor_drops_single_vendor_classes(tmp_path):
     assert all(sum(1 for _, sp, lab in rows if lab == c) == 2 for c in carved)  # both vendors kept
 
 
+def test_carve_validation_keeps_class_groups_whole(tmp_path):
+    # 12 classes in 4 groups of related classes (as emoji subcategories), split by group: carving must
+    # not put two classes of one group on both sides of the validation split
+    groups = [f"g{c // 3}" for c in range(12)]
+    ids = [f"{v}/{c}" for c in range(12) for v in ("a", "b")]
+    labels = [c for c in range(12) for _ in ("a", "b")]
+    n = len(ids)
+    table = pa.table({"id": ids, "label": pa.array(labels, pa.int32()), "class_name": [str(c) for c in labels],
+                      "split": ["train"] * n, "image": [encode_png(np.zeros((4, 4), np.uint8))] * n,
+                      "domain": ["a", "b"] * 12})
+    meta = {"source": "emoji", "protocol": "cross_vendor", "disjoint_by": "group", "class_groups": groups,
+            "classes": [str(c) for c in range(12)], "seed": 0}
+    pq.write_table(table.replace_schema_metadata({"cmce": json.dumps(meta)}), tmp_path / "d.parquet")
+    for seed in range(5):
+        _, rows = _ids_by_split(carve_validation(tmp_path / "d.parquet", tmp_path / "v.parquet", 0.5, seed=seed))
+        sides = {s: {groups[lab] for _, sp, lab in rows if sp == s} for s in ("train", "test")}
+        assert sides["train"] and sides["test"] and not sides["train"] & sides["test"], seed
+
+
 def test_carve_validation_refuses_bad_fractions(tmp_path):
     src = prepare_dataset(DataConfig(source="digits", protocol="disjoint", image_size=8), tmp_path / "d.parquet")
     for bad in (0.0, 1.0, -0.1):

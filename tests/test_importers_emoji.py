@@ -126,6 +126,7 @@ def test_default_disjoint_split_keeps_subcategories_whole(tmp_path, seed):
     assert all(len(s) == 1 for s in by_group.values())  # no subcategory (nor any flag) on both sides
     assert {"train", "test"} <= set().union(*sides.values())
     assert dataset_info(out)["disjoint_by"] == "group"
+    assert dataset_info(out)["class_groups"] == raw.groups  # kept for validation splits (carve_validation)
     assert {r["domain"] for r in rows} == {"google", "twitter"}
     assert all(r["id"].startswith(r["domain"] + "/") for r in rows)
 

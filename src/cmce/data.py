@@ -359,6 +359,20 @@ def disjoint_rule(raw: RawImages, cfg: DataConfig) -> str:
     return "official" if raw.class_split is not None else "group" if raw.groups is not None else "first_half"
 
 
+def cut_groups(groups: list[str], share: float, rng: np.random.Generator) -> set[str]:
+    """Whole groups holding about `share` of the classes (`groups`: one group name per class): the
+    groups shuffled and laid end to end, cut at that share; a group straddling the cut goes to the side
+    holding most of it, so related classes never land on both sides."""
+    sizes = Counter(groups)
+    names = sorted(sizes)
+    chosen, seen = set(), 0
+    for i in rng.permutation(len(names)):
+        if seen + sizes[names[i]] / 2 < len(groups) * share:
+            chosen.add(names[i])
+        seen += sizes[names[i]]
+    return chosen
+
+
 def _train_classes(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
     """Per class True for a train class, under data.disjoint_by."""
     n = len(raw.classes)
@@ -373,17 +387,9 @@ def _train_classes(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
         if raw.groups is None:
             raise DataError(f"data.disjoint_by=group: data.source={cfg.source} defines no class groups; "
                             "use first_half or random")
-        sizes = Counter(raw.groups)
-        if len(sizes) < 2:
+        if len(set(raw.groups)) < 2:
             raise DataError(f"data.disjoint_by=group: data.source={cfg.source} has a single class group")
-        names = sorted(sizes)
-        train_groups, seen = set(), 0
-        # shuffled groups laid end to end, cut at half the classes; a group straddling the cut goes
-        # to the side holding most of it, so whole groups land on one side and sizes stay near half
-        for i in rng.permutation(len(names)):
-            if seen + sizes[names[i]] / 2 < n / 2:
-                train_groups.add(names[i])
-            seen += sizes[names[i]]
+        train_groups = cut_groups(raw.groups, 0.5, rng)
         return np.array([g in train_groups for g in raw.groups], dtype=bool)
     if n < 2:
         raise DataError("disjoint protocol needs at least 2 classes")
@@ -454,6 +460,8 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     meta = {"source": cfg.source, "protocol": cfg.protocol, "classes": raw.classes, "seed": seed}
     if cfg.protocol != "heldout":
         meta["disjoint_by"] = disjoint_rule(raw, cfg)
+    if raw.groups is not None:
+        meta["class_groups"] = raw.groups  # per class, so a validation split can keep groups whole too
     if raw.domains is not None:
         columns["domain"] = [raw.domains[i] for i in keep]
         schema = schema.append(DOMAIN_FIELD)
@@ -474,8 +482,9 @@ def carve_validation(dataset: str | Path, out: str | Path, fraction: float, seed
     a test image: `fraction` of the train split becomes the new 'test' split and the rest stays
     'train'; the original test split is left out. Under heldout that is `fraction` of each class's
     train images; under disjoint / cross_vendor it is `fraction` of the train classes, whole (drawn by
-    `seed`), and under cross_vendor a carved class drawn by a single vendor is dropped, as in
-    assign_splits. Written atomically; schema and metadata are kept, with a "validation" entry added."""
+    `seed`; whole class groups when the test classes were split by group), and under cross_vendor a
+    carved class drawn by a single vendor is dropped, as in assign_splits. Written atomically; schema
+    and metadata are kept, with a "validation" entry added."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
     pf = open_dataset(dataset)
@@ -491,10 +500,15 @@ def carve_validation(dataset: str | Path, out: str | Path, fraction: float, seed
             idx = rng.permutation(np.flatnonzero(labels == c))
             carved[idx[: int(round(len(idx) * fraction))]] = True
     else:
-        n_carved = int(round(len(classes) * fraction))
-        if not 1 <= n_carved < len(classes):
+        if info.get("class_groups") and info.get("disjoint_by") == "group":  # near-duplicates stay on one side
+            groups = [info["class_groups"][c] for c in classes]
+            chosen = cut_groups(groups, fraction, rng)
+            picked = classes[[g in chosen for g in groups]]
+        else:
+            picked = rng.choice(classes, int(round(len(classes) * fraction)), replace=False)
+        if not 1 <= len(picked) < len(classes):
             raise DataError(f"{dataset}: {len(classes)} train classes cannot give a validation share of {fraction}")
-        carved = np.isin(labels, rng.choice(classes, n_carved, replace=False))
+        carved = np.isin(labels, picked)
         if info.get("protocol") == "cross_vendor":
             domains = np.asarray(train.column("domain").to_pylist(), dtype=object)
             lone = [c for c in np.unique(labels[carved]) if len(set(domains[carved & (labels == c)])) < 2]
