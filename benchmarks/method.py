@@ -35,7 +35,10 @@ from benchmarks.report import ROOT, append_section
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec, load_config, to_yaml
 from cmce.data import carve_validation
+from cmce.embed import embed_split
+from cmce.ensemble import normalize
 from cmce.evaluate import EvalInputs
+from cmce.metrics import linear_cka
 from cmce.models import count_parameters
 from cmce.steps import (
     RunLayout,
@@ -46,6 +49,7 @@ from cmce.steps import (
     step_fit_transform,
     step_train,
 )
+from cmce.transform import load_transformation
 
 log = logging.getLogger("bench")
 ABLATIONS = ("size", "diversity", "lambda", "levers", "query")
@@ -189,6 +193,31 @@ def lambda_table(cfg: Config, lay: RunLayout, config_run: dict, val_fraction: fl
     return rows
 
 
+def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:
+    """How mappable each gallery model's space is onto the query model's: linear CKA of the raw
+    embeddings with the query embeddings, and the mean cosine between n(T(φ_g(x))) and n(φ_q(x)), on
+    the train split T was fitted on and on the test split it must carry over to."""
+    q = load_embedding_model(lay.model(cfg.query_model.name))
+    splits = ("train", "test")
+    q_emb = {s: embed_split(q, lay.dataset, s, cfg.batch_size) for s in splits}
+    rows = ["| gallery model | linear CKA with φ_q (train / test) | cos(T(φ_g), φ_q) (train / test) | "
+            "asym R@1 | sym_gallery R@1 |", "|---|---|---|---|---|"]
+    for name in lay.gallery_names:
+        g = load_embedding_model(lay.model(name))
+        t = load_transformation(lay.transformation(name))
+        cka, cos = [], []
+        for s in splits:
+            emb = embed_split(g, lay.dataset, s, cfg.batch_size)
+            if emb.ids != q_emb[s].ids:
+                raise ValueError(f"{lay.dataset}: {s} split read in different orders")
+            cka.append(linear_cka(emb.embeddings, q_emb[s].embeddings))
+            cos.append(float((t.apply(emb.embeddings) * normalize(q_emb[s].embeddings)).sum(axis=1).mean()))
+        r1 = [100 * config_run[f"{c}/{name}"]["R@1"] for c in ("asym", "sym_gallery")]
+        rows.append(f"| {name} ({g.arch}) | {cka[0]:.2f} / {cka[1]:.2f} | {cos[0]:.2f} / {cos[1]:.2f} | "
+                    f"{r1[0]:.2f} | {r1[1]:.2f} |")
+    return rows
+
+
 def levers_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     out = {name: refit(cfg, lay, lay.root / "levers" / f"t{i}", transform=t)
            for i, (name, t) in enumerate(TRANSFORM_LEVERS.items())}
@@ -317,6 +346,11 @@ def main() -> None:
     body += rejection_table(runs)
     body += ["", "### Targets", ""]
     body += targets(runs, n)
+    body += ["", f"### Compatibility of each gallery model with the query model (seed {seeds[0]})", "",
+             "Linear CKA near 1: the gallery space is close to a rotation of the query space; low: a map onto it "
+             "must be non-linear and, fitted on the train split, may not carry over to the test images "
+             "(classes, under disjoint protocols).", ""]
+    body += compatibility_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0], runs[0])
     if "size" in ablations:
         body += ["", "### Ablation: ensemble size N", "", "| N | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]
         for k in range(1, n + 1):

@@ -37,3 +37,17 @@ def test_lambda_is_tuned_on_a_validation_split_carved_from_train(smoke_run, tmp_
     assert measured == {0.0, chosen[0], cfg.transform.lam}
     ens = metrics[f"asym_ensemble/{len(cfg.gallery_models)}"]
     assert table[cfg.transform.lam][2] == " / ".join(f"{100 * ens[x]:.2f}" for x in ("R@1", "MAP@R", "TAR@FAR=0.001"))
+
+
+def test_compatibility_table_reports_cka_and_alignment_for_every_gallery_model(smoke_run):
+    from benchmarks.method import compatibility_table
+
+    lay, metrics = smoke_run
+    cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
+    rows = compatibility_table(cfg, lay, metrics)[2:]
+    assert [r.split(" | ")[0].lstrip("| ").split(" ")[0] for r in rows] == lay.gallery_names
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        cka, cos = ([float(v) for v in c.split(" / ")] for c in cells[1:3])
+        assert all(0.0 <= v <= 1.0 for v in cka) and all(-1.0 <= v <= 1.0 for v in cos)
+        assert cos[0] > 0.5  # T was fitted on the train split: it aligns there

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from cmce.metrics import (
     far_threshold,
     knn_from_scores,
+    linear_cka,
     map_at_r,
     neighbour_labels,
     recall_at_k,
@@ -109,3 +110,21 @@ def test_recall_is_monotone_in_k_and_bounds_map(labels, seed):
     r = [m[f"R@{k}"] for k in (1, 2, 4, 8)]
     assert r == sorted(r)
     assert 0.0 <= m["MAP@R"] <= 1.0
+
+
+def test_linear_cka_matches_the_kernel_definition_and_its_invariances():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6))
+    y = x @ rng.normal(size=(6, 4)) + 0.5 * rng.normal(size=(300, 4))
+    # reference: HSIC of the centred linear kernels, normalised (Kornblith et al. 2019, eq. 2-4)
+    h = np.eye(300) - 1.0 / 300
+    k, m = h @ x @ x.T @ h, h @ y @ y.T @ h
+    expected = np.sum(k * m) / np.sqrt(np.sum(k * k) * np.sum(m * m))
+    assert linear_cka(x, y) == pytest.approx(expected, rel=1e-9)
+    assert linear_cka(y, x) == pytest.approx(expected, rel=1e-9)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    assert linear_cka(x, 3.0 * x @ q + 7.0) == pytest.approx(1.0, abs=1e-9)  # rotation, scale, shift
+    assert linear_cka(x, rng.normal(size=(300, 6))) < 0.1  # unrelated
+    assert linear_cka(x, x * np.array([10, 1, 1, 1, 1, 1])) < 0.9  # not invariant to anisotropic scaling
+    with pytest.raises(ValueError, match="same rows"):
+        linear_cka(x, y[:-1])

@@ -15,6 +15,8 @@ Conventions (stated once, used everywhere):
   impostor pairs do not. A pair is accepted when its score is strictly above the threshold t, where t
   is the (m+1)-th largest impostor score and m = floor(FAR · #impostors); so at most m impostors are
   accepted. TAR is the fraction of genuine pairs accepted.
+- Linear CKA (Kornblith et al., "Similarity of Neural Network Representations Revisited", 2019): how
+  alike two embeddings of the same images are, whatever their dimensions — see linear_cka.
 """
 
 from __future__ import annotations
@@ -160,3 +162,19 @@ def check_metric_name(name: str) -> str:
         except ValueError:
             pass
     raise KeyError(f"unknown metric {name!r}; valid names: 'R@K' (K ≥ 1), 'MAP@R', 'TAR@FAR=x' (0 < x < 1)")
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear centred kernel alignment of two representations of the same n items, X (n×p) and Y (n×q):
+    with columns centred, CKA = ‖YᵀX‖²_F / (‖XᵀX‖_F · ‖YᵀY‖_F), i.e. HSIC(XXᵀ, YYᵀ) normalised
+    (Kornblith et al. 2019). 1 when Y is X up to a rotation and isotropic scaling, near 0 for unrelated
+    representations; not invariant to general linear maps, so a low value says a linear map between
+    the two spaces fits poorly. Computed in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"linear_cka needs two 2-d arrays with the same rows, got {x.shape} and {y.shape}")
+    x = x - x.mean(axis=0)
+    y = y - y.mean(axis=0)
+    denom = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(np.linalg.norm(y.T @ x) ** 2 / denom) if denom > 0 else float("nan")

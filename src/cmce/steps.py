@@ -202,7 +202,8 @@ def run_all(cfg: Config, prepare: bool = True) -> dict:
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
     if prepare:
         step_prepare_data(cfg, lay.dataset)
-    log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k != "classes"}))
+    per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
+    log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
     step_train(cfg, lay.dataset, cfg.query_model.name, lay.model(cfg.query_model.name))
     q_path = lay.model(cfg.query_model.name)
     for g in cfg.gallery_models:
