@@ -38,6 +38,9 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+STARTED_AT = commit()  # read when a benchmark starts: its section names the code it ran, even if HEAD moves meanwhile
+
+
 def append_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md",
                    write: bool = True) -> str:
     """Print the section and (unless `write` is false) append it to BENCHMARKS.md, written atomically."""
@@ -46,7 +49,7 @@ def append_section(title: str, command: str, body: list[str], wall_s: float, out
     section = "\n".join([
         f"## {title} — {datetime.date.today().isoformat()}",
         "",
-        f"Command: `{command}`; commit {commit()}; {hardware()}; wall {wall_s:.0f} s.",
+        f"Command: `{command}`; commit {STARTED_AT}; {hardware()}; wall {wall_s:.0f} s.",
         "",
         *body,
         "",
