@@ -34,7 +34,7 @@ from pathlib import Path
 from benchmarks.report import ROOT, append_section
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec, load_config, to_yaml
-from cmce.data import carve_validation
+from cmce.data import carve_validation, dataset_info
 from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.evaluate import EvalInputs
@@ -181,8 +181,8 @@ def lambda_table(cfg: Config, lay: RunLayout, config_run: dict, val_fraction: fl
             for lam in sorted({0.0, chosen, cfg.transform.lam})}
     metrics = ("R@1", "MAP@R", "TAR@FAR=0.001")
     cell = lambda m: " / ".join(f"{100 * m[ens][x]:.2f}" for x in metrics)  # noqa: E731
-    rows = [f"Validation: {100 * val_fraction:g} % of seed {cfg.seed}'s train split "
-            f"({'of each class' if cfg.data.protocol == 'heldout' else 'of the classes, whole'}), every model "
+    carved_by = dataset_info(val_lay.dataset)["validation"]["by"]
+    rows = [f"Validation: {100 * val_fraction:g} % of seed {cfg.seed}'s train split ({carved_by}), every model "
             f"retrained on the rest; λ chosen by validation R@1 + MAP@R. asym_ensemble/{n}, "
             "R@1 / MAP@R / TAR@FAR=0.001 in %; test measured for λ = 0, the chosen λ and the config's.", "",
             "| λ | validation | test |", "|---|---|---|"]

@@ -275,6 +275,7 @@ def test_carve_validation_heldout_uses_train_images_only(tmp_path):
         n = [sum(1 for _, sp, lab in rows if lab == c and sp == s) for s in ("train", "test")]
         assert abs(n[1] - 0.25 * sum(n)) <= 1
     assert dataset_info(val)["validation"]["fraction"] == 0.25
+    assert dataset_info(val)["validation"]["by"] == "images of each class"
     assert _ids_by_split(carve_validation(src, tmp_path / "v2.parquet", 0.25, seed=3))[0] == carved
     assert _ids_by_split(carve_validation(src, tmp_path / "v3.parquet", 0.25, seed=4))[0] != carved
 
@@ -328,6 +329,7 @@ def test_carve_validation_keeps_class_groups_whole(tmp_path):
         _, rows = _ids_by_split(carve_validation(tmp_path / "d.parquet", tmp_path / "v.parquet", 0.5, seed=seed))
         sides = {s: {groups[lab] for _, sp, lab in rows if sp == s} for s in ("train", "test")}
         assert sides["train"] and sides["test"] and not sides["train"] & sides["test"], seed
+    assert dataset_info(tmp_path / "v.parquet")["validation"]["by"] == "whole class groups"
 
 
 def test_carve_validation_refuses_bad_fractions(tmp_path):

@@ -496,11 +496,14 @@ def carve_validation(dataset: str | Path, out: str | Path, fraction: float, seed
     carved = np.zeros(len(labels), dtype=bool)
     classes = np.unique(labels)
     if info.get("protocol", "heldout") == "heldout":
+        by = "images of each class"
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
             carved[idx[: int(round(len(idx) * fraction))]] = True
     else:
+        by = "whole classes"
         if info.get("class_groups") and info.get("disjoint_by") == "group":  # near-duplicates stay on one side
+            by = "whole class groups"
             groups = [info["class_groups"][c] for c in classes]
             chosen = cut_groups(groups, fraction, rng)
             picked = classes[[g in chosen for g in groups]]
@@ -518,7 +521,7 @@ def carve_validation(dataset: str | Path, out: str | Path, fraction: float, seed
         raise DataError(f"{dataset}: a validation share of {fraction} leaves an empty split")
     split = pa.array(np.where(carved, "test", "train"), pa.string())
     train = train.set_column(train.schema.get_field_index("split"), "split", split)
-    info["validation"] = {"fraction": fraction, "seed": seed, "carved_from": str(dataset)}
+    info["validation"] = {"fraction": fraction, "seed": seed, "by": by, "carved_from": str(dataset)}
     train = train.replace_schema_metadata({**(table.schema.metadata or {}), b"cmce": json.dumps(info)})
     out = Path(out)
     with atomic_path(out) as tmp:
