@@ -78,7 +78,6 @@ def random_transformation(gallery: Path, query: Path, hidden: int, depth: int, o
     return out
 
 
-@torch.no_grad()
 @torch.no_grad()  # as the step's embed_batch
 def bare_loop(model: EmbeddingModel, images: torch.Tensor, batch: int) -> float:
     """Seconds for a plain forward loop over already-decoded tensors (the upper bound for the step)."""
