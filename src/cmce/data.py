@@ -399,6 +399,12 @@ def _train_classes(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
     return train
 
 
+def single_vendor_classes(labels: np.ndarray, domains: np.ndarray, rows: np.ndarray) -> list[int]:
+    """Classes of the `rows` (a boolean mask) drawn there by a single vendor: under cross_vendor their
+    queries have no countable match, so the protocol drops them."""
+    return [c for c in np.unique(labels[rows]) if len(set(domains[rows & (labels == c)])) < 2]
+
+
 def assign_splits(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
     """Return the split of every image ("train", "test" or "" for dropped) under the protocol."""
     rng = np.random.default_rng(seed)
@@ -430,7 +436,7 @@ def assign_splits(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
         # a test class drawn by one vendor only has no query with a countable match: drop it
         domains = np.asarray(raw.domains, dtype=object)
         test = split == "test"
-        lone = [c for c in np.unique(labels[test]) if len(set(domains[test & (labels == c)])) < 2]
+        lone = single_vendor_classes(labels, domains, test)
         if lone:
             split[test & np.isin(labels, lone)] = ""
             log.warning("cross_vendor: %d test classes drawn by a single vendor dropped", len(lone))
@@ -514,8 +520,7 @@ def carve_validation(dataset: str | Path, out: str | Path, fraction: float, seed
         carved = np.isin(labels, picked)
         if info.get("protocol") == "cross_vendor":
             domains = np.asarray(train.column("domain").to_pylist(), dtype=object)
-            lone = [c for c in np.unique(labels[carved]) if len(set(domains[carved & (labels == c)])) < 2]
-            keep = ~(carved & np.isin(labels, lone))
+            keep = ~(carved & np.isin(labels, single_vendor_classes(labels, domains, carved)))
             train, labels, carved = train.filter(pa.array(keep)), labels[keep], carved[keep]
     if carved.all() or not carved.any():
         raise DataError(f"{dataset}: a validation share of {fraction} leaves an empty split")
@@ -553,7 +558,7 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-cv2.setNumThreads(1)  # decoding runs beside torch's threads; OpenCV's own pool would only compete
+PNG_MIN_BYTES = 8 + 25 + 12  # signature, IHDR chunk, IEND chunk
 
 
 def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
@@ -561,7 +566,7 @@ def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
     OpenCV (libpng), ~4x less per-image overhead than PIL on small images; None for anything else
     (other colour types or bit depths, another size, JPEG, undecodable), which PIL then handles with
     every mode conversion and error message. PNG is lossless, so both give the same pixels."""
-    if len(data) < 45 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[-8:-4] != b"IEND":
+    if len(data) < PNG_MIN_BYTES or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[-8:-4] != b"IEND":
         return None  # not a PNG, or truncated: PIL's path names the problem (libpng would print to stderr)
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     # IHDR colour type 0 = grey, 2 = RGB; checking the header first also keeps oversized images on PIL's
