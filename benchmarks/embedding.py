@@ -88,8 +88,9 @@ def bare_loop(model: EmbeddingModel, images: torch.Tensor, batch: int) -> float:
 
 
 def throughput(cfg, work: Path, n: int, repeats: int, workers: list[int], threads: list[int]) -> list[str]:
-    """Each repeat times the bare loop and then the step (every worker count) back to back, so a ratio
-    compares runs seconds apart; the table gives medians of rates and of these paired ratios. Every
+    """Each repeat times the bare loop and the step (every worker count) back to back, in alternating
+    order, so a ratio compares runs seconds apart; the table gives medians of rates and of these paired
+    ratios. Both sides are warmed up once first. Every
     torch thread count is measured separately: with fewer forward threads than cores, a decode worker
     gets a core of its own."""
     dataset = synthetic_dataset(work / f"data_{n}.parquet", n, cfg.data.image_size)
@@ -103,18 +104,25 @@ def throughput(cfg, work: Path, n: int, repeats: int, workers: list[int], thread
         t = random_transformation(g, q, cfg.transform.hidden_dim, cfg.transform.depth, work / f"t_{spec.name}.pt")
         model = load_embedding_model(g)
         images = load_split(dataset, "test", cfg.data.channels, cfg.data.image_size).images
+        member = work / f"member_{spec.name}.parquet"
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            bare_loop(model, images[: cfg.batch_size], cfg.batch_size)  # warm-up
+            # warm-up of both sides: the first call of each pays one-off costs (kernel primitives,
+            # first Parquet writer, worker start-up code paths) that a long gallery amortises
+            bare_loop(model, images[: cfg.batch_size], cfg.batch_size)
+            for w in workers:
+                embed_with_model(dataset, g, t, q_sha, member, "test", cfg.batch_size, workers=w)
             bare: list[float] = []
             step: dict[int, list[float]] = {w: [] for w in workers}
-            for _ in range(repeats):
-                bare.append(n / bare_loop(model, images, cfg.batch_size))
-                for w in workers:
+            for r in range(repeats):
+                # alternate which side runs first, so a drift in machine load does not favour either
+                for side in (("bare", *workers) if r % 2 == 0 else (*workers, "bare")):
+                    if side == "bare":
+                        bare.append(n / bare_loop(model, images, cfg.batch_size))
+                        continue
                     started = time.perf_counter()
-                    embed_with_model(dataset, g, t, q_sha, work / f"member_{spec.name}.parquet", "test",
-                                     cfg.batch_size, workers=w)
-                    step[w].append(n / (time.perf_counter() - started))
+                    embed_with_model(dataset, g, t, q_sha, member, "test", cfg.batch_size, workers=side)
+                    step[side].append(n / (time.perf_counter() - started))
             name = f"{spec.name} ({spec.arch}) | {n_threads}"
             rows.append(f"| {name} | bare forward loop, decoded tensors | {statistics.median(bare):,.0f} | 1.00 | |")
             for w in workers:
