@@ -224,7 +224,8 @@ class Validation:
 
 
 def describe(settings: dict) -> str:
-    return ", ".join(f"{SETTING_NAMES[k]} {v:g}" for k, v in settings.items())
+    linear = settings.get("depth") == 1  # a linear T has no hidden layer: its width means nothing
+    return ", ".join(f"{SETTING_NAMES[k]} {v:g}" for k, v in settings.items() if not (linear and k == "hidden_dim"))
 
 
 def coordinate_search(v: Validation, grid: dict[str, tuple]) -> tuple[dict, list[tuple[str, float, bool]]]:

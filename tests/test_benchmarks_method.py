@@ -56,8 +56,9 @@ def test_transformation_settings_are_tuned_on_a_validation_split_carved_from_tra
             labels, settings = head.split(": ")
             finals.update({label: (settings, val, test) for label in labels.split(" and ")})
     assert sorted(finals) == ["config", "tuned", "tuned with λ = 0"]
-    assert finals["tuned"][0] == f"λ {chosen['λ']:g}, depth {chosen['depth']:g}, hidden width 64, epochs 10"
-    assert finals["tuned with λ = 0"][0] == f"λ 0, depth {chosen['depth']:g}, hidden width 64, epochs 10"
+    width = "" if chosen["depth"] == 1 else ", hidden width 64"  # a linear T has no hidden width
+    assert finals["tuned"][0] == f"λ {chosen['λ']:g}, depth {chosen['depth']:g}{width}, epochs 10"
+    assert finals["tuned with λ = 0"][0] == f"λ 0, depth {chosen['depth']:g}{width}, epochs 10"
     ens = metrics[f"asym_ensemble/{len(cfg.gallery_models)}"]
     assert finals["config"][2] == " / ".join(f"{100 * ens[x]:.2f}" for x in ("R@1", "MAP@R", "TAR@FAR=0.001"))
     assert _score(finals["tuned"][1]) >= _score(finals["config"][1])
