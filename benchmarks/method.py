@@ -42,7 +42,7 @@ from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.evaluate import EvalInputs
 from cmce.metrics import linear_cka
-from cmce.models import count_parameters
+from cmce.models import count_flops, count_parameters
 from cmce.steps import (
     RunLayout,
     run_all,
@@ -292,6 +292,36 @@ def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[s
     return rows
 
 
+def costs_table(cfg: Config, lay: RunLayout) -> list[str]:
+    """Parameters and FLOPs per image of every trained model of the run: the query side (the query model,
+    and each KD student as the alternative query model) and the gallery side (each gallery model with its
+    T, and the whole ensemble)."""
+    ch, size = cfg.data.channels, cfg.data.image_size
+    rows = ["| model | side | parameters | FLOPs / image |", "|---|---|---|---|"]
+
+    def cost(path: Path) -> tuple[int, int]:
+        net = load_embedding_model(path).net
+        return count_parameters(net), count_flops(net, ch, size, size)
+
+    q = cost(lay.model(cfg.query_model.name))
+    rows.append(f"| {cfg.query_model.name} ({cfg.query_model.arch}) | query | {q[0]:,} | {q[1]:,} |")
+    total = [0, 0]
+    for spec in cfg.gallery_models:
+        g = cost(lay.model(spec.name))
+        t = load_transformation(lay.transformation(spec.name))
+        t_cost = count_parameters(t.mlp), count_flops(t.mlp, t.in_dim)
+        both = [g[0] + t_cost[0], g[1] + t_cost[1]]
+        total = [total[0] + both[0], total[1] + both[1]]
+        rows.append(f"| {spec.name} ({spec.arch}) + its T | gallery | {both[0]:,} | {both[1]:,} |")
+    rows.append(f"| the ensemble of {len(cfg.gallery_models)} | gallery | {total[0]:,} | {total[1]:,} |")
+    if cfg.kd.enabled:
+        for spec in cfg.gallery_models:
+            k = cost(lay.kd_student(spec.name))
+            rows.append(f"| KD student of {spec.name} | query (kd/{spec.name}) | {k[0]:,} | {k[1]:,} |")
+    rows.append(f"| **query model / ensemble** | | {q[0] / total[0]:.3f} | {q[1] / total[1]:.3f} |")
+    return rows
+
+
 def levers_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     out = {name: refit(cfg, lay, lay.root / "levers" / f"t{i}", transform=t)
            for i, (name, t) in enumerate(TRANSFORM_LEVERS.items())}
@@ -425,6 +455,8 @@ def main() -> None:
              "must be non-linear and, fitted on the train split, may not carry over to the test images "
              "(classes, under disjoint protocols).", ""]
     body += compatibility_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0], runs[0])
+    body += ["", f"### Model costs (seed {seeds[0]}'s models, {cfg.data.image_size} px input)", ""]
+    body += costs_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0])
     if "size" in ablations:
         body += ["", "### Ablation: ensemble size N", "", "| N | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]
         for k in range(1, n + 1):

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(f"| {arch} | needs the `pretrained` extra |" + " |" * (3 + len(args.sizes)))
             continue
         params = count_parameters(net)
-        flops = " | ".join(f"{count_flops(net, ch, s) / 1e6:.1f}" for s in args.sizes)
+        flops = " | ".join(f"{count_flops(net, ch, s, s) / 1e6:.1f}" for s in args.sizes)
         fixed = "fixed" if isinstance(net.backbone, ImageNetBackbone) else str(width)
         init = "ImageNet" if is_pretrained(arch) else "random"
         rows.append(f"| {arch} | {init} | {fixed} | {params:,} | {params * 4 / 2**20:.1f} | {flops} |")

@@ -79,3 +79,25 @@ def test_compatibility_table_reports_cka_and_alignment_for_every_gallery_model(s
         cka, cos = ([float(v) for v in c.split(" / ")] for c in cells[1:3])
         assert all(0.0 <= v <= 1.0 for v in cka) and all(-1.0 <= v <= 1.0 for v in cos)
         assert cos[0] > 0.5  # T was fitted on the train split: it aligns there
+
+
+def test_costs_table_sums_the_gallery_side_and_compares_the_query_model(smoke_run):
+    from benchmarks.method import costs_table
+    from cmce.checkpoint import load_embedding_model
+    from cmce.models import count_parameters
+
+    lay, _ = smoke_run
+    cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
+    rows = {_cells(r)[0]: _cells(r) for r in costs_table(cfg, lay)[2:]}
+    number = lambda text: int(text.replace(",", ""))  # noqa: E731
+    members = [rows[f"{g.name} ({g.arch}) + its T"] for g in cfg.gallery_models]
+    ensemble = rows[f"the ensemble of {len(cfg.gallery_models)}"]
+    assert number(ensemble[2]) == sum(number(m[2]) for m in members)
+    assert number(ensemble[3]) == sum(number(m[3]) for m in members)
+    query = rows[f"{cfg.query_model.name} ({cfg.query_model.arch})"]
+    assert number(query[2]) == count_parameters(load_embedding_model(lay.model(cfg.query_model.name)).net)
+    # each member row is the backbone plus its transformation, so more than the backbone alone
+    first = cfg.gallery_models[0]
+    assert number(members[0][2]) > count_parameters(load_embedding_model(lay.model(first.name)).net)
+    assert float(rows["**query model / ensemble**"][2]) == round(number(query[2]) / number(ensemble[2]), 3)
+    assert all(f"KD student of {g.name}" in rows for g in cfg.gallery_models)

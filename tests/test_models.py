@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cmce.checkpoint import CheckpointError, EmbeddingModel, load_embedding_model, save_embedding_model
-from cmce.models import CosineClassifier, EmbeddingNet, arch_names, check_arch
+from cmce.models import CosineClassifier, EmbeddingNet, arch_names, check_arch, count_flops
 
 
 @pytest.mark.parametrize("arch", ["query_cnn", "resnet", "vgg", "mobilenet"])
@@ -49,3 +49,12 @@ def test_identical_weights_saved_twice_have_the_same_version(tmp_path):
 
     obj = {"format": "x", "weights": torch.arange(6.0)}
     assert save_checkpoint(obj, tmp_path / "a.pt") == save_checkpoint(obj, tmp_path / "b" / "c.pt")
+
+
+def test_count_flops_counts_a_multiply_add_as_two_for_images_and_embeddings():
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1, bias=False)
+    assert count_flops(conv, 3, 10, 10) == 2 * (3 * 3 * 3) * 8 * 10 * 10  # per output: 27 multiply-adds
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4))
+    mlp.train()
+    assert count_flops(mlp, 16) == 2 * (16 * 32 + 32 * 4)  # BatchNorm in eval mode: one input is fine
+    assert mlp.training  # the mode is given back

@@ -222,13 +222,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, in_channels: int, image_size: int) -> int:
-    """FLOPs of one forward pass on one image (torch.utils.flop_counter: a multiply-add counts 2)."""
+def count_flops(model: nn.Module, *shape: int) -> int:
+    """FLOPs of one forward pass on one input of `shape` (C, H, W for an image; D for an embedding), in
+    eval mode (torch.utils.flop_counter: a multiply-add counts 2)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, in_channels, image_size, image_size))
+            model(torch.zeros(1, *shape))
     finally:
         model.train(was_training)
     return counter.get_total_flops()
