@@ -1,7 +1,7 @@
 """The method's claims measured over seeds, with the paper's ablations.
 
     python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2]
-                                [--ablations size,diversity,lambda,tune,levers,query] [--val-fraction 0.25]
+                                [--ablations size,diversity,lambda,tune,levers,query,query_member] [--val-fraction 0.25]
                                 [--out runs/bench_method] [--set KEY=VALUE ...] [--no-write]
 
 For every seed: the whole method (`cmce run`: every configuration sym_query, sym_gallery/*, asym/*,
@@ -20,6 +20,8 @@ combined (|Δmean| > std_a + std_b). Ablations (seed 0's trained models reused w
              augmented views for T, query-model width (off by default: about as long as one seed)
   query      the ensemble's lift over the query model alone vs query-model width (¼, ½, 1, 2 × the config's;
              off by default)
+  query_member  the config's ensemble with the query model's own embedding of each gallery image added as one
+             more member (identity transformation; off by default)
 Appends a dated section to BENCHMARKS.md: command, commit, hardware, config, wall time, tables, targets.
 """
 
@@ -52,10 +54,10 @@ from cmce.steps import (
     step_fit_transform,
     step_train,
 )
-from cmce.transform import load_transformation
+from cmce.transform import Transformation, build_mlp, load_transformation, save_transformation
 
 log = logging.getLogger("bench")
-ABLATIONS = ("size", "diversity", "lambda", "tune", "levers", "query")
+ABLATIONS = ("size", "diversity", "lambda", "tune", "levers", "query", "query_member")
 METRICS = ["R@1", "R@2", "R@4", "R@8", "MAP@R", "TAR@FAR=0.001"]
 Runs = list[dict[str, dict[str, float]]]
 
@@ -390,6 +392,29 @@ def diversity_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     return out
 
 
+def query_member_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
+    """asym_ensemble/N with the query model's own embedding of each gallery image added as one more member
+    (an identity transformation): the gallery side may run the cheap query model too, and its member keeps
+    the within-class structure that query→query R@1 relies on."""
+    import torch
+
+    q = lay.model(cfg.query_model.name)
+    model = load_embedding_model(q)
+    mlp = build_mlp(model.embedding_dim, model.embedding_dim, 0, 1)
+    with torch.no_grad():
+        mlp[0].weight.copy_(torch.eye(model.embedding_dim))
+        mlp[0].bias.zero_()
+    root = lay.root / "query_member"
+    identity = root / "T_identity.pt"
+    root.mkdir(parents=True, exist_ok=True)
+    save_transformation(Transformation(mlp, model.name, model.sha256, model.sha256, model.embedding_dim,
+                                       model.embedding_dim, 0, 1), identity)
+    own = step_embed_member(lay.dataset, q, q, identity, root / "member_query.parquet", cfg.batch_size)
+    n = len(cfg.gallery_models)
+    return {f"the query model + the config's {n} (identity T for the query model)":
+            _ensemble_of(cfg, lay, q, [*(lay.member(g) for g in lay.gallery_names), own], root)}
+
+
 def _ensemble_of(cfg: Config, lay: RunLayout, q: Path, members: list[Path], root: Path) -> dict:
     """asym_ensemble/N of these members, measured as served (query model vs the stored ensemble embedding)."""
     import json
@@ -493,6 +518,17 @@ def main() -> None:
             cells = [" / ".join(f"{100 * m[c][x]:.2f}" for x in metrics)
                      for c in (f"asym_ensemble/{n}", best, "sym_query")]
             body.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "query_member" in ablations:
+        body += ["", f"### Ablation: the query model as one more gallery member (seed {seeds[0]})", "",
+                 "The gallery side also embeds each gallery image with the query model (identity transformation) "
+                 "and averages it with the transformed members; measured as served (query model vs the stored "
+                 "ensemble embedding). R@1 / MAP@R / TAR@FAR=0.001 in %.", "",
+                 "| gallery side | R@1 / MAP@R / TAR@FAR=0.001 |", "|---|---|"]
+        shown = {"the query model alone (sym_query)": runs[0]["sym_query"],
+                 f"the config's {n} (asym_ensemble/{n})": runs[0][f"asym_ensemble/{n}"]}
+        shown |= {name: next(iter(m.values())) for name, m in query_member_ablation(seed0, layouts[0]).items()}
+        for name, m in shown.items():
+            body.append(f"| {name} | " + " / ".join(f"{100 * m[x]:.2f}" for x in SHOWN) + " |")
     if "query" in ablations:
         body += ["", f"### Ablation: query-model quality (seed {seeds[0]}): the query model retrained at other widths, "
                  "every transformation refitted on the same frozen gallery models", "",

@@ -101,3 +101,23 @@ def test_costs_table_sums_the_gallery_side_and_compares_the_query_model(smoke_ru
     assert number(members[0][2]) > count_parameters(load_embedding_model(lay.model(first.name)).net)
     assert float(rows["**query model / ensemble**"][2]) == round(number(query[2]) / number(ensemble[2]), 3)
     assert all(f"KD student of {g.name}" in rows for g in cfg.gallery_models)
+
+
+def test_query_model_as_an_identity_member_reproduces_sym_query_alone(smoke_run, tmp_path):
+    from benchmarks.method import _ensemble_of, query_member_ablation
+
+    lay, metrics = smoke_run
+    root = tmp_path / "run"
+    for part in ("data", "models", "embeddings"):
+        shutil.copytree(lay.root / part, root / part)
+    own = RunLayout(root, lay.gallery_names)
+    cfg = load_config(SMOKE, {"output_dir": str(root)})
+    result = next(iter(query_member_ablation(cfg, own).values()))
+    n = len(cfg.gallery_models)
+    assert set(result) == {f"asym_ensemble/{n + 1}"}  # the config's members and the query model's
+    member = root / "query_member" / "member_query.parquet"
+    (tmp_path / "alone").mkdir()
+    alone = _ensemble_of(cfg, own, own.model(cfg.query_model.name), [member], tmp_path / "alone")["asym_ensemble/1"]
+    # with the identity transformation the query member alone is query→query retrieval
+    for metric in ("R@1", "MAP@R", "TAR@FAR=0.001"):
+        assert abs(alone[metric] - metrics["sym_query"][metric]) < 1e-6, metric
