@@ -174,6 +174,11 @@ SETTING_NAMES = {"lam": "λ", "depth": "depth", "hidden_dim": "hidden width", "e
 SHOWN = ("R@1", "MAP@R", "TAR@FAR=0.001")
 
 
+def shown(metrics: dict[str, float]) -> str:
+    """One configuration's R@1 / MAP@R / TAR@FAR=0.001 in %, as a table cell."""
+    return " / ".join(f"{100 * metrics[x]:.2f}" for x in SHOWN)
+
+
 class Validation:
     """Transformation settings measured without the test split: seed 0's train split carved into a
     validation dataset (whole classes / class groups under disjoint protocols), every model retrained on
@@ -181,7 +186,7 @@ class Validation:
     on test (T refitted on the run's own models). Results cached by setting, shared by ablations."""
 
     def __init__(self, cfg: Config, lay: RunLayout, config_run: dict, fraction: float):
-        self.cfg, self.lay, self.config_run, self.fraction = cfg, lay, config_run, fraction
+        self.cfg, self.lay, self.fraction = cfg, lay, fraction
         self.root = lay.root / "validation"
         self.val_lay = RunLayout(self.root / "run", lay.gallery_names)
         self.val_cfg = replace(cfg, output_dir=str(self.val_lay.root), kd=replace(cfg.kd, enabled=False))
@@ -219,7 +224,7 @@ class Validation:
         return m["R@1"] + m["MAP@R"]
 
     def cell(self, metrics: dict) -> str:
-        return " / ".join(f"{100 * metrics[self.ens][x]:.2f}" for x in SHOWN)
+        return shown(metrics[self.ens])
 
     def carved_by(self) -> str:
         return dataset_info(self.val_lay.dataset)["validation"]["by"]
@@ -230,9 +235,10 @@ def describe(settings: dict) -> str:
     return ", ".join(f"{SETTING_NAMES[k]} {v:g}" for k, v in settings.items() if not (linear and k == "hidden_dim"))
 
 
-def coordinate_search(v: Validation, grid: dict[str, tuple]) -> tuple[dict, list[tuple[str, float, bool]]]:
+def coordinate_search(v: Validation, grid: dict[str, tuple]) -> tuple[dict, list[tuple[str, dict, bool]]]:
     """One pass over the grid's settings in order, each set to its best validation score with the others
-    held (ties keep the current value). Returns the chosen settings and (setting, value, chosen) per row."""
+    held (ties keep the current value). Returns the chosen settings and, per row, (setting, the settings
+    measured, chosen)."""
     current = dict(v.config_settings)
     trail = []
     for name, values in grid.items():
@@ -240,7 +246,7 @@ def coordinate_search(v: Validation, grid: dict[str, tuple]) -> tuple[dict, list
             continue  # a linear T has no hidden layer
         candidates = [current[name]] + [x for x in values if x != current[name]]
         best = max(candidates, key=lambda x: v.score({**current, name: x}))  # max keeps the first of ties
-        trail += [(name, x, x == best) for x in sorted(candidates)]
+        trail += [(name, {**current, name: x}, x == best) for x in sorted(candidates)]
         current[name] = best
     return current, trail
 
@@ -253,19 +259,18 @@ def tuning_table(v: Validation, grid: dict[str, tuple]) -> list[str]:
             "retrained on the rest; settings chosen one after the other by validation R@1 + MAP@R of "
             f"{v.ens} (R@1 / MAP@R / TAR@FAR=0.001 in %).", "",
             "| setting | value | validation |", "|---|---|---|"]
-    for name, x, picked in trail:
-        at = {**v.config_settings, **{k: chosen[k] for k in list(grid)[:list(grid).index(name)]}, name: x}
-        tags = [t for t, on in (("chosen", picked), ("config", x == v.config_settings[name])) if on]
-        rows.append(f"| {SETTING_NAMES[name]} | {x:g}{' (' + ', '.join(tags) + ')' if tags else ''} | "
+    for name, at, picked in trail:
+        tags = [t for t, on in (("chosen", picked), ("config", at[name] == v.config_settings[name])) if on]
+        rows.append(f"| {SETTING_NAMES[name]} | {at[name]:g}{' (' + ', '.join(tags) + ')' if tags else ''} | "
                     f"{v.cell(v.val(at))} |")
     finals = {"config": v.config_settings, "tuned": chosen, "tuned with λ = 0": {**chosen, "lam": 0.0}}
-    rows += ["", "| T settings | validation | test |", "|---|---|---|"]
+    groups: dict[tuple, tuple[dict, list[str]]] = {}  # equal settings share one row, named by all their labels
     for label, settings in finals.items():
-        same = [other for other, s in finals.items() if other != label and s == settings]
-        if same and list(finals).index(same[0]) < list(finals).index(label):
-            continue  # shown under the first label
-        name = " and ".join([label, *same])
-        rows.append(f"| {name}: {describe(settings)} | {v.cell(v.val(settings))} | {v.cell(v.test(settings))} |")
+        groups.setdefault(v._key(settings), (settings, []))[1].append(label)
+    rows += ["", "| T settings | validation | test |", "|---|---|---|"]
+    for settings, names in groups.values():
+        rows.append(f"| {' and '.join(names)}: {describe(settings)} | {v.cell(v.val(settings))} | "
+                    f"{v.cell(v.test(settings))} |")
     return rows
 
 
@@ -350,14 +355,13 @@ def query_quality_table(cfg: Config, lay: RunLayout, config_run: dict, n: int) -
     w = cfg.query_model.width
     runs = query_width_runs(cfg, lay, [w // 4, w // 2, w * 2])
     runs[w] = (lay.model(cfg.query_model.name), config_run)
-    metrics = ("R@1", "MAP@R", "TAR@FAR=0.001")
     rows = [f"| query width | query parameters | sym_query | asym_ensemble/{n} | Δ (ensemble − sym_query) |",
             "|---|---|---|---|---|"]
     for width in sorted(runs):
         query, m = runs[width]
         q, e = m["sym_query"], m[f"asym_ensemble/{n}"]
-        cells = [" / ".join(f"{100 * r[x]:.2f}" for x in metrics) for r in (q, e)]
-        delta = " / ".join(f"{100 * (e[x] - q[x]):+.2f}" for x in metrics)
+        cells = [shown(r) for r in (q, e)]
+        delta = " / ".join(f"{100 * (e[x] - q[x]):+.2f}" for x in SHOWN)
         params = count_parameters(load_embedding_model(query).net)
         rows.append(f"| {width}{' (config)' if width == w else ''} | {params:,} | {cells[0]} | {cells[1]} | {delta} |")
     return rows
@@ -506,7 +510,6 @@ def main() -> None:
                  f"asym_ensemble/{n})", ""]
         body += tuning_table(validation, TUNE_GRID)
     if "levers" in ablations:
-        metrics = ("R@1", "MAP@R", "TAR@FAR=0.001")
         body += ["", f"### Levers tried (seed {seeds[0]}): each refits every transformation on the same frozen "
                  "gallery models", "",
                  "Columns: the ensemble, the best single transformation (by R@1) and the query model alone "
@@ -515,8 +518,7 @@ def main() -> None:
         rows = {"(the config)": runs[0], **levers_ablation(seed0, layouts[0])}
         for name, m in rows.items():
             best = max((k for k in m if k.startswith("asym/")), key=lambda k: m[k]["R@1"])
-            cells = [" / ".join(f"{100 * m[c][x]:.2f}" for x in metrics)
-                     for c in (f"asym_ensemble/{n}", best, "sym_query")]
+            cells = [shown(m[c]) for c in (f"asym_ensemble/{n}", best, "sym_query")]
             body.append(f"| {name} | " + " | ".join(cells) + " |")
     if "query_member" in ablations:
         body += ["", f"### Ablation: the query model as one more gallery member (seed {seeds[0]})", "",
@@ -528,7 +530,7 @@ def main() -> None:
                  f"the config's {n} (asym_ensemble/{n})": runs[0][f"asym_ensemble/{n}"]}
         shown |= {name: next(iter(m.values())) for name, m in query_member_ablation(seed0, layouts[0]).items()}
         for name, m in shown.items():
-            body.append(f"| {name} | " + " / ".join(f"{100 * m[x]:.2f}" for x in SHOWN) + " |")
+            body.append(f"| {name} | {shown(m)} |")
     if "query" in ablations:
         body += ["", f"### Ablation: query-model quality (seed {seeds[0]}): the query model retrained at other widths, "
                  "every transformation refitted on the same frozen gallery models", "",
