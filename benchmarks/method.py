@@ -36,7 +36,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.report import ROOT, append_section
+from benchmarks.references import references_table
+from benchmarks.report import ROOT, SHOWN, append_section, shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec, load_config, to_yaml
 from cmce.data import carve_validation, dataset_info
@@ -171,14 +172,6 @@ LAMBDA_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 TUNE_GRID: dict[str, tuple] = {"lam": LAMBDA_GRID, "depth": (1, 2, 3), "hidden_dim": (256, 512, 1024),
                                "epochs": (10, 30, 100)}
 SETTING_NAMES = {"lam": "λ", "depth": "depth", "hidden_dim": "hidden width", "epochs": "epochs"}
-SHOWN = ("R@1", "MAP@R", "TAR@FAR=0.001")
-
-
-def shown(metrics: dict[str, float]) -> str:
-    """One configuration's R@1 / MAP@R / TAR@FAR=0.001 in %, as a table cell."""
-    return " / ".join(f"{100 * metrics[x]:.2f}" for x in SHOWN)
-
-
 class Validation:
     """Transformation settings measured without the test split: seed 0's train split carved into a
     validation dataset (whole classes / class groups under disjoint protocols), every model retrained on
@@ -440,6 +433,37 @@ def _ensemble_of(cfg: Config, lay: RunLayout, q: Path, members: list[Path], root
     return {f"asym_ensemble/{len(members)}": metrics}
 
 
+def levers_table(rows: dict[str, dict], n: int) -> list[str]:
+    """One row per lever: the ensemble, the best single transformation (by R@1) and the query model alone."""
+    out = [f"| change | asym_ensemble/{n} | best asym/* | sym_query |", "|---|---|---|---|"]
+    for name, m in rows.items():
+        best = max((k for k in m if k.startswith("asym/")), key=lambda k: m[k]["R@1"])
+        out.append(f"| {name} | " + " | ".join(shown(m[c]) for c in (f"asym_ensemble/{n}", best, "sym_query")) + " |")
+    return out
+
+
+def query_member_table(config_run: dict, variants: dict[str, dict], n: int) -> list[str]:
+    """The query model alone, the config's ensemble and each query-member variant (one ensemble each)."""
+    rows = {"the query model alone (sym_query)": config_run["sym_query"],
+            f"the config's {n} (asym_ensemble/{n})": config_run[f"asym_ensemble/{n}"]}
+    rows |= {name: next(iter(m.values())) for name, m in variants.items()}
+    return ["| gallery side | R@1 / MAP@R / TAR@FAR=0.001 |", "|---|---|",
+            *(f"| {name} | {shown(m)} |" for name, m in rows.items())]
+
+
+def recorded_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The command line as run, without options left at their defaults, quoted as a shell needs it (so it
+    runs as written, e.g. an empty --ablations '')."""
+    config = Path(args.config).resolve()
+    given = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
+             "seeds": args.seeds, "ablations": args.ablations, "val-fraction": f"{args.val_fraction:g}"}
+    defaults = {"config": "params.yaml", "seeds": parser.get_default("seeds"),
+                "ablations": parser.get_default("ablations"), "val-fraction": f"{parser.get_default('val_fraction'):g}"}
+    command = "python -m benchmarks.method" + "".join(f" --{k} {shlex.quote(v)}" for k, v in given.items()
+                                                      if v != defaults[k])
+    return command + "".join(f" --set {shlex.quote(s)}" for s in args.set)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
@@ -484,6 +508,13 @@ def main() -> None:
              "must be non-linear and, fitted on the train split, may not carry over to the test images "
              "(classes, under disjoint protocols).", ""]
     body += compatibility_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0], runs[0])
+    body += ["", f"### What the query model permits (seed {seeds[0]}; references that use the test labels)", "",
+             "The loss pulls T(φ_g(x)) towards two galleries: the query model's own embedding of the image (the "
+             "alignment term) and its class's query-classifier weight (the CE term); both are searched here with "
+             "the same query embeddings. Then the rejection target's 10 % rejected by uncertainty, at random and "
+             "by two orderings that know the labels (not proven optimal: they show roughly how far any "
+             "gallery-side rejection could lower the verification error here).", ""]
+    body += references_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0], runs[0])
     body += ["", f"### Model costs (seed {seeds[0]}'s models, {cfg.data.image_size} px input)", ""]
     body += costs_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0])
     if "size" in ablations:
@@ -513,38 +544,20 @@ def main() -> None:
         body += ["", f"### Levers tried (seed {seeds[0]}): each refits every transformation on the same frozen "
                  "gallery models", "",
                  "Columns: the ensemble, the best single transformation (by R@1) and the query model alone "
-                 "(which changes only in the query-width rows); R@1 / MAP@R / TAR@FAR=0.001 in %.", "",
-                 f"| change | asym_ensemble/{n} | best asym/* | sym_query |", "|---|---|---|---|"]
-        rows = {"(the config)": runs[0], **levers_ablation(seed0, layouts[0])}
-        for name, m in rows.items():
-            best = max((k for k in m if k.startswith("asym/")), key=lambda k: m[k]["R@1"])
-            cells = [shown(m[c]) for c in (f"asym_ensemble/{n}", best, "sym_query")]
-            body.append(f"| {name} | " + " | ".join(cells) + " |")
+                 "(which changes only in the query-width rows); R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]
+        body += levers_table({"(the config)": runs[0], **levers_ablation(seed0, layouts[0])}, n)
     if "query_member" in ablations:
         body += ["", f"### Ablation: the query model as one more gallery member (seed {seeds[0]})", "",
                  "The gallery side also embeds each gallery image with the query model (identity transformation) "
                  "and averages it with the transformed members; measured as served (query model vs the stored "
-                 "ensemble embedding). R@1 / MAP@R / TAR@FAR=0.001 in %.", "",
-                 "| gallery side | R@1 / MAP@R / TAR@FAR=0.001 |", "|---|---|"]
-        shown = {"the query model alone (sym_query)": runs[0]["sym_query"],
-                 f"the config's {n} (asym_ensemble/{n})": runs[0][f"asym_ensemble/{n}"]}
-        shown |= {name: next(iter(m.values())) for name, m in query_member_ablation(seed0, layouts[0]).items()}
-        for name, m in shown.items():
-            body.append(f"| {name} | {shown(m)} |")
+                 "ensemble embedding). R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]
+        body += query_member_table(runs[0], query_member_ablation(seed0, layouts[0]), n)
     if "query" in ablations:
         body += ["", f"### Ablation: query-model quality (seed {seeds[0]}): the query model retrained at other widths, "
                  "every transformation refitted on the same frozen gallery models", "",
                  "R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]
         body += query_quality_table(seed0, layouts[0], runs[0], n)
-    config = Path(args.config).resolve()
-    shown = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
-             "seeds": args.seeds, "ablations": args.ablations, "val-fraction": f"{args.val_fraction:g}"}
-    defaults = {"config": "params.yaml", "seeds": p.get_default("seeds"), "ablations": p.get_default("ablations"),
-                "val-fraction": f"{p.get_default('val_fraction'):g}"}
-    # quoted as a shell needs it, so the recorded command runs as written (e.g. an empty --ablations '')
-    command = "python -m benchmarks.method" + "".join(f" --{k} {shlex.quote(v)}" for k, v in shown.items()
-                                                      if v != defaults[k])
-    command += "".join(f" --set {shlex.quote(s)}" for s in args.set)
+    command = recorded_command(args, p)
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:

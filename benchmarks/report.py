@@ -41,6 +41,14 @@ def commit() -> str:
 STARTED_AT = commit()  # read when a benchmark starts: its section names the code it ran, even if HEAD moves meanwhile
 
 
+SHOWN = ("R@1", "MAP@R", "TAR@FAR=0.001")
+
+
+def shown(metrics: dict[str, float]) -> str:
+    """One configuration's R@1 / MAP@R / TAR@FAR=0.001 in %, as a table cell."""
+    return " / ".join(f"{100 * metrics[x]:.2f}" for x in SHOWN)
+
+
 def append_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md",
                    write: bool = True) -> str:
     """Print the section and (unless `write` is false) append it to BENCHMARKS.md, written atomically."""

@@ -121,3 +121,51 @@ def test_query_model_as_an_identity_member_reproduces_sym_query_alone(smoke_run,
     # with the identity transformation the query member alone is query→query retrieval
     for metric in ("R@1", "MAP@R", "TAR@FAR=0.001"):
         assert abs(alone[metric] - metrics["sym_query"][metric]) < 1e-6, metric
+
+
+def test_main_assembles_every_requested_section(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks import method
+
+    monkeypatch.setattr(sys, "argv", ["method", "--config", str(SMOKE), "--seeds", "0", "--ablations",
+                                      "size,query_member", "--out", str(tmp_path), "--no-write"])
+    method.main()
+    out = capsys.readouterr().out
+    for heading in ("### Every configuration", "### Rejection by uncertainty", "### Targets", "### Compatibility",
+                    "### What the query model permits", "### Model costs", "### Ablation: ensemble size N",
+                    "### Ablation: the query model as one more gallery member"):
+        assert heading in out, heading
+    member_rows = out.split("### Ablation: the query model as one more gallery member")[1].split("\n| ")[2:]
+    assert [r.split(" | ")[0] for r in member_rows][:3] == [
+        "the query model alone (sym_query)", "the config's 2 (asym_ensemble/2)",
+        "the query model + the config's 2 (identity T for the query model)"]
+
+
+def test_levers_table_names_the_best_single_transformation_by_r1(smoke_run):
+    from benchmarks.method import levers_table
+    from benchmarks.report import shown
+
+    _, metrics = smoke_run
+    (row,) = levers_table({"(the config)": metrics}, 2)[2:]
+    best = max((k for k in metrics if k.startswith("asym/")), key=lambda k: metrics[k]["R@1"])
+    assert _cells(row) == ["(the config)", shown(metrics["asym_ensemble/2"]), shown(metrics[best]),
+                           shown(metrics["sym_query"])]
+
+
+def test_recorded_command_keeps_only_what_differs_from_the_defaults():
+    import argparse
+
+    from benchmarks.method import recorded_command
+    from benchmarks.report import ROOT
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default=str(ROOT / "params.yaml"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ablations", default="size")
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args(["--config", str(ROOT / "configs" / "emoji.yaml"), "--seeds", "0", "--ablations", "",
+                         "--set", "train.epochs=18"])
+    assert recorded_command(args, p) == ("python -m benchmarks.method --config configs/emoji.yaml --seeds 0 "
+                                         "--ablations '' --set train.epochs=18")
