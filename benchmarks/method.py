@@ -36,12 +36,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.references import references_table
 from benchmarks.report import ROOT, SHOWN, append_section, shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec, load_config, to_yaml
 from cmce.data import carve_validation, dataset_info
-from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.evaluate import EvalInputs
 from cmce.metrics import linear_cka
@@ -55,6 +56,7 @@ from cmce.steps import (
     step_fit_transform,
     step_train,
 )
+from cmce.tables import embedding_column, read_table, string_column
 from cmce.transform import Transformation, build_mlp, load_transformation, save_transformation
 
 log = logging.getLogger("bench")
@@ -267,27 +269,34 @@ def tuning_table(v: Validation, grid: dict[str, tuple]) -> list[str]:
     return rows
 
 
+def stored_embeddings(lay: RunLayout, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(φ_g(x), φ_q(x)) of the train and test splits, rows paired, read back from what the run wrote (T's
+    train embeddings; the gallery member file and the evaluation's query file) instead of embedding again."""
+    train = read_table(lay.train_embeddings(name))
+    where = str(lay.train_embeddings(name))
+    out = {"train": (embedding_column(train, "raw", where), embedding_column(train, "query", where))}
+    member, query = read_table(lay.member(name)), read_table(lay.root / "eval" / "query.parquet")
+    row = {i: n for n, i in enumerate(string_column(member, "id", str(lay.member(name))))}
+    order = [row[i] for i in string_column(query, "id", "eval/query.parquet")]  # a KeyError: not the same split
+    out["test"] = (embedding_column(member, "raw", str(lay.member(name)))[order],
+                   embedding_column(query, "embedding", "eval/query.parquet"))
+    return out
+
+
 def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:
     """How mappable each gallery model's space is onto the query model's: linear CKA of the raw
     embeddings with the query embeddings, and the mean cosine between n(T(φ_g(x))) and n(φ_q(x)), on
     the train split T was fitted on and on the test split it must carry over to."""
-    q = load_embedding_model(lay.model(cfg.query_model.name))
-    splits = ("train", "test")
-    q_emb = {s: embed_split(q, lay.dataset, s, cfg.batch_size) for s in splits}
     rows = ["| gallery model | linear CKA with φ_q (train / test) | cos(T(φ_g), φ_q) (train / test) | "
             "asym R@1 | sym_gallery R@1 |", "|---|---|---|---|---|"]
-    for name in lay.gallery_names:
-        g = load_embedding_model(lay.model(name))
-        t = load_transformation(lay.transformation(name))
+    for spec in cfg.gallery_models:
+        t = load_transformation(lay.transformation(spec.name))
         cka, cos = [], []
-        for s in splits:
-            emb = embed_split(g, lay.dataset, s, cfg.batch_size)
-            if emb.ids != q_emb[s].ids:
-                raise ValueError(f"{lay.dataset}: {s} split read in different orders")
-            cka.append(linear_cka(emb.embeddings, q_emb[s].embeddings))
-            cos.append(float((t.apply(emb.embeddings) * normalize(q_emb[s].embeddings)).sum(axis=1).mean()))
-        r1 = [100 * config_run[f"{c}/{name}"]["R@1"] for c in ("asym", "sym_gallery")]
-        rows.append(f"| {name} ({g.arch}) | {cka[0]:.2f} / {cka[1]:.2f} | {cos[0]:.2f} / {cos[1]:.2f} | "
+        for g_emb, q_emb in stored_embeddings(lay, spec.name).values():
+            cka.append(linear_cka(g_emb, q_emb))
+            cos.append(float((t.apply(g_emb) * normalize(q_emb)).sum(axis=1).mean()))
+        r1 = [100 * config_run[f"{c}/{spec.name}"]["R@1"] for c in ("asym", "sym_gallery")]
+        rows.append(f"| {spec.name} ({spec.arch}) | {cka[0]:.2f} / {cka[1]:.2f} | {cos[0]:.2f} / {cos[1]:.2f} | "
                     f"{r1[0]:.2f} | {r1[1]:.2f} |")
     return rows
 

@@ -79,6 +79,16 @@ def test_compatibility_table_reports_cka_and_alignment_for_every_gallery_model(s
         cka, cos = ([float(v) for v in c.split(" / ")] for c in cells[1:3])
         assert all(0.0 <= v <= 1.0 for v in cka) and all(-1.0 <= v <= 1.0 for v in cos)
         assert cos[0] > 0.5  # T was fitted on the train split: it aligns there
+    # read back from the run's files, the values are those of embedding both splits again
+    from cmce.checkpoint import load_embedding_model
+    from cmce.embed import embed_split
+    from cmce.metrics import linear_cka
+
+    first = _cells(rows[0])
+    q, g = (load_embedding_model(lay.model(n)) for n in (cfg.query_model.name, lay.gallery_names[0]))
+    fresh = [linear_cka(embed_split(g, lay.dataset, s).embeddings, embed_split(q, lay.dataset, s).embeddings)
+             for s in ("train", "test")]
+    assert first[1] == " / ".join(f"{v:.2f}" for v in fresh)
 
 
 def test_costs_table_sums_the_gallery_side_and_compares_the_query_model(smoke_run):
