@@ -179,3 +179,25 @@ def test_recorded_command_keeps_only_what_differs_from_the_defaults():
                          "--set", "train.epochs=18"])
     assert recorded_command(args, p) == ("python -m benchmarks.method --config configs/emoji.yaml --seeds 0 "
                                          "--ablations '' --set train.epochs=18")
+
+
+def test_targets_report_the_mean_difference_each_seeds_difference_and_the_unpaired_spread():
+    from benchmarks.method import targets
+
+    def run(level, gain):  # every configuration at `level`; the ensemble `gain` above; seeds differ in level
+        base = {"R@1": level, "MAP@R": level, "TAR@FAR=0.001": level}
+        out = {c: dict(base) for c in ("sym_query", "asym/a", "asym/b", "kd/a", "kd/b")}
+        out["asym_ensemble/2"] = {k: v + gain for k, v in base.items()}
+        out["rejection/uncertainty"] = {"verification_error@0": 0.8, "verification_error@0.1": 0.76}
+        out["rejection/random"] = {"verification_error@0": 0.8, "verification_error@0.1": 0.8}
+        return out
+
+    rows = {_cells(r)[0]: _cells(r) for r in targets([run(0.2, 0.02), run(0.3, 0.02), run(0.4, 0.02)], 2)[2:]}
+    r1 = rows["ensemble vs the query model alone (asym_ensemble/2 − sym_query, R@1)"]
+    assert r1[1:] == ["+2.00", "+2.00, +2.00, +2.00", "≥ +0", "yes", "no"]  # every seed +2, within the spread
+    tar = rows["ensemble vs the query model alone (asym_ensemble/2 − sym_query, TAR@FAR=0.001)"]
+    assert tar[1:5] == ["+2.00", "+2.00, +2.00, +2.00", "≥ +5", "no"]
+    rejection = rows["rejecting 10% most uncertain lowers verification error (relative)"]
+    assert rejection[1:5] == ["5.00 ± 0.00 %", "5.00 %, 5.00 %, 5.00 %", "≥ 15 %", "no"]
+    (one,) = [r for r in targets([run(0.2, 0.02)], 2) if "sym_query, R@1" in r]
+    assert _cells(one)[-1] == "n/a (one seed)"
