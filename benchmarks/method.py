@@ -178,6 +178,8 @@ LAMBDA_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 TUNE_GRID: dict[str, tuple] = {"lam": LAMBDA_GRID, "depth": (1, 2, 3), "hidden_dim": (256, 512, 1024),
                                "epochs": (10, 30, 100)}
 SETTING_NAMES = {"lam": "λ", "depth": "depth", "hidden_dim": "hidden width", "epochs": "epochs"}
+
+
 class Validation:
     """Transformation settings measured without the test split: seed 0's train split carved into a
     validation dataset (whole classes / class groups under disjoint protocols), every model retrained on
@@ -276,15 +278,12 @@ def tuning_table(v: Validation, grid: dict[str, tuple]) -> list[str]:
 def stored_embeddings(lay: RunLayout, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(φ_g(x), φ_q(x)) of the train and test splits, rows paired, read back from what the run wrote (T's
     train embeddings; the gallery member file and the evaluation's query file) instead of embedding again."""
-    train = read_table(lay.train_embeddings(name))
-    where = str(lay.train_embeddings(name))
-    out = {"train": (embedding_column(train, "raw", where), embedding_column(train, "query", where))}
-    member, query = read_table(lay.member(name)), read_table(lay.root / "eval" / "query.parquet")
-    row = {i: n for n, i in enumerate(string_column(member, "id", str(lay.member(name))))}
-    order = [row[i] for i in string_column(query, "id", "eval/query.parquet")]  # a KeyError: not the same split
-    out["test"] = (embedding_column(member, "raw", str(lay.member(name)))[order],
-                   embedding_column(query, "embedding", "eval/query.parquet"))
-    return out
+    paths = lay.train_embeddings(name), lay.member(name), lay.root / "eval" / "query.parquet"
+    (train, train_at), (member, member_at), (query, query_at) = ((read_table(p), str(p)) for p in paths)
+    row = {i: n for n, i in enumerate(string_column(member, "id", member_at))}
+    order = [row[i] for i in string_column(query, "id", query_at)]  # a KeyError: not the same split
+    return {"train": (embedding_column(train, "raw", train_at), embedding_column(train, "query", train_at)),
+            "test": (embedding_column(member, "raw", member_at)[order], embedding_column(query, "embedding", query_at))}
 
 
 def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:
