@@ -278,7 +278,7 @@ def tuning_table(v: Validation, grid: dict[str, tuple]) -> list[str]:
 def stored_embeddings(lay: RunLayout, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(φ_g(x), φ_q(x)) of the train and test splits, rows paired, read back from what the run wrote (T's
     train embeddings; the gallery member file and the evaluation's query file) instead of embedding again."""
-    paths = lay.train_embeddings(name), lay.member(name), lay.root / "eval" / "query.parquet"
+    paths = lay.train_embeddings(name), lay.member(name), lay.eval_dir / "query.parquet"
     (train, train_at), (member, member_at), (query, query_at) = ((read_table(p), str(p)) for p in paths)
     row = {i: n for n, i in enumerate(string_column(member, "id", member_at))}
     order = [row[i] for i in string_column(query, "id", query_at)]  # a KeyError: not the same split

@@ -21,7 +21,7 @@ from benchmarks.report import shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
 from cmce.data import dataset_info
-from cmce.evaluate import cross_domains, rejection_curves, score_matrix
+from cmce.evaluate import cross_domains, rejection_curves, score_matrix, self_columns
 from cmce.metrics import far_threshold, pair_scores, retrieval_metrics
 from cmce.steps import RunLayout
 from cmce.tables import embedding_column, float_column, int_column, read_table, string_column
@@ -44,12 +44,11 @@ class Served:
 
 def served(lay: RunLayout) -> Served:
     """Read the run's gallery and its evaluation's query embeddings; score them as `cmce evaluate` does."""
-    g_path, q_path = lay.gallery, lay.root / "eval" / "query.parquet"
+    g_path, q_path = lay.gallery, lay.eval_dir / "query.parquet"
     g, q = read_table(g_path), read_table(q_path)
     g_ids, q_ids = string_column(g, "id", str(g_path)), string_column(q, "id", str(q_path))
     queries = embedding_column(q, "embedding", str(q_path))
-    col = {gid: n for n, gid in enumerate(g_ids)}
-    self_cols = np.array([col.get(i, -1) for i in q_ids])
+    self_cols = self_columns(q_ids, g_ids)
     domains = cross_domains(lay.dataset, q_ids, g_ids)
     scores = score_matrix(queries, embedding_column(g, "embedding", str(g_path)), self_cols, domains)
     return Served(scores, queries, int_column(q, "label", str(q_path)), int_column(g, "label", str(g_path)),

@@ -93,3 +93,9 @@ def test_cross_domains_only_under_the_cross_vendor_protocol(tmp_path):
     assert q.tolist() == [0, 1, 1] and g.tolist() == [1, 1, 0]
     with pytest.raises(TableError, match=r"c.parquet: no domain for 1 gallery ids, e.g. 'google/nope'"):
         cross_domains(cross, ids, ["google/nope"])
+
+
+def test_self_columns_point_each_query_at_its_own_gallery_row_or_minus_one():
+    from cmce.evaluate import self_columns
+
+    assert self_columns(["a", "x", "c"], ["c", "a", "b"]).tolist() == [1, -1, 0]

@@ -61,6 +61,12 @@ class EvalInputs:
 Domains = tuple[np.ndarray, np.ndarray]  # domain code of each query, of each gallery item
 
 
+def self_columns(query_ids: list[str], gallery_ids: list[str]) -> np.ndarray:
+    """For each query, the gallery column holding the same image (-1 if none): the pair score_matrix excludes."""
+    col = {gid: n for n, gid in enumerate(gallery_ids)}
+    return np.array([col.get(i, -1) for i in query_ids])
+
+
 def score_matrix(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray,
                  domains: Domains | None = None) -> np.ndarray:
     """Cosine scores; the pair (query i, gallery self_cols[i]) is excluded (-inf) when self_cols[i] ≥ 0,
@@ -169,8 +175,7 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     uncertainty = float_column(table, "uncertainty", str(inputs.gallery))
 
     q = embed_split(query_model, inputs.dataset, "test", batch_size)
-    col = {gid: n for n, gid in enumerate(g_ids)}
-    self_cols = np.array([col.get(i, -1) for i in q.ids])
+    self_cols = self_columns(q.ids, g_ids)
     if (self_cols < 0).all():
         log.warning("no query image is in the gallery: evaluating without self-exclusion")
     domains = cross_domains(inputs.dataset, q.ids, g_ids)

@@ -13,11 +13,9 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cmce.checkpoint import load_embedding_model
 from cmce.embed import embed_split
-from cmce.evaluate import cross_domains, score_matrix
+from cmce.evaluate import cross_domains, score_matrix, self_columns
 from cmce.metrics import retrieval_metrics
 from cmce.tables import TableError, embedding_column, int_column, read_metadata, read_table, string_column
 
@@ -73,9 +71,7 @@ def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, 
     g_labels = int_column(table, "label", str(gallery))
     emb = embedding_column(table, "embedding", str(gallery))
     q = embed_split(q_model, dataset, split, batch_size)
-    col = {gid: n for n, gid in enumerate(g_ids)}
-    self_cols = np.array([col.get(i, -1) for i in q.ids])
-    scores = score_matrix(q.embeddings, emb, self_cols, cross_domains(dataset, q.ids, g_ids))
+    scores = score_matrix(q.embeddings, emb, self_columns(q.ids, g_ids), cross_domains(dataset, q.ids, g_ids))
     out = retrieval_metrics(scores, q.labels, g_labels, recall_k, fars)
     log.info("%s with %s: %s", gallery, Path(query_model).name,
              ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "lone_queries"))
