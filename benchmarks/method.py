@@ -476,7 +476,7 @@ def recorded_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return command + "".join(f" --set {shlex.quote(s)}" for s in args.set)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
     p.add_argument("--seeds", default="0,1,2")
@@ -486,6 +486,11 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_method"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--no-write", action="store_true")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import yaml

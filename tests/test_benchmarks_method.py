@@ -164,21 +164,16 @@ def test_levers_table_names_the_best_single_transformation_by_r1(smoke_run):
 
 
 def test_recorded_command_keeps_only_what_differs_from_the_defaults():
-    import argparse
-
-    from benchmarks.method import recorded_command
+    from benchmarks.method import build_parser, recorded_command
     from benchmarks.report import ROOT
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", default=str(ROOT / "params.yaml"))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--ablations", default="size")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--set", action="append", default=[])
+    p = build_parser()  # the benchmark's own parser and defaults
     args = p.parse_args(["--config", str(ROOT / "configs" / "emoji.yaml"), "--seeds", "0", "--ablations", "",
                          "--set", "train.epochs=18"])
     assert recorded_command(args, p) == ("python -m benchmarks.method --config configs/emoji.yaml --seeds 0 "
                                          "--ablations '' --set train.epochs=18")
+    defaults = p.parse_args(["--val-fraction", "0.25", "--out", "elsewhere"])
+    assert recorded_command(defaults, p) == "python -m benchmarks.method"
 
 
 def test_targets_report_the_mean_difference_each_seeds_difference_and_the_unpaired_spread():
