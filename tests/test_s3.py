@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from cmce import s3 as cmce_s3
 from cmce.cli import main
 from cmce.index import IndexLoadError, load_index
 from cmce.s3 import _inside, redact
@@ -160,6 +161,36 @@ def test_search_on_an_s3_index_in_a_fresh_process(s3_server, s3_chain, capsys):
     assert "downloaded s3://" in res.stderr  # the log was captured: the check below can fail
     for text in (res.stdout, res.stderr):
         assert s3_server.secret_key not in text and s3_server.access_key not in text
+
+
+def test_an_s3_index_is_listed_once_and_an_unfinished_one_is_refused_before_any_download(s3_server, s3_chain,
+                                                                                          monkeypatch):
+    """Loading an index from a prefix costs one listing (no probing of what the URI names); a prefix
+    without meta.json (an upload that did not finish) is refused from that listing, nothing downloaded."""
+    use_server(monkeypatch, s3_server)
+    client = cmce_s3.client()
+    unfinished = "run/unfinished_index"
+    for name in INDEX_FILES - {"meta.json"}:
+        s3_server.client().copy_object(Bucket=s3_chain.bucket, Key=f"{unfinished}/{name}",
+                                       CopySource={"Bucket": s3_chain.bucket, "Key": f"run/index/{name}"})
+    calls: list[str] = []
+
+    def record(event_name: str, **_: object) -> None:
+        calls.append(event_name.rsplit(".", 1)[-1])
+
+    client.meta.events.register("before-call.s3", record)
+    try:
+        loaded = load_index(f"{s3_chain.root}/index")
+        complete_calls, calls[:] = list(calls), []
+        with pytest.raises(IndexLoadError, match="unfinished_index: not a complete index"):
+            load_index(f"s3://{s3_chain.bucket}/{unfinished}")
+    finally:
+        client.meta.events.unregister("before-call.s3", record)
+    assert complete_calls.count("ListObjectsV2") == 1
+    assert complete_calls.count("GetObject") == len(INDEX_FILES)
+    assert calls == ["ListObjectsV2"]
+    local = load_index(s3_chain.local / "index")
+    assert loaded.ids == local.ids and loaded.meta == local.meta
 
 
 def test_no_credential_in_the_logs_of_an_s3_run(s3_server, s3_chain):

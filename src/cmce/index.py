@@ -254,12 +254,12 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None) -> Loaded
     shown = str(index_dir).rstrip("/")
     unfinished = IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or "
                                 f"upload did not finish; build it again")
-    if s3.is_s3(index_dir):
-        if "meta.json" not in s3.list_keys(str(index_dir)):
-            raise unfinished  # refused from the listing, before downloading what an unfinished upload left
-    else:
+    if not s3.is_s3(index_dir):
         restore_dir(Path(index_dir))  # a rebuild killed mid-swap leaves the previous index as .<name>.old
-    d = local_input(index_dir)
+    try:  # on S3: refused from the one listing, before downloading what an unfinished upload left
+        d = local_input(index_dir, marker="meta.json")
+    except s3.MarkerMissing:
+        raise unfinished from None
     meta_path = d / "meta.json"
     if not meta_path.exists():
         raise unfinished

@@ -255,18 +255,25 @@ def _inside(dest: Path, rel: str, uri: str) -> Path:
     return dest.joinpath(*parts)
 
 
-def download(uri: str, dest: Path) -> Path:
-    """Download the object (or every object under the prefix) at `uri` to `dest`; returns `dest`."""
+class MarkerMissing(FileNotFoundError):
+    """A prefix lacks its completion marker: an unfinished upload, or not what the reader expects."""
+
+
+def download(uri: str, dest: Path, marker: str | None = None) -> Path:
+    """Download the object (or every object under the prefix) at `uri` to `dest`; returns `dest`.
+    With `marker` (a completion marker such as an index's meta.json, see upload_dir) `uri` is a prefix: it is
+    listed once, and refused with MarkerMissing before any download when the marker is not among its keys."""
     u = parse(uri)
-    what = kind(uri)
     cfg = transfer_config()
-    if what == "file":
+    if marker is None and kind(uri) == "file":
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _errors(uri, "downloading"):
             client().download_file(u.bucket, u.key, str(dest), Config=cfg)
         log.info("downloaded %s", uri)
         return dest
     keys = list_keys(uri)
+    if marker is not None and marker not in keys:
+        raise MarkerMissing(f"{uri.rstrip('/')}: no {marker}")
     dest.mkdir(parents=True, exist_ok=True)
     for rel in keys:
         target = _inside(dest, rel, uri)

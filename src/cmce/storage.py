@@ -189,10 +189,10 @@ def clear_scratch() -> None:
     _downloaded.clear()
 
 
-def local_input(uri: str | Path) -> Path:
+def local_input(uri: str | Path, marker: str | None = None) -> Path:
     """A local path holding `uri`: the path itself, or for s3:// a download of the object (or of every
     object under the prefix, as a folder) into scratch, keeping the key's file name. Downloaded once
-    per process until `clear_scratch`."""
+    per process until `clear_scratch`. `marker`: the prefix's completion marker (see cmce.s3.download)."""
     if not s3.is_s3(uri):
         return Path(uri)
     uri = str(uri)
@@ -201,7 +201,7 @@ def local_input(uri: str | Path) -> Path:
         return cached
     u = s3.parse(uri)
     dest = scratch_dir() / "in" / uuid.uuid4().hex[:12] / (PurePosixPath(u.key.rstrip("/")).name or u.bucket)
-    path = s3.download(uri, dest)
+    path = s3.download(uri, dest, marker)
     _origins[path] = uri.rstrip("/")
     _downloaded[uri] = path
     return path
