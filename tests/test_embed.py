@@ -96,11 +96,10 @@ def test_members_must_agree(tmp_path):
 
 
 def test_augmented_views_pair_rows_across_models_and_repeat_with_the_seed(smoke_run):
-    import torch
 
     from cmce.checkpoint import load_embedding_model
     from cmce.data import load_split
-    from cmce.embed import embed_augmented_views, embed_batch
+    from cmce.embed import embed_augmented_views, embed_batch, view_generator
     from cmce.train import augment
 
     lay, _ = smoke_run
@@ -111,11 +110,16 @@ def test_augmented_views_pair_rows_across_models_and_repeat_with_the_seed(smoke_
     n = len(split.ids)
     assert eq.shape == (2 * n, q.embedding_dim) and eg.shape == (2 * n, g.embedding_dim)
     np.testing.assert_array_equal(labels, np.tile(split.labels, 2))
-    # the same augmented copy went through both models: redo view 1's first batch by hand
-    first = augment(split.images[:64], torch.Generator().manual_seed(7))
-    np.testing.assert_allclose(eq[:64], embed_batch(q, first), atol=1e-5)
-    np.testing.assert_allclose(eg[:64], embed_batch(g, first), atol=1e-5)
+    # the same augmented copy went through both models: redo each view's first and second batch by hand
+    for view in range(2):
+        gen = view_generator(7, view)
+        for start in (0, 64):
+            copy = augment(split.images[start:start + 64], gen)
+            rows = slice(view * n + start, view * n + start + 64)
+            np.testing.assert_allclose(eq[rows], embed_batch(q, copy), atol=1e-5)
+            np.testing.assert_allclose(eg[rows], embed_batch(g, copy), atol=1e-5)
     assert not np.allclose(eq[:64], embed_batch(q, split.images[:64]), atol=1e-3)  # augmented, not the plain images
+    assert not np.allclose(eq[:64], eq[n:n + 64], atol=1e-3)  # the two views are different copies
     (again, _), _ = embed_augmented_views([q, g], lay.dataset, "train", views=2, seed=7, batch_size=64)
     np.testing.assert_array_equal(again, eq)
     (other, _), _ = embed_augmented_views([q, g], lay.dataset, "train", views=2, seed=8, batch_size=64)

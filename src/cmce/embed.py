@@ -93,32 +93,40 @@ def embed_split(model: EmbeddingModel, dataset: str | Path, split: str, batch_si
     return Embedded(ids, np.concatenate(labels), np.concatenate(embs))
 
 
+def view_generator(seed: int, view: int) -> torch.Generator:
+    """The random stream of one augmented view: its own, so a view's copies do not depend on how the
+    views are interleaved."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, view]).generate_state(1)[0]))
+
+
 def embed_augmented_views(
     models: list[EmbeddingModel], dataset: str | Path, split: str, views: int, seed: int, batch_size: int = 256
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Every model's embeddings of `views` augmented copies of each image of the split (the same copy
-    for every model, so the rows pair up), and their labels; view after view, each in file order."""
+    for every model, so the rows pair up), and their labels; view after view, each in file order. The
+    split is decoded once: each batch is augmented once per view."""
     first = models[0]
     for m in models[1:]:
         if (m.in_channels, m.image_size) != (first.in_channels, first.image_size):
             raise ValueError(f"models {first.name!r} and {m.name!r} read images of different shape; "
                              f"augmented views need one shape")
-    gen = torch.Generator().manual_seed(seed)
-    embs: list[list[np.ndarray]] = [[] for _ in models]
+    gens = [view_generator(seed, view) for view in range(views)]
+    embs: list[list[list[np.ndarray]]] = [[[] for _ in models] for _ in range(views)]  # [view][model][batch]
     labels = []
     for m in models:
         m.net.eval()
-    for view in range(views):
-        chunks = iter_split_chunks(dataset, split, first.in_channels, first.image_size)
-        for batch in tqdm(rebatch(chunks, batch_size), desc=f"augmented view {view + 1}/{views}", leave=False,
-                          mininterval=2, disable=None):
+    chunks = iter_split_chunks(dataset, split, first.in_channels, first.image_size)
+    for batch in tqdm(rebatch(chunks, batch_size), desc=f"{views} augmented views", leave=False, mininterval=2,
+                      disable=None):
+        labels.append(batch.labels)
+        for gen, view_embs in zip(gens, embs, strict=True):
             images = augment(batch.images, gen)
-            labels.append(batch.labels)
-            for out, m in zip(embs, models, strict=True):
+            for out, m in zip(view_embs, models, strict=True):
                 out.append(embed_batch(m, images))
-    if not labels:
+    if not labels or not views:
         return [np.zeros((0, m.embedding_dim), np.float32) for m in models], np.zeros(0, np.int64)
-    return [np.concatenate(e) for e in embs], np.concatenate(labels)
+    per_model = [np.concatenate([b for view_embs in embs for b in view_embs[i]]) for i in range(len(models))]
+    return per_model, np.tile(np.concatenate(labels), views)
 
 
 def member_metadata(name: str, arch: str, sha256: str, transformation_sha256: str, query_sha256: str,
