@@ -21,7 +21,8 @@ from benchmarks.report import shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
 from cmce.data import dataset_info
-from cmce.evaluate import cross_domains, rejection_curves, score_matrix, self_columns
+from cmce.evaluate import cross_domains, kept_gallery_errors, rejection_curves, score_matrix, self_columns
+from cmce.index import rejection_mask
 from cmce.metrics import far_threshold, pair_scores, retrieval_metrics
 from cmce.steps import RunLayout
 from cmce.tables import embedding_column, float_column, int_column, read_table, string_column
@@ -82,20 +83,18 @@ def label_orderings(s: Served, far: float) -> dict[str, np.ndarray]:
 
 
 def rejection_references(cfg: Config, s: Served, seed: int) -> dict[str, tuple[float, float]]:
-    """Verification error with 10 % of the gallery rejected per ordering: (error, relative drop vs none)."""
+    """Verification error with 10 % of the gallery rejected per ordering: (error, relative drop vs none).
+    Nothing, random and uncertainty come from the evaluation's own rejection curves (same seed and repeats)."""
     ev = replace(cfg.evaluate, rejection_rates=[0.0, REJECTED])
-    orderings = {"uncertainty (the method)": s.uncertainty, **label_orderings(s, ev.rejection_far)}
-    out = {}
-    for name, badness in orderings.items():
-        curves = rejection_curves(s.scores, s.query_labels, s.gallery_labels, badness, ev, seed)
-        base = curves["rejection/uncertainty"]["verification_error@0"]
-        if not out:
-            out["nothing"] = (base, 0.0)
-            rand = curves["rejection/random"][f"verification_error@{REJECTED:g}"]
-            out["at random"] = (rand, (base - rand) / base)
-        err = curves["rejection/uncertainty"][f"verification_error@{REJECTED:g}"]
-        out[name] = (err, (base - err) / base)
-    return out
+    curves = rejection_curves(s.scores, s.query_labels, s.gallery_labels, s.uncertainty, ev, seed)
+    at = f"verification_error@{REJECTED:g}"
+    base = curves["rejection/uncertainty"]["verification_error@0"]
+    errors = {"nothing": base, "at random": curves["rejection/random"][at],
+              "uncertainty (the method)": curves["rejection/uncertainty"][at]}
+    for name, badness in label_orderings(s, ev.rejection_far).items():
+        keep = ~rejection_mask(badness, REJECTED)
+        errors[name] = kept_gallery_errors(s.scores, s.query_labels, s.gallery_labels, keep, ev.rejection_far)[1]
+    return {name: (err, (base - err) / base) for name, err in errors.items()}
 
 
 def references_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:

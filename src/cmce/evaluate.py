@@ -95,6 +95,14 @@ def cross_domains(dataset: Path, query_ids: list[str], gallery_ids: list[str]) -
     return encode(query_ids, "query"), encode(gallery_ids, "gallery")
 
 
+def kept_gallery_errors(scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, keep: np.ndarray,
+                        far: float) -> tuple[float, float]:
+    """(retrieval error 1 − R@1, verification error 1 − TAR@`far`) with only the `keep` gallery columns indexed;
+    the verification threshold is set on the kept gallery's impostor pairs."""
+    m = retrieval_metrics(scores[:, keep], query_labels, gallery_labels[keep], ks=[1], fars=[far], with_map=False)
+    return 1.0 - m["R@1"], 1.0 - m[f"TAR@FAR={far:g}"]
+
+
 def rejection_curves(
     scores: np.ndarray,
     query_labels: np.ndarray,
@@ -104,13 +112,11 @@ def rejection_curves(
     seed: int,
 ) -> Metrics:
     """Error vs rejection rate under the retrieval (1 − R@1) and verification (1 − TAR) protocols."""
-    far = cfg.rejection_far
     rng = np.random.default_rng(seed)
     out: Metrics = {"rejection/uncertainty": {}, "rejection/random": {}}
 
     def errors(keep: np.ndarray) -> tuple[float, float]:
-        m = retrieval_metrics(scores[:, keep], query_labels, gallery_labels[keep], ks=[1], fars=[far], with_map=False)
-        return 1.0 - m["R@1"], 1.0 - m[f"TAR@FAR={far:g}"]
+        return kept_gallery_errors(scores, query_labels, gallery_labels, keep, cfg.rejection_far)
 
     for rate in cfg.rejection_rates:
         reject = rejection_mask(uncertainty, rate)
