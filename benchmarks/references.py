@@ -83,8 +83,9 @@ def label_orderings(s: Served, far: float) -> dict[str, np.ndarray]:
 
 
 def rejection_references(cfg: Config, s: Served, seed: int) -> dict[str, tuple[float, float]]:
-    """Verification error with 10 % of the gallery rejected per ordering: (error, relative drop vs none).
-    Nothing, random and uncertainty come from the evaluation's own rejection curves (same seed and repeats)."""
+    """Verification error with 10 % of the gallery rejected per ordering: (error, relative drop vs none;
+    NaN when nothing fails). Nothing, random and uncertainty by `rejection_curves` over the rates 0 and 10 %
+    (the run's seed and random repeats), the label orderings by the error function it uses."""
     ev = replace(cfg.evaluate, rejection_rates=[0.0, REJECTED])
     curves = rejection_curves(s.scores, s.query_labels, s.gallery_labels, s.uncertainty, ev, seed)
     at = f"verification_error@{REJECTED:g}"
@@ -94,7 +95,7 @@ def rejection_references(cfg: Config, s: Served, seed: int) -> dict[str, tuple[f
     for name, badness in label_orderings(s, ev.rejection_far).items():
         keep = ~rejection_mask(badness, REJECTED)
         errors[name] = kept_gallery_errors(s.scores, s.query_labels, s.gallery_labels, keep, ev.rejection_far)[1]
-    return {name: (err, (base - err) / base) for name, err in errors.items()}
+    return {name: (err, (base - err) / base if base else float("nan")) for name, err in errors.items()}
 
 
 def references_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:

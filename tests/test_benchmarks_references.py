@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 
 from benchmarks.references import REJECTED, Served, classifier_target_metrics, label_orderings, served
 from cmce.checkpoint import load_embedding_model
 from cmce.config import load_config
 from cmce.ensemble import normalize
+from cmce.evaluate import rejection_curves
 from tests.conftest import SMOKE
 
 
@@ -33,10 +36,20 @@ def test_uncertainty_row_matches_the_evaluation_and_label_orderings_find_the_bad
 
     lay, metrics = smoke_run
     cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
-    rows = rejection_references(cfg, served(lay), cfg.seed)
+    s = served(lay)
+    rows = rejection_references(cfg, s, cfg.seed)
     unc = metrics["rejection/uncertainty"]
+    at = f"verification_error@{REJECTED:g}"
     assert abs(rows["nothing"][0] - unc["verification_error@0"]) < 1e-9
-    assert abs(rows["uncertainty (the method)"][0] - unc[f"verification_error@{REJECTED:g}"]) < 1e-9
+    assert abs(rows["uncertainty (the method)"][0] - unc[at]) < 1e-9
+    # each label ordering is rejected exactly as the evaluation rejects by uncertainty
+    ev = replace(cfg.evaluate, rejection_rates=[0.0, REJECTED])
+    orderings = label_orderings(s, ev.rejection_far)
+    assert orderings and set(orderings) < set(rows)
+    for name, badness in orderings.items():
+        curve = rejection_curves(s.scores, s.query_labels, s.gallery_labels, badness, ev, cfg.seed)
+        assert abs(rows[name][0] - curve["rejection/uncertainty"][at]) < 1e-9, name
+        assert abs(rows[name][1] - (rows["nothing"][0] - rows[name][0]) / rows["nothing"][0]) < 1e-12, name
 
 
 def test_label_orderings_put_the_items_that_fail_verification_first():

@@ -192,7 +192,8 @@ def clear_scratch() -> None:
 def local_input(uri: str | Path, marker: str | None = None) -> Path:
     """A local path holding `uri`: the path itself, or for s3:// a download of the object (or of every
     object under the prefix, as a folder) into scratch, keeping the key's file name. Downloaded once
-    per process until `clear_scratch`. `marker`: the prefix's completion marker (see cmce.s3.download)."""
+    per process until `clear_scratch`. `marker` (s3:// only): the prefix's completion marker, see
+    cmce.s3.download; a local folder's marker is the caller's to check."""
     if not s3.is_s3(uri):
         return Path(uri)
     uri = str(uri)
