@@ -110,8 +110,9 @@ def embed_augmented_views(
         if (m.in_channels, m.image_size) != (first.in_channels, first.image_size):
             raise ValueError(f"models {first.name!r} and {m.name!r} read images of different shape; "
                              f"augmented views need one shape")
+    no_rows = [np.zeros((0, m.embedding_dim), np.float32) for m in models], np.zeros(0, np.int64)
     if views == 0:
-        return [np.zeros((0, m.embedding_dim), np.float32) for m in models], np.zeros(0, np.int64)
+        return no_rows
     gens = [view_generator(seed, view) for view in range(views)]
     embs: list[list[list[np.ndarray]]] = [[[] for _ in models] for _ in range(views)]  # [view][model][batch]
     labels = []
@@ -126,7 +127,7 @@ def embed_augmented_views(
             for out, m in zip(view_embs, models, strict=True):
                 out.append(embed_batch(m, images))
     if not labels:
-        return [np.zeros((0, m.embedding_dim), np.float32) for m in models], np.zeros(0, np.int64)
+        return no_rows
     per_model = [np.concatenate([b for view_embs in embs for b in view_embs[i]]) for i in range(len(models))]
     return per_model, np.tile(np.concatenate(labels), views)
 
