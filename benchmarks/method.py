@@ -56,7 +56,7 @@ from cmce.steps import (
     step_fit_transform,
     step_train,
 )
-from cmce.tables import embedding_column, read_table, string_column
+from cmce.tables import embedding_column, read_table, rows_of, string_column
 from cmce.transform import Transformation, build_mlp, load_transformation, save_transformation
 
 log = logging.getLogger("bench")
@@ -280,8 +280,7 @@ def stored_embeddings(lay: RunLayout, name: str) -> dict[str, tuple[np.ndarray, 
     train embeddings; the gallery member file and the evaluation's query file) instead of embedding again."""
     paths = lay.train_embeddings(name), lay.member(name), lay.eval_dir / "query.parquet"
     (train, train_at), (member, member_at), (query, query_at) = ((read_table(p), str(p)) for p in paths)
-    row = {i: n for n, i in enumerate(string_column(member, "id", member_at))}
-    order = [row[i] for i in string_column(query, "id", query_at)]  # a KeyError: not the same split
+    order = rows_of(string_column(member, "id", member_at), string_column(query, "id", query_at), member_at)
     return {"train": (embedding_column(train, "raw", train_at), embedding_column(train, "query", train_at)),
             "test": (embedding_column(member, "raw", member_at)[order], embedding_column(query, "embedding", query_at))}
 

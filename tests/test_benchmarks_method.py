@@ -91,6 +91,29 @@ def test_compatibility_table_reports_cka_and_alignment_for_every_gallery_model(s
     assert first[1] == " / ".join(f"{v:.2f}" for v in fresh)
 
 
+def test_stored_embeddings_name_the_member_file_when_the_query_file_holds_other_ids(smoke_run, tmp_path):
+    import pyarrow as pa
+    import pytest
+
+    from benchmarks.method import stored_embeddings
+    from cmce.tables import TableError
+
+    lay, _ = smoke_run
+    root = tmp_path / "run"
+    shutil.copytree(lay.root, root)
+    own = RunLayout(root, lay.gallery_names)
+    name = lay.gallery_names[0]
+    test = stored_embeddings(own, name)["test"]
+    assert test[0].shape[0] == test[1].shape[0]  # rows paired as read back
+    query = own.eval_dir / "query.parquet"
+    table = pq.read_table(query)
+    ids = table.column("id").to_pylist()
+    pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", pa.array(["stray", *ids[1:]])), query)
+    lacks = rf"{own.member(name)}: lacks 1 of the {len(ids)} ids asked for \(first 'stray'\)"
+    with pytest.raises(TableError, match=lacks):
+        stored_embeddings(own, name)
+
+
 def test_costs_table_sums_the_gallery_side_and_compares_the_query_model(smoke_run):
     from benchmarks.method import costs_table
     from cmce.checkpoint import load_embedding_model

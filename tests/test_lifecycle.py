@@ -85,6 +85,20 @@ def test_upgrade_needs_train_embeddings_of_every_member(smoke_run, tmp_path):
     assert not (tmp_path / "g.parquet").exists()
 
 
+def test_upgrade_refuses_a_train_split_without_the_stored_training_ids(smoke_run, tmp_path):
+    lay, _ = smoke_run
+    table = pq.read_table(lay.dataset)
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    short = tmp_path / "short.parquet"
+    pq.write_table(train.slice(3), short)  # the first 3 training images are gone
+    stored = lay.train_embeddings(lay.gallery_names[0])
+    with pytest.raises(TableError, match=rf"{short}: train split, for the ids stored in {stored}: lacks 3 of the"):
+        upgrade_query_model(lay.gallery, lay.model("query"), short,
+                            [lay.train_embeddings(g) for g in lay.gallery_names],
+                            TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "g.parquet").exists()
+
+
 def test_add_gallery_model_cli_equals_combining_all_members(smoke_run, tmp_path):
     from cmce.cli import main
     from cmce.config import DataConfig

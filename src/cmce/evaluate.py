@@ -36,9 +36,11 @@ from cmce.tables import (
     embedding_array,
     embedding_column,
     float_column,
+    id_rows,
     int_column,
     read_metadata,
     read_table,
+    rows_of,
     string_column,
     with_metadata,
     write_table,
@@ -63,8 +65,7 @@ Domains = tuple[np.ndarray, np.ndarray]  # domain code of each query, of each ga
 
 def self_columns(query_ids: list[str], gallery_ids: list[str]) -> np.ndarray:
     """For each query, the gallery column holding the same image (-1 if none): the pair score_matrix excludes."""
-    col = {gid: n for n, gid in enumerate(gallery_ids)}
-    return np.array([col.get(i, -1) for i in query_ids])
+    return id_rows(gallery_ids, query_ids)
 
 
 def score_matrix(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray,
@@ -139,8 +140,7 @@ def rejection_curves(
 def _student_embeddings(path: Path, dataset: Path, order: list[str], batch: int) -> tuple[EmbeddingModel, np.ndarray]:
     student = load_embedding_model(path)
     emb = embed_split(student, dataset, "test", batch)
-    pos = {i: n for n, i in enumerate(emb.ids)}
-    return student, emb.embeddings[[pos[i] for i in order]]
+    return student, emb.embeddings[rows_of(emb.ids, order, f"{dataset}: test split as embedded by {path}")]
 
 
 def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch_size: int = 256,

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,7 +22,7 @@ from cmce.config import TransformConfig
 from cmce.embed import embed_split, ensemble_columns
 from cmce.ensemble import RunningEnsemble
 from cmce.storage import atomic_dir, atomic_path
-from cmce.tables import TableError, embedding_column, read_metadata, read_table, string_column, writer_options
+from cmce.tables import TableError, embedding_column, read_metadata, read_table, rows_of, string_column, writer_options
 from cmce.transform import Transformation, fit_transformation, save_transformation
 
 log = logging.getLogger(__name__)
@@ -115,7 +114,6 @@ def upgrade_query_model(
         raise TableError(f"{gallery}: not a gallery file")
     query = load_embedding_model(new_query_model)
     q_train = embed_split(query, dataset, "train", batch_size)
-    q_pos = {i: n for n, i in enumerate(q_train.ids)}
     stored = {}
     for path in train_embeddings:
         meta = read_metadata(path)
@@ -130,10 +128,7 @@ def upgrade_query_model(
                              f"({member['sha256'][:12]}) among {[str(p) for p in train_embeddings]}")
         tr = read_table(stored[member["sha256"]], ["id", "label", "raw"])
         ids = string_column(tr, "id", str(stored[member["sha256"]]))
-        missing = [i for i in ids if i not in q_pos]
-        if missing:
-            raise TableError(f"{dataset}: train split lacks {len(missing)} stored training ids (first {missing[0]!r})")
-        rows = np.array([q_pos[i] for i in ids])
+        rows = rows_of(q_train.ids, ids, f"{dataset}: train split, for the ids stored in {stored[member['sha256']]}")
         raw_train = embedding_column(tr, "raw", str(stored[member["sha256"]]))
         mlp, history = fit_transformation(raw_train, q_train.embeddings[rows], q_train.labels[rows],
                                           query.classifier, cfg, seed, f"T[{member['name']}]")

@@ -136,6 +136,22 @@ def check_unique_ids(ids: list[str], where: str, seen: set[str] | None = None) -
         seen.add(i)
 
 
+def id_rows(ids: list[str], wanted: list[str]) -> np.ndarray:
+    """The row of each wanted id in `ids`, -1 where `ids` lacks it (ids are unique, see check_unique_ids)."""
+    row = {i: n for n, i in enumerate(ids)}
+    return np.array([row.get(i, -1) for i in wanted], dtype=np.int64)
+
+
+def rows_of(ids: list[str], wanted: list[str], where: str) -> np.ndarray:
+    """The row of each wanted id in `ids` (the rows of `where`); a TableError naming `where` when any is absent."""
+    rows = id_rows(ids, wanted)
+    missing = np.flatnonzero(rows < 0)
+    if missing.size:
+        raise TableError(f"{where}: lacks {missing.size} of the {len(wanted)} ids asked for "
+                         f"(first {wanted[missing[0]]!r})")
+    return rows
+
+
 def string_column(table: pa.Table, name: str, where: str) -> list[str]:
     if name not in table.column_names:
         raise TableError(f"{where}: missing column '{name}'")
