@@ -1,7 +1,8 @@
 """The method's claims measured over seeds, with the paper's ablations.
 
     python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2]
-                                [--ablations size,diversity,lambda,tune,levers,query,query_member] [--val-fraction 0.25]
+                                [--ablations size,diversity,lambda,tune,levers,query,query_member,degraded]
+                                [--val-fraction 0.25]
                                 [--out runs/bench_method] [--set KEY=VALUE ...] [--no-write]
 
 For every seed: the whole method (`cmce run`: every configuration sym_query, sym_gallery/*, asym/*,
@@ -22,6 +23,8 @@ combined (|Δmean| > std_a + std_b). Ablations (seed 0's trained models reused w
              off by default)
   query_member  the config's ensemble with the query model's own embedding of each gallery image added as one
              more member (identity transformation; off by default)
+  degraded   rejection where there is something to reject: 10 % of the test images degraded on the gallery
+             side only (benchmarks/degraded.py), the gallery rebuilt by seed 0's models; off by default
 Appends a dated section to BENCHMARKS.md: command, commit, hardware, config, wall time, tables, targets.
 """
 
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.degraded import DEGRADED, NOISE, SCALE, degraded_table
 from benchmarks.references import references_table
 from benchmarks.report import ROOT, SHOWN, append_section, shown
 from cmce.checkpoint import load_embedding_model
@@ -60,7 +64,7 @@ from cmce.tables import embedding_column, read_table, rows_of, string_column
 from cmce.transform import Transformation, build_mlp, load_transformation, save_transformation
 
 log = logging.getLogger("bench")
-ABLATIONS = ("size", "diversity", "lambda", "tune", "levers", "query", "query_member")
+ABLATIONS = ("size", "diversity", "lambda", "tune", "levers", "query", "query_member", "degraded")
 METRICS = ["R@1", "R@2", "R@4", "R@8", "MAP@R", "TAR@FAR=0.001"]
 Runs = list[dict[str, dict[str, float]]]
 
@@ -568,6 +572,13 @@ def main() -> None:
                  "and averages it with the transformed members; measured as served (query model vs the stored "
                  "ensemble embedding). R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]
         body += query_member_table(runs[0], query_member_ablation(seed0, layouts[0]), n)
+    if "degraded" in ablations:
+        body += ["", f"### Rejection with {100 * DEGRADED:g} % of the gallery images degraded (seed {seeds[0]}; "
+                 "a reference beside the rejection target)", "",
+                 f"On the gallery side only, {100 * DEGRADED:g} % of the test images are downscaled {SCALE}× and "
+                 f"back and given Gaussian noise (σ = {NOISE:g}); the queries stay clean. Seed {seeds[0]}'s models "
+                 "and transformations embed them unchanged.", ""]
+        body += degraded_table(seed0, layouts[0], runs[0])
     if "query" in ablations:
         body += ["", f"### Ablation: query-model quality (seed {seeds[0]}): the query model retrained at other widths, "
                  "every transformation refitted on the same frozen gallery models", "",

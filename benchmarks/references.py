@@ -14,6 +14,7 @@ verification error on this data.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -43,9 +44,10 @@ class Served:
     domains: tuple[np.ndarray, np.ndarray] | None
 
 
-def served(lay: RunLayout) -> Served:
-    """Read the run's gallery and its evaluation's query embeddings; score them as `cmce evaluate` does."""
-    g_path, q_path = lay.gallery, lay.eval_dir / "query.parquet"
+def served(lay: RunLayout, gallery: Path | None = None) -> Served:
+    """Read the run's gallery (or `gallery`, of the same test ids) and its evaluation's query embeddings; score
+    them as `cmce evaluate` does."""
+    g_path, q_path = gallery or lay.gallery, lay.eval_dir / "query.parquet"
     g, q = read_table(g_path), read_table(q_path)
     g_ids, q_ids = string_column(g, "id", str(g_path)), string_column(q, "id", str(q_path))
     queries = embedding_column(q, "embedding", str(q_path))
@@ -82,17 +84,19 @@ def label_orderings(s: Served, far: float) -> dict[str, np.ndarray]:
             f"most false minus true accepts at FAR={far:g} (test labels)": (false_accepts - true_accepts).astype(float)}
 
 
-def rejection_references(cfg: Config, s: Served, seed: int) -> dict[str, tuple[float, float]]:
+def rejection_references(cfg: Config, s: Served, seed: int,
+                         known: dict[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Verification error with 10 % of the gallery rejected per ordering: (error, relative drop vs none;
     NaN when nothing fails). Nothing, random and uncertainty by `rejection_curves` over the rates 0 and 10 %
-    (the run's seed and random repeats), the label orderings by the error function it uses."""
+    (the run's seed and random repeats), the label orderings and any `known` badness by the error function
+    it uses."""
     ev = replace(cfg.evaluate, rejection_rates=[0.0, REJECTED])
     curves = rejection_curves(s.scores, s.query_labels, s.gallery_labels, s.uncertainty, ev, seed)
     at = f"verification_error@{REJECTED:g}"
     base = curves["rejection/uncertainty"]["verification_error@0"]
     errors = {"nothing": base, "at random": curves["rejection/random"][at],
               "uncertainty (the method)": curves["rejection/uncertainty"][at]}
-    for name, badness in label_orderings(s, ev.rejection_far).items():
+    for name, badness in (label_orderings(s, ev.rejection_far) | (known or {})).items():
         keep = ~rejection_mask(badness, REJECTED)
         errors[name] = kept_gallery_errors(s.scores, s.query_labels, s.gallery_labels, keep, ev.rejection_far)[1]
     return {name: (err, (base - err) / base if base else float("nan")) for name, err in errors.items()}
@@ -107,9 +111,14 @@ def references_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]
             f"| alignment target: the query model's own embedding (sym_query) | {shown(config_run['sym_query'])} |",
             "| CE target: each item on its class's query-classifier weight (test labels) | "
             + (shown(target) if target else "n/a: the test classes are not the classifier's") + " |",
-            f"| the fitted transformations (asym_ensemble/{n}) | {shown(config_run[f'asym_ensemble/{n}'])} |",
-            "", f"| {100 * REJECTED:g} % of the gallery rejected by | verification error (1 − TAR@FAR="
+            f"| the fitted transformations (asym_ensemble/{n}) | {shown(config_run[f'asym_ensemble/{n}'])} |", ""]
+    return rows + rejection_rows(cfg, s, "the gallery")
+
+
+def rejection_rows(cfg: Config, s: Served, gallery: str, known: dict[str, np.ndarray] | None = None) -> list[str]:
+    """`rejection_references` as a table: one row per ordering."""
+    rows = [f"| {100 * REJECTED:g} % of {gallery} rejected by | verification error (1 − TAR@FAR="
             f"{cfg.evaluate.rejection_far:g}) | relative drop |", "|---|---|---|"]
-    for name, (err, drop) in rejection_references(cfg, s, cfg.seed).items():
+    for name, (err, drop) in rejection_references(cfg, s, cfg.seed, known).items():
         rows.append(f"| {name} | {100 * err:.2f} | {'—' if name == 'nothing' else f'{100 * drop:.2f} %'} |")
     return rows
