@@ -73,11 +73,12 @@ def degraded_gallery(cfg: Config, lay: RunLayout, root: Path) -> tuple[Path, set
     return step_combine(members, root / "gallery.parquet"), degraded
 
 
-def degraded_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:
-    """The ensemble searched with clean queries over the clean and the degraded gallery; then 10 % of the
-    degraded gallery rejected by each ordering, and how many degraded items the uncertainty puts first."""
+def degraded_table(cfg: Config, lay: RunLayout, config_run: dict, root: Path) -> list[str]:
+    """The ensemble searched with clean queries over the clean and the degraded gallery (built under `root`);
+    then 10 % of the degraded gallery rejected by each ordering, and how many degraded items the uncertainty
+    puts first."""
     n = len(cfg.gallery_models)
-    gallery, degraded = degraded_gallery(cfg, lay, lay.root / "degraded")
+    gallery, degraded = degraded_gallery(cfg, lay, root)
     s = served(lay, gallery)
     is_degraded = np.isin(string_column(read_table(gallery, ["id"]), "id", str(gallery)), list(degraded))
     m = retrieval_metrics(s.scores, s.query_labels, s.gallery_labels, cfg.evaluate.recall_k, cfg.evaluate.far)

@@ -578,7 +578,7 @@ def main() -> None:
                  f"On the gallery side only, {100 * DEGRADED:g} % of the test images are downscaled {SCALE}× and "
                  f"back and given Gaussian noise (σ = {NOISE:g}); the queries stay clean. Seed {seeds[0]}'s models "
                  "and transformations embed them unchanged.", ""]
-        body += degraded_table(seed0, layouts[0], runs[0])
+        body += degraded_table(seed0, layouts[0], runs[0], layouts[0].root / "degraded")
     if "query" in ablations:
         body += ["", f"### Ablation: query-model quality (seed {seeds[0]}): the query model retrained at other widths, "
                  "every transformation refitted on the same frozen gallery models", "",

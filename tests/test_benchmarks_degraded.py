@@ -63,10 +63,11 @@ def test_degraded_gallery_differs_from_the_runs_only_at_the_degraded_items(smoke
     assert {i for i, m in zip(ids, moved, strict=True) if m} == degraded
 
 
-def test_degraded_table_reports_the_known_ordering_and_the_share_caught(smoke_run):
+def test_degraded_table_reports_the_known_ordering_and_the_share_caught(smoke_run, tmp_path):
     lay, metrics = smoke_run
     cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
-    rows = degraded_table(cfg, lay, metrics)
+    root = tmp_path / "degraded"  # not inside the shared run: other tests compare its files
+    rows = degraded_table(cfg, lay, metrics, root)
     text = "\n".join(rows)
     assert "| clean |" in text and "% degraded |" in text
     known = next(r for r in rows if r.startswith("| the degraded items (known) |"))
@@ -74,7 +75,6 @@ def test_degraded_table_reports_the_known_ordering_and_the_share_caught(smoke_ru
     base = float(next(r for r in rows if r.startswith("| nothing |")).split("|")[2])
     assert abs((base - float(err)) / base * 100 - float(drop.rstrip(" %"))) < 0.02
     # the share caught, recomputed from what the table's run wrote
-    root = lay.root / "degraded"
     g = read_table(root / "gallery.parquet")
     before, after = (pq.read_table(p, columns=["id", "image"]) for p in (lay.dataset, root / "dataset.parquet"))
     changed = {i for i, a, b in zip(before.column("id").to_pylist(), before.column("image").to_pylist(),
