@@ -24,7 +24,6 @@ from cmce.config import Config
 from cmce.index import rejection_mask
 from cmce.metrics import retrieval_metrics
 from cmce.steps import RunLayout, step_combine, step_embed_member
-from cmce.tables import read_table, string_column
 
 DEGRADED = 0.1  # the same share as the rejection target rejects
 SCALE = 4  # downscale factor: fine detail is gone, the coarse shape stays
@@ -80,7 +79,7 @@ def degraded_table(cfg: Config, lay: RunLayout, config_run: dict, root: Path) ->
     n = len(cfg.gallery_models)
     gallery, degraded = degraded_gallery(cfg, lay, root)
     s = served(lay, gallery)
-    is_degraded = np.isin(string_column(read_table(gallery, ["id"]), "id", str(gallery)), list(degraded))
+    is_degraded = np.isin(s.gallery_ids, list(degraded))
     m = retrieval_metrics(s.scores, s.query_labels, s.gallery_labels, cfg.evaluate.recall_k, cfg.evaluate.far)
     caught = is_degraded[rejection_mask(s.uncertainty, REJECTED)].mean()
     rows = [f"| gallery (asym_ensemble/{n}, clean queries) | R@1 / MAP@R / TAR@FAR=0.001 |", "|---|---|",

@@ -36,6 +36,7 @@ class Served:
     """A run's asym_ensemble/N as evaluated: cosine scores (excluded pairs -inf) and what rejection needs."""
 
     scores: np.ndarray
+    gallery_ids: list[str]
     query_embeddings: np.ndarray
     query_labels: np.ndarray
     gallery_labels: np.ndarray
@@ -54,7 +55,7 @@ def served(lay: RunLayout, gallery: Path | None = None) -> Served:
     self_cols = self_columns(q_ids, g_ids)
     domains = cross_domains(lay.dataset, q_ids, g_ids)
     scores = score_matrix(queries, embedding_column(g, "embedding", str(g_path)), self_cols, domains)
-    return Served(scores, queries, int_column(q, "label", str(q_path)), int_column(g, "label", str(g_path)),
+    return Served(scores, g_ids, queries, int_column(q, "label", str(q_path)), int_column(g, "label", str(g_path)),
                   float_column(g, "uncertainty", str(g_path)), self_cols, domains)
 
 

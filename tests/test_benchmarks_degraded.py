@@ -13,6 +13,13 @@ from cmce.tables import embedding_column, float_column, read_table, string_colum
 from tests.conftest import SMOKE
 
 
+def _changed_ids(before_path, after_path) -> set[str]:
+    """Ids whose image bytes differ between two datasets of the same rows."""
+    before, after = (pq.read_table(p, columns=["id", "image"]) for p in (before_path, after_path))
+    return {i for i, a, b in zip(before.column("id").to_pylist(), before.column("image").to_pylist(),
+                                 after.column("image").to_pylist(), strict=True) if a != b}
+
+
 def _png(x: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(x).save(out, "PNG")
@@ -42,8 +49,7 @@ def test_degraded_copy_changes_only_the_chosen_test_images(smoke_run, tmp_path):
     assert after.schema == before.schema and after.schema.metadata == before.schema.metadata
     for column in ("id", "label", "split"):
         assert after.column(column).equals(before.column(column))
-    changed = {i for i, a, b in zip(before.column("id").to_pylist(), before.column("image").to_pylist(),
-                                    after.column("image").to_pylist(), strict=True) if a != b}
+    changed = _changed_ids(lay.dataset, out)
     split = dict(zip(before.column("id").to_pylist(), before.column("split").to_pylist(), strict=True))
     n_test = sum(s == "test" for s in split.values())
     assert changed == chosen and len(chosen) == round(DEGRADED * n_test)
@@ -76,10 +82,7 @@ def test_degraded_table_reports_the_known_ordering_and_the_share_caught(smoke_ru
     assert abs((base - float(err)) / base * 100 - float(drop.rstrip(" %"))) < 0.02
     # the share caught, recomputed from what the table's run wrote
     g = read_table(root / "gallery.parquet")
-    before, after = (pq.read_table(p, columns=["id", "image"]) for p in (lay.dataset, root / "dataset.parquet"))
-    changed = {i for i, a, b in zip(before.column("id").to_pylist(), before.column("image").to_pylist(),
-                                    after.column("image").to_pylist(), strict=True) if a != b}
-    is_degraded = np.isin(string_column(g, "id", "g"), list(changed))
+    is_degraded = np.isin(string_column(g, "id", "g"), list(_changed_ids(lay.dataset, root / "dataset.parquet")))
     rejected = rejection_mask(float_column(g, "uncertainty", "g"), REJECTED)
     caught = float(text.split("most uncertain: ")[1].split(" %")[0])
     assert abs(caught - 100 * is_degraded[rejected].mean()) < 0.05

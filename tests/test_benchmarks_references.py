@@ -62,6 +62,7 @@ def test_label_orderings_put_the_items_that_fail_verification_first():
         scores[own, b] = rng.normal(0, 0.05, own.sum())
         scores[other, b] = 0.9
     np.fill_diagonal(scores, -np.inf)
-    s = Served(scores, np.zeros((200, 2)), labels, labels, np.zeros(200), np.arange(200), None)
+    s = Served(scores, [str(i) for i in range(200)], np.zeros((200, 2)), labels, labels, np.zeros(200),
+               np.arange(200), None)
     for name, badness in label_orderings(s, 1e-2).items():
         assert set(np.argsort(-badness)[: len(bad)]) == set(bad), name

@@ -126,10 +126,11 @@ def upgrade_query_model(
         if member["sha256"] not in stored:
             raise TableError(f"no stored train embeddings for gallery model {member['name']!r} "
                              f"({member['sha256'][:12]}) among {[str(p) for p in train_embeddings]}")
-        tr = read_table(stored[member["sha256"]], ["id", "label", "raw"])
-        ids = string_column(tr, "id", str(stored[member["sha256"]]))
-        rows = rows_of(q_train.ids, ids, f"{dataset}: train split, for the ids stored in {stored[member['sha256']]}")
-        raw_train = embedding_column(tr, "raw", str(stored[member["sha256"]]))
+        stored_at = stored[member["sha256"]]
+        tr = read_table(stored_at, ["id", "label", "raw"])
+        ids = string_column(tr, "id", str(stored_at))
+        rows = rows_of(q_train.ids, ids, f"{dataset}: train split, for the ids stored in {stored_at}")
+        raw_train = embedding_column(tr, "raw", str(stored_at))
         mlp, history = fit_transformation(raw_train, q_train.embeddings[rows], q_train.labels[rows],
                                           query.classifier, cfg, seed, f"T[{member['name']}]")
         fitted.append(Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
