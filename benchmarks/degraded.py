@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from benchmarks.references import REJECTED, rejection_rows, served
+from benchmarks.references import REJECTED, operating_point_rows, operating_points, rejection_rows, served
 from benchmarks.report import shown
 from cmce.config import Config
 from cmce.index import rejection_mask
@@ -87,4 +87,7 @@ def degraded_table(cfg: Config, lay: RunLayout, config_run: dict, root: Path) ->
             f"| {100 * DEGRADED:g} % degraded | {shown(m)} |", "",
             f"Degraded items among the {100 * REJECTED:g} % most uncertain: {100 * caught:.1f} % "
             f"(at random: {100 * is_degraded.mean():.1f} %).", ""]
-    return rows + rejection_rows(cfg, s, "the degraded gallery", {"the degraded items (known)": is_degraded * 1.0})
+    known = {"the degraded items (known)": is_degraded * 1.0}
+    return (rows + rejection_rows(cfg, s, "the degraded gallery", known)
+            + ["", "The same at other operating points (error and relative drops in %):", ""]
+            + operating_point_rows([operating_points(cfg, s, known)]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,16 @@ STARTED_AT = commit()  # read when a benchmark starts: its section names the cod
 
 
 SHOWN = ("R@1", "MAP@R", "TAR@FAR=0.001")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float]) -> str:
+    """mean ± std over seeds of fractions, in %."""
+    m, s = mean_std(values)
+    return f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
 def shown(metrics: dict[str, float]) -> str:

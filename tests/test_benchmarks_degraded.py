@@ -80,6 +80,12 @@ def test_degraded_table_reports_the_known_ordering_and_the_share_caught(smoke_ru
     err, drop = (c.strip() for c in known.strip("|").split("|")[1:])
     base = float(next(r for r in rows if r.startswith("| nothing |")).split("|")[2])
     assert abs((base - float(err)) / base * 100 - float(drop.rstrip(" %"))) < 0.02
+    # the sweep over operating points has a column for the known ordering, and its 1e-3 row repeats the drop above
+    sweep = text.split("other operating points")[1].splitlines()
+    assert "relative drop: the degraded items (known)" in sweep[2]
+    thousandth = next(r for r in sweep if r.startswith("| 0.001 |")).split(" | ")
+    assert abs(float(thousandth[1].split(" ± ")[0]) - base) < 0.01
+    assert abs(float(thousandth[4].split(" ± ")[0]) - float(drop.rstrip(" %"))) < 0.01
     # the share caught, recomputed from what the table's run wrote
     g = read_table(root / "gallery.parquet")
     is_degraded = np.isin(string_column(g, "id", "g"), list(_changed_ids(lay.dataset, root / "dataset.parquet")))

@@ -165,10 +165,14 @@ def test_main_assembles_every_requested_section(tmp_path, monkeypatch, capsys):
                                       "size,query_member", "--out", str(tmp_path), "--no-write"])
     method.main()
     out = capsys.readouterr().out
-    for heading in ("### Every configuration", "### Rejection by uncertainty", "### Targets", "### Compatibility",
+    for heading in ("### Every configuration", "### Rejection by uncertainty", "### Rejecting 10 % by uncertainty at "
+                    "other operating points", "### Targets", "### Compatibility",
                     "### What the query model permits", "### Model costs", "### Ablation: ensemble size N",
                     "### Ablation: the query model as one more gallery member"):
         assert heading in out, heading
+    # one row per operating point, from the loosest FAR down
+    points = out.split("other operating points")[1].split("### Targets")[0]
+    assert [r.split(" | ")[0] for r in points.split("\n| ")[2:]] == ["0.1", "0.01", "0.001", "0.0001"]
     member_rows = out.split("### Ablation: the query model as one more gallery member")[1].split("\n| ")[2:]
     assert [r.split(" | ")[0] for r in member_rows][:3] == [
         "the query model alone (sym_query)", "the config's 2 (asym_ensemble/2)",
