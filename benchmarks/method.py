@@ -8,7 +8,8 @@
 For every seed: the whole method (`cmce run`: every configuration sym_query, sym_gallery/*, asym/*,
 asym_ensemble/1..N, kd/*, rejection curves) with that seed added to every model and transformation seed.
 Reported as mean ± std over seeds; a difference is called real only when it exceeds the two spreads
-combined (|Δmean| > std_a + std_b). Ablations (seed 0's trained models reused where possible):
+combined (|Δmean| > std_a + std_b). Rejection of 10 % is also reported at FAR 0.1 to 1e-4 (the target's
+1e-3 among them): how much it can lower the verification error depends on how much error is left. Ablations (seed 0's trained models reused where possible):
   size       accuracy vs ensemble size N (the asym_ensemble/n rows)
   diversity  N transformations of ONE gallery model (different T seeds) vs N gallery models of one
              architecture (different seeds) vs the config's different architectures
