@@ -9,7 +9,8 @@ For every seed: the whole method (`cmce run`: every configuration sym_query, sym
 asym_ensemble/1..N, kd/*, rejection curves) with that seed added to every model and transformation seed.
 Reported as mean ± std over seeds; a difference is called real only when it exceeds the two spreads
 combined (|Δmean| > std_a + std_b). Rejection of 10 % is also reported at FAR 0.1 to 1e-4 (the target's
-1e-3 among them): how much it can lower the verification error depends on how much error is left. Ablations (seed 0's trained models reused where possible):
+1e-3 among them): how much it can lower the verification error depends on how much error is left.
+Ablations (seed 0's trained models reused where possible):
   size       accuracy vs ensemble size N (the asym_ensemble/n rows)
   diversity  N transformations of ONE gallery model (different T seeds) vs N gallery models of one
              architecture (different seeds) vs the config's different architectures
@@ -299,6 +300,31 @@ def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[s
     return rows
 
 
+def residual_table(cfg: Config, lay: RunLayout) -> list[str]:
+    """What averaging can remove: each member's residual r_i = n(T_i(φ_gi(x))) − n(φ_q(x)) on the test split, the
+    served ensemble's, and the mean pairwise cosine of the members' residuals (averaging removes only the part
+    the members do not share)."""
+    residuals, transformed = {}, []
+    for spec in cfg.gallery_models:
+        g_emb, q_emb = stored_embeddings(lay, spec.name)["test"]  # rows in the query file's order for every member
+        transformed.append(load_transformation(lay.transformation(spec.name)).apply(g_emb))
+        residuals[spec.name] = transformed[-1] - normalize(q_emb)
+    ensemble = normalize(np.mean(transformed, axis=0)) - normalize(q_emb)
+    sq = {name: float((r ** 2).sum(axis=1).mean()) for name, r in residuals.items()}
+    names = list(residuals)
+    cosines = [float((normalize(residuals[a]) * normalize(residuals[b])).sum(axis=1).mean())
+               for i, a in enumerate(names) for b in names[i + 1:]]
+    rows = ["| gallery side | mean ‖n(T(φ_g(x))) − n(φ_q(x))‖² (test) |", "|---|---|"]
+    rows += [f"| {name}'s T | {v:.4f} |" for name, v in sq.items()]
+    rows += [f"| the ensemble of {len(names)}, as served | {float((ensemble ** 2).sum(axis=1).mean()):.4f} |",
+             f"| the ensemble, were the members' residuals independent (their mean / {len(names)}) | "
+             f"{statistics.fmean(sq.values()) / len(names):.4f} |", ""]
+    if cosines:
+        rows.append(f"Mean pairwise cosine of the members' residuals: {statistics.fmean(cosines):.2f} "
+                    f"({', '.join(f'{c:.2f}' for c in cosines)}; 0 = independent, 1 = the same error).")
+    return rows
+
+
 def costs_table(cfg: Config, lay: RunLayout) -> list[str]:
     """Parameters and FLOPs per image of every trained model of the run: the query side (the query model,
     and each KD student as the alternative query model) and the gallery side (each gallery model with its
@@ -529,6 +555,10 @@ def main() -> None:
              "must be non-linear and, fitted on the train split, may not carry over to the test images "
              "(classes, under disjoint protocols).", ""]
     body += compatibility_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0], runs[0])
+    body += ["", f"### What averaging the members can remove (seed {seeds[0]})", "",
+             "Each member's transformed embedding misses the query model's by a residual; the ensemble's mean "
+             "cancels the parts of these residuals the members do not share, and keeps the part they do.", ""]
+    body += residual_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0])
     body += ["", f"### What the query model permits (seed {seeds[0]}; references that use the test labels)", "",
              "The loss pulls T(φ_g(x)) towards two galleries: the query model's own embedding of the image (the "
              "alignment term) and its class's query-classifier weight (the CE term); both are searched here with "

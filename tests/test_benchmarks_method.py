@@ -167,7 +167,8 @@ def test_main_assembles_every_requested_section(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     for heading in ("### Every configuration", "### Rejection by uncertainty", "### Rejecting 10 % by uncertainty at "
                     "other operating points", "### Targets", "### Compatibility",
-                    "### What the query model permits", "### Model costs", "### Ablation: ensemble size N",
+                    "### What averaging the members can remove", "### What the query model permits", "### Model costs",
+                    "### Ablation: ensemble size N",
                     "### Ablation: the query model as one more gallery member"):
         assert heading in out, heading
     # one row per operating point, from the loosest FAR down
@@ -223,3 +224,40 @@ def test_targets_report_the_mean_difference_each_seeds_difference_and_the_unpair
     assert rejection[1:5] == ["5.00 ± 0.00 %", "5.00 %, 5.00 %, 5.00 %", "≥ 15 %", "no"]
     (one,) = [r for r in targets([run(0.2, 0.02)], 2) if "sym_query, R@1" in r]
     assert _cells(one)[-1] == "n/a (one seed)"
+
+
+def _by_query_ids(lay: RunLayout, path, column: str):
+    """`column` of a gallery-side file in the evaluation's query order, and the query embeddings, both unit."""
+    import numpy as np
+
+    from cmce.ensemble import normalize
+    from cmce.tables import embedding_column, read_table, rows_of, string_column
+
+    table, query = read_table(path), read_table(lay.eval_dir / "query.parquet")
+    order = rows_of(string_column(table, "id", "g"), string_column(query, "id", "q"), "g")
+    return (normalize(np.asarray(embedding_column(table, column, "g"))[order]),
+            normalize(np.asarray(embedding_column(query, "embedding", "q"))))
+
+
+def test_residual_table_measures_the_stored_members_and_the_served_gallery(smoke_run):
+    import numpy as np
+
+    from benchmarks.method import residual_table
+
+    lay, _ = smoke_run
+    cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
+    rows = residual_table(cfg, lay)
+    value = {r.split(" | ")[0].lstrip("| "): float(r.split(" | ")[1].rstrip(" |")) for r in rows if r.startswith("| ")
+             and not r.startswith(("| gallery side", "|---"))}
+    residuals = {}
+    for spec in cfg.gallery_models:
+        member, query = _by_query_ids(lay, lay.member(spec.name), "transformed")
+        residuals[spec.name] = member - query
+        assert abs(value[f"{spec.name}'s T"] - (residuals[spec.name] ** 2).sum(axis=1).mean()) < 1e-4
+    served, query = _by_query_ids(lay, lay.gallery, "embedding")
+    n = len(cfg.gallery_models)
+    assert abs(value[f"the ensemble of {n}, as served"] - ((served - query) ** 2).sum(axis=1).mean()) < 1e-4
+    independent = value[f"the ensemble, were the members' residuals independent (their mean / {n})"]
+    assert abs(independent - np.mean([value[f"{s.name}'s T"] for s in cfg.gallery_models]) / n) < 2e-4
+    a, b = (r / np.linalg.norm(r, axis=1, keepdims=True) for r in residuals.values())
+    assert f"residuals: {(a * b).sum(axis=1).mean():.2f} " in rows[-1]
