@@ -87,7 +87,7 @@ def degraded_table(cfg: Config, lay: RunLayout, config_run: dict, root: Path) ->
             f"| {100 * DEGRADED:g} % degraded | {shown(m)} |", "",
             f"Degraded items among the {100 * REJECTED:g} % most uncertain: {100 * caught:.1f} % "
             f"(at random: {100 * is_degraded.mean():.1f} %).", ""]
-    known = {"the degraded items (known)": is_degraded * 1.0}
-    return (rows + rejection_rows(cfg, s, "the degraded gallery", known)
+    points = operating_points(cfg, s, {"the degraded items (known)": is_degraded * 1.0})
+    return (rows + rejection_rows(cfg, points[cfg.evaluate.rejection_far], "the degraded gallery")
             + ["", "The same at other operating points (error and relative drops in %):", ""]
-            + operating_point_rows([operating_points(cfg, s, known)]))
+            + operating_point_rows([points]))

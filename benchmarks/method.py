@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.degraded import DEGRADED, NOISE, SCALE, degraded_table
-from benchmarks.references import OPERATING_FARS, operating_point_rows, operating_points, references_table, served
+from benchmarks.references import operating_point_rows, operating_points, references_table, served
 from benchmarks.report import ROOT, SHOWN, append_section, fmt, mean_std, shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec, load_config, to_yaml
@@ -282,7 +282,10 @@ def stored_embeddings(lay: RunLayout, name: str) -> dict[str, tuple[np.ndarray, 
             "test": (embedding_column(member, "raw", member_at)[order], embedding_column(query, "embedding", query_at))}
 
 
-def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:
+Stored = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]  # gallery model name -> its `stored_embeddings`
+
+
+def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict, stored: Stored) -> list[str]:
     """How mappable each gallery model's space is onto the query model's: linear CKA of the raw
     embeddings with the query embeddings, and the mean cosine between n(T(φ_g(x))) and n(φ_q(x)), on
     the train split T was fitted on and on the test split it must carry over to."""
@@ -291,7 +294,7 @@ def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[s
     for spec in cfg.gallery_models:
         t = load_transformation(lay.transformation(spec.name))
         cka, cos = [], []
-        for g_emb, q_emb in stored_embeddings(lay, spec.name).values():
+        for g_emb, q_emb in stored[spec.name].values():
             cka.append(linear_cka(g_emb, q_emb))
             cos.append(float((t.apply(g_emb) * normalize(q_emb)).sum(axis=1).mean()))
         r1 = [100 * config_run[f"{c}/{spec.name}"]["R@1"] for c in ("asym", "sym_gallery")]
@@ -300,13 +303,13 @@ def compatibility_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[s
     return rows
 
 
-def residual_table(cfg: Config, lay: RunLayout) -> list[str]:
+def residual_table(cfg: Config, lay: RunLayout, stored: Stored) -> list[str]:
     """What averaging can remove: each member's residual r_i = n(T_i(φ_gi(x))) − n(φ_q(x)) on the test split, the
     served ensemble's, and the mean pairwise cosine of the members' residuals (averaging removes only the part
     the members do not share)."""
     residuals, transformed = {}, []
     for spec in cfg.gallery_models:
-        g_emb, q_emb = stored_embeddings(lay, spec.name)["test"]  # rows in the query file's order for every member
+        g_emb, q_emb = stored[spec.name]["test"]  # rows in the query file's order for every member
         transformed.append(load_transformation(lay.transformation(spec.name)).apply(g_emb))
         residuals[spec.name] = transformed[-1] - normalize(q_emb)
     ensemble = normalize(np.mean(transformed, axis=0)) - normalize(q_emb)
@@ -539,42 +542,45 @@ def main() -> None:
     body += results_table(runs)
     body += ["", "### Rejection by uncertainty vs at random (error in %)", ""]
     body += rejection_table(runs)
+    seed0 = seeded(cfg, seeds[0], layouts[0].root)
+    first = served(layouts[0])  # read once: the references table below reuses it
+    points = [operating_points(seeded(cfg, seed, lay.root), first if lay is layouts[0] else served(lay))
+              for seed, lay in zip(seeds, layouts, strict=True)]
     body += ["", "### Rejecting 10 % by uncertainty at other operating points", "",
-             "The rejection target is stated at FAR=0.001. Rejecting 10 % of the gallery removes about 10 % of the "
-             "genuine pairs, so the relative drop it can give shrinks as the error left grows; here the same "
-             "rejection (each seed's models and gallery, as evaluated) at FAR "
-             f"{', '.join(f'{f:g}' for f in OPERATING_FARS)}. Errors and relative drops in %, mean ± std over "
+             f"The rejection target is stated at FAR={cfg.evaluate.rejection_far:g}. Rejecting 10 % of the gallery "
+             "removes about 10 % of the genuine pairs, so the relative drop it can give shrinks as the error left "
+             "grows; here the same rejection (each seed's models and gallery, as evaluated) at FAR "
+             f"{', '.join(f'{f:g}' for f in points[0])}. Errors and relative drops in %, mean ± std over "
              "seeds; the last drop column takes, per seed, the better of the two orderings that know the test "
              "labels (see below).", ""]
-    body += operating_point_rows([operating_points(seeded(cfg, seed, lay.root), served(lay))
-                                  for seed, lay in zip(seeds, layouts, strict=True)])
+    body += operating_point_rows(points)
     body += ["", "### Targets", ""]
     body += targets(runs, n)
     body += ["", f"### Compatibility of each gallery model with the query model (seed {seeds[0]})", "",
              "Linear CKA near 1: the gallery space is close to a rotation of the query space; low: a map onto it "
              "must be non-linear and, fitted on the train split, may not carry over to the test images "
              "(classes, under disjoint protocols).", ""]
-    body += compatibility_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0], runs[0])
+    stored = {spec.name: stored_embeddings(layouts[0], spec.name) for spec in cfg.gallery_models}
+    body += compatibility_table(seed0, layouts[0], runs[0], stored)
     body += ["", f"### What averaging the members can remove (seed {seeds[0]})", "",
              "Each member's transformed embedding misses the query model's by a residual; the ensemble's mean "
              "cancels the parts of these residuals the members do not share, and keeps the part they do.", ""]
-    body += residual_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0])
+    body += residual_table(seed0, layouts[0], stored)
     body += ["", f"### What the query model permits (seed {seeds[0]}; references that use the test labels)", "",
              "The loss pulls T(φ_g(x)) towards two galleries: the query model's own embedding of the image (the "
              "alignment term) and its class's query-classifier weight (the CE term); both are searched here with "
              "the same query embeddings. Then the rejection target's 10 % rejected by uncertainty, at random and "
              "by two orderings that know the labels (not proven optimal: they show roughly how far any "
              "gallery-side rejection could lower the verification error here).", ""]
-    body += references_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0], runs[0])
+    body += references_table(seed0, layouts[0], runs[0], first, points[0][cfg.evaluate.rejection_far])
     body += ["", f"### Model costs (seed {seeds[0]}'s models, {cfg.data.image_size} px input)", ""]
-    body += costs_table(seeded(cfg, seeds[0], layouts[0].root), layouts[0])
+    body += costs_table(seed0, layouts[0])
     if "size" in ablations:
         body += ["", "### Ablation: ensemble size N", "", "| N | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]
         for k in range(1, n + 1):
             c = f"asym_ensemble/{k}"
             body.append(f"| {k} | " + " | ".join(fmt([r[c][m] for r in runs]) for m in ("R@1", "MAP@R",
                                                                                         "TAR@FAR=0.001")) + " |")
-    seed0 = seeded(cfg, seeds[0], layouts[0].root)
     if "diversity" in ablations:
         body += ["", f"### Ablation: diversity (seed {seeds[0]}, ensemble of {n})", "",
                  "| ensemble members | R@1 | MAP@R | TAR@FAR=0.001 |", "|---|---|---|---|"]

@@ -110,24 +110,25 @@ def rejection_references(cfg: Config, s: Served, seed: int,
     return {name: (err, (base - err) / base if base else float("nan")) for name, err in errors.items()}
 
 
-def references_table(cfg: Config, lay: RunLayout, config_run: dict) -> list[str]:
-    """The two loss targets beside the fitted ensemble, then rejection of 10 % by each ordering."""
+def references_table(cfg: Config, lay: RunLayout, config_run: dict, s: Served,
+                     rejection: dict[str, tuple[float, float]]) -> list[str]:
+    """The two loss targets beside the fitted ensemble (`s`: the run's served gallery), then `rejection` (the
+    run's `rejection_references` at the rejection FAR) as a table."""
     n = len(cfg.gallery_models)
-    s = served(lay)
     target = classifier_target_metrics(cfg, lay, s)
     rows = ["| gallery side, searched with the query model | R@1 / MAP@R / TAR@FAR=0.001 |", "|---|---|",
             f"| alignment target: the query model's own embedding (sym_query) | {shown(config_run['sym_query'])} |",
             "| CE target: each item on its class's query-classifier weight (test labels) | "
             + (shown(target) if target else "n/a: the test classes are not the classifier's") + " |",
             f"| the fitted transformations (asym_ensemble/{n}) | {shown(config_run[f'asym_ensemble/{n}'])} |", ""]
-    return rows + rejection_rows(cfg, s, "the gallery")
+    return rows + rejection_rows(cfg, rejection, "the gallery")
 
 
-def rejection_rows(cfg: Config, s: Served, gallery: str, known: dict[str, np.ndarray] | None = None) -> list[str]:
-    """`rejection_references` as a table: one row per ordering."""
+def rejection_rows(cfg: Config, rejection: dict[str, tuple[float, float]], gallery: str) -> list[str]:
+    """`rejection_references` (at the rejection FAR) as a table: one row per ordering."""
     rows = [f"| {100 * REJECTED:g} % of {gallery} rejected by | verification error (1 − TAR@FAR="
             f"{cfg.evaluate.rejection_far:g}) | relative drop |", "|---|---|---|"]
-    for name, (err, drop) in rejection_references(cfg, s, cfg.seed, known).items():
+    for name, (err, drop) in rejection.items():
         rows.append(f"| {name} | {100 * err:.2f} | {'—' if name == 'nothing' else f'{100 * drop:.2f} %'} |")
     return rows
 
@@ -137,10 +138,10 @@ OperatingPoints = dict[float, dict[str, tuple[float, float]]]
 
 def operating_points(cfg: Config, s: Served, known: dict[str, np.ndarray] | None = None,
                      fars: tuple[float, ...] = OPERATING_FARS) -> OperatingPoints:
-    """`rejection_references` at each FAR in `fars` (the run's seed)."""
+    """`rejection_references` at each FAR in `fars` and at the rejection FAR, loosest first (the run's seed)."""
     return {far: rejection_references(replace(cfg, evaluate=replace(cfg.evaluate, rejection_far=far)), s, cfg.seed,
                                       known)
-            for far in fars}
+            for far in sorted({*fars, cfg.evaluate.rejection_far}, reverse=True)}
 
 
 def operating_point_rows(per_seed: list[OperatingPoints]) -> list[str]:

@@ -68,11 +68,11 @@ def test_transformation_settings_are_tuned_on_a_validation_split_carved_from_tra
 
 
 def test_compatibility_table_reports_cka_and_alignment_for_every_gallery_model(smoke_run):
-    from benchmarks.method import compatibility_table
+    from benchmarks.method import compatibility_table, stored_embeddings
 
     lay, metrics = smoke_run
     cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
-    rows = compatibility_table(cfg, lay, metrics)[2:]
+    rows = compatibility_table(cfg, lay, metrics, {n: stored_embeddings(lay, n) for n in lay.gallery_names})[2:]
     assert [r.split(" | ")[0].lstrip("| ").split(" ")[0] for r in rows] == lay.gallery_names
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -242,11 +242,11 @@ def _by_query_ids(lay: RunLayout, path, column: str):
 def test_residual_table_measures_the_stored_members_and_the_served_gallery(smoke_run):
     import numpy as np
 
-    from benchmarks.method import residual_table
+    from benchmarks.method import residual_table, stored_embeddings
 
     lay, _ = smoke_run
     cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
-    rows = residual_table(cfg, lay)
+    rows = residual_table(cfg, lay, {n: stored_embeddings(lay, n) for n in lay.gallery_names})
     value = {r.split(" | ")[0].lstrip("| "): float(r.split(" | ")[1].rstrip(" |")) for r in rows if r.startswith("| ")
              and not r.startswith(("| gallery side", "|---"))}
     residuals = {}

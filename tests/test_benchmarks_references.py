@@ -68,19 +68,24 @@ def test_label_orderings_put_the_items_that_fail_verification_first():
         assert set(np.argsort(-badness)[: len(bad)]) == set(bad), name
 
 
-def test_operating_points_repeat_the_references_at_each_far(smoke_run):
-    from benchmarks.references import operating_points, rejection_references
+def test_operating_points_repeat_the_references_at_each_far_and_always_at_the_rejection_far(smoke_run):
+    from benchmarks.references import operating_points, references_table, rejection_references
 
-    lay, _ = smoke_run
+    lay, metrics = smoke_run
     cfg = load_config(SMOKE, {"output_dir": str(lay.root)})
     s = served(lay)
-    points = operating_points(cfg, s, fars=(cfg.evaluate.rejection_far, 0.1))
-    assert list(points) == [cfg.evaluate.rejection_far, 0.1]
+    points = operating_points(cfg, s, fars=(0.1,))
+    assert list(points) == [0.1, cfg.evaluate.rejection_far]  # loosest first
     assert points[cfg.evaluate.rejection_far] == rejection_references(cfg, s, cfg.seed)
     at_tenth = rejection_references(replace(cfg, evaluate=replace(cfg.evaluate, rejection_far=0.1)), s, cfg.seed)
     assert points[0.1] == at_tenth
     # a looser FAR accepts more pairs: less error is left to lower
     assert points[0.1]["nothing"][0] <= points[cfg.evaluate.rejection_far]["nothing"][0]
+    # the references table shows the rejection it is given, one row per ordering
+    rejection = points[cfg.evaluate.rejection_far]
+    rows = references_table(cfg, lay, metrics, s, rejection)
+    shown = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1] for r in rows[rows.index("") + 3:]}
+    assert shown == {name: f"{100 * err:.2f}" for name, (err, _) in rejection.items()}
 
 
 def _refs(base: float, unc: float, rnd: float, labelled: tuple[float, float], known: float | None = None) -> dict:
