@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
+def table_cells(row: str) -> list[str]:
+    """The cells of one Markdown table row, stripped."""
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunLayout, dict]:
     out = tmp_path_factory.mktemp("smoke")
