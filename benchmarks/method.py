@@ -92,23 +92,25 @@ def rejection_table(runs: Runs) -> list[str]:
     return rows
 
 
-def _diff(runs: Runs, a: str, b: str, metric: str) -> tuple[float, bool]:
-    """mean(a) − mean(b) for one metric, and whether it exceeds the combined spread."""
+def _diff(runs: Runs, a: str, b: str, metric: str) -> tuple[float, bool, bool]:
+    """mean(a) − mean(b) for one metric; whether it exceeds the two spreads combined (unpaired: std_a + std_b);
+    and whether it exceeds the spread of the per-seed differences (paired: each seed's a and b share its models
+    and, under class-disjoint protocols, its class split, which moves both sides together)."""
     (ma, sa), (mb, sb) = mean_std([r[a][metric] for r in runs]), mean_std([r[b][metric] for r in runs])
-    return ma - mb, abs(ma - mb) > sa + sb
+    md, sd = mean_std([r[a][metric] - r[b][metric] for r in runs])
+    return ma - mb, abs(ma - mb) > sa + sb, abs(md) > sd
 
 
 def targets(runs: Runs, n: int) -> list[str]:
     ens = f"asym_ensemble/{n}"
     best = lambda prefix, metric: max((k for k in runs[0] if k.startswith(prefix)),  # noqa: E731
                                       key=lambda k: statistics.fmean(r[k][metric] for r in runs))
-    rows = ["| target | measured Δ (points) | per seed | needed | met | beyond the spread |",
+    rows = ["| target | measured Δ (points) | per seed | needed | met | beyond the spread (unpaired / paired) |",
             "|---|---|---|---|---|---|"]
 
     def row(text: str, a: str, b: str, metric: str, needed: float) -> None:
-        d, real = _diff(runs, a, b, metric)
-        spread = ("yes" if real else "no") if len(runs) > 1 else "n/a (one seed)"
-        # paired by seed: under class-disjoint protocols a seed's split moves both sides together
+        d, unpaired, paired = _diff(runs, a, b, metric)
+        spread = " / ".join("yes" if x else "no" for x in (unpaired, paired)) if len(runs) > 1 else "n/a (one seed)"
         per_seed = ", ".join(f"{100 * (r[a][metric] - r[b][metric]):+.2f}" for r in runs)
         rows.append(f"| {text} ({a} − {b}, {metric}) | {100 * d:+.2f} | {per_seed} | ≥ {needed:+.0f} | "
                     f"{'yes' if 100 * d >= needed else 'no'} | {spread} |")

@@ -38,7 +38,7 @@ def test_recorded_command_keeps_only_what_differs_from_the_defaults():
     assert recorded_command(defaults, p) == "python -m benchmarks.method"
 
 
-def test_targets_report_the_mean_difference_each_seeds_difference_and_the_unpaired_spread():
+def test_targets_report_the_mean_difference_each_seeds_difference_and_both_spreads():
     from benchmarks.method import targets
 
     def run(level, gain):  # every configuration at `level`; the ensemble `gain` above; seeds differ in level
@@ -52,10 +52,14 @@ def test_targets_report_the_mean_difference_each_seeds_difference_and_the_unpair
     rows = {table_cells(r)[0]: table_cells(r)
             for r in targets([run(0.2, 0.02), run(0.3, 0.02), run(0.4, 0.02)], 2)[2:]}
     r1 = rows["ensemble vs the query model alone (asym_ensemble/2 − sym_query, R@1)"]
-    assert r1[1:] == ["+2.00", "+2.00, +2.00, +2.00", "≥ +0", "yes", "no"]  # every seed +2, within the spread
+    # every seed +2: within the unpaired spread (levels differ by seed), beyond the paired one (the differences agree)
+    assert r1[1:] == ["+2.00", "+2.00, +2.00, +2.00", "≥ +0", "yes", "no / yes"]
     tar = rows["ensemble vs the query model alone (asym_ensemble/2 − sym_query, TAR@FAR=0.001)"]
     assert tar[1:5] == ["+2.00", "+2.00, +2.00, +2.00", "≥ +5", "no"]
     rejection = rows["rejecting 10% most uncertain lowers verification error (relative)"]
     assert rejection[1:5] == ["5.00 ± 0.00 %", "5.00 %, 5.00 %, 5.00 %", "≥ 15 %", "no"]
+    # differences that disagree in sign are within the paired spread too
+    (mixed,) = [r for r in targets([run(0.2, 0.04), run(0.3, -0.02), run(0.4, 0.01)], 2) if "sym_query, R@1" in r]
+    assert table_cells(mixed)[1:3] == ["+1.00", "+4.00, -2.00, +1.00"] and table_cells(mixed)[-1] == "no / no"
     (one,) = [r for r in targets([run(0.2, 0.02)], 2) if "sym_query, R@1" in r]
     assert table_cells(one)[-1] == "n/a (one seed)"
