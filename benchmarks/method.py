@@ -92,13 +92,14 @@ def rejection_table(runs: Runs) -> list[str]:
     return rows
 
 
-def _diff(runs: Runs, a: str, b: str, metric: str) -> tuple[float, bool, bool]:
-    """mean(a) − mean(b) for one metric; whether it exceeds the two spreads combined (unpaired: std_a + std_b);
-    and whether it exceeds the spread of the per-seed differences (paired: each seed's a and b share its models
-    and, under class-disjoint protocols, its class split, which moves both sides together)."""
-    (ma, sa), (mb, sb) = mean_std([r[a][metric] for r in runs]), mean_std([r[b][metric] for r in runs])
-    md, sd = mean_std([r[a][metric] - r[b][metric] for r in runs])
-    return ma - mb, abs(ma - mb) > sa + sb, abs(md) > sd
+def _diff(runs: Runs, a: str, b: str, metric: str) -> tuple[list[float], bool, bool]:
+    """a − b per seed for one metric; whether the mean difference exceeds the two spreads combined (unpaired:
+    std_a + std_b); and whether it exceeds the spread of the per-seed differences (paired: each seed's a and b
+    share its models and, under class-disjoint protocols, its class split, which moves both sides together)."""
+    (_, sa), (_, sb) = mean_std([r[a][metric] for r in runs]), mean_std([r[b][metric] for r in runs])
+    per_seed = [r[a][metric] - r[b][metric] for r in runs]
+    d, sd = mean_std(per_seed)
+    return per_seed, abs(d) > sa + sb, abs(d) > sd
 
 
 def targets(runs: Runs, n: int) -> list[str]:
@@ -109,10 +110,11 @@ def targets(runs: Runs, n: int) -> list[str]:
             "|---|---|---|---|---|---|"]
 
     def row(text: str, a: str, b: str, metric: str, needed: float) -> None:
-        d, unpaired, paired = _diff(runs, a, b, metric)
+        per_seed, unpaired, paired = _diff(runs, a, b, metric)
+        d = statistics.fmean(per_seed)
         spread = " / ".join("yes" if x else "no" for x in (unpaired, paired)) if len(runs) > 1 else "n/a (one seed)"
-        per_seed = ", ".join(f"{100 * (r[a][metric] - r[b][metric]):+.2f}" for r in runs)
-        rows.append(f"| {text} ({a} − {b}, {metric}) | {100 * d:+.2f} | {per_seed} | ≥ {needed:+.0f} | "
+        seeds = ", ".join(f"{100 * x:+.2f}" for x in per_seed)
+        rows.append(f"| {text} ({a} − {b}, {metric}) | {100 * d:+.2f} | {seeds} | ≥ {needed:+.0f} | "
                     f"{'yes' if 100 * d >= needed else 'no'} | {spread} |")
 
     row("ensemble vs best single transformation", ens, best("asym/", "R@1"), "R@1", 1)
