@@ -15,7 +15,7 @@ def test_compatibility_table_reports_cka_and_alignment_for_every_gallery_model(s
     rows = compatibility_table(cfg, lay, metrics, {n: stored_embeddings(lay, n) for n in lay.gallery_names})[2:]
     assert [r.split(" | ")[0].lstrip("| ").split(" ")[0] for r in rows] == lay.gallery_names
     for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
+        cells = table_cells(row)
         cka, cos = ([float(v) for v in c.split(" / ")] for c in cells[1:3])
         assert all(0.0 <= v <= 1.0 for v in cka) and all(-1.0 <= v <= 1.0 for v in cos)
         assert cos[0] > 0.5  # T was fitted on the train split: it aligns there
