@@ -1,0 +1,124 @@
+"""Transformation settings tried on a finished run, without retraining any backbone.
+
+    python -m benchmarks.levers --run runs/bench_method/seed0 [--config params.yaml] [--seed 0]
+                                [--set KEY=VALUE ...] --try KEY=VALUE[,KEY=VALUE] [--try ...] [--no-write]
+
+The backbones are most of a run's cost; the transformations are cheap to refit. For each --try (transform
+keys, e.g. `weight_decay=0.1` or `lam=0.1,epochs=60`) every transformation is refitted on the run's frozen
+models, the gallery rebuilt and every configuration evaluated, under `<run>/levers_tried/`. --config, --set
+and --seed must describe the run (as `benchmarks.method` made it: seed k is its `seed{k}` folder); the run's
+recorded members are checked against them. One levers table, beside the run's own row, is appended to
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.ablations import levers_table
+from benchmarks.method import seeded
+from benchmarks.refit import refit
+from benchmarks.report import ROOT, append_section
+from cmce.config import Config, load_config
+from cmce.steps import RunLayout
+
+log = logging.getLogger("bench")
+
+
+def parse_try(text: str) -> dict[str, object]:
+    """`lam=0.1,epochs=60` → {"lam": 0.1, "epochs": 60} (values read as YAML scalars)."""
+    change = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--try {text!r}: expected KEY=VALUE[,KEY=VALUE] of transform settings, "
+                             "e.g. weight_decay=0.1")
+        change[key.strip()] = yaml.safe_load(value)
+    return change
+
+
+def run_config(config: Path, overrides: dict, seed: int, run: Path, change: dict | None = None) -> Config:
+    """The config the run was made with (seed `seed` of `benchmarks.method`), with transform keys changed;
+    the typed loader rejects an unknown key, naming the valid ones."""
+    transform = {f"transform.{k}": v for k, v in (change or {}).items()}
+    return seeded(load_config(config, {**overrides, **transform}), seed, run)
+
+
+def check_run(cfg: Config, lay: RunLayout) -> None:
+    """A finished run of this config: its dataset, models and evaluation exist, and its recorded gallery
+    members are the config's (name and architecture, in order)."""
+    needed = [lay.dataset, lay.model(cfg.query_model.name), *(lay.model(g) for g in lay.gallery_names),
+              lay.eval_dir / "metrics.json", lay.eval_dir / "versions.json"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise ValueError(f"{lay.root} is not a finished run: missing {', '.join(missing)}")
+    versions = lay.eval_dir / "versions.json"
+    recorded = [(m["name"], m["arch"]) for m in json.loads(versions.read_text())["members"]]
+    configured = [(m.name, m.arch) for m in cfg.gallery_models]
+    if recorded != configured:
+        raise ValueError(f"{versions}: the run's gallery members {recorded} are not the config's {configured}; "
+                         "pass the --config and --set the run was made with")
+
+
+def try_levers(config: Path, overrides: dict, seed: int, run: Path, tries: list[str]) -> dict[str, dict]:
+    """The run's own metrics, then one refit per --try: label → every configuration's metrics."""
+    changes = {text: parse_try(text) for text in tries}  # all parsed before any refit starts
+    cfg = run_config(config, overrides, seed, run)
+    lay = RunLayout(run, [m.name for m in cfg.gallery_models])
+    check_run(cfg, lay)
+    variants = {text: run_config(config, overrides, seed, run, change) for text, change in changes.items()}
+    rows = {"(the run)": json.loads((lay.eval_dir / "metrics.json").read_text())}
+    for i, (text, alt) in enumerate(variants.items()):
+        log.info("refitting every transformation with %s", text)
+        rows[text] = refit(alt, lay, run / "levers_tried" / f"t{i}")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a seed folder of a finished benchmarks.method run")
+    p.add_argument("--config", default=str(ROOT / "params.yaml"))
+    p.add_argument("--seed", type=int, default=0, help="the seed the run was made with")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the run")
+    p.add_argument("--try", dest="tries", action="append", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="transform settings to refit with (repeatable)")
+    p.add_argument("--no-write", action="store_true")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    started = time.time()
+    try:
+        rows = try_levers(Path(args.config), overrides, args.seed, Path(args.run), args.tries)
+    except ValueError as e:  # the config's own errors (ConfigError) are ValueErrors too
+        p.error(str(e))
+    cfg = load_config(args.config, overrides)
+    config = Path(args.config).resolve()
+    shown_config = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config
+    command = (f"python -m benchmarks.levers --run {shlex.quote(args.run)} --config {shlex.quote(shown_config)}"
+               + (f" --seed {args.seed}" if args.seed else "")
+               + "".join(f" --set {shlex.quote(s)}" for s in args.set)
+               + "".join(f" --try {shlex.quote(t)}" for t in args.tries))
+    body = [f"Run `{args.run}` (config `{config.name}`{' with ' + ', '.join(args.set) if args.set else ''}, "
+            f"seed {args.seed}): every transformation refitted on its frozen models for each setting. Columns: "
+            "the ensemble, the best single transformation (by R@1) and the query model alone; "
+            "R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]
+    body += levers_table(rows, len(cfg.gallery_models))
+    append_section(f"Transformation levers on a finished run: {cfg.data.source} ({cfg.data.protocol})", command,
+                   body, time.time() - started, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
