@@ -70,6 +70,9 @@ def test_nonsense_values_are_rejected(tmp_path):
         load_config(_write(tmp_path, GOOD + "data: {channels: true}\n"))
     with pytest.raises(ConfigError, match="transform.augment_views must be >= 0, got -1"):
         load_config(_write(tmp_path, GOOD + "transform: {augment_views: -1}\n"))
+    for share in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=f"transform.input_dropout must be in \\[0, 1\\), got {share}"):
+            load_config(_write(tmp_path, GOOD + f"transform: {{input_dropout: {share}}}\n"))
 
 
 def test_shipped_configs_load():

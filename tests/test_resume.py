@@ -86,6 +86,19 @@ def _fit(cfg: TransformConfig, resume: Resume | None) -> tuple[dict[str, torch.T
     return mlp.state_dict(), history
 
 
+def test_a_fit_with_input_dropout_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
+    cfg = TransformConfig(hidden_dim=16, epochs=6, batch_size=32, input_dropout=0.3)
+    expected_state, expected_history = _fit(cfg, None)
+    plain_state, _ = _fit(TransformConfig(hidden_dim=16, epochs=6, batch_size=32), None)
+    assert not all(torch.equal(plain_state[k], expected_state[k]) for k in expected_state)  # the masks count
+    resume = Resume(tmp_path / "t.pt.resume", fingerprint(transform=cfg))
+    with crash_after_epoch(monkeypatch, 3):
+        _fit(cfg, resume)
+    state, history = _fit(cfg, resume)  # continues after epoch 3: the masks of epochs 4-6 come from the saved RNG
+    assert history == expected_history
+    assert all(torch.equal(state[k], expected_state[k]) for k in expected_state)
+
+
 def test_a_resume_file_for_other_settings_or_unreadable_is_ignored(tmp_path, monkeypatch, caplog):
     cfg = TransformConfig(hidden_dim=16, epochs=6, batch_size=32)
     expected_state, expected_history = _fit(cfg, None)

@@ -116,9 +116,14 @@ def fit_transformation(
         order = torch.randperm(len(g), generator=gen)
         sums = np.zeros(3)
         for s in range(steps):
-            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            idx = idx[ddp.rank_share(len(idx), ctx.rank, ctx.world_size)].to(device)
-            loss, align, ce = transformation_loss(forward(g[idx]), q[idx], y[idx], w, cfg.lam, cfg.scale)
+            batch = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            mine = ddp.rank_share(len(batch), ctx.rank, ctx.world_size)
+            idx = batch[mine].to(device)
+            x = g[idx]
+            if cfg.input_dropout:  # one mask for the global batch: the same on every rank, whatever the world size
+                keep = torch.rand((len(batch), g.shape[1]), generator=gen) >= cfg.input_dropout
+                x = x * keep[mine].to(device) / (1.0 - cfg.input_dropout)
+            loss, align, ce = transformation_loss(forward(x), q[idx], y[idx], w, cfg.lam, cfg.scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
