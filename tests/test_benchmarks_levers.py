@@ -44,6 +44,10 @@ def test_a_config_that_did_not_make_the_run_is_refused(run_copy):
                    "seed": m.seed} for m in one]
     with pytest.raises(ValueError, match=r"versions\.json: the run's gallery members .* are not the config's"):
         try_levers(SMOKE, {"gallery_models": only_first}, 0, root, ["lam=0.5"])
+    hidden = load_config(SMOKE).transform.hidden_dim
+    with pytest.raises(ValueError, match=rf"transforms/resnet_a\.pt: fitted with \(hidden_dim, depth, epochs\) = "
+                                         rf"\({hidden}, .*the config says \({2 * hidden}, "):
+        try_levers(SMOKE, {"transform.hidden_dim": 2 * hidden}, 0, root, ["lam=0.5"])
     with pytest.raises(ValueError, match=r"is not a finished run: missing .*metrics\.json"):
         (root / "eval" / "metrics.json").unlink()
         try_levers(SMOKE, {}, 0, root, ["lam=0.5"])
