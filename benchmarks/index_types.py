@@ -27,7 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from benchmarks.report import ROOT, append_section
+from benchmarks.report import LOG_FORMAT, ROOT, append_section
 from cmce.config import IndexConfig
 from cmce.ensemble import normalize
 from cmce.index import make_index, set_search_params
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file the dated section is appended to")
     p.add_argument("--no-write", action="store_true", help="only print the table")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     load = os.getloadavg()[0]
     started = time.time()
     rows, threads, gen_s = run(args)

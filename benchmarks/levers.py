@@ -26,7 +26,7 @@ import yaml
 from benchmarks.ablations import levers_table
 from benchmarks.method import seeded
 from benchmarks.refit import refit
-from benchmarks.report import ROOT, append_section
+from benchmarks.report import LOG_FORMAT, add_config_options, append_section, config_overrides, config_shown
 from cmce.config import Config, load_config
 from cmce.steps import RunLayout
 from cmce.transform import load_transformation
@@ -95,9 +95,8 @@ def try_levers(config: Path, overrides: dict, seed: int, run: Path, tries: list[
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a seed folder of a finished benchmarks.method run")
-    p.add_argument("--config", default=str(ROOT / "params.yaml"))
+    add_config_options(p, "config override of the run")
     p.add_argument("--seed", type=int, default=0, help="the seed the run was made with")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the run")
     p.add_argument("--try", dest="tries", action="append", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
                    help="transform settings to refit with (repeatable)")
     p.add_argument("--no-write", action="store_true")
@@ -107,21 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     p = build_parser()
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    overrides = config_overrides(args.set)
     started = time.time()
     try:
         rows = try_levers(Path(args.config), overrides, args.seed, Path(args.run), args.tries)
     except ValueError as e:  # the config's own errors (ConfigError) are ValueErrors too
         p.error(str(e))
     cfg = load_config(args.config, overrides)
-    config = Path(args.config).resolve()
-    shown_config = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config
-    command = (f"python -m benchmarks.levers --run {shlex.quote(args.run)} --config {shlex.quote(shown_config)}"
+    command = (f"python -m benchmarks.levers --run {shlex.quote(args.run)}"
+               f" --config {shlex.quote(config_shown(args.config))}"
                + (f" --seed {args.seed}" if args.seed else "")
                + "".join(f" --set {shlex.quote(s)}" for s in args.set)
                + "".join(f" --try {shlex.quote(t)}" for t in args.tries))
-    body = [f"Run `{args.run}` (config `{config.name}`{' with ' + ', '.join(args.set) if args.set else ''}, "
+    body = [f"Run `{args.run}` (config `{Path(args.config).name}`{' with ' + ', '.join(args.set) if args.set else ''}, "
             f"seed {args.seed}): every transformation refitted on its frozen models for each setting. Columns: "
             "the ensemble, the best single transformation (by R@1) and the query model alone; "
             "R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]

@@ -52,7 +52,16 @@ from benchmarks.ablations import (
 from benchmarks.degraded import DEGRADED, NOISE, SCALE, degraded_table
 from benchmarks.diagnostics import compatibility_table, costs_table, residual_table, stored_embeddings
 from benchmarks.references import operating_point_rows, operating_points, references_table, served
-from benchmarks.report import ROOT, append_section, fmt, mean_std
+from benchmarks.report import (
+    LOG_FORMAT,
+    ROOT,
+    add_config_options,
+    append_section,
+    config_overrides,
+    config_shown,
+    fmt,
+    mean_std,
+)
 from benchmarks.tuning import LAMBDA_GRID, TUNE_GRID, Validation, tuning_table
 from cmce.config import Config, ModelSpec, load_config, to_yaml
 from cmce.steps import RunLayout, run_all
@@ -138,8 +147,7 @@ def targets(runs: Runs, n: int) -> list[str]:
 def recorded_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """The command line as run, without options left at their defaults, quoted as a shell needs it (so it
     runs as written, e.g. an empty --ablations '')."""
-    config = Path(args.config).resolve()
-    given = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
+    given = {"config": config_shown(args.config),
              "seeds": args.seeds, "ablations": args.ablations, "val-fraction": f"{args.val_fraction:g}"}
     defaults = {"config": "params.yaml", "seeds": parser.get_default("seeds"),
                 "ablations": parser.get_default("ablations"), "val-fraction": f"{parser.get_default('val_fraction'):g}"}
@@ -150,13 +158,12 @@ def recorded_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "params.yaml"))
+    add_config_options(p)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ablations", default="size,diversity,lambda", help="comma-separated; empty for none")
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="share of the train split (heldout: of each class; else: of the classes) T is tuned on")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_method"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -164,10 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     p = build_parser()
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import yaml
-
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    overrides = config_overrides(args.set)
     cfg = load_config(args.config, {**overrides, "kd.enabled": True})
     seeds = [int(s) for s in args.seeds.split(",")]
     ablations = [a for a in args.ablations.split(",") if a]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -11,8 +12,27 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_config_options(p: argparse.ArgumentParser, set_help: str = "config override") -> None:
+    """--config (default params.yaml) and repeatable --set KEY=VALUE, read back by `config_overrides`."""
+    p.add_argument("--config", default=str(ROOT / "params.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def config_overrides(sets: list[str]) -> dict:
+    """--set options → {dotted key: value read as YAML}."""
+    return {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
+
+
+def config_shown(path: str) -> str:
+    """A config path as a recorded command names it: relative to the project root when inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
 
 
 def cpu_name() -> str:

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.report import ROOT, append_section
+from benchmarks.report import LOG_FORMAT, ROOT, append_section
 from cmce.config import load_config
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.lifecycle import upgrade_query_model
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_upgrade"))
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     started = time.time()
     full = load_config(args.config, {"output_dir": args.out, "kd.enabled": False})
     half = replace(full, query_model=replace(full.query_model, data_fraction=0.5),

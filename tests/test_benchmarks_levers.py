@@ -62,3 +62,20 @@ def test_a_malformed_try_is_refused_with_an_example(text):
 
 def test_a_try_reads_its_values_as_yaml_scalars():
     assert parse_try("lam=0.1, epochs=60") == {"lam": 0.1, "epochs": 60}
+
+
+def test_the_cli_records_the_command_it_ran_and_refuses_bad_input_by_name(run_copy, monkeypatch, capsys):
+    from benchmarks.levers import main
+
+    root, _ = run_copy
+    monkeypatch.setattr("sys.argv", ["levers", "--run", str(root), "--config", str(SMOKE), "--try", "lam=0",
+                                     "--no-write"])
+    main()
+    out = capsys.readouterr().out
+    assert f"Command: `python -m benchmarks.levers --run {root} --config configs/smoke.yaml --try lam=0`" in out
+    rows = [line for line in out.splitlines() if line.startswith("| (the run) |") or line.startswith("| lam=0 |")]
+    assert len(rows) == 2
+    monkeypatch.setattr("sys.argv", ["levers", "--run", str(root), "--config", str(SMOKE), "--try", "dropout=0.1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "unknown key(s) ['dropout']" in capsys.readouterr().err
