@@ -24,12 +24,12 @@ from pathlib import Path
 import yaml
 
 from benchmarks.ablations import levers_table
+from benchmarks.finished_run import check_run
 from benchmarks.method import seeded
 from benchmarks.refit import refit
 from benchmarks.report import LOG_FORMAT, add_config_options, append_section, config_overrides, config_shown
 from cmce.config import Config, load_config
 from cmce.steps import RunLayout
-from cmce.transform import load_transformation
 
 log = logging.getLogger("bench")
 
@@ -51,31 +51,6 @@ def run_config(config: Path, overrides: dict, seed: int, run: Path, change: dict
     the typed loader rejects an unknown key, naming the valid ones."""
     transform = {f"transform.{k}": v for k, v in (change or {}).items()}
     return seeded(load_config(config, {**overrides, **transform}), seed, run)
-
-
-def check_run(cfg: Config, lay: RunLayout) -> None:
-    """A finished run of this config: its dataset, models, transformations and evaluation exist, its recorded
-    gallery members are the config's (name and architecture, in order) and its transformations were fitted
-    with the config's shape and epochs (so "(the run)" differs from a --try by the --try alone)."""
-    needed = [lay.dataset, lay.model(cfg.query_model.name), *(lay.model(g) for g in lay.gallery_names),
-              *(lay.transformation(g) for g in lay.gallery_names),
-              lay.eval_dir / "metrics.json", lay.eval_dir / "versions.json"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise ValueError(f"{lay.root} is not a finished run: missing {', '.join(missing)}")
-    versions = lay.eval_dir / "versions.json"
-    recorded = [(m["name"], m["arch"]) for m in json.loads(versions.read_text())["members"]]
-    configured = [(m.name, m.arch) for m in cfg.gallery_models]
-    if recorded != configured:
-        raise ValueError(f"{versions}: the run's gallery members {recorded} are not the config's {configured}; "
-                         "pass the --config and --set the run was made with")
-    wanted = (cfg.transform.hidden_dim, cfg.transform.depth, cfg.transform.epochs)
-    for g in lay.gallery_names:
-        t = load_transformation(lay.transformation(g))
-        if (t.hidden_dim, t.depth, len(t.history)) != wanted:
-            raise ValueError(f"{lay.transformation(g)}: fitted with (hidden_dim, depth, epochs) = "
-                             f"{(t.hidden_dim, t.depth, len(t.history))}, the config says {wanted}; pass the "
-                             "--config and --set the run was made with")
 
 
 def try_levers(config: Path, overrides: dict, seed: int, run: Path, tries: list[str]) -> dict[str, dict]:

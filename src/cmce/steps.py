@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,17 +197,24 @@ def step_gallery_branch(cfg: Config, lay: RunLayout, query_model: Path, name: st
                              cfg.batch_size)
 
 
-def run_all(cfg: Config, prepare: bool = True) -> dict:
+def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = ()) -> dict:
     """Every step in one process, in dependency order, under cfg.output_dir. prepare=False uses the
-    dataset file already at the layout's dataset path (e.g. one made by cmce.data.carve_validation)."""
+    dataset file already at the layout's dataset path (e.g. one made by cmce.data.carve_validation).
+    `keep` names models whose outputs are already in place under cfg.output_dir, made by this very config
+    (the caller vouches for that): the model and, for a gallery model, its transformation, embeddings and
+    KD student are used as they are, not made again."""
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
     if prepare:
         step_prepare_data(cfg, lay.dataset)
     per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
     log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
-    step_train(cfg, lay.dataset, cfg.query_model.name, lay.model(cfg.query_model.name))
     q_path = lay.model(cfg.query_model.name)
+    if cfg.query_model.name not in keep:
+        step_train(cfg, lay.dataset, cfg.query_model.name, q_path)
     for g in cfg.gallery_models:
+        if g.name in keep:
+            log.info("%s: kept as it is under %s", g.name, lay.root)
+            continue
         step_gallery_branch(cfg, lay, q_path, g.name)
         if cfg.kd.enabled:
             step_train_kd(cfg, lay.dataset, lay.model(g.name), lay.kd_student(g.name))
