@@ -51,6 +51,7 @@ from benchmarks.ablations import (
 )
 from benchmarks.degraded import DEGRADED, NOISE, SCALE, degraded_table
 from benchmarks.diagnostics import compatibility_table, costs_table, residual_table, stored_embeddings
+from benchmarks.grow import grow_run
 from benchmarks.references import operating_point_rows, operating_points, references_table, served
 from benchmarks.report import (
     LOG_FORMAT,
@@ -153,6 +154,8 @@ def recorded_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 "ablations": parser.get_default("ablations"), "val-fraction": f"{parser.get_default('val_fraction'):g}"}
     command = "python -m benchmarks.method" + "".join(f" --{k} {shlex.quote(v)}" for k, v in given.items()
                                                       if v != defaults[k])
+    if args.grow_from:
+        command += f" --grow-from {shlex.quote(args.grow_from)}"
     return command + "".join(f" --set {shlex.quote(s)}" for s in args.set)
 
 
@@ -164,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="share of the train split (heldout: of each class; else: of the classes) T is tuned on")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_method"))
+    p.add_argument("--grow-from", metavar="RUN",
+                   help="a finished run of this benchmark (its seed{k} folders) whose gallery members are the first "
+                        "of the config's: they and the query model are copied, not retrained (benchmarks/grow.py)")
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -183,13 +189,16 @@ def main() -> None:
     for seed in seeds:
         run_cfg = seeded(cfg, seed, Path(args.out) / f"seed{seed}")
         t0 = time.time()
-        runs.append(run_all(run_cfg))
+        runs.append(grow_run(run_cfg, Path(args.grow_from) / f"seed{seed}") if args.grow_from else run_all(run_cfg))
         layouts.append(RunLayout(Path(run_cfg.output_dir), [m.name for m in run_cfg.gallery_models]))
         log.info("seed %d: %.0f s", seed, time.time() - t0)
     n = len(cfg.gallery_models)
     body = [f"Config `{Path(args.config).name}`{' with ' + ', '.join(args.set) if args.set else ''}: "
             f"{cfg.data.source}, {cfg.data.protocol} protocol; {len(seeds)} seeds ({args.seeds}); values in %, "
-            "mean ± std over seeds; leave-one-out on the test split.", "",
+            "mean ± std over seeds; leave-one-out on the test split."
+            + (f" The query model and the first gallery members were copied from `{args.grow_from}` (the same "
+               "config and seeds make them again bit for bit; checked against the config, `benchmarks/grow.py`)."
+               if args.grow_from else ""), "",
             "<details><summary>resolved config (seed 0)</summary>", "", "```yaml", to_yaml(cfg).strip(), "```", "",
             "</details>", "", "### Every configuration", ""]
     body += results_table(runs)
