@@ -3,7 +3,7 @@
     python -m benchmarks.method [--config params.yaml] [--seeds 0,1,2]
                                 [--ablations size,diversity,lambda,tune,levers,query,query_member,degraded]
                                 [--val-fraction 0.25]
-                                [--out runs/bench_method] [--set KEY=VALUE ...] [--no-write]
+                                [--out runs/bench_method] [--grow-from RUN] [--set KEY=VALUE ...] [--no-write]
 
 For every seed: the whole method (`cmce run`: every configuration sym_query, sym_gallery/*, asym/*,
 asym_ensemble/1..N, kd/*, rejection curves) with that seed added to every model and transformation seed.
@@ -27,6 +27,9 @@ Ablations (seed 0's trained models reused where possible):
              more member (identity transformation; off by default)
   degraded   rejection where there is something to reject: 10 % of the test images degraded on the gallery
              side only (benchmarks/degraded.py), the gallery rebuilt by seed 0's models; off by default
+--grow-from RUN takes the query model and the first gallery members (with their transformations, embeddings
+and KD students) from RUN's seed{k} folders, a finished run of the same config with fewer members, and
+trains only the members it lacks (benchmarks/grow.py).
 Appends a dated section to BENCHMARKS.md: command, commit, hardware, config, wall time, tables, targets.
 """
 
