@@ -27,6 +27,8 @@ log = logging.getLogger("bench")
 def reusable_members(cfg: Config, src: Path) -> list[str]:
     """The gallery members of the finished run `src`, which must be the first ones of the config (name and
     architecture, in order), trained and fitted as the config says (`check_run`)."""
+    if Path(cfg.output_dir).resolve() == src.resolve():
+        raise ValueError(f"{src}: the run to grow from is the output folder; write the grown run elsewhere")
     versions = src / "eval" / "versions.json"
     if not versions.exists():
         raise ValueError(f"{src} is not a finished run: missing {versions}")

@@ -54,7 +54,7 @@ from benchmarks.ablations import (
 )
 from benchmarks.degraded import DEGRADED, NOISE, SCALE, degraded_table
 from benchmarks.diagnostics import compatibility_table, costs_table, residual_table, stored_embeddings
-from benchmarks.grow import grow_run
+from benchmarks.grow import grow_run, reusable_members
 from benchmarks.references import operating_point_rows, operating_points, references_table, served
 from benchmarks.report import (
     LOG_FORMAT,
@@ -187,6 +187,13 @@ def main() -> None:
     ablations = [a for a in args.ablations.split(",") if a]
     if set(ablations) - set(ABLATIONS):
         p.error(f"unknown ablation(s) {sorted(set(ablations) - set(ABLATIONS))}; valid: {', '.join(ABLATIONS)}")
+    if args.grow_from:  # every seed's run checked before any training starts
+        try:
+            for seed in seeds:
+                src = Path(args.grow_from) / f"seed{seed}"
+                reusable_members(seeded(cfg, seed, Path(args.out) / f"seed{seed}"), src)
+        except ValueError as e:
+            p.error(str(e))
     started = time.time()
     runs, layouts = [], []
     for seed in seeds:

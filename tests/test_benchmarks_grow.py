@@ -64,3 +64,23 @@ def test_a_run_missing_a_kept_members_files_is_refused(finished, tmp_path):
     RunLayout(src).member("vgg_b").unlink()
     with pytest.raises(ValueError, match=r"is not a finished run: missing .*embeddings/gallery/vgg_b\.parquet"):
         grow_run(grown_config(tmp_path / "grown"), src)
+
+
+def test_a_run_cannot_grow_into_its_own_folder(finished):
+    src, _ = finished
+    with pytest.raises(ValueError, match="the run to grow from is the output folder"):
+        grow_run(grown_config(src), src)
+
+
+def test_the_cli_checks_every_seeds_run_before_training_any(finished, tmp_path, monkeypatch, capsys):
+    from benchmarks import method
+
+    src, _ = finished  # seed 0 only
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["method", "--config", str(SMOKE), "--seeds", "0,1", "--ablations", "",
+                                     "--grow-from", str(src.parent), "--out", str(out), "--no-write"])
+    with pytest.raises(SystemExit) as exit_:
+        method.main()
+    assert exit_.value.code == 2
+    assert f"{src.parent / 'seed1'} is not a finished run: missing" in capsys.readouterr().err
+    assert not out.exists()

@@ -31,9 +31,9 @@ def test_recorded_command_keeps_only_what_differs_from_the_defaults():
 
     p = build_parser()  # the benchmark's own parser and defaults
     args = p.parse_args(["--config", str(ROOT / "configs" / "emoji.yaml"), "--seeds", "0", "--ablations", "",
-                         "--set", "train.epochs=18"])
+                         "--set", "train.epochs=18", "--grow-from", "runs/em_n6x3"])
     assert recorded_command(args, p) == ("python -m benchmarks.method --config configs/emoji.yaml --seeds 0 "
-                                         "--ablations '' --set train.epochs=18")
+                                         "--ablations '' --grow-from runs/em_n6x3 --set train.epochs=18")
     defaults = p.parse_args(["--val-fraction", "0.25", "--out", "elsewhere"])
     assert recorded_command(defaults, p) == "python -m benchmarks.method"
 
