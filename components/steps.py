@@ -18,13 +18,15 @@ CUDA_IMAGE = os.environ.get("CMCE_CUDA_IMAGE", "localhost/cmce:cuda")
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def resolve_config(params_yaml: str, gallery_models: list, epochs: int, lam: float, reject_fraction: float,
-                   index_type: str, protocol: str, dataset: str, config: Output[Artifact]):
-    """Merge the run parameters into the params file; fail early on an invalid config."""
-    from cmce.config import resolve_config_text
+                   index_type: str, protocol: str, dataset: str, config: Output[Artifact]) -> bool:
+    """Merge the run parameters into the params file; fail early on an invalid config. Returns
+    kd.enabled: the pipeline's KD-baseline branch runs only when it is true."""
+    from cmce.config import load_config, resolve_config_text
     from cmce.storage import write_text
 
     write_text(config.path, resolve_config_text(params_yaml, gallery_models, epochs, lam, reject_fraction,
                                                 index_type, protocol, dataset))
+    return load_config(config.path).kd.enabled
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -59,10 +61,16 @@ def train_model(config: Input[Artifact], tracking: Input[Artifact], model_name: 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def train_kd_student(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
-                     teacher: Input[Model], student: Output[Model]):
+                     members: Input[Artifact], teacher_name: str, student: Output[Model]):
+    """The KD baseline for one gallery model, its teacher taken from the members bundle (bundle_members)."""
+    from pathlib import Path
+
     from cmce.cli import run_step
 
-    run_step(["train", "--dataset", dataset.path, "--kd-teacher", teacher.path, "--out", student.path],
+    teachers = [p for p in Path(members.path).glob("*.pt") if p.name.split("_", 1)[1] == f"{teacher_name}.pt"]
+    if len(teachers) != 1:
+        raise FileNotFoundError(f"{members.path}: no gallery model named {teacher_name!r} in the members bundle")
+    run_step(["train", "--dataset", dataset.path, "--kd-teacher", str(teachers[0]), "--out", student.path],
              config.path, tracking.path)
 
 
@@ -133,7 +141,8 @@ def embed_gallery_shard(config: Input[Artifact], tracking: Input[Artifact], data
     argv = ["embed-gallery", "--dataset", dataset.path, "--query-model", query_model.path, "--out", gallery.path,
             "--shard", shard, "--workers", str(workers), "--batch-size", str(load_config(config.path).batch_size),
             "--members-dir", str(Path(gallery.path).with_name("members"))]
-    for model in sorted(p for p in folder.glob("*.pt") if not p.name.endswith(".transform.pt")):
+    models = (p for p in folder.glob("*.pt") if not p.name.endswith(".transform.pt"))
+    for model in sorted(models, key=lambda p: int(p.name.split("_", 1)[0])):  # ensemble order, also past 10
         argv += ["--gallery-model", str(model), "--transform", str(model.with_suffix(".transform.pt"))]
     run_step(argv, tracking_path=tracking.path)
 
@@ -157,9 +166,10 @@ def build_index(config: Input[Artifact], tracking: Input[Artifact], gallery: Inp
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
-             gallery: Input[Dataset], transformations: Input[list[Model]], kd_students: Input[list[Model]],
-             index: Input[Artifact], metrics: Output[Metrics], results: Output[Markdown], report: Output[Artifact]):
-    """Evaluate every configuration; publish the metrics dict to KFP; close the MLflow parent run."""
+             gallery: Input[Dataset], members: Input[Artifact], index: Input[Artifact], metrics: Output[Metrics],
+             results: Output[Markdown], report: Output[Artifact], kd_students: Input[list[Model]] = None):
+    """Evaluate every configuration (kd/* only when KD students are given); publish the metrics dict to
+    KFP; close the MLflow parent run. The transformations come from the members bundle (bundle_members)."""
     import json
     import shutil
     from pathlib import Path
@@ -175,11 +185,11 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
         uris = registered_uris(load_config(config.path))
         query, transforms = uris["query_model"][0], uris["transformations"]
     else:
-        query, transforms = query_model.path, [t.path for t in transformations]
+        query, transforms = query_model.path, [str(t) for t in sorted(Path(members.path).glob("*.transform.pt"))]
     argv = ["evaluate", "--dataset", dataset.path, "--query-model", query, "--gallery", gallery.path,
             "--out", report.path]
     argv += [a for t in transforms for a in ("--transform", t)]
-    argv += [a for s in kd_students for a in ("--kd", s.path)]
+    argv += [a for s in kd_students or [] for a in ("--kd", s.path)]
     try:
         run_step(argv, config.path, tracking.path)
     finally:

@@ -1,6 +1,7 @@
 """End-to-end: `cmce run` on the smoke config, then the CLI steps and their error handling."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -148,6 +149,11 @@ def test_step_by_step_cli_chain(smoke_run, tmp_path):
     assert main(["train", *quick, "--dataset", str(ds), "--model", "query", "--out", str(q)]) == 0
     assert main(["train", *quick, "--dataset", str(ds), "--model", "vgg_b", "--out", str(g)]) == 0
     assert main(["train", *quick, "--dataset", str(ds), "--kd-teacher", str(g), "--out", str(s)]) == 0
+    # kd.enabled: false makes the same call a no-op (DVC's train_kd stages always run it)
+    off = tmp_path / "off" / "s.pt"
+    assert main(["train", *quick, "--set", "kd.enabled=false", "--dataset", str(ds), "--kd-teacher", str(g),
+                 "--out", str(off)]) == 0
+    assert not off.parent.exists()
     assert main(["fit-transform", *quick, "--dataset", str(ds), "--query-model", str(q), "--gallery-model", str(g),
                  "--out", str(t), "--train-embeddings-out", str(tmp_path / "train_g.parquet")]) == 0
     gallery = tmp_path / "gallery.parquet"
@@ -160,6 +166,15 @@ def test_step_by_step_cli_chain(smoke_run, tmp_path):
                  "--transform", str(t), "--kd", str(s), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"sym_query", "sym_gallery/vgg_b", "asym/vgg_b", "asym_ensemble/1", "kd/vgg_b"} <= set(metrics)
+    # --kd-dir finds students one folder down too (DVC's layout: kd/<teacher>/student.pt)
+    (tmp_path / "kd" / "vgg_b").mkdir(parents=True)
+    shutil.copyfile(s, tmp_path / "kd" / "vgg_b" / "student.pt")
+    assert main(["evaluate", *quick, "--dataset", str(ds), "--query-model", str(q), "--gallery", str(gallery),
+                 "--transform", str(t), "--kd-dir", str(tmp_path / "kd"), "--out", str(tmp_path / "eval_dir")]) == 0
+    again = json.loads((tmp_path / "eval_dir" / "metrics.json").read_text())
+    assert again.keys() == metrics.keys()
+    for key in metrics:
+        assert again[key] == pytest.approx(metrics[key], nan_ok=True), key
     # one member: the ensemble is that member's transformation
     assert metrics["asym_ensemble/1"]["R@1"] == metrics["asym/vgg_b"]["R@1"]
     train_emb = pq.read_table(tmp_path / "train_g.parquet")

@@ -2,8 +2,10 @@
 `cmce run` (and so as the KFP run), metrics/plots readable by DVC, outputs pushed to the local remote."""
 
 import json
+import shutil
 
 import pytest
+import yaml
 
 from tests.conftest import dvc as _dvc
 
@@ -43,3 +45,22 @@ def test_params_change_reruns_only_downstream(dvc_repo):
         assert "build_index" in res.stdout and "train_query" not in res.stdout, res.stdout
     finally:
         params.write_text(original)
+
+
+def test_kd_disabled_leaves_the_student_folders_empty(dvc_repo, smoke_run, tmp_path):
+    """kd.enabled: false re-runs only the train_kd stages (now no-ops, their folders empty) and evaluate."""
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo, repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["kd"]["enabled"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    res = _dvc(repo, "repro")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Running stage 'train_kd@" in res.stdout and "Running stage 'train_query'" not in res.stdout, res.stdout
+    names = [g["name"] for g in params["gallery_models"]]
+    assert [sorted((repo / "artifacts" / "kd" / n).iterdir()) for n in names] == [[] for _ in names]
+    _, expected = smoke_run
+    got = json.loads((repo / "artifacts" / "eval" / "metrics.json").read_text())
+    assert got.keys() == {k for k in expected if not k.startswith("kd/")}
+    for key in got:
+        assert got[key] == pytest.approx(expected[key], nan_ok=True), key

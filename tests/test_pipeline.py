@@ -7,9 +7,11 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from kfp import components
 
-from pipeline.__main__ import COMPILED, PACKAGES, _arguments, build_parser, compile_pipeline
+from pipeline.__main__ import COMPILED, PACKAGES, _arguments, build_parser, compile_pipeline, run_local
+from tests.conftest import SMOKE
 
 GALLERY = ["resnet_a", "vgg_b"]
 
@@ -43,12 +45,14 @@ def test_submit_arguments(tmp_path):
 def test_local_run_has_every_per_model_and_per_shard_output(kfp_run):
     iterations = sorted(kfp_run.glob("for-loop-*-iteration-*"))
     per_model = [it for it in iterations if (it / "train-model-2").exists()]
+    per_student = [it for it in iterations if (it / "train-kd-student").exists()]
     per_shard = [it for it in iterations if (it / "embed-gallery-shard").exists()]
-    assert len(per_model) == 2 and len(per_shard) == 2, iterations
+    assert len(per_model) == 2 and len(per_student) == 2 and len(per_shard) == 2, iterations
     for it in per_model:
-        for artifact in ("train-model-2/model", "fit-transform/transformation", "fit-transform/train_embeddings",
-                         "train-kd-student/student"):
+        for artifact in ("train-model-2/model", "fit-transform/transformation", "fit-transform/train_embeddings"):
             assert (it / artifact).stat().st_size > 0, it / artifact
+    for it in per_student:
+        assert (it / "train-kd-student" / "student").stat().st_size > 0, it
     shard_rows = []
     for it in per_shard:
         meta = json.loads(pq.read_schema(it / "embed-gallery-shard" / "gallery").metadata[b"cmce"])
@@ -67,6 +71,21 @@ def test_local_run_matches_in_process_run(kfp_run, smoke_run):
     got = json.loads((kfp_run / "evaluate" / "report" / "metrics.json").read_text())
     assert got.keys() == expected.keys()
     for key in expected:
+        assert got[key] == pytest.approx(expected[key], nan_ok=True), key
+
+
+def test_local_run_without_kd_trains_no_student(tmp_path, smoke_run):
+    """kd.enabled: false in the params skips the KD branch: no student task, no kd/* metrics, the rest equal."""
+    params = yaml.safe_load(SMOKE.read_text())
+    params["kd"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run_dir = run_local(build_parser().parse_args(["run", "--local", "--params", str(tmp_path / "params.yaml"),
+                                                   "--root", str(tmp_path / "kfp"), "--no-mlflow"]))
+    assert not list(run_dir.rglob("train-kd-student*"))
+    got = json.loads(next(run_dir.glob("evaluate*/report/metrics.json")).read_text())
+    _, expected = smoke_run
+    assert got.keys() == {k for k in expected if not k.startswith("kd/")}
+    for key in got:
         assert got[key] == pytest.approx(expected[key], nan_ok=True), key
 
 

@@ -88,6 +88,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
 
 def cmd_train(args: argparse.Namespace) -> StepRecord | None:
     cfg = _config(args)
+    if args.kd_teacher and not cfg.kd.enabled:
+        # the config is the one switch for every orchestrator: a DVC stage that always runs stays a no-op
+        log.info("kd.enabled is false in the config: no KD student trained, nothing written to %s", args.out)
+        return None
     dataset, out = _in(args.dataset), _out(args, args.out)
     if args.kd_teacher:
         step_train_kd(cfg, dataset, _model(args.kd_teacher), out)
@@ -204,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
 
     transforms = [_model(t) for t in args.transform] + sorted(_in(args.transform_dir).glob("*.pt")
                                                                 if args.transform_dir else [])
-    students = [_model(s) for s in args.kd] + sorted(_in(args.kd_dir).glob("*.pt") if args.kd_dir else [])
+    students = [_model(s) for s in args.kd] + sorted(_in(args.kd_dir).rglob("*.pt") if args.kd_dir else [])
     inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students)
     out = _out(args, args.out, is_dir=True, last="metrics.json")
     metrics = step_evaluate(_config(args), inputs, out)
@@ -458,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--transform", action="append", default=[], help="one per gallery model (any order)")
     sp.add_argument("--transform-dir", default=None, help="or: every *.pt in this folder")
     sp.add_argument("--kd", action="append", default=[], metavar="STUDENT", help="KD student checkpoint (repeatable)")
-    sp.add_argument("--kd-dir", default=None, help="or: every *.pt in this folder")
+    sp.add_argument("--kd-dir", default=None, help="or: every *.pt in this folder and its subfolders")
     sp.add_argument("--out", required=True)
 
     sp = add("search", cmd_search, "search the index with query images; prints JSON lines", config=False)
