@@ -93,6 +93,7 @@ def make_pipeline(parallelism: int = 0):
             _resources(part, "4", "8Gi")
         ensemble = _resources(merge_shards(tracking=track, shards=dsl.Collected(part.outputs["gallery"])), "1", "8Gi")
         index = _resources(build_index(config=config, tracking=track, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
+
         def evaluate_with(**kd_students) -> None:
             report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                               gallery=ensemble.outputs["gallery"], members=bundle.outputs["bundle"],
