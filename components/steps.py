@@ -66,8 +66,9 @@ def train_kd_student(config: Input[Artifact], tracking: Input[Artifact], dataset
     from pathlib import Path
 
     from cmce.cli import run_step
+    from cmce.steps import member_bundle
 
-    teachers = [p for p in Path(members.path).glob("*.pt") if p.name.split("_", 1)[1] == f"{teacher_name}.pt"]
+    teachers = [model for name, model, _ in member_bundle(Path(members.path)) if name == teacher_name]
     if len(teachers) != 1:
         raise FileNotFoundError(f"{members.path}: no gallery model named {teacher_name!r} in the members bundle")
     run_step(["train", "--dataset", dataset.path, "--kd-teacher", str(teachers[0]), "--out", student.path],
@@ -106,25 +107,19 @@ def shard_list(num_shards: int) -> list:
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def bundle_members(config: Input[Artifact], gallery_models: Input[list[Model]], transformations: Input[list[Model]],
                    bundle: Output[Artifact]):
-    """Gallery models and their transformations in one folder, in config (ensemble) order:
-    <i>_<name>.pt and <i>_<name>.transform.pt. (A ParallelFor cannot consume another loop's
-    dsl.Collected outputs; the shard loop consumes this one artifact instead.)"""
-    import shutil
+    """Gallery models and their transformations in one folder, in config (ensemble) order
+    (cmce.steps.write_member_bundle; read back by cmce.steps.member_bundle). A ParallelFor cannot consume
+    another loop's dsl.Collected outputs, so the shard loop, the KD students and evaluate read this one
+    artifact instead."""
     from pathlib import Path
 
     from cmce.checkpoint import load_embedding_model
     from cmce.config import load_config
-    from cmce.steps import pair_transformations
+    from cmce.steps import write_member_bundle
 
     paths = {load_embedding_model(m.path).name: Path(m.path) for m in gallery_models}
     names = [spec.name for spec in load_config(config.path).gallery_models]
-    models = [paths[n] for n in names]
-    out = Path(bundle.path)
-    out.mkdir(parents=True)
-    for i, (name, model, transform) in enumerate(zip(names, models, pair_transformations(
-            models, [Path(t.path) for t in transformations]), strict=True)):
-        shutil.copyfile(model, out / f"{i}_{name}.pt")
-        shutil.copyfile(transform, out / f"{i}_{name}.transform.pt")
+    write_member_bundle(Path(bundle.path), names, [paths[n] for n in names], [Path(t.path) for t in transformations])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -136,14 +131,13 @@ def embed_gallery_shard(config: Input[Artifact], tracking: Input[Artifact], data
 
     from cmce.cli import run_step
     from cmce.config import load_config
+    from cmce.steps import member_bundle
 
-    folder = Path(bundle.path)
     argv = ["embed-gallery", "--dataset", dataset.path, "--query-model", query_model.path, "--out", gallery.path,
             "--shard", shard, "--workers", str(workers), "--batch-size", str(load_config(config.path).batch_size),
             "--members-dir", str(Path(gallery.path).with_name("members"))]
-    models = (p for p in folder.glob("*.pt") if not p.name.endswith(".transform.pt"))
-    for model in sorted(models, key=lambda p: int(p.name.split("_", 1)[0])):  # ensemble order, also past 10
-        argv += ["--gallery-model", str(model), "--transform", str(model.with_suffix(".transform.pt"))]
+    for _, model, transform in member_bundle(Path(bundle.path)):
+        argv += ["--gallery-model", str(model), "--transform", str(transform)]
     run_step(argv, tracking_path=tracking.path)
 
 
@@ -176,7 +170,7 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
 
     from cmce.cli import run_step
     from cmce.config import load_config
-    from cmce.steps import registered_uris
+    from cmce.steps import member_bundle, registered_uris
 
     info = json.loads(Path(tracking.path).read_text())
     # with tracking on, the query model and transformations are loaded back from the registry by alias
@@ -185,7 +179,7 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
         uris = registered_uris(load_config(config.path))
         query, transforms = uris["query_model"][0], uris["transformations"]
     else:
-        query, transforms = query_model.path, [str(t) for t in sorted(Path(members.path).glob("*.transform.pt"))]
+        query, transforms = query_model.path, [str(t) for _, _, t in member_bundle(Path(members.path))]
     argv = ["evaluate", "--dataset", dataset.path, "--query-model", query, "--gallery", gallery.path,
             "--out", report.path]
     argv += [a for t in transforms for a in ("--transform", t)]

@@ -176,6 +176,26 @@ def pair_transformations(gallery_models: list[Path], transformations: list[Path]
     return out
 
 
+def write_member_bundle(out: Path, names: list[str], models: list[Path], transformations: list[Path]) -> None:
+    """Gallery models (in ensemble order, named `names`) and their transformations (any order) copied into one
+    new folder as <i>_<name>.pt and <i>_<name>.transform.pt, for orchestrator tasks that need every member."""
+    import shutil
+
+    out.mkdir(parents=True)
+    for i, (name, model, transform) in enumerate(zip(names, models, pair_transformations(models, transformations),
+                                                     strict=True)):
+        shutil.copyfile(model, out / f"{i}_{name}.pt")
+        shutil.copyfile(transform, out / f"{i}_{name}.transform.pt")
+
+
+def member_bundle(folder: Path) -> list[tuple[str, Path, Path]]:
+    """The members of a `write_member_bundle` folder in ensemble order (by index, so 10 follows 9):
+    (name, model, transformation)."""
+    models = [p for p in folder.glob("*.pt") if not p.name.endswith(".transform.pt")]
+    indexed = sorted((int(p.name.split("_", 1)[0]), p.name.split("_", 1)[1].removesuffix(".pt"), p) for p in models)
+    return [(name, model, model.with_suffix(".transform.pt")) for _, name, model in indexed]
+
+
 def step_combine(members: list[Path], out: Path) -> Path:
     return combine_members(list(members), out)
 
