@@ -4,11 +4,20 @@ builds on it (`benchmarks.levers` refits its transformations, `benchmarks.grow` 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
 from cmce.steps import RunLayout
 from cmce.transform import load_transformation
+
+
+def recorded_members(root: Path) -> list[tuple[str, str]]:
+    """The gallery members (name, architecture), in ensemble order, that the finished run under `root` evaluated."""
+    versions = RunLayout(root, []).eval_dir / "versions.json"
+    if not versions.exists():
+        raise ValueError(f"{root} is not a finished run: missing {versions}")
+    return [(m["name"], m["arch"]) for m in json.loads(versions.read_text())["members"]]
 
 
 def check_run(cfg: Config, lay: RunLayout) -> None:
@@ -21,12 +30,11 @@ def check_run(cfg: Config, lay: RunLayout) -> None:
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise ValueError(f"{lay.root} is not a finished run: missing {', '.join(missing)}")
-    versions = lay.eval_dir / "versions.json"
-    recorded = [(m["name"], m["arch"]) for m in json.loads(versions.read_text())["members"]]
+    recorded = recorded_members(lay.root)
     configured = [(m.name, m.arch) for m in cfg.gallery_models]
     if recorded != configured:
-        raise ValueError(f"{versions}: the run's gallery members {recorded} are not the config's {configured}; "
-                         "pass the --config and --set the run was made with")
+        raise ValueError(f"{lay.eval_dir / 'versions.json'}: the run's gallery members {recorded} are not the "
+                         f"config's {configured}; pass the --config and --set the run was made with")
     for spec in [cfg.query_model, *cfg.gallery_models]:
         model = load_embedding_model(lay.model(spec.name))
         trained = (model.meta.get("seed"), len(model.meta.get("history", [])))

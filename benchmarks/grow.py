@@ -9,13 +9,12 @@ instead, after checking that the finished run was made by the same config.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.finished_run import check_run
+from benchmarks.finished_run import check_run, recorded_members
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
 from cmce.steps import RunLayout, run_all, step_prepare_data
@@ -29,24 +28,22 @@ def reusable_members(cfg: Config, src: Path) -> list[str]:
     architecture, in order), trained and fitted as the config says (`check_run`)."""
     if Path(cfg.output_dir).resolve() == src.resolve():
         raise ValueError(f"{src}: the run to grow from is the output folder; write the grown run elsewhere")
-    versions = src / "eval" / "versions.json"
-    if not versions.exists():
-        raise ValueError(f"{src} is not a finished run: missing {versions}")
-    recorded = [(m["name"], m["arch"]) for m in json.loads(versions.read_text())["members"]]
+    recorded = recorded_members(src)
     configured = [(m.name, m.arch) for m in cfg.gallery_models]
     if recorded != configured[:len(recorded)]:
-        raise ValueError(f"{versions}: the run's gallery members {recorded} are not the first members of the "
-                         f"config's {configured}; list the run's members first, in its order")
+        raise ValueError(f"{src / 'eval' / 'versions.json'}: the run's gallery members {recorded} are not the "
+                         f"first members of the config's {configured}; list the run's members first, in its order")
     kept = cfg.gallery_models[:len(recorded)]
     check_run(replace(cfg, gallery_models=kept), RunLayout(src, [m.name for m in kept]))
     return [m.name for m in kept]
 
 
-def grow_run(cfg: Config, src: Path) -> dict:
+def grow_run(cfg: Config, src: Path, kept: list[str] | None = None) -> dict:
     """Every configuration of `cfg`, whose first gallery members (and query model) are taken from the
     finished run `src` made by the same config; the other members are trained, fitted and embedded under
-    cfg.output_dir, then the gallery, index and evaluation are made for all of them."""
-    kept = reusable_members(cfg, src)
+    cfg.output_dir, then the gallery, index and evaluation are made for all of them. `kept`: what
+    `reusable_members(cfg, src)` returned, when the caller has already checked the run (it loads every model)."""
+    kept = reusable_members(cfg, src) if kept is None else kept
     old, new = RunLayout(src, kept), RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
     step_prepare_data(cfg, new.dataset)
     if file_sha256(new.dataset) != file_sha256(old.dataset):

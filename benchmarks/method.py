@@ -187,11 +187,12 @@ def main() -> None:
     ablations = [a for a in args.ablations.split(",") if a]
     if set(ablations) - set(ABLATIONS):
         p.error(f"unknown ablation(s) {sorted(set(ablations) - set(ABLATIONS))}; valid: {', '.join(ABLATIONS)}")
+    kept: dict[int, list[str]] = {}
     if args.grow_from:  # every seed's run checked before any training starts
         try:
             for seed in seeds:
                 src = Path(args.grow_from) / f"seed{seed}"
-                reusable_members(seeded(cfg, seed, Path(args.out) / f"seed{seed}"), src)
+                kept[seed] = reusable_members(seeded(cfg, seed, Path(args.out) / f"seed{seed}"), src)
         except ValueError as e:
             p.error(str(e))
     started = time.time()
@@ -199,7 +200,8 @@ def main() -> None:
     for seed in seeds:
         run_cfg = seeded(cfg, seed, Path(args.out) / f"seed{seed}")
         t0 = time.time()
-        runs.append(grow_run(run_cfg, Path(args.grow_from) / f"seed{seed}") if args.grow_from else run_all(run_cfg))
+        runs.append(grow_run(run_cfg, Path(args.grow_from) / f"seed{seed}", kept[seed]) if args.grow_from
+                    else run_all(run_cfg))
         layouts.append(RunLayout(Path(run_cfg.output_dir), [m.name for m in run_cfg.gallery_models]))
         log.info("seed %d: %.0f s", seed, time.time() - t0)
     n = len(cfg.gallery_models)

@@ -84,3 +84,32 @@ def test_the_cli_checks_every_seeds_run_before_training_any(finished, tmp_path, 
     assert exit_.value.code == 2
     assert f"{src.parent / 'seed1'} is not a finished run: missing" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_cli_grows_every_seed_checking_its_run_once(finished, tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import grow, method
+
+    src, metrics = finished
+    checked = []
+
+    def counted(cfg, run):
+        checked.append(run)
+        return real(cfg, run)
+
+    real = grow.reusable_members
+    monkeypatch.setattr(method, "reusable_members", counted)
+    monkeypatch.setattr(grow, "reusable_members", counted)
+    members = ("[{name: resnet_a, arch: resnet, embedding_dim: 48, width: 12, seed: 1}, "
+               "{name: vgg_b, arch: vgg, embedding_dim: 48, width: 12, seed: 2, data_fraction: 0.8}, "
+               "{name: resnet_d, arch: resnet, embedding_dim: 48, width: 12, seed: 3}]")
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["method", "--config", str(SMOKE), "--seeds", "0", "--ablations", "",
+                                     "--grow-from", str(src.parent), "--out", str(out), "--no-write",
+                                     "--set", f"gallery_models={members}"])
+    method.main()
+    assert checked == [src]  # checked before training, and not again when grown
+    grown = json.loads((RunLayout(out / "seed0").eval_dir / "metrics.json").read_text())
+    assert grown["asym_ensemble/2"] == pytest.approx(metrics["asym_ensemble/2"], abs=1e-9)
+    assert "asym_ensemble/3" in grown and "kd/resnet_d" in grown
