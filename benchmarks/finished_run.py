@@ -14,7 +14,7 @@ from cmce.transform import load_transformation
 
 def recorded_members(root: Path) -> list[tuple[str, str]]:
     """The gallery members (name, architecture), in ensemble order, that the finished run under `root` evaluated."""
-    versions = RunLayout(root, []).eval_dir / "versions.json"
+    versions = RunLayout(root).eval_dir / "versions.json"
     if not versions.exists():
         raise ValueError(f"{root} is not a finished run: missing {versions}")
     return [(m["name"], m["arch"]) for m in json.loads(versions.read_text())["members"]]

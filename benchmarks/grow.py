@@ -31,8 +31,9 @@ def reusable_members(cfg: Config, src: Path) -> list[str]:
     recorded = recorded_members(src)
     configured = [(m.name, m.arch) for m in cfg.gallery_models]
     if recorded != configured[:len(recorded)]:
-        raise ValueError(f"{src / 'eval' / 'versions.json'}: the run's gallery members {recorded} are not the "
-                         f"first members of the config's {configured}; list the run's members first, in its order")
+        raise ValueError(f"{RunLayout(src).eval_dir / 'versions.json'}: the run's gallery members {recorded} are "
+                         f"not the first members of the config's {configured}; list the run's members first, in its "
+                         "order")
     kept = cfg.gallery_models[:len(recorded)]
     check_run(replace(cfg, gallery_models=kept), RunLayout(src, [m.name for m in kept]))
     return [m.name for m in kept]

@@ -92,13 +92,12 @@ def test_the_cli_grows_every_seed_checking_its_run_once(finished, tmp_path, monk
     from benchmarks import grow, method
 
     src, metrics = finished
-    checked = []
+    checked, real = [], grow.reusable_members
 
     def counted(cfg, run):
         checked.append(run)
         return real(cfg, run)
 
-    real = grow.reusable_members
     monkeypatch.setattr(method, "reusable_members", counted)
     monkeypatch.setattr(grow, "reusable_members", counted)
     members = ("[{name: resnet_a, arch: resnet, embedding_dim: 48, width: 12, seed: 1}, "
