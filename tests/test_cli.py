@@ -161,7 +161,7 @@ def test_step_by_step_cli_chain(smoke_run, tmp_path):
                  "--transform", str(t), "--out", str(gallery)]) == 0
     assert (tmp_path / "gallery_members" / "g.parquet").exists()
     assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "index"),
-                 "--reject-fraction", "0.1"]) == 0
+                 "--reject-fraction", "0"]) == 0
     assert main(["evaluate", *quick, "--dataset", str(ds), "--query-model", str(q), "--gallery", str(gallery),
                  "--transform", str(t), "--kd", str(s), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -184,9 +184,9 @@ def test_step_by_step_cli_chain(smoke_run, tmp_path):
 def test_build_index_reads_the_index_section_of_a_config(tmp_path):
     from tests.test_index import clustered_gallery
 
-    gallery, _ = clustered_gallery(tmp_path, n=1000)
+    gallery, _ = clustered_gallery(tmp_path, n=1000, members=2)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("query_model: {name: q}\ngallery_models: [{name: g}]\n"
+    cfg.write_text("query_model: {name: q}\ngallery_models: [{name: g}, {name: h}]\n"
                    "index: {type: hnsw, reject_fraction: 0.1, hnsw: {m: 8, ef_search: 20}}\n")
     assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())

@@ -75,6 +75,40 @@ def test_nonsense_values_are_rejected(tmp_path):
             load_config(_write(tmp_path, GOOD + f"transform: {{input_dropout: {share}}}\n"))
 
 
+@pytest.mark.parametrize(
+    "section,message",
+    [
+        ("{far: [-0.1]}", r"evaluate.far must be in \(0, 1\), got \[-0.1\]"),
+        ("{far: [3]}", r"evaluate.far must be in \(0, 1\), got \[3.0\]"),
+        ("{rejection_far: 0}", r"evaluate.rejection_far must be in \(0, 1\), got 0.0"),
+        ("{recall_k: []}", r"evaluate.recall_k must list ranks >= 1, got \[\]"),
+        ("{recall_k: [0, 1]}", r"evaluate.recall_k must list ranks >= 1, got \[0, 1\]"),
+        ("{rejection_rates: [1.5, -0.2]}", r"evaluate.rejection_rates must each be in \[0, 1\)"),
+        ("{random_repeats: 0}", r"evaluate.random_repeats must be at least 1, got 0"),
+    ],
+)
+def test_evaluate_values_are_checked_at_load_not_after_the_evaluation(tmp_path, section, message):
+    with pytest.raises(ConfigError, match=r"c.yaml: " + message):
+        load_config(_write(tmp_path, GOOD + f"evaluate: {section}\n"))
+
+
+def test_rejection_with_a_single_gallery_model_is_refused_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: index.reject_fraction 0.1 rejects by uncertainty, which needs "
+                                          r"at least 2 gallery models; got 1"):
+        load_config(_write(tmp_path, GOOD + "index: {reject_fraction: 0.1}\n"))
+    two = GOOD.replace("[{name: g, arch: resnet}]", "[{name: g, arch: resnet}, {name: h, arch: vgg}]")
+    assert load_config(_write(tmp_path, two + "index: {reject_fraction: 0.1}\n")).index.reject_fraction == 0.1
+
+
+def test_numeric_keys_and_non_utf8_files_fail_naming_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: train: unknown key\(s\) \['1', 'foo'\]"):
+        load_config(_write(tmp_path, GOOD + "train: {1: a, foo: b}\n"))
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(GOOD.encode() + "# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text"):
+        load_config(bad)
+
+
 def test_shipped_configs_load():
     from pathlib import Path
 

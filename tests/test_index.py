@@ -82,15 +82,19 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(before)
 
 
-def clustered_gallery(tmp_path, n=3000, dim=16, seed=0):
-    """A gallery file over clustered unit vectors (the benchmark's generator) and queries from the same clusters."""
+def clustered_gallery(tmp_path, n=3000, dim=16, seed=0, members=1):
+    """A gallery file over clustered unit vectors (the benchmark's generator) and queries from the same clusters;
+    with `members` > 1, each further member is the same vectors plus noise (so uncertainty varies)."""
     from benchmarks.index_types import clustered_unit_vectors
     from tests.test_embed import write_member
 
     emb, queries = clustered_unit_vectors(n, 64, dim, seed)
     ids = [f"x{i}" for i in range(n)]
-    member = write_member(tmp_path / "m.parquet", "m", ids, np.zeros((n, 2)), emb)
-    return combine_members([member], tmp_path / "g.parquet"), queries
+    noise = np.random.default_rng(seed)
+    paths = [write_member(tmp_path / f"m{k}.parquet", f"m{k}", ids, np.zeros((n, 2)),
+                          emb + (0.1 * k * noise.standard_normal(emb.shape)).astype(emb.dtype))
+             for k in range(members)]
+    return combine_members(paths, tmp_path / "g.parquet"), queries
 
 
 def recall_at(found: list[list[str]], exact: list[list[str]], k: int) -> float:
@@ -143,7 +147,7 @@ def test_approximate_types_reach_high_recall_against_flat(tmp_path, index_type):
 
 
 def test_auto_picks_by_indexed_size(tmp_path):
-    gallery, _ = clustered_gallery(tmp_path, n=1000)
+    gallery, _ = clustered_gallery(tmp_path, n=1000, members=2)  # rejection needs two members
     picked = {}
     for threshold, reject in ((800, 0.0), (1001, 0.0), (800, 0.5)):  # the rejected items do not count
         out = build_index(gallery, tmp_path / f"i{threshold}_{reject}", reject, "auto",
@@ -158,7 +162,7 @@ def test_auto_picks_by_indexed_size(tmp_path):
 
 
 def test_small_gallery_clamps_nlist_or_falls_back_to_flat(tmp_path, caplog):
-    gallery, _ = clustered_gallery(tmp_path, n=1000)
+    gallery, _ = clustered_gallery(tmp_path, n=1000, members=2)
     out = build_index(gallery, tmp_path / "clamped", index_type="ivfpq", options=IndexConfig(ivfpq=IvfPqConfig(
         nlist=64, nprobe=40)))
     meta = json.loads((out / "meta.json").read_text())
@@ -182,9 +186,9 @@ def test_unknown_type_and_bad_pq_split_are_errors(tmp_path):
 
 
 def test_index_parameters_from_a_config_file(tmp_path):
-    gallery, _ = clustered_gallery(tmp_path)
+    gallery, _ = clustered_gallery(tmp_path, members=2)
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text("query_model: {name: q}\ngallery_models: [{name: g}]\n"
+    cfg_path.write_text("query_model: {name: q}\ngallery_models: [{name: g}, {name: h}]\n"
                         "index: {type: ivfpq, reject_fraction: 0.1, ivfpq: {nlist: 32, m: 8, nprobe: 4}}\n")
     out = build_index(gallery, tmp_path / "index", options=load_config(cfg_path).index)
     meta = json.loads((out / "meta.json").read_text())

@@ -215,7 +215,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(map(str, set(raw) - names))  # str: YAML keys may be numbers
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
@@ -247,7 +247,11 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.heldout_fraction must be in (0, 1)")
     if not 0.0 <= cfg.index.reject_fraction < 1.0:
         raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1)")
+    if cfg.index.reject_fraction > 0 and len(cfg.gallery_models) < 2:  # one member's uncertainty is 0 everywhere
+        raise ConfigError(f"{where}: index.reject_fraction {cfg.index.reject_fraction} rejects by uncertainty, which "
+                          f"needs at least 2 gallery models; got {len(cfg.gallery_models)}")
     _validate_index(cfg.index, where)
+    _validate_evaluate(cfg.evaluate, where)
     from cmce.metrics import check_metric_name
     from cmce.models import check_arch  # late import: models imports torch
 
@@ -263,6 +267,19 @@ def _validate(cfg: Config, where: str) -> None:
             check_arch(m.arch)
         except KeyError as err:
             raise ConfigError(f"{where}: model {m.name!r}: {err.args[0]}") from None
+
+
+def _validate_evaluate(ev: EvaluateConfig, where: str) -> None:
+    """Checked here, so a bad value fails at load time and not after a whole evaluation has run."""
+    if not ev.recall_k or any(k < 1 for k in ev.recall_k):
+        raise ConfigError(f"{where}: evaluate.recall_k must list ranks >= 1, got {ev.recall_k}")
+    for name, fars in (("evaluate.far", ev.far), ("evaluate.rejection_far", [ev.rejection_far])):
+        if any(not 0.0 < f < 1.0 for f in fars):
+            raise ConfigError(f"{where}: {name} must be in (0, 1), got {fars if name == 'evaluate.far' else fars[0]}")
+    if any(not 0.0 <= r < 1.0 for r in ev.rejection_rates):
+        raise ConfigError(f"{where}: evaluate.rejection_rates must each be in [0, 1), got {ev.rejection_rates}")
+    if ev.random_repeats < 1:
+        raise ConfigError(f"{where}: evaluate.random_repeats must be at least 1, got {ev.random_repeats}")
 
 
 def _validate_index(ix: IndexConfig, where: str) -> None:
@@ -310,6 +327,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(raw, dict):
