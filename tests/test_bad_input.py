@@ -114,7 +114,7 @@ def previous_file(path: Path) -> Path:
 
 def previous_dir(path: Path) -> Path:
     path.mkdir(parents=True)
-    for name in ("metrics.json", "query.parquet", "meta.json"):
+    for name in ("metrics.json", "query.parquet", "results.md"):  # an earlier evaluation's files
         (path / name).write_bytes(PREVIOUS)
     return path
 
@@ -513,6 +513,76 @@ def test_index_with_damaged_files(world, tmp_path, caplog):
           f"{index / 'index.faiss'}: missing or does not match the checksum")
 
 
+# ---------------------------------------------------------------- output folders that are not the step's own
+def test_build_index_refuses_an_output_folder_of_other_files(world, tmp_path, caplog):
+    """--out naming the gallery's own folder (or a run root) must not delete what is in it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    gallery = Path(shutil.copy(world.gallery, folder / "gallery.parquet"))
+    (folder / "notes.txt").write_text("mine")
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", folder], folder,
+          f"{folder}: holds gallery.parquet, notes.txt, which this step does not write")
+    index = shutil.copytree(world.index, tmp_path / "index")  # an earlier index is replaced as before
+    assert main(["build-index", "--gallery", str(gallery), "--out", str(index), "--reject-fraction", "0.2"]) == 0
+    assert snapshot(index) != snapshot(world.index)
+
+
+def test_evaluate_refuses_an_output_folder_of_other_files_before_the_work(world, tmp_path, caplog, monkeypatch):
+    import cmce.evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluate ran before refusing its output folder")
+
+    monkeypatch.setattr(cmce.evaluate, "load_embedding_model", never)
+    out = previous_dir(tmp_path / "run")
+    (out / "gallery.parquet").write_bytes(PREVIOUS)
+    fails(caplog, evaluate_args(world) + ["--out", out], out, f"{out}: holds gallery.parquet")
+
+
+# ---------------------------------------------------------------- rejection and --set values
+@pytest.mark.parametrize("fraction", ["1.5", "-0.1", "1"])
+def test_reject_fraction_outside_zero_one(world, tmp_path, caplog, fraction):
+    out = shutil.copytree(world.index, tmp_path / "index")
+    fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out, "--reject-fraction", fraction], out,
+          f"reject fraction {float(fraction)}: must be in [0, 1)")
+
+
+def test_rejection_needs_at_least_two_gallery_members(world, tmp_path, caplog):
+    """With one member the uncertainty is 0 everywhere: rejecting would drop the first rows on file."""
+    single = tmp_path / "single.parquet"
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(single)]) == 0
+    out = shutil.copytree(world.index, tmp_path / "index")
+    fails(caplog, ["build-index", "--gallery", single, "--out", out, "--reject-fraction", "0.1"], out,
+          f"{single}: 1 gallery member(s); rejecting by uncertainty needs at least 2")
+    assert main(["build-index", "--gallery", str(single), "--out", str(out), "--reject-fraction", "0"]) == 0
+
+
+def test_set_value_that_is_not_yaml(tmp_path, caplog):
+    out = previous_file(tmp_path / "dataset.parquet")
+    fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "train.epochs=[", "--out", out], out,
+          "--set train.epochs: value '[' is not valid YAML")
+
+
+def test_garbage_checkpoint_names_the_file(world, tmp_path, caplog):
+    """Text where a checkpoint belongs makes torch's unpickler raise KeyError, not an unpickling error."""
+    bad = tmp_path / "q.pt"
+    bad.write_text("hello")
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out, f"{bad}: not a loadable checkpoint")
+
+
+def test_dataset_with_damaged_pages_names_the_file(world, tmp_path, caplog):
+    """A valid footer over damaged data pages: the error names the dataset, not only the codec."""
+    data = bytearray(world.dataset.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    start, end = 8, len(data) - footer  # the pages, between the magic bytes and the footer
+    data[start + (end - start) // 4 : end - 16] = bytes(end - 16 - start - (end - start) // 4)
+    ds = tmp_path / "dataset.parquet"
+    ds.write_bytes(bytes(data))
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, dataset=ds), "--out", out], out, f"{ds}: ", "not readable")
+
+
 def test_config_naming_an_unknown_architecture(tmp_path, caplog):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(SMOKE.read_text().replace("arch: vgg", "arch: vggg"))
@@ -583,3 +653,11 @@ def test_exit_code_and_message_of_the_installed_command(world, tmp_path):
     assert f"{garbage}: not a readable Parquet file" in res.stderr
     assert "Traceback" not in res.stderr
     assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_search_with_no_neighbours_is_refused_by_the_parser(world, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--index", str(world.index), "--query-model", str(world.query), "--dataset",
+              str(world.dataset), "--k", "0"])
+    assert exc.value.code == 2
+    assert "argument --k: must be at least 1, got 0" in capsys.readouterr().err

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from cmce.storage import STALE_TEMP_AGE_S, atomic_dir, atomic_path, clean_stale_temps, restore_dir, write_text
+from cmce.storage import (
+    STALE_TEMP_AGE_S,
+    ForeignOutputError,
+    atomic_dir,
+    atomic_path,
+    check_replaceable,
+    clean_stale_temps,
+    restore_dir,
+    write_text,
+)
+
+OWN = ("x", "y", "z")  # the names the folders in these tests are made of
 
 
 def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):
@@ -34,16 +45,45 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 def test_atomic_dir_swaps_whole_directories(tmp_path):
     target = tmp_path / "d"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("1")
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(target, OWN) as tmp:
         (tmp / "y").write_text("2")
         raise RuntimeError("crash")
     assert sorted(p.name for p in target.iterdir()) == ["x"]
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, OWN) as tmp:
         (tmp / "z").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["z"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_atomic_dir_refuses_a_folder_holding_files_it_does_not_write_and_leaves_it_as_it_was(tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (target / "x").write_text("old output")
+    ran = False
+    with pytest.raises(ForeignOutputError, match=r"d: holds notes\.txt"), atomic_dir(target, OWN) as tmp:
+        ran = True
+        (tmp / "x").write_text("new")
+    assert not ran  # refused before the step's work, not when swapping in
+    assert sorted((p.name, p.read_text()) for p in target.iterdir()) == [("notes.txt", "mine"), ("x", "old output")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_check_replaceable_accepts_missing_empty_and_own_folders_by_glob(tmp_path):
+    check_replaceable(tmp_path / "missing", ("*.pt",))
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", ("*.pt",))
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "resnet.pt").write_bytes(b"")
+    check_replaceable(tmp_path / "own", ("*.pt",))
+    (tmp_path / "own" / "resnet.ckpt").write_bytes(b"")
+    with pytest.raises(ForeignOutputError, match=r"resnet\.ckpt"):
+        check_replaceable(tmp_path / "own", ("*.pt",))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ForeignOutputError, match="is a file"):
+        check_replaceable(tmp_path / "file", ("*.pt",))
 
 
 def _age(path, seconds: float = 2 * STALE_TEMP_AGE_S) -> None:
@@ -96,19 +136,19 @@ def _kill_between_the_two_renames(target):
 
 def test_next_atomic_dir_restores_a_folder_left_mid_swap_and_keeps_it_if_the_write_fails(tmp_path):
     target = tmp_path / "d"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("old")
     _kill_between_the_two_renames(target)
     assert not target.exists()
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(target, OWN) as tmp:
         raise RuntimeError("this run fails too")
     assert (target / "x").read_text() == "old"  # the previous complete folder is back
     assert not (tmp_path / ".d.old").exists()
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("newer")
     assert (target / "x").read_text() == "newer"
     _age(tmp_path / ".d.abcdefgh.tmp")
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("newest")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
@@ -119,7 +159,7 @@ def test_restore_dir_only_acts_when_the_target_is_missing(tmp_path):
     target.mkdir()
     (tmp_path / ".d.old").mkdir()
     assert restore_dir(target) is False  # a complete target wins; the .old is a leftover for atomic_dir
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the leftover .old is gone
 
@@ -129,7 +169,7 @@ def test_a_kill_during_the_deletion_of_the_old_folder_never_leaves_a_partial_old
     never left as `.d.old` (which a later run would restore)."""
     target = tmp_path / "d"
     for content in ("1", "2"):
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, OWN) as tmp:
             (tmp / "x").write_text(content)
             (tmp / "y").write_text(content)
 
@@ -138,7 +178,7 @@ def test_a_kill_during_the_deletion_of_the_old_folder_never_leaves_a_partial_old
         raise KeyboardInterrupt
 
     monkeypatch.setattr(shutil, "rmtree", killed_midway)
-    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("3")
         (tmp / "y").write_text("3")
     monkeypatch.undo()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,8 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a loadable checkpoint: {err}") from None
+    except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {type(err).__name__}: {err}") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a {expected_format} checkpoint, got {got!r}")

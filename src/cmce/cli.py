@@ -41,8 +41,18 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key}: value {value!r} is not valid YAML: {err}") from None
     return out
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # Every path argument goes through _in / _out: a local path, or an s3:// URI (cmce.storage).
@@ -472,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", default=None, help="or a dataset Parquet file")
     sp.add_argument("--split", default="test")
     sp.add_argument("--limit", type=int, default=0)
-    sp.add_argument("--k", type=int, default=5)
+    sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query (>= 1)")
 
     add("run", cmd_run, "run every step in one process from a config")
 

@@ -621,6 +621,28 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
     return pf
 
 
+def read_row_group(pf: pq.ParquetFile, path: str | Path, rg: int, columns: list[str]) -> pa.Table:
+    """One row group of a dataset; damaged pages under a valid footer fail naming the file."""
+    try:
+        return pf.read_row_group(rg, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: row group {rg} is not readable: {err}") from None
+
+
+def iter_dataset_batches(pf: pq.ParquetFile, path: str | Path, batch_size: int,
+                         columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """A dataset's record batches; damaged pages under a valid footer fail naming the file."""
+    batches = pf.iter_batches(batch_size=batch_size, columns=columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: not readable: {err}") from None
+        yield batch
+
+
 def read_domains(path: str | Path, split: str | None = None) -> dict[str, str]:
     """id → domain, of one split or all; empty when the dataset has no domain column (single-domain sources)."""
     pf = open_dataset(path)
@@ -658,7 +680,7 @@ def iter_split_batches(
     pf = open_dataset(path)
     n = 0
     seen: set[str] = set()
-    for batch in pf.iter_batches(batch_size=batch_size, columns=["id", "label", "split", "image"]):
+    for batch in iter_dataset_batches(pf, path, batch_size, ["id", "label", "split", "image"]):
         rows = split_rows(path, batch, split, seen)
         if not len(rows):
             continue

@@ -29,7 +29,7 @@ from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.index import rejection_mask
 from cmce.metrics import retrieval_metrics
-from cmce.storage import atomic_dir, origin
+from cmce.storage import atomic_dir, check_replaceable, origin
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -48,6 +48,8 @@ from cmce.tables import (
 from cmce.transform import load_transformation
 
 log = logging.getLogger(__name__)
+# what evaluate writes: query.parquet here, the rest by cmce.report.write_reports
+EVAL_FILES = ("query.parquet", "metrics.json", "versions.json", "results.md", "recall.png", "rejection.png")
 Metrics = dict[str, dict[str, float]]
 
 
@@ -99,7 +101,8 @@ def cross_domains(dataset: Path, query_ids: list[str], gallery_ids: list[str]) -
 def kept_gallery_errors(scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, keep: np.ndarray,
                         far: float) -> tuple[float, float]:
     """(retrieval error 1 − R@1, verification error 1 − TAR@`far`) with only the `keep` gallery columns indexed;
-    the verification threshold is set on the kept gallery's impostor pairs."""
+    the verification threshold is set on the kept gallery's impostor pairs. As for lone queries, a query whose
+    every match was rejected leaves the R@1 denominator: the error is over the queries the kept gallery can answer."""
     m = retrieval_metrics(scores[:, keep], query_labels, gallery_labels[keep], ks=[1], fars=[far], with_map=False)
     return 1.0 - m["R@1"], 1.0 - m[f"TAR@FAR={far:g}"]
 
@@ -149,6 +152,7 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     from cmce.report import write_reports  # matplotlib is only needed here
 
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, EVAL_FILES)  # before the work, not only when swapping the result in
     query_model = load_embedding_model(inputs.query_model)
     gmeta = read_metadata(inputs.gallery)
     if gmeta.get("kind") != "gallery":
@@ -242,7 +246,7 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     }
     # written only now, so a failure above leaves a previous evaluation in out_dir untouched; and as
     # one folder swapped in whole, so a kill never leaves new metrics next to an old query.parquet
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, EVAL_FILES) as tmp:
         write_table(
             with_metadata(
                 pa.table({"id": q.ids, "label": q.labels.astype(np.int32), "embedding": embedding_array(q.embeddings)}),

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from cmce import s3
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.ensemble import normalize
-from cmce.storage import atomic_dir, file_sha256, local_input, restore_dir
+from cmce.storage import atomic_dir, check_replaceable, file_sha256, local_input, restore_dir
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -43,6 +43,7 @@ from cmce.tables import (
 
 log = logging.getLogger(__name__)
 INDEX_FORMAT = "cmce-index/1"
+INDEX_FILES = ("index.faiss", "ids.parquet", "rejected.parquet", "meta.json")  # what build_index writes
 INDEX_TYPES = ("flat", "ivfpq", "hnsw", "auto")
 MIN_POINTS_PER_LIST = 39  # below this many training points per inverted list faiss warns that k-means is unreliable
 DEFAULT_TRAIN_SIZE = 65536
@@ -190,10 +191,17 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     index_type = options.type if index_type is None else index_type
     reject_fraction = options.reject_fraction if reject_fraction is None else reject_fraction
     check_index_type(index_type)
+    if not 0.0 <= reject_fraction < 1.0:
+        raise ValueError(f"reject fraction {reject_fraction}: must be in [0, 1)")
+    check_replaceable(out_dir, INDEX_FILES)  # before the work, not only when swapping the result in
     gallery_path = Path(gallery_path)
     meta = read_metadata(gallery_path)
     if meta.get("kind") != "gallery":
         raise TableError(f"{gallery_path}: not a gallery file (kind={meta.get('kind')!r})")
+    n_members = len(meta.get("members", []))
+    if reject_fraction > 0 and n_members < 2:
+        # one member's uncertainty is 0 everywhere: "the most uncertain" would be the first rows on file
+        raise TableError(f"{gallery_path}: {n_members} gallery member(s); rejecting by uncertainty needs at least 2")
     table = read_table(gallery_path, ["id", "label", "embedding", "uncertainty"])
     emb = normalize(embedding_column(table, "embedding", str(gallery_path)))
     ids = string_column(table, "id", str(gallery_path))
@@ -204,7 +212,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     keep = ~reject
     built = make_index(emb[keep], index_type, options)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, INDEX_FILES) as tmp:
         faiss.write_index(built.index, str(tmp / "index.faiss"))
         kept = np.flatnonzero(keep)
         rej = np.flatnonzero(reject)

@@ -136,7 +136,7 @@ def upgrade_query_model(
         fitted.append(Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
                                      query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history))
     # everything is fitted before anything is written: a failure above leaves the old state intact
-    with atomic_dir(transforms_dir) as tmp_dir:
+    with atomic_dir(transforms_dir, ("*.pt",)) as tmp_dir:
         for t in fitted:
             save_transformation(t, tmp_dir / f"{t.gallery_model}.pt")
     for member, t in zip(gmeta["members"], fitted, strict=True):

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cmce.data import DataError, SplitArrays, decode_image, open_dataset, split_rows
+from cmce.data import DataError, SplitArrays, decode_image, open_dataset, read_row_group, split_rows
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class SplitChunks(Dataset):
         chunks = []
         seen: set[str] = set()
         for rg in range(pf.num_row_groups):
-            rows = split_rows(path, pf.read_row_group(rg, columns=["id", "label", "split"]), split, seen)
+            rows = split_rows(path, read_row_group(pf, path, rg, ["id", "label", "split"]), split, seen)
             if not len(rows):
                 continue
             chunks += [(rg, part) for part in np.array_split(rows, -(-len(rows) // chunk_rows))]
@@ -80,7 +80,7 @@ class SplitChunks(Dataset):
             self._file = pq.ParquetFile(self.path)
         rg, rows = self.chunks[k]
         if self._group is None or self._group[0] != rg:
-            self._group = (rg, self._file.read_row_group(rg, columns=["id", "label", "image"]))
+            self._group = (rg, read_row_group(self._file, self.path, rg, ["id", "label", "image"]))
         table = self._group[1].take(rows)
         ids = table.column("id").to_pylist()
         blobs = table.column("image").to_pylist()

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +95,8 @@ class Resume:
             return None
         try:
             obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
-            log.warning("%s: unreadable resume file, starting over: %s", self.path, err)
+        except Exception as err:  # noqa: BLE001 - garbage makes the unpickler raise almost anything (KeyError, …)
+            log.warning("%s: unreadable resume file, starting over: %s: %s", self.path, type(err).__name__, err)
             return None
         if not isinstance(obj, dict) or obj.get("format") != RESUME_FORMAT:
             log.warning("%s: not a %s file, starting over", self.path, RESUME_FORMAT)

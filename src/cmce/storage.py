@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fnmatch
 import hashlib
 import logging
 import os
@@ -121,10 +122,35 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+class ForeignOutputError(ValueError):
+    """An output folder holds files that the step writing it did not write."""
+
+
+def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
+    """Refuse to replace `target` unless it is missing, empty, or holds only names matching `own` (globs).
+
+    A step's output folder is swapped in whole, so pointing `--out` at a folder of other files (a run
+    root, the input's own folder) would delete them; this check turns that into an error naming them.
+    """
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ForeignOutputError(f"{target}: is a file, not an output folder")
+    foreign = sorted(p.name for p in target.iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in own))
+    if foreign:
+        raise ForeignOutputError(
+            f"{target}: holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, which this step "
+            f"does not write ({', '.join(own)}); it replaces its output folder whole, so give an empty or new folder"
+        )
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
+def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it in for `target` only on success.
 
+    `target` must be missing, empty, or hold only names matching the globs `own` (check_replaceable):
+    an earlier output of the same step is replaced, anything else is refused before any work.
     A directory cannot be renamed over a non-empty one, so the old one is moved aside to
     `.<name>.old` first; the window in which neither exists is two renames long. A run killed in
     that window leaves only `.<name>.old`, which restore_dir (called here and by readers such as
@@ -133,6 +159,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_dir(target)
+    check_replaceable(target, own)
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
