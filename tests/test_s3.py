@@ -67,7 +67,7 @@ def chain(root: str) -> list[list[str]]:
          "--train-embeddings-out", f"{root}/train_g.parquet"],
         ["embed-gallery", "--dataset", f"{root}/d.parquet", "--query-model", f"{root}/q.pt",
          "--gallery-model", f"{root}/g.pt", "--transform", f"{root}/t.pt", "--out", f"{root}/gallery.parquet"],
-        ["build-index", "--gallery", f"{root}/gallery.parquet", "--out", f"{root}/index", "--reject-fraction", "0.1"],
+        ["build-index", "--gallery", f"{root}/gallery.parquet", "--out", f"{root}/index", "--reject-fraction", "0"],
         ["evaluate", *QUICK, "--dataset", f"{root}/d.parquet", "--query-model", f"{root}/q.pt",
          "--gallery", f"{root}/gallery.parquet", "--transform-dir", f"{root}/tdir", "--out", f"{root}/eval"],
     ]

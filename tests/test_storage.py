@@ -71,6 +71,17 @@ def test_atomic_dir_refuses_a_folder_holding_files_it_does_not_write_and_leaves_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
+def test_a_gitignore_in_an_output_folder_is_allowed_and_carried_into_the_new_one(tmp_path):
+    """DVC writes a .gitignore naming a stage's outputs into their folder; the swap keeps it."""
+    target = tmp_path / "eval"
+    with atomic_dir(target, OWN) as tmp:
+        (tmp / "x").write_text("old")
+    (target / ".gitignore").write_text("/x\n")
+    with atomic_dir(target, OWN) as tmp:
+        (tmp / "x").write_text("new")
+    assert sorted((p.name, p.read_text()) for p in target.iterdir()) == [(".gitignore", "/x\n"), ("x", "new")]
+
+
 def test_check_replaceable_accepts_missing_empty_and_own_folders_by_glob(tmp_path):
     check_replaceable(tmp_path / "missing", ("*.pt",))
     (tmp_path / "empty").mkdir()

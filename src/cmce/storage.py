@@ -122,6 +122,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+# carried into the new folder when an output folder is swapped: DVC writes a .gitignore naming a stage's outputs
+KEPT_ACROSS_SWAPS = (".gitignore",)
+
+
 class ForeignOutputError(ValueError):
     """An output folder holds files that the step writing it did not write."""
 
@@ -137,7 +141,8 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
         return
     if not target.is_dir():
         raise ForeignOutputError(f"{target}: is a file, not an output folder")
-    foreign = sorted(p.name for p in target.iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in own))
+    foreign = sorted(p.name for p in target.iterdir()
+                     if p.name not in KEPT_ACROSS_SWAPS and not any(fnmatch.fnmatch(p.name, g) for g in own))
     if foreign:
         raise ForeignOutputError(
             f"{target}: holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, which this step "
@@ -150,7 +155,8 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it in for `target` only on success.
 
     `target` must be missing, empty, or hold only names matching the globs `own` (check_replaceable):
-    an earlier output of the same step is replaced, anything else is refused before any work.
+    an earlier output of the same step is replaced, anything else is refused before any work. A `.gitignore`
+    in it (DVC's, naming the outputs) is carried into the new folder.
     A directory cannot be renamed over a non-empty one, so the old one is moved aside to
     `.<name>.old` first; the window in which neither exists is two renames long. A run killed in
     that window leaves only `.<name>.old`, which restore_dir (called here and by readers such as
@@ -164,6 +170,9 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        for name in KEPT_ACROSS_SWAPS:
+            if (target / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(target / name, tmp / name)
         os.chmod(tmp, 0o777 & ~_umask())
         old = _old(target)
         _discard_dir(old)  # a complete older version, left by a run killed before it could delete it
