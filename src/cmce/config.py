@@ -273,9 +273,10 @@ def _validate_evaluate(ev: EvaluateConfig, where: str) -> None:
     """Checked here, so a bad value fails at load time and not after a whole evaluation has run."""
     if not ev.recall_k or any(k < 1 for k in ev.recall_k):
         raise ConfigError(f"{where}: evaluate.recall_k must list ranks >= 1, got {ev.recall_k}")
-    for name, fars in (("evaluate.far", ev.far), ("evaluate.rejection_far", [ev.rejection_far])):
-        if any(not 0.0 < f < 1.0 for f in fars):
-            raise ConfigError(f"{where}: {name} must be in (0, 1), got {fars if name == 'evaluate.far' else fars[0]}")
+    if any(not 0.0 < f < 1.0 for f in ev.far):
+        raise ConfigError(f"{where}: evaluate.far must be in (0, 1), got {ev.far}")
+    if not 0.0 < ev.rejection_far < 1.0:
+        raise ConfigError(f"{where}: evaluate.rejection_far must be in (0, 1), got {ev.rejection_far}")
     if any(not 0.0 <= r < 1.0 for r in ev.rejection_rates):
         raise ConfigError(f"{where}: evaluate.rejection_rates must each be in [0, 1), got {ev.rejection_rates}")
     if ev.random_repeats < 1:

@@ -632,15 +632,10 @@ def read_row_group(pf: pq.ParquetFile, path: str | Path, rg: int, columns: list[
 def iter_dataset_batches(pf: pq.ParquetFile, path: str | Path, batch_size: int,
                          columns: list[str]) -> Iterator[pa.RecordBatch]:
     """A dataset's record batches; damaged pages under a valid footer fail naming the file."""
-    batches = pf.iter_batches(batch_size=batch_size, columns=columns)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"{path}: not readable: {err}") from None
-        yield batch
+    try:  # only pyarrow's reads raise in here: a consumer's own errors never enter the generator
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not readable: {err}") from None
 
 
 def read_domains(path: str | Path, split: str | None = None) -> dict[str, str]:
