@@ -3,7 +3,8 @@ the method lives in the library; a component only maps typed artifacts to paths.
 
 The resolved config and the MLflow parent run travel as small artifacts (YAML, JSON), not as string
 parameters: kfp.local replaces upstream string outputs used inside a ParallelFor with the loop item.
-Images: CPU step image by default, CUDA image for training; override with CMCE_CPU_IMAGE /
+Images: the CUDA image for the steps that run models (training, fitting T, embedding, evaluation: each
+picks the GPU of its pod by itself, cmce.device), the CPU image for the rest; override with CMCE_CPU_IMAGE /
 CMCE_CUDA_IMAGE at compile time. `install_kfp_package=False`: the images already carry kfp and cmce.
 """
 
@@ -75,7 +76,7 @@ def train_kd_student(config: Input[Artifact], tracking: Input[Artifact], dataset
              config.path, tracking.path)
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def fit_transform(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
                   query_model: Input[Model], gallery_model: Input[Model], transformation: Output[Model],
                   train_embeddings: Output[Dataset]):
@@ -86,7 +87,7 @@ def fit_transform(config: Input[Artifact], tracking: Input[Artifact], dataset: I
              config.path, tracking.path)
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def embed_member(tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
                  gallery_model: Input[Model], transformation: Input[Model], member: Output[Dataset]):
     from cmce.cli import run_step
@@ -122,7 +123,7 @@ def bundle_members(config: Input[Artifact], gallery_models: Input[list[Model]], 
     write_member_bundle(Path(bundle.path), names, [paths[n] for n in names], [Path(t.path) for t in transformations])
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def embed_gallery_shard(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
                         query_model: Input[Model], bundle: Input[Artifact], shard: str, workers: int,
                         gallery: Output[Dataset]):
@@ -158,7 +159,7 @@ def build_index(config: Input[Artifact], tracking: Input[Artifact], gallery: Inp
              tracking_path=tracking.path)
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
              gallery: Input[Dataset], members: Input[Artifact], index: Input[Artifact], metrics: Output[Metrics],
              results: Output[Markdown], report: Output[Artifact], kd_students: Input[list[Model]] = None):
@@ -211,7 +212,7 @@ def add_member(tracking: Input[Artifact], gallery: Input[Dataset], member: Input
              tracking_path=tracking.path)
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def upgrade_query_model(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
                         gallery: Input[Dataset], query_model: Input[Model], train_embeddings: Input[Dataset],
                         transformations: Output[Model], new_gallery: Output[Dataset]):

@@ -33,8 +33,10 @@ _PARAMS = yaml.safe_load(PARAMS_FILE.read_text())
 DEFAULT_PARAMS = json.dumps(_PARAMS)
 DEFAULT_GALLERY = [m["name"] for m in _PARAMS["gallery_models"]]
 DEFAULT_QUERY = _PARAMS["query_model"]["name"]
-# training tasks request one GPU (and run the CUDA image); compile with CMCE_TRAIN_GPU=0 for a CPU-only cluster
-TRAIN_GPU = os.environ.get("CMCE_TRAIN_GPU", "1") != "0"
+# the tasks that run models (training, KD students, fitting T, embedding the gallery, evaluation) request one GPU
+# and run the CUDA image, where each step uses it by itself (cmce.device); compile with CMCE_GPU=0 for a
+# CPU-only cluster
+GPU = os.environ.get("CMCE_GPU", "1") != "0"
 
 
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False) -> dsl.PipelineTask:
@@ -74,14 +76,14 @@ def make_pipeline(parallelism: int = 0):
         track = start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name).outputs["tracking"]
         data = _resources(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
         query = train_model(config=config, tracking=track, model_name=query_model, dataset=data)
-        _resources(query.set_display_name("train-query-model"), "4", "8Gi", gpu=TRAIN_GPU)
+        _resources(query.set_display_name("train-query-model"), "4", "8Gi", gpu=GPU)
 
         with dsl.ParallelFor(gallery_models, name="gallery-models", parallelism=parallelism) as name:
             gallery = train_model(config=config, tracking=track, model_name=name, dataset=data)
-            _resources(gallery.set_display_name("train-gallery-model"), "4", "16Gi", gpu=TRAIN_GPU)
+            _resources(gallery.set_display_name("train-gallery-model"), "4", "16Gi", gpu=GPU)
             transform = fit_transform(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                                       gallery_model=gallery.outputs["model"])
-            _resources(transform, "2", "8Gi")
+            _resources(transform, "2", "8Gi", gpu=GPU)
 
         bundle = _resources(bundle_members(config=config, gallery_models=dsl.Collected(gallery.outputs["model"]),
                                            transformations=dsl.Collected(transform.outputs["transformation"])),
@@ -90,7 +92,7 @@ def make_pipeline(parallelism: int = 0):
         with dsl.ParallelFor(shards.output, name="gallery-shards", parallelism=parallelism) as shard:
             part = embed_gallery_shard(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                                        bundle=bundle.outputs["bundle"], shard=shard, workers=embed_workers)
-            _resources(part, "4", "8Gi")
+            _resources(part, "4", "8Gi", gpu=GPU)
         ensemble = _resources(merge_shards(tracking=track, shards=dsl.Collected(part.outputs["gallery"])), "1", "8Gi")
         index = _resources(build_index(config=config, tracking=track, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
 
@@ -98,7 +100,7 @@ def make_pipeline(parallelism: int = 0):
             report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                               gallery=ensemble.outputs["gallery"], members=bundle.outputs["bundle"],
                               index=index.outputs["index"], **kd_students)
-            _resources(report, "2", "16Gi")
+            _resources(report, "2", "16Gi", gpu=GPU)
 
         # The KD baseline only where the config enables it. KFP lets nothing outside a condition read a task
         # inside it, so each branch has its own evaluation, and the students their own loop, their teachers
@@ -107,7 +109,7 @@ def make_pipeline(parallelism: int = 0):
             with dsl.ParallelFor(gallery_models, name="kd-students", parallelism=parallelism) as teacher:
                 student = train_kd_student(config=config, tracking=track, dataset=data,
                                            members=bundle.outputs["bundle"], teacher_name=teacher)
-                _resources(student, "4", "8Gi", gpu=TRAIN_GPU)
+                _resources(student, "4", "8Gi", gpu=GPU)
             evaluate_with(kd_students=dsl.Collected(student.outputs["student"]))
         with dsl.Else(name="no-kd-baseline"):
             evaluate_with()

@@ -25,7 +25,7 @@ from components.steps import (
     train_model,
     upgrade_query_model,
 )
-from pipeline.cmce_pipeline import _PARAMS, DEFAULT_PARAMS, TRAIN_GPU, _resources
+from pipeline.cmce_pipeline import _PARAMS, DEFAULT_PARAMS, GPU, _resources
 
 _LIFECYCLE = _PARAMS.get("lifecycle") or {}
 DEFAULT_ADD_MODEL = (_LIFECYCLE.get("add_gallery_model") or {}).get("name", "")
@@ -57,12 +57,12 @@ def add_gallery_model_pipeline(
     config, track = _config_and_tracking(params_yaml, mlflow_uri, run_name)
     data, query, served = _import(dataset_uri, Dataset), _import(query_model_uri, Model), _import(gallery_uri, Dataset)
     new = train_model(config=config, tracking=track, model_name=model_name, dataset=data)
-    _resources(new.set_display_name("train-gallery-model"), "4", "16Gi", gpu=TRAIN_GPU)
+    _resources(new.set_display_name("train-gallery-model"), "4", "16Gi", gpu=GPU)
     transform = _resources(fit_transform(config=config, tracking=track, dataset=data, query_model=query,
-                                         gallery_model=new.outputs["model"]), "2", "8Gi")
+                                         gallery_model=new.outputs["model"]), "2", "8Gi", gpu=GPU)
     member = _resources(embed_member(tracking=track, dataset=data, query_model=query,
                                      gallery_model=new.outputs["model"],
-                                     transformation=transform.outputs["transformation"]), "4", "8Gi")
+                                     transformation=transform.outputs["transformation"]), "4", "8Gi", gpu=GPU)
     grown = _resources(add_member(tracking=track, gallery=served, member=member.outputs["member"]), "1", "8Gi")
     index = _resources(build_index(config=config, tracking=track, gallery=grown.outputs["new_gallery"]), "2", "16Gi")
     _resources(gate(config=config, tracking=track, dataset=data, baseline_query_model=query, baseline_gallery=served,
@@ -86,10 +86,10 @@ def upgrade_query_model_pipeline(
     data, old_query = _import(dataset_uri, Dataset), _import(query_model_uri, Model)
     served, stored = _import(gallery_uri, Dataset), _import(train_embeddings_uri, Dataset)
     new_query = train_model(config=config, tracking=track, model_name=model_name, dataset=data)
-    _resources(new_query.set_display_name("train-query-model"), "4", "8Gi", gpu=TRAIN_GPU)
+    _resources(new_query.set_display_name("train-query-model"), "4", "8Gi", gpu=GPU)
     upgraded = _resources(upgrade_query_model(config=config, tracking=track, dataset=data, gallery=served,
                                               query_model=new_query.outputs["model"], train_embeddings=stored),
-                          "2", "16Gi")
+                          "2", "16Gi", gpu=GPU)
     index = _resources(build_index(config=config, tracking=track, gallery=upgraded.outputs["new_gallery"]),
                        "2", "16Gi")
     _resources(gate(config=config, tracking=track, dataset=data, baseline_query_model=old_query,

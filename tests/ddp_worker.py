@@ -28,7 +28,7 @@ def run(out: Path, config: str, dataset: str) -> int:
     record_dir.mkdir(parents=True, exist_ok=True)
     run_epochs, fit_transformation = cmce.train.run_epochs, cmce.steps.fit_transformation
 
-    def spy_run_epochs(model, data, step_loss, cfg, epochs, seed, desc, param_groups=None, resume=None):
+    def spy_run_epochs(model, data, step_loss, cfg, epochs, seed, desc, param_groups=None, resume=None, **kwargs):
         batches: list[torch.Tensor] = []
 
         def recording(forward, x, y):
@@ -36,7 +36,7 @@ def run(out: Path, config: str, dataset: str) -> int:
             return step_loss(forward, x, y)
 
         initial = _state(model)
-        history = run_epochs(model, data, recording, cfg, epochs, seed, desc, param_groups, resume)
+        history = run_epochs(model, data, recording, cfg, epochs, seed, desc, param_groups, resume, **kwargs)
         rec = {"initial": initial, "final": _state(model), "sizes": [len(b) for b in batches],
                "first_batch": batches[0], "history": history}
         torch.save(rec, record_dir / f"{desc.replace('/', '_')}_rank{ctx.rank}.pt")

@@ -97,10 +97,10 @@ def test_members_must_agree(tmp_path):
 
 def test_augmented_views_pair_rows_across_models_and_repeat_with_the_seed(smoke_run):
 
+    from cmce.augment import augment
     from cmce.checkpoint import load_embedding_model
     from cmce.data import load_split
     from cmce.embed import embed_augmented_views, embed_batch, view_generator
-    from cmce.train import augment
 
     lay, _ = smoke_run
     q = load_embedding_model(lay.model("query"))

@@ -17,9 +17,9 @@ GALLERY = ["resnet_a", "vgg_b"]
 
 
 def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
-    for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_TRAIN_GPU"):
+    for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_GPU"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("pipeline.cmce_pipeline.TRAIN_GPU", True)
+    monkeypatch.setattr("pipeline.cmce_pipeline.GPU", True)
     for name, package in PACKAGES.items():
         fresh = compile_pipeline(tmp_path / f"{name}.yaml", name)
         assert fresh.read_text() == package.read_text(), f"{package}: run `python -m pipeline compile` and commit it"
@@ -29,6 +29,19 @@ def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
     spec = COMPILED.read_text()
     assert "localhost/cmce:cpu" in spec and "localhost/cmce:cuda" in spec and "resourceMemoryLimit" in spec
     assert "nvidia.com/gpu" in spec  # training tasks ask for a GPU
+
+
+def test_every_task_that_runs_a_model_gets_a_gpu_and_the_cuda_image():
+    """On a cluster these pods get a GPU, which each step then uses by itself (tests/test_device.py); the rest
+    run the CPU image without one."""
+    executors = yaml.safe_load(COMPILED.read_text())["deploymentSpec"]["executors"]
+    on_gpu = {name.removeprefix("exec-") for name, e in executors.items()
+              if (e["container"].get("resources", {}).get("accelerator") or {}).get("resourceType") == "nvidia.com/gpu"}
+    assert on_gpu == {"train-model", "train-model-2", "train-kd-student", "fit-transform", "embed-gallery-shard",
+                      "evaluate", "evaluate-2"}
+    for name, e in executors.items():
+        assert e["container"]["image"] == ("localhost/cmce:cuda" if name.removeprefix("exec-") in on_gpu
+                                           else "localhost/cmce:cpu"), name
 
 
 def test_submit_arguments(tmp_path):

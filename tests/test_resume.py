@@ -30,8 +30,8 @@ class Crash(Exception):
 def crash_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
     save = Resume.save
 
-    def save_then_crash(self, module, opt, sched, gen, done, epochs, history):
-        save(self, module, opt, sched, gen, done, epochs, history)
+    def save_then_crash(self, module, opt, sched, gen, done, epochs, history, *device_generator):
+        save(self, module, opt, sched, gen, done, epochs, history, *device_generator)
         if done == epoch:
             raise Crash
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.steps import (
     StepRecord,
@@ -237,10 +238,11 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     from cmce.checkpoint import load_embedding_model
     from cmce.data import decode_image, iter_split_batches
-    from cmce.embed import embed_batch
+    from cmce.embed import embed_batch, to_inference_device
     from cmce.index import load_index, search
 
     model = load_embedding_model(_model(args.query_model))
+    to_inference_device(model)
     loaded = load_index(args.index, query_sha256=model.sha256)
     names: list[str] = []
     embs = []
@@ -393,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", choices=devices.CHOICES, default=None,
+                   help="where the step computes: auto = CUDA when available, else CPU (default: the config's "
+                        "`device`, else auto)")
     p.add_argument("--mlflow-parent", default=None, metavar="RUN_ID",
                    help="record this step as a nested MLflow run under RUN_ID (and register its models)")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
@@ -538,6 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _select_device(args: argparse.Namespace) -> None:
+    """This step's device: the --device flag, else the config's `device`, else auto (cmce.device)."""
+    if args.device:
+        devices.select(args.device, "--device")
+    elif getattr(args, "config", None):
+        config = _config(args)
+        devices.select(config.device, f"{args.config}: device")
+    else:
+        devices.select("auto")
+
+
 def run_step(argv: list[str], config_path: str = "", tracking_path: str = "") -> None:
     """Run one `cmce` step in-process, for orchestrators. `tracking_path` names a JSON file
     {"uri": ..., "run_id": ...} written by `cmce track-start --out` (empty run_id = tracking off).
@@ -572,16 +588,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
-    # under torchrun: join the group here unless a caller already did (then the group is theirs to close)
-    owns_group = ddp.launched() and not ddp.current().enabled
-    if owns_group:
-        ddp.init_from_env()
-    if not ddp.is_main():
-        logging.getLogger().setLevel(logging.WARNING)
-    ok = False
+    owns_group = ok = False
     try:
+        _select_device(args)  # before joining a process group: the device decides the backend
+        # under torchrun: join the group here unless a caller already did (then the group is theirs to close)
+        owns_group = ddp.launched() and not ddp.current().enabled
+        if owns_group:
+            ddp.init_from_env()
+        if not ddp.is_main():
+            logging.getLogger().setLevel(logging.WARNING)
         with contextlib.ExitStack() as args.outputs:  # s3:// outputs upload as it closes, only on success
             record = args.func(args)
+        if isinstance(record, StepRecord):
+            record.params.setdefault("device", devices.describe(devices.current()))
         if args.mlflow_parent and isinstance(record, StepRecord):
             from cmce.tracking import log_step
 

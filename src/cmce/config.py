@@ -64,6 +64,11 @@ class TrainConfig:
     scale: float = 16.0  # cosine-softmax temperature
     label_smoothing: float = 0.1
     augment: bool = True
+    # on CUDA: bf16 autocast and channels_last for the embedding models and KD students (ignored on the CPU)
+    mixed_precision: bool = True
+    # on CUDA: the decoded train split (uint8) is kept on the GPU when it takes at most this many GB, else its
+    # batches are prefetched from pinned host memory (cmce.feed)
+    device_data_gb: float = 4.0
 
 
 @dataclass
@@ -154,6 +159,9 @@ class LifecycleConfig:
 class Config:
     seed: int = 0
     output_dir: str = "runs/default"
+    # where every step computes: auto = CUDA when torch sees a GPU, else the CPU (cmce.device); the CLI's
+    # --device flag overrides it
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 256  # inference batch size
     num_threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,6 +247,8 @@ def _validate(cfg: Config, where: str) -> None:
                                                               for m in cfg.all_models())):
         if epochs < 1:
             raise ConfigError(f"{where}: {name} must be at least 1, got {epochs}")
+    if not cfg.train.device_data_gb >= 0:
+        raise ConfigError(f"{where}: train.device_data_gb must be >= 0, got {cfg.train.device_data_gb}")
     if cfg.transform.augment_views < 0:
         raise ConfigError(f"{where}: transform.augment_views must be >= 0, got {cfg.transform.augment_views}")
     if not 0.0 <= cfg.transform.input_dropout < 1.0:

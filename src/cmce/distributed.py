@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cmce import device as devices
+
 log = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -47,7 +49,10 @@ class Context:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+        """The rank's GPU under nccl, the CPU under gloo; without a group, the selected device (cmce.device)."""
+        if self.enabled:
+            return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+        return devices.resolve(devices.selected())
 
 
 def launched() -> bool:
@@ -70,15 +75,20 @@ def is_main() -> bool:
     return current().is_main
 
 
+def default_backend() -> str:
+    """nccl when the selected device (cmce.device) is CUDA, else gloo."""
+    return "nccl" if devices.resolve(devices.selected()).type == "cuda" else "gloo"
+
+
 def init_from_env(backend: str | None = None) -> Context:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT). Default backend: nccl when CUDA is available, else gloo.
+    MASTER_ADDR, MASTER_PORT). Default backend: nccl when the selected device (cmce.device) is CUDA, else gloo.
     A no-op outside torchrun or when a group is already up."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return current()
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; cannot train data-parallel")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)

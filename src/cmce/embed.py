@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from cmce import device as devices
+from cmce.augment import augment
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data import SplitArrays, to_float
 from cmce.ensemble import RunningEnsemble
@@ -36,7 +38,6 @@ from cmce.tables import (
     string_column,
     writer_options,
 )
-from cmce.train import augment
 from cmce.transform import load_transformation
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,12 @@ class Embedded:
     embeddings: np.ndarray  # float32 (rows, dim), raw model output
 
 
-def inference_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def to_inference_device(model: EmbeddingModel) -> torch.device:
+    """Put the model in eval mode on this process's device (cmce.device), channels_last on CUDA."""
+    device = devices.current()
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.net.eval().to(device, memory_format=layout)
+    return device
 
 
 @torch.no_grad()
@@ -74,10 +79,7 @@ def iter_embeddings(
 ) -> Iterator[tuple[SplitArrays, np.ndarray]]:
     """(batch, raw embeddings) in file order for one split (or one shard of it); `workers` decode
     processes feed the model while it runs."""
-    model.net.eval()
-    device = inference_device()
-    if device.type == "cuda":
-        model.net.to(device, memory_format=torch.channels_last)
+    to_inference_device(model)
     chunks = iter_split_chunks(dataset, split, model.in_channels, model.image_size, shard, workers)
     desc = f"embed {model.name} [{split}{'' if shard.count == 1 else f' shard {shard}'}]"
     for batch in tqdm(rebatch(chunks, batch_size), desc=desc, leave=False, mininterval=2, disable=None):
@@ -113,17 +115,18 @@ def embed_augmented_views(
     no_rows = [np.zeros((0, m.embedding_dim), np.float32) for m in models], np.zeros(0, np.int64)
     if views == 0:
         return no_rows
-    gens = [view_generator(seed, view) for view in range(views)]
+    gens = [view_generator(seed, view) for view in range(views)]  # on the CPU: the views are the same on any device
     embs: list[list[list[np.ndarray]]] = [[[] for _ in models] for _ in range(views)]  # [view][model][batch]
     labels = []
+    device = devices.current()
     for m in models:
-        m.net.eval()
+        to_inference_device(m)
     chunks = iter_split_chunks(dataset, split, first.in_channels, first.image_size)
     for batch in tqdm(rebatch(chunks, batch_size), desc=f"{views} augmented views", leave=False, mininterval=2,
                       disable=None):
         labels.append(batch.labels)
         for gen, view_embs in zip(gens, embs, strict=True):
-            images = augment(batch.images, gen)
+            images = augment(batch.images, gen).to(device, non_blocking=True)
             for out, m in zip(view_embs, models, strict=True):
                 out.append(embed_batch(m, images))
     if not labels:

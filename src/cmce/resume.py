@@ -46,14 +46,17 @@ def file_identity(path: str | Path) -> dict[str, Any]:
 
 
 def fingerprint(**parts: Any) -> str:
-    """sha256 of the JSON of `parts` (dataclasses expanded) plus the data-parallel world size: a batch
-    split over another number of ranks is a different computation."""
+    """sha256 of the JSON of `parts` (dataclasses expanded) plus the data-parallel world size and the
+    device type: a batch split over another number of ranks, or run on another kind of device, is a
+    different computation."""
     parts = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}
-    parts["world_size"] = ddp.current().world_size
+    ctx = ddp.current()
+    parts["world_size"] = ctx.world_size
+    parts["device"] = ctx.device.type
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+def _rng_state(generator: torch.Generator, device_generator: torch.Generator | None) -> dict[str, Any]:
     """Every random stream a training loop may draw from, as tensors and numbers only."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -64,14 +67,18 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
         "numpy_has_gauss": int(has_gauss),
         "numpy_gauss": float(gauss),
     }
+    if device_generator is not None and device_generator is not generator:
+        state["device_generator"] = device_generator.get_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device_generator: torch.Generator | None) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
+    if device_generator is not None and device_generator is not generator:
+        device_generator.set_state(state["device_generator"])
     keys = state["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
     cuda = state.get("cuda")
@@ -118,8 +125,10 @@ class Resume:
         return state
 
     def save(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-             generator: torch.Generator, epoch: int, epochs: int, history: list[dict[str, float]]) -> None:
-        """State after `epoch` finished epochs (rank 0 writes; atomic, so a kill keeps the previous one)."""
+             generator: torch.Generator, epoch: int, epochs: int, history: list[dict[str, float]],
+             device_generator: torch.Generator | None = None) -> None:
+        """State after `epoch` finished epochs (rank 0 writes; atomic, so a kill keeps the previous one).
+        `device_generator`: the loop's generator on the GPU, when it has one besides `generator`."""
         if not ddp.is_main():
             return
         obj = {
@@ -130,14 +139,15 @@ class Resume:
             "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "rng": _rng_state(generator),
+            "rng": _rng_state(generator, device_generator),
             "history": history,
         }
         with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
 
     def restore(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-                generator: torch.Generator, desc: str) -> tuple[int, list[dict[str, float]]]:
+                generator: torch.Generator, desc: str,
+                device_generator: torch.Generator | None = None) -> tuple[int, list[dict[str, float]]]:
         """Load the saved state into the given objects; returns (finished epochs, history), (0, []) if none."""
         state = self.load()
         if state is None:
@@ -145,7 +155,7 @@ class Resume:
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], generator)
+        _set_rng_state(state["rng"], generator, device_generator)
         if ddp.is_main():
             log.info("%s: resuming from %s after epoch %d of %d", desc, self.path, state["epoch"], state["epochs"])
         # interned keys, as in rows the loop builds: pickle memoizes by identity, so the final checkpoint

@@ -15,30 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cmce import device as devices
 from cmce import distributed as ddp
+from cmce.augment import augment
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import DataConfig, ModelSpec, TrainConfig
 from cmce.data import DataError, SplitArrays, dataset_info, load_split, to_float
+from cmce.feed import BatchFeed
 from cmce.models import CosineClassifier, EmbeddingNet, is_pretrained
 from cmce.resume import Resume, file_identity
 
 log = logging.getLogger(__name__)
 History = list[dict[str, float]]
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (edge pixels replicated) and random horizontal flip,
-    on a uint8 batch NxCxHxW."""
-    n, c, h, w = images.shape
-    dy = torch.randint(-pad, pad + 1, (n, 1), generator=generator)
-    dx = torch.randint(-pad, pad + 1, (n, 1), generator=generator)
-    rows = (torch.arange(h)[None] + dy).clamp_(0, h - 1).view(n, 1, h, 1)
-    cols = (torch.arange(w)[None] + dx).clamp_(0, w - 1)
-    flip = torch.rand(n, generator=generator) < 0.5
-    cols[flip] = cols[flip].flip(-1)
-    batch = torch.arange(n).view(n, 1, 1, 1)
-    chan = torch.arange(c).view(1, c, 1, 1)
-    return images[batch, chan, rows, cols.view(n, 1, 1, w)]
 
 
 def subset(data: SplitArrays, fraction: float, seed: int) -> SplitArrays:
@@ -64,65 +52,77 @@ def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float
 def run_epochs(
     model: nn.Module,
     data: SplitArrays,
-    step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
+    step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     epochs: int,
     seed: int,
     desc: str,
     param_groups: list[dict] | None = None,
     resume: Resume | None = None,
+    extra_modules: tuple[nn.Module, ...] = (),
 ) -> History:
     """Shared optimisation loop: AdamW, warmup + cosine LR, optional augmentation, per-epoch log.
 
-    `step_loss(forward, x, y)` computes the loss through `forward` (the model, or its
-    DistributedDataParallel wrapper under torchrun). `cfg.batch_size` is the global batch: each
-    data-parallel rank takes an equal share of it (see cmce.distributed). `param_groups`: optimiser
-    groups of the model's parameters, each with its own peak "lr" (default: one group at cfg.lr); the
-    schedule scales every group alike. With `resume`, the state is saved after every epoch and a
-    matching saved state is continued from (cmce.resume)."""
+    `step_loss(forward, x, y)` computes (loss, metric) through `forward` (the model, or its
+    DistributedDataParallel wrapper under torchrun), both as tensors on the device: they are summed
+    there and read once per epoch, so a step never waits for the host. `cfg.batch_size` is the global
+    batch: each data-parallel rank takes an equal share of it (see cmce.distributed). `param_groups`:
+    optimiser groups of the model's parameters, each with its own peak "lr" (default: one group at
+    cfg.lr); the schedule scales every group alike. With `resume`, the state is saved after every epoch
+    and a matching saved state is continued from (cmce.resume). `extra_modules` (a frozen KD teacher)
+    are moved to the device alongside the model.
+
+    Device (cmce.device): the split is fed by cmce.feed. On CUDA, augmentation draws from a seeded CUDA
+    generator and, with cfg.mixed_precision, runs under bf16 autocast on channels_last tensors. On the
+    CPU the loop computes exactly what it always has for a seed."""
     ctx = ddp.current()
     ddp.check_batch_size(cfg.batch_size, ctx, "train.batch_size")
-    device = ctx.device
-    model.to(device)
-    gen = torch.Generator().manual_seed(seed)
+    device = devices.current()
+    fast = device.type == "cuda" and cfg.mixed_precision
+    layout = torch.channels_last if fast else torch.contiguous_format
+    for m in (model, *extra_modules):
+        m.to(device, memory_format=layout)
+    gen = torch.Generator().manual_seed(seed)  # the epoch order (and, on the CPU, the augmentation)
+    aug_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
     n = len(data.ids)
     steps_per_epoch = max(1, n // cfg.batch_size)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * epochs, cfg.warmup_fraction))
-    labels = torch.from_numpy(data.labels)
-    start, history = resume.restore(model, opt, sched, gen, desc) if resume else (0, [])
+    feed = BatchFeed(data.images, torch.from_numpy(data.labels), device, cfg.device_data_gb, desc)
+    start, history = resume.restore(model, opt, sched, gen, desc, aug_gen) if resume else (0, [])
     forward = ddp.wrap(model, ctx)  # after restoring: DDP copies rank 0's (restored) weights to every rank
     for epoch in range(start, epochs):
         model.train()
         order = torch.randperm(n, generator=gen)
-        total, metric_sum = 0.0, 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric
         desc_epoch = f"{desc} epoch {epoch + 1}/{epochs}"
-        bar = tqdm(range(steps_per_epoch), desc=desc_epoch, leave=False, mininterval=2,
-                   disable=None if ctx.is_main else True)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = data.images[idx]
+        batches = feed.epoch(order, steps_per_epoch, cfg.batch_size)
+        for x, y in tqdm(batches, total=steps_per_epoch, desc=desc_epoch, leave=False, mininterval=2,
+                         disable=None if ctx.is_main else True):
             if cfg.augment:
                 # the whole global batch, so the generator shared by the ranks stays in step
-                x = augment(x, gen)
-            mine = ddp.rank_share(len(idx), ctx.rank, ctx.world_size)
-            loss, metric = step_loss(forward, to_float(x[mine]).to(device), labels[idx][mine].to(device))
+                x = augment(x, aug_gen)
+            mine = ddp.rank_share(len(x), ctx.rank, ctx.world_size)
+            inputs = to_float(x[mine]).contiguous(memory_format=layout)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                loss, metric = step_loss(forward, inputs, y[mine])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item()
-            metric_sum += metric
-        loss_mean, metric_mean = ddp.mean_over_ranks([total / steps_per_epoch, metric_sum / steps_per_epoch], ctx)
+            sums += torch.stack([loss.detach().double(), metric.detach().double()])
+        loss_sum, metric_sum = sums.tolist()  # the epoch's one read of the device
+        loss_mean, metric_mean = ddp.mean_over_ranks([loss_sum / steps_per_epoch, metric_sum / steps_per_epoch], ctx)
         row = {"epoch": epoch + 1, "loss": loss_mean, "metric": metric_mean}
         history.append(row)
         if ctx.is_main:
             log.info("%s epoch %d/%d loss %.4f metric %.4f", desc, epoch + 1, epochs, row["loss"], row["metric"])
         if resume:
-            resume.save(model, opt, sched, gen, epoch + 1, epochs, history)
+            resume.save(model, opt, sched, gen, epoch + 1, epochs, history, aug_gen)
     ddp.sync_buffers(model, ctx)
     model.eval()
-    model.cpu()
+    for m in (model, *extra_modules):
+        m.to("cpu", memory_format=torch.contiguous_format)
     return history
 
 
@@ -144,10 +144,10 @@ def train_embedding_model(
     net = EmbeddingNet(spec.arch, data_cfg.channels, spec.embedding_dim, spec.width)
     head = CosineClassifier(spec.embedding_dim, num_classes, cfg.scale)
 
-    def step_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def step_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = forward(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        return loss, float((logits.argmax(1) == y).float().mean())
+        return loss, (logits.argmax(1) == y).float().mean()
 
     epochs = spec.epochs or cfg.epochs
     groups = [
@@ -189,21 +189,19 @@ def train_distilled_student(
     data = load_split(dataset, "train", data_cfg.channels, data_cfg.image_size)
     net = EmbeddingNet(student_spec.arch, data_cfg.channels, teacher.embedding_dim, student_spec.width)
 
-    teacher.net.to(ddp.current().device)
-
-    def step_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def step_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            target = F.normalize(teacher.net(x), dim=-1)
-        pred = F.normalize(forward(x), dim=-1)
+            target = F.normalize(teacher.net(x).float(), dim=-1)
+        pred = F.normalize(forward(x).float(), dim=-1)
         loss = (pred - target).pow(2).sum(-1).mean()
-        return loss, (pred.detach() * target).sum(-1).mean().item()
+        return loss, (pred.detach() * target).sum(-1).mean()
 
     epochs = epochs or cfg.epochs
     resume = Resume.next_to(out, kind="kd_student", spec=student_spec, channels=data_cfg.channels,
                             image_size=data_cfg.image_size, train=cfg, epochs=epochs, dataset=file_identity(dataset),
                             teacher=teacher.sha256)
     history = run_epochs(net, data, step_loss, cfg, epochs, student_spec.seed, f"kd/{teacher.name}",
-                         resume=resume)
+                         resume=resume, extra_modules=(teacher.net,))
     info = dataset_info(dataset)
     student = EmbeddingModel(
         name=f"kd_{teacher.name}",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, require_keys, save_checkpoint
 from cmce.config import TransformConfig
@@ -63,8 +64,10 @@ class Transformation:
                 f"transformation for {self.gallery_model!r} expects embeddings of dim {self.in_dim}, "
                 f"got shape {tuple(x.shape)}"
             )
-        self.mlp.eval()
-        out = [F.normalize(self.mlp(x[i : i + batch_size]), dim=-1) for i in range(0, len(x), batch_size)]
+        device = devices.current()
+        self.mlp.to(device).eval()
+        out = [F.normalize(self.mlp(x[i : i + batch_size].to(device)), dim=-1).cpu()
+               for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.out_dim), np.float32)
 
 
@@ -97,7 +100,7 @@ def fit_transformation(
             raise ValueError(f"{name} embeddings contain NaN or inf values")
     ctx = ddp.current()
     ddp.check_batch_size(cfg.batch_size, ctx, "transform.batch_size")
-    device = ctx.device
+    device = devices.current()
     torch.manual_seed(seed)
     g = torch.from_numpy(np.array(gallery_emb, dtype=np.float32)).to(device)
     q = torch.from_numpy(np.array(query_emb, dtype=np.float32)).to(device)
@@ -107,32 +110,33 @@ def fit_transformation(
     opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(g) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
-    gen = torch.Generator().manual_seed(seed)
-    start, history = resume.restore(mlp, opt, sched, gen, desc) if resume else (0, [])
+    gen = torch.Generator().manual_seed(seed)  # the epoch order (and, on the CPU, the dropout masks)
+    mask_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+    start, history = resume.restore(mlp, opt, sched, gen, desc, mask_gen) if resume else (0, [])
     forward = ddp.wrap(mlp, ctx)
     for epoch in tqdm(range(start, cfg.epochs), desc=desc, leave=False, mininterval=2,
                       disable=None if ctx.is_main else True):
         mlp.train()
-        order = torch.randperm(len(g), generator=gen)
-        sums = np.zeros(3)
+        order = torch.randperm(len(g), generator=gen).to(device)  # one copy an epoch; steps slice it there
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, align, ce: read once an epoch
         for s in range(steps):
             batch = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             mine = ddp.rank_share(len(batch), ctx.rank, ctx.world_size)
-            idx = batch[mine].to(device)
+            idx = batch[mine]
             x = g[idx]
             if cfg.input_dropout:  # one mask for the global batch: the same on every rank, whatever the world size
-                keep = torch.rand((len(batch), g.shape[1]), generator=gen) >= cfg.input_dropout
-                x = x * keep[mine].to(device) / (1.0 - cfg.input_dropout)
+                keep = torch.rand((len(batch), g.shape[1]), generator=mask_gen, device=device) >= cfg.input_dropout
+                x = x * keep[mine] / (1.0 - cfg.input_dropout)
             loss, align, ce = transformation_loss(forward(x), q[idx], y[idx], w, cfg.lam, cfg.scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            sums += [loss.item(), align.item(), ce.item()]
+            sums += torch.stack([loss.detach(), align.detach(), ce.detach()]).double()
         row = dict(zip(("loss", "align", "ce"), ddp.mean_over_ranks((sums / steps).tolist(), ctx), strict=True))
         history.append({"epoch": epoch + 1, **row})
         if resume:
-            resume.save(mlp, opt, sched, gen, epoch + 1, cfg.epochs, history)
+            resume.save(mlp, opt, sched, gen, epoch + 1, cfg.epochs, history, mask_gen)
     if ctx.is_main:
         log.info("%s: final loss %.4f (align %.4f, ce %.4f)", desc, *(history[-1][k] for k in ("loss", "align", "ce")))
     ddp.sync_buffers(mlp, ctx)

@@ -1,0 +1,142 @@
+"""Where each step computes (cmce.device), tested on the CPU with torch.cuda.is_available mocked: the
+resolution rules, the CLI flag against the config key, the device recorded with the step, and the KFP
+training component choosing the GPU its pod was given."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cmce import device as devices
+from cmce import distributed as ddp
+from cmce.cli import main
+from cmce.steps import StepRecord
+from tests.conftest import SMOKE
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """This process sees one (pretend) CUDA device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Pretend GPU")
+
+
+@pytest.fixture(autouse=True)
+def back_to_auto():
+    yield
+    devices.select("auto")
+
+
+def test_auto_is_cuda_when_torch_sees_a_gpu_and_the_cpu_otherwise(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert devices.resolve("auto") == torch.device("cuda", 0)
+    assert devices.resolve("cuda") == torch.device("cuda", 0)
+    assert devices.resolve("cpu") == torch.device("cpu")  # asked for: the CPU even beside a GPU
+
+
+def test_cuda_without_a_gpu_and_unknown_names_are_refused_naming_the_setting(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(devices.DeviceError, match=r"params.yaml: device: cuda was asked for, but torch sees no"):
+        devices.resolve("cuda", "params.yaml: device")
+    with pytest.raises(devices.DeviceError, match=r"--device: 'gpu' is not one of \['auto', 'cpu', 'cuda'\]"):
+        devices.resolve("gpu", "--device")
+
+
+def test_without_a_process_group_the_selected_device_is_current(gpu):
+    devices.select("auto")
+    assert devices.current() == torch.device("cuda", 0)
+    devices.select("cpu")
+    assert devices.current() == torch.device("cpu")
+
+
+def test_a_process_group_decides_per_rank():
+    assert ddp.Context(1, 2, 1, "nccl").device == torch.device("cuda", 1)
+    assert ddp.Context(1, 2, 1, "gloo").device == torch.device("cpu")
+
+
+def test_torchrun_backend_follows_the_device(gpu):
+    devices.select("auto")
+    assert ddp.default_backend() == "nccl"
+    devices.select("cpu")
+    assert ddp.default_backend() == "gloo"
+
+
+def test_the_config_key_is_checked_at_load_time(tmp_path):
+    from cmce.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"device: 'gpu' is not one of \['auto', 'cpu', 'cuda'\]"):
+        load_config(SMOKE, {"device": "gpu"})
+    assert load_config(SMOKE).device == "auto"
+
+
+def _capture_train(monkeypatch) -> dict:
+    """Replace the training step by one that records where it would compute."""
+    seen: dict = {}
+
+    def fake_train(cfg, dataset, name, out):
+        seen["device"] = devices.current()
+        return out
+
+    monkeypatch.setattr("cmce.cli.step_train", fake_train)
+    monkeypatch.setattr("cmce.cli.record_model", lambda cfg, out, role: StepRecord("train-query"))
+    return seen
+
+
+def test_the_flag_wins_over_the_config_and_the_config_over_auto(gpu, monkeypatch, tmp_path):
+    seen = _capture_train(monkeypatch)
+    base = ["train", "--config", str(SMOKE), "--dataset", str(tmp_path / "d.parquet"), "--model", "query",
+            "--out", str(tmp_path / "q.pt")]
+    assert main(base) == 0
+    assert seen["device"] == torch.device("cuda", 0)  # the smoke config says nothing: auto
+    assert main(base + ["--set", "device=cpu"]) == 0
+    assert seen["device"] == torch.device("cpu")
+    assert main(["--device", "cuda", *base, "--set", "device=cpu"]) == 0
+    assert seen["device"] == torch.device("cuda", 0)
+
+
+def test_a_step_asked_for_cuda_on_a_cpu_machine_exits_2_naming_the_key(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen = _capture_train(monkeypatch)
+    argv = ["train", "--config", str(SMOKE), "--set", "device=cuda", "--dataset", str(tmp_path / "d.parquet"),
+            "--model", "query", "--out", str(tmp_path / "q.pt")]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert not seen
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"{SMOKE}: device: cuda was asked for" in errors[0]
+
+
+def test_the_device_is_logged_and_recorded_with_the_steps_tracking_params(gpu, monkeypatch, tmp_path, caplog):
+    _capture_train(monkeypatch)
+    logged: dict = {}
+    monkeypatch.setattr("cmce.tracking.log_step", lambda uri, parent, step, params, *rest: logged.update(params))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")  # main sets it: restored after the test
+    argv = ["--mlflow-parent", "run123", "--mlflow-uri", f"sqlite:///{tmp_path}/m.db", "train", "--config",
+            str(SMOKE), "--dataset", str(tmp_path / "d.parquet"), "--model", "query", "--out", str(tmp_path / "q.pt")]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    assert logged["device"] == "cuda:0 (Pretend GPU)"
+    assert any("computing on cuda:0 (Pretend GPU)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("config_device", "expected"), [("auto", "cuda"), ("cpu", "cpu")])
+def test_the_kfp_training_component_uses_the_gpu_of_its_pod(gpu, monkeypatch, tmp_path, config_device, expected):
+    """The KFP train task runs the CUDA image with one GPU: the component's own code path (run_step → the
+    CLI → the config) must pick it without torchrun, and keep the CPU when the config says so."""
+    from components.steps import train_model
+
+    seen = _capture_train(monkeypatch)
+    config = tmp_path / "config.yaml"
+    config.write_text(SMOKE.read_text() + f"\ndevice: {config_device}\n")
+    tracking = tmp_path / "tracking.json"
+    tracking.write_text(json.dumps({"uri": "", "run_id": ""}))
+    train_model.python_func(config=SimpleNamespace(path=str(config)), tracking=SimpleNamespace(path=str(tracking)),
+                            model_name="query", dataset=SimpleNamespace(path=str(tmp_path / "d.parquet")),
+                            model=SimpleNamespace(path=str(tmp_path / "q.pt")))
+    assert seen["device"].type == expected
