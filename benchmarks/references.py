@@ -26,9 +26,9 @@ from benchmarks.report import fmt, mean_std, shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
 from cmce.data import dataset_info
-from cmce.evaluate import cross_domains, kept_gallery_errors, rejection_curves, score_matrix, self_columns
+from cmce.evaluate import cosine_scores, cross_domains, kept_gallery_errors, rejection_curves, self_columns
 from cmce.index import rejection_mask
-from cmce.metrics import far_threshold, pair_scores, retrieval_metrics
+from cmce.metrics import far_threshold, retrieval_metrics
 from cmce.steps import RunLayout
 from cmce.tables import embedding_column, float_column, int_column, read_table, string_column
 
@@ -40,7 +40,8 @@ TARGET_DROP = 0.15  # the relative drop the issue asks of rejection by uncertain
 
 @dataclass
 class Served:
-    """A run's asym_ensemble/N as evaluated: cosine scores (excluded pairs -inf) and what rejection needs."""
+    """A run's asym_ensemble/N as evaluated: its whole cosine score matrix (excluded pairs -inf: research on
+    test splits of a few thousand images) and what rejection needs."""
 
     scores: np.ndarray
     gallery_ids: list[str]
@@ -61,7 +62,9 @@ def served(lay: RunLayout, gallery: Path | None = None) -> Served:
     queries = embedding_column(q, "embedding", str(q_path))
     self_cols = self_columns(q_ids, g_ids)
     domains = cross_domains(lay.dataset, q_ids, g_ids)
-    scores = score_matrix(queries, embedding_column(g, "embedding", str(g_path)), self_cols, domains)
+    # a test split of a few thousand images: the whole matrix is small, and the label orderings need it
+    scores = cosine_scores(queries, embedding_column(g, "embedding", str(g_path)), self_cols, domains)
+    scores = scores.rows(np.arange(len(q_ids))).cpu().numpy()
     return Served(scores, g_ids, queries, int_column(q, "label", str(q_path)), int_column(g, "label", str(g_path)),
                   float_column(g, "uncertainty", str(g_path)), self_cols, domains)
 
@@ -73,7 +76,7 @@ def classifier_target_metrics(cfg: Config, lay: RunLayout, s: Served) -> dict[st
     w = load_embedding_model(lay.model(cfg.query_model.name)).classifier.numpy()
     if s.gallery_labels.max() >= len(w):
         return None
-    scores = score_matrix(s.query_embeddings, w[s.gallery_labels], s.self_cols, s.domains)
+    scores = cosine_scores(s.query_embeddings, w[s.gallery_labels], s.self_cols, s.domains)
     return retrieval_metrics(scores, s.query_labels, s.gallery_labels, cfg.evaluate.recall_k, cfg.evaluate.far)
 
 
@@ -84,7 +87,7 @@ def label_orderings(s: Served, far: float) -> dict[str, np.ndarray]:
     genuine_sum = np.where(same, s.scores, 0.0).sum(axis=0)
     n_genuine = same.sum(axis=0)
     mean_genuine = np.divide(genuine_sum, n_genuine, out=np.zeros_like(genuine_sum), where=n_genuine > 0)
-    threshold = far_threshold(pair_scores(s.scores, s.query_labels, s.gallery_labels)[1], far)
+    threshold = far_threshold(s.scores[allowed & ~same], far)
     accepted = s.scores > threshold
     true_accepts = (accepted & same).sum(axis=0)
     false_accepts = (accepted & allowed & ~same).sum(axis=0)

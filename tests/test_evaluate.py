@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from cmce.config import EvaluateConfig
-from cmce.evaluate import EvalInputs, evaluate, rejection_curves, score_matrix
+from cmce.evaluate import EvalInputs, cosine_scores, evaluate, rejection_curves
+
+
+def dense(queries, gallery, self_cols, domains=None) -> np.ndarray:
+    """The whole cosine score matrix, for these small cases."""
+    return cosine_scores(queries, gallery, self_cols, domains).rows(np.arange(len(queries))).numpy()
 
 
 def test_collected_inputs_in_any_order_give_the_same_metrics(smoke_run, tmp_path):
@@ -25,9 +30,9 @@ def test_missing_transformation_is_refused(smoke_run, tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_score_matrix_excludes_self_pairs():
+def test_cosine_scores_exclude_self_pairs():
     x = np.eye(3, dtype=np.float32)
-    s = score_matrix(x, x, np.array([0, -1, 2]))
+    s = dense(x, x, np.array([0, -1, 2]))
     assert np.isneginf(s[0, 0]) and s[1, 1] == 1.0 and np.isneginf(s[2, 2])
 
 
@@ -40,7 +45,7 @@ def test_uncertainty_rejection_beats_random_when_uncertainty_marks_the_errors():
     shown = labels.copy()
     shown[confused] = 1 - labels[confused]  # these items embed like the other class
     emb = centres[shown] + 0.05 * rng.normal(size=(200, 2))
-    scores = score_matrix(emb, emb, np.arange(200))
+    scores = cosine_scores(emb, emb, np.arange(200))
     uncertainty = np.zeros(200)
     uncertainty[confused] = 1.0
     cfg = EvaluateConfig(rejection_rates=[0.0, 0.1], random_repeats=3)
@@ -68,8 +73,8 @@ def test_cross_vendor_scores_count_only_the_other_vendors_drawing():
     classes = np.tile(np.arange(4), 2)
     vendor = np.repeat([0, 1], 4)
     emb = np.hstack([np.eye(4)[classes], 3.0 * np.eye(2)[vendor]])  # cosine 0.9 within a vendor, 0.1 across
-    plain = retrieval_metrics(score_matrix(emb, emb, np.arange(8)), classes, classes, [1], [])
-    cross_scores = score_matrix(emb, emb, np.arange(8), (vendor, vendor))
+    plain = retrieval_metrics(cosine_scores(emb, emb, np.arange(8)), classes, classes, [1], [])
+    cross_scores = dense(emb, emb, np.arange(8), (vendor, vendor))
     cross = retrieval_metrics(cross_scores, classes, classes, [1], [])
     assert np.isneginf(cross_scores[vendor[:, None] == vendor[None, :]]).all()
     assert np.isfinite(cross_scores[vendor[:, None] != vendor[None, :]]).all()

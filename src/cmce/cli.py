@@ -350,7 +350,8 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
     fars = sorted({*cfg.evaluate.far, *(float(m.split("=")[1]) for m in gate.metrics if m.startswith("TAR@"))})
 
     def measure(query: str, gallery: str) -> dict[str, float]:
-        return served_metrics(_in(args.dataset), _model(query), _in(gallery), gate.split, ks, fars, cfg.batch_size)
+        return served_metrics(_in(args.dataset), _model(query), _in(gallery), gate.split, ks, fars, cfg.batch_size,
+                              cfg.evaluate.block_mb)
 
     decision = decide(measure(args.baseline_query_model, args.baseline_gallery),
                       measure(args.query_model, args.gallery), gate.metrics, gate.tolerance)

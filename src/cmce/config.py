@@ -135,6 +135,9 @@ class EvaluateConfig:
     rejection_rates: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     rejection_far: float = 1e-3
     random_repeats: int = 5
+    # scores are computed for blocks of queries against the whole gallery, never as one query × gallery
+    # matrix: a block holds at most this many MB of float32 scores (cmce.metrics)
+    block_mb: float = 64.0
 
 
 @dataclass
@@ -291,6 +294,8 @@ def _validate_evaluate(ev: EvaluateConfig, where: str) -> None:
         raise ConfigError(f"{where}: evaluate.rejection_rates must each be in [0, 1), got {ev.rejection_rates}")
     if ev.random_repeats < 1:
         raise ConfigError(f"{where}: evaluate.random_repeats must be at least 1, got {ev.random_repeats}")
+    if not ev.block_mb > 0:
+        raise ConfigError(f"{where}: evaluate.block_mb must be > 0, got {ev.block_mb}")
 
 
 def _validate_index(ix: IndexConfig, where: str) -> None:

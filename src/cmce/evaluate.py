@@ -10,7 +10,10 @@ Configurations (metrics.json keys):
   asym_ensemble/<n>       query model → mean of the first n transformed gallery models
   kd/<m>                  distilled query-sized student of m → gallery model m
   rejection/uncertainty   asym_ensemble/N with the most uncertain gallery items removed
-  rejection/random        the same number of gallery items removed at random (mean of repeats)
+  rejection/random        the same number of gallery items removed at random (mean of repeats; each repeat
+                          removes the first items of one random order of the gallery, at every rate)
+Scores are computed a block of queries at a time on this process's device (cmce.scores, cmce.metrics);
+the query embeddings are computed once and shared by every configuration that searches with them.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from cmce import device as devices
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.config import EvaluateConfig
 from cmce.data import dataset_info, read_domains
 from cmce.embed import embed_split
 from cmce.ensemble import normalize
 from cmce.index import rejection_mask
-from cmce.metrics import retrieval_metrics
+from cmce.metrics import Family, measure, retrieval_metrics
+from cmce.scores import BLOCK_MB, InnerProducts, Scores
 from cmce.storage import atomic_dir, check_replaceable, origin
 from cmce.tables import (
     TableError,
@@ -66,20 +71,16 @@ Domains = tuple[np.ndarray, np.ndarray]  # domain code of each query, of each ga
 
 
 def self_columns(query_ids: list[str], gallery_ids: list[str]) -> np.ndarray:
-    """For each query, the gallery column holding the same image (-1 if none): the pair score_matrix excludes."""
+    """For each query, the gallery column holding the same image (-1 if none): the pair left out."""
     return id_rows(gallery_ids, query_ids)
 
 
-def score_matrix(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray,
-                 domains: Domains | None = None) -> np.ndarray:
-    """Cosine scores; the pair (query i, gallery self_cols[i]) is excluded (-inf) when self_cols[i] ≥ 0,
-    and with `domains` every pair within one domain is."""
-    scores = normalize(queries) @ normalize(gallery).T
-    rows = np.flatnonzero(self_cols >= 0)
-    scores[rows, self_cols[rows]] = -np.inf
-    if domains is not None:
-        scores[domains[0][:, None] == domains[1][None, :]] = -np.inf
-    return scores
+def cosine_scores(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarray,
+                  domains: Domains | None = None) -> InnerProducts:
+    """Cosine scores of queries against the gallery, computed a block at a time on this process's device;
+    the pair (query i, gallery self_cols[i]) is left out when self_cols[i] ≥ 0, and with `domains` every
+    pair within one domain is."""
+    return InnerProducts(normalize(queries), normalize(gallery), self_cols, domains, devices.current())
 
 
 def cross_domains(dataset: Path, query_ids: list[str], gallery_ids: list[str]) -> Domains | None:
@@ -98,46 +99,64 @@ def cross_domains(dataset: Path, query_ids: list[str], gallery_ids: list[str]) -
     return encode(query_ids, "query"), encode(gallery_ids, "gallery")
 
 
-def kept_gallery_errors(scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, keep: np.ndarray,
-                        far: float) -> tuple[float, float]:
-    """(retrieval error 1 − R@1, verification error 1 − TAR@`far`) with only the `keep` gallery columns indexed;
+def kept_gallery_errors(scores: Scores | np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                        keep: np.ndarray, far: float, block_mb: float = BLOCK_MB) -> tuple[float, float]:
+    """(retrieval error 1 − R@1, verification error 1 − TAR@`far`) with only the `keep` gallery items indexed;
     the verification threshold is set on the kept gallery's impostor pairs. As for lone queries, a query whose
     every match was rejected leaves the R@1 denominator: the error is over the queries the kept gallery can answer."""
-    m = retrieval_metrics(scores[:, keep], query_labels, gallery_labels[keep], ks=[1], fars=[far], with_map=False)
-    return 1.0 - m["R@1"], 1.0 - m[f"TAR@FAR={far:g}"]
+    m = measure(scores, query_labels, gallery_labels, ks=[1], fars=[], with_map=False,
+                families=[Family.of([keep])], keep_far=far, block_mb=block_mb)
+    r1, tar = m.subsets[0][0]
+    return 1.0 - r1, 1.0 - tar
 
 
-def rejection_curves(
-    scores: np.ndarray,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    uncertainty: np.ndarray,
-    cfg: EvaluateConfig,
-    seed: int,
-) -> Metrics:
-    """Error vs rejection rate under the retrieval (1 − R@1) and verification (1 − TAR) protocols."""
+def rejection_families(uncertainty: np.ndarray, cfg: EvaluateConfig, seed: int) -> tuple[list[float], list[Family]]:
+    """The rejection rates in increasing order, and the kept galleries at those rates: first by uncertainty
+    (the most uncertain rejected), then, per random repeat, the same numbers of items in one random order
+    of the gallery (so each repeat's galleries nest, as the uncertainty ones do, and a whole curve is
+    measured in one pass)."""
+    rates = sorted(set(cfg.rejection_rates))
+    rejected = [rejection_mask(uncertainty, rate) for rate in rates]
+    families = [Family.of([~r for r in rejected])]
+    counts = [int(r.sum()) for r in rejected]
     rng = np.random.default_rng(seed)
-    out: Metrics = {"rejection/uncertainty": {}, "rejection/random": {}}
-
-    def errors(keep: np.ndarray) -> tuple[float, float]:
-        return kept_gallery_errors(scores, query_labels, gallery_labels, keep, cfg.rejection_far)
-
-    for rate in cfg.rejection_rates:
-        reject = rejection_mask(uncertainty, rate)
-        ret, ver = errors(~reject)
-        out["rejection/uncertainty"] |= {f"retrieval_error@{rate:g}": ret, f"verification_error@{rate:g}": ver}
-        n_reject = int(reject.sum())
-        rand = []
-        for _ in range(cfg.random_repeats if n_reject else 1):
+    for _ in range(cfg.random_repeats if any(counts) else 1):
+        order = rng.permutation(len(uncertainty))
+        keeps = []
+        for n in counts:
             keep = np.ones(len(uncertainty), bool)
-            keep[rng.choice(len(uncertainty), n_reject, replace=False)] = False
-            rand.append(errors(keep))
-        r_ret, r_ver = np.mean(rand, axis=0)
-        out["rejection/random"] |= {
-            f"retrieval_error@{rate:g}": float(r_ret),
-            f"verification_error@{rate:g}": float(r_ver),
-        }
-    return out
+            keep[order[:n]] = False
+            keeps.append(keep)
+        families.append(Family.of(keeps))
+    return rates, families
+
+
+def measure_with_rejection(scores: Scores | np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                           uncertainty: np.ndarray, cfg: EvaluateConfig, seed: int, with_metrics: bool = True,
+                           ) -> tuple[dict[str, float], Metrics]:
+    """One configuration's metrics (when `with_metrics`) and, from the same passes over its scores, error vs
+    rejection rate under the retrieval (1 − R@1) and verification (1 − TAR@rejection_far) protocols, for
+    rejection by uncertainty and at random (mean of the repeats)."""
+    rates, families = rejection_families(uncertainty, cfg, seed)
+    ks, fars = (cfg.recall_k, cfg.far) if with_metrics else ([1], [])
+    m = measure(scores, query_labels, gallery_labels, ks, fars, with_metrics, families, cfg.rejection_far,
+                cfg.block_mb)
+    out: Metrics = {"rejection/uncertainty": {}, "rejection/random": {}}
+    for rate in cfg.rejection_rates:  # reported in the config's order
+        i = rates.index(rate)
+        (r1, tar), randoms = m.subsets[0][i], [f[i] for f in m.subsets[1:]]
+        out["rejection/uncertainty"] |= {f"retrieval_error@{rate:g}": 1.0 - r1,
+                                         f"verification_error@{rate:g}": 1.0 - tar}
+        r_ret, r_ver = np.mean([(1.0 - a, 1.0 - b) for a, b in randoms], axis=0)
+        out["rejection/random"] |= {f"retrieval_error@{rate:g}": float(r_ret),
+                                    f"verification_error@{rate:g}": float(r_ver)}
+    return m.metrics, out
+
+
+def rejection_curves(scores: Scores | np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                     uncertainty: np.ndarray, cfg: EvaluateConfig, seed: int) -> Metrics:
+    """Error vs rejection rate (see measure_with_rejection) alone."""
+    return measure_with_rejection(scores, query_labels, gallery_labels, uncertainty, cfg, seed, False)[1]
 
 
 def _student_embeddings(path: Path, dataset: Path, order: list[str], batch: int) -> tuple[EmbeddingModel, np.ndarray]:
@@ -193,33 +212,40 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     g_self = np.arange(len(g_ids))
     metrics: Metrics = {}
 
-    def run(name: str, queries: np.ndarray, gallery: np.ndarray, cols: np.ndarray, qlab: np.ndarray,
-            symmetric: bool = False) -> np.ndarray:
-        pairs = None if domains is None else (domains[1] if symmetric else domains[0], domains[1])
-        scores = score_matrix(queries, gallery, cols, pairs)
-        metrics[name] = retrieval_metrics(scores, qlab, g_labels, cfg.recall_k, cfg.far)
-        log.info("%-28s R@1 %.4f  MAP@R %.4f", name, metrics[name]["R@1"], metrics[name]["MAP@R"])
-        return scores
+    def pairs(queries: np.ndarray, gallery: np.ndarray, cols: np.ndarray, symmetric: bool = False) -> InnerProducts:
+        return cosine_scores(queries, gallery, cols,
+                             None if domains is None else (domains[1] if symmetric else domains[0], domains[1]))
+
+    def record(name: str, values: dict[str, float]) -> None:
+        metrics[name] = values
+        log.info("%-28s R@1 %.4f  MAP@R %.4f", name, values["R@1"], values["MAP@R"])
+
+    def run(name: str, scores: InnerProducts, qlab: np.ndarray) -> None:
+        record(name, retrieval_metrics(scores, qlab, g_labels, cfg.recall_k, cfg.far, block_mb=cfg.block_mb))
 
     q_rows = self_cols >= 0
     q_as_gallery = np.zeros((len(g_ids), q.embeddings.shape[1]), np.float32)
     q_as_gallery[self_cols[q_rows]] = q.embeddings[q_rows]
     if q_rows.all() and len(q.ids) == len(g_ids):
-        run("sym_query", q.embeddings, q_as_gallery, self_cols, q.labels)
+        run("sym_query", pairs(q.embeddings, q_as_gallery, self_cols), q.labels)
 
     transformed = []
     for member in members:
         name = member["name"]
         t = by_gallery[member["sha256"]]
         raw = embedding_column(table, f"raw_{name}", str(inputs.gallery), t.in_dim)
-        run(f"sym_gallery/{name}", raw, raw, g_self, g_labels, symmetric=True)
+        run(f"sym_gallery/{name}", pairs(raw, raw, g_self, symmetric=True), g_labels)
         transformed.append(t.apply(raw))
-        run(f"asym/{name}", q.embeddings, transformed[-1], self_cols, q.labels)
+        run(f"asym/{name}", pairs(q.embeddings, transformed[-1], self_cols), q.labels)
     running = np.zeros_like(transformed[0], dtype=np.float64)
-    scores = None
     for n, member_emb in enumerate(transformed, start=1):
         running += member_emb
-        scores = run(f"asym_ensemble/{n}", q.embeddings, running.astype(np.float32), self_cols, q.labels)
+        scores = pairs(q.embeddings, running.astype(np.float32), self_cols)
+        if n < len(transformed):
+            run(f"asym_ensemble/{n}", scores, q.labels)
+        else:  # the served ensemble: its rejection curves come from the same passes over its scores
+            values, curves = measure_with_rejection(scores, q.labels, g_labels, uncertainty, cfg, seed)
+            record(f"asym_ensemble/{n}", values)
     if not np.allclose(normalize(running.astype(np.float32)), stored, atol=1e-4):
         raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
     member_by_sha = {m["sha256"]: m["name"] for m in members}
@@ -235,10 +261,9 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     for member in members:  # report in member order whatever order the students came in
         if member["name"] in students:
             raw = embedding_column(table, f"raw_{member['name']}", str(inputs.gallery))
-            run(f"kd/{member['name']}", students[member["name"]], raw, self_cols, q.labels)
+            run(f"kd/{member['name']}", pairs(students[member["name"]], raw, self_cols), q.labels)
 
-    assert scores is not None
-    metrics |= rejection_curves(scores, q.labels, g_labels, uncertainty, cfg, seed)
+    metrics |= curves
     versions = {
         "query_model": {"name": query_model.name, "sha256": query_model.sha256},
         "members": members,

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from cmce.checkpoint import load_embedding_model
 from cmce.embed import embed_split
-from cmce.evaluate import cross_domains, score_matrix, self_columns
+from cmce.evaluate import cosine_scores, cross_domains, self_columns
 from cmce.metrics import retrieval_metrics
+from cmce.scores import BLOCK_MB
 from cmce.tables import TableError, embedding_column, int_column, read_metadata, read_table, string_column
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def decide(baseline: dict[str, float], candidate: dict[str, float], metrics: lis
 
 
 def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, recall_k: list[int],
-                   fars: list[float], batch_size: int = 256) -> dict[str, float]:
+                   fars: list[float], batch_size: int = 256, block_mb: float = BLOCK_MB) -> dict[str, float]:
     """Metrics of the query model searching the gallery's stored ensemble embedding."""
     q_model = load_embedding_model(query_model)
     meta = read_metadata(gallery)
@@ -71,8 +72,8 @@ def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, 
     g_labels = int_column(table, "label", str(gallery))
     emb = embedding_column(table, "embedding", str(gallery))
     q = embed_split(q_model, dataset, split, batch_size)
-    scores = score_matrix(q.embeddings, emb, self_columns(q.ids, g_ids), cross_domains(dataset, q.ids, g_ids))
-    out = retrieval_metrics(scores, q.labels, g_labels, recall_k, fars)
+    scores = cosine_scores(q.embeddings, emb, self_columns(q.ids, g_ids), cross_domains(dataset, q.ids, g_ids))
+    out = retrieval_metrics(scores, q.labels, g_labels, recall_k, fars, block_mb=block_mb)
     log.info("%s with %s: %s", gallery, Path(query_model).name,
              ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "lone_queries"))
     return out
