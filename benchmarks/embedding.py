@@ -262,6 +262,20 @@ def model_costs(cfg, work: Path, repeats: int = 50) -> list[str]:
     return rows
 
 
+def thread_counts(text: str) -> list[int]:
+    """`ALL,1` → [torch's default thread count, 1]; each count at least 1."""
+    counts = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.upper() == "ALL":
+            counts.append(torch.get_num_threads())
+        elif part.isdigit() and int(part) >= 1:
+            counts.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"expected thread counts >= 1 or ALL, comma-separated; got {part!r}")
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
@@ -270,7 +284,8 @@ def main() -> None:
     p.add_argument("--large", type=int, default=100_000, help="larger gallery of the memory comparison")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--workers", default="0,1", help="decode worker counts to measure")
-    p.add_argument("--threads", default=f"{torch.get_num_threads()},1", help="torch thread counts to measure")
+    p.add_argument("--threads", type=thread_counts, default="ALL,1",
+                   help="torch thread counts to measure, comma-separated; ALL = torch's default (every core)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -282,8 +297,7 @@ def main() -> None:
         body = [f"Config `{Path(args.config).name}`: {cfg.data.image_size}×{cfg.data.image_size}×{cfg.data.channels} "
                 f"images, inference batch {cfg.batch_size}. Random weights, synthetic PNGs.", "",
                 f"### Embedding throughput, {args.throughput_images:,} images (median of {args.repeats})", ""]
-        body += throughput(cfg, work, args.throughput_images, args.repeats, workers,
-                           [int(x) for x in args.threads.split(",")])
+        body += throughput(cfg, work, args.throughput_images, args.repeats, workers, args.threads)
         body += ["", "### Peak memory of the embed step by gallery size (one model: the query architecture as a "
                  "fast stand-in)", ""]
         body += peak_memory(cfg, work, [args.small, args.large], workers)
@@ -293,7 +307,9 @@ def main() -> None:
         body += model_costs(cfg, work)
     command = "python -m benchmarks.embedding" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("throughput_images", "small", "large", "repeats", "workers", "threads") and v != p.get_default(k))
+        if k in ("throughput_images", "small", "large", "repeats", "workers") and v != p.get_default(k))
+    if args.threads != thread_counts("ALL,1"):
+        command += " --threads " + ",".join(map(str, args.threads))
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:

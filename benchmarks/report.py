@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the hardware line, and appending a dated section to BENCHMARKS.md."""
+"""Shared by the benchmark scripts: the hardware line, and writing a dated section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -97,4 +97,30 @@ def append_section(title: str, command: str, body: list[str], wall_s: float, out
     if write:
         text = out.read_text() if out.exists() else "# Benchmarks\n\n"
         write_text(out, text.rstrip("\n") + "\n\n" + section + "\n")
+    return section
+
+
+def write_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md") -> str:
+    """Print the section and write it to BENCHMARKS.md in place of the section of the same title (any date), or
+    at the end when there is none: one current section per benchmark, its history in git."""
+    from cmce.storage import write_text
+
+    section = "\n".join([
+        f"## {title} — {datetime.date.today().isoformat()}",
+        "",
+        f"Command: `{command}`; commit {STARTED_AT}; {hardware()}; wall {wall_s:.0f} s.",
+        "",
+        *body,
+    ])
+    sys.stdout.write(section + "\n")
+    text = out.read_text() if out.exists() else "# Benchmarks\n"
+    lines = text.rstrip("\n").split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"## {title} — ")]
+    if starts:
+        end = next((i for i in range(starts[0] + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[starts[0]:end] = section.split("\n") + ([""] if end < len(lines) else [])
+        text = "\n".join(lines) + "\n"
+    else:
+        text = "\n".join(lines) + "\n\n" + section + "\n"
+    write_text(out, text)
     return section

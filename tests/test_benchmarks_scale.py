@@ -1,0 +1,42 @@
+"""The scale benchmarks run end to end at toy sizes; their sections replace, not pile up."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import evaluation, report, training
+from tests.conftest import SMOKE, table_cells
+
+
+def test_training_benchmark_times_every_architecture_of_the_config(capsys):
+    training.main(["--config", str(SMOKE), "--images", "128", "--epochs", "1", "--repeats", "1", "--no-write"])
+    rows = [table_cells(r) for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "width" in r]
+    assert [r[0].split(" ")[0] for r in rows] == ["query", "resnet_a", "vgg_b"]
+    for r in rows:
+        bare, ours, ratio = (float(c.replace(",", "")) for c in r[2:5])
+        assert bare > 0 and ours > 0 and ratio == pytest.approx(ours / bare, rel=0.02)
+
+
+def test_evaluation_benchmark_agrees_with_accuracy_calculator(capsys):
+    pytest.importorskip("pytorch_metric_learning")
+    evaluation.main(["--sizes", "600,1200", "--repeats", "1", "--no-write"])
+    rows = [table_cells(r) for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
+    rows = [r for r in rows if r[0].replace(",", "").isdigit()]
+    by = {(r[0], r[1]): r for r in rows}
+    assert len(rows) == 2 * len(evaluation.METHODS)
+    for n in ("600", "1,200"):
+        # the same R@1 and MAP@R (in %) from every method on the same embeddings
+        assert len({by[n, name][5] for name in evaluation.METHODS.values()}) == 1, n
+
+
+def test_a_benchmark_section_replaces_its_previous_one(tmp_path, monkeypatch):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n## Other — 2026-01-01\n\nkept\n\n## Loop — 2026-01-01\n\nold\n\n"
+                   "## Last — 2026-01-02\n\nalso kept\n")
+    monkeypatch.setattr(report, "hardware", lambda: "hw")
+    report.write_section("Loop", "cmd", ["new"], 1.0, out)
+    text = out.read_text()
+    assert "old" not in text and "new" in text and text.count("## Loop — ") == 1
+    assert text.index("## Other") < text.index("## Loop") < text.index("## Last") and "also kept" in text
+    report.write_section("Fresh", "cmd", ["first"], 1.0, out)
+    assert out.read_text().rstrip().endswith("first")
