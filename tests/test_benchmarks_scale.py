@@ -40,3 +40,30 @@ def test_a_benchmark_section_replaces_its_previous_one(tmp_path, monkeypatch):
     assert text.index("## Other") < text.index("## Loop") < text.index("## Last") and "also kept" in text
     report.write_section("Fresh", "cmd", ["first"], 1.0, out)
     assert out.read_text().rstrip().endswith("first")
+
+
+def test_end_to_end_runs_every_stage_on_a_small_synthetic_split(tmp_path, capsys):
+    from benchmarks import end_to_end
+
+    end_to_end.main(["--images", "400", "--classes", "40", "--out", str(tmp_path / "run"), "--device", "cpu",
+                     "--no-write", "--set", "train.epochs=1", "--set", "kd.epochs=1", "--set", "transform.epochs=2",
+                     "--set", "train.batch_size=64", "--set", "transform.batch_size=64"])
+    out = capsys.readouterr().out
+    assert "**Every model, transformation, KD student, the gallery embedding and the full evaluation:" in out
+    assert out.count("cmce.transform: T[") == 4 and "asym_ensemble/4" in out
+    metrics = (tmp_path / "run" / "eval" / "metrics.json").read_text()
+    assert '"kd/resnet_wide"' in metrics and '"rejection/random"' in metrics
+
+
+def test_embedding_benchmark_reads_thread_counts_as_its_usage_line_writes_them():
+    import argparse
+
+    import torch
+
+    from benchmarks.embedding import thread_counts
+
+    assert thread_counts("ALL,1") == [torch.get_num_threads(), 1]
+    assert thread_counts("2, all") == [2, torch.get_num_threads()]
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="thread counts"):
+            thread_counts(bad)
