@@ -21,7 +21,7 @@ from PIL import Image
 from benchmarks.references import REJECTED, operating_point_rows, operating_points, rejection_rows, served
 from benchmarks.report import shown
 from cmce.config import Config
-from cmce.index import rejection_mask
+from cmce.method import rejection_mask
 from cmce.metrics import retrieval_metrics
 from cmce.steps import RunLayout, step_combine, step_embed_member
 

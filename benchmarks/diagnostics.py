@@ -10,7 +10,7 @@ import numpy as np
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
-from cmce.ensemble import normalize
+from cmce.method import RunningEnsemble, normalize
 from cmce.metrics import linear_cka
 from cmce.models import count_flops, count_parameters
 from cmce.steps import RunLayout
@@ -58,7 +58,10 @@ def residual_table(cfg: Config, lay: RunLayout, stored: Stored) -> list[str]:
         g_emb, q_emb = stored[spec.name]["test"]  # rows in the query file's order for every member
         transformed.append(load_transformation(lay.transformation(spec.name)).apply(g_emb))
         residuals[spec.name] = transformed[-1] - normalize(q_emb)
-    ensemble = normalize(np.mean(transformed, axis=0)) - normalize(q_emb)
+    served = RunningEnsemble()
+    for member in transformed:
+        served.add(member)
+    ensemble = served.embedding - normalize(q_emb)
     sq = {name: float((r ** 2).sum(axis=1).mean()) for name, r in residuals.items()}
     names = list(residuals)
     cosines = [float((normalize(residuals[a]) * normalize(residuals[b])).sum(axis=1).mean())

@@ -29,8 +29,8 @@ import numpy as np
 
 from benchmarks.report import LOG_FORMAT, ROOT, append_section
 from cmce.config import IndexConfig
-from cmce.ensemble import normalize
 from cmce.index import make_index, set_search_params
+from cmce.method import normalize
 
 K = 10
 
@@ -104,7 +104,9 @@ def time_search(index, queries: np.ndarray, batch: int, repeats: int, n_single: 
     return statistics.median(runs)
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+def overlap_with_exact(found: np.ndarray, exact: np.ndarray) -> float:
+    """ANN recall@K: the share of the exact top-K that the index returns (not the retrieval R@K of cmce.metrics,
+    which asks whether any of the K neighbours shares the query's label)."""
     return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found, exact, strict=True)]))
 
 
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[int], float]:
             if built.index_type != "flat":
                 raise SystemExit("--types must start with flat: it is the baseline and the ground truth")
             exact_ids = ids
-        row.recall = recall_at_k(ids, exact_ids)
+        row.recall = overlap_with_exact(ids, exact_ids)
         for t in threads:
             faiss.omp_set_num_threads(t)
             for batch in (1, args.queries):

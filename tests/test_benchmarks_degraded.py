@@ -8,7 +8,7 @@ from PIL import Image
 from benchmarks.degraded import DEGRADED, degrade, degraded_copy, degraded_gallery, degraded_table
 from benchmarks.references import REJECTED
 from cmce.config import load_config
-from cmce.index import rejection_mask
+from cmce.method import rejection_mask
 from cmce.tables import embedding_column, float_column, read_table, string_column
 from tests.conftest import SMOKE, table_cells
 

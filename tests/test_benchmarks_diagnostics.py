@@ -80,7 +80,7 @@ def _by_query_ids(lay: RunLayout, path, column: str):
     """`column` of a gallery-side file in the evaluation's query order, and the query embeddings, both unit."""
     import numpy as np
 
-    from cmce.ensemble import normalize
+    from cmce.method import normalize
     from cmce.tables import embedding_column, read_table, rows_of, string_column
 
     table, query = read_table(path), read_table(lay.eval_dir / "query.parquet")

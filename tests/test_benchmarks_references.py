@@ -5,8 +5,8 @@ import numpy as np
 from benchmarks.references import REJECTED, Served, classifier_target_metrics, label_orderings, served
 from cmce.checkpoint import load_embedding_model
 from cmce.config import load_config
-from cmce.ensemble import normalize
 from cmce.evaluate import rejection_curves
+from cmce.method import normalize
 from tests.conftest import SMOKE
 
 

@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cmce.embed import combine_members, member_metadata, member_schema, member_table
-from cmce.ensemble import RunningEnsemble, normalize
+from cmce.method import RunningEnsemble, normalize
 from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, with_metadata, write_table
 
 

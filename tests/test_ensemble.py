@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cmce.ensemble import RunningEnsemble, normalize, pairwise_uncertainty, uncertainty_from_sum
+from cmce.method import RunningEnsemble, normalize, pairwise_uncertainty, uncertainty_from_sum
 
 
 def _members(n: int, items: int = 50, dim: int = 8, seed: int = 0) -> np.ndarray:

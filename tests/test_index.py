@@ -7,8 +7,8 @@ import pytest
 
 from cmce.config import ConfigError, HnswConfig, IndexConfig, IvfPqConfig, load_config
 from cmce.embed import combine_members
-from cmce.ensemble import normalize
-from cmce.index import IndexLoadError, build_index, load_index, rejection_mask, resolve_index_type, search
+from cmce.index import IndexLoadError, build_index, load_index, resolve_index_type, search
+from cmce.method import normalize, rejection_mask
 from cmce.tables import embedding_column
 from tests.test_embed import members
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from cmce.embed import combine_members, member_metadata, member_schema, member_table
-from cmce.ensemble import normalize, pairwise_uncertainty, uncertainty_from_sum
+from cmce.method import normalize, pairwise_uncertainty, uncertainty_from_sum
 from cmce.metrics import retrieval_metrics
 from cmce.tables import (
     embedding_array,

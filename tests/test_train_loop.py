@@ -20,9 +20,10 @@ from cmce.augment import augment
 from cmce.config import TrainConfig, TransformConfig
 from cmce.data import SplitArrays, to_float
 from cmce.feed import BatchFeed
+from cmce.method import transformation_loss
 from cmce.models import CosineClassifier, EmbeddingNet
 from cmce.train import _schedule, run_epochs
-from cmce.transform import build_mlp, fit_transformation, transformation_loss
+from cmce.transform import build_mlp, fit_transformation
 
 
 def plain_augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:

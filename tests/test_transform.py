@@ -4,7 +4,7 @@ import torch
 
 from cmce.checkpoint import CheckpointError
 from cmce.config import TransformConfig
-from cmce.ensemble import normalize
+from cmce.method import normalize
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
 from tests.conftest import SMOKE
 

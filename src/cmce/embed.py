@@ -24,8 +24,8 @@ from cmce import device as devices
 from cmce.augment import augment
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data import SplitArrays, to_float
-from cmce.ensemble import RunningEnsemble
 from cmce.loader import WHOLE, Shard, iter_split_chunks, rebatch
+from cmce.method import RunningEnsemble
 from cmce.storage import atomic_path
 from cmce.tables import (
     TableError,

@@ -30,8 +30,7 @@ from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.config import EvaluateConfig
 from cmce.data import dataset_info, read_domains
 from cmce.embed import embed_split
-from cmce.ensemble import normalize
-from cmce.index import rejection_mask
+from cmce.method import RunningEnsemble, normalize, rejection_mask
 from cmce.metrics import Family, measure, retrieval_metrics
 from cmce.scores import BLOCK_MB, InnerProducts, Scores
 from cmce.storage import atomic_dir, check_replaceable, origin
@@ -237,16 +236,16 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
         run(f"sym_gallery/{name}", pairs(raw, raw, g_self, symmetric=True), g_labels)
         transformed.append(t.apply(raw))
         run(f"asym/{name}", pairs(q.embeddings, transformed[-1], self_cols), q.labels)
-    running = np.zeros_like(transformed[0], dtype=np.float64)
+    ensemble = RunningEnsemble()
     for n, member_emb in enumerate(transformed, start=1):
-        running += member_emb
-        scores = pairs(q.embeddings, running.astype(np.float32), self_cols)
+        ensemble.add(member_emb)
+        scores = pairs(q.embeddings, ensemble.embedding, self_cols)
         if n < len(transformed):
             run(f"asym_ensemble/{n}", scores, q.labels)
         else:  # the served ensemble: its rejection curves come from the same passes over its scores
             values, curves = measure_with_rejection(scores, q.labels, g_labels, uncertainty, cfg, seed)
             record(f"asym_ensemble/{n}", values)
-    if not np.allclose(normalize(running.astype(np.float32)), stored, atol=1e-4):
+    if not np.allclose(ensemble.embedding, stored, atol=1e-4):
         raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
     member_by_sha = {m["sha256"]: m["name"] for m in members}
     students = {}

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from cmce import s3
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
-from cmce.ensemble import normalize
+from cmce.method import normalize, rejection_mask
 from cmce.storage import atomic_dir, check_replaceable, file_sha256, local_input, restore_dir
 from cmce.tables import (
     TableError,
@@ -51,17 +51,6 @@ DEFAULT_TRAIN_SIZE = 65536
 
 class IndexLoadError(ValueError):
     """The index is missing, corrupt, or was built for another query model."""
-
-
-def rejection_mask(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
-    """True for the ceil(fraction·n) most uncertain items (ties broken by position, stable)."""
-    n = len(uncertainty)
-    # never reject everything: an index needs at least one item
-    n_reject = min(int(np.ceil(fraction * n - 1e-9)), max(n - 1, 0)) if fraction > 0 else 0
-    mask = np.zeros(n, dtype=bool)
-    if n_reject:
-        mask[np.argsort(-np.asarray(uncertainty), kind="stable")[:n_reject]] = True
-    return mask
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
 from cmce.embed import embed_split, ensemble_columns
-from cmce.ensemble import RunningEnsemble
+from cmce.method import RunningEnsemble
 from cmce.storage import atomic_dir, atomic_path
 from cmce.tables import TableError, embedding_column, read_metadata, read_table, rows_of, string_column, writer_options
 from cmce.transform import Transformation, fit_transformation, save_transformation

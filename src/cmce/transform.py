@@ -1,8 +1,6 @@
-"""The transformation T_i: an MLP mapping one gallery model's embedding into the query space.
-
-Fitted with both backbones frozen, on their precomputed embeddings of the training images:
-    L = ‖n(T(g)) − n(q)‖² + λ · CE(s · n(T(g)) · n(W_q)ᵀ, y)
-n = L2 normalisation, W_q = the frozen query classifier. The query model never changes.
+"""The transformation T_i: an MLP mapping one gallery model's embedding into the query space, fitted
+with both backbones frozen on their precomputed embeddings of the training images, by the loss of
+cmce.method.transformation_loss. The query model never changes.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, require_keys, save_checkpoint
 from cmce.config import TransformConfig
-from cmce.models import cosine_logits
+from cmce.method import transformation_loss
 from cmce.resume import Resume
 from cmce.storage import file_sha256
 
@@ -69,15 +67,6 @@ class Transformation:
         out = [F.normalize(self.mlp(x[i : i + batch_size].to(device)), dim=-1).cpu()
                for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.out_dim), np.float32)
-
-
-def transformation_loss(
-    out: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, lam: float, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Total, alignment and cross-entropy terms of the fitting loss (see module docstring)."""
-    align = (F.normalize(out, dim=-1) - F.normalize(query, dim=-1)).pow(2).sum(-1).mean()
-    ce = F.cross_entropy(cosine_logits(out, classifier, scale), labels) if lam > 0 else out.new_zeros(())
-    return align + lam * ce, align, ce
 
 
 def fit_transformation(

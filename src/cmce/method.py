@@ -1,0 +1,106 @@
+"""The method of the paper, in one place; everything else calls these.
+
+A lightweight query model φ_q and N gallery models φ_g1..φ_gN; one transformation T_i per gallery model
+into the query space, fitted with both backbones frozen (n = L2 normalisation, W_q = the frozen query
+classifier, s = its scale):
+
+    L_i = ‖n(T_i(φ_gi(x))) − n(φ_q(x))‖² + λ · CE(s · n(T_i(φ_gi(x))) · n(W_q)ᵀ, y)        transformation_loss
+
+Gallery side, with e_i = n(T_i(φ_gi(x))) and the running sum S = Σ_i e_i:
+
+    embedding   = n(S)                                     (the normalised mean: cosine search)   RunningEnsemble
+    uncertainty = mean_{i<j} ‖e_i − e_j‖² = (N² − ‖S‖²) / (N(N−1)/2)        (since ‖e_i‖ = 1)   uncertainty_from_sum
+
+Only S and N are stored, so a model joins a live ensemble without touching the others. The most uncertain
+gallery items can be left out of the index: rejection_mask. The query embedding is φ_q(x), unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmce.models import cosine_logits
+
+
+def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """n(x): rows scaled to unit L2 norm (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def transformation_loss(
+    out: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, lam: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Total, alignment and cross-entropy terms of L_i for a batch: `out` = T_i(φ_gi(x)), `query` = φ_q(x)."""
+    align = (F.normalize(out, dim=-1) - F.normalize(query, dim=-1)).pow(2).sum(-1).mean()
+    ce = F.cross_entropy(cosine_logits(out, classifier, scale), labels) if lam > 0 else out.new_zeros(())
+    return align + lam * ce, align, ce
+
+
+def uncertainty_from_sum(running_sum: np.ndarray, n_models: int) -> np.ndarray:
+    """Mean pairwise squared distance of the N unit vectors whose sum is `running_sum` (0 when N < 2)."""
+    if n_models < 2:
+        return np.zeros(len(running_sum), dtype=np.float32)
+    sq = np.einsum("ij,ij->i", running_sum.astype(np.float64), running_sum.astype(np.float64))
+    pairs = n_models * (n_models - 1) / 2
+    # clip tiny negatives from rounding when all members agree
+    return np.clip((n_models**2 - sq) / pairs, 0.0, None).astype(np.float32)
+
+
+def pairwise_uncertainty(members: np.ndarray) -> np.ndarray:
+    """The direct form, for reference: mean over i<j of ‖e_i − e_j‖² for members of shape (N, items, dim)."""
+    n = members.shape[0]
+    if n < 2:
+        return np.zeros(members.shape[1], dtype=np.float32)
+    total = np.zeros(members.shape[1], dtype=np.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            total += ((members[i].astype(np.float64) - members[j]) ** 2).sum(-1)
+    return (total / (n * (n - 1) / 2)).astype(np.float32)
+
+
+class RunningEnsemble:
+    """Accumulates normalised member embeddings e_i into S; gives the ensemble embedding and uncertainty."""
+
+    def __init__(self, running_sum: np.ndarray | None = None, n_models: int = 0):
+        self.sum = None if running_sum is None else np.asarray(running_sum, dtype=np.float64)
+        self.n_models = n_models
+
+    def add(self, member: np.ndarray) -> None:
+        member = normalize(member).astype(np.float64)
+        if self.sum is not None and self.sum.shape != member.shape:
+            raise ValueError(f"member shape {member.shape} does not match the ensemble {self.sum.shape}")
+        self.sum = member if self.sum is None else self.sum + member
+        self.n_models += 1
+
+    def _require(self) -> np.ndarray:
+        if self.sum is None:
+            raise ValueError("empty ensemble: add at least one member")
+        return self.sum
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean of the normalised members (not itself unit length)."""
+        return (self._require() / self.n_models).astype(np.float32)
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The searched embedding n(S): the normalised mean."""
+        return normalize(self._require())
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        return uncertainty_from_sum(self._require(), self.n_models)
+
+
+def rejection_mask(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
+    """True for the ceil(fraction·n) most uncertain items (ties broken by position, stable); never all of
+    them, as an index needs at least one item. Growing fractions give nested masks."""
+    n = len(uncertainty)
+    n_reject = min(int(np.ceil(fraction * n - 1e-9)), max(n - 1, 0)) if fraction > 0 else 0
+    mask = np.zeros(n, dtype=bool)
+    if n_reject:
+        mask[np.argsort(-np.asarray(uncertainty), kind="stable")[:n_reject]] = True
+    return mask
