@@ -32,7 +32,9 @@ from PIL import Image
 from benchmarks.report import ROOT, append_section
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import ModelSpec, load_config
-from cmce.data import DATASET_SCHEMA, load_split, to_float
+from cmce.data.codec import to_float
+from cmce.data.readers import load_split
+from cmce.data.schema import DATASET_SCHEMA
 from cmce.embed import combine_members, embed_with_model, merge_shards
 from cmce.models import EmbeddingNet, count_flops, count_parameters
 from cmce.tables import embedding_column, read_table, write_table

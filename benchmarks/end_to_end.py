@@ -31,7 +31,7 @@ from PIL import Image
 from benchmarks.report import ROOT, config_overrides, config_shown, write_section
 from cmce import device as devices
 from cmce.config import load_config
-from cmce.data import DATASET_SCHEMA
+from cmce.data.schema import DATASET_SCHEMA
 from cmce.storage import atomic_path
 
 log = logging.getLogger("bench")

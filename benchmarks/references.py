@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.report import fmt, mean_std, shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
-from cmce.data import dataset_info
+from cmce.data.readers import dataset_info
 from cmce.evaluate import cosine_scores, cross_domains, kept_gallery_errors, rejection_curves, self_columns
 from cmce.method import rejection_mask
 from cmce.metrics import far_threshold, retrieval_metrics

@@ -29,9 +29,10 @@ from torch import nn
 
 from benchmarks.report import add_config_options, config_overrides, config_shown, write_section
 from cmce import device as devices
-from cmce.augment import augment
 from cmce.config import ModelSpec, TrainConfig, load_config
-from cmce.data import SplitArrays, to_float
+from cmce.data.augment import augment
+from cmce.data.codec import to_float
+from cmce.data.readers import SplitArrays
 from cmce.models import CosineClassifier, EmbeddingNet, count_parameters
 from cmce.train import run_epochs
 

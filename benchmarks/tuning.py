@@ -8,7 +8,8 @@ from dataclasses import replace
 from benchmarks.refit import refit
 from benchmarks.report import shown
 from cmce.config import Config
-from cmce.data import carve_validation, dataset_info
+from cmce.data.prepare import carve_validation
+from cmce.data.readers import dataset_info
 from cmce.steps import RunLayout, run_all
 
 LAMBDA_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from cmce.checkpoint import EMBEDDING_FORMAT, EmbeddingModel, save_embedding_model
 from cmce.cli import main
-from cmce.data import decode_image
+from cmce.data.codec import decode_image
 from cmce.embed import member_metadata, member_schema, member_table
 from cmce.models import EmbeddingNet
 from cmce.storage import file_sha256

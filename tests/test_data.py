@@ -9,22 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, PngImagePlugin
 
-import cmce.data as data_module
+import cmce.data.codec as codec_module
 from cmce.config import DataConfig
-from cmce.data import (
-    DATASET_SCHEMA,
-    DataError,
-    carve_validation,
-    dataset_info,
-    decode_image,
-    decode_png_fast,
-    encode_png,
-    import_fashion_mnist,
-    import_imagefolder,
-    iter_split_batches,
-    load_split,
-    prepare_dataset,
-)
+from cmce.data.codec import decode_image, decode_png_fast, encode_png
+from cmce.data.prepare import carve_validation, prepare_dataset
+from cmce.data.readers import dataset_info, iter_split_batches, load_split
+from cmce.data.schema import DATASET_SCHEMA, DataError
+from cmce.importers.fashion_mnist import import_fashion_mnist
+from cmce.importers.imagefolder import import_imagefolder
 
 
 def _png(mode, size=(6, 6), value=128):
@@ -129,7 +121,7 @@ def _encoded(mode, size, rng, **save):
 
 def _pil_only(monkeypatch, blob, channels, size):
     with monkeypatch.context() as m:
-        m.setattr(data_module, "decode_png_fast", lambda *a: None)
+        m.setattr(codec_module, "decode_png_fast", lambda *a: None)
         return decode_image(blob, channels, size, "x")
 
 
@@ -206,7 +198,7 @@ def test_missing_split_duplicate_ids_and_missing_column(tmp_path):
 
 
 def test_fetch_never_touches_a_foreign_folder(tmp_path):
-    from cmce.data import fetch_fashion_mnist
+    from cmce.importers.fashion_mnist import fetch_fashion_mnist
 
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(DataError, match="exists and is not empty"):
@@ -218,16 +210,16 @@ def test_truncated_idx_header_names_the_file(tmp_path):
     path = tmp_path / "x-idx3-ubyte.gz"
     with gzip.open(path, "wb") as f:
         f.write(bytes([0, 0, 8, 3, 0, 0]))
-    from cmce.data import _read_idx
+    from cmce.importers.fashion_mnist import read_idx
 
     with pytest.raises(DataError, match="x-idx3-ubyte.gz: truncated IDX header"):
-        _read_idx(path)
+        read_idx(path)
 
 
 def test_source_registry_matches_the_config_and_names_valid_sources(tmp_path):
     import typing
 
-    from cmce.data import SOURCES, fetch_source, get_source
+    from cmce.data.sources import SOURCES, fetch_source, get_source
 
     assert set(typing.get_args(typing.get_type_hints(DataConfig)["source"])) == set(SOURCES)
     with pytest.raises(DataError, match=r"unknown data source 'mnist'; valid names: \['cars196', 'cub200', 'digits'"):
@@ -239,7 +231,8 @@ def test_source_registry_matches_the_config_and_names_valid_sources(tmp_path):
 
 
 def test_disjoint_by_rules(tmp_path):
-    from cmce.data import RawImages, assign_splits
+    from cmce.data.protocols import assign_splits
+    from cmce.data.schema import RawImages
 
     raw = RawImages([f"i{n}" for n in range(12)], np.arange(12) % 6, list("abcdef"), [b""] * 12)
     first = assign_splits(raw, DataConfig(protocol="disjoint"), 0)

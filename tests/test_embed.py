@@ -97,9 +97,9 @@ def test_members_must_agree(tmp_path):
 
 def test_augmented_views_pair_rows_across_models_and_repeat_with_the_seed(smoke_run):
 
-    from cmce.augment import augment
     from cmce.checkpoint import load_embedding_model
-    from cmce.data import load_split
+    from cmce.data.augment import augment
+    from cmce.data.readers import load_split
     from cmce.embed import embed_augmented_views, embed_batch, view_generator
 
     lay, _ = smoke_run
@@ -131,7 +131,7 @@ def test_mixed_precision_path_stays_close_to_float32(smoke_run):
     import torch
 
     from cmce.checkpoint import load_embedding_model
-    from cmce.data import load_split
+    from cmce.data.readers import load_split
     from cmce.embed import embed_batch
 
     lay, _ = smoke_run

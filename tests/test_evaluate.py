@@ -83,7 +83,7 @@ def test_cross_vendor_scores_count_only_the_other_vendors_drawing():
 
 def test_cross_domains_only_under_the_cross_vendor_protocol(tmp_path):
     from cmce.config import DataConfig
-    from cmce.data import prepare_dataset
+    from cmce.data.prepare import prepare_dataset
     from cmce.evaluate import cross_domains
     from cmce.tables import TableError
 

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from cmce.config import DataConfig
-from cmce.data import DataError, dataset_info, prepare_dataset
+from cmce.data.prepare import prepare_dataset
+from cmce.data.readers import dataset_info
+from cmce.data.schema import DataError
 from cmce.importers.retrieval_benchmarks import import_cars196, import_cub200, import_sop
 
 

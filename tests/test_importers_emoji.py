@@ -15,7 +15,10 @@ import pytest
 from PIL import Image
 
 from cmce.config import DataConfig
-from cmce.data import DataError, assign_splits, dataset_info, prepare_dataset, read_domains
+from cmce.data.prepare import prepare_dataset
+from cmce.data.protocols import assign_splits
+from cmce.data.readers import dataset_info, read_domains
+from cmce.data.schema import DataError
 from cmce.importers import emoji
 from cmce.importers.emoji import fetch_emoji, import_emoji
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cmce.checkpoint import load_embedding_model
+from cmce.data.loader import Shard, iter_split_chunks, parse_shard, rebatch, shard_range
 from cmce.embed import combine_members, embed_with_model, merge_shards
-from cmce.loader import Shard, iter_split_chunks, parse_shard, rebatch, shard_range
 from cmce.tables import TableError, embedding_column, read_metadata
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from cmce import models, pretrained
 from cmce.checkpoint import load_embedding_model
 from cmce.config import DataConfig, ModelSpec, TrainConfig, config_from_dict
-from cmce.data import prepare_dataset
+from cmce.data.prepare import prepare_dataset
 from cmce.models import EmbeddingNet, arch_names, check_arch, is_pretrained
 from cmce.pretrained import MissingPretrainedError, MobileNetV2, WeightsFile
 from cmce.train import train_embedding_model

@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cmce.augment import augment
 from cmce.config import TrainConfig, TransformConfig
-from cmce.data import SplitArrays, to_float
+from cmce.data.augment import augment
+from cmce.data.codec import to_float
+from cmce.data.readers import SplitArrays
 from cmce.feed import BatchFeed
 from cmce.method import transformation_loss
 from cmce.models import CosineClassifier, EmbeddingNet

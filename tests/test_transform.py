@@ -67,7 +67,7 @@ def test_checkpoint_round_trip_and_model_checks(tmp_path):
 def test_fit_transform_step_adds_augmented_views_to_the_fitting_pairs(smoke_run, tmp_path, monkeypatch):
     from cmce import steps
     from cmce.config import load_config
-    from cmce.data import load_split
+    from cmce.data.readers import load_split
 
     lay, _ = smoke_run
     seen = []

@@ -88,7 +88,7 @@ def _model(path: str) -> Path:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
-    from cmce.data import dataset_info
+    from cmce.data.readers import dataset_info
 
     cfg = _config(args)
     out = step_prepare_data(cfg, _out(args, args.out), _in(args.raw) if args.raw else None)
@@ -130,7 +130,7 @@ def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
 
 
 def _shard(args: argparse.Namespace):
-    from cmce.loader import parse_shard
+    from cmce.data.loader import parse_shard
 
     return parse_shard(args.shard)
 
@@ -180,7 +180,7 @@ def cmd_merge(args: argparse.Namespace) -> StepRecord:
 
 
 def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
-    from cmce.data import fetch_source
+    from cmce.data.sources import fetch_source
 
     cfg = _config(args)
     fetch_source(cfg.data, _out(args, args.out, is_dir=True))
@@ -237,7 +237,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     import torch
 
     from cmce.checkpoint import load_embedding_model
-    from cmce.data import decode_image, iter_split_batches
+    from cmce.data.codec import decode_image
+    from cmce.data.readers import iter_split_batches
     from cmce.embed import embed_batch, to_inference_device
     from cmce.index import load_index, search
 

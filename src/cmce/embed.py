@@ -21,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 from cmce import device as devices
-from cmce.augment import augment
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
-from cmce.data import SplitArrays, to_float
-from cmce.loader import WHOLE, Shard, iter_split_chunks, rebatch
+from cmce.data.augment import augment
+from cmce.data.codec import to_float
+from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch
+from cmce.data.readers import SplitArrays
 from cmce.method import RunningEnsemble
 from cmce.storage import atomic_path
 from cmce.tables import (

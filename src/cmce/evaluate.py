@@ -28,7 +28,7 @@ import pyarrow as pa
 from cmce import device as devices
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.config import EvaluateConfig
-from cmce.data import dataset_info, read_domains
+from cmce.data.readers import dataset_info, read_domains
 from cmce.embed import embed_split
 from cmce.method import RunningEnsemble, normalize, rejection_mask
 from cmce.metrics import Family, measure, retrieval_metrics

@@ -15,11 +15,12 @@ import pyarrow as pa
 from cmce import distributed as ddp
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config, ModelSpec
-from cmce.data import dataset_info, prepare_dataset
+from cmce.data.loader import WHOLE, Shard
+from cmce.data.prepare import prepare_dataset
+from cmce.data.readers import dataset_info
 from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.index import build_index
-from cmce.loader import WHOLE, Shard
 from cmce.resume import Resume, file_identity
 from cmce.tables import embedding_array, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
@@ -219,7 +220,7 @@ def step_gallery_branch(cfg: Config, lay: RunLayout, query_model: Path, name: st
 
 def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = ()) -> dict:
     """Every step in one process, in dependency order, under cfg.output_dir. prepare=False uses the
-    dataset file already at the layout's dataset path (e.g. one made by cmce.data.carve_validation).
+    dataset file already at the layout's dataset path (e.g. one made by cmce.data.prepare.carve_validation).
     `keep` names models whose outputs are already in place under cfg.output_dir, made by this very config
     (the caller vouches for that): the model and, for a gallery model, its transformation, embeddings and
     KD student are used as they are, not made again."""

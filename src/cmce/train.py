@@ -17,10 +17,12 @@ from tqdm import tqdm
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.augment import augment
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import DataConfig, ModelSpec, TrainConfig
-from cmce.data import DataError, SplitArrays, dataset_info, load_split, to_float
+from cmce.data.augment import augment
+from cmce.data.codec import to_float
+from cmce.data.readers import SplitArrays, dataset_info, load_split
+from cmce.data.schema import DataError
 from cmce.feed import BatchFeed
 from cmce.models import CosineClassifier, EmbeddingNet, is_pretrained
 from cmce.resume import Resume, file_identity

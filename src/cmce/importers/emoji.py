@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data import DataError, RawImages, _inside, _to_png
+from cmce.data.codec import to_png
+from cmce.data.schema import DataError, RawImages
+from cmce.importers import inside_root
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +252,10 @@ def import_emoji(path: str | Path) -> RawImages:
                 if not f.is_file():
                     raise DataError(f"{f}: listed in {root / vendor / 'emoji.json'} (has_img_{vendor}) but missing; "
                                     f"the fetch is incomplete: remove {root / vendor} and fetch again")
-                _inside(f, real_root, "data root")
+                inside_root(f, real_root, "data root")
                 ids.append(f"{vendor}/{Path(name).stem}")
                 labels.append(label_of[unified])
-                images.append(_to_png(f.read_bytes(), f))
+                images.append(to_png(f.read_bytes(), f))
                 domains.append(vendor)
     log.info("emoji: %d classes; images per vendor %s", len(classes),
              {v: domains.count(v) for v in VENDORS})

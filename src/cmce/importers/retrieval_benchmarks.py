@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data import DataError, RawImages, _inside, _to_png, open_image
+from cmce.data.codec import open_image, to_png
+from cmce.data.schema import DataError, RawImages
+from cmce.importers import inside_root
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,12 @@ def _image(root: Path, real_root: Path, rel: str, where: str) -> bytes:
     f = root / rel
     if not f.is_file():
         raise DataError(f"{f}: image listed at {where} not found")
-    _inside(f, real_root, "data root")
+    inside_root(f, real_root, "data root")
     data = f.read_bytes()
     img = open_image(data, f)  # decodes fully: a truncated file fails here, naming it
     if img.format == "JPEG" and img.mode in ("RGB", "L"):
         return data  # re-encoding photos as PNG would only make them several times larger
-    return _to_png(data, f)
+    return to_png(data, f)
 
 
 def _first_half(n: int) -> list[str]:

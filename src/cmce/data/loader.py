@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cmce.data import DataError, SplitArrays, decode_image, open_dataset, read_row_group, split_rows
+from cmce.data.codec import decode_image
+from cmce.data.readers import SplitArrays, open_dataset, read_row_group, split_rows
+from cmce.data.schema import DataError
 
 
 @dataclass(frozen=True)

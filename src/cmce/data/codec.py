@@ -1,0 +1,109 @@
+"""Image bytes: decoding for the models (OpenCV's fast path for the datasets' small 8-bit PNGs, PIL for
+everything else), re-encoding imported images as PNG, and uint8 → float for a network."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cmce.data.schema import DataError
+
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"}
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 HxW (grey) or HxWxC array → PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def open_image(data: bytes, origin: Path | str) -> Image.Image:
+    if not data:
+        raise DataError(f"{origin}: empty (zero-byte) image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{origin}: refused, too many pixels: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
+    return img
+
+
+# modes PNG cannot store but that have a defined 8-bit colour conversion
+_TO_RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def to_png(data: bytes, origin: Path | str) -> bytes:
+    """Re-encode an imported image as PNG, keeping 16-bit grey; modes without a defined intensity
+    scale (32-bit float, 32-bit integers beyond 16 bits) are refused rather than guessed."""
+    img = open_image(data, origin)
+    if img.mode in _TO_RGB_MODES:
+        img = img.convert("RGB")
+    elif img.mode == "I":  # 32-bit integer, e.g. a 16-bit TIFF or PNG some readers widen
+        arr = np.asarray(img)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"{origin}: 32-bit integer image with values outside 0..65535; convert it to 8 or 16 bit")
+        img = Image.fromarray(arr.astype(np.uint16))
+    elif img.mode not in _PNG_MODES:
+        raise DataError(f"{origin}: unsupported image mode {img.mode!r}; convert it to 8- or 16-bit grey or RGB(A)")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MIN_BYTES = 8 + 25 + 12  # signature, IHDR chunk, IEND chunk
+
+
+def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
+    """uint8 CxHxW of an 8-bit grey (channels 1) or RGB (channels 3) PNG already size×size, decoded by
+    OpenCV (libpng), ~4x less per-image overhead than PIL on small images; None for anything else
+    (other colour types or bit depths, another size, JPEG, undecodable), which PIL then handles with
+    every mode conversion and error message. PNG is lossless, so both give the same pixels."""
+    if len(data) < PNG_MIN_BYTES or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[-8:-4] != b"IEND":
+        return None  # not a PNG, or truncated: PIL's path names the problem (libpng would print to stderr)
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    # IHDR colour type 0 = grey, 2 = RGB; checking the header first also keeps oversized images on PIL's
+    # decompression-bomb check
+    if (width, height, depth, colour) != (size, size, 8, 0 if channels == 1 else 2):
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.shape != ((size, size) if channels == 1 else (size, size, 3)):
+        return None  # e.g. a tRNS chunk makes OpenCV add an alpha channel: PIL's path decides
+    return arr[None] if channels == 1 else arr[:, :, ::-1].transpose(2, 0, 1)  # BGR → RGB
+
+
+def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarray:
+    """PNG/JPEG bytes → uint8 CxHxW; converts any mode (grey, RGBA on white, 16-bit) and resizes."""
+    fast = decode_png_fast(data, channels, size)
+    if fast is not None:
+        return fast
+    img = open_image(data, origin)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: a fixed scale, so a dark image is not brightened relative to a bright one
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((arr * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:  # convert() copies even when the mode already matches
+        img = img.convert(mode)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NxCxHxW → float in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)

@@ -1,0 +1,126 @@
+"""Reading a dataset file: checked opening, metadata, and the decoded images of one split, whole or
+streamed in row batches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from cmce.data.codec import decode_image
+from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
+
+
+def open_dataset(path: str | Path) -> pq.ParquetFile:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: dataset file not found")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+    names = set(pf.schema_arrow.names)
+    for col in DATASET_SCHEMA:
+        if col.name not in names:
+            raise DataError(f"{path}: missing column '{col.name}'")
+    for col in [*DATASET_SCHEMA, *([DOMAIN_FIELD] if DOMAIN_FIELD.name in names else [])]:
+        actual = pf.schema_arrow.field(col.name).type
+        if actual != col.type and not (col.type == pa.binary() and actual == pa.large_binary()):
+            raise DataError(f"{path}: column '{col.name}' has type {actual}, expected {col.type}")
+    return pf
+
+
+def read_row_group(pf: pq.ParquetFile, path: str | Path, rg: int, columns: list[str]) -> pa.Table:
+    """One row group of a dataset; damaged pages under a valid footer fail naming the file."""
+    try:
+        return pf.read_row_group(rg, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: row group {rg} is not readable: {err}") from None
+
+
+def iter_dataset_batches(pf: pq.ParquetFile, path: str | Path, batch_size: int,
+                         columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """A dataset's record batches; damaged pages under a valid footer fail naming the file."""
+    try:  # only pyarrow's reads raise in here: a consumer's own errors never enter the generator
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not readable: {err}") from None
+
+
+def read_domains(path: str | Path, split: str | None = None) -> dict[str, str]:
+    """id → domain, of one split or all; empty when the dataset has no domain column (single-domain sources)."""
+    pf = open_dataset(path)
+    if DOMAIN_FIELD.name not in pf.schema_arrow.names:
+        return {}
+    table = pf.read(columns=["id", "split", DOMAIN_FIELD.name])
+    if table.column(DOMAIN_FIELD.name).null_count:
+        raise DataError(f"{path}: column 'domain' has {table.column(DOMAIN_FIELD.name).null_count} null values")
+    rows = zip(*(table.column(c).to_pylist() for c in ("id", "split", DOMAIN_FIELD.name)), strict=True)
+    return {i: d for i, s, d in rows if split is None or s == split}
+
+
+def dataset_info(path: str | Path) -> dict:
+    pf = open_dataset(path)
+    meta = (pf.schema_arrow.metadata or {}).get(b"cmce")
+    return json.loads(meta) if meta else {}
+
+
+@dataclass
+class SplitArrays:
+    ids: list[str]
+    labels: np.ndarray
+    images: torch.Tensor  # uint8 NxCxHxW
+
+
+def iter_split_batches(
+    path: str | Path, split: str, batch_size: int, channels: int, size: int
+) -> Iterator[SplitArrays]:
+    """Stream one split in row batches; memory is bounded by the batch, not the file."""
+    pf = open_dataset(path)
+    n = 0
+    seen: set[str] = set()
+    for batch in iter_dataset_batches(pf, path, batch_size, ["id", "label", "split", "image"]):
+        rows = split_rows(path, batch, split, seen)
+        if not len(rows):
+            continue
+        ids = batch.column("id").take(rows).to_pylist()
+        labels = batch.column("label").take(rows).to_numpy()
+        blobs = batch.column("image").take(rows).to_pylist()
+        imgs = np.stack([decode_image(b, channels, size, f"{path} (id {i})") for b, i in zip(blobs, ids, strict=True)])
+        n += len(ids)
+        yield SplitArrays(ids, labels.astype(np.int64), torch.from_numpy(imgs))
+    if n == 0:
+        raise DataError(f"{path}: split '{split}' is empty")
+
+
+def split_rows(path: str | Path, rows: pa.RecordBatch | pa.Table, split: str, seen: set[str]) -> np.ndarray:
+    """Indices of `split`'s rows in a slice of a dataset file (id, label, split columns), checked: no
+    nulls, no negative label, no id already in `seen` (ids key every output row: a duplicate would
+    silently alias two images). Adds the slice's ids to `seen`."""
+    for col in ("id", "label", "split"):
+        if rows.column(col).null_count:
+            raise DataError(f"{path}: column '{col}' has {rows.column(col).null_count} null values")
+    idx = np.flatnonzero(pc.equal(rows.column("split"), split).to_numpy(zero_copy_only=False))
+    if not len(idx):
+        return idx
+    for i in rows.column("id").take(idx).to_pylist():
+        if i in seen:
+            raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
+        seen.add(i)
+    labels = rows.column("label").take(idx).to_numpy()
+    if labels.min() < 0:
+        raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
+    return idx
+
+
+def load_split(path: str | Path, split: str, channels: int, size: int) -> SplitArrays:
+    parts = list(iter_split_batches(path, split, 4096, channels, size))
+    ids = [i for p in parts for i in p.ids]  # unique: iter_split_batches checks
+    return SplitArrays(ids, np.concatenate([p.labels for p in parts]), torch.cat([p.images for p in parts]))

@@ -1,0 +1,56 @@
+"""ImageFolder: root/<class>/<image>, or root/train/<class>/… and root/test/<class>/… for an official split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cmce.data.codec import to_png
+from cmce.data.schema import DataError, RawImages
+from cmce.importers import inside_root
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def import_imagefolder(path: str | Path) -> RawImages:
+    """root/<class>/<image>; or root/train/<class>/… + root/test/<class>/… for an official split."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: ImageFolder root is not a directory")
+    real_root = root.resolve()
+    parts = [("train", root / "train"), ("test", root / "test")]
+    has_split = all(p.is_dir() for _, p in parts)
+    if not has_split:
+        parts = [("", root)]
+    for _, base in parts:
+        inside_root(base, real_root)
+    classes = sorted({c.name for _, p in parts for c in p.iterdir() if c.is_dir()})
+    if not classes:
+        raise DataError(f"{root}: no class folders found")
+    index = {c: i for i, c in enumerate(classes)}
+    ids, labels, images, split = [], [], [], []
+    for part, base in parts:
+        for cls in classes:
+            folder = base / cls
+            if not folder.is_dir():
+                continue
+            inside_root(folder, real_root)
+            for f in sorted(folder.iterdir()):
+                if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+                    continue
+                inside_root(f, real_root)
+                images.append(to_png(f.read_bytes(), f))
+                rel = f.relative_to(root).as_posix()
+                ids.append(rel)
+                labels.append(index[cls])
+                split.append(part)
+    if not ids:
+        raise DataError(f"{root}: no images found under the class folders")
+    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    for cls in (c for c, n in zip(classes, counts, strict=True) if n == 1):
+        # kept: the heldout protocol puts it in train; as a test image it is a lone query (see metrics.py)
+        log.warning("%s: class %r has a single image; it cannot be both query and gallery", root, cls)
+    return RawImages(ids, np.asarray(labels), classes, images, split if has_split else None)
