@@ -10,13 +10,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.refit import refit
+from benchmarks.refit import combined, embedded, fitted, refit, trained
 from benchmarks.report import SHOWN, shown
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
+from cmce.layout import RunLayout
 from cmce.models import count_parameters
 from cmce.promotion import served_metrics
-from cmce.steps import RunLayout, step_combine, step_embed_member, step_fit_transform, step_train
 from cmce.transform import Transformation, build_mlp, save_transformation
 
 # the levers the issue asks about when the ensemble falls short; each refits T on seed 0's frozen models
@@ -52,7 +52,7 @@ def query_width_runs(cfg: Config, lay: RunLayout, widths: list[int]) -> dict[int
     for width in widths:
         spec = replace(cfg.query_model, name=f"{cfg.query_model.name}_w{width}", width=width)
         root = lay.root / "levers" / f"query_w{width}"
-        query = step_train(replace(cfg, query_model=spec), lay.dataset, spec.name, root / f"{spec.name}.pt")
+        query = trained(replace(cfg, query_model=spec), lay.dataset, spec.name, root / f"{spec.name}.pt")
         out[width] = (query, refit(cfg, lay, root, query=query))
     return out
 
@@ -84,8 +84,8 @@ def diversity_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     members = []
     for i in range(n):
         alt = replace(cfg, seed=cfg.seed + 100 + i)
-        t = step_fit_transform(alt, lay.dataset, q, lay.model(first.name), root / f"T_{i}.pt", None)
-        members.append(step_embed_member(lay.dataset, q, lay.model(first.name), t, root / f"member_{i}.parquet",
+        t = fitted(alt, lay.dataset, q, lay.model(first.name), root / f"T_{i}.pt")
+        members.append(embedded(lay.dataset, q, lay.model(first.name), t, root / f"member_{i}.parquet",
                                          cfg.batch_size))
     out[f"{n} transformations of one model ({first.arch})"] = _ensemble_of(cfg, lay, q, members, root)
     # N gallery models of one architecture, different seeds (and the first model's data fraction)
@@ -94,9 +94,9 @@ def diversity_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     for i in range(n):
         spec = replace(first, name=f"{first.name}_s{i}", seed=first.seed + 10 * i)
         alt = replace(cfg, gallery_models=[spec])
-        model = step_train(alt, lay.dataset, spec.name, root / f"{spec.name}.pt")
-        t = step_fit_transform(alt, lay.dataset, q, model, root / f"T_{spec.name}.pt", None)
-        members.append(step_embed_member(lay.dataset, q, model, t, root / f"member_{spec.name}.parquet",
+        model = trained(alt, lay.dataset, spec.name, root / f"{spec.name}.pt")
+        t = fitted(alt, lay.dataset, q, model, root / f"T_{spec.name}.pt")
+        members.append(embedded(lay.dataset, q, model, t, root / f"member_{spec.name}.parquet",
                                          cfg.batch_size))
     out[f"{n} {first.arch} models, different seeds"] = _ensemble_of(cfg, lay, q, members, root)
     return out
@@ -117,7 +117,7 @@ def query_member_ablation(cfg: Config, lay: RunLayout) -> dict[str, dict]:
     root.mkdir(parents=True, exist_ok=True)
     save_transformation(Transformation(mlp, model.name, model.sha256, model.sha256, model.embedding_dim,
                                        model.embedding_dim, 0, 1), identity)
-    own = step_embed_member(lay.dataset, q, q, identity, root / "member_query.parquet", cfg.batch_size)
+    own = embedded(lay.dataset, q, q, identity, root / "member_query.parquet", cfg.batch_size)
     n = len(cfg.gallery_models)
     return {f"the query model + the config's {n} (identity T for the query model)":
             _ensemble_of(cfg, lay, q, [*(lay.member(g) for g in lay.gallery_names), own], root)}
@@ -132,7 +132,7 @@ def _ensemble_of(cfg: Config, lay: RunLayout, q: Path, members: list[Path], root
         meta["gallery_model"]["name"] = f"m{i}"
         named.append(root / f"named_{i}.parquet")
         pq.write_table(table.replace_schema_metadata({"cmce": json.dumps(meta)}), named[-1])
-    gallery = step_combine(named, root / "gallery.parquet")
+    gallery = combined(named, root / "gallery.parquet")
     metrics = served_metrics(lay.dataset, q, gallery, "test", cfg.evaluate.recall_k, cfg.evaluate.far,
                              cfg.batch_size)
     return {f"asym_ensemble/{len(members)}": metrics}

@@ -20,10 +20,11 @@ from PIL import Image
 
 from benchmarks.references import REJECTED, operating_point_rows, operating_points, rejection_rows, served
 from benchmarks.report import shown
+from cmce import stages
 from cmce.config import Config
+from cmce.layout import RunLayout
 from cmce.method import rejection_mask
 from cmce.metrics import retrieval_metrics
-from cmce.steps import RunLayout, step_combine, step_embed_member
 
 DEGRADED = 0.1  # the same share as the rejection target rejects
 SCALE = 4  # downscale factor: fine detail is gone, the coarse shape stays
@@ -67,9 +68,12 @@ def degraded_gallery(cfg: Config, lay: RunLayout, root: Path) -> tuple[Path, set
     dataset = root / "dataset.parquet"
     degraded = degraded_copy(lay.dataset, dataset, DEGRADED, cfg.seed)
     q = lay.model(cfg.query_model.name)
-    members = [step_embed_member(dataset, q, lay.model(g), lay.transformation(g), root / f"member_{g}.parquet",
-                                 cfg.batch_size) for g in lay.gallery_names]
-    return step_combine(members, root / "gallery.parquet"), degraded
+    members = [root / f"member_{g}.parquet" for g in lay.gallery_names]
+    for g, member in zip(lay.gallery_names, members, strict=True):
+        stages.embed_member(stages.MemberInputs(dataset, q, lay.model(g), lay.transformation(g), cfg.batch_size),
+                            stages.GalleryOutputs(member))
+    stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(root / "gallery.parquet"))
+    return root / "gallery.parquet", degraded
 
 
 def degraded_table(cfg: Config, lay: RunLayout, config_run: dict, root: Path) -> list[str]:

@@ -10,10 +10,10 @@ import numpy as np
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
+from cmce.layout import RunLayout
 from cmce.method import RunningEnsemble, normalize
 from cmce.metrics import linear_cka
 from cmce.models import count_flops, count_parameters
-from cmce.steps import RunLayout
 from cmce.tables import embedding_column, read_table, rows_of, string_column
 from cmce.transform import load_transformation
 

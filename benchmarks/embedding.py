@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from benchmarks.report import ROOT, append_section
+from benchmarks.report import ROOT, write_section
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import ModelSpec, load_config
 from cmce.data.codec import to_float
@@ -315,7 +315,7 @@ def main() -> None:
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:
-        append_section("Gallery embedding, memory, Parquet I/O and model costs", command, body, time.time() - started)
+        write_section("Gallery embedding, memory, Parquet I/O and model costs", command, body, time.time() - started)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-write", action="store_true", help="print only, do not write BENCHMARKS.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from cmce.steps import RunLayout, run_all
+    from cmce.layout import RunLayout
+    from cmce.stages import run_all
 
     cfg = load_config(args.config, {**config_overrides(args.set), "output_dir": args.out, "device": args.device})
     device = devices.select(cfg.device, "--device")

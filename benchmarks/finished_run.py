@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
-from cmce.steps import RunLayout
+from cmce.layout import RunLayout
 from cmce.transform import load_transformation
 
 

@@ -15,9 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.finished_run import check_run, recorded_members
+from cmce import stages
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
-from cmce.steps import RunLayout, run_all, step_prepare_data
+from cmce.layout import RunLayout
+from cmce.stages import run_all
 from cmce.storage import file_sha256
 
 log = logging.getLogger("bench")
@@ -46,7 +48,7 @@ def grow_run(cfg: Config, src: Path, kept: list[str] | None = None) -> dict:
     `reusable_members(cfg, src)` returned, when the caller has already checked the run (it loads every model)."""
     kept = reusable_members(cfg, src) if kept is None else kept
     old, new = RunLayout(src, kept), RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
-    step_prepare_data(cfg, new.dataset)
+    stages.prepare_data(cfg, stages.PrepareInputs(), stages.DatasetOutputs(new.dataset))
     if file_sha256(new.dataset) != file_sha256(old.dataset):
         raise ValueError(f"{old.dataset}: not the dataset the config prepares ({new.dataset}); pass the "
                          "--config, --set and seeds the run was made with")

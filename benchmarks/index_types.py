@@ -27,7 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from benchmarks.report import LOG_FORMAT, ROOT, append_section
+from benchmarks.report import LOG_FORMAT, ROOT, write_section
 from cmce.config import IndexConfig
 from cmce.index import make_index, set_search_params
 from cmce.method import normalize
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         *lines,
         *(["", verdict] if verdict else []),
     ]
-    append_section(f"Index types at {args.n:,} × {args.dim}", command.strip(), body, time.time() - started,
+    write_section(f"Index types at {args.n:,} × {args.dim}", command.strip(), body, time.time() - started,
                    Path(args.markdown), write=not args.no_write)
     return 0
 

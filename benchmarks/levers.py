@@ -27,9 +27,9 @@ from benchmarks.ablations import levers_table
 from benchmarks.finished_run import check_run
 from benchmarks.method import seeded
 from benchmarks.refit import refit
-from benchmarks.report import LOG_FORMAT, add_config_options, append_section, config_overrides, config_shown
+from benchmarks.report import LOG_FORMAT, add_config_options, config_overrides, config_shown, write_section
 from cmce.config import Config, load_config
-from cmce.steps import RunLayout
+from cmce.layout import RunLayout
 
 log = logging.getLogger("bench")
 
@@ -99,7 +99,7 @@ def main() -> None:
             "the ensemble, the best single transformation (by R@1) and the query model alone; "
             "R@1 / MAP@R / TAR@FAR=0.001 in %.", ""]
     body += levers_table(rows, len(cfg.gallery_models))
-    append_section(f"Transformation levers on a finished run: {cfg.data.source} ({cfg.data.protocol})", command,
+    write_section(f"Transformation levers on a finished run: {cfg.data.source} ({cfg.data.protocol})", command,
                    body, time.time() - started, write=not args.no_write)
 
 

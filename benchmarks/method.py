@@ -60,15 +60,16 @@ from benchmarks.report import (
     LOG_FORMAT,
     ROOT,
     add_config_options,
-    append_section,
     config_overrides,
     config_shown,
     fmt,
     mean_std,
+    write_section,
 )
 from benchmarks.tuning import LAMBDA_GRID, TUNE_GRID, Validation, tuning_table
 from cmce.config import Config, ModelSpec, load_config, to_yaml
-from cmce.steps import RunLayout, run_all
+from cmce.layout import RunLayout
+from cmce.stages import run_all
 
 log = logging.getLogger("bench")
 ABLATIONS = ("size", "diversity", "lambda", "tune", "levers", "query", "query_member", "degraded")
@@ -299,7 +300,7 @@ def main() -> None:
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:
-        append_section(f"Method over seeds: {cfg.data.source} ({cfg.data.protocol})", command, body,
+        write_section(f"Method over seeds: {cfg.data.source} ({cfg.data.protocol})", command, body,
                        time.time() - started)
 
 

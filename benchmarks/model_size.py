@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from benchmarks.report import ROOT, append_section
+from benchmarks.report import ROOT, write_section
 from cmce.config import load_config
 from cmce.models import EmbeddingNet, arch_names, count_flops, count_parameters, is_pretrained
 from cmce.pretrained import ImageNetBackbone, MissingPretrainedError
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *rows,
     ]
-    append_section("Model size and FLOPs per architecture", " ".join(["python -m benchmarks.model_size", *(
+    write_section("Model size and FLOPs per architecture", " ".join(["python -m benchmarks.model_size", *(
         argv if argv is not None else sys.argv[1:])]), body, time.perf_counter() - started)
 
 

@@ -27,9 +27,9 @@ from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
 from cmce.data.readers import dataset_info
 from cmce.evaluate import cosine_scores, cross_domains, kept_gallery_errors, rejection_curves, self_columns
+from cmce.layout import RunLayout
 from cmce.method import rejection_mask
 from cmce.metrics import far_threshold, retrieval_metrics
-from cmce.steps import RunLayout
 from cmce.tables import embedding_column, float_column, int_column, read_table, string_column
 
 REJECTED = 0.1  # the share the rejection target is stated for

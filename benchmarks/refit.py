@@ -5,9 +5,31 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from cmce import stages
 from cmce.config import Config
-from cmce.evaluate import EvalInputs
-from cmce.steps import RunLayout, step_combine, step_embed_member, step_evaluate, step_fit_transform
+from cmce.evaluate import EvalInputs, evaluate
+from cmce.layout import RunLayout
+
+
+def trained(cfg: Config, dataset: Path, name: str, out: Path) -> Path:
+    stages.train_model(cfg, stages.TrainInputs(dataset, name), stages.ModelOutputs(out))
+    return out
+
+
+def fitted(cfg: Config, dataset: Path, query: Path, gallery_model: Path, out: Path) -> Path:
+    stages.fit_transform(cfg, stages.FitInputs(dataset, query, gallery_model), stages.FitOutputs(out))
+    return out
+
+
+def embedded(dataset: Path, query: Path, gallery_model: Path, transform: Path, out: Path, batch_size: int) -> Path:
+    stages.embed_member(stages.MemberInputs(dataset, query, gallery_model, transform, batch_size),
+                        stages.GalleryOutputs(out))
+    return out
+
+
+def combined(members: list[Path], out: Path) -> Path:
+    stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(out))
+    return out
 
 
 def refit(cfg: Config, lay: RunLayout, root: Path, transform: dict | None = None, query: Path | None = None) -> dict:
@@ -17,10 +39,10 @@ def refit(cfg: Config, lay: RunLayout, root: Path, transform: dict | None = None
     q = query or lay.model(cfg.query_model.name)
     members, transforms = [], []
     for g in lay.gallery_names:
-        t = step_fit_transform(alt, lay.dataset, q, lay.model(g), root / f"T_{g}.pt", None)
-        members.append(step_embed_member(lay.dataset, q, lay.model(g), t, root / f"member_{g}.parquet",
-                                         cfg.batch_size))
+        t = fitted(alt, lay.dataset, q, lay.model(g), root / f"T_{g}.pt")
+        members.append(embedded(lay.dataset, q, lay.model(g), t, root / f"member_{g}.parquet", cfg.batch_size))
         transforms.append(t)
-    gallery = step_combine(members, root / "gallery.parquet")
-    return step_evaluate(alt, EvalInputs(lay.dataset, q, gallery, transforms), root / "eval")
+    gallery = combined(members, root / "gallery.parquet")
+    return evaluate(EvalInputs(lay.dataset, q, gallery, transforms), alt.evaluate, root / "eval", alt.batch_size,
+                    alt.seed)
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -25,8 +24,10 @@ def add_config_options(p: argparse.ArgumentParser, set_help: str = "config overr
 
 
 def config_overrides(sets: list[str]) -> dict:
-    """--set options → {dotted key: value read as YAML}."""
-    return {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
+    """--set options → {dotted key: value read as YAML} (cmce.config.parse_overrides: one vocabulary)."""
+    from cmce.config import parse_overrides
+
+    return parse_overrides(sets)
 
 
 def config_shown(path: str) -> str:
@@ -80,29 +81,11 @@ def shown(metrics: dict[str, float]) -> str:
     return " / ".join(f"{100 * metrics[x]:.2f}" for x in SHOWN)
 
 
-def append_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md",
-                   write: bool = True) -> str:
-    """Print the section and (unless `write` is false) append it to BENCHMARKS.md, written atomically."""
-    from cmce.storage import write_text
-
-    section = "\n".join([
-        f"## {title} — {datetime.date.today().isoformat()}",
-        "",
-        f"Command: `{command}`; commit {STARTED_AT}; {hardware()}; wall {wall_s:.0f} s.",
-        "",
-        *body,
-        "",
-    ])
-    sys.stdout.write(section + "\n")
-    if write:
-        text = out.read_text() if out.exists() else "# Benchmarks\n\n"
-        write_text(out, text.rstrip("\n") + "\n\n" + section + "\n")
-    return section
-
-
-def write_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md") -> str:
-    """Print the section and write it to BENCHMARKS.md in place of the section of the same title (any date), or
-    at the end when there is none: one current section per benchmark, its history in git."""
+def write_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md",
+                  write: bool = True) -> str:
+    """Print the section and (unless `write` is false) write it to BENCHMARKS.md in place of the section with the
+    same title and command (any date), or at the end when there is none: one current section per benchmark
+    and configuration, its history in git. Written atomically."""
     from cmce.storage import write_text
 
     section = "\n".join([
@@ -113,12 +96,16 @@ def write_section(title: str, command: str, body: list[str], wall_s: float, out:
         *body,
     ])
     sys.stdout.write(section + "\n")
+    if not write:
+        return section
     text = out.read_text() if out.exists() else "# Benchmarks\n"
     lines = text.rstrip("\n").split("\n")
-    starts = [i for i, line in enumerate(lines) if line.startswith(f"## {title} — ")]
-    if starts:
-        end = next((i for i in range(starts[0] + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[starts[0]:end] = section.split("\n") + ([""] if end < len(lines) else [])
+    heads = [i for i, line in enumerate(lines) if line.startswith("## ")] + [len(lines)]
+    same = [(a, b) for a, b in zip(heads, heads[1:], strict=False) if lines[a].startswith(f"## {title} — ")
+            and any(line.startswith(f"Command: `{command}`;") for line in lines[a:b])]
+    if same:
+        a, b = same[0]
+        lines[a:b] = section.split("\n") + ([""] if b < len(lines) else [])
         text = "\n".join(lines) + "\n"
     else:
         text = "\n".join(lines) + "\n\n" + section + "\n"

@@ -10,7 +10,8 @@ from benchmarks.report import shown
 from cmce.config import Config
 from cmce.data.prepare import carve_validation
 from cmce.data.readers import dataset_info
-from cmce.steps import RunLayout, run_all
+from cmce.layout import RunLayout
+from cmce.stages import run_all
 
 LAMBDA_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 # the transformation settings searched by the `tune` ablation, one coordinate after the other in this order

@@ -15,17 +15,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.report import LOG_FORMAT, ROOT, append_section
+from benchmarks.report import LOG_FORMAT, ROOT, write_section
+from cmce import stages
 from cmce.config import load_config
 from cmce.evaluate import EvalInputs, evaluate
+from cmce.layout import RunLayout
 from cmce.lifecycle import upgrade_query_model
-from cmce.steps import (
-    RunLayout,
-    step_combine,
-    step_gallery_branch,
-    step_prepare_data,
-    step_train,
-)
 
 
 def main() -> None:
@@ -39,17 +34,21 @@ def main() -> None:
     half = replace(full, query_model=replace(full.query_model, data_fraction=0.5),
                    gallery_models=[replace(m, data_fraction=0.5) for m in full.gallery_models])
     lay = RunLayout(Path(args.out), [m.name for m in full.gallery_models])
-    step_prepare_data(half, lay.dataset)
+    stages.prepare_data(half, stages.PrepareInputs(), stages.DatasetOutputs(lay.dataset))
     q_old = lay.model("query_half")
-    step_train(half, lay.dataset, half.query_model.name, q_old)
-    for g in half.gallery_models:
-        step_gallery_branch(half, lay, q_old, g.name)
-    step_combine([lay.member(g) for g in lay.gallery_names], lay.gallery)
+    stages.train_model(half, stages.TrainInputs(lay.dataset, half.query_model.name), stages.ModelOutputs(q_old))
+    for g in lay.gallery_names:
+        stages.train_model(half, stages.TrainInputs(lay.dataset, g), stages.ModelOutputs(lay.model(g)))
+        stages.fit_transform(half, stages.FitInputs(lay.dataset, q_old, lay.model(g)),
+                             stages.FitOutputs(lay.transformation(g), lay.train_embeddings(g)))
+        stages.embed_member(stages.MemberInputs(lay.dataset, q_old, lay.model(g), lay.transformation(g),
+                                                half.batch_size), stages.GalleryOutputs(lay.member(g)))
+    stages.combine(stages.FilesInputs([lay.member(g) for g in lay.gallery_names]), stages.GalleryOutputs(lay.gallery))
     before = evaluate(EvalInputs(lay.dataset, q_old, lay.gallery, [lay.transformation(g) for g in lay.gallery_names]),
                       full.evaluate, lay.root / "eval_before", full.batch_size, full.seed)
 
     q_new = lay.model("query_full")
-    step_train(full, lay.dataset, full.query_model.name, q_new)
+    stages.train_model(full, stages.TrainInputs(lay.dataset, full.query_model.name), stages.ModelOutputs(q_new))
     new_transforms = lay.root / "transforms_upgraded"
     upgraded = lay.root / "gallery_upgraded.parquet"
     upgrade_query_model(lay.gallery, q_new, lay.dataset, [lay.train_embeddings(g) for g in lay.gallery_names],
@@ -66,7 +65,7 @@ def main() -> None:
     body = ["Before: query and gallery models trained on 50 % of the train split. After: a new query model on "
             "100 %, transformations refitted from the stored raw train embeddings, gallery re-transformed from "
             "its stored raw embeddings (no gallery image read). Test split, leave-one-out; values in %.", "", *rows]
-    append_section("Query-model upgrade without gallery images",
+    write_section("Query-model upgrade without gallery images",
                    f"python -m benchmarks.upgrade --config {Path(args.config).name}", body, time.time() - started)
 
 if __name__ == "__main__":

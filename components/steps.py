@@ -1,33 +1,50 @@
-"""One KFP v2 component per step. Each body is a single call into the cmce CLI (cmce.cli.run_step):
-the method lives in the library; a component only maps typed artifacts to paths.
+"""One KFP v2 component per stage. Each body resolves its artifacts into the stage's inputs and outputs,
+calls the stage (cmce.stages) and publishes the record (cmce.runner.run_stage); the method lives in the
+library.
 
 The resolved config and the MLflow parent run travel as small artifacts (YAML, JSON), not as string
 parameters: kfp.local replaces upstream string outputs used inside a ParallelFor with the loop item.
-Images: the CUDA image for the steps that run models (training, fitting T, embedding, evaluation: each
-picks the GPU of its pod by itself, cmce.device), the CPU image for the rest; override with CMCE_CPU_IMAGE /
-CMCE_CUDA_IMAGE at compile time. `install_kfp_package=False`: the images already carry kfp and cmce.
+Images: the pipeline sets each task's image (pipeline.cmce_pipeline); the base images here are the
+defaults. `install_kfp_package=False`: the images already carry kfp and cmce.
 """
 
-import os
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-CPU_IMAGE = os.environ.get("CMCE_CPU_IMAGE", "localhost/cmce:cpu")
-CUDA_IMAGE = os.environ.get("CMCE_CUDA_IMAGE", "localhost/cmce:cuda")
+CPU_IMAGE = "localhost/cmce:cpu"
+CUDA_IMAGE = "localhost/cmce:cuda"
 
 
+# the return type is spelled inline: KFP runs the function's own source, where only typing's names exist
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def resolve_config(params_yaml: str, gallery_models: list, epochs: int, lam: float, reject_fraction: float,
-                   index_type: str, protocol: str, dataset: str, config: Output[Artifact]) -> bool:
-    """Merge the run parameters into the params file; fail early on an invalid config. Returns
-    kd.enabled: the pipeline's KD-baseline branch runs only when it is true."""
+def resolve_config(params_yaml: str, overrides: list, config: Output[Artifact]) -> NamedTuple(  # noqa: UP014
+        "Resolved", [("kd_enabled", bool), ("query_model", str), ("add_gallery_model", str), ("new_query_model", str)]):
+    """The params file with the run's KEY=VALUE overrides, validated (a bad value fails the run here); whether
+    the KD baseline runs, and the names of the models the pipelines train outside their loops."""
+    from typing import NamedTuple
+
     from cmce.config import load_config, resolve_config_text
     from cmce.storage import write_text
 
-    write_text(config.path, resolve_config_text(params_yaml, gallery_models, epochs, lam, reject_fraction,
-                                                index_type, protocol, dataset))
-    return load_config(config.path).kd.enabled
+    write_text(config.path, resolve_config_text(params_yaml, overrides))
+    cfg = load_config(config.path)
+    life = cfg.lifecycle
+    out = NamedTuple("Resolved", [("kd_enabled", bool), ("query_model", str),  # noqa: UP014
+                                  ("add_gallery_model", str), ("new_query_model", str)])
+    return out(cfg.kd.enabled, cfg.query_model.name,
+               life.add_gallery_model.name if life.add_gallery_model else "",
+               life.new_query_model.name if life.new_query_model else "")
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def gallery_model_names(config: Input[Artifact]) -> list:
+    """The gallery models of the resolved config, in ensemble order: the items of the per-model loops (kfp.local
+    loops over a component's single output, not over one of several)."""
+    from cmce.config import load_config
+
+    return [m.name for m in load_config(config.path).gallery_models]
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -35,29 +52,40 @@ def start_tracking(config: Input[Artifact], mlflow_uri: str, run_name: str, trac
     """Open the parent MLflow run (none when mlflow_uri is empty); write {uri, run_id}."""
     import json
 
-    from cmce.cli import run_step
+    from cmce.config import load_config
     from cmce.storage import write_text
 
+    info = {"uri": "", "run_id": ""}
     if mlflow_uri:
-        run_step(["track-start", "--mlflow-uri", mlflow_uri, "--name", run_name, "--out", tracking.path], config.path)
-    else:
-        write_text(tracking.path, json.dumps({"uri": "", "run_id": ""}))
+        from cmce.tracking import start_parent_run
+
+        info = {"uri": mlflow_uri, "run_id": start_parent_run(mlflow_uri, run_name, load_config(config.path).to_dict())}
+    write_text(tracking.path, json.dumps(info))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def prepare_data(config: Input[Artifact], tracking: Input[Artifact], dataset: Output[Dataset]):
-    from cmce.cli import run_step
+    from pathlib import Path
 
-    run_step(["prepare-data", "--out", dataset.path], config.path, tracking.path)
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.runner import run_stage
+
+    run_stage(stages.prepare_data, load_config(config.path), stages.PrepareInputs(),
+              stages.DatasetOutputs(Path(dataset.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def train_model(config: Input[Artifact], tracking: Input[Artifact], model_name: str, dataset: Input[Dataset],
                 model: Output[Model]):
-    from cmce.cli import run_step
+    from pathlib import Path
 
-    run_step(["train", "--dataset", dataset.path, "--model", model_name, "--out", model.path], config.path,
-             tracking.path)
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.runner import run_stage
+
+    run_stage(stages.train_model, load_config(config.path), stages.TrainInputs(Path(dataset.path), model_name),
+              stages.ModelOutputs(Path(model.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
@@ -66,35 +94,47 @@ def train_kd_student(config: Input[Artifact], tracking: Input[Artifact], dataset
     """The KD baseline for one gallery model, its teacher taken from the members bundle (bundle_members)."""
     from pathlib import Path
 
-    from cmce.cli import run_step
-    from cmce.steps import member_bundle
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.layout import bundled_model
+    from cmce.runner import run_stage
 
-    teachers = [model for name, model, _ in member_bundle(Path(members.path)) if name == teacher_name]
-    if len(teachers) != 1:
-        raise FileNotFoundError(f"{members.path}: no gallery model named {teacher_name!r} in the members bundle")
-    run_step(["train", "--dataset", dataset.path, "--kd-teacher", str(teachers[0]), "--out", student.path],
-             config.path, tracking.path)
+    teacher = bundled_model(Path(members.path), teacher_name)
+    run_stage(stages.train_kd_student, load_config(config.path), stages.StudentInputs(Path(dataset.path), teacher),
+              stages.ModelOutputs(Path(student.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def fit_transform(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
                   query_model: Input[Model], gallery_model: Input[Model], transformation: Output[Model],
                   train_embeddings: Output[Dataset]):
-    from cmce.cli import run_step
+    from pathlib import Path
 
-    run_step(["fit-transform", "--dataset", dataset.path, "--query-model", query_model.path, "--gallery-model",
-              gallery_model.path, "--out", transformation.path, "--train-embeddings-out", train_embeddings.path],
-             config.path, tracking.path)
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.runner import run_stage
+
+    run_stage(stages.fit_transform, load_config(config.path),
+              stages.FitInputs(Path(dataset.path), Path(query_model.path), Path(gallery_model.path)),
+              stages.FitOutputs(Path(transformation.path), Path(train_embeddings.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
-def embed_member(tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
-                 gallery_model: Input[Model], transformation: Input[Model], member: Output[Dataset]):
-    from cmce.cli import run_step
+def embed_member(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
+                 query_model: Input[Model], gallery_model: Input[Model], transformation: Input[Model],
+                 member: Output[Dataset]):
+    from pathlib import Path
 
-    run_step(["embed-member", "--dataset", dataset.path, "--query-model", query_model.path, "--gallery-model",
-              gallery_model.path, "--transform", transformation.path, "--out", member.path],
-             tracking_path=tracking.path)
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.runner import run_stage
+
+    cfg = load_config(config.path)
+    stages.use_device(cfg)
+    run_stage(stages.embed_member, stages.MemberInputs(Path(dataset.path), Path(query_model.path),
+                                                       Path(gallery_model.path), Path(transformation.path),
+                                                       cfg.batch_size),
+              stages.GalleryOutputs(Path(member.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -109,18 +149,15 @@ def shard_list(num_shards: int) -> list:
 def bundle_members(config: Input[Artifact], gallery_models: Input[list[Model]], transformations: Input[list[Model]],
                    bundle: Output[Artifact]):
     """Gallery models and their transformations in one folder, in config (ensemble) order
-    (cmce.steps.write_member_bundle; read back by cmce.steps.member_bundle). A ParallelFor cannot consume
-    another loop's dsl.Collected outputs, so the shard loop, the KD students and evaluate read this one
-    artifact instead."""
+    (cmce.layout.write_member_bundle). A ParallelFor cannot consume another loop's dsl.Collected outputs, so
+    the shard loop, the KD students and evaluate read this one artifact instead."""
     from pathlib import Path
 
-    from cmce.checkpoint import load_embedding_model
     from cmce.config import load_config
-    from cmce.steps import write_member_bundle
+    from cmce.layout import bundle_in_config_order
 
-    paths = {load_embedding_model(m.path).name: Path(m.path) for m in gallery_models}
-    names = [spec.name for spec in load_config(config.path).gallery_models]
-    write_member_bundle(Path(bundle.path), names, [paths[n] for n in names], [Path(t.path) for t in transformations])
+    bundle_in_config_order(load_config(config.path), Path(bundle.path), [Path(m.path) for m in gallery_models],
+                           [Path(t.path) for t in transformations])
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
@@ -130,72 +167,76 @@ def embed_gallery_shard(config: Input[Artifact], tracking: Input[Artifact], data
     """One slice of the gallery through every gallery model, and the ensemble of that slice."""
     from pathlib import Path
 
-    from cmce.cli import run_step
+    from cmce import stages
     from cmce.config import load_config
-    from cmce.steps import member_bundle
+    from cmce.data.loader import parse_shard
+    from cmce.layout import member_bundle
+    from cmce.runner import run_stage
 
-    argv = ["embed-gallery", "--dataset", dataset.path, "--query-model", query_model.path, "--out", gallery.path,
-            "--shard", shard, "--workers", str(workers), "--batch-size", str(load_config(config.path).batch_size),
-            "--members-dir", str(Path(gallery.path).with_name("members"))]
-    for _, model, transform in member_bundle(Path(bundle.path)):
-        argv += ["--gallery-model", str(model), "--transform", str(transform)]
-    run_step(argv, tracking_path=tracking.path)
+    cfg = load_config(config.path)
+    stages.use_device(cfg)
+    members = member_bundle(Path(bundle.path))
+    inputs = stages.EnsembleInputs(Path(dataset.path), Path(query_model.path), [m for _, m, _ in members],
+                                   [t for _, _, t in members], cfg.batch_size, parse_shard(shard), workers)
+    run_stage(stages.embed_gallery, inputs,
+              stages.EnsembleOutputs(Path(gallery.path), Path(gallery.path).with_name("members")),
+              tracking=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def merge_shards(tracking: Input[Artifact], shards: Input[list[Dataset]], gallery: Output[Dataset]):
     """Concatenate the gallery shards in shard order (read from their metadata, whatever the collected order)."""
-    from cmce.cli import run_step
+    from pathlib import Path
 
-    run_step(["merge", *[s.path for s in shards], "--out", gallery.path], tracking_path=tracking.path)
+    from cmce import stages
+    from cmce.runner import run_stage
+
+    run_stage(stages.merge, stages.FilesInputs([Path(s.path) for s in shards]),
+              stages.GalleryOutputs(Path(gallery.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def build_index(config: Input[Artifact], tracking: Input[Artifact], gallery: Input[Dataset],
                 index: Output[Artifact]):
-    from cmce.cli import run_step
+    from pathlib import Path
 
-    run_step(["build-index", "--config", config.path, "--gallery", gallery.path, "--out", index.path],
-             tracking_path=tracking.path)
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.runner import run_stage
+
+    run_stage(stages.build_gallery_index, load_config(config.path).index, stages.IndexInputs(Path(gallery.path)),
+              stages.IndexOutputs(Path(index.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
              gallery: Input[Dataset], members: Input[Artifact], index: Input[Artifact], metrics: Output[Metrics],
              results: Output[Markdown], report: Output[Artifact], kd_students: Input[list[Model]] = None):
-    """Evaluate every configuration (kd/* only when KD students are given); publish the metrics dict to
-    KFP; close the MLflow parent run. The transformations come from the members bundle (bundle_members)."""
-    import json
+    """Evaluate every configuration (kd/* only when KD students are given); publish the metrics to KFP; close
+    the MLflow parent run. With tracking on, the query model and transformations are read back from the
+    registry by alias: the library refuses them if another run moved an alias (their hashes would not
+    match the gallery's)."""
     import shutil
     from pathlib import Path
 
-    from cmce.cli import run_step
+    from cmce import stages
     from cmce.config import load_config
-    from cmce.steps import member_bundle, registered_uris
+    from cmce.evaluate import EvalInputs
+    from cmce.layout import member_bundle
+    from cmce.runner import run_stage
+    from cmce.tracking import TrackingInfo, closing_parent, registered_checkpoints
 
-    info = json.loads(Path(tracking.path).read_text())
-    # with tracking on, the query model and transformations are loaded back from the registry by alias
-    # (the library refuses them if another run moved an alias: their hashes would not match the gallery)
-    if info["run_id"]:
-        uris = registered_uris(load_config(config.path))
-        query, transforms = uris["query_model"][0], uris["transformations"]
+    cfg, info = load_config(config.path), TrackingInfo.read(tracking.path)
+    if info.on:
+        query, transforms = registered_checkpoints(cfg, info.uri)
     else:
-        query, transforms = query_model.path, [str(t) for _, _, t in member_bundle(Path(members.path))]
-    argv = ["evaluate", "--dataset", dataset.path, "--query-model", query, "--gallery", gallery.path,
-            "--out", report.path]
-    argv += [a for t in transforms for a in ("--transform", t)]
-    argv += [a for s in kd_students or [] for a in ("--kd", s.path)]
-    try:
-        run_step(argv, config.path, tracking.path)
-    finally:
-        if info["run_id"]:
-            ok = (Path(report.path) / "metrics.json").exists()
-            run_step(["track-end", "--mlflow-uri", info["uri"], "--mlflow-parent", info["run_id"], "--status",
-                      "FINISHED" if ok else "FAILED"])
-    values = json.loads((Path(report.path) / "metrics.json").read_text())
-    for name, value in values.items():
-        for metric, number in value.items():
-            metrics.log_metric(f"{name}/{metric}", number)
+        query, transforms = Path(query_model.path), [t for _, _, t in member_bundle(Path(members.path))]
+    inputs = EvalInputs(Path(dataset.path), query, Path(gallery.path), transforms,
+                        [Path(s.path) for s in kd_students or []])
+    with closing_parent(info):
+        record = run_stage(stages.evaluate_all, cfg, inputs, stages.EvalOutputs(Path(report.path)), tracking=info)
+    for name, value in record.metrics.items():
+        metrics.log_metric(name, value)
     shutil.copyfile(Path(report.path) / "results.md", results.path)
 
 
@@ -206,10 +247,13 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
 def add_member(tracking: Input[Artifact], gallery: Input[Dataset], member: Input[Dataset],
                new_gallery: Output[Dataset]):
     """New ensemble from the stored running sum plus one per-model file; existing members untouched."""
-    from cmce.cli import run_step
+    from pathlib import Path
 
-    run_step(["add-member", "--gallery", gallery.path, "--member", member.path, "--out", new_gallery.path],
-             tracking_path=tracking.path)
+    from cmce import stages
+    from cmce.runner import run_stage
+
+    run_stage(stages.add_member, stages.MemberFileInputs(Path(gallery.path), Path(member.path)),
+              stages.GalleryOutputs(Path(new_gallery.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
@@ -217,36 +261,37 @@ def upgrade_query_model(config: Input[Artifact], tracking: Input[Artifact], data
                         gallery: Input[Dataset], query_model: Input[Model], train_embeddings: Input[Dataset],
                         transformations: Output[Model], new_gallery: Output[Dataset]):
     """Refit every transformation for the new query model from stored embeddings (train split only)."""
-    from cmce.cli import run_step
+    from pathlib import Path
 
-    run_step(["upgrade-query-model", "--dataset", dataset.path, "--gallery", gallery.path, "--query-model",
-              query_model.path, "--train-embeddings", train_embeddings.path, "--transforms-out",
-              transformations.path, "--out", new_gallery.path], config.path, tracking.path)
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.runner import run_stage
+
+    stored = Path(train_embeddings.path)
+    files = sorted(stored.glob("*.parquet")) if stored.is_dir() else [stored]
+    run_stage(stages.upgrade_query_model, load_config(config.path),
+              stages.UpgradeInputs(Path(dataset.path), Path(gallery.path), Path(query_model.path), files),
+              stages.UpgradeOutputs(Path(new_gallery.path), Path(transformations.path)), tracking=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def gate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
          baseline_query_model: Input[Model], baseline_gallery: Input[Dataset], query_model: Input[Model],
          gallery: Input[Dataset], index: Input[Artifact], metrics: Output[Metrics], decision: Output[Artifact]):
-    """Promotion gate; publish its numbers to KFP; close the MLflow parent run. `index` is taken only
-    so the gate runs after the candidate's index exists."""
-    import json
+    """Promotion gate; publish its numbers to KFP; close the MLflow parent run. `index` is taken only so the
+    gate runs after the candidate's index exists."""
     from pathlib import Path
 
-    from cmce.cli import run_step
+    from cmce import stages
+    from cmce.config import load_config
+    from cmce.runner import run_stage
+    from cmce.tracking import TrackingInfo, closing_parent
 
-    info = json.loads(Path(tracking.path).read_text())
-    argv = ["gate", "--dataset", dataset.path, "--baseline-query-model", baseline_query_model.path,
-            "--baseline-gallery", baseline_gallery.path, "--query-model", query_model.path, "--gallery",
-            gallery.path, "--out", decision.path]
-    try:
-        run_step(argv, config.path, tracking.path)
-    finally:
-        if info["run_id"]:
-            status = "FINISHED" if Path(decision.path).exists() else "FAILED"
-            run_step(["track-end", "--mlflow-uri", info["uri"], "--mlflow-parent", info["run_id"], "--status", status])
-    result = json.loads(Path(decision.path).read_text())
-    metrics.log_metric("promoted", float(result["promoted"]))
-    for side in ("baseline", "candidate", "delta"):
-        for name, value in result[side].items():
-            metrics.log_metric(f"{side}/{name}", value)
+    info = TrackingInfo.read(tracking.path)
+    inputs = stages.GateInputs(Path(dataset.path), Path(baseline_query_model.path), Path(baseline_gallery.path),
+                               Path(query_model.path), Path(gallery.path))
+    with closing_parent(info):
+        record = run_stage(stages.gate, load_config(config.path), inputs, stages.GateOutputs(Path(decision.path)),
+                           tracking=info)
+    for name, value in record.metrics.items():
+        metrics.log_metric(name, value)

@@ -22,14 +22,23 @@ PACKAGES = {"cmce": COMPILED, **{name: ROOT / "pipeline" / f"{name.replace('-', 
 INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings_uri")
 
 
-def pipeline_function(name: str):
-    if name == "cmce":
-        from pipeline.cmce_pipeline import cmce_pipeline
+def placement_from_env():
+    """CMCE_CPU_IMAGE / CMCE_CUDA_IMAGE name the images, CMCE_GPU=0 compiles a CPU-only pipeline; read when
+    a pipeline is built, never at import."""
+    from pipeline.cmce_pipeline import Placement
 
-        return cmce_pipeline
+    return Placement(os.environ.get("CMCE_CPU_IMAGE", Placement.cpu_image),
+                     os.environ.get("CMCE_CUDA_IMAGE", Placement.cuda_image), os.environ.get("CMCE_GPU", "1") != "0")
+
+
+def pipeline_function(name: str, parallelism: int = 0):
+    if name == "cmce":
+        from pipeline.cmce_pipeline import make_pipeline
+
+        return make_pipeline(parallelism=parallelism, placement=placement_from_env())
     from pipeline.lifecycle import PIPELINES
 
-    return PIPELINES[name]
+    return PIPELINES[name](placement=placement_from_env())
 
 
 def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
@@ -41,11 +50,11 @@ def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
     return out
 
 
-def _lifecycle_arguments(args: argparse.Namespace) -> dict:
+def _lifecycle_inputs(args: argparse.Namespace) -> dict:
     """URIs of the previous run's artifacts: from --inputs-from (a `cmce run` output folder) or flags."""
     out: dict = {}
     if args.inputs_from:
-        from cmce.steps import RunLayout
+        from cmce.layout import RunLayout
 
         lay = RunLayout(Path(args.inputs_from).resolve())
         out = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
@@ -58,38 +67,28 @@ def _lifecycle_arguments(args: argparse.Namespace) -> dict:
     needed = [k for k in required if k not in out]
     if needed:
         raise SystemExit(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
-    if args.params:
-        import yaml
-
-        raw = yaml.safe_load(Path(args.params).read_text())
-        out["params_yaml"] = json.dumps(raw)
-        key = "add_gallery_model" if args.pipeline == "add-gallery-model" else "new_query_model"
-        out["model_name"] = ((raw.get("lifecycle") or {}).get(key) or {}).get("name", "")
-    if args.model_name:
-        out["model_name"] = args.model_name
-    if args.run_name:
-        out["run_name"] = args.run_name
     return out
 
 
 def _arguments(args: argparse.Namespace) -> dict:
-    if args.pipeline != "cmce":
-        return _lifecycle_arguments(args)
-    out: dict = {}
+    """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
+    before anything runs), and the runner's own knobs."""
+    from cmce.config import parse_overrides
+
+    parse_overrides(args.set)
+    out: dict = _lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     if args.params:
         import yaml
 
-        raw = yaml.safe_load(Path(args.params).read_text())
-        out["params_yaml"] = json.dumps(raw)
-        out["gallery_models"] = [m["name"] for m in raw["gallery_models"]]
-        out["query_model"] = raw["query_model"]["name"]
-    for key in ("epochs", "lam", "reject_fraction", "index_type", "protocol", "dataset", "run_name", "embed_shards",
-                "embed_workers"):
-        value = getattr(args, key)
-        if value is not None:
-            out[key] = value
-    if args.gallery_models:
-        out["gallery_models"] = args.gallery_models.split(",")
+        out["params_yaml"] = json.dumps(yaml.safe_load(Path(args.params).read_text()))
+    if args.set:
+        out["overrides"] = list(args.set)
+    if args.run_name:
+        out["run_name"] = args.run_name
+    if args.pipeline == "cmce":
+        for key in ("embed_shards", "embed_workers"):
+            if getattr(args, key) is not None:
+                out[key] = getattr(args, key)
     return out
 
 
@@ -97,9 +96,7 @@ def run_local(args: argparse.Namespace) -> Path:
     """Run the whole DAG on this machine with kfp.local's subprocess runner (the embedded default)."""
     from kfp import local
 
-    from pipeline.cmce_pipeline import make_pipeline
-
-    run = make_pipeline(parallelism=args.parallelism) if args.pipeline == "cmce" else pipeline_function(args.pipeline)
+    run = pipeline_function(args.pipeline, args.parallelism)
     arguments = _arguments(args)
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -153,17 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "from this `cmce run` output folder")
         for key in INPUT_URIS:
             sp.add_argument(f"--{key.replace('_', '-')}", default=None, help="lifecycle pipelines: input artifact URI")
-        sp.add_argument("--model-name", default=None,
-                        help="lifecycle pipelines: the model to add / the new query model (default from params)")
         sp.add_argument("--params", default=None, help="params file (default: the one compiled in, params.yaml)")
-        sp.add_argument("--gallery-models", default=None, help="comma-separated subset of gallery model names")
-        sp.add_argument("--epochs", type=int, default=None)
-        sp.add_argument("--lam", type=float, default=None)
-        sp.add_argument("--reject-fraction", type=float, default=None)
-        sp.add_argument("--index-type", default=None)
-        sp.add_argument("--protocol", default=None, choices=["heldout", "disjoint", "cross_vendor"])
-        sp.add_argument("--dataset", default=None,
-                        help="data source (digits, fashion_mnist, imagefolder, emoji, cub200, cars196, sop)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the params, e.g. train.epochs=2 or gallery_models=[resnet] "
+                             "(repeatable; the same syntax as `cmce --set`)")
         sp.add_argument("--run-name", default=None)
         sp.add_argument("--embed-shards", type=int, default=None, help="cmce pipeline: gallery slices in parallel")
         sp.add_argument("--embed-workers", type=int, default=None, help="cmce pipeline: decoding processes per slice")

@@ -1,22 +1,27 @@
 """The cmce pipeline as a KFP v2 pipeline function: per gallery model in parallel (train → fit
 transformation); then per gallery shard in parallel (every gallery model on that slice, and its ensemble),
 and, when kd.enabled, the KD baseline students per gallery model; merged into one gallery → index →
-evaluation."""
+evaluation.
 
+Run parameters are the params file and a list of `KEY=VALUE` overrides, the `--set` syntax of the CLI,
+validated by the first task; nothing else changes a setting. Nothing is read when this module is
+imported: `make_pipeline` reads the default params file when it is called (at compile time).
+"""
 
-import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from kfp import dsl
 
 from components.steps import (
+    CPU_IMAGE,
+    CUDA_IMAGE,
     build_index,
     bundle_members,
     embed_gallery_shard,
     evaluate,
     fit_transform,
+    gallery_model_names,
     merge_shards,
     prepare_data,
     resolve_config,
@@ -28,93 +33,97 @@ from components.steps import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
-_PARAMS = yaml.safe_load(PARAMS_FILE.read_text())
-# one line of JSON (valid YAML): the compiler echoes defaults into comment lines, where a newline breaks the file
-DEFAULT_PARAMS = json.dumps(_PARAMS)
-DEFAULT_GALLERY = [m["name"] for m in _PARAMS["gallery_models"]]
-DEFAULT_QUERY = _PARAMS["query_model"]["name"]
-# the tasks that run models (training, KD students, fitting T, embedding the gallery, evaluation) request one GPU
-# and run the CUDA image, where each step uses it by itself (cmce.device); compile with CMCE_GPU=0 for a
-# CPU-only cluster
-GPU = os.environ.get("CMCE_GPU", "1") != "0"
 
 
-def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False) -> dsl.PipelineTask:
-    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
-    if gpu:
-        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    return task
+@dataclass(frozen=True)
+class Placement:
+    """Where tasks run on a cluster: the tasks that run models request a GPU and run the CUDA image (each step
+    then uses the GPU by itself, cmce.device); the others run the CPU image. gpu=False: everything on the CPU
+    image without a GPU. kfp.local ignores all of this."""
+
+    cpu_image: str = CPU_IMAGE
+    cuda_image: str = CUDA_IMAGE
+    gpu: bool = True
+
+    def place(self, task: dsl.PipelineTask, cpu: str, memory: str, runs_models: bool = False) -> dsl.PipelineTask:
+        task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+        if runs_models and self.gpu:
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+            return task.set_container_image(self.cuda_image)
+        return task.set_container_image(self.cpu_image)
 
 
-def make_pipeline(parallelism: int = 0):
-    """Build the pipeline; `parallelism` caps concurrent gallery-model branches and concurrent gallery
-    shards (0 = no cap). kfp.local runs branches concurrently, so a one-machine run wants 1: parallel
-    processes only fight over the same cores."""
+def default_params(path: Path = PARAMS_FILE) -> str:
+    """The params file as one line of JSON (valid YAML): the compiler echoes parameter defaults into comment
+    lines, where a newline would break the file."""
+    import json
+
+    import yaml
+
+    return json.dumps(yaml.safe_load(path.read_text()))
+
+
+def make_pipeline(params_yaml: str | None = None, parallelism: int = 0, placement: Placement | None = None):
+    """Build the pipeline; `params_yaml` is the default of its params parameter (params.yaml when None);
+    `parallelism` caps concurrent gallery-model branches and concurrent gallery shards (0 = no cap). kfp.local
+    runs branches concurrently, so a one-machine run wants 1: parallel processes only fight over the cores."""
+    params_default = params_yaml if params_yaml is not None else default_params()
+    place = (placement or Placement()).place
 
     @dsl.pipeline(name="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
     def cmce_pipeline(
-        params_yaml: str = DEFAULT_PARAMS,
-        query_model: str = DEFAULT_QUERY,
-        gallery_models: list = DEFAULT_GALLERY,
-        epochs: int = 0,
-        lam: float = -1.0,
-        reject_fraction: float = -1.0,
-        index_type: str = "",
-        protocol: str = "",
-        dataset: str = "",
+        params_yaml: str = params_default,
+        overrides: list = [],  # noqa: B006 (a KFP parameter default, never mutated)
         mlflow_uri: str = "",
         run_name: str = "cmce",
         embed_shards: int = 1,
         embed_workers: int = 0,
     ):
-        """Parameters left at 0 / -1 / "" keep the value in params_yaml (the same params.yaml DVC reads).
-        `embed_shards` slices the gallery for the embedding fan-out; `embed_workers` image-decoding
-        processes per shard task."""
-        cfg = resolve_config(params_yaml=params_yaml, gallery_models=gallery_models, epochs=epochs, lam=lam,
-                             reject_fraction=reject_fraction, index_type=index_type, protocol=protocol, dataset=dataset)
+        """`overrides`: KEY=VALUE settings over params_yaml (e.g. "train.epochs=2", "gallery_models=[resnet]").
+        `embed_shards` slices the gallery for the embedding fan-out; `embed_workers` image-decoding processes
+        per shard task."""
+        cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi")
         config = cfg.outputs["config"]
-        track = start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name).outputs["tracking"]
-        data = _resources(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
-        query = train_model(config=config, tracking=track, model_name=query_model, dataset=data)
-        _resources(query.set_display_name("train-query-model"), "4", "8Gi", gpu=GPU)
+        names = place(gallery_model_names(config=config), "1", "1Gi").output
+        track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi")
+        track = track.outputs["tracking"]
+        data = place(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
+        query = train_model(config=config, tracking=track, model_name=cfg.outputs["query_model"], dataset=data)
+        place(query.set_display_name("train-query-model"), "4", "8Gi", runs_models=True)
 
-        with dsl.ParallelFor(gallery_models, name="gallery-models", parallelism=parallelism) as name:
+        with dsl.ParallelFor(names, name="gallery-models", parallelism=parallelism) as name:
             gallery = train_model(config=config, tracking=track, model_name=name, dataset=data)
-            _resources(gallery.set_display_name("train-gallery-model"), "4", "16Gi", gpu=GPU)
+            place(gallery.set_display_name("train-gallery-model"), "4", "16Gi", runs_models=True)
             transform = fit_transform(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                                       gallery_model=gallery.outputs["model"])
-            _resources(transform, "2", "8Gi", gpu=GPU)
+            place(transform, "2", "8Gi", runs_models=True)
 
-        bundle = _resources(bundle_members(config=config, gallery_models=dsl.Collected(gallery.outputs["model"]),
-                                           transformations=dsl.Collected(transform.outputs["transformation"])),
-                            "1", "2Gi")
-        shards = _resources(shard_list(num_shards=embed_shards), "1", "1Gi")
+        bundle = place(bundle_members(config=config, gallery_models=dsl.Collected(gallery.outputs["model"]),
+                                      transformations=dsl.Collected(transform.outputs["transformation"])), "1", "2Gi")
+        shards = place(shard_list(num_shards=embed_shards), "1", "1Gi")
         with dsl.ParallelFor(shards.output, name="gallery-shards", parallelism=parallelism) as shard:
             part = embed_gallery_shard(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                                        bundle=bundle.outputs["bundle"], shard=shard, workers=embed_workers)
-            _resources(part, "4", "8Gi", gpu=GPU)
-        ensemble = _resources(merge_shards(tracking=track, shards=dsl.Collected(part.outputs["gallery"])), "1", "8Gi")
-        index = _resources(build_index(config=config, tracking=track, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
+            place(part, "4", "8Gi", runs_models=True)
+        ensemble = place(merge_shards(tracking=track, shards=dsl.Collected(part.outputs["gallery"])), "1", "8Gi")
+        index = place(build_index(config=config, tracking=track, gallery=ensemble.outputs["gallery"]), "2", "16Gi")
 
         def evaluate_with(**kd_students) -> None:
             report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                               gallery=ensemble.outputs["gallery"], members=bundle.outputs["bundle"],
                               index=index.outputs["index"], **kd_students)
-            _resources(report, "2", "16Gi", gpu=GPU)
+            place(report, "2", "16Gi", runs_models=True)
 
         # The KD baseline only where the config enables it. KFP lets nothing outside a condition read a task
         # inside it, so each branch has its own evaluation, and the students their own loop, their teachers
         # read from the members bundle.
-        with dsl.If(cfg.outputs["Output"] == True, name="kd-baseline"):  # noqa: E712 (a KFP condition, not a test)
-            with dsl.ParallelFor(gallery_models, name="kd-students", parallelism=parallelism) as teacher:
+        with dsl.If(cfg.outputs["kd_enabled"] == True, name="kd-baseline"):  # noqa: E712 (a KFP condition)
+            with dsl.ParallelFor(names, name="kd-students", parallelism=parallelism) as teacher:
                 student = train_kd_student(config=config, tracking=track, dataset=data,
                                            members=bundle.outputs["bundle"], teacher_name=teacher)
-                _resources(student, "4", "8Gi", gpu=GPU)
+                place(student, "4", "8Gi", runs_models=True)
             evaluate_with(kd_students=dsl.Collected(student.outputs["student"]))
         with dsl.Else(name="no-kd-baseline"):
             evaluate_with()
 
     return cmce_pipeline
-
-
-cmce_pipeline = make_pipeline()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cmce.config import load_config
-from cmce.steps import RunLayout, run_all
+from cmce.layout import RunLayout
+from cmce.stages import run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import cmce.steps
+import cmce.stages
 import cmce.train
 from cmce import distributed as ddp
 from cmce.cli import main
@@ -26,7 +26,7 @@ def run(out: Path, config: str, dataset: str) -> int:
     ctx = ddp.init_from_env(backend="gloo")
     record_dir = out / "ranks"
     record_dir.mkdir(parents=True, exist_ok=True)
-    run_epochs, fit_transformation = cmce.train.run_epochs, cmce.steps.fit_transformation
+    run_epochs, fit_transformation = cmce.train.run_epochs, cmce.stages.fit_transformation
 
     def spy_run_epochs(model, data, step_loss, cfg, epochs, seed, desc, param_groups=None, resume=None, **kwargs):
         batches: list[torch.Tensor] = []
@@ -48,7 +48,7 @@ def run(out: Path, config: str, dataset: str) -> int:
         return mlp, history
 
     cmce.train.run_epochs = spy_run_epochs
-    cmce.steps.fit_transformation = spy_fit_transformation
+    cmce.stages.fit_transformation = spy_fit_transformation
     common = ["--config", config, "--set", "train.epochs=1", "--set", "kd.epochs=1", "--set", "transform.epochs=2"]
     q, s, t = out / "q.pt", out / "s.pt", out / "t.pt"
     for argv in (

@@ -1,7 +1,7 @@
 import shutil
 
 from cmce.config import load_config
-from cmce.steps import RunLayout
+from cmce.layout import RunLayout
 from tests.conftest import SMOKE, table_cells
 
 

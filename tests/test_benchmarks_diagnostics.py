@@ -3,7 +3,7 @@ import shutil
 import pyarrow.parquet as pq
 
 from cmce.config import load_config
-from cmce.steps import RunLayout
+from cmce.layout import RunLayout
 from tests.conftest import SMOKE, table_cells
 
 

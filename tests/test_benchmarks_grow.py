@@ -5,7 +5,8 @@ import pytest
 
 from benchmarks.grow import grow_run
 from cmce.config import load_config
-from cmce.steps import RunLayout, run_all
+from cmce.layout import RunLayout
+from cmce.stages import run_all
 from cmce.storage import file_sha256
 from tests.conftest import SMOKE
 

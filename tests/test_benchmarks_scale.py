@@ -29,17 +29,17 @@ def test_evaluation_benchmark_agrees_with_accuracy_calculator(capsys):
         assert len({by[n, name][5] for name in evaluation.METHODS.values()}) == 1, n
 
 
-def test_a_benchmark_section_replaces_its_previous_one(tmp_path, monkeypatch):
+def test_a_benchmark_section_replaces_its_previous_one_of_the_same_command(tmp_path, monkeypatch):
     out = tmp_path / "BENCHMARKS.md"
-    out.write_text("# Benchmarks\n\n## Other — 2026-01-01\n\nkept\n\n## Loop — 2026-01-01\n\nold\n\n"
-                   "## Last — 2026-01-02\n\nalso kept\n")
+    out.write_text("# Benchmarks\n\n## Other — 2026-01-01\n\nCommand: `x`; kept\n\n## Loop — 2026-01-01\n\n"
+                   "Command: `cmd`; old\n\n## Loop — 2026-01-02\n\nCommand: `cmd --seeds 1`; also kept\n")
     monkeypatch.setattr(report, "hardware", lambda: "hw")
     report.write_section("Loop", "cmd", ["new"], 1.0, out)
     text = out.read_text()
-    assert "old" not in text and "new" in text and text.count("## Loop — ") == 1
-    assert text.index("## Other") < text.index("## Loop") < text.index("## Last") and "also kept" in text
-    report.write_section("Fresh", "cmd", ["first"], 1.0, out)
-    assert out.read_text().rstrip().endswith("first")
+    assert "old" not in text and "new" in text and text.count("## Loop — ") == 2
+    assert text.index("## Other") < text.index("Command: `cmd`;") < text.index("also kept") and "kept" in text
+    report.write_section("Loop", "cmd --seeds 2", ["another"], 1.0, out)  # another configuration: a section of its own
+    assert out.read_text().count("## Loop — ") == 3 and out.read_text().rstrip().endswith("another")
 
 
 def test_end_to_end_runs_every_stage_on_a_small_synthetic_split(tmp_path, capsys):

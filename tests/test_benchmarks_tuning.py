@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.tuning import Validation, tuning_table
 from cmce.config import load_config
-from cmce.steps import RunLayout
+from cmce.layout import RunLayout
 from tests.conftest import SMOKE, table_cells
 
 

@@ -28,8 +28,8 @@ from cmce.config import load_config
 from cmce.embed import combine_members
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.index import build_index, load_index
+from cmce.layout import RunLayout
 from cmce.resume import resume_path
-from cmce.steps import RunLayout
 from cmce.storage import STALE_TEMP_AGE_S, file_sha256, restore_dir
 from cmce.tables import read_metadata
 from tests.conftest import ROOT, SMOKE

@@ -14,7 +14,7 @@ import torch
 from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.cli import main
-from cmce.steps import StepRecord
+from cmce.records import StepRecord
 from tests.conftest import SMOKE
 
 
@@ -79,12 +79,11 @@ def _capture_train(monkeypatch) -> dict:
     """Replace the training step by one that records where it would compute."""
     seen: dict = {}
 
-    def fake_train(cfg, dataset, name, out):
+    def fake_train(dataset, spec, data_cfg, train_cfg, out):
         seen["device"] = devices.current()
-        return out
 
-    monkeypatch.setattr("cmce.cli.step_train", fake_train)
-    monkeypatch.setattr("cmce.cli.record_model", lambda cfg, out, role: StepRecord("train-query"))
+    monkeypatch.setattr("cmce.stages.train_embedding_model", fake_train)
+    monkeypatch.setattr("cmce.stages.record_model", lambda cfg, out, role: StepRecord("train-query"))
     return seen
 
 
@@ -127,8 +126,8 @@ def test_the_device_is_logged_and_recorded_with_the_steps_tracking_params(gpu, m
 
 @pytest.mark.parametrize(("config_device", "expected"), [("auto", "cuda"), ("cpu", "cpu")])
 def test_the_kfp_training_component_uses_the_gpu_of_its_pod(gpu, monkeypatch, tmp_path, config_device, expected):
-    """The KFP train task runs the CUDA image with one GPU: the component's own code path (run_step → the
-    CLI → the config) must pick it without torchrun, and keep the CPU when the config says so."""
+    """The KFP train task runs the CUDA image with one GPU: the component's own code path (the config → the
+    stage) must pick it without torchrun, and keep the CPU when the config says so."""
     from components.steps import train_model
 
     seen = _capture_train(monkeypatch)

@@ -26,6 +26,20 @@ def test_same_metrics_as_the_in_process_run(dvc_repo, smoke_run):
         assert metrics[key] == pytest.approx(expected[key], nan_ok=True), key
 
 
+def test_same_models_as_the_in_process_run(dvc_repo, smoke_run):
+    """Byte-identical checkpoints through DVC and in one process (sha256: the version artifacts record)."""
+    from cmce.storage import file_sha256
+
+    lay, _ = smoke_run
+    art = dvc_repo / "artifacts"
+    pairs = [(art / "models" / "query.pt", lay.model("query"))]
+    for g in lay.gallery_names:
+        pairs += [(art / "models" / f"{g}.pt", lay.model(g)), (art / "transforms" / f"{g}.pt", lay.transformation(g)),
+                  (art / "kd" / g / "student.pt", lay.kd_student(g))]
+    for made, expected in pairs:
+        assert file_sha256(made) == file_sha256(expected), made
+
+
 def test_plots_and_push(dvc_repo, tmp_path):
     res = _dvc(dvc_repo, "plots", "show", "-o", str(tmp_path / "plots"))
     assert res.returncode == 0, res.stderr

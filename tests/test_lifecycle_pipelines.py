@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cmce.steps import served_versions
+from cmce.records import served_versions
 from cmce.tables import embedding_column, read_metadata
 from pipeline.__main__ import build_parser, run_local
 from tests.conftest import ROOT, SMOKE

@@ -19,7 +19,6 @@ GALLERY = ["resnet_a", "vgg_b"]
 def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
     for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_GPU"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("pipeline.cmce_pipeline.GPU", True)
     for name, package in PACKAGES.items():
         fresh = compile_pipeline(tmp_path / f"{name}.yaml", name)
         assert fresh.read_text() == package.read_text(), f"{package}: run `python -m pipeline compile` and commit it"
@@ -44,15 +43,28 @@ def test_every_task_that_runs_a_model_gets_a_gpu_and_the_cuda_image():
                                            else "localhost/cmce:cpu"), name
 
 
-def test_submit_arguments(tmp_path):
+def test_run_settings_are_the_params_and_key_value_overrides_only(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text("query_model: {name: q}\ngallery_models: [{name: a, arch: vgg}, {name: b, arch: resnet}]\n")
     args = build_parser().parse_args(["submit", "--host", "http://127.0.0.1:1", "--params", str(params),
-                                      "--epochs", "2", "--gallery-models", "b"])
+                                      "--set", "train.epochs=2", "--set", "gallery_models=[b]"])
     out = _arguments(args)
-    assert out["gallery_models"] == ["b"] and out["epochs"] == 2 and out["query_model"] == "q"
+    assert out["overrides"] == ["train.epochs=2", "gallery_models=[b]"] and "q" in out["params_yaml"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["submit"])  # --host is required
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["submit", "--host", "h", "--epochs", "2"])  # no flag per setting any more
+    from cmce.config import ConfigError, resolve_config_text
+
+    resolved = yaml.safe_load(resolve_config_text(out["params_yaml"], out["overrides"]))
+    assert resolved["train"]["epochs"] == 2 and [m["name"] for m in resolved["gallery_models"]] == ["b"]
+    with pytest.raises(ConfigError, match=r"unknown gallery model\(s\) \['c'\]; valid names: \['a', 'b'\]"):
+        resolve_config_text(out["params_yaml"], ["gallery_models=[c]"])
+    with pytest.raises(ConfigError, match="train.epochs must be at least 1"):
+        resolve_config_text(out["params_yaml"], ["train.epochs=0"])
+    bad = build_parser().parse_args(["submit", "--host", "h", "--set", "train.epochs"])
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):
+        _arguments(bad)
 
 
 def test_local_run_has_every_per_model_and_per_shard_output(kfp_run):
@@ -85,6 +97,31 @@ def test_local_run_matches_in_process_run(kfp_run, smoke_run):
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], nan_ok=True), key
+
+
+def test_local_run_makes_the_same_models_as_the_in_process_run(kfp_run, smoke_run):
+    """The same config and seed give byte-identical checkpoints through KFP and in one process: every model,
+    transformation and KD student (compared by sha256, the version every artifact records)."""
+    from cmce.checkpoint import load_embedding_model
+    from cmce.storage import file_sha256
+    from cmce.transform import load_transformation
+
+    lay, _ = smoke_run
+    made = {"query": kfp_run / "train-model" / "model"}
+    for it in kfp_run.glob("for-loop-*-iteration-*"):
+        if (it / "train-model-2").exists():
+            name = load_embedding_model(it / "train-model-2" / "model").name
+            made[name] = it / "train-model-2" / "model"
+            made[f"T_{name}"] = it / "fit-transform" / "transformation"
+        if (it / "train-kd-student").exists():
+            made[load_embedding_model(it / "train-kd-student" / "student").name] = it / "train-kd-student" / "student"
+    expected = {"query": lay.model("query")}
+    for g in GALLERY:
+        expected |= {g: lay.model(g), f"T_{g}": lay.transformation(g), f"kd_{g}": lay.kd_student(g)}
+    assert made.keys() == expected.keys()
+    for name in expected:
+        assert file_sha256(made[name]) == file_sha256(expected[name]), name
+    assert load_transformation(made[f"T_{GALLERY[0]}"]).gallery_model == GALLERY[0]
 
 
 def test_local_run_without_kd_trains_no_student(tmp_path, smoke_run):

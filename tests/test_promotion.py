@@ -44,7 +44,7 @@ def _scrambled(gallery, out, seed=0):
 
 
 def _register_smoke_models(uri, parent, lay, cfg):
-    from cmce.steps import record_model, record_transformation
+    from cmce.records import record_model, record_transformation
     from cmce.tracking import log_step
 
     records = [record_model(cfg, lay.model("query"), "query")]
@@ -59,7 +59,7 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
 
     from cmce.cli import main
     from cmce.config import load_config
-    from cmce.steps import served_versions
+    from cmce.records import served_versions
     from cmce.tracking import start_parent_run
     from tests.conftest import SMOKE
 

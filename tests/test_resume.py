@@ -14,9 +14,9 @@ import torch
 
 import cmce.resume
 from cmce import distributed as ddp
+from cmce import stages
 from cmce.config import TransformConfig, load_config
 from cmce.resume import RESUME_FORMAT, Resume, fingerprint, resume_path
-from cmce.steps import step_fit_transform, step_train_kd
 from cmce.storage import file_sha256
 from cmce.transform import fit_transformation
 from tests.conftest import SMOKE
@@ -42,11 +42,12 @@ def crash_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[N
 
 
 def _kd(cfg, lay, out):
-    step_train_kd(cfg, lay.dataset, lay.model("resnet_a"), out)
+    stages.train_kd_student(cfg, stages.StudentInputs(lay.dataset, lay.model("resnet_a")), stages.ModelOutputs(out))
 
 
 def _transform(cfg, lay, out):
-    step_fit_transform(cfg, lay.dataset, lay.model("query"), lay.model("resnet_a"), out, None)
+    stages.fit_transform(cfg, stages.FitInputs(lay.dataset, lay.model("query"), lay.model("resnet_a")),
+                         stages.FitOutputs(out))
 
 
 STEPS = {  # step, the smoke run's output of the same step, epochs, epoch to crash after

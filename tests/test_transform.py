@@ -65,22 +65,22 @@ def test_checkpoint_round_trip_and_model_checks(tmp_path):
 
 
 def test_fit_transform_step_adds_augmented_views_to_the_fitting_pairs(smoke_run, tmp_path, monkeypatch):
-    from cmce import steps
+    from cmce import stages
     from cmce.config import load_config
     from cmce.data.readers import load_split
 
     lay, _ = smoke_run
     seen = []
-    real = steps.fit_transformation
+    real = stages.fit_transformation
 
     def spy(g, q, y, *args, **kwargs):
         seen.append((len(g), len(q), len(y)))
         return real(g, q, y, *args, **kwargs)
 
-    monkeypatch.setattr(steps, "fit_transformation", spy)
+    monkeypatch.setattr(stages, "fit_transformation", spy)
     n = len(load_split(lay.dataset, "train", 1, 8).ids)
     for views in (0, 2):
         cfg = load_config(SMOKE, {"transform.augment_views": views, "transform.epochs": 1})
-        steps.step_fit_transform(cfg, lay.dataset, lay.model("query"), lay.model(lay.gallery_names[0]),
-                                 tmp_path / f"T{views}.pt", None)
+        stages.fit_transform(cfg, stages.FitInputs(lay.dataset, lay.model("query"), lay.model(lay.gallery_names[0])),
+                             stages.FitOutputs(tmp_path / f"T{views}.pt"))
     assert seen == [(n, n, n), (3 * n, 3 * n, 3 * n)]

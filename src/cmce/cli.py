@@ -1,4 +1,9 @@
-"""`cmce <step>`: parse arguments, call one library function per step."""
+"""`cmce <step>`: parse the arguments into a stage's inputs and outputs (cmce.stages) and call it.
+
+Paths may be local or s3:// URIs (cmce.storage); model arguments also `models:/NAME@ALIAS`. Config settings
+are changed with `--set KEY=VALUE` only; `--device` is `--set device=...` for the steps that read a config.
+A step that fails on bad input exits 2 with one line naming the file or key.
+"""
 
 from __future__ import annotations
 
@@ -11,42 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.steps import (
-    StepRecord,
-    member_paths,
-    record_model,
-    record_transformation,
-    registry_name,
-    run_all,
-    step_combine,
-    step_embed_member,
-    step_evaluate,
-    step_fit_transform,
-    step_prepare_data,
-    step_train,
-    step_train_kd,
-)
+from cmce import stages
+from cmce.config import Config, parse_overrides
+from cmce.records import StepRecord
 from cmce.storage import clear_scratch, is_remote, local_input, local_output, restore_uris, scratch_dir, sibling, stem
 
 log = logging.getLogger("cmce")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ValueError(f"--set {key}: value {value!r} is not valid YAML: {err}") from None
-    return out
 
 
 def _positive_int(text: str) -> int:
@@ -72,10 +50,18 @@ def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | N
     return args.outputs.enter_context(local_output(uri, is_dir, last))
 
 
-def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
+def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config overrides a command line asks for: --set pairs, --device, then a subcommand's own flags."""
+    out = parse_overrides(args.set)
+    if args.device:
+        out["device"] = args.device
+    return {**out, **(extra or {})}
+
+
+def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
     from cmce.config import load_config
 
-    return load_config(_in(args.config), {**_overrides(args.set), **(overrides or {})})
+    return load_config(_in(args.config), _settings(args, extra))
 
 
 def _model(path: str) -> Path:
@@ -87,107 +73,63 @@ def _model(path: str) -> Path:
     return _in(path)
 
 
-def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
-    from cmce.data.readers import dataset_info
-
-    cfg = _config(args)
-    out = step_prepare_data(cfg, _out(args, args.out), _in(args.raw) if args.raw else None)
-    info = dataset_info(out)
-    return StepRecord("prepare-data", {"data": cfg.data.__dict__, "seed": cfg.seed},
-                      {"classes": len(info.get("classes", []))})
-
-
-def cmd_train(args: argparse.Namespace) -> StepRecord | None:
-    cfg = _config(args)
-    if args.kd_teacher and not cfg.kd.enabled:
-        # the config is the one switch for every orchestrator: a DVC stage that always runs stays a no-op
-        log.info("kd.enabled is false in the config: no KD student trained, nothing written to %s", args.out)
-        return None
-    dataset, out = _in(args.dataset), _out(args, args.out)
-    if args.kd_teacher:
-        step_train_kd(cfg, dataset, _model(args.kd_teacher), out)
-        if not ddp.is_main():
-            return None
-        return record_model(cfg, out, "kd")
-    step_train(cfg, dataset, args.model, out)
-    if not ddp.is_main():
-        return None
-    new_query = cfg.lifecycle.new_query_model
-    role = "query" if args.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
-    return record_model(cfg, out, role)
-
-
-def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
-    cfg = _config(args)
-    out = _out(args, args.out)
-    step_fit_transform(
-        cfg, _in(args.dataset), _model(args.query_model), _model(args.gallery_model), out,
-        _out(args, args.train_embeddings_out) if args.train_embeddings_out else None,
-    )
-    if not ddp.is_main():
-        return None
-    return record_transformation(cfg, out)
-
-
 def _shard(args: argparse.Namespace):
     from cmce.data.loader import parse_shard
 
     return parse_shard(args.shard)
 
 
+def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
+    return stages.fetch_data(_config(args), stages.FetchOutputs(_out(args, args.out, is_dir=True)))
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
+    return stages.prepare_data(_config(args), stages.PrepareInputs(_in(args.raw) if args.raw else None),
+                               stages.DatasetOutputs(_out(args, args.out)))
+
+
+def cmd_train(args: argparse.Namespace) -> StepRecord | None:
+    cfg = _config(args)
+    if args.kd_teacher:
+        if not cfg.kd.enabled:  # the stage writes nothing then: no input to fetch, no output to prepare or upload
+            return stages.train_kd_student(cfg, stages.StudentInputs(Path(args.dataset), Path(args.kd_teacher)),
+                                           stages.ModelOutputs(Path(args.out)))
+        return stages.train_kd_student(cfg, stages.StudentInputs(_in(args.dataset), _model(args.kd_teacher)),
+                                       stages.ModelOutputs(_out(args, args.out)))
+    return stages.train_model(cfg, stages.TrainInputs(_in(args.dataset), args.model),
+                              stages.ModelOutputs(_out(args, args.out)))
+
+
+def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
+    cfg = _config(args)
+    inputs = stages.FitInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model))
+    outputs = stages.FitOutputs(_out(args, args.out),
+                                _out(args, args.train_embeddings_out) if args.train_embeddings_out else None)
+    return stages.fit_transform(cfg, inputs, outputs)
+
+
 def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
-    import pyarrow.parquet as pq
-
-    from cmce.tables import read_metadata
-
-    out = step_embed_member(_in(args.dataset), _model(args.query_model), _model(args.gallery_model),
-                            _model(args.transform), _out(args, args.out), args.batch_size, _shard(args), args.workers)
-    meta = read_metadata(out)
-    return StepRecord(f"embed-{meta['gallery_model']['name']}", {"member": meta},
-                      {"rows": pq.ParquetFile(out).metadata.num_rows})
+    inputs = stages.MemberInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model),
+                                 _model(args.transform), args.batch_size, _shard(args), args.workers)
+    return stages.embed_member(inputs, stages.GalleryOutputs(_out(args, args.out)))
 
 
 def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
-    """Every gallery model on the gallery (or one shard of it), then the ensemble of that slice."""
-    import pyarrow.parquet as pq
-
-    from cmce.steps import pair_transformations
-
-    if len(args.gallery_model) != len(args.transform):
-        raise ValueError("give one --transform per --gallery-model")
-    models = [_model(g) for g in args.gallery_model]
-    transforms = pair_transformations(models, [_model(t) for t in args.transform])
-    shard, out = _shard(args), _out(args, args.out)
-    members_dir = _out(args, args.members_dir or sibling(args.out, f"{stem(args.out)}_members"), is_dir=True)
-    dataset, query_model = _in(args.dataset), _model(args.query_model)
-    members = []
-    for g, t in zip(models, transforms, strict=True):
-        member = members_dir / f"{g.stem}.parquet"
-        step_embed_member(dataset, query_model, g, t, member, args.batch_size, shard, args.workers)
-        members.append(member)
-    step_combine(members, out)
-    return StepRecord("embed-gallery", {"members": len(members), "shard": str(shard)},
-                      {"rows": pq.ParquetFile(out).metadata.num_rows})
+    inputs = stages.EnsembleInputs(_in(args.dataset), _model(args.query_model), [_model(g) for g in args.gallery_model],
+                                   [_model(t) for t in args.transform], args.batch_size, _shard(args), args.workers)
+    members_dir = args.members_dir or sibling(args.out, f"{stem(args.out)}_members")
+    outputs = stages.EnsembleOutputs(_out(args, args.out), _out(args, members_dir, is_dir=True))
+    return stages.embed_gallery(inputs, outputs)
 
 
 def cmd_merge(args: argparse.Namespace) -> StepRecord:
-    import pyarrow.parquet as pq
-
-    from cmce.embed import merge_shards
-
-    out = merge_shards([_in(p) for p in args.shard_file], _out(args, args.out))
-    return StepRecord("merge", {"shards": len(args.shard_file)}, {"rows": pq.ParquetFile(out).metadata.num_rows})
-
-
-def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
-    from cmce.data.sources import fetch_source
-
-    cfg = _config(args)
-    fetch_source(cfg.data, _out(args, args.out, is_dir=True))
-    return StepRecord("fetch-data", {"source": cfg.data.source})
+    return stages.merge(stages.FilesInputs([_in(p) for p in args.shard_file]),
+                        stages.GalleryOutputs(_out(args, args.out)))
 
 
 def cmd_combine(args: argparse.Namespace) -> StepRecord:
+    from cmce.layout import member_paths
+
     members = [_in(m) for m in args.member or []]
     if args.members_dir:
         if not args.config:
@@ -195,22 +137,22 @@ def cmd_combine(args: argparse.Namespace) -> StepRecord:
         members += member_paths(_config(args), _in(args.members_dir))
     if not members:
         raise ValueError("give --member files or --members-dir with --config")
-    step_combine(members, _out(args, args.out))
-    return StepRecord("combine", {"members": len(members)})
+    return stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(_out(args, args.out)))
 
 
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
-    from cmce.index import build_index
+    from cmce.config import index_config
 
-    if args.set and not args.config:
-        raise ValueError("--set needs --config")
-    options = _config(args).index if args.config else None  # the type's parameters; flags override
-    out = build_index(_in(args.gallery), _out(args, args.out, is_dir=True, last="meta.json"), args.reject_fraction,
-                      args.index_type, options)
-    meta = json.loads((out / "meta.json").read_text())
-    params = {k: meta[k] for k in ("index_type", "reject_fraction", "index_params", "search_params")}
-    return StepRecord("build-index", params, {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [],
-                      [out / "meta.json"])
+    flags = {k: v for k, v in (("index.reject_fraction", args.reject_fraction), ("index.type", args.index_type))
+             if v is not None}  # shorthands for --set: checked by the config like any other value
+    if args.config:
+        options = _config(args, flags).index
+    else:
+        if args.set:
+            raise ValueError("--set needs --config")
+        options = index_config(flags, "build-index flags")
+    return stages.build_gallery_index(options, stages.IndexInputs(_in(args.gallery)),
+                                      stages.IndexOutputs(_out(args, args.out, is_dir=True, last="meta.json")))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
@@ -222,50 +164,18 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
     students = [_model(s) for s in args.kd] + sorted(_in(args.kd_dir).rglob("*.pt") if args.kd_dir else [])
     inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students)
     out = _out(args, args.out, is_dir=True, last="metrics.json")
-    metrics = step_evaluate(_config(args), inputs, out)
-    sys.stdout.write(markdown_table(metrics))
-    versions = json.loads((out / "versions.json").read_text())
-    flat = {f"{cfg}/{name}": v for cfg, values in metrics.items() for name, v in values.items()}
-    files = [out / f for f in ("metrics.json", "results.md", "versions.json", "recall.png", "rejection.png")]
-    names = [registry_name("query", versions["query_model"]["name"])]
-    names += [registry_name(role, m["name"]) for m in versions["members"] for role in ("gallery", "transform")]
-    return StepRecord("evaluate", {"evaluated": versions}, flat, [], files, versions_of=names)
+    record = stages.evaluate_all(_config(args), inputs, stages.EvalOutputs(out))
+    sys.stdout.write(markdown_table(json.loads((out / "metrics.json").read_text())))
+    return record
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
+    from cmce.search import search_images
 
-    from cmce.checkpoint import load_embedding_model
-    from cmce.data.codec import decode_image
-    from cmce.data.readers import iter_split_batches
-    from cmce.embed import embed_batch, to_inference_device
-    from cmce.index import load_index, search
-
-    model = load_embedding_model(_model(args.query_model))
-    to_inference_device(model)
-    loaded = load_index(args.index, query_sha256=model.sha256)
-    names: list[str] = []
-    embs = []
-    if args.images:
-        for p in args.images:
-            arr = decode_image(_in(p).read_bytes(), model.in_channels, model.image_size, p)
-            names.append(p)
-            embs.append(embed_batch(model, torch.from_numpy(arr[None])))
-    elif args.dataset:
-        for batch in iter_split_batches(_in(args.dataset), args.split, 256, model.in_channels, model.image_size):
-            names += batch.ids
-            embs.append(embed_batch(model, batch.images))
-            if args.limit and len(names) >= args.limit:
-                break
-    if not embs:
-        raise ValueError("no query images given: pass --images or --dataset")
-    queries = np.concatenate(embs)[: args.limit or None]
-    result = search(loaded, queries, args.k)
-    for q, ids, scores, unc in zip(names, result.ids, result.scores, result.uncertainty, strict=False):
-        hits = [{"id": i, "score": round(float(s), 6), "uncertainty": round(float(u), 6)}
-                for i, s, u in zip(ids, scores, unc, strict=False)]
-        sys.stdout.write(json.dumps({"query": q, "hits": hits}) + "\n")
+    images = [(p, _in(p)) for p in args.images]
+    for hit in search_images(_in(args.index), _model(args.query_model), images,
+                             _in(args.dataset) if args.dataset else None, args.split, args.limit, args.k):
+        sys.stdout.write(json.dumps(hit) + "\n")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -274,29 +184,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if is_remote(cfg.output_dir):  # the whole run in scratch, uploaded when it succeeds
         cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
-    metrics = run_all(cfg)
+    metrics = stages.run_all(cfg)
     log.info("outputs under %s", restore_uris(cfg.output_dir))
     sys.stdout.write(markdown_table(metrics))
 
 
 def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
-    """Fit T for the new model, embed the gallery with it alone, update the ensemble from the running sum."""
-    from cmce.index import build_index
-    from cmce.lifecycle import add_member
-
-    cfg = _config(args)
-    new_model, out = _model(args.gallery_model), _out(args, args.out)
-    work = _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True)
-    index_out = _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None
-    dataset, query_model, gallery = _in(args.dataset), _model(args.query_model), _in(args.gallery)
-    transform = work / f"transform_{new_model.stem}.pt"
-    step_fit_transform(cfg, dataset, query_model, new_model, transform, work / f"train_{new_model.stem}.parquet")
-    member = step_embed_member(dataset, query_model, new_model, transform,
-                               work / f"member_{new_model.stem}.parquet", cfg.batch_size)
-    add_member(gallery, member, out)
-    if index_out is not None:
-        build_index(out, index_out, options=cfg.index)
-    return record_transformation(cfg, transform)
+    inputs = stages.AddModelInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
+                                   _model(args.gallery_model))
+    outputs = stages.AddModelOutputs(
+        _out(args, args.out), _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True),
+        _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None)
+    return stages.add_gallery_model(_config(args), inputs, outputs)
 
 
 def _parquet_files(paths: list[str]) -> list[Path]:
@@ -311,75 +210,35 @@ def _parquet_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
-    """Refit every transformation for a new query model from stored embeddings; gallery images unread."""
-    from cmce.index import build_index
-    from cmce.lifecycle import upgrade_query_model
-
-    cfg = _config(args)
-    out, transforms_out = _out(args, args.out), _out(args, args.transforms_out, is_dir=True)
-    index_out = _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None
-    upgrade_query_model(_in(args.gallery), _model(args.query_model), _in(args.dataset),
-                        _parquet_files(args.train_embeddings), cfg.transform, transforms_out, out,
-                        cfg.seed, cfg.batch_size)
-    if index_out is not None:
-        build_index(out, index_out, options=cfg.index)
-    refitted = [record_transformation(cfg, t) for t in sorted(transforms_out.glob("*.pt"))]
-    return StepRecord("upgrade-query-model", {"gallery": str(args.gallery), "transform": cfg.transform.__dict__},
-                      {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
-                      register=[reg for r in refitted for reg in r.register])
+    inputs = stages.UpgradeInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
+                                  _parquet_files(args.train_embeddings))
+    index = _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None
+    outputs = stages.UpgradeOutputs(_out(args, args.out), _out(args, args.transforms_out, is_dir=True), index)
+    return stages.upgrade_query_model(_config(args), inputs, outputs)
 
 
 def cmd_add_member(args: argparse.Namespace) -> StepRecord:
-    """Add one per-model file (from embed-member) to a gallery from its stored running sum."""
-    from cmce.lifecycle import add_member
-    from cmce.tables import read_metadata
-
-    out = add_member(_in(args.gallery), _in(args.member), _out(args, args.out))
-    return StepRecord("add-member", {"gallery": str(args.gallery), "member": str(args.member)},
-                      {"n_models": float(len(read_metadata(out)["members"]))})
+    return stages.add_member(stages.MemberFileInputs(_in(args.gallery), _in(args.member)),
+                             stages.GalleryOutputs(_out(args, args.out)))
 
 
 def cmd_gate(args: argparse.Namespace) -> StepRecord:
-    """Measure the served gallery and the candidate the same way; promote only without regression."""
-    from cmce.promotion import decide, served_metrics
-    from cmce.steps import served_versions
-    from cmce.storage import write_text
-
-    cfg = _config(args)
-    gate = cfg.lifecycle.gate
-    ks = sorted({*cfg.evaluate.recall_k, *(int(m[2:]) for m in gate.metrics if m.startswith("R@"))})
-    fars = sorted({*cfg.evaluate.far, *(float(m.split("=")[1]) for m in gate.metrics if m.startswith("TAR@"))})
-
-    def measure(query: str, gallery: str) -> dict[str, float]:
-        return served_metrics(_in(args.dataset), _model(query), _in(gallery), gate.split, ks, fars, cfg.batch_size,
-                              cfg.evaluate.block_mb)
-
-    decision = decide(measure(args.baseline_query_model, args.baseline_gallery),
-                      measure(args.query_model, args.gallery), gate.metrics, gate.tolerance)
-    report = {**decision.to_dict(), "baseline_gallery": str(args.baseline_gallery),
-              "candidate_gallery": str(args.gallery)}
-    out = _out(args, args.out)
-    write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
-    verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
-    log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
-                                                 for m in decision.metrics))
-    if args.require_promotion and not decision.promoted:
-        raise ValueError(f"{args.gallery}: candidate regressed on {decision.regressed} (see {args.out})")
-    return StepRecord("gate", {"gate": gate.__dict__, "baseline_gallery": str(args.baseline_gallery),
-                               "candidate_gallery": str(args.gallery)},
-                      decision.flat(), [], [out],
-                      promote=served_versions(_in(args.gallery)) if decision.promoted else [])
+    inputs = stages.GateInputs(_in(args.dataset), _model(args.baseline_query_model), _in(args.baseline_gallery),
+                               _model(args.query_model), _in(args.gallery))
+    record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out)))
+    if args.require_promotion and not record.metrics["promoted"]:
+        raise ValueError(f"{args.gallery}: candidate regressed (see {args.out})")
+    return record
 
 
 def cmd_track_start(args: argparse.Namespace) -> None:
+    from cmce.storage import write_text
     from cmce.tracking import start_parent_run, tracking_uri
 
     cfg = _config(args)
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(args.run_dir)
     info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict(), args.artifact_location)}
     if args.out:
-        from cmce.storage import write_text
-
         write_text(_out(args, args.out), json.dumps(info))
     sys.stdout.write(json.dumps(info) + "\n")
 
@@ -546,31 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _select_device(args: argparse.Namespace) -> None:
-    """This step's device: the --device flag, else the config's `device`, else auto (cmce.device)."""
+    """This step's device before any work (a torchrun group's backend depends on it): the --device flag,
+    else the config's `device`, else auto. Stages that read a config select it again from there."""
     if args.device:
         devices.select(args.device, "--device")
     elif getattr(args, "config", None):
-        config = _config(args)
-        devices.select(config.device, f"{args.config}: device")
+        devices.select(_config(args).device, f"{args.config}: device")
     else:
         devices.select("auto")
-
-
-def run_step(argv: list[str], config_path: str = "", tracking_path: str = "") -> None:
-    """Run one `cmce` step in-process, for orchestrators. `tracking_path` names a JSON file
-    {"uri": ..., "run_id": ...} written by `cmce track-start --out` (empty run_id = tracking off).
-    Raises when the step fails, so the orchestrator marks the task failed."""
-    argv = list(argv)
-    if config_path:
-        argv[1:1] = ["--config", config_path]
-    prefix: list[str] = []
-    if tracking_path:
-        info = json.loads(local_input(tracking_path).read_text())
-        if info.get("run_id"):
-            prefix = ["--mlflow-parent", info["run_id"], "--mlflow-uri", info["uri"]]
-    rc = main(prefix + argv)
-    if rc != 0:
-        raise RuntimeError(f"cmce {argv[0]} failed with exit code {rc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     owns_group = ok = False
     try:
-        _select_device(args)  # before joining a process group: the device decides the backend
+        _select_device(args)
         # under torchrun: join the group here unless a caller already did (then the group is theirs to close)
         owns_group = ddp.launched() and not ddp.current().enabled
         if owns_group:
@@ -601,16 +443,13 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().setLevel(logging.WARNING)
         with contextlib.ExitStack() as args.outputs:  # s3:// outputs upload as it closes, only on success
             record = args.func(args)
-        if isinstance(record, StepRecord):
-            record.params.setdefault("device", devices.describe(devices.current()))
         if args.mlflow_parent and isinstance(record, StepRecord):
-            from cmce.tracking import log_step
+            from cmce.tracking import TrackingInfo, publish
 
             uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
             if not uri:
                 raise ValueError("--mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI")
-            log_step(uri, args.mlflow_parent, record.step, record.params, record.metrics, record.history,
-                     record.artifacts, record.register, record.versions_of, record.promote)
+            publish(TrackingInfo(uri, args.mlflow_parent), record)
         ok = True
     except (ValueError, KeyError, OSError) as err:
         if args.debug:

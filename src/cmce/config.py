@@ -166,7 +166,7 @@ class Config:
     # --device flag overrides it
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 256  # inference batch size
-    num_threads: int | None = None
+    num_threads: int | None = None  # torch CPU threads of every step; None: torch's default (one per core)
     data: DataConfig = field(default_factory=DataConfig)
     query_model: ModelSpec = field(default_factory=ModelSpec)
     gallery_models: list[ModelSpec] = field(default_factory=list)
@@ -258,8 +258,6 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: transform.input_dropout must be in [0, 1), got {cfg.transform.input_dropout}")
     if not 0.0 < cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"{where}: data.heldout_fraction must be in (0, 1)")
-    if not 0.0 <= cfg.index.reject_fraction < 1.0:
-        raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1)")
     if cfg.index.reject_fraction > 0 and len(cfg.gallery_models) < 2:  # one member's uncertainty is 0 everywhere
         raise ConfigError(f"{where}: index.reject_fraction {cfg.index.reject_fraction} rejects by uncertainty, which "
                           f"needs at least 2 gallery models; got {len(cfg.gallery_models)}")
@@ -299,6 +297,8 @@ def _validate_evaluate(ev: EvaluateConfig, where: str) -> None:
 
 
 def _validate_index(ix: IndexConfig, where: str) -> None:
+    if not 0.0 <= ix.reject_fraction < 1.0:
+        raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1), got {ix.reject_fraction}")
     positive = {"index.auto_threshold": ix.auto_threshold, "index.ivfpq.nlist": ix.ivfpq.nlist,
                 "index.ivfpq.m": ix.ivfpq.m, "index.ivfpq.nprobe": ix.ivfpq.nprobe,
                 "index.ivfpq.k_factor": ix.ivfpq.k_factor, "index.ivfpq.train_size": ix.ivfpq.train_size,
@@ -317,9 +317,33 @@ def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
     return cfg
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the --set syntax every runner uses) → {dotted key: value read as YAML}."""
+    out = {}
+    for pair in pairs:
+        if not isinstance(pair, str) or "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {value!r} is not valid YAML: {err}") from None
+    return out
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (``train.epochs``) in a raw config mapping; returns the same mapping."""
+    """Set dotted keys (``train.epochs``) in a raw config mapping; returns the same mapping.
+
+    `gallery_models` given as a list of names selects and orders the gallery models of the mapping by name
+    (an unknown name is an error listing the valid ones); given as a list of mappings it replaces them."""
     for dotted, value in overrides.items():
+        if dotted == "gallery_models" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            specs = {m.get("name"): m for m in raw.get("gallery_models") or [] if isinstance(m, dict)}
+            unknown = [n for n in value if n not in specs]
+            if unknown:
+                raise ConfigError(f"gallery_models: unknown gallery model(s) {unknown}; valid names: {sorted(specs)}")
+            raw["gallery_models"] = [specs[n] for n in value]
+            continue
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -357,42 +381,23 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
 
 
-def resolve_config_text(
-    params_yaml: str,
-    gallery_models: list[str] | None = None,
-    epochs: int = 0,
-    lam: float = -1.0,
-    reject_fraction: float = -1.0,
-    index_type: str = "",
-    protocol: str = "",
-    dataset: str = "",
-) -> str:
-    """Merge an orchestrator's run parameters into the params file; return the validated config as YAML.
-
-    Unset values (0, negative, empty) keep the params file's value. `gallery_models` selects and orders
-    gallery models by name; an unknown name is an error listing the valid ones.
-    """
-    raw = yaml.safe_load(params_yaml) or {}
+def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # type: ignore[assignment]
+    """An orchestrator's run: the params file with its `KEY=VALUE` overrides, validated, as YAML."""
+    try:
+        raw = yaml.safe_load(params_yaml) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params: invalid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError("params: top level must be a mapping")
-    overrides: dict[str, Any] = {}
-    if epochs > 0:
-        overrides["train.epochs"] = epochs
-    if lam >= 0:
-        overrides["transform.lam"] = lam
-    if reject_fraction >= 0:
-        overrides["index.reject_fraction"] = reject_fraction
-    if index_type:
-        overrides["index.type"] = index_type
-    if protocol:
-        overrides["data.protocol"] = protocol
-    if dataset:
-        overrides["data.source"] = dataset
-    apply_overrides(raw, overrides)
-    if gallery_models:
-        specs = {m.get("name"): m for m in raw.get("gallery_models", [])}
-        unknown = [n for n in gallery_models if n not in specs]
-        if unknown:
-            raise ConfigError(f"params: unknown gallery model(s) {unknown}; valid names: {sorted(specs)}")
-        raw["gallery_models"] = [specs[n] for n in gallery_models]
-    return to_yaml(config_from_dict(raw, "params"))
+    return to_yaml(config_from_dict(apply_overrides(raw, parse_overrides(list(overrides))), "params"))
+
+
+def index_config(overrides: dict[str, Any], where: str) -> IndexConfig:
+    """The `index` section alone, from defaults and `index.*` overrides, checked as in a config file."""
+    raw = apply_overrides({}, overrides).get("index") or {}
+    unknown = sorted(k for k in overrides if not k.startswith("index."))
+    if unknown:
+        raise ConfigError(f"{where}: only index.* settings apply here, got {unknown}")
+    ix = _coerce(raw, IndexConfig, "index")
+    _validate_index(ix, where)
+    return ix

@@ -174,14 +174,13 @@ def set_search_params(index: Any, search_params: dict[str, int]) -> None:
 
 def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: float | None = None,
                 index_type: str | None = None, options: IndexConfig | None = None) -> Path:
-    """Index a gallery file. `options` (the config's `index` section) gives the type, the rejected fraction
-    and each type's parameters; `reject_fraction` and `index_type`, when given, override its values."""
+    """Index a gallery file. `options` (the config's `index` section, checked when it was loaded) gives the type,
+    the rejected fraction and each type's parameters; `reject_fraction` and `index_type`, when given, override
+    its values."""
     options = options or IndexConfig()
     index_type = options.type if index_type is None else index_type
     reject_fraction = options.reject_fraction if reject_fraction is None else reject_fraction
-    check_index_type(index_type)
-    if not 0.0 <= reject_fraction < 1.0:
-        raise ValueError(f"reject fraction {reject_fraction}: must be in [0, 1)")
+    check_index_type(index_type)  # the fraction's range is the config's to check (cmce.config)
     check_replaceable(out_dir, INDEX_FILES)  # before the work, not only when swapping the result in
     gallery_path = Path(gallery_path)
     meta = read_metadata(gallery_path)

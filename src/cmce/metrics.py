@@ -265,7 +265,7 @@ def score_keys(s: torch.Tensor) -> torch.Tensor:
 def _tail(src: Scores, ql: np.ndarray, gl: np.ndarray, floor: float, step: int):
     """Block by block, the allowed pairs scoring at least `floor` (every allowed pair when it is -inf):
     (their keys, gallery columns, genuine?), on the source's device."""
-    gl_t = torch.as_tensor(gl, device=src.device)
+    gl_t = torch.tensor(gl, device=src.device)  # a copy: the labels may be a read-only view of a table
     for start in range(0, src.n_queries, step):
         rows = np.arange(start, min(start + step, src.n_queries))
         s = src.rows(rows, reuse=True)
@@ -320,7 +320,7 @@ def _floors(src: Scores, ql: np.ndarray, gl: np.ndarray, far: float, step: int) 
     rows = np.sort(rng.choice(src.n_queries, min(src.n_queries, step), replace=False))  # one block
     s = src.rows(rows)
     impostor = s[torch.isfinite(s) & (torch.as_tensor(ql[rows], device=src.device)[:, None]
-                                      != torch.as_tensor(gl, device=src.device)[None, :])].cpu().numpy()
+                                      != torch.tensor(gl, device=src.device)[None, :])].cpu().numpy()
     ranks = [math.ceil(factor * far * len(impostor)) + 64 for factor in (3, 30)]
     ranks = [r for r in ranks if r < len(impostor)]
     if not ranks:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cmce.checkpoint import load_embedding_model
+from cmce.config import Config
 from cmce.embed import embed_split
 from cmce.evaluate import cosine_scores, cross_domains, self_columns
 from cmce.metrics import retrieval_metrics
@@ -55,6 +56,14 @@ def decide(baseline: dict[str, float], candidate: dict[str, float], metrics: lis
     regressed = [m for m in metrics if not delta[m] >= -tolerance]
     return Decision(not regressed, list(metrics), tolerance, {m: baseline[m] for m in metrics},
                     {m: candidate[m] for m in metrics}, delta, regressed)
+
+
+def gate_measures(cfg: Config) -> tuple[list[int], list[float]]:
+    """The ranks and FARs the gate measures: the evaluation's, and those its gated metrics name."""
+    gate = cfg.lifecycle.gate
+    ks = sorted({*cfg.evaluate.recall_k, *(int(m[2:]) for m in gate.metrics if m.startswith("R@"))})
+    fars = sorted({*cfg.evaluate.far, *(float(m.split("=")[1]) for m in gate.metrics if m.startswith("TAR@"))})
+    return ks, fars
 
 
 def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, recall_k: list[int],

@@ -71,7 +71,7 @@ class Scores:
 
 def _counts_from_rows(source: Scores, query_labels: np.ndarray, gallery_labels: np.ndarray,
                       keep: np.ndarray | None, block_mb: float) -> tuple[np.ndarray, np.ndarray]:
-    gl = torch.as_tensor(np.asarray(gallery_labels), device=source.device)
+    gl = torch.tensor(np.asarray(gallery_labels), device=source.device)  # a copy: may be a read-only view
     kept = None if keep is None else torch.as_tensor(np.asarray(keep, bool), device=source.device)
     relevant, allowed = np.zeros(source.n_queries, np.int64), np.zeros(source.n_queries, np.int64)
     step = rows_per_block(source.n_gallery, block_mb)
@@ -123,8 +123,9 @@ class InnerProducts(Scores):
     block_mb: float = BLOCK_MB
 
     def __post_init__(self) -> None:
-        self.queries = np.ascontiguousarray(self.queries, dtype=np.float32)
-        self.gallery = np.ascontiguousarray(self.gallery, dtype=np.float32)
+        # copies: the rows may be read-only views of a Parquet table, which torch must not wrap
+        self.queries = np.array(self.queries, dtype=np.float32, order="C")
+        self.gallery = np.array(self.gallery, dtype=np.float32, order="C")
         if self.queries.ndim != 2 or self.gallery.ndim != 2 or self.queries.shape[1] != self.gallery.shape[1]:
             raise ValueError(f"queries {self.queries.shape} and gallery {self.gallery.shape} must be 2-d with "
                              f"one dimension")

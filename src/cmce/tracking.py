@@ -13,11 +13,14 @@ Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else a sqlite file under the run d
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,50 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "cmce"
 ALIAS = "candidate"
 PRODUCTION = "production"
+
+
+@dataclass(frozen=True)
+class TrackingInfo:
+    """Where a pipeline run is tracked: the tracking URI and its parent run ("" = tracking off)."""
+
+    uri: str
+    run_id: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrackingInfo:
+        """From the {"uri", "run_id"} JSON file `cmce track-start --out` writes."""
+        info = json.loads(Path(path).read_text())
+        return cls(info.get("uri", ""), info.get("run_id", ""))
+
+    @property
+    def on(self) -> bool:
+        return bool(self.uri and self.run_id)
+
+
+def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
+    """Record a stage's StepRecord as a nested run of the parent run (nothing when tracking is off), with the
+    device it computed on among its params."""
+    from cmce import device as devices
+
+    info = info if isinstance(info, TrackingInfo) else TrackingInfo.read(info)
+    if record is None or not info.on:
+        return None
+    params = {**record.params, "device": devices.describe(devices.current())}
+    return log_step(info.uri, info.run_id, record.step, params, record.metrics, record.history, record.artifacts,
+                    record.register, record.versions_of, record.promote)
+
+
+@contextlib.contextmanager
+def closing_parent(info: TrackingInfo | str | Path) -> Iterator[None]:
+    """Close the parent run when the block ends: FINISHED when it succeeds, FAILED when it raises."""
+    info = info if isinstance(info, TrackingInfo) else TrackingInfo.read(info)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if info.on:
+            end_run(info.uri, info.run_id, "FINISHED" if ok else "FAILED")
 
 
 def tracking_uri(run_dir: str | Path) -> str:
@@ -190,6 +237,15 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     if len(files) != 1:
         raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}")
     return files[0]
+
+
+def registered_checkpoints(cfg: Any, uri: str, alias: str = ALIAS) -> tuple[Path, list[Path]]:
+    """The query model's and every transformation's checkpoint registered under `alias`, downloaded."""
+    from cmce.records import registered_uris
+
+    uris = registered_uris(cfg, alias)
+    return (resolve_model_uri(uris["query_model"][0], uri),
+            [resolve_model_uri(u, uri) for u in uris["transformations"]])
 
 
 def model_versions(uri: str, names: Iterable[str], alias: str = ALIAS) -> dict[str, str]:

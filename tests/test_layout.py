@@ -1,6 +1,6 @@
-"""cmce.steps: the members bundle orchestrators hand to tasks that need every gallery member."""
+"""cmce.layout: the members bundle orchestrators hand to tasks that need every gallery member."""
 
-from cmce.steps import member_bundle, write_member_bundle
+from cmce.layout import member_bundle, write_member_bundle
 
 
 def test_member_bundle_reads_back_what_was_written_in_ensemble_order(smoke_run, tmp_path):

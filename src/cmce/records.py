@@ -1,0 +1,67 @@
+"""What a stage reports to a tracker (kept free of any tracking library), and the names its models are
+registered under."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmce.checkpoint import load_embedding_model
+from cmce.config import Config
+from cmce.tables import read_metadata
+from cmce.transform import load_transformation
+
+
+@dataclass
+class StepRecord:
+    """What a step reports to a tracker: kept free of any tracking library."""
+
+    step: str
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    artifacts: list[Path] = field(default_factory=list)
+    register: list[tuple[str, Path, str]] = field(default_factory=list)  # (registered name, checkpoint, sha256)
+    versions_of: list[str] = field(default_factory=list)  # registered models whose current version to record
+    promote: list[tuple[str, str]] = field(default_factory=list)  # (registered name, sha256) to move `production` to
+
+
+def registry_name(role: str, name: str) -> str:
+    """Registered-model name: cmce-query for any query model (an upgraded query model is a new version
+    of the same registered model), cmce-<role>-<name> otherwise."""
+    return "cmce-query" if role == "query" else f"cmce-{role}-{name}"
+
+
+def registered_uris(cfg: Config, alias: str = "candidate") -> dict[str, list[str]]:
+    """`models:/NAME@ALIAS` URIs of the query model and of every transformation in the config."""
+    return {
+        "query_model": [f"models:/{registry_name('query', cfg.query_model.name)}@{alias}"],
+        "transformations": [f"models:/{registry_name('transform', m.name)}@{alias}" for m in cfg.gallery_models],
+    }
+
+
+def record_model(cfg: Config, path: Path, role: str) -> StepRecord:
+    m = load_embedding_model(path)
+    spec = {"arch": m.arch, "embedding_dim": m.embedding_dim, "sha256": m.sha256}
+    params = {"model": spec, "train": cfg.train.__dict__}
+    register = [] if role == "kd" else [(registry_name(role, m.name), path, m.sha256)]
+    return StepRecord(f"train-{m.name}", params, {"final_" + k: v for k, v in m.meta["history"][-1].items()},
+                      m.meta["history"], [], register)
+
+
+def record_transformation(cfg: Config, path: Path) -> StepRecord:
+    t = load_transformation(path)
+    final = {f"final_{k}": v for k, v in t.history[-1].items() if k != "epoch"}
+    return StepRecord(f"fit-transform-{t.gallery_model}", {"transform": cfg.transform.__dict__, "sha256": t.sha256},
+                      final, t.history, [], [(registry_name("transform", t.gallery_model), path, t.sha256)])
+
+
+def served_versions(gallery: Path) -> list[tuple[str, str]]:
+    """(registered name, sha256) of every model a gallery file is served with: the query model, each
+    gallery model and its transformation."""
+    meta = read_metadata(gallery)
+    out = [(registry_name("query", ""), meta["query_model_sha256"])]
+    for m in meta["members"]:
+        out += [(registry_name("gallery", m["name"]), m["sha256"]),
+                (registry_name("transform", m["name"]), m["transformation_sha256"])]
+    return out

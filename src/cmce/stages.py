@@ -1,0 +1,450 @@
+"""The stage layer: one typed function per pipeline stage, `(cfg, inputs, outputs) -> StepRecord`.
+
+Every runner calls these and nothing else: the CLI subcommands parse arguments into the inputs and
+outputs and call one stage; the KFP components resolve their artifacts into them and call one stage; the
+DVC stages call the CLI; `run_all` chains them in one process. A stage reads local paths and writes its
+outputs, and reports what a tracker should record as a StepRecord; nothing here knows KFP, DVC or MLflow.
+Stages that need no setting beyond their inputs take (inputs, outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cmce import device as devices
+from cmce import distributed as ddp
+from cmce.checkpoint import load_embedding_model
+from cmce.config import Config, IndexConfig, ModelSpec
+from cmce.data.loader import WHOLE, Shard
+from cmce.data.prepare import prepare_dataset
+from cmce.data.readers import dataset_info
+from cmce.data.sources import fetch_source
+from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model, merge_shards
+from cmce.evaluate import EvalInputs, evaluate
+from cmce.index import build_index
+from cmce.layout import RunLayout, pair_transformations
+from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
+from cmce.resume import Resume, file_identity
+from cmce.tables import embedding_array, read_metadata, with_metadata, write_table
+from cmce.train import train_distilled_student, train_embedding_model
+from cmce.transform import Transformation, fit_transformation, save_transformation
+
+log = logging.getLogger(__name__)
+
+
+def model_spec(cfg: Config, name: str) -> ModelSpec:
+    specs = {m.name: m for m in cfg.all_models()}
+    if name not in specs:
+        raise KeyError(f"unknown model {name!r}; models in the config: {sorted(specs)}")
+    return specs[name]
+
+
+def use_device(cfg: Config) -> None:
+    """Select the config's device (and its CPU thread count, when it sets one) for the stages that follow."""
+    devices.select(cfg.device, "device")
+    if cfg.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class FetchOutputs:
+    raw_dir: Path
+
+
+def fetch_data(cfg: Config, out: FetchOutputs) -> StepRecord:
+    fetch_source(cfg.data, out.raw_dir)
+    return StepRecord("fetch-data", {"source": cfg.data.source})
+
+
+@dataclass
+class PrepareInputs:
+    raw_dir: Path | None = None  # a fetch-data folder; None: the source's own location (data.path)
+
+
+@dataclass
+class DatasetOutputs:
+    dataset: Path
+
+
+def prepare_data(cfg: Config, inp: PrepareInputs, out: DatasetOutputs) -> StepRecord:
+    prepare_dataset(cfg.data, out.dataset, cfg.seed, inp.raw_dir)
+    info = dataset_info(out.dataset)
+    return StepRecord("prepare-data", {"data": cfg.data.__dict__, "seed": cfg.seed},
+                      {"classes": len(info.get("classes", []))})
+
+
+# ---------------------------------------------------------------- models
+@dataclass
+class TrainInputs:
+    dataset: Path
+    model: str  # a model name of the config: the query model, a gallery model, or a lifecycle model
+
+
+@dataclass
+class ModelOutputs:
+    checkpoint: Path
+
+
+def train_model(cfg: Config, inp: TrainInputs, out: ModelOutputs) -> StepRecord | None:
+    """Train one embedding model; the record on the main rank (None on the others under torchrun)."""
+    use_device(cfg)
+    train_embedding_model(inp.dataset, model_spec(cfg, inp.model), cfg.data, cfg.train, out.checkpoint)
+    if not ddp.is_main():
+        return None
+    new_query = cfg.lifecycle.new_query_model
+    role = "query" if inp.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
+    return record_model(cfg, out.checkpoint, role)
+
+
+@dataclass
+class StudentInputs:
+    dataset: Path
+    teacher: Path  # the gallery model distilled into a query-architecture student
+
+
+def train_kd_student(cfg: Config, inp: StudentInputs, out: ModelOutputs) -> StepRecord | None:
+    """The KD baseline student; nothing (None) when kd.enabled is false or on a non-main rank."""
+    use_device(cfg)
+    if not cfg.kd.enabled:
+        # the config is the one switch for every runner: a DVC stage that always runs stays a no-op
+        log.info("kd.enabled is false in the config: no KD student trained, nothing written to %s", out.checkpoint)
+        return None
+    train_cfg = cfg.train if cfg.kd.augment else type(cfg.train)(**{**cfg.train.__dict__, "augment": False})
+    student = ModelSpec(**{**cfg.query_model.__dict__, "seed": cfg.query_model.seed + 1000})
+    train_distilled_student(inp.dataset, inp.teacher, student, cfg.data, train_cfg, out.checkpoint, cfg.kd.epochs)
+    return record_model(cfg, out.checkpoint, "kd") if ddp.is_main() else None
+
+
+@dataclass
+class FitInputs:
+    dataset: Path
+    query_model: Path
+    gallery_model: Path
+
+
+@dataclass
+class FitOutputs:
+    transformation: Path
+    train_embeddings: Path | None = None  # the raw train embeddings, kept for a later query-model upgrade
+
+
+def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | None:
+    """Embed the train split with both frozen models, fit T, save it (and the raw train embeddings).
+    Under torchrun every rank embeds the whole split and fits its share of each batch; rank 0 writes."""
+    use_device(cfg)
+    q_model = load_embedding_model(inp.query_model)
+    g_model = load_embedding_model(inp.gallery_model)
+    q = embed_split(q_model, inp.dataset, "train", cfg.batch_size)
+    g = embed_split(g_model, inp.dataset, "train", cfg.batch_size)
+    if q.ids != g.ids:
+        raise ValueError(f"{inp.dataset}: train split read in different orders")
+    g_fit, q_fit, y_fit = g.embeddings, q.embeddings, q.labels
+    if cfg.transform.augment_views:
+        (q_aug, g_aug), y_aug = embed_augmented_views([q_model, g_model], inp.dataset, "train",
+                                                      cfg.transform.augment_views, cfg.seed, cfg.batch_size)
+        g_fit, q_fit, y_fit = (np.concatenate(p) for p in ((g_fit, g_aug), (q_fit, q_aug), (y_fit, y_aug)))
+    resume = Resume.next_to(out.transformation, kind="transformation", transform=cfg.transform, seed=cfg.seed,
+                            batch_size=cfg.batch_size, dataset=file_identity(inp.dataset),
+                            query_model=q_model.sha256, gallery_model=g_model.sha256)
+    mlp, history = fit_transformation(g_fit, q_fit, y_fit, q_model.classifier, cfg.transform, cfg.seed,
+                                      f"T[{g_model.name}]", resume)
+    t = Transformation(mlp=mlp, gallery_model=g_model.name, gallery_model_sha256=g_model.sha256,
+                       query_model_sha256=q_model.sha256, in_dim=g_model.embedding_dim, out_dim=q_model.embedding_dim,
+                       hidden_dim=cfg.transform.hidden_dim, depth=cfg.transform.depth, history=history)
+    if not ddp.is_main():
+        ddp.barrier()  # rank 0 is writing; return when its files are in place
+        return None
+    save_transformation(t, out.transformation)
+    if out.train_embeddings is not None:
+        table = pa.table({"id": g.ids, "label": g.labels.astype(np.int32), "raw": embedding_array(g.embeddings),
+                          "query": embedding_array(q.embeddings)})
+        meta = {"kind": "train_embeddings", "gallery_model": {"name": g_model.name, "sha256": g_model.sha256},
+                "query_model_sha256": q_model.sha256}
+        write_table(with_metadata(table, meta), out.train_embeddings)
+    resume.remove()
+    ddp.barrier()
+    return record_transformation(cfg, out.transformation)
+
+
+# ---------------------------------------------------------------- the gallery
+@dataclass
+class MemberInputs:
+    dataset: Path
+    query_model: Path
+    gallery_model: Path
+    transformation: Path
+    batch_size: int = 256
+    shard: Shard = WHOLE
+    workers: int = 0  # image-decoding worker processes
+
+
+@dataclass
+class GalleryOutputs:
+    gallery: Path  # a gallery file, or for embed_member the per-model file
+
+
+def embed_member(inp: MemberInputs, out: GalleryOutputs) -> StepRecord:
+    """One gallery model (and its T) over the test split, or one shard of it → a per-model file."""
+    q_sha = load_embedding_model(inp.query_model).sha256
+    embed_with_model(inp.dataset, inp.gallery_model, inp.transformation, q_sha, out.gallery, "test", inp.batch_size,
+                     inp.shard, inp.workers)
+    meta = read_metadata(out.gallery)
+    return StepRecord(f"embed-{meta['gallery_model']['name']}", {"member": meta},
+                      {"rows": pq.ParquetFile(out.gallery).metadata.num_rows})
+
+
+@dataclass
+class EnsembleInputs:
+    dataset: Path
+    query_model: Path
+    gallery_models: list[Path]
+    transformations: list[Path]  # any order: each is matched to its gallery model by content hash
+    batch_size: int = 256
+    shard: Shard = WHOLE
+    workers: int = 0
+
+
+@dataclass
+class EnsembleOutputs:
+    gallery: Path
+    members_dir: Path  # the per-model files
+
+
+def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
+    """Every gallery model over the gallery (or one shard of it), then the ensemble of that slice."""
+    if len(inp.gallery_models) != len(inp.transformations):
+        raise ValueError("give one transformation per gallery model")
+    members = []
+    for model, transform in zip(inp.gallery_models, pair_transformations(inp.gallery_models, inp.transformations),
+                                strict=True):
+        member = out.members_dir / f"{model.stem}.parquet"
+        embed_member(MemberInputs(inp.dataset, inp.query_model, model, transform, inp.batch_size, inp.shard,
+                                  inp.workers), GalleryOutputs(member))
+        members.append(member)
+    combine_members(members, out.gallery)
+    return StepRecord("embed-gallery", {"members": len(members), "shard": str(inp.shard)},
+                      {"rows": pq.ParquetFile(out.gallery).metadata.num_rows})
+
+
+@dataclass
+class FilesInputs:
+    files: list[Path]  # combine: per-model files in ensemble order; merge: shard files in any order
+
+
+def combine(inp: FilesInputs, out: GalleryOutputs) -> StepRecord:
+    combine_members(inp.files, out.gallery)
+    return StepRecord("combine", {"members": len(inp.files)})
+
+
+def merge(inp: FilesInputs, out: GalleryOutputs) -> StepRecord:
+    merge_shards(inp.files, out.gallery)
+    return StepRecord("merge", {"shards": len(inp.files)}, {"rows": pq.ParquetFile(out.gallery).metadata.num_rows})
+
+
+@dataclass
+class IndexInputs:
+    gallery: Path
+
+
+@dataclass
+class IndexOutputs:
+    index: Path
+
+
+def build_gallery_index(cfg: IndexConfig, inp: IndexInputs, out: IndexOutputs) -> StepRecord:
+    """The FAISS index of a gallery (type, rejection and the type's parameters from the index section)."""
+    build_index(inp.gallery, out.index, options=cfg)
+    meta = json.loads((out.index / "meta.json").read_text())
+    params = {k: meta[k] for k in ("index_type", "reject_fraction", "index_params", "search_params")}
+    return StepRecord("build-index", params, {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [],
+                      [out.index / "meta.json"])
+
+
+@dataclass
+class EvalOutputs:
+    report: Path  # folder: metrics.json, results.md, versions.json, query.parquet, plots
+
+
+def evaluate_all(cfg: Config, inp: EvalInputs, out: EvalOutputs) -> StepRecord:
+    """Every configuration; the record carries the metrics flattened to `configuration/metric`."""
+    use_device(cfg)
+    metrics = evaluate(inp, cfg.evaluate, out.report, cfg.batch_size, cfg.seed)
+    versions = json.loads((out.report / "versions.json").read_text())
+    files = [out.report / f for f in ("metrics.json", "results.md", "versions.json", "recall.png", "rejection.png")]
+    names = [registry_name("query", versions["query_model"]["name"])]
+    names += [registry_name(role, m["name"]) for m in versions["members"] for role in ("gallery", "transform")]
+    return StepRecord("evaluate", {"evaluated": versions}, flat_metrics(metrics), [], files, versions_of=names)
+
+
+def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{configuration: {metric: value}} → {"configuration/metric": value}, as trackers and KFP want them."""
+    return {f"{cfg}/{name}": value for cfg, values in metrics.items() for name, value in values.items()}
+
+
+# ---------------------------------------------------------------- a live gallery
+@dataclass
+class AddModelInputs:
+    dataset: Path  # its train split fits T, its test split is the gallery
+    gallery: Path
+    query_model: Path
+    gallery_model: Path  # the new member, trained
+
+
+@dataclass
+class AddModelOutputs:
+    gallery: Path
+    work_dir: Path  # the new transformation and its embeddings
+    index: Path | None = None
+
+
+def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) -> StepRecord:
+    """Fit T for the new model, embed the gallery with it alone, update the ensemble from the running sum."""
+    use_device(cfg)
+    from cmce.lifecycle import add_member as grow
+
+    stem = inp.gallery_model.stem
+    transform = out.work_dir / f"transform_{stem}.pt"
+    record = fit_transform(cfg, FitInputs(inp.dataset, inp.query_model, inp.gallery_model),
+                           FitOutputs(transform, out.work_dir / f"train_{stem}.parquet"))
+    member = out.work_dir / f"member_{stem}.parquet"
+    embed_member(MemberInputs(inp.dataset, inp.query_model, inp.gallery_model, transform, cfg.batch_size),
+                 GalleryOutputs(member))
+    grow(inp.gallery, member, out.gallery)
+    if out.index is not None:
+        build_index(out.gallery, out.index, options=cfg.index)
+    return record
+
+
+@dataclass
+class MemberFileInputs:
+    gallery: Path
+    member: Path  # a per-model file (embed_member) of the new gallery model
+
+
+def add_member(inp: MemberFileInputs, out: GalleryOutputs) -> StepRecord:
+    """The gallery plus one model, from the stored running sum; the existing members are not recomputed."""
+    from cmce.lifecycle import add_member as grow
+
+    grow(inp.gallery, inp.member, out.gallery)
+    return StepRecord("add-member", {"gallery": str(inp.gallery), "member": str(inp.member)},
+                      {"n_models": float(len(read_metadata(out.gallery)["members"]))})
+
+
+@dataclass
+class UpgradeInputs:
+    dataset: Path  # only its train split is read
+    gallery: Path
+    query_model: Path  # the new query model
+    train_embeddings: list[Path]  # the stored raw train embeddings, one file per member
+
+
+@dataclass
+class UpgradeOutputs:
+    gallery: Path
+    transformations: Path  # folder of the refitted transformations
+    index: Path | None = None
+
+
+def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) -> StepRecord:
+    """Refit every transformation for a new query model from stored embeddings; gallery images unread."""
+    use_device(cfg)
+    from cmce.lifecycle import upgrade_query_model as upgrade
+
+    upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, cfg.transform, out.transformations,
+            out.gallery, cfg.seed, cfg.batch_size)
+    if out.index is not None:
+        build_index(out.gallery, out.index, options=cfg.index)
+    refitted = [record_transformation(cfg, t) for t in sorted(out.transformations.glob("*.pt"))]
+    return StepRecord("upgrade-query-model", {"gallery": str(inp.gallery), "transform": cfg.transform.__dict__},
+                      {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
+                      register=[reg for r in refitted for reg in r.register])
+
+
+@dataclass
+class GateInputs:
+    dataset: Path  # labelled queries: its lifecycle.gate.split
+    baseline_query_model: Path
+    baseline_gallery: Path
+    query_model: Path
+    gallery: Path
+
+
+@dataclass
+class GateOutputs:
+    decision: Path  # JSON: baseline, candidate, delta, promoted
+
+
+def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
+    """Measure the served gallery and the candidate the same way; promote only without regression (the
+    record then names the versions whose `production` alias moves)."""
+    use_device(cfg)
+    from cmce.promotion import decide, gate_measures, served_metrics
+    from cmce.storage import write_text
+
+    g = cfg.lifecycle.gate
+    ks, fars = gate_measures(cfg)
+
+    def measured(query: Path, gallery: Path) -> dict[str, float]:
+        return served_metrics(inp.dataset, query, gallery, g.split, ks, fars, cfg.batch_size, cfg.evaluate.block_mb)
+
+    decision = decide(measured(inp.baseline_query_model, inp.baseline_gallery), measured(inp.query_model, inp.gallery),
+                      g.metrics, g.tolerance)
+    report = {**decision.to_dict(), "baseline_gallery": str(inp.baseline_gallery),
+              "candidate_gallery": str(inp.gallery)}
+    write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
+    log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
+                                                 for m in decision.metrics))
+    return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": str(inp.baseline_gallery),
+                               "candidate_gallery": str(inp.gallery)},
+                      decision.flat(), [], [out.decision],
+                      promote=served_versions(inp.gallery) if decision.promoted else [])
+
+
+# ---------------------------------------------------------------- the whole run in one process
+def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = ()) -> dict:
+    """Every stage in one process, in dependency order, under cfg.output_dir; returns the metrics.
+    prepare=False uses the dataset file already at the layout's dataset path (e.g. one made by
+    cmce.data.prepare.carve_validation). `keep` names models whose outputs are already in place under
+    cfg.output_dir, made by this very config (the caller vouches for that): the model and, for a gallery
+    model, its transformation, embeddings and KD student are used as they are, not made again."""
+    lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
+    if prepare:
+        prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset))
+    per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
+    log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
+    q_path = lay.model(cfg.query_model.name)
+    if cfg.query_model.name not in keep:
+        train_model(cfg, TrainInputs(lay.dataset, cfg.query_model.name), ModelOutputs(q_path))
+    for g in cfg.gallery_models:
+        if g.name in keep:
+            log.info("%s: kept as it is under %s", g.name, lay.root)
+            continue
+        train_model(cfg, TrainInputs(lay.dataset, g.name), ModelOutputs(lay.model(g.name)))
+        fit_transform(cfg, FitInputs(lay.dataset, q_path, lay.model(g.name)),
+                      FitOutputs(lay.transformation(g.name), lay.train_embeddings(g.name)))
+        embed_member(MemberInputs(lay.dataset, q_path, lay.model(g.name), lay.transformation(g.name), cfg.batch_size),
+                     GalleryOutputs(lay.member(g.name)))
+        if cfg.kd.enabled:
+            train_kd_student(cfg, StudentInputs(lay.dataset, lay.model(g.name)), ModelOutputs(lay.kd_student(g.name)))
+    combine(FilesInputs([lay.member(g.name) for g in cfg.gallery_models]), GalleryOutputs(lay.gallery))
+    build_gallery_index(cfg.index, IndexInputs(lay.gallery), IndexOutputs(lay.index))
+    inputs = EvalInputs(
+        dataset=lay.dataset,
+        query_model=q_path,
+        gallery=lay.gallery,
+        transformations=[lay.transformation(g.name) for g in cfg.gallery_models],
+        kd_students=[lay.kd_student(g.name) for g in cfg.gallery_models] if cfg.kd.enabled else [],
+    )
+    return evaluate(inputs, cfg.evaluate, lay.eval_dir, cfg.batch_size, cfg.seed)
