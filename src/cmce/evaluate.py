@@ -164,13 +164,28 @@ def _student_embeddings(path: Path, dataset: Path, order: list[str], batch: int)
     return student, emb.embeddings[rows_of(emb.ids, order, f"{dataset}: test split as embedded by {path}")]
 
 
-def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch_size: int = 256,
-             seed: int = 0) -> Metrics:
-    """Compute all configurations; write query.parquet, metrics.json, results.md and plots."""
-    from cmce.report import write_reports  # matplotlib is only needed here
+@dataclass
+class EvalData:
+    """What every configuration is computed from, loaded and embedded once: the query model's test-split
+    embeddings, the gallery's arrays, each member's raw and transformed embeddings, the KD students'."""
 
-    out_dir = Path(out_dir)
-    check_replaceable(out_dir, EVAL_FILES)  # before the work, not only when swapping the result in
+    query_ids: list[str]
+    query_labels: np.ndarray
+    queries: np.ndarray
+    gallery_ids: list[str]
+    gallery_labels: np.ndarray
+    uncertainty: np.ndarray
+    raw: dict[str, np.ndarray]  # per member, in ensemble order
+    transformed: dict[str, np.ndarray]
+    students: dict[str, np.ndarray]  # per member with a KD student: the student's embeddings of the queries
+    self_cols: np.ndarray
+    domains: Domains | None
+    versions: dict
+
+
+def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
+    """Read and check the inputs, match transformations and students to members by content hash, embed the
+    test split with the query model (once) and with the students, apply each T."""
     query_model = load_embedding_model(inputs.query_model)
     gmeta = read_metadata(inputs.gallery)
     if gmeta.get("kind") != "gallery":
@@ -198,18 +213,46 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     table = read_table(inputs.gallery)
     g_ids = string_column(table, "id", str(inputs.gallery))
     check_unique_ids(g_ids, str(inputs.gallery))
-    g_labels = int_column(table, "label", str(inputs.gallery))
+    raw, transformed = {}, {}
+    ensemble = RunningEnsemble()
+    for m in members:
+        t = by_gallery[m["sha256"]]
+        raw[m["name"]] = embedding_column(table, f"raw_{m['name']}", str(inputs.gallery), t.in_dim)
+        transformed[m["name"]] = t.apply(raw[m["name"]])
+        ensemble.add(transformed[m["name"]])
     stored = embedding_column(table, "embedding", str(inputs.gallery), query_model.embedding_dim)
-    uncertainty = float_column(table, "uncertainty", str(inputs.gallery))
-
+    if not np.allclose(ensemble.embedding, stored, atol=1e-4):
+        raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
     q = embed_split(query_model, inputs.dataset, "test", batch_size)
     self_cols = self_columns(q.ids, g_ids)
     if (self_cols < 0).all():
         log.warning("no query image is in the gallery: evaluating without self-exclusion")
-    domains = cross_domains(inputs.dataset, q.ids, g_ids)
-    # gallery-side arrays in gallery order; for symmetric configurations queries are the gallery rows
-    g_self = np.arange(len(g_ids))
+    member_by_sha = {m["sha256"]: m["name"] for m in members}
+    students = {}
+    for s_path in inputs.kd_students:
+        student, s_emb = _student_embeddings(Path(s_path), inputs.dataset, q.ids, batch_size)
+        teacher = student.meta.get("teacher_sha256")
+        if teacher not in member_by_sha:
+            log.warning("%s: KD student's teacher %s is not a member of %s; skipped", s_path, str(teacher)[:12],
+                        inputs.gallery)
+            continue
+        students[member_by_sha[teacher]] = s_emb
+    versions = {
+        "query_model": {"name": query_model.name, "sha256": query_model.sha256},
+        "members": members,
+        "gallery": origin(inputs.gallery),  # the s3:// URI when the gallery was downloaded
+    }
+    return EvalData(q.ids, q.labels, q.embeddings, g_ids, int_column(table, "label", str(inputs.gallery)),
+                    float_column(table, "uncertainty", str(inputs.gallery)), raw, transformed,
+                    {m["name"]: students[m["name"]] for m in members if m["name"] in students},  # member order
+                    self_cols, cross_domains(inputs.dataset, q.ids, g_ids), versions)
+
+
+def configuration_metrics(data: EvalData, cfg: EvaluateConfig, seed: int = 0) -> Metrics:
+    """Every configuration's metrics from the arrays alone (see the module docstring), and the served
+    ensemble's rejection curves, from the same passes over its scores."""
     metrics: Metrics = {}
+    g_labels, domains = data.gallery_labels, data.domains
 
     def pairs(queries: np.ndarray, gallery: np.ndarray, cols: np.ndarray, symmetric: bool = False) -> InnerProducts:
         return cosine_scores(queries, gallery, cols,
@@ -222,62 +265,56 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     def run(name: str, scores: InnerProducts, qlab: np.ndarray) -> None:
         record(name, retrieval_metrics(scores, qlab, g_labels, cfg.recall_k, cfg.far, block_mb=cfg.block_mb))
 
-    q_rows = self_cols >= 0
-    q_as_gallery = np.zeros((len(g_ids), q.embeddings.shape[1]), np.float32)
-    q_as_gallery[self_cols[q_rows]] = q.embeddings[q_rows]
-    if q_rows.all() and len(q.ids) == len(g_ids):
-        run("sym_query", pairs(q.embeddings, q_as_gallery, self_cols), q.labels)
-
-    transformed = []
-    for member in members:
-        name = member["name"]
-        t = by_gallery[member["sha256"]]
-        raw = embedding_column(table, f"raw_{name}", str(inputs.gallery), t.in_dim)
+    # for symmetric configurations the queries are the gallery rows themselves
+    q_rows = data.self_cols >= 0
+    if q_rows.all() and len(data.query_ids) == len(data.gallery_ids):
+        q_as_gallery = np.zeros((len(data.gallery_ids), data.queries.shape[1]), np.float32)
+        q_as_gallery[data.self_cols] = data.queries
+        run("sym_query", pairs(data.queries, q_as_gallery, data.self_cols), data.query_labels)
+    g_self = np.arange(len(data.gallery_ids))
+    for name, raw in data.raw.items():
         run(f"sym_gallery/{name}", pairs(raw, raw, g_self, symmetric=True), g_labels)
-        transformed.append(t.apply(raw))
-        run(f"asym/{name}", pairs(q.embeddings, transformed[-1], self_cols), q.labels)
+        run(f"asym/{name}", pairs(data.queries, data.transformed[name], data.self_cols), data.query_labels)
     ensemble = RunningEnsemble()
-    for n, member_emb in enumerate(transformed, start=1):
+    curves: Metrics = {}
+    for n, member_emb in enumerate(data.transformed.values(), start=1):
         ensemble.add(member_emb)
-        scores = pairs(q.embeddings, ensemble.embedding, self_cols)
-        if n < len(transformed):
-            run(f"asym_ensemble/{n}", scores, q.labels)
+        scores = pairs(data.queries, ensemble.embedding, data.self_cols)
+        if n < len(data.transformed):
+            run(f"asym_ensemble/{n}", scores, data.query_labels)
         else:  # the served ensemble: its rejection curves come from the same passes over its scores
-            values, curves = measure_with_rejection(scores, q.labels, g_labels, uncertainty, cfg, seed)
+            values, curves = measure_with_rejection(scores, data.query_labels, g_labels, data.uncertainty, cfg, seed)
             record(f"asym_ensemble/{n}", values)
-    if not np.allclose(ensemble.embedding, stored, atol=1e-4):
-        raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
-    member_by_sha = {m["sha256"]: m["name"] for m in members}
-    students = {}
-    for s_path in inputs.kd_students:
-        student, s_emb = _student_embeddings(Path(s_path), inputs.dataset, q.ids, batch_size)
-        teacher = student.meta.get("teacher_sha256")
-        if teacher not in member_by_sha:
-            log.warning("%s: KD student's teacher %s is not a member of %s; skipped", s_path, str(teacher)[:12],
-                        inputs.gallery)
-            continue
-        students[member_by_sha[teacher]] = s_emb
-    for member in members:  # report in member order whatever order the students came in
-        if member["name"] in students:
-            raw = embedding_column(table, f"raw_{member['name']}", str(inputs.gallery))
-            run(f"kd/{member['name']}", pairs(students[member["name"]], raw, self_cols), q.labels)
+    for name, student in data.students.items():
+        run(f"kd/{name}", pairs(student, data.raw[name], data.self_cols), data.query_labels)
+    return metrics | curves
 
-    metrics |= curves
-    versions = {
-        "query_model": {"name": query_model.name, "sha256": query_model.sha256},
-        "members": members,
-        "gallery": origin(inputs.gallery),  # the s3:// URI when the gallery was downloaded
-    }
-    # written only now, so a failure above leaves a previous evaluation in out_dir untouched; and as
-    # one folder swapped in whole, so a kill never leaves new metrics next to an old query.parquet
+
+def write_evaluation(out_dir: Path, data: EvalData, metrics: Metrics) -> None:
+    """query.parquet, metrics.json, versions.json, results.md and the plots, swapped into `out_dir` as one folder."""
+    from cmce.report import write_reports  # matplotlib is only needed here
+
+    # written last (see evaluate), so a failure while loading or computing leaves a previous evaluation in
+    # out_dir untouched; and as one folder swapped in whole, so a kill never leaves new metrics next to an
+    # old query.parquet
     with atomic_dir(out_dir, EVAL_FILES) as tmp:
         write_table(
             with_metadata(
-                pa.table({"id": q.ids, "label": q.labels.astype(np.int32), "embedding": embedding_array(q.embeddings)}),
-                {"kind": "query", "split": "test",
-                 "query_model": {"name": query_model.name, "sha256": query_model.sha256}},
+                pa.table({"id": data.query_ids, "label": data.query_labels.astype(np.int32),
+                          "embedding": embedding_array(data.queries)}),
+                {"kind": "query", "split": "test", "query_model": data.versions["query_model"]},
             ),
             tmp / "query.parquet",
         )
-        write_reports(metrics, versions, tmp)
+        write_reports(metrics, data.versions, tmp)
+
+
+def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch_size: int = 256,
+             seed: int = 0) -> Metrics:
+    """Load → every configuration's metrics → written reports; returns the metrics."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, EVAL_FILES)  # before the work, not only when swapping the result in
+    data = load_evaluation(inputs, batch_size)
+    metrics = configuration_metrics(data, cfg, seed)
+    write_evaluation(out_dir, data, metrics)
     return metrics
