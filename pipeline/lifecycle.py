@@ -34,6 +34,14 @@ def _import(uri: str, cls):
     return dsl.importer(artifact_uri=uri, artifact_class=cls, reimport=False).output
 
 
+def _config_and_tracking(place, params_yaml, overrides, mlflow_uri, run_name):
+    """The resolved-config task, its config artifact, and the tracking artifact."""
+    cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi")
+    config = cfg.outputs["config"]
+    track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi")
+    return cfg, config, track.outputs["tracking"]
+
+
 def make_add_gallery_model_pipeline(params_yaml: str | None = None, placement: Placement | None = None):
     params_default = params_yaml if params_yaml is not None else default_params()
     place = (placement or Placement()).place
@@ -49,10 +57,7 @@ def make_add_gallery_model_pipeline(params_yaml: str | None = None, placement: P
         mlflow_uri: str = "",
         run_name: str = "cmce-add-gallery-model",
     ):
-        cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi")
-        config = cfg.outputs["config"]
-        track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi")
-        track = track.outputs["tracking"]
+        cfg, config, track = _config_and_tracking(place, params_yaml, overrides, mlflow_uri, run_name)
         data, query = _import(dataset_uri, Dataset), _import(query_model_uri, Model)
         served = _import(gallery_uri, Dataset)
         new = train_model(config=config, tracking=track, model_name=cfg.outputs["add_gallery_model"], dataset=data)
@@ -87,10 +92,7 @@ def make_upgrade_query_model_pipeline(params_yaml: str | None = None, placement:
         run_name: str = "cmce-upgrade-query-model",
     ):
         """`train_embeddings_uri`: a folder with the stored train embeddings, one file per gallery model."""
-        cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi")
-        config = cfg.outputs["config"]
-        track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi")
-        track = track.outputs["tracking"]
+        cfg, config, track = _config_and_tracking(place, params_yaml, overrides, mlflow_uri, run_name)
         data, old_query = _import(dataset_uri, Dataset), _import(query_model_uri, Model)
         served, stored = _import(gallery_uri, Dataset), _import(train_embeddings_uri, Dataset)
         new_query = train_model(config=config, tracking=track, model_name=cfg.outputs["new_query_model"],
