@@ -227,13 +227,13 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
     from cmce.tracking import TrackingInfo, closing_parent, registered_checkpoints
 
     cfg, info = load_config(config.path), TrackingInfo.read(tracking.path)
-    if info.on:
-        query, transforms = registered_checkpoints(cfg, info.uri)
-    else:
-        query, transforms = Path(query_model.path), [t for _, _, t in member_bundle(Path(members.path))]
-    inputs = EvalInputs(Path(dataset.path), query, Path(gallery.path), transforms,
-                        [Path(s.path) for s in kd_students or []])
-    with closing_parent(info):
+    with closing_parent(info):  # closed FAILED whatever fails, the registry included
+        if info.on:
+            query, transforms = registered_checkpoints(cfg, info.uri)
+        else:
+            query, transforms = Path(query_model.path), [t for _, _, t in member_bundle(Path(members.path))]
+        inputs = EvalInputs(Path(dataset.path), query, Path(gallery.path), transforms,
+                            [Path(s.path) for s in kd_students or []])
         record = run_stage(stages.evaluate_all, cfg, inputs, stages.EvalOutputs(Path(report.path)), tracking=info)
     for name, value in record.metrics.items():
         metrics.log_metric(name, value)
@@ -274,7 +274,7 @@ def upgrade_query_model(config: Input[Artifact], tracking: Input[Artifact], data
               stages.UpgradeOutputs(Path(new_gallery.path), Path(transformations.path)), tracking=tracking.path)
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def gate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
          baseline_query_model: Input[Model], baseline_gallery: Input[Dataset], query_model: Input[Model],
          gallery: Input[Dataset], index: Input[Artifact], metrics: Output[Metrics], decision: Output[Artifact]):

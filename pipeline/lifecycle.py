@@ -70,7 +70,8 @@ def make_add_gallery_model_pipeline(params_yaml: str | None = None, placement: P
         grown = place(add_member(tracking=track, gallery=served, member=member.outputs["member"]), "1", "8Gi")
         index = place(build_index(config=config, tracking=track, gallery=grown.outputs["new_gallery"]), "2", "16Gi")
         place(gate(config=config, tracking=track, dataset=data, baseline_query_model=query, baseline_gallery=served,
-                   query_model=query, gallery=grown.outputs["new_gallery"], index=index.outputs["index"]), "2", "16Gi")
+                   query_model=query, gallery=grown.outputs["new_gallery"], index=index.outputs["index"]), "2", "16Gi",
+              runs_models=True)
 
     return add_gallery_model_pipeline
 
@@ -105,7 +106,8 @@ def make_upgrade_query_model_pipeline(params_yaml: str | None = None, placement:
                       "2", "16Gi")
         place(gate(config=config, tracking=track, dataset=data, baseline_query_model=old_query,
                    baseline_gallery=served, query_model=new_query.outputs["model"],
-                   gallery=upgraded.outputs["new_gallery"], index=index.outputs["index"]), "2", "16Gi")
+                   gallery=upgraded.outputs["new_gallery"], index=index.outputs["index"]), "2", "16Gi",
+              runs_models=True)
 
     return upgrade_query_model_pipeline
 

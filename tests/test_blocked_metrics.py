@@ -171,3 +171,13 @@ def test_evaluations_rejection_curves_equal_the_dense_oracle_per_kept_gallery():
 def test_subsets_of_one_family_must_nest():
     with pytest.raises(ValueError, match="must nest"):
         Family.of([np.array([True, False]), np.array([False, True])])
+
+
+def test_no_rejection_rates_give_empty_curves_and_non_finite_embeddings_are_refused():
+    x, labels = clustered(60, seed=4)
+    values, curves = measure_with_rejection(InnerProducts(x, x, np.arange(60)), labels, labels, np.zeros(60),
+                                            EvaluateConfig(rejection_rates=[]), seed=0)
+    assert curves == {"rejection/uncertainty": {}, "rejection/random": {}} and values["lone_queries"] >= 0
+    x[3, 0] = np.nan
+    with pytest.raises(ValueError, match="query embeddings contain NaN or inf"):
+        InnerProducts(x, np.ones((4, x.shape[1]), np.float32))

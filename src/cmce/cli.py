@@ -55,6 +55,8 @@ def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> 
     out = parse_overrides(args.set)
     if args.device:
         out["device"] = args.device
+    if args.threads:
+        out["num_threads"] = args.threads
     return {**out, **(extra or {})}
 
 
@@ -227,7 +229,7 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
                                _model(args.query_model), _in(args.gallery))
     record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out)))
     if args.require_promotion and not record.metrics["promoted"]:
-        raise ValueError(f"{args.gallery}: candidate regressed (see {args.out})")
+        raise ValueError(f"{args.gallery}: candidate regressed on {record.params['regressed']} (see {args.out})")
     return record
 
 

@@ -115,6 +115,8 @@ def rejection_families(uncertainty: np.ndarray, cfg: EvaluateConfig, seed: int) 
     of the gallery (so each repeat's galleries nest, as the uncertainty ones do, and a whole curve is
     measured in one pass)."""
     rates = sorted(set(cfg.rejection_rates))
+    if not rates:
+        return [], []
     rejected = [rejection_mask(uncertainty, rate) for rate in rates]
     families = [Family.of([~r for r in rejected])]
     counts = [int(r.sum()) for r in rejected]

@@ -112,6 +112,8 @@ class Family:
     def of(cls, keeps: list[np.ndarray]) -> Family:
         """From the subsets' keep masks, largest first; they must nest."""
         keeps = [np.asarray(k, bool) for k in keeps]
+        if not keeps:
+            raise ValueError("a family of gallery subsets needs at least one subset")
         for big, small in zip(keeps, keeps[1:], strict=False):
             if (small & ~big).any():
                 raise ValueError("gallery subsets of one family must nest (each keeps a subset of the one before)")

@@ -50,6 +50,9 @@ def fingerprint(**parts: Any) -> str:
     device type: a batch split over another number of ranks, or run on another kind of device, is a
     different computation."""
     parts = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}
+    for part in parts.values():  # where the data lives on the device does not change what is computed
+        if isinstance(part, dict):
+            part.pop("device_data_gb", None)
     ctx = ddp.current()
     parts["world_size"] = ctx.world_size
     parts["device"] = ctx.device.type

@@ -129,6 +129,9 @@ class InnerProducts(Scores):
         if self.queries.ndim != 2 or self.gallery.ndim != 2 or self.queries.shape[1] != self.gallery.shape[1]:
             raise ValueError(f"queries {self.queries.shape} and gallery {self.gallery.shape} must be 2-d with "
                              f"one dimension")
+        for what, rows in (("query", self.queries), ("gallery", self.gallery)):
+            if not np.isfinite(rows).all():  # the counts of pairs assume every score is finite
+                raise ValueError(f"{what} embeddings contain NaN or inf values")
         self.n_queries, self.n_gallery = len(self.queries), len(self.gallery)
         if self.self_cols is None:
             self.self_cols = np.full(self.n_queries, -1, np.int64)

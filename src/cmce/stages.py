@@ -33,6 +33,7 @@ from cmce.index import build_index
 from cmce.layout import RunLayout, pair_transformations
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
+from cmce.storage import origin
 from cmce.tables import embedding_array, read_metadata, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, save_transformation
@@ -337,7 +338,7 @@ def add_member(inp: MemberFileInputs, out: GalleryOutputs) -> StepRecord:
     from cmce.lifecycle import add_member as grow
 
     grow(inp.gallery, inp.member, out.gallery)
-    return StepRecord("add-member", {"gallery": str(inp.gallery), "member": str(inp.member)},
+    return StepRecord("add-member", {"gallery": origin(inp.gallery), "member": origin(inp.member)},
                       {"n_models": float(len(read_metadata(out.gallery)["members"]))})
 
 
@@ -366,7 +367,7 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
     if out.index is not None:
         build_index(out.gallery, out.index, options=cfg.index)
     refitted = [record_transformation(cfg, t) for t in sorted(out.transformations.glob("*.pt"))]
-    return StepRecord("upgrade-query-model", {"gallery": str(inp.gallery), "transform": cfg.transform.__dict__},
+    return StepRecord("upgrade-query-model", {"gallery": origin(inp.gallery), "transform": cfg.transform.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
                       register=[reg for r in refitted for reg in r.register])
 
@@ -400,14 +401,14 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
 
     decision = decide(measured(inp.baseline_query_model, inp.baseline_gallery), measured(inp.query_model, inp.gallery),
                       g.metrics, g.tolerance)
-    report = {**decision.to_dict(), "baseline_gallery": str(inp.baseline_gallery),
-              "candidate_gallery": str(inp.gallery)}
+    report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
+              "candidate_gallery": origin(inp.gallery)}
     write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
     verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
     log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
                                                  for m in decision.metrics))
-    return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": str(inp.baseline_gallery),
-                               "candidate_gallery": str(inp.gallery)},
+    return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": report["baseline_gallery"],
+                               "candidate_gallery": report["candidate_gallery"], "regressed": decision.regressed},
                       decision.flat(), [], [out.decision],
                       promote=served_versions(inp.gallery) if decision.promoted else [])
 
@@ -419,6 +420,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = ()) -> di
     cmce.data.prepare.carve_validation). `keep` names models whose outputs are already in place under
     cfg.output_dir, made by this very config (the caller vouches for that): the model and, for a gallery
     model, its transformation, embeddings and KD student are used as they are, not made again."""
+    use_device(cfg)
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
     if prepare:
         prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset))
