@@ -30,7 +30,8 @@ Ablations (seed 0's trained models reused where possible):
 --grow-from RUN takes the query model and the first gallery members (with their transformations, embeddings
 and KD students) from RUN's seed{k} folders, a finished run of the same config with fewer members, and
 trains only the members it lacks (benchmarks/grow.py).
-Appends a dated section to BENCHMARKS.md: command, commit, hardware, config, wall time, tables, targets.
+Writes its section of BENCHMARKS.md (replacing the previous one of that dataset): command, commit, hardware,
+config, wall time, tables, targets.
 """
 
 from __future__ import annotations

@@ -84,8 +84,9 @@ def shown(metrics: dict[str, float]) -> str:
 def write_section(title: str, command: str, body: list[str], wall_s: float, out: Path = ROOT / "BENCHMARKS.md",
                   write: bool = True) -> str:
     """Print the section and (unless `write` is false) write it to BENCHMARKS.md in place of the section with the
-    same title and command (any date), or at the end when there is none: one current section per benchmark
-    and configuration, its history in git. Written atomically."""
+    same title (any date, any command), or at the end when there is none: one current section per benchmark, the
+    file regenerated rather than appended to; earlier results, other commands' included, stay in its git history.
+    Written atomically."""
     from cmce.storage import write_text
 
     section = "\n".join([
@@ -101,12 +102,13 @@ def write_section(title: str, command: str, body: list[str], wall_s: float, out:
     text = out.read_text() if out.exists() else "# Benchmarks\n"
     lines = text.rstrip("\n").split("\n")
     heads = [i for i, line in enumerate(lines) if line.startswith("## ")] + [len(lines)]
-    same = [(a, b) for a, b in zip(heads, heads[1:], strict=False) if lines[a].startswith(f"## {title} — ")
-            and any(line.startswith(f"Command: `{command}`;") for line in lines[a:b])]
+    same = [(a, b) for a, b in zip(heads, heads[1:], strict=False) if lines[a].startswith(f"## {title} — ")]
     if same:
+        for a, b in reversed(same[1:]):  # a file written before one section per title: its other copies go too
+            del lines[a:b]
         a, b = same[0]
         lines[a:b] = section.split("\n") + ([""] if b < len(lines) else [])
-        text = "\n".join(lines) + "\n"
+        text = "\n".join(lines).rstrip("\n") + "\n"
     else:
         text = "\n".join(lines) + "\n\n" + section + "\n"
     write_text(out, text)

@@ -29,17 +29,29 @@ def test_evaluation_benchmark_agrees_with_accuracy_calculator(capsys):
         assert len({by[n, name][5] for name in evaluation.METHODS.values()}) == 1, n
 
 
-def test_a_benchmark_section_replaces_its_previous_one_of_the_same_command(tmp_path, monkeypatch):
+def test_a_benchmark_section_replaces_its_previous_one_whatever_its_command(tmp_path, monkeypatch):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\n## Other — 2026-01-01\n\nCommand: `x`; kept\n\n## Loop — 2026-01-01\n\n"
-                   "Command: `cmd`; old\n\n## Loop — 2026-01-02\n\nCommand: `cmd --seeds 1`; also kept\n")
+                   "Command: `cmd`; old\n\n## Last — 2026-01-02\n\nCommand: `y`; also kept\n")
     monkeypatch.setattr(report, "hardware", lambda: "hw")
     report.write_section("Loop", "cmd", ["new"], 1.0, out)
     text = out.read_text()
-    assert "old" not in text and "new" in text and text.count("## Loop — ") == 2
-    assert text.index("## Other") < text.index("Command: `cmd`;") < text.index("also kept") and "kept" in text
-    report.write_section("Loop", "cmd --seeds 2", ["another"], 1.0, out)  # another configuration: a section of its own
-    assert out.read_text().count("## Loop — ") == 3 and out.read_text().rstrip().endswith("another")
+    assert "old" not in text and "new" in text and text.count("## Loop — ") == 1
+    assert text.index("## Other") < text.index("Command: `cmd`;") < text.index("## Last") and "also kept" in text
+    report.write_section("Loop", "cmd --seeds 2", ["another"], 1.0, out)  # another command: still the one section
+    text = out.read_text()
+    titles = [line.split(" — ")[0] for line in text.splitlines() if line.startswith("## ")]
+    assert titles == ["## Other", "## Loop", "## Last"]  # one section per title, in place
+    assert "Command: `cmd --seeds 2`;" in text and "another" in text and "new" not in text
+    assert "Command: `x`; kept" in text and "Command: `y`; also kept" in text and text.endswith("also kept\n")
+    report.write_section("Fresh", "z", ["appended"], 1.0, out)  # a title not there yet: at the end
+    assert out.read_text().rstrip().endswith("appended") and out.read_text().count("## ") == 4
+    out.write_text("# Benchmarks\n\n## Loop — 1\n\nCommand: `a`; first\n\n## Other — 1\n\nCommand: `x`; kept\n\n"
+                   "## Loop — 2\n\nCommand: `b`; second\n")  # two of a title, as appended before: one is left
+    report.write_section("Loop", "c", ["third"], 1.0, out)
+    text = out.read_text()
+    assert text.count("## Loop — ") == 1 and "first" not in text and "second" not in text
+    assert text.index("third") < text.index("## Other") and text.endswith("kept\n")
 
 
 def test_end_to_end_runs_every_stage_on_a_small_synthetic_split(tmp_path, capsys):
