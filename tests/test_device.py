@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -139,3 +141,23 @@ def test_the_kfp_training_component_uses_the_gpu_of_its_pod(gpu, monkeypatch, tm
                             model_name="query", dataset=SimpleNamespace(path=str(tmp_path / "d.parquet")),
                             model=SimpleNamespace(path=str(tmp_path / "q.pt")))
     assert seen["device"].type == expected
+
+
+FIRST_SQRT = """
+import hashlib, sys, torch
+{setup}
+torch.manual_seed(0)
+x = torch.rand(24576) * 1e-6  # large enough for torch to split the sqrt across threads
+print(hashlib.sha256(x.sqrt().numpy().tobytes()).hexdigest())
+"""
+
+
+def test_the_first_vector_math_call_of_a_process_is_reproducible():
+    # Without settle_cpu_vector_math about 1 fresh process in 4 computed part of this first sqrt with another
+    # MKL kernel (2-core Xeon): 12 processes would then all agree with a settled one by chance only (~2 %).
+    reference = subprocess.run([sys.executable, "-c", FIRST_SQRT.format(setup="torch.ones(16).sqrt()")],
+                               capture_output=True, text=True, check=True).stdout
+    # one at a time: the race needs both threads of a process running at once
+    runs = [subprocess.run([sys.executable, "-c", FIRST_SQRT.format(setup="import cmce.device")],
+                           capture_output=True, text=True, check=True).stdout for _ in range(12)]
+    assert runs == [reference] * 12

@@ -6,6 +6,8 @@ In one plain process the device is cuda:0 or the CPU. Under torchrun with a proc
 runs on its own GPU (cuda:LOCAL_RANK, nccl) or on the CPU (gloo), as cmce.distributed set it up.
 
 The CLI selects the device once per step (`select`); library code asks `current()`.
+Importing this module also settles the CPU's vector-math kernels (`settle_cpu_vector_math`); every module that
+trains, fits, embeds or evaluates imports it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ log = logging.getLogger(__name__)
 CHOICES = ("auto", "cpu", "cuda")
 _selected: str = "auto"
 _announced: torch.device | None = None  # the device last named in the log
+
+
+def settle_cpu_vector_math() -> None:
+    """Make the first vector-math call of the process a serial one.
+
+    torch's CPU build computes sqrt, log, tanh and their kin through MKL's vector-math library, which picks its
+    CPU-specific kernels on first use. When that first use is a tensor large enough for torch to split across
+    threads, the threads race on the choice and part of the tensor can come from a kernel that rounds
+    differently: the first sqrt of 24,576 floats in a fresh process differed in about 1 process in 4 (2-core
+    Xeon), and so did 4 % of transformations (the first AdamW step), which made KFP tasks, DVC stages and one
+    process disagree. One tiny call on this thread makes the choice before any parallel one."""
+    torch.ones(16).sqrt()
+
+
+settle_cpu_vector_math()
 
 
 class DeviceError(ValueError):
