@@ -1,10 +1,17 @@
-"""One typed configuration, loaded once from YAML; unknown keys are rejected with their path."""
+"""One typed configuration, loaded once from YAML; unknown keys are rejected with their path.
+
+Every numeric key carries its valid range beside its default (`within("[1, inf)", 128)`: an interval, each
+element of a list); values outside it, NaN included, are refused at load time naming the key. Model names are
+identifiers (they name files), and duplicate YAML keys are refused.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +23,72 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the file and the field."""
+
+
+_INTERVAL = re.compile(r"([\[(])\s*(-?[0-9.e+]+|-inf)\s*,\s*(-?[0-9.e+]+|inf)\s*([\])])")
+SEED = "[0, 4294967295]"  # what numpy and torch both accept
+
+
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    m = _INTERVAL.fullmatch(text)
+    if not m:
+        raise ValueError(f"not an interval: {text!r}")
+    return float(m[2]), float(m[3]), m[1] == "[", m[4] == "]"
+
+
+def in_interval(value: float, text: str) -> bool:
+    low, high, low_closed, high_closed = _interval(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
+
+
+def within(interval: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A field whose value (each element, for a list; None passes where the type allows it) lies in `interval`."""
+    _interval(interval)  # a typo fails at import
+    return field(default=default, default_factory=factory, metadata={"range": interval})
+
+
+def range_of(cls: type, name: str) -> str:
+    """The interval `within` declared for field `name` of config class `cls`."""
+    return next(f.metadata["range"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_model_name(name: str, key: str) -> str:
+    """`name` if it is a model name: it becomes a file name, a registry name and a column tag."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"{key}: {name!r} is not a model name (1-64 letters, digits, '_' or '-', "
+                          "starting with a letter or digit)")
+    return name
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a config with both is refused instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -33,10 +106,12 @@ class DataConfig:
     # classes drawn by seed and kept whole (emoji: subcategories, so near-duplicates never straddle the split);
     # auto = official if the source has one, else group if it has groups, else first_half
     disjoint_by: Literal["auto", "official", "first_half", "random", "group"] = "auto"
-    heldout_fraction: float = 0.25  # test share per class when the source has no official split
-    max_train_per_class: int | None = None
-    max_test_per_class: int | None = None
-    image_size: int = 28
+    heldout_fraction: float = within("(0, 1)", 0.25)  # test share per class when the source has no official split
+    max_train_per_class: int | None = within("[1, inf)", None)
+    max_test_per_class: int | None = within("[1, inf)", None)
+    image_size: int = within("[8, 2048]", 28)
+    # images with more pixels are refused when imported, naming the file, before they are decoded
+    max_image_pixels: int = within("[1, inf)", 40_000_000)
     channels: Literal[1, 3] = 1
 
 
@@ -44,56 +119,57 @@ class DataConfig:
 class ModelSpec:
     name: str = "query"
     arch: str = "query_cnn"
-    embedding_dim: int = 64
-    width: int = 32
-    seed: int = 0
-    data_fraction: float = 1.0  # train on a random subset of the train split (ensemble diversity)
-    epochs: int | None = None  # overrides train.epochs for this model
+    embedding_dim: int = within("[1, 65536]", 64)
+    width: int = within("[1, 4096]", 32)
+    seed: int = within(SEED, 0)
+    data_fraction: float = within("(0, 1]", 1.0)  # train on a random subset of the train split (ensemble diversity)
+    epochs: int | None = within("[1, inf)", None)  # overrides train.epochs for this model
     # learning rate of the backbone relative to train.lr (the embedding and classifier heads keep train.lr):
     # below 1 for an ImageNet-pretrained backbone, so fine-tuning does not wash out its features
-    backbone_lr_scale: float = 1.0
+    backbone_lr_scale: float = within("(0, inf)", 1.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 128  # global batch: split evenly over data-parallel ranks (cmce.distributed)
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.1
-    scale: float = 16.0  # cosine-softmax temperature
-    label_smoothing: float = 0.1
+    epochs: int = within("[1, inf)", 3)
+    batch_size: int = within("[1, 1048576]", 128)  # global batch: split evenly over data-parallel ranks
+    lr: float = within("(0, inf)", 3e-3)
+    weight_decay: float = within("[0, inf)", 5e-4)
+    warmup_fraction: float = within("[0, 1)", 0.1)
+    scale: float = within("(0, inf)", 16.0)  # cosine-softmax temperature
+    label_smoothing: float = within("[0, 1)", 0.1)
     augment: bool = True
     # on CUDA: bf16 autocast and channels_last for the embedding models and KD students (ignored on the CPU)
     mixed_precision: bool = True
     # on CUDA: the decoded train split (uint8) is kept on the GPU when it takes at most this many GB, else its
     # batches are prefetched from pinned host memory (cmce.feed)
-    device_data_gb: float = 4.0
+    device_data_gb: float = within("[0, inf)", 4.0)
 
 
 @dataclass
 class TransformConfig:
-    hidden_dim: int = 512
-    depth: int = 2  # number of linear layers
-    lam: float = 0.03  # weight of the CE term through the frozen query classifier (tuned: see README)
-    scale: float = 16.0
-    epochs: int = 30
-    batch_size: int = 256  # global batch, like train.batch_size
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    hidden_dim: int = within("[1, 65536]", 512)
+    depth: int = within("[1, 64]", 2)  # number of linear layers
+    # weight of the CE term through the frozen query classifier (tuned: see docs/results.md)
+    lam: float = within("[0, inf)", 0.03)
+    scale: float = within("(0, inf)", 16.0)
+    epochs: int = within("[1, inf)", 30)
+    batch_size: int = within("[1, 1048576]", 256)  # global batch, like train.batch_size
+    lr: float = within("(0, inf)", 2e-3)
+    weight_decay: float = within("[0, inf)", 1e-4)
     # extra randomly shifted/flipped copies of each train image embedded by both frozen models (the same
     # copy for both), so T is fitted on more pairs than the images the backbones were trained on
-    augment_views: int = 0
+    augment_views: int = within("[0, 64]", 0)
     # share of each gallery embedding's coordinates dropped (the rest scaled up) at every fitting step, a
     # regulariser for T, which fits the train classes almost exactly (on emoji cos 0.98 on train, 0.9 on unseen
     # classes); measured there it lowered the ensemble (README, "Regularising T")
-    input_dropout: float = 0.0
+    input_dropout: float = within("[0, 1)", 0.0)
 
 
 @dataclass
 class KDConfig:
     enabled: bool = True
-    epochs: int | None = None  # default: train.epochs
+    epochs: int | None = within("[1, inf)", None)  # default: train.epochs
     augment: bool = True
 
 
@@ -101,43 +177,46 @@ class KDConfig:
 class IvfPqConfig:
     """IVF-PQ with exact re-ranking (faiss "IVF{nlist},PQ{m}x{nbits},Refine(Flat)"); tuned in BENCHMARKS.md."""
 
-    nlist: int | None = None  # None: 4·sqrt(n) rounded to a power of two (4096 at 1M)
-    m: int | None = None  # PQ sub-quantisers, must divide the dimension; None: about dim/4 (4 dims each)
-    nbits: int = 8
-    nprobe: int = 16  # inverted lists visited per query
-    k_factor: int = 8  # PQ candidates re-ranked exactly = k_factor·k
-    train_size: int | None = None  # training sample; None: max(65536, 39·nlist), faiss's minimum per list
-    seed: int = 0  # training sample and k-means
+    nlist: int | None = within("[1, inf)", None)  # None: 4·sqrt(n) rounded to a power of two (4096 at 1M)
+    # PQ sub-quantisers, must divide the dimension; None: about dim/4 (4 dims each)
+    m: int | None = within("[1, inf)", None)
+    nbits: int = within("[1, 16]", 8)
+    nprobe: int = within("[1, inf)", 16)  # inverted lists visited per query
+    k_factor: int = within("[1, inf)", 8)  # PQ candidates re-ranked exactly = k_factor·k
+    # training sample; None: max(65536, 39·nlist), faiss's minimum per list
+    train_size: int | None = within("[1, inf)", None)
+    seed: int = within(SEED, 0)  # training sample and k-means
 
 
 @dataclass
 class HnswConfig:
     """HNSW graph over the full vectors (faiss "HNSW{m},Flat")."""
 
-    m: int = 32  # links per node
-    ef_construction: int = 40
-    ef_search: int = 256  # 128 gave recall@10 0.955 on 1M clustered items: too close to 0.95 (BENCHMARKS.md)
+    m: int = within("[2, inf)", 32)  # links per node
+    ef_construction: int = within("[1, inf)", 40)
+    # 128 gave recall@10 0.955 on 1M clustered items: too close to 0.95 (BENCHMARKS.md)
+    ef_search: int = within("[1, inf)", 256)
 
 
 @dataclass
 class IndexConfig:
     type: Literal["flat", "ivfpq", "hnsw", "auto"] = "flat"
-    reject_fraction: float = 0.0
-    auto_threshold: int = 100_000  # auto: flat below this many indexed items, ivfpq from it on
+    reject_fraction: float = within("[0, 1)", 0.0)
+    auto_threshold: int = within("[1, inf)", 100_000)  # auto: flat below this many indexed items, ivfpq from it on
     ivfpq: IvfPqConfig = field(default_factory=IvfPqConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
 
 
 @dataclass
 class EvaluateConfig:
-    recall_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    far: list[float] = field(default_factory=lambda: [1e-2, 1e-3, 1e-4])
-    rejection_rates: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
-    rejection_far: float = 1e-3
-    random_repeats: int = 5
+    recall_k: list[int] = within("[1, inf)", factory=lambda: [1, 2, 4, 8])
+    far: list[float] = within("(0, 1)", factory=lambda: [1e-2, 1e-3, 1e-4])
+    rejection_rates: list[float] = within("[0, 1)", factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
+    rejection_far: float = within("(0, 1)", 1e-3)
+    random_repeats: int = within("[1, inf)", 5)
     # scores are computed for blocks of queries against the whole gallery, never as one query × gallery
     # matrix: a block holds at most this many MB of float32 scores (cmce.metrics)
-    block_mb: float = 64.0
+    block_mb: float = within("(0, inf)", 64.0)
 
 
 @dataclass
@@ -145,7 +224,7 @@ class GateConfig:
     """When a changed gallery (grown ensemble, upgraded query model) may replace the served one."""
 
     metrics: list[str] = field(default_factory=lambda: ["R@1", "MAP@R"])
-    tolerance: float = 0.0  # a metric may drop by at most this much (0 = must not drop at all)
+    tolerance: float = within("[0, inf)", 0.0)  # a metric may drop by at most this much (0 = must not drop at all)
     split: str = "test"  # labelled queries the decision is measured on
 
 
@@ -160,13 +239,14 @@ class LifecycleConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = within(SEED, 0)
     output_dir: str = "runs/default"
     # where every step computes: auto = CUDA when torch sees a GPU, else the CPU (cmce.device); the CLI's
     # --device flag overrides it
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 256  # inference batch size
-    num_threads: int | None = None  # torch CPU threads of every step; None: torch's default (one per core)
+    batch_size: int = within("[1, 1048576]", 256)  # inference batch size
+    # torch CPU threads of every step; None: torch's default (one per core)
+    num_threads: int | None = within("[1, 4096]", None)
     data: DataConfig = field(default_factory=DataConfig)
     query_model: ModelSpec = field(default_factory=ModelSpec)
     gallery_models: list[ModelSpec] = field(default_factory=list)
@@ -233,36 +313,46 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def check_ranges(obj: Any, where: str, prefix: str = "") -> None:
+    """Every field of the dataclass `obj` (recursively) inside the interval its `within` declares."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where, f"{key}.")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_ranges(item, where, f"{key}[{i}].")
+        elif "range" in f.metadata and value is not None:
+            for item in value if isinstance(value, list) else [value]:
+                if not in_interval(item, f.metadata["range"]):
+                    raise ConfigError(f"{where}: {key} must be in {f.metadata['range']}, got {item!r}")
+
+
 def _validate(cfg: Config, where: str) -> None:
+    check_ranges(cfg, where)
     if not cfg.gallery_models:
         raise ConfigError(f"{where}: gallery_models must list at least one model")
-    names = [m.name for m in cfg.all_models()]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{where}: model names must be unique, got {names}")
-    for m in cfg.gallery_models:
-        if not 0.0 < m.data_fraction <= 1.0:
-            raise ConfigError(f"{where}: gallery_models[{m.name}].data_fraction must be in (0, 1]")
-    for m in cfg.all_models():
-        if not m.backbone_lr_scale > 0.0:
-            raise ConfigError(f"{where}: model {m.name!r}: backbone_lr_scale must be > 0, got {m.backbone_lr_scale}")
-    for name, epochs in (("train.epochs", cfg.train.epochs), ("transform.epochs", cfg.transform.epochs),
-                         ("kd.epochs", cfg.kd.epochs or 1), *((f"{m.name}.epochs", m.epochs or 1)
-                                                              for m in cfg.all_models())):
-        if epochs < 1:
-            raise ConfigError(f"{where}: {name} must be at least 1, got {epochs}")
-    if not cfg.train.device_data_gb >= 0:
-        raise ConfigError(f"{where}: train.device_data_gb must be >= 0, got {cfg.train.device_data_gb}")
-    if cfg.transform.augment_views < 0:
-        raise ConfigError(f"{where}: transform.augment_views must be >= 0, got {cfg.transform.augment_views}")
-    if not 0.0 <= cfg.transform.input_dropout < 1.0:
-        raise ConfigError(f"{where}: transform.input_dropout must be in [0, 1), got {cfg.transform.input_dropout}")
-    if not 0.0 < cfg.data.heldout_fraction < 1.0:
-        raise ConfigError(f"{where}: data.heldout_fraction must be in (0, 1)")
+    keys = [("query_model", cfg.query_model), *((f"gallery_models[{i}]", m) for i, m in enumerate(cfg.gallery_models)),
+            *((f"lifecycle.{k}", getattr(cfg.lifecycle, k)) for k in ("add_gallery_model", "new_query_model")
+              if getattr(cfg.lifecycle, k) is not None)]
+    for key, m in keys:
+        check_model_name(m.name, f"{where}: {key}.name")
+    seen: dict[str, str] = {}
+    for key, m in keys:
+        if m.name in seen:
+            raise ConfigError(f"{where}: {key}.name: {m.name!r} is already the name of {seen[m.name]}; model names "
+                              "must be unique")
+        seen[m.name] = key
+    names = list(seen)
+    students = {f"kd_{m.name}" for m in cfg.gallery_models + [cfg.lifecycle.add_gallery_model] if m is not None}
+    taken = sorted(students & set(names))
+    if taken:  # models/kd_<g>.pt is the KD student of gallery model g
+        raise ConfigError(f"{where}: model name(s) {taken} would be overwritten by the KD student of a gallery model")
+    if not cfg.evaluate.recall_k:
+        raise ConfigError(f"{where}: evaluate.recall_k must list at least one rank")
     if cfg.index.reject_fraction > 0 and len(cfg.gallery_models) < 2:  # one member's uncertainty is 0 everywhere
         raise ConfigError(f"{where}: index.reject_fraction {cfg.index.reject_fraction} rejects by uncertainty, which "
                           f"needs at least 2 gallery models; got {len(cfg.gallery_models)}")
-    _validate_index(cfg.index, where)
-    _validate_evaluate(cfg.evaluate, where)
     from cmce.metrics import check_metric_name
     from cmce.models import check_arch  # late import: models imports torch
 
@@ -271,44 +361,11 @@ def _validate(cfg: Config, where: str) -> None:
             check_metric_name(name)
         except KeyError as err:
             raise ConfigError(f"{where}: lifecycle.gate.metrics: {err.args[0]}") from None
-    if cfg.lifecycle.gate.tolerance < 0:
-        raise ConfigError(f"{where}: lifecycle.gate.tolerance must be >= 0")
-    for m in cfg.all_models():
+    for key, m in keys:
         try:
             check_arch(m.arch)
         except KeyError as err:
-            raise ConfigError(f"{where}: model {m.name!r}: {err.args[0]}") from None
-
-
-def _validate_evaluate(ev: EvaluateConfig, where: str) -> None:
-    """Checked here, so a bad value fails at load time and not after a whole evaluation has run."""
-    if not ev.recall_k or any(k < 1 for k in ev.recall_k):
-        raise ConfigError(f"{where}: evaluate.recall_k must list ranks >= 1, got {ev.recall_k}")
-    if any(not 0.0 < f < 1.0 for f in ev.far):
-        raise ConfigError(f"{where}: evaluate.far must be in (0, 1), got {ev.far}")
-    if not 0.0 < ev.rejection_far < 1.0:
-        raise ConfigError(f"{where}: evaluate.rejection_far must be in (0, 1), got {ev.rejection_far}")
-    if any(not 0.0 <= r < 1.0 for r in ev.rejection_rates):
-        raise ConfigError(f"{where}: evaluate.rejection_rates must each be in [0, 1), got {ev.rejection_rates}")
-    if ev.random_repeats < 1:
-        raise ConfigError(f"{where}: evaluate.random_repeats must be at least 1, got {ev.random_repeats}")
-    if not ev.block_mb > 0:
-        raise ConfigError(f"{where}: evaluate.block_mb must be > 0, got {ev.block_mb}")
-
-
-def _validate_index(ix: IndexConfig, where: str) -> None:
-    if not 0.0 <= ix.reject_fraction < 1.0:
-        raise ConfigError(f"{where}: index.reject_fraction must be in [0, 1), got {ix.reject_fraction}")
-    positive = {"index.auto_threshold": ix.auto_threshold, "index.ivfpq.nlist": ix.ivfpq.nlist,
-                "index.ivfpq.m": ix.ivfpq.m, "index.ivfpq.nprobe": ix.ivfpq.nprobe,
-                "index.ivfpq.k_factor": ix.ivfpq.k_factor, "index.ivfpq.train_size": ix.ivfpq.train_size,
-                "index.hnsw.m": ix.hnsw.m, "index.hnsw.ef_construction": ix.hnsw.ef_construction,
-                "index.hnsw.ef_search": ix.hnsw.ef_search}
-    for name, value in positive.items():
-        if value is not None and value < 1:  # None: derived from the gallery size at build time
-            raise ConfigError(f"{where}: {name} must be at least 1, got {value}")
-    if not 1 <= ix.ivfpq.nbits <= 16:
-        raise ConfigError(f"{where}: index.ivfpq.nbits must be in [1, 16], got {ix.ivfpq.nbits}")
+            raise ConfigError(f"{where}: {key}.arch: {err.args[0]}") from None
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
@@ -325,7 +382,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = read_yaml(value)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {key}: value {value!r} is not valid YAML: {err}") from None
     return out
@@ -364,7 +421,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as err:
@@ -373,9 +430,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    apply_overrides(raw, overrides or {})
     try:
-        return config_from_dict(raw, str(path))
+        return config_from_dict(apply_overrides(raw, overrides or {}), str(path))
     except ConfigError as err:
         msg = str(err)  # validation messages already start with the path; structural ones do not
         raise ConfigError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
@@ -384,7 +440,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
 def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # type: ignore[assignment]
     """An orchestrator's run: the params file with its `KEY=VALUE` overrides, validated, as YAML."""
     try:
-        raw = yaml.safe_load(params_yaml) or {}
+        raw = read_yaml(params_yaml) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"params: invalid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -399,5 +455,5 @@ def index_config(overrides: dict[str, Any], where: str) -> IndexConfig:
     if unknown:
         raise ConfigError(f"{where}: only index.* settings apply here, got {unknown}")
     ix = _coerce(raw, IndexConfig, "index")
-    _validate_index(ix, where)
+    check_ranges(ix, where, "index.")
     return ix
