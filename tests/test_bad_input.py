@@ -229,6 +229,17 @@ def test_unreadable_image_in_imagefolder(tmp_path, caplog, name, data, message):
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out, f"{root / 'dog' / name}: {message}")
 
 
+def test_an_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, caplog):
+    """Below Pillow's own limit (which only warns), above data.max_image_pixels: refused from the header."""
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    big = root / "dog" / "big.png"
+    big.write_bytes(encode(Image.new("L", (300, 200))))
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--set", "data.max_image_pixels=50000", "--out", out],
+          out, f"{big}: refused, too many pixels: 300 × 200 = 60,000, over data.max_image_pixels (50,000)")
+    assert main(["prepare-data", *[str(a) for a in imagefolder_args(root)], "--out", str(out)]) == 0  # default
+
+
 def test_image_modes_are_converted(tmp_path):
     """Grey, RGB(A), palette, bilevel, 16-bit and 32-bit-integer grey, CMYK: all imported, decoded to the
     model's channels with a fixed scale (16-bit: x·255/65535; transparency on white)."""
@@ -269,10 +280,10 @@ def test_single_image_class_is_kept_in_train_with_a_warning(tmp_path, caplog):
     assert {"train", "test"} <= set(split.values())
 
 
-def test_empty_split_from_a_cap(tmp_path, caplog):
+def test_a_cap_of_zero_images_a_class_is_refused_at_load(tmp_path, caplog):
     out = previous_file(tmp_path / "dataset.parquet")
     fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "data.max_test_per_class=0", "--out", out], out,
-          "data.source=digits", "data.max_test_per_class=0", "leaves the 'test' split empty")
+          f"{SMOKE}: data.max_test_per_class must be in [1, inf), got 0")
 
 
 def test_empty_split_in_an_imagefolder(tmp_path, caplog):
@@ -395,9 +406,11 @@ def gallery_column(world: World, name: str) -> np.ndarray:
         ("embedding", "inf at row 5", "column 'embedding' has NaN/inf values in 1 rows (first: row 5)"),
         ("uncertainty", "NaN at row 3", "column 'uncertainty' has NaN/inf values in 1 rows (first: row 3)"),
         ("label", "strings", "column 'label' has type string, expected an integer"),
+        ("embedding", "3e38 at row 4", "column 'embedding': row 4 is not finite (or too large to normalise)"),
+        ("embedding", "zeros at row 2", "column 'embedding': row 2 is all zeros"),
     ],
     ids=["missing-column", "embedding-float64", "uncertainty-string", "embedding-inf", "uncertainty-nan",
-         "label-string"],
+         "label-string", "embedding-norm-overflows", "embedding-zero"],
 )
 def test_bad_gallery_file_for_build_index(world, tmp_path, caplog, column, values, message):
     table = pq.read_table(world.gallery)
@@ -409,6 +422,10 @@ def test_bad_gallery_file_for_build_index(world, tmp_path, caplog, column, value
     elif values == "inf at row 5":
         emb = gallery_column(world, "embedding")
         emb[5, 0] = np.inf
+        arr = embedding_array(emb)
+    elif values in ("3e38 at row 4", "zeros at row 2"):
+        emb = gallery_column(world, "embedding")  # 3e38 is a float32, its norm is not
+        emb[4 if values.startswith("3e38") else 2] = 3e38 if values.startswith("3e38") else 0.0
         arr = embedding_array(emb)
     elif values == "NaN at row 3":
         unc = table.column("uncertainty").to_numpy().copy()
@@ -518,10 +535,10 @@ def test_build_index_refuses_an_output_folder_of_other_files(world, tmp_path, ca
     """--out naming the gallery's own folder (or a run root) must not delete what is in it."""
     folder = tmp_path / "run"
     folder.mkdir()
-    gallery = Path(shutil.copy(world.gallery, folder / "gallery.parquet"))
+    gallery = Path(shutil.copy(world.gallery, tmp_path / "gallery.parquet"))  # inside it: refused as an input
     (folder / "notes.txt").write_text("mine")
     fails(caplog, ["build-index", "--gallery", gallery, "--out", folder], folder,
-          f"{folder}: holds gallery.parquet, notes.txt, which this step does not write")
+          f"{folder}: holds notes.txt, which this step does not write")
     index = shutil.copytree(world.index, tmp_path / "index")  # an earlier index is replaced as before
     assert main(["build-index", "--gallery", str(gallery), "--out", str(index), "--reject-fraction", "0.2"]) == 0
     assert snapshot(index) != snapshot(world.index)
@@ -588,7 +605,7 @@ def test_config_naming_an_unknown_architecture(tmp_path, caplog):
     cfg.write_text(SMOKE.read_text().replace("arch: vgg", "arch: vggg"))
     out = previous_file(tmp_path / "dataset.parquet")
     fails(caplog, ["prepare-data", "--config", cfg, "--out", out], out,
-          f"{cfg}: ", "model 'vgg_b': unknown architecture 'vggg'; valid names")
+          f"{cfg}: ", "gallery_models[1].arch: unknown architecture 'vggg'; valid names")
 
 
 def test_checkpoint_naming_an_unknown_architecture(world, tmp_path, caplog):
@@ -661,3 +678,137 @@ def test_search_with_no_neighbours_is_refused_by_the_parser(world, capsys):
               str(world.dataset), "--k", "0"])
     assert exc.value.code == 2
     assert "argument --k: must be at least 1, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- an output that is an input
+def _inputs_kept(*paths: Path) -> dict:
+    return {p: snapshot(p) for p in paths}
+
+
+def _alias(path: Path, link: str) -> Path:
+    """`path` itself, or a new symbolic or hard link to it."""
+    if link == "same path":
+        return path
+    alias = path.with_name(f"{link.replace(' ', '_')}_{path.name}")
+    (alias.symlink_to if link == "symlink" else alias.hardlink_to)(path)
+    return alias
+
+
+@pytest.mark.parametrize("link", ["same path", "symlink", "hard link"])
+def test_an_output_that_is_an_input_is_refused_before_any_work(world, tmp_path, caplog, link):
+    query = Path(shutil.copyfile(world.query, tmp_path / "q.pt"))
+    dataset = Path(shutil.copyfile(world.dataset, tmp_path / "d.parquet"))
+    kept = _inputs_kept(query, dataset)
+    out = _alias(query, link)
+    fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", dataset, "--query-model", query,
+                   "--gallery-model", world.gallery_models[0], "--out", out], out,
+          f"--out {out} would write over the input --query-model {query}")
+    out = _alias(dataset, link)
+    fails(caplog, ["train", "--config", SMOKE, "--model", "query", "--dataset", dataset, "--out", out], out,
+          f"--out {out} would write over the input --dataset {dataset}")
+    assert _inputs_kept(query, dataset) == kept
+
+
+def test_an_index_folder_holding_its_gallery_is_refused(world, tmp_path, caplog):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    gallery = Path(shutil.copyfile(world.gallery, folder / "gallery.parquet"))
+    kept = _inputs_kept(gallery)
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", folder], folder,
+          f"--out {folder} would write over the input --gallery {gallery}")
+    assert _inputs_kept(gallery) == kept
+
+
+def test_the_lifecycle_steps_may_still_replace_the_gallery_they_grow(world, tmp_path):
+    single = tmp_path / "single.parquet"
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(single)]) == 0
+    assert main(["add-member", "--gallery", str(single), "--member", str(world.members[1]),
+                 "--out", str(single)]) == 0
+    assert read_metadata(single)["members"] == read_metadata(world.gallery)["members"]
+
+
+# ---------------------------------------------------------------- numeric flags and checkpoint fields
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-8"), ("--workers", "-1")])
+def test_a_numeric_flag_out_of_range_is_one_line_naming_it(world, tmp_path, capsys, flag, value):
+    out = tmp_path / "member.parquet"
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in embed_member_args(world)] + ["--out", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: must be at least" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--threads", "-1"), ("--limit", "-1")])
+def test_search_flags_out_of_range(world, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main([*([flag, value] if flag == "--threads" else []), "search", "--index", str(world.index),
+              "--query-model", str(world.query), "--dataset", str(world.dataset),
+              *([flag, value] if flag == "--limit" else [])])
+    assert exc.value.code == 2 and f"argument {flag}: must be at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [("in_channels", -1), ("width", 10**7), ("embedding_dim", 0),
+                                         ("image_size", 2.5), ("name", "../../x")])
+def test_a_crafted_checkpoint_field_is_refused_before_a_model_is_built(world, tmp_path, caplog, field, value):
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    bad = tmp_path / "resnet_a.pt"
+    torch.save({**obj, field: value}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out, f"{bad}: field '{field}'")
+
+
+def test_a_crafted_transformation_size_is_refused(world, tmp_path, caplog):
+    obj = torch.load(world.transforms[0], weights_only=True)
+    bad = tmp_path / "t.pt"
+    torch.save({**obj, "hidden_dim": 10**9}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, transform=bad), "--out", out], out,
+          f"{bad}: field 'hidden_dim' must be an integer in [1, 65536], got 1000000000")
+
+
+@pytest.mark.parametrize("raw,message", [(b"{not json", "its cmce metadata is not JSON"),
+                                         (b"[1, 2]", "its cmce metadata is a JSON list, not an object")])
+def test_gallery_metadata_that_is_not_a_json_object(world, tmp_path, caplog, raw, message):
+    table = pq.read_table(world.gallery)
+    gallery = tmp_path / "gallery.parquet"
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": raw}), gallery)
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", tmp_path / "index"], tmp_path / "index",
+          f"{gallery}: {message}")
+    fails(caplog, [*evaluate_args(world, gallery=gallery), "--out", tmp_path / "eval"], tmp_path / "eval",
+          f"{gallery}: {message}")
+
+
+# ---------------------------------------------------------------- index metadata, empty galleries, full disks
+def _search(world: World, index: Path) -> list:
+    return ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--limit", "2"]
+
+
+def test_index_metadata_without_its_keys_or_with_foreign_search_params(world, tmp_path, caplog):
+    import json
+
+    index = shutil.copytree(world.index, tmp_path / "index")
+    meta = json.loads((world.index / "meta.json").read_text())
+    (index / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    fails(caplog, _search(world, index), index, f"{index}/meta.json: lacks key(s) ['files']")
+    (index / "meta.json").write_text(json.dumps({**meta, "search_params": {"nprobe": 4}}))  # a flat index has none
+    fails(caplog, _search(world, index), index, f"{index}/meta.json: search_params {{'nprobe': 4}} do not apply")
+
+
+def test_an_empty_gallery_is_not_indexed(world, tmp_path, caplog):
+    table = pq.read_table(world.gallery)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(table.slice(0, 0), empty)
+    out = tmp_path / "index"
+    fails(caplog, ["build-index", "--gallery", empty, "--out", out], out, f"{empty}: the gallery has no rows")
+
+
+def test_a_failed_index_write_is_one_line_and_leaves_no_index(world, tmp_path, caplog, monkeypatch):
+    import faiss
+
+    def disk_full(index, path):
+        raise RuntimeError(f"Error in faiss::FileIOWriter::operator()\n'ret == (n)' failed: write error on {path}")
+
+    monkeypatch.setattr(faiss, "write_index", disk_full)
+    out = tmp_path / "index"
+    fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out], out,
+          f"{out}: could not write the index: 'ret == (n)' failed: write error")

@@ -61,3 +61,16 @@ def test_shape_mismatch_is_refused():
         ens.add(np.ones((3, 5)))
     with pytest.raises(ValueError, match="empty ensemble"):
         _ = RunningEnsemble().embedding
+
+
+def test_normalize_keeps_the_direction_of_huge_rows_and_refuses_rows_without_one():
+    x = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+    huge = x * np.float32(1e30)  # a float32 sum of its squares overflows to inf
+    assert np.allclose(normalize(huge), normalize(x), atol=1e-6)
+    assert np.allclose(np.linalg.norm(normalize(x), axis=1), 1.0, atol=1e-6)
+    for bad, message in ((np.zeros(16), "row 3 is all zeros"), (np.full(16, np.nan), "row 3 is not finite"),
+                         (np.full(16, 3e38), "row 3 is not finite")):
+        y = x.copy()
+        y[3] = bad
+        with pytest.raises(ValueError, match=f"g.parquet: {message}"):
+            normalize(y, "g.parquet")

@@ -214,3 +214,32 @@ def test_benchmark_runs_tiny_and_appends_its_section(tmp_path):
     assert rows[0].endswith("| 1.0 | 1.0 | 1.0000 |")  # the baseline against itself
     assert all(float(r.rstrip(" |").rsplit("|", 1)[1]) >= 0.9 for r in rows)  # recall@10
     assert "Target (IVF-PQ+refine" in text
+
+
+def test_an_index_describes_the_one_version_of_a_gallery_it_read(tmp_path, monkeypatch):
+    """A gallery replaced while build-index reads it (a writer renames a new version over it) must not give an
+    index whose metadata describes one version and whose vectors come from the other."""
+    import os
+
+    from cmce.storage import file_sha256
+    from cmce.tables import read_metadata
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, first, _ = members(tmp_path / "a", n_models=3, rows=60, seed=1)
+    _, second, _ = members(tmp_path / "b", n_models=2, rows=50, seed=2)
+    gallery = combine_members(first, tmp_path / "g.parquet")
+    newer = combine_members(second, tmp_path / "newer.parquet")
+    sha, members_before = file_sha256(gallery), read_metadata(gallery)["members"]
+    real_read = pq.ParquetFile.read
+
+    def read_then_replace(self, *args, **kwargs):
+        table = real_read(self, *args, **kwargs)
+        if newer.exists():
+            os.replace(newer, gallery)
+        return table
+
+    monkeypatch.setattr(pq.ParquetFile, "read", read_then_replace)
+    meta = json.loads((build_index(gallery, tmp_path / "index") / "meta.json").read_text())
+    assert not newer.exists() and file_sha256(gallery) != sha  # the gallery was replaced during the build
+    assert (meta["gallery_sha256"], meta["members"], meta["n_indexed"]) == (sha, members_before, 60)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from cmce.config import ConfigError, DataConfig, ModelSpec, TransformConfig, check_model_name, in_interval, range_of
 from cmce.models import EmbeddingNet
 from cmce.storage import atomic_path, file_sha256
 
@@ -81,10 +82,30 @@ def require_keys(obj: dict[str, Any], keys: list[str], path: str | Path) -> None
         raise CheckpointError(f"{path}: checkpoint lacks field(s) {missing}")
 
 
+def check_sizes(obj: dict[str, Any], intervals: dict[str, str], path: str | Path) -> None:
+    """Integer fields a network is built from, inside the ranges a config may give them: a crafted checkpoint
+    must not make the loader allocate without bound."""
+    for key, interval in intervals.items():
+        value = obj[key]
+        if type(value) is not int or not in_interval(value, interval):
+            raise CheckpointError(f"{path}: field {key!r} must be an integer in {interval}, got {value!r}")
+
+
+EMBEDDING_SIZES = {"width": range_of(ModelSpec, "width"), "embedding_dim": range_of(ModelSpec, "embedding_dim"),
+                   "image_size": range_of(DataConfig, "image_size"), "in_channels": "[1, 3]"}
+TRANSFORM_SIZES = {"in_dim": range_of(ModelSpec, "embedding_dim"), "out_dim": range_of(ModelSpec, "embedding_dim"),
+                   "hidden_dim": range_of(TransformConfig, "hidden_dim"), "depth": range_of(TransformConfig, "depth")}
+
+
 def load_embedding_model(path: str | Path) -> EmbeddingModel:
     obj = load_checkpoint(path, EMBEDDING_FORMAT)
     require_keys(obj, ["name", "arch", "width", "in_channels", "image_size", "embedding_dim", "scale", "classifier",
                        "state_dict"], path)
+    check_sizes(obj, EMBEDDING_SIZES, path)
+    try:
+        check_model_name(obj["name"], "field 'name'")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     try:
         # the checkpoint's weights replace any pretrained initialisation: skip reading it
         net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"], load_pretrained=False)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,64 @@ log = logging.getLogger("cmce")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_from(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in its message
+    return parse
+
+
+_positive_int = _int_from(1)
+_count = _int_from(0)
 
 
 # Every path argument goes through _in / _out: a local path, or an s3:// URI (cmce.storage).
+
+INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_teacher", "transform", "transform_dir",
+              "kd", "kd_dir", "gallery", "member", "shard_file", "index", "images", "train_embeddings",
+              "baseline_query_model", "baseline_gallery")
+OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
+SWAPPED_WHOLE = ("out", "index_out")  # an output folder replaced as a whole: it may not hold an input either
+# the lifecycle steps may replace the gallery they grow: the new one is written aside and renamed over it
+REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
+
+
+def _clashes(out: str, inp: str, whole: bool) -> bool:
+    """Whether writing `out` would write over `inp`: the same file or folder (through symlinks or hard links),
+    or, for an output replaced `whole`, a folder holding it."""
+    if is_remote(out) or is_remote(inp) or ":/" in inp:  # URIs and registry names: equal text only
+        return out.rstrip("/") == inp.rstrip("/")
+    o, i = Path(out), Path(inp)
+    if o.exists() and i.exists() and os.path.samefile(o, i):
+        return True
+    o, i = o.resolve(), i.resolve()
+    return o == i or (whole and o in i.parents)
+
+
+def refuse_outputs_among_inputs(args: argparse.Namespace) -> None:
+    """Before any work: no output of the command may be one of its inputs (nor, for an output folder replaced
+    whole, hold one)."""
+    def named(names: tuple[str, ...]) -> list[tuple[str, str]]:
+        found = [(n, getattr(args, n, None)) for n in names]
+        return [(n, str(v)) for n, value in found if value
+                for v in (value if isinstance(value, list) else [value])]
+
+    def flag(name: str) -> str:
+        return "a shard file" if name == "shard_file" else f"--{name.replace('_', '-')}"
+
+    inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
+    if args.command == "combine":  # there --members-dir is where the per-model files are read from
+        inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
+    for out_name, out in named(outputs):
+        for in_name, inp in named(inputs):
+            if args.command in REPLACES_GALLERY and (out_name, in_name) == ("out", "gallery"):
+                continue
+            if _clashes(out, inp, out_name in SWAPPED_WHOLE):
+                raise ValueError(f"{flag(out_name)} {out} would write over the input {flag(in_name)} {inp}")
 
 
 def _in(uri: str) -> Path:
@@ -254,10 +305,17 @@ def cmd_track_end(args: argparse.Namespace) -> None:
     end_run(uri, args.mlflow_parent, args.status)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line naming it (exit 2), not the usage text; `--help` still shows the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
+    p = _Parser(prog="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (>= 1)")
     p.add_argument("--device", choices=devices.CHOICES, default=None,
                    help="where the step computes: auto = CUDA when available, else CPU (default: the config's "
                         "`device`, else auto)")
@@ -306,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--gallery-model", required=True, action=multi)
         sp.add_argument("--transform", required=True, action=multi)
         sp.add_argument("--out", required=True)
-        sp.add_argument("--batch-size", type=int, default=256)
+        sp.add_argument("--batch-size", type=_positive_int, default=256, help="images a batch (>= 1)")
         sp.add_argument("--shard", default="0/1", metavar="I/K", help="embed only slice I of K (default: all)")
-        sp.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0: inline)")
+        sp.add_argument("--workers", type=_count, default=0, help="image-decoding worker processes (default 0: inline)")
         if name == "embed-gallery":
             sp.add_argument("--members-dir", default=None, help="where per-model files go (default: next to --out)")
 
@@ -349,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--images", nargs="*", default=[], help="image files")
     sp.add_argument("--dataset", default=None, help="or a dataset Parquet file")
     sp.add_argument("--split", default="test")
-    sp.add_argument("--limit", type=int, default=0)
+    sp.add_argument("--limit", type=_count, default=0, help="at most this many dataset queries (default 0: all)")
     sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query (>= 1)")
 
     add("run", cmd_run, "run every step in one process from a config")
@@ -436,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     owns_group = ok = False
     try:
+        refuse_outputs_among_inputs(args)
         _select_device(args)
         # under torchrun: join the group here unless a caller already did (then the group is theirs to close)
         owns_group = ddp.launched() and not ddp.current().enabled

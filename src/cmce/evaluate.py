@@ -79,7 +79,8 @@ def cosine_scores(queries: np.ndarray, gallery: np.ndarray, self_cols: np.ndarra
     """Cosine scores of queries against the gallery, computed a block at a time on this process's device;
     the pair (query i, gallery self_cols[i]) is left out when self_cols[i] ≥ 0, and with `domains` every
     pair within one domain is."""
-    return InnerProducts(normalize(queries), normalize(gallery), self_cols, domains, devices.current())
+    return InnerProducts(normalize(queries, "query embeddings"), normalize(gallery, "gallery embeddings"), self_cols,
+                         domains, devices.current())
 
 
 def cross_domains(dataset: Path, query_ids: list[str], gallery_ids: list[str]) -> Domains | None:

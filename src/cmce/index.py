@@ -35,8 +35,7 @@ from cmce.tables import (
     embedding_column,
     float_column,
     int_column,
-    read_metadata,
-    read_table,
+    read_snapshot,
     string_column,
     writer_options,
 )
@@ -183,15 +182,15 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     check_index_type(index_type)  # the fraction's range is the config's to check (cmce.config)
     check_replaceable(out_dir, INDEX_FILES)  # before the work, not only when swapping the result in
     gallery_path = Path(gallery_path)
-    meta = read_metadata(gallery_path)
-    if meta.get("kind") != "gallery":
-        raise TableError(f"{gallery_path}: not a gallery file (kind={meta.get('kind')!r})")
+    # metadata, rows and hash of one version of the gallery, even if it is replaced while this runs
+    meta, table, gallery_sha256 = read_snapshot(gallery_path, ["id", "label", "embedding", "uncertainty"], "gallery")
     n_members = len(meta.get("members", []))
     if reject_fraction > 0 and n_members < 2:
         # one member's uncertainty is 0 everywhere: "the most uncertain" would be the first rows on file
         raise TableError(f"{gallery_path}: {n_members} gallery member(s); rejecting by uncertainty needs at least 2")
-    table = read_table(gallery_path, ["id", "label", "embedding", "uncertainty"])
-    emb = normalize(embedding_column(table, "embedding", str(gallery_path)))
+    if table.num_rows == 0:
+        raise TableError(f"{gallery_path}: the gallery has no rows: nothing to index")
+    emb = normalize(embedding_column(table, "embedding", str(gallery_path)), f"{gallery_path}: column 'embedding'")
     ids = string_column(table, "id", str(gallery_path))
     check_unique_ids(ids, str(gallery_path))
     labels = int_column(table, "label", str(gallery_path))
@@ -201,7 +200,10 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     built = make_index(emb[keep], index_type, options)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, INDEX_FILES) as tmp:
-        faiss.write_index(built.index, str(tmp / "index.faiss"))
+        try:
+            faiss.write_index(built.index, str(tmp / "index.faiss"))
+        except RuntimeError as err:  # faiss reports a failed write (a full disk) as a RuntimeError
+            raise OSError(f"{out_dir}: could not write the index: {str(err).strip().splitlines()[-1]}") from None
         kept = np.flatnonzero(keep)
         rej = np.flatnonzero(reject)
         for name, table in (
@@ -225,7 +227,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
             "reject_fraction": reject_fraction,
             "query_model_sha256": meta["query_model_sha256"],
             "members": meta.get("members", []),
-            "gallery_sha256": file_sha256(gallery_path),
+            "gallery_sha256": gallery_sha256,
             "files": {f: file_sha256(tmp / f) for f in ("index.faiss", "ids.parquet", "rejected.parquet")},
         }
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -266,6 +268,9 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None) -> Loaded
     fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if fmt != INDEX_FORMAT:
         raise IndexLoadError(f"{shown}/meta.json: unknown index format {fmt!r}")
+    missing = [key for key in ("query_model_sha256", "files", "dim") if key not in meta]
+    if missing or not isinstance(meta["files"], dict):
+        raise IndexLoadError(f"{shown}/meta.json: lacks key(s) {missing or ['files']} of an index's metadata")
     if query_sha256 is not None and meta["query_model_sha256"] != query_sha256:
         raise IndexLoadError(
             f"{shown}: index was built for query model {meta['query_model_sha256'][:12]}, "
@@ -276,7 +281,11 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None) -> Loaded
             raise IndexLoadError(f"{shown}/{name}: missing or does not match the checksum in meta.json")
     table = pq.read_table(d / "ids.parquet")
     index = faiss.read_index(str(d / "index.faiss"))
-    set_search_params(index, meta.get("search_params", {}))  # absent in indexes built before index types
+    try:  # absent in indexes built before index types
+        set_search_params(index, meta.get("search_params", {}))
+    except (AttributeError, RuntimeError, TypeError, ValueError) as err:  # a parameter this index type lacks
+        raise IndexLoadError(f"{shown}/meta.json: search_params {meta.get('search_params')} do not apply to "
+                             f"this {meta.get('index_type', 'flat')} index: {err}") from None
     return LoadedIndex(
         index=index,
         ids=table.column("id").to_pylist(),
@@ -295,9 +304,10 @@ class SearchResult:
 
 def search(loaded: LoadedIndex, queries: np.ndarray, k: int) -> SearchResult:
     """Top-k cosine search for a batch of query embeddings (normalised here)."""
-    q = normalize(np.asarray(queries, dtype=np.float32))
+    q = np.asarray(queries, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != loaded.meta["dim"]:
         raise IndexLoadError(f"query embeddings have shape {q.shape}, the index expects dimension {loaded.meta['dim']}")
+    q = normalize(q, "query embeddings")
     if not np.isfinite(q).all():
         raise IndexLoadError("query embeddings contain NaN or inf values")
     k = min(k, len(loaded.ids))

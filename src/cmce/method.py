@@ -24,10 +24,25 @@ import torch.nn.functional as F
 from cmce.models import cosine_logits
 
 
-def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """n(x): rows scaled to unit L2 norm (float32)."""
+def normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
+    """n(x): rows scaled to unit L2 norm (float32). A row that is not finite or has no direction (all zeros) is
+    refused, naming `what` and the row: scaling it would give a vector that scores like a real one. Norms are
+    summed in float64 a block at a time, since a float32 sum of squares overflows from about 1e19 and would turn
+    the row into zeros."""
     x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    squares = np.empty(len(rows))
+    for start in range(0, len(rows), 65536):
+        block = rows[start : start + 65536].astype(np.float64)
+        squares[start : start + 65536] = np.einsum("ij,ij->i", block, block)
+    with np.errstate(over="ignore"):
+        norms = np.sqrt(squares).astype(np.float32)
+    bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
+    if len(bad):
+        i = int(bad[0])
+        problem = "is all zeros" if squares[i] == 0 else "is not finite (or too large to normalise)"
+        raise ValueError(f"{what}: row {i} {problem}; {len(bad)} such row(s)")
+    return (rows / norms[:, None]).reshape(x.shape)
 
 
 def transformation_loss(
@@ -69,7 +84,7 @@ class RunningEnsemble:
         self.n_models = n_models
 
     def add(self, member: np.ndarray) -> None:
-        member = normalize(member).astype(np.float64)
+        member = normalize(member, "member embeddings").astype(np.float64)
         if self.sum is not None and self.sum.shape != member.shape:
             raise ValueError(f"member shape {member.shape} does not match the ensemble {self.sum.shape}")
         self.sum = member if self.sum is None else self.sum + member
@@ -88,7 +103,7 @@ class RunningEnsemble:
     @property
     def embedding(self) -> np.ndarray:
         """The searched embedding n(S): the normalised mean."""
-        return normalize(self._require())
+        return normalize(self._require(), "ensemble sum")
 
     @property
     def uncertainty(self) -> np.ndarray:

@@ -6,6 +6,7 @@ Readers validate column presence, type, dimension and finiteness, and name the f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,17 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(b"cmce")
     if raw is None:
         raise TableError(f"{path}: no cmce version metadata in the Parquet schema")
-    return json.loads(raw)
+    return _metadata(raw, path)
+
+
+def _metadata(raw: bytes, path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise TableError(f"{path}: its cmce metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise TableError(f"{path}: its cmce metadata is a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 def read_schema(path: str | Path, columns: list[str] | None = None) -> pa.Schema:
@@ -75,6 +86,38 @@ def read_schema(path: str | Path, columns: list[str] | None = None) -> pa.Schema
         if col not in schema.names:
             raise TableError(f"{path}: missing column '{col}' (has {schema.names})")
     return schema
+
+
+def read_snapshot(path: str | Path, columns: list[str], kind: str) -> tuple[dict[str, Any], pa.Table, str]:
+    """(cmce metadata, table, sha256) of one version of a cmce file of `kind`: all three come through one open
+    handle, so a file replaced meanwhile (written aside and renamed over, as cmce writers do) cannot mix versions."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the hash
+    except FileNotFoundError:
+        raise TableError(f"{path}: file not found") from None
+    with f:
+        try:
+            parquet = pq.ParquetFile(f)
+            schema = parquet.schema_arrow
+        except (pa.ArrowInvalid, OSError) as err:
+            raise TableError(f"{path}: not a readable Parquet file: {err}") from None
+        raw = (schema.metadata or {}).get(b"cmce")
+        if raw is None:
+            raise TableError(f"{path}: no cmce version metadata in the Parquet schema")
+        meta = _metadata(raw, path)
+        if meta.get("kind") != kind:
+            raise TableError(f"{path}: not a {kind} file (kind={meta.get('kind')!r})")
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise TableError(f"{path}: missing column '{missing[0]}'")
+        try:
+            table = parquet.read(columns=columns)
+        except (pa.ArrowInvalid, OSError) as err:  # a valid footer over damaged data pages
+            raise TableError(f"{path}: not a readable Parquet file: {err}") from None
+        f.seek(0)
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return meta, table, digest
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import TRANSFORM_FORMAT, CheckpointError, load_checkpoint, require_keys, save_checkpoint
+from cmce.checkpoint import (
+    TRANSFORM_FORMAT,
+    TRANSFORM_SIZES,
+    CheckpointError,
+    check_sizes,
+    load_checkpoint,
+    require_keys,
+    save_checkpoint,
+)
 from cmce.config import TransformConfig
 from cmce.method import transformation_loss
 from cmce.resume import Resume
@@ -157,6 +165,8 @@ def load_transformation(
     obj = load_checkpoint(path, TRANSFORM_FORMAT)
     require_keys(obj, ["gallery_model", "gallery_model_sha256", "query_model_sha256", "in_dim", "out_dim",
                        "hidden_dim", "depth", "state_dict"], path)
+    # hidden_dim only matters with a hidden layer (an identity or linear map records 0)
+    check_sizes(obj, {k: v for k, v in TRANSFORM_SIZES.items() if k != "hidden_dim" or obj["depth"] != 1}, path)
     for role, expected in (("query", query_sha256), ("gallery", gallery_sha256)):
         actual = obj[f"{role}_model_sha256"]
         if expected is not None and actual != expected:

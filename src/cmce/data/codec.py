@@ -3,8 +3,10 @@ everything else), re-encoding imported images as PNG, and uint8 → float for a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -24,11 +26,37 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+MAX_PIXELS = 40_000_000  # the default of data.max_image_pixels: about 6,300 × 6,300
+_max_pixels = MAX_PIXELS
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Images opened inside the block may have at most `max_pixels` pixels (data.max_image_pixels)."""
+    global _max_pixels
+    previous, _max_pixels = _max_pixels, max_pixels
+    try:
+        yield
+    finally:
+        _max_pixels = previous
+
+
 def open_image(data: bytes, origin: Path | str) -> Image.Image:
+    """Decoded image; one with more pixels than the limit is refused from its header, before it is decoded
+    (Pillow itself only warns up to twice its own limit)."""
     if not data:
         raise DataError(f"{origin}: empty (zero-byte) image")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{origin}: refused, too many pixels: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
+    width, height = img.size
+    if width * height > _max_pixels:
+        raise DataError(f"{origin}: refused, too many pixels: {width} × {height} = {width * height:,}, over "
+                        f"data.max_image_pixels ({_max_pixels:,})")
+    try:
         img.load()
     except Image.DecompressionBombError as err:
         raise DataError(f"{origin}: refused, too many pixels: {err}") from None

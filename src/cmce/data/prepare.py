@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cmce.config import DataConfig
+from cmce.data.codec import pixel_limit
 from cmce.data.protocols import assign_splits, cut_groups, disjoint_rule, single_vendor_classes
 from cmce.data.readers import dataset_info, open_dataset
 from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: str | Path | None = None) -> Path:
     """Import the configured source (from `raw_dir` when given, see fetch_source), apply the protocol
     and write the dataset Parquet atomically."""
-    raw = get_source(cfg.source).load(cfg, Path(raw_dir) if raw_dir is not None else None)
+    with pixel_limit(cfg.max_image_pixels):
+        raw = get_source(cfg.source).load(cfg, Path(raw_dir) if raw_dir is not None else None)
     split = assign_splits(raw, cfg, seed)
     keep = np.flatnonzero(split != "")
     for part in ("train", "test"):
