@@ -59,14 +59,20 @@ def recall_at_k(knn_labels: np.ndarray, query_labels: np.ndarray, k: int) -> flo
     return float(hits.mean())
 
 
-def average_precision_at_r(knn_labels: np.ndarray, query_labels: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """AP@R of each query; `r` is each query's count of same-label gallery items (≥ 1)."""
+def average_precision_at_r(knn_labels: np.ndarray, query_labels: np.ndarray, r: np.ndarray,
+                           width: int | None = None) -> np.ndarray:
+    """AP@R of each query; `r` is each query's count of same-label gallery items (≥ 1). The sums run over
+    `width` ranks (default: the largest r here), zeros beyond each query's R: give every block of queries the
+    width of the whole set and each AP has the same bits, since numpy groups a sum's terms by its length."""
     r = np.asarray(r)
     if len(r) == 0:
         return np.zeros(0)
-    width = int(r.max())
-    if knn_labels.shape[1] < width:
-        raise ValueError(f"MAP@R needs {width} neighbours per query, got {knn_labels.shape[1]}")
+    needed = int(r.max())
+    if knn_labels.shape[1] < needed:
+        raise ValueError(f"MAP@R needs {needed} neighbours per query, got {knn_labels.shape[1]}")
+    width = needed if width is None else width
+    if knn_labels.shape[1] < width:  # ranks past every R here: never relevant
+        knn_labels = np.pad(knn_labels, ((0, 0), (0, width - knn_labels.shape[1])), constant_values=-1)
     rel = knn_labels[:, :width] == np.asarray(query_labels)[:, None]
     ranks = np.arange(1, width + 1)
     rel &= ranks[None, :] <= r[:, None]
@@ -175,6 +181,7 @@ def measure(
     ap = np.zeros(len(ql))
     top1 = [[np.zeros(len(ql), bool) for _ in range(f.n_subsets)] for f in families]
     retry: list[list[list[np.ndarray]]] = [[[] for _ in range(f.n_subsets)] for f in families]
+    map_width = int(r[nonlone].max(initial=0))  # every block sums AP over the same ranks (see average_precision_at_r)
     max_depth = max(max(ks, default=1), int(r.max(initial=0)) if with_map else 0)
     chunk = max(1, min(src.knn_rows, rows_per_block(3 * (max_depth + 1), block_mb)))  # candidates: 3 numbers each
     for start in range(0, len(nonlone), chunk):
@@ -185,7 +192,7 @@ def measure(
         for k in ks:
             hits[k][rows] = (labels[:, :k] == ql[rows, None]).any(axis=1)
         if with_map:
-            ap[rows] = average_precision_at_r(labels, ql[rows], r[rows])
+            ap[rows] = average_precision_at_r(labels, ql[rows], r[rows], width=map_width)
         for f, fam in enumerate(families):
             level = np.where(knn >= 0, fam.levels[np.clip(knn, 0, None)], -1)
             for i in range(fam.n_subsets):
