@@ -243,3 +243,41 @@ def test_an_index_describes_the_one_version_of_a_gallery_it_read(tmp_path, monke
     meta = json.loads((build_index(gallery, tmp_path / "index") / "meta.json").read_text())
     assert not newer.exists() and file_sha256(gallery) != sha  # the gallery was replaced during the build
     assert (meta["gallery_sha256"], meta["members"], meta["n_indexed"]) == (sha, members_before, 60)
+
+
+REBUILD_LOOP = """
+import sys, time
+from cmce.index import build_index
+galleries, out, seconds = sys.argv[1:3], sys.argv[3], float(sys.argv[4])
+end, n = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    build_index(galleries[n % 2], out)
+    n += 1
+print(n)
+"""
+
+
+def test_a_reader_sees_one_whole_index_while_it_is_rebuilt(tmp_path):
+    """Rebuilds (in another process) alternate between two galleries; every load meanwhile is one whole
+    version: it succeeds, and its metadata, ids and vectors agree."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, first, _ = members(tmp_path / "a", n_models=3, rows=60, seed=1)
+    _, second, _ = members(tmp_path / "b", n_models=2, rows=50, seed=2)
+    galleries = [combine_members(first, tmp_path / "a.parquet"), combine_members(second, tmp_path / "b.parquet")]
+    out = build_index(galleries[0], tmp_path / "index")
+    writer = subprocess.Popen([sys.executable, "-c", REBUILD_LOOP, *map(str, galleries), str(out), "5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, loads = set(), 0
+    while writer.poll() is None:
+        loaded = load_index(out)
+        n = loaded.meta["n_indexed"]
+        assert len(loaded.ids) == n == loaded.index.ntotal and len(loaded.meta["members"]) == {60: 3, 50: 2}[n]
+        seen.add(n)
+        loads += 1
+    stdout, stderr = writer.communicate()
+    assert writer.returncode == 0, stderr
+    assert int(stdout) > 20 and loads > 20 and seen == {60, 50}  # both versions were read, many times

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from cmce import s3
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.method import normalize, rejection_mask
-from cmce.storage import atomic_dir, check_replaceable, file_sha256, local_input, restore_dir
+from cmce.storage import atomic_dir, check_replaceable, file_sha256, local_input, restore_dir, swap_lock
 from cmce.tables import (
     TableError,
     check_unique_ids,
@@ -249,11 +249,17 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None) -> Loaded
     """Load and verify an index (a folder, or an s3:// prefix); refuse it when it was built for another
     query model. meta.json is written last (renamed in locally, uploaded after every other file on S3),
     so a folder or prefix without it is an unfinished build or upload."""
+    if s3.is_s3(index_dir):
+        return _load_index(index_dir, query_sha256)
+    with swap_lock(index_dir, exclusive=False):  # every file from one version, even during a rebuild
+        restore_dir(Path(index_dir))  # a rebuild killed mid-swap leaves the previous index as .<name>.old
+        return _load_index(index_dir, query_sha256)
+
+
+def _load_index(index_dir: str | Path, query_sha256: str | None) -> LoadedIndex:
     shown = str(index_dir).rstrip("/")
     unfinished = IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or "
                                 f"upload did not finish; build it again")
-    if not s3.is_s3(index_dir):
-        restore_dir(Path(index_dir))  # a rebuild killed mid-swap leaves the previous index as .<name>.old
     try:  # on S3: refused from the one listing, before downloading what an unfinished upload left
         d = local_input(index_dir, marker="meta.json")
     except s3.MarkerMissing:

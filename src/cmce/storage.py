@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import logging
@@ -151,6 +152,25 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
+def swap_lock(target: str | Path, exclusive: bool) -> Iterator[None]:
+    """The swap of a folder by atomic_dir (exclusive) and its readers (shared) exclude each other, so a reader
+    sees the old folder or the new one, whole, and never takes a live swap for an interrupted one. The lock is
+    an flock on the parent folder itself (no lock file is left beside the outputs); the OS releases it when a
+    process dies. Swaps of folders with one parent wait for each other: they are two renames long."""
+    target = Path(target)
+    fd = None
+    with contextlib.suppress(OSError):  # a missing parent: there is nothing to swap or read
+        fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it in for `target` only on success.
 
@@ -158,13 +178,14 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     an earlier output of the same step is replaced, anything else is refused before any work. A `.gitignore`
     in it (DVC's, naming the outputs) is carried into the new folder.
     A directory cannot be renamed over a non-empty one, so the old one is moved aside to
-    `.<name>.old` first; the window in which neither exists is two renames long. A run killed in
-    that window leaves only `.<name>.old`, which restore_dir (called here and by readers such as
-    cmce.index.load_index) puts back.
+    `.<name>.old` first; the window in which neither exists is two renames long, and readers that take
+    swap_lock never see it. A run killed in that window leaves only `.<name>.old`, which restore_dir
+    (called here and by readers such as cmce.index.load_index) puts back.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    restore_dir(target)
+    with swap_lock(target, exclusive=True):
+        restore_dir(target)
     check_replaceable(target, own)
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -175,10 +196,11 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
                 shutil.copy2(target / name, tmp / name)
         os.chmod(tmp, 0o777 & ~_umask())
         old = _old(target)
-        _discard_dir(old)  # a complete older version, left by a run killed before it could delete it
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
+        with swap_lock(target, exclusive=True):  # waits for readers of the old folder to finish
+            _discard_dir(old)  # a complete older version, left by a run killed before it could delete it
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
         _discard_dir(old)
     finally:
         if tmp.exists():
