@@ -812,3 +812,20 @@ def test_a_failed_index_write_is_one_line_and_leaves_no_index(world, tmp_path, c
     out = tmp_path / "index"
     fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out], out,
           f"{out}: could not write the index: 'ret == (n)' failed: write error")
+
+
+@pytest.mark.parametrize("where", ["file", "class folder"])
+def test_a_name_that_is_not_utf8_is_named_in_the_error(tmp_path, caplog, where):
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    png = encode(Image.fromarray(NOISE[:8, :8]))
+    if where == "file":
+        (root / "dog" / os.fsdecode(b"caf\xe9.png")).write_bytes(png)
+        shown = ascii(os.fsdecode(b"dog/caf\xe9.png"))
+    else:
+        folder = root / os.fsdecode(b"ch\xe2t")
+        folder.mkdir()
+        (folder / "0.png").write_bytes(png)
+        shown = ascii(os.fsdecode(b"ch\xe2t"))
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          f"{root}: {shown}: the name is not valid UTF-8; rename it")

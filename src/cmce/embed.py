@@ -260,7 +260,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
             for p, t in zip(member_paths, tables, strict=True):
                 if string_column(t, "id", str(p)) != ids:
                     raise TableError(f"{p}: ids are not in the same order as {member_paths[0]}")
-                ens.add(embedding_column(t, "transformed", str(p), q_dim))
+                ens.add(embedding_column(t, "transformed", str(p), q_dim), f"{p}: column 'transformed'")
                 embedding_column(t, "raw", str(p))  # checked here so no NaN reaches the gallery file
                 raws.append(t.column("raw").combine_chunks())
             cols = [

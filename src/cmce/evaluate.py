@@ -222,7 +222,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
         t = by_gallery[m["sha256"]]
         raw[m["name"]] = embedding_column(table, f"raw_{m['name']}", str(inputs.gallery), t.in_dim)
         transformed[m["name"]] = t.apply(raw[m["name"]])
-        ensemble.add(transformed[m["name"]])
+        ensemble.add(transformed[m["name"]], f"{inputs.gallery}: column 'raw_{m['name']}' after its transformation")
     stored = embedding_column(table, "embedding", str(inputs.gallery), query_model.embedding_dim)
     if not np.allclose(ensemble.embedding, stored, atol=1e-4):
         raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")

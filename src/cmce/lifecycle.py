@@ -82,7 +82,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
             if len(counts) != 1:
                 raise TableError(f"{gallery}: rows disagree on n_models {sorted(counts)}")
             ens = RunningEnsemble(embedding_column(g, "ensemble_sum", str(gallery), dim), counts.pop())
-            ens.add(embedding_column(m, "transformed", str(member), dim))
+            ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
             cols = {c: g.column(c) for c in g.column_names}
             cols |= ensemble_columns(ens)
             cols[f"raw_{name}"] = m.column("raw")
@@ -121,7 +121,7 @@ def upgrade_query_model(
             raise TableError(f"{path}: not a train-embeddings file (kind={meta.get('kind')!r})")
         stored[meta["gallery_model"]["sha256"]] = Path(path)
     table = read_table(gallery)
-    members, transformed, fitted = [], [], []
+    members, transformed, fitted, names = [], [], [], []
     for member in gmeta["members"]:
         if member["sha256"] not in stored:
             raise TableError(f"no stored train embeddings for gallery model {member['name']!r} "
@@ -141,11 +141,12 @@ def upgrade_query_model(
             save_transformation(t, tmp_dir / f"{t.gallery_model}.pt")
     for member, t in zip(gmeta["members"], fitted, strict=True):
         transformed.append(t.apply(embedding_column(table, f"raw_{member['name']}", str(gallery))))
+        names.append(f"{gallery}: column 'raw_{member['name']}' after its new transformation")
         members.append({**{k: member[k] for k in member if k != "transformation_sha256"},
                         "transformation_sha256": t.sha256})
     ens = RunningEnsemble()
-    for e in transformed:
-        ens.add(e)
+    for e, name in zip(transformed, names, strict=True):
+        ens.add(e, name)
     cols = {c: table.column(c) for c in table.column_names}
     cols |= ensemble_columns(ens)
     meta = {**gmeta, "query_model_sha256": query.sha256, "members": members,

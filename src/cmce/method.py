@@ -83,8 +83,9 @@ class RunningEnsemble:
         self.sum = None if running_sum is None else np.asarray(running_sum, dtype=np.float64)
         self.n_models = n_models
 
-    def add(self, member: np.ndarray) -> None:
-        member = normalize(member, "member embeddings").astype(np.float64)
+    def add(self, member: np.ndarray, what: str = "member embeddings") -> None:
+        """Add one member's embeddings; `what` names them in an error (a row without a direction)."""
+        member = normalize(member, what).astype(np.float64)
         if self.sum is not None and self.sum.shape != member.shape:
             raise ValueError(f"member shape {member.shape} does not match the ensemble {self.sum.shape}")
         self.sum = member if self.sum is None else self.sum + member

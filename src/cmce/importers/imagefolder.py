@@ -15,6 +15,16 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def _utf8(path: Path, root: Path) -> Path:
+    """`path`, if its name can be stored: ids and class names are UTF-8 text in the dataset file."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, which Python keeps as surrogates
+        raise DataError(f"{root}: {ascii(str(path.relative_to(root)))}: the name is not valid UTF-8; "
+                        "rename it") from None
+    return path
+
+
 def import_imagefolder(path: str | Path) -> RawImages:
     """root/<class>/<image>; or root/train/<class>/… + root/test/<class>/… for an official split."""
     root = Path(path)
@@ -27,7 +37,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
         parts = [("", root)]
     for _, base in parts:
         inside_root(base, real_root)
-    classes = sorted({c.name for _, p in parts for c in p.iterdir() if c.is_dir()})
+    classes = sorted({_utf8(c, root).name for _, p in parts for c in p.iterdir() if c.is_dir()})
     if not classes:
         raise DataError(f"{root}: no class folders found")
     index = {c: i for i, c in enumerate(classes)}
@@ -41,7 +51,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
             for f in sorted(folder.iterdir()):
                 if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
                     continue
-                inside_root(f, real_root)
+                inside_root(_utf8(f, root), real_root)
                 images.append(to_png(f.read_bytes(), f))
                 rel = f.relative_to(root).as_posix()
                 ids.append(rel)
