@@ -829,3 +829,67 @@ def test_a_name_that_is_not_utf8_is_named_in_the_error(tmp_path, caplog, where):
     out = previous_file(tmp_path / "out" / "dataset.parquet")
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
           f"{root}: {shown}: the name is not valid UTF-8; rename it")
+
+
+# ---------------------------------------------------------------- a fresh hostile trial's wrong cases
+def test_index_files_named_in_meta_json_are_never_paths(world, tmp_path, caplog):
+    import json
+
+    index = shutil.copytree(world.index, tmp_path / "index")
+    meta = json.loads((index / "meta.json").read_text())
+    for name in ("../../../../etc/passwd", "/dev/zero"):
+        (index / "meta.json").write_text(json.dumps({**meta, "files": {**meta["files"], name: "0" * 64}}))
+        fails(caplog, _search(world, index), index, f"{index}/meta.json: 'files' must name exactly")
+
+
+def test_negative_uncertainty_is_refused(world, tmp_path, caplog):
+    unc = pq.read_table(world.gallery).column("uncertainty").to_numpy().copy()
+    unc[:] = -5.0
+    gallery = rewrite(world.gallery, tmp_path / "gallery.parquet", uncertainty=pa.array(unc))
+    out = tmp_path / "index"
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", out, "--reject-fraction", "0.1"], out,
+          f"{gallery}: column 'uncertainty' has negative values (first: row 0)")
+
+
+def test_a_diverged_training_run_writes_no_model(world, tmp_path, caplog):
+    out = tmp_path / "q.pt"
+    fails(caplog, ["train", "--config", SMOKE, *TINY, "--set", "train.lr=1e30", "--set", "train.epochs=3",
+                   "--model", "query", "--dataset", world.dataset, "--out", out], out,
+          f"{out}: not written: weights", "are NaN or infinite (training diverged")
+
+
+def test_a_gate_with_no_metrics_is_refused(tmp_path, caplog):
+    out = previous_file(tmp_path / "dataset.parquet")
+    fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "lifecycle.gate.metrics=[]", "--out", out], out,
+          "lifecycle.gate.metrics must list at least one metric")
+
+
+def test_mlflow_parent_without_a_tracking_uri_is_refused_before_any_work(world, tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "index"
+    fails(caplog, ["--mlflow-parent", "deadbeef", "build-index", "--gallery", world.gallery, "--out", out], out,
+          "--mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI")
+
+
+def test_an_output_folder_that_is_a_symlink_or_holds_an_input(world, tmp_path, caplog):
+    real = shutil.copytree(world.index, tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    fails(caplog, ["build-index", "--gallery", world.gallery, "--out", link], link, f"{link}: is a symbolic link")
+    work = tmp_path / "work"
+    work.mkdir()
+    gallery = Path(shutil.copyfile(world.gallery, work / "member_x.parquet"))
+    kept = _inputs_kept(gallery)
+    fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", gallery,
+                   "--query-model", world.query, "--gallery-model", world.gallery_models[0],
+                   "--out", tmp_path / "grown.parquet", "--work-dir", work], tmp_path / "grown.parquet",
+          f"--work-dir {work} would write over the input --gallery {gallery}")
+    assert _inputs_kept(gallery) == kept
+
+
+@pytest.mark.parametrize("flag,value", [("--workers", "5000"), ("--threads", "100000")])
+def test_flags_beyond_their_upper_bound(world, tmp_path, capsys, flag, value):
+    args = [str(a) for a in embed_member_args(world)] + ["--out", str(tmp_path / "m.parquet")]
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value, *args] if flag == "--threads" else [*args, flag, value])
+    assert exc.value.code == 2 and f"argument {flag}: must be at most" in capsys.readouterr().err

@@ -22,6 +22,11 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
+    bad = sorted(k for k, v in obj.get("state_dict", {}).items()
+                 if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:  # a diverged run (a learning rate too high, a NaN teacher): refused, not saved as a model
+        raise CheckpointError(f"{path}: not written: weights {bad[:3]} are NaN or infinite (training diverged; "
+                              "check the learning rate and the inputs)")
     # through a file handle: torch.save(obj, PATH) stores the file's (random temp) name inside the
     # archive, which would give identical weights a different sha256 (= version) on every save
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -28,11 +28,13 @@ log = logging.getLogger("cmce")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
 
 
-def _int_from(low: int):
+def _int_from(low: int, high: int | None = None):
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {low}"  # argparse names the type in its message
@@ -41,6 +43,8 @@ def _int_from(low: int):
 
 _positive_int = _int_from(1)
 _count = _int_from(0)
+_threads = _int_from(1, 1024)  # the config's num_threads range
+_workers = _int_from(0, 64)  # decoding processes: more only waits on their start-up
 
 
 # Every path argument goes through _in / _out: a local path, or an s3:// URI (cmce.storage).
@@ -49,7 +53,8 @@ INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_te
               "kd", "kd_dir", "gallery", "member", "shard_file", "index", "images", "train_embeddings",
               "baseline_query_model", "baseline_gallery")
 OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
-SWAPPED_WHOLE = ("out", "index_out")  # an output folder replaced as a whole: it may not hold an input either
+# an output folder may not hold an input either: it is replaced whole, or files are written into it by name
+SWAPPED_WHOLE = OUTPUT_ARGS
 # the lifecycle steps may replace the gallery they grow: the new one is written aside and renamed over it
 REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
 
@@ -315,7 +320,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (>= 1)")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (1 to 1024)")
     p.add_argument("--device", choices=devices.CHOICES, default=None,
                    help="where the step computes: auto = CUDA when available, else CPU (default: the config's "
                         "`device`, else auto)")
@@ -366,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True)
         sp.add_argument("--batch-size", type=_positive_int, default=256, help="images a batch (>= 1)")
         sp.add_argument("--shard", default="0/1", metavar="I/K", help="embed only slice I of K (default: all)")
-        sp.add_argument("--workers", type=_count, default=0, help="image-decoding worker processes (default 0: inline)")
+        sp.add_argument("--workers", type=_workers, default=0,
+                            help="image-decoding worker processes, 0 to 64 (default 0: inline)")
         if name == "embed-gallery":
             sp.add_argument("--members-dir", default=None, help="where per-model files go (default: next to --out)")
 
@@ -490,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cmce %s does not run data-parallel; launch it without torchrun (data-parallel: %s)",
                   args.command, ", ".join(DATA_PARALLEL))
         return 2
+    if args.mlflow_parent and not (args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        log.error("cmce %s: --mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI", args.command)
+        return 2  # before any work: a step that cannot be tracked does not write its outputs either
     if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     owns_group = ok = False

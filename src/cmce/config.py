@@ -246,7 +246,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = within("[1, 1048576]", 256)  # inference batch size
     # torch CPU threads of every step; None: torch's default (one per core)
-    num_threads: int | None = within("[1, 4096]", None)
+    num_threads: int | None = within("[1, 1024]", None)
     data: DataConfig = field(default_factory=DataConfig)
     query_model: ModelSpec = field(default_factory=ModelSpec)
     gallery_models: list[ModelSpec] = field(default_factory=list)
@@ -356,6 +356,8 @@ def _validate(cfg: Config, where: str) -> None:
     from cmce.metrics import check_metric_name
     from cmce.models import check_arch  # late import: models imports torch
 
+    if not cfg.lifecycle.gate.metrics:  # an empty list would promote any candidate
+        raise ConfigError(f"{where}: lifecycle.gate.metrics must list at least one metric")
     for name in cfg.lifecycle.gate.metrics:
         try:
             check_metric_name(name)

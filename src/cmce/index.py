@@ -195,6 +195,9 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     check_unique_ids(ids, str(gallery_path))
     labels = int_column(table, "label", str(gallery_path))
     unc = float_column(table, "uncertainty", str(gallery_path))
+    if (unc < 0).any():  # a mean squared distance: never negative
+        raise TableError(f"{gallery_path}: column 'uncertainty' has negative values (first: row "
+                         f"{int(np.flatnonzero(unc < 0)[0])})")
     reject = rejection_mask(unc, reject_fraction)
     keep = ~reject
     built = make_index(emb[keep], index_type, options)
@@ -277,6 +280,9 @@ def _load_index(index_dir: str | Path, query_sha256: str | None) -> LoadedIndex:
     missing = [key for key in ("query_model_sha256", "files", "dim") if key not in meta]
     if missing or not isinstance(meta["files"], dict):
         raise IndexLoadError(f"{shown}/meta.json: lacks key(s) {missing or ['files']} of an index's metadata")
+    own = sorted(f for f in INDEX_FILES if f != "meta.json")
+    if sorted(meta["files"]) != own:  # names, never paths: nothing outside the folder is read
+        raise IndexLoadError(f"{shown}/meta.json: 'files' must name exactly {own}, got {sorted(meta['files'])}")
     if query_sha256 is not None and meta["query_model_sha256"] != query_sha256:
         raise IndexLoadError(
             f"{shown}: index was built for query model {meta['query_model_sha256'][:12]}, "

@@ -138,6 +138,8 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
     root, the input's own folder) would delete them; this check turns that into an error naming them.
     """
     target = Path(target)
+    if target.is_symlink():  # swapping it would replace the link, not the folder it names
+        raise ForeignOutputError(f"{target}: is a symbolic link; give the folder it points to")
     if not target.exists():
         return
     if not target.is_dir():
