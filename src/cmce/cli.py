@@ -53,27 +53,24 @@ INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_te
               "kd", "kd_dir", "gallery", "member", "shard_file", "index", "images", "train_embeddings",
               "baseline_query_model", "baseline_gallery")
 OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
-# an output folder may not hold an input either: it is replaced whole, or files are written into it by name
-SWAPPED_WHOLE = OUTPUT_ARGS
 # the lifecycle steps may replace the gallery they grow: the new one is written aside and renamed over it
 REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
 
 
-def _clashes(out: str, inp: str, whole: bool) -> bool:
-    """Whether writing `out` would write over `inp`: the same file or folder (through symlinks or hard links),
-    or, for an output replaced `whole`, a folder holding it."""
+def _clashes(out: str, inp: str) -> bool:
+    """Whether writing `out` could write over `inp`: the same file or folder (through symlinks or hard links),
+    or a folder holding it (an output folder is replaced whole, or has files written into it by name)."""
     if is_remote(out) or is_remote(inp) or ":/" in inp:  # URIs and registry names: equal text only
         return out.rstrip("/") == inp.rstrip("/")
     o, i = Path(out), Path(inp)
     if o.exists() and i.exists() and os.path.samefile(o, i):
         return True
     o, i = o.resolve(), i.resolve()
-    return o == i or (whole and o in i.parents)
+    return o == i or o in i.parents
 
 
 def refuse_outputs_among_inputs(args: argparse.Namespace) -> None:
-    """Before any work: no output of the command may be one of its inputs (nor, for an output folder replaced
-    whole, hold one)."""
+    """Before any work: no output of the command may be one of its inputs, nor a folder holding one."""
     def named(names: tuple[str, ...]) -> list[tuple[str, str]]:
         found = [(n, getattr(args, n, None)) for n in names]
         return [(n, str(v)) for n, value in found if value
@@ -89,7 +86,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> None:
         for in_name, inp in named(inputs):
             if args.command in REPLACES_GALLERY and (out_name, in_name) == ("out", "gallery"):
                 continue
-            if _clashes(out, inp, out_name in SWAPPED_WHOLE):
+            if _clashes(out, inp):
                 raise ValueError(f"{flag(out_name)} {out} would write over the input {flag(in_name)} {inp}")
 
 

@@ -335,17 +335,15 @@ def _validate(cfg: Config, where: str) -> None:
     keys = [("query_model", cfg.query_model), *((f"gallery_models[{i}]", m) for i, m in enumerate(cfg.gallery_models)),
             *((f"lifecycle.{k}", getattr(cfg.lifecycle, k)) for k in ("add_gallery_model", "new_query_model")
               if getattr(cfg.lifecycle, k) is not None)]
-    for key, m in keys:
-        check_model_name(m.name, f"{where}: {key}.name")
     seen: dict[str, str] = {}
     for key, m in keys:
+        check_model_name(m.name, f"{where}: {key}.name")
         if m.name in seen:
             raise ConfigError(f"{where}: {key}.name: {m.name!r} is already the name of {seen[m.name]}; model names "
                               "must be unique")
         seen[m.name] = key
-    names = list(seen)
     students = {f"kd_{m.name}" for m in cfg.gallery_models + [cfg.lifecycle.add_gallery_model] if m is not None}
-    taken = sorted(students & set(names))
+    taken = sorted(students & set(seen))
     if taken:  # models/kd_<g>.pt is the KD student of gallery model g
         raise ConfigError(f"{where}: model name(s) {taken} would be overwritten by the KD student of a gallery model")
     if not cfg.evaluate.recall_k:

@@ -319,9 +319,7 @@ def search(loaded: LoadedIndex, queries: np.ndarray, k: int) -> SearchResult:
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != loaded.meta["dim"]:
         raise IndexLoadError(f"query embeddings have shape {q.shape}, the index expects dimension {loaded.meta['dim']}")
-    q = normalize(q, "query embeddings")
-    if not np.isfinite(q).all():
-        raise IndexLoadError("query embeddings contain NaN or inf values")
+    q = normalize(q, "query embeddings")  # refuses rows that are not finite or all zeros
     k = min(k, len(loaded.ids))
     scores, idx = loaded.index.search(np.ascontiguousarray(q), k)
     # an approximate index may find fewer than k items (id -1): those slots hold no id and NaN scores

@@ -121,7 +121,7 @@ def upgrade_query_model(
             raise TableError(f"{path}: not a train-embeddings file (kind={meta.get('kind')!r})")
         stored[meta["gallery_model"]["sha256"]] = Path(path)
     table = read_table(gallery)
-    members, transformed, fitted, names = [], [], [], []
+    members, fitted = [], []
     for member in gmeta["members"]:
         if member["sha256"] not in stored:
             raise TableError(f"no stored train embeddings for gallery model {member['name']!r} "
@@ -139,14 +139,12 @@ def upgrade_query_model(
     with atomic_dir(transforms_dir, ("*.pt",)) as tmp_dir:
         for t in fitted:
             save_transformation(t, tmp_dir / f"{t.gallery_model}.pt")
+    ens = RunningEnsemble()
     for member, t in zip(gmeta["members"], fitted, strict=True):
-        transformed.append(t.apply(embedding_column(table, f"raw_{member['name']}", str(gallery))))
-        names.append(f"{gallery}: column 'raw_{member['name']}' after its new transformation")
+        ens.add(t.apply(embedding_column(table, f"raw_{member['name']}", str(gallery))),
+                f"{gallery}: column 'raw_{member['name']}' after its new transformation")
         members.append({**{k: member[k] for k in member if k != "transformation_sha256"},
                         "transformation_sha256": t.sha256})
-    ens = RunningEnsemble()
-    for e, name in zip(transformed, names, strict=True):
-        ens.add(e, name)
     cols = {c: table.column(c) for c in table.column_names}
     cols |= ensemble_columns(ens)
     meta = {**gmeta, "query_model_sha256": query.sha256, "members": members,

@@ -57,13 +57,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise TableError(f"{path}: not a readable Parquet file: {err}") from None
+    return _metadata(schema, path)
+
+
+def _metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
+    """The cmce metadata a Parquet schema carries, as a JSON object."""
     raw = (schema.metadata or {}).get(b"cmce")
     if raw is None:
         raise TableError(f"{path}: no cmce version metadata in the Parquet schema")
-    return _metadata(raw, path)
-
-
-def _metadata(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -102,10 +103,7 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str) -> tuple[dict
             schema = parquet.schema_arrow
         except (pa.ArrowInvalid, OSError) as err:
             raise TableError(f"{path}: not a readable Parquet file: {err}") from None
-        raw = (schema.metadata or {}).get(b"cmce")
-        if raw is None:
-            raise TableError(f"{path}: no cmce version metadata in the Parquet schema")
-        meta = _metadata(raw, path)
+        meta = _metadata(schema, path)
         if meta.get("kind") != kind:
             raise TableError(f"{path}: not a {kind} file (kind={meta.get('kind')!r})")
         missing = [c for c in columns if c not in schema.names]
