@@ -1,6 +1,7 @@
 """Growing the ensemble and upgrading the query model from stored embeddings."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -9,7 +10,7 @@ from cmce.config import ModelSpec, TrainConfig, TransformConfig
 from cmce.embed import combine_members
 from cmce.index import IndexLoadError, build_index, load_index, search
 from cmce.lifecycle import add_member, upgrade_query_model
-from cmce.tables import TableError, embedding_column, read_metadata
+from cmce.tables import TableError, embedding_array, embedding_column, read_metadata
 from tests.test_embed import members
 
 
@@ -38,6 +39,31 @@ def test_add_member_refuses_duplicates_and_other_query_models(tmp_path):
     other = write_member(tmp_path / "x.parquet", "x", ids, np.zeros((20, 3)), np.ones((20, 6)), query_sha="z" * 64)
     with pytest.raises(TableError, match="transformed for query model zzzzzzzzzzzz"):
         add_member(gallery, other, tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("n_models", "column 'n_models' holds \\[5\\], but the metadata names 2"),
+    ("sum_too_long", "not the sum of 2 unit vectors"),
+    ("sum_other_direction", "not the sum of 2 unit vectors"),
+])
+def test_add_member_refuses_a_stored_ensemble_it_cannot_grow_from(tmp_path, tamper, message):
+    """The new mean and uncertainty come from the stored sum and count alone: a count that is not the
+    number of members, or a sum that does not match the stored embedding, would corrupt every row silently."""
+    _, paths, _ = members(tmp_path, n_models=3, rows=20)
+    gallery = pq.read_table(combine_members(paths[:2], tmp_path / "g.parquet"))
+    cols = {c: gallery.column(c) for c in gallery.column_names}
+    s = embedding_column(gallery, "ensemble_sum", "g")
+    if tamper == "n_models":
+        cols["n_models"] = pa.array(np.full(20, 5, np.int32))
+    elif tamper == "sum_too_long":
+        cols["ensemble_sum"] = embedding_array(s * 3)
+    else:
+        cols["ensemble_sum"] = embedding_array(np.roll(s, 1, axis=1))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table(cols).replace_schema_metadata(gallery.schema.metadata), bad)
+    with pytest.raises(TableError, match=message):
+        add_member(bad, paths[2], tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
 
 

@@ -105,3 +105,31 @@ def test_merge_refuses_incomplete_or_mixed_shards(smoke_run, small_groups, tmp_p
     with pytest.raises(TableError, match="not a gallery or per-model"):
         merge_shards([lay.train_embeddings(a)], tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_merge_refuses_shards_cut_from_other_files_or_layouts(smoke_run, small_groups, tmp_path):
+    """Shards of another dataset file, or of the same rows laid out in other row groups (so other chunk
+    boundaries), would lose or repeat rows: the split's ids digest in their metadata proves the merge whole."""
+    lay, _ = smoke_run
+    q_sha = load_embedding_model(lay.model("query")).sha256
+    g = lay.gallery_names[0]
+    other_layout = tmp_path / "dataset_rg100.parquet"
+    pq.write_table(pq.read_table(small_groups), other_layout, row_group_size=100)
+    table = pq.read_table(small_groups)
+    other_rows = tmp_path / "dataset_fewer.parquet"
+    pq.write_table(table.slice(0, table.num_rows - 7), other_rows, row_group_size=64)
+
+    def member(dataset, s):
+        return embed_with_model(dataset, lay.model(g), lay.transformation(g), q_sha,
+                                tmp_path / f"{dataset.stem}_{s}.parquet", shard=Shard(s, 3))
+
+    whole = merge_shards([member(small_groups, s) for s in range(3)], tmp_path / "ok.parquet")
+    assert pq.read_metadata(whole).num_rows == read_metadata(whole)["source"]["split_rows"]
+    # same ids, other chunk boundaries: rows lost or repeated at the seams
+    mixed = [member(small_groups, 0), member(other_layout, 1), member(small_groups, 2)]
+    with pytest.raises(TableError, match="not the .* rows of the split"):
+        merge_shards(mixed, tmp_path / "out.parquet")
+    with pytest.raises(TableError, match="metadata differs"):
+        merge_shards([member(small_groups, 0), member(other_rows, 1), member(small_groups, 2)],
+                     tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()

@@ -24,11 +24,12 @@ from cmce import device as devices
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.augment import augment
 from cmce.data.codec import to_float
-from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch
+from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch, split_source
 from cmce.data.readers import SplitArrays
 from cmce.method import RunningEnsemble
 from cmce.storage import atomic_path
 from cmce.tables import (
+    IdsDigest,
     TableError,
     check_unique_ids,
     embedding_array,
@@ -137,10 +138,12 @@ def embed_augmented_views(
 
 
 def member_metadata(name: str, arch: str, sha256: str, transformation_sha256: str, query_sha256: str,
-                    split: str) -> dict:
+                    split: str, source: dict | None = None) -> dict:
+    """`source`: the split's row count and ids digest (cmce.data.loader.split_source)."""
     return {
         "kind": "gallery_member",
         "split": split,
+        **({"source": source} if source else {}),
         "gallery_model": {"name": name, "arch": arch, "sha256": sha256},
         "transformation_sha256": transformation_sha256,
         "query_model_sha256": query_sha256,
@@ -180,7 +183,8 @@ def embed_with_model(
     batches to Parquet."""
     model = load_embedding_model(model_path)
     t = load_transformation(transform_path, query_sha256=query_sha256, gallery_sha256=model.sha256)
-    meta = member_metadata(model.name, model.arch, model.sha256, t.sha256, query_sha256, split)
+    meta = member_metadata(model.name, model.arch, model.sha256, t.sha256, query_sha256, split,
+                           split_source(dataset, split))
     if shard.count > 1:
         meta["shard"] = str(shard)
     schema = member_schema(model.embedding_dim, t.out_dim, meta)
@@ -239,10 +243,14 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     shards = {m.get("shard") for m in metas}
     if len(shards) != 1:
         raise TableError(f"{member_paths}: members come from different shards {sorted(map(str, shards))}")
+    sources = {json.dumps(m.get("source"), sort_keys=True) for m in metas}
+    if len(sources) != 1:
+        raise TableError(f"{member_paths}: members embed different dataset files or splits (their 'source' differs)")
     meta = {
         "kind": "gallery",
         "split": metas[0]["split"],
         **({"shard": metas[0]["shard"]} if metas[0].get("shard") else {}),
+        **({"source": metas[0]["source"]} if metas[0].get("source") else {}),
         "query_model_sha256": query_sha.pop(),
         "members": [{**m["gallery_model"], "transformation_sha256": m["transformation_sha256"]} for m in metas],
     }
@@ -307,6 +315,7 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
             raise TableError(f"{p}: metadata differs from {ordered[0]} (another model, query model or split)")
     schema = pq.read_schema(ordered[0]).with_metadata({"cmce": json.dumps(base, sort_keys=True)})
     seen: set[str] = set()
+    digest = IdsDigest()
     out = Path(out)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for p in ordered:
@@ -319,6 +328,12 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                 if seen.intersection(ids):
                     raise TableError(f"{p}: ids also in an earlier shard (e.g. {sorted(seen.intersection(ids))[0]!r})")
                 seen.update(ids)
+                digest.update(ids)
                 writer.write_table(table.replace_schema_metadata(schema.metadata))
+        source = base.get("source")  # absent in files written before it was recorded
+        if source and (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
+            raise TableError(f"{[str(p) for p in ordered]}: the shards hold {digest.rows} rows that are not the "
+                             f"{source['split_rows']} rows of the split they were cut from, in order (shards of "
+                             f"different dataset files or of another version of it); embed them again from one")
     log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(seen))
     return out

@@ -14,15 +14,26 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
 from cmce.embed import embed_split, ensemble_columns
-from cmce.method import RunningEnsemble
+from cmce.method import RunningEnsemble, uncertainty_from_sum
 from cmce.storage import atomic_dir, atomic_path
-from cmce.tables import TableError, embedding_column, read_metadata, read_table, rows_of, string_column, writer_options
+from cmce.tables import (
+    TableError,
+    embedding_column,
+    float_column,
+    int_column,
+    read_metadata,
+    read_table,
+    rows_of,
+    string_column,
+    writer_options,
+)
 from cmce.transform import Transformation, fit_transformation, save_transformation
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,32 @@ def _gallery_schema(base: pa.Schema, extra: list[tuple[str, pa.DataType]], meta:
     return pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
 
 
+# float32 storage of S, the embedding and the uncertainty: far above their rounding, far below any real mismatch
+STORED_TOLERANCE = 1e-3
+
+
+def stored_ensemble(g: pa.Table, dim: int, n_members: int, gallery: Path) -> RunningEnsemble:
+    """The running sum and count stored in a slice of a gallery file, checked before the ensemble grows from
+    them: a count that is not the number of members, or a sum that n unit vectors cannot make or that
+    disagrees with the stored embedding and uncertainty, would silently corrupt every later member."""
+    counts = set(int_column(g, "n_models", str(gallery)).tolist())
+    if counts != {n_members}:
+        raise TableError(f"{gallery}: column 'n_models' holds {sorted(counts)[:5]}, but the metadata names "
+                         f"{n_members} member(s)")
+    s = embedding_column(g, "ensemble_sum", str(gallery), dim).astype(np.float64)
+    norms = np.linalg.norm(s, axis=1)
+    emb = embedding_column(g, "embedding", str(gallery), dim).astype(np.float64)
+    cos = np.einsum("ij,ij->i", s, emb) / np.maximum(norms * np.linalg.norm(emb, axis=1), 1e-30)
+    unc = float_column(g, "uncertainty", str(gallery))
+    bad = ((norms > n_members * (1 + STORED_TOLERANCE)) | (cos < 1 - STORED_TOLERANCE)
+           | (np.abs(unc - uncertainty_from_sum(s, n_members)) > STORED_TOLERANCE * max(n_members, 1)))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise TableError(f"{gallery}: column 'ensemble_sum' of id {string_column(g, 'id', str(gallery))[row]!r} "
+                         f"is not the sum of {n_members} unit vectors behind its 'embedding' and 'uncertainty'")
+    return RunningEnsemble(s, n_members)
+
+
 def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_size: int = 8192) -> Path:
     """New gallery file = `gallery` plus the model in `member` (a per-model file from embed-member)."""
     gallery, member = Path(gallery), Path(member)
@@ -65,6 +102,8 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
         raise TableError(f"{member}: transformed for query model {mmeta['query_model_sha256'][:12]}, the gallery "
                          f"for {gmeta['query_model_sha256'][:12]}")
     name = mmeta["gallery_model"]["name"]
+    if mmeta.get("source") != gmeta.get("source"):
+        raise TableError(f"{member}: embeds another dataset file or split than {gallery} (their 'source' differs)")
     if name in {m["name"] for m in gmeta["members"]}:
         raise TableError(f"{gallery}: already has a member named {name!r}")
     added = {**mmeta["gallery_model"], "transformation_sha256": mmeta["transformation_sha256"]}
@@ -78,10 +117,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
             ids = string_column(g, "id", str(gallery))
             if string_column(m, "id", str(member)) != ids:
                 raise TableError(f"{member}: ids are not in the gallery's order")
-            counts = set(g.column("n_models").to_pylist())
-            if len(counts) != 1:
-                raise TableError(f"{gallery}: rows disagree on n_models {sorted(counts)}")
-            ens = RunningEnsemble(embedding_column(g, "ensemble_sum", str(gallery), dim), counts.pop())
+            ens = stored_ensemble(g, dim, len(gmeta["members"]), gallery)
             ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
             cols = {c: g.column(c) for c in g.column_names}
             cols |= ensemble_columns(ens)

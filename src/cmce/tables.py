@@ -167,6 +167,25 @@ def float_column(table: pa.Table, name: str, where: str) -> np.ndarray:
     return out
 
 
+class IdsDigest:
+    """sha256 of a sequence of ids in order (each length-prefixed, so no two sequences share a digest):
+    the fingerprint that proves merged shards hold exactly the rows of the split they were cut from."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.rows = 0
+
+    def update(self, ids: list[str]) -> None:
+        for i in ids:
+            b = i.encode()
+            self._h.update(len(b).to_bytes(8, "little"))
+            self._h.update(b)
+        self.rows += len(ids)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def check_unique_ids(ids: list[str], where: str, seen: set[str] | None = None) -> None:
     """Ids key every row (index id map, evaluation self-exclusion): a duplicate is an error.
     Pass the same `seen` set across batches of one file."""

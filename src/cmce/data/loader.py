@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cmce.data.codec import decode_image
 from cmce.data.readers import SplitArrays, open_dataset, read_row_group, split_rows
 from cmce.data.schema import DataError
+from cmce.tables import IdsDigest
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ def parse_shard(text: str) -> Shard:
 def shard_range(n_chunks: int, shard: Shard) -> range:
     """Contiguous, balanced range of chunk indices for one shard (may be empty when K > n_chunks)."""
     return range(shard.index * n_chunks // shard.count, (shard.index + 1) * n_chunks // shard.count)
+
+
+def split_source(path: str | Path, split: str) -> dict:
+    """{"split_rows", "ids_sha256"} of one split, in file order: embedding files carry it so that merging
+    shards can prove it put back exactly the split's rows, in order, all cut from one dataset file."""
+    pf = open_dataset(path)
+    digest, seen = IdsDigest(), set()
+    for rg in range(pf.num_row_groups):
+        rows = read_row_group(pf, path, rg, ["id", "label", "split"])
+        digest.update(rows.column("id").take(split_rows(path, rows, split, seen)).to_pylist())
+    return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest()}
 
 
 class SplitChunks(Dataset):
