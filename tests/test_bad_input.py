@@ -185,7 +185,7 @@ def rewrite_member(src: Path, dst: Path, ids=None, raw=None, transformed=None) -
     transformed = embedding_column(table, "transformed", "src") if transformed is None else transformed
     g = meta["gallery_model"]
     meta = member_metadata(g["name"], g["arch"], g["sha256"], meta["transformation_sha256"],
-                           meta["query_model_sha256"], meta["split"])
+                           meta["query_model_sha256"], meta["split"], meta.get("source"))
     schema = member_schema(raw.shape[1], transformed.shape[1], meta)
     pq.write_table(member_table(ids, table.column("label").to_numpy(), raw, transformed, schema), dst)
     return dst
@@ -893,3 +893,91 @@ def test_flags_beyond_their_upper_bound(world, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         main([flag, value, *args] if flag == "--threads" else [*args, flag, value])
     assert exc.value.code == 2 and f"argument {flag}: must be at most" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- output paths checked before any work
+@pytest.mark.parametrize("index_out, message", [
+    ("file", "is a file, not an output folder"),
+    ("foreign", "which this step does not write"),
+    pytest.param("read_only", "is read-only",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")),
+])
+def test_a_lifecycle_step_checks_every_output_before_it_replaces_the_gallery(world, tmp_path, caplog,
+                                                                            index_out, message):
+    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
+    new_model = tiny_model(tmp_path / "extra_c.pt", "extra_c", "resnet", 12, seed=4)
+    kept = _inputs_kept(gallery)
+    target = tmp_path / "index"
+    if index_out == "file":
+        target.write_bytes(PREVIOUS)
+    else:
+        shutil.copytree(world.index, target)
+        if index_out == "foreign":
+            (target / "notes.txt").write_text("mine")
+        else:
+            target.chmod(0o555)
+    try:
+        fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", gallery,
+                       "--query-model", world.query, "--gallery-model", new_model, "--out", gallery,
+                       "--work-dir", tmp_path / "work", "--index-out", target], target, f"{target}: ", message)
+    finally:
+        if target.is_dir():
+            target.chmod(0o755)
+    assert _inputs_kept(gallery) == kept and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "an output path is empty"),
+    ("folder/", "is a folder; this output is a file"),
+    ("x" * 230 + ".parquet", "the file name is longer than 200 bytes"),
+    ("a_file/gallery.parquet", "cannot be created: "),
+])
+def test_output_paths_that_cannot_be_written_are_named_before_any_work(world, tmp_path, caplog, monkeypatch,
+                                                                      out, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_bytes(PREVIOUS)
+    fails(caplog, ["combine", "--member", world.members[0], "--out", out], tmp_path / "folder", message)
+
+
+# ---------------------------------------------------------------- tracking and the model registry
+def test_a_parent_run_that_cannot_take_the_step_is_refused_before_any_work(world, tmp_path, caplog, monkeypatch):
+    from cmce.tracking import end_run, start_parent_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_parent_run(uri, "parent", {})
+    out = tmp_path / "index"
+    build = ["build-index", "--gallery", world.gallery, "--out", out]
+    fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", "0" * 32, *build], out, f"--mlflow-parent {'0' * 32}: "
+          "not found at")
+    absent = tmp_path / "elsewhere" / "mlflow.db"
+    fails(caplog, ["--mlflow-uri", f"sqlite:///{absent}", "--mlflow-parent", run_id, *build], out,
+          "no tracking database there")
+    assert not absent.parent.exists()  # nothing is created outside the output folder
+    end_run(uri, run_id)
+    fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", run_id, *build], out, "the run is FINISHED")
+
+
+def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world, tmp_path, caplog, monkeypatch,
+                                                                          capsys):
+    import tempfile
+
+    from cmce.tracking import _client, register_version, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where a leak would show
+    (tmp_path / "tmp").mkdir()
+    run_id = start_parent_run(uri, "parent", {})
+    client = _client(uri)
+    client.log_artifact(run_id, str(world.query), artifact_path="registered/q")
+    source = f"{client.get_run(run_id).info.artifact_uri}/registered/q"
+    register_version(client, "q", source, run_id, file_sha256(world.query))
+    search = ["search", "--index", world.index, "--dataset", world.dataset, "--limit", "2", "--query-model"]
+    assert main([str(a) for a in search] + ["models:/q@candidate"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    out = tmp_path / "unused"
+    fails(caplog, [*search, "models:/absent@candidate"], out, "models:/absent@candidate: ")
+    fails(caplog, [*search, "models:/q/../../x"], out, "models:/q/../../x: ")
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -22,7 +22,17 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.config import Config, parse_overrides
 from cmce.records import StepRecord
-from cmce.storage import clear_scratch, is_remote, local_input, local_output, restore_uris, scratch_dir, sibling, stem
+from cmce.storage import (
+    check_output,
+    clear_scratch,
+    is_remote,
+    local_input,
+    local_output,
+    restore_uris,
+    scratch_dir,
+    sibling,
+    stem,
+)
 
 log = logging.getLogger("cmce")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
@@ -95,12 +105,21 @@ def _in(uri: str) -> Path:
     return local_input(uri)
 
 
-def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None) -> Path:
-    """The local path a step writes the output `uri` to. An s3:// output is uploaded when the command
-    succeeds (main closes args.outputs before tracking); a failed command uploads nothing."""
+def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None,
+         own: tuple[str, ...] | None = None) -> Path:
+    """The local path a step writes the output `uri` to, checked before any work (cmce.storage.check_output;
+    `own`: the files of a folder replaced whole). An s3:// output is uploaded when the command succeeds
+    (main closes args.outputs before tracking); a failed command uploads nothing."""
+    check_output(uri, is_dir, own)
     if is_remote(uri) and not ddp.is_main():
         return scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name  # rank 0 writes and uploads
     return args.outputs.enter_context(local_output(uri, is_dir, last))
+
+
+def _index_out(args: argparse.Namespace, uri: str) -> Path:
+    from cmce.index import INDEX_FILES
+
+    return _out(args, uri, is_dir=True, last="meta.json", own=INDEX_FILES)
 
 
 def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -207,18 +226,18 @@ def cmd_build_index(args: argparse.Namespace) -> StepRecord:
             raise ValueError("--set needs --config")
         options = index_config(flags, "build-index flags")
     return stages.build_gallery_index(options, stages.IndexInputs(_in(args.gallery)),
-                                      stages.IndexOutputs(_out(args, args.out, is_dir=True, last="meta.json")))
+                                      stages.IndexOutputs(_index_out(args, args.out)))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
-    from cmce.evaluate import EvalInputs
+    from cmce.evaluate import EVAL_FILES, EvalInputs
     from cmce.report import markdown_table
 
     transforms = [_model(t) for t in args.transform] + sorted(_in(args.transform_dir).glob("*.pt")
                                                                 if args.transform_dir else [])
     students = [_model(s) for s in args.kd] + sorted(_in(args.kd_dir).rglob("*.pt") if args.kd_dir else [])
     inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students)
-    out = _out(args, args.out, is_dir=True, last="metrics.json")
+    out = _out(args, args.out, is_dir=True, last="metrics.json", own=EVAL_FILES)
     record = stages.evaluate_all(_config(args), inputs, stages.EvalOutputs(out))
     sys.stdout.write(markdown_table(json.loads((out / "metrics.json").read_text())))
     return record
@@ -249,7 +268,7 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
                                    _model(args.gallery_model))
     outputs = stages.AddModelOutputs(
         _out(args, args.out), _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True),
-        _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None)
+        _index_out(args, args.index_out) if args.index_out else None)
     return stages.add_gallery_model(_config(args), inputs, outputs)
 
 
@@ -267,8 +286,9 @@ def _parquet_files(paths: list[str]) -> list[Path]:
 def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
     inputs = stages.UpgradeInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
                                   _parquet_files(args.train_embeddings))
-    index = _out(args, args.index_out, is_dir=True, last="meta.json") if args.index_out else None
-    outputs = stages.UpgradeOutputs(_out(args, args.out), _out(args, args.transforms_out, is_dir=True), index)
+    index = _index_out(args, args.index_out) if args.index_out else None
+    outputs = stages.UpgradeOutputs(_out(args, args.out), _out(args, args.transforms_out, is_dir=True, own=("*.pt",)),
+                                    index)
     return stages.upgrade_query_model(_config(args), inputs, outputs)
 
 
@@ -501,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = ok = False
     try:
         refuse_outputs_among_inputs(args)
+        if args.mlflow_parent:
+            from cmce.tracking import check_parent_run
+
+            check_parent_run(args.mlflow_uri or os.environ["MLFLOW_TRACKING_URI"], args.mlflow_parent)
         _select_device(args)
         # under torchrun: join the group here unless a caller already did (then the group is theirs to close)
         owns_group = ddp.launched() and not ddp.current().enabled

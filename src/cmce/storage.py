@@ -153,6 +153,38 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
         )
 
 
+# bytes of an output's own name: its temporary (`.<name>.XXXXXXXX.tmp`) must fit the usual 255-byte limit too
+MAX_NAME_BYTES = 200
+
+
+def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | None = None) -> None:
+    """Before any work: refuse an output path the step could not write whole at the end, naming it. A folder
+    output replaced whole (`own`: the globs it writes) must be one of its own (check_replaceable)."""
+    text = str(uri)
+    if not text.strip():
+        raise ValueError("an output path is empty")
+    if is_remote(text):
+        return
+    target = Path(text)
+    if not is_dir and (text.endswith("/") or target.is_dir()):
+        raise ValueError(f"{text}: is a folder; this output is a file, give its path")
+    if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
+        raise ValueError(f"{text}: the file name is longer than {MAX_NAME_BYTES} bytes")
+    if is_dir and own is not None:
+        check_replaceable(target, own)
+    elif is_dir and target.exists() and not target.is_dir():
+        raise ValueError(f"{text}: is a file, not an output folder")
+    existing = target.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{text}: cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{text}: cannot be written: no write permission in {existing}")
+    if is_dir and own is not None and target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"{text}: is read-only; it is replaced whole, so make it writable or give another folder")
+
+
 @contextlib.contextmanager
 def swap_lock(target: str | Path, exclusive: bool) -> Iterator[None]:
     """The swap of a folder by atomic_dir (exclusive) and its readers (shared) exclude each other, so a reader

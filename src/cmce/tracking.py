@@ -225,14 +225,42 @@ def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
+def first_line(err: BaseException) -> str:
+    """MLflow's messages run to several lines (and sometimes a server's whole reply): the first one says it."""
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def check_parent_run(uri: str, run_id: str) -> None:
+    """Before any work: the parent run a step will record under exists and is still running (a step whose
+    tracking fails at the end would otherwise have written its outputs and then failed)."""
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ValueError(f"--mlflow-uri {uri}: no tracking database there, so no parent run {run_id}")
+    try:
+        status = _client(uri).get_run(run_id).info.status
+    except MlflowException as err:
+        raise ValueError(f"--mlflow-parent {run_id}: not found at {uri}: {first_line(err)}") from None
+    if status != "RUNNING":
+        raise ValueError(f"--mlflow-parent {run_id}: the run is {status}; nested runs go under a running parent")
+
+
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
-    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → local path of the registered checkpoint file."""
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → local path of the registered checkpoint file, in the
+    command's scratch folder (removed when it ends)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cmce.storage import scratch_dir
 
     if tracking:
         mlflow.set_tracking_uri(tracking)
-    dst = Path(tempfile.mkdtemp(prefix="cmce-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    dst = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except MlflowException as err:
+        raise ValueError(f"{uri}: {first_line(err)}") from None
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
     if len(files) != 1:
         raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}")
