@@ -68,7 +68,7 @@ def test_override_through_a_non_mapping_is_a_config_error(tmp_path):
 
 
 def test_nonsense_values_are_rejected(tmp_path):
-    with pytest.raises(ConfigError, match=r"train.epochs must be in \[1, inf\), got 0"):
+    with pytest.raises(ConfigError, match=r"train.epochs must be in \[1, 100000\], got 0"):
         load_config(_write(tmp_path, GOOD + "train: {epochs: 0}\n"))
     with pytest.raises(ConfigError, match="heldout_fraction must be in"):
         load_config(_write(tmp_path, GOOD + "data: {heldout_fraction: 5}\n"))
@@ -88,9 +88,9 @@ def test_nonsense_values_are_rejected(tmp_path):
         ("{far: [3]}", r"evaluate.far must be in \(0, 1\), got 3.0"),
         ("{rejection_far: 0}", r"evaluate.rejection_far must be in \(0, 1\), got 0.0"),
         ("{recall_k: []}", r"evaluate.recall_k must list at least one rank"),
-        ("{recall_k: [0, 1]}", r"evaluate.recall_k must be in \[1, inf\), got 0"),
+        ("{recall_k: [0, 1]}", r"evaluate.recall_k must be in \[1, 100000\], got 0"),
         ("{rejection_rates: [1.5, -0.2]}", r"evaluate.rejection_rates must be in \[0, 1\), got 1.5"),
-        ("{random_repeats: 0}", r"evaluate.random_repeats must be in \[1, inf\), got 0"),
+        ("{random_repeats: 0}", r"evaluate.random_repeats must be in \[1, 1000\], got 0"),
     ],
 )
 def test_evaluate_values_are_checked_at_load_not_after_the_evaluation(tmp_path, section, message):
@@ -133,8 +133,8 @@ def test_index_section_types_and_values(tmp_path):
             cfg.index.hnsw.ef_search, cfg.index.hnsw.m) == ("auto", 5000, None, 8, 40, 32)
     for bad, message in (("type: annoy", r"index.type: 'annoy' is not one of \['flat', 'ivfpq', 'hnsw', 'auto'\]"),
                          ("hnsw: {efSearch: 8}", r"index.hnsw: unknown key\(s\) \['efSearch'\]"),
-                         ("ivfpq: {nprobe: 0}", r"index.ivfpq.nprobe must be in \[1, inf\), got 0"),
-                         ("ivfpq: {nlist: 0}", r"index.ivfpq.nlist must be in \[1, inf\), got 0"),
+                         ("ivfpq: {nprobe: 0}", r"index.ivfpq.nprobe must be in \[1, 16777216\], got 0"),
+                         ("ivfpq: {nlist: 0}", r"index.ivfpq.nlist must be in \[1, 16777216\], got 0"),
                          ("ivfpq: {nbits: 20}", r"index.ivfpq.nbits must be in \[1, 16\], got 20")):
         with pytest.raises(ConfigError, match=message):
             load_config(_write(tmp_path, GOOD + f"index: {{{bad}}}\n"))
@@ -207,3 +207,15 @@ def test_a_model_name_must_be_an_identifier(tmp_path, name):
 def test_no_model_may_be_named_like_the_kd_student_of_a_gallery_model(tmp_path):
     with pytest.raises(ConfigError, match=r"\['kd_g'\] would be overwritten by the KD student of a gallery model"):
         load_config(_write(tmp_path, GOOD), {"query_model.name": "kd_g"})
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
+    """Nine levels of nine aliases are 387 million strings once expanded: a message quoting the value whole
+    ran to hundreds of megabytes."""
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(levels) + "\ntrain:\n  epochs: *a8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)

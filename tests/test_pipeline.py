@@ -60,7 +60,7 @@ def test_run_settings_are_the_params_and_key_value_overrides_only(tmp_path):
     assert resolved["train"]["epochs"] == 2 and [m["name"] for m in resolved["gallery_models"]] == ["b"]
     with pytest.raises(ConfigError, match=r"unknown gallery model\(s\) \['c'\]; valid names: \['a', 'b'\]"):
         resolve_config_text(out["params_yaml"], ["gallery_models=[c]"])
-    with pytest.raises(ConfigError, match=r"train.epochs must be in \[1, inf\), got 0"):
+    with pytest.raises(ConfigError, match=r"train.epochs must be in \[1, 100000\], got 0"):
         resolve_config_text(out["params_yaml"], ["train.epochs=0"])
     bad = build_parser().parse_args(["submit", "--host", "h", "--set", "train.epochs"])
     with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ def in_interval(value: float, text: str) -> bool:
     return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxdict = 6
+_SHOWN.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: cut short, so that a YAML alias bomb or a pasted blob
+    still makes one readable line."""
+    return _SHOWN.repr(value)
+
+
 def within(interval: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
     """A field whose value (each element, for a list; None passes where the type allows it) lies in `interval`."""
     _interval(interval)  # a typo fails at import
@@ -60,7 +73,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 def check_model_name(name: str, key: str) -> str:
     """`name` if it is a model name: it becomes a file name, a registry name and a column tag."""
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
-        raise ConfigError(f"{key}: {name!r} is not a model name (1-64 letters, digits, '_' or '-', "
+        raise ConfigError(f"{key}: {shown(name)} is not a model name (1-64 letters, digits, '_' or '-', "
                           "starting with a letter or digit)")
     return name
 
@@ -111,7 +124,7 @@ class DataConfig:
     max_test_per_class: int | None = within("[1, inf)", None)
     image_size: int = within("[8, 2048]", 28)
     # images with more pixels are refused when imported, naming the file, before they are decoded
-    max_image_pixels: int = within("[1, inf)", 40_000_000)
+    max_image_pixels: int = within("[1, 2147483647]", 40_000_000)
     channels: Literal[1, 3] = 1
 
 
@@ -123,7 +136,7 @@ class ModelSpec:
     width: int = within("[1, 4096]", 32)
     seed: int = within(SEED, 0)
     data_fraction: float = within("(0, 1]", 1.0)  # train on a random subset of the train split (ensemble diversity)
-    epochs: int | None = within("[1, inf)", None)  # overrides train.epochs for this model
+    epochs: int | None = within("[1, 100000]", None)  # overrides train.epochs for this model
     # learning rate of the backbone relative to train.lr (the embedding and classifier heads keep train.lr):
     # below 1 for an ImageNet-pretrained backbone, so fine-tuning does not wash out its features
     backbone_lr_scale: float = within("(0, inf)", 1.0)
@@ -131,7 +144,7 @@ class ModelSpec:
 
 @dataclass
 class TrainConfig:
-    epochs: int = within("[1, inf)", 3)
+    epochs: int = within("[1, 100000]", 3)
     batch_size: int = within("[1, 1048576]", 128)  # global batch: split evenly over data-parallel ranks
     lr: float = within("(0, inf)", 3e-3)
     weight_decay: float = within("[0, inf)", 5e-4)
@@ -153,7 +166,7 @@ class TransformConfig:
     # weight of the CE term through the frozen query classifier (tuned: see docs/results.md)
     lam: float = within("[0, inf)", 0.03)
     scale: float = within("(0, inf)", 16.0)
-    epochs: int = within("[1, inf)", 30)
+    epochs: int = within("[1, 100000]", 30)
     batch_size: int = within("[1, 1048576]", 256)  # global batch, like train.batch_size
     lr: float = within("(0, inf)", 2e-3)
     weight_decay: float = within("[0, inf)", 1e-4)
@@ -169,7 +182,7 @@ class TransformConfig:
 @dataclass
 class KDConfig:
     enabled: bool = True
-    epochs: int | None = within("[1, inf)", None)  # default: train.epochs
+    epochs: int | None = within("[1, 100000]", None)  # default: train.epochs
     augment: bool = True
 
 
@@ -177,14 +190,14 @@ class KDConfig:
 class IvfPqConfig:
     """IVF-PQ with exact re-ranking (faiss "IVF{nlist},PQ{m}x{nbits},Refine(Flat)"); tuned in BENCHMARKS.md."""
 
-    nlist: int | None = within("[1, inf)", None)  # None: 4·sqrt(n) rounded to a power of two (4096 at 1M)
+    nlist: int | None = within("[1, 16777216]", None)  # None: 4·sqrt(n) rounded to a power of two (4096 at 1M)
     # PQ sub-quantisers, must divide the dimension; None: about dim/4 (4 dims each)
-    m: int | None = within("[1, inf)", None)
+    m: int | None = within("[1, 65536]", None)
     nbits: int = within("[1, 16]", 8)
-    nprobe: int = within("[1, inf)", 16)  # inverted lists visited per query
-    k_factor: int = within("[1, inf)", 8)  # PQ candidates re-ranked exactly = k_factor·k
+    nprobe: int = within("[1, 16777216]", 16)  # inverted lists visited per query
+    k_factor: int = within("[1, 4096]", 8)  # PQ candidates re-ranked exactly = k_factor·k
     # training sample; None: max(65536, 39·nlist), faiss's minimum per list
-    train_size: int | None = within("[1, inf)", None)
+    train_size: int | None = within("[1, 2147483647]", None)
     seed: int = within(SEED, 0)  # training sample and k-means
 
 
@@ -192,10 +205,10 @@ class IvfPqConfig:
 class HnswConfig:
     """HNSW graph over the full vectors (faiss "HNSW{m},Flat")."""
 
-    m: int = within("[2, inf)", 32)  # links per node
-    ef_construction: int = within("[1, inf)", 40)
+    m: int = within("[2, 512]", 32)  # links per node
+    ef_construction: int = within("[1, 1048576]", 40)
     # 128 gave recall@10 0.955 on 1M clustered items: too close to 0.95 (BENCHMARKS.md)
-    ef_search: int = within("[1, inf)", 256)
+    ef_search: int = within("[1, 1048576]", 256)
 
 
 @dataclass
@@ -209,11 +222,11 @@ class IndexConfig:
 
 @dataclass
 class EvaluateConfig:
-    recall_k: list[int] = within("[1, inf)", factory=lambda: [1, 2, 4, 8])
+    recall_k: list[int] = within("[1, 100000]", factory=lambda: [1, 2, 4, 8])
     far: list[float] = within("(0, 1)", factory=lambda: [1e-2, 1e-3, 1e-4])
     rejection_rates: list[float] = within("[0, 1)", factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     rejection_far: float = within("(0, 1)", 1e-3)
-    random_repeats: int = within("[1, inf)", 5)
+    random_repeats: int = within("[1, 1000]", 5)
     # scores are computed for blocks of queries against the whole gallery, never as one query × gallery
     # matrix: a block holds at most this many MB of float32 scores (cmce.metrics)
     block_mb: float = within("(0, inf)", 64.0)
@@ -285,7 +298,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if origin is Literal:
         if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{where}: {shown(value)} is not one of {list(args)}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -300,7 +313,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     if tp in (int, str, bool) and type(value) is tp:
         return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {shown(value)}")
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
@@ -308,7 +321,7 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(raw) - names))  # str: YAML keys may be numbers
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        raise ConfigError(f"{where}: unknown key(s) {shown(unknown)}; valid keys: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -325,7 +338,7 @@ def check_ranges(obj: Any, where: str, prefix: str = "") -> None:
         elif "range" in f.metadata and value is not None:
             for item in value if isinstance(value, list) else [value]:
                 if not in_interval(item, f.metadata["range"]):
-                    raise ConfigError(f"{where}: {key} must be in {f.metadata['range']}, got {item!r}")
+                    raise ConfigError(f"{where}: {key} must be in {f.metadata['range']}, got {shown(item)}")
 
 
 def _validate(cfg: Config, where: str) -> None:
@@ -379,12 +392,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
         if not isinstance(pair, str) or "=" not in pair:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {shown(pair)}")
         key, value = pair.split("=", 1)
         try:
             out[key.strip()] = read_yaml(value)
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: value {value!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"--set {key}: value {shown(value)} is not valid YAML: {err}") from None
     return out
 
 
