@@ -981,3 +981,80 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
     fails(caplog, [*search, "models:/absent@candidate"], out, "models:/absent@candidate: ")
     fails(caplog, [*search, "models:/q/../../x"], out, "models:/q/../../x: ")
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+# ---------------------------------------------------------------- weights, labels, flags, interrupts
+@pytest.mark.parametrize("tamper, message", [
+    ("sparse", "is a torch.sparse_coo tensor, not a dense tensor"),
+    ("nan", "holds NaN or infinite values"),
+    ("no_classes", "field 'classifier' has shape (0, 12)"),
+    ("list", "is a list, not a dense tensor"),
+])
+def test_checkpoint_weights_are_checked_naming_the_file(world, tmp_path, caplog, tamper, message):
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    state = dict(obj["state_dict"])
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
+    if tamper == "sparse":
+        state[key] = state[key].to_sparse()
+    elif tamper == "nan":
+        state[key] = torch.full_like(state[key], float("nan"))
+    elif tamper == "list":
+        state[key] = state[key].tolist()
+    bad = tmp_path / "resnet_a.pt"
+    torch.save({**obj, "state_dict": state, **({"classifier": torch.zeros(0, 12)} if tamper == "no_classes" else {})},
+               bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out, f"{bad}: ", message)
+
+
+def test_a_label_beyond_the_class_limit_is_refused_before_training(world, tmp_path, caplog):
+    from cmce.data.readers import MAX_CLASSES
+
+    table = pq.read_table(world.dataset)
+    labels = table.column("label").to_numpy().copy()
+    labels[0] = 2**31 - 1  # one classifier row per label up to the largest: 2^31 × dim floats
+    dataset = rewrite(world.dataset, tmp_path / "dataset.parquet", label=pa.array(labels, pa.int32()))
+    out = tmp_path / "q.pt"
+    fails(caplog, ["train", "--config", SMOKE, "--model", "query", "--dataset", dataset, "--out", out], out,
+          f"{dataset}: column 'label' has the value 2147483647; labels are class numbers 0..{MAX_CLASSES - 1}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", SMOKE, "--model", "query", "--kd-teacher", "T.pt", "--dataset", "D", "--out", "O"],
+     "give --model NAME or --kd-teacher CHECKPOINT (one of them)"),
+    (["search", "--index", "I", "--query-model", "Q", "--images", "a.png", "--dataset", "D"],
+     "give --images FILE... or --dataset FILE (one of them)"),
+])
+def test_flags_that_exclude_each_other(tmp_path, caplog, argv, message):
+    fails(caplog, argv, tmp_path / "O", message)
+
+
+def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
+    import json
+
+    index = shutil.copytree(world.index, tmp_path / "index")
+    meta = json.loads((world.index / "meta.json").read_text())
+    (index / "meta.json").write_text(json.dumps({**meta, "search_params": {"ef_search": 10**12}}))
+    fails(caplog, _search(world, index), index, f"{index}/meta.json: search_params")
+
+
+def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch):
+    import cmce.embed
+
+    calls = {"n": 0}
+    real = cmce.embed.embed_batch
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the middle of the gallery: some batches already written
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmce.embed, "embed_batch", interrupted)
+    out = previous_file(tmp_path / "member.parquet")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = main([str(a) for a in embed_member_args(world)] + ["--out", str(out), "--batch-size", "8"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert rc == 130 and errors == ["cmce embed-member: interrupted; each output is whole or not written"]
+    assert out.read_bytes() == PREVIOUS and leftovers(tmp_path) == []

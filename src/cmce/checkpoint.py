@@ -96,6 +96,24 @@ def check_sizes(obj: dict[str, Any], intervals: dict[str, str], path: str | Path
             raise CheckpointError(f"{path}: field {key!r} must be an integer in {interval}, got {value!r}")
 
 
+def check_weights(obj: dict[str, Any], path: str | Path, extra: tuple[str, ...] = ()) -> None:
+    """The state_dict (and the `extra` tensor fields): dense float tensors, finite. A crafted or diverged file
+    otherwise fails deep inside torch (a many-line message naming no file) or searches with NaN vectors."""
+    state = obj["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: field 'state_dict' is a {type(state).__name__}, not a mapping")
+    for key, value in [*((f"state_dict[{k!r}]", v) for k, v in state.items()), *((f, obj[f]) for f in extra)]:
+        if not torch.is_tensor(value) or value.layout != torch.strided:
+            what = type(value).__name__ if not torch.is_tensor(value) else f"{value.layout} tensor"
+            raise CheckpointError(f"{path}: {key} is a {what}, not a dense tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 EMBEDDING_SIZES = {"width": range_of(ModelSpec, "width"), "embedding_dim": range_of(ModelSpec, "embedding_dim"),
                    "image_size": range_of(DataConfig, "image_size"), "in_channels": "[1, 3]"}
 TRANSFORM_SIZES = {"in_dim": range_of(ModelSpec, "embedding_dim"), "out_dim": range_of(ModelSpec, "embedding_dim"),
@@ -116,10 +134,16 @@ def load_embedding_model(path: str | Path) -> EmbeddingModel:
         net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"], load_pretrained=False)
     except KeyError as err:  # an architecture this version does not know
         raise CheckpointError(f"{path}: field 'arch': {err.args[0]}") from None
+    check_weights(obj, path, ("classifier",))
+    classifier = obj["classifier"]
+    if classifier.ndim != 2 or classifier.shape[0] < 1 or classifier.shape[1] != obj["embedding_dim"]:
+        raise CheckpointError(f"{path}: field 'classifier' has shape {tuple(classifier.shape)}, expected "
+                              f"(classes >= 1, embedding_dim {obj['embedding_dim']})")
     try:
         net.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match architecture {obj['arch']!r}: {err}") from None
+        raise CheckpointError(f"{path}: weights do not match architecture {obj['arch']!r}: {first_line(err)}"
+                              ) from None
     net.eval()
     return EmbeddingModel(
         name=obj["name"],

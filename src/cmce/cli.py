@@ -506,8 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.command == "train" and not (args.model or args.kd_teacher):
-        log.error("cmce train: give --model NAME or --kd-teacher CHECKPOINT")
+    if args.command == "train" and bool(args.model) == bool(args.kd_teacher):
+        log.error("cmce train: give --model NAME or --kd-teacher CHECKPOINT (one of them)")
+        return 2
+    if args.command == "search" and bool(args.images) == bool(args.dataset):
+        log.error("cmce search: give --images FILE... or --dataset FILE (one of them)")
         return 2
     if ddp.launched() and ddp.env_world_size() > 1 and args.command not in DATA_PARALLEL:
         log.error("cmce %s does not run data-parallel; launch it without torchrun (data-parallel: %s)",
@@ -548,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         log.error("cmce %s: %s", args.command, restore_uris(str(msg)))  # name s3:// URIs, not scratch copies
         return 2
+    except KeyboardInterrupt:  # outputs are written aside and renamed in: an interrupted step leaves none
+        if args.debug:
+            raise
+        log.error("cmce %s: interrupted; each output is whole or not written", args.command)
+        return 130
     finally:
         clear_scratch()
         if owns_group:

@@ -295,7 +295,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None) -> LoadedIndex:
     index = faiss.read_index(str(d / "index.faiss"))
     try:  # absent in indexes built before index types
         set_search_params(index, meta.get("search_params", {}))
-    except (AttributeError, RuntimeError, TypeError, ValueError) as err:  # a parameter this index type lacks
+    except (AttributeError, OverflowError, RuntimeError, TypeError, ValueError) as err:  # not for this index type
         raise IndexLoadError(f"{shown}/meta.json: search_params {meta.get('search_params')} do not apply to "
                              f"this {meta.get('index_type', 'flat')} index: {err}") from None
     return LoadedIndex(

@@ -23,6 +23,8 @@ from cmce.checkpoint import (
     TRANSFORM_SIZES,
     CheckpointError,
     check_sizes,
+    check_weights,
+    first_line,
     load_checkpoint,
     require_keys,
     save_checkpoint,
@@ -174,11 +176,12 @@ def load_transformation(
                 f"{path}: transformation was fitted for {role} model {actual[:12]}, "
                 f"but {role} model {expected[:12]} was given"
             )
+    check_weights(obj, path)
     mlp = build_mlp(obj["in_dim"], obj["out_dim"], obj["hidden_dim"], obj["depth"])
     try:
         mlp.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match the recorded MLP shape: {err}") from None
+        raise CheckpointError(f"{path}: weights do not match the recorded MLP shape: {first_line(err)}") from None
     mlp.eval()
     return Transformation(
         mlp=mlp,

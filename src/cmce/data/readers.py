@@ -100,9 +100,12 @@ def iter_split_batches(
         raise DataError(f"{path}: split '{split}' is empty")
 
 
+MAX_CLASSES = 1 << 20  # classifier rows: the largest label + 1 (1M classes × 512 dims is 2 GB of float32)
+
+
 def split_rows(path: str | Path, rows: pa.RecordBatch | pa.Table, split: str, seen: set[str]) -> np.ndarray:
     """Indices of `split`'s rows in a slice of a dataset file (id, label, split columns), checked: no
-    nulls, no negative label, no id already in `seen` (ids key every output row: a duplicate would
+    nulls, labels in [0, MAX_CLASSES), no id already in `seen` (ids key every output row: a duplicate would
     silently alias two images). Adds the slice's ids to `seen`."""
     for col in ("id", "label", "split"):
         if rows.column(col).null_count:
@@ -117,6 +120,9 @@ def split_rows(path: str | Path, rows: pa.RecordBatch | pa.Table, split: str, se
     labels = rows.column("label").take(idx).to_numpy()
     if labels.min() < 0:
         raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
+    if labels.max() >= MAX_CLASSES:  # a classifier has one row per label up to the largest
+        raise DataError(f"{path}: column 'label' has the value {int(labels.max())}; labels are class numbers "
+                        f"0..{MAX_CLASSES - 1}")
     return idx
 
 
