@@ -1058,3 +1058,28 @@ def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, 
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert rc == 130 and errors == ["cmce embed-member: interrupted; each output is whole or not written"]
     assert out.read_bytes() == PREVIOUS and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("fewer_ids", "index.faiss holds 40 vectors of dimension 8, ids.parquet 39 rows"),
+    ("no_label", "ids.parquet: missing column 'label'"),
+    ("dup_ids", "ids.parquet: column 'id' has duplicate id"),
+])
+def test_index_files_rewritten_with_matching_checksums_are_still_checked_together(world, tmp_path, caplog,
+                                                                                 tamper, message):
+    """meta.json can be rewritten with the new checksums: the files must still agree with each other."""
+    import json
+
+    index = shutil.copytree(world.index, tmp_path / "index")
+    ids = pq.read_table(index / "ids.parquet")
+    if tamper == "fewer_ids":
+        ids = ids.slice(1)
+    elif tamper == "no_label":
+        ids = ids.drop_columns(["label"])
+    else:
+        ids = ids.set_column(0, "id", pa.array([ids.column("id")[0].as_py()] * ids.num_rows))
+    pq.write_table(ids, index / "ids.parquet")
+    meta = json.loads((index / "meta.json").read_text())
+    meta["files"]["ids.parquet"] = file_sha256(index / "ids.parquet")
+    (index / "meta.json").write_text(json.dumps(meta))
+    fails(caplog, _search(world, index), index, f"{index}", message)

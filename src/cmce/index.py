@@ -291,20 +291,30 @@ def _load_index(index_dir: str | Path, query_sha256: str | None) -> LoadedIndex:
     for name, digest in meta["files"].items():
         if not (d / name).exists() or file_sha256(d / name) != digest:
             raise IndexLoadError(f"{shown}/{name}: missing or does not match the checksum in meta.json")
-    table = pq.read_table(d / "ids.parquet")
-    index = faiss.read_index(str(d / "index.faiss"))
+    where = f"{shown}/ids.parquet"
+    try:
+        table = pq.read_table(d / "ids.parquet")
+        ids, labels = string_column(table, "id", where), int_column(table, "label", where)
+        uncertainty = float_column(table, "uncertainty", where)
+    except (pa.ArrowException, OSError) as err:
+        raise IndexLoadError(f"{where}: not an index's id table: {err}") from None
+    check_unique_ids(ids, where)
+    try:
+        index = faiss.read_index(str(d / "index.faiss"))
+    except RuntimeError as err:
+        raise IndexLoadError(f"{shown}/index.faiss: not a readable faiss index: "
+                             f"{str(err).strip().splitlines()[-1]}") from None
+    # the files are each as written, but were they written together? (meta.json can be rewritten consistently)
+    if not (index.ntotal == len(ids) == meta.get("n_indexed", len(ids)) and index.d == meta["dim"]):
+        raise IndexLoadError(f"{shown}: index.faiss holds {index.ntotal} vectors of dimension {index.d}, ids.parquet "
+                             f"{len(ids)} rows, meta.json n_indexed {meta.get('n_indexed')} and dim {meta['dim']}: "
+                             "files of different builds; build the index again")
     try:  # absent in indexes built before index types
         set_search_params(index, meta.get("search_params", {}))
     except (AttributeError, OverflowError, RuntimeError, TypeError, ValueError) as err:  # not for this index type
         raise IndexLoadError(f"{shown}/meta.json: search_params {meta.get('search_params')} do not apply to "
                              f"this {meta.get('index_type', 'flat')} index: {err}") from None
-    return LoadedIndex(
-        index=index,
-        ids=table.column("id").to_pylist(),
-        labels=table.column("label").to_numpy().astype(np.int64),
-        uncertainty=table.column("uncertainty").to_numpy(),
-        meta=meta,
-    )
+    return LoadedIndex(index=index, ids=ids, labels=labels.astype(np.int64), uncertainty=uncertainty, meta=meta)
 
 
 @dataclass
