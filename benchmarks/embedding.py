@@ -175,7 +175,7 @@ def parquet_io(work: Path, n: int, repeats: int) -> list[str]:
 
     members = []
     for i in range(3):
-        meta = member_metadata(f"m{i}", "resnet", f"{i}" * 64, "t" * 64, "q" * 64, "test")
+        meta = member_metadata(f"m{i}", "resnet", f"{i}" * 64, "b" * 64, "c" * 64, "test")
         raw = rng.normal(size=(n, 128)).astype(np.float32)
         tr = rng.normal(size=(n, 64)).astype(np.float32)
         tr /= np.linalg.norm(tr, axis=1, keepdims=True)

@@ -1083,3 +1083,14 @@ def test_index_files_rewritten_with_matching_checksums_are_still_checked_togethe
     meta["files"]["ids.parquet"] = file_sha256(index / "ids.parquet")
     (index / "meta.json").write_text(json.dumps(meta))
     fails(caplog, _search(world, index), index, f"{index}", message)
+
+
+def test_search_refuses_an_index_built_from_another_version_of_the_gallery(world, tmp_path, caplog, capsys):
+    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
+    search = [*_search(world, world.index), "--gallery", gallery]
+    assert main([str(a) for a in search]) == 0 and len(capsys.readouterr().out.splitlines()) == 2
+    grown = tmp_path / "grown.parquet"
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(grown)]) == 0
+    shutil.copyfile(grown, gallery)  # the gallery moved on; the index did not
+    fails(caplog, search, tmp_path / "unused", f"{world.index}: index was built from gallery version",
+          "rebuild the index from it")

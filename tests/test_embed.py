@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -7,8 +9,13 @@ from cmce.method import RunningEnsemble, normalize
 from cmce.tables import TableError, embedding_array, embedding_column, read_metadata, with_metadata, write_table
 
 
-def write_member(path, name, ids, raw, transformed, query_sha="q" * 64, labels=None):
-    meta = member_metadata(name, "resnet", name * 8, "t" + name, query_sha, "test")
+def sha(text: str) -> str:
+    """A stand-in sha256 of a checkpoint: any hex digest will do."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_member(path, name, ids, raw, transformed, query_sha="e" * 64, labels=None):
+    meta = member_metadata(name, "resnet", sha(name), sha("t" + name), query_sha, "test")
     schema = member_schema(raw.shape[1], transformed.shape[1], meta)
     labels = np.arange(len(ids)) % 3 if labels is None else labels
     pq.write_table(member_table(ids, labels, raw, transformed, schema), path, row_group_size=7)
@@ -87,7 +94,7 @@ def test_members_must_agree(tmp_path):
     write_member(paths[1], "m1", ids, np.zeros((40, 5)), normalize(np.ones((40, 7))))
     with pytest.raises(TableError, match="column 'transformed' has dimension 7, expected 6"):
         combine_members(paths, tmp_path / "g.parquet")
-    write_member(paths[1], "m1", ids, np.zeros((40, 5)), normalize(np.ones((40, 6))), query_sha="z" * 64)
+    write_member(paths[1], "m1", ids, np.zeros((40, 5)), normalize(np.ones((40, 6))), query_sha="f" * 64)
     with pytest.raises(TableError, match="different query models"):
         combine_members(paths, tmp_path / "g.parquet")
     write_member(paths[1], "m1", ids[::-1], np.zeros((40, 5)), normalize(np.ones((40, 6))))

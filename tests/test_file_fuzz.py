@@ -96,14 +96,16 @@ def test_build_index_and_evaluate_with_a_mutated_gallery(world, tmp_path_factory
 
 
 @FUZZ
-@given(role=st.sampled_from(["query", "gallery_model", "transform"]), mutation=mutations(KINDS))
-def test_embed_member_with_a_mutated_checkpoint(world, tmp_path_factory, caplog, role, mutation):  # noqa: F811
+@given(role=st.sampled_from(["query", "gallery_model", "transform", "dataset"]), mutation=mutations(KINDS))
+def test_embed_member_with_a_mutated_checkpoint_or_dataset(world, tmp_path_factory, caplog, role,  # noqa: F811
+                                                           mutation):
     tmp = tmp_path_factory.mktemp("fuzz")
-    source = {"query": world.query, "gallery_model": world.gallery_models[0], "transform": world.transforms[0]}[role]
+    source = {"query": world.query, "gallery_model": world.gallery_models[0], "transform": world.transforms[0],
+              "dataset": world.dataset}[role]
     bad = tmp / source.name
     bad.write_bytes(mutate(source.read_bytes(), mutation, _files(world)))
     args = embed_member_args(world, **{role: bad})
-    run_case(caplog, [*args, "--out", tmp / "member.parquet"], bad, [bad, world.dataset],
+    run_case(caplog, [*args, "--out", tmp / "member.parquet"], bad, [bad, world.dataset, world.query],
              related=(world.transforms[0],))  # it records the versions of the query and gallery models
 
 
@@ -126,3 +128,67 @@ def test_the_time_limit_fails_a_hang(caplog, monkeypatch, tmp_path):
     with pytest.raises(Hang):
         run_case(caplog, ["combine", "--member", tmp_path / "m.parquet", "--out", tmp_path / "g.parquet"],
                  tmp_path / "m.parquet", [])
+
+
+@FUZZ
+@given(mutation=mutations(KINDS))
+def test_combine_merge_and_add_member_with_a_mutated_member_file(world, tmp_path_factory, caplog,  # noqa: F811
+                                                                 mutation):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    bad = tmp / world.members[1].name
+    bad.write_bytes(mutate(world.members[1].read_bytes(), mutation, _files(world)))
+    first = tmp / "first.parquet"
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(first)]) == 0
+    run_case(caplog, ["combine", "--member", world.members[0], "--member", bad, "--out", tmp / "g.parquet"], bad,
+             [bad, world.members[0]], related=(world.members[0],))
+    run_case(caplog, ["merge", bad, "--out", tmp / "merged.parquet"], bad, [bad])
+    run_case(caplog, ["add-member", "--gallery", first, "--member", bad, "--out", tmp / "grown.parquet"], bad,
+             [bad, first], related=(first,))
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=6)
+
+
+def _paths(value, prefix=()):
+    """Every key path of a JSON value (dict keys and list positions)."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, (*prefix, i))
+
+
+def _replaced(value, path, new):
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        return {**value, head: _replaced(value[head], rest, new)}
+    return [_replaced(v, rest, new) if i == head else v for i, v in enumerate(value)]
+
+
+@FUZZ
+@given(data=st.data())
+def test_steps_reading_a_gallery_whose_metadata_values_are_mutated(world, tmp_path_factory, caplog,  # noqa: F811
+                                                                   data):
+    """Valid JSON, valid Parquet, a wrong value somewhere in the cmce metadata (a member, a version, a split)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    table = pq.read_table(world.gallery)
+    meta = json.loads(table.schema.metadata[b"cmce"])
+    path = data.draw(st.sampled_from(list(_paths(meta))))
+    meta = _replaced(meta, path, data.draw(JSON))
+    gallery = tmp / "gallery.parquet"
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": json.dumps(meta)}), gallery)
+    run_case(caplog, ["build-index", "--gallery", gallery, "--out", tmp / "index"], gallery, [gallery])
+    run_case(caplog, ["add-member", "--gallery", gallery, "--member", world.members[1], "--out", tmp / "g.parquet"],
+             gallery, [gallery, world.members[1]], related=(world.members[1],))
+    run_case(caplog, [*evaluate_args(world, gallery=gallery), "--out", tmp / "eval"], gallery,
+             [gallery, world.dataset, world.query, *world.transforms], related=tuple(world.transforms))

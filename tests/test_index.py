@@ -17,7 +17,7 @@ def test_faiss_results_equal_brute_force(tmp_path):
     _, paths, _ = members(tmp_path, n_models=3, rows=200)
     gallery = combine_members(paths, tmp_path / "g.parquet")
     index_dir = build_index(gallery, tmp_path / "index")
-    loaded = load_index(index_dir, query_sha256="q" * 64)
+    loaded = load_index(index_dir, query_sha256="e" * 64)
     queries = np.random.default_rng(5).normal(size=(30, 6)).astype(np.float32)
     res = search(loaded, queries, k=10)
     import pyarrow.parquet as pq
@@ -37,7 +37,7 @@ def test_rejection_removes_most_uncertain(tmp_path):
     index_dir = build_index(gallery, tmp_path / "index", reject_fraction=0.2)
     loaded = load_index(index_dir)
     meta = json.loads((index_dir / "meta.json").read_text())
-    assert meta["n_indexed"] == 80 and meta["n_rejected"] == 20 and meta["query_model_sha256"] == "q" * 64
+    assert meta["n_indexed"] == 80 and meta["n_rejected"] == 20 and meta["query_model_sha256"] == "e" * 64
     import pyarrow.parquet as pq
 
     unc = pq.read_table(gallery).column("uncertainty").to_numpy()
@@ -52,7 +52,7 @@ def test_rejection_removes_most_uncertain(tmp_path):
 def test_index_refuses_other_query_model_and_tampering(tmp_path):
     _, paths, _ = members(tmp_path, n_models=2)
     index_dir = build_index(combine_members(paths, tmp_path / "g.parquet"), tmp_path / "index")
-    with pytest.raises(IndexLoadError, match="built for query model qqqqqqqqqqqq, but query model"):
+    with pytest.raises(IndexLoadError, match="built for query model eeeeeeeeeeee, but query model"):
         load_index(index_dir, query_sha256="a" * 64)
     loaded = load_index(index_dir)
     with pytest.raises(IndexLoadError, match="expects dimension 6"):

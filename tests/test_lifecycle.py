@@ -36,8 +36,8 @@ def test_add_member_refuses_duplicates_and_other_query_models(tmp_path):
         add_member(gallery, paths[1], tmp_path / "out.parquet")
     from tests.test_embed import write_member
 
-    other = write_member(tmp_path / "x.parquet", "x", ids, np.zeros((20, 3)), np.ones((20, 6)), query_sha="z" * 64)
-    with pytest.raises(TableError, match="transformed for query model zzzzzzzzzzzz"):
+    other = write_member(tmp_path / "x.parquet", "x", ids, np.zeros((20, 3)), np.ones((20, 6)), query_sha="f" * 64)
+    with pytest.raises(TableError, match="transformed for query model ffffffffffff"):
         add_member(gallery, other, tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
 

@@ -261,7 +261,8 @@ def big_gallery(tmp_path_factory) -> Path:
     table = pa.table({"id": [f"g{i:06d}" for i in range(n)], "label": rng.integers(0, 10, n).astype(np.int32),
                       "embedding": embedding_array(rng.standard_normal((n, dim), dtype=np.float32)),
                       "uncertainty": rng.random(n, dtype=np.float32)})
-    meta = {"kind": "gallery", "query_model_sha256": "0" * 64, "members": []}
+    meta = {"kind": "gallery", "split": "test", "query_model_sha256": "0" * 64,
+            "members": [{"name": "m", "arch": "resnet", "sha256": "1" * 64, "transformation_sha256": "2" * 64}]}
     return write_table(with_metadata(table, meta), tmp_path_factory.mktemp("big") / "gallery.parquet")
 
 

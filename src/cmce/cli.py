@@ -248,7 +248,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     images = [(p, _in(p)) for p in args.images]
     for hit in search_images(_in(args.index), _model(args.query_model), images,
-                             _in(args.dataset) if args.dataset else None, args.split, args.limit, args.k):
+                             _in(args.dataset) if args.dataset else None, args.split, args.limit, args.k,
+                             _in(args.gallery) if args.gallery else None):
         sys.stdout.write(json.dumps(hit) + "\n")
 
 
@@ -432,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test")
     sp.add_argument("--limit", type=_count, default=0, help="at most this many dataset queries (default 0: all)")
     sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query (>= 1)")
+    sp.add_argument("--gallery", default=None,
+                    help="refuse the index unless it was built from this gallery file (as it is now)")
 
     add("run", cmd_run, "run every step in one process from a config")
 

@@ -35,7 +35,9 @@ from cmce.tables import (
     embedding_array,
     embedding_column,
     int_column,
+    iter_batches,
     read_metadata,
+    read_row_group,
     read_schema,
     string_column,
     writer_options,
@@ -256,7 +258,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     }
     schema = pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
     out = Path(out)
-    iters = [f.iter_batches(batch_size=batch_size) for f in files]
+    iters = [iter_batches(p, batch_size) for p in member_paths]
     seen: set[str] = set()
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for parts in zip(*iters, strict=True):
@@ -323,7 +325,7 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
             if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
                 raise TableError(f"{p}: columns differ from {ordered[0]}")
             for rg in range(pf.num_row_groups):
-                table = pf.read_row_group(rg)
+                table = read_row_group(pf, p, rg)
                 ids = table.column("id").to_pylist()
                 if seen.intersection(ids):
                     raise TableError(f"{p}: ids also in an earlier shard (e.g. {sorted(seen.intersection(ids))[0]!r})")

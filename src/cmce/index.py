@@ -248,18 +248,20 @@ class LoadedIndex:
     meta: dict[str, Any]
 
 
-def load_index(index_dir: str | Path, query_sha256: str | None = None) -> LoadedIndex:
+def load_index(index_dir: str | Path, query_sha256: str | None = None, gallery_sha256: str | None = None
+               ) -> LoadedIndex:
     """Load and verify an index (a folder, or an s3:// prefix); refuse it when it was built for another
-    query model. meta.json is written last (renamed in locally, uploaded after every other file on S3),
-    so a folder or prefix without it is an unfinished build or upload."""
+    query model, or (`gallery_sha256` given) from another version of the gallery file. meta.json is written
+    last (renamed in locally, uploaded after every other file on S3), so a folder or prefix without it is an
+    unfinished build or upload."""
     if s3.is_s3(index_dir):
-        return _load_index(index_dir, query_sha256)
+        return _load_index(index_dir, query_sha256, gallery_sha256)
     with swap_lock(index_dir, exclusive=False):  # every file from one version, even during a rebuild
         restore_dir(Path(index_dir))  # a rebuild killed mid-swap leaves the previous index as .<name>.old
-        return _load_index(index_dir, query_sha256)
+        return _load_index(index_dir, query_sha256, gallery_sha256)
 
 
-def _load_index(index_dir: str | Path, query_sha256: str | None) -> LoadedIndex:
+def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256: str | None) -> LoadedIndex:
     shown = str(index_dir).rstrip("/")
     unfinished = IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or "
                                 f"upload did not finish; build it again")
@@ -288,6 +290,9 @@ def _load_index(index_dir: str | Path, query_sha256: str | None) -> LoadedIndex:
             f"{shown}: index was built for query model {meta['query_model_sha256'][:12]}, "
             f"but query model {query_sha256[:12]} was given; rebuild the index or use the matching query model"
         )
+    if gallery_sha256 is not None and meta.get("gallery_sha256") != gallery_sha256:
+        raise IndexLoadError(f"{shown}: index was built from gallery version {str(meta.get('gallery_sha256'))[:12]}, "
+                             f"not from the given gallery {gallery_sha256[:12]}; rebuild the index from it")
     for name, digest in meta["files"].items():
         if not (d / name).exists() or file_sha256(d / name) != digest:
             raise IndexLoadError(f"{shown}/{name}: missing or does not match the checksum in meta.json")

@@ -28,6 +28,7 @@ from cmce.tables import (
     embedding_column,
     float_column,
     int_column,
+    iter_batches,
     read_metadata,
     read_table,
     rows_of,
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def aligned_batches(paths: list[Path], batch_size: int) -> Iterator[list[pa.Table]]:
     """Read several Parquet files in lockstep, yielding equal-length slices whatever their row groups."""
-    readers = [pq.ParquetFile(p).iter_batches(batch_size=batch_size) for p in paths]
+    readers = [iter_batches(p, batch_size) for p in paths]
     buffers = [pa.table({}) for _ in paths]
     done = [False] * len(paths)
     while True:

@@ -13,15 +13,19 @@ from cmce.data.codec import decode_image
 from cmce.data.readers import iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
 from cmce.index import load_index, search
+from cmce.storage import file_sha256
 
 
 def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Path]] = (),  # type: ignore[assignment]
-                  dataset: Path | None = None, split: str = "test", limit: int = 0, k: int = 5) -> Iterator[dict]:
+                  dataset: Path | None = None, split: str = "test", limit: int = 0, k: int = 5,
+                  gallery: Path | None = None) -> Iterator[dict]:
     """One {"query", "hits": [{"id", "score", "uncertainty"}]} per query: the `images` (name, local file),
-    else the first `limit` images (0: all) of a dataset split. The index refuses another query model."""
+    else the first `limit` images (0: all) of a dataset split. The index refuses another query model, and
+    when `gallery` is given, an index built from another version of that gallery file."""
     model = load_embedding_model(query_model)
     to_inference_device(model)
-    loaded = load_index(index_dir, query_sha256=model.sha256)
+    loaded = load_index(index_dir, query_sha256=model.sha256,
+                        gallery_sha256=file_sha256(gallery) if gallery is not None else None)
     names: list[str] = []
     embs = []
     for name, path in images:

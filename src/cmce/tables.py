@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cmce.provenance import check_metadata
 from cmce.storage import atomic_path
 
 
@@ -71,7 +73,7 @@ def _metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
         raise TableError(f"{path}: its cmce metadata is not JSON") from None
     if not isinstance(meta, dict):
         raise TableError(f"{path}: its cmce metadata is a JSON {type(meta).__name__}, not an object")
-    return meta
+    return check_metadata(meta, path)
 
 
 def read_schema(path: str | Path, columns: list[str] | None = None) -> pa.Schema:
@@ -111,19 +113,39 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str) -> tuple[dict
             raise TableError(f"{path}: missing column '{missing[0]}'")
         try:
             table = parquet.read(columns=columns)
-        except (pa.ArrowInvalid, OSError) as err:  # a valid footer over damaged data pages
-            raise TableError(f"{path}: not a readable Parquet file: {err}") from None
+        except (pa.ArrowException, OSError) as err:  # a valid footer over damaged data pages
+            raise unreadable(path, err) from None
         f.seek(0)
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return meta, table, digest
+
+
+def unreadable(path: str | Path, err: BaseException) -> TableError:
+    """A damaged data page under a valid footer: arrow's message (often several lines) with the file named."""
+    return TableError(f"{path}: not a readable Parquet file: {(str(err).strip().splitlines() or [''])[0]}")
+
+
+def iter_batches(path: str | Path, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Parquet file in order; a damaged page fails naming the file."""
+    try:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+    except (pa.ArrowException, OSError) as err:
+        raise unreadable(path, err) from None
+
+
+def read_row_group(pf: pq.ParquetFile, path: str | Path, i: int) -> pa.Table:
+    try:
+        return pf.read_row_group(i)
+    except (pa.ArrowException, OSError) as err:
+        raise unreadable(path, err) from None
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     read_schema(path, columns)
     try:
         return pq.read_table(path, columns=columns)
-    except (pa.ArrowInvalid, OSError) as err:  # a valid footer over damaged data pages
-        raise TableError(f"{path}: not a readable Parquet file: {err}") from None
+    except (pa.ArrowException, OSError) as err:  # a valid footer over damaged data pages
+        raise unreadable(path, err) from None
 
 
 def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = None) -> np.ndarray:
