@@ -14,7 +14,10 @@ def test_training_benchmark_times_every_architecture_of_the_config(capsys):
     assert [r[0].split(" ")[0] for r in rows] == ["query", "resnet_a", "vgg_b"]
     for r in rows:
         bare, ours, ratio = (float(c.replace(",", "")) for c in r[2:5])
-        assert bare > 0 and ours > 0 and ratio == pytest.approx(ours / bare, rel=0.02)
+        # throughputs are printed as whole images/s, the ratio to 0.01: it lies within what that rounding allows
+        # (a loaded machine runs at ~30 images/s, where a fixed 2 % tolerance was narrower than the rounding)
+        assert bare > 0 and ours > 0
+        assert (ours - 0.5) / (bare + 0.5) - 0.005 <= ratio <= (ours + 0.5) / (bare - 0.5) + 0.005
 
 
 def test_evaluation_benchmark_agrees_with_accuracy_calculator(capsys):
