@@ -117,6 +117,7 @@ def test_the_device_is_logged_and_recorded_with_the_steps_tracking_params(gpu, m
     _capture_train(monkeypatch)
     logged: dict = {}
     monkeypatch.setattr("cmce.tracking.log_step", lambda uri, parent, step, params, *rest: logged.update(params))
+    monkeypatch.setattr("cmce.tracking.check_parent_run", lambda uri, run_id: None)  # no tracking store here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")  # main sets it: restored after the test
     argv = ["--mlflow-parent", "run123", "--mlflow-uri", f"sqlite:///{tmp_path}/m.db", "train", "--config",
             str(SMOKE), "--dataset", str(tmp_path / "d.parquet"), "--model", "query", "--out", str(tmp_path / "q.pt")]
