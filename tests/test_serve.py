@@ -228,3 +228,46 @@ def test_bad_input_exits_2_with_one_line_before_serving(world, tmp_path, caplog)
             assert len(errors) == 1 and needle in errors[0] and "\n" not in errors[0], (argv, errors)
     finally:
         busy.close()
+
+
+def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path):
+    """upgrade-query-model rebuilds the index for a new query model (refused while the alias names the old one);
+    the promotion gate moves `production`; the server then serves the new pair without a restart."""
+    pytest.importorskip("mlflow")
+    from cmce.tracking import log_step, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "serve", {})
+    old, new = query_model(tmp_path / "old.pt", seed=0), query_model(tmp_path / "new.pt", seed=1)
+    old_sha, new_sha = file_sha256(old), file_sha256(new)
+    log_step(uri, parent, "train", register=[("cmce-query", old, old_sha)])
+    log_step(uri, parent, "gate", promote=[("cmce-query", old_sha)])
+    index = gallery_index(tmp_path / "work", old, tmp_path / "index", prefix="o")
+    server = Server(["--index", str(index), "--query-model", "models:/cmce-query@production", "--reload-interval",
+                     "0.1"], tmp_path / "serve.log", env={**cmce_env(), "MLFLOW_TRACKING_URI": uri})
+    row = [0.5] * 16
+
+    def served() -> str:
+        return requests.get(f"{server.url}/version", timeout=10).json()["query_model_sha256"]
+
+    try:
+        assert served() == old_sha
+        log_step(uri, parent, "upgrade", register=[("cmce-query", new, new_sha)])  # @candidate, not served
+        gallery_index(tmp_path / "work", new, index, seed=1, prefix="n")
+        deadline = time.monotonic() + 60
+        while not requests.get(f"{server.url}/readyz", timeout=10).json()["last_reload_error"]:
+            assert time.monotonic() < deadline, "the index for the unpromoted query model was not refused"
+            time.sleep(0.05)
+        assert served() == old_sha
+        hits = server.search(embeddings=[row], query_model_sha256=old_sha).json()["results"][0]["hits"]
+        assert hits[0]["id"][0] == "o"
+        log_step(uri, parent, "gate", promote=[("cmce-query", new_sha)])
+        while served() != new_sha:
+            assert time.monotonic() < deadline + 60, "the server never followed the alias"
+            time.sleep(0.05)
+        assert server.search(embeddings=[row], query_model_sha256=old_sha).status_code == 409
+        res = server.search(embeddings=[row], query_model_sha256=new_sha)
+        assert res.status_code == 200 and res.json()["results"][0]["hits"][0]["id"][0] == "n"
+        assert server.search(images=[b64(png(0))]).json()["query_model_sha256"] == new_sha
+    finally:
+        server.stop()
