@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "star", "heart", "moon"]
 
 
-def query_model(path: Path, seed: int = 0, dim: int = 16, size: int = 8) -> Path:
+def query_model(path: Path, seed: int = 0, dim: int = 16, size: int = 8, width: int = 4) -> Path:
     torch.manual_seed(seed)
-    net = EmbeddingNet("query_cnn", 1, dim, 4).eval()
+    net = EmbeddingNet("query_cnn", 1, dim, width).eval()
     save_embedding_model(EmbeddingModel("query", "query_cnn", net, torch.randn(len(CLASSES), dim), 16.0, 1, size, dim),
-                         path, 4)
+                         path, width)
     return path
 
 
@@ -99,7 +99,13 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "cmce", "serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=self._log_file, text=True, env=env or cmce_env())
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                lines.put(line)
+            lines.put("")  # it exited
+
+        threading.Thread(target=read, daemon=True).start()
         try:
             line = lines.get(timeout=timeout_s)
         except queue.Empty:

@@ -271,3 +271,29 @@ def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path
         assert server.search(images=[b64(png(0))]).json()["query_model_sha256"] == new_sha
     finally:
         server.stop()
+
+
+def test_the_listening_socket_turns_nagle_off():
+    """Accepted connections inherit it: without it each keep-alive answer waited for a delayed ACK (~40 ms)."""
+    from cmce.serving.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        sock.close()
+
+
+def test_benchmark_runs_tiny_and_writes_its_section(tmp_path):
+    from benchmarks.serving import main as bench
+
+    out = tmp_path / "BENCHMARKS.md"
+    assert bench(["--rows", "300", "--duration", "0.3", "--clients", "1,2", "--markdown", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert [r.split(" | ")[:2] for r in rows[:4]] == [["| embedding", "1"], ["| embedding", "2"],
+                                                      ["| image (embedded on the server)", "1"],
+                                                      ["| image (embedded on the server)", "2"]]
+    assert "index rebuilt" in rows[4]
+    for r in rows:
+        answered, p50, p99, qps, failed = r.strip(" |").split(" | ")[2:]
+        assert int(answered) > 0 and 0 < float(p50) <= float(p99) and float(qps) > 0 and failed == "0", r

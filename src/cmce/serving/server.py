@@ -38,8 +38,11 @@ class ServeOptions:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a taken port is an input error, not a server that exits."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # asyncio turns Nagle off only on sockets made with proto IPPROTO_TCP; without it a keep-alive response,
+    # written as headers then body, waited ~40 ms for the client's delayed ACK (accepted sockets inherit this)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
