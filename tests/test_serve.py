@@ -117,7 +117,7 @@ def test_refusals_name_the_field(world):
     refused(server, 422, "size", "Extra inputs", images=[b64(png(0))], size=3)
     for text, field, needle in (('{"embeddings": [[NaN' + ", 1" * 15 + "]], " + f'"query_model_sha256": "{sha}"}}',
                                  "embeddings[0]", "not finite"),
-                                ("{", "body", "not valid JSON")):
+                                ("{", "body", "not valid JSON"), ("[1]", "body", "a JSON object")):
         res = requests.post(f"{server.url}/search", data=text, headers={"content-type": "application/json"}, timeout=10)
         assert res.status_code == 422 and res.json()["field"] == field and needle in res.json()["error"], res.text
 

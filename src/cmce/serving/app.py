@@ -93,6 +93,8 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None)
         first = err.errors()[0]
         if first.get("type") == "json_invalid":  # its location is a character position, not a field
             return _error(422, "body", f"not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        if tuple(first["loc"]) == ("body",):  # not a JSON object (or not sent as JSON: curl -d sends a form)
+            return _error(422, "body", f"a JSON object with content-type application/json expected: {first['msg']}")
         return _error(422, _field(tuple(first["loc"])), first["msg"])
 
     @app.get("/healthz")
