@@ -77,7 +77,13 @@ class QueryModelSource:
         return f"{self.uri.split('@', 1)[0]}/{version}"
 
     def load(self, key: str) -> EmbeddingModel:
-        model = load_embedding_model(self.local(key))  # an alias is read by version: it may move meanwhile
+        try:
+            path = self.local(key)  # an alias is read by version: it may move meanwhile
+        except (ValueError, OSError):
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow's errors are not ValueErrors; the caller's is one line
+            raise ValueError(f"{key}: cannot download the registered model: {err}") from None
+        model = load_embedding_model(path)
         to_inference_device(model)
         return model
 
@@ -138,7 +144,10 @@ class Holder:
 
         def loop() -> None:
             while not self._stop.wait(interval_s):
-                self.check()
+                try:
+                    self.check()
+                except Exception:  # an error no reload anticipated must not end the polling
+                    log.exception("serve: reload check failed, still serving index %s", self.current.version[:12])
 
         self._thread = threading.Thread(target=loop, name="cmce-serve-reload", daemon=True)
         self._thread.start()
