@@ -122,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             c = clients[len(clients) // 2]
             rebuilder.start()
             r = load(server, embedding_bodies, c, args.duration)
+            finished = rebuilder.builds  # a build still running is not counted: no client saw it
             rebuilder.done.set()
             rebuilder.join()
-            rows.append(row(f"embedding, index rebuilt {rebuilder.builds}× meanwhile ({r['versions']} versions "
+            rows.append(row(f"embedding, index rebuilt {finished}× meanwhile ({r['versions']} versions "
                             "answered)", c, r))
             logging.info("during reloads: %s", r)
         finally:
