@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.duration:g} s of load per row after a warm-up; the clients are threads of the benchmark "
             "process on the same cores as the server (one uvicorn worker). Image queries are 28 px grey PNGs "
             "embedded by a query_cnn of params.yaml's size on the server. The last row rebuilds the index in place "
-            "(build-index's atomic folder swap) while the clients run; the server polls it every 0.5 s.", "",
+            "(build-index's atomic folder swap) while the clients run; the server polls it every 0.5 s. On a machine "
+            "shared with other jobs (the load average above) rows differ by up to 2× from run to run.", "",
             "| requests | clients | answered | p50 ms | p99 ms | QPS | failed |", "|---|---|---|---|---|---|---|",
             *rows]
     command = f"python -m benchmarks.serving --rows {args.rows} --duration {args.duration:g} --clients {args.clients}"
