@@ -269,6 +269,22 @@ def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path
         res = server.search(embeddings=[row], query_model_sha256=new_sha)
         assert res.status_code == 200 and res.json()["results"][0]["hits"][0]["id"][0] == "n"
         assert server.search(images=[b64(png(0))]).json()["query_model_sha256"] == new_sha
+        # the other order: the alias moves first; its index comes later
+        third = query_model(tmp_path / "third.pt", seed=2)
+        third_sha = file_sha256(third)
+        log_step(uri, parent, "upgrade", register=[("cmce-query", third, third_sha)])
+        log_step(uri, parent, "gate", promote=[("cmce-query", third_sha)])
+        while "built for query model" not in (requests.get(f"{server.url}/readyz", timeout=10).json()
+                                              ["last_reload_error"] or ""):
+            assert time.monotonic() < deadline + 120, "the promoted model without its index was not refused"
+            time.sleep(0.05)
+        assert served() == new_sha
+        gallery_index(tmp_path / "work", third, index, seed=2, prefix="t")
+        while served() != third_sha:
+            assert time.monotonic() < deadline + 180, "the server never served the promoted model with its index"
+            time.sleep(0.05)
+        hits = server.search(embeddings=[row], query_model_sha256=third_sha).json()["results"][0]["hits"]
+        assert hits[0]["id"][0] == "t"
     finally:
         server.stop()
 

@@ -101,8 +101,15 @@ class Holder:
         self.last_error: str | None = None
         self.reloads = 0
         self._failed: tuple[str, str] | None = None
+        self._candidate: tuple[str, EmbeddingModel] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _candidate_model(self, key: str) -> EmbeddingModel:
+        """A promoted query model, loaded once while its index is not there yet (each try would download it)."""
+        if self._candidate is None or self._candidate[0] != key:
+            self._candidate = (key, self.models.load(key))
+        return self._candidate[1]
 
     def _peek(self) -> str | None:
         """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced)."""
@@ -124,14 +131,14 @@ class Holder:
         if wanted == (cur.model_key, cur.version) or wanted == self._failed:
             return False
         try:
-            model = cur.model if model_key == cur.model_key else self.models.load(model_key)
+            model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
             index = load_index(self.index_dir, query_sha256=model.sha256)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
             self._failed, self.last_error = wanted, str(err)
             log.error("serve: reload failed, still serving index %s: %s", cur.version[:12], err)
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
-        self.current, self._failed, self.last_error = new, None, None
+        self.current, self._failed, self.last_error, self._candidate = new, None, None, None
         self.reloads += 1
         log.info("serve: now serving index %s (query model %s), was %s", new.version[:12], model.sha256[:12],
                  cur.version[:12])
