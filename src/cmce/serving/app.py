@@ -51,10 +51,12 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
+        def too_large() -> JSONResponse:
+            return _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
+
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await too_large(scope, receive, send)
+            return await too_large()(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -63,7 +65,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await too_large()(scope, receive, send)
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
