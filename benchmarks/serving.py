@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                     r = load(server, bodies, c, args.duration)
                     rows.append(row(kind, c, r))
                     logging.info("%s, %d clients: %s", kind, c, r)
-            rebuilder = Rebuilder(root / "work", model, index, args.rows, args.duration / 4)
+            rebuilder = Rebuilder(root / "work", model, index, args.rows, args.duration / 8)
             c = clients[len(clients) // 2]
             rebuilder.start()
-            r = load(server, embedding_bodies, c, args.duration)
+            r = load(server, embedding_bodies, c, 2 * args.duration)  # a build takes seconds on busy cores
             finished = rebuilder.builds  # a build still running is not counted: no client saw it
             rebuilder.done.set()
             rebuilder.join()
@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     body = [f"`cmce serve` over a flat index of {args.rows:,} × {DIM} gallery items; one query per request, k = {K}; "
             f"{args.duration:g} s of load per row after a warm-up; the clients are threads of the benchmark "
-            "process on the same cores as the server (one uvicorn worker). Image queries are 28 px grey PNGs "
-            "embedded by a query_cnn of params.yaml's size on the server. The last row rebuilds the index in place "
-            "(build-index's atomic folder swap) while the clients run; the server polls it every 0.5 s. On a machine "
-            "shared with other jobs (the load average above) rows differ by up to 2× from run to run.", "",
+            "process on the same cores as the server (one uvicorn worker, one thread per FAISS search). Image "
+            "queries are 28 px grey PNGs embedded on the server by a query_cnn of params.yaml's size. The last "
+            f"row ({2 * args.duration:g} s) rebuilds the index in place (build-index's atomic folder swap) while the "
+            "clients run; the server polls it every 0.5 s. On a machine shared with other jobs (the load average "
+            "above) rows differ by up to 2× from run to run.", "",
             "| requests | clients | answered | p50 ms | p99 ms | QPS | failed |", "|---|---|---|---|---|---|---|",
             *rows]
     command = f"python -m benchmarks.serving --rows {args.rows} --duration {args.duration:g} --clients {args.clients}"

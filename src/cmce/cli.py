@@ -239,7 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     limits = Limits(args.max_queries, args.max_k, args.max_body_bytes, args.max_image_pixels)
     opts = ServeOptions(_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
-                        args.port, args.reload_interval, limits, args.access_log)
+                        args.port, args.reload_interval, limits, args.access_log, args.search_threads)
     if is_remote(args.index):
         log.info("an s3:// index is served as downloaded at start; restart the server to serve a new one")
     serve(opts, _model, watch=not is_remote(args.index))
@@ -450,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="request body size (default 8 MiB)")
     sp.add_argument("--max-image-pixels", type=_positive_int, default=4_000_000,
                     help="per query image, from its header (default 4,000,000)")
+    sp.add_argument("--search-threads", type=_threads, default=1,
+                    help="threads of one index search; requests already run in parallel (default 1)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
 
     sp = add("add-gallery-model", cmd_add_gallery_model,

@@ -7,6 +7,7 @@ query-model version, 413 for a body over --max-body-bytes or more queries than -
 
 from __future__ import annotations
 
+import faiss
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -81,7 +82,10 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None) -> FastAPI:
+def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None, search_threads: int = 1) -> FastAPI:
+    """`search_threads`: OpenMP threads of one FAISS search. Requests run in parallel on the thread pool already;
+    with more threads per search, the idle OpenMP workers spin between requests and took the cores from the
+    server (one client: 28 ms p50 instead of 2 ms on 2 busy cores, benchmarks/serving.py)."""
     app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
                                         "embeddings or images")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -121,6 +125,7 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None)
             raise RequestError("body", "give exactly one of 'embeddings' (with 'query_model_sha256') or 'images'")
         if req.k > limits.max_k:
             raise RequestError("k", f"{req.k} is over the {limits.max_k} neighbours a query may ask for (--max-k)")
+        faiss.omp_set_num_threads(search_threads)  # an OpenMP setting of the calling thread: set in each worker
         if req.embeddings is not None:
             queries = embeddings_query(req.embeddings, req.query_model_sha256, served, limits)
         else:

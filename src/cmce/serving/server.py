@@ -33,6 +33,7 @@ class ServeOptions:
     reload_interval_s: float = 2.0
     limits: Limits = Limits()
     access_log: bool = False
+    search_threads: int = 1  # OpenMP threads of one FAISS search (see create_app)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -58,7 +59,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = 
     holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model))
     sock = bind(opts.host, opts.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(holder, opts.limits, classes)
+    app = create_app(holder, opts.limits, classes, opts.search_threads)
     config = uvicorn.Config(app, log_config=None, access_log=opts.access_log, timeout_graceful_shutdown=10)
     sys.stdout.write(f"serving {opts.index} on http://{host}:{port}\n")
     sys.stdout.flush()
