@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from cmce.checkpoint import load_embedding_model
 from cmce.cli import main
@@ -112,6 +114,9 @@ def test_refusals_name_the_field(world):
     refused(server, 422, "k", "greater than or equal to 1", embeddings=[row], query_model_sha256=sha, k=0)
     refused(server, 422, "images[1]", "not valid base64", images=[b64(png(0)), "%%"])
     refused(server, 422, "images[0]", "corrupt or unreadable image", images=[b64(b"not an image")])
+    big = io.BytesIO()
+    Image.new("L", (2100, 2100)).save(big, format="PNG")  # 4.4 M pixels in a few kB: over --max-image-pixels
+    refused(server, 422, "images[0]", "too many pixels", images=[b64(big.getvalue())])
     refused(server, 422, "body", "exactly one of", images=[b64(png(0))], embeddings=[row], query_model_sha256=sha)
     refused(server, 422, "body", "exactly one of")
     refused(server, 422, "size", "Extra inputs", images=[b64(png(0))], size=3)
