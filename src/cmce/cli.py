@@ -253,6 +253,25 @@ def cmd_search(args: argparse.Namespace) -> None:
         sys.stdout.write(json.dumps(hit) + "\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from cmce.serving.queries import Limits
+    from cmce.serving.server import ServeOptions, serve
+
+    limits = Limits(args.max_queries, args.max_k, args.max_body_bytes, args.max_image_pixels)
+    opts = ServeOptions(_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
+                        args.port, args.reload_interval, limits, args.access_log, args.search_threads)
+    if is_remote(args.index):
+        log.info("an s3:// index is served as downloaded at start; restart the server to serve a new one")
+    serve(opts, _model, watch=not is_remote(args.index))
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be within [0, 3600] seconds, got {text}")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from cmce.report import markdown_table
 
@@ -437,6 +456,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse the index unless it was built from this gallery file (as it is now)")
 
     add("run", cmd_run, "run every step in one process from a config")
+
+    sp = add("serve", cmd_serve, "HTTP search service over a built index (POST /search, /healthz, /readyz, "
+             "/version); reloads the index when its folder is rebuilt", config=False)
+    sp.add_argument("--index", required=True, help="index folder from build-index (watched for rebuilds)")
+    sp.add_argument("--query-model", required=True,
+                    help="query model checkpoint the index was built for; models:/NAME@ALIAS is followed")
+    sp.add_argument("--dataset", default=None, help="dataset Parquet whose class names label the hits")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=_int_from(0, 65535), default=8000, help="0: any free port (default 8000)")
+    sp.add_argument("--reload-interval", type=_seconds, default=2.0, metavar="SECONDS",
+                    help="how often to look for a rebuilt index or a moved alias, 0 = never (default 2)")
+    sp.add_argument("--max-queries", type=_int_from(1, 100_000), default=64, help="per request (default 64)")
+    sp.add_argument("--max-k", type=_int_from(1, 100_000), default=100, help="neighbours per query (default 100)")
+    sp.add_argument("--max-body-bytes", type=_positive_int, default=8 << 20,
+                    help="request body size (default 8 MiB)")
+    sp.add_argument("--max-image-pixels", type=_positive_int, default=4_000_000,
+                    help="per query image, from its header (default 4,000,000)")
+    sp.add_argument("--search-threads", type=_threads, default=1,
+                    help="threads of one index search; requests already run in parallel (default 1)")
+    sp.add_argument("--access-log", action="store_true", help="log every request")
 
     sp = add("add-gallery-model", cmd_add_gallery_model,
              "add a trained gallery model to a live ensemble (only that model embeds the gallery)")

@@ -327,6 +327,7 @@ class SearchResult:
     ids: list[list[str]]
     scores: np.ndarray  # (queries, k)
     uncertainty: np.ndarray  # (queries, k)
+    rows: np.ndarray | None = None  # (queries, k) row in ids.parquet of each hit, -1 where none was found
 
 
 def search(loaded: LoadedIndex, queries: np.ndarray, k: int) -> SearchResult:
@@ -341,4 +342,4 @@ def search(loaded: LoadedIndex, queries: np.ndarray, k: int) -> SearchResult:
     scores = np.where(idx >= 0, scores, np.nan)
     ids = [[loaded.ids[j] for j in row if j >= 0] for row in idx]
     unc = np.where(idx >= 0, loaded.uncertainty[np.clip(idx, 0, None)], np.nan)
-    return SearchResult(ids, scores, unc)
+    return SearchResult(ids, scores, unc, idx)

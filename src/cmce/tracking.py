@@ -267,6 +267,15 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     return files[0]
 
 
+def alias_version(uri: str) -> str:
+    """The version a `models:/NAME@ALIAS` URI names now (against $MLFLOW_TRACKING_URI); a server polls it to
+    follow the alias the promotion gate moves."""
+    from mlflow import MlflowClient
+
+    name, alias = uri.removeprefix("models:/").split("@", 1)
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
 def registered_checkpoints(cfg: Any, uri: str, alias: str = ALIAS) -> tuple[Path, list[Path]]:
     """The query model's and every transformation's checkpoint registered under `alias`, downloaded."""
     from cmce.records import registered_uris

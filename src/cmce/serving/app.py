@@ -1,0 +1,136 @@
+"""The HTTP API (FastAPI): POST /search, GET /healthz, /readyz, /version.
+
+Errors are JSON `{"error": message, "field": name}`: 422 for a field that is malformed or out of range (another
+dimension, a non-finite or zero vector, an undecodable image, k over --max-k), 409 for embeddings of another
+query-model version, 413 for a body over --max-body-bytes or more queries than --max-queries.
+"""
+
+from __future__ import annotations
+
+import faiss
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cmce.serving.queries import Limits, RequestError, answer, embeddings_query, images_query
+from cmce.serving.state import Holder
+
+
+class SearchRequest(BaseModel):
+    """Either `embeddings` (computed by the client's query model, tagged with its checkpoint's sha256) or
+    `images` (base64 PNG/JPEG, embedded here)."""
+
+    model_config = ConfigDict(extra="forbid")
+    embeddings: list[list[float]] | None = None
+    query_model_sha256: str | None = None
+    images: list[str] | None = None
+    k: int = Field(5, ge=1)
+
+
+def _error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
+
+
+def _field(loc: tuple) -> str:
+    """A pydantic error location as a field name: ("body", "embeddings", 2) → "embeddings[2]"."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out or "body"
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` (413) from its Content-Length, or while it streams in, before
+    anything parses it; uvicorn itself bounds only the headers."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        def too_large() -> JSONResponse:
+            return _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
+
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await too_large()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large()(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None, search_threads: int = 1) -> FastAPI:
+    """`search_threads`: OpenMP threads of one FAISS search. Requests run in parallel on the thread pool already;
+    with more threads per search, the idle OpenMP workers spin between requests and took the cores from the
+    server (one client: 28 ms p50 instead of 2 ms on 2 busy cores, benchmarks/serving.py)."""
+    app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
+                                        "embeddings or images")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, err: RequestError) -> JSONResponse:
+        return _error(err.status, err.field, err.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        if first.get("type") == "json_invalid":  # its location is a character position, not a field
+            return _error(422, "body", f"not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        if tuple(first["loc"]) == ("body",):  # not a JSON object (or not sent as JSON: curl -d sends a form)
+            return _error(422, "body", f"a JSON object with content-type application/json expected: {first['msg']}")
+        return _error(422, _field(tuple(first["loc"])), first["msg"])
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        served = holder.current
+        body = {"ready": served is not None, "index_version": served.version if served else None,
+                "reloads": holder.reloads, "last_reload_error": holder.last_error}
+        return JSONResponse(body, status_code=200 if served is not None else 503)
+
+    @app.get("/version")
+    def version() -> dict:
+        return {**holder.current.describe(), "class_names": classes is not None}
+
+    @app.post("/search")
+    def search(req: SearchRequest) -> dict:  # a plain def: FastAPI runs it in its thread pool
+        served = holder.current  # read once: a reload during this request does not change its answer
+        if (req.embeddings is None) == (req.images is None):
+            raise RequestError("body", "give exactly one of 'embeddings' (with 'query_model_sha256') or 'images'")
+        if req.k > limits.max_k:
+            raise RequestError("k", f"{req.k} is over the {limits.max_k} neighbours a query may ask for (--max-k)")
+        faiss.omp_set_num_threads(search_threads)  # an OpenMP setting of the calling thread: set in each worker
+        if req.embeddings is not None:
+            queries = embeddings_query(req.embeddings, req.query_model_sha256, served, limits)
+        else:
+            queries = images_query(req.images or [], served, limits)
+        return {"index_version": served.version, "query_model_sha256": served.index.meta["query_model_sha256"],
+                "results": answer(served, queries, req.k, classes)}
+
+    return app

@@ -1,0 +1,119 @@
+"""One search request without HTTP: query embeddings checked against the served index (or images decoded and
+embedded by the served query model), searched, and answered with labels and class names."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from cmce.data.codec import decode_image
+from cmce.data.readers import dataset_info
+from cmce.embed import embed_batch
+from cmce.index import search
+from cmce.method import normalize
+from cmce.serving.state import Served
+
+
+class RequestError(ValueError):
+    """A request the server refuses: the field at fault, why, and the HTTP status."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one request (cmce serve flags): a request over them is refused before any work."""
+
+    max_queries: int = 64  # queries (images or embeddings) per request
+    max_k: int = 100  # neighbours per query
+    max_body_bytes: int = 8 << 20  # request body, before it is parsed
+    max_image_pixels: int = 4_000_000  # per image, checked from its header before it is decoded
+
+
+def class_names(dataset: Path) -> list[str]:
+    """The class name of each label: the dataset file's own list (its metadata), else its label and
+    class_name columns (no image is read either way)."""
+    classes = dataset_info(dataset).get("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        return classes
+    table = pq.read_table(dataset, columns=["label", "class_name"])
+    names = dict(zip(table.column("label").to_pylist(), table.column("class_name").to_pylist(), strict=True))
+    return [names.get(label, "") for label in range(max(names, default=-1) + 1)]
+
+
+def check_count(field: str, n: int, limits: Limits) -> None:
+    if n == 0:
+        raise RequestError(field, "no queries given")
+    if n > limits.max_queries:
+        raise RequestError(field, f"{n} queries, more than the {limits.max_queries} a request may hold (--max-queries)",
+                           413)
+
+
+def embeddings_query(rows: list[list[float]], sha256: str | None, served: Served, limits: Limits) -> np.ndarray:
+    """Client-side query embeddings, refused unless they come from the query model the index was built for, have
+    its dimension and are finite with a direction."""
+    check_count("embeddings", len(rows), limits)
+    expected = served.index.meta["query_model_sha256"]
+    if not sha256:
+        raise RequestError("query_model_sha256", "required with embeddings: the sha256 of the query model "
+                                                 "checkpoint that computed them")
+    if sha256 != expected:
+        raise RequestError("query_model_sha256", f"embeddings of query model {sha256[:12]}, but this index "
+                                                 f"serves query model {expected[:12]}; embed with that model", 409)
+    dim = served.index.meta["dim"]
+    for i, row in enumerate(rows):
+        if len(row) != dim:
+            raise RequestError(f"embeddings[{i}]", f"has {len(row)} values, the index expects dimension {dim}")
+    q = np.asarray(rows, dtype=np.float32)
+    try:
+        normalize(q)
+    except ValueError:
+        for i, row in enumerate(q):  # name the first row at fault
+            try:
+                normalize(row[None])
+            except ValueError:
+                raise RequestError(f"embeddings[{i}]", "is all zeros, not finite, or too large to "
+                                                       "normalise") from None
+    return q
+
+
+def images_query(images: list[str], served: Served, limits: Limits) -> np.ndarray:
+    """Base64 PNG/JPEG images decoded and embedded by the served query model."""
+    check_count("images", len(images), limits)
+    model = served.model
+    arrays = []
+    for i, text in enumerate(images):
+        field = f"images[{i}]"
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(field, "not valid base64") from None
+        try:
+            arrays.append(decode_image(data, model.in_channels, model.image_size, field))
+        except ValueError as err:  # DataError: names the field, says what is wrong with the image
+            raise RequestError(field, str(err).removeprefix(f"{field}: ")) from None
+    return embed_batch(model, torch.from_numpy(np.stack(arrays)))
+
+
+def answer(served: Served, queries: np.ndarray, k: int, classes: list[str] | None) -> list[dict]:
+    """Top-k hits of each query: id, score, uncertainty, label and class name (None when unknown)."""
+    res = search(served.index, queries, k)
+    labels = served.index.labels
+    out = []
+    for ids, scores, unc, rows in zip(res.ids, res.scores, res.uncertainty, res.rows, strict=True):
+        hits = []
+        for id_, score, u, row in zip(ids, scores, unc, rows, strict=False):  # ids: only the hits found
+            label = int(labels[row])
+            name = classes[label] if classes is not None and 0 <= label < len(classes) else None
+            hits.append({"id": id_, "score": float(score), "uncertainty": float(u), "label": label,
+                         "class_name": name})
+        out.append({"hits": hits})
+    return out

@@ -1,0 +1,72 @@
+"""`cmce serve`: load the query model and the index, bind the port, then run uvicorn with the reload poller.
+
+Everything that can be wrong with the inputs (a missing or foreign index, a bad checkpoint, a taken port) is
+found before the server starts, so the command fails with one line instead of a server that cannot answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from cmce.data.codec import pixel_limit
+from cmce.serving.app import create_app
+from cmce.serving.queries import Limits, class_names
+from cmce.serving.state import Holder, QueryModelSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    index: Path
+    query_model: str  # a checkpoint path, or models:/NAME@ALIAS (followed while serving)
+    dataset: Path | None = None  # for class names
+    host: str = "127.0.0.1"
+    port: int = 8000
+    reload_interval_s: float = 2.0
+    limits: Limits = Limits()
+    access_log: bool = False
+    search_threads: int = 1  # OpenMP threads of one FAISS search (see create_app)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is an input error, not a server that exits."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # asyncio turns Nagle off only on sockets made with proto IPPROTO_TCP; without it a keep-alive response,
+    # written as headers then body, waited ~40 ms for the client's delayed ACK (accepted sockets inherit this)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"--host {host} --port {port}: cannot listen there: {err.strerror}") from None
+    return sock
+
+
+def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = True) -> None:
+    """Load, bind, print where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
+    (and a query-model alias) for a new version."""
+    classes = class_names(opts.dataset) if opts.dataset is not None else None
+    holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model))
+    sock = bind(opts.host, opts.port)
+    host, port = sock.getsockname()[:2]
+    app = create_app(holder, opts.limits, classes, opts.search_threads)
+    config = uvicorn.Config(app, log_config=None, access_log=opts.access_log, timeout_graceful_shutdown=10)
+    sys.stdout.write(f"serving {opts.index} on http://{host}:{port}\n")
+    sys.stdout.flush()
+    holder.start(opts.reload_interval_s if watch else 0)
+    try:
+        with pixel_limit(opts.limits.max_image_pixels):
+            uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        holder.stop()
+        sock.close()

@@ -1,0 +1,165 @@
+"""What a server answers with, and how it follows a rebuilt index (or a moved query-model alias) without a restart.
+
+`Served` is one immutable pair (query model, loaded index) that agree on the query model's sha256. A request
+reads `Holder.current` once and uses that object to the end, so a swap never mixes two versions inside one
+answer, and requests in flight keep the old pair alive until they finish. `Holder.check` (polled by a
+thread) notices a new index from meta.json's content (build-index swaps the folder whole and writes meta.json
+last), loads the new pair fully (load_index takes the folder's shared swap lock and verifies every checksum),
+then replaces the one reference. A pair that fails to load is logged and not retried until something changes;
+the old pair keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmce.checkpoint import EmbeddingModel, load_embedding_model
+from cmce.embed import to_inference_device
+from cmce.index import LoadedIndex, load_index
+
+log = logging.getLogger(__name__)
+
+
+def meta_version(meta: dict) -> str:
+    """An index's identity: the sha256 of its meta.json content, which holds the sha256 of every other file."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Served:
+    model: EmbeddingModel
+    model_key: str  # which version of the query model source this is (QueryModelSource.key)
+    index: LoadedIndex
+    version: str  # meta_version of the index
+
+    def describe(self) -> dict:
+        """/version: the query model and the index, from the checkpoint and meta.json."""
+        meta = self.index.meta
+        return {
+            "query_model_sha256": meta["query_model_sha256"],
+            "query_model": {"name": self.model.name, "arch": self.model.arch, "embedding_dim": self.model.embedding_dim,
+                            "image_size": self.model.image_size, "in_channels": self.model.in_channels},
+            "members": meta.get("members", []),
+            "gallery_sha256": meta.get("gallery_sha256"),
+            "index_version": self.version,
+            "index_files": meta["files"],
+            "index_type": meta.get("index_type", "flat"),
+            "dim": meta["dim"],
+            "n_indexed": len(self.index.ids),
+        }
+
+
+class QueryModelSource:
+    """The query model: a checkpoint file (fixed for the life of the server), or a registered model
+    `models:/NAME@ALIAS` whose alias is followed (the promotion gate moves `production`)."""
+
+    def __init__(self, uri: str, local: Callable[[str], Path]):
+        self.uri = uri
+        self.local = local  # argument → local checkpoint (cmce.cli._model: paths, s3://, models:/)
+        self.follows_alias = uri.startswith("models:/") and "@" in uri
+
+    def key(self) -> str:
+        """The version the source names now: the URI itself, or the registered version behind the alias."""
+        if not self.follows_alias:
+            return self.uri
+        from cmce.tracking import alias_version
+
+        try:
+            version = alias_version(self.uri)
+        except Exception as err:  # noqa: BLE001 - MLflow's errors are not ValueErrors; the caller's is one line
+            raise ValueError(f"{self.uri}: cannot read the alias from the model registry: {err}") from None
+        return f"{self.uri.split('@', 1)[0]}/{version}"
+
+    def load(self, key: str) -> EmbeddingModel:
+        try:
+            path = self.local(key)  # an alias is read by version: it may move meanwhile
+        except (ValueError, OSError):
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow's errors are not ValueErrors; the caller's is one line
+            raise ValueError(f"{key}: cannot download the registered model: {err}") from None
+        model = load_embedding_model(path)
+        to_inference_device(model)
+        return model
+
+
+class Holder:
+    """The served pair and its reloads. Loads once on construction: a bad model or index raises (ValueError)."""
+
+    def __init__(self, index_dir: Path, models: QueryModelSource):
+        self.index_dir = Path(index_dir)
+        self.models = models
+        key = models.key()
+        model = models.load(key)
+        index = load_index(self.index_dir, query_sha256=model.sha256)
+        self.current = Served(model, key, index, meta_version(index.meta))
+        self.last_error: str | None = None
+        self.reloads = 0
+        self._failed: tuple[str, str] | None = None
+        self._candidate: tuple[str, EmbeddingModel] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _candidate_model(self, key: str) -> EmbeddingModel:
+        """A promoted query model, loaded once while its index is not there yet (each try would download it)."""
+        if self._candidate is None or self._candidate[0] != key:
+            self._candidate = (key, self.models.load(key))
+        return self._candidate[1]
+
+    def _peek(self) -> str | None:
+        """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced)."""
+        try:
+            return meta_version(json.loads((self.index_dir / "meta.json").read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def check(self) -> bool:
+        """Load and swap in a changed index or query model; True if the served pair changed."""
+        try:
+            model_key = self.models.key()
+        except ValueError as err:  # a registry that is down must not stop the server
+            log.warning("serve: could not read %s, keeping the served model: %s", self.models.uri, err)
+            return False
+        version = self._peek()
+        cur = self.current
+        wanted = (model_key, version or cur.version)
+        if wanted == (cur.model_key, cur.version) or wanted == self._failed:
+            return False
+        try:
+            model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
+            index = load_index(self.index_dir, query_sha256=model.sha256)
+        except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
+            self._failed, self.last_error = wanted, str(err)
+            log.error("serve: reload failed, still serving index %s: %s", cur.version[:12], err)
+            return False
+        new = Served(model, model_key, index, meta_version(index.meta))
+        self.current, self._failed, self.last_error, self._candidate = new, None, None, None
+        self.reloads += 1
+        log.info("serve: now serving index %s (query model %s), was %s", new.version[:12], model.sha256[:12],
+                 cur.version[:12])
+        return True
+
+    def start(self, interval_s: float) -> None:
+        """Poll every `interval_s` seconds in a daemon thread (0: never)."""
+        if interval_s <= 0:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.check()
+                except Exception:  # an error no reload anticipated must not end the polling
+                    log.exception("serve: reload check failed, still serving index %s", self.current.version[:12])
+
+        self._thread = threading.Thread(target=loop, name="cmce-serve-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

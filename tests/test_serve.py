@@ -1,0 +1,320 @@
+"""`cmce serve` over HTTP: a real uvicorn process on 127.0.0.1, a real client (requests)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from cmce.checkpoint import load_embedding_model
+from cmce.cli import main
+from cmce.data.codec import decode_image
+from cmce.embed import embed_batch
+from cmce.index import load_index, search
+from cmce.serving.queries import class_names
+from cmce.storage import file_sha256
+from tests.serve_world import CLASSES, Server, b64, cmce_env, dataset, gallery_index, png, query_model
+
+LIMITS = ["--max-queries", "4", "--max-k", "10", "--max-body-bytes", "20000"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = query_model(root / "query.pt")
+    index = gallery_index(root / "work", model, root / "index")
+    ds = dataset(root / "dataset.parquet")
+    server = Server(["--index", str(index), "--query-model", str(model), "--dataset", str(ds), *LIMITS],
+                    root / "serve.log")
+    yield root, model, index, server
+    server.stop()
+
+
+def label_of(gallery_id: str) -> int:
+    return int(gallery_id[1:]) % len(CLASSES)  # gallery_index labels row i with i % len(CLASSES)
+
+
+def test_search_by_embedding_equals_the_index_search(world):
+    _, model_path, index, server = world
+    model = load_embedding_model(model_path)
+    images = torch.from_numpy(np.stack([decode_image(png(s), 1, 8, "q") for s in range(4)]))
+    queries = embed_batch(model, images)
+    expected = search(load_index(index, model.sha256), queries, 7)
+    res = server.search(embeddings=queries.tolist(), query_model_sha256=model.sha256, k=7)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["query_model_sha256"] == model.sha256
+    for q, result in enumerate(body["results"]):
+        hits = result["hits"]
+        assert [h["id"] for h in hits] == expected.ids[q]
+        np.testing.assert_allclose([h["score"] for h in hits], expected.scores[q], atol=1e-6)
+        np.testing.assert_allclose([h["uncertainty"] for h in hits], expected.uncertainty[q], atol=1e-7)
+        assert [h["label"] for h in hits] == [label_of(h["id"]) for h in hits]
+        assert [h["class_name"] for h in hits] == [CLASSES[h["label"]] for h in hits]
+
+
+def test_search_by_image_equals_cmce_search(world):
+    root, model, index, server = world
+    files = []
+    for s in range(3):
+        files.append(root / f"query{s}.png")
+        files[-1].write_bytes(png(100 + s))
+    out = subprocess.run([sys.executable, "-m", "cmce", "search", "--index", str(index), "--query-model", str(model),
+                          "--images", *map(str, files), "--k", "5"], capture_output=True, text=True, env=cmce_env(),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    expected = [json.loads(line) for line in out.stdout.splitlines()]
+    res = server.search(images=[b64(f.read_bytes()) for f in files], k=5)
+    assert res.status_code == 200, res.text
+    for want, got in zip(expected, res.json()["results"], strict=True):
+        assert [h["id"] for h in got["hits"]] == [h["id"] for h in want["hits"]]
+        np.testing.assert_allclose([h["score"] for h in got["hits"]], [h["score"] for h in want["hits"]], atol=2e-6)
+        assert [h["class_name"] for h in got["hits"]] == [CLASSES[label_of(h["id"])] for h in want["hits"]]
+
+
+def test_health_readiness_and_version(world):
+    _, model, index, server = world
+    assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(f"{server.url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    version = requests.get(f"{server.url}/version", timeout=10).json()
+    meta = json.loads((index / "meta.json").read_text())
+    assert version["query_model_sha256"] == file_sha256(model) == meta["query_model_sha256"]
+    assert version["gallery_sha256"] == meta["gallery_sha256"] and version["index_files"] == meta["files"]
+    assert [m["name"] for m in version["members"]] == ["m0", "m1"] and version["dim"] == 16
+    assert ready.json()["index_version"] == version["index_version"]
+
+
+def refused(server: Server, status: int, field: str, needle: str, **body) -> None:
+    res = server.search(**body)
+    assert res.status_code == status, res.text
+    assert res.json()["field"] == field and needle in res.json()["error"], res.json()
+
+
+def test_refusals_name_the_field(world):
+    _, model, _, server = world
+    sha, row = file_sha256(model), [0.5] * 16
+    refused(server, 409, "query_model_sha256", "serves query model", embeddings=[row], query_model_sha256="a" * 64)
+    refused(server, 422, "query_model_sha256", "required with embeddings", embeddings=[row])
+    refused(server, 422, "embeddings[1]", "expects dimension 16", embeddings=[row, row[:15]], query_model_sha256=sha)
+    refused(server, 422, "embeddings[0]", "all zeros", embeddings=[[0.0] * 16], query_model_sha256=sha)
+    refused(server, 413, "embeddings", "more than the 4", embeddings=[row] * 5, query_model_sha256=sha)
+    refused(server, 422, "k", "over the 10", embeddings=[row], query_model_sha256=sha, k=11)
+    refused(server, 422, "k", "greater than or equal to 1", embeddings=[row], query_model_sha256=sha, k=0)
+    refused(server, 422, "images[1]", "not valid base64", images=[b64(png(0)), "%%"])
+    refused(server, 422, "images[0]", "corrupt or unreadable image", images=[b64(b"not an image")])
+    big = io.BytesIO()
+    Image.new("L", (2100, 2100)).save(big, format="PNG")  # 4.4 M pixels in a few kB: over --max-image-pixels
+    refused(server, 422, "images[0]", "too many pixels", images=[b64(big.getvalue())])
+    refused(server, 422, "body", "exactly one of", images=[b64(png(0))], embeddings=[row], query_model_sha256=sha)
+    refused(server, 422, "body", "exactly one of")
+    refused(server, 422, "size", "Extra inputs", images=[b64(png(0))], size=3)
+    for text, field, needle in (('{"embeddings": [[NaN' + ", 1" * 15 + "]], " + f'"query_model_sha256": "{sha}"}}',
+                                 "embeddings[0]", "not finite"),
+                                ("{", "body", "not valid JSON"), ("[1]", "body", "a JSON object")):
+        res = requests.post(f"{server.url}/search", data=text, headers={"content-type": "application/json"}, timeout=10)
+        assert res.status_code == 422 and res.json()["field"] == field and needle in res.json()["error"], res.text
+
+
+def test_oversized_bodies_are_refused_before_parsing(world):
+    server = world[3]
+    for body in (b"x" * 30000, iter([b"x" * 8000] * 4)):  # declared length, then chunked (no length)
+        res = requests.post(f"{server.url}/search", data=body, headers={"content-type": "application/json"},
+                            timeout=10)
+        assert res.status_code == 413 and res.json()["field"] == "body", res.text
+    assert server.search(images=[b64(png(0))]).status_code == 200  # the server still answers
+
+
+def test_class_names_from_the_dataset_columns_without_metadata(tmp_path):
+    assert class_names(dataset(tmp_path / "d.parquet", with_metadata=False)) == CLASSES
+
+
+def test_reload_while_clients_loop_switches_without_a_failed_request(tmp_path):
+    model = query_model(tmp_path / "query.pt")
+    other = query_model(tmp_path / "other.pt", seed=9)
+    index = gallery_index(tmp_path / "work", model, tmp_path / "index", seed=0, prefix="a")
+    server = Server(["--index", str(index), "--query-model", str(model), "--reload-interval", "0.1"],
+                    tmp_path / "serve.log")
+    sha, query = file_sha256(model), [[float(x) for x in np.random.default_rng(3).normal(size=16)]]
+    seen: list[list[tuple[str, str]]] = [[] for _ in range(4)]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    res = server.search(session, embeddings=query, query_model_sha256=sha, k=5)
+                    if res.status_code != 200:
+                        failures.append(res.text)
+                        continue
+                    body = res.json()
+                    prefixes = {h["id"][0] for h in body["results"][0]["hits"]}
+                    if len(prefixes) != 1:
+                        failures.append(f"one answer mixes galleries: {body}")
+                    seen[i].append((body["index_version"], prefixes.pop()))
+                except requests.RequestException as err:
+                    failures.append(repr(err))
+
+    def wait_for(prefix: str) -> None:
+        deadline = time.monotonic() + 60
+        while not all(s and s[-1][1] == prefix for s in seen):
+            assert time.monotonic() < deadline, f"clients never saw gallery {prefix!r}: {[s[-1:] for s in seen]}"
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for("a")
+        gallery_index(tmp_path / "work", model, index, seed=1, prefix="b")  # build-index's swap, live
+        wait_for("b")
+        # an index for another query model: refused, the old one keeps serving, the error is reported
+        gallery_index(tmp_path / "work", other, index, seed=2, prefix="z")
+        deadline = time.monotonic() + 60
+        while not (requests.get(f"{server.url}/readyz", timeout=10).json()["last_reload_error"] or ""):
+            assert time.monotonic() < deadline, "the failed reload was never reported"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        gallery_index(tmp_path / "work", model, index, seed=3, prefix="c")
+        wait_for("c")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        server.stop()
+    assert failures == []
+    order = "abc"
+    for answers in seen:
+        prefixes = [p for _, p in answers]
+        assert [order.index(p) for p in prefixes] == sorted(order.index(p) for p in prefixes), "went back"
+        assert len({v for v, _ in answers}) == len(set(prefixes)) == 3  # one version per gallery, never "z"
+    log = server.log.read_text()
+    assert "reload failed, still serving index" in log and "built for query model" in log
+
+
+def taken_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_bad_input_exits_2_with_one_line_before_serving(world, tmp_path, caplog):
+    _, model, index, _ = world
+    other = query_model(tmp_path / "other.pt", seed=9)
+    busy = taken_port()
+    cases = [
+        (["--index", str(tmp_path / "missing"), "--query-model", str(model)], "missing: not a complete index"),
+        (["--index", str(index), "--query-model", str(other)], "index was built for query model"),
+        (["--index", str(index), "--query-model", str(tmp_path / "nope.pt")], "nope.pt"),
+        (["--index", str(index), "--query-model", str(model), "--dataset", str(tmp_path / "no.parquet")],
+         "no.parquet: dataset file not found"),
+        (["--index", str(index), "--query-model", str(model), "--port", str(busy.getsockname()[1])],
+         "cannot listen there"),
+    ]
+    try:
+        for argv, needle in cases:
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                assert main(["serve", *argv]) == 2, argv
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and needle in errors[0] and "\n" not in errors[0], (argv, errors)
+    finally:
+        busy.close()
+
+
+def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path):
+    """upgrade-query-model rebuilds the index for a new query model (refused while the alias names the old one);
+    the promotion gate moves `production`; the server then serves the new pair without a restart."""
+    pytest.importorskip("mlflow")
+    from cmce.tracking import log_step, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "serve", {})
+    old, new = query_model(tmp_path / "old.pt", seed=0), query_model(tmp_path / "new.pt", seed=1)
+    old_sha, new_sha = file_sha256(old), file_sha256(new)
+    log_step(uri, parent, "train", register=[("cmce-query", old, old_sha)])
+    log_step(uri, parent, "gate", promote=[("cmce-query", old_sha)])
+    index = gallery_index(tmp_path / "work", old, tmp_path / "index", prefix="o")
+    server = Server(["--index", str(index), "--query-model", "models:/cmce-query@production", "--reload-interval",
+                     "0.1"], tmp_path / "serve.log", env={**cmce_env(), "MLFLOW_TRACKING_URI": uri})
+    row = [0.5] * 16
+
+    def served() -> str:
+        return requests.get(f"{server.url}/version", timeout=10).json()["query_model_sha256"]
+
+    try:
+        assert served() == old_sha
+        log_step(uri, parent, "upgrade", register=[("cmce-query", new, new_sha)])  # @candidate, not served
+        gallery_index(tmp_path / "work", new, index, seed=1, prefix="n")
+        deadline = time.monotonic() + 60
+        while not requests.get(f"{server.url}/readyz", timeout=10).json()["last_reload_error"]:
+            assert time.monotonic() < deadline, "the index for the unpromoted query model was not refused"
+            time.sleep(0.05)
+        assert served() == old_sha
+        hits = server.search(embeddings=[row], query_model_sha256=old_sha).json()["results"][0]["hits"]
+        assert hits[0]["id"][0] == "o"
+        log_step(uri, parent, "gate", promote=[("cmce-query", new_sha)])
+        while served() != new_sha:
+            assert time.monotonic() < deadline + 60, "the server never followed the alias"
+            time.sleep(0.05)
+        assert server.search(embeddings=[row], query_model_sha256=old_sha).status_code == 409
+        res = server.search(embeddings=[row], query_model_sha256=new_sha)
+        assert res.status_code == 200 and res.json()["results"][0]["hits"][0]["id"][0] == "n"
+        assert server.search(images=[b64(png(0))]).json()["query_model_sha256"] == new_sha
+        # the other order: the alias moves first; its index comes later
+        third = query_model(tmp_path / "third.pt", seed=2)
+        third_sha = file_sha256(third)
+        log_step(uri, parent, "upgrade", register=[("cmce-query", third, third_sha)])
+        log_step(uri, parent, "gate", promote=[("cmce-query", third_sha)])
+        while "built for query model" not in (requests.get(f"{server.url}/readyz", timeout=10).json()
+                                              ["last_reload_error"] or ""):
+            assert time.monotonic() < deadline + 120, "the promoted model without its index was not refused"
+            time.sleep(0.05)
+        assert served() == new_sha
+        gallery_index(tmp_path / "work", third, index, seed=2, prefix="t")
+        while served() != third_sha:
+            assert time.monotonic() < deadline + 180, "the server never served the promoted model with its index"
+            time.sleep(0.05)
+        hits = server.search(embeddings=[row], query_model_sha256=third_sha).json()["results"][0]["hits"]
+        assert hits[0]["id"][0] == "t"
+    finally:
+        server.stop()
+
+
+def test_the_listening_socket_turns_nagle_off():
+    """Accepted connections inherit it: without it each keep-alive answer waited for a delayed ACK (~40 ms)."""
+    from cmce.serving.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        sock.close()
+
+
+def test_benchmark_runs_tiny_and_writes_its_section(tmp_path):
+    from benchmarks.serving import main as bench
+
+    out = tmp_path / "BENCHMARKS.md"
+    assert bench(["--rows", "300", "--duration", "0.3", "--clients", "1,2", "--markdown", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert [r.split(" | ")[:2] for r in rows[:4]] == [["| embedding", "1"], ["| embedding", "2"],
+                                                      ["| image (embedded on the server)", "1"],
+                                                      ["| image (embedded on the server)", "2"]]
+    assert "index rebuilt" in rows[4]
+    for r in rows:
+        answered, p50, p99, qps, failed = r.strip(" |").split(" | ")[2:]
+        assert int(answered) > 0 and 0 < float(p50) <= float(p99) and float(qps) > 0 and failed == "0", r
