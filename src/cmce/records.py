@@ -28,8 +28,8 @@ class StepRecord:
 
 def registry_name(role: str, name: str) -> str:
     """Registered-model name: cmce-query for any query model (an upgraded query model is a new version
-    of the same registered model), cmce-<role>-<name> otherwise."""
-    return "cmce-query" if role == "query" else f"cmce-{role}-{name}"
+    of the same registered model) and cmce-query-onnx for its ONNX exports, cmce-<role>-<name> otherwise."""
+    return f"cmce-{role}" if role in ("query", "query-onnx") else f"cmce-{role}-{name}"
 
 
 def registered_uris(cfg: Config, alias: str = "candidate") -> dict[str, list[str]]:

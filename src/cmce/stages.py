@@ -178,6 +178,37 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
     return record_transformation(cfg, out.transformation)
 
 
+@dataclass
+class ExportInputs:
+    query_model: Path
+    check_dataset: Path | None = None  # check onnxruntime against torch on this dataset's split before writing
+    check_index: Path | None = None  # and search this index (the query model's) with both; else the split itself
+    split: str = "test"
+
+
+@dataclass
+class ExportOutputs:
+    onnx: Path
+
+
+def export_query(inp: ExportInputs, out: ExportOutputs) -> StepRecord:
+    """The query model as an ONNX graph for the edge (raw uint8 pixels in, raw embedding out), registered
+    as a version of cmce-query-onnx tagged with the checkpoint's sha256 (the one index files record)."""
+    from cmce.export import export_query_model
+
+    result = export_query_model(inp.query_model, out.onnx, inp.check_dataset, inp.check_index, inp.split)
+    meta = result.metadata
+    metrics: dict[str, float] = {"size_bytes": float(result.size_bytes)}
+    if result.parity is not None:
+        metrics |= {"max_abs_diff": result.parity.max_abs_diff, "top_k_agreement": result.parity.top_k_agreement}
+    params = {"query_model": {"name": meta["query_model_name"], "arch": meta["arch"],
+                              "sha256": meta["query_model_sha256"]},
+              "onnx_sha256": result.sha256, "parity": result.parity.to_dict() if result.parity else "not checked"}
+    return StepRecord("export-query", params, metrics,
+                      register=[(registry_name("query-onnx", meta["query_model_name"]), out.onnx,
+                                 meta["query_model_sha256"])])
+
+
 # ---------------------------------------------------------------- the gallery
 @dataclass
 class MemberInputs:
