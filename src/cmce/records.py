@@ -24,6 +24,9 @@ class StepRecord:
     register: list[tuple[str, Path, str]] = field(default_factory=list)  # (registered name, checkpoint, sha256)
     versions_of: list[str] = field(default_factory=list)  # registered models whose current version to record
     promote: list[tuple[str, str]] = field(default_factory=list)  # (registered name, sha256) to move `production` to
+    # (registered name, sha256) whose `production` alias follows a promotion where such a version is registered:
+    # the ONNX export of the promoted query model, which a served gallery does not need
+    promote_along: list[tuple[str, str]] = field(default_factory=list)
 
 
 def registry_name(role: str, name: str) -> str:

@@ -435,13 +435,16 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
               "candidate_gallery": origin(inp.gallery)}
     write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    # promoted: the served versions move to `production`, and the query model's ONNX export along with them
+    served = served_versions(inp.gallery) if decision.promoted else []
     verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
     log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
                                                  for m in decision.metrics))
     return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": report["baseline_gallery"],
                                "candidate_gallery": report["candidate_gallery"], "regressed": decision.regressed},
-                      decision.flat(), [], [out.decision],
-                      promote=served_versions(inp.gallery) if decision.promoted else [])
+                      decision.flat(), [], [out.decision], promote=served,
+                      promote_along=[(registry_name("query-onnx", ""), sha) for name, sha in served
+                                     if name == registry_name("query", "")])
 
 
 # ---------------------------------------------------------------- the whole run in one process
