@@ -2,7 +2,7 @@
 batch 64 (median of repeats), and the max |difference| of their raw embeddings, per architecture.
 
     python -m benchmarks.export [--config params.yaml] [--query-model CKPT] [--archs query_cnn mobilenet ...]
-                                [--repeats 30]
+                                [--repeats 30] [--threads 1]
 
 Each architecture is built at the config's image size and channels (its width and embedding dimension from the
 config's model of that architecture, else the query model's), with random weights: size and latency do not
@@ -83,10 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--query-model", default=None, help="a query checkpoint to measure (default: random weights)")
     ap.add_argument("--archs", nargs="+", default=None, help="architectures (default: all in the registry)")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for both torch and onnxruntime (default 0: torch's own count); 1 is steadier on a "
+                         "shared machine")
     ap.add_argument("--no-write", action="store_true", help="print the section only")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
     started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     rows = ["| architecture | input | parameters | ONNX (KiB) | torch ms/img @1 | onnxruntime ms/img @1 | "
             "speed-up @1 | torch ms/img @64 | onnxruntime ms/img @64 | speed-up @64 | max abs diff |",
