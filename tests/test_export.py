@@ -151,3 +151,13 @@ def test_the_export_is_registered_beside_the_query_model(smoke_run, tmp_path):
     assert file_sha256(registered) == file_sha256(out)
     run = client.get_run(client.get_model_version("cmce-query-onnx", "1").run_id)
     assert run.data.params["onnx_sha256"] == file_sha256(out) and run.data.metrics["top_k_agreement"] == 1.0
+
+
+def test_the_benchmark_measures_size_latency_and_difference(capsys):
+    from benchmarks.export import main as bench
+
+    bench(["--archs", "query_cnn", "--repeats", "1", "--threads", "1", "--no-write"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| query_cnn |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 11 and float(cells[3]) > 0  # ONNX KiB
+    assert all(float(c) > 0 for c in cells[4:10]) and float(cells[10]) <= 1e-4
