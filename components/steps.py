@@ -88,6 +88,19 @@ def train_model(config: Input[Artifact], tracking: Input[Artifact], model_name: 
               stages.ModelOutputs(Path(model.path)), tracking=tracking.path)
 
 
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def export_query(tracking: Input[Artifact], dataset: Input[Dataset], query_model: Input[Model],
+                 edge_model: Output[Model]):
+    """The query model as ONNX for the edge, written only when onnxruntime embeds the test split like torch."""
+    from pathlib import Path
+
+    from cmce import stages
+    from cmce.runner import run_stage
+
+    run_stage(stages.export_query, stages.ExportInputs(Path(query_model.path), Path(dataset.path)),
+              stages.ExportOutputs(Path(edge_model.path)), tracking=tracking.path)
+
+
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def train_kd_student(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
                      members: Input[Artifact], teacher_name: str, student: Output[Model]):

@@ -14,7 +14,7 @@ prefix=${IMAGE_PREFIX:-localhost/cmce}
 cpu_base=${CPU_BASE_IMAGE:-localhost/base:bookworm}
 cuda_base=${CUDA_BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
 
-decode_check='import faiss, numpy as np, torch; from cmce.data.codec import decode_png_fast, encode_png
+decode_check='import faiss, numpy as np, onnxruntime, torch; from cmce.data.codec import decode_png_fast, encode_png
 assert decode_png_fast(encode_png(np.full((4, 4), 7, np.uint8)), 1, 4).sum() == 7 * 16'
 
 mounts=()

@@ -1,7 +1,7 @@
-"""The cmce pipeline as a KFP v2 pipeline function: per gallery model in parallel (train → fit
-transformation); then per gallery shard in parallel (every gallery model on that slice, and its ensemble),
-and, when kd.enabled, the KD baseline students per gallery model; merged into one gallery → index →
-evaluation.
+"""The cmce pipeline as a KFP v2 pipeline function: the query model trained and exported to ONNX; per
+gallery model in parallel (train → fit transformation); then per gallery shard in parallel (every gallery
+model on that slice, and its ensemble), and, when kd.enabled, the KD baseline students per gallery model;
+merged into one gallery → index → evaluation.
 
 Run parameters are the params file and a list of `KEY=VALUE` overrides, the `--set` syntax of the CLI,
 validated by the first task; nothing else changes a setting. Nothing is read when this module is
@@ -20,6 +20,7 @@ from components.steps import (
     bundle_members,
     embed_gallery_shard,
     evaluate,
+    export_query,
     fit_transform,
     gallery_model_names,
     merge_shards,
@@ -90,6 +91,8 @@ def make_pipeline(params_yaml: str | None = None, parallelism: int = 0, placemen
         data = place(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
         query = train_model(config=config, tracking=track, model_name=cfg.outputs["query_model"], dataset=data)
         place(query.set_display_name("train-query-model"), "4", "8Gi", runs_models=True)
+        edge = export_query(tracking=track, dataset=data, query_model=query.outputs["model"])
+        place(edge.set_display_name("export-query-model"), "2", "4Gi")  # onnxruntime and torch on the CPU
 
         with dsl.ParallelFor(names, name="gallery-models", parallelism=parallelism) as name:
             gallery = train_model(config=config, tracking=track, model_name=name, dataset=data)

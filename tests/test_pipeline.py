@@ -150,7 +150,7 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "cmce")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = {r.info.run_name for r in children}
-    assert {"prepare-data", "train-query", "train-resnet_a", "train-vgg_b", "fit-transform-resnet_a",
+    assert {"prepare-data", "train-query", "export-query", "train-resnet_a", "train-vgg_b", "fit-transform-resnet_a",
             "embed-gallery", "merge", "build-index", "evaluate"} <= names
     evaluation = next(r for r in children if r.info.run_name == "evaluate")
     assert 0 < evaluation.data.metrics["asym_ensemble/2/R_at_1"] <= 1
@@ -176,3 +176,9 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     query = pq.read_table(kfp_run / "evaluate" / "report" / "query.parquet")
     assert emb.ids == query.column("id").to_pylist()
     np.testing.assert_allclose(emb.embeddings, embedding_column(query, "embedding", "q"), atol=1e-5)
+
+    # the query model's ONNX export, registered with the checkpoint's sha256 and checked against torch in the step
+    edge = client.get_model_version_by_alias("cmce-query-onnx", "candidate")
+    assert edge.tags["sha256"] == model.sha256
+    export_run = next(r for r in children if r.info.run_name == "export-query")
+    assert export_run.data.metrics["max_abs_diff"] <= 1e-4 and export_run.data.metrics["top_k_agreement"] == 1.0

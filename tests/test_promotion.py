@@ -67,6 +67,9 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_parent_run(uri, "lifecycle", {})
     _register_smoke_models(uri, parent, lay, load_config(SMOKE))
+    # the query model's ONNX export is registered too: its production alias follows the query model's
+    assert main(["--mlflow-parent", parent, "--mlflow-uri", uri, "export-query", "--query-model",
+                 str(lay.model("query")), "--out", str(tmp_path / "query.onnx")]) == 0
     client = MlflowClient(tracking_uri=uri)
     bad = _scrambled(lay.gallery, tmp_path / "scrambled.parquet")
 
@@ -80,8 +83,9 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     decision = json.loads((tmp_path / "bad.json").read_text())
     assert not decision["promoted"] and "R@1" in decision["regressed"]
     assert decision["candidate"]["R@1"] < decision["baseline"]["R@1"]
-    with pytest.raises(Exception, match="production"):
-        client.get_model_version_by_alias("cmce-query", "production")
+    for name in ("cmce-query", "cmce-query-onnx"):
+        with pytest.raises(Exception, match="production"):
+            client.get_model_version_by_alias(name, "production")
     # the numbers are logged on the gate's run either way
     runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
     assert runs and runs[0].data.metrics["promoted"] == 0.0 and "delta/R_at_1" in runs[0].data.metrics
@@ -93,6 +97,8 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     for name, sha in served_versions(lay.gallery):
         version = client.get_model_version_by_alias(name, "production")
         assert version.tags["sha256"] == sha, name
+    onnx_version = client.get_model_version_by_alias("cmce-query-onnx", "production")
+    assert onnx_version.tags["sha256"] == client.get_model_version_by_alias("cmce-query", "production").tags["sha256"]
     runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
     assert any(r.data.tags.get("promotion") == "done" for r in runs)
 

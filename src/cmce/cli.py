@@ -61,7 +61,7 @@ _workers = _int_from(0, 64)  # decoding processes: more only waits on their star
 
 INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_teacher", "transform", "transform_dir",
               "kd", "kd_dir", "gallery", "member", "shard_file", "index", "images", "train_embeddings",
-              "baseline_query_model", "baseline_gallery")
+              "baseline_query_model", "baseline_gallery", "check_dataset", "check_index")
 OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
 # the lifecycle steps may replace the gallery they grow: the new one is written aside and renamed over it
 REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
@@ -270,6 +270,14 @@ def _seconds(text: str) -> float:
     if not 0 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"must be within [0, 3600] seconds, got {text}")
     return value
+def cmd_export_query(args: argparse.Namespace) -> StepRecord:
+    inputs = stages.ExportInputs(_model(args.query_model), _in(args.check_dataset) if args.check_dataset else None,
+                                 _in(args.check_index) if args.check_index else None, args.split)
+    if inputs.check_index and not inputs.check_dataset:
+        raise ValueError("--check-index needs --check-dataset (the images to search it with)")
+    record = stages.export_query(inputs, stages.ExportOutputs(_out(args, args.out)))
+    sys.stdout.write(json.dumps({"out": args.out, **record.params, **record.metrics}) + "\n")
+    return record
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -454,6 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query (>= 1)")
     sp.add_argument("--gallery", default=None,
                     help="refuse the index unless it was built from this gallery file (as it is now)")
+
+    sp = add("export-query", cmd_export_query, "export the query model to ONNX for the edge (uint8 pixels in, "
+             "raw embedding out), optionally checked against torch first", config=False)
+    sp.add_argument("--query-model", required=True)
+    sp.add_argument("--out", required=True, help="the .onnx file (written only when the check passes)")
+    sp.add_argument("--check-dataset", default=None,
+                    help="compare onnxruntime with torch on this dataset's --split: max abs difference <= 1e-4 and "
+                         "identical top-10 hits, else exit 2 and nothing written")
+    sp.add_argument("--check-index", default=None,
+                    help="search this built index for the top-10 comparison (default: the split's own embeddings)")
+    sp.add_argument("--split", default="test")
 
     add("run", cmd_run, "run every step in one process from a config")
 

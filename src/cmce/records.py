@@ -24,12 +24,15 @@ class StepRecord:
     register: list[tuple[str, Path, str]] = field(default_factory=list)  # (registered name, checkpoint, sha256)
     versions_of: list[str] = field(default_factory=list)  # registered models whose current version to record
     promote: list[tuple[str, str]] = field(default_factory=list)  # (registered name, sha256) to move `production` to
+    # (registered name, sha256) whose `production` alias follows a promotion where such a version is registered:
+    # the ONNX export of the promoted query model, which a served gallery does not need
+    promote_along: list[tuple[str, str]] = field(default_factory=list)
 
 
 def registry_name(role: str, name: str) -> str:
     """Registered-model name: cmce-query for any query model (an upgraded query model is a new version
-    of the same registered model), cmce-<role>-<name> otherwise."""
-    return "cmce-query" if role == "query" else f"cmce-{role}-{name}"
+    of the same registered model) and cmce-query-onnx for its ONNX exports, cmce-<role>-<name> otherwise."""
+    return f"cmce-{role}" if role in ("query", "query-onnx") else f"cmce-{role}-{name}"
 
 
 def registered_uris(cfg: Config, alias: str = "candidate") -> dict[str, list[str]]:

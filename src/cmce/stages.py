@@ -178,6 +178,37 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
     return record_transformation(cfg, out.transformation)
 
 
+@dataclass
+class ExportInputs:
+    query_model: Path
+    check_dataset: Path | None = None  # check onnxruntime against torch on this dataset's split before writing
+    check_index: Path | None = None  # and search this index (the query model's) with both; else the split itself
+    split: str = "test"
+
+
+@dataclass
+class ExportOutputs:
+    onnx: Path
+
+
+def export_query(inp: ExportInputs, out: ExportOutputs) -> StepRecord:
+    """The query model as an ONNX graph for the edge (raw uint8 pixels in, raw embedding out), registered
+    as a version of cmce-query-onnx tagged with the checkpoint's sha256 (the one index files record)."""
+    from cmce.export import export_query_model
+
+    result = export_query_model(inp.query_model, out.onnx, inp.check_dataset, inp.check_index, inp.split)
+    meta = result.metadata
+    metrics: dict[str, float] = {"size_bytes": float(result.size_bytes)}
+    if result.parity is not None:
+        metrics |= {"max_abs_diff": result.parity.max_abs_diff, "top_k_agreement": result.parity.top_k_agreement}
+    params = {"query_model": {"name": meta["query_model_name"], "arch": meta["arch"],
+                              "sha256": meta["query_model_sha256"]},
+              "onnx_sha256": result.sha256, "parity": result.parity.to_dict() if result.parity else "not checked"}
+    return StepRecord("export-query", params, metrics,
+                      register=[(registry_name("query-onnx", meta["query_model_name"]), out.onnx,
+                                 meta["query_model_sha256"])])
+
+
 # ---------------------------------------------------------------- the gallery
 @dataclass
 class MemberInputs:
@@ -404,13 +435,16 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
               "candidate_gallery": origin(inp.gallery)}
     write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    # promoted: the served versions move to `production`, and the query model's ONNX export along with them
+    served = served_versions(inp.gallery) if decision.promoted else []
     verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
     log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
                                                  for m in decision.metrics))
     return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": report["baseline_gallery"],
                                "candidate_gallery": report["candidate_gallery"], "regressed": decision.regressed},
-                      decision.flat(), [], [out.decision],
-                      promote=served_versions(inp.gallery) if decision.promoted else [])
+                      decision.flat(), [], [out.decision], promote=served,
+                      promote_along=[(registry_name("query-onnx", ""), sha) for name, sha in served
+                                     if name == registry_name("query", "")])
 
 
 # ---------------------------------------------------------------- the whole run in one process

@@ -58,7 +58,7 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
         return None
     params = {**record.params, "device": devices.describe(devices.current())}
     return log_step(info.uri, info.run_id, record.step, params, record.metrics, record.history, record.artifacts,
-                    record.register, record.versions_of, record.promote)
+                    record.register, record.versions_of, record.promote, record.promote_along)
 
 
 @contextlib.contextmanager
@@ -151,10 +151,12 @@ def log_step(
     register: Iterable[tuple[str, Path, str]] = (),
     versions_of: Iterable[str] = (),
     promote: Iterable[tuple[str, str]] = (),
+    promote_along: Iterable[tuple[str, str]] = (),
 ) -> str:
     """Record one step as a nested run; register the given (model name, checkpoint, sha256) triples;
     record the current `candidate` version of the models named in `versions_of` as params; move the
-    `production` alias to the versions named by (model name, sha256) in `promote`."""
+    `production` alias to the versions named by (model name, sha256) in `promote`, and then to those in
+    `promote_along` that are registered."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     run = client.create_run(parent.info.experiment_id, run_name=step, tags={"mlflow.parentRunId": parent_run_id})
@@ -193,6 +195,14 @@ def log_step(
             for name, version in versions.items():
                 client.set_registered_model_alias(name, PRODUCTION, version)
                 client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+            for name, sha256 in promote_along:
+                version = version_by_sha(client, name, sha256)
+                if version is None:
+                    log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
+                    continue
+                client.set_registered_model_alias(name, PRODUCTION, version)
+                client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+                versions[name] = version
             client.set_tag(rid, "promotion", "done")
             log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
     client.set_terminated(rid)

@@ -1,0 +1,163 @@
+"""`cmce export-query`: the ONNX graph embeds raw pixels like torch does (onnxruntime, any batch size), finds
+the same top-10 in a built index, names its checkpoint in its metadata, is refused unwritten when it does not
+embed like torch, and is registered beside the query model in MLflow."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cmce import export
+from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
+from cmce.cli import main
+from cmce.data.readers import iter_split_batches
+from cmce.embed import embed_batch
+from cmce.models import EmbeddingNet
+from cmce.storage import file_sha256
+
+
+def _query(smoke_run):
+    lay, _ = smoke_run
+    return lay, lay.model("query")
+
+
+def test_export_embeds_like_torch_and_finds_the_same_top_10_in_the_index(smoke_run, tmp_path, capsys):
+    lay, ckpt = _query(smoke_run)
+    out = tmp_path / "edge" / "query.onnx"
+    rc = main(["export-query", "--query-model", str(ckpt), "--out", str(out), "--check-dataset", str(lay.dataset),
+               "--check-index", str(lay.index)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    parity = report["parity"]
+    assert parity["passed"] and parity["searched"] == "index" and parity["top_k"] == 10
+    assert parity["max_abs_diff"] <= 1e-4 and parity["top_k_agreement"] == 1.0 and parity["images"] > 100
+    assert report["onnx_sha256"] == file_sha256(out)
+
+    # metadata: the sha256 the index records, and what a phone needs to feed the graph
+    model = load_embedding_model(ckpt)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    index_meta = json.loads((lay.index / "meta.json").read_text())
+    assert meta["query_model_sha256"] == model.sha256 == index_meta["query_model_sha256"]
+    assert (meta["embedding_dim"], meta["image_size"], meta["in_channels"]) == ("32", "8", "1")
+    assert meta["arch"] == "query_cnn" and meta["cmce_version"]
+
+    # raw uint8 pixels in, any batch size; the raw (unnormalised) embedding out, as torch computes it
+    session = export.OnnxQueryModel(out)
+    graph_input = session.session.get_inputs()[0]
+    assert graph_input.type == "tensor(uint8)" and graph_input.shape[1:] == [1, 8, 8]
+    assert isinstance(graph_input.shape[0], str)  # a named, dynamic batch axis
+    images = next(iter_split_batches(lay.dataset, "test", 64, 1, 8)).images
+    assert len(images) > 1
+    want = embed_batch(model, images, mixed_precision=False)
+    for rows in (1, len(images)):
+        got = session.embed(images[:rows].numpy())
+        assert got.shape == (rows, 32) and np.abs(got - want[:rows]).max() <= 1e-4
+    assert not np.allclose(np.linalg.norm(want, axis=1), 1.0)  # not normalised: the index does that
+
+
+def test_a_query_model_of_another_architecture_exports_with_parity(smoke_run, tmp_path):
+    """A trained resnet (the smoke run's gallery model resnet_a; any architecture may be the query model),
+    ranked within the test split itself when no index is given."""
+    lay, _ = smoke_run
+    ckpt = lay.model("resnet_a")
+    result = export.export_query_model(ckpt, tmp_path / "resnet.onnx", check_dataset=lay.dataset)
+    assert result.parity.passed and result.parity.searched == "split" and result.parity.top_k == 10
+    assert result.parity.max_abs_diff <= 1e-4 and result.parity.top_k_agreement == 1.0
+    assert result.metadata["arch"] == "resnet" and result.metadata["embedding_dim"] == "48"
+
+
+def _random_model(arch: str, path, seed: int) -> EmbeddingModel:
+    """An untrained model of `arch` for the smoke dataset's 8-px grey images (batch-norm statistics made
+    non-trivial so the export must carry them)."""
+    torch.manual_seed(seed)
+    net = EmbeddingNet(arch, 1, 24, 8, load_pretrained=False)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    m = EmbeddingModel("q_" + arch, arch, net.eval(), torch.randn(10, 24), 16.0, 1, 8, 24)
+    save_embedding_model(m, path, width=8)
+    return load_embedding_model(path)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet", "mobilenet_v2_scratch"])
+def test_untrained_architectures_embed_like_torch(smoke_run, tmp_path, arch):
+    """The numbers only: an untrained network maps every image to nearly one direction, so its top-10 is a
+    tie that float rounding reorders (measured: 13 % identical lists at a max difference of 6e-8)."""
+    lay, _ = smoke_run
+    ckpt = tmp_path / f"{arch}.pt"
+    model = _random_model(arch, ckpt, seed=3)
+    onnx_file = tmp_path / f"{arch}.onnx"
+    onnx.save(export.to_onnx(model), str(onnx_file))
+    parity = export.check_parity(onnx_file, model, lay.dataset)
+    assert parity.images > 100 and parity.max_abs_diff <= 1e-4
+
+
+def test_an_export_that_does_not_embed_like_torch_is_not_written(smoke_run, tmp_path, monkeypatch, caplog):
+    """A graph whose numbers drift (here one bias moved by 1e-3) fails the check: exit 2 with both numbers
+    named, and the file already at --out is kept as it was."""
+    lay, ckpt = _query(smoke_run)
+    real = export.to_onnx
+
+    def drifted(model):
+        proto = real(model)
+        bias = next(t for t in proto.graph.initializer if t.name.endswith("head.bias"))
+        bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 1e-3, bias.name))
+        return proto
+
+    monkeypatch.setattr(export, "to_onnx", drifted)
+    out = tmp_path / "query.onnx"
+    out.write_bytes(b"the previous export")
+    rc = main(["export-query", "--query-model", str(ckpt), "--out", str(out), "--check-dataset", str(lay.dataset)])
+    assert rc == 2
+    assert out.read_bytes() == b"the previous export"
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+    assert "max abs difference" in caplog.text and "top-10 agreement" in caplog.text
+
+
+def test_an_index_of_another_query_model_and_a_file_that_is_not_an_export_are_refused(smoke_run, tmp_path, caplog):
+    lay, _ = _query(smoke_run)
+    other = tmp_path / "other.pt"
+    _random_model("query_cnn", other, seed=5)
+    out = tmp_path / "other.onnx"
+    rc = main(["export-query", "--query-model", str(other), "--out", str(out), "--check-dataset", str(lay.dataset),
+               "--check-index", str(lay.index)])
+    assert rc == 2 and not out.exists()
+    assert "built for query model" in caplog.text
+    with pytest.raises(export.ExportError, match="other.pt: not a loadable ONNX file"):
+        export.OnnxQueryModel(other)
+
+
+def test_the_export_is_registered_beside_the_query_model(smoke_run, tmp_path):
+    """cmce-query-onnx gets a version tagged with the checkpoint's sha256 (as cmce-query's version is), which
+    resolves to the very file exported."""
+    from mlflow import MlflowClient
+
+    from cmce import stages
+    from cmce.tracking import TrackingInfo, publish, resolve_model_uri, start_parent_run, version_by_sha
+
+    lay, ckpt = _query(smoke_run)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "edge", {})
+    out = tmp_path / "query.onnx"
+    record = stages.export_query(stages.ExportInputs(ckpt, lay.dataset), stages.ExportOutputs(out))
+    publish(TrackingInfo(uri, parent), record)
+    sha = load_embedding_model(ckpt).sha256
+    client = MlflowClient(tracking_uri=uri)
+    assert version_by_sha(client, "cmce-query-onnx", sha) == "1"
+    registered = resolve_model_uri("models:/cmce-query-onnx@candidate", uri)
+    assert file_sha256(registered) == file_sha256(out)
+    run = client.get_run(client.get_model_version("cmce-query-onnx", "1").run_id)
+    assert run.data.params["onnx_sha256"] == file_sha256(out) and run.data.metrics["top_k_agreement"] == 1.0
+
+
+def test_the_benchmark_measures_size_latency_and_difference(capsys):
+    from benchmarks.export import main as bench
+
+    bench(["--archs", "query_cnn", "--repeats", "1", "--threads", "1", "--no-write"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| query_cnn |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 11 and float(cells[3]) > 0  # ONNX KiB
+    assert all(float(c) > 0 for c in cells[4:10]) and float(cells[10]) <= 1e-4
