@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -35,6 +36,7 @@ from cmce.storage import (
 )
 
 log = logging.getLogger("cmce")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
 
 
@@ -75,8 +77,21 @@ def _clashes(out: str, inp: str) -> bool:
     o, i = Path(out), Path(inp)
     if o.exists() and i.exists() and os.path.samefile(o, i):
         return True
-    o, i = o.resolve(), i.resolve()
+    o, i = _resolved(o), _resolved(i)
     return o == i or o in i.parents
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python 3.11)
+        raise ValueError(f"{path}: is a loop of symbolic links") from None
+
+
+def one_line(text: str) -> str:
+    """An error as one log line: control characters escaped, so that a path holding a newline cannot forge
+    a second record (or hide part of itself)."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def refuse_outputs_among_inputs(args: argparse.Namespace) -> None:
@@ -610,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        log.error("cmce %s: %s", args.command, restore_uris(str(msg)))  # name s3:// URIs, not scratch copies
+        log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
         return 2
     except KeyboardInterrupt:  # outputs are written aside and renamed in: an interrupted step leaves none
         if args.debug:

@@ -27,7 +27,7 @@ from cmce.data.codec import to_float
 from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch, split_source
 from cmce.data.readers import SplitArrays
 from cmce.method import RunningEnsemble
-from cmce.storage import atomic_path
+from cmce.storage import Unchanged, atomic_path
 from cmce.tables import (
     IdsDigest,
     TableError,
@@ -183,6 +183,7 @@ def embed_with_model(
 ) -> Path:
     """Embed one split (or one shard of it) with one gallery model and its transformation; stream
     batches to Parquet."""
+    inputs = Unchanged([dataset])
     model = load_embedding_model(model_path)
     t = load_transformation(transform_path, query_sha256=query_sha256, gallery_sha256=model.sha256)
     meta = member_metadata(model.name, model.arch, model.sha256, t.sha256, query_sha256, split,
@@ -194,6 +195,7 @@ def embed_with_model(
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for batch, raw in iter_embeddings(model, dataset, split, batch_size, shard, workers):
             writer.write_table(member_table(batch.ids, batch.labels, raw, t.apply(raw), schema))
+        inputs.check()  # the rows and the source above came from one version of the dataset
     log.info("wrote %s (%s, %s split)", out, model.name, split)
     return out
 
@@ -212,6 +214,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     """Combine per-model embedding files into the gallery file, batch by batch (bounded memory)."""
     if not member_paths:
         raise ValueError("combine needs at least one per-model embedding file")
+    inputs = Unchanged(member_paths)
     metas = [read_metadata(p) for p in member_paths]
     for p, m in zip(member_paths, metas, strict=True):
         if m.get("kind") != "gallery_member":
@@ -264,22 +267,27 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
         for parts in zip(*iters, strict=True):
             tables = [pa.Table.from_batches([b]) for b in parts]
             ids = string_column(tables[0], "id", str(member_paths[0]))
+            labels = int_column(tables[0], "label", str(member_paths[0]))
             check_unique_ids(ids, str(member_paths[0]), seen)
             ens = RunningEnsemble()
             raws = []
             for p, t in zip(member_paths, tables, strict=True):
                 if string_column(t, "id", str(p)) != ids:
                     raise TableError(f"{p}: ids are not in the same order as {member_paths[0]}")
+                if not np.array_equal(int_column(t, "label", str(p)), labels):
+                    raise TableError(f"{p}: labels differ from {member_paths[0]} for the same ids (another version "
+                                     "of the dataset)")
                 ens.add(embedding_column(t, "transformed", str(p), q_dim), f"{p}: column 'transformed'")
                 embedding_column(t, "raw", str(p))  # checked here so no NaN reaches the gallery file
                 raws.append(t.column("raw").combine_chunks())
             cols = [
                 pa.array(ids),
-                pa.array(int_column(tables[0], "label", str(member_paths[0])).astype(np.int32)),
+                pa.array(labels.astype(np.int32)),
                 *ensemble_columns(ens).values(),
                 *raws,
             ]
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+        inputs.check()
     log.info("wrote %s (%d members: %s)", out, len(names), names)
     return out
 
@@ -294,7 +302,12 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
     """
     if not shard_paths:
         raise ValueError("merge needs at least one shard file")
+    inputs = Unchanged(shard_paths)
     metas = {Path(p): read_metadata(p) for p in shard_paths}
+    kinds = {str(m.get("kind")) for m in metas.values()}
+    if len(kinds) > 1:
+        raise TableError(f"{[str(p) for p in shard_paths]}: files of different kinds {sorted(kinds)}; merge the "
+                         "shards of one gallery or of one per-model file")
     by_index: dict[int, Path] = {}
     counts = set()
     for p in map(Path, shard_paths):
@@ -337,5 +350,6 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
             raise TableError(f"{[str(p) for p in ordered]}: the shards hold {digest.rows} rows that are not the "
                              f"{source['split_rows']} rows of the split they were cut from, in order (shards of "
                              f"different dataset files or of another version of it); embed them again from one")
+        inputs.check()
     log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(seen))
     return out

@@ -28,6 +28,7 @@ import pyarrow as pa
 from cmce import device as devices
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.config import EvaluateConfig
+from cmce.data.loader import split_source
 from cmce.data.readers import dataset_info, read_domains
 from cmce.embed import embed_split
 from cmce.method import RunningEnsemble, normalize, rejection_mask
@@ -36,6 +37,7 @@ from cmce.scores import BLOCK_MB, InnerProducts, Scores
 from cmce.storage import atomic_dir, check_replaceable, origin
 from cmce.tables import (
     TableError,
+    check_rows_are_split,
     check_unique_ids,
     embedding_array,
     embedding_column,
@@ -216,6 +218,9 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
     table = read_table(inputs.gallery)
     g_ids = string_column(table, "id", str(inputs.gallery))
     check_unique_ids(g_ids, str(inputs.gallery))
+    split = gmeta["split"]
+    check_rows_are_split(g_ids, split_source(inputs.dataset, split), str(inputs.gallery),
+                         f"the '{split}' split of {inputs.dataset}")
     raw, transformed = {}, {}
     ensemble = RunningEnsemble()
     for m in members:
@@ -227,6 +232,11 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
     if not np.allclose(ensemble.embedding, stored, atol=1e-4):
         raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
     q = embed_split(query_model, inputs.dataset, "test", batch_size)
+    g_labels = int_column(table, "label", str(inputs.gallery))
+    if split == "test" and not np.array_equal(g_labels, q.labels):  # the same images: the same classes
+        row = int(np.flatnonzero(g_labels != q.labels)[0])
+        raise TableError(f"{inputs.gallery}: id {g_ids[row]!r} has label {g_labels[row]}, the dataset "
+                         f"{inputs.dataset} says {q.labels[row]}")
     self_cols = self_columns(q.ids, g_ids)
     if (self_cols < 0).all():
         log.warning("no query image is in the gallery: evaluating without self-exclusion")
@@ -245,7 +255,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
         "members": members,
         "gallery": origin(inputs.gallery),  # the s3:// URI when the gallery was downloaded
     }
-    return EvalData(q.ids, q.labels, q.embeddings, g_ids, int_column(table, "label", str(inputs.gallery)),
+    return EvalData(q.ids, q.labels, q.embeddings, g_ids, g_labels,
                     float_column(table, "uncertainty", str(inputs.gallery)), raw, transformed,
                     {m["name"]: students[m["name"]] for m in members if m["name"] in students},  # member order
                     self_cols, cross_domains(inputs.dataset, q.ids, g_ids), versions)

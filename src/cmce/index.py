@@ -31,6 +31,7 @@ from cmce.method import normalize, rejection_mask
 from cmce.storage import atomic_dir, check_replaceable, file_sha256, local_input, restore_dir, swap_lock
 from cmce.tables import (
     TableError,
+    check_rows_are_split,
     check_unique_ids,
     embedding_column,
     float_column,
@@ -193,6 +194,8 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     emb = normalize(embedding_column(table, "embedding", str(gallery_path)), f"{gallery_path}: column 'embedding'")
     ids = string_column(table, "id", str(gallery_path))
     check_unique_ids(ids, str(gallery_path))
+    if meta.get("source") and not meta.get("shard"):  # a shard holds part of the split its source describes
+        check_rows_are_split(ids, meta["source"], str(gallery_path), f"the '{meta['split']}' split it records")
     labels = int_column(table, "label", str(gallery_path))
     unc = float_column(table, "uncertainty", str(gallery_path))
     if (unc < 0).any():  # a mean squared distance: never negative

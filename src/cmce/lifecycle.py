@@ -22,7 +22,7 @@ from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
 from cmce.embed import embed_split, ensemble_columns
 from cmce.method import RunningEnsemble, uncertainty_from_sum
-from cmce.storage import atomic_dir, atomic_path
+from cmce.storage import Unchanged, atomic_dir, atomic_path
 from cmce.tables import (
     TableError,
     embedding_column,
@@ -96,6 +96,7 @@ def stored_ensemble(g: pa.Table, dim: int, n_members: int, gallery: Path) -> Run
 def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_size: int = 8192) -> Path:
     """New gallery file = `gallery` plus the model in `member` (a per-model file from embed-member)."""
     gallery, member = Path(gallery), Path(member)
+    inputs = Unchanged([gallery, member])
     gmeta, mmeta = read_metadata(gallery), read_metadata(member)
     if gmeta.get("kind") != "gallery" or mmeta.get("kind") != "gallery_member":
         raise TableError(f"{gallery} must be a gallery file and {member} a per-model file")
@@ -118,12 +119,16 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
             ids = string_column(g, "id", str(gallery))
             if string_column(m, "id", str(member)) != ids:
                 raise TableError(f"{member}: ids are not in the gallery's order")
+            if not np.array_equal(int_column(m, "label", str(member)), int_column(g, "label", str(gallery))):
+                raise TableError(f"{member}: labels differ from {gallery} for the same ids (another version of the "
+                                 "dataset)")
             ens = stored_ensemble(g, dim, len(gmeta["members"]), gallery)
             ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
             cols = {c: g.column(c) for c in g.column_names}
             cols |= ensemble_columns(ens)
             cols[f"raw_{name}"] = m.column("raw")
             writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
+        inputs.check()
     log.info("added %s to %s → %s (%d members)", name, gallery, out, len(new_meta["members"]))
     return Path(out)
 

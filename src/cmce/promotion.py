@@ -15,11 +15,20 @@ from pathlib import Path
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
+from cmce.data.loader import split_source
 from cmce.embed import embed_split
 from cmce.evaluate import cosine_scores, cross_domains, self_columns
 from cmce.metrics import retrieval_metrics
 from cmce.scores import BLOCK_MB
-from cmce.tables import TableError, embedding_column, int_column, read_metadata, read_table, string_column
+from cmce.tables import (
+    TableError,
+    check_rows_are_split,
+    embedding_column,
+    int_column,
+    read_metadata,
+    read_table,
+    string_column,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,8 @@ def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, 
                          f"not {q_model.sha256[:12]} ({query_model})")
     table = read_table(gallery, ["id", "label", "embedding"])
     g_ids = string_column(table, "id", str(gallery))
+    check_rows_are_split(g_ids, split_source(dataset, meta["split"]), str(gallery),
+                         f"the '{meta['split']}' split of {dataset}")
     g_labels = int_column(table, "label", str(gallery))
     emb = embedding_column(table, "embedding", str(gallery))
     q = embed_split(q_model, dataset, split, batch_size)

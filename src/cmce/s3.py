@@ -32,7 +32,8 @@ MB = 1 << 20
 # every variable that changes which client (endpoint, identity, retries) a call gets
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
                "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+               "CMCE_S3_READ_TIMEOUT_S")
 _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
 
@@ -111,7 +112,9 @@ def _client_for(_env_digest: str) -> Any:
     quiet_sdk_logging()
     retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
                "total_max_attempts": _env_int("AWS_MAX_ATTEMPTS", 5)}  # total, as AWS_MAX_ATTEMPTS means
-    config = Config(retries=retries, connect_timeout=10, read_timeout=120)
+    # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 5 × 20 s
+    # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 20 s
+    config = Config(retries=retries, connect_timeout=10, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S", 20))
     return boto3.session.Session().client("s3", config=config)
 
 

@@ -166,6 +166,8 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     if is_remote(text):
         return
     target = Path(text)
+    if target.exists() and not (target.is_file() or target.is_dir()):  # renaming over it would replace a device
+        raise ValueError(f"{text}: is a device, pipe or socket, not a file or folder to write")
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
     if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
@@ -241,6 +243,30 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _identity(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class Unchanged:
+    """The identity (inode, size, mtime) of local input files, taken before a step first opens them: `check()`,
+    called inside the atomic write before the rename, fails if one was replaced or modified meanwhile. A step
+    that opens a file more than once (metadata, then rows; one chunk at a time) would otherwise mix versions."""
+
+    def __init__(self, paths: list[str | Path] | tuple[str | Path, ...]):
+        self.paths = [Path(p) for p in paths if not is_remote(p)]
+        self.before = [_identity(p) for p in self.paths]
+
+    def check(self) -> None:
+        for p, was in zip(self.paths, self.before, strict=True):
+            if _identity(p) != was:
+                raise ValueError(f"{p}: was replaced or changed while this step read it; nothing written, run it "
+                                 "again")
+
+
 def write_bytes(target: str | Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
@@ -287,7 +313,10 @@ def local_input(uri: str | Path, marker: str | None = None) -> Path:
     per process until `clear_scratch`. `marker` (s3:// only): the prefix's completion marker, see
     cmce.s3.download; a local folder's marker is the caller's to check."""
     if not s3.is_s3(uri):
-        return Path(uri)
+        path = Path(uri)
+        if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would hang, /dev/zero never ends
+            raise ValueError(f"{uri}: is not a regular file or folder (a device, pipe or socket); give a file")
+        return path
     uri = str(uri)
     cached = _downloaded.get(uri)
     if cached is not None and cached.exists():

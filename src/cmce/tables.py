@@ -208,6 +208,16 @@ class IdsDigest:
         return self._h.hexdigest()
 
 
+def check_rows_are_split(ids: list[str], source: dict[str, Any], where: str, what: str) -> None:
+    """`ids` are exactly the rows of a split, in order (`source`: its row count and ids digest): a gallery
+    truncated, edited or embedded from another dataset gives metrics (or an index) of something else."""
+    digest = IdsDigest()
+    digest.update(ids)
+    if (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
+        raise TableError(f"{where}: holds {digest.rows} rows that are not {what} ({source.get('split_rows')} rows, "
+                         "in order): a truncated or edited file, or one embedded from another dataset")
+
+
 def check_unique_ids(ids: list[str], where: str, seen: set[str] | None = None) -> None:
     """Ids key every row (index id map, evaluation self-exclusion): a duplicate is an error.
     Pass the same `seen` set across batches of one file."""

@@ -83,7 +83,14 @@ def tracking_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
+# a tracking server that accepts and never answers: MLflow's defaults (120 s a request, 7 retries with backoff)
+# kept a step silent for many minutes; the user's own settings win
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+
+
 def _client(uri: str):
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     import mlflow
     from mlflow import MlflowClient
 

@@ -100,6 +100,7 @@ def iter_split_batches(
         raise DataError(f"{path}: split '{split}' is empty")
 
 
+SPLITS = ("train", "test")
 MAX_CLASSES = 1 << 20  # classifier rows: the largest label + 1 (1M classes × 512 dims is 2 GB of float32)
 
 
@@ -110,10 +111,16 @@ def split_rows(path: str | Path, rows: pa.RecordBatch | pa.Table, split: str, se
     for col in ("id", "label", "split"):
         if rows.column(col).null_count:
             raise DataError(f"{path}: column '{col}' has {rows.column(col).null_count} null values")
+    known = pc.is_in(rows.column("split"), pa.array(SPLITS)).to_numpy(zero_copy_only=False)
+    if not known.all():  # rows of a split no step reads would silently vanish from every output
+        other = rows.column("split")[int(np.flatnonzero(~known)[0])].as_py()
+        raise DataError(f"{path}: column 'split' has the value {other!r}; a dataset's splits are {list(SPLITS)}")
     idx = np.flatnonzero(pc.equal(rows.column("split"), split).to_numpy(zero_copy_only=False))
     if not len(idx):
         return idx
     for i in rows.column("id").take(idx).to_pylist():
+        if not i:
+            raise DataError(f"{path}: split '{split}' has an empty id")
         if i in seen:
             raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
         seen.add(i)
