@@ -24,6 +24,8 @@ class StepRecord:
     register: list[tuple[str, Path, str]] = field(default_factory=list)  # (registered name, checkpoint, sha256)
     versions_of: list[str] = field(default_factory=list)  # registered models whose current version to record
     promote: list[tuple[str, str]] = field(default_factory=list)  # (registered name, sha256) to move `production` to
+    inputs: list[tuple[str, Path]] = field(default_factory=list)  # (role, file): the data sets the step read
+    headline: dict = field(default_factory=dict)  # metrics that also go on the pipeline run (the parent)
 
 
 def registry_name(role: str, name: str) -> str:
