@@ -171,7 +171,8 @@ def log_step(
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     inputs = [(role, Path(path)) for role, path in inputs]
-    data_sha = next((file_digest(p) for role, p in inputs if role == "dataset"), parent.data.tags.get(DATA_TAG))
+    data_sha = next((file_digest(p) for role, p in inputs if role == "dataset" and p.is_file()),
+                    parent.data.tags.get(DATA_TAG))
     tags = {"mlflow.parentRunId": parent_run_id, **code_tags(), **({DATA_TAG: data_sha} if data_sha else {})}
     run = client.create_run(parent.info.experiment_id, run_name=step, tags=tags)
     rid = run.info.run_id
