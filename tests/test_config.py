@@ -229,10 +229,10 @@ def test_gallery_models_keyed_by_name_read_as_the_list(tmp_path):
 
 
 def test_params_files_name_their_gallery_models_as_keys():
-    """params.yaml and the smoke config (copied as params.yaml by the DVC tests) use the form dvc.yaml needs."""
-    from tests.conftest import ROOT, SMOKE
+    """params.yaml and every config (any may be copied as params.yaml) use the form dvc.yaml's foreach needs."""
+    from tests.conftest import ROOT
 
-    for path in (ROOT / "params.yaml", SMOKE):
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
         raw = yaml.safe_load(path.read_text())
         assert isinstance(raw["gallery_models"], dict), path
         assert [m.name for m in load_config(path).gallery_models] == list(raw["gallery_models"])
