@@ -63,6 +63,15 @@ def test_the_headline_numbers_are_on_the_parent_run(tracked):
     assert len(parent.data.metrics) < 25
 
 
+def test_the_parent_run_keeps_the_config_as_one_file(tracked, tmp_path):
+    import json
+    from pathlib import Path
+
+    _, client, parent, _ = tracked
+    local = Path(client.download_artifacts(parent.info.run_id, "config.json", str(tmp_path)))
+    assert json.loads(local.read_text()) == load_config(SMOKE).to_dict()
+
+
 def test_data_sets_are_run_inputs(tracked):
     lay, _, _, children = tracked
     inputs = children["evaluate"].inputs.dataset_inputs

@@ -122,6 +122,7 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
     run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name, tags=code_tags())
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
+    client.log_dict(run.info.run_id, params, "config.json")  # the whole config in one file, beside its params
     log.info("MLflow parent run %s at %s", run.info.run_id, uri)
     return run.info.run_id
 
