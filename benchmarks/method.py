@@ -70,6 +70,7 @@ from benchmarks.report import (
 from benchmarks.tuning import LAMBDA_GRID, TUNE_GRID, Validation, tuning_table
 from cmce.config import Config, ModelSpec, load_config, to_yaml
 from cmce.layout import RunLayout
+from cmce.report import configurations
 from cmce.stages import run_all
 
 log = logging.getLogger("bench")
@@ -88,7 +89,7 @@ def seeded(cfg: Config, seed: int, out: Path) -> Config:
 
 
 def results_table(runs: Runs) -> list[str]:
-    configs = [k for k in runs[0] if not k.startswith("rejection/")]
+    configs = configurations(runs[0])
     rows = ["| configuration | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for c in configs:
         rows.append(f"| {c} | " + " | ".join(fmt([r[c][m] for r in runs]) for m in METRICS) + " |")

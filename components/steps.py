@@ -246,7 +246,7 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
         else:
             query, transforms = Path(query_model.path), [t for _, _, t in member_bundle(Path(members.path))]
         inputs = EvalInputs(Path(dataset.path), query, Path(gallery.path), transforms,
-                            [Path(s.path) for s in kd_students or []])
+                            [Path(s.path) for s in kd_students or []], Path(index.path))
         record = run_stage(stages.evaluate_all, cfg, inputs, stages.EvalOutputs(Path(report.path)), tracking=info)
     for name, value in record.metrics.items():
         metrics.log_metric(name, value)

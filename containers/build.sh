@@ -36,7 +36,8 @@ ensure_cpu_base() {
 
 build() {  # build NAME BASE
   local start=$SECONDS
-  "$tool" build "${mounts[@]}" --build-arg BASE_IMAGE="$2" -f containers/Dockerfile -t "$prefix:$1" .
+  "$tool" build "${mounts[@]}" --build-arg BASE_IMAGE="$2" --build-arg GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null)" \
+    -f containers/Dockerfile -t "$prefix:$1" .
   echo "built $prefix:$1 in $((SECONDS - start)) s"
   if [ "$smoke" = --smoke ]; then
     "$tool" run --rm "$prefix:$1" cmce --help >/dev/null && echo "$prefix:$1: cmce --help OK"

@@ -23,12 +23,14 @@ INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings
 
 
 def placement_from_env():
-    """CMCE_CPU_IMAGE / CMCE_CUDA_IMAGE name the images, CMCE_GPU=0 compiles a CPU-only pipeline; read when
-    a pipeline is built, never at import."""
+    """CMCE_CPU_IMAGE / CMCE_CUDA_IMAGE name the images, CMCE_GPU=0 compiles a CPU-only pipeline,
+    CMCE_K8S_SECRET names the Kubernetes Secret of credentials every pod reads ("" = none); read when a
+    pipeline is built, never at import."""
     from pipeline.cmce_pipeline import Placement
 
     return Placement(os.environ.get("CMCE_CPU_IMAGE", Placement.cpu_image),
-                     os.environ.get("CMCE_CUDA_IMAGE", Placement.cuda_image), os.environ.get("CMCE_GPU", "1") != "0")
+                     os.environ.get("CMCE_CUDA_IMAGE", Placement.cuda_image), os.environ.get("CMCE_GPU", "1") != "0",
+                     os.environ.get("CMCE_K8S_SECRET", Placement.secret))
 
 
 def pipeline_function(name: str, parallelism: int = 0):

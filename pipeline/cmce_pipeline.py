@@ -11,7 +11,7 @@ imported: `make_pipeline` reads the default params file when it is called (at co
 from dataclasses import dataclass
 from pathlib import Path
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components.steps import (
     CPU_IMAGE,
@@ -36,22 +36,50 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
 
 
+# the keys of the Kubernetes Secret `Placement.secret` that become environment variables of every pod: MLflow's
+# client credentials and the S3 keys of boto3 (artifacts, MLflow's artifact store); each optional
+SECRET_ENV = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                             "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                             "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+
+
 @dataclass(frozen=True)
 class Placement:
-    """Where tasks run on a cluster: the tasks that run models request a GPU and run the CUDA image (each step
-    then uses the GPU by itself, cmce.device); the others run the CPU image. gpu=False: everything on the CPU
-    image without a GPU. kfp.local ignores all of this."""
+    """Where tasks run on a cluster: the tasks that run models request a GPU, run the CUDA image and are
+    steered to GPU nodes (node selector `gpu_node_label`, toleration of the `gpu_taint` key) (each step then
+    uses the GPU by itself, cmce.device); the others run the CPU image. gpu=False: everything on the CPU image
+    without a GPU. `secret`: a Kubernetes Secret whose SECRET_ENV keys every pod gets as environment
+    variables ("" = none; optional, so a cluster without it still runs). kfp.local ignores all of this."""
 
     cpu_image: str = CPU_IMAGE
     cuda_image: str = CUDA_IMAGE
     gpu: bool = True
+    secret: str = "cmce-credentials"
+    gpu_node_label: tuple[str, str] = ("nvidia.com/gpu.present", "true")  # the GPU operator's node label
+    gpu_taint: str = "nvidia.com/gpu"
 
-    def place(self, task: dsl.PipelineTask, cpu: str, memory: str, runs_models: bool = False) -> dsl.PipelineTask:
+    def place(self, task: dsl.PipelineTask, cpu: str, memory: str, runs_models: bool = False,
+              side_effects: bool = False, retry: bool = True) -> dsl.PipelineTask:
+        """Resources and image; `side_effects`: the task changes state outside its outputs (opens or closes
+        MLflow runs, registers models, moves aliases), so a cached result must never stand in for running it;
+        `retry`: it may fail for a passing reason (a preempted node, the tracking server or S3 unreachable)."""
         task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+        if side_effects:
+            task.set_caching_options(False)
+        if retry:
+            task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2.0,
+                           backoff_max_duration="600s")
+        if self.secret:
+            kubernetes.use_secret_as_env(task, self.secret, SECRET_ENV, optional=True)
         if runs_models and self.gpu:
             task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+            kubernetes.add_node_selector(task, *self.gpu_node_label)
+            kubernetes.add_toleration(task, key=self.gpu_taint, operator="Exists", effect="NoSchedule")
             return task.set_container_image(self.cuda_image)
         return task.set_container_image(self.cpu_image)
+
+
+RETRIES = 2
 
 
 def default_params(path: Path = PARAMS_FILE) -> str:
@@ -83,27 +111,29 @@ def make_pipeline(params_yaml: str | None = None, parallelism: int = 0, placemen
         """`overrides`: KEY=VALUE settings over params_yaml (e.g. "train.epochs=2", "gallery_models=[resnet]").
         `embed_shards` slices the gallery for the embedding fan-out; `embed_workers` image-decoding processes
         per shard task."""
-        cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi")
+        cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi", retry=False)
         config = cfg.outputs["config"]
-        names = place(gallery_model_names(config=config), "1", "1Gi").output
-        track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi")
+        names = place(gallery_model_names(config=config), "1", "1Gi", retry=False).output
+        track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi",
+                      side_effects=True)
         track = track.outputs["tracking"]
         data = place(prepare_data(config=config, tracking=track), "1", "4Gi").outputs["dataset"]
         query = train_model(config=config, tracking=track, model_name=cfg.outputs["query_model"], dataset=data)
-        place(query.set_display_name("train-query-model"), "4", "8Gi", runs_models=True)
+        place(query.set_display_name("train-query-model"), "4", "8Gi", runs_models=True, side_effects=True)
         edge = export_query(tracking=track, dataset=data, query_model=query.outputs["model"])
-        place(edge.set_display_name("export-query-model"), "2", "4Gi")  # onnxruntime and torch on the CPU
+        # onnxruntime and torch on the CPU; it registers the export in MLflow
+        place(edge.set_display_name("export-query-model"), "2", "4Gi", side_effects=True)
 
         with dsl.ParallelFor(names, name="gallery-models", parallelism=parallelism) as name:
             gallery = train_model(config=config, tracking=track, model_name=name, dataset=data)
-            place(gallery.set_display_name("train-gallery-model"), "4", "16Gi", runs_models=True)
+            place(gallery.set_display_name("train-gallery-model"), "4", "16Gi", runs_models=True, side_effects=True)
             transform = fit_transform(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                                       gallery_model=gallery.outputs["model"])
-            place(transform, "2", "8Gi", runs_models=True)
+            place(transform, "2", "8Gi", runs_models=True, side_effects=True)
 
         bundle = place(bundle_members(config=config, gallery_models=dsl.Collected(gallery.outputs["model"]),
                                       transformations=dsl.Collected(transform.outputs["transformation"])), "1", "2Gi")
-        shards = place(shard_list(num_shards=embed_shards), "1", "1Gi")
+        shards = place(shard_list(num_shards=embed_shards), "1", "1Gi", retry=False)
         with dsl.ParallelFor(shards.output, name="gallery-shards", parallelism=parallelism) as shard:
             part = embed_gallery_shard(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                                        bundle=bundle.outputs["bundle"], shard=shard, workers=embed_workers)
@@ -115,7 +145,7 @@ def make_pipeline(params_yaml: str | None = None, parallelism: int = 0, placemen
             report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                               gallery=ensemble.outputs["gallery"], members=bundle.outputs["bundle"],
                               index=index.outputs["index"], **kd_students)
-            place(report, "2", "16Gi", runs_models=True)
+            place(report, "2", "16Gi", runs_models=True, side_effects=True)  # closes the run; reads aliases
 
         # The KD baseline only where the config enables it. KFP lets nothing outside a condition read a task
         # inside it, so each branch has its own evaluation, and the students their own loop, their teachers

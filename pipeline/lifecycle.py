@@ -36,9 +36,10 @@ def _import(uri: str, cls):
 
 def _config_and_tracking(place, params_yaml, overrides, mlflow_uri, run_name):
     """The resolved-config task, its config artifact, and the tracking artifact."""
-    cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi")
+    cfg = place(resolve_config(params_yaml=params_yaml, overrides=overrides), "1", "1Gi", retry=False)
     config = cfg.outputs["config"]
-    track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi")
+    track = place(start_tracking(config=config, mlflow_uri=mlflow_uri, run_name=run_name), "1", "1Gi",
+                  side_effects=True)
     return cfg, config, track.outputs["tracking"]
 
 
@@ -61,9 +62,10 @@ def make_add_gallery_model_pipeline(params_yaml: str | None = None, placement: P
         data, query = _import(dataset_uri, Dataset), _import(query_model_uri, Model)
         served = _import(gallery_uri, Dataset)
         new = train_model(config=config, tracking=track, model_name=cfg.outputs["add_gallery_model"], dataset=data)
-        place(new.set_display_name("train-gallery-model"), "4", "16Gi", runs_models=True)
+        place(new.set_display_name("train-gallery-model"), "4", "16Gi", runs_models=True, side_effects=True)
         transform = place(fit_transform(config=config, tracking=track, dataset=data, query_model=query,
-                                        gallery_model=new.outputs["model"]), "2", "8Gi", runs_models=True)
+                                        gallery_model=new.outputs["model"]), "2", "8Gi", runs_models=True,
+                          side_effects=True)
         member = place(embed_member(config=config, tracking=track, dataset=data, query_model=query,
                                     gallery_model=new.outputs["model"],
                                     transformation=transform.outputs["transformation"]), "4", "8Gi", runs_models=True)
@@ -71,7 +73,7 @@ def make_add_gallery_model_pipeline(params_yaml: str | None = None, placement: P
         index = place(build_index(config=config, tracking=track, gallery=grown.outputs["new_gallery"]), "2", "16Gi")
         place(gate(config=config, tracking=track, dataset=data, baseline_query_model=query, baseline_gallery=served,
                    query_model=query, gallery=grown.outputs["new_gallery"], index=index.outputs["index"]), "2", "16Gi",
-              runs_models=True)
+              runs_models=True, side_effects=True)
 
     return add_gallery_model_pipeline
 
@@ -98,16 +100,16 @@ def make_upgrade_query_model_pipeline(params_yaml: str | None = None, placement:
         served, stored = _import(gallery_uri, Dataset), _import(train_embeddings_uri, Dataset)
         new_query = train_model(config=config, tracking=track, model_name=cfg.outputs["new_query_model"],
                                 dataset=data)
-        place(new_query.set_display_name("train-query-model"), "4", "8Gi", runs_models=True)
+        place(new_query.set_display_name("train-query-model"), "4", "8Gi", runs_models=True, side_effects=True)
         upgraded = place(upgrade_query_model(config=config, tracking=track, dataset=data, gallery=served,
                                              query_model=new_query.outputs["model"], train_embeddings=stored),
-                         "2", "16Gi", runs_models=True)
+                         "2", "16Gi", runs_models=True, side_effects=True)
         index = place(build_index(config=config, tracking=track, gallery=upgraded.outputs["new_gallery"]),
                       "2", "16Gi")
         place(gate(config=config, tracking=track, dataset=data, baseline_query_model=old_query,
                    baseline_gallery=served, query_model=new_query.outputs["model"],
                    gallery=upgraded.outputs["new_gallery"], index=index.outputs["index"]), "2", "16Gi",
-              runs_models=True)
+              runs_models=True, side_effects=True)
 
     return upgrade_query_model_pipeline
 

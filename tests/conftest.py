@@ -53,10 +53,12 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def dvc_repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("dvcrepo")
-    for name in (".dvc", ".dvcignore", "dvc.yaml", "src"):
+    for name in (".dvc", ".dvcignore", "dvc.yaml", "src", "lifecycle"):  # lifecycle: a DVC project of its own
         src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("tmp", "cache", "artifacts", "dvc.lock"))
+        else:
+            shutil.copy(src, repo / name)
     shutil.copy(SMOKE, repo / "params.yaml")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     res = dvc(repo, "repro")

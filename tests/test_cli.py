@@ -24,11 +24,12 @@ def test_metrics_json_has_every_configuration(smoke_run):
     assert on_disk.keys() == metrics.keys()
     for name, values in metrics.items():
         assert on_disk[name] == pytest.approx(values, nan_ok=True)
-    expected = {"sym_query", "asym_ensemble/1", "asym_ensemble/2", "rejection/uncertainty", "rejection/random"}
+    expected = {"sym_query", "asym_ensemble/1", "asym_ensemble/2", "rejection/uncertainty", "rejection/random", "index"}
     for g in GALLERY:
         expected |= {f"sym_gallery/{g}", f"asym/{g}", f"kd/{g}"}
     assert set(on_disk) == expected
-    for name in expected - {"rejection/uncertainty", "rejection/random"}:
+    assert set(on_disk["index"]) == {"indexed", "neighbour_recall@10", "R@1"}
+    for name in expected - {"rejection/uncertainty", "rejection/random", "index"}:
         assert {"R@1", "R@2", "R@4", "R@8", "MAP@R", "TAR@FAR=0.01", "TAR@FAR=0.001", "TAR@FAR=0.0001"} <= set(
             on_disk[name]
         )
@@ -38,7 +39,7 @@ def test_metrics_json_has_every_configuration(smoke_run):
     # the models learned something: far above the 10% chance level of digits
     assert on_disk["sym_query"]["R@1"] > 0.6
     assert on_disk["sym_gallery/resnet_a"]["R@1"] > 0.5
-    for f in ("results.md", "versions.json", "query.parquet"):
+    for f in ("results.md", "versions.json", "query.parquet", "summary.json", "recall.csv", "rejection.csv"):
         assert (lay.eval_dir / f).stat().st_size > 0
     for f in ("recall.png", "rejection.png"):
         assert (lay.eval_dir / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

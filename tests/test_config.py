@@ -5,6 +5,7 @@ import types
 import typing
 
 import pytest
+import yaml
 
 from cmce.config import Config, ConfigError, load_config
 
@@ -219,3 +220,31 @@ def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(p)
     assert len(str(err.value)) < 400 and "\n" not in str(err.value)
+
+
+def test_gallery_models_keyed_by_name_read_as_the_list(tmp_path):
+    """The mapping form (DVC's foreach names stages by its keys) is the list form in its order."""
+    head = "query_model: {name: q, arch: query_cnn}\n"
+    listed = load_config(_write(tmp_path, head + "gallery_models: [{name: z, arch: resnet}, "
+                                                 "{name: a, arch: vgg, width: 8}]"))
+    keyed = load_config(_write(tmp_path, head + "gallery_models: {z: {arch: resnet}, a: {arch: vgg, width: 8}}\n"))
+    assert keyed == listed and [m.name for m in keyed.gallery_models] == ["z", "a"]
+    path = tmp_path / "c.yaml"
+    assert [m.name for m in load_config(path, {"gallery_models": ["a"]}).gallery_models] == ["a"]
+    assert load_config(path, {"gallery_models.a.width": 16}).gallery_models[1].width == 16
+    path.write_text("query_model: {name: q, arch: query_cnn}\ngallery_models: {z: {name: y, arch: resnet}}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: gallery_models.z: its name key says 'y'"):
+        load_config(path)
+    path.write_text("query_model: {name: q, arch: query_cnn}\ngallery_models: {z: resnet}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: gallery_models.z: expected a mapping, got str"):
+        load_config(path)
+
+
+def test_params_files_name_their_gallery_models_as_keys():
+    """params.yaml and every config (any may be copied as params.yaml) use the form dvc.yaml's foreach needs."""
+    from tests.conftest import ROOT
+
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
+        raw = yaml.safe_load(path.read_text())
+        assert isinstance(raw["gallery_models"], dict), path
+        assert [m.name for m in load_config(path).gallery_models] == list(raw["gallery_models"])

@@ -1,7 +1,10 @@
 """`dvc repro` of dvc.yaml on the smoke params in a temporary copy: clean status after, same metrics as
-`cmce run` (and so as the KFP run), metrics/plots readable by DVC, outputs pushed to the local remote."""
+`cmce run` (and so as the KFP run), metrics/plots readable by DVC for any commit or experiment, stages
+named by model, outputs pushed to the local remote."""
 
+import csv
 import json
+import os
 import shutil
 
 import pytest
@@ -11,19 +14,77 @@ from tests.conftest import dvc as _dvc
 
 
 def test_repro_then_status_is_clean(dvc_repo):
+    """The lifecycle stages (a DVC project of their own, not yet run) leave the main project's status alone."""
+    assert (dvc_repo / "lifecycle" / "dvc.yaml").exists()
     res = _dvc(dvc_repo, "status")
     assert res.returncode == 0 and "up to date" in res.stdout, res.stdout
+    res = _dvc(dvc_repo, "stage", "list", "--name-only")
+    assert {"train_gallery@resnet_a", "fit_transform@vgg_b", "train_kd@vgg_b"} <= set(res.stdout.split()), res.stdout
 
 
-def test_same_metrics_as_the_in_process_run(dvc_repo, smoke_run):
+def test_metrics_show_is_the_flat_summary_equal_to_the_in_process_run(dvc_repo, smoke_run):
+    from cmce.report import summary
+
     _, expected = smoke_run
     res = _dvc(dvc_repo, "metrics", "show", "--json")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and "failed" not in res.stderr.lower(), res.stderr
     shown = json.loads(res.stdout)
-    metrics = next(iter(shown.values()))["data"]["artifacts/eval/metrics.json"]["data"]
-    assert metrics.keys() == expected.keys()
+    (files,) = [v["data"] for v in shown.values()]
+    assert list(files) == ["artifacts/eval/summary.json"]
+    metrics = files["artifacts/eval/summary.json"]["data"]
+    assert metrics == pytest.approx(summary(expected))
+    assert len(metrics) <= 20 and all(isinstance(v, float) for v in metrics.values())
+    # the index's setting reaches a metric: the smoke config rejects 10 % of the gallery
+    assert metrics["index/indexed"] == pytest.approx(0.9, abs=0.01)
+    full = json.loads((dvc_repo / "artifacts" / "eval" / "metrics.json").read_text())
+    assert full.keys() == expected.keys()
     for key in expected:
-        assert metrics[key] == pytest.approx(expected[key], nan_ok=True), key
+        assert full[key] == pytest.approx(expected[key], nan_ok=True), key
+
+
+def _git(repo, *args):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    import subprocess
+
+    subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+
+
+def _find(tree, key):
+    """Every value under `key` anywhere in a nested JSON tree."""
+    if isinstance(tree, dict):
+        return ([tree[key]] if key in tree else []) + [v for x in tree.values() for v in _find(x, key)]
+    return [v for x in tree for v in _find(x, key)] if isinstance(tree, list) else []
+
+
+def test_an_experiment_on_an_index_setting_shows_in_exp_show_metrics_and_plots_diff(dvc_repo, tmp_path):
+    """The problem as reported: `dvc exp run -S index.reject_fraction=0.3` ran, but `exp show` had `!` for every
+    metric and `metrics diff` had no numbers for HEAD (metrics were neither in git nor in the cache)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "baseline")
+    res = _dvc(repo, "exp", "run", "-S", "index.reject_fraction=0.3", "--name", "reject30")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ran = [line for line in res.stdout.splitlines() if line.startswith("Running stage")]
+    assert [line.split("'")[1] for line in ran] == ["build_index", "evaluate"], ran
+    res = _dvc(repo, "exp", "show", "--json")
+    assert res.returncode == 0, res.stderr
+    indexed = sorted(_find(json.loads(res.stdout), "index/indexed"))
+    assert indexed[0] == pytest.approx(0.7, abs=0.01) and indexed[-1] == pytest.approx(0.9, abs=0.01), indexed
+    res = _dvc(repo, "exp", "apply", "reject30")
+    assert res.returncode == 0, res.stderr
+    res = _dvc(repo, "metrics", "diff", "HEAD", "--json")
+    assert res.returncode == 0 and "artifacts/eval/summary.json" in res.stdout, (res.stdout, res.stderr)
+    diff = json.loads(res.stdout)["artifacts/eval/summary.json"]
+    assert diff["index/indexed"]["old"] == pytest.approx(0.9, abs=0.01)
+    assert diff["index/indexed"]["new"] == pytest.approx(0.7, abs=0.01)
+    res = _dvc(repo, "plots", "diff", "HEAD", "--json")
+    assert res.returncode == 0, res.stderr
+    plots = json.loads(res.stdout)["data"]
+    (recall,) = [v for k, v in plots.items() if k.startswith("recall@K")]
+    drawn = {(d["rev"], d["field"]) for p in recall for d in p["content"]["data"]["values"]}
+    assert drawn == {(rev, f) for rev in ("HEAD", "workspace") for f in ("served", "sym_query")}, drawn
 
 
 def test_same_models_as_the_in_process_run(dvc_repo, smoke_run):
@@ -44,7 +105,9 @@ def test_plots_and_push(dvc_repo, tmp_path):
     res = _dvc(dvc_repo, "plots", "show", "-o", str(tmp_path / "plots"))
     assert res.returncode == 0, res.stderr
     html = (tmp_path / "plots" / "index.html").read_text()
-    assert "recall.png" in html and "rejection.png" in html
+    assert "recall.png" in html and "rejection.png" in html and "recall@K of the served ensemble" in html
+    rows = list(csv.DictReader((dvc_repo / "artifacts" / "eval" / "recall.csv").open()))
+    assert [r["served"] for r in rows] == [r["asym_ensemble/2"] for r in rows]
     res = _dvc(dvc_repo, "push")
     assert res.returncode == 0, res.stderr
     assert any((dvc_repo / "dvc-storage").rglob("*")), "nothing pushed to the local remote"
@@ -67,11 +130,11 @@ def test_kd_disabled_leaves_the_student_folders_empty(dvc_repo, smoke_run, tmp_p
     shutil.copytree(dvc_repo, repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["kd"]["enabled"] = False
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     res = _dvc(repo, "repro")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Running stage 'train_kd@" in res.stdout and "Running stage 'train_query'" not in res.stdout, res.stdout
-    names = [g["name"] for g in params["gallery_models"]]
+    names = list(params["gallery_models"])
     assert [sorted((repo / "artifacts" / "kd" / n).iterdir()) for n in names] == [[] for _ in names]
     _, expected = smoke_run
     got = json.loads((repo / "artifacts" / "eval" / "metrics.json").read_text())

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from cmce.config import EvaluateConfig
-from cmce.evaluate import EvalInputs, cosine_scores, evaluate, rejection_curves
+from cmce.evaluate import EvalInputs, cosine_scores, evaluate, index_checks, load_evaluation, rejection_curves
+from cmce.index import build_index, load_index
+from cmce.tables import TableError
 
 
 def dense(queries, gallery, self_cols, domains=None) -> np.ndarray:
@@ -14,7 +16,7 @@ def test_collected_inputs_in_any_order_give_the_same_metrics(smoke_run, tmp_path
     lay, metrics = smoke_run
     names = lay.gallery_names[::-1]
     inputs = EvalInputs(lay.dataset, lay.model("query"), lay.gallery,
-                        [lay.transformation(n) for n in names], [lay.kd_student(n) for n in names])
+                        [lay.transformation(n) for n in names], [lay.kd_student(n) for n in names], lay.index)
     cfg = EvaluateConfig(rejection_rates=[0.0, 0.1, 0.3], random_repeats=2)
     again = evaluate(inputs, cfg, tmp_path)
     assert list(again) == list(metrics)
@@ -104,3 +106,120 @@ def test_self_columns_point_each_query_at_its_own_gallery_row_or_minus_one():
     from cmce.evaluate import self_columns
 
     assert self_columns(["a", "x", "c"], ["c", "a", "b"]).tolist() == [1, -1, 0]
+
+
+def test_index_settings_show_in_the_index_checks(smoke_run, tmp_path):
+    """The built index is searched as served: with nothing rejected a flat index returns exact search's
+    neighbours and the ensemble's R@1; rejecting 30 % of the gallery shows in the share indexed and the
+    neighbour recall."""
+    lay, metrics = smoke_run
+    names = lay.gallery_names
+    data = load_evaluation(EvalInputs(lay.dataset, lay.model("query"), lay.gallery,
+                                      [lay.transformation(n) for n in names]))
+    checks = {}
+    for fraction in (0.0, 0.3):
+        data.index = load_index(build_index(lay.gallery, tmp_path / f"index{fraction}", fraction, "flat"))
+        checks[fraction] = index_checks(data)
+    whole, rejected = checks[0.0], checks[0.3]
+    assert whole["indexed"] == 1.0 and whole["neighbour_recall@10"] == pytest.approx(1.0)
+    assert whole["R@1"] == pytest.approx(metrics[f"asym_ensemble/{len(names)}"]["R@1"])
+    assert rejected["indexed"] == pytest.approx(0.7, abs=1 / len(data.gallery_ids))
+    assert rejected["neighbour_recall@10"] < 0.9
+    assert metrics["index"]["indexed"] == pytest.approx(0.9, abs=1 / len(data.gallery_ids))  # smoke: 0.1 rejected
+
+
+def test_an_index_of_another_gallery_is_refused(smoke_run, tmp_path):
+    lay, _ = smoke_run
+    other = tmp_path / "other.parquet"
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(lay.gallery)
+    pq.write_table(table.slice(0, table.num_rows - 1).replace_schema_metadata(table.schema.metadata), other)
+    build_index(other, tmp_path / "index", 0.0, "flat")
+    inputs = EvalInputs(lay.dataset, lay.model("query"), lay.gallery,
+                        [lay.transformation(n) for n in lay.gallery_names], [], tmp_path / "index")
+    with pytest.raises(TableError, match="built from another gallery"):
+        evaluate(inputs, EvaluateConfig(), tmp_path / "eval")
+
+
+def _metrics(n_members: int = 2) -> dict:
+    """A metrics dict shaped as evaluate writes it; asym/a equals asym_ensemble/1 (the ensemble of a alone)."""
+    def row(r1: float) -> dict:
+        return {"R@1": r1, "R@2": r1 + 0.02, "R@4": r1 + 0.03, "R@8": r1 + 0.04, "MAP@R": r1 - 0.3,
+                "TAR@FAR=0.001": float("nan")}
+
+    names = "abcdefgh"[:n_members]
+    out = {"sym_query": row(0.6), **{f"sym_gallery/{m}": row(0.8) for m in names},
+           **{f"asym/{m}": row(0.7) for m in names},
+           **{f"asym_ensemble/{n}": row(0.7 + 0.01 * (n - 1)) for n in range(1, n_members + 1)},
+           "index": {"indexed": 0.9, "neighbour_recall@10": 0.88, "R@1": 0.72}}
+    rates = ("0", "0.1", "0.3")
+    out["rejection/uncertainty"] = {f"{p}_error@{r}": 0.2 - 0.001 * i for i, r in enumerate(rates)
+                                    for p in ("retrieval", "verification")}
+    out["rejection/random"] = {f"{p}_error@{r}": 0.2 for r in rates for p in ("retrieval", "verification")}
+    return out
+
+
+def test_summary_is_flat_small_and_finite():
+    from cmce.report import summary
+
+    s = summary(_metrics(3))
+    assert all(isinstance(v, float) and np.isfinite(v) for v in s.values())
+    assert len(s) <= 20 and "ensemble/TAR@FAR=0.001" not in s  # not finite: left out, never NaN in JSON
+    assert s["ensemble/R@1"] == pytest.approx(0.72) and s["ensemble/MAP@R"] == pytest.approx(0.42)
+    assert s["index/neighbour_recall@10"] == 0.88 and s["asym/c/R@1"] == 0.7
+    assert s["rejection/retrieval_error@0.3/uncertainty"] == pytest.approx(0.198)
+
+
+def test_plot_data_files_hold_what_the_plots_draw(tmp_path):
+    import csv
+
+    from cmce.report import write_reports
+
+    metrics = _metrics(2)
+    write_reports(metrics, {}, tmp_path, rejection_far=1e-3)
+    recall = list(csv.DictReader((tmp_path / "recall.csv").open()))
+    assert [int(r["K"]) for r in recall] == [1, 2, 4, 8]
+    assert set(recall[0]) == {"K", "served", "sym_query", "sym_gallery/a", "sym_gallery/b", "asym/a", "asym/b",
+                              "asym_ensemble/1", "asym_ensemble/2"}
+    assert [float(r["served"]) for r in recall] == [float(r["asym_ensemble/2"]) for r in recall] == \
+        pytest.approx([71, 73, 74, 75])
+    rejection = list(csv.DictReader((tmp_path / "rejection.csv").open()))
+    assert [float(r["rejected"]) for r in rejection] == [0, 10, 30]
+    assert float(rejection[2]["retrieval_uncertainty"]) == pytest.approx(19.8)
+    assert float(rejection[2]["verification_random"]) == pytest.approx(20.0)
+    for name in ("recall.png", "rejection.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_recall_plot_shows_every_configuration_with_plain_ticks():
+    import matplotlib.pyplot as plt
+
+    from cmce.report import recall_figure
+
+    fig = recall_figure(_metrics(5))
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 1 + 5 + 5 + 5
+    styles = {(line.get_marker(), line.get_linestyle(), line.get_color()) for line in lines}
+    assert len(styles) == len(lines)  # asym/a is not drawn exactly like asym_ensemble/1, over which it lies
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == []  # no "3×10⁰"
+    legend = ax.get_legend()
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes, covering no line
+    plt.close(fig)
+
+
+def test_rejection_plot_names_its_far_and_does_not_magnify_noise():
+    import matplotlib.pyplot as plt
+
+    from cmce.report import MIN_SPAN, rejection_figure
+
+    fig = rejection_figure(_metrics(2), far=1e-3)
+    retrieval, verification = fig.axes
+    assert "FAR = 0.001" in verification.get_title()
+    for ax in fig.axes:  # the curves differ by 0.2 points: drawn within a span of at least MIN_SPAN points
+        lo, hi = ax.get_ylim()
+        assert hi - lo >= MIN_SPAN and 0 <= lo and hi <= 100
+    plt.close(fig)

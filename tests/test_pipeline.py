@@ -17,7 +17,7 @@ GALLERY = ["resnet_a", "vgg_b"]
 
 
 def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
-    for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_GPU"):
+    for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_GPU", "CMCE_K8S_SECRET"):
         monkeypatch.delenv(var, raising=False)
     for name, package in PACKAGES.items():
         fresh = compile_pipeline(tmp_path / f"{name}.yaml", name)
@@ -33,7 +33,7 @@ def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
 def test_every_task_that_runs_a_model_gets_a_gpu_and_the_cuda_image():
     """On a cluster these pods get a GPU, which each step then uses by itself (tests/test_device.py); the rest
     run the CPU image without one."""
-    executors = yaml.safe_load(COMPILED.read_text())["deploymentSpec"]["executors"]
+    executors = _compiled()[0]["deploymentSpec"]["executors"]
     on_gpu = {name.removeprefix("exec-") for name, e in executors.items()
               if (e["container"].get("resources", {}).get("accelerator") or {}).get("resourceType") == "nvidia.com/gpu"}
     assert on_gpu == {"train-model", "train-model-2", "train-kd-student", "fit-transform", "embed-gallery-shard",
@@ -41,6 +41,74 @@ def test_every_task_that_runs_a_model_gets_a_gpu_and_the_cuda_image():
     for name, e in executors.items():
         assert e["container"]["image"] == ("localhost/cmce:cuda" if name.removeprefix("exec-") in on_gpu
                                            else "localhost/cmce:cpu"), name
+
+
+def _compiled(path=COMPILED) -> tuple[dict, dict]:
+    """The pipeline spec and the Kubernetes platform spec (its second YAML document; {} when absent)."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {}).get("platforms", {}).get("kubernetes", {})
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the pipeline, in the root DAG and inside loops and conditions, by task name."""
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    return {name: task for dag in dags for name, task in dag["tasks"].items()}
+
+
+# tasks that open or close MLflow runs, register models or move aliases, by their component
+SIDE_EFFECTS = {"start-tracking", "train-model", "fit-transform", "evaluate", "gate", "upgrade-query-model"}
+NO_RETRY = {"resolve-config", "gallery-model-names", "shard-list"}  # a failure there is the input's, not passing
+
+
+def _component(task: dict) -> str:
+    import re
+
+    return re.sub(r"-\d+$", "", task["componentRef"]["name"].removeprefix("comp-"))
+
+
+@pytest.mark.parametrize("package", list(PACKAGES.values()), ids=list(PACKAGES))
+def test_tasks_with_side_effects_are_never_cached_and_the_rest_retry(package):
+    tasks = {name: task for name, task in _tasks(_compiled(package)[0]).items() if "componentRef" in task
+             and not task["componentRef"]["name"].startswith("comp-for-loop")
+             and not task["componentRef"]["name"].startswith("comp-condition")
+             and "importer" not in task["componentRef"]["name"]}
+    assert {"start-tracking", "build-index"} <= {_component(t) for t in tasks.values()}
+    for name, task in tasks.items():
+        cached = task.get("cachingOptions", {}).get("enableCache", False)
+        assert cached == (_component(task) not in SIDE_EFFECTS), name
+        retry = task.get("retryPolicy", {})
+        assert retry.get("maxRetryCount", 0) == (0 if _component(task) in NO_RETRY else 2), name
+        if retry:
+            assert retry["backoffDuration"] == "30s" and retry["backoffFactor"] == 2.0, name
+
+
+def test_pods_get_credentials_from_a_secret_and_gpu_tasks_gpu_nodes():
+    spec, k8s = _compiled()
+    executors = spec["deploymentSpec"]["executors"]
+    on_gpu = {name for name, e in executors.items() if (e["container"].get("resources", {}).get("accelerator") or {})}
+    platform = k8s["deploymentSpec"]["executors"]
+    assert set(platform) == set(executors)
+    for name, pod in platform.items():
+        (secret,) = pod["secretAsEnv"]
+        assert secret["secretName"] == "cmce-credentials" and secret["optional"] is True, name
+        env = {e["envVar"]: e["secretKey"] for e in secret["keyToEnv"]}
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY"} <= set(env) and all(k == v for k, v in env.items()), name
+        if name in on_gpu:
+            assert pod["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}, name
+            assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        else:
+            assert "nodeSelector" not in pod and "tolerations" not in pod, name
+
+
+def test_compile_options_drop_the_secret_and_the_gpu_placement(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMCE_K8S_SECRET", "")
+    monkeypatch.setenv("CMCE_GPU", "0")
+    spec, k8s = _compiled(compile_pipeline(tmp_path / "cpu.yaml"))
+    assert k8s == {}  # no secret, no GPU node: nothing Kubernetes-specific left
+    monkeypatch.setenv("CMCE_K8S_SECRET", "team-keys")
+    _, k8s = _compiled(compile_pipeline(tmp_path / "keys.yaml"))
+    assert {p["secretAsEnv"][0]["secretName"] for p in k8s["deploymentSpec"]["executors"].values()} == {"team-keys"}
 
 
 def test_run_settings_are_the_params_and_key_value_overrides_only(tmp_path):
@@ -154,6 +222,16 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
             "embed-gallery", "merge", "build-index", "evaluate"} <= names
     evaluation = next(r for r in children if r.info.run_name == "evaluate")
     assert 0 < evaluation.data.metrics["asym_ensemble/2/R_at_1"] <= 1
+    # the pipeline run itself: headline numbers, code and data versions (on every step's run too)
+    assert parent.data.metrics["ensemble/R_at_1"] == evaluation.data.metrics["asym_ensemble/2/R_at_1"]
+    from cmce.storage import file_sha256
+    from cmce.tracking import DATA_TAG, GIT_COMMIT_TAG, code_tags
+
+    data_sha = file_sha256(kfp_run / "prepare-data" / "dataset")
+    assert {r.data.tags.get(DATA_TAG) for r in [parent, *children]} == {data_sha}
+    assert {r.data.tags.get(GIT_COMMIT_TAG) for r in [parent, *children]} == {code_tags().get(GIT_COMMIT_TAG)}
+    index_run = next(r for r in children if r.info.run_name == "build-index")
+    assert "index/meta.json" in {a.path for a in client.list_artifacts(index_run.info.run_id, "index")}
     assert "asym_ensemble/2/TAR_at_FAR_0.001" in evaluation.data.metrics
     assert evaluation.data.params["registry.cmce-query"].startswith("cmce-query@candidate=v")
     train = next(r for r in children if r.info.run_name == "train-query")

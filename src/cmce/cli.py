@@ -251,7 +251,8 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
     transforms = [_model(t) for t in args.transform] + sorted(_in(args.transform_dir).glob("*.pt")
                                                                 if args.transform_dir else [])
     students = [_model(s) for s in args.kd] + sorted(_in(args.kd_dir).rglob("*.pt") if args.kd_dir else [])
-    inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students)
+    inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students,
+                        args.index)
     out = _out(args, args.out, is_dir=True, last="metrics.json", own=EVAL_FILES)
     record = stages.evaluate_all(_config(args), inputs, stages.EvalOutputs(out))
     sys.stdout.write(markdown_table(json.loads((out / "metrics.json").read_text())))
@@ -465,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--transform-dir", default=None, help="or: every *.pt in this folder")
     sp.add_argument("--kd", action="append", default=[], metavar="STUDENT", help="KD student checkpoint (repeatable)")
     sp.add_argument("--kd-dir", default=None, help="or: every *.pt in this folder and its subfolders")
+    sp.add_argument("--index", default=None, help="the gallery's built index (folder or s3:// prefix): also search it "
+                    "as served and report its checks (metrics.json 'index')")
     sp.add_argument("--out", required=True)
 
     sp = add("search", cmd_search, "search the index with query images; prints JSON lines", config=False)

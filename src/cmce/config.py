@@ -381,8 +381,24 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: {key}.arch: {err.args[0]}") from None
 
 
+def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
+    """`gallery_models` may be a mapping {name: spec without its name} (DVC's `foreach` then names its stages
+    by model); the rest of cmce reads the list form. Returns `raw`, that key rewritten to a list."""
+    models = raw.get("gallery_models")
+    if isinstance(models, dict):
+        listed = []
+        for name, spec in models.items():
+            if not isinstance(spec, dict):
+                raise ConfigError(f"gallery_models.{name}: expected a mapping, got {type(spec).__name__}")
+            if spec.get("name", name) != name:
+                raise ConfigError(f"gallery_models.{name}: its name key says {spec['name']!r}")
+            listed.append({"name": name, **spec})
+        raw["gallery_models"] = listed
+    return raw
+
+
 def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
-    cfg = _build(Config, raw or {}, "")
+    cfg = _build(Config, models_as_list(raw or {}), "")
     _validate(cfg, where)
     return cfg
 
@@ -405,9 +421,11 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     """Set dotted keys (``train.epochs``) in a raw config mapping; returns the same mapping.
 
     `gallery_models` given as a list of names selects and orders the gallery models of the mapping by name
-    (an unknown name is an error listing the valid ones); given as a list of mappings it replaces them."""
+    (an unknown name is an error listing the valid ones); given as a list of mappings it replaces them.
+    In the mapping form of `gallery_models`, `gallery_models.<name>.<key>` sets one model's key."""
     for dotted, value in overrides.items():
         if dotted == "gallery_models" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            models_as_list(raw)
             specs = {m.get("name"): m for m in raw.get("gallery_models") or [] if isinstance(m, dict)}
             unknown = [n for n in value if n not in specs]
             if unknown:

@@ -10,6 +10,8 @@ Configurations (metrics.json keys):
   asym_ensemble/<n>       query model → mean of the first n transformed gallery models
   kd/<m>                  distilled query-sized student of m → gallery model m
   rejection/uncertainty   asym_ensemble/N with the most uncertain gallery items removed
+  index                   the built index as served (when given): share indexed, neighbour recall
+                          against exact search, R@1 (cmce.evaluate.index_checks)
   rejection/random        the same number of gallery items removed at random (mean of repeats; each repeat
                           removes the first items of one random order of the gallery, at every rate)
 Scores are computed a block of queries at a time on this process's device (cmce.scores, cmce.metrics);
@@ -21,7 +23,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -31,10 +35,11 @@ from cmce.config import EvaluateConfig
 from cmce.data.loader import split_source
 from cmce.data.readers import dataset_info, read_domains
 from cmce.embed import embed_split
+from cmce.index import LoadedIndex, load_index
 from cmce.method import RunningEnsemble, normalize, rejection_mask
 from cmce.metrics import Family, measure, retrieval_metrics
 from cmce.scores import BLOCK_MB, InnerProducts, Scores
-from cmce.storage import atomic_dir, check_replaceable, origin
+from cmce.storage import atomic_dir, check_replaceable, file_sha256, origin
 from cmce.tables import (
     TableError,
     check_rows_are_split,
@@ -55,7 +60,9 @@ from cmce.transform import load_transformation
 
 log = logging.getLogger(__name__)
 # what evaluate writes: query.parquet here, the rest by cmce.report.write_reports
-EVAL_FILES = ("query.parquet", "metrics.json", "versions.json", "results.md", "recall.png", "rejection.png")
+EVAL_FILES = ("query.parquet", "metrics.json", "summary.json", "versions.json", "results.md", "recall.png",
+              "recall.csv", "rejection.png", "rejection.csv")
+INDEX_K = 10  # neighbours compared between the built index and exact search
 Metrics = dict[str, dict[str, float]]
 
 
@@ -66,6 +73,7 @@ class EvalInputs:
     gallery: Path
     transformations: list[Path]  # one per gallery member, any order: matched by gallery model sha256
     kd_students: list[Path] = field(default_factory=list)  # any order: matched by their teacher's sha256
+    index: Path | str | None = None  # the built index of this gallery (a folder or s3:// prefix): its checks
 
 
 Domains = tuple[np.ndarray, np.ndarray]  # domain code of each query, of each gallery item
@@ -186,6 +194,8 @@ class EvalData:
     self_cols: np.ndarray
     domains: Domains | None
     versions: dict
+    gallery: np.ndarray | None = None  # the stored ensemble embeddings (exact search, for the index checks)
+    index: LoadedIndex | None = None
 
 
 def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
@@ -255,10 +265,16 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
         "members": members,
         "gallery": origin(inputs.gallery),  # the s3:// URI when the gallery was downloaded
     }
+    index = None
+    if inputs.index is not None:
+        index = load_index(inputs.index, query_model.sha256)
+        if index.meta.get("gallery_sha256") != file_sha256(inputs.gallery):
+            raise TableError(f"{inputs.index}: index was built from another gallery than {inputs.gallery}")
+        versions["index"] = {k: index.meta.get(k) for k in ("index_type", "reject_fraction", "gallery_sha256")}
     return EvalData(q.ids, q.labels, q.embeddings, g_ids, g_labels,
                     float_column(table, "uncertainty", str(inputs.gallery)), raw, transformed,
                     {m["name"]: students[m["name"]] for m in members if m["name"] in students},  # member order
-                    self_cols, cross_domains(inputs.dataset, q.ids, g_ids), versions)
+                    self_cols, cross_domains(inputs.dataset, q.ids, g_ids), versions, stored, index)
 
 
 def configuration_metrics(data: EvalData, cfg: EvaluateConfig, seed: int = 0) -> Metrics:
@@ -300,10 +316,40 @@ def configuration_metrics(data: EvalData, cfg: EvaluateConfig, seed: int = 0) ->
             record(f"asym_ensemble/{n}", values)
     for name, student in data.students.items():
         run(f"kd/{name}", pairs(student, data.raw[name], data.self_cols), data.query_labels)
+    if data.index is not None:
+        metrics["index"] = index_checks(data)
+        log.info("built index: %s", metrics["index"])
     return metrics | curves
 
 
-def write_evaluation(out_dir: Path, data: EvalData, metrics: Metrics) -> None:
+def _top_k(index: Any, ids: list[str], queries: np.ndarray, query_ids: list[str], k: int) -> list[list[str]]:
+    """Each query's k nearest ids in `index` (rows of `ids`), its own image left out."""
+    _, idx = index.search(np.ascontiguousarray(queries), k + 1)
+    return [[ids[j] for j in row if j >= 0 and ids[j] != own][:k] for row, own in zip(idx, query_ids, strict=True)]
+
+
+def index_checks(data: EvalData) -> dict[str, float]:
+    """The built index searched as it is served, so its settings (rejected fraction, type, search parameters)
+    show in a metric: the share of the gallery it holds; neighbour_recall@K, the mean share of each query's K
+    nearest gallery items by exact search over the whole gallery that the index returns; and, unless queries
+    must leave their own domain (cross_vendor), R@1 of its first result (own image left out)."""
+    assert data.index is not None and data.gallery is not None
+    q = normalize(data.queries, "query embeddings")
+    k = min(INDEX_K, len(data.gallery_ids) - 1)
+    exact = faiss.IndexFlatIP(q.shape[1])
+    exact.add(np.ascontiguousarray(normalize(data.gallery, "gallery embeddings")))
+    want = _top_k(exact, data.gallery_ids, q, data.query_ids, k)
+    got = _top_k(data.index.index, data.index.ids, q, data.query_ids, k)
+    out = {"indexed": len(data.index.ids) / len(data.gallery_ids),
+           f"neighbour_recall@{k}": float(np.mean([len(set(a) & set(b)) / k for a, b in zip(want, got, strict=True)]))}
+    if data.domains is None:
+        label = dict(zip(data.index.ids, data.index.labels.tolist(), strict=True))
+        hits = [bool(row) and label[row[0]] == y for row, y in zip(got, data.query_labels.tolist(), strict=True)]
+        out["R@1"] = float(np.mean(hits))
+    return out
+
+
+def write_evaluation(out_dir: Path, data: EvalData, metrics: Metrics, rejection_far: float | None = None) -> None:
     """query.parquet, metrics.json, versions.json, results.md and the plots, swapped into `out_dir` as one folder."""
     from cmce.report import write_reports  # matplotlib is only needed here
 
@@ -319,7 +365,7 @@ def write_evaluation(out_dir: Path, data: EvalData, metrics: Metrics) -> None:
             ),
             tmp / "query.parquet",
         )
-        write_reports(metrics, data.versions, tmp)
+        write_reports(metrics, data.versions, tmp, rejection_far)
 
 
 def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch_size: int = 256,
@@ -329,5 +375,5 @@ def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch
     check_replaceable(out_dir, EVAL_FILES)  # before the work, not only when swapping the result in
     data = load_evaluation(inputs, batch_size)
     metrics = configuration_metrics(data, cfg, seed)
-    write_evaluation(out_dir, data, metrics)
+    write_evaluation(out_dir, data, metrics, cfg.rejection_far)
     return metrics

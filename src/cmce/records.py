@@ -27,6 +27,8 @@ class StepRecord:
     # (registered name, sha256) whose `production` alias follows a promotion where such a version is registered:
     # the ONNX export of the promoted query model, which a served gallery does not need
     promote_along: list[tuple[str, str]] = field(default_factory=list)
+    inputs: list[tuple[str, Path]] = field(default_factory=list)  # (role, file): the data sets the step read
+    headline: dict = field(default_factory=dict)  # metrics that also go on the pipeline run (the parent)
 
 
 def registry_name(role: str, name: str) -> str:

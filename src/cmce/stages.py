@@ -82,7 +82,7 @@ def prepare_data(cfg: Config, inp: PrepareInputs, out: DatasetOutputs) -> StepRe
     prepare_dataset(cfg.data, out.dataset, cfg.seed, inp.raw_dir)
     info = dataset_info(out.dataset)
     return StepRecord("prepare-data", {"data": cfg.data.__dict__, "seed": cfg.seed},
-                      {"classes": len(info.get("classes", []))})
+                      {"classes": len(info.get("classes", []))}, inputs=[("dataset", out.dataset)])
 
 
 # ---------------------------------------------------------------- models
@@ -105,7 +105,13 @@ def train_model(cfg: Config, inp: TrainInputs, out: ModelOutputs) -> StepRecord 
         return None
     new_query = cfg.lifecycle.new_query_model
     role = "query" if inp.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
-    return record_model(cfg, out.checkpoint, role)
+    return read_data(record_model(cfg, out.checkpoint, role), inp.dataset)
+
+
+def read_data(record: StepRecord, dataset: Path, *others: tuple[str, Path]) -> StepRecord:
+    """The record with the data sets its step read (the tracker logs them as inputs and versions the run)."""
+    record.inputs = [("dataset", dataset), *others]
+    return record
 
 
 @dataclass
@@ -124,7 +130,7 @@ def train_kd_student(cfg: Config, inp: StudentInputs, out: ModelOutputs) -> Step
     train_cfg = cfg.train if cfg.kd.augment else type(cfg.train)(**{**cfg.train.__dict__, "augment": False})
     student = ModelSpec(**{**cfg.query_model.__dict__, "seed": cfg.query_model.seed + 1000})
     train_distilled_student(inp.dataset, inp.teacher, student, cfg.data, train_cfg, out.checkpoint, cfg.kd.epochs)
-    return record_model(cfg, out.checkpoint, "kd") if ddp.is_main() else None
+    return read_data(record_model(cfg, out.checkpoint, "kd"), inp.dataset) if ddp.is_main() else None
 
 
 @dataclass
@@ -175,7 +181,7 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
         write_table(with_metadata(table, meta), out.train_embeddings)
     resume.remove()
     ddp.barrier()
-    return record_transformation(cfg, out.transformation)
+    return read_data(record_transformation(cfg, out.transformation), inp.dataset)
 
 
 @dataclass
@@ -233,7 +239,7 @@ def embed_member(inp: MemberInputs, out: GalleryOutputs) -> StepRecord:
                      inp.shard, inp.workers)
     meta = read_metadata(out.gallery)
     return StepRecord(f"embed-{meta['gallery_model']['name']}", {"member": meta},
-                      {"rows": pq.ParquetFile(out.gallery).metadata.num_rows})
+                      {"rows": pq.ParquetFile(out.gallery).metadata.num_rows}, inputs=[("dataset", inp.dataset)])
 
 
 @dataclass
@@ -266,7 +272,7 @@ def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
         members.append(member)
     combine_members(members, out.gallery)
     return StepRecord("embed-gallery", {"members": len(members), "shard": str(inp.shard)},
-                      {"rows": pq.ParquetFile(out.gallery).metadata.num_rows})
+                      {"rows": pq.ParquetFile(out.gallery).metadata.num_rows}, inputs=[("dataset", inp.dataset)])
 
 
 @dataclass
@@ -276,12 +282,13 @@ class FilesInputs:
 
 def combine(inp: FilesInputs, out: GalleryOutputs) -> StepRecord:
     combine_members(inp.files, out.gallery)
-    return StepRecord("combine", {"members": len(inp.files)})
+    return StepRecord("combine", {"members": len(inp.files)}, artifacts=[out.gallery])
 
 
 def merge(inp: FilesInputs, out: GalleryOutputs) -> StepRecord:
     merge_shards(inp.files, out.gallery)
-    return StepRecord("merge", {"shards": len(inp.files)}, {"rows": pq.ParquetFile(out.gallery).metadata.num_rows})
+    return StepRecord("merge", {"shards": len(inp.files)}, {"rows": pq.ParquetFile(out.gallery).metadata.num_rows},
+                      artifacts=[out.gallery])
 
 
 @dataclass
@@ -300,7 +307,7 @@ def build_gallery_index(cfg: IndexConfig, inp: IndexInputs, out: IndexOutputs) -
     meta = json.loads((out.index / "meta.json").read_text())
     params = {k: meta[k] for k in ("index_type", "reject_fraction", "index_params", "search_params")}
     return StepRecord("build-index", params, {"n_indexed": meta["n_indexed"], "n_rejected": meta["n_rejected"]}, [],
-                      [out.index / "meta.json"])
+                      [out.index], inputs=[("gallery", inp.gallery)])
 
 
 @dataclass
@@ -313,10 +320,13 @@ def evaluate_all(cfg: Config, inp: EvalInputs, out: EvalOutputs) -> StepRecord:
     use_device(cfg)
     metrics = evaluate(inp, cfg.evaluate, out.report, cfg.batch_size, cfg.seed)
     versions = json.loads((out.report / "versions.json").read_text())
-    files = [out.report / f for f in ("metrics.json", "results.md", "versions.json", "recall.png", "rejection.png")]
+    files = [out.report / f for f in ("metrics.json", "summary.json", "results.md", "versions.json", "recall.png",
+                                      "recall.csv", "rejection.png", "rejection.csv")]
     names = [registry_name("query", versions["query_model"]["name"])]
     names += [registry_name(role, m["name"]) for m in versions["members"] for role in ("gallery", "transform")]
-    return StepRecord("evaluate", {"evaluated": versions}, flat_metrics(metrics), [], files, versions_of=names)
+    headline = json.loads((out.report / "summary.json").read_text())
+    return StepRecord("evaluate", {"evaluated": versions}, flat_metrics(metrics), [], files, versions_of=names,
+                      inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)], headline=headline)
 
 
 def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -370,7 +380,8 @@ def add_member(inp: MemberFileInputs, out: GalleryOutputs) -> StepRecord:
 
     grow(inp.gallery, inp.member, out.gallery)
     return StepRecord("add-member", {"gallery": origin(inp.gallery), "member": origin(inp.member)},
-                      {"n_models": float(len(read_metadata(out.gallery)["members"]))})
+                      {"n_models": float(len(read_metadata(out.gallery)["members"]))}, artifacts=[out.gallery],
+                      inputs=[("gallery", inp.gallery)])
 
 
 @dataclass
@@ -400,7 +411,8 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
     refitted = [record_transformation(cfg, t) for t in sorted(out.transformations.glob("*.pt"))]
     return StepRecord("upgrade-query-model", {"gallery": origin(inp.gallery), "transform": cfg.transform.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
-                      register=[reg for r in refitted for reg in r.register])
+                      register=[reg for r in refitted for reg in r.register],
+                      inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)])
 
 
 @dataclass
@@ -444,7 +456,8 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
                                "candidate_gallery": report["candidate_gallery"], "regressed": decision.regressed},
                       decision.flat(), [], [out.decision], promote=served,
                       promote_along=[(registry_name("query-onnx", ""), sha) for name, sha in served
-                                     if name == registry_name("query", "")])
+                                     if name == registry_name("query", "")],
+                      inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)])
 
 
 # ---------------------------------------------------------------- the whole run in one process
@@ -482,5 +495,6 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = ()) -> di
         gallery=lay.gallery,
         transformations=[lay.transformation(g.name) for g in cfg.gallery_models],
         kd_students=[lay.kd_student(g.name) for g in cfg.gallery_models] if cfg.kd.enabled else [],
+        index=lay.index,
     )
     return evaluate(inputs, cfg.evaluate, lay.eval_dir, cfg.batch_size, cfg.seed)

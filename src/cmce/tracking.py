@@ -1,6 +1,11 @@
 """MLflow tracking and model registry: the only module that imports mlflow.
 
 One parent run per pipeline run, one nested run per step (params, per-epoch losses, metrics, artifacts).
+Every run is tagged with the git commit of the code (``mlflow.source.git.commit``: ``CMCE_GIT_COMMIT`` in an
+image, else ``git rev-parse HEAD`` beside the package) and the data version (``cmce.data.sha256``: the
+sha256 of the dataset Parquet file; a step that reads no dataset inherits its parent run's). The data sets a
+step reads are its run's inputs (``log_inputs``); the evaluation's headline numbers go on the parent run.
+Files a step made (the gallery, the index) are its artifacts, or above ARTIFACT_MAX_MB a tag naming them.
 Query models, gallery models and transformations become registered models; the versions a run
 produced get the alias ``candidate``; each version is tagged with its checkpoint's sha256. The alias
 ``production`` moves only through the promotion gate (cmce.promotion): a lifecycle operation's
@@ -14,17 +19,22 @@ Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else a sqlite file under the run d
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+ARTIFACT_MAX_MB = 512  # larger outputs are referenced by a tag (path and sha256), not copied into the store
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+DATA_TAG = "cmce.data.sha256"
 EXPERIMENT = "cmce"
 ALIAS = "candidate"
 PRODUCTION = "production"
@@ -58,7 +68,8 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
         return None
     params = {**record.params, "device": devices.describe(devices.current())}
     return log_step(info.uri, info.run_id, record.step, params, record.metrics, record.history, record.artifacts,
-                    record.register, record.versions_of, record.promote, record.promote_along)
+                    record.register, record.versions_of, record.promote, record.promote_along, record.inputs,
+                    record.headline)
 
 
 @contextlib.contextmanager
@@ -116,9 +127,10 @@ def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) 
 def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_location: str | None = None) -> str:
     """Open the parent run. `artifact_location` (e.g. s3://bucket/mlflow) applies when the experiment is new."""
     client = _client(uri)
-    run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name)
+    run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name, tags=code_tags())
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
+    client.log_dict(run.info.run_id, params, "config.json")  # the whole config in one file, beside its params
     log.info("MLflow parent run %s at %s", run.info.run_id, uri)
     return run.info.run_id
 
@@ -159,15 +171,28 @@ def log_step(
     versions_of: Iterable[str] = (),
     promote: Iterable[tuple[str, str]] = (),
     promote_along: Iterable[tuple[str, str]] = (),
+    inputs: Iterable[tuple[str, Path]] = (),
+    headline: dict[str, float] | None = None,
 ) -> str:
     """Record one step as a nested run; register the given (model name, checkpoint, sha256) triples;
     record the current `candidate` version of the models named in `versions_of` as params; move the
     `production` alias to the versions named by (model name, sha256) in `promote`, and then to those in
-    `promote_along` that are registered."""
+    `promote_along` that are registered; log the (role, file) data sets in `inputs` as the run's inputs;
+    log `headline` metrics on the parent run too."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
-    run = client.create_run(parent.info.experiment_id, run_name=step, tags={"mlflow.parentRunId": parent_run_id})
+    inputs = [(role, Path(path)) for role, path in inputs]
+    data_sha = next((file_digest(p) for role, p in inputs if role == "dataset" and p.is_file()),
+                    parent.data.tags.get(DATA_TAG))
+    tags = {"mlflow.parentRunId": parent_run_id, **code_tags(), **({DATA_TAG: data_sha} if data_sha else {})}
+    run = client.create_run(parent.info.experiment_id, run_name=step, tags=tags)
     rid = run.info.run_id
+    if data_sha and DATA_TAG not in parent.data.tags:  # the first step that reads the dataset versions the run
+        client.set_tag(parent_run_id, DATA_TAG, data_sha)
+    log_datasets(client, rid, inputs)
+    for key, value in (headline or {}).items():
+        if isinstance(value, int | float) and math.isfinite(value):
+            client.log_metric(parent_run_id, safe_metric_name(key), float(value))
     for key, value in flatten(params or {}).items():
         client.log_param(rid, key, value)
     for key, value in (metrics or {}).items():
@@ -179,10 +204,7 @@ def log_step(
             if key != "epoch":
                 client.log_metric(rid, safe_metric_name(key), float(value), step=epoch)
     for path in artifacts:
-        if Path(path).is_dir():
-            client.log_artifacts(rid, str(path), artifact_path=Path(path).name)
-        elif Path(path).exists():
-            client.log_artifact(rid, str(path))
+        log_artifact_or_reference(client, rid, Path(path))
     for name, path, sha256 in register:
         client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
         register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
@@ -214,6 +236,82 @@ def log_step(
             log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
     client.set_terminated(rid)
     return rid
+
+
+def code_tags() -> dict[str, str]:
+    """The git commit of the running code, as MLflow's own tag (nothing when it cannot be known)."""
+    commit = os.environ.get("CMCE_GIT_COMMIT") or _git_head()
+    return {GIT_COMMIT_TAG: commit} if commit else {}
+
+
+@functools.cache
+def _git_head() -> str | None:
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git in the image
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    from cmce.storage import file_sha256
+
+    return file_sha256(path)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, computed once per version of it in this process (several steps may read one dataset)."""
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def log_datasets(client: Any, run_id: str, inputs: list[tuple[str, Path]]) -> None:
+    """The data sets a step read, as MLflow dataset inputs: source = the file (or its s3:// origin), digest =
+    the start of its sha256, context = its role (dataset, gallery, ...)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from cmce.storage import origin
+
+    entries = []
+    for role, path in inputs:
+        if not path.is_file():
+            continue
+        source = str(origin(path))
+        with warnings.catch_warnings():  # a file URI matches two registered local source types: either will do
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(source if "://" in source else path.resolve().as_uri())
+        data = MetaDataset(source, name=path.stem, digest=file_digest(path)[:16])
+        entries.append(DatasetInput(data._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, role)]))
+    if entries:
+        client.log_inputs(run_id, entries)
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def log_artifact_or_reference(client: Any, run_id: str, path: Path) -> None:
+    """A file or folder the step made, copied into the run's artifacts; above ARTIFACT_MAX_MB only a tag
+    `artifact.<name>` naming where it is (and, for a file, its sha256), so the store does not hold a second copy."""
+    from cmce.storage import origin
+
+    if not path.exists():
+        return
+    if _size_mb(path) > ARTIFACT_MAX_MB:
+        where = str(origin(path)) + (f" sha256={file_digest(path)}" if path.is_file() else "")
+        client.set_tag(run_id, f"artifact.{path.name}", where)
+    elif path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path=path.name)
+    else:
+        client.log_artifact(run_id, str(path))
 
 
 def register_version(client: Any, name: str, source: str, run_id: str, sha256: str) -> str:

@@ -1,0 +1,106 @@
+"""What a tracked run records in MLflow: code and data versions on every run, the data sets a step read as
+its inputs, the gallery and index as artifacts of the steps that made them, headline metrics on the parent."""
+
+import pytest
+
+from cmce import stages
+from cmce.config import load_config
+from cmce.evaluate import EvalInputs
+from cmce.records import StepRecord
+from cmce.runner import run_stage
+from cmce.storage import file_sha256
+from cmce.tracking import DATA_TAG, GIT_COMMIT_TAG, TrackingInfo, start_parent_run
+from tests.conftest import SMOKE
+
+
+@pytest.fixture(scope="module")
+def tracked(smoke_run, tmp_path_factory):
+    """The smoke run's last steps published under one parent run: a dataset step, combine, build-index, evaluate."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CMCE_GIT_COMMIT", "0123abcd")
+        return _publish(smoke_run, tmp_path_factory.mktemp("tracked"))
+
+
+def _publish(smoke_run, tmp_path):
+    from mlflow import MlflowClient
+
+    lay, _ = smoke_run
+    cfg = load_config(SMOKE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    info = TrackingInfo(uri, start_parent_run(uri, "cmce", cfg.to_dict()))
+    run_stage(lambda: StepRecord("prepare-data", inputs=[("dataset", lay.dataset)]), tracking=info)
+    members = [lay.member(n) for n in lay.gallery_names]
+    run_stage(stages.combine, stages.FilesInputs(members), stages.GalleryOutputs(tmp_path / "gallery.parquet"),
+              tracking=info)
+    run_stage(stages.build_gallery_index, cfg.index, stages.IndexInputs(lay.gallery),
+              stages.IndexOutputs(tmp_path / "index"), tracking=info)
+    transforms = [lay.transformation(n) for n in lay.gallery_names]
+    inputs = EvalInputs(lay.dataset, lay.model("query"), lay.gallery, transforms, [], tmp_path / "index")
+    run_stage(stages.evaluate_all, cfg, inputs, stages.EvalOutputs(tmp_path / "eval"), tracking=info)
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(info.run_id)
+    children = {r.info.run_name: r for r in client.search_runs([parent.info.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == info.run_id}
+    return lay, client, parent, children
+
+
+def test_every_run_carries_the_code_and_data_versions(tracked):
+    lay, _, parent, children = tracked
+    data_sha = file_sha256(lay.dataset)
+    assert set(children) == {"prepare-data", "combine", "build-index", "evaluate"}
+    for run in [parent, *children.values()]:
+        assert run.data.tags[GIT_COMMIT_TAG] == "0123abcd", run.info.run_name
+        # build-index and combine read no dataset: they inherit the parent's data version
+        assert run.data.tags[DATA_TAG] == data_sha, run.info.run_name
+
+
+def test_the_headline_numbers_are_on_the_parent_run(tracked):
+    _, _, parent, children = tracked
+    evaluation = children["evaluate"].data.metrics
+    assert parent.data.metrics["ensemble/R_at_1"] == evaluation["asym_ensemble/2/R_at_1"]
+    assert parent.data.metrics["ensemble/MAP_at_R"] == evaluation["asym_ensemble/2/MAP_at_R"]
+    assert 0 < parent.data.metrics["index/neighbour_recall_at_10"] <= 1  # the index's setting reaches a metric
+    assert len(parent.data.metrics) < 25
+
+
+def test_the_parent_run_keeps_the_config_as_one_file(tracked, tmp_path):
+    import json
+    from pathlib import Path
+
+    _, client, parent, _ = tracked
+    local = Path(client.download_artifacts(parent.info.run_id, "config.json", str(tmp_path)))
+    assert json.loads(local.read_text()) == load_config(SMOKE).to_dict()
+
+
+def test_data_sets_are_run_inputs(tracked):
+    lay, _, _, children = tracked
+    inputs = children["evaluate"].inputs.dataset_inputs
+    by_role = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(by_role) == {"dataset", "gallery"}
+    assert by_role["dataset"].digest == file_sha256(lay.dataset)[:16]
+    assert by_role["gallery"].digest == file_sha256(lay.gallery)[:16]
+    assert lay.dataset.name in by_role["dataset"].source
+
+
+def test_gallery_and_index_are_artifacts_of_the_runs_that_made_them(tracked):
+    _, client, _, children = tracked
+    assert [a.path for a in client.list_artifacts(children["combine"].info.run_id)] == ["gallery.parquet"]
+    index = {a.path for a in client.list_artifacts(children["build-index"].info.run_id, "index")}
+    assert index == {f"index/{f}" for f in ("index.faiss", "ids.parquet", "rejected.parquet", "meta.json")}
+
+
+def test_a_big_output_is_referenced_not_copied(smoke_run, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    lay, _ = smoke_run
+    monkeypatch.setattr("cmce.tracking.ARTIFACT_MAX_MB", 0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    info = TrackingInfo(uri, start_parent_run(uri, "cmce", {}))
+    out = tmp_path / "gallery.parquet"
+    run_stage(stages.combine, stages.FilesInputs([lay.member(n) for n in lay.gallery_names]),
+              stages.GalleryOutputs(out), tracking=info)
+    client = MlflowClient(tracking_uri=uri)
+    run = next(r for r in client.search_runs([client.get_run(info.run_id).info.experiment_id])
+               if r.info.run_name == "combine")
+    assert client.list_artifacts(run.info.run_id) == []
+    assert run.data.tags["artifact.gallery.parquet"] == f"{out} sha256={file_sha256(out)}"
