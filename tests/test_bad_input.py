@@ -1094,3 +1094,182 @@ def test_search_refuses_an_index_built_from_another_version_of_the_gallery(world
     shutil.copyfile(grown, gallery)  # the gallery moved on; the index did not
     fails(caplog, search, tmp_path / "unused", f"{world.index}: index was built from gallery version",
           "rebuild the index from it")
+
+
+# ---------------------------------------------------------------- a second hostile round: classes found by trial
+def _with_alarm(seconds: int):
+    """A hang fails the test (SIGALRM) instead of stalling the suite."""
+    import signal
+
+    def alarm(signum, frame):
+        raise TimeoutError(f"no answer within {seconds} s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+
+
+def _no_alarm():
+    import signal
+
+    signal.alarm(0)
+
+
+def test_pipes_and_devices_are_neither_read_nor_written(world, tmp_path, caplog):
+    """A FIFO as --config hung (no writer), /dev/zero as an image exhausted memory, and renaming an output
+    over a device node replaced it (as root): inputs must be files or folders, outputs never special files."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _with_alarm(30)
+    try:
+        fails(caplog, ["prepare-data", "--config", fifo, "--out", tmp_path / "d.parquet"], tmp_path / "d.parquet",
+              f"{fifo}: is not a regular file or folder")
+        fails(caplog, ["search", "--index", world.index, "--query-model", world.query, "--images", fifo],
+              tmp_path / "unused", f"{fifo}: is not a regular file or folder")
+        fails(caplog, ["combine", "--member", world.members[0], "--out", fifo], tmp_path / "unused",
+              f"{fifo}: is a device, pipe or socket")
+    finally:
+        _no_alarm()
+    assert fifo.is_fifo()
+
+
+def _truncated(world: World, path: Path, rows: int) -> Path:
+    table = pq.read_table(world.gallery)
+    pq.write_table(table.slice(0, rows).replace_schema_metadata(table.schema.metadata), path)
+    return path
+
+
+def test_a_gallery_that_is_not_the_whole_split_is_neither_indexed_evaluated_nor_promoted(world, tmp_path, caplog):
+    """A 1-row slice of a gallery kept its metadata: it was indexed, evaluated at R@1 = 100 % and promoted."""
+    small = _truncated(world, tmp_path / "small.parquet", 1)
+    fails(caplog, ["build-index", "--gallery", small, "--out", tmp_path / "index"], tmp_path / "index",
+          f"{small}: holds 1 rows that are not the 'test' split it records")
+    fails(caplog, [*evaluate_args(world, gallery=small), "--out", tmp_path / "eval"], tmp_path / "eval",
+          f"{small}: holds 1 rows that are not the 'test' split of {world.dataset}")
+    out = tmp_path / "decision.json"
+    fails(caplog, ["gate", "--config", SMOKE, "--dataset", world.dataset, "--baseline-query-model", world.query,
+                   "--baseline-gallery", world.gallery, "--query-model", world.query, "--gallery", small,
+                   "--out", out], out, f"{small}: holds 1 rows that are not the 'test' split of {world.dataset}")
+
+
+def test_members_or_galleries_with_other_labels_for_the_same_ids(world, tmp_path, caplog):
+    table = pq.read_table(world.members[1])
+    labels = table.column("label").to_numpy().copy()
+    labels[3] += 100
+    member = rewrite(world.members[1], tmp_path / "vgg_b.parquet", label=pa.array(labels, pa.int32()))
+    out = tmp_path / "g.parquet"
+    fails(caplog, ["combine", "--member", world.members[0], "--member", member, "--out", out], out,
+          f"{member}: labels differ from {world.members[0]} for the same ids")
+    gallery = rewrite(world.gallery, tmp_path / "gallery.parquet", label=pa.array(labels, pa.int32()))
+    fails(caplog, [*evaluate_args(world, gallery=gallery), "--out", tmp_path / "eval"], tmp_path / "eval",
+          f"{gallery}: id ", f"the dataset {world.dataset} says")
+
+
+def test_a_dataset_replaced_while_it_is_embedded_writes_nothing(world, tmp_path, caplog, monkeypatch):
+    import cmce.embed
+
+    dataset = Path(shutil.copyfile(world.dataset, tmp_path / "dataset.parquet"))
+    real = cmce.embed.iter_embeddings
+
+    def replaced_midway(*args, **kwargs):
+        for n, item in enumerate(real(*args, **kwargs)):
+            if n == 1:  # another version renamed over it, as writers of datasets do
+                shutil.copyfile(world.dataset, tmp_path / "other.parquet")
+                os.replace(tmp_path / "other.parquet", dataset)
+            yield item
+
+    monkeypatch.setattr(cmce.embed, "iter_embeddings", replaced_midway)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, dataset=dataset), "--out", out, "--batch-size", "8"], out,
+          f"{dataset}: was replaced or changed while this step read it")
+
+
+@pytest.mark.parametrize("split, ids, message", [
+    ("val", None, "column 'split' has the value 'val'; a dataset's splits are ['train', 'test']"),
+    (None, "", "split 'test' has an empty id"),
+])
+def test_dataset_rows_no_step_would_read_are_refused(world, tmp_path, caplog, split, ids, message):
+    table = pq.read_table(world.dataset)
+    test_rows = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "test")
+    if split is not None:
+        values = table.column("split").to_pylist()
+        values[test_rows[0]] = split
+        dataset = rewrite(world.dataset, tmp_path / "dataset.parquet", split=pa.array(values))
+    else:
+        values = table.column("id").to_pylist()
+        values[test_rows[0]] = ids
+        dataset = rewrite(world.dataset, tmp_path / "dataset.parquet", id=pa.array(values))
+    out = tmp_path / "member.parquet"
+    fails(caplog, [*embed_member_args(world, dataset=dataset), "--out", out], out, f"{dataset}: ", message)
+
+
+def test_symlink_loops_and_control_characters_make_one_line(world, tmp_path, caplog):
+    loop = tmp_path / "loop1"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    fails(caplog, ["build-index", "--gallery", loop, "--out", tmp_path / "index"], tmp_path / "index",
+          "is a loop of symbolic links")
+    forged = f"{tmp_path}/missing\n2026-12-05 INFO cmce.index: built flat index"
+    error = fails(caplog, ["build-index", "--gallery", forged, "--out", tmp_path / "index"], tmp_path / "index",
+                  "missing\\n2026-12-05 INFO")
+    assert "\n" not in error
+
+
+def test_merging_files_of_different_kinds_says_so(world, tmp_path, caplog):
+    out = tmp_path / "merged.parquet"
+    fails(caplog, ["merge", world.gallery, world.members[0], "--out", out], out,
+          "files of different kinds ['gallery', 'gallery_member']")
+
+
+def test_an_s3_endpoint_that_never_answers_fails_within_its_timeouts(world, tmp_path, caplog, monkeypatch):
+    """It accepts the connection and never replies: each attempt ends at the read timeout (20 s by default;
+    1 s here), and the step with it."""
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    monkeypatch.setenv("CMCE_S3_READ_TIMEOUT_S", "1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    start = time.monotonic()
+    _with_alarm(60)
+    try:
+        fails(caplog, ["build-index", "--gallery", "s3://bucket/gallery.parquet", "--out", tmp_path / "index"],
+              tmp_path / "index", "s3://bucket/gallery.parquet")
+    finally:
+        _no_alarm()
+        listener.close()
+    assert time.monotonic() - start < 30
+
+
+def test_an_output_file_is_replaced_only_by_a_file_of_its_format(world, tmp_path, caplog):
+    """fit-transform --out naming a gallery replaced the gallery with a checkpoint (exit 0)."""
+    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
+    fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--query-model", world.query,
+                   "--gallery-model", world.gallery_models[0], "--out", gallery], gallery,
+          f"{gallery}: holds a parquet file; this step writes a checkpoint file")
+    model = Path(shutil.copyfile(world.query, tmp_path / "model.parquet"))
+    fails(caplog, ["combine", "--member", world.members[0], "--out", model], model,
+          f"{model}: holds a checkpoint file; this step writes a parquet file")
+    again = tmp_path / "again.parquet"  # a file of the step's own kind is its earlier output: replaced
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(again)]) == 0
+    assert main(["combine", "--member", str(world.members[1]), "--out", str(again)]) == 0
+
+
+def test_conflicting_transformations_and_a_model_given_as_a_student(world, tmp_path, caplog):
+    other = tiny_transform(tmp_path / "t_resnet_a.pt", world.gallery_models[0], "resnet_a", world.query, 12, 8)
+    out = tmp_path / "eval"
+    fails(caplog, [*evaluate_args(world, transforms=[other, *world.transforms]), "--out", out], out,
+          "a second, different transformation for gallery model resnet_a")
+    fails(caplog, [*evaluate_args(world), "--kd", world.gallery_models[0], "--out", out], out,
+          f"{world.gallery_models[0]}: not a KD student (its checkpoint records no teacher)")
+
+
+def test_a_set_key_that_is_not_a_dotted_name_is_named_as_the_flag(tmp_path, caplog):
+    out = tmp_path / "d.parquet"
+    error = fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "gallery_models[0].name=x", "--out", out], out,
+                  "--set 'gallery_models[0].name': not a key")
+    assert str(SMOKE) not in error

@@ -121,11 +121,11 @@ def _in(uri: str) -> Path:
 
 
 def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None,
-         own: tuple[str, ...] | None = None) -> Path:
+         own: tuple[str, ...] | None = None, writes: str | None = None) -> Path:
     """The local path a step writes the output `uri` to, checked before any work (cmce.storage.check_output;
     `own`: the files of a folder replaced whole). An s3:// output is uploaded when the command succeeds
     (main closes args.outputs before tracking); a failed command uploads nothing."""
-    check_output(uri, is_dir, own)
+    check_output(uri, is_dir, own, writes)
     if is_remote(uri) and not ddp.is_main():
         return scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name  # rank 0 writes and uploads
     return args.outputs.enter_context(local_output(uri, is_dir, last))
@@ -174,7 +174,7 @@ def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
     return stages.prepare_data(_config(args), stages.PrepareInputs(_in(args.raw) if args.raw else None),
-                               stages.DatasetOutputs(_out(args, args.out)))
+                               stages.DatasetOutputs(_out(args, args.out, writes="parquet")))
 
 
 def cmd_train(args: argparse.Namespace) -> StepRecord | None:
@@ -184,36 +184,37 @@ def cmd_train(args: argparse.Namespace) -> StepRecord | None:
             return stages.train_kd_student(cfg, stages.StudentInputs(Path(args.dataset), Path(args.kd_teacher)),
                                            stages.ModelOutputs(Path(args.out)))
         return stages.train_kd_student(cfg, stages.StudentInputs(_in(args.dataset), _model(args.kd_teacher)),
-                                       stages.ModelOutputs(_out(args, args.out)))
+                                       stages.ModelOutputs(_out(args, args.out, writes="checkpoint")))
     return stages.train_model(cfg, stages.TrainInputs(_in(args.dataset), args.model),
-                              stages.ModelOutputs(_out(args, args.out)))
+                              stages.ModelOutputs(_out(args, args.out, writes="checkpoint")))
 
 
 def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
     cfg = _config(args)
     inputs = stages.FitInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model))
-    outputs = stages.FitOutputs(_out(args, args.out),
-                                _out(args, args.train_embeddings_out) if args.train_embeddings_out else None)
+    embeddings = args.train_embeddings_out
+    outputs = stages.FitOutputs(_out(args, args.out, writes="checkpoint"),
+                                _out(args, embeddings, writes="parquet") if embeddings else None)
     return stages.fit_transform(cfg, inputs, outputs)
 
 
 def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
     inputs = stages.MemberInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model),
                                  _model(args.transform), args.batch_size, _shard(args), args.workers)
-    return stages.embed_member(inputs, stages.GalleryOutputs(_out(args, args.out)))
+    return stages.embed_member(inputs, stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
 
 
 def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
     inputs = stages.EnsembleInputs(_in(args.dataset), _model(args.query_model), [_model(g) for g in args.gallery_model],
                                    [_model(t) for t in args.transform], args.batch_size, _shard(args), args.workers)
     members_dir = args.members_dir or sibling(args.out, f"{stem(args.out)}_members")
-    outputs = stages.EnsembleOutputs(_out(args, args.out), _out(args, members_dir, is_dir=True))
+    outputs = stages.EnsembleOutputs(_out(args, args.out, writes="parquet"), _out(args, members_dir, is_dir=True))
     return stages.embed_gallery(inputs, outputs)
 
 
 def cmd_merge(args: argparse.Namespace) -> StepRecord:
     return stages.merge(stages.FilesInputs([_in(p) for p in args.shard_file]),
-                        stages.GalleryOutputs(_out(args, args.out)))
+                        stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
 
 
 def cmd_combine(args: argparse.Namespace) -> StepRecord:
@@ -226,7 +227,7 @@ def cmd_combine(args: argparse.Namespace) -> StepRecord:
         members += member_paths(_config(args), _in(args.members_dir))
     if not members:
         raise ValueError("give --member files or --members-dir with --config")
-    return stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(_out(args, args.out)))
+    return stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
 
 
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
@@ -291,7 +292,7 @@ def cmd_export_query(args: argparse.Namespace) -> StepRecord:
                                  _in(args.check_index) if args.check_index else None, args.split)
     if inputs.check_index and not inputs.check_dataset:
         raise ValueError("--check-index needs --check-dataset (the images to search it with)")
-    record = stages.export_query(inputs, stages.ExportOutputs(_out(args, args.out)))
+    record = stages.export_query(inputs, stages.ExportOutputs(_out(args, args.out, writes="onnx")))
     sys.stdout.write(json.dumps({"out": args.out, **record.params, **record.metrics}) + "\n")
     return record
 
@@ -311,7 +312,8 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
     inputs = stages.AddModelInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
                                    _model(args.gallery_model))
     outputs = stages.AddModelOutputs(
-        _out(args, args.out), _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True),
+        _out(args, args.out, writes="parquet"),
+        _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True),
         _index_out(args, args.index_out) if args.index_out else None)
     return stages.add_gallery_model(_config(args), inputs, outputs)
 
@@ -331,20 +333,20 @@ def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
     inputs = stages.UpgradeInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
                                   _parquet_files(args.train_embeddings))
     index = _index_out(args, args.index_out) if args.index_out else None
-    outputs = stages.UpgradeOutputs(_out(args, args.out), _out(args, args.transforms_out, is_dir=True, own=("*.pt",)),
-                                    index)
+    outputs = stages.UpgradeOutputs(_out(args, args.out, writes="parquet"),
+                                    _out(args, args.transforms_out, is_dir=True, own=("*.pt",)), index)
     return stages.upgrade_query_model(_config(args), inputs, outputs)
 
 
 def cmd_add_member(args: argparse.Namespace) -> StepRecord:
     return stages.add_member(stages.MemberFileInputs(_in(args.gallery), _in(args.member)),
-                             stages.GalleryOutputs(_out(args, args.out)))
+                             stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
 
 
 def cmd_gate(args: argparse.Namespace) -> StepRecord:
     inputs = stages.GateInputs(_in(args.dataset), _model(args.baseline_query_model), _in(args.baseline_gallery),
                                _model(args.query_model), _in(args.gallery))
-    record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out)))
+    record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out, writes="json")))
     if args.require_promotion and not record.metrics["promoted"]:
         raise ValueError(f"{args.gallery}: candidate regressed on {record.params['regressed']} (see {args.out})")
     return record
@@ -358,7 +360,7 @@ def cmd_track_start(args: argparse.Namespace) -> None:
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(args.run_dir)
     info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict(), args.artifact_location)}
     if args.out:
-        write_text(_out(args, args.out), json.dumps(info))
+        write_text(_out(args, args.out, writes="json"), json.dumps(info))
     sys.stdout.write(json.dumps(info) + "\n")
 
 

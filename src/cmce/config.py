@@ -417,6 +417,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (``train.epochs``) in a raw config mapping; returns the same mapping.
 
@@ -432,6 +435,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 raise ConfigError(f"gallery_models: unknown gallery model(s) {unknown}; valid names: {sorted(specs)}")
             raw["gallery_models"] = [specs[n] for n in value]
             continue
+        if not OVERRIDE_KEY.fullmatch(dotted):
+            raise ConfigError(f"--set {shown(dotted)}: not a key; keys are dotted names such as train.epochs "
+                              "(one gallery model's: gallery_models.<name>.<key>)")
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -465,7 +471,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         return config_from_dict(apply_overrides(raw, overrides or {}), str(path))
     except ConfigError as err:
         msg = str(err)  # validation messages already start with the path; structural ones do not
-        raise ConfigError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
+        raise ConfigError(msg if msg.startswith((f"{path}:", "--set ")) else f"{path}: {msg}") from None
 
 
 def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # type: ignore[assignment]

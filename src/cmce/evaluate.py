@@ -171,10 +171,10 @@ def rejection_curves(scores: Scores | np.ndarray, query_labels: np.ndarray, gall
     return measure_with_rejection(scores, query_labels, gallery_labels, uncertainty, cfg, seed, False)[1]
 
 
-def _student_embeddings(path: Path, dataset: Path, order: list[str], batch: int) -> tuple[EmbeddingModel, np.ndarray]:
-    student = load_embedding_model(path)
+def _student_embeddings(student: EmbeddingModel, path: Path, dataset: Path, order: list[str], batch: int
+                        ) -> np.ndarray:
     emb = embed_split(student, dataset, "test", batch)
-    return student, emb.embeddings[rows_of(emb.ids, order, f"{dataset}: test split as embedded by {path}")]
+    return emb.embeddings[rows_of(emb.ids, order, f"{dataset}: test split as embedded by {path}")]
 
 
 @dataclass
@@ -221,6 +221,10 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
             log.warning("%s: transformation for %s is not for a member of %s; skipped", t_path, t.gallery_model,
                         inputs.gallery)
             continue
+        seen = by_gallery.get(t.gallery_model_sha256)
+        if seen is not None and seen.sha256 != t.sha256:  # which one was meant? the last given silently won
+            raise ValueError(f"{t_path}: a second, different transformation for gallery model {t.gallery_model} "
+                             f"(another was given too); give one per gallery member")
         by_gallery[t.gallery_model_sha256] = t
     missing = [m["name"] for m in members if m["sha256"] not in by_gallery]
     if missing:
@@ -253,13 +257,16 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
     member_by_sha = {m["sha256"]: m["name"] for m in members}
     students = {}
     for s_path in inputs.kd_students:
-        student, s_emb = _student_embeddings(Path(s_path), inputs.dataset, q.ids, batch_size)
+        student = load_embedding_model(s_path)
         teacher = student.meta.get("teacher_sha256")
+        if teacher is None:  # a model given as a student: a wrong argument, not a stale file to skip
+            raise ValueError(f"{s_path}: not a KD student (its checkpoint records no teacher)")
         if teacher not in member_by_sha:
             log.warning("%s: KD student's teacher %s is not a member of %s; skipped", s_path, str(teacher)[:12],
                         inputs.gallery)
             continue
-        students[member_by_sha[teacher]] = s_emb
+        students[member_by_sha[teacher]] = _student_embeddings(student, Path(s_path), inputs.dataset, q.ids,
+                                                               batch_size)
     versions = {
         "query_model": {"name": query_model.name, "sha256": query_model.sha256},
         "members": members,

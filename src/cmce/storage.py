@@ -157,9 +157,24 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
 MAX_NAME_BYTES = 200
 
 
-def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | None = None) -> None:
+# the formats an output file may already hold, told apart by their first bytes (a torch checkpoint is a zip)
+MAGIC = {"parquet": b"PAR1", "checkpoint": b"PK\x03\x04"}
+
+
+def _format_of(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    return next((name for name, magic in MAGIC.items() if head == magic), None)
+
+
+def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | None = None,
+                 writes: str | None = None) -> None:
     """Before any work: refuse an output path the step could not write whole at the end, naming it. A folder
-    output replaced whole (`own`: the globs it writes) must be one of its own (check_replaceable)."""
+    output replaced whole (`own`: the globs it writes) must be one of its own (check_replaceable); an existing
+    file is replaced only by a file of its own format (`writes`): a checkpoint never replaces a dataset."""
     text = str(uri)
     if not text.strip():
         raise ValueError("an output path is empty")
@@ -170,6 +185,9 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         raise ValueError(f"{text}: is a device, pipe or socket, not a file or folder to write")
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
+    found = _format_of(target) if writes and target.is_file() else None
+    if found and found != writes:
+        raise ValueError(f"{text}: holds a {found} file; this step writes a {writes} file, so give another path")
     if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
         raise ValueError(f"{text}: the file name is longer than {MAX_NAME_BYTES} bytes")
     if is_dir and own is not None:
