@@ -56,7 +56,8 @@ def _tasks(spec: dict) -> dict[str, dict]:
 
 
 # tasks that open or close MLflow runs, register models or move aliases, by their component
-SIDE_EFFECTS = {"start-tracking", "train-model", "fit-transform", "evaluate", "gate", "upgrade-query-model"}
+SIDE_EFFECTS = {"start-tracking", "train-model", "export-query", "fit-transform", "evaluate", "gate",
+                "upgrade-query-model"}
 NO_RETRY = {"resolve-config", "gallery-model-names", "shard-list"}  # a failure there is the input's, not passing
 
 

@@ -600,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow_parent and not (args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         log.error("cmce %s: --mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI", args.command)
         return 2  # before any work: a step that cannot be tracked does not write its outputs either
-    if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server (this command)
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     owns_group = ok = False
     try:
@@ -641,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
         clear_scratch()
         if owns_group:
             ddp.shutdown(clean=ok)
+        if args.mlflow_uri:  # a caller running several commands in one process must not inherit this one's
+            if previous_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_uri
     return 0
 
 
