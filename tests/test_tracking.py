@@ -1,6 +1,8 @@
 """What a tracked run records in MLflow: code and data versions on every run, the data sets a step read as
 its inputs, the gallery and index as artifacts of the steps that made them, headline metrics on the parent."""
 
+from pathlib import Path
+
 import pytest
 
 from cmce import stages
@@ -104,3 +106,35 @@ def test_a_big_output_is_referenced_not_copied(smoke_run, tmp_path, monkeypatch)
                if r.info.run_name == "combine")
     assert client.list_artifacts(run.info.run_id) == []
     assert run.data.tags["artifact.gallery.parquet"] == f"{out} sha256={file_sha256(out)}"
+
+
+def test_the_registered_query_model_loads_with_mlflow_pyfunc(smoke_run, tmp_path):
+    """Models from code: MLflow keeps cmce/pyfunc_model.py and the checkpoint (no pickle); load_model runs the code,
+    which loads the weights weights-only; the signature is the uint8 pixel batch in, the embedding out."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow import MlflowClient
+
+    from cmce.checkpoint import load_embedding_model
+    from cmce.embed import embed_batch
+    from cmce.tracking import PYFUNC, log_step
+
+    lay, _ = smoke_run
+    query = lay.model("query")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_step(uri, start_parent_run(uri, "cmce", {}), "train", register=[("cmce-query", query, file_sha256(query))])
+    client = MlflowClient(tracking_uri=uri)
+    version = client.get_model_version_by_alias(PYFUNC, "candidate")
+    assert version.tags["sha256"] == file_sha256(query)
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{PYFUNC}@candidate")
+    model = load_embedding_model(query)
+    shape = (5, model.in_channels, model.image_size, model.image_size)
+    spec = loaded.metadata.get_input_schema().inputs[0]
+    assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, *shape[1:])
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(loaded.predict(pixels), embed_batch(model, torch.from_numpy(pixels)))
+    files = {Path(p).name for p in Path(mlflow.artifacts.download_artifacts(f"models:/{PYFUNC}/1",
+                                                                           dst_path=str(tmp_path / "dl"))).rglob("*")}
+    assert "pyfunc_model.py" in files and "query.pt" in files and not any(f.endswith(".pkl") for f in files)

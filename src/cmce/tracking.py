@@ -208,6 +208,8 @@ def log_step(
     for name, path, sha256 in register:
         client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
         register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
+        if name == QUERY_MODEL:
+            log_query_pyfunc(client, rid, Path(path), sha256)
     for name, version in model_versions(uri, versions_of).items():
         client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
     promote = list(promote)
@@ -312,6 +314,37 @@ def log_artifact_or_reference(client: Any, run_id: str, path: Path) -> None:
         client.log_artifacts(run_id, str(path), artifact_path=path.name)
     else:
         client.log_artifact(run_id, str(path))
+
+
+QUERY_MODEL = "cmce-query"
+PYFUNC = "cmce-query-pyfunc"  # the query model for mlflow.pyfunc.load_model; cmce-query stays the bare checkpoint
+
+
+def log_query_pyfunc(client: Any, run_id: str, checkpoint: Path, sha256: str) -> str:
+    """Log the query checkpoint as an MLflow pyfunc model of its run (models from code: cmce.pyfunc_model, with a
+    signature), registered as `cmce-query-pyfunc` with the checkpoint's sha256 tag and alias `candidate`."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from cmce import pyfunc_model
+    from cmce.checkpoint import load_embedding_model
+
+    model = load_embedding_model(checkpoint)
+    signature = ModelSignature(
+        # unnamed tensors: predict receives the pixel array itself (named ones arrive as a dict)
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, model.in_channels, model.image_size, model.image_size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.embedding_dim))]))
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pyfunc.log_model(name="pyfunc", python_model=pyfunc_model.__file__,
+                                       artifacts={"checkpoint": str(checkpoint)}, signature=signature,
+                                       pip_requirements=["cmce", "torch", "numpy"], registered_model_name=PYFUNC)
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(PYFUNC, version, "sha256", sha256)
+    client.set_registered_model_alias(PYFUNC, ALIAS, version)
+    log.info("registered %s version %s as @%s", PYFUNC, version, ALIAS)
+    return version
 
 
 def register_version(client: Any, name: str, source: str, run_id: str, sha256: str) -> str:
