@@ -23,6 +23,22 @@ def table_cells(row: str) -> list[str]:
     return [c.strip() for c in row.strip().strip("|").split("|")]
 
 
+@pytest.fixture(autouse=True)
+def process_settings_restored():
+    """Settings a test may change for the whole process, put back after it: torch's thread count (a benchmark run
+    in-process with --threads 1 made later training differ in the last bits from the session's reference run) and
+    the tracking URI (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which later pipeline runs read)."""
+    import torch
+
+    threads, uri = torch.get_num_threads(), os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunLayout, dict]:
     out = tmp_path_factory.mktemp("smoke")

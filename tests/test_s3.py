@@ -235,7 +235,7 @@ def test_dvc_remote_and_mlflow_artifacts_on_the_same_server(s3_server, s3_chain,
     parent = json.loads(track.read_text())["run_id"]
     assert main(["--mlflow-parent", parent, "--mlflow-uri", uri, "build-index", "--gallery",
                  f"{s3_chain.root}/gallery.parquet", "--out", f"s3://{bucket}/index"]) == 0
-    logged = [k for k in keys(s3_server, bucket, "mlflow/") if k.endswith("/artifacts/meta.json")]
+    logged = [k for k in keys(s3_server, bucket, "mlflow/") if k.endswith("/artifacts/index/meta.json")]
     assert len(logged) == 1
     assert read_object(s3_server, bucket, logged[0]) == read_object(s3_server, bucket, "index/meta.json")
 
