@@ -75,13 +75,14 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import parse_overrides
+    from cmce.config import load_config, parse_overrides
 
-    parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     out: dict = _lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     if args.params:
         import yaml
 
+        load_config(args.params, overrides)  # the whole config checked here, not in the first task
         out["params_yaml"] = json.dumps(yaml.safe_load(Path(args.params).read_text()))
     if args.set:
         out["overrides"] = list(args.set)
@@ -176,13 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.command == "compile":
-        for name, package in PACKAGES.items():
-            log.info("wrote %s", compile_pipeline(args.out_dir / package.name, name))
-    elif args.command == "run":
-        run_local(args)
-    else:
-        submit(args)
+    try:
+        if args.command == "compile":
+            if not args.out_dir.is_dir():
+                raise ValueError(f"--out-dir {args.out_dir}: no such folder")
+            for name, package in PACKAGES.items():
+                log.info("wrote %s", compile_pipeline(args.out_dir / package.name, name))
+        elif args.command == "run":
+            run_local(args)
+        else:
+            submit(args)
+    except (ValueError, OSError) as err:  # a bad params file, override or folder: one line, as cmce's steps
+        log.error("python -m pipeline %s: %s", args.command, err)
+        return 2
     return 0
 
 

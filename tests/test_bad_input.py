@@ -1273,3 +1273,95 @@ def test_a_set_key_that_is_not_a_dotted_name_is_named_as_the_flag(tmp_path, capl
     error = fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "gallery_models[0].name=x", "--out", out], out,
                   "--set 'gallery_models[0].name': not a key")
     assert str(SMOKE) not in error
+
+
+# ---------------------------------------------------------------- a third hostile round
+def test_passwords_in_a_tracking_uri_never_reach_the_log_and_a_dead_server_is_one_line(world, tmp_path, caplog,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri = "http://user:hunter2@127.0.0.1:1"  # nothing listens on port 1
+    out = tmp_path / "index"
+    error = fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", "0" * 32, "build-index", "--gallery", world.gallery,
+                           "--out", out], out, "--mlflow-parent", "cannot be read from http://***@127.0.0.1:1")
+    assert "hunter2" not in caplog.text and "hunter2" not in error
+    track = tmp_path / "track.json"
+    fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", uri, "--out", track], track,
+          "http://***@127.0.0.1:1")
+    assert "hunter2" not in caplog.text
+
+
+def test_members_are_checked_before_anything_is_fitted_or_embedded(world, tmp_path, caplog):
+    """A model already in the gallery (or the query model itself) was refused only after its fit and embedding,
+    which left their files in the work folder of an earlier good run."""
+    work = tmp_path / "work"
+    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
+    for model, needle in ((world.gallery_models[0], "a gallery model named 'resnet_a' is already in"),
+                          (world.query, "is the query model itself")):
+        fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", gallery,
+                       "--query-model", world.query, "--gallery-model", model, "--out", tmp_path / "grown.parquet",
+                       "--work-dir", work], tmp_path / "grown.parquet", f"{model}: ", needle)
+        assert not work.exists()
+    members = tmp_path / "members"
+    fails(caplog, ["embed-gallery", "--dataset", world.dataset, "--query-model", world.query,
+                   "--gallery-model", world.gallery_models[0], "--transform", world.transforms[0],
+                   "--gallery-model", world.gallery_models[0].parent / "vgg_b.pt",
+                   "--transform", world.transform_other_query, "--members-dir", members,
+                   "--out", tmp_path / "g.parquet"], tmp_path / "g.parquet", "fitted for")
+    assert not members.exists() or not list(members.iterdir())
+
+
+def test_a_torchrun_environment_without_its_other_ranks_fails_within_the_timeout(world, tmp_path, caplog,
+                                                                                 monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "CMCE_DDP_TIMEOUT_S": "3"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "q.pt"
+    _with_alarm(60)
+    try:
+        fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
+              f"torchrun rendezvous at 127.0.0.1:{port} failed")
+    finally:
+        _no_alarm()
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    fails(caplog, ["build-index", "--gallery", world.gallery, "--out", tmp_path / "i"], tmp_path / "i",
+          "WORLD_SIZE='abc': not a rank count")
+
+
+def test_serve_refuses_class_names_from_another_dataset(world, tmp_path, caplog):
+    table = pq.read_table(world.dataset)
+    ids = table.column("id").to_pylist()
+    first_test = table.column("split").to_pylist().index("test")
+    ids[first_test] = "another-image"
+    other = rewrite(world.dataset, tmp_path / "other.parquet", id=pa.array(ids))
+    fails(caplog, ["serve", "--index", world.index, "--query-model", world.query, "--dataset", other, "--port", "0"],
+          tmp_path / "unused", f"--dataset {other}: its 'test' split is not the one the index's gallery was embedded")
+
+
+def test_a_gate_on_a_rank_no_gallery_can_miss_is_refused(world, tmp_path, caplog):
+    out = tmp_path / "decision.json"
+    fails(caplog, ["gate", "--config", SMOKE, "--set", "lifecycle.gate.metrics=[R@100000]", "--dataset", world.dataset,
+                   "--baseline-query-model", world.query, "--baseline-gallery", world.gallery,
+                   "--query-model", world.query, "--gallery", world.gallery, "--out", out], out,
+          "lifecycle.gate.metrics: ['R@100000'] cannot regress on a gallery of")
+
+
+def test_a_typo_in_a_gallery_models_override_is_not_a_new_model(tmp_path, caplog):
+    out = tmp_path / "d.parquet"
+    fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "gallery_models.resnt_a.width=16", "--out", out], out,
+          "gallery_models.resnt_a: lacks 'arch'")
+
+
+def test_subnormal_rows_are_normalised_in_float64():
+    from cmce.method import normalize
+
+    rows = np.zeros((2, 4), np.float32)
+    rows[0, :2], rows[1, :2] = 1.4e-45, 1.0
+    out = normalize(rows)
+    np.testing.assert_allclose(out[0], out[1])  # the direction of [1e-45, 1e-45, 0, 0] is that of [1, 1, 0, 0]
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, rtol=1e-6)

@@ -2,6 +2,7 @@
 and the same metrics as `cmce run`; MLflow holds the runs and the registered models."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -261,3 +262,18 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     assert edge.tags["sha256"] == model.sha256
     export_run = next(r for r in children if r.info.run_name == "export-query")
     assert export_run.data.metrics["max_abs_diff"] <= 1e-4 and export_run.data.metrics["top_k_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--local", "--params", "{tmp}/nope.yaml"], "nope.yaml: config file not found"),
+    (["run", "--local", "--params", "{tmp}/list.yaml"], "list.yaml: top level must be a mapping"),
+    (["compile", "--out-dir", "{tmp}/no/such"], "--out-dir {tmp}/no/such: no such folder"),
+])
+def test_the_pipeline_command_refuses_bad_input_in_one_line(tmp_path, caplog, argv, needle):
+    from pipeline.__main__ import main
+
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    caplog.clear()
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and needle.format(tmp=tmp_path) in errors[0], errors

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +320,50 @@ def test_benchmark_runs_tiny_and_writes_its_section(tmp_path):
     for r in rows:
         answered, p50, p99, qps, failed = r.strip(" |").split(" | ")[2:]
         assert int(answered) > 0 and 0 < float(p50) <= float(p99) and float(qps) > 0 and failed == "0", r
+
+
+def test_requests_shaped_past_the_schema_get_the_json_error_form(world):
+    """A lone surrogate in a string made the refusal itself fail (500); JSON nested past the parser's depth
+    answered FastAPI's own {"detail"} form; `"k": true` was taken as k = 1."""
+    _, model, _, server = world
+    sha, row = file_sha256(model), [0.5] * 16
+    res = requests.post(f"{server.url}/search", data='{"embeddings": [[0.5]], "query_model_sha256": "\\ud800abc"}',
+                        headers={"content-type": "application/json"}, timeout=10)
+    assert 400 <= res.status_code < 500 and res.json()["field"] == "query_model_sha256", res.text
+    refused(server, 422, "k", "valid integer", embeddings=[row], query_model_sha256=sha, k=True)
+    deep = "[" * 100_000 + "]" * 100_000
+    res = requests.post(f"{server.url}/search", data=f'{{"embeddings": {deep}}}',
+                        headers={"content-type": "application/json"}, timeout=30)
+    assert 400 <= res.status_code < 500 and res.json()["field"] in ("body", "embeddings"), res.text[:300]
+    assert server.search(embeddings=[row], query_model_sha256=sha).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--reload-interval", "0.0001"], "argument --reload-interval: must be 0 (never) or within [0.1, 3600]"),
+    (["--max-queries", "4096", "--max-k", "10000"], "allows more than 1,000,000 hits in one answer"),
+])
+def test_limits_that_no_machine_could_serve_are_refused(world, caplog, capsys, flags, needle):
+    _, model, index, _ = world
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        try:
+            rc = main(["serve", "--index", str(index), "--query-model", str(model), "--port", "0", *flags])
+        except SystemExit as exc:  # the parser's refusals
+            rc = exc.code
+    assert rc == 2
+    assert needle in capsys.readouterr().err + " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_an_index_folder_broken_for_good_is_reported_and_the_old_one_served(world, tmp_path):
+    """A meta.json unreadable once is a swap in progress; unreadable poll after poll, the folder is broken."""
+    from cmce.serving.state import UNREADABLE_POLLS, Holder, QueryModelSource
+
+    _, model, index, _ = world
+    folder = Path(shutil.copytree(index, tmp_path / "index"))
+    holder = Holder(folder, QueryModelSource(str(model), Path))
+    served = holder.current
+    (folder / "meta.json").write_text("{garbage")
+    for _ in range(UNREADABLE_POLLS - 1):
+        assert not holder.check() and holder.last_error is None
+    assert not holder.check() and "meta.json: unreadable for" in holder.last_error
+    assert holder.current is served

@@ -41,7 +41,9 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)
-        raise CheckpointError(f"{path}: not a loadable checkpoint: {type(err).__name__}: {err}") from None
+        # torch's message runs to a page (and advises weights_only=False, which cmce never does): its first line
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {type(err).__name__}: {first_line(err)[:200]}"
+                              ) from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a {expected_format} checkpoint, got {got!r}")

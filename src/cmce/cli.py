@@ -36,6 +36,9 @@ from cmce.storage import (
 )
 
 log = logging.getLogger("cmce")
+# errors of the clients a step talks to over the network (MLflow, its HTTP stack, boto): one line, exit 2
+CLIENT_ERRORS = ("mlflow", "requests", "urllib3", "botocore", "boto3")
+MAX_HITS = 1_000_000  # hits one search answer may hold (cmce serve)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
 
@@ -88,10 +91,19 @@ def _resolved(path: Path) -> Path:
         raise ValueError(f"{path}: is a loop of symbolic links") from None
 
 
+def tracking_error(err: Exception) -> str:
+    """The first line of a client's error (MLflow's run to a page), after the URI it was talking to."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return f"{uri}: {text[:400]}" if uri and uri not in text else text[:400]
+
+
 def one_line(text: str) -> str:
     """An error as one log line: control characters escaped, so that a path holding a newline cannot forge
     a second record (or hide part of itself)."""
-    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    from cmce.s3 import redact
+
+    return redact(CONTROL.sub(lambda m: repr(m.group())[1:-1], text))  # and never a password inside a URL
 
 
 def refuse_outputs_among_inputs(args: argparse.Namespace) -> None:
@@ -274,6 +286,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from cmce.serving.queries import Limits
     from cmce.serving.server import ServeOptions, serve
 
+    if args.max_queries * args.max_k > MAX_HITS:  # one answer's memory and size: ~100 bytes a hit
+        raise ValueError(f"--max-queries {args.max_queries} × --max-k {args.max_k} allows more than {MAX_HITS:,} "
+                         "hits in one answer; lower one of them")
     limits = Limits(args.max_queries, args.max_k, args.max_body_bytes, args.max_image_pixels)
     opts = ServeOptions(_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
                         args.port, args.reload_interval, limits, args.access_log, args.search_threads)
@@ -284,8 +299,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be within [0, 3600] seconds, got {text}")
+    if not (value == 0 or 0.1 <= value <= 3600):  # 0: never; below 0.1 s the idle server spins re-reading meta.json
+        raise argparse.ArgumentTypeError(f"must be 0 (never) or within [0.1, 3600] seconds, got {text}")
     return value
 def cmd_export_query(args: argparse.Namespace) -> StepRecord:
     inputs = stages.ExportInputs(_model(args.query_model), _in(args.check_dataset) if args.check_dataset else None,
@@ -506,11 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=_int_from(0, 65535), default=8000, help="0: any free port (default 8000)")
     sp.add_argument("--reload-interval", type=_seconds, default=2.0, metavar="SECONDS",
                     help="how often to look for a rebuilt index or a moved alias, 0 = never (default 2)")
-    sp.add_argument("--max-queries", type=_int_from(1, 100_000), default=64, help="per request (default 64)")
-    sp.add_argument("--max-k", type=_int_from(1, 100_000), default=100, help="neighbours per query (default 100)")
-    sp.add_argument("--max-body-bytes", type=_positive_int, default=8 << 20,
-                    help="request body size (default 8 MiB)")
-    sp.add_argument("--max-image-pixels", type=_positive_int, default=4_000_000,
+    sp.add_argument("--max-queries", type=_int_from(1, 4096), default=64, help="per request, 1 to 4096 (default 64)")
+    sp.add_argument("--max-k", type=_int_from(1, 10_000), default=100,
+                    help="neighbours per query, 1 to 10,000 (default 100); with --max-queries at most 1,000,000 hits "
+                         "a request")
+    sp.add_argument("--max-body-bytes", type=_int_from(1, 1 << 30), default=8 << 20,
+                    help="request body size, at most 1 GiB (default 8 MiB)")
+    sp.add_argument("--max-image-pixels", type=_int_from(1, 100_000_000), default=4_000_000,
                     help="per query image, from its header (default 4,000,000)")
     sp.add_argument("--search-threads", type=_threads, default=1,
                     help="threads of one index search; requests already run in parallel (default 1)")
@@ -593,7 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "search" and bool(args.images) == bool(args.dataset):
         log.error("cmce search: give --images FILE... or --dataset FILE (one of them)")
         return 2
-    if ddp.launched() and ddp.env_world_size() > 1 and args.command not in DATA_PARALLEL:
+    try:
+        world_size = ddp.env_world_size() if ddp.launched() else 1
+    except ValueError as err:
+        log.error("cmce %s: %s", args.command, err)
+        return 2
+    if world_size > 1 and args.command not in DATA_PARALLEL:
         log.error("cmce %s does not run data-parallel; launch it without torchrun (data-parallel: %s)",
                   args.command, ", ".join(DATA_PARALLEL))
         return 2
@@ -632,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
+        return 2
+    except Exception as err:  # noqa: BLE001 - only the tracking/storage clients' own errors, re-raised otherwise
+        if args.debug or not type(err).__module__.startswith(CLIENT_ERRORS):
+            raise
+        log.error("cmce %s: %s", args.command, one_line(tracking_error(err)))
         return 2
     except KeyboardInterrupt:  # outputs are written aside and renamed in: an interrupted step leaves none
         if args.debug:

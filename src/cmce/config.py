@@ -394,6 +394,13 @@ def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"gallery_models.{name}: its name key says {spec['name']!r}")
             listed.append({"name": name, **spec})
         raw["gallery_models"] = listed
+    for spec in raw.get("gallery_models") or []:
+        # no default architecture for a gallery model: one would make a typo'd `--set gallery_models.<name>.width`
+        # a new model of the query's architecture, trained and indexed without a word
+        if isinstance(spec, dict) and "arch" not in spec:
+            others = [s.get("name") for s in raw["gallery_models"] if isinstance(s, dict) and "arch" in s]
+            raise ConfigError(f"gallery_models.{spec.get('name')}: lacks 'arch' (a new gallery model needs one; "
+                              f"the others are {others})")
     return raw
 
 

@@ -15,6 +15,7 @@ Semantics the training loops follow when a process group is up:
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ def launched() -> bool:
 
 
 def env_world_size() -> int:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        value = os.environ.get(name, "0")
+        if not value.isdigit():
+            raise ValueError(f"environment variable {name}={value!r}: not a rank count or index (torchrun sets it)")
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -91,7 +96,16 @@ def init_from_env(backend: str | None = None) -> Context:
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    timeout = float(os.environ.get("CMCE_DDP_TIMEOUT_S", "300"))
+    # nothing else is logged until every rank has joined: say what it waits for, and for how long at most
+    log.info("joining %s ranks at %s:%s (rank %s); waiting up to %.0f s for the others (CMCE_DDP_TIMEOUT_S)",
+             os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"],
+             timeout)
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, dist.DistStoreError) as err:  # the other ranks never came
+        raise OSError(f"torchrun rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed: "
+                      f"{str(err).strip().splitlines()[0][:300]}") from None
     ctx = current()
     log.info("data-parallel: rank %d of %d, backend %s", ctx.rank, ctx.world_size, ctx.backend)
     return ctx

@@ -234,6 +234,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
             "query_model_sha256": meta["query_model_sha256"],
             "members": meta.get("members", []),
             "gallery_sha256": gallery_sha256,
+            **({"source": meta["source"], "split": meta["split"]} if meta.get("source") else {}),
             "files": {f: file_sha256(tmp / f) for f in ("index.faiss", "ids.parquet", "rejected.parquet")},
         }
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))

@@ -35,14 +35,18 @@ def normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
     for start in range(0, len(rows), 65536):
         block = rows[start : start + 65536].astype(np.float64)
         squares[start : start + 65536] = np.einsum("ij,ij->i", block, block)
-    with np.errstate(over="ignore"):
-        norms = np.sqrt(squares).astype(np.float32)
-    bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
+    norms = np.sqrt(squares)
+    bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0) & (norms <= np.finfo(np.float32).max)))
     if len(bad):
         i = int(bad[0])
         problem = "is all zeros" if squares[i] == 0 else "is not finite (or too large to normalise)"
         raise ValueError(f"{what}: row {i} {problem}; {len(bad)} such row(s)")
-    return (rows / norms[:, None]).reshape(x.shape)
+    out = rows / norms.astype(np.float32)[:, None]
+    # a norm below float32's smallest normal number is rounded coarsely as a float32: divide those rows in float64
+    tiny = np.flatnonzero(norms < np.finfo(np.float32).tiny)
+    if len(tiny):
+        out[tiny] = (rows[tiny].astype(np.float64) / norms[tiny, None]).astype(np.float32)
+    return out.reshape(x.shape)
 
 
 def transformation_loss(

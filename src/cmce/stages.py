@@ -36,7 +36,7 @@ from cmce.resume import Resume, file_identity
 from cmce.storage import origin
 from cmce.tables import embedding_array, read_metadata, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
-from cmce.transform import Transformation, fit_transformation, save_transformation
+from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
 
 log = logging.getLogger(__name__)
 
@@ -259,13 +259,33 @@ class EnsembleOutputs:
     members_dir: Path  # the per-model files
 
 
+def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict[str, str] | None = None) -> None:
+    """Before any work: each gallery model is not the query model, and its name is not taken (by another of them,
+    or in `taken`: name → where). A clash found after the embedding would leave files of a failed step behind."""
+    from cmce.storage import file_sha256
+
+    query_sha = file_sha256(query_model)
+    seen = dict(taken or {})
+    for path in gallery_models:
+        model = load_embedding_model(path)
+        if model.sha256 == query_sha:
+            raise ValueError(f"{path}: is the query model itself, not a gallery model")
+        if model.name in seen:
+            raise ValueError(f"{path}: a gallery model named {model.name!r} is already in {seen[model.name]}")
+        seen[model.name] = str(path)
+
+
 def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
     """Every gallery model over the gallery (or one shard of it), then the ensemble of that slice."""
     if len(inp.gallery_models) != len(inp.transformations):
         raise ValueError("give one transformation per gallery model")
+    check_new_members(inp.query_model, inp.gallery_models)
+    q_sha = load_embedding_model(inp.query_model).sha256
+    paired = pair_transformations(inp.gallery_models, inp.transformations)
+    for transform in paired:  # every transformation checked before the first model embeds anything
+        load_transformation(transform, query_sha256=q_sha)
     members = []
-    for model, transform in zip(inp.gallery_models, pair_transformations(inp.gallery_models, inp.transformations),
-                                strict=True):
+    for model, transform in zip(inp.gallery_models, paired, strict=True):
         member = out.members_dir / f"{model.stem}.parquet"
         embed_member(MemberInputs(inp.dataset, inp.query_model, model, transform, inp.batch_size, inp.shard,
                                   inp.workers), GalleryOutputs(member))
@@ -355,6 +375,9 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
     use_device(cfg)
     from cmce.lifecycle import add_member as grow
 
+    gallery_meta = read_metadata(inp.gallery)
+    check_new_members(inp.query_model, [inp.gallery_model],
+                      {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
     stem = inp.gallery_model.stem
     transform = out.work_dir / f"transform_{stem}.pt"
     record = fit_transform(cfg, FitInputs(inp.dataset, inp.query_model, inp.gallery_model),
@@ -438,6 +461,11 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
 
     g = cfg.lifecycle.gate
     ks, fars = gate_measures(cfg)
+    smallest = min(pq.ParquetFile(p).metadata.num_rows for p in (inp.baseline_gallery, inp.gallery))
+    vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
+    if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
+        raise ValueError(f"lifecycle.gate.metrics: {vacuous} cannot regress on a gallery of {smallest} items; "
+                         "gate on a smaller K")
 
     def measured(query: Path, gallery: Path) -> dict[str, float]:
         return served_metrics(inp.dataset, query, gallery, g.split, ks, fars, cfg.batch_size, cfg.evaluate.block_mb)

@@ -99,13 +99,18 @@ def tracking_uri(run_dir: str | Path) -> str:
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 
 
-def _client(uri: str):
+def _http_defaults() -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def _client(uri: str):
+    _http_defaults()
     import mlflow
     from mlflow import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one error line says it
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -389,7 +394,8 @@ def check_parent_run(uri: str, run_id: str) -> None:
     try:
         status = _client(uri).get_run(run_id).info.status
     except MlflowException as err:
-        raise ValueError(f"--mlflow-parent {run_id}: not found at {uri}: {first_line(err)}") from None
+        reason = "not found at" if err.error_code == "RESOURCE_DOES_NOT_EXIST" else "cannot be read from"
+        raise ValueError(f"--mlflow-parent {run_id}: {reason} {uri}: {first_line(err)}") from None
     if status != "RUNNING":
         raise ValueError(f"--mlflow-parent {run_id}: the run is {status}; nested runs go under a running parent")
 
@@ -397,6 +403,7 @@ def check_parent_run(uri: str, run_id: str) -> None:
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → local path of the registered checkpoint file, in the
     command's scratch folder (removed when it ends)."""
+    _http_defaults()
     import mlflow
     from mlflow.exceptions import MlflowException
 

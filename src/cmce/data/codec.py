@@ -28,17 +28,18 @@ def encode_png(array: np.ndarray) -> bytes:
 
 MAX_PIXELS = 40_000_000  # the default of data.max_image_pixels: about 6,300 × 6,300
 _max_pixels = MAX_PIXELS
+_limit_name = "data.max_image_pixels"  # the setting a refusal names: the config key, or a server's flag
 
 
 @contextlib.contextmanager
-def pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Images opened inside the block may have at most `max_pixels` pixels (data.max_image_pixels)."""
-    global _max_pixels
-    previous, _max_pixels = _max_pixels, max_pixels
+def pixel_limit(max_pixels: int, name: str = "data.max_image_pixels") -> Iterator[None]:
+    """Images opened inside the block may have at most `max_pixels` pixels (the setting `name`)."""
+    global _max_pixels, _limit_name
+    previous, _max_pixels, _limit_name = (_max_pixels, _limit_name), max_pixels, name
     try:
         yield
     finally:
-        _max_pixels = previous
+        _max_pixels, _limit_name = previous
 
 
 def open_image(data: bytes, origin: Path | str) -> Image.Image:
@@ -55,7 +56,7 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
     width, height = img.size
     if width * height > _max_pixels:
         raise DataError(f"{origin}: refused, too many pixels: {width} × {height} = {width * height:,}, over "
-                        f"data.max_image_pixels ({_max_pixels:,})")
+                        f"{_limit_name} ({_max_pixels:,})")
     try:
         img.load()
     except Image.DecompressionBombError as err:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,11 +28,13 @@ class SearchRequest(BaseModel):
     embeddings: list[list[float]] | None = None
     query_model_sha256: str | None = None
     images: list[str] | None = None
-    k: int = Field(5, ge=1)
+    k: int = Field(5, ge=1, strict=True)  # strict: `true` is not 1
 
 
 def _error(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
+    # a lone surrogate from a JSON escape cannot be encoded as UTF-8: escaped, or the refusal itself failed (500)
+    text = f"{field}: {message}".encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": text, "field": field}, status_code=status)
 
 
 def _field(loc: tuple) -> str:
@@ -93,6 +96,10 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     @app.exception_handler(RequestError)
     async def refused(_: Request, err: RequestError) -> JSONResponse:
         return _error(err.status, err.field, err.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def unparsable(_: Request, err: StarletteHTTPException) -> JSONResponse:  # e.g. JSON nested too deep
+        return _error(err.status_code, "body", str(err.detail))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:

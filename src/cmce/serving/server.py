@@ -52,11 +52,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_dataset_of_index(dataset: Path, meta: dict) -> None:
+    """The class names must come from the dataset the gallery was embedded from: its split's ids digest, which
+    build-index records from the gallery (an index built before it was recorded is not checked)."""
+    from cmce.data.loader import split_source
+
+    source, split = meta.get("source"), meta.get("split")
+    if not source or not split:
+        log.warning("the index records no dataset digest (built before it did); class names from %s are not "
+                    "checked", dataset)
+        return
+    if split_source(dataset, split) != source:
+        raise ValueError(f"--dataset {dataset}: its '{split}' split is not the one the index's gallery was embedded "
+                         "from (another dataset or version); class names would be wrong")
+
+
 def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = True) -> None:
     """Load, bind, print where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
     (and a query-model alias) for a new version."""
-    classes = class_names(opts.dataset) if opts.dataset is not None else None
     holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model))
+    classes = None
+    if opts.dataset is not None:
+        check_dataset_of_index(opts.dataset, holder.current.index.meta)
+        classes = class_names(opts.dataset)
     sock = bind(opts.host, opts.port)
     host, port = sock.getsockname()[:2]
     app = create_app(holder, opts.limits, classes, opts.search_threads)
@@ -65,7 +83,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = 
     sys.stdout.flush()
     holder.start(opts.reload_interval_s if watch else 0)
     try:
-        with pixel_limit(opts.limits.max_image_pixels):
+        with pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"):
             uvicorn.Server(config).run(sockets=[sock])
     finally:
         holder.stop()

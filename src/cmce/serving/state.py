@@ -24,6 +24,7 @@ from cmce.embed import to_inference_device
 from cmce.index import LoadedIndex, load_index
 
 log = logging.getLogger(__name__)
+UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
 
 
 def meta_version(meta: dict) -> str:
@@ -102,6 +103,7 @@ class Holder:
         self.reloads = 0
         self._failed: tuple[str, str] | None = None
         self._candidate: tuple[str, EmbeddingModel] | None = None
+        self._unreadable = 0  # consecutive polls that could not read meta.json
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -112,11 +114,18 @@ class Holder:
         return self._candidate[1]
 
     def _peek(self) -> str | None:
-        """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced)."""
+        """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced). Still
+        unreadable after UNREADABLE_POLLS polls, it is broken, not mid-swap: reported (log, /readyz), old pair kept."""
         try:
-            return meta_version(json.loads((self.index_dir / "meta.json").read_text()))
-        except (OSError, ValueError):
+            version = meta_version(json.loads((self.index_dir / "meta.json").read_text()))
+        except (OSError, ValueError) as err:
+            self._unreadable += 1
+            if self._unreadable == UNREADABLE_POLLS:
+                self.last_error = f"{self.index_dir}/meta.json: unreadable for {UNREADABLE_POLLS} polls: {err}"
+                log.error("serve: %s; still serving index %s", self.last_error, self.current.version[:12])
             return None
+        self._unreadable = 0
+        return version
 
     def check(self) -> bool:
         """Load and swap in a changed index or query model; True if the served pair changed."""
