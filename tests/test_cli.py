@@ -187,7 +187,7 @@ def test_build_index_reads_the_index_section_of_a_config(tmp_path):
 
     gallery, _ = clustered_gallery(tmp_path, n=1000, members=2)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("query_model: {name: q}\ngallery_models: [{name: g}, {name: h}]\n"
+    cfg.write_text("query_model: {name: q}\ngallery_models: [{name: g, arch: resnet}, {name: h, arch: vgg}]\n"
                    "index: {type: hnsw, reject_fraction: 0.1, hnsw: {m: 8, ef_search: 20}}\n")
     assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())

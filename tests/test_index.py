@@ -188,7 +188,7 @@ def test_unknown_type_and_bad_pq_split_are_errors(tmp_path):
 def test_index_parameters_from_a_config_file(tmp_path):
     gallery, _ = clustered_gallery(tmp_path, members=2)
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text("query_model: {name: q}\ngallery_models: [{name: g}, {name: h}]\n"
+    cfg_path.write_text("query_model: {name: q}\ngallery_models: [{name: g, arch: resnet}, {name: h, arch: vgg}]\n"
                         "index: {type: ivfpq, reject_fraction: 0.1, ivfpq: {nlist: 32, m: 8, nprobe: 4}}\n")
     out = build_index(gallery, tmp_path / "index", options=load_config(cfg_path).index)
     meta = json.loads((out / "meta.json").read_text())

@@ -461,17 +461,19 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
 
     g = cfg.lifecycle.gate
     ks, fars = gate_measures(cfg)
+
+    def measured(query: Path, gallery: Path) -> dict[str, float]:
+        return served_metrics(inp.dataset, query, gallery, g.split, ks, fars, cfg.batch_size, cfg.evaluate.block_mb)
+
+    # measured first: each gallery must be its whole split before its size means anything
+    baseline = measured(inp.baseline_query_model, inp.baseline_gallery)
+    candidate = measured(inp.query_model, inp.gallery)
     smallest = min(pq.ParquetFile(p).metadata.num_rows for p in (inp.baseline_gallery, inp.gallery))
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
         raise ValueError(f"lifecycle.gate.metrics: {vacuous} cannot regress on a gallery of {smallest} items; "
                          "gate on a smaller K")
-
-    def measured(query: Path, gallery: Path) -> dict[str, float]:
-        return served_metrics(inp.dataset, query, gallery, g.split, ks, fars, cfg.batch_size, cfg.evaluate.block_mb)
-
-    decision = decide(measured(inp.baseline_query_model, inp.baseline_gallery), measured(inp.query_model, inp.gallery),
-                      g.metrics, g.tolerance)
+    decision = decide(baseline, candidate, g.metrics, g.tolerance)
     report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
               "candidate_gallery": origin(inp.gallery)}
     write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
