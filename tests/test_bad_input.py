@@ -1365,3 +1365,43 @@ def test_subnormal_rows_are_normalised_in_float64():
     out = normalize(rows)
     np.testing.assert_allclose(out[0], out[1])  # the direction of [1e-45, 1e-45, 0, 0] is that of [1, 1, 0, 0]
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- a fourth hostile round
+def test_a_transforms_folder_holding_other_checkpoints_is_not_replaced(world, tmp_path, caplog):
+    """--transforms-out pointed at a models folder: every *.pt counted as the step's own, and the query model
+    and KD students were deleted, the gallery models overwritten with transformations (exit 0)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for p in (world.query, *world.gallery_models):
+        shutil.copyfile(p, models / p.name)
+    kept = _inputs_kept(models)
+    fails(caplog, ["upgrade-query-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", world.gallery,
+                   "--query-model", world.other_query, "--train-embeddings", world.members[0],
+                   "--transforms-out", models, "--out", tmp_path / "g.parquet"], tmp_path / "g.parquet",
+          f"{models}: holds ", "which is not a transformation")
+    assert _inputs_kept(models) == kept
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-5", "1e300"])
+def test_a_rendezvous_timeout_that_is_not_a_duration_is_named(world, tmp_path, caplog, monkeypatch, value):
+    for key, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": "29599", "CMCE_DDP_TIMEOUT_S": value}.items():
+        monkeypatch.setenv(key, v)
+    out = tmp_path / "q.pt"
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
+          f"CMCE_DDP_TIMEOUT_S={value!r}: seconds from 1 to 86400 expected")
+
+
+def test_an_empty_heldout_split_names_the_fraction(tmp_path, caplog):
+    out = tmp_path / "d.parquet"
+    fails(caplog, ["prepare-data", "--config", SMOKE, *TINY, "--set", "data.heldout_fraction=0.0001", "--out", out],
+          out, "data.heldout_fraction=0.0001", "leaves the 'test' split empty")
+
+
+def test_an_onnx_export_given_as_a_checkpoint_says_what_it_is(world, tmp_path, caplog):
+    fake = tmp_path / "q.pt"
+    fake.write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))  # how an ONNX protobuf begins
+    out = tmp_path / "m.parquet"
+    fails(caplog, [*embed_member_args(world, query=fake), "--out", out], out,
+          f"{fake}: not a loadable checkpoint: not a torch checkpoint file")

@@ -367,3 +367,10 @@ def test_an_index_folder_broken_for_good_is_reported_and_the_old_one_served(worl
         assert not holder.check() and holder.last_error is None
     assert not holder.check() and "meta.json: unreadable for" in holder.last_error
     assert holder.current is served
+
+
+def test_health_probes_may_use_head(world):
+    _, _, _, server = world
+    for path in ("/healthz", "/readyz", "/version"):
+        res = requests.head(f"{server.url}{path}", timeout=10)
+        assert res.status_code == 200 and not res.content, path

@@ -38,6 +38,11 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch saves a zip archive; an ONNX export or a Parquet file is not one
+        raise CheckpointError(f"{path}: not a loadable checkpoint: not a torch checkpoint file (an ONNX export, say, "
+                              "is for onnxruntime, not for cmce's steps)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)

@@ -347,7 +347,11 @@ def _parquet_files(paths: list[str]) -> list[Path]:
 def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
     inputs = stages.UpgradeInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
                                   _parquet_files(args.train_embeddings))
+    from cmce.transform import check_transform_folder
+
     index = _index_out(args, args.index_out) if args.index_out else None
+    if not is_remote(args.transforms_out):
+        check_transform_folder(args.transforms_out)
     outputs = stages.UpgradeOutputs(_out(args, args.out, writes="parquet"),
                                     _out(args, args.transforms_out, is_dir=True, own=("*.pt",)), index)
     return stages.upgrade_query_model(_config(args), inputs, outputs)

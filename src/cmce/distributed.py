@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -85,6 +86,18 @@ def default_backend() -> str:
     return "nccl" if devices.resolve(devices.selected()).type == "cuda" else "gloo"
 
 
+def ddp_timeout_s() -> float:
+    """CMCE_DDP_TIMEOUT_S: how long a rank waits for the others to join (default 300 s), 1 s to a day."""
+    text = os.environ.get("CMCE_DDP_TIMEOUT_S", "300")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 1 <= value <= 86400:  # NaN fails this too
+        raise ValueError(f"environment variable CMCE_DDP_TIMEOUT_S={text!r}: seconds from 1 to 86400 expected")
+    return value
+
+
 def init_from_env(backend: str | None = None) -> Context:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT). Default backend: nccl when the selected device (cmce.device) is CUDA, else gloo.
@@ -96,7 +109,7 @@ def init_from_env(backend: str | None = None) -> Context:
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = float(os.environ.get("CMCE_DDP_TIMEOUT_S", "300"))
+    timeout = ddp_timeout_s()
     # nothing else is logged until every rank has joined: say what it waits for, and for how long at most
     log.info("joining %s ranks at %s:%s (rank %s); waiting up to %.0f s for the others (CMCE_DDP_TIMEOUT_S)",
              os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"],

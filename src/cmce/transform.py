@@ -160,6 +160,21 @@ def save_transformation(t: Transformation, path: str | Path) -> str:
     return t.sha256
 
 
+def check_transform_folder(folder: str | Path) -> None:
+    """A folder of transformations replaced whole (upgrade-query-model): every *.pt already in it must be a
+    transformation, or replacing it would delete model checkpoints that happen to end in .pt too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            load_checkpoint(path, TRANSFORM_FORMAT)
+        except CheckpointError as err:
+            reason = str(err).removeprefix(f"{path}: ")
+            raise CheckpointError(f"{folder}: holds {path.name}, which is not a transformation ({reason}); this step "
+                                  "replaces the folder whole, so give an empty or new folder") from None
+
+
 def load_transformation(
     path: str | Path, query_sha256: str | None = None, gallery_sha256: str | None = None
 ) -> Transformation:

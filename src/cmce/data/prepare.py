@@ -33,8 +33,12 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     for part in ("train", "test"):
         if not np.any(split[keep] == part):
             where = cfg.path if cfg.source == "imagefolder" and cfg.path else f"data.source={cfg.source}"
-            cap = f", data.max_{part}_per_class={getattr(cfg, f'max_{part}_per_class')}"
-            raise DataError(f"{where}: the {cfg.protocol} protocol{cap} leaves the '{part}' split empty")
+            # every setting that decides the split, so that the one at fault is named
+            settings = [f"data.max_{part}_per_class={getattr(cfg, f'max_{part}_per_class')}"]
+            if cfg.protocol == "heldout":
+                settings.insert(0, f"data.heldout_fraction={cfg.heldout_fraction}")
+            raise DataError(f"{where}: the {cfg.protocol} protocol with {', '.join(settings)} leaves the '{part}' "
+                            "split empty")
     labels = raw.labels[keep].astype(np.int32)
     columns = {
         "id": [raw.ids[i] for i in keep],

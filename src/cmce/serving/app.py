@@ -110,18 +110,18 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
             return _error(422, "body", f"a JSON object with content-type application/json expected: {first['msg']}")
         return _error(422, _field(tuple(first["loc"])), first["msg"])
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: what many health probes send
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     def readyz() -> JSONResponse:
         served = holder.current
         body = {"ready": served is not None, "index_version": served.version if served else None,
                 "reloads": holder.reloads, "last_reload_error": holder.last_error}
         return JSONResponse(body, status_code=200 if served is not None else 503)
 
-    @app.get("/version")
+    @app.api_route("/version", methods=["GET", "HEAD"])
     def version() -> dict:
         return {**holder.current.describe(), "class_names": classes is not None}
 
