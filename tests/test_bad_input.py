@@ -1405,3 +1405,26 @@ def test_an_onnx_export_given_as_a_checkpoint_says_what_it_is(world, tmp_path, c
     out = tmp_path / "m.parquet"
     fails(caplog, [*embed_member_args(world, query=fake), "--out", out], out,
           f"{fake}: not a loadable checkpoint: not a torch checkpoint file")
+
+
+# ---------------------------------------------------------------- a fifth hostile round
+def test_a_registered_model_without_a_registry_writes_nothing_in_the_working_folder(world, tmp_path, caplog,
+                                                                                   monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    fails(caplog, ["search", "--index", world.index, "--query-model", "models:/cmce-query@candidate",
+                   "--dataset", world.dataset, "--limit", "1"], tmp_path / "unused",
+          "models:/cmce-query@candidate: a registered model needs a registry")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_one_member_gallery_reports_no_rejection_by_uncertainty(world, tmp_path, caplog):
+    import json
+
+    single = tmp_path / "single.parquet"
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(single)]) == 0
+    out = tmp_path / "eval"
+    assert main([str(a) for a in evaluate_args(world, gallery=single, transforms=[world.transforms[0]])]
+                + ["--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "asym_ensemble/1" in metrics and "rejection/uncertainty" not in metrics  # its uncertainty is 0 everywhere

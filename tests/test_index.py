@@ -7,7 +7,7 @@ import pytest
 
 from cmce.config import ConfigError, HnswConfig, IndexConfig, IvfPqConfig, load_config
 from cmce.embed import combine_members
-from cmce.index import IndexLoadError, build_index, load_index, resolve_index_type, search
+from cmce.index import IndexLoadError, LoadedIndex, build_index, load_index, make_index, resolve_index_type, search
 from cmce.method import normalize, rejection_mask
 from cmce.tables import embedding_column
 from tests.test_embed import members
@@ -281,3 +281,16 @@ def test_a_reader_sees_one_whole_index_while_it_is_rebuilt(tmp_path):
     stdout, stderr = writer.communicate()
     assert writer.returncode == 0, stderr
     assert int(stdout) > 20 and loads > 20 and seen == {60, 50}  # both versions were read, many times
+
+
+def test_an_hnsw_index_answers_k_neighbours_beyond_its_ef_search(tmp_path):
+    """HNSW finds at most efSearch neighbours: a k above it came back short (426 of 485) without a word."""
+    from cmce.config import HnswConfig, IndexConfig
+
+    rng = np.random.default_rng(0)
+    emb = normalize(rng.standard_normal((300, 16)).astype(np.float32))
+    built = make_index(emb, "hnsw", IndexConfig(hnsw=HnswConfig(ef_search=8)))
+    loaded = LoadedIndex(built.index, [f"g{i}" for i in range(300)], np.zeros(300, np.int64),
+                         np.zeros(300, np.float32), {"dim": 16})
+    result = search(loaded, emb[:4], 250)
+    assert all(len(ids) == 250 for ids in result.ids)

@@ -374,3 +374,11 @@ def test_health_probes_may_use_head(world):
     for path in ("/healthz", "/readyz", "/version"):
         res = requests.head(f"{server.url}{path}", timeout=10)
         assert res.status_code == 200 and not res.content, path
+
+
+def test_the_sha256_tag_is_the_whole_digest_in_any_case(world):
+    _, model, _, server = world
+    sha, row = file_sha256(model), [0.5] * 16
+    refused(server, 422, "query_model_sha256", "whole sha256: 64 hex digits", embeddings=[row],
+            query_model_sha256=sha[:12])
+    assert server.search(embeddings=[row], query_model_sha256=sha.upper()).status_code == 200

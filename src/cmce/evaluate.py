@@ -318,6 +318,9 @@ def configuration_metrics(data: EvalData, cfg: EvaluateConfig, seed: int = 0) ->
         scores = pairs(data.queries, ensemble.embedding, data.self_cols)
         if n < len(data.transformed):
             run(f"asym_ensemble/{n}", scores, data.query_labels)
+        elif n < 2:  # one member: its uncertainty is 0 everywhere, and "the most uncertain" would be file order
+            log.warning("one gallery member: no rejection by uncertainty is measured (it needs at least 2)")
+            run(f"asym_ensemble/{n}", scores, data.query_labels)
         else:  # the served ensemble: its rejection curves come from the same passes over its scores
             values, curves = measure_with_rejection(scores, data.query_labels, g_labels, data.uncertainty, cfg, seed)
             record(f"asym_ensemble/{n}", values)

@@ -341,7 +341,12 @@ def search(loaded: LoadedIndex, queries: np.ndarray, k: int) -> SearchResult:
         raise IndexLoadError(f"query embeddings have shape {q.shape}, the index expects dimension {loaded.meta['dim']}")
     q = normalize(q, "query embeddings")  # refuses rows that are not finite or all zeros
     k = min(k, len(loaded.ids))
-    scores, idx = loaded.index.search(np.ascontiguousarray(q), k)
+    params = None
+    hnsw = getattr(faiss.downcast_index(loaded.index), "hnsw", None)
+    if hnsw is not None and hnsw.efSearch < k:  # HNSW finds at most efSearch neighbours: widen it for this call
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = k
+    scores, idx = loaded.index.search(np.ascontiguousarray(q), k, params=params)
     # an approximate index may find fewer than k items (id -1): those slots hold no id and NaN scores
     scores = np.where(idx >= 0, scores, np.nan)
     ids = [[loaded.ids[j] for j in row if j >= 0] for row in idx]

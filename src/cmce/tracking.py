@@ -403,6 +403,7 @@ def check_parent_run(uri: str, run_id: str) -> None:
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → local path of the registered checkpoint file, in the
     command's scratch folder (removed when it ends)."""
+    require_registry(uri, tracking)
     _http_defaults()
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -422,9 +423,17 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     return files[0]
 
 
+def require_registry(uri: str, tracking: str | None = None) -> None:
+    """A `models:/` URI needs a registry to be named: MLflow's fallback is a new ./mlflow.db in whatever folder
+    the command runs in, a write outside every output folder that then finds nothing."""
+    if not (tracking or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ValueError(f"{uri}: a registered model needs a registry: give --mlflow-uri or set MLFLOW_TRACKING_URI")
+
+
 def alias_version(uri: str) -> str:
     """The version a `models:/NAME@ALIAS` URI names now (against $MLFLOW_TRACKING_URI); a server polls it to
     follow the alias the promotion gate moves."""
+    require_registry(uri)
     from mlflow import MlflowClient
 
     name, alias = uri.removeprefix("models:/").split("@", 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def class_names(dataset: Path) -> list[str]:
     return [names.get(label, "") for label in range(max(names, default=-1) + 1)]
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def check_count(field: str, n: int, limits: Limits) -> None:
     if n == 0:
         raise RequestError(field, "no queries given")
@@ -65,7 +69,9 @@ def embeddings_query(rows: list[list[float]], sha256: str | None, served: Served
     if not sha256:
         raise RequestError("query_model_sha256", "required with embeddings: the sha256 of the query model "
                                                  "checkpoint that computed them")
-    if sha256 != expected:
+    if not SHA256.fullmatch(sha256.lower()):  # the 12-character prefix the messages show is not enough
+        raise RequestError("query_model_sha256", "must be the checkpoint's whole sha256: 64 hex digits")
+    if sha256.lower() != expected:
         raise RequestError("query_model_sha256", f"embeddings of query model {sha256[:12]}, but this index "
                                                  f"serves query model {expected[:12]}; embed with that model", 409)
     dim = served.index.meta["dim"]
