@@ -197,6 +197,22 @@ def test_missing_split_duplicate_ids_and_missing_column(tmp_path):
         load_split(tmp_path / "bad2.parquet", "test", 1, 4)
 
 
+def test_a_dataset_written_by_pandas_reads_as_the_written_one(tmp_path):
+    # pandas writes large_string and int64: the same values, so the same split
+    good = [encode_png(np.full((4, 4), v, np.uint8)) for v in (0, 9, 200)]
+    path = _dataset(tmp_path / "d.parquet", good)
+    table = pq.read_table(path)
+    wide = pa.table({"id": table["id"].cast(pa.large_string()), "label": table["label"].cast(pa.int64()),
+                     "class_name": table["class_name"].cast(pa.large_string()),
+                     "split": table["split"].cast(pa.large_string()), "image": table["image"]})
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    a, b = load_split(path, "test", 1, 4), load_split(tmp_path / "wide.parquet", "test", 1, 4)
+    assert a.ids == b.ids and (a.labels == b.labels).all() and a.images.equal(b.images)
+    pq.write_table(wide.set_column(1, "label", wide["label"].cast(pa.float64())), tmp_path / "float.parquet")
+    with pytest.raises(DataError, match="column 'label' has type double, expected int32"):
+        load_split(tmp_path / "float.parquet", "test", 1, 4)
+
+
 def test_fetch_never_touches_a_foreign_folder(tmp_path):
     from cmce.importers.fashion_mnist import fetch_fashion_mnist
 

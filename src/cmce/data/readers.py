@@ -32,9 +32,20 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
             raise DataError(f"{path}: missing column '{col.name}'")
     for col in [*DATASET_SCHEMA, *([DOMAIN_FIELD] if DOMAIN_FIELD.name in names else [])]:
         actual = pf.schema_arrow.field(col.name).type
-        if actual != col.type and not (col.type == pa.binary() and actual == pa.large_binary()):
+        if not _compatible(actual, col.type):
             raise DataError(f"{path}: column '{col.name}' has type {actual}, expected {col.type}")
     return pf
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """The written type or one that reads as the same values: pandas writes large_string and int64."""
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if expected == pa.string():
+        return actual in (pa.string(), pa.large_string())
+    if expected == pa.binary():
+        return actual in (pa.binary(), pa.large_binary())
+    return actual == expected
 
 
 def read_row_group(pf: pq.ParquetFile, path: str | Path, rg: int, columns: list[str]) -> pa.Table:
