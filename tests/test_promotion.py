@@ -90,7 +90,9 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
     assert runs and runs[0].data.metrics["promoted"] == 0.0 and "delta/R_at_1" in runs[0].data.metrics
 
-    assert gate(bad, tmp_path / "bad2.json", "--require-promotion") != 0
+    # a regression is a verdict (exit 1), told apart from bad input (exit 2); the decision is still written
+    assert gate(bad, tmp_path / "bad2.json", "--require-promotion") == 1
+    assert not json.loads((tmp_path / "bad2.json").read_text())["promoted"]
 
     assert gate(lay.gallery, tmp_path / "same.json") == 0  # a tie is not a regression
     assert json.loads((tmp_path / "same.json").read_text())["promoted"]

@@ -366,8 +366,10 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
     inputs = stages.GateInputs(_in(args.dataset), _model(args.baseline_query_model), _in(args.baseline_gallery),
                                _model(args.query_model), _in(args.gallery))
     record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out, writes="json")))
-    if args.require_promotion and not record.metrics["promoted"]:
-        raise ValueError(f"{args.gallery}: candidate regressed on {record.params['regressed']} (see {args.out})")
+    if args.require_promotion and not record.metrics["promoted"]:  # a verdict, not bad input: exit 1, like diff
+        log.error("cmce gate: %s: candidate regressed on %s (see %s)", args.gallery, record.params["regressed"],
+                  args.out)
+        args.exit_status = 1
     return record
 
 
@@ -571,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--query-model", required=True, help="the candidate's query model (may be the same)")
     sp.add_argument("--gallery", required=True, help="the candidate gallery")
     sp.add_argument("--out", required=True, help="decision JSON (baseline, candidate, delta, promoted)")
-    sp.add_argument("--require-promotion", action="store_true", help="exit non-zero when the candidate regresses")
+    sp.add_argument("--require-promotion", action="store_true",
+                    help="exit 1 when the candidate regresses (2 is bad input)")
 
     sp = add("track-start", cmd_track_start, "open the parent MLflow run of a pipeline run; prints its id")
     sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")
@@ -678,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = previous_uri
-    return 0
+    return getattr(args, "exit_status", 0)
 
 
 if __name__ == "__main__":
