@@ -121,11 +121,11 @@ def test_an_index_of_another_query_model_and_a_file_that_is_not_an_export_are_re
     lay, _ = _query(smoke_run)
     other = tmp_path / "other.pt"
     _random_model("query_cnn", other, seed=5)
-    out = tmp_path / "other.onnx"
+    out = tmp_path / "new" / "other.onnx"
     rc = main(["export-query", "--query-model", str(other), "--out", str(out), "--check-dataset", str(lay.dataset),
                "--check-index", str(lay.index)])
-    assert rc == 2 and not out.exists()
-    assert "built for query model" in caplog.text
+    assert rc == 2 and not out.parent.exists()  # refused before any work: not even the folder is made
+    assert "built for query model" in caplog.text and "parity on" not in caplog.text
     with pytest.raises(export.ExportError, match="other.pt: not a loadable ONNX file"):
         export.OnnxQueryModel(other)
 

@@ -43,6 +43,22 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_a_failed_write_takes_back_the_folders_it_created(tmp_path):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "busy").mkdir()
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "kept" / "new" / "deeper" / "a.txt"):
+        raise RuntimeError("refused")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "made" / "idx", OWN):
+        raise RuntimeError("refused")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "busy" / "sub" / "a.txt"):
+        (tmp_path / "busy" / "sub" / "other-writer").write_text("")  # a folder someone else now uses stays
+        raise RuntimeError("refused")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "busy", "busy/sub", "busy/sub/other-writer", "kept"]
+    write_text(tmp_path / "made" / "a.txt", "x")  # and a successful write keeps what it made
+    assert (tmp_path / "made" / "a.txt").read_text() == "x"
+
+
 def test_atomic_dir_swaps_whole_directories(tmp_path):
     target = tmp_path / "d"
     with atomic_dir(target, OWN) as tmp:

@@ -15,7 +15,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from cmce.data.readers import iter_split_batches
 from cmce.embed import embed_batch
 from cmce.method import normalize
 from cmce.storage import atomic_path, file_sha256
+
+if TYPE_CHECKING:
+    from cmce.index import LoadedIndex
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +164,14 @@ def _top_k_ids(queries: np.ndarray, index: Any, ids: list[str], k: int) -> list[
     return [[ids[j] for j in row if j >= 0] for row in idx]
 
 
-def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Path, index_dir: str | Path | None = None,
+def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Path, index: LoadedIndex | None = None,
                  split: str = "test", k: int = TOP_K, batch_size: int = 256) -> ParityReport:
     """Embed `split` with the ONNX file (onnxruntime) and with the checkpoint (torch, float32, CPU); compare the
-    raw embeddings and the top-k hits: in the built index at `index_dir` (it must be the query model's), else
-    among the split's own torch embeddings (query → query)."""
+    raw embeddings and the top-k hits: in the built `index` (loaded for this query model), else among the
+    split's own torch embeddings (query → query)."""
     import faiss
 
-    from cmce.index import load_index, search
+    from cmce.index import search
 
     session = OnnxQueryModel(onnx_path)
     if session.meta["query_model_sha256"] != model.sha256:
@@ -183,10 +186,9 @@ def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Pa
         raise ExportError(f"{dataset}: split {split!r} has no images to check the export on")
     ref_all, got_all = np.concatenate(ref), np.concatenate(got)
     max_diff = float(np.abs(ref_all - got_all).max())
-    if index_dir is not None:
-        loaded = load_index(index_dir, query_sha256=model.sha256)
-        kk = min(k, len(loaded.ids))
-        same = [a == b for a, b in zip(search(loaded, ref_all, kk).ids, search(loaded, got_all, kk).ids, strict=True)]
+    if index is not None:
+        kk = min(k, len(index.ids))
+        same = [a == b for a, b in zip(search(index, ref_all, kk).ids, search(index, got_all, kk).ids, strict=True)]
         searched = "index"
     else:
         flat = faiss.IndexFlatIP(ref_all.shape[1])
@@ -216,14 +218,18 @@ def export_query_model(checkpoint: str | Path, out: str | Path, check_dataset: s
     against torch before it is put in place: a failed check leaves `out` as it was and raises ExportError."""
     import onnx
 
+    from cmce.index import load_index
+
     model = load_embedding_model(checkpoint)
+    # another query model's index is refused before the export and the parity pass, not after them
+    index = load_index(check_index, query_sha256=model.sha256) if check_index is not None else None
     proto = to_onnx(model)
     out = Path(out)
     parity = None
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
         if check_dataset is not None:
-            parity = check_parity(tmp, model, check_dataset, check_index, split)
+            parity = check_parity(tmp, model, check_dataset, index, split)
             log.info("parity on %s split (%d images): max |onnx - torch| = %.3g, top-%d agreement %.4f (%s)",
                      split, parity.images, parity.max_abs_diff, parity.top_k, parity.top_k_agreement, parity.searched)
             if not parity.passed:

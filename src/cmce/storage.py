@@ -109,7 +109,7 @@ def _discard_dir(path: Path) -> None:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path next to `target`; rename it onto `target` only on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(target)
     clean_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -119,8 +119,27 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         if tmp_path.exists():  # mkstemp makes 0600; give the artifact the usual permissions
             os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
+        made = []
     finally:
         tmp_path.unlink(missing_ok=True)
+        remove_if_empty(made)
+
+
+def make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above `target`; return them, deepest first, for remove_if_empty."""
+    missing = [p for p in target.parents if not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Take back the folders a failed write created (deepest first): a refused step leaves nothing behind.
+    A folder that another writer has meanwhile put something in stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 # carried into the new folder when an output folder is swapped: DVC writes a .gitignore naming a stage's outputs
@@ -237,10 +256,14 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     (called here and by readers such as cmce.index.load_index) puts back.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with swap_lock(target, exclusive=True):
-        restore_dir(target)
-    check_replaceable(target, own)
+    made = make_parents(target)
+    try:
+        with swap_lock(target, exclusive=True):
+            restore_dir(target)
+        check_replaceable(target, own)
+    except BaseException:
+        remove_if_empty(made)
+        raise
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -256,9 +279,11 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
                 os.replace(target, old)
             os.replace(tmp, target)
         _discard_dir(old)
+        made = []
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(made)
 
 
 def _identity(path: Path) -> tuple[int, ...] | None:
