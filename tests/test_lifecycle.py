@@ -149,3 +149,10 @@ def test_add_gallery_model_cli_equals_combining_all_members(smoke_run, tmp_path)
                                atol=1e-5)
     assert [m["name"] for m in read_metadata(out)["members"]] == [*lay.gallery_names, "mob_c"]
     assert load_index(tmp_path / "index").meta["members"][-1]["name"] == "mob_c"
+    # its --work-dir (member and train-embeddings files) passes whole as a folder of stored train embeddings
+    stored = {lay.train_embeddings(g).parent for g in lay.gallery_names}
+    assert main(["upgrade-query-model", "--config", str(SMOKE), "--dataset", str(lay.dataset), "--gallery", str(out),
+                 "--query-model", str(lay.model("query")), "--train-embeddings", *map(str, stored), str(work),
+                 "--transforms-out", str(tmp_path / "t2"), "--out", str(tmp_path / "up.parquet")]) == 0
+    assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == sorted(f"{g}.pt" for g in [*lay.gallery_names,
+                                                                                          "mob_c"])

@@ -333,21 +333,12 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
     return stages.add_gallery_model(_config(args), inputs, outputs)
 
 
-def _parquet_files(paths: list[str]) -> list[Path]:
-    """Files as given, folders expanded to the *.parquet files inside them."""
-    out: list[Path] = []
-    for p in map(_in, paths):
-        found = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
-        if not found:
-            raise ValueError(f"{p}: folder holds no *.parquet files")
-        out += found
-    return out
-
-
 def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
-    inputs = stages.UpgradeInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
-                                  _parquet_files(args.train_embeddings))
+    from cmce.lifecycle import train_embedding_files
     from cmce.transform import check_transform_folder
+
+    inputs = stages.UpgradeInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
+                                  train_embedding_files([_in(p) for p in args.train_embeddings]))
 
     index = _index_out(args, args.index_out) if args.index_out else None
     if not is_remote(args.transforms_out):

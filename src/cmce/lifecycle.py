@@ -133,6 +133,21 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
     return Path(out)
 
 
+def train_embedding_files(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder gives the train-embeddings files in it, so that an add-gallery-model
+    --work-dir (which also holds member files) can be passed whole."""
+    out: list[Path] = []
+    for p in paths:
+        if not p.is_dir():
+            out.append(p)
+            continue
+        found = [f for f in sorted(p.glob("*.parquet")) if read_metadata(f).get("kind") == "train_embeddings"]
+        if not found:
+            raise TableError(f"{p}: folder holds no train-embeddings files (*.parquet of kind 'train_embeddings')")
+        out += found
+    return out
+
+
 def upgrade_query_model(
     gallery: str | Path,
     new_query_model: str | Path,
