@@ -138,3 +138,30 @@ def test_the_registered_query_model_loads_with_mlflow_pyfunc(smoke_run, tmp_path
     files = {Path(p).name for p in Path(mlflow.artifacts.download_artifacts(f"models:/{PYFUNC}/1",
                                                                            dst_path=str(tmp_path / "dl"))).rglob("*")}
     assert "pyfunc_model.py" in files and "query.pt" in files and not any(f.endswith(".pkl") for f in files)
+
+
+def test_the_one_process_run_is_tracked_like_the_pipeline_runs(tmp_path):
+    """`cmce --mlflow-uri U run` opens a parent run with the config, one nested run per stage, the headline
+    numbers on the parent, the models registered as candidates, and the same metrics as an untracked run."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from cmce.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["--mlflow-uri", uri, "run", "--config", str(SMOKE), "--set", f"output_dir={tmp_path / 'run'}"]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("cmce").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name for r in client.search_runs([parent.info.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    cfg = load_config(SMOKE)
+    names = [g.name for g in cfg.gallery_models]
+    assert {"prepare-data", "combine", "build-index", "evaluate", *(f"embed-{g}" for g in names)} <= children
+    assert parent.info.status == "FINISHED" and "config.json" in {a.path for a in client.list_artifacts(
+        parent.info.run_id)}
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert parent.data.metrics["ensemble/R_at_1"] == metrics["asym_ensemble/2"]["R@1"]
+    query = client.get_model_version_by_alias("cmce-query", "candidate")
+    assert query.tags["sha256"] == file_sha256(tmp_path / "run" / "models" / f"{cfg.query_model.name}.pt")

@@ -318,7 +318,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if is_remote(cfg.output_dir):  # the whole run in scratch, uploaded when it succeeds
         cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
-    metrics = stages.run_all(cfg)
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        metrics = stages.run_all(cfg)
+    else:  # tracked as the pipeline runners track: a parent run (or --mlflow-parent's), a nested run per stage
+        from cmce.tracking import TrackingInfo, closing_parent, publish, start_parent_run
+
+        own = not args.mlflow_parent
+        info = TrackingInfo(uri, args.mlflow_parent or start_parent_run(uri, "cmce-run", _config(args).to_dict()))
+        with closing_parent(info) if own else contextlib.nullcontext():
+            metrics = stages.run_all(cfg, publish=lambda record: publish(info, record))
     log.info("outputs under %s", restore_uris(cfg.output_dir))
     sys.stdout.write(markdown_table(metrics))
 

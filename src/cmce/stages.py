@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,7 +338,10 @@ class EvalOutputs:
 def evaluate_all(cfg: Config, inp: EvalInputs, out: EvalOutputs) -> StepRecord:
     """Every configuration; the record carries the metrics flattened to `configuration/metric`."""
     use_device(cfg)
-    metrics = evaluate(inp, cfg.evaluate, out.report, cfg.batch_size, cfg.seed)
+    return evaluation_record(inp, out, evaluate(inp, cfg.evaluate, out.report, cfg.batch_size, cfg.seed))
+
+
+def evaluation_record(inp: EvalInputs, out: EvalOutputs, metrics: dict[str, dict[str, float]]) -> StepRecord:
     versions = json.loads((out.report / "versions.json").read_text())
     files = [out.report / f for f in ("metrics.json", "summary.json", "results.md", "versions.json", "recall.png",
                                       "recall.csv", "rejection.png", "rejection.csv")]
@@ -491,34 +494,38 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
 
 
 # ---------------------------------------------------------------- the whole run in one process
-def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = ()) -> dict:
+def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
+            publish: Callable[[StepRecord | None], object] | None = None) -> dict:
     """Every stage in one process, in dependency order, under cfg.output_dir; returns the metrics.
     prepare=False uses the dataset file already at the layout's dataset path (e.g. one made by
     cmce.data.prepare.carve_validation). `keep` names models whose outputs are already in place under
     cfg.output_dir, made by this very config (the caller vouches for that): the model and, for a gallery
-    model, its transformation, embeddings and KD student are used as they are, not made again."""
+    model, its transformation, embeddings and KD student are used as they are, not made again.
+    `publish` is handed each stage's record as the stage ends (the CLI passes the tracker's)."""
     use_device(cfg)
+    done = publish or (lambda record: None)
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
     if prepare:
-        prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset))
+        done(prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset)))
     per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
     log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
     q_path = lay.model(cfg.query_model.name)
     if cfg.query_model.name not in keep:
-        train_model(cfg, TrainInputs(lay.dataset, cfg.query_model.name), ModelOutputs(q_path))
+        done(train_model(cfg, TrainInputs(lay.dataset, cfg.query_model.name), ModelOutputs(q_path)))
     for g in cfg.gallery_models:
         if g.name in keep:
             log.info("%s: kept as it is under %s", g.name, lay.root)
             continue
-        train_model(cfg, TrainInputs(lay.dataset, g.name), ModelOutputs(lay.model(g.name)))
-        fit_transform(cfg, FitInputs(lay.dataset, q_path, lay.model(g.name)),
-                      FitOutputs(lay.transformation(g.name), lay.train_embeddings(g.name)))
-        embed_member(MemberInputs(lay.dataset, q_path, lay.model(g.name), lay.transformation(g.name), cfg.batch_size),
-                     GalleryOutputs(lay.member(g.name)))
+        done(train_model(cfg, TrainInputs(lay.dataset, g.name), ModelOutputs(lay.model(g.name))))
+        done(fit_transform(cfg, FitInputs(lay.dataset, q_path, lay.model(g.name)),
+                           FitOutputs(lay.transformation(g.name), lay.train_embeddings(g.name))))
+        done(embed_member(MemberInputs(lay.dataset, q_path, lay.model(g.name), lay.transformation(g.name),
+                                       cfg.batch_size), GalleryOutputs(lay.member(g.name))))
         if cfg.kd.enabled:
-            train_kd_student(cfg, StudentInputs(lay.dataset, lay.model(g.name)), ModelOutputs(lay.kd_student(g.name)))
-    combine(FilesInputs([lay.member(g.name) for g in cfg.gallery_models]), GalleryOutputs(lay.gallery))
-    build_gallery_index(cfg.index, IndexInputs(lay.gallery), IndexOutputs(lay.index))
+            done(train_kd_student(cfg, StudentInputs(lay.dataset, lay.model(g.name)),
+                                  ModelOutputs(lay.kd_student(g.name))))
+    done(combine(FilesInputs([lay.member(g.name) for g in cfg.gallery_models]), GalleryOutputs(lay.gallery)))
+    done(build_gallery_index(cfg.index, IndexInputs(lay.gallery), IndexOutputs(lay.index)))
     inputs = EvalInputs(
         dataset=lay.dataset,
         query_model=q_path,
@@ -527,4 +534,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = ()) -> di
         kd_students=[lay.kd_student(g.name) for g in cfg.gallery_models] if cfg.kd.enabled else [],
         index=lay.index,
     )
-    return evaluate(inputs, cfg.evaluate, lay.eval_dir, cfg.batch_size, cfg.seed)
+    metrics = evaluate(inputs, cfg.evaluate, lay.eval_dir, cfg.batch_size, cfg.seed)
+    if publish is not None:
+        publish(evaluation_record(inputs, EvalOutputs(lay.eval_dir), metrics))
+    return metrics
