@@ -1245,7 +1245,7 @@ def test_an_s3_endpoint_that_never_answers_fails_within_its_timeouts(world, tmp_
     assert time.monotonic() - start < 30
 
 
-def test_an_output_file_is_replaced_only_by_a_file_of_its_format(world, tmp_path, caplog):
+def test_an_output_file_is_replaced_only_by_a_file_of_its_format_and_kind(world, tmp_path, caplog):
     """fit-transform --out naming a gallery replaced the gallery with a checkpoint (exit 0)."""
     gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
     fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--query-model", world.query,
@@ -1257,6 +1257,18 @@ def test_an_output_file_is_replaced_only_by_a_file_of_its_format(world, tmp_path
     again = tmp_path / "again.parquet"  # a file of the step's own kind is its earlier output: replaced
     assert main(["combine", "--member", str(world.members[0]), "--out", str(again)]) == 0
     assert main(["combine", "--member", str(world.members[1]), "--out", str(again)]) == 0
+    # and of its own kind: a gallery never replaces a dataset or a member file, nor a Parquet file cmce did not write
+    dataset = Path(shutil.copyfile(world.dataset, tmp_path / "dataset.parquet"))
+    fails(caplog, ["combine", "--member", world.members[0], "--out", dataset], dataset,
+          f"{dataset}: holds a dataset Parquet file; this step writes a gallery file")
+    member = Path(shutil.copyfile(world.members[1], tmp_path / "member.parquet"))
+    fails(caplog, ["combine", "--member", world.members[0], "--out", member], member,
+          f"{member}: holds a gallery_member Parquet file; this step writes a gallery file")
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1]}), foreign)
+    fails(caplog, ["embed-member", "--dataset", world.dataset, "--query-model", world.query, "--gallery-model",
+                   world.gallery_models[0], "--transform", world.transforms[0], "--out", foreign], foreign,
+          f"{foreign}: holds a non-cmce Parquet file; this step writes a gallery_member file")
 
 
 def test_conflicting_transformations_and_a_model_given_as_a_student(world, tmp_path, caplog):

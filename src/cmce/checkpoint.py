@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from cmce.config import ConfigError, DataConfig, ModelSpec, TransformConfig, check_model_name, in_interval, range_of
+from cmce.errors import first_line
 from cmce.models import EmbeddingNet
-from cmce.storage import atomic_path, file_sha256
+from cmce.storage import atomic_path, file_format, file_sha256
 
 EMBEDDING_FORMAT = "cmce-embedding-model/1"
 TRANSFORM_FORMAT = "cmce-transformation/1"
@@ -38,16 +39,14 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04":  # torch saves a zip archive; an ONNX export or a Parquet file is not one
+    if file_format(path) != "checkpoint":  # torch saves a zip archive; an ONNX export or a Parquet file is not one
         raise CheckpointError(f"{path}: not a loadable checkpoint: not a torch checkpoint file (an ONNX export, say, "
                               "is for onnxruntime, not for cmce's steps)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)
         # torch's message runs to a page (and advises weights_only=False, which cmce never does): its first line
-        raise CheckpointError(f"{path}: not a loadable checkpoint: {type(err).__name__}: {first_line(err)[:200]}"
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {type(err).__name__}: {first_line(err, 200)}"
                               ) from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
@@ -115,10 +114,6 @@ def check_weights(obj: dict[str, Any], path: str | Path, extra: tuple[str, ...] 
             raise CheckpointError(f"{path}: {key} is a {what}, not a dense tensor")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 EMBEDDING_SIZES = {"width": range_of(ModelSpec, "width"), "embedding_dim": range_of(ModelSpec, "embedding_dim"),

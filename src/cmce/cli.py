@@ -22,6 +22,7 @@ from cmce import device as devices
 from cmce import distributed as ddp
 from cmce import stages
 from cmce.config import Config, parse_overrides
+from cmce.errors import first_line
 from cmce.records import StepRecord
 from cmce.storage import (
     check_output,
@@ -93,9 +94,9 @@ def _resolved(path: Path) -> Path:
 
 def tracking_error(err: Exception) -> str:
     """The first line of a client's error (MLflow's run to a page), after the URI it was talking to."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = first_line(err, 400)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return f"{uri}: {text[:400]}" if uri and uri not in text else text[:400]
+    return f"{uri}: {text}" if uri and uri not in text else text
 
 
 def one_line(text: str) -> str:
@@ -133,14 +134,23 @@ def _in(uri: str) -> Path:
 
 
 def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None,
-         own: tuple[str, ...] | None = None, writes: str | None = None) -> Path:
+         own: tuple[str, ...] | None = None, writes: str | None = None, kinds: tuple[str, ...] = ()) -> Path:
     """The local path a step writes the output `uri` to, checked before any work (cmce.storage.check_output;
     `own`: the files of a folder replaced whole). An s3:// output is uploaded when the command succeeds
     (main closes args.outputs before tracking); a failed command uploads nothing."""
-    check_output(uri, is_dir, own, writes)
+    check_output(uri, is_dir, own, writes, kinds)
     if is_remote(uri) and not ddp.is_main():
         return scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name  # rank 0 writes and uploads
     return args.outputs.enter_context(local_output(uri, is_dir, last))
+
+
+GALLERY = ("gallery",)
+MERGED = ("gallery", "gallery_member")  # merge writes the kind of its shards
+
+
+def _parquet_out(args: argparse.Namespace, uri: str, kinds: tuple[str, ...]) -> Path:
+    """A Parquet output: an existing file there is replaced only by one of the same kind (a gallery by a gallery)."""
+    return _out(args, uri, writes="parquet", kinds=kinds)
 
 
 def _index_out(args: argparse.Namespace, uri: str) -> Path:
@@ -186,7 +196,7 @@ def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
     return stages.prepare_data(_config(args), stages.PrepareInputs(_in(args.raw) if args.raw else None),
-                               stages.DatasetOutputs(_out(args, args.out, writes="parquet")))
+                               stages.DatasetOutputs(_parquet_out(args, args.out, ("dataset",))))
 
 
 def cmd_train(args: argparse.Namespace) -> StepRecord | None:
@@ -206,27 +216,27 @@ def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
     inputs = stages.FitInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model))
     embeddings = args.train_embeddings_out
     outputs = stages.FitOutputs(_out(args, args.out, writes="checkpoint"),
-                                _out(args, embeddings, writes="parquet") if embeddings else None)
+                                _parquet_out(args, embeddings, ("train_embeddings",)) if embeddings else None)
     return stages.fit_transform(cfg, inputs, outputs)
 
 
 def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
     inputs = stages.MemberInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model),
                                  _model(args.transform), args.batch_size, _shard(args), args.workers)
-    return stages.embed_member(inputs, stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
+    return stages.embed_member(inputs, stages.GalleryOutputs(_parquet_out(args, args.out, ("gallery_member",))))
 
 
 def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
     inputs = stages.EnsembleInputs(_in(args.dataset), _model(args.query_model), [_model(g) for g in args.gallery_model],
                                    [_model(t) for t in args.transform], args.batch_size, _shard(args), args.workers)
     members_dir = args.members_dir or sibling(args.out, f"{stem(args.out)}_members")
-    outputs = stages.EnsembleOutputs(_out(args, args.out, writes="parquet"), _out(args, members_dir, is_dir=True))
+    outputs = stages.EnsembleOutputs(_parquet_out(args, args.out, GALLERY), _out(args, members_dir, is_dir=True))
     return stages.embed_gallery(inputs, outputs)
 
 
 def cmd_merge(args: argparse.Namespace) -> StepRecord:
     return stages.merge(stages.FilesInputs([_in(p) for p in args.shard_file]),
-                        stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
+                        stages.GalleryOutputs(_parquet_out(args, args.out, MERGED)))
 
 
 def cmd_combine(args: argparse.Namespace) -> StepRecord:
@@ -239,7 +249,7 @@ def cmd_combine(args: argparse.Namespace) -> StepRecord:
         members += member_paths(_config(args), _in(args.members_dir))
     if not members:
         raise ValueError("give --member files or --members-dir with --config")
-    return stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
+    return stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(_parquet_out(args, args.out, GALLERY)))
 
 
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
@@ -336,7 +346,7 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
     inputs = stages.AddModelInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
                                    _model(args.gallery_model))
     outputs = stages.AddModelOutputs(
-        _out(args, args.out, writes="parquet"),
+        _parquet_out(args, args.out, GALLERY),
         _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True),
         _index_out(args, args.index_out) if args.index_out else None)
     return stages.add_gallery_model(_config(args), inputs, outputs)
@@ -352,14 +362,14 @@ def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
     index = _index_out(args, args.index_out) if args.index_out else None
     if not is_remote(args.transforms_out):
         check_transform_folder(args.transforms_out)
-    outputs = stages.UpgradeOutputs(_out(args, args.out, writes="parquet"),
+    outputs = stages.UpgradeOutputs(_parquet_out(args, args.out, GALLERY),
                                     _out(args, args.transforms_out, is_dir=True, own=("*.pt",)), index)
     return stages.upgrade_query_model(_config(args), inputs, outputs)
 
 
 def cmd_add_member(args: argparse.Namespace) -> StepRecord:
     return stages.add_member(stages.MemberFileInputs(_in(args.gallery), _in(args.member)),
-                             stages.GalleryOutputs(_out(args, args.out, writes="parquet")))
+                             stages.GalleryOutputs(_parquet_out(args, args.out, GALLERY)))
 
 
 def cmd_gate(args: argparse.Namespace) -> StepRecord:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cmce import device as devices
+from cmce.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def init_from_env(backend: str | None = None) -> Context:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, dist.DistStoreError) as err:  # the other ranks never came
         raise OSError(f"torchrun rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed: "
-                      f"{str(err).strip().splitlines()[0][:300]}") from None
+                      f"{first_line(err)}") from None
     ctx = current()
     log.info("data-parallel: rank %d of %d, backend %s", ctx.rank, ctx.world_size, ctx.backend)
     return ctx

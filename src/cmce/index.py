@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from cmce import s3
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
+from cmce.errors import last_line
 from cmce.method import normalize, rejection_mask
 from cmce.storage import atomic_dir, check_replaceable, file_sha256, local_input, restore_dir, swap_lock
 from cmce.tables import (
@@ -209,7 +210,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
         try:
             faiss.write_index(built.index, str(tmp / "index.faiss"))
         except RuntimeError as err:  # faiss reports a failed write (a full disk) as a RuntimeError
-            raise OSError(f"{out_dir}: could not write the index: {str(err).strip().splitlines()[-1]}") from None
+            raise OSError(f"{out_dir}: could not write the index: {last_line(err)}") from None
         kept = np.flatnonzero(keep)
         rej = np.flatnonzero(reject)
         for name, table in (
@@ -312,7 +313,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         index = faiss.read_index(str(d / "index.faiss"))
     except RuntimeError as err:
         raise IndexLoadError(f"{shown}/index.faiss: not a readable faiss index: "
-                             f"{str(err).strip().splitlines()[-1]}") from None
+                             f"{last_line(err)}") from None
     # the files are each as written, but were they written together? (meta.json can be rewritten consistently)
     if not (index.ntotal == len(ids) == meta.get("n_indexed", len(ids)) and index.d == meta["dim"]):
         raise IndexLoadError(f"{shown}: index.faiss holds {index.ntotal} vectors of dimension {index.d}, ids.parquet "

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import re
@@ -180,7 +181,8 @@ MAX_NAME_BYTES = 200
 MAGIC = {"parquet": b"PAR1", "checkpoint": b"PK\x03\x04"}
 
 
-def _format_of(path: Path) -> str | None:
+def file_format(path: Path) -> str | None:
+    """"parquet" or "checkpoint" (torch's zip archive) by the file's first bytes; None for anything else."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -189,11 +191,26 @@ def _format_of(path: Path) -> str | None:
     return next((name for name, magic in MAGIC.items() if head == magic), None)
 
 
+def parquet_kind(path: Path) -> str | None:
+    """What a cmce Parquet file holds, from its footer: the `kind` its writer recorded (gallery, gallery_member,
+    train_embeddings, query), "dataset" for a dataset file, None for any other Parquet file."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = json.loads((pq.read_schema(path).metadata or {}).get(b"cmce", b"null"))
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError; so is bad JSON
+        return None
+    if not isinstance(meta, dict):
+        return None
+    return meta.get("kind") if isinstance(meta.get("kind"), str) else "dataset" if "protocol" in meta else None
+
+
 def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | None = None,
-                 writes: str | None = None) -> None:
+                 writes: str | None = None, kinds: tuple[str, ...] = ()) -> None:
     """Before any work: refuse an output path the step could not write whole at the end, naming it. A folder
     output replaced whole (`own`: the globs it writes) must be one of its own (check_replaceable); an existing
-    file is replaced only by a file of its own format (`writes`): a checkpoint never replaces a dataset."""
+    file is replaced only by a file of its own format (`writes`) and, for Parquet, of its own `kinds`
+    (parquet_kind): a checkpoint never replaces a dataset, nor a gallery a dataset."""
     text = str(uri)
     if not text.strip():
         raise ValueError("an output path is empty")
@@ -204,9 +221,12 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         raise ValueError(f"{text}: is a device, pipe or socket, not a file or folder to write")
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
-    found = _format_of(target) if writes and target.is_file() else None
+    found = file_format(target) if writes and target.is_file() else None
     if found and found != writes:
         raise ValueError(f"{text}: holds a {found} file; this step writes a {writes} file, so give another path")
+    if found == "parquet" and kinds and (kind := parquet_kind(target)) not in kinds:
+        raise ValueError(f"{text}: holds a {kind or 'non-cmce'} Parquet file; this step writes a {kinds[0]} file, "
+                         "so give another path")
     if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
         raise ValueError(f"{text}: the file name is longer than {MAX_NAME_BYTES} bytes")
     if is_dir and own is not None:

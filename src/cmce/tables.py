@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cmce.errors import first_line
 from cmce.provenance import check_metadata
 from cmce.storage import atomic_path
 
@@ -122,7 +123,7 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str) -> tuple[dict
 
 def unreadable(path: str | Path, err: BaseException) -> TableError:
     """A damaged data page under a valid footer: arrow's message (often several lines) with the file named."""
-    return TableError(f"{path}: not a readable Parquet file: {(str(err).strip().splitlines() or [''])[0]}")
+    return TableError(f"{path}: not a readable Parquet file: {first_line(err)}")
 
 
 def iter_batches(path: str | Path, batch_size: int) -> Iterator[pa.RecordBatch]:

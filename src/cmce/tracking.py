@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmce.errors import first_line
+
 log = logging.getLogger(__name__)
 ARTIFACT_MAX_MB = 512  # larger outputs are referenced by a tag (path and sha256), not copied into the store
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
@@ -376,12 +378,6 @@ def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
     except MlflowException:
         return None
     return str(max(int(v.version) for v in versions)) if versions else None
-
-
-def first_line(err: BaseException) -> str:
-    """MLflow's messages run to several lines (and sometimes a server's whole reply): the first one says it."""
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
 
 
 def check_parent_run(uri: str, run_id: str) -> None:

@@ -24,12 +24,12 @@ from cmce.checkpoint import (
     CheckpointError,
     check_sizes,
     check_weights,
-    first_line,
     load_checkpoint,
     require_keys,
     save_checkpoint,
 )
 from cmce.config import TransformConfig
+from cmce.errors import first_line
 from cmce.method import transformation_loss
 from cmce.resume import Resume
 from cmce.storage import file_sha256

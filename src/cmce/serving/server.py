@@ -6,6 +6,7 @@ found before the server starts, so the command fails with one line instead of a 
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -13,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmce.data.codec import pixel_limit
 from cmce.serving.app import create_app
@@ -67,6 +70,20 @@ def check_dataset_of_index(dataset: Path, meta: dict) -> None:
                          "from (another dataset or version); class names would be wrong")
 
 
+class JsonErrorsH11(H11Protocol):
+    """uvicorn answers a request it cannot parse (a negative or doubled Content-Length, TLS sent to the plain
+    port) by itself, in plain text; this server's errors are {error, field} JSON, these too."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": f"request: malformed HTTP: {msg}", "field": "request"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
 def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = True) -> None:
     """Load, bind, print where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
     (and a query-model alias) for a new version."""
@@ -78,7 +95,8 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = 
     sock = bind(opts.host, opts.port)
     host, port = sock.getsockname()[:2]
     app = create_app(holder, opts.limits, classes, opts.search_threads)
-    config = uvicorn.Config(app, log_config=None, access_log=opts.access_log, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, http=JsonErrorsH11, log_config=None, access_log=opts.access_log,
+                            timeout_graceful_shutdown=10)
     sys.stdout.write(f"serving {opts.index} on http://{host}:{port}\n")
     sys.stdout.flush()
     holder.start(opts.reload_interval_s if watch else 0)
