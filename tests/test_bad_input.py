@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1038,25 +1039,31 @@ def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
     fails(caplog, _search(world, index), index, f"{index}/meta.json: search_params")
 
 
-def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch, signum):
+    """SIGTERM (a kill, a pod stopped) left the half-written temporary file in place: only Ctrl-C cleaned up."""
     import cmce.embed
 
     calls = {"n": 0}
     real = cmce.embed.embed_batch
 
-    def interrupted(*args, **kwargs):  # Ctrl-C in the middle of the gallery: some batches already written
+    def interrupted(*args, **kwargs):  # the signal arrives in the middle of the gallery: some batches written
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
+    before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(cmce.embed, "embed_batch", interrupted)
     out = previous_file(tmp_path / "member.parquet")
     caplog.clear()
     with caplog.at_level(logging.INFO):
         rc = main([str(a) for a in embed_member_args(world)] + ["--out", str(out), "--batch-size", "8"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert rc == 130 and errors == ["cmce embed-member: interrupted; each output is whole or not written"]
+    name = signal.Signals(signum).name
+    assert rc == 128 + signum and errors == [f"cmce embed-member: interrupted ({name}); each output is whole or not "
+                                             "written"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handlers go with it
     assert out.read_bytes() == PREVIOUS and leftovers(tmp_path) == []
 
 

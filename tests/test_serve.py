@@ -402,3 +402,24 @@ def test_requests_that_are_not_http_get_the_json_error_form(world, raw):
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), reply
     error = json.loads(body)
     assert error["field"] == "request" and error["error"].startswith("request: malformed HTTP"), error
+
+
+def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path):
+    """uvicorn re-raised SIGTERM after its graceful shutdown: the process died with the model it had downloaded
+    from the registry left in its scratch folder, and exit status 143."""
+    pytest.importorskip("mlflow")
+    from cmce.tracking import log_step, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "serve", {})
+    model = query_model(tmp_path / "q.pt")
+    log_step(uri, parent, "train", register=[("cmce-query", model, file_sha256(model))])
+    index = gallery_index(tmp_path / "work", model, tmp_path / "index")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    server = Server(["--index", str(index), "--query-model", "models:/cmce-query@candidate"], tmp_path / "serve.log",
+                    env={**cmce_env(), "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(scratch)})
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("cmce-scratch-")]  # the download is there
+    server.stop()  # SIGTERM
+    assert server.proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    assert not [p for p in scratch.iterdir() if p.name.startswith("cmce-scratch-")]

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from cmce import device as devices
 from cmce import distributed as ddp
 from cmce import stages
 from cmce.config import Config, parse_overrides
-from cmce.errors import first_line
+from cmce.errors import Terminated, first_line, raise_terminated
 from cmce.records import StepRecord
 from cmce.storage import (
     check_output,
@@ -613,6 +615,14 @@ def _select_device(args: argparse.Namespace) -> None:
         devices.select("auto")
 
 
+def _terminate_by_exception() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise Terminated in the main thread (as SIGINT raises KeyboardInterrupt), so the
+    cleanups run; returns the handlers they replace, restored when the command ends."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -643,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server (this command)
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     owns_group = ok = False
+    handlers = _terminate_by_exception()
     try:
         refuse_outputs_among_inputs(args)
         if args.mlflow_parent:
@@ -677,12 +688,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("cmce %s: %s", args.command, one_line(tracking_error(err)))
         return 2
-    except KeyboardInterrupt:  # outputs are written aside and renamed in: an interrupted step leaves none
+    except (KeyboardInterrupt, Terminated) as err:  # outputs are written aside and renamed in: none is left half
         if args.debug:
             raise
-        log.error("cmce %s: interrupted; each output is whole or not written", args.command)
-        return 130
+        signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
+        log.error("cmce %s: interrupted (%s); each output is whole or not written", args.command,
+                  signal.Signals(signum).name)
+        return 128 + signum
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         clear_scratch()
         if owns_group:
             ddp.shutdown(clean=ok)

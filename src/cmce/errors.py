@@ -14,3 +14,18 @@ def last_line(err: BaseException, limit: int = 300) -> str:
     """faiss puts its stack first and the reason last."""
     lines = str(err).strip().splitlines()
     return lines[-1][:limit] if lines else type(err).__name__
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that a killed step runs
+    its cleanups (temporary files, scratch downloads) instead of dying with them in place."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)

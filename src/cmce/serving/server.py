@@ -19,6 +19,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmce.data.codec import pixel_limit
+from cmce.errors import Terminated
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits, class_names
 from cmce.serving.state import Holder, QueryModelSource
@@ -103,6 +104,8 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = 
     try:
         with pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"):
             uvicorn.Server(config).run(sockets=[sock])
+    except (KeyboardInterrupt, Terminated) as err:  # uvicorn shut down gracefully, then re-raised the signal
+        log.info("stopped (%s)", "SIGINT" if isinstance(err, KeyboardInterrupt) else err)
     finally:
         holder.stop()
         sock.close()
