@@ -886,6 +886,12 @@ def test_an_output_folder_that_is_a_symlink_or_holds_an_input(world, tmp_path, c
                    "--out", tmp_path / "grown.parquet", "--work-dir", work], tmp_path / "grown.parquet",
           f"--work-dir {work} would write over the input --gallery {gallery}")
     assert _inputs_kept(gallery) == kept
+    # two outputs, one inside the other: refused before the fit and the embedding, not after them
+    v2 = tmp_path / "v2"
+    fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", world.gallery,
+                   "--query-model", world.query, "--gallery-model", world.gallery_models[0],
+                   "--out", v2 / "gallery.parquet", "--index-out", v2], v2,
+          f"--out {v2 / 'gallery.parquet'} and --index-out {v2} would write over each other")
 
 
 @pytest.mark.parametrize("flag,value", [("--workers", "5000"), ("--threads", "100000")])
@@ -1188,6 +1194,27 @@ def test_a_dataset_replaced_while_it_is_embedded_writes_nothing(world, tmp_path,
     out = previous_file(tmp_path / "member.parquet")
     fails(caplog, [*embed_member_args(world, dataset=dataset), "--out", out, "--batch-size", "8"], out,
           f"{dataset}: was replaced or changed while this step read it")
+
+
+def test_a_gallery_replaced_while_it_is_evaluated_writes_nothing(world, tmp_path, caplog, monkeypatch):
+    """evaluate opens the gallery three times (metadata, rows, sha256): a gallery replaced in between gave
+    metrics of one version beside the versions.json of another, exit 0. Every command now watches its inputs."""
+    import cmce.evaluate
+
+    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
+    real = cmce.evaluate.read_metadata
+
+    def replaced_after_the_first_read(path, *args, **kwargs):
+        meta = real(path, *args, **kwargs)
+        if Path(path) == gallery:  # another version renamed over it, as writers do
+            shutil.copyfile(world.gallery, tmp_path / "other.parquet")
+            os.replace(tmp_path / "other.parquet", gallery)
+        return meta
+
+    monkeypatch.setattr(cmce.evaluate, "read_metadata", replaced_after_the_first_read)
+    out = tmp_path / "eval"
+    fails(caplog, [*evaluate_args(world, gallery=gallery), "--out", out], out,
+          f"{gallery}: was replaced or changed while this step read it")
 
 
 @pytest.mark.parametrize("split, ids, message", [

@@ -29,6 +29,7 @@ from cmce.records import StepRecord
 from cmce.storage import (
     check_output,
     clear_scratch,
+    inputs_unchanged,
     is_remote,
     local_input,
     local_output,
@@ -109,8 +110,9 @@ def one_line(text: str) -> str:
     return redact(CONTROL.sub(lambda m: repr(m.group())[1:-1], text))  # and never a password inside a URL
 
 
-def refuse_outputs_among_inputs(args: argparse.Namespace) -> None:
-    """Before any work: no output of the command may be one of its inputs, nor a folder holding one."""
+def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
+    """Before any work: no output of the command may be one of its inputs, nor a folder holding one; no two
+    outputs may be one file, nor one inside the other (a folder is replaced whole). Returns the inputs."""
     def named(names: tuple[str, ...]) -> list[tuple[str, str]]:
         found = [(n, getattr(args, n, None)) for n in names]
         return [(n, str(v)) for n, value in found if value
@@ -128,6 +130,13 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> None:
                 continue
             if _clashes(out, inp):
                 raise ValueError(f"{flag(out_name)} {out} would write over the input {flag(in_name)} {inp}")
+    written = named(outputs)
+    for k, (out_name, out) in enumerate(written):
+        for other_name, other in written[k + 1:]:
+            if _clashes(out, other) or _clashes(other, out):
+                raise ValueError(f"{flag(out_name)} {out} and {flag(other_name)} {other} would write over each "
+                                 "other; give outputs apart")
+    return [inp for _, inp in named(inputs)]
 
 
 def _in(uri: str) -> Path:
@@ -655,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = ok = False
     handlers = _terminate_by_exception()
     try:
-        refuse_outputs_among_inputs(args)
+        inputs = refuse_outputs_among_inputs(args)
         if args.mlflow_parent:
             from cmce.tracking import check_parent_run
 
@@ -667,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
             ddp.init_from_env()
         if not ddp.is_main():
             logging.getLogger().setLevel(logging.WARNING)
-        with contextlib.ExitStack() as args.outputs:  # s3:// outputs upload as it closes, only on success
+        # s3:// outputs upload as the stack closes, only on success; a local input replaced while the step
+        # reads it (a step may open a file more than once) fails every write that would follow
+        with contextlib.ExitStack() as args.outputs, inputs_unchanged([p for p in inputs if os.path.isfile(p)]):
             record = args.func(args)
         if args.mlflow_parent and isinstance(record, StepRecord):
             from cmce.tracking import TrackingInfo, publish

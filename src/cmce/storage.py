@@ -119,7 +119,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp_path
         if tmp_path.exists():  # mkstemp makes 0600; give the artifact the usual permissions
             os.chmod(tmp_path, 0o666 & ~_umask())
+        _check_inputs_before_commit()
         os.replace(tmp_path, target)
+        _wrote(target)
         made = []
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -292,6 +294,7 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
             if (target / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(target / name, tmp / name)
         os.chmod(tmp, 0o777 & ~_umask())
+        _check_inputs_before_commit()
         old = _old(target)
         with swap_lock(target, exclusive=True):  # waits for readers of the old folder to finish
             _discard_dir(old)  # a complete older version, left by a run killed before it could delete it
@@ -314,6 +317,32 @@ def _identity(path: Path) -> tuple[int, ...] | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+_watched: list[Unchanged] = []  # the inputs of the running command: checked before each output is put in place
+
+
+@contextlib.contextmanager
+def inputs_unchanged(paths: list[str | Path]) -> Iterator[None]:
+    """While the block runs, every atomic write checks, before it renames its output in, that none of `paths`
+    was replaced or changed since the block began (a file replaced between two reads of it mixes versions)."""
+    watch = Unchanged(paths)
+    _watched.append(watch)
+    try:
+        yield
+    finally:
+        _watched.remove(watch)
+
+
+def _check_inputs_before_commit() -> None:
+    for watch in _watched:
+        watch.check()
+
+
+def _wrote(target: Path) -> None:
+    """An output renamed over an input of the same command (an in-place add): its new identity is the step's own."""
+    for watch in _watched:
+        watch.refresh(target)
+
+
 class Unchanged:
     """The identity (inode, size, mtime) of local input files, taken before a step first opens them: `check()`,
     called inside the atomic write before the rename, fails if one was replaced or modified meanwhile. A step
@@ -328,6 +357,11 @@ class Unchanged:
             if _identity(p) != was:
                 raise ValueError(f"{p}: was replaced or changed while this step read it; nothing written, run it "
                                  "again")
+
+    def refresh(self, path: Path) -> None:
+        for k, p in enumerate(self.paths):
+            if p == path or p.resolve() == path.resolve():
+                self.before[k] = _identity(p)
 
 
 def write_bytes(target: str | Path, data: bytes) -> None:
