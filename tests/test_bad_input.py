@@ -1474,3 +1474,17 @@ def test_a_one_member_gallery_reports_no_rejection_by_uncertainty(world, tmp_pat
                 + ["--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert "asym_ensemble/1" in metrics and "rejection/uncertainty" not in metrics  # its uncertainty is 0 everywhere
+
+
+def test_a_run_into_a_folder_whose_index_holds_a_foreign_file_is_refused_before_training(smoke_run, tmp_path,
+                                                                                          caplog):
+    """The refusal came at the index, after the models, transformations and gallery had been replaced: the
+    folder then held new models beside the old index and evaluation."""
+    lay, _ = smoke_run
+    root = Path(shutil.copytree(lay.root, tmp_path / "run"))
+    (root / "index" / "NOTES.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    caplog.clear()
+    assert main(["run", "--config", str(SMOKE), "--set", f"output_dir={root}"]) == 2
+    assert f"{root / 'index'}: holds NOTES.txt" in caplog.text
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

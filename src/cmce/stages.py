@@ -28,12 +28,12 @@ from cmce.data.prepare import prepare_dataset
 from cmce.data.readers import dataset_info
 from cmce.data.sources import fetch_source
 from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model, merge_shards
-from cmce.evaluate import EvalInputs, evaluate
-from cmce.index import build_index
+from cmce.evaluate import EVAL_FILES, EvalInputs, evaluate
+from cmce.index import INDEX_FILES, build_index
 from cmce.layout import RunLayout, pair_transformations
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
-from cmce.storage import origin
+from cmce.storage import check_replaceable, origin
 from cmce.tables import embedding_array, read_metadata, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
@@ -505,6 +505,10 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     use_device(cfg)
     done = publish or (lambda record: None)
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
+    # the folders replaced whole at the end are checked first: a refusal after the training would leave new
+    # models beside the old index and evaluation
+    check_replaceable(lay.index, INDEX_FILES)
+    check_replaceable(lay.eval_dir, EVAL_FILES)
     if prepare:
         done(prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset)))
     per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
