@@ -111,6 +111,32 @@ def test_upgrade_needs_train_embeddings_of_every_member(smoke_run, tmp_path):
     assert not (tmp_path / "g.parquet").exists()
 
 
+def test_an_upgrade_whose_gallery_cannot_be_written_keeps_the_old_transformations(smoke_run, tmp_path,
+                                                                                   monkeypatch):
+    """A full disk at the gallery left the transformations already replaced by the new query model's, beside
+    the old gallery: every later evaluate refused the pair."""
+    import errno
+    import shutil
+
+    import cmce.lifecycle
+
+    lay, _ = smoke_run
+    transforms = shutil.copytree(lay.transformation(lay.gallery_names[0]).parent, tmp_path / "t")
+    before = {p.name: p.read_bytes() for p in transforms.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(cmce.lifecycle.pq, "write_table", disk_full)
+    out = tmp_path / "g.parquet"
+    with pytest.raises(OSError, match=rf"^{out}: not written: No space left on device"):
+        upgrade_query_model(lay.gallery, lay.model("query"), lay.dataset,
+                            [lay.train_embeddings(g) for g in lay.gallery_names], TransformConfig(epochs=1),
+                            transforms, out)
+    assert {p.name: p.read_bytes() for p in transforms.iterdir()} == before and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
 def test_upgrade_refuses_a_train_split_without_the_stored_training_ids(smoke_run, tmp_path):
     lay, _ = smoke_run
     table = pq.read_table(lay.dataset)

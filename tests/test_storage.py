@@ -59,6 +59,33 @@ def test_a_failed_write_takes_back_the_folders_it_created(tmp_path):
     assert (tmp_path / "made" / "a.txt").read_text() == "x"
 
 
+def test_a_full_disk_names_the_output_and_leaves_the_old_one(tmp_path, monkeypatch):
+    """pyarrow's and onnx's messages for a full disk name no file; torch's ('unexpected pos') not even the cause."""
+    import errno
+
+    import torch
+
+    from cmce.checkpoint import save_checkpoint
+
+    target = tmp_path / "g.parquet"
+    write_text(target, "old")
+    with pytest.raises(OSError, match=rf"^{target}: not written: No space left on device$"), atomic_path(target):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file")
+    with pytest.raises(OSError, match="unrelated"), atomic_path(target):  # other errors pass as they are
+        raise OSError(errno.ENOENT, "unrelated")
+
+    def short_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 52032 vs 51928")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    model = tmp_path / "m.pt"
+    write_text(model, "old")
+    with pytest.raises(OSError, match=rf"^{model}: not written: .*unexpected pos.*is the disk full"):
+        save_checkpoint({"format": "x", "state_dict": {}}, model)
+    assert target.read_text() == model.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.parquet", "m.pt"]
+
+
 def test_atomic_dir_swaps_whole_directories(tmp_path):
     target = tmp_path / "d"
     with atomic_dir(target, OWN) as tmp:

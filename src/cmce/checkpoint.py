@@ -12,7 +12,7 @@ import torch
 from cmce.config import ConfigError, DataConfig, ModelSpec, TransformConfig, check_model_name, in_interval, range_of
 from cmce.errors import first_line
 from cmce.models import EmbeddingNet
-from cmce.storage import atomic_path, file_format, file_sha256
+from cmce.storage import NotWritten, atomic_path, file_format, file_sha256
 
 EMBEDDING_FORMAT = "cmce-embedding-model/1"
 TRANSFORM_FORMAT = "cmce-transformation/1"
@@ -31,7 +31,10 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
     # through a file handle: torch.save(obj, PATH) stores the file's (random temp) name inside the
     # archive, which would give identical weights a different sha256 (= version) on every save
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # torch's zip writer reports a short write (a full disk) as "unexpected pos"
+            raise NotWritten(f"{path}: not written: {first_line(err)} (is the disk full?)") from None
     return file_sha256(path)
 
 

@@ -22,7 +22,7 @@ from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
 from cmce.embed import embed_split, ensemble_columns
 from cmce.method import RunningEnsemble, uncertainty_from_sum
-from cmce.storage import Unchanged, atomic_dir, atomic_path
+from cmce.storage import Unchanged, atomic_dir, atomic_path, named_on_failure
 from cmce.tables import (
     TableError,
     embedding_column,
@@ -192,22 +192,25 @@ def upgrade_query_model(
                                           query.classifier, cfg, seed, f"T[{member['name']}]")
         fitted.append(Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
                                      query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history))
-    # everything is fitted before anything is written: a failure above leaves the old state intact
-    with atomic_dir(transforms_dir, ("*.pt",)) as tmp_dir:
-        for t in fitted:
-            save_transformation(t, tmp_dir / f"{t.gallery_model}.pt")
-    ens = RunningEnsemble()
-    for member, t in zip(gmeta["members"], fitted, strict=True):
-        ens.add(t.apply(embedding_column(table, f"raw_{member['name']}", str(gallery))),
-                f"{gallery}: column 'raw_{member['name']}' after its new transformation")
-        members.append({**{k: member[k] for k in member if k != "transformation_sha256"},
-                        "transformation_sha256": t.sha256})
-    cols = {c: table.column(c) for c in table.column_names}
-    cols |= ensemble_columns(ens)
-    meta = {**gmeta, "query_model_sha256": query.sha256, "members": members,
-            "upgraded_from_query_model_sha256": gmeta["query_model_sha256"]}
-    new = pa.table(cols).replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})
-    with atomic_path(out) as tmp:
-        pq.write_table(new, tmp, row_group_size=8192, **writer_options(new.schema))
+    # everything is fitted before anything is written: a failure above leaves the old state intact. The new
+    # gallery is written (aside) before the transformations are swapped in, so that a failed write (a full
+    # disk) leaves both as they were; the gallery is renamed in last.
+    with atomic_path(out) as tmp_gallery:
+        with atomic_dir(transforms_dir, ("*.pt",)) as tmp_dir:
+            for t in fitted:
+                save_transformation(t, tmp_dir / f"{t.gallery_model}.pt")
+            ens = RunningEnsemble()
+            for member, t in zip(gmeta["members"], fitted, strict=True):
+                ens.add(t.apply(embedding_column(table, f"raw_{member['name']}", str(gallery))),
+                        f"{gallery}: column 'raw_{member['name']}' after its new transformation")
+                members.append({**{k: member[k] for k in member if k != "transformation_sha256"},
+                                "transformation_sha256": t.sha256})
+            cols = {c: table.column(c) for c in table.column_names}
+            cols |= ensemble_columns(ens)
+            meta = {**gmeta, "query_model_sha256": query.sha256, "members": members,
+                    "upgraded_from_query_model_sha256": gmeta["query_model_sha256"]}
+            new = pa.table(cols).replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+            with named_on_failure(out):
+                pq.write_table(new, tmp_gallery, row_group_size=8192, **writer_options(new.schema))
     log.info("upgraded %s to query model %s → %s", gallery, query.sha256[:12], out)
     return Path(out)

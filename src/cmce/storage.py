@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -116,7 +117,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with named_on_failure(target):
+            yield tmp_path
         if tmp_path.exists():  # mkstemp makes 0600; give the artifact the usual permissions
             os.chmod(tmp_path, 0o666 & ~_umask())
         _check_inputs_before_commit()
@@ -126,6 +128,26 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         tmp_path.unlink(missing_ok=True)
         remove_if_empty(made)
+
+
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+class NotWritten(OSError):
+    """An output that could not be written (a full disk), named."""
+
+
+@contextlib.contextmanager
+def named_on_failure(target: Path) -> Iterator[None]:
+    """A write that fails for want of room or a working disk names the output (pyarrow and onnx do not)."""
+    try:
+        yield
+    except NotWritten:  # named already, by the write nearest to it
+        raise
+    except OSError as err:
+        if err.errno not in WRITE_FAILURES:
+            raise
+        raise NotWritten(f"{target}: not written: {os.strerror(err.errno)}") from None
 
 
 def make_parents(target: Path) -> list[Path]:
@@ -289,7 +311,8 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
+        with named_on_failure(target):
+            yield tmp
         for name in KEPT_ACROSS_SWAPS:
             if (target / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(target / name, tmp / name)
