@@ -98,6 +98,24 @@ def test_imagefolder_and_corrupt_image(tmp_path):
         import_imagefolder(tmp_path)
 
 
+def test_imagefolder_reads_subfolders_and_names_a_half_official_split(tmp_path):
+    """Images in subfolders of a class were dropped without a word (39 of 90); a root with train/ and no test/
+    was read as one class named 'train' and failed with 'no images found'."""
+    for cls in ("cat", "dog"):
+        (tmp_path / cls / "more" / "deeper").mkdir(parents=True)
+        (tmp_path / cls / "0.png").write_bytes(_png("L", value=10))
+        (tmp_path / cls / "more" / "1.png").write_bytes(_png("L", value=20))
+        (tmp_path / cls / "more" / "deeper" / "2.png").write_bytes(_png("L", value=30))
+    raw = import_imagefolder(tmp_path)
+    assert raw.ids == [f"{c}/{f}" for c in ("cat", "dog") for f in ("0.png", "more/1.png", "more/deeper/2.png")]
+    assert list(raw.labels) == [0, 0, 0, 1, 1, 1]
+    split = tmp_path / "split"
+    (split / "train" / "cat").mkdir(parents=True)
+    (split / "train" / "cat" / "0.png").write_bytes(_png("L"))
+    with pytest.raises(DataError, match=r"split: has train/ but no test/: an official split needs both"):
+        import_imagefolder(split)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16", "P"])
 def test_decode_converts_modes(mode):
     value = 30000 if mode == "I;16" else 100

@@ -1,8 +1,10 @@
-"""ImageFolder: root/<class>/<image>, or root/train/<class>/… and root/test/<class>/… for an official split."""
+"""ImageFolder: root/<class>/[subfolders/]<image>, or root/train/<class>/… and root/test/<class>/… for an official
+split."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,16 @@ def _utf8(path: Path, root: Path) -> Path:
     return path
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file in `folder` and its subfolders, in a fixed order; symbolic links to folders are not entered
+    (a link loop would never end; linked files are checked to lie inside the root like any other)."""
+    found = []
+    for here, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [Path(here) / f for f in sorted(files)]
+    return found
+
+
 def import_imagefolder(path: str | Path) -> RawImages:
     """root/<class>/<image>; or root/train/<class>/… + root/test/<class>/… for an official split."""
     root = Path(path)
@@ -33,6 +45,11 @@ def import_imagefolder(path: str | Path) -> RawImages:
     real_root = root.resolve()
     parts = [("train", root / "train"), ("test", root / "test")]
     has_split = all(p.is_dir() for _, p in parts)
+    one = [name for name, p in parts if p.is_dir()]
+    if len(one) == 1:  # its classes would be taken for a single class named after the split
+        raise DataError(f"{root}: has {one[0]}/ but no {'test' if one[0] == 'train' else 'train'}/: an official "
+                        "split needs both (root/train/<class>/…, root/test/<class>/…); or put the class folders "
+                        "directly under the root")
     if not has_split:
         parts = [("", root)]
     for _, base in parts:
@@ -48,7 +65,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
             if not folder.is_dir():
                 continue
             inside_root(folder, real_root)
-            for f in sorted(folder.iterdir()):
+            for f in _files_under(folder):  # subfolders too, as torchvision's ImageFolder reads them
                 if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
                     continue
                 inside_root(_utf8(f, root), real_root)
