@@ -1488,3 +1488,26 @@ def test_a_run_into_a_folder_whose_index_holds_a_foreign_file_is_refused_before_
     assert main(["run", "--config", str(SMOKE), "--set", f"output_dir={root}"]) == 2
     assert f"{root / 'index'}: holds NOTES.txt" in caplog.text
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_member_files_are_named_by_model_and_never_replace_another_kind(world, tmp_path, caplog):
+    """Two gallery checkpoints both saved as model.pt wrote one member file (and the step then failed with a
+    misleading duplicate name); --members-dir naming the stored train embeddings replaced them, exit 0."""
+    models = []
+    for name, model in zip("ab", world.gallery_models, strict=True):
+        (tmp_path / name).mkdir()
+        models.append(Path(shutil.copyfile(model, tmp_path / name / "model.pt")))
+    argv = ["embed-gallery", "--dataset", world.dataset, "--query-model", world.query,
+            *[a for m in models for a in ("--gallery-model", m)],
+            *[a for t in world.transforms for a in ("--transform", t)]]
+    assert main([str(a) for a in [*argv, "--out", tmp_path / "g.parquet", "--members-dir", tmp_path / "m"]]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["resnet_a.parquet", "vgg_b.parquet"]
+    stored = tmp_path / "train"
+    stored.mkdir()
+    meta = {"cmce": '{"kind": "train_embeddings"}'}
+    pq.write_table(pa.table({"id": ["x"]}).replace_schema_metadata(meta), stored / "resnet_a.parquet")
+    kept = _inputs_kept(stored / "resnet_a.parquet")
+    out = tmp_path / "g2.parquet"
+    fails(caplog, [*argv, "--out", out, "--members-dir", stored], out,
+          f"{stored / 'resnet_a.parquet'}: holds a train_embeddings Parquet file; this step writes a gallery_member")
+    assert _inputs_kept(stored / "resnet_a.parquet") == kept

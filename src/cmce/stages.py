@@ -33,7 +33,7 @@ from cmce.index import INDEX_FILES, build_index
 from cmce.layout import RunLayout, pair_transformations
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
-from cmce.storage import check_replaceable, origin
+from cmce.storage import check_output, check_replaceable, origin
 from cmce.tables import embedding_array, read_metadata, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
@@ -259,9 +259,11 @@ class EnsembleOutputs:
     members_dir: Path  # the per-model files
 
 
-def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict[str, str] | None = None) -> None:
+def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict[str, str] | None = None
+                      ) -> list[str]:
     """Before any work: each gallery model is not the query model, and its name is not taken (by another of them,
-    or in `taken`: name → where). A clash found after the embedding would leave files of a failed step behind."""
+    or in `taken`: name → where). A clash found after the embedding would leave files of a failed step behind.
+    Returns their names."""
     from cmce.storage import file_sha256
 
     query_sha = file_sha256(query_model)
@@ -273,20 +275,25 @@ def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict
         if model.name in seen:
             raise ValueError(f"{path}: a gallery model named {model.name!r} is already in {seen[model.name]}")
         seen[model.name] = str(path)
+    return [name for name in seen if name not in (taken or {})]
 
 
 def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
     """Every gallery model over the gallery (or one shard of it), then the ensemble of that slice."""
     if len(inp.gallery_models) != len(inp.transformations):
         raise ValueError("give one transformation per gallery model")
-    check_new_members(inp.query_model, inp.gallery_models)
+    names = check_new_members(inp.query_model, inp.gallery_models)
     q_sha = load_embedding_model(inp.query_model).sha256
     paired = pair_transformations(inp.gallery_models, inp.transformations)
     for transform in paired:  # every transformation checked before the first model embeds anything
         load_transformation(transform, query_sha256=q_sha)
+    # one file per model, named by the model (two checkpoints both called model.pt wrote one file); a file of
+    # another kind there (stored train embeddings, say) is refused before anything is embedded
+    files = [out.members_dir / f"{name}.parquet" for name in names]
+    for member in files:
+        check_output(member, writes="parquet", kinds=("gallery_member",))
     members = []
-    for model, transform in zip(inp.gallery_models, paired, strict=True):
-        member = out.members_dir / f"{model.stem}.parquet"
+    for model, transform, member in zip(inp.gallery_models, paired, files, strict=True):
         embed_member(MemberInputs(inp.dataset, inp.query_model, model, transform, inp.batch_size, inp.shard,
                                   inp.workers), GalleryOutputs(member))
         members.append(member)
