@@ -161,3 +161,15 @@ def test_the_benchmark_measures_size_latency_and_difference(capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 11 and float(cells[3]) > 0  # ONNX KiB
     assert all(float(c) > 0 for c in cells[4:10]) and float(cells[10]) <= 1e-4
+
+
+def test_hits_that_tie_may_swap_but_other_hits_may_not():
+    """A float16 checkpoint's export differed by 5e-6 and was refused: two near-tied neighbours swapped places."""
+    import numpy as np
+
+    torch_ids, onnx_ids = [["a", "b", "c"], ["a", "b", "c"]], [["a", "c", "b"], ["a", "c", "b"]]
+    tied = np.array([[0.9, 0.5, 0.5 - 1e-7]] * 2)
+    assert export.same_ranking(torch_ids, tied, onnx_ids, tied[:, [0, 2, 1]]) == [True, True]
+    apart = np.array([[0.9, 0.5, 0.4]] * 2)
+    assert export.same_ranking(torch_ids, apart, onnx_ids, apart[:, [0, 2, 1]]) == [False, False]
+    assert export.same_ranking([["a"]], np.array([[0.5]]), [["z"]], np.array([[0.5]])) == [True]  # cut at k

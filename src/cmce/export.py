@@ -39,6 +39,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
 MAX_ABS_DIFF = 1e-4  # parity bound on the raw embedding, onnxruntime vs torch float32 on the CPU
 TOP_K = 10
+TIE_SCORE = 1e-5  # cosine scores closer than this are a tie: their order is rounding (a float16 checkpoint)
 
 
 class ExportError(ValueError):
@@ -159,9 +160,17 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def _top_k_ids(queries: np.ndarray, index: Any, ids: list[str], k: int) -> list[list[str]]:
-    _, idx = index.search(np.ascontiguousarray(normalize(queries, "query embeddings")), k)
-    return [[ids[j] for j in row if j >= 0] for row in idx]
+def _top_k(queries: np.ndarray, index: Any, ids: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+    scores, idx = index.search(np.ascontiguousarray(normalize(queries, "query embeddings")), k)
+    return [[ids[j] for j in row if j >= 0] for row in idx], scores
+
+
+def same_ranking(ids_a: list[list[str]], scores_a: np.ndarray, ids_b: list[list[str]], scores_b: np.ndarray
+                 ) -> list[bool]:
+    """Per query: the same top-k, up to ties. Hits whose scores differ by less than TIE_SCORE may come in either
+    order, and at the k-th place either of them may be cut: only the scores, rank by rank, tell those apart."""
+    return [a == b or bool(np.abs(sa - sb).max() <= TIE_SCORE)
+            for a, b, sa, sb in zip(ids_a, ids_b, scores_a, scores_b, strict=True)]
 
 
 def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Path, index: LoadedIndex | None = None,
@@ -188,15 +197,15 @@ def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Pa
     max_diff = float(np.abs(ref_all - got_all).max())
     if index is not None:
         kk = min(k, len(index.ids))
-        same = [a == b for a, b in zip(search(index, ref_all, kk).ids, search(index, got_all, kk).ids, strict=True)]
+        ref_hits, got_hits = search(index, ref_all, kk), search(index, got_all, kk)
+        same = same_ranking(ref_hits.ids, ref_hits.scores, got_hits.ids, got_hits.scores)
         searched = "index"
     else:
         flat = faiss.IndexFlatIP(ref_all.shape[1])
         flat.add(np.ascontiguousarray(normalize(ref_all, "torch embeddings")))
         names = [str(i) for i in range(len(ref_all))]
         kk = min(k, len(ref_all))
-        same = [a == b for a, b in zip(_top_k_ids(ref_all, flat, names, kk), _top_k_ids(got_all, flat, names, kk),
-                                       strict=True)]
+        same = same_ranking(*_top_k(ref_all, flat, names, kk), *_top_k(got_all, flat, names, kk))
         searched = "split"
     agreement = float(np.mean(same))
     return ParityReport(split, len(ref_all), max_diff, kk, agreement, searched,
