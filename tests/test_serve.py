@@ -388,6 +388,7 @@ def test_the_sha256_tag_is_the_whole_digest_in_any_case(world):
     b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
     b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 9\r\n\r\nabc",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32),  # a TLS ClientHello sent to the plain port
+    b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a request line over h11's buffer limit
 ])
 def test_requests_that_are_not_http_get_the_json_error_form(world, raw):
     """uvicorn answered these itself, in plain text, before any route saw them."""
@@ -396,8 +397,11 @@ def test_requests_that_are_not_http_get_the_json_error_form(world, raw):
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         conn.sendall(raw)
         reply = b""
-        while chunk := conn.recv(65536):
-            reply += chunk
+        try:
+            while chunk := conn.recv(65536):
+                reply += chunk
+        except ConnectionResetError:  # closed with part of the request unread: the kernel resets after the answer
+            pass
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), reply
     error = json.loads(body)
