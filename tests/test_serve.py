@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -406,3 +407,44 @@ def test_requests_that_are_not_http_get_the_json_error_form(world, raw):
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), reply
     error = json.loads(body)
     assert error["field"] == "request" and error["error"].startswith("request: malformed HTTP"), error
+
+
+def readyz(server: Server) -> dict:
+    return requests.get(f"{server.url}/readyz", timeout=10).json()
+
+
+def wait_for_ready(server: Server, what: str, test: Callable[[dict], bool], timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while not test(state := readyz(server)):
+        assert time.monotonic() < deadline, f"{what}: /readyz stayed {state}; log: {server.log.read_text()[-2000:]}"
+        time.sleep(0.05)
+    return state
+
+
+def test_an_index_copied_in_file_by_file_is_served_once_whole(tmp_path):
+    """meta.json first, the other files later: the half-copied folder is refused, and each change of its files
+    is tried again (a failed version was kept refused until meta.json changed, so the whole one never loaded)."""
+    model = query_model(tmp_path / "query.pt")
+    index = gallery_index(tmp_path / "work", model, tmp_path / "index", prefix="a")
+    other = gallery_index(tmp_path / "work", model, tmp_path / "other", seed=1, prefix="b")
+    server = Server(["--index", str(index), "--query-model", str(model), "--reload-interval", "0.1"],
+                    tmp_path / "serve.log")
+    served = readyz(server)["index_version"]
+    try:
+        shutil.rmtree(index)
+        index.mkdir()
+        shutil.copy(other / "meta.json", index)
+        state = wait_for_ready(server, "the half-copied index refused",
+                               lambda s: "ids.parquet: missing" in (s["last_reload_error"] or ""))
+        assert state["index_version"] == served
+        shutil.copy(other / "ids.parquet", index)
+        wait_for_ready(server, "the folder tried again once a file came",
+                       lambda s: "index.faiss: missing" in (s["last_reload_error"] or ""))
+        for name in ("index.faiss", "rejected.parquet"):
+            shutil.copy(other / name, index)
+        state = wait_for_ready(server, "the whole index loaded", lambda s: s["index_version"] != served)
+        assert state["last_reload_error"] is None and state["reloads"] == 1
+        hits = server.search(embeddings=[[0.5] * 16], query_model_sha256=file_sha256(model)).json()
+        assert {h["id"][0] for h in hits["results"][0]["hits"]} == {"b"}
+    finally:
+        server.stop()

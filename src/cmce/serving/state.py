@@ -5,8 +5,9 @@ reads `Holder.current` once and uses that object to the end, so a swap never mix
 answer, and requests in flight keep the old pair alive until they finish. `Holder.check` (polled by a
 thread) notices a new index from meta.json's content (build-index swaps the folder whole and writes meta.json
 last), loads the new pair fully (load_index takes the folder's shared swap lock and verifies every checksum),
-then replaces the one reference. A pair that fails to load is logged and not retried until something changes;
-the old pair keeps serving.
+then replaces the one reference. A pair that fails to load is logged and retried only once something changed:
+the alias, meta.json, or the identity (inode, size, times) of the folder or of any of its files, so a folder
+whose files are still being copied in is loaded once it is whole. The old pair keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -21,10 +22,24 @@ from pathlib import Path
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
-from cmce.index import LoadedIndex, load_index
+from cmce.index import INDEX_FILES, LoadedIndex, load_index
 
 log = logging.getLogger(__name__)
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
+
+
+def folder_identity(index_dir: Path) -> tuple:
+    """What changes when anything in the folder is replaced, rewritten or copied in (a folder swapped whole gets
+    a new inode); cheap enough to take on every poll, unlike the checksums."""
+    out = []
+    for path in (index_dir, *(index_dir / name for name in INDEX_FILES)):
+        try:
+            st = path.stat()
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
 
 
 def meta_version(meta: dict) -> str:
@@ -101,7 +116,7 @@ class Holder:
         self.current = Served(model, key, index, meta_version(index.meta))
         self.last_error: str | None = None
         self.reloads = 0
-        self._failed: tuple[str, str] | None = None
+        self._failed: tuple | None = None  # (model key, index version, folder_identity) of the last failed load
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._unreadable = 0  # consecutive polls that could not read meta.json
         self._stop = threading.Event()
@@ -134,16 +149,17 @@ class Holder:
         except ValueError as err:  # a registry that is down must not stop the server
             log.warning("serve: could not read %s, keeping the served model: %s", self.models.uri, err)
             return False
+        folder = folder_identity(self.index_dir)  # before reading: a change during the load is seen next poll
         version = self._peek()
         cur = self.current
         wanted = (model_key, version or cur.version)
-        if wanted == (cur.model_key, cur.version) or wanted == self._failed:
+        if wanted == (cur.model_key, cur.version) or (*wanted, folder) == self._failed:
             return False
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
             index = load_index(self.index_dir, query_sha256=model.sha256)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
-            self._failed, self.last_error = wanted, str(err)
+            self._failed, self.last_error = (*wanted, folder), str(err)
             log.error("serve: reload failed, still serving index %s: %s", cur.version[:12], err)
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
