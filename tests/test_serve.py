@@ -204,7 +204,7 @@ def test_reload_while_clients_loop_switches_without_a_failed_request(tmp_path):
         assert [order.index(p) for p in prefixes] == sorted(order.index(p) for p in prefixes), "went back"
         assert len({v for v, _ in answers}) == len(set(prefixes)) == 3  # one version per gallery, never "z"
     log = server.log.read_text()
-    assert "reload failed, still serving index" in log and "built for query model" in log
+    assert "reload failed: " in log and "still serving index" in log and "built for query model" in log
 
 
 def taken_port() -> socket.socket:
@@ -448,3 +448,26 @@ def test_an_index_copied_in_file_by_file_is_served_once_whole(tmp_path):
         assert {h["id"][0] for h in hits["results"][0]["hits"]} == {"b"}
     finally:
         server.stop()
+
+
+def test_a_reload_error_is_cleared_once_the_folder_holds_the_served_version_again(tmp_path):
+    """The folder replaced by a file (reported after its polls), then the very version served put back: the
+    error stayed in /readyz for good, as nothing was loaded."""
+    model = query_model(tmp_path / "query.pt")
+    index = gallery_index(tmp_path / "work", model, tmp_path / "index")
+    saved = shutil.copytree(index, tmp_path / "saved")
+    server = Server(["--index", str(index), "--query-model", str(model), "--reload-interval", "0.1"],
+                    tmp_path / "serve.log")
+    served = readyz(server)["index_version"]
+    try:
+        shutil.rmtree(index)
+        index.write_text("not a folder")
+        wait_for_ready(server, "the broken folder reported",
+                       lambda s: "meta.json: unreadable for" in (s["last_reload_error"] or ""))
+        index.unlink()
+        shutil.copytree(saved, index)
+        state = wait_for_ready(server, "the error cleared", lambda s: s["last_reload_error"] is None)
+        assert state["index_version"] == served and state["reloads"] == 0
+    finally:
+        server.stop()
+    assert "serve: resolved: " in server.log.read_text()
