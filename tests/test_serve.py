@@ -471,3 +471,72 @@ def test_a_reload_error_is_cleared_once_the_folder_holds_the_served_version_agai
     finally:
         server.stop()
     assert "serve: resolved: " in server.log.read_text()
+
+
+def test_an_unreadable_alias_is_shown_while_it_lasts_and_logged_once(tmp_path):
+    """The production alias deleted: the same warning was logged on every poll, /readyz did not mention it, and
+    an old error stayed there after the alias came back."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from cmce.tracking import log_step, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "serve", {})
+    model = query_model(tmp_path / "query.pt")
+    log_step(uri, parent, "train", register=[("cmce-query", model, file_sha256(model))])
+    log_step(uri, parent, "gate", promote=[("cmce-query", file_sha256(model))])
+    index = gallery_index(tmp_path / "work", model, tmp_path / "index")
+    server = Server(["--index", str(index), "--query-model", "models:/cmce-query@production", "--reload-interval",
+                     "0.1"], tmp_path / "serve.log", env={**cmce_env(), "MLFLOW_TRACKING_URI": uri})
+    served = readyz(server)["index_version"]
+    try:
+        client = MlflowClient(uri, uri)
+        version = client.get_model_version_by_alias("cmce-query", "production").version
+        client.delete_registered_model_alias("cmce-query", "production")
+        state = wait_for_ready(server, "the deleted alias shown",
+                               lambda s: "cannot read the alias" in (s["last_reload_error"] or ""))
+        assert "models:/cmce-query@production" in state["last_reload_error"] and state["index_version"] == served
+        time.sleep(1.0)  # ten polls more, each finding the alias still gone
+        client.set_registered_model_alias("cmce-query", "production", version)
+        state = wait_for_ready(server, "the restored alias cleared", lambda s: s["last_reload_error"] is None)
+        assert state["index_version"] == served and state["reloads"] == 0
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    warned = [line for line in log.splitlines() if " WARNING " in line and "cannot read the alias" in line]
+    assert len(warned) == 1 and log.count("serve: resolved: ") == 1, log
+
+
+def test_an_unexpected_poll_error_is_logged_once_and_cleared(world, tmp_path, caplog):
+    """The poller logged an error no reload anticipated (with its traceback) on every poll."""
+    from cmce.serving.state import Holder, QueryModelSource
+
+    _, model, index, _ = world
+    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), QueryModelSource(str(model), Path))
+    failing = threading.Event()
+    failing.set()
+    real_check = holder.check
+
+    def check() -> bool:
+        if failing.is_set():
+            raise RuntimeError("boom")
+        return real_check()
+
+    holder.check = check
+    with caplog.at_level(logging.INFO):
+        holder.start(0.01)
+        try:
+            deadline = time.monotonic() + 30
+            while "boom" not in (holder.last_error or ""):
+                assert time.monotonic() < deadline, "the poll error was never reported"
+                time.sleep(0.01)
+            time.sleep(0.2)  # many more polls, each failing the same way
+            failing.clear()
+            while holder.last_error is not None:
+                assert time.monotonic() < deadline, "the poll error was never cleared"
+                time.sleep(0.01)
+        finally:
+            holder.stop()
+    reported = [(r.levelno, bool(r.exc_info)) for r in caplog.records if "boom" in r.getMessage()]
+    assert reported == [(logging.ERROR, True), (logging.INFO, False)]  # once, with its traceback; then resolved

@@ -127,7 +127,7 @@ class Holder:
         """The problems that hold now (/readyz), or None."""
         return "; ".join(self.problems.values()) or None
 
-    def _report(self, kind: str, problem: str | None, level: int = logging.ERROR) -> None:
+    def _report(self, kind: str, problem: str | None, level: int = logging.ERROR, exc_info: bool = False) -> None:
         """Record what a poll found for `kind` (None: nothing wrong). Logged once, again only when it changes, and
         when it is resolved: a poll every 0.5 s must not repeat one warning forever. The dict is replaced, not
         changed, as /readyz reads it from another thread."""
@@ -139,7 +139,9 @@ class Holder:
             log.info("serve: resolved: %s", old)
         else:
             self.problems = {**self.problems, kind: problem}
-            log.log(level, "serve: %s; still serving index %s", problem, self.current.version[:12])
+            cur = self.current
+            log.log(level, "serve: %s; still serving index %s with query model %s", problem, cur.version[:12],
+                    cur.model.sha256[:12], exc_info=exc_info)
 
     def _candidate_model(self, key: str) -> EmbeddingModel:
         """A promoted query model, loaded once while its index is not there yet (each try would download it)."""
@@ -168,7 +170,7 @@ class Holder:
             model_key = self.models.key()
             self._report("query model", None)
         except ValueError as err:  # a registry that is down (or an alias deleted) must not stop the server
-            self._report("query model", f"{err}; keeping the served query model", logging.WARNING)
+            self._report("query model", str(err).rstrip("."), logging.WARNING)
             model_key = cur.model_key  # an index rebuilt for the served model is still followed
         folder = folder_identity(self.index_dir)  # before reading: a change during the load is seen next poll
         version = self._peek()
@@ -207,9 +209,7 @@ class Holder:
                     self.check()
                     self._report("poll", None)
                 except Exception as err:  # an error no reload anticipated must not end the polling
-                    if self.problems.get("poll") is None:
-                        log.exception("serve: reload check failed")  # the traceback, once
-                    self._report("poll", f"reload check failed: {err!r}")
+                    self._report("poll", f"reload check failed: {err!r}", exc_info=True)
 
         self._thread = threading.Thread(target=loop, name="cmce-serve-reload", daemon=True)
         self._thread.start()
