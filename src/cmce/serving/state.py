@@ -7,7 +7,9 @@ thread) notices a new index from meta.json's content (build-index swaps the fold
 last), loads the new pair fully (load_index takes the folder's shared swap lock and verifies every checksum),
 then replaces the one reference. A pair that fails to load is logged and retried only once something changed:
 the alias, meta.json, or the identity (inode, size, times) of the folder or of any of its files, so a folder
-whose files are still being copied in is loaded once it is whole. The old pair keeps serving meanwhile.
+whose files are still being copied in is loaded once it is whole. The old pair keeps serving meanwhile. What
+is wrong (a failed load, an unreadable folder or alias) is settled on each poll: shown in /readyz while it
+holds, logged once when it appears or changes and once when resolved.
 """
 
 from __future__ import annotations
