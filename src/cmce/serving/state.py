@@ -5,8 +5,11 @@ reads `Holder.current` once and uses that object to the end, so a swap never mix
 answer, and requests in flight keep the old pair alive until they finish. `Holder.check` (polled by a
 thread) notices a new index from meta.json's content (build-index swaps the folder whole and writes meta.json
 last), loads the new pair fully (load_index takes the folder's shared swap lock and verifies every checksum),
-then replaces the one reference. A pair that fails to load is logged and not retried until something changes;
-the old pair keeps serving.
+then replaces the one reference. A pair that fails to load is logged and retried only once something changed:
+the alias, meta.json, or the identity (inode, size, times) of the folder or of any of its files, so a folder
+whose files are still being copied in is loaded once it is whole. The old pair keeps serving meanwhile. What
+is wrong (a failed load, an unreadable folder or alias) is settled on each poll: shown in /readyz while it
+holds, logged once when it appears or changes and once when resolved.
 """
 
 from __future__ import annotations
@@ -21,10 +24,24 @@ from pathlib import Path
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
-from cmce.index import LoadedIndex, load_index
+from cmce.index import INDEX_FILES, LoadedIndex, load_index
 
 log = logging.getLogger(__name__)
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
+
+
+def folder_identity(index_dir: Path) -> tuple:
+    """What changes when anything in the folder is replaced, rewritten or copied in (a folder swapped whole gets
+    a new inode); cheap enough to take on every poll, unlike the checksums."""
+    out = []
+    for path in (index_dir, *(index_dir / name for name in INDEX_FILES)):
+        try:
+            st = path.stat()
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
 
 
 def meta_version(meta: dict) -> str:
@@ -99,13 +116,34 @@ class Holder:
         model = models.load(key)
         index = load_index(self.index_dir, query_sha256=model.sha256)
         self.current = Served(model, key, index, meta_version(index.meta))
-        self.last_error: str | None = None
+        self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
-        self._failed: tuple[str, str] | None = None
+        self._failed: tuple | None = None  # (model key, index version, folder_identity) of the last failed load
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._unreadable = 0  # consecutive polls that could not read meta.json
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        """The problems that hold now (/readyz), or None."""
+        return "; ".join(self.problems.values()) or None
+
+    def _report(self, kind: str, problem: str | None, level: int = logging.ERROR, exc_info: bool = False) -> None:
+        """Record what a poll found for `kind` (None: nothing wrong). Logged once, again only when it changes, and
+        when it is resolved: a poll every 0.5 s must not repeat one warning forever. The dict is replaced, not
+        changed, as /readyz reads it from another thread."""
+        old = self.problems.get(kind)
+        if problem == old:
+            return
+        if problem is None:
+            self.problems = {k: v for k, v in self.problems.items() if k != kind}
+            log.info("serve: resolved: %s", old)
+        else:
+            self.problems = {**self.problems, kind: problem}
+            cur = self.current
+            log.log(level, "serve: %s; still serving index %s with query model %s", problem, cur.version[:12],
+                    cur.model.sha256[:12], exc_info=exc_info)
 
     def _candidate_model(self, key: str) -> EmbeddingModel:
         """A promoted query model, loaded once while its index is not there yet (each try would download it)."""
@@ -121,36 +159,45 @@ class Holder:
         except (OSError, ValueError) as err:
             self._unreadable += 1
             if self._unreadable == UNREADABLE_POLLS:
-                self.last_error = f"{self.index_dir}/meta.json: unreadable for {UNREADABLE_POLLS} polls: {err}"
-                log.error("serve: %s; still serving index %s", self.last_error, self.current.version[:12])
+                self._report("index", f"{self.index_dir}/meta.json: unreadable for {UNREADABLE_POLLS} polls: {err}")
             return None
         self._unreadable = 0
         return version
 
     def check(self) -> bool:
-        """Load and swap in a changed index or query model; True if the served pair changed."""
+        """Load and swap in a changed index or query model; True if the served pair changed. Each poll also
+        settles what is wrong now: a problem that no longer holds is cleared."""
+        cur = self.current
         try:
             model_key = self.models.key()
-        except ValueError as err:  # a registry that is down must not stop the server
-            log.warning("serve: could not read %s, keeping the served model: %s", self.models.uri, err)
-            return False
+            self._report("query model", None)
+        except ValueError as err:  # a registry that is down (or an alias deleted) must not stop the server
+            self._report("query model", str(err).rstrip("."), logging.WARNING)
+            model_key = cur.model_key  # an index rebuilt for the served model is still followed
+        folder = folder_identity(self.index_dir)  # before reading: a change during the load is seen next poll
         version = self._peek()
-        cur = self.current
-        wanted = (model_key, version or cur.version)
-        if wanted == (cur.model_key, cur.version) or wanted == self._failed:
+        if version is None:  # mid-swap (or broken, reported by _peek): nothing to load yet
+            return False
+        wanted = (model_key, version)
+        if wanted == (cur.model_key, cur.version):  # the folder holds the served pair (again)
+            self._failed = None
+            self._report("index", None)
+            return False
+        if (*wanted, folder) == self._failed:
             return False
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
             index = load_index(self.index_dir, query_sha256=model.sha256)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
-            self._failed, self.last_error = wanted, str(err)
-            log.error("serve: reload failed, still serving index %s: %s", cur.version[:12], err)
+            self._failed = (*wanted, folder)
+            self._report("index", f"reload failed: {err}")
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
-        self.current, self._failed, self.last_error, self._candidate = new, None, None, None
+        self.current, self._failed, self._candidate = new, None, None
         self.reloads += 1
         log.info("serve: now serving index %s (query model %s), was %s", new.version[:12], model.sha256[:12],
                  cur.version[:12])
+        self._report("index", None)
         return True
 
     def start(self, interval_s: float) -> None:
@@ -162,8 +209,9 @@ class Holder:
             while not self._stop.wait(interval_s):
                 try:
                     self.check()
-                except Exception:  # an error no reload anticipated must not end the polling
-                    log.exception("serve: reload check failed, still serving index %s", self.current.version[:12])
+                    self._report("poll", None)
+                except Exception as err:  # an error no reload anticipated must not end the polling
+                    self._report("poll", f"reload check failed: {err!r}", exc_info=True)
 
         self._thread = threading.Thread(target=loop, name="cmce-serve-reload", daemon=True)
         self._thread.start()
