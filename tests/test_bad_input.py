@@ -1453,6 +1453,7 @@ def test_a_one_member_gallery_reports_no_rejection_by_uncertainty(world, tmp_pat
     ("AWS_RETRY_MODE", "forever", "one of standard, adaptive, legacy expected"),
     ("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000", "an http:// or https:// URL expected"),
     ("AWS_ENDPOINT_URL", "http://host:notaport", "an http:// or https:// URL expected"),
+    ("AWS_CA_BUNDLE", "/no/such/ca.pem", "no such certificate file"),
 ])
 def test_an_s3_setting_out_of_range_is_refused_before_any_work(name, value, expected, world, tmp_path, caplog, capsys,
                                                               monkeypatch):

@@ -593,3 +593,12 @@ def test_no_success_record_is_printed_for_an_upload_that_failed(s3_server, s3_ch
     assert capsys.readouterr().out == "" and keys(s3_server, bucket) == set()
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["out"] == f"s3://{bucket}/q.onnx"
+
+
+def test_a_missing_aws_profile_is_named(s3_server, s3_chain, monkeypatch, caplog):
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setenv("AWS_PROFILE", "cmce-no-such-profile")
+    out = f"s3://{s3_chain.bucket}/p.onnx"
+    assert main(["export-query", "--query-model", str(s3_chain.local / "q.pt"), "--out", out]) == 2
+    assert only_error(caplog) == (f"cmce export-query: {out}: AWS_PROFILE (or AWS_DEFAULT_PROFILE) names the profile "
+                                  "'cmce-no-such-profile', which no AWS config or credentials file defines")

@@ -125,8 +125,8 @@ def _endpoint_url(name: str) -> None:
 
 def check_env() -> None:
     """Refuse, naming it, any S3 setting of the environment out of its range (ENV_RANGES, RETRY_MODES, an
-    http(s) endpoint URL): called by every S3 call's client(), so the first one of a command (its output
-    check, or its first download) refuses before any work."""
+    http(s) endpoint URL, an existing AWS_CA_BUNDLE): called by every S3 call's client(), so the first one of a
+    command (its output check, or its first download) refuses before any work."""
     for name in ENV_RANGES:
         _env_int(name)
     mode = os.environ.get("AWS_RETRY_MODE")
@@ -134,6 +134,9 @@ def check_env() -> None:
         raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r}: one of {', '.join(RETRY_MODES)} expected")
     for name in ENDPOINT_ENV:
         _endpoint_url(name)
+    bundle = os.environ.get("AWS_CA_BUNDLE")
+    if bundle and not os.path.exists(bundle):  # else every https request fails as an unreachable endpoint
+        raise ValueError(f"environment variable AWS_CA_BUNDLE={bundle!r}: no such certificate file")
 
 
 def quiet_sdk_logging() -> None:
@@ -214,7 +217,7 @@ def _connection_error(err: BaseException) -> BaseException | None:
 def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError | None:
     """A clear error naming `uri` (never a credential) for an SDK error, or None for other errors."""
     from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
     from botocore.parsers import ResponseParserError
 
     bucket = parse(uri).bucket
@@ -246,6 +249,10 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
     if isinstance(err, NoCredentialsError | PartialCredentialsError):
         return PermissionError(f"{uri}: no complete AWS credentials found while {action}; set AWS_ACCESS_KEY_ID and "
                                f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    if isinstance(err, ProfileNotFound):
+        profile = err.kwargs.get("profile")
+        return ValueError(f"{uri}: AWS_PROFILE (or AWS_DEFAULT_PROFILE) names the profile {profile!r}, which no AWS "
+                          f"config or credentials file defines")
     if isinstance(err, ResponseParserError):
         return OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (its answer is not S3's XML while "
                        f"{action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
