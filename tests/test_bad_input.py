@@ -1511,3 +1511,59 @@ def test_member_files_are_named_by_model_and_never_replace_another_kind(world, t
     fails(caplog, [*argv, "--out", out, "--members-dir", stored], out,
           f"{stored / 'resnet_a.parquet'}: holds a train_embeddings Parquet file; this step writes a gallery_member")
     assert _inputs_kept(stored / "resnet_a.parquet") == kept
+
+
+# ---------------------------------------------------------------- environment variables, checked before any work
+@pytest.mark.parametrize("name, value, expected", [
+    ("AWS_MAX_ATTEMPTS", "1000000", "an integer from 1 to 10 expected"),  # at a dead endpoint: a hang
+    ("CMCE_S3_MULTIPART_CHUNK_MB", "4", "an integer from 5 to 5120 expected"),
+    ("CMCE_S3_MAX_CONCURRENCY", "abc", "an integer from 1 to 64 expected"),
+    ("CMCE_S3_READ_TIMEOUT_S", "0", "an integer from 1 to 300 expected"),
+    ("CMCE_S3_MULTIPART_THRESHOLD_MB", "1e3", "an integer from 1 to 5120 expected"),
+    ("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "999", "an integer from 1 to 10 expected"),
+    ("AWS_RETRY_MODE", "forever", "one of standard, adaptive, legacy expected"),
+    ("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000", "an http:// or https:// URL expected"),
+    ("AWS_ENDPOINT_URL", "http://host:notaport", "an http:// or https:// URL expected"),
+    ("AWS_CA_BUNDLE", "/no/such/ca.pem", "no such certificate file"),
+])
+def test_an_s3_setting_out_of_range_is_refused_before_any_work(name, value, expected, world, tmp_path, caplog, capsys,
+                                                              monkeypatch):
+    """CMCE_S3_MULTIPART_CHUNK_MB=4 was refused only at the upload, after the export had printed its success
+    record; AWS_MAX_ATTEMPTS=1000000 at a dead endpoint hung. No server is needed: nothing is sent."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv(name, value)
+    _with_alarm(60)
+    try:
+        fails(caplog, ["export-query", "--query-model", world.query, "--out", "s3://bucket/q.onnx"],
+              tmp_path / "unused", f"environment variable {name}=", expected)
+    finally:
+        _no_alarm()
+    assert capsys.readouterr().out == ""
+    assert not any(r.name == "cmce.export" for r in caplog.records)  # refused before the export
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5: must be below WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: at least 1 rank expected"),
+    ({"RANK": "0", "WORLD_SIZE": "-1"}, "WORLD_SIZE='-1': not a rank count"),
+    ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=2: must be below LOCAL_WORLD_SIZE=2"),
+    ({"LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3: from 1 to WORLD_SIZE=2 expected"),
+    ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2: must be below WORLD_SIZE=2"),
+    ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999': a TCP port from 1 to 65535 expected"),
+    ({"RANK": "1.0"}, "RANK='1.0': not a rank count"),
+])
+def test_inconsistent_torchrun_variables_are_refused_before_joining(env, expected, world, tmp_path, caplog,
+                                                                   monkeypatch):
+    """RANK=5 WORLD_SIZE=2 waited the whole rendezvous timeout and printed c10d's frames; WORLD_SIZE=0 failed
+    inside the TCPStore. Refused at once, naming the variable (the timeout here would fail the test)."""
+    base = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599",
+            "CMCE_DDP_TIMEOUT_S": "120"}
+    for key, value in {**base, **env}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "q.pt"
+    _with_alarm(30)
+    try:
+        fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
+              f"environment variable {expected}")
+    finally:
+        _no_alarm()

@@ -489,3 +489,116 @@ def test_sibling_and_stem_of_paths_and_uris():
     assert sibling("s3://b/run/gallery.parquet", "gallery_members") == "s3://b/run/gallery_members"
     assert sibling("runs/x/gallery.parquet", "gallery_members") == str(Path("runs/x/gallery_members"))
     assert stem("s3://b/run/gallery.parquet") == stem("gallery.parquet") == "gallery"
+
+
+def only_error(caplog: pytest.LogCaptureFixture) -> str:
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", ["file over a prefix", "folder over an object", "file over another format",
+                                  "Parquet over another kind", "folder holding other objects"])
+def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_server, s3_chain, tmp_path, monkeypatch,
+                                                                   caplog, capsys):
+    """export-query --out naming an index's prefix uploaded an object at the prefix's key, and the index could no
+    longer be read; build-index --out naming an object uploaded a prefix under it (both exit 0)."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    put = s3_server.client().put_object
+    local = s3_chain.local
+    for f in INDEX_FILES:
+        put(Bucket=bucket, Key=f"idx/{f}", Body=(local / "index" / f).read_bytes())
+    put(Bucket=bucket, Key="q.onnx", Body=b"\x08\x08\x12\x07pytorch")
+    put(Bucket=bucket, Key="gallery.parquet", Body=(local / "gallery.parquet").read_bytes())
+    export = ["export-query", "--query-model", str(local / "q.pt"), "--out"]
+    argv, expected = {
+        "file over a prefix": ([*export, f"s3://{bucket}/idx"], "is a folder (a prefix holding objects)"),
+        "folder over an object": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
+                                   f"s3://{bucket}/q.onnx"], "is an object (a file), not an output folder"),
+        "file over another format": ([*export, f"s3://{bucket}/gallery.parquet"], "holds a parquet file"),
+        "Parquet over another kind": (["prepare-data", *QUICK, "--out", f"s3://{bucket}/gallery.parquet"],
+                                      "holds a gallery Parquet file; this step writes a dataset file"),
+        "folder holding other objects": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
+                                          f"s3://{bucket}/q"], "holds notes.txt, which this step does not write"),
+    }[case]
+    put(Bucket=bucket, Key="q/notes.txt", Body=b"not an index file")
+    before = {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)}
+    caplog.clear()
+    assert main(argv) == 2
+    assert only_error(caplog).startswith(f"cmce {argv[0]}: {argv[-1]}: {expected}")
+    assert {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)} == before
+    assert capsys.readouterr().out == ""
+    assert not any(r.name in ("cmce.export", "cmce.index", "cmce.data.prepare") for r in caplog.records)
+    assert load_index(f"s3://{bucket}/idx").index.ntotal > 0
+
+
+def test_an_s3_output_of_its_own_kind_is_replaced(s3_server, s3_chain, monkeypatch):
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    gallery = s3_chain.local / "gallery.parquet"
+    s3_server.client().put_object(Bucket=bucket, Key="g.parquet", Body=b"PAR1 a broken gallery file PAR1")
+    assert main(["merge", str(gallery), "--out", f"s3://{bucket}/g.parquet"]) == 2  # not a cmce Parquet file
+    s3_server.client().put_object(Bucket=bucket, Key="g.parquet", Body=gallery.read_bytes())
+    assert main(["merge", str(gallery), "--out", f"s3://{bucket}/g.parquet"]) == 0
+    assert main(["build-index", "--gallery", str(gallery), "--out", f"s3://{bucket}/idx"]) == 0
+    assert main(["build-index", "--gallery", str(gallery), "--out", f"s3://{bucket}/idx/"]) == 0
+    assert keys(s3_server, bucket) == {"g.parquet", *(f"idx/{f}" for f in INDEX_FILES)}
+
+
+@pytest.mark.parametrize("server", ["the filer of the S3 server", "a plain web server"])
+def test_an_endpoint_that_is_not_s3_is_named_as_such(server, s3_server, s3_chain, tmp_path, monkeypatch, caplog):
+    """AWS_ENDPOINT_URL_S3 naming an HTTP server that is not S3 read as `no such object`."""
+    import http.server
+
+    use_server(monkeypatch, s3_server)
+    web = None
+    if server == "a plain web server":
+        web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        port = web.server_address[1]
+    else:
+        port = s3_server.ports["filer.port"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    local = s3_chain.local
+    try:
+        for argv in (["search", "--index", f"s3://{s3_chain.bucket}/run/index", "--query-model", str(local / "q.pt"),
+                      "--dataset", str(local / "d.parquet"), "--limit", "1"],
+                     ["export-query", "--query-model", str(local / "q.pt"), "--out", f"s3://{s3_chain.bucket}/x.onnx"]):
+            caplog.clear()
+            assert main(argv) == 2
+            assert f"the endpoint http://127.0.0.1:{port} is not an S3 server" in only_error(caplog)
+    finally:
+        if web is not None:
+            web.shutdown()
+            web.server_close()
+
+
+def test_no_success_record_is_printed_for_an_upload_that_failed(s3_server, s3_chain, monkeypatch, caplog, capsys):
+    """The record went to stdout when the step finished, before its output was uploaded: a failed upload
+    left a success record behind (and exit 2)."""
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    bucket = new_bucket(s3_server)
+    argv = ["export-query", "--query-model", str(s3_chain.local / "q.pt"), "--out", f"s3://{bucket}/q.onnx"]
+    throttle = Throttled(failures=1)
+    events = cmce_s3.client().meta.events
+    events.register("before-send.s3.PutObject", throttle)
+    try:
+        assert main(argv) == 2
+    finally:
+        events.unregister("before-send.s3.PutObject", throttle)
+    assert throttle.answered == 1 and "SlowDown" in only_error(caplog)
+    assert capsys.readouterr().out == "" and keys(s3_server, bucket) == set()
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == f"s3://{bucket}/q.onnx"
+
+
+def test_a_missing_aws_profile_is_named(s3_server, s3_chain, monkeypatch, caplog):
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setenv("AWS_PROFILE", "cmce-no-such-profile")
+    out = f"s3://{s3_chain.bucket}/p.onnx"
+    assert main(["export-query", "--query-model", str(s3_chain.local / "q.pt"), "--out", out]) == 2
+    assert only_error(caplog) == (f"cmce export-query: {out}: AWS_PROFILE (or AWS_DEFAULT_PROFILE) names the profile "
+                                  "'cmce-no-such-profile', which no AWS config or credentials file defines")

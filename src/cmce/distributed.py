@@ -63,12 +63,41 @@ def launched() -> bool:
     return all(v in os.environ for v in _TORCHRUN_VARS)
 
 
+def _env_count(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"environment variable {name}={value!r}: not a rank count or index (torchrun sets it)")
+    return int(value)
+
+
 def env_world_size() -> int:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        value = os.environ.get(name, "0")
-        if not value.isdigit():
-            raise ValueError(f"environment variable {name}={value!r}: not a rank count or index (torchrun sets it)")
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """WORLD_SIZE, once torchrun's variables are consistent (checked before any rank waits for the others, which
+    would otherwise wait CMCE_DDP_TIMEOUT_S for a rank that cannot exist): integers, 1 <= WORLD_SIZE,
+    RANK < WORLD_SIZE, LOCAL_RANK < LOCAL_WORLD_SIZE when that is set, MASTER_PORT a TCP port, and the timeout."""
+    rank, world = _env_count("RANK", "0"), _env_count("WORLD_SIZE", "1")
+    local_rank = _env_count("LOCAL_RANK", "0")
+    if world < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={world}: at least 1 rank expected")
+    if rank >= world:
+        raise ValueError(f"environment variable RANK={rank}: must be below WORLD_SIZE={world}")
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        local_world = _env_count("LOCAL_WORLD_SIZE", "1")
+        if not 1 <= local_world <= world:
+            raise ValueError(f"environment variable LOCAL_WORLD_SIZE={local_world}: from 1 to WORLD_SIZE={world} "
+                             "expected")
+        if local_rank >= local_world:
+            raise ValueError(f"environment variable LOCAL_RANK={local_rank}: must be below LOCAL_WORLD_SIZE="
+                             f"{local_world}")
+    elif local_rank >= world:
+        raise ValueError(f"environment variable LOCAL_RANK={local_rank}: must be below WORLD_SIZE={world}")
+    port = os.environ.get("MASTER_PORT", "1")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"environment variable MASTER_PORT={os.environ['MASTER_PORT']!r}: a TCP port from 1 to "
+                         "65535 expected")
+    if "MASTER_ADDR" in os.environ and not os.environ["MASTER_ADDR"].strip():
+        raise ValueError("environment variable MASTER_ADDR is empty: the host of rank 0 expected")
+    ddp_timeout_s()
+    return world
 
 
 def current() -> Context:

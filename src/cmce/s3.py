@@ -8,9 +8,11 @@ the URI and what to check, and boto3/botocore logging is kept at WARNING whateve
 Transient errors (throttling, 5xx, dropped connections) are retried by botocore with exponential
 backoff (retry mode ``AWS_RETRY_MODE``, default "standard"; ``AWS_MAX_ATTEMPTS``, default 5). Files
 above ``CMCE_S3_MULTIPART_THRESHOLD_MB`` (default 64) go up in parts of ``CMCE_S3_MULTIPART_CHUNK_MB``
-(default 16, at least 5), ``CMCE_S3_MAX_CONCURRENCY`` (default 8) at a time. An object appears at its key
+(default 16), ``CMCE_S3_MAX_CONCURRENCY`` (default 8) at a time. An object appears at its key
 only when its single PUT or its multipart upload completes, so a failed upload never leaves a partial
-object there.
+object there. Every one of these variables is checked (check_env, ranges in ENV_RANGES) by the first S3 call
+of a command, before any work: a value out of range would hang a step (a million attempts at a dead endpoint)
+or fail it only at its upload.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ MB = 1 << 20
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
                "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
-               "CMCE_S3_READ_TIMEOUT_S")
+               "CMCE_S3_READ_TIMEOUT_S", "AWS_METADATA_SERVICE_TIMEOUT", "AWS_METADATA_SERVICE_NUM_ATTEMPTS")
 _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
 
@@ -76,17 +78,65 @@ def parse(uri: str) -> S3Uri:
     return S3Uri(bucket, key)
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
+# variable: (default, minimum, maximum). A dead endpoint fails within AWS_MAX_ATTEMPTS × (10 s connect +
+# CMCE_S3_READ_TIMEOUT_S) plus botocore's backoff (at most 20 s a retry); by default within 5 × 30 s + 4 × 20 s.
+# AWS_METADATA_SERVICE_*: botocore's own, for credentials from an instance role; bounded for the same reason.
+ENV_RANGES = {
+    "AWS_MAX_ATTEMPTS": (5, 1, 10),
+    "CMCE_S3_READ_TIMEOUT_S": (20, 1, 300),
+    "CMCE_S3_MULTIPART_THRESHOLD_MB": (64, 1, 5120),
+    "CMCE_S3_MULTIPART_CHUNK_MB": (16, 5, 5120),  # S3's parts: 5 MiB to 5 GiB
+    "CMCE_S3_MAX_CONCURRENCY": (8, 1, 64),
+    "AWS_METADATA_SERVICE_TIMEOUT": (1, 1, 30),
+    "AWS_METADATA_SERVICE_NUM_ATTEMPTS": (1, 1, 10),
+}
+RETRY_MODES = ("standard", "adaptive", "legacy")
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def _env_int(name: str) -> int:
+    default, low, high = ENV_RANGES[name]
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = int(raw.strip())
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name}={value}: must be at least {minimum}")
+        value = None
+    if value is None or not low <= value <= high:
+        raise ValueError(f"environment variable {name}={raw!r}: an integer from {low} to {high} expected")
     return value
+
+
+def _endpoint_url(name: str) -> None:
+    from urllib.parse import urlsplit
+
+    raw = os.environ.get(name)
+    if not raw:
+        return
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"environment variable {name}={redact(raw)!r}: an http:// or https:// URL expected")
+
+
+def check_env() -> None:
+    """Refuse, naming it, any S3 setting of the environment out of its range (ENV_RANGES, RETRY_MODES, an
+    http(s) endpoint URL, an existing AWS_CA_BUNDLE): called by every S3 call's client(), so the first one of a
+    command (its output check, or its first download) refuses before any work."""
+    for name in ENV_RANGES:
+        _env_int(name)
+    mode = os.environ.get("AWS_RETRY_MODE")
+    if mode and mode not in RETRY_MODES:
+        raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r}: one of {', '.join(RETRY_MODES)} expected")
+    for name in ENDPOINT_ENV:
+        _endpoint_url(name)
+    bundle = os.environ.get("AWS_CA_BUNDLE")
+    if bundle and not os.path.exists(bundle):  # else every https request fails as an unreachable endpoint
+        raise ValueError(f"environment variable AWS_CA_BUNDLE={bundle!r}: no such certificate file")
 
 
 def quiet_sdk_logging() -> None:
@@ -98,6 +148,7 @@ def quiet_sdk_logging() -> None:
 
 def client() -> Any:
     """The S3 client for the current environment (cached per endpoint/identity/retry settings)."""
+    check_env()
     h = hashlib.sha256()
     for name in _CLIENT_ENV:  # hashed, so that no credential is kept as a cache key
         h.update(f"{name}={os.environ.get(name, '')}\0".encode())
@@ -111,10 +162,10 @@ def _client_for(_env_digest: str) -> Any:
 
     quiet_sdk_logging()
     retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
-               "total_max_attempts": _env_int("AWS_MAX_ATTEMPTS", 5)}  # total, as AWS_MAX_ATTEMPTS means
+               "total_max_attempts": _env_int("AWS_MAX_ATTEMPTS")}  # total, as AWS_MAX_ATTEMPTS means
     # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 5 × 20 s
     # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 20 s
-    config = Config(retries=retries, connect_timeout=10, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S", 20))
+    config = Config(retries=retries, connect_timeout=10, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S"))
     return boto3.session.Session().client("s3", config=config)
 
 
@@ -122,9 +173,9 @@ def transfer_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(
-        multipart_threshold=_env_int("CMCE_S3_MULTIPART_THRESHOLD_MB", 64) * MB,
-        multipart_chunksize=_env_int("CMCE_S3_MULTIPART_CHUNK_MB", 16, minimum=5) * MB,  # S3's minimum part: 5 MiB
-        max_concurrency=_env_int("CMCE_S3_MAX_CONCURRENCY", 8),
+        multipart_threshold=_env_int("CMCE_S3_MULTIPART_THRESHOLD_MB") * MB,
+        multipart_chunksize=_env_int("CMCE_S3_MULTIPART_CHUNK_MB") * MB,
+        max_concurrency=_env_int("CMCE_S3_MAX_CONCURRENCY"),
         preferred_transfer_client="classic",
     )
 
@@ -166,7 +217,8 @@ def _connection_error(err: BaseException) -> BaseException | None:
 def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError | None:
     """A clear error naming `uri` (never a credential) for an SDK error, or None for other errors."""
     from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
+    from botocore.parsers import ResponseParserError
 
     bucket = parse(uri).bucket
     ce = _client_error(err)
@@ -174,6 +226,11 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
         error = ce.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = ce.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # an S3 server answers every failed GET/PUT/LIST with an XML error document naming its code; botocore
+        # falls back to the bare HTTP status when there is none (only HEAD answers carry no body)
+        if code.isdigit() and not str(getattr(ce, "operation_name", "")).startswith("Head"):
+            return OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (it answered HTTP {code} without "
+                           f"an S3 error document while {action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
         if code == "NoSuchBucket" or (code in ("404", "NotFound") and action == "checking the bucket"):
             return FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist (cmce never creates buckets)")
         if code in ("NoSuchKey", "404", "NotFound"):
@@ -192,6 +249,13 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
     if isinstance(err, NoCredentialsError | PartialCredentialsError):
         return PermissionError(f"{uri}: no complete AWS credentials found while {action}; set AWS_ACCESS_KEY_ID and "
                                f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    if isinstance(err, ProfileNotFound):
+        profile = err.kwargs.get("profile")
+        return ValueError(f"{uri}: AWS_PROFILE (or AWS_DEFAULT_PROFILE) names the profile {profile!r}, which no AWS "
+                          f"config or credentials file defines")
+    if isinstance(err, ResponseParserError):
+        return OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (its answer is not S3's XML while "
+                       f"{action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     conn = _connection_error(err)
     if conn is not None:
         return OSError(f"{uri}: cannot reach the S3 endpoint {_endpoint()} while {action} (gave up after retries: "
@@ -297,10 +361,13 @@ def check_writable(uri: str) -> None:
         with _errors(uri, "checking the bucket"):
             try:
                 client().head_bucket(Bucket=u.bucket)
-            except ClientError as err:
-                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 403:
+            except ClientError as err:  # a HEAD answer has no body: LIST tells what the 403 or 404 means
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status not in (403, 404):
                     raise
-                _diagnose(u, "checking the bucket")
+                _diagnose(u, "checking the bucket")  # raises for a missing bucket, or an endpoint that is not S3
+                if status == 404:
+                    raise
     except PermissionError as err:
         if "access denied" not in str(err):
             raise
@@ -336,3 +403,32 @@ def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
         order = rels
     for rel in order:
         upload_file(local / rel, str(u.join(rel)))
+
+
+def object_size(uri: str) -> int | None:
+    """The size of the object at `uri`; None when there is none (or when HEAD is refused: without
+    s3:ListBucket a missing key answers 403, and the upload decides)."""
+    from botocore.exceptions import ClientError
+
+    u = parse(uri)
+    with _errors(uri, "checking the output"):
+        try:
+            return int(client().head_object(Bucket=u.bucket, Key=u.key)["ContentLength"])
+        except ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
+                raise
+    return None
+
+
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes `start` to `end` (inclusive) of the object at `uri`: a ranged GET, not a download."""
+    u = parse(uri)
+    with _errors(uri, "reading"):
+        return client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}")["Body"].read()
+
+
+def is_prefix(uri: str) -> bool:
+    """True when objects exist under `uri/` (a "folder" on S3)."""
+    u = parse(uri)
+    with _errors(uri, "listing"):
+        return bool(client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1).get("KeyCount", 0))

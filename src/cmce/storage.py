@@ -15,15 +15,17 @@ import errno
 import fcntl
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from cmce import s3
@@ -188,8 +190,13 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
         return
     if not target.is_dir():
         raise ForeignOutputError(f"{target}: is a file, not an output folder")
-    foreign = sorted(p.name for p in target.iterdir()
-                     if p.name not in KEPT_ACROSS_SWAPS and not any(fnmatch.fnmatch(p.name, g) for g in own))
+    _refuse_foreign(str(target), [p.name for p in target.iterdir()], own)
+
+
+def _refuse_foreign(target: str, names: list[str], own: tuple[str, ...]) -> None:
+    """check_replaceable for the top-level `names` of a folder or S3 prefix."""
+    foreign = sorted({n for n in names
+                      if n not in KEPT_ACROSS_SWAPS and not any(fnmatch.fnmatch(n, g) for g in own)})
     if foreign:
         raise ForeignOutputError(
             f"{target}: holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, which this step "
@@ -212,12 +219,17 @@ def file_format(path: Path) -> str | None:
             head = f.read(4)
     except OSError:
         return None
+    return format_of(head)
+
+
+def format_of(head: bytes) -> str | None:
     return next((name for name, magic in MAGIC.items() if head == magic), None)
 
 
-def parquet_kind(path: Path) -> str | None:
-    """What a cmce Parquet file holds, from its footer: the `kind` its writer recorded (gallery, gallery_member,
-    train_embeddings, query), "dataset" for a dataset file, None for any other Parquet file."""
+def parquet_kind(path: Path | object) -> str | None:
+    """What a cmce Parquet file (a path, or a pyarrow buffer holding at least its footer) holds, from its footer:
+    the `kind` its writer recorded (gallery, gallery_member, train_embeddings, query), "dataset" for a dataset
+    file, None for any other Parquet file."""
     import pyarrow.parquet as pq
 
     try:
@@ -239,6 +251,7 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     if not text.strip():
         raise ValueError("an output path is empty")
     if is_remote(text):
+        _check_remote_output(text, is_dir, own, writes, kinds)
         return
     target = Path(text)
     if target.exists() and not (target.is_file() or target.is_dir()):  # renaming over it would replace a device
@@ -246,11 +259,7 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
     found = file_format(target) if writes and target.is_file() else None
-    if found and found != writes:
-        raise ValueError(f"{text}: holds a {found} file; this step writes a {writes} file, so give another path")
-    if found == "parquet" and kinds and (kind := parquet_kind(target)) not in kinds:
-        raise ValueError(f"{text}: holds a {kind or 'non-cmce'} Parquet file; this step writes a {kinds[0]} file, "
-                         "so give another path")
+    _refuse_other_format(text, found, writes, kinds, lambda: parquet_kind(target))
     if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
         raise ValueError(f"{text}: the file name is longer than {MAX_NAME_BYTES} bytes")
     if is_dir and own is not None:
@@ -266,6 +275,62 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         raise ValueError(f"{text}: cannot be written: no write permission in {existing}")
     if is_dir and own is not None and target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
         raise ValueError(f"{text}: is read-only; it is replaced whole, so make it writable or give another folder")
+
+
+def _refuse_other_format(text: str, found: str | None, writes: str | None, kinds: tuple[str, ...],
+                         kind_of: Callable[[], str | None]) -> None:
+    """An existing output file of `found` format is replaced only by a file of its own format and Parquet kind."""
+    if found and found != writes:
+        raise ValueError(f"{text}: holds a {found} file; this step writes a {writes} file, so give another path")
+    if found == "parquet" and kinds and (kind := kind_of()) not in kinds:
+        raise ValueError(f"{text}: holds a {kind or 'non-cmce'} Parquet file; this step writes a {kinds[0]} file, "
+                         "so give another path")
+
+
+# a Parquet footer larger than this is not read to check an S3 output's kind (its format is still checked)
+MAX_REMOTE_FOOTER = 8 << 20
+
+
+def _remote_parquet_kind(uri: str, size: int) -> tuple[bool, str | None]:
+    """(read, parquet_kind) of an S3 object from two ranged GETs of its end (the footer), not a download;
+    read is False when the footer is too large to be worth reading. A broken footer is no cmce kind (None)."""
+    import pyarrow as pa
+
+    tail = s3.read_range(uri, size - 8, size - 1) if size >= 12 else b""
+    footer = int.from_bytes(tail[:4], "little")
+    if tail[4:] != MAGIC["parquet"] or footer > size - 12:
+        return True, None
+    if footer > MAX_REMOTE_FOOTER:
+        return False, None
+    end = s3.read_range(uri, size - 8 - footer, size - 1)
+    return True, parquet_kind(pa.BufferReader(MAGIC["parquet"] + end))  # a footer needs only the magic before it
+
+
+def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, writes: str | None,
+                         kinds: tuple[str, ...]) -> None:
+    """check_output for an s3:// URI, with the same rules: the bucket and credentials, then what is at the key
+    (an object is a file, a non-empty prefix a folder), read by HEAD, LIST and ranged GETs, never a download."""
+    uri = text.rstrip("/")
+    u = s3.parse(uri)
+    if not u.key:
+        raise ValueError(f"{uri}: names a bucket; give the object key or prefix to write")
+    if not is_dir and text.endswith("/"):
+        raise ValueError(f"{text}: is a folder; this output is a file, give its key")
+    s3.check_writable(uri)
+    size = s3.object_size(uri)
+    if is_dir:
+        if size is not None:
+            raise ValueError(f"{uri}: is an object (a file), not an output folder; give another prefix")
+        if own is not None:
+            _refuse_foreign(uri, [k.split("/", 1)[0] for k in s3.list_keys(uri)], own)
+        return
+    if s3.is_prefix(uri):
+        raise ValueError(f"{uri}: is a folder (a prefix holding objects); this output is a file, give its key")
+    if size is None or not writes:
+        return
+    found = format_of(s3.read_range(uri, 0, 3)) if size >= 4 else None
+    read, kind = _remote_parquet_kind(uri, size) if found == "parquet" and kinds else (True, None)
+    _refuse_other_format(uri, found, writes, kinds if read else (), lambda: kind)
 
 
 @contextlib.contextmanager
@@ -466,13 +531,27 @@ def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None)
     staged = scratch_dir() / "out" / uuid.uuid4().hex[:12] / (PurePosixPath(u.key).name or u.bucket)
     staged.parent.mkdir(parents=True)
     _origins[staged] = uri
-    yield staged
-    if not staged.exists():
-        raise FileNotFoundError(f"{uri}: the step wrote nothing to upload")
-    if is_dir:
-        s3.upload_dir(staged, uri, last)
-    else:
-        s3.upload_file(staged, uri)
+    with _stdout_held():  # the step's success record is printed only once its output is uploaded
+        yield staged
+        if not staged.exists():
+            raise FileNotFoundError(f"{uri}: the step wrote nothing to upload")
+        if is_dir:
+            s3.upload_dir(staged, uri, last)
+        else:
+            s3.upload_file(staged, uri)
+
+
+@contextlib.contextmanager
+def _stdout_held() -> Iterator[None]:
+    """Keep what is printed inside the block, and print it when the block ends, only if it succeeds.
+    Nested blocks (several s3:// outputs) pass it outwards, so it appears after the last upload."""
+    real, held = sys.stdout, io.StringIO()
+    sys.stdout = held
+    try:
+        yield
+    finally:
+        sys.stdout = real
+    real.write(held.getvalue())
 
 
 def origin(path: str | Path) -> str:
