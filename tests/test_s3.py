@@ -131,7 +131,7 @@ def test_smoke_chain_on_s3_gives_the_local_run_byte_for_byte(s3_server, s3_chain
     b = s3_chain.bucket
     local_files = {p.relative_to(s3_chain.local).as_posix() for p in s3_chain.local.rglob("*") if p.is_file()}
     assert keys(s3_server, b, "run/") == {f"run/{f}" for f in local_files}
-    assert {f"index/{f}" for f in INDEX_FILES} | {"gallery.parquet", "gallery_members/g.parquet",
+    assert {f"index/{f}" for f in INDEX_FILES} | {"gallery.parquet", "gallery_members/vgg_b.parquet",
                                                   "eval/metrics.json", "train_g.parquet"} <= local_files
     s3_metrics = json.loads(read_object(s3_server, b, "run/eval/metrics.json"))
     assert s3_metrics == json.loads((s3_chain.local / "eval" / "metrics.json").read_text())
