@@ -645,7 +645,7 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(world, tmp_p
     assert not marker.exists()
     out = previous_file(tmp_path / "member.parquet")
     fails(caplog, [*embed_member_args(world, gallery_model=hostile), "--out", out], out,
-          f"{hostile}: not a loadable checkpoint")
+          f"{hostile}: not a cmce checkpoint: it holds pickled objects that a weights-only load refuses")
     assert not marker.exists()
 
 
@@ -755,6 +755,88 @@ def test_a_crafted_checkpoint_field_is_refused_before_a_model_is_built(world, tm
     torch.save({**obj, field: value}, bad)
     out = previous_file(tmp_path / "member.parquet")
     fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out, f"{bad}: field '{field}'")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("arch", ["resnet"], "field 'arch' must be non-empty text, got ['resnet']"),
+    ("arch", 7, "field 'arch' must be non-empty text, got 7"),
+    ("scale", "abc", "field 'scale' must be a positive finite number, got 'abc'"),
+    ("scale", float("nan"), "field 'scale' must be a positive finite number, got nan"),
+    ("scale", True, "field 'scale' must be a positive finite number, got True"),
+    ("scale", -1.0, "field 'scale' must be a positive finite number, got -1.0"),
+    ("name", ["query"], "field 'name': ['query'] is not a model name"),
+    ("meta", [1], "field 'meta' must be a mapping, got [1]"),
+    ("meta", {"history": "x"}, "field 'meta' 'history' must be a list of {name: number} rows, got 'x'"),
+    ("meta", {"history": [{"loss": "x"}]}, "field 'meta' 'history' must be a list of {name: number} rows"),
+    ("meta", {"teacher_sha256": 12345}, "field 'meta' 'teacher_sha256' must be a sha256 (64 hex digits), got 12345"),
+    ("classifier", torch.zeros(10, 8, dtype=torch.long), "field 'classifier' is a torch.int64 tensor"),
+    ("classifier", [[0.0] * 8], "classifier is a list, not a dense tensor"),
+    ("state_dict", [], "field 'state_dict' is a list, not a mapping"),
+    ("width", 4.0, "field 'width' must be an integer in [1, 4096], got 4.0"),
+    ("in_channels", True, "field 'in_channels' must be an integer in [1, 3], got True"),
+])
+def test_a_checkpoint_field_of_the_wrong_type_is_refused_naming_it(world, tmp_path, caplog, field, value, message):
+    """Every field an embedding model (query, gallery, KD student) is read from, checked before use."""
+    obj = torch.load(world.query, weights_only=True)
+    bad = tmp_path / "q.pt"
+    torch.save({**obj, field: value}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out, f"{bad}: {message}")
+
+
+def test_a_checkpoint_whose_sizes_together_are_too_large_is_refused_before_a_model_is_built(world, tmp_path,
+                                                                                           caplog, monkeypatch):
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    bad = tmp_path / "resnet_a.pt"
+    torch.save({**obj, "width": 4096, "embedding_dim": 65536}, bad)
+    built = []
+    monkeypatch.setattr("cmce.checkpoint.EmbeddingNet", lambda *a, **k: built.append(a) or EmbeddingNet(*a, **k))
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out,
+          f"{bad}: fields 'width' 4096 and 'embedding_dim' 65536 (arch 'resnet') imply a network of",
+          "parameters; the limit is 268,435,456")
+    assert all(width <= 4 for *_, width in built)  # only the (tiny) query model was built
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("query_model_sha256", 12345, "field 'query_model_sha256' must be a sha256 (64 hex digits), got 12345"),
+    ("gallery_model_sha256", "abc", "field 'gallery_model_sha256' must be a sha256 (64 hex digits), got 'abc'"),
+    ("gallery_model", None, "field 'gallery_model': None is not a model name"),
+    ("gallery_model", "../x", "field 'gallery_model': '../x' is not a model name"),
+    ("history", {"loss": 1}, "field 'history' must be a list of {name: number} rows"),
+    ("depth", 2.0, "field 'depth' must be an integer in [1, 64], got 2.0"),
+    ("depth", [2], "field 'depth' must be an integer in [1, 64], got [2]"),
+    ("in_dim", "8", "field 'in_dim' must be an integer in [1, 65536], got '8'"),
+    ("state_dict", None, "field 'state_dict' is a NoneType, not a mapping"),
+])
+def test_a_transformation_field_of_the_wrong_type_is_refused_naming_it(world, tmp_path, caplog, field, value,
+                                                                       message):
+    obj = torch.load(world.transforms[0], weights_only=True)
+    bad = tmp_path / "t.pt"
+    torch.save({**obj, field: value}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, transform=bad), "--out", out], out, f"{bad}: {message}")
+
+
+def test_a_transformation_whose_sizes_together_are_too_large_is_refused(world, tmp_path, caplog, monkeypatch):
+    obj = torch.load(world.transforms[0], weights_only=True)
+    bad = tmp_path / "t.pt"
+    torch.save({**obj, "hidden_dim": 65536, "depth": 64}, bad)
+    monkeypatch.setattr("cmce.transform.build_mlp", None)  # building it would fail the test with a TypeError
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, transform=bad), "--out", out], out,
+          f"{bad}: fields 'hidden_dim' 65536 and 'depth' 64 imply an MLP of", "the limit is 268,435,456")
+
+
+def test_a_whole_pickled_module_is_refused_in_one_plain_line(world, tmp_path, caplog):
+    """torch.save(net): torch's refusal is a page with terminal colour codes and advice to load unsafely."""
+    bad = tmp_path / "q.pt"
+    torch.save(EmbeddingNet("query_cnn", 1, 8, 4), bad)
+    out = previous_file(tmp_path / "member.parquet")
+    error = fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out,
+                  f"{bad}: not a cmce checkpoint: it holds pickled objects that a weights-only load refuses "
+                  "(cmce.models.EmbeddingNet)")
+    assert "\x1b" not in error and "weights_only" not in error and "\n" not in error
 
 
 def test_a_crafted_transformation_size_is_refused(world, tmp_path, caplog):

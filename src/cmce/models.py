@@ -251,4 +251,4 @@ def mlp_parameters(in_dim: int, out_dim: int, hidden_dim: int, depth: int) -> in
     """Parameters of cmce.transform.build_mlp(in_dim, out_dim, hidden_dim, depth) (Linear and BatchNorm)."""
     dims = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
     linear = sum(a * b + b for a, b in zip(dims, dims[1:], strict=False))
-    return linear + 2 * hidden_dim * (depth - 1)
+    return linear + (2 * hidden_dim * (depth - 1) if depth > 1 else 0)
