@@ -333,6 +333,30 @@ def test_negative_label_in_a_dataset_file(world, tmp_path, caplog):
           f"{ds}: column 'label' has a negative value -1")
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_null_image_cell_is_refused_naming_the_file_and_id(world, tmp_path, caplog, split):
+    table = pq.read_table(world.dataset)
+    row = table.column("split").to_pylist().index(split)
+    images = table.column("image").to_pylist()
+    images[row] = None
+    ds = rewrite(world.dataset, tmp_path / "null_image.parquet", image=pa.array(images, table.column("image").type))
+    needle = f"{ds} (id {table.column('id')[row].as_py()}): no image (the image cell is null)"
+    if split == "train":  # the loader's path: rows indexed first, decoded per batch
+        out = previous_file(tmp_path / "query.pt")
+        fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out, needle)
+    else:  # the streamed path (iter_split_batches), which embeds the test split
+        out = previous_file(tmp_path / "member.parquet")
+        fails(caplog, [*embed_member_args(world, dataset=ds), "--out", out], out, needle)
+
+
+def test_decode_image_refuses_what_is_not_bytes():
+    from cmce.data.schema import DataError
+
+    for data in (None, 12, "png"):
+        with pytest.raises(DataError, match=r"^d.parquet \(id x\): no image"):
+            decode_image(data, 1, 8, "d.parquet (id x)")
+
+
 def test_duplicate_ids_in_a_gallery_file(world, tmp_path, caplog):
     ids = pq.read_table(world.gallery).column("id").to_pylist()
     ids[7] = ids[1]
