@@ -333,6 +333,28 @@ def test_negative_label_in_a_dataset_file(world, tmp_path, caplog):
           f"{ds}: column 'label' has a negative value -1")
 
 
+def test_a_classifier_the_labels_and_embedding_dim_make_too_large_is_refused_before_a_model_is_built(
+        world, tmp_path, caplog, monkeypatch):
+    table = pq.read_table(world.dataset)
+    labels = table.column("label").to_numpy().copy()
+    labels[table.column("split").to_pylist().index("train")] = (1 << 20) - 1  # the largest label a dataset may hold
+    ds = rewrite(world.dataset, tmp_path / "many_classes.parquet", label=pa.array(labels, pa.int32()))
+    monkeypatch.setattr("cmce.train.EmbeddingNet", None)  # building one would fail the test with a TypeError
+    out = previous_file(tmp_path / "query.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--set", "query_model.embedding_dim=512", "--dataset", ds,
+                   "--model", "query", "--out", out], out,
+          f"{ds}: labels up to 1048575 and query's embedding_dim 512 imply a classifier of 536,870,912 parameters")
+
+
+def test_a_kd_student_a_teacher_makes_too_large_is_refused_before_it_is_built(world, tmp_path, caplog, monkeypatch):
+    teacher = tiny_model(tmp_path / "wide.pt", "wide", "query_cnn", 65536, seed=0)  # each size in its range
+    monkeypatch.setattr("cmce.train.EmbeddingNet", None)  # building one would fail the test with a TypeError
+    out = previous_file(tmp_path / "kd_wide.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--set", "query_model.width=1024", "--kd-teacher", teacher,
+                   "--dataset", world.dataset, "--out", out], out,
+          f"{teacher}: its embedding_dim 65536 and query's width 1024 imply a KD student of")
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_a_null_image_cell_is_refused_naming_the_file_and_id(world, tmp_path, caplog, split):
     table = pq.read_table(world.dataset)
@@ -798,6 +820,7 @@ def test_a_crafted_checkpoint_field_is_refused_before_a_model_is_built(world, tm
     ("state_dict", [], "field 'state_dict' is a list, not a mapping"),
     ("width", 4.0, "field 'width' must be an integer in [1, 4096], got 4.0"),
     ("in_channels", True, "field 'in_channels' must be an integer in [1, 3], got True"),
+    ("in_channels", 2, "field 'in_channels' must be 1 or 3 (grey or RGB, what the image decoder gives), got 2"),
 ])
 def test_a_checkpoint_field_of_the_wrong_type_is_refused_naming_it(world, tmp_path, caplog, field, value, message):
     """Every field an embedding model (query, gallery, KD student) is read from, checked before use."""

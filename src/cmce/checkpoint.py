@@ -100,6 +100,7 @@ TEXT: FieldCheck = (lambda v: isinstance(v, str) and v.strip() != "", "non-empty
 SHA: FieldCheck = (lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None, "a sha256 (64 hex digits)")
 POSITIVE: FieldCheck = (lambda v: _is_number(v) and v > 0, "a positive finite number")
 HISTORY: FieldCheck = (_is_history, "a list of {name: number} rows")
+CHANNELS: FieldCheck = (lambda v: v in (1, 3), "1 or 3 (grey or RGB, what the image decoder gives)")
 MAPPING: FieldCheck = (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a mapping")
 # fields of the embedding models' `meta` a step reads (records, evaluate's KD students); others are kept as given
 META_FIELDS = {"history": HISTORY, "teacher_sha256": SHA, "role": TEXT}
@@ -186,7 +187,7 @@ def load_embedding_model(path: str | Path) -> EmbeddingModel:
     require_keys(obj, ["name", "arch", "width", "in_channels", "image_size", "embedding_dim", "scale", "classifier",
                        "state_dict"], path)
     check_sizes(obj, EMBEDDING_SIZES, path)
-    check_fields(obj, {"arch": TEXT, "scale": POSITIVE, "meta": MAPPING}, path)
+    check_fields(obj, {"arch": TEXT, "scale": POSITIVE, "meta": MAPPING, "in_channels": CHANNELS}, path)
     check_fields(obj.get("meta", {}), META_FIELDS, path, "field 'meta'")
     try:
         check_model_name(obj["name"], "field 'name'")
