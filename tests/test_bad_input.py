@@ -334,6 +334,52 @@ def test_negative_label_in_a_dataset_file(world, tmp_path, caplog):
           f"{ds}: column 'label' has a negative value -1")
 
 
+def test_a_classifier_the_labels_and_embedding_dim_make_too_large_is_refused_before_a_model_is_built(
+        world, tmp_path, caplog, monkeypatch):
+    table = pq.read_table(world.dataset)
+    labels = table.column("label").to_numpy().copy()
+    labels[table.column("split").to_pylist().index("train")] = (1 << 20) - 1  # the largest label a dataset may hold
+    ds = rewrite(world.dataset, tmp_path / "many_classes.parquet", label=pa.array(labels, pa.int32()))
+    monkeypatch.setattr("cmce.train.EmbeddingNet", None)  # building one would fail the test with a TypeError
+    out = previous_file(tmp_path / "query.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--set", "query_model.embedding_dim=512", "--dataset", ds,
+                   "--model", "query", "--out", out], out,
+          f"{ds}: labels up to 1048575 and query's embedding_dim 512 imply a classifier of 536,870,912 parameters")
+
+
+def test_a_kd_student_a_teacher_makes_too_large_is_refused_before_it_is_built(world, tmp_path, caplog, monkeypatch):
+    teacher = tiny_model(tmp_path / "wide.pt", "wide", "query_cnn", 65536, seed=0)  # each size in its range
+    monkeypatch.setattr("cmce.train.EmbeddingNet", None)  # building one would fail the test with a TypeError
+    out = previous_file(tmp_path / "kd_wide.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--set", "query_model.width=1024", "--kd-teacher", teacher,
+                   "--dataset", world.dataset, "--out", out], out,
+          f"{teacher}: its embedding_dim 65536 and query's width 1024 imply a KD student of")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_null_image_cell_is_refused_naming_the_file_and_id(world, tmp_path, caplog, split):
+    table = pq.read_table(world.dataset)
+    row = table.column("split").to_pylist().index(split)
+    images = table.column("image").to_pylist()
+    images[row] = None
+    ds = rewrite(world.dataset, tmp_path / "null_image.parquet", image=pa.array(images, table.column("image").type))
+    needle = f"{ds} (id {table.column('id')[row].as_py()}): no image (the image cell is null)"
+    if split == "train":  # the loader's path: rows indexed first, decoded per batch
+        out = previous_file(tmp_path / "query.pt")
+        fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out, needle)
+    else:  # the streamed path (iter_split_batches), which embeds the test split
+        out = previous_file(tmp_path / "member.parquet")
+        fails(caplog, [*embed_member_args(world, dataset=ds), "--out", out], out, needle)
+
+
+def test_decode_image_refuses_what_is_not_bytes():
+    from cmce.data.schema import DataError
+
+    for data in (None, 12, "png"):
+        with pytest.raises(DataError, match=r"^d.parquet \(id x\): no image"):
+            decode_image(data, 1, 8, "d.parquet (id x)")
+
+
 def test_duplicate_ids_in_a_gallery_file(world, tmp_path, caplog):
     ids = pq.read_table(world.gallery).column("id").to_pylist()
     ids[7] = ids[1]
@@ -646,7 +692,7 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(world, tmp_p
     assert not marker.exists()
     out = previous_file(tmp_path / "member.parquet")
     fails(caplog, [*embed_member_args(world, gallery_model=hostile), "--out", out], out,
-          f"{hostile}: not a loadable checkpoint")
+          f"{hostile}: not a cmce checkpoint: it holds pickled objects that a weights-only load refuses")
     assert not marker.exists()
 
 
@@ -758,6 +804,89 @@ def test_a_crafted_checkpoint_field_is_refused_before_a_model_is_built(world, tm
     fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out, f"{bad}: field '{field}'")
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("arch", ["resnet"], "field 'arch' must be non-empty text, got ['resnet']"),
+    ("arch", 7, "field 'arch' must be non-empty text, got 7"),
+    ("scale", "abc", "field 'scale' must be a positive finite number, got 'abc'"),
+    ("scale", float("nan"), "field 'scale' must be a positive finite number, got nan"),
+    ("scale", True, "field 'scale' must be a positive finite number, got True"),
+    ("scale", -1.0, "field 'scale' must be a positive finite number, got -1.0"),
+    ("name", ["query"], "field 'name': ['query'] is not a model name"),
+    ("meta", [1], "field 'meta' must be a mapping, got [1]"),
+    ("meta", {"history": "x"}, "field 'meta' 'history' must be a list of {name: number} rows, got 'x'"),
+    ("meta", {"history": [{"loss": "x"}]}, "field 'meta' 'history' must be a list of {name: number} rows"),
+    ("meta", {"teacher_sha256": 12345}, "field 'meta' 'teacher_sha256' must be a sha256 (64 hex digits), got 12345"),
+    ("classifier", torch.zeros(10, 8, dtype=torch.long), "field 'classifier' is a torch.int64 tensor"),
+    ("classifier", [[0.0] * 8], "classifier is a list, not a dense tensor"),
+    ("state_dict", [], "field 'state_dict' is a list, not a mapping"),
+    ("width", 4.0, "field 'width' must be an integer in [1, 4096], got 4.0"),
+    ("in_channels", True, "field 'in_channels' must be an integer in [1, 3], got True"),
+    ("in_channels", 2, "field 'in_channels' must be 1 or 3 (grey or RGB, what the image decoder gives), got 2"),
+])
+def test_a_checkpoint_field_of_the_wrong_type_is_refused_naming_it(world, tmp_path, caplog, field, value, message):
+    """Every field an embedding model (query, gallery, KD student) is read from, checked before use."""
+    obj = torch.load(world.query, weights_only=True)
+    bad = tmp_path / "q.pt"
+    torch.save({**obj, field: value}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out, f"{bad}: {message}")
+
+
+def test_a_checkpoint_whose_sizes_together_are_too_large_is_refused_before_a_model_is_built(world, tmp_path,
+                                                                                           caplog, monkeypatch):
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    bad = tmp_path / "resnet_a.pt"
+    torch.save({**obj, "width": 4096, "embedding_dim": 65536}, bad)
+    built = []
+    monkeypatch.setattr("cmce.checkpoint.EmbeddingNet", lambda *a, **k: built.append(a) or EmbeddingNet(*a, **k))
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out,
+          f"{bad}: fields 'width' 4096 and 'embedding_dim' 65536 (arch 'resnet') imply a network of",
+          "parameters; the limit is 268,435,456")
+    assert all(width <= 4 for *_, width in built)  # only the (tiny) query model was built
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("query_model_sha256", 12345, "field 'query_model_sha256' must be a sha256 (64 hex digits), got 12345"),
+    ("gallery_model_sha256", "abc", "field 'gallery_model_sha256' must be a sha256 (64 hex digits), got 'abc'"),
+    ("gallery_model", None, "field 'gallery_model': None is not a model name"),
+    ("gallery_model", "../x", "field 'gallery_model': '../x' is not a model name"),
+    ("history", {"loss": 1}, "field 'history' must be a list of {name: number} rows"),
+    ("depth", 2.0, "field 'depth' must be an integer in [1, 64], got 2.0"),
+    ("depth", [2], "field 'depth' must be an integer in [1, 64], got [2]"),
+    ("in_dim", "8", "field 'in_dim' must be an integer in [1, 65536], got '8'"),
+    ("state_dict", None, "field 'state_dict' is a NoneType, not a mapping"),
+])
+def test_a_transformation_field_of_the_wrong_type_is_refused_naming_it(world, tmp_path, caplog, field, value,
+                                                                       message):
+    obj = torch.load(world.transforms[0], weights_only=True)
+    bad = tmp_path / "t.pt"
+    torch.save({**obj, field: value}, bad)
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, transform=bad), "--out", out], out, f"{bad}: {message}")
+
+
+def test_a_transformation_whose_sizes_together_are_too_large_is_refused(world, tmp_path, caplog, monkeypatch):
+    obj = torch.load(world.transforms[0], weights_only=True)
+    bad = tmp_path / "t.pt"
+    torch.save({**obj, "hidden_dim": 65536, "depth": 64}, bad)
+    monkeypatch.setattr("cmce.transform.build_mlp", None)  # building it would fail the test with a TypeError
+    out = previous_file(tmp_path / "member.parquet")
+    fails(caplog, [*embed_member_args(world, transform=bad), "--out", out], out,
+          f"{bad}: fields 'hidden_dim' 65536 and 'depth' 64 imply an MLP of", "the limit is 268,435,456")
+
+
+def test_a_whole_pickled_module_is_refused_in_one_plain_line(world, tmp_path, caplog):
+    """torch.save(net): torch's refusal is a page with terminal colour codes and advice to load unsafely."""
+    bad = tmp_path / "q.pt"
+    torch.save(EmbeddingNet("query_cnn", 1, 8, 4), bad)
+    out = previous_file(tmp_path / "member.parquet")
+    error = fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out,
+                  f"{bad}: not a cmce checkpoint: it holds pickled objects that a weights-only load refuses "
+                  "(cmce.models.EmbeddingNet)")
+    assert "\x1b" not in error and "weights_only" not in error and "\n" not in error
+
+
 def test_a_crafted_transformation_size_is_refused(world, tmp_path, caplog):
     obj = torch.load(world.transforms[0], weights_only=True)
     bad = tmp_path / "t.pt"
@@ -862,7 +991,7 @@ def test_a_diverged_training_run_writes_no_model(world, tmp_path, caplog):
 def test_a_gate_with_no_metrics_is_refused(tmp_path, caplog):
     out = previous_file(tmp_path / "dataset.parquet")
     fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "lifecycle.gate.metrics=[]", "--out", out], out,
-          "lifecycle.gate.metrics must list at least one metric")
+          "lifecycle.gate.metrics: must list at least one value")
 
 
 def test_mlflow_parent_without_a_tracking_uri_is_refused_before_any_work(world, tmp_path, caplog, monkeypatch):

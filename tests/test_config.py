@@ -88,7 +88,9 @@ def test_nonsense_values_are_rejected(tmp_path):
         ("{far: [-0.1]}", r"evaluate.far must be in \(0, 1\), got -0.1"),
         ("{far: [3]}", r"evaluate.far must be in \(0, 1\), got 3.0"),
         ("{rejection_far: 0}", r"evaluate.rejection_far must be in \(0, 1\), got 0.0"),
-        ("{recall_k: []}", r"evaluate.recall_k must list at least one rank"),
+        ("{recall_k: []}", r"evaluate.recall_k: must list at least one value"),
+        ("{far: []}", r"evaluate.far: must list at least one value"),
+        ("{rejection_rates: []}", r"evaluate.rejection_rates: must list at least one value"),
         ("{recall_k: [0, 1]}", r"evaluate.recall_k must be in \[1, 100000\], got 0"),
         ("{rejection_rates: [1.5, -0.2]}", r"evaluate.rejection_rates must be in \[0, 1\), got 1.5"),
         ("{random_repeats: 0}", r"evaluate.random_repeats must be in \[1, 1000\], got 0"),
@@ -199,9 +201,59 @@ def test_duplicate_yaml_keys_are_refused_naming_the_key(tmp_path):
         load_config(_write(tmp_path, GOOD + "train: {epochs: 1}\ntrain: {epochs: 2}\n"))
 
 
+def test_yaml_merge_keys_are_read_as_yaml_specifies(tmp_path):
+    """`<<: *base` merges a mapping; keys given beside it override the merged ones; a key given twice is still
+    refused."""
+    text = GOOD + "train: &base {epochs: 3, batch_size: 64, lr: 0.005}\ntransform: {<<: *base, epochs: 1}\n"
+    cfg = load_config(_write(tmp_path, text))
+    assert (cfg.transform.epochs, cfg.transform.batch_size, cfg.transform.lr) == (1, 64, 0.005)
+    assert cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match=r"c.yaml: invalid YAML: .*duplicate key 'epochs'"):
+        load_config(_write(tmp_path, text.replace("epochs: 1}", "epochs: 1, epochs: 2}")))
+
+
+@pytest.mark.parametrize("key,value", [("data.channels", 3.0), ("data.channels", True), ("data.image_size", 28.0),
+                                       ("transform.depth", 2.0), ("train.epochs", False), ("seed", 1.5)])
+def test_an_integer_key_takes_only_an_integer(tmp_path, key, value):
+    """3.0 == 3 in Python, but a float size reaches torch (`empty(): argument 'size' must be tuple of ints`)."""
+    with pytest.raises(ConfigError, match=rf"c.yaml: {re.escape(key)}: "):
+        load_config(_write(tmp_path, GOOD), {key: value})
+
+
+@pytest.mark.parametrize("key", ["output_dir", "data.path", "lifecycle.gate.split", "query_model.arch"])
+@pytest.mark.parametrize("value", ["", "  ", "\t"])
+def test_a_text_key_may_not_be_blank(tmp_path, key, value):
+    """An empty output_dir would write the whole run into the working folder."""
+    with pytest.raises(ConfigError, match=rf"c.yaml: {re.escape(key)}: must not be empty"):
+        load_config(_write(tmp_path, GOOD), {key: value})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"transform.hidden_dim": 65536, "transform.depth": 64},
+     r"transform.hidden_dim 65536 and transform.depth 64 imply a transformation of [0-9,]+ parameters "
+     r"\(gallery_models\[0\] → query_model\); the limit is 268,435,456"),
+    ({"query_model.width": 4096}, r"query_model.width 4096 and query_model.embedding_dim 64 \(arch 'query_cnn'\) "
+                                  r"imply a network of [0-9,]+ parameters"),
+    ({"gallery_models": [{"name": "g", "arch": "resnet", "embedding_dim": 65536, "width": 2048}]},
+     r"gallery_models\[0\].width 2048 and gallery_models\[0\].embedding_dim 65536 \(arch 'resnet'\)"),
+    ({"gallery_models": [{"name": "g", "arch": "mobilenet_v2", "embedding_dim": 65536}], "query_model.width": 1024},
+     r"query_model.width 1024 and gallery_models\[0\].embedding_dim 65536 imply a KD student"),
+])
+def test_model_sizes_the_keys_imply_together_are_bounded(tmp_path, overrides, message):
+    """Each key within its range, together terabytes: refused at load, naming the keys, nothing allocated."""
+    with pytest.raises(ConfigError, match=rf"c.yaml: {message}"):
+        load_config(_write(tmp_path, GOOD), overrides)
+
+
+def test_the_largest_usual_models_pass_the_size_bound(tmp_path):
+    load_config(_write(tmp_path, GOOD), {"transform.hidden_dim": 4096, "transform.depth": 8,
+                                         "gallery_models": [{"name": "g", "arch": "resnet", "width": 256,
+                                                             "embedding_dim": 2048}]})
+
+
 @pytest.mark.parametrize("name", ["../../../escaped_query", "a/b", "", ".hidden", "q q", "x" * 65, "naïve"])
 def test_a_model_name_must_be_an_identifier(tmp_path, name):
-    with pytest.raises(ConfigError, match=r"c.yaml: query_model.name: .* is not a model name"):
+    with pytest.raises(ConfigError, match=r"c.yaml: query_model.name: (.* is not a model name|must not be empty)"):
         load_config(_write(tmp_path, GOOD), {"query_model.name": name})
 
 
@@ -248,3 +300,9 @@ def test_params_files_name_their_gallery_models_as_keys():
         raw = yaml.safe_load(path.read_text())
         assert isinstance(raw["gallery_models"], dict), path
         assert [m.name for m in load_config(path).gallery_models] == list(raw["gallery_models"])
+
+
+@pytest.mark.parametrize("value", [1.0, 5, "resnet"])
+def test_gallery_models_of_another_type_is_refused_naming_the_key(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"c.yaml: gallery_models: expected a list"):
+        load_config(_write(tmp_path, GOOD), {"gallery_models": value})

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +193,24 @@ def test_steps_reading_a_gallery_whose_metadata_values_are_mutated(world, tmp_pa
              gallery, [gallery, world.members[1]], related=(world.members[1],))
     run_case(caplog, [*evaluate_args(world, gallery=gallery), "--out", tmp / "eval"], gallery,
              [gallery, world.dataset, world.query, *world.transforms], related=tuple(world.transforms))
+
+
+FIELD_VALUES = JSON | st.sampled_from([4096, 65536, 64, 2.0, True, "resnet", "a" * 64]) | st.builds(
+    lambda shape, dtype: torch.zeros(shape, dtype=dtype),
+    st.lists(st.integers(0, 3), max_size=3), st.sampled_from([torch.float32, torch.int64, torch.bool]))
+
+
+@FUZZ
+@given(role=st.sampled_from(["query", "gallery_model", "transform"]), data=st.data())
+def test_embed_member_with_a_checkpoint_field_replaced(world, tmp_path_factory, caplog, role, data):  # noqa: F811
+    """A loadable checkpoint of the right format with one field (or a pair of sizes) of any type or value: refused
+    naming the file before a network is built from it, or it did not matter."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    source = {"query": world.query, "gallery_model": world.gallery_models[0], "transform": world.transforms[0]}[role]
+    obj = torch.load(source, weights_only=True)
+    fields = data.draw(st.lists(st.sampled_from(sorted(k for k in obj if k != "format")), min_size=1, max_size=2,
+                                unique=True))
+    bad = tmp / source.name
+    torch.save({**obj, **{f: data.draw(FIELD_VALUES, label=f) for f in fields}}, bad)
+    run_case(caplog, [*embed_member_args(world, **{role: bad}), "--out", tmp / "member.parquet"], bad,
+             [bad, world.dataset, world.query], related=(world.transforms[0],))

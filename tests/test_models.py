@@ -58,3 +58,24 @@ def test_count_flops_counts_a_multiply_add_as_two_for_images_and_embeddings():
     mlp.train()
     assert count_flops(mlp, 16) == 2 * (16 * 32 + 32 * 4)  # BatchNorm in eval mode: one input is fine
     assert mlp.training  # the mode is given back
+
+
+@pytest.mark.parametrize("arch", ["query_cnn", "resnet", "vgg", "mobilenet", "efficientnet_lite0_scratch"])
+def test_parameters_counted_without_building_match_the_built_network(arch):
+    from cmce.models import count_parameters, embedding_net_parameters
+
+    built = EmbeddingNet(arch, 3, 24, 8, load_pretrained=False)
+    assert embedding_net_parameters(arch, 3, 24, 8) == count_parameters(built) > 0
+
+
+@pytest.mark.parametrize("in_dim,out_dim,hidden,depth", [(48, 32, 64, 2), (48, 32, 7, 1), (5, 6, 7, 5)])
+def test_mlp_parameters_match_the_built_mlp(in_dim, out_dim, hidden, depth):
+    from cmce.models import count_parameters, mlp_parameters
+    from cmce.transform import build_mlp
+
+    assert mlp_parameters(in_dim, out_dim, hidden, depth) == count_parameters(build_mlp(in_dim, out_dim, hidden, depth))
+
+
+def test_an_architecture_name_of_another_type_is_unknown_not_a_crash():
+    with pytest.raises(KeyError, match="unknown architecture"):
+        check_arch(["resnet"])

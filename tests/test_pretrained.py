@@ -94,6 +94,16 @@ def test_missing_extra_names_the_install_command(monkeypatch):
         missing.load()
 
 
+def test_a_config_naming_a_missing_extras_arch_still_validates(tmp_path, monkeypatch):
+    from cmce.config import load_config
+
+    hide_efficientnet(monkeypatch)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("gallery_models: [{name: g, arch: efficientnet_lite0},\n"
+                   "                 {name: h, arch: efficientnet_lite0_scratch}]\n")
+    assert [m.arch for m in load_config(cfg).gallery_models] == ["efficientnet_lite0", "efficientnet_lite0_scratch"]
+
+
 def test_cli_reports_the_missing_extra_as_a_usage_error(digits_8px, tmp_path, monkeypatch, caplog):
     from cmce.cli import main
 

@@ -50,10 +50,11 @@ def test_checkpoint_round_trip_and_model_checks(tmp_path):
         np.random.default_rng(1).normal(size=(64, 3)).astype(np.float32),
         np.zeros(64, int), torch.zeros(1, 3), TransformConfig(hidden_dim=8, epochs=2, batch_size=32),
     )
-    t = Transformation(mlp, "g", "gsha", "qsha", 5, 3, 8, 2)
+    gsha, qsha = "a" * 64, "b" * 64  # a file's sha256: what the loader accepts
+    t = Transformation(mlp, "g", gsha, qsha, 5, 3, 8, 2)
     path = tmp_path / "t.pt"
     save_transformation(t, path)
-    loaded = load_transformation(path, query_sha256="qsha", gallery_sha256="gsha")
+    loaded = load_transformation(path, query_sha256=qsha, gallery_sha256=gsha)
     x = np.random.default_rng(2).normal(size=(10, 5)).astype(np.float32)
     np.testing.assert_allclose(loaded.apply(x), t.apply(x), atol=1e-6)
     with pytest.raises(CheckpointError, match="fitted for query model"):

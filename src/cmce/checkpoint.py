@@ -3,15 +3,27 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cmce.config import ConfigError, DataConfig, ModelSpec, TransformConfig, check_model_name, in_interval, range_of
+from cmce.config import (
+    ConfigError,
+    DataConfig,
+    ModelSpec,
+    TransformConfig,
+    check_model_name,
+    in_interval,
+    range_of,
+    shown,
+)
 from cmce.errors import first_line
-from cmce.models import EmbeddingNet
+from cmce.models import MAX_PARAMETERS, EmbeddingNet, check_arch, embedding_net_parameters
 from cmce.storage import NotWritten, atomic_path, file_format, file_sha256
 
 EMBEDDING_FORMAT = "cmce-embedding-model/1"
@@ -48,13 +60,61 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)
-        # torch's message runs to a page (and advises weights_only=False, which cmce never does): its first line
-        raise CheckpointError(f"{path}: not a loadable checkpoint: {type(err).__name__}: {first_line(err, 200)}"
-                              ) from None
+        raise CheckpointError(f"{path}: {_load_failure(err)}") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a {expected_format} checkpoint, got {got!r}")
     return obj
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_WEIGHTS_ONLY_REASON = re.compile(r"WeightsUnpickler error:\s*(.+)")
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's error as one plain line. Its weights-only refusal runs to a page, with terminal colour codes
+    and the advice to load unsafely (which cmce never does): only the reason is kept."""
+    text = _ANSI.sub("", str(err))
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:  # a whole pickled module (torch.save(net)) or any other object: not a dict of tensors
+        return (f"not a cmce checkpoint: it holds pickled objects that a weights-only load refuses "
+                f"({refused[1]})")
+    reason = _WEIGHTS_ONLY_REASON.search(text)
+    line = reason[1].strip()[:200] if reason else first_line(ValueError(text), 200)
+    return f"not a loadable checkpoint: {type(err).__name__}: {line}"
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+FieldCheck = tuple[Callable[[Any], bool], str]  # (accepts the value, what it must be)
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_history(value: Any) -> bool:
+    """Per-epoch rows: {metric name: number}."""
+    return isinstance(value, list) and all(
+        isinstance(row, dict) and all(isinstance(k, str) and _is_number(v) for k, v in row.items()) for row in value)
+
+
+TEXT: FieldCheck = (lambda v: isinstance(v, str) and v.strip() != "", "non-empty text")
+SHA: FieldCheck = (lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None, "a sha256 (64 hex digits)")
+POSITIVE: FieldCheck = (lambda v: _is_number(v) and v > 0, "a positive finite number")
+HISTORY: FieldCheck = (_is_history, "a list of {name: number} rows")
+CHANNELS: FieldCheck = (lambda v: v in (1, 3), "1 or 3 (grey or RGB, what the image decoder gives)")
+MAPPING: FieldCheck = (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a mapping")
+# fields of the embedding models' `meta` a step reads (records, evaluate's KD students); others are kept as given
+META_FIELDS = {"history": HISTORY, "teacher_sha256": SHA, "role": TEXT}
+
+
+def check_fields(obj: dict[str, Any], checks: dict[str, FieldCheck], path: str | Path, where: str = "field") -> None:
+    """Each field of `checks` that `obj` holds is of its type: a crafted or foreign file fails here naming the
+    field, not deep inside a step (`unhashable type: 'list'`, `'int' object is not subscriptable`)."""
+    for key, (accepts, what) in checks.items():
+        if key in obj and not accepts(obj[key]):
+            raise CheckpointError(f"{path}: {where} {key!r} must be {what}, got {shown(obj[key])}")
 
 
 @dataclass
@@ -102,7 +162,7 @@ def check_sizes(obj: dict[str, Any], intervals: dict[str, str], path: str | Path
     for key, interval in intervals.items():
         value = obj[key]
         if type(value) is not int or not in_interval(value, interval):
-            raise CheckpointError(f"{path}: field {key!r} must be an integer in {interval}, got {value!r}")
+            raise CheckpointError(f"{path}: field {key!r} must be an integer in {interval}, got {shown(value)}")
 
 
 def check_weights(obj: dict[str, Any], path: str | Path, extra: tuple[str, ...] = ()) -> None:
@@ -130,17 +190,27 @@ def load_embedding_model(path: str | Path) -> EmbeddingModel:
     require_keys(obj, ["name", "arch", "width", "in_channels", "image_size", "embedding_dim", "scale", "classifier",
                        "state_dict"], path)
     check_sizes(obj, EMBEDDING_SIZES, path)
+    check_fields(obj, {"arch": TEXT, "scale": POSITIVE, "meta": MAPPING, "in_channels": CHANNELS}, path)
+    check_fields(obj.get("meta", {}), META_FIELDS, path, "field 'meta'")
     try:
         check_model_name(obj["name"], "field 'name'")
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
     try:
-        # the checkpoint's weights replace any pretrained initialisation: skip reading it
-        net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"], load_pretrained=False)
+        check_arch(obj["arch"])
     except KeyError as err:  # an architecture this version does not know
         raise CheckpointError(f"{path}: field 'arch': {err.args[0]}") from None
+    size = embedding_net_parameters(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"])
+    if size > MAX_PARAMETERS:  # each size in its range, together more than any model cmce builds
+        raise CheckpointError(f"{path}: fields 'width' {obj['width']} and 'embedding_dim' {obj['embedding_dim']} "
+                              f"(arch {obj['arch']!r}) imply a network of {size:,} parameters; the limit is "
+                              f"{MAX_PARAMETERS:,}")
     check_weights(obj, path, ("classifier",))
     classifier = obj["classifier"]
+    if not classifier.is_floating_point():
+        raise CheckpointError(f"{path}: field 'classifier' is a {classifier.dtype} tensor, not a floating-point one")
+    # the checkpoint's weights replace any pretrained initialisation: skip reading it
+    net = EmbeddingNet(obj["arch"], obj["in_channels"], obj["embedding_dim"], obj["width"], load_pretrained=False)
     if classifier.ndim != 2 or classifier.shape[0] < 1 or classifier.shape[1] != obj["embedding_dim"]:
         raise CheckpointError(f"{path}: field 'classifier' has shape {tuple(classifier.shape)}, expected "
                               f"(classes >= 1, embedding_dim {obj['embedding_dim']})")

@@ -1,8 +1,10 @@
 """One typed configuration, loaded once from YAML; unknown keys are rejected with their path.
 
 Every numeric key carries its valid range beside its default (`within("[1, inf)", 128)`: an interval, each
-element of a list); values outside it, NaN included, are refused at load time naming the key. Model names are
-identifiers (they name files), and duplicate YAML keys are refused.
+element of a list); values outside it, NaN included, are refused at load time naming the key. Types are exact
+(an int key takes no 3.0 or True), lists hold at least one element, text is never blank, and the networks the
+size keys imply together stay within models.MAX_PARAMETERS. Model names are identifiers (they name files), and
+duplicate YAML keys are refused (merge keys `<<` work as YAML specifies).
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            # a merge key (`<<: *base`): the base class merges it, keys given here overriding merged ones
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen
@@ -96,7 +101,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(text: str) -> Any:
-    """yaml.safe_load, refusing duplicate keys."""
+    """yaml.safe_load, refusing duplicate keys (merge keys `<<` work as YAML specifies)."""
     loader = _UniqueKeyLoader(text)
     try:
         return loader.get_single_data()
@@ -297,12 +302,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is Literal:
-        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+        # by type too: 3.0 == 3 and True == 1, but a float channel count reaches torch as a float
+        if not any(type(value) is type(a) and value == a for a in args):
             raise ConfigError(f"{where}: {shown(value)} is not one of {list(args)}")
         return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        if not value:  # every list names what a step iterates over or takes the first/largest of
+            raise ConfigError(f"{where}: must list at least one value")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -311,6 +319,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and type(value) is str and not value.strip():  # output_dir '' would write into the working folder
+        raise ConfigError(f"{where}: must not be empty")
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {shown(value)}")
@@ -359,16 +369,12 @@ def _validate(cfg: Config, where: str) -> None:
     taken = sorted(students & set(seen))
     if taken:  # models/kd_<g>.pt is the KD student of gallery model g
         raise ConfigError(f"{where}: model name(s) {taken} would be overwritten by the KD student of a gallery model")
-    if not cfg.evaluate.recall_k:
-        raise ConfigError(f"{where}: evaluate.recall_k must list at least one rank")
     if cfg.index.reject_fraction > 0 and len(cfg.gallery_models) < 2:  # one member's uncertainty is 0 everywhere
         raise ConfigError(f"{where}: index.reject_fraction {cfg.index.reject_fraction} rejects by uncertainty, which "
                           f"needs at least 2 gallery models; got {len(cfg.gallery_models)}")
     from cmce.metrics import check_metric_name
     from cmce.models import check_arch  # late import: models imports torch
 
-    if not cfg.lifecycle.gate.metrics:  # an empty list would promote any candidate
-        raise ConfigError(f"{where}: lifecycle.gate.metrics must list at least one metric")
     for name in cfg.lifecycle.gate.metrics:
         try:
             check_metric_name(name)
@@ -379,6 +385,40 @@ def _validate(cfg: Config, where: str) -> None:
             check_arch(m.arch)
         except KeyError as err:
             raise ConfigError(f"{where}: {key}.arch: {err.args[0]}") from None
+    _check_model_sizes(cfg, keys, where)
+
+
+def _check_model_sizes(cfg: Config, keys: list[tuple[str, ModelSpec]], where: str) -> None:
+    """The networks the config implies (embedding models, KD students, transformations) within
+    models.MAX_PARAMETERS: each size key has its own range, but together they could ask for terabytes."""
+    from cmce.models import MAX_PARAMETERS, embedding_net_parameters, mlp_parameters
+    from cmce.pretrained import MissingPretrainedError
+
+    def parameters(arch: str, embedding_dim: int, width: int) -> int:
+        try:
+            return embedding_net_parameters(arch, cfg.data.channels, embedding_dim, width)
+        except MissingPretrainedError:  # a fixed ImageNet trunk (width ignored) whose package is not installed:
+            return 0  # the config still validates, building the model names the package; its size is fixed
+
+    limit = f"the limit is {MAX_PARAMETERS:,}"
+    for key, m in keys:
+        n = parameters(m.arch, m.embedding_dim, m.width)
+        if n > MAX_PARAMETERS:
+            raise ConfigError(f"{where}: {key}.width {m.width} and {key}.embedding_dim {m.embedding_dim} (arch "
+                              f"{m.arch!r}) imply a network of {n:,} parameters; {limit}")
+    queries = [(k, m) for k, m in keys if k in ("query_model", "lifecycle.new_query_model")]
+    galleries = [(k, m) for k, m in keys if k not in ("query_model", "lifecycle.new_query_model")]
+    for gk, g in galleries:
+        n = parameters(cfg.query_model.arch, g.embedding_dim, cfg.query_model.width)
+        if cfg.kd.enabled and n > MAX_PARAMETERS:  # a KD student: the query architecture, the teacher's dimension
+            raise ConfigError(f"{where}: query_model.width {cfg.query_model.width} and {gk}.embedding_dim "
+                              f"{g.embedding_dim} imply a KD student of {n:,} parameters; {limit}")
+        for qk, q in queries:
+            t = cfg.transform
+            n = mlp_parameters(g.embedding_dim, q.embedding_dim, t.hidden_dim, t.depth)
+            if n > MAX_PARAMETERS:
+                raise ConfigError(f"{where}: transform.hidden_dim {t.hidden_dim} and transform.depth {t.depth} imply "
+                                  f"a transformation of {n:,} parameters ({gk} → {qk}); {limit}")
 
 
 def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +434,8 @@ def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"gallery_models.{name}: its name key says {spec['name']!r}")
             listed.append({"name": name, **spec})
         raw["gallery_models"] = listed
-    for spec in raw.get("gallery_models") or []:
+    listed = raw.get("gallery_models")
+    for spec in listed if isinstance(listed, list) else []:  # another type: _coerce names it
         # no default architecture for a gallery model: one would make a typo'd `--set gallery_models.<name>.width`
         # a new model of the query's architecture, trained and indexed without a word
         if isinstance(spec, dict) and "arch" not in spec:

@@ -43,7 +43,7 @@ def is_pretrained(name: str) -> bool:
 
 
 def check_arch(name: str) -> None:
-    if name not in _ARCHS:
+    if not isinstance(name, str) or name not in _ARCHS:  # a checkpoint's field may hold any type
         raise KeyError(f"unknown architecture {name!r}; valid names: {arch_names()}")
 
 
@@ -233,3 +233,22 @@ def count_flops(model: nn.Module, *shape: int) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops()
+
+
+# The most parameters a network cmce builds may have: 1 GiB of float32 weights (4 GiB with AdamW's state), far
+# above any model here (~3-5 M). Each size key has its own range, but together (hidden_dim² · depth, width² for a
+# convolution) keys inside their ranges could ask for terabytes; they are refused before anything is allocated.
+MAX_PARAMETERS = 1 << 28
+
+
+def embedding_net_parameters(arch: str, in_channels: int, embedding_dim: int, width: int) -> int:
+    """Parameters of EmbeddingNet(arch, ...), counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return count_parameters(EmbeddingNet(arch, in_channels, embedding_dim, width, load_pretrained=False))
+
+
+def mlp_parameters(in_dim: int, out_dim: int, hidden_dim: int, depth: int) -> int:
+    """Parameters of cmce.transform.build_mlp(in_dim, out_dim, hidden_dim, depth) (Linear and BatchNorm)."""
+    dims = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
+    linear = sum(a * b + b for a, b in zip(dims, dims[1:], strict=False))
+    return linear + (2 * hidden_dim * (depth - 1) if depth > 1 else 0)

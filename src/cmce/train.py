@@ -17,14 +17,14 @@ from tqdm import tqdm
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
+from cmce.checkpoint import CheckpointError, EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import DataConfig, ModelSpec, TrainConfig
 from cmce.data.augment import augment
 from cmce.data.codec import to_float
 from cmce.data.readers import SplitArrays, dataset_info, load_split
 from cmce.data.schema import DataError
 from cmce.feed import BatchFeed
-from cmce.models import CosineClassifier, EmbeddingNet, is_pretrained
+from cmce.models import MAX_PARAMETERS, CosineClassifier, EmbeddingNet, embedding_net_parameters, is_pretrained
 from cmce.resume import Resume, file_identity
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,10 @@ def train_embedding_model(
         raise DataError(f"{dataset}: the train split needs at least 2 classes, got {len(classes)}")
     # classifier rows are indexed by the dataset label so the query head can score any train label
     num_classes = int(classes.max()) + 1
+    if num_classes * spec.embedding_dim > MAX_PARAMETERS:  # labels < 2^20 each, embedding_dim ≤ 65536 each
+        raise DataError(f"{dataset}: labels up to {num_classes - 1} and {spec.name}'s embedding_dim "
+                        f"{spec.embedding_dim} imply a classifier of {num_classes * spec.embedding_dim:,} parameters; "
+                        f"the limit is {MAX_PARAMETERS:,}")
     net = EmbeddingNet(spec.arch, data_cfg.channels, spec.embedding_dim, spec.width)
     head = CosineClassifier(spec.embedding_dim, num_classes, cfg.scale)
 
@@ -188,6 +192,11 @@ def train_distilled_student(
     """KD baseline: a student of the query architecture regressing the teacher's normalised embedding."""
     teacher = load_embedding_model(teacher_path)
     torch.manual_seed(student_spec.seed)
+    size = embedding_net_parameters(student_spec.arch, data_cfg.channels, teacher.embedding_dim, student_spec.width)
+    if size > MAX_PARAMETERS:  # the config bounds the students of its own gallery models; this teacher is a file
+        raise CheckpointError(f"{teacher_path}: its embedding_dim {teacher.embedding_dim} and {student_spec.name}'s "
+                              f"width {student_spec.width} imply a KD student of {size:,} parameters; the limit is "
+                              f"{MAX_PARAMETERS:,}")
     data = load_split(dataset, "train", data_cfg.channels, data_cfg.image_size)
     net = EmbeddingNet(student_spec.arch, data_cfg.channels, teacher.embedding_dim, student_spec.width)
 

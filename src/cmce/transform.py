@@ -19,18 +19,22 @@ from tqdm import tqdm
 from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.checkpoint import (
+    HISTORY,
+    SHA,
     TRANSFORM_FORMAT,
     TRANSFORM_SIZES,
     CheckpointError,
+    check_fields,
     check_sizes,
     check_weights,
     load_checkpoint,
     require_keys,
     save_checkpoint,
 )
-from cmce.config import TransformConfig
+from cmce.config import ConfigError, TransformConfig, check_model_name
 from cmce.errors import first_line
 from cmce.method import transformation_loss
+from cmce.models import MAX_PARAMETERS, mlp_parameters
 from cmce.resume import Resume
 from cmce.storage import file_sha256
 
@@ -183,7 +187,17 @@ def load_transformation(
     require_keys(obj, ["gallery_model", "gallery_model_sha256", "query_model_sha256", "in_dim", "out_dim",
                        "hidden_dim", "depth", "state_dict"], path)
     # hidden_dim only matters with a hidden layer (an identity or linear map records 0)
-    check_sizes(obj, {k: v for k, v in TRANSFORM_SIZES.items() if k != "hidden_dim" or obj["depth"] != 1}, path)
+    linear = type(obj["depth"]) is int and obj["depth"] == 1
+    check_sizes(obj, {**TRANSFORM_SIZES, **({"hidden_dim": "[0, 65536]"} if linear else {})}, path)
+    check_fields(obj, {"gallery_model_sha256": SHA, "query_model_sha256": SHA, "history": HISTORY}, path)
+    try:
+        check_model_name(obj["gallery_model"], "field 'gallery_model'")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    size = mlp_parameters(obj["in_dim"], obj["out_dim"], obj["hidden_dim"], obj["depth"])
+    if size > MAX_PARAMETERS:  # each size in its range, together (hidden_dim² · depth) terabytes
+        raise CheckpointError(f"{path}: fields 'hidden_dim' {obj['hidden_dim']} and 'depth' {obj['depth']} imply an "
+                              f"MLP of {size:,} parameters; the limit is {MAX_PARAMETERS:,}")
     for role, expected in (("query", query_sha256), ("gallery", gallery_sha256)):
         actual = obj[f"{role}_model_sha256"]
         if expected is not None and actual != expected:

@@ -112,6 +112,8 @@ def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
 
 def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarray:
     """PNG/JPEG bytes → uint8 CxHxW; converts any mode (grey, RGBA on white, 16-bit) and resizes."""
+    if not isinstance(data, bytes | bytearray | memoryview):  # a null cell of a dataset's image column
+        raise DataError(f"{origin}: no image (the image cell is {'null' if data is None else type(data).__name__})")
     fast = decode_png_fast(data, channels, size)
     if fast is not None:
         return fast

@@ -135,6 +135,11 @@ def split_rows(path: str | Path, rows: pa.RecordBatch | pa.Table, split: str, se
         if i in seen:
             raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
         seen.add(i)
+    if "image" in rows.schema.names and rows.column("image").null_count:  # the image-less reads decode it later
+        nulls = np.flatnonzero(rows.column("image").take(idx).is_null().to_numpy(zero_copy_only=False))
+        if len(nulls):
+            raise DataError(f"{path} (id {rows.column('id')[int(idx[nulls[0]])].as_py()}): no image (the image cell "
+                            "is null)")
     labels = rows.column("label").take(idx).to_numpy()
     if labels.min() < 0:
         raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
