@@ -37,8 +37,8 @@ from cmce.storage import (
 )
 
 log = logging.getLogger("cmce")
-# errors of the clients a step talks to over the network (MLflow, its HTTP stack, boto): one line, exit 2
-CLIENT_ERRORS = ("mlflow", "requests", "urllib3", "botocore", "boto3")
+# errors of the clients a step talks to (MLflow, its database and HTTP stacks, boto): one line, exit 2
+CLIENT_ERRORS = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
 MAX_HITS = 1_000_000  # hits one search answer may hold (cmce serve)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
@@ -644,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     owns_group = ok = False
     try:
+        from cmce.tracking import check_uri_settings
+
+        check_uri_settings(args.mlflow_uri)
         refuse_outputs_among_inputs(args)
         if args.mlflow_parent:
             from cmce.tracking import check_parent_run
