@@ -1119,6 +1119,11 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
     out = tmp_path / "unused"
     fails(caplog, [*search, "models:/absent@candidate"], out, "models:/absent@candidate: ")
     fails(caplog, [*search, "models:/q/../../x"], out, "models:/q/../../x: ")
+    client.log_artifact(run_id, str(world.transforms[0]), artifact_path="registered/t")
+    register_version(client, "t", f"{client.get_run(run_id).info.artifact_uri}/registered/t", run_id,
+                     file_sha256(world.transforms[0]))
+    error = fails(caplog, [*search, "models:/t@candidate"], out, "models:/t@candidate: expected a ")
+    assert str(tmp_path) not in error  # the registered model is named, not its download
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

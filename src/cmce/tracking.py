@@ -490,7 +490,7 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cmce.storage import scratch_dir
+    from cmce.storage import scratch_dir, stands_for
 
     if tracking:
         mlflow.set_tracking_uri(tracking)
@@ -502,6 +502,7 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
     if len(files) != 1:
         raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}")
+    stands_for(files[0], uri)  # errors about the file name the registered model, not its scratch copy
     return files[0]
 
 
