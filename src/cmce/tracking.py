@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import tempfile
 import warnings
@@ -333,8 +334,22 @@ def log_step(
 
 def code_tags() -> dict[str, str]:
     """The git commit of the running code, as MLflow's own tag (nothing when it cannot be known)."""
-    commit = os.environ.get("CMCE_GIT_COMMIT") or _git_head()
+    commit = _commit_from_env(os.environ.get("CMCE_GIT_COMMIT", "")) or _git_head()
     return {GIT_COMMIT_TAG: commit} if commit else {}
+
+
+COMMIT_ID = re.compile(r"[0-9a-fA-F]{7,64}")  # an abbreviated or full SHA-1 / SHA-256 commit id
+
+
+@functools.cache
+def _commit_from_env(value: str) -> str | None:
+    """CMCE_GIT_COMMIT when it is a commit id; otherwise a warning (once) and None: the tag is the code's version,
+    not free text (a 9,000-character value went into every run)."""
+    if not value or COMMIT_ID.fullmatch(value):
+        return value or None
+    log.warning("CMCE_GIT_COMMIT %r%s is not a commit id (7 to 64 hex digits): ignored", value[:20],
+                "..." if len(value) > 20 else "")
+    return None
 
 
 @functools.cache
