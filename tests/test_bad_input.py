@@ -1082,6 +1082,23 @@ def test_a_registry_that_is_not_there_is_named_not_created(world, tmp_path, capl
     assert list(tmp_path.iterdir()) == []
 
 
+def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_path, monkeypatch, capsys):
+    """`cmce --mlflow-uri URI track-start` ignored URI (the subcommand's own flag defaulted over it) and made
+    ./runs/mlflow.db instead."""
+    import json
+
+    from cmce.tracking import _client
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["--mlflow-uri", uri, "track-start", "--config", str(SMOKE)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["uri"] == uri and not (tmp_path / "runs").exists()
+    assert main(["--mlflow-uri", uri, "--mlflow-parent", info["run_id"], "track-end"]) == 0
+    assert _client(uri).get_run(info["run_id"]).info.status == "FINISHED"
+
+
 @pytest.mark.parametrize("flag, env, message", [
     (None, "  ", "MLFLOW_TRACKING_URI '  ' is blank"),
     (" ", None, "--mlflow-uri ' ' is blank"),

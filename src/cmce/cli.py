@@ -590,15 +590,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")
     sp.add_argument("--name", default="cmce")
     sp.add_argument("--out", default=None, help="also write {uri, run_id} as JSON to this file")
-    sp.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or a sqlite file)")
+    # SUPPRESS: a subcommand's default would replace the same flag given before the subcommand
+    sp.add_argument("--mlflow-uri", default=argparse.SUPPRESS,
+                    help="tracking URI (default: $MLFLOW_TRACKING_URI or a sqlite file)")
     sp.add_argument("--artifact-location", default=None, metavar="URI",
                     help="where a new experiment keeps its artifacts, e.g. s3://BUCKET/mlflow (MLflow reads "
                          "MLFLOW_S3_ENDPOINT_URL and the AWS credential chain)")
 
     sp = add("track-end", cmd_track_end, "close the parent MLflow run", config=False)
     sp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
-    sp.add_argument("--mlflow-parent", default=None, metavar="RUN_ID", help="the parent run to close")
-    sp.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
+    sp.add_argument("--mlflow-parent", default=argparse.SUPPRESS, metavar="RUN_ID", help="the parent run to close")
+    sp.add_argument("--mlflow-uri", default=argparse.SUPPRESS, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
     return p
 
 
