@@ -1006,6 +1006,23 @@ def test_a_sqlite_file_that_is_no_mlflow_store_is_named_and_left_alone(world, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.db"]
 
 
+@pytest.mark.parametrize("uri, message", [
+    ("./mlruns", "a folder is no tracking store this MLflow accepts"),
+    ("postgresql+psycopg2://u@127.0.0.1:1/db", "its database driver is not installed: "),
+    ("mysql+nosuchdriver://u@127.0.0.1:1/db", "Can't load plugin"),
+])
+def test_a_tracking_uri_mlflow_cannot_use_is_named(world, tmp_path, caplog, monkeypatch, uri, message):
+    """A database URI without its driver was an ImportError traceback from deep in MLflow; a folder, MLflow's
+    paragraph about its filesystem backend."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # not installed, whatever this machine has
+    out = tmp_path / "index"
+    fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", "0" * 32, "build-index", "--gallery", world.gallery,
+                   "--out", out], out, message)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_locked_store_is_named_without_waiting_on_retries(world, tmp_path, caplog, monkeypatch):
     import sqlite3
 

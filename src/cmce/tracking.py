@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from cmce.errors import first_line
 
@@ -134,6 +135,13 @@ def check_store(uri: str, create: bool = False) -> None:
     `create` (a new parent run), a new (missing or empty) file; a read (a run, a registered model) never creates."""
     if not uri.strip():
         raise ValueError(f"tracking URI {uri!r} is blank")
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    folder = scheme in ("", "file") and uri.split(":", 1)[0] not in ("databricks", "databricks-uc", "uc")
+    if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        raise ValueError(f"{uri}: a folder is no tracking store this MLflow accepts: give sqlite:///FILE.db or "
+                         "http(s)://SERVER")
+    if scheme in ("postgresql", "mysql", "mssql"):
+        _check_driver(uri)
     path = sqlite_path(uri)
     if path is None:
         return
@@ -166,6 +174,18 @@ def check_store(uri: str, create: bool = False) -> None:
     if not MLFLOW_TABLES <= tables:
         raise ValueError(f"{uri}: {path} is a sqlite database of another application (no MLflow tables), "
                          "not an MLflow tracking store; it is left as it is")
+
+
+def _check_driver(uri: str) -> None:
+    """A database URI whose driver is not installed raised ImportError from deep in MLflow (a traceback)."""
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(uri).dispose()  # loads the driver; connects only on first use
+    except ImportError as err:
+        raise ValueError(f"{uri}: its database driver is not installed: {first_line(err)}") from None
+    except sqlalchemy.exc.ArgumentError as err:
+        raise ValueError(f"{uri}: {first_line(err)}") from None
 
 
 def tracking_uri(run_dir: str | Path) -> str:
