@@ -1023,6 +1023,23 @@ def test_a_tracking_uri_mlflow_cannot_use_is_named(world, tmp_path, caplog, monk
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where, message", [
+    ("a_file/mlflow.db", "a_file is not a folder"),
+    ("/proc/mlflow.db", "cannot be created in /proc"),  # no file can be made there, not even by root
+])
+def test_a_new_store_that_cannot_be_made_is_named_without_retries(tmp_path, caplog, monkeypatch, where, message):
+    """MLflow retried opening a sqlite file it could not create for two minutes, then a traceback."""
+    if where.startswith("/proc") and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "a_file").write_bytes(PREVIOUS)
+    track = tmp_path / "track.json"
+    fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", f"sqlite:///{where}", "--out", track], track,
+          f"sqlite:///{where}", message)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
 def test_a_locked_store_is_named_without_waiting_on_retries(world, tmp_path, caplog, monkeypatch):
     import sqlite3
 

@@ -147,9 +147,7 @@ def check_store(uri: str, create: bool = False) -> None:
         return
     if not path.exists():
         if create:
-            parent = next((p for p in path.absolute().parents if p.exists()), None)
-            if parent is not None and not parent.is_dir():
-                raise ValueError(f"{uri}: cannot be created: {parent} is not a folder")
+            _check_creatable(uri, path)
             return
         raise ValueError(f"{uri}: no tracking database there (a read never creates one)")
     if not path.is_file():
@@ -174,6 +172,19 @@ def check_store(uri: str, create: bool = False) -> None:
     if not MLFLOW_TABLES <= tables:
         raise ValueError(f"{uri}: {path} is a sqlite database of another application (no MLflow tables), "
                          "not an MLflow tracking store; it is left as it is")
+
+
+def _check_creatable(uri: str, path: Path) -> None:
+    """A new sqlite store can be made at `path` (MLflow makes its folders): else MLflow retried for two minutes."""
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{uri}: cannot be created: {parent} is not a folder")
+    try:  # the one test that holds for every user and file system: make a file there (and remove it)
+        fd, probe = tempfile.mkstemp(prefix=".cmce-probe-", dir=parent)
+    except OSError as err:
+        raise ValueError(f"{uri}: cannot be created in {parent}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _check_driver(uri: str) -> None:
