@@ -8,6 +8,7 @@ shapes and values, not quality.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -1078,7 +1079,7 @@ def test_output_paths_that_cannot_be_written_are_named_before_any_work(world, tm
 
 # ---------------------------------------------------------------- tracking and the model registry
 def test_a_parent_run_that_cannot_take_the_step_is_refused_before_any_work(world, tmp_path, caplog, monkeypatch):
-    from cmce.tracking import end_run, start_parent_run
+    from cmce.tracking import _client, end_run, start_parent_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -1093,6 +1094,195 @@ def test_a_parent_run_that_cannot_take_the_step_is_refused_before_any_work(world
     assert not absent.parent.exists()  # nothing is created outside the output folder
     end_run(uri, run_id)
     fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", run_id, *build], out, "the run is FINISHED")
+    deleted = start_parent_run(uri, "deleted", {})
+    _client(uri).delete_run(deleted)  # its status stays RUNNING
+    fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", deleted, *build], out, "the run is deleted")
+
+
+def sqlite_file(path: Path, kind: str) -> Path:
+    """A file where a tracking store is expected that is none: another application's database, text, random
+    bytes, a folder, an empty file."""
+    import sqlite3
+
+    if kind == "foreign":
+        with contextlib.closing(sqlite3.connect(path)) as con, con:
+            con.execute("CREATE TABLE users (id INTEGER, name TEXT)")
+    elif kind == "text":
+        path.write_text("not a database\n")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.touch()
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("foreign", "is a sqlite database of another application (no MLflow tables)"),
+    ("text", "is not a sqlite database"),
+    ("random", "is not a sqlite database"),
+    ("folder", "is a folder or special file, not an MLflow sqlite store"),
+    ("empty", "is empty, not an MLflow tracking store"),
+])
+def test_a_sqlite_file_that_is_no_mlflow_store_is_named_and_left_alone(world, tmp_path, caplog, monkeypatch, kind,
+                                                                        message):
+    """MLflow migrated its tables into another application's database, and retried a folder for 100 s."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = sqlite_file(tmp_path / "store.db", kind)
+    before = snapshot(db)
+    uri = f"sqlite:///{db}"
+    out = tmp_path / "index"
+    fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", "0" * 32, "build-index", "--gallery", world.gallery,
+                   "--out", out], out, uri, message)
+    if kind != "empty":  # a new parent run may go into an empty file; into nothing else
+        track = tmp_path / "track.json"
+        fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", uri, "--out", track], track, uri, message)
+    assert snapshot(db) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.db"]
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("./mlruns", "a folder is no tracking store this MLflow accepts"),
+    ("postgresql+psycopg2://u@127.0.0.1:1/db", "its database driver is not installed: "),
+    ("mysql+nosuchdriver://u@127.0.0.1:1/db", "Can't load plugin"),
+])
+def test_a_tracking_uri_mlflow_cannot_use_is_named(world, tmp_path, caplog, monkeypatch, uri, message):
+    """A database URI without its driver was an ImportError traceback from deep in MLflow; a folder, MLflow's
+    paragraph about its filesystem backend."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # not installed, whatever this machine has
+    out = tmp_path / "index"
+    fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", "0" * 32, "build-index", "--gallery", world.gallery,
+                   "--out", out], out, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where, message", [
+    ("a_file/mlflow.db", "a_file is not a folder"),
+    ("/proc/mlflow.db", "cannot be created in /proc"),  # no file can be made there, not even by root
+])
+def test_a_new_store_that_cannot_be_made_is_named_without_retries(tmp_path, caplog, monkeypatch, where, message):
+    """MLflow retried opening a sqlite file it could not create for two minutes, then a traceback."""
+    if where.startswith("/proc") and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "a_file").write_bytes(PREVIOUS)
+    track = tmp_path / "track.json"
+    fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", f"sqlite:///{where}", "--out", track], track,
+          f"sqlite:///{where}", message)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+def test_a_locked_store_is_named_without_waiting_on_retries(world, tmp_path, caplog, monkeypatch):
+    import sqlite3
+
+    from cmce.tracking import start_parent_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("cmce.tracking.LOCK_WAIT_S", 0.2)
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run_id = start_parent_run(uri, "parent", {})
+    out = tmp_path / "index"
+    build = ["--mlflow-uri", uri, "--mlflow-parent", run_id, "build-index", "--gallery", world.gallery, "--out", out]
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")  # another process writing, or stuck
+        fails(caplog, build, out, f"{uri}: the store is locked by another process")
+        other.execute("ROLLBACK")
+
+
+def test_a_step_whose_tracking_fails_says_its_outputs_are_written(world, tmp_path, caplog, monkeypatch):
+    """The store locked while the step ran: the step's outputs are there, its run is not; one line says which."""
+    import sqlite3
+
+    import sqlalchemy
+
+    from cmce import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("cmce.tracking.LOCK_WAIT_S", 0.2)
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run_id = tracking.start_parent_run(uri, "parent", {})
+    other = contextlib.closing(sqlite3.connect(db, isolation_level=None))
+    check_parent_run = tracking.check_parent_run
+
+    def lock_after_the_check(*args):
+        check_parent_run(*args)
+        other.thing.execute("BEGIN EXCLUSIVE")  # another process, while the step runs
+
+    monkeypatch.setattr(tracking, "check_parent_run", lock_after_the_check)
+
+    def tracked(out: Path) -> str:
+        caplog.clear()
+        assert main(["--mlflow-uri", uri, "--mlflow-parent", run_id, "build-index", "--gallery", str(world.gallery),
+                     "--out", str(out)]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors
+        assert (out / "meta.json").is_file()
+        return errors[0]
+
+    with other:
+        assert "build-index: its outputs are written but not tracked: " in tracked(tmp_path / "index")
+        assert "the store is locked by another process" in caplog.text
+        other.thing.execute("ROLLBACK")
+    monkeypatch.setattr(tracking, "check_parent_run", check_parent_run)
+
+    def database_error(*args, **kwargs):  # as MLflow's engine raises it when the lock comes after the look
+        raise sqlalchemy.exc.OperationalError("UPDATE runs", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(tracking, "log_step", database_error)
+    error = tracked(tmp_path / "index2")
+    assert f"{uri}: build-index: its outputs are written but not tracked: " in error and "database is locked" in error
+
+
+def test_a_registry_that_is_not_there_is_named_not_created(world, tmp_path, caplog, monkeypatch):
+    """A models:/ argument read against a sqlite path with no store made a 1 MB registry in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///registry.db")
+    out = tmp_path / "unused"
+    fails(caplog, ["search", "--index", world.index, "--dataset", world.dataset, "--query-model",
+                   "models:/cmce-query@production"], out, "sqlite:///registry.db: no tracking database there")
+    fails(caplog, ["serve", "--index", world.index, "--query-model", "models:/cmce-query@production", "--port", "0"],
+          out, "models:/cmce-query@production", "sqlite:///registry.db: no tracking database there")
+    fails(caplog, ["track-end", "--mlflow-parent", "0" * 32], out, "sqlite:///registry.db: no tracking database")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_path, monkeypatch, capsys):
+    """`cmce --mlflow-uri URI track-start` ignored URI (the subcommand's own flag defaulted over it) and made
+    ./runs/mlflow.db instead."""
+    import json
+
+    from cmce.tracking import _client
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["--mlflow-uri", uri, "track-start", "--config", str(SMOKE)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["uri"] == uri and not (tmp_path / "runs").exists()
+    assert main(["--mlflow-uri", uri, "--mlflow-parent", info["run_id"], "track-end"]) == 0
+    assert _client(uri).get_run(info["run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("flag, env, message", [
+    (None, "  ", "MLFLOW_TRACKING_URI '  ' is blank"),
+    (" ", None, "--mlflow-uri ' ' is blank"),
+])
+def test_a_blank_tracking_uri_is_named(world, tmp_path, caplog, monkeypatch, flag, env, message):
+    monkeypatch.chdir(tmp_path)
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    track = tmp_path / "track.json"
+    fails(caplog, ["track-start", "--config", SMOKE, *(["--mlflow-uri", flag] if flag else []), "--out", track],
+          track, message)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world, tmp_path, caplog, monkeypatch,
@@ -1116,6 +1306,11 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
     out = tmp_path / "unused"
     fails(caplog, [*search, "models:/absent@candidate"], out, "models:/absent@candidate: ")
     fails(caplog, [*search, "models:/q/../../x"], out, "models:/q/../../x: ")
+    client.log_artifact(run_id, str(world.transforms[0]), artifact_path="registered/t")
+    register_version(client, "t", f"{client.get_run(run_id).info.artifact_uri}/registered/t", run_id,
+                     file_sha256(world.transforms[0]))
+    error = fails(caplog, [*search, "models:/t@candidate"], out, "models:/t@candidate: expected a ")
+    assert str(tmp_path) not in error  # the registered model is named, not its download
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

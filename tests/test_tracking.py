@@ -165,3 +165,19 @@ def test_the_one_process_run_is_tracked_like_the_pipeline_runs(tmp_path):
     assert parent.data.metrics["ensemble/R_at_1"] == metrics["asym_ensemble/2"]["R@1"]
     query = client.get_model_version_by_alias("cmce-query", "candidate")
     assert query.tags["sha256"] == file_sha256(tmp_path / "run" / "models" / f"{cfg.query_model.name}.pt")
+
+
+@pytest.mark.parametrize("value, recorded", [
+    ("0123abcd", "0123abcd"),
+    ("a" * 40, "a" * 40),
+    ("x" * 9000, None),  # free text of any length went into every run's tag
+    ("0123abc; rm -rf", None),
+    ("abc12", None),  # too short to name a commit
+])
+def test_the_commit_variable_is_recorded_only_when_it_is_a_commit_id(monkeypatch, caplog, value, recorded):
+    from cmce.tracking import code_tags
+
+    monkeypatch.setenv("CMCE_GIT_COMMIT", value)
+    monkeypatch.setattr("cmce.tracking._git_head", lambda: None)
+    assert code_tags() == ({GIT_COMMIT_TAG: recorded} if recorded else {})
+    assert ("CMCE_GIT_COMMIT" in caplog.text) == (recorded is None)

@@ -40,8 +40,8 @@ from cmce.storage import (
 )
 
 log = logging.getLogger("cmce")
-# errors of the clients a step talks to over the network (MLflow, its HTTP stack, boto): one line, exit 2
-CLIENT_ERRORS = ("mlflow", "requests", "urllib3", "botocore", "boto3")
+# errors of the clients a step talks to (MLflow, its database and HTTP stacks, boto): one line, exit 2
+CLIENT_ERRORS = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
 MAX_HITS = 1_000_000  # hits one search answer may hold (cmce serve)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
@@ -601,15 +601,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")
     sp.add_argument("--name", default="cmce")
     sp.add_argument("--out", default=None, help="also write {uri, run_id} as JSON to this file")
-    sp.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or a sqlite file)")
+    # SUPPRESS: a subcommand's default would replace the same flag given before the subcommand
+    sp.add_argument("--mlflow-uri", default=argparse.SUPPRESS,
+                    help="tracking URI (default: $MLFLOW_TRACKING_URI or a sqlite file)")
     sp.add_argument("--artifact-location", default=None, metavar="URI",
                     help="where a new experiment keeps its artifacts, e.g. s3://BUCKET/mlflow (MLflow reads "
                          "MLFLOW_S3_ENDPOINT_URL and the AWS credential chain)")
 
     sp = add("track-end", cmd_track_end, "close the parent MLflow run", config=False)
     sp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
-    sp.add_argument("--mlflow-parent", default=None, metavar="RUN_ID", help="the parent run to close")
-    sp.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
+    sp.add_argument("--mlflow-parent", default=argparse.SUPPRESS, metavar="RUN_ID", help="the parent run to close")
+    sp.add_argument("--mlflow-uri", default=argparse.SUPPRESS, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
     return p
 
 
@@ -664,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = ok = False
     handlers = _terminate_by_exception()
     try:
+        from cmce.tracking import check_uri_settings
+
+        check_uri_settings(args.mlflow_uri)
         inputs = refuse_outputs_among_inputs(args)
         if args.mlflow_parent:
             from cmce.tracking import check_parent_run

@@ -554,6 +554,11 @@ def _stdout_held() -> Iterator[None]:
     real.write(held.getvalue())
 
 
+def stands_for(path: Path, uri: str) -> None:
+    """Record that the scratch file `path` is a copy of `uri` (e.g. a registered model's download), for origin."""
+    _origins[path] = uri
+
+
 def origin(path: str | Path) -> str:
     """The URI a scratch path stands for (`s3://b/idx/meta.json` for a file of a downloaded prefix), else
     the path itself: for records and messages that should name where an artifact really is."""

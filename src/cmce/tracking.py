@@ -24,12 +24,15 @@ import json
 import logging
 import math
 import os
+import re
+import sqlite3
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from cmce.errors import first_line
 
@@ -40,6 +43,8 @@ DATA_TAG = "cmce.data.sha256"
 EXPERIMENT = "cmce"
 ALIAS = "candidate"
 PRODUCTION = "production"
+# errors of MLflow and the stores and servers it talks to (cmce's own arrive as ValueError or OSError)
+STORE_ERRORS = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,17 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
     if record is None or not info.on:
         return None
     params = {**record.params, "device": devices.describe(devices.current())}
-    return log_step(info.uri, info.run_id, record.step, params, record.metrics, record.history, record.artifacts,
-                    record.register, record.versions_of, record.promote, record.promote_along, record.inputs,
-                    record.headline)
+    try:
+        return log_step(info.uri, info.run_id, record.step, params, record.metrics, record.history,
+                        record.artifacts, record.register, record.versions_of, record.promote, record.promote_along,
+                        record.inputs, record.headline)
+    except Exception as err:
+        if not (isinstance(err, ValueError | OSError) or type(err).__module__.startswith(STORE_ERRORS)):
+            raise
+        # the step has written its outputs by now: say so, rather than let a failed step look like no step
+        reason = first_line(err)
+        where = "" if info.uri in reason else f"{info.uri}: "
+        raise ValueError(f"{where}{record.step}: its outputs are written but not tracked: {reason}") from err
 
 
 @contextlib.contextmanager
@@ -84,7 +97,106 @@ def closing_parent(info: TrackingInfo | str | Path) -> Iterator[None]:
         ok = True
     finally:
         if info.on:
-            end_run(info.uri, info.run_id, "FINISHED" if ok else "FAILED")
+            try:
+                end_run(info.uri, info.run_id, "FINISHED" if ok else "FAILED")
+            except Exception as err:
+                if ok:
+                    raise
+                # the block's own error is the one to report; the store's (e.g. locked) would replace it
+                log.warning("parent run %s not closed: %s", info.run_id, first_line(err))
+
+
+def check_uri_settings(flag: str | None) -> None:
+    """A blank --mlflow-uri or MLFLOW_TRACKING_URI is refused by name: MLflow reads "  " as a folder
+    and answers about a filesystem store in maintenance mode. (An empty variable counts as unset.)"""
+    if flag is not None and not flag.strip():
+        raise ValueError(f"--mlflow-uri {flag!r} is blank: give a tracking URI")
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and not env.strip():
+        raise ValueError(f"MLFLOW_TRACKING_URI {env!r} is blank: set a tracking URI or unset it")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = {"alembic_version", "experiments"}  # in every MLflow sqlite store, from its first migration
+LOCK_WAIT_S = 5.0  # sqlite's own default busy timeout: a writer holds its lock for milliseconds
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///path` (relative) or `sqlite:////path` (absolute) tracking URI; None otherwise."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def check_store(uri: str, create: bool = False) -> None:
+    """Before MLflow opens a sqlite store. MLflow creates a missing file (and its folders), migrates its ~70
+    tables into any sqlite file it is given (another application's database included), and retries a file it
+    cannot open for minutes, logging tracebacks. So: the file must be an MLflow store already, or, where
+    `create` (a new parent run), a new (missing or empty) file; a read (a run, a registered model) never creates."""
+    if not uri.strip():
+        raise ValueError(f"tracking URI {uri!r} is blank")
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    folder = scheme in ("", "file") and uri.split(":", 1)[0] not in ("databricks", "databricks-uc", "uc")
+    if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        raise ValueError(f"{uri}: a folder is no tracking store this MLflow accepts: give sqlite:///FILE.db or "
+                         "http(s)://SERVER")
+    if scheme in ("postgresql", "mysql", "mssql"):
+        _check_driver(uri)
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if not path.exists():
+        if create:
+            _check_creatable(uri, path)
+            return
+        raise ValueError(f"{uri}: no tracking database there (a read never creates one)")
+    if not path.is_file():
+        raise ValueError(f"{uri}: {path} is a folder or special file, not an MLflow sqlite store")
+    if path.stat().st_size == 0:
+        if create:
+            return
+        raise ValueError(f"{uri}: {path} is empty, not an MLflow tracking store")
+    with path.open("rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise ValueError(f"{uri}: {path} is not a sqlite database")
+    try:  # read-only: this look must not write either
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOCK_WAIT_S)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        if "locked" in str(err):
+            raise ValueError(f"{uri}: the store is locked by another process (waited {LOCK_WAIT_S:g} s)") from None
+        raise ValueError(f"{uri}: {path} cannot be read as a sqlite database: {first_line(err)}") from None
+    if not MLFLOW_TABLES <= tables:
+        raise ValueError(f"{uri}: {path} is a sqlite database of another application (no MLflow tables), "
+                         "not an MLflow tracking store; it is left as it is")
+
+
+def _check_creatable(uri: str, path: Path) -> None:
+    """A new sqlite store can be made at `path` (MLflow makes its folders): else MLflow retried for two minutes."""
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{uri}: cannot be created: {parent} is not a folder")
+    try:  # the one test that holds for every user and file system: make a file there (and remove it)
+        fd, probe = tempfile.mkstemp(prefix=".cmce-probe-", dir=parent)
+    except OSError as err:
+        raise ValueError(f"{uri}: cannot be created in {parent}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_driver(uri: str) -> None:
+    """A database URI whose driver is not installed raised ImportError from deep in MLflow (a traceback)."""
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(uri).dispose()  # loads the driver; connects only on first use
+    except ImportError as err:
+        raise ValueError(f"{uri}: its database driver is not installed: {first_line(err)}") from None
+    except sqlalchemy.exc.ArgumentError as err:
+        raise ValueError(f"{uri}: {first_line(err)}") from None
 
 
 def tracking_uri(run_dir: str | Path) -> str:
@@ -106,12 +218,16 @@ def _http_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def _client(uri: str):
+def _client(uri: str, create: bool = False):
+    """A client of the store at `uri`, checked first (check_store); `create`: a new sqlite store may be made."""
+    check_store(uri, create)
     _http_defaults()
     import mlflow
     from mlflow import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # its traceback of a database error (and of each engine retry) comes before the error it raises: one line says it
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one error line says it
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
@@ -133,7 +249,7 @@ def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) 
 
 def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_location: str | None = None) -> str:
     """Open the parent run. `artifact_location` (e.g. s3://bucket/mlflow) applies when the experiment is new."""
-    client = _client(uri)
+    client = _client(uri, create=True)
     run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name, tags=code_tags())
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
@@ -249,8 +365,22 @@ def log_step(
 
 def code_tags() -> dict[str, str]:
     """The git commit of the running code, as MLflow's own tag (nothing when it cannot be known)."""
-    commit = os.environ.get("CMCE_GIT_COMMIT") or _git_head()
+    commit = _commit_from_env(os.environ.get("CMCE_GIT_COMMIT", "")) or _git_head()
     return {GIT_COMMIT_TAG: commit} if commit else {}
+
+
+COMMIT_ID = re.compile(r"[0-9a-fA-F]{7,64}")  # an abbreviated or full SHA-1 / SHA-256 commit id
+
+
+@functools.cache
+def _commit_from_env(value: str) -> str | None:
+    """CMCE_GIT_COMMIT when it is a commit id; otherwise a warning (once) and None: the tag is the code's version,
+    not free text (a 9,000-character value went into every run)."""
+    if not value or COMMIT_ID.fullmatch(value):
+        return value or None
+    log.warning("CMCE_GIT_COMMIT %r%s is not a commit id (7 to 64 hex digits): ignored", value[:20],
+                "..." if len(value) > 20 else "")
+    return None
 
 
 @functools.cache
@@ -385,13 +515,15 @@ def check_parent_run(uri: str, run_id: str) -> None:
     tracking fails at the end would otherwise have written its outputs and then failed)."""
     from mlflow.exceptions import MlflowException
 
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ValueError(f"--mlflow-uri {uri}: no tracking database there, so no parent run {run_id}")
+    client = _client(uri)  # a sqlite file that is no MLflow store (or none) is refused here, not created
     try:
-        status = _client(uri).get_run(run_id).info.status
+        run = client.get_run(run_id).info
     except MlflowException as err:
         reason = "not found at" if err.error_code == "RESOURCE_DOES_NOT_EXIST" else "cannot be read from"
         raise ValueError(f"--mlflow-parent {run_id}: {reason} {uri}: {first_line(err)}") from None
+    status = run.status
+    if run.lifecycle_stage == "deleted":  # deleting a run leaves its status as it was, RUNNING included
+        raise ValueError(f"--mlflow-parent {run_id}: the run is deleted; nested runs go under a running parent")
     if status != "RUNNING":
         raise ValueError(f"--mlflow-parent {run_id}: the run is {status}; nested runs go under a running parent")
 
@@ -404,7 +536,7 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cmce.storage import scratch_dir
+    from cmce.storage import scratch_dir, stands_for
 
     if tracking:
         mlflow.set_tracking_uri(tracking)
@@ -416,14 +548,17 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
     if len(files) != 1:
         raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}")
+    stands_for(files[0], uri)  # errors about the file name the registered model, not its scratch copy
     return files[0]
 
 
 def require_registry(uri: str, tracking: str | None = None) -> None:
     """A `models:/` URI needs a registry to be named: MLflow's fallback is a new ./mlflow.db in whatever folder
     the command runs in, a write outside every output folder that then finds nothing."""
-    if not (tracking or os.environ.get("MLFLOW_TRACKING_URI")):
+    registry = tracking or os.environ.get("MLFLOW_TRACKING_URI")
+    if not registry:
         raise ValueError(f"{uri}: a registered model needs a registry: give --mlflow-uri or set MLFLOW_TRACKING_URI")
+    check_store(registry)  # a read: a registry that is not there is not made (in the working folder) either
 
 
 def alias_version(uri: str) -> str:
