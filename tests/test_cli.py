@@ -160,7 +160,7 @@ def test_step_by_step_cli_chain(smoke_run, tmp_path):
     gallery = tmp_path / "gallery.parquet"
     assert main(["embed-gallery", "--dataset", str(ds), "--query-model", str(q), "--gallery-model", str(g),
                  "--transform", str(t), "--out", str(gallery)]) == 0
-    assert (tmp_path / "gallery_members" / "g.parquet").exists()
+    assert (tmp_path / "gallery_members" / "vgg_b.parquet").exists()
     assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "index"),
                  "--reject-fraction", "0"]) == 0
     assert main(["evaluate", *quick, "--dataset", str(ds), "--query-model", str(q), "--gallery", str(gallery),
