@@ -1891,3 +1891,22 @@ def test_inconsistent_torchrun_variables_are_refused_before_joining(env, expecte
               f"environment variable {expected}")
     finally:
         _no_alarm()
+
+
+def test_an_output_that_is_a_symbolic_link_is_refused_and_home_is_expanded(world, tmp_path, caplog, monkeypatch):
+    """--out /dev/stdout (a link) exited 0 having replaced the system's link by a regular file; `~` in a path
+    was checked literally (./~) while pyarrow read $HOME."""
+    from cmce.config import load_config
+
+    target = tmp_path / "real.parquet"
+    target.write_bytes(b"kept")
+    link = tmp_path / "link.parquet"
+    link.symlink_to(target)
+    fails(caplog, ["combine", "--member", world.members[0], "--out", link], link,
+          f"{link}: is a symbolic link; give the path it points to")
+    assert link.is_symlink() and target.read_bytes() == b"kept"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["combine", "--member", str(world.members[0]), "--out", "~/g.parquet"]) == 0
+    assert (tmp_path / "home" / "g.parquet").is_file() and not (tmp_path / "~").exists()
+    assert load_config(SMOKE, {"output_dir": "~/runs"}).output_dir == str(tmp_path / "home" / "runs")

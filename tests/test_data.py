@@ -109,6 +109,19 @@ def test_imagefolder_reads_subfolders_and_names_a_half_official_split(tmp_path):
     raw = import_imagefolder(tmp_path)
     assert raw.ids == [f"{c}/{f}" for c in ("cat", "dog") for f in ("0.png", "more/1.png", "more/deeper/2.png")]
     assert list(raw.labels) == [0, 0, 0, 1, 1, 1]
+    # a linked subfolder is read like a real one (a loop once), and refused when it leads outside the root
+    (tmp_path / "dog" / "more" / "again").symlink_to(tmp_path / "dog" / "more")
+    (tmp_path / "cat" / "alias").symlink_to(tmp_path / "dog" / "more" / "deeper")
+    raw = import_imagefolder(tmp_path)
+    assert raw.ids == ["cat/0.png", "cat/alias/2.png", "cat/more/1.png", "cat/more/deeper/2.png", "dog/0.png",
+                       "dog/more/1.png", "dog/more/deeper/2.png"]
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "9.png").write_bytes(_png("L"))
+    (tmp_path / "cat" / "elsewhere").symlink_to(outside)
+    with pytest.raises(DataError, match=r"cat/elsewhere: resolves to .*, outside the ImageFolder root"):
+        import_imagefolder(tmp_path)
+    (tmp_path / "cat" / "elsewhere").unlink()
     split = tmp_path / "split"
     (split / "train" / "cat").mkdir(parents=True)
     (split / "train" / "cat" / "0.png").write_bytes(_png("L"))

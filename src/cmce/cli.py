@@ -634,8 +634,20 @@ def _terminate_by_exception() -> dict[int, Any]:
     return {signum: signal.signal(signum, raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
+def _expand_home(args: argparse.Namespace) -> None:
+    """A path argument starting with `~` (quoted past the shell) means the home folder, as it does to pyarrow,
+    which expands it when it opens a file: checked and read paths must be the same file."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                 for v in value])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _expand_home(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if args.threads:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import reprlib
 import types
@@ -448,6 +449,11 @@ def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
     cfg = _build(Config, models_as_list(raw or {}), "")
     _validate(cfg, where)
+    # `~` as a shell reads it: pyarrow expands it when it opens a file and Python's paths do not, so a run
+    # checked `./~/…` and read `$HOME/…`
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
+    if cfg.data.path is not None:
+        cfg.data.path = os.path.expanduser(cfg.data.path)
     return cfg
 
 

@@ -256,6 +256,10 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     target = Path(text)
     if target.exists() and not (target.is_file() or target.is_dir()):  # renaming over it would replace a device
         raise ValueError(f"{text}: is a device, pipe or socket, not a file or folder to write")
+    if target.is_symlink():  # outputs are renamed in: that replaces the link (/dev/stdout, say), not what it names
+        raise ValueError(f"{text}: is a symbolic link; give the path it points to")
+    if is_dir and target.is_dir() and os.path.ismount(target):  # a folder is replaced whole by renaming
+        raise ValueError(f"{text}: is a mount point, which cannot be replaced; give a folder inside it")
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
     found = file_format(target) if writes and target.is_file() else None

@@ -27,11 +27,18 @@ def _utf8(path: Path, root: Path) -> Path:
     return path
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every file in `folder` and its subfolders, in a fixed order; symbolic links to folders are not entered
-    (a link loop would never end; linked files are checked to lie inside the root like any other)."""
-    found = []
-    for here, dirs, files in os.walk(folder):
+def _files_under(folder: Path, real_root: Path) -> list[Path]:
+    """Every file in `folder` and its subfolders, in a fixed order. Linked subfolders are followed like real
+    ones, and refused like a linked class folder when they lead outside the root; a folder reached twice (a
+    link loop, or two links to one folder) is read once."""
+    found, seen = [], set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = Path(here).resolve()
+        inside_root(Path(here), real_root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs.sort()
         found += [Path(here) / f for f in sorted(files)]
     return found
@@ -65,7 +72,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
             if not folder.is_dir():
                 continue
             inside_root(folder, real_root)
-            for f in _files_under(folder):  # subfolders too, as torchvision's ImageFolder reads them
+            for f in _files_under(folder, real_root):  # subfolders too, as torchvision's ImageFolder reads them
                 if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
                     continue
                 inside_root(_utf8(f, root), real_root)
