@@ -1910,3 +1910,15 @@ def test_an_output_that_is_a_symbolic_link_is_refused_and_home_is_expanded(world
     assert main(["combine", "--member", str(world.members[0]), "--out", "~/g.parquet"]) == 0
     assert (tmp_path / "home" / "g.parquet").is_file() and not (tmp_path / "~").exists()
     assert load_config(SMOKE, {"output_dir": "~/runs"}).output_dir == str(tmp_path / "home" / "runs")
+
+
+def test_weights_that_do_not_fit_the_architecture_name_the_keys(world, tmp_path, caplog):
+    """The line stopped at torch's heading ('Error(s) in loading state_dict for EmbeddingNet:'), before the keys."""
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    obj["state_dict"]["extra.weight"] = torch.zeros(2)
+    bad = tmp_path / "resnet_a.pt"
+    torch.save(obj, bad)
+    out = tmp_path / "m.parquet"
+    fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out,
+          f"{bad}: weights do not match architecture 'resnet': Error(s) in loading state_dict for EmbeddingNet: "
+          "Unexpected key(s) in state_dict: \"extra.weight\"")

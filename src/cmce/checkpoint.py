@@ -22,7 +22,7 @@ from cmce.config import (
     range_of,
     shown,
 )
-from cmce.errors import first_line
+from cmce.errors import first_line, joined_lines
 from cmce.models import MAX_PARAMETERS, EmbeddingNet, check_arch, embedding_net_parameters
 from cmce.storage import NotWritten, atomic_path, file_format, file_sha256
 
@@ -217,7 +217,7 @@ def load_embedding_model(path: str | Path) -> EmbeddingModel:
     try:
         net.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match architecture {obj['arch']!r}: {first_line(err)}"
+        raise CheckpointError(f"{path}: weights do not match architecture {obj['arch']!r}: {joined_lines(err)}"
                               ) from None
     net.eval()
     return EmbeddingModel(

@@ -10,6 +10,13 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return lines[0][:limit] if lines else type(err).__name__
 
 
+def joined_lines(err: BaseException, limit: int = 300) -> str:
+    """All of a short multi-line message on one line: torch's load_state_dict puts its heading on the first
+    line and the keys at fault on the next ones."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return (text[:limit - 1] + "…" if len(text) > limit else text) or type(err).__name__
+
+
 def last_line(err: BaseException, limit: int = 300) -> str:
     """faiss puts its stack first and the reason last."""
     lines = str(err).strip().splitlines()

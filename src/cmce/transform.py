@@ -32,7 +32,7 @@ from cmce.checkpoint import (
     save_checkpoint,
 )
 from cmce.config import ConfigError, TransformConfig, check_model_name
-from cmce.errors import first_line
+from cmce.errors import joined_lines
 from cmce.method import transformation_loss
 from cmce.models import MAX_PARAMETERS, mlp_parameters
 from cmce.resume import Resume
@@ -210,7 +210,7 @@ def load_transformation(
     try:
         mlp.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match the recorded MLP shape: {first_line(err)}") from None
+        raise CheckpointError(f"{path}: weights do not match the recorded MLP shape: {joined_lines(err)}") from None
     mlp.eval()
     return Transformation(
         mlp=mlp,
