@@ -1922,3 +1922,16 @@ def test_weights_that_do_not_fit_the_architecture_name_the_keys(world, tmp_path,
     fails(caplog, [*embed_member_args(world, gallery_model=bad), "--out", out], out,
           f"{bad}: weights do not match architecture 'resnet': Error(s) in loading state_dict for EmbeddingNet: "
           "Unexpected key(s) in state_dict: \"extra.weight\"")
+
+
+def test_a_checkpoint_is_replaced_only_by_one_of_its_kind(world, tmp_path, caplog):
+    """fit-transform --out naming a gallery model replaced the model by a transformation, exit 0 (and train
+    --out a transformation by a model)."""
+    model = Path(shutil.copyfile(world.gallery_models[1], tmp_path / "vgg_b.pt"))
+    fails(caplog, ["fit-transform", "--config", SMOKE, "--set", "transform.epochs=1", "--dataset", world.dataset,
+                   "--query-model", world.query, "--gallery-model", world.gallery_models[0], "--out", model], model,
+          f"{model}: holds a cmce-embedding-model/1 checkpoint file; this step writes a cmce-transformation/1 file")
+    transform = Path(shutil.copyfile(world.transforms[1], tmp_path / "t.pt"))
+    fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
+                   "query", "--out", transform], transform,
+          f"{transform}: holds a cmce-transformation/1 checkpoint file; this step writes a cmce-embedding-model/1")

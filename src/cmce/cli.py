@@ -23,6 +23,7 @@ from typing import Any
 from cmce import device as devices
 from cmce import distributed as ddp
 from cmce import stages
+from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import Terminated, first_line, raise_terminated
 from cmce.records import StepRecord
@@ -164,6 +165,11 @@ def _parquet_out(args: argparse.Namespace, uri: str, kinds: tuple[str, ...]) -> 
     return _out(args, uri, writes="parquet", kinds=kinds)
 
 
+def _checkpoint_out(args: argparse.Namespace, kind: str) -> Path:
+    """--out of a checkpoint: an existing file there is replaced only by one of the same kind (a model by a model)."""
+    return _out(args, args.out, writes="checkpoint", kinds=(kind,))
+
+
 def _index_out(args: argparse.Namespace, uri: str) -> Path:
     from cmce.index import INDEX_FILES
 
@@ -217,16 +223,16 @@ def cmd_train(args: argparse.Namespace) -> StepRecord | None:
             return stages.train_kd_student(cfg, stages.StudentInputs(Path(args.dataset), Path(args.kd_teacher)),
                                            stages.ModelOutputs(Path(args.out)))
         return stages.train_kd_student(cfg, stages.StudentInputs(_in(args.dataset), _model(args.kd_teacher)),
-                                       stages.ModelOutputs(_out(args, args.out, writes="checkpoint")))
+                                       stages.ModelOutputs(_checkpoint_out(args, EMBEDDING_FORMAT)))
     return stages.train_model(cfg, stages.TrainInputs(_in(args.dataset), args.model),
-                              stages.ModelOutputs(_out(args, args.out, writes="checkpoint")))
+                              stages.ModelOutputs(_checkpoint_out(args, EMBEDDING_FORMAT)))
 
 
 def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
     cfg = _config(args)
     inputs = stages.FitInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model))
     embeddings = args.train_embeddings_out
-    outputs = stages.FitOutputs(_out(args, args.out, writes="checkpoint"),
+    outputs = stages.FitOutputs(_checkpoint_out(args, TRANSFORM_FORMAT),
                                 _parquet_out(args, embeddings, ("train_embeddings",)) if embeddings else None)
     return stages.fit_transform(cfg, inputs, outputs)
 

@@ -226,6 +226,17 @@ def format_of(head: bytes) -> str | None:
     return next((name for name, magic in MAGIC.items() if head == magic), None)
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """A cmce checkpoint's `format` (an embedding model or a transformation); None for any other torch file."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - garbage makes the unpickler raise almost anything; it is then no cmce file
+        return None
+    return obj.get("format") if isinstance(obj, dict) and isinstance(obj.get("format"), str) else None
+
+
 def parquet_kind(path: Path | object) -> str | None:
     """What a cmce Parquet file (a path, or a pyarrow buffer holding at least its footer) holds, from its footer:
     the `kind` its writer recorded (gallery, gallery_member, train_embeddings, query), "dataset" for a dataset
@@ -263,7 +274,8 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
     found = file_format(target) if writes and target.is_file() else None
-    _refuse_other_format(text, found, writes, kinds, lambda: parquet_kind(target))
+    _refuse_other_format(text, found, writes, kinds,
+                         lambda: parquet_kind(target) if found == "parquet" else checkpoint_kind(target))
     if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
         raise ValueError(f"{text}: the file name is longer than {MAX_NAME_BYTES} bytes")
     if is_dir and own is not None:
@@ -283,11 +295,12 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
 
 def _refuse_other_format(text: str, found: str | None, writes: str | None, kinds: tuple[str, ...],
                          kind_of: Callable[[], str | None]) -> None:
-    """An existing output file of `found` format is replaced only by a file of its own format and Parquet kind."""
+    """An existing output file of `found` format is replaced only by a file of its own format and kind."""
     if found and found != writes:
         raise ValueError(f"{text}: holds a {found} file; this step writes a {writes} file, so give another path")
-    if found == "parquet" and kinds and (kind := kind_of()) not in kinds:
-        raise ValueError(f"{text}: holds a {kind or 'non-cmce'} Parquet file; this step writes a {kinds[0]} file, "
+    if found and kinds and (kind := kind_of()) not in kinds:
+        shown = "Parquet" if found == "parquet" else found
+        raise ValueError(f"{text}: holds a {kind or 'non-cmce'} {shown} file; this step writes a {kinds[0]} file, "
                          "so give another path")
 
 
@@ -333,7 +346,8 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
     if size is None or not writes:
         return
     found = format_of(s3.read_range(uri, 0, 3)) if size >= 4 else None
-    read, kind = _remote_parquet_kind(uri, size) if found == "parquet" and kinds else (True, None)
+    # a remote checkpoint's kind would take a download: its format is checked, not its kind
+    read, kind = _remote_parquet_kind(uri, size) if found == "parquet" and kinds else (found == "parquet", None)
     _refuse_other_format(uri, found, writes, kinds if read else (), lambda: kind)
 
 
