@@ -40,6 +40,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
     if bad:  # a diverged run (a learning rate too high, a NaN teacher): refused, not saved as a model
         raise CheckpointError(f"{path}: not written: weights {bad[:3]} are NaN or infinite (training diverged; "
                               "check the learning rate and the inputs)")
+    save_torch(obj, path)
+    return file_sha256(path)
+
+
+def save_torch(obj: dict[str, Any], path: str | Path) -> None:
+    """torch.save, written aside and renamed in; a failed write names the file."""
     # through a file handle: torch.save(obj, PATH) stores the file's (random temp) name inside the
     # archive, which would give identical weights a different sha256 (= version) on every save
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -47,7 +53,6 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
             torch.save(obj, f)
         except RuntimeError as err:  # torch's zip writer reports a short write (a full disk) as "unexpected pos"
             raise NotWritten(f"{path}: not written: {first_line(err)} (is the disk full?)") from None
-    return file_sha256(path)
 
 
 def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from cmce import distributed as ddp
-from cmce.storage import atomic_path, clean_stale_temps, file_sha256
+from cmce.checkpoint import save_torch
+from cmce.storage import clean_stale_temps, file_sha256
 
 log = logging.getLogger(__name__)
 RESUME_FORMAT = "cmce-resume/1"
@@ -145,8 +146,7 @@ class Resume:
             "rng": _rng_state(generator, device_generator),
             "history": history,
         }
-        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-            torch.save(obj, f)
+        save_torch(obj, self.path)
 
     def restore(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                 generator: torch.Generator, desc: str,
