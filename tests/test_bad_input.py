@@ -1935,3 +1935,12 @@ def test_a_checkpoint_is_replaced_only_by_one_of_its_kind(world, tmp_path, caplo
     fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
                    "query", "--out", transform], transform,
           f"{transform}: holds a cmce-transformation/1 checkpoint file; this step writes a cmce-embedding-model/1")
+
+
+def test_a_checkpoint_in_torchs_legacy_format_is_named_as_such(world, tmp_path, caplog):
+    obj = torch.load(world.gallery_models[0], weights_only=True)
+    legacy = tmp_path / "resnet_a.pt"
+    torch.save(obj, legacy, _use_new_zipfile_serialization=False)
+    out = tmp_path / "m.parquet"
+    fails(caplog, [*embed_member_args(world, gallery_model=legacy), "--out", out], out,
+          f"{legacy}: not a loadable checkpoint: torch's legacy (pre-1.6) format, which cmce does not read")

@@ -28,6 +28,7 @@ from cmce.storage import NotWritten, atomic_path, file_format, file_sha256
 
 EMBEDDING_FORMAT = "cmce-embedding-model/1"
 TRANSFORM_FORMAT = "cmce-transformation/1"
+LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a"  # torch's old format: a pickled magic number, protocol 2
 
 
 class CheckpointError(ValueError):
@@ -60,8 +61,11 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if file_format(path) != "checkpoint":  # torch saves a zip archive; an ONNX export or a Parquet file is not one
-        raise CheckpointError(f"{path}: not a loadable checkpoint: not a torch checkpoint file (an ONNX export, say, "
-                              "is for onnxruntime, not for cmce's steps)")
+        with open(path, "rb") as f:
+            legacy = f.read(4) == LEGACY_TORCH_HEAD
+        raise CheckpointError(f"{path}: not a loadable checkpoint: " + (
+            "torch's legacy (pre-1.6) format, which cmce does not read; save it again with torch.save" if legacy
+            else "not a torch checkpoint file (an ONNX export, say, is for onnxruntime, not for cmce's steps)"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)
