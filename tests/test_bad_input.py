@@ -1944,3 +1944,14 @@ def test_a_checkpoint_in_torchs_legacy_format_is_named_as_such(world, tmp_path, 
     out = tmp_path / "m.parquet"
     fails(caplog, [*embed_member_args(world, gallery_model=legacy), "--out", out], out,
           f"{legacy}: not a loadable checkpoint: torch's legacy (pre-1.6) format, which cmce does not read")
+
+
+def test_a_run_into_a_folder_holding_another_models_transformation_is_refused_before_training(smoke_run, tmp_path,
+                                                                                               caplog):
+    """A stale transforms/resnet_c.pt was left beside the run's own: `evaluate --transform-dir` then refused it."""
+    lay, _ = smoke_run
+    root = Path(shutil.copytree(lay.root, tmp_path / "run"))
+    shutil.copyfile(root / "transforms" / "resnet_a.pt", root / "transforms" / "resnet_c.pt")
+    caplog.clear()
+    assert main(["run", "--config", str(SMOKE), "--set", f"output_dir={root}"]) == 2
+    assert f"{root / 'transforms'}: holds resnet_c.pt, of gallery models this config does not have" in caplog.text

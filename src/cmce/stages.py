@@ -501,6 +501,18 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
 
 
 # ---------------------------------------------------------------- the whole run in one process
+def _refuse_other_members(lay: RunLayout, cfg: Config) -> None:
+    """A transformation or member file of a gallery model the config no longer has would be read by the
+    documented follow-ups (`--transform-dir`, `--members-dir`) as part of this run: refused before any work."""
+    names = {g.name for g in cfg.gallery_models}
+    for example, suffix in ((lay.transformation("x"), ".pt"), (lay.member("x"), ".parquet")):
+        folder = example.parent
+        stale = sorted(p.name for p in folder.glob(f"*{suffix}") if p.stem not in names) if folder.is_dir() else []
+        if stale:
+            raise ValueError(f"{folder}: holds {', '.join(stale)}, of gallery models this config does not have "
+                             f"({sorted(names)}); remove them, or give another output_dir")
+
+
 def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
             publish: Callable[[StepRecord | None], object] | None = None) -> dict:
     """Every stage in one process, in dependency order, under cfg.output_dir; returns the metrics.
@@ -516,6 +528,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     # models beside the old index and evaluation
     check_replaceable(lay.index, INDEX_FILES)
     check_replaceable(lay.eval_dir, EVAL_FILES)
+    _refuse_other_members(lay, cfg)
     if prepare:
         done(prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset)))
     per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
