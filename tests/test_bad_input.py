@@ -1910,6 +1910,12 @@ def test_an_output_that_is_a_symbolic_link_is_refused_and_home_is_expanded(world
     assert main(["combine", "--member", str(world.members[0]), "--out", "~/g.parquet"]) == 0
     assert (tmp_path / "home" / "g.parquet").is_file() and not (tmp_path / "~").exists()
     assert load_config(SMOKE, {"output_dir": "~/runs"}).output_dir == str(tmp_path / "home" / "runs")
+    mounted = tmp_path / "volume"  # a mounted volume cannot be renamed aside: EBUSY after the whole build
+    mounted.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mounted or real_ismount(p))
+    fails(caplog, ["build-index", "--gallery", world.gallery, "--out", mounted], mounted,
+          f"{mounted}: is a mount point, which cannot be replaced; give a folder inside it")
 
 
 def test_weights_that_do_not_fit_the_architecture_name_the_keys(world, tmp_path, caplog):
