@@ -1961,3 +1961,17 @@ def test_a_run_into_a_folder_holding_another_models_transformation_is_refused_be
     caplog.clear()
     assert main(["run", "--config", str(SMOKE), "--set", f"output_dir={root}"]) == 2
     assert f"{root / 'transforms'}: holds resnet_c.pt, of gallery models this config does not have" in caplog.text
+
+
+def test_json_and_onnx_outputs_are_told_apart_from_other_formats(world, tmp_path, caplog):
+    """export-query --out an index's meta.json replaced it by an ONNX model, and train --out an ONNX export by a
+    checkpoint, both exit 0: only Parquet and checkpoints were recognised."""
+    index = Path(shutil.copytree(world.index, tmp_path / "index"))
+    fails(caplog, ["export-query", "--query-model", world.query, "--out", index / "meta.json"], index / "meta.json",
+          f"{index / 'meta.json'}: holds a json file; this step writes a onnx file")
+    onnx_file = tmp_path / "q.onnx"
+    assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0
+    assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0  # its own kind
+    fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
+                   "query", "--out", onnx_file], onnx_file,
+          f"{onnx_file}: holds a onnx file; this step writes a checkpoint file")

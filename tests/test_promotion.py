@@ -54,7 +54,7 @@ def _register_smoke_models(uri, parent, lay, cfg):
         log_step(uri, parent, r.step, register=r.register)
 
 
-def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path):
+def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path, caplog):
     from mlflow import MlflowClient
 
     from cmce.cli import main
@@ -103,6 +103,13 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     assert onnx_version.tags["sha256"] == client.get_model_version_by_alias("cmce-query", "production").tags["sha256"]
     runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
     assert any(r.data.tags.get("promotion") == "done" for r in runs)
+    # without a parent run nothing is published, so no alias can move: said, not left to be guessed
+    caplog.clear()
+    assert main(["--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset", str(lay.dataset),
+                 "--baseline-query-model", str(lay.model("query")), "--baseline-gallery", str(lay.gallery),
+                 "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery),
+                 "--out", str(tmp_path / "unpublished.json")]) == 0
+    assert "promoted, but no alias moved: give --mlflow-parent" in caplog.text
 
 
 def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_run, tmp_path):

@@ -498,7 +498,8 @@ def only_error(caplog: pytest.LogCaptureFixture) -> str:
 
 
 @pytest.mark.parametrize("case", ["file over a prefix", "folder over an object", "file over another format",
-                                  "Parquet over another kind", "folder holding other objects"])
+                                  "Parquet over another kind", "folder holding other objects",
+                                  "ONNX over an index's meta.json", "checkpoint over another kind"])
 def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_server, s3_chain, tmp_path, monkeypatch,
                                                                    caplog, capsys):
     """export-query --out naming an index's prefix uploaded an object at the prefix's key, and the index could no
@@ -511,6 +512,7 @@ def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_serve
         put(Bucket=bucket, Key=f"idx/{f}", Body=(local / "index" / f).read_bytes())
     put(Bucket=bucket, Key="q.onnx", Body=b"\x08\x08\x12\x07pytorch")
     put(Bucket=bucket, Key="gallery.parquet", Body=(local / "gallery.parquet").read_bytes())
+    put(Bucket=bucket, Key="model.pt", Body=(local / "q.pt").read_bytes())
     export = ["export-query", "--query-model", str(local / "q.pt"), "--out"]
     argv, expected = {
         "file over a prefix": ([*export, f"s3://{bucket}/idx"], "is a folder (a prefix holding objects)"),
@@ -521,6 +523,11 @@ def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_serve
                                       "holds a gallery Parquet file; this step writes a dataset file"),
         "folder holding other objects": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
                                           f"s3://{bucket}/q"], "holds notes.txt, which this step does not write"),
+        "ONNX over an index's meta.json": ([*export, f"s3://{bucket}/idx/meta.json"], "holds a json file"),
+        "checkpoint over another kind": (["fit-transform", *QUICK, "--dataset", str(local / "d.parquet"),
+                                          "--query-model", str(local / "q.pt"), "--gallery-model", str(local / "g.pt"),
+                                          "--out", f"s3://{bucket}/model.pt"],
+                                         "holds a cmce-embedding-model/1 checkpoint file"),
     }[case]
     put(Bucket=bucket, Key="q/notes.txt", Body=b"not an index file")
     before = {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)}
@@ -529,7 +536,8 @@ def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_serve
     assert only_error(caplog).startswith(f"cmce {argv[0]}: {argv[-1]}: {expected}")
     assert {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)} == before
     assert capsys.readouterr().out == ""
-    assert not any(r.name in ("cmce.export", "cmce.index", "cmce.data.prepare") for r in caplog.records)
+    assert not any(r.name in ("cmce.export", "cmce.index", "cmce.data.prepare", "cmce.transform")
+                   for r in caplog.records)
     assert load_index(f"s3://{bucket}/idx").index.ntotal > 0
 
 

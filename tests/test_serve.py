@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -561,3 +562,34 @@ def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path):
     server.stop()  # SIGTERM
     assert server.proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
     assert not [p for p in scratch.iterdir() if p.name.startswith("cmce-scratch-")]
+
+
+def test_sighup_under_load_stops_the_server_gracefully(world, tmp_path):
+    """SIGHUP was raised inside the event loop: one request got a 500 (or a dropped connection) and the server
+    kept running."""
+    _, model, index, _ = world
+    server = Server(["--index", str(index), "--query-model", str(model)], tmp_path / "serve.log")
+    sha, row = file_sha256(model), [0.5] * 16
+    failures, stop = [], threading.Event()
+
+    def client() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    res = server.search(session, embeddings=[row], query_model_sha256=sha)
+                except requests.ConnectionError:
+                    return  # the server has closed
+                if res.status_code != 200:
+                    failures.append(res.status_code)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    time.sleep(1.0)
+    server.proc.send_signal(signal.SIGHUP)
+    try:
+        assert server.proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        stop.set()
+        thread.join()
+        server.stop()
+    assert failures == [] and "Traceback" not in (tmp_path / "serve.log").read_text()

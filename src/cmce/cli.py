@@ -393,6 +393,9 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
     inputs = stages.GateInputs(_in(args.dataset), _model(args.baseline_query_model), _in(args.baseline_gallery),
                                _model(args.query_model), _in(args.gallery))
     record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out, writes="json")))
+    if record.metrics["promoted"] and record.promote and not args.mlflow_parent:  # the aliases move on publishing
+        log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
+                    "gate and move 'production'")
     if args.require_promotion and not record.metrics["promoted"]:  # a verdict, not bad input: exit 1, like diff
         log.error("cmce gate: %s: candidate regressed on %s (see %s)", args.gallery, record.params["regressed"],
                   args.out)

@@ -212,18 +212,28 @@ MAX_NAME_BYTES = 200
 MAGIC = {"parquet": b"PAR1", "checkpoint": b"PK\x03\x04"}
 
 
+HEAD_BYTES = 64  # enough to see past the whitespace before a JSON document
+
+
 def file_format(path: Path) -> str | None:
-    """"parquet" or "checkpoint" (torch's zip archive) by the file's first bytes; None for anything else."""
+    """The format of a file by its first bytes (format_of); None for anything else."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(HEAD_BYTES)
     except OSError:
         return None
     return format_of(head)
 
 
 def format_of(head: bytes) -> str | None:
-    return next((name for name, magic in MAGIC.items() if head == magic), None)
+    """What cmce writes, told by a file's first bytes: "parquet", "checkpoint" (torch's zip archive), "json" (an
+    index's meta.json, a gate decision), "onnx" (protobuf's first field, the IR version); None for anything else."""
+    found = next((name for name, magic in MAGIC.items() if head[:4] == magic), None)
+    if found:
+        return found
+    if head.lstrip(b" \t\r\n")[:1] in (b"{", b"["):
+        return "json"
+    return "onnx" if head[:1] == b"\x08" else None
 
 
 def checkpoint_kind(path: Path) -> str | None:
@@ -306,6 +316,7 @@ def _refuse_other_format(text: str, found: str | None, writes: str | None, kinds
 
 # a Parquet footer larger than this is not read to check an S3 output's kind (its format is still checked)
 MAX_REMOTE_FOOTER = 8 << 20
+MAX_REMOTE_CHECKPOINT = 256 << 20  # nor a checkpoint larger than this downloaded
 
 
 def _remote_parquet_kind(uri: str, size: int) -> tuple[bool, str | None]:
@@ -345,9 +356,14 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
         raise ValueError(f"{uri}: is a folder (a prefix holding objects); this output is a file, give its key")
     if size is None or not writes:
         return
-    found = format_of(s3.read_range(uri, 0, 3)) if size >= 4 else None
-    # a remote checkpoint's kind would take a download: its format is checked, not its kind
-    read, kind = _remote_parquet_kind(uri, size) if found == "parquet" and kinds else (found == "parquet", None)
+    found = format_of(s3.read_range(uri, 0, HEAD_BYTES - 1)) if size else None
+    if found == "checkpoint" and kinds and size <= MAX_REMOTE_CHECKPOINT:  # its kind is inside the archive
+        local = scratch_dir() / "kind" / uuid.uuid4().hex[:12]
+        s3.download(uri, local)
+        read, kind = True, checkpoint_kind(local)
+        local.unlink()
+    else:
+        read, kind = _remote_parquet_kind(uri, size) if found == "parquet" and kinds else (False, None)
     _refuse_other_format(uri, found, writes, kinds if read else (), lambda: kind)
 
 

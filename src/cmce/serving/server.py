@@ -6,11 +6,14 @@ found before the server starts, so the command fails with one line instead of a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import socket
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from cmce.errors import Terminated
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits, class_names
 from cmce.serving.state import Holder, QueryModelSource
+from cmce.storage import origin
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,20 @@ class JsonErrorsH11(H11Protocol):
         self.transport.close()
 
 
+@contextlib.contextmanager
+def _hangup_stops(server: uvicorn.Server) -> Iterator[None]:
+    """uvicorn stops gracefully on SIGINT and SIGTERM only; SIGHUP (a closed terminal) raised in the middle of
+    the event loop dropped one request and left the server running. It is a graceful stop here too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, lambda *_: setattr(server, "should_exit", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = True) -> None:
     """Load, bind, print where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
     (and a query-model alias) for a new version."""
@@ -98,12 +116,13 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = 
     app = create_app(holder, opts.limits, classes, opts.search_threads)
     config = uvicorn.Config(app, http=JsonErrorsH11, log_config=None, access_log=opts.access_log,
                             timeout_graceful_shutdown=10)
-    sys.stdout.write(f"serving {opts.index} on http://{host}:{port}\n")
+    sys.stdout.write(f"serving {origin(opts.index)} on http://{host}:{port}\n")  # an s3:// index by its URI
     sys.stdout.flush()
     holder.start(opts.reload_interval_s if watch else 0)
     try:
-        with pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"):
-            uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        with pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"), _hangup_stops(server):
+            server.run(sockets=[sock])
     except (KeyboardInterrupt, Terminated) as err:  # uvicorn shut down gracefully, then re-raised the signal
         log.info("stopped (%s)", "SIGINT" if isinstance(err, KeyboardInterrupt) else err)
     finally:

@@ -25,6 +25,7 @@ from pathlib import Path
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
 from cmce.index import INDEX_FILES, LoadedIndex, load_index
+from cmce.storage import restore_uris
 
 log = logging.getLogger(__name__)
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
@@ -133,6 +134,8 @@ class Holder:
         """Record what a poll found for `kind` (None: nothing wrong). Logged once, again only when it changes, and
         when it is resolved: a poll every 0.5 s must not repeat one warning forever. The dict is replaced, not
         changed, as /readyz reads it from another thread."""
+        if problem is not None:  # a model downloaded from the registry is named by its models:/ URI
+            problem = restore_uris(problem)
         old = self.problems.get(kind)
         if problem == old:
             return
