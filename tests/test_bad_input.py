@@ -1369,7 +1369,7 @@ def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
     fails(caplog, _search(world, index), index, f"{index}/meta.json: search_params")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
 def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch, signum):
     """SIGTERM (a kill, a pod stopped) left the half-written temporary file in place: only Ctrl-C cleaned up."""
     import cmce.embed
@@ -1975,3 +1975,21 @@ def test_json_and_onnx_outputs_are_told_apart_from_other_formats(world, tmp_path
     fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
                    "query", "--out", onnx_file], onnx_file,
           f"{onnx_file}: holds a onnx file; this step writes a checkpoint file")
+
+
+def test_shards_of_two_versions_of_a_dataset_are_not_merged(world, tmp_path, caplog):
+    """A relabelled copy has the same ids, so the ids digest let its shard merge with one of the original: a
+    member with labels of two versions, exit 0."""
+    table = pq.read_table(world.dataset)
+    test_rows = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "test")
+    labels = table.column("label").to_numpy().copy()
+    labels[test_rows[-1]] = (labels[test_rows[-1]] + 1) % (labels.max() + 1)
+    relabelled = tmp_path / "relabelled.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32())),
+                   relabelled)
+    shards = [tmp_path / "sh0.parquet", tmp_path / "sh1.parquet"]
+    for k, (dataset, shard) in enumerate(zip([world.dataset, relabelled], shards, strict=True)):
+        assert main([str(a) for a in embed_member_args(world, dataset=dataset)] + ["--shard", f"{k}/2", "--out",
+                                                                                   str(shard)]) == 0
+    out = tmp_path / "merged.parquet"
+    fails(caplog, ["merge", *shards, "--out", out], out, f"{shards[1]}: metadata differs from {shards[0]}")

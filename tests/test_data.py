@@ -127,6 +127,11 @@ def test_imagefolder_reads_subfolders_and_names_a_half_official_split(tmp_path):
     (split / "train" / "cat" / "0.png").write_bytes(_png("L"))
     with pytest.raises(DataError, match=r"split: has train/ but no test/: an official split needs both"):
         import_imagefolder(split)
+    (split / "test" / "cat").mkdir(parents=True)
+    (split / "test" / "cat" / "1.png").write_bytes(_png("L"))
+    (split / "dog").mkdir()  # a class beside the splits is in neither: refused, not dropped
+    with pytest.raises(DataError, match=r"split: holds dog beside train/ and test/"):
+        import_imagefolder(split)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16", "P"])

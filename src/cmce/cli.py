@@ -635,12 +635,17 @@ def _select_device(args: argparse.Namespace) -> None:
         devices.select("auto")
 
 
+# the signals whose default action ends the process (SIGUSR1 left a half-written temporary), but SIGALRM: a caller
+# may time the command with it
+TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _terminate_by_exception() -> dict[int, Any]:
-    """SIGTERM and SIGHUP raise Terminated in the main thread (as SIGINT raises KeyboardInterrupt), so the
+    """The TERMINATING signals raise Terminated in the main thread (as SIGINT raises KeyboardInterrupt), so the
     cleanups run; returns the handlers they replace, restored when the command ends."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signum: signal.signal(signum, raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    return {signum: signal.signal(signum, raise_terminated) for signum in TERMINATING}
 
 
 def _expand_home(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ from cmce import device as devices
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.augment import augment
 from cmce.data.codec import to_float
-from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch, split_source
+from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch, same_split, split_source
 from cmce.data.readers import SplitArrays
 from cmce.method import RunningEnsemble
 from cmce.storage import Unchanged, atomic_path
@@ -248,8 +248,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     shards = {m.get("shard") for m in metas}
     if len(shards) != 1:
         raise TableError(f"{member_paths}: members come from different shards {sorted(map(str, shards))}")
-    sources = {json.dumps(m.get("source"), sort_keys=True) for m in metas}
-    if len(sources) != 1:
+    if not all(same_split(m.get("source"), metas[0].get("source")) for m in metas):
         raise TableError(f"{member_paths}: members embed different dataset files or splits (their 'source' differs)")
     meta = {
         "kind": "gallery",
@@ -327,7 +326,8 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
     base = {k: v for k, v in metas[ordered[0]].items() if k != "shard"}
     for p in ordered[1:]:
         if {k: v for k, v in metas[p].items() if k != "shard"} != base:
-            raise TableError(f"{p}: metadata differs from {ordered[0]} (another model, query model or split)")
+            raise TableError(f"{p}: metadata differs from {ordered[0]} (another model, query model, split or dataset "
+                             "version)")
     schema = pq.read_schema(ordered[0]).with_metadata({"cmce": json.dumps(base, sort_keys=True)})
     seen: set[str] = set()
     digest = IdsDigest()

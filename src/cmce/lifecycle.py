@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
+from cmce.data.loader import same_split
 from cmce.embed import embed_split, ensemble_columns
 from cmce.method import RunningEnsemble, uncertainty_from_sum
 from cmce.storage import Unchanged, atomic_dir, atomic_path, named_on_failure
@@ -104,7 +105,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
         raise TableError(f"{member}: transformed for query model {mmeta['query_model_sha256'][:12]}, the gallery "
                          f"for {gmeta['query_model_sha256'][:12]}")
     name = mmeta["gallery_model"]["name"]
-    if mmeta.get("source") != gmeta.get("source"):
+    if not same_split(mmeta.get("source"), gmeta.get("source")):
         raise TableError(f"{member}: embeds another dataset file or split than {gallery} (their 'source' differs)")
     if name in {m["name"] for m in gmeta["members"]}:
         raise TableError(f"{gallery}: already has a member named {name!r}")

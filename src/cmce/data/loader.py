@@ -10,6 +10,7 @@ exactly the unsharded order.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,14 +54,25 @@ def shard_range(n_chunks: int, shard: Shard) -> range:
 
 
 def split_source(path: str | Path, split: str) -> dict:
-    """{"split_rows", "ids_sha256"} of one split, in file order: embedding files carry it so that merging
-    shards can prove it put back exactly the split's rows, in order, all cut from one dataset file."""
+    """{"split_rows", "ids_sha256", "labels_sha256"} of one split, in file order: embedding files carry it so
+    that merging shards can prove it put back exactly the split's rows, in order, all cut from one version of
+    one dataset file (a relabelled copy has the same ids)."""
     pf = open_dataset(path)
-    digest, seen = IdsDigest(), set()
+    digest, labels, seen = IdsDigest(), hashlib.sha256(), set()
     for rg in range(pf.num_row_groups):
         rows = read_row_group(pf, path, rg, ["id", "label", "split"])
-        digest.update(rows.column("id").take(split_rows(path, rows, split, seen)).to_pylist())
-    return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest()}
+        idx = split_rows(path, rows, split, seen)
+        digest.update(rows.column("id").take(idx).to_pylist())
+        labels.update(rows.column("label").take(idx).to_numpy().astype("<i8").tobytes())
+    return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest(), "labels_sha256": labels.hexdigest()}
+
+
+def same_split(a: dict | None, b: dict | None) -> bool:
+    """Two `source` records name one split of one dataset version: equal on every field both record (files
+    written before labels_sha256 was recorded lack it)."""
+    if not a or not b:
+        return a == b
+    return all(a[k] == b[k] for k in a.keys() & b.keys()) and {"split_rows", "ids_sha256"} <= a.keys() & b.keys()
 
 
 class SplitChunks(Dataset):

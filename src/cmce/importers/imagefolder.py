@@ -59,6 +59,12 @@ def import_imagefolder(path: str | Path) -> RawImages:
                         "directly under the root")
     if not has_split:
         parts = [("", root)]
+    else:  # a class folder beside train/ and test/ is in neither split: its images would be dropped unsaid
+        beside = sorted(p.name for p in root.iterdir()
+                        if p.is_dir() and p.name not in ("train", "test") and not p.name.startswith("."))
+        if beside:
+            raise DataError(f"{root}: holds {', '.join(beside)} beside train/ and test/; with an official split "
+                            "every class folder goes under train/ or test/")
     for _, base in parts:
         inside_root(base, real_root)
     classes = sorted({_utf8(c, root).name for _, p in parts for c in p.iterdir() if c.is_dir()})

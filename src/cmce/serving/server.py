@@ -63,14 +63,14 @@ def bind(host: str, port: int) -> socket.socket:
 def check_dataset_of_index(dataset: Path, meta: dict) -> None:
     """The class names must come from the dataset the gallery was embedded from: its split's ids digest, which
     build-index records from the gallery (an index built before it was recorded is not checked)."""
-    from cmce.data.loader import split_source
+    from cmce.data.loader import same_split, split_source
 
     source, split = meta.get("source"), meta.get("split")
     if not source or not split:
         log.warning("the index records no dataset digest (built before it did); class names from %s are not "
                     "checked", dataset)
         return
-    if split_source(dataset, split) != source:
+    if not same_split(split_source(dataset, split), source):
         raise ValueError(f"--dataset {dataset}: its '{split}' split is not the one the index's gallery was embedded "
                          "from (another dataset or version); class names would be wrong")
 
@@ -92,15 +92,18 @@ class JsonErrorsH11(H11Protocol):
 @contextlib.contextmanager
 def _hangup_stops(server: uvicorn.Server) -> Iterator[None]:
     """uvicorn stops gracefully on SIGINT and SIGTERM only; SIGHUP (a closed terminal) raised in the middle of
-    the event loop dropped one request and left the server running. It is a graceful stop here too."""
+    the event loop dropped one request and left the server running, SIGUSR1 killed it with its downloads left.
+    They are graceful stops here too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGHUP, lambda *_: setattr(server, "should_exit", True))
+    stops = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {signum: signal.signal(signum, lambda *_: setattr(server, "should_exit", True)) for signum in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = True) -> None:
