@@ -1993,3 +1993,26 @@ def test_shards_of_two_versions_of_a_dataset_are_not_merged(world, tmp_path, cap
                                                                                    str(shard)]) == 0
     out = tmp_path / "merged.parquet"
     fails(caplog, ["merge", *shards, "--out", out], out, f"{shards[1]}: metadata differs from {shards[0]}")
+
+
+@pytest.mark.parametrize("error, rc, logged", [
+    (OSError(28, "No space left on device"), 2, "cmce search: standard output: not written: No space left on device"),
+    (BrokenPipeError(32, "Broken pipe"), 128 + signal.SIGPIPE, None),
+])
+def test_standard_output_that_fails_is_named_and_a_closed_pipe_is_quiet(world, caplog, monkeypatch, error, rc, logged):
+    """`> /dev/full` was `[Errno 28] No space left on device` naming nothing; `| head` an error line."""
+    class Failing:
+        def write(self, text):
+            raise error
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return os.open(os.devnull, os.O_WRONLY)
+
+    monkeypatch.setattr(sys, "stdout", Failing())
+    caplog.clear()
+    assert main([str(a) for a in _search(world, world.index)]) == rc
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ([logged] if logged else [])

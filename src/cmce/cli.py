@@ -295,7 +295,7 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
                         args.index)
     out = _out(args, args.out, is_dir=True, last="metrics.json", own=EVAL_FILES)
     record = stages.evaluate_all(_config(args), inputs, stages.EvalOutputs(out))
-    sys.stdout.write(markdown_table(json.loads((out / "metrics.json").read_text())))
+    _say(markdown_table(json.loads((out / "metrics.json").read_text())))
     return record
 
 
@@ -306,7 +306,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     for hit in search_images(_in(args.index), _model(args.query_model), images,
                              _in(args.dataset) if args.dataset else None, args.split, args.limit, args.k,
                              _in(args.gallery) if args.gallery else None):
-        sys.stdout.write(json.dumps(hit) + "\n")
+        _say(json.dumps(hit) + "\n")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -335,7 +335,7 @@ def cmd_export_query(args: argparse.Namespace) -> StepRecord:
     if inputs.check_index and not inputs.check_dataset:
         raise ValueError("--check-index needs --check-dataset (the images to search it with)")
     record = stages.export_query(inputs, stages.ExportOutputs(_out(args, args.out, writes="onnx")))
-    sys.stdout.write(json.dumps({"out": args.out, **record.params, **record.metrics}) + "\n")
+    _say(json.dumps({"out": args.out, **record.params, **record.metrics}) + "\n")
     return record
 
 
@@ -356,7 +356,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         with closing_parent(info) if own else contextlib.nullcontext():
             metrics = stages.run_all(cfg, publish=lambda record: publish(info, record))
     log.info("outputs under %s", restore_uris(cfg.output_dir))
-    sys.stdout.write(markdown_table(metrics))
+    _say(markdown_table(metrics))
 
 
 def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
@@ -412,7 +412,7 @@ def cmd_track_start(args: argparse.Namespace) -> None:
     info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict(), args.artifact_location)}
     if args.out:
         write_text(_out(args, args.out, writes="json"), json.dumps(info))
-    sys.stdout.write(json.dumps(info) + "\n")
+    _say(json.dumps(info) + "\n")
 
 
 def cmd_track_end(args: argparse.Namespace) -> None:
@@ -648,6 +648,17 @@ def _terminate_by_exception() -> dict[int, Any]:
     return {signum: signal.signal(signum, raise_terminated) for signum in TERMINATING}
 
 
+def _say(text: str) -> None:
+    """A command's output on standard output; a failed write names it (a full disk behind `> file`)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): main ends quietly
+    except OSError as err:
+        raise OSError(f"standard output: not written: {os.strerror(err.errno) if err.errno else err}") from None
+
+
 def _expand_home(args: argparse.Namespace) -> None:
     """A path argument starting with `~` (quoted past the shell) means the home folder, as it does to pyarrow,
     which expands it when it opens a file: checked and read paths must be the same file."""
@@ -719,6 +730,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI")
             publish(TrackingInfo(uri, args.mlflow_parent), record)
         ok = True
+    except BrokenPipeError:  # `cmce search ... | head`: the reader has what it wanted; no error to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush fails otherwise
+        return 128 + signal.SIGPIPE
     except (ValueError, KeyError, OSError) as err:
         if args.debug:
             raise
