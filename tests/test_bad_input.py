@@ -1272,6 +1272,7 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
 @pytest.mark.parametrize("flag, env, message", [
     (None, "  ", "MLFLOW_TRACKING_URI '  ' is blank"),
     (" ", None, "--mlflow-uri ' ' is blank"),
+    (None, "sqlite:///m.db ", "MLFLOW_TRACKING_URI 'sqlite:///m.db ' has spaces at its start or end"),
 ])
 def test_a_blank_tracking_uri_is_named(world, tmp_path, caplog, monkeypatch, flag, env, message):
     monkeypatch.chdir(tmp_path)

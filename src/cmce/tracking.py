@@ -114,6 +114,10 @@ def check_uri_settings(flag: str | None) -> None:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env and not env.strip():
         raise ValueError(f"MLFLOW_TRACKING_URI {env!r} is blank: set a tracking URI or unset it")
+    # a space at either end becomes part of a file name or host, and is all but invisible in the error
+    for name, value in (("--mlflow-uri", flag), ("MLFLOW_TRACKING_URI", env)):
+        if value and value != value.strip():
+            raise ValueError(f"{name} {value!r} has spaces at its start or end: remove them")
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
