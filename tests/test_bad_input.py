@@ -816,7 +816,8 @@ def test_a_crafted_checkpoint_field_is_refused_before_a_model_is_built(world, tm
     ("meta", [1], "field 'meta' must be a mapping, got [1]"),
     ("meta", {"history": "x"}, "field 'meta' 'history' must be a list of {name: number} rows, got 'x'"),
     ("meta", {"history": [{"loss": "x"}]}, "field 'meta' 'history' must be a list of {name: number} rows"),
-    ("meta", {"teacher_sha256": 12345}, "field 'meta' 'teacher_sha256' must be a sha256 (64 hex digits), got 12345"),
+    ("meta", {"teacher_sha256": 12345}, "field 'meta' 'teacher_sha256' must be a sha256 (64 lowercase hex digits), "
+                                        "got 12345"),
     ("classifier", torch.zeros(10, 8, dtype=torch.long), "field 'classifier' is a torch.int64 tensor"),
     ("classifier", [[0.0] * 8], "classifier is a list, not a dense tensor"),
     ("state_dict", [], "field 'state_dict' is a list, not a mapping"),
@@ -848,8 +849,10 @@ def test_a_checkpoint_whose_sizes_together_are_too_large_is_refused_before_a_mod
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("query_model_sha256", 12345, "field 'query_model_sha256' must be a sha256 (64 hex digits), got 12345"),
-    ("gallery_model_sha256", "abc", "field 'gallery_model_sha256' must be a sha256 (64 hex digits), got 'abc'"),
+    ("query_model_sha256", 12345, "field 'query_model_sha256' must be a sha256 (64 lowercase hex digits), got 12345"),
+    ("gallery_model_sha256", "abc", "field 'gallery_model_sha256' must be a sha256 (64 lowercase hex digits), "
+                                    "got 'abc'"),
+    ("gallery_model_sha256", "A" * 64, "field 'gallery_model_sha256' must be a sha256 (64 lowercase hex digits)"),
     ("gallery_model", None, "field 'gallery_model': None is not a model name"),
     ("gallery_model", "../x", "field 'gallery_model': '../x' is not a model name"),
     ("history", {"loss": 1}, "field 'history' must be a list of {name: number} rows"),

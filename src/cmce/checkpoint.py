@@ -109,7 +109,8 @@ def _is_history(value: Any) -> bool:
 
 
 TEXT: FieldCheck = (lambda v: isinstance(v, str) and v.strip() != "", "non-empty text")
-SHA: FieldCheck = (lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None, "a sha256 (64 hex digits)")
+SHA: FieldCheck = (lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None,
+                   "a sha256 (64 lowercase hex digits)")
 POSITIVE: FieldCheck = (lambda v: _is_number(v) and v > 0, "a positive finite number")
 HISTORY: FieldCheck = (_is_history, "a list of {name: number} rows")
 CHANNELS: FieldCheck = (lambda v: v in (1, 3), "1 or 3 (grey or RGB, what the image decoder gives)")
