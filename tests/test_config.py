@@ -80,6 +80,9 @@ def test_nonsense_values_are_rejected(tmp_path):
     for share in (1.0, -0.1):
         with pytest.raises(ConfigError, match=f"transform.input_dropout must be in \\[0, 1\\), got {share}"):
             load_config(_write(tmp_path, GOOD + f"transform: {{input_dropout: {share}}}\n"))
+    # the gated metrics are fractions: a tolerance of 1 made a gate no candidate could fail
+    with pytest.raises(ConfigError, match=r"lifecycle.gate.tolerance must be in \[0, 1\), got 1.0"):
+        load_config(_write(tmp_path, GOOD), {"lifecycle.gate.tolerance": 1.0})
 
 
 @pytest.mark.parametrize(

@@ -243,7 +243,9 @@ class GateConfig:
     """When a changed gallery (grown ensemble, upgraded query model) may replace the served one."""
 
     metrics: list[str] = field(default_factory=lambda: ["R@1", "MAP@R"])
-    tolerance: float = within("[0, inf)", 0.0)  # a metric may drop by at most this much (0 = must not drop at all)
+    # a metric may drop by at most this much (0 = must not drop at all); the metrics are fractions in [0, 1], so
+    # a tolerance of 1 or more makes a gate that no candidate can fail
+    tolerance: float = within("[0, 1)", 0.0)
     split: str = "test"  # labelled queries the decision is measured on
 
 
