@@ -1879,6 +1879,7 @@ def test_an_s3_setting_out_of_range_is_refused_before_any_work(name, value, expe
     ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2: must be below WORLD_SIZE=2"),
     ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999': a TCP port from 1 to 65535 expected"),
     ({"RANK": "1.0"}, "RANK='1.0': not a rank count"),
+    ({"MASTER_ADDR": "no-such-host.invalid"}, "MASTER_ADDR='no-such-host.invalid': the host cannot be resolved"),
 ])
 def test_inconsistent_torchrun_variables_are_refused_before_joining(env, expected, world, tmp_path, caplog,
                                                                    monkeypatch):
@@ -2020,3 +2021,13 @@ def test_standard_output_that_fails_is_named_and_a_closed_pipe_is_quiet(world, c
     assert main([str(a) for a in _search(world, world.index)]) == rc
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ([logged] if logged else [])
+
+
+def test_a_partial_torchrun_environment_is_refused_not_run_alone(world, tmp_path, caplog, monkeypatch):
+    """RANK=1 WORLD_SIZE=2 without MASTER_PORT trained alone as rank 0 of 1, exit 0, and said nothing."""
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    out = tmp_path / "q.pt"
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
+          "cmce train: WORLD_SIZE=2 asks for several ranks, but MASTER_PORT is not set")

@@ -685,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "search" and bool(args.images) == bool(args.dataset):
         log.error("cmce search: give --images FILE... or --dataset FILE (one of them)")
         return 2
+    if missing := ddp.partly_launched():
+        log.error("cmce %s: WORLD_SIZE=%s asks for several ranks, but %s %s not set (torchrun sets them all)",
+                  args.command, os.environ["WORLD_SIZE"], ", ".join(missing), "is" if len(missing) == 1 else "are")
+        return 2
     try:
         world_size = ddp.env_world_size() if ddp.launched() else 1
     except ValueError as err:

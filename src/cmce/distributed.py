@@ -19,6 +19,7 @@ import datetime
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,21 @@ def env_world_size() -> int:
     if "MASTER_ADDR" in os.environ and not os.environ["MASTER_ADDR"].strip():
         raise ValueError("environment variable MASTER_ADDR is empty: the host of rank 0 expected")
     ddp_timeout_s()
+    if world > 1 and "MASTER_ADDR" in os.environ:  # an unknown host failed only at the rendezvous timeout
+        try:
+            socket.getaddrinfo(os.environ["MASTER_ADDR"], None)
+        except (OSError, UnicodeError):
+            raise ValueError(f"environment variable MASTER_ADDR={os.environ['MASTER_ADDR']!r}: the host cannot be "
+                             "resolved") from None
     return world
+
+
+def partly_launched() -> list[str]:
+    """torchrun's variables that are missing when WORLD_SIZE asks for several ranks: without them the command ran
+    alone, as rank 0 of 1, and said nothing."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1") or launched():
+        return []
+    return [v for v in _TORCHRUN_VARS if v not in os.environ]
 
 
 def current() -> Context:
