@@ -385,3 +385,18 @@ def test_carve_validation_refuses_bad_fractions(tmp_path):
     with pytest.raises(DataError, match=r"d.parquet: 5 train classes cannot give a validation share of 0.01"):
         carve_validation(src, tmp_path / "v.parquet", 0.01, seed=0)
     assert not (tmp_path / "v.parquet").exists()
+
+
+def test_a_column_given_twice_and_a_pipe_named_like_an_image_are_named(tmp_path):
+    import os
+
+    good = encode_png(np.zeros((4, 4), np.uint8))
+    table = pq.read_table(_dataset(tmp_path / "d.parquet", [good, good]))
+    pq.write_table(table.append_column("label", table.column("label")), tmp_path / "twice.parquet")
+    with pytest.raises(DataError, match=r"twice.parquet: column\(s\) \['label'\] appear more than once"):
+        load_split(tmp_path / "twice.parquet", "test", 1, 4)  # pyarrow said 'Column label does not exist'
+    (tmp_path / "if" / "cat").mkdir(parents=True)
+    (tmp_path / "if" / "cat" / "0.png").write_bytes(_png("L"))
+    os.mkfifo(tmp_path / "if" / "cat" / "zz.png")  # was skipped without a word
+    with pytest.raises(DataError, match=r"cat/zz.png: not a regular file"):
+        import_imagefolder(tmp_path / "if")

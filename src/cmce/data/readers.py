@@ -27,6 +27,9 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file: {err}") from None
     names = set(pf.schema_arrow.names)
+    twice = sorted({n for n in pf.schema_arrow.names if pf.schema_arrow.names.count(n) > 1})
+    if twice:  # pyarrow then reports the column as missing
+        raise DataError(f"{path}: column(s) {twice} appear more than once")
     for col in DATASET_SCHEMA:
         if col.name not in names:
             raise DataError(f"{path}: missing column '{col.name}'")

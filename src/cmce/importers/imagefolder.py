@@ -79,8 +79,10 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 continue
             inside_root(folder, real_root)
             for f in _files_under(folder, real_root):  # subfolders too, as torchvision's ImageFolder reads them
-                if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
+                if not f.is_file():  # a pipe or device named like an image: reading it could block
+                    raise DataError(f"{f}: not a regular file")
                 inside_root(_utf8(f, root), real_root)
                 images.append(to_png(f.read_bytes(), f))
                 rel = f.relative_to(root).as_posix()
