@@ -1915,6 +1915,16 @@ def test_an_output_that_is_a_symbolic_link_is_refused_and_home_is_expanded(world
     assert main(["combine", "--member", str(world.members[0]), "--out", "~/g.parquet"]) == 0
     assert (tmp_path / "home" / "g.parquet").is_file() and not (tmp_path / "~").exists()
     assert load_config(SMOKE, {"output_dir": "~/runs"}).output_dir == str(tmp_path / "home" / "runs")
+    out = tmp_path / "~nosuchuser" / "g.parquet"  # was written there, in the working folder
+    fails(caplog, ["combine", "--member", world.members[0], "--out", "~nosuchuser/g.parquet"], out,
+          "cmce combine: --out ~nosuchuser/g.parquet: no such user's home folder")
+    with pytest.raises(ValueError, match="output_dir: ~nosuchuser/runs: no such user's home folder"):
+        load_config(SMOKE, {"output_dir": "~nosuchuser/runs"})
+    # registry and S3 spellings cmce does not read are named, not looked for as files
+    fails(caplog, ["combine", "--member", world.members[0], "--out", "s3://b//g.parquet"], out,
+          "s3://b//g.parquet: an empty path segment (//) in the key")
+    fails(caplog, [*embed_member_args(world, gallery_model="runs:/0123/model.pt"), "--out", out], out,
+          "runs:/0123/model.pt: a checkpoint is a path, an s3:// object or models:/NAME@ALIAS")
     mounted = tmp_path / "volume"  # a mounted volume cannot be renamed aside: EBUSY after the whole build
     mounted.mkdir()
     real_ismount = os.path.ismount

@@ -198,6 +198,9 @@ def _model(path: str) -> Path:
         from cmce.tracking import resolve_model_uri
 
         return resolve_model_uri(path)
+    if re.match(r"[a-z][a-z0-9+.-]*:/", path) and not is_remote(path):  # runs:/, mlflow-artifacts:/, http://, …
+        raise ValueError(f"{path}: a checkpoint is a path, an s3:// object or models:/NAME@ALIAS (or /VERSION); "
+                         f"{path.split(':', 1)[0]}: URIs are not read")
     return _in(path)
 
 
@@ -664,17 +667,27 @@ def _expand_home(args: argparse.Namespace) -> None:
     which expands it when it opens a file: checked and read paths must be the same file."""
     for name, value in vars(args).items():
         if isinstance(value, str) and value.startswith("~"):
-            setattr(args, name, os.path.expanduser(value))
+            setattr(args, name, _home(value, name))
         elif isinstance(value, list):
-            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
-                                 for v in value])
+            setattr(args, name, [_home(v, name) if isinstance(v, str) and v.startswith("~") else v for v in value])
+
+
+def _home(path: str, name: str) -> str:
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):  # ~nosuchuser: it would be a folder of that name in the working folder
+        raise ValueError(f"--{name.replace('_', '-')} {path}: no such user's home folder")
+    return expanded
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _expand_home(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    try:
+        _expand_home(args)
+    except ValueError as err:
+        log.error("cmce %s: %s", args.command, err)
+        return 2
     if args.threads:
         import torch
 

@@ -456,6 +456,9 @@ def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
     cfg.output_dir = os.path.expanduser(cfg.output_dir)
     if cfg.data.path is not None:
         cfg.data.path = os.path.expanduser(cfg.data.path)
+    for key, value in (("output_dir", cfg.output_dir), ("data.path", cfg.data.path)):
+        if value is not None and value.startswith("~"):  # ~nosuchuser would be a folder in the working folder
+            raise ConfigError(f"{where}: {key}: {value}: no such user's home folder")
     return cfg
 
 

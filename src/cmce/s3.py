@@ -75,6 +75,8 @@ def parse(uri: str) -> S3Uri:
                          f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or an AWS profile")
     if not bucket:
         raise ValueError(f"{uri}: no bucket name")
+    if "//" in key or key.startswith("/"):  # S3 keeps the empty segment, listings do not: names came back cut
+        raise ValueError(f"{uri}: an empty path segment (//) in the key; write it with single slashes")
     return S3Uri(bucket, key)
 
 
