@@ -25,7 +25,7 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
-from cmce.errors import Terminated, first_line, raise_terminated
+from cmce.errors import Terminated, first_line, from_client, raise_terminated
 from cmce.records import StepRecord
 from cmce.storage import (
     check_output,
@@ -41,8 +41,6 @@ from cmce.storage import (
 )
 
 log = logging.getLogger("cmce")
-# errors of the clients a step talks to (MLflow, its database and HTTP stacks, boto): one line, exit 2
-CLIENT_ERRORS = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
 MAX_HITS = 1_000_000  # hits one search answer may hold (cmce serve)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
@@ -758,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
         return 2
     except Exception as err:  # noqa: BLE001 - only the tracking/storage clients' own errors, re-raised otherwise
-        if args.debug or not type(err).__module__.startswith(CLIENT_ERRORS):
+        if args.debug or not from_client(err):
             raise
         log.error("cmce %s: %s", args.command, one_line(tracking_error(err)))
         return 2

@@ -3,6 +3,14 @@ to several lines, sometimes a server's whole reply or a C++ stack."""
 
 from __future__ import annotations
 
+# the packages of the clients a step talks to (MLflow, its database and HTTP stacks, boto): their errors are bad
+# input or an unreachable service, told in one line; cmce's own arrive as ValueError or OSError
+CLIENT_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
+
+
+def from_client(err: BaseException) -> bool:
+    return type(err).__module__.startswith(CLIENT_MODULES)
+
 
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The line that says what went wrong (the first), cut to `limit` characters; the type when it is empty."""

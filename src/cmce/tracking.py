@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cmce.errors import first_line
+from cmce.errors import first_line, from_client
 
 log = logging.getLogger(__name__)
 ARTIFACT_MAX_MB = 512  # larger outputs are referenced by a tag (path and sha256), not copied into the store
@@ -43,8 +43,6 @@ DATA_TAG = "cmce.data.sha256"
 EXPERIMENT = "cmce"
 ALIAS = "candidate"
 PRODUCTION = "production"
-# errors of MLflow and the stores and servers it talks to (cmce's own arrive as ValueError or OSError)
-STORE_ERRORS = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
                         record.artifacts, record.register, record.versions_of, record.promote, record.promote_along,
                         record.inputs, record.headline)
     except Exception as err:
-        if not (isinstance(err, ValueError | OSError) or type(err).__module__.startswith(STORE_ERRORS)):
+        if not (isinstance(err, ValueError | OSError) or from_client(err)):
             raise
         # the step has written its outputs by now: say so, rather than let a failed step look like no step
         reason = first_line(err)
