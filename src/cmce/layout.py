@@ -29,14 +29,22 @@ class RunLayout:
     def kd_student(self, gallery_name: str) -> Path:
         return self.root / "models" / f"kd_{gallery_name}.pt"
 
+    @property
+    def transforms_dir(self) -> Path:
+        return self.root / "transforms"
+
     def transformation(self, name: str) -> Path:
-        return self.root / "transforms" / f"{name}.pt"
+        return self.transforms_dir / f"{name}.pt"
 
     def train_embeddings(self, name: str) -> Path:
         return self.root / "embeddings" / "train" / f"{name}.parquet"
 
+    @property
+    def members_dir(self) -> Path:
+        return self.root / "embeddings" / "gallery"
+
     def member(self, name: str) -> Path:
-        return self.root / "embeddings" / "gallery" / f"{name}.parquet"
+        return self.members_dir / f"{name}.parquet"
 
     @property
     def gallery(self) -> Path:

@@ -505,8 +505,7 @@ def _refuse_other_members(lay: RunLayout, cfg: Config) -> None:
     """A transformation or member file of a gallery model the config no longer has would be read by the
     documented follow-ups (`--transform-dir`, `--members-dir`) as part of this run: refused before any work."""
     names = {g.name for g in cfg.gallery_models}
-    for example, suffix in ((lay.transformation("x"), ".pt"), (lay.member("x"), ".parquet")):
-        folder = example.parent
+    for folder, suffix in ((lay.transforms_dir, ".pt"), (lay.members_dir, ".parquet")):
         stale = sorted(p.name for p in folder.glob(f"*{suffix}") if p.stem not in names) if folder.is_dir() else []
         if stale:
             raise ValueError(f"{folder}: holds {', '.join(stale)}, of gallery models this config does not have "
