@@ -15,6 +15,11 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 PROBE_BUCKET = "cmce-ready-probe"
+# Each bucket takes a volume of its own. Left to itself, `weed mini` allows free disk / volume size volumes
+# (18 on a disk with 19 GB free), so a machine with less free disk refused writes to the suite's later
+# buckets ("InternalError"). Volumes are not preallocated: a fixed count costs no disk.
+MAX_VOLUMES = 200
+VOLUME_MB = 64
 # every listener of `weed mini`; each gets its own free port so that servers never collide
 PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
               "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")
@@ -74,7 +79,8 @@ class WeedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [binary, "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}", "-admin.ui=false",
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-                "-s3.autoCreateBucket=false", *(f"-{flag}={port}" for flag, port in self.ports.items())]
+                "-s3.autoCreateBucket=false", f"-volume.max={MAX_VOLUMES}", f"-master.volumeSizeLimitMB={VOLUME_MB}",
+                *(f"-{flag}={port}" for flag, port in self.ports.items())]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         log = open(self.data_dir.with_suffix(".log"), "ab")  # noqa: SIM115 - the server process keeps it
         self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
