@@ -294,3 +294,24 @@ def test_an_hnsw_index_answers_k_neighbours_beyond_its_ef_search(tmp_path):
                          np.zeros(300, np.float32), {"dim": 16})
     result = search(loaded, emb[:4], 250)
     assert all(len(ids) == 250 for ids in result.ids)
+
+
+def test_meta_json_that_names_another_index_type_or_metric_is_refused(tmp_path):
+    """meta.json cannot carry its own checksum: an index type edited in it was believed, and search parameters
+    or a faiss file over L2 distances were applied to an index of another kind."""
+    from cmce.storage import file_sha256
+
+    _, paths, _ = members(tmp_path, n_models=2)
+    index_dir = build_index(combine_members(paths, tmp_path / "g.parquet"), tmp_path / "index")
+    meta = json.loads((index_dir / "meta.json").read_text())
+    (index_dir / "meta.json").write_text(json.dumps({**meta, "index_type": "hnsw", "search_params": {}}))
+    with pytest.raises(IndexLoadError, match=r"index.faiss is a flat index .* records index_type 'hnsw'"):
+        load_index(index_dir)
+    flat = faiss.read_index(str(index_dir / "index.faiss"))
+    l2 = faiss.IndexFlatL2(flat.d)
+    l2.add(flat.reconstruct_n(0, flat.ntotal))
+    faiss.write_index(l2, str(index_dir / "index.faiss"))
+    files = {**meta["files"], "index.faiss": file_sha256(index_dir / "index.faiss")}
+    (index_dir / "meta.json").write_text(json.dumps({**meta, "files": files}))
+    with pytest.raises(IndexLoadError, match="over L2"):
+        load_index(index_dir)

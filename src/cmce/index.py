@@ -159,6 +159,19 @@ def _hnsw(emb: np.ndarray, opt: HnswConfig, params: dict[str, Any], notes: list[
     return BuiltIndex(index, "hnsw", params, search_params, notes)
 
 
+def index_type_of(index: Any) -> str | None:
+    """The type of an index read from disk, by its faiss class (None: no type cmce builds)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexFlatIP):
+        return "flat"
+    if isinstance(index, faiss.IndexHNSWFlat):
+        return "hnsw"
+    if isinstance(index, faiss.IndexRefineFlat) and isinstance(faiss.downcast_index(index.base_index),
+                                                                 faiss.IndexIVFPQ):
+        return "ivfpq"
+    return None
+
+
 def set_search_params(index: Any, search_params: dict[str, int]) -> None:
     """Apply stored search parameters (nprobe, k_factor, ef_search) to an index read from disk."""
     unknown = sorted(set(search_params) - {"nprobe", "k_factor", "ef_search"})
@@ -319,6 +332,12 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{shown}: index.faiss holds {index.ntotal} vectors of dimension {index.d}, ids.parquet "
                              f"{len(ids)} rows, meta.json n_indexed {meta.get('n_indexed')} and dim {meta['dim']}: "
                              "files of different builds; build the index again")
+    kind, recorded = index_type_of(index), meta.get("index_type", "flat")  # absent before index types: flat
+    if kind != recorded or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        found = kind or type(faiss.downcast_index(index)).__name__
+        raise IndexLoadError(f"{shown}: index.faiss is a {found} index over "
+                             f"{'inner products' if index.metric_type == faiss.METRIC_INNER_PRODUCT else 'L2'}, "
+                             f"meta.json records index_type {recorded!r} over inner products; build the index again")
     try:  # absent in indexes built before index types
         set_search_params(index, meta.get("search_params", {}))
     except (AttributeError, OverflowError, RuntimeError, TypeError, ValueError) as err:  # not for this index type
