@@ -215,6 +215,15 @@ def test_yaml_merge_keys_are_read_as_yaml_specifies(tmp_path):
         load_config(_write(tmp_path, text.replace("epochs: 1}", "epochs: 1, epochs: 2}")))
 
 
+def test_a_key_merged_from_a_list_of_mappings_is_the_first_ones(tmp_path):
+    """YAML: earlier mappings of a merge list win. PyYAML tells merged keys apart by the identity of their text,
+    so a long key (`heldout_fraction`, not interned) came from the last mapping, a short one from the first."""
+    text = GOOD + ("data:\n  <<: [{heldout_fraction: 0.5, image_size: 8}, {heldout_fraction: 0.25, channels: 1}]\n"
+                   "  source: digits\n")
+    cfg = load_config(_write(tmp_path, text))
+    assert (cfg.data.heldout_fraction, cfg.data.image_size, cfg.data.channels) == (0.5, 8, 1)
+
+
 @pytest.mark.parametrize("key,value", [("data.channels", 3.0), ("data.channels", True), ("data.image_size", 28.0),
                                        ("transform.depth", 2.0), ("train.epochs", False), ("seed", 1.5)])
 def test_an_integer_key_takes_only_an_integer(tmp_path, key, value):

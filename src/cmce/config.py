@@ -100,6 +100,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """As PyYAML, but a key merged from two sources is the first source's, as YAML specifies: PyYAML tells
+        keys apart by the identity of their text, so a long key (not interned) was taken from the last source."""
+        own = sum(key.tag != "tag:yaml.org,2002:merge" for key, _ in node.value)
+        super().flatten_mapping(node)
+        merged, seen = [], set()
+        for key, value in node.value[:len(node.value) - own]:
+            name = (key.tag, key.value) if isinstance(key, yaml.ScalarNode) else id(key)
+            if name not in seen:
+                seen.add(name)
+                merged.append((key, value))
+        node.value = merged + node.value[len(node.value) - own:]
+
 
 def read_yaml(text: str) -> Any:
     """yaml.safe_load, refusing duplicate keys (merge keys `<<` work as YAML specifies)."""
