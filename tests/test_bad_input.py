@@ -1852,6 +1852,7 @@ def test_member_files_are_named_by_model_and_never_replace_another_kind(world, t
     ("AWS_RETRY_MODE", "forever", "one of standard, adaptive, legacy expected"),
     ("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000", "an http:// or https:// URL expected"),
     ("AWS_ENDPOINT_URL", "http://host:notaport", "an http:// or https:// URL expected"),
+    ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000/b", "the server's URL without a path expected"),  # "no such object"
     ("AWS_CA_BUNDLE", "/no/such/ca.pem", "no such certificate file"),
 ])
 def test_an_s3_setting_out_of_range_is_refused_before_any_work(name, value, expected, world, tmp_path, caplog, capsys,

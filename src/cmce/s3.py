@@ -123,6 +123,9 @@ def _endpoint_url(name: str) -> None:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"environment variable {name}={redact(raw)!r}: an http:// or https:// URL expected")
+    if parts.path.strip("/") or parts.query or parts.fragment:  # botocore puts a path before every bucket
+        raise ValueError(f"environment variable {name}={redact(raw)!r}: the server's URL without a path expected "
+                         f"({parts.scheme}://{parts.netloc}); buckets and keys go in the s3:// URI")
 
 
 def check_env() -> None:
