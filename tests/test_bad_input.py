@@ -1197,6 +1197,28 @@ def test_a_locked_store_is_named_without_waiting_on_retries(world, tmp_path, cap
         other.execute("ROLLBACK")
 
 
+def test_a_store_beside_a_journal_left_by_a_crashed_writer_is_used(world, tmp_path, caplog, monkeypatch):
+    """sqlite rolls such a journal back at its first write, but the read-only look refused the store ("attempt
+    to write a readonly database"); another application's database beside a journal is still named."""
+    from cmce.tracking import start_parent_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run_id = start_parent_run(uri, "parent", {})
+    (tmp_path / "mlflow.db-journal").write_bytes(np.random.default_rng(0).bytes(4096))
+    out = tmp_path / "index"
+    assert main(["--mlflow-uri", uri, "--mlflow-parent", run_id, "build-index", "--gallery", str(world.gallery),
+                 "--out", str(out)]) == 0
+    assert (out / "meta.json").exists()
+    foreign = sqlite_file(tmp_path / "other.db", "foreign")
+    (tmp_path / "other.db-journal").write_bytes(np.random.default_rng(1).bytes(4096))
+    before = snapshot(foreign)
+    fails(caplog, ["--mlflow-uri", f"sqlite:///{foreign}", "--mlflow-parent", run_id, "build-index", "--gallery",
+                   world.gallery, "--out", tmp_path / "index2"], tmp_path / "index2", "of another application")
+    assert snapshot(foreign) == before
+
+
 def test_a_step_whose_tracking_fails_says_its_outputs_are_written(world, tmp_path, caplog, monkeypatch):
     """The store locked while the step ran: the step's outputs are there, its run is not; one line says which."""
     import sqlite3

@@ -161,8 +161,13 @@ def check_store(uri: str, create: bool = False) -> None:
     with path.open("rb") as f:
         if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
             raise ValueError(f"{uri}: {path} is not a sqlite database")
-    try:  # read-only: this look must not write either
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOCK_WAIT_S)
+    # read-only: this look must not write either. A journal left by a writer that crashed is rolled back by the
+    # first writer (MLflow), but a read-only connection refuses it ("attempt to write a readonly database"): the
+    # table names are then read from the file as it is.
+    journal = path.with_name(path.name + "-journal").exists()
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?{'immutable=1' if journal else 'mode=ro'}", uri=True,
+                              timeout=LOCK_WAIT_S)
         try:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
