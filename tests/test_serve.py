@@ -593,3 +593,57 @@ def test_sighup_under_load_stops_the_server_gracefully(world, tmp_path):
         thread.join()
         server.stop()
     assert failures == [] and "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def raw_exchange(server: Server, raw: bytes) -> tuple[bytes, bytes, bool]:
+    """Send `raw` on one connection: the response head, its body, and whether the server then closed it."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(raw)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < content_length(reply):
+            reply += conn.recv(65536)
+        conn.settimeout(2)
+        try:
+            closed = conn.recv(1) == b""
+        except (TimeoutError, ConnectionResetError) as err:
+            closed = isinstance(err, ConnectionResetError)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.lower(), body, closed
+
+
+def content_length(reply: bytes) -> int:
+    for line in reply.partition(b"\r\n\r\n")[0].lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 1 << 30
+
+
+def test_http_framing_below_the_routes_is_read_or_refused_naming_its_part(world):
+    """An absolute-form target (which servers must accept) was 404; a body framed by both Content-Length and
+    chunked coding was answered on a connection kept open; a gzip body was "error parsing the body"; 404 and 405
+    named the field `body`; a key holding a lone surrogate was "content-type application/json expected"."""
+    _, model, _, server = world
+    body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
+    length = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    head, answer, closed = raw_exchange(server, f"POST {server.url}/search HTTP/1.1\r\nHost: x\r\n".encode()
+                                        + length + body)
+    assert head.startswith(b"http/1.1 200") and json.loads(answer)["results"], answer
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    head, answer, closed = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                        + length + chunked)
+    assert head.startswith(b"http/1.1 400") and closed and json.loads(answer)["field"] == "request", answer
+    import gzip
+
+    res = requests.post(f"{server.url}/search", data=gzip.compress(body), timeout=10,
+                        headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert res.status_code == 415 and res.json() == {"error": "content-encoding: gzip: only an uncompressed body "
+                                                               "is read", "field": "content-encoding"}
+    res = requests.get(f"{server.url}/search", timeout=10)
+    assert res.status_code == 405 and res.json()["field"] == "method" and res.headers["allow"] == "POST", res.text
+    res = requests.post(f"{server.url}/serch", data=body, timeout=10)
+    assert res.status_code == 404 and res.json()["field"] == "path" and "POST /search" in res.json()["error"]
+    res = requests.post(f"{server.url}/search", data=body[:-1] + b', "\\ud800x": 1}', timeout=10,
+                        headers={"content-type": "application/json"})
+    assert res.status_code == 422 and "is not valid Unicode" in res.json()["error"], res.text
+    assert server.search(**json.loads(body)).status_code == 200  # still serving

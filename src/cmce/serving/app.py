@@ -2,10 +2,13 @@
 
 Errors are JSON `{"error": message, "field": name}`: 422 for a field that is malformed or out of range (another
 dimension, a non-finite or zero vector, an undecodable image, k over --max-k), 409 for embeddings of another
-query-model version, 413 for a body over --max-body-bytes or more queries than --max-queries.
+query-model version, 413 for a body over --max-body-bytes or more queries than --max-queries, 415 for a compressed
+body, 404 / 405 for another path or method (field "path" / "method"), 400 for malformed HTTP (field "request").
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 import faiss
 from fastapi import FastAPI
@@ -19,6 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cmce.serving.queries import Limits, RequestError, answer, embeddings_query, images_query
 from cmce.serving.state import Holder
 
+ENDPOINTS = "POST /search, GET /healthz, GET /readyz, GET /version"
+
 
 class SearchRequest(BaseModel):
     """Either `embeddings` (computed by the client's query model, tagged with its checkpoint's sha256) or
@@ -31,10 +36,10 @@ class SearchRequest(BaseModel):
     k: int = Field(5, ge=1, strict=True)  # strict: `true` is not 1
 
 
-def _error(status: int, field: str, message: str) -> JSONResponse:
+def _error(status: int, field: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     # a lone surrogate from a JSON escape cannot be encoded as UTF-8: escaped, or the refusal itself failed (500)
     text = f"{field}: {message}".encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse({"error": text, "field": field}, status_code=status)
+    return JSONResponse({"error": text, "field": field}, status_code=status, headers=headers)
 
 
 def _field(loc: tuple) -> str:
@@ -43,6 +48,34 @@ def _field(loc: tuple) -> str:
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
     return out or "body"
+
+
+class RequestFraming:
+    """What uvicorn passes on and the routes would misread. An absolute-form target (`POST http://host/search`,
+    which RFC 9112 says a server must accept) was routed as a path: 404. A body framed by both Content-Length and
+    chunked coding (the request-smuggling shape) was answered and the connection kept: refused, and closed. A
+    compressed body was refused as unparsable: 415 naming Content-Encoding."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"].startswith(("http://", "https://")):
+            path = urlsplit(scope["path"]).path or "/"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        names = [name for name, _ in scope["headers"]]
+        if b"content-length" in names and b"transfer-encoding" in names:
+            refusal = _error(400, "request", "malformed HTTP: both Content-Length and Transfer-Encoding given",
+                             {"connection": "close"})
+            return await refusal(scope, receive, send)
+        codings = [value.strip().lower() for name, value in scope["headers"] if name == b"content-encoding"]
+        if any(coding not in (b"", b"identity") for coding in codings):
+            shown = b", ".join(codings).decode("latin-1")
+            refusal = _error(415, "content-encoding", f"{shown}: only an uncompressed body is read")
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -92,20 +125,31 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
                                         "embeddings or images")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestFraming)  # added last: runs first
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, err: RequestError) -> JSONResponse:
         return _error(err.status, err.field, err.message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def unparsable(_: Request, err: StarletteHTTPException) -> JSONResponse:  # e.g. JSON nested too deep
-        return _error(err.status_code, "body", str(err.detail))
+    async def unparsable(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            return _error(404, "path", f"{request.url.path}: no such endpoint; there are {ENDPOINTS}")
+        if err.status_code == 405:
+            allowed = (err.headers or {}).get("Allow", "")
+            return _error(405, "method", f"{request.method} is not allowed on {request.url.path} (allowed: "
+                                         f"{allowed})", err.headers)
+        return _error(err.status_code, "body", str(err.detail))  # e.g. JSON nested too deep
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
         if first.get("type") == "json_invalid":  # its location is a character position, not a field
             return _error(422, "body", f"not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        if first.get("type") == "string_unicode":  # where a key holds it, pydantic gives no location
+            where = _field(tuple(first["loc"]))
+            return _error(422, where, f"{first['input']!r} is not valid Unicode (a lone surrogate escape such as "
+                                      "\\ud800)")
         if tuple(first["loc"]) == ("body",):  # not a JSON object (or not sent as JSON: curl -d sends a form)
             return _error(422, "body", f"a JSON object with content-type application/json expected: {first['msg']}")
         return _error(422, _field(tuple(first["loc"])), first["msg"])
