@@ -647,3 +647,24 @@ def test_http_framing_below_the_routes_is_read_or_refused_naming_its_part(world)
                         headers={"content-type": "application/json"})
     assert res.status_code == 422 and "is not valid Unicode" in res.json()["error"], res.text
     assert server.search(**json.loads(body)).status_code == 200  # still serving
+
+
+def test_a_stop_while_a_body_is_still_arriving_cuts_it_without_a_traceback(world, tmp_path):
+    """A client sending its body slowly when SIGTERM came: after the graceful timeout the request was cancelled
+    with a 25-line "Exception in ASGI application" traceback in the log of a routine stop."""
+    _, model, index, _ = world
+    server = Server(["--index", str(index), "--query-model", str(model)], tmp_path / "serve.log")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"embeddings\": ")
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            assert server.proc.wait(timeout=30) == 0
+        finally:
+            server.stop()
+        reply = conn.recv(65536)
+    log = (tmp_path / "serve.log").read_text()
+    assert reply.startswith(b"HTTP/1.1 503") and b"the server stopped before the request body arrived" in reply
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]

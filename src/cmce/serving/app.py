@@ -8,6 +8,8 @@ body, 404 / 405 for another path or method (field "path" / "method"), 400 for ma
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from urllib.parse import urlsplit
 
 import faiss
@@ -22,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cmce.serving.queries import Limits, RequestError, answer, embeddings_query, images_query
 from cmce.serving.state import Holder
 
+log = logging.getLogger(__name__)
 ENDPOINTS = "POST /search, GET /healthz, GET /readyz, GET /version"
 
 
@@ -96,7 +99,13 @@ class BodyLimit:
             return await too_large()(scope, receive, send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:  # a stop's graceful timeout ran out while this body was arriving
+                log.info("a request whose body was still arriving was cut: the server is stopping")
+                refusal = _error(503, "body", "the server stopped before the request body arrived",
+                                 {"connection": "close"})
+                return await refusal(scope, receive, send)  # not a traceback in the log of a routine stop
             if message["type"] == "http.disconnect":
                 return None
             chunks.append(message.get("body", b""))
