@@ -448,8 +448,8 @@ def gallery_column(world: World, name: str) -> np.ndarray:
     "column,values,message",
     [
         ("uncertainty", None, "missing column 'uncertainty'"),
-        ("embedding", "float64 lists",
-         "column 'embedding' has type list<element: double>, expected fixed_size_list<float32>"),
+        ("embedding", "ragged lists", "column 'embedding' holds lists of 2 lengths (7 to 8): embeddings of one "
+                                      "dimension expected"),
         ("uncertainty", "strings", "column 'uncertainty' has type string, expected a float"),
         ("embedding", "inf at row 5", "column 'embedding' has NaN/inf values in 1 rows (first: row 5)"),
         ("uncertainty", "NaN at row 3", "column 'uncertainty' has NaN/inf values in 1 rows (first: row 3)"),
@@ -457,14 +457,15 @@ def gallery_column(world: World, name: str) -> np.ndarray:
         ("embedding", "3e38 at row 4", "column 'embedding': row 4 is not finite (or too large to normalise)"),
         ("embedding", "zeros at row 2", "column 'embedding': row 2 is all zeros"),
     ],
-    ids=["missing-column", "embedding-float64", "uncertainty-string", "embedding-inf", "uncertainty-nan",
+    ids=["missing-column", "embedding-ragged", "uncertainty-string", "embedding-inf", "uncertainty-nan",
          "label-string", "embedding-norm-overflows", "embedding-zero"],
 )
 def test_bad_gallery_file_for_build_index(world, tmp_path, caplog, column, values, message):
     table = pq.read_table(world.gallery)
     n = table.num_rows
-    if values == "float64 lists":
-        arr = pa.array(gallery_column(world, "embedding").astype(np.float64).tolist())
+    if values == "ragged lists":  # float64 lists of one length are read (another tool's writing)
+        rows = gallery_column(world, "embedding").astype(np.float64).tolist()
+        arr = pa.array([row[:-1] if i == 3 else row for i, row in enumerate(rows)])
     elif values == "strings":
         arr = pa.array([str(v) for v in table.column(column).to_pylist()])
     elif values == "inf at row 5":
@@ -773,6 +774,34 @@ def test_the_lifecycle_steps_may_still_replace_the_gallery_they_grow(world, tmp_
     assert main(["add-member", "--gallery", str(single), "--member", str(world.members[1]),
                  "--out", str(single)]) == 0
     assert read_metadata(single)["members"] == read_metadata(world.gallery)["members"]
+
+
+@pytest.mark.parametrize("layout", [pa.list_(pa.float64()), pa.large_list(pa.float32()), pa.list_(pa.float16())])
+def test_a_gallery_rewritten_by_another_tool_is_indexed_as_the_written_one(world, tmp_path, caplog, layout):
+    """pandas and Polars write list<double>: the same vectors were refused ("expected fixed_size_list<float32>").
+    A step that extends the file names its column instead."""
+    def rewrite(path: Path, to: Path) -> Path:
+        table = pq.read_table(path)
+        fields = [pa.field(f.name, layout) if pa.types.is_fixed_size_list(f.type) else f for f in table.schema]
+        pq.write_table(table.cast(pa.schema(fields, metadata=table.schema.metadata)), to)
+        return to
+
+    gallery = rewrite(world.gallery, tmp_path / "rewritten.parquet")
+    kept = _inputs_kept(gallery)
+    assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "index")]) == 0
+    from cmce.index import load_index
+
+    mine, theirs = load_index(world.index), load_index(tmp_path / "index")
+    assert theirs.ids == mine.ids
+    tolerance = 1e-3 if layout.value_type == pa.float16() else 1e-6
+    np.testing.assert_allclose(theirs.index.reconstruct_n(0, theirs.index.ntotal),
+                               mine.index.reconstruct_n(0, mine.index.ntotal), atol=tolerance)
+    assert _inputs_kept(gallery) == kept
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(tmp_path / "single.parquet")]) == 0
+    single = rewrite(tmp_path / "single.parquet", tmp_path / "single_rewritten.parquet")
+    out = tmp_path / "grown.parquet"
+    fails(caplog, ["add-member", "--gallery", single, "--member", world.members[1], "--out", out], out,
+          f"{single}: column 'embedding' has type", "not one rewritten by another tool")
 
 
 # ---------------------------------------------------------------- numeric flags and checkpoint fields

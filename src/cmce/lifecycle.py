@@ -33,6 +33,7 @@ from cmce.tables import (
     read_metadata,
     read_table,
     rows_of,
+    stored_dim,
     string_column,
     writer_options,
 )
@@ -114,7 +115,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
     g_schema = pq.read_schema(gallery)
     raw_type = pq.read_schema(member).field("raw").type
     schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
-    dim = g_schema.field("embedding").type.list_size
+    dim = stored_dim(g_schema, "embedding", str(gallery))
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
         for g, m in aligned_batches([gallery, member], batch_size):
             ids = string_column(g, "id", str(gallery))

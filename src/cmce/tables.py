@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cmce.errors import first_line
@@ -150,20 +151,58 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = None) -> np.ndarray:
-    """A fixed-size-list float32 column → (rows, dim) array, checked for type, dimension, finiteness."""
+    """A fixed-size-list float32 column (or lists of floats of one length) → (rows, dim) float32 array, checked
+    for type, dimension, finiteness."""
     if name not in table.column_names:
         raise TableError(f"{where}: missing column '{name}'")
     col = table.column(name)
     if not pa.types.is_fixed_size_list(col.type) or col.type.value_type != pa.float32():
-        raise TableError(f"{where}: column '{name}' has type {col.type}, expected fixed_size_list<float32>")
+        return _check_embeddings(_other_float_lists(col, name, where, dim), name, where, dim)
     width = col.type.list_size
-    if dim is not None and width != dim:
-        raise TableError(f"{where}: column '{name}' has dimension {width}, expected {dim}")
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if arr.null_count:
         raise TableError(f"{where}: column '{name}' has {arr.null_count} null rows")
     values = arr.values.to_numpy(zero_copy_only=False)[arr.offset * width : (arr.offset + len(arr)) * width]
-    out = values.reshape(len(arr), width)
+    return _check_embeddings(values.reshape(len(arr), width), name, where, dim)
+
+
+def stored_dim(schema: pa.Schema, name: str, where: str) -> int:
+    """The dimension of an embedding column a step copies as it is (cmce's own layout, fixed_size_list<float32>):
+    tables that are only read take other float lists too (embedding_column)."""
+    kind = schema.field(name).type if name in schema.names else None
+    if kind is None or not pa.types.is_fixed_size_list(kind) or kind.value_type != pa.float32():
+        raise TableError(f"{where}: column '{name}' has type {kind}; this step extends a file cmce wrote "
+                         "(fixed_size_list<float32>), not one rewritten by another tool")
+    return kind.list_size
+
+
+LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list, pa.types.is_list_view,
+              pa.types.is_large_list_view)
+
+
+def _other_float_lists(col: pa.ChunkedArray, name: str, where: str, dim: int | None) -> np.ndarray:
+    """Embeddings written by other tools: lists of any float type and list layout (pandas and Polars write
+    list<double>, Arrow 16+ may write list views), all of one length."""
+    kind = col.type
+    if not any(is_type(kind) for is_type in LIST_TYPES) or not pa.types.is_floating(kind.value_type):
+        raise TableError(f"{where}: column '{name}' has type {kind}, expected fixed_size_list<float32> (or lists of "
+                         "floats of one length)")
+    arr = col.combine_chunks()
+    if arr.null_count:
+        raise TableError(f"{where}: column '{name}' has {arr.null_count} null rows")
+    widths = np.unique(pc.list_value_length(arr).to_numpy(zero_copy_only=False))
+    if len(widths) > 1:
+        raise TableError(f"{where}: column '{name}' holds lists of {len(widths)} lengths ({widths[0]} to "
+                         f"{widths[-1]}): embeddings of one dimension expected")
+    width = int(widths[0]) if len(widths) else (dim or 0)
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+        values = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.float32)  # a null value: NaN
+    return values.reshape(len(arr), width)
+
+
+def _check_embeddings(out: np.ndarray, name: str, where: str, dim: int | None) -> np.ndarray:
+    if dim is not None and out.shape[1] != dim:
+        raise TableError(f"{where}: column '{name}' has dimension {out.shape[1]}, expected {dim}")
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
         raise TableError(
