@@ -58,10 +58,11 @@ class World:
     index: Path
 
 
-def tiny_model(path: Path, name: str, arch: str, dim: int, seed: int) -> Path:
+def tiny_model(path: Path, name: str, arch: str, dim: int, seed: int, role: str | None = None) -> Path:
     torch.manual_seed(seed)
     net = EmbeddingNet(arch, 1, dim, 4).eval()
-    m = EmbeddingModel(name, arch, net, torch.randn(10, dim), 16.0, 1, 8, dim, meta={"history": [{"epoch": 1}]})
+    meta = {"history": [{"epoch": 1}], **({"role": role} if role else {})}  # no role: a checkpoint from before roles
+    m = EmbeddingModel(name, arch, net, torch.randn(10, dim), 16.0, 1, 8, dim, meta=meta)
     save_embedding_model(m, path, 4)
     return path
 
@@ -1656,6 +1657,28 @@ def test_an_s3_endpoint_that_never_answers_fails_within_its_timeouts(world, tmp_
         _no_alarm()
         listener.close()
     assert time.monotonic() - start < 30
+
+
+def test_a_model_trained_as_the_other_kind_is_refused_where_one_kind_is_taken(world, tmp_path, caplog):
+    """A gallery model exported for the edge, or given as the query model of a transformation, ran without a word:
+    checkpoints now record the role they were trained for."""
+    from cmce.checkpoint import load_embedding_model
+
+    gallery_model = tiny_model(tmp_path / "big.pt", "resnet_a", "resnet", 12, seed=2, role="gallery")
+    query_model = tiny_model(tmp_path / "small.pt", "query", "query_cnn", 8, seed=0, role="query")
+    out = tmp_path / "q.onnx"
+    fails(caplog, ["export-query", "--query-model", gallery_model, "--out", out], out,
+          f"--query-model {gallery_model}: a gallery model 'resnet_a'", "a query model is expected")
+    t = tmp_path / "t.pt"
+    fit = ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--out", t]
+    fails(caplog, [*fit, "--query-model", gallery_model, "--gallery-model", world.gallery_models[0]], t,
+          f"--query-model {gallery_model}: a gallery model")
+    fails(caplog, [*fit, "--query-model", world.query, "--gallery-model", query_model], t,
+          f"--gallery-model {query_model}: a query model 'query'", "a gallery model is expected")
+    trained = tmp_path / "trained_query.pt"
+    assert main(["train", "--config", str(SMOKE), *TINY, "--set", "train.epochs=1", "--dataset", str(world.dataset),
+                 "--model", "query", "--out", str(trained)]) == 0
+    assert load_embedding_model(trained).meta["role"] == "query"
 
 
 def test_an_output_file_is_replaced_only_by_a_file_of_its_format_and_kind(world, tmp_path, caplog):

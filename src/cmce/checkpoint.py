@@ -160,6 +160,20 @@ def save_embedding_model(m: EmbeddingModel, path: str | Path, width: int) -> str
     return save_checkpoint(obj, path)
 
 
+ROLES = {"query": ("query", "kd_student"), "gallery": ("gallery",)}  # roles a step taking one accepts
+
+
+def require_role(model: EmbeddingModel, wanted: str, where: str) -> EmbeddingModel:
+    """A model trained as the other kind is refused: a gallery model exported for the edge, or given as the query
+    model of a transformation, ran without a word. Checkpoints written before roles ("embedding") pass."""
+    role = model.meta.get("role")
+    if role in ("query", "gallery", "kd_student") and role not in ROLES[wanted]:
+        shown = "KD student" if role == "kd_student" else f"{role} model"
+        raise CheckpointError(f"{where}: a {shown} {model.name!r} (its checkpoint records the role it "
+                              f"was trained for); a {wanted} model is expected")
+    return model
+
+
 def require_keys(obj: dict[str, Any], keys: list[str], path: str | Path) -> None:
     missing = [k for k in keys if k not in obj]
     if missing:

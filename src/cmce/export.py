@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import cmce
-from cmce.checkpoint import EmbeddingModel, load_embedding_model
+from cmce.checkpoint import EmbeddingModel, load_embedding_model, require_role
 from cmce.data.codec import to_float
 from cmce.data.readers import iter_split_batches
 from cmce.embed import embed_batch
@@ -229,7 +229,7 @@ def export_query_model(checkpoint: str | Path, out: str | Path, check_dataset: s
 
     from cmce.index import load_index
 
-    model = load_embedding_model(checkpoint)
+    model = require_role(load_embedding_model(checkpoint), "query", f"--query-model {checkpoint}")
     # another query model's index is refused before the export and the parity pass, not after them
     index = load_index(check_index, query_sha256=model.sha256) if check_index is not None else None
     proto = to_onnx(model)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import load_embedding_model
+from cmce.checkpoint import load_embedding_model, require_role
 from cmce.config import Config, IndexConfig, ModelSpec
 from cmce.data.loader import WHOLE, Shard
 from cmce.data.prepare import prepare_dataset
@@ -100,11 +100,11 @@ class ModelOutputs:
 def train_model(cfg: Config, inp: TrainInputs, out: ModelOutputs) -> StepRecord | None:
     """Train one embedding model; the record on the main rank (None on the others under torchrun)."""
     use_device(cfg)
-    train_embedding_model(inp.dataset, model_spec(cfg, inp.model), cfg.data, cfg.train, out.checkpoint)
-    if not ddp.is_main():
-        return None
     new_query = cfg.lifecycle.new_query_model
     role = "query" if inp.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
+    train_embedding_model(inp.dataset, model_spec(cfg, inp.model), cfg.data, cfg.train, out.checkpoint, role)
+    if not ddp.is_main():
+        return None
     return read_data(record_model(cfg, out.checkpoint, role), inp.dataset)
 
 
@@ -150,8 +150,9 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
     """Embed the train split with both frozen models, fit T, save it (and the raw train embeddings).
     Under torchrun every rank embeds the whole split and fits its share of each batch; rank 0 writes."""
     use_device(cfg)
-    q_model = load_embedding_model(inp.query_model)
-    g_model = load_embedding_model(inp.gallery_model)
+    q_model = require_role(load_embedding_model(inp.query_model), "query", f"--query-model {inp.query_model}")
+    g_model = require_role(load_embedding_model(inp.gallery_model), "gallery",
+                           f"--gallery-model {inp.gallery_model}")
     q = embed_split(q_model, inp.dataset, "train", cfg.batch_size)
     g = embed_split(g_model, inp.dataset, "train", cfg.batch_size)
     if q.ids != g.ids:

@@ -134,8 +134,10 @@ def train_embedding_model(
     data_cfg: DataConfig,
     cfg: TrainConfig,
     out: str | Path,
+    role: str = "embedding",
 ) -> EmbeddingModel:
-    """Train one embedding model with a cosine-softmax head; save a weights-only checkpoint."""
+    """Train one embedding model with a cosine-softmax head; save a weights-only checkpoint. `role` ("query" or
+    "gallery", recorded in it) lets the steps that take one refuse the other."""
     torch.manual_seed(spec.seed)
     data = subset(load_split(dataset, "train", data_cfg.channels, data_cfg.image_size), spec.data_fraction, spec.seed)
     classes = np.unique(data.labels)
@@ -174,7 +176,7 @@ def train_embedding_model(
         in_channels=data_cfg.channels,
         image_size=data_cfg.image_size,
         embedding_dim=spec.embedding_dim,
-        meta={"history": history, "seed": spec.seed, "train_images": len(data.ids), "role": "embedding",
+        meta={"history": history, "seed": spec.seed, "train_images": len(data.ids), "role": role,
               "pretrained": is_pretrained(spec.arch), "backbone_lr_scale": spec.backbone_lr_scale},
     )
     return _save_on_main(model, out, spec.width, resume)
