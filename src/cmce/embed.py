@@ -27,7 +27,7 @@ from cmce.data.codec import to_float
 from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch, same_split, split_source
 from cmce.data.readers import SplitArrays
 from cmce.method import RunningEnsemble
-from cmce.storage import Unchanged, atomic_path
+from cmce.storage import atomic_path, inputs_unchanged
 from cmce.tables import (
     IdsDigest,
     TableError,
@@ -183,19 +183,18 @@ def embed_with_model(
 ) -> Path:
     """Embed one split (or one shard of it) with one gallery model and its transformation; stream
     batches to Parquet."""
-    inputs = Unchanged([dataset])
-    model = load_embedding_model(model_path)
-    t = load_transformation(transform_path, query_sha256=query_sha256, gallery_sha256=model.sha256)
-    meta = member_metadata(model.name, model.arch, model.sha256, t.sha256, query_sha256, split,
-                           split_source(dataset, split))
-    if shard.count > 1:
-        meta["shard"] = str(shard)
-    schema = member_schema(model.embedding_dim, t.out_dim, meta)
-    out = Path(out)
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
-        for batch, raw in iter_embeddings(model, dataset, split, batch_size, shard, workers):
-            writer.write_table(member_table(batch.ids, batch.labels, raw, t.apply(raw), schema))
-        inputs.check()  # the rows and the source above came from one version of the dataset
+    with inputs_unchanged([dataset]):  # every atomic write below checks them before its rename
+        model = load_embedding_model(model_path)
+        t = load_transformation(transform_path, query_sha256=query_sha256, gallery_sha256=model.sha256)
+        meta = member_metadata(model.name, model.arch, model.sha256, t.sha256, query_sha256, split,
+                               split_source(dataset, split))
+        if shard.count > 1:
+            meta["shard"] = str(shard)
+        schema = member_schema(model.embedding_dim, t.out_dim, meta)
+        out = Path(out)
+        with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
+            for batch, raw in iter_embeddings(model, dataset, split, batch_size, shard, workers):
+                writer.write_table(member_table(batch.ids, batch.labels, raw, t.apply(raw), schema))
     log.info("wrote %s (%s, %s split)", out, model.name, split)
     return out
 
@@ -214,79 +213,79 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     """Combine per-model embedding files into the gallery file, batch by batch (bounded memory)."""
     if not member_paths:
         raise ValueError("combine needs at least one per-model embedding file")
-    inputs = Unchanged(member_paths)
-    metas = [read_metadata(p) for p in member_paths]
-    for p, m in zip(member_paths, metas, strict=True):
-        if m.get("kind") != "gallery_member":
-            raise TableError(f"{p}: not a per-model gallery embedding file (kind={m.get('kind')!r})")
-    query_sha = {m["query_model_sha256"] for m in metas}
-    if len(query_sha) != 1:
-        raise TableError(f"{member_paths}: members were transformed for different query models {sorted(query_sha)}")
-    names = [m["gallery_model"]["name"] for m in metas]
-    if len(set(names)) != len(names):
-        raise TableError(f"duplicate gallery model names among members: {names}")
-    for p in member_paths:
-        read_schema(p, ["id", "label", "raw", "transformed"])
-    files = [pq.ParquetFile(p) for p in member_paths]
-    rows = {f.metadata.num_rows for f in files}
-    if len(rows) != 1:
-        raise TableError(f"{member_paths}: members have different row counts {sorted(rows)}")
-    t_type = files[0].schema_arrow.field("transformed").type
-    if not pa.types.is_fixed_size_list(t_type):
-        raise TableError(
-            f"{member_paths[0]}: column 'transformed' has type {t_type}, expected fixed_size_list<float32>"
-        )
-    q_dim = t_type.list_size
-    fields = [
-        ("id", pa.string()),
-        ("label", pa.int32()),
-        ("embedding", pa.list_(pa.float32(), q_dim)),
-        ("uncertainty", pa.float32()),
-        ("ensemble_sum", pa.list_(pa.float32(), q_dim)),
-        ("n_models", pa.int32()),
-    ] + [(f"raw_{n}", f.schema_arrow.field("raw").type) for n, f in zip(names, files, strict=True)]
-    shards = {m.get("shard") for m in metas}
-    if len(shards) != 1:
-        raise TableError(f"{member_paths}: members come from different shards {sorted(map(str, shards))}")
-    if not all(same_split(m.get("source"), metas[0].get("source")) for m in metas):
-        raise TableError(f"{member_paths}: members embed different dataset files or splits (their 'source' differs)")
-    meta = {
-        "kind": "gallery",
-        "split": metas[0]["split"],
-        **({"shard": metas[0]["shard"]} if metas[0].get("shard") else {}),
-        **({"source": metas[0]["source"]} if metas[0].get("source") else {}),
-        "query_model_sha256": query_sha.pop(),
-        "members": [{**m["gallery_model"], "transformation_sha256": m["transformation_sha256"]} for m in metas],
-    }
-    schema = pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
-    out = Path(out)
-    iters = [iter_batches(p, batch_size) for p in member_paths]
-    seen: set[str] = set()
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
-        for parts in zip(*iters, strict=True):
-            tables = [pa.Table.from_batches([b]) for b in parts]
-            ids = string_column(tables[0], "id", str(member_paths[0]))
-            labels = int_column(tables[0], "label", str(member_paths[0]))
-            check_unique_ids(ids, str(member_paths[0]), seen)
-            ens = RunningEnsemble()
-            raws = []
-            for p, t in zip(member_paths, tables, strict=True):
-                if string_column(t, "id", str(p)) != ids:
-                    raise TableError(f"{p}: ids are not in the same order as {member_paths[0]}")
-                if not np.array_equal(int_column(t, "label", str(p)), labels):
-                    raise TableError(f"{p}: labels differ from {member_paths[0]} for the same ids (another version "
-                                     "of the dataset)")
-                ens.add(embedding_column(t, "transformed", str(p), q_dim), f"{p}: column 'transformed'")
-                embedding_column(t, "raw", str(p))  # checked here so no NaN reaches the gallery file
-                raws.append(t.column("raw").combine_chunks())
-            cols = [
-                pa.array(ids),
-                pa.array(labels.astype(np.int32)),
-                *ensemble_columns(ens).values(),
-                *raws,
-            ]
-            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
-        inputs.check()
+    with inputs_unchanged(member_paths):  # every atomic write below checks them before its rename
+        metas = [read_metadata(p) for p in member_paths]
+        for p, m in zip(member_paths, metas, strict=True):
+            if m.get("kind") != "gallery_member":
+                raise TableError(f"{p}: not a per-model gallery embedding file (kind={m.get('kind')!r})")
+        query_sha = {m["query_model_sha256"] for m in metas}
+        if len(query_sha) != 1:
+            raise TableError(f"{member_paths}: members were transformed for different query models {sorted(query_sha)}")
+        names = [m["gallery_model"]["name"] for m in metas]
+        if len(set(names)) != len(names):
+            raise TableError(f"duplicate gallery model names among members: {names}")
+        for p in member_paths:
+            read_schema(p, ["id", "label", "raw", "transformed"])
+        files = [pq.ParquetFile(p) for p in member_paths]
+        rows = {f.metadata.num_rows for f in files}
+        if len(rows) != 1:
+            raise TableError(f"{member_paths}: members have different row counts {sorted(rows)}")
+        t_type = files[0].schema_arrow.field("transformed").type
+        if not pa.types.is_fixed_size_list(t_type):
+            raise TableError(
+                f"{member_paths[0]}: column 'transformed' has type {t_type}, expected fixed_size_list<float32>"
+            )
+        q_dim = t_type.list_size
+        fields = [
+            ("id", pa.string()),
+            ("label", pa.int32()),
+            ("embedding", pa.list_(pa.float32(), q_dim)),
+            ("uncertainty", pa.float32()),
+            ("ensemble_sum", pa.list_(pa.float32(), q_dim)),
+            ("n_models", pa.int32()),
+        ] + [(f"raw_{n}", f.schema_arrow.field("raw").type) for n, f in zip(names, files, strict=True)]
+        shards = {m.get("shard") for m in metas}
+        if len(shards) != 1:
+            raise TableError(f"{member_paths}: members come from different shards {sorted(map(str, shards))}")
+        if not all(same_split(m.get("source"), metas[0].get("source")) for m in metas):
+            raise TableError(f"{member_paths}: members embed different dataset files or splits (their 'source' "
+                             "differs)")
+        meta = {
+            "kind": "gallery",
+            "split": metas[0]["split"],
+            **({"shard": metas[0]["shard"]} if metas[0].get("shard") else {}),
+            **({"source": metas[0]["source"]} if metas[0].get("source") else {}),
+            "query_model_sha256": query_sha.pop(),
+            "members": [{**m["gallery_model"], "transformation_sha256": m["transformation_sha256"]} for m in metas],
+        }
+        schema = pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
+        out = Path(out)
+        iters = [iter_batches(p, batch_size) for p in member_paths]
+        seen: set[str] = set()
+        with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
+            for parts in zip(*iters, strict=True):
+                tables = [pa.Table.from_batches([b]) for b in parts]
+                ids = string_column(tables[0], "id", str(member_paths[0]))
+                labels = int_column(tables[0], "label", str(member_paths[0]))
+                check_unique_ids(ids, str(member_paths[0]), seen)
+                ens = RunningEnsemble()
+                raws = []
+                for p, t in zip(member_paths, tables, strict=True):
+                    if string_column(t, "id", str(p)) != ids:
+                        raise TableError(f"{p}: ids are not in the same order as {member_paths[0]}")
+                    if not np.array_equal(int_column(t, "label", str(p)), labels):
+                        raise TableError(f"{p}: labels differ from {member_paths[0]} for the same ids (another version "
+                                         "of the dataset)")
+                    ens.add(embedding_column(t, "transformed", str(p), q_dim), f"{p}: column 'transformed'")
+                    embedding_column(t, "raw", str(p))  # checked here so no NaN reaches the gallery file
+                    raws.append(t.column("raw").combine_chunks())
+                cols = [
+                    pa.array(ids),
+                    pa.array(labels.astype(np.int32)),
+                    *ensemble_columns(ens).values(),
+                    *raws,
+                ]
+                writer.write_table(pa.Table.from_arrays(cols, schema=schema))
     log.info("wrote %s (%d members: %s)", out, len(names), names)
     return out
 
@@ -301,55 +300,55 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
     """
     if not shard_paths:
         raise ValueError("merge needs at least one shard file")
-    inputs = Unchanged(shard_paths)
-    metas = {Path(p): read_metadata(p) for p in shard_paths}
-    kinds = {str(m.get("kind")) for m in metas.values()}
-    if len(kinds) > 1:
-        raise TableError(f"{[str(p) for p in shard_paths]}: files of different kinds {sorted(kinds)}; merge the "
-                         "shards of one gallery or of one per-model file")
-    by_index: dict[int, Path] = {}
-    counts = set()
-    for p in map(Path, shard_paths):
-        m = metas[p]
-        if m.get("kind") not in ("gallery", "gallery_member"):
-            raise TableError(f"{p}: not a gallery or per-model embedding file (kind={m.get('kind')!r})")
-        i, k = (int(x) for x in m.get("shard", "0/1").split("/"))
-        if i in by_index:
-            raise TableError(f"{p}: shard {i}/{k} given twice (also {by_index[i]})")
-        by_index[i] = p
-        counts.add(k)
-    k = counts.pop() if len(counts) == 1 else 0
-    if not k or sorted(by_index) != list(range(k)):
-        raise TableError(f"{[str(p) for p in shard_paths]}: need shards 0..K-1 of one K, got "
-                         f"{sorted(m.get('shard', '0/1') for m in metas.values())}")
-    ordered = [by_index[i] for i in sorted(by_index)]
-    base = {k: v for k, v in metas[ordered[0]].items() if k != "shard"}
-    for p in ordered[1:]:
-        if {k: v for k, v in metas[p].items() if k != "shard"} != base:
-            raise TableError(f"{p}: metadata differs from {ordered[0]} (another model, query model, split or dataset "
-                             "version)")
-    schema = pq.read_schema(ordered[0]).with_metadata({"cmce": json.dumps(base, sort_keys=True)})
-    seen: set[str] = set()
-    digest = IdsDigest()
-    out = Path(out)
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
-        for p in ordered:
-            pf = pq.ParquetFile(p)
-            if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
-                raise TableError(f"{p}: columns differ from {ordered[0]}")
-            for rg in range(pf.num_row_groups):
-                table = read_row_group(pf, p, rg)
-                ids = table.column("id").to_pylist()
-                if seen.intersection(ids):
-                    raise TableError(f"{p}: ids also in an earlier shard (e.g. {sorted(seen.intersection(ids))[0]!r})")
-                seen.update(ids)
-                digest.update(ids)
-                writer.write_table(table.replace_schema_metadata(schema.metadata))
-        source = base.get("source")  # absent in files written before it was recorded
-        if source and (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
-            raise TableError(f"{[str(p) for p in ordered]}: the shards hold {digest.rows} rows that are not the "
-                             f"{source['split_rows']} rows of the split they were cut from, in order (shards of "
-                             f"different dataset files or of another version of it); embed them again from one")
-        inputs.check()
+    with inputs_unchanged(shard_paths):  # every atomic write below checks them before its rename
+        metas = {Path(p): read_metadata(p) for p in shard_paths}
+        kinds = {str(m.get("kind")) for m in metas.values()}
+        if len(kinds) > 1:
+            raise TableError(f"{[str(p) for p in shard_paths]}: files of different kinds {sorted(kinds)}; merge the "
+                             "shards of one gallery or of one per-model file")
+        by_index: dict[int, Path] = {}
+        counts = set()
+        for p in map(Path, shard_paths):
+            m = metas[p]
+            if m.get("kind") not in ("gallery", "gallery_member"):
+                raise TableError(f"{p}: not a gallery or per-model embedding file (kind={m.get('kind')!r})")
+            i, k = (int(x) for x in m.get("shard", "0/1").split("/"))
+            if i in by_index:
+                raise TableError(f"{p}: shard {i}/{k} given twice (also {by_index[i]})")
+            by_index[i] = p
+            counts.add(k)
+        k = counts.pop() if len(counts) == 1 else 0
+        if not k or sorted(by_index) != list(range(k)):
+            raise TableError(f"{[str(p) for p in shard_paths]}: need shards 0..K-1 of one K, got "
+                             f"{sorted(m.get('shard', '0/1') for m in metas.values())}")
+        ordered = [by_index[i] for i in sorted(by_index)]
+        base = {k: v for k, v in metas[ordered[0]].items() if k != "shard"}
+        for p in ordered[1:]:
+            if {k: v for k, v in metas[p].items() if k != "shard"} != base:
+                raise TableError(f"{p}: metadata differs from {ordered[0]} (another model, query model, split or "
+                                 "dataset version)")
+        schema = pq.read_schema(ordered[0]).with_metadata({"cmce": json.dumps(base, sort_keys=True)})
+        seen: set[str] = set()
+        digest = IdsDigest()
+        out = Path(out)
+        with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
+            for p in ordered:
+                pf = pq.ParquetFile(p)
+                if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
+                    raise TableError(f"{p}: columns differ from {ordered[0]}")
+                for rg in range(pf.num_row_groups):
+                    table = read_row_group(pf, p, rg)
+                    ids = table.column("id").to_pylist()
+                    if seen.intersection(ids):
+                        first = sorted(seen.intersection(ids))[0]
+                        raise TableError(f"{p}: ids also in an earlier shard (e.g. {first!r})")
+                    seen.update(ids)
+                    digest.update(ids)
+                    writer.write_table(table.replace_schema_metadata(schema.metadata))
+            source = base.get("source")  # absent in files written before it was recorded
+            if source and (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
+                raise TableError(f"{[str(p) for p in ordered]}: the shards hold {digest.rows} rows that are not the "
+                                 f"{source['split_rows']} rows of the split they were cut from, in order (shards of "
+                                 f"different dataset files or of another version of it); embed them again from one")
     log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(seen))
     return out

@@ -23,7 +23,7 @@ from cmce.config import TransformConfig
 from cmce.data.loader import same_split
 from cmce.embed import embed_split, ensemble_columns
 from cmce.method import RunningEnsemble, uncertainty_from_sum
-from cmce.storage import Unchanged, atomic_dir, atomic_path, named_on_failure
+from cmce.storage import atomic_dir, atomic_path, inputs_unchanged, named_on_failure
 from cmce.tables import (
     TableError,
     embedding_column,
@@ -98,39 +98,38 @@ def stored_ensemble(g: pa.Table, dim: int, n_members: int, gallery: Path) -> Run
 def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_size: int = 8192) -> Path:
     """New gallery file = `gallery` plus the model in `member` (a per-model file from embed-member)."""
     gallery, member = Path(gallery), Path(member)
-    inputs = Unchanged([gallery, member])
-    gmeta, mmeta = read_metadata(gallery), read_metadata(member)
-    if gmeta.get("kind") != "gallery" or mmeta.get("kind") != "gallery_member":
-        raise TableError(f"{gallery} must be a gallery file and {member} a per-model file")
-    if mmeta["query_model_sha256"] != gmeta["query_model_sha256"]:
-        raise TableError(f"{member}: transformed for query model {mmeta['query_model_sha256'][:12]}, the gallery "
-                         f"for {gmeta['query_model_sha256'][:12]}")
-    name = mmeta["gallery_model"]["name"]
-    if not same_split(mmeta.get("source"), gmeta.get("source")):
-        raise TableError(f"{member}: embeds another dataset file or split than {gallery} (their 'source' differs)")
-    if name in {m["name"] for m in gmeta["members"]}:
-        raise TableError(f"{gallery}: already has a member named {name!r}")
-    added = {**mmeta["gallery_model"], "transformation_sha256": mmeta["transformation_sha256"]}
-    new_meta = {**gmeta, "members": [*gmeta["members"], added]}
-    g_schema = pq.read_schema(gallery)
-    raw_type = pq.read_schema(member).field("raw").type
-    schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
-    dim = stored_dim(g_schema, "embedding", str(gallery))
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
-        for g, m in aligned_batches([gallery, member], batch_size):
-            ids = string_column(g, "id", str(gallery))
-            if string_column(m, "id", str(member)) != ids:
-                raise TableError(f"{member}: ids are not in the gallery's order")
-            if not np.array_equal(int_column(m, "label", str(member)), int_column(g, "label", str(gallery))):
-                raise TableError(f"{member}: labels differ from {gallery} for the same ids (another version of the "
-                                 "dataset)")
-            ens = stored_ensemble(g, dim, len(gmeta["members"]), gallery)
-            ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
-            cols = {c: g.column(c) for c in g.column_names}
-            cols |= ensemble_columns(ens)
-            cols[f"raw_{name}"] = m.column("raw")
-            writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
-        inputs.check()
+    with inputs_unchanged([gallery, member]):  # every atomic write below checks them before its rename
+        gmeta, mmeta = read_metadata(gallery), read_metadata(member)
+        if gmeta.get("kind") != "gallery" or mmeta.get("kind") != "gallery_member":
+            raise TableError(f"{gallery} must be a gallery file and {member} a per-model file")
+        if mmeta["query_model_sha256"] != gmeta["query_model_sha256"]:
+            raise TableError(f"{member}: transformed for query model {mmeta['query_model_sha256'][:12]}, the gallery "
+                             f"for {gmeta['query_model_sha256'][:12]}")
+        name = mmeta["gallery_model"]["name"]
+        if not same_split(mmeta.get("source"), gmeta.get("source")):
+            raise TableError(f"{member}: embeds another dataset file or split than {gallery} (their 'source' differs)")
+        if name in {m["name"] for m in gmeta["members"]}:
+            raise TableError(f"{gallery}: already has a member named {name!r}")
+        added = {**mmeta["gallery_model"], "transformation_sha256": mmeta["transformation_sha256"]}
+        new_meta = {**gmeta, "members": [*gmeta["members"], added]}
+        g_schema = pq.read_schema(gallery)
+        raw_type = pq.read_schema(member).field("raw").type
+        schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
+        dim = stored_dim(g_schema, "embedding", str(gallery))
+        with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
+            for g, m in aligned_batches([gallery, member], batch_size):
+                ids = string_column(g, "id", str(gallery))
+                if string_column(m, "id", str(member)) != ids:
+                    raise TableError(f"{member}: ids are not in the gallery's order")
+                if not np.array_equal(int_column(m, "label", str(member)), int_column(g, "label", str(gallery))):
+                    raise TableError(f"{member}: labels differ from {gallery} for the same ids (another version of the "
+                                     "dataset)")
+                ens = stored_ensemble(g, dim, len(gmeta["members"]), gallery)
+                ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
+                cols = {c: g.column(c) for c in g.column_names}
+                cols |= ensemble_columns(ens)
+                cols[f"raw_{name}"] = m.column("raw")
+                writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
     log.info("added %s to %s → %s (%d members)", name, gallery, out, len(new_meta["members"]))
     return Path(out)
 
