@@ -2116,3 +2116,35 @@ def test_a_partial_torchrun_environment_is_refused_not_run_alone(world, tmp_path
     out = tmp_path / "q.pt"
     fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
           "cmce train: WORLD_SIZE=2 asks for several ranks, but MASTER_PORT is not set")
+
+
+def test_a_users_folder_named_like_the_swap_aside_is_left_alone(world, tmp_path, caplog):
+    """atomic_dir moves the previous output aside to `.<name>.old` while it swaps: a user's backup of that name was
+    deleted by the next build (exit 0), put in place of a missing output, or (a file) left a temporary behind."""
+    out, aside = tmp_path / "index", tmp_path / ".index.old"
+    build = ["build-index", "--gallery", str(world.gallery), "--out", str(out)]
+
+    def refused(needle: str) -> None:
+        caplog.clear()
+        assert main(build) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and needle in errors[0], errors
+        assert [p for p in leftovers(tmp_path) if p != aside] == []
+
+    assert main(build) == 0
+    shutil.copytree(out, aside)
+    (aside / "NOTE.txt").write_text("my backup")
+    kept, index_kept = snapshot(aside), snapshot(out)
+    refused(f"{aside}: a folder of other files, where this step moves the previous index aside")
+    assert snapshot(aside) == kept and snapshot(out) == index_kept
+    shutil.rmtree(out)  # and with no output there, the backup is not taken for an interrupted swap
+    refused(f"{aside}: a folder of other files")
+    assert snapshot(aside) == kept and not out.exists()
+    shutil.rmtree(aside)
+    aside.write_bytes(b"a tarball")
+    refused(f"{aside}: a file or link")
+    assert aside.read_bytes() == b"a tarball" and not out.exists()
+    aside.unlink()
+    assert main(build) == 0
+    shutil.copytree(out, aside)  # an earlier version the step itself left: replaced as before
+    assert main(build) == 0 and not aside.exists()

@@ -209,10 +209,10 @@ def test_next_atomic_dir_restores_a_folder_left_mid_swap_and_keeps_it_if_the_wri
 
 def test_restore_dir_only_acts_when_the_target_is_missing(tmp_path):
     target = tmp_path / "d"
-    assert restore_dir(target) is False  # nothing at all
+    assert restore_dir(target, OWN) is False  # nothing at all
     target.mkdir()
     (tmp_path / ".d.old").mkdir()
-    assert restore_dir(target) is False  # a complete target wins; the .old is a leftover for atomic_dir
+    assert restore_dir(target, OWN) is False  # a complete target wins; the .old is a leftover for atomic_dir
     with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the leftover .old is gone

@@ -275,7 +275,7 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None, gallery_s
     if s3.is_s3(index_dir):
         return _load_index(index_dir, query_sha256, gallery_sha256)
     with swap_lock(index_dir, exclusive=False):  # every file from one version, even during a rebuild
-        restore_dir(Path(index_dir))  # a rebuild killed mid-swap leaves the previous index as .<name>.old
+        restore_dir(Path(index_dir), INDEX_FILES)  # a rebuild killed mid-swap leaves the previous index as .<name>.old
         return _load_index(index_dir, query_sha256, gallery_sha256)
 
 

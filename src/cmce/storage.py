@@ -84,12 +84,13 @@ def clean_stale_temps(target: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -
     return removed
 
 
-def restore_dir(target: str | Path) -> bool:
+def restore_dir(target: str | Path, own: tuple[str, ...]) -> bool:
     """Put `.<name>.old` back when `target` is missing: a run killed between atomic_dir's two renames
-    leaves the previous complete folder there and nothing at `target`. Returns True if it did."""
+    leaves the previous complete folder there and nothing at `target`. Returns True if it did. A folder of that
+    name holding anything but the step's own files (`own` globs) is someone else's: left where it is."""
     target = Path(target)
     old = _old(target)
-    if target.exists() or not old.is_dir():
+    if target.exists() or not _is_own_old(old, own):
         return False
     try:
         os.rename(old, target)
@@ -97,6 +98,23 @@ def restore_dir(target: str | Path) -> bool:
         return False
     log.warning("%s was missing after an interrupted swap; restored the previous version from %s", target, old.name)
     return True
+
+
+def _is_own_old(old: Path, own: tuple[str, ...]) -> bool:
+    """`.<name>.old` as atomic_dir leaves it: a folder (not a link) of the step's own files only. A user's backup
+    of that name was deleted by the next swap, or put in place of a missing output."""
+    if old.is_symlink() or not old.is_dir():
+        return False
+    return not [n for n in os.listdir(old) if n not in KEPT_ACROSS_SWAPS and not any(fnmatch.fnmatch(n, g)
+                                                                                       for g in own)]
+
+
+def _check_old(target: Path, own: tuple[str, ...]) -> None:
+    old = _old(target)
+    if (old.exists() or old.is_symlink()) and not _is_own_old(old, own):
+        what = "a folder of other files" if old.is_dir() and not old.is_symlink() else "a file or link"
+        raise ForeignOutputError(f"{old}: {what}, where this step moves the previous {target.name} aside while it "
+                                 "swaps in the new one; it is no earlier output of the step: move it away")
 
 
 def _discard_dir(path: Path) -> None:
@@ -186,6 +204,7 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
     target = Path(target)
     if target.is_symlink():  # swapping it would replace the link, not the folder it names
         raise ForeignOutputError(f"{target}: is a symbolic link; give the folder it points to")
+    _check_old(target, own)
     if not target.exists():
         return
     if not target.is_dir():
@@ -402,7 +421,7 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     made = make_parents(target)
     try:
         with swap_lock(target, exclusive=True):
-            restore_dir(target)
+            restore_dir(target, own)
         check_replaceable(target, own)
     except BaseException:
         remove_if_empty(made)
