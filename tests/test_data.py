@@ -1,6 +1,7 @@
 import gzip
 import io
 import json
+import logging
 import struct
 
 import numpy as np
@@ -400,3 +401,27 @@ def test_a_column_given_twice_and_a_pipe_named_like_an_image_are_named(tmp_path)
     os.mkfifo(tmp_path / "if" / "cat" / "zz.png")  # was skipped without a word
     with pytest.raises(DataError, match=r"cat/zz.png: not a regular file"):
         import_imagefolder(tmp_path / "if")
+
+
+def test_imagefolder_skips_hidden_entries_and_names_what_it_does_not_read(tmp_path, caplog):
+    """.ipynb_checkpoints at the root became a class (every label shifted by one) and .thumbnails images were
+    imported as the class's; .jfif JPEGs were skipped without a word, leaving a class of 0 images."""
+    for cls in ("c0", "c1"):
+        (tmp_path / cls / ".thumbnails").mkdir(parents=True)
+        (tmp_path / cls / "0.png").write_bytes(_png("L", value=10))
+        (tmp_path / cls / ".thumbnails" / "0.png").write_bytes(_png("L", value=99))
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "c1" / ".DS_Store").write_bytes(b"\x00")
+    jpeg = io.BytesIO()
+    Image.new("L", (8, 8), 50).save(jpeg, format="JPEG")
+    (tmp_path / "c1" / "1.jfif").write_bytes(jpeg.getvalue())
+    (tmp_path / "c1" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        raw = import_imagefolder(tmp_path)
+    assert raw.classes == ["c0", "c1"] and raw.ids == ["c0/0.png", "c1/0.png", "c1/1.jfif"]
+    assert list(raw.labels) == [0, 1, 1]
+    assert any("skipped 1 file(s)" in r.getMessage() and "c1/notes.txt" in r.getMessage() for r in caplog.records)
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c2" / "readme.md").write_text("empty class")
+    with pytest.raises(DataError, match=r"class folder\(s\) c2 hold no images"):
+        import_imagefolder(tmp_path)

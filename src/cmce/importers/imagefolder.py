@@ -14,7 +14,13 @@ from cmce.data.schema import DataError, RawImages
 from cmce.importers import inside_root
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _hidden(name: str) -> bool:
+    """Names starting with a dot (.ipynb_checkpoints, .thumbnails, .DS_Store) are a tool's, never a class or an
+    image: a hidden folder at the root became a class and shifted every label."""
+    return name.startswith(".")
 
 
 def _utf8(path: Path, root: Path) -> Path:
@@ -39,8 +45,8 @@ def _files_under(folder: Path, real_root: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()
-        found += [Path(here) / f for f in sorted(files)]
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        found += [Path(here) / f for f in sorted(files) if not _hidden(f)]
     return found
 
 
@@ -67,11 +73,11 @@ def import_imagefolder(path: str | Path) -> RawImages:
                             "every class folder goes under train/ or test/")
     for _, base in parts:
         inside_root(base, real_root)
-    classes = sorted({_utf8(c, root).name for _, p in parts for c in p.iterdir() if c.is_dir()})
+    classes = sorted({_utf8(c, root).name for _, p in parts for c in p.iterdir() if c.is_dir() and not _hidden(c.name)})
     if not classes:
         raise DataError(f"{root}: no class folders found")
     index = {c: i for i, c in enumerate(classes)}
-    ids, labels, images, split = [], [], [], []
+    ids, labels, images, split, skipped = [], [], [], [], []
     for part, base in parts:
         for cls in classes:
             folder = base / cls
@@ -80,6 +86,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
             inside_root(folder, real_root)
             for f in _files_under(folder, real_root):  # subfolders too, as torchvision's ImageFolder reads them
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped.append(f.relative_to(root).as_posix())
                     continue
                 if not f.is_file():  # a pipe or device named like an image: reading it could block
                     raise DataError(f"{f}: not a regular file")
@@ -89,9 +96,16 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 ids.append(rel)
                 labels.append(index[cls])
                 split.append(part)
+    if skipped:
+        log.warning("%s: skipped %d file(s) whose suffix is not an image's %s: %s%s", root, len(skipped),
+                    sorted(IMAGE_SUFFIXES), ", ".join(skipped[:3]), " …" if len(skipped) > 3 else "")
     if not ids:
         raise DataError(f"{root}: no images found under the class folders")
     counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:  # a class without images still takes a label, and the classifier a row no image trains
+        raise DataError(f"{root}: class folder(s) {', '.join(empty[:5])} hold no images (of suffixes "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))}); remove them or add images")
     for cls in (c for c, n in zip(classes, counts, strict=True) if n == 1):
         # kept: the heldout protocol puts it in train; as a test image it is a lone query (see metrics.py)
         log.warning("%s: class %r has a single image; it cannot be both query and gallery", root, cls)
