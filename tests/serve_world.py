@@ -42,8 +42,9 @@ def query_model(path: Path, seed: int = 0, dim: int = 16, size: int = 8, width: 
 
 
 def gallery_index(work: Path, model: Path, out: Path, rows: int = 300, seed: int = 0, prefix: str = "g",
-                  dim: int = 16, index_type: str = "flat") -> Path:
-    """Two members of random transformed embeddings for `model`, combined and indexed (swapped) into `out`."""
+                  dim: int = 16, index_type: str = "flat", source: dict | None = None) -> Path:
+    """Two members of random transformed embeddings for `model`, combined and indexed (swapped) into `out`.
+    `source`: the dataset split they record as embedded from (see gallery_dataset)."""
     rng = np.random.default_rng(seed)
     work.mkdir(parents=True, exist_ok=True)
     ids = [f"{prefix}{i}" for i in range(rows)]
@@ -51,7 +52,7 @@ def gallery_index(work: Path, model: Path, out: Path, rows: int = 300, seed: int
     centres = rng.normal(size=(len(CLASSES), dim))
     members = []
     for m in range(2):
-        meta = member_metadata(f"m{m}", "resnet", f"{m}" * 64, f"{m + 2}" * 64, file_sha256(model), "test")
+        meta = member_metadata(f"m{m}", "resnet", f"{m}" * 64, f"{m + 2}" * 64, file_sha256(model), "test", source)
         t = centres[labels] + 0.5 * rng.normal(size=(rows, dim))
         t /= np.linalg.norm(t, axis=1, keepdims=True)
         table = member_table(ids, labels, rng.normal(size=(rows, 4)), t, member_schema(4, dim, meta))
@@ -81,6 +82,16 @@ def dataset(path: Path, with_metadata: bool = True) -> Path:
     if with_metadata:
         table = table.replace_schema_metadata({"cmce": json.dumps({"classes": CLASSES})})
     pq.write_table(table, path)
+    return path
+
+
+def gallery_dataset(path: Path, rows: int = 300, prefix: str = "g") -> Path:
+    """A dataset whose test split holds the ids and labels that gallery_index(rows=rows, prefix=prefix) embeds."""
+    labels = [i % len(CLASSES) for i in range(rows)]
+    table = pa.table({"id": [f"{prefix}{i}" for i in range(rows)], "label": pa.array(labels, pa.int32()),
+                      "class_name": [CLASSES[label] for label in labels], "split": ["test"] * rows,
+                      "image": [png(0)] * rows}, schema=DATASET_SCHEMA)
+    pq.write_table(table.replace_schema_metadata({"cmce": json.dumps({"classes": CLASSES})}), path)
     return path
 
 

@@ -12,7 +12,7 @@ from PIL import Image, PngImagePlugin
 
 import cmce.data.codec as codec_module
 from cmce.config import DataConfig
-from cmce.data.codec import decode_image, decode_png_fast, encode_png
+from cmce.data.codec import decode_image, decode_png_fast, encode_png, to_png
 from cmce.data.prepare import carve_validation, prepare_dataset
 from cmce.data.readers import dataset_info, iter_split_batches, load_split
 from cmce.data.schema import DATASET_SCHEMA, DataError
@@ -197,6 +197,32 @@ def test_png_fast_path_leaves_everything_else_to_pil():
     assert decode_png_fast(broken, 1, 9) is None
     with pytest.raises(DataError, match=r"x: corrupt or unreadable image"):
         decode_image(broken, 1, 9, "x")
+
+
+def _saved(arr, fmt, **save):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_wherever_images_are_decoded():
+    """A phone photo stores its pixels turned and an EXIF Orientation tag; it was decoded as stored (PIL and the
+    PNG fast path alike), and imported as a PNG that lost the tag, so gallery and queries met turned."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90° clockwise to view
+    upright = np.random.default_rng(0).integers(0, 256, (9, 9), dtype=np.uint8)
+    turned = _saved(np.rot90(upright), "PNG", exif=exif)
+    for channels in (1, 3):  # grey at the model's size: the fast path's case, left to PIL for the tag
+        assert np.array_equal(decode_image(turned, channels, 9, "x")[0], upright), channels
+    assert np.array_equal(decode_image(to_png(turned, "x"), 1, 9, "x")[0], upright)  # imported: not turned twice
+    # a photo: JPEG is lossy, so the upright copy is near, the turned pixels far
+    photo = np.kron(np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8), np.ones((8, 8), np.uint8))
+    want = decode_image(_saved(photo, "JPEG", quality=95), 1, 64, "x").astype(int)
+    jpeg = _saved(np.rot90(photo), "JPEG", quality=95, exif=exif)
+    for got in (decode_image(jpeg, 1, 64, "x"), decode_image(to_png(jpeg, "x"), 1, 64, "x")):
+        assert np.abs(got.astype(int) - want).mean() < 3 < np.abs(np.rot90(got, axes=(1, 2)) - want).mean()
+    with codec_module.pixel_limit(80), pytest.raises(DataError, match="x: refused, too many pixels: 9 × 9"):
+        decode_image(turned, 1, 9, "x")  # the limit still holds, before any pixel is decoded or turned
 
 
 def _dataset(path, images, ids=None, split="test"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -22,13 +23,14 @@ import torch
 from PIL import Image
 
 from cmce.checkpoint import load_embedding_model
-from cmce.cli import main
+from cmce.cli import build_parser, main
 from cmce.data.codec import decode_image
+from cmce.data.loader import split_source
 from cmce.embed import embed_batch
 from cmce.index import load_index, search
 from cmce.serving.queries import class_names
 from cmce.storage import file_sha256
-from tests.serve_world import CLASSES, Server, b64, cmce_env, dataset, gallery_index, png, query_model
+from tests.serve_world import CLASSES, Server, b64, cmce_env, dataset, gallery_dataset, gallery_index, png, query_model
 
 LIMITS = ["--max-queries", "4", "--max-k", "10", "--max-body-bytes", "20000"]
 
@@ -668,3 +670,136 @@ def test_a_stop_while_a_body_is_still_arriving_cuts_it_without_a_traceback(world
     log = (tmp_path / "serve.log").read_text()
     assert reply.startswith(b"HTTP/1.1 503") and b"the server stopped before the request body arrived" in reply
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+def test_a_reloaded_index_is_checked_against_the_dataset_as_the_first_was(tmp_path, caplog):
+    """--dataset was checked against the index at start-up only: an index rebuilt from another dataset was swapped
+    in, and its hits carried the first dataset's class names."""
+    model = query_model(tmp_path / "query.pt")
+    ours, theirs = gallery_dataset(tmp_path / "ours.parquet", prefix="a"), gallery_dataset(tmp_path / "theirs.parquet",
+                                                                                             prefix="b")
+    index = gallery_index(tmp_path / "work", model, tmp_path / "index", prefix="a", source=split_source(ours, "test"))
+    server = Server(["--index", str(index), "--query-model", str(model), "--dataset", str(ours), "--reload-interval",
+                     "0.1"], tmp_path / "serve.log")
+    served, sha = readyz(server)["index_version"], file_sha256(model)
+    try:
+        gallery_index(tmp_path / "work", model, index, seed=1, prefix="b", source=split_source(theirs, "test"))
+        state = wait_for_ready(server, "the index of another dataset refused or served",
+                               lambda s: s["reloads"] or s["last_reload_error"])
+        assert state["reloads"] == 0 and state["index_version"] == served, state
+        assert f"--dataset {ours}: its 'test' split is not the one" in state["last_reload_error"]
+        hits = server.search(embeddings=[[0.5] * 16], query_model_sha256=sha).json()["results"][0]["hits"]
+        assert {h["id"][0] for h in hits} == {"a"}
+        time.sleep(0.5)  # polls that find the same refused folder
+        gallery_index(tmp_path / "work", model, index, seed=2, prefix="a", source=split_source(ours, "test"))
+        state = wait_for_ready(server, "the dataset's own rebuilt index served", lambda s: s["reloads"] == 1)
+        assert state["last_reload_error"] is None and state["index_version"] != served
+        # the dataset file replaced too: the class names served are still those read at start-up
+        shutil.copy(theirs, ours)
+        gallery_index(tmp_path / "work", model, index, seed=3, prefix="b", source=split_source(theirs, "test"))
+        state = wait_for_ready(server, "the index of the replaced dataset refused", lambda s: s["last_reload_error"])
+        assert state["reloads"] == 1 and "class names would be wrong" in state["last_reload_error"]
+    finally:
+        server.stop()
+    refusals = [line for line in server.log.read_text().splitlines() if "class names would be wrong" in line]
+    assert [" ERROR " in line for line in refusals] == [True, False, True] and "resolved: " in refusals[1], refusals
+    ours = gallery_dataset(tmp_path / "ours.parquet", prefix="a")
+    with caplog.at_level(logging.INFO):  # at start-up too: one line, before the server starts
+        assert main(["serve", "--index", str(index), "--query-model", str(model), "--dataset", str(ours)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "class names would be wrong" in errors[0], errors
+
+
+def test_images_are_searched_upright_as_their_exif_orientation_says(world):
+    """A phone photo stores its pixels turned with an EXIF Orientation tag: it was searched as stored, so it found
+    other hits than the same picture stored upright."""
+    server = world[3]
+    upright = np.random.default_rng(5).integers(0, 256, (8, 8), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90° clockwise to view
+    plain, turned = io.BytesIO(), io.BytesIO()
+    Image.fromarray(upright).save(plain, format="PNG")
+    Image.fromarray(np.rot90(upright)).save(turned, format="PNG", exif=exif)
+    res = server.search(images=[b64(plain.getvalue()), b64(turned.getvalue())], k=5)
+    assert res.status_code == 200, res.text
+    want, got = (r["hits"] for r in res.json()["results"])
+    assert [h["id"] for h in got] == [h["id"] for h in want]
+    np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-6)
+
+
+def test_serve_with_standard_output_closed_logs_where_it_listens(world, tmp_path):
+    """`cmce serve ... >&-` (how some init scripts start daemons): printing the URL to the missing standard output
+    was a traceback, and no server."""
+    _, model, index, _ = world
+    log = tmp_path / "serve.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "cmce", "serve", "--index",
+                                 str(index), "--query-model", str(model), "--port", "0"], stderr=stderr, env=cmce_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r" on (http://\S+)$", log.read_text(), re.MULTILINE)):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        while True:
+            try:
+                assert requests.get(f"{found[1]}/readyz", timeout=10).json()["ready"] is True
+                break
+            except requests.ConnectionError:  # bound, not yet listening
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_an_ipv6_address_is_printed_as_a_usable_url(world, tmp_path):
+    """`--host ::1` printed http://::1:PORT, which no client can parse."""
+    _, model, index, _ = world
+    server = Server(["--index", str(index), "--query-model", str(model), "--host", "::1"], tmp_path / "serve.log",
+                    timeout_s=60)
+    try:
+        assert server.url.startswith("http://[::1]:")
+        assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("host", ["", "  "])
+def test_an_empty_host_is_refused_not_every_interface(world, capsys, host):
+    """`--host "$HOST"` with HOST unset bound every interface (0.0.0.0) without a word."""
+    _, model, index, _ = world
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve", "--index", str(index), "--query-model", str(model), "--host", host])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --host: empty" in err and err.count("\n") == 1, err
+
+
+def test_wrapped_base64_and_numbers_past_the_digit_limit(world):
+    """Base64 wrapped every 76 characters (what `base64 FILE` prints) was "not valid base64"; an integer of 5,000
+    digits (over Python's limit) was 400 "There was an error parsing the body", hiding the cause."""
+    _, model, _, server = world
+    text = b64(png(7, size=64))  # long enough to wrap many times
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + "\n"
+    assert "\n" in wrapped.strip()
+    res, ref = server.search(images=[wrapped.replace("\n", "\r\n")], k=3), server.search(images=[text], k=3)
+    assert res.status_code == ref.status_code == 200 and res.json() == ref.json(), res.text
+    refused(server, 422, "images[0]", "not valid base64", images=[wrapped.replace("\n", "\n*")])
+    sha = file_sha256(model)
+    for body in ('{"images": ["x"], "k": 1' + "0" * 5000 + "}",
+                 f'{{"embeddings": [[{"9" * 5001}' + ", 1" * 15 + f']], "query_model_sha256": "{sha}"}}'):
+        res = requests.post(f"{server.url}/search", data=body, headers={"content-type": "application/json"}, timeout=10)
+        assert res.status_code == 422 and res.json() == {
+            "error": f"body: not readable JSON: a number with more than {sys.get_int_max_str_digits()} digits",
+            "field": "body"}, res.text
+    assert server.search(embeddings=[[0.5] * 16], query_model_sha256=sha).status_code == 200  # still serving

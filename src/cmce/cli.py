@@ -322,7 +322,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         args.port, args.reload_interval, limits, args.access_log, args.search_threads)
     if is_remote(args.index):
         log.info("an s3:// index is served as downloaded at start; restart the server to serve a new one")
-    serve(opts, _model, watch=not is_remote(args.index))
+    serve(opts, _model, lambda line: _say(line, or_log=True), watch=not is_remote(args.index))
+
+
+def _host(text: str) -> str:
+    if not text.strip():  # `--host "$HOST"` with HOST unset: not every interface, which an empty host binds
+        raise argparse.ArgumentTypeError("empty; give an address to listen on (0.0.0.0: every interface)")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -554,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--query-model", required=True,
                     help="query model checkpoint the index was built for; models:/NAME@ALIAS is followed")
     sp.add_argument("--dataset", default=None, help="dataset Parquet whose class names label the hits")
-    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--host", type=_host, default="127.0.0.1")
     sp.add_argument("--port", type=_int_from(0, 65535), default=8000, help="0: any free port (default 8000)")
     sp.add_argument("--reload-interval", type=_seconds, default=2.0, metavar="SECONDS",
                     help="how often to look for a rebuilt index or a moved alias, 0 = never (default 2)")
@@ -649,8 +655,14 @@ def _terminate_by_exception() -> dict[int, Any]:
     return {signum: signal.signal(signum, raise_terminated) for signum in TERMINATING}
 
 
-def _say(text: str) -> None:
-    """A command's output on standard output; a failed write names it (a full disk behind `> file`)."""
+def _say(text: str, or_log: bool = False) -> None:
+    """A command's output on standard output; a failed write names it (a full disk behind `> file`). Standard
+    output closed (`>&-`): refused, or with `or_log` (a line only to inform) logged instead."""
+    if sys.stdout is None:
+        if not or_log:
+            raise OSError("standard output: closed (started with >&-?); nothing written")
+        log.info("%s", text.rstrip("\n"))
+        return
     try:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -1,10 +1,13 @@
 """Image bytes: decoding for the models (OpenCV's fast path for the datasets' small 8-bit PNGs, PIL for
-everything else), re-encoding imported images as PNG, and uint8 → float for a network."""
+everything else), re-encoding imported images as PNG, and uint8 → float for a network. Images are decoded
+upright: an EXIF Orientation tag (what phone cameras write instead of rotating the pixels) is applied, as any
+viewer does, so a query photo and the gallery's copy of it give the same pixels."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cmce.data.schema import DataError
+
+log = logging.getLogger(__name__)
 
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"}
 
@@ -63,6 +68,16 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
         raise DataError(f"{origin}: refused, too many pixels: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
+    return upright(img, origin)
+
+
+def upright(img: Image.Image, origin: Path | str) -> Image.Image:
+    """The loaded image turned as its EXIF Orientation tag says (the pixel count stays the same). An EXIF block
+    that cannot be parsed leaves the pixels as stored: the image itself is readable."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error) as err:
+        log.warning("%s: EXIF orientation unreadable (%s); the image is used as stored", origin, err)
     return img
 
 
@@ -99,6 +114,8 @@ def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
     every mode conversion and error message. PNG is lossless, so both give the same pixels."""
     if len(data) < PNG_MIN_BYTES or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[-8:-4] != b"IEND":
         return None  # not a PNG, or truncated: PIL's path names the problem (libpng would print to stderr)
+    if b"eXIf" in data:  # an EXIF chunk may hold an orientation, which OpenCV's unchanged read ignores: PIL's path
+        return None
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     # IHDR colour type 0 = grey, 2 = RGB; checking the header first also keeps oversized images on PIL's
     # decompression-bomb check

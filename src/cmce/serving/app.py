@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI): POST /search, GET /healthz, /readyz, /version.
 
 Errors are JSON `{"error": message, "field": name}`: 422 for a field that is malformed or out of range (another
-dimension, a non-finite or zero vector, an undecodable image, k over --max-k), 409 for embeddings of another
+dimension, a non-finite or zero vector, an undecodable image, k over --max-k) or a body that is not readable JSON
+(field "body": a syntax error, a number past Python's digit limit), 409 for embeddings of another
 query-model version, 413 for a body over --max-body-bytes or more queries than --max-queries, 415 for a compressed
 body, 404 / 405 for another path or method (field "path" / "method"), 400 for malformed HTTP (field "request").
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from urllib.parse import urlsplit
 
 import faiss
@@ -51,6 +53,17 @@ def _field(loc: tuple) -> str:
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
     return out or "body"
+
+
+def _unreadable(cause: BaseException) -> str:
+    """What stopped the JSON parser short of a syntax error (FastAPI hides it behind "error parsing the body")."""
+    if isinstance(cause, RecursionError):
+        return "nested too deep"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 text ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"a number with more than {sys.get_int_max_str_digits()} digits"
+    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
 
 
 class RequestFraming:
@@ -148,7 +161,9 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
             allowed = (err.headers or {}).get("Allow", "")
             return _error(405, "method", f"{request.method} is not allowed on {request.url.path} (allowed: "
                                          f"{allowed})", err.headers)
-        return _error(err.status_code, "body", str(err.detail))  # e.g. JSON nested too deep
+        if err.status_code == 400 and err.__cause__ is not None:  # FastAPI's "error parsing the body", from json's
+            return _error(422, "body", f"not readable JSON: {_unreadable(err.__cause__)}")
+        return _error(err.status_code, "body", str(err.detail))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -51,6 +51,7 @@ def class_names(dataset: Path) -> list[str]:
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+BASE64_WHITESPACE = str.maketrans("", "", " \t\r\n")  # what MIME wrapping and pretty-printers insert
 
 
 def check_count(field: str, n: int, limits: Limits) -> None:
@@ -98,10 +99,10 @@ def images_query(images: list[str], served: Served, limits: Limits) -> np.ndarra
     arrays = []
     for i, text in enumerate(images):
         field = f"images[{i}]"
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(field, "not valid base64") from None
+        try:  # line breaks are whitespace in MIME base64 (what `base64 FILE` prints); any other junk is refused
+            data = base64.b64decode(text.translate(BASE64_WHITESPACE), validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(field, f"not valid base64: {err}") from None
         try:
             arrays.append(decode_image(data, model.in_channels, model.image_size, field))
         except ValueError as err:  # DataError: names the field, says what is wrong with the image

@@ -7,11 +7,11 @@ found before the server starts, so the command fails with one line instead of a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,19 +60,28 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def check_dataset_of_index(dataset: Path, meta: dict) -> None:
+def check_dataset_of_index(dataset: Path, meta: dict, split_of: Callable[[str], dict]) -> None:
     """The class names must come from the dataset the gallery was embedded from: its split's ids digest, which
     build-index records from the gallery (an index built before it was recorded is not checked)."""
-    from cmce.data.loader import same_split, split_source
+    from cmce.data.loader import same_split
 
     source, split = meta.get("source"), meta.get("split")
     if not source or not split:
         log.warning("the index records no dataset digest (built before it did); class names from %s are not "
                     "checked", dataset)
         return
-    if not same_split(split_source(dataset, split), source):
+    if not same_split(split_of(split), source):
         raise ValueError(f"--dataset {dataset}: its '{split}' split is not the one the index's gallery was embedded "
                          "from (another dataset or version); class names would be wrong")
+
+
+def dataset_check(dataset: Path) -> Callable[[dict], None]:
+    """check_dataset_of_index for the first index and every reload, against the dataset's splits as first read:
+    the class names are read once, at start-up, so a dataset file replaced later must not vouch for an index."""
+    from cmce.data.loader import split_source
+
+    split_of = functools.cache(lambda split: split_source(dataset, split))
+    return lambda meta: check_dataset_of_index(dataset, meta, split_of)
 
 
 class JsonErrorsH11(H11Protocol):
@@ -106,21 +115,24 @@ def _hangup_stops(server: uvicorn.Server) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def serve(opts: ServeOptions, local_model: Callable[[str], Path], watch: bool = True) -> None:
-    """Load, bind, print where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
-    (and a query-model alias) for a new version."""
-    holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model))
-    classes = None
-    if opts.dataset is not None:
-        check_dataset_of_index(opts.dataset, holder.current.index.meta)
-        classes = class_names(opts.dataset)
-    sock = bind(opts.host, opts.port)
+def url(sock: socket.socket) -> str:
+    """Where a client reaches the bound socket; an IPv6 address in brackets, as a URL needs it."""
     host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[[str], None],
+          watch: bool = True) -> None:
+    """Load, bind, `say` where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
+    (and a query-model alias) for a new version; a reloaded index is checked against --dataset as the first."""
+    check = None if opts.dataset is None else dataset_check(opts.dataset)
+    holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model), check)
+    classes = None if opts.dataset is None else class_names(opts.dataset)
+    sock = bind(opts.host, opts.port)
     app = create_app(holder, opts.limits, classes, opts.search_threads)
     config = uvicorn.Config(app, http=JsonErrorsH11, log_config=None, access_log=opts.access_log,
                             timeout_graceful_shutdown=10)
-    sys.stdout.write(f"serving {origin(opts.index)} on http://{host}:{port}\n")  # an s3:// index by its URI
-    sys.stdout.flush()
+    say(f"serving {origin(opts.index)} on {url(sock)}\n")  # an s3:// index by its URI
     holder.start(opts.reload_interval_s if watch else 0)
     try:
         server = uvicorn.Server(config)

@@ -108,14 +108,18 @@ class QueryModelSource:
 
 
 class Holder:
-    """The served pair and its reloads. Loads once on construction: a bad model or index raises (ValueError)."""
+    """The served pair and its reloads. Loads once on construction: a bad model or index raises (ValueError).
+    `accept` checks each index's meta.json before it is served, the first and every reload (raises ValueError):
+    e.g. that its gallery was embedded from the dataset whose class names label the hits."""
 
-    def __init__(self, index_dir: Path, models: QueryModelSource):
+    def __init__(self, index_dir: Path, models: QueryModelSource, accept: Callable[[dict], None] | None = None):
         self.index_dir = Path(index_dir)
         self.models = models
+        self.accept = accept or (lambda meta: None)
         key = models.key()
         model = models.load(key)
         index = load_index(self.index_dir, query_sha256=model.sha256)
+        self.accept(index.meta)
         self.current = Served(model, key, index, meta_version(index.meta))
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
@@ -191,6 +195,7 @@ class Holder:
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
             index = load_index(self.index_dir, query_sha256=model.sha256)
+            self.accept(index.meta)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
             self._failed = (*wanted, folder)
             self._report("index", f"reload failed: {err}")
