@@ -1542,6 +1542,13 @@ def test_a_gallery_that_is_not_the_whole_split_is_neither_indexed_evaluated_nor_
     fails(caplog, ["gate", "--config", SMOKE, "--dataset", world.dataset, "--baseline-query-model", world.query,
                    "--baseline-gallery", world.gallery, "--query-model", world.query, "--gallery", small,
                    "--out", out], out, f"{small}: holds 1 rows that are not the 'test' split of {world.dataset}")
+    table = pq.read_table(world.gallery)  # the same rows, shuffled: the message says reordering is one cause
+    shuffled = tmp_path / "shuffled.parquet"
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    pq.write_table(table.take(order).replace_schema_metadata(table.schema.metadata), shuffled)
+    fails(caplog, ["build-index", "--gallery", shuffled, "--out", tmp_path / "index"], tmp_path / "index",
+          f"{shuffled}: holds {table.num_rows} rows that are not the 'test' split it records",
+          "its rows were reordered (sorted or shuffled)")
 
 
 def test_members_or_galleries_with_other_labels_for_the_same_ids(world, tmp_path, caplog):

@@ -255,7 +255,8 @@ def check_rows_are_split(ids: list[str], source: dict[str, Any], where: str, wha
     digest.update(ids)
     if (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
         raise TableError(f"{where}: holds {digest.rows} rows that are not {what} ({source.get('split_rows')} rows, "
-                         "in order): a truncated or edited file, or one embedded from another dataset")
+                         "in order): its rows were reordered (sorted or shuffled), dropped, added or edited, or it was "
+                         "embedded from another dataset; write it again with cmce")
 
 
 def check_unique_ids(ids: list[str], where: str, seen: set[str] | None = None) -> None:
