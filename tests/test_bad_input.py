@@ -2092,6 +2092,17 @@ def test_shards_of_two_versions_of_a_dataset_are_not_merged(world, tmp_path, cap
     fails(caplog, ["merge", *shards, "--out", out], out, f"{shards[1]}: metadata differs from {shards[0]}")
 
 
+def test_a_shard_combined_with_a_whole_member_is_named_as_a_shard(world, tmp_path, caplog):
+    """The refusal gave the two files' row counts sorted, so they read opposite to the file order, and never
+    said that one was a shard."""
+    shard = tmp_path / "vgg_s0.parquet"
+    assert main([str(a) for a in embed_member_args(world)] + ["--shard", "0/2", "--out", str(shard)]) == 0
+    out = tmp_path / "g.parquet"
+    fails(caplog, ["combine", "--member", world.members[1], "--member", shard, "--out", out], out,
+          f"members cover different parts of the split ({world.members[1]}: the whole split; {shard}: shard 0/2)",
+          "merge each member's shards first")
+
+
 @pytest.mark.parametrize("error, rc, logged", [
     (OSError(28, "No space left on device"), 2, "cmce search: standard output: not written: No space left on device"),
     (BrokenPipeError(32, "Broken pipe"), 128 + signal.SIGPIPE, None),

@@ -226,10 +226,17 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
             raise TableError(f"duplicate gallery model names among members: {names}")
         for p in member_paths:
             read_schema(p, ["id", "label", "raw", "transformed"])
+        shards = [m.get("shard") for m in metas]
+        if len(set(shards)) != 1:  # before the row counts, which a shard beside a whole file also differs in
+            shown = "; ".join(f"{p}: {f'shard {k}' if k else 'the whole split'}" for p, k in zip(member_paths, shards,
+                                                                                               strict=True))
+            raise TableError(f"members cover different parts of the split ({shown}); combine members of one shard, "
+                             "or merge each member's shards first (cmce merge)")
         files = [pq.ParquetFile(p) for p in member_paths]
-        rows = {f.metadata.num_rows for f in files}
-        if len(rows) != 1:
-            raise TableError(f"{member_paths}: members have different row counts {sorted(rows)}")
+        rows = [f.metadata.num_rows for f in files]
+        if len(set(rows)) != 1:
+            shown = "; ".join(f"{p}: {n} rows" for p, n in zip(member_paths, rows, strict=True))
+            raise TableError(f"members have different row counts ({shown})")
         t_type = files[0].schema_arrow.field("transformed").type
         if not pa.types.is_fixed_size_list(t_type):
             raise TableError(
@@ -244,9 +251,6 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
             ("ensemble_sum", pa.list_(pa.float32(), q_dim)),
             ("n_models", pa.int32()),
         ] + [(f"raw_{n}", f.schema_arrow.field("raw").type) for n, f in zip(names, files, strict=True)]
-        shards = {m.get("shard") for m in metas}
-        if len(shards) != 1:
-            raise TableError(f"{member_paths}: members come from different shards {sorted(map(str, shards))}")
         if not all(same_split(m.get("source"), metas[0].get("source")) for m in metas):
             raise TableError(f"{member_paths}: members embed different dataset files or splits (their 'source' "
                              "differs)")
