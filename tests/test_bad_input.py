@@ -769,6 +769,17 @@ def test_an_index_folder_holding_its_gallery_is_refused(world, tmp_path, caplog)
     assert _inputs_kept(gallery) == kept
 
 
+def test_an_output_inside_an_input_folder_is_refused(world, tmp_path, caplog):
+    """evaluate --index I --out I/eval wrote its folder into the index; the next build-index of I then refused
+    the stranger it held."""
+    index = Path(shutil.copytree(world.index, tmp_path / "index"))
+    kept = snapshot(index)
+    out = index / "eval"
+    fails(caplog, [*evaluate_args(world), "--index", index, "--out", out], out,
+          f"--out {out} is inside the input folder --index {index}; write it elsewhere")
+    assert snapshot(index) == kept
+
+
 def test_the_lifecycle_steps_may_still_replace_the_gallery_they_grow(world, tmp_path):
     single = tmp_path / "single.parquet"
     assert main(["combine", "--member", str(world.members[0]), "--out", str(single)]) == 0

@@ -87,6 +87,12 @@ def _clashes(out: str, inp: str) -> bool:
     return o == i or o in i.parents
 
 
+def _inside_folder(out: str, inp: str) -> bool:
+    if is_remote(out) or is_remote(inp) or ":/" in inp or not Path(inp).is_dir():
+        return False
+    return _resolved(Path(inp)) in _resolved(Path(out)).parents
+
+
 def _resolved(path: Path) -> Path:
     try:
         return path.resolve()
@@ -129,6 +135,9 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
                 continue
             if _clashes(out, inp):
                 raise ValueError(f"{flag(out_name)} {out} would write over the input {flag(in_name)} {inp}")
+            if _inside_folder(out, inp):  # the next build of that folder refused the stranger it then held
+                raise ValueError(f"{flag(out_name)} {out} is inside the input folder {flag(in_name)} {inp}; "
+                                 "write it elsewhere")
     written = named(outputs)
     for k, (out_name, out) in enumerate(written):
         for other_name, other in written[k + 1:]:
