@@ -1699,6 +1699,18 @@ def test_a_model_trained_as_the_other_kind_is_refused_where_one_kind_is_taken(wo
     assert load_embedding_model(trained).meta["role"] == "query"
 
 
+def test_a_checkpoint_with_bytes_appended_is_named_as_damaged(world, tmp_path, caplog):
+    """torch reads past appended bytes: search blamed the index ("built for another query model") and export-query
+    wrote an ONNX stamped with a sha256 that no index has (exit 0)."""
+    query = tmp_path / "q.pt"
+    query.write_bytes(world.query.read_bytes() + np.random.default_rng(0).bytes(300))
+    out = tmp_path / "q.onnx"
+    fails(caplog, ["export-query", "--query-model", query, "--out", out], out,
+          f"{query}: 300 byte(s) follow the end of the checkpoint's archive")
+    fails(caplog, ["search", "--index", world.index, "--query-model", query, "--dataset", world.dataset,
+                   "--limit", "1"], tmp_path / "unused", f"{query}: 300 byte(s) follow the end")
+
+
 def test_an_output_file_is_replaced_only_by_a_file_of_its_format_and_kind(world, tmp_path, caplog):
     """fit-transform --out naming a gallery replaced the gallery with a checkpoint (exit 0)."""
     gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))

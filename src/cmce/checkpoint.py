@@ -66,6 +66,7 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a loadable checkpoint: " + (
             "torch's legacy (pre-1.6) format, which cmce does not read; save it again with torch.save" if legacy
             else "not a torch checkpoint file (an ONNX export, say, is for onnxruntime, not for cmce's steps)"))
+    _check_archive_end(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)
@@ -74,6 +75,29 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a {expected_format} checkpoint, got {got!r}")
     return obj
+
+
+ZIP_END = b"PK\x05\x06"  # the end-of-central-directory record: 22 bytes and the archive comment, then nothing
+
+
+def _check_archive_end(path: Path) -> None:
+    """torch reads a zip archive with bytes appended (a broken copy, a concatenation) as if they were not there,
+    so the file's sha256 no longer matched its index and the refusal blamed the index ("built for another query
+    model"), or an export went out stamped with a sha256 no artifact has."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 22 - 65535))
+        tail = f.read()
+    at = tail.rfind(ZIP_END)
+    if at < 0 or at + 22 > len(tail):
+        return  # no readable end record: torch.load names the damage
+    end = size - len(tail) + at + 22 + int.from_bytes(tail[at + 20:at + 22], "little")
+    if end > size:
+        raise CheckpointError(f"{path}: the checkpoint's archive ends {end - size} byte(s) past the file: truncated; "
+                              "copy it again from its source")
+    if end < size:
+        raise CheckpointError(f"{path}: {size - end} byte(s) follow the end of the checkpoint's archive: damaged, or "
+                              "something was appended to it; copy it again from its source")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
