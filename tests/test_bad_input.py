@@ -2189,3 +2189,34 @@ def test_a_users_folder_named_like_the_swap_aside_is_left_alone(world, tmp_path,
     assert main(build) == 0
     shutil.copytree(out, aside)  # an earlier version the step itself left: replaced as before
     assert main(build) == 0 and not aside.exists()
+
+
+def test_a_swap_that_waits_for_another_processs_lock_says_so(world, tmp_path, caplog):
+    """A search stopped with Ctrl-Z holds its shared lock on the index's parent folder: the next build waited
+    without a word, which looked like a hang."""
+    import fcntl
+    import threading
+    import time
+
+    out = tmp_path / "index"
+    build = ["build-index", "--gallery", str(world.gallery), "--out", str(out)]
+    assert main(build) == 0
+    rc = []
+    held = os.open(tmp_path, os.O_RDONLY)  # flock locks an open file: another open of the folder contends
+    try:
+        caplog.set_level(logging.INFO)
+        fcntl.flock(held, fcntl.LOCK_SH)
+        thread = threading.Thread(target=lambda: rc.append(main(build)))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not any("waiting for another process" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline and thread.is_alive(), [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        assert thread.is_alive()  # still waiting, and has said what for
+        fcntl.flock(held, fcntl.LOCK_UN)
+        thread.join(60)
+    finally:
+        os.close(held)
+    assert rc == [0]
+    said = next(r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage())
+    assert said == f"{out}: waiting for another process that is reading or swapping it (it holds a lock on {tmp_path})"

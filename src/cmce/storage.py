@@ -398,11 +398,23 @@ def swap_lock(target: str | Path, exclusive: bool) -> Iterator[None]:
         fd = os.open(target.parent, os.O_RDONLY)
     try:
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            _wait_for_lock(fd, exclusive, target)
         yield
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _wait_for_lock(fd: int, exclusive: bool, target: Path) -> None:
+    """flock, saying first what it waits for when another process holds the lock (a search suspended with
+    Ctrl-Z keeps its shared one: the silent wait looked like a hang)."""
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("%s: waiting for another process that is reading or swapping it (it holds a lock on %s)",
+                 target, target.parent)
+        fcntl.flock(fd, mode)
 
 
 @contextlib.contextmanager
