@@ -1781,6 +1781,35 @@ def test_a_torchrun_environment_without_its_other_ranks_fails_within_the_timeout
           "WORLD_SIZE='abc': not a rank count")
 
 
+def test_a_torchrun_port_where_another_service_answers_fails_within_the_timeout(world, tmp_path):
+    """MASTER_PORT naming an HTTP server's port: c10d's first ping waited for its answer without a deadline, and
+    rank 1 hung for good whatever CMCE_DDP_TIMEOUT_S said. Run as a process: the hang is in C++, past SIGALRM."""
+    import http.server
+    import threading
+    import time
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CMCE_DDP_TIMEOUT_S": "3"}
+    out = tmp_path / "q.pt"
+    start = time.monotonic()
+    try:
+        res = subprocess.run([sys.executable, "-m", "cmce", "train", "--config", str(SMOKE), "--dataset",
+                              str(world.dataset), "--model", "query", "--out", str(out)], env=env,
+                             capture_output=True, text=True, timeout=90)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert time.monotonic() - start < 60
+    errors = [line for line in res.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"torchrun rendezvous at 127.0.0.1:{port} failed" in errors[0], res.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_serve_refuses_class_names_from_another_dataset(world, tmp_path, caplog):
     table = pq.read_table(world.dataset)
     ids = table.column("id").to_pylist()
