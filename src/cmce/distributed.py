@@ -172,9 +172,6 @@ def init_from_env(backend: str | None = None) -> Context:
     return ctx
 
 
-RENDEZVOUS_MARGIN_S = 5.0
-
-
 def _rendezvous(timeout: float, where: str) -> tuple[dist.Store, int, int]:
     """torch's env:// rendezvous (the TCPStore of MASTER_ADDR:MASTER_PORT), given up after the timeout and a
     margin: c10d's client waits without a deadline for the answer to its first ping, so a port where another
@@ -194,7 +191,7 @@ def _rendezvous(timeout: float, where: str) -> tuple[dist.Store, int, int]:
 
     thread = threading.Thread(target=join, name="cmce-rendezvous", daemon=True)
     thread.start()
-    thread.join(timeout + RENDEZVOUS_MARGIN_S)
+    thread.join(timeout + min(5.0, 1.0 + timeout / 10))  # c10d's own deadline, when it keeps one, comes first
     if thread.is_alive():
         raise OSError(f"torchrun rendezvous at {where} failed: no TCPStore answer within {timeout:g} s "
                       "(CMCE_DDP_TIMEOUT_S); is MASTER_PORT the port of another service?")
