@@ -128,8 +128,35 @@ def run_local(args: argparse.Namespace) -> Path:
     return run_dir
 
 
+HEALTHZ_TIMEOUT_S = 10
+
+
+def check_host(host: str) -> None:
+    """One request to the KFP API's healthz before the client is made: the client retried a dead host or a server
+    that is not KFP for half a minute, then failed with tracebacks that never named --host. An answer that asks
+    for credentials (401, 403, a redirect to a login page) is left to the client."""
+    import requests
+
+    url = f"{host.rstrip('/')}/apis/v2beta1/healthz"
+    try:
+        answer = requests.get(url, timeout=HEALTHZ_TIMEOUT_S, allow_redirects=False)
+    except requests.RequestException as err:
+        reason = type(err).__name__ if isinstance(err, requests.ConnectionError | requests.Timeout) else err
+        raise ValueError(f"--host {host}: cannot reach the KFP API ({reason} on {url})") from None
+    if answer.status_code in (401, 403) or answer.is_redirect:
+        return
+    try:
+        healthy = answer.status_code == 200 and isinstance(answer.json(), dict)
+    except ValueError:  # not JSON
+        healthy = False
+    if not healthy:
+        raise ValueError(f"--host {host}: not a KFP API endpoint ({url} answered HTTP {answer.status_code}"
+                         f"{'' if answer.status_code != 200 else ' without the JSON of KFP'})")
+
+
 def submit(args: argparse.Namespace) -> None:
     """Submit the compiled YAML to a KFP endpoint (cannot be exercised without a cluster)."""
+    check_host(args.host)
     import kfp
 
     client = kfp.Client(host=args.host, namespace=args.namespace)

@@ -1811,6 +1811,35 @@ def test_a_torchrun_environment_without_its_other_ranks_fails_within_the_timeout
           "WORLD_SIZE='abc': not a rank count")
 
 
+def test_a_torchrun_port_where_another_service_answers_fails_within_the_timeout(world, tmp_path):
+    """MASTER_PORT naming an HTTP server's port: c10d's first ping waited for its answer without a deadline, and
+    rank 1 hung for good whatever CMCE_DDP_TIMEOUT_S said. Run as a process: the hang is in C++, past SIGALRM."""
+    import http.server
+    import threading
+    import time
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CMCE_DDP_TIMEOUT_S": "3"}
+    out = tmp_path / "q.pt"
+    start = time.monotonic()
+    try:
+        res = subprocess.run([sys.executable, "-m", "cmce", "train", "--config", str(SMOKE), "--dataset",
+                              str(world.dataset), "--model", "query", "--out", str(out)], env=env,
+                             capture_output=True, text=True, timeout=90)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert time.monotonic() - start < 60
+    errors = [line for line in res.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"torchrun rendezvous at 127.0.0.1:{port} failed" in errors[0], res.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_serve_refuses_class_names_from_another_dataset(world, tmp_path, caplog):
     table = pq.read_table(world.dataset)
     ids = table.column("id").to_pylist()
@@ -2220,3 +2249,100 @@ def test_a_swap_that_waits_for_another_processs_lock_says_so(world, tmp_path, ca
     assert rc == [0]
     said = next(r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage())
     assert said == f"{out}: waiting for another process that is reading or swapping it (it holds a lock on {tmp_path})"
+
+
+# ---------------------------------------------------------------- a ninth hostile round: environment and registry
+def _store_with_a_registered_query_model(root: Path, source: str) -> str:
+    """A tracking store whose cmce-query@candidate is registered from `source` (never downloaded here)."""
+    from mlflow import MlflowClient
+
+    from cmce.tracking import ALIAS, QUERY_MODEL, start_parent_run
+
+    root.mkdir()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    start_parent_run(uri, "parent", {})
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(QUERY_MODEL)
+    version = client.create_model_version(QUERY_MODEL, source=source)
+    client.set_registered_model_alias(QUERY_MODEL, ALIAS, version.version)
+    return uri
+
+
+def test_a_registry_variable_gets_the_checks_of_the_tracking_uri(world, tmp_path, caplog, monkeypatch):
+    """MLFLOW_REGISTRY_URI=sqlite:///reg.db left in the environment: MLflow made a new reg.db in the working
+    folder and looked the model up there, never in --mlflow-uri's registry."""
+    registered = tmp_path / "registered" / "cmce-query"  # a registered version is a folder holding the file
+    registered.mkdir(parents=True)
+    shutil.copyfile(world.query, registered / "query.pt")
+    uri = _store_with_a_registered_query_model(tmp_path / "store", str(registered))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///reg.db")
+    fails(caplog, ["--mlflow-uri", uri, "search", "--index", world.index, "--query-model",
+                   "models:/cmce-query@candidate", "--dataset", world.dataset, "--limit", "1"], tmp_path / "unused",
+          "MLFLOW_REGISTRY_URI=sqlite:///reg.db: no tracking database there")
+    assert list(work.iterdir()) == []
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)  # the same store named twice is no conflict
+    assert main(["--mlflow-uri", uri, "search", "--index", str(world.index), "--query-model",
+                 "models:/cmce-query@candidate", "--dataset", str(world.dataset), "--limit", "1"]) == 0
+
+
+def test_a_tracking_uri_that_is_not_mlflow_is_named_by_a_registered_model(world, tmp_path, caplog, monkeypatch):
+    """An HTTP server that is not MLflow answered the registry's request with a 404: the error named the API
+    path, not the --mlflow-uri at fault."""
+    import functools
+    import http.server
+    import threading
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        fails(caplog, ["--mlflow-uri", url, "search", "--index", world.index, "--query-model",
+                       "models:/cmce-query@candidate", "--dataset", world.dataset, "--limit", "1"],
+              tmp_path / "unused", f"models:/cmce-query@candidate: registry {url}: ", "404")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_unreachable_mlflow_s3_endpoint_is_named(world, tmp_path, caplog, monkeypatch):
+    """Registered artifacts on S3 behind a dead MLFLOW_S3_ENDPOINT_URL: "Could not connect to the endpoint URL",
+    the variable that named it unsaid."""
+    import socket
+
+    uri = _store_with_a_registered_query_model(tmp_path / "store", "s3://models/reg/cmce-query")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    fails(caplog, ["--mlflow-uri", uri, "search", "--index", world.index, "--query-model",
+                   "models:/cmce-query@candidate", "--dataset", world.dataset, "--limit", "1"], tmp_path / "unused",
+          "models:/cmce-query@candidate: ", f"MLFLOW_S3_ENDPOINT_URL='http://127.0.0.1:{port}'")
+
+
+def test_query_arguments_on_a_sqlite_store_are_refused(world, tmp_path, caplog, monkeypatch):
+    """`sqlite:///x.db?mode=ro`: SQLAlchemy's sqlite driver ignores query arguments (a warning), and the store the
+    user asked to keep unwritten was written."""
+    from cmce.tracking import start_parent_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlflow.db"
+    run_id = start_parent_run(f"sqlite:///{db}", "parent", {})
+    before = snapshot(db)
+    uri = f"sqlite:///{db}?mode=ro"
+    track = tmp_path / "track.json"
+    fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", uri, "--out", track], track,
+          uri, "query arguments (mode=ro) are not applied")
+    out = tmp_path / "index"
+    fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", run_id, "build-index", "--gallery", world.gallery,
+                   "--out", out], out, "query arguments (mode=ro)")
+    assert snapshot(db) == before

@@ -277,3 +277,32 @@ def test_the_pipeline_command_refuses_bad_input_in_one_line(tmp_path, caplog, ar
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and needle.format(tmp=tmp_path) in errors[0], errors
+
+
+def test_submit_to_a_dead_or_foreign_host_is_one_line_naming_it(tmp_path, caplog):
+    """A dead KFP host gave three tracebacks; an HTTP server that is not KFP, 158 lines of retries over 25 s,
+    neither naming --host."""
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    from pipeline.__main__ import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    foreign = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for host, reason in ((dead, "cannot reach the KFP API"), (foreign, "not a KFP API endpoint")):
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                assert main(["submit", "--host", host]) == 2
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and f"--host {host}: {reason}" in errors[0], caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -620,3 +620,91 @@ def test_the_test_server_takes_writes_in_more_buckets_than_the_suite_makes(s3_se
         bucket = new_bucket(s3_server)
         client.put_object(Bucket=bucket, Key="k", Body=b"x")
         assert read_object(s3_server, bucket, "k") == b"x"
+
+
+# --- a ninth hostile round: the environment around S3 --------------------------------------------------
+
+
+def test_a_missing_artifact_bucket_is_refused_before_the_experiment_or_a_run_is_made(s3_server, tmp_path,
+                                                                                      monkeypatch, caplog):
+    """`track-start --artifact-location s3://typo/...` pinned the experiment to the missing bucket and left a
+    RUNNING run: every later track-start, the corrected one included, failed the same way."""
+    from mlflow import MlflowClient
+
+    use_server(monkeypatch, s3_server)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # MLflow's own variable names the endpoint here, as in a deployment
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server.endpoint)
+    missing = f"cmce-missing-{secrets.token_hex(4)}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    track = tmp_path / "track.json"
+    assert main(["track-start", "--config", str(SMOKE), "--mlflow-uri", uri, "--artifact-location",
+                 f"s3://{missing}/mlflow", "--out", str(track)]) == 2
+    assert f"artifact location s3://{missing}/mlflow: bucket '{missing}' does not exist" in caplog.text
+    assert not track.exists()
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment_by_name("cmce") is None
+    bucket = new_bucket(s3_server)
+    assert main(["track-start", "--config", str(SMOKE), "--mlflow-uri", uri, "--artifact-location",
+                 f"s3://{bucket}/mlflow", "--out", str(track)]) == 0
+    experiment = client.get_experiment_by_name("cmce")
+    assert experiment.artifact_location == f"s3://{bucket}/mlflow"
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [json.loads(track.read_text())["run_id"]]
+    assert any(k.endswith("/artifacts/config.json") for k in keys(s3_server, bucket, "mlflow/"))
+    # the experiment's bucket gone later: refused naming where the experiment keeps its artifacts, no run left
+    for key in keys(s3_server, bucket):
+        s3_server.client().delete_object(Bucket=bucket, Key=key)
+    s3_server.client().delete_bucket(Bucket=bucket)
+    caplog.clear()
+    assert main(["track-start", "--config", str(SMOKE), "--mlflow-uri", uri, "--out", str(tmp_path / "t2.json")]) == 2
+    assert f"experiment 'cmce' keeps its artifacts at s3://{bucket}/mlflow" in caplog.text
+    assert "does not exist" in caplog.text
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_a_dead_proxy_is_named_not_the_endpoint(s3_server, tmp_path, monkeypatch, caplog):
+    """HTTP_PROXY left at a dead proxy: "cannot reach the S3 endpoint" named the endpoint, which was up."""
+    use_server(monkeypatch, s3_server)
+    port = free_ports(1)[0]
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:pw@127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    bucket = new_bucket(s3_server)
+    uri = f"s3://{bucket}/gallery.parquet"
+    assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2
+    assert f"{uri}: cannot reach the proxy http://***@127.0.0.1:{port} (HTTP_PROXY)" in caplog.text
+    assert "pw@" not in caplog.text and not (tmp_path / "index").exists()
+
+
+def test_a_stale_session_token_is_named(s3_server, tmp_path, monkeypatch, caplog):
+    """A session token left beside valid keys: the error blamed the access key id, which was right."""
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "IQoJb3JpZ2luX2VjEXAMPLEexpired")
+    bucket = new_bucket(s3_server)
+    uri = f"s3://{bucket}/gallery.parquet"
+    assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2
+    assert f"{uri}: " in caplog.text and "AWS_SESSION_TOKEN is set" in caplog.text
+    assert "IQoJb3JpZ2luX2VjEXAMPLEexpired" not in caplog.text
+
+
+def test_a_full_scratch_folder_names_the_download_and_tmpdir(s3_server, tmp_path, monkeypatch, caplog):
+    """A full TMPDIR while an s3:// input downloaded: "[Errno 28] No space left on device", naming nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("a small full file system needs mount (as root)")
+    use_server(monkeypatch, s3_server)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(tiny)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(tiny))  # what TMPDIR sets
+        bucket = new_bucket(s3_server)
+        s3_server.client().put_object(Bucket=bucket, Key="gallery.parquet", Body=secrets.token_bytes(256 << 10))
+        uri = f"s3://{bucket}/gallery.parquet"
+        assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2
+        assert f"{uri}: no space left in the scratch folder {tiny} (TMPDIR) while downloading" in caplog.text
+        assert list(tiny.iterdir()) == [] and not (tmp_path / "index").exists()
+    finally:
+        clear_scratch()
+        subprocess.run(["umount", str(tiny)], check=True)

@@ -184,7 +184,8 @@ def save_embedding_model(m: EmbeddingModel, path: str | Path, width: int) -> str
     return save_checkpoint(obj, path)
 
 
-ROLES = {"query": ("query", "kd_student"), "gallery": ("gallery",)}  # roles a step taking one accepts
+# roles a step taking one accepts: a KD student is a query-architecture copy of a gallery model, fit for either
+ROLES = {"query": ("query", "kd_student"), "gallery": ("gallery", "kd_student")}
 
 
 def require_role(model: EmbeddingModel, wanted: str, where: str) -> EmbeddingModel:

@@ -159,14 +159,47 @@ def init_from_env(backend: str | None = None) -> Context:
     log.info("joining %s ranks at %s:%s (rank %s); waiting up to %.0f s for the others (CMCE_DDP_TIMEOUT_S)",
              os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"],
              timeout)
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
-    except (RuntimeError, dist.DistStoreError) as err:  # the other ranks never came
-        raise OSError(f"torchrun rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed: "
-                      f"{first_line(err)}") from None
+        store, rank, world = _rendezvous(timeout, where)
+        # as init_process_group's own env:// path: the store may be torchrun's agent store, shared with others
+        dist.init_process_group(backend=backend, store=dist.PrefixStore("default_pg", store), rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, dist.DistStoreError) as err:  # the other ranks never came
+        raise OSError(f"torchrun rendezvous at {where} failed: {first_line(err)}") from None
     ctx = current()
     log.info("data-parallel: rank %d of %d, backend %s", ctx.rank, ctx.world_size, ctx.backend)
     return ctx
+
+
+def _rendezvous(timeout: float, where: str) -> tuple[dist.Store, int, int]:
+    """torch's env:// rendezvous (the TCPStore of MASTER_ADDR:MASTER_PORT), given up after the timeout and a
+    margin: c10d's client waits without a deadline for the answer to its first ping, so a port where another
+    service listens and waits for more bytes (an HTTP server) hung a rank for good. It runs in a daemon thread
+    (the store releases the GIL while it waits); a thread left waiting goes with the process, which exits."""
+    import threading
+
+    from torch.distributed import rendezvous
+
+    result: dict[str, object] = {}
+
+    def join() -> None:
+        try:
+            result["store"] = next(rendezvous("env://", timeout=datetime.timedelta(seconds=timeout)))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=join, name="cmce-rendezvous", daemon=True)
+    thread.start()
+    thread.join(timeout + min(5.0, 1.0 + timeout / 10))  # c10d's own deadline, when it keeps one, comes first
+    if thread.is_alive():
+        raise OSError(f"torchrun rendezvous at {where} failed: no TCPStore answer within {timeout:g} s "
+                      "(CMCE_DDP_TIMEOUT_S); is MASTER_PORT the port of another service?")
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    store, rank, world = result["store"]  # type: ignore[misc]
+    store.set_timeout(datetime.timedelta(seconds=timeout))
+    return store, rank, world
 
 
 def shutdown(clean: bool = True) -> None:

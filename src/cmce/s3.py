@@ -18,11 +18,13 @@ or fail it only at its upload.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,7 +37,10 @@ MB = 1 << 20
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
                "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
-               "CMCE_S3_READ_TIMEOUT_S", "AWS_METADATA_SERVICE_TIMEOUT", "AWS_METADATA_SERVICE_NUM_ATTEMPTS")
+               "CMCE_S3_READ_TIMEOUT_S", "AWS_METADATA_SERVICE_TIMEOUT", "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
+               # the proxies a client is made with (a client made before HTTP_PROXY was set never used it)
+               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+               "no_proxy")
 _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
 
@@ -219,6 +224,21 @@ def _connection_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def _proxy_error(conn: BaseException, uri: str, action: str) -> OSError | None:
+    """A proxy that cannot be reached, named with the variable that set it (botocore reads HTTP(S)_PROXY as
+    urllib does): the endpoint behind it may well be up."""
+    from botocore.exceptions import ProxyConnectionError
+
+    if not isinstance(conn, ProxyConnectionError):
+        return None
+    scheme = "https" if _endpoint().startswith("https") else "http"
+    names = [f"{scheme.upper()}_PROXY", f"{scheme}_proxy", "ALL_PROXY", "all_proxy"]
+    variable = next((n for n in names if os.environ.get(n)), "the proxy settings")
+    return OSError(f"{uri}: cannot reach the proxy {redact(str(conn.kwargs.get('proxy_url', '')))} ({variable}) "
+                   f"while {action} (gave up after retries); fix or unset it, or name the S3 endpoint's host in "
+                   "NO_PROXY")
+
+
 def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError | None:
     """A clear error naming `uri` (never a credential) for an SDK error, or None for other errors."""
     from boto3.exceptions import Boto3Error
@@ -240,9 +260,15 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
             return FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist (cmce never creates buckets)")
         if code in ("NoSuchKey", "404", "NotFound"):
             return FileNotFoundError(f"{uri}: no such object")
+        if code in ("InvalidToken", "ExpiredToken", "TokenRefreshRequired"):
+            return PermissionError(f"{uri}: the S3 server refused the session token ({code}) while {action}; "
+                                   f"check AWS_SESSION_TOKEN or the AWS profile")
         if code == "InvalidAccessKeyId":
+            # a server that knows no session tokens looks the pair up with the token and answers this code
+            token = "; AWS_SESSION_TOKEN is set: a stale one, or one for other keys, is refused this way" \
+                if os.environ.get("AWS_SESSION_TOKEN") else ""
             return PermissionError(f"{uri}: the S3 server does not know the access key id while {action}; "
-                                   f"check AWS_ACCESS_KEY_ID or the AWS profile")
+                                   f"check AWS_ACCESS_KEY_ID or the AWS profile{token}")
         if code == "SignatureDoesNotMatch":
             return PermissionError(f"{uri}: the S3 server rejected the request signature while {action}: wrong "
                                    f"secret access key; check AWS_SECRET_ACCESS_KEY or the AWS profile")
@@ -262,6 +288,8 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
         return OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (its answer is not S3's XML while "
                        f"{action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     conn = _connection_error(err)
+    if conn is not None and (proxy := _proxy_error(conn, uri, action)) is not None:
+        return proxy
     if conn is not None:
         return OSError(f"{uri}: cannot reach the S3 endpoint {_endpoint()} while {action} (gave up after retries: "
                        f"{type(conn).__name__})")
@@ -335,6 +363,30 @@ def download(uri: str, dest: Path, marker: str | None = None) -> Path:
     """Download the object (or every object under the prefix) at `uri` to `dest`; returns `dest`.
     With `marker` (a completion marker such as an index's meta.json, see upload_dir) `uri` is a prefix: it is
     listed once, and refused with MarkerMissing before any download when the marker is not among its keys."""
+    try:
+        return _download(uri, dest, marker)
+    except OSError as err:
+        full = _no_room(err)
+        if full is None:
+            raise
+        tmp = Path(tempfile.gettempdir())
+        where = f"the scratch folder {tmp} (TMPDIR)" if tmp == dest or tmp in dest.parents else str(dest.parent)
+        raise OSError(full.errno, f"{uri}: no space left in {where} while downloading ({full.strerror}); free "
+                                  "space there or set TMPDIR to a folder with room") from None
+
+
+def _no_room(err: BaseException | None) -> OSError | None:
+    """The full-disk error (no space, quota, file size limit) behind `err`, if any."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def _download(uri: str, dest: Path, marker: str | None) -> Path:
     u = parse(uri)
     cfg = transfer_config()
     if marker is None and kind(uri) == "file":

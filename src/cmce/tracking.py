@@ -147,6 +147,9 @@ def check_store(uri: str, create: bool = False) -> None:
     path = sqlite_path(uri)
     if path is None:
         return
+    if "?" in uri:  # SQLAlchemy's sqlite driver drops them with a warning: ?mode=ro still wrote
+        raise ValueError(f"{uri}: query arguments ({uri.split('?', 1)[1]}) are not applied to a sqlite store "
+                         "(its driver ignores them; mode=ro would not keep it unwritten): remove them")
     if not path.exists():
         if create:
             _check_creatable(uri, path)
@@ -179,6 +182,29 @@ def check_store(uri: str, create: bool = False) -> None:
     if not MLFLOW_TABLES <= tables:
         raise ValueError(f"{uri}: {path} is a sqlite database of another application (no MLflow tables), "
                          "not an MLflow tracking store; it is left as it is")
+
+
+REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
+
+
+def check_registry(tracking: str, create: bool = False) -> None:
+    """MLflow reads and writes registered models at MLFLOW_REGISTRY_URI when it is set, whatever the tracking
+    URI: the same checks as the tracking store's (check_store), naming the variable. A relative sqlite path
+    there made a new, empty registry in the working folder, and the registry of --mlflow-uri was never read."""
+    registry = os.environ.get(REGISTRY_ENV)
+    if not registry or registry == tracking:
+        return
+    if registry != registry.strip():
+        raise ValueError(f"{REGISTRY_ENV} {registry!r} has spaces at its start or end: remove them")
+    try:
+        check_store(registry, create)
+    except ValueError as err:
+        raise ValueError(f"{REGISTRY_ENV}={err}") from None
+
+
+def registry_of(tracking: str) -> str:
+    """The registry a client of `tracking` reads registered models from."""
+    return os.environ.get(REGISTRY_ENV) or tracking
 
 
 def _check_creatable(uri: str, path: Path) -> None:
@@ -228,6 +254,7 @@ def _http_defaults() -> None:
 def _client(uri: str, create: bool = False):
     """A client of the store at `uri`, checked first (check_store); `create`: a new sqlite store may be made."""
     check_store(uri, create)
+    check_registry(uri, create)
     _http_defaults()
     import mlflow
     from mlflow import MlflowClient
@@ -240,13 +267,45 @@ def _client(uri: str, create: bool = False):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_artifact_location(location: str) -> None:
+    """An s3:// artifact location's bucket exists: checked through MLflow's S3 endpoint (MLFLOW_S3_ENDPOINT_URL,
+    else the AWS chain's), before an experiment is pinned to it or a run opened (a typo in the bucket made every
+    later run of the experiment fail)."""
+    from cmce import s3
+
+    if not s3.is_s3(location):
+        return
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    saved = os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    try:
+        s3.check_writable(location)
+    finally:
+        if endpoint:
+            if saved is None:
+                os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+            else:
+                os.environ["AWS_ENDPOINT_URL_S3"] = saved
+
+
 def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
             log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", EXPERIMENT,
                         exp.artifact_location, artifact_location)
+        try:
+            check_artifact_location(exp.artifact_location)
+        except (OSError, ValueError) as err:
+            raise type(err)(f"experiment {EXPERIMENT!r} keeps its artifacts at {exp.artifact_location} (set when "
+                            f"it was created): {err}") from None
         return exp.experiment_id
+    if artifact_location:
+        try:
+            check_artifact_location(artifact_location)
+        except (OSError, ValueError) as err:
+            raise type(err)(f"artifact location {err}") from None
     location = artifact_location
     if location is None and uri.startswith("sqlite:///"):
         # keep artifacts beside the sqlite file instead of ./mlruns of whatever the working directory is
@@ -258,9 +317,14 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
     """Open the parent run. `artifact_location` (e.g. s3://bucket/mlflow) applies when the experiment is new."""
     client = _client(uri, create=True)
     run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name, tags=code_tags())
-    for key, value in flatten(params).items():
-        client.log_param(run.info.run_id, key, value)
-    client.log_dict(run.info.run_id, params, "config.json")  # the whole config in one file, beside its params
+    try:
+        for key, value in flatten(params).items():
+            client.log_param(run.info.run_id, key, value)
+        client.log_dict(run.info.run_id, params, "config.json")  # the whole config in one file, beside its params
+    except BaseException:
+        with contextlib.suppress(Exception):  # an orphan RUNNING run would look like a pipeline still going
+            client.set_terminated(run.info.run_id, "FAILED")
+        raise
     log.info("MLflow parent run %s at %s", run.info.run_id, uri)
     return run.info.run_id
 
@@ -545,18 +609,34 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
 
     from cmce.storage import scratch_dir, stands_for
 
-    if tracking:
-        mlflow.set_tracking_uri(tracking)
+    tracking = tracking or os.environ["MLFLOW_TRACKING_URI"]  # one of them is set (require_registry)
+    mlflow.set_tracking_uri(tracking)  # the process-wide one may be an earlier command's, and wins over the variable
     dst = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except MlflowException as err:
-        raise ValueError(f"{uri}: {first_line(err)}") from None
+    except Exception as err:
+        if not (isinstance(err, MlflowException) or from_client(err)):
+            raise
+        raise ValueError(f"{uri}: {_registry_error(err, tracking)}") from None
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
     if len(files) != 1:
         raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}")
     stands_for(files[0], uri)  # errors about the file name the registered model, not its scratch copy
     return files[0]
+
+
+def _registry_error(err: BaseException, tracking: str) -> str:
+    """A failed registry read, naming the registry (an HTTP server that is not MLflow answered a bare 404) and,
+    when the artifacts' S3 endpoint cannot be reached, the variable that names it for MLflow."""
+    from cmce.s3 import _connection_error
+
+    text = first_line(err)
+    registry = registry_of(tracking)
+    reason = text if registry in text else f"registry {registry}: {text}"
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if endpoint and _connection_error(err) is not None:
+        reason += f" (MLflow reaches S3 artifacts at MLFLOW_S3_ENDPOINT_URL={endpoint!r})"
+    return reason
 
 
 def require_registry(uri: str, tracking: str | None = None) -> None:
@@ -566,6 +646,7 @@ def require_registry(uri: str, tracking: str | None = None) -> None:
     if not registry:
         raise ValueError(f"{uri}: a registered model needs a registry: give --mlflow-uri or set MLFLOW_TRACKING_URI")
     check_store(registry)  # a read: a registry that is not there is not made (in the working folder) either
+    check_registry(registry)
 
 
 def alias_version(uri: str) -> str:
@@ -575,7 +656,8 @@ def alias_version(uri: str) -> str:
     from mlflow import MlflowClient
 
     name, alias = uri.removeprefix("models:/").split("@", 1)
-    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not an earlier command's set_tracking_uri
+    return str(client.get_model_version_by_alias(name, alias).version)
 
 
 def registered_checkpoints(cfg: Any, uri: str, alias: str = ALIAS) -> tuple[Path, list[Path]]:
