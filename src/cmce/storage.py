@@ -462,12 +462,15 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
         remove_if_empty(made)
 
 
-def _identity(path: Path) -> tuple[int, ...] | None:
+def stat_identity(path: Path, ctime: bool = False) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (None: it is missing). `ctime` also sees a copy that
+    restored the old mtime (`cp -p` onto the file), and a chmod or a new hard link, which an input watch of a
+    running step must not take for a change."""
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except OSError:  # missing, or no longer reachable (a parent replaced by a file, permissions)
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) + ((st.st_ctime_ns,) if ctime else ())
 
 
 _watched: list[Unchanged] = []  # the inputs of the running command: checked before each output is put in place
@@ -503,18 +506,18 @@ class Unchanged:
 
     def __init__(self, paths: list[str | Path] | tuple[str | Path, ...]):
         self.paths = [Path(p) for p in paths if not is_remote(p)]
-        self.before = [_identity(p) for p in self.paths]
+        self.before = [stat_identity(p) for p in self.paths]
 
     def check(self) -> None:
         for p, was in zip(self.paths, self.before, strict=True):
-            if _identity(p) != was:
+            if stat_identity(p) != was:
                 raise ValueError(f"{p}: was replaced or changed while this step read it; nothing written, run it "
                                  "again")
 
     def refresh(self, path: Path) -> None:
         for k, p in enumerate(self.paths):
             if p == path or p.resolve() == path.resolve():
-                self.before[k] = _identity(p)
+                self.before[k] = stat_identity(p)
 
 
 def write_bytes(target: str | Path, data: bytes) -> None:

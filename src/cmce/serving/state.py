@@ -25,7 +25,7 @@ from pathlib import Path
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
 from cmce.index import INDEX_FILES, LoadedIndex, load_index
-from cmce.storage import restore_uris
+from cmce.storage import restore_uris, stat_identity
 
 log = logging.getLogger(__name__)
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
@@ -34,15 +34,7 @@ UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable thi
 def folder_identity(index_dir: Path) -> tuple:
     """What changes when anything in the folder is replaced, rewritten or copied in (a folder swapped whole gets
     a new inode); cheap enough to take on every poll, unlike the checksums."""
-    out = []
-    for path in (index_dir, *(index_dir / name for name in INDEX_FILES)):
-        try:
-            st = path.stat()
-        except OSError:
-            out.append(None)
-            continue
-        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(out)
+    return tuple(stat_identity(path, ctime=True) for path in (index_dir, *(index_dir / n for n in INDEX_FILES)))
 
 
 def meta_version(meta: dict) -> str:
