@@ -6,6 +6,7 @@ found before the server starts, so the command fails with one line instead of a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -16,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h11
 import uvicorn
@@ -98,8 +100,35 @@ class JsonErrorsH11(H11Protocol):
         self.transport.close()
 
 
+class _Server(uvicorn.Server):
+    """A second stop signal, whichever, cuts the requests still running (503 to a body still arriving) instead of
+    waiting out the 10 s graceful timeout; the stop then goes on as usual. uvicorn ignored a second SIGTERM (what
+    a service manager sends when a stop hangs), and its forced exit on a second Ctrl-C logs tracebacks."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit:
+            self._cut_requests()
+        else:
+            super().handle_exit(sig, frame)
+
+    def stop(self) -> None:
+        if self.should_exit:
+            self._cut_requests()
+        self.should_exit = True
+
+    def _cut_requests(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: [task.cancel() for task in list(self.server_state.tasks)])
+
+
 @contextlib.contextmanager
-def _hangup_stops(server: uvicorn.Server) -> Iterator[None]:
+def _hangup_stops(server: _Server) -> Iterator[None]:
     """uvicorn stops gracefully on SIGINT and SIGTERM only; SIGHUP (a closed terminal) raised in the middle of
     the event loop dropped one request and left the server running, SIGUSR1 killed it with its downloads left.
     They are graceful stops here too."""
@@ -107,7 +136,7 @@ def _hangup_stops(server: uvicorn.Server) -> Iterator[None]:
         yield
         return
     stops = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-    previous = {signum: signal.signal(signum, lambda *_: setattr(server, "should_exit", True)) for signum in stops}
+    previous = {signum: signal.signal(signum, lambda *_: server.stop()) for signum in stops}
     try:
         yield
     finally:
@@ -135,7 +164,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
     say(f"serving {origin(opts.index)} on {url(sock)}\n")  # an s3:// index by its URI
     holder.start(opts.reload_interval_s if watch else 0)
     try:
-        server = uvicorn.Server(config)
+        server = _Server(config)
         with pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"), _hangup_stops(server):
             server.run(sockets=[sock])
     except (KeyboardInterrupt, Terminated) as err:  # uvicorn shut down gracefully, then re-raised the signal
