@@ -1796,16 +1796,9 @@ def test_a_torchrun_environment_without_its_other_ranks_fails_within_the_timeout
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "CMCE_DDP_TIMEOUT_S": "3"}.items():
-        monkeypatch.setenv(key, value)
-    out = tmp_path / "q.pt"
-    _with_alarm(60)
-    try:
-        fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
-              f"torchrun rendezvous at 127.0.0.1:{port} failed")
-    finally:
-        _no_alarm()
+    _train_fails_under({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "CMCE_DDP_TIMEOUT_S": "3"},
+                       f"torchrun rendezvous at 127.0.0.1:{port} failed", world, tmp_path, caplog, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "abc")
     fails(caplog, ["build-index", "--gallery", world.gallery, "--out", tmp_path / "i"], tmp_path / "i",
           "WORLD_SIZE='abc': not a rank count")
@@ -2021,13 +2014,21 @@ def test_inconsistent_torchrun_variables_are_refused_before_joining(env, expecte
     inside the TCPStore. Refused at once, naming the variable (the timeout here would fail the test)."""
     base = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599",
             "CMCE_DDP_TIMEOUT_S": "120"}
-    for key, value in {**base, **env}.items():
+    _train_fails_under({**base, **env}, f"environment variable {expected}", world, tmp_path, caplog, monkeypatch)
+
+
+def _train_fails_under(env: dict[str, str], needle: str, world: World, tmp_path: Path,
+                       caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cmce train` under the torchrun variables `env` (others unset) fails with `needle`, within 60 s."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "q.pt"
-    _with_alarm(30)
+    _with_alarm(60)
     try:
         fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
-              f"environment variable {expected}")
+              needle)
     finally:
         _no_alarm()
 
@@ -2180,12 +2181,9 @@ def test_standard_output_that_fails_is_named_and_a_closed_pipe_is_quiet(world, c
 
 def test_a_partial_torchrun_environment_is_refused_not_run_alone(world, tmp_path, caplog, monkeypatch):
     """RANK=1 WORLD_SIZE=2 without MASTER_PORT trained alone as rank 0 of 1, exit 0, and said nothing."""
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    out = tmp_path / "q.pt"
-    fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
-          "cmce train: WORLD_SIZE=2 asks for several ranks, but MASTER_PORT is not set")
+    _train_fails_under({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"},
+                       "cmce train: WORLD_SIZE=2 asks for several ranks, but MASTER_PORT is not set", world, tmp_path,
+                       caplog, monkeypatch)
 
 
 def test_a_users_folder_named_like_the_swap_aside_is_left_alone(world, tmp_path, caplog):
