@@ -732,14 +732,19 @@ def test_images_are_searched_upright_as_their_exif_orientation_says(world):
     np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-6)
 
 
-def test_serve_with_standard_output_closed_logs_where_it_listens(world, tmp_path):
+@pytest.mark.parametrize("stdout", ["closed", "a pipe nobody reads"])
+def test_serve_with_standard_output_closed_logs_where_it_listens(world, tmp_path, stdout):
     """`cmce serve ... >&-` (how some init scripts start daemons): printing the URL to the missing standard output
-    was a traceback, and no server."""
+    was a traceback, and no server; `cmce serve ... | true` died of the broken pipe without a word (exit 141)."""
     _, model, index, _ = world
     log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "cmce", "serve", "--index", str(index), "--query-model", str(model), "--port", "0"]
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "cmce", "serve", "--index",
-                                 str(index), "--query-model", str(model), "--port", "0"], stderr=stderr, env=cmce_env())
+        if stdout == "closed":
+            proc = subprocess.Popen(["sh", "-c", 'exec "$@" >&-', "sh", *command], stderr=stderr, env=cmce_env())
+        else:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=cmce_env())
+            proc.stdout.close()  # the reader is gone before the server writes its line
     try:
         deadline = time.monotonic() + 120
         while not (found := re.search(r" on (http://\S+)$", log.read_text(), re.MULTILINE)):

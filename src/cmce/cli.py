@@ -666,7 +666,8 @@ def _terminate_by_exception() -> dict[int, Any]:
 
 def _say(text: str, or_log: bool = False) -> None:
     """A command's output on standard output; a failed write names it (a full disk behind `> file`). Standard
-    output closed (`>&-`): refused, or with `or_log` (a line only to inform) logged instead."""
+    output closed (`>&-`), gone (`| true`) or failing: refused, or with `or_log` (a line only to inform) logged
+    instead."""
     if sys.stdout is None:
         if not or_log:
             raise OSError("standard output: closed (started with >&-?); nothing written")
@@ -675,9 +676,14 @@ def _say(text: str, or_log: bool = False) -> None:
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except BrokenPipeError:
-        raise  # the reader went away (`| head`): main ends quietly
     except OSError as err:
+        if or_log:  # a server announcing its URL to a reader that has gone (`| true`) serves on
+            if isinstance(err, BrokenPipeError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the exit's flush must not fail on the pipe
+            log.info("%s", text.rstrip("\n"))
+            return
+        if isinstance(err, BrokenPipeError):
+            raise  # the reader went away (`| head`): main ends quietly
         raise OSError(f"standard output: not written: {os.strerror(err.errno) if err.errno else err}") from None
 
 
