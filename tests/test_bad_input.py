@@ -2145,6 +2145,23 @@ def test_shards_of_two_versions_of_a_dataset_are_not_merged(world, tmp_path, cap
     fails(caplog, ["merge", *shards, "--out", out], out, f"{shards[1]}: metadata differs from {shards[0]}")
 
 
+def test_merged_shards_replace_only_a_file_of_their_own_kind(world, tmp_path, caplog):
+    """merge called its output a gallery or a member file, whichever its shards were: member shards replaced a
+    gallery, and gallery shards a member file (exit 0)."""
+    shards = [tmp_path / f"s{k}.parquet" for k in range(2)]
+    for k, shard in enumerate(shards):
+        assert main([str(a) for a in embed_member_args(world)] + ["--shard", f"{k}/2", "--out", str(shard)]) == 0
+    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
+    fails(caplog, ["merge", *shards, "--out", gallery], gallery,
+          f"{gallery}: holds a gallery Parquet file; this step writes a gallery_member file")
+    member = Path(shutil.copyfile(world.members[1], tmp_path / "member.parquet"))
+    assert main(["combine", "--member", str(shards[0]), "--out", str(tmp_path / "g0.parquet")]) == 0
+    assert main(["combine", "--member", str(shards[1]), "--out", str(tmp_path / "g1.parquet")]) == 0
+    fails(caplog, ["merge", tmp_path / "g0.parquet", tmp_path / "g1.parquet", "--out", member], member,
+          f"{member}: holds a gallery_member Parquet file; this step writes a gallery file")
+    assert main(["merge", *map(str, shards), "--out", str(tmp_path / "member2.parquet")]) == 0  # a new file: written
+
+
 def test_a_shard_combined_with_a_whole_member_is_named_as_a_shard(world, tmp_path, caplog):
     """The refusal gave the two files' row counts sorted, so they read opposite to the file order, and never
     said that one was a shard."""

@@ -164,7 +164,7 @@ def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | N
 
 
 GALLERY = ("gallery",)
-MERGED = ("gallery", "gallery_member")  # merge writes the kind of its shards
+MERGED = ("gallery", "gallery_member")  # the kinds merge writes: that of its shards
 
 
 def _parquet_out(args: argparse.Namespace, uri: str, kinds: tuple[str, ...]) -> Path:
@@ -262,8 +262,12 @@ def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
 
 
 def cmd_merge(args: argparse.Namespace) -> StepRecord:
-    return stages.merge(stages.FilesInputs([_in(p) for p in args.shard_file]),
-                        stages.GalleryOutputs(_parquet_out(args, args.out, MERGED)))
+    from cmce.tables import read_metadata
+
+    shards = [_in(p) for p in args.shard_file]
+    kind = read_metadata(shards[0]).get("kind") if shards else None  # merge writes the kind of its shards
+    return stages.merge(stages.FilesInputs(shards),
+                        stages.GalleryOutputs(_parquet_out(args, args.out, (kind,) if kind in MERGED else MERGED)))
 
 
 def cmd_combine(args: argparse.Namespace) -> StepRecord:
