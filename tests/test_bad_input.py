@@ -2162,6 +2162,24 @@ def test_merged_shards_replace_only_a_file_of_their_own_kind(world, tmp_path, ca
     assert main(["merge", *map(str, shards), "--out", str(tmp_path / "member2.parquet")]) == 0  # a new file: written
 
 
+def test_add_gallery_model_names_its_work_files_by_the_model(world, tmp_path):
+    """Two gallery models both saved as model.pt, added one after the other with one --work-dir: the second
+    overwrote the first's transformation, train embeddings and member file (named by the file, not the model)."""
+    work = tmp_path / "work"
+    gallery = world.gallery
+    for k, name in enumerate(("resnet_c", "resnet_d")):
+        model = tiny_model(tmp_path / name[-1] / "model.pt", name, "resnet", 12, seed=5 + k, role="gallery")
+        out = tmp_path / f"g{k}.parquet"
+        assert main(["add-gallery-model", "--config", str(SMOKE), *TINY, "--set", "transform.epochs=1",
+                     "--dataset", str(world.dataset), "--query-model", str(world.query), "--gallery", str(gallery),
+                     "--gallery-model", str(model), "--out", str(out), "--work-dir", str(work)]) == 0
+        gallery = out
+    assert sorted(p.name for p in work.iterdir()) == sorted(f"{kind}_{n}.{ext}" for n in ("resnet_c", "resnet_d")
+                                                             for kind, ext in (("transform", "pt"),
+                                                                               ("train", "parquet"),
+                                                                               ("member", "parquet")))
+
+
 def test_a_shard_combined_with_a_whole_member_is_named_as_a_shard(world, tmp_path, caplog):
     """The refusal gave the two files' row counts sorted, so they read opposite to the file order, and never
     said that one was a shard."""

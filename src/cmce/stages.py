@@ -387,9 +387,10 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
     from cmce.lifecycle import add_member as grow
 
     gallery_meta = read_metadata(inp.gallery)
-    check_new_members(inp.query_model, [inp.gallery_model],
-                      {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
-    stem = inp.gallery_model.stem
+    [stem] = check_new_members(inp.query_model, [inp.gallery_model],
+                               {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
+    # work files named by the model (a checked identifier), not by its file: two models both saved as model.pt
+    # overwrote each other's transformation, train embeddings and member file in one --work-dir
     transform = out.work_dir / f"transform_{stem}.pt"
     record = fit_transform(cfg, FitInputs(inp.dataset, inp.query_model, inp.gallery_model),
                            FitOutputs(transform, out.work_dir / f"train_{stem}.parquet"))
