@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import CheckpointError, EmbeddingModel, load_embedding_model, save_embedding_model
+from cmce.checkpoint import CheckpointError, EmbeddingModel, load_embedding_model, require_role, save_embedding_model
 from cmce.config import DataConfig, ModelSpec, TrainConfig
 from cmce.data.augment import augment
 from cmce.data.codec import to_float
@@ -192,7 +192,7 @@ def train_distilled_student(
     epochs: int | None = None,
 ) -> EmbeddingModel:
     """KD baseline: a student of the query architecture regressing the teacher's normalised embedding."""
-    teacher = load_embedding_model(teacher_path)
+    teacher = require_role(load_embedding_model(teacher_path), "gallery", f"--kd-teacher {teacher_path}")
     torch.manual_seed(student_spec.seed)
     size = embedding_net_parameters(student_spec.arch, data_cfg.channels, teacher.embedding_dim, student_spec.width)
     if size > MAX_PARAMETERS:  # the config bounds the students of its own gallery models; this teacher is a file
