@@ -1695,7 +1695,8 @@ def test_a_model_trained_as_the_other_kind_is_refused_where_one_kind_is_taken(wo
           f"--gallery-model {query_model}: a query model 'query'", "a gallery model is expected")
     student = tmp_path / "student.pt"
     fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--kd-teacher", query_model, "--out",
-                   student], student, f"--kd-teacher {query_model}: a query model 'query'", "a gallery model is expected")
+                   student], student, f"--kd-teacher {query_model}: a query model 'query'",
+          "a gallery model is expected")
     trained = tmp_path / "trained_query.pt"
     assert main(["train", "--config", str(SMOKE), *TINY, "--set", "train.epochs=1", "--dataset", str(world.dataset),
                  "--model", "query", "--out", str(trained)]) == 0

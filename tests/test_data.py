@@ -451,3 +451,13 @@ def test_imagefolder_skips_hidden_entries_and_names_what_it_does_not_read(tmp_pa
     (tmp_path / "c2" / "readme.md").write_text("empty class")
     with pytest.raises(DataError, match=r"class folder\(s\) c2 hold no images"):
         import_imagefolder(tmp_path)
+
+
+def test_class_folders_that_differ_only_in_unicode_normalisation_are_named(tmp_path):
+    """"café" composed and decomposed made two classes that print the same (labels 0 and 1), without a word."""
+    for cls in ("caf\u00e9", "cafe\u0301", "tea"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            (tmp_path / cls / f"{i}.png").write_bytes(_png("L", value=10 * i))
+    with pytest.raises(DataError, match=r"class folders 'cafe\\u0301', 'caf\\xe9' differ only in Unicode"):
+        import_imagefolder(tmp_path)

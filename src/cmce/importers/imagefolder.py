@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,14 @@ def import_imagefolder(path: str | Path) -> RawImages:
     classes = sorted({_utf8(c, root).name for _, p in parts for c in p.iterdir() if c.is_dir() and not _hidden(c.name)})
     if not classes:
         raise DataError(f"{root}: no class folders found")
+    alike: dict[str, list[str]] = {}
+    for c in classes:  # "café" typed on two systems, composed and decomposed: two classes that print the same
+        alike.setdefault(unicodedata.normalize("NFC", c), []).append(c)
+    twins = next((names for names in alike.values() if len(names) > 1), None)
+    if twins:
+        raise DataError(f"{root}: class folders {', '.join(ascii(t) for t in twins)} differ only in Unicode "
+                        "normalisation (accents composed or decomposed): one class under two names? merge or rename "
+                        "them")
     index = {c: i for i, c in enumerate(classes)}
     ids, labels, images, split, skipped = [], [], [], [], []
     for part, base in parts:
