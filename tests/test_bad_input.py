@@ -2184,6 +2184,22 @@ def test_add_gallery_model_names_its_work_files_by_the_model(world, tmp_path):
                                                                                ("member", "parquet")))
 
 
+def test_a_label_under_two_class_names_is_named(world, tmp_path, caplog):
+    """Rows of one label with two class names (an edited or merged dataset) were read without a word."""
+    table = pq.read_table(world.dataset)
+    labels = table.column("label").to_numpy()
+    names = table.column("class_name").to_pylist()
+    label = int(labels[0])
+    for row in np.flatnonzero(labels == label)[:2]:
+        names[row] = "renamed"
+    bad = tmp_path / "dataset.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("class_name"), "class_name",
+                                    pa.array(names, pa.string())), bad)
+    out = tmp_path / "member.parquet"
+    fails(caplog, [*embed_member_args(world, dataset=bad), "--out", out], out,
+          f"{bad}: label {label} has several class names (", "'renamed'")
+
+
 def test_a_shard_combined_with_a_whole_member_is_named_as_a_shard(world, tmp_path, caplog):
     """The refusal gave the two files' row counts sorted, so they read opposite to the file order, and never
     said that one was a shard."""

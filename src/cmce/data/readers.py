@@ -37,6 +37,7 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
         actual = pf.schema_arrow.field(col.name).type
         if not _compatible(actual, col.type):
             raise DataError(f"{path}: column '{col.name}' has type {actual}, expected {col.type}")
+    check_class_names(pf, path)
     return pf
 
 
@@ -84,6 +85,22 @@ def dataset_info(path: str | Path) -> dict:
     pf = open_dataset(path)
     meta = (pf.schema_arrow.metadata or {}).get(b"cmce")
     return json.loads(meta) if meta else {}
+
+
+def check_class_names(pf: pq.ParquetFile, path: str | Path) -> None:
+    """One name per label: rows of a label under two names (an edited or merged file) were read without a word,
+    and a server's class names then depended on which row it met first."""
+    try:
+        table = pf.read(columns=["label", "class_name"])
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not readable: {err}") from None
+    counts = table.group_by("label").aggregate([("class_name", "count_distinct")])
+    several = pc.filter(counts, pc.greater(counts.column("class_name_count_distinct"), 1))
+    if several.num_rows:
+        label = several.column("label")[0].as_py()
+        names = pc.unique(pc.filter(table.column("class_name"), pc.equal(table.column("label"), label))).to_pylist()
+        raise DataError(f"{path}: label {label} has several class names ({', '.join(map(repr, names[:3]))}): one "
+                        "label, one class name")
 
 
 @dataclass
