@@ -232,6 +232,16 @@ def test_unreadable_image_in_imagefolder(tmp_path, caplog, name, data, message):
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out, f"{root / 'dog' / name}: {message}")
 
 
+def test_a_dataset_written_inside_its_imagefolder_is_refused(tmp_path, caplog):
+    """prepare-data --out <root>/cat/ds.parquet wrote into the class folder; the next import skipped it by name."""
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    kept = snapshot(root)
+    out = root / "cat" / "dataset.parquet"
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          f"--out {out} is inside the data folder data.path {root}")
+    assert snapshot(root) == kept
+
+
 def test_an_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, caplog):
     """Below Pillow's own limit (which only warns), above data.max_image_pixels: refused from the header."""
     root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})

@@ -222,7 +222,11 @@ def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
-    return stages.prepare_data(_config(args), stages.PrepareInputs(_in(args.raw) if args.raw else None),
+    cfg = _config(args)
+    source, key = (args.raw, "--raw") if args.raw else (cfg.data.path, "data.path")
+    if source and _inside_folder(str(args.out), str(source)):  # the next import read it as one of its files
+        raise ValueError(f"--out {args.out} is inside the data folder {key} {source}; write it elsewhere")
+    return stages.prepare_data(cfg, stages.PrepareInputs(_in(args.raw) if args.raw else None),
                                stages.DatasetOutputs(_parquet_out(args, args.out, ("dataset",))))
 
 
