@@ -461,3 +461,16 @@ def test_class_folders_that_differ_only_in_unicode_normalisation_are_named(tmp_p
             (tmp_path / cls / f"{i}.png").write_bytes(_png("L", value=10 * i))
     with pytest.raises(DataError, match=r"class folders 'cafe\\u0301', 'caf\\xe9' differ only in Unicode"):
         import_imagefolder(tmp_path)
+
+
+@pytest.mark.parametrize("data, named", [
+    (b"\x00\x00\x00\x18ftypheic" + bytes(40), "HEIC, a format this tool does not decode"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG, a format this tool does not decode"),
+    (b"%PDF-1.7 ...", "PDF, a format this tool does not decode"),
+    (b"not an image at all", "damaged, or in a format this tool does not decode"),
+])
+def test_an_image_pillow_cannot_identify_is_named_by_its_format(data, named):
+    """Pillow's message named its own buffer ("cannot identify image file <_io.BytesIO object at 0x7f…>")."""
+    with pytest.raises(DataError) as err:
+        codec_module.open_image(data, "x.png")
+    assert str(err.value).startswith(f"x.png: corrupt or unreadable image: {named}") and "BytesIO" not in str(err.value)

@@ -335,6 +335,10 @@ def test_requests_shaped_past_the_schema_get_the_json_error_form(world):
                         headers={"content-type": "application/json"}, timeout=10)
     assert 400 <= res.status_code < 500 and res.json()["field"] == "query_model_sha256", res.text
     refused(server, 422, "k", "valid integer", embeddings=[row], query_model_sha256=sha, k=True)
+    refused(server, 422, "k", "valid integer", embeddings=[row], query_model_sha256=sha, k=2.5)
+    refused(server, 422, "k", "valid integer", embeddings=[row], query_model_sha256=sha, k="3")
+    three = server.search(embeddings=[row], query_model_sha256=sha, k=3.0)  # JSON does not tell 3.0 from 3
+    assert three.status_code == 200 and len(three.json()["results"][0]["hits"]) == 3, three.text
     deep = "[" * 100_000 + "]" * 100_000
     res = requests.post(f"{server.url}/search", data=f'{{"embeddings": {deep}}}',
                         headers={"content-type": "application/json"}, timeout=30)

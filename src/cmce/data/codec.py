@@ -47,6 +47,17 @@ def pixel_limit(max_pixels: int, name: str = "data.max_image_pixels") -> Iterato
         _max_pixels, _limit_name = previous
 
 
+# formats a user may well send that Pillow does not read: (signature offset, signature, name)
+OTHER_FORMATS = ((4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"),
+                 (4, b"ftypavif", "AVIF"), (0, b"%PDF", "PDF"), (0, b"<svg", "SVG"), (0, b"<?xml", "SVG or other XML"),
+                 (0, b"\xff\x0a", "JPEG XL"))
+
+
+def _known_format(data: bytes) -> str | None:
+    head = data[:64].lstrip()
+    return next((name for at, sig, name in OTHER_FORMATS if (data if at else head)[at:at + len(sig)] == sig), None)
+
+
 def open_image(data: bytes, origin: Path | str) -> Image.Image:
     """Decoded image; one with more pixels than the limit is refused from its header, before it is decoded
     (Pillow itself only warns up to twice its own limit)."""
@@ -56,7 +67,12 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise DataError(f"{origin}: refused, too many pixels: {err}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:  # Pillow names its BytesIO ("cannot identify image file <_io.BytesIO …>")
+        kind = _known_format(data)
+        what = f"{kind}, a format" if kind else "damaged, or in a format"
+        raise DataError(f"{origin}: corrupt or unreadable image: {what} this tool does not decode (it decodes PNG, "
+                        "JPEG, GIF, BMP, TIFF, WebP)") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
     width, height = img.size
     if width * height > _max_pixels:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import faiss
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 ENDPOINTS = "POST /search, GET /healthz, GET /readyz, GET /version"
 
 
+def _integral(value: Any) -> Any:
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
 class SearchRequest(BaseModel):
     """Either `embeddings` (computed by the client's query model, tagged with its checkpoint's sha256) or
     `images` (base64 PNG/JPEG, embedded here)."""
@@ -38,7 +43,8 @@ class SearchRequest(BaseModel):
     embeddings: list[list[float]] | None = None
     query_model_sha256: str | None = None
     images: list[str] | None = None
-    k: int = Field(5, ge=1, strict=True)  # strict: `true` is not 1
+    # strict: `true` and "3" are not 3; but JSON does not tell 3.0 from 3 (a client in JavaScript may send either)
+    k: Annotated[int, BeforeValidator(_integral)] = Field(5, ge=1, strict=True)
 
 
 def _error(status: int, field: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
