@@ -58,10 +58,13 @@ def test_export_embeds_like_torch_and_finds_the_same_top_10_in_the_index(smoke_r
 
 
 def test_a_query_model_of_another_architecture_exports_with_parity(smoke_run, tmp_path):
-    """A trained resnet (the smoke run's gallery model resnet_a; any architecture may be the query model),
-    ranked within the test split itself when no index is given."""
+    """A trained resnet (the smoke run's gallery model resnet_a, saved again as a query model: any architecture may
+    be the query model), ranked within the test split itself when no index is given."""
     lay, _ = smoke_run
-    ckpt = lay.model("resnet_a")
+    model = load_embedding_model(lay.model("resnet_a"))
+    model.meta = {**model.meta, "role": "query"}
+    ckpt = tmp_path / "resnet_query.pt"
+    save_embedding_model(model, ckpt, torch.load(lay.model("resnet_a"), weights_only=True)["width"])
     result = export.export_query_model(ckpt, tmp_path / "resnet.onnx", check_dataset=lay.dataset)
     assert result.parity.passed and result.parity.searched == "split" and result.parity.top_k == 10
     assert result.parity.max_abs_diff <= 1e-4 and result.parity.top_k_agreement == 1.0
