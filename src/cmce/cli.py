@@ -90,11 +90,11 @@ def _clashes(out: str, inp: str) -> bool:
 def _working_folder_under(out: str) -> Path | None:
     """Where the working folder lies under the local output `out` (`.` when it is the working folder itself),
     or None when it does not."""
-    try:
-        here = None if is_remote(out) else _resolved(Path.cwd())
-    except OSError:  # a working folder since removed: no output can be it
+    if is_remote(out):
         return None
-    if here is None:
+    try:
+        here = _resolved(Path.cwd())
+    except OSError:  # a working folder since removed: no output can be it
         return None
     o = _resolved(Path(out))
     return here.relative_to(o) if o == here or o in here.parents else None
@@ -464,7 +464,7 @@ class _Once(argparse._StoreAction):
     """The store action of every option: a single-valued option given twice is refused (the last silently won:
     `--config a.yaml --config b.yaml` read b.yaml alone). Options taking lists (append, nargs) are left alone."""
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001 - argparse's
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
         if self.nargs in (None, "?") and option_string is not None:
             if self.dest in parser.given:
                 raise argparse.ArgumentError(self, "given twice; give it once")
