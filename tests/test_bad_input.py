@@ -2409,3 +2409,91 @@ def test_query_arguments_on_a_sqlite_store_are_refused(world, tmp_path, caplog, 
     fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", run_id, "build-index", "--gallery", world.gallery,
                    "--out", out], out, "query arguments (mode=ro)")
     assert snapshot(db) == before
+
+
+# ---------------------------------------------------------------- [72ah]
+@pytest.mark.parametrize("out,verb", [(".", "is"), ("./", "is"), ("..", "holds"), ("HERE", "is")])
+def test_an_output_that_is_the_working_folder_is_refused_naming_its_flag(world, tmp_path, caplog, monkeypatch,
+                                                                          out, verb):
+    """`build-index --out .` failed with `PosixPath('.') has an empty name`: a Python repr, no flag named."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = str(here) if out == "HERE" else out
+    fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out], here,
+          f"build-index: --out {out} {verb} the working folder; give the name of the file or folder to write")
+    fails(caplog, [*evaluate_args(world), "--out", out], here, f"--out {out} {verb} the working folder")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], here,
+          f"--out {out} {verb} the working folder")
+    assert list(here.iterdir()) == []
+
+
+def test_a_run_whose_output_dir_is_a_file_is_refused_naming_the_key(tmp_path, caplog):
+    """`--set output_dir=<a file>` failed with `[Errno 20] Not a directory: '<file>/data'`, a path never given."""
+    notes = previous_file(tmp_path / "notes.txt")
+    fails(caplog, ["run", "--config", SMOKE, "--set", f"output_dir={notes}"], notes,
+          f"output_dir: {notes} is a file; give a folder for the run's outputs")
+    fails(caplog, ["run", "--config", SMOKE, "--set", f"output_dir={notes}/run"], notes,
+          f"output_dir: {notes}/run cannot be created: {notes} is a file")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["train", "--config", "a.yaml", "--config", "b.yaml", "--dataset", "d", "--model", "q", "--out", "o"],
+     "--config"),
+    (["train", "--config=a.yaml", "--dataset", "d", "--dataset", "d", "--model", "q", "--out", "o"], "--dataset"),
+    (["--device", "cpu", "--device", "cuda", "train", "--config", "a.yaml", "--dataset", "d", "--model", "q",
+      "--out", "o"], "--device"),
+    (["build-index", "--gallery", "g", "--out", "o", "--index-type", "flat", "--index-type", "hnsw"],
+     "--index-type"),
+    (["--mlflow-uri", "a", "track-start", "--config", "c.yaml", "--mlflow-uri", "b"], "--mlflow-uri"),
+])
+def test_a_single_valued_option_given_twice_is_refused_at_parse_time(capsys, argv, flag):
+    """`--config a.yaml --config b.yaml` trained with b.yaml alone, a.yaml ignored without a word."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: given twice" in err, err
+
+
+def test_options_that_take_lists_may_still_be_repeated():
+    from cmce.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--config", "c", "--set", "a=1", "--set", "b=2", "--dataset", "d",
+                                      "--query-model", "q", "--gallery", "g", "--transform", "t1", "--transform",
+                                      "t2", "--kd", "s1", "--kd", "s2", "--out", "o"])
+    assert (args.set, args.transform, args.kd) == (["a=1", "b=2"], ["t1", "t2"], ["s1", "s2"])
+    args = build_parser().parse_args(["embed-gallery", "--dataset", "d", "--query-model", "q", "--gallery-model",
+                                      "g1", "--transform", "t1", "--gallery-model", "g2", "--transform", "t2",
+                                      "--out", "o"])
+    assert (args.gallery_model, args.transform) == (["g1", "g2"], ["t1", "t2"])
+    assert build_parser().parse_args(["merge", "a", "b", "--out", "o"]).shard_file == ["a", "b"]
+    # one parser parses twice: what the first parse saw does not count against the second
+    parser = build_parser()
+    for _ in range(2):
+        assert parser.parse_args(["--device", "cpu", "merge", "a", "--out", "o"]).device == "cpu"
+
+
+def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, caplog):
+    """`evaluate.recall_k=[1,1000]` on a 539-item gallery reported R@1000 = 1.0 for every configuration, a column
+    that measures nothing (the gate refuses such a metric). A run refuses it before the training."""
+    items = pq.ParquetFile(world.gallery).metadata.num_rows
+    out = tmp_path / "eval"
+    fails(caplog, [*evaluate_args(world), "--set", f"evaluate.recall_k=[1, {items}]", "--out", out], out,
+          f"evaluate.recall_k: R@{items} is 1 for every query with a match on a gallery of {items} items "
+          f"({world.gallery}); give K below {items}")
+    root = tmp_path / "run"
+    fails(caplog, ["run", "--config", SMOKE, *TINY, "--set", f"output_dir={root}", "--set",
+                   f"evaluate.recall_k=[1, {items}, 100000]"], root / "models",
+          f"evaluate.recall_k: R@{items}, R@100000 is 1 for every query with a match on a gallery of {items} items "
+          f"(the test split of {root / 'data'}")
+
+
+@pytest.mark.parametrize("model,key", [("vgg_b", "gallery_models.vgg_b"), ("query", "query_model")])
+def test_a_data_fraction_that_leaves_one_class_is_named(world, tmp_path, caplog, model, key):
+    """`data_fraction=0.001` left one training image: "the train split needs at least 2 classes, got 1" blamed
+    the dataset, whose train split has 10."""
+    out = tmp_path / "model.pt"
+    fails(caplog, ["train", "--config", SMOKE, "--set", f"{key}.data_fraction=0.001", "--dataset", world.dataset,
+                   "--model", model, "--out", out], out,
+          f"{key}.data_fraction 0.001 keeps 1 of the 60 train images of {world.dataset}, of 1 class; training needs "
+          "at least 2 classes, so raise it")

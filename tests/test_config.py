@@ -318,3 +318,45 @@ def test_params_files_name_their_gallery_models_as_keys():
 def test_gallery_models_of_another_type_is_refused_naming_the_key(tmp_path, value):
     with pytest.raises(ConfigError, match=r"c.yaml: gallery_models: expected a list"):
         load_config(_write(tmp_path, GOOD), {"gallery_models": value})
+
+
+def test_a_mapping_given_to_a_section_is_merged_into_it(tmp_path):
+    """`--set 'train={epochs: 1}'` replaced the whole section: the file's batch_size and lr fell back to the
+    defaults without a word."""
+    from cmce.config import parse_overrides
+
+    path = _write(tmp_path, GOOD + "train: {epochs: 3, batch_size: 64, lr: 0.005}\n"
+                                   "index: {type: ivfpq, ivfpq: {nlist: 32, nprobe: 4}}\n")
+    cfg = load_config(path, parse_overrides(["train={epochs: 1}", "index={ivfpq: {nprobe: 8}}"]))
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (1, 64, 0.005)
+    assert (cfg.index.type, cfg.index.ivfpq.nlist, cfg.index.ivfpq.nprobe) == ("ivfpq", 32, 8)
+    keyed = _write(tmp_path, "query_model: {name: q, arch: query_cnn}\n"
+                             "gallery_models: {z: {arch: resnet, width: 8}, a: {arch: vgg}}\n")
+    models = load_config(keyed, parse_overrides(["gallery_models={a: {width: 4}}"])).gallery_models
+    assert [(m.name, m.arch, m.width) for m in models] == [("z", "resnet", 8), ("a", "vgg", 4)]
+    # a value that is not a mapping still replaces: a list of models, or a section's scalar key
+    listed = load_config(keyed, parse_overrides(["gallery_models=[{name: y, arch: vgg}]"])).gallery_models
+    assert [m.name for m in listed] == ["y"]
+
+
+@pytest.mark.parametrize("pair,message", [
+    ("nosuch.key=1", r"--set nosuch.key: unknown key\(s\) \['nosuch'\]; valid keys: \['batch_size'"),
+    ("train.epoch=1", r"--set train.epoch: train: unknown key\(s\) \['epoch'\]; valid keys: \[.*'epochs'"),
+    ("train={epoch: 1}", r"--set train: train: unknown key\(s\) \['epoch'\]"),
+    ("index={ivfpq: {nprob: 4}}", r"--set index: index.ivfpq: unknown key\(s\) \['nprob'\]"),
+    ("gallery_models.g.widht=8", r"--set gallery_models.g.widht: gallery_models.g: unknown key\(s\) \['widht'\]"),
+    ("gallery_models=[{name: g, arch: vgg, widht: 8}]", r"--set gallery_models: gallery_models\[0\]: unknown key"),
+    ("lifecycle.add_gallery_model.x=1", r"--set lifecycle.add_gallery_model.x: lifecycle.add_gallery_model: unknown"),
+    ("train.epochs.x=1", r"--set train.epochs.x: train.epochs is a value, not a section with keys"),
+])
+def test_an_unknown_key_from_an_override_is_named_as_the_override(tmp_path, pair, message):
+    """`--set nosuch.key=1` was blamed on the config file (`c.yaml: : unknown key(s) ['nosuch']`), which has no
+    such key; the same key in the file is still the file's."""
+    from cmce.config import parse_overrides
+
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=rf"^{message}") as err:
+        load_config(path, parse_overrides([pair]))
+    assert str(path) not in str(err.value)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown key\(s\) \['nosuch'\]; valid"):
+        load_config(_write(tmp_path, GOOD + "nosuch: {key: 1}\n"))

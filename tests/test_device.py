@@ -81,7 +81,7 @@ def _capture_train(monkeypatch) -> dict:
     """Replace the training step by one that records where it would compute."""
     seen: dict = {}
 
-    def fake_train(dataset, spec, data_cfg, train_cfg, out, role):
+    def fake_train(*args) -> None:  # dataset, spec, data_cfg, train_cfg, out, role, key
         seen["device"] = devices.current()
 
     monkeypatch.setattr("cmce.stages.train_embedding_model", fake_train)

@@ -137,6 +137,20 @@ def test_run_settings_are_the_params_and_key_value_overrides_only(tmp_path):
         _arguments(bad)
 
 
+def test_an_unknown_key_from_set_is_named_as_the_override_not_the_params_file(tmp_path):
+    """`--set nosuch.key=1` was `<params file>: : unknown key(s) ['nosuch']`: the file has no such key."""
+    from cmce.config import ConfigError, resolve_config_text
+
+    params = tmp_path / "p.yaml"
+    params.write_text("query_model: {name: q}\ngallery_models: [{name: a, arch: vgg}]\n")
+    args = build_parser().parse_args(["submit", "--host", "h", "--params", str(params), "--set", "nosuch.key=1"])
+    with pytest.raises(ConfigError, match=r"^--set nosuch.key: unknown key\(s\) \['nosuch'\]; valid keys") as err:
+        _arguments(args)
+    assert str(params) not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^--set train.epoch: train: unknown key\(s\) \['epoch'\]"):
+        resolve_config_text(params.read_text(), ["train.epoch=1"])  # the first task of a submitted run
+
+
 def test_local_run_has_every_per_model_and_per_shard_output(kfp_run):
     iterations = sorted(kfp_run.glob("for-loop-*-iteration-*"))
     per_model = [it for it in iterations if (it / "train-model-2").exists()]

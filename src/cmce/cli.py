@@ -87,6 +87,19 @@ def _clashes(out: str, inp: str) -> bool:
     return o == i or o in i.parents
 
 
+def _working_folder_under(out: str) -> Path | None:
+    """Where the working folder lies under the local output `out` (`.` when it is the working folder itself),
+    or None when it does not."""
+    if is_remote(out):
+        return None
+    try:
+        here = _resolved(Path.cwd())
+    except OSError:  # a working folder since removed: no output can be it
+        return None
+    o = _resolved(Path(out))
+    return here.relative_to(o) if o == here or o in here.parents else None
+
+
 def _inside_folder(out: str, inp: str) -> bool:
     if is_remote(out) or is_remote(inp) or ":/" in inp or not Path(inp).is_dir():
         return False
@@ -130,6 +143,9 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
     for out_name, out in named(outputs):
+        if (held := _working_folder_under(out)) is not None:  # `--out .`: the folder a step would replace or fill
+            raise ValueError(f"{flag(out_name)} {out} {'is' if held == Path('.') else 'holds'} the working folder; "
+                             "give the name of the file or folder to write")
         for in_name, inp in named(inputs):
             if args.command in REPLACES_GALLERY and (out_name, in_name) == ("out", "gallery"):
                 continue
@@ -448,8 +464,37 @@ def cmd_track_end(args: argparse.Namespace) -> None:
     end_run(uri, args.mlflow_parent, args.status)
 
 
+class _Once(argparse._StoreAction):
+    """The store action of every option: a single-valued option given twice is refused (the last silently won:
+    `--config a.yaml --config b.yaml` read b.yaml alone). Options taking lists (append, nargs) are left alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self.nargs in (None, "?") and option_string is not None:
+            if self.dest in parser.given:
+                raise argparse.ArgumentError(self, "given twice; give it once")
+            parser.given[self.dest] = option_string
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
     """A bad argument is one line naming it (exit 2), not the usage text; `--help` still shows the usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
+        self.given: dict[str, str] = {}  # dest: option string, of the _Once options this parse has seen
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        subparsers = [p for a in self._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+        for parser in (self, *subparsers):
+            parser.given = {}
+        parsed = super().parse_known_args(args, namespace)
+        for parser in subparsers:  # an option both before and after the subcommand (`--mlflow-uri`)
+            if both := sorted(set(self.given) & set(parser.given)):
+                self.error(f"argument {parser.given[both[0]]}: given twice (before and after {parser.prog}); "
+                           "give it once")
+        return parsed
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")

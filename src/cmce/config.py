@@ -296,6 +296,13 @@ class Config:
         extra = [m for m in (self.lifecycle.add_gallery_model, self.lifecycle.new_query_model) if m is not None]
         return [self.query_model, *self.gallery_models, *extra]
 
+    def model_key(self, name: str) -> str:
+        """The dotted key (as `--set` writes it) of the model named `name`: query_model, gallery_models.<name>, …"""
+        named = {m.name: f"gallery_models.{m.name}" for m in self.gallery_models}
+        named |= {m.name: f"lifecycle.{k}" for k in ("add_gallery_model", "new_query_model")
+                  if (m := getattr(self.lifecycle, k)) is not None}
+        return "query_model" if name == self.query_model.name else named[name]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -347,7 +354,8 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(raw) - names))  # str: YAML keys may be numbers
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {shown(unknown)}; valid keys: {sorted(names)}")
+        at = f"{where}: " if where else ""  # the top level: the caller puts the file's name before it
+        raise ConfigError(f"{at}unknown key(s) {shown(unknown)}; valid keys: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -495,9 +503,11 @@ OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (``train.epochs``) in a raw config mapping; returns the same mapping.
 
-    `gallery_models` given as a list of names selects and orders the gallery models of the mapping by name
-    (an unknown name is an error listing the valid ones); given as a list of mappings it replaces them.
-    In the mapping form of `gallery_models`, `gallery_models.<name>.<key>` sets one model's key."""
+    A mapping value is merged into the mapping already there (`train={epochs: 1}` changes only train.epochs);
+    any other value replaces it. `gallery_models` given as a list of names selects and orders the gallery models
+    of the mapping by name (an unknown name is an error listing the valid ones); given as a list of mappings it
+    replaces them. In the mapping form of `gallery_models`, `gallery_models.<name>.<key>` sets one model's key.
+    A key the config does not have is refused as the override's (`--set KEY`), not the file's."""
     for dotted, value in overrides.items():
         if dotted == "gallery_models" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             models_as_list(raw)
@@ -510,6 +520,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         if not OVERRIDE_KEY.fullmatch(dotted):
             raise ConfigError(f"--set {shown(dotted)}: not a key; keys are dotted names such as train.epochs "
                               "(one gallery model's: gallery_models.<name>.<key>)")
+        check_override_key(dotted, value)
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -518,8 +529,65 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             if not isinstance(node[p], dict):
                 raise ConfigError(f"override {dotted}: '{p}' is not a mapping")
             node = node[p]
-        node[leaf] = value
+        node[leaf] = _merged(node.get(leaf), value)
     return raw
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """`new` deep-merged into `old` when both are mappings (a new mapping; neither is changed), else `new`."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
+
+
+def check_override_key(dotted: str, value: Any) -> None:
+    """An override's dotted key, and the keys of a mapping (or list of model mappings) it sets, are keys of the
+    config: else a ConfigError naming `--set KEY` (the params file has no such key; the override brought it)."""
+    tp: Any = Config
+    done: list[str] = []
+    for part in dotted.split("."):
+        fields = _config_fields(tp)
+        if tp == list[ModelSpec]:  # the mapping form: any model name (a new model must then give its arch)
+            tp = ModelSpec
+        elif fields is None:
+            raise ConfigError(f"--set {dotted}: {'.'.join(done)} is a value, not a section with keys")
+        elif part not in fields:  # worded as the file's own unknown keys are (_build), after the override
+            _unknown_keys(dotted, ".".join(done), [part], fields)
+        else:
+            tp = fields[part]
+        done.append(part)
+    _check_value_keys(dotted, dotted, tp, value)
+
+
+def _config_fields(tp: Any) -> dict[str, Any] | None:
+    """The field types of a config class (through `X | None`), or None for a plain value's type."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(inner) == 1:
+        tp = inner[0]
+    return typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else None
+
+
+def _check_value_keys(dotted: str, at: str, tp: Any, value: Any) -> None:
+    """The keys of a mapping value set at `at`, a section of type `tp` (recursively), and of gallery models'."""
+    if tp == list[ModelSpec]:
+        specs = ([(f"{at}.{name}", spec) for name, spec in value.items()] if isinstance(value, dict) else
+                 [(f"{at}[{i}]", spec) for i, spec in enumerate(value)] if isinstance(value, list) else [])
+        for where, spec in specs:
+            _check_value_keys(dotted, where, ModelSpec, spec)
+        return
+    fields = _config_fields(tp)
+    if fields is None or not isinstance(value, dict):
+        return  # a value of the wrong type: _coerce names it
+    unknown = sorted(map(str, set(value) - set(fields)))
+    if unknown:
+        _unknown_keys(dotted, at, unknown, fields)
+    for k, v in value.items():
+        _check_value_keys(dotted, f"{at}.{k}", fields[k], v)
+
+
+def _unknown_keys(dotted: str, at: str, unknown: list[str], fields: dict[str, Any]) -> typing.NoReturn:
+    at = f"{at}: " if at else ""
+    raise ConfigError(f"--set {dotted}: {at}unknown key(s) {shown(unknown)}; valid keys: {sorted(fields)}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -21,6 +21,7 @@ the query embeddings are computed once and shared by every configuration that se
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,9 +199,10 @@ class EvalData:
     index: LoadedIndex | None = None
 
 
-def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
-    """Read and check the inputs, match transformations and students to members by content hash, embed the
-    test split with the query model (once) and with the students, apply each T."""
+def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequence[int] = ()) -> EvalData:
+    """Read and check the inputs (`recall_k` against the gallery's size, once it is known to be a whole split),
+    match transformations and students to members by content hash, embed the test split with the query model
+    (once) and with the students, apply each T."""
     query_model = load_embedding_model(inputs.query_model)
     gmeta = read_metadata(inputs.gallery)
     if gmeta.get("kind") != "gallery":
@@ -235,6 +237,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256) -> EvalData:
     split = gmeta["split"]
     check_rows_are_split(g_ids, split_source(inputs.dataset, split), str(inputs.gallery),
                          f"the '{split}' split of {inputs.dataset}")
+    check_recall_k(recall_k, len(g_ids), str(inputs.gallery))  # before the queries are embedded
     raw, transformed = {}, {}
     ensemble = RunningEnsemble()
     for m in members:
@@ -378,12 +381,22 @@ def write_evaluation(out_dir: Path, data: EvalData, metrics: Metrics, rejection_
         write_reports(metrics, data.versions, tmp, rejection_far)
 
 
+def check_recall_k(recall_k: Sequence[int], gallery_items: int, gallery: str) -> None:
+    """R@K with K at least the gallery's size is 1 for every query that has a match: a column that measures
+    nothing, refused before the work (as the gate refuses such a metric)."""
+    vacuous = [k for k in recall_k if k >= gallery_items]
+    if vacuous:
+        shown = ", ".join(f"R@{k}" for k in vacuous)
+        raise ValueError(f"evaluate.recall_k: {shown} is 1 for every query with a match on a gallery of "
+                         f"{gallery_items} items ({gallery}); give K below {gallery_items}")
+
+
 def evaluate(inputs: EvalInputs, cfg: EvaluateConfig, out_dir: str | Path, batch_size: int = 256,
              seed: int = 0) -> Metrics:
     """Load → every configuration's metrics → written reports; returns the metrics."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, EVAL_FILES)  # before the work, not only when swapping the result in
-    data = load_evaluation(inputs, batch_size)
+    data = load_evaluation(inputs, batch_size, cfg.recall_k)
     metrics = configuration_metrics(data, cfg, seed)
     write_evaluation(out_dir, data, metrics, cfg.rejection_far)
     return metrics

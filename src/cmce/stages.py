@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,12 @@ from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.checkpoint import load_embedding_model, require_role
 from cmce.config import Config, IndexConfig, ModelSpec
-from cmce.data.loader import WHOLE, Shard
+from cmce.data.loader import WHOLE, Shard, split_source
 from cmce.data.prepare import prepare_dataset
 from cmce.data.readers import dataset_info
 from cmce.data.sources import fetch_source
 from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model, merge_shards
-from cmce.evaluate import EVAL_FILES, EvalInputs, evaluate
+from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate
 from cmce.index import INDEX_FILES, build_index
 from cmce.layout import RunLayout, pair_transformations
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
@@ -102,7 +103,8 @@ def train_model(cfg: Config, inp: TrainInputs, out: ModelOutputs) -> StepRecord 
     use_device(cfg)
     new_query = cfg.lifecycle.new_query_model
     role = "query" if inp.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
-    train_embedding_model(inp.dataset, model_spec(cfg, inp.model), cfg.data, cfg.train, out.checkpoint, role)
+    train_embedding_model(inp.dataset, model_spec(cfg, inp.model), cfg.data, cfg.train, out.checkpoint, role,
+                          cfg.model_key(inp.model))
     if not ddp.is_main():
         return None
     return read_data(record_model(cfg, out.checkpoint, role), inp.dataset)
@@ -503,6 +505,17 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
 
 
 # ---------------------------------------------------------------- the whole run in one process
+def _check_run_root(root: Path) -> None:
+    """output_dir is a folder the run writes into, or one it can make: a file there or above it is named (the
+    first write under it failed with a bare `Not a directory` about a path the user never gave)."""
+    existing = root.absolute()
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == root.absolute() else f"cannot be created: {existing} is a file"
+        raise ValueError(f"output_dir: {root} {where}; give a folder for the run's outputs")
+
+
 def _refuse_other_members(lay: RunLayout, cfg: Config) -> None:
     """A transformation or member file of a gallery model the config no longer has would be read by the
     documented follow-ups (`--transform-dir`, `--members-dir`) as part of this run: refused before any work."""
@@ -522,6 +535,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     cfg.output_dir, made by this very config (the caller vouches for that): the model and, for a gallery
     model, its transformation, embeddings and KD student are used as they are, not made again.
     `publish` is handed each stage's record as the stage ends (the CLI passes the tracker's)."""
+    _check_run_root(Path(cfg.output_dir))
     use_device(cfg)
     done = publish or (lambda record: None)
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
@@ -534,6 +548,9 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
         done(prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset)))
     per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
     log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
+    # the gallery is the test split: a vacuous R@K is refused now, not after the training
+    gallery_items = split_source(lay.dataset, "test")["split_rows"]
+    check_recall_k(cfg.evaluate.recall_k, gallery_items, f"the test split of {lay.dataset}")
     q_path = lay.model(cfg.query_model.name)
     if cfg.query_model.name not in keep:
         done(train_model(cfg, TrainInputs(lay.dataset, cfg.query_model.name), ModelOutputs(q_path)))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.checkpoint import CheckpointError, EmbeddingModel, load_embedding_model, require_role, save_embedding_model
-from cmce.config import DataConfig, ModelSpec, TrainConfig
+from cmce.config import ConfigError, DataConfig, ModelSpec, TrainConfig
 from cmce.data.augment import augment
 from cmce.data.codec import to_float
 from cmce.data.readers import SplitArrays, dataset_info, load_split
@@ -135,12 +135,19 @@ def train_embedding_model(
     cfg: TrainConfig,
     out: str | Path,
     role: str = "embedding",
+    key: str | None = None,
 ) -> EmbeddingModel:
     """Train one embedding model with a cosine-softmax head; save a weights-only checkpoint. `role` ("query" or
-    "gallery", recorded in it) lets the steps that take one refuse the other."""
+    "gallery", recorded in it) lets the steps that take one refuse the other; `key` is the spec's dotted key in
+    the config (Config.model_key), which errors about its values name."""
     torch.manual_seed(spec.seed)
-    data = subset(load_split(dataset, "train", data_cfg.channels, data_cfg.image_size), spec.data_fraction, spec.seed)
+    split = load_split(dataset, "train", data_cfg.channels, data_cfg.image_size)
+    data = subset(split, spec.data_fraction, spec.seed)
     classes = np.unique(data.labels)
+    if len(classes) < 2 <= len(np.unique(split.labels)):  # the dataset has the classes: the fraction left them out
+        raise ConfigError(f"{key or spec.name}.data_fraction {spec.data_fraction} keeps {len(data.ids)} of the "
+                          f"{len(split.ids)} train images of {dataset}, of {len(classes)} class; training needs at "
+                          "least 2 classes, so raise it")
     if len(classes) < 2:
         raise DataError(f"{dataset}: the train split needs at least 2 classes, got {len(classes)}")
     # classifier rows are indexed by the dataset label so the query head can score any train label
