@@ -330,7 +330,8 @@ def test_duplicate_ids_in_a_dataset_file(world, tmp_path, caplog, split):
 
 def test_train_split_with_a_single_class(world, tmp_path, caplog):
     labels = pq.read_table(world.dataset).column("label")
-    ds = rewrite(world.dataset, tmp_path / "one_class.parquet", label=pa.array([3] * len(labels), pa.int32()))
+    ds = rewrite(world.dataset, tmp_path / "one_class.parquet", label=pa.array([3] * len(labels), pa.int32()),
+                 class_name=pa.array(["3"] * len(labels), pa.string()))
     out = previous_file(tmp_path / "query.pt")
     fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
           f"{ds}: the train split needs at least 2 classes, got 1")
@@ -2148,8 +2149,11 @@ def test_shards_of_two_versions_of_a_dataset_are_not_merged(world, tmp_path, cap
     test_rows = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "test")
     labels = table.column("label").to_numpy().copy()
     labels[test_rows[-1]] = (labels[test_rows[-1]] + 1) % (labels.max() + 1)
+    names = table.column("class_name").to_pylist()  # the row moves to the other class, name and all
+    names[test_rows[-1]] = names[int(np.flatnonzero(labels == labels[test_rows[-1]])[0])]
     relabelled = tmp_path / "relabelled.parquet"
-    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32())),
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+                   .set_column(table.schema.get_field_index("class_name"), "class_name", pa.array(names, pa.string())),
                    relabelled)
     shards = [tmp_path / "sh0.parquet", tmp_path / "sh1.parquet"]
     for k, (dataset, shard) in enumerate(zip([world.dataset, relabelled], shards, strict=True)):
