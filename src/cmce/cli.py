@@ -25,8 +25,9 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
-from cmce.errors import Terminated, first_line, from_client, raise_terminated
+from cmce.errors import Terminated, first_line, from_client, raise_terminated, unclaimed_ending_signals
 from cmce.records import StepRecord
+from cmce.s3 import foreign_scheme, scheme_error
 from cmce.storage import (
     check_output,
     clear_scratch,
@@ -70,6 +71,8 @@ _workers = _int_from(0, 64)  # decoding processes: more only waits on their star
 INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_teacher", "transform", "transform_dir",
               "kd", "kd_dir", "gallery", "member", "shard_file", "index", "images", "train_embeddings",
               "baseline_query_model", "baseline_gallery", "check_dataset", "check_index")
+MODEL_ARGS = ("query_model", "gallery_model", "kd_teacher", "transform", "kd", "baseline_query_model")  # models:/ too
+MODEL_URIS = "a checkpoint is a path, an s3:// object or models:/NAME@ALIAS (or /VERSION); no other URI"
 OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
 # the lifecycle steps may replace the gallery they grow: the new one is written aside and renamed over it
 REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
@@ -127,6 +130,11 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
         return "a shard file" if name == "shard_file" else f"--{name.replace('_', '-')}"
 
     inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
+    for name, value in named(inputs) + named(outputs):  # s3a://, S3://, gs://: else a relative local path
+        if name in MODEL_ARGS and foreign_scheme(value) and not value.startswith("models:/"):
+            raise ValueError(f"{flag(name)} {value}: {MODEL_URIS}")
+        if name not in MODEL_ARGS and (scheme := foreign_scheme(value)):
+            raise ValueError(scheme_error(value, scheme, flag(name)))
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
     for out_name, out in named(outputs):
@@ -206,8 +214,7 @@ def _model(path: str) -> Path:
 
         return resolve_model_uri(path)
     if re.match(r"[a-z][a-z0-9+.-]*:/", path) and not is_remote(path):  # runs:/, mlflow-artifacts:/, http://, …
-        raise ValueError(f"{path}: a checkpoint is a path, an s3:// object or models:/NAME@ALIAS (or /VERSION); "
-                         f"{path.split(':', 1)[0]}: URIs are not read")
+        raise ValueError(f"{path}: {MODEL_URIS}")
     return _in(path)
 
 
@@ -655,8 +662,8 @@ def _select_device(args: argparse.Namespace) -> None:
         devices.select("auto")
 
 
-# the signals whose default action ends the process (SIGUSR1 left a half-written temporary), but SIGALRM: a caller
-# may time the command with it
+# the signals whose default action ends the process (SIGUSR1 left a half-written temporary); the others
+# (SIGALRM: a caller may time the command with it) are taken only where nobody handles them
 TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -665,7 +672,8 @@ def _terminate_by_exception() -> dict[int, Any]:
     cleanups run; returns the handlers they replace, restored when the command ends."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signum: signal.signal(signum, raise_terminated) for signum in TERMINATING}
+    ending = (*TERMINATING, *unclaimed_ending_signals())  # SIGALRM, SIGXCPU, …: unless a caller handles them
+    return {signum: signal.signal(signum, raise_terminated) for signum in ending}
 
 
 def _say(text: str, or_log: bool = False) -> None:

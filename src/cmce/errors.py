@@ -44,3 +44,14 @@ class Terminated(BaseException):
 
 def raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated(signum)
+
+
+def unclaimed_ending_signals() -> list[int]:
+    """The other signals whose default action ends the process (SIGALRM, a CPU-time limit's SIGXCPU, the
+    profiling timers, SIGPWR), where nobody but cmce handles them: a caller's own handler (a SIGALRM watchdog around
+    a command) is kept. SIGXFSZ Python ignores already: the write then fails with EFBIG, reported as such."""
+    import signal
+
+    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR")
+    found = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    return [signum for signum in found if signal.getsignal(signum) in (signal.SIG_DFL, raise_terminated)]

@@ -48,6 +48,21 @@ def is_s3(uri: object) -> bool:
     return isinstance(uri, str) and uri.startswith(SCHEME)
 
 
+_ANY_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a Windows drive
+
+
+def foreign_scheme(uri: object) -> str | None:
+    """The scheme of a URI that is not `s3://` (`s3a://`, `S3://`, `gs://`, `s3:/`), else None. Such a text
+    would otherwise be a relative local path (`./s3a:/b/k`), written where nobody looks for it."""
+    m = _ANY_SCHEME.match(uri) if isinstance(uri, str) else None
+    return m.group(1) if m and not is_s3(uri) else None
+
+
+def scheme_error(uri: str, scheme: str, what: str) -> str:
+    """Why `uri` (of `foreign_scheme`) is refused; `what` names the argument (a flag, or 'an input')."""
+    return f"{what} {uri}: {scheme}: URIs are not supported; give a local path or s3://bucket/key (lower case)"
+
+
 def redact(text: str) -> str:
     """Replace the user-info part of every URL in `text` (``scheme://user:secret@host`` → ``scheme://***@host``)."""
     return _USERINFO.sub(r"\1***@", text)

@@ -290,6 +290,8 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     text = str(uri)
     if not text.strip():
         raise ValueError("an output path is empty")
+    if scheme := s3.foreign_scheme(text):
+        raise ValueError(s3.scheme_error(text, scheme, "the output"))
     if is_remote(text):
         _check_remote_output(text, is_dir, own, writes, kinds)
         return
@@ -565,6 +567,8 @@ def local_input(uri: str | Path, marker: str | None = None) -> Path:
     object under the prefix, as a folder) into scratch, keeping the key's file name. Downloaded once
     per process until `clear_scratch`. `marker` (s3:// only): the prefix's completion marker, see
     cmce.s3.download; a local folder's marker is the caller's to check."""
+    if scheme := s3.foreign_scheme(str(uri)):
+        raise ValueError(s3.scheme_error(str(uri), scheme, "the input"))
     if not s3.is_s3(uri):
         path = Path(uri)
         if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would hang, /dev/zero never ends
@@ -588,6 +592,8 @@ def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None)
     s3://: a scratch path with the key's file name, uploaded only if the block succeeds; the bucket and
     credentials are checked first, before any work. A folder goes up file by file, `last` (its completion
     marker, e.g. an index's meta.json) after all others; see cmce.s3.upload_dir."""
+    if scheme := s3.foreign_scheme(str(uri)):
+        raise ValueError(s3.scheme_error(str(uri), scheme, "the output"))
     if not s3.is_s3(uri):
         yield Path(uri)
         return
