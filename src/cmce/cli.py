@@ -419,13 +419,22 @@ def cmd_add_member(args: argparse.Namespace) -> StepRecord:
 def cmd_gate(args: argparse.Namespace) -> StepRecord:
     inputs = stages.GateInputs(_in(args.dataset), _model(args.baseline_query_model), _in(args.baseline_gallery),
                                _model(args.query_model), _in(args.gallery))
-    record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out, writes="json")))
+    decision = _out(args, args.out, writes="json")
+    record = stages.gate(_config(args), inputs, stages.GateOutputs(decision))
     if record.metrics["promoted"] and record.promote and not args.mlflow_parent:  # the aliases move on publishing
         log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
                     "gate and move 'production'")
+    why = f"candidate regressed on {record.params['regressed']}"
+    if record.metrics["promoted"] and record.promote and args.mlflow_parent:
+        from cmce.promotion import withhold
+        from cmce.tracking import unregistered
+
+        if missing := unregistered(os.environ["MLFLOW_TRACKING_URI"], record.promote):  # @production cannot move
+            why = f"{missing} have no registered version with the served sha256; @production not moved"
+            withhold(decision, why)
+            record.metrics["promoted"] = 0.0
     if args.require_promotion and not record.metrics["promoted"]:  # a verdict, not bad input: exit 1, like diff
-        log.error("cmce gate: %s: candidate regressed on %s (see %s)", args.gallery, record.params["regressed"],
-                  args.out)
+        log.error("cmce gate: %s: not promoted: %s (see %s)", args.gallery, why, args.out)
         args.exit_status = 1
     return record
 

@@ -243,7 +243,10 @@ def tracking_uri(run_dir: str | Path) -> str:
 
 # a tracking server that accepts and never answers: MLflow's defaults (120 s a request, 7 retries with backoff)
 # kept a step silent for many minutes; the user's own settings win
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+# MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT: MLflow writes "View run … at: URL" to stdout as a run ends on an HTTP store;
+# no output of the command, and a failing stdout (`> /dev/full`, an ascii encoding) failed the tracking
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def _http_defaults() -> None:
@@ -381,55 +384,60 @@ def log_step(
     tags = {"mlflow.parentRunId": parent_run_id, **code_tags(), **({DATA_TAG: data_sha} if data_sha else {})}
     run = client.create_run(parent.info.experiment_id, run_name=step, tags=tags)
     rid = run.info.run_id
-    if data_sha and DATA_TAG not in parent.data.tags:  # the first step that reads the dataset versions the run
-        client.set_tag(parent_run_id, DATA_TAG, data_sha)
-    log_datasets(client, rid, inputs)
-    for key, value in (headline or {}).items():
-        if isinstance(value, int | float) and math.isfinite(value):
-            client.log_metric(parent_run_id, safe_metric_name(key), float(value))
-    for key, value in flatten(params or {}).items():
-        client.log_param(rid, key, value)
-    for key, value in (metrics or {}).items():
-        if isinstance(value, int | float) and math.isfinite(value):
-            client.log_metric(rid, safe_metric_name(key), float(value))
-    for row in history:
-        epoch = int(row.get("epoch", 0))
-        for key, value in row.items():
-            if key != "epoch":
-                client.log_metric(rid, safe_metric_name(key), float(value), step=epoch)
-    for path in artifacts:
-        log_artifact_or_reference(client, rid, Path(path))
-    for name, path, sha256 in register:
-        client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
-        register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
-        if name == QUERY_MODEL:
-            log_query_pyfunc(client, rid, Path(path), sha256)
-    for name, version in model_versions(uri, versions_of).items():
-        client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
-    promote = list(promote)
-    if promote:
-        # all or nothing: a half-moved alias would serve a query model with another model's transformations
-        versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
-        missing = sorted(name for name, version in versions.items() if version is None)
-        if missing:
-            # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
-            log.warning("not moving @%s: %s have no registered version with the served sha256 (register them "
-                        "with tracking on first)", PRODUCTION, missing)
-            client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
-        else:
-            for name, version in versions.items():
-                client.set_registered_model_alias(name, PRODUCTION, version)
-                client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-            for name, sha256 in promote_along:
-                version = version_by_sha(client, name, sha256)
-                if version is None:
-                    log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
-                    continue
-                client.set_registered_model_alias(name, PRODUCTION, version)
-                client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-                versions[name] = version
-            client.set_tag(rid, "promotion", "done")
-            log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
+    try:
+        if data_sha and DATA_TAG not in parent.data.tags:  # the first step that reads the dataset versions the run
+            client.set_tag(parent_run_id, DATA_TAG, data_sha)
+        log_datasets(client, rid, inputs)
+        for key, value in (headline or {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                client.log_metric(parent_run_id, safe_metric_name(key), float(value))
+        for key, value in flatten(params or {}).items():
+            client.log_param(rid, key, value)
+        for key, value in (metrics or {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                client.log_metric(rid, safe_metric_name(key), float(value))
+        for row in history:
+            epoch = int(row.get("epoch", 0))
+            for key, value in row.items():
+                if key != "epoch":
+                    client.log_metric(rid, safe_metric_name(key), float(value), step=epoch)
+        for path in artifacts:
+            log_artifact_or_reference(client, rid, Path(path))
+        for name, path, sha256 in register:
+            client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
+            register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
+            if name == QUERY_MODEL:
+                log_query_pyfunc(client, rid, Path(path), sha256)
+        for name, version in model_versions(uri, versions_of).items():
+            client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
+        promote = list(promote)
+        if promote:
+            # all or nothing: a half-moved alias would serve a query model with another model's transformations
+            versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
+            missing = sorted(name for name, version in versions.items() if version is None)
+            if missing:
+                # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
+                log.warning("not moving @%s: %s have no registered version with the served sha256 (register them "
+                            "with tracking on first)", PRODUCTION, missing)
+                client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
+            else:
+                for name, version in versions.items():
+                    client.set_registered_model_alias(name, PRODUCTION, version)
+                    client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+                for name, sha256 in promote_along:
+                    version = version_by_sha(client, name, sha256)
+                    if version is None:
+                        log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
+                        continue
+                    client.set_registered_model_alias(name, PRODUCTION, version)
+                    client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+                    versions[name] = version
+                client.set_tag(rid, "promotion", "done")
+                log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
+    except BaseException:
+        with contextlib.suppress(Exception):  # left RUNNING, it would look like a step still going
+            client.set_terminated(rid, "FAILED")
+        raise
     client.set_terminated(rid)
     return rid
 
@@ -579,6 +587,13 @@ def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
     except MlflowException:
         return None
     return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
+    """The models among (name, sha256) pairs with no registered version of that sha256: @production cannot move
+    to them (log_step then moves none)."""
+    client = _client(uri)
+    return sorted(name for name, sha256 in promote if version_by_sha(client, name, sha256) is None)
 
 
 def check_parent_run(uri: str, run_id: str) -> None:
