@@ -2443,3 +2443,30 @@ def test_storage_refuses_a_uri_of_another_scheme_for_any_caller(tmp_path):
     with pytest.raises(ValueError, match="S3: URIs"), local_output("S3://b/k"):
         pass
     assert check_output(tmp_path / "a:b") is None  # a colon in a local name is no scheme
+
+
+def test_a_dead_proxy_before_an_mlflow_http_store_is_named(world, tmp_path, caplog, monkeypatch):
+    """A dead HTTP_PROXY in front of an MLflow HTTP store: urllib3 retry warnings, then an error line cut off
+    mid-word (`Caused by ProxyError('Unable `), the variable unsaid."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    uri = "http://127.0.0.1:1"
+    fails(caplog, ["--mlflow-uri", uri, "search", "--index", world.index, "--query-model",
+                   "models:/cmce-query@candidate", "--dataset", world.dataset, "--limit", "1"], tmp_path / "unused",
+          f"{uri}: cannot reach the proxy http://127.0.0.1:{port} (HTTP_PROXY)", "NO_PROXY")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and "Retrying" in r.getMessage()]
+
+
+def test_an_error_line_is_cut_at_a_words_end():
+    from cmce.errors import first_line
+
+    assert first_line(ValueError("Caused by ProxyError('Unable to connect')"), 28) == "Caused by…"
+    assert first_line(ValueError("short enough\nsecond"), 30) == "short enough"

@@ -105,8 +105,10 @@ def _resolved(path: Path) -> Path:
 
 def tracking_error(err: Exception) -> str:
     """The first line of a client's error (MLflow's run to a page), after the URI it was talking to."""
-    text = first_line(err, 400)
+    from cmce.tracking import proxy_error
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    text = proxy_error(err, uri) or first_line(err, 400)
     return f"{uri}: {text}" if uri and uri not in text else text
 
 

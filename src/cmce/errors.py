@@ -13,9 +13,15 @@ def from_client(err: BaseException) -> bool:
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:
-    """The line that says what went wrong (the first), cut to `limit` characters; the type when it is empty."""
+    """The line that says what went wrong (the first), cut to `limit` characters at a word's end; the type when
+    it is empty."""
     lines = str(err).strip().splitlines()
-    return lines[0][:limit] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    if len(lines[0]) <= limit:
+        return lines[0]
+    cut = lines[0][:limit - 1]  # at a word's end: a word cut short reads as another word
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "…"
 
 
 def joined_lines(err: BaseException, limit: int = 300) -> str:

@@ -80,7 +80,7 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
         if not (isinstance(err, ValueError | OSError) or from_client(err)):
             raise
         # the step has written its outputs by now: say so, rather than let a failed step look like no step
-        reason = first_line(err)
+        reason = proxy_error(err, info.uri) or first_line(err)
         where = "" if info.uri in reason else f"{info.uri}: "
         raise ValueError(f"{where}{record.step}: its outputs are written but not tracked: {reason}") from err
 
@@ -252,6 +252,23 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_R
 def _http_defaults() -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one error line says it
+
+
+def proxy_error(err: BaseException, uri: str) -> str | None:
+    """A tracking server reached through a proxy that cannot be reached: the proxy named with the variable that
+    set it (requests reads them as urllib does), as the server behind it may well be up; else None."""
+    if "ProxyError" not in str(err) or not uri.startswith(("http://", "https://")):
+        return None
+    scheme = uri.split(":", 1)[0]
+    names = (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")
+    variable = next((name for name in names if os.environ.get(name)), None)
+    if variable is None:
+        return None
+    from cmce.s3 import redact
+
+    return (f"{uri}: cannot reach the proxy {redact(os.environ[variable])} ({variable}); fix or unset it, or name "
+            "the tracking server's host in NO_PROXY")
 
 
 def _client(uri: str, create: bool = False):
@@ -265,7 +282,6 @@ def _client(uri: str, create: bool = False):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # its traceback of a database error (and of each engine retry) comes before the error it raises: one line says it
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one error line says it
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -645,6 +661,8 @@ def _registry_error(err: BaseException, tracking: str) -> str:
     when the artifacts' S3 endpoint cannot be reached, the variable that names it for MLflow."""
     from cmce.s3 import _connection_error
 
+    if proxied := proxy_error(err, registry_of(tracking)):
+        return proxied
     text = first_line(err)
     registry = registry_of(tracking)
     reason = text if registry in text else f"registry {registry}: {text}"
