@@ -253,3 +253,23 @@ def test_mlflows_own_console_lines_do_not_fail_tracking_on_an_http_store(tmp_pat
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_mlflow_experiment_name_is_honoured(tmp_path, monkeypatch, caplog):
+    """MLFLOW_EXPERIMENT_NAME was ignored without a word: every run went to experiment `cmce`."""
+    from mlflow import MlflowClient
+
+    from cmce.tracking import log_step
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other-exp")
+    parent = start_parent_run(uri, "cmce", {})
+    step = log_step(uri, parent, "build-index", {"a": 1})
+    client = MlflowClient(tracking_uri=uri)
+    other = client.get_experiment_by_name("other-exp")
+    assert other is not None and client.get_experiment_by_name("cmce") is None
+    assert {client.get_run(r).info.experiment_id for r in (parent, step)} == {other.experiment_id}
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other.experiment_id)  # not read: said
+    start_parent_run(uri, "cmce", {})
+    assert "MLFLOW_EXPERIMENT_ID is not read: runs go to experiment 'cmce'" in caplog.text

@@ -308,16 +308,27 @@ def check_artifact_location(location: str) -> None:
                 os.environ["AWS_ENDPOINT_URL_S3"] = saved
 
 
+def experiment_name() -> str:
+    """The experiment parent runs go to: MLFLOW_EXPERIMENT_NAME as MLflow reads it, else `cmce`. An experiment
+    id is not taken (MLFLOW_EXPERIMENT_ID): said, rather than ignored without a word."""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+    if os.environ.get("MLFLOW_EXPERIMENT_ID") and not name:
+        log.warning("MLFLOW_EXPERIMENT_ID is not read: runs go to experiment %r (name one in MLFLOW_EXPERIMENT_NAME)",
+                    EXPERIMENT)
+    return name or EXPERIMENT
+
+
 def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) -> str:
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    name = experiment_name()
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
-            log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", EXPERIMENT,
+            log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", name,
                         exp.artifact_location, artifact_location)
         try:
             check_artifact_location(exp.artifact_location)
         except (OSError, ValueError) as err:
-            raise type(err)(f"experiment {EXPERIMENT!r} keeps its artifacts at {exp.artifact_location} (set when "
+            raise type(err)(f"experiment {name!r} keeps its artifacts at {exp.artifact_location} (set when "
                             f"it was created): {err}") from None
         return exp.experiment_id
     if artifact_location:
@@ -329,7 +340,7 @@ def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) 
     if location is None and uri.startswith("sqlite:///"):
         # keep artifacts beside the sqlite file instead of ./mlruns of whatever the working directory is
         location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location)
 
 
 def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_location: str | None = None) -> str:
