@@ -32,6 +32,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
+MAX_KEY_BYTES = 1024  # S3's limit on an object key (UTF-8)
 MB = 1 << 20
 # every variable that changes which client (endpoint, identity, retries) a call gets
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
@@ -114,6 +115,7 @@ ENV_RANGES = {
 }
 RETRY_MODES = ("standard", "adaptive", "legacy")
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def _env_int(name: str) -> int:
@@ -154,6 +156,11 @@ def check_env() -> None:
     command (its output check, or its first download) refuses before any work."""
     for name in ENV_RANGES:
         _env_int(name)
+    for name in CREDENTIAL_ENV:  # a Secret made from a file keeps its newline: signed requests then fail as
+        value = os.environ.get(name, "")  # an unreachable endpoint (HTTPClientError); the value is never said
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError(f"environment variable {name}: holds whitespace or a control character (a newline "
+                             "from the file it came from?); remove it")
     mode = os.environ.get("AWS_RETRY_MODE")
     if mode and mode not in RETRY_MODES:
         raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r}: one of {', '.join(RETRY_MODES)} expected")

@@ -365,6 +365,11 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
         raise ValueError(f"{uri}: names a bucket; give the object key or prefix to write")
     if not is_dir and text.endswith("/"):
         raise ValueError(f"{text}: is a folder; this output is a file, give its key")
+    # S3 refuses a longer key (KeyTooLongError) only at the upload, after the work; a folder's files add their names
+    longest = len(u.key.encode()) + (1 + max((len(n.encode()) for n in own or ()), default=64) if is_dir else 0)
+    if longest > s3.MAX_KEY_BYTES:
+        raise ValueError(f"{uri}: the key is {len(u.key.encode())} bytes; S3 keys are at most {s3.MAX_KEY_BYTES}"
+                         + (" with the names of the folder's files" if is_dir else ""))
     s3.check_writable(uri)
     size = s3.object_size(uri)
     if is_dir:
