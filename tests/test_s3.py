@@ -738,3 +738,22 @@ def test_an_output_key_over_s3s_limit_is_refused_before_any_work(s3_server, tmp_
     caplog.clear()
     assert main(["combine", "--member", str(absent), "--out", f"s3://{bucket}/{long_key}.parquet"]) == 2
     assert "the key is 1108 bytes; S3 keys are at most 1024" in caplog.text and "KeyTooLong" not in caplog.text
+
+
+def test_an_input_that_is_both_an_object_and_a_prefix_is_named_as_such(s3_server, tmp_path, monkeypatch, caplog):
+    """`--index s3://b/both` with an object `both` and a whole index under `both/`: the object was read, and the
+    error said "not a complete index ... build it again"."""
+    from cmce.storage import clear_scratch, local_input
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    client = s3_server.client()
+    for key in ("both", "both/meta.json", "both/ids.parquet"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    uri = f"s3://{bucket}/both"
+    assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2
+    assert f"{uri}: both an object and a prefix {uri}/ holding objects exist; give {uri}/ for the folder" in caplog.text
+    try:
+        assert sorted(p.name for p in local_input(f"{uri}/").iterdir()) == ["ids.parquet", "meta.json"]
+    finally:
+        clear_scratch()

@@ -347,11 +347,18 @@ def kind(uri: str) -> str:
         with _errors(uri, "reading"):
             try:
                 client().head_object(Bucket=u.bucket, Key=u.key)
-                return "file"
+                found = True
             except ClientError as err:
                 if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
                     raise
-            _diagnose(u, "reading")  # raises for a missing bucket or refused credentials
+                found = False
+            if not found:
+                _diagnose(u, "reading")  # raises for a missing bucket or refused credentials
+        if found and not is_prefix(uri):
+            return "file"
+        if found:  # objects under `key/` too: reading the object alone ignored a whole folder (an index)
+            raise ValueError(f"{uri}: both an object and a prefix {uri}/ holding objects exist; give {uri}/ for "
+                             "the folder, or remove one")
     with _errors(uri, "listing"):
         listed = client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1)
     if listed.get("KeyCount", 0):
