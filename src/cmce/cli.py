@@ -806,6 +806,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
         return 2
     except Exception as err:  # noqa: BLE001 - only the tracking/storage clients' own errors, re-raised otherwise
+        if not args.debug and (lost := ddp.lost_peer(err)):  # a rank killed: one line, not gloo's traceback
+            log.error("cmce %s: %s", args.command, lost)
+            return 1
         if args.debug or not from_client(err):
             raise
         log.error("cmce %s: %s", args.command, one_line(tracking_error(err)))
