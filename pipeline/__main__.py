@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,14 +24,32 @@ INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings
 
 
 def placement_from_env():
-    """CMCE_CPU_IMAGE / CMCE_CUDA_IMAGE name the images, CMCE_GPU=0 compiles a CPU-only pipeline,
+    """CMCE_CPU_IMAGE / CMCE_CUDA_IMAGE name the images, CMCE_GPU=0 (or false, no) compiles a CPU-only pipeline,
     CMCE_K8S_SECRET names the Kubernetes Secret of credentials every pod reads ("" = none); read when a
     pipeline is built, never at import."""
     from pipeline.cmce_pipeline import Placement
 
+    secret = os.environ.get("CMCE_K8S_SECRET", Placement.secret)
+    if secret and not K8S_NAME.fullmatch(secret):  # else compiled into every task, refused by the cluster at run time
+        raise ValueError(f"environment variable CMCE_K8S_SECRET={secret!r}: not a Kubernetes Secret name (lower-case "
+                         "letters, digits, '-' and '.', at most 253 characters, starting and ending alphanumeric)")
     return Placement(os.environ.get("CMCE_CPU_IMAGE", Placement.cpu_image),
-                     os.environ.get("CMCE_CUDA_IMAGE", Placement.cuda_image), os.environ.get("CMCE_GPU", "1") != "0",
-                     os.environ.get("CMCE_K8S_SECRET", Placement.secret))
+                     os.environ.get("CMCE_CUDA_IMAGE", Placement.cuda_image), env_flag("CMCE_GPU", True), secret)
+
+
+K8S_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # DNS-1123
+FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A yes/no environment variable: 1/0, true/false, yes/no, on/off (any case); anything else is refused by
+    name (`CMCE_GPU=false` compiled a GPU pipeline: only `0` counted)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in FLAGS:
+        raise ValueError(f"environment variable {name}={os.environ[name]!r}: one of {', '.join(FLAGS)} expected")
+    return FLAGS[value]
 
 
 def pipeline_function(name: str, parallelism: int = 0):

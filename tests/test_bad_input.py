@@ -1447,10 +1447,13 @@ def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
     fails(caplog, _search(world, index), index, f"{index}/meta.json: search_params")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM,
+                                    signal.SIGXCPU])
 def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch, signum):
-    """SIGTERM (a kill, a pod stopped) left the half-written temporary file in place: only Ctrl-C cleaned up."""
+    """SIGTERM (a kill, a pod stopped) left the half-written temporary file in place: only Ctrl-C cleaned up.
+    SIGALRM and SIGXCPU (a batch system's CPU-time limit) ended the process with no line and no cleanup."""
     import cmce.embed
+
 
     calls = {"n": 0}
     real = cmce.embed.embed_batch
@@ -1465,7 +1468,7 @@ def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, 
     monkeypatch.setattr(cmce.embed, "embed_batch", interrupted)
     out = previous_file(tmp_path / "member.parquet")
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), _default_action(signum):  # not an earlier test's SIGALRM watchdog
         rc = main([str(a) for a in embed_member_args(world)] + ["--out", str(out), "--batch-size", "8"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     name = signal.Signals(signum).name
@@ -1473,6 +1476,39 @@ def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, 
                                              "written"]
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handlers go with it
     assert out.read_bytes() == PREVIOUS and leftovers(tmp_path) == []
+
+
+@contextlib.contextmanager
+def _default_action(signum: int):
+    """`signum` with its default action (SIGINT: Python's own handler) for the block."""
+    previous = signal.signal(signum, signal.SIG_DFL) if signum != signal.SIGINT else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signum, previous)
+
+
+def test_a_callers_sigalrm_watchdog_keeps_its_handler(world, tmp_path, monkeypatch):
+    """SIGALRM ends a command with cleanup only where nobody handles it: a caller timing the command with its own
+    handler (as these tests do) still gets its handler called."""
+    import cmce.embed
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    real = cmce.embed.embed_batch
+
+    def alarmed(*args, **kwargs):
+        if not fired:
+            os.kill(os.getpid(), signal.SIGALRM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmce.embed, "embed_batch", alarmed)
+    try:
+        assert main([str(a) for a in embed_member_args(world)] + ["--out", str(tmp_path / "m.parquet")]) == 0
+        assert fired == [True] and signal.getsignal(signal.SIGALRM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("tamper, message", [
@@ -2501,3 +2537,58 @@ def test_a_data_fraction_that_leaves_one_class_is_named(world, tmp_path, caplog,
                    "--model", model, "--out", out], out,
           f"{key}.data_fraction 0.001 keeps 1 of the 60 train images of {world.dataset}, of 1 class; training needs "
           "at least 2 classes, so raise it")
+
+
+@pytest.mark.parametrize("uri", ["s3a://b/q.onnx", "S3://b/q.onnx", "gs://bucket/q.onnx", "s3:/b/q.onnx"])
+def test_an_output_uri_of_another_scheme_is_refused_not_written_as_a_local_path(world, tmp_path, caplog,
+                                                                                 monkeypatch, uri):
+    """`--out s3a://b/q.onnx` (or S3://, gs://) was written to ./s3a:/b/q.onnx in the working folder, exit 0,
+    and the record said it went to that URI."""
+    monkeypatch.chdir(tmp_path)
+    scheme = uri.split(":")[0]
+    fails(caplog, ["export-query", "--query-model", world.query, "--out", uri], tmp_path / f"{scheme}:",
+          f"--out {uri}: {scheme}: URIs are not supported")
+    fails(caplog, ["build-index", "--gallery", world.gallery, "--out", uri], tmp_path / f"{scheme}:", "--out")
+    fails(caplog, _search(world, uri), tmp_path / f"{scheme}:", f"--index {uri}: {scheme}: URIs")
+    fails(caplog, ["search", "--index", world.index, "--query-model", "gs://b/q.pt", "--dataset", world.dataset],
+          tmp_path / "gs:", "--query-model gs://b/q.pt: a checkpoint is a path, an s3:// object")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_refuses_a_uri_of_another_scheme_for_any_caller(tmp_path):
+    from cmce.storage import check_output, local_input, local_output
+
+    with pytest.raises(ValueError, match="the output s3a://b/k: s3a: URIs are not supported"):
+        check_output("s3a://b/k")
+    with pytest.raises(ValueError, match="the input gs://b/k: gs: URIs are not supported"):
+        local_input("gs://b/k")
+    with pytest.raises(ValueError, match="S3: URIs"), local_output("S3://b/k"):
+        pass
+    assert check_output(tmp_path / "a:b") is None  # a colon in a local name is no scheme
+
+
+def test_a_dead_proxy_before_an_mlflow_http_store_is_named(world, tmp_path, caplog, monkeypatch):
+    """A dead HTTP_PROXY in front of an MLflow HTTP store: urllib3 retry warnings, then an error line cut off
+    mid-word (`Caused by ProxyError('Unable `), the variable unsaid."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    uri = "http://127.0.0.1:1"
+    fails(caplog, ["--mlflow-uri", uri, "search", "--index", world.index, "--query-model",
+                   "models:/cmce-query@candidate", "--dataset", world.dataset, "--limit", "1"], tmp_path / "unused",
+          f"{uri}: cannot reach the proxy http://127.0.0.1:{port} (HTTP_PROXY)", "NO_PROXY")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and "Retrying" in r.getMessage()]
+
+
+def test_an_error_line_is_cut_at_a_words_end():
+    from cmce.errors import first_line
+
+    assert first_line(ValueError("Caused by ProxyError('Unable to connect')"), 28) == "Caused by…"
+    assert first_line(ValueError("short enough\nsecond"), 30) == "short enough"

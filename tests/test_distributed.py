@@ -134,3 +134,39 @@ def test_other_subcommands_refuse_several_ranks(tmp_path, monkeypatch, caplog):
     rc = main(["build-index", "--gallery", str(tmp_path / "g.parquet"), "--out", str(tmp_path / "index")])
     assert rc == 2 and "does not run data-parallel" in caplog.text
     assert not torch.distributed.is_initialized() and list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_killed_mid_training_is_one_line_on_the_others(dataset, tmp_path):
+    """A peer rank killed (out of memory, a node lost): rank 0 printed a 30-line gloo traceback ending
+    `RuntimeError: ... Connection reset by peer`."""
+    import signal
+    import time
+
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    port = _free_port()
+    ranks, logs = [], []
+    for rank in range(WORLD):
+        env = {**os.environ, "PYTHONPATH": path, "RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "CMCE_DDP_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
+        logs.append(tmp_path / f"rank{rank}.log")
+        ranks.append(subprocess.Popen(
+            [sys.executable, "-m", "cmce", "train", "--config", str(SMOKE), "--set", "train.epochs=300", "--dataset",
+             str(dataset), "--model", "query", "--out", str(tmp_path / "q.pt")],
+            env=env, stdout=subprocess.DEVNULL, stderr=logs[-1].open("w")))
+    try:
+        deadline = time.monotonic() + 240
+        while "epoch 2/300" not in logs[0].read_text():  # both ranks are in the training loop
+            assert ranks[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        ranks[1].send_signal(signal.SIGKILL)
+        assert ranks[0].wait(timeout=120) == 1, logs[0].read_text()[-3000:]
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = logs[0].read_text()
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert "Traceback" not in text and len(errors) == 1, text[-3000:]
+    assert "cmce train: rank 0 of 2: lost rank 1" in errors[0], errors[0]

@@ -320,3 +320,26 @@ def test_submit_to_a_dead_or_foreign_host_is_one_line_naming_it(tmp_path, caplog
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("spelling, gpu", [("false", False), ("No", False), ("off", False), ("true", True),
+                                           ("1", True)])
+def test_the_gpu_switch_reads_the_usual_spellings(tmp_path, monkeypatch, spelling, gpu):
+    """`CMCE_GPU=false` compiled the GPU pipeline: only `0` counted."""
+    monkeypatch.setenv("CMCE_GPU", spelling)
+    text = compile_pipeline(tmp_path / "p.yaml").read_text()
+    assert ("nvidia.com/gpu" in text) == gpu
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("CMCE_GPU", "nope", "environment variable CMCE_GPU='nope': one of 1, true"),
+    ("CMCE_K8S_SECRET", "Bad_Secret!", "environment variable CMCE_K8S_SECRET='Bad_Secret!': not a Kubernetes Secret"),
+    ("CMCE_K8S_SECRET", "-keys", "not a Kubernetes Secret name"),
+])
+def test_a_compile_setting_out_of_its_range_is_refused_by_name(tmp_path, monkeypatch, caplog, name, value, message):
+    """`CMCE_K8S_SECRET='Bad_Secret!'` was compiled into every task; the cluster refused it only at run time."""
+    from pipeline.__main__ import main
+
+    monkeypatch.setenv(name, value)
+    assert main(["compile", "--out-dir", str(tmp_path)]) == 2
+    assert message in caplog.text and list(tmp_path.iterdir()) == []

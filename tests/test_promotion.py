@@ -122,12 +122,16 @@ def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_ru
     lay, _ = smoke_run
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_parent_run(uri, "lifecycle", {})
-    rc = main(["--mlflow-parent", parent, "--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset",
-               str(lay.dataset), "--baseline-query-model", str(lay.model("query")), "--baseline-gallery",
-               str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery),
-               "--out", str(tmp_path / "d.json")])
-    assert rc == 0 and json.loads((tmp_path / "d.json").read_text())["promoted"]
+    gate = ["--mlflow-parent", parent, "--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset",
+            str(lay.dataset), "--baseline-query-model", str(lay.model("query")), "--baseline-gallery",
+            str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery)]
+    # the metrics pass, but @production cannot move: not promoted (it was "promoted": true, and exit 0 with
+    # --require-promotion, while servers following @production kept the old pair)
+    assert main([*gate, "--out", str(tmp_path / "d.json")]) == 0
+    decision = json.loads((tmp_path / "d.json").read_text())
+    assert not decision["promoted"] and decision["regressed"] == [] and "cmce-query" in decision["not_promoted"]
+    assert main([*gate, "--out", str(tmp_path / "required.json"), "--require-promotion"]) == 1
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")[0]
     assert run.data.tags["promotion"].startswith("skipped: unregistered") and "cmce-query" in run.data.tags["promotion"]
-    assert not any(k.startswith("promoted.") for k in run.data.params)
+    assert not any(k.startswith("promoted.") for k in run.data.params) and run.data.metrics["promoted"] == 0.0

@@ -708,3 +708,52 @@ def test_a_full_scratch_folder_names_the_download_and_tmpdir(s3_server, tmp_path
     finally:
         clear_scratch()
         subprocess.run(["umount", str(tiny)], check=True)
+
+
+@pytest.mark.parametrize("name", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"])
+def test_whitespace_in_a_credential_is_named_not_the_endpoint(s3_server, tmp_path, monkeypatch, caplog, name):
+    """A key with a trailing newline (a Kubernetes Secret made from a file): 12 s of retries, then "cannot reach
+    the S3 endpoint (HTTPClientError)" while the endpoint was up."""
+    use_server(monkeypatch, s3_server)
+    value = os.environ.get(name) or "IQoJb3JpZ2luX2VjEXAMPLEtoken"
+    monkeypatch.setenv(name, value + "\n")
+    uri = f"s3://{new_bucket(s3_server)}/gallery.parquet"
+    assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2
+    assert f"environment variable {name}: holds whitespace or a control character" in caplog.text
+    assert value not in caplog.text and "endpoint" not in caplog.text
+
+
+def test_an_output_key_over_s3s_limit_is_refused_before_any_work(s3_server, tmp_path, monkeypatch, caplog):
+    """A key over 1,024 bytes was refused only at the upload (KeyTooLongError), after the whole step's work."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    long_key = "k" * 1100
+    absent = tmp_path / "not-yet.parquet"  # the step would fail on it: the output check must come first
+    assert main(["build-index", "--gallery", str(absent), "--out", f"s3://{bucket}/{long_key}/idx"]) == 2
+    assert "the key is 1104 bytes; S3 keys are at most 1024 with the names of the folder's files" in caplog.text
+    caplog.clear()
+    near = "k" * 1015  # fits alone, not with the index's file names under it
+    assert main(["build-index", "--gallery", str(absent), "--out", f"s3://{bucket}/{near}"]) == 2
+    assert "S3 keys are at most 1024" in caplog.text
+    caplog.clear()
+    assert main(["combine", "--member", str(absent), "--out", f"s3://{bucket}/{long_key}.parquet"]) == 2
+    assert "the key is 1108 bytes; S3 keys are at most 1024" in caplog.text and "KeyTooLong" not in caplog.text
+
+
+def test_an_input_that_is_both_an_object_and_a_prefix_is_named_as_such(s3_server, tmp_path, monkeypatch, caplog):
+    """`--index s3://b/both` with an object `both` and a whole index under `both/`: the object was read, and the
+    error said "not a complete index ... build it again"."""
+    from cmce.storage import clear_scratch, local_input
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    client = s3_server.client()
+    for key in ("both", "both/meta.json", "both/ids.parquet"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    uri = f"s3://{bucket}/both"
+    assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "index")]) == 2
+    assert f"{uri}: both an object and a prefix {uri}/ holding objects exist; give {uri}/ for the folder" in caplog.text
+    try:
+        assert sorted(p.name for p in local_input(f"{uri}/").iterdir()) == ["ids.parquet", "meta.json"]
+    finally:
+        clear_scratch()

@@ -549,9 +549,11 @@ def test_an_unexpected_poll_error_is_logged_once_and_cleared(world, tmp_path, ca
     assert reported == [(logging.ERROR, True), (logging.INFO, False)]  # once, with its traceback; then resolved
 
 
-def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU])
+def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path, signum):
     """uvicorn re-raised SIGTERM after its graceful shutdown: the process died with the model it had downloaded
-    from the registry left in its scratch folder, and exit status 143."""
+    from the registry left in its scratch folder, and exit status 143. SIGALRM and SIGXCPU (a CPU-time limit)
+    killed it at once, the download left behind."""
     pytest.importorskip("mlflow")
     from cmce.tracking import log_step, start_parent_run
 
@@ -565,8 +567,11 @@ def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path):
     server = Server(["--index", str(index), "--query-model", "models:/cmce-query@candidate"], tmp_path / "serve.log",
                     env={**cmce_env(), "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(scratch)})
     assert [p.name for p in scratch.iterdir() if p.name.startswith("cmce-scratch-")]  # the download is there
-    server.stop()  # SIGTERM
-    assert server.proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    server.proc.send_signal(signum)
+    try:
+        assert server.proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        server.stop()
     assert not [p for p in scratch.iterdir() if p.name.startswith("cmce-scratch-")]
 
 

@@ -181,3 +181,95 @@ def test_the_commit_variable_is_recorded_only_when_it_is_a_commit_id(monkeypatch
     monkeypatch.setattr("cmce.tracking._git_head", lambda: None)
     assert code_tags() == ({GIT_COMMIT_TAG: recorded} if recorded else {})
     assert ("CMCE_GIT_COMMIT" in caplog.text) == (recorded is None)
+
+
+def test_a_step_whose_tracking_fails_ends_its_run_failed(tmp_path, monkeypatch):
+    """A nested run whose records failed half-way was left RUNNING: a step still going, to anyone looking."""
+    from mlflow import MlflowClient
+
+    import cmce.tracking
+    from cmce.tracking import log_step
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "cmce", {})
+
+    def failing(*args, **kwargs):
+        raise OSError("the store went away")
+
+    monkeypatch.setattr(cmce.tracking, "log_datasets", failing)
+    with pytest.raises(OSError, match="the store went away"):
+        log_step(uri, parent, "build-index", {"a": 1}, {"m": 1.0})
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'build-index'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+class _FullStdout:
+    """Standard output on a full disk (`> /dev/full`): every write fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_mlflows_own_console_lines_do_not_fail_tracking_on_an_http_store(tmp_path, monkeypatch):
+    """On an HTTP store MLflow writes "View run … at: URL" to standard output as a run ends: with stdout full (or
+    an ascii encoding, for its emoji) the step was "written but not tracked" and its run left RUNNING."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    from mlflow import MlflowClient
+
+    from cmce.tracking import log_step
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'http.db'}", "--artifacts-destination", str(tmp_path / "art"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        parent = start_parent_run(uri, "cmce", {})
+        monkeypatch.setattr(sys, "stdout", _FullStdout())
+        rid = log_step(uri, parent, "build-index", {"a": 1}, {"m": 1.0})
+        monkeypatch.undo()
+        assert MlflowClient(tracking_uri=uri).get_run(rid).info.status == "FINISHED"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_mlflow_experiment_name_is_honoured(tmp_path, monkeypatch, caplog):
+    """MLFLOW_EXPERIMENT_NAME was ignored without a word: every run went to experiment `cmce`."""
+    from mlflow import MlflowClient
+
+    from cmce.tracking import log_step
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other-exp")
+    parent = start_parent_run(uri, "cmce", {})
+    step = log_step(uri, parent, "build-index", {"a": 1})
+    client = MlflowClient(tracking_uri=uri)
+    other = client.get_experiment_by_name("other-exp")
+    assert other is not None and client.get_experiment_by_name("cmce") is None
+    assert {client.get_run(r).info.experiment_id for r in (parent, step)} == {other.experiment_id}
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other.experiment_id)  # not read: said
+    start_parent_run(uri, "cmce", {})
+    assert "MLFLOW_EXPERIMENT_ID is not read: runs go to experiment 'cmce'" in caplog.text

@@ -25,8 +25,9 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
-from cmce.errors import Terminated, first_line, from_client, raise_terminated
+from cmce.errors import Terminated, first_line, from_client, raise_terminated, unclaimed_ending_signals
 from cmce.records import StepRecord
+from cmce.s3 import foreign_scheme, scheme_error
 from cmce.storage import (
     check_output,
     clear_scratch,
@@ -70,6 +71,8 @@ _workers = _int_from(0, 64)  # decoding processes: more only waits on their star
 INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_teacher", "transform", "transform_dir",
               "kd", "kd_dir", "gallery", "member", "shard_file", "index", "images", "train_embeddings",
               "baseline_query_model", "baseline_gallery", "check_dataset", "check_index")
+MODEL_ARGS = ("query_model", "gallery_model", "kd_teacher", "transform", "kd", "baseline_query_model")  # models:/ too
+MODEL_URIS = "a checkpoint is a path, an s3:// object or models:/NAME@ALIAS (or /VERSION); no other URI"
 OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
 # the lifecycle steps may replace the gallery they grow: the new one is written aside and renamed over it
 REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
@@ -115,8 +118,10 @@ def _resolved(path: Path) -> Path:
 
 def tracking_error(err: Exception) -> str:
     """The first line of a client's error (MLflow's run to a page), after the URI it was talking to."""
-    text = first_line(err, 400)
+    from cmce.tracking import proxy_error
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    text = proxy_error(err, uri) or first_line(err, 400)
     return f"{uri}: {text}" if uri and uri not in text else text
 
 
@@ -140,6 +145,11 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
         return "a shard file" if name == "shard_file" else f"--{name.replace('_', '-')}"
 
     inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
+    for name, value in named(inputs) + named(outputs):  # s3a://, S3://, gs://: else a relative local path
+        if name in MODEL_ARGS and foreign_scheme(value) and not value.startswith("models:/"):
+            raise ValueError(f"{flag(name)} {value}: {MODEL_URIS}")
+        if name not in MODEL_ARGS and (scheme := foreign_scheme(value)):
+            raise ValueError(scheme_error(value, scheme, flag(name)))
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
     for out_name, out in named(outputs):
@@ -222,8 +232,7 @@ def _model(path: str) -> Path:
 
         return resolve_model_uri(path)
     if re.match(r"[a-z][a-z0-9+.-]*:/", path) and not is_remote(path):  # runs:/, mlflow-artifacts:/, http://, …
-        raise ValueError(f"{path}: a checkpoint is a path, an s3:// object or models:/NAME@ALIAS (or /VERSION); "
-                         f"{path.split(':', 1)[0]}: URIs are not read")
+        raise ValueError(f"{path}: {MODEL_URIS}")
     return _in(path)
 
 
@@ -432,13 +441,22 @@ def cmd_add_member(args: argparse.Namespace) -> StepRecord:
 def cmd_gate(args: argparse.Namespace) -> StepRecord:
     inputs = stages.GateInputs(_in(args.dataset), _model(args.baseline_query_model), _in(args.baseline_gallery),
                                _model(args.query_model), _in(args.gallery))
-    record = stages.gate(_config(args), inputs, stages.GateOutputs(_out(args, args.out, writes="json")))
+    decision = _out(args, args.out, writes="json")
+    record = stages.gate(_config(args), inputs, stages.GateOutputs(decision))
     if record.metrics["promoted"] and record.promote and not args.mlflow_parent:  # the aliases move on publishing
         log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
                     "gate and move 'production'")
+    why = f"candidate regressed on {record.params['regressed']}"
+    if record.metrics["promoted"] and record.promote and args.mlflow_parent:
+        from cmce.promotion import withhold
+        from cmce.tracking import unregistered
+
+        if missing := unregistered(os.environ["MLFLOW_TRACKING_URI"], record.promote):  # @production cannot move
+            why = f"{missing} have no registered version with the served sha256; @production not moved"
+            withhold(decision, why)
+            record.metrics["promoted"] = 0.0
     if args.require_promotion and not record.metrics["promoted"]:  # a verdict, not bad input: exit 1, like diff
-        log.error("cmce gate: %s: candidate regressed on %s (see %s)", args.gallery, record.params["regressed"],
-                  args.out)
+        log.error("cmce gate: %s: not promoted: %s (see %s)", args.gallery, why, args.out)
         args.exit_status = 1
     return record
 
@@ -704,8 +722,8 @@ def _select_device(args: argparse.Namespace) -> None:
         devices.select("auto")
 
 
-# the signals whose default action ends the process (SIGUSR1 left a half-written temporary), but SIGALRM: a caller
-# may time the command with it
+# the signals whose default action ends the process (SIGUSR1 left a half-written temporary); the others
+# (SIGALRM: a caller may time the command with it) are taken only where nobody handles them
 TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -714,7 +732,8 @@ def _terminate_by_exception() -> dict[int, Any]:
     cleanups run; returns the handlers they replace, restored when the command ends."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signum: signal.signal(signum, raise_terminated) for signum in TERMINATING}
+    ending = (*TERMINATING, *unclaimed_ending_signals())  # SIGALRM, SIGXCPU, …: unless a caller handles them
+    return {signum: signal.signal(signum, raise_terminated) for signum in ending}
 
 
 def _say(text: str, or_log: bool = False) -> None:
@@ -836,6 +855,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
         return 2
     except Exception as err:  # noqa: BLE001 - only the tracking/storage clients' own errors, re-raised otherwise
+        if not args.debug and (lost := ddp.lost_peer(err)):  # a rank killed: one line, not gloo's traceback
+            log.error("cmce %s: %s", args.command, lost)
+            return 1
         if args.debug or not from_client(err):
             raise
         log.error("cmce %s: %s", args.command, one_line(tracking_error(err)))

@@ -19,6 +19,7 @@ import datetime
 import logging
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -124,6 +125,30 @@ def current() -> Context:
 
 def is_main() -> bool:
     return current().is_main
+
+
+# a collective whose peer went away (killed, out of memory): gloo's "Read error [ADDR]:PORT: Connection reset by
+# peer" (30 lines of traceback), nccl's remote errors
+_PEER_GONE = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|remote process exited|"
+                        r"NCCL communicator was aborted|DistNetworkError", re.IGNORECASE)
+_PEER_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:(\d+)")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """One line for a collective that failed because another rank went away, naming it (the other rank of two;
+    else the peer's address), or None for any other error. torchrun's summary names the rank's own failure."""
+    ctx = current()
+    if not ctx.enabled or ctx.world_size < 2 or not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    gone = _PEER_GONE.search(text)
+    if gone is None:
+        return None
+    address = _PEER_ADDRESS.search(text)
+    who = f"rank {1 - ctx.rank}" if ctx.world_size == 2 else "a peer rank"
+    at = f" at {address.group(1)}:{address.group(2)}" if address else ""
+    return (f"rank {ctx.rank} of {ctx.world_size}: lost {who}{at} ({gone.group(0)}): it stopped or was killed; "
+            "this rank stops too, its outputs whole or not written")
 
 
 def default_backend() -> str:

@@ -13,9 +13,15 @@ def from_client(err: BaseException) -> bool:
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:
-    """The line that says what went wrong (the first), cut to `limit` characters; the type when it is empty."""
+    """The line that says what went wrong (the first), cut to `limit` characters at a word's end; the type when
+    it is empty."""
     lines = str(err).strip().splitlines()
-    return lines[0][:limit] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    if len(lines[0]) <= limit:
+        return lines[0]
+    cut = lines[0][:limit - 1]  # at a word's end: a word cut short reads as another word
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "…"
 
 
 def joined_lines(err: BaseException, limit: int = 300) -> str:
@@ -44,3 +50,14 @@ class Terminated(BaseException):
 
 def raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated(signum)
+
+
+def unclaimed_ending_signals() -> list[int]:
+    """The other signals whose default action ends the process (SIGALRM, a CPU-time limit's SIGXCPU, the
+    profiling timers, SIGPWR), where nobody but cmce handles them: a caller's own handler (a SIGALRM watchdog around
+    a command) is kept. SIGXFSZ Python ignores already: the write then fails with EFBIG, reported as such."""
+    import signal
+
+    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR")
+    found = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    return [signum for signum in found if signal.getsignal(signum) in (signal.SIG_DFL, raise_terminated)]

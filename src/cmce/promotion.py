@@ -9,6 +9,7 @@ that carries a new model version is not a regression).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,16 @@ class Decision:
         for side in ("baseline", "candidate", "delta"):
             out |= {f"{side}/{k}": v for k, v in getattr(self, side).items()}
         return out
+
+
+def withhold(decision: Path, reason: str) -> None:
+    """A decision to promote that cannot be carried out (the served versions are not registered): the written
+    decision says not promoted, and why, so that a deploy script waiting for a promotion does not go on."""
+    from cmce.storage import write_text
+
+    report = json.loads(decision.read_text())
+    write_text(decision, json.dumps({**report, "promoted": False, "not_promoted": reason}, indent=2,
+                                    sort_keys=True) + "\n")
 
 
 def decide(baseline: dict[str, float], candidate: dict[str, float], metrics: list[str],

@@ -32,6 +32,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
+MAX_KEY_BYTES = 1024  # S3's limit on an object key (UTF-8)
 MB = 1 << 20
 # every variable that changes which client (endpoint, identity, retries) a call gets
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
@@ -46,6 +47,21 @@ _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
 def is_s3(uri: object) -> bool:
     return isinstance(uri, str) and uri.startswith(SCHEME)
+
+
+_ANY_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a Windows drive
+
+
+def foreign_scheme(uri: object) -> str | None:
+    """The scheme of a URI that is not `s3://` (`s3a://`, `S3://`, `gs://`, `s3:/`), else None. Such a text
+    would otherwise be a relative local path (`./s3a:/b/k`), written where nobody looks for it."""
+    m = _ANY_SCHEME.match(uri) if isinstance(uri, str) else None
+    return m.group(1) if m and not is_s3(uri) else None
+
+
+def scheme_error(uri: str, scheme: str, what: str) -> str:
+    """Why `uri` (of `foreign_scheme`) is refused; `what` names the argument (a flag, or 'an input')."""
+    return f"{what} {uri}: {scheme}: URIs are not supported; give a local path or s3://bucket/key (lower case)"
 
 
 def redact(text: str) -> str:
@@ -99,6 +115,7 @@ ENV_RANGES = {
 }
 RETRY_MODES = ("standard", "adaptive", "legacy")
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def _env_int(name: str) -> int:
@@ -139,6 +156,11 @@ def check_env() -> None:
     command (its output check, or its first download) refuses before any work."""
     for name in ENV_RANGES:
         _env_int(name)
+    for name in CREDENTIAL_ENV:  # a Secret made from a file keeps its newline: signed requests then fail as
+        value = os.environ.get(name, "")  # an unreachable endpoint (HTTPClientError); the value is never said
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError(f"environment variable {name}: holds whitespace or a control character (a newline "
+                             "from the file it came from?); remove it")
     mode = os.environ.get("AWS_RETRY_MODE")
     if mode and mode not in RETRY_MODES:
         raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r}: one of {', '.join(RETRY_MODES)} expected")
@@ -325,11 +347,18 @@ def kind(uri: str) -> str:
         with _errors(uri, "reading"):
             try:
                 client().head_object(Bucket=u.bucket, Key=u.key)
-                return "file"
+                found = True
             except ClientError as err:
                 if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
                     raise
-            _diagnose(u, "reading")  # raises for a missing bucket or refused credentials
+                found = False
+            if not found:
+                _diagnose(u, "reading")  # raises for a missing bucket or refused credentials
+        if found and not is_prefix(uri):
+            return "file"
+        if found:  # objects under `key/` too: reading the object alone ignored a whole folder (an index)
+            raise ValueError(f"{uri}: both an object and a prefix {uri}/ holding objects exist; give {uri}/ for "
+                             "the folder, or remove one")
     with _errors(uri, "listing"):
         listed = client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1)
     if listed.get("KeyCount", 0):

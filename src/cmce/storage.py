@@ -290,6 +290,8 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     text = str(uri)
     if not text.strip():
         raise ValueError("an output path is empty")
+    if scheme := s3.foreign_scheme(text):
+        raise ValueError(s3.scheme_error(text, scheme, "the output"))
     if is_remote(text):
         _check_remote_output(text, is_dir, own, writes, kinds)
         return
@@ -363,6 +365,11 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
         raise ValueError(f"{uri}: names a bucket; give the object key or prefix to write")
     if not is_dir and text.endswith("/"):
         raise ValueError(f"{text}: is a folder; this output is a file, give its key")
+    # S3 refuses a longer key (KeyTooLongError) only at the upload, after the work; a folder's files add their names
+    longest = len(u.key.encode()) + (1 + max((len(n.encode()) for n in own or ()), default=64) if is_dir else 0)
+    if longest > s3.MAX_KEY_BYTES:
+        raise ValueError(f"{uri}: the key is {len(u.key.encode())} bytes; S3 keys are at most {s3.MAX_KEY_BYTES}"
+                         + (" with the names of the folder's files" if is_dir else ""))
     s3.check_writable(uri)
     size = s3.object_size(uri)
     if is_dir:
@@ -565,6 +572,8 @@ def local_input(uri: str | Path, marker: str | None = None) -> Path:
     object under the prefix, as a folder) into scratch, keeping the key's file name. Downloaded once
     per process until `clear_scratch`. `marker` (s3:// only): the prefix's completion marker, see
     cmce.s3.download; a local folder's marker is the caller's to check."""
+    if scheme := s3.foreign_scheme(str(uri)):
+        raise ValueError(s3.scheme_error(str(uri), scheme, "the input"))
     if not s3.is_s3(uri):
         path = Path(uri)
         if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would hang, /dev/zero never ends
@@ -588,6 +597,8 @@ def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None)
     s3://: a scratch path with the key's file name, uploaded only if the block succeeds; the bucket and
     credentials are checked first, before any work. A folder goes up file by file, `last` (its completion
     marker, e.g. an index's meta.json) after all others; see cmce.s3.upload_dir."""
+    if scheme := s3.foreign_scheme(str(uri)):
+        raise ValueError(s3.scheme_error(str(uri), scheme, "the output"))
     if not s3.is_s3(uri):
         yield Path(uri)
         return

@@ -80,7 +80,7 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
         if not (isinstance(err, ValueError | OSError) or from_client(err)):
             raise
         # the step has written its outputs by now: say so, rather than let a failed step look like no step
-        reason = first_line(err)
+        reason = proxy_error(err, info.uri) or first_line(err)
         where = "" if info.uri in reason else f"{info.uri}: "
         raise ValueError(f"{where}{record.step}: its outputs are written but not tracked: {reason}") from err
 
@@ -243,12 +243,32 @@ def tracking_uri(run_dir: str | Path) -> str:
 
 # a tracking server that accepts and never answers: MLflow's defaults (120 s a request, 7 retries with backoff)
 # kept a step silent for many minutes; the user's own settings win
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+# MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT: MLflow writes "View run … at: URL" to stdout as a run ends on an HTTP store;
+# no output of the command, and a failing stdout (`> /dev/full`, an ascii encoding) failed the tracking
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def _http_defaults() -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one error line says it
+
+
+def proxy_error(err: BaseException, uri: str) -> str | None:
+    """A tracking server reached through a proxy that cannot be reached: the proxy named with the variable that
+    set it (requests reads them as urllib does), as the server behind it may well be up; else None."""
+    if "ProxyError" not in str(err) or not uri.startswith(("http://", "https://")):
+        return None
+    scheme = uri.split(":", 1)[0]
+    names = (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")
+    variable = next((name for name in names if os.environ.get(name)), None)
+    if variable is None:
+        return None
+    from cmce.s3 import redact
+
+    return (f"{uri}: cannot reach the proxy {redact(os.environ[variable])} ({variable}); fix or unset it, or name "
+            "the tracking server's host in NO_PROXY")
 
 
 def _client(uri: str, create: bool = False):
@@ -262,7 +282,6 @@ def _client(uri: str, create: bool = False):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # its traceback of a database error (and of each engine retry) comes before the error it raises: one line says it
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one error line says it
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -289,16 +308,27 @@ def check_artifact_location(location: str) -> None:
                 os.environ["AWS_ENDPOINT_URL_S3"] = saved
 
 
+def experiment_name() -> str:
+    """The experiment parent runs go to: MLFLOW_EXPERIMENT_NAME as MLflow reads it, else `cmce`. An experiment
+    id is not taken (MLFLOW_EXPERIMENT_ID): said, rather than ignored without a word."""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+    if os.environ.get("MLFLOW_EXPERIMENT_ID") and not name:
+        log.warning("MLFLOW_EXPERIMENT_ID is not read: runs go to experiment %r (name one in MLFLOW_EXPERIMENT_NAME)",
+                    EXPERIMENT)
+    return name or EXPERIMENT
+
+
 def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) -> str:
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    name = experiment_name()
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
-            log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", EXPERIMENT,
+            log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", name,
                         exp.artifact_location, artifact_location)
         try:
             check_artifact_location(exp.artifact_location)
         except (OSError, ValueError) as err:
-            raise type(err)(f"experiment {EXPERIMENT!r} keeps its artifacts at {exp.artifact_location} (set when "
+            raise type(err)(f"experiment {name!r} keeps its artifacts at {exp.artifact_location} (set when "
                             f"it was created): {err}") from None
         return exp.experiment_id
     if artifact_location:
@@ -310,7 +340,7 @@ def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) 
     if location is None and uri.startswith("sqlite:///"):
         # keep artifacts beside the sqlite file instead of ./mlruns of whatever the working directory is
         location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location)
 
 
 def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_location: str | None = None) -> str:
@@ -381,55 +411,60 @@ def log_step(
     tags = {"mlflow.parentRunId": parent_run_id, **code_tags(), **({DATA_TAG: data_sha} if data_sha else {})}
     run = client.create_run(parent.info.experiment_id, run_name=step, tags=tags)
     rid = run.info.run_id
-    if data_sha and DATA_TAG not in parent.data.tags:  # the first step that reads the dataset versions the run
-        client.set_tag(parent_run_id, DATA_TAG, data_sha)
-    log_datasets(client, rid, inputs)
-    for key, value in (headline or {}).items():
-        if isinstance(value, int | float) and math.isfinite(value):
-            client.log_metric(parent_run_id, safe_metric_name(key), float(value))
-    for key, value in flatten(params or {}).items():
-        client.log_param(rid, key, value)
-    for key, value in (metrics or {}).items():
-        if isinstance(value, int | float) and math.isfinite(value):
-            client.log_metric(rid, safe_metric_name(key), float(value))
-    for row in history:
-        epoch = int(row.get("epoch", 0))
-        for key, value in row.items():
-            if key != "epoch":
-                client.log_metric(rid, safe_metric_name(key), float(value), step=epoch)
-    for path in artifacts:
-        log_artifact_or_reference(client, rid, Path(path))
-    for name, path, sha256 in register:
-        client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
-        register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
-        if name == QUERY_MODEL:
-            log_query_pyfunc(client, rid, Path(path), sha256)
-    for name, version in model_versions(uri, versions_of).items():
-        client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
-    promote = list(promote)
-    if promote:
-        # all or nothing: a half-moved alias would serve a query model with another model's transformations
-        versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
-        missing = sorted(name for name, version in versions.items() if version is None)
-        if missing:
-            # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
-            log.warning("not moving @%s: %s have no registered version with the served sha256 (register them "
-                        "with tracking on first)", PRODUCTION, missing)
-            client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
-        else:
-            for name, version in versions.items():
-                client.set_registered_model_alias(name, PRODUCTION, version)
-                client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-            for name, sha256 in promote_along:
-                version = version_by_sha(client, name, sha256)
-                if version is None:
-                    log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
-                    continue
-                client.set_registered_model_alias(name, PRODUCTION, version)
-                client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-                versions[name] = version
-            client.set_tag(rid, "promotion", "done")
-            log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
+    try:
+        if data_sha and DATA_TAG not in parent.data.tags:  # the first step that reads the dataset versions the run
+            client.set_tag(parent_run_id, DATA_TAG, data_sha)
+        log_datasets(client, rid, inputs)
+        for key, value in (headline or {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                client.log_metric(parent_run_id, safe_metric_name(key), float(value))
+        for key, value in flatten(params or {}).items():
+            client.log_param(rid, key, value)
+        for key, value in (metrics or {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                client.log_metric(rid, safe_metric_name(key), float(value))
+        for row in history:
+            epoch = int(row.get("epoch", 0))
+            for key, value in row.items():
+                if key != "epoch":
+                    client.log_metric(rid, safe_metric_name(key), float(value), step=epoch)
+        for path in artifacts:
+            log_artifact_or_reference(client, rid, Path(path))
+        for name, path, sha256 in register:
+            client.log_artifact(rid, str(path), artifact_path=f"registered/{name}")
+            register_version(client, name, f"{run.info.artifact_uri}/registered/{name}", rid, sha256)
+            if name == QUERY_MODEL:
+                log_query_pyfunc(client, rid, Path(path), sha256)
+        for name, version in model_versions(uri, versions_of).items():
+            client.log_param(rid, f"registry.{name}", f"{name}@{ALIAS}=v{version}")
+        promote = list(promote)
+        if promote:
+            # all or nothing: a half-moved alias would serve a query model with another model's transformations
+            versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
+            missing = sorted(name for name, version in versions.items() if version is None)
+            if missing:
+                # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
+                log.warning("not moving @%s: %s have no registered version with the served sha256 (register them "
+                            "with tracking on first)", PRODUCTION, missing)
+                client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
+            else:
+                for name, version in versions.items():
+                    client.set_registered_model_alias(name, PRODUCTION, version)
+                    client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+                for name, sha256 in promote_along:
+                    version = version_by_sha(client, name, sha256)
+                    if version is None:
+                        log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
+                        continue
+                    client.set_registered_model_alias(name, PRODUCTION, version)
+                    client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+                    versions[name] = version
+                client.set_tag(rid, "promotion", "done")
+                log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
+    except BaseException:
+        with contextlib.suppress(Exception):  # left RUNNING, it would look like a step still going
+            client.set_terminated(rid, "FAILED")
+        raise
     client.set_terminated(rid)
     return rid
 
@@ -581,6 +616,13 @@ def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
+def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
+    """The models among (name, sha256) pairs with no registered version of that sha256: @production cannot move
+    to them (log_step then moves none)."""
+    client = _client(uri)
+    return sorted(name for name, sha256 in promote if version_by_sha(client, name, sha256) is None)
+
+
 def check_parent_run(uri: str, run_id: str) -> None:
     """Before any work: the parent run a step will record under exists and is still running (a step whose
     tracking fails at the end would otherwise have written its outputs and then failed)."""
@@ -630,6 +672,8 @@ def _registry_error(err: BaseException, tracking: str) -> str:
     when the artifacts' S3 endpoint cannot be reached, the variable that names it for MLflow."""
     from cmce.s3 import _connection_error
 
+    if proxied := proxy_error(err, registry_of(tracking)):
+        return proxied
     text = first_line(err)
     registry = registry_of(tracking)
     reason = text if registry in text else f"registry {registry}: {text}"

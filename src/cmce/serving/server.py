@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmce.data.codec import pixel_limit
-from cmce.errors import Terminated
+from cmce.errors import Terminated, unclaimed_ending_signals
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits, class_names
 from cmce.serving.state import Holder, QueryModelSource
@@ -131,11 +131,11 @@ class _Server(uvicorn.Server):
 def _hangup_stops(server: _Server) -> Iterator[None]:
     """uvicorn stops gracefully on SIGINT and SIGTERM only; SIGHUP (a closed terminal) raised in the middle of
     the event loop dropped one request and left the server running, SIGUSR1 killed it with its downloads left.
-    They are graceful stops here too."""
+    They are graceful stops here too, as are SIGALRM, SIGXCPU and the like (unless a caller handles them)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stops = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+    stops = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, *unclaimed_ending_signals())
     previous = {signum: signal.signal(signum, lambda *_: server.stop()) for signum in stops}
     try:
         yield
