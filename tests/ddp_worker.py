@@ -8,6 +8,7 @@ usage: python -m torch.distributed.run --nproc_per_node=2 ... tests/ddp_worker.p
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,11 +16,21 @@ import torch
 import cmce.stages
 import cmce.train
 from cmce import distributed as ddp
+from cmce.checkpoint import load_embedding_model, save_embedding_model
 from cmce.cli import main
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _as_gallery_model(query: Path, to: Path) -> Path:
+    """The query model saved again with a gallery model's role: a KD teacher must be a gallery model, and training
+    a real one here would double the test's time."""
+    model = load_embedding_model(query)
+    model.meta = {**model.meta, "role": "gallery"}
+    save_embedding_model(model, to, torch.load(query, weights_only=True)["width"])
+    return to
 
 
 def run(out: Path, config: str, dataset: str) -> int:
@@ -51,12 +62,15 @@ def run(out: Path, config: str, dataset: str) -> int:
     cmce.stages.fit_transformation = spy_fit_transformation
     common = ["--config", config, "--set", "train.epochs=1", "--set", "kd.epochs=1", "--set", "transform.epochs=2"]
     q, s, t = out / "q.pt", out / "s.pt", out / "t.pt"
+    teacher = Path(tempfile.mkdtemp()) / "teacher.pt"  # this rank's copy, outside the folder the test lists
     for argv in (
         ["train", *common, "--dataset", dataset, "--model", "query", "--out", str(q)],
-        ["train", *common, "--dataset", dataset, "--kd-teacher", str(q), "--out", str(s)],
+        ["train", *common, "--dataset", dataset, "--kd-teacher", teacher, "--out", str(s)],
         ["fit-transform", *common, "--dataset", dataset, "--query-model", str(q), "--gallery-model", str(s),
          "--out", str(t)],
     ):
+        if teacher in argv:  # made from the query model trained above
+            argv[argv.index(teacher)] = str(_as_gallery_model(q, teacher))
         rc = main(argv)
         if rc != 0:
             return rc
