@@ -588,7 +588,7 @@ def test_index_with_damaged_files(world, tmp_path, caplog):
     shutil.copy(world.index / "meta.json", index / "meta.json")
     (index / "index.faiss").write_bytes((world.index / "index.faiss").read_bytes()[:-8])
     fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset], index,
-          f"{index / 'index.faiss'}: missing or does not match the checksum")
+          f"{index / 'index.faiss'}: missing, not a regular file, or does not match the checksum")
 
 
 # ---------------------------------------------------------------- output folders that are not the step's own
@@ -2592,3 +2592,53 @@ def test_an_error_line_is_cut_at_a_words_end():
 
     assert first_line(ValueError("Caused by ProxyError('Unable to connect')"), 28) == "Caused by…"
     assert first_line(ValueError("short enough\nsecond"), 30) == "short enough"
+
+
+def test_a_registered_version_with_a_model_card_beside_its_checkpoint_is_loaded(world, tmp_path, monkeypatch):
+    """A version holding the checkpoint, a README and a JSON card: "expected one checkpoint file, found 3", and a gate
+    that had moved @production to it left a production alias no step could load."""
+    from cmce.tracking import resolve_model_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    shutil.copyfile(world.query, artifacts / "query.pt")
+    (artifacts / "README.txt").write_text("model card")
+    (artifacts / "card.json").write_text('{"note": 1}')
+    uri = _store_with_a_registered_query_model(tmp_path / "store", str(artifacts))
+    local = resolve_model_uri("models:/cmce-query@candidate", uri)
+    assert local.name == "query.pt" and file_sha256(local) == file_sha256(world.query)
+    (artifacts / "query.pt").unlink()
+    with pytest.raises(ValueError, match=r"expected one checkpoint file in the registered version, found 0"):
+        resolve_model_uri("models:/cmce-query@candidate", uri)
+
+
+def test_an_uncertainty_column_its_running_sum_contradicts_is_refused(world, tmp_path, caplog):
+    """The gallery's `uncertainty` reversed (rows, embeddings and metadata kept): build-index rejected other items
+    and evaluate reported other rejection curves, exit 0; `n_models` of 3 in a 2-member gallery passed too."""
+    table = pq.read_table(world.gallery)
+    unc = table.column("uncertainty").to_numpy()[::-1].copy()
+    reversed_unc = rewrite(world.gallery, tmp_path / "reversed.parquet", uncertainty=pa.array(unc, pa.float32()))
+    out = tmp_path / "index"
+    fails(caplog, ["build-index", "--gallery", reversed_unc, "--out", out], out,
+          f"{reversed_unc}: column 'uncertainty' of id ", "is not the spread its 'ensemble_sum' of 2 member(s) implies")
+    fails(caplog, [*evaluate_args(world, gallery=reversed_unc), "--out", tmp_path / "eval"], tmp_path / "eval",
+          f"{reversed_unc}: column 'uncertainty' of id ", "is not the spread of its members' transformed embeddings")
+    three = rewrite(world.gallery, tmp_path / "three.parquet",
+                    n_models=pa.array([3] * table.num_rows, table.schema.field("n_models").type))
+    fails(caplog, ["build-index", "--gallery", three, "--out", out], out,
+          f"{three}: column 'n_models' holds [3], but the metadata names 2 member(s)")
+
+
+def test_log_lines_escape_control_characters(world, tmp_path):
+    """`--out "o/p3\\n"` logged `built flat index at o/p3` on one line and the rest on the next, and a key with
+    ESC sequences reached the operator's terminal: every record is one line, its control characters escaped."""
+    from tests.serve_world import cmce_env
+
+    out = tmp_path / "idx\n2026-01-01 00:00:00,000 INFO cmce: forged\x1b[31m"
+    res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", str(world.gallery), "--out",
+                          str(out)], capture_output=True, text=True, env=cmce_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stderr.splitlines()
+    assert all(line[:4].isdigit() for line in lines), lines  # each starts with its own timestamp
+    assert "\x1b" not in res.stderr and any("idx\\n2026-01-01" in line and "\\x1b[31m" in line for line in lines)

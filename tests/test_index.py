@@ -58,7 +58,7 @@ def test_index_refuses_other_query_model_and_tampering(tmp_path):
     with pytest.raises(IndexLoadError, match="expects dimension 6"):
         search(loaded, np.zeros((1, 5), np.float32), 3)
     (index_dir / "ids.parquet").write_bytes(b"tampered")
-    with pytest.raises(IndexLoadError, match="ids.parquet: missing or does not match the checksum"):
+    with pytest.raises(IndexLoadError, match="ids.parquet: missing, not a regular file, or does not match the"):
         load_index(index_dir)
 
 

@@ -822,3 +822,31 @@ def test_wrapped_base64_and_numbers_past_the_digit_limit(world):
             "error": f"body: not readable JSON: a number with more than {sys.get_int_max_str_digits()} digits",
             "field": "body"}, res.text
     assert server.search(embeddings=[[0.5] * 16], query_model_sha256=sha).status_code == 200  # still serving
+
+
+def test_a_pipe_named_meta_json_is_reported_not_waited_on(world, tmp_path):
+    """meta.json replaced by a FIFO: the reload thread blocked in open() for ever, reporting nothing and never
+    loading the good build swapped in after it."""
+    import os
+
+    from cmce.serving.state import UNREADABLE_POLLS, Holder, QueryModelSource
+
+    _, model, index, _ = world
+    folder = Path(shutil.copytree(index, tmp_path / "index"))
+    holder = Holder(folder, QueryModelSource(str(model), Path))
+    served = holder.current
+    (folder / "meta.json").unlink()
+    os.mkfifo(folder / "meta.json")
+
+    def polls(n: int) -> None:
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: ([holder.check() for _ in range(n)], done.set()), daemon=True)
+        thread.start()
+        assert done.wait(30), "a poll blocked on the pipe"
+
+    polls(UNREADABLE_POLLS)
+    assert "not a regular file" in holder.last_error and holder.current is served
+    shutil.rmtree(folder)
+    shutil.copytree(index, folder)
+    polls(1)
+    assert holder.last_error is None and holder.current.version == served.version

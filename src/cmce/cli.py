@@ -25,7 +25,14 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
-from cmce.errors import Terminated, first_line, from_client, raise_terminated, unclaimed_ending_signals
+from cmce.errors import (
+    Terminated,
+    first_line,
+    from_client,
+    log_to_stderr,
+    raise_terminated,
+    unclaimed_ending_signals,
+)
 from cmce.records import StepRecord
 from cmce.s3 import foreign_scheme, scheme_error
 from cmce.storage import (
@@ -778,8 +785,7 @@ def _home(path: str, name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    log_to_stderr()
     try:
         _expand_home(args)
     except ValueError as err:

@@ -3,6 +3,10 @@ to several lines, sometimes a server's whole reply or a C++ stack."""
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+
 # the packages of the clients a step talks to (MLflow, its database and HTTP stacks, boto): their errors are bad
 # input or an unreachable service, told in one line; cmce's own arrive as ValueError or OSError
 CLIENT_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
@@ -61,3 +65,28 @@ def unclaimed_ending_signals() -> list[int]:
     names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR")
     found = [getattr(signal, name) for name in names if hasattr(signal, name)]
     return [signum for signum in found if signal.getsignal(signum) in (signal.SIG_DFL, raise_terminated)]
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as Python escapes: a newline in a path or key cannot forge a second log line, nor a
+    terminal escape reach the operator's terminal."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every log record one line: its message's control characters escaped (a traceback, when logged, follows)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+def log_to_stderr() -> None:
+    """The commands' logging: INFO and up, one line per record, on standard error."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])

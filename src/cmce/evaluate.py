@@ -37,7 +37,7 @@ from cmce.data.loader import split_source
 from cmce.data.readers import dataset_info, read_domains
 from cmce.embed import embed_split
 from cmce.index import LoadedIndex, load_index
-from cmce.method import RunningEnsemble, normalize, rejection_mask
+from cmce.method import STORED_TOLERANCE, RunningEnsemble, normalize, rejection_mask
 from cmce.metrics import Family, measure, retrieval_metrics
 from cmce.scores import BLOCK_MB, InnerProducts, Scores
 from cmce.storage import atomic_dir, check_replaceable, file_sha256, origin
@@ -248,6 +248,11 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
     stored = embedding_column(table, "embedding", str(inputs.gallery), query_model.embedding_dim)
     if not np.allclose(ensemble.embedding, stored, atol=1e-4):
         raise TableError(f"{inputs.gallery}: stored ensemble embedding does not match its members' transformations")
+    stored_unc = float_column(table, "uncertainty", str(inputs.gallery))
+    off = np.abs(ensemble.uncertainty - stored_unc) > STORED_TOLERANCE * max(len(members), 1)
+    if off.any():  # the rejection curves read it: an edited column rejected other items without a word
+        raise TableError(f"{inputs.gallery}: column 'uncertainty' of id {g_ids[int(np.flatnonzero(off)[0])]!r} is "
+                         "not the spread of its members' transformed embeddings")
     q = embed_split(query_model, inputs.dataset, "test", batch_size)
     g_labels = int_column(table, "label", str(inputs.gallery))
     if split == "test" and not np.array_equal(g_labels, q.labels):  # the same images: the same classes

@@ -28,8 +28,16 @@ import pyarrow.parquet as pq
 from cmce import s3
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.errors import last_line
-from cmce.method import normalize, rejection_mask
-from cmce.storage import atomic_dir, check_replaceable, file_sha256, local_input, restore_dir, swap_lock
+from cmce.method import STORED_TOLERANCE, normalize, rejection_mask, uncertainty_from_sum
+from cmce.storage import (
+    atomic_dir,
+    check_replaceable,
+    file_sha256,
+    local_input,
+    read_regular,
+    restore_dir,
+    swap_lock,
+)
 from cmce.tables import (
     TableError,
     check_rows_are_split,
@@ -186,6 +194,23 @@ def set_search_params(index: Any, search_params: dict[str, int]) -> None:
         index.hnsw.efSearch = int(search_params["ef_search"])
 
 
+def _check_stored_uncertainty(table: pa.Table, unc: np.ndarray, n_members: int, gallery: Path) -> None:
+    """The uncertainty the rejection reads is the spread its running sum implies (galleries written before the sum
+    was stored are not checked): an edited column rejected other items without a word."""
+    if "ensemble_sum" not in table.column_names or "n_models" not in table.column_names:
+        return
+    counts = set(int_column(table, "n_models", str(gallery)).tolist())
+    if counts - {n_members}:
+        raise TableError(f"{gallery}: column 'n_models' holds {sorted(counts)[:5]}, but the metadata names "
+                         f"{n_members} member(s)")
+    s = embedding_column(table, "ensemble_sum", str(gallery)).astype(np.float64)
+    off = np.abs(uncertainty_from_sum(s, n_members) - unc) > STORED_TOLERANCE * max(n_members, 1)
+    if off.any():
+        row = int(np.flatnonzero(off)[0])
+        raise TableError(f"{gallery}: column 'uncertainty' of id {table.column('id')[row].as_py()!r} is not the "
+                         f"spread its 'ensemble_sum' of {n_members} member(s) implies")
+
+
 def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: float | None = None,
                 index_type: str | None = None, options: IndexConfig | None = None) -> Path:
     """Index a gallery file. `options` (the config's `index` section, checked when it was loaded) gives the type,
@@ -198,7 +223,8 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     check_replaceable(out_dir, INDEX_FILES)  # before the work, not only when swapping the result in
     gallery_path = Path(gallery_path)
     # metadata, rows and hash of one version of the gallery, even if it is replaced while this runs
-    meta, table, gallery_sha256 = read_snapshot(gallery_path, ["id", "label", "embedding", "uncertainty"], "gallery")
+    meta, table, gallery_sha256 = read_snapshot(gallery_path, ["id", "label", "embedding", "uncertainty"], "gallery",
+                                                optional=["ensemble_sum", "n_models"])
     n_members = len(meta.get("members", []))
     if reject_fraction > 0 and n_members < 2:
         # one member's uncertainty is 0 everywhere: "the most uncertain" would be the first rows on file
@@ -215,6 +241,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     if (unc < 0).any():  # a mean squared distance: never negative
         raise TableError(f"{gallery_path}: column 'uncertainty' has negative values (first: row "
                          f"{int(np.flatnonzero(unc < 0)[0])})")
+    _check_stored_uncertainty(table, unc, n_members, gallery_path)
     reject = rejection_mask(unc, reject_fraction)
     keep = ~reject
     built = make_index(emb[keep], index_type, options)
@@ -291,9 +318,11 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
     if not meta_path.exists():
         raise unfinished
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_regular(meta_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexLoadError(f"{shown}/meta.json: not valid JSON: {err}") from None
+    except OSError as err:
+        raise IndexLoadError(f"{shown}/meta.json: {err.strerror or err}") from None
     fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if fmt != INDEX_FORMAT:
         raise IndexLoadError(f"{shown}/meta.json: unknown index format {fmt!r}")
@@ -312,8 +341,9 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{shown}: index was built from gallery version {str(meta.get('gallery_sha256'))[:12]}, "
                              f"not from the given gallery {gallery_sha256[:12]}; rebuild the index from it")
     for name, digest in meta["files"].items():
-        if not (d / name).exists() or file_sha256(d / name) != digest:
-            raise IndexLoadError(f"{shown}/{name}: missing or does not match the checksum in meta.json")
+        if not (d / name).is_file() or file_sha256(d / name) != digest:  # is_file: a pipe would block the read
+            raise IndexLoadError(f"{shown}/{name}: missing, not a regular file, or does not match the checksum in "
+                                 "meta.json")
     where = f"{shown}/ids.parquet"
     try:
         table = pq.read_table(d / "ids.parquet")

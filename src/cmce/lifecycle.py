@@ -22,7 +22,7 @@ from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
 from cmce.data.loader import same_split
 from cmce.embed import embed_split, ensemble_columns
-from cmce.method import RunningEnsemble, uncertainty_from_sum
+from cmce.method import STORED_TOLERANCE, RunningEnsemble, uncertainty_from_sum
 from cmce.storage import atomic_dir, atomic_path, inputs_unchanged, named_on_failure
 from cmce.tables import (
     TableError,
@@ -69,8 +69,6 @@ def _gallery_schema(base: pa.Schema, extra: list[tuple[str, pa.DataType]], meta:
     return pa.schema(fields).with_metadata({"cmce": json.dumps(meta, sort_keys=True)})
 
 
-# float32 storage of S, the embedding and the uncertainty: far above their rounding, far below any real mismatch
-STORED_TOLERANCE = 1e-3
 
 
 def stored_ensemble(g: pa.Table, dim: int, n_members: int, gallery: Path) -> RunningEnsemble:

@@ -58,6 +58,10 @@ def transformation_loss(
     return align + lam * ce, align, ce
 
 
+# float32 storage of S, the embedding and the uncertainty: far above their rounding, far below any real mismatch
+STORED_TOLERANCE = 1e-3
+
+
 def uncertainty_from_sum(running_sum: np.ndarray, n_models: int) -> np.ndarray:
     """Mean pairwise squared distance of the N unit vectors whose sum is `running_sum` (0 when N < 2)."""
     if n_models < 2:

@@ -3,21 +3,18 @@ the stage itself, and its record published to the tracker (MLflow) when the run 
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cmce.errors import log_to_stderr
 from cmce.records import StepRecord
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def run_stage(stage: Callable[..., StepRecord | None], *args: Any, tracking: Any = None) -> StepRecord | None:
     """`stage(*args)`; then its record published under the parent run `tracking` names (a
     cmce.tracking.TrackingInfo or the path of its JSON file; tracking off when that says so or is None)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    log_to_stderr()
     record = stage(*args)
     if tracking is not None and record is not None:
         from cmce.tracking import publish

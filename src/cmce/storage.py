@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -536,9 +537,25 @@ def write_text(target: str | Path, text: str) -> None:
     write_bytes(target, text.encode())
 
 
+def open_regular(path: str | Path) -> io.BufferedReader:
+    """A file opened for reading, refused unless it is a regular file: open() of a FIFO (a pipe named like
+    meta.json or a model) waits for a writer for ever; the server's reload thread hung there without a word."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO opens at once, to be refused below
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a pipe, device or socket)", str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | Path) -> bytes:
+    with open_regular(path) as f:
+        return f.read()
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -93,9 +93,11 @@ def read_schema(path: str | Path, columns: list[str] | None = None) -> pa.Schema
     return schema
 
 
-def read_snapshot(path: str | Path, columns: list[str], kind: str) -> tuple[dict[str, Any], pa.Table, str]:
+def read_snapshot(path: str | Path, columns: list[str], kind: str, optional: list[str] | None = None
+                  ) -> tuple[dict[str, Any], pa.Table, str]:
     """(cmce metadata, table, sha256) of one version of a cmce file of `kind`: all three come through one open
-    handle, so a file replaced meanwhile (written aside and renamed over, as cmce writers do) cannot mix versions."""
+    handle, so a file replaced meanwhile (written aside and renamed over, as cmce writers do) cannot mix versions.
+    `optional` columns are read when the file has them."""
     path = Path(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, after the hash
@@ -113,6 +115,7 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str) -> tuple[dict
         missing = [c for c in columns if c not in schema.names]
         if missing:
             raise TableError(f"{path}: missing column '{missing[0]}'")
+        columns = [*columns, *(c for c in optional or [] if c in schema.names)]
         try:
             table = parquet.read(columns=columns)
         except (pa.ArrowException, OSError) as err:  # a valid footer over damaged data pages

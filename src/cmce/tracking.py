@@ -649,7 +649,7 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cmce.storage import scratch_dir, stands_for
+    from cmce.storage import file_format, scratch_dir, stands_for
 
     tracking = tracking or os.environ["MLFLOW_TRACKING_URI"]  # one of them is set (require_registry)
     mlflow.set_tracking_uri(tracking)  # the process-wide one may be an earlier command's, and wins over the variable
@@ -661,8 +661,12 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
             raise
         raise ValueError(f"{uri}: {_registry_error(err, tracking)}") from None
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    if len(files) > 1:  # a model card or a README beside the checkpoint: the checkpoint is the one torch file
+        files = [p for p in files if file_format(p) == "checkpoint"]
     if len(files) != 1:
-        raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}")
+        shown = ", ".join(p.relative_to(local).as_posix() for p in files[:3]) if local.is_dir() else ""
+        raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}"
+                         + (f" ({shown})" if shown else ""))
     stands_for(files[0], uri)  # errors about the file name the registered model, not its scratch copy
     return files[0]
 

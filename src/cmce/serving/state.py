@@ -25,7 +25,7 @@ from pathlib import Path
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
 from cmce.index import INDEX_FILES, LoadedIndex, load_index
-from cmce.storage import restore_uris, stat_identity
+from cmce.storage import read_regular, restore_uris, stat_identity
 
 log = logging.getLogger(__name__)
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
@@ -154,7 +154,7 @@ class Holder:
         """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced). Still
         unreadable after UNREADABLE_POLLS polls, it is broken, not mid-swap: reported (log, /readyz), old pair kept."""
         try:
-            version = meta_version(json.loads((self.index_dir / "meta.json").read_text()))
+            version = meta_version(json.loads(read_regular(self.index_dir / "meta.json")))
         except (OSError, ValueError) as err:
             self._unreadable += 1
             if self._unreadable == UNREADABLE_POLLS:
