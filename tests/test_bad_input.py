@@ -1448,7 +1448,7 @@ def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM,
-                                    signal.SIGXCPU])
+                                    signal.SIGXCPU, signal.SIGQUIT])
 def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch, signum):
     """SIGTERM (a kill, a pod stopped) left the half-written temporary file in place: only Ctrl-C cleaned up.
     SIGALRM and SIGXCPU (a batch system's CPU-time limit) ended the process with no line and no cleanup."""
@@ -2031,6 +2031,7 @@ def test_member_files_are_named_by_model_and_never_replace_another_kind(world, t
     ("AWS_ENDPOINT_URL", "http://host:notaport", "an http:// or https:// URL expected"),
     ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000/b", "the server's URL without a path expected"),  # "no such object"
     ("AWS_CA_BUNDLE", "/no/such/ca.pem", "no such certificate file"),
+    ("AWS_REQUEST_CHECKSUM_CALCULATION", "bogus", "when_supported or when_required expected"),
 ])
 def test_an_s3_setting_out_of_range_is_refused_before_any_work(name, value, expected, world, tmp_path, caplog, capsys,
                                                               monkeypatch):
@@ -2642,3 +2643,11 @@ def test_log_lines_escape_control_characters(world, tmp_path):
     lines = res.stderr.splitlines()
     assert all(line[:4].isdigit() for line in lines), lines  # each starts with its own timestamp
     assert "\x1b" not in res.stderr and any("idx\\n2026-01-01" in line and "\\x1b[31m" in line for line in lines)
+
+
+def test_an_output_named_dash_is_refused(world, tmp_path, caplog, monkeypatch):
+    """`--out -` (the usual name of standard output) wrote a file called "-" in the working folder, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    fails(caplog, ["export-query", "--query-model", world.query, "--out", "-"], tmp_path / "-",
+          "--out -: outputs are files or folders here, not standard output")
+    assert list(tmp_path.iterdir()) == []

@@ -315,3 +315,13 @@ def test_meta_json_that_names_another_index_type_or_metric_is_refused(tmp_path):
     (index_dir / "meta.json").write_text(json.dumps({**meta, "files": files}))
     with pytest.raises(IndexLoadError, match="over L2"):
         load_index(index_dir)
+
+
+def test_a_sha256_recorded_in_upper_case_is_the_same_model(tmp_path):
+    """meta.json's query_model_sha256 in upper case: "built for query model 92195E9E8B60, but query model
+    92195e9e8b60 was given", the same value twice."""
+    _, paths, _ = members(tmp_path, n_models=2)
+    index_dir = build_index(combine_members(paths, tmp_path / "g.parquet"), tmp_path / "index")
+    meta = json.loads((index_dir / "meta.json").read_text())
+    (index_dir / "meta.json").write_text(json.dumps({**meta, "query_model_sha256": "E" * 64}))
+    assert load_index(index_dir, query_sha256="e" * 64).meta["query_model_sha256"] == "E" * 64

@@ -657,6 +657,9 @@ def test_http_framing_below_the_routes_is_read_or_refused_naming_its_part(world)
     res = requests.post(f"{server.url}/search", data=body[:-1] + b', "\\ud800x": 1}', timeout=10,
                         headers={"content-type": "application/json"})
     assert res.status_code == 422 and "is not valid Unicode" in res.json()["error"], res.text
+    res = requests.post(f"{server.url}/search", data=body, timeout=10, headers={
+        "content-type": "application/json", "connection": "Upgrade", "upgrade": "websocket"})
+    assert res.status_code == 200 and "WebSocket" not in server.log.read_text()  # no advice to install a library
     assert server.search(**json.loads(body)).status_code == 200  # still serving
 
 

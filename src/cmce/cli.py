@@ -160,6 +160,8 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
     for out_name, out in named(outputs):
+        if out == "-":  # the usual name of standard output: a file called "-" was written in the working folder
+            raise ValueError(f"{flag(out_name)} -: outputs are files or folders here, not standard output; give a name")
         if (held := _working_folder_under(out)) is not None:  # `--out .`: the folder a step would replace or fill
             raise ValueError(f"{flag(out_name)} {out} {'is' if held == Path('.') else 'holds'} the working folder; "
                              "give the name of the file or folder to write")

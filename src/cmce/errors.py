@@ -62,7 +62,7 @@ def unclaimed_ending_signals() -> list[int]:
     a command) is kept. SIGXFSZ Python ignores already: the write then fails with EFBIG, reported as such."""
     import signal
 
-    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR")
+    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGQUIT")  # SIGQUIT: Ctrl-backslash
     found = [getattr(signal, name) for name in names if hasattr(signal, name)]
     return [signum for signum in found if signal.getsignal(signum) in (signal.SIG_DFL, raise_terminated)]
 

@@ -332,12 +332,12 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
     own = sorted(f for f in INDEX_FILES if f != "meta.json")
     if sorted(meta["files"]) != own:  # names, never paths: nothing outside the folder is read
         raise IndexLoadError(f"{shown}/meta.json: 'files' must name exactly {own}, got {sorted(meta['files'])}")
-    if query_sha256 is not None and meta["query_model_sha256"] != query_sha256:
+    if query_sha256 is not None and str(meta["query_model_sha256"]).lower() != query_sha256.lower():
         raise IndexLoadError(
             f"{shown}: index was built for query model {meta['query_model_sha256'][:12]}, "
             f"but query model {query_sha256[:12]} was given; rebuild the index or use the matching query model"
         )
-    if gallery_sha256 is not None and meta.get("gallery_sha256") != gallery_sha256:
+    if gallery_sha256 is not None and str(meta.get("gallery_sha256")).lower() != gallery_sha256.lower():
         raise IndexLoadError(f"{shown}: index was built from gallery version {str(meta.get('gallery_sha256'))[:12]}, "
                              f"not from the given gallery {gallery_sha256[:12]}; rebuild the index from it")
     for name, digest in meta["files"].items():

@@ -164,6 +164,10 @@ def check_env() -> None:
     mode = os.environ.get("AWS_RETRY_MODE")
     if mode and mode not in RETRY_MODES:
         raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r}: one of {', '.join(RETRY_MODES)} expected")
+    for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        value = os.environ.get(name)
+        if value and value.strip().lower() not in ("when_supported", "when_required"):
+            raise ValueError(f"environment variable {name}={value!r}: when_supported or when_required expected")
     for name in ENDPOINT_ENV:
         _endpoint_url(name)
     bundle = os.environ.get("AWS_CA_BUNDLE")

@@ -90,6 +90,11 @@ class JsonErrorsH11(H11Protocol):
     """uvicorn answers a request it cannot parse (a negative or doubled Content-Length, TLS sent to the plain
     port) by itself, in plain text; this server's errors are {error, field} JSON, these too."""
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """An `Upgrade: websocket` request is answered as a plain one: uvicorn logged two warnings for each, one of
+        them advice to install a WebSocket library, for a server that has no WebSocket endpoint."""
+        log.debug("ignored an Upgrade header (no WebSocket endpoint here)")
+
     def send_400_response(self, msg: str) -> None:
         body = json.dumps({"error": f"request: malformed HTTP: {msg}", "field": "request"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -159,7 +164,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
     classes = None if opts.dataset is None else class_names(opts.dataset)
     sock = bind(opts.host, opts.port)
     app = create_app(holder, opts.limits, classes, opts.search_threads)
-    config = uvicorn.Config(app, http=JsonErrorsH11, log_config=None, access_log=opts.access_log,
+    config = uvicorn.Config(app, http=JsonErrorsH11, ws="none", log_config=None, access_log=opts.access_log,
                             timeout_graceful_shutdown=10)
     say(f"serving {origin(opts.index)} on {url(sock)}\n")  # an s3:// index by its URI
     holder.start(opts.reload_interval_s if watch else 0)
