@@ -28,8 +28,8 @@ def process_settings_restored():
     """Settings a test may change for the whole process, put back after it: torch's thread count (a benchmark run
     in-process with --threads 1 made later training differ in the last bits from the session's reference run) and
     the tracking URI (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which later pipeline runs read), and
-    MLflow's S3 clients, cached by endpoint but not by credentials: a test that talked to a dead 127.0.0.1 port
-    with made-up keys left a client that a later test's S3 server, bound to the same freed port, refused."""
+    MLflow's S3 clients, cached by endpoint and made from boto3's default session, which keeps the credentials it
+    first resolved: a test that gave MLflow made-up keys left them to every later test's MLflow uploads."""
     import torch
 
     threads, uri = torch.get_num_threads(), os.environ.get("MLFLOW_TRACKING_URI")
@@ -37,6 +37,8 @@ def process_settings_restored():
     s3_repo = sys.modules.get("mlflow.store.artifact.s3_artifact_repo")
     if s3_repo is not None:
         s3_repo._cached_get_s3_client.cache_clear()
+    if "boto3" in sys.modules:  # MLflow's clients come from boto3's default session, which keeps the first keys
+        sys.modules["boto3"].DEFAULT_SESSION = None
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if uri is None:
