@@ -663,6 +663,26 @@ def test_http_framing_below_the_routes_is_read_or_refused_naming_its_part(world)
     assert server.search(**json.loads(body)).status_code == 200  # still serving
 
 
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(world):
+    """A client that shut its writing side once the request was sent (shutdown(SHUT_WR), `nc -N`) got no answer in
+    9 tries of 10: the server closed the connection at the EOF. A request cut short by the EOF is still dropped."""
+    _, model, _, server = world
+    body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
+    request = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+               % len(body))
+    host, port = server.url.removeprefix("http://").split(":")
+    for sent, answered in [(request + body, True)] * 10 + [(request + body[:-1], False)]:
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(sent)
+            conn.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := conn.recv(65536):  # the server closes the connection after the answer
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") == answered and (reply == b"") != answered, reply
+        if answered:
+            assert json.loads(reply.partition(b"\r\n\r\n")[2])["results"], reply
+
+
 @pytest.mark.parametrize("signals", [1, 2])
 def test_a_stop_while_a_body_is_still_arriving_cuts_it_without_a_traceback(world, tmp_path, signals):
     """A client sending its body slowly when SIGTERM came: after the graceful timeout the request was cancelled

@@ -95,6 +95,22 @@ class JsonErrorsH11(H11Protocol):
         them advice to install a WebSocket library, for a server that has no WebSocket endpoint."""
         log.debug("ignored an Upgrade header (no WebSocket endpoint here)")
 
+    _answer_then_close = False
+
+    def eof_received(self) -> bool | None:
+        """A client may half-close its socket once its request is sent (shutdown(SHUT_WR), `nc -N`): the answer
+        is still owed. uvicorn let asyncio close the connection at that EOF, and the client got nothing. With a
+        whole request read and its answer pending, the connection stays open for writing until it is sent."""
+        if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+            self._answer_then_close = True
+            return True
+        return None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._answer_then_close and not self.transport.is_closing():
+            self.transport.close()
+
     def send_400_response(self, msg: str) -> None:
         body = json.dumps({"error": f"request: malformed HTTP: {msg}", "field": "request"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
