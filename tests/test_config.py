@@ -188,7 +188,7 @@ def test_a_value_outside_a_keys_range_is_refused_naming_the_key(tmp_path, key, f
     assert bad_values, key
     for bad in bad_values:
         value = [bad] if is_list else bad
-        with pytest.raises(ConfigError, match=rf"c.yaml: {re.escape(key)} must be in "):
+        with pytest.raises(ConfigError, match=rf"--set {re.escape(key)} must be in "):
             load_config(path, {key: value})
 
 
@@ -228,7 +228,7 @@ def test_a_key_merged_from_a_list_of_mappings_is_the_first_ones(tmp_path):
                                        ("transform.depth", 2.0), ("train.epochs", False), ("seed", 1.5)])
 def test_an_integer_key_takes_only_an_integer(tmp_path, key, value):
     """3.0 == 3 in Python, but a float size reaches torch (`empty(): argument 'size' must be tuple of ints`)."""
-    with pytest.raises(ConfigError, match=rf"c.yaml: {re.escape(key)}: "):
+    with pytest.raises(ConfigError, match=rf"--set {re.escape(key)}: "):
         load_config(_write(tmp_path, GOOD), {key: value})
 
 
@@ -236,7 +236,7 @@ def test_an_integer_key_takes_only_an_integer(tmp_path, key, value):
 @pytest.mark.parametrize("value", ["", "  ", "\t"])
 def test_a_text_key_may_not_be_blank(tmp_path, key, value):
     """An empty output_dir would write the whole run into the working folder."""
-    with pytest.raises(ConfigError, match=rf"c.yaml: {re.escape(key)}: must not be empty"):
+    with pytest.raises(ConfigError, match=rf"--set {re.escape(key)}: must not be empty"):
         load_config(_write(tmp_path, GOOD), {key: value})
 
 
@@ -253,7 +253,7 @@ def test_a_text_key_may_not_be_blank(tmp_path, key, value):
 ])
 def test_model_sizes_the_keys_imply_together_are_bounded(tmp_path, overrides, message):
     """Each key within its range, together terabytes: refused at load, naming the keys, nothing allocated."""
-    with pytest.raises(ConfigError, match=rf"c.yaml: {message}"):
+    with pytest.raises(ConfigError, match=rf"--set ([\w.]+: )?{message}"):
         load_config(_write(tmp_path, GOOD), overrides)
 
 
@@ -265,7 +265,7 @@ def test_the_largest_usual_models_pass_the_size_bound(tmp_path):
 
 @pytest.mark.parametrize("name", ["../../../escaped_query", "a/b", "", ".hidden", "q q", "x" * 65, "naïve"])
 def test_a_model_name_must_be_an_identifier(tmp_path, name):
-    with pytest.raises(ConfigError, match=r"c.yaml: query_model.name: (.* is not a model name|must not be empty)"):
+    with pytest.raises(ConfigError, match=r"--set query_model.name: (.* is not a model name|must not be empty)"):
         load_config(_write(tmp_path, GOOD), {"query_model.name": name})
 
 
@@ -316,7 +316,7 @@ def test_params_files_name_their_gallery_models_as_keys():
 
 @pytest.mark.parametrize("value", [1.0, 5, "resnet"])
 def test_gallery_models_of_another_type_is_refused_naming_the_key(tmp_path, value):
-    with pytest.raises(ConfigError, match=r"c.yaml: gallery_models: expected a list"):
+    with pytest.raises(ConfigError, match=r"--set gallery_models: expected a list"):
         load_config(_write(tmp_path, GOOD), {"gallery_models": value})
 
 
@@ -360,3 +360,25 @@ def test_an_unknown_key_from_an_override_is_named_as_the_override(tmp_path, pair
     assert str(path) not in str(err.value)
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown key\(s\) \['nosuch'\]; valid"):
         load_config(_write(tmp_path, GOOD + "nosuch: {key: 1}\n"))
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (["train.epochs=abc"], "--set train.epochs: expected int, got 'abc'"),
+    (["train.epochs=2", "train.lr=-1"], "--set train.lr must be in"),
+    (["train={epochs: x}"], "--set train: train.epochs: expected int, got 'x'"),
+    (["query_model.name=../x"], "--set query_model.name: '../x' is not a model name"),
+])
+def test_a_bad_value_from_an_override_is_named_as_the_override(tmp_path, pairs, message):
+    """`--set train.epochs=abc` was blamed on the config file (`c.yaml: train.epochs: expected int`), which holds
+    a good value; a fault the file itself holds is still the file's, overrides or not."""
+    from cmce.config import parse_overrides
+
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, parse_overrides(pairs))
+    assert str(err.value).startswith(message) and str(path) not in str(err.value), err.value
+    bad = _write(tmp_path, GOOD + "train: {epochs: abc}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: train.epochs: expected int"):
+        load_config(bad, parse_overrides(["train.lr=0.1"]))
+    with pytest.raises(ConfigError, match=r"^--index-type: index.type: 'annoy' is not one of"):  # a flag's value
+        load_config(_write(tmp_path, GOOD), {"index.type": "annoy"}, {"index.type": "--index-type"})

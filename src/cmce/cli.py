@@ -228,10 +228,12 @@ def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> 
     return {**out, **(extra or {})}
 
 
-def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None, flags: dict[str, str] | None = None
+            ) -> Config:
+    """The config with the command line's overrides; `flags` names the flag behind an `extra` key, for messages."""
     from cmce.config import load_config
 
-    return load_config(_in(args.config), _settings(args, extra))
+    return load_config(_in(args.config), _settings(args, extra), flags)
 
 
 def _model(path: str) -> Path:
@@ -327,7 +329,8 @@ def cmd_build_index(args: argparse.Namespace) -> StepRecord:
     flags = {k: v for k, v in (("index.reject_fraction", args.reject_fraction), ("index.type", args.index_type))
              if v is not None}  # shorthands for --set: checked by the config like any other value
     if args.config:
-        options = _config(args, flags).index
+        named = {"index.reject_fraction": "--reject-fraction", "index.type": "--index-type"}
+        options = _config(args, flags, named).index
     else:
         if args.set:
             raise ValueError("--set needs --config")

@@ -9,6 +9,7 @@ duplicate YAML keys are refused (merge keys `<<` work as YAML specifies).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -594,8 +595,10 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values."""
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                flags: dict[str, str] | None = None) -> Config:
+    """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values; `flags` names the command-line
+    flag an override came from where it was not `--set KEY` (a fault it brings is blamed on that flag)."""
     path = Path(path)
     try:
         raw = read_yaml(path.read_text()) or {}
@@ -608,10 +611,38 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     try:
-        return config_from_dict(apply_overrides(raw, overrides or {}), str(path))
+        return config_with_overrides(raw, overrides or {}, str(path), flags)
     except ConfigError as err:
         msg = str(err)  # validation messages already start with the path; structural ones do not
-        raise ConfigError(msg if msg.startswith((f"{path}:", "--set ")) else f"{path}: {msg}") from None
+        raise ConfigError(msg if msg.startswith((f"{path}:", "--")) else f"{path}: {msg}") from None  # "--set K"
+
+
+def config_with_overrides(raw: dict[str, Any], overrides: dict[str, Any], where: str,
+                          flags: dict[str, str] | None = None) -> Config:
+    """The config of a file's mapping with `overrides` applied. A value the file alone does not fault is blamed on
+    the first override that brings the fault (`--set train.epochs: expected int, got 'abc'`), not on the file."""
+    pristine = copy.deepcopy(raw)
+    try:
+        return config_from_dict(apply_overrides(raw, overrides), where)
+    except ConfigError as err:
+        fault = str(err)
+        keys = list(overrides)
+        for n in range(len(keys) + 1):  # the fewest overrides, in order, that give the same fault
+            try:
+                config_from_dict(apply_overrides(copy.deepcopy(pristine), {k: overrides[k] for k in keys[:n]}), where)
+            except ConfigError as partial:
+                if str(partial) == fault:
+                    break
+        else:
+            raise
+        if n == 0 or fault.startswith("--set "):
+            raise
+        key, detail = keys[n - 1], fault.removeprefix(f"{where}: ")
+        if key in (flags or {}):
+            raise ConfigError(f"{flags[key]}: {detail}") from None  # type: ignore[index]
+        if detail.startswith(f"{key} "):  # "train.epochs must be in …"
+            raise ConfigError(f"--set {detail}") from None
+        raise ConfigError(f"--set {key}: {detail.removeprefix(f'{key}: ')}") from None
 
 
 def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # type: ignore[assignment]
@@ -622,7 +653,7 @@ def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # 
         raise ConfigError(f"params: invalid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError("params: top level must be a mapping")
-    return to_yaml(config_from_dict(apply_overrides(raw, parse_overrides(list(overrides))), "params"))
+    return to_yaml(config_with_overrides(raw, parse_overrides(list(overrides)), "params"))
 
 
 def index_config(overrides: dict[str, Any], where: str) -> IndexConfig:
