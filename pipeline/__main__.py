@@ -221,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cmce.errors import deprecations_stay_warnings, log_to_stderr
+
+    log_to_stderr()
+    deprecations_stay_warnings()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compile":

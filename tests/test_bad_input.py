@@ -242,6 +242,19 @@ def test_a_dataset_written_inside_its_imagefolder_is_refused(tmp_path, caplog):
     assert snapshot(root) == kept
 
 
+def test_a_relative_data_path_is_named_as_the_absolute_path_read(tmp_path, caplog, monkeypatch):
+    """A relative data.path is read from the working folder (as the shipped configs and dvc repro expect); the
+    message named only `../images`, leaving the user to guess from where (the config file's folder?)."""
+    image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    out = tmp_path / "out" / "dataset.parquet"
+    fails(caplog, ["prepare-data", *imagefolder_args(Path("../imagez")), "--out", out], out,
+          f"{tmp_path / 'work' / '..' / 'imagez'}: ImageFolder root is not a directory")
+    assert main(["prepare-data", *imagefolder_args(Path("../images")), "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == 8
+
+
 def test_an_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, caplog):
     """Below Pillow's own limit (which only warns), above data.max_image_pixels: refused from the header."""
     root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
@@ -1390,6 +1403,38 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
     error = fails(caplog, [*search, "models:/t@candidate"], out, "models:/t@candidate: expected a ")
     assert str(tmp_path) not in error  # the registered model is named, not its download
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_registered_model_is_read_under_pythonwarnings_error(world, tmp_path):
+    """PYTHONWARNINGS=error (as CI jobs set it) turned SQLAlchemy's deprecation notice inside MLflow's registry into
+    `models:/…: registry …: The noload loader strategy is deprecated`: every registered model was refused."""
+    from cmce.tracking import _client, register_version, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_parent_run(uri, "parent", {})
+    client = _client(uri)
+    client.log_artifact(run_id, str(world.query), artifact_path="registered/q")
+    register_version(client, "q", f"{client.get_run(run_id).info.artifact_uri}/registered/q", run_id,
+                     file_sha256(world.query))
+    env = {**os.environ, "PYTHONWARNINGS": "error", "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "cmce", "search", "--index", str(world.index), "--dataset",
+                          str(world.dataset), "--limit", "1", "--query-model", "models:/q@candidate"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0 and len(res.stdout.splitlines()) == 1, res.stderr[-2000:]
+
+
+def test_a_deleted_working_folder_is_named_before_torch_dies_of_it(tmp_path):
+    """In a working folder deleted under the shell, `import torch` ended the process with MKL's "Cannot load
+    libtorch_cpu.so" (a broken install, it seemed), before cmce said a word."""
+    src = str(Path(__file__).resolve().parents[1] / "src")  # no empty entry: Python cannot make one absolute here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    (tmp_path / "gone").mkdir()
+    res = subprocess.run(["sh", "-c", 'cd gone && rmdir ../gone && exec "$0" -m cmce build-index --help',
+                          sys.executable], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr == "cmce: the working folder no longer exists (deleted or moved); cd to an existing folder\n"
 
 
 # ---------------------------------------------------------------- weights, labels, flags, interrupts

@@ -27,6 +27,7 @@ from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import (
     Terminated,
+    deprecations_stay_warnings,
     first_line,
     from_client,
     log_to_stderr,
@@ -791,6 +792,7 @@ def _home(path: str, name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_to_stderr()
+    deprecations_stay_warnings()
     try:
         _expand_home(args)
     except ValueError as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 
 # the packages of the clients a step talks to (MLflow, its database and HTTP stacks, boto): their errors are bad
 # input or an unreachable service, told in one line; cmce's own arrive as ValueError or OSError
@@ -90,3 +91,13 @@ def log_to_stderr() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def deprecations_stay_warnings() -> None:
+    """Under PYTHONWARNINGS=error (or -W error, as CI jobs set it) a dependency's deprecation notice became an
+    error: SQLAlchemy's, raised inside MLflow's registry, failed every `models:/` lookup. Deprecations are not the
+    user's input, nor anything they can change: they are ignored, as Python does by default; other warnings
+    keep the action the user asked for."""
+    if any(action == "error" for action, *_ in warnings.filters):
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=PendingDeprecationWarning)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cmce.errors import log_to_stderr
+from cmce.errors import deprecations_stay_warnings, log_to_stderr
 from cmce.records import StepRecord
 
 
@@ -15,6 +15,7 @@ def run_stage(stage: Callable[..., StepRecord | None], *args: Any, tracking: Any
     """`stage(*args)`; then its record published under the parent run `tracking` names (a
     cmce.tracking.TrackingInfo or the path of its JSON file; tracking off when that says so or is None)."""
     log_to_stderr()
+    deprecations_stay_warnings()
     record = stage(*args)
     if tracking is not None and record is not None:
         from cmce.tracking import publish

@@ -26,9 +26,11 @@ class Source:
 
 
 def _need_path(cfg: DataConfig, what: str) -> Path:
+    """data.path, absolute: a relative one is read from the working folder, and a message naming `../if/plain`
+    left the user guessing from where (the config file's folder is a natural guess)."""
     if not cfg.path:
         raise DataError(f"data.path: data.source={cfg.source} needs {what}")
-    return Path(cfg.path)
+    return Path(cfg.path).absolute()
 
 
 def _load_fashion(cfg: DataConfig, raw_dir: Path | None) -> RawImages:
@@ -36,7 +38,7 @@ def _load_fashion(cfg: DataConfig, raw_dir: Path | None) -> RawImages:
         return import_fashion_mnist(raw_dir)
     if not cfg.path:
         raise DataError("data.path: Fashion-MNIST needs a folder for its IDX files")
-    return import_fashion_mnist(fetch_fashion_mnist(cfg.path))
+    return import_fashion_mnist(fetch_fashion_mnist(Path(cfg.path).absolute()))
 
 
 def _load_emoji(cfg: DataConfig, raw_dir: Path | None) -> RawImages:
