@@ -187,7 +187,9 @@ def submit(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    from cmce.arguments import OneLineParser
+
+    p = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile every pipeline to YAML (pipeline/*.yaml)")
     c.add_argument("--out-dir", type=Path, default=COMPILED.parent)

@@ -151,6 +151,19 @@ def test_an_unknown_key_from_set_is_named_as_the_override_not_the_params_file(tm
         resolve_config_text(params.read_text(), ["train.epoch=1"])  # the first task of a submitted run
 
 
+def test_a_single_valued_option_given_twice_is_refused(capsys):
+    """`python -m pipeline run --params a.yaml --params b.yaml` ran b.yaml alone (the last won); lists repeat."""
+    for argv, option in [(["run", "--local", "--params", "a.yaml", "--params", "b.yaml"], "--params"),
+                         (["submit", "--host", "h", "--pipeline", "cmce", "--pipeline", "cmce"], "--pipeline")]:
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(argv)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"python -m pipeline {argv[0]}: argument {option}: given twice; give it once "
+            f"(see python -m pipeline {argv[0]} --help)"]
+    assert build_parser().parse_args(["submit", "--host", "h", "--set", "a=1", "--set", "b=2"]).set == ["a=1", "b=2"]
+
+
 def test_local_run_has_every_per_model_and_per_shard_output(kfp_run):
     iterations = sorted(kfp_run.glob("for-loop-*-iteration-*"))
     per_model = [it for it in iterations if (it / "train-model-2").exists()]

@@ -16,13 +16,13 @@ import re
 import signal
 import sys
 import threading
-import typing
 from pathlib import Path
 from typing import Any
 
 from cmce import device as devices
 from cmce import distributed as ddp
 from cmce import stages
+from cmce.arguments import OneLineParser
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import (
@@ -495,44 +495,8 @@ def cmd_track_end(args: argparse.Namespace) -> None:
     end_run(uri, args.mlflow_parent, args.status)
 
 
-class _Once(argparse._StoreAction):
-    """The store action of every option: a single-valued option given twice is refused (the last silently won:
-    `--config a.yaml --config b.yaml` read b.yaml alone). Options taking lists (append, nargs) are left alone."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if self.nargs in (None, "?") and option_string is not None:
-            if self.dest in parser.given:
-                raise argparse.ArgumentError(self, "given twice; give it once")
-            parser.given[self.dest] = option_string
-        super().__call__(parser, namespace, values, option_string)
-
-
-class _Parser(argparse.ArgumentParser):
-    """A bad argument is one line naming it (exit 2), not the usage text; `--help` still shows the usage."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.register("action", None, _Once)
-        self.register("action", "store", _Once)
-        self.given: dict[str, str] = {}  # dest: option string, of the _Once options this parse has seen
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        subparsers = [p for a in self._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
-        for parser in (self, *subparsers):
-            parser.given = {}
-        parsed = super().parse_known_args(args, namespace)
-        for parser in subparsers:  # an option both before and after the subcommand (`--mlflow-uri`)
-            if both := sorted(set(self.given) & set(parser.given)):
-                self.error(f"argument {parser.given[both[0]]}: given twice (before and after {parser.prog}); "
-                           "give it once")
-        return parsed
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
+    p = OneLineParser(prog="cmce", description="Asymmetric retrieval with cross-model compatible ensembles")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (1 to 1024)")
     p.add_argument("--device", choices=devices.CHOICES, default=None,

@@ -1,0 +1,44 @@
+"""The command lines' parser: a bad argument is one line naming it, and a single-valued option given twice is
+refused (`cmce`, `python -m pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any
+
+
+class OnceAction(argparse._StoreAction):
+    """The store action of every option: a single-valued option given twice is refused (the last silently won:
+    `--config a.yaml --config b.yaml` read b.yaml alone). Options taking lists (append, nargs) are left alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self.nargs in (None, "?") and option_string is not None:
+            if self.dest in parser.given:
+                raise argparse.ArgumentError(self, "given twice; give it once")
+            parser.given[self.dest] = option_string
+        super().__call__(parser, namespace, values, option_string)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line naming it (exit 2), not the usage text; `--help` still shows the usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, OnceAction)
+        self.register("action", "store", OnceAction)
+        self.given: dict[str, str] = {}  # dest: option string, of the OnceAction options this parse has seen
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        subparsers = [p for a in self._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+        for parser in (self, *subparsers):
+            parser.given = {}
+        parsed = super().parse_known_args(args, namespace)
+        for parser in subparsers:  # an option both before and after the subcommand (`--mlflow-uri`)
+            if both := sorted(set(self.given) & set(parser.given)):
+                self.error(f"argument {parser.given[both[0]]}: given twice (before and after {parser.prog}); "
+                           "give it once")
+        return parsed
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
