@@ -2561,7 +2561,8 @@ def test_options_that_take_lists_may_still_be_repeated():
 
 def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, caplog):
     """`evaluate.recall_k=[1,1000]` on a 539-item gallery reported R@1000 = 1.0 for every configuration, a column
-    that measures nothing (the gate refuses such a metric). A run refuses it before the training."""
+    that measures nothing (the gate refuses such a metric). A run refuses it before the training, and so do
+    the pipelines (they stopped at their evaluate step)."""
     items = pq.ParquetFile(world.gallery).metadata.num_rows
     out = tmp_path / "eval"
     fails(caplog, [*evaluate_args(world), "--set", f"evaluate.recall_k=[1, {items}]", "--out", out], out,
@@ -2571,7 +2572,11 @@ def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, ca
     fails(caplog, ["run", "--config", SMOKE, *TINY, "--set", f"output_dir={root}", "--set",
                    f"evaluate.recall_k=[1, {items}, 100000]"], root / "models",
           f"evaluate.recall_k: R@{items}, R@100000 is 1 for every query with a match on a gallery of {items} items "
-          f"(the test split of {root / 'data'}")
+          "(the test split the data settings give)")
+    # the first step of every runner (cmce run, the KFP and DVC pipelines): refused before the dataset is written
+    dataset = previous_file(tmp_path / "dataset.parquet")
+    fails(caplog, ["prepare-data", "--config", SMOKE, *TINY, "--set", f"evaluate.recall_k=[{items}]", "--out",
+                   dataset], dataset, f"evaluate.recall_k: R@{items} is 1 for every query")
 
 
 @pytest.mark.parametrize("model,key", [("vgg_b", "gallery_models.vgg_b"), ("query", "query_model")])

@@ -80,7 +80,12 @@ class DatasetOutputs:
 
 
 def prepare_data(cfg: Config, inp: PrepareInputs, out: DatasetOutputs) -> StepRecord:
-    prepare_dataset(cfg.data, out.dataset, cfg.seed, inp.raw_dir)
+    """The dataset; a vacuous R@K (K ≥ the test split, the gallery of every runner) refused before it is written,
+    so that the KFP and DVC pipelines stop at their first step, not after the training."""
+    def check(counts: dict[str, int]) -> None:
+        check_recall_k(cfg.evaluate.recall_k, counts["test"], "the test split the data settings give")
+
+    prepare_dataset(cfg.data, out.dataset, cfg.seed, inp.raw_dir, check)
     info = dataset_info(out.dataset)
     return StepRecord("prepare-data", {"data": cfg.data.__dict__, "seed": cfg.seed},
                       {"classes": len(info.get("classes", []))}, inputs=[("dataset", out.dataset)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,10 @@ from cmce.tables import check_unique_ids
 log = logging.getLogger(__name__)
 
 
-def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: str | Path | None = None) -> Path:
+def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: str | Path | None = None,
+                    check_counts: Callable[[dict[str, int]], None] | None = None) -> Path:
     """Import the configured source (from `raw_dir` when given, see fetch_source), apply the protocol
-    and write the dataset Parquet atomically."""
+    and write the dataset Parquet atomically; `check_counts` sees the split sizes first and may refuse them."""
     with pixel_limit(cfg.max_image_pixels):
         raw = get_source(cfg.source).load(cfg, Path(raw_dir) if raw_dir is not None else None)
     split = assign_splits(raw, cfg, seed)
@@ -39,6 +41,9 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
                 settings.insert(0, f"data.heldout_fraction={cfg.heldout_fraction}")
             raise DataError(f"{where}: the {cfg.protocol} protocol with {', '.join(settings)} leaves the '{part}' "
                             "split empty")
+    counts = {p: int(np.sum(split[keep] == p)) for p in ("train", "test")}
+    if check_counts is not None:
+        check_counts(counts)
     labels = raw.labels[keep].astype(np.int32)
     columns = {
         "id": [raw.ids[i] for i in keep],
@@ -63,7 +68,6 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     out = Path(out)
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp, row_group_size=4096)
-    counts = {p: int(np.sum(split[keep] == p)) for p in ("train", "test")}
     log.info("wrote %s: %s images (%s)", out, len(keep), counts)
     return out
 
