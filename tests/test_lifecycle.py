@@ -46,10 +46,14 @@ def test_add_member_refuses_duplicates_and_other_query_models(tmp_path):
     ("n_models", "column 'n_models' holds \\[5\\], but the metadata names 2"),
     ("sum_too_long", "not the sum of 2 unit vectors"),
     ("sum_other_direction", "not the sum of 2 unit vectors"),
+    ("uncertainty", "column 'uncertainty' of id .* is not the spread its 'ensemble_sum' of 2 member\\(s\\) implies"),
 ])
 def test_add_member_refuses_a_stored_ensemble_it_cannot_grow_from(tmp_path, tamper, message):
     """The new mean and uncertainty come from the stored sum and count alone: a count that is not the
-    number of members, or a sum that does not match the stored embedding, would corrupt every row silently."""
+    number of members, or a sum that does not match the stored embedding, would corrupt every row silently.
+    build-index runs the same checks (its rejection reads the uncertainty)."""
+    from cmce.index import build_index
+
     _, paths, _ = members(tmp_path, n_models=3, rows=20)
     gallery = pq.read_table(combine_members(paths[:2], tmp_path / "g.parquet"))
     cols = {c: gallery.column(c) for c in gallery.column_names}
@@ -58,6 +62,8 @@ def test_add_member_refuses_a_stored_ensemble_it_cannot_grow_from(tmp_path, tamp
         cols["n_models"] = pa.array(np.full(20, 5, np.int32))
     elif tamper == "sum_too_long":
         cols["ensemble_sum"] = embedding_array(s * 3)
+    elif tamper == "uncertainty":
+        cols["uncertainty"] = pa.array(gallery.column("uncertainty").to_numpy()[::-1].copy())
     else:
         cols["ensemble_sum"] = embedding_array(np.roll(s, 1, axis=1))
     bad = tmp_path / "bad.parquet"
@@ -65,6 +71,9 @@ def test_add_member_refuses_a_stored_ensemble_it_cannot_grow_from(tmp_path, tamp
     with pytest.raises(TableError, match=message):
         add_member(bad, paths[2], tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
+    with pytest.raises(TableError, match=message):
+        build_index(bad, tmp_path / "index")
+    assert not (tmp_path / "index").exists()
 
 
 def test_upgrade_query_model_without_gallery_images(smoke_run, tmp_path):

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from cmce import s3
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.errors import last_line
-from cmce.method import STORED_TOLERANCE, normalize, rejection_mask, uncertainty_from_sum
+from cmce.method import normalize, rejection_mask
 from cmce.storage import (
     atomic_dir,
     check_replaceable,
@@ -46,6 +46,7 @@ from cmce.tables import (
     float_column,
     int_column,
     read_snapshot,
+    stored_running_sum,
     string_column,
     writer_options,
 )
@@ -194,23 +195,6 @@ def set_search_params(index: Any, search_params: dict[str, int]) -> None:
         index.hnsw.efSearch = int(search_params["ef_search"])
 
 
-def _check_stored_uncertainty(table: pa.Table, unc: np.ndarray, n_members: int, gallery: Path) -> None:
-    """The uncertainty the rejection reads is the spread its running sum implies (galleries written before the sum
-    was stored are not checked): an edited column rejected other items without a word."""
-    if "ensemble_sum" not in table.column_names or "n_models" not in table.column_names:
-        return
-    counts = set(int_column(table, "n_models", str(gallery)).tolist())
-    if counts - {n_members}:
-        raise TableError(f"{gallery}: column 'n_models' holds {sorted(counts)[:5]}, but the metadata names "
-                         f"{n_members} member(s)")
-    s = embedding_column(table, "ensemble_sum", str(gallery)).astype(np.float64)
-    off = np.abs(uncertainty_from_sum(s, n_members) - unc) > STORED_TOLERANCE * max(n_members, 1)
-    if off.any():
-        row = int(np.flatnonzero(off)[0])
-        raise TableError(f"{gallery}: column 'uncertainty' of id {table.column('id')[row].as_py()!r} is not the "
-                         f"spread its 'ensemble_sum' of {n_members} member(s) implies")
-
-
 def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: float | None = None,
                 index_type: str | None = None, options: IndexConfig | None = None) -> Path:
     """Index a gallery file. `options` (the config's `index` section, checked when it was loaded) gives the type,
@@ -241,7 +225,8 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     if (unc < 0).any():  # a mean squared distance: never negative
         raise TableError(f"{gallery_path}: column 'uncertainty' has negative values (first: row "
                          f"{int(np.flatnonzero(unc < 0)[0])})")
-    _check_stored_uncertainty(table, unc, n_members, gallery_path)
+    if "ensemble_sum" in table.column_names and "n_models" in table.column_names:  # older galleries lack them
+        stored_running_sum(table, n_members, str(gallery_path))  # the rejection reads `uncertainty`: it must agree
     reject = rejection_mask(unc, reject_fraction)
     keep = ~reject
     built = make_index(emb[keep], index_type, options)

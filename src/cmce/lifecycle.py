@@ -22,18 +22,18 @@ from cmce.checkpoint import load_embedding_model
 from cmce.config import TransformConfig
 from cmce.data.loader import same_split
 from cmce.embed import embed_split, ensemble_columns
-from cmce.method import STORED_TOLERANCE, RunningEnsemble, uncertainty_from_sum
+from cmce.method import RunningEnsemble
 from cmce.storage import atomic_dir, atomic_path, inputs_unchanged, named_on_failure
 from cmce.tables import (
     TableError,
     embedding_column,
-    float_column,
     int_column,
     iter_batches,
     read_metadata,
     read_table,
     rows_of,
     stored_dim,
+    stored_running_sum,
     string_column,
     writer_options,
 )
@@ -71,28 +71,6 @@ def _gallery_schema(base: pa.Schema, extra: list[tuple[str, pa.DataType]], meta:
 
 
 
-def stored_ensemble(g: pa.Table, dim: int, n_members: int, gallery: Path) -> RunningEnsemble:
-    """The running sum and count stored in a slice of a gallery file, checked before the ensemble grows from
-    them: a count that is not the number of members, or a sum that n unit vectors cannot make or that
-    disagrees with the stored embedding and uncertainty, would silently corrupt every later member."""
-    counts = set(int_column(g, "n_models", str(gallery)).tolist())
-    if counts != {n_members}:
-        raise TableError(f"{gallery}: column 'n_models' holds {sorted(counts)[:5]}, but the metadata names "
-                         f"{n_members} member(s)")
-    s = embedding_column(g, "ensemble_sum", str(gallery), dim).astype(np.float64)
-    norms = np.linalg.norm(s, axis=1)
-    emb = embedding_column(g, "embedding", str(gallery), dim).astype(np.float64)
-    cos = np.einsum("ij,ij->i", s, emb) / np.maximum(norms * np.linalg.norm(emb, axis=1), 1e-30)
-    unc = float_column(g, "uncertainty", str(gallery))
-    bad = ((norms > n_members * (1 + STORED_TOLERANCE)) | (cos < 1 - STORED_TOLERANCE)
-           | (np.abs(unc - uncertainty_from_sum(s, n_members)) > STORED_TOLERANCE * max(n_members, 1)))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise TableError(f"{gallery}: column 'ensemble_sum' of id {string_column(g, 'id', str(gallery))[row]!r} "
-                         f"is not the sum of {n_members} unit vectors behind its 'embedding' and 'uncertainty'")
-    return RunningEnsemble(s, n_members)
-
-
 def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_size: int = 8192) -> Path:
     """New gallery file = `gallery` plus the model in `member` (a per-model file from embed-member)."""
     gallery, member = Path(gallery), Path(member)
@@ -122,7 +100,8 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
                 if not np.array_equal(int_column(m, "label", str(member)), int_column(g, "label", str(gallery))):
                     raise TableError(f"{member}: labels differ from {gallery} for the same ids (another version of the "
                                      "dataset)")
-                ens = stored_ensemble(g, dim, len(gmeta["members"]), gallery)
+                members = len(gmeta["members"])
+                ens = RunningEnsemble(stored_running_sum(g, members, str(gallery), dim), members)
                 ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
                 cols = {c: g.column(c) for c in g.column_names}
                 cols |= ensemble_columns(ens)

@@ -238,7 +238,7 @@ HEAD_BYTES = 64  # enough to see past the whitespace before a JSON document
 def file_format(path: Path) -> str | None:
     """The format of a file by its first bytes (format_of); None for anything else."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a pipe named like an output would block the check for ever
             head = f.read(HEAD_BYTES)
     except OSError:
         return None

@@ -306,3 +306,31 @@ def int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
     if table.column(name).null_count:
         raise TableError(f"{where}: column '{name}' has {table.column(name).null_count} null rows")
     return table.column(name).to_numpy().astype(np.int64)
+
+
+def stored_running_sum(table: pa.Table, n_members: int, where: str, dim: int | None = None) -> np.ndarray:
+    """A gallery's stored `ensemble_sum`, checked against its `n_models`, `embedding` and `uncertainty`: a count
+    that is not the number of members, or a sum that n unit vectors cannot make or that disagrees with the stored
+    embedding or uncertainty, would reject the wrong items (build-index) or corrupt every later member (add-member)."""
+    from cmce.method import STORED_TOLERANCE, uncertainty_from_sum
+
+    counts = set(int_column(table, "n_models", where).tolist())
+    if counts - {n_members}:
+        raise TableError(f"{where}: column 'n_models' holds {sorted(counts)[:5]}, but the metadata names "
+                         f"{n_members} member(s)")
+    s = embedding_column(table, "ensemble_sum", where, dim).astype(np.float64)
+    norms = np.linalg.norm(s, axis=1)
+    emb = embedding_column(table, "embedding", where, dim).astype(np.float64)
+    cos = np.einsum("ij,ij->i", s, emb) / np.maximum(norms * np.linalg.norm(emb, axis=1), 1e-30)
+    bad = (norms > n_members * (1 + STORED_TOLERANCE)) | (cos < 1 - STORED_TOLERANCE)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise TableError(f"{where}: column 'ensemble_sum' of id {string_column(table, 'id', where)[row]!r} is not "
+                         f"the sum of {n_members} unit vectors behind its 'embedding'")
+    unc = float_column(table, "uncertainty", where)
+    bad = np.abs(unc - uncertainty_from_sum(s, n_members)) > STORED_TOLERANCE * max(n_members, 1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise TableError(f"{where}: column 'uncertainty' of id {string_column(table, 'id', where)[row]!r} is not "
+                         f"the spread its 'ensemble_sum' of {n_members} member(s) implies")
+    return s
