@@ -18,6 +18,7 @@ or fail it only at its upload.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
@@ -182,17 +183,33 @@ def quiet_sdk_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+_ENDPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("s3_endpoint", default=None)
+
+
+@contextlib.contextmanager
+def endpoint_from(name: str) -> Iterator[None]:
+    """S3 calls inside use the endpoint the environment variable `name` gives, when it is set (MLflow's artifact
+    store reads MLFLOW_S3_ENDPOINT_URL, not the AWS variables); the environment itself is left as it is."""
+    url = os.environ.get(name) or None
+    _endpoint_url(name)
+    token = _ENDPOINT.set(url)
+    try:
+        yield
+    finally:
+        _ENDPOINT.reset(token)
+
+
 def client() -> Any:
     """The S3 client for the current environment (cached per endpoint/identity/retry settings)."""
     check_env()
     h = hashlib.sha256()
     for name in _CLIENT_ENV:  # hashed, so that no credential is kept as a cache key
         h.update(f"{name}={os.environ.get(name, '')}\0".encode())
-    return _client_for(h.hexdigest())
+    return _client_for(h.hexdigest(), _ENDPOINT.get())
 
 
 @functools.lru_cache(maxsize=4)
-def _client_for(_env_digest: str) -> Any:
+def _client_for(_env_digest: str, endpoint: str | None = None) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -202,7 +219,7 @@ def _client_for(_env_digest: str) -> Any:
     # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 5 × 20 s
     # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 20 s
     config = Config(retries=retries, connect_timeout=10, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S"))
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.session.Session().client("s3", config=config, endpoint_url=endpoint)
 
 
 def transfer_config() -> Any:

@@ -294,18 +294,8 @@ def check_artifact_location(location: str) -> None:
 
     if not s3.is_s3(location):
         return
-    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    saved = os.environ.get("AWS_ENDPOINT_URL_S3")
-    if endpoint:
-        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-    try:
+    with s3.endpoint_from("MLFLOW_S3_ENDPOINT_URL"):
         s3.check_writable(location)
-    finally:
-        if endpoint:
-            if saved is None:
-                os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-            else:
-                os.environ["AWS_ENDPOINT_URL_S3"] = saved
 
 
 def experiment_name() -> str:
