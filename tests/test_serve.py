@@ -549,6 +549,45 @@ def test_an_unexpected_poll_error_is_logged_once_and_cleared(world, tmp_path, ca
     assert reported == [(logging.ERROR, True), (logging.INFO, False)]  # once, with its traceback; then resolved
 
 
+def test_a_download_the_poll_waits_on_is_shown_while_it_lasts(world, tmp_path):
+    """An S3 outage while the server downloaded a promoted model held the poll in MLflow's own retries for minutes,
+    and /readyz said `last_reload_error: null`, `reloads: 0` all that time."""
+    from cmce.checkpoint import load_embedding_model
+    from cmce.serving.state import Holder, QueryModelSource
+
+    _, model, index, _ = world
+    released, version = threading.Event(), ["v1"]
+
+    class Promoted(QueryModelSource):
+        def key(self) -> str:
+            return version[0]
+
+        def load(self, key: str):
+            if key == "v2":  # the promoted version's download hangs until the store answers again
+                assert released.wait(30)
+            return load_embedding_model(model)
+
+    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), Promoted(str(model), Path))
+    assert holder.in_progress is None
+    version[0] = "v2"
+    holder.start(0.01)
+    try:
+        deadline = time.monotonic() + 30
+        while (busy := holder.in_progress) is None or busy["for_s"] < 0.2:
+            assert time.monotonic() < deadline, "the download was never shown"
+            time.sleep(0.01)
+        assert busy["what"] == "loading the query model v2" and holder.reloads == 0
+        released.set()
+        while holder.reloads == 0:
+            assert time.monotonic() < deadline, "the promoted model was never served"
+            time.sleep(0.01)
+        assert holder.current.model_key == "v2"
+    finally:
+        released.set()
+        holder.stop()
+    assert holder.in_progress is None  # the poll thread has ended
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU])
 def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path, signum):
     """uvicorn re-raised SIGTERM after its graceful shutdown: the process died with the model it had downloaded

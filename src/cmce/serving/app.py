@@ -192,7 +192,7 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     def readyz() -> JSONResponse:
         served = holder.current
         body = {"ready": served is not None, "index_version": served.version if served else None,
-                "reloads": holder.reloads, "last_reload_error": holder.last_error}
+                "reloads": holder.reloads, "last_reload_error": holder.last_error, "in_progress": holder.in_progress}
         return JSONResponse(body, status_code=200 if served is not None else 503)
 
     @app.api_route("/version", methods=["GET", "HEAD"])

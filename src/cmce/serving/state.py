@@ -9,16 +9,19 @@ then replaces the one reference. A pair that fails to load is logged and retried
 the alias, meta.json, or the identity (inode, size, times) of the folder or of any of its files, so a folder
 whose files are still being copied in is loaded once it is whole. The old pair keeps serving meanwhile. What
 is wrong (a failed load, an unreadable folder or alias) is settled on each poll: shown in /readyz while it
-holds, logged once when it appears or changes and once when resolved.
+holds, logged once when it appears or changes and once when resolved. What a poll waits on (the registry, a
+model download) is shown in /readyz while it lasts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +123,27 @@ class Holder:
         self._unreadable = 0  # consecutive polls that could not read meta.json
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._busy: tuple[str, float] | None = None  # what the poll is waiting on, since when (time.monotonic)
 
     @property
     def last_error(self) -> str | None:
         """The problems that hold now (/readyz), or None."""
         return "; ".join(self.problems.values()) or None
+
+    @property
+    def in_progress(self) -> dict | None:
+        """What the poll is waiting on now, and for how long (/readyz): a registry or its artifact store that
+        hangs holds the poll in MLflow's own retries for minutes, and /readyz said nothing all that time."""
+        busy = self._busy
+        return None if busy is None else {"what": busy[0], "for_s": round(time.monotonic() - busy[1], 1)}
+
+    @contextlib.contextmanager
+    def _waiting_on(self, what: str) -> Iterator[None]:
+        self._busy = (what, time.monotonic())
+        try:
+            yield
+        finally:
+            self._busy = None
 
     def _report(self, kind: str, problem: str | None, level: int = logging.ERROR, exc_info: bool = False) -> None:
         """Record what a poll found for `kind` (None: nothing wrong). Logged once, again only when it changes, and
@@ -147,7 +166,9 @@ class Holder:
     def _candidate_model(self, key: str) -> EmbeddingModel:
         """A promoted query model, loaded once while its index is not there yet (each try would download it)."""
         if self._candidate is None or self._candidate[0] != key:
-            self._candidate = (key, self.models.load(key))
+            log.info("serve: loading the promoted query model %s", key)
+            with self._waiting_on(f"loading the query model {key}"):
+                self._candidate = (key, self.models.load(key))
         return self._candidate[1]
 
     def _peek(self) -> str | None:
@@ -168,7 +189,8 @@ class Holder:
         settles what is wrong now: a problem that no longer holds is cleared."""
         cur = self.current
         try:
-            model_key = self.models.key()
+            with self._waiting_on(f"reading the alias of {self.models.uri}"):
+                model_key = self.models.key()
             self._report("query model", None)
         except ValueError as err:  # a registry that is down (or an alias deleted) must not stop the server
             self._report("query model", str(err).rstrip("."), logging.WARNING)
