@@ -362,6 +362,19 @@ def test_an_unknown_key_from_an_override_is_named_as_the_override(tmp_path, pair
         load_config(_write(tmp_path, GOOD + "nosuch: {key: 1}\n"))
 
 
+def test_a_number_past_pythons_digit_limit_is_named_at_its_key_or_line(tmp_path):
+    """`epochs: 999…9` (5000 digits) was a bare "Exceeds the limit (4300 digits) for integer string conversion"
+    naming no key, file or line, in the file and through --set alike."""
+    from cmce.config import parse_overrides
+
+    huge = "9" * 5000
+    with pytest.raises(ConfigError, match=r"^--set train.epochs: value .* is not valid YAML: a number of 5000 digits"):
+        load_config(_write(tmp_path, GOOD), parse_overrides([f"train.epochs={huge}"]))
+    path = _write(tmp_path, GOOD + f"train:\n  epochs: {huge}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid YAML: a number of 5000 digits (?s:.)*line 5"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("pairs, message", [
     (["train.epochs=abc"], "--set train.epochs: expected int, got 'abc'"),
     (["train.epochs=2", "train.lr=-1"], "--set train.lr must be in"),

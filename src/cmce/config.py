@@ -17,6 +17,7 @@ import math
 import os
 import re
 import reprlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +102,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """A number past Python's 4300 digits raised a bare ValueError (no key, no line): a YAML error at its line."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            digits = sum(c.isdigit() for c in str(node.value))
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {digits} digits (Python reads at most {sys.get_int_max_str_digits()})",
+                node.start_mark) from None
+
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         """As PyYAML, but a key merged from two sources is the first source's, as YAML specifies: PyYAML tells
         keys apart by the identity of their text, so a long key (not interned) was taken from the last source."""
@@ -113,6 +124,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 seen.add(name)
                 merged.append((key, value))
         node.value = merged + node.value[len(node.value) - own:]
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 def read_yaml(text: str) -> Any:
