@@ -309,7 +309,7 @@ def test_single_image_class_is_kept_in_train_with_a_warning(tmp_path, caplog):
 def test_a_cap_of_zero_images_a_class_is_refused_at_load(tmp_path, caplog):
     out = previous_file(tmp_path / "dataset.parquet")
     fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "data.max_test_per_class=0", "--out", out], out,
-          f"{SMOKE}: data.max_test_per_class must be in [1, inf), got 0")
+          "--set data.max_test_per_class must be in [1, inf), got 0")
 
 
 def test_empty_split_in_an_imagefolder(tmp_path, caplog):
@@ -2561,8 +2561,8 @@ def test_options_that_take_lists_may_still_be_repeated():
 
 def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, caplog):
     """`evaluate.recall_k=[1,1000]` on a 539-item gallery reported R@1000 = 1.0 for every configuration, a column
-    that measures nothing (the gate refuses such a metric). A run refuses it before the training, and so do
-    the pipelines (they stopped at their evaluate step)."""
+    that measures nothing (the gate refuses such a metric). A run refuses it before the training; prepare-data,
+    the pipelines' first step, warns of it."""
     items = pq.ParquetFile(world.gallery).metadata.num_rows
     out = tmp_path / "eval"
     fails(caplog, [*evaluate_args(world), "--set", f"evaluate.recall_k=[1, {items}]", "--out", out], out,
@@ -2572,11 +2572,12 @@ def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, ca
     fails(caplog, ["run", "--config", SMOKE, *TINY, "--set", f"output_dir={root}", "--set",
                    f"evaluate.recall_k=[1, {items}, 100000]"], root / "models",
           f"evaluate.recall_k: R@{items}, R@100000 is 1 for every query with a match on a gallery of {items} items "
-          "(the test split the data settings give)")
-    # the first step of every runner (cmce run, the KFP and DVC pipelines): refused before the dataset is written
-    dataset = previous_file(tmp_path / "dataset.parquet")
-    fails(caplog, ["prepare-data", "--config", SMOKE, *TINY, "--set", f"evaluate.recall_k=[{items}]", "--out",
-                   dataset], dataset, f"evaluate.recall_k: R@{items} is 1 for every query")
+          f"(the test split of {root / 'data'}")
+    # the first step of every runner (cmce run, the KFP and DVC pipelines) says it at once
+    caplog.clear()
+    assert main(["prepare-data", "--config", str(SMOKE), *TINY, "--set", f"evaluate.recall_k=[{items}]", "--out",
+                 str(tmp_path / "dataset.parquet")]) == 0
+    assert f"evaluate.recall_k: R@{items} is 1 for every query" in caplog.text and "evaluate will refuse" in caplog.text
 
 
 @pytest.mark.parametrize("model,key", [("vgg_b", "gallery_models.vgg_b"), ("query", "query_model")])

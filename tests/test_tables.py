@@ -17,3 +17,23 @@ def test_rows_of_returns_rows_that_gather_the_wanted_order():
 def test_rows_of_names_the_file_the_count_and_the_first_missing_id():
     with pytest.raises(TableError, match=r"^f\.parquet: lacks 2 of the 3 ids asked for \(first 'x'\)$"):
         rows_of(["a", "b"], ["a", "x", "y"], "f.parquet")
+
+
+def test_a_null_row_in_a_fixed_size_list_column_is_named(tmp_path):
+    """Arrow writes a null into a fixed-size list column and cannot read it back: the file was called "not a
+    readable Parquet file" with a row that was not the null one, and no column."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cmce.tables import read_table
+
+    values = pa.array(np.ones(5 * 4, np.float32))
+    nulled = pa.FixedSizeListArray.from_arrays(values, 4, mask=pa.array([False, False, False, True, False]))
+    table = pa.table({"id": list("abcde"), "label": [0] * 5, "embedding": nulled, "uncertainty": [0.0] * 5})
+    path = tmp_path / "gallery.parquet"
+    pq.write_table(table, path)
+    message = f"{path}: column 'embedding' has null rows, which a fixed-size list column cannot hold"
+    with pytest.raises(TableError, match=f"^{message}"):
+        read_table(path)
+    assert read_table(path, ["id"]).num_rows == 5  # the other columns read as before

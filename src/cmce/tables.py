@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from cmce.errors import first_line
 from cmce.provenance import check_metadata
-from cmce.storage import atomic_path
+from cmce.storage import atomic_path, open_regular
 
 
 class TableError(ValueError):
@@ -100,9 +100,11 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str, optional: lis
     `optional` columns are read when the file has them."""
     path = Path(path)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below, after the hash
+        f = open_regular(path)  # a pipe named like the file would block for ever
     except FileNotFoundError:
         raise TableError(f"{path}: file not found") from None
+    except OSError as err:
+        raise TableError(f"{path}: {err.strerror}") from None
     with f:
         try:
             parquet = pq.ParquetFile(f)
@@ -127,7 +129,28 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str, optional: lis
 
 def unreadable(path: str | Path, err: BaseException) -> TableError:
     """A damaged data page under a valid footer: arrow's message (often several lines) with the file named."""
-    return TableError(f"{path}: not a readable Parquet file: {first_line(err)}")
+    text = first_line(err)
+    if "Expected all lists to be of size=" in text and (column := _fixed_list_with_nulls(path)):
+        # Arrow writes a null into a fixed-size list column but cannot read it back: its message named the
+        # file unreadable and a row that is not the null one
+        return TableError(f"{path}: column '{column}' has null rows, which a fixed-size list column cannot hold "
+                          "(Arrow writes them and cannot read them back); write every row's values")
+    return TableError(f"{path}: not a readable Parquet file: {text}")
+
+
+def _fixed_list_with_nulls(path: str | Path) -> str | None:
+    """The fixed-size list column of `path` that cannot be read back, or None."""
+    try:
+        parquet = pq.ParquetFile(path)
+        for field in parquet.schema_arrow:
+            if pa.types.is_fixed_size_list(field.type):
+                try:
+                    parquet.read(columns=[field.name])
+                except pa.ArrowInvalid:
+                    return field.name
+    except (pa.ArrowException, OSError):
+        pass
+    return None
 
 
 def iter_batches(path: str | Path, batch_size: int) -> Iterator[pa.RecordBatch]:
