@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -2702,3 +2703,34 @@ def test_an_output_named_dash_is_refused(world, tmp_path, caplog, monkeypatch):
     fails(caplog, ["export-query", "--query-model", world.query, "--out", "-"], tmp_path / "-",
           "--out -: outputs are files or folders here, not standard output")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_index_of_another_dimension_than_its_query_model_is_named(world, tmp_path, caplog):
+    """A gallery cut to 31 values (its metadata naming the right query model) was indexed, then every search
+    failed with `query embeddings have shape (1, 32), the index expects dimension 31`, naming no file; with its
+    running sum left at 32 values it was indexed too (the sum was not compared with the embedding)."""
+    table = pq.read_table(world.gallery)
+    full = embedding_column(table, "embedding", "g")
+    dim = full.shape[1]
+    cut = embedding_array(full[:, :-1].copy())
+    uneven = rewrite(world.gallery, tmp_path / "uneven.parquet", embedding=cut)
+    out = tmp_path / "index"
+    fails(caplog, ["build-index", "--gallery", uneven, "--out", out], out,
+          f"{uneven}: column 'ensemble_sum' has dimension {dim}, expected {dim - 1}")
+    short = rewrite(world.gallery, tmp_path / "short.parquet", embedding=cut, ensemble_sum=None, n_models=None)
+    assert main(["build-index", "--gallery", str(short), "--out", str(out)]) == 0
+    fails(caplog, ["search", "--index", out, "--query-model", world.query, "--dataset", world.dataset, "--limit",
+                   "1"], tmp_path / "unused", f"{out}: holds {dim - 1}-dimensional vectors, but its query model ",
+          f"embeds {dim} dimensions; rebuild the index")
+
+
+def test_a_value_of_the_wrong_type_in_an_index_meta_json_is_named(world, tmp_path, caplog):
+    """`"n_indexed": "485"` was reported as "files of different builds", every number shown agreeing."""
+    index = Path(shutil.copytree(world.index, tmp_path / "index"))
+    meta = json.loads((index / "meta.json").read_text())
+    for key, value, shown in [("n_indexed", str(meta["n_indexed"]), f'"{meta["n_indexed"]}", expected an integer'),
+                              ("dim", True, "true, expected an integer"),
+                              ("search_params", [], "[], expected an object")]:
+        (index / "meta.json").write_text(json.dumps({**meta, key: value}))
+        fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset,
+                       "--limit", "1"], tmp_path / "unused", f"{index}/meta.json: {key} is {shown}")

@@ -282,7 +282,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
     }
     index = None
     if inputs.index is not None:
-        index = load_index(inputs.index, query_model.sha256)
+        index = load_index(inputs.index, query_model.sha256, query_dim=query_model.embedding_dim)
         if index.meta.get("gallery_sha256") != file_sha256(inputs.gallery):
             raise TableError(f"{inputs.index}: index was built from another gallery than {inputs.gallery}")
         versions["index"] = {k: index.meta.get(k) for k in ("index_type", "reject_fraction", "gallery_sha256")}

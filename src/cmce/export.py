@@ -231,7 +231,8 @@ def export_query_model(checkpoint: str | Path, out: str | Path, check_dataset: s
 
     model = require_role(load_embedding_model(checkpoint), "query", f"--query-model {checkpoint}")
     # another query model's index is refused before the export and the parity pass, not after them
-    index = load_index(check_index, query_sha256=model.sha256) if check_index is not None else None
+    index = (load_index(check_index, query_sha256=model.sha256, query_dim=model.embedding_dim)
+             if check_index is not None else None)
     proto = to_onnx(model)
     out = Path(out)
     parity = None

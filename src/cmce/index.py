@@ -278,20 +278,30 @@ class LoadedIndex:
     meta: dict[str, Any]
 
 
-def load_index(index_dir: str | Path, query_sha256: str | None = None, gallery_sha256: str | None = None
-               ) -> LoadedIndex:
+# meta.json's keys that cmce reads, and their JSON types
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "query_model_sha256": (str,), "dim": (int,), "n_indexed": (int,), "index_type": (str,),
+    "gallery_sha256": (str, type(None)), "search_params": (dict,), "members": (list,),
+}
+JSON_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
+
+
+def load_index(index_dir: str | Path, query_sha256: str | None = None, gallery_sha256: str | None = None,
+               query_dim: int | None = None) -> LoadedIndex:
     """Load and verify an index (a folder, or an s3:// prefix); refuse it when it was built for another
-    query model, or (`gallery_sha256` given) from another version of the gallery file. meta.json is written
+    query model (or holds vectors of another dimension than its `query_dim`), or (`gallery_sha256` given) from
+    another version of the gallery file. meta.json is written
     last (renamed in locally, uploaded after every other file on S3), so a folder or prefix without it is an
     unfinished build or upload."""
     if s3.is_s3(index_dir):
-        return _load_index(index_dir, query_sha256, gallery_sha256)
+        return _load_index(index_dir, query_sha256, gallery_sha256, query_dim)
     with swap_lock(index_dir, exclusive=False):  # every file from one version, even during a rebuild
         restore_dir(Path(index_dir), INDEX_FILES)  # a rebuild killed mid-swap leaves the previous index as .<name>.old
-        return _load_index(index_dir, query_sha256, gallery_sha256)
+        return _load_index(index_dir, query_sha256, gallery_sha256, query_dim)
 
 
-def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256: str | None) -> LoadedIndex:
+def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256: str | None,
+                query_dim: int | None = None) -> LoadedIndex:
     shown = str(index_dir).rstrip("/")
     unfinished = IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or "
                                 f"upload did not finish; build it again")
@@ -314,6 +324,10 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
     missing = [key for key in ("query_model_sha256", "files", "dim") if key not in meta]
     if missing or not isinstance(meta["files"], dict):
         raise IndexLoadError(f"{shown}/meta.json: lacks key(s) {missing or ['files']} of an index's metadata")
+    for key, kinds in META_TYPES.items():  # "485" for 485 was reported as files of different builds
+        if key in meta and not (isinstance(meta[key], kinds) and not isinstance(meta[key], bool)):
+            raise IndexLoadError(f"{shown}/meta.json: {key} is {json.dumps(meta[key])[:40]}, expected "
+                                 f"{' or '.join(JSON_NAMES[k] for k in kinds)}")
     own = sorted(f for f in INDEX_FILES if f != "meta.json")
     if sorted(meta["files"]) != own:  # names, never paths: nothing outside the folder is read
         raise IndexLoadError(f"{shown}/meta.json: 'files' must name exactly {own}, got {sorted(meta['files'])}")
@@ -322,6 +336,9 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
             f"{shown}: index was built for query model {meta['query_model_sha256'][:12]}, "
             f"but query model {query_sha256[:12]} was given; rebuild the index or use the matching query model"
         )
+    if query_dim is not None and meta["dim"] != query_dim:  # the right model's sha256 over a gallery cut to 31 values
+        raise IndexLoadError(f"{shown}: holds {meta['dim']}-dimensional vectors, but its query model "
+                             f"{str(meta['query_model_sha256'])[:12]} embeds {query_dim} dimensions; rebuild the index")
     if gallery_sha256 is not None and str(meta.get("gallery_sha256")).lower() != gallery_sha256.lower():
         raise IndexLoadError(f"{shown}: index was built from gallery version {str(meta.get('gallery_sha256'))[:12]}, "
                              f"not from the given gallery {gallery_sha256[:12]}; rebuild the index from it")

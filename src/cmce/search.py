@@ -24,7 +24,7 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
     when `gallery` is given, an index built from another version of that gallery file."""
     model = load_embedding_model(query_model)
     to_inference_device(model)
-    loaded = load_index(index_dir, query_sha256=model.sha256,
+    loaded = load_index(index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim,
                         gallery_sha256=file_sha256(gallery) if gallery is not None else None)
     names: list[str] = []
     embs = []

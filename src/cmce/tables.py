@@ -341,9 +341,9 @@ def stored_running_sum(table: pa.Table, n_members: int, where: str, dim: int | N
     if counts - {n_members}:
         raise TableError(f"{where}: column 'n_models' holds {sorted(counts)[:5]}, but the metadata names "
                          f"{n_members} member(s)")
-    s = embedding_column(table, "ensemble_sum", where, dim).astype(np.float64)
-    norms = np.linalg.norm(s, axis=1)
     emb = embedding_column(table, "embedding", where, dim).astype(np.float64)
+    s = embedding_column(table, "ensemble_sum", where, emb.shape[1]).astype(np.float64)
+    norms = np.linalg.norm(s, axis=1)
     cos = np.einsum("ij,ij->i", s, emb) / np.maximum(norms * np.linalg.norm(emb, axis=1), 1e-30)
     bad = (norms > n_members * (1 + STORED_TOLERANCE)) | (cos < 1 - STORED_TOLERANCE)
     if bad.any():

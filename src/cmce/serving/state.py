@@ -113,7 +113,7 @@ class Holder:
         self.accept = accept or (lambda meta: None)
         key = models.key()
         model = models.load(key)
-        index = load_index(self.index_dir, query_sha256=model.sha256)
+        index = load_index(self.index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim)
         self.accept(index.meta)
         self.current = Served(model, key, index, meta_version(index.meta))
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
@@ -208,7 +208,7 @@ class Holder:
             return False
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
-            index = load_index(self.index_dir, query_sha256=model.sha256)
+            index = load_index(self.index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim)
             self.accept(index.meta)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
             self._failed = (*wanted, folder)
