@@ -1444,6 +1444,7 @@ def test_a_deleted_working_folder_is_named_before_torch_dies_of_it(tmp_path):
     ("nan", "holds NaN or infinite values"),
     ("no_classes", "field 'classifier' has shape (0, 12)"),
     ("list", "is a list, not a dense tensor"),
+    ("meta", "is a meta tensor: a shape with no values"),  # was a traceback from Tensor.item()
 ])
 def test_checkpoint_weights_are_checked_naming_the_file(world, tmp_path, caplog, tamper, message):
     obj = torch.load(world.gallery_models[0], weights_only=True)
@@ -1455,6 +1456,8 @@ def test_checkpoint_weights_are_checked_naming_the_file(world, tmp_path, caplog,
         state[key] = torch.full_like(state[key], float("nan"))
     elif tamper == "list":
         state[key] = state[key].tolist()
+    elif tamper == "meta":
+        state[key] = state[key].to("meta")
     bad = tmp_path / "resnet_a.pt"
     torch.save({**obj, "state_dict": state, **({"classifier": torch.zeros(0, 12)} if tamper == "no_classes" else {})},
                bad)

@@ -224,6 +224,8 @@ def check_weights(obj: dict[str, Any], path: str | Path, extra: tuple[str, ...] 
         if not torch.is_tensor(value) or value.layout != torch.strided:
             what = type(value).__name__ if not torch.is_tensor(value) else f"{value.layout} tensor"
             raise CheckpointError(f"{path}: {key} is a {what}, not a dense tensor")
+        if value.is_meta:  # a shape without data (saved from a model built on the meta device)
+            raise CheckpointError(f"{path}: {key} is a meta tensor: a shape with no values")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
 
