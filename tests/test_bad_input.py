@@ -2515,6 +2515,8 @@ def test_an_output_that_is_the_working_folder_is_refused_naming_its_flag(world, 
     fails(caplog, [*evaluate_args(world), "--out", out], here, f"--out {out} {verb} the working folder")
     fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], here,
           f"--out {out} {verb} the working folder")
+    fails(caplog, ["run", "--config", SMOKE, "--set", f"output_dir={out}"], here,  # it wrote the run among them
+          f"output_dir: {out} {verb} the working folder; give a folder for the run's outputs")
     assert list(here.iterdir()) == []
 
 

@@ -405,6 +405,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     from cmce.report import markdown_table
 
     cfg = _config(args)
+    if (held := _working_folder_under(cfg.output_dir)) is not None:  # as `--out .` is for every other step
+        raise ValueError(f"output_dir: {cfg.output_dir} {'is' if held == Path('.') else 'holds'} the working folder; "
+                         "give a folder for the run's outputs")
     if is_remote(cfg.output_dir):  # the whole run in scratch, uploaded when it succeeds
         cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
