@@ -1527,6 +1527,41 @@ def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, 
     assert out.read_bytes() == PREVIOUS and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("after", ["finishes", "fails_later", "writes_nothing"])
+def test_a_stop_signal_a_library_swallows_still_stops_the_step(world, tmp_path, caplog, monkeypatch, after):
+    """SIGTERM landing in pyarrow's lazy import of pandas: its exception was swallowed in the C extension's init,
+    and the step went on to write its index and exit 0 (3 tries in 7), or failed later on the half-imported
+    module with a 40-line traceback (`partially initialized module 'pandas'`)."""
+    import cmce.stages
+
+    real = cmce.stages.build_gallery_index
+
+    def swallowing(*args, **kwargs):
+        try:  # what a C extension's init does with an exception raised inside it
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException:  # noqa: BLE001, S110 - the library's, not ours
+            pass
+        if after == "fails_later":
+            raise AttributeError("partially initialized module 'pandas' has no attribute '_pandas_datetime_CAPI'")
+        return real(*args, **kwargs) if after == "finishes" else None
+
+    monkeypatch.setattr(cmce.stages, "build_gallery_index", swallowing)
+    out = Path(shutil.copytree(world.index, tmp_path / "index"))
+    before = snapshot(out)
+    caplog.clear()
+    with caplog.at_level(logging.INFO), _default_action(signal.SIGTERM):
+        rc = main(["build-index", "--gallery", str(world.gallery), "--out", str(out), "--reject-fraction", "0.3"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert rc == 128 + signal.SIGTERM and errors == ["cmce build-index: interrupted (SIGTERM); each output is whole "
+                                                     "or not written"], errors
+    assert snapshot(out) == before and leftovers(tmp_path) == []  # the new index was not renamed in
+    from cmce.errors import received_signal
+
+    assert received_signal() is None  # the process goes on: its later commits are not stopped
+    monkeypatch.undo()
+    assert main(["build-index", "--gallery", str(world.gallery), "--out", str(tmp_path / "next")]) == 0  # forgotten
+
+
 @contextlib.contextmanager
 def _default_action(signum: int):
     """`signum` with its default action (SIGINT: Python's own handler) for the block."""

@@ -29,9 +29,11 @@ from cmce.errors import (
     Terminated,
     deprecations_stay_warnings,
     first_line,
+    forget_signals,
     from_client,
     log_to_stderr,
     raise_terminated,
+    received_signal,
     unclaimed_ending_signals,
 )
 from cmce.records import StepRecord
@@ -760,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_to_stderr()
     deprecations_stay_warnings()
+    forget_signals()
     try:
         _expand_home(args)
     except ValueError as err:
@@ -825,16 +828,22 @@ def main(argv: list[str] | None = None) -> int:
             publish(TrackingInfo(uri, args.mlflow_parent), record)
         ok = True
     except BrokenPipeError:  # `cmce search ... | head`: the reader has what it wanted; no error to report
+        if (signum := received_signal()) is not None and not args.debug:
+            return _interrupted(args, signum)
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush fails otherwise
         return 128 + signal.SIGPIPE
     except (ValueError, KeyError, OSError) as err:
         if args.debug:
             raise
+        if (signum := received_signal()) is not None:  # the signal's exception was lost on the way: it is the cause
+            return _interrupted(args, signum)
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
         return 2
     except Exception as err:  # noqa: BLE001 - only the tracking/storage clients' own errors, re-raised otherwise
+        if not args.debug and (signum := received_signal()) is not None:
+            return _interrupted(args, signum)
         if not args.debug and (lost := ddp.lost_peer(err)):  # a rank killed: one line, not gloo's traceback
             log.error("cmce %s: %s", args.command, lost)
             return 1
@@ -845,13 +854,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as err:  # outputs are written aside and renamed in: none is left half
         if args.debug:
             raise
-        signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
-        log.error("cmce %s: interrupted (%s); each output is whole or not written", args.command,
-                  signal.Signals(signum).name)
-        return 128 + signum
+        return _interrupted(args, err.signum if isinstance(err, Terminated) else signal.SIGINT)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        late = received_signal()
+        forget_signals()  # the process goes on (a caller running several commands): its next commits are not stopped
         clear_scratch()
         if owns_group:
             ddp.shutdown(clean=ok)
@@ -860,7 +868,15 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+    if late is not None:  # swallowed by a library, after the last output was renamed in
+        return _interrupted(args, late)
     return getattr(args, "exit_status", 0)
+
+
+def _interrupted(args: argparse.Namespace, signum: int) -> int:
+    log.error("cmce %s: interrupted (%s); each output is whole or not written", args.command,
+              signal.Signals(signum).name)
+    return 128 + signum
 
 
 if __name__ == "__main__":

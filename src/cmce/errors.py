@@ -53,8 +53,30 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_received: list[int] = []  # the ending signals raise_terminated has taken in this command
+
+
 def raise_terminated(signum: int, _frame: object) -> None:
+    _received.append(signum)
     raise Terminated(signum)
+
+
+def received_signal() -> int | None:
+    """The first ending signal of this command, even where its Terminated was lost: raised inside a C extension's
+    import (pandas, lazily imported by pyarrow) it was swallowed, the step wrote its output and exited 0, or
+    it surfaced later as an unrelated error (`partially initialized module 'pandas'`) with a traceback."""
+    return _received[0] if _received else None
+
+
+def raise_if_terminated() -> None:
+    """Before an output is renamed in: a step whose stop signal was swallowed commits nothing."""
+    if _received:
+        raise Terminated(_received[0])
+
+
+def forget_signals() -> None:
+    """A new command in this process (tests run many) starts with no signal taken."""
+    _received.clear()
 
 
 def unclaimed_ending_signals() -> list[int]:

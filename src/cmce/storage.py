@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from cmce import s3
+from cmce.errors import raise_if_terminated
 
 _scratch: Path | None = None
 _origins: dict[Path, str] = {}  # scratch folder or file → the URI it stands for
@@ -497,6 +498,7 @@ def inputs_unchanged(paths: list[str | Path]) -> Iterator[None]:
 
 
 def _check_inputs_before_commit() -> None:
+    raise_if_terminated()
     for watch in _watched:
         watch.check()
 
