@@ -2774,3 +2774,15 @@ def test_a_value_of_the_wrong_type_in_an_index_meta_json_is_named(world, tmp_pat
         (index / "meta.json").write_text(json.dumps({**meta, key: value}))
         fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset,
                        "--limit", "1"], tmp_path / "unused", f"{index}/meta.json: {key} is {shown}")
+
+
+def test_output_a_narrow_encoding_cannot_hold_is_escaped_not_a_failed_step(monkeypatch):
+    """PYTHONIOENCODING=ascii: `serve` on a folder named `índice` loaded, bound, then exited 2 with "'ascii' codec
+    can't encode character" naming nothing, because its `serving … on http://…` line could not be printed."""
+    from cmce.cli import _say
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    _say("serving /data/índice ü/idx on http://127.0.0.1:8080\n", or_log=True)
+    _say("{\"query\": \"x\"}\n")
+    assert raw.getvalue() == b"serving /data/\\xedndice \\xfc/idx on http://127.0.0.1:8080\n{\"query\": \"x\"}\n"

@@ -728,7 +728,11 @@ def _say(text: str, or_log: bool = False) -> None:
         log.info("%s", text.rstrip("\n"))
         return
     try:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+        except UnicodeEncodeError:  # PYTHONIOENCODING=ascii, LANG=C: a path's é is escaped, not a failed step
+            encoding = sys.stdout.encoding or "ascii"
+            sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
         sys.stdout.flush()
     except OSError as err:
         if or_log:  # a server announcing its URL to a reader that has gone (`| true`) serves on

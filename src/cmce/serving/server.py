@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmce.data.codec import pixel_limit
-from cmce.errors import Terminated, unclaimed_ending_signals
+from cmce.errors import Terminated, forget_signals, unclaimed_ending_signals
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits, class_names
 from cmce.serving.state import Holder, QueryModelSource
@@ -189,6 +189,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
         with pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"), _hangup_stops(server):
             server.run(sockets=[sock])
     except (KeyboardInterrupt, Terminated) as err:  # uvicorn shut down gracefully, then re-raised the signal
+        forget_signals()  # a graceful stop is this command's success, not an interrupted step
         log.info("stopped (%s)", "SIGINT" if isinstance(err, KeyboardInterrupt) else err)
     finally:
         holder.stop()
