@@ -549,6 +549,27 @@ def test_an_unexpected_poll_error_is_logged_once_and_cleared(world, tmp_path, ca
     assert reported == [(logging.ERROR, True), (logging.INFO, False)]  # once, with its traceback; then resolved
 
 
+def test_an_unchanged_folder_is_not_parsed_again_on_each_poll(world, tmp_path, monkeypatch):
+    """A 100 MB meta.json kept an idle server at 30 % CPU: every 0.5 s poll read and parsed it again."""
+    import cmce.serving.state as state
+    from cmce.serving.state import Holder, QueryModelSource
+
+    _, model, index, _ = world
+    folder = Path(shutil.copytree(index, tmp_path / "index"))
+    holder = Holder(folder, QueryModelSource(str(model), Path))
+    reads = []
+    real = state.read_regular
+    monkeypatch.setattr(state, "read_regular", lambda path: reads.append(path) or real(path))
+    for _ in range(5):
+        assert holder.check() is False
+    assert len(reads) == 1
+    meta = folder / "meta.json"
+    meta.write_text(meta.read_text() + " ")  # the same version, rewritten: read once more, nothing reloaded
+    for _ in range(3):
+        assert holder.check() is False
+    assert len(reads) == 2 and holder.reloads == 0
+
+
 def test_a_download_the_poll_waits_on_is_shown_while_it_lasts(world, tmp_path):
     """An S3 outage while the server downloaded a promoted model held the poll in MLflow's own retries for minutes,
     and /readyz said `last_reload_error: null`, `reloads: 0` all that time."""

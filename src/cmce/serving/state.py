@@ -121,6 +121,7 @@ class Holder:
         self._failed: tuple | None = None  # (model key, index version, folder_identity) of the last failed load
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._unreadable = 0  # consecutive polls that could not read meta.json
+        self._peeked: tuple[tuple, str] | None = None  # (folder_identity, meta_version) of the last read of meta.json
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy: tuple[str, float] | None = None  # what the poll is waiting on, since when (time.monotonic)
@@ -196,9 +197,13 @@ class Holder:
             self._report("query model", str(err).rstrip("."), logging.WARNING)
             model_key = cur.model_key  # an index rebuilt for the served model is still followed
         folder = folder_identity(self.index_dir)  # before reading: a change during the load is seen next poll
-        version = self._peek()
-        if version is None:  # mid-swap (or broken, reported by _peek): nothing to load yet
-            return False
+        if self._peeked is not None and self._peeked[0] == folder:
+            version = self._peeked[1]  # nothing in the folder changed: meta.json (100 MB, say) is not parsed again
+        else:
+            version = self._peek()
+            if version is None:  # mid-swap (or broken, reported by _peek): nothing to load yet
+                return False
+            self._peeked = (folder, version)
         wanted = (model_key, version)
         if wanted == (cur.model_key, cur.version):  # the folder holds the served pair (again)
             self._failed = None
