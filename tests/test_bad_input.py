@@ -2786,3 +2786,16 @@ def test_output_a_narrow_encoding_cannot_hold_is_escaped_not_a_failed_step(monke
     _say("serving /data/índice ü/idx on http://127.0.0.1:8080\n", or_log=True)
     _say("{\"query\": \"x\"}\n")
     assert raw.getvalue() == b"serving /data/\\xedndice \\xfc/idx on http://127.0.0.1:8080\n{\"query\": \"x\"}\n"
+
+
+def test_a_dataset_setting_given_to_a_step_that_reads_a_made_dataset_is_said(world, tmp_path, caplog):
+    """`cmce train --set data.max_train_per_class=1` trained on the whole train split: the setting applies only
+    when a dataset is made, and the step took it without a word."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--config", str(SMOKE), "--set", "train.epochs=1", "--set", "data.max_train_per_class=1",
+                     "--set", "data={protocol: disjoint}", "--dataset", str(world.dataset), "--model", "query",
+                     "--out", str(tmp_path / "q.pt")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not read by" in r.getMessage()]
+    assert said == ["cmce train: --set data.protocol, data.max_train_per_class: not read by this step (a dataset is "
+                    "read as it was made); it applies when a dataset is made: fetch-data, prepare-data, run"], said

@@ -231,12 +231,32 @@ def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> 
     return {**out, **(extra or {})}
 
 
+# what shapes a dataset when it is made: a step that reads a prepared --dataset takes it as it is
+DATASET_KEYS = ("source", "path", "protocol", "disjoint_by", "heldout_fraction", "max_train_per_class",
+                "max_test_per_class", "max_image_pixels")
+MAKES_DATASETS = ("fetch-data", "prepare-data", "run")
+
+
 def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None, flags: dict[str, str] | None = None
             ) -> Config:
     """The config with the command line's overrides; `flags` names the flag behind an `extra` key, for messages."""
     from cmce.config import load_config
 
-    return load_config(_in(args.config), _settings(args, extra), flags)
+    overrides = _settings(args, extra)
+    if args.command not in MAKES_DATASETS and not getattr(args, "dataset_keys_said", False):
+        args.dataset_keys_said = True  # the config is read more than once (the device, then the step)
+        _warn_of_dataset_keys(args.command, parse_overrides(args.set))
+    return load_config(_in(args.config), overrides, flags)
+
+
+def _warn_of_dataset_keys(command: str, overrides: dict[str, Any]) -> None:
+    """`cmce train --set data.max_train_per_class=1` trained on the whole train split without a word."""
+    keys = [f"data.{k}" for k in overrides.get("data", {}) if k in DATASET_KEYS] if isinstance(
+        overrides.get("data"), dict) else []
+    keys += [k for k in overrides if k.startswith("data.") and k.removeprefix("data.") in DATASET_KEYS]
+    if keys:
+        log.warning("cmce %s: --set %s: not read by this step (a dataset is read as it was made); it applies "
+                    "when a dataset is made: %s", command, ", ".join(keys), ", ".join(MAKES_DATASETS))
 
 
 def _model(path: str) -> Path:
