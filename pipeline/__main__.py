@@ -33,8 +33,32 @@ def placement_from_env():
     if secret and not K8S_NAME.fullmatch(secret):  # else compiled into every task, refused by the cluster at run time
         raise ValueError(f"environment variable CMCE_K8S_SECRET={secret!r}: not a Kubernetes Secret name (lower-case "
                          "letters, digits, '-' and '.', at most 253 characters, starting and ending alphanumeric)")
-    return Placement(os.environ.get("CMCE_CPU_IMAGE", Placement.cpu_image),
-                     os.environ.get("CMCE_CUDA_IMAGE", Placement.cuda_image), env_flag("CMCE_GPU", True), secret)
+    return Placement(image_from_env("CMCE_CPU_IMAGE", Placement.cpu_image),
+                     image_from_env("CMCE_CUDA_IMAGE", Placement.cuda_image), env_flag("CMCE_GPU", True), secret)
+
+
+# An image reference as the OCI distribution grammar writes it: [host[:port]/]path[:tag][@sha256:digest], the path
+# of lower-case alphanumeric components joined by '.', '_', '__' or dashes
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(rf"(?:{_HOST}(?::[0-9]+)?/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+                             r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+
+
+def image_from_env(name: str, default: str) -> str:
+    """An image variable: unset, the default; set, an image reference, else refused by name. Set but blank is
+    refused too (`CMCE_CUDA_IMAGE="$IMG"` with IMG unset compiled tasks without an image, exit 0): the default is
+    a local placeholder no cluster can pull, so a value meant to replace it must not quietly fall back to it."""
+    if name not in os.environ:
+        return default
+    value = os.environ[name]
+    if not value.strip():
+        raise ValueError(f"environment variable {name} is set but empty; unset it for the default {default!r}, "
+                         "or name an image")
+    if not IMAGE_REFERENCE.fullmatch(value):
+        raise ValueError(f"environment variable {name}={value!r}: not an image reference ([host[:port]/]path[:tag]"
+                         "[@sha256:digest]; the path lower-case letters, digits and '.', '_', '-' separators)")
+    return value
 
 
 K8S_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # DNS-1123

@@ -4,6 +4,7 @@ named by model, outputs pushed to the local remote."""
 
 import csv
 import json
+import logging
 import os
 import shutil
 
@@ -141,3 +142,126 @@ def test_kd_disabled_leaves_the_student_folders_empty(dvc_repo, smoke_run, tmp_p
     assert got.keys() == {k for k in expected if not k.startswith("kd/")}
     for key in got:
         assert got[key] == pytest.approx(expected[key], nan_ok=True), key
+
+
+def _commands(dvc_file):
+    """Every stage's `cmd` in a dvc.yaml, foreach stages' included, as written (before DVC fills it in)."""
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    return {name: (s["do"] if "foreach" in s else s)["cmd"] for name, s in stages.items()}
+
+
+def test_no_stage_command_holds_text_from_the_config():
+    """DVC puts `${...}` values into a command line its shell reads: no quoting makes any value safe there."""
+    from tests.conftest import ROOT
+
+    for dvc_file in (ROOT / "dvc.yaml", ROOT / "lifecycle" / "dvc.yaml"):
+        commands = _commands(dvc_file)
+        assert len(commands) >= 6 and all("${" not in cmd for cmd in commands.values()), (dvc_file, commands)
+
+
+def _project_with(tmp_path, edit):
+    """The DVC projects (main and lifecycle) over params.yaml changed by `edit`."""
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    repo = tmp_path / "repo"
+    repo.mkdir(parents=True)
+    for name in (".dvc", ".dvcignore", "dvc.yaml", "src", "lifecycle"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("tmp", "cache", "artifacts", "dvc.lock",
+                                                                            "__pycache__"))
+        else:
+            shutil.copy(src, repo / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def _stand_ins(repo):
+    """Empty files for the stages' inputs (DVC removes a stage's outputs, another's inputs, before its command)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    names = [params["query_model"]["name"], *params["gallery_models"]]
+    for dep in ("artifacts/data/dataset.parquet", *(f"artifacts/{kind}/{n}.pt" for kind in ("models", "transforms")
+                                                     for n in names)):
+        (repo / dep).parent.mkdir(parents=True, exist_ok=True)
+        (repo / dep).touch()
+
+
+def _refused(repo, stage, key, where="."):
+    """`dvc repro` of the one stage fails on one line from cmce naming `key`; no value ran as a command."""
+    _stand_ins(repo)
+    res = _dvc(repo / where, "repro", "--single-item", stage)
+    errors = [line for line in res.stderr.splitlines() if " ERROR cmce: " in line]
+    assert res.returncode != 0 and len(errors) == 1 and f": {key}: " in errors[0], (stage, res.stdout, res.stderr)
+    assert "unrecognized arguments" not in res.stderr
+    assert not list(repo.rglob("PWNED*")), "a config value ran as a shell command"
+    return errors[0]
+
+
+def _set(*keys_values):
+    def edit(params):
+        for dotted, value in keys_values:
+            *path, last = dotted.split(".")
+            for part in path:
+                params = params[part]
+            params[last] = value
+    return edit
+
+
+def _gallery_key(name):
+    def edit(params):
+        params["gallery_models"] = {name: params["gallery_models"].pop("vgg"), **params["gallery_models"]}
+    return edit
+
+
+@pytest.mark.parametrize("value", ["q1;touch PWNED_1;#", "q'\"$(touch PWNED_2)`touch PWNED_3`\\"])
+def test_a_config_value_that_is_shell_text_is_refused_never_run(tmp_path, value):
+    """params.yaml's query model named `q1;touch PWNED_DVC;#`: `dvc repro` ran the `touch`. Any value, quotes and
+    all, of any key a stage's command uses: the query model's name, a gallery model's key, a lifecycle model's
+    name, batch_size."""
+    _refused(_project_with(tmp_path / "q", _set(("query_model.name", value))), "train_query", "query_model.name")
+    repo = _project_with(tmp_path / "g", _gallery_key(value))
+    for stage in ("train_gallery", "fit_transform", "embed_member", "train_kd"):
+        _refused(repo, f"{stage}@{value}", f"gallery_models.{value}")
+    repo = _project_with(tmp_path / "l", _set(("lifecycle.new_query_model.name", value)))
+    _refused(repo, "train_new_query_model", "lifecycle.new_query_model.name", where="lifecycle")
+    _refused(_project_with(tmp_path / "b", _set(("batch_size", value))), "embed_member@resnet", "batch_size")
+
+
+def test_a_model_name_with_a_space_is_named_by_its_key(tmp_path):
+    """`query v2` split into two arguments: `cmce: unrecognized arguments: v2 v2.pt`, no key named."""
+    error = _refused(_project_with(tmp_path / "q", _set(("query_model.name", "query v2"))), "train_query",
+                     "query_model.name")
+    assert "'query v2' is not a model name" in error
+    _refused(_project_with(tmp_path / "g", _gallery_key("vgg v2")), "train_gallery@vgg v2", "gallery_models.vgg v2")
+    repo = _project_with(tmp_path / "l", _set(("lifecycle.add_gallery_model.name", "added v2")))
+    _refused(repo, "train_added_model", "lifecycle.add_gallery_model.name", where="lifecycle")
+
+
+def test_a_stage_command_names_config_values_by_key_and_its_gallery_model_by_dvc_stage(tmp_path, monkeypatch, caplog):
+    from cmce.config import load_config
+    from cmce.dvc_stage import main, resolve
+    from tests.conftest import SMOKE
+
+    cfg = load_config(SMOKE)
+    gallery = cfg.gallery_models[-1].name
+    args = ["--model", "{key}", "--out", "m/{query_model.name}-{key}.pt", "--batch-size", "{batch_size}"]
+    assert resolve(args, cfg, f"train_gallery@{gallery}") == [
+        "--model", gallery, "--out", f"m/{cfg.query_model.name}-{gallery}.pt", "--batch-size", str(cfg.batch_size)]
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    for stage, command, message in (
+            (None, ["--model", "{key}"], "{key}: DVC_STAGE is not set"),
+            ("train_query", ["--model", "{key}"], "DVC_STAGE='train_query' is not a foreach stage"),
+            (f"train_gallery@{gallery}x", ["--model", "{key}"], "is not a foreach stage of a gallery model"),
+            ("train_query", ["--model", "{train}"], "{train}: not a config value")):
+        if stage:
+            monkeypatch.setenv("DVC_STAGE", stage)
+        caplog.clear()
+        assert main(["train", "--config", str(SMOKE), *command, "--out", str(tmp_path / "m.pt")]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and message in errors[0], errors
+    assert list(tmp_path.iterdir()) == []

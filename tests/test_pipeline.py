@@ -356,3 +356,38 @@ def test_a_compile_setting_out_of_its_range_is_refused_by_name(tmp_path, monkeyp
     monkeypatch.setenv(name, value)
     assert main(["compile", "--out-dir", str(tmp_path)]) == 2
     assert message in caplog.text and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, value", [("CMCE_CUDA_IMAGE", ""), ("CMCE_CPU_IMAGE", ""), ("CMCE_CPU_IMAGE", "  ")])
+def test_an_image_variable_set_but_blank_is_refused_by_name(tmp_path, monkeypatch, caplog, name, value):
+    """`CMCE_CUDA_IMAGE="$IMG"` with IMG unset compiled, exit 0, YAML whose GPU tasks had no image at all."""
+    from pipeline.__main__ import main
+
+    monkeypatch.setenv(name, value)
+    assert main(["compile", "--out-dir", str(tmp_path)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"environment variable {name} is set but empty" in errors[0], errors
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["my image:latest", "team/Cmce:cpu", "cmce:", "cmce:v1 ", "reg.io/cmce@sha256:ab12",
+                                   "reg.io//cmce", "cmce:" + "x" * 129, "reg.io/-cmce", "cmce\n"])
+def test_an_image_reference_a_cluster_would_refuse_is_refused_at_compile_time(tmp_path, monkeypatch, caplog, value):
+    """`CMCE_CPU_IMAGE='my image:latest'` was compiled into 16 tasks; pods failed only at start (InvalidImageName)."""
+    from pipeline.__main__ import main
+
+    monkeypatch.setenv("CMCE_CPU_IMAGE", value)
+    assert main(["compile", "--out-dir", str(tmp_path)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"environment variable CMCE_CPU_IMAGE={value!r}: not an image reference" in errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_references_of_the_grammar_are_compiled_in(tmp_path, monkeypatch):
+    digest = "0123456789abcdef" * 4
+    images = {"CMCE_CPU_IMAGE": "registry.example.com:5000/team/cmce__x.y-z:v1.2_rc-3",
+              "CMCE_CUDA_IMAGE": f"[fd00::1]:443/cmce/cuda@sha256:{digest}"}
+    for name, value in images.items():
+        monkeypatch.setenv(name, value)
+    executors = _compiled(compile_pipeline(tmp_path / "p.yaml"))[0]["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == set(images.values())
