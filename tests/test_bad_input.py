@@ -2829,3 +2829,44 @@ def test_a_registered_model_is_downloaded_without_progress_bars(world, tmp_path,
     resolve_model_uri("models:/cmce-query@candidate", uri)
     assert "Downloading artifacts" in capfd.readouterr().err
 
+
+def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, tmp_path, monkeypatch, caplog, capsys):
+    """`search --index s3://b/idx8` downloaded every object under the prefix, a 30 MB `backup-2025/huge.bin` beside
+    the index included; `s3://b` (a bucket root) the whole bucket, before `not a complete index (no meta.json)`."""
+    import json
+
+    from cmce import s3 as cmce_s3
+    from cmce.index import IndexLoadError, load_index
+    from cmce.storage import clear_scratch
+    from tests.test_s3 import new_bucket, use_server
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    put = s3_server.client().put_object
+    for f in world.index.iterdir():
+        put(Bucket=bucket, Key=f"idx8/{f.name}", Body=f.read_bytes())
+    put(Bucket=bucket, Key="idx8/backup-2025/huge.bin", Body=os.urandom(1 << 20))
+    put(Bucket=bucket, Key="notes/readme.txt", Body=b"beside the index, not of it")
+    fetched: list[str] = []
+
+    def record(params: dict, **_: object) -> None:
+        fetched.append(params["Key"])
+
+    client = cmce_s3.client()
+    client.meta.events.register("provide-client-params.s3.GetObject", record)
+    try:
+        assert main(["search", "--index", f"s3://{bucket}/idx8", "--query-model", str(world.query), "--dataset",
+                     str(world.dataset), "--limit", "1"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 1
+        assert sorted(fetched) == sorted(f"idx8/{f.name}" for f in world.index.iterdir())
+        fetched.clear()
+        with pytest.raises(IndexLoadError, match=f"s3://{bucket}: not a complete index"):
+            load_index(f"s3://{bucket}")
+        assert fetched == []
+        put(Bucket=bucket, Key="bad/meta.json", Body=json.dumps({"files": {"../idx8/index.faiss": "0"}}).encode())
+        with pytest.raises(ValueError, match=r"bad/meta.json: names '../idx8/index.faiss' among its files"):
+            load_index(f"s3://{bucket}/bad")
+        assert fetched == ["bad/meta.json"]
+    finally:
+        client.meta.events.unregister("provide-client-params.s3.GetObject", record)
+        clear_scratch()
