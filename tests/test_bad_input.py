@@ -2799,3 +2799,172 @@ def test_a_dataset_setting_given_to_a_step_that_reads_a_made_dataset_is_said(wor
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not read by" in r.getMessage()]
     assert said == ["cmce train: --set data.protocol, data.max_train_per_class: not read by this step (a dataset is "
                     "read as it was made); it applies when a dataset is made: fetch-data, prepare-data, run"], said
+
+
+def test_a_version_registered_from_the_checkpoint_file_itself_is_loaded(world, tmp_path, monkeypatch):
+    """A version whose source is the checkpoint file (`runs:/RUN/cmce-query/query.pt` as mlflow.register_model
+    makes it, or a file path): "expected one checkpoint file in the registered version, found 0"."""
+    from mlflow import MlflowClient
+
+    from cmce.tracking import resolve_model_uri, start_parent_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_parent_run(uri, "parent", {})
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.log_artifact(run_id, str(world.query), artifact_path="cmce-query")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    client.create_registered_model("cmce-query")
+    for alias, source in (("run", f"runs:/{run_id}/cmce-query/{world.query.name}"), ("path", str(world.query)),
+                          ("text", str(tmp_path / "notes.txt"))):
+        client.set_registered_model_alias("cmce-query", alias,
+                                          client.create_model_version("cmce-query", source=source).version)
+    for alias in ("run", "path"):
+        assert file_sha256(resolve_model_uri(f"models:/cmce-query@{alias}", uri)) == file_sha256(world.query)
+    with pytest.raises(ValueError, match=r"models:/cmce-query@text: the registered version's source .*notes\.txt is "
+                                         "a file but not a cmce checkpoint"):
+        resolve_model_uri("models:/cmce-query@text", uri)
+
+
+def _mark_version(uri: str, name: str, version: str, status: str, message: str) -> None:
+    """What a registry shows while a registration copies its files, or after the copy failed (MLflow's own
+    stores mark a version READY at once; a server with an async copy does not)."""
+    import sqlite3
+
+    con = sqlite3.connect(uri.removeprefix("sqlite:///"))
+    with con:
+        con.execute("UPDATE model_versions SET status = ?, status_message = ? WHERE name = ? AND version = ?",
+                    (status, message, name, int(version)))
+    con.close()
+
+
+@pytest.mark.parametrize("status", ["FAILED_REGISTRATION", "PENDING_REGISTRATION"])
+def test_a_version_whose_registration_did_not_finish_is_refused(world, tmp_path, caplog, monkeypatch, status):
+    """A version FAILED_REGISTRATION or PENDING_REGISTRATION was used without a word: by search, by the server
+    following an alias onto it, and by the promotion gate's look-up of the served checkpoint."""
+    from mlflow import MlflowClient
+
+    from cmce.serving.state import Holder, QueryModelSource
+    from cmce.tracking import resolve_model_uri, version_by_sha
+
+    registered = tmp_path / "registered"
+    registered.mkdir()
+    shutil.copyfile(world.query, registered / "query.pt")
+    uri = _store_with_a_registered_query_model(tmp_path / "store", str(registered))
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_model_version_tag("cmce-query", "1", "sha256",
+                                                                           file_sha256(world.query))
+    _mark_version(uri, "cmce-query", "1", status, "artifact copy failed: timeout")
+    expected = f"version 1 of cmce-query is {status} (artifact copy failed: timeout), not READY"
+    fails(caplog, ["--mlflow-uri", uri, "search", "--index", world.index, "--query-model",
+                   "models:/cmce-query@candidate", "--dataset", world.dataset, "--limit", "1"], tmp_path / "unused",
+          "models:/cmce-query@candidate: ", expected)
+    fails(caplog, ["--mlflow-uri", uri, "search", "--index", world.index, "--query-model", "models:/cmce-query/1",
+                   "--dataset", world.dataset, "--limit", "1"], tmp_path / "unused", expected)
+    assert version_by_sha(MlflowClient(tracking_uri=uri), "cmce-query", file_sha256(world.query)) is None
+    # a server following the alias: version 1 served, the alias then moved onto a version whose registration failed
+    _mark_version(uri, "cmce-query", "1", "READY", "")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    holder = Holder(world.index, QueryModelSource("models:/cmce-query@candidate", lambda k: resolve_model_uri(k, uri)))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_model_version("cmce-query", source=str(registered))
+    client.set_registered_model_alias("cmce-query", "candidate", "2")
+    _mark_version(uri, "cmce-query", "2", status, "artifact copy failed: timeout")
+    assert holder.check() is False and holder.current.model_key == "models:/cmce-query/1"
+    assert f"version 2 of cmce-query is {status} (artifact copy failed: timeout), not READY" in holder.last_error
+    _mark_version(uri, "cmce-query", "2", "READY", "")
+    holder.check()
+    assert holder.current.model_key == "models:/cmce-query/2" and holder.last_error is None
+
+
+def test_a_store_of_a_newer_mlflow_is_named_as_such_not_as_out_of_date(world, tmp_path, caplog):
+    """A store whose schema revision this MLflow does not know (a newer MLflow wrote it): MLflow's advice "run
+    'mlflow db upgrade'" cannot apply. It is named as a newer MLflow's; a known older revision keeps the advice."""
+    import sqlite3
+
+    from cmce.tracking import check_store, known_revisions, schema_error
+
+    registered = tmp_path / "registered"
+    registered.mkdir()
+    shutil.copyfile(world.query, registered / "query.pt")
+    uri = _store_with_a_registered_query_model(tmp_path / "store", str(registered))
+    db = Path(uri.removeprefix("sqlite:///"))
+    con = sqlite3.connect(db)
+    with con:
+        head = con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+        con.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    con.close()
+    assert head in known_revisions() and "ffffffffffff" not in known_revisions()
+    before = db.read_bytes()
+    search = ["--mlflow-uri", uri, "search", "--index", world.index, "--query-model", "models:/cmce-query@candidate",
+              "--dataset", world.dataset, "--limit", "1"]
+    error = fails(caplog, search, tmp_path / "unused", f"{uri}: the store's schema (revision ffffffffffff) was made "
+                  "by a newer MLflow than this one", "read it with that MLflow version")
+    assert "upgrade" not in error
+    assert db.read_bytes() == before
+    older = next(r for r in sorted(known_revisions()) if r != head)
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE alembic_version SET version_num = ?", (older,))
+    con.close()
+    check_store(uri)  # a known older revision is left to MLflow, whose upgrade advice then holds
+    assert schema_error(ValueError(f"Detected out-of-date database schema (found version {older}, but ...")) is None
+    assert "made by a newer MLflow" in schema_error(ValueError("out-of-date database schema (found version abcdef12)"))
+
+
+def test_a_registered_model_is_downloaded_without_progress_bars(world, tmp_path, monkeypatch, capfd):
+    """`models:/` reads drew MLflow's tqdm "Downloading artifacts" bars on stderr; a user's own setting still wins."""
+    from cmce.tracking import resolve_model_uri
+
+    registered = tmp_path / "registered"
+    registered.mkdir()
+    shutil.copyfile(world.query, registered / "query.pt")
+    uri = _store_with_a_registered_query_model(tmp_path / "store", str(registered))
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    capfd.readouterr()
+    resolve_model_uri("models:/cmce-query@candidate", uri)
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    resolve_model_uri("models:/cmce-query@candidate", uri)
+    assert "Downloading artifacts" in capfd.readouterr().err
+
+
+def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, tmp_path, monkeypatch, caplog, capsys):
+    """`search --index s3://b/idx8` downloaded every object under the prefix, a 30 MB `backup-2025/huge.bin` beside
+    the index included; `s3://b` (a bucket root) the whole bucket, before `not a complete index (no meta.json)`."""
+    import json
+
+    from cmce import s3 as cmce_s3
+    from cmce.index import IndexLoadError, load_index
+    from cmce.storage import clear_scratch
+    from tests.test_s3 import new_bucket, use_server
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    put = s3_server.client().put_object
+    for f in world.index.iterdir():
+        put(Bucket=bucket, Key=f"idx8/{f.name}", Body=f.read_bytes())
+    put(Bucket=bucket, Key="idx8/backup-2025/huge.bin", Body=os.urandom(1 << 20))
+    put(Bucket=bucket, Key="notes/readme.txt", Body=b"beside the index, not of it")
+    fetched: list[str] = []
+
+    def record(params: dict, **_: object) -> None:
+        fetched.append(params["Key"])
+
+    client = cmce_s3.client()
+    client.meta.events.register("provide-client-params.s3.GetObject", record)
+    try:
+        assert main(["search", "--index", f"s3://{bucket}/idx8", "--query-model", str(world.query), "--dataset",
+                     str(world.dataset), "--limit", "1"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 1
+        assert sorted(fetched) == sorted(f"idx8/{f.name}" for f in world.index.iterdir())
+        fetched.clear()
+        with pytest.raises(IndexLoadError, match=f"s3://{bucket}: not a complete index"):
+            load_index(f"s3://{bucket}")
+        assert fetched == []
+        put(Bucket=bucket, Key="bad/meta.json", Body=json.dumps({"files": {"../idx8/index.faiss": "0"}}).encode())
+        with pytest.raises(ValueError, match=r"bad/meta.json: names '../idx8/index.faiss' among its files"):
+            load_index(f"s3://{bucket}/bad")
+        assert fetched == ["bad/meta.json"]
+    finally:
+        client.meta.events.unregister("provide-client-params.s3.GetObject", record)
+        clear_scratch()

@@ -165,10 +165,11 @@ def test_search_on_an_s3_index_in_a_fresh_process(s3_server, s3_chain, capsys):
         assert s3_server.secret_key not in text and s3_server.access_key not in text
 
 
-def test_an_s3_index_is_listed_once_and_an_unfinished_one_is_refused_before_any_download(s3_server, s3_chain,
-                                                                                          monkeypatch):
-    """Loading an index from a prefix costs one listing (no probing of what the URI names); a prefix
-    without meta.json (an upload that did not finish) is refused from that listing, nothing downloaded."""
+def test_an_s3_index_is_read_by_its_meta_json_and_an_unfinished_one_is_refused_before_any_download(
+        s3_server, s3_chain, monkeypatch):
+    """Loading an index from a prefix reads its meta.json and the files it names, no listing (no probing of what
+    the URI names); a prefix without meta.json (an upload that did not finish) is refused from one listing,
+    nothing downloaded."""
     use_server(monkeypatch, s3_server)
     client = cmce_s3.client()
     unfinished = "elsewhere/unfinished_index"  # outside run/, whose keys another test compares with a local run
@@ -189,9 +190,9 @@ def test_an_s3_index_is_listed_once_and_an_unfinished_one_is_refused_before_any_
     finally:
         client.meta.events.unregister("before-call.s3", record)
         clear_scratch()
-    assert complete_calls.count("ListObjectsV2") == 1
+    assert complete_calls.count("ListObjectsV2") == 0
     assert complete_calls.count("HeadObject") == complete_calls.count("GetObject") == len(INDEX_FILES)  # per file
-    assert calls == ["ListObjectsV2"]
+    assert calls == ["HeadObject", "ListObjectsV2"]  # its meta.json is looked for, then the prefix listed
     local = load_index(s3_chain.local / "index")
     assert loaded.ids == local.ids and loaded.meta == local.meta
 
@@ -757,3 +758,51 @@ def test_an_input_that_is_both_an_object_and_a_prefix_is_named_as_such(s3_server
         assert sorted(p.name for p in local_input(f"{uri}/").iterdir()) == ["ids.parquet", "meta.json"]
     finally:
         clear_scratch()
+
+
+@pytest.mark.parametrize("name", ["AWS_REGION", "AWS_DEFAULT_REGION"])
+def test_a_region_that_is_no_region_name_is_named_as_a_setting(s3_server, tmp_path, monkeypatch, caplog, name):
+    """AWS_REGION='us east 1': `s3://…: S3 error while reading: InvalidRegionError …`, a local setting framed as
+    an error of the server."""
+    use_server(monkeypatch, s3_server)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv(name, "us east 1")
+    bucket = new_bucket(s3_server)
+    caplog.clear()
+    assert main(["build-index", "--gallery", f"s3://{bucket}/gallery.parquet", "--out", str(tmp_path / "idx")]) == 2
+    error = only_error(caplog)
+    assert f"environment variable {name}='us east 1': not a region name" in error and "S3 error" not in error
+    assert not (tmp_path / "idx").exists()
+
+
+def _profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, process: str) -> None:
+    """An AWS profile `ci` whose credentials come from `process`, and no credentials in the environment."""
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile ci]\ncredential_process = {process}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "ci")
+
+
+def test_a_credential_process_that_prints_nothing_or_hangs_is_named(s3_server, tmp_path, monkeypatch, caplog):
+    """A profile whose credential_process prints nothing: `cmce search: Expecting value: line 1 column 1 (char 0)`,
+    no URI or profile named; one that hangs (`sleep 100`) kept the step silent for as long."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    uri = f"s3://{bucket}/gallery.parquet"
+    argv = ["build-index", "--gallery", uri, "--out", str(tmp_path / "idx")]
+    _profile(tmp_path, monkeypatch, "true")
+    caplog.clear()
+    assert main(argv) == 2
+    assert f"{uri}: AWS profile 'ci': its credential_process printed no JSON credentials" in only_error(caplog)
+    _profile(tmp_path, monkeypatch, "sleep 30")
+    monkeypatch.setenv("CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S", "1")
+    caplog.clear()
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 15
+    assert (f"{uri}: AWS profile 'ci': its credential_process gave no credentials within 1 s "
+            "(CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S)") in only_error(caplog)
+    assert not (tmp_path / "idx").exists()

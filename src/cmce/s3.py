@@ -10,9 +10,11 @@ backoff (retry mode ``AWS_RETRY_MODE``, default "standard"; ``AWS_MAX_ATTEMPTS``
 above ``CMCE_S3_MULTIPART_THRESHOLD_MB`` (default 64) go up in parts of ``CMCE_S3_MULTIPART_CHUNK_MB``
 (default 16), ``CMCE_S3_MAX_CONCURRENCY`` (default 8) at a time. An object appears at its key
 only when its single PUT or its multipart upload completes, so a failed upload never leaves a partial
-object there. Every one of these variables is checked (check_env, ranges in ENV_RANGES) by the first S3 call
-of a command, before any work: a value out of range would hang a step (a million attempts at a dead endpoint)
-or fail it only at its upload.
+object there. A prefix holding a manifest (an index's meta.json naming its files) is read as those files only.
+A profile's ``credential_process`` is given ``CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S`` (default 60) to answer.
+Every one of these variables (and ``AWS_REGION`` / ``AWS_DEFAULT_REGION``) is checked (check_env, ranges in
+ENV_RANGES) by the first S3 call of a command, before any work: a value out of range would hang a step (a million
+attempts at a dead endpoint) or fail it only at its upload.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
                "CMCE_S3_READ_TIMEOUT_S", "AWS_METADATA_SERVICE_TIMEOUT", "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
+               "CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S",
                # the proxies a client is made with (a client made before HTTP_PROXY was set never used it)
                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
                "no_proxy")
@@ -113,10 +116,25 @@ ENV_RANGES = {
     "CMCE_S3_MAX_CONCURRENCY": (8, 1, 64),
     "AWS_METADATA_SERVICE_TIMEOUT": (1, 1, 30),
     "AWS_METADATA_SERVICE_NUM_ATTEMPTS": (1, 1, 10),
+    # a profile's credential_process: botocore waits on it without a limit (a `sleep 100` held a step silent)
+    "CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S": (60, 1, 600),
 }
 RETRY_MODES = ("standard", "adaptive", "legacy")
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def _valid_region(region: str) -> bool:
+    """botocore's own check of a region name (the one its clients apply)."""
+    from botocore.exceptions import InvalidRegionError
+    from botocore.utils import validate_region_name
+
+    try:
+        validate_region_name(region)
+    except InvalidRegionError:
+        return False
+    return True
 
 
 def _env_int(name: str) -> int:
@@ -162,6 +180,11 @@ def check_env() -> None:
         if any(c.isspace() or not c.isprintable() for c in value):
             raise ValueError(f"environment variable {name}: holds whitespace or a control character (a newline "
                              "from the file it came from?); remove it")
+    for name in REGION_ENV:  # else every call failed as an S3 error (InvalidRegionError) naming no variable
+        region = os.environ.get(name)
+        if region and not _valid_region(region):
+            raise ValueError(f"environment variable {name}={region!r}: not a region name (letters, digits and "
+                             "hyphens, such as us-east-1)")
     mode = os.environ.get("AWS_RETRY_MODE")
     if mode and mode not in RETRY_MODES:
         raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r}: one of {', '.join(RETRY_MODES)} expected")
@@ -219,7 +242,68 @@ def _client_for(_env_digest: str, endpoint: str | None = None) -> Any:
     # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 5 × 20 s
     # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 20 s
     config = Config(retries=retries, connect_timeout=10, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S"))
-    return boto3.session.Session().client("s3", config=config, endpoint_url=endpoint)
+    session = boto3.session.Session()
+    _bound_credential_process(session)
+    _resolve_credentials(session)
+    return session.client("s3", config=config, endpoint_url=endpoint)
+
+
+class CredentialProcessError(ValueError):
+    """A profile's credential_process gave no usable credentials (or none in time)."""
+
+
+def _credential_process(session: Any) -> str | None:
+    try:
+        return session._session.get_scoped_config().get("credential_process")
+    except Exception:  # noqa: BLE001 - a missing profile is reported by the call that needs it
+        return None
+
+
+def _bound_credential_process(session: Any) -> None:
+    """botocore runs a profile's credential_process and waits on it without a limit (its ProcessProvider takes
+    the Popen it runs it with): it is given one whose wait ends after CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S,
+    killing the process."""
+    import subprocess
+
+    limit = _env_int("CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S")
+    profile = session.profile_name
+
+    class BoundedPopen(subprocess.Popen):
+        def communicate(self, input=None, timeout=None):  # noqa: A002 - Popen's own argument names
+            try:
+                return super().communicate(input, timeout=min(timeout or limit, limit))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                super().communicate()
+                raise CredentialProcessError(
+                    f"AWS profile {profile!r}: its credential_process gave no credentials within {limit} s "
+                    "(CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S); check the command, or raise the limit") from None
+
+    resolver = session._session.get_component("credential_provider")
+    provider = resolver.get_provider("custom-process") if resolver is not None else None
+    if provider is not None and hasattr(provider, "_popen"):
+        provider._popen = BoundedPopen
+
+
+def _resolve_credentials(session: Any) -> None:
+    """Credentials are resolved as the client is made: a credential_process that prints no JSON raised the bare
+    `Expecting value: line 1 column 1 (char 0)`, naming no profile; the profile and its process are named."""
+    import json
+
+    from botocore.exceptions import CredentialRetrievalError
+
+    try:
+        session.get_credentials()
+    except (json.JSONDecodeError, UnicodeDecodeError, CredentialRetrievalError) as err:
+        process = _credential_process(session)
+        if process is None:
+            raise
+        if isinstance(err, CredentialRetrievalError):
+            what = f"failed ({redact(str(err).strip().splitlines()[0])})"
+        else:
+            what = "printed no JSON credentials"
+        raise CredentialProcessError(f"AWS profile {session.profile_name!r}: its credential_process {what}; run it "
+                                     "by hand to see why") from None
 
 
 def transfer_config() -> Any:
@@ -288,6 +372,8 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
     from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
     from botocore.parsers import ResponseParserError
 
+    if isinstance(err, CredentialProcessError):
+        return CredentialProcessError(f"{uri}: {err} (while {action})")
     bucket = parse(uri).bucket
     ce = _client_error(err)
     if ce is not None:
@@ -436,6 +522,9 @@ def _no_room(err: BaseException | None) -> OSError | None:
     return None
 
 
+MANIFEST = "meta.json"  # a folder written with a manifest (an index) names its files in it: {"files": {name: ...}}
+
+
 def _download(uri: str, dest: Path, marker: str | None) -> Path:
     u = parse(uri)
     cfg = transfer_config()
@@ -445,17 +534,52 @@ def _download(uri: str, dest: Path, marker: str | None) -> Path:
             client().download_file(u.bucket, u.key, str(dest), Config=cfg)
         log.info("downloaded %s", uri)
         return dest
-    keys = list_keys(uri)
-    if marker is not None and marker not in keys:
-        raise MarkerMissing(f"{uri.rstrip('/')}: no {marker}")
+    listed = _manifest_files(uri, dest) if marker in (None, MANIFEST) else None
+    if listed is not None:
+        keys = listed  # what the manifest names, not whatever else shares the prefix (a 30 MB backup, a bucket)
+    else:
+        keys = list_keys(uri)
+        if marker is not None and marker not in keys:
+            raise MarkerMissing(f"{uri.rstrip('/')}: no {marker}")
     dest.mkdir(parents=True, exist_ok=True)
     for rel in keys:
         target = _inside(dest, rel, uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _errors(f"{uri.rstrip('/')}/{rel}", "downloading"):
-            client().download_file(u.bucket, u.join(rel).key, str(target), Config=cfg)
-    log.info("downloaded %s (%d objects)", uri, len(keys))
+        try:
+            with _errors(f"{uri.rstrip('/')}/{rel}", "downloading"):
+                client().download_file(u.bucket, u.join(rel).key, str(target), Config=cfg)
+        except FileNotFoundError:
+            if listed is None:  # listed a moment ago: gone since
+                raise
+            continue  # a file the manifest names but the prefix lacks: its reader names it
+    log.info("downloaded %s (%d objects)", uri, len(keys) + (listed is not None))
     return dest
+
+
+def _manifest_files(uri: str, dest: Path) -> list[str] | None:
+    """The files of the prefix `uri/` its MANIFEST names (downloaded first, to dest/MANIFEST, and only once); None
+    when the prefix holds no manifest, or one that names no files (then the whole prefix is read). Names must be
+    plain file names: the manifest never sends a read outside the prefix."""
+    import json
+
+    u = parse(uri)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with _errors(str(u.join(MANIFEST)), "downloading"):
+            client().download_file(u.bucket, u.join(MANIFEST).key, str(dest / MANIFEST), Config=transfer_config())
+    except FileNotFoundError:
+        return None
+    try:
+        files = json.loads((dest / MANIFEST).read_bytes()).get("files")
+    except (ValueError, AttributeError):  # not JSON, or not an object: the reader says what is wrong with it
+        return []
+    if not isinstance(files, dict | list) or not files:
+        return None
+    names = [str(name) for name in files]
+    for name in names:
+        if "/" in name or "\\" in name or name in (".", "..", MANIFEST) or not name:
+            raise ValueError(f"{uri.rstrip('/')}/{MANIFEST}: names {name!r} among its files; plain file names expected")
+    return names
 
 
 def check_writable(uri: str) -> None:

@@ -588,7 +588,8 @@ def clear_scratch() -> None:
 
 def local_input(uri: str | Path, marker: str | None = None) -> Path:
     """A local path holding `uri`: the path itself, or for s3:// a download of the object (or of every
-    object under the prefix, as a folder) into scratch, keeping the key's file name. Downloaded once
+    object under the prefix, as a folder; of a prefix holding a manifest such as an index's meta.json, only the
+    files it names: cmce.s3.download) into scratch, keeping the key's file name. Downloaded once
     per process until `clear_scratch`. `marker` (s3:// only): the prefix's completion marker, see
     cmce.s3.download; a local folder's marker is the caller's to check."""
     if scheme := s3.foreign_scheme(str(uri)):

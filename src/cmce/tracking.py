@@ -80,7 +80,7 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
         if not (isinstance(err, ValueError | OSError) or from_client(err)):
             raise
         # the step has written its outputs by now: say so, rather than let a failed step look like no step
-        reason = proxy_error(err, info.uri) or first_line(err)
+        reason = proxy_error(err, info.uri) or schema_error(err) or first_line(err)
         where = "" if info.uri in reason else f"{info.uri}: "
         raise ValueError(f"{where}{record.step}: its outputs are written but not tracked: {reason}") from err
 
@@ -173,6 +173,8 @@ def check_store(uri: str, create: bool = False) -> None:
                               timeout=LOCK_WAIT_S)
         try:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            rows = con.execute("SELECT version_num FROM alembic_version").fetchall() if MLFLOW_TABLES <= tables else []
+            revision = rows[0][0] if rows else None
         finally:
             con.close()
     except sqlite3.Error as err:
@@ -182,6 +184,40 @@ def check_store(uri: str, create: bool = False) -> None:
     if not MLFLOW_TABLES <= tables:
         raise ValueError(f"{uri}: {path} is a sqlite database of another application (no MLflow tables), "
                          "not an MLflow tracking store; it is left as it is")
+    _check_schema(uri, revision)
+
+
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """Every schema revision this MLflow knows: its migration scripts name them all."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store import db_migrations
+
+    return frozenset(s.revision for s in ScriptDirectory(os.path.dirname(db_migrations.__file__)).walk_revisions())
+
+
+def _check_schema(uri: str, revision: str | None) -> None:
+    """A store whose schema revision this MLflow does not know was made (or upgraded) by a newer MLflow: MLflow's
+    own answer, "out-of-date database schema … run 'mlflow db upgrade'", cannot apply. A known older revision is
+    left to MLflow, whose upgrade advice then holds."""
+    if revision is None or revision in known_revisions():
+        return
+    import mlflow
+
+    raise ValueError(f"{uri}: the store's schema (revision {revision}) was made by a newer MLflow than this one "
+                     f"({mlflow.__version__}); read it with that MLflow version; the store is left unchanged")
+
+
+def schema_error(err: BaseException) -> str | None:
+    """MLflow's out-of-date-schema error for a store of any database, reworded when the revision it found is
+    unknown here (a newer MLflow's): its 'mlflow db upgrade' advice cannot apply; else None."""
+    found = re.search(r"out-of-date database schema \(found version (\w+)", str(err))
+    if found is None or found.group(1) in known_revisions():
+        return None
+    import mlflow
+
+    return (f"the store's schema (revision {found.group(1)}) was made by a newer MLflow than this one "
+            f"({mlflow.__version__}); read it with that MLflow version")
 
 
 REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
@@ -245,8 +281,10 @@ def tracking_uri(run_dir: str | Path) -> str:
 # kept a step silent for many minutes; the user's own settings win
 # MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT: MLflow writes "View run … at: URL" to stdout as a run ends on an HTTP store;
 # no output of the command, and a failing stdout (`> /dev/full`, an ascii encoding) failed the tracking
+# MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR: a `models:/` read drew tqdm's "Downloading artifacts" bars on stderr, between
+# the log lines
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def _http_defaults() -> None:
@@ -600,7 +638,8 @@ def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
+        versions = [v for v in client.search_model_versions(f"name='{name}'")
+                    if v.tags.get("sha256") == sha256 and v.status == READY]  # a failed registration holds nothing
     except MlflowException:
         return None
     return str(max(int(v.version) for v in versions)) if versions else None
@@ -643,9 +682,20 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
 
     tracking = tracking or os.environ["MLFLOW_TRACKING_URI"]  # one of them is set (require_registry)
     mlflow.set_tracking_uri(tracking)  # the process-wide one may be an earlier command's, and wins over the variable
+    # "No artifacts found to download": a version whose source is the file itself; cmce reads that file below
+    logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.ERROR)
     dst = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        version = ready_version(mlflow.MlflowClient(tracking_uri=tracking), uri)
+        pinned = uri if version is None else f"models:/{version.name}/{version.version}"  # the alias may move
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
+        if version is not None and local.is_dir() and not any(local.iterdir()):
+            # registered from the checkpoint file itself (runs:/RUN/path/query.pt, a file path): MLflow lists
+            # the source as a folder and finds nothing in it; the source is read as the one file it is
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
+            if local.is_file() and file_format(local) not in ("checkpoint", "onnx"):  # what cmce registers
+                raise ValueError(f"{uri}: the registered version's source {version.source} is a file but not a "
+                                 "cmce checkpoint")
     except Exception as err:
         if not (isinstance(err, MlflowException) or from_client(err)):
             raise
@@ -661,6 +711,27 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     return files[0]
 
 
+READY = "READY"
+
+
+def ready_version(client: Any, uri: str) -> Any:
+    """The registered version a `models:/` URI names (its alias resolved), refused (ValueError) unless READY: a
+    version whose registration failed or is pending holds no model (or not yet) and was used without a word.
+    None for a URI that names no registered version (a logged model's `models:/m-…`)."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    resolved = get_model_name_and_version(client, uri)
+    if len(resolved) != 2:
+        return None
+    version = client.get_model_version(*resolved)
+    if version.status != READY:
+        message = (version.status_message or "").strip()
+        why = f" ({message.splitlines()[0][:200]})" if message else ""
+        raise ValueError(f"{uri}: version {version.version} of {version.name} is {version.status}{why}, not READY: "
+                         "its registration did not finish; point the alias at a READY version")
+    return version
+
+
 def _registry_error(err: BaseException, tracking: str) -> str:
     """A failed registry read, naming the registry (an HTTP server that is not MLflow answered a bare 404) and,
     when the artifacts' S3 endpoint cannot be reached, the variable that names it for MLflow."""
@@ -668,6 +739,8 @@ def _registry_error(err: BaseException, tracking: str) -> str:
 
     if proxied := proxy_error(err, registry_of(tracking)):
         return proxied
+    if newer := schema_error(err):
+        return f"registry {registry_of(tracking)}: {newer}"
     text = first_line(err)
     registry = registry_of(tracking)
     reason = text if registry in text else f"registry {registry}: {text}"
@@ -693,9 +766,9 @@ def alias_version(uri: str) -> str:
     require_registry(uri)
     from mlflow import MlflowClient
 
-    name, alias = uri.removeprefix("models:/").split("@", 1)
+    _http_defaults()
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not an earlier command's set_tracking_uri
-    return str(client.get_model_version_by_alias(name, alias).version)
+    return str(ready_version(client, uri).version)
 
 
 def registered_checkpoints(cfg: Any, uri: str, alias: str = ALIAS) -> tuple[Path, list[Path]]:
