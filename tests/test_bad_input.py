@@ -2961,6 +2961,9 @@ def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, 
         with pytest.raises(IndexLoadError, match=f"s3://{bucket}: not a complete index"):
             load_index(f"s3://{bucket}")
         assert fetched == []
+        fails(caplog, ["search", "--index", f"s3://{bucket}", "--query-model", world.query, "--dataset", world.dataset,
+                       "--limit", "1"], tmp_path / "unused", f"s3://{bucket}: not a complete index (no meta.json)")
+        assert fetched == []  # the command's own read of --index: the bucket was downloaded whole
         put(Bucket=bucket, Key="bad/meta.json", Body=json.dumps({"files": {"../idx8/index.faiss": "0"}}).encode())
         with pytest.raises(ValueError, match=r"bad/meta.json: names '../idx8/index.faiss' among its files"):
             load_index(f"s3://{bucket}/bad")

@@ -190,6 +190,18 @@ def _in(uri: str) -> Path:
     return local_input(uri)
 
 
+def _index_in(uri: str) -> Path:
+    """An index folder: on S3, a prefix without its meta.json is refused before anything is downloaded (a bucket
+    root given as --index was downloaded whole, then called not an index)."""
+    from cmce.s3 import MarkerMissing
+
+    try:
+        return local_input(uri, marker="meta.json")
+    except MarkerMissing:
+        raise ValueError(f"{uri.rstrip('/')}: not a complete index (no meta.json): not an index, or its build or "
+                         "upload did not finish; build it again") from None
+
+
 def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None,
          own: tuple[str, ...] | None = None, writes: str | None = None, kinds: tuple[str, ...] = ()) -> Path:
     """The local path a step writes the output `uri` to, checked before any work (cmce.storage.check_output;
@@ -381,7 +393,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from cmce.search import search_images
 
     images = [(p, _in(p)) for p in args.images]
-    for hit in search_images(_in(args.index), _model(args.query_model), images,
+    for hit in search_images(_index_in(args.index), _model(args.query_model), images,
                              _in(args.dataset) if args.dataset else None, args.split, args.limit, args.k,
                              _in(args.gallery) if args.gallery else None):
         _say(json.dumps(hit) + "\n")
@@ -395,7 +407,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-queries {args.max_queries} × --max-k {args.max_k} allows more than {MAX_HITS:,} "
                          "hits in one answer; lower one of them")
     limits = Limits(args.max_queries, args.max_k, args.max_body_bytes, args.max_image_pixels)
-    opts = ServeOptions(_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
+    opts = ServeOptions(_index_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
                         args.port, args.reload_interval, limits, args.access_log, args.search_threads)
     if is_remote(args.index):
         log.info("an s3:// index is served as downloaded at start; restart the server to serve a new one")
@@ -415,7 +427,7 @@ def _seconds(text: str) -> float:
     return value
 def cmd_export_query(args: argparse.Namespace) -> StepRecord:
     inputs = stages.ExportInputs(_model(args.query_model), _in(args.check_dataset) if args.check_dataset else None,
-                                 _in(args.check_index) if args.check_index else None, args.split)
+                                 _index_in(args.check_index) if args.check_index else None, args.split)
     if inputs.check_index and not inputs.check_dataset:
         raise ValueError("--check-index needs --check-dataset (the images to search it with)")
     record = stages.export_query(inputs, stages.ExportOutputs(_out(args, args.out, writes="onnx")))
