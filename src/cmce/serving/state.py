@@ -86,6 +86,8 @@ class QueryModelSource:
 
         try:
             version = alias_version(self.uri)
+        except ValueError:  # cmce's own refusal (a version not READY), which names the URI already
+            raise
         except Exception as err:  # noqa: BLE001 - MLflow's errors are not ValueErrors; the caller's is one line
             raise ValueError(f"{self.uri}: cannot read the alias from the model registry: {err}") from None
         return f"{self.uri.split('@', 1)[0]}/{version}"
