@@ -232,6 +232,22 @@ def test_a_config_value_that_is_shell_text_is_refused_never_run(tmp_path, value)
     _refused(_project_with(tmp_path / "b", _set(("batch_size", value))), "embed_member@resnet", "batch_size")
 
 
+def test_a_name_that_climbs_out_of_artifacts_deletes_nothing(tmp_path):
+    """A gallery key `../../victim` made the output `artifacts/models/../../victim.pt`: DVC deleted the stage's
+    outputs before its command ran, so `victim.pt` at the project's root was gone before cmce refused the name."""
+    repo = _project_with(tmp_path / "g", _gallery_key("../../victim"))
+    _stand_ins(repo)
+    for name in ("victim.pt", "victim.parquet"):
+        (repo / name).write_bytes(b"the user's file")
+    for stage in ("train_gallery", "fit_transform", "embed_member"):  # refused by DVC's params check or by cmce
+        assert _dvc(repo, "repro", "--single-item", f"{stage}@../../victim").returncode != 0
+        assert all((repo / name).read_bytes() == b"the user's file" for name in ("victim.pt", "victim.parquet")), stage
+    repo = _project_with(tmp_path / "q", _set(("query_model.name", "../../victim")))
+    (repo / "victim.pt").write_bytes(b"the user's file")
+    _refused(repo, "train_query", "query_model.name")
+    assert (repo / "victim.pt").read_bytes() == b"the user's file"
+
+
 def test_a_model_name_with_a_space_is_named_by_its_key(tmp_path):
     """`query v2` split into two arguments: `cmce: unrecognized arguments: v2 v2.pt`, no key named."""
     error = _refused(_project_with(tmp_path / "q", _set(("query_model.name", "query v2"))), "train_query",

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log_to_stderr()
     p = OneLineParser(prog="python -m cmce.dvc_stage", description=__doc__.splitlines()[0])
-    p.add_argument("--make-dir", default=None, metavar="DIR", help="create this folder first (an output folder a "
-                   "step may leave empty)")
+    p.add_argument("--make-dir", default=None, metavar="DIR", help="the stage's output folder, which a step may "
+                   "leave empty: emptied (DVC keeps it: persist) and made, once the config is checked")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the cmce command line, with {placeholders}")
     args = p.parse_args(argv)
     stage = os.environ.get("DVC_STAGE")
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         log.error("%s: %s", where, err)
         return 2
-    if make_dir:
+    if make_dir:  # a student of an earlier run must not stay behind when this one trains none (kd.enabled: false)
+        shutil.rmtree(make_dir, ignore_errors=True)
         Path(make_dir).mkdir(parents=True, exist_ok=True)
     log.info("%s: cmce %s", where, shlex.join(command))
     from cmce.cli import main as cmce
