@@ -2971,3 +2971,18 @@ def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, 
     finally:
         client.meta.events.unregister("provide-client-params.s3.GetObject", record)
         clear_scratch()
+
+
+def test_the_resume_file_of_an_output_is_checked_as_an_output(world, tmp_path, caplog):
+    """`train --dataset q.pt.resume --out q.pt` deleted the dataset (the training's resume file is `<out>.resume`),
+    and fit-transform's resume file overwrote its own `--train-embeddings-out T.pt.resume`, then was removed."""
+    dataset = Path(shutil.copy(world.dataset, tmp_path / "q.pt.resume"))
+    kept = dataset.read_bytes()
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", dataset, "--model", "query", "--out", tmp_path / "q.pt"],
+          tmp_path / "q.pt", f"--out's resume file {dataset} would write over the input --dataset {dataset}")
+    assert dataset.read_bytes() == kept
+    out = tmp_path / "T.pt"
+    fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--query-model", world.query,
+                   "--gallery-model", world.gallery_models[0], "--out", out, "--train-embeddings-out",
+                   tmp_path / "T.pt.resume"], out, f"--train-embeddings-out {tmp_path / 'T.pt.resume'} and --out's "
+          f"resume file {tmp_path / 'T.pt.resume'} would write over each other")

@@ -37,6 +37,7 @@ from cmce.errors import (
     unclaimed_ending_signals,
 )
 from cmce.records import StepRecord
+from cmce.resume import resume_path
 from cmce.s3 import foreign_scheme, scheme_error
 from cmce.storage import (
     check_output,
@@ -84,6 +85,8 @@ INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_te
 MODEL_ARGS = ("query_model", "gallery_model", "kd_teacher", "transform", "kd", "baseline_query_model")  # models:/ too
 MODEL_URIS = "a checkpoint is a path, an s3:// object or models:/NAME@ALIAS (or /VERSION); no other URI"
 OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
+RESUMES = ("train", "fit-transform")  # they keep their state in `<out>.resume` while they train (cmce.resume)
+RESUME_FILE = "resume_file"
 # the lifecycle steps may replace the gallery they grow: the new one is written aside and renamed over it
 REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
 
@@ -152,6 +155,8 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
                 for v in (value if isinstance(value, list) else [value])]
 
     def flag(name: str) -> str:
+        if name == RESUME_FILE:
+            return "--out's resume file"
         return "a shard file" if name == "shard_file" else f"--{name.replace('_', '-')}"
 
     inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
@@ -162,7 +167,10 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             raise ValueError(scheme_error(value, scheme, flag(name)))
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
-    for out_name, out in named(outputs):
+    written = named(outputs)
+    if args.command in RESUMES and args.out and not is_remote(args.out):  # `<out>.resume`, written during training
+        written.append((RESUME_FILE, str(resume_path(args.out))))
+    for out_name, out in written:
         if out == "-":  # the usual name of standard output: a file called "-" was written in the working folder
             raise ValueError(f"{flag(out_name)} -: outputs are files or folders here, not standard output; give a name")
         if (held := _working_folder_under(out)) is not None:  # `--out .`: the folder a step would replace or fill
@@ -176,7 +184,6 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             if _inside_folder(out, inp):  # the next build of that folder refused the stranger it then held
                 raise ValueError(f"{flag(out_name)} {out} is inside the input folder {flag(in_name)} {inp}; "
                                  "write it elsewhere")
-    written = named(outputs)
     for k, (out_name, out) in enumerate(written):
         for other_name, other in written[k + 1:]:
             if _clashes(out, other) or _clashes(other, out):
