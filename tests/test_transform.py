@@ -85,3 +85,19 @@ def test_fit_transform_step_adds_augmented_views_to_the_fitting_pairs(smoke_run,
         stages.fit_transform(cfg, stages.FitInputs(lay.dataset, lay.model("query"), lay.model(lay.gallery_names[0])),
                              stages.FitOutputs(tmp_path / f"T{views}.pt"))
     assert seen == [(n, n, n), (3 * n, 3 * n, 3 * n)]
+
+
+def test_a_batch_of_one_row_is_refused_before_fitting_hidden_layers(tmp_path):
+    """`transform.batch_size=1` (or one training pair) failed deep in BatchNorm, after the embedding work:
+    "Expected more than 1 value per channel when training", naming no key."""
+    from cmce.config import ConfigError, load_config
+
+    rng = np.random.default_rng(0)
+    g, q = rng.normal(size=(1, 8)).astype(np.float32), rng.normal(size=(1, 4)).astype(np.float32)
+    one_row = r"^transform.batch_size 64: 1 row\(s\) a step .* \(transform.depth 2\) normalise"
+    with pytest.raises(ValueError, match=one_row):
+        fit_transformation(g, q, np.zeros(1, np.int64), torch.zeros(3, 4), TransformConfig(batch_size=64, depth=2))
+    mlp, _ = fit_transformation(g, q, np.zeros(1, np.int64), torch.zeros(3, 4), TransformConfig(depth=1, epochs=1))
+    assert mlp is not None  # a linear map has no batch statistics: one row fits
+    with pytest.raises(ConfigError, match=r"transform.batch_size 1: the hidden layers \(transform.depth 2\)"):
+        load_config(SMOKE, {"transform.batch_size": 1})

@@ -408,6 +408,9 @@ def _validate(cfg: Config, where: str) -> None:
     taken = sorted(students & set(seen))
     if taken:  # models/kd_<g>.pt is the KD student of gallery model g
         raise ConfigError(f"{where}: model name(s) {taken} would be overwritten by the KD student of a gallery model")
+    if cfg.transform.depth > 1 and cfg.transform.batch_size < 2:  # checked per rank again when fitting
+        raise ConfigError(f"{where}: transform.batch_size 1: the hidden layers (transform.depth "
+                          f"{cfg.transform.depth}) normalise over the batch (BatchNorm); give at least 2")
     if cfg.index.reject_fraction > 0 and len(cfg.gallery_models) < 2:  # one member's uncertainty is 0 everywhere
         raise ConfigError(f"{where}: index.reject_fraction {cfg.index.reject_fraction} rejects by uncertainty, which "
                           f"needs at least 2 gallery models; got {len(cfg.gallery_models)}")

@@ -103,6 +103,10 @@ def fit_transformation(
             raise ValueError(f"{name} embeddings contain NaN or inf values")
     ctx = ddp.current()
     ddp.check_batch_size(cfg.batch_size, ctx, "transform.batch_size")
+    per_rank = min(cfg.batch_size, len(gallery_emb)) // (ctx.world_size if ctx.enabled else 1)
+    if cfg.depth > 1 and per_rank < 2:  # BatchNorm: "Expected more than 1 value per channel when training"
+        raise ValueError(f"transform.batch_size {cfg.batch_size}: {per_rank} row(s) a step on each rank, but the "
+                         f"hidden layers (transform.depth {cfg.depth}) normalise over the batch; give at least 2")
     device = devices.current()
     torch.manual_seed(seed)
     g = torch.from_numpy(np.array(gallery_emb, dtype=np.float32)).to(device)
