@@ -2986,3 +2986,12 @@ def test_the_resume_file_of_an_output_is_checked_as_an_output(world, tmp_path, c
                    "--gallery-model", world.gallery_models[0], "--out", out, "--train-embeddings-out",
                    tmp_path / "T.pt.resume"], out, f"--train-embeddings-out {tmp_path / 'T.pt.resume'} and --out's "
           f"resume file {tmp_path / 'T.pt.resume'} would write over each other")
+
+
+def test_a_path_that_is_not_utf8_is_named_before_any_work(world, tmp_path, caplog):
+    """`combine --out $'o/f9\\xff\\xfe.parquet'` (bytes a Linux file system allows) was "'utf-8' codec can't encode
+    characters in position 24-25: surrogates not allowed", naming no file or flag."""
+    out = Path(os.fsdecode(bytes(tmp_path / "f9") + b"\xff\xfe.parquet"))
+    fails(caplog, ["combine", "--member", world.members[0], "--member", world.members[1], "--out", out], tmp_path / "x",
+          f"--out {ascii(str(out))}: the name is not valid UTF-8, which Arrow and Parquet need; rename it")
+    assert not os.path.lexists(out)

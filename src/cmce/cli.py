@@ -161,6 +161,11 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
 
     inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
     for name, value in named(inputs) + named(outputs):  # s3a://, S3://, gs://: else a relative local path
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system allowed: Arrow failed on them naming nothing
+            raise ValueError(f"{flag(name)} {ascii(value)}: the name is not valid UTF-8, which Arrow and Parquet "
+                             "need; rename it") from None
         if name in MODEL_ARGS and foreign_scheme(value) and not value.startswith("models:/"):
             raise ValueError(f"{flag(name)} {value}: {MODEL_URIS}")
         if name not in MODEL_ARGS and (scheme := foreign_scheme(value)):
