@@ -521,8 +521,9 @@ class Unchanged:
     def check(self) -> None:
         for p, was in zip(self.paths, self.before, strict=True):
             if stat_identity(p) != was:
-                raise ValueError(f"{p}: was replaced or changed while this step read it; nothing written, run it "
-                                 "again")
+                # not "nothing written": `cmce run` has put its earlier stages' outputs in place by then
+                raise ValueError(f"{p}: was replaced or changed while this step read it; the output it was writing "
+                                 "was not put in place; run it again")
 
     def refresh(self, path: Path) -> None:
         for k, p in enumerate(self.paths):
