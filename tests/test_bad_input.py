@@ -2995,3 +2995,18 @@ def test_a_path_that_is_not_utf8_is_named_before_any_work(world, tmp_path, caplo
     fails(caplog, ["combine", "--member", world.members[0], "--member", world.members[1], "--out", out], tmp_path / "x",
           f"--out {ascii(str(out))}: the name is not valid UTF-8, which Arrow and Parquet need; rename it")
     assert not os.path.lexists(out)
+
+
+def test_an_output_something_is_mounted_on_is_refused_before_the_work(world, tmp_path, caplog):
+    """`--out o/out.pt` with a file bind-mounted onto it trained, then failed renaming onto it:
+    `[Errno 16] Device or resource busy` (os.path.ismount does not see a file mounted on the same device)."""
+    out, source = tmp_path / "out.pt", tmp_path / "src.pt"
+    out.write_bytes(b"")
+    source.write_bytes(b"")
+    if subprocess.run(["mount", "--bind", str(source), str(out)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts are not permitted here")
+    try:
+        fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out], out,
+              f"{out}: is a mount point, which cannot be replaced; give another path")
+    finally:
+        subprocess.run(["umount", str(out)], check=True)

@@ -283,6 +283,20 @@ def parquet_kind(path: Path | object) -> str | None:
     return meta.get("kind") if isinstance(meta.get("kind"), str) else "dataset" if "protocol" in meta else None
 
 
+def _mounted_on(path: Path) -> bool:
+    """Whether something is mounted on `path` (a file bind-mounted onto another, which os.path.ismount does not
+    see: same device), from the kernel's table; False where there is none."""
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return False
+    here = os.path.realpath(path)
+    # field 5 is the mount point, with space, tab, newline and backslash written as octal escapes
+    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
+              for line in table.splitlines() if len(line.split()) > 4}
+    return here in points
+
+
 def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | None = None,
                  writes: str | None = None, kinds: tuple[str, ...] = ()) -> None:
     """Before any work: refuse an output path the step could not write whole at the end, naming it. A folder
@@ -302,8 +316,9 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         raise ValueError(f"{text}: is a device, pipe or socket, not a file or folder to write")
     if target.is_symlink():  # outputs are renamed in: that replaces the link (/dev/stdout, say), not what it names
         raise ValueError(f"{text}: is a symbolic link; give the path it points to")
-    if is_dir and target.is_dir() and os.path.ismount(target):  # a folder is replaced whole by renaming
-        raise ValueError(f"{text}: is a mount point, which cannot be replaced; give a folder inside it")
+    if target.exists() and (os.path.ismount(target) or _mounted_on(target)):  # outputs are renamed in: EBUSY
+        inside = "a folder inside it" if target.is_dir() else "another path"
+        raise ValueError(f"{text}: is a mount point, which cannot be replaced; give {inside}")
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
     found = file_format(target) if writes and target.is_file() else None
