@@ -37,3 +37,16 @@ def test_a_null_row_in_a_fixed_size_list_column_is_named(tmp_path):
     with pytest.raises(TableError, match=f"^{message}"):
         read_table(path)
     assert read_table(path, ["id"]).num_rows == 5  # the other columns read as before
+
+
+def test_a_symbolic_link_to_nothing_is_named_as_such(tmp_path):
+    """A link loop (`ln -s zz.pt zz.pt`) or a dangling link was "file not found" beside a file the user can see."""
+    from cmce.tables import read_metadata
+
+    (tmp_path / "loop.parquet").symlink_to("loop.parquet")
+    (tmp_path / "dangling.parquet").symlink_to("gone.parquet")
+    for name in ("loop.parquet", "dangling.parquet"):
+        with pytest.raises(TableError, match="a symbolic link to nothing .*; file not found"):
+            read_metadata(tmp_path / name)
+    with pytest.raises(TableError, match=r"absent.parquet: file not found$"):
+        read_metadata(tmp_path / "absent.parquet")

@@ -283,6 +283,14 @@ def parquet_kind(path: Path | object) -> str | None:
     return meta.get("kind") if isinstance(meta.get("kind"), str) else "dataset" if "protocol" in meta else None
 
 
+def not_found(path: str | Path, what: str = "file") -> str:
+    """Why a path names nothing: `<what> not found`, or a symbolic link to nothing (its target gone, or links in a
+    loop), which `exists()` also calls missing."""
+    if os.path.islink(path):
+        return f"a symbolic link to nothing (its target is missing, or the links loop); {what} not found"
+    return f"{what} not found"
+
+
 def _mounted_on(path: Path) -> bool:
     """Whether something is mounted on `path` (a file bind-mounted onto another, which os.path.ismount does not
     see: same device), from the kernel's table; False where there is none."""

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from cmce.errors import first_line
 from cmce.provenance import check_metadata
-from cmce.storage import atomic_path, open_regular
+from cmce.storage import atomic_path, not_found, open_regular
 
 
 class TableError(ValueError):
@@ -56,7 +56,7 @@ def write_table(table: pa.Table, path: str | Path, row_group_size: int = 8192) -
 def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        raise TableError(f"{path}: file not found")
+        raise TableError(f"{path}: {not_found(path)}")
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
@@ -82,7 +82,7 @@ def read_schema(path: str | Path, columns: list[str] | None = None) -> pa.Schema
     """The file's schema, after checking that it is a Parquet file holding `columns`."""
     path = Path(path)
     if not path.exists():
-        raise TableError(f"{path}: file not found")
+        raise TableError(f"{path}: {not_found(path)}")
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
@@ -102,7 +102,7 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str, optional: lis
     try:
         f = open_regular(path)  # a pipe named like the file would block for ever
     except FileNotFoundError:
-        raise TableError(f"{path}: file not found") from None
+        raise TableError(f"{path}: {not_found(path)}") from None
     except OSError as err:
         raise TableError(f"{path}: {err.strerror}") from None
     with f:
