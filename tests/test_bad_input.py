@@ -267,6 +267,19 @@ def test_an_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, caplog):
     assert main(["prepare-data", *[str(a) for a in imagefolder_args(root)], "--out", str(out)]) == 0  # default
 
 
+def test_an_image_file_larger_than_the_pixel_limit_allows_is_refused_unread(tmp_path, caplog):
+    """A 5 GB sparse file named big.png ran the import out of memory (a MemoryError traceback): no image within
+    data.max_image_pixels takes that many bytes, so it is refused from its size, unread."""
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    big = root / "dog" / "big.png"
+    size = 50_000 * 8 + (16 << 20) + 1  # 8 bytes a pixel and 16 MiB of metadata, plus one byte
+    with open(big, "wb") as f:
+        f.truncate(size)  # sparse: no disk used
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--set", "data.max_image_pixels=50000", "--out", out],
+          out, f"{big}: a file of {size:,} bytes, more than an image of data.max_image_pixels (50,000) pixels takes")
+
+
 def test_image_modes_are_converted(tmp_path):
     """Grey, RGB(A), palette, bilevel, 16-bit and 32-bit-integer grey, CMYK: all imported, decoded to the
     model's channels with a fixed scale (16-bit: x·255/65535; transparency on white)."""
@@ -3010,3 +3023,24 @@ def test_an_output_something_is_mounted_on_is_refused_before_the_work(world, tmp
               f"{out}: is a mount point, which cannot be replaced; give another path")
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "18790481920 bytes. Error code 12 (Cannot allocate memory)")])
+def test_running_out_of_memory_is_one_line(world, tmp_path, caplog, monkeypatch, error):
+    """A 6 GB sparse config, a 5 GB image, an image size of 2048: tracebacks ending in MemoryError or torch's
+    `DefaultCPUAllocator: can't allocate memory`, where no check could foresee the machine's memory."""
+    import cmce.stages
+
+    def hungry(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cmce.stages, "build_gallery_index", hungry)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["build-index", "--gallery", str(world.gallery), "--out", str(tmp_path / "index")]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("cmce build-index: out of memory") and "\n" not in errors[0]
+    assert "18790481920 bytes" in errors[0] or isinstance(error, MemoryError)
+    assert not (tmp_path / "index").exists()

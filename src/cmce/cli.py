@@ -889,9 +889,19 @@ def main(argv: list[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
         return 2
+    except MemoryError:  # a setting or file that asks for more than this machine has: one line, not a traceback
+        if args.debug:
+            raise
+        log.error("cmce %s: out of memory (MemoryError); a smaller batch, image size or input, or a larger machine",
+                  args.command)
+        return 1
     except Exception as err:  # noqa: BLE001 - only the tracking/storage clients' own errors, re-raised otherwise
         if not args.debug and (signum := received_signal()) is not None:
             return _interrupted(args, signum)
+        if not args.debug and isinstance(err, RuntimeError) and "can't allocate memory" in str(err):  # torch's
+            log.error("cmce %s: out of memory: %s; a smaller batch, image size or input, or a larger machine",
+                      args.command, one_line(str(err)))
+            return 1
         if not args.debug and (lost := ddp.lost_peer(err)):  # a rank killed: one line, not gloo's traceback
             log.error("cmce %s: %s", args.command, lost)
             return 1

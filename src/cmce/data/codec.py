@@ -47,6 +47,16 @@ def pixel_limit(max_pixels: int, name: str = "data.max_image_pixels") -> Iterato
         _max_pixels, _limit_name = previous
 
 
+def read_image_file(path: Path) -> bytes:
+    """An image file's bytes, refused unread when it is larger than any image within the pixel limit can be
+    (8 bytes a pixel, 16-bit RGBA stored raw, and 16 MiB of metadata): a 5 GB file ran the import out of memory."""
+    size, cap = path.stat().st_size, _max_pixels * 8 + (16 << 20)
+    if size > cap:
+        raise DataError(f"{path}: a file of {size:,} bytes, more than an image of {_limit_name} ({_max_pixels:,}) "
+                        "pixels takes; refused unread")
+    return path.read_bytes()
+
+
 # formats a user may well send that Pillow does not read: (signature offset, signature, name)
 OTHER_FORMATS = ((4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"),
                  (4, b"ftypavif", "AVIF"), (0, b"%PDF", "PDF"), (0, b"<svg", "SVG"), (0, b"<?xml", "SVG or other XML"),

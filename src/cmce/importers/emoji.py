@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data.codec import to_png
+from cmce.data.codec import read_image_file, to_png
 from cmce.data.schema import DataError, RawImages
 from cmce.importers import inside_root
 
@@ -255,7 +255,7 @@ def import_emoji(path: str | Path) -> RawImages:
                 inside_root(f, real_root, "data root")
                 ids.append(f"{vendor}/{Path(name).stem}")
                 labels.append(label_of[unified])
-                images.append(to_png(f.read_bytes(), f))
+                images.append(to_png(read_image_file(f), f))
                 domains.append(vendor)
     log.info("emoji: %d classes; images per vendor %s", len(classes),
              {v: domains.count(v) for v in VENDORS})

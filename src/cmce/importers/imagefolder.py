@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data.codec import to_png
+from cmce.data.codec import read_image_file, to_png
 from cmce.data.schema import DataError, RawImages
 from cmce.importers import inside_root
 
@@ -100,7 +100,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 if not f.is_file():  # a pipe or device named like an image: reading it could block
                     raise DataError(f"{f}: not a regular file")
                 inside_root(_utf8(f, root), real_root)
-                images.append(to_png(f.read_bytes(), f))
+                images.append(to_png(read_image_file(f), f))
                 rel = f.relative_to(root).as_posix()
                 ids.append(rel)
                 labels.append(index[cls])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data.codec import open_image, to_png
+from cmce.data.codec import open_image, read_image_file, to_png
 from cmce.data.schema import DataError, RawImages
 from cmce.importers import inside_root
 
@@ -75,7 +75,7 @@ def _image(root: Path, real_root: Path, rel: str, where: str) -> bytes:
     if not f.is_file():
         raise DataError(f"{f}: image listed at {where} not found")
     inside_root(f, real_root, "data root")
-    data = f.read_bytes()
+    data = read_image_file(f)
     img = open_image(data, f)  # decodes fully: a truncated file fails here, naming it
     if img.format == "JPEG" and img.mode in ("RGB", "L"):
         return data  # re-encoding photos as PNG would only make them several times larger
