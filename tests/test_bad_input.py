@@ -2979,7 +2979,7 @@ def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, 
         assert fetched == []  # the command's own read of --index: the bucket was downloaded whole
         for index in (f"s3://{bucket}/idx8/meta.json", world.index / "meta.json"):  # its meta.json, not the folder
             fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset,
-                           "--limit", "1"], tmp_path / "unused", f"{index}: is a file; --index takes the index's folder")
+                           "--limit", "1"], tmp_path / "unused", f"{index}: is a file; --index takes the index's")
         put(Bucket=bucket, Key="bad/meta.json", Body=json.dumps({"files": {"../idx8/index.faiss": "0"}}).encode())
         with pytest.raises(ValueError, match=r"bad/meta.json: names '../idx8/index.faiss' among its files"):
             load_index(f"s3://{bucket}/bad")
@@ -3047,3 +3047,16 @@ def test_running_out_of_memory_is_one_line(world, tmp_path, caplog, monkeypatch,
     assert len(errors) == 1 and errors[0].startswith("cmce build-index: out of memory") and "\n" not in errors[0]
     assert "18790481920 bytes" in errors[0] or isinstance(error, MemoryError)
     assert not (tmp_path / "index").exists()
+
+
+def test_a_scratch_folder_inside_the_output_is_named_as_tmpdir(world, tmp_path, caplog, monkeypatch):
+    """TMPDIR inside build-index's --out: the step made its scratch folder there, then refused the folder for
+    holding `cmce-scratch-…`, "which this step does not write", blaming a folder cmce itself had made."""
+    import tempfile
+
+    out = tmp_path / "index"
+    (out / "tmp").mkdir(parents=True)
+    for scratch in (out / "tmp", out):
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+        fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out], out,
+              f"TMPDIR {scratch} is inside the output --out {out}: the step's scratch files would be written into it")

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,12 @@ def _working_folder_under(out: str) -> Path | None:
     return here.relative_to(o) if o == here or o in here.parents else None
 
 
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies under it (both local)."""
+    p, f = _resolved(Path(path)), _resolved(Path(folder))
+    return p == f or f in p.parents
+
+
 def _inside_folder(out: str, inp: str) -> bool:
     if is_remote(out) or is_remote(inp) or ":/" in inp or not Path(inp).is_dir():
         return False
@@ -181,6 +188,9 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
         if (held := _working_folder_under(out)) is not None:  # `--out .`: the folder a step would replace or fill
             raise ValueError(f"{flag(out_name)} {out} {'is' if held == Path('.') else 'holds'} the working folder; "
                              "give the name of the file or folder to write")
+        if not is_remote(out) and _within(tempfile.gettempdir(), out):  # scratch downloads would land there
+            raise ValueError(f"TMPDIR {tempfile.gettempdir()} is inside the output {flag(out_name)} {out}: the step's "
+                             "scratch files would be written into it; set TMPDIR elsewhere")
         for in_name, inp in named(inputs):
             if args.command in REPLACES_GALLERY and (out_name, in_name) == ("out", "gallery"):
                 continue
