@@ -396,3 +396,90 @@ def test_a_bad_value_from_an_override_is_named_as_the_override(tmp_path, pairs, 
         load_config(bad, parse_overrides(["train.lr=0.1"]))
     with pytest.raises(ConfigError, match=r"^--index-type: index.type: 'annoy' is not one of"):  # a flag's value
         load_config(_write(tmp_path, GOOD), {"index.type": "annoy"}, {"index.type": "--index-type"})
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_path):
+    """load_config read a FIFO with read_text (it waited for a writer for ever) and /dev/zero until the memory ran
+    out (MemoryError traceback); a folder was IsADirectoryError. Each is refused, naming the file, at once."""
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def load(path):
+        try:
+            load_config(path)
+        except ConfigError as err:
+            outcome.append(str(err))
+
+    for path in (fifo, tmp_path, *[p for p in ("/dev/zero",) if os.path.exists(p)]):
+        reader = threading.Thread(target=load, args=(path,), daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+        assert not reader.is_alive(), f"load_config({path}) hangs"
+        assert outcome.pop() == f"{path}: is not a regular file (a folder, device, pipe or socket); give a file"
+
+
+def test_a_config_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
+    """A 6 GB sparse file given as --config was read whole: a MemoryError traceback under a memory limit."""
+    from cmce.config import MAX_CONFIG_BYTES
+
+    big = tmp_path / "sparse.yaml"
+    with open(big, "wb") as f:
+        f.truncate(MAX_CONFIG_BYTES + 1)  # sparse: takes no disk
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(big))}: a config file of {MAX_CONFIG_BYTES + 1:,} bytes; "
+                       rf"a config is at most {MAX_CONFIG_BYTES:,} bytes$"):
+        load_config(big)
+    big.write_text(GOOD + "# " + "x" * (MAX_CONFIG_BYTES - len(GOOD) - 3) + "\n")  # the limit itself is read
+    assert big.stat().st_size == MAX_CONFIG_BYTES
+    assert load_config(big).query_model.name == "q"
+
+
+def test_a_config_nested_past_the_depth_limit_is_named_with_its_file_and_line(tmp_path):
+    """`rejection_rates: [[[[…]]]]` 20,000 deep was a RecursionError traceback from PyYAML's composer, in a file
+    and through --set alike; a block mapping nested as deep is the same fault."""
+    from cmce.config import MAX_YAML_DEPTH, parse_overrides, read_yaml
+
+    deep = "[" * 20_000 + "]" * 20_000
+    path = _write(tmp_path, GOOD + f"evaluate:\n  rejection_rates: {deep}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid YAML: nested deeper than "
+                       rf"{MAX_YAML_DEPTH} levels(?s:.)*line 5, column"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set evaluate.rejection_rates: value .* is not valid YAML: nested"):
+        parse_overrides([f"evaluate.rejection_rates={deep}"])
+    block = "".join(f"{' ' * i}k{i}:\n" for i in range(5000)) + " " * 5000 + "v\n"
+    with pytest.raises(yaml.YAMLError, match="nested deeper than"):
+        read_yaml(block)
+    nested = "[" * (MAX_YAML_DEPTH - 1) + "1" + "]" * (MAX_YAML_DEPTH - 1)
+    value = read_yaml(nested)
+    for _ in range(MAX_YAML_DEPTH - 1):
+        value = value[0]
+    assert value == 1
+
+
+@pytest.mark.parametrize("text, means", [("010", 8), ("-07", -7), ("+010", 8), ("0_10", 8), ("00", 0), ("1:30", 90)])
+def test_an_integer_yaml_1_1_and_1_2_read_differently_is_refused_naming_its_line(tmp_path, text, means):
+    """`train: {epochs: 010}` trained 8 epochs without a word: YAML 1.1 (PyYAML) reads a leading zero as octal,
+    YAML 1.2 (DVC's reader of params.yaml) as decimal; `1:30` is 90 in 1.1 (base 60), text in 1.2."""
+    from cmce.config import parse_overrides
+
+    path = _write(tmp_path, GOOD + f"train:\n  epochs: {text}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid YAML: {re.escape(text)} is ambiguous: "
+                       rf"YAML 1.1 reads it as {means} (?s:.)*line 5, column 11"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"^--set train.epochs: value .* is not valid YAML: {re.escape(text)} is "
+                       "ambiguous"):
+        parse_overrides([f"train.epochs={text}"])
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("0o10", 8), ("-0o10", -8), ("0x1f", 31), ("1_000", 1000),
+                                         ("10", 10), ("'010'", "010"), ("08", "08"), ("010.5", 10.5)])
+def test_integers_yaml_reads_alike_keep_their_value(tmp_path, text, value):
+    """`0o10` is YAML 1.2's octal, the spelling an ambiguous `010` is told to use (PyYAML read it as text)."""
+    from cmce.config import read_yaml
+
+    assert read_yaml(f"k: {text}") == {"k": value}
+    if isinstance(value, int) and value > 0:
+        assert load_config(_write(tmp_path, GOOD + f"train:\n  epochs: {text}\n")).train.epochs == value

@@ -281,3 +281,66 @@ def test_a_stage_command_names_config_values_by_key_and_its_gallery_model_by_dvc
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and message in errors[0], errors
     assert list(tmp_path.iterdir()) == []
+
+
+def _stage_error(caplog, argv):
+    """The exit status and the one error line of `python -m cmce.dvc_stage argv`, run in a thread (a hang fails)."""
+    import threading
+
+    from cmce.dvc_stage import main
+
+    caplog.clear()
+    status = []
+    run = threading.Thread(target=lambda: status.append(main(argv)), daemon=True)
+    run.start()
+    run.join(timeout=30)
+    assert not run.is_alive(), f"{argv} hangs"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert status == [2] and len(errors) == 1, (status, errors)
+    return errors[0]
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_by_the_stage_as_by_cmce(tmp_path, caplog, monkeypatch):
+    """The stage read its config (Path.read_text) before any check: a FIFO hung it, /dev/zero was a MemoryError
+    traceback, `--config=` an IsADirectoryError traceback. Each is one line, as `cmce train` says it."""
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    tail = ["--model", "{query_model.name}", "--out", str(tmp_path / "o" / "m.pt")]
+    for config in (str(fifo), *[p for p in ("/dev/zero",) if os.path.exists(p)]):
+        for argv in (["train", "--config", config, *tail], ["train", f"--config={config}", *tail]):
+            error = _stage_error(caplog, argv)
+            assert error.endswith(f"{config}: is not a regular file or folder (a device, pipe or socket); give a file")
+    assert _stage_error(caplog, ["train", "--config=", *tail]).endswith(": --config: empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.yaml"]
+
+
+def test_a_make_dir_that_is_a_file_is_named_and_left_as_it_is(tmp_path, caplog, monkeypatch):
+    """`--make-dir o/afile` (a file) was a FileExistsError traceback."""
+    from tests.conftest import SMOKE
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    afile = tmp_path / "afile"
+    afile.write_text("the user's file")
+    tail = ["train", "--config", str(SMOKE), "--model", "{query_model.name}", "--out", str(tmp_path / "m.pt")]
+    error = _stage_error(caplog, ["--make-dir", str(afile), *tail])
+    assert error.endswith(f"--make-dir {afile}: is a file, not a folder")
+    assert afile.read_text() == "the user's file"
+    assert _stage_error(caplog, ["--make-dir=", *tail]).endswith(": --make-dir: empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_doubled_braces_are_literal_braces_in_a_stage_command(tmp_path, caplog, monkeypatch):
+    """`--out 'o/{run}.pt'` was refused as a placeholder, and a path holding braces could not be given at all."""
+    from cmce.config import load_config
+    from cmce.dvc_stage import resolve
+    from tests.conftest import SMOKE
+
+    cfg = load_config(SMOKE)
+    name = cfg.query_model.name
+    assert resolve(["o/{{run}}.pt", "{{{query_model.name}}}", "a}}{{b", "{{}}", "x{y"], cfg, None) == [
+        "o/{run}.pt", f"{{{name}}}", "a}{b", "{}", "x{y"]
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    error = _stage_error(caplog, ["train", "--config", str(SMOKE), "--out", str(tmp_path / "{run}.pt")])
+    assert "{run}: not a config value" in error
+    assert list(tmp_path.iterdir()) == []

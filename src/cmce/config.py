@@ -4,13 +4,16 @@ Every numeric key carries its valid range beside its default (`within("[1, inf)"
 element of a list); values outside it, NaN included, are refused at load time naming the key. Types are exact
 (an int key takes no 3.0 or True), lists hold at least one element, text is never blank, and the networks the
 size keys imply together stay within models.MAX_PARAMETERS. Model names are identifiers (they name files), and
-duplicate YAML keys are refused (merge keys `<<` work as YAML specifies).
+duplicate YAML keys are refused (merge keys `<<` work as YAML specifies). A config file is a regular file of at most
+MAX_CONFIG_BYTES, nested at most MAX_YAML_DEPTH levels. An integer YAML 1.1 and 1.2 read differently is refused:
+`010` (1.1: octal 8; 1.2, as DVC reads params.yaml: 10) and `1:30` (1.1: 90); `0o10` is octal 8 in both.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -83,8 +86,35 @@ def check_model_name(name: str, key: str) -> str:
     return name
 
 
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config is a few KB of text; a 6 GB (sparse) file was read whole
+MAX_YAML_DEPTH = 100  # a config nests a few levels; 20,000 brackets overflowed PyYAML's recursive composer
+_AMBIGUOUS_INT = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+)")  # YAML 1.1 octal, sexagesimal
+
+
+def _ambiguous(text: str, yaml11: int) -> str:
+    if ":" in text:
+        return (f"{text} is ambiguous: YAML 1.1 reads it as {yaml11} (base 60), YAML 1.2 as text; write {yaml11} "
+                f"or '{text}'")
+    sign, digits = ("-" if text.startswith("-") else ""), text.lstrip("+-")
+    return (f"{text} is ambiguous: YAML 1.1 reads it as {yaml11} (octal), YAML 1.2 as {int(text)}; write "
+            f"{int(text)} or {sign}0o{digits.lstrip('0_') or '0'}")
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys; a config with both is refused instead."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Nesting past MAX_YAML_DEPTH is a YAML error at its line (it was a RecursionError traceback)."""
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
@@ -103,7 +133,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        """A number past Python's 4300 digits raised a bare ValueError (no key, no line): a YAML error at its line."""
+        """A number past Python's 4300 digits raised a bare ValueError (no key, no line): a YAML error at its line.
+        So is an integer YAML 1.1 (PyYAML) and YAML 1.2 read differently: `010` was 8 without a word."""
+        text = str(node.value)
+        if _AMBIGUOUS_INT.fullmatch(text):
+            raise yaml.constructor.ConstructorError(None, None, _ambiguous(text, super().construct_yaml_int(node)),
+                                                    node.start_mark)
         try:
             return super().construct_yaml_int(node)
         except ValueError:
@@ -127,10 +162,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+# YAML 1.2's octal `0o10` (PyYAML read it as text), the spelling an ambiguous `010` is told to use
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0o[0-7_]+$"), list("-+0"))
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of config file `path`, refused unless a regular file (a FIFO hung, /dev/zero filled the memory) of
+    at most MAX_CONFIG_BYTES, checked before it is read."""
+    from cmce.storage import open_regular
+
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: a config file of {size:,} bytes; a config is at most "
+                                  f"{MAX_CONFIG_BYTES:,} bytes")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        if err.errno == errno.EINVAL:
+            raise ConfigError(f"{path}: is not a regular file (a folder, device, pipe or socket); give a file"
+                              ) from None
+        raise ConfigError(f"{path}: cannot read the config: {err.strerror or err}") from None
+    if len(data) > MAX_CONFIG_BYTES:  # grew while read
+        raise ConfigError(f"{path}: a config file over {MAX_CONFIG_BYTES:,} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
 
 
 def read_yaml(text: str) -> Any:
-    """yaml.safe_load, refusing duplicate keys (merge keys `<<` work as YAML specifies)."""
+    """yaml.safe_load, refusing duplicate keys (merge keys `<<` work as YAML specifies), nesting past
+    MAX_YAML_DEPTH and integers YAML 1.1 and 1.2 read differently."""
     loader = _UniqueKeyLoader(text)
     try:
         return loader.get_single_data()
@@ -617,12 +682,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
     """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values; `flags` names the command-line
     flag an override came from where it was not `--set KEY` (a fault it brings is blamed on that flag)."""
     path = Path(path)
+    text = read_config_text(path)
     try:
-        raw = read_yaml(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
+        raw = read_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(raw, dict):

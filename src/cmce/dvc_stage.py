@@ -6,6 +6,8 @@ in a `cmd` (`q1;touch X;#`, `query v2`) was shell text. Here the command line ho
 model of a `foreach` stage, read from DVC_STAGE (`train_gallery@resnet`), which DVC sets for each stage's
 command. The config (the command's `--config`, else `params.yaml`) is checked whole first, and each value
 becomes one argument of `cmce`, never shell text. A bad name is exit 2 and one line naming its key.
+`{{` and `}}` are literal braces, as in str.format: `--out 'o/{{run}}.pt'` writes `o/{run}.pt`.
+A config that is not a regular file, an empty `--config=`, a `--make-dir` that is a file: exit 2, one line.
 An entry point beside cli.py, as thin: it imports nothing of DVC and reads only that variable.
 """
 
@@ -23,10 +25,11 @@ from pathlib import Path
 import yaml
 
 from cmce.arguments import OneLineParser
-from cmce.config import Config, check_model_name, load_config, read_yaml
+from cmce.config import Config, check_model_name, load_config, read_config_text, read_yaml
+from cmce.storage import local_input
 
 log = logging.getLogger("cmce")
-PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}")  # `{{`, `}}`: literal braces
 DEFAULT_PARAMS = "params.yaml"  # DVC's own default params file, in the stage's folder
 
 
@@ -40,11 +43,11 @@ def params_file(command: list[str]) -> str:
     return DEFAULT_PARAMS
 
 
-def check_gallery_keys(path: str) -> None:
+def check_gallery_keys(path: str | Path) -> None:
     """The keys of the mapping form of `gallery_models` are model names (the config names them by position)."""
     try:
-        raw = read_yaml(Path(path).read_text())
-    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not YAML: load_config says so, naming the file
+        raw = read_yaml(read_config_text(path))
+    except (ValueError, yaml.YAMLError):  # not a regular file, too big, not YAML: load_config says so, naming it
         return
     models = raw.get("gallery_models") if isinstance(raw, dict) else None
     for name in models if isinstance(models, dict) else ():
@@ -69,7 +72,33 @@ def config_value(cfg: Config, dotted: str, stage: str | None) -> str:
 
 
 def resolve(args: list[str], cfg: Config, stage: str | None) -> list[str]:
-    return [PLACEHOLDER.sub(lambda m: config_value(cfg, m.group(1), stage), a) for a in args]
+    def value(m: re.Match[str]) -> str:
+        return config_value(cfg, m.group(1), stage) if m.group(1) else m.group(0)[0]  # `{{` → `{`, `}}` → `}`
+
+    return [PLACEHOLDER.sub(value, a) for a in args]
+
+
+def config_path(command: list[str]) -> Path:
+    """The local config file of `command`, checked as cmce checks it before reading (a FIFO hung here)."""
+    path = params_file(command)
+    if not path:
+        raise ValueError("--config: empty")
+    return local_input(path)
+
+
+def make_empty_dir(make_dir: str) -> None:
+    """Empty and make the stage's output folder: a student of an earlier run must not stay behind when this one
+    trains none (kd.enabled: false)."""
+    if not make_dir:
+        raise ValueError("--make-dir: empty")
+    folder = Path(make_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--make-dir {make_dir}: is a file, not a folder")
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--make-dir {make_dir}: {err.strerror or err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,17 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: no cmce command given", where)
         return 2
     try:
-        path = params_file(args.command)
+        path = config_path(args.command)
         check_gallery_keys(path)
         cfg = load_config(path)
         command = resolve(args.command, cfg, stage)
-        make_dir = resolve([args.make_dir], cfg, stage)[0] if args.make_dir else None
-    except ValueError as err:
+        if args.make_dir is not None:
+            make_empty_dir(resolve([args.make_dir], cfg, stage)[0])
+    except (OSError, ValueError) as err:
         log.error("%s: %s", where, err)
         return 2
-    if make_dir:  # a student of an earlier run must not stay behind when this one trains none (kd.enabled: false)
-        shutil.rmtree(make_dir, ignore_errors=True)
-        Path(make_dir).mkdir(parents=True, exist_ok=True)
     log.info("%s: cmce %s", where, shlex.join(command))
     from cmce.cli import main as cmce
 
