@@ -3060,3 +3060,22 @@ def test_a_scratch_folder_inside_the_output_is_named_as_tmpdir(world, tmp_path, 
         monkeypatch.setattr(tempfile, "tempdir", str(scratch))
         fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out], out,
               f"TMPDIR {scratch} is inside the output --out {out}: the step's scratch files would be written into it")
+
+
+@pytest.mark.parametrize("stat, value", [("running_var", -1.0), ("num_batches_tracked", -3)])
+@pytest.mark.parametrize("command", ["search", "export-query"])
+def test_a_negative_batchnorm_statistic_is_named_by_file_and_key_when_the_checkpoint_loads(world, tmp_path, caplog,
+                                                                                        stat, value, command):
+    obj = torch.load(world.query, weights_only=True)
+    state = dict(obj["state_dict"])
+    key = next(k for k in state if k.endswith(f".{stat}"))
+    tensor = state[key].clone()
+    tensor.view(-1)[0] = value
+    state[key] = tensor
+    bad = tmp_path / "q_neg.pt"
+    torch.save({**obj, "state_dict": state}, bad)
+    out = tmp_path / ("hits.jsonl" if command == "search" else "q.onnx")
+    argv = (["search", "--index", world.index, "--query-model", bad, "--dataset", world.dataset, "--limit", "1"]
+            if command == "search" else
+            ["export-query", "--query-model", bad, "--out", out, "--check-dataset", world.dataset])
+    fails(caplog, argv, out, f"{bad}: state_dict[{key!r}] holds negative values", "BatchNorm")

@@ -176,3 +176,32 @@ def test_hits_that_tie_may_swap_but_other_hits_may_not():
     apart = np.array([[0.9, 0.5, 0.4]] * 2)
     assert export.same_ranking(torch_ids, apart, onnx_ids, apart[:, [0, 2, 1]]) == [False, False]
     assert export.same_ranking([["a"]], np.array([[0.5]]), [["z"]], np.array([[0.5]])) == [True]  # cut at k
+
+
+def test_the_parity_batch_shrinks_with_the_image_size():
+    assert export.parity_batch_size(32, 256) == 256
+    assert export.parity_batch_size(2048, 256) == 4  # 256 such images took 18.8 GB on the CPU
+    assert export.parity_batch_size(4096, 256) == 1
+
+
+def test_running_out_of_memory_in_the_parity_pass_names_the_file_and_the_image_size(smoke_run, tmp_path,
+                                                                                   monkeypatch, caplog):
+    lay, ckpt = _query(smoke_run)
+    model = load_embedding_model(ckpt)
+    sizes = []
+
+    def no_memory(m, images, **_):
+        sizes.append(len(images))
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 18790481920 bytes.")
+
+    monkeypatch.setattr(export, "embed_batch", no_memory)
+    monkeypatch.setattr(export, "PARITY_BATCH_PIXELS", model.image_size ** 2 * 3)
+    out = tmp_path / "q.onnx"
+    assert main(["export-query", "--query-model", str(ckpt), "--out", str(out), "--check-dataset",
+                 str(lay.dataset)]) == 2
+    assert len(sizes) == 1 and 1 <= sizes[0] <= 3  # 3 dataset rows a batch (those of the split), before any work
+    error = [r.getMessage() for r in caplog.records if r.levelno >= 40][-1]
+    assert f"{ckpt}: out of memory in the parity check" in error
+    assert f"image_size {model.image_size}, batches of 3" in error and "\n" not in error
+    assert not out.exists()

@@ -9,7 +9,8 @@ from cmce.config import ConfigError, HnswConfig, IndexConfig, IvfPqConfig, load_
 from cmce.embed import combine_members
 from cmce.index import IndexLoadError, LoadedIndex, build_index, load_index, make_index, resolve_index_type, search
 from cmce.method import normalize, rejection_mask
-from cmce.tables import embedding_column
+from cmce.storage import file_sha256
+from cmce.tables import TableError, embedding_column
 from tests.test_embed import members
 
 
@@ -325,3 +326,61 @@ def test_a_sha256_recorded_in_upper_case_is_the_same_model(tmp_path):
     meta = json.loads((index_dir / "meta.json").read_text())
     (index_dir / "meta.json").write_text(json.dumps({**meta, "query_model_sha256": "E" * 64}))
     assert load_index(index_dir, query_sha256="e" * 64).meta["query_model_sha256"] == "E" * 64
+
+
+def _rewrite(index_dir, name, write):
+    """Replace one file of a built index and its checksum in meta.json (a consistent forgery)."""
+    write(index_dir / name)
+    meta = json.loads((index_dir / "meta.json").read_text())
+    meta["files"][name] = file_sha256(index_dir / name)
+    (index_dir / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])
+def test_an_index_holding_vectors_that_are_not_unit_vectors_is_refused_naming_the_row(tmp_path, index_type):
+    gallery, _ = clustered_gallery(tmp_path, n=1200, members=2)
+    index_dir = build_index(gallery, tmp_path / "index", index_type=index_type,
+                            options=IndexConfig(ivfpq=IvfPqConfig(nbits=4)))
+    ids = pq.read_table(index_dir / "ids.parquet")["id"].to_pylist()
+    load_index(index_dir)  # as built: unit vectors, within rounding
+
+    def scale_row_7(path):
+        index = faiss.read_index(str(path))
+        top = faiss.downcast_index(index)
+        flat = top if index_type == "flat" else faiss.downcast_index(top.storage if index_type == "hnsw"
+                                                                     else top.refine_index)
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)
+        vectors[7 * flat.d:8 * flat.d] *= 1.01  # a 1% longer vector: scores off by 1%
+        faiss.write_index(index, str(path))
+
+    _rewrite(index_dir, "index.faiss", scale_row_7)
+    with pytest.raises(IndexLoadError, match=rf"index.faiss: row 7 \(id '{ids[7]}'\) holds a vector of norm 1.01"):
+        load_index(index_dir)
+
+
+def test_rejected_ids_are_checked_against_the_indexed_ids_and_meta_json(tmp_path):
+    import pyarrow as pa
+
+    gallery, _ = clustered_gallery(tmp_path, n=200, members=2)
+    index_dir = build_index(gallery, tmp_path / "index", reject_fraction=0.1)
+    ids = pq.read_table(index_dir / "ids.parquet")["id"].to_pylist()
+    rejected = pq.read_table(index_dir / "rejected.parquet")
+    load_index(index_dir)
+
+    def write(id_list, unc):
+        return lambda path: pq.write_table(pa.table({"id": pa.array(id_list, pa.string()),
+                                                     "uncertainty": pa.array(unc, pa.float32())}), path)
+
+    rej_ids, rej_unc = rejected["id"].to_pylist(), rejected["uncertainty"].to_pylist()
+    _rewrite(index_dir, "rejected.parquet", write([*rej_ids, ids[1]], [*rej_unc, max(rej_unc)]))
+    with pytest.raises(IndexLoadError, match=f"rejected.parquet: id '{ids[1]}' is both rejected and indexed"):
+        load_index(index_dir)
+    _rewrite(index_dir, "rejected.parquet", write(rej_ids[:-1], rej_unc[:-1]))
+    with pytest.raises(IndexLoadError, match=f"{len(rej_ids) - 1} rows, meta.json records n_rejected {len(rej_ids)}"):
+        load_index(index_dir)
+    _rewrite(index_dir, "rejected.parquet", write(rej_ids, [*rej_unc[:-1], 0.0]))
+    with pytest.raises(IndexLoadError, match=f"id '{rej_ids[-1]}' has uncertainty 0, below indexed items'"):
+        load_index(index_dir)
+    _rewrite(index_dir, "rejected.parquet", write([*rej_ids[:-1], rej_ids[0]], rej_unc))
+    with pytest.raises(TableError, match=f"duplicate id '{rej_ids[0]}'"):
+        load_index(index_dir)

@@ -214,13 +214,17 @@ def check_sizes(obj: dict[str, Any], intervals: dict[str, str], path: str | Path
             raise CheckpointError(f"{path}: field {key!r} must be an integer in {interval}, got {shown(value)}")
 
 
+BATCHNORM_STATS = ("running_var", "num_batches_tracked")  # last part of a BatchNorm layer's state_dict keys
+
+
 def check_weights(obj: dict[str, Any], path: str | Path, extra: tuple[str, ...] = ()) -> None:
     """The state_dict (and the `extra` tensor fields): dense float tensors, finite. A crafted or diverged file
     otherwise fails deep inside torch (a many-line message naming no file) or searches with NaN vectors."""
     state = obj["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: field 'state_dict' is a {type(state).__name__}, not a mapping")
-    for key, value in [*((f"state_dict[{k!r}]", v) for k, v in state.items()), *((f, obj[f]) for f in extra)]:
+    fields = [*((f"state_dict[{k!r}]", k, v) for k, v in state.items()), *((f, f, obj[f]) for f in extra)]
+    for key, name, value in fields:
         if not torch.is_tensor(value) or value.layout != torch.strided:
             what = type(value).__name__ if not torch.is_tensor(value) else f"{value.layout} tensor"
             raise CheckpointError(f"{path}: {key} is a {what}, not a dense tensor")
@@ -228,6 +232,11 @@ def check_weights(obj: dict[str, Any], path: str | Path, extra: tuple[str, ...] 
             raise CheckpointError(f"{path}: {key} is a meta tensor: a shape with no values")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
+        if str(name).rsplit(".", 1)[-1] in BATCHNORM_STATS and bool((value < 0).any()):
+            # a variance below 0 makes BatchNorm take the root of a negative number: every embedding NaN, found
+            # only after the work (export's parity pass, an evaluation) and naming neither file nor tensor
+            raise CheckpointError(f"{path}: {key} holds negative values (min {float(value.min()):.4g}): BatchNorm "
+                                  "statistics (a variance, a batch count) are never negative")
 
 
 EMBEDDING_SIZES = {"width": range_of(ModelSpec, "width"), "embedding_dim": range_of(ModelSpec, "embedding_dim"),

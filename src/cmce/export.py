@@ -26,6 +26,7 @@ from cmce.checkpoint import EmbeddingModel, load_embedding_model, require_role
 from cmce.data.codec import to_float
 from cmce.data.readers import iter_split_batches
 from cmce.embed import embed_batch
+from cmce.errors import first_line
 from cmce.method import normalize
 from cmce.storage import atomic_path, file_sha256
 
@@ -39,6 +40,10 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
 MAX_ABS_DIFF = 1e-4  # parity bound on the raw embedding, onnxruntime vs torch float32 on the CPU
 TOP_K = 10
+# pixels per parity batch: 256 images up to 256², fewer above (a 2048² model took 18.8 GB for 256 images on
+# the CPU, about 73 MB an image; 2**24 pixels is 4 such images). The batch only sets the memory, not the result
+PARITY_BATCH_PIXELS = 1 << 24
+PARITY_BATCH = 256
 TIE_SCORE = 1e-5  # cosine scores closer than this are a tie: their order is rounding (a float16 checkpoint)
 
 
@@ -174,7 +179,7 @@ def same_ranking(ids_a: list[list[str]], scores_a: np.ndarray, ids_b: list[list[
 
 
 def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Path, index: LoadedIndex | None = None,
-                 split: str = "test", k: int = TOP_K, batch_size: int = 256) -> ParityReport:
+                 split: str = "test", k: int = TOP_K, batch_size: int = PARITY_BATCH) -> ParityReport:
     """Embed `split` with the ONNX file (onnxruntime) and with the checkpoint (torch, float32, CPU); compare the
     raw embeddings and the top-k hits: in the built `index` (loaded for this query model), else among the
     split's own torch embeddings (query → query)."""
@@ -188,6 +193,7 @@ def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Pa
                           f"not {model.sha256[:12]}")
     model.net.eval().cpu()
     ref, got = [], []
+    batch_size = parity_batch_size(model.image_size, batch_size)
     for batch in iter_split_batches(dataset, split, batch_size, model.in_channels, model.image_size):
         ref.append(embed_batch(model, batch.images, mixed_precision=False))
         got.append(session.embed(batch.images.numpy()))
@@ -210,6 +216,18 @@ def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Pa
     agreement = float(np.mean(same))
     return ParityReport(split, len(ref_all), max_diff, kk, agreement, searched,
                         bool(max_diff <= MAX_ABS_DIFF and agreement == 1.0))
+
+
+def parity_batch_size(image_size: int, batch_size: int) -> int:
+    """At most `batch_size` images, and no more than PARITY_BATCH_PIXELS pixels, in one parity batch."""
+    return max(1, min(batch_size, PARITY_BATCH_PIXELS // (image_size * image_size)))
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """torch's CPU allocator and onnxruntime report an allocation that failed as a plain runtime error."""
+    text = str(err).lower()
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        "allocate" in text or "bad_alloc" in text or "out of memory" in text)
 
 
 @dataclass
@@ -239,7 +257,15 @@ def export_query_model(checkpoint: str | Path, out: str | Path, check_dataset: s
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
         if check_dataset is not None:
-            parity = check_parity(tmp, model, check_dataset, index, split)
+            try:
+                parity = check_parity(tmp, model, check_dataset, index, split)
+            except Exception as err:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+                if not is_allocation_failure(err):
+                    raise
+                raise ExportError(f"{checkpoint}: out of memory in the parity check (embedding {check_dataset} "
+                                  f"[{split}] at image_size {model.image_size}, batches of "
+                                  f"{parity_batch_size(model.image_size, PARITY_BATCH)}): {first_line(err)}"
+                                  ) from None
             log.info("parity on %s split (%d images): max |onnx - torch| = %.3g, top-%d agreement %.4f (%s)",
                      split, parity.images, parity.max_abs_diff, parity.top_k, parity.top_k_agreement, parity.searched)
             if not parity.passed:

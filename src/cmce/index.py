@@ -370,12 +370,66 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{shown}: index.faiss is a {found} index over "
                              f"{'inner products' if index.metric_type == faiss.METRIC_INNER_PRODUCT else 'L2'}, "
                              f"meta.json records index_type {recorded!r} over inner products; build the index again")
+    check_unit_vectors(index, ids, f"{shown}/index.faiss")
+    check_rejected(d / "rejected.parquet", f"{shown}/rejected.parquet", ids, uncertainty, meta.get("n_rejected"))
     try:  # absent in indexes built before index types
         set_search_params(index, meta.get("search_params", {}))
     except (AttributeError, OverflowError, RuntimeError, TypeError, ValueError) as err:  # not for this index type
         raise IndexLoadError(f"{shown}/meta.json: search_params {meta.get('search_params')} do not apply to "
                              f"this {meta.get('index_type', 'flat')} index: {err}") from None
     return LoadedIndex(index=index, ids=ids, labels=labels.astype(np.int64), uncertainty=uncertainty, meta=meta)
+
+
+# build_index stores float32 unit vectors, whose norms differ from 1 by rounding only (about sqrt(dim)·6e-8,
+# under 1e-5 at 4096 dimensions); 1e-3 leaves room for that and bounds a rescaled vector's score error to 0.1%
+NORM_TOLERANCE = 1e-3
+
+
+def stored_vectors(index: Any) -> np.ndarray:
+    """The exact vectors an index of a type cmce builds holds, as a view of faiss's memory (no copy; valid while
+    `index` lives): the IndexFlat itself, HNSW's flat storage, or IVF-PQ's refinement IndexFlat (its PQ codes are
+    lossy, but every search re-ranks with these exact vectors, so they are the ones that must be unit vectors)."""
+    top = faiss.downcast_index(index)
+    flat = top if isinstance(top, faiss.IndexFlat) else faiss.downcast_index(
+        top.storage if isinstance(top, faiss.IndexHNSWFlat) else top.refine_index)
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def check_unit_vectors(index: Any, ids: list[str], where: str) -> None:
+    """Scores are cosines only over unit vectors: a vector rescaled on disk (checksums rewritten to match) would
+    rank by its length, with scores above 1, and no search would say so."""
+    vectors = stored_vectors(index)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+    bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))  # `~(<=)`: a NaN norm is bad too
+    if bad.size:
+        row = int(bad[0])
+        raise IndexLoadError(f"{where}: row {row} (id {ids[row]!r}) holds a vector of norm {norms[row]:.6g}, not a "
+                             f"unit vector (cosine search); {bad.size} such row(s); build the index again")
+
+
+def check_rejected(path: Path, where: str, ids: list[str], uncertainty: np.ndarray, n_rejected: Any) -> None:
+    """rejected.parquet as build_index writes it: unique ids, none of them indexed, as many as meta.json counts,
+    and (rejection keeps the least uncertain items) none less uncertain than an indexed item."""
+    try:
+        table = pq.read_table(path)
+        rejected = string_column(table, "id", where)
+        unc = float_column(table, "uncertainty", where) if "uncertainty" in table.column_names else None
+    except (pa.ArrowException, OSError) as err:
+        raise IndexLoadError(f"{where}: not an index's table of rejected ids: {err}") from None
+    check_unique_ids(rejected, where)
+    both = set(rejected).intersection(ids)
+    if both:
+        first = next(i for i in rejected if i in both)
+        raise IndexLoadError(f"{where}: id {first!r} is both rejected and indexed (in ids.parquet); {len(both)} such "
+                             "id(s); build the index again")
+    if isinstance(n_rejected, int) and n_rejected != len(rejected):
+        raise IndexLoadError(f"{where}: {len(rejected)} rows, meta.json records n_rejected {n_rejected}: files of "
+                             "different builds; build the index again")
+    if unc is not None and len(unc) and len(uncertainty) and unc.min() < uncertainty.max():
+        row = int(np.argmin(unc))
+        raise IndexLoadError(f"{where}: id {rejected[row]!r} has uncertainty {unc[row]:.6g}, below indexed items' "
+                             f"(up to {uncertainty.max():.6g}); rejection leaves out the most uncertain: build the "
+                             "index again")
 
 
 @dataclass
