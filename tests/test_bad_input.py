@@ -3079,3 +3079,15 @@ def test_a_negative_batchnorm_statistic_is_named_by_file_and_key_when_the_checkp
             if command == "search" else
             ["export-query", "--query-model", bad, "--out", out, "--check-dataset", world.dataset])
     fails(caplog, argv, out, f"{bad}: state_dict[{key!r}] holds negative values", "BatchNorm")
+
+
+def test_a_checkpoint_link_to_nothing_and_an_index_file_are_named_as_such(world, tmp_path, caplog):
+    """`ln -s zz.pt zz.pt` in a --transform-dir was "checkpoint not found" beside a file the user can list;
+    evaluate --index <its meta.json> was "not a complete index (no meta.json)"."""
+    loop = tmp_path / "zz.pt"
+    loop.symlink_to("zz.pt")
+    fails(caplog, ["search", "--index", world.index, "--query-model", loop, "--dataset", world.dataset, "--limit", "1"],
+          tmp_path / "unused", f"{loop}: a symbolic link to nothing (its target is missing, or the links loop)")
+    out = tmp_path / "eval"
+    fails(caplog, [*evaluate_args(world), "--index", world.index / "meta.json", "--out", out], out,
+          f"{world.index / 'meta.json'}: is a file; an index is the folder holding meta.json")

@@ -24,7 +24,7 @@ from cmce.config import (
 )
 from cmce.errors import first_line, joined_lines
 from cmce.models import MAX_PARAMETERS, EmbeddingNet, check_arch, embedding_net_parameters
-from cmce.storage import NotWritten, atomic_path, file_format, file_sha256
+from cmce.storage import NotWritten, atomic_path, file_format, file_sha256, not_found
 
 EMBEDDING_FORMAT = "cmce-embedding-model/1"
 TRANSFORM_FORMAT = "cmce-transformation/1"
@@ -59,7 +59,7 @@ def save_torch(obj: dict[str, Any], path: str | Path) -> None:
 def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: {not_found(path, 'checkpoint')}")
     if file_format(path) != "checkpoint":  # torch saves a zip archive; an ONNX export or a Parquet file is not one
         with open(path, "rb") as f:
             legacy = f.read(4) == LEGACY_TORCH_HEAD

@@ -303,6 +303,8 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None, gallery_s
 def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256: str | None,
                 query_dim: int | None = None) -> LoadedIndex:
     shown = str(index_dir).rstrip("/")
+    if not s3.is_s3(index_dir) and Path(index_dir).is_file():  # its meta.json, say: not "an index without meta.json"
+        raise IndexLoadError(f"{shown}: is a file; an index is the folder holding meta.json")
     unfinished = IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or "
                                 f"upload did not finish; build it again")
     try:  # on S3: refused from the one listing, before downloading what an unfinished upload left
