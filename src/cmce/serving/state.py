@@ -86,8 +86,9 @@ class QueryModelSource:
 
         try:
             version = alias_version(self.uri)
-        except ValueError:  # cmce's own refusal (a version not READY), which names the URI already
-            raise
+        except ValueError as err:  # cmce's own refusal (a version not READY, a store that is not there)
+            message = str(err)
+            raise ValueError(message if message.startswith(self.uri) else f"{self.uri}: {message}") from None
         except Exception as err:  # noqa: BLE001 - MLflow's errors are not ValueErrors; the caller's is one line
             raise ValueError(f"{self.uri}: cannot read the alias from the model registry: {err}") from None
         return f"{self.uri.split('@', 1)[0]}/{version}"
