@@ -138,6 +138,22 @@ def _arguments(args: argparse.Namespace) -> dict:
     return out
 
 
+def tracking_store(root: Path) -> str:
+    """The tracking URI of a local run (MLFLOW_TRACKING_URI, else a store under --root), checked as cmce's steps
+    check it before anything runs: its start-tracking task failed with a traceback, and was retried three times.
+    A relative sqlite path (MLflow's docs write `sqlite:///mlflow.db`) names a file in the working folder: it is
+    made absolute here, so that every task reads that one store (MLFLOW_REGISTRY_URI likewise)."""
+    from cmce.tracking import REGISTRY_ENV, absolute_uri, check_registry, check_store, check_uri_settings
+
+    check_uri_settings(None)
+    if registry := os.environ.get(REGISTRY_ENV):
+        os.environ[REGISTRY_ENV] = absolute_uri(registry)
+    uri = absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}")
+    check_store(uri, create=True)
+    check_registry(uri, create=True)
+    return uri
+
+
 def run_local(args: argparse.Namespace) -> Path:
     """Run the whole DAG on this machine with kfp.local's subprocess runner (the embedded default)."""
     from kfp import local
@@ -145,9 +161,10 @@ def run_local(args: argparse.Namespace) -> Path:
     run = pipeline_function(args.pipeline, args.parallelism)
     arguments = _arguments(args)
     root = Path(args.root).resolve()
+    uri = tracking_store(root) if not args.no_mlflow else ""
     root.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     started = time.time()
     run(**arguments, mlflow_uri="" if args.no_mlflow else uri)
@@ -210,6 +227,24 @@ def submit(args: argparse.Namespace) -> None:
     sys.stdout.write(json.dumps({"run_id": run.run_id}) + "\n")
 
 
+MAX_SHARDS = 1024  # each slice is a task (a pod on a cluster)
+MAX_WORKERS = 64  # as `cmce embed-gallery --workers`: more only waits on their start-up
+MAX_PARALLELISM = 1024
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer from `low` to `high`, checked at parse time (a bad --embed-shards failed
+    only in its task, after the training; a bad --parallelism was kfp's error, naming no flag)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer from {low} to {high}"  # argparse names the type in its message
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cmce.arguments import OneLineParser
 
@@ -230,14 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a setting of the params, e.g. train.epochs=2 or gallery_models=[resnet] "
                              "(repeatable; the same syntax as `cmce --set`)")
         sp.add_argument("--run-name", default=None)
-        sp.add_argument("--embed-shards", type=int, default=None, help="cmce pipeline: gallery slices in parallel")
-        sp.add_argument("--embed-workers", type=int, default=None, help="cmce pipeline: decoding processes per slice")
+        sp.add_argument("--embed-shards", type=int_in(1, MAX_SHARDS), default=None,
+                        help=f"cmce pipeline: gallery slices in parallel (1 to {MAX_SHARDS})")
+        sp.add_argument("--embed-workers", type=int_in(0, MAX_WORKERS), default=None,
+                        help=f"cmce pipeline: decoding processes per slice (0 to {MAX_WORKERS}; 0 = in the task)")
     r = sub.choices["run"]
     r.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local")
     r.add_argument("--root", default="runs/kfp", help="pipeline root for local artifacts")
     r.add_argument("--no-mlflow", action="store_true")
-    r.add_argument("--parallelism", type=int, default=1,
-                   help="gallery-model branches run at once (default 1: they share this machine's cores)")
+    r.add_argument("--parallelism", type=int_in(0, MAX_PARALLELISM), default=1,
+                   help=f"gallery-model branches run at once (0 to {MAX_PARALLELISM}, 0 = no cap; default 1: they "
+                        "share this machine's cores)")
     s = sub.choices["submit"]
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
     s.add_argument("--namespace", default=None)

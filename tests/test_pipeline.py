@@ -391,3 +391,60 @@ def test_image_references_of_the_grammar_are_compiled_in(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     executors = _compiled(compile_pipeline(tmp_path / "p.yaml"))[0]["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == set(images.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--local", "--parallelism", "-1"], "argument --parallelism: must be from 0 to 1024, got -1"),
+    (["run", "--local", "--embed-shards", "0"], "argument --embed-shards: must be from 1 to 1024, got 0"),
+    (["submit", "--host", "h", "--embed-workers", "65"], "argument --embed-workers: must be from 0 to 64, got 65"),
+    (["run", "--local", "--embed-shards", "two"], "argument --embed-shards: invalid integer from 1 to 1024 value"),
+])
+def test_a_numeric_option_out_of_its_range_is_refused_at_parse_time_by_name(capsys, argv, message):
+    """`--parallelism -1` was kfp's `ParallelFor parallelism must be >= 0` (no flag named); `--embed-shards 0` was
+    accepted and failed in its task, after the training."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and message in err[0], err
+    usage = build_parser().parse_args(["run", "--local"])  # the defaults are in range
+    assert (usage.parallelism, usage.embed_shards, usage.embed_workers) == (1, None, None)
+
+
+def test_the_numeric_ranges_are_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(0 to 1024, 0 = no cap" in text and "(1 to 1024)" in text and "(0 to 64;" in text
+
+
+def test_a_relative_tracking_store_is_one_absolute_store_for_every_task(tmp_path, monkeypatch, caplog):
+    """MLFLOW_TRACKING_URI=sqlite:///rel.db: the start-tracking task failed (`relative path can't be expressed as a
+    file URI`) with a traceback, was retried three times, and had made a store first. The tasks get the store the
+    path names in the working folder, as an absolute URI; a setting out of range stops the run before anything."""
+    from kfp import local
+
+    from pipeline.__main__ import main
+
+    work, root = tmp_path / "work", tmp_path / "root"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
+    seen = []
+
+    def started(**_):
+        seen.append(os.environ["MLFLOW_TRACKING_URI"])
+        raise OSError("stopped before any task")
+
+    monkeypatch.setattr(local, "init", started)
+    assert main(["run", "--local", "--root", str(root)]) == 2
+    assert seen == [f"sqlite:///{work / 'rel.db'}"] and list(work.iterdir()) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1")
+    caplog.clear()
+    assert main(["run", "--local", "--root", str(tmp_path / "root2")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["python -m pipeline run: environment variable MLFLOW_HTTP_REQUEST_MAX_RETRIES='-1': an integer "
+                      "from 0 to 10 expected (MLflow's range)"]
+    assert len(seen) == 1 and not (tmp_path / "root2").exists() and list(work.iterdir()) == []

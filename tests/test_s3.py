@@ -806,3 +806,45 @@ def test_a_credential_process_that_prints_nothing_or_hangs_is_named(s3_server, t
     assert (f"{uri}: AWS profile 'ci': its credential_process gave no credentials within 1 s "
             "(CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S)") in only_error(caplog)
     assert not (tmp_path / "idx").exists()
+
+
+def test_an_object_stored_gzip_encoded_is_decoded_and_another_coding_is_named(s3_server, tmp_path, monkeypatch):
+    """An index whose meta.json was stored with `Content-Encoding: gzip` (`aws s3 cp --content-encoding gzip`):
+    `not valid JSON: 'utf-8' codec can't decode byte 0x8b`, the coding never said."""
+    import gzip
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    client = s3_server.client()
+    meta = json.dumps({"files": {"ids.parquet": {}}}).encode()
+    client.put_object(Bucket=bucket, Key="idx/meta.json", Body=gzip.compress(meta), ContentEncoding="gzip")
+    client.put_object(Bucket=bucket, Key="idx/ids.parquet", Body=b"PAR1 plain")
+    client.put_object(Bucket=bucket, Key="one.json", Body=gzip.compress(meta), ContentEncoding="gzip")
+    client.put_object(Bucket=bucket, Key="br.json", Body=b"\x0b\x02\x80{}\x03", ContentEncoding="br")
+    folder = cmce_s3.download(f"s3://{bucket}/idx", tmp_path / "idx", marker="meta.json")
+    assert (folder / "meta.json").read_bytes() == meta and (folder / "ids.parquet").read_bytes() == b"PAR1 plain"
+    assert cmce_s3.download(f"s3://{bucket}/one.json", tmp_path / "one.json").read_bytes() == meta
+    with pytest.raises(ValueError, match=rf"s3://{bucket}/br.json: stored with Content-Encoding 'br'; only gzip"):
+        cmce_s3.download(f"s3://{bucket}/br.json", tmp_path / "br.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "one.json"]  # nothing half-decoded left
+
+
+def test_an_unreachable_credentials_endpoint_is_named_not_the_s3_endpoint(s3_server, tmp_path, monkeypatch, caplog):
+    """AWS_CONTAINER_CREDENTIALS_FULL_URI at a dead port, no keys: `cannot reach the S3 endpoint the configured
+    endpoint`, blaming the S3 endpoint (which was up) in a garbled sentence."""
+    use_server(monkeypatch, s3_server)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "1")
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}/creds"
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", dead)
+    uri = f"s3://{new_bucket(s3_server)}/gallery.parquet"
+    caplog.clear()
+    assert main(["build-index", "--gallery", uri, "--out", str(tmp_path / "idx")]) == 2
+    error = only_error(caplog)
+    assert f"{uri}: the credentials endpoint {dead} (AWS_CONTAINER_CREDENTIALS_FULL_URI) could not be reached" in error
+    assert "S3 endpoint" not in error and not (tmp_path / "idx").exists()
+    monkeypatch.setattr(cmce_s3, "client", lambda: 1 / 0)  # no client can be made: the URL the environment names
+    assert cmce_s3._endpoint() == s3_server.endpoint

@@ -273,3 +273,71 @@ def test_mlflow_experiment_name_is_honoured(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other.experiment_id)  # not read: said
     start_parent_run(uri, "cmce", {})
     assert "MLFLOW_EXPERIMENT_ID is not read: runs go to experiment 'cmce'" in caplog.text
+
+
+def test_a_relative_sqlite_store_is_made_in_the_working_folder_with_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """`cmce --mlflow-uri sqlite:///rel.db track-start` (the form of MLflow's docs): exit 2 after 12 s, `relative path
+    can't be expressed as a file URI`, naming nothing, and a 954 KB rel.db left in the working folder."""
+    from mlflow import MlflowClient
+
+    from cmce.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "o" / "t.json"
+    assert main(["--mlflow-uri", "sqlite:///rel.db", "track-start", "--config", str(SMOKE), "--out", str(out)]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["mlartifacts", "rel.db"]  # the run's config.json beside it
+    experiment = MlflowClient(f"sqlite:///{work / 'rel.db'}").get_experiment_by_name("cmce")
+    assert experiment.artifact_location == (work / "mlartifacts").as_uri()
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1000000", "an integer from 0 to 10 expected"),
+    ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1", "an integer from 0 to 10 expected"),
+    ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2.5", "an integer from 0 to 10 expected"),
+    ("MLFLOW_HTTP_REQUEST_TIMEOUT", "0", "an integer of at least 1 expected"),
+    ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "121", "an integer from 0 to 120 expected"),
+    ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "nan", "a number of at least 0 expected"),
+])
+def test_an_mlflow_http_setting_out_of_mlflows_range_is_named_before_any_work(tmp_path, monkeypatch, caplog, name,
+                                                                              value, expected):
+    """MLFLOW_HTTP_REQUEST_MAX_RETRIES=1000000: `models:/…: registry http://…: The configured max_retries value
+    (1000000) is in excess of the maximum allowable retries (10)`, a local setting reported as the registry's."""
+    import logging
+
+    from cmce.cli import main
+
+    monkeypatch.setenv(name, value)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["--mlflow-uri", "http://127.0.0.1:9", "track-end", "--mlflow-parent", "0" * 32]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"cmce track-end: environment variable {name}={value!r}: {expected} (MLflow's range)"]
+
+
+def test_the_mlflow_http_ranges_are_mlflows_own(monkeypatch):
+    """The bounds checked are those MLflow enforces, its own limit variable included."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.rest_utils import _validate_backoff_factor, _validate_max_retries
+
+    from cmce.tracking import check_http_settings
+
+    for bound, validate, name in ((10, _validate_max_retries, "MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
+                                  (120, _validate_backoff_factor, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")):
+        for value in (0, bound):
+            validate(value)
+            monkeypatch.setenv(name, str(value))
+            check_http_settings()
+        for value in (-1, bound + 1):
+            with pytest.raises(MlflowException):
+                validate(value)
+            monkeypatch.setenv(name, str(value))
+            with pytest.raises(ValueError, match=name):
+                check_http_settings()
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT", "20")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "15")
+    _validate_max_retries(15)
+    check_http_settings()

@@ -42,7 +42,9 @@ _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
                "CMCE_S3_READ_TIMEOUT_S", "AWS_METADATA_SERVICE_TIMEOUT", "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
-               "CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S",
+               "CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+               "AWS_EC2_METADATA_DISABLED", "AWS_EC2_METADATA_SERVICE_ENDPOINT",
                # the proxies a client is made with (a client made before HTTP_PROXY was set never used it)
                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
                "no_proxy")
@@ -318,10 +320,63 @@ def transfer_config() -> Any:
 
 
 def _endpoint() -> str:
+    """The S3 endpoint's URL, for an error message: the client's, else (no client can be made) the one the
+    environment names, else "AWS's default"."""
     try:
         return redact(str(client().meta.endpoint_url))
     except Exception:  # noqa: BLE001 - only used to word an error message
-        return "the configured endpoint"
+        configured = _ENDPOINT.get() or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return redact(configured) if configured else "(AWS's default)"
+
+
+CONTAINER_HOST = "http://169.254.170.2"  # ECS/EKS: where AWS_CONTAINER_CREDENTIALS_RELATIVE_URI points
+IMDS_DEFAULT = "http://169.254.169.254"  # EC2's instance metadata service
+
+
+def _credentials_endpoint(url: str) -> str | None:
+    """The variable (or service) that sent botocore's credential chain to `url`; None for any other URL."""
+    full = os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if full and url.rstrip("/") == full.rstrip("/"):
+        return "AWS_CONTAINER_CREDENTIALS_FULL_URI"
+    relative = os.environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    if relative and url.rstrip("/") == f"{CONTAINER_HOST}{relative}".rstrip("/"):
+        return "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"
+    imds = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+    if imds and url.startswith(imds.rstrip("/")):
+        return "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+    if url.startswith((IMDS_DEFAULT, "http://[fd00:ec2::254]")):
+        return "the instance metadata service (AWS_EC2_METADATA_DISABLED=true turns it off)"
+    return None
+
+
+def _credentials_error(err: BaseException, uri: str, action: str) -> OSError | None:
+    """Credentials that botocore's chain was sent to fetch from an endpoint (a container's or the instance's
+    metadata) and could not: that endpoint and the variable that named it, not the S3 endpoint (which may be
+    up, and was blamed); else None."""
+    from botocore.exceptions import CredentialRetrievalError, EndpointConnectionError, MetadataRetrievalError
+
+    from cmce.errors import first_line
+
+    seen, retrieval, url = 0, None, None
+    while err is not None and seen < 8:
+        if isinstance(err, CredentialRetrievalError | MetadataRetrievalError) and retrieval is None:
+            retrieval = err
+        if isinstance(err, EndpointConnectionError):
+            url = str(err.kwargs.get("endpoint_url", ""))
+        err = err.__cause__ or err.__context__
+        seen += 1
+    if retrieval is None:
+        return None
+    if url is None:  # the chain holds only the text: "Could not connect to the endpoint URL: "…""
+        found = re.search(r'endpoint URL: "([^"]+)"', str(retrieval))
+        url = found.group(1) if found else ""
+    variable = _credentials_endpoint(url) if url else None
+    if variable is None:
+        provider = str(getattr(retrieval, "kwargs", {}).get("provider", "")) or "the AWS credential chain"
+        return OSError(f"{uri}: no credentials from {provider} while {action}: {redact(first_line(retrieval))}")
+    how = "could not be reached" if url and "connect" in str(retrieval).lower() else "gave no credentials"
+    return OSError(f"{uri}: the credentials endpoint {redact(url)} ({variable}) {how} while {action}; fix or unset "
+                   "it, or give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
 
 def _client_error(err: BaseException) -> Any:
@@ -374,6 +429,8 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
 
     if isinstance(err, CredentialProcessError):
         return CredentialProcessError(f"{uri}: {err} (while {action})")
+    if (credentials := _credentials_error(err, uri, action)) is not None:
+        return credentials
     bucket = parse(uri).bucket
     ce = _client_error(err)
     if ce is not None:
@@ -525,13 +582,67 @@ def _no_room(err: BaseException | None) -> OSError | None:
 MANIFEST = "meta.json"  # a folder written with a manifest (an index) names its files in it: {"files": {name: ...}}
 
 
+NO_CODING = ("", "identity", "aws-chunked")  # aws-chunked: how a streamed upload was signed, not how it is stored
+
+
+def _fetch(u: S3Uri, key: str, target: Path, uri: str, cfg: Any) -> None:
+    """Download one object to `target`, as the bytes its writer meant: one stored with `Content-Encoding: gzip`
+    (`aws s3 cp --content-encoding gzip`, CDN sync tools) is decoded, as an HTTP client decodes it; any other
+    coding is refused naming it (its bytes are not the file's)."""
+    with _errors(uri, "downloading"):
+        head = client().head_object(Bucket=u.bucket, Key=key)
+        coding = str(head.get("ContentEncoding") or "")
+        codings = [c.strip().lower() for c in coding.split(",") if c.strip().lower() not in NO_CODING]
+        if codings not in ([], ["gzip"], ["x-gzip"]):
+            raise ValueError(f"{uri}: stored with Content-Encoding {coding!r}; only gzip is decoded: store the object "
+                             "without it (or gzip-encoded)")
+        _download_known(u.bucket, key, target, cfg, head)
+    if codings:
+        _gunzip(target, uri)
+
+
+def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -> None:
+    """client().download_file, given the object's HEAD answer (size and ETag): s3transfer would ask for it again."""
+    from boto3.exceptions import RetriesExceededError
+    from boto3.s3.transfer import create_transfer_manager
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
+    from s3transfer.subscribers import BaseSubscriber
+
+    class Known(BaseSubscriber):
+        def on_queued(self, future: Any, **_: Any) -> None:
+            future.meta.provide_transfer_size(int(head["ContentLength"]))
+            future.meta.provide_object_etag(head.get("ETag"))
+
+    with create_transfer_manager(client(), cfg) as manager:
+        try:
+            manager.download(bucket, key, str(target), subscribers=[Known()]).result()
+        except TransferRetriesExceeded as err:  # as download_file raises it
+            raise RetriesExceededError(err.last_exception) from err
+
+
+def _gunzip(path: Path, uri: str) -> None:
+    import gzip
+    import shutil
+    import zlib
+
+    plain = path.with_name(f".{path.name}.decoding")
+    try:
+        with gzip.open(path, "rb") as src, plain.open("wb") as dst:
+            shutil.copyfileobj(src, dst, MB)
+    except (OSError, EOFError, zlib.error) as err:
+        plain.unlink(missing_ok=True)
+        if _no_room(err) is not None:
+            raise
+        raise ValueError(f"{uri}: stored with Content-Encoding gzip, but its bytes are not gzip data ({err})") from None
+    os.replace(plain, path)
+
+
 def _download(uri: str, dest: Path, marker: str | None) -> Path:
     u = parse(uri)
     cfg = transfer_config()
     if marker is None and kind(uri) == "file":
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _errors(uri, "downloading"):
-            client().download_file(u.bucket, u.key, str(dest), Config=cfg)
+        _fetch(u, u.key, dest, uri, cfg)
         log.info("downloaded %s", uri)
         return dest
     listed = _manifest_files(uri, dest) if marker in (None, MANIFEST) else None
@@ -546,8 +657,7 @@ def _download(uri: str, dest: Path, marker: str | None) -> Path:
         target = _inside(dest, rel, uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with _errors(f"{uri.rstrip('/')}/{rel}", "downloading"):
-                client().download_file(u.bucket, u.join(rel).key, str(target), Config=cfg)
+            _fetch(u, u.join(rel).key, target, f"{uri.rstrip('/')}/{rel}", cfg)
         except FileNotFoundError:
             if listed is None:  # listed a moment ago: gone since
                 raise
@@ -565,8 +675,7 @@ def _manifest_files(uri: str, dest: Path) -> list[str] | None:
     u = parse(uri)
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        with _errors(str(u.join(MANIFEST)), "downloading"):
-            client().download_file(u.bucket, u.join(MANIFEST).key, str(dest / MANIFEST), Config=transfer_config())
+        _fetch(u, u.join(MANIFEST).key, dest / MANIFEST, str(u.join(MANIFEST)), transfer_config())
     except FileNotFoundError:
         return None
     try:

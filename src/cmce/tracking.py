@@ -106,7 +106,9 @@ def closing_parent(info: TrackingInfo | str | Path) -> Iterator[None]:
 
 def check_uri_settings(flag: str | None) -> None:
     """A blank --mlflow-uri or MLFLOW_TRACKING_URI is refused by name: MLflow reads "  " as a folder
-    and answers about a filesystem store in maintenance mode. (An empty variable counts as unset.)"""
+    and answers about a filesystem store in maintenance mode. (An empty variable counts as unset.) Where MLflow
+    is used, its HTTP settings are range-checked (check_http_settings); a relative sqlite path is read as MLflow
+    reads it, in the working folder, and the absolute store it names is logged."""
     if flag is not None and not flag.strip():
         raise ValueError(f"--mlflow-uri {flag!r} is blank: give a tracking URI")
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -116,6 +118,57 @@ def check_uri_settings(flag: str | None) -> None:
     for name, value in (("--mlflow-uri", flag), ("MLFLOW_TRACKING_URI", env)):
         if value and value != value.strip():
             raise ValueError(f"{name} {value!r} has spaces at its start or end: remove them")
+    if flag or env or os.environ.get(REGISTRY_ENV):
+        check_http_settings()
+    said = set()  # cmce sets MLFLOW_TRACKING_URI from --mlflow-uri for the command: one line for both
+    registry = os.environ.get(REGISTRY_ENV)
+    for name, value in (("--mlflow-uri", flag), ("MLFLOW_TRACKING_URI", env), (REGISTRY_ENV, registry)):
+        if value and absolute_uri(value) != value and value not in said:
+            said.add(value)
+            log.info("%s %s: a path in the working folder: the store is %s", name, value, absolute_uri(value))
+
+
+def absolute_uri(uri: str) -> str:
+    """`sqlite:///rel.db` (a path SQLAlchemy reads relative to the working folder, as MLflow's own docs write
+    `sqlite:///mlflow.db`) as the absolute `sqlite:////<working folder>/rel.db`, the file it names now; any
+    other URI as it is. A process that passes the URI on (a pipeline's tasks) passes this one."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+    if not path or path.startswith("/") or path == ":memory:":
+        return uri
+    return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
+
+
+# MLflow's HTTP settings, as MLflow's rest_utils and requests enforce them (checked where a request is first made,
+# and reported there as an error of the registry or server): (type, lowest, highest or the variable holding it)
+HTTP_RANGES: dict[str, tuple[type, float, float | tuple[str, int] | None]] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": (int, 0, ("_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT", 10)),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": (int, 0, ("_MLFLOW_HTTP_REQUEST_MAX_BACKOFF_FACTOR_LIMIT", 120)),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": (float, 0, None),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": (int, 1, None),  # requests refuses a timeout of 0 or less
+}
+
+
+def check_http_settings() -> None:
+    """Refuse, naming it, an MLflow HTTP setting of the environment out of the range MLflow allows: MLflow
+    checks them only at its first request, and its error (`The configured max_retries value (1000000) is in
+    excess of the maximum allowable retries (10)`) was reported as the registry's or server's."""
+    for name, (kind, low, high) in HTTP_RANGES.items():
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        if isinstance(high, tuple):
+            limit_raw = os.environ.get(high[0], "").strip()
+            high = int(limit_raw) if limit_raw.lstrip("-").isdigit() else high[1]
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
+            what = "an integer" if kind is int else "a number"
+            span = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+            raise ValueError(f"environment variable {name}={raw!r}: {what} {span} expected (MLflow's range)")
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -367,7 +420,8 @@ def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) 
     location = artifact_location
     if location is None and uri.startswith("sqlite:///"):
         # keep artifacts beside the sqlite file instead of ./mlruns of whatever the working directory is
-        location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+        # (absolute: a relative store path has no file URI, and is where the store is now)
+        location = Path(absolute_uri(uri).removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -383,7 +437,7 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
         with contextlib.suppress(Exception):  # an orphan RUNNING run would look like a pipeline still going
             client.set_terminated(run.info.run_id, "FAILED")
         raise
-    log.info("MLflow parent run %s at %s", run.info.run_id, uri)
+    log.info("MLflow parent run %s at %s", run.info.run_id, absolute_uri(uri))
     return run.info.run_id
 
 
