@@ -118,15 +118,13 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import load_config, parse_overrides
+    from cmce.config import load_config, parse_overrides, read_config_text, read_yaml
 
     overrides = parse_overrides(args.set)
     out: dict = _lifecycle_inputs(args) if args.pipeline != "cmce" else {}
-    if args.params:
-        import yaml
-
+    if args.params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
         load_config(args.params, overrides)  # the whole config checked here, not in the first task
-        out["params_yaml"] = json.dumps(yaml.safe_load(Path(args.params).read_text()))
+        out["params_yaml"] = json.dumps(read_yaml(read_config_text(args.params)))
     if args.set:
         out["overrides"] = list(args.set)
     if args.run_name:

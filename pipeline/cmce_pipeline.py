@@ -87,9 +87,9 @@ def default_params(path: Path = PARAMS_FILE) -> str:
     lines, where a newline would break the file."""
     import json
 
-    import yaml
+    from cmce.config import read_config_text, read_yaml  # as cmce reads it: 0o10 is 8, 010 refused
 
-    return json.dumps(yaml.safe_load(path.read_text()))
+    return json.dumps(read_yaml(read_config_text(path)))
 
 
 def make_pipeline(params_yaml: str | None = None, parallelism: int = 0, placement: Placement | None = None):

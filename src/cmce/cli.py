@@ -549,10 +549,11 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
 
 def cmd_track_start(args: argparse.Namespace) -> None:
     from cmce.storage import write_text
-    from cmce.tracking import start_parent_run, tracking_uri
+    from cmce.tracking import absolute_uri, start_parent_run, tracking_uri
 
     cfg = _config(args)
-    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(args.run_dir)
+    # the store as a file path from any working folder: later steps read the URI from this file
+    uri = absolute_uri(args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(args.run_dir))
     info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict(), args.artifact_location)}
     if args.out:
         write_text(_out(args, args.out, writes="json"), json.dumps(info))
