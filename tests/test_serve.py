@@ -933,3 +933,11 @@ def test_a_pipe_named_meta_json_is_reported_not_waited_on(world, tmp_path):
     shutil.copytree(index, folder)
     polls(1)
     assert holder.last_error is None and holder.current.version == served.version
+
+
+def test_an_eps_query_is_refused_naming_its_format(world):
+    """A query image in EPS made the server run Ghostscript on it (a 500 with a traceback when gs failed)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, format="EPS")
+    res = world[3].search(images=[b64(buf.getvalue())])
+    assert res.status_code == 422 and res.json()["error"].startswith("images[0]: EPS images are not decoded"), res.text
