@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -941,3 +942,46 @@ def test_an_eps_query_is_refused_naming_its_format(world):
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, format="EPS")
     res = world[3].search(images=[b64(buf.getvalue())])
     assert res.status_code == 422 and res.json()["error"].startswith("images[0]: EPS images are not decoded"), res.text
+
+
+def test_a_superseded_download_of_the_followed_model_is_removed(world, tmp_path):
+    """A server following models:/cmce-query@candidate while the alias moved 62 times kept a downloaded copy of
+    every model it had loaded (37) until it stopped. Only cmce's own downloads go, never a file the user named."""
+    from cmce.serving.state import Holder, QueryModelSource
+    from cmce.storage import scratch_dir, stands_for
+
+    _, model, index, _ = world
+    other, third = query_model(tmp_path / "other.pt", seed=1), query_model(tmp_path / "third.pt", seed=2)
+    files = {"v1": model, "v2": model, "v3": other, "v4": third, "v5": model}  # v2 and v5 the same checkpoint
+    downloads: dict[str, Path] = {}
+
+    def download(key: str) -> Path:
+        if key.endswith("v5"):
+            return model  # the user's own file, not a download
+        folder = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
+        path = folder / "query.pt"
+        shutil.copyfile(files[key.rsplit("/", 1)[1]], path)
+        stands_for(path, key)
+        downloads[key] = folder
+        return path
+
+    alias = ["v1"]
+
+    class Alias(QueryModelSource):
+        def key(self) -> str:
+            return f"models:/cmce-query/{alias[0]}"
+
+    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), Alias("models:/cmce-query@candidate", download))
+
+    def left() -> set[str]:
+        return {key.rsplit("/", 1)[1] for key, folder in downloads.items() if folder.exists()}
+
+    for version, served, kept in [("v2", "v2", {"v2"}),  # swapped in: v1's copy removed
+                                  ("v3", "v2", {"v2", "v3"}),  # no index for v3 yet: its model waits
+                                  ("v4", "v2", {"v2", "v4"}),  # the alias moved on before: v3's copy removed
+                                  ("v2", "v2", {"v2"}),  # moved back to the served one: v4's copy removed
+                                  ("v5", "v5", set()), ("v1", "v1", {"v1"})]:
+        alias[0] = version
+        holder.check()
+        assert holder.current.model_key.endswith(served) and left() == kept, (version, left())
+    assert model.is_file() and holder.current.model.sha256 == file_sha256(model)
