@@ -255,8 +255,11 @@ def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path
     log_step(uri, parent, "train", register=[("cmce-query", old, old_sha)])
     log_step(uri, parent, "gate", promote=[("cmce-query", old_sha)])
     index = gallery_index(tmp_path / "work", old, tmp_path / "index", prefix="o")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**cmce_env(), "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(scratch)}
     server = Server(["--index", str(index), "--query-model", "models:/cmce-query@production", "--reload-interval",
-                     "0.1"], tmp_path / "serve.log", env={**cmce_env(), "MLFLOW_TRACKING_URI": uri})
+                     "0.1"], tmp_path / "serve.log", env=env)
     row = [0.5] * 16
 
     def served() -> str:
@@ -297,6 +300,12 @@ def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path
             time.sleep(0.05)
         hits = server.search(embeddings=[row], query_model_sha256=third_sha).json()["results"][0]["hits"]
         assert hits[0]["id"][0] == "t"
+        # the replaced models' downloads are removed (by the poll, just after the swap)
+        removed_by = time.monotonic() + 30
+        while len(downloads := [p for p in scratch.glob("cmce-scratch-*/model-*/**/*") if p.is_file()]) != 1:
+            assert time.monotonic() < removed_by, downloads
+            time.sleep(0.05)
+        assert file_sha256(downloads[0]) == third_sha
     finally:
         server.stop()
 
@@ -998,9 +1007,10 @@ def test_connections_that_send_nothing_are_capped_and_closed(in_process_server):
     """20,200 connections that never sent a byte exhausted the file descriptors: /healthz timed out, the idle
     sockets were never closed, and asyncio logged a traceback ~10,000 times a second. Now a connection that has not
     sent a whole request head within the deadline is closed, and those over the cap are answered 503 at once."""
-    server, url = in_process_server(max_connections=8, head_timeout_s=1.0)
+    server, url = in_process_server(max_connections=8, head_timeout_s=3.0)  # ample time to fill the cap first
     host, port = url.removeprefix("http://").split(":")
     address = (host, int(port))
+    first = time.monotonic()
     held = [socket.create_connection(address, timeout=10) for _ in range(7)]
     try:
         held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a head that never ends (slowloris)
@@ -1013,7 +1023,6 @@ def test_connections_that_send_nothing_are_capped_and_closed(in_process_server):
         while len(server.server_state.connections) < 8:
             assert time.monotonic() < deadline, "the connections never reached the server"
             time.sleep(0.01)
-        started = time.monotonic()
         for _ in range(5):  # over the cap: answered and closed at once, not held
             with socket.create_connection(address, timeout=10) as extra:
                 reply = closed_by_server(extra, 5)
@@ -1021,7 +1030,7 @@ def test_connections_that_send_nothing_are_capped_and_closed(in_process_server):
             assert json.loads(reply.partition(b"\r\n\r\n")[2])["field"] == "request"
         for conn in held:  # each closed once its deadline passed, the half-sent heads included
             assert closed_by_server(conn, 10) is not None
-        assert 0.5 < time.monotonic() - started < 8
+        assert time.monotonic() - first >= 3.0  # at the deadline, not at once
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
         for conn in held:
