@@ -474,3 +474,24 @@ def test_an_image_pillow_cannot_identify_is_named_by_its_format(data, named):
     with pytest.raises(DataError) as err:
         codec_module.open_image(data, "x.png")
     assert str(err.value).startswith(f"x.png: corrupt or unreadable image: {named}") and "BytesIO" not in str(err.value)
+
+
+def test_an_eps_image_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    """Pillow's EPS plugin runs Ghostscript on the image: a search query or a dataset image in EPS made cmce run a
+    program on data from anyone (or answer 500 when it failed). No plugin that runs another program is opened."""
+    from PIL import EpsImagePlugin
+
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow looks for gs once, then remembers
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, format="EPS")
+    for decode in (lambda data: decode_image(data, 1, 8, "images[0]"), lambda data: to_png(data, "images[0]")):
+        with pytest.raises(DataError, match=r"^images\[0\]: EPS images are not decoded"):
+            decode(buf.getvalue())
+    assert not marker.exists()
+    assert "IPTC" not in codec_module._in_process_formats()  # it opens what it holds with every plugin, EPS too

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -254,8 +255,11 @@ def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path
     log_step(uri, parent, "train", register=[("cmce-query", old, old_sha)])
     log_step(uri, parent, "gate", promote=[("cmce-query", old_sha)])
     index = gallery_index(tmp_path / "work", old, tmp_path / "index", prefix="o")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**cmce_env(), "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(scratch)}
     server = Server(["--index", str(index), "--query-model", "models:/cmce-query@production", "--reload-interval",
-                     "0.1"], tmp_path / "serve.log", env={**cmce_env(), "MLFLOW_TRACKING_URI": uri})
+                     "0.1"], tmp_path / "serve.log", env=env)
     row = [0.5] * 16
 
     def served() -> str:
@@ -296,6 +300,12 @@ def test_following_the_production_alias_serves_the_promoted_query_model(tmp_path
             time.sleep(0.05)
         hits = server.search(embeddings=[row], query_model_sha256=third_sha).json()["results"][0]["hits"]
         assert hits[0]["id"][0] == "t"
+        # the replaced models' downloads are removed (by the poll, just after the swap)
+        removed_by = time.monotonic() + 30
+        while len(downloads := [p for p in scratch.glob("cmce-scratch-*/model-*/**/*") if p.is_file()]) != 1:
+            assert time.monotonic() < removed_by, downloads
+            time.sleep(0.05)
+        assert file_sha256(downloads[0]) == third_sha
     finally:
         server.stop()
 
@@ -725,7 +735,8 @@ def test_http_framing_below_the_routes_is_read_or_refused_naming_its_part(world)
 
 def test_a_client_that_half_closes_after_its_request_gets_the_answer(world):
     """A client that shut its writing side once the request was sent (shutdown(SHUT_WR), `nc -N`) got no answer in
-    9 tries of 10: the server closed the connection at the EOF. A request cut short by the EOF is still dropped."""
+    9 tries of 10: the server closed the connection at the EOF. A request cut short by the EOF is still dropped.
+    Two requests pipelined before the half-close are both answered."""
     _, model, _, server = world
     body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
     request = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -741,6 +752,16 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(world):
         assert reply.startswith(b"HTTP/1.1 200") == answered and (reply == b"") != answered, reply
         if answered:
             assert json.loads(reply.partition(b"\r\n\r\n")[2])["results"], reply
+    # pipelined: two requests in one write, then the half-close; the second was dropped 6 times in 10 (GET+GET: 4 in 5)
+    version = b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
+    for sent in [request + body + version, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + version] * 10:
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(sent)
+            conn.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+        assert reply.count(b"HTTP/1.1 200 OK") == 2 and b"index_version" in reply.rpartition(b"\r\n\r\n")[2], reply
 
 
 @pytest.mark.parametrize("signals", [1, 2])
@@ -933,3 +954,170 @@ def test_a_pipe_named_meta_json_is_reported_not_waited_on(world, tmp_path):
     shutil.copytree(index, folder)
     polls(1)
     assert holder.last_error is None and holder.current.version == served.version
+
+
+@pytest.fixture
+def in_process_server(world):
+    """`make(**ServeOptions fields)`: the server serve() runs, in a thread of this process (its state visible)."""
+    import uvicorn
+
+    from cmce.serving.app import create_app
+    from cmce.serving.server import ServeOptions, _Server, bind, url, uvicorn_config
+    from cmce.serving.state import Holder, QueryModelSource
+
+    _, model, index, _ = world
+    running = []
+
+    def make(**fields) -> tuple[uvicorn.Server, str]:
+        opts = ServeOptions(index, str(model), **fields)
+        app = create_app(Holder(index, QueryModelSource(str(model), Path)), opts.limits)
+        sock = bind("127.0.0.1", 0)
+        server = _Server(uvicorn_config(app, opts))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread, sock))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        return server, url(sock)
+
+    yield make
+    for server, thread, sock in running:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def closed_by_server(conn: socket.socket, within_s: float) -> bytes | None:
+    """What the server sent before closing `conn` within `within_s` seconds; None if it kept it open."""
+    conn.settimeout(within_s)
+    reply = b""
+    try:
+        while chunk := conn.recv(65536):
+            reply += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return reply
+
+
+def test_connections_that_send_nothing_are_capped_and_closed(in_process_server):
+    """20,200 connections that never sent a byte exhausted the file descriptors: /healthz timed out, the idle
+    sockets were never closed, and asyncio logged a traceback ~10,000 times a second. Now a connection that has not
+    sent a whole request head within the deadline is closed, and those over the cap are answered 503 at once."""
+    server, url = in_process_server(max_connections=8, head_timeout_s=3.0)  # ample time to fill the cap first
+    host, port = url.removeprefix("http://").split(":")
+    address = (host, int(port))
+    first = time.monotonic()
+    held = [socket.create_connection(address, timeout=10) for _ in range(7)]
+    try:
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a head that never ends (slowloris)
+        keep_alive = socket.create_connection(address, timeout=10)  # answered, then trickles its next head
+        held.append(keep_alive)
+        keep_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert keep_alive.recv(65536).startswith(b"HTTP/1.1 200")
+        keep_alive.sendall(b"GET /heal")
+        deadline = time.monotonic() + 10
+        while len(server.server_state.connections) < 8:
+            assert time.monotonic() < deadline, "the connections never reached the server"
+            time.sleep(0.01)
+        for _ in range(5):  # over the cap: answered and closed at once, not held
+            with socket.create_connection(address, timeout=10) as extra:
+                reply = closed_by_server(extra, 5)
+            assert reply is not None and reply.startswith(b"HTTP/1.1 503"), reply
+            assert json.loads(reply.partition(b"\r\n\r\n")[2])["field"] == "request"
+        for conn in held:  # each closed once its deadline passed, the half-sent heads included
+            assert closed_by_server(conn, 10) is not None
+        assert time.monotonic() - first >= 3.0  # at the deadline, not at once
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_accept_errors_out_of_descriptors_are_logged_once_a_minute(caplog):
+    """asyncio logs each failed accept() with its traceback; out of file descriptors that was ~10,000 a second
+    (108 MB of log in 25 s)."""
+    import asyncio
+
+    from cmce.serving.server import accept_errors_logged_once_per_minute
+
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.INFO, "asyncio"), accept_errors_logged_once_per_minute():
+            for _ in range(1000):
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+            loop.call_exception_handler({"message": "another loop error", "exception": OSError(1, "other")})
+    finally:
+        loop.close()
+    records = [r for r in caplog.records if r.name == "asyncio"]
+    assert len(records) == 2 and "another loop error" in records[1].getMessage(), [r.getMessage() for r in records]
+    assert records[0].exc_info is None and "Too many open files" in records[0].getMessage()
+    assert "\n" not in records[0].getMessage()
+
+
+def test_a_superseded_download_of_the_followed_model_is_removed(world, tmp_path):
+    """A server following models:/cmce-query@candidate while the alias moved 62 times kept a downloaded copy of
+    every model it had loaded (37) until it stopped. Only cmce's own downloads go, never a file the user named."""
+    from cmce.serving.state import Holder, QueryModelSource
+    from cmce.storage import scratch_dir, stands_for
+
+    _, model, index, _ = world
+    other, third = query_model(tmp_path / "other.pt", seed=1), query_model(tmp_path / "third.pt", seed=2)
+    files = {"v1": model, "v2": model, "v3": other, "v4": third, "v5": model}  # v2 and v5 the same checkpoint
+    downloads: dict[str, Path] = {}
+
+    def download(key: str) -> Path:
+        if key.endswith("v5"):
+            return model  # the user's own file, not a download
+        folder = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
+        path = folder / "query.pt"
+        shutil.copyfile(files[key.rsplit("/", 1)[1]], path)
+        stands_for(path, key)
+        downloads[key] = folder
+        return path
+
+    alias = ["v1"]
+
+    class Alias(QueryModelSource):
+        def key(self) -> str:
+            return f"models:/cmce-query/{alias[0]}"
+
+    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), Alias("models:/cmce-query@candidate", download))
+
+    def left() -> set[str]:
+        return {key.rsplit("/", 1)[1] for key, folder in downloads.items() if folder.exists()}
+
+    for version, served, kept in [("v2", "v2", {"v2"}),  # swapped in: v1's copy removed
+                                  ("v3", "v2", {"v2", "v3"}),  # no index for v3 yet: its model waits
+                                  ("v4", "v2", {"v2", "v4"}),  # the alias moved on before: v3's copy removed
+                                  ("v2", "v2", {"v2"}),  # moved back to the served one: v4's copy removed
+                                  ("v5", "v5", set()), ("v1", "v1", {"v1"})]:
+        alias[0] = version
+        holder.check()
+        assert holder.current.model_key.endswith(served) and left() == kept, (version, left())
+    assert model.is_file() and holder.current.model.sha256 == file_sha256(model)
+
+
+def test_an_eps_query_is_refused_naming_its_format(world):
+    """A query image in EPS made the server run Ghostscript on it (a 500 with a traceback when gs failed)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, format="EPS")
+    res = world[3].search(images=[b64(buf.getvalue())])
+    assert res.status_code == 422 and res.json()["error"].startswith("images[0]: EPS images are not decoded"), res.text
+
+
+def test_a_newline_in_the_index_path_cannot_split_the_url_line(world, tmp_path):
+    """`cmce serve --index "idx<newline>on http:/evil:1"` printed the URL line in two: its start was forgeable."""
+    _, model, index, _ = world
+    forged = tmp_path / "idx\non http:"
+    forged.mkdir()
+    copy = shutil.copytree(index, forged / "evil:1")
+    server = Server(["--index", str(copy), "--query-model", str(model)], tmp_path / "serve.log")  # reads one line
+    try:
+        assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+    finally:
+        server.stop()

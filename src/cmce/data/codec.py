@@ -63,6 +63,26 @@ OTHER_FORMATS = ((4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypm
                  (0, b"\xff\x0a", "JPEG XL"))
 
 
+# Pillow plugins that run another program on the data (EPS: Ghostscript) or open what they hold with every plugin
+# (IPTC): never opened, whoever sends the image
+NOT_OPENED = frozenset({"EPS", "IPTC"})
+
+
+def _in_process_formats() -> list[str]:
+    """Every format Pillow has registered, less NOT_OPENED (plugins of other packages included)."""
+    Image.init()
+    return [name for name in Image.OPEN if name not in NOT_OPENED]
+
+
+def _refused_format(data: bytes) -> str | None:
+    """Which of NOT_OPENED the data is, by Pillow's own test of its first bytes (what Image.open reads)."""
+    for name in sorted(NOT_OPENED):
+        accept = Image.OPEN.get(name, (None, None))[1]
+        if accept is not None and accept(data[:16]):
+            return name
+    return None
+
+
 def _known_format(data: bytes) -> str | None:
     head = data[:64].lstrip()
     return next((name for at, sig, name in OTHER_FORMATS if (data if at else head)[at:at + len(sig)] == sig), None)
@@ -74,10 +94,13 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
     if not data:
         raise DataError(f"{origin}: empty (zero-byte) image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_in_process_formats())
     except Image.DecompressionBombError as err:
         raise DataError(f"{origin}: refused, too many pixels: {err}") from None
     except UnidentifiedImageError:  # Pillow names its BytesIO ("cannot identify image file <_io.BytesIO …>")
+        if refused := _refused_format(data):
+            raise DataError(f"{origin}: {refused} images are not decoded (their decoder runs another program on "
+                            "the data); convert it to PNG or JPEG") from None
         kind = _known_format(data)
         what = f"{kind}, a format" if kind else "damaged, or in a format"
         raise DataError(f"{origin}: corrupt or unreadable image: {what} this tool does not decode (it decodes PNG, "

@@ -11,9 +11,11 @@ import contextlib
 import functools
 import json
 import logging
+import resource
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +26,18 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmce.data.codec import pixel_limit
-from cmce.errors import Terminated, forget_signals, unclaimed_ending_signals
+from cmce.errors import Terminated, escape_controls, forget_signals, unclaimed_ending_signals
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits, class_names
 from cmce.serving.state import Holder, QueryModelSource
 from cmce.storage import origin
 
 log = logging.getLogger(__name__)
+# a client sends a request head (a few hundred bytes) in well under a second, even on a slow mobile link; a
+# connection that has not within 10 s is one of many held open to exhaust the server's file descriptors
+HEAD_TIMEOUT_S = 10.0
+RESERVED_FDS = 64  # file descriptors kept for the server itself: index and model files, logs, the registry
+MAX_BACKLOG = 2048  # uvicorn's default
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,55 @@ class ServeOptions:
     limits: Limits = Limits()
     access_log: bool = False
     search_threads: int = 1  # OpenMP threads of one FAISS search (see create_app)
+    max_connections: int | None = None  # open connections served at once; None: what the file limit allows
+    head_timeout_s: float = HEAD_TIMEOUT_S  # for a connection to deliver a whole request head
+
+
+def connection_limits(max_connections: int | None = None) -> tuple[int, int]:
+    """(open connections served at once, listen backlog), within the process's file limit (RLIMIT_NOFILE).
+    asyncio accepts up to a backlog of sockets in one go before any is handed over (and closed when over the cap),
+    so three backlogs and the server's own files are kept below the limit: accept() never runs out of descriptors."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    backlog = max(8, min(MAX_BACKLOG, soft // 16))
+    cap = max(1, soft - 3 * backlog - RESERVED_FDS)
+    return (cap if max_connections is None else max(1, min(cap, max_connections))), backlog
+
+
+class EveryInterval(logging.Filter):
+    """Lets through one record starting with `prefix` per `interval_s`, as one line with how many were dropped:
+    out of file descriptors, asyncio logged its failed accept() with a traceback ~10,000 times a second."""
+
+    def __init__(self, prefix: str, interval_s: float = 60.0):
+        super().__init__()
+        self.prefix, self.interval_s = prefix, interval_s
+        self._last = -float("inf")
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._dropped += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg = (f"{self.prefix}: {error or record.getMessage()}; new connections wait "
+                      f"({self._dropped} more such errors since the last line; next at most in {self.interval_s:g} s)")
+        record.args, record.exc_info, record.exc_text = (), None, None
+        self._last, self._dropped = now, 0
+        return True
+
+
+@contextlib.contextmanager
+def accept_errors_logged_once_per_minute() -> Iterator[None]:
+    quiet = EveryInterval("socket.accept() out of system resource")
+    logging.getLogger("asyncio").addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger("asyncio").removeFilter(quiet)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -88,7 +144,56 @@ def dataset_check(dataset: Path) -> Callable[[dict], None]:
 
 class JsonErrorsH11(H11Protocol):
     """uvicorn answers a request it cannot parse (a negative or doubled Content-Length, TLS sent to the plain
-    port) by itself, in plain text; this server's errors are {error, field} JSON, these too."""
+    port) by itself, in plain text; this server's errors are {error, field} JSON, these too.
+
+    Connections that send nothing held the server's file descriptors forever (uvicorn times out only an idle
+    keep-alive after a response): one that has not delivered a whole request head within `head_timeout_s` is
+    closed, and one over `max_connections` is answered 503 and closed at once. uvicorn's own limit_concurrency
+    answers 503 only to a request, and keeps the socket, so it bounds neither."""
+
+    max_connections = 1 << 20  # set by serve()
+    head_timeout_s = HEAD_TIMEOUT_S
+    _refused = False
+    _head_timer: asyncio.TimerHandle | None = None
+    _over_cap_logged = -float("inf")  # class-wide: when the cap was last logged
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self._refuse(transport)
+            return
+        super().connection_made(transport)
+        self._await_head()
+
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        self._refused, self.transport = True, transport
+        body = json.dumps({"error": f"request: the server holds its {self.max_connections} connections; try again",
+                           "field": "request"}).encode()
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close"
+                        b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        transport.close()
+        now = time.monotonic()
+        if now - JsonErrorsH11._over_cap_logged >= 60:
+            JsonErrorsH11._over_cap_logged = now
+            log.warning("%d connections open, the most served at once: new ones are answered 503 and closed (logged "
+                        "at most once a minute)", self.max_connections)
+
+    def _await_head(self) -> None:
+        """(Re)start the deadline for the next request head: on connecting and after each response."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no whole request head yet
+            log.debug("closed a connection that sent no whole request head in %g s", self.head_timeout_s)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        if not self._refused:
+            super().connection_lost(exc)
 
     def _unsupported_upgrade_warning(self) -> None:
         """An `Upgrade: websocket` request is answered as a plain one: uvicorn logged two warnings for each, one of
@@ -107,9 +212,16 @@ class JsonErrorsH11(H11Protocol):
         return None
 
     def on_response_complete(self) -> None:
+        """uvicorn starts the next request here when one is already buffered (pipelined): after a half-close the
+        connection is closed only once no request is left to answer (the second of two was dropped 6 times in 10)."""
+        answered = self.cycle
         super().on_response_complete()
-        if self._answer_then_close and not self.transport.is_closing():
+        if self.transport.is_closing() or self.cycle is not answered:  # a pipelined request is being answered
+            return
+        if self._answer_then_close:
             self.transport.close()
+        else:
+            self._await_head()
 
     def send_400_response(self, msg: str) -> None:
         body = json.dumps({"error": f"request: malformed HTTP: {msg}", "field": "request"}).encode()
@@ -171,6 +283,14 @@ def url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def uvicorn_config(app: Any, opts: ServeOptions) -> uvicorn.Config:
+    max_connections, backlog = connection_limits(opts.max_connections)
+    protocol = type("JsonErrorsH11", (JsonErrorsH11,), {"max_connections": max_connections,
+                                                        "head_timeout_s": opts.head_timeout_s})
+    return uvicorn.Config(app, http=protocol, ws="none", log_config=None, access_log=opts.access_log,
+                          timeout_graceful_shutdown=10, backlog=backlog)
+
+
 def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[[str], None],
           watch: bool = True) -> None:
     """Load, bind, `say` where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
@@ -180,13 +300,14 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
     classes = None if opts.dataset is None else class_names(opts.dataset)
     sock = bind(opts.host, opts.port)
     app = create_app(holder, opts.limits, classes, opts.search_threads)
-    config = uvicorn.Config(app, http=JsonErrorsH11, ws="none", log_config=None, access_log=opts.access_log,
-                            timeout_graceful_shutdown=10)
-    say(f"serving {origin(opts.index)} on {url(sock)}\n")  # an s3:// index by its URI
+    config = uvicorn_config(app, opts)
+    # an s3:// index by its URI; a newline in the path would forge a second line for a script that reads this one
+    say(f"serving {escape_controls(origin(opts.index))} on {url(sock)}\n")
     holder.start(opts.reload_interval_s if watch else 0)
     try:
         server = _Server(config)
-        with pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"), _hangup_stops(server):
+        with (pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"), _hangup_stops(server),
+              accept_errors_logged_once_per_minute()):
             server.run(sockets=[sock])
     except (KeyboardInterrupt, Terminated) as err:  # uvicorn shut down gracefully, then re-raised the signal
         forget_signals()  # a graceful stop is this command's success, not an interrupted step

@@ -28,7 +28,7 @@ from pathlib import Path
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
 from cmce.index import INDEX_FILES, LoadedIndex, load_index
-from cmce.storage import read_regular, restore_uris, stat_identity
+from cmce.storage import origin, read_regular, restore_uris, scratch_dir, stat_identity
 
 log = logging.getLogger(__name__)
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
@@ -77,6 +77,7 @@ class QueryModelSource:
         self.uri = uri
         self.local = local  # argument → local checkpoint (cmce.cli._model: paths, s3://, models:/)
         self.follows_alias = uri.startswith("models:/") and "@" in uri
+        self._files: list[tuple[EmbeddingModel, Path]] = []  # each loaded model and the file it was read from
 
     def key(self) -> str:
         """The version the source names now: the URI itself, or the registered version behind the alias."""
@@ -102,7 +103,32 @@ class QueryModelSource:
             raise ValueError(f"{key}: cannot download the registered model: {err}") from None
         model = load_embedding_model(path)
         to_inference_device(model)
+        self._files.append((model, path))
         return model
+
+    def discard(self, model: EmbeddingModel) -> None:
+        """`model` is no longer served nor about to be: the copy cmce downloaded of it is removed (a server
+        following an alias that moved 62 times kept 37 copies). Requests in flight hold the loaded model, not the
+        file. Only a download into the scratch folder goes, never a checkpoint the user named."""
+        paths = [path for loaded, path in self._files if loaded is model]
+        self._files = [(loaded, path) for loaded, path in self._files if loaded is not model]
+        for path in paths:
+            uri = origin(path)
+            if uri == str(path) or not path.is_file():  # not a recorded copy of a URI: the user's own file
+                continue
+            scratch, path = scratch_dir().resolve(), path.resolve()
+            if not path.is_relative_to(scratch):
+                continue
+            try:
+                path.unlink()
+                for folder in path.parents:  # the download's own folders, once empty
+                    if folder == scratch or any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+            except OSError as err:  # the new model is served already; a copy left behind goes when serve stops
+                log.warning("serve: could not remove the superseded download of %s: %s", uri, err)
+                continue
+            log.info("serve: removed the superseded download of %s", uri)
 
 
 class Holder:
@@ -170,10 +196,16 @@ class Holder:
     def _candidate_model(self, key: str) -> EmbeddingModel:
         """A promoted query model, loaded once while its index is not there yet (each try would download it)."""
         if self._candidate is None or self._candidate[0] != key:
+            self._drop_candidate()  # the alias moved on before its index came: that download is not needed
             log.info("serve: loading the promoted query model %s", key)
             with self._waiting_on(f"loading the query model {key}"):
                 self._candidate = (key, self.models.load(key))
         return self._candidate[1]
+
+    def _drop_candidate(self) -> None:
+        if self._candidate is not None:
+            self.models.discard(self._candidate[1])
+            self._candidate = None
 
     def _peek(self) -> str | None:
         """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced). Still
@@ -210,6 +242,7 @@ class Holder:
         wanted = (model_key, version)
         if wanted == (cur.model_key, cur.version):  # the folder holds the served pair (again)
             self._failed = None
+            self._drop_candidate()  # the alias moved back: a model loaded meanwhile will not be served
             self._report("index", None)
             return False
         if (*wanted, folder) == self._failed:
@@ -224,6 +257,8 @@ class Holder:
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
         self.current, self._failed, self._candidate = new, None, None
+        if model is not cur.model:
+            self.models.discard(cur.model)
         self.reloads += 1
         log.info("serve: now serving index %s (query model %s), was %s", new.version[:12], model.sha256[:12],
                  cur.version[:12])
