@@ -1121,3 +1121,22 @@ def test_a_newline_in_the_index_path_cannot_split_the_url_line(world, tmp_path):
         assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def test_the_connection_cap_and_head_deadline_are_flags(world, tmp_path):
+    """`cmce serve --max-connections N --head-timeout S`: the cap and deadline the server applies, set from the
+    command line (a file limit alone decided them)."""
+    _, model, index, _ = world
+    server = Server(["--index", str(index), "--query-model", str(model), "--max-connections", "1", "--head-timeout",
+                     "1"], tmp_path / "serve.log")
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as idle:
+            time.sleep(0.3)  # reaches the server before the next one
+            with socket.create_connection((host, int(port)), timeout=10) as extra:
+                reply = closed_by_server(extra, 5)
+            assert reply is not None and reply.startswith(b"HTTP/1.1 503"), reply
+            started = time.monotonic()
+            assert closed_by_server(idle, 10) is not None and time.monotonic() - started < 5
+    finally:
+        server.stop()

@@ -444,7 +444,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          "hits in one answer; lower one of them")
     limits = Limits(args.max_queries, args.max_k, args.max_body_bytes, args.max_image_pixels)
     opts = ServeOptions(_index_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
-                        args.port, args.reload_interval, limits, args.access_log, args.search_threads)
+                        args.port, args.reload_interval, limits, args.access_log, args.search_threads,
+                        args.max_connections, args.head_timeout)
     if is_remote(args.index):
         log.info("an s3:// index is served as downloaded at start; restart the server to serve a new one")
     serve(opts, _model, lambda line: _say(line, or_log=True), watch=not is_remote(args.index))
@@ -461,6 +462,15 @@ def _seconds(text: str) -> float:
     if not (value == 0 or 0.1 <= value <= 3600):  # 0: never; below 0.1 s the idle server spins re-reading meta.json
         raise argparse.ArgumentTypeError(f"must be 0 (never) or within [0.1, 3600] seconds, got {text}")
     return value
+
+
+def _head_timeout(text: str) -> float:
+    value = float(text)
+    if not 0.1 <= value <= 600:  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be within [0.1, 600] seconds, got {text}")
+    return value
+
+
 def cmd_export_query(args: argparse.Namespace) -> StepRecord:
     inputs = stages.ExportInputs(_model(args.query_model), _in(args.check_dataset) if args.check_dataset else None,
                                  _index_in(args.check_index) if args.check_index else None, args.split)
@@ -706,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--search-threads", type=_threads, default=1,
                     help="threads of one index search; requests already run in parallel (default 1)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
+    sp.add_argument("--max-connections", type=_int_from(1, 1 << 20), default=None,
+                    help="open connections at once; more are answered 503 and closed (default and most: what the "
+                         "process's file limit allows)")
+    sp.add_argument("--head-timeout", type=_head_timeout, default=10.0, metavar="SECONDS",
+                    help="for a connection to send a whole request head, else it is closed (default 10)")
 
     sp = add("add-gallery-model", cmd_add_gallery_model,
              "add a trained gallery model to a live ensemble (only that model embeds the gallery)")
