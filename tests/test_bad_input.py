@@ -1254,7 +1254,7 @@ def test_a_new_store_that_cannot_be_made_is_named_without_retries(tmp_path, capl
     (tmp_path / "a_file").write_bytes(PREVIOUS)
     track = tmp_path / "track.json"
     fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", f"sqlite:///{where}", "--out", track], track,
-          f"sqlite:///{where}", message)
+          f"sqlite:///{tmp_path / where}", message)  # a relative store is named by the absolute path it is read at
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 

@@ -180,7 +180,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
     written = named(outputs)
-    if args.command in RESUMES and args.out and not is_remote(args.out):  # `<out>.resume`, written during training
+    if args.command in RESUMES and args.out and not is_remote(args.out) and Path(args.out).name:  # `<out>.resume`
         written.append((RESUME_FILE, str(resume_path(args.out))))
     for out_name, out in written:
         if out == "-":  # the usual name of standard output: a file called "-" was written in the working folder
