@@ -344,3 +344,35 @@ def test_doubled_braces_are_literal_braces_in_a_stage_command(tmp_path, caplog, 
     error = _stage_error(caplog, ["train", "--config", str(SMOKE), "--out", str(tmp_path / "{run}.pt")])
     assert "{run}: not a config value" in error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_make_dir_removes_only_the_commands_previous_output(tmp_path, monkeypatch):
+    """`--make-dir o/dm1` emptied the whole folder before any check: a dataset (or the config) kept there was
+    deleted, then named as not found. Only the command's previous `--out` in it goes (a stale KD student)."""
+    from cmce.dvc_stage import make_empty_dir
+
+    folder = tmp_path / "kd"
+    folder.mkdir()
+    (folder / "ds.parquet").write_text("the user's dataset")
+    (folder / "student.pt").write_text("an earlier run's student")
+    make_empty_dir(str(folder), ["train", "--dataset", str(folder / "ds.parquet"), "--out", str(folder / "student.pt")])
+    assert sorted(p.name for p in folder.iterdir()) == ["ds.parquet"]
+    (folder / "student.pt").write_text("read and written")
+    with pytest.raises(ValueError, match="is also an input of the command; not removed"):
+        make_empty_dir(str(folder), ["train", "--dataset", str(folder / "student.pt"), "--out",
+                                     str(folder / "student.pt")])
+    assert (folder / "student.pt").exists()
+
+
+def test_a_placeholder_takes_the_value_the_commands_own_set_gives(tmp_path, monkeypatch):
+    """`--set query_model.width=4 --out 'q_w{query_model.width}.pt'` wrote a width-4 model named q_w8.pt: the
+    placeholders were filled from the config file alone."""
+    from cmce.config import load_config, parse_overrides
+    from cmce.dvc_stage import overrides_of, resolve
+    from tests.conftest import SMOKE
+
+    command = ["train", "--config", str(SMOKE), "--set", "query_model.width=4", "--set=query_model.name=q2",
+               "--out", "q_w{query_model.width}_{query_model.name}.pt"]
+    assert overrides_of(command) == ["query_model.width=4", "query_model.name=q2"]
+    cfg = load_config(SMOKE, parse_overrides(overrides_of(command)))
+    assert resolve(command, cfg, None)[-1] == "q_w4_q2.pt"

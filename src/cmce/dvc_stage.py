@@ -18,14 +18,13 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
 from cmce.arguments import OneLineParser
-from cmce.config import Config, check_model_name, load_config, read_config_text, read_yaml
+from cmce.config import Config, check_model_name, load_config, parse_overrides, read_config_text, read_yaml
 from cmce.storage import local_input
 
 log = logging.getLogger("cmce")
@@ -78,6 +77,13 @@ def resolve(args: list[str], cfg: Config, stage: str | None) -> list[str]:
     return [PLACEHOLDER.sub(value, a) for a in args]
 
 
+def overrides_of(command: list[str]) -> list[str]:
+    """The command's own `--set KEY=VALUE` pairs: a placeholder takes the value the command runs with
+    (`--set query_model.width=4` with `{query_model.width}` in `--out` named a width-4 model `…_w8.pt`)."""
+    return [v for k, a in enumerate(command) for v in ([command[k + 1]] if a == "--set" and k + 1 < len(command)
+                                                       else [a.partition("=")[2]] if a.startswith("--set=") else [])]
+
+
 def config_path(command: list[str]) -> Path:
     """The local config file of `command`, checked as cmce checks it before reading (a FIFO hung here)."""
     path = params_file(command)
@@ -86,19 +92,26 @@ def config_path(command: list[str]) -> Path:
     return local_input(path)
 
 
-def make_empty_dir(make_dir: str) -> None:
-    """Empty and make the stage's output folder: a student of an earlier run must not stay behind when this one
-    trains none (kd.enabled: false)."""
+def make_empty_dir(make_dir: str, command: list[str]) -> None:
+    """Make the stage's output folder, and remove the command's previous `--out` in it: a student of an earlier
+    run must not stay behind when this one trains none (kd.enabled: false). Nothing else in the folder is touched
+    (emptying it whole deleted a dataset or the config kept there), nor an `--out` the command also reads."""
     if not make_dir:
         raise ValueError("--make-dir: empty")
     folder = Path(make_dir)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--make-dir {make_dir}: is a file, not a folder")
     try:
-        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--make-dir {make_dir}: {err.strerror or err}") from None
+    out = next((command[k + 1] for k, a in enumerate(command[:-1]) if a == "--out"), None)
+    if out is None or not Path(out).is_file() or Path(out).resolve().parent != folder.resolve():
+        return
+    others = [a for k, a in enumerate(command) if k == 0 or command[k - 1] != "--out"]
+    if any(Path(a).resolve() == Path(out).resolve() for a in others):
+        raise ValueError(f"--make-dir {make_dir}: --out {out} is also an input of the command; not removed")
+    Path(out).unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     log_to_stderr()
     p = OneLineParser(prog="python -m cmce.dvc_stage", description=__doc__.splitlines()[0])
     p.add_argument("--make-dir", default=None, metavar="DIR", help="the stage's output folder, which a step may "
-                   "leave empty: emptied (DVC keeps it: persist) and made, once the config is checked")
+                   "leave empty: made, and the command's previous --out in it removed, once the config is checked")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the cmce command line, with {placeholders}")
     args = p.parse_args(argv)
     stage = os.environ.get("DVC_STAGE")
@@ -118,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = config_path(args.command)
         check_gallery_keys(path)
-        cfg = load_config(path)
+        cfg = load_config(path, parse_overrides(overrides_of(args.command)))  # as the command will run: its --set too
         command = resolve(args.command, cfg, stage)
         if args.make_dir is not None:
-            make_empty_dir(resolve([args.make_dir], cfg, stage)[0])
+            make_empty_dir(resolve([args.make_dir], cfg, stage)[0], command)
     except (OSError, ValueError) as err:
         log.error("%s: %s", where, err)
         return 2

@@ -155,6 +155,7 @@ class JsonErrorsH11(H11Protocol):
     head_timeout_s = HEAD_TIMEOUT_S
     _refused = False
     _head_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None
     _over_cap_logged = -float("inf")  # class-wide: when the cap was last logged
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -189,9 +190,25 @@ class JsonErrorsH11(H11Protocol):
             log.debug("closed a connection that sent no whole request head in %g s", self.head_timeout_s)
             self.transport.close()
 
+    def data_received(self, data: bytes) -> None:
+        """A request whose body stops arriving held its connection for ever (a head with `Content-Length: 100` and
+        no body got round the head deadline): while a body is awaited, each `head_timeout_s` must bring bytes."""
+        super().data_received(data)
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+            self._body_timer = self.loop.call_later(self.head_timeout_s, self._body_overdue)
+
+    def _body_overdue(self) -> None:
+        self._body_timer = None
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            log.debug("closed a connection whose request body stopped for %g s", self.head_timeout_s)
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
         if not self._refused:
             super().connection_lost(exc)
 
