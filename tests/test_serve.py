@@ -1140,3 +1140,23 @@ def test_the_connection_cap_and_head_deadline_are_flags(world, tmp_path):
             assert closed_by_server(idle, 10) is not None and time.monotonic() - started < 5
     finally:
         server.stop()
+
+
+def test_a_request_body_that_stops_arriving_is_timed_out_like_a_head(in_process_server, world):
+    """A whole head with `Content-Length: 100` and no body got round the head deadline: 20 such connections held
+    the cap for as long as the client liked (one still open after 90 s). A body that keeps coming is read."""
+    server, url = in_process_server(head_timeout_s=1.0)
+    host, port = url.removeprefix("http://").split(":")
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as stalled:
+        stalled.sendall(head % 100 + b'{"embeddings": ')
+        started = time.monotonic()
+        assert closed_by_server(stalled, 10) is not None and time.monotonic() - started < 5
+    _, model, _, _ = world
+    body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as steady:
+        steady.sendall(head % len(body))
+        for k in range(0, len(body), len(body) // 3 + 1):  # each part within the deadline of the one before
+            time.sleep(0.6)
+            steady.sendall(body[k:k + len(body) // 3 + 1])
+        assert steady.recv(65536).startswith(b"HTTP/1.1 200")
