@@ -1067,7 +1067,9 @@ def test_a_superseded_download_of_the_followed_model_is_removed(world, tmp_path)
 
     _, model, index, _ = world
     other, third = query_model(tmp_path / "other.pt", seed=1), query_model(tmp_path / "third.pt", seed=2)
-    files = {"v1": model, "v2": model, "v3": other, "v4": third, "v5": model}  # v2 and v5 the same checkpoint
+    refused = tmp_path / "refused.pt"
+    refused.write_bytes(b"not a checkpoint")  # a version the load check refuses (a transformation, say)
+    files = {"v1": model, "v2": model, "v3": other, "v4": third, "v5": model, "v6": refused}  # v2, v5: one file
     downloads: dict[str, Path] = {}
 
     def download(key: str) -> Path:
@@ -1095,7 +1097,8 @@ def test_a_superseded_download_of_the_followed_model_is_removed(world, tmp_path)
                                   ("v3", "v2", {"v2", "v3"}),  # no index for v3 yet: its model waits
                                   ("v4", "v2", {"v2", "v4"}),  # the alias moved on before: v3's copy removed
                                   ("v2", "v2", {"v2"}),  # moved back to the served one: v4's copy removed
-                                  ("v5", "v5", set()), ("v1", "v1", {"v1"})]:
+                                  ("v5", "v5", set()), ("v1", "v1", {"v1"}),
+                                  ("v6", "v1", {"v1"})]:  # refused: its copy removed at once (8 piled up)
         alias[0] = version
         holder.check()
         assert holder.current.model_key.endswith(served) and left() == kept, (version, left())

@@ -101,8 +101,12 @@ class QueryModelSource:
             raise
         except Exception as err:  # noqa: BLE001 - MLflow's errors are not ValueErrors; the caller's is one line
             raise ValueError(f"{key}: cannot download the registered model: {err}") from None
-        model = load_embedding_model(path)
-        to_inference_device(model)
+        try:
+            model = load_embedding_model(path)
+            to_inference_device(model)
+        except BaseException:  # a refused version (a transformation under the alias, say): its copy goes now
+            self._remove_download(path, "refused")
+            raise
         self._files.append((model, path))
         return model
 
@@ -113,22 +117,27 @@ class QueryModelSource:
         paths = [path for loaded, path in self._files if loaded is model]
         self._files = [(loaded, path) for loaded, path in self._files if loaded is not model]
         for path in paths:
-            uri = origin(path)
-            if uri == str(path) or not path.is_file():  # not a recorded copy of a URI: the user's own file
-                continue
-            scratch, path = scratch_dir().resolve(), path.resolve()
-            if not path.is_relative_to(scratch):
-                continue
-            try:
-                path.unlink()
-                for folder in path.parents:  # the download's own folders, once empty
-                    if folder == scratch or any(folder.iterdir()):
-                        break
-                    folder.rmdir()
-            except OSError as err:  # the new model is served already; a copy left behind goes when serve stops
-                log.warning("serve: could not remove the superseded download of %s: %s", uri, err)
-                continue
-            log.info("serve: removed the superseded download of %s", uri)
+            self._remove_download(path, "superseded")
+
+    @staticmethod
+    def _remove_download(path: Path, why: str) -> None:
+        """Remove `path` if it is a copy cmce downloaded into its scratch folder (never the user's own file)."""
+        uri = origin(path)
+        if uri == str(path) or not path.is_file():  # not a recorded copy of a URI: the user's own file
+            return
+        scratch, path = scratch_dir().resolve(), path.resolve()
+        if not path.is_relative_to(scratch):
+            return
+        try:
+            path.unlink()
+            for folder in path.parents:  # the download's own folders, once empty
+                if folder == scratch or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+        except OSError as err:  # the served model is unaffected; a copy left behind goes when serve stops
+            log.warning("serve: could not remove the %s download of %s: %s", why, uri, err)
+            return
+        log.info("serve: removed the %s download of %s", why, uri)
 
 
 class Holder:
