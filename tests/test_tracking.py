@@ -1,6 +1,7 @@
 """What a tracked run records in MLflow: code and data versions on every run, the data sets a step read as
 its inputs, the gallery and index as artifacts of the steps that made them, headline metrics on the parent."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -341,3 +342,21 @@ def test_the_mlflow_http_ranges_are_mlflows_own(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "15")
     _validate_max_retries(15)
     check_http_settings()
+
+
+def test_an_in_memory_store_is_refused_and_a_home_store_expanded(monkeypatch, tmp_path):
+    """`--mlflow-uri sqlite://` started a run in a store that ended with the process (its artifacts written to
+    ./mlruns); `sqlite:///~/t.db` made a folder named `~` in the working folder."""
+    from cmce.tracking import absolute_uri, check_uri_settings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for uri in ("sqlite://", "sqlite:///:memory:", "sqlite://?cache=shared"):
+        with pytest.raises(ValueError, match=rf"^--mlflow-uri {re.escape(uri)}: an in-memory store, gone when"):
+            check_uri_settings(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite://")
+    with pytest.raises(ValueError, match="^MLFLOW_TRACKING_URI sqlite://: an in-memory store"):
+        check_uri_settings(None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert absolute_uri("sqlite:///~/t.db") == f"sqlite:///{tmp_path}/t.db"
+    with pytest.raises(ValueError, match="~nosuchuser: no such user's home folder"):
+        absolute_uri("sqlite:///~nosuchuser/t.db")

@@ -120,12 +120,21 @@ def check_uri_settings(flag: str | None) -> None:
             raise ValueError(f"{name} {value!r} has spaces at its start or end: remove them")
     if flag or env or os.environ.get(REGISTRY_ENV):
         check_http_settings()
+    given = (("--mlflow-uri", flag), ("MLFLOW_TRACKING_URI", env), (REGISTRY_ENV, os.environ.get(REGISTRY_ENV)))
+    for name, value in given:
+        if value and _in_memory(value):  # `sqlite://` was taken: the runs ended with the process, artifacts in ./mlruns
+            raise ValueError(f"{name} {value}: an in-memory store, gone when this command ends (its runs and models "
+                             "with it); give a file: sqlite:////path/mlflow.db")
     said = set()  # cmce sets MLFLOW_TRACKING_URI from --mlflow-uri for the command: one line for both
-    registry = os.environ.get(REGISTRY_ENV)
-    for name, value in (("--mlflow-uri", flag), ("MLFLOW_TRACKING_URI", env), (REGISTRY_ENV, registry)):
+    for name, value in given:
         if value and absolute_uri(value) != value and value not in said:
             said.add(value)
             log.info("%s %s: a path in the working folder: the store is %s", name, value, absolute_uri(value))
+
+
+def _in_memory(uri: str) -> bool:
+    path = uri.removeprefix("sqlite://").partition("?")[0] if uri.startswith("sqlite://") else None
+    return path is not None and path in ("", "/", "/:memory:")
 
 
 def absolute_uri(uri: str) -> str:
@@ -137,6 +146,11 @@ def absolute_uri(uri: str) -> str:
     path, sep, query = uri.removeprefix("sqlite:///").partition("?")
     if not path or path.startswith("/") or path == ":memory:":
         return uri
+    if path.startswith("~"):  # as cmce's path flags read it (a folder named `~` was made in the working folder)
+        home = os.path.expanduser(path.partition("/")[0])
+        if home.startswith("~"):
+            raise ValueError(f"{uri}: {path.partition('/')[0]}: no such user's home folder")
+        path = home + path[len(path.partition("/")[0]):]
     return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
 
 
