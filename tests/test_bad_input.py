@@ -3091,3 +3091,19 @@ def test_a_checkpoint_link_to_nothing_and_an_index_file_are_named_as_such(world,
     out = tmp_path / "eval"
     fails(caplog, [*evaluate_args(world), "--index", world.index / "meta.json", "--out", out], out,
           f"{world.index / 'meta.json'}: is a file; an index is the folder holding meta.json")
+
+
+def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(world, tmp_path, caplog):
+    """ids.parquet's rows shuffled, its sha256 rewritten in meta.json: `search --gallery` answered every query with
+    another item's id (the same scores). The ids must be the gallery's, in its order, less the rejected."""
+    index = Path(shutil.copytree(world.index, tmp_path / "index"))
+    table = pq.read_table(index / "ids.parquet")
+    pq.write_table(table.take(np.random.default_rng(0).permutation(table.num_rows)), index / "ids.parquet")
+    meta = json.loads((index / "meta.json").read_text())
+    meta["files"]["ids.parquet"] = file_sha256(index / "ids.parquet")
+    (index / "meta.json").write_text(json.dumps(meta))
+    search = ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--limit", "1"]
+    fails(caplog, [*search, "--gallery", world.gallery], tmp_path / "unused", f"{index}/ids.parquet: row 0 holds ",
+          "its ids are not the gallery's")
+    assert main(["search", "--index", str(world.index), "--query-model", str(world.query), "--dataset",
+                 str(world.dataset), "--limit", "1", "--gallery", str(world.gallery)]) == 0

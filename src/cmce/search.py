@@ -16,6 +16,21 @@ from cmce.index import load_index, search
 from cmce.storage import file_sha256
 
 
+def check_ids_follow_gallery(ids: list[str], gallery: Path, index_dir: Path) -> None:
+    """The index's ids are the gallery's, in the gallery's order, less the rejected: build-index writes them so.
+    ids.parquet's rows shuffled (its checksum rewritten to match) answered every query with another item's id."""
+    from cmce.tables import read_table, string_column
+
+    indexed = set(ids)
+    expected = [i for i in string_column(read_table(gallery, ["id"]), "id", str(gallery)) if i in indexed]
+    if expected != ids:
+        row = next((k for k, (a, b) in enumerate(zip(expected, ids, strict=False)) if a != b), len(expected))
+        found = ids[row] if row < len(ids) else "nothing"
+        raise ValueError(f"{index_dir}/ids.parquet: row {row} holds {found!r} where the gallery {gallery} puts "
+                         f"{expected[row] if row < len(expected) else 'no item'!r}: its ids are not the gallery's "
+                         "(edited or of another build); build the index again")
+
+
 def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Path]] = (),  # type: ignore[assignment]
                   dataset: Path | None = None, split: str = "test", limit: int = 0, k: int = 5,
                   gallery: Path | None = None) -> Iterator[dict]:
@@ -26,6 +41,8 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
     to_inference_device(model)
     loaded = load_index(index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim,
                         gallery_sha256=file_sha256(gallery) if gallery is not None else None)
+    if gallery is not None:
+        check_ids_follow_gallery(loaded.ids, gallery, index_dir)
     names: list[str] = []
     embs = []
     for name, path in images:
