@@ -119,14 +119,21 @@ def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
     from cmce.config import load_config, parse_overrides, read_config_text, read_yaml
+    from pipeline.cmce_pipeline import PARAMS_FILE
 
     overrides = parse_overrides(args.set)
     out: dict = _lifecycle_inputs(args) if args.pipeline != "cmce" else {}
+    # the whole config checked here, not in the first task: the params given, else the ones compiled in
+    cfg = load_config(args.params or PARAMS_FILE, overrides)
     if args.params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
-        load_config(args.params, overrides)  # the whole config checked here, not in the first task
         out["params_yaml"] = json.dumps(read_yaml(read_config_text(args.params)))
     if args.set:
         out["overrides"] = list(args.set)
+    if args.command == "run" and cfg.data.path and not os.path.isabs(cfg.data.path):
+        # a local run's tasks read a relative data.path from the working folder: started elsewhere than the
+        # project, it fetched 30 MB of data there; it is the params file's folder's, as DVC reads its params
+        where = (Path(args.params).resolve().parent if args.params else PARAMS_FILE.parent) / cfg.data.path
+        out["overrides"] = [*out.get("overrides", []), f"data.path={where}"]
     if args.run_name:
         out["run_name"] = args.run_name
     if args.pipeline == "cmce":

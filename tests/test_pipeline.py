@@ -448,3 +448,20 @@ def test_a_relative_tracking_store_is_one_absolute_store_for_every_task(tmp_path
     assert errors == ["python -m pipeline run: environment variable MLFLOW_HTTP_REQUEST_MAX_RETRIES='-1': an integer "
                       "from 0 to 10 expected (MLflow's range)"]
     assert len(seen) == 1 and not (tmp_path / "root2").exists() and list(work.iterdir()) == []
+
+
+def test_a_local_run_reads_a_relative_data_path_from_the_params_folder_and_checks_the_compiled_params(tmp_path):
+    """`python -m pipeline run --local` started outside the project fetched 30 MB of Fashion-MNIST into the working
+    folder (data.path is relative); `--set train.epochs=0` without --params failed in the first task, with a
+    traceback, after the run folder was made."""
+    from cmce.config import ConfigError
+    from pipeline.cmce_pipeline import PARAMS_FILE
+
+    run = build_parser().parse_args(["run", "--local", "--root", str(tmp_path / "r")])
+    assert _arguments(run)["overrides"] == [f"data.path={PARAMS_FILE.parent / 'data/fashion-mnist'}"]
+    submit = build_parser().parse_args(["submit", "--host", "h"])
+    assert "overrides" not in _arguments(submit)  # on a cluster, the container's own folders
+    bad = build_parser().parse_args(["run", "--local", "--root", str(tmp_path / "r"), "--set", "train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"^--set train.epochs must be in \[1, 100000\], got 0"):
+        _arguments(bad)
+    assert not (tmp_path / "r").exists()
