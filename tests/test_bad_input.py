@@ -3107,3 +3107,13 @@ def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(wo
           "its ids are not the gallery's")
     assert main(["search", "--index", str(world.index), "--query-model", str(world.query), "--dataset",
                  str(world.dataset), "--limit", "1", "--gallery", str(world.gallery)]) == 0
+
+
+def test_unicode_line_breaks_and_reordering_are_escaped_in_a_line():
+    """A path holding U+2028, NEL (U+0085) or a right-to-left override printed one stdout line that
+    `str.splitlines()` reads as three, or that a terminal shows reordered; only C0 controls were escaped."""
+    from cmce.errors import escape_controls
+
+    line = escape_controls("serving /o/idx\u2028on http:\x85evil:1 \u202emoc.live on http://127.0.0.1:1")
+    assert line == "serving /o/idx\\u2028on http:\\x85evil:1 \\u202emoc.live on http://127.0.0.1:1"
+    assert len(line.splitlines()) == 1 and escape_controls("índice ü") == "índice ü"

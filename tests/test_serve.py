@@ -1163,3 +1163,13 @@ def test_a_request_body_that_stops_arriving_is_timed_out_like_a_head(in_process_
             time.sleep(0.6)
             steady.sendall(body[k:k + len(body) // 3 + 1])
         assert steady.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_trailing_slash_is_not_redirected_to_the_host_the_request_names(world):
+    """`GET /healthz/` with `Host: evil.example` was answered 307 to http://evil.example/healthz (and a POST to
+    /search/ likewise): a client that follows redirects sent its query to whatever host the request named."""
+    _, _, _, server = world
+    for method, path in (("GET", "/healthz/"), ("POST", "/search/")):
+        res = requests.request(method, f"{server.url}{path}", headers={"host": "evil.example"}, timeout=10,
+                               allow_redirects=False)
+        assert res.status_code == 404 and "location" not in res.headers and res.json()["field"] == "path", res.text

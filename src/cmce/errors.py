@@ -90,14 +90,16 @@ def unclaimed_ending_signals() -> list[int]:
     return [signum for signum in found if signal.getsignal(signum) in (signal.SIG_DFL, raise_terminated)]
 
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and what str.splitlines() or a terminal also reads as a line break or a reordering: NEL,
+# the line and paragraph separators, the bidirectional overrides and isolates
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def escape_controls(text: str) -> str:
     """Control characters as Python escapes: a newline in a path or key cannot forge a second log line, nor a
     terminal escape reach the operator's terminal."""
-    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class OneLineFormatter(logging.Formatter):

@@ -150,8 +150,10 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     """`search_threads`: OpenMP threads of one FAISS search. Requests run in parallel on the thread pool already;
     with more threads per search, the idle OpenMP workers spin between requests and took the cores from the
     server (one client: 28 ms p50 instead of 2 ms on 2 busy cores, benchmarks/serving.py)."""
+    # no redirect of `/search/` to `/search`: Starlette built its Location from the Host header, sending a client
+    # that follows redirects (its query with it) to whatever host the request named
     app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
-                                        "embeddings or images")
+                                        "embeddings or images", redirect_slashes=False)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(RequestFraming)  # added last: runs first
 
