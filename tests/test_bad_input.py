@@ -3117,3 +3117,20 @@ def test_unicode_line_breaks_and_reordering_are_escaped_in_a_line():
     line = escape_controls("serving /o/idx\u2028on http:\x85evil:1 \u202emoc.live on http://127.0.0.1:1")
     assert line == "serving /o/idx\\u2028on http:\\x85evil:1 \\u202emoc.live on http://127.0.0.1:1"
     assert len(line.splitlines()) == 1 and escape_controls("índice ü") == "índice ü"
+
+
+def test_a_nul_in_a_config_path_and_a_utf8_name_under_a_c_locale_are_named(world, tmp_path, caplog):
+    """`output_dir: "o/nul\\0x"` was "embedded null byte" naming no key; under LANG=C (UTF-8 mode off) a folder
+    `índice` was called "not valid UTF-8; rename it", though the locale was the cause."""
+    config = tmp_path / "nul.yaml"
+    config.write_text(SMOKE.read_text().replace("output_dir: runs/smoke", 'output_dir: "o/nul\\0x"'))
+    fails(caplog, ["run", "--config", config], tmp_path / "o", f"{config}: output_dir: holds a NUL character")
+    index = Path(shutil.copytree(world.index, tmp_path / "índice" / "idx"))
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    res = subprocess.run([sys.executable, "-m", "cmce", "search", "--index", str(index), "--query-model",
+                          str(world.query), "--dataset", str(world.dataset), "--limit", "1"],
+                         capture_output=True, text=True, env=env, timeout=300, errors="replace")
+    assert res.returncode == 2 and "a UTF-8 name this process reads as" in res.stderr, res.stderr[-2000:]
+    assert "run it with a UTF-8 locale (LC_ALL=C.UTF-8) or PYTHONUTF8=1" in res.stderr

@@ -117,6 +117,19 @@ def _working_folder_under(out: str) -> Path | None:
     return here.relative_to(o) if o == here or o in here.parents else None
 
 
+def _not_utf8(flag: str, value: str) -> str:
+    """A path Python could not decode: bytes that are not UTF-8, or UTF-8 under a locale that is not (LANG=C with
+    UTF-8 mode off: `índice` was called "not valid UTF-8", and renaming it was the wrong advice)."""
+    if sys.getfilesystemencoding().lower().replace("-", "") != "utf8":
+        try:
+            os.fsencode(value).decode("utf-8")
+            return (f"{flag} {ascii(value)}: a UTF-8 name this process reads as {sys.getfilesystemencoding()} (the "
+                    "locale); run it with a UTF-8 locale (LC_ALL=C.UTF-8) or PYTHONUTF8=1")
+        except UnicodeDecodeError:
+            pass
+    return f"{flag} {ascii(value)}: the name is not valid UTF-8, which Arrow and Parquet need; rename it"
+
+
 def _within(path: str, folder: str) -> bool:
     """`path` is `folder` or lies under it (both local)."""
     p, f = _resolved(Path(path)), _resolved(Path(folder))
@@ -171,8 +184,9 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # bytes the file system allowed: Arrow failed on them naming nothing
-            raise ValueError(f"{flag(name)} {ascii(value)}: the name is not valid UTF-8, which Arrow and Parquet "
-                             "need; rename it") from None
+            raise ValueError(_not_utf8(flag(name), value)) from None
+        if "\x00" in value:
+            raise ValueError(f"{flag(name)} {ascii(value)}: holds a NUL character")
         if name in MODEL_ARGS and foreign_scheme(value) and not value.startswith("models:/"):
             raise ValueError(f"{flag(name)} {value}: {MODEL_URIS}")
         if name not in MODEL_ARGS and (scheme := foreign_scheme(value)):

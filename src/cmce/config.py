@@ -424,6 +424,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     if tp is str and type(value) is str and not value.strip():  # output_dir '' would write into the working folder
         raise ConfigError(f"{where}: must not be empty")
+    if tp is str and type(value) is str and "\x00" in value:  # every path use failed on it: "embedded null byte"
+        raise ConfigError(f"{where}: holds a NUL character")
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {shown(value)}")
