@@ -3134,3 +3134,23 @@ def test_a_nul_in_a_config_path_and_a_utf8_name_under_a_c_locale_are_named(world
                          capture_output=True, text=True, env=env, timeout=300, errors="replace")
     assert res.returncode == 2 and "a UTF-8 name this process reads as" in res.stderr, res.stderr[-2000:]
     assert "run it with a UTF-8 locale (LC_ALL=C.UTF-8) or PYTHONUTF8=1" in res.stderr
+
+
+def test_an_output_under_a_link_to_nothing_is_refused_before_the_work(world, tmp_path, caplog):
+    """`--out o/dang/q.pt` with `o/dang` a dangling link trained, then failed: `[Errno 17] File exists: 'o/dang'`."""
+    (tmp_path / "dang").symlink_to(tmp_path / "outside" / "newdir")
+    out = tmp_path / "dang" / "q.pt"
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query", "--out", out],
+          tmp_path / "x", f"{out}: its folder {tmp_path / 'dang'} is a symbolic link to nothing")
+    assert not (tmp_path / "outside").exists()
+
+
+def test_a_run_whose_output_dir_is_its_imagefolder_is_refused(tmp_path, caplog):
+    """`output_dir` = `data.path` (an ImageFolder): the first run wrote its folders among the class folders, the
+    second failed reading them as classes (`eval/`, holding PNGs, would have been one)."""
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    kept = snapshot(root)
+    for out in (root, root / "run"):
+        fails(caplog, ["run", *imagefolder_args(root), "--set", f"output_dir={out}"], tmp_path / "x",
+              f"output_dir: {out} is inside data.path {root}, the data it reads")
+    assert snapshot(root) == kept

@@ -463,6 +463,16 @@ def test_class_folders_that_differ_only_in_unicode_normalisation_are_named(tmp_p
         import_imagefolder(tmp_path)
 
 
+def test_class_folders_that_differ_only_in_end_spaces_are_named(tmp_path):
+    """`c0` and `c0 ` (a trailing space) were two classes that print alike, labels 0 and 1, without a word."""
+    for cls in ("c0", "c0 ", "c1"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            (tmp_path / cls / f"{i}.png").write_bytes(_png("L", value=10 * i))
+    with pytest.raises(DataError, match=r"class folders 'c0', 'c0 ' differ only in .* spaces at their ends"):
+        import_imagefolder(tmp_path)
+
+
 @pytest.mark.parametrize("data, named", [
     (b"\x00\x00\x00\x18ftypheic" + bytes(40), "HEIC, a format this tool does not decode"),
     (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG, a format this tool does not decode"),

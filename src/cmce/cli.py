@@ -502,6 +502,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     if (held := _working_folder_under(cfg.output_dir)) is not None:  # as `--out .` is for every other step
         raise ValueError(f"output_dir: {cfg.output_dir} {'is' if held == Path('.') else 'holds'} the working folder; "
                          "give a folder for the run's outputs")
+    if cfg.data.path and not is_remote(cfg.output_dir) and _within(cfg.output_dir, cfg.data.path):
+        # the run's folders landed among the class folders; the next run read them as classes
+        raise ValueError(f"output_dir: {cfg.output_dir} is inside data.path {cfg.data.path}, the data it reads; give "
+                         "a folder outside it")
     if is_remote(cfg.output_dir):  # the whole run in scratch, uploaded when it succeeds
         cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")

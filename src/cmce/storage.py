@@ -320,6 +320,10 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         _check_remote_output(text, is_dir, own, writes, kinds)
         return
     target = Path(text)
+    for folder in target.parents:  # making the folders failed after the work: "[Errno 17] File exists: 'o/dang'"
+        if os.path.islink(folder) and not folder.exists():
+            raise ValueError(f"{text}: its folder {folder} is a symbolic link to nothing (its target is missing, or "
+                             "the links loop)")
     if target.exists() and not (target.is_file() or target.is_dir()):  # renaming over it would replace a device
         raise ValueError(f"{text}: is a device, pipe or socket, not a file or folder to write")
     if target.is_symlink():  # outputs are renamed in: that replaces the link (/dev/stdout, say), not what it names

@@ -78,13 +78,13 @@ def import_imagefolder(path: str | Path) -> RawImages:
     if not classes:
         raise DataError(f"{root}: no class folders found")
     alike: dict[str, list[str]] = {}
-    for c in classes:  # "café" typed on two systems, composed and decomposed: two classes that print the same
-        alike.setdefault(unicodedata.normalize("NFC", c), []).append(c)
+    for c in classes:  # "café" typed on two systems, composed and decomposed; "c0" and "c0 ": classes that print alike
+        alike.setdefault(unicodedata.normalize("NFC", c).strip(), []).append(c)
     twins = next((names for names in alike.values() if len(names) > 1), None)
     if twins:
         raise DataError(f"{root}: class folders {', '.join(ascii(t) for t in twins)} differ only in Unicode "
-                        "normalisation (accents composed or decomposed): one class under two names? merge or rename "
-                        "them")
+                        "normalisation (accents composed or decomposed) or in spaces at their ends: one class under "
+                        "two names? merge or rename them")
     index = {c: i for i, c in enumerate(classes)}
     ids, labels, images, split, skipped = [], [], [], [], []
     for part, base in parts:
