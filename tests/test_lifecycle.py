@@ -1,5 +1,8 @@
 """Growing the ensemble and upgrading the query model from stored embeddings."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -191,3 +194,16 @@ def test_add_gallery_model_cli_equals_combining_all_members(smoke_run, tmp_path)
                  "--transforms-out", str(tmp_path / "t2"), "--out", str(tmp_path / "up.parquet")]) == 0
     assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == sorted(f"{g}.pt" for g in [*lay.gallery_names,
                                                                                           "mob_c"])
+
+
+def test_two_train_embeddings_files_of_one_gallery_model_are_refused(smoke_run, tmp_path):
+    """`--train-embeddings resnet_a.parquet vgg_b.parquet resnet_a_other.parquet`: the last file of resnet_a won
+    silently (its transformation fitted on shuffled rows: loss 5.25 instead of 3.96)."""
+    lay, _ = smoke_run
+    first = lay.train_embeddings(lay.gallery_names[0])
+    other = Path(shutil.copyfile(first, tmp_path / "other.parquet"))
+    with pytest.raises(TableError, match=rf"{other} and {first}: two train-embeddings files of gallery model"):
+        upgrade_query_model(lay.gallery, lay.model("query"), lay.dataset,
+                            [first, *[lay.train_embeddings(g) for g in lay.gallery_names[1:]], other],
+                            TransformConfig(hidden_dim=32, epochs=1), tmp_path / "transforms", tmp_path / "g.parquet")
+    assert not (tmp_path / "g.parquet").exists()

@@ -154,7 +154,11 @@ def upgrade_query_model(
         meta = read_metadata(path)
         if meta.get("kind") != "train_embeddings":
             raise TableError(f"{path}: not a train-embeddings file (kind={meta.get('kind')!r})")
-        stored[meta["gallery_model"]["sha256"]] = Path(path)
+        sha = meta["gallery_model"]["sha256"]
+        if sha in stored and stored[sha] != Path(path):  # the last one won, without a word
+            raise TableError(f"{path} and {stored[sha]}: two train-embeddings files of gallery model "
+                             f"{meta['gallery_model'].get('name')!r}; give one")
+        stored[sha] = Path(path)
     table = read_table(gallery)
     members, fitted = [], []
     for member in gmeta["members"]:
