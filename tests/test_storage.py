@@ -240,3 +240,36 @@ def test_a_kill_during_the_deletion_of_the_old_folder_never_leaves_a_partial_old
     assert not (tmp_path / ".d.old").exists()
     half = [p for p in tmp_path.iterdir() if p.name != "d"]
     assert len(half) == 1 and half[0].name.startswith(".d.") and half[0].name.endswith(".tmp")
+
+
+def test_a_replaced_output_keeps_its_mode(tmp_path):
+    """A gallery kept 640 (one group may read it), replaced in place by add-member, became 644: readable by all; an
+    index folder kept 700 became 755, its files 644."""
+    import stat
+
+    from cmce.storage import atomic_dir, atomic_path
+
+    target = tmp_path / "g.parquet"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    folder = tmp_path / "index"
+    folder.mkdir()
+    (folder / "meta.json").write_text("{}")
+    (folder / "meta.json").chmod(0o600)
+    folder.chmod(0o700)
+    with atomic_dir(folder, ("meta.json", "ids.parquet")) as tmp:
+        (tmp / "meta.json").write_text('{"new": 1}')
+        (tmp / "ids.parquet").write_bytes(b"x")  # a file the old folder did not have: the usual mode
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE((folder / "meta.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((folder / "ids.parquet").stat().st_mode) == 0o666 & ~_umask_now()
+
+
+def _umask_now() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

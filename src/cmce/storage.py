@@ -129,6 +129,21 @@ def _discard_dir(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def keep_access(old: Path, new: Path) -> None:
+    """`new`, about to replace `old`, gets its mode and (where this process may) its owner: a gallery kept 640 for
+    one group, replaced in place, became 644 and root's (readable by all)."""
+    try:
+        st = old.stat()
+    except OSError:  # nothing there to take after
+        return
+    if stat.S_ISDIR(st.st_mode) != new.is_dir():
+        return
+    os.chmod(new, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):  # only root may give a file away
+        if (st.st_uid, st.st_gid) != (new.stat().st_uid, new.stat().st_gid):
+            os.chown(new, st.st_uid, st.st_gid)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path next to `target`; rename it onto `target` only on success."""
@@ -141,8 +156,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         with named_on_failure(target):
             yield tmp_path
-        if tmp_path.exists():  # mkstemp makes 0600; give the artifact the usual permissions
+        if tmp_path.exists():  # mkstemp makes 0600; give the artifact the usual permissions, or the replaced one's
             os.chmod(tmp_path, 0o666 & ~_umask())
+            keep_access(target, tmp_path)
         _check_inputs_before_commit()
         os.replace(tmp_path, target)
         _wrote(target)
@@ -483,6 +499,9 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
             if (target / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(target / name, tmp / name)
         os.chmod(tmp, 0o777 & ~_umask())
+        keep_access(target, tmp)
+        for new in tmp.iterdir():
+            keep_access(target / new.name, new)
         _check_inputs_before_commit()
         old = _old(target)
         with swap_lock(target, exclusive=True):  # waits for readers of the old folder to finish
