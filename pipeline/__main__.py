@@ -112,6 +112,11 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
     needed = [k for k in required if k not in out]
     if needed:
         raise SystemExit(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
+    for key, uri in out.items():  # a local input missing failed in a task, with a traceback, after 3 tries
+        if "://" not in uri and not Path(uri).exists():
+            source = f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None) else (
+                f"--{key.replace('_', '-')}")
+            raise ValueError(f"{source}: {uri} not found (a run folder `cmce run` finished?)")
     return out
 
 

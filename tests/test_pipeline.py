@@ -465,3 +465,14 @@ def test_a_local_run_reads_a_relative_data_path_from_the_params_folder_and_check
     with pytest.raises(ConfigError, match=r"^--set train.epochs must be in \[1, 100000\], got 0"):
         _arguments(bad)
     assert not (tmp_path / "r").exists()
+
+
+def test_lifecycle_inputs_missing_from_the_run_folder_are_named_before_the_run(tmp_path):
+    """`--pipeline add-gallery-model --inputs-from <a run folder without gallery.parquet>` failed in its add-member
+    task with a traceback, retried three times (30 s, then 60 s apart)."""
+    (tmp_path / "partial").mkdir()
+    args = build_parser().parse_args(["run", "--local", "--root", str(tmp_path / "r"), "--pipeline",
+                                      "add-gallery-model", "--inputs-from", str(tmp_path / "partial")])
+    with pytest.raises(ValueError, match=rf"^--inputs-from {tmp_path / 'partial'}: .*dataset.parquet not found"):
+        _arguments(args)
+    assert not (tmp_path / "r").exists()
