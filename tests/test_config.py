@@ -483,3 +483,16 @@ def test_integers_yaml_reads_alike_keep_their_value(tmp_path, text, value):
     assert read_yaml(f"k: {text}") == {"k": value}
     if isinstance(value, int) and value > 0:
         assert load_config(_write(tmp_path, GOOD + f"train:\n  epochs: {text}\n")).train.epochs == value
+
+
+def test_a_new_gallery_model_named_by_set_must_have_a_model_name(tmp_path):
+    """`--set gallery_models.<100,000 letters>.width=1` gave one 200,177-byte line, the name echoed twice in full,
+    saying it lacked `arch`: the fault (not a model name) was never stated."""
+    from cmce.config import parse_overrides
+
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, GOOD), parse_overrides([f"gallery_models.{'y' * 100_000}.width=1"]))
+    assert "is not a model name" in str(err.value) and len(str(err.value)) < 400
+    with pytest.raises(ConfigError, match=r"gallery_models.new_one: lacks 'arch'"):  # a good name: the usual fault
+        load_config(_write(tmp_path, "query_model: {name: q, arch: query_cnn}\ngallery_models: {g: {arch: resnet}}\n"),
+                    parse_overrides(["gallery_models.new_one.width=1"]))

@@ -633,6 +633,7 @@ def check_override_key(dotted: str, value: Any) -> None:
     for part in dotted.split("."):
         fields = _config_fields(tp)
         if tp == list[ModelSpec]:  # the mapping form: any model name (a new model must then give its arch)
+            check_model_name(part, f"--set {shown(dotted)}")  # a 100,000-letter name was echoed twice, never named
             tp = ModelSpec
         elif fields is None:
             raise ConfigError(f"--set {dotted}: {'.'.join(done)} is a value, not a section with keys")
