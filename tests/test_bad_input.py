@@ -2829,7 +2829,7 @@ def test_a_version_registered_from_the_checkpoint_file_itself_is_loaded(world, t
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     client.create_registered_model("cmce-query")
     for alias, source in (("run", f"runs:/{run_id}/cmce-query/{world.query.name}"), ("path", str(world.query)),
-                          ("text", str(tmp_path / "notes.txt"))):
+                          ("text", str(tmp_path / "notes.txt")), ("http", "http://127.0.0.1:9/art")):
         client.set_registered_model_alias("cmce-query", alias,
                                           client.create_model_version("cmce-query", source=source).version)
     for alias in ("run", "path"):
@@ -2837,6 +2837,9 @@ def test_a_version_registered_from_the_checkpoint_file_itself_is_loaded(world, t
     with pytest.raises(ValueError, match=r"models:/cmce-query@text: the registered version's source .*notes\.txt is "
                                          "a file but not a cmce checkpoint"):
         resolve_model_uri("models:/cmce-query@text", uri)
+    with pytest.raises(ValueError, match=r"^models:/cmce-query@http: the registered version could not be read from "
+                                         r"its source http://127.0.0.1:9/art \("):  # "not enough values to unpack"
+        resolve_model_uri("models:/cmce-query@http", uri)
 
 
 def _mark_version(uri: str, name: str, version: str, status: str, message: str) -> None:

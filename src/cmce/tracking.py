@@ -753,6 +753,7 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     # "No artifacts found to download": a version whose source is the file itself; cmce reads that file below
     logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.ERROR)
     dst = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
+    version = None
     try:
         version = ready_version(mlflow.MlflowClient(tracking_uri=tracking), uri)
         pinned = uri if version is None else f"models:/{version.name}/{version.version}"  # the alias may move
@@ -765,9 +766,15 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
                 raise ValueError(f"{uri}: the registered version's source {version.source} is a file but not a "
                                  "cmce checkpoint")
     except Exception as err:
-        if not (isinstance(err, MlflowException) or from_client(err)):
+        if isinstance(err, ValueError) and str(err).startswith(uri):  # cmce's own refusal, named already
             raise
-        raise ValueError(f"{uri}: {_registry_error(err, tracking)}") from None
+        if isinstance(err, MlflowException) or from_client(err):
+            raise ValueError(f"{uri}: {_registry_error(err, tracking)}") from None
+        if isinstance(err, ValueError | TypeError | KeyError | OSError):  # MLflow's own, on a source it cannot read
+            source = f" from its source {version.source}" if version is not None else ""
+            raise ValueError(f"{uri}: the registered version could not be read{source} ({type(err).__name__}: "
+                             f"{err})") from None  # an http:// source: "not enough values to unpack", naming nothing
+        raise
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
     if len(files) > 1:  # a model card or a README beside the checkpoint: the checkpoint is the one torch file
         files = [p for p in files if file_format(p) == "checkpoint"]
