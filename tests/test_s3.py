@@ -827,6 +827,11 @@ def test_an_object_stored_gzip_encoded_is_decoded_and_another_coding_is_named(s3
     with pytest.raises(ValueError, match=rf"s3://{bucket}/br.json: stored with Content-Encoding 'br'; only gzip"):
         cmce_s3.download(f"s3://{bucket}/br.json", tmp_path / "br.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "one.json"]  # nothing half-decoded left
+    # a gzip bomb (70 MiB of zeros in ~70 KB) is refused, not decoded into scratch and memory
+    client.put_object(Bucket=bucket, Key="bomb.json", Body=gzip.compress(bytes(70 << 20)), ContentEncoding="gzip")
+    with pytest.raises(ValueError, match=rf"s3://{bucket}/bomb.json: .* refused as a decompression bomb"):
+        cmce_s3.download(f"s3://{bucket}/bomb.json", tmp_path / "bomb.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "one.json"]
 
 
 def test_an_unreachable_credentials_endpoint_is_named_not_the_s3_endpoint(s3_server, tmp_path, monkeypatch, caplog):

@@ -620,17 +620,31 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
             raise RetriesExceededError(err.last_exception) from err
 
 
+GZIP_RATIO = 1000
+
+
 def _gunzip(path: Path, uri: str) -> None:
     import gzip
-    import shutil
     import zlib
 
     plain = path.with_name(f".{path.name}.decoding")
+    # a 3 MB object decoding to 3 GB (a gzip bomb) filled scratch and memory without a word; files compress
+    # 2-20×, so a ratio past GZIP_RATIO (and past 64 MiB) is refused
+    cap = max(GZIP_RATIO * path.stat().st_size, 64 * MB)
     try:
         with gzip.open(path, "rb") as src, plain.open("wb") as dst:
-            shutil.copyfileobj(src, dst, MB)
+            while chunk := src.read(MB):
+                if dst.tell() + len(chunk) > cap:
+                    raise ValueError(f"{uri}: stored with Content-Encoding gzip, it decodes to more than {cap:,} "
+                                     f"bytes ({GZIP_RATIO}× its size): refused as a decompression bomb")
+                dst.write(chunk)
+    except ValueError:
+        plain.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # the encoded bytes are not the file: nothing stays under its name
+        raise
     except (OSError, EOFError, zlib.error) as err:
         plain.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         if _no_room(err) is not None:
             raise
         raise ValueError(f"{uri}: stored with Content-Encoding gzip, but its bytes are not gzip data ({err})") from None
