@@ -1173,3 +1173,36 @@ def test_a_trailing_slash_is_not_redirected_to_the_host_the_request_names(world)
         res = requests.request(method, f"{server.url}{path}", headers={"host": "evil.example"}, timeout=10,
                                allow_redirects=False)
         assert res.status_code == 404 and "location" not in res.headers and res.json()["field"] == "path", res.text
+
+
+def test_a_stop_does_not_wait_for_ever_on_a_blocked_poll(world, tmp_path, caplog):
+    """A promoted model downloading from an S3 store that had stopped answering held the stopped server for 150 s
+    (it logged `stopped (SIGTERM)`, then swapped the new model in, then exited)."""
+    from cmce.checkpoint import load_embedding_model
+    from cmce.serving.state import Holder, QueryModelSource
+
+    _, model, index, _ = world
+    blocked, version = threading.Event(), ["v1"]
+
+    class Hanging(QueryModelSource):
+        def key(self) -> str:
+            return version[0]
+
+        def load(self, key: str):
+            if key == "v2":
+                blocked.wait(60)  # the store never answers (within the test)
+            return load_embedding_model(model)
+
+    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), Hanging(str(model), Path))
+    version[0] = "v2"
+    holder.start(0.01)
+    deadline = time.monotonic() + 30
+    while holder.in_progress is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        holder.stop(wait_s=0.5)
+    assert time.monotonic() - started < 5 and "stopping without the reload poll, still loading the query model v2" \
+        in caplog.text
+    blocked.set()

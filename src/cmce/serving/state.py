@@ -31,6 +31,7 @@ from cmce.index import INDEX_FILES, LoadedIndex, load_index
 from cmce.storage import origin, read_regular, restore_uris, scratch_dir, stat_identity
 
 log = logging.getLogger(__name__)
+STOP_WAIT_S = 5.0  # how long a stop waits for a poll in progress
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
 
 
@@ -290,7 +291,13 @@ class Holder:
         self._thread = threading.Thread(target=loop, name="cmce-serve-reload", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """End the polling. A poll blocked on the registry or a download (an S3 store that stopped answering) held
+        a stopped server for 150 s, past any supervisor's grace period: it is left behind after `wait_s` (the
+        thread is a daemon; the process exits without it, and its scratch folder goes with the command's)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(wait_s)
+            if self._thread.is_alive():
+                busy = self.in_progress
+                log.warning("serve: stopping without the reload poll, still %s", busy["what"] if busy else "busy")
