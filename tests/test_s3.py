@@ -853,3 +853,17 @@ def test_an_unreachable_credentials_endpoint_is_named_not_the_s3_endpoint(s3_ser
     assert "S3 endpoint" not in error and not (tmp_path / "idx").exists()
     monkeypatch.setattr(cmce_s3, "client", lambda: 1 / 0)  # no client can be made: the URL the environment names
     assert cmce_s3._endpoint() == s3_server.endpoint
+
+
+def test_a_container_credentials_host_botocore_refuses_is_named_by_its_variable(tmp_path, monkeypatch):
+    """AWS_CONTAINER_CREDENTIALS_FULL_URI at a host botocore does not read from: `cmce search: Unsupported host
+    'example.invalid'. Can only retrieve metadata from a loopback address…`, naming no variable."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://example.invalid/creds")
+    with pytest.raises(ValueError, match=r"^environment variable AWS_CONTAINER_CREDENTIALS_FULL_URI="
+                                         r"'http://example.invalid/creds': Unsupported host 'example.invalid'"):
+        cmce_s3.client()

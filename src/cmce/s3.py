@@ -290,22 +290,37 @@ def _bound_credential_process(session: Any) -> None:
 def _resolve_credentials(session: Any) -> None:
     """Credentials are resolved as the client is made: a credential_process that prints no JSON raised the bare
     `Expecting value: line 1 column 1 (char 0)`, naming no profile; the profile and its process are named."""
-    import json
 
     from botocore.exceptions import CredentialRetrievalError
 
     try:
         session.get_credentials()
-    except (json.JSONDecodeError, UnicodeDecodeError, CredentialRetrievalError) as err:
+    except ValueError as err:  # botocore's container provider: "Unsupported host 'x'. Can only retrieve metadata…"
+        if "Unsupported host" not in str(err) or not os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+            raise _credential_process_error(session, err) from None
+        raise ValueError(f"environment variable AWS_CONTAINER_CREDENTIALS_FULL_URI="
+                         f"{redact(os.environ['AWS_CONTAINER_CREDENTIALS_FULL_URI'])!r}: {str(err).strip()}") from None
+    except CredentialRetrievalError as err:
+        raise _credential_process_error(session, err) from None
+
+
+def _credential_process_error(session: Any, err: BaseException) -> BaseException:
+    """A profile's credential_process that printed no JSON, or failed, named with its profile; else `err`."""
+    import json
+
+    from botocore.exceptions import CredentialRetrievalError
+
+    if isinstance(err, json.JSONDecodeError | UnicodeDecodeError | CredentialRetrievalError):
         process = _credential_process(session)
         if process is None:
-            raise
+            return err
         if isinstance(err, CredentialRetrievalError):
             what = f"failed ({redact(str(err).strip().splitlines()[0])})"
         else:
             what = "printed no JSON credentials"
-        raise CredentialProcessError(f"AWS profile {session.profile_name!r}: its credential_process {what}; run it "
-                                     "by hand to see why") from None
+        return CredentialProcessError(f"AWS profile {session.profile_name!r}: its credential_process {what}; run it "
+                                      "by hand to see why")
+    return err
 
 
 def transfer_config() -> Any:
