@@ -1154,7 +1154,9 @@ def test_a_request_body_that_stops_arriving_is_timed_out_like_a_head(in_process_
     with socket.create_connection((host, int(port)), timeout=10) as stalled:
         stalled.sendall(head % 100 + b'{"embeddings": ')
         started = time.monotonic()
-        assert closed_by_server(stalled, 10) is not None and time.monotonic() - started < 5
+        reply = closed_by_server(stalled, 10)
+        assert reply is not None and reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5, reply
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["field"] == "body"
     _, model, _, _ = world
     body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as steady:

@@ -203,7 +203,19 @@ class JsonErrorsH11(H11Protocol):
         self._body_timer = None
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             log.debug("closed a connection whose request body stopped for %g s", self.head_timeout_s)
+            body = json.dumps({"error": f"body: no byte of it came for {self.head_timeout_s:g} s (--head-timeout)",
+                               "field": "body"}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: "
+                                 b"close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             self.transport.close()
+
+    def shutdown(self) -> None:
+        """A graceful stop: a body still arriving is the stop's to cut (503 after the grace period), not the body
+        deadline's."""
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._head_timer, self._body_timer):
