@@ -2982,7 +2982,7 @@ def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, 
         assert fetched == []  # the command's own read of --index: the bucket was downloaded whole
         for index in (f"s3://{bucket}/idx8/meta.json", world.index / "meta.json"):  # its meta.json, not the folder
             fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset,
-                           "--limit", "1"], tmp_path / "unused", f"{index}: is a file; --index takes the index's")
+                           "--limit", "1"], tmp_path / "unused", f"{index}: is a file; an index is the folder")
         put(Bucket=bucket, Key="bad/meta.json", Body=json.dumps({"files": {"../idx8/index.faiss": "0"}}).encode())
         with pytest.raises(ValueError, match=r"bad/meta.json: names '../idx8/index.faiss' among its files"):
             load_index(f"s3://{bucket}/bad")

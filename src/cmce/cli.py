@@ -226,30 +226,11 @@ def _in(uri: str) -> Path:
     return local_input(uri)
 
 
-def _is_file(uri: str) -> bool:
-    """A local file, or an s3:// object (not a prefix)."""
-    from cmce import s3
-
-    if not is_remote(uri):
-        return Path(uri).is_file()
-    try:
-        return not uri.endswith("/") and s3.kind(uri) == "file"
-    except FileNotFoundError:  # neither: the marker check names it
-        return False
-
-
 def _index_in(uri: str) -> Path:
-    """An index folder: on S3, a prefix without its meta.json is refused before anything is downloaded (a bucket
-    root given as --index was downloaded whole, then called not an index)."""
-    from cmce.s3 import MarkerMissing
+    """An index folder, local (an s3:// prefix downloaded by its meta.json alone; cmce.index.index_folder)."""
+    from cmce.index import index_folder
 
-    if _is_file(uri):  # its meta.json, say: "not a complete index (no meta.json)" contradicted itself
-        raise ValueError(f"{uri}: is a file; --index takes the index's folder (the one holding meta.json)")
-    try:
-        return local_input(uri, marker="meta.json")
-    except MarkerMissing:
-        raise ValueError(f"{uri.rstrip('/')}: not a complete index (no meta.json): not an index, or its build or "
-                         "upload did not finish; build it again") from None
+    return index_folder(uri, probe_object=True)
 
 
 def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None,

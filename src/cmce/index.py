@@ -14,6 +14,7 @@ are stored in meta.json and set again on load, so a loaded index searches the wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -300,20 +301,35 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None, gallery_s
         return _load_index(index_dir, query_sha256, gallery_sha256, query_dim)
 
 
-def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256: str | None,
-                query_dim: int | None = None) -> LoadedIndex:
+def index_folder(index_dir: str | Path, probe_object: bool = False) -> Path:
+    """The local folder of an index: the folder itself, or an s3:// prefix downloaded by its meta.json (only the
+    files it names). A prefix without meta.json is refused before anything is downloaded (a bucket root given as
+    --index was downloaded whole), and a file (the index's meta.json, say) as a file, not as an index without one;
+    on S3, where telling an object from a prefix costs a request, when `probe_object` asks (a command's --index)."""
     shown = str(index_dir).rstrip("/")
-    if not s3.is_s3(index_dir) and Path(index_dir).is_file():  # its meta.json, say: not "an index without meta.json"
-        raise IndexLoadError(f"{shown}: is a file; an index is the folder holding meta.json")
+    is_file = IndexLoadError(f"{shown}: is a file; an index is the folder holding meta.json")
     unfinished = IndexLoadError(f"{shown}: not a complete index (no meta.json): not an index, or its build or "
                                 f"upload did not finish; build it again")
+    if not s3.is_s3(index_dir) and Path(index_dir).is_file():
+        raise is_file
+    if probe_object and s3.is_s3(index_dir) and not str(index_dir).endswith("/"):
+        with contextlib.suppress(FileNotFoundError):  # neither object nor prefix: the marker check names it
+            if s3.kind(str(index_dir)) == "file":
+                raise is_file
     try:  # on S3: refused from the one listing, before downloading what an unfinished upload left
         d = local_input(index_dir, marker="meta.json")
     except s3.MarkerMissing:
         raise unfinished from None
-    meta_path = d / "meta.json"
-    if not meta_path.exists():
+    if not (d / "meta.json").exists():
         raise unfinished
+    return d
+
+
+def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256: str | None,
+                query_dim: int | None = None) -> LoadedIndex:
+    shown = str(index_dir).rstrip("/")
+    d = index_folder(index_dir)
+    meta_path = d / "meta.json"
     try:
         meta = json.loads(read_regular(meta_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
