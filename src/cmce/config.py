@@ -142,7 +142,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         try:
             return super().construct_yaml_int(node)
         except ValueError:
-            digits = sum(c.isdigit() for c in str(node.value))
+            digits = sum(c.isdigit() for c in text)
             raise yaml.constructor.ConstructorError(
                 None, None, f"a number of {digits} digits (Python reads at most {sys.get_int_max_str_digits()})",
                 node.start_mark) from None

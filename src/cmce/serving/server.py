@@ -142,6 +142,15 @@ def dataset_check(dataset: Path) -> Callable[[dict], None]:
     return lambda meta: check_dataset_of_index(dataset, meta, split_of)
 
 
+def _answer_and_close(transport: asyncio.BaseTransport, status: bytes, field: str, error: str) -> None:
+    """A {error, field} JSON answer written straight to the socket, then closed: for a connection refused or cut
+    outside any request cycle h11 could frame it in."""
+    body = json.dumps({"error": error, "field": field}).encode()
+    transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d"
+                    b"\r\n\r\n%s" % (status, len(body), body))
+    transport.close()
+
+
 class JsonErrorsH11(H11Protocol):
     """uvicorn answers a request it cannot parse (a negative or doubled Content-Length, TLS sent to the plain
     port) by itself, in plain text; this server's errors are {error, field} JSON, these too.
@@ -167,11 +176,8 @@ class JsonErrorsH11(H11Protocol):
 
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused, self.transport = True, transport
-        body = json.dumps({"error": f"request: the server holds its {self.max_connections} connections; try again",
-                           "field": "request"}).encode()
-        transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close"
-                        b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        transport.close()
+        _answer_and_close(transport, b"503 Service Unavailable", "request",
+                          f"request: the server holds its {self.max_connections} connections; try again")
         now = time.monotonic()
         if now - JsonErrorsH11._over_cap_logged >= 60:
             JsonErrorsH11._over_cap_logged = now
@@ -203,11 +209,8 @@ class JsonErrorsH11(H11Protocol):
         self._body_timer = None
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             log.debug("closed a connection whose request body stopped for %g s", self.head_timeout_s)
-            body = json.dumps({"error": f"body: no byte of it came for {self.head_timeout_s:g} s (--head-timeout)",
-                               "field": "body"}).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: "
-                                 b"close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-            self.transport.close()
+            _answer_and_close(self.transport, b"408 Request Timeout", "body",
+                              f"body: no byte of it came for {self.head_timeout_s:g} s (--head-timeout)")
 
     def shutdown(self) -> None:
         """A graceful stop: a body still arriving is the stop's to cut (503 after the grace period), not the body
