@@ -453,23 +453,18 @@ def test_imagefolder_skips_hidden_entries_and_names_what_it_does_not_read(tmp_pa
         import_imagefolder(tmp_path)
 
 
-def test_class_folders_that_differ_only_in_unicode_normalisation_are_named(tmp_path):
-    """"café" composed and decomposed made two classes that print the same (labels 0 and 1), without a word."""
-    for cls in ("caf\u00e9", "cafe\u0301", "tea"):
+@pytest.mark.parametrize("classes, message", [
+    (("caf\u00e9", "cafe\u0301", "tea"), r"class folders 'cafe\\u0301', 'caf\\xe9' differ only in Unicode"),
+    (("c0", "c0 ", "c1"), r"class folders 'c0', 'c0 ' differ only in .* spaces at their ends"),
+], ids=["unicode-normalisation", "end-spaces"])
+def test_class_folders_that_print_alike_are_named(tmp_path, classes, message):
+    """"café" composed and decomposed, or `c0` and `c0 ` (a trailing space), made two classes that print alike
+    (labels 0 and 1), without a word."""
+    for cls in classes:
         (tmp_path / cls).mkdir()
         for i in range(2):
             (tmp_path / cls / f"{i}.png").write_bytes(_png("L", value=10 * i))
-    with pytest.raises(DataError, match=r"class folders 'cafe\\u0301', 'caf\\xe9' differ only in Unicode"):
-        import_imagefolder(tmp_path)
-
-
-def test_class_folders_that_differ_only_in_end_spaces_are_named(tmp_path):
-    """`c0` and `c0 ` (a trailing space) were two classes that print alike, labels 0 and 1, without a word."""
-    for cls in ("c0", "c0 ", "c1"):
-        (tmp_path / cls).mkdir()
-        for i in range(2):
-            (tmp_path / cls / f"{i}.png").write_bytes(_png("L", value=10 * i))
-    with pytest.raises(DataError, match=r"class folders 'c0', 'c0 ' differ only in .* spaces at their ends"):
+    with pytest.raises(DataError, match=message):
         import_imagefolder(tmp_path)
 
 

@@ -580,25 +580,35 @@ def test_an_unchanged_folder_is_not_parsed_again_on_each_poll(world, tmp_path, m
     assert len(reads) == 2 and holder.reloads == 0
 
 
-def test_a_download_the_poll_waits_on_is_shown_while_it_lasts(world, tmp_path):
-    """An S3 outage while the server downloaded a promoted model held the poll in MLflow's own retries for minutes,
-    and /readyz said `last_reload_error: null`, `reloads: 0` all that time."""
+def promoted_until(model: Path, released: threading.Event, wait_s: float, must_release: bool):
+    """(source, version): a query-model source following an alias now at "v1"; set version[0] = "v2" to promote,
+    whose download hangs until `released` is set (a store that stopped answering), at most `wait_s` seconds."""
     from cmce.checkpoint import load_embedding_model
-    from cmce.serving.state import Holder, QueryModelSource
+    from cmce.serving.state import QueryModelSource
 
-    _, model, index, _ = world
-    released, version = threading.Event(), ["v1"]
+    version = ["v1"]
 
     class Promoted(QueryModelSource):
         def key(self) -> str:
             return version[0]
 
         def load(self, key: str):
-            if key == "v2":  # the promoted version's download hangs until the store answers again
-                assert released.wait(30)
+            if key == "v2" and not released.wait(wait_s):
+                assert not must_release, "the store was never answering again"
             return load_embedding_model(model)
 
-    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), Promoted(str(model), Path))
+    return Promoted(str(model), Path), version
+
+
+def test_a_download_the_poll_waits_on_is_shown_while_it_lasts(world, tmp_path):
+    """An S3 outage while the server downloaded a promoted model held the poll in MLflow's own retries for minutes,
+    and /readyz said `last_reload_error: null`, `reloads: 0` all that time."""
+    from cmce.serving.state import Holder
+
+    _, model, index, _ = world
+    released = threading.Event()
+    source, version = promoted_until(model, released, 30, must_release=True)
+    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), source)
     assert holder.in_progress is None
     version[0] = "v2"
     holder.start(0.01)
@@ -1180,22 +1190,12 @@ def test_a_trailing_slash_is_not_redirected_to_the_host_the_request_names(world)
 def test_a_stop_does_not_wait_for_ever_on_a_blocked_poll(world, tmp_path, caplog):
     """A promoted model downloading from an S3 store that had stopped answering held the stopped server for 150 s
     (it logged `stopped (SIGTERM)`, then swapped the new model in, then exited)."""
-    from cmce.checkpoint import load_embedding_model
-    from cmce.serving.state import Holder, QueryModelSource
+    from cmce.serving.state import Holder
 
     _, model, index, _ = world
-    blocked, version = threading.Event(), ["v1"]
-
-    class Hanging(QueryModelSource):
-        def key(self) -> str:
-            return version[0]
-
-        def load(self, key: str):
-            if key == "v2":
-                blocked.wait(60)  # the store never answers (within the test)
-            return load_embedding_model(model)
-
-    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), Hanging(str(model), Path))
+    blocked = threading.Event()  # the store never answers (within the test)
+    source, version = promoted_until(model, blocked, 60, must_release=False)
+    holder = Holder(Path(shutil.copytree(index, tmp_path / "index")), source)
     version[0] = "v2"
     holder.start(0.01)
     deadline = time.monotonic() + 30
