@@ -267,23 +267,24 @@ def _check_schema(uri: str, revision: str | None) -> None:
     """A store whose schema revision this MLflow does not know was made (or upgraded) by a newer MLflow: MLflow's
     own answer, "out-of-date database schema … run 'mlflow db upgrade'", cannot apply. A known older revision is
     left to MLflow, whose upgrade advice then holds."""
-    if revision is None or revision in known_revisions():
-        return
-    import mlflow
-
-    raise ValueError(f"{uri}: the store's schema (revision {revision}) was made by a newer MLflow than this one "
-                     f"({mlflow.__version__}); read it with that MLflow version; the store is left unchanged")
+    if revision is not None and (newer := _newer_schema(revision)):
+        raise ValueError(f"{uri}: {newer}; the store is left unchanged")
 
 
 def schema_error(err: BaseException) -> str | None:
     """MLflow's out-of-date-schema error for a store of any database, reworded when the revision it found is
     unknown here (a newer MLflow's): its 'mlflow db upgrade' advice cannot apply; else None."""
     found = re.search(r"out-of-date database schema \(found version (\w+)", str(err))
-    if found is None or found.group(1) in known_revisions():
+    return None if found is None else _newer_schema(found.group(1))
+
+
+def _newer_schema(revision: str) -> str | None:
+    """What a store of schema `revision` is, when this MLflow's migration scripts do not know it; else None."""
+    if revision in known_revisions():
         return None
     import mlflow
 
-    return (f"the store's schema (revision {found.group(1)}) was made by a newer MLflow than this one "
+    return (f"the store's schema (revision {revision}) was made by a newer MLflow than this one "
             f"({mlflow.__version__}); read it with that MLflow version")
 
 
