@@ -32,14 +32,15 @@ PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}")  # `{{`, `}
 DEFAULT_PARAMS = "params.yaml"  # DVC's own default params file, in the stage's folder
 
 
+def option_values(command: list[str], flag: str) -> list[str]:
+    """The values `command` gives option `flag`, in order, as `--flag X` or `--flag=X`."""
+    return [v for k, a in enumerate(command) for v in ([command[k + 1]] if a == flag and k + 1 < len(command)
+                                                       else [a.partition("=")[2]] if a.startswith(f"{flag}=") else [])]
+
+
 def params_file(command: list[str]) -> str:
     """The config the cmce command reads (`--config X` or `--config=X`), else DVC's default params file."""
-    for i, arg in enumerate(command):
-        if arg == "--config" and i + 1 < len(command):
-            return command[i + 1]
-        if arg.startswith("--config="):
-            return arg.partition("=")[2]
-    return DEFAULT_PARAMS
+    return next(iter(option_values(command, "--config")), DEFAULT_PARAMS)
 
 
 def check_gallery_keys(path: str | Path) -> None:
@@ -80,8 +81,7 @@ def resolve(args: list[str], cfg: Config, stage: str | None) -> list[str]:
 def overrides_of(command: list[str]) -> list[str]:
     """The command's own `--set KEY=VALUE` pairs: a placeholder takes the value the command runs with
     (`--set query_model.width=4` with `{query_model.width}` in `--out` named a width-4 model `…_w8.pt`)."""
-    return [v for k, a in enumerate(command) for v in ([command[k + 1]] if a == "--set" and k + 1 < len(command)
-                                                       else [a.partition("=")[2]] if a.startswith("--set=") else [])]
+    return option_values(command, "--set")
 
 
 def config_path(command: list[str]) -> Path:
@@ -105,7 +105,7 @@ def make_empty_dir(make_dir: str, command: list[str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--make-dir {make_dir}: {err.strerror or err}") from None
-    out = next((command[k + 1] for k, a in enumerate(command[:-1]) if a == "--out"), None)
+    out = next(iter(option_values(command, "--out")), None)
     if out is None or not Path(out).is_file() or Path(out).resolve().parent != folder.resolve():
         return
     others = [a for k, a in enumerate(command) if k == 0 or command[k - 1] != "--out"]
