@@ -653,16 +653,13 @@ def _gunzip(path: Path, uri: str) -> None:
                     raise ValueError(f"{uri}: stored with Content-Encoding gzip, it decodes to more than {cap:,} "
                                      f"bytes ({GZIP_RATIO}× its size): refused as a decompression bomb")
                 dst.write(chunk)
-    except ValueError:
+    except BaseException as err:
         plain.unlink(missing_ok=True)
         path.unlink(missing_ok=True)  # the encoded bytes are not the file: nothing stays under its name
+        if isinstance(err, OSError | EOFError | zlib.error) and _no_room(err) is None:
+            raise ValueError(f"{uri}: stored with Content-Encoding gzip, but its bytes are not gzip data ({err})"
+                             ) from None
         raise
-    except (OSError, EOFError, zlib.error) as err:
-        plain.unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-        if _no_room(err) is not None:
-            raise
-        raise ValueError(f"{uri}: stored with Content-Encoding gzip, but its bytes are not gzip data ({err})") from None
     os.replace(plain, path)
 
 
