@@ -931,16 +931,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:  # a setting or file that asks for more than this machine has: one line, not a traceback
         if args.debug:
             raise
-        log.error("cmce %s: out of memory (MemoryError); a smaller batch, image size or input, or a larger machine",
-                  args.command)
-        return 1
+        return _out_of_memory(args, " (MemoryError)")
     except Exception as err:  # noqa: BLE001 - only the tracking/storage clients' own errors, re-raised otherwise
         if not args.debug and (signum := received_signal()) is not None:
             return _interrupted(args, signum)
         if not args.debug and isinstance(err, RuntimeError) and "can't allocate memory" in str(err):  # torch's
-            log.error("cmce %s: out of memory: %s; a smaller batch, image size or input, or a larger machine",
-                      args.command, one_line(str(err)))
-            return 1
+            return _out_of_memory(args, f": {one_line(str(err))}")
         if not args.debug and (lost := ddp.lost_peer(err)):  # a rank killed: one line, not gloo's traceback
             log.error("cmce %s: %s", args.command, lost)
             return 1
@@ -968,6 +964,12 @@ def main(argv: list[str] | None = None) -> int:
     if late is not None:  # swallowed by a library, after the last output was renamed in
         return _interrupted(args, late)
     return getattr(args, "exit_status", 0)
+
+
+def _out_of_memory(args: argparse.Namespace, detail: str) -> int:
+    log.error("cmce %s: out of memory%s; a smaller batch, image size or input, or a larger machine", args.command,
+              detail)
+    return 1
 
 
 def _interrupted(args: argparse.Namespace, signum: int) -> int:
