@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -1169,12 +1170,38 @@ def test_a_request_body_that_stops_arriving_is_timed_out_like_a_head(in_process_
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["field"] == "body"
     _, model, _, _ = world
     body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
+    body += b" " * (2000 - len(body))  # 2000 bytes: 1 s + 4 s at 500 bytes/s for the whole body, 1.8 s needed
     with socket.create_connection((host, int(port)), timeout=10) as steady:
         steady.sendall(head % len(body))
         for k in range(0, len(body), len(body) // 3 + 1):  # each part within the deadline of the one before
             time.sleep(0.6)
             steady.sendall(body[k:k + len(body) // 3 + 1])
         assert steady.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_request_body_trickled_under_the_deadline_is_timed_out_by_its_rate(in_process_server):
+    """A body sent one byte every few seconds met the deadline of each chunk and held its connection for ever: after
+    `--head-timeout` a body must come at 500 bytes/s on average."""
+    server, url = in_process_server(head_timeout_s=1.0)
+    host, port = url.removeprefix("http://").split(":")
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as trickle:
+        trickle.sendall(head)
+        started, reply = time.monotonic(), None
+        for _ in range(20):  # 6 s at most; each byte well within the 1 s deadline of the one before
+            time.sleep(0.3)
+            try:
+                trickle.sendall(b" ")
+            except OSError:
+                break
+            trickle.settimeout(0.01)
+            with contextlib.suppress(TimeoutError):
+                reply = trickle.recv(65536)
+                break
+        trickle.settimeout(10)
+        reply = reply or trickle.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3, reply
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["field"] == "body"
 
 
 def test_a_trailing_slash_is_not_redirected_to_the_host_the_request_names(world):

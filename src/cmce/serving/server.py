@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # a client sends a request head (a few hundred bytes) in well under a second, even on a slow mobile link; a
 # connection that has not within 10 s is one of many held open to exhaust the server's file descriptors
 HEAD_TIMEOUT_S = 10.0
+# after the head deadline a body must keep arriving at this mean rate (as Apache's mod_reqtimeout MinRate): a body
+# trickled a byte every few seconds met a per-chunk deadline and held its connection for ever
+MIN_BODY_BYTES_PER_S = 500
 RESERVED_FDS = 64  # file descriptors kept for the server itself: index and model files, logs, the registry
 MAX_BACKLOG = 2048  # uvicorn's default
 
@@ -196,21 +199,41 @@ class JsonErrorsH11(H11Protocol):
             log.debug("closed a connection that sent no whole request head in %g s", self.head_timeout_s)
             self.transport.close()
 
+    _body_started = 0.0
+    _body_bytes = 0
+
     def data_received(self, data: bytes) -> None:
         """A request whose body stops arriving held its connection for ever (a head with `Content-Length: 100` and
-        no body got round the head deadline): while a body is awaited, each `head_timeout_s` must bring bytes."""
+        no body got round the head deadline), as did one trickled a byte every few seconds: a body has
+        `head_timeout_s` plus a second for each MIN_BODY_BYTES_PER_S bytes it brought, and no gap that long."""
+        in_body = self.conn.their_state is h11.SEND_BODY
         super().data_received(data)
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-            self._body_timer = self.loop.call_later(self.head_timeout_s, self._body_overdue)
+        if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+            return
+        now = time.monotonic()
+        if not in_body:  # the head ended in this chunk: the body's time starts now
+            self._body_started, self._body_bytes = now, 0
+        else:
+            self._body_bytes += len(data)
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        left = self._body_allowance() - (now - self._body_started)
+        if left <= 0:
+            self._body_overdue()
+        else:
+            self._body_timer = self.loop.call_later(min(self.head_timeout_s, left), self._body_overdue)
+
+    def _body_allowance(self) -> float:
+        return self.head_timeout_s + self._body_bytes / MIN_BODY_BYTES_PER_S
 
     def _body_overdue(self) -> None:
         self._body_timer = None
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-            log.debug("closed a connection whose request body stopped for %g s", self.head_timeout_s)
+            log.debug("closed a connection whose request body stalled or came too slowly")
             _answer_and_close(self.transport, b"408 Request Timeout", "body",
-                              f"body: no byte of it came for {self.head_timeout_s:g} s (--head-timeout)")
+                              f"body: it stopped for {self.head_timeout_s:g} s (--head-timeout) or came slower than "
+                              f"{MIN_BODY_BYTES_PER_S} bytes/s after that")
 
     def shutdown(self) -> None:
         """A graceful stop: a body still arriving is the stop's to cut (503 after the grace period), not the body
