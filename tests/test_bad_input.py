@@ -991,6 +991,18 @@ def test_gallery_metadata_that_is_not_a_json_object(world, tmp_path, caplog, raw
           f"{gallery}: {message}")
 
 
+def test_gallery_metadata_with_the_cmce_key_twice_is_refused(world, tmp_path, caplog):
+    """pyarrow reads the first of two `cmce` entries; another reader may take the second, so such a file names two
+    provenances and none is believed."""
+    table = pq.read_table(world.gallery)
+    second = json.dumps({**json.loads(table.schema.metadata[b"cmce"]), "query_model": "another"}).encode()
+    schema = table.schema.with_metadata(pa.KeyValueMetadata([*table.schema.metadata.items(), (b"cmce", second)]))
+    gallery = tmp_path / "gallery.parquet"
+    pq.write_table(table.cast(schema), gallery)
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", tmp_path / "index"], tmp_path / "index",
+          f"{gallery}: its Parquet schema holds the cmce metadata key more than once")
+
+
 # ---------------------------------------------------------------- index metadata, empty galleries, full disks
 def _search(world: World, index: Path) -> list:
     return ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--limit", "2"]

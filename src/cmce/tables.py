@@ -64,11 +64,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _metadata(schema, path)
 
 
+def _entries_of_key(schema: pa.Schema, key: str) -> int:
+    """How many times `key` is in the schema's metadata: pyarrow hands it over as a dict (the first of repeated keys
+    wins, while other readers may take the last); only its printed form lists every entry."""
+    printed = schema.to_string(show_field_metadata=False, show_schema_metadata=True, truncate_metadata=False)
+    section = printed.partition("-- schema metadata --\n")[2]
+    return sum(line.startswith(f"{key}: ") for line in section.splitlines())
+
+
 def _metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
     """The cmce metadata a Parquet schema carries, as a JSON object."""
     raw = (schema.metadata or {}).get(b"cmce")
     if raw is None:
         raise TableError(f"{path}: no cmce version metadata in the Parquet schema")
+    if _entries_of_key(schema, "cmce") > 1:
+        raise TableError(f"{path}: its Parquet schema holds the cmce metadata key more than once (which one is meant?)")
     try:
         meta = json.loads(raw)
     except ValueError:
