@@ -867,3 +867,61 @@ def test_a_container_credentials_host_botocore_refuses_is_named_by_its_variable(
     with pytest.raises(ValueError, match=r"^environment variable AWS_CONTAINER_CREDENTIALS_FULL_URI="
                                          r"'http://example.invalid/creds': Unsupported host 'example.invalid'"):
         cmce_s3.client()
+
+
+def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retries(tmp_path):
+    """SIGTERM while a worker thread waited on a server that answers HEAD and LIST but never a GET: the step kept
+    running through every retry (AWS_MAX_ATTEMPTS × read timeout; 100 s by default) before it stopped."""
+    import http.server
+
+    got = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            for name, value in (("Content-Length", "4096"), ("ETag", '"0123"'), ("Content-Type", "binary/octet-stream"),
+                                ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")):
+                self.send_header(name, value)
+            self.end_headers()
+
+        def do_GET(self):
+            if "list-type=2" in self.path:  # an empty listing: the object is no folder
+                body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><KeyCount>0</KeyCount>'
+                        b'<MaxKeys>1</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>')
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            got.set()
+            time.sleep(60)  # the object never comes
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    web.daemon_threads = True
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{web.server_address[1]}", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_MAX_ATTEMPTS": "5",
+           "CMCE_S3_READ_TIMEOUT_S": "6", "TMPDIR": str(scratch), "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("AWS_PROFILE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cmce", "build-index", "--gallery", "s3://b/g.parquet", "--out",
+                             str(tmp_path / "index")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert got.wait(60), proc.stderr.read().decode() if proc.poll() is not None else "no GET came"
+        time.sleep(0.5)
+        proc.send_signal(15)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+        web.shutdown()
+        web.server_close()
+    # at most the read under way (6 s); five attempts took 30 s
+    assert proc.returncode == 128 + 15 and took < 15, (proc.returncode, took, err.decode())
+    assert "interrupted (SIGTERM)" in err.decode() and "Traceback" not in err.decode()
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()

@@ -28,10 +28,13 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from cmce.errors import Terminated, received_signal
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
@@ -233,6 +236,15 @@ def client() -> Any:
     return _client_for(h.hexdigest(), _ENDPOINT.get())
 
 
+_stopping = threading.Event()  # a download was left on a stop signal: its worker threads must not retry
+
+
+def _no_retry_when_stopping(**_: Any) -> None:
+    """botocore's needs-retry hook, first of all: a request that failed after a stop signal is not retried."""
+    if _stopping.is_set() or received_signal() is not None:
+        raise OSError(errno.ECANCELED, "the step is stopping: no retry")
+
+
 @functools.lru_cache(maxsize=4)
 def _client_for(_env_digest: str, endpoint: str | None = None) -> Any:
     import boto3
@@ -247,7 +259,9 @@ def _client_for(_env_digest: str, endpoint: str | None = None) -> Any:
     session = boto3.session.Session()
     _bound_credential_process(session)
     _resolve_credentials(session)
-    return session.client("s3", config=config, endpoint_url=endpoint)
+    s3 = session.client("s3", config=config, endpoint_url=endpoint)
+    s3.meta.events.register_first("needs-retry.s3", _no_retry_when_stopping)
+    return s3
 
 
 class CredentialProcessError(ValueError):
@@ -628,11 +642,26 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
             future.meta.provide_transfer_size(int(head["ContentLength"]))
             future.meta.provide_object_etag(head.get("ETag"))
 
-    with create_transfer_manager(client(), cfg) as manager:
-        try:
-            manager.download(bucket, key, str(target), subscribers=[Known()]).result()
-        except TransferRetriesExceeded as err:  # as download_file raises it
-            raise RetriesExceededError(err.last_exception) from err
+    manager = create_transfer_manager(client(), cfg)
+    _stopping.clear()
+    future = manager.download(bucket, key, str(target), subscribers=[Known()])
+    try:
+        future.result()
+    except TransferRetriesExceeded as err:  # as download_file raises it
+        manager.shutdown()
+        raise RetriesExceededError(err.last_exception) from err
+    except (KeyboardInterrupt, Terminated):
+        # leaving the manager as its context manager does waited for its worker threads, which retried a silent
+        # server for attempts × read timeout (100 s after a SIGTERM): they are left to end at their current read,
+        # refused any retry, while the step cleans up and stops now
+        _stopping.set()
+        future.cancel()
+        raise
+    except BaseException:
+        manager.shutdown(cancel=True)
+        raise
+    else:
+        manager.shutdown()
 
 
 GZIP_RATIO = 1000
