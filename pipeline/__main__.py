@@ -242,21 +242,8 @@ MAX_WORKERS = 64  # as `cmce embed-gallery --workers`: more only waits on their 
 MAX_PARALLELISM = 1024
 
 
-def int_in(low: int, high: int):
-    """An argparse type: an integer from `low` to `high`, checked at parse time (a bad --embed-shards failed
-    only in its task, after the training; a bad --parallelism was kfp's error, naming no flag)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
-        return value
-
-    parse.__name__ = f"integer from {low} to {high}"  # argparse names the type in its message
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from cmce.arguments import OneLineParser
+    from cmce.arguments import OneLineParser, int_in
 
     p = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -295,10 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cmce.errors import deprecations_stay_warnings, log_to_stderr
+    from cmce.errors import set_up_command
 
-    log_to_stderr()
-    deprecations_stay_warnings()
+    set_up_command()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compile":

@@ -855,23 +855,26 @@ def test_a_gallery_rewritten_by_another_tool_is_indexed_as_the_written_one(world
 
 
 # ---------------------------------------------------------------- numeric flags and checkpoint fields
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-8"), ("--workers", "-1")])
-def test_a_numeric_flag_out_of_range_is_one_line_naming_it(world, tmp_path, capsys, flag, value):
+@pytest.mark.parametrize("flag,value,message", [("--batch-size", "0", "must be at least 1, got 0"),
+                                                ("--batch-size", "-8", "must be at least 1, got -8"),
+                                                ("--workers", "-1", "must be from 0 to 64, got -1")])
+def test_a_numeric_flag_out_of_range_is_one_line_naming_it(world, tmp_path, capsys, flag, value, message):
     out = tmp_path / "member.parquet"
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in embed_member_args(world)] + ["--out", str(out), flag, value])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: must be at least" in err
+    assert exc.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: {message}" in err
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--threads", "-1"), ("--limit", "-1")])
-def test_search_flags_out_of_range(world, capsys, flag, value):
+@pytest.mark.parametrize("flag,value,message", [("--threads", "-1", "must be from 1 to 1024, got -1"),
+                                                ("--limit", "-1", "must be at least 0, got -1")])
+def test_search_flags_out_of_range(world, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exc:
         main([*([flag, value] if flag == "--threads" else []), "search", "--index", str(world.index),
               "--query-model", str(world.query), "--dataset", str(world.dataset),
               *([flag, value] if flag == "--limit" else [])])
-    assert exc.value.code == 2 and f"argument {flag}: must be at least" in capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field,value", [("in_channels", -1), ("width", 10**7), ("embedding_dim", 0),
@@ -1123,7 +1126,7 @@ def test_flags_beyond_their_upper_bound(world, tmp_path, capsys, flag, value):
     args = [str(a) for a in embed_member_args(world)] + ["--out", str(tmp_path / "m.parquet")]
     with pytest.raises(SystemExit) as exc:
         main([flag, value, *args] if flag == "--threads" else [*args, flag, value])
-    assert exc.value.code == 2 and f"argument {flag}: must be at most" in capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}: must be from " in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- output paths checked before any work

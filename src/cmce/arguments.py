@@ -42,3 +42,18 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def int_in(low: int, high: int | None = None) -> typing.Callable[[str], int]:
+    """An argparse type: an integer of at least `low` (and at most `high`), checked at parse time, so that the
+    flag is named (a bad --embed-shards failed only in its task, after the training)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if high is None and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}" if high is None else f"integer from {low} to {high}"  # argparse names it
+    return parse

@@ -23,18 +23,17 @@ from typing import Any
 from cmce import device as devices
 from cmce import distributed as ddp
 from cmce import stages
-from cmce.arguments import OneLineParser
+from cmce.arguments import OneLineParser, int_in
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import (
     Terminated,
-    deprecations_stay_warnings,
     first_line,
     forget_signals,
     from_client,
-    log_to_stderr,
     raise_terminated,
     received_signal,
+    set_up_command,
     unclaimed_ending_signals,
 )
 from cmce.records import StepRecord
@@ -59,23 +58,10 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DATA_PARALLEL = ("train", "fit-transform")  # subcommands that may run under torchrun with several ranks
 
 
-def _int_from(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in its message
-    return parse
-
-
-_positive_int = _int_from(1)
-_count = _int_from(0)
-_threads = _int_from(1, 1024)  # the config's num_threads range
-_workers = _int_from(0, 64)  # decoding processes: more only waits on their start-up
+_positive_int = int_in(1)
+_count = int_in(0)
+_threads = int_in(1, 1024)  # the config's num_threads range
+_workers = int_in(0, 64)  # decoding processes: more only waits on their start-up
 
 
 # Every path argument goes through _in / _out: a local path, or an s3:// URI (cmce.storage).
@@ -701,21 +687,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="query model checkpoint the index was built for; models:/NAME@ALIAS is followed")
     sp.add_argument("--dataset", default=None, help="dataset Parquet whose class names label the hits")
     sp.add_argument("--host", type=_host, default="127.0.0.1")
-    sp.add_argument("--port", type=_int_from(0, 65535), default=8000, help="0: any free port (default 8000)")
+    sp.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port (default 8000)")
     sp.add_argument("--reload-interval", type=_seconds, default=2.0, metavar="SECONDS",
                     help="how often to look for a rebuilt index or a moved alias, 0 = never (default 2)")
-    sp.add_argument("--max-queries", type=_int_from(1, 4096), default=64, help="per request, 1 to 4096 (default 64)")
-    sp.add_argument("--max-k", type=_int_from(1, 10_000), default=100,
+    sp.add_argument("--max-queries", type=int_in(1, 4096), default=64, help="per request, 1 to 4096 (default 64)")
+    sp.add_argument("--max-k", type=int_in(1, 10_000), default=100,
                     help="neighbours per query, 1 to 10,000 (default 100); with --max-queries at most 1,000,000 hits "
                          "a request")
-    sp.add_argument("--max-body-bytes", type=_int_from(1, 1 << 30), default=8 << 20,
+    sp.add_argument("--max-body-bytes", type=int_in(1, 1 << 30), default=8 << 20,
                     help="request body size, at most 1 GiB (default 8 MiB)")
-    sp.add_argument("--max-image-pixels", type=_int_from(1, 100_000_000), default=4_000_000,
+    sp.add_argument("--max-image-pixels", type=int_in(1, 100_000_000), default=4_000_000,
                     help="per query image, from its header (default 4,000,000)")
     sp.add_argument("--search-threads", type=_threads, default=1,
                     help="threads of one index search; requests already run in parallel (default 1)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
-    sp.add_argument("--max-connections", type=_int_from(1, 1 << 20), default=None,
+    sp.add_argument("--max-connections", type=int_in(1, 1 << 20), default=None,
                     help="open connections at once; more are answered 503 and closed (default and most: what the "
                          "process's file limit allows)")
     sp.add_argument("--head-timeout", type=_head_timeout, default=10.0, metavar="SECONDS",
@@ -847,8 +833,7 @@ def _home(path: str, name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_to_stderr()
-    deprecations_stay_warnings()
+    set_up_command()
     forget_signals()
     try:
         _expand_home(args)

@@ -117,6 +117,12 @@ def log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
+def set_up_command() -> None:
+    """What every entry point (cmce, the KFP components' runner, `python -m pipeline`) sets first."""
+    log_to_stderr()
+    deprecations_stay_warnings()
+
+
 def deprecations_stay_warnings() -> None:
     """Under PYTHONWARNINGS=error (or -W error, as CI jobs set it) a dependency's deprecation notice became an
     error: SQLAlchemy's, raised inside MLflow's registry, failed every `models:/` lookup. Deprecations are not the

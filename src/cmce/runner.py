@@ -7,15 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cmce.errors import deprecations_stay_warnings, log_to_stderr
+from cmce.errors import set_up_command
 from cmce.records import StepRecord
 
 
 def run_stage(stage: Callable[..., StepRecord | None], *args: Any, tracking: Any = None) -> StepRecord | None:
     """`stage(*args)`; then its record published under the parent run `tracking` names (a
     cmce.tracking.TrackingInfo or the path of its JSON file; tracking off when that says so or is None)."""
-    log_to_stderr()
-    deprecations_stay_warnings()
+    set_up_command()
     record = stage(*args)
     if tracking is not None and record is not None:
         from cmce.tracking import publish
