@@ -115,9 +115,9 @@ def make_empty_dir(make_dir: str, command: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cmce.errors import log_to_stderr
+    from cmce.errors import set_up_command
 
-    log_to_stderr()
+    set_up_command()
     p = OneLineParser(prog="python -m cmce.dvc_stage", description=__doc__.splitlines()[0])
     p.add_argument("--make-dir", default=None, metavar="DIR", help="the stage's output folder, which a step may "
                    "leave empty: made, and the command's previous --out in it removed, once the config is checked")

@@ -118,7 +118,7 @@ def log_to_stderr() -> None:
 
 
 def set_up_command() -> None:
-    """What every entry point (cmce, the KFP components' runner, `python -m pipeline`) sets first."""
+    """What every entry point (cmce, cmce.dvc_stage, the KFP components' runner, `python -m pipeline`) sets first."""
     log_to_stderr()
     deprecations_stay_warnings()
 
