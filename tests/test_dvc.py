@@ -346,22 +346,55 @@ def test_doubled_braces_are_literal_braces_in_a_stage_command(tmp_path, caplog, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_make_dir_removes_only_the_commands_previous_output(tmp_path, monkeypatch):
-    """`--make-dir o/dm1` emptied the whole folder before any check: a dataset (or the config) kept there was
-    deleted, then named as not found. Only the command's previous `--out` in it goes (a stale KD student)."""
-    from cmce.dvc_stage import make_empty_dir
+def test_make_dir_touches_no_file_before_cmce_has_checked_the_command(smoke_run, tmp_path, monkeypatch):
+    """`--make-dir` removed the command's previous `--out` before cmce parsed it: an input given as
+    `--kd-teacher=o/s.pt` with `--out o/s.pt`, a member in `--members-dir`, a dataset at `--out` of a training
+    (then written over, exit 0), `--out` given twice: each was deleted, then the command refused. Folders it
+    made for a command that failed stayed behind."""
+    from cmce.dvc_stage import main as stage
+    from tests.conftest import SMOKE
 
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    lay, _ = smoke_run
+    folder = tmp_path / "o"
+    folder.mkdir()
+    teacher = folder / "s.pt"
+    shutil.copy(lay.model("resnet_a"), teacher)
+    dataset = folder / "keep.parquet"
+    shutil.copy(lay.dataset, dataset)
+    train = ["train", "--config", str(SMOKE), "--set", "train.epochs=1", "--dataset", str(lay.dataset)]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for command in ([*train, f"--kd-teacher={teacher}", "--out", str(teacher)],
+                    [*train, "--model", "query", "--out", str(dataset)],
+                    [*train, "--model", "query", "--out", str(teacher), "--out", str(folder / "b.pt")],
+                    ["combine", "--config", str(SMOKE), "--members-dir", str(folder), "--out", str(dataset)]):
+        assert stage(["--make-dir", str(folder), *command]) == 2, command
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, command
+    deep = tmp_path / "new" / "deep"
+    assert stage(["--make-dir", str(deep), *train, "--model", "nope", "--out", str(deep / "m.pt")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_an_earlier_student_is_removed_only_once_a_kd_disabled_command_has_run(smoke_run, tmp_path, monkeypatch):
+    """kd.enabled false trains no student: the stage's earlier one must not stay as this run's output. Only a model
+    checkpoint at `--out` goes, after cmce ran; any other file there is left."""
+    from cmce.dvc_stage import main as stage
+    from tests.conftest import SMOKE
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    lay, _ = smoke_run
     folder = tmp_path / "kd"
     folder.mkdir()
-    (folder / "ds.parquet").write_text("the user's dataset")
-    (folder / "student.pt").write_text("an earlier run's student")
-    make_empty_dir(str(folder), ["train", "--dataset", str(folder / "ds.parquet"), "--out", str(folder / "student.pt")])
-    assert sorted(p.name for p in folder.iterdir()) == ["ds.parquet"]
-    (folder / "student.pt").write_text("read and written")
-    with pytest.raises(ValueError, match="is also an input of the command; not removed"):
-        make_empty_dir(str(folder), ["train", "--dataset", str(folder / "student.pt"), "--out",
-                                     str(folder / "student.pt")])
-    assert (folder / "student.pt").exists()
+    student = folder / "student.pt"
+    shutil.copy(lay.kd_student("resnet_a"), student)
+    (folder / "notes.txt").write_text("the user's")
+    command = ["train", "--config", str(SMOKE), "--set", "kd.enabled=false", "--dataset", str(lay.dataset),
+               "--kd-teacher", str(lay.model("resnet_a")), "--out", str(student)]
+    assert stage(["--make-dir", str(folder), *command]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    shutil.copy(lay.dataset, student)  # not a model: left as it is
+    assert stage(["--make-dir", str(folder), *command]) == 0
+    assert student.read_bytes() == lay.dataset.read_bytes()
 
 
 def test_a_placeholder_takes_the_value_the_commands_own_set_gives(tmp_path, monkeypatch):

@@ -92,26 +92,46 @@ def config_path(command: list[str]) -> Path:
     return local_input(path)
 
 
-def make_empty_dir(make_dir: str, command: list[str]) -> None:
-    """Make the stage's output folder, and remove the command's previous `--out` in it: a student of an earlier
-    run must not stay behind when this one trains none (kd.enabled: false). Nothing else in the folder is touched
-    (emptying it whole deleted a dataset or the config kept there), nor an `--out` the command also reads."""
+def make_output_dir(make_dir: str) -> list[Path]:
+    """Make the stage's output folder (DVC needs it even when the step leaves it empty); returns the folders made,
+    outermost first, for removal when the command fails."""
     if not make_dir:
         raise ValueError("--make-dir: empty")
     folder = Path(make_dir)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--make-dir {make_dir}: is a file, not a folder")
+    made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--make-dir {make_dir}: {err.strerror or err}") from None
-    out = next(iter(option_values(command, "--out")), None)
-    if out is None or not Path(out).is_file() or Path(out).resolve().parent != folder.resolve():
+    return made
+
+
+def remove_made_dirs(made: list[Path]) -> None:
+    """The folders make_output_dir made, innermost first, as long as they are empty (a failed command left them)."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def remove_stale_student(folder: str, command: list[str], cfg: Config) -> None:
+    """After `train --kd-teacher` ran with kd.enabled false (it trains and writes nothing): an earlier run's
+    student at its `--out` in the stage's folder must not stay as this run's output. Run after cmce succeeded, so
+    its checks held (the --out is none of its inputs); only a cmce model checkpoint is removed, nothing else."""
+    from cmce.checkpoint import EMBEDDING_FORMAT
+    from cmce.storage import checkpoint_kind, file_format
+
+    if command[:1] != ["train"] or not option_values(command, "--kd-teacher") or cfg.kd.enabled:
         return
-    others = [a for k, a in enumerate(command) if k == 0 or command[k - 1] != "--out"]
-    if any(Path(a).resolve() == Path(out).resolve() for a in others):
-        raise ValueError(f"--make-dir {make_dir}: --out {out} is also an input of the command; not removed")
-    Path(out).unlink()
+    out = next(iter(option_values(command, "--out")), None)
+    if out is None or not Path(out).is_file() or Path(out).resolve().parent != Path(folder).resolve():
+        return
+    if file_format(Path(out)) == "checkpoint" and checkpoint_kind(Path(out)) == EMBEDDING_FORMAT:
+        Path(out).unlink()
+        log.info("removed %s: a student of an earlier run (kd.enabled is false)", out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     set_up_command()
     p = OneLineParser(prog="python -m cmce.dvc_stage", description=__doc__.splitlines()[0])
     p.add_argument("--make-dir", default=None, metavar="DIR", help="the stage's output folder, which a step may "
-                   "leave empty: made, and the command's previous --out in it removed, once the config is checked")
+                   "leave empty: made (removed again if the command fails); an earlier KD student at --out is "
+                   "removed once the command has run with kd.enabled false")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the cmce command line, with {placeholders}")
     args = p.parse_args(argv)
     stage = os.environ.get("DVC_STAGE")
@@ -133,15 +154,23 @@ def main(argv: list[str] | None = None) -> int:
         check_gallery_keys(path)
         cfg = load_config(path, parse_overrides(overrides_of(args.command)))  # as the command will run: its --set too
         command = resolve(args.command, cfg, stage)
-        if args.make_dir is not None:
-            make_empty_dir(resolve([args.make_dir], cfg, stage)[0], command)
+        folder = None if args.make_dir is None else resolve([args.make_dir], cfg, stage)[0]
+        made = [] if folder is None else make_output_dir(folder)
     except (OSError, ValueError) as err:
         log.error("%s: %s", where, err)
         return 2
     log.info("%s: cmce %s", where, shlex.join(command))
     from cmce.cli import main as cmce
 
-    return cmce(command)
+    try:
+        status = cmce(command)
+    except SystemExit as bad_arguments:  # argparse's exit 2, its one line already written
+        status = bad_arguments.code if isinstance(bad_arguments.code, int) else 2
+    if status != 0:
+        remove_made_dirs(made)
+    elif folder is not None:
+        remove_stale_student(folder, command, cfg)
+    return status
 
 
 if __name__ == "__main__":
