@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cmce.config import (
@@ -184,8 +185,9 @@ def save_embedding_model(m: EmbeddingModel, path: str | Path, width: int) -> str
     return save_checkpoint(obj, path)
 
 
-# roles a step taking one accepts: a KD student is a query-architecture copy of a gallery model, fit for either
-ROLES = {"query": ("query", "kd_student"), "gallery": ("gallery", "kd_student")}
+# roles a step taking one accepts: a KD student is a query-architecture copy of a gallery model, made to answer
+# queries against its teacher's gallery; as a gallery model (or a teacher) it fitted and trained without a word
+ROLES = {"query": ("query", "kd_student"), "gallery": ("gallery",)}
 
 
 def require_role(model: EmbeddingModel, wanted: str, where: str) -> EmbeddingModel:
@@ -197,6 +199,21 @@ def require_role(model: EmbeddingModel, wanted: str, where: str) -> EmbeddingMod
         raise CheckpointError(f"{where}: a {shown} {model.name!r} (its checkpoint records the role it "
                               f"was trained for); a {wanted} model is expected")
     return model
+
+
+def require_classes(model: EmbeddingModel, labels: np.ndarray, where: str) -> None:
+    """The frozen classifier the transformation's CE term scores against must hold a usable row for every train
+    label: too few rows failed deep in torch (`Target 9 is out of bounds`), all-zero rows made the CE term a constant
+    (ln C) that trained nothing, exit 0."""
+    rows = model.classifier.shape[0]
+    if len(labels) and int(labels.max()) >= rows:
+        raise CheckpointError(f"{where}: its classifier has {rows} classes, but the train split has labels up to "
+                              f"{int(labels.max())}: a query model of another dataset")
+    used = np.unique(labels)
+    zero = used[(model.classifier.detach().float()[torch.as_tensor(used)].norm(dim=1) == 0).numpy()]
+    if len(zero):
+        raise CheckpointError(f"{where}: field 'classifier' has all-zero rows for {len(zero)} train class(es) "
+                              f"(first: label {int(zero[0])}); they cannot be scored")
 
 
 def require_keys(obj: dict[str, Any], keys: list[str], path: str | Path) -> None:

@@ -52,6 +52,7 @@ from cmce.tables import (
     int_column,
     read_metadata,
     read_table,
+    require_whole,
     rows_of,
     string_column,
     with_metadata,
@@ -207,6 +208,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
     gmeta = read_metadata(inputs.gallery)
     if gmeta.get("kind") != "gallery":
         raise TableError(f"{inputs.gallery}: not a gallery file (kind={gmeta.get('kind')!r})")
+    require_whole(gmeta, inputs.gallery, "evaluate")
     if gmeta["query_model_sha256"] != query_model.sha256:
         raise TableError(
             f"{inputs.gallery}: gallery was transformed for query model {gmeta['query_model_sha256'][:12]}, "

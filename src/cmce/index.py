@@ -47,6 +47,7 @@ from cmce.tables import (
     float_column,
     int_column,
     read_snapshot,
+    require_whole,
     stored_running_sum,
     string_column,
     writer_options,
@@ -210,6 +211,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     # metadata, rows and hash of one version of the gallery, even if it is replaced while this runs
     meta, table, gallery_sha256 = read_snapshot(gallery_path, ["id", "label", "embedding", "uncertainty"], "gallery",
                                                 optional=["ensemble_sum", "n_models"])
+    require_whole(meta, gallery_path, "build-index")
     n_members = len(meta.get("members", []))
     if reject_fraction > 0 and n_members < 2:
         # one member's uncertainty is 0 everywhere: "the most uncertain" would be the first rows on file
@@ -219,7 +221,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     emb = normalize(embedding_column(table, "embedding", str(gallery_path)), f"{gallery_path}: column 'embedding'")
     ids = string_column(table, "id", str(gallery_path))
     check_unique_ids(ids, str(gallery_path))
-    if meta.get("source") and not meta.get("shard"):  # a shard holds part of the split its source describes
+    if meta.get("source"):
         check_rows_are_split(ids, meta["source"], str(gallery_path), f"the '{meta['split']}' split it records")
     labels = int_column(table, "label", str(gallery_path))
     unc = float_column(table, "uncertainty", str(gallery_path))

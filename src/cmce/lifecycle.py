@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmce.checkpoint import load_embedding_model
+from cmce.checkpoint import load_embedding_model, require_role
 from cmce.config import TransformConfig
 from cmce.data.loader import same_split
 from cmce.embed import embed_split, ensemble_columns
@@ -147,7 +147,7 @@ def upgrade_query_model(
     gmeta = read_metadata(gallery)
     if gmeta.get("kind") != "gallery":
         raise TableError(f"{gallery}: not a gallery file")
-    query = load_embedding_model(new_query_model)
+    query = require_role(load_embedding_model(new_query_model), "query", f"--query-model {new_query_model}")
     q_train = embed_split(query, dataset, "train", batch_size)
     stored = {}
     for path in train_embeddings:

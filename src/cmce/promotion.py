@@ -28,6 +28,7 @@ from cmce.tables import (
     int_column,
     read_metadata,
     read_table,
+    require_whole,
     string_column,
 )
 
@@ -93,6 +94,7 @@ def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, 
     meta = read_metadata(gallery)
     if meta.get("kind") != "gallery":
         raise TableError(f"{gallery}: not a gallery file (kind={meta.get('kind')!r})")
+    require_whole(meta, gallery, "the gate")
     if meta["query_model_sha256"] != q_model.sha256:
         raise TableError(f"{gallery}: gallery was transformed for query model {meta['query_model_sha256'][:12]}, "
                          f"not {q_model.sha256[:12]} ({query_model})")

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import load_embedding_model, require_role
+from cmce.checkpoint import load_embedding_model, require_classes, require_role
 from cmce.config import Config, IndexConfig, ModelSpec
 from cmce.data.loader import WHOLE, Shard, split_source
 from cmce.data.prepare import prepare_dataset
@@ -35,7 +35,7 @@ from cmce.layout import RunLayout, pair_transformations
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
 from cmce.storage import check_output, check_replaceable, origin
-from cmce.tables import embedding_array, read_metadata, with_metadata, write_table
+from cmce.tables import embedding_array, read_metadata, require_whole, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
 
@@ -164,6 +164,7 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
     g_model = require_role(load_embedding_model(inp.gallery_model), "gallery",
                            f"--gallery-model {inp.gallery_model}")
     q = embed_split(q_model, inp.dataset, "train", cfg.batch_size)
+    require_classes(q_model, q.labels, f"--query-model {inp.query_model}")
     g = embed_split(g_model, inp.dataset, "train", cfg.batch_size)
     if q.ids != g.ids:
         raise ValueError(f"{inp.dataset}: train split read in different orders")
@@ -280,7 +281,7 @@ def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict
     query_sha = file_sha256(query_model)
     seen = dict(taken or {})
     for path in gallery_models:
-        model = load_embedding_model(path)
+        model = require_role(load_embedding_model(path), "gallery", str(path))
         if model.sha256 == query_sha:
             raise ValueError(f"{path}: is the query model itself, not a gallery model")
         if model.name in seen:
@@ -397,6 +398,7 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
     from cmce.lifecycle import add_member as grow
 
     gallery_meta = read_metadata(inp.gallery)
+    require_whole(gallery_meta, inp.gallery, "add-gallery-model")  # its new member embeds the whole split
     [stem] = check_new_members(inp.query_model, [inp.gallery_model],
                                {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
     # work files named by the model (a checked identifier), not by its file: two models both saved as model.pt

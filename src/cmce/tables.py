@@ -53,6 +53,14 @@ def write_table(table: pa.Table, path: str | Path, row_group_size: int = 8192) -
     return path
 
 
+def require_whole(meta: dict[str, Any], path: str | Path, step: str) -> None:
+    """A shard of a gallery (embed-gallery --shard k/n, combined) holds part of its split: indexed or evaluated, it
+    answered from half the gallery with exit 0 and no word."""
+    if meta.get("shard"):
+        raise TableError(f"{path}: shard {meta['shard']} of a gallery; {step} takes a whole gallery: merge the "
+                         "shards first (cmce merge)")
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
