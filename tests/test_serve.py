@@ -630,11 +630,11 @@ def test_a_download_the_poll_waits_on_is_shown_while_it_lasts(world, tmp_path):
     assert holder.in_progress is None  # the poll thread has ended
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGRTMIN + 2])
 def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path, signum):
     """uvicorn re-raised SIGTERM after its graceful shutdown: the process died with the model it had downloaded
-    from the registry left in its scratch folder, and exit status 143. SIGALRM and SIGXCPU (a CPU-time limit)
-    killed it at once, the download left behind."""
+    from the registry left in its scratch folder, and exit status 143. SIGALRM and SIGXCPU (a CPU-time limit),
+    and a real-time signal (`kill -s RTMIN+2`), killed it at once, the download left behind."""
     pytest.importorskip("mlflow")
     from cmce.tracking import log_step, start_parent_run
 

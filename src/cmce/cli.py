@@ -34,6 +34,7 @@ from cmce.errors import (
     raise_terminated,
     received_signal,
     set_up_command,
+    signal_name,
     unclaimed_ending_signals,
 )
 from cmce.records import StepRecord
@@ -199,12 +200,33 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             if _inside_folder(out, inp):  # the next build of that folder refused the stranger it then held
                 raise ValueError(f"{flag(out_name)} {out} is inside the input folder {flag(in_name)} {inp}; "
                                  "write it elsewhere")
+        for store_name, store in _tracking_stores(args):
+            if _clashes(out, store) or _clashes(store, out):
+                raise ValueError(f"{flag(out_name)} {out} would write over the MLflow tracking store {store_name} "
+                                 f"names ({store}): its runs and registered models")
     for k, (out_name, out) in enumerate(written):
         for other_name, other in written[k + 1:]:
             if _clashes(out, other) or _clashes(other, out):
                 raise ValueError(f"{flag(out_name)} {out} and {flag(other_name)} {other} would write over each "
                                  "other; give outputs apart")
     return [inp for _, inp in named(inputs)]
+
+
+def _tracking_stores(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The local tracking store this command may write runs into, as (what names it, path): an output written
+    over it replaced the runs and registry with a JSON file, exit 0."""
+    from cmce.tracking import local_store
+
+    if args.mlflow_uri:
+        named = "--mlflow-uri", args.mlflow_uri
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        named = "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
+    elif args.command == "track-start":
+        named = "--run-dir", f"sqlite:///{os.path.abspath(os.path.join(args.run_dir, 'mlflow.db'))}"
+    else:
+        return []
+    store = local_store(named[1])
+    return [] if store is None else [(named[0], str(store))]
 
 
 def _in(uri: str) -> Path:
@@ -549,9 +571,10 @@ def cmd_track_start(args: argparse.Namespace) -> None:
     cfg = _config(args)
     # the store as a file path from any working folder: later steps read the URI from this file
     uri = absolute_uri(args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(args.run_dir))
+    out = _out(args, args.out, writes="json") if args.out else None  # checked before a run is opened
     info = {"uri": uri, "run_id": start_parent_run(uri, args.name, cfg.to_dict(), args.artifact_location)}
-    if args.out:
-        write_text(_out(args, args.out, writes="json"), json.dumps(info))
+    if out is not None:
+        write_text(out, json.dumps(info))
     _say(json.dumps(info) + "\n")
 
 
@@ -959,7 +982,7 @@ def _out_of_memory(args: argparse.Namespace, detail: str) -> int:
 
 def _interrupted(args: argparse.Namespace, signum: int) -> int:
     log.error("cmce %s: interrupted (%s); each output is whole or not written", args.command,
-              signal.Signals(signum).name)
+              signal_name(signum))
     return 128 + signum
 
 

@@ -47,10 +47,18 @@ class Terminated(BaseException):
     its cleanups (temporary files, scratch downloads) instead of dying with them in place."""
 
     def __init__(self, signum: int):
-        import signal
-
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signal_name(signum))
         self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    """SIGTERM, …; a real-time signal, which Python's enum names only at the ends, as SIGRTMIN+n."""
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}" if hasattr(signal, "SIGRTMIN") else f"signal {signum}"
 
 
 _received: list[int] = []  # the ending signals raise_terminated has taken in this command
@@ -81,12 +89,15 @@ def forget_signals() -> None:
 
 def unclaimed_ending_signals() -> list[int]:
     """The other signals whose default action ends the process (SIGALRM, a CPU-time limit's SIGXCPU, the
-    profiling timers, SIGPWR), where nobody but cmce handles them: a caller's own handler (a SIGALRM watchdog around
-    a command) is kept. SIGXFSZ Python ignores already: the write then fails with EFBIG, reported as such."""
+    profiling timers, SIGPWR, SIGSTKFLT, the real-time signals), where nobody but cmce handles them: a caller's
+    own handler (a SIGALRM watchdog around a command) is kept. SIGXFSZ Python ignores already: the write then
+    fails with EFBIG, reported as such."""
     import signal
 
-    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGQUIT")  # SIGQUIT: Ctrl-backslash
+    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGQUIT", "SIGSTKFLT")  # SIGQUIT: Ctrl-backslash
     found = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    if hasattr(signal, "SIGRTMIN"):  # the real-time signals end a process by default too (`kill -s RTMIN+2`)
+        found += range(signal.SIGRTMIN, signal.SIGRTMAX + 1)
     return [signum for signum in found if signal.getsignal(signum) in (signal.SIG_DFL, raise_terminated)]
 
 

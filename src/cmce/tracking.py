@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
 import warnings
@@ -152,6 +153,19 @@ def absolute_uri(uri: str) -> str:
             raise ValueError(f"{uri}: {path.partition('/')[0]}: no such user's home folder")
         path = home + path[len(path.partition("/")[0]):]
     return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
+
+
+def local_store(uri: str) -> Path | None:
+    """The file (sqlite) or folder (a file store: `file:` or a bare path) a tracking URI keeps its runs and registry
+    in on this machine; None for a server, or a store in memory."""
+    from urllib.parse import unquote, urlsplit
+
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///").partition("?")[0]
+        return None if not path or path == ":memory:" else Path(os.path.expanduser(path))
+    if uri.startswith("file:"):
+        return Path(unquote(urlsplit(uri).path)) if urlsplit(uri).path else None
+    return Path(uri) if uri and "://" not in uri and ":" not in uri.partition("/")[0] else None
 
 
 # MLflow's HTTP settings, as MLflow's rest_utils and requests enforce them (checked where a request is first made,
@@ -745,15 +759,28 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     require_registry(uri, tracking)
     _http_defaults()
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    from cmce.storage import file_format, scratch_dir, stands_for
+    from cmce.storage import scratch_dir
 
     tracking = tracking or os.environ["MLFLOW_TRACKING_URI"]  # one of them is set (require_registry)
     mlflow.set_tracking_uri(tracking)  # the process-wide one may be an earlier command's, and wins over the variable
     # "No artifacts found to download": a version whose source is the file itself; cmce reads that file below
     logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.ERROR)
     dst = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
+    try:
+        return _registered_checkpoint(uri, tracking, dst)
+    except BaseException:  # a refused version's download goes now (a server kept one per alias move until it stopped)
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+
+
+def _registered_checkpoint(uri: str, tracking: str, dst: Path) -> Path:
+    """resolve_model_uri's download into `dst`, and the one checkpoint file in it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cmce.storage import file_format, stands_for
+
     version = None
     try:
         version = ready_version(mlflow.MlflowClient(tracking_uri=tracking), uri)
