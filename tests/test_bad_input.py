@@ -33,8 +33,9 @@ from cmce.checkpoint import EMBEDDING_FORMAT, EmbeddingModel, save_embedding_mod
 from cmce.cli import main
 from cmce.data.codec import decode_image
 from cmce.embed import member_metadata, member_schema, member_table
+from cmce.errors import signal_name
 from cmce.models import EmbeddingNet
-from cmce.storage import file_sha256
+from cmce.storage import file_sha256, scratch_dir
 from cmce.tables import embedding_array, embedding_column, read_metadata
 from cmce.transform import Transformation, build_mlp, save_transformation
 from tests.conftest import SMOKE
@@ -1006,6 +1007,29 @@ def test_gallery_metadata_with_the_cmce_key_twice_is_refused(world, tmp_path, ca
           f"{gallery}: its Parquet schema holds the cmce metadata key more than once")
 
 
+def test_a_shard_of_a_gallery_is_not_indexed_evaluated_or_grown_as_if_whole(world, tmp_path, caplog):
+    """Shard 0/2 of two members, combined (as documented), was indexed with exit 0: half the gallery, its rejection
+    taken within the half, then searched without a word."""
+    members = []
+    for k in range(2):
+        member = tmp_path / f"m{k}.parquet"
+        assert main([str(a) for a in embed_member_args(world, gallery_model=world.gallery_models[k],
+                                                          transform=world.transforms[k])]
+                    + ["--shard", "0/2", "--out", str(member)]) == 0
+        members += ["--member", str(member)]
+    shard = tmp_path / "shard.parquet"
+    assert main(["combine", *members, "--out", str(shard)]) == 0
+    message = f"{shard}: shard 0/2 of a gallery; {{}} takes a whole gallery: merge the shards first"
+    fails(caplog, ["build-index", "--gallery", shard, "--out", tmp_path / "index"], tmp_path / "index",
+          message.format("build-index"))
+    fails(caplog, [*evaluate_args(world, gallery=shard), "--out", tmp_path / "eval"], tmp_path / "eval",
+          message.format("evaluate"))
+    added = tmp_path / "added.parquet"
+    fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", shard,
+                   "--query-model", world.query, "--gallery-model", world.gallery_models[0], "--out", added], added,
+          message.format("add-gallery-model"))
+
+
 # ---------------------------------------------------------------- index metadata, empty galleries, full disks
 def _search(world: World, index: Path) -> list:
     return ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--limit", "2"]
@@ -1525,10 +1549,11 @@ def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM,
-                                    signal.SIGXCPU, signal.SIGQUIT])
+                                    signal.SIGXCPU, signal.SIGQUIT, signal.SIGSTKFLT, signal.SIGRTMIN + 2])
 def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch, signum):
     """SIGTERM (a kill, a pod stopped) left the half-written temporary file in place: only Ctrl-C cleaned up.
-    SIGALRM and SIGXCPU (a batch system's CPU-time limit) ended the process with no line and no cleanup."""
+    SIGALRM and SIGXCPU (a batch system's CPU-time limit), SIGSTKFLT and the real-time signals ended the process
+    with no line and no cleanup."""
     import cmce.embed
 
 
@@ -1548,7 +1573,7 @@ def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, 
     with caplog.at_level(logging.INFO), _default_action(signum):  # not an earlier test's SIGALRM watchdog
         rc = main([str(a) for a in embed_member_args(world)] + ["--out", str(out), "--batch-size", "8"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    name = signal.Signals(signum).name
+    name = signal_name(signum)  # SIGRTMIN+2 for a real-time signal
     assert rc == 128 + signum and errors == [f"cmce embed-member: interrupted ({name}); each output is whole or not "
                                              "written"]
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handlers go with it
@@ -1860,6 +1885,29 @@ def test_a_model_trained_as_the_other_kind_is_refused_where_one_kind_is_taken(wo
     assert main(["train", "--config", str(SMOKE), *TINY, "--set", "train.epochs=1", "--dataset", str(world.dataset),
                  "--model", "query", "--out", str(trained)]) == 0
     assert load_embedding_model(trained).meta["role"] == "query"
+    kd = tiny_model(tmp_path / "kd.pt", "kd_resnet_a", "query_cnn", 8, seed=3, role="kd_student")
+    fails(caplog, [*fit, "--query-model", world.query, "--gallery-model", kd], t,  # a query-side copy
+          f"--gallery-model {kd}: a KD student 'kd_resnet_a'", "a gallery model is expected")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", world.dataset, "--kd-teacher", kd, "--out", student],
+          student, f"--kd-teacher {kd}: a KD student", "a gallery model is expected")
+    added = tmp_path / "added.parquet"
+    fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", world.gallery,
+                   "--query-model", world.query, "--gallery-model", kd, "--out", added], added,
+          f"{kd}: a KD student 'kd_resnet_a'", "a gallery model is expected")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c[:3], "its classifier has 3 classes, but the train split has labels up to 9"),
+    (lambda c: c * 0, "field 'classifier' has all-zero rows for 10 train class(es) (first: label 0)")])
+def test_a_query_classifier_that_cannot_score_the_train_labels_is_refused(world, tmp_path, caplog, change, message):
+    """The transformation's CE term scores against the frozen query classifier: 3 rows for 10 labels were torch's
+    `Target 9 is out of bounds` traceback; zero rows made the term a constant ln 10 that trained nothing (exit 0)."""
+    obj = torch.load(world.query, weights_only=True)
+    query = tmp_path / "query.pt"
+    torch.save({**obj, "classifier": change(obj["classifier"])}, query)
+    t = tmp_path / "t.pt"
+    fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--query-model", query,
+                   "--gallery-model", world.gallery_models[0], "--out", t], t, f"--query-model {query}: {message}")
 
 
 def test_a_checkpoint_with_bytes_appended_is_named_as_damaged(world, tmp_path, caplog):
@@ -2732,6 +2780,12 @@ def test_a_registered_version_with_a_model_card_beside_its_checkpoint_is_loaded(
     (artifacts / "query.pt").unlink()
     with pytest.raises(ValueError, match=r"expected one checkpoint file in the registered version, found 0"):
         resolve_model_uri("models:/cmce-query@candidate", uri)
+    for name in ("a.pt", "b.pt"):  # two checkpoints: refused, and its download removed at once (a server following
+        shutil.copyfile(world.query, artifacts / name)  # the alias kept one copy per move until it stopped)
+    before = set(scratch_dir().iterdir())
+    with pytest.raises(ValueError, match=r"expected one checkpoint file in the registered version, found 2"):
+        resolve_model_uri("models:/cmce-query@candidate", uri)
+    assert set(scratch_dir().iterdir()) == before
 
 
 def test_an_uncertainty_column_its_running_sum_contradicts_is_refused(world, tmp_path, caplog):
@@ -3172,3 +3226,30 @@ def test_a_run_whose_output_dir_is_its_imagefolder_is_refused(tmp_path, caplog):
         fails(caplog, ["run", *imagefolder_args(root), "--set", f"output_dir={out}"], tmp_path / "x",
               f"output_dir: {out} is inside data.path {root}, the data it reads")
     assert snapshot(root) == kept
+
+
+def test_an_output_over_the_tracking_store_is_refused_before_any_run(world, tmp_path, caplog, monkeypatch):
+    """`track-start --out` (or `gate --out`) naming the sqlite store that `--mlflow-uri`, MLFLOW_TRACKING_URI or
+    `--run-dir` puts the runs in replaced the store, its runs and registered models with a JSON file (exit 0).
+    A `--out` refused for another reason (a symbolic link) was refused only after the parent run was opened."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"SQLite format 3\x00 a store with runs")
+    uri = f"sqlite:///{store}"
+    fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", uri, "--out", store], store,
+          f"--out {store} would write over the MLflow tracking store --mlflow-uri names ({store})")
+    gate = ["gate", "--config", SMOKE, "--dataset", world.dataset, "--baseline-query-model", world.query,
+            "--baseline-gallery", world.gallery, "--query-model", world.query, "--gallery", world.gallery]
+    fails(caplog, ["--mlflow-uri", uri, *gate, "--out", store], store, "would write over the MLflow tracking store")
+    fails(caplog, ["track-start", "--config", SMOKE, "--run-dir", tmp_path, "--out", store], store,
+          f"the MLflow tracking store --run-dir names ({store})")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'runs'}")
+    inside = tmp_path / "runs" / "decision.json"
+    fails(caplog, [*gate, "--out", inside], inside, "tracking store MLFLOW_TRACKING_URI names")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    fresh = tmp_path / "fresh.db"
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", f"sqlite:///{fresh}", "--out", link], link,
+          "is a symbolic link")
+    assert not fresh.exists()  # no store made, no run opened
