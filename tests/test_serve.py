@@ -126,6 +126,11 @@ def test_refusals_name_the_field(world):
     Image.new("L", (2100, 2100)).save(big, format="PNG")  # 4.4 M pixels in a few kB: over --max-image-pixels
     refused(server, 422, "images[0]", "too many pixels", images=[b64(big.getvalue())])
     refused(server, 422, "body", "exactly one of", images=[b64(png(0))], embeddings=[row], query_model_sha256=sha)
+    # images pinned to another query model than the one that would embed them (the pin was ignored: 200)
+    refused(server, 409, "query_model_sha256", "images sent for query model", images=[b64(png(0))],
+            query_model_sha256="0" * 64)
+    refused(server, 422, "query_model_sha256", "64 hex digits", images=[b64(png(0))], query_model_sha256="abc")
+    assert server.search(images=[b64(png(0))], query_model_sha256=sha).status_code == 200
     refused(server, 422, "body", "exactly one of")
     refused(server, 422, "size", "Extra inputs", images=[b64(png(0))], size=3)
     for text, field, needle in (('{"embeddings": [[NaN' + ", 1" * 15 + "]], " + f'"query_model_sha256": "{sha}"}}',

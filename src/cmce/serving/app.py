@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cmce.serving.queries import Limits, RequestError, answer, embeddings_query, images_query
+from cmce.serving.queries import Limits, RequestError, answer, check_query_model, embeddings_query, images_query
 from cmce.serving.state import Holder
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,9 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
         if req.embeddings is not None:
             queries = embeddings_query(req.embeddings, req.query_model_sha256, served, limits)
         else:
+            if req.query_model_sha256:
+                check_query_model(req.query_model_sha256, served, "images sent for", "send the served model's "
+                                  "sha256 (GET /version), or none")
             queries = images_query(req.images or [], served, limits)
         return {"index_version": served.version, "query_model_sha256": served.index.meta["query_model_sha256"],
                 "results": answer(served, queries, req.k, classes)}

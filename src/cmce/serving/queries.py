@@ -62,19 +62,26 @@ def check_count(field: str, n: int, limits: Limits) -> None:
                            413)
 
 
+def check_query_model(sha256: str, served: Served, what: str, advice: str) -> None:
+    """`query_model_sha256` as a request gives it: the whole sha256 of the query model the index serves (409 when
+    it is another model's). With images, the client's pin of the model that is to embed them: ignored, a client
+    expecting another model got its answers without a word."""
+    expected = served.index.meta["query_model_sha256"]
+    if not SHA256.fullmatch(sha256.lower()):  # the 12-character prefix the messages show is not enough
+        raise RequestError("query_model_sha256", "must be the checkpoint's whole sha256: 64 hex digits")
+    if sha256.lower() != expected:
+        raise RequestError("query_model_sha256", f"{what} query model {sha256[:12]}, but this index serves query "
+                                                 f"model {expected[:12]}; {advice}", 409)
+
+
 def embeddings_query(rows: list[list[float]], sha256: str | None, served: Served, limits: Limits) -> np.ndarray:
     """Client-side query embeddings, refused unless they come from the query model the index was built for, have
     its dimension and are finite with a direction."""
     check_count("embeddings", len(rows), limits)
-    expected = served.index.meta["query_model_sha256"]
     if not sha256:
         raise RequestError("query_model_sha256", "required with embeddings: the sha256 of the query model "
                                                  "checkpoint that computed them")
-    if not SHA256.fullmatch(sha256.lower()):  # the 12-character prefix the messages show is not enough
-        raise RequestError("query_model_sha256", "must be the checkpoint's whole sha256: 64 hex digits")
-    if sha256.lower() != expected:
-        raise RequestError("query_model_sha256", f"embeddings of query model {sha256[:12]}, but this index "
-                                                 f"serves query model {expected[:12]}; embed with that model", 409)
+    check_query_model(sha256, served, "embeddings of", "embed with that model")
     dim = served.index.meta["dim"]
     for i, row in enumerate(rows):
         if len(row) != dim:
