@@ -2788,6 +2788,21 @@ def test_a_registered_version_with_a_model_card_beside_its_checkpoint_is_loaded(
     assert set(scratch_dir().iterdir()) == before
 
 
+def test_a_registered_version_that_cannot_be_downloaded_names_why(world, tmp_path, monkeypatch):
+    """A version folder whose checkpoint is a link out of it: the error stopped at MLflow's "The following
+    failures occurred while downloading one or more artifacts from X:", the cause cut off."""
+    from cmce.tracking import resolve_model_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "query.pt").symlink_to(world.query)
+    uri = _store_with_a_registered_query_model(tmp_path / "store", str(artifacts))
+    with pytest.raises(ValueError) as err:
+        resolve_model_uri("models:/cmce-query@candidate", uri)
+    assert str(err.value).endswith("File query.pt; Invalid path: resolved path is outside the artifact directory")
+
+
 def test_an_uncertainty_column_its_running_sum_contradicts_is_refused(world, tmp_path, caplog):
     """The gallery's `uncertainty` reversed (rows, embeddings and metadata kept): build-index rejected other items
     and evaluate reported other rejection curves, exit 0; `n_models` of 3 in a 2-member gallery passed too."""
@@ -3132,6 +3147,21 @@ def test_a_scratch_folder_inside_the_output_is_named_as_tmpdir(world, tmp_path, 
         monkeypatch.setattr(tempfile, "tempdir", str(scratch))
         fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out], out,
               f"TMPDIR {scratch} is inside the output --out {out}: the step's scratch files would be written into it")
+
+
+def test_a_scratch_folder_inside_an_input_folder_is_named_as_tmpdir(world, tmp_path, caplog, monkeypatch):
+    """TMPDIR inside serve's --index: the registry download landed in the served folder, and the next rebuild of
+    the index was refused for holding a folder it does not write."""
+    import tempfile
+
+    index = tmp_path / "index"
+    shutil.copytree(world.index, index)
+    (index / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(index / "tmp"))
+    out = tmp_path / "eval"
+    fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset], out,
+          f"TMPDIR {index / 'tmp'} is inside the input folder --index {index}: the step's scratch files would be "
+          "written among its inputs")
 
 
 @pytest.mark.parametrize("stat, value", [("running_var", -1.0), ("num_batches_tracked", -3)])

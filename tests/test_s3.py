@@ -925,3 +925,23 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
     assert proc.returncode == 128 + 15 and took < 15, (proc.returncode, took, err.decode())
     assert "interrupted (SIGTERM)" in err.decode() and "Traceback" not in err.decode()
     assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
+
+
+def test_where_credentials_were_looked_for_in_vain_is_named(tmp_path, monkeypatch, caplog):
+    """A credentials file variable naming a folder, or an instance-metadata endpoint that answers nothing: "no
+    complete AWS credentials found" named neither, after seconds of metadata retries."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "false")
+    monkeypatch.setenv("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "1")
+    assert main(["build-index", "--gallery", "s3://b/g.parquet", "--out", str(tmp_path / "index")]) == 2
+    error = only_error(caplog)
+    assert f"AWS_SHARED_CREDENTIALS_FILE='{tmp_path}' names a folder" in error, error
+    assert f"AWS_CONFIG_FILE='{tmp_path / 'none'}' names no file" in error
+    assert "AWS_EC2_METADATA_SERVICE_ENDPOINT=" in error and "gave none" in error

@@ -178,6 +178,11 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"{flag(name)} {value}: {MODEL_URIS}")
         if name not in MODEL_ARGS and (scheme := foreign_scheme(value)):
             raise ValueError(scheme_error(value, scheme, flag(name)))
+    scratch = tempfile.gettempdir()
+    for name, value in named(INPUT_ARGS):  # a served index folder held serve's model download, and refused a rebuild
+        if not is_remote(value) and ":/" not in value and Path(value).is_dir() and _within(scratch, value):
+            raise ValueError(f"TMPDIR {tempfile.gettempdir()} is inside the input folder {flag(name)} {value}: the "
+                             "step's scratch files would be written among its inputs; set TMPDIR elsewhere")
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
     written = named(outputs)

@@ -132,6 +132,7 @@ def set_up_command() -> None:
     """What every entry point (cmce, cmce.dvc_stage, the KFP components' runner, `python -m pipeline`) sets first."""
     log_to_stderr()
     deprecations_stay_warnings()
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # a dozen "setup plugin" lines each time a store opens
 
 
 def deprecations_stay_warnings() -> None:

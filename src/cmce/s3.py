@@ -408,6 +408,21 @@ def _credentials_error(err: BaseException, uri: str, action: str) -> OSError | N
                    "it, or give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
 
+def _credential_sources() -> str:
+    """What the user pointed botocore at for credentials and it found nothing in: a credentials or config file
+    that is no readable file, an instance-metadata endpoint (botocore says only "Unable to locate credentials")."""
+    said = []
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        value = os.environ.get(name)
+        if value and not os.path.isfile(os.path.expanduser(value)):
+            what = "a folder" if os.path.isdir(os.path.expanduser(value)) else "no file"
+            said.append(f"{name}={redact(value)!r} names {what}")
+    endpoint = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+    if endpoint and os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        said.append(f"the instance metadata endpoint AWS_EC2_METADATA_SERVICE_ENDPOINT={redact(endpoint)!r} gave none")
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def _client_error(err: BaseException) -> Any:
     """The botocore ClientError behind `err` (boto3 wraps upload errors in S3UploadFailedError)."""
     from botocore.exceptions import ClientError
@@ -493,8 +508,8 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
             return ValueError(f"{uri}: invalid bucket name {bucket!r}")
         return OSError(f"{uri}: S3 error while {action}: {code or status}: {redact(str(error.get('Message', '')))}")
     if isinstance(err, NoCredentialsError | PartialCredentialsError):
-        return PermissionError(f"{uri}: no complete AWS credentials found while {action}; set AWS_ACCESS_KEY_ID and "
-                               f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+        return PermissionError(f"{uri}: no complete AWS credentials found while {action}{_credential_sources()}; "
+                               "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
     if isinstance(err, ProfileNotFound):
         profile = err.kwargs.get("profile")
         return ValueError(f"{uri}: AWS_PROFILE (or AWS_DEFAULT_PROFILE) names the profile {profile!r}, which no AWS "

@@ -845,6 +845,9 @@ def _registry_error(err: BaseException, tracking: str) -> str:
     if newer := schema_error(err):
         return f"registry {registry_of(tracking)}: {newer}"
     text = first_line(err)
+    lines = [line.strip(" #") for line in str(err).splitlines() if line.strip(" #")]
+    if text.endswith(":") and len(lines) > 1:  # MLflow's "failures occurred while downloading … from X:", then why
+        text = f"{text} {'; '.join(lines[1:3])}"[:400]
     registry = registry_of(tracking)
     reason = text if registry in text else f"registry {registry}: {text}"
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
