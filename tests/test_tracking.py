@@ -360,3 +360,28 @@ def test_an_in_memory_store_is_refused_and_a_home_store_expanded(monkeypatch, tm
     assert absolute_uri("sqlite:///~/t.db") == f"sqlite:///{tmp_path}/t.db"
     with pytest.raises(ValueError, match="~nosuchuser: no such user's home folder"):
         absolute_uri("sqlite:///~nosuchuser/t.db")
+
+
+def test_a_store_a_stop_interrupts_while_it_is_made_is_not_left_half_made(tmp_path, monkeypatch):
+    """SIGTERM while track-start made a new sqlite store: exit 143 "each output is whole or not written", and a
+    half-migrated store (61 KB, 12 tables) left behind. The store is made aside and linked in whole."""
+    import cmce.tracking as tracking
+    from cmce.errors import Terminated
+
+    real = tracking._close_engines
+
+    def stopped(db_uri):  # the migrations have run, the store is not in place yet
+        real(db_uri)
+        raise Terminated(15)
+
+    monkeypatch.setattr(tracking, "_close_engines", stopped)
+    store = tmp_path / "new.db"
+    with pytest.raises(Terminated):
+        start_parent_run(f"sqlite:///{store}", "p", {})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    run_id = start_parent_run(f"sqlite:///{store}", "p", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "new.db"]
+    from mlflow import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{store}").get_run(run_id).info.status == "RUNNING"

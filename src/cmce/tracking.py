@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import tempfile
@@ -456,6 +457,10 @@ def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) 
 
 def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_location: str | None = None) -> str:
     """Open the parent run. `artifact_location` (e.g. s3://bucket/mlflow) applies when the experiment is new."""
+    store = local_store(absolute_uri(uri)) if uri.startswith("sqlite:") else None
+    if store is not None and not store.exists():
+        check_store(uri, create=True)  # the folder, before a store is made beside it
+        _make_store_whole(store)
     client = _client(uri, create=True)
     run = client.create_run(_experiment_id(client, uri, artifact_location), run_name=run_name, tags=code_tags())
     try:
@@ -468,6 +473,32 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
         raise
     log.info("MLflow parent run %s at %s", run.info.run_id, absolute_uri(uri))
     return run.info.run_id
+
+
+def _make_store_whole(store: Path) -> None:
+    """A new sqlite store made aside (MLflow's migrations take seconds) and linked into place once whole: a SIGTERM
+    while they ran left a half-migrated store, exit 143. Another process that made it first keeps its store."""
+    tmp = store.with_name(f".{store.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        _client(f"sqlite:///{tmp}", create=True).search_experiments(max_results=1)  # the tables, all migrations
+        _close_engines(f"sqlite:///{tmp}")  # no connection of this process may hold the file as another name
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, store)
+    finally:
+        for path in (tmp, *(tmp.with_name(tmp.name + end) for end in ("-journal", "-wal", "-shm"))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _close_engines(db_uri: str) -> None:
+    """Close the engines MLflow keeps for `db_uri` in this process (its tracking and registry stores' maps)."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for kind in (TrackingStore, RegistryStore):
+        engine = getattr(kind, "_engine_map", {}).pop(db_uri, None)
+        if engine is not None:
+            engine.dispose()
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
