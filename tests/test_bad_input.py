@@ -336,6 +336,22 @@ def test_empty_split_in_an_imagefolder(tmp_path, caplog):
           "leaves the 'test' split empty")
 
 
+def test_a_split_folder_of_images_without_class_folders_is_named(tmp_path, caplog):
+    """tt/train/img0..7.png and tt/test/img0..7.png (no class folders) was refused as `tt: no class folders
+    found`, though tt holds two folders: the split folder is named, with what it holds."""
+    root = tmp_path / "tt"
+    for part in ("train", "test"):
+        (root / part).mkdir(parents=True)
+        for i in range(8):
+            (root / part / f"img{i}.png").write_bytes(encode(Image.new("L", (8, 8), 10 * i)))
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          f"{root / 'train'}: holds 8 images but no class folders; an official split (train/, test/) holds one folder")
+    image_folder(root / "train", {"cat": 2})  # test/ still has none
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          f"{root / 'test'}: holds 8 images but no class folders")
+
+
 def test_empty_split_in_a_dataset_file(world, tmp_path, caplog):
     split = pq.read_table(world.dataset).column("split")
     ds = rewrite(world.dataset, tmp_path / "train_only.parquet", split=pa.array(["train"] * len(split)))
@@ -1534,6 +1550,12 @@ def test_a_label_beyond_the_class_limit_is_refused_before_training(world, tmp_pa
      "give --model NAME or --kd-teacher CHECKPOINT (one of them)"),
     (["search", "--index", "I", "--query-model", "Q", "--images", "a.png", "--dataset", "D"],
      "give --images FILE... or --dataset FILE (one of them)"),
+    (["search", "--index", "I", "--query-model", "Q", "--images", "a.png", "--split", "train"],
+     "cmce search: --split applies to --dataset, not --images"),  # was ignored: the images were searched
+    (["search", "--index", "I", "--query-model", "Q", "--images", "a.png", "b.png", "--limit", "1"],
+     "cmce search: --limit applies to --dataset, not --images"),  # searched a.png alone, said nothing
+    (["search", "--index", "I", "--query-model", "Q", "--images", "a.png", "--split", "test", "--limit", "0"],
+     "cmce search: --split, --limit apply to --dataset, not --images"),  # the defaults, given: still refused
 ])
 def test_flags_that_exclude_each_other(tmp_path, caplog, argv, message):
     fails(caplog, argv, tmp_path / "O", message)

@@ -453,6 +453,46 @@ def test_imagefolder_skips_hidden_entries_and_names_what_it_does_not_read(tmp_pa
         import_imagefolder(tmp_path)
 
 
+def test_images_outside_every_class_folder_are_named_not_dropped_unsaid(tmp_path, caplog):
+    """root/stray0.png beside root/c0/ and root/c1/, or root/train/stray.png beside its class folders, were
+    dropped without a word: they have no class, so they are still not read, but a warning names them."""
+    def loose_warnings():
+        return [r.getMessage() for r in caplog.records if "outside any class folder" in r.getMessage()]
+
+    for cls in ("c0", "c1"):
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        (tmp_path / "flat" / cls / "0.png").write_bytes(_png("L", value=10))
+    for i in range(5):
+        (tmp_path / "flat" / f"stray{i}.png").write_bytes(_png("L", value=i))
+    (tmp_path / "flat" / "README.md").write_text("not an image: no warning")
+    with caplog.at_level(logging.WARNING):
+        raw = import_imagefolder(tmp_path / "flat")
+    assert raw.ids == ["c0/0.png", "c1/0.png"]
+    assert loose_warnings() == [f"{tmp_path / 'flat'}: skipped 5 image(s) lying outside any class folder (no class "
+                                "to label them): stray0.png, stray1.png, stray2.png …"]
+    for part in ("train", "test"):
+        (tmp_path / "split" / part / "c0").mkdir(parents=True)
+        (tmp_path / "split" / part / "c0" / "0.png").write_bytes(_png("L", value=10))
+    (tmp_path / "split" / "train" / "stray.png").write_bytes(_png("L"))
+    (tmp_path / "split" / "cover.jpg").write_bytes(_png("L"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        raw = import_imagefolder(tmp_path / "split")
+    assert raw.ids == ["train/c0/0.png", "test/c0/0.png"]
+    assert loose_warnings() == [f"{tmp_path / 'split'}: skipped 2 image(s) lying outside any class folder (no class "
+                                "to label them): cover.jpg, train/stray.png"]
+    caplog.clear()
+    (tmp_path / "split" / "train" / "stray.png").unlink()
+    (tmp_path / "split" / "cover.jpg").unlink()
+    with caplog.at_level(logging.WARNING):
+        import_imagefolder(tmp_path / "split")
+    assert loose_warnings() == []
+    (tmp_path / "only").mkdir()  # images and no class folder at all: said so, not just "no class folders"
+    (tmp_path / "only" / "0.png").write_bytes(_png("L"))
+    with pytest.raises(DataError, match=r"only: holds 1 image but no class folders found; an ImageFolder holds one"):
+        import_imagefolder(tmp_path / "only")
+
+
 @pytest.mark.parametrize("classes, message", [
     (("caf\u00e9", "cafe\u0301", "tea"), r"class folders 'cafe\\u0301', 'caf\\xe9' differ only in Unicode"),
     (("c0", "c0 ", "c1"), r"class folders 'c0', 'c0 ' differ only in .* spaces at their ends"),

@@ -437,8 +437,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     from cmce.search import search_images
 
     images = [(p, _in(p)) for p in args.images]
+    split, limit = "test" if args.split is None else args.split, args.limit or 0  # None: not given (see main)
     for hit in search_images(_index_in(args.index), _model(args.query_model), images,
-                             _in(args.dataset) if args.dataset else None, args.split, args.limit, args.k,
+                             _in(args.dataset) if args.dataset else None, split, limit, args.k,
                              _in(args.gallery) if args.gallery else None):
         _say(json.dumps(hit) + "\n")
 
@@ -689,8 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--query-model", required=True)
     sp.add_argument("--images", nargs="*", default=[], help="image files")
     sp.add_argument("--dataset", default=None, help="or a dataset Parquet file")
-    sp.add_argument("--split", default="test")
-    sp.add_argument("--limit", type=_count, default=0, help="at most this many dataset queries (default 0: all)")
+    sp.add_argument("--split", default=None, help="the --dataset split to search with (default test)")
+    sp.add_argument("--limit", type=_count, default=None, help="at most this many --dataset queries (default 0: all)")
     sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query (>= 1)")
     sp.add_argument("--gallery", default=None,
                     help="refuse the index unless it was built from this gallery file (as it is now)")
@@ -877,6 +878,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "search" and bool(args.images) == bool(args.dataset):
         log.error("cmce search: give --images FILE... or --dataset FILE (one of them)")
+        return 2
+    given = [f"--{f}" for f in ("split", "limit") if args.command == "search" and getattr(args, f) is not None]
+    if given and args.images:  # they pick --dataset queries: --split was ignored, --limit cut the image list
+        log.error("cmce search: %s appl%s to --dataset, not --images", ", ".join(given), "y" if given[1:] else "ies")
         return 2
     if missing := ddp.partly_launched():
         log.error("cmce %s: WORLD_SIZE=%s asks for several ranks, but %s %s not set (torchrun sets them all)",

@@ -51,6 +51,21 @@ def _files_under(folder: Path, real_root: Path) -> list[Path]:
     return found
 
 
+def _loose_images(folder: Path) -> list[Path]:
+    """Images lying directly in `folder` (the root or a split's folder): outside any class folder they have no
+    label, so they are not read."""
+    return sorted(p for p in folder.iterdir()
+                  if not _hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+
+
+def _holds(images: int) -> str:
+    return f"holds {images} image{'' if images == 1 else 's'} but " if images else "holds "
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return [c for c in folder.iterdir() if c.is_dir() and not _hidden(c.name)]
+
+
 def import_imagefolder(path: str | Path) -> RawImages:
     """root/<class>/<image>; or root/train/<class>/… + root/test/<class>/… for an official split."""
     root = Path(path)
@@ -74,9 +89,15 @@ def import_imagefolder(path: str | Path) -> RawImages:
                             "every class folder goes under train/ or test/")
     for _, base in parts:
         inside_root(base, real_root)
-    classes = sorted({_utf8(c, root).name for _, p in parts for c in p.iterdir() if c.is_dir() and not _hidden(c.name)})
+    loose = _loose_images(root) + [f for _, base in parts if has_split for f in _loose_images(base)]
+    for _, base in parts if has_split else []:
+        if not _class_folders(base):  # was "root: no class folders found", though the root has two folders
+            raise DataError(f"{base}: {_holds(sum(f.parent == base for f in loose))}no class folders; an official "
+                            "split (train/, test/) holds one folder per class")
+    classes = sorted({_utf8(c, root).name for _, p in parts for c in _class_folders(p)})
     if not classes:
-        raise DataError(f"{root}: no class folders found")
+        raise DataError(f"{root}: {_holds(len(loose))}no class folders found; an ImageFolder holds one folder per "
+                        "class (root/<class>/<image>)")
     alike: dict[str, list[str]] = {}
     for c in classes:  # "café" typed on two systems, composed and decomposed; "c0" and "c0 ": classes that print alike
         alike.setdefault(unicodedata.normalize("NFC", c).strip(), []).append(c)
@@ -105,6 +126,10 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 ids.append(rel)
                 labels.append(index[cls])
                 split.append(part)
+    if loose:
+        log.warning("%s: skipped %d image(s) lying outside any class folder (no class to label them): %s%s", root,
+                    len(loose), ", ".join(f.relative_to(root).as_posix() for f in loose[:3]),
+                    " …" if len(loose) > 3 else "")
     if skipped:
         log.warning("%s: skipped %d file(s) whose suffix is not an image's %s: %s%s", root, len(skipped),
                     sorted(IMAGE_SUFFIXES), ", ".join(skipped[:3]), " …" if len(skipped) > 3 else "")
