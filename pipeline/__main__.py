@@ -6,11 +6,16 @@ on the artifacts of a previous run, see pipeline/lifecycle.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +26,7 @@ LIFECYCLE = ("add-gallery-model", "upgrade-query-model")
 PACKAGES = {"cmce": COMPILED, **{name: ROOT / "pipeline" / f"{name.replace('-', '_')}.yaml" for name in LIFECYCLE}}
 # the lifecycle pipelines' inputs: artifacts of a previous run, by URI
 INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings_uri")
+FOLDER_INPUTS = ("train_embeddings_uri",)  # one file per gallery model; the others are one file each
 
 
 def placement_from_env():
@@ -112,11 +118,21 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
     needed = [k for k in required if k not in out]
     if needed:
         raise SystemExit(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
-    for key, uri in out.items():  # a local input missing failed in a task, with a traceback, after 3 tries
-        if "://" not in uri and not Path(uri).exists():
-            source = f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None) else (
-                f"--{key.replace('_', '-')}")
+    for key, uri in out.items():  # a bad local input failed in a task, with a traceback, after 3 tries
+        source = f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None) else (
+            f"--{key.replace('_', '-')}")
+        if "://" in uri:
+            if args.command == "run":  # kfp.local maps s3://b/k to the path /s3/b/k, which nothing mounts
+                raise ValueError(f"{source} {uri}: the local runner reads local paths only; copy it here, or "
+                                 "submit the run to a cluster, whose tasks read it")
+            continue
+        path = Path(uri)
+        if not path.exists():
             raise ValueError(f"{source}: {uri} not found (a run folder `cmce run` finished?)")
+        folder = key in FOLDER_INPUTS
+        if path.is_dir() != folder:
+            raise ValueError(f"{source}: {uri} is {'not a folder' if folder else 'a folder, not a file'}"
+                             f"{' (one file per gallery model expected)' if folder else ''}")
     return out
 
 
@@ -168,16 +184,37 @@ def run_local(args: argparse.Namespace) -> Path:
     """Run the whole DAG on this machine with kfp.local's subprocess runner (the embedded default)."""
     from kfp import local
 
+    root = Path(args.root).resolve()
+    found = next(p for p in (root, *root.parents) if p.exists())
+    if not found.is_dir():  # was `[Errno 17] File exists`, naming no flag
+        raise ValueError(f"--root {args.root}: {'is a file' if found == root else f'{found} is a file'}, not a folder")
     run = pipeline_function(args.pipeline, args.parallelism)
     arguments = _arguments(args)
-    root = Path(args.root).resolve()
     uri = tracking_store(root) if not args.no_mlflow else ""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way (`--root a-file/sub`), no permission
+        raise ValueError(f"--root {args.root}: cannot make the folder ({err.strerror or err})") from None
     if uri:
         os.environ["MLFLOW_TRACKING_URI"] = uri
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    started = time.time()
-    run(**arguments, mlflow_uri="" if args.no_mlflow else uri)
+    # the workspace made here, not by local.init, so that a stop signal finds it to remove it; the tasks' temporary
+    # folders inside it (each task's shell left a `mktemp -d` folder in the temp folder, run or stopped)
+    workspace = tempfile.mkdtemp(prefix="kfp-workspace-")
+    stopping.workspace = workspace
+    previous_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = os.path.join(workspace, "tmp")  # read by the tasks only: this process's is fixed
+    os.mkdir(os.environ["TMPDIR"])
+    try:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), workspace_root=workspace)
+        started = time.time()
+        run(**arguments, mlflow_uri="" if args.no_mlflow else uri)
+    finally:
+        stopping.workspace = None
+        if previous_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_tmpdir
+        shutil.rmtree(workspace, ignore_errors=True)
     prefix = "cmce-" if args.pipeline == "cmce" else f"cmce-{args.pipeline}-"
     runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)
                    and (args.pipeline != "cmce" or not p.name.startswith(tuple(f"cmce-{n}-" for n in LIFECYCLE)))),
@@ -196,6 +233,80 @@ def run_local(args: argparse.Namespace) -> Path:
     if decision is not None:
         sys.stdout.write(decision.read_text())
     return run_dir
+
+
+class _Stopping:
+    """What an ending signal must clean up: the workspace of the run under way; the signals taken."""
+    workspace: str | None = None
+    signals: tuple[int, ...] = ()
+
+
+stopping = _Stopping()
+STOP_WAIT_S = 10  # the tasks' own cleanups (a step's scratch files) before they are killed
+
+
+def ending_signals() -> list[int]:
+    """The signals the cmce commands stop on with their cleanups (SIGINT, SIGTERM, SIGHUP, SIGUSR1/2, and those
+    ending the process where nobody else handles them)."""
+    from cmce.errors import unclaimed_ending_signals
+
+    return [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, *unclaimed_ending_signals()]
+
+
+def stop(signum: int, _frame: object) -> None:
+    """An ending signal during a local run: its task processes are stopped (each cleans up after itself), the
+    workspace removed, one line logged, exit 128+signal. Here, not by unwinding: kfp.local's worker threads retry
+    a stopped task after their back-off, and its pool waits for them (killed, the workspace stayed behind)."""
+    from cmce.errors import LOG_FORMAT, OneLineFormatter, signal_name
+
+    for sig in stopping.signals:  # a second signal must not cut this cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    stopped = _stop_tasks()
+    if stopping.workspace:
+        shutil.rmtree(stopping.workspace, ignore_errors=True)
+    handler = logging.StreamHandler(sys.stderr)  # kfp.local points the root logger at stdout while a task runs
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.getLogger().handlers[:] = [handler]
+    log.error("python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files removed",
+              signal_name(signum), stopped)
+    logging.shutdown()
+    with contextlib.suppress(Exception):  # closed, or a reader gone: nothing more to say there
+        sys.stdout.flush()
+    os._exit(128 + signum)
+
+
+def _stop_tasks() -> int:
+    """SIGTERM to every task process, then SIGKILL to those still running after STOP_WAIT_S; watched until none
+    runs, as a worker thread may start a branch's next task meanwhile. Returns how many there were."""
+    import psutil
+
+    def running(task: psutil.Process) -> bool:
+        try:
+            return task.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    me, seen = psutil.Process(), {}
+    deadline = time.monotonic() + STOP_WAIT_S
+    while True:
+        try:
+            new = [task for task in me.children(recursive=True) if task.pid not in seen]
+        except psutil.Error:
+            new = []
+        for task in new:  # a shell's Python child is watched too: the shell may end first and orphan it
+            seen[task.pid] = task
+            with contextlib.suppress(psutil.Error):
+                task.send_signal(signal.SIGTERM)
+        alive = [task for task in seen.values() if running(task)]
+        if not alive and not new:
+            return len(seen)
+        if time.monotonic() >= deadline:
+            for task in alive:
+                with contextlib.suppress(psutil.Error):
+                    task.kill()
+            psutil.wait_procs(alive, timeout=1)  # reaps those that are this process's children
+            return len(seen)
+        psutil.wait_procs(alive, timeout=0.2)
 
 
 HEALTHZ_TIMEOUT_S = 10
@@ -242,22 +353,36 @@ MAX_WORKERS = 64  # as `cmce embed-gallery --workers`: more only waits on their 
 MAX_PARALLELISM = 1024
 
 
+def given(convert=str):
+    """An argparse type for a path, URI or URL: a blank value (`--gallery-uri "$URI"` with URI unset) is refused
+    (it ran on, the flag silently unset: --inputs-from's gallery used instead)."""
+    def parse(text: str):
+        if not text.strip():
+            raise argparse.ArgumentTypeError("blank; give a value or leave the flag out")
+        return convert(text)
+
+    parse.__name__ = "path or URI"  # argparse names it in its `invalid … value` line
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cmce.arguments import OneLineParser, int_in
 
     p = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile every pipeline to YAML (pipeline/*.yaml)")
-    c.add_argument("--out-dir", type=Path, default=COMPILED.parent)
+    c.add_argument("--out-dir", type=given(Path), default=COMPILED.parent)
     for name, help_ in (("run", "run the pipeline"), ("submit", "submit the compiled pipeline to KFP")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--pipeline", default="cmce", choices=sorted(PACKAGES), help="which pipeline (default cmce)")
-        sp.add_argument("--inputs-from", default=None, metavar="RUN_DIR",
+        sp.add_argument("--inputs-from", type=given(), default=None, metavar="RUN_DIR",
                         help="lifecycle pipelines: take the dataset, query model, gallery and train embeddings "
                              "from this `cmce run` output folder")
         for key in INPUT_URIS:
-            sp.add_argument(f"--{key.replace('_', '-')}", default=None, help="lifecycle pipelines: input artifact URI")
-        sp.add_argument("--params", default=None, help="params file (default: the one compiled in, params.yaml)")
+            sp.add_argument(f"--{key.replace('_', '-')}", type=given(), default=None,
+                            help="lifecycle pipelines: input artifact URI")
+        sp.add_argument("--params", type=given(), default=None,
+                        help="params file (default: the one compiled in, params.yaml)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the params, e.g. train.epochs=2 or gallery_models=[resnet] "
                              "(repeatable; the same syntax as `cmce --set`)")
@@ -268,16 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"cmce pipeline: decoding processes per slice (0 to {MAX_WORKERS}; 0 = in the task)")
     r = sub.choices["run"]
     r.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local")
-    r.add_argument("--root", default="runs/kfp", help="pipeline root for local artifacts")
+    r.add_argument("--root", type=given(), default="runs/kfp", help="pipeline root for local artifacts")
     r.add_argument("--no-mlflow", action="store_true")
     r.add_argument("--parallelism", type=int_in(0, MAX_PARALLELISM), default=1,
                    help=f"gallery-model branches run at once (0 to {MAX_PARALLELISM}, 0 = no cap; default 1: they "
                         "share this machine's cores)")
     s = sub.choices["submit"]
-    s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    s.add_argument("--host", type=given(), required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
     s.add_argument("--namespace", default=None)
     s.add_argument("--experiment", default="cmce")
-    s.add_argument("--package", type=Path, default=None, help="compiled YAML (default: the --pipeline's)")
+    s.add_argument("--package", type=given(Path), default=None, help="compiled YAML (default: the --pipeline's)")
     return p
 
 
@@ -286,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
 
     set_up_command()
     args = build_parser().parse_args(argv)
+    handlers = {}
+    if args.command == "run" and threading.current_thread() is threading.main_thread():
+        handlers = {signum: signal.signal(signum, stop) for signum in ending_signals()}
+        stopping.signals = tuple(handlers)
     try:
         if args.command == "compile":
             if not args.out_dir.is_dir():
@@ -299,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # a bad params file, override or folder: one line, as cmce's steps
         log.error("python -m pipeline %s: %s", args.command, err)
         return 2
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -4,6 +4,11 @@ and the same metrics as `cmce run`; MLflow holds the runs and the registered mod
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -476,3 +481,96 @@ def test_lifecycle_inputs_missing_from_the_run_folder_are_named_before_the_run(t
     with pytest.raises(ValueError, match=rf"^--inputs-from {tmp_path / 'partial'}: .*dataset.parquet not found"):
         _arguments(args)
     assert not (tmp_path / "r").exists()
+
+
+def _run_folder(where):
+    """The inputs a lifecycle pipeline takes from a `cmce run` folder, as empty files (only their kinds matter)."""
+    for rel in ("data/dataset.parquet", "models/query.pt", "gallery.parquet", "embeddings/train/resnet_a.parquet"):
+        (where / rel).parent.mkdir(parents=True, exist_ok=True)
+        (where / rel).write_bytes(b"")
+    return where
+
+
+@pytest.mark.parametrize("pipeline, flag, value, message", [
+    ("add-gallery-model", "--gallery-uri", "s3://bucket/gallery.parquet",
+     r"^--gallery-uri s3://bucket/gallery.parquet: the local runner reads local paths only"),
+    ("add-gallery-model", "--dataset-uri", "{w}/data", r"^--dataset-uri: {w}/data is a folder, not a file"),
+    ("add-gallery-model", "--query-model-uri", "{w}/models", r"^--query-model-uri: {w}/models is a folder, not a file"),
+    ("upgrade-query-model", "--train-embeddings-uri", "{w}/gallery.parquet",
+     r"^--train-embeddings-uri: {w}/gallery.parquet is not a folder"),
+])
+def test_a_lifecycle_input_the_local_runner_cannot_read_is_named_before_the_run(tmp_path, pipeline, flag, value,
+                                                                                  message):
+    """An s3:// gallery on the local runner failed in add-member three times (`/s3/…: file not found`, 135 s); a
+    folder as --dataset-uri failed in its task (`is a directory`), retried at 30 s and 60 s."""
+    w = _run_folder(tmp_path / "w")
+    args = build_parser().parse_args(["run", "--local", "--root", str(tmp_path / "r"), "--pipeline", pipeline,
+                                      "--inputs-from", str(w), flag, value.format(w=w)])
+    with pytest.raises(ValueError, match=message.format(w=w)):
+        _arguments(args)
+    assert not (tmp_path / "r").exists()
+    assert set(_arguments(build_parser().parse_args(["run", "--local", "--pipeline", pipeline, "--inputs-from",
+                                                     str(w)]))) >= {"dataset_uri", "gallery_uri"}  # whole: accepted
+
+
+@pytest.mark.parametrize("under, says", [("", "is a file"), ("sub", "{file} is a file")])
+@pytest.mark.parametrize("mlflow", [[], ["--no-mlflow"]])
+def test_a_root_that_is_a_file_is_refused_by_name_and_left_alone(tmp_path, caplog, under, says, mlflow):
+    """`--root rootfile.md` ended in `[Errno 17] File exists`, naming no flag."""
+    from pipeline.__main__ import main
+
+    file = tmp_path / "rootfile.md"
+    file.write_text("notes\n")
+    root = file / under if under else file
+    caplog.clear()
+    assert main(["run", "--local", *mlflow, "--root", str(root)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"python -m pipeline run: --root {root}: {says.format(file=file)}, not a folder"]
+    assert file.read_text() == "notes\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from", "{w}", "--gallery-uri", ""],
+    ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from", " "],
+    ["run", "--local", "--root", ""], ["run", "--local", "--params", ""],
+    ["submit", "--host", ""], ["submit", "--host", "x", "--package", ""], ["compile", "--out-dir", ""],
+])
+def test_a_blank_path_or_uri_is_refused_at_parse_time_by_name(tmp_path, capsys, argv):
+    """`--gallery-uri ''` (an unset variable) ran for a minute on --inputs-from's gallery and exited 0."""
+    w = _run_folder(tmp_path / "w")
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([a.format(w=w) for a in argv])
+    flag = next(a for a in reversed(argv) if a.startswith("--"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument {flag}: blank" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM])
+def test_a_stopped_local_run_leaves_no_task_and_nothing_in_the_temp_folder(tmp_path, signum):
+    """SIGTERM during a local run left kfp.local's workspace (and each task's `mktemp -d` folder) in the temp
+    folder, and no line saying why it ended."""
+    import psutil
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--local", "--no-mlflow", "--root",
+                             str(tmp_path / "r")], cwd=root, env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": path},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, tasks = time.monotonic() + 120, []
+        while not tasks and proc.poll() is None and time.monotonic() < deadline:  # a task under way
+            tasks = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.1)
+        assert tasks and any(tmp.iterdir()), "no task started"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum
+    errors = [line for line in err.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(errors) == 1 and f"interrupted ({signal.Signals(signum).name})" in errors[0], err[-2000:]
+    assert list(tmp.iterdir()) == []
+    assert not any(task.is_running() and task.status() != psutil.STATUS_ZOMBIE for task in tasks)
