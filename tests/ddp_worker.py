@@ -66,8 +66,8 @@ def run(out: Path, config: str, dataset: str) -> int:
     for argv in (
         ["train", *common, "--dataset", dataset, "--model", "query", "--out", str(q)],
         ["train", *common, "--dataset", dataset, "--kd-teacher", teacher, "--out", str(s)],
-        ["fit-transform", *common, "--dataset", dataset, "--query-model", str(q), "--gallery-model", str(s),
-         "--out", str(t)],
+        ["fit-transform", *common, "--dataset", dataset, "--query-model", str(q), "--gallery-model", teacher,
+         "--out", str(t)],  # the gallery-role copy: a KD student is no gallery model
     ):
         if teacher in argv:  # made from the query model trained above
             argv[argv.index(teacher)] = str(_as_gallery_model(q, teacher))
