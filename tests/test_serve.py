@@ -1184,19 +1184,22 @@ def test_a_request_body_that_stops_arriving_is_timed_out_like_a_head(in_process_
         assert steady.recv(65536).startswith(b"HTTP/1.1 200")
 
 
-def test_a_request_body_trickled_under_the_deadline_is_timed_out_by_its_rate(in_process_server):
+@pytest.mark.parametrize("framing,piece", [
+    (b"Content-Length: 100", b" "),
+    (b"Transfer-Encoding: chunked", b"1;" + b"e" * 598 + b"\r\n \r\n")])  # 600 bytes on the wire, 1 of body
+def test_a_request_body_trickled_under_the_deadline_is_timed_out_by_its_rate(in_process_server, framing, piece):
     """A body sent one byte every few seconds met the deadline of each chunk and held its connection for ever: after
-    `--head-timeout` a body must come at 500 bytes/s on average."""
+    `--head-timeout` a body must come at 500 bytes/s on average; bytes of the body, not chunk extensions."""
     server, url = in_process_server(head_timeout_s=1.0)
     host, port = url.removeprefix("http://").split(":")
-    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s\r\n\r\n" % framing
     with socket.create_connection((host, int(port)), timeout=10) as trickle:
         trickle.sendall(head)
         started, reply = time.monotonic(), None
-        for _ in range(20):  # 6 s at most; each byte well within the 1 s deadline of the one before
+        for _ in range(20):  # 6 s at most; each piece well within the 1 s deadline of the one before
             time.sleep(0.3)
             try:
-                trickle.sendall(b" ")
+                trickle.sendall(piece)
             except OSError:
                 break
             trickle.settimeout(0.01)
