@@ -635,7 +635,7 @@ def test_a_download_the_poll_waits_on_is_shown_while_it_lasts(world, tmp_path):
     assert holder.in_progress is None  # the poll thread has ended
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGRTMIN + 2])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGRTMIN + 2, signal.SIGIO])
 def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path, signum):
     """uvicorn re-raised SIGTERM after its graceful shutdown: the process died with the model it had downloaded
     from the registry left in its scratch folder, and exit status 143. SIGALRM and SIGXCPU (a CPU-time limit),
@@ -942,6 +942,23 @@ def test_wrapped_base64_and_numbers_past_the_digit_limit(world):
             "error": f"body: not readable JSON: a number with more than {sys.get_int_max_str_digits()} digits",
             "field": "body"}, res.text
     assert server.search(embeddings=[[0.5] * 16], query_model_sha256=sha).status_code == 200  # still serving
+
+
+def test_the_digit_limit_holds_when_the_environment_lifts_it(world, tmp_path):
+    """PYTHONINTMAXSTRDIGITS=0 in the server's environment: a request holding a 3-million-digit number was converted
+    for 175 s in the event loop, and no client got any answer meanwhile."""
+    _, model, index, _ = world
+    server = Server(["--index", str(index), "--query-model", str(model)], tmp_path / "serve.log",
+                    env={**cmce_env(), "PYTHONINTMAXSTRDIGITS": "0"})
+    try:
+        body = '{"embeddings": [[0.5]], "k": 1' + "0" * 1_000_000 + "}"  # unlimited: ~20 s of conversion
+        started = time.monotonic()
+        res = requests.post(f"{server.url}/search", data=body, headers={"content-type": "application/json"},
+                            timeout=60)
+        assert res.status_code == 422 and "a number with more than 4300 digits" in res.json()["error"], res.text
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
 
 
 def test_a_pipe_named_meta_json_is_reported_not_waited_on(world, tmp_path):

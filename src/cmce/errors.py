@@ -89,12 +89,14 @@ def forget_signals() -> None:
 
 def unclaimed_ending_signals() -> list[int]:
     """The other signals whose default action ends the process (SIGALRM, a CPU-time limit's SIGXCPU, the
-    profiling timers, SIGPWR, SIGSTKFLT, the real-time signals), where nobody but cmce handles them: a caller's
-    own handler (a SIGALRM watchdog around a command) is kept. SIGXFSZ Python ignores already: the write then
-    fails with EFBIG, reported as such."""
+    profiling timers, SIGPWR, SIGSTKFLT, SIGIO, SIGSYS, SIGTRAP sent by `kill`, the real-time signals), where
+    nobody but cmce handles them: a caller's own handler (a SIGALRM watchdog around a command) is kept. SIGXFSZ
+    Python ignores already: the write then fails with EFBIG, reported as such. Faults (SIGSEGV, SIGBUS, …) are
+    not taken: a Python handler cannot resume after them."""
     import signal
 
-    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGQUIT", "SIGSTKFLT")  # SIGQUIT: Ctrl-backslash
+    names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGQUIT", "SIGSTKFLT", "SIGIO", "SIGSYS",
+             "SIGTRAP")  # SIGQUIT: Ctrl-backslash; SIGIO is SIGPOLL
     found = [getattr(signal, name) for name in names if hasattr(signal, name)]
     if hasattr(signal, "SIGRTMIN"):  # the real-time signals end a process by default too (`kill -s RTMIN+2`)
         found += range(signal.SIGRTMIN, signal.SIGRTMAX + 1)

@@ -475,9 +475,15 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
     return run.info.run_id
 
 
+STORE_MAKING_S = 600.0  # far longer than MLflow's migrations take: an older store made aside was left by a kill
+
+
 def _make_store_whole(store: Path) -> None:
     """A new sqlite store made aside (MLflow's migrations take seconds) and linked into place once whole: a SIGTERM
     while they ran left a half-migrated store, exit 143. Another process that made it first keeps its store."""
+    from cmce.storage import clean_stale_temps
+
+    clean_stale_temps(store, max_age_s=STORE_MAKING_S)  # a killed maker's (SIGKILL runs no cleanup)
     tmp = store.with_name(f".{store.name}.{secrets.token_hex(4)}.tmp")
     try:
         _client(f"sqlite:///{tmp}", create=True).search_experiments(max_results=1)  # the tables, all migrations

@@ -14,6 +14,7 @@ import logging
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ HEAD_TIMEOUT_S = 10.0
 # after the head deadline a body must keep arriving at this mean rate (as Apache's mod_reqtimeout MinRate): a body
 # trickled a byte every few seconds met a per-chunk deadline and held its connection for ever
 MIN_BODY_BYTES_PER_S = 500
+DIGITS_LIMIT = 4300  # Python's default limit on the digits of an integer read from text
 RESERVED_FDS = 64  # file descriptors kept for the server itself: index and model files, logs, the registry
 MAX_BACKLOG = 2048  # uvicorn's default
 
@@ -361,6 +363,10 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
           watch: bool = True) -> None:
     """Load, bind, `say` where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
     (and a query-model alias) for a new version; a reloaded index is checked against --dataset as the first."""
+    if not 0 < sys.get_int_max_str_digits() <= DIGITS_LIMIT:  # PYTHONINTMAXSTRDIGITS=0: no limit
+        # a 3-million-digit number in a request body was converted for 175 s inside the event loop: every client
+        # of the server waited; Python's own default is kept whatever the environment says
+        sys.set_int_max_str_digits(DIGITS_LIMIT)
     check = None if opts.dataset is None else dataset_check(opts.dataset)
     holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model), check)
     classes = None if opts.dataset is None else class_names(opts.dataset)
