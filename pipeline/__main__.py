@@ -95,9 +95,16 @@ def pipeline_function(name: str, parallelism: int = 0):
 def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
     from kfp import compiler
 
-    tmp = out.with_name(f".{out.stem}.tmp.yaml")
-    compiler.Compiler().compile(pipeline_function(name), str(tmp))
-    os.replace(tmp, out)
+    # a unique temporary name (kfp wants it to end in .yaml): a fixed one was opened through a link planted there
+    # (a file outside --out-dir written over) and raced by a second compile into the same folder
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.yaml", dir=out.parent)
+    os.close(fd)
+    try:
+        compiler.Compiler().compile(pipeline_function(name), tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600: the compiled spec is read by others (CI, a cluster's uploader)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return out
 
 
@@ -426,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             submit(args)
     except (ValueError, OSError) as err:  # a bad params file, override or folder: one line, as cmce's steps
-        log.error("python -m pipeline %s: %s", args.command, err)
+        from cmce.s3 import redact
+
+        log.error("python -m pipeline %s: %s", args.command, redact(str(err)))  # `--host https://user:pw@…`
         return 2
     finally:
         for signum, handler in handlers.items():

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -409,3 +410,14 @@ def test_a_placeholder_takes_the_value_the_commands_own_set_gives(tmp_path, monk
     assert overrides_of(command) == ["query_model.width=4", "query_model.name=q2"]
     cfg = load_config(SMOKE, parse_overrides(overrides_of(command)))
     assert resolve(command, cfg, None)[-1] == "q_w4_q2.pt"
+
+
+def test_the_stage_entry_point_runs_without_docstrings():
+    """PYTHONOPTIMIZE=2 strips docstrings: `python -m cmce.dvc_stage --help` was an AttributeError traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONOPTIMIZE": "2", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    res = subprocess.run([sys.executable, "-m", "cmce.dvc_stage", "--help"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "usage: python -m cmce.dvc_stage" in res.stdout, res.stderr

@@ -36,6 +36,21 @@ def test_committed_yaml_equals_a_fresh_compile(tmp_path, monkeypatch):
     assert "nvidia.com/gpu" in spec  # training tasks ask for a GPU
 
 
+def test_compile_writes_through_no_link_planted_at_a_temporary_name(tmp_path, monkeypatch):
+    """compile wrote to the fixed name `.cmce_pipeline.tmp.yaml`: a link planted there had a file outside --out-dir
+    written over, and two compiles into one folder raced for it (No such file or directory)."""
+    for var in ("CMCE_CPU_IMAGE", "CMCE_CUDA_IMAGE", "CMCE_GPU", "CMCE_K8S_SECRET"):
+        monkeypatch.delenv(var, raising=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".cmce_pipeline.tmp.yaml").symlink_to(victim)
+    compiled = compile_pipeline(out / "cmce_pipeline.yaml", "cmce")
+    assert victim.read_text() == "precious" and compiled.read_text() == COMPILED.read_text()
+    assert sorted(p.name for p in out.iterdir()) == [".cmce_pipeline.tmp.yaml", "cmce_pipeline.yaml"]
+
+
 def test_every_task_that_runs_a_model_gets_a_gpu_and_the_cuda_image():
     """On a cluster these pods get a GPU, which each step then uses by itself (tests/test_device.py); the rest
     run the CPU image without one."""
@@ -335,6 +350,9 @@ def test_submit_to_a_dead_or_foreign_host_is_one_line_naming_it(tmp_path, caplog
                 assert main(["submit", "--host", host]) == 2
             errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
             assert len(errors) == 1 and f"--host {host}: {reason}" in errors[0], caplog.text
+        caplog.clear()  # a password in the URL is not printed (it was, twice)
+        assert main(["submit", "--host", dead.replace("http://", "http://alice:s3cr3tpw@")]) == 2
+        assert "s3cr3tpw" not in caplog.text and "http://***@127.0.0.1" in caplog.text
     finally:
         server.shutdown()
         server.server_close()

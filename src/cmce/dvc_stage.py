@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from cmce.errors import set_up_command
 
     set_up_command()
-    p = OneLineParser(prog="python -m cmce.dvc_stage", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m cmce.dvc_stage", description="the cmd of a DVC stage that names models "
+                      "(see the module's docstring)")  # not __doc__: None under PYTHONOPTIMIZE=2
     p.add_argument("--make-dir", default=None, metavar="DIR", help="the stage's output folder, which a step may "
                    "leave empty: made (removed again if the command fails); an earlier KD student at --out is "
                    "removed once the command has run with kd.enabled false")
