@@ -131,6 +131,13 @@ def test_refusals_name_the_field(world):
             query_model_sha256="0" * 64)
     refused(server, 422, "query_model_sha256", "64 hex digits", images=[b64(png(0))], query_model_sha256="abc")
     assert server.search(images=[b64(png(0))], query_model_sha256=sha).status_code == 200
+    # a key given twice: the last won silently (a wrong pin, then the right one: 200)
+    for body, key in ((f'{{"embeddings": [{row}], "k": 1, "k": 2, "query_model_sha256": "{sha}"}}', "k"),
+                      (f'{{"embeddings": [{row}], "query_model_sha256": "{"0" * 64}", "query_model_sha256": "{sha}"}}',
+                       "query_model_sha256")):
+        res = requests.post(f"{server.url}/search", data=body, headers={"content-type": "application/json"}, timeout=10)
+        assert res.status_code == 422 and res.json() == {
+            "error": f"{key}: given twice in one JSON object; give it once", "field": key}, res.text
     refused(server, 422, "body", "exactly one of")
     refused(server, 422, "size", "Extra inputs", images=[b64(png(0))], size=3)
     for text, field, needle in (('{"embeddings": [[NaN' + ", 1" * 15 + "]], " + f'"query_model_sha256": "{sha}"}}',

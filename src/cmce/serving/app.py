@@ -10,6 +10,7 @@ body, 404 / 405 for another path or method (field "path" / "method"), 400 for ma
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from typing import Annotated, Any
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -100,6 +102,32 @@ class RequestFraming:
         return await self.app(scope, receive, send)
 
 
+class _Twice(Exception):
+    pass
+
+
+def _refuse_twice(pairs: list[tuple[str, object]]) -> dict:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _Twice(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def _key_given_twice(body: bytes) -> str | None:
+    """A key a JSON object of the body holds twice: the parser keeps the last silently (`"k": 1, "k": 2`, or a
+    wrong query_model_sha256 pin followed by the right one, answered 200). None for a body without one, or one the
+    routes' own parse will refuse."""
+    try:
+        json.loads(body, object_pairs_hook=_refuse_twice)
+    except _Twice as twice:
+        return str(twice.args[0])
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
 class BodyLimit:
     """Refuses a request body over `max_bytes` (413) from its Content-Length, or while it streams in, before
     anything parses it; uvicorn itself bounds only the headers."""
@@ -134,6 +162,9 @@ class BodyLimit:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        if body and (twice := await run_in_threadpool(_key_given_twice, body)) is not None:
+            refusal = _error(422, twice, "given twice in one JSON object; give it once")  # prefixed with the field
+            return await refusal(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
