@@ -192,6 +192,10 @@ def run_local(args: argparse.Namespace) -> Path:
     from kfp import local
 
     root = Path(args.root).resolve()
+    inputs = Path(args.inputs_from).resolve() if getattr(args, "inputs_from", None) else None
+    if inputs is not None and (root == inputs or inputs in root.parents):  # the run's files went among its inputs
+        raise ValueError(f"--root {args.root} is inside --inputs-from {args.inputs_from}: the run would write into "
+                         "the run folder it reads; give a root elsewhere")
     found = next(p for p in (root, *root.parents) if p.exists())
     if not found.is_dir():  # was `[Errno 17] File exists`, naming no flag
         raise ValueError(f"--root {args.root}: {'is a file' if found == root else f'{found} is a file'}, not a folder")

@@ -547,6 +547,21 @@ def test_a_root_that_is_a_file_is_refused_by_name_and_left_alone(tmp_path, caplo
     assert file.read_text() == "notes\n"
 
 
+def test_a_root_inside_the_run_folder_a_lifecycle_run_reads_is_refused(tmp_path, caplog):
+    """`--root w2/kroot` with `--inputs-from w2`: 58 s of work written into the run folder it read."""
+    from pipeline.__main__ import main
+
+    w = _run_folder(tmp_path / "w")
+    before = sorted(p.relative_to(w) for p in w.rglob("*"))
+    caplog.clear()
+    assert main(["run", "--local", "--no-mlflow", "--pipeline", "add-gallery-model", "--inputs-from", str(w),
+                 "--root", str(w / "kroot")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"python -m pipeline run: --root {w / 'kroot'} is inside --inputs-from {w}: the run would "
+                      "write into the run folder it reads; give a root elsewhere"]
+    assert sorted(p.relative_to(w) for p in w.rglob("*")) == before
+
+
 @pytest.mark.parametrize("argv", [
     ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from", "{w}", "--gallery-uri", ""],
     ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from", " "],
