@@ -3306,3 +3306,18 @@ def test_an_output_over_the_tracking_store_is_refused_before_any_run(world, tmp_
     fails(caplog, ["track-start", "--config", SMOKE, "--mlflow-uri", f"sqlite:///{fresh}", "--out", link], link,
           "is a symbolic link")
     assert not fresh.exists()  # no store made, no run opened
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", str(SMOKE), "--dataset", "d", "--model", "query", "--out", "o.pt", "--se", "train.epochs=1"],
+    ["--mlflow-u", "sqlite:///x.db", "track-start", "--config", str(SMOKE)],
+    ["train", "--dataset", "d", "--kd-t", "t.pt", "--out", "o.pt", "--config", str(SMOKE)]])
+def test_an_abbreviated_option_is_refused_not_guessed(argv, capsys):
+    """argparse took `--se` for `--set` and `--conf` for `--config`: the DVC stage entry point, which reads the
+    command for its options, did not see them (a width-4 model named `_w8`, a fresh KD student removed as stale)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "unrecognized arguments: --se" in err or "invalid choice: 'sqlite:///x.db'" in err or (
+        "unrecognized arguments: --kd-t" in err), err

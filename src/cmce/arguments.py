@@ -21,9 +21,12 @@ class OnceAction(argparse._StoreAction):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """A bad argument is one line naming it (exit 2), not the usage text; `--help` still shows the usage."""
+    """A bad argument is one line naming it (exit 2), not the usage text; `--help` still shows the usage.
+    Options are given whole: argparse took `--se` for `--set`, which the DVC stage entry point and any script that
+    reads a command line for its options then did not see (a fresh KD student removed as stale)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # passed on to the subcommands' parsers too
         super().__init__(*args, **kwargs)
         self.register("action", None, OnceAction)
         self.register("action", "store", OnceAction)
