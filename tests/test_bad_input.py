@@ -3321,3 +3321,14 @@ def test_an_abbreviated_option_is_refused_not_guessed(argv, capsys):
     assert exc.value.code == 2 and len(err.splitlines()) == 1, err
     assert "unrecognized arguments: --se" in err or "invalid choice: 'sqlite:///x.db'" in err or (
         "unrecognized arguments: --kd-t" in err), err
+
+
+@pytest.mark.parametrize("flag", ["--transform-dir", "--kd-dir"])
+def test_a_folder_flag_of_evaluate_that_is_no_folder_is_named(world, tmp_path, caplog, flag):
+    """`--kd-dir` missing or a file read as "no students": a report without its KD rows, exit 0; a file as
+    `--transform-dir` was blamed on the gallery ("missing for ['resnet_a', …]")."""
+    args = evaluate_args(world) if flag == "--kd-dir" else evaluate_args(world)[:-2 * len(world.transforms)]
+    out = tmp_path / "eval"
+    missing, a_file = tmp_path / "none", world.transforms[0]
+    fails(caplog, [*args, flag, missing, "--out", out], out, f"{flag} {missing}: no such folder")
+    fails(caplog, [*args, flag, a_file, "--out", out], out, f"{flag} {a_file}: is a file, not a folder")

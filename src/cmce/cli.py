@@ -239,6 +239,18 @@ def _in(uri: str) -> Path:
     return local_input(uri)
 
 
+def _folder_in(uri: str, flag: str) -> Path:
+    """An input folder: one missing, or a file, read as "no files" (evaluate's --kd-dir gave a report without
+    its KD rows, exit 0)."""
+    path = _in(uri)
+    if not path.exists():
+        raise ValueError(f"{flag} {uri}: no such folder")
+    if not path.is_dir():
+        raise ValueError(f"{flag} {uri}: is a file, not a folder" + (" (give it with --kd)" if flag == "--kd-dir"
+                                                                     else " (give it with --transform)"))
+    return path
+
+
 def _index_in(uri: str) -> Path:
     """An index folder, local (an s3:// prefix downloaded by its meta.json alone; cmce.index.index_folder)."""
     from cmce.index import index_folder
@@ -422,9 +434,10 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
     from cmce.evaluate import EVAL_FILES, EvalInputs
     from cmce.report import markdown_table
 
-    transforms = [_model(t) for t in args.transform] + sorted(_in(args.transform_dir).glob("*.pt")
-                                                                if args.transform_dir else [])
-    students = [_model(s) for s in args.kd] + sorted(_in(args.kd_dir).rglob("*.pt") if args.kd_dir else [])
+    transforms = [_model(t) for t in args.transform] + sorted(_folder_in(args.transform_dir, "--transform-dir").glob(
+        "*.pt") if args.transform_dir else [])
+    students = [_model(s) for s in args.kd] + sorted(_folder_in(args.kd_dir, "--kd-dir").rglob("*.pt")
+                                                     if args.kd_dir else [])
     inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students,
                         args.index)
     out = _out(args, args.out, is_dir=True, last="metrics.json", own=EVAL_FILES)
