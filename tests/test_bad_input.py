@@ -3332,3 +3332,17 @@ def test_a_folder_flag_of_evaluate_that_is_no_folder_is_named(world, tmp_path, c
     missing, a_file = tmp_path / "none", world.transforms[0]
     fails(caplog, [*args, flag, missing, "--out", out], out, f"{flag} {missing}: no such folder")
     fails(caplog, [*args, flag, a_file, "--out", out], out, f"{flag} {a_file}: is a file, not a folder")
+
+
+def test_a_foreign_file_or_a_folder_at_the_resume_path_is_refused_before_training(world, tmp_path, caplog):
+    """A dataset copied to `o/r1.pt.resume`: read as an unreadable resume state, replaced and deleted at the end of
+    the training (exit 0); a folder there failed after an epoch with a raw `[Errno 21] Is a directory`."""
+    train = ["train", "--config", SMOKE, *TINY, "--set", "train.epochs=2", "--dataset", world.dataset, "--model",
+             "query"]
+    foreign = Path(shutil.copy(world.dataset, tmp_path / "r1.pt.resume"))
+    fails(caplog, [*train, "--out", tmp_path / "r1.pt"], tmp_path / "r1.pt",
+          f"{foreign}: the resume file of --out holds a parquet file, not a saved training state")
+    assert foreign.read_bytes() == world.dataset.read_bytes()
+    (tmp_path / "r3.pt.resume").mkdir()
+    fails(caplog, [*train, "--out", tmp_path / "r3.pt"], tmp_path / "r3.pt",
+          f"{tmp_path / 'r3.pt.resume'}: the resume file of --out is a folder")

@@ -214,7 +214,23 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             if _clashes(out, other) or _clashes(other, out):
                 raise ValueError(f"{flag(out_name)} {out} and {flag(other_name)} {other} would write over each "
                                  "other; give outputs apart")
+    for out_name, out in written:
+        if out_name == RESUME_FILE:
+            _check_resume_file(Path(out))
     return [inp for _, inp in named(inputs)]
+
+
+def _check_resume_file(path: Path) -> None:
+    """What lies at `<out>.resume` must be a resume state (a torch file) or nothing: a dataset there was read as an
+    unreadable state, replaced by the training's and deleted at its end (exit 0); a folder failed after an epoch."""
+    from cmce.storage import file_format
+
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"{path}: the resume file of --out is {'a link' if path.is_symlink() else 'a folder'}; "
+                         "move it, or give another --out")
+    if path.exists() and (kind := file_format(path)) != "checkpoint":
+        raise ValueError(f"{path}: the resume file of --out holds {f'a {kind} file' if kind else 'a foreign file'}, "
+                         "not a saved training state; move it, or give another --out")
 
 
 def _tracking_stores(args: argparse.Namespace) -> list[tuple[str, str]]:
