@@ -317,6 +317,9 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
             if m.get("kind") not in ("gallery", "gallery_member"):
                 raise TableError(f"{p}: not a gallery or per-model embedding file (kind={m.get('kind')!r})")
             i, k = (int(x) for x in m.get("shard", "0/1").split("/"))
+            if "shard" not in m and len(shard_paths) > 1:  # "shard 0/1 given twice" beside a shard 0/K
+                raise TableError(f"{p}: a whole file, not a shard (embed-member --shard writes shards); merge only "
+                                 "the shards of one file")
             if i in by_index:
                 raise TableError(f"{p}: shard {i}/{k} given twice (also {by_index[i]})")
             by_index[i] = p
