@@ -110,12 +110,28 @@ def test_imagefolder_reads_subfolders_and_names_a_half_official_split(tmp_path):
     raw = import_imagefolder(tmp_path)
     assert raw.ids == [f"{c}/{f}" for c in ("cat", "dog") for f in ("0.png", "more/1.png", "more/deeper/2.png")]
     assert list(raw.labels) == [0, 0, 0, 1, 1, 1]
-    # a linked subfolder is read like a real one (a loop once), and refused when it leads outside the root
+    # a linked subfolder is read like a real one (a loop once); refused when it leads out of its class folder (its
+    # images were read again under this class: `c0/up -> ..` stored every class's images as c0 too) or the root
     (tmp_path / "dog" / "more" / "again").symlink_to(tmp_path / "dog" / "more")
     (tmp_path / "cat" / "alias").symlink_to(tmp_path / "dog" / "more" / "deeper")
+    with pytest.raises(DataError, match=r"cat/alias: a link out of its class folder cat \(to .*dog/more/deeper\)"):
+        import_imagefolder(tmp_path)
+    (tmp_path / "cat" / "alias").unlink()
+    (tmp_path / "cat" / "up").symlink_to("..")
+    with pytest.raises(DataError, match=r"cat/up: a link out of its class folder cat"):
+        import_imagefolder(tmp_path)
+    (tmp_path / "cat" / "up").unlink()
+    (tmp_path / "all").symlink_to(".")
+    with pytest.raises(DataError, match=r"all: a link to the ImageFolder root or a folder above it"):
+        import_imagefolder(tmp_path)
+    (tmp_path / "all").unlink()
+    (tmp_path / "kitten").symlink_to(tmp_path / "cat" / "more")
+    with pytest.raises(DataError, match=r"kitten: a link into the class folder cat"):
+        import_imagefolder(tmp_path)
+    (tmp_path / "kitten").unlink()
     raw = import_imagefolder(tmp_path)
-    assert raw.ids == ["cat/0.png", "cat/alias/2.png", "cat/more/1.png", "cat/more/deeper/2.png", "dog/0.png",
-                       "dog/more/1.png", "dog/more/deeper/2.png"]
+    assert raw.ids == ["cat/0.png", "cat/more/1.png", "cat/more/deeper/2.png", "dog/0.png", "dog/more/1.png",
+                       "dog/more/deeper/2.png"]
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
     outside.mkdir()
     (outside / "9.png").write_bytes(_png("L"))

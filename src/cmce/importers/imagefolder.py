@@ -36,12 +36,17 @@ def _utf8(path: Path, root: Path) -> Path:
 
 def _files_under(folder: Path, real_root: Path) -> list[Path]:
     """Every file in `folder` and its subfolders, in a fixed order. Linked subfolders are followed like real
-    ones, and refused like a linked class folder when they lead outside the root; a folder reached twice (a
-    link loop, or two links to one folder) is read once."""
+    ones, and refused like a linked class folder when they lead outside the root, or out of their class folder
+    (`c0/up -> ..` read every other class's images again as class c0); a folder reached twice (two links to one
+    folder) is read once."""
     found, seen = [], set()
+    real_class = folder.resolve()
     for here, dirs, files in os.walk(folder, followlinks=True):
         real = Path(here).resolve()
         inside_root(Path(here), real_root)
+        if real != real_class and real_class not in real.parents:
+            raise DataError(f"{here}: a link out of its class folder {folder.name} (to {real}): its images would be "
+                            "read again under this class; remove the link")
         if real in seen:
             dirs[:] = []
             continue
@@ -106,6 +111,16 @@ def import_imagefolder(path: str | Path) -> RawImages:
         raise DataError(f"{root}: class folders {', '.join(ascii(t) for t in twins)} differ only in Unicode "
                         "normalisation (accents composed or decomposed) or in spaces at their ends: one class under "
                         "two names? merge or rename them")
+    for _, base in parts:  # `c3 -> .`, `c3 -> c0/sub`: one folder's images under two classes
+        reals = {c: (base / c).resolve() for c in classes if (base / c).is_dir()}
+        for c, real in reals.items():
+            if real == real_root or real in real_root.parents:
+                raise DataError(f"{base / c}: a link to the ImageFolder root or a folder above it: every image "
+                                "would be read again as this class; remove the link")
+            other = next((o for o, r in reals.items() if o != c and (r == real or r in real.parents)), None)
+            if other is not None:
+                raise DataError(f"{base / c}: a link into the class folder {other}: its images would be read under "
+                                "two classes; remove the link")
     index = {c: i for i, c in enumerate(classes)}
     ids, labels, images, split, skipped = [], [], [], [], []
     for part, base in parts:
