@@ -1572,7 +1572,7 @@ def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM,
                                     signal.SIGXCPU, signal.SIGQUIT, signal.SIGSTKFLT, signal.SIGRTMIN + 2,
-                                    signal.SIGIO])
+                                    signal.SIGIO, signal.SIGABRT])
 def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, caplog, monkeypatch, signum):
     """SIGTERM (a kill, a pod stopped) left the half-written temporary file in place: only Ctrl-C cleaned up.
     SIGALRM and SIGXCPU (a batch system's CPU-time limit), SIGSTKFLT and the real-time signals ended the process

@@ -642,7 +642,8 @@ def test_a_download_the_poll_waits_on_is_shown_while_it_lasts(world, tmp_path):
     assert holder.in_progress is None  # the poll thread has ended
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGRTMIN + 2, signal.SIGIO])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGRTMIN + 2, signal.SIGIO,
+                                    signal.SIGABRT])
 def test_sigterm_stops_the_server_cleanly_and_removes_its_downloads(tmp_path, signum):
     """uvicorn re-raised SIGTERM after its graceful shutdown: the process died with the model it had downloaded
     from the registry left in its scratch folder, and exit status 143. SIGALRM and SIGXCPU (a CPU-time limit),
@@ -1234,6 +1235,31 @@ def test_a_request_body_trickled_under_the_deadline_is_timed_out_by_its_rate(in_
         reply = reply or trickle.recv(65536)
         assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3, reply
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["field"] == "body"
+
+
+def test_a_client_that_never_reads_its_answers_is_closed_after_the_deadline(in_process_server, world):
+    """22 clients pipelining searches with large answers and never reading them held the connection cap for as long
+    as they liked: other clients got 503 for 110 s, and the server's memory grew."""
+    server, url = in_process_server(head_timeout_s=1.0)
+    host, port = url.removeprefix("http://").split(":")
+    _, model, _, _ = world
+    body = json.dumps({"embeddings": [[0.5 + i / 100] * 16 for i in range(64)], "k": 100,
+                       "query_model_sha256": file_sha256(model)}).encode()
+    request = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+               % len(body)) + body  # answered with ~0.5 MB: far more than the socket buffers hold
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((host, int(port)))
+        stalled.settimeout(10)  # a server that stops reading this socket blocks sendall: TimeoutError
+        started, cut = time.monotonic(), None
+        try:
+            while time.monotonic() - started < 20:  # answers pile up far past what socket buffers hold
+                stalled.sendall(request)
+        except OSError as err:
+            cut = err
+        assert isinstance(cut, ConnectionResetError | BrokenPipeError), cut  # closed by the server
+        assert time.monotonic() - started < 10
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
 
 
 def test_a_trailing_slash_is_not_redirected_to_the_host_the_request_names(world):

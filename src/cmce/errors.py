@@ -89,14 +89,15 @@ def forget_signals() -> None:
 
 def unclaimed_ending_signals() -> list[int]:
     """The other signals whose default action ends the process (SIGALRM, a CPU-time limit's SIGXCPU, the
-    profiling timers, SIGPWR, SIGSTKFLT, SIGIO, SIGSYS, SIGTRAP sent by `kill`, the real-time signals), where
+    profiling timers, SIGPWR, SIGSTKFLT, SIGIO, SIGSYS, SIGTRAP, SIGABRT sent by `kill`, the real-time signals), where
     nobody but cmce handles them: a caller's own handler (a SIGALRM watchdog around a command) is kept. SIGXFSZ
     Python ignores already: the write then fails with EFBIG, reported as such. Faults (SIGSEGV, SIGBUS, …) are
     not taken: a Python handler cannot resume after them."""
     import signal
 
     names = ("SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGQUIT", "SIGSTKFLT", "SIGIO", "SIGSYS",
-             "SIGTRAP")  # SIGQUIT: Ctrl-backslash; SIGIO is SIGPOLL
+             "SIGTRAP", "SIGABRT")  # SIGQUIT: Ctrl-backslash; SIGIO is SIGPOLL; SIGABRT as a watchdog's kill sends it
+    # (an abort() in C code still ends the process: abort() raises SIGABRT again once a handler returns)
     found = [getattr(signal, name) for name in names if hasattr(signal, name)]
     if hasattr(signal, "SIGRTMIN"):  # the real-time signals end a process by default too (`kill -s RTMIN+2`)
         found += range(signal.SIGRTMIN, signal.SIGRTMAX + 1)

@@ -248,6 +248,28 @@ class JsonErrorsH11(H11Protocol):
                               f"body: it stopped for {self.head_timeout_s:g} s (--head-timeout) or came slower than "
                               f"{MIN_BODY_BYTES_PER_S} bytes/s after that")
 
+    _write_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        """A client that sends requests and never reads the answers (pipelined, a small receive window) held its
+        connection for as long, and 22 of them the whole cap (other clients got 503 for 110 s): an answer that
+        cannot be written for `head_timeout_s` closes the connection."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.head_timeout_s, self._write_overdue)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _write_overdue(self) -> None:
+        self._write_timer = None
+        if not self.transport.is_closing():
+            log.debug("closed a connection that read none of its answer for %g s", self.head_timeout_s)
+            self.transport.abort()  # its unread answers are dropped with it
+
     def shutdown(self) -> None:
         """A graceful stop: a body still arriving is the stop's to cut (503 after the grace period), not the body
         deadline's."""
@@ -257,7 +279,7 @@ class JsonErrorsH11(H11Protocol):
         super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._head_timer, self._body_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
         if not self._refused:
