@@ -396,6 +396,10 @@ def test_an_earlier_student_is_removed_only_once_a_kd_disabled_command_has_run(s
     shutil.copy(lay.dataset, student)  # not a model: left as it is
     assert stage(["--make-dir", str(folder), *command]) == 0
     assert student.read_bytes() == lay.dataset.read_bytes()
+    for model in (lay.model("query"), lay.model("resnet_a")):  # a model, but no student: left (it was removed)
+        shutil.copy(model, student)
+        assert stage(["--make-dir", str(folder), *command]) == 0
+        assert student.read_bytes() == model.read_bytes()
 
 
 def test_a_placeholder_takes_the_value_the_commands_own_set_gives(tmp_path, monkeypatch):

@@ -117,10 +117,19 @@ def remove_made_dirs(made: list[Path]) -> None:
             return
 
 
+def _role(path: Path) -> str | None:
+    from cmce.checkpoint import CheckpointError, load_embedding_model
+
+    try:
+        return load_embedding_model(path).meta.get("role")
+    except (CheckpointError, OSError, ValueError):
+        return None
+
+
 def remove_stale_student(folder: str, command: list[str], cfg: Config) -> None:
     """After `train --kd-teacher` ran with kd.enabled false (it trains and writes nothing): an earlier run's
     student at its `--out` in the stage's folder must not stay as this run's output. Run after cmce succeeded, so
-    its checks held (the --out is none of its inputs); only a cmce model checkpoint is removed, nothing else."""
+    its checks held (the --out is none of its inputs); only a KD student's checkpoint is removed, nothing else."""
     from cmce.checkpoint import EMBEDDING_FORMAT
     from cmce.storage import checkpoint_kind, file_format
 
@@ -129,7 +138,8 @@ def remove_stale_student(folder: str, command: list[str], cfg: Config) -> None:
     out = next(iter(option_values(command, "--out")), None)
     if out is None or not Path(out).is_file() or Path(out).resolve().parent != Path(folder).resolve():
         return
-    if file_format(Path(out)) == "checkpoint" and checkpoint_kind(Path(out)) == EMBEDDING_FORMAT:
+    if file_format(Path(out)) == "checkpoint" and checkpoint_kind(Path(out)) == EMBEDDING_FORMAT and (
+            _role(Path(out)) == "kd_student"):  # a query or gallery model kept there was removed as a student
         Path(out).unlink()
         log.info("removed %s: a student of an earlier run (kd.enabled is false)", out)
 
