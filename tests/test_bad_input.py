@@ -3346,3 +3346,16 @@ def test_a_foreign_file_or_a_folder_at_the_resume_path_is_refused_before_trainin
     (tmp_path / "r3.pt.resume").mkdir()
     fails(caplog, [*train, "--out", tmp_path / "r3.pt"], tmp_path / "r3.pt",
           f"{tmp_path / 'r3.pt.resume'}: the resume file of --out is a folder")
+
+
+def test_a_default_work_folder_holding_an_input_is_refused_like_a_given_one(world, tmp_path, caplog):
+    """add-gallery-model's `<out>_added/` (made when --work-dir is not given) held the --dataset: it was replaced by
+    a member file, exit 0; the same folder given as --work-dir was refused."""
+    added = tmp_path / "g_added"
+    added.mkdir()
+    dataset = Path(shutil.copy(world.dataset, added / "member_x.parquet"))
+    gallery = Path(shutil.copy(world.gallery, tmp_path / "g.parquet"))
+    fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", dataset, "--gallery", gallery,
+                   "--query-model", world.query, "--gallery-model", world.gallery_models[0], "--out", gallery], gallery,
+          f"the default --work-dir {added} would write over the input --dataset {dataset}")
+    assert dataset.read_bytes() == world.dataset.read_bytes()

@@ -72,6 +72,8 @@ INPUT_ARGS = ("config", "raw", "dataset", "query_model", "gallery_model", "kd_te
               "baseline_query_model", "baseline_gallery", "check_dataset", "check_index")
 MODEL_ARGS = ("query_model", "gallery_model", "kd_teacher", "transform", "kd", "baseline_query_model")  # models:/ too
 MODEL_URIS = "a checkpoint is a path, an s3:// object or models:/NAME@ALIAS (or /VERSION); no other URI"
+# output folders a command makes beside --out when not given: {command: {argument: suffix of --out's stem}}
+DEFAULT_FOLDERS = {"embed-gallery": {"members_dir": "_members"}, "add-gallery-model": {"work_dir": "_added"}}
 OUTPUT_ARGS = ("out", "train_embeddings_out", "members_dir", "index_out", "work_dir", "transforms_out")
 RESUMES = ("train", "fit-transform")  # they keep their state in `<out>.resume` while they train (cmce.resume)
 RESUME_FILE = "resume_file"
@@ -164,6 +166,8 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     def flag(name: str) -> str:
         if name == RESUME_FILE:
             return "--out's resume file"
+        if name.startswith("default_"):
+            return f"the default --{name.removeprefix('default_').replace('_', '-')}"
         return "a shard file" if name == "shard_file" else f"--{name.replace('_', '-')}"
 
     inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
@@ -186,6 +190,9 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
     written = named(outputs)
+    for name in DEFAULT_FOLDERS.get(args.command, {}):  # made beside --out unless given: checked too
+        if not getattr(args, name, None) and getattr(args, "out", None):  # (a dataset in `<out>_added/` was replaced)
+            written.append((f"default_{name}", _default_folder(args, name)))
     if args.command in RESUMES and args.out and not is_remote(args.out) and Path(args.out).name:  # `<out>.resume`
         written.append((RESUME_FILE, str(resume_path(args.out))))
     for out_name, out in written:
@@ -218,6 +225,11 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
         if out_name == RESUME_FILE:
             _check_resume_file(Path(out))
     return [inp for _, inp in named(inputs)]
+
+
+def _default_folder(args: argparse.Namespace, name: str) -> str:
+    """The folder `name` a command makes beside its --out when the flag is not given (DEFAULT_FOLDERS)."""
+    return sibling(args.out, f"{stem(args.out)}{DEFAULT_FOLDERS[args.command][name]}")
 
 
 def _check_resume_file(path: Path) -> None:
@@ -403,7 +415,7 @@ def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
 def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
     inputs = stages.EnsembleInputs(_in(args.dataset), _model(args.query_model), [_model(g) for g in args.gallery_model],
                                    [_model(t) for t in args.transform], args.batch_size, _shard(args), args.workers)
-    members_dir = args.members_dir or sibling(args.out, f"{stem(args.out)}_members")
+    members_dir = args.members_dir or _default_folder(args, "members_dir")
     outputs = stages.EnsembleOutputs(_parquet_out(args, args.out, GALLERY), _out(args, members_dir, is_dir=True))
     return stages.embed_gallery(inputs, outputs)
 
@@ -551,7 +563,7 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
                                    _model(args.gallery_model))
     outputs = stages.AddModelOutputs(
         _parquet_out(args, args.out, GALLERY),
-        _out(args, args.work_dir or sibling(args.out, f"{stem(args.out)}_added"), is_dir=True),
+        _out(args, args.work_dir or _default_folder(args, "work_dir"), is_dir=True),
         _index_out(args, args.index_out) if args.index_out else None)
     return stages.add_gallery_model(_config(args), inputs, outputs)
 
