@@ -496,3 +496,12 @@ def test_a_new_gallery_model_named_by_set_must_have_a_model_name(tmp_path):
     with pytest.raises(ConfigError, match=r"gallery_models.new_one: lacks 'arch'"):  # a good name: the usual fault
         load_config(_write(tmp_path, "query_model: {name: q, arch: query_cnn}\ngallery_models: {g: {arch: resnet}}\n"),
                     parse_overrides(["gallery_models.new_one.width=1"]))
+
+
+def test_a_key_set_twice_on_the_command_line_is_refused():
+    """`--set train.epochs=1 --set train.epochs=2` trained 2 epochs without a word (a YAML key twice is refused)."""
+    from cmce.config import ConfigError, parse_overrides
+
+    with pytest.raises(ConfigError, match=r"^--set train.epochs: given twice; give it once$"):
+        parse_overrides(["train.epochs=1", " train.epochs =2"])
+    assert parse_overrides(["train.epochs=1", "train.lr=0.1"]) == {"train.epochs": 1, "train.lr": 0.1}

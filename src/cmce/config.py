@@ -575,6 +575,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not isinstance(pair, str) or "=" not in pair:
             raise ConfigError(f"--set expects KEY=VALUE, got {shown(pair)}")
         key, value = pair.split("=", 1)
+        if key.strip() in out:  # the last silently won, as a YAML key given twice did
+            raise ConfigError(f"--set {key.strip()}: given twice; give it once")
         try:
             out[key.strip()] = read_yaml(value)
         except yaml.YAMLError as err:
