@@ -164,10 +164,12 @@ def _arguments(args: argparse.Namespace) -> dict:
         out["overrides"] = [*out.get("overrides", []), f"data.path={where}"]
     if args.run_name:
         out["run_name"] = args.run_name
-    if args.pipeline == "cmce":
-        for key in ("embed_shards", "embed_workers"):
-            if getattr(args, key) is not None:
-                out[key] = getattr(args, key)
+    for key in ("embed_shards", "embed_workers"):
+        if getattr(args, key) is None:
+            continue
+        if args.pipeline != "cmce":  # the lifecycle pipelines embed one model, unsharded: it was dropped unsaid
+            raise ValueError(f"--{key.replace('_', '-')} applies to the cmce pipeline only, not {args.pipeline}")
+        out[key] = getattr(args, key)
     return out
 
 
@@ -364,6 +366,13 @@ MAX_WORKERS = 64  # as `cmce embed-gallery --workers`: more only waits on their 
 MAX_PARALLELISM = 1024
 
 
+def local_folder(text: str) -> Path:
+    """compile writes its YAML files here: a local folder (`s3://b/p` was shown as `s3:/b/p: no such folder`)."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text}: compile writes to a local folder; copy the files from there")
+    return Path(text)
+
+
 def given(convert=str):
     """An argparse type for a path, URI or URL: a blank value (`--gallery-uri "$URI"` with URI unset) is refused
     (it ran on, the flag silently unset: --inputs-from's gallery used instead)."""
@@ -382,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile every pipeline to YAML (pipeline/*.yaml)")
-    c.add_argument("--out-dir", type=given(Path), default=COMPILED.parent)
+    c.add_argument("--out-dir", type=given(local_folder), default=COMPILED.parent)
     for name, help_ in (("run", "run the pipeline"), ("submit", "submit the compiled pipeline to KFP")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--pipeline", default="cmce", choices=sorted(PACKAGES), help="which pipeline (default cmce)")

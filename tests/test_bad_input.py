@@ -3359,3 +3359,10 @@ def test_a_default_work_folder_holding_an_input_is_refused_like_a_given_one(worl
                    "--query-model", world.query, "--gallery-model", world.gallery_models[0], "--out", gallery], gallery,
           f"the default --work-dir {added} would write over the input --dataset {dataset}")
     assert dataset.read_bytes() == world.dataset.read_bytes()
+
+
+def test_a_blank_parent_run_name_is_refused(capsys):
+    """`track-start --name ''` gave the parent run one of MLflow's random names."""
+    with pytest.raises(SystemExit) as exc:
+        main(["track-start", "--config", str(SMOKE), "--name", " "])
+    assert exc.value.code == 2 and "argument --name: blank; give a name" in capsys.readouterr().err

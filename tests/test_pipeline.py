@@ -607,3 +607,16 @@ def test_a_stopped_local_run_leaves_no_task_and_nothing_in_the_temp_folder(tmp_p
     assert len(errors) == 1 and f"interrupted ({signal.Signals(signum).name})" in errors[0], err[-2000:]
     assert list(tmp.iterdir()) == []
     assert not any(task.is_running() and task.status() != psutil.STATUS_ZOMBIE for task in tasks)
+
+
+def test_flags_a_pipeline_does_not_take_are_refused_not_dropped(tmp_path, capsys):
+    """`--pipeline add-gallery-model --embed-shards 3` ran 102 s, the flag dropped unsaid; `compile --out-dir
+    s3://b/p` said `s3:/b/p: no such folder`."""
+    w = _run_folder(tmp_path / "w")
+    args = build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from", str(w),
+                                      "--embed-shards", "3"])
+    with pytest.raises(ValueError, match=r"^--embed-shards applies to the cmce pipeline only, not add-gallery-model$"):
+        _arguments(args)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compile", "--out-dir", "s3://b/p"])
+    assert "argument --out-dir: s3://b/p: compile writes to a local folder" in capsys.readouterr().err

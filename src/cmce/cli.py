@@ -514,6 +514,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _run_name(text: str) -> str:
+    """A blank name gave the run one of MLflow's random names (`intrigued-croc-993`)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("blank; give a name or leave the flag out")
+    return text
+
+
 def _head_timeout(text: str) -> float:
     value = float(text)
     if not 0.1 <= value <= 600:  # nan fails too
@@ -816,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("track-start", cmd_track_start, "open the parent MLflow run of a pipeline run; prints its id")
     sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")
-    sp.add_argument("--name", default="cmce")
+    sp.add_argument("--name", default="cmce", type=_run_name, help="the parent run's name (default cmce)")
     sp.add_argument("--out", default=None, help="also write {uri, run_id} as JSON to this file")
     # SUPPRESS: a subcommand's default would replace the same flag given before the subcommand
     sp.add_argument("--mlflow-uri", default=argparse.SUPPRESS,
