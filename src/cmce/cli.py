@@ -782,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="open connections at once; more are answered 503 and closed (default and most: what the "
                          "process's file limit allows)")
     sp.add_argument("--head-timeout", type=_head_timeout, default=10.0, metavar="SECONDS",
-                    help="for a connection to send a whole request head, else it is closed (default 10)")
+                    help="for a connection to send a whole request head (and to read an answer), else it is closed "
+                         "(default 10)")
 
     sp = add("add-gallery-model", cmd_add_gallery_model,
              "add a trained gallery model to a live ensemble (only that model embeds the gallery)")
