@@ -396,7 +396,7 @@ def test_a_classifier_the_labels_and_embedding_dim_make_too_large_is_refused_bef
     table = pq.read_table(world.dataset)
     labels = table.column("label").to_numpy().copy()
     labels[table.column("split").to_pylist().index("train")] = (1 << 20) - 1  # the largest label a dataset may hold
-    ds = rewrite(world.dataset, tmp_path / "many_classes.parquet", label=pa.array(labels, pa.int32()))
+    ds = without_classes(rewrite(world.dataset, tmp_path / "many_classes.parquet", label=pa.array(labels, pa.int32())))
     monkeypatch.setattr("cmce.train.EmbeddingNet", None)  # building one would fail the test with a TypeError
     out = previous_file(tmp_path / "query.pt")
     fails(caplog, ["train", "--config", SMOKE, "--set", "query_model.embedding_dim=512", "--dataset", ds,
@@ -1539,7 +1539,7 @@ def test_a_label_beyond_the_class_limit_is_refused_before_training(world, tmp_pa
     table = pq.read_table(world.dataset)
     labels = table.column("label").to_numpy().copy()
     labels[0] = 2**31 - 1  # one classifier row per label up to the largest: 2^31 × dim floats
-    dataset = rewrite(world.dataset, tmp_path / "dataset.parquet", label=pa.array(labels, pa.int32()))
+    dataset = without_classes(rewrite(world.dataset, tmp_path / "dataset.parquet", label=pa.array(labels, pa.int32())))
     out = tmp_path / "q.pt"
     fails(caplog, ["train", "--config", SMOKE, "--model", "query", "--dataset", dataset, "--out", out], out,
           f"{dataset}: column 'label' has the value 2147483647; labels are class numbers 0..{MAX_CLASSES - 1}")
@@ -3366,3 +3366,69 @@ def test_a_blank_parent_run_name_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["track-start", "--config", str(SMOKE), "--name", " "])
     assert exc.value.code == 2 and "argument --name: blank; give a name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit", ["label_times_10", "one_train_label_10", "classes_reversed"])
+def test_labels_or_class_names_that_disagree_with_the_metadata_classes_are_refused(world, tmp_path, caplog, edit):
+    """Labels past the metadata's class list, or a reordered list, trained a classifier of 91 rows (exit 0)."""
+    table = pq.read_table(world.dataset)
+    labels = table.column("label").to_numpy().copy()
+    meta = json.loads(table.schema.metadata[b"cmce"])
+    if edit == "classes_reversed":
+        meta["classes"] = meta["classes"][::-1]
+        row = 0
+        needle = (f"row 0 (label {labels[0]}) has class_name {meta['classes'][-1 - labels[0]]!r}; the metadata's "
+                  f"classes list says {meta['classes'][labels[0]]!r}")
+    else:
+        if edit == "label_times_10":
+            labels = labels * 10
+        else:
+            labels[table.column("split").to_pylist().index("train")] = 10
+        row = int(np.flatnonzero(labels >= 10)[0])
+        needle = f"row {row} has label {labels[row]}; the metadata lists 10 classes, labels are 0..9"
+    ds = tmp_path / "edited.parquet"
+    edited = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+    pq.write_table(edited.replace_schema_metadata({**table.schema.metadata, b"cmce": json.dumps(meta)}), ds)
+    out = previous_file(tmp_path / "query.pt")
+    fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
+          f"{ds}: {needle}")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("label_minus_7", "labels[3] is -7; digits labels are 0..9"),
+    ("truncated", "cannot read the digits arrays: "),
+    ("dev_zero", "cannot read the digits arrays: not a regular file"),
+    ("float_pixels", "'images' has dtype float64, values 0.0..255000000.0; expected uint8 pixels 0..255"),
+])
+def test_a_damaged_fetched_digits_copy_is_refused_by_prepare_data(tmp_path, caplog, damage, message):
+    """A label outside 0..9 dropped its image (exit 0); a cut archive, /dev/zero and float pixels gave a
+    traceback, a word about pickled data or a PIL error."""
+    raw = tmp_path / "raw"
+    assert main(["fetch-data", "--config", str(SMOKE), "--out", str(raw)]) == 0
+    npz = raw / "digits.npz"
+    with np.load(npz) as f:
+        images, labels = f["images"], f["labels"].copy()
+    npz.unlink()
+    if damage == "truncated":
+        np.savez(npz, images=images, labels=labels)
+        npz.write_bytes(npz.read_bytes()[:50000])
+    elif damage == "dev_zero":
+        os.symlink("/dev/zero", npz)
+    else:
+        if damage == "label_minus_7":
+            labels[3] = -7
+        else:
+            images = images.astype(np.float64) * 1e6
+        np.savez(npz, images=images, labels=labels)
+    out = tmp_path / "d.parquet"
+    fails(caplog, ["prepare-data", "--config", SMOKE, "--raw", raw, "--out", out], out, f"{npz}: {message}")
+
+
+def without_classes(path: Path) -> Path:
+    """The dataset with no classes list in its metadata (a file written by hand): its labels are checked against
+    the class limit alone, not against a list."""
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"cmce"])
+    meta.pop("classes")
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": json.dumps(meta)}), path)
+    return path

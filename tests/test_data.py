@@ -14,7 +14,7 @@ import cmce.data.codec as codec_module
 from cmce.config import DataConfig
 from cmce.data.codec import decode_image, decode_png_fast, encode_png, to_png
 from cmce.data.prepare import carve_validation, prepare_dataset
-from cmce.data.readers import dataset_info, iter_split_batches, load_split
+from cmce.data.readers import dataset_info, iter_split_batches, load_split, open_dataset
 from cmce.data.schema import DATASET_SCHEMA, DataError
 from cmce.importers.fashion_mnist import import_fashion_mnist
 from cmce.importers.imagefolder import import_imagefolder
@@ -556,3 +556,46 @@ def test_an_eps_image_is_refused_without_running_ghostscript(tmp_path, monkeypat
             decode(buf.getvalue())
     assert not marker.exists()
     assert "IPTC" not in codec_module._in_process_formats()  # it opens what it holds with every plugin, EPS too
+
+
+def test_prepare_refuses_an_image_whose_label_is_outside_the_source_classes(tmp_path, monkeypatch):
+    """assign_splits walks labels 0..n-1: an importer's image of another label was silently left out."""
+    from cmce.data import prepare as prepare_module
+    from cmce.data.schema import RawImages
+    from cmce.data.sources import Source
+
+    img = encode_png(np.zeros((8, 8), np.uint8))
+    labels = np.array([0, 1, 0, 1, 0, 1, 2, 0], np.int64)
+    raw = RawImages([f"x{i}" for i in range(8)], labels, ["a", "b"], [img] * 8)
+    monkeypatch.setattr(prepare_module, "get_source", lambda name: Source(lambda cfg, raw_dir: raw))
+    out = tmp_path / "d.parquet"
+    with pytest.raises(DataError, match=r"^data\.source=digits \(id x6\): label 2 is not one of the 2 classes "
+                                        r"\(0\.\.1\)$"):
+        prepare_dataset(DataConfig(source="digits", image_size=8), out)
+    assert not out.exists()
+
+
+def _labelled_dataset(path, labels, names, classes):
+    table = pa.table({"id": [f"i{k}" for k in range(len(labels))], "label": pa.array(labels, pa.int32()),
+                      "class_name": names, "split": ["train"] * 2 + ["test"] * (len(labels) - 2),
+                      "image": [encode_png(np.zeros((4, 4), np.uint8))] * len(labels)}, schema=DATASET_SCHEMA)
+    pq.write_table(table.replace_schema_metadata({"cmce": json.dumps({"classes": classes})}), path)
+    return path
+
+
+def test_a_dataset_whose_labels_or_class_names_disagree_with_its_classes_list_is_refused(tmp_path):
+    classes = ["zero", "one", "two", "three"]
+    # class-disjoint splits: test labels 2, 3 appear in no train row, and are within the list: accepted
+    ok = _labelled_dataset(tmp_path / "ok.parquet", [0, 1, 2, 3], classes, classes)
+    open_dataset(ok)
+    past = _labelled_dataset(tmp_path / "past.parquet", [0, 1, 2, 4], [*classes[:3], "four"], classes)
+    with pytest.raises(DataError, match=rf"^{past}: row 3 has label 4; the metadata lists 4 classes, labels are "
+                                        r"0\.\.3$"):
+        open_dataset(past)
+    swapped = _labelled_dataset(tmp_path / "swapped.parquet", [0, 1, 2, 3], classes, classes[::-1])
+    with pytest.raises(DataError, match=rf"^{swapped}: row 0 \(label 0\) has class_name 'zero'; the metadata's "
+                                        "classes list says 'three'$"):
+        open_dataset(swapped)
+    bare = tmp_path / "bare.parquet"  # no classes list (a file written by hand): nothing to compare with
+    pq.write_table(pq.read_table(past).replace_schema_metadata(None), bare)
+    open_dataset(bare)

@@ -30,6 +30,12 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     and write the dataset Parquet atomically; `check_counts` sees the split sizes first and may refuse them."""
     with pixel_limit(cfg.max_image_pixels):
         raw = get_source(cfg.source).load(cfg, Path(raw_dir) if raw_dir is not None else None)
+    outside = np.flatnonzero((raw.labels < 0) | (raw.labels >= len(raw.classes)))
+    if len(outside):  # assign_splits walks labels 0..n-1 only: such an image would vanish without a word
+        i = int(outside[0])
+        where = raw_dir or cfg.path or f"data.source={cfg.source}"
+        raise DataError(f"{where} (id {raw.ids[i]}): label {int(raw.labels[i])} is "
+                        f"not one of the {len(raw.classes)} classes (0..{len(raw.classes) - 1})")
     split = assign_splits(raw, cfg, seed)
     keep = np.flatnonzero(split != "")
     for part in ("train", "test"):

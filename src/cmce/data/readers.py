@@ -101,6 +101,36 @@ def check_class_names(pf: pq.ParquetFile, path: str | Path) -> None:
         names = pc.unique(pc.filter(table.column("class_name"), pc.equal(table.column("label"), label))).to_pylist()
         raise DataError(f"{path}: label {label} has several class names ({', '.join(map(repr, names[:3]))}): one "
                         "label, one class name")
+    check_metadata_classes(pf, path, table)
+
+
+def check_metadata_classes(pf: pq.ParquetFile, path: str | Path, table: pa.Table) -> None:
+    """Labels index the metadata's class list (over all splits: disjoint test classes are not in train), and
+    each row's class_name is its label's entry: a label past the list or a reordered list trained and served
+    without a word, the server naming hits after the wrong class."""
+    meta = (pf.schema_arrow.metadata or {}).get(b"cmce")
+    try:
+        classes = json.loads(meta).get("classes") if meta else None
+    except (ValueError, AttributeError):
+        return  # not this check's business: dataset_info's readers report unreadable metadata
+    if not isinstance(classes, list) or table.column("label").null_count:
+        return
+    labels = table.column("label").to_numpy()
+    if len(labels) and labels.min() < 0:  # split_rows' words, as without a classes list
+        raise DataError(f"{path}: column 'label' has a negative value {int(labels.min())}")
+    outside = np.flatnonzero(labels >= len(classes))
+    if len(outside):
+        row = int(outside[0])
+        raise DataError(f"{path}: row {row} has label {int(labels[row])}; the metadata lists {len(classes)} classes, "
+                        f"labels are 0..{len(classes) - 1}")
+    expected = pa.array([str(c) for c in classes], pa.string()).take(pa.array(labels))
+    differ = np.flatnonzero(pc.not_equal(table.column("class_name").cast(pa.string()), expected)
+                            .fill_null(True).to_numpy(zero_copy_only=False))
+    if len(differ):
+        row = int(differ[0])
+        raise DataError(f"{path}: row {row} (label {int(labels[row])}) has class_name "
+                        f"{table.column('class_name')[row].as_py()!r}; the metadata's classes list says "
+                        f"{str(classes[labels[row]])!r}")
 
 
 @dataclass

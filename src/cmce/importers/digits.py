@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from cmce.data.codec import encode_png
 from cmce.data.schema import DataError, RawImages
-from cmce.storage import atomic_path
+from cmce.storage import atomic_path, open_regular
+
+DIGIT_CLASSES = [str(c) for c in range(10)]
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -18,19 +21,42 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8), d.target.astype(np.int64)
 
 
+def read_digits_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a fetched digits.npz, checked: a damaged or edited copy fails here, naming the file,
+    not later as a PIL error or a silently dropped image."""
+    try:
+        with open_regular(path) as raw:  # a device or pipe never reaches np.load
+            f = np.load(raw, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy file: one bare array
+                raise DataError(f"{path}: not a .npz archive of 'images' and 'labels' arrays")
+            with f:
+                x, y = f["images"], f["labels"]
+    except DataError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise DataError(f"{path}: cannot read the digits arrays: {reason}") from None
+    if x.ndim != 3 or y.ndim != 1:
+        raise DataError(f"{path}: 'images' has shape {x.shape} and 'labels' {y.shape}; expected N×H×W and N")
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+    if not (np.issubdtype(x.dtype, np.integer) and (x.size == 0 or 0 <= x.min() <= x.max() <= 255)):
+        shown = f", values {x.min()}..{x.max()}" if x.size and np.issubdtype(x.dtype, np.number) else ""
+        raise DataError(f"{path}: 'images' has dtype {x.dtype}{shown}; expected uint8 pixels 0..255")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' has dtype {y.dtype}; expected integer class numbers")
+    outside = np.flatnonzero((y < 0) | (y >= len(DIGIT_CLASSES)))
+    if len(outside):  # the split would skip the image without a word
+        row = int(outside[0])
+        raise DataError(f"{path}: labels[{row}] is {int(y[row])}; digits labels are 0..{len(DIGIT_CLASSES) - 1}")
+    return x.astype(np.uint8), y.astype(np.int64)
+
+
 def import_digits(raw_dir: str | Path | None = None) -> RawImages:
     """sklearn's 8x8 digits, from `raw_dir/digits.npz` when given (a fetched copy), else from sklearn."""
-    if raw_dir is not None:
-        path = Path(raw_dir) / "digits.npz"
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                x, y = f["images"], f["labels"]
-        except (OSError, KeyError, ValueError) as err:
-            raise DataError(f"{path}: cannot read the digits arrays: {err}") from None
-    else:
-        x, y = digits_arrays()
+    x, y = read_digits_npz(Path(raw_dir) / "digits.npz") if raw_dir is not None else digits_arrays()
     ids = [f"digits-{i:04d}" for i in range(len(x))]
-    return RawImages(ids, y, [str(c) for c in range(10)], [encode_png(i) for i in x])
+    return RawImages(ids, y, list(DIGIT_CLASSES), [encode_png(i) for i in x])
 
 
 def fetch_digits(dest: str | Path) -> Path:
