@@ -3432,3 +3432,40 @@ def without_classes(path: Path) -> Path:
     meta.pop("classes")
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": json.dumps(meta)}), path)
     return path
+
+
+def test_two_different_kd_students_of_one_teacher_are_refused(world, tmp_path, caplog):
+    """Two students of one teacher (`--kd` twice, or a backup in a subfolder of `--kd-dir`): the last silently won
+    and the report named neither."""
+    teacher_sha = file_sha256(world.gallery_models[0])  # resnet_a, embedding dim 12
+    students = []
+    for seed in (6, 7):
+        path = tmp_path / f"s{seed}.pt"
+        torch.manual_seed(seed)
+        net = EmbeddingNet("query_cnn", 1, 12, 4).eval()
+        meta = {"history": [{"epoch": 1}], "role": "kd_student", "teacher_sha256": teacher_sha}
+        save_embedding_model(EmbeddingModel("kd_resnet_a", "query_cnn", net, torch.randn(10, 12), 16.0, 1, 8, 12,
+                                            meta=meta), path, 4)
+        students.append(path)
+    out = tmp_path / "eval"
+    fails(caplog, [*evaluate_args(world), "--kd", students[0], "--kd", students[1], "--out", out], out,
+          "a second, different KD student of gallery model")
+
+
+def test_an_index_setting_faiss_cannot_read_back_is_refused_at_load():
+    """`index.ivfpq.k_factor: 4096` (within the documented range) built an index faiss refuses to read: [1, 1000]."""
+    from cmce.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"index.ivfpq.k_factor"):
+        load_config(SMOKE, {"index.ivfpq.k_factor": 1001})
+    assert load_config(SMOKE, {"index.ivfpq.k_factor": 1000}).index.ivfpq.k_factor == 1000
+
+
+def test_a_run_dir_that_is_a_file_is_named(tmp_path, caplog, monkeypatch):
+    """`track-start --run-dir keep.txt` (a file): `[Errno 17] File exists`, the flag not named."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("notes")
+    fails(caplog, ["track-start", "--config", SMOKE, "--run-dir", keep, "--out", tmp_path / "t.json"],
+          tmp_path / "t.json", f"--run-dir {keep}: is a file, not a folder")
+    assert keep.read_text() == "notes"

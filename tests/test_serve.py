@@ -1293,3 +1293,17 @@ def test_a_stop_does_not_wait_for_ever_on_a_blocked_poll(world, tmp_path, caplog
     assert time.monotonic() - started < 5 and "stopping without the reload poll, still loading the query model v2" \
         in caplog.text
     blocked.set()
+
+
+def test_a_password_in_a_registry_url_is_not_shown_by_readyz_or_the_log(world, caplog):
+    """A poll failure of a server following models:/NAME@ALIAS at `http://alice:pw@…`: /readyz showed the password
+    to every client, and the log line held it too."""
+    from cmce.serving.state import Holder, QueryModelSource
+
+    _, model, index, _ = world
+    holder = Holder(index, QueryModelSource(str(model), Path))
+    with caplog.at_level(logging.WARNING):
+        holder._report("alias", "models:/q@c: API request to http://alice:s3cr3tPW@127.0.0.1:1/api failed",
+                       logging.WARNING)
+    assert holder.last_error == "models:/q@c: API request to http://***@127.0.0.1:1/api failed"
+    assert "s3cr3tPW" not in caplog.text

@@ -398,3 +398,36 @@ def test_a_store_left_half_made_by_a_kill_is_removed_by_the_next_making(tmp_path
     os.utime(stale, (old, old))
     start_parent_run(f"sqlite:///{tmp_path / 'new.db'}", "p", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "new.db"]
+
+
+def test_promotion_moves_the_alias_only_to_a_version_whose_file_has_the_sha256(smoke_run, tmp_path):
+    """A version whose sha256 tag named the gated query model over a KD student's file: the gate moved @production
+    to it (the newest version with that tag), and every step then loaded the student."""
+    from mlflow import MlflowClient
+
+    from cmce.tracking import PRODUCTION, log_step
+
+    lay, _ = smoke_run
+    query, student = lay.model("query"), lay.kd_student("resnet_a")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "cmce", {})
+    log_step(uri, parent, "train", register=[("cmce-query", query, file_sha256(query))])  # v1, true
+    log_step(uri, parent, "train", register=[("cmce-query", student, file_sha256(query))])  # v2, its tag lies
+    log_step(uri, parent, "gate", promote=[("cmce-query", file_sha256(query))])
+    assert str(MlflowClient(tracking_uri=uri).get_model_version_by_alias("cmce-query", PRODUCTION).version) == "1"
+
+
+def test_the_commit_tag_names_the_running_code_whatever_git_dir_says(tmp_path, monkeypatch):
+    """GIT_DIR inherited from a shell (a hook, another checkout) tagged runs with another checkout's HEAD."""
+    from cmce.tracking import GIT_COMMIT_TAG, code_tags
+
+    monkeypatch.delenv("CMCE_GIT_COMMIT", raising=False)
+    honest = code_tags()
+    other = tmp_path / "other"
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
+    assert code_tags() == honest and (not honest or len(honest[GIT_COMMIT_TAG]) == 40)

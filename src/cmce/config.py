@@ -294,7 +294,7 @@ class IvfPqConfig:
     m: int | None = within("[1, 65536]", None)
     nbits: int = within("[1, 16]", 8)
     nprobe: int = within("[1, 16777216]", 16)  # inverted lists visited per query
-    k_factor: int = within("[1, 4096]", 8)  # PQ candidates re-ranked exactly = k_factor·k
+    k_factor: int = within("[1, 1000]", 8)  # PQ candidates re-ranked exactly = k_factor·k (faiss reads at most 1000)
     # training sample; None: max(65536, 39·nlist), faiss's minimum per list
     train_size: int | None = within("[1, 2147483647]", None)
     seed: int = within(SEED, 0)  # training sample and k-means

@@ -265,7 +265,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
     if (self_cols < 0).all():
         log.warning("no query image is in the gallery: evaluating without self-exclusion")
     member_by_sha = {m["sha256"]: m["name"] for m in members}
-    students = {}
+    students, student_of = {}, {}
     for s_path in inputs.kd_students:
         student = load_embedding_model(s_path)
         teacher = student.meta.get("teacher_sha256")
@@ -275,6 +275,11 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
             log.warning("%s: KD student's teacher %s is not a member of %s; skipped", s_path, str(teacher)[:12],
                         inputs.gallery)
             continue
+        seen = student_of.get(teacher)
+        if seen is not None and seen[1] != student.sha256:  # which one was meant? the last given silently won
+            raise ValueError(f"{s_path}: a second, different KD student of gallery model {member_by_sha[teacher]} "
+                             f"(also {seen[0]}); give one per gallery member")
+        student_of[teacher] = (s_path, student.sha256)
         students[member_by_sha[teacher]] = _student_embeddings(student, Path(s_path), inputs.dataset, q.ids,
                                                                batch_size)
     versions = {

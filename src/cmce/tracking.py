@@ -356,6 +356,8 @@ def tracking_uri(run_dir: str | Path) -> str:
     if uri:
         return uri
     run_dir = Path(run_dir).resolve()
+    if run_dir.exists() and not run_dir.is_dir():  # was `[Errno 17] File exists`, naming no flag
+        raise ValueError(f"--run-dir {run_dir}: is a file, not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{run_dir / 'mlflow.db'}"
 
@@ -588,7 +590,7 @@ def log_step(
         promote = list(promote)
         if promote:
             # all or nothing: a half-moved alias would serve a query model with another model's transformations
-            versions = {name: version_by_sha(client, name, sha256) for name, sha256 in promote}
+            versions = {name: version_by_sha(client, name, sha256, uri) for name, sha256 in promote}
             missing = sorted(name for name, version in versions.items() if version is None)
             if missing:
                 # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
@@ -600,7 +602,7 @@ def log_step(
                     client.set_registered_model_alias(name, PRODUCTION, version)
                     client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
                 for name, sha256 in promote_along:
-                    version = version_by_sha(client, name, sha256)
+                    version = version_by_sha(client, name, sha256, uri)
                     if version is None:
                         log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
                         continue
@@ -643,7 +645,9 @@ def _git_head() -> str | None:
 
     here = Path(__file__).resolve().parent
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # GIT_DIR named another checkout
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                             env=env)
     except (OSError, subprocess.SubprocessError):  # no git in the image
         return None
     return res.stdout.strip() if res.returncode == 0 else None
@@ -752,17 +756,29 @@ def register_version(client: Any, name: str, source: str, run_id: str, sha256: s
     return str(version.version)
 
 
-def version_by_sha(client: Any, name: str, sha256: str) -> str | None:
+def version_by_sha(client: Any, name: str, sha256: str, verify_at: str | None = None) -> str | None:
     """The version of registered model `name` whose checkpoint has this sha256 (the newest such version
-    when a file was registered twice); None when there is none."""
+    when a file was registered twice); None when there is none. `verify_at` (the registry's URI): the version's
+    file is downloaded and hashed, not its tag believed (a tag naming the gated query model over a KD student's
+    file had @production moved to the student)."""
     from mlflow.exceptions import MlflowException
+
+    from cmce.storage import file_sha256
 
     try:
         versions = [v for v in client.search_model_versions(f"name='{name}'")
                     if v.tags.get("sha256") == sha256 and v.status == READY]  # a failed registration holds nothing
     except MlflowException:
         return None
-    return str(max(int(v.version) for v in versions)) if versions else None
+    for v in sorted(versions, key=lambda v: -int(v.version)):
+        if verify_at is None:
+            return str(v.version)
+        found = file_sha256(resolve_model_uri(f"models:/{name}/{v.version}", verify_at))
+        if found == sha256:
+            return str(v.version)
+        log.warning("%s v%s: its sha256 tag says %s, but its file is %s: not promoted to", name, v.version,
+                    sha256[:12], found[:12])
+    return None
 
 
 def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
