@@ -602,7 +602,7 @@ def log_step(
                     client.set_registered_model_alias(name, PRODUCTION, version)
                     client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
                 for name, sha256 in promote_along:
-                    version = version_by_sha(client, name, sha256, uri)
+                    version = version_by_sha(client, name, sha256)  # an export: tagged with its source's sha256
                     if version is None:
                         log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
                         continue
