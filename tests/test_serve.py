@@ -117,6 +117,10 @@ def test_refusals_name_the_field(world):
     refused(server, 422, "query_model_sha256", "required with embeddings", embeddings=[row])
     refused(server, 422, "embeddings[1]", "expects dimension 16", embeddings=[row, row[:15]], query_model_sha256=sha)
     refused(server, 422, "embeddings[0]", "all zeros", embeddings=[[0.0] * 16], query_model_sha256=sha)
+    for odd in ("1_000", True):  # a string or a boolean read as a number (200)
+        refused(server, 422, "embeddings[0][3]", "valid number", embeddings=[[0.5] * 3 + [odd] + [0.5] * 12],
+                query_model_sha256=sha)
+    assert server.search(embeddings=[[1] * 16], query_model_sha256=sha).status_code == 200  # integers are numbers
     refused(server, 413, "embeddings", "more than the 4", embeddings=[row] * 5, query_model_sha256=sha)
     refused(server, 422, "k", "over the 10", embeddings=[row], query_model_sha256=sha, k=11)
     refused(server, 422, "k", "greater than or equal to 1", embeddings=[row], query_model_sha256=sha, k=0)

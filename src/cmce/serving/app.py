@@ -42,7 +42,8 @@ class SearchRequest(BaseModel):
     `images` (base64 PNG/JPEG, embedded here)."""
 
     model_config = ConfigDict(extra="forbid")
-    embeddings: list[list[float]] | None = None
+    # strict: "1_000" was read as 1000.0 and `true` as 1.0 (answered 200); JSON numbers only, 3 as well as 3.0
+    embeddings: list[list[Annotated[float, Field(strict=True)]]] | None = None
     query_model_sha256: str | None = None
     images: list[str] | None = None
     # strict: `true` and "3" are not 3; but JSON does not tell 3.0 from 3 (a client in JavaScript may send either)
