@@ -1,6 +1,7 @@
 """Promotion gate: the decision rule, the served measurement, and MLflow's `production` alias."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     assert "promoted, but no alias moved: give --mlflow-parent" in caplog.text
 
 
-def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_run, tmp_path):
+def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_run, tmp_path, caplog):
     from mlflow import MlflowClient
 
     from cmce.cli import main
@@ -127,7 +128,10 @@ def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_ru
             str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery)]
     # the metrics pass, but @production cannot move: not promoted (it was "promoted": true, and exit 0 with
     # --require-promotion, while servers following @production kept the old pair)
-    assert main([*gate, "--out", str(tmp_path / "d.json")]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main([*gate, "--out", str(tmp_path / "d.json")]) == 0
+    assert "gate: promoted" not in caplog.text  # it was logged before "not moving @production"
+    assert "gate: no regression" in caplog.text and "cmce gate: not promoted: ['cmce-" in caplog.text
     decision = json.loads((tmp_path / "d.json").read_text())
     assert not decision["promoted"] and decision["regressed"] == [] and "cmce-query" in decision["not_promoted"]
     assert main([*gate, "--out", str(tmp_path / "required.json"), "--require-promotion"]) == 1

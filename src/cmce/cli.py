@@ -612,6 +612,7 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
             why = f"{missing} have no registered version with the served sha256; @production not moved"
             withhold(decision, why)
             record.metrics["promoted"] = 0.0
+            log.warning("cmce gate: not promoted: %s", why)
     if args.require_promotion and not record.metrics["promoted"]:  # a verdict, not bad input: exit 1, like diff
         log.error("cmce gate: %s: not promoted: %s (see %s)", args.gallery, why, args.out)
         args.exit_status = 1

@@ -503,7 +503,9 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
     # promoted: the served versions move to `production`, and the query model's ONNX export along with them
     served = served_versions(inp.gallery) if decision.promoted else []
-    verdict = "promoted" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
+    # the measured verdict only: whether an alias moves is decided on publishing (a line saying "promoted" preceded
+    # "not moving @production" and a decision file saying promoted: false)
+    verdict = "no regression" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
     log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
                                                  for m in decision.metrics))
     return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": report["baseline_gallery"],
