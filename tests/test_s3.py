@@ -945,3 +945,30 @@ def test_where_credentials_were_looked_for_in_vain_is_named(tmp_path, monkeypatc
     assert f"AWS_SHARED_CREDENTIALS_FILE='{tmp_path}' names a folder" in error, error
     assert f"AWS_CONFIG_FILE='{tmp_path / 'none'}' names no file" in error
     assert "AWS_EC2_METADATA_SERVICE_ENDPOINT=" in error and "gave none" in error
+
+
+def test_a_stop_while_an_s3_folder_is_replaced_says_it_is_incomplete(s3_server, s3_chain, monkeypatch, caplog):
+    """SIGTERM while build-index replaced an s3:// index: meta.json deleted, some files new, some old, and the last
+    line said "each output is whole or not written". S3 has no rename: the line says which output is incomplete."""
+    from cmce.errors import Terminated
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    gallery = s3_chain.local / "gallery.parquet"
+    uri = f"s3://{bucket}/idx"
+    assert main(["build-index", "--gallery", str(gallery), "--out", uri]) == 0
+    real, sent = cmce_s3.upload_file, []
+
+    def cut(path, to):
+        if sent:
+            raise Terminated(15)
+        sent.append(to)
+        return real(path, to)
+
+    monkeypatch.setattr(cmce_s3, "upload_file", cut)
+    caplog.clear()
+    assert main(["build-index", "--gallery", str(gallery), "--out", uri]) == 128 + 15
+    assert only_error(caplog) == (f"cmce build-index: interrupted (SIGTERM); {uri} incomplete (its upload was cut), "
+                                  "every other output whole or not written")
+    assert "idx/meta.json" not in keys(s3_server, bucket)  # readers refuse it (no marker)
+    assert cmce_s3.partial_uploads == []

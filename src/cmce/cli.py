@@ -1021,6 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
         late = received_signal()
         forget_signals()  # the process goes on (a caller running several commands): its next commits are not stopped
+        if late is None:  # else the late signal's line below names them
+            from cmce.s3 import partial_uploads
+
+            partial_uploads.clear()
         clear_scratch()
         if owns_group:
             ddp.shutdown(clean=ok)
@@ -1041,6 +1045,13 @@ def _out_of_memory(args: argparse.Namespace, detail: str) -> int:
 
 
 def _interrupted(args: argparse.Namespace, signum: int) -> int:
+    from cmce.s3 import partial_uploads
+
+    if partial_uploads:  # "whole or not written" would be untrue of an s3:// folder whose replacement was cut
+        log.error("cmce %s: interrupted (%s); %s incomplete (its upload was cut), every other output whole or not "
+                  "written", args.command, signal_name(signum), ", ".join(partial_uploads))
+        partial_uploads.clear()
+        return 128 + signum
     log.error("cmce %s: interrupted (%s); each output is whole or not written", args.command,
               signal_name(signum))
     return 128 + signum

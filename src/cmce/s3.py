@@ -811,8 +811,16 @@ def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
         order = [r for r in rels if r != last] + [last]
     else:
         order = rels
-    for rel in order:
-        upload_file(local / rel, str(u.join(rel)))
+    try:
+        for rel in order:
+            upload_file(local / rel, str(u.join(rel)))
+    except BaseException:
+        if last is not None:  # S3 has no rename: the old folder is gone, the new one partly there (no marker:
+            partial_uploads.append(uri)  # readers refuse it); said by the command's last line
+        raise
+
+
+partial_uploads: list[str] = []  # s3:// folders whose replacement a failure or stop cut short (this process)
 
 
 def object_size(uri: str) -> int | None:
