@@ -3279,6 +3279,12 @@ def test_a_run_whose_output_dir_is_its_imagefolder_is_refused(tmp_path, caplog):
         fails(caplog, ["run", *imagefolder_args(root), "--set", f"output_dir={out}"], tmp_path / "x",
               f"output_dir: {out} is inside data.path {root}, the data it reads")
     assert snapshot(root) == kept
+    # the reverse: data.path = <output_dir>/data, where the run writes its dataset (it landed among the classes)
+    inside = image_folder(tmp_path / "run" / "data", {"cat": 4, "dog": 4})
+    kept = snapshot(inside)
+    fails(caplog, ["run", *imagefolder_args(inside), "--set", f"output_dir={tmp_path / 'run'}"], tmp_path / "x",
+          f"data.path: {inside} is inside a folder the run writes in output_dir {tmp_path / 'run'}")
+    assert snapshot(inside) == kept
 
 
 def test_an_output_over_the_tracking_store_is_refused_before_any_run(world, tmp_path, caplog, monkeypatch):

@@ -599,3 +599,20 @@ def test_a_dataset_whose_labels_or_class_names_disagree_with_its_classes_list_is
     bare = tmp_path / "bare.parquet"  # no classes list (a file written by hand): nothing to compare with
     pq.write_table(pq.read_table(past).replace_schema_metadata(None), bare)
     open_dataset(bare)
+
+
+def test_an_official_split_whose_classes_partly_differ_is_said(tmp_path, caplog):
+    """train/ {c0, c1, c2} and test/ {c0, c1, c3}: read as `heldout` (unseen images of the training classes) without
+    a word, though c3 is tested only and c2 trained only."""
+    for part, classes in (("train", ("c0", "c1", "c2")), ("test", ("c0", "c1", "c3"))):
+        for cls in classes:
+            (tmp_path / part / cls).mkdir(parents=True)
+            (tmp_path / part / cls / "0.png").write_bytes(_png("L"))
+    with caplog.at_level(logging.WARNING):
+        import_imagefolder(tmp_path)
+    assert "share 2 class(es), but ['c3'] only in test/ and ['c2'] only in train/" in caplog.text
+    caplog.clear()
+    (tmp_path / "test" / "c3").rename(tmp_path / "test" / "c2")
+    with caplog.at_level(logging.WARNING):
+        import_imagefolder(tmp_path)
+    assert "only in test/" not in caplog.text

@@ -549,6 +549,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         # the run's folders landed among the class folders; the next run read them as classes
         raise ValueError(f"output_dir: {cfg.output_dir} is inside data.path {cfg.data.path}, the data it reads; give "
                          "a folder outside it")
+    root = Path(cfg.output_dir)  # the folders the run writes files into by name
+    written = (root / "data", root / "models", root / "transforms", root / "embeddings", root / "index", root / "eval")
+    if cfg.data.path and not is_remote(cfg.output_dir) and any(_within(cfg.data.path, str(f)) for f in written):
+        # `data.path=<output_dir>/data`: the run wrote its dataset among the ImageFolder's class folders
+        raise ValueError(f"data.path: {cfg.data.path} is inside a folder the run writes in output_dir "
+                         f"{cfg.output_dir}; keep the data outside it")
     if is_remote(cfg.output_dir):  # the whole run in scratch, uploaded when it succeeds
         cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")

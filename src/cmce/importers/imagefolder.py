@@ -100,6 +100,12 @@ def import_imagefolder(path: str | Path) -> RawImages:
             raise DataError(f"{base}: {_holds(sum(f.parent == base for f in loose))}no class folders; an official "
                             "split (train/, test/) holds one folder per class")
     classes = sorted({_utf8(c, root).name for _, p in parts for c in _class_folders(p)})
+    if has_split:  # the official split is then neither heldout (the same classes) nor disjoint: said, not guessed
+        train, test = ({c.name for c in _class_folders(p)} for _, p in parts)
+        if train & test and train != test:
+            log.warning("%s: train/ and test/ share %d class(es), but %s only in test/ and %s only in train/: a "
+                        "held-out protocol tests on the training classes", root, len(train & test),
+                        sorted(test - train)[:5] or "none", sorted(train - test)[:5] or "none")
     if not classes:
         raise DataError(f"{root}: {_holds(len(loose))}no class folders found; an ImageFolder holds one folder per "
                         "class (root/<class>/<image>)")
