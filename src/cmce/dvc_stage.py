@@ -118,10 +118,14 @@ def remove_made_dirs(made: list[Path]) -> None:
 
 
 def _role(path: Path) -> str | None:
+    """The role an embedding-model checkpoint records; None for any other file (a transformation, a dataset)."""
     from cmce.checkpoint import CheckpointError, load_embedding_model
+    from cmce.storage import file_format
 
+    if file_format(path) != "checkpoint":  # told by its first bytes: no torch load of a foreign file
+        return None
     try:
-        return load_embedding_model(path).meta.get("role")
+        return load_embedding_model(path).meta.get("role")  # refuses a checkpoint of any other format
     except (CheckpointError, OSError, ValueError):
         return None
 
@@ -130,16 +134,12 @@ def remove_stale_student(folder: str, command: list[str], cfg: Config) -> None:
     """After `train --kd-teacher` ran with kd.enabled false (it trains and writes nothing): an earlier run's
     student at its `--out` in the stage's folder must not stay as this run's output. Run after cmce succeeded, so
     its checks held (the --out is none of its inputs); only a KD student's checkpoint is removed, nothing else."""
-    from cmce.checkpoint import EMBEDDING_FORMAT
-    from cmce.storage import checkpoint_kind, file_format
-
     if command[:1] != ["train"] or not option_values(command, "--kd-teacher") or cfg.kd.enabled:
         return
     out = next(iter(option_values(command, "--out")), None)
     if out is None or not Path(out).is_file() or Path(out).resolve().parent != Path(folder).resolve():
         return
-    if file_format(Path(out)) == "checkpoint" and checkpoint_kind(Path(out)) == EMBEDDING_FORMAT and (
-            _role(Path(out)) == "kd_student"):  # a query or gallery model kept there was removed as a student
+    if _role(Path(out)) == "kd_student":  # a query or gallery model kept there was removed as a student
         Path(out).unlink()
         log.info("removed %s: a student of an earlier run (kd.enabled is false)", out)
 
