@@ -373,35 +373,23 @@ def local_folder(text: str) -> Path:
     return Path(text)
 
 
-def given(convert=str):
-    """An argparse type for a path, URI or URL: a blank value (`--gallery-uri "$URI"` with URI unset) is refused
-    (it ran on, the flag silently unset: --inputs-from's gallery used instead)."""
-    def parse(text: str):
-        if not text.strip():
-            raise argparse.ArgumentTypeError("blank; give a value or leave the flag out")
-        return convert(text)
-
-    parse.__name__ = "path or URI"  # argparse names it in its `invalid … value` line
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from cmce.arguments import OneLineParser, int_in
+    from cmce.arguments import OneLineParser, int_in, not_blank
 
     p = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile every pipeline to YAML (pipeline/*.yaml)")
-    c.add_argument("--out-dir", type=given(local_folder), default=COMPILED.parent)
+    c.add_argument("--out-dir", type=not_blank(local_folder), default=COMPILED.parent)
     for name, help_ in (("run", "run the pipeline"), ("submit", "submit the compiled pipeline to KFP")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--pipeline", default="cmce", choices=sorted(PACKAGES), help="which pipeline (default cmce)")
-        sp.add_argument("--inputs-from", type=given(), default=None, metavar="RUN_DIR",
+        sp.add_argument("--inputs-from", type=not_blank(), default=None, metavar="RUN_DIR",
                         help="lifecycle pipelines: take the dataset, query model, gallery and train embeddings "
                              "from this `cmce run` output folder")
         for key in INPUT_URIS:
-            sp.add_argument(f"--{key.replace('_', '-')}", type=given(), default=None,
+            sp.add_argument(f"--{key.replace('_', '-')}", type=not_blank(), default=None,
                             help="lifecycle pipelines: input artifact URI")
-        sp.add_argument("--params", type=given(), default=None,
+        sp.add_argument("--params", type=not_blank(), default=None,
                         help="params file (default: the one compiled in, params.yaml)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the params, e.g. train.epochs=2 or gallery_models=[resnet] "
@@ -413,16 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"cmce pipeline: decoding processes per slice (0 to {MAX_WORKERS}; 0 = in the task)")
     r = sub.choices["run"]
     r.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local")
-    r.add_argument("--root", type=given(), default="runs/kfp", help="pipeline root for local artifacts")
+    r.add_argument("--root", type=not_blank(), default="runs/kfp", help="pipeline root for local artifacts")
     r.add_argument("--no-mlflow", action="store_true")
     r.add_argument("--parallelism", type=int_in(0, MAX_PARALLELISM), default=1,
                    help=f"gallery-model branches run at once (0 to {MAX_PARALLELISM}, 0 = no cap; default 1: they "
                         "share this machine's cores)")
     s = sub.choices["submit"]
-    s.add_argument("--host", type=given(), required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    s.add_argument("--host", type=not_blank(), required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
     s.add_argument("--namespace", default=None)
     s.add_argument("--experiment", default="cmce")
-    s.add_argument("--package", type=given(Path), default=None, help="compiled YAML (default: the --pipeline's)")
+    s.add_argument("--package", type=not_blank(Path), default=None, help="compiled YAML (default: the --pipeline's)")
     return p
 
 

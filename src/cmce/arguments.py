@@ -47,6 +47,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def not_blank(convert: typing.Callable[[str], Any] = str, what: str = "a value") -> typing.Callable[[str], Any]:
+    """An argparse type refusing a blank value (`--gallery-uri "$URI"` with URI unset ran on, the flag silently
+    unset; `--name ''` got one of MLflow's random names), then `convert` of the text."""
+    def parse(text: str) -> Any:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"blank; give {what} or leave the flag out")
+        return convert(text)
+
+    parse.__name__ = "path or URI" if what == "a value" else what  # argparse names it in its `invalid … value` line
+    return parse
+
+
 def int_in(low: int, high: int | None = None) -> typing.Callable[[str], int]:
     """An argparse type: an integer of at least `low` (and at most `high`), checked at parse time, so that the
     flag is named (a bad --embed-shards failed only in its task, after the training)."""

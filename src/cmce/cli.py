@@ -23,7 +23,7 @@ from typing import Any
 from cmce import device as devices
 from cmce import distributed as ddp
 from cmce import stages
-from cmce.arguments import OneLineParser, int_in
+from cmce.arguments import OneLineParser, int_in, not_blank
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import (
@@ -37,6 +37,7 @@ from cmce.errors import (
     signal_name,
     unclaimed_ending_signals,
 )
+from cmce.layout import RunLayout
 from cmce.records import StepRecord
 from cmce.resume import resume_path
 from cmce.s3 import foreign_scheme, scheme_error
@@ -185,7 +186,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     scratch = tempfile.gettempdir()
     for name, value in named(INPUT_ARGS):  # a served index folder held serve's model download, and refused a rebuild
         if not is_remote(value) and ":/" not in value and Path(value).is_dir() and _within(scratch, value):
-            raise ValueError(f"TMPDIR {tempfile.gettempdir()} is inside the input folder {flag(name)} {value}: the "
+            raise ValueError(f"TMPDIR {scratch} is inside the input folder {flag(name)} {value}: the "
                              "step's scratch files would be written among its inputs; set TMPDIR elsewhere")
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
         inputs, outputs = (*INPUT_ARGS, "members_dir"), tuple(n for n in OUTPUT_ARGS if n != "members_dir")
@@ -248,14 +249,14 @@ def _check_resume_file(path: Path) -> None:
 def _tracking_stores(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The local tracking store this command may write runs into, as (what names it, path): an output written
     over it replaced the runs and registry with a JSON file, exit 0."""
-    from cmce.tracking import local_store
+    from cmce.tracking import default_store_uri, local_store
 
     if args.mlflow_uri:
         named = "--mlflow-uri", args.mlflow_uri
     elif os.environ.get("MLFLOW_TRACKING_URI"):
         named = "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
     elif args.command == "track-start":
-        named = "--run-dir", f"sqlite:///{os.path.abspath(os.path.join(args.run_dir, 'mlflow.db'))}"
+        named = "--run-dir", default_store_uri(args.run_dir)
     else:
         return []
     store = local_store(named[1])
@@ -514,13 +515,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _run_name(text: str) -> str:
-    """A blank name gave the run one of MLflow's random names (`intrigued-croc-993`)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("blank; give a name or leave the flag out")
-    return text
-
-
 def _head_timeout(text: str) -> float:
     value = float(text)
     if not 0.1 <= value <= 600:  # nan fails too
@@ -549,8 +543,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         # the run's folders landed among the class folders; the next run read them as classes
         raise ValueError(f"output_dir: {cfg.output_dir} is inside data.path {cfg.data.path}, the data it reads; give "
                          "a folder outside it")
-    root = Path(cfg.output_dir)  # the folders the run writes files into by name
-    written = (root / "data", root / "models", root / "transforms", root / "embeddings", root / "index", root / "eval")
+    written = RunLayout(Path(cfg.output_dir)).written_folders()
     if cfg.data.path and not is_remote(cfg.output_dir) and any(_within(cfg.data.path, str(f)) for f in written):
         # `data.path=<output_dir>/data`: the run wrote its dataset among the ImageFolder's class folders
         raise ValueError(f"data.path: {cfg.data.path} is inside a folder the run writes in output_dir "
@@ -831,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("track-start", cmd_track_start, "open the parent MLflow run of a pipeline run; prints its id")
     sp.add_argument("--run-dir", default="runs", help="where the default sqlite tracking store goes")
-    sp.add_argument("--name", default="cmce", type=_run_name, help="the parent run's name (default cmce)")
+    sp.add_argument("--name", default="cmce", type=not_blank(what="a name"),
+                    help="the parent run's name (default cmce)")
     sp.add_argument("--out", default=None, help="also write {uri, run_id} as JSON to this file")
     # SUPPRESS: a subcommand's default would replace the same flag given before the subcommand
     sp.add_argument("--mlflow-uri", default=argparse.SUPPRESS,

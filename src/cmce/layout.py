@@ -58,6 +58,11 @@ class RunLayout:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
+    def written_folders(self) -> tuple[Path, ...]:
+        """The folders `cmce run` writes files into by name (data.path must lie outside each)."""
+        return (self.dataset.parent, self.model("x").parent, self.transforms_dir, self.members_dir.parent, self.index,
+                self.eval_dir)
+
 
 def member_paths(cfg: Config, members_dir: Path) -> list[Path]:
     """Per-model embedding files named after the gallery models, in config (ensemble) order."""

@@ -359,7 +359,12 @@ def tracking_uri(run_dir: str | Path) -> str:
     if run_dir.exists() and not run_dir.is_dir():  # was `[Errno 17] File exists`, naming no flag
         raise ValueError(f"--run-dir {run_dir}: is a file, not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{run_dir / 'mlflow.db'}"
+    return default_store_uri(run_dir)
+
+
+def default_store_uri(run_dir: str | Path) -> str:
+    """The sqlite store a run folder holds when no tracking URI is given (nothing is made here)."""
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
 # a tracking server that accepts and never answers: MLflow's defaults (120 s a request, 7 retries with backoff)
