@@ -947,28 +947,77 @@ def test_where_credentials_were_looked_for_in_vain_is_named(tmp_path, monkeypatc
     assert "AWS_EC2_METADATA_SERVICE_ENDPOINT=" in error and "gave none" in error
 
 
-def test_a_stop_while_an_s3_folder_is_replaced_says_it_is_incomplete(s3_server, s3_chain, monkeypatch, caplog):
-    """SIGTERM while build-index replaced an s3:// index: meta.json deleted, some files new, some old, and the last
-    line said "each output is whole or not written". S3 has no rename: the line says which output is incomplete."""
-    from cmce.errors import Terminated
-
+def _built_index(s3_server, s3_chain, monkeypatch, args=()):
     use_server(monkeypatch, s3_server)
     bucket = new_bucket(s3_server)
-    gallery = s3_chain.local / "gallery.parquet"
     uri = f"s3://{bucket}/idx"
-    assert main(["build-index", "--gallery", str(gallery), "--out", uri]) == 0
+    gallery = s3_chain.local / "gallery.parquet"
+    assert main(["build-index", "--gallery", str(gallery), "--out", uri, *args]) == 0
+    before = {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)}
+    return bucket, uri, gallery, before
+
+
+def test_a_stop_while_an_s3_index_uploads_leaves_the_old_one_whole(s3_server, s3_chain, monkeypatch, caplog):
+    """SIGTERM while build-index replaced an s3:// index deleted its meta.json and left some files new, some old:
+    the new files go up under a staging prefix, and a stop there leaves the old index as it was, nothing staged."""
+    import signal
+
+    bucket, uri, gallery, before = _built_index(s3_server, s3_chain, monkeypatch)
     real, sent = cmce_s3.upload_file, []
 
     def cut(path, to):
         if sent:
-            raise Terminated(15)
+            signal.raise_signal(signal.SIGTERM)
         sent.append(to)
         return real(path, to)
 
     monkeypatch.setattr(cmce_s3, "upload_file", cut)
     caplog.clear()
-    assert main(["build-index", "--gallery", str(gallery), "--out", uri]) == 128 + 15
-    assert only_error(caplog) == (f"cmce build-index: interrupted (SIGTERM); {uri} incomplete (its upload was cut), "
-                                  "every other output whole or not written")
-    assert "idx/meta.json" not in keys(s3_server, bucket)  # readers refuse it (no marker)
+    assert main(["build-index", "--gallery", str(gallery), "--out", uri, "--index-type", "hnsw"]) == 143
+    assert only_error(caplog) == "cmce build-index: interrupted (SIGTERM); each output is whole or not written"
+    assert ".staging-" in sent[0]
+    assert {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)} == before
     assert cmce_s3.partial_uploads == []
+
+
+def test_a_stop_during_the_commit_of_an_s3_index_waits_for_it(s3_server, s3_chain, monkeypatch, caplog):
+    """A stop once every file is staged: the commit (server-side copies, then the marker) is finished first, so
+    the new index is whole, then the step ends with the signal's status."""
+    import signal
+
+    bucket, uri, gallery, before = _built_index(s3_server, s3_chain, monkeypatch)
+    real = cmce_s3.copy
+
+    def copy_then_stop(src, dst):
+        real(src, dst)
+        signal.raise_signal(signal.SIGTERM)  # the handler cmce installed only records it here
+
+    monkeypatch.setattr(cmce_s3, "copy", copy_then_stop)
+    caplog.clear()
+    assert main(["build-index", "--gallery", str(gallery), "--out", uri, "--index-type", "hnsw"]) == 143
+    assert only_error(caplog) == "cmce build-index: interrupted (SIGTERM); each output is whole or not written"
+    after = {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)}
+    assert not any(".staging-" in k for k in after)
+    assert after["idx/meta.json"] != before["idx/meta.json"]
+    meta = json.loads(after["idx/meta.json"])
+    assert meta["index_type"] == "hnsw", meta
+    monkeypatch.setattr(cmce_s3, "copy", real)
+    assert main(["search", "--index", uri, "--query-model", str(s3_chain.local / "q.pt"),
+                 "--dataset", str(s3_chain.local / "d.parquet"), "--limit", "2"]) == 0
+
+
+def test_a_failed_commit_of_an_s3_index_says_it_is_incomplete(s3_server, s3_chain, monkeypatch, caplog):
+    """A copy refused half-way through the commit: the old marker is gone and S3 has no rename, so the last line
+    names the folder as incomplete (readers refuse it: no marker), and nothing staged is left."""
+    bucket, uri, gallery, _ = _built_index(s3_server, s3_chain, monkeypatch)
+
+    def refused(src, dst):
+        raise PermissionError(f"{src}: access denied (copying)")
+
+    monkeypatch.setattr(cmce_s3, "copy", refused)
+    caplog.clear()
+    assert main(["build-index", "--gallery", str(gallery), "--out", uri]) == 2
+    error = only_error(caplog)
+    assert "access denied" in error and error.endswith(f"; {uri} incomplete (its upload was cut)"), error
+    left = keys(s3_server, bucket)
+    assert "idx/meta.json" not in left and not any(".staging-" in k for k in left)

@@ -994,7 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         if (signum := received_signal()) is not None:  # the signal's exception was lost on the way: it is the cause
             return _interrupted(args, signum)
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        log.error("cmce %s: %s", args.command, one_line(restore_uris(str(msg))))  # s3:// URIs, not scratch copies
+        log.error("cmce %s: %s%s", args.command, one_line(restore_uris(str(msg))),  # s3:// URIs, not scratch copies
+                  _cut_uploads())
         return 2
     except MemoryError:  # a setting or file that asks for more than this machine has: one line, not a traceback
         if args.debug:
@@ -1044,13 +1045,20 @@ def _out_of_memory(args: argparse.Namespace, detail: str) -> int:
     return 1
 
 
-def _interrupted(args: argparse.Namespace, signum: int) -> int:
+def _cut_uploads() -> str:
+    """"; s3://b/idx incomplete (its upload was cut)" for each s3:// folder whose replacement a failure or stop cut
+    short (S3 has no rename: the old one is gone); "" when there is none."""
     from cmce.s3 import partial_uploads
 
-    if partial_uploads:  # "whole or not written" would be untrue of an s3:// folder whose replacement was cut
-        log.error("cmce %s: interrupted (%s); %s incomplete (its upload was cut), every other output whole or not "
-                  "written", args.command, signal_name(signum), ", ".join(partial_uploads))
-        partial_uploads.clear()
+    cut = ", ".join(partial_uploads)
+    partial_uploads.clear()
+    return f"; {cut} incomplete (its upload was cut)" if cut else ""
+
+
+def _interrupted(args: argparse.Namespace, signum: int) -> int:
+    if cut := _cut_uploads():  # "whole or not written" would be untrue of an s3:// folder whose replacement was cut
+        log.error("cmce %s: interrupted (%s)%s, every other output whole or not written", args.command,
+                  signal_name(signum), cut)
         return 128 + signum
     log.error("cmce %s: interrupted (%s); each output is whole or not written", args.command,
               signal_name(signum))

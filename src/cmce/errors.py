@@ -3,10 +3,12 @@ to several lines, sometimes a server's whole reply or a C++ stack."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 
 # the packages of the clients a step talks to (MLflow, its database and HTTP stacks, boto): their errors are bad
 # input or an unreachable service, told in one line; cmce's own arrive as ValueError or OSError
@@ -80,6 +82,37 @@ def raise_if_terminated() -> None:
     """Before an output is renamed in: a step whose stop signal was swallowed commits nothing."""
     if _received:
         raise Terminated(_received[0])
+
+
+@contextlib.contextmanager
+def stop_deferred() -> Iterator[None]:
+    """Inside the block an ending signal is only recorded, and raised once it ends: for a short commit that, cut
+    half-way, would leave neither the old output nor the new one (an s3:// folder: S3 has no rename). Only the
+    main thread can change handlers; elsewhere the block runs as is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    held: list[int] = []  # not in _received yet: the block's requests are still retried as usual
+
+    def record(signum: int, _frame: object) -> None:
+        held.append(signum)
+
+    swapped = {}
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(signum) in (raise_terminated, signal.default_int_handler):
+                swapped[signum] = signal.signal(signum, record)
+    try:
+        yield
+    finally:
+        for signum, handler in swapped.items():
+            signal.signal(signum, handler)
+        _received.extend(held)
+    raise_if_terminated()
 
 
 def forget_signals() -> None:

@@ -29,12 +29,13 @@ import os
 import re
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cmce.errors import Terminated, received_signal
+from cmce.errors import Terminated, raise_if_terminated, received_signal, stop_deferred
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
@@ -239,9 +240,11 @@ def client() -> Any:
 _stopping = threading.Event()  # a download was left on a stop signal: its worker threads must not retry
 
 
-def _no_retry_when_stopping(**_: Any) -> None:
-    """botocore's needs-retry hook, first of all: a request that failed after a stop signal is not retried."""
-    if _stopping.is_set() or received_signal() is not None:
+def _no_retry_when_stopping(response: Any = None, caught_exception: BaseException | None = None, **_: Any) -> None:
+    """botocore's needs-retry hook, first of all: a request that failed after a stop signal is not retried (one
+    that succeeded, such as the removal of a staged upload, goes through)."""
+    failed = caught_exception is not None or (response is not None and response[0].status_code >= 400)
+    if failed and (_stopping.is_set() or received_signal() is not None):
         raise OSError(errno.ECANCELED, "the step is stopping: no retry")
 
 
@@ -799,25 +802,59 @@ def delete(uri: str) -> None:
 
 def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
     """Upload every file under `local` to the prefix `uri/`. With `last` (a completion marker such as an
-    index's meta.json) the old marker is deleted first and the new one is uploaded after every other file,
-    so a reader never finds a marker next to half-replaced files, and a failed upload leaves no marker."""
+    index's meta.json) the folder is replaced as nearly whole as S3 allows: the files go up under a staging
+    prefix inside it first (a failure or stop there leaves the old folder untouched, the staged objects
+    removed); then the old marker is deleted, the staged files are copied into place on the server and the new
+    marker is written after them. A stop signal waits for that short commit, so a reader finds the old folder,
+    the new one, or no marker (which readers refuse), never a marker next to half-replaced files."""
     u = parse(uri)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     rels = [p.relative_to(local).as_posix() for p in files]
-    if last is not None:
-        if last not in rels:
-            raise FileNotFoundError(f"{uri}: the step wrote no {last}")
-        delete(str(u.join(last)))
-        order = [r for r in rels if r != last] + [last]
-    else:
-        order = rels
-    try:
-        for rel in order:
+    if last is None:
+        for rel in rels:
             upload_file(local / rel, str(u.join(rel)))
-    except BaseException:
-        if last is not None:  # S3 has no rename: the old folder is gone, the new one partly there (no marker:
-            partial_uploads.append(uri)  # readers refuse it); said by the command's last line
+        return
+    if last not in rels:
+        raise FileNotFoundError(f"{uri}: the step wrote no {last}")
+    rels.remove(last)
+    staging = u.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+    try:
+        for rel in rels:
+            upload_file(local / rel, str(staging.join(rel)))
+        raise_if_terminated()  # a stop swallowed by the transfer's threads commits nothing
+        with stop_deferred():
+            _commit(local / last, u, staging, rels, last)
+    finally:
+        _remove_staged(staging, rels)
+
+
+STAGING_PREFIX = ".staging-"  # inside the folder: a reader of the folder's marker never lists it
+
+
+def _commit(marker: Path, u: S3Uri, staging: S3Uri, rels: list[str], last: str) -> None:
+    delete(str(u.join(last)))
+    try:
+        for rel in rels:
+            copy(str(staging.join(rel)), str(u.join(rel)))
+        upload_file(marker, str(u.join(last)))
+    except BaseException:  # S3 has no rename: the old folder is gone, the new one partly there (no marker:
+        partial_uploads.append(str(u))  # readers refuse it); said by the command's last line
         raise
+
+
+def _remove_staged(staging: S3Uri, rels: list[str]) -> None:
+    for rel in rels:
+        try:
+            delete(str(staging.join(rel)))
+        except (OSError, ValueError) as err:  # the step's own error (or stop) is the one to report
+            log.warning("%s: could not remove the staged copy (%s)", staging.join(rel), err)
+
+
+def copy(src: str, dst: str) -> None:
+    """A server-side copy (no bytes through this machine); in parts above the multipart threshold."""
+    s, d = parse(src), parse(dst)
+    with _errors(src, "copying"):
+        client().copy({"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key, Config=transfer_config())
 
 
 partial_uploads: list[str] = []  # s3:// folders whose replacement a failure or stop cut short (this process)
