@@ -178,7 +178,15 @@ def tracking_store(root: Path) -> str:
     check it before anything runs: its start-tracking task failed with a traceback, and was retried three times.
     A relative sqlite path (MLflow's docs write `sqlite:///mlflow.db`) names a file in the working folder: it is
     made absolute here, so that every task reads that one store (MLFLOW_REGISTRY_URI likewise)."""
-    from cmce.tracking import REGISTRY_ENV, absolute_uri, check_registry, check_store, check_uri_settings
+    from cmce.tracking import (
+        REGISTRY_ENV,
+        absolute_uri,
+        check_registry,
+        check_server,
+        check_store,
+        check_uri_settings,
+        credentials_to_env,
+    )
 
     check_uri_settings(None)
     if registry := os.environ.get(REGISTRY_ENV):
@@ -186,7 +194,8 @@ def tracking_store(root: Path) -> str:
     uri = absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}")
     check_store(uri, create=True)
     check_registry(uri, create=True)
-    return uri
+    check_server(uri)
+    return credentials_to_env(uri)  # the tasks get the password from the environment, not among their inputs
 
 
 def run_local(args: argparse.Namespace) -> Path:

@@ -18,6 +18,7 @@ from kfp import components
 
 from pipeline.__main__ import COMPILED, PACKAGES, _arguments, build_parser, compile_pipeline, run_local
 from tests.conftest import SMOKE
+from tests.s3server import free_ports
 
 GALLERY = ["resnet_a", "vgg_b"]
 
@@ -620,3 +621,70 @@ def test_flags_a_pipeline_does_not_take_are_refused_not_dropped(tmp_path, capsys
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compile", "--out-dir", "s3://b/p"])
     assert "argument --out-dir: s3://b/p: compile writes to a local folder" in capsys.readouterr().err
+
+
+def test_an_http_tracking_server_is_checked_and_its_password_kept_out_of_the_task_inputs(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """MLFLOW_TRACKING_URI=http://bob:pw@host: a dead server was found only by the first task, retried for minutes,
+    and the pipeline runner printed the password among each task's inputs and tracebacks. The server is asked once
+    before any task; the tasks get the URI without its user-info, the credentials in MLflow's own variables."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kfp import local
+
+    from pipeline.__main__ import main
+
+    heard = []
+
+    class Store(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self._answer()
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer()
+
+        def _answer(self):
+            heard.append(self.headers.get("Authorization"))
+            body = b'{"experiments": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead = free_ports(1)[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:pw123x@127.0.0.1:{dead}")
+    monkeypatch.setattr(local, "init", lambda **_: pytest.fail("a task ran"))
+    assert main(["run", "--local", "--root", str(tmp_path / "r1")]) == 2
+    error = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert f"MLFLOW_TRACKING_URI=http://***@127.0.0.1:{dead}: the tracking server cannot be used" in error, error
+    assert "pw123x" not in caplog.text and not (tmp_path / "r1").exists()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    seen = {}
+
+    def started(**_):
+        seen.update({k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                                    "MLFLOW_TRACKING_PASSWORD")})
+        raise OSError("stopped before any task")
+
+    try:
+        port = server.server_address[1]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:pw123x@127.0.0.1:{port}")
+        monkeypatch.setattr(local, "init", started)
+        assert main(["run", "--local", "--root", str(tmp_path / "r2")]) == 2
+    finally:
+        server.shutdown()
+    assert seen == {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_USERNAME": "bob",
+                    "MLFLOW_TRACKING_PASSWORD": "pw123x"}
+    assert heard and heard[0] == "Basic " + base64.b64encode(b"bob:pw123x").decode()

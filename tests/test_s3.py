@@ -447,6 +447,9 @@ def test_credentials_inside_a_uri_are_refused_and_not_echoed(tmp_path, caplog):
     assert "credentials inside an s3:// URI are refused" in caplog.text
     assert "topsecretvalue" not in caplog.text and "AKIAEXAMPLE" not in caplog.text
     assert redact("see http://user:pw@host:9000/x and s3://k:s@b/y") == "see http://***@host:9000/x and s3://***@b/y"
+    # a registered model's NAME@ALIAS is no user-info, however many slashes (it hid the name the user gave)
+    assert redact("models://cmce-query@candidate and runs://r@x") == "models://cmce-query@candidate and runs://r@x"
+    assert redact("xmodels://u:p@h") == "xmodels://***@h"
 
 
 def test_object_keys_cannot_leave_the_download_folder(tmp_path):

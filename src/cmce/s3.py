@@ -52,7 +52,8 @@ _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                # the proxies a client is made with (a client made before HTTP_PROXY was set never used it)
                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
                "no_proxy")
-_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
+# a URL's user-info; not after models:// or runs://, where NAME@ALIAS is a registered model, not a user
+_USERINFO = re.compile(r"(\b(?!(?:models|runs)://)[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
 
 def is_s3(uri: object) -> bool:

@@ -414,6 +414,36 @@ def _client(uri: str, create: bool = False):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_server(uri: str) -> None:
+    """Before a pipeline starts its tasks: an http(s) tracking server answers (one cheap request, MLflow's own
+    retries bounded by HTTP_DEFAULTS). Unchecked, the first task failed with tracebacks and was retried for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from cmce.s3 import redact
+
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow's and requests' errors alike: the server cannot be used
+        raise ValueError(f"MLFLOW_TRACKING_URI={redact(uri)}: the tracking server cannot be used "
+                         f"({redact(proxy_error(err, uri) or first_line(err, 300))})") from None
+
+
+def credentials_to_env(uri: str) -> str:
+    """`http://user:pw@host` → `http://host`, with MLFLOW_TRACKING_USERNAME / _PASSWORD set from it (read by
+    MLflow's HTTP client): a password in the URI was printed by the pipeline runner among each task's inputs."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
+
+
 def check_artifact_location(location: str) -> None:
     """An s3:// artifact location's bucket exists: checked through MLflow's S3 endpoint (MLFLOW_S3_ENDPOINT_URL,
     else the AWS chain's), before an experiment is pinned to it or a run opened (a typo in the bucket made every
