@@ -223,6 +223,7 @@ def run_local(args: argparse.Namespace) -> Path:
     # folders inside it (each task's shell left a `mktemp -d` folder in the temp folder, run or stopped)
     workspace = tempfile.mkdtemp(prefix="kfp-workspace-")
     stopping.workspace = workspace
+    stopping.root, stopping.before = root, set(root.iterdir())
     previous_tmpdir = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = os.path.join(workspace, "tmp")  # read by the tasks only: this process's is fixed
     os.mkdir(os.environ["TMPDIR"])
@@ -230,8 +231,13 @@ def run_local(args: argparse.Namespace) -> Path:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), workspace_root=workspace)
         started = time.time()
         run(**arguments, mlflow_uri="" if args.no_mlflow else uri)
+    except RuntimeError as err:  # kfp.local: "Pipeline 'cmce' finished with status FAILURE. Inner task failed: …"
+        if "finished with status" not in str(err):
+            raise
+        closed = close_parent_run(root, stopping.before, "FAILED")
+        raise PipelineFailed(f"{ANSI.sub('', str(err))} (its output is above){closed}") from None
     finally:
-        stopping.workspace = None
+        stopping.workspace = stopping.root = None
         if previous_tmpdir is None:
             os.environ.pop("TMPDIR", None)
         else:
@@ -258,9 +264,42 @@ def run_local(args: argparse.Namespace) -> Path:
 
 
 class _Stopping:
-    """What an ending signal must clean up: the workspace of the run under way; the signals taken."""
+    """What an ending signal must clean up: the workspace of the run under way, the parent MLflow run it opened
+    (its folder is the one under root not in before); the signals taken."""
     workspace: str | None = None
+    root: Path | None = None
+    before: set[Path] = set()
     signals: tuple[int, ...] = ()
+
+
+class PipelineFailed(Exception):
+    """A task of a local run failed (its own output says why); exit status 1."""
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its lines
+
+
+def close_parent_run(root: Path, before: set[Path], status: str) -> str:
+    """End the parent MLflow run of the local run whose folder appeared under `root` (absent from `before`) as
+    `status`, if it is still RUNNING: a run stopped or failed before its last task stayed RUNNING for good.
+    Returns "; MLflow run ID marked STATUS" for the last line, or "" (none open, or the store cannot be reached:
+    said in a warning)."""
+    from cmce.tracking import TrackingInfo, end_if_running
+
+    said = []
+    for track in sorted(root.glob("*/start-tracking/tracking")):
+        if track.parent.parent in before:
+            continue
+        try:
+            info = TrackingInfo.read(track)
+            if end_if_running(info, status):
+                said.append(f"; MLflow run {info.run_id} marked {status}")
+        except Exception as err:  # noqa: BLE001 - the run's own failure or stop is what to report
+            from cmce.errors import first_line
+            from cmce.s3 import redact
+
+            log.warning("the MLflow run of %s stays open: %s", track.parent.parent.name, redact(first_line(err)))
+    return "".join(said)
 
 
 stopping = _Stopping()
@@ -289,8 +328,9 @@ def stop(signum: int, _frame: object) -> None:
     handler = logging.StreamHandler(sys.stderr)  # kfp.local points the root logger at stdout while a task runs
     handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     logging.getLogger().handlers[:] = [handler]
-    log.error("python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files removed",
-              signal_name(signum), stopped)
+    closed = close_parent_run(stopping.root, stopping.before, "KILLED") if stopping.root else ""
+    log.error("python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files removed%s",
+              signal_name(signum), stopped, closed)
     logging.shutdown()
     with contextlib.suppress(Exception):  # closed, or a reader gone: nothing more to say there
         sys.stdout.flush()
@@ -447,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
 
         log.error("python -m pipeline %s: %s", args.command, redact(str(err)))  # `--host https://user:pw@…`
         return 2
+    except PipelineFailed as err:
+        log.error("python -m pipeline %s: %s", args.command, err)
+        return 1
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -610,6 +610,34 @@ def test_a_stopped_local_run_leaves_no_task_and_nothing_in_the_temp_folder(tmp_p
     assert not any(task.is_running() and task.status() != psutil.STATUS_ZOMBIE for task in tasks)
 
 
+def test_a_stopped_local_run_marks_its_parent_mlflow_run_killed(tmp_path):
+    """A local run stopped once its parent MLflow run was open: the run stayed RUNNING for good."""
+    from mlflow import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {**os.environ, "PYTHONPATH": path, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--local", "--root", str(tmp_path / "r")],
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, track = time.monotonic() + 120, None
+        while track is None and proc.poll() is None and time.monotonic() < deadline:  # the parent run is open
+            track = next((tmp_path / "r").glob("*/start-tracking/tracking"), None)
+            time.sleep(0.1)
+        assert track is not None, "start-tracking did not finish"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_id = json.loads(track.read_text())["run_id"]
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert f"; MLflow run {run_id} marked KILLED" in err, err[-2000:]
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "KILLED"
+
+
 def test_flags_a_pipeline_does_not_take_are_refused_not_dropped(tmp_path, capsys):
     """`--pipeline add-gallery-model --embed-shards 3` ran 102 s, the flag dropped unsaid; `compile --out-dir
     s3://b/p` said `s3:/b/p: no such folder`."""
@@ -688,3 +716,44 @@ def test_an_http_tracking_server_is_checked_and_its_password_kept_out_of_the_tas
     assert seen == {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_USERNAME": "bob",
                     "MLFLOW_TRACKING_PASSWORD": "pw123x"}
     assert heard and heard[0] == "Basic " + base64.b64encode(b"bob:pw123x").decode()
+
+
+def test_a_failed_local_run_closes_its_parent_mlflow_run_and_says_so_in_one_line(tmp_path, monkeypatch, caplog):
+    """A task failing after start-tracking: kfp.local's RuntimeError came as a traceback (with colour codes), and
+    the parent MLflow run stayed RUNNING for good, as after a stop. It is marked FAILED (KILLED on a stop), once,
+    only the run this command made (an older run folder's parent is left alone), and the line says so."""
+    from mlflow import MlflowClient
+
+    import pipeline.__main__ as runner
+    from cmce.tracking import start_parent_run
+
+    root = tmp_path / "root"
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    older = start_parent_run(uri, "older", {})  # an earlier run's, in a folder made before this command
+    (root / "cmce-old" / "start-tracking").mkdir(parents=True)
+    (root / "cmce-old" / "start-tracking" / "tracking").write_text(json.dumps({"uri": uri, "run_id": older}))
+    made = []
+
+    def failing(**kwargs):
+        run_id = start_parent_run(kwargs["mlflow_uri"], "cmce", {})
+        made.append(run_id)
+        folder = root / "cmce-new" / "start-tracking"
+        folder.mkdir(parents=True)
+        (folder / "tracking").write_text(json.dumps({"uri": kwargs["mlflow_uri"], "run_id": run_id}))
+        raise RuntimeError("Pipeline \x1b[95m'cmce'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m. "
+                           "Inner task failed: \x1b[96m'train-model'\x1b[0m.")
+
+    monkeypatch.setattr(runner, "pipeline_function", lambda *_: failing)
+    caplog.clear()
+    assert runner.main(["run", "--local", "--root", str(root)]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["python -m pipeline run: Pipeline 'cmce' finished with status FAILURE. Inner task failed: "
+                      f"'train-model'. (its output is above); MLflow run {made[0]} marked FAILED"], errors
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(made[0]).info.status == "FAILED"
+    assert client.get_run(older).info.status == "RUNNING"
+    # given every folder: the one ended already is not marked twice
+    assert runner.close_parent_run(root, set(), "KILLED") == f"; MLflow run {older} marked KILLED"
+    assert client.get_run(made[0]).info.status == "FAILED"

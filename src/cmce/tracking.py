@@ -548,6 +548,18 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status)
 
 
+def end_if_running(info: TrackingInfo, status: str) -> bool:
+    """End the run as `status` if it is still RUNNING (a pipeline stopped, or failed before the task that closes
+    it); True when it was ended here."""
+    if not info.on:
+        return False
+    client = _client(info.uri)
+    if client.get_run(info.run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(info.run_id, status)
+    return True
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
