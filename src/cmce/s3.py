@@ -827,6 +827,7 @@ def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
             _commit(local / last, u, staging, rels, last)
     finally:
         _remove_staged(staging, rels)
+    _remove_left_staging(u, staging)
 
 
 STAGING_PREFIX = ".staging-"  # inside the folder: a reader of the folder's marker never lists it
@@ -848,7 +849,22 @@ def _remove_staged(staging: S3Uri, rels: list[str]) -> None:
         try:
             delete(str(staging.join(rel)))
         except (OSError, ValueError) as err:  # the step's own error (or stop) is the one to report
-            log.warning("%s: could not remove the staged copy (%s)", staging.join(rel), err)
+            log.warning("%s: staged copies left (%s); the next replacement of the folder removes them", staging, err)
+            return  # the server that refused one refuses the others: no retries of each
+
+
+def _remove_left_staging(u: S3Uri, ours: S3Uri) -> None:
+    """After a commit: the staging prefixes an earlier replacement of the folder could not remove (a killed
+    process, a server gone). A second writer of the same folder at the same time loses its staged files: two
+    concurrent replacements of one s3:// folder cannot both win, and the other one then fails naming it."""
+    try:
+        left = list_keys(str(u))
+    except (OSError, ValueError):  # a writer without s3:ListBucket: nothing to look at, the output is whole
+        return
+    for rel in left:
+        if rel.startswith(STAGING_PREFIX) and not str(u.join(rel)).startswith(f"{ours}/"):
+            with contextlib.suppress(OSError, ValueError):
+                delete(str(u.join(rel)))
 
 
 def copy(src: str, dst: str) -> None:

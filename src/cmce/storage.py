@@ -421,7 +421,8 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
         if size is not None:
             raise ValueError(f"{uri}: is an object (a file), not an output folder; give another prefix")
         if own is not None:
-            _refuse_foreign(uri, [k.split("/", 1)[0] for k in s3.list_keys(uri)], own)
+            names = [k.split("/", 1)[0] for k in s3.list_keys(uri)]  # an earlier upload's staging left: its own
+            _refuse_foreign(uri, [n for n in names if not n.startswith(s3.STAGING_PREFIX)], own)
         return
     if s3.is_prefix(uri):
         raise ValueError(f"{uri}: is a folder (a prefix holding objects); this output is a file, give its key")
