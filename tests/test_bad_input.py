@@ -1945,6 +1945,41 @@ def test_a_checkpoint_with_bytes_appended_is_named_as_damaged(world, tmp_path, c
                    "--limit", "1"], tmp_path / "unused", f"{query}: 300 byte(s) follow the end")
 
 
+def _flip_in_entry(path: Path, entry_prefix: str) -> str:
+    """Flip one bit inside the first entry of the zip archive at `path` whose name holds `entry_prefix`, leaving its
+    stored CRC-32 as it was (bit rot, not a rewrite); returns the entry's name."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if entry_prefix in i.filename and i.file_size > 8)
+    data = bytearray(path.read_bytes())
+    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[info.header_offset + 30 + name_len + extra_len + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_flipped_bit_in_a_checkpoint_or_a_gallery_page_is_named_as_damage(world, tmp_path, caplog):
+    """torch does not check its archive's CRCs, and a Parquet page that still decodes gave a changed embedding:
+    export-query wrote an ONNX of the changed weights ("parity" against the same weights), upgrade-query-model
+    a gallery with one row changed (exit 0). Checkpoints' entry CRCs and galleries' page checksums are checked."""
+    query = Path(shutil.copyfile(world.query, tmp_path / "q.pt"))
+    entry = _flip_in_entry(query, "/data/")
+    out = tmp_path / "q.onnx"
+    fails(caplog, ["export-query", "--query-model", query, "--out", out], out,
+          f"{query}: damaged: the checksum of '{entry}' in the checkpoint's archive does not match its bytes")
+    gallery = bytearray(world.gallery.read_bytes())
+    group = pq.ParquetFile(world.gallery).metadata.row_group(0)
+    chunk = next(c for c in map(group.column, range(group.num_columns)) if c.path_in_schema.startswith("embedding."))
+    gallery[chunk.data_page_offset + chunk.total_compressed_size - 10] ^= 0x40  # among the embeddings' values
+    bad = tmp_path / "gallery.parquet"
+    bad.write_bytes(bytes(gallery))
+    index = tmp_path / "index"
+    fails(caplog, ["build-index", "--gallery", bad, "--out", index], index, f"{bad}: damaged: ",
+          "CRC checksum verification failed")
+
+
 def test_an_output_file_is_replaced_only_by_a_file_of_its_format_and_kind(world, tmp_path, caplog):
     """fit-transform --out naming a gallery replaced the gallery with a checkpoint (exit 0)."""
     gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))

@@ -100,15 +100,34 @@ def test_a_fit_with_input_dropout_resumes_to_the_uninterrupted_one(tmp_path, mon
     assert all(torch.equal(state[k], expected_state[k]) for k in expected_state)
 
 
+def _flip_in_entry(path, part):
+    """One bit flipped inside the first zip entry whose name holds `part`, its stored CRC-32 left as it was."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if part in i.filename and i.file_size > 8)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = (int.from_bytes(data[info.header_offset + a:info.header_offset + a + 2], "little")
+                           for a in (26, 28))
+    data[info.header_offset + 30 + name_len + extra_len + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
 def test_a_resume_file_for_other_settings_or_unreadable_is_ignored(tmp_path, monkeypatch, caplog):
     cfg = TransformConfig(hidden_dim=16, epochs=6, batch_size=32)
     expected_state, expected_history = _fit(cfg, None)
     path = tmp_path / "t.pt.resume"
     for written_by, needle in ((TransformConfig(hidden_dim=16, epochs=6, batch_size=32, lr=0.01),
                                 "written for other settings"),
-                               (None, "unreadable resume file, starting over")):
+                               (None, "unreadable resume file, starting over"),
+                               ("flipped", "in the checkpoint's archive does not match its bytes; starting over")):
         if written_by is None:
             path.write_bytes(b"not a checkpoint")
+        elif written_by == "flipped":  # a bit of a saved weight rotted: training went on from the changed weight
+            path.unlink()
+            with crash_after_epoch(monkeypatch, 3):
+                _fit(cfg, Resume(path, fingerprint(transform=cfg)))
+            _flip_in_entry(path, "/data/")
         else:
             with crash_after_epoch(monkeypatch, 3):
                 _fit(written_by, Resume(path, fingerprint(transform=written_by)))

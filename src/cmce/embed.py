@@ -36,6 +36,7 @@ from cmce.tables import (
     embedding_column,
     int_column,
     iter_batches,
+    open_parquet,
     read_metadata,
     read_row_group,
     read_schema,
@@ -232,7 +233,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
                                                                                                strict=True))
             raise TableError(f"members cover different parts of the split ({shown}); combine members of one shard, "
                              "or merge each member's shards first (cmce merge)")
-        files = [pq.ParquetFile(p) for p in member_paths]
+        files = [open_parquet(p) for p in member_paths]
         rows = [f.metadata.num_rows for f in files]
         if len(set(rows)) != 1:
             shown = "; ".join(f"{p}: {n} rows" for p, n in zip(member_paths, rows, strict=True))
@@ -340,7 +341,7 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
         out = Path(out)
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
             for p in ordered:
-                pf = pq.ParquetFile(p)
+                pf = open_parquet(p)
                 if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
                     raise TableError(f"{p}: columns differ from {ordered[0]}")
                 for rg in range(pf.num_row_groups):

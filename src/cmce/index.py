@@ -368,7 +368,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
                                  "meta.json")
     where = f"{shown}/ids.parquet"
     try:
-        table = pq.read_table(d / "ids.parquet")
+        table = pq.read_table(d / "ids.parquet", page_checksum_verification=True)
         ids, labels = string_column(table, "id", where), int_column(table, "label", where)
         uncertainty = float_column(table, "uncertainty", where)
     except (pa.ArrowException, OSError) as err:
@@ -431,7 +431,7 @@ def check_rejected(path: Path, where: str, ids: list[str], uncertainty: np.ndarr
     """rejected.parquet as build_index writes it: unique ids, none of them indexed, as many as meta.json counts,
     and (rejection keeps the least uncertain items) none less uncertain than an indexed item."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
         rejected = string_column(table, "id", where)
         unc = float_column(table, "uncertainty", where) if "uncertainty" in table.column_names else None
     except (pa.ArrowException, OSError) as err:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cmce import distributed as ddp
-from cmce.checkpoint import save_torch
+from cmce.checkpoint import archive_damage, save_torch
 from cmce.storage import clean_stale_temps, file_sha256
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,9 @@ class Resume:
 
     def _read(self) -> dict[str, Any] | None:
         if not self.path.exists():
+            return None
+        if (damaged := archive_damage(self.path)) is not None:  # training would go on from changed weights
+            log.warning("%s: %s; starting over", self.path, damaged)
             return None
         try:
             obj = torch.load(self.path, map_location="cpu", weights_only=True)

@@ -43,7 +43,17 @@ def writer_options(schema: pa.Schema) -> dict[str, Any]:
     ~4x slower and, after the fallback, the file ~30 % larger."""
     keep = [f.name for f in schema
             if not (pa.types.is_floating(f.type) or pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))]
-    return {"use_dictionary": keep}
+    return {"use_dictionary": keep, **CHECKSUMS}
+
+
+# each data page carries the CRC-32 of its bytes, checked by every cmce read (open_parquet): a flipped bit inside a
+# page that still decoded changed an embedding silently (exit 0). Files written without them read as before.
+CHECKSUMS = {"write_page_checksum": True}
+
+
+def open_parquet(source: Any) -> pq.ParquetFile:
+    """pq.ParquetFile of a path or open file, every page's checksum verified as it is read."""
+    return pq.ParquetFile(source, page_checksum_verification=True)
 
 
 def write_table(table: pa.Table, path: str | Path, row_group_size: int = 8192) -> Path:
@@ -125,7 +135,7 @@ def read_snapshot(path: str | Path, columns: list[str], kind: str, optional: lis
         raise TableError(f"{path}: {err.strerror}") from None
     with f:
         try:
-            parquet = pq.ParquetFile(f)
+            parquet = open_parquet(f)
             schema = parquet.schema_arrow
         except (pa.ArrowInvalid, OSError) as err:
             raise TableError(f"{path}: not a readable Parquet file: {err}") from None
@@ -153,13 +163,15 @@ def unreadable(path: str | Path, err: BaseException) -> TableError:
         # file unreadable and a row that is not the null one
         return TableError(f"{path}: column '{column}' has null rows, which a fixed-size list column cannot hold "
                           "(Arrow writes them and cannot read them back); write every row's values")
+    if "checksum verification failed" in text:  # a page's bytes changed since it was written (CHECKSUMS)
+        return TableError(f"{path}: damaged: {text}; copy it again from its source")
     return TableError(f"{path}: not a readable Parquet file: {text}")
 
 
 def _fixed_list_with_nulls(path: str | Path) -> str | None:
     """The fixed-size list column of `path` that cannot be read back, or None."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
         for field in parquet.schema_arrow:
             if pa.types.is_fixed_size_list(field.type):
                 try:
@@ -174,7 +186,7 @@ def _fixed_list_with_nulls(path: str | Path) -> str | None:
 def iter_batches(path: str | Path, batch_size: int) -> Iterator[pa.RecordBatch]:
     """The record batches of a Parquet file in order; a damaged page fails naming the file."""
     try:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+        yield from open_parquet(path).iter_batches(batch_size=batch_size)
     except (pa.ArrowException, OSError) as err:
         raise unreadable(path, err) from None
 
@@ -189,7 +201,7 @@ def read_row_group(pf: pq.ParquetFile, path: str | Path, i: int) -> pa.Table:
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     read_schema(path, columns)
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:  # a valid footer over damaged data pages
         raise unreadable(path, err) from None
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from cmce.data.codec import decode_image
 from cmce.data.readers import SplitArrays, open_dataset, read_row_group, split_rows
 from cmce.data.schema import DataError
-from cmce.tables import IdsDigest
+from cmce.tables import IdsDigest, open_parquet
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class SplitChunks(Dataset):
 
     def __getitem__(self, k: int) -> SplitArrays:
         if self._file is None:
-            self._file = pq.ParquetFile(self.path)
+            self._file = open_parquet(self.path)
         rg, rows = self.chunks[k]
         if self._group is None or self._group[0] != rg:
             self._group = (rg, read_row_group(self._file, self.path, rg, ["id", "label", "image"]))

@@ -19,7 +19,7 @@ from cmce.data.readers import dataset_info, open_dataset
 from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
 from cmce.data.sources import get_source
 from cmce.storage import atomic_path
-from cmce.tables import check_unique_ids
+from cmce.tables import CHECKSUMS, check_unique_ids
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     check_unique_ids(table.column("id").to_pylist(), str(out))
     out = Path(out)
     with atomic_path(out) as tmp:
-        pq.write_table(table, tmp, row_group_size=4096)
+        pq.write_table(table, tmp, row_group_size=4096, **CHECKSUMS)
     log.info("wrote %s: %s images (%s)", out, len(keep), counts)
     return out
 
@@ -125,6 +125,6 @@ def carve_validation(dataset: str | Path, out: str | Path, fraction: float, seed
     train = train.replace_schema_metadata({**(table.schema.metadata or {}), b"cmce": json.dumps(info)})
     out = Path(out)
     with atomic_path(out) as tmp:
-        pq.write_table(train, tmp, row_group_size=4096)
+        pq.write_table(train, tmp, row_group_size=4096, **CHECKSUMS)
     log.info("wrote %s: validation dataset, %d train / %d test images", out, int((~carved).sum()), int(carved.sum()))
     return out

@@ -23,7 +23,7 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
     if not path.exists():
         raise DataError(f"{path}: dataset file not found")
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, page_checksum_verification=True)  # a flipped bit in a page: an error, not a pixel
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file: {err}") from None
     names = set(pf.schema_arrow.names)

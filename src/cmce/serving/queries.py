@@ -45,7 +45,7 @@ def class_names(dataset: Path) -> list[str]:
     classes = dataset_info(dataset).get("classes")
     if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
         return classes
-    table = pq.read_table(dataset, columns=["label", "class_name"])
+    table = pq.read_table(dataset, columns=["label", "class_name"], page_checksum_verification=True)
     names = dict(zip(table.column("label").to_pylist(), table.column("class_name").to_pylist(), strict=True))
     return [names.get(label, "") for label in range(max(names, default=-1) + 1)]
 
