@@ -872,9 +872,12 @@ def test_a_container_credentials_host_botocore_refuses_is_named_by_its_variable(
         cmce_s3.client()
 
 
-def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retries(tmp_path):
+@pytest.mark.parametrize("server", ["silent", "trickling"])
+def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retries(tmp_path, server):
     """SIGTERM while a worker thread waited on a server that answers HEAD and LIST but never a GET: the step kept
-    running through every retry (AWS_MAX_ATTEMPTS × read timeout; 100 s by default) before it stopped."""
+    running through every retry (AWS_MAX_ATTEMPTS × read timeout; 100 s by default) before it stopped. One that
+    sends the object a few bytes at a time (a slow link): the process logged its stop at once, then waited for the
+    worker's read of 256 KB to end before it exited (112 s at 1.5 KB/s)."""
     import http.server
 
     got = threading.Event()
@@ -900,7 +903,16 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
                 self.wfile.write(body)
                 return
             got.set()
-            time.sleep(60)  # the object never comes
+            if server == "silent":
+                time.sleep(60)  # the object never comes
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "4096")
+            self.end_headers()
+            for _ in range(600):  # 5 bytes a second: the read under way never times out
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
 
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
     web.daemon_threads = True

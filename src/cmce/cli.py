@@ -28,6 +28,7 @@ from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import (
     Terminated,
+    exit_process,
     first_line,
     forget_signals,
     from_client,
@@ -1065,5 +1066,10 @@ def _interrupted(args: argparse.Namespace, signum: int) -> int:
     return 128 + signum
 
 
+def entry() -> None:
+    """The `cmce` command (console script and `python -m cmce`)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import yaml
@@ -185,4 +184,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cmce.errors import exit_process
+
+    exit_process(main())
