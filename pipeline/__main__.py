@@ -464,13 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cmce.errors import set_up_command
+    from cmce.errors import not_ignored, set_up_command
 
     set_up_command()
     args = build_parser().parse_args(argv)
     handlers = {}
     if args.command == "run" and threading.current_thread() is threading.main_thread():
-        handlers = {signum: signal.signal(signum, stop) for signum in ending_signals()}
+        handlers = {signum: signal.signal(signum, stop) for signum in not_ignored(ending_signals())}
         stopping.signals = tuple(handlers)
     try:
         if args.command == "compile":

@@ -1603,6 +1603,30 @@ def test_an_interrupt_is_one_line_and_leaves_no_partial_output(world, tmp_path, 
     assert out.read_bytes() == PREVIOUS and leftovers(tmp_path) == []
 
 
+def test_a_signal_the_caller_ignores_stays_ignored(world, tmp_path, caplog, monkeypatch):
+    """`nohup cmce train …` then SIGHUP (the terminal closed): nohup had set SIGHUP to be ignored so that the
+    command outlives its terminal, and cmce's own handler stopped it (exit 129, the training lost)."""
+    import cmce.embed
+
+    real, calls = cmce.embed.embed_batch, {"n": 0}
+
+    def hung_up(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmce.embed, "embed_batch", hung_up)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        out = tmp_path / "member.parquet"
+        assert main([str(a) for a in embed_member_args(world)] + ["--out", str(out), "--batch-size", "8"]) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert calls["n"] > 2 and out.exists()
+
+
 @pytest.mark.parametrize("after", ["finishes", "fails_later", "writes_nothing"])
 def test_a_stop_signal_a_library_swallows_still_stops_the_step(world, tmp_path, caplog, monkeypatch, after):
     """SIGTERM landing in pyarrow's lazy import of pandas: its exception was swallowed in the C extension's init,

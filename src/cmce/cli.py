@@ -32,6 +32,7 @@ from cmce.errors import (
     first_line,
     forget_signals,
     from_client,
+    not_ignored,
     raise_terminated,
     received_signal,
     set_up_command,
@@ -864,7 +865,7 @@ def _terminate_by_exception() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
     ending = (*TERMINATING, *unclaimed_ending_signals())  # SIGALRM, SIGXCPU, …: unless a caller handles them
-    return {signum: signal.signal(signum, raise_terminated) for signum in ending}
+    return {signum: signal.signal(signum, raise_terminated) for signum in not_ignored(ending)}
 
 
 def _say(text: str, or_log: bool = False) -> None:

@@ -115,6 +115,14 @@ def stop_deferred() -> Iterator[None]:
     raise_if_terminated()
 
 
+def not_ignored(signums: object) -> list[int]:
+    """The signals of `signums` the caller has not set to be ignored: `nohup` ignores SIGHUP (and `trap '' TERM`
+    SIGTERM) so that a command outlives its terminal; a handler of cmce's stopped it all the same."""
+    import signal
+
+    return [signum for signum in signums if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 def exit_process(code: int) -> None:
     """End a command's process with `code`. After a stop (128 + signal) at once, its cleanups done: a transfer's
     worker thread still in a read of a slow download (s3transfer's, or MLflow's) held the exit until that read

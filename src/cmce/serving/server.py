@@ -27,7 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmce.data.codec import pixel_limit
-from cmce.errors import Terminated, escape_controls, forget_signals, unclaimed_ending_signals
+from cmce.errors import Terminated, escape_controls, forget_signals, not_ignored, unclaimed_ending_signals
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits, class_names
 from cmce.serving.state import Holder, QueryModelSource
@@ -359,7 +359,7 @@ def _hangup_stops(server: _Server) -> Iterator[None]:
         yield
         return
     stops = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, *unclaimed_ending_signals())
-    previous = {signum: signal.signal(signum, lambda *_: server.stop()) for signum in stops}
+    previous = {signum: signal.signal(signum, lambda *_: server.stop()) for signum in not_ignored(stops)}
     try:
         yield
     finally:
