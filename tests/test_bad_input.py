@@ -1000,10 +1000,14 @@ def test_a_crafted_transformation_size_is_refused(world, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("raw,message", [(b"{not json", "its cmce metadata is not JSON"),
-                                         (b"[1, 2]", "its cmce metadata is a JSON list, not an object")])
+                                         (b"[1, 2]", "its cmce metadata is a JSON list, not an object"),
+                                         (None, "its cmce metadata holds key 'kind' given twice in one JSON object")])
 def test_gallery_metadata_that_is_not_a_json_object(world, tmp_path, caplog, raw, message):
     table = pq.read_table(world.gallery)
     gallery = tmp_path / "gallery.parquet"
+    if raw is None:  # a key twice: the last value was read silently
+        raw = table.schema.metadata[b"cmce"].replace(b'"kind":', b'"kind": "query", "kind":', 1)
+        assert raw != table.schema.metadata[b"cmce"]
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": raw}), gallery)
     fails(caplog, ["build-index", "--gallery", gallery, "--out", tmp_path / "index"], tmp_path / "index",
           f"{gallery}: {message}")
@@ -1559,6 +1563,37 @@ def test_a_label_beyond_the_class_limit_is_refused_before_training(world, tmp_pa
 ])
 def test_flags_that_exclude_each_other(tmp_path, caplog, argv, message):
     fails(caplog, argv, tmp_path / "O", message)
+
+
+def test_dataset_metadata_with_a_key_twice_is_named(world, tmp_path, caplog):
+    """The last of two values of a key in a dataset's cmce metadata was read without a word."""
+    import re
+
+    table = pq.read_table(world.dataset)
+    raw = table.schema.metadata[b"cmce"]
+    key = re.match(rb'\{"([^"]+)": ', raw).group(1)
+    dataset = tmp_path / "dataset.parquet"
+    twice = raw.replace(b'"' + key + b'": ', b'"' + key + b'": 0, "' + key + b'": ', 1)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": twice}), dataset)
+    out = tmp_path / "q.pt"
+    fails(caplog, ["train", "--config", SMOKE, *TINY, "--set", "train.epochs=1", "--dataset", dataset, "--model",
+                   "query", "--out", out], out,
+          f"{dataset}: its cmce metadata is not usable JSON: key '{key.decode()}' given twice in one JSON object")
+
+
+def test_index_metadata_with_a_key_twice_or_a_cut_sha256_is_named(world, tmp_path, caplog):
+    """`"dim": 32, "dim": 48` in meta.json was read as 48 and blamed on the query model; a query_model_sha256 cut
+    to 12 digits was refused as "built for query model 92195e9e8b60, but query model 92195e9e8b60 was given"."""
+    import json
+
+    meta = json.loads((world.index / "meta.json").read_text())
+    twice = shutil.copytree(world.index, tmp_path / "twice")
+    (twice / "meta.json").write_text(json.dumps(meta).replace('"dim": ', '"dim": 48, "dim": ', 1))
+    fails(caplog, _search(world, twice), twice, f"{twice}/meta.json: key 'dim' given twice in one JSON object")
+    cut = shutil.copytree(world.index, tmp_path / "cut")
+    (cut / "meta.json").write_text(json.dumps({**meta, "query_model_sha256": meta["query_model_sha256"][:12]}))
+    fails(caplog, _search(world, cut), cut,
+          f"{cut}/meta.json: query_model_sha256 is \"{meta['query_model_sha256'][:12]}\", not a sha256")
 
 
 def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
@@ -3411,6 +3446,9 @@ def test_a_foreign_file_or_a_folder_at_the_resume_path_is_refused_before_trainin
     (tmp_path / "r3.pt.resume").mkdir()
     fails(caplog, [*train, "--out", tmp_path / "r3.pt"], tmp_path / "r3.pt",
           f"{tmp_path / 'r3.pt.resume'}: the resume file of --out is a folder")
+    os.mkfifo(tmp_path / "r4.pt.resume")  # was called a folder
+    fails(caplog, [*train, "--out", tmp_path / "r4.pt"], tmp_path / "r4.pt",
+          f"{tmp_path / 'r4.pt.resume'}: the resume file of --out is a pipe, device or socket")
 
 
 def test_a_default_work_folder_holding_an_input_is_refused_like_a_given_one(world, tmp_path, caplog):

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -339,8 +340,12 @@ def test_doubled_braces_are_literal_braces_in_a_stage_command(tmp_path, caplog, 
 
     cfg = load_config(SMOKE)
     name = cfg.query_model.name
-    assert resolve(["o/{{run}}.pt", "{{{query_model.name}}}", "a}}{{b", "{{}}", "x{y"], cfg, None) == [
-        "o/{run}.pt", f"{{{name}}}", "a}{b", "{}", "x{y"]
+    assert resolve(["o/{{run}}.pt", "{{{query_model.name}}}", "a}}{{b", "{{}}"], cfg, None) == [
+        "o/{run}.pt", f"{{{name}}}", "a}{b", "{}"]
+    # a single brace is refused, as str.format refuses it: `o/x_{query_model.name}}.pt` wrote `o/x_query}.pt`
+    for arg, at in (("o/x_{query_model.name}}.pt", 23), ("x{y", 2), ("{a-b}", 1)):
+        with pytest.raises(ValueError, match=rf"^'{re.escape(arg)}': a single '[{{}}]' at character {at}; "):
+            resolve([arg], cfg, None)
     monkeypatch.delenv("DVC_STAGE", raising=False)
     error = _stage_error(caplog, ["train", "--config", str(SMOKE), "--out", str(tmp_path / "{run}.pt")])
     assert "{run}: not a config value" in error

@@ -241,8 +241,8 @@ def _check_resume_file(path: Path) -> None:
     from cmce.storage import file_format
 
     if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise ValueError(f"{path}: the resume file of --out is {'a link' if path.is_symlink() else 'a folder'}; "
-                         "move it, or give another --out")
+        what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a pipe, device or socket"
+        raise ValueError(f"{path}: the resume file of --out is {what}; move it, or give another --out")
     if path.exists() and (kind := file_format(path)) != "checkpoint":
         raise ValueError(f"{path}: the resume file of --out holds {f'a {kind} file' if kind else 'a foreign file'}, "
                          "not a saved training state; move it, or give another --out")

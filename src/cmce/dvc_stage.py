@@ -27,7 +27,8 @@ from cmce.config import Config, check_model_name, load_config, parse_overrides, 
 from cmce.storage import local_input
 
 log = logging.getLogger("cmce")
-PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}")  # `{{`, `}}`: literal braces
+# `{{`, `}}`: literal braces; a brace left over (`{x}}`, `{a-b}`) is refused, as str.format refuses it
+PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}|([{}])")
 DEFAULT_PARAMS = "params.yaml"  # DVC's own default params file, in the stage's folder
 
 
@@ -72,6 +73,9 @@ def config_value(cfg: Config, dotted: str, stage: str | None) -> str:
 
 def resolve(args: list[str], cfg: Config, stage: str | None) -> list[str]:
     def value(m: re.Match[str]) -> str:
+        if m.group(2):  # was kept as a literal brace: `o/x_{query_model.name}}.pt` wrote `o/x_query}.pt`
+            raise ValueError(f"{m.string!r}: a single {m.group(2)!r} at character {m.start() + 1}; a placeholder is "
+                             "{dotted.key}, a literal brace is written twice ('{{' or '}}')")
         return config_value(cfg, m.group(1), stage) if m.group(1) else m.group(0)[0]  # `{{` → `{`, `}}` → `}`
 
     return [PLACEHOLDER.sub(value, a) for a in args]

@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmce import s3
+from cmce import s3, strict_json
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
 from cmce.errors import last_line
 from cmce.method import normalize, rejection_mask
+from cmce.provenance import SHA256
 from cmce.storage import (
     atomic_dir,
     check_replaceable,
@@ -333,7 +334,9 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
     d = index_folder(index_dir)
     meta_path = d / "meta.json"
     try:
-        meta = json.loads(read_regular(meta_path))
+        meta = strict_json.loads(read_regular(meta_path))
+    except strict_json.DuplicateKeyError as err:  # the last value was read: a hand edit, or two merged
+        raise IndexLoadError(f"{shown}/meta.json: {err}; give it once") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexLoadError(f"{shown}/meta.json: not valid JSON: {err}") from None
     except OSError as err:
@@ -348,6 +351,10 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         if key in meta and not (isinstance(meta[key], kinds) and not isinstance(meta[key], bool)):
             raise IndexLoadError(f"{shown}/meta.json: {key} is {json.dumps(meta[key])[:40]}, expected "
                                  f"{' or '.join(JSON_NAMES[k] for k in kinds)}")
+    for key in ("query_model_sha256", "gallery_sha256"):  # a cut one was compared by its first 12 digits only:
+        if key in meta and not SHA256.fullmatch(str(meta[key]).lower()):  # "built for 92195e9e8b60, given 92195e9e8b60"
+            raise IndexLoadError(f"{shown}/meta.json: {key} is {json.dumps(meta[key])[:80]}, not a sha256 "
+                                 "(64 hex digits)")
     own = sorted(f for f in INDEX_FILES if f != "meta.json")
     if sorted(meta["files"]) != own:  # names, never paths: nothing outside the folder is read
         raise IndexLoadError(f"{shown}/meta.json: 'files' must name exactly {own}, got {sorted(meta['files'])}")

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cmce import strict_json
 from cmce.errors import first_line
 from cmce.provenance import check_metadata
 from cmce.storage import atomic_path, not_found, open_regular
@@ -98,7 +99,9 @@ def _metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
     if _entries_of_key(schema, "cmce") > 1:
         raise TableError(f"{path}: its Parquet schema holds the cmce metadata key more than once (which one is meant?)")
     try:
-        meta = json.loads(raw)
+        meta = strict_json.loads(raw)
+    except strict_json.DuplicateKeyError as err:
+        raise TableError(f"{path}: its cmce metadata holds {err}") from None
     except ValueError:
         raise TableError(f"{path}: its cmce metadata is not JSON") from None
     if not isinstance(meta, dict):

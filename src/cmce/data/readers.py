@@ -3,7 +3,6 @@ streamed in row batches."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from cmce import strict_json
 from cmce.data.codec import decode_image
 from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
 
@@ -82,9 +82,21 @@ def read_domains(path: str | Path, split: str | None = None) -> dict[str, str]:
 
 
 def dataset_info(path: str | Path) -> dict:
-    pf = open_dataset(path)
+    return metadata_of(open_dataset(path), path)
+
+
+def metadata_of(pf: pq.ParquetFile, path: str | Path) -> dict:
+    """A dataset's cmce metadata (its source, protocol, classes); {} for a dataset written without it."""
     meta = (pf.schema_arrow.metadata or {}).get(b"cmce")
-    return json.loads(meta) if meta else {}
+    if not meta:
+        return {}
+    try:
+        info = strict_json.loads(meta)
+    except ValueError as err:  # a key twice (the last silently won) or no JSON at all
+        raise DataError(f"{path}: its cmce metadata is not usable JSON: {err}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: its cmce metadata is a JSON {type(info).__name__}, not an object")
+    return info
 
 
 def check_class_names(pf: pq.ParquetFile, path: str | Path) -> None:
@@ -108,11 +120,7 @@ def check_metadata_classes(pf: pq.ParquetFile, path: str | Path, table: pa.Table
     """Labels index the metadata's class list (over all splits: disjoint test classes are not in train), and
     each row's class_name is its label's entry: a label past the list or a reordered list trained and served
     without a word, the server naming hits after the wrong class."""
-    meta = (pf.schema_arrow.metadata or {}).get(b"cmce")
-    try:
-        classes = json.loads(meta).get("classes") if meta else None
-    except (ValueError, AttributeError):
-        return  # not this check's business: dataset_info's readers report unreadable metadata
+    classes = metadata_of(pf, path).get("classes")  # every reader of a dataset opens it through this check
     if not isinstance(classes, list) or table.column("label").null_count:
         return
     labels = table.column("label").to_numpy()

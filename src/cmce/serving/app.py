@@ -10,7 +10,6 @@ body, 404 / 405 for another path or method (field "path" / "method"), 400 for ma
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from typing import Annotated, Any
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cmce import strict_json
 from cmce.serving.queries import Limits, RequestError, answer, check_query_model, embeddings_query, images_query
 from cmce.serving.state import Holder
 
@@ -103,27 +103,14 @@ class RequestFraming:
         return await self.app(scope, receive, send)
 
 
-class _Twice(Exception):
-    pass
-
-
-def _refuse_twice(pairs: list[tuple[str, object]]) -> dict:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _Twice(key)
-        seen.add(key)
-    return dict(pairs)
-
-
 def _key_given_twice(body: bytes) -> str | None:
     """A key a JSON object of the body holds twice: the parser keeps the last silently (`"k": 1, "k": 2`, or a
     wrong query_model_sha256 pin followed by the right one, answered 200). None for a body without one, or one the
     routes' own parse will refuse."""
     try:
-        json.loads(body, object_pairs_hook=_refuse_twice)
-    except _Twice as twice:
-        return str(twice.args[0])
+        strict_json.loads(body)
+    except strict_json.DuplicateKeyError as twice:
+        return twice.key
     except (ValueError, RecursionError):
         return None
     return None
