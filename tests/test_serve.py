@@ -10,11 +10,13 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -1156,6 +1158,31 @@ def test_an_eps_query_is_refused_naming_its_format(world):
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, format="EPS")
     res = world[3].search(images=[b64(buf.getvalue())])
     assert res.status_code == 422 and res.json()["error"].startswith("images[0]: EPS images are not decoded"), res.text
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR announces width x height pixels and which holds none: a bomb as its header shows it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_every_oversize_image_is_refused_naming_max_image_pixels(world):
+    """A PNG announcing 20000 × 20000 (or a GIF whose logical screen is 60000 × 60000) was refused by Pillow's own
+    bomb check, in its words: "exceeds limit of 178956970 pixels, could be decompression bomb DOS attack"; one of
+    2100 × 2100 named --max-image-pixels. Every image over the flag's limit is now refused naming it."""
+    gif = io.BytesIO()
+    Image.new("L", (1, 1)).save(gif, format="GIF")
+    screen = gif.getvalue()[:6] + struct.pack("<HH", 60000, 60000) + gif.getvalue()[10:]
+    for data, pixels in ((png_header(2100, 2100), "2100 × 2100 = 4,410,000"), (png_header(3000, 3000), "9,000,000"),
+                         (png_header(20000, 20000), "400,000,000"), (screen, "3,600,000,000")):
+        res = world[3].search(images=[b64(png(0)), b64(data)])
+        assert res.status_code == 422 and res.json() == {
+            "error": f"images[1]: refused, too many pixels: {pixels}, over --max-image-pixels (4,000,000)",
+            "field": "images[1]"}, res.text
 
 
 def test_a_newline_in_the_index_path_cannot_split_the_url_line(world, tmp_path):
