@@ -36,9 +36,9 @@ def encode_png(array: np.ndarray) -> bytes:
 MAX_PIXELS = 40_000_000  # the default of data.max_image_pixels: about 6,300 × 6,300
 _max_pixels = MAX_PIXELS
 _limit_name = "data.max_image_pixels"  # the setting a refusal names: the config key, or a server's flag
-# Pillow's own bomb check follows the limit (it refuses over twice Image.MAX_IMAGE_PIXELS, when a header is read
-# and when a GIF frame grows the canvas as it loads): what it refuses is over the limit too, and is refused naming
-# the limit (its message named its own 178,956,970 pixels). Its warning, between once and twice, precedes a refusal.
+# Pillow's own bomb check follows the limit (it refuses over twice Image.MAX_IMAGE_PIXELS, as it opens an image and
+# where a plugin sizes something while loading): what it refuses is over the limit too, and is refused naming the
+# limit (its message named its own 178,956,970 pixels). Its warning, between once and twice, precedes a refusal.
 Image.MAX_IMAGE_PIXELS = _max_pixels
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
@@ -142,7 +142,6 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
         raise _bomb_refused(origin, err) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
-    _check_pixels(img, origin)  # a GIF frame reaching past the logical screen grows the canvas as it loads
     return upright(img, origin)
 
 
