@@ -220,7 +220,7 @@ def evaluate_args(w: World, gallery: Path | None = None, query: Path | None = No
         ("bad.jpg", encode(Image.fromarray(NOISE), "JPEG")[:2000],
          "corrupt or unreadable image: image file is truncated"),
         ("bad.png", b"", "empty (zero-byte) image"),
-        ("bad.png", png_bomb(), "refused, too many pixels"),
+        ("bad.png", png_bomb(), "refused, too many pixels: 900,000,000, over data.max_image_pixels (40,000,000)"),
         ("bad.tif", encode(Image.new("F", (8, 8), 0.5), "TIFF"), "unsupported image mode 'F'"),
         ("bad.tif", encode(Image.new("I", (8, 8), 70000), "TIFF"), "32-bit integer image with values outside"),
     ],

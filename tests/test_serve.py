@@ -10,11 +10,13 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -1158,6 +1160,31 @@ def test_an_eps_query_is_refused_naming_its_format(world):
     assert res.status_code == 422 and res.json()["error"].startswith("images[0]: EPS images are not decoded"), res.text
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR announces width x height pixels and which holds none: a bomb as its header shows it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_every_oversize_image_is_refused_naming_max_image_pixels(world):
+    """A PNG announcing 20000 × 20000 (or a GIF whose logical screen is 60000 × 60000) was refused by Pillow's own
+    bomb check, in its words: "exceeds limit of 178956970 pixels, could be decompression bomb DOS attack"; one of
+    2100 × 2100 named --max-image-pixels. Every image over the flag's limit is now refused naming it."""
+    gif = io.BytesIO()
+    Image.new("L", (1, 1)).save(gif, format="GIF")
+    screen = gif.getvalue()[:6] + struct.pack("<HH", 60000, 60000) + gif.getvalue()[10:]
+    for data, pixels in ((png_header(2100, 2100), "2100 × 2100 = 4,410,000"), (png_header(3000, 3000), "9,000,000"),
+                         (png_header(20000, 20000), "400,000,000"), (screen, "3,600,000,000")):
+        res = world[3].search(images=[b64(png(0)), b64(data)])
+        assert res.status_code == 422 and res.json() == {
+            "error": f"images[1]: refused, too many pixels: {pixels}, over --max-image-pixels (4,000,000)",
+            "field": "images[1]"}, res.text
+
+
 def test_a_newline_in_the_index_path_cannot_split_the_url_line(world, tmp_path):
     """`cmce serve --index "idx<newline>on http:/evil:1"` printed the URL line in two: its start was forgeable."""
     _, model, index, _ = world
@@ -1239,6 +1266,32 @@ def test_a_request_body_trickled_under_the_deadline_is_timed_out_by_its_rate(in_
         reply = reply or trickle.recv(65536)
         assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3, reply
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["field"] == "body"
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+def test_a_body_in_chunks_too_small_is_refused_once_they_are_many(world):
+    """2 MB of body sent as one-byte chunks (12 MB on the wire) took 14 s of the server's CPU, /healthz waiting up to
+    4.7 s, and was answered 200. Past 4096 pieces a body must average 64 bytes a piece: a 400 naming why, at once.
+    A short body in tiny chunks, and a long one in chunks of a few hundred bytes, are read as before."""
+    _, model, _, server = world
+    host, port = server.url.removeprefix("http://").split(":")
+    query = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    long = query + b" " * (19000 - len(query))  # under --max-body-bytes 20000
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head + chunked(long, 1))
+        reply = closed_by_server(conn, 10)
+    assert reply is not None and reply.startswith(b"HTTP/1.1 400"), reply
+    assert json.loads(reply.partition(b"\r\n\r\n")[2]) == {
+        "error": "body: sent in more than 4096 pieces (chunks or packets) averaging under 64 bytes; send it in larger "
+                 "chunks", "field": "body"}
+    for body, size in ((query, 1), (long, 256)):
+        head_, answer, _ = raw_exchange(server, head + chunked(body, size))
+        assert head_.startswith(b"http/1.1 200") and json.loads(answer)["results"], (size, answer)
 
 
 def test_a_client_that_never_reads_its_answers_is_closed_after_the_deadline(in_process_server, world):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,11 @@ def encode_png(array: np.ndarray) -> bytes:
 MAX_PIXELS = 40_000_000  # the default of data.max_image_pixels: about 6,300 × 6,300
 _max_pixels = MAX_PIXELS
 _limit_name = "data.max_image_pixels"  # the setting a refusal names: the config key, or a server's flag
+# Pillow's own bomb check follows the limit (it refuses over twice Image.MAX_IMAGE_PIXELS, as it opens an image and
+# where a plugin sizes something while loading): what it refuses is over the limit too, and is refused naming the
+# limit (its message named its own 178,956,970 pixels). Its warning, between once and twice, precedes a refusal.
+Image.MAX_IMAGE_PIXELS = _max_pixels
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @contextlib.contextmanager
@@ -41,10 +48,31 @@ def pixel_limit(max_pixels: int, name: str = "data.max_image_pixels") -> Iterato
     """Images opened inside the block may have at most `max_pixels` pixels (the setting `name`)."""
     global _max_pixels, _limit_name
     previous, _max_pixels, _limit_name = (_max_pixels, _limit_name), max_pixels, name
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         yield
     finally:
         _max_pixels, _limit_name = previous
+        Image.MAX_IMAGE_PIXELS = _max_pixels
+
+
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")  # in Pillow's DecompressionBombError: "Image size (N pixels) …"
+
+
+def _too_many_pixels(origin: Path | str, pixels: str) -> DataError:
+    return DataError(f"{origin}: refused, too many pixels: {pixels}, over {_limit_name} ({_max_pixels:,})")
+
+
+def _bomb_refused(origin: Path | str, err: Image.DecompressionBombError) -> DataError:
+    """Pillow's refusal as this module's: the image's pixel count against the limit that applies."""
+    found = _PILLOW_PIXELS.search(str(err))
+    return _too_many_pixels(origin, f"{int(found[1]):,}" if found else "more than twice the limit")
+
+
+def _check_pixels(img: Image.Image, origin: Path | str) -> None:
+    width, height = img.size
+    if width * height > _max_pixels:
+        raise _too_many_pixels(origin, f"{width} × {height} = {width * height:,}")
 
 
 def read_image_file(path: Path) -> bytes:
@@ -89,14 +117,14 @@ def _known_format(data: bytes) -> str | None:
 
 
 def open_image(data: bytes, origin: Path | str) -> Image.Image:
-    """Decoded image; one with more pixels than the limit is refused from its header, before it is decoded
-    (Pillow itself only warns up to twice its own limit)."""
+    """Decoded image; one with more pixels than the limit is refused from its header, before it is decoded, by a
+    message naming the limit whichever check caught it."""
     if not data:
         raise DataError(f"{origin}: empty (zero-byte) image")
     try:
         img = Image.open(io.BytesIO(data), formats=_in_process_formats())
     except Image.DecompressionBombError as err:
-        raise DataError(f"{origin}: refused, too many pixels: {err}") from None
+        raise _bomb_refused(origin, err) from None
     except UnidentifiedImageError:  # Pillow names its BytesIO ("cannot identify image file <_io.BytesIO …>")
         if refused := _refused_format(data):
             raise DataError(f"{origin}: {refused} images are not decoded (their decoder runs another program on "
@@ -107,14 +135,11 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
                         "JPEG, GIF, BMP, TIFF, WebP)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
-    width, height = img.size
-    if width * height > _max_pixels:
-        raise DataError(f"{origin}: refused, too many pixels: {width} × {height} = {width * height:,}, over "
-                        f"{_limit_name} ({_max_pixels:,})")
+    _check_pixels(img, origin)
     try:
         img.load()
     except Image.DecompressionBombError as err:
-        raise DataError(f"{origin}: refused, too many pixels: {err}") from None
+        raise _bomb_refused(origin, err) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
     return upright(img, origin)

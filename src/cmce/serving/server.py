@@ -40,6 +40,11 @@ HEAD_TIMEOUT_S = 10.0
 # after the head deadline a body must keep arriving at this mean rate (as Apache's mod_reqtimeout MinRate): a body
 # trickled a byte every few seconds met a per-chunk deadline and held its connection for ever
 MIN_BODY_BYTES_PER_S = 500
+# each piece of a body (a chunk, or one read of a sized body) costs the event loop its parsing and a copy: 2 MB sent in
+# one-byte chunks (12 MB on the wire) took 10-14 s of CPU, and /healthz waited seconds. Past BODY_PIECES_FREE pieces a
+# body must average MIN_BODY_PIECE_BYTES a piece (HTTP clients send kilobytes; 8 MB at that mean costs under a second)
+BODY_PIECES_FREE = 4096
+MIN_BODY_PIECE_BYTES = 64
 DIGITS_LIMIT = 4300  # Python's default limit on the digits of an integer read from text
 RESERVED_FDS = 64  # file descriptors kept for the server itself: index and model files, logs, the registry
 MAX_BACKLOG = 2048  # uvicorn's default
@@ -204,21 +209,42 @@ class JsonErrorsH11(H11Protocol):
 
     _body_started = 0.0
     _body_bytes = 0
+    _body_pieces = 0
+    _body_refused = False
 
     def _count_body_bytes(self) -> None:
         """Count the body's own bytes as h11 hands them over, not the bytes on the wire: chunk extensions
-        (`1;eeee…` a second, 600 bytes for one of body) paid the rate below and held 20 connections for as long."""
+        (`1;eeee…` a second, 600 bytes for one of body) paid the rate below and held 20 connections for as long.
+        Count its pieces too, and refuse a body in pieces too small (see BODY_PIECES_FREE): uvicorn reads every
+        event h11 finds in what arrived before anything else runs, so the rest is left unparsed."""
         next_event = self.conn.next_event
 
         def counted() -> Any:
+            if self._body_refused:
+                return h11.NEED_DATA  # uvicorn's loop stops there; the connection is closing
             event = next_event()
             if isinstance(event, h11.Request):  # a body's time starts with its head
-                self._body_started, self._body_bytes = time.monotonic(), 0
+                self._body_started, self._body_bytes, self._body_pieces = time.monotonic(), 0, 0
             elif isinstance(event, h11.Data):
                 self._body_bytes += len(event.data)
+                self._body_pieces += 1
+                if (self._body_pieces > BODY_PIECES_FREE
+                        and self._body_bytes < MIN_BODY_PIECE_BYTES * self._body_pieces):
+                    self._refuse_fragmented_body()
+                    return h11.NEED_DATA
             return event
 
         self.conn.next_event = counted  # type: ignore[method-assign]
+
+    def _refuse_fragmented_body(self) -> None:
+        self._body_refused = True
+        if self.cycle is not None and self.cycle.response_started:  # answered already (a 413): the rest is not read
+            self.transport.close()
+            return
+        log.debug("refused a request body sent in %d pieces of %d bytes", self._body_pieces, self._body_bytes)
+        _answer_and_close(self.transport, b"400 Bad Request", "body",
+                          f"body: sent in more than {BODY_PIECES_FREE} pieces (chunks or packets) averaging under "
+                          f"{MIN_BODY_PIECE_BYTES} bytes; send it in larger chunks")
 
     def data_received(self, data: bytes) -> None:
         """A request whose body stops arriving held its connection for ever (a head with `Content-Length: 100` and
