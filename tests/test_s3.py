@@ -942,6 +942,70 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
     assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
 
 
+def test_a_stop_during_an_upload_whose_answer_never_comes_ends_at_once(tmp_path, s3_chain):
+    """SIGTERM while a PUT's body was sent and its answer awaited (a slow link's proxy still relaying it, a server
+    that stalls): leaving s3transfer's manager waited for that answer, up to the read timeout, before the step
+    could stop. It stops at once, and removes what it staged."""
+    import http.server
+
+    put, deleted = threading.Event(), []
+
+    class Stalls(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue`, so that the client sends the body
+
+        def log_message(self, *_):
+            pass
+
+        def _empty(self, status):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_HEAD(self):
+            self._empty(200 if self.path.rstrip("/") == "/b" else 404)  # the bucket, not the output's key
+
+        def do_GET(self):  # an empty listing: the output folder is new
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><KeyCount>0</KeyCount>'
+                    b'<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>')
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_DELETE(self):
+            deleted.append(self.path)
+            self._empty(204)
+
+        def do_PUT(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            put.set()
+            time.sleep(60)  # the answer never comes
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalls)
+    web.daemon_threads = True
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{web.server_address[1]}", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "CMCE_S3_READ_TIMEOUT_S": "40",
+           "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("AWS_PROFILE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cmce", "build-index", "--gallery",
+                             str(s3_chain.local / "gallery.parquet"), "--out", "s3://b/idx"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert put.wait(60), proc.stderr.read().decode() if proc.poll() is not None else "no PUT came"
+        proc.send_signal(15)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+        web.shutdown()
+        web.server_close()
+    assert proc.returncode == 128 + 15 and took < 20, (proc.returncode, took, err.decode())  # read timeout: 40 s
+    assert err.decode().rstrip().endswith("interrupted (SIGTERM); each output is whole or not written"), err.decode()
+    assert deleted and all("/idx/.staging-" in path for path in deleted), deleted  # and nothing else
+
+
 def test_where_credentials_were_looked_for_in_vain_is_named(tmp_path, monkeypatch, caplog):
     """A credentials file variable naming a folder, or an instance-metadata endpoint that answers nothing: "no
     complete AWS credentials found" named neither, after seconds of metadata retries."""

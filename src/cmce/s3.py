@@ -651,9 +651,6 @@ def _fetch(u: S3Uri, key: str, target: Path, uri: str, cfg: Any) -> None:
 
 def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -> None:
     """client().download_file, given the object's HEAD answer (size and ETag): s3transfer would ask for it again."""
-    from boto3.exceptions import RetriesExceededError
-    from boto3.s3.transfer import create_transfer_manager
-    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
     from s3transfer.subscribers import BaseSubscriber
 
     class Known(BaseSubscriber):
@@ -661,18 +658,27 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
             future.meta.provide_transfer_size(int(head["ContentLength"]))
             future.meta.provide_object_etag(head.get("ETag"))
 
+    _transfer(cfg, lambda manager: manager.download(bucket, key, str(target), subscribers=[Known()]))
+
+
+def _transfer(cfg: Any, start: Any) -> None:
+    """Run the s3transfer transfer `start(manager)` begins, to its end. On a stop signal it is abandoned: leaving
+    the manager as its context manager does waited for its worker threads, which retried a silent server for
+    attempts × read timeout (100 s after a SIGTERM), or sent a part over a slow link to its end; they are left
+    to end at their current read or write, refused any retry, while the step cleans up and stops now."""
+    from boto3.exceptions import RetriesExceededError
+    from boto3.s3.transfer import create_transfer_manager
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
+
     manager = create_transfer_manager(client(), cfg)
     _stopping.clear()
-    future = manager.download(bucket, key, str(target), subscribers=[Known()])
+    future = start(manager)
     try:
         future.result()
     except TransferRetriesExceeded as err:  # as download_file raises it
         manager.shutdown()
         raise RetriesExceededError(err.last_exception) from err
     except (KeyboardInterrupt, Terminated):
-        # leaving the manager as its context manager does waited for its worker threads, which retried a silent
-        # server for attempts × read timeout (100 s after a SIGTERM): they are left to end at their current read,
-        # refused any retry, while the step cleans up and stops now
         _stopping.set()
         future.cancel()
         raise
@@ -791,7 +797,7 @@ def check_writable(uri: str) -> None:
 def upload_file(path: Path, uri: str) -> None:
     u = parse(uri)
     with _errors(uri, "uploading"):
-        client().upload_file(str(path), u.bucket, u.key, Config=transfer_config())
+        _transfer(transfer_config(), lambda manager: manager.upload(str(path), u.bucket, u.key))
     log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
 
 
