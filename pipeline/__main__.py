@@ -27,6 +27,8 @@ PACKAGES = {"cmce": COMPILED, **{name: ROOT / "pipeline" / f"{name.replace('-', 
 # the lifecycle pipelines' inputs: artifacts of a previous run, by URI
 INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings_uri")
 FOLDER_INPUTS = ("train_embeddings_uri",)  # one file per gallery model; the others are one file each
+URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a drive letter
+MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow's own URIs: no file of a task's, anywhere
 
 
 def placement_from_env():
@@ -125,22 +127,63 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
     needed = [k for k in required if k not in out]
     if needed:
         raise SystemExit(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
+    sources = {key: f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None)
+               else f"--{key.replace('_', '-')}" for key in out}
+    for key, uri in out.items():  # URIs first: what no runner reads is said before a path that is missing
+        scheme = URI_SCHEME.match(uri)
+        if scheme and scheme.group(1).lower() in MLFLOW_SCHEMES:  # was `models:/…: not found (a run folder …?)`
+            raise ValueError(f"{sources[key]} {uri}: the pipeline's inputs are files (the local runner's, local "
+                             "paths), not registered models or run artifacts: download it first (`mlflow artifacts "
+                             f"download -u {uri} -d DIR`, with MLFLOW_TRACKING_URI set) and give the file")
+        if scheme and args.command == "run":  # kfp.local maps s3://b/k to the path /s3/b/k, which nothing mounts
+            raise ValueError(f"{sources[key]} {uri}: the local runner reads local paths only; copy it here, or "
+                             "submit the run to a cluster, whose tasks read it")
     for key, uri in out.items():  # a bad local input failed in a task, with a traceback, after 3 tries
-        source = f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None) else (
-            f"--{key.replace('_', '-')}")
-        if "://" in uri:
-            if args.command == "run":  # kfp.local maps s3://b/k to the path /s3/b/k, which nothing mounts
-                raise ValueError(f"{source} {uri}: the local runner reads local paths only; copy it here, or "
-                                 "submit the run to a cluster, whose tasks read it")
+        if URI_SCHEME.match(uri):
             continue
         path = Path(uri)
         if not path.exists():
-            raise ValueError(f"{source}: {uri} not found (a run folder `cmce run` finished?)")
+            raise ValueError(f"{sources[key]}: {uri} not found (a run folder `cmce run` finished?)")
         folder = key in FOLDER_INPUTS
         if path.is_dir() != folder:
-            raise ValueError(f"{source}: {uri} is {'not a folder' if folder else 'a folder, not a file'}"
+            raise ValueError(f"{sources[key]}: {uri} is {'not a folder' if folder else 'a folder, not a file'}"
                              f"{' (one file per gallery model expected)' if folder else ''}")
+    if not any(URI_SCHEME.match(uri) for uri in out.values()):
+        _check_inputs_agree(args.pipeline, out, sources)
     return out
+
+
+def _check_inputs_agree(pipeline: str, uris: dict, sources: dict) -> None:
+    """The inputs belong together, as far as their metadata says (the sha256 of the query model, the cmce metadata
+    of the Parquet files): a KD student given as the query model of a gallery made for another query model ran
+    three tasks for 42 s, then failed in add-member (`transformed for query model …`), retried twice."""
+    from cmce.storage import file_sha256
+    from cmce.tables import read_metadata
+
+    def metadata(key: str, path: str | Path) -> dict:
+        try:
+            return read_metadata(path)
+        except ValueError as err:  # it names the file; the flag it came from is said first
+            raise ValueError(f"{sources[key]}: {err}") from None
+
+    gallery, query = uris["gallery_uri"], uris["query_model_uri"]
+    gmeta = metadata("gallery_uri", gallery)
+    if gmeta.get("kind") != "gallery":
+        raise ValueError(f"{sources['gallery_uri']}: {gallery} is not a gallery file (kind {gmeta.get('kind')!r})")
+    made_for, sha256 = gmeta["query_model_sha256"], file_sha256(query)
+    if sha256 != made_for:
+        raise ValueError(f"{sources['query_model_uri']}: {query} (sha256 {sha256[:12]}) is not the query model the "
+                         f"gallery {gallery} was transformed for ({made_for[:12]}); give that query model")
+    if pipeline != "upgrade-query-model":
+        return
+    folder = Path(uris["train_embeddings_uri"])  # read as the upgrade task reads it: every *.parquet in it
+    stored = {meta["gallery_model"]["sha256"] for meta in (metadata("train_embeddings_uri", f)
+                                                          for f in sorted(folder.glob("*.parquet")))
+              if meta.get("kind") == "train_embeddings"}
+    missing = [m["name"] for m in gmeta["members"] if m["sha256"] not in stored]
+    if missing:
+        raise ValueError(f"{sources['train_embeddings_uri']}: {folder} holds no train embeddings of the gallery's "
+                         f"model{'s' if missing[1:] else ''} {', '.join(missing)} (no file of their sha256)")
 
 
 def _arguments(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kfp import components
 
+from cmce.storage import file_sha256
 from pipeline.__main__ import COMPILED, PACKAGES, _arguments, build_parser, compile_pipeline, run_local
 from tests.conftest import SMOKE
 from tests.s3server import free_ports
@@ -503,10 +504,22 @@ def test_lifecycle_inputs_missing_from_the_run_folder_are_named_before_the_run(t
 
 
 def _run_folder(where):
-    """The inputs a lifecycle pipeline takes from a `cmce run` folder, as empty files (only their kinds matter)."""
-    for rel in ("data/dataset.parquet", "models/query.pt", "gallery.parquet", "embeddings/train/resnet_a.parquet"):
+    """The inputs a lifecycle pipeline takes from a `cmce run` folder: an empty dataset, a query model that is only
+    bytes (its sha256 matters), a gallery made for it and the train embeddings of its one member (metadata only)."""
+    import pyarrow as pa
+
+    from cmce.storage import file_sha256
+
+    for rel in ("data/dataset.parquet", "models/query.pt"):
         (where / rel).parent.mkdir(parents=True, exist_ok=True)
-        (where / rel).write_bytes(b"")
+        (where / rel).write_bytes(b"" if rel.endswith("parquet") else b"the query model")
+    query, member = file_sha256(where / "models/query.pt"), {"name": "resnet_a", "arch": "resnet", "sha256": "1" * 64}
+    (where / "embeddings/train").mkdir(parents=True)
+    for rel, meta in (("gallery.parquet", {"kind": "gallery", "split": "test", "query_model_sha256": query,
+                                           "members": [{**member, "transformation_sha256": "2" * 64}]}),
+                      ("embeddings/train/resnet_a.parquet", {"kind": "train_embeddings", "gallery_model": member,
+                                                             "query_model_sha256": query})):
+        pq.write_table(pa.table({"id": ["a"]}).replace_schema_metadata({"cmce": json.dumps(meta)}), where / rel)
     return where
 
 
@@ -530,6 +543,66 @@ def test_a_lifecycle_input_the_local_runner_cannot_read_is_named_before_the_run(
     assert not (tmp_path / "r").exists()
     assert set(_arguments(build_parser().parse_args(["run", "--local", "--pipeline", pipeline, "--inputs-from",
                                                      str(w)]))) >= {"dataset_uri", "gallery_uri"}  # whole: accepted
+
+
+@pytest.mark.parametrize("pipeline, flag, value", [
+    ("add-gallery-model", "--query-model-uri", "models:/cmce-query@candidate"),
+    ("add-gallery-model", "--gallery-uri", "runs:/0123abcd/gallery.parquet"),
+    ("upgrade-query-model", "--train-embeddings-uri", "mlflow-artifacts:/1/abc/artifacts/train"),
+])
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_a_registered_model_or_run_artifact_as_a_lifecycle_input_is_refused_saying_to_download_it(
+        tmp_path, pipeline, flag, value, command):
+    """`--query-model-uri models:/cmce-query@candidate` said `not found (a run folder `cmce run` finished?)`: no
+    task of either runner reads MLflow's URIs. It is said before a local input that is missing (here the dataset)."""
+    w = _run_folder(tmp_path / "w")
+    where = ["--local", "--root", str(tmp_path / "r")] if command == "run" else ["--host", "http://127.0.0.1:9"]
+    args = build_parser().parse_args([command, *where, "--pipeline", pipeline, "--inputs-from", str(w), flag, value,
+                                      "--dataset-uri", str(tmp_path / "D")])
+    with pytest.raises(ValueError, match=rf"^{flag} {value}: the pipeline's inputs are files .* not registered models "
+                                         rf"or run artifacts: download it first \(`mlflow artifacts download -u "
+                                         rf"{value} -d DIR`"):
+        _arguments(args)
+
+
+def test_a_query_model_the_gallery_was_not_made_for_is_refused_before_any_task(tmp_path, caplog, monkeypatch):
+    """`--inputs-from W --query-model-uri W/models/kd_resnet_a.pt`: three tasks ran for 42 s, then add-member failed
+    (`transformed for query model d24e2d22dc86, the gallery for 92195e9e8b60`), retried twice."""
+    from kfp import local
+
+    from pipeline.__main__ import main
+
+    w = _run_folder(tmp_path / "w")
+    (w / "models/kd_resnet_a.pt").write_bytes(b"a KD student")
+    monkeypatch.setattr(local, "init", lambda **_: pytest.fail("a task ran"))
+    for pipeline in ("add-gallery-model", "upgrade-query-model"):
+        caplog.clear()
+        assert main(["run", "--local", "--no-mlflow", "--root", str(tmp_path / "r"), "--pipeline", pipeline,
+                     "--inputs-from", str(w), "--query-model-uri", str(w / "models/kd_resnet_a.pt")]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        made_for = json.loads(pq.read_schema(w / "gallery.parquet").metadata[b"cmce"])["query_model_sha256"]
+        assert errors == [f"python -m pipeline run: --query-model-uri: {w / 'models/kd_resnet_a.pt'} (sha256 "
+                          f"{file_sha256(w / 'models/kd_resnet_a.pt')[:12]}) is not the query model the gallery "
+                          f"{w / 'gallery.parquet'} was transformed for ({made_for[:12]}); give that query model"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_embeddings_missing_a_member_of_the_gallery_are_refused_before_any_task(tmp_path):
+    """upgrade-query-model trained a new query model first, then failed: `no stored train embeddings for gallery
+    model 'resnet_a'`. A gallery file that is no gallery is named by its flag too."""
+    w = _run_folder(tmp_path / "w")
+    other = tmp_path / "other"
+    other.mkdir()
+    args = build_parser().parse_args(["run", "--local", "--pipeline", "upgrade-query-model", "--inputs-from", str(w),
+                                      "--train-embeddings-uri", str(other)])
+    with pytest.raises(ValueError, match=rf"^--train-embeddings-uri: {other} holds no train embeddings of the "
+                                         r"gallery's model resnet_a \(no file of their sha256\)$"):
+        _arguments(args)
+    args = build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from", str(w),
+                                      "--gallery-uri", str(w / "embeddings/train/resnet_a.parquet")])
+    with pytest.raises(ValueError, match=r"^--gallery-uri: .*resnet_a.parquet is not a gallery file "
+                                         r"\(kind 'train_embeddings'\)$"):
+        _arguments(args)
 
 
 @pytest.mark.parametrize("under, says", [("", "is a file"), ("sub", "{file} is a file")])

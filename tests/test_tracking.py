@@ -431,3 +431,93 @@ def test_the_commit_tag_names_the_running_code_whatever_git_dir_says(tmp_path, m
                     "--allow-empty", "-m", "x"], check=True)
     monkeypatch.setenv("GIT_DIR", str(other / ".git"))
     assert code_tags() == honest and (not honest or len(honest[GIT_COMMIT_TAG]) == 40)
+
+
+def test_a_password_in_the_tracking_uri_is_never_logged_but_kept_in_the_out_file(tmp_path, monkeypatch, caplog):
+    """`cmce track-start --mlflow-uri http://bob:pw@host` logged `MLflow parent run <id> at http://bob:pw@host`.
+    The --out file and the stdout line keep the whole URI: the later steps read it from there."""
+    import json
+    import logging
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    from cmce.cli import main
+
+    art = (tmp_path / "art").as_uri()
+    run = {"run": {"info": {"run_id": "a" * 32, "experiment_id": "1", "status": "RUNNING",
+                            "artifact_uri": f"{art}/run", "lifecycle_stage": "active"}, "data": {}}}
+    answers = {  # MLflow's REST calls that track-start makes; the rest (log-parameter, …) answer {}
+        "/api/2.0/mlflow/experiments/get-by-name": {"experiment": {"experiment_id": "1", "name": "cmce",
+                                                                   "artifact_location": art,
+                                                                   "lifecycle_stage": "active"}},
+        "/api/2.0/mlflow/runs/create": run, "/api/2.0/mlflow/runs/get": run,
+    }
+
+    class Store(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self._answer()
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer()
+
+        def _answer(self):
+            body = json.dumps(answers.get(urlsplit(self.path).path, {})).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://bob:pw19secret@127.0.0.1:{server.server_address[1]}"
+    try:
+        with caplog.at_level(logging.INFO):
+            assert main(["--mlflow-uri", uri, "track-start", "--config", str(SMOKE), "--out",
+                         str(tmp_path / "run.json")]) == 0
+    finally:
+        server.shutdown()
+    assert f"MLflow parent run {'a' * 32} at http://***@127.0.0.1:{server.server_address[1]}" in caplog.text
+    assert "pw19secret" not in caplog.text
+    assert json.loads((tmp_path / "run.json").read_text()) == {"uri": uri, "run_id": "a" * 32}
+
+
+@pytest.mark.parametrize("where", ["--mlflow-uri", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "pipeline"])
+def test_a_server_uri_with_a_query_string_is_refused_without_showing_it(tmp_path, monkeypatch, caplog, capsys,
+                                                                         where):
+    """`--mlflow-uri 'http://host/?token=…'`: MLflow appends its API paths after the query string, so no request
+    reached the API, and the error printed the token. Refused before any work, naming the flag or variable."""
+    import logging
+
+    from cmce.cli import main
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    bad = "http://127.0.0.1:9/?token=tok19secret"
+    argv = ["search", "--index", str(tmp_path / "index"), "--query-model", str(tmp_path / "q.pt"),
+            "--images", str(tmp_path / "a.png")]
+    if where == "--mlflow-uri":
+        argv = ["--mlflow-uri", bad, *argv]
+    elif where == "MLFLOW_REGISTRY_URI":
+        monkeypatch.setenv(where, bad)
+        argv = ["--mlflow-uri", "http://127.0.0.1:9", *argv]
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
+    if where == "pipeline":
+        from pipeline.__main__ import main
+
+        argv, where = ["run", "--local", "--root", str(tmp_path / "r")], "MLFLOW_TRACKING_URI"
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"{where} http://127.0.0.1:9/?…: an MLflow server URI takes no query" in errors[0]
+    assert "MLFLOW_TRACKING_TOKEN" in errors[0], errors
+    assert "tok19secret" not in caplog.text + "".join(capsys.readouterr())
+    assert not (tmp_path / "r").exists()

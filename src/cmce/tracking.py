@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cmce.errors import first_line, from_client
+from cmce.s3 import redact
 
 log = logging.getLogger(__name__)
 ARTIFACT_MAX_MB = 512  # larger outputs are referenced by a tag (path and sha256), not copied into the store
@@ -103,7 +104,7 @@ def closing_parent(info: TrackingInfo | str | Path) -> Iterator[None]:
                 if ok:
                     raise
                 # the block's own error is the one to report; the store's (e.g. locked) would replace it
-                log.warning("parent run %s not closed: %s", info.run_id, first_line(err))
+                log.warning("parent run %s not closed: %s", info.run_id, redact(first_line(err)))
 
 
 def check_uri_settings(flag: str | None) -> None:
@@ -124,6 +125,8 @@ def check_uri_settings(flag: str | None) -> None:
         check_http_settings()
     given = (("--mlflow-uri", flag), ("MLFLOW_TRACKING_URI", env), (REGISTRY_ENV, os.environ.get(REGISTRY_ENV)))
     for name, value in given:
+        if value and (why := query_in_server_uri(value)):
+            raise ValueError(f"{name} {why}")
         if value and _in_memory(value):  # `sqlite://` was taken: the runs ended with the process, artifacts in ./mlruns
             raise ValueError(f"{name} {value}: an in-memory store, gone when this command ends (its runs and models "
                              "with it); give a file: sqlite:////path/mlflow.db")
@@ -131,7 +134,23 @@ def check_uri_settings(flag: str | None) -> None:
     for name, value in given:
         if value and absolute_uri(value) != value and value not in said:
             said.add(value)
-            log.info("%s %s: a path in the working folder: the store is %s", name, value, absolute_uri(value))
+            log.info("%s %s: a path in the working folder: the store is %s", name, redact(value),
+                     redact(absolute_uri(value)))
+
+
+def query_in_server_uri(uri: str) -> str | None:
+    """Why an http(s) tracking or registry URI with a query string or fragment is refused, shown without them (a
+    token there was printed in every error); else None. MLflow appends its API paths to the whole URI, after the
+    query, so no request of it ever reached the API."""
+    if not uri.lower().startswith(("http://", "https://")) or not ("?" in uri or "#" in uri):
+        return None
+    scheme, _, rest = uri.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" in host:  # a password holding '#' or '?' (which requests would misread too) is not shown in part
+        host = "***@" + host.rsplit("@", 1)[1]
+    shown = f"{scheme}://{re.split('[?#]', host + slash + path)[0]}{'?…' if '?' in uri else '#…'}"
+    return (f"{shown}: an MLflow server URI takes no query string or fragment (MLflow appends its API paths after "
+            "it; its value is not shown): give a token in MLFLOW_TRACKING_TOKEN, or user:password@ in the URL")
 
 
 def _in_memory(uri: str) -> bool:
@@ -219,6 +238,8 @@ def check_store(uri: str, create: bool = False) -> None:
     `create` (a new parent run), a new (missing or empty) file; a read (a run, a registered model) never creates."""
     if not uri.strip():
         raise ValueError(f"tracking URI {uri!r} is blank")
+    if why := query_in_server_uri(uri):
+        raise ValueError(why)
     scheme = urlparse(uri).scheme.split("+", 1)[0]
     folder = scheme in ("", "file") and uri.split(":", 1)[0] not in ("databricks", "databricks-uc", "uc")
     if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
@@ -393,8 +414,6 @@ def proxy_error(err: BaseException, uri: str) -> str | None:
     variable = next((name for name in names if os.environ.get(name)), None)
     if variable is None:
         return None
-    from cmce.s3 import redact
-
     return (f"{uri}: cannot reach the proxy {redact(os.environ[variable])} ({variable}); fix or unset it, or name "
             "the tracking server's host in NO_PROXY")
 
@@ -419,8 +438,6 @@ def check_server(uri: str) -> None:
     retries bounded by HTTP_DEFAULTS). Unchecked, the first task failed with tracebacks and was retried for minutes."""
     if not uri.startswith(("http://", "https://")):
         return
-    from cmce.s3 import redact
-
     try:
         _client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - MLflow's and requests' errors alike: the server cannot be used
@@ -472,7 +489,7 @@ def _experiment_id(client: Any, uri: str, artifact_location: str | None = None) 
     if exp is not None:
         if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
             log.warning("experiment %r keeps its artifacts at %s, not %s (set when it was created)", name,
-                        exp.artifact_location, artifact_location)
+                        redact(exp.artifact_location), redact(artifact_location))
         try:
             check_artifact_location(exp.artifact_location)
         except (OSError, ValueError) as err:
@@ -508,7 +525,7 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
         with contextlib.suppress(Exception):  # an orphan RUNNING run would look like a pipeline still going
             client.set_terminated(run.info.run_id, "FAILED")
         raise
-    log.info("MLflow parent run %s at %s", run.info.run_id, absolute_uri(uri))
+    log.info("MLflow parent run %s at %s", run.info.run_id, redact(absolute_uri(uri)))  # the --out file keeps it
     return run.info.run_id
 
 
