@@ -730,35 +730,13 @@ def test_an_http_tracking_server_is_checked_and_its_password_kept_out_of_the_tas
     and the pipeline runner printed the password among each task's inputs and tracebacks. The server is asked once
     before any task; the tasks get the URI without its user-info, the credentials in MLflow's own variables."""
     import base64
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from kfp import local
 
     from pipeline.__main__ import main
+    from tests.fake_servers import fake_mlflow
 
-    heard = []
-
-    class Store(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self._answer()
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self._answer()
-
-        def _answer(self):
-            heard.append(self.headers.get("Authorization"))
-            body = b'{"experiments": []}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
-
+    heard, seen = [], {}
     for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -770,22 +748,15 @@ def test_an_http_tracking_server_is_checked_and_its_password_kept_out_of_the_tas
     assert f"MLFLOW_TRACKING_URI=http://***@127.0.0.1:{dead}: the tracking server cannot be used" in error, error
     assert "pw123x" not in caplog.text and not (tmp_path / "r1").exists()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    seen = {}
-
     def started(**_):
         seen.update({k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
                                                     "MLFLOW_TRACKING_PASSWORD")})
         raise OSError("stopped before any task")
 
-    try:
-        port = server.server_address[1]
+    with fake_mlflow({"/api/2.0/mlflow/experiments/search": {"experiments": []}}, heard) as port:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:pw123x@127.0.0.1:{port}")
         monkeypatch.setattr(local, "init", started)
         assert main(["run", "--local", "--root", str(tmp_path / "r2")]) == 2
-    finally:
-        server.shutdown()
     assert seen == {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_USERNAME": "bob",
                     "MLFLOW_TRACKING_PASSWORD": "pw123x"}
     assert heard and heard[0] == "Basic " + base64.b64encode(b"bob:pw123x").decode()

@@ -27,6 +27,7 @@ from cmce.s3 import _inside, redact
 from cmce.storage import clear_scratch
 from cmce.tables import embedding_array, with_metadata, write_table
 from tests.conftest import SMOKE, dvc
+from tests.fake_servers import s3_env, stopped_when
 from tests.s3server import WeedServer, free_ports
 
 QUICK = ["--config", str(SMOKE), "--set", "train.epochs=1", "--set", "transform.epochs=1"]
@@ -919,26 +920,16 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
     threading.Thread(target=web.serve_forever, daemon=True).start()
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{web.server_address[1]}", "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_MAX_ATTEMPTS": "5",
-           "CMCE_S3_READ_TIMEOUT_S": "6", "TMPDIR": str(scratch), "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    env.pop("AWS_PROFILE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cmce", "build-index", "--gallery", "s3://b/g.parquet", "--out",
-                             str(tmp_path / "index")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = s3_env(web.server_address[1], AWS_MAX_ATTEMPTS="5", CMCE_S3_READ_TIMEOUT_S="6", TMPDIR=str(scratch))
     try:
-        assert got.wait(60), proc.stderr.read().decode() if proc.poll() is not None else "no GET came"
-        time.sleep(0.5)
-        proc.send_signal(15)
-        started = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        took = time.monotonic() - started
+        returncode, took, err = stopped_when(got, ["build-index", "--gallery", "s3://b/g.parquet", "--out",
+                                                   str(tmp_path / "index")], env, wait_s=0.5)
     finally:
-        proc.kill()
         web.shutdown()
         web.server_close()
     # at most the read under way (6 s); five attempts took 30 s
-    assert proc.returncode == 128 + 15 and took < 15, (proc.returncode, took, err.decode())
-    assert "interrupted (SIGTERM)" in err.decode() and "Traceback" not in err.decode()
+    assert returncode == 128 + 15 and took < 15, (returncode, took, err)
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err
     assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
 
 
@@ -984,25 +975,15 @@ def test_a_stop_during_an_upload_whose_answer_never_comes_ends_at_once(tmp_path,
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalls)
     web.daemon_threads = True
     threading.Thread(target=web.serve_forever, daemon=True).start()
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{web.server_address[1]}", "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "CMCE_S3_READ_TIMEOUT_S": "40",
-           "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    env.pop("AWS_PROFILE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cmce", "build-index", "--gallery",
-                             str(s3_chain.local / "gallery.parquet"), "--out", "s3://b/idx"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert put.wait(60), proc.stderr.read().decode() if proc.poll() is not None else "no PUT came"
-        proc.send_signal(15)
-        started = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        took = time.monotonic() - started
+        returncode, took, err = stopped_when(put, ["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"),
+                                                   "--out", "s3://b/idx"],
+                                             s3_env(web.server_address[1], CMCE_S3_READ_TIMEOUT_S="40"))
     finally:
-        proc.kill()
         web.shutdown()
         web.server_close()
-    assert proc.returncode == 128 + 15 and took < 20, (proc.returncode, took, err.decode())  # read timeout: 40 s
-    assert err.decode().rstrip().endswith("interrupted (SIGTERM); each output is whole or not written"), err.decode()
+    assert returncode == 128 + 15 and took < 20, (returncode, took, err)  # the read timeout: 40 s
+    assert err.rstrip().endswith("interrupted (SIGTERM); each output is whole or not written"), err
     assert deleted and all("/idx/.staging-" in path for path in deleted), deleted  # and nothing else
 
 

@@ -438,11 +438,9 @@ def test_a_password_in_the_tracking_uri_is_never_logged_but_kept_in_the_out_file
     The --out file and the stdout line keep the whole URI: the later steps read it from there."""
     import json
     import logging
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from urllib.parse import urlsplit
 
     from cmce.cli import main
+    from tests.fake_servers import fake_mlflow
 
     art = (tmp_path / "art").as_uri()
     run = {"run": {"info": {"run_id": "a" * 32, "experiment_id": "1", "status": "RUNNING",
@@ -454,37 +452,13 @@ def test_a_password_in_the_tracking_uri_is_never_logged_but_kept_in_the_out_file
         "/api/2.0/mlflow/runs/create": run, "/api/2.0/mlflow/runs/get": run,
     }
 
-    class Store(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self._answer()
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self._answer()
-
-        def _answer(self):
-            body = json.dumps(answers.get(urlsplit(self.path).path, {})).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
-
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://bob:pw19secret@127.0.0.1:{server.server_address[1]}"
-    try:
-        with caplog.at_level(logging.INFO):
-            assert main(["--mlflow-uri", uri, "track-start", "--config", str(SMOKE), "--out",
-                         str(tmp_path / "run.json")]) == 0
-    finally:
-        server.shutdown()
-    assert f"MLflow parent run {'a' * 32} at http://***@127.0.0.1:{server.server_address[1]}" in caplog.text
+    with fake_mlflow(answers) as port, caplog.at_level(logging.INFO):
+        uri = f"http://bob:pw19secret@127.0.0.1:{port}"
+        assert main(["--mlflow-uri", uri, "track-start", "--config", str(SMOKE), "--out",
+                     str(tmp_path / "run.json")]) == 0
+    assert f"MLflow parent run {'a' * 32} at http://***@127.0.0.1:{port}" in caplog.text
     assert "pw19secret" not in caplog.text
     assert json.loads((tmp_path / "run.json").read_text()) == {"uri": uri, "run_id": "a" * 32}
 

@@ -1,0 +1,77 @@
+"""Small HTTP servers on 127.0.0.1 that answer like MLflow's REST API, and the run of a cmce command stopped once
+such a server has seen the request a test waits for."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+@contextlib.contextmanager
+def fake_mlflow(answers: dict[str, object], heard: list[str | None] | None = None) -> Iterator[int]:
+    """A server answering each REST path of `answers` with its JSON (any other path with {}); the Authorization
+    header of every request goes to `heard`. Yields its port."""
+
+    class Store(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self._answer()
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer()
+
+        def _answer(self):
+            if heard is not None:
+                heard.append(self.headers.get("Authorization"))
+            body = json.dumps(answers.get(urlsplit(self.path).path, {})).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def stopped_when(seen: threading.Event, argv: list[str], env: dict[str, str], wait_s: float = 0.0
+                 ) -> tuple[int, float, str]:
+    """Run `python -m cmce argv`, send it SIGTERM `wait_s` after `seen` is set (by a fake server's handler), and
+    return its exit status, the seconds it took to end after the signal, and its stderr."""
+    env = {**env, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "cmce", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert seen.wait(60), proc.stderr.read().decode() if proc.poll() is not None else "the request never came"
+        time.sleep(wait_s)
+        proc.send_signal(15)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        return proc.returncode, time.monotonic() - started, err.decode()
+    finally:
+        proc.kill()
+
+
+def s3_env(port: int, **extra: str) -> dict[str, str]:
+    """The environment of a cmce process that talks S3 to a fake server on `port` (no profile, no real keys)."""
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", **extra}
+    env.pop("AWS_PROFILE", None)
+    return env
