@@ -451,6 +451,8 @@ def test_credentials_inside_a_uri_are_refused_and_not_echoed(tmp_path, caplog):
     # a registered model's NAME@ALIAS is no user-info, however many slashes (it hid the name the user gave)
     assert redact("models://cmce-query@candidate and runs://r@x") == "models://cmce-query@candidate and runs://r@x"
     assert redact("xmodels://u:p@h") == "xmodels://***@h"
+    # to the last `@` before the host, as URL parsers read it (the tail `ss20z` of `pa@ss20z` was shown)
+    assert redact("http://bob:pa@ss20z@127.0.0.1:9/a?x=a@b") == "http://***@127.0.0.1:9/a?x=a@b"
 
 
 def test_object_keys_cannot_leave_the_download_folder(tmp_path):
@@ -933,15 +935,15 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
     assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
 
 
-def test_a_stop_during_an_upload_whose_answer_never_comes_ends_at_once(tmp_path, s3_chain):
-    """SIGTERM while a PUT's body was sent and its answer awaited (a slow link's proxy still relaying it, a server
-    that stalls): leaving s3transfer's manager waited for that answer, up to the read timeout, before the step
-    could stop. It stops at once, and removes what it staged."""
+def test_a_stop_during_an_upload_removes_what_it_staged_after_the_upload_ends(tmp_path, s3_chain):
+    """SIGTERM while a PUT's body was on its way (a slow link's proxy still relaying it): the step deleted what it
+    had staged, then exited, and the PUT completed on the server after it, leaving an object nobody removes. The
+    request under way is let end (its answer, within the read timeout), and what it wrote is removed after it."""
     import http.server
 
-    put, deleted = threading.Event(), []
+    put, events = threading.Event(), []
 
-    class Stalls(http.server.BaseHTTPRequestHandler):
+    class Slow(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue`, so that the client sends the body
 
         def log_message(self, *_):
@@ -964,27 +966,34 @@ def test_a_stop_during_an_upload_whose_answer_never_comes_ends_at_once(tmp_path,
             self.wfile.write(body)
 
         def do_DELETE(self):
-            deleted.append(self.path)
+            events.append(("deleted", self.path))
             self._empty(204)
 
         def do_PUT(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             put.set()
-            time.sleep(60)  # the answer never comes
+            time.sleep(3)  # the body still on its way
+            events.append(("stored", self.path))
+            self.send_response(200)
+            self.send_header("ETag", '"0123"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalls)
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     web.daemon_threads = True
     threading.Thread(target=web.serve_forever, daemon=True).start()
     try:
         returncode, took, err = stopped_when(put, ["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"),
-                                                   "--out", "s3://b/idx"],
-                                             s3_env(web.server_address[1], CMCE_S3_READ_TIMEOUT_S="40"))
+                                                   "--out", "s3://b/idx"], s3_env(web.server_address[1]))
     finally:
         web.shutdown()
         web.server_close()
-    assert returncode == 128 + 15 and took < 20, (returncode, took, err)  # the read timeout: 40 s
+    assert returncode == 128 + 15 and took < 20, (returncode, took, err)
     assert err.rstrip().endswith("interrupted (SIGTERM); each output is whole or not written"), err
-    assert deleted and all("/idx/.staging-" in path for path in deleted), deleted  # and nothing else
+    stored = [path for what, path in events if what == "stored"]
+    assert stored and all("/idx/.staging-" in path for path in stored), events
+    for path in stored:  # each object the server stored is deleted, after it was stored
+        assert events.index(("deleted", path)) > events.index(("stored", path)), events
 
 
 def test_where_credentials_were_looked_for_in_vain_is_named(tmp_path, monkeypatch, caplog):
@@ -1050,7 +1059,8 @@ def test_a_stop_during_the_commit_of_an_s3_index_waits_for_it(s3_server, s3_chai
 
     def copy_then_stop(src, dst):
         real(src, dst)
-        signal.raise_signal(signal.SIGTERM)  # the handler cmce installed only records it here
+        if src.endswith("/ids.parquet"):  # once: a second signal would cut the commit
+            signal.raise_signal(signal.SIGTERM)  # the handler cmce installed only records it here
 
     monkeypatch.setattr(cmce_s3, "copy", copy_then_stop)
     caplog.clear()
@@ -1064,6 +1074,84 @@ def test_a_stop_during_the_commit_of_an_s3_index_waits_for_it(s3_server, s3_chai
     monkeypatch.setattr(cmce_s3, "copy", real)
     assert main(["search", "--index", uri, "--query-model", str(s3_chain.local / "q.pt"),
                  "--dataset", str(s3_chain.local / "d.parquet"), "--limit", "2"]) == 0
+
+
+def test_a_second_stop_during_the_commit_cuts_it_and_says_so(s3_server, s3_chain, monkeypatch, caplog):
+    """A commit crawling over a 60 B/s link held two Ctrl-Cs and a SIGTERM for minutes: the second signal stops
+    it at once, and the last line names the folder as incomplete."""
+    import signal
+
+    bucket, uri, gallery, _ = _built_index(s3_server, s3_chain, monkeypatch)
+    real = cmce_s3.copy
+
+    def copy_then_stopped_twice(src, dst):
+        real(src, dst)
+        signal.raise_signal(signal.SIGINT)  # held: the commit goes on
+        signal.raise_signal(signal.SIGINT)  # asked again: raised here
+
+    monkeypatch.setattr(cmce_s3, "copy", copy_then_stopped_twice)
+    caplog.clear()
+    assert main(["build-index", "--gallery", str(gallery), "--out", uri]) == 130
+    assert only_error(caplog) == (f"cmce build-index: interrupted (SIGINT); {uri} incomplete (its upload was cut), "
+                                  "every other output whole or not written")
+    left = keys(s3_server, bucket)
+    assert "idx/meta.json" not in left and not any(".staging-" in k for k in left), left
+
+
+def test_a_single_file_output_stopped_mid_upload_is_not_written(s3_server, s3_chain, monkeypatch, caplog):
+    """`train --out s3://b/m/q.pt` stopped while its upload was on its way: the object appeared whole seconds after
+    the step had said nothing was written. It goes up under a staging key and is copied into place."""
+    import signal
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    real, sent = cmce_s3.upload_file, []
+
+    def upload_then_stop(path, to):
+        real(path, to)
+        sent.append(to)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(cmce_s3, "upload_file", upload_then_stop)
+    caplog.clear()
+    argv = ["merge", str(s3_chain.local / "gallery.parquet"), "--out", f"s3://{bucket}/m/g.parquet"]
+    assert main(argv) == 143
+    assert only_error(caplog) == "cmce merge: interrupted (SIGTERM); each output is whole or not written"
+    assert sent and "/m/.staging-" in sent[0] and keys(s3_server, bucket) == set()
+    monkeypatch.setattr(cmce_s3, "upload_file", real)
+    assert main(argv) == 0 and keys(s3_server, bucket) == {"m/g.parquet"}
+
+
+def test_an_s3_index_read_while_it_is_replaced_is_read_again(s3_server, s3_chain, monkeypatch, caplog):
+    """A search beside a writer replacing the index got meta.json of one build and files of the next: refused as
+    damaged, 4 times in 4. Such a read is downloaded again; a prefix that stays so is named, with the reason."""
+    import cmce.index as cmce_index
+
+    _, uri, _, _ = _built_index(s3_server, s3_chain, monkeypatch)
+    real, calls = cmce_index._load_index, []
+
+    def in_flux_once(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise cmce_index.IndexInFlux(f"{uri}/ids.parquet: missing, not a regular file, or does not match")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmce_index, "_load_index", in_flux_once)
+    assert cmce_index.load_index(uri).index.ntotal > 0 and len(calls) == 2
+    monkeypatch.setattr(cmce_index, "_load_index", lambda *a, **k: (_ for _ in ()).throw(
+        cmce_index.IndexInFlux(f"{uri}/ids.parquet: does not match")))
+    with pytest.raises(IndexLoadError, match=r"read 3 times: is a build-index replacing it\?\)$"):
+        cmce_index.load_index(uri)
+
+
+def test_an_s3_prefix_given_as_a_file_is_named_a_folder(s3_server, s3_chain, monkeypatch, caplog):
+    """`--gallery s3://b/idx/` (a prefix) was refused as `not a regular file (a pipe, device or socket)`."""
+    _, uri, _, _ = _built_index(s3_server, s3_chain, monkeypatch)
+    out = s3_chain.local.parent / "never_index"
+    caplog.clear()
+    assert main(["build-index", "--gallery", uri + "/", "--out", str(out)]) == 2
+    assert only_error(caplog) == f"cmce build-index: {uri}: is a folder (or an S3 prefix), not a file", caplog.text
+    assert not out.exists()
 
 
 def test_a_failed_commit_of_an_s3_index_says_it_is_incomplete(s3_server, s3_chain, monkeypatch, caplog):

@@ -86,9 +86,11 @@ def raise_if_terminated() -> None:
 
 @contextlib.contextmanager
 def stop_deferred() -> Iterator[None]:
-    """Inside the block an ending signal is only recorded, and raised once it ends: for a short commit that, cut
-    half-way, would leave neither the old output nor the new one (an s3:// folder: S3 has no rename). Only the
-    main thread can change handlers; elsewhere the block runs as is."""
+    """Inside the block a first ending signal is only recorded, and raised once it ends: for a short commit that,
+    cut half-way, would leave neither the old output nor the new one (an s3:// folder: S3 has no rename). A second
+    signal is raised at once (a commit crawling over a 60 B/s link held two Ctrl-Cs and a SIGTERM for minutes), and
+    once one is recorded no request is retried (stop_pending). Only the main thread can change handlers; elsewhere
+    the block runs as is."""
     import signal
     import threading
 
@@ -96,10 +98,10 @@ def stop_deferred() -> Iterator[None]:
         yield
         return
 
-    held: list[int] = []  # not in _received yet: the block's requests are still retried as usual
-
     def record(signum: int, _frame: object) -> None:
-        held.append(signum)
+        _held.append(signum)
+        if len(_held) > 1:  # asked twice: stop now, whatever the commit leaves (the last line says which)
+            raise_terminated(_held[0], _frame)
 
     swapped = {}
     for signum in signal.valid_signals():
@@ -111,8 +113,17 @@ def stop_deferred() -> Iterator[None]:
     finally:
         for signum, handler in swapped.items():
             signal.signal(signum, handler)
-        _received.extend(held)
+        _received.extend(s for s in _held if s not in _received)
+        _held.clear()
     raise_if_terminated()
+
+
+_held: list[int] = []  # the signals stop_deferred recorded in the block under way
+
+
+def stop_pending() -> bool:
+    """An ending signal was taken, raised or held by stop_deferred: a failed request is not retried."""
+    return bool(_received or _held)
 
 
 def not_ignored(signums: object) -> list[int]:

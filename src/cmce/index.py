@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from cmce.storage import (
     atomic_dir,
     check_replaceable,
     file_sha256,
+    forget_download,
     local_input,
     read_regular,
     restore_dir,
@@ -64,6 +66,13 @@ DEFAULT_TRAIN_SIZE = 65536
 
 class IndexLoadError(ValueError):
     """The index is missing, corrupt, or was built for another query model."""
+
+
+class IndexInFlux(IndexLoadError):
+    """Its meta.json names files of another build: on S3, a replacement being committed."""
+
+
+S3_READ_TRIES = 3  # an s3:// index read while build-index commits its replacement (a few seconds) is read again
 
 
 @dataclass
@@ -298,7 +307,17 @@ def load_index(index_dir: str | Path, query_sha256: str | None = None, gallery_s
     last (renamed in locally, uploaded after every other file on S3), so a folder or prefix without it is an
     unfinished build or upload."""
     if s3.is_s3(index_dir):
-        return _load_index(index_dir, query_sha256, gallery_sha256, query_dim)
+        for _ in range(S3_READ_TRIES - 1):
+            try:
+                return _load_index(index_dir, query_sha256, gallery_sha256, query_dim)
+            except IndexInFlux as err:
+                log.info("%s; reading it again", err)
+                forget_download(str(index_dir))
+                time.sleep(1)
+        try:
+            return _load_index(index_dir, query_sha256, gallery_sha256, query_dim)
+        except IndexInFlux as err:  # 4 of 4 reads beside a writer were refused, each naming a file as damaged
+            raise IndexLoadError(f"{err} (read {S3_READ_TRIES} times: is a build-index replacing it?)") from None
     with swap_lock(index_dir, exclusive=False):  # every file from one version, even during a rebuild
         restore_dir(Path(index_dir), INDEX_FILES)  # a rebuild killed mid-swap leaves the previous index as .<name>.old
         return _load_index(index_dir, query_sha256, gallery_sha256, query_dim)
@@ -371,8 +390,8 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
                              f"not from the given gallery {gallery_sha256[:12]}; rebuild the index from it")
     for name, digest in meta["files"].items():
         if not (d / name).is_file() or file_sha256(d / name) != digest:  # is_file: a pipe would block the read
-            raise IndexLoadError(f"{shown}/{name}: missing, not a regular file, or does not match the checksum in "
-                                 "meta.json")
+            raise (IndexInFlux if s3.is_s3(index_dir) else IndexLoadError)(
+                f"{shown}/{name}: missing, not a regular file, or does not match the checksum in meta.json")
     where = f"{shown}/ids.parquet"
     try:
         table = pq.read_table(d / "ids.parquet", page_checksum_verification=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cmce.errors import Terminated, raise_if_terminated, received_signal, stop_deferred
+from cmce.errors import Terminated, raise_if_terminated, stop_deferred, stop_pending
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
@@ -53,7 +53,8 @@ _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
                "no_proxy")
 # a URL's user-info; not after models:// or runs://, where NAME@ALIAS is a registered model, not a user
-_USERINFO = re.compile(r"(\b(?!(?:models|runs)://)[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
+# (to the last `@` before the host, as URL parsers read it: `bob:pa@ss@host` is user bob, password pa@ss)
+_USERINFO = re.compile(r"(\b(?!(?:models|runs)://)[a-z][a-z0-9+.-]*://)[^/?#\s]*@", re.IGNORECASE)
 
 
 def is_s3(uri: object) -> bool:
@@ -245,7 +246,7 @@ def _no_retry_when_stopping(response: Any = None, caught_exception: BaseExceptio
     """botocore's needs-retry hook, first of all: a request that failed after a stop signal is not retried (one
     that succeeded, such as the removal of a staged upload, goes through)."""
     failed = caught_exception is not None or (response is not None and response[0].status_code >= 400)
-    if failed and (_stopping.is_set() or received_signal() is not None):
+    if failed and (_stopping.is_set() or stop_pending()):
         raise OSError(errno.ECANCELED, "the step is stopping: no retry")
 
 
@@ -658,14 +659,16 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
             future.meta.provide_transfer_size(int(head["ContentLength"]))
             future.meta.provide_object_etag(head.get("ETag"))
 
-    _transfer(cfg, lambda manager: manager.download(bucket, key, str(target), subscribers=[Known()]))
+    _transfer(cfg, lambda manager: manager.download(bucket, key, str(target), subscribers=[Known()]), abandon=True)
 
 
-def _transfer(cfg: Any, start: Any) -> None:
-    """Run the s3transfer transfer `start(manager)` begins, to its end. On a stop signal it is abandoned: leaving
-    the manager as its context manager does waited for its worker threads, which retried a silent server for
-    attempts × read timeout (100 s after a SIGTERM), or sent a part over a slow link to its end; they are left
-    to end at their current read or write, refused any retry, while the step cleans up and stops now."""
+def _transfer(cfg: Any, start: Any, abandon: bool = False) -> None:
+    """Run the s3transfer transfer `start(manager)` begins, to its end. On a stop signal no request is retried;
+    a download is `abandon`ed: leaving the manager as its context manager does waited for its worker threads,
+    which read a slow or silent server to the end of their read (100 s after a SIGTERM); they are left to it while
+    the step cleans up and stops now. An upload is not: bytes already sent reach the server whatever this process
+    does, and an object appeared 10 s after the step had removed what it staged. Its request under way is let
+    end (within the read timeout; the body's further reads are refused), so that what it wrote can be removed."""
     from boto3.exceptions import RetriesExceededError
     from boto3.s3.transfer import create_transfer_manager
     from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
@@ -679,8 +682,11 @@ def _transfer(cfg: Any, start: Any) -> None:
         manager.shutdown()
         raise RetriesExceededError(err.last_exception) from err
     except (KeyboardInterrupt, Terminated):
-        _stopping.set()
         future.cancel()
+        if abandon:
+            _stopping.set()
+        else:
+            manager.shutdown(cancel=True)
         raise
     except BaseException:
         manager.shutdown(cancel=True)
@@ -801,6 +807,24 @@ def upload_file(path: Path, uri: str) -> None:
     log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
 
 
+def put_whole(path: Path, uri: str) -> None:
+    """Upload the file `path` to `uri` as a step's output: under a staging key beside it first (a failure or stop
+    there leaves the old object as it was, or none), then copied into place on the server, a stop waiting for that
+    copy. Uploaded straight to its key, a fresh output stopped mid-upload appeared whole after the step had said
+    nothing was written (its bytes were on the way)."""
+    u = parse(uri)
+    parent, _, name = u.key.rpartition("/")
+    staged = S3Uri(u.bucket, f"{parent}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}/{name}".lstrip("/"))
+    try:
+        with _shown_as(str(staged), uri):
+            upload_file(path, str(staged))
+        raise_if_terminated()
+        with stop_deferred():
+            copy(str(staged), uri)
+    finally:
+        _remove_staged(staged, [""])
+
+
 def delete(uri: str) -> None:
     u = parse(uri)
     with _errors(uri, "deleting"):
@@ -826,14 +850,26 @@ def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
     rels.remove(last)
     staging = u.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
     try:
-        for rel in rels:
-            upload_file(local / rel, str(staging.join(rel)))
+        with _shown_as(str(staging), str(u)):
+            for rel in rels:
+                upload_file(local / rel, str(staging.join(rel)))
         raise_if_terminated()  # a stop swallowed by the transfer's threads commits nothing
         with stop_deferred():
             _commit(local / last, u, staging, rels, last)
+            _remove_left_staging(u, staging)
     finally:
         _remove_staged(staging, rels)
-    _remove_left_staging(u, staging)
+
+
+@contextlib.contextmanager
+def _shown_as(staged: str, shown: str) -> Iterator[None]:
+    """An error of an upload to a staging key names the output it is for (`s3://b/idx/index.faiss`)."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if staged not in str(err):
+            raise
+        raise type(err)(str(err).replace(staged, shown)) from None
 
 
 STAGING_PREFIX = ".staging-"  # inside the folder: a reader of the folder's marker never lists it
@@ -853,9 +889,10 @@ def _commit(marker: Path, u: S3Uri, staging: S3Uri, rels: list[str], last: str) 
 def _remove_staged(staging: S3Uri, rels: list[str]) -> None:
     for rel in rels:
         try:
-            delete(str(staging.join(rel)))
+            delete(str(staging.join(rel)) if rel else str(staging))
         except (OSError, ValueError) as err:  # the step's own error (or stop) is the one to report
-            log.warning("%s: staged copies left (%s); the next replacement of the folder removes them", staging, err)
+            log.warning("%s: staged objects left behind (%s); a later replacement of the folder removes them, else "
+                        "delete them", staging, err)
             return  # the server that refused one refuses the others: no retries of each
 
 

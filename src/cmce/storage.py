@@ -591,8 +591,11 @@ def open_regular(path: str | Path) -> io.BufferedReader:
     """A file opened for reading, refused unless it is a regular file: open() of a FIFO (a pipe named like
     meta.json or a model) waits for a writer for ever; the server's reload thread hung there without a word."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO opens at once, to be refused below
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
+        if stat.S_ISDIR(mode):  # an s3:// prefix given for a file comes here as its downloaded folder
+            raise IsADirectoryError(errno.EISDIR, "is a folder (or an S3 prefix), not a file", str(path))
         raise OSError(errno.EINVAL, "not a regular file (a pipe, device or socket)", str(path))
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
@@ -632,6 +635,17 @@ def clear_scratch() -> None:
     _scratch = None
     _origins.clear()
     _downloaded.clear()
+
+
+def forget_download(uri: str) -> None:
+    """Drop this process's download of `uri` (read again by the next local_input): it changed while read."""
+    path = _downloaded.pop(uri, None)
+    if path is not None:
+        _origins.pop(path, None)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def local_input(uri: str | Path, marker: str | None = None) -> Path:
@@ -685,7 +699,7 @@ def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None)
         if is_dir:
             s3.upload_dir(staged, uri, last)
         else:
-            s3.upload_file(staged, uri)
+            s3.put_whole(staged, uri)
 
 
 @contextlib.contextmanager
