@@ -2028,6 +2028,17 @@ def test_a_flipped_bit_in_a_checkpoint_or_a_gallery_page_is_named_as_damage(worl
     out = tmp_path / "q.onnx"
     fails(caplog, ["export-query", "--query-model", query, "--out", out], out,
           f"{query}: damaged: the checksum of '{entry}' in the checkpoint's archive does not match its bytes")
+    import zipfile
+
+    local = Path(shutil.copyfile(world.query, tmp_path / "q_local.pt"))  # the local header's CRC field: a new sha256
+    with zipfile.ZipFile(local) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(local.read_bytes())
+    data[info.header_offset + 14] ^= 0x01
+    local.write_bytes(bytes(data))
+    fails(caplog, ["search", "--index", world.index, "--query-model", local, "--dataset", world.dataset, "--limit",
+                   "1"], tmp_path / "unused",
+          f"{local}: damaged: the local header of '{info.filename}' disagrees with the checkpoint's archive directory")
     gallery = bytearray(world.gallery.read_bytes())
     group = pq.ParquetFile(world.gallery).metadata.row_group(0)
     chunk = next(c for c in map(group.column, range(group.num_columns)) if c.path_in_schema.startswith("embedding."))
@@ -2037,6 +2048,54 @@ def test_a_flipped_bit_in_a_checkpoint_or_a_gallery_page_is_named_as_damage(worl
     index = tmp_path / "index"
     fails(caplog, ["build-index", "--gallery", bad, "--out", index], index, f"{bad}: damaged: ",
           "CRC checksum verification failed")
+
+
+def test_one_gallery_model_under_two_names_is_refused(world, tmp_path, caplog):
+    """A member file whose model name was changed (bit rot in the footer that still decodes, or a hand edit) kept
+    its model's sha256: combine and add-member took it as a third model, and the ensemble weighed vgg_b twice."""
+    import json
+
+    table = pq.read_table(world.members[1])
+    meta = json.loads(table.schema.metadata[b"cmce"])
+    renamed = tmp_path / "zgg_b.parquet"
+    meta["gallery_model"] = {**meta["gallery_model"], "name": "zgg_b"}
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": json.dumps(meta)}), renamed)
+    sha = meta["gallery_model"]["sha256"][:12]
+    out = tmp_path / "g.parquet"
+    fails(caplog, ["combine", "--member", world.members[0], "--member", world.members[1], "--member", renamed,
+                   "--out", out], out, f"gallery model {sha} (as 'vgg_b' and 'zgg_b') given twice")
+    fails(caplog, ["add-member", "--gallery", world.gallery, "--member", renamed, "--out", out], out,
+          f"{renamed}: gallery model {sha} (as 'vgg_b' and 'zgg_b') is already a member of {world.gallery}")
+
+
+@pytest.mark.parametrize("flag", ["--transform-dir", "--members-dir", "--train-embeddings"])
+def test_a_named_pipe_inside_an_input_folder_is_named_not_waited_on(world, tmp_path, flag):
+    """A FIFO among a folder's files (`--members-dir m/` holding `vgg_b.parquet` as a pipe): the step hung in the
+    Parquet reader's open, deaf to SIGTERM, until SIGKILL."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    if flag == "--transform-dir":
+        shutil.copy(world.transforms[0], folder / "t_resnet_a.pt")
+        os.mkfifo(folder / "t_vgg_b.pt")
+        argv = [*evaluate_args(world)[:-2 * len(world.transforms)], flag, folder, "--out", tmp_path / "eval"]
+        fifo = folder / "t_vgg_b.pt"
+    elif flag == "--members-dir":
+        shutil.copy(world.members[0], folder / "resnet_a.parquet")
+        os.mkfifo(folder / "vgg_b.parquet")
+        argv = ["combine", "--config", SMOKE, flag, folder, "--out", tmp_path / "g.parquet"]
+        fifo = folder / "vgg_b.parquet"
+    else:
+        os.mkfifo(folder / "vgg_b.parquet")
+        argv = ["upgrade-query-model", "--config", SMOKE, *TINY, "--dataset", world.dataset, "--gallery", world.gallery,
+                "--query-model", world.query, flag, folder, "--transforms-out", tmp_path / "t", "--out",
+                tmp_path / "g.parquet"]
+        fifo = folder / "vgg_b.parquet"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "cmce", *map(str, argv)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert f"{fifo}: in {flag if flag != '--train-embeddings' else folder}, is not a regular file" in errors[0]
 
 
 def test_an_output_file_is_replaced_only_by_a_file_of_its_format_and_kind(world, tmp_path, caplog):

@@ -343,6 +343,9 @@ def test_doubled_braces_are_literal_braces_in_a_stage_command(tmp_path, caplog, 
     assert resolve(["o/{{run}}.pt", "{{{query_model.name}}}", "a}}{{b", "{{}}"], cfg, None) == [
         "o/{run}.pt", f"{{{name}}}", "a}{b", "{}"]
     # a single brace is refused, as str.format refuses it: `o/x_{query_model.name}}.pt` wrote `o/x_query}.pt`
+    for dotted in ("query_model.__module__", "query_model.name.__class__.__name__", "gallery_models"):
+        with pytest.raises(ValueError, match=rf"^\{{{re.escape(dotted)}\}}: not a config value"):  # Python's own
+            resolve([f"o/{{{dotted}}}"], cfg, None)
     for arg, at in (("o/x_{query_model.name}}.pt", 23), ("x{y", 2), ("{a-b}", 1)):
         with pytest.raises(ValueError, match=rf"^'{re.escape(arg)}': a single '[{{}}]' at character {at}; "):
             resolve([arg], cfg, None)

@@ -50,6 +50,7 @@ from cmce.storage import (
     is_remote,
     local_input,
     local_output,
+    regular_files,
     restore_uris,
     scratch_dir,
     sibling,
@@ -439,7 +440,7 @@ def cmd_combine(args: argparse.Namespace) -> StepRecord:
     if args.members_dir:
         if not args.config:
             raise ValueError("--members-dir needs --config (the gallery models, in ensemble order)")
-        members += member_paths(_config(args), _in(args.members_dir))
+        members += regular_files(member_paths(_config(args), _in(args.members_dir)), "--members-dir")
     if not members:
         raise ValueError("give --member files or --members-dir with --config")
     return stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(_parquet_out(args, args.out, GALLERY)))
@@ -465,10 +466,10 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
     from cmce.evaluate import EVAL_FILES, EvalInputs
     from cmce.report import markdown_table
 
-    transforms = [_model(t) for t in args.transform] + sorted(_folder_in(args.transform_dir, "--transform-dir").glob(
-        "*.pt") if args.transform_dir else [])
-    students = [_model(s) for s in args.kd] + sorted(_folder_in(args.kd_dir, "--kd-dir").rglob("*.pt")
-                                                     if args.kd_dir else [])
+    transforms = [_model(t) for t in args.transform] + regular_files(sorted(_folder_in(
+        args.transform_dir, "--transform-dir").glob("*.pt") if args.transform_dir else []), "--transform-dir")
+    students = [_model(s) for s in args.kd] + regular_files(sorted(_folder_in(args.kd_dir, "--kd-dir").rglob("*.pt")
+                                                                   if args.kd_dir else []), "--kd-dir")
     inputs = EvalInputs(_in(args.dataset), _model(args.query_model), _in(args.gallery), transforms, students,
                         args.index)
     out = _out(args, args.out, is_dir=True, last="metrics.json", own=EVAL_FILES)

@@ -14,6 +14,7 @@ An entry point beside cli.py, as thin: it imports nothing of DVC and reads only 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -54,6 +55,10 @@ def check_gallery_keys(path: str | Path) -> None:
         check_model_name(name, f"{path}: gallery_models.{name}")
 
 
+def _field_names(obj: object) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
+
+
 def config_value(cfg: Config, dotted: str, stage: str | None) -> str:
     """The text of placeholder `{dotted}`: a config value, or `key`, this foreach stage's gallery model."""
     if dotted == "key":
@@ -64,8 +69,8 @@ def config_value(cfg: Config, dotted: str, stage: str | None) -> str:
             raise ValueError(f"{{key}}: DVC_STAGE={stage!r} is not a foreach stage of a gallery model in the config")
         return name
     value: object = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part, None)
+    for part in dotted.split("."):  # the config's own fields only: `{query_model.__module__}` put Python's in
+        value = getattr(value, part, None) if dataclasses.is_dataclass(value) and part in _field_names(value) else None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"{{{dotted}}}: not a config value this command line may hold")
     return str(value)

@@ -27,6 +27,7 @@ from cmce.data.codec import to_float
 from cmce.data.loader import WHOLE, Shard, iter_split_chunks, rebatch, same_split, split_source
 from cmce.data.readers import SplitArrays
 from cmce.method import RunningEnsemble
+from cmce.provenance import repeated_model
 from cmce.storage import atomic_path, inputs_unchanged
 from cmce.tables import (
     IdsDigest,
@@ -225,6 +226,8 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
         names = [m["gallery_model"]["name"] for m in metas]
         if len(set(names)) != len(names):
             raise TableError(f"duplicate gallery model names among members: {names}")
+        if twice := repeated_model([m["gallery_model"] for m in metas]):
+            raise TableError(f"{member_paths}: gallery model {twice} given twice; give each model once")
         for p in member_paths:
             read_schema(p, ["id", "label", "raw", "transformed"])
         shards = [m.get("shard") for m in metas]

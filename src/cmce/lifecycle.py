@@ -23,7 +23,8 @@ from cmce.config import TransformConfig
 from cmce.data.loader import same_split
 from cmce.embed import embed_split, ensemble_columns
 from cmce.method import RunningEnsemble
-from cmce.storage import atomic_dir, atomic_path, inputs_unchanged, named_on_failure
+from cmce.provenance import repeated_model
+from cmce.storage import atomic_dir, atomic_path, inputs_unchanged, named_on_failure, regular_files
 from cmce.tables import (
     TableError,
     embedding_column,
@@ -86,6 +87,8 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
             raise TableError(f"{member}: embeds another dataset file or split than {gallery} (their 'source' differs)")
         if name in {m["name"] for m in gmeta["members"]}:
             raise TableError(f"{gallery}: already has a member named {name!r}")
+        if twice := repeated_model([*gmeta["members"], mmeta["gallery_model"]]):
+            raise TableError(f"{member}: gallery model {twice} is already a member of {gallery}")
         added = {**mmeta["gallery_model"], "transformation_sha256": mmeta["transformation_sha256"]}
         new_meta = {**gmeta, "members": [*gmeta["members"], added]}
         g_schema = pq.read_schema(gallery)
@@ -119,7 +122,8 @@ def train_embedding_files(paths: list[Path]) -> list[Path]:
         if not p.is_dir():
             out.append(p)
             continue
-        found = [f for f in sorted(p.glob("*.parquet")) if read_metadata(f).get("kind") == "train_embeddings"]
+        found = [f for f in regular_files(sorted(p.glob("*.parquet")), str(p))
+                 if read_metadata(f).get("kind") == "train_embeddings"]
         if not found:
             raise TableError(f"{p}: folder holds no train-embeddings files (*.parquet of kind 'train_embeddings')")
         out += found

@@ -94,4 +94,18 @@ def check_metadata(meta: dict[str, Any], path: str | Path) -> dict[str, Any]:
     names = [m["name"] for m in meta.get("members", [])]
     if len(set(names)) != len(names):
         raise MetadataError(f"{path}: metadata field 'members' names a model twice: {names}")
+    if twice := repeated_model(meta.get("members", [])):  # one model under two names: weighted twice
+        raise MetadataError(f"{path}: metadata field 'members' holds gallery model {twice} twice")
     return meta
+
+
+def repeated_model(members: list[dict[str, Any]]) -> str | None:
+    """"12-digit-sha256 (as 'a' and 'b')" for a gallery model among `members` twice under any names, else None:
+    the ensemble would weigh it twice and its uncertainty count it as two models."""
+    seen: dict[str, str] = {}
+    for m in members:
+        sha, name = str(m.get("sha256")), str(m.get("name"))
+        if sha in seen:
+            return f"{sha[:12]} (as {seen[sha]!r} and {name!r})"
+        seen[sha] = name
+    return None

@@ -601,6 +601,15 @@ def open_regular(path: str | Path) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
+def regular_files(paths: list[Path], where: str) -> list[Path]:
+    """`paths` found in a folder (`where`: the flag that named it), each checked to be a regular file where it
+    exists: a named pipe among them hung the step inside the Parquet reader's open, deaf to SIGTERM."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path}: in {where}, is not a regular file (a folder, pipe, device or socket)")
+    return paths
+
+
 def read_regular(path: str | Path) -> bytes:
     with open_regular(path) as f:
         return f.read()
