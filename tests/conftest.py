@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,13 @@ from cmce.stages import run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
+
+# the stop-signal tests send SIGHUP and SIGTERM to the processes they start: those inherit this process's
+# dispositions, and a suite started under `nohup` (SIGHUP ignored) would leave SIGHUP ignored in them, as cmce
+# rightly keeps what its caller set
+for _signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    if signal.getsignal(_signum) is signal.SIG_IGN:
+        signal.signal(_signum, signal.default_int_handler if _signum == signal.SIGINT else signal.SIG_DFL)
 
 
 def table_cells(row: str) -> list[str]:

@@ -53,8 +53,13 @@ CHECKSUMS = {"write_page_checksum": True}
 
 
 def open_parquet(source: Any) -> pq.ParquetFile:
-    """pq.ParquetFile of a path or open file, every page's checksum verified as it is read."""
-    return pq.ParquetFile(source, page_checksum_verification=True)
+    """pq.ParquetFile of a path or open file, every page's checksum verified as it is read. A column name in the
+    footer that is not UTF-8 raises ArrowInvalid, as other footer damage does (pyarrow let a UnicodeDecodeError
+    through, and it reached the user without the file's name)."""
+    try:
+        return pq.ParquetFile(source, page_checksum_verification=True)
+    except UnicodeDecodeError as err:
+        raise pa.ArrowInvalid(f"a name in its footer is not UTF-8 ({err})") from None
 
 
 def write_table(table: pa.Table, path: str | Path, row_group_size: int = 8192) -> Path:
@@ -78,7 +83,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise TableError(f"{path}: {not_found(path)}")
     try:
         schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:  # a footer name that is not UTF-8
         raise TableError(f"{path}: not a readable Parquet file: {err}") from None
     return _metadata(schema, path)
 
@@ -116,7 +121,7 @@ def read_schema(path: str | Path, columns: list[str] | None = None) -> pa.Schema
         raise TableError(f"{path}: {not_found(path)}")
     try:
         schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:  # a footer name that is not UTF-8
         raise TableError(f"{path}: not a readable Parquet file: {err}") from None
     for col in columns or []:
         if col not in schema.names:

@@ -24,7 +24,7 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
         raise DataError(f"{path}: dataset file not found")
     try:
         pf = pq.ParquetFile(path, page_checksum_verification=True)  # a flipped bit in a page: an error, not a pixel
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:  # a footer name that is not UTF-8
         raise DataError(f"{path}: not a readable Parquet file: {err}") from None
     names = set(pf.schema_arrow.names)
     twice = sorted({n for n in pf.schema_arrow.names if pf.schema_arrow.names.count(n) > 1})
