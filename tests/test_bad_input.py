@@ -1001,7 +1001,8 @@ def test_a_crafted_transformation_size_is_refused(world, tmp_path, caplog):
 
 @pytest.mark.parametrize("raw,message", [(b"{not json", "its cmce metadata is not JSON"),
                                          (b"[1, 2]", "its cmce metadata is a JSON list, not an object"),
-                                         (None, "its cmce metadata holds key 'kind' given twice in one JSON object")])
+                                         (None, "its cmce metadata holds key 'kind' given twice in one JSON object"),
+                                         (b"[" * 100_000 + b"]" * 100_000, "its cmce metadata is not JSON")])
 def test_gallery_metadata_that_is_not_a_json_object(world, tmp_path, caplog, raw, message):
     table = pq.read_table(world.gallery)
     gallery = tmp_path / "gallery.parquet"
@@ -1594,6 +1595,9 @@ def test_index_metadata_with_a_key_twice_or_a_cut_sha256_is_named(world, tmp_pat
     (cut / "meta.json").write_text(json.dumps({**meta, "query_model_sha256": meta["query_model_sha256"][:12]}))
     fails(caplog, _search(world, cut), cut,
           f"{cut}/meta.json: query_model_sha256 is \"{meta['query_model_sha256'][:12]}\", not a sha256")
+    deep = shutil.copytree(world.index, tmp_path / "deep")  # a RecursionError's traceback
+    (deep / "meta.json").write_text("[" * 200_000 + "]" * 200_000)
+    fails(caplog, _search(world, deep), deep, f"{deep}/meta.json: not valid JSON: nested too deeply to read")
 
 
 def test_an_index_search_parameter_faiss_cannot_hold(world, tmp_path, caplog):
@@ -2066,6 +2070,14 @@ def test_one_gallery_model_under_two_names_is_refused(world, tmp_path, caplog):
                    "--out", out], out, f"gallery model {sha} (as 'vgg_b' and 'zgg_b') given twice")
     fails(caplog, ["add-member", "--gallery", world.gallery, "--member", renamed, "--out", out], out,
           f"{renamed}: gallery model {sha} (as 'vgg_b' and 'zgg_b') is already a member of {world.gallery}")
+    # the same weights saved again under a new name: a new sha256 too, but the same embeddings
+    meta["gallery_model"] = {**meta["gallery_model"], "sha256": "f" * 64}
+    resaved = tmp_path / "vgg_q.parquet"
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cmce": json.dumps(meta)}), resaved)
+    fails(caplog, ["combine", "--member", world.members[0], "--member", world.members[1], "--member", resaved,
+                   "--out", out], out, f"{resaved}: its embeddings equal those of {world.members[1]}: one gallery")
+    fails(caplog, ["add-member", "--gallery", world.gallery, "--member", resaved, "--out", out], out,
+          f"{resaved}: its embeddings equal those of {world.gallery} (member vgg_b): one gallery model under two names")
 
 
 @pytest.mark.parametrize("flag", ["--transform-dir", "--members-dir", "--train-embeddings"])

@@ -92,6 +92,16 @@ def iter_embeddings(
         yield batch, embed_batch(model, batch.images)
 
 
+def same_embeddings(raws: list[tuple[str, pa.Array]]) -> None:
+    """Refuse two members whose raw embeddings are equal: one model's weights saved again under a new name (so a
+    new sha256) were taken as a third model, weighed twice in the ensemble and counted twice in its uncertainty."""
+    for i, (a_name, a) in enumerate(raws):
+        for b_name, b in raws[i + 1:]:
+            if a.type == b.type and a.equals(b):
+                raise TableError(f"{b_name}: its embeddings equal those of {a_name}: one gallery model under two "
+                                 "names; give each model once")
+
+
 def embed_split(model: EmbeddingModel, dataset: str | Path, split: str, batch_size: int = 256) -> Embedded:
     ids, labels, embs = [], [], []
     for batch, emb in iter_embeddings(model, dataset, split, batch_size):
@@ -225,7 +235,8 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
             raise TableError(f"{member_paths}: members were transformed for different query models {sorted(query_sha)}")
         names = [m["gallery_model"]["name"] for m in metas]
         if len(set(names)) != len(names):
-            raise TableError(f"duplicate gallery model names among members: {names}")
+            shown = "; ".join(f"{p}: {n}" for p, n in zip(member_paths, names, strict=True))
+            raise TableError(f"a gallery model is named twice among the members ({shown})")
         if twice := repeated_model([m["gallery_model"] for m in metas]):
             raise TableError(f"{member_paths}: gallery model {twice} given twice; give each model once")
         for p in member_paths:
@@ -271,7 +282,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
         iters = [iter_batches(p, batch_size) for p in member_paths]
         seen: set[str] = set()
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
-            for parts in zip(*iters, strict=True):
+            for batch, parts in enumerate(zip(*iters, strict=True)):
                 tables = [pa.Table.from_batches([b]) for b in parts]
                 ids = string_column(tables[0], "id", str(member_paths[0]))
                 labels = int_column(tables[0], "label", str(member_paths[0]))
@@ -287,6 +298,8 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
                     ens.add(embedding_column(t, "transformed", str(p), q_dim), f"{p}: column 'transformed'")
                     embedding_column(t, "raw", str(p))  # checked here so no NaN reaches the gallery file
                     raws.append(t.column("raw").combine_chunks())
+                if batch == 0:  # its rows tell one model's embeddings under two names (and two sha256s) apart
+                    same_embeddings([(str(p), r) for p, r in zip(member_paths, raws, strict=True)])
                 cols = [
                     pa.array(ids),
                     pa.array(labels.astype(np.int32)),

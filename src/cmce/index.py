@@ -356,7 +356,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         meta = strict_json.loads(read_regular(meta_path))
     except strict_json.DuplicateKeyError as err:  # the last value was read: a hand edit, or two merged
         raise IndexLoadError(f"{shown}/meta.json: {err}; give it once") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # not JSON, not UTF-8, or nested too deeply
         raise IndexLoadError(f"{shown}/meta.json: not valid JSON: {err}") from None
     except OSError as err:
         raise IndexLoadError(f"{shown}/meta.json: {err.strerror or err}") from None

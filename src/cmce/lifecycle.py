@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from cmce.checkpoint import load_embedding_model, require_role
 from cmce.config import TransformConfig
 from cmce.data.loader import same_split
-from cmce.embed import embed_split, ensemble_columns
+from cmce.embed import embed_split, ensemble_columns, same_embeddings
 from cmce.method import RunningEnsemble
 from cmce.provenance import repeated_model
 from cmce.storage import atomic_dir, atomic_path, inputs_unchanged, named_on_failure, regular_files
@@ -96,7 +96,11 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
         schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
         dim = stored_dim(g_schema, "embedding", str(gallery))
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
-            for g, m in aligned_batches([gallery, member], batch_size):
+            for batch, (g, m) in enumerate(aligned_batches([gallery, member], batch_size)):
+                if batch == 0:
+                    same_embeddings([*((f"{gallery} (member {n['name']})", g.column(f"raw_{n['name']}"))
+                                       for n in gmeta["members"] if f"raw_{n['name']}" in g.column_names),
+                                     (str(member), m.column("raw"))])
                 ids = string_column(g, "id", str(gallery))
                 if string_column(m, "id", str(member)) != ids:
                     raise TableError(f"{member}: ids are not in the gallery's order")

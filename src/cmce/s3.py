@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cmce import strict_json
 from cmce.errors import Terminated, raise_if_terminated, stop_deferred, stop_pending
 
 log = logging.getLogger(__name__)
@@ -756,7 +757,6 @@ def _manifest_files(uri: str, dest: Path) -> list[str] | None:
     """The files of the prefix `uri/` its MANIFEST names (downloaded first, to dest/MANIFEST, and only once); None
     when the prefix holds no manifest, or one that names no files (then the whole prefix is read). Names must be
     plain file names: the manifest never sends a read outside the prefix."""
-    import json
 
     u = parse(uri)
     dest.mkdir(parents=True, exist_ok=True)
@@ -765,7 +765,7 @@ def _manifest_files(uri: str, dest: Path) -> list[str] | None:
     except FileNotFoundError:
         return None
     try:
-        files = json.loads((dest / MANIFEST).read_bytes()).get("files")
+        files = strict_json.loads((dest / MANIFEST).read_bytes()).get("files")
     except (ValueError, AttributeError):  # not JSON, or not an object: the reader says what is wrong with it
         return []
     if not isinstance(files, dict | list) or not files:

@@ -25,5 +25,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads(text: str | bytes) -> Any:
-    """json.loads, refusing a key twice in one object (DuplicateKeyError, a ValueError)."""
-    return json.loads(text, object_pairs_hook=_pairs)
+    """json.loads, refusing a key twice in one object (DuplicateKeyError, a ValueError), and a nesting too deep for
+    the parser (a ValueError: its RecursionError came as a traceback)."""
+    try:
+        return json.loads(text, object_pairs_hook=_pairs)
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
