@@ -181,7 +181,7 @@ def read_config_text(path: str | Path) -> str:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as err:
-        if err.errno == errno.EINVAL:
+        if err.errno in (errno.EINVAL, errno.EISDIR):
             raise ConfigError(f"{path}: is not a regular file (a folder, device, pipe or socket); give a file"
                               ) from None
         raise ConfigError(f"{path}: cannot read the config: {err.strerror or err}") from None
