@@ -92,7 +92,7 @@ def clustered_gallery(tmp_path, n=3000, dim=16, seed=0, members=1):
     emb, queries = clustered_unit_vectors(n, 64, dim, seed)
     ids = [f"x{i}" for i in range(n)]
     noise = np.random.default_rng(seed)
-    paths = [write_member(tmp_path / f"m{k}.parquet", f"m{k}", ids, np.zeros((n, 2)),
+    paths = [write_member(tmp_path / f"m{k}.parquet", f"m{k}", ids, np.full((n, 2), k),  # each model its own
                           emb + (0.1 * k * noise.standard_normal(emb.shape)).astype(emb.dtype))
              for k in range(members)]
     return combine_members(paths, tmp_path / "g.parquet"), queries
