@@ -1070,7 +1070,8 @@ def _interrupted(args: argparse.Namespace, signum: int) -> int:
 
 def entry() -> None:
     """The `cmce` command (console script and `python -m cmce`)."""
-    exit_process(main())
+    code = main()
+    exit_process(code, at_once=ddp.threads_left_waiting())
 
 
 if __name__ == "__main__":

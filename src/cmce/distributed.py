@@ -218,6 +218,7 @@ def _rendezvous(timeout: float, where: str) -> tuple[dist.Store, int, int]:
     thread.start()
     thread.join(timeout + min(5.0, 1.0 + timeout / 10))  # c10d's own deadline, when it keeps one, comes first
     if thread.is_alive():
+        _left_waiting.append(thread)
         raise OSError(f"torchrun rendezvous at {where} failed: no TCPStore answer within {timeout:g} s "
                       "(CMCE_DDP_TIMEOUT_S); is MASTER_PORT the port of another service?")
     if "error" in result:
@@ -225,6 +226,15 @@ def _rendezvous(timeout: float, where: str) -> tuple[dist.Store, int, int]:
     store, rank, world = result["store"]  # type: ignore[misc]
     store.set_timeout(datetime.timedelta(seconds=timeout))
     return store, rank, world
+
+
+_left_waiting: list[object] = []  # rendezvous threads given up on, still inside c10d's C++
+
+
+def threads_left_waiting() -> bool:
+    """A rendezvous thread was left inside c10d: the interpreter's shutdown must not wait for it to come back (it
+    aborted the process, `terminate called without an active exception`, exit -6 instead of 2)."""
+    return any(t.is_alive() for t in _left_waiting)  # type: ignore[attr-defined]
 
 
 def shutdown(clean: bool = True) -> None:

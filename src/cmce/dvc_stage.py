@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from cmce import distributed
     from cmce.errors import exit_process
 
-    exit_process(main())
+    status = main()
+    exit_process(status, at_once=distributed.threads_left_waiting())

@@ -134,13 +134,14 @@ def not_ignored(signums: object) -> list[int]:
     return [signum for signum in signums if signal.getsignal(signum) is not signal.SIG_IGN]
 
 
-def exit_process(code: int) -> None:
-    """End a command's process with `code`. After a stop (128 + signal) at once, its cleanups done: a transfer's
-    worker thread still in a read of a slow download (s3transfer's, or MLflow's) held the exit until that read
-    ended, 112 s after a Ctrl-C on a 1.5 KB/s link; nothing such a thread does is wanted any more."""
+def exit_process(code: int, at_once: bool = False) -> None:
+    """End a command's process with `code`. After a stop (128 + signal), or `at_once`, without the interpreter's
+    shutdown, its cleanups done: a transfer's worker thread still in a read of a slow download (s3transfer's, or
+    MLflow's) held the exit until that read ended, 112 s after a Ctrl-C on a 1.5 KB/s link; a thread left in C++
+    code aborted it on its way back. Nothing such a thread does is wanted any more."""
     import os
 
-    if code < 128:
+    if code < 128 and not at_once:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed, or its reader gone
