@@ -51,17 +51,17 @@ def fake_mlflow(answers: dict[str, object], heard: list[str | None] | None = Non
         server.server_close()
 
 
-def stopped_when(seen: threading.Event, argv: list[str], env: dict[str, str], wait_s: float = 0.0
+def stopped_when(seen: threading.Event, argv: list[str], env: dict[str, str], wait_s: float = 0.0, signum: int = 15
                  ) -> tuple[int, float, str]:
-    """Run `python -m cmce argv`, send it SIGTERM `wait_s` after `seen` is set (by a fake server's handler), and
-    return its exit status, the seconds it took to end after the signal, and its stderr."""
+    """Run `python -m cmce argv`, send it `signum` (SIGTERM) `wait_s` after `seen` is set (by a fake server's
+    handler), and return its exit status, the seconds it took to end after the signal, and its stderr."""
     env = {**env, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "cmce", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
         assert seen.wait(60), proc.stderr.read().decode() if proc.poll() is not None else "the request never came"
         time.sleep(wait_s)
-        proc.send_signal(15)
+        proc.send_signal(signum)
         started = time.monotonic()
         _, err = proc.communicate(timeout=60)
         return proc.returncode, time.monotonic() - started, err.decode()

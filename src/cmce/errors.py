@@ -122,8 +122,19 @@ _held: list[int] = []  # the signals stop_deferred recorded in the block under w
 
 
 def stop_pending() -> bool:
-    """An ending signal was taken, raised or held by stop_deferred: a failed request is not retried."""
-    return bool(_received or _held)
+    """An ending signal was taken, raised or held by stop_deferred, or a Ctrl-C is unwinding (stopping_on): a failed
+    request is not retried."""
+    return bool(_received or _held or _interrupted)
+
+
+_interrupted: list[bool] = []  # a KeyboardInterrupt is unwinding: Python's own SIGINT handler records nothing
+
+
+def stopping_on(err: BaseException) -> None:
+    """Called where a stop (`Terminated` or `KeyboardInterrupt`) is caught on its way out, with work left running
+    in other threads (a download's workers): from now on stop_pending() holds for them."""
+    if isinstance(err, KeyboardInterrupt):
+        _interrupted.append(True)
 
 
 def not_ignored(signums: object) -> list[int]:
@@ -153,6 +164,7 @@ def exit_process(code: int, at_once: bool = False) -> None:
 def forget_signals() -> None:
     """A new command in this process (tests run many) starts with no signal taken."""
     _received.clear()
+    _interrupted.clear()
 
 
 def unclaimed_ending_signals() -> list[int]:

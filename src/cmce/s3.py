@@ -28,15 +28,14 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cmce import strict_json
-from cmce.errors import Terminated, raise_if_terminated, stop_deferred, stop_pending
+from cmce.errors import Terminated, raise_if_terminated, stop_deferred, stop_pending, stopping_on
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
@@ -240,14 +239,11 @@ def client() -> Any:
     return _client_for(h.hexdigest(), _ENDPOINT.get())
 
 
-_stopping = threading.Event()  # a download was left on a stop signal: its worker threads must not retry
-
-
 def _no_retry_when_stopping(response: Any = None, caught_exception: BaseException | None = None, **_: Any) -> None:
     """botocore's needs-retry hook, first of all: a request that failed after a stop signal is not retried (one
     that succeeded, such as the removal of a staged upload, goes through)."""
     failed = caught_exception is not None or (response is not None and response[0].status_code >= 400)
-    if failed and (_stopping.is_set() or stop_pending()):
+    if failed and stop_pending():
         raise OSError(errno.ECANCELED, "the step is stopping: no retry")
 
 
@@ -675,18 +671,16 @@ def _transfer(cfg: Any, start: Any, abandon: bool = False) -> None:
     from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
 
     manager = create_transfer_manager(client(), cfg)
-    _stopping.clear()
     future = start(manager)
     try:
         future.result()
     except TransferRetriesExceeded as err:  # as download_file raises it
         manager.shutdown()
         raise RetriesExceededError(err.last_exception) from err
-    except (KeyboardInterrupt, Terminated):
+    except (KeyboardInterrupt, Terminated) as err:
         future.cancel()
-        if abandon:
-            _stopping.set()
-        else:
+        stopping_on(err)  # the workers left running (or the request under way) must not retry
+        if not abandon:
             manager.shutdown(cancel=True)
         raise
     except BaseException:
@@ -808,21 +802,12 @@ def upload_file(path: Path, uri: str) -> None:
 
 
 def put_whole(path: Path, uri: str) -> None:
-    """Upload the file `path` to `uri` as a step's output: under a staging key beside it first (a failure or stop
-    there leaves the old object as it was, or none), then copied into place on the server, a stop waiting for that
-    copy. Uploaded straight to its key, a fresh output stopped mid-upload appeared whole after the step had said
-    nothing was written (its bytes were on the way)."""
+    """Upload the file `path` to `uri` as a step's output: staged beside it first (see `_replace_staged`), then
+    copied into place on the server. Uploaded straight to its key, a fresh output stopped mid-upload appeared
+    whole after the step had said nothing was written (its bytes were on the way)."""
     u = parse(uri)
     parent, _, name = u.key.rpartition("/")
-    staged = S3Uri(u.bucket, f"{parent}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}/{name}".lstrip("/"))
-    try:
-        with _shown_as(str(staged), uri):
-            upload_file(path, str(staged))
-        raise_if_terminated()
-        with stop_deferred():
-            copy(str(staged), uri)
-    finally:
-        _remove_staged(staged, [""])
+    _replace_staged(S3Uri(u.bucket, parent), {name: path}, lambda staging: copy(str(staging.join(name)), uri))
 
 
 def delete(uri: str) -> None:
@@ -848,17 +833,28 @@ def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
     if last not in rels:
         raise FileNotFoundError(f"{uri}: the step wrote no {last}")
     rels.remove(last)
-    staging = u.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+
+    def commit(staging: S3Uri) -> None:
+        _commit(local / last, u, staging, rels, last)
+        _remove_left_staging(u, staging)
+
+    _replace_staged(u, {rel: local / rel for rel in rels}, commit)
+
+
+def _replace_staged(folder: S3Uri, files: dict[str, Path], commit: Callable[[S3Uri], None]) -> None:
+    """Upload `files` (name inside `folder` → local path) under a fresh staging prefix inside `folder`, then
+    `commit(staging)` with a stop signal waiting for it. A failure or stop during the uploads leaves what was at
+    the outputs untouched; the staged objects are removed whatever happened."""
+    staging = folder.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
     try:
-        with _shown_as(str(staging), str(u)):
-            for rel in rels:
-                upload_file(local / rel, str(staging.join(rel)))
+        for rel, path in files.items():
+            with _shown_as(str(staging.join(rel)), str(folder.join(rel))):
+                upload_file(path, str(staging.join(rel)))
         raise_if_terminated()  # a stop swallowed by the transfer's threads commits nothing
         with stop_deferred():
-            _commit(local / last, u, staging, rels, last)
-            _remove_left_staging(u, staging)
+            commit(staging)
     finally:
-        _remove_staged(staging, rels)
+        _remove_staged(staging, list(files))
 
 
 @contextlib.contextmanager
@@ -889,7 +885,7 @@ def _commit(marker: Path, u: S3Uri, staging: S3Uri, rels: list[str], last: str) 
 def _remove_staged(staging: S3Uri, rels: list[str]) -> None:
     for rel in rels:
         try:
-            delete(str(staging.join(rel)) if rel else str(staging))
+            delete(str(staging.join(rel)))
         except (OSError, ValueError) as err:  # the step's own error (or stop) is the one to report
             log.warning("%s: staged objects left behind (%s); a later replacement of the folder removes them, else "
                         "delete them", staging, err)
