@@ -1078,13 +1078,37 @@ def test_an_empty_gallery_is_not_indexed(world, tmp_path, caplog):
 def test_a_failed_index_write_is_one_line_and_leaves_no_index(world, tmp_path, caplog, monkeypatch):
     import faiss
 
-    def disk_full(index, path):
-        raise RuntimeError(f"Error in faiss::FileIOWriter::operator()\n'ret == (n)' failed: write error on {path}")
+    def refused(index, writer):
+        raise RuntimeError("Error in faiss::write_index\n'idx' failed: don't know how to serialize this type of index")
 
-    monkeypatch.setattr(faiss, "write_index", disk_full)
+    monkeypatch.setattr(faiss, "write_index", refused)
     out = tmp_path / "index"
     fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out], out,
-          f"{out}: could not write the index: 'ret == (n)' failed: write error")
+          f"{out}: could not write the index: 'idx' failed: don't know how to serialize")
+
+
+def test_an_index_cut_by_a_file_size_limit_is_not_published(world, tmp_path):
+    """Under `ulimit -f` faiss's writer only printed `index.faiss close error: File too large` and returned: the
+    index was published cut short over the previous one, meta.json holding the cut file's hash, exit 0."""
+    import resource
+
+    from tests.serve_world import cmce_env
+
+    out = shutil.copytree(world.index, tmp_path / "index")
+    before = snapshot(out)
+    limit = (out / "index.faiss").stat().st_size // 2
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", str(world.gallery), "--out",
+                          str(out)], capture_output=True, text=True, env=cmce_env(), timeout=300,
+                         preexec_fn=small_files)
+    errors = [line for line in res.stderr.splitlines() if " ERROR " in line]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert f"{out}: not written: File too large" in errors[0], errors
+    assert "close error" not in res.stderr and "Traceback" not in res.stderr
+    assert snapshot(out) == before and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("where", ["file", "class folder"])
@@ -1206,7 +1230,7 @@ def test_a_lifecycle_step_checks_every_output_before_it_replaces_the_gallery(wor
 
 
 @pytest.mark.parametrize("out, message", [
-    ("", "an output path is empty"),
+    ("", "--out '': empty; give a value"),
     ("folder/", "is a folder; this output is a file"),
     ("x" * 230 + ".parquet", "the file name is longer than 200 bytes"),
     ("a_file/gallery.parquet", "cannot be created: "),
@@ -1435,7 +1459,7 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
 
 @pytest.mark.parametrize("flag, env, message", [
     (None, "  ", "MLFLOW_TRACKING_URI '  ' is blank"),
-    (" ", None, "--mlflow-uri ' ' is blank"),
+    (" ", None, "--mlflow-uri ' ': empty; give a value"),
     (None, "sqlite:///m.db ", "MLFLOW_TRACKING_URI 'sqlite:///m.db ' has spaces at its start or end"),
 ])
 def test_a_blank_tracking_uri_is_named(world, tmp_path, caplog, monkeypatch, flag, env, message):
@@ -2431,6 +2455,36 @@ def _train_fails_under(env: dict[str, str], needle: str, world: World, tmp_path:
               needle)
     finally:
         _no_alarm()
+
+
+def test_a_step_says_when_it_does_not_track_to_its_mlflow_uri(world, tmp_path, caplog):
+    """`cmce --mlflow-uri URI build-index ...` exited 0 without a word and recorded nothing (a step is tracked only
+    under --mlflow-parent), while `cmce run` tracks to the same URI: the user believed the step tracked."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["--mlflow-uri", uri, "build-index", "--gallery", str(world.gallery), "--out",
+                     str(tmp_path / "index")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--mlflow-uri" in r.getMessage()]
+    assert said == ["cmce build-index: --mlflow-uri is read by a step only with --mlflow-parent RUN_ID or for "
+                    "models:/ arguments: this one records nothing in MLflow (`cmce run` tracks itself)"]
+    assert not (tmp_path / "mlflow.db").exists()
+    caplog.clear()  # without the flag, or where it is read, nothing is said
+    with caplog.at_level(logging.INFO):
+        assert main(["build-index", "--gallery", str(world.gallery), "--out", str(tmp_path / "index2")]) == 0
+    assert not [r for r in caplog.records if "--mlflow-uri" in r.getMessage()]
+
+
+@pytest.mark.parametrize("flag", ["--gallery", "--out", "--config"])
+def test_an_empty_argument_is_named_by_its_flag(world, tmp_path, caplog, monkeypatch, flag):
+    """`--gallery ""` (an unset shell variable) was read as the working folder: `.: is a folder (or an S3 prefix),
+    not a file`, naming neither the flag nor the empty value."""
+    monkeypatch.chdir(tmp_path)
+    argv = {"--gallery": str(world.gallery), "--out": str(tmp_path / "index"), "--config": str(SMOKE)}
+    argv[flag] = "" if flag != "--config" else "  "
+    out = tmp_path / "index"
+    fails(caplog, ["build-index", *[part for pair in argv.items() for part in pair]], out,
+          f"cmce build-index: {flag} {argv[flag]!r}: empty; give a value")
 
 
 def test_an_output_that_is_a_symbolic_link_is_refused_and_home_is_expanded(world, tmp_path, caplog, monkeypatch):

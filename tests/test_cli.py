@@ -201,3 +201,55 @@ def test_build_index_reads_the_index_section_of_a_config(tmp_path):
     assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["index_type"] == "flat"
     assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "d"), "--index-type", "annoy"]) != 0
+
+
+def _errors_of(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
+def test_a_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
+    """SIGINT during the seconds torch takes to import, before main could catch anything: a 20–33-line
+    KeyboardInterrupt traceback. -X importtime shows when torch's import has begun; whenever the signal lands
+    after that (in an import, or in main), the command says so in one line."""
+    import re
+    import signal
+    import time
+
+    from tests.serve_world import cmce_env
+
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "cmce", "build-index", "--gallery",
+                             str(tmp_path / "g.parquet"), "--out", str(tmp_path / "index")], env=cmce_env(),
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # an import of torch's own has ended: torch's is under way
+        lines.append(line)
+        if re.search(r"\|\s+torch\b", line):
+            break
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    rest = proc.stderr.read()
+    proc.wait(60)
+    assert any("torch" in line for line in lines), lines[-5:]
+    shown = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 130 and time.monotonic() - started < 30, (proc.returncode, shown)
+    assert "Traceback" not in rest and len(_errors_of(rest)) == 1, shown
+    assert "interrupted (SIGINT)" in _errors_of(rest)[0], shown
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_memory_limit_too_low_for_the_libraries_is_one_line(tmp_path):
+    """Under `ulimit -v 300000` libtorch cannot be mapped (and a little higher Python runs out while importing):
+    an ImportError or MemoryError traceback of 30 lines, exit 1. One line naming the cause instead."""
+    import resource
+
+    from tests.serve_world import cmce_env
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (300_000 * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", str(tmp_path / "g.parquet"),
+                          "--out", str(tmp_path / "index")], env=cmce_env(), capture_output=True, text=True,
+                         timeout=120, preexec_fn=limited)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(_errors_of(res.stderr)) == 1 and "out of memory while loading its libraries" in res.stderr
+    assert list(tmp_path.iterdir()) == []

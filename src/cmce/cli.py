@@ -896,17 +896,31 @@ def _say(text: str, or_log: bool = False) -> None:
         raise OSError(f"standard output: not written: {os.strerror(err.errno) if err.errno else err}") from None
 
 
+TRACKING_COMMANDS = ("run", "track-start", "track-end")  # they read --mlflow-uri without --mlflow-parent
+REGISTRY_SCHEMES = ("models:/",)
+
+
+def _string_arguments(args: argparse.Namespace) -> list[str]:
+    values = [v for v in vars(args).values() if isinstance(v, str)]
+    return values + [v for lst in vars(args).values() if isinstance(lst, list) for v in lst if isinstance(v, str)]
+
+
 def _expand_home(args: argparse.Namespace) -> None:
     """A path argument starting with `~` (quoted past the shell) means the home folder, as it does to pyarrow,
-    which expands it when it opens a file: checked and read paths must be the same file."""
+    which expands it when it opens a file: checked and read paths must be the same file. An empty one (an unset
+    shell variable, `--gallery "$G"`) is refused: it was read as the working folder and named as `.`."""
     for name, value in vars(args).items():
-        if isinstance(value, str) and value.startswith("~"):
+        if isinstance(value, str):
             setattr(args, name, _home(value, name))
         elif isinstance(value, list):
-            setattr(args, name, [_home(v, name) if isinstance(v, str) and v.startswith("~") else v for v in value])
+            setattr(args, name, [_home(v, name) if isinstance(v, str) else v for v in value])
 
 
 def _home(path: str, name: str) -> str:
+    if not path.strip():
+        raise ValueError(f"--{name.replace('_', '-')} {path!r}: empty; give a value")
+    if not path.startswith("~"):
+        return path
     expanded = os.path.expanduser(path)
     if expanded.startswith("~"):  # ~nosuchuser: it would be a folder of that name in the working folder
         raise ValueError(f"--{name.replace('_', '-')} {path}: no such user's home folder")
@@ -952,6 +966,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow_parent and not (args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         log.error("cmce %s: --mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI", args.command)
         return 2  # before any work: a step that cannot be tracked does not write its outputs either
+    if args.mlflow_uri and not args.mlflow_parent and args.command not in TRACKING_COMMANDS and not any(
+            isinstance(v, str) and v.startswith(REGISTRY_SCHEMES) for v in _string_arguments(args)):
+        log.warning("cmce %s: --mlflow-uri is read by a step only with --mlflow-parent RUN_ID or for models:/ "
+                    "arguments: this one records nothing in MLflow (`cmce run` tracks itself)", args.command)
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server (this command)
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
@@ -1068,11 +1086,5 @@ def _interrupted(args: argparse.Namespace, signum: int) -> int:
     return 128 + signum
 
 
-def entry() -> None:
-    """The `cmce` command (console script and `python -m cmce`)."""
-    code = main()
-    exit_process(code, at_once=ddp.threads_left_waiting())
-
-
-if __name__ == "__main__":
-    entry()
+if __name__ == "__main__":  # python -m cmce.cli
+    exit_process(main(), at_once=ddp.threads_left_waiting())

@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cmce import distributed
-    from cmce.errors import exit_process
+    from cmce.errors import exit_process, starting
 
-    status = main()
+    with starting("cmce.dvc_stage"):
+        from cmce import distributed
+
+        status = main()
     exit_process(status, at_once=distributed.threads_left_waiting())

@@ -161,6 +161,28 @@ def exit_process(code: int, at_once: bool = False) -> None:
     os._exit(code)
 
 
+@contextlib.contextmanager
+def starting(command: str) -> Iterator[None]:
+    """Around a command's whole process: its libraries (torch, pyarrow) take seconds to import, before its main
+    can catch anything, and a Ctrl-C or a memory limit (`ulimit -v`) hit there was a 20–33-line traceback. Told in
+    one line instead (with --debug, the traceback). A stop main caught itself never reaches here."""
+    try:
+        yield
+    except (KeyboardInterrupt, MemoryError, ImportError) as err:
+        # under a memory limit a shared library fails to load (`libtorch_cpu.so: failed to map segment from shared
+        # object`) or Python runs out; any other ImportError is a broken installation: its traceback is wanted
+        unmapped = isinstance(err, ImportError) and "failed to map segment" in str(err)
+        if "--debug" in sys.argv or (isinstance(err, ImportError) and not unmapped):
+            raise
+        log_to_stderr()
+        if isinstance(err, KeyboardInterrupt):
+            logging.getLogger("cmce").error("%s: interrupted (SIGINT) while starting; nothing was done", command)
+            exit_process(130)
+        logging.getLogger("cmce").error("%s: out of memory while loading its libraries%s; is a memory limit (ulimit "
+                                        "-v) set too low?", command, f" ({first_line(err)})" if unmapped else "")
+        exit_process(1, at_once=True)
+
+
 def forget_signals() -> None:
     """A new command in this process (tests run many) starts with no signal taken."""
     _received.clear()

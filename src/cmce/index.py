@@ -245,10 +245,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     built = make_index(emb[keep], index_type, options)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, INDEX_FILES) as tmp:
-        try:
-            faiss.write_index(built.index, str(tmp / "index.faiss"))
-        except RuntimeError as err:  # faiss reports a failed write (a full disk) as a RuntimeError
-            raise OSError(f"{out_dir}: could not write the index: {last_line(err)}") from None
+        _write_faiss(built.index, tmp / "index.faiss", out_dir)
         kept = np.flatnonzero(keep)
         rej = np.flatnonzero(reject)
         for name, table in (
@@ -280,6 +277,17 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     log.info("built %s index at %s (%s, search %s): %d indexed, %d rejected", built.index_type, out_dir,
              built.params["factory"], built.search_params or "exact", keep.sum(), reject.sum())
     return out_dir
+
+
+def _write_faiss(index: Any, path: Path, out_dir: Path) -> None:
+    """faiss's own file writer reports a failed close only on stderr (`close error: File too large` under a file
+    size limit) and returns: the index was published cut short, exit 0, meta.json holding the cut file's hash.
+    Its bytes go through a Python file instead, whose every failed write raises (an OSError, told as the output's)."""
+    try:
+        with open(path, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+    except RuntimeError as err:  # faiss's own refusal
+        raise OSError(f"{out_dir}: could not write the index: {last_line(err)}") from None
 
 
 @dataclass
