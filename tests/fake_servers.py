@@ -42,13 +42,49 @@ def fake_mlflow(answers: dict[str, object], heard: list[str | None] | None = Non
         def log_message(self, *_):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    with serving(Store) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """`handler` served on a free port of 127.0.0.1 in daemon threads; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
+
+
+EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><KeyCount>0</KeyCount>'
+                 b'<MaxKeys>1</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>')
+
+
+class FakeObject(BaseHTTPRequestHandler):
+    """A fake S3 endpoint's start: HEAD of any key answers an object of `size` bytes; nothing is logged."""
+
+    size = 4096
+
+    def log_message(self, *_):
+        pass
+
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        for name, value in (("Content-Length", str(self.size)), ("ETag", '"0123"'),
+                            ("Content-Type", "binary/octet-stream"),
+                            ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")):
+            self.send_header(name, value)
+        self.end_headers()
+
+    def send_listing(self) -> None:
+        """An empty listing: the object is no folder."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(EMPTY_LISTING)))
+        self.end_headers()
+        self.wfile.write(EMPTY_LISTING)
 
 
 def stopped_when(seen: threading.Event, argv: list[str], env: dict[str, str], wait_s: float = 0.0, signum: int = 15

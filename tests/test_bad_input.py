@@ -1461,9 +1461,14 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
     (None, "  ", "MLFLOW_TRACKING_URI '  ' is blank"),
     (" ", None, "--mlflow-uri ' ': empty; give a value"),
     (None, "sqlite:///m.db ", "MLFLOW_TRACKING_URI 'sqlite:///m.db ' has spaces at its start or end"),
+    # a scheme MLflow has no store for failed in the first task that opened a run, retried for minutes
+    (None, "ftp://127.0.0.1/x", "MLFLOW_TRACKING_URI ftp://127.0.0.1/x: MLflow keeps no runs at a ftp: URI"),
+    ("databricks", None, "--mlflow-uri databricks: no Databricks workspace configured (DATABRICKS_HOST"),
 ])
 def test_a_blank_tracking_uri_is_named(world, tmp_path, caplog, monkeypatch, flag, env, message):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATABRICKS_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.databrickscfg
     if env is None:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
@@ -2399,6 +2404,7 @@ def test_member_files_are_named_by_model_and_never_replace_another_kind(world, t
     ("CMCE_S3_MULTIPART_THRESHOLD_MB", "1e3", "an integer from 1 to 5120 expected"),
     ("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "999", "an integer from 1 to 10 expected"),
     ("AWS_RETRY_MODE", "forever", "one of standard, adaptive, legacy expected"),
+    ("CMCE_S3_DEADLINE_S", "0", "an integer from 2 to 3600 expected"),
     ("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000", "an http:// or https:// URL expected"),
     ("AWS_ENDPOINT_URL", "http://host:notaport", "an http:// or https:// URL expected"),
     ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000/b", "the server's URL without a path expected"),  # "no such object"

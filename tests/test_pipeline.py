@@ -316,12 +316,16 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
 @pytest.mark.parametrize("argv, needle", [
     (["run", "--local", "--params", "{tmp}/nope.yaml"], "nope.yaml: config file not found"),
     (["run", "--local", "--params", "{tmp}/list.yaml"], "list.yaml: top level must be a mapping"),
+    # an empty list was read as an empty file: `gallery_models must list at least one model`
+    (["run", "--local", "--params", "{tmp}/empty_list.yaml"], "empty_list.yaml: top level must be a mapping of "
+                                                               "settings, not a YAML list"),
     (["compile", "--out-dir", "{tmp}/no/such"], "--out-dir {tmp}/no/such: no such folder"),
 ])
 def test_the_pipeline_command_refuses_bad_input_in_one_line(tmp_path, caplog, argv, needle):
     from pipeline.__main__ import main
 
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "empty_list.yaml").write_text("[]\n")
     caplog.clear()
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -722,6 +726,21 @@ def test_flags_a_pipeline_does_not_take_are_refused_not_dropped(tmp_path, capsys
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compile", "--out-dir", "s3://b/p"])
     assert "argument --out-dir: s3://b/p: compile writes to a local folder" in capsys.readouterr().err
+
+
+def test_a_tracking_uri_mlflow_has_no_store_for_is_refused_before_any_task(tmp_path, monkeypatch, caplog):
+    """MLFLOW_TRACKING_URI=ftp://…: the start-tracking task failed with MLflow's `KeyError: 'ftp'` three times,
+    30 s and 60 s apart, and the run was still going at 120 s."""
+    from kfp import local
+
+    from pipeline.__main__ import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://127.0.0.1/x")
+    monkeypatch.setattr(local, "init", lambda **_: pytest.fail("a task ran"))
+    assert main(["run", "--local", "--root", str(tmp_path / "r")]) == 2
+    error = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(error) == 1 and "MLFLOW_TRACKING_URI ftp://127.0.0.1/x: MLflow keeps no runs at a ftp: URI" in error[0]
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_http_tracking_server_is_checked_and_its_password_kept_out_of_the_task_inputs(tmp_path, monkeypatch,

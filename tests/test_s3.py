@@ -28,7 +28,7 @@ from cmce.s3 import _inside, redact
 from cmce.storage import clear_scratch
 from cmce.tables import embedding_array, with_metadata, write_table
 from tests.conftest import SMOKE, dvc
-from tests.fake_servers import s3_env, stopped_when
+from tests.fake_servers import FakeObject, s3_env, serving, stopped_when
 from tests.s3server import WeedServer, free_ports
 
 QUICK = ["--config", str(SMOKE), "--set", "train.epochs=1", "--set", "transform.epochs=1"]
@@ -884,29 +884,12 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
     sends the object a few bytes at a time (a slow link): the process logged its stop at once, then waited for the
     worker's read of 256 KB to end before it exited (112 s at 1.5 KB/s). A Ctrl-C (KeyboardInterrupt, Python's own
     handler) ends it as promptly."""
-    import http.server
-
     got = threading.Event()
 
-    class Silent(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *_):
-            pass
-
-        def do_HEAD(self):
-            self.send_response(200)
-            for name, value in (("Content-Length", "4096"), ("ETag", '"0123"'), ("Content-Type", "binary/octet-stream"),
-                                ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")):
-                self.send_header(name, value)
-            self.end_headers()
-
+    class Silent(FakeObject):
         def do_GET(self):
-            if "list-type=2" in self.path:  # an empty listing: the object is no folder
-                body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><KeyCount>0</KeyCount>'
-                        b'<MaxKeys>1</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>')
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+            if "list-type=2" in self.path:
+                self.send_listing()
                 return
             got.set()
             if server == "silent":
@@ -920,21 +903,52 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
                 self.wfile.flush()
                 time.sleep(0.2)
 
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
-    web.daemon_threads = True
-    threading.Thread(target=web.serve_forever, daemon=True).start()
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    env = s3_env(web.server_address[1], AWS_MAX_ATTEMPTS="5", CMCE_S3_READ_TIMEOUT_S="6", TMPDIR=str(scratch))
-    try:
+    with serving(Silent) as port:
+        env = s3_env(port, AWS_MAX_ATTEMPTS="5", CMCE_S3_READ_TIMEOUT_S="6", TMPDIR=str(scratch))
         returncode, took, err = stopped_when(got, ["build-index", "--gallery", "s3://b/g.parquet", "--out",
                                                    str(tmp_path / "index")], env, wait_s=0.5, signum=signum)
-    finally:
-        web.shutdown()
-        web.server_close()
     # at most the read under way (6 s); five attempts took 30 s
     assert returncode == 128 + signum and took < 15, (returncode, took, err)
     assert f"interrupted ({signal.Signals(signum).name})" in err and "Traceback" not in err
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize("trickled", ["listing", "object"])
+def test_a_server_trickling_its_answer_is_given_up_at_the_deadline(tmp_path, trickled):
+    """An S3 endpoint that answers 200 and then sends its body a byte at a time never trips the read timeout
+    (each read gets a byte): a listing, read by botocore in the step's own thread, or an object's download held
+    `build-index` until it was killed. Each request, and each transfer's next 64 KiB, has CMCE_S3_DEADLINE_S."""
+    class Trickling(FakeObject):
+        size = 100000
+
+        def do_GET(self):
+            if "list-type=2" in self.path and trickled != "listing":
+                self.send_listing()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(600):  # 5 bytes a second, each read well within the read timeout
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    started = time.monotonic()
+    with serving(Trickling) as port:
+        env = {**s3_env(port, CMCE_S3_DEADLINE_S="3", TMPDIR=str(scratch)),
+               "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+        res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", "s3://b/g.parquet", "--out",
+                              str(tmp_path / "index")], env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    errors = [line for line in res.stderr.splitlines() if " ERROR " in line]
+    action = "listing" if trickled == "listing" else "downloading"
+    assert res.returncode == 2 and len(errors) == 1 and took < 40, (res.returncode, took, res.stderr[-2000:])
+    assert (f"s3://b/g.parquet: the S3 endpoint http://127.0.0.1:{port} gave no whole answer "
+            f"within 3 s while {action} (CMCE_S3_DEADLINE_S" in errors[0]), errors
     assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
 
 

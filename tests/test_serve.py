@@ -119,6 +119,10 @@ def test_refusals_name_the_field(world):
     refused(server, 422, "query_model_sha256", "required with embeddings", embeddings=[row])
     refused(server, 422, "embeddings[1]", "expects dimension 16", embeddings=[row, row[:15]], query_model_sha256=sha)
     refused(server, 422, "embeddings[0]", "all zeros", embeddings=[[0.0] * 16], query_model_sha256=sha)
+    # over float32's range: refused, without numpy's two-line overflow warning in the server's log
+    refused(server, 422, "embeddings[0]", "too large to normalise", embeddings=[[1e39] + [0.1] * 15],
+            query_model_sha256=sha)
+    assert "RuntimeWarning" not in server.log.read_text()
     for odd in ("1_000", True):  # a string or a boolean read as a number (200)
         refused(server, 422, "embeddings[0][3]", "valid number", embeddings=[[0.5] * 3 + [odd] + [0.5] * 12],
                 query_model_sha256=sha)
@@ -509,6 +513,31 @@ def test_a_reload_error_is_cleared_once_the_folder_holds_the_served_version_agai
     assert "serve: resolved: " in server.log.read_text()
 
 
+def test_a_damaged_file_under_an_unchanged_meta_json_is_shown_while_the_loaded_copy_serves(tmp_path):
+    """index.faiss cut to 100 bytes under the served folder, meta.json unchanged: the poll compared meta.json's
+    version only, /readyz said `last_reload_error: null` while the folder a restart loads was broken."""
+    model = query_model(tmp_path / "query.pt")
+    index = gallery_index(tmp_path / "work", model, tmp_path / "index")
+    whole = (index / "index.faiss").read_bytes()
+    server = Server(["--index", str(index), "--query-model", str(model), "--reload-interval", "0.1"],
+                    tmp_path / "serve.log")
+    served = readyz(server)["index_version"]
+    try:
+        with open(index / "index.faiss", "r+b") as f:
+            f.truncate(100)
+        state = wait_for_ready(server, "the damage shown", lambda s: s["last_reload_error"] is not None)
+        assert "index.faiss: missing, not a regular file, or does not match the checksum in meta.json" in \
+            state["last_reload_error"] and "the loaded copy is served" in state["last_reload_error"]
+        assert state["index_version"] == served and state["ready"]
+        hits = server.search(embeddings=[[0.5] * 16], query_model_sha256=file_sha256(model))
+        assert hits.status_code == 200  # the copy in memory still answers
+        (index / "index.faiss").write_bytes(whole)
+        state = wait_for_ready(server, "the damage cleared", lambda s: s["last_reload_error"] is None)
+        assert state["index_version"] == served and state["reloads"] == 0
+    finally:
+        server.stop()
+
+
 def test_an_unreadable_alias_is_shown_while_it_lasts_and_logged_once(tmp_path):
     """The production alias deleted: the same warning was logged on every poll, /readyz did not mention it, and
     an old error stayed there after the alias came back."""
@@ -760,6 +789,11 @@ def test_http_framing_below_the_routes_is_read_or_refused_naming_its_part(world)
     res = requests.post(f"{server.url}/search", data=body, timeout=10, headers={
         "content-type": "application/json", "connection": "Upgrade", "upgrade": "websocket"})
     assert res.status_code == 200 and "WebSocket" not in server.log.read_text()  # no advice to install a library
+    # HTTP/2 with prior knowledge (its preface): a 404 naming the path `/*`, which the client never sent
+    head, answer, closed = raw_exchange(server, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert head.startswith(b"http/1.1 505") and closed and json.loads(answer) == {
+        "error": "request: HTTP/2.0 is not spoken here: HTTP/1.1 only (no HTTP/2 with prior knowledge)",
+        "field": "request"}, answer
     assert server.search(**json.loads(body)).status_code == 200  # still serving
 
 

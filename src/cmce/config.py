@@ -689,11 +689,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
     path = Path(path)
     text = read_config_text(path)
     try:
-        raw = read_yaml(text) or {}
+        raw = read_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    raw = {} if raw is None else raw  # an empty file: every default (`[]` was read as one too)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping of settings, not a YAML {type(raw).__name__}")
     try:
         return config_with_overrides(raw, overrides or {}, str(path), flags)
     except ConfigError as err:

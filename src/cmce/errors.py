@@ -145,6 +145,15 @@ def not_ignored(signums: object) -> list[int]:
     return [signum for signum in signums if signal.getsignal(signum) is not signal.SIG_IGN]
 
 
+_left_running: list[bool] = []  # threads were left in a request (a silent or trickling server): nothing joins them
+
+
+def threads_left_running() -> None:
+    """Worker threads were left blocked in a read: this command's process ends without the interpreter's shutdown,
+    which would join them (and wait as long as the server trickles)."""
+    _left_running.append(True)
+
+
 def exit_process(code: int, at_once: bool = False) -> None:
     """End a command's process with `code`. After a stop (128 + signal), or `at_once`, without the interpreter's
     shutdown, its cleanups done: a transfer's worker thread still in a read of a slow download (s3transfer's, or
@@ -152,7 +161,7 @@ def exit_process(code: int, at_once: bool = False) -> None:
     code aborted it on its way back. Nothing such a thread does is wanted any more."""
     import os
 
-    if code < 128 and not at_once:
+    if code < 128 and not at_once and not _left_running:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed, or its reader gone

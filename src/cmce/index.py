@@ -290,6 +290,13 @@ def _write_faiss(index: Any, path: Path, out_dir: Path) -> None:
         raise OSError(f"{out_dir}: could not write the index: {last_line(err)}") from None
 
 
+def check_files(d: Path, meta: dict, shown: str, error: type[Exception] = ValueError) -> None:
+    """Every file meta.json names is in `d` and matches its checksum; else `error` naming the first that is not."""
+    for name, digest in meta["files"].items():
+        if not (d / name).is_file() or file_sha256(d / name) != digest:  # is_file: a pipe would block the read
+            raise error(f"{shown}/{name}: missing, not a regular file, or does not match the checksum in meta.json")
+
+
 @dataclass
 class LoadedIndex:
     index: Any
@@ -396,10 +403,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
     if gallery_sha256 is not None and str(meta.get("gallery_sha256")).lower() != gallery_sha256.lower():
         raise IndexLoadError(f"{shown}: index was built from gallery version {str(meta.get('gallery_sha256'))[:12]}, "
                              f"not from the given gallery {gallery_sha256[:12]}; rebuild the index from it")
-    for name, digest in meta["files"].items():
-        if not (d / name).is_file() or file_sha256(d / name) != digest:  # is_file: a pipe would block the read
-            raise (IndexInFlux if s3.is_s3(index_dir) else IndexLoadError)(
-                f"{shown}/{name}: missing, not a regular file, or does not match the checksum in meta.json")
+    check_files(d, meta, shown, IndexInFlux if s3.is_s3(index_dir) else IndexLoadError)
     where = f"{shown}/ids.parquet"
     try:
         table = pq.read_table(d / "ids.parquet", page_checksum_verification=True)

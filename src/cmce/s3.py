@@ -28,6 +28,8 @@ import logging
 import os
 import re
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +37,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cmce import strict_json
-from cmce.errors import Terminated, raise_if_terminated, stop_deferred, stop_pending, stopping_on
+from cmce.errors import (
+    Terminated,
+    raise_if_terminated,
+    stop_deferred,
+    stop_pending,
+    stopping_on,
+    threads_left_running,
+)
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
@@ -114,11 +123,15 @@ def parse(uri: str) -> S3Uri:
 
 
 # variable: (default, minimum, maximum). A dead endpoint fails within AWS_MAX_ATTEMPTS × (10 s connect +
-# CMCE_S3_READ_TIMEOUT_S) plus botocore's backoff (at most 20 s a retry); by default within 5 × 30 s + 4 × 20 s.
+# CMCE_S3_READ_TIMEOUT_S) plus botocore's backoff, and a request with its retries within CMCE_S3_DEADLINE_S: by
+# default within 30 s (it was 5 × 20 s + back-off: minutes before a silent endpoint was named).
 # AWS_METADATA_SERVICE_*: botocore's own, for credentials from an instance role; bounded for the same reason.
 ENV_RANGES = {
-    "AWS_MAX_ATTEMPTS": (5, 1, 10),
-    "CMCE_S3_READ_TIMEOUT_S": (20, 1, 300),
+    "AWS_MAX_ATTEMPTS": (3, 1, 10),
+    "CMCE_S3_READ_TIMEOUT_S": (10, 1, 300),
+    # one request with its retries (HEAD, LIST, DELETE, a ranged GET), or a transfer's wait for its next 64 KiB: a
+    # server sending its answer a byte at a time never trips the read timeout (each read gets a byte)
+    "CMCE_S3_DEADLINE_S": (30, 2, 3600),
     "CMCE_S3_MULTIPART_THRESHOLD_MB": (64, 1, 5120),
     "CMCE_S3_MULTIPART_CHUNK_MB": (16, 5, 5120),  # S3's parts: 5 MiB to 5 GiB
     "CMCE_S3_MAX_CONCURRENCY": (8, 1, 64),
@@ -255,8 +268,8 @@ def _client_for(_env_digest: str, endpoint: str | None = None) -> Any:
     quiet_sdk_logging()
     retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
                "total_max_attempts": _env_int("AWS_MAX_ATTEMPTS")}  # total, as AWS_MAX_ATTEMPTS means
-    # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 5 × 20 s
-    # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 20 s
+    # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 3 × 10 s
+    # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 10 s
     config = Config(retries=retries, connect_timeout=10, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S"))
     session = boto3.session.Session()
     _bound_credential_process(session)
@@ -347,7 +360,49 @@ def transfer_config() -> Any:
         multipart_chunksize=_env_int("CMCE_S3_MULTIPART_CHUNK_MB") * MB,
         max_concurrency=_env_int("CMCE_S3_MAX_CONCURRENCY"),
         preferred_transfer_client="classic",
+        io_chunksize=TRANSFER_STEP,  # a download reports progress a chunk at a time (see _transfer)
     )
+
+
+TRANSFER_STEP = 64 * 1024
+
+
+def _bounded(request: Any, uri: str, action: str) -> Any:
+    """`request()` (one S3 request, botocore's retries included) within CMCE_S3_DEADLINE_S: a server that trickled
+    its answer a byte a second never tripped the read timeout and held a step until it was killed. It runs in a
+    thread of its own; past the deadline that thread is left to its read (nothing waits for it: the command
+    exits without the interpreter's shutdown) and the step fails naming the endpoint."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = request()
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            box["error"] = err
+        finally:
+            done.set()
+
+    deadline = _env_int("CMCE_S3_DEADLINE_S")
+    context = contextvars.copy_context()  # the endpoint a caller chose (endpoint_from) holds in the thread too
+    threading.Thread(target=context.run, args=(run,), name="cmce-s3-request", daemon=True).start()
+    try:
+        finished = done.wait(deadline)
+    except BaseException as err:  # a stop: the request's retries end with it
+        stopping_on(err)
+        threads_left_running()
+        raise
+    if not finished:
+        threads_left_running()
+        raise TimeoutError(_deadline_message(uri, action, deadline))
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _deadline_message(uri: str, action: str, deadline: int) -> str:
+    return (f"{uri}: the S3 endpoint {_endpoint()} gave no whole answer within {deadline} s while {action} "
+            "(CMCE_S3_DEADLINE_S; a silent or trickling server)")
 
 
 def _endpoint() -> str:
@@ -545,7 +600,7 @@ def _diagnose(u: S3Uri, action: str) -> None:
     """HEAD responses carry no error code (a 403 may be a wrong key id, a wrong secret or a policy);
     a LIST answers with one. Raises the precise error, or returns when listing is allowed."""
     with _errors(str(u), action):
-        client().list_objects_v2(Bucket=u.bucket, Prefix=u.key, MaxKeys=1)
+        _bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=u.key, MaxKeys=1), str(u), action)
 
 
 def kind(uri: str) -> str:
@@ -556,7 +611,7 @@ def kind(uri: str) -> str:
     if u.key and not u.key.endswith("/"):
         with _errors(uri, "reading"):
             try:
-                client().head_object(Bucket=u.bucket, Key=u.key)
+                _bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, "reading")
                 found = True
             except ClientError as err:
                 if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
@@ -570,7 +625,8 @@ def kind(uri: str) -> str:
             raise ValueError(f"{uri}: both an object and a prefix {uri}/ holding objects exist; give {uri}/ for "
                              "the folder, or remove one")
     with _errors(uri, "listing"):
-        listed = client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1)
+        listed = _bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1), uri,
+                          "listing")
     if listed.get("KeyCount", 0):
         return "dir"
     raise FileNotFoundError(f"{uri}: no such object or prefix")
@@ -581,7 +637,8 @@ def list_keys(uri: str) -> list[str]:
     u = parse(uri)
     out: list[str] = []
     with _errors(uri, "listing"):
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket, Prefix=u.dir_prefix):
+        pages = iter(client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket, Prefix=u.dir_prefix))
+        while (page := _bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
             out += [o["Key"][len(u.dir_prefix):] for o in page.get("Contents", [])]
     return sorted(k for k in out if k and not k.endswith("/"))  # "folder/" placeholder objects hold nothing
 
@@ -636,7 +693,7 @@ def _fetch(u: S3Uri, key: str, target: Path, uri: str, cfg: Any) -> None:
     (`aws s3 cp --content-encoding gzip`, CDN sync tools) is decoded, as an HTTP client decodes it; any other
     coding is refused naming it (its bytes are not the file's)."""
     with _errors(uri, "downloading"):
-        head = client().head_object(Bucket=u.bucket, Key=key)
+        head = _bounded(lambda: client().head_object(Bucket=u.bucket, Key=key), uri, "downloading")
         coding = str(head.get("ContentEncoding") or "")
         codings = [c.strip().lower() for c in coding.split(",") if c.strip().lower() not in NO_CODING]
         if codings not in ([], ["gzip"], ["x-gzip"]):
@@ -656,23 +713,29 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
             future.meta.provide_transfer_size(int(head["ContentLength"]))
             future.meta.provide_object_etag(head.get("ETag"))
 
-    _transfer(cfg, lambda manager: manager.download(bucket, key, str(target), subscribers=[Known()]), abandon=True)
+    _transfer(cfg, lambda manager, subscribers: manager.download(bucket, key, str(target),
+                                                                 subscribers=[Known(), *subscribers]),
+              f"{SCHEME}{bucket}/{key}", "downloading", abandon=True)
 
 
-def _transfer(cfg: Any, start: Any, abandon: bool = False) -> None:
-    """Run the s3transfer transfer `start(manager)` begins, to its end. On a stop signal no request is retried;
-    a download is `abandon`ed: leaving the manager as its context manager does waited for its worker threads,
-    which read a slow or silent server to the end of their read (100 s after a SIGTERM); they are left to it while
-    the step cleans up and stops now. An upload is not: bytes already sent reach the server whatever this process
-    does, and an object appeared 10 s after the step had removed what it staged. Its request under way is let
-    end (within the read timeout; the body's further reads are refused), so that what it wrote can be removed."""
+def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False) -> None:
+    """Run the s3transfer transfer `start(manager, subscribers)` begins, to its end. A transfer that moves no
+    TRANSFER_STEP bytes within CMCE_S3_DEADLINE_S fails (a server trickling a byte a second held it for good).
+    On a stop signal no request is retried; a download is `abandon`ed: leaving the manager as its context manager
+    does waited for its worker threads, which read a slow or silent server to the end of their read (100 s after
+    a SIGTERM); they are left to it while the step cleans up and stops now. An upload is not: bytes already sent
+    reach the server whatever this process does, and an object appeared 10 s after the step had removed what it
+    staged. Its request under way is let end (within the read timeout; the body's further reads are refused),
+    so that what it wrote can be removed."""
     from boto3.exceptions import RetriesExceededError
     from boto3.s3.transfer import create_transfer_manager
     from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
 
     manager = create_transfer_manager(client(), cfg)
-    future = start(manager)
+    watch = _Progress()
+    future = start(manager, [watch])
     try:
+        watch.wait(_env_int("CMCE_S3_DEADLINE_S"), uri, action)
         future.result()
     except TransferRetriesExceeded as err:  # as download_file raises it
         manager.shutdown()
@@ -680,14 +743,43 @@ def _transfer(cfg: Any, start: Any, abandon: bool = False) -> None:
     except (KeyboardInterrupt, Terminated) as err:
         future.cancel()
         stopping_on(err)  # the workers left running (or the request under way) must not retry
-        if not abandon:
+        if abandon:
+            threads_left_running()
+        else:
             manager.shutdown(cancel=True)
+        raise
+    except TimeoutError:  # stalled: its workers wait on their reads; nothing waits for them
+        future.cancel()
+        threads_left_running()
         raise
     except BaseException:
         manager.shutdown(cancel=True)
         raise
     else:
         manager.shutdown()
+
+
+class _Progress:
+    """An s3transfer subscriber: when the transfer last moved bytes, and whether it has ended."""
+
+    def __init__(self) -> None:
+        self.moved = time.monotonic()
+        self.done = threading.Event()
+
+    def on_progress(self, **_: Any) -> None:
+        self.moved = time.monotonic()
+
+    def on_done(self, **_: Any) -> None:
+        self.done.set()
+
+    def on_queued(self, **_: Any) -> None:
+        pass
+
+    def wait(self, deadline: int, uri: str, action: str) -> None:
+        """Until the transfer ends; TimeoutError once it has moved nothing for `deadline` seconds."""
+        while not self.done.wait(min(1.0, deadline)):
+            if time.monotonic() - self.moved > deadline:
+                raise TimeoutError(_deadline_message(uri, action, deadline))
 
 
 GZIP_RATIO = 1000
@@ -780,7 +872,7 @@ def check_writable(uri: str) -> None:
     try:
         with _errors(uri, "checking the bucket"):
             try:
-                client().head_bucket(Bucket=u.bucket)
+                _bounded(lambda: client().head_bucket(Bucket=u.bucket), uri, "checking the bucket")
             except ClientError as err:  # a HEAD answer has no body: LIST tells what the 403 or 404 means
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status not in (403, 404):
@@ -797,7 +889,8 @@ def check_writable(uri: str) -> None:
 def upload_file(path: Path, uri: str) -> None:
     u = parse(uri)
     with _errors(uri, "uploading"):
-        _transfer(transfer_config(), lambda manager: manager.upload(str(path), u.bucket, u.key))
+        _transfer(transfer_config(), lambda manager, subscribers: manager.upload(
+            str(path), u.bucket, u.key, subscribers=subscribers), uri, "uploading")
     log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
 
 
@@ -813,7 +906,7 @@ def put_whole(path: Path, uri: str) -> None:
 def delete(uri: str) -> None:
     u = parse(uri)
     with _errors(uri, "deleting"):
-        client().delete_object(Bucket=u.bucket, Key=u.key)
+        _bounded(lambda: client().delete_object(Bucket=u.bucket, Key=u.key), uri, "deleting")
 
 
 def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
@@ -910,7 +1003,8 @@ def copy(src: str, dst: str) -> None:
     """A server-side copy (no bytes through this machine); in parts above the multipart threshold."""
     s, d = parse(src), parse(dst)
     with _errors(src, "copying"):
-        client().copy({"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key, Config=transfer_config())
+        _transfer(transfer_config(), lambda manager, subscribers: manager.copy(
+            {"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key, subscribers=subscribers), src, "copying")
 
 
 partial_uploads: list[str] = []  # s3:// folders whose replacement a failure or stop cut short (this process)
@@ -924,7 +1018,8 @@ def object_size(uri: str) -> int | None:
     u = parse(uri)
     with _errors(uri, "checking the output"):
         try:
-            return int(client().head_object(Bucket=u.bucket, Key=u.key)["ContentLength"])
+            head = _bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, "checking the output")
+            return int(head["ContentLength"])
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
                 raise
@@ -935,11 +1030,14 @@ def read_range(uri: str, start: int, end: int) -> bytes:
     """Bytes `start` to `end` (inclusive) of the object at `uri`: a ranged GET, not a download."""
     u = parse(uri)
     with _errors(uri, "reading"):
-        return client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}")["Body"].read()
+        return _bounded(lambda: client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}")
+                        ["Body"].read(), uri, "reading")
 
 
 def is_prefix(uri: str) -> bool:
     """True when objects exist under `uri/` (a "folder" on S3)."""
     u = parse(uri)
     with _errors(uri, "listing"):
-        return bool(client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1).get("KeyCount", 0))
+        listed = _bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1), uri,
+                          "listing")
+        return bool(listed.get("KeyCount", 0))

@@ -127,6 +127,8 @@ def check_uri_settings(flag: str | None) -> None:
     for name, value in given:
         if value and (why := query_in_server_uri(value)):
             raise ValueError(f"{name} {why}")
+        if value and (why := unsupported_store(value)):
+            raise ValueError(f"{name} {redact(value)}: {why}")
         if value and _in_memory(value):  # `sqlite://` was taken: the runs ended with the process, artifacts in ./mlruns
             raise ValueError(f"{name} {value}: an in-memory store, gone when this command ends (its runs and models "
                              "with it); give a file: sqlite:////path/mlflow.db")
@@ -151,6 +153,30 @@ def query_in_server_uri(uri: str) -> str | None:
     shown = f"{scheme}://{re.split('[?#]', host + slash + path)[0]}{'?…' if '?' in uri else '#…'}"
     return (f"{shown}: an MLflow server URI takes no query string or fragment (MLflow appends its API paths after "
             "it; its value is not shown): give a token in MLFLOW_TRACKING_TOKEN, or user:password@ in the URL")
+
+
+STORE_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https")  # `+driver` allowed
+DATABRICKS_SCHEMES = ("databricks", "databricks-uc", "uc")
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def unsupported_store(uri: str) -> str | None:
+    """Why MLflow cannot keep runs at `uri`, or None. `ftp://…` passed the checks and failed in the first task that
+    opened a run (`KeyError: 'ftp'`), retried for minutes; `databricks` without credentials failed with MLflow's
+    warning and a page-long error naming no setting."""
+    found = SCHEME.match(uri)
+    bare = uri.strip().lower() in DATABRICKS_SCHEMES  # `databricks` alone names the default workspace
+    if not bare and (found is None or len(found.group(1)) == 1):  # a path (a drive letter is no scheme): a file store
+        return None
+    scheme = uri.strip().lower() if bare else found.group(1).lower()
+    if scheme in DATABRICKS_SCHEMES:
+        if os.environ.get("DATABRICKS_HOST") or Path("~/.databrickscfg").expanduser().is_file():
+            return None
+        return "no Databricks workspace configured (DATABRICKS_HOST and DATABRICKS_TOKEN, or ~/.databrickscfg)"
+    if scheme.partition("+")[0] in STORE_SCHEMES:
+        return None
+    return (f"MLflow keeps no runs at a {scheme}: URI; give a sqlite:////path/mlflow.db file, an http(s):// "
+            "server, a folder, or a postgresql/mysql/mssql database")
 
 
 def _in_memory(uri: str) -> bool:

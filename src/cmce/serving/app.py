@@ -87,6 +87,10 @@ class RequestFraming:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("http_version") not in ("1.0", "1.1"):  # HTTP/2's preface `PRI * HTTP/2.0` was a 404 for `/*`
+            refusal = _error(505, "request", f"HTTP/{scope.get('http_version')} is not spoken here: HTTP/1.1 only "
+                                             "(no HTTP/2 with prior knowledge)", {"connection": "close"})
+            return await refusal(scope, receive, send)
         if scope["path"].startswith(("http://", "https://")):
             path = urlsplit(scope["path"]).path or "/"
             scope = {**scope, "path": path, "raw_path": path.encode()}

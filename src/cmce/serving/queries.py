@@ -86,7 +86,8 @@ def embeddings_query(rows: list[list[float]], sha256: str | None, served: Served
     for i, row in enumerate(rows):
         if len(row) != dim:
             raise RequestError(f"embeddings[{i}]", f"has {len(row)} values, the index expects dimension {dim}")
-    q = np.asarray(rows, dtype=np.float32)
+    with np.errstate(over="ignore"):  # 1e39 becomes inf, refused below: not a RuntimeWarning in the server's log
+        q = np.asarray(rows, dtype=np.float32)
     try:
         normalize(q)
     except ValueError:

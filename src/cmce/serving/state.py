@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
-from cmce.index import INDEX_FILES, LoadedIndex, load_index
+from cmce.index import INDEX_FILES, LoadedIndex, check_files, load_index
 from cmce.s3 import redact
 from cmce.storage import origin, read_regular, restore_uris, scratch_dir, stat_identity
 
@@ -156,10 +156,12 @@ class Holder:
         index = load_index(self.index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim)
         self.accept(index.meta)
         self.current = Served(model, key, index, meta_version(index.meta))
+        self._verified = folder_identity(self.index_dir)  # the folder as the served index was checked in it
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
         self._failed: tuple | None = None  # (model key, index version, folder_identity) of the last failed load
         self._candidate: tuple[str, EmbeddingModel] | None = None
+        self._damage: str | None = None  # what _damaged found in the folder of the served index
         self._unreadable = 0  # consecutive polls that could not read meta.json
         self._peeked: tuple[tuple, str] | None = None  # (folder_identity, meta_version) of the last read of meta.json
         self._stop = threading.Event()
@@ -254,7 +256,10 @@ class Holder:
         if wanted == (cur.model_key, cur.version):  # the folder holds the served pair (again)
             self._failed = None
             self._drop_candidate()  # the alias moved back: a model loaded meanwhile will not be served
-            self._report("index", None)
+            if folder != self._verified:  # a file changed under an unchanged meta.json (cut, overwritten)
+                self._verified = folder
+                self._damage = self._damaged(cur.index.meta)
+            self._report("index", self._damage)
             return False
         if (*wanted, folder) == self._failed:
             return False
@@ -268,6 +273,7 @@ class Holder:
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
         self.current, self._failed, self._candidate = new, None, None
+        self._verified, self._damage = folder, None  # load_index checked every file
         if model is not cur.model:
             self.models.discard(cur.model)
         self.reloads += 1
@@ -275,6 +281,16 @@ class Holder:
                  cur.version[:12])
         self._report("index", None)
         return True
+
+    def _damaged(self, meta: dict) -> str | None:
+        """What is wrong with the folder's files, checked against the served index's meta.json: served from memory,
+        the index went on answering while the folder (which a restart loads) was broken, /readyz silent."""
+        try:
+            with self._waiting_on(f"checking {self.index_dir}"):
+                check_files(self.index_dir, meta, str(self.index_dir))
+        except (OSError, ValueError) as err:
+            return f"{err}: the index on disk is damaged (a restart would refuse it); the loaded copy is served"
+        return None
 
     def start(self, interval_s: float) -> None:
         """Poll every `interval_s` seconds in a daemon thread (0: never)."""
