@@ -1464,6 +1464,7 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
     # a scheme MLflow has no store for failed in the first task that opened a run, retried for minutes
     (None, "ftp://127.0.0.1/x", "MLFLOW_TRACKING_URI ftp://127.0.0.1/x: MLflow keeps no runs at a ftp: URI"),
     ("databricks", None, "--mlflow-uri databricks: no Databricks workspace configured (DATABRICKS_HOST"),
+    (None, "http://[::1:80", "MLFLOW_TRACKING_URI http://[::1:80: not a valid URL (Invalid IPv6 URL)"),
 ])
 def test_a_blank_tracking_uri_is_named(world, tmp_path, caplog, monkeypatch, flag, env, message):
     monkeypatch.chdir(tmp_path)
@@ -1815,6 +1816,28 @@ def _no_alarm():
     import signal
 
     signal.alarm(0)
+
+
+def test_query_images_of_any_kind_are_searched_without_noise_and_a_folder_is_named(world, tmp_path, caplog, capsys):
+    """A grey JPEG or a 16-bit PNG given to `search --images` printed torch's 3-line `NumPy array is not writable`
+    warning (PIL's read-only buffer); a folder failed with a bare `[Errno 21] Is a directory`."""
+    import warnings
+
+    images = []
+    for name, mode, fmt in (("grey.jpg", "L", "JPEG"), ("deep.png", "I;16", "PNG")):
+        pixels = NOISE[:8, :8] if mode == "L" else NOISE[:8, :8].astype(np.uint16) * 257
+        Image.fromarray(pixels).save(tmp_path / name, format=fmt)
+        images.append(str(tmp_path / name))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["search", "--index", str(world.index), "--query-model", str(world.query), "--images",
+                     *images, "--k", "1"]) == 0
+    assert [str(w.message) for w in seen if issubclass(w.category, UserWarning)] == []
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    fails(caplog, ["search", "--index", world.index, "--query-model", world.query, "--images", folder],
+          tmp_path / "unused", f"--images {folder}: is a folder; give its image files (e.g. {folder}/*.png)")
 
 
 def test_pipes_and_devices_are_neither_read_nor_written(world, tmp_path, caplog):
@@ -2461,6 +2484,23 @@ def _train_fails_under(env: dict[str, str], needle: str, world: World, tmp_path:
               needle)
     finally:
         _no_alarm()
+
+
+def test_a_file_given_twice_to_a_repeatable_flag_is_named_before_any_work(world, tmp_path, caplog):
+    """`upgrade-query-model --train-embeddings A A` fitted for 12 s, then said B's embeddings were missing,
+    naming neither the repeat nor the flag; the same file under another spelling is the same file."""
+    out = tmp_path / "gallery.parquet"
+    member = world.members[0]
+    fails(caplog, ["combine", "--member", member, "--member", member, "--out", out], out,
+          f"--member {member}: given twice; give each file once")
+    other = f"{member.parent}/./{member.name}"
+    fails(caplog, ["combine", "--member", member, "--member", other, "--out", out], out,
+          f"--member {other}: given twice (as {member}); give each file once")
+
+
+def test_an_empty_positional_argument_is_named_as_in_the_usage_line(tmp_path, caplog):
+    out = tmp_path / "gallery.parquet"
+    fails(caplog, ["merge", "", "--out", out], out, "cmce merge: SHARD_FILE '': empty; give a value")
 
 
 def test_a_step_says_when_it_does_not_track_to_its_mlflow_uri(world, tmp_path, caplog):

@@ -129,6 +129,10 @@ def test_imagefolder_reads_subfolders_and_names_a_half_official_split(tmp_path):
     with pytest.raises(DataError, match=r"kitten: a link into the class folder cat"):
         import_imagefolder(tmp_path)
     (tmp_path / "kitten").unlink()
+    (tmp_path / "tabby").symlink_to(tmp_path / "cat")  # the link sorts after its class: `cat` was named the link
+    with pytest.raises(DataError, match=r"tabby: a link into the class folder cat"):
+        import_imagefolder(tmp_path)
+    (tmp_path / "tabby").unlink()
     raw = import_imagefolder(tmp_path)
     assert raw.ids == ["cat/0.png", "cat/more/1.png", "cat/more/deeper/2.png", "dog/0.png", "dog/more/1.png",
                        "dog/more/deeper/2.png"]

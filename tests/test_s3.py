@@ -562,6 +562,34 @@ def test_an_s3_output_of_its_own_kind_is_replaced(s3_server, s3_chain, monkeypat
     assert keys(s3_server, bucket) == {"g.parquet", *(f"idx/{f}" for f in INDEX_FILES)}
 
 
+def test_an_endpoint_that_redirects_is_named_not_a_recursion_traceback(tmp_path, monkeypatch, caplog):
+    """An endpoint answering 301 to another host: botocore asks for the bucket's region, is redirected again, and
+    so on; a 2,997-line RecursionError traceback, exit 1."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_HEAD(self):  # noqa: N802 - http.server's name
+            self.send_response(301)
+            self.send_header("Location", "http://127.0.0.1:9/latest/meta-data/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_PUT = do_HEAD
+
+    out = tmp_path / "index"
+    with serving(Redirecting) as port:
+        for name, value in s3_env(port).items():
+            monkeypatch.setenv(name, value)
+        caplog.clear()
+        assert main(["build-index", "--gallery", "s3://b/g.parquet", "--out", str(out)]) == 2
+    assert (f"s3://b/g.parquet: the endpoint http://127.0.0.1:{port} answers with redirects without end while "
+            "reading") in only_error(caplog)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("server", ["the filer of the S3 server", "a plain web server"])
 def test_an_endpoint_that_is_not_s3_is_named_as_such(server, s3_server, s3_chain, tmp_path, monkeypatch, caplog):
     """AWS_ENDPOINT_URL_S3 naming an HTTP server that is not S3 read as `no such object`."""
@@ -919,7 +947,8 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
 def test_a_server_trickling_its_answer_is_given_up_at_the_deadline(tmp_path, trickled):
     """An S3 endpoint that answers 200 and then sends its body a byte at a time never trips the read timeout
     (each read gets a byte): a listing, read by botocore in the step's own thread, or an object's download held
-    `build-index` until it was killed. Each request, and each transfer's next 64 KiB, has CMCE_S3_DEADLINE_S."""
+    `build-index` until it was killed. Each request, and each download's next 64 KiB, has CMCE_S3_DEADLINE_S
+    (at least the read timeout + 5 s)."""
     class Trickling(FakeObject):
         size = 100000
 
@@ -939,7 +968,7 @@ def test_a_server_trickling_its_answer_is_given_up_at_the_deadline(tmp_path, tri
     scratch.mkdir()
     started = time.monotonic()
     with serving(Trickling) as port:
-        env = {**s3_env(port, CMCE_S3_DEADLINE_S="3", TMPDIR=str(scratch)),
+        env = {**s3_env(port, CMCE_S3_DEADLINE_S="3", CMCE_S3_READ_TIMEOUT_S="1", TMPDIR=str(scratch)),
                "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
         res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", "s3://b/g.parquet", "--out",
                               str(tmp_path / "index")], env=env, capture_output=True, text=True, timeout=120)
@@ -947,8 +976,8 @@ def test_a_server_trickling_its_answer_is_given_up_at_the_deadline(tmp_path, tri
     errors = [line for line in res.stderr.splitlines() if " ERROR " in line]
     action = "listing" if trickled == "listing" else "downloading"
     assert res.returncode == 2 and len(errors) == 1 and took < 40, (res.returncode, took, res.stderr[-2000:])
-    assert (f"s3://b/g.parquet: the S3 endpoint http://127.0.0.1:{port} gave no whole answer "
-            f"within 3 s while {action} (CMCE_S3_DEADLINE_S" in errors[0]), errors
+    assert (f"s3://b/g.parquet: no whole answer from the S3 endpoint http://127.0.0.1:{port} within 6 s while "
+            f"{action} (CMCE_S3_DEADLINE_S): unreachable, silent or trickling" in errors[0]), errors
     assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
 
 

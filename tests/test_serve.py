@@ -430,6 +430,7 @@ def test_the_sha256_tag_is_the_whole_digest_in_any_case(world):
     b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 9\r\n\r\nabc",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32),  # a TLS ClientHello sent to the plain port
     b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a request line over h11's buffer limit
+    b"GET /healthz\r\n",  # HTTP/0.9: no version, no head to end (closed unanswered once the head deadline passed)
 ])
 def test_requests_that_are_not_http_get_the_json_error_form(world, raw):
     """uvicorn answered these itself, in plain text, before any route saw them."""

@@ -1,6 +1,7 @@
 """What a tracked run records in MLflow: code and data versions on every run, the data sets a step read as
 its inputs, the gallery and index as artifacts of the steps that made them, headline metrics on the parent."""
 
+import os
 import re
 from pathlib import Path
 
@@ -495,3 +496,91 @@ def test_a_server_uri_with_a_query_string_is_refused_without_showing_it(tmp_path
     assert "MLFLOW_TRACKING_TOKEN" in errors[0], errors
     assert "tok19secret" not in caplog.text + "".join(capsys.readouterr())
     assert not (tmp_path / "r").exists()
+
+
+def test_a_component_whose_stage_left_threads_in_a_read_exits_without_waiting_for_them():
+    """A KFP task whose S3 transfer was given up (a trickling server) reported its failure, then the interpreter's
+    exit joined the transfer's worker threads, still in their reads: the task hung as long as the server did."""
+    code = """if True:
+        import threading, time
+        from cmce.errors import threads_left_running
+        from cmce.runner import run_stage
+
+        def stage():
+            threading.Thread(target=time.sleep, args=(60,)).start()  # a worker the exit would join
+            threads_left_running()
+            raise OSError("s3://b/g.parquet: the S3 endpoint gave no whole answer within 3 s")
+
+        run_stage(stage)
+    """
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert res.returncode == 1 and time.monotonic() - started < 30, (res.returncode, res.stderr[-2000:])
+    assert "ERROR cmce: s3://b/g.parquet: the S3 endpoint gave no whole answer" in res.stderr
+
+
+@pytest.mark.parametrize("server", ["trickling headers", "retry after an hour"])
+def test_a_registry_that_never_finishes_its_answer_is_given_up_at_the_deadline(tmp_path, monkeypatch, server):
+    """`cmce serve --query-model models:/q@production` against an MLflow server sending a header line every 0.5 s
+    (each within the request timeout), or answering 429 with `Retry-After: 3600`, hung until it was killed."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler
+
+    from cmce.serving.state import QueryModelSource
+    from tests.fake_servers import serving
+
+    stop = threading.Event()
+
+    class Registry(BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if server == "retry after an hour":
+                self.send_response(429)
+                self.send_header("Retry-After", "3600")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.5):
+                self.wfile.write(b"X-Slow: 1\r\n")
+                self.wfile.flush()
+
+    with serving(Registry) as port:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("CMCE_MLFLOW_DEADLINE_S", "3")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        started = time.monotonic()
+        try:
+            with pytest.raises(ValueError, match=r"models:/q@production: ") as caught:  # as serve says it
+                QueryModelSource("models:/q@production", Path).key()
+        finally:
+            stop.set()
+        took = time.monotonic() - started
+    assert took < 15, took
+    if server == "trickling headers":
+        assert str(caught.value) == (f"models:/q@production: no whole answer from the registry http://127.0.0.1:{port} "
+                                     "within 3 s (CMCE_MLFLOW_DEADLINE_S): unreachable, silent or trickling")
+    else:
+        assert "too many 429 error responses" in str(caught.value)
+
+
+def test_a_registry_answering_other_json_is_not_called_a_pending_registration(monkeypatch):
+    """A server answering every request 200 with JSON that is no model version: `version  of  is
+    PENDING_REGISTRATION, not READY`, name and number blank, a wrong reason."""
+    from cmce.serving.state import QueryModelSource
+    from tests.fake_servers import fake_mlflow
+
+    with fake_mlflow({"/api/2.0/mlflow/registered-models/alias": {"model_version": {"source": None}}}) as port:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        with pytest.raises(ValueError) as caught:
+            QueryModelSource("models:/q@production", Path).key()
+    assert str(caught.value) == ("models:/q@production: the registry answered without a model version (no name, no "
+                                 "number): not an MLflow server's answer; check MLFLOW_TRACKING_URI / --mlflow-uri")

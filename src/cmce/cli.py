@@ -28,6 +28,7 @@ from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import (
     Terminated,
+    command_begun,
     exit_process,
     first_line,
     forget_signals,
@@ -172,7 +173,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             return "--out's resume file"
         if name.startswith("default_"):
             return f"the default --{name.removeprefix('default_').replace('_', '-')}"
-        return "a shard file" if name == "shard_file" else f"--{name.replace('_', '-')}"
+        return name.upper() if name in POSITIONALS else f"--{name.replace('_', '-')}"
 
     inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
     for name, value in named(inputs) + named(outputs):  # s3a://, S3://, gs://: else a relative local path
@@ -482,6 +483,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     from cmce.search import search_images
 
     images = [(p, _in(p)) for p in args.images]
+    for given, local in images:  # read as a file, it failed with a bare `[Errno 21] Is a directory`
+        if local.is_dir():
+            raise ValueError(f"--images {given}: is a folder; give its image files (e.g. {given.rstrip('/')}/*.png)")
     split, limit = "test" if args.split is None else args.split, args.limit or 0  # None: not given (see main)
     for hit in search_images(_index_in(args.index), _model(args.query_model), images,
                              _in(args.dataset) if args.dataset else None, split, limit, args.k,
@@ -896,6 +900,7 @@ def _say(text: str, or_log: bool = False) -> None:
         raise OSError(f"standard output: not written: {os.strerror(err.errno) if err.errno else err}") from None
 
 
+POSITIONALS = ("shard_file",)  # named as in the usage line, not as a flag
 TRACKING_COMMANDS = ("run", "track-start", "track-end")  # they read --mlflow-uri without --mlflow-parent
 REGISTRY_SCHEMES = ("models:/",)
 
@@ -903,6 +908,24 @@ REGISTRY_SCHEMES = ("models:/",)
 def _string_arguments(args: argparse.Namespace) -> list[str]:
     values = [v for v in vars(args).values() if isinstance(v, str)]
     return values + [v for lst in vars(args).values() if isinstance(lst, list) for v in lst if isinstance(v, str)]
+
+
+REPEATABLE_INPUTS = ("member", "shard_file", "transform", "kd", "train_embeddings")  # one file each, once
+
+
+def _refuse_repeats(args: argparse.Namespace) -> None:
+    """A file given twice to a repeatable input flag is named at once: `upgrade-query-model --train-embeddings A A`
+    fitted a transformation for 12 s, then said another member's embeddings were missing, naming neither."""
+    for name in REPEATABLE_INPUTS:
+        seen: dict[str, str] = {}
+        values = getattr(args, name, None)  # a list where the flag repeats (`--transform` is one file elsewhere)
+        for value in values if isinstance(values, list) else []:
+            key = value if is_remote(value) or value.startswith("models:/") else os.path.realpath(value)
+            if key in seen:
+                shown = name.upper() if name in POSITIONALS else f"--{name.replace('_', '-')}"
+                same = "" if seen[key] == value else f" (as {seen[key]})"
+                raise ValueError(f"{shown} {value}: given twice{same}; give each file once")
+            seen[key] = value
 
 
 def _expand_home(args: argparse.Namespace) -> None:
@@ -918,7 +941,8 @@ def _expand_home(args: argparse.Namespace) -> None:
 
 def _home(path: str, name: str) -> str:
     if not path.strip():
-        raise ValueError(f"--{name.replace('_', '-')} {path!r}: empty; give a value")
+        shown = name.upper() if name in POSITIONALS else f"--{name.replace('_', '-')}"
+        raise ValueError(f"{shown} {path!r}: empty; give a value")
     if not path.startswith("~"):
         return path
     expanded = os.path.expanduser(path)
@@ -928,11 +952,13 @@ def _home(path: str, name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    command_begun()
     args = build_parser().parse_args(argv)
     set_up_command()
     forget_signals()
     try:
         _expand_home(args)
+        _refuse_repeats(args)
     except ValueError as err:
         log.error("cmce %s: %s", args.command, err)
         return 2

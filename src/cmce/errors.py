@@ -154,6 +154,10 @@ def threads_left_running() -> None:
     _left_running.append(True)
 
 
+def threads_are_left() -> bool:
+    return bool(_left_running)
+
+
 def exit_process(code: int, at_once: bool = False) -> None:
     """End a command's process with `code`. After a stop (128 + signal), or `at_once`, without the interpreter's
     shutdown, its cleanups done: a transfer's worker thread still in a read of a slow download (s3transfer's, or
@@ -175,6 +179,7 @@ def starting(command: str) -> Iterator[None]:
     """Around a command's whole process: its libraries (torch, pyarrow) take seconds to import, before its main
     can catch anything, and a Ctrl-C or a memory limit (`ulimit -v`) hit there was a 20–33-line traceback. Told in
     one line instead (with --debug, the traceback). A stop main caught itself never reaches here."""
+    _begun.clear()
     try:
         yield
     except (KeyboardInterrupt, MemoryError, ImportError) as err:
@@ -184,12 +189,25 @@ def starting(command: str) -> Iterator[None]:
         if "--debug" in sys.argv or (isinstance(err, ImportError) and not unmapped):
             raise
         log_to_stderr()
-        if isinstance(err, KeyboardInterrupt):
-            logging.getLogger("cmce").error("%s: interrupted (SIGINT) while starting; nothing was done", command)
+        say = logging.getLogger("cmce").error
+        if isinstance(err, KeyboardInterrupt):  # after main began: a second Ctrl-C during its cleanup, say
+            say("%s: interrupted (SIGINT)%s", command, "" if _begun else " while starting; nothing was done")
             exit_process(130)
-        logging.getLogger("cmce").error("%s: out of memory while loading its libraries%s; is a memory limit (ulimit "
-                                        "-v) set too low?", command, f" ({first_line(err)})" if unmapped else "")
+        if _begun and not unmapped:
+            say("%s: out of memory", command)
+        else:
+            say("%s: out of memory while loading its libraries%s; is a memory limit (ulimit -v) set too low?",
+                command, f" ({first_line(err)})" if unmapped else "")
         exit_process(1, at_once=True)
+
+
+_begun: list[bool] = []  # the command's main has begun (its libraries are loaded)
+
+
+def command_begun() -> None:
+    """At the start of a command's main (tests and callers run many in one process): it has left no thread yet."""
+    _begun.append(True)
+    _left_running.clear()
 
 
 def forget_signals() -> None:

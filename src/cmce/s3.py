@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cmce import strict_json
+from cmce.deadline import within
 from cmce.errors import (
     Terminated,
     raise_if_terminated,
@@ -129,7 +130,7 @@ def parse(uri: str) -> S3Uri:
 ENV_RANGES = {
     "AWS_MAX_ATTEMPTS": (3, 1, 10),
     "CMCE_S3_READ_TIMEOUT_S": (10, 1, 300),
-    # one request with its retries (HEAD, LIST, DELETE, a ranged GET), or a transfer's wait for its next 64 KiB: a
+    # one request with its retries (HEAD, LIST, DELETE, a ranged GET), or a download's wait for its next 64 KiB: a
     # server sending its answer a byte at a time never trips the read timeout (each read gets a byte)
     "CMCE_S3_DEADLINE_S": (30, 2, 3600),
     "CMCE_S3_MULTIPART_THRESHOLD_MB": (64, 1, 5120),
@@ -141,6 +142,7 @@ ENV_RANGES = {
     "CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S": (60, 1, 600),
 }
 RETRY_MODES = ("standard", "adaptive", "legacy")
+CONNECT_TIMEOUT_S = 10
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
@@ -270,7 +272,7 @@ def _client_for(_env_digest: str, endpoint: str | None = None) -> Any:
                "total_max_attempts": _env_int("AWS_MAX_ATTEMPTS")}  # total, as AWS_MAX_ATTEMPTS means
     # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 3 × 10 s
     # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 10 s
-    config = Config(retries=retries, connect_timeout=10, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S"))
+    config = Config(retries=retries, connect_timeout=CONNECT_TIMEOUT_S, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S"))
     session = boto3.session.Session()
     _bound_credential_process(session)
     _resolve_credentials(session)
@@ -368,41 +370,21 @@ TRANSFER_STEP = 64 * 1024
 
 
 def _bounded(request: Any, uri: str, action: str) -> Any:
-    """`request()` (one S3 request, botocore's retries included) within CMCE_S3_DEADLINE_S: a server that trickled
-    its answer a byte a second never tripped the read timeout and held a step until it was killed. It runs in a
-    thread of its own; past the deadline that thread is left to its read (nothing waits for it: the command
-    exits without the interpreter's shutdown) and the step fails naming the endpoint."""
-    box: dict[str, Any] = {}
-    done = threading.Event()
+    """`request()` (one S3 request, botocore's retries included) within the request deadline: a server that
+    trickled its answer a byte a second never tripped the read timeout and held a step until it was killed."""
+    deadline = request_deadline()
+    return within(deadline, request, lambda: TimeoutError(_deadline_message(uri, action, deadline)))
 
-    def run() -> None:
-        try:
-            box["value"] = request()
-        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
-            box["error"] = err
-        finally:
-            done.set()
 
-    deadline = _env_int("CMCE_S3_DEADLINE_S")
-    context = contextvars.copy_context()  # the endpoint a caller chose (endpoint_from) holds in the thread too
-    threading.Thread(target=context.run, args=(run,), name="cmce-s3-request", daemon=True).start()
-    try:
-        finished = done.wait(deadline)
-    except BaseException as err:  # a stop: the request's retries end with it
-        stopping_on(err)
-        threads_left_running()
-        raise
-    if not finished:
-        threads_left_running()
-        raise TimeoutError(_deadline_message(uri, action, deadline))
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+def request_deadline() -> int:
+    """CMCE_S3_DEADLINE_S, but never less than one attempt's read timeout (and 5 s): a read timeout raised for a slow
+    server is not cut short by the deadline."""
+    return max(_env_int("CMCE_S3_DEADLINE_S"), _env_int("CMCE_S3_READ_TIMEOUT_S") + 5)
 
 
 def _deadline_message(uri: str, action: str, deadline: int) -> str:
-    return (f"{uri}: the S3 endpoint {_endpoint()} gave no whole answer within {deadline} s while {action} "
-            "(CMCE_S3_DEADLINE_S; a silent or trickling server)")
+    return (f"{uri}: no whole answer from the S3 endpoint {_endpoint()} within {deadline} s while {action} "
+            "(CMCE_S3_DEADLINE_S): unreachable, silent or trickling")
 
 
 def _endpoint() -> str:
@@ -530,6 +512,9 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
 
     if isinstance(err, CredentialProcessError):
         return CredentialProcessError(f"{uri}: {err} (while {action})")
+    if isinstance(err, RecursionError):  # botocore follows a 301 by asking for the bucket's region, which redirects
+        return OSError(f"{uri}: the endpoint {_endpoint()} answers with redirects without end while {action} (an "
+                       "S3 server names a region instead); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     if (credentials := _credentials_error(err, uri, action)) is not None:
         return credentials
     bucket = parse(uri).bucket
@@ -719,9 +704,12 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
 
 
 def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False) -> None:
-    """Run the s3transfer transfer `start(manager, subscribers)` begins, to its end. A transfer that moves no
-    TRANSFER_STEP bytes within CMCE_S3_DEADLINE_S fails (a server trickling a byte a second held it for good).
-    On a stop signal no request is retried; a download is `abandon`ed: leaving the manager as its context manager
+    """Run the s3transfer transfer `start(manager, subscribers)` begins, to its end. A download that receives no
+    TRANSFER_STEP bytes within the request deadline fails (a server trickling a byte a second held it for good);
+    an upload or a copy is not watched so: its progress is counted when bytes enter the socket, or when a whole
+    part is copied, and a slow link or a long final request (minutes, for a large multipart upload) would read as
+    a stall; botocore's read timeout bounds them. On a stop signal no request is retried; a download is
+    `abandon`ed: leaving the manager as its context manager
     does waited for its worker threads, which read a slow or silent server to the end of their read (100 s after
     a SIGTERM); they are left to it while the step cleans up and stops now. An upload is not: bytes already sent
     reach the server whatever this process does, and an object appeared 10 s after the step had removed what it
@@ -735,7 +723,8 @@ def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False
     watch = _Progress()
     future = start(manager, [watch])
     try:
-        watch.wait(_env_int("CMCE_S3_DEADLINE_S"), uri, action)
+        if abandon:
+            watch.wait(request_deadline(), uri, action)
         future.result()
     except TransferRetriesExceeded as err:  # as download_file raises it
         manager.shutdown()

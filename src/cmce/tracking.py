@@ -123,12 +123,18 @@ def check_uri_settings(flag: str | None) -> None:
             raise ValueError(f"{name} {value!r} has spaces at its start or end: remove them")
     if flag or env or os.environ.get(REGISTRY_ENV):
         check_http_settings()
+        registry_deadline()
     given = (("--mlflow-uri", flag), ("MLFLOW_TRACKING_URI", env), (REGISTRY_ENV, os.environ.get(REGISTRY_ENV)))
     for name, value in given:
         if value and (why := query_in_server_uri(value)):
             raise ValueError(f"{name} {why}")
         if value and (why := unsupported_store(value)):
             raise ValueError(f"{name} {redact(value)}: {why}")
+        if value and value.lower().startswith(("http://", "https://")):
+            try:  # `http://[::1:80` failed in MLflow as `Invalid IPv6 URL`, naming neither variable nor value
+                urlparse(value).port  # noqa: B018 - parsing the port checks the whole authority
+            except ValueError as err:
+                raise ValueError(f"{name} {redact(value)}: not a valid URL ({err})") from None
         if value and _in_memory(value):  # `sqlite://` was taken: the runs ended with the process, artifacts in ./mlruns
             raise ValueError(f"{name} {value}: an in-memory store, gone when this command ends (its runs and models "
                              "with it); give a file: sqlite:////path/mlflow.db")
@@ -420,8 +426,33 @@ def default_store_uri(run_dir: str | Path) -> str:
 # no output of the command, and a failing stdout (`> /dev/full`, an ascii encoding) failed the tracking
 # MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR: a `models:/` read drew tqdm's "Downloading artifacts" bars on stderr, between
 # the log lines
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+# MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER: a server answering 429 with `Retry-After: 3600` held a step for an hour
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+# a registry read (an alias, a version) with its retries; a server trickling its answer, or its headers, a line at
+# a time never trips the request timeout: `cmce serve` hung at its start
+DEADLINE_ENV, DEADLINE_RANGE = "CMCE_MLFLOW_DEADLINE_S", (30, 2, 3600)
+
+
+def registry_deadline() -> int:
+    default, low, high = DEADLINE_RANGE
+    raw = os.environ.get(DEADLINE_ENV, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ValueError(f"environment variable {DEADLINE_ENV}={raw!r}: an integer from {low} to {high} expected")
+    return int(raw)
+
+
+def _read_within(call: Any, uri: str, tracking: str) -> Any:
+    """A registry read within registry_deadline(); past it, a ValueError naming `uri` and the registry."""
+    from cmce.deadline import within
+
+    seconds = registry_deadline()
+    return within(seconds, call, lambda: ValueError(
+        f"{uri}: no whole answer from the registry {redact(registry_of(tracking))} within {seconds} s "
+        f"({DEADLINE_ENV}): unreachable, silent or trickling"))
 
 
 def _http_defaults() -> None:
@@ -465,7 +496,8 @@ def check_server(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        _client(uri).search_experiments(max_results=1)
+        client = _client(uri)
+        _read_within(lambda: client.search_experiments(max_results=1), "the tracking server", uri)
     except Exception as err:  # noqa: BLE001 - MLflow's and requests' errors alike: the server cannot be used
         raise ValueError(f"MLFLOW_TRACKING_URI={redact(uri)}: the tracking server cannot be used "
                          f"({redact(proxy_error(err, uri) or first_line(err, 300))})") from None
@@ -926,7 +958,8 @@ def _registered_checkpoint(uri: str, tracking: str, dst: Path) -> Path:
 
     version = None
     try:
-        version = ready_version(mlflow.MlflowClient(tracking_uri=tracking), uri)
+        client = mlflow.MlflowClient(tracking_uri=tracking)
+        version = _read_within(lambda: ready_version(client, uri), uri, tracking)
         pinned = uri if version is None else f"models:/{version.name}/{version.version}"  # the alias may move
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
         if version is not None and local.is_dir() and not any(local.iterdir()):
@@ -970,6 +1003,9 @@ def ready_version(client: Any, uri: str) -> Any:
     if len(resolved) != 2:
         return None
     version = client.get_model_version(*resolved)
+    if not version.name or not version.version:  # a server answering 200 with other JSON: every field empty
+        raise ValueError(f"{uri}: the registry answered without a model version (no name, no number): not an "
+                         "MLflow server's answer; check MLFLOW_TRACKING_URI / --mlflow-uri")
     if version.status != READY:
         message = (version.status_message or "").strip()
         why = f" ({message.splitlines()[0][:200]})" if message else ""
@@ -1016,8 +1052,9 @@ def alias_version(uri: str) -> str:
     from mlflow import MlflowClient
 
     _http_defaults()
-    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not an earlier command's set_tracking_uri
-    return str(ready_version(client, uri).version)
+    tracking = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=tracking)  # not an earlier command's set_tracking_uri
+    return str(_read_within(lambda: ready_version(client, uri), uri, tracking).version)
 
 
 def registered_checkpoints(cfg: Any, uri: str, alias: str = ALIAS) -> tuple[Path, list[Path]]:

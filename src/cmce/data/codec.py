@@ -222,7 +222,7 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
         img = img.convert(mode)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a copy: np.asarray may share PIL's read-only buffer, which torch warns of
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 

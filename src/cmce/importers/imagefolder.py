@@ -124,8 +124,9 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 raise DataError(f"{base / c}: a link to the ImageFolder root or a folder above it: every image "
                                 "would be read again as this class; remove the link")
             other = next((o for o, r in reals.items() if o != c and (r == real or r in real.parents)), None)
-            if other is not None:
-                raise DataError(f"{base / c}: a link into the class folder {other}: its images would be read under "
+            if other is not None:  # `c -> a`: a is met first, and was named as the link
+                link, into = (other, c) if reals[other] == real and (base / other).is_symlink() else (c, other)
+                raise DataError(f"{base / link}: a link into the class folder {into}: its images would be read under "
                                 "two classes; remove the link")
     index = {c: i for i, c in enumerate(classes)}
     ids, labels, images, split, skipped = [], [], [], [], []

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import resource
 import signal
 import socket
@@ -161,6 +162,9 @@ def _answer_and_close(transport: asyncio.BaseTransport, status: bytes, field: st
     transport.close()
 
 
+REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/\d(\.\d)?")
+
+
 class JsonErrorsH11(H11Protocol):
     """uvicorn answers a request it cannot parse (a negative or doubled Content-Length, TLS sent to the plain
     port) by itself, in plain text; this server's errors are {error, field} JSON, these too.
@@ -246,10 +250,33 @@ class JsonErrorsH11(H11Protocol):
                           f"body: sent in more than {BODY_PIECES_FREE} pieces (chunks or packets) averaging under "
                           f"{MIN_BODY_PIECE_BYTES} bytes; send it in larger chunks")
 
+    _first_line: bytes | None = b""  # the connection's first request line, until it is whole (then None)
+
+    def _http09(self, data: bytes) -> bool:
+        """An HTTP/0.9 request (`GET /healthz` and a line break, no version, no head to end) waited for the rest of
+        a head that never comes and was closed unanswered: its line alone is refused, 400 in the JSON form."""
+        if self._first_line is None:
+            return False
+        self._first_line += data
+        line, newline, _ = self._first_line.partition(b"\n")
+        if not newline:
+            if len(self._first_line) > 65536:  # h11 refuses an overlong line itself
+                self._first_line = None
+            return False
+        self._first_line = None
+        if REQUEST_LINE.fullmatch(line.rstrip(b"\r")):
+            return False
+        _answer_and_close(self.transport, b"400 Bad Request", "request",
+                          "request: malformed HTTP: the request line is not `METHOD TARGET HTTP/1.1` (HTTP/0.9 and "
+                          "other versions without one are not spoken)")
+        return True
+
     def data_received(self, data: bytes) -> None:
         """A request whose body stops arriving held its connection for ever (a head with `Content-Length: 100` and
         no body got round the head deadline), as did one trickled a byte every few seconds: a body has
         `head_timeout_s` plus a second for each MIN_BODY_BYTES_PER_S bytes of it, and no gap that long."""
+        if self._http09(data):
+            return
         super().data_received(data)
         if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
             return

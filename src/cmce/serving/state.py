@@ -153,10 +153,10 @@ class Holder:
         self.accept = accept or (lambda meta: None)
         key = models.key()
         model = models.load(key)
+        self._verified = folder_identity(self.index_dir)  # before the load checks it: a change during it is seen
         index = load_index(self.index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim)
         self.accept(index.meta)
         self.current = Served(model, key, index, meta_version(index.meta))
-        self._verified = folder_identity(self.index_dir)  # the folder as the served index was checked in it
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
         self._failed: tuple | None = None  # (model key, index version, folder_identity) of the last failed load
