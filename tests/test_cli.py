@@ -253,3 +253,17 @@ def test_a_memory_limit_too_low_for_the_libraries_is_one_line(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(_errors_of(res.stderr)) == 1 and "out of memory while loading its libraries" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "abc"])
+def test_a_thread_count_variable_that_is_no_count_is_named_before_the_libraries_load(tmp_path, value):
+    """OMP_NUM_THREADS=0 or abc: libgomp printed its `Invalid value` warning twice and the step ran (exit 0) with a
+    thread count of its own choosing, which decides the bytes of a model."""
+    from tests.serve_world import cmce_env
+
+    res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", str(tmp_path / "g.parquet"),
+                          "--out", str(tmp_path / "index")], env={**cmce_env(), "OMP_NUM_THREADS": value},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert f"environment variable OMP_NUM_THREADS={value!r}: a positive thread count expected" in res.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -562,6 +562,39 @@ def test_an_s3_output_of_its_own_kind_is_replaced(s3_server, s3_chain, monkeypat
     assert keys(s3_server, bucket) == {"g.parquet", *(f"idx/{f}" for f in INDEX_FILES)}
 
 
+def test_a_web_server_answering_every_request_with_a_page_is_named_not_s3(tmp_path, monkeypatch, caplog):
+    """An endpoint answering 200 `<html>hi</html>` to everything: its HEADs found an object at every key, its page
+    parsed as an empty listing, and the key was blamed (`is a file; an index is the folder holding meta.json`,
+    `is an object (a file), not an output folder`)."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Page(BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_HEAD(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", "15")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(b"<html>hi</html>")
+
+        do_GET = do_PUT = do_HEAD
+
+    gallery = tmp_path / "gallery.parquet"
+    gallery.write_bytes(b"unused: refused before it is read")
+    with serving(Page) as port:
+        for name, value in s3_env(port).items():
+            monkeypatch.setenv(name, value)
+        for argv in (["search", "--index", "s3://b/index", "--query-model", "s3://b/q.pt", "--images", "s3://b/a.png"],
+                     ["build-index", "--gallery", str(gallery), "--out", "s3://b/out"]):
+            caplog.clear()
+            assert main(argv) == 2
+            assert f"the endpoint http://127.0.0.1:{port} is not an S3 server (its answer to a listing names no " \
+                   "bucket" in only_error(caplog), only_error(caplog)
+
+
 def test_an_endpoint_that_redirects_is_named_not_a_recursion_traceback(tmp_path, monkeypatch, caplog):
     """An endpoint answering 301 to another host: botocore asks for the bucket's region, is redirected again, and
     so on; a 2,997-line RecursionError traceback, exit 1."""

@@ -533,6 +533,7 @@ def test_a_registry_that_never_finishes_its_answer_is_given_up_at_the_deadline(t
     from http.server import BaseHTTPRequestHandler
 
     from cmce.serving.state import QueryModelSource
+    from cmce.tracking import check_parent_run
     from tests.fake_servers import serving
 
     stop = threading.Event()
@@ -561,13 +562,16 @@ def test_a_registry_that_never_finishes_its_answer_is_given_up_at_the_deadline(t
         try:
             with pytest.raises(ValueError, match=r"models:/q@production: ") as caught:  # as serve says it
                 QueryModelSource("models:/q@production", Path).key()
+            took = time.monotonic() - started
+            with pytest.raises(ValueError, match=r"--mlflow-parent r1: ") as parent:  # a tracked step's first read
+                check_parent_run(f"http://127.0.0.1:{port}", "r1")
         finally:
             stop.set()
-        took = time.monotonic() - started
     assert took < 15, took
+    said = f"no whole answer from MLflow at http://127.0.0.1:{port} within 3 s (CMCE_MLFLOW_DEADLINE_S)"
     if server == "trickling headers":
-        assert str(caught.value) == (f"models:/q@production: no whole answer from the registry http://127.0.0.1:{port} "
-                                     "within 3 s (CMCE_MLFLOW_DEADLINE_S): unreachable, silent or trickling")
+        assert str(caught.value) == f"models:/q@production: {said}: unreachable, silent or trickling"
+        assert str(parent.value) == f"--mlflow-parent r1: {said}: unreachable, silent or trickling"
     else:
         assert "too many 429 error responses" in str(caught.value)
 
@@ -584,3 +588,16 @@ def test_a_registry_answering_other_json_is_not_called_a_pending_registration(mo
             QueryModelSource("models:/q@production", Path).key()
     assert str(caught.value) == ("models:/q@production: the registry answered without a model version (no name, no "
                                  "number): not an MLflow server's answer; check MLFLOW_TRACKING_URI / --mlflow-uri")
+
+
+def test_a_registry_answer_protobuf_cannot_parse_is_one_line_naming_the_registry(monkeypatch):
+    """`{"model_version": {"version": NaN}}`: an 83-line protobuf ParseError traceback, exit 1, no registry named."""
+    from cmce.tracking import resolve_model_uri
+    from tests.fake_servers import fake_mlflow
+
+    with fake_mlflow({"/api/2.0/mlflow/registered-models/alias": {"model_version": {"version": float("nan")}}}) as port:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        with pytest.raises(ValueError) as caught:
+            resolve_model_uri("models:/q@candidate")
+    assert str(caught.value).startswith(f"models:/q@candidate: registry http://127.0.0.1:{port}: Failed to parse"), \
+        str(caught.value)

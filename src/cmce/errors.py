@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 import warnings
@@ -12,7 +13,8 @@ from collections.abc import Iterator
 
 # the packages of the clients a step talks to (MLflow, its database and HTTP stacks, boto): their errors are bad
 # input or an unreachable service, told in one line; cmce's own arrive as ValueError or OSError
-CLIENT_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3")
+CLIENT_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "botocore", "boto3",
+                  "google.protobuf")  # MLflow parses a server's JSON with protobuf: a bad answer raises its ParseError
 
 
 def from_client(err: BaseException) -> bool:
@@ -180,6 +182,10 @@ def starting(command: str) -> Iterator[None]:
     can catch anything, and a Ctrl-C or a memory limit (`ulimit -v`) hit there was a 20–33-line traceback. Told in
     one line instead (with --debug, the traceback). A stop main caught itself never reaches here."""
     _begun.clear()
+    if (bad := thread_settings_error()) is not None:  # before torch loads libgomp, which warns and goes on
+        log_to_stderr()
+        logging.getLogger("cmce").error("%s: %s", command, bad)
+        exit_process(2)
     try:
         yield
     except (KeyboardInterrupt, MemoryError, ImportError) as err:
@@ -199,6 +205,21 @@ def starting(command: str) -> Iterator[None]:
             say("%s: out of memory while loading its libraries%s; is a memory limit (ulimit -v) set too low?",
                 command, f" ({first_line(err)})" if unmapped else "")
         exit_process(1, at_once=True)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_COUNTS = re.compile(r"[1-9][0-9]{0,5}(,[1-9][0-9]{0,5})*")  # OpenMP's form: a positive count per nesting level
+
+
+def thread_settings_error() -> str | None:
+    """Why OMP_NUM_THREADS or MKL_NUM_THREADS cannot be used, or None: libgomp printed `Invalid value for
+    environment variable OMP_NUM_THREADS` twice and ran with its own count (the thread count decides a model's
+    bytes). Unset or empty: the libraries' default."""
+    for name in THREAD_VARIABLES:
+        raw = os.environ.get(name, "")
+        if raw.strip() and not THREAD_COUNTS.fullmatch(raw.strip()):
+            return f"environment variable {name}={raw!r}: a positive thread count expected (or unset it)"
+    return None
 
 
 _begun: list[bool] = []  # the command's main has begun (its libraries are loaded)

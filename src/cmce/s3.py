@@ -125,14 +125,14 @@ def parse(uri: str) -> S3Uri:
 
 # variable: (default, minimum, maximum). A dead endpoint fails within AWS_MAX_ATTEMPTS × (10 s connect +
 # CMCE_S3_READ_TIMEOUT_S) plus botocore's backoff, and a request with its retries within CMCE_S3_DEADLINE_S: by
-# default within 30 s (it was 5 × 20 s + back-off: minutes before a silent endpoint was named).
+# default within 20 s (it was 5 × 20 s + back-off: minutes before a silent endpoint was named).
 # AWS_METADATA_SERVICE_*: botocore's own, for credentials from an instance role; bounded for the same reason.
 ENV_RANGES = {
     "AWS_MAX_ATTEMPTS": (3, 1, 10),
     "CMCE_S3_READ_TIMEOUT_S": (10, 1, 300),
     # one request with its retries (HEAD, LIST, DELETE, a ranged GET), or a download's wait for its next 64 KiB: a
     # server sending its answer a byte at a time never trips the read timeout (each read gets a byte)
-    "CMCE_S3_DEADLINE_S": (30, 2, 3600),
+    "CMCE_S3_DEADLINE_S": (20, 2, 3600),
     "CMCE_S3_MULTIPART_THRESHOLD_MB": (64, 1, 5120),
     "CMCE_S3_MULTIPART_CHUNK_MB": (16, 5, 5120),  # S3's parts: 5 MiB to 5 GiB
     "CMCE_S3_MAX_CONCURRENCY": (8, 1, 64),
@@ -585,7 +585,22 @@ def _diagnose(u: S3Uri, action: str) -> None:
     """HEAD responses carry no error code (a 403 may be a wrong key id, a wrong secret or a policy);
     a LIST answers with one. Raises the precise error, or returns when listing is allowed."""
     with _errors(str(u), action):
-        _bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=u.key, MaxKeys=1), str(u), action)
+        _listing(u, u.key, str(u), action)
+
+
+def _listing(u: S3Uri, prefix: str, uri: str, action: str) -> dict:
+    """The first key under `prefix` in the bucket of `u` (a LIST of one key), from an S3 server."""
+    return _is_listing(_bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=prefix, MaxKeys=1), uri,
+                                action), uri, action)
+
+
+def _is_listing(listed: dict, uri: str, action: str) -> dict:
+    """An S3 listing always names its bucket. A web server answering every request 200 with a page that parses as
+    XML was read as an empty listing: its "objects" were called files (`is a file; an index is the folder`)."""
+    if "Name" not in listed:
+        raise OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (its answer to a listing names no "
+                      f"bucket, while {action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+    return listed
 
 
 def kind(uri: str) -> str:
@@ -610,8 +625,7 @@ def kind(uri: str) -> str:
             raise ValueError(f"{uri}: both an object and a prefix {uri}/ holding objects exist; give {uri}/ for "
                              "the folder, or remove one")
     with _errors(uri, "listing"):
-        listed = _bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1), uri,
-                          "listing")
+        listed = _listing(u, u.dir_prefix, uri, "listing")
     if listed.get("KeyCount", 0):
         return "dir"
     raise FileNotFoundError(f"{uri}: no such object or prefix")
@@ -624,6 +638,7 @@ def list_keys(uri: str) -> list[str]:
     with _errors(uri, "listing"):
         pages = iter(client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket, Prefix=u.dir_prefix))
         while (page := _bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
+            _is_listing(page, uri, "listing")
             out += [o["Key"][len(u.dir_prefix):] for o in page.get("Contents", [])]
     return sorted(k for k in out if k and not k.endswith("/"))  # "folder/" placeholder objects hold nothing
 
@@ -1027,6 +1042,4 @@ def is_prefix(uri: str) -> bool:
     """True when objects exist under `uri/` (a "folder" on S3)."""
     u = parse(uri)
     with _errors(uri, "listing"):
-        listed = _bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=u.dir_prefix, MaxKeys=1), uri,
-                          "listing")
-        return bool(listed.get("KeyCount", 0))
+        return bool(_listing(u, u.dir_prefix, uri, "listing").get("KeyCount", 0))

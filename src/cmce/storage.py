@@ -397,7 +397,9 @@ def _remote_parquet_kind(uri: str, size: int) -> tuple[bool, str | None]:
     if footer > MAX_REMOTE_FOOTER:
         return False, None
     end = s3.read_range(uri, size - 8 - footer, size - 1)
-    return True, parquet_kind(pa.BufferReader(MAGIC["parquet"] + end))  # a footer needs only the magic before it
+    footer_copy = pa.BufferOutputStream()  # arrow's own memory: a buffer over Python bytes, released by an arrow
+    footer_copy.write(MAGIC["parquet"] + end)  # worker once the interpreter exits, aborted it (tables._native)
+    return True, parquet_kind(pa.BufferReader(footer_copy.getvalue()))  # a footer needs only the magic before it
 
 
 def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, writes: str | None,
@@ -419,6 +421,7 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
     size = s3.object_size(uri)
     if is_dir:
         if size is not None:
+            s3.is_prefix(uri)  # a web server answering 200 to every HEAD is named as no S3 server by its listing
             raise ValueError(f"{uri}: is an object (a file), not an output folder; give another prefix")
         if own is not None:
             names = [k.split("/", 1)[0] for k in s3.list_keys(uri)]  # an earlier upload's staging left: its own

@@ -432,7 +432,7 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_R
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 # a registry read (an alias, a version) with its retries; a server trickling its answer, or its headers, a line at
 # a time never trips the request timeout: `cmce serve` hung at its start
-DEADLINE_ENV, DEADLINE_RANGE = "CMCE_MLFLOW_DEADLINE_S", (30, 2, 3600)
+DEADLINE_ENV, DEADLINE_RANGE = "CMCE_MLFLOW_DEADLINE_S", (20, 2, 3600)
 
 
 def registry_deadline() -> int:
@@ -446,12 +446,13 @@ def registry_deadline() -> int:
 
 
 def _read_within(call: Any, uri: str, tracking: str) -> Any:
-    """A registry read within registry_deadline(); past it, a ValueError naming `uri` and the registry."""
+    """An MLflow read (an alias, a version, a run) within registry_deadline(); past it, a ValueError naming `uri`
+    and the server."""
     from cmce.deadline import within
 
     seconds = registry_deadline()
     return within(seconds, call, lambda: ValueError(
-        f"{uri}: no whole answer from the registry {redact(registry_of(tracking))} within {seconds} s "
+        f"{uri}: no whole answer from MLflow at {redact(registry_of(tracking))} within {seconds} s "
         f"({DEADLINE_ENV}): unreachable, silent or trickling"))
 
 
@@ -916,8 +917,8 @@ def check_parent_run(uri: str, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)  # a sqlite file that is no MLflow store (or none) is refused here, not created
-    try:
-        run = client.get_run(run_id).info
+    try:  # a silent server took MLflow's retries, 37 s
+        run = _read_within(lambda: client.get_run(run_id), f"--mlflow-parent {run_id}", uri).info
     except MlflowException as err:
         reason = "not found at" if err.error_code == "RESOURCE_DOES_NOT_EXIST" else "cannot be read from"
         raise ValueError(f"--mlflow-parent {run_id}: {reason} {uri}: {first_line(err)}") from None
