@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
+import requests
 
 from cmce import s3 as cmce_s3
 from cmce.cli import main
@@ -560,6 +561,22 @@ def test_an_s3_output_of_its_own_kind_is_replaced(s3_server, s3_chain, monkeypat
     assert main(["build-index", "--gallery", str(gallery), "--out", f"s3://{bucket}/idx"]) == 0
     assert main(["build-index", "--gallery", str(gallery), "--out", f"s3://{bucket}/idx/"]) == 0
     assert keys(s3_server, bucket) == {"g.parquet", *(f"idx/{f}" for f in INDEX_FILES)}
+
+
+def test_serving_an_s3_index_says_it_is_read_once(s3_server, s3_chain, tmp_path):
+    """`cmce serve --index s3://…` serves its downloaded copy: a rebuild in the bucket was never followed, and
+    nothing said so (`--help` called the index watched for rebuilds)."""
+    from tests.serve_world import Server, cmce_env
+
+    index = f"s3://{s3_chain.bucket}/run/index"
+    server = Server(["--index", index, "--query-model", str(s3_chain.local / "q.pt")], tmp_path / "serve.log",
+                    env={**cmce_env(), **s3_server.env()})
+    try:
+        assert requests.get(f"{server.url}/readyz", timeout=10).json()["ready"]
+    finally:
+        server.stop()
+    assert (f"serve: {index} is read once; a rebuild there is served after a restart (a local folder is watched)"
+            in server.log.read_text())
 
 
 def test_a_web_server_answering_every_request_with_a_page_is_named_not_s3(tmp_path, monkeypatch, caplog):

@@ -506,6 +506,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         args.max_connections, args.head_timeout)
     if is_remote(args.index):
         log.info("an s3:// index is served as downloaded at start; restart the server to serve a new one")
+    if is_remote(args.index):  # its copy is served; the bucket is not polled (a rebuild there is not followed)
+        log.info("serve: %s is read once; a rebuild there is served after a restart (a local folder is watched)",
+                 args.index)
     serve(opts, _model, lambda line: _say(line, or_log=True), watch=not is_remote(args.index))
 
 
@@ -766,7 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("serve", cmd_serve, "HTTP search service over a built index (POST /search, /healthz, /readyz, "
              "/version); reloads the index when its folder is rebuilt", config=False)
-    sp.add_argument("--index", required=True, help="index folder from build-index (watched for rebuilds)")
+    sp.add_argument("--index", required=True, help="index folder from build-index (a local one is watched for "
+                                                   "rebuilds; an s3:// one is read once, at start)")
     sp.add_argument("--query-model", required=True,
                     help="query model checkpoint the index was built for; models:/NAME@ALIAS is followed")
     sp.add_argument("--dataset", default=None, help="dataset Parquet whose class names label the hits")

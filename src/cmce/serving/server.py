@@ -442,10 +442,14 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
         # a 3-million-digit number in a request body was converted for 175 s inside the event loop: every client
         # of the server waited; Python's own default is kept whatever the environment says
         sys.set_int_max_str_digits(DIGITS_LIMIT)
-    check = None if opts.dataset is None else dataset_check(opts.dataset)
-    holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model), check)
-    classes = None if opts.dataset is None else class_names(opts.dataset)
-    sock = bind(opts.host, opts.port)
+    sock = bind(opts.host, opts.port)  # first: a taken port or a foreign address is the one line, before any load
+    try:
+        check = None if opts.dataset is None else dataset_check(opts.dataset)
+        holder = Holder(opts.index, QueryModelSource(opts.query_model, local_model), check)
+        classes = None if opts.dataset is None else class_names(opts.dataset)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(holder, opts.limits, classes, opts.search_threads)
     config = uvicorn_config(app, opts)
     # an s3:// index by its URI; a newline in the path would forge a second line for a script that reads this one
