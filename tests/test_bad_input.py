@@ -459,9 +459,18 @@ def test_paths_escaping_the_imagefolder_root(tmp_path, caplog):
     root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
     outside = image_folder(tmp_path / "elsewhere", {"secret": 2})
     out = previous_file(tmp_path / "out" / "dataset.parquet")
-    # a link inside the root is fine
-    (root / "dog" / "alias.png").symlink_to(root / "cat" / "0.png")
+    # a link inside its class folder is fine; into another class it labels one image twice (exit 0 before)
+    (root / "dog" / "alias.png").symlink_to(root / "dog" / "0.png")
     assert main(["prepare-data", *imagefolder_args(root), "--out", str(tmp_path / "ok.parquet")]) == 0
+    (root / "dog" / "alias.png").unlink()
+    (root / "dog" / "alias.png").symlink_to(root / "cat" / "0.png")
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          f"{root / 'dog' / 'alias.png'}: a link out of its class folder dog (to {root / 'cat' / '0.png'})")
+    (root / "dog" / "alias.png").unlink()
+    os.link(root / "cat" / "1.png", root / "dog" / "hard.png")  # a hard link: the same file, another name
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          "dog/hard.png and cat/1.png are one file (hard-linked)")
+    (root / "dog" / "hard.png").unlink()
     # an image file linked to outside the root
     (root / "dog" / "leak.png").symlink_to(outside / "secret" / "0.png")
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,

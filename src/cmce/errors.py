@@ -218,7 +218,7 @@ def thread_settings_error() -> str | None:
     for name in THREAD_VARIABLES:
         raw = os.environ.get(name, "")
         if raw.strip() and not THREAD_COUNTS.fullmatch(raw.strip()):
-            return f"environment variable {name}={raw!r}: a positive thread count expected (or unset it)"
+            return f"environment variable {name}={raw!r}: a thread count from 1 to 999999 expected (or unset it)"
     return None
 
 

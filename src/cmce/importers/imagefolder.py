@@ -52,7 +52,15 @@ def _files_under(folder: Path, real_root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        found += [Path(here) / f for f in sorted(files) if not _hidden(f)]
+        for name in sorted(f for f in files if not _hidden(f)):
+            path = Path(here) / name
+            target = path.resolve()
+            if path.is_symlink() and real_class not in target.parents:
+                # `c1/x.png -> ../c0/0.png`: one image under two labels, exit 0 (a link outside the root: named so)
+                inside_root(path, real_root)
+                raise DataError(f"{path}: a link out of its class folder {folder.name} (to {target}): its image "
+                                "would be read under this class too; remove the link")
+            found.append(path)
     return found
 
 
@@ -130,6 +138,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
                                 "two classes; remove the link")
     index = {c: i for i, c in enumerate(classes)}
     ids, labels, images, split, skipped = [], [], [], [], []
+    read_as: dict[tuple[int, int], tuple[str, str, str]] = {}  # (device, inode) → (split, class, id) of its image
     for part, base in parts:
         for cls in classes:
             folder = base / cls
@@ -143,8 +152,13 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 if not f.is_file():  # a pipe or device named like an image: reading it could block
                     raise DataError(f"{f}: not a regular file")
                 inside_root(_utf8(f, root), real_root)
-                images.append(to_png(read_image_file(f), f))
                 rel = f.relative_to(root).as_posix()
+                st = f.stat()  # a hard link is the same file under another name: one image, two labels or splits
+                first = read_as.setdefault((st.st_dev, st.st_ino), (part, cls, rel))
+                if first[:2] != (part, cls):
+                    raise DataError(f"{root}: {rel} and {first[2]} are one file (hard-linked): its image would be "
+                                    "read under two classes or in two splits; keep one of them")
+                images.append(to_png(read_image_file(f), f))
                 ids.append(rel)
                 labels.append(index[cls])
                 split.append(part)
