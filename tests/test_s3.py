@@ -4,6 +4,7 @@ and no credential in any log, message or MLflow param."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -577,6 +578,43 @@ def test_serving_an_s3_index_says_it_is_read_once(s3_server, s3_chain, tmp_path)
         server.stop()
     assert (f"serve: {index} is read once; a rebuild there is served after a restart (a local folder is watched)"
             in server.log.read_text())
+
+
+def test_a_download_longer_than_its_object_is_refused(tmp_path):
+    """A server listing an object of 100 kB whose GET declared 50 TiB and streamed zeros fast: neither the deadline
+    (bytes kept coming) nor the read timeout ended it; the step ran until it was killed, filling scratch."""
+    stop = threading.Event()
+
+    class Endless(FakeObject):
+        size = 100_000
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if "list-type=2" in self.path:
+                self.send_listing()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(50 << 40))
+            self.end_headers()
+            zeros = bytes(65536)
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    self.wfile.write(zeros)
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    try:
+        with serving(Endless) as port:
+            env = {**s3_env(port, TMPDIR=str(scratch)), "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+            res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", "s3://b/g.parquet",
+                                  "--out", str(tmp_path / "index")], env=env, capture_output=True, text=True,
+                                 timeout=120)
+    finally:
+        stop.set()
+    errors = [line for line in res.stderr.splitlines() if " ERROR " in line]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert (f"s3://b/g.parquet: the S3 endpoint http://127.0.0.1:{port} sent more than the object's 100,000 bytes "
+            "(its HEAD) while downloading; refused") in errors[0], errors
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "index").exists()
 
 
 def test_a_web_server_answering_every_request_with_a_page_is_named_not_s3(tmp_path, monkeypatch, caplog):

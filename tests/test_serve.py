@@ -410,6 +410,14 @@ def test_an_index_folder_broken_for_good_is_reported_and_the_old_one_served(worl
         assert not holder.check() and holder.last_error is None
     assert not holder.check() and "meta.json: unreadable for" in holder.last_error
     assert holder.current is served
+    # a 2 GB sparse meta.json was read whole on every poll (2 GB more memory) and never reported
+    shutil.copy(index / "meta.json", folder / "meta.json")
+    assert not holder.check() and holder.last_error is None
+    with open(folder / "meta.json", "wb") as f:
+        f.truncate(2 << 30)
+    for _ in range(UNREADABLE_POLLS):
+        holder.check()
+    assert "more than an index's meta.json holds" in holder.last_error and holder.current is served
 
 
 def test_health_probes_may_use_head(world):
@@ -809,7 +817,8 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(world):
     request = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
                % len(body))
     host, port = server.url.removeprefix("http://").split(":")
-    for sent, answered in [(request + body, True)] * 10 + [(request + body[:-1], False)]:
+    closing = request.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")  # got no answer either
+    for sent, answered in [(request + body, True)] * 10 + [(closing + body, True)] * 5 + [(request + body[:-1], False)]:
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(sent)
             conn.shutdown(socket.SHUT_WR)

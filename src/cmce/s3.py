@@ -715,10 +715,10 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
 
     _transfer(cfg, lambda manager, subscribers: manager.download(bucket, key, str(target),
                                                                  subscribers=[Known(), *subscribers]),
-              f"{SCHEME}{bucket}/{key}", "downloading", abandon=True)
+              f"{SCHEME}{bucket}/{key}", "downloading", abandon=True, size=int(head["ContentLength"]))
 
 
-def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False) -> None:
+def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False, size: int | None = None) -> None:
     """Run the s3transfer transfer `start(manager, subscribers)` begins, to its end. A download that receives no
     TRANSFER_STEP bytes within the request deadline fails (a server trickling a byte a second held it for good);
     an upload or a copy is not watched so: its progress is counted when bytes enter the socket, or when a whole
@@ -735,7 +735,7 @@ def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False
     from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
 
     manager = create_transfer_manager(client(), cfg)
-    watch = _Progress()
+    watch = _Progress(size)  # a download: no more bytes than the object's HEAD announced
     future = start(manager, [watch])
     try:
         if abandon:
@@ -764,14 +764,16 @@ def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False
 
 
 class _Progress:
-    """An s3transfer subscriber: when the transfer last moved bytes, and whether it has ended."""
+    """An s3transfer subscriber: when the transfer last moved bytes, how many, and whether it has ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int | None = None) -> None:
         self.moved = time.monotonic()
         self.done = threading.Event()
+        self.size, self.received = size, 0
 
-    def on_progress(self, **_: Any) -> None:
+    def on_progress(self, bytes_transferred: int = 0, **_: Any) -> None:
         self.moved = time.monotonic()
+        self.received += bytes_transferred
 
     def on_done(self, **_: Any) -> None:
         self.done.set()
@@ -784,6 +786,10 @@ class _Progress:
         while not self.done.wait(min(1.0, deadline)):
             if time.monotonic() - self.moved > deadline:
                 raise TimeoutError(_deadline_message(uri, action, deadline))
+            if self.size is not None and self.received > self.size:  # a GET declaring 50 TiB over a 249 KB object,
+                # streamed fast: neither deadline nor read timeout ended it
+                raise TimeoutError(f"{uri}: the S3 endpoint {_endpoint()} sent more than the object's {self.size:,} "
+                                   f"bytes (its HEAD) while {action}; refused")
 
 
 GZIP_RATIO = 1000

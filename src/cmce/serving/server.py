@@ -349,7 +349,8 @@ class JsonErrorsH11(H11Protocol):
         """A client may half-close its socket once its request is sent (shutdown(SHUT_WR), `nc -N`): the answer
         is still owed. uvicorn let asyncio close the connection at that EOF, and the client got nothing. With a
         whole request read and its answer pending, the connection stays open for writing until it is sent."""
-        if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+        if (self.cycle is not None and not self.cycle.response_complete
+                and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)):  # MUST_CLOSE: it sent `Connection: close`
             self._answer_then_close = True
             return True
         return None

@@ -33,6 +33,7 @@ from cmce.storage import origin, read_regular, restore_uris, scratch_dir, stat_i
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  # how long a stop waits for a poll in progress
+MAX_META_BYTES = 64 << 20  # a meta.json names a few files and members: kilobytes
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
 
 
@@ -224,6 +225,9 @@ class Holder:
         """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced). Still
         unreadable after UNREADABLE_POLLS polls, it is broken, not mid-swap: reported (log, /readyz), old pair kept."""
         try:
+            size = (self.index_dir / "meta.json").stat().st_size
+            if size > MAX_META_BYTES:  # a 2 GB file was read whole on every poll (2 GB more memory), never reported
+                raise ValueError(f"{size:,} bytes, more than an index's meta.json holds ({MAX_META_BYTES:,})")
             version = meta_version(json.loads(read_regular(self.index_dir / "meta.json")))
         except (OSError, ValueError) as err:
             self._unreadable += 1
