@@ -516,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {signum: signal.signal(signum, stop) for signum in not_ignored(ending_signals())}
         stopping.signals = tuple(handlers)
     try:
+        for flag in ("root", "params"):  # `--root s3://b/r` wrote 6.9 MB into a local folder `./s3:/b/r`, exit 0
+            value = getattr(args, flag, None)
+            if isinstance(value, str) and URI_SCHEME.match(value):
+                raise ValueError(f"--{flag} {value}: a local {'folder' if flag == 'root' else 'file'} is read "
+                                 "here, not a URI; the local runner keeps its artifacts on this machine")
         if args.command == "compile":
             if not args.out_dir.is_dir():
                 raise ValueError(f"--out-dir {args.out_dir}: no such folder")

@@ -320,6 +320,9 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     (["run", "--local", "--params", "{tmp}/empty_list.yaml"], "empty_list.yaml: top level must be a mapping of "
                                                                "settings, not a YAML list"),
     (["compile", "--out-dir", "{tmp}/no/such"], "--out-dir {tmp}/no/such: no such folder"),
+    # a URI as a local path: `./s3:/b/r` was made in the working folder and filled with a whole run, exit 0
+    (["run", "--local", "--root", "s3://b/r"], "--root s3://b/r: a local folder is read here, not a URI"),
+    (["run", "--local", "--params", "s3://b/p.yaml"], "--params s3://b/p.yaml: a local file is read here, not a URI"),
 ])
 def test_the_pipeline_command_refuses_bad_input_in_one_line(tmp_path, caplog, argv, needle):
     from pipeline.__main__ import main
