@@ -2562,6 +2562,8 @@ def test_an_output_that_is_a_symbolic_link_is_refused_and_home_is_expanded(world
     out = tmp_path / "~nosuchuser" / "g.parquet"  # was written there, in the working folder
     fails(caplog, ["combine", "--member", world.members[0], "--out", "~nosuchuser/g.parquet"], out,
           "cmce combine: --out ~nosuchuser/g.parquet: no such user's home folder")
+    fails(caplog, ["merge", "~nosuchuser/s.parquet", "--out", tmp_path / "m.parquet"], tmp_path / "m.parquet",
+          "cmce merge: SHARD_FILE ~nosuchuser/s.parquet: no such user's home folder")  # as in the usage line
     with pytest.raises(ValueError, match="output_dir: ~nosuchuser/runs: no such user's home folder"):
         load_config(SMOKE, {"output_dir": "~nosuchuser/runs"})
     # registry and S3 spellings cmce does not read are named, not looked for as files

@@ -319,6 +319,21 @@ def test_an_mlflow_http_setting_out_of_mlflows_range_is_named_before_any_work(tm
     assert errors == [f"cmce track-end: environment variable {name}={value!r}: {expected} (MLflow's range)"]
 
 
+@pytest.mark.parametrize("value", ["1", "3601", "+", "20s"])
+def test_the_mlflow_deadline_out_of_range_is_named_before_any_work(value, monkeypatch, caplog):
+    """CMCE_MLFLOW_DEADLINE_S bounds every registry read: 0 or 1 s refused every answer, a typo none."""
+    import logging
+
+    from cmce.cli import main
+
+    monkeypatch.setenv("CMCE_MLFLOW_DEADLINE_S", value)
+    with caplog.at_level(logging.INFO):
+        assert main(["--mlflow-uri", "http://127.0.0.1:9", "track-end", "--mlflow-parent", "0" * 32]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"cmce track-end: environment variable CMCE_MLFLOW_DEADLINE_S={value!r}: "
+                      "an integer from 2 to 3600 expected"]
+
+
 def test_the_mlflow_http_ranges_are_mlflows_own(monkeypatch):
     """The bounds checked are those MLflow enforces, its own limit variable included."""
     from mlflow.exceptions import MlflowException

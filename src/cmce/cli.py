@@ -160,6 +160,11 @@ def one_line(text: str) -> str:
     return redact(CONTROL.sub(lambda m: repr(m.group())[1:-1], text))  # and never a password inside a URL
 
 
+def shown_flag(name: str) -> str:
+    """An argument as the user typed it: `--gallery-models` for an option, `GALLERY` for a positional."""
+    return name.upper() if name in POSITIONALS else f"--{name.replace('_', '-')}"
+
+
 def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     """Before any work: no output of the command may be one of its inputs, nor a folder holding one; no two
     outputs may be one file, nor one inside the other (a folder is replaced whole). Returns the inputs."""
@@ -172,8 +177,8 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
         if name == RESUME_FILE:
             return "--out's resume file"
         if name.startswith("default_"):
-            return f"the default --{name.removeprefix('default_').replace('_', '-')}"
-        return name.upper() if name in POSITIONALS else f"--{name.replace('_', '-')}"
+            return f"the default {shown_flag(name.removeprefix('default_'))}"
+        return shown_flag(name)
 
     inputs, outputs = INPUT_ARGS, OUTPUT_ARGS
     for name, value in named(inputs) + named(outputs):  # s3a://, S3://, gs://: else a relative local path
@@ -926,9 +931,8 @@ def _refuse_repeats(args: argparse.Namespace) -> None:
         for value in values if isinstance(values, list) else []:
             key = value if is_remote(value) or value.startswith("models:/") else os.path.realpath(value)
             if key in seen:
-                shown = name.upper() if name in POSITIONALS else f"--{name.replace('_', '-')}"
                 same = "" if seen[key] == value else f" (as {seen[key]})"
-                raise ValueError(f"{shown} {value}: given twice{same}; give each file once")
+                raise ValueError(f"{shown_flag(name)} {value}: given twice{same}; give each file once")
             seen[key] = value
 
 
@@ -945,13 +949,12 @@ def _expand_home(args: argparse.Namespace) -> None:
 
 def _home(path: str, name: str) -> str:
     if not path.strip():
-        shown = name.upper() if name in POSITIONALS else f"--{name.replace('_', '-')}"
-        raise ValueError(f"{shown} {path!r}: empty; give a value")
+        raise ValueError(f"{shown_flag(name)} {path!r}: empty; give a value")
     if not path.startswith("~"):
         return path
     expanded = os.path.expanduser(path)
     if expanded.startswith("~"):  # ~nosuchuser: it would be a folder of that name in the working folder
-        raise ValueError(f"--{name.replace('_', '-')} {path}: no such user's home folder")
+        raise ValueError(f"{shown_flag(name)} {path}: no such user's home folder")
     return expanded
 
 

@@ -161,17 +161,9 @@ def _valid_region(region: str) -> bool:
 
 
 def _env_int(name: str) -> int:
-    default, low, high = ENV_RANGES[name]
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise ValueError(f"environment variable {name}={raw!r}: an integer from {low} to {high} expected")
-    return value
+    from cmce.environment import env_int
+
+    return env_int(name, *ENV_RANGES[name])
 
 
 def _endpoint_url(name: str) -> None:

@@ -436,13 +436,9 @@ DEADLINE_ENV, DEADLINE_RANGE = "CMCE_MLFLOW_DEADLINE_S", (20, 2, 3600)
 
 
 def registry_deadline() -> int:
-    default, low, high = DEADLINE_RANGE
-    raw = os.environ.get(DEADLINE_ENV, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise ValueError(f"environment variable {DEADLINE_ENV}={raw!r}: an integer from {low} to {high} expected")
-    return int(raw)
+    from cmce.environment import env_int
+
+    return env_int(DEADLINE_ENV, *DEADLINE_RANGE)
 
 
 def _read_within(call: Any, uri: str, tracking: str) -> Any:
