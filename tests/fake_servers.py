@@ -21,7 +21,7 @@ def fake_mlflow(answers: dict[str, object], heard: list[str | None] | None = Non
     """A server answering each REST path of `answers` with its JSON (any other path with {}); the Authorization
     header of every request goes to `heard`. Yields its port."""
 
-    class Store(BaseHTTPRequestHandler):
+    class Store(Quiet):
         def do_GET(self):  # noqa: N802 - http.server's name
             self._answer()
 
@@ -33,14 +33,7 @@ def fake_mlflow(answers: dict[str, object], heard: list[str | None] | None = Non
             if heard is not None:
                 heard.append(self.headers.get("Authorization"))
             body = json.dumps(answers.get(urlsplit(self.path).path, {})).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
+            self.reply(200, body, (("Content-Type", "application/json"),))
 
     with serving(Store) as port:
         yield port
@@ -63,28 +56,43 @@ EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name
                  b'<MaxKeys>1</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>')
 
 
-class FakeObject(BaseHTTPRequestHandler):
-    """A fake S3 endpoint's start: HEAD of any key answers an object of `size` bytes; nothing is logged."""
-
-    size = 4096
+class Quiet(BaseHTTPRequestHandler):
+    """A fake server's handler that logs nothing and answers in one call."""
 
     def log_message(self, *_):
         pass
 
-    def do_HEAD(self):  # noqa: N802 - http.server's name
+    def begin(self, length: int) -> None:
+        """200 and a Content-Length of `length`; the body is left to the caller (to trickle it, or never end)."""
         self.send_response(200)
-        for name, value in (("Content-Length", str(self.size)), ("ETag", '"0123"'),
-                            ("Content-Type", "binary/octet-stream"),
-                            ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")):
-            self.send_header(name, value)
+        self.send_header("Content-Length", str(length))
         self.end_headers()
+
+    def reply(self, status: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """`status` with `headers` and `body` (its length sent unless a header gives it; no body to a HEAD)."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        if not any(name == "Content-Length" for name, _ in headers):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class FakeObject(Quiet):
+    """A fake S3 endpoint's start: HEAD of any key answers an object of `size` bytes; nothing is logged."""
+
+    size = 4096
+
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        self.reply(200, headers=(("Content-Length", str(self.size)), ("ETag", '"0123"'),
+                                 ("Content-Type", "binary/octet-stream"),
+                                 ("Last-Modified", "Sat, 05 Dec 2026 10:00:00 GMT")))
 
     def send_listing(self) -> None:
         """An empty listing: the object is no folder."""
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(EMPTY_LISTING)))
-        self.end_headers()
-        self.wfile.write(EMPTY_LISTING)
+        self.reply(200, EMPTY_LISTING)
 
 
 def stopped_when(seen: threading.Event, argv: list[str], env: dict[str, str], wait_s: float = 0.0, signum: int = 15

@@ -30,7 +30,7 @@ from cmce.s3 import _inside, redact
 from cmce.storage import clear_scratch
 from cmce.tables import embedding_array, with_metadata, write_table
 from tests.conftest import SMOKE, dvc
-from tests.fake_servers import FakeObject, s3_env, serving, stopped_when
+from tests.fake_servers import EMPTY_LISTING, FakeObject, Quiet, s3_env, serving, stopped_when
 from tests.s3server import WeedServer, free_ports
 
 QUICK = ["--config", str(SMOKE), "--set", "train.epochs=1", "--set", "transform.epochs=1"]
@@ -592,9 +592,7 @@ def test_a_download_longer_than_its_object_is_refused(tmp_path):
             if "list-type=2" in self.path:
                 self.send_listing()
                 return
-            self.send_response(200)
-            self.send_header("Content-Length", str(50 << 40))
-            self.end_headers()
+            self.begin(50 << 40)
             zeros = bytes(65536)
             with contextlib.suppress(OSError):
                 while not stop.is_set():
@@ -621,19 +619,9 @@ def test_a_web_server_answering_every_request_with_a_page_is_named_not_s3(tmp_pa
     """An endpoint answering 200 `<html>hi</html>` to everything: its HEADs found an object at every key, its page
     parsed as an empty listing, and the key was blamed (`is a file; an index is the folder holding meta.json`,
     `is an object (a file), not an output folder`)."""
-    from http.server import BaseHTTPRequestHandler
-
-    class Page(BaseHTTPRequestHandler):
-        def log_message(self, *_):
-            pass
-
+    class Page(Quiet):
         def do_HEAD(self):  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", "15")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(b"<html>hi</html>")
+            self.reply(200, b"<html>hi</html>", (("Content-Type", "text/html"), ("Content-Length", "15")))
 
         do_GET = do_PUT = do_HEAD
 
@@ -653,17 +641,9 @@ def test_a_web_server_answering_every_request_with_a_page_is_named_not_s3(tmp_pa
 def test_an_endpoint_that_redirects_is_named_not_a_recursion_traceback(tmp_path, monkeypatch, caplog):
     """An endpoint answering 301 to another host: botocore asks for the bucket's region, is redirected again, and
     so on; a 2,997-line RecursionError traceback, exit 1."""
-    from http.server import BaseHTTPRequestHandler
-
-    class Redirecting(BaseHTTPRequestHandler):
-        def log_message(self, *_):
-            pass
-
+    class Redirecting(Quiet):
         def do_HEAD(self):  # noqa: N802 - http.server's name
-            self.send_response(301)
-            self.send_header("Location", "http://127.0.0.1:9/latest/meta-data/")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.reply(301, headers=(("Location", "http://127.0.0.1:9/latest/meta-data/"),))
 
         do_GET = do_PUT = do_HEAD
 
@@ -1011,9 +991,7 @@ def test_a_stop_during_a_download_from_a_silent_server_is_not_held_by_its_retrie
             if server == "silent":
                 time.sleep(60)  # the object never comes
                 return
-            self.send_response(200)
-            self.send_header("Content-Length", "4096")
-            self.end_headers()
+            self.begin(4096)
             for _ in range(600):  # 5 bytes a second: the read under way never times out
                 self.wfile.write(b"x")
                 self.wfile.flush()
@@ -1044,9 +1022,7 @@ def test_a_server_trickling_its_answer_is_given_up_at_the_deadline(tmp_path, tri
             if "list-type=2" in self.path and trickled != "listing":
                 self.send_listing()
                 return
-            self.send_response(200)
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
+            self.begin(100000)
             for _ in range(600):  # 5 bytes a second, each read well within the read timeout
                 self.wfile.write(b"x")
                 self.wfile.flush()
@@ -1073,55 +1049,32 @@ def test_a_stop_during_an_upload_removes_what_it_staged_after_the_upload_ends(tm
     """SIGTERM while a PUT's body was on its way (a slow link's proxy still relaying it): the step deleted what it
     had staged, then exited, and the PUT completed on the server after it, leaving an object nobody removes. The
     request under way is let end (its answer, within the read timeout), and what it wrote is removed after it."""
-    import http.server
 
     put, events = threading.Event(), []
 
-    class Slow(http.server.BaseHTTPRequestHandler):
+    class Slow(Quiet):
         protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue`, so that the client sends the body
 
-        def log_message(self, *_):
-            pass
+        def do_HEAD(self):  # noqa: N802 - http.server's name
+            self.reply(200 if self.path.rstrip("/") == "/b" else 404)  # the bucket, not the output's key
 
-        def _empty(self, status):
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        def do_GET(self):  # noqa: N802 - an empty listing: the output folder is new
+            self.reply(200, EMPTY_LISTING)
 
-        def do_HEAD(self):
-            self._empty(200 if self.path.rstrip("/") == "/b" else 404)  # the bucket, not the output's key
-
-        def do_GET(self):  # an empty listing: the output folder is new
-            body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><KeyCount>0</KeyCount>'
-                    b'<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>')
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_DELETE(self):
+        def do_DELETE(self):  # noqa: N802
             events.append(("deleted", self.path))
-            self._empty(204)
+            self.reply(204)
 
-        def do_PUT(self):
+        def do_PUT(self):  # noqa: N802
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             put.set()
             time.sleep(3)  # the body still on its way
             events.append(("stored", self.path))
-            self.send_response(200)
-            self.send_header("ETag", '"0123"')
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.reply(200, headers=(("ETag", '"0123"'),))
 
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    web.daemon_threads = True
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
+    with serving(Slow) as port:
         returncode, took, err = stopped_when(put, ["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"),
-                                                   "--out", "s3://b/idx"], s3_env(web.server_address[1]))
-    finally:
-        web.shutdown()
-        web.server_close()
+                                                   "--out", "s3://b/idx"], s3_env(port))
     assert returncode == 128 + 15 and took < 20, (returncode, took, err)
     assert err.rstrip().endswith("interrupted (SIGTERM); each output is whole or not written"), err
     stored = [path for what, path in events if what == "stored"]

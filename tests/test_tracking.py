@@ -545,24 +545,17 @@ def test_a_registry_that_never_finishes_its_answer_is_given_up_at_the_deadline(t
     (each within the request timeout), or answering 429 with `Retry-After: 3600`, hung until it was killed."""
     import threading
     import time
-    from http.server import BaseHTTPRequestHandler
 
     from cmce.serving.state import QueryModelSource
     from cmce.tracking import check_parent_run
-    from tests.fake_servers import serving
+    from tests.fake_servers import Quiet, serving
 
     stop = threading.Event()
 
-    class Registry(BaseHTTPRequestHandler):
-        def log_message(self, *_):
-            pass
-
+    class Registry(Quiet):
         def do_GET(self):  # noqa: N802 - http.server's name
             if server == "retry after an hour":
-                self.send_response(429)
-                self.send_header("Retry-After", "3600")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.reply(429, headers=(("Retry-After", "3600"),))
                 return
             self.wfile.write(b"HTTP/1.1 200 OK\r\n")
             while not stop.wait(0.5):
