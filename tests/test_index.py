@@ -162,7 +162,9 @@ def test_auto_picks_by_indexed_size(tmp_path):
     assert resolve_index_type("auto", 99_999, IndexConfig().auto_threshold) == "flat"
 
 
-def test_small_gallery_clamps_nlist_or_falls_back_to_flat(tmp_path, caplog):
+def test_small_gallery_clamps_nlist_or_falls_back_to_flat(tmp_path, caplog, capfd):
+    """A gallery too small for faiss's advice is said once, in cmce's notes: faiss printed `WARNING clustering 485
+    points to 256 centroids` eight times (once per PQ sub-quantizer) to stderr."""
     gallery, _ = clustered_gallery(tmp_path, n=1000, members=2)
     out = build_index(gallery, tmp_path / "clamped", index_type="ivfpq", options=IndexConfig(ivfpq=IvfPqConfig(
         nlist=64, nprobe=40)))
@@ -170,6 +172,9 @@ def test_small_gallery_clamps_nlist_or_falls_back_to_flat(tmp_path, caplog):
     assert meta["index_params"]["nlist"] == 1000 // 39 and meta["index_params"]["nlist_requested"] == 64
     assert meta["search_params"]["nprobe"] == 1000 // 39  # never more lists than exist
     assert "nlist clamped from 64 to 25" in meta["notes"][0] and "nlist clamped" in caplog.text
+    assert meta["notes"][1] == ("ivfpq PQ codebooks of 256 centroids trained on 1000 points, faiss advises at least "
+                                "9984: candidates may be missed (scores stay exact)")
+    assert "WARNING" not in capfd.readouterr().err
     out = build_index(gallery, tmp_path / "flat", reject_fraction=0.8, index_type="ivfpq")  # 200 items left
     meta = json.loads((out / "meta.json").read_text())
     assert meta["index_type"] == "flat" and meta["index_params"]["requested_type"] == "ivfpq"

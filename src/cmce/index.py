@@ -152,10 +152,17 @@ def _ivfpq(emb: np.ndarray, opt: IvfPqConfig, params: dict[str, Any], notes: lis
     if nlist < nlist_wanted:
         _note(notes, f"ivfpq nlist clamped from {nlist_wanted} to {nlist}: {n_train} training points, "
                      f"faiss wants at least {MIN_POINTS_PER_LIST} per list")
+    if n_train < MIN_POINTS_PER_LIST * 2 ** opt.nbits:
+        _note(notes, f"ivfpq PQ codebooks of {2 ** opt.nbits} centroids trained on {n_train} points, faiss advises at "
+                     f"least {MIN_POINTS_PER_LIST * 2 ** opt.nbits}: candidates may be missed (scores stay exact)")
     nprobe = min(opt.nprobe, nlist)
     # "np": no polysemous training, which only serves Hamming-filtered search and costs most of the training time
     factory = f"IVF{nlist},PQ{m}x{opt.nbits}np,Refine(Flat)"
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(index.base_index)
+    # faiss printed its own advice to stderr once per k-means (8 lines for one build); the notes above say it once.
+    # The setting only decides that warning: the clustering is the same
+    ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1
     sample = emb
     if n_train < n:
         rows = np.sort(np.random.default_rng(opt.seed).choice(n, n_train, replace=False))
