@@ -609,3 +609,70 @@ def test_a_registry_answer_protobuf_cannot_parse_is_one_line_naming_the_registry
             resolve_model_uri("models:/q@candidate")
     assert str(caught.value).startswith(f"models:/q@candidate: registry http://127.0.0.1:{port}: Failed to parse"), \
         str(caught.value)
+
+
+@pytest.mark.parametrize("credential", ["token", "user and password"])
+def test_a_registry_echoing_the_credential_it_was_sent_never_has_it_printed(tmp_path, credential):
+    """A registry answering 401 `bad credentials: Bearer <token>` (its message repeating the Authorization header):
+    `cmce serve --query-model models:/q@one` printed the token, or MLflow's Basic user:password, on stderr."""
+    import base64
+    import subprocess
+    import sys
+
+    from tests.fake_servers import Quiet, serving
+
+    class Echoing(Quiet):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            said = f'{{"error_code": "UNAUTHENTICATED", "message": "bad credentials: {self.headers["Authorization"]}"}}'
+            self.reply(401, said.encode(), (("Content-Type", "application/json"),))
+
+    secret = "s3cretPW19x"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.update({"MLFLOW_TRACKING_TOKEN": secret} if credential == "token" else
+               {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": secret})
+    with serving(Echoing) as port:
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+        res = subprocess.run([sys.executable, "-m", "cmce", "export-query", "--query-model", "models:/q@one", "--out",
+                              str(tmp_path / "q.onnx")], env=env, capture_output=True, text=True, timeout=120)
+    shown = res.stdout + res.stderr
+    assert res.returncode == 2 and "UNAUTHENTICATED: bad credentials: " in res.stderr, res.stderr
+    assert secret not in shown and base64.b64encode(f"u:{secret}".encode()).decode() not in shown, shown
+    assert ("Bearer ***" if credential == "token" else "Basic ***") in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bad credentials: Bearer abc.DEF-123", "bad credentials: Bearer ***"),
+    ("Authorization: Basic dTpTRUNSRVRQVzQ1Ng==", "Authorization: Basic ***"),
+    ("Bearer authentication required; Basic auth disabled", "Bearer authentication required; Basic auth disabled"),
+    ("?X-Amz-Signature=0a1b2c&X-Amz-Security-Token=FwoG%2Fz", "?X-Amz-Signature=***&X-Amz-Security-Token=***"),
+    ("Credential=AKIA/20261205/us-east-1/s3/aws4_request, Signature=f00d", "Credential=AKIA/20261205/us-east-1/s3/"
+                                                                           "aws4_request, Signature=***"),
+    ("http://bob:pw@host/api failed", "http://***@host/api failed"),
+    ("the key is longsecretvalue and again longsecretvalue", "the key is *** and again ***"),
+    ("a short secret abc is kept", "a short secret abc is kept"),  # 3 characters: it would hide common text
+])
+def test_credentials_are_concealed_in_any_text(text, expected, monkeypatch):
+    from cmce.redaction import conceal
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "longsecretvalue")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "abc")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    assert conceal(text) == expected
+
+
+def test_every_log_line_and_traceback_is_concealed(monkeypatch, capsys):
+    """The commands' log handler conceals what any logger says, a logged traceback included."""
+    import logging
+
+    from cmce.errors import OneLineFormatter
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok3nvalue")
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "sent %s", ("tok3nvalue",), None)
+    try:
+        raise ValueError("Bearer tok3nvalue refused")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    line = OneLineFormatter("%(message)s").format(record)
+    assert "tok3nvalue" not in line and line.startswith("sent ***") and "ValueError: Bearer ***" in line, line

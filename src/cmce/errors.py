@@ -267,11 +267,17 @@ def escape_controls(text: str) -> str:
 
 
 class OneLineFormatter(logging.Formatter):
-    """Every log record one line: its message's control characters escaped (a traceback, when logged, follows)."""
+    """Every log record one line: its message's control characters escaped (a traceback, when logged, follows);
+    no credential in it, nor in its traceback (cmce.redaction)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        from cmce.redaction import conceal
+
+        return conceal(super().format(record))
 
 
 def log_to_stderr() -> None:

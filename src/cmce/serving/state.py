@@ -28,7 +28,7 @@ from pathlib import Path
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
 from cmce.index import INDEX_FILES, LoadedIndex, check_files, load_index
-from cmce.s3 import redact
+from cmce.redaction import conceal
 from cmce.storage import origin, read_regular, restore_uris, scratch_dir, stat_identity
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class Holder:
         when it is resolved: a poll every 0.5 s must not repeat one warning forever. The dict is replaced, not
         changed, as /readyz reads it from another thread."""
         if problem is not None:  # a model downloaded from the registry is named by its models:/ URI; a password in
-            problem = redact(restore_uris(problem))  # a registry URL is shown to every client of /readyz: hidden
+            problem = conceal(restore_uris(problem))  # a registry URL (or echoed token) reaches every /readyz client
         old = self.problems.get(kind)
         if problem == old:
             return

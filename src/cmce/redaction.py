@@ -1,0 +1,50 @@
+"""Secrets kept out of every line cmce prints: a server's error message can echo the request's credentials
+(an MLflow registry answering 401 with `bad credentials: Bearer <token>` had the token printed on stderr)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+
+# variables whose values are credentials, wherever they appear in a message
+SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "AWS_SECRET_ACCESS_KEY",
+              "AWS_SESSION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN")
+MIN_SECRET_CHARS = 4  # a shorter value would hide every occurrence of common text; the patterns below still apply
+# an HTTP credential as a header carries it: `Bearer <token>` (a token has a digit or symbol: `Bearer auth` is prose),
+# `Basic <base64 of user:password>`, and the signature or session token of an AWS request or pre-signed URL
+_BEARER = re.compile(r"\b(Bearer|Token)(\s+)(?=[A-Za-z]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_BASIC = re.compile(r"\b(Basic)(\s+)([A-Za-z0-9+/]+={0,2})", re.IGNORECASE)
+_SIGNED = re.compile(r"\b(Signature|X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential)=[^\s&,;\"']+",
+                     re.IGNORECASE)
+HIDDEN = "***"
+
+
+def conceal(text: str) -> str:
+    """`text` with every credential it holds replaced by ***: the user-info of URLs, the values of SECRET_ENV
+    (and MLflow's user:password as Basic sends it), bearer tokens, Basic credentials and AWS signatures."""
+    from cmce.s3 import redact
+
+    text = redact(text)
+    for secret in _secrets():
+        text = text.replace(secret, HIDDEN)
+    text = _BEARER.sub(rf"\1\2{HIDDEN}", text)
+    text = _BASIC.sub(lambda m: f"{m[1]}{m[2]}{HIDDEN}" if _is_basic_credential(m[3]) else m[0], text)
+    return _SIGNED.sub(lambda m: f"{m[1]}={HIDDEN}", text)
+
+
+def _secrets() -> list[str]:
+    values = [os.environ.get(name, "") for name in SECRET_ENV]
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME", ""), os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    if user or password:
+        values.append(base64.b64encode(f"{user}:{password}".encode()).decode())
+    # longest first: a secret holding another is hidden whole
+    return sorted({v for v in values if len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True)
+
+
+def _is_basic_credential(token: str) -> bool:
+    try:
+        return b":" in base64.b64decode(token, validate=True)
+    except (binascii.Error, ValueError):
+        return False
