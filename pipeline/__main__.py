@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -264,7 +265,9 @@ def run_local(args: argparse.Namespace) -> Path:
         os.environ["MLFLOW_TRACKING_URI"] = uri
     # the workspace made here, not by local.init, so that a stop signal finds it to remove it; the tasks' temporary
     # folders inside it (each task's shell left a `mktemp -d` folder in the temp folder, run or stopped)
-    workspace = tempfile.mkdtemp(prefix="kfp-workspace-")
+    remove_orphaned_workspaces()
+    workspace = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX)
+    held = _hold(workspace)  # released by the OS however this process ends: a later run then removes the folder
     stopping.workspace = workspace
     stopping.root, stopping.before = root, set(root.iterdir())
     previous_tmpdir = os.environ.get("TMPDIR")
@@ -286,6 +289,7 @@ def run_local(args: argparse.Namespace) -> Path:
         else:
             os.environ["TMPDIR"] = previous_tmpdir
         shutil.rmtree(workspace, ignore_errors=True)
+        os.close(held)
     prefix = "cmce-" if args.pipeline == "cmce" else f"cmce-{args.pipeline}-"
     runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)
                    and (args.pipeline != "cmce" or not p.name.startswith(tuple(f"cmce-{n}-" for n in LIFECYCLE)))),
@@ -296,7 +300,9 @@ def run_local(args: argparse.Namespace) -> Path:
                      if p.name != "executor_output.json")
     sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing))
     if not args.no_mlflow:
-        sys.stderr.write(f"MLflow: {uri} (mlflow ui --backend-store-uri {uri})\n")
+        from cmce.redaction import conceal
+
+        sys.stderr.write(conceal(f"MLflow: {uri} (mlflow ui --backend-store-uri {uri})\n"))
     results = next(run_dir.glob("evaluate*/results"), None)
     if results is not None:
         sys.stdout.write(results.read_text())
@@ -304,6 +310,37 @@ def run_local(args: argparse.Namespace) -> Path:
     if decision is not None:
         sys.stdout.write(decision.read_text())
     return run_dir
+
+
+WORKSPACE_PREFIX = "kfp-workspace-"
+WORKSPACE_LOCK = ".cmce-run.lock"  # marks a workspace as a cmce run's; flock-held while the run lives
+
+
+def _hold(workspace: str) -> int:
+    """The workspace's lock, taken before its file gets its name: another run never finds it free."""
+    fd, unnamed = tempfile.mkstemp(dir=workspace)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(unnamed, os.path.join(workspace, WORKSPACE_LOCK))
+    return fd
+
+
+def remove_orphaned_workspaces() -> None:
+    """The workspaces (with the tasks' temporary folders) of runs killed outright (SIGKILL, the OOM killer, a power
+    cut) stayed in the temp folder for good. A run's workspace holds a lock while it lives: one whose lock can be
+    taken belongs to no run, and is removed. Workspaces without the lock file (other KFP users') are left."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKSPACE_PREFIX}*"):
+        try:
+            fd = os.open(folder / WORKSPACE_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live run's
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, the workspace of a run that was killed", folder)
 
 
 class _Stopping:

@@ -690,6 +690,38 @@ def test_a_stopped_local_run_leaves_no_task_and_nothing_in_the_temp_folder(tmp_p
     assert not any(task.is_running() and task.status() != psutil.STATUS_ZOMBIE for task in tasks)
 
 
+def test_the_workspace_of_a_killed_run_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """SIGKILL to `python -m pipeline run --local`: its workspace (with the tasks' temporary folders) stayed in the
+    temp folder for good. The next run removes it, and leaves a live run's workspace and other KFP users' alone."""
+    import tempfile
+
+    from pipeline.__main__ import remove_orphaned_workspaces
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])
+    hold = ("import sys, tempfile, time; from pipeline.__main__ import WORKSPACE_PREFIX, _hold; "
+            "w = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX); _hold(w); open(w + '/task.tmp', 'w').close(); "
+            "print(w, flush=True); time.sleep(600)")
+    runs = [subprocess.Popen([sys.executable, "-c", hold], cwd=root, env={**os.environ, "TMPDIR": str(tmp),
+                                                                         "PYTHONPATH": path},
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        killed, live = (Path(run.stdout.readline().strip()) for run in runs)
+        runs[0].kill()
+        runs[0].wait(30)
+        foreign = tmp / "kfp-workspace-other"  # made by kfp.local itself: no lock file
+        foreign.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        remove_orphaned_workspaces()
+        assert sorted(tmp.iterdir()) == sorted([live, foreign]) and (live / "task.tmp").exists()
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait(30)
+
+
 def test_a_stopped_local_run_marks_its_parent_mlflow_run_killed(tmp_path):
     """A local run stopped once its parent MLflow run was open: the run stayed RUNNING for good."""
     from mlflow import MlflowClient
