@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import ROOT
 from tests.conftest import dvc as _dvc
 
 
@@ -88,6 +89,28 @@ def test_an_experiment_on_an_index_setting_shows_in_exp_show_metrics_and_plots_d
     (recall,) = [v for k, v in plots.items() if k.startswith("recall@K")]
     drawn = {(d["rev"], d["field"]) for p in recall for d in p["content"]["data"]["values"]}
     assert drawn == {(rev, f) for rev in ("HEAD", "workspace") for f in ("served", "sym_query")}, drawn
+
+
+def test_a_refused_setting_leaves_the_stages_previous_outputs_in_place(dvc_repo, tmp_path):
+    """`dvc repro` after `index.reject_fraction: 1.5`: cmce refused it naming the key, but DVC had deleted the
+    previous artifacts/index (and evaluate's files) before the command ran; only `dvc checkout` brought them back."""
+    from cmce.storage import file_sha256
+
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    outputs = sorted(p for folder in ("index", "eval") for p in (repo / "artifacts" / folder).iterdir())
+    before = {p: file_sha256(p) for p in outputs}
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("reject_fraction: 0.1", "reject_fraction: 1.5"))
+    res = _dvc(repo, "repro")
+    assert res.returncode != 0 and "index.reject_fraction must be in [0, 1), got 1.5" in res.stderr, res.stderr
+    assert {p: file_sha256(p) for p in outputs} == before
+    for name in ("dvc.yaml", "lifecycle/dvc.yaml"):  # every output a step replaces whole: DVC leaves it alone
+        stages = yaml.safe_load((ROOT / name).read_text())["stages"]
+        for stage, spec in stages.items():
+            for out in (o for kind in ("outs", "metrics") for o in (spec.get("do", spec).get(kind) or [])):
+                persistent = isinstance(out, dict) and next(iter(out.values())) == {"persist": True}
+                assert persistent or stage == "fetch_data", (name, stage, out)
 
 
 def test_same_models_as_the_in_process_run(dvc_repo, smoke_run):
