@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -207,10 +208,11 @@ def _errors_of(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
 
 
-def test_a_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, signum):
     """SIGINT during the seconds torch takes to import, before main could catch anything: a 20–33-line
-    KeyboardInterrupt traceback. -X importtime shows when torch's import has begun; whenever the signal lands
-    after that (in an import, or in main), the command says so in one line."""
+    KeyboardInterrupt traceback (SIGTERM: exit 143 and no line). -X importtime shows when torch's import has begun;
+    whenever the signal lands after that (in an import, or in main), the command says so in one line."""
     import re
     import signal
     import time
@@ -225,16 +227,44 @@ def test_a_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
         lines.append(line)
         if re.search(r"\|\s+torch\b", line):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     started = time.monotonic()
     rest = proc.stderr.read()
     proc.wait(60)
     assert any("torch" in line for line in lines), lines[-5:]
     shown = [line for line in rest.splitlines() if not line.startswith("import time:")]
-    assert proc.returncode == 130 and time.monotonic() - started < 30, (proc.returncode, shown)
+    assert proc.returncode == 128 + signum and time.monotonic() - started < 30, (proc.returncode, shown)
     assert "Traceback" not in rest and len(_errors_of(rest)) == 1, shown
-    assert "interrupted (SIGINT)" in _errors_of(rest)[0], shown
+    assert f"interrupted ({signal.Signals(signum).name})" in _errors_of(rest)[0], shown
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("gallery, when", [("made", "cleanup"), ("missing", "cleanup"), ("made", "teardown")])
+def test_a_stop_as_the_command_ends_is_said_and_its_exit_status_stands(tmp_path, gallery, when):
+    """SIGTERM in the half second after a step had given its signals back (its output published, the interpreter
+    ending): exit 143 and no line, so a caller saw a failed step whose output had been replaced. The stop is sent
+    from the step's own last cleanup, after main gave the signals back (said, and let pass), or from the
+    interpreter's teardown, where no Python handler runs (ignored)."""
+    from tests.serve_world import cmce_env
+    from tests.test_index import clustered_gallery
+
+    made, _ = clustered_gallery(tmp_path, n=60)
+    made.rename(tmp_path / "g.parquet") if gallery == "made" else made.unlink()
+    stop = "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)"
+    late = ("import os, signal, sys, time; import cmce.cli as cli; from cmce.__main__ import entry\n"
+            "class Teardown:\n    def __del__(self):\n        " + (stop if when == "teardown" else "pass") + "\n"
+            "ending = Teardown(); clear = cli.clear_scratch\n"
+            "def cleared():\n    clear()\n    " + (stop if when == "cleanup" else "pass") + "\n"
+            "cli.clear_scratch = cleared; sys.argv[1:] = sys.argv[2:]; entry()")
+    res = subprocess.run([sys.executable, "-c", late, "cmce", "build-index", "--gallery", str(tmp_path / "g.parquet"),
+                          "--out", str(tmp_path / "index")], env=cmce_env(), capture_output=True, text=True,
+                         timeout=120)
+    said = [line for line in res.stderr.splitlines() if "came as the command was ending" in line]
+    assert res.returncode == (0 if gallery == "made" else 2), res.stderr
+    assert "Traceback" not in res.stderr and len(said) == (when == "cleanup"), res.stderr
+    assert not said or said[0].endswith("SIGTERM came as the command was ending, after its work: its exit status "
+                                        "stands"), res.stderr
+    assert (tmp_path / "index" / "meta.json").exists() == (gallery == "made")
 
 
 def test_a_memory_limit_too_low_for_the_libraries_is_one_line(tmp_path):

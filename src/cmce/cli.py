@@ -27,8 +27,10 @@ from cmce.arguments import OneLineParser, int_in, not_blank
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, parse_overrides
 from cmce.errors import (
+    TERMINATING_NAMES,
     Terminated,
     command_begun,
+    command_finished,
     exit_process,
     first_line,
     forget_signals,
@@ -868,9 +870,7 @@ def _select_device(args: argparse.Namespace) -> None:
         devices.select("auto")
 
 
-# the signals whose default action ends the process (SIGUSR1 left a half-written temporary); the others
-# (SIGALRM: a caller may time the command with it) are taken only where nobody handles them
-TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+TERMINATING = tuple(getattr(signal, name) for name in TERMINATING_NAMES)  # taken for the command's whole main
 
 
 def _terminate_by_exception() -> dict[int, Any]:
@@ -962,7 +962,11 @@ def main(argv: list[str] | None = None) -> int:
     command_begun()
     args = build_parser().parse_args(argv)
     set_up_command()
-    forget_signals()
+    early = received_signal()  # while the libraries loaded, its exception swallowed by an import (every command
+    forget_signals()  # gives back what it took as it ends: nothing else is left here)
+    if early is not None:
+        log.error("cmce %s: interrupted (%s) while starting; nothing was done", args.command, signal_name(early))
+        return 128 + early
     try:
         _expand_home(args)
         _refuse_repeats(args)
@@ -1072,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _interrupted(args, err.signum if isinstance(err, Terminated) else signal.SIGINT)
     finally:
+        command_finished()  # a stop after the signals are given back comes too late to stop anything
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         late = received_signal()

@@ -182,12 +182,21 @@ def starting(command: str) -> Iterator[None]:
     can catch anything, and a Ctrl-C or a memory limit (`ulimit -v`) hit there was a 20–33-line traceback. Told in
     one line instead (with --debug, the traceback). A stop main caught itself never reaches here."""
     _begun.clear()
+    _finished.clear()
+    _stop_outside_main()
     if (bad := thread_settings_error()) is not None:  # before torch loads libgomp, which warns and goes on
         log_to_stderr()
         logging.getLogger("cmce").error("%s: %s", command, bad)
         exit_process(2)
     try:
         yield
+    except Terminated as err:  # while the libraries load, or before main took the signals itself
+        if "--debug" in sys.argv:
+            raise
+        log_to_stderr()
+        logging.getLogger("cmce").error("%s: interrupted (%s)%s", command, signal_name(err.signum),
+                                        "" if _begun else " while starting; nothing was done")
+        exit_process(128 + err.signum)
     except (KeyboardInterrupt, MemoryError, ImportError) as err:
         # under a memory limit a shared library fails to load (`libtorch_cpu.so: failed to map segment from shared
         # object`) or Python runs out; any other ImportError is a broken installation: its traceback is wanted
@@ -228,7 +237,56 @@ _begun: list[bool] = []  # the command's main has begun (its libraries are loade
 def command_begun() -> None:
     """At the start of a command's main (tests and callers run many in one process): it has left no thread yet."""
     _begun.append(True)
+    _finished.clear()
     _left_running.clear()
+
+
+_finished: list[bool] = []  # the command's main has given back the signals it took: its work is done
+
+
+def command_finished() -> None:
+    """Called by a command's main as it gives back the signals it took (its outputs are in place, or refused)."""
+    _finished.append(True)
+
+
+# the signals whose default action ends the process (SIGUSR1 left a half-written temporary), taken by a command's
+# main; the others (SIGALRM: a caller may time the command with it) are taken only where nobody handles them
+TERMINATING_NAMES = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def _stop_outside_main() -> None:
+    """A process's handler of SIGINT and TERMINATING_NAMES outside its command's main, where the caller left
+    them to their default. Before main takes them (the libraries load for seconds) a stop raises, and is told
+    in one line by `starting`. After main gave them back, the work is done and the interpreter ends: a SIGTERM
+    there ended the process with 143 and no line, its outputs already published; it is said and let pass."""
+    import signal
+
+    def outside_main(signum: int, _frame: object) -> None:
+        if not _finished:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise_terminated(signum, _frame)
+        if len(_finished) == 1:  # said once
+            _finished.append(True)
+            logging.getLogger("cmce").warning("%s came as the command was ending, after its work: its exit status "
+                                              "stands", signal_name(signum))
+
+    taken = []
+    for name in ("SIGINT", *TERMINATING_NAMES):
+        signum = getattr(signal, name)
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, outside_main)
+            taken.append(signum)
+
+    def ignored_from_now() -> None:
+        """The interpreter's own end (torch's teardown: half a second) runs no Python handler, and gives a handled
+        signal back its default action: ignored instead, the exit status stands."""
+        for signum in taken:
+            signal.signal(signum, signal.SIG_IGN)
+
+    import atexit
+
+    atexit.register(ignored_from_now)  # the first registered runs last: after the libraries' own exit handlers
 
 
 def forget_signals() -> None:
