@@ -676,3 +676,52 @@ def test_every_log_line_and_traceback_is_concealed(monkeypatch, capsys):
         record.exc_info = sys.exc_info()
     line = OneLineFormatter("%(message)s").format(record)
     assert "tok3nvalue" not in line and line.startswith("sent ***") and "ValueError: Bearer ***" in line, line
+
+
+@pytest.mark.parametrize("server", ["answering 200 {} to everything", "silent after half a status line"])
+def test_track_start_names_a_server_that_is_no_mlflow_or_goes_silent(tmp_path, monkeypatch, caplog, server):
+    """`cmce track-start --mlflow-uri` at a server answering `200 {}` to every request: `Invalid value "" for
+    parameter 'run_id'`, naming nothing wrong with the server; at one sending `HTTP/1.1 200 OK\\r\\nContent-Len` and
+    nothing more: MLflow's retries and read timeouts, 60 s before the refusal."""
+    import logging
+    import threading
+    import time
+
+    from cmce.cli import main
+    from tests.fake_servers import Quiet, serving
+
+    stop = threading.Event()
+
+    class NotMlflow(Quiet):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if server.startswith("silent"):
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Len")
+                self.wfile.flush()
+                stop.wait(60)
+                return
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.reply(200, b"{}", (("Content-Type", "application/json"),))
+
+        do_POST = do_GET
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CMCE_MLFLOW_DEADLINE_S", "3")
+    with serving(NotMlflow) as port, caplog.at_level(logging.INFO):
+        started = time.monotonic()
+        try:
+            code = main(["--mlflow-uri", f"http://127.0.0.1:{port}", "track-start", "--config", str(SMOKE), "--out",
+                         str(tmp_path / "run.json")])
+        finally:
+            stop.set()
+        took = time.monotonic() - started
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and len(errors) == 1 and took < 15, (code, errors, took)
+    if server.startswith("silent"):
+        assert errors[0] == (f"cmce track-start: http://127.0.0.1:{port}: the tracking server cannot be used "
+                             f"(the tracking server: no whole answer from MLflow at http://127.0.0.1:{port} within 3 s "
+                             "(CMCE_MLFLOW_DEADLINE_S): unreachable, silent or trickling)"), errors
+    else:
+        assert errors[0] == (f"cmce track-start: http://127.0.0.1:{port}: answered without an experiment id: not an "
+                             "MLflow tracking server"), errors
+    assert not (tmp_path / "run.json").exists()
