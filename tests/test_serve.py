@@ -805,6 +805,12 @@ def test_http_framing_below_the_routes_is_read_or_refused_naming_its_part(world)
     assert head.startswith(b"http/1.1 505") and closed and json.loads(answer) == {
         "error": "request: HTTP/2.0 is not spoken here: HTTP/1.1 only (no HTTP/2 with prior knowledge)",
         "field": "request"}, answer
+    # a chunk declaring 2^64 bytes: 408 "too slow" once the body deadline passed; 413 as its size line arrives now
+    head, answer, closed = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                        b"Content-Type: application/json\r\n\r\n10000000000000000\r\n")
+    assert head.startswith(b"http/1.1 413") and closed and json.loads(answer) == {
+        "error": f"request body over 20000 bytes (--max-body-bytes): a chunk declares {2 ** 64} bytes",
+        "field": "body"}, answer
     assert server.search(**json.loads(body)).status_code == 200  # still serving
 
 
