@@ -239,31 +239,37 @@ def test_a_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, signum):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("gallery, when", [("made", "cleanup"), ("missing", "cleanup"), ("made", "teardown")])
-def test_a_stop_as_the_command_ends_is_said_and_its_exit_status_stands(tmp_path, gallery, when):
+@pytest.mark.parametrize("gallery, when", [("made", "cleanup"), ("missing", "cleanup"), ("made", "exit handler"),
+                                           ("made", "thread joined at exit")])
+def test_a_stop_as_the_command_ends_is_one_line_and_ends_it_at_once(tmp_path, gallery, when):
     """SIGTERM in the half second after a step had given its signals back (its output published, the interpreter
-    ending): exit 143 and no line, so a caller saw a failed step whose output had been replaced. The stop is sent
-    from the step's own last cleanup, after main gave the signals back (said, and let pass), or from the
-    interpreter's teardown, where no Python handler runs (ignored)."""
+    ending): exit 143 and no line, so a caller saw a failed step and nothing said its output had been replaced.
+    The stop is sent from the step's last cleanup (after main gave the signals back), from an exit handler (one a
+    library registered while the command ran), or by a thread the exit waits for (which sleeps on: the stop must
+    end the process, not wait for it)."""
+    import time
+
     from tests.serve_world import cmce_env
     from tests.test_index import clustered_gallery
 
     made, _ = clustered_gallery(tmp_path, n=60)
     made.rename(tmp_path / "g.parquet") if gallery == "made" else made.unlink()
-    stop = "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)"
-    late = ("import os, signal, sys, time; import cmce.cli as cli; from cmce.__main__ import entry\n"
-            "class Teardown:\n    def __del__(self):\n        " + (stop if when == "teardown" else "pass") + "\n"
-            "ending = Teardown(); clear = cli.clear_scratch\n"
-            "def cleared():\n    clear()\n    " + (stop if when == "cleanup" else "pass") + "\n"
-            "cli.clear_scratch = cleared; sys.argv[1:] = sys.argv[2:]; entry()")
+    stop = "os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)"
+    hooks = {"cleanup": f"cli.clear_scratch = lambda: (clear(), exec({stop!r}))",
+             "exit handler": f"cli.clear_scratch = lambda: (clear(), atexit.register(lambda: exec({stop!r})))",
+             "thread joined at exit": "cli.clear_scratch = lambda: (clear(), threading.Thread(target=lambda: "
+                                      "(time.sleep(0.5), exec(" + repr(stop) + "))).start())"}
+    late = ("import atexit, os, signal, sys, threading, time; import cmce.cli as cli; from cmce.__main__ import entry\n"
+            f"clear = cli.clear_scratch; {hooks[when]}; sys.argv[1:] = sys.argv[2:]; entry()")
+    started = time.monotonic()
     res = subprocess.run([sys.executable, "-c", late, "cmce", "build-index", "--gallery", str(tmp_path / "g.parquet"),
                           "--out", str(tmp_path / "index")], env=cmce_env(), capture_output=True, text=True,
-                         timeout=120)
-    said = [line for line in res.stderr.splitlines() if "came as the command was ending" in line]
-    assert res.returncode == (0 if gallery == "made" else 2), res.stderr
-    assert "Traceback" not in res.stderr and len(said) == (when == "cleanup"), res.stderr
-    assert not said or said[0].endswith("SIGTERM came as the command was ending, after its work: its exit status "
-                                        "stands"), res.stderr
+                         timeout=50)
+    errors = _errors_of(res.stderr)
+    assert res.returncode == 128 + signal.SIGTERM and time.monotonic() - started < 40, res.stderr
+    assert "Traceback" not in res.stderr and errors[-1].endswith(
+        "cmce: interrupted (SIGTERM) as the command ended, after its work; each output is whole or not written"), errors
+    assert len(errors) == (1 if gallery == "made" else 2), errors  # a refusal's own line first
     assert (tmp_path / "index" / "meta.json").exists() == (gallery == "made")
 
 
@@ -283,6 +289,18 @@ def test_a_memory_limit_too_low_for_the_libraries_is_one_line(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(_errors_of(res.stderr)) == 1 and "out of memory while loading its libraries" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_thread_count_variable_means_the_libraries_default(tmp_path):
+    """`OMP_NUM_THREADS=` (set, empty): libgomp printed `Invalid value for environment variable OMP_NUM_THREADS`
+    twice, then the step ran. Empty is unset: the libraries' default, and no warning."""
+    from tests.serve_world import cmce_env
+
+    res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", str(tmp_path / "g.parquet"),
+                          "--out", str(tmp_path / "index")], env={**cmce_env(), "OMP_NUM_THREADS": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "OMP_NUM_THREADS" not in res.stderr, res.stderr  # refused for the missing gallery
+    assert len(_errors_of(res.stderr)) == 1 and "g.parquet" in _errors_of(res.stderr)[0], res.stderr
 
 
 @pytest.mark.parametrize("value", ["0", "abc"])

@@ -648,14 +648,19 @@ def test_a_registry_echoing_the_credential_it_was_sent_never_has_it_printed(tmp_
     ("Credential=AKIA/20261205/us-east-1/s3/aws4_request, Signature=f00d", "Credential=AKIA/20261205/us-east-1/s3/"
                                                                            "aws4_request, Signature=***"),
     ("http://bob:pw@host/api failed", "http://***@host/api failed"),
-    ("the key is longsecretvalue and again longsecretvalue", "the key is *** and again ***"),
-    ("a short secret abc is kept", "a short secret abc is kept"),  # 3 characters: it would hide common text
+    ("the key is longsecretvalue and again longsecretvalue.", "the key is *** and again ***."),
+    ("s3://b/longsecretvalues/ and xlongsecretvalue", "s3://b/longsecretvalues/ and xlongsecretvalue"),  # words
+    ("artifacts/tests/latest/test_x.parquet", "artifacts/tests/latest/test_x.parquet"),  # a 4-letter password
+    ("max token 512 exceeded; token = _ENDPOINT.set(url)", "max token 512 exceeded; token = _ENDPOINT.set(url)"),
+    ("Authorization: Token 9f8e7d6c5b4a", "Authorization: Token ***"),
 ])
 def test_credentials_are_concealed_in_any_text(text, expected, monkeypatch):
+    """Every credential, and nothing else: LocalStack's usual key `test` had `tests/latest/` printed as
+    `***s/la***/`, and `max token 512` lost its number."""
     from cmce.redaction import conceal
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "longsecretvalue")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "abc")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "test")
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     assert conceal(text) == expected
 
@@ -725,3 +730,19 @@ def test_track_start_names_a_server_that_is_no_mlflow_or_goes_silent(tmp_path, m
         assert errors[0] == (f"cmce track-start: http://127.0.0.1:{port}: answered without an experiment id: not an "
                              "MLflow tracking server"), errors
     assert not (tmp_path / "run.json").exists()
+
+
+def test_an_experiment_name_longer_than_mlflow_takes_is_named(monkeypatch):
+    """MLFLOW_EXPERIMENT_NAME of 20,000 characters: `sqlite:///…/m.db: 'name' exceeds the maximum length of 500
+    characters`, blaming the store."""
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    from cmce.tracking import MAX_EXPERIMENT_NAME, experiment_name
+
+    assert MAX_EXPERIMENT_NAME == MAX_EXPERIMENT_NAME_LENGTH
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "e" * 500)
+    assert experiment_name() == "e" * 500
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "e" * 20_000)
+    with pytest.raises(ValueError, match="^environment variable MLFLOW_EXPERIMENT_NAME: 20000 characters, more than "
+                                         "MLflow's 500$"):
+        experiment_name()

@@ -168,6 +168,7 @@ def exit_process(code: int, at_once: bool = False) -> None:
     import os
 
     if code < 128 and not at_once and not _left_running:
+        _exit_code[:] = [code]  # for a `starting` process, its exit handlers run, then it ends: no teardown
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed, or its reader gone
@@ -223,10 +224,13 @@ THREAD_COUNTS = re.compile(r"[1-9][0-9]{0,5}(,[1-9][0-9]{0,5})*")  # OpenMP's fo
 def thread_settings_error() -> str | None:
     """Why OMP_NUM_THREADS or MKL_NUM_THREADS cannot be used, or None: libgomp printed `Invalid value for
     environment variable OMP_NUM_THREADS` twice and ran with its own count (the thread count decides a model's
-    bytes). Unset or empty: the libraries' default."""
+    bytes). Unset or empty: the libraries' default (an empty one is removed from the environment before the
+    libraries load: libgomp warned about it twice, as about `abc`)."""
     for name in THREAD_VARIABLES:
-        raw = os.environ.get(name, "")
-        if raw.strip() and not THREAD_COUNTS.fullmatch(raw.strip()):
+        raw = os.environ.get(name)
+        if raw is not None and not raw.strip():
+            del os.environ[name]
+        elif raw is not None and not THREAD_COUNTS.fullmatch(raw.strip()):
             return f"environment variable {name}={raw!r}: a thread count from 1 to 999999 expected (or unset it)"
     return None
 
@@ -257,8 +261,10 @@ TERMINATING_NAMES = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 def _stop_outside_main() -> None:
     """A process's handler of SIGINT and TERMINATING_NAMES outside its command's main, where the caller left
     them to their default. Before main takes them (the libraries load for seconds) a stop raises, and is told
-    in one line by `starting`. After main gave them back, the work is done and the interpreter ends: a SIGTERM
-    there ended the process with 143 and no line, its outputs already published; it is said and let pass."""
+    in one line by `starting`. After main gave them back, the work is done: a stop there ended the process with
+    143 and no line, its outputs already published; it is said, and the process ends at once (a hang in a
+    cleanup, a thread joined at exit, stays stoppable). The interpreter's own teardown, where no Python handler
+    runs (torch's: half a second), is skipped once the exit handlers have run (see exit_process)."""
     import signal
 
     def outside_main(signum: int, _frame: object) -> None:
@@ -266,27 +272,26 @@ def _stop_outside_main() -> None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise_terminated(signum, _frame)
-        if len(_finished) == 1:  # said once
-            _finished.append(True)
-            logging.getLogger("cmce").warning("%s came as the command was ending, after its work: its exit status "
-                                              "stands", signal_name(signum))
+        logging.getLogger("cmce").error("cmce: interrupted (%s) as the command ended, after its work; each output "
+                                        "is whole or not written", signal_name(signum))
+        _exit_code[:] = [128 + signum]
+        exit_process(128 + signum, at_once=True)
 
-    taken = []
     for name in ("SIGINT", *TERMINATING_NAMES):
         signum = getattr(signal, name)
         if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(signum, outside_main)
-            taken.append(signum)
 
-    def ignored_from_now() -> None:
-        """The interpreter's own end (torch's teardown: half a second) runs no Python handler, and gives a handled
-        signal back its default action: ignored instead, the exit status stands."""
-        for signum in taken:
-            signal.signal(signum, signal.SIG_IGN)
+    def end_without_teardown() -> None:
+        if _exit_code:  # exit_process began the exit: nothing the teardown does is wanted
+            exit_process(_exit_code[0], at_once=True)
 
     import atexit
 
-    atexit.register(ignored_from_now)  # the first registered runs last: after the libraries' own exit handlers
+    atexit.register(end_without_teardown)  # the first registered runs last: after the libraries' own exit handlers
+
+
+_exit_code: list[int] = []  # the status exit_process is ending the process with
 
 
 def forget_signals() -> None:

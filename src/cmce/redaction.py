@@ -11,10 +11,14 @@ import re
 # variables whose values are credentials, wherever they appear in a message
 SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "AWS_SECRET_ACCESS_KEY",
               "AWS_SESSION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN")
-MIN_SECRET_CHARS = 4  # a shorter value would hide every occurrence of common text; the patterns below still apply
-# an HTTP credential as a header carries it: `Bearer <token>` (a token has a digit or symbol: `Bearer auth` is prose),
-# `Basic <base64 of user:password>`, and the signature or session token of an AWS request or pre-signed URL
-_BEARER = re.compile(r"\b(Bearer|Token)(\s+)(?=[A-Za-z]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+# a value is hidden where it stands as a whole word: a shorter one, or one inside a longer word, is common text
+# (LocalStack's key `test` hid `tests/latest/`); the header patterns below still apply to those
+MIN_SECRET_CHARS = 8
+# an HTTP credential as a header carries it: `Bearer <token>` or `Authorization: Token <token>` (a token of 8 or
+# more characters with a digit or symbol: `Bearer authentication` and `max token 512` are prose), `Basic <base64 of
+# user:password>`, and the signature or session token of an AWS request or pre-signed URL
+_BEARER = re.compile(r"\b(Bearer|Authorization:\s*Token)(\s+)(?=[A-Za-z]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,}",
+                     re.IGNORECASE)
 _BASIC = re.compile(r"\b(Basic)(\s+)([A-Za-z0-9+/]+={0,2})", re.IGNORECASE)
 _SIGNED = re.compile(r"\b(Signature|X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential)=[^\s&,;\"']+",
                      re.IGNORECASE)
@@ -28,7 +32,7 @@ def conceal(text: str) -> str:
 
     text = redact(text)
     for secret in _secrets():
-        text = text.replace(secret, HIDDEN)
+        text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", HIDDEN, text)
     text = _BEARER.sub(rf"\1\2{HIDDEN}", text)
     text = _BASIC.sub(lambda m: f"{m[1]}{m[2]}{HIDDEN}" if _is_basic_credential(m[3]) else m[0], text)
     return _SIGNED.sub(lambda m: f"{m[1]}={HIDDEN}", text)
