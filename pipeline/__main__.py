@@ -261,6 +261,10 @@ def run_local(args: argparse.Namespace) -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file on the way (`--root a-file/sub`), no permission
         raise ValueError(f"--root {args.root}: cannot make the folder ({err.strerror or err})") from None
+    try:  # a folder nothing can be made in (`/proc/self`, read-only): two task tracebacks, then exit 1 naming a task
+        os.rmdir(tempfile.mkdtemp(prefix=".cmce-probe-", dir=root))
+    except OSError as err:
+        raise ValueError(f"--root {args.root}: cannot write there ({err.strerror or err})") from None
     if uri:
         os.environ["MLFLOW_TRACKING_URI"] = uri
     # the workspace made here, not by local.init, so that a stop signal finds it to remove it; the tasks' temporary

@@ -2751,6 +2751,32 @@ def test_a_partial_torchrun_environment_is_refused_not_run_alone(world, tmp_path
                        caplog, monkeypatch)
 
 
+def test_a_world_size_that_is_no_count_is_named_as_such(world, tmp_path, caplog, monkeypatch):
+    """WORLD_SIZE=abc was said to ask for several ranks, blaming RANK, MASTER_ADDR and MASTER_PORT for being unset."""
+    _train_fails_under({"WORLD_SIZE": "abc"}, "cmce train: environment variable WORLD_SIZE='abc': not a rank count",
+                       world, tmp_path, caplog, monkeypatch)
+
+
+def test_an_index_meta_json_of_gigabytes_is_refused_unread(world, tmp_path, caplog):
+    """A 3 GB sparse meta.json was read whole before it was refused (6.6 GB of memory); at 20 GB under a memory
+    limit, `out of memory`, naming neither the file nor the index."""
+    index = Path(shutil.copytree(world.index, tmp_path / "index"))
+    with open(index / "meta.json", "r+b") as f:
+        f.truncate(3 << 30)  # sparse: no disk used
+    fails(caplog, _search(world, index), tmp_path / "unused",
+          f"{index}/meta.json: more than {64 << 20:,} bytes, more than such a file holds")
+
+
+def test_an_index_file_that_cannot_be_read_is_named(tmp_path):
+    """ids.parquet replaced by a link to /proc/self/mem under a served index: `[Errno 5] Input/output error`,
+    naming no file."""
+    from cmce.index import check_files
+
+    (tmp_path / "ids.parquet").symlink_to("/proc/self/mem")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/ids.parquet: unreadable \(Input/output error\)$"):
+        check_files(tmp_path, {"files": {"ids.parquet": "0" * 64}}, str(tmp_path))
+
+
 def test_a_users_folder_named_like_the_swap_aside_is_left_alone(world, tmp_path, caplog):
     """atomic_dir moves the previous output aside to `.<name>.old` while it swaps: a user's backup of that name was
     deleted by the next build (exit 0), put in place of a missing output, or (a file) left a temporary behind."""

@@ -323,6 +323,8 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     # a URI as a local path: `./s3:/b/r` was made in the working folder and filled with a whole run, exit 0
     (["run", "--local", "--root", "s3://b/r"], "--root s3://b/r: a local folder is read here, not a URI"),
     (["run", "--local", "--params", "s3://b/p.yaml"], "--params s3://b/p.yaml: a local file is read here, not a URI"),
+    # a folder nothing can be made in: two tasks' FileNotFoundError tracebacks, then exit 1 naming a task
+    (["run", "--local", "--no-mlflow", "--root", "/proc/self"], "--root /proc/self: cannot write there"),
 ])
 def test_the_pipeline_command_refuses_bad_input_in_one_line(tmp_path, caplog, argv, needle):
     from pipeline.__main__ import main

@@ -987,7 +987,12 @@ def main(argv: list[str] | None = None) -> int:
     if given and args.images:  # they pick --dataset queries: --split was ignored, --limit cut the image list
         log.error("cmce search: %s appl%s to --dataset, not --images", ", ".join(given), "y" if given[1:] else "ies")
         return 2
-    if missing := ddp.partly_launched():
+    try:
+        missing = ddp.partly_launched()
+    except ValueError as err:
+        log.error("cmce %s: %s", args.command, err)
+        return 2
+    if missing:
         log.error("cmce %s: WORLD_SIZE=%s asks for several ranks, but %s %s not set (torchrun sets them all)",
                   args.command, os.environ["WORLD_SIZE"], ", ".join(missing), "is" if len(missing) == 1 else "are")
         return 2

@@ -113,6 +113,7 @@ def partly_launched() -> list[str]:
     alone, as rank 0 of 1, and said nothing."""
     if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1") or launched():
         return []
+    _env_count("WORLD_SIZE", "1")  # `abc` is no count: named as such (it was said to ask for several ranks)
     return [v for v in _TORCHRUN_VARS if v not in os.environ]
 
 

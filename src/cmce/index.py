@@ -33,6 +33,7 @@ from cmce.errors import last_line
 from cmce.method import normalize, rejection_mask
 from cmce.provenance import SHA256
 from cmce.storage import (
+    TooLarge,
     atomic_dir,
     check_replaceable,
     file_sha256,
@@ -59,6 +60,7 @@ from cmce.tables import (
 log = logging.getLogger(__name__)
 INDEX_FORMAT = "cmce-index/1"
 INDEX_FILES = ("index.faiss", "ids.parquet", "rejected.parquet", "meta.json")  # what build_index writes
+MAX_META_BYTES = 64 << 20  # a meta.json names a few files and members: kilobytes
 INDEX_TYPES = ("flat", "ivfpq", "hnsw", "auto")
 MIN_POINTS_PER_LIST = 39  # below this many training points per inverted list faiss warns that k-means is unreliable
 DEFAULT_TRAIN_SIZE = 65536
@@ -300,8 +302,12 @@ def _write_faiss(index: Any, path: Path, out_dir: Path) -> None:
 def check_files(d: Path, meta: dict, shown: str, error: type[Exception] = ValueError) -> None:
     """Every file meta.json names is in `d` and matches its checksum; else `error` naming the first that is not."""
     for name, digest in meta["files"].items():
-        if not (d / name).is_file() or file_sha256(d / name) != digest:  # is_file: a pipe would block the read
-            raise error(f"{shown}/{name}: missing, not a regular file, or does not match the checksum in meta.json")
+        try:
+            if (d / name).is_file() and file_sha256(d / name) == digest:  # is_file: a pipe would block the read
+                continue
+        except OSError as err:  # a link to /proc/self/mem: `[Errno 5] Input/output error`, naming no file
+            raise error(f"{shown}/{name}: unreadable ({err.strerror or err})") from None
+        raise error(f"{shown}/{name}: missing, not a regular file, or does not match the checksum in meta.json")
 
 
 @dataclass
@@ -375,7 +381,9 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
     d = index_folder(index_dir)
     meta_path = d / "meta.json"
     try:
-        meta = strict_json.loads(read_regular(meta_path))
+        meta = strict_json.loads(read_regular(meta_path, MAX_META_BYTES))
+    except TooLarge as err:
+        raise IndexLoadError(f"{shown}/meta.json: {err}") from None
     except strict_json.DuplicateKeyError as err:  # the last value was read: a hand edit, or two merged
         raise IndexLoadError(f"{shown}/meta.json: {err}; give it once") from None
     except ValueError as err:  # not JSON, not UTF-8, or nested too deeply

@@ -613,9 +613,18 @@ def regular_files(paths: list[Path], where: str) -> list[Path]:
     return paths
 
 
-def read_regular(path: str | Path) -> bytes:
+class TooLarge(ValueError):
+    """A file over the size its kind ever has."""
+
+
+def read_regular(path: str | Path, limit: int | None = None) -> bytes:
+    """A regular file's bytes; past `limit` bytes TooLarge, before more is read (a 20 GB sparse meta.json was read
+    whole: 6.6 GB of memory, or MemoryError naming nothing)."""
     with open_regular(path) as f:
-        return f.read()
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise TooLarge(f"more than {limit:,} bytes, more than such a file holds")
+    return data
 
 
 def file_sha256(path: str | Path) -> str:

@@ -530,10 +530,16 @@ def check_artifact_location(location: str) -> None:
         s3.check_writable(location)
 
 
+MAX_EXPERIMENT_NAME = 500  # MLflow's limit on an experiment's name
+
+
 def experiment_name() -> str:
     """The experiment parent runs go to: MLFLOW_EXPERIMENT_NAME as MLflow reads it, else `cmce`. An experiment
     id is not taken (MLFLOW_EXPERIMENT_ID): said, rather than ignored without a word."""
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+    if len(name) > MAX_EXPERIMENT_NAME:  # the store's error blamed the store (`sqlite:///…: 'name' exceeds …`)
+        raise ValueError(f"environment variable MLFLOW_EXPERIMENT_NAME: {len(name)} characters, more than MLflow's "
+                         f"{MAX_EXPERIMENT_NAME}")
     if os.environ.get("MLFLOW_EXPERIMENT_ID") and not name:
         log.warning("MLFLOW_EXPERIMENT_ID is not read: runs go to experiment %r (name one in MLFLOW_EXPERIMENT_NAME)",
                     EXPERIMENT)

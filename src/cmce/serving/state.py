@@ -27,13 +27,12 @@ from pathlib import Path
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
-from cmce.index import INDEX_FILES, LoadedIndex, check_files, load_index
+from cmce.index import INDEX_FILES, MAX_META_BYTES, LoadedIndex, check_files, load_index
 from cmce.redaction import conceal
 from cmce.storage import origin, read_regular, restore_uris, scratch_dir, stat_identity
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  # how long a stop waits for a poll in progress
-MAX_META_BYTES = 64 << 20  # a meta.json names a few files and members: kilobytes
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
 
 
