@@ -485,6 +485,18 @@ def test_integers_yaml_reads_alike_keep_their_value(tmp_path, text, value):
         assert load_config(_write(tmp_path, GOOD + f"train:\n  epochs: {text}\n")).train.epochs == value
 
 
+@pytest.mark.parametrize("override", [f"{'a' * 10_000}=1", f"train.{'a' * 10_000}=1", f"seed.{'a' * 10_000}=1",
+                                      f"{'a' * 10_000}=[", f"{'a' * 10_000}=1 {'a' * 10_000}=2"])
+def test_a_set_key_of_thousands_of_letters_is_cut_in_its_error(tmp_path, override):
+    """`--set <10,000 letters>=1`: one 10,332-byte error line, the key cut in the list of unknown keys but printed
+    whole before it."""
+    from cmce.config import parse_overrides
+
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, GOOD), parse_overrides(override.split(" ")))
+    assert str(err.value).startswith("--set ") and len(str(err.value)) < 600, str(err.value)[:700]
+
+
 def test_a_new_gallery_model_named_by_set_must_have_a_model_name(tmp_path):
     """`--set gallery_models.<100,000 letters>.width=1` gave one 200,177-byte line, the name echoed twice in full,
     saying it lacked `arch`: the fault (not a model name) was never stated."""

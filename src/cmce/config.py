@@ -64,6 +64,11 @@ def shown(value: Any) -> str:
     return _SHOWN.repr(value)
 
 
+def shown_key(dotted: str) -> str:
+    """A --set key as an error names it: whole, unless so long it would be the whole line (then cut, quoted)."""
+    return dotted if len(dotted) <= 100 else shown(dotted)
+
+
 def within(interval: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
     """A field whose value (each element, for a list; None passes where the type allows it) lies in `interval`."""
     _interval(interval)  # a typo fails at import
@@ -576,11 +581,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects KEY=VALUE, got {shown(pair)}")
         key, value = pair.split("=", 1)
         if key.strip() in out:  # the last silently won, as a YAML key given twice did
-            raise ConfigError(f"--set {key.strip()}: given twice; give it once")
+            raise ConfigError(f"--set {shown_key(key.strip())}: given twice; give it once")
         try:
             out[key.strip()] = read_yaml(value)
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: value {shown(value)} is not valid YAML: {err}") from None
+            raise ConfigError(f"--set {shown_key(key)}: value {shown(value)} is not valid YAML: {err}") from None
     return out
 
 
@@ -638,7 +643,7 @@ def check_override_key(dotted: str, value: Any) -> None:
             check_model_name(part, f"--set {shown(dotted)}")  # a 100,000-letter name was echoed twice, never named
             tp = ModelSpec
         elif fields is None:
-            raise ConfigError(f"--set {dotted}: {'.'.join(done)} is a value, not a section with keys")
+            raise ConfigError(f"--set {shown_key(dotted)}: {'.'.join(done)} is a value, not a section with keys")
         elif part not in fields:  # worded as the file's own unknown keys are (_build), after the override
             _unknown_keys(dotted, ".".join(done), [part], fields)
         else:
@@ -675,7 +680,7 @@ def _check_value_keys(dotted: str, at: str, tp: Any, value: Any) -> None:
 
 def _unknown_keys(dotted: str, at: str, unknown: list[str], fields: dict[str, Any]) -> typing.NoReturn:
     at = f"{at}: " if at else ""
-    raise ConfigError(f"--set {dotted}: {at}unknown key(s) {shown(unknown)}; valid keys: {sorted(fields)}")
+    raise ConfigError(f"--set {shown_key(dotted)}: {at}unknown key(s) {shown(unknown)}; valid keys: {sorted(fields)}")
 
 
 def to_yaml(cfg: Config) -> str:
