@@ -347,6 +347,10 @@ def test_disjoint_by_rules(tmp_path):
     raw.groups = ["x", "x", "y", "y", "y", "y"]
     grouped = assign_splits(raw, DataConfig(protocol="disjoint", disjoint_by="group"), 0)
     assert {tuple(sorted(set(raw.labels[grouped == p]))) for p in ("train", "test")} == {(0, 1), (2, 3, 4, 5)}
+    one = RawImages(["i0", "i1"], np.zeros(2, dtype=int), ["only"], [b""] * 2)  # named neither key nor folder
+    with pytest.raises(DataError, match=r"^data.protocol=disjoint needs at least 2 classes; data.source=imagefolder "
+                                        r"\(/data/one\) has 1$"):
+        assign_splits(one, DataConfig(source="imagefolder", path="/data/one", protocol="disjoint"), 0)
 
 
 def _ids_by_split(path):

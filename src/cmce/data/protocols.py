@@ -53,7 +53,8 @@ def train_classes(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
         train_groups = cut_groups(raw.groups, 0.5, rng)
         return np.array([g in train_groups for g in raw.groups], dtype=bool)
     if n < 2:
-        raise DataError("disjoint protocol needs at least 2 classes")
+        where = f" ({cfg.path})" if getattr(cfg, "path", None) else ""
+        raise DataError(f"data.protocol=disjoint needs at least 2 classes; data.source={cfg.source}{where} has {n}")
     train = np.zeros(n, dtype=bool)
     # first_half: the deep-metric-learning standard for sources without an official class split
     train[rng.permutation(n)[: n // 2] if how == "random" else np.arange(n // 2)] = True
