@@ -627,7 +627,8 @@ def test_a_registry_echoing_the_credential_it_was_sent_never_has_it_printed(tmp_
             self.reply(401, said.encode(), (("Content-Type", "application/json"),))
 
     secret = "s3cretPW19x"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}  # a user:password earlier
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")  # tests put there (credentials_to_env) wins over a token
     env.update({"MLFLOW_TRACKING_TOKEN": secret} if credential == "token" else
                {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": secret})
     with serving(Echoing) as port:
