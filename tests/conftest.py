@@ -31,16 +31,22 @@ def table_cells(row: str) -> list[str]:
     return [c.strip() for c in row.strip().strip("|").split("|")]
 
 
+# variables code under test sets for the whole process: the tracking URI, and the credentials the pipeline runner
+# moves out of a `user:password@` URI (left behind, MLflow sent them as Basic to a later test's server, not its token)
+PROCESS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
 @pytest.fixture(autouse=True)
 def process_settings_restored():
     """Settings a test may change for the whole process, put back after it: torch's thread count (a benchmark run
     in-process with --threads 1 made later training differ in the last bits from the session's reference run) and
-    the tracking URI (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which later pipeline runs read), and
+    the tracking URI (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which later pipeline runs read) and
+    credentials (PROCESS_ENV), and
     MLflow's S3 clients, cached by endpoint and made from boto3's default session, which keeps the credentials it
     first resolved: a test that gave MLflow made-up keys left them to every later test's MLflow uploads."""
     import torch
 
-    threads, uri = torch.get_num_threads(), os.environ.get("MLFLOW_TRACKING_URI")
+    threads, kept = torch.get_num_threads(), {name: os.environ.get(name) for name in PROCESS_ENV}
     yield
     s3_repo = sys.modules.get("mlflow.store.artifact.s3_artifact_repo")
     if s3_repo is not None:
@@ -49,10 +55,11 @@ def process_settings_restored():
         sys.modules["boto3"].DEFAULT_SESSION = None
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    if uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
+    for name, value in kept.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunLayout, dict]:
