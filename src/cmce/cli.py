@@ -511,8 +511,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     opts = ServeOptions(_index_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
                         args.port, args.reload_interval, limits, args.access_log, args.search_threads,
                         args.max_connections, args.head_timeout)
-    if is_remote(args.index):
-        log.info("an s3:// index is served as downloaded at start; restart the server to serve a new one")
     if is_remote(args.index):  # its copy is served; the bucket is not polled (a rebuild there is not followed)
         log.info("serve: %s is read once; a rebuild there is served after a restart (a local folder is watched)",
                  args.index)

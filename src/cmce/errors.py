@@ -274,7 +274,6 @@ def _stop_outside_main() -> None:
             raise_terminated(signum, _frame)
         logging.getLogger("cmce").error("cmce: interrupted (%s) as the command ended, after its work; each output "
                                         "is whole or not written", signal_name(signum))
-        _exit_code[:] = [128 + signum]
         exit_process(128 + signum, at_once=True)
 
     for name in ("SIGINT", *TERMINATING_NAMES):

@@ -242,14 +242,19 @@ class JsonErrorsH11(H11Protocol):
         self.conn.next_event = counted  # type: ignore[method-assign]
 
     def _refuse_fragmented_body(self) -> None:
-        self._body_refused = True
-        if self.cycle is not None and self.cycle.response_started:  # answered already (a 413): the rest is not read
-            self.transport.close()
-            return
         log.debug("refused a request body sent in %d pieces of %d bytes", self._body_pieces, self._body_bytes)
-        _answer_and_close(self.transport, b"400 Bad Request", "body",
-                          f"body: sent in more than {BODY_PIECES_FREE} pieces (chunks or packets) averaging under "
-                          f"{MIN_BODY_PIECE_BYTES} bytes; send it in larger chunks")
+        self._refuse_body(b"400 Bad Request", f"body: sent in more than {BODY_PIECES_FREE} pieces (chunks or "
+                                              f"packets) averaging under {MIN_BODY_PIECE_BYTES} bytes; send it in "
+                                              "larger chunks")
+
+    def _refuse_body(self, status: bytes, error: str) -> None:
+        """Stop reading the request's body: answered `status` and closed, or only closed where the app has begun
+        its answer already (a 413: the rest is not read)."""
+        self._body_refused = True
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+        else:
+            _answer_and_close(self.transport, status, "body", error)
 
     _first_line: bytes | None = b""  # the connection's first request line, until it is whole (then None)
 
@@ -300,13 +305,8 @@ class JsonErrorsH11(H11Protocol):
         declared = getattr(getattr(self.conn, "_reader", None), "_bytes_in_chunk", 0)
         if not isinstance(declared, int) or self._body_bytes + declared <= self.max_body_bytes:
             return False
-        self._body_refused = True
-        if self.cycle is not None and self.cycle.response_started:
-            self.transport.close()
-        else:
-            _answer_and_close(self.transport, b"413 Content Too Large", "body",
-                              f"request body over {self.max_body_bytes} bytes (--max-body-bytes): a chunk declares "
-                              f"{declared} bytes")
+        self._refuse_body(b"413 Content Too Large", f"request body over {self.max_body_bytes} bytes "
+                                                    f"(--max-body-bytes): a chunk declares {declared} bytes")
         return True
 
     def _body_allowance(self) -> float:
