@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.config, config_overrides(args.set))
+    if args.images < cfg.train.batch_size:  # the loops drop the last partial batch: no step would be timed
+        p.error(f"--images {args.images} is less than one batch (train.batch_size {cfg.train.batch_size})")
     device = devices.select(args.device, "--device")
     started = time.time()
     body = [f"Config `{config_shown(args.config)}`: {cfg.data.image_size}×{cfg.data.image_size}×{cfg.data.channels} "

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
 import pytest
 
 from benchmarks import evaluation, report, training
@@ -68,6 +74,25 @@ def test_end_to_end_runs_every_stage_on_a_small_synthetic_split(tmp_path, capsys
     assert out.count("cmce.transform: T[") == 4 and "asym_ensemble/4" in out
     metrics = (tmp_path / "run" / "eval" / "metrics.json").read_text()
     assert '"kd/resnet_wide"' in metrics and '"rejection/random"' in metrics
+
+
+def test_gpu_check_keeps_to_its_budget_and_to_what_a_lent_machine_sends_back(tmp_path):
+    """A lent GPU machine ends a call at 600 s and sends back at most 8 files: the script's steps together run
+    within GPU_CHECK_BUDGET_S (here none is left, so each is said not run, not killed mid-way) and what it leaves
+    in OUT is a summary, one .md per step that ran and one archive of the logs (it wrote 10 files before)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_BUDGET_S": "0", "GPU_CHECK_DEVICE": "cpu",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    summary = (out / "summary.txt").read_text()
+    for step in ("end_to_end", "training", "evaluation", "training_prefetch"):
+        assert f"{step}: not run, the budget (GPU_CHECK_BUDGET_S=0) is spent" in summary
+    assert "device cpu, budget 0 s" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.txt"]
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        assert [m.name for m in logs.getmembers()] == ["."]
 
 
 def test_embedding_benchmark_reads_thread_counts_as_its_usage_line_writes_them():
