@@ -12,12 +12,49 @@ from cmce.storage import (
     atomic_dir,
     atomic_path,
     check_replaceable,
+    TooLarge,
     clean_stale_temps,
+    read_regular,
     restore_dir,
     write_text,
 )
 
 OWN = ("x", "y", "z")  # the names the folders in these tests are made of
+
+
+def test_a_file_stating_more_than_the_limit_is_refused_unread(tmp_path, monkeypatch):
+    """serve polls meta.json twice a second: a 2 GB file must be refused by its size, not by reading 64 MB of it
+    each time; a file that states no size (/proc) is still refused after reading one byte past the limit."""
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(2 << 30)  # sparse
+    reads = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, n=-1):
+            reads.append(n)
+            return self.f.read(n)
+
+    monkeypatch.setattr("cmce.storage.open_regular", lambda path: Counting(real_open(path, "rb")))
+    with pytest.raises(TooLarge, match="more than 1,000 bytes"):
+        read_regular(big, 1000)
+    assert reads == []
+    with pytest.raises(TooLarge):
+        read_regular("/proc/self/maps", 10)
+    assert reads == [11]
 
 
 def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):

@@ -620,10 +620,13 @@ class TooLarge(ValueError):
 def read_regular(path: str | Path, limit: int | None = None) -> bytes:
     """A regular file's bytes; past `limit` bytes TooLarge, before more is read (a 20 GB sparse meta.json was read
     whole: 6.6 GB of memory, or MemoryError naming nothing)."""
+    too_large = TooLarge(f"more than {limit:,} bytes, more than such a file holds") if limit is not None else None
     with open_regular(path) as f:
-        data = f.read() if limit is None else f.read(limit + 1)
-    if limit is not None and len(data) > limit:
-        raise TooLarge(f"more than {limit:,} bytes, more than such a file holds")
+        if too_large and os.fstat(f.fileno()).st_size > limit:  # refused unread: serve checks it at every poll
+            raise too_large
+        data = f.read() if limit is None else f.read(limit + 1)  # bounded too: /proc files state no size
+    if too_large and len(data) > limit:
+        raise too_large
     return data
 
 
