@@ -185,7 +185,8 @@ def starting(command: str) -> Iterator[None]:
     _begun.clear()
     _finished.clear()
     _stop_outside_main()
-    if (bad := thread_settings_error()) is not None:  # before torch loads libgomp, which warns and goes on
+    drop_empty_thread_settings()  # before torch loads libgomp, which warns about them and goes on
+    if (bad := thread_settings_error()) is not None:
         log_to_stderr()
         logging.getLogger("cmce").error("%s: %s", command, bad)
         exit_process(2)
@@ -221,17 +222,23 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 THREAD_COUNTS = re.compile(r"[1-9][0-9]{0,5}(,[1-9][0-9]{0,5})*")  # OpenMP's form: a positive count per nesting level
 
 
-def thread_settings_error() -> str | None:
-    """Why OMP_NUM_THREADS or MKL_NUM_THREADS cannot be used, or None: libgomp printed `Invalid value for
-    environment variable OMP_NUM_THREADS` twice and ran with its own count (the thread count decides a model's
-    bytes). Unset or empty: the libraries' default (an empty one is removed from the environment before the
-    libraries load: libgomp warned about it twice, as about `abc`)."""
+def drop_empty_thread_settings() -> None:
+    """An empty OMP_NUM_THREADS or MKL_NUM_THREADS means the libraries' default: removed from the environment
+    before they load (libgomp warned about it twice, as about `abc`)."""
     for name in THREAD_VARIABLES:
-        raw = os.environ.get(name)
-        if raw is not None and not raw.strip():
+        if name in os.environ and not os.environ[name].strip():
             del os.environ[name]
-        elif raw is not None and not THREAD_COUNTS.fullmatch(raw.strip()):
-            return f"environment variable {name}={raw!r}: a thread count from 1 to 999999 expected (or unset it)"
+
+
+def thread_settings_error() -> str | None:
+    """Why OMP_NUM_THREADS or MKL_NUM_THREADS cannot be used, or None (unset or empty: the libraries' default):
+    libgomp printed `Invalid value for environment variable OMP_NUM_THREADS` twice and ran with its own count (the
+    thread count decides a model's bytes)."""
+    for name in THREAD_VARIABLES:
+        raw = os.environ.get(name, "").strip()
+        if raw and not THREAD_COUNTS.fullmatch(raw):
+            return (f"environment variable {name}={os.environ[name]!r}: a thread count from 1 to 999999 expected "
+                    "(or unset it)")
     return None
 
 
