@@ -487,16 +487,17 @@ def _client(uri: str, create: bool = False):
     return MlflowClient(tracking_uri=uri)
 
 
-def check_server(uri: str, named: str = "MLFLOW_TRACKING_URI=") -> None:
+def check_server(uri: str, named: str = "MLFLOW_TRACKING_URI=") -> Any | None:
     """Before a pipeline starts its tasks, or a parent run is opened: an http(s) tracking server answers (one cheap
     request within registry_deadline()). Unchecked, the first task failed with tracebacks and was retried for
     minutes; a server sending half a status line held `track-start` for MLflow's retries (60 s). `named`: how
-    the URI was given, before it in the message."""
+    the URI was given, before it in the message. Returns the client it checked with (None for other stores)."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     try:
         client = _client(uri)
         _read_within(lambda: client.search_experiments(max_results=1), "the tracking server", uri)
+        return client
     except Exception as err:  # noqa: BLE001 - MLflow's and requests' errors alike: the server cannot be used
         raise ValueError(f"{named}{redact(uri)}: the tracking server cannot be used "
                          f"({redact(proxy_error(err, uri) or first_line(err, 300))})") from None
@@ -578,8 +579,7 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
     if store is not None and not store.exists():
         check_store(uri, create=True)  # the folder, before a store is made beside it
         _make_store_whole(store)
-    check_server(uri, named="")
-    client = _client(uri, create=True)
+    client = check_server(uri, named="") or _client(uri, create=True)
     experiment = _experiment_id(client, uri, artifact_location)
     if not experiment:  # a server answering `200 {}` to everything: then `Invalid value "" for parameter 'run_id'`
         raise ValueError(f"{redact(uri)}: answered without an experiment id: not an MLflow tracking server")
