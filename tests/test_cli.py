@@ -204,6 +204,34 @@ def test_build_index_reads_the_index_section_of_a_config(tmp_path):
     assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "d"), "--index-type", "annoy"]) != 0
 
 
+def test_build_index_takes_a_file_of_the_index_section_alone(tmp_path, caplog):
+    """`--config` says "index type, rejection and the type's parameters", yet a file of `index:` alone was refused
+    for lacking gallery_models: build-index reads no model. Its faults and overrides are named as a config's."""
+    from tests.test_index import clustered_gallery
+
+    gallery, _ = clustered_gallery(tmp_path, n=1000, members=2)
+    cfg = tmp_path / "index.yaml"
+    cfg.write_text("index: {type: hnsw, reject_fraction: 0.1, hnsw: {m: 8}}\n")
+    assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "a"),
+                 "--set", "index.hnsw.ef_search=20"]) == 0
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["index_params"]["factory"] == "HNSW8,Flat" and meta["search_params"] == {"ef_search": 20}
+    assert meta["n_rejected"] == 100
+    refusals = [(["--set", "train.epochs=2"], "--set train.epochs: " + str(cfg) + " holds the index section alone"),
+                (["--index-type", "annoy"], "--index-type: index.type: 'annoy' is not one of"),
+                (["--set", "index.reject_fraction=1"], "--set index.reject_fraction: index.reject_fraction must be")]
+    for extra, said in refusals:
+        caplog.clear()
+        assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out",
+                     str(tmp_path / "b"), *extra]) == 2
+        assert said in caplog.text, caplog.text
+    cfg.write_text("index: {type: flat, nlist: 4}\n")  # the file's own fault is the file's
+    caplog.clear()
+    assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "b")]) == 2
+    assert f"{cfg}: index: unknown key(s) ['nlist']" in caplog.text
+    assert not (tmp_path / "b").exists()
+
+
 def _errors_of(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
 

@@ -9,10 +9,10 @@ import pytest
 from cmce.storage import (
     STALE_TEMP_AGE_S,
     ForeignOutputError,
+    TooLarge,
     atomic_dir,
     atomic_path,
     check_replaceable,
-    TooLarge,
     clean_stale_temps,
     read_regular,
     restore_dir,

@@ -25,7 +25,7 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.arguments import OneLineParser, int_in, not_blank
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
-from cmce.config import Config, parse_overrides
+from cmce.config import Config, is_index_section, parse_overrides
 from cmce.errors import (
     TERMINATING_NAMES,
     Terminated,
@@ -455,17 +455,20 @@ def cmd_combine(args: argparse.Namespace) -> StepRecord:
 
 
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
-    from cmce.config import index_config
+    from cmce.config import index_config, load_index_section
 
     flags = {k: v for k, v in (("index.reject_fraction", args.reject_fraction), ("index.type", args.index_type))
              if v is not None}  # shorthands for --set: checked by the config like any other value
-    if args.config:
-        named = {"index.reject_fraction": "--reject-fraction", "index.type": "--index-type"}
+    named = {k: flag for k, flag in (("index.reject_fraction", "--reject-fraction"), ("index.type", "--index-type"))
+             if k in flags}  # a value --set gave is blamed on --set
+    if args.config and is_index_section(_in(args.config)):  # a file of the `index:` section alone
+        options = load_index_section(_in(args.config), {**parse_overrides(args.set), **flags}, named)
+    elif args.config:
         options = _config(args, flags, named).index
     else:
         if args.set:
             raise ValueError("--set needs --config")
-        options = index_config(flags, "build-index flags")
+        options = index_config(flags, ", ".join(named[k] for k in flags))
     return stages.build_gallery_index(options, stages.IndexInputs(_in(args.gallery)),
                                       stages.IndexOutputs(_index_out(args, args.out)))
 
@@ -731,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
              config=False)
     sp.add_argument("--gallery", required=True)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--config", default=None, help="YAML config: index type, rejection and the type's parameters")
+    sp.add_argument("--config", default=None, help="YAML config, whole or its `index:` section alone: index type, "
+                                                 "rejection and the type's parameters")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--reject-fraction", type=float, default=None, help="default: the config's, else 0")
     sp.add_argument("--index-type", default=None, help="flat | ivfpq | hnsw | auto (default: the config's, else flat)")
@@ -862,7 +866,7 @@ def _select_device(args: argparse.Namespace) -> None:
     else the config's `device`, else auto. Stages that read a config select it again from there."""
     if args.device:
         devices.select(args.device, "--device")
-    elif getattr(args, "config", None):
+    elif getattr(args, "config", None) and not (args.command == "build-index" and is_index_section(_in(args.config))):
         devices.select(_config(args).device, f"{args.config}: device")
     else:
         devices.select("auto")

@@ -692,19 +692,42 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
     """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values; `flags` names the command-line
     flag an override came from where it was not `--set KEY` (a fault it brings is blamed on that flag)."""
     path = Path(path)
-    text = read_config_text(path)
-    try:
-        raw = read_yaml(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
-    raw = {} if raw is None else raw  # an empty file: every default (`[]` was read as one too)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of settings, not a YAML {type(raw).__name__}")
+    raw = read_config_mapping(path)
     try:
         return config_with_overrides(raw, overrides or {}, str(path), flags)
     except ConfigError as err:
         msg = str(err)  # validation messages already start with the path; structural ones do not
         raise ConfigError(msg if msg.startswith((f"{path}:", "--")) else f"{path}: {msg}") from None  # "--set K"
+
+
+def read_config_mapping(path: Path) -> dict[str, Any]:
+    """The settings of config file `path`, as a mapping (an empty file: none, every default)."""
+    try:
+        raw = read_yaml(read_config_text(path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    raw = {} if raw is None else raw  # `[]` was read as an empty file too
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of settings, not a YAML {type(raw).__name__}")
+    return raw
+
+
+def is_index_section(path: str | Path) -> bool:
+    """Config file `path` holds the `index` section alone (what build-index reads), not a whole config."""
+    return set(read_config_mapping(Path(path))) == {"index"}
+
+
+def load_index_section(path: str | Path, overrides: dict[str, Any], flags: dict[str, str] | None = None
+                       ) -> IndexConfig:
+    """The settings of a config file holding the `index` section alone (is_index_section: build-index needs no
+    models; such a file was refused for lacking gallery_models) with `index.*` overrides; `flags` names the flag
+    behind an override, as load_config's."""
+    raw = read_config_mapping(Path(path))
+    if other := [k for k in overrides if not k.startswith("index.")]:
+        raise ConfigError(f"--set {shown_key(other[0])}: {path} holds the index section alone: only index.* "
+                          "settings apply")
+    index_config({}, str(path), base=raw)  # a fault of the file alone is the file's
+    return index_config(overrides, ", ".join((flags or {}).get(k, f"--set {k}") for k in overrides), base=raw)
 
 
 def config_with_overrides(raw: dict[str, Any], overrides: dict[str, Any], where: str,
@@ -746,12 +769,16 @@ def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # 
     return to_yaml(config_with_overrides(raw, parse_overrides(list(overrides)), "params"))
 
 
-def index_config(overrides: dict[str, Any], where: str) -> IndexConfig:
-    """The `index` section alone, from defaults and `index.*` overrides, checked as in a config file."""
-    raw = apply_overrides({}, overrides).get("index") or {}
+def index_config(overrides: dict[str, Any], where: str, base: dict[str, Any] | None = None) -> IndexConfig:
+    """The `index` section alone, from `base` (a file's mapping holding only `index`, else the defaults) and
+    `index.*` overrides, checked as in a config file; a fault is said after `where`."""
     unknown = sorted(k for k in overrides if not k.startswith("index."))
     if unknown:
         raise ConfigError(f"{where}: only index.* settings apply here, got {unknown}")
-    ix = _coerce(raw, IndexConfig, "index")
-    check_ranges(ix, where, "index.")
+    try:
+        raw = apply_overrides(copy.deepcopy(base or {}), overrides).get("index") or {}
+        ix = _coerce(raw, IndexConfig, "index")
+        check_ranges(ix, where, "index.")
+    except ConfigError as err:
+        raise ConfigError(str(err) if str(err).startswith(f"{where}:") else f"{where}: {err}") from None
     return ix
