@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("pipeline")
@@ -363,7 +364,8 @@ class PipelineFailed(Exception):
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its lines
 
 
-def close_parent_run(root: Path, before: set[Path], status: str) -> str:
+def close_parent_run(root: Path, before: set[Path], status: str,
+                     warn: Callable[..., None] = log.warning) -> str:
     """End the parent MLflow run of the local run whose folder appeared under `root` (absent from `before`) as
     `status`, if it is still RUNNING: a run stopped or failed before its last task stayed RUNNING for good.
     Returns "; MLflow run ID marked STATUS" for the last line, or "" (none open, or the store cannot be reached:
@@ -382,7 +384,7 @@ def close_parent_run(root: Path, before: set[Path], status: str) -> str:
             from cmce.errors import first_line
             from cmce.s3 import redact
 
-            log.warning("the MLflow run of %s stays open: %s", track.parent.parent.name, redact(first_line(err)))
+            warn("the MLflow run of %s stays open: %s", track.parent.parent.name, redact(first_line(err)))
     return "".join(said)
 
 
@@ -406,16 +408,24 @@ def stop(signum: int, _frame: object) -> None:
 
     for sig in stopping.signals:  # a second signal must not cut this cleanup short
         signal.signal(sig, signal.SIG_IGN)
+    # kfp.local's worker threads relay what the stopping tasks print and log their failure ("Retrying in 30.0s",
+    # a task's traceback): a signal to the whole process group (Ctrl-C, twice) showed them above this one line.
+    # Logging is off and stdout gone from here on; this function's own lines go straight to stderr.
+    logging.disable(logging.CRITICAL)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process, which ends below
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+
+    def say(level: int, msg: str, *args: object) -> None:
+        handler.handle(log.makeRecord(log.name, level, __file__, 0, msg, args, None))
+
     stopped = _stop_tasks()
     if stopping.workspace:
         shutil.rmtree(stopping.workspace, ignore_errors=True)
-    handler = logging.StreamHandler(sys.stderr)  # kfp.local points the root logger at stdout while a task runs
-    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
-    logging.getLogger().handlers[:] = [handler]
-    closed = close_parent_run(stopping.root, stopping.before, "KILLED") if stopping.root else ""
-    log.error("python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files removed%s",
-              signal_name(signum), stopped, closed)
-    logging.shutdown()
+    closed = close_parent_run(stopping.root, stopping.before, "KILLED",
+                              lambda *args: say(logging.WARNING, *args)) if stopping.root else ""
+    say(logging.ERROR, "python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files "
+        "removed%s", signal_name(signum), stopped, closed)
     with contextlib.suppress(Exception):  # closed, or a reader gone: nothing more to say there
         sys.stdout.flush()
     os._exit(128 + signum)

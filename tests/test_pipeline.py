@@ -692,6 +692,43 @@ def test_a_stopped_local_run_leaves_no_task_and_nothing_in_the_temp_folder(tmp_p
     assert not any(task.is_running() and task.status() != psutil.STATUS_ZOMBIE for task in tasks)
 
 
+def test_ctrl_c_twice_to_the_whole_process_group_is_one_line(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the tasks stopped on their own, and kfp.local's worker
+    threads printed their failure (`Task … finished with status FAILURE`, `Retrying in 30.0s`) above the runner's
+    line. Only the runner's line is said."""
+    import psutil
+
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])
+    out = tmp_path / "stdout"
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--local", "--no-mlflow", "--params",
+                                 str(SMOKE), "--root", str(tmp_path / "r")], cwd=root,
+                                env={**os.environ, "PYTHONPATH": path}, stdout=stdout, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        deadline, branch = time.monotonic() + 180, None
+        while branch is None and proc.poll() is None and time.monotonic() < deadline:
+            branch = next((tmp_path / "r").glob("*/for-loop-*/*"), None)  # a task of a branch's worker thread
+            time.sleep(0.1)
+        assert branch is not None and psutil.Process(proc.pid).children(), "no branch task started"
+        time.sleep(3)  # the task's libraries loaded: it stops in its step, not while starting
+        said = out.stat().st_size
+        for _ in range(2):
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.5)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGINT
+    after = out.read_text()[said:]
+    assert not [noise for noise in ("Retrying", "FAILURE", "Traceback") if noise in err or noise in after], (
+        err[-3000:], after[-3000:])
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "interrupted (SIGINT)" in errors[0], err[-3000:]
+
+
 def test_the_workspace_of_a_killed_run_is_removed_by_the_next_run(tmp_path, monkeypatch):
     """SIGKILL to `python -m pipeline run --local`: its workspace (with the tasks' temporary folders) stayed in the
     temp folder for good. The next run removes it, and leaves a live run's workspace and other KFP users' alone."""
