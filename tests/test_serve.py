@@ -384,6 +384,7 @@ def test_requests_shaped_past_the_schema_get_the_json_error_form(world):
 @pytest.mark.parametrize("flags, needle", [
     (["--reload-interval", "0.0001"], "argument --reload-interval: must be 0 (never) or within [0.1, 3600]"),
     (["--max-queries", "4096", "--max-k", "10000"], "allows more than 1,000,000 hits in one answer"),
+    (["--max-body-bytes", "1000", "--max-bodies-bytes", "999"], "--max-bodies-bytes 999 is less than --max-body-bytes"),
 ])
 def test_limits_that_no_machine_could_serve_are_refused(world, caplog, capsys, flags, needle):
     _, model, index, _ = world
@@ -1069,7 +1070,7 @@ def in_process_server(world):
 
     def make(**fields) -> tuple[uvicorn.Server, str]:
         opts = ServeOptions(index, str(model), **fields)
-        app = create_app(Holder(index, QueryModelSource(str(model), Path)), opts.limits)
+        app = create_app(Holder(index, QueryModelSource(str(model), Path)), opts.limits, body_wait_s=opts.body_wait_s)
         sock = bind("127.0.0.1", 0)
         server = _Server(uvicorn_config(app, opts))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -1416,3 +1417,50 @@ def test_a_password_in_a_registry_url_is_not_shown_by_readyz_or_the_log(world, c
                        logging.WARNING)
     assert holder.last_error == "models:/q@c: API request to http://***@127.0.0.1:1/api failed"
     assert "s3cr3tPW" not in caplog.text
+
+
+def test_bodies_held_at_once_are_bounded_and_a_request_without_room_is_told_to_retry(in_process_server, world):
+    """40 requests of 8 MB at once took 1.6 GB (a parsed body is several times its size): the bodies held at once
+    are bounded by --max-bodies-bytes; a request finding no room waits, then is answered 503 with Retry-After, and
+    is served once room is given back."""
+    from cmce.serving.queries import Limits
+
+    server, url = in_process_server(head_timeout_s=2.0, limits=Limits(max_body_bytes=2000, max_bodies_bytes=2000))
+    host, port = url.removeprefix("http://").split(":")
+    _, model, _, _ = world
+    body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    big = body + b" " * (2000 - len(body))
+    with socket.create_connection((host, int(port)), timeout=10) as holding:
+        holding.sendall(head % len(big) + big[:100])  # holds the whole budget while its body arrives
+        time.sleep(0.2)
+        started = time.monotonic()
+        waited = requests.post(f"{url}/search", data=body, headers={"content-type": "application/json"}, timeout=10)
+        assert waited.status_code == 503 and waited.headers["retry-after"] == "1", waited.text
+        assert waited.json()["field"] == "body" and "--max-bodies-bytes" in waited.json()["error"]
+        assert 0.9 < time.monotonic() - started < 1.9  # it waited body_wait_s (1 s) for room
+        holding.sendall(big[100:])
+        assert holding.recv(65536).startswith(b"HTTP/1.1 200")
+    again = requests.post(f"{url}/search", data=body, headers={"content-type": "application/json"}, timeout=10)
+    assert again.status_code == 200, again.text
+    chunked = requests.post(f"{url}/search", data=iter([body[:50], body[50:]]),
+                            headers={"content-type": "application/json"}, timeout=10)  # taken as it comes
+    assert chunked.status_code == 200, chunked.text
+
+
+def test_a_body_budget_waits_for_room_and_holds_nothing_when_none_comes():
+    import asyncio
+
+    from cmce.serving.budget import BodyBudget
+
+    async def scenario() -> None:
+        budget = BodyBudget(100)
+        assert await budget.take(60, 0.1) and budget.free == 40
+        assert not await budget.take(50, 0.05) and budget.free == 40  # no room in time: nothing held
+        waiter = asyncio.create_task(budget.take(50, 5))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await budget.give(60)
+        assert await waiter and budget.free == 50
+
+    asyncio.run(scenario())

@@ -510,7 +510,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_queries * args.max_k > MAX_HITS:  # one answer's memory and size: ~100 bytes a hit
         raise ValueError(f"--max-queries {args.max_queries} × --max-k {args.max_k} allows more than {MAX_HITS:,} "
                          "hits in one answer; lower one of them")
-    limits = Limits(args.max_queries, args.max_k, args.max_body_bytes, args.max_image_pixels)
+    bodies = 4 * args.max_body_bytes if args.max_bodies_bytes is None else args.max_bodies_bytes
+    if bodies < args.max_body_bytes:  # the largest body allowed would never be served
+        raise ValueError(f"--max-bodies-bytes {bodies} is less than --max-body-bytes {args.max_body_bytes}")
+    limits = Limits(max_queries=args.max_queries, max_k=args.max_k, max_body_bytes=args.max_body_bytes,
+                    max_bodies_bytes=bodies, max_image_pixels=args.max_image_pixels)
     opts = ServeOptions(_index_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
                         args.port, args.reload_interval, limits, args.access_log, args.search_threads,
                         args.max_connections, args.head_timeout)
@@ -793,6 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "a request")
     sp.add_argument("--max-body-bytes", type=int_in(1, 1 << 30), default=8 << 20,
                     help="request body size, at most 1 GiB (default 8 MiB)")
+    sp.add_argument("--max-bodies-bytes", type=int_in(1, 1 << 32), default=None,
+                    help="request bodies held at once, all requests together (a parsed body takes several times its "
+                         "size); a request without room waits, then is answered 503 (default 4 × --max-body-bytes)")
     sp.add_argument("--max-image-pixels", type=int_in(1, 100_000_000), default=4_000_000,
                     help="per query image, from its header (default 4,000,000)")
     sp.add_argument("--search-threads", type=_threads, default=1,

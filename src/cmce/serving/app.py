@@ -4,7 +4,8 @@ Errors are JSON `{"error": message, "field": name}`: 422 for a field that is mal
 dimension, a non-finite or zero vector, an undecodable image, k over --max-k) or a body that is not readable JSON
 (field "body": a syntax error, a number past Python's digit limit), 409 for embeddings of another
 query-model version, 413 for a body over --max-body-bytes or more queries than --max-queries, 415 for a compressed
-body, 404 / 405 for another path or method (field "path" / "method"), 400 for malformed HTTP (field "request").
+body, 404 / 405 for another path or method (field "path" / "method"), 400 for malformed HTTP (field "request"),
+503 when the bodies held at once reach --max-bodies-bytes (with Retry-After).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cmce import strict_json
+from cmce.serving.budget import BodyBudget
 from cmce.serving.queries import Limits, RequestError, answer, check_query_model, embeddings_query, images_query
 from cmce.serving.state import Holder
 
@@ -122,20 +124,39 @@ def _key_given_twice(body: bytes) -> str | None:
 
 class BodyLimit:
     """Refuses a request body over `max_bytes` (413) from its Content-Length, or while it streams in, before
-    anything parses it; uvicorn itself bounds only the headers."""
+    anything parses it; uvicorn itself bounds only the headers. A body's bytes are held from `budget` until its
+    answer is sent: past `wait_s` without room it is answered 503 (busy)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget, wait_s: float):
+        self.app, self.max_bytes, self.budget, self.wait_s = app, max_bytes, budget, wait_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        def too_large() -> JSONResponse:
-            return _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
-
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await too_large()(scope, receive, send)
+            refusal = _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
+            return await refusal(scope, receive, send)
+        held = [0]  # given back once the answer is sent: the parsed body lives as long as the request
+        try:
+            return await self._within_budget(scope, receive, send, int(declared or 0), held)
+        finally:
+            await self.budget.give(held[0])
+
+    async def _take(self, size: int, held: list[int]) -> bool:
+        if not await self.budget.take(size, self.wait_s):
+            return False
+        held[0] += size
+        return True
+
+    def _busy(self) -> JSONResponse:
+        return _error(503, "body", f"the server holds {self.budget.total} bytes of request bodies at once "
+                                   "(--max-bodies-bytes) and had no room for this one; retry", {"retry-after": "1"})
+
+    async def _within_budget(self, scope: Scope, receive: Receive, send: Send, declared: int, held: list[int]
+                             ) -> None:
+        if declared and not await self._take(declared, held):  # before its body is read: it waits in the socket
+            return await self._busy()(scope, receive, send)
         chunks, size = [], 0
         while True:
             try:
@@ -150,7 +171,10 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await too_large()(scope, receive, send)
+                refusal = _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
+                return await refusal(scope, receive, send)
+            if size > held[0] and not await self._take(size - held[0], held):  # a chunked body, as it comes
+                return await self._busy()(scope, receive, send)
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
@@ -169,7 +193,8 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None, search_threads: int = 1) -> FastAPI:
+def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None, search_threads: int = 1,
+               body_wait_s: float = 5.0) -> FastAPI:
     """`search_threads`: OpenMP threads of one FAISS search. Requests run in parallel on the thread pool already;
     with more threads per search, the idle OpenMP workers spin between requests and took the cores from the
     server (one client: 28 ms p50 instead of 2 ms on 2 busy cores, benchmarks/serving.py)."""
@@ -177,7 +202,8 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     # that follows redirects (its query with it) to whatever host the request named
     app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
                                         "embeddings or images", redirect_slashes=False)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, budget=BodyBudget(limits.max_bodies_bytes),
+                       wait_s=body_wait_s)
     app.add_middleware(RequestFraming)  # added last: runs first
 
     @app.exception_handler(RequestError)

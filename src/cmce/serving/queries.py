@@ -36,6 +36,7 @@ class Limits:
     max_queries: int = 64  # queries (images or embeddings) per request
     max_k: int = 100  # neighbours per query
     max_body_bytes: int = 8 << 20  # request body, before it is parsed
+    max_bodies_bytes: int = 32 << 20  # all request bodies held at once (see cmce.serving.budget)
     max_image_pixels: int = 4_000_000  # per image, checked from its header before it is decoded
 
 
