@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -20,10 +21,11 @@ import faiss
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cmce import strict_json
@@ -109,17 +111,27 @@ class RequestFraming:
         return await self.app(scope, receive, send)
 
 
-def _key_given_twice(body: bytes) -> str | None:
-    """A key a JSON object of the body holds twice: the parser keeps the last silently (`"k": 1, "k": 2`, or a
-    wrong query_model_sha256 pin followed by the right one, answered 200). None for a body without one, or one the
-    routes' own parse will refuse."""
-    try:
-        strict_json.loads(body)
-    except strict_json.DuplicateKeyError as twice:
-        return twice.key
-    except (ValueError, RecursionError):
-        return None
-    return None
+class StrictJSONRequest(Request):
+    """A request whose JSON body is read by strict_json: a key given twice in one object is refused (the parser
+    kept the last silently: `"k": 1, "k": 2`, or a wrong query_model_sha256 pin followed by the right one, answered
+    200). Read once, by the route (a check before it parsed every body a second time)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json.loads(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """FastAPI's route, handed a StrictJSONRequest (FastAPI's documented way to change how a body is read)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
 
 
 class BodyLimit:
@@ -178,9 +190,6 @@ class BodyLimit:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        if body and (twice := await run_in_threadpool(_key_given_twice, body)) is not None:
-            refusal = _error(422, twice, "given twice in one JSON object; give it once")  # prefixed with the field
-            return await refusal(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -202,6 +211,7 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     # that follows redirects (its query with it) to whatever host the request named
     app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
                                         "embeddings or images", redirect_slashes=False)
+    app.router.route_class = StrictJSONRoute
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, budget=BodyBudget(limits.max_bodies_bytes),
                        wait_s=body_wait_s)
     app.add_middleware(RequestFraming)  # added last: runs first
@@ -218,6 +228,8 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
             allowed = (err.headers or {}).get("Allow", "")
             return _error(405, "method", f"{request.method} is not allowed on {request.url.path} (allowed: "
                                          f"{allowed})", err.headers)
+        if isinstance(err.__cause__, strict_json.DuplicateKeyError):  # prefixed with the field, as every refusal
+            return _error(422, err.__cause__.key, "given twice in one JSON object; give it once")
         if err.status_code == 400 and err.__cause__ is not None:  # FastAPI's "error parsing the body", from json's
             return _error(422, "body", f"not readable JSON: {_unreadable(err.__cause__)}")
         return _error(err.status_code, "body", str(err.detail))
