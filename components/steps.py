@@ -71,7 +71,7 @@ def prepare_data(config: Input[Artifact], tracking: Input[Artifact], dataset: Ou
     from cmce.config import load_config
     from cmce.runner import run_stage
 
-    run_stage(stages.prepare_data, load_config(config.path), stages.PrepareInputs(),
+    run_stage(stages.prepare_data, load_config(config.path), stages.PrepareInputs(will_evaluate=True),
               stages.DatasetOutputs(Path(dataset.path)), tracking=tracking.path)
 
 

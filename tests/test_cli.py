@@ -14,7 +14,7 @@ import pytest
 from cmce.cli import build_parser, main
 from cmce.metrics import retrieval_metrics
 from cmce.tables import embedding_column
-from tests.conftest import SMOKE
+from tests.conftest import ROOT, SMOKE
 
 GALLERY = ["resnet_a", "vgg_b"]
 
@@ -130,6 +130,30 @@ def test_bad_config_is_a_clear_error(tmp_path, caplog):
     assert main(["prepare-data", "--config", str(cfg), "--out", str(tmp_path / "d.parquet")]) == 2
     assert "unknown architecture 'vggg'" in caplog.text
     assert not (tmp_path / "d.parquet").exists()
+
+
+def test_a_vacuous_recall_k_is_refused_by_prepare_data_where_an_evaluation_follows(tmp_path, caplog):
+    """The KFP and DVC pipelines refused `evaluate.recall_k: [..., 1000]` on a 539-image test split only at their
+    evaluate step, after all the training: their prepare-data (`--will-evaluate`) refuses it before the dataset is
+    written. Alone, prepare-data makes the dataset and warns (it may be made for other uses)."""
+    vacuous = ["--config", str(SMOKE), "--set", "evaluate.recall_k=[1,1000]"]
+    out = tmp_path / "d.parquet"
+    assert main(["prepare-data", *vacuous, "--out", str(out), "--will-evaluate"]) == 2
+    assert "evaluate.recall_k: R@1000 is 1 for every query with a match" in caplog.text and not out.exists()
+    caplog.clear()
+    assert main(["prepare-data", *vacuous, "--out", str(out)]) == 0
+    assert "evaluate will refuse it" in caplog.text and out.exists()
+
+
+def test_the_pipelines_prepare_data_refuses_what_their_evaluate_would():
+    """Both pipelines' prepare-data step is told that an evaluation follows."""
+    import yaml
+
+    from components import steps
+
+    assert "PrepareInputs(will_evaluate=True)" in steps.prepare_data.component_spec.implementation.container.command[-1]
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare_data"]
+    assert "--will-evaluate" in stage["cmd"]
 
 
 def test_every_subcommand_has_help():

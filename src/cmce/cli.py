@@ -393,7 +393,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
     source, key = (args.raw, "--raw") if args.raw else (cfg.data.path, "data.path")
     if source and _inside_folder(str(args.out), str(source)):  # the next import read it as one of its files
         raise ValueError(f"--out {args.out} is inside the data folder {key} {source}; write it elsewhere")
-    return stages.prepare_data(cfg, stages.PrepareInputs(_in(args.raw) if args.raw else None),
+    return stages.prepare_data(cfg, stages.PrepareInputs(_in(args.raw) if args.raw else None, args.will_evaluate),
                                stages.DatasetOutputs(_parquet_out(args, args.out, ("dataset",))))
 
 
@@ -690,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("prepare-data", cmd_prepare_data, "import the configured data source into a dataset Parquet file")
     sp.add_argument("--out", required=True)
     sp.add_argument("--raw", default=None, help="raw-data folder written by fetch-data (default: data.path)")
+    sp.add_argument("--will-evaluate", action="store_true",
+                    help="its test split will be evaluated with this config: refuse now an evaluate.recall_k it cannot "
+                         "meet (K at least its size), not after the training (else a warning)")
 
     sp = add("train", cmd_train, "train one embedding model (or, with --kd-teacher, the KD baseline student)")
     sp.add_argument("--dataset", required=True)

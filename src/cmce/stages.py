@@ -72,6 +72,8 @@ def fetch_data(cfg: Config, out: FetchOutputs) -> StepRecord:
 @dataclass
 class PrepareInputs:
     raw_dir: Path | None = None  # a fetch-data folder; None: the source's own location (data.path)
+    # a pipeline evaluates on this test split after its training: a vacuous R@K is refused now, not at its end
+    will_evaluate: bool = False
 
 
 @dataclass
@@ -80,13 +82,16 @@ class DatasetOutputs:
 
 
 def prepare_data(cfg: Config, inp: PrepareInputs, out: DatasetOutputs) -> StepRecord:
-    """The dataset. A vacuous R@K (K ≥ the test split, the gallery of every runner) is said at once: the KFP and
-    DVC pipelines refuse it only at their evaluate step, after the training (`cmce run` refuses it before)."""
+    """The dataset. A vacuous R@K (K ≥ the test split, the gallery of every runner) is refused before the dataset
+    is written where a pipeline evaluates next (`will_evaluate`: the KFP and DVC pipelines refused it only at
+    their evaluate step, after the training), else said in a warning."""
     def check(counts: dict[str, int]) -> None:
         try:
             check_recall_k(cfg.evaluate.recall_k, counts["test"], "the test split the data settings give")
-        except ValueError as err:  # a dataset made for other uses is not refused for an evaluation setting
-            log.warning("%s; evaluate will refuse it", err)
+        except ValueError as err:
+            if inp.will_evaluate:
+                raise
+            log.warning("%s; evaluate will refuse it", err)  # a dataset made for other uses may serve
 
     prepare_dataset(cfg.data, out.dataset, cfg.seed, inp.raw_dir, check)
     info = dataset_info(out.dataset)
