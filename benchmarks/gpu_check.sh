@@ -8,8 +8,8 @@
 #   pip download --no-deps -d .gpu-wheels pytorch-metric-learning==2.9.0
 # Then run it there with .gpu-wheels carried, under a time limit above GPU_CHECK_BUDGET_S.
 #
-# Environment: OUT (results folder, default ./gpu-results), GPU_CHECK_BUDGET_S (seconds for all the steps
-# together, default 540: a lent machine's call ends at 600 s), GPU_CHECK_DEVICE (default cuda),
+# Environment: OUT (results folder, default ./gpu-results), PYTHON (default python3), GPU_CHECK_BUDGET_S (seconds
+# for all the steps together, default 540: a lent machine's call ends at 600 s), GPU_CHECK_DEVICE (default cuda),
 # GPU_CHECK_SMOKE=1 (tiny sizes: a rehearsal of the whole script on any machine, cpu included). Rehearse before a
 # lease, in an environment with only the image's packages and the carried wheels:
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_check.sh   (2 min, 2 cores)
@@ -22,21 +22,23 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 budget=${GPU_CHECK_BUDGET_S:-540}
 device=${GPU_CHECK_DEVICE:-cuda}
+py=${PYTHON:-python3}  # the lent machine's image has python3 (with torch), maybe no `python`
 mkdir -p "$out"
 logs=$(mktemp -d)
 site=$(mktemp -d)
-trap 'tar -czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null || true' EXIT
+run=$(mktemp -d)
+trap 'tar -czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null || true; rm -rf "$logs" "$site" "$run"' EXIT
 if compgen -G ".gpu-wheels/*.whl" > /dev/null; then
-    python -m pip install --quiet --no-index --no-deps --target "$site" .gpu-wheels/*.whl
+    "$py" -m pip install --quiet --no-index --no-deps --target "$site" .gpu-wheels/*.whl
 fi
 export PYTHONPATH="$site:src:." PYTHONUNBUFFERED=1
 {
     if command -v nvidia-smi > /dev/null; then
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
     else
         echo "no nvidia-smi"
     fi
-    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
                torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible')"
     echo "device $device, budget $budget s, smoke ${GPU_CHECK_SMOKE:-0}"
 } > "$out/summary.txt" 2>&1
@@ -65,15 +67,15 @@ step() {  # step NAME SECONDS COMMAND...: run within its own limit and what is l
 }
 
 # 1. the 60k-image, 4-gallery-model configuration end to end (target <= 180 s)
-step end_to_end 300 python -m benchmarks.end_to_end --device "$device" --out "$(mktemp -d)/run" --no-write \
+step end_to_end 300 "$py" -m benchmarks.end_to_end --device "$device" --out "$run/end_to_end" --no-write \
     "${e2e_size[@]}"
 # 2. every architecture: the cmce loop against a bare device-resident loop (target >= 0.70)
-step training 100 python -m benchmarks.training --device "$device" --config configs/scale.yaml --no-write \
+step training 100 "$py" -m benchmarks.training --device "$device" --config configs/scale.yaml --no-write \
     "${train_size[@]}"
 # 3. evaluation on the device at 30k and 100k (the CPU section of BENCHMARKS.md is the reference)
-step evaluation 120 python -m benchmarks.evaluation --device "$device" --sizes "$eval_sizes" --repeats 1 \
+step evaluation 120 "$py" -m benchmarks.evaluation --device "$device" --sizes "$eval_sizes" --repeats 1 \
     --dense-up-to 0 --no-write
 # 4. the training loop's pinned-memory prefetch path (a zero memory budget keeps the split on the host)
-step training_prefetch 100 python -m benchmarks.training --device "$device" --config configs/scale.yaml \
+step training_prefetch 100 "$py" -m benchmarks.training --device "$device" --config configs/scale.yaml \
     --set train.device_data_gb=0 --no-write "${train_size[@]}"
 cat "$out/summary.txt"

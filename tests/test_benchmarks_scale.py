@@ -80,8 +80,9 @@ def test_gpu_check_keeps_to_its_budget_and_to_what_a_lent_machine_sends_back(tmp
     """A lent GPU machine ends a call at 600 s and sends back at most 8 files: the script's steps together run
     within GPU_CHECK_BUDGET_S (here none is left, so each is said not run, not killed mid-way) and what it leaves
     in OUT is a summary, one .md per step that ran and one archive of the logs (it wrote 10 files before)."""
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "GPU_CHECK_BUDGET_S": "0", "GPU_CHECK_DEVICE": "cpu",
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_BUDGET_S": "0", "GPU_CHECK_DEVICE": "cpu", "TMPDIR": str(tmp),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
     res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -93,6 +94,7 @@ def test_gpu_check_keeps_to_its_budget_and_to_what_a_lent_machine_sends_back(tmp
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.txt"]
     with tarfile.open(out / "logs.tar.gz") as logs:
         assert [m.name for m in logs.getmembers()] == ["."]
+    assert list(tmp.iterdir()) == []  # its scratch folders removed
 
 
 def test_embedding_benchmark_reads_thread_counts_as_its_usage_line_writes_them():
