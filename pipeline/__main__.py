@@ -412,6 +412,8 @@ def stop(signum: int, _frame: object) -> None:
     # a task's traceback): a signal to the whole process group (Ctrl-C, twice) showed them above this one line.
     # Logging is off and stdout gone from here on; this function's own lines go straight to stderr.
     logging.disable(logging.CRITICAL)
+    with contextlib.suppress(Exception):  # what the run printed before the signal still reaches its reader
+        sys.stdout.flush()
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process, which ends below
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(LOG_FORMAT))
@@ -426,8 +428,6 @@ def stop(signum: int, _frame: object) -> None:
                               lambda *args: say(logging.WARNING, *args)) if stopping.root else ""
     say(logging.ERROR, "python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files "
         "removed%s", signal_name(signum), stopped, closed)
-    with contextlib.suppress(Exception):  # closed, or a reader gone: nothing more to say there
-        sys.stdout.flush()
     os._exit(128 + signum)
 
 
