@@ -6,19 +6,21 @@
 Each client posts one body of 64 embeddings of 9,500 floats (7.9 MB, under the 8 MiB `--max-body-bytes`) at the
 same moment; the served model is 64-d, so each is answered 422 after it is parsed: the parse is what costs memory
 (a list of floats is several times its JSON). The server's resident memory is sampled every 10 ms; the clients are
-threads of this process on the same cores. Writes its section of BENCHMARKS.md.
+processes on the same cores. Writes its section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
@@ -31,8 +33,18 @@ DIM, SIZE, WIDTH = 64, 28, 16
 FLOATS, QUERIES = 9_500, 64
 
 
+def _client(url: str, body: bytes, go: Any, answers: Any) -> None:
+    go.wait()
+    try:
+        answer = requests.post(f"{url}/search", data=body, timeout=120, headers={"content-type": "application/json"})
+        answers.put(answer.status_code)
+    except requests.RequestException as err:
+        answers.put(type(err).__name__)
+
+
 def burst(server: Server, body: bytes, clients: int) -> dict:
-    """`clients` posts of `body` at once: the server's peak RSS above its idle RSS, the statuses, the wall time."""
+    """`clients` processes post `body` at once: the server's peak RSS above its idle RSS, the answers, the wall
+    time. Processes, not threads: threads of one process took turns sending and never made a burst."""
     proc = psutil.Process(server.proc.pid)
     idle = proc.memory_info().rss
     peak, done = [idle], threading.Event()
@@ -42,27 +54,19 @@ def burst(server: Server, body: bytes, clients: int) -> dict:
             peak[0] = max(peak[0], proc.memory_info().rss)
             time.sleep(0.01)
 
-    statuses: Counter = Counter()
-    go = threading.Barrier(clients)
-
-    def post() -> None:
-        go.wait()
-        try:
-            answer = requests.post(f"{server.url}/search", data=body, timeout=120,
-                                   headers={"content-type": "application/json"})
-            statuses[answer.status_code] += 1
-        except requests.RequestException as err:
-            statuses[type(err).__name__] += 1
-
+    ctx = multiprocessing.get_context("fork")
+    go, answers = ctx.Barrier(clients + 1), ctx.Queue()
+    posts = [ctx.Process(target=_client, args=(server.url, body, go, answers)) for _ in range(clients)]
+    for p in posts:
+        p.start()
     sampler = threading.Thread(target=sample)
     sampler.start()
+    go.wait()
     started = time.perf_counter()
-    posts = [threading.Thread(target=post) for _ in range(clients)]
-    for t in posts:
-        t.start()
-    for t in posts:
-        t.join()
+    statuses = Counter(answers.get(timeout=300) for _ in posts)
     wall = time.perf_counter() - started
+    for p in posts:
+        p.join()
     done.set()
     sampler.join()
     return {"peak_mb": (peak[0] - idle) / 1e6, "statuses": statuses, "wall_s": wall}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -1068,9 +1070,9 @@ def in_process_server(world):
     _, model, index, _ = world
     running = []
 
-    def make(**fields) -> tuple[uvicorn.Server, str]:
+    def make(body_wait_s: float = 5.0, **fields) -> tuple[uvicorn.Server, str]:
         opts = ServeOptions(index, str(model), **fields)
-        app = create_app(Holder(index, QueryModelSource(str(model), Path)), opts.limits, body_wait_s=opts.body_wait_s)
+        app = create_app(Holder(index, QueryModelSource(str(model), Path)), opts.limits, body_wait_s=body_wait_s)
         sock = bind("127.0.0.1", 0)
         server = _Server(uvicorn_config(app, opts))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -1419,36 +1421,50 @@ def test_a_password_in_a_registry_url_is_not_shown_by_readyz_or_the_log(world, c
     assert "s3cr3tPW" not in caplog.text
 
 
-def test_bodies_held_at_once_are_bounded_and_a_request_without_room_is_told_to_retry(in_process_server, world):
-    """40 requests of 8 MB at once took 1.6 GB (a parsed body is several times its size): the bodies held at once
-    are bounded by --max-bodies-bytes; a request finding no room waits, then is answered 503 with Retry-After, and
-    is served once room is given back."""
+def test_bodies_held_at_once_are_bounded_and_a_request_without_room_is_told_to_retry(in_process_server, world,
+                                                                                      monkeypatch):
+    """40 requests of 8 MB at once took up to 1.5 GB (a parsed body is several times its size): the whole bodies being
+    answered at once are bounded by --max-bodies-bytes; a request finding no room waits, then is answered 503 with
+    Retry-After, and is served once room is given back. A body still arriving holds no room."""
+    import cmce.serving.app as app_module
     from cmce.serving.queries import Limits
 
-    server, url = in_process_server(head_timeout_s=2.0, limits=Limits(max_body_bytes=2000, max_bodies_bytes=2000))
-    host, port = url.removeprefix("http://").split(":")
+    release, entered = threading.Event(), threading.Event()
+    real_answer = app_module.answer
+
+    def held_answer(served, queries, k, classes):  # the first search holds its body's room until released
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(30)
+        return real_answer(served, queries, k, classes)
+
+    monkeypatch.setattr(app_module, "answer", held_answer)
+    server, url = in_process_server(body_wait_s=1.0, limits=Limits(max_body_bytes=2000, max_bodies_bytes=2000))
     _, model, _, _ = world
     body = json.dumps({"embeddings": [[0.5] * 16], "query_model_sha256": file_sha256(model)}).encode()
-    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     big = body + b" " * (2000 - len(body))
-    with socket.create_connection((host, int(port)), timeout=10) as holding:
-        holding.sendall(head % len(big) + big[:100])  # holds the whole budget while its body arrives
-        time.sleep(0.2)
+    post = functools.partial(requests.post, f"{url}/search", headers={"content-type": "application/json"}, timeout=30)
+    host, port = url.removeprefix("http://").split(":")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, socket.create_connection((host, int(port))) as arriving:
+        arriving.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))  # still arriving: no room held
+        holding = pool.submit(post, data=big)
+        assert entered.wait(30)  # its whole body is held while it is answered
         started = time.monotonic()
-        waited = requests.post(f"{url}/search", data=body, headers={"content-type": "application/json"}, timeout=10)
+        waited = post(data=body)
         assert waited.status_code == 503 and waited.headers["retry-after"] == "1", waited.text
-        assert waited.json()["field"] == "body" and "--max-bodies-bytes" in waited.json()["error"]
-        assert 0.9 < time.monotonic() - started < 1.9  # it waited body_wait_s (1 s) for room
-        holding.sendall(big[100:])
-        assert holding.recv(65536).startswith(b"HTTP/1.1 200")
-    again = requests.post(f"{url}/search", data=body, headers={"content-type": "application/json"}, timeout=10)
-    assert again.status_code == 200, again.text
-    chunked = requests.post(f"{url}/search", data=iter([body[:50], body[50:]]),
-                            headers={"content-type": "application/json"}, timeout=10)  # taken as it comes
-    assert chunked.status_code == 200, chunked.text
+        assert waited.json()["field"] == "body" and "--max-bodies-bytes (2000 bytes)" in waited.json()["error"]
+        assert time.monotonic() - started >= 1.0  # it waited for room before giving up
+        release.set()
+        assert holding.result().status_code == 200
+        arriving.sendall(body[10:])
+        assert arriving.recv(65536).startswith(b"HTTP/1.1 200")
+    for data in (body, iter([body[:50], body[50:]])):  # room given back; a chunked body too
+        answered = post(data=data)
+        assert answered.status_code == 200, answered.text
 
 
-def test_a_body_budget_waits_for_room_and_holds_nothing_when_none_comes():
+def test_a_body_budget_serves_in_turn_and_holds_nothing_it_gave_up():
     import asyncio
 
     from cmce.serving.budget import BodyBudget
@@ -1457,10 +1473,19 @@ def test_a_body_budget_waits_for_room_and_holds_nothing_when_none_comes():
         budget = BodyBudget(100)
         assert await budget.take(60, 0.1) and budget.free == 40
         assert not await budget.take(50, 0.05) and budget.free == 40  # no room in time: nothing held
-        waiter = asyncio.create_task(budget.take(50, 5))
-        await asyncio.sleep(0.05)
-        assert not waiter.done()
-        await budget.give(60)
-        assert await waiter and budget.free == 50
+        big = asyncio.create_task(budget.take(90, 5))
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(budget.take(10, 5))  # fits, but waits its turn behind the first
+        await asyncio.sleep(0.01)
+        assert not big.done() and not small.done()
+        budget.give(60)
+        assert await big and await small and budget.free == 0
+        cancelled = asyncio.create_task(budget.take(30, 5))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        budget.give(100)  # in the same turn as the cancel: room granted to a request that is gone is given back
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert budget.free == 100
 
     asyncio.run(scenario())

@@ -801,8 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-body-bytes", type=int_in(1, 1 << 30), default=8 << 20,
                     help="request body size, at most 1 GiB (default 8 MiB)")
     sp.add_argument("--max-bodies-bytes", type=int_in(1, 1 << 32), default=None,
-                    help="request bodies held at once, all requests together (a parsed body takes several times its "
-                         "size); a request without room waits, then is answered 503 (default 4 × --max-body-bytes)")
+                    help="whole request bodies answered at once, all requests together (a parsed body takes several "
+                         "times its size); a request without room waits 5 s, then is answered 503 (default 4 × "
+                         "--max-body-bytes)")
     sp.add_argument("--max-image-pixels", type=int_in(1, 100_000_000), default=4_000_000,
                     help="per query image, from its header (default 4,000,000)")
     sp.add_argument("--search-threads", type=_threads, default=1,

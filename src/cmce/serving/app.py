@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,6 +36,7 @@ from cmce.serving.state import Holder
 
 log = logging.getLogger(__name__)
 ENDPOINTS = "POST /search, GET /healthz, GET /readyz, GET /version"
+BODY_WAIT_S = 5.0  # a client's usual timeout is longer; a busy server answers sooner than that
 
 
 def _integral(value: Any) -> Any:
@@ -70,8 +72,6 @@ def _field(loc: tuple) -> str:
 
 def _unreadable(cause: BaseException) -> str:
     """What stopped the JSON parser short of a syntax error (FastAPI hides it behind "error parsing the body")."""
-    if isinstance(cause, RecursionError):
-        return "nested too deep"
     if isinstance(cause, UnicodeDecodeError):
         return f"not UTF-8 text ({cause.reason} at byte {cause.start})"
     if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
@@ -117,8 +117,8 @@ class StrictJSONRequest(Request):
     200). Read once, by the route (a check before it parsed every body a second time)."""
 
     async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = strict_json.loads(await self.body())
+        if not hasattr(self, "_json"):  # in a worker thread: 8 MB of objects take the event loop half a second
+            self._json = await run_in_threadpool(strict_json.loads, await self.body())
         return self._json
 
 
@@ -136,8 +136,8 @@ class StrictJSONRoute(APIRoute):
 
 class BodyLimit:
     """Refuses a request body over `max_bytes` (413) from its Content-Length, or while it streams in, before
-    anything parses it; uvicorn itself bounds only the headers. A body's bytes are held from `budget` until its
-    answer is sent: past `wait_s` without room it is answered 503 (busy)."""
+    anything parses it; uvicorn itself bounds only the headers. A whole body is then held in `budget` until its
+    answer is sent (parsed, it takes several times its size): past `wait_s` without room, 503 (busy)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget, wait_s: float):
         self.app, self.max_bytes, self.budget, self.wait_s = app, max_bytes, budget, wait_s
@@ -147,28 +147,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            refusal = _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
-            return await refusal(scope, receive, send)
-        held = [0]  # given back once the answer is sent: the parsed body lives as long as the request
-        try:
-            return await self._within_budget(scope, receive, send, int(declared or 0), held)
-        finally:
-            await self.budget.give(held[0])
-
-    async def _take(self, size: int, held: list[int]) -> bool:
-        if not await self.budget.take(size, self.wait_s):
-            return False
-        held[0] += size
-        return True
-
-    def _busy(self) -> JSONResponse:
-        return _error(503, "body", f"the server holds {self.budget.total} bytes of request bodies at once "
-                                   "(--max-bodies-bytes) and had no room for this one; retry", {"retry-after": "1"})
-
-    async def _within_budget(self, scope: Scope, receive: Receive, send: Send, declared: int, held: list[int]
-                             ) -> None:
-        if declared and not await self._take(declared, held):  # before its body is read: it waits in the socket
-            return await self._busy()(scope, receive, send)
+            return await self._too_large()(scope, receive, send)
         chunks, size = [], 0
         while True:
             try:
@@ -183,13 +162,30 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                refusal = _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
-                return await refusal(scope, receive, send)
-            if size > held[0] and not await self._take(size - held[0], held):  # a chunked body, as it comes
-                return await self._busy()(scope, receive, send)
+                return await self._too_large()(scope, receive, send)
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        del chunks
+        # charged whole, once arrived: a slow upload holds no room (4 trickling 8 MB bodies would hold it for hours)
+        if not await self.budget.take(len(body), self.wait_s):
+            return await self._busy(len(body))(scope, receive, send)
+        try:
+            return await self.app(scope, self._replaying(body, receive), send)
+        finally:
+            self.budget.give(len(body))
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, "body", f"request body over {self.max_bytes} bytes (--max-body-bytes)")
+
+    def _busy(self, size: int) -> JSONResponse:
+        return _error(503, "body", f"the request bodies being answered reached --max-bodies-bytes "
+                                   f"({self.budget.total} bytes): no room for this one's {size} bytes within "
+                                   f"{self.wait_s:g} s; retry", {"retry-after": "1"})
+
+    @staticmethod
+    def _replaying(body: bytes, receive: Receive) -> Receive:
+        """The body as one message, then the connection's own messages (a disconnect)."""
         replayed = False
 
         async def replay() -> Message:
@@ -199,12 +195,13 @@ class BodyLimit:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        return await self.app(scope, replay, send)
+        return replay
 
 
 def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None, search_threads: int = 1,
-               body_wait_s: float = 5.0) -> FastAPI:
-    """`search_threads`: OpenMP threads of one FAISS search. Requests run in parallel on the thread pool already;
+               body_wait_s: float = BODY_WAIT_S) -> FastAPI:
+    """`body_wait_s`: how long a whole body waits for room under --max-bodies-bytes before a 503.
+    `search_threads`: OpenMP threads of one FAISS search. Requests run in parallel on the thread pool already;
     with more threads per search, the idle OpenMP workers spin between requests and took the cores from the
     server (one client: 28 ms p50 instead of 2 ms on 2 busy cores, benchmarks/serving.py)."""
     # no redirect of `/search/` to `/search`: Starlette built its Location from the Host header, sending a client

@@ -65,12 +65,6 @@ class ServeOptions:
     max_connections: int | None = None  # open connections served at once; None: what the file limit allows
     head_timeout_s: float = HEAD_TIMEOUT_S  # for a connection to deliver a whole request head
 
-    @property
-    def body_wait_s(self) -> float:
-        """How long a request waits for room for its body (--max-bodies-bytes): it is not read meanwhile, so within
-        the body deadline that --head-timeout sets."""
-        return min(5.0, self.head_timeout_s / 2)
-
 
 def connection_limits(max_connections: int | None = None) -> tuple[int, int]:
     """(open connections served at once, listen backlog), within the process's file limit (RLIMIT_NOFILE).
@@ -477,7 +471,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
     except BaseException:
         sock.close()
         raise
-    app = create_app(holder, opts.limits, classes, opts.search_threads, opts.body_wait_s)
+    app = create_app(holder, opts.limits, classes, opts.search_threads)
     config = uvicorn_config(app, opts)
     # an s3:// index by its URI; a newline in the path would forge a second line for a script that reads this one
     say(f"serving {escape_controls(origin(opts.index))} on {url(sock)}\n")
