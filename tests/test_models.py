@@ -42,6 +42,36 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
         load_embedding_model(tmp_path / "other.pt")
 
 
+def test_a_model_replaced_while_it_loads_has_the_version_of_the_weights_loaded(tmp_path, monkeypatch):
+    """The checkpoint was read twice (torch.load, then its sha256): a model replaced in between by an atomic rename
+    gave model B's weights model A's version, and `search` answered with B against A's index (3 runs in 25, exit 0).
+    Here the file is replaced as torch reads it: the version is still that of the bytes loaded."""
+    import os
+
+    import cmce.checkpoint as checkpoint
+    from cmce.storage import file_sha256
+
+    path, other = tmp_path / "q.pt", tmp_path / "other.pt"
+    for seed, target in ((0, path), (1, other)):
+        torch.manual_seed(seed)
+        save_embedding_model(EmbeddingModel("q", "vgg", EmbeddingNet("vgg", 1, 16, 4).eval(), torch.randn(3, 16), 16.0,
+                                            1, 8, 16), target, width=4)
+    first, second = file_sha256(path), file_sha256(other)
+    model_a = load_embedding_model(path)
+    real_load = torch.load
+
+    def load_while_replaced(*args, **kwargs):
+        os.replace(other, path)  # another writer renames a new model in as this one reads
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", load_while_replaced)
+    loaded = load_embedding_model(path)
+    monkeypatch.undo()
+    assert file_sha256(path) == second and loaded.sha256 == first  # the weights are A's, and so is the version
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded.net(x), model_a.net(x), rtol=0, atol=0)
+
+
 def test_identical_weights_saved_twice_have_the_same_version(tmp_path):
     import torch
 

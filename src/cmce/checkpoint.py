@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import math
 import re
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from cmce.config import (
 )
 from cmce.errors import first_line, joined_lines
 from cmce.models import MAX_PARAMETERS, EmbeddingNet, check_arch, embedding_net_parameters
-from cmce.storage import NotWritten, atomic_path, file_format, file_sha256, not_found
+from cmce.storage import HEAD_BYTES, NotWritten, atomic_path, file_sha256, format_of, not_found, open_regular
 
 EMBEDDING_FORMAT = "cmce-embedding-model/1"
 TRANSFORM_FORMAT = "cmce-transformation/1"
@@ -58,51 +61,62 @@ def save_torch(obj: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
+    return read_checkpoint(path, expected_format)[0]
+
+
+def read_checkpoint(path: str | Path, expected_format: str) -> tuple[dict[str, Any], str]:
+    """A checkpoint and the sha256 of the very bytes it was loaded from: the file is read once. Read twice (torch,
+    then the hash), a model replaced in between (an atomic rename) gave one file's weights the other's version:
+    `search` answered with model B's weights against model A's index, exit 0."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: {not_found(path, 'checkpoint')}")
-    if file_format(path) != "checkpoint":  # torch saves a zip archive; an ONNX export or a Parquet file is not one
-        with open(path, "rb") as f:
-            legacy = f.read(4) == LEGACY_TORCH_HEAD
+    try:
+        with open_regular(path) as f:
+            data = f.read()
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EISDIR):
+            raise CheckpointError(f"{path}: cannot read the checkpoint: {err.strerror or err}") from None
+        data = b""  # a folder, pipe or device: no checkpoint
+    if format_of(data[:HEAD_BYTES]) != "checkpoint":  # torch saves a zip archive; not ONNX, not Parquet
         raise CheckpointError(f"{path}: not a loadable checkpoint: " + (
-            "torch's legacy (pre-1.6) format, which cmce does not read; save it again with torch.save" if legacy
+            "torch's legacy (pre-1.6) format, which cmce does not read; save it again with torch.save"
+            if data[:4] == LEGACY_TORCH_HEAD
             else "not a torch checkpoint file (an ONNX export, say, is for onnxruntime, not for cmce's steps)"))
-    _check_archive_end(path)
-    if (damaged := archive_damage(path)) is not None:
+    _check_archive_end(path, data)
+    if (damaged := archive_damage(data)) is not None:
         raise CheckpointError(f"{path}: {damaged}; copy it again from its source")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage input makes the unpickler raise almost anything (KeyError, …)
         raise CheckpointError(f"{path}: {_load_failure(err)}") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a {expected_format} checkpoint, got {got!r}")
-    return obj
+    return obj, hashlib.sha256(data).hexdigest()
 
 
-def archive_damage(path: Path) -> str | None:
-    """What is wrong with the entries of a torch zip archive, or None. torch's reader does not check the CRC-32
-    its writer stores with each entry: a flipped bit in a tensor loaded as a changed weight (exit 0; an ONNX export
-    "passed" its parity check against the same damaged weights). Structural damage is left to torch.load."""
+def archive_damage(data: bytes) -> str | None:
+    """What is wrong with the entries of a torch zip archive (its bytes), or None. torch's reader does not check the
+    CRC-32 its writer stores with each entry: a flipped bit in a tensor loaded as a changed weight (exit 0; an ONNX
+    export "passed" its parity check against the same damaged weights). Structural damage is left to torch.load."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             bad = archive.testzip()
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         return None
     if bad is not None:
         return f"damaged: the checksum of {bad!r} in the checkpoint's archive does not match its bytes"
-    with open(path, "rb") as f:  # the sha256 every record names covers these bytes too: a flip there was blamed on
-        for info in infos:      # the index ("built for another query model") or exported as a new model version
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                return f"damaged: the local header of {info.filename!r} in the checkpoint's archive is not one"
-            if not _local_header_agrees(local, info):
-                return (f"damaged: the local header of {info.filename!r} disagrees with the checkpoint's archive "
-                        "directory")
+    for info in infos:  # the sha256 every record names covers these bytes too: a flip there was blamed on the index
+        local = data[info.header_offset:info.header_offset + 30]  # ("built for another query model") or exported
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return f"damaged: the local header of {info.filename!r} in the checkpoint's archive is not one"
+        if not _local_header_agrees(local, info):
+            return (f"damaged: the local header of {info.filename!r} disagrees with the checkpoint's archive "
+                    "directory")
     return None
 
 
@@ -120,18 +134,15 @@ def _local_header_agrees(local: bytes, info: Any) -> bool:
 ZIP_END = b"PK\x05\x06"  # the end-of-central-directory record: 22 bytes and the archive comment, then nothing
 
 
-def _check_archive_end(path: Path) -> None:
+def _check_archive_end(path: Path, data: bytes) -> None:
     """torch reads a zip archive with bytes appended (a broken copy, a concatenation) as if they were not there,
     so the file's sha256 no longer matched its index and the refusal blamed the index ("built for another query
     model"), or an export went out stamped with a sha256 no artifact has."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 22 - 65535))
-        tail = f.read()
-    at = tail.rfind(ZIP_END)
-    if at < 0 or at + 22 > len(tail):
+    size = len(data)
+    at = data.rfind(ZIP_END, max(0, size - 22 - 65535))
+    if at < 0 or at + 22 > size:
         return  # no readable end record: torch.load names the damage
-    end = size - len(tail) + at + 22 + int.from_bytes(tail[at + 20:at + 22], "little")
+    end = at + 22 + int.from_bytes(data[at + 20:at + 22], "little")
     if end > size:
         raise CheckpointError(f"{path}: the checkpoint's archive ends {end - size} byte(s) past the file: truncated; "
                               "copy it again from its source")
@@ -302,7 +313,7 @@ TRANSFORM_SIZES = {"in_dim": range_of(ModelSpec, "embedding_dim"), "out_dim": ra
 
 
 def load_embedding_model(path: str | Path) -> EmbeddingModel:
-    obj = load_checkpoint(path, EMBEDDING_FORMAT)
+    obj, sha256 = read_checkpoint(path, EMBEDDING_FORMAT)
     require_keys(obj, ["name", "arch", "width", "in_channels", "image_size", "embedding_dim", "scale", "classifier",
                        "state_dict"], path)
     check_sizes(obj, EMBEDDING_SIZES, path)
@@ -345,6 +356,6 @@ def load_embedding_model(path: str | Path) -> EmbeddingModel:
         in_channels=obj["in_channels"],
         image_size=obj["image_size"],
         embedding_dim=obj["embedding_dim"],
-        sha256=file_sha256(path),
+        sha256=sha256,
         meta=obj.get("meta", {}),
     )

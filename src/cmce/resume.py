@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -104,11 +105,12 @@ class Resume:
     def _read(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        if (damaged := archive_damage(self.path)) is not None:  # training would go on from changed weights
+        data = self.path.read_bytes()  # read once: checked and loaded from the same bytes
+        if (damaged := archive_damage(data)) is not None:  # training would go on from changed weights
             log.warning("%s: %s; starting over", self.path, damaged)
             return None
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - garbage makes the unpickler raise almost anything (KeyError, …)
             log.warning("%s: unreadable resume file, starting over: %s: %s", self.path, type(err).__name__, err)
             return None

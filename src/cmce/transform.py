@@ -28,6 +28,7 @@ from cmce.checkpoint import (
     check_sizes,
     check_weights,
     load_checkpoint,
+    read_checkpoint,
     require_keys,
     save_checkpoint,
 )
@@ -36,7 +37,6 @@ from cmce.errors import joined_lines
 from cmce.method import transformation_loss
 from cmce.models import MAX_PARAMETERS, mlp_parameters
 from cmce.resume import Resume
-from cmce.storage import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def load_transformation(
     path: str | Path, query_sha256: str | None = None, gallery_sha256: str | None = None
 ) -> Transformation:
     """Load a transformation; refuse it if it was fitted for another query or gallery model."""
-    obj = load_checkpoint(path, TRANSFORM_FORMAT)
+    obj, sha256 = read_checkpoint(path, TRANSFORM_FORMAT)
     require_keys(obj, ["gallery_model", "gallery_model_sha256", "query_model_sha256", "in_dim", "out_dim",
                        "hidden_dim", "depth", "state_dict"], path)
     # hidden_dim only matters with a hidden layer (an identity or linear map records 0)
@@ -225,6 +225,6 @@ def load_transformation(
         out_dim=obj["out_dim"],
         hidden_dim=obj["hidden_dim"],
         depth=obj["depth"],
-        sha256=file_sha256(path),
+        sha256=sha256,
         history=obj.get("history", []),
     )
