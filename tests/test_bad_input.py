@@ -675,7 +675,7 @@ def test_evaluate_refuses_an_output_folder_of_other_files_before_the_work(world,
 def test_reject_fraction_outside_zero_one(world, tmp_path, caplog, fraction):
     out = shutil.copytree(world.index, tmp_path / "index")
     fails(caplog, ["build-index", "--gallery", world.gallery, "--out", out, "--reject-fraction", fraction], out,
-          f"build-index flags: index.reject_fraction must be in [0, 1), got {float(fraction)}")
+          f"--reject-fraction: index.reject_fraction must be in [0, 1), got {float(fraction)}")
 
 
 def test_rejection_needs_at_least_two_gallery_members(world, tmp_path, caplog):

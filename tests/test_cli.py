@@ -143,6 +143,9 @@ def test_a_vacuous_recall_k_is_refused_by_prepare_data_where_an_evaluation_follo
     caplog.clear()
     assert main(["prepare-data", *vacuous, "--out", str(out)]) == 0
     assert "evaluate will refuse it" in caplog.text and out.exists()
+    caplog.clear()  # `cmce run` wrote its dataset, then refused it
+    assert main(["run", *vacuous, "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "R@1000 is 1 for every query" in caplog.text and not (tmp_path / "run" / "data" / "dataset.parquet").exists()
 
 
 def test_the_pipelines_prepare_data_refuses_what_their_evaluate_would():
@@ -243,17 +246,54 @@ def test_build_index_takes_a_file_of_the_index_section_alone(tmp_path, caplog):
     assert meta["n_rejected"] == 100
     refusals = [(["--set", "train.epochs=2"], "--set train.epochs: " + str(cfg) + " holds the index section alone"),
                 (["--index-type", "annoy"], "--index-type: index.type: 'annoy' is not one of"),
-                (["--set", "index.reject_fraction=1"], "--set index.reject_fraction: index.reject_fraction must be")]
+                (["--set", "index.reject_fraction=1"], "--set index.reject_fraction must be in [0, 1)"),
+                # the flag at fault alone, not "--set index.hnsw.m, --index-type"
+                (["--index-type", "annoy", "--set", "index.hnsw.m=8"],
+                 "cmce build-index: --index-type: index.type: 'annoy' is not one of")]
     for extra, said in refusals:
         caplog.clear()
         assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out",
                      str(tmp_path / "b"), *extra]) == 2
         assert said in caplog.text, caplog.text
+    caplog.clear()  # a mapping for the section, as a whole config takes it
+    assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "c"),
+                 "--set", "index={type: flat}"]) == 0
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["index_type"] == "flat"
+    for section in ("[]", "false"):  # built with the defaults, exit 0
+        cfg.write_text(f"index: {section}\n")
+        caplog.clear()
+        assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "b")]) == 2
+        assert f"{cfg}: index: expected a mapping" in caplog.text
+    cfg.write_text("index: {type: flat}\n")
+    caplog.clear()  # a key of thousands of letters is cut, as with a whole config
+    assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "b"),
+                 "--set", f"index.{'k' * 6000}=1"]) == 2
+    assert "unknown key(s)" in caplog.text and len(caplog.text) < 1000
     cfg.write_text("index: {type: flat, nlist: 4}\n")  # the file's own fault is the file's
     caplog.clear()
     assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "b")]) == 2
     assert f"{cfg}: index: unknown key(s) ['nlist']" in caplog.text
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--device", "cpu", "train", "--model", "query", "--set", "device=cuda"], "--set device and --device"),
+    (["--threads", "2", "train", "--model", "query", "--set", "num_threads=1"], "--set num_threads and --threads"),
+    (["build-index", "--set", "index.reject_fraction=0.2", "--reject-fraction", "0.3"],
+     "--set index.reject_fraction and --reject-fraction"),
+    (["build-index", "--set", "index={type: hnsw}", "--index-type", "flat"], "--set index and --index-type"),
+])
+def test_a_setting_given_by_set_and_by_its_flag_is_refused(tmp_path, caplog, argv, said):
+    """`--set index.reject_fraction=0.2 --reject-fraction 0.3` used 0.3, `--device cpu … --set device=cuda` trained
+    on the CPU, without a word; a key given twice to --set is refused, and so is this."""
+    from tests.test_index import clustered_gallery
+
+    gallery, _ = clustered_gallery(tmp_path, n=200, members=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(SMOKE.read_text())
+    inputs = (["--gallery", str(gallery)] if "build-index" in argv else ["--dataset", str(tmp_path / "none.parquet")])
+    assert main([*argv, "--config", str(cfg), *inputs, "--out", str(tmp_path / "out")]) == 2
+    assert f"{said} both set" in caplog.text and not (tmp_path / "out").exists()
 
 
 def _errors_of(stderr: str) -> list[str]:

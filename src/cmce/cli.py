@@ -25,7 +25,7 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.arguments import OneLineParser, int_in, not_blank
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
-from cmce.config import Config, is_index_section, parse_overrides
+from cmce.config import Config, is_index_section, parse_overrides, shown_key
 from cmce.errors import (
     TERMINATING_NAMES,
     Terminated,
@@ -329,14 +329,34 @@ def _index_out(args: argparse.Namespace, uri: str) -> Path:
     return _out(args, uri, is_dir=True, last="meta.json", own=INDEX_FILES)
 
 
-def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config overrides a command line asks for: --set pairs, --device, then a subcommand's own flags."""
+def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None, flags: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    """The config overrides a command line asks for: --set pairs, --device, --threads, then a subcommand's own
+    flags (`extra`; `flags` names the flag behind a key). A key both --set and a flag give is refused: the flag won
+    without a word, as a key given twice to --set once did."""
     out = parse_overrides(args.set)
+    given = {"device": ("--device", args.device), "num_threads": ("--threads", args.threads)}
+    given = {key: flag for key, (flag, value) in given.items() if value}
+    given.update({key: flag for key, flag in (flags or {}).items() if key in (extra or {})})
+    for key, flag in given.items():
+        if clash := next((k for k in _dotted_keys(out) if k == key or key.startswith(f"{k}.")
+                          or k.startswith(f"{key}.")), None):
+            raise ValueError(f"--set {shown_key(clash)} and {flag} both set {key}; give it once")
     if args.device:
         out["device"] = args.device
     if args.threads:
         out["num_threads"] = args.threads
     return {**out, **(extra or {})}
+
+
+def _dotted_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys `overrides` sets, a mapping value's own keys included (`index={type: hnsw}` sets index.type)."""
+    keys = []
+    for key, value in overrides.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 # what shapes a dataset when it is made: a step that reads a prepared --dataset takes it as it is
@@ -350,7 +370,7 @@ def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None, flags
     """The config with the command line's overrides; `flags` names the flag behind an `extra` key, for messages."""
     from cmce.config import load_config
 
-    overrides = _settings(args, extra)
+    overrides = _settings(args, extra, flags)
     if args.command not in MAKES_DATASETS and not getattr(args, "dataset_keys_said", False):
         args.dataset_keys_said = True  # the config is read more than once (the device, then the step)
         _warn_of_dataset_keys(args.command, parse_overrides(args.set))
@@ -462,13 +482,17 @@ def cmd_build_index(args: argparse.Namespace) -> StepRecord:
     named = {k: flag for k, flag in (("index.reject_fraction", "--reject-fraction"), ("index.type", "--index-type"))
              if k in flags}  # a value --set gave is blamed on --set
     if args.config and is_index_section(_in(args.config)):  # a file of the `index:` section alone
-        options = load_index_section(_in(args.config), {**parse_overrides(args.set), **flags}, named)
+        overrides = _settings(args, flags, named)
+        for key, flag in (("device", args.device), ("num_threads", args.threads)):
+            if flag:  # global flags, not index settings
+                del overrides[key]
+        options = load_index_section(_in(args.config), overrides, named)
     elif args.config:
         options = _config(args, flags, named).index
     else:
         if args.set:
             raise ValueError("--set needs --config")
-        options = index_config(flags, ", ".join(named[k] for k in flags))
+        options = index_config(flags, "build-index", flags=named)
     return stages.build_gallery_index(options, stages.IndexInputs(_in(args.gallery)),
                                       stages.IndexOutputs(_index_out(args, args.out)))
 

@@ -23,11 +23,14 @@ import reprlib
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -720,29 +723,34 @@ def is_index_section(path: str | Path) -> bool:
 def load_index_section(path: str | Path, overrides: dict[str, Any], flags: dict[str, str] | None = None
                        ) -> IndexConfig:
     """The settings of a config file holding the `index` section alone (is_index_section: build-index needs no
-    models; such a file was refused for lacking gallery_models) with `index.*` overrides; `flags` names the flag
-    behind an override, as load_config's."""
+    models; such a file was refused for lacking gallery_models) with `index.*` overrides, blamed as load_config's."""
     raw = read_config_mapping(Path(path))
-    if other := [k for k in overrides if not k.startswith("index.")]:
+    if other := [k for k in overrides if k != "index" and not k.startswith("index.")]:
         raise ConfigError(f"--set {shown_key(other[0])}: {path} holds the index section alone: only index.* "
                           "settings apply")
-    index_config({}, str(path), base=raw)  # a fault of the file alone is the file's
-    return index_config(overrides, ", ".join((flags or {}).get(k, f"--set {k}") for k in overrides), base=raw)
+    return index_config(overrides, str(path), base=raw, flags=flags)
 
 
 def config_with_overrides(raw: dict[str, Any], overrides: dict[str, Any], where: str,
                           flags: dict[str, str] | None = None) -> Config:
-    """The config of a file's mapping with `overrides` applied. A value the file alone does not fault is blamed on
-    the first override that brings the fault (`--set train.epochs: expected int, got 'abc'`), not on the file."""
+    """The config of a file's mapping with `overrides` applied, faults blamed as _blamed says."""
+    return _blamed(lambda applied: config_from_dict(applied, where), raw, overrides, where, flags)
+
+
+def _blamed(build: Callable[[dict[str, Any]], T], raw: dict[str, Any], overrides: dict[str, Any], where: str,
+            flags: dict[str, str] | None = None) -> T:
+    """`build` of a file's mapping with `overrides` applied. A value the file alone does not fault is blamed on the
+    first override that brings the fault (`--set train.epochs: expected int, got 'abc'`; `flags` names the flag
+    behind an override: `--index-type: …`), not on the file. `build`'s faults start with `where: `."""
     pristine = copy.deepcopy(raw)
     try:
-        return config_from_dict(apply_overrides(raw, overrides), where)
+        return build(apply_overrides(raw, overrides))
     except ConfigError as err:
         fault = str(err)
         keys = list(overrides)
         for n in range(len(keys) + 1):  # the fewest overrides, in order, that give the same fault
             try:
-                config_from_dict(apply_overrides(copy.deepcopy(pristine), {k: overrides[k] for k in keys[:n]}), where)
+                build(apply_overrides(copy.deepcopy(pristine), {k: overrides[k] for k in keys[:n]}))
             except ConfigError as partial:
                 if str(partial) == fault:
                     break
@@ -754,8 +762,9 @@ def config_with_overrides(raw: dict[str, Any], overrides: dict[str, Any], where:
         if key in (flags or {}):
             raise ConfigError(f"{flags[key]}: {detail}") from None  # type: ignore[index]
         if detail.startswith(f"{key} "):  # "train.epochs must be in …"
-            raise ConfigError(f"--set {detail}") from None
-        raise ConfigError(f"--set {key}: {detail.removeprefix(f'{key}: ')}") from None
+            detail = detail.removeprefix(key)
+            raise ConfigError(f"--set {shown_key(key)}{detail}") from None
+        raise ConfigError(f"--set {shown_key(key)}: {detail.removeprefix(f'{key}: ')}") from None
 
 
 def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # type: ignore[assignment]
@@ -769,16 +778,20 @@ def resolve_config_text(params_yaml: str, overrides: list[str] = ()) -> str:  # 
     return to_yaml(config_with_overrides(raw, parse_overrides(list(overrides)), "params"))
 
 
-def index_config(overrides: dict[str, Any], where: str, base: dict[str, Any] | None = None) -> IndexConfig:
+def index_config(overrides: dict[str, Any], where: str, base: dict[str, Any] | None = None,
+                 flags: dict[str, str] | None = None) -> IndexConfig:
     """The `index` section alone, from `base` (a file's mapping holding only `index`, else the defaults) and
-    `index.*` overrides, checked as in a config file; a fault is said after `where`."""
-    unknown = sorted(k for k in overrides if not k.startswith("index."))
-    if unknown:
-        raise ConfigError(f"{where}: only index.* settings apply here, got {unknown}")
-    try:
-        raw = apply_overrides(copy.deepcopy(base or {}), overrides).get("index") or {}
-        ix = _coerce(raw, IndexConfig, "index")
-        check_ranges(ix, where, "index.")
-    except ConfigError as err:
-        raise ConfigError(str(err) if str(err).startswith(f"{where}:") else f"{where}: {err}") from None
-    return ix
+    `index.*` overrides, checked as in a config file; a fault of `base` is said after `where`, one an override
+    brings is blamed on it (or on its flag, named in `flags`)."""
+    if unknown := [k for k in overrides if k != "index" and not k.startswith("index.")]:
+        raise ConfigError(f"{where}: only index.* settings apply here, got {shown_key(unknown[0])}")
+
+    def build(raw: dict[str, Any]) -> IndexConfig:
+        try:  # `index:` empty means the defaults; `index: []` or `false` is no section (it built the defaults)
+            ix = _coerce({} if raw.get("index") is None else raw["index"], IndexConfig, "index")
+            check_ranges(ix, where, "index.")
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(err).startswith(f"{where}:") else f"{where}: {err}") from None
+        return ix
+
+    return _blamed(build, copy.deepcopy(base or {}), overrides, where, flags)
