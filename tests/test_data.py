@@ -351,6 +351,15 @@ def test_disjoint_by_rules(tmp_path):
     with pytest.raises(DataError, match=r"^data.protocol=disjoint needs at least 2 classes; data.source=imagefolder "
                                         r"\(/data/one\) has 1$"):
         assign_splits(one, DataConfig(source="imagefolder", path="/data/one", protocol="disjoint"), 0)
+    # 2 or 3 classes made a train split of one class (refused only by `train`, naming no key) or a test of one
+    three = RawImages([f"i{n}" for n in range(6)], np.arange(6) % 3, list("abc"), [b""] * 6)
+    with pytest.raises(DataError, match=r"^data.protocol=disjoint: data.source=imagefolder \(/data/three\) has "
+                                        r"3 classes, 1 for the train split and 2 for the test split; each needs at "
+                                        r"least 2$"):
+        assign_splits(three, DataConfig(source="imagefolder", path="/data/three", protocol="disjoint"), 0)
+    raw.groups = ["x", "y", "y", "y", "y", "y"]  # a group rule leaving one class on a side too
+    with pytest.raises(DataError, match="1 for the train split and 5 for the test split"):
+        assign_splits(raw, DataConfig(protocol="disjoint", disjoint_by="group"), 0)
 
 
 def _ids_by_split(path):

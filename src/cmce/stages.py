@@ -562,7 +562,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     check_replaceable(lay.eval_dir, EVAL_FILES)
     _refuse_other_members(lay, cfg)
     if prepare:
-        done(prepare_data(cfg, PrepareInputs(), DatasetOutputs(lay.dataset)))
+        done(prepare_data(cfg, PrepareInputs(will_evaluate=True), DatasetOutputs(lay.dataset)))
     per_class = ("classes", "class_groups")  # one entry per class: too long for a log line
     log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
     # the gallery is the test split: a vacuous R@K is refused now, not after the training

@@ -35,7 +35,18 @@ def cut_groups(groups: list[str], share: float, rng: np.random.Generator) -> set
 
 
 def train_classes(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
-    """Per class True for a train class, under data.disjoint_by."""
+    """Per class True for a train class, under data.disjoint_by; each side holds at least 2 classes (2 or 3 classes
+    made a train split of one class, refused only by `train`, and a test of one class, where every match is right)."""
+    train = _train_classes(raw, cfg, seed)
+    sides = (int(train.sum()), int((~train).sum()))
+    if min(sides) < 2:
+        where = f" ({cfg.path})" if getattr(cfg, "path", None) else ""
+        raise DataError(f"data.protocol={cfg.protocol}: data.source={cfg.source}{where} has {len(train)} classes, "
+                        f"{sides[0]} for the train split and {sides[1]} for the test split; each needs at least 2")
+    return train
+
+
+def _train_classes(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
     n = len(raw.classes)
     how = disjoint_rule(raw, cfg)
     rng = np.random.default_rng([seed, 1])  # its own stream: the heldout draws and caps stay as they were
