@@ -123,6 +123,22 @@ def test_a_full_disk_names_the_output_and_leaves_the_old_one(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.parquet", "m.pt"]
 
 
+def test_a_replaced_folder_that_cannot_be_removed_is_named(tmp_path, monkeypatch, caplog):
+    """An index folder with an immutable meta.json (`chattr +i`) was replaced, and its old copy left beside the
+    new one as `.index.XXXX.tmp/` without a word."""
+    import cmce.storage as storage
+
+    target = tmp_path / "out"
+    for version in ("old", "new"):
+        with atomic_dir(target, OWN) as tmp:
+            (tmp / "x").write_text(version)
+        if version == "old":  # deleting the old copy fails as it does for an immutable file: nothing is removed
+            monkeypatch.setattr(storage.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    assert (target / "x").read_text() == "new"
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert left and f"{left[0]}: the replaced copy could not be removed whole" in caplog.text
+
+
 def test_atomic_dir_swaps_whole_directories(tmp_path):
     target = tmp_path / "d"
     with atomic_dir(target, OWN) as tmp:

@@ -127,6 +127,9 @@ def _discard_dir(path: Path) -> None:
     trash = Path(tempfile.mkdtemp(prefix=path.name.removesuffix(".old") + ".", suffix=".tmp", dir=path.parent))
     os.replace(path, trash)  # onto the empty folder just made
     shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists():  # a file in it that may not be deleted (immutable, a read-only mount): said, not left unsaid
+        log.warning("%s: the replaced copy could not be removed whole; delete it by hand (the new one is in place)",
+                    trash)
 
 
 def keep_access(old: Path, new: Path) -> None:
