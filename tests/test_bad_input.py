@@ -309,12 +309,22 @@ def test_image_modes_are_converted(tmp_path):
         assert decode_image(blob, 3, 8, name).shape == (3, 8, 8)
 
 
+def test_single_image_classes_are_said_in_one_line(tmp_path, caplog):
+    """297 classes of one image each printed 297 warning lines: one line gives the count and the first three."""
+    root = image_folder(tmp_path / "images", {**{f"c{i:02d}": 1 for i in range(40)}, "cat": 2, "dog": 2})
+    with caplog.at_level(logging.WARNING):
+        main(["prepare-data", *imagefolder_args(root), "--out", str(tmp_path / "d.parquet")])
+    said = [r.getMessage() for r in caplog.records if "single image" in r.getMessage()]
+    assert said == [f"{root}: 40 class(es) have a single image ('c00', 'c01', 'c02', …); such an image cannot be "
+                    "both query and gallery"]
+
+
 def test_single_image_class_is_kept_in_train_with_a_warning(tmp_path, caplog):
     root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4, "bird": 1})
     out = tmp_path / "dataset.parquet"
     with caplog.at_level(logging.WARNING):
         assert main(["prepare-data", *imagefolder_args(root), "--out", str(out)]) == 0
-    assert f"{root}: class 'bird' has a single image" in caplog.text
+    assert f"{root}: 1 class(es) have a single image ('bird')" in caplog.text
     table = pq.read_table(out)
     split = dict(zip(table.column("id").to_pylist(), table.column("split").to_pylist(), strict=True))
     assert split["bird/0.png"] == "train"

@@ -296,6 +296,28 @@ def test_a_setting_given_by_set_and_by_its_flag_is_refused(tmp_path, caplog, arg
     assert f"{said} both set" in caplog.text and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("soft, hard, said", [
+    (7, 7, "ERROR cmce: cmce: the open-file limit is 7 (ulimit -n); a cmce step needs at least 64"),
+    (20, 4096, "g.parquet"),  # a soft limit the hard one allows to raise is raised: the step goes on to its input
+])
+def test_an_open_file_limit_too_low_is_raised_or_named_before_the_libraries_load(tmp_path, soft, hard, said):
+    """`ulimit -n 20` with loader workers: 117 worker tracebacks, exit 1; `ulimit -n 7`: `[Errno 24] Too many open
+    files`, naming nothing."""
+    import resource
+
+    from tests.serve_world import cmce_env
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    res = subprocess.run([sys.executable, "-m", "cmce", "build-index", "--gallery", str(tmp_path / "g.parquet"),
+                          "--out", str(tmp_path / "index")], env=cmce_env(), capture_output=True, text=True,
+                         preexec_fn=limit, timeout=120)
+    errors = _errors_of(res.stderr)
+    assert res.returncode == 2 and len(errors) == 1 and said in errors[0], res.stderr
+    assert "open-file limit" not in res.stderr or soft == hard
+
+
 def _errors_of(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
 

@@ -517,3 +517,20 @@ def test_a_key_set_twice_on_the_command_line_is_refused():
     with pytest.raises(ConfigError, match=r"^--set train.epochs: given twice; give it once$"):
         parse_overrides(["train.epochs=1", " train.epochs =2"])
     assert parse_overrides(["train.epochs=1", "train.lr=0.1"]) == {"train.epochs": 1, "train.lr": 0.1}
+
+
+@pytest.mark.parametrize("path, said", [
+    ("/tmp/" + "/".join(["d" * 200] * 22), "(4,426 bytes, a name of 200;"),
+    ("/tmp/" + "x" * 300, "(305 bytes, a name of 300;"),
+])
+def test_a_path_too_long_for_the_file_system_is_named_by_its_key(tmp_path, path, said):
+    """`cmce run --set output_dir=<4,461 characters>` failed on `[Errno 36] File name too long`, a 4.5 KB line that
+    named neither output_dir nor --set."""
+    from tests.conftest import SMOKE
+
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, {"output_dir": path})
+    assert str(err.value).startswith("--set output_dir: '/tmp/") and said in str(err.value)
+    assert len(str(err.value)) < 300
+    with pytest.raises(ConfigError, match=r"data.path: '/tmp/xxx.*too long for the file system"):
+        load_config(SMOKE, {"data.path": "/tmp/" + "x" * 300})

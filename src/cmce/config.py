@@ -573,7 +573,21 @@ def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
     for key, value in (("output_dir", cfg.output_dir), ("data.path", cfg.data.path)):
         if value is not None and value.startswith("~"):  # ~nosuchuser would be a folder in the working folder
             raise ConfigError(f"{where}: {key}: {value}: no such user's home folder")
+        if value is not None and (too_long := path_too_long(value)):  # `[Errno 36]` and 4.5 KB naming no key
+            raise ConfigError(f"{where}: {key}: {too_long}")
     return cfg
+
+
+PATH_MAX, NAME_MAX = 4096, 255  # Linux's limits on a path and on one of its names, in bytes
+
+
+def path_too_long(path: str) -> str | None:
+    """Why the system cannot open `path` for its length (and the path, cut), or None."""
+    longest = max((len(part.encode()) for part in path.split("/")), default=0)
+    if len(path.encode()) < PATH_MAX and longest <= NAME_MAX:
+        return None
+    return (f"{shown(path)}: too long for the file system ({len(path.encode()):,} bytes, a name of {longest:,}; at "
+            f"most {PATH_MAX - 1:,} and {NAME_MAX} a name)")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

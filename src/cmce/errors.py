@@ -186,7 +186,7 @@ def starting(command: str) -> Iterator[None]:
     _finished.clear()
     _stop_outside_main()
     drop_empty_thread_settings()  # before torch loads libgomp, which warns about them and goes on
-    if (bad := thread_settings_error()) is not None:
+    if (bad := thread_settings_error() or open_file_limit_error()) is not None:
         log_to_stderr()
         logging.getLogger("cmce").error("%s: %s", command, bad)
         exit_process(2)
@@ -220,6 +220,25 @@ def starting(command: str) -> Iterator[None]:
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 THREAD_COUNTS = re.compile(r"[1-9][0-9]{0,5}(,[1-9][0-9]{0,5})*")  # OpenMP's form: a positive count per nesting level
+
+
+MIN_OPEN_FILES = 64  # the libraries, a step's inputs and outputs, its loader workers' pipes, with room to spare
+
+
+def open_file_limit_error() -> str | None:
+    """Why the process cannot have the open files a step needs, or None. Under `ulimit -n 20` a step with loader
+    workers failed after its libraries loaded, with 117 worker tracebacks (exit 1); under 7, `[Errno 24] Too many
+    open files` naming nothing. A soft limit below MIN_OPEN_FILES is raised to it where the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= MIN_OPEN_FILES:
+        return None
+    if hard == resource.RLIM_INFINITY or hard >= MIN_OPEN_FILES:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (MIN_OPEN_FILES, hard))
+        return None
+    return (f"the open-file limit is {soft} (ulimit -n); a cmce step needs at least {MIN_OPEN_FILES} (its libraries, "
+            "inputs, outputs and loader workers); raise it")
 
 
 def drop_empty_thread_settings() -> None:

@@ -176,7 +176,9 @@ def import_imagefolder(path: str | Path) -> RawImages:
     if empty:  # a class without images still takes a label, and the classifier a row no image trains
         raise DataError(f"{root}: class folder(s) {', '.join(empty[:5])} hold no images (of suffixes "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))}); remove them or add images")
-    for cls in (c for c, n in zip(classes, counts, strict=True) if n == 1):
-        # kept: the heldout protocol puts it in train; as a test image it is a lone query (see metrics.py)
-        log.warning("%s: class %r has a single image; it cannot be both query and gallery", root, cls)
+    if single := [c for c, n in zip(classes, counts, strict=True) if n == 1]:
+        # kept: the heldout protocol puts it in train; as a test image it is a lone query (see metrics.py).
+        # One line for all (297 such classes gave 297 lines)
+        log.warning("%s: %d class(es) have a single image (%s%s); such an image cannot be both query and gallery",
+                    root, len(single), ", ".join(repr(c) for c in single[:3]), ", …" if len(single) > 3 else "")
     return RawImages(ids, np.asarray(labels), classes, images, split if has_split else None)
