@@ -139,6 +139,33 @@ def test_a_replaced_folder_that_cannot_be_removed_is_named(tmp_path, monkeypatch
     assert left and f"{left[0]}: the replaced copy could not be removed whole" in caplog.text
 
 
+def test_an_output_file_that_cannot_be_replaced_is_refused_before_any_work(tmp_path, monkeypatch):
+    """`train --out q.pt` over an immutable q.pt (`chattr +i`) trained 17 s, then failed on the rename naming its
+    scratch file. Opening it to write says EPERM at once (simulated here: chattr needs a capability); a file only
+    not writable by this user (EACCES) is still replaced by the rename, so it is not refused."""
+    import errno
+
+    import cmce.storage as storage
+
+    out = tmp_path / "q.pt"
+    out.write_bytes(b"x")
+    real_open = os.open
+
+    def refusing(error: int):
+        def fake(path, flags, *args):
+            if str(path) == str(out) and flags & os.O_WRONLY:
+                raise OSError(error, os.strerror(error), str(path))
+            return real_open(path, flags, *args)
+        return fake
+
+    monkeypatch.setattr(storage.os, "open", refusing(errno.EPERM))
+    with pytest.raises(ValueError, match=r"q.pt: cannot be replaced: Operation not permitted \(an immutable"):
+        storage.check_output(out)
+    monkeypatch.setattr(storage.os, "open", refusing(errno.EACCES))
+    storage.check_output(out)
+    assert out.read_bytes() == b"x"
+
+
 def test_atomic_dir_swaps_whole_directories(tmp_path):
     target = tmp_path / "d"
     with atomic_dir(target, OWN) as tmp:

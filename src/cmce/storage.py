@@ -370,6 +370,20 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         raise ValueError(f"{text}: cannot be written: no write permission in {existing}")
     if is_dir and own is not None and target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
         raise ValueError(f"{text}: is read-only; it is replaced whole, so make it writable or give another folder")
+    if not is_dir and target.is_file() and (why := _unreplaceable(target)):
+        raise ValueError(f"{text}: cannot be replaced: {why}")
+
+
+def _unreplaceable(path: Path) -> str | None:
+    """Why a file cannot be renamed over (an immutable or append-only file: `chattr +i`), or None. Found by opening
+    it to write, which changes nothing; only EPERM says so (EACCES, a file this user may not write, can still be
+    replaced by a rename). Unchecked, a step trained for 17 s, then failed on the rename, naming its scratch file."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW))
+    except OSError as err:
+        if err.errno == errno.EPERM:
+            return f"{err.strerror} (an immutable or append-only file: chattr -i)"
+    return None
 
 
 def _refuse_other_format(text: str, found: str | None, writes: str | None, kinds: tuple[str, ...],
