@@ -1256,3 +1256,27 @@ def test_a_failed_commit_of_an_s3_index_says_it_is_incomplete(s3_server, s3_chai
     assert "access denied" in error and error.endswith(f"; {uri} incomplete (its upload was cut)"), error
     left = keys(s3_server, bucket)
     assert "idx/meta.json" not in left and not any(".staging-" in k for k in left)
+
+
+def test_a_listing_that_never_ends_is_refused_past_a_bound(monkeypatch):
+    """Every page of 1,000 new keys said there were more: `search --index s3://…` listed 1.36 M keys in 120 s, its
+    memory growing, until it was killed (each page came in time, so the deadline never fired)."""
+    pages = []
+
+    class Endless(Quiet):
+        def do_GET(self):  # noqa: N802 - every listing page: 1,000 new keys, and more to come
+            pages.append(self.path)
+            n = len(pages)
+            keys = "".join(f"<Contents><Key>idx/k{n}-{i}</Key><Size>1</Size></Contents>" for i in range(1000))
+            self.reply(200, ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name>'
+                             f'<Prefix>idx/</Prefix><KeyCount>1000</KeyCount><MaxKeys>1000</MaxKeys>'
+                             f'<IsTruncated>true</IsTruncated><NextContinuationToken>t{n}</NextContinuationToken>'
+                             f'{keys}</ListBucketResult>').encode())
+
+    monkeypatch.setattr(cmce_s3, "MAX_LISTED_KEYS", 5_000)
+    with serving(Endless) as port:
+        for name, value in s3_env(port).items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=r"s3://b/idx: its listing goes past 5,000 objects"):
+            cmce_s3.list_keys("s3://b/idx")
+    assert len(pages) == 6

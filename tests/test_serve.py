@@ -1489,3 +1489,21 @@ def test_a_body_budget_serves_in_turn_and_holds_nothing_it_gave_up():
         assert budget.free == 100
 
     asyncio.run(scenario())
+
+
+def test_a_sized_body_over_the_limit_arriving_with_its_head_is_refused_as_such(in_process_server):
+    """A Content-Length body over --max-body-bytes sent with its head was refused 413 as "a chunk declares 0
+    bytes": there is no chunk. Refused as the same body arriving later is."""
+    from cmce.serving.queries import Limits
+
+    _, url = in_process_server(limits=Limits(max_body_bytes=1000))
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        # past the limit and still arriving (1,500 of 2,000 bytes): all of it read at once by the server, so its
+        # close after the answer leaves nothing unread (which would reset the connection and lose the answer)
+        conn.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2000\r\n\r\n" + b" " * 1500)
+        reply = closed_by_server(conn, 10)
+    assert reply is not None and reply.startswith(b"HTTP/1.1 413"), reply
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error == "body: request body over 1000 bytes (--max-body-bytes)", error

@@ -623,8 +623,12 @@ def kind(uri: str) -> str:
     raise FileNotFoundError(f"{uri}: no such object or prefix")
 
 
+MAX_LISTED_KEYS = 100_000  # a cmce folder (an index, shards, models) holds far fewer objects
+
+
 def list_keys(uri: str) -> list[str]:
-    """Keys under the prefix `uri/`, relative to it, sorted."""
+    """Keys under the prefix `uri/`, relative to it, sorted; refused past MAX_LISTED_KEYS (a server whose listing
+    never ended, each page in time, held `search` until it was killed, its memory growing)."""
     u = parse(uri)
     out: list[str] = []
     with _errors(uri, "listing"):
@@ -632,6 +636,9 @@ def list_keys(uri: str) -> list[str]:
         while (page := _bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
             _is_listing(page, uri, "listing")
             out += [o["Key"][len(u.dir_prefix):] for o in page.get("Contents", [])]
+            if len(out) > MAX_LISTED_KEYS:
+                raise ValueError(f"{redact(uri)}: its listing goes past {MAX_LISTED_KEYS:,} objects; a cmce folder "
+                                 "holds far fewer (a prefix too broad, or a server whose listing never ends)")
     return sorted(k for k in out if k and not k.endswith("/"))  # "folder/" placeholder objects hold nothing
 
 

@@ -303,7 +303,8 @@ class JsonErrorsH11(H11Protocol):
         arrives, as a Content-Length over it is: it waited for the body deadline and was answered 408, "too slow".
         The declared size is h11's reader's own (no public API); without it the body deadline still applies."""
         declared = getattr(getattr(self.conn, "_reader", None), "_bytes_in_chunk", 0)
-        if not isinstance(declared, int) or self._body_bytes + declared <= self.max_body_bytes:
+        # 0: no chunk size line pending (a sized body over the limit is the app's to refuse: "a chunk declares 0")
+        if not isinstance(declared, int) or declared == 0 or self._body_bytes + declared <= self.max_body_bytes:
             return False
         self._refuse_body(b"413 Content Too Large", f"request body over {self.max_body_bytes} bytes "
                                                     f"(--max-body-bytes): a chunk declares {declared} bytes")
