@@ -3013,8 +3013,8 @@ def test_options_that_take_lists_may_still_be_repeated():
 
 def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, caplog):
     """`evaluate.recall_k=[1,1000]` on a 539-item gallery reported R@1000 = 1.0 for every configuration, a column
-    that measures nothing (the gate refuses such a metric). A run refuses it before the training; prepare-data,
-    the pipelines' first step, warns of it."""
+    that measures nothing (the gate refuses such a metric). A run refuses it before it writes its dataset;
+    prepare-data alone warns of it (the pipelines' runs refuse it there: --will-evaluate)."""
     items = pq.ParquetFile(world.gallery).metadata.num_rows
     out = tmp_path / "eval"
     fails(caplog, [*evaluate_args(world), "--set", f"evaluate.recall_k=[1, {items}]", "--out", out], out,
@@ -3022,9 +3022,9 @@ def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, ca
           f"({world.gallery}); give K below {items}")
     root = tmp_path / "run"
     fails(caplog, ["run", "--config", SMOKE, *TINY, "--set", f"output_dir={root}", "--set",
-                   f"evaluate.recall_k=[1, {items}, 100000]"], root / "models",
+                   f"evaluate.recall_k=[1, {items}, 100000]"], root,
           f"evaluate.recall_k: R@{items}, R@100000 is 1 for every query with a match on a gallery of {items} items "
-          f"(the test split of {root / 'data'}")
+          "(the test split the data settings give)")  # before its dataset is written
     # the first step of every runner (cmce run, the KFP and DVC pipelines) says it at once
     caplog.clear()
     assert main(["prepare-data", "--config", str(SMOKE), *TINY, "--set", f"evaluate.recall_k=[{items}]", "--out",

@@ -97,8 +97,12 @@ def test_the_flag_wins_over_the_config_and_the_config_over_auto(gpu, monkeypatch
     assert seen["device"] == torch.device("cuda", 0)  # the smoke config says nothing: auto
     assert main(base + ["--set", "device=cpu"]) == 0
     assert seen["device"] == torch.device("cpu")
-    assert main(["--device", "cuda", *base, "--set", "device=cpu"]) == 0
+    on_cpu = tmp_path / "cpu.yaml"  # a config file that says cpu: the flag wins
+    on_cpu.write_text(SMOKE.read_text() + "\ndevice: cpu\n")
+    assert main(["--device", "cuda", *base[:2], str(on_cpu), *base[3:]]) == 0
     assert seen["device"] == torch.device("cuda", 0)
+    # the flag and --set both on the command line: refused, not one of them dropped without a word
+    assert main(["--device", "cuda", *base, "--set", "device=cpu"]) == 2
 
 
 def test_a_step_asked_for_cuda_on_a_cpu_machine_exits_2_naming_the_key(monkeypatch, tmp_path, caplog):
