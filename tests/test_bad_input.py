@@ -1804,6 +1804,7 @@ def test_index_files_rewritten_with_matching_checksums_are_still_checked_togethe
     pq.write_table(ids, index / "ids.parquet")
     meta = json.loads((index / "meta.json").read_text())
     meta["files"]["ids.parquet"] = file_sha256(index / "ids.parquet")
+    meta["sizes"]["ids.parquet"] = (index / "ids.parquet").stat().st_size  # a consistent meta.json, other content
     (index / "meta.json").write_text(json.dumps(meta))
     fails(caplog, _search(world, index), index, f"{index}", message)
 
@@ -2777,6 +2778,22 @@ def test_an_index_meta_json_of_gigabytes_is_refused_unread(world, tmp_path, capl
           f"{index}/meta.json: more than {64 << 20:,} bytes, more than such a file holds")
 
 
+def test_an_index_file_of_another_size_than_meta_json_says_is_refused_unread(world, tmp_path, caplog, monkeypatch):
+    """A 20 GB sparse index.faiss was hashed whole before it was refused (72 s): meta.json records each file's
+    size, compared first."""
+    import cmce.index as index_module
+
+    index = shutil.copytree(world.index, tmp_path / "index")
+    with open(index / "index.faiss", "r+b") as f:
+        f.truncate(20 << 30)  # sparse
+    hashed = []
+    monkeypatch.setattr(index_module, "file_sha256", lambda path: hashed.append(path) or "0" * 64)
+    fails(caplog, _search(world, index), tmp_path / "unused",  # not the index: its snapshot would read 20 GB
+          f"{index}/index.faiss: missing, not a regular file, or does not match the checksum in meta.json (its size "
+          "is 21,474,836,480 bytes, meta.json records")
+    assert hashed == []
+
+
 def test_an_index_file_that_cannot_be_read_is_named(tmp_path):
     """ids.parquet replaced by a link to /proc/self/mem under a served index: `[Errno 5] Input/output error`,
     naming no file."""
@@ -3538,6 +3555,7 @@ def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(wo
     pq.write_table(table.take(np.random.default_rng(0).permutation(table.num_rows)), index / "ids.parquet")
     meta = json.loads((index / "meta.json").read_text())
     meta["files"]["ids.parquet"] = file_sha256(index / "ids.parquet")
+    meta["sizes"]["ids.parquet"] = (index / "ids.parquet").stat().st_size
     (index / "meta.json").write_text(json.dumps(meta))
     search = ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--limit", "1"]
     fails(caplog, [*search, "--gallery", world.gallery], tmp_path / "unused", f"{index}/ids.parquet: row 0 holds ",

@@ -334,10 +334,11 @@ def test_a_sha256_recorded_in_upper_case_is_the_same_model(tmp_path):
 
 
 def _rewrite(index_dir, name, write):
-    """Replace one file of a built index and its checksum in meta.json (a consistent forgery)."""
+    """Replace one file of a built index and its checksum and size in meta.json (a consistent forgery)."""
     write(index_dir / name)
     meta = json.loads((index_dir / "meta.json").read_text())
     meta["files"][name] = file_sha256(index_dir / name)
+    meta["sizes"][name] = (index_dir / name).stat().st_size
     (index_dir / "meta.json").write_text(json.dumps(meta))
 
 

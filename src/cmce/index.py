@@ -281,6 +281,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
             "gallery_sha256": gallery_sha256,
             **({"source": meta["source"], "split": meta["split"]} if meta.get("source") else {}),
             "files": {f: file_sha256(tmp / f) for f in ("index.faiss", "ids.parquet", "rejected.parquet")},
+            "sizes": {f: (tmp / f).stat().st_size for f in ("index.faiss", "ids.parquet", "rejected.parquet")},
         }
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     log.info("built %s index at %s (%s, search %s): %d indexed, %d rejected", built.index_type, out_dir,
@@ -300,7 +301,16 @@ def _write_faiss(index: Any, path: Path, out_dir: Path) -> None:
 
 
 def check_files(d: Path, meta: dict, shown: str, error: type[Exception] = ValueError) -> None:
-    """Every file meta.json names is in `d` and matches its checksum; else `error` naming the first that is not."""
+    """Every file meta.json names is in `d` and matches its checksum; else `error` naming the first that is not.
+    A size meta.json records (indexes built since it does) is compared first: a 20 GB sparse index.faiss was
+    hashed whole before it was refused (72 s)."""
+    sizes = meta.get("sizes") if isinstance(meta.get("sizes"), dict) else {}
+    for name in meta["files"]:  # every size before any hash
+        size = sizes.get(name)
+        with contextlib.suppress(OSError):  # a file that cannot be read is named below
+            if type(size) is int and (d / name).is_file() and (actual := (d / name).stat().st_size) != size:
+                raise error(f"{shown}/{name}: missing, not a regular file, or does not match the checksum in "
+                            f"meta.json (its size is {actual:,} bytes, meta.json records {size:,})")
     for name, digest in meta["files"].items():
         try:
             if (d / name).is_file() and file_sha256(d / name) == digest:  # is_file: a pipe would block the read
