@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("pipeline")
@@ -275,13 +275,13 @@ def run_local(args: argparse.Namespace) -> Path:
     held = _hold(workspace)  # released by the OS however this process ends: a later run then removes the folder
     stopping.workspace = workspace
     stopping.root, stopping.before = root, set(root.iterdir())
-    previous_tmpdir = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = os.path.join(workspace, "tmp")  # read by the tasks only: this process's is fixed
-    os.mkdir(os.environ["TMPDIR"])
+    os.mkdir(os.path.join(workspace, "tmp"))
     try:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), workspace_root=workspace)
-        started = time.time()
-        run(**arguments, mlflow_uri="" if args.no_mlflow else uri)
+        with _tasks_environment(workspace):
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                       workspace_root=workspace)
+            started = time.time()
+            run(**arguments, mlflow_uri="" if args.no_mlflow else uri)
     except RuntimeError as err:  # kfp.local: "Pipeline 'cmce' finished with status FAILURE. Inner task failed: …"
         if "finished with status" not in str(err):
             raise
@@ -289,10 +289,6 @@ def run_local(args: argparse.Namespace) -> Path:
         raise PipelineFailed(f"{ANSI.sub('', str(err))} (its output is above){closed}") from None
     finally:
         stopping.workspace = stopping.root = None
-        if previous_tmpdir is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = previous_tmpdir
         shutil.rmtree(workspace, ignore_errors=True)
         os.close(held)
     prefix = "cmce-" if args.pipeline == "cmce" else f"cmce-{args.pipeline}-"
@@ -346,6 +342,28 @@ def remove_orphaned_workspaces() -> None:
             os.close(fd)
         shutil.rmtree(folder, ignore_errors=True)
         log.info("removed %s, the workspace of a run that was killed", folder)
+
+
+@contextlib.contextmanager
+def _tasks_environment(workspace: str) -> Iterator[None]:
+    """What the task processes inherit for the block: their temporary folder inside the workspace (this process's
+    is fixed), and, where this process stops its tasks on Ctrl-C (stop), that they leave Ctrl-C to it
+    (cmce.TASK_IGNORES_CTRL_C)."""
+    from cmce import TASK_IGNORES_CTRL_C
+
+    settings = {"TMPDIR": os.path.join(workspace, "tmp")}
+    if signal.SIGINT in stopping.signals:
+        settings[TASK_IGNORES_CTRL_C] = "1"
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _Stopping:
@@ -429,6 +447,50 @@ def stop(signum: int, _frame: object) -> None:
     say(logging.ERROR, "python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files "
         "removed%s", signal_name(signum), stopped, closed)
     os._exit(128 + signum)
+
+
+class SilencedOnStop:
+    """This process's standard output during a local run, where kfp.local's threads relay each task's output and
+    log its status: nothing is written once an ending signal has reached the process. A terminal's Ctrl-C reaches
+    the tasks too, and a stopping task's traceback (or kfp.local's `Retrying in 30.0s`) was printed above stop()'s
+    line whenever it came before the main thread ran its handler. The signal's C-level handler writes it to the
+    wakeup pipe as the signal is taken, before any thread of this process runs Python again: it is read here."""
+
+    def __init__(self, stream: object, wakeup: int, signums: tuple[int, ...]) -> None:
+        self._stream, self._wakeup, self._signums = stream, wakeup, set(signums)
+        self._stopped = False
+
+    def _stopping(self) -> bool:
+        if not self._stopped:
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._stopped = any(signum in self._signums for signum in os.read(self._wakeup, 512))
+        return self._stopped
+
+    def write(self, text: str) -> int:
+        return len(text) if self._stopping() else self._stream.write(text)
+
+    def __getattr__(self, name: str) -> object:  # flush, fileno, encoding, isatty, …
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def silenced_on_stop(signums: tuple[int, ...]) -> Iterator[None]:
+    """sys.stdout is a SilencedOnStop for the block (main thread only: the wakeup pipe is the main thread's)."""
+    if not signums or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous_fd, stream = signal.set_wakeup_fd(write, warn_on_full_buffer=False), sys.stdout
+    sys.stdout = SilencedOnStop(stream, read, signums)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read)
+        os.close(write)
 
 
 def _stop_tasks() -> int:
@@ -578,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, package in PACKAGES.items():
                 log.info("wrote %s", compile_pipeline(args.out_dir / package.name, name))
         elif args.command == "run":
-            run_local(args)
+            with silenced_on_stop(stopping.signals):
+                run_local(args)
         else:
             submit(args)
     except (ValueError, OSError) as err:  # a bad params file, override or folder: one line, as cmce's steps
