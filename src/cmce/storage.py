@@ -464,29 +464,41 @@ def swap_lock(target: str | Path, exclusive: bool) -> Iterator[None]:
     """The swap of a folder by atomic_dir (exclusive) and its readers (shared) exclude each other, so a reader
     sees the old folder or the new one, whole, and never takes a live swap for an interrupted one. The lock is
     an flock on the parent folder itself (no lock file is left beside the outputs); the OS releases it when a
-    process dies. Swaps of folders with one parent wait for each other: they are two renames long."""
+    process dies. Swaps of folders with one parent wait for each other: they are two renames long.
+    A waiting swap goes before the readers that come after it: flock favours no one, and readers whose loads
+    overlapped held a rebuild off for good. A swap holds the flock of the folder itself (the turnstile) while it
+    waits; a reader passes through it, held only while it takes its shared lock. Locks are taken from the folder
+    to its parent, never the other way, so folders nested in each other cannot deadlock."""
     target = Path(target)
-    fd = None
+    parent = turnstile = None
     with contextlib.suppress(OSError):  # a missing parent: there is nothing to swap or read
-        fd = os.open(target.parent, os.O_RDONLY)
+        parent = os.open(target.parent, os.O_RDONLY)
+    with contextlib.suppress(OSError):  # no folder yet (a first build), or a file
+        turnstile = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if fd is not None:
-            _wait_for_lock(fd, exclusive, target)
+        if turnstile is not None:
+            _wait_for_lock(turnstile, True, target, target)
+        if parent is not None:
+            _wait_for_lock(parent, exclusive, target, target.parent)
+        if turnstile is not None and not exclusive:
+            os.close(turnstile)  # passed through: the next reader, or a swap, may take it
+            turnstile = None
         yield
     finally:
-        if fd is not None:
-            os.close(fd)
+        for fd in (turnstile, parent):
+            if fd is not None:
+                os.close(fd)
 
 
-def _wait_for_lock(fd: int, exclusive: bool, target: Path) -> None:
-    """flock, saying first what it waits for when another process holds the lock (a search suspended with
-    Ctrl-Z keeps its shared one: the silent wait looked like a hang)."""
+def _wait_for_lock(fd: int, exclusive: bool, target: Path, locked: Path) -> None:
+    """flock on `locked`, saying first what it waits for when another process holds the lock (a search suspended
+    with Ctrl-Z keeps its shared one: the silent wait looked like a hang)."""
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         log.info("%s: waiting for another process that is reading or swapping it (it holds a lock on %s)",
-                 target, target.parent)
+                 target, locked)
         fcntl.flock(fd, mode)
 
 
