@@ -130,7 +130,7 @@ class Server:
             try:
                 if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # until the deadline: a loaded machine is slow
                 pass
             if time.monotonic() > deadline:
                 self.stop()

@@ -245,7 +245,7 @@ def test_mlflows_own_console_lines_do_not_fail_tracking_on_an_http_store(tmp_pat
             try:
                 if requests.get(f"{uri}/health", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow to answer its first
                 time.sleep(0.2)
         parent = start_parent_run(uri, "cmce", {})
         monkeypatch.setattr(sys, "stdout", _FullStdout())
