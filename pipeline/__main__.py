@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("pipeline")
@@ -468,6 +468,10 @@ class SilencedOnStop:
 
     def write(self, text: str) -> int:
         return len(text) if self._stopping() else self._stream.write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
 
     def __getattr__(self, name: str) -> object:  # flush, fileno, encoding, isatty, …
         return getattr(self._stream, name)

@@ -326,6 +326,60 @@ def test_a_waiting_swap_goes_before_the_readers_that_come_after_it(tmp_path):
     writer.join(30)
 
 
+def test_a_folder_named_through_dot_or_dotdot_is_locked_as_the_folder_it_is(tmp_path, monkeypatch):
+    """`cd index && cmce search --index .`: the folder and its "parent" were one folder, locked twice by one
+    reader (a hang); `a/x/..` against `a`, or a reader of `.` against a writer of the full path, locked other
+    folders than each other (no exclusion, or two processes each waiting for the other)."""
+    import threading
+
+    from cmce.storage import swap_lock
+
+    _, parts, _ = members(tmp_path, n_models=2, rows=20, seed=1)
+    out = build_index(combine_members(parts, tmp_path / "gallery.parquet"), tmp_path / "index")
+    (out / "x").mkdir()
+    monkeypatch.chdir(out)
+    assert load_index(".").meta["n_indexed"] == 20
+    with swap_lock("/", exclusive=False):  # a folder that is its own parent
+        pass
+    entered = []
+    for name in (".", "x/.."):
+        with swap_lock(out, exclusive=True):  # a swap of the full path under way
+            reader = threading.Thread(target=lambda n=name: entered.append(_enter_and_leave(swap_lock(n, False))))
+            reader.start()
+            reader.join(0.5)
+            assert reader.is_alive()  # it waits for the swap
+        reader.join(30)
+        assert not reader.is_alive()
+    assert entered == [True, True]
+
+
+def _enter_and_leave(lock: object) -> bool:
+    with lock:
+        return True
+
+
+def test_a_turn_behind_a_suspended_swap_is_waited_for_a_while_then_taken_beside_it(tmp_path, monkeypatch, caplog):
+    """A swap waiting behind a reader suspended with Ctrl-Z held its folder's turnstile: every later reader of the
+    index waited with it, for good. After TURNSTILE_WAIT_S a reader goes on beside it, as before."""
+    import fcntl
+    import logging
+    import os
+
+    from cmce import storage
+
+    _, parts, _ = members(tmp_path, n_models=2, rows=20, seed=1)
+    out = build_index(combine_members(parts, tmp_path / "gallery.parquet"), tmp_path / "index")
+    monkeypatch.setattr(storage, "TURNSTILE_WAIT_S", 0.5)
+    caplog.set_level(logging.INFO)
+    waiting_swap = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(waiting_swap, fcntl.LOCK_EX)  # the turnstile, as a swap holds it while it waits
+        assert load_index(out).meta["n_indexed"] == 20
+    finally:
+        os.close(waiting_swap)
+    assert any("waited 0.5 s for its turn behind a swap" in r.getMessage() for r in caplog.records)
+
+
 def test_an_hnsw_index_answers_k_neighbours_beyond_its_ef_search(tmp_path):
     """HNSW finds at most efSearch neighbours: a k above it came back short (426 of 485) without a word."""
     from cmce.config import HnswConfig, IndexConfig

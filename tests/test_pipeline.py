@@ -791,6 +791,7 @@ def test_output_relayed_after_a_stop_signal_is_taken_but_before_its_handler_runs
         signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # its C-level handler runs in this thread
         seen_by_relay.append(list(handled))
         print("Traceback (most recent call last):")
+        sys.stdout.writelines(["Retrying in 30.0s\n"])
 
     try:
         with silenced_on_stop((signal.SIGUSR1,)):

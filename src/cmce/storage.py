@@ -89,8 +89,11 @@ def clean_stale_temps(target: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -
 def restore_dir(target: str | Path, own: tuple[str, ...]) -> bool:
     """Put `.<name>.old` back when `target` is missing: a run killed between atomic_dir's two renames
     leaves the previous complete folder there and nothing at `target`. Returns True if it did. A folder of that
-    name holding anything but the step's own files (`own` globs) is someone else's: left where it is."""
-    target = Path(target)
+    name holding anything but the step's own files (`own` globs) is someone else's: left where it is. `target`
+    as the folder it is (`--index .` has no name of its own)."""
+    target = Path(os.path.realpath(target))
+    if not target.name:  # the root folder
+        return False
     old = _old(target)
     if target.exists() or not _is_own_old(old, own):
         return False
@@ -459,35 +462,64 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
     _refuse_other_format(uri, found, writes, kinds if read else (), lambda: kind)
 
 
+TURNSTILE_WAIT_S = 30.0  # the longest a reader waits behind a waiting swap (or a swap behind another) for its turn
+
+
 @contextlib.contextmanager
 def swap_lock(target: str | Path, exclusive: bool) -> Iterator[None]:
     """The swap of a folder by atomic_dir (exclusive) and its readers (shared) exclude each other, so a reader
     sees the old folder or the new one, whole, and never takes a live swap for an interrupted one. The lock is
     an flock on the parent folder itself (no lock file is left beside the outputs); the OS releases it when a
     process dies. Swaps of folders with one parent wait for each other: they are two renames long.
-    A waiting swap goes before the readers that come after it: flock favours no one, and readers whose loads
-    overlapped held a rebuild off for good. A swap holds the flock of the folder itself (the turnstile) while it
-    waits; a reader passes through it, held only while it takes its shared lock. Locks are taken from the folder
-    to its parent, never the other way, so folders nested in each other cannot deadlock."""
-    target = Path(target)
-    parent = turnstile = None
-    with contextlib.suppress(OSError):  # a missing parent: there is nothing to swap or read
-        parent = os.open(target.parent, os.O_RDONLY)
-    with contextlib.suppress(OSError):  # no folder yet (a first build), or a file
-        turnstile = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if turnstile is not None:
-            _wait_for_lock(turnstile, True, target, target)
-        if parent is not None:
-            _wait_for_lock(parent, exclusive, target, target.parent)
-        if turnstile is not None and not exclusive:
-            os.close(turnstile)  # passed through: the next reader, or a swap, may take it
+    A waiting swap goes before the readers of its folder that come after it: flock favours no one, and readers
+    whose loads overlapped held a rebuild off for good. A swap holds the flock of the folder itself (the
+    turnstile) while it waits; a reader passes through it, held only while it takes its shared lock. A turn is
+    waited for TURNSTILE_WAIT_S at most (a suspended process holds its locks): then the lock goes on without it,
+    as before. Readers of other folders with the same parent are not held back. Locks are taken on the real
+    folders (symbolic links and `..` resolved), from a folder to its parent, never the other way, so folders
+    nested in each other cannot deadlock."""
+    real = Path(os.path.realpath(target))
+    with contextlib.ExitStack() as held:
+        parent = _open_folder(real.parent, held)  # None: a missing parent, there is nothing to swap or read
+        turnstile = _open_folder(real, held) if real != real.parent else None  # no folder yet (a first build)
+        if turnstile is not None and not _turn(turnstile, Path(target)):
             turnstile = None
+        if parent is not None:
+            _wait_for_lock(parent, exclusive, Path(target), real.parent)
+        if turnstile is not None and not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)  # passed through: the next reader, or a swap, may take it
         yield
-    finally:
-        for fd in (turnstile, parent):
-            if fd is not None:
-                os.close(fd)
+
+
+def _open_folder(folder: Path, held: contextlib.ExitStack) -> int | None:
+    """An fd of `folder` to flock, closed with `held`; None where it is no folder that can be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    held.callback(os.close, fd)
+    return fd
+
+
+def _turn(fd: int, target: Path) -> bool:
+    """The turnstile's flock, waited for TURNSTILE_WAIT_S at most; False where it was not had (or cannot be:
+    a file system without flock)."""
+    deadline, said = time.monotonic() + TURNSTILE_WAIT_S, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                log.info("%s: waited %g s for its turn behind a swap; reading beside it", target, TURNSTILE_WAIT_S)
+                return False
+            if not said:
+                log.info("%s: waiting for another process that is reading or swapping it (it holds a lock on %s)",
+                         target, target)
+                said = True
+            time.sleep(0.05)
+        except OSError:
+            return False
 
 
 def _wait_for_lock(fd: int, exclusive: bool, target: Path, locked: Path) -> None:
