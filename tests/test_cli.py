@@ -231,16 +231,22 @@ def test_build_index_reads_the_index_section_of_a_config(tmp_path):
     assert main(["build-index", "--gallery", str(gallery), "--out", str(tmp_path / "d"), "--index-type", "annoy"]) != 0
 
 
-def test_build_index_takes_a_file_of_the_index_section_alone(tmp_path, caplog):
+def test_build_index_takes_a_file_of_the_index_section_alone(tmp_path, caplog, monkeypatch):
     """`--config` says "index type, rejection and the type's parameters", yet a file of `index:` alone was refused
     for lacking gallery_models: build-index reads no model. Its faults and overrides are named as a config's."""
+    from cmce import config
     from tests.test_index import clustered_gallery
 
     gallery, _ = clustered_gallery(tmp_path, n=1000, members=2)
     cfg = tmp_path / "index.yaml"
     cfg.write_text("index: {type: hnsw, reject_fraction: 0.1, hnsw: {m: 8}}\n")
+    reads = []
+    monkeypatch.setattr(config, "read_config_text", lambda path, read=config.read_config_text: reads.append(path)
+                        or read(path))
     assert main(["build-index", "--config", str(cfg), "--gallery", str(gallery), "--out", str(tmp_path / "a"),
                  "--set", "index.hnsw.ef_search=20"]) == 0
+    assert len(reads) == 1  # read once: the device is chosen, then the index built, from one reading
+    monkeypatch.undo()
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["index_params"]["factory"] == "HNSW8,Flat" and meta["search_params"] == {"ef_search": 20}
     assert meta["n_rejected"] == 100

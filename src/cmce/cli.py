@@ -25,7 +25,7 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.arguments import OneLineParser, int_in, not_blank
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
-from cmce.config import Config, is_index_section, parse_overrides, shown_key
+from cmce.config import Config, index_section_alone, parse_overrides, shown_key
 from cmce.errors import (
     TERMINATING_NAMES,
     Terminated,
@@ -335,9 +335,9 @@ def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None, fla
     flags (`extra`; `flags` names the flag behind a key). A key both --set and a flag give is refused: the flag won
     without a word, as a key given twice to --set once did."""
     out = parse_overrides(args.set)
-    given = {"device": ("--device", args.device), "num_threads": ("--threads", args.threads)}
-    given = {key: flag for key, (flag, value) in given.items() if value}
-    given.update({key: flag for key, flag in (flags or {}).items() if key in (extra or {})})
+    flagged = [("device", "--device", args.device), ("num_threads", "--threads", args.threads),
+               *((key, flag, key in (extra or {})) for key, flag in (flags or {}).items())]
+    given = {key: flag for key, flag, value in flagged if value}  # the keys a flag gave
     for key, flag in given.items():
         if clash := next((k for k in _dotted_keys(out) if k == key or key.startswith(f"{k}.")
                           or k.startswith(f"{key}.")), None):
@@ -474,6 +474,14 @@ def cmd_combine(args: argparse.Namespace) -> StepRecord:
     return stages.combine(stages.FilesInputs(members), stages.GalleryOutputs(_parquet_out(args, args.out, GALLERY)))
 
 
+def _index_section_alone(args: argparse.Namespace) -> dict[str, Any] | None:
+    """build-index's --config where it holds the `index:` section alone, else None; the file is read once (the
+    device is selected before the step)."""
+    if not hasattr(args, "index_section_alone"):
+        args.index_section_alone = index_section_alone(_in(args.config))
+    return args.index_section_alone
+
+
 def cmd_build_index(args: argparse.Namespace) -> StepRecord:
     from cmce.config import index_config, load_index_section
 
@@ -481,12 +489,12 @@ def cmd_build_index(args: argparse.Namespace) -> StepRecord:
              if v is not None}  # shorthands for --set: checked by the config like any other value
     named = {k: flag for k, flag in (("index.reject_fraction", "--reject-fraction"), ("index.type", "--index-type"))
              if k in flags}  # a value --set gave is blamed on --set
-    if args.config and is_index_section(_in(args.config)):  # a file of the `index:` section alone
+    if args.config and (raw := _index_section_alone(args)) is not None:
         overrides = _settings(args, flags, named)
         for key, flag in (("device", args.device), ("num_threads", args.threads)):
             if flag:  # global flags, not index settings
                 del overrides[key]
-        options = load_index_section(_in(args.config), overrides, named)
+        options = load_index_section(raw, _in(args.config), overrides, named)
     elif args.config:
         options = _config(args, flags, named).index
     else:
@@ -901,7 +909,8 @@ def _select_device(args: argparse.Namespace) -> None:
     else the config's `device`, else auto. Stages that read a config select it again from there."""
     if args.device:
         devices.select(args.device, "--device")
-    elif getattr(args, "config", None) and not (args.command == "build-index" and is_index_section(_in(args.config))):
+    elif getattr(args, "config", None) and not (args.command == "build-index"
+                                                and _index_section_alone(args) is not None):
         devices.select(_config(args).device, f"{args.config}: device")
     else:
         devices.select("auto")

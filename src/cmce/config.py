@@ -729,16 +729,18 @@ def read_config_mapping(path: Path) -> dict[str, Any]:
     return raw
 
 
-def is_index_section(path: str | Path) -> bool:
-    """Config file `path` holds the `index` section alone (what build-index reads), not a whole config."""
-    return set(read_config_mapping(Path(path))) == {"index"}
-
-
-def load_index_section(path: str | Path, overrides: dict[str, Any], flags: dict[str, str] | None = None
-                       ) -> IndexConfig:
-    """The settings of a config file holding the `index` section alone (is_index_section: build-index needs no
-    models; such a file was refused for lacking gallery_models) with `index.*` overrides, blamed as load_config's."""
+def index_section_alone(path: str | Path) -> dict[str, Any] | None:
+    """The settings of config file `path` where it holds the `index` section alone (what build-index reads), else
+    None (a whole config)."""
     raw = read_config_mapping(Path(path))
+    return raw if set(raw) == {"index"} else None
+
+
+def load_index_section(raw: dict[str, Any], path: str | Path, overrides: dict[str, Any],
+                       flags: dict[str, str] | None = None) -> IndexConfig:
+    """The settings `raw` of config file `path`, which holds the `index` section alone (index_section_alone:
+    build-index needs no models; such a file was refused for lacking gallery_models), with `index.*` overrides,
+    blamed as load_config's."""
     if other := [k for k in overrides if k != "index" and not k.startswith("index.")]:
         raise ConfigError(f"--set {shown_key(other[0])}: {path} holds the index section alone: only index.* "
                           "settings apply")
