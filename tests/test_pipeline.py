@@ -718,6 +718,40 @@ def test_the_runner_tells_its_tasks_to_leave_ctrl_c_only_where_it_takes_ctrl_c(m
         assert TASK_IGNORES_CTRL_C not in os.environ
 
 
+STOPPED_STAGE = """
+import sys, time
+from pathlib import Path
+from cmce.runner import run_stage
+from cmce.storage import atomic_path
+
+def slow_write():
+    with atomic_path(Path(sys.argv[1]) / "out" / "model.pt") as scratch:
+        scratch.write_text("half")
+        print("writing", flush=True)
+        time.sleep(60)
+
+run_stage(slow_write)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stage_stopped_in_its_task_cleans_up_and_says_one_line(tmp_path, signum):
+    """The local runner stops its tasks with SIGTERM, as Kubernetes ends a pod: a task died at once, its temporary
+    file left beside its output. A Ctrl-C printed a traceback. The stage's cleanups run; one line, 128 + signal."""
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_STAGE, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err
+    assert err.count("\n") == 1 and f"slow_write: interrupted ({signal.Signals(signum).name})" in err, err
+    assert not (tmp_path / "out").exists()  # neither the temporary file nor the folder made for the output
+
+
 def _tasks_ignore_ctrl_c(runner: int) -> bool:
     """Every Python task process of the runner `runner` (kfp.local starts each under a shell) ignores SIGINT."""
     import psutil

@@ -16,7 +16,6 @@ import re
 import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from cmce.arguments import OneLineParser, int_in, not_blank
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, index_section_alone, parse_overrides, shown_key
 from cmce.errors import (
-    TERMINATING_NAMES,
     Terminated,
     command_begun,
     command_finished,
@@ -35,12 +33,10 @@ from cmce.errors import (
     first_line,
     forget_signals,
     from_client,
-    not_ignored,
-    raise_terminated,
     received_signal,
     set_up_command,
     signal_name,
-    unclaimed_ending_signals,
+    terminate_by_exception,
 )
 from cmce.layout import RunLayout
 from cmce.records import StepRecord
@@ -916,18 +912,6 @@ def _select_device(args: argparse.Namespace) -> None:
         devices.select("auto")
 
 
-TERMINATING = tuple(getattr(signal, name) for name in TERMINATING_NAMES)  # taken for the command's whole main
-
-
-def _terminate_by_exception() -> dict[int, Any]:
-    """The TERMINATING signals raise Terminated in the main thread (as SIGINT raises KeyboardInterrupt), so the
-    cleanups run; returns the handlers they replace, restored when the command ends."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    ending = (*TERMINATING, *unclaimed_ending_signals())  # SIGALRM, SIGXCPU, …: unless a caller handles them
-    return {signum: signal.signal(signum, raise_terminated) for signum in not_ignored(ending)}
-
-
 def _say(text: str, or_log: bool = False) -> None:
     """A command's output on standard output; a failed write names it (a full disk behind `> file`). Standard
     output closed (`>&-`), gone (`| true`) or failing: refused, or with `or_log` (a line only to inform) logged
@@ -1062,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow_uri:  # registry URIs given as model arguments resolve against the same server (this command)
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
     owns_group = ok = False
-    handlers = _terminate_by_exception()
+    handlers = terminate_by_exception()
     try:
         from cmce.tracking import check_uri_settings
 

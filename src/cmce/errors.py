@@ -284,6 +284,19 @@ def command_finished() -> None:
 TERMINATING_NAMES = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 
 
+def terminate_by_exception() -> dict[int, object]:
+    """The TERMINATING_NAMES signals raise Terminated in the main thread (as SIGINT raises KeyboardInterrupt), so
+    the cleanups run; returns the handlers they replace, restored when the command ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    ending = (*(getattr(signal, name) for name in TERMINATING_NAMES),
+              *unclaimed_ending_signals())  # SIGALRM, SIGXCPU, …: unless a caller handles them
+    return {signum: signal.signal(signum, raise_terminated) for signum in not_ignored(ending)}
+
+
 def _stop_outside_main() -> None:
     """A process's handler of SIGINT and TERMINATING_NAMES outside its command's main, where the caller left
     them to their default. Before main takes them (the libraries load for seconds) a stop raises, and is told
