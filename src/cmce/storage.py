@@ -511,7 +511,7 @@ def _turn(fd: int, target: Path) -> bool:
             return True
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                log.info("%s: waited %g s for its turn behind a swap; reading beside it", target, TURNSTILE_WAIT_S)
+                log.info("%s: waited %g s for its turn behind a swap; going on beside it", target, TURNSTILE_WAIT_S)
                 return False
             if not said:
                 log.info("%s: waiting for another process that is reading or swapping it (it holds a lock on %s)",
