@@ -729,7 +729,7 @@ def test_config_naming_an_unknown_architecture(tmp_path, caplog):
     cfg.write_text(SMOKE.read_text().replace("arch: vgg", "arch: vggg"))
     out = previous_file(tmp_path / "dataset.parquet")
     fails(caplog, ["prepare-data", "--config", cfg, "--out", out], out,
-          f"{cfg}: ", "gallery_models[1].arch: unknown architecture 'vggg'; valid names")
+          f"{cfg}: ", "gallery_models.vgg_b.arch: unknown architecture 'vggg'; valid names")
 
 
 def test_checkpoint_naming_an_unknown_architecture(world, tmp_path, caplog):

@@ -193,7 +193,7 @@ def test_a_value_outside_a_keys_range_is_refused_naming_the_key(tmp_path, key, f
 
 
 def test_gallery_model_fields_are_checked_too(tmp_path):
-    with pytest.raises(ConfigError, match=r"c.yaml: gallery_models\[0\].width must be in \[1, 4096\], got 0"):
+    with pytest.raises(ConfigError, match=r"c.yaml: gallery_models.g.width must be in \[1, 4096\], got 0"):
         load_config(_write(tmp_path, GOOD.replace("arch: resnet}", "arch: resnet, width: 0}")))
 
 
@@ -243,13 +243,13 @@ def test_a_text_key_may_not_be_blank(tmp_path, key, value):
 @pytest.mark.parametrize("overrides,message", [
     ({"transform.hidden_dim": 65536, "transform.depth": 64},
      r"transform.hidden_dim 65536 and transform.depth 64 imply a transformation of [0-9,]+ parameters "
-     r"\(gallery_models\[0\] → query_model\); the limit is 268,435,456"),
+     r"\(gallery_models.g → query_model\); the limit is 268,435,456"),
     ({"query_model.width": 4096}, r"query_model.width 4096 and query_model.embedding_dim 64 \(arch 'query_cnn'\) "
                                   r"imply a network of [0-9,]+ parameters"),
     ({"gallery_models": [{"name": "g", "arch": "resnet", "embedding_dim": 65536, "width": 2048}]},
-     r"gallery_models\[0\].width 2048 and gallery_models\[0\].embedding_dim 65536 \(arch 'resnet'\)"),
+     r"gallery_models.g.width 2048 and gallery_models.g.embedding_dim 65536 \(arch 'resnet'\)"),
     ({"gallery_models": [{"name": "g", "arch": "mobilenet_v2", "embedding_dim": 65536}], "query_model.width": 1024},
-     r"query_model.width 1024 and gallery_models\[0\].embedding_dim 65536 imply a KD student"),
+     r"query_model.width 1024 and gallery_models.g.embedding_dim 65536 imply a KD student"),
 ])
 def test_model_sizes_the_keys_imply_together_are_bounded(tmp_path, overrides, message):
     """Each key within its range, together terabytes: refused at load, naming the keys, nothing allocated."""
@@ -314,6 +314,70 @@ def test_params_files_name_their_gallery_models_as_keys():
         assert [m.name for m in load_config(path).gallery_models] == list(raw["gallery_models"])
 
 
+VALID_ARCHS = r"; valid names: \[.*'resnet'.*\]$"
+
+
+@pytest.mark.parametrize("pair,message", [
+    ("gallery_models.resnet.arch=resnett", r"--set gallery_models.resnet.arch: unknown architecture 'resnett'"
+                                           + VALID_ARCHS),
+    ("gallery_models.vgg.width=0", r"--set gallery_models.vgg.width must be in \[1, 4096\], got 0$"),
+    ("gallery_models.vgg.width=x", r"--set gallery_models.vgg.width: expected int, got 'x'$"),
+    ("gallery_models.mobilenet.name=query", r"--set gallery_models.mobilenet.name: gallery_models.mobilenet: its name "
+                                            r"key says 'query'$"),
+])
+def test_a_gallery_models_fault_names_it_as_set_addresses_it(pair, message):
+    """`--set gallery_models.resnet.arch=resnett` said `gallery_models[0].arch: unknown architecture`: the model by
+    its position in the list the keyed form is read as, which the user never wrote. Named by its name now."""
+    from cmce.config import parse_overrides
+    from tests.conftest import ROOT
+
+    with pytest.raises(ConfigError, match=rf"^{message}") as err:
+        load_config(ROOT / "params.yaml", parse_overrides([pair]))
+    assert "gallery_models[" not in str(err.value)
+
+
+def test_a_params_files_gallery_model_fault_names_it_by_its_key(tmp_path):
+    """params.yaml keys gallery models by name (`resnet: {arch: ...}`): its faults name them so, not by position."""
+    from tests.conftest import ROOT
+
+    text = (ROOT / "params.yaml").read_text()
+    assert "resnet: {arch: resnet, " in text and "vgg: {arch: vgg, embedding_dim: 128, width: 24," in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("resnet: {arch: resnet, ", "resnet: {arch: resnett, "))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: gallery_models.resnet.arch: unknown "
+                                          rf"architecture 'resnett'{VALID_ARCHS}"):
+        load_config(path)
+    path.write_text(text.replace("width: 24,", "width: 0,"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: gallery_models.vgg.width must be in "):
+        load_config(path)
+    path.write_text(text.replace("vgg: {arch: vgg, embedding_dim: 128, width: 24,",
+                                 "vgg: {arch: vgg, embedding_dim: 65536, width: 4096,"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: gallery_models.vgg.width 4096 and "
+                                          r"gallery_models.vgg.embedding_dim 65536 \(arch 'vgg'\) imply a network"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("models,message", [
+    # no name, or one that is not a model name: by position, the only way to point at the entry
+    ("[{arch: resnet, width: 0}]", r"gallery_models\[0\].width must be in \[1, 4096\], got 0"),
+    ("[{name: g, arch: resnet}, {width: 8}]", r"gallery_models\[1\]: lacks 'arch'"),
+    ("[{name: 'a b', arch: resnet}]", r"gallery_models\[0\].name: 'a b' is not a model name"),
+    ("[{name: 5, arch: resnet}]", r"gallery_models\[0\].name: expected str, got 5"),
+    ("[{name: g, arch: resnet}, resnet]", r"gallery_models\[1\]: expected a mapping, got str"),
+    # a name two models share names neither
+    ("[{name: g, arch: resnet}, {name: g, arch: vgg}]",
+     r"gallery_models\[1\].name: 'g' is already the name of gallery_models\[0\]; model names must be unique"),
+    # a known name: by it
+    ("[{name: h, arch: vgg}, {name: g, arch: resnet, widht: 8}]", r"gallery_models.g: unknown key\(s\) \['widht'\]"),
+    ("[{name: h, arch: vgg}, {name: q, arch: resnet}]", r"gallery_models.q.name: 'q' is already the name of "
+                                                        r"query_model"),
+])
+def test_a_gallery_model_is_named_by_position_only_where_its_name_is_unknown(tmp_path, models, message):
+    path = _write(tmp_path, f"query_model: {{name: q, arch: query_cnn}}\ngallery_models: {models}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("value", [1.0, 5, "resnet"])
 def test_gallery_models_of_another_type_is_refused_naming_the_key(tmp_path, value):
     with pytest.raises(ConfigError, match=r"--set gallery_models: expected a list"):
@@ -345,7 +409,7 @@ def test_a_mapping_given_to_a_section_is_merged_into_it(tmp_path):
     ("train={epoch: 1}", r"--set train: train: unknown key\(s\) \['epoch'\]"),
     ("index={ivfpq: {nprob: 4}}", r"--set index: index.ivfpq: unknown key\(s\) \['nprob'\]"),
     ("gallery_models.g.widht=8", r"--set gallery_models.g.widht: gallery_models.g: unknown key\(s\) \['widht'\]"),
-    ("gallery_models=[{name: g, arch: vgg, widht: 8}]", r"--set gallery_models: gallery_models\[0\]: unknown key"),
+    ("gallery_models=[{name: g, arch: vgg, widht: 8}]", r"--set gallery_models: gallery_models.g: unknown key"),
     ("lifecycle.add_gallery_model.x=1", r"--set lifecycle.add_gallery_model.x: lifecycle.add_gallery_model: unknown"),
     ("train.epochs.x=1", r"--set train.epochs.x: train.epochs is a value, not a section with keys"),
 ])

@@ -168,7 +168,7 @@ def test_backbone_lr_scale_slows_only_the_backbone(digits_8px, tmp_path):
 def test_backbone_lr_scale_must_be_positive():
     from cmce.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"gallery_models\[0\].backbone_lr_scale must be in \(0, inf\), got 0.0"):
+    with pytest.raises(ConfigError, match=r"gallery_models.g.backbone_lr_scale must be in \(0, inf\), got 0.0"):
         config_from_dict({"gallery_models": [{"name": "g", "arch": "mobilenet_v2", "backbone_lr_scale": 0}]})
 
 

@@ -11,6 +11,7 @@ MAX_CONFIG_BYTES, nested at most MAX_YAML_DEPTH levels. An integer YAML 1.1 and 
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import errno
@@ -92,6 +93,17 @@ def check_model_name(name: str, key: str) -> str:
         raise ConfigError(f"{key}: {shown(name)} is not a model name (1-64 letters, digits, '_' or '-', "
                           "starting with a letter or digit)")
     return name
+
+
+def model_keys(key: str, specs: Any) -> list[str]:
+    """How a message names each entry of `specs`, the raw list of models at `key` (gallery_models): by name,
+    `gallery_models.<name>`, as `--set gallery_models.<name>.<key>` addresses it and a params file keys it (its
+    position was meaningless there: `gallery_models[0].arch` for `--set gallery_models.resnet.arch`); by position,
+    `gallery_models[i]`, where the name is not known: missing, not a model name, or shared by two entries."""
+    names = [s.get("name") if isinstance(s, dict) else None for s in specs] if isinstance(specs, list) else []
+    counts = collections.Counter(n for n in names if isinstance(n, str))
+    return [f"{key}.{n}" if isinstance(n, str) and MODEL_NAME.fullmatch(n) and counts[n] == 1 else f"{key}[{i}]"
+            for i, n in enumerate(names)]
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config is a few KB of text; a 6 GB (sparse) file was read whole
@@ -422,7 +434,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         if not value:  # every list names what a step iterates over or takes the first/largest of
             raise ConfigError(f"{where}: must list at least one value")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        wheres = model_keys(where, value) if args[0] is ModelSpec else [f"{where}[{i}]" for i in range(len(value))]
+        return [_coerce(v, args[0], w) for v, w in zip(value, wheres, strict=True)]
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
@@ -450,26 +463,29 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def check_ranges(obj: Any, where: str, prefix: str = "") -> None:
-    """Every field of the dataclass `obj` (recursively) inside the interval its `within` declares."""
+def check_ranges(obj: Any, where: str, prefix: str = "", item_keys: dict[str, list[str]] | None = None) -> None:
+    """Every field of the dataclass `obj` (recursively) inside the interval its `within` declares; an element of a
+    list of sections is named as `item_keys` names the list's elements (model_keys), else by position."""
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            check_ranges(value, where, f"{key}.")
+            check_ranges(value, where, f"{key}.", item_keys)
         elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-            for i, item in enumerate(value):
-                check_ranges(item, where, f"{key}[{i}].")
+            keys = (item_keys or {}).get(key) or [f"{key}[{i}]" for i in range(len(value))]
+            for item, item_key in zip(value, keys, strict=True):
+                check_ranges(item, where, f"{item_key}.", item_keys)
         elif "range" in f.metadata and value is not None:
             for item in value if isinstance(value, list) else [value]:
                 if not in_interval(item, f.metadata["range"]):
                     raise ConfigError(f"{where}: {key} must be in {f.metadata['range']}, got {shown(item)}")
 
 
-def _validate(cfg: Config, where: str) -> None:
-    check_ranges(cfg, where)
+def _validate(cfg: Config, where: str, gallery_keys: list[str]) -> None:
+    """`gallery_keys`: how messages name the gallery models (model_keys of the mapping they were built from)."""
+    check_ranges(cfg, where, item_keys={"gallery_models": gallery_keys})
     if not cfg.gallery_models:
         raise ConfigError(f"{where}: gallery_models must list at least one model")
-    keys = [("query_model", cfg.query_model), *((f"gallery_models[{i}]", m) for i, m in enumerate(cfg.gallery_models)),
+    keys = [("query_model", cfg.query_model), *zip(gallery_keys, cfg.gallery_models, strict=True),
             *((f"lifecycle.{k}", getattr(cfg.lifecycle, k)) for k in ("add_gallery_model", "new_query_model")
               if getattr(cfg.lifecycle, k) is not None)]
     seen: dict[str, str] = {}
@@ -552,19 +568,20 @@ def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
             listed.append({"name": name, **spec})
         raw["gallery_models"] = listed
     listed = raw.get("gallery_models")
-    for spec in listed if isinstance(listed, list) else []:  # another type: _coerce names it
+    listed = listed if isinstance(listed, list) else []  # another type: _coerce names it
+    for spec, key in zip(listed, model_keys("gallery_models", listed), strict=True):
         # no default architecture for a gallery model: one would make a typo'd `--set gallery_models.<name>.width`
         # a new model of the query's architecture, trained and indexed without a word
         if isinstance(spec, dict) and "arch" not in spec:
             others = [s.get("name") for s in raw["gallery_models"] if isinstance(s, dict) and "arch" in s]
-            raise ConfigError(f"gallery_models.{spec.get('name')}: lacks 'arch' (a new gallery model needs one; "
-                              f"the others are {others})")
+            raise ConfigError(f"{key}: lacks 'arch' (a new gallery model needs one; the others are {others})")
     return raw
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
-    cfg = _build(Config, models_as_list(raw or {}), "")
-    _validate(cfg, where)
+    raw = models_as_list(raw or {})
+    cfg = _build(Config, raw, "")
+    _validate(cfg, where, model_keys("gallery_models", raw.get("gallery_models")))
     # `~` as a shell reads it: pyarrow expands it when it opens a file and Python's paths do not, so a run
     # checked `./~/…` and read `$HOME/…`
     cfg.output_dir = os.path.expanduser(cfg.output_dir)
@@ -681,7 +698,7 @@ def _check_value_keys(dotted: str, at: str, tp: Any, value: Any) -> None:
     """The keys of a mapping value set at `at`, a section of type `tp` (recursively), and of gallery models'."""
     if tp == list[ModelSpec]:
         specs = ([(f"{at}.{name}", spec) for name, spec in value.items()] if isinstance(value, dict) else
-                 [(f"{at}[{i}]", spec) for i, spec in enumerate(value)] if isinstance(value, list) else [])
+                 list(zip(model_keys(at, value), value, strict=True)) if isinstance(value, list) else [])
         for where, spec in specs:
             _check_value_keys(dotted, where, ModelSpec, spec)
         return
