@@ -97,6 +97,83 @@ def test_search_refuses_another_query_model(smoke_run, caplog):
     assert "index was built for query model" in caplog.text
 
 
+def _search(capsys, lay, *argv: str) -> list[dict]:
+    """`cmce search` on the smoke run's index and query model: its JSON lines."""
+    capsys.readouterr()
+    assert main(["search", "--index", str(lay.index), "--query-model", str(lay.model("query")), *argv]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_search_hits_carry_the_servers_label_and_class_name(smoke_run, tmp_path, capsys):
+    """`cmce search` hits were {id, score, uncertainty}; the server's also name the item's label and class."""
+    from cmce.serving.queries import class_names
+
+    lay, _ = smoke_run
+    gallery = pq.read_table(lay.gallery, columns=["id", "label"])
+    label_of = dict(zip(gallery.column("id").to_pylist(), gallery.column("label").to_pylist(), strict=True))
+    classes = class_names(lay.dataset)
+    hits = [h for line in _search(capsys, lay, "--dataset", str(lay.dataset), "--limit", "3") for h in line["hits"]]
+    assert hits and all(h.keys() == {"id", "score", "uncertainty", "label", "class_name"} for h in hits)
+    assert [(h["label"], h["class_name"]) for h in hits] == [(label_of[h["id"]], classes[label_of[h["id"]]])
+                                                             for h in hits]
+    image = tmp_path / "q.png"
+    image.write_bytes(pq.read_table(lay.dataset, columns=["image"]).column("image")[0].as_py())
+    (line,) = _search(capsys, lay, "--images", str(image), "--k", "2")
+    assert [h["class_name"] for h in line["hits"]] == [None, None]  # no --dataset: no class names
+    assert [h["label"] for h in line["hits"]] == [label_of[h["id"]] for h in line["hits"]]
+
+
+def test_search_exclude_self_drops_the_query_from_its_own_hits(smoke_run, capsys):
+    """The evaluation is leave-one-out; `search --dataset D` answered test queries with their own gallery item."""
+    lay, _ = smoke_run
+    given = ["--dataset", str(lay.dataset), "--limit", "20"]
+    wider = _search(capsys, lay, *given, "--k", "4")
+    excluded = _search(capsys, lay, *given, "--k", "3", "--exclude-self")
+    assert any(h["id"] == line["query"] for line in wider for h in line["hits"])  # the case the flag is for
+    for w, e in zip(wider, excluded, strict=True):
+        assert e["query"] == w["query"] and len(e["hits"]) == 3
+        assert e["hits"] == [h for h in w["hits"] if h["id"] != w["query"]][:3]
+
+
+def test_search_refuses_a_missing_image_in_one_line_before_loading_anything(tmp_path, caplog):
+    """`--images ../nope.png` failed with `[Errno 2] No such file or directory` once the model had loaded."""
+    from tests.serve_world import cmce_env
+
+    res = subprocess.run([sys.executable, "-m", "cmce", "search", "--index", str(tmp_path / "no-index"),
+                          "--query-model", str(tmp_path / "no-model.pt"), "--images", "../nope.png"],
+                         cwd=tmp_path, env=cmce_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert [line.split(" ", 2)[2] for line in res.stderr.splitlines() if " ERROR " in line] == [
+        "ERROR cmce: cmce search: --images ../nope.png: no such file"]
+    caplog.clear()
+    assert main(["search", "--index", "I", "--query-model", "Q", "--images", "a.png", "--exclude-self"]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "cmce search: --exclude-self applies to --dataset, not --images"]
+
+
+def test_search_says_which_images_it_converted(smoke_run, tmp_path, caplog, capsys):
+    """A 64×48 RGB JPEG was read as the 8×8 grey the query model takes without a word; one already so is silent."""
+    from PIL import Image
+
+    lay, _ = smoke_run
+    rgb, grey = tmp_path / "rgb.jpg", tmp_path / "grey.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(rgb)
+    Image.new("L", (8, 8), 128).save(grey)
+    caplog.clear()
+    assert len(_search(capsys, lay, "--images", str(rgb), str(grey), "--k", "1")) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{rgb}: 64×48 RGB, read as the query model's 8×8 grey"]
+
+
+def test_search_and_serve_help_every_flag_and_their_defaults():
+    """`search --help` showed `--index INDEX` and `--query-model QUERY_MODEL` bare, and neither --k's default nor
+    serve's --host's."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("search", "serve"):
+        assert [a.option_strings for a in sub[name]._actions if not a.help] == [], name
+    assert "(default 5)" in sub["search"].format_help() and "(default 127.0.0.1)" in sub["serve"].format_help()
+
+
 def test_embed_member_with_corrupt_png_names_it_and_writes_nothing(smoke_run, tmp_path, caplog):
     lay, _ = smoke_run
     table = pq.read_table(lay.dataset)

@@ -340,14 +340,18 @@ def cmd_evaluate(args: argparse.Namespace) -> StepRecord:
 def cmd_search(args: argparse.Namespace) -> None:
     from cmce.search import search_images
 
+    if args.exclude_self and args.images:  # an image file has no id in the index: it would drop nothing
+        raise ValueError("--exclude-self applies to --dataset, not --images")
     images = [(p, _in(p)) for p in args.images]
-    for given, local in images:  # read as a file, it failed with a bare `[Errno 21] Is a directory`
+    for given, local in images:  # checked before the model and index load; read, they failed with a bare OSError
+        if not local.exists():
+            raise ValueError(f"--images {given}: no such file")
         if local.is_dir():
             raise ValueError(f"--images {given}: is a folder; give its image files (e.g. {given.rstrip('/')}/*.png)")
     split, limit = "test" if args.split is None else args.split, args.limit or 0  # None: not given (see main)
     for hit in search_images(_index_in(args.index), _model(args.query_model), images,
                              _in(args.dataset) if args.dataset else None, split, limit, args.k,
-                             _in(args.gallery) if args.gallery else None):
+                             _in(args.gallery) if args.gallery else None, args.exclude_self):
         _say(json.dumps(hit) + "\n")
 
 
@@ -608,13 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
 
     sp = add("search", cmd_search, "search the index with query images; prints JSON lines", config=False)
-    sp.add_argument("--index", required=True)
-    sp.add_argument("--query-model", required=True)
+    query_model_help = "query model checkpoint the index was built for; models:/NAME@ALIAS is followed"
+    sp.add_argument("--index", required=True, help="index folder from build-index (or an s3:// prefix)")
+    sp.add_argument("--query-model", required=True, help=query_model_help)
     sp.add_argument("--images", nargs="*", default=[], help="image files")
-    sp.add_argument("--dataset", default=None, help="or a dataset Parquet file")
+    sp.add_argument("--dataset", default=None, help="or a dataset Parquet file (whose class names label the hits)")
     sp.add_argument("--split", default=None, help="the --dataset split to search with (default test)")
     sp.add_argument("--limit", type=_count, default=None, help="at most this many --dataset queries (default 0: all)")
-    sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query (>= 1)")
+    sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query, >= 1 (default %(default)s)")
+    sp.add_argument("--exclude-self", action="store_true",
+                    help="drop each --dataset query's own item from its hits, leave-one-out as evaluate scores "
+                         "(k+1 are searched, k others kept)")
     sp.add_argument("--gallery", default=None,
                     help="refuse the index unless it was built from this gallery file (as it is now)")
 
@@ -635,10 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
              "/version); reloads the index when its folder is rebuilt", config=False)
     sp.add_argument("--index", required=True, help="index folder from build-index (a local one is watched for "
                                                    "rebuilds; an s3:// one is read once, at start)")
-    sp.add_argument("--query-model", required=True,
-                    help="query model checkpoint the index was built for; models:/NAME@ALIAS is followed")
+    sp.add_argument("--query-model", required=True, help=query_model_help)
     sp.add_argument("--dataset", default=None, help="dataset Parquet whose class names label the hits")
-    sp.add_argument("--host", type=_host, default="127.0.0.1")
+    sp.add_argument("--host", type=_host, default="127.0.0.1",
+                    help="address to listen on, 0.0.0.0: every interface (default %(default)s)")
     sp.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port (default 8000)")
     sp.add_argument("--reload-interval", type=_seconds, default=2.0, metavar="SECONDS",
                     help="how often to look for a rebuilt index or a moved alias, 0 = never (default 2)")

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmce.checkpoint import load_embedding_model
-from cmce.data.codec import decode_image
+from cmce.checkpoint import EmbeddingModel, load_embedding_model
+from cmce.data.codec import decode_image_as_found
 from cmce.data.readers import iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
-from cmce.index import load_index, search
+from cmce.index import SearchResult, load_index, search
 from cmce.storage import file_sha256
+
+log = logging.getLogger(__name__)
 
 
 def check_ids_follow_gallery(ids: list[str], gallery: Path, index_dir: Path) -> None:
@@ -31,24 +34,46 @@ def check_ids_follow_gallery(ids: list[str], gallery: Path, index_dir: Path) -> 
                          "(edited or of another build); build the index again")
 
 
-def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Path]] = (),  # type: ignore[assignment]
-                  dataset: Path | None = None, split: str = "test", limit: int = 0, k: int = 5,
-                  gallery: Path | None = None) -> Iterator[dict]:
-    """One {"query", "hits": [{"id", "score", "uncertainty"}]} per query: the `images` (name, local file),
-    else the first `limit` images (0: all) of a dataset split. The index refuses another query model, and
-    when `gallery` is given, an index built from another version of that gallery file."""
-    model = load_embedding_model(query_model)
-    to_inference_device(model)
-    loaded = load_index(index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim,
-                        gallery_sha256=file_sha256(gallery) if gallery is not None else None)
-    if gallery is not None:
-        check_ids_follow_gallery(loaded.ids, gallery, index_dir)
+def hit_lists(result: SearchResult, labels: np.ndarray, classes: list[str] | None) -> list[list[dict]]:
+    """Each query's hits as `cmce search` prints them and the server answers them: id, score, uncertainty, the
+    item's label (the index's) and class name (None without `classes`, or for a label they do not name)."""
+    out = []
+    for ids, scores, unc, rows in zip(result.ids, result.scores, result.uncertainty, result.rows, strict=True):
+        hits = []
+        for id_, score, u, row in zip(ids, scores, unc, rows, strict=False):  # ids: only the hits found
+            label = int(labels[row])
+            name = classes[label] if classes is not None and 0 <= label < len(classes) else None
+            hits.append({"id": id_, "score": float(score), "uncertainty": float(u), "label": label,
+                         "class_name": name})
+        out.append(hits)
+    return out
+
+
+MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette", "PA": "palette with alpha",
+              "I": "32-bit grey", "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey"}
+
+
+def read_query_image(model: EmbeddingModel, name: str, path: Path) -> np.ndarray:
+    """A query image file as the model reads it; one of another size or mode is converted, and said so once: a
+    colour photo searched with a grey model is a likely mistake."""
+    arr, (width, height, mode) = decode_image_as_found(path.read_bytes(), model.in_channels, model.image_size, name)
+    want = "L" if model.in_channels == 1 else "RGB"
+    if (width, height, mode) != (model.image_size, model.image_size, want):
+        size = model.image_size
+        log.warning("%s: %d×%d %s, read as the query model's %d×%d %s", name, width, height,
+                    MODE_NAMES.get(mode, mode), size, size, MODE_NAMES.get(want, want))
+    return arr
+
+
+def embed_queries(model: EmbeddingModel, images: list[tuple[str, Path]], dataset: Path | None, split: str,
+                  limit: int) -> tuple[list[str], np.ndarray]:
+    """The query names and embeddings: the `images` (name, local file), else the first `limit` images (0: all)
+    of a dataset split."""
     names: list[str] = []
     embs = []
     for name, path in images:
-        arr = decode_image(path.read_bytes(), model.in_channels, model.image_size, name)
         names.append(name)
-        embs.append(embed_batch(model, torch.from_numpy(arr[None])))
+        embs.append(embed_batch(model, torch.from_numpy(read_query_image(model, name, path)[None])))
     if not images and dataset is not None:
         for batch in iter_split_batches(dataset, split, 256, model.in_channels, model.image_size):
             names += batch.ids
@@ -57,8 +82,26 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
                 break
     if not embs:
         raise ValueError("no query images given: pass --images or --dataset")
-    queries = np.concatenate(embs)[: limit or None]
-    result = search(loaded, queries, k)
-    for q, ids, scores, unc in zip(names, result.ids, result.scores, result.uncertainty, strict=False):
-        yield {"query": q, "hits": [{"id": i, "score": round(float(s), 6), "uncertainty": round(float(u), 6)}
-                                    for i, s, u in zip(ids, scores, unc, strict=False)]}
+    return names[: limit or None], np.concatenate(embs)[: limit or None]
+
+
+def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Path]] = (),  # type: ignore[assignment]
+                  dataset: Path | None = None, split: str = "test", limit: int = 0, k: int = 5,
+                  gallery: Path | None = None, exclude_self: bool = False) -> Iterator[dict]:
+    """One {"query", "hits"} per query (see embed_queries, hit_lists; the dataset's class names label the hits).
+    The index refuses another query model, and when `gallery` is given, an index built from another version of
+    that gallery file. `exclude_self`: a hit with the query's own id is dropped (leave-one-out, as evaluate
+    scores a split against itself)."""
+    from cmce.serving.queries import class_names  # which imports this module
+
+    model = load_embedding_model(query_model)
+    to_inference_device(model)
+    loaded = load_index(index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim,
+                        gallery_sha256=file_sha256(gallery) if gallery is not None else None)
+    if gallery is not None:
+        check_ids_follow_gallery(loaded.ids, gallery, index_dir)
+    names, queries = embed_queries(model, images, dataset, split, limit)
+    classes = class_names(dataset) if dataset is not None else None  # once its images were read, so checked
+    result = search(loaded, queries, k + exclude_self)  # one more, in case the query itself is among them
+    for q, hits in zip(names, hit_lists(result, loaded.labels, classes), strict=True):
+        yield {"query": q, "hits": [h for h in hits if h["id"] != q][:k] if exclude_self else hits}

@@ -203,12 +203,23 @@ def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
 
 def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarray:
     """PNG/JPEG bytes → uint8 CxHxW; converts any mode (grey, RGBA on white, 16-bit) and resizes."""
+    return decode_image_as_found(data, channels, size, origin)[0]
+
+
+def decode_image_as_found(data: bytes, channels: int, size: int, origin: str
+                          ) -> tuple[np.ndarray, tuple[int, int, str]]:
+    """decode_image's array, and the image as found before conversion: (width, height, PIL mode), upright."""
     if not isinstance(data, bytes | bytearray | memoryview):  # a null cell of a dataset's image column
         raise DataError(f"{origin}: no image (the image cell is {'null' if data is None else type(data).__name__})")
     fast = decode_png_fast(data, channels, size)
     if fast is not None:
-        return fast
+        return fast, (size, size, "L" if channels == 1 else "RGB")
     img = open_image(data, origin)
+    return _converted(img, channels, size), (*img.size, img.mode)
+
+
+def _converted(img: Image.Image, channels: int, size: int) -> np.ndarray:
+    """A decoded image as a model reads it: grey or RGB uint8 CxHxW, size×size."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: a fixed scale, so a dark image is not brightened relative to a bright one
         arr = np.asarray(img, dtype=np.float64)

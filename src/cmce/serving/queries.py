@@ -18,6 +18,7 @@ from cmce.data.readers import dataset_info
 from cmce.embed import embed_batch
 from cmce.index import search
 from cmce.method import normalize
+from cmce.search import hit_lists
 from cmce.serving.state import Served
 
 
@@ -121,15 +122,4 @@ def images_query(images: list[str], served: Served, limits: Limits) -> np.ndarra
 
 def answer(served: Served, queries: np.ndarray, k: int, classes: list[str] | None) -> list[dict]:
     """Top-k hits of each query: id, score, uncertainty, label and class name (None when unknown)."""
-    res = search(served.index, queries, k)
-    labels = served.index.labels
-    out = []
-    for ids, scores, unc, rows in zip(res.ids, res.scores, res.uncertainty, res.rows, strict=True):
-        hits = []
-        for id_, score, u, row in zip(ids, scores, unc, rows, strict=False):  # ids: only the hits found
-            label = int(labels[row])
-            name = classes[label] if classes is not None and 0 <= label < len(classes) else None
-            hits.append({"id": id_, "score": float(score), "uncertainty": float(u), "label": label,
-                         "class_name": name})
-        out.append({"hits": hits})
-    return out
+    return [{"hits": hits} for hits in hit_lists(search(served.index, queries, k), served.index.labels, classes)]
