@@ -18,8 +18,10 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("pipeline")
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,8 @@ PACKAGES = {"cmce": COMPILED, **{name: ROOT / "pipeline" / f"{name.replace('-', 
 INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings_uri")
 FOLDER_INPUTS = ("train_embeddings_uri",)  # one file per gallery model; the others are one file each
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a drive letter
+LOCAL_NOOP_WARNINGS = (r"Task '.*': settings \[.*\] have no effect in the current local runner",
+                       r"You may be attemping to run a task that uses custom or non-Python base image")
 MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow's own URIs: no file of a task's, anywhere
 
 
@@ -277,7 +281,7 @@ def run_local(args: argparse.Namespace) -> Path:
     stopping.root, stopping.before = root, set(root.iterdir())
     os.mkdir(os.path.join(workspace, "tmp"))
     try:
-        with _tasks_environment(workspace):
+        with _tasks_environment(workspace), cluster_settings_said_once():
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                        workspace_root=workspace)
             started = time.time()
@@ -297,9 +301,11 @@ def run_local(args: argparse.Namespace) -> Path:
                   key=lambda p: p.stat().st_mtime)
     run_dir = runs[-1]
     log.info("pipeline finished in %.0f s; artifacts under %s", time.time() - started, run_dir)
+    from pipeline.next_steps import next_steps
+
     listing = sorted(p for task in run_dir.rglob("executor_output.json") for p in task.parent.iterdir()
                      if p.name != "executor_output.json")
-    sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing))
+    sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing) + next_steps(run_dir))
     if not args.no_mlflow:
         from cmce.redaction import conceal
 
@@ -315,6 +321,19 @@ def run_local(args: argparse.Namespace) -> Path:
 
 WORKSPACE_PREFIX = "kfp-workspace-"
 WORKSPACE_LOCK = ".cmce-run.lock"  # marks a workspace as a cmce run's; flock-held while the run lives
+
+
+@contextlib.contextmanager
+def cluster_settings_said_once() -> Iterator[None]:
+    """kfp.local runs each task in this Python environment, as designed: the images, resource requests and GPUs
+    the tasks name are a cluster's. It warned of them twice a task (`localhost/cmce:cuda` on a CPU-only run read
+    as a fault); one line says it for the run instead."""
+    log.info("kfp.local runs every task in this Python environment; images, resource and GPU requests apply on a "
+             "cluster")
+    with warnings.catch_warnings():
+        for noop in LOCAL_NOOP_WARNINGS:
+            warnings.filterwarnings("ignore", message=noop)
+        yield
 
 
 def _hold(workspace: str) -> int:
@@ -475,6 +494,62 @@ class SilencedOnStop:
 
     def __getattr__(self, name: str) -> object:  # flush, fileno, encoding, isatty, …
         return getattr(self._stream, name)
+
+
+class TidiedRelay:
+    """This process's standard output during a local run, where kfp.local relays each task's output indented by 4
+    spaces: each task's executor dumped its whole input as JSON (two thirds of `make run`'s 2,400 lines), and
+    kfp.local's colour codes reached files and pipes. The dump is dropped (its lines only: any other line ends
+    it) and colours kept for a terminal alone. Whole lines are written; a partial one waits for its end."""
+
+    DUMP_START = "]: Got executor_input:"
+    DUMP_LINE = re.compile(r"    [ {}]")  # the dump's own lines: indented JSON, or its braces
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._pending, self._in_dump = stream, "", False
+        try:
+            self._colour = stream.isatty()
+        except (AttributeError, ValueError):
+            self._colour = False
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._line(line + "\n")
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self._in_dump and self.DUMP_LINE.match(line):
+            return
+        self._in_dump = line.rstrip().endswith(self.DUMP_START)
+        if not self._in_dump:
+            self._stream.write(line if self._colour else ANSI.sub("", line))
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self._pending.strip():  # a last line without its end (kfp.local's indentation alone waits)
+            self._line(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> object:  # fileno, encoding, isatty, …
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def tidied_stdout() -> Iterator[None]:
+    """sys.stdout is a TidiedRelay for the block."""
+    stream = sys.stdout
+    sys.stdout = relay = TidiedRelay(stream)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
+        with contextlib.suppress(Exception):  # its reader gone
+            relay.flush()
 
 
 @contextlib.contextmanager
@@ -644,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, package in PACKAGES.items():
                 log.info("wrote %s", compile_pipeline(args.out_dir / package.name, name))
         elif args.command == "run":
-            with silenced_on_stop(stopping.signals):
+            with tidied_stdout(), silenced_on_stop(stopping.signals):
                 run_local(args)
         else:
             submit(args)

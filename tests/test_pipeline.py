@@ -211,6 +211,94 @@ def test_local_run_has_every_per_model_and_per_shard_output(kfp_run):
     assert "| asym_ensemble/2 |" in (kfp_run / "evaluate" / "results").read_text()
 
 
+def test_a_local_run_names_its_query_model_and_index_and_the_commands_that_use_them(kfp_run, capsys):
+    """Its task folders are kfp.local's (`train-model/model`, `for-loop-1-iteration-0/train-model-2/model`): a new
+    user guessed which `model` was the query model. The summary names it by the sha256 the index records, and
+    each command it prints runs as printed."""
+    import shlex
+
+    from cmce.cli import main as cmce
+    from pipeline.next_steps import next_steps
+
+    said = next_steps(kfp_run)
+    assert f"query model   {kfp_run / 'train-model' / 'model'}\n" in said
+    assert f"index         {kfp_run / 'build-index' / 'index'}\n" in said
+    assert f"dataset       {kfp_run / 'prepare-data' / 'dataset'}\n" in said
+    search = [line.split() for line in said.splitlines() if " search " in line and "--dataset" in line]
+    assert len(search) == 1
+    argv = shlex.split(" ".join(search[0]))
+    capsys.readouterr()
+    assert cmce(argv[argv.index("search"):]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == 3 and all(len(a["hits"]) == 5 for a in answers)
+    assert all(hit["id"] != a["query"] for a in answers for hit in a["hits"])  # --exclude-self, as printed
+    serve = next(line for line in said.splitlines() if " serve " in line)
+    assert "--query-model" in serve and "--index" in serve and "--dataset" in serve
+    nothing = kfp_run.parent / "not-a-run"
+    nothing.mkdir()
+    assert next_steps(nothing) == ""  # a lifecycle run, or one without an index: no summary
+
+
+def test_kfp_locals_warnings_of_cluster_settings_are_said_once_not_twice_a_task(caplog):
+    """kfp.local's own warnings, raised by its own code: `localhost/cmce:cuda` on a CPU-only run read as a fault."""
+    import warnings
+
+    from kfp.local.orchestrator.task_executor import _warn_local_only_noops
+    from kfp.local.subprocess_task_handler import SubprocessTaskHandler
+    from kfp.pipeline_spec import pipeline_spec_pb2 as spec
+
+    from pipeline.__main__ import cluster_settings_said_once
+
+    def warn() -> None:
+        SubprocessTaskHandler.validate_image(None, "localhost/cmce:cuda")
+        _warn_local_only_noops("train-model", spec.PipelineTaskSpec(task_info=spec.PipelineTaskInfo(name="train")),
+                               spec.PipelineDeploymentConfig.PipelineContainerSpec())
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warn()
+        assert len(seen) == 2, [str(w.message) for w in seen]  # they still warn outside a local run
+        seen.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline"), cluster_settings_said_once():
+            warn()
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["another warning"]
+    assert "images, resource and GPU requests apply on a cluster" in caplog.text
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_relayed_task_output_loses_the_executors_input_dump_and_colours_off_a_terminal(terminal):
+    """A task's executor dumped its whole input as JSON: two thirds of `make run`'s 2,400 lines. kfp.local
+    indents each relayed line in a write of its own, and colours its lines even into a file."""
+    import io
+
+    from pipeline.__main__ import TidiedRelay
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    out = Stream()
+    relay = TidiedRelay(out)
+    task = ["[KFP Executor 2026-12-06 07:03:04,188 INFO]: Got executor_input:", "{", '    "inputs": {',
+            '        "parameterValues": {"overrides": []}', "    }", "}",
+            "[KFP Executor 2026-12-06 07:03:05,001 INFO]: query epoch 1/3 loss 0.6183",
+            "{not the dump: a line of the task's own}"]
+    print("\x1b[96m'resolve-config'\x1b[0m starts", file=relay)
+    for line in task:
+        relay.write("    ")  # kfp.local's indented print: the indentation first, then the line
+        relay.write(line + "\n")
+    relay.write("    last line, no end")
+    assert out.getvalue().count("\n") == 3  # whole lines only, until flushed
+    relay.flush()
+    colour = ("\x1b[96m", "\x1b[0m") if terminal else ("", "")
+    assert out.getvalue().splitlines() == [
+        f"{colour[0]}'resolve-config'{colour[1]} starts",
+        "    [KFP Executor 2026-12-06 07:03:05,001 INFO]: query epoch 1/3 loss 0.6183",
+        "    {not the dump: a line of the task's own}",
+        "    last line, no end"]
+
+
 def test_local_run_matches_in_process_run(kfp_run, smoke_run):
     _, expected = smoke_run
     got = json.loads((kfp_run / "evaluate" / "report" / "metrics.json").read_text())
