@@ -236,8 +236,9 @@ def evaluate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[
     from cmce.config import load_config
     from cmce.evaluate import EvalInputs
     from cmce.layout import member_bundle
+    from cmce.registry import registered_checkpoints
     from cmce.runner import run_stage
-    from cmce.tracking import TrackingInfo, closing_parent, registered_checkpoints
+    from cmce.tracking import TrackingInfo, closing_parent
 
     cfg, info = load_config(config.path), TrackingInfo.read(tracking.path)
     with closing_parent(info):  # closed FAILED whatever fails, the registry included

@@ -1264,7 +1264,7 @@ def test_output_paths_that_cannot_be_written_are_named_before_any_work(world, tm
 
 # ---------------------------------------------------------------- tracking and the model registry
 def test_a_parent_run_that_cannot_take_the_step_is_refused_before_any_work(world, tmp_path, caplog, monkeypatch):
-    from cmce.tracking import _client, end_run, start_parent_run
+    from cmce.tracking import end_run, mlflow_client, start_parent_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -1280,7 +1280,7 @@ def test_a_parent_run_that_cannot_take_the_step_is_refused_before_any_work(world
     end_run(uri, run_id)
     fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", run_id, *build], out, "the run is FINISHED")
     deleted = start_parent_run(uri, "deleted", {})
-    _client(uri).delete_run(deleted)  # its status stays RUNNING
+    mlflow_client(uri).delete_run(deleted)  # its status stays RUNNING
     fails(caplog, ["--mlflow-uri", uri, "--mlflow-parent", deleted, *build], out, "the run is deleted")
 
 
@@ -1464,7 +1464,7 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
     ./runs/mlflow.db instead."""
     import json
 
-    from cmce.tracking import _client
+    from cmce.tracking import mlflow_client
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -1473,7 +1473,7 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
     info = json.loads(capsys.readouterr().out)
     assert info["uri"] == uri and not (tmp_path / "runs").exists()
     assert main(["--mlflow-uri", uri, "--mlflow-parent", info["run_id"], "track-end"]) == 0
-    assert _client(uri).get_run(info["run_id"]).info.status == "FINISHED"
+    assert mlflow_client(uri).get_run(info["run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("flag, env, message", [
@@ -1503,14 +1503,15 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
                                                                           capsys):
     import tempfile
 
-    from cmce.tracking import _client, register_version, start_parent_run
+    from cmce.registry import register_version
+    from cmce.tracking import mlflow_client, start_parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where a leak would show
     (tmp_path / "tmp").mkdir()
     run_id = start_parent_run(uri, "parent", {})
-    client = _client(uri)
+    client = mlflow_client(uri)
     client.log_artifact(run_id, str(world.query), artifact_path="registered/q")
     source = f"{client.get_run(run_id).info.artifact_uri}/registered/q"
     register_version(client, "q", source, run_id, file_sha256(world.query))
@@ -1531,11 +1532,12 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
 def test_a_registered_model_is_read_under_pythonwarnings_error(world, tmp_path):
     """PYTHONWARNINGS=error (as CI jobs set it) turned SQLAlchemy's deprecation notice inside MLflow's registry into
     `models:/…: registry …: The noload loader strategy is deprecated`: every registered model was refused."""
-    from cmce.tracking import _client, register_version, start_parent_run
+    from cmce.registry import register_version
+    from cmce.tracking import mlflow_client, start_parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_parent_run(uri, "parent", {})
-    client = _client(uri)
+    client = mlflow_client(uri)
     client.log_artifact(run_id, str(world.query), artifact_path="registered/q")
     register_version(client, "q", f"{client.get_run(run_id).info.artifact_uri}/registered/q", run_id,
                      file_sha256(world.query))
@@ -3118,7 +3120,7 @@ def test_an_error_line_is_cut_at_a_words_end():
 def test_a_registered_version_with_a_model_card_beside_its_checkpoint_is_loaded(world, tmp_path, monkeypatch):
     """A version holding the checkpoint, a README and a JSON card: "expected one checkpoint file, found 3", and a gate
     that had moved @production to it left a production alias no step could load."""
-    from cmce.tracking import resolve_model_uri
+    from cmce.registry import resolve_model_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     artifacts = tmp_path / "artifacts"
@@ -3143,7 +3145,7 @@ def test_a_registered_version_with_a_model_card_beside_its_checkpoint_is_loaded(
 def test_a_registered_version_that_cannot_be_downloaded_names_why(world, tmp_path, monkeypatch):
     """A version folder whose checkpoint is a link out of it: the error stopped at MLflow's "The following
     failures occurred while downloading one or more artifacts from X:", the cause cut off."""
-    from cmce.tracking import resolve_model_uri
+    from cmce.registry import resolve_model_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     artifacts = tmp_path / "artifacts"
@@ -3255,7 +3257,8 @@ def test_a_version_registered_from_the_checkpoint_file_itself_is_loaded(world, t
     makes it, or a file path): "expected one checkpoint file in the registered version, found 0"."""
     from mlflow import MlflowClient
 
-    from cmce.tracking import resolve_model_uri, start_parent_run
+    from cmce.registry import resolve_model_uri
+    from cmce.tracking import start_parent_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -3296,8 +3299,8 @@ def test_a_version_whose_registration_did_not_finish_is_refused(world, tmp_path,
     following an alias onto it, and by the promotion gate's look-up of the served checkpoint."""
     from mlflow import MlflowClient
 
+    from cmce.registry import resolve_model_uri, version_by_sha
     from cmce.serving.state import Holder, QueryModelSource
-    from cmce.tracking import resolve_model_uri, version_by_sha
 
     registered = tmp_path / "registered"
     registered.mkdir()
@@ -3365,7 +3368,7 @@ def test_a_store_of_a_newer_mlflow_is_named_as_such_not_as_out_of_date(world, tm
 
 def test_a_registered_model_is_downloaded_without_progress_bars(world, tmp_path, monkeypatch, capfd):
     """`models:/` reads drew MLflow's tqdm "Downloading artifacts" bars on stderr; a user's own setting still wins."""
-    from cmce.tracking import resolve_model_uri
+    from cmce.registry import resolve_model_uri
 
     registered = tmp_path / "registered"
     registered.mkdir()

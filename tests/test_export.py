@@ -139,7 +139,8 @@ def test_the_export_is_registered_beside_the_query_model(smoke_run, tmp_path):
     from mlflow import MlflowClient
 
     from cmce import stages
-    from cmce.tracking import TrackingInfo, publish, resolve_model_uri, start_parent_run, version_by_sha
+    from cmce.registry import resolve_model_uri, version_by_sha
+    from cmce.tracking import TrackingInfo, publish, start_parent_run
 
     lay, ckpt = _query(smoke_run)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

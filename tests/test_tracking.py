@@ -600,7 +600,7 @@ def test_a_registry_answering_other_json_is_not_called_a_pending_registration(mo
 
 def test_a_registry_answer_protobuf_cannot_parse_is_one_line_naming_the_registry(monkeypatch):
     """`{"model_version": {"version": NaN}}`: an 83-line protobuf ParseError traceback, exit 1, no registry named."""
-    from cmce.tracking import resolve_model_uri
+    from cmce.registry import resolve_model_uri
     from tests.fake_servers import fake_mlflow
 
     with fake_mlflow({"/api/2.0/mlflow/registered-models/alias": {"model_version": {"version": float("nan")}}}) as port:

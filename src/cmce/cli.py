@@ -206,7 +206,7 @@ def _warn_of_dataset_keys(command: str, overrides: dict[str, Any]) -> None:
 def _model(path: str) -> Path:
     """A checkpoint argument: a local path, an s3:// object, or a registered model `models:/NAME@ALIAS`."""
     if path.startswith("models:/"):
-        from cmce.tracking import resolve_model_uri
+        from cmce.registry import resolve_model_uri
 
         return resolve_model_uri(path)
     if re.match(r"[a-z][a-z0-9+.-]*:/", path) and not is_remote(path):  # runs:/, mlflow-artifacts:/, http://, …
@@ -479,7 +479,7 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
     why = f"candidate regressed on {record.params['regressed']}"
     if record.metrics["promoted"] and record.promote and args.mlflow_parent:
         from cmce.promotion import withhold
-        from cmce.tracking import unregistered
+        from cmce.registry import unregistered
 
         if missing := unregistered(os.environ["MLFLOW_TRACKING_URI"], record.promote):  # @production cannot move
             why = f"{missing} have no registered version with the served sha256; @production not moved"

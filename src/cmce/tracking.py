@@ -1,4 +1,4 @@
-"""MLflow tracking and model registry: the only module that imports mlflow.
+"""MLflow tracking: runs, stores and the server's checks (the registry's reads and writes: cmce.registry).
 
 One parent run per pipeline run, one nested run per step (params, per-epoch losses, metrics, artifacts).
 Every run is tagged with the git commit of the code (``mlflow.source.git.commit``: ``CMCE_GIT_COMMIT`` in an
@@ -26,7 +26,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 import sqlite3
 import tempfile
 import warnings
@@ -441,7 +440,7 @@ def registry_deadline() -> int:
     return env_int(DEADLINE_ENV, *DEADLINE_RANGE)
 
 
-def _read_within(call: Any, uri: str, tracking: str) -> Any:
+def read_within(call: Any, uri: str, tracking: str) -> Any:
     """An MLflow read (an alias, a version, a run) within registry_deadline(); past it, a ValueError naming `uri`
     and the server."""
     from cmce.deadline import within
@@ -452,7 +451,7 @@ def _read_within(call: Any, uri: str, tracking: str) -> Any:
         f"({DEADLINE_ENV}): unreachable, silent or trickling"))
 
 
-def _http_defaults() -> None:
+def http_defaults() -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one error line says it
@@ -472,11 +471,11 @@ def proxy_error(err: BaseException, uri: str) -> str | None:
             "the tracking server's host in NO_PROXY")
 
 
-def _client(uri: str, create: bool = False):
+def mlflow_client(uri: str, create: bool = False):
     """A client of the store at `uri`, checked first (check_store); `create`: a new sqlite store may be made."""
     check_store(uri, create)
     check_registry(uri, create)
-    _http_defaults()
+    http_defaults()
     import mlflow
     from mlflow import MlflowClient
 
@@ -495,8 +494,8 @@ def check_server(uri: str, named: str = "MLFLOW_TRACKING_URI=") -> Any | None:
     if not uri.startswith(("http://", "https://")):
         return None
     try:
-        client = _client(uri)
-        _read_within(lambda: client.search_experiments(max_results=1), "the tracking server", uri)
+        client = mlflow_client(uri)
+        read_within(lambda: client.search_experiments(max_results=1), "the tracking server", uri)
         return client
     except Exception as err:  # noqa: BLE001 - MLflow's and requests' errors alike: the server cannot be used
         raise ValueError(f"{named}{redact(uri)}: the tracking server cannot be used "
@@ -579,7 +578,7 @@ def start_parent_run(uri: str, run_name: str, params: dict[str, Any], artifact_l
     if store is not None and not store.exists():
         check_store(uri, create=True)  # the folder, before a store is made beside it
         _make_store_whole(store)
-    client = check_server(uri, named="") or _client(uri, create=True)
+    client = check_server(uri, named="") or mlflow_client(uri, create=True)
     experiment = _experiment_id(client, uri, artifact_location)
     if not experiment:  # a server answering `200 {}` to everything: then `Invalid value "" for parameter 'run_id'`
         raise ValueError(f"{redact(uri)}: answered without an experiment id: not an MLflow tracking server")
@@ -609,7 +608,7 @@ def _make_store_whole(store: Path) -> None:
     clean_stale_temps(store, max_age_s=STORE_MAKING_S)  # a killed maker's (SIGKILL runs no cleanup)
     tmp = store.with_name(f".{store.name}.{secrets.token_hex(4)}.tmp")
     try:
-        _client(f"sqlite:///{tmp}", create=True).search_experiments(max_results=1)  # the tables, all migrations
+        mlflow_client(f"sqlite:///{tmp}", create=True).search_experiments(max_results=1)  # the tables, all migrations
         _close_engines(f"sqlite:///{tmp}")  # no connection of this process may hold the file as another name
         with contextlib.suppress(FileExistsError):
             os.link(tmp, store)
@@ -631,7 +630,7 @@ def _close_engines(db_uri: str) -> None:
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status)
+    mlflow_client(uri).set_terminated(run_id, status)
 
 
 def end_if_running(info: TrackingInfo, status: str) -> bool:
@@ -639,7 +638,7 @@ def end_if_running(info: TrackingInfo, status: str) -> bool:
     it); True when it was ended here."""
     if not info.on:
         return False
-    client = _client(info.uri)
+    client = mlflow_client(info.uri)
     if client.get_run(info.run_id).info.status != "RUNNING":
         return False
     client.set_terminated(info.run_id, status)
@@ -686,7 +685,9 @@ def log_step(
     `production` alias to the versions named by (model name, sha256) in `promote`, and then to those in
     `promote_along` that are registered; log the (role, file) data sets in `inputs` as the run's inputs;
     log `headline` metrics on the parent run too."""
-    client = _client(uri)
+    from cmce.registry import model_versions, register_version, version_by_sha
+
+    client = mlflow_client(uri)
     parent = client.get_run(parent_run_id)
     inputs = [(role, Path(path)) for role, path in inputs]
     data_sha = next((file_digest(p) for role, p in inputs if role == "dataset" and p.is_file()),
@@ -875,60 +876,14 @@ def log_query_pyfunc(client: Any, run_id: str, checkpoint: Path, sha256: str) ->
     return version
 
 
-def register_version(client: Any, name: str, source: str, run_id: str, sha256: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
-            raise
-    version = client.create_model_version(name, source=source, run_id=run_id, tags={"sha256": sha256})
-    client.set_registered_model_alias(name, ALIAS, version.version)
-    log.info("registered %s version %s as @%s", name, version.version, ALIAS)
-    return str(version.version)
-
-
-def version_by_sha(client: Any, name: str, sha256: str, verify_at: str | None = None) -> str | None:
-    """The version of registered model `name` whose checkpoint has this sha256 (the newest such version
-    when a file was registered twice); None when there is none. `verify_at` (the registry's URI): the version's
-    file is downloaded and hashed, not its tag believed (a tag naming the gated query model over a KD student's
-    file had @production moved to the student)."""
-    from mlflow.exceptions import MlflowException
-
-    from cmce.storage import file_sha256
-
-    try:
-        versions = [v for v in client.search_model_versions(f"name='{name}'")
-                    if v.tags.get("sha256") == sha256 and v.status == READY]  # a failed registration holds nothing
-    except MlflowException:
-        return None
-    for v in sorted(versions, key=lambda v: -int(v.version)):
-        if verify_at is None:
-            return str(v.version)
-        found = file_sha256(resolve_model_uri(f"models:/{name}/{v.version}", verify_at))
-        if found == sha256:
-            return str(v.version)
-        log.warning("%s v%s: its sha256 tag says %s, but its file is %s: not promoted to", name, v.version,
-                    sha256[:12], found[:12])
-    return None
-
-
-def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
-    """The models among (name, sha256) pairs with no registered version of that sha256: @production cannot move
-    to them (log_step then moves none)."""
-    client = _client(uri)
-    return sorted(name for name, sha256 in promote if version_by_sha(client, name, sha256) is None)
-
-
 def check_parent_run(uri: str, run_id: str) -> None:
     """Before any work: the parent run a step will record under exists and is still running (a step whose
     tracking fails at the end would otherwise have written its outputs and then failed)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)  # a sqlite file that is no MLflow store (or none) is refused here, not created
+    client = mlflow_client(uri)  # a sqlite file that is no MLflow store (or none) is refused here, not created
     try:  # a silent server took MLflow's retries, 37 s
-        run = _read_within(lambda: client.get_run(run_id), f"--mlflow-parent {run_id}", uri).info
+        run = read_within(lambda: client.get_run(run_id), f"--mlflow-parent {run_id}", uri).info
     except MlflowException as err:
         reason = "not found at" if err.error_code == "RESOURCE_DOES_NOT_EXIST" else "cannot be read from"
         raise ValueError(f"--mlflow-parent {run_id}: {reason} {uri}: {first_line(err)}") from None
@@ -937,153 +892,3 @@ def check_parent_run(uri: str, run_id: str) -> None:
         raise ValueError(f"--mlflow-parent {run_id}: the run is deleted; nested runs go under a running parent")
     if status != "RUNNING":
         raise ValueError(f"--mlflow-parent {run_id}: the run is {status}; nested runs go under a running parent")
-
-
-def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
-    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → local path of the registered checkpoint file, in the
-    command's scratch folder (removed when it ends)."""
-    require_registry(uri, tracking)
-    _http_defaults()
-    import mlflow
-
-    from cmce.storage import scratch_dir
-
-    tracking = tracking or os.environ["MLFLOW_TRACKING_URI"]  # one of them is set (require_registry)
-    mlflow.set_tracking_uri(tracking)  # the process-wide one may be an earlier command's, and wins over the variable
-    # "No artifacts found to download": a version whose source is the file itself; cmce reads that file below
-    logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.ERROR)
-    dst = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
-    try:
-        return _registered_checkpoint(uri, tracking, dst)
-    except BaseException:  # a refused version's download goes now (a server kept one per alias move until it stopped)
-        shutil.rmtree(dst, ignore_errors=True)
-        raise
-
-
-def _registered_checkpoint(uri: str, tracking: str, dst: Path) -> Path:
-    """resolve_model_uri's download into `dst`, and the one checkpoint file in it."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from cmce.storage import file_format, stands_for
-
-    version = None
-    try:
-        client = mlflow.MlflowClient(tracking_uri=tracking)
-        version = _read_within(lambda: ready_version(client, uri), uri, tracking)
-        pinned = uri if version is None else f"models:/{version.name}/{version.version}"  # the alias may move
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
-        if version is not None and local.is_dir() and not any(local.iterdir()):
-            # registered from the checkpoint file itself (runs:/RUN/path/query.pt, a file path): MLflow lists
-            # the source as a folder and finds nothing in it; the source is read as the one file it is
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
-            if local.is_file() and file_format(local) not in ("checkpoint", "onnx"):  # what cmce registers
-                raise ValueError(f"{uri}: the registered version's source {version.source} is a file but not a "
-                                 "cmce checkpoint")
-    except Exception as err:
-        if isinstance(err, ValueError) and str(err).startswith(uri):  # cmce's own refusal, named already
-            raise
-        if isinstance(err, MlflowException) or from_client(err):
-            raise ValueError(f"{uri}: {_registry_error(err, tracking)}") from None
-        if isinstance(err, ValueError | TypeError | KeyError | OSError):  # MLflow's own, on a source it cannot read
-            source = f" from its source {version.source}" if version is not None else ""
-            raise ValueError(f"{uri}: the registered version could not be read{source} ({type(err).__name__}: "
-                             f"{err})") from None  # an http:// source: "not enough values to unpack", naming nothing
-        raise
-    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-    if len(files) > 1:  # a model card or a README beside the checkpoint: the checkpoint is the one torch file
-        files = [p for p in files if file_format(p) == "checkpoint"]
-    if len(files) != 1:
-        shown = ", ".join(p.relative_to(local).as_posix() for p in files[:3]) if local.is_dir() else ""
-        raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}"
-                         + (f" ({shown})" if shown else ""))
-    stands_for(files[0], uri)  # errors about the file name the registered model, not its scratch copy
-    return files[0]
-
-
-READY = "READY"
-
-
-def ready_version(client: Any, uri: str) -> Any:
-    """The registered version a `models:/` URI names (its alias resolved), refused (ValueError) unless READY: a
-    version whose registration failed or is pending holds no model (or not yet) and was used without a word.
-    None for a URI that names no registered version (a logged model's `models:/m-…`)."""
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    resolved = get_model_name_and_version(client, uri)
-    if len(resolved) != 2:
-        return None
-    version = client.get_model_version(*resolved)
-    if not version.name or not version.version:  # a server answering 200 with other JSON: every field empty
-        raise ValueError(f"{uri}: the registry answered without a model version (no name, no number): not an "
-                         "MLflow server's answer; check MLFLOW_TRACKING_URI / --mlflow-uri")
-    if version.status != READY:
-        message = (version.status_message or "").strip()
-        why = f" ({message.splitlines()[0][:200]})" if message else ""
-        raise ValueError(f"{uri}: version {version.version} of {version.name} is {version.status}{why}, not READY: "
-                         "its registration did not finish; point the alias at a READY version")
-    return version
-
-
-def _registry_error(err: BaseException, tracking: str) -> str:
-    """A failed registry read, naming the registry (an HTTP server that is not MLflow answered a bare 404) and,
-    when the artifacts' S3 endpoint cannot be reached, the variable that names it for MLflow."""
-    from cmce.s3 import _connection_error
-
-    if proxied := proxy_error(err, registry_of(tracking)):
-        return proxied
-    if newer := schema_error(err):
-        return f"registry {registry_of(tracking)}: {newer}"
-    text = first_line(err)
-    lines = [line.strip(" #") for line in str(err).splitlines() if line.strip(" #")]
-    if text.endswith(":") and len(lines) > 1:  # MLflow's "failures occurred while downloading … from X:", then why
-        text = f"{text} {'; '.join(lines[1:3])}"[:400]
-    registry = registry_of(tracking)
-    reason = text if registry in text else f"registry {registry}: {text}"
-    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    if endpoint and _connection_error(err) is not None:
-        reason += f" (MLflow reaches S3 artifacts at MLFLOW_S3_ENDPOINT_URL={endpoint!r})"
-    return reason
-
-
-def require_registry(uri: str, tracking: str | None = None) -> None:
-    """A `models:/` URI needs a registry to be named: MLflow's fallback is a new ./mlflow.db in whatever folder
-    the command runs in, a write outside every output folder that then finds nothing."""
-    registry = tracking or os.environ.get("MLFLOW_TRACKING_URI")
-    if not registry:
-        raise ValueError(f"{uri}: a registered model needs a registry: give --mlflow-uri or set MLFLOW_TRACKING_URI")
-    check_store(registry)  # a read: a registry that is not there is not made (in the working folder) either
-    check_registry(registry)
-
-
-def alias_version(uri: str) -> str:
-    """The version a `models:/NAME@ALIAS` URI names now (against $MLFLOW_TRACKING_URI); a server polls it to
-    follow the alias the promotion gate moves."""
-    require_registry(uri)
-    from mlflow import MlflowClient
-
-    _http_defaults()
-    tracking = os.environ["MLFLOW_TRACKING_URI"]
-    client = MlflowClient(tracking_uri=tracking)  # not an earlier command's set_tracking_uri
-    return str(_read_within(lambda: ready_version(client, uri), uri, tracking).version)
-
-
-def registered_checkpoints(cfg: Any, uri: str, alias: str = ALIAS) -> tuple[Path, list[Path]]:
-    """The query model's and every transformation's checkpoint registered under `alias`, downloaded."""
-    from cmce.records import registered_uris
-
-    uris = registered_uris(cfg, alias)
-    return (resolve_model_uri(uris["query_model"][0], uri),
-            [resolve_model_uri(u, uri) for u in uris["transformations"]])
-
-
-def model_versions(uri: str, names: Iterable[str], alias: str = ALIAS) -> dict[str, str]:
-    """Current version behind `alias` of each registered model (for the evaluation record)."""
-    client = _client(uri)
-    out = {}
-    for name in names:
-        try:
-            out[name] = str(client.get_model_version_by_alias(name, alias).version)
-        except Exception:  # noqa: BLE001 - a model may simply not be registered
-            continue
-    return out

@@ -85,7 +85,7 @@ class QueryModelSource:
         """The version the source names now: the URI itself, or the registered version behind the alias."""
         if not self.follows_alias:
             return self.uri
-        from cmce.tracking import alias_version
+        from cmce.registry import alias_version
 
         try:
             version = alias_version(self.uri)
