@@ -305,7 +305,9 @@ def run_local(args: argparse.Namespace) -> Path:
 
     listing = sorted(p for task in run_dir.rglob("executor_output.json") for p in task.parent.iterdir()
                      if p.name != "executor_output.json")
-    sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing) + next_steps(run_dir))
+    sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing))
+    with contextlib.suppress(OSError, ValueError):  # a hint: an unreadable file there must not fail the run
+        sys.stderr.write(next_steps(run_dir))
     if not args.no_mlflow:
         from cmce.redaction import conceal
 
@@ -500,39 +502,49 @@ class TidiedRelay:
     """This process's standard output during a local run, where kfp.local relays each task's output indented by 4
     spaces: each task's executor dumped its whole input as JSON (two thirds of `make run`'s 2,400 lines), and
     kfp.local's colour codes reached files and pipes. The dump is dropped (its lines only: any other line ends
-    it) and colours kept for a terminal alone. Whole lines are written; a partial one waits for its end."""
+    it) and colours kept for a terminal alone. Whole lines are written; a partial one waits for its end. Each
+    thread has its own line and dump (kfp.local relays parallel branches from parallel threads)."""
 
     DUMP_START = "]: Got executor_input:"
     DUMP_LINE = re.compile(r"    [ {}]")  # the dump's own lines: indented JSON, or its braces
 
     def __init__(self, stream: Any) -> None:
-        self._stream, self._pending, self._in_dump = stream, "", False
+        self._stream, self._lock, self._threads = stream, threading.Lock(), threading.local()
         try:
             self._colour = stream.isatty()
         except (AttributeError, ValueError):
             self._colour = False
 
+    def _state(self) -> Any:
+        state = self._threads
+        if not hasattr(state, "pending"):
+            state.pending, state.in_dump = "", False
+        return state
+
     def write(self, text: str) -> int:
-        *lines, self._pending = (self._pending + text).split("\n")
+        state = self._state()
+        *lines, state.pending = (state.pending + text).split("\n")
         for line in lines:
-            self._line(line + "\n")
+            self._line(state, line + "\n")
         return len(text)
 
-    def _line(self, line: str) -> None:
-        if self._in_dump and self.DUMP_LINE.match(line):
+    def _line(self, state: Any, line: str) -> None:
+        if state.in_dump and self.DUMP_LINE.match(line):
             return
-        self._in_dump = line.rstrip().endswith(self.DUMP_START)
-        if not self._in_dump:
-            self._stream.write(line if self._colour else ANSI.sub("", line))
+        state.in_dump = line.rstrip().endswith(self.DUMP_START)
+        if not state.in_dump:
+            with self._lock:
+                self._stream.write(line if self._colour else ANSI.sub("", line))
 
     def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
-        if self._pending.strip():  # a last line without its end (kfp.local's indentation alone waits)
-            self._line(self._pending)
-            self._pending = ""
+        state = self._state()
+        if state.pending.strip():  # a last line without its end (kfp.local's indentation alone waits)
+            self._line(state, state.pending)
+            state.pending = ""
         self._stream.flush()
 
     def __getattr__(self, name: str) -> object:  # fileno, encoding, isatty, …

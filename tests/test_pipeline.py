@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -297,6 +298,39 @@ def test_the_relayed_task_output_loses_the_executors_input_dump_and_colours_off_
         "    [KFP Executor 2026-12-06 07:03:05,001 INFO]: query epoch 1/3 loss 0.6183",
         "    {not the dump: a line of the task's own}",
         "    last line, no end"]
+
+
+def test_parallel_branches_relayed_at_once_keep_their_own_lines_and_dumps():
+    """kfp.local relays parallel branches from parallel threads: one branch's dump swallowed the other's
+    traceback lines, and one half-written line took the other's text."""
+    import io
+
+    from pipeline.__main__ import TidiedRelay
+
+    out = io.StringIO()
+    relay = TidiedRelay(out)
+    a_dumps, b_fails = threading.Event(), threading.Event()
+
+    def branch_a() -> None:
+        relay.write("    [KFP Executor 1 INFO]: Got executor_input:\n    {\n")
+        a_dumps.set()
+        b_fails.wait(10)
+        relay.write('        "inputs": {}\n    }\n    [KFP Executor 2 INFO]: a done\n')
+
+    def branch_b() -> None:
+        a_dumps.wait(10)
+        relay.write("    Traceback (most recent call last):\n")
+        relay.write('      File "/x.py", line 3')  # a partial line, ended after the other branch wrote
+        b_fails.set()
+        relay.write("\n    ValueError: b failed\n")
+
+    threads = [threading.Thread(target=branch_a), threading.Thread(target=branch_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert out.getvalue().splitlines() == ["    Traceback (most recent call last):", '      File "/x.py", line 3',
+                                           "    ValueError: b failed", "    [KFP Executor 2 INFO]: a done"]
 
 
 def test_local_run_matches_in_process_run(kfp_run, smoke_run):
