@@ -526,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record this step as a nested MLflow run under RUN_ID (and register its models)")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
     sub = p.add_subparsers(dest="command", required=True)
+    checkpoint = "(a path, an s3:// URI or models:/NAME@ALIAS)"
+    dataset_help = "dataset Parquet from prepare-data (a path or s3:// URI)"
+    query_model_help = f"query model checkpoint {checkpoint}; an index refuses another"
+    gallery_help = "gallery Parquet from embed-gallery, combine or merge"
 
     def add(name: str, fn, help_: str, config: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -537,26 +541,26 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("fetch-data", cmd_fetch_data, "unpack the configured packaged data source into a raw-data folder")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the raw-data folder to make (prepare-data --raw reads it)")
 
     sp = add("prepare-data", cmd_prepare_data, "import the configured data source into a dataset Parquet file")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the dataset Parquet file to write")
     sp.add_argument("--raw", default=None, help="raw-data folder written by fetch-data (default: data.path)")
     sp.add_argument("--will-evaluate", action="store_true",
                     help="its test split will be evaluated with this config: refuse now an evaluate.recall_k it cannot "
                          "meet (K at least its size), not after the training (else a warning)")
 
     sp = add("train", cmd_train, "train one embedding model (or, with --kd-teacher, the KD baseline student)")
-    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--dataset", required=True, help=dataset_help)
     sp.add_argument("--model", default=None, help="model name from the config (query or a gallery model)")
     sp.add_argument("--kd-teacher", default=None, help="gallery model checkpoint to distil into a query-sized student")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the checkpoint to write (.pt)")
 
     sp = add("fit-transform", cmd_fit_transform, "fit the transformation of one gallery model into the query space")
-    sp.add_argument("--dataset", required=True)
-    sp.add_argument("--query-model", required=True)
-    sp.add_argument("--gallery-model", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--dataset", required=True, help=f"{dataset_help}; its train split is read")
+    sp.add_argument("--query-model", required=True, help=f"the frozen query model {checkpoint}")
+    sp.add_argument("--gallery-model", required=True, help=f"the frozen gallery model {checkpoint}")
+    sp.add_argument("--out", required=True, help="the transformation checkpoint to write (.pt)")
     sp.add_argument("--train-embeddings-out", default=None, help="also keep the raw train embeddings (Parquet)")
 
     for name, fn, help_ in (
@@ -564,12 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("embed-member", cmd_embed_member, "embed the gallery with one gallery model and its transformation"),
     ):
         sp = add(name, fn, help_, config=False)
-        sp.add_argument("--dataset", required=True)
-        sp.add_argument("--query-model", required=True)
+        sp.add_argument("--dataset", required=True, help=f"{dataset_help}; its test split is the gallery")
+        sp.add_argument("--query-model", required=True,
+                        help=f"query model checkpoint {checkpoint}: its sha256 must be the transformations' (not run)")
         multi = "append" if name == "embed-gallery" else "store"
-        sp.add_argument("--gallery-model", required=True, action=multi)
-        sp.add_argument("--transform", required=True, action=multi)
-        sp.add_argument("--out", required=True)
+        many = multi == "append"
+        sp.add_argument("--gallery-model", required=True, action=multi,
+                        help="gallery model checkpoint" + (" (repeatable, in ensemble order)" if many else ""))
+        sp.add_argument("--transform", required=True, action=multi,
+                        help="its transformation from fit-transform" + (" (one per --gallery-model)" if many else ""))
+        sp.add_argument("--out", required=True, help="the gallery Parquet to write" if many else
+                        "the per-model Parquet to write (combine or add-member reads it)")
         sp.add_argument("--batch-size", type=_positive_int, default=256, help="images a batch (>= 1)")
         sp.add_argument("--shard", default="0/1", metavar="I/K", help="embed only slice I of K (default: all)")
         sp.add_argument("--workers", type=_workers, default=0,
@@ -580,39 +589,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("combine", cmd_combine, "combine per-model embedding files into the gallery Parquet", config=False)
     sp.add_argument("--member", action="append", default=[], help="per-model file, in ensemble order (repeatable)")
     sp.add_argument("--members-dir", default=None, help="or: DIR/<gallery model>.parquet for each model in --config")
-    sp.add_argument("--config", default=None)
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--config", default=None, help="YAML config naming the gallery models (with --members-dir)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    sp.add_argument("--out", required=True, help="the gallery Parquet to write")
 
     sp = add("merge", cmd_merge, "concatenate the shards of a gallery (or per-model) file, in shard order",
              config=False)
     sp.add_argument("shard_file", nargs="+", help="shard files from `embed-gallery --shard I/K` (any order)")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the merged Parquet to write")
 
     sp = add("build-index", cmd_build_index, "build the FAISS index, optionally rejecting uncertain items",
              config=False)
-    sp.add_argument("--gallery", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--gallery", required=True, help=gallery_help)
+    sp.add_argument("--out", required=True, help="the index folder to write (replaced whole)")
     sp.add_argument("--config", default=None, help="YAML config, whole or its `index:` section alone: index type, "
                                                  "rejection and the type's parameters")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     sp.add_argument("--reject-fraction", type=float, default=None, help="default: the config's, else 0")
     sp.add_argument("--index-type", default=None, help="flat | ivfpq | hnsw | auto (default: the config's, else flat)")
 
     sp = add("evaluate", cmd_evaluate, "evaluate every configuration; write metrics.json, results.md, plots")
-    sp.add_argument("--dataset", required=True)
-    sp.add_argument("--query-model", required=True)
-    sp.add_argument("--gallery", required=True)
+    sp.add_argument("--dataset", required=True, help=f"{dataset_help}; its test split is queried")
+    sp.add_argument("--query-model", required=True, help=query_model_help)
+    sp.add_argument("--gallery", required=True, help=f"{gallery_help}, with its members' embeddings")
     sp.add_argument("--transform", action="append", default=[], help="one per gallery model (any order)")
     sp.add_argument("--transform-dir", default=None, help="or: every *.pt in this folder")
     sp.add_argument("--kd", action="append", default=[], metavar="STUDENT", help="KD student checkpoint (repeatable)")
     sp.add_argument("--kd-dir", default=None, help="or: every *.pt in this folder and its subfolders")
     sp.add_argument("--index", default=None, help="the gallery's built index (folder or s3:// prefix): also search it "
                     "as served and report its checks (metrics.json 'index')")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the report folder to write (metrics.json, results.md, plots)")
 
     sp = add("search", cmd_search, "search the index with query images; prints JSON lines", config=False)
-    query_model_help = "query model checkpoint the index was built for; models:/NAME@ALIAS is followed"
     sp.add_argument("--index", required=True, help="index folder from build-index (or an s3:// prefix)")
     sp.add_argument("--query-model", required=True, help=query_model_help)
     sp.add_argument("--images", nargs="*", default=[], help="image files")
@@ -628,14 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("export-query", cmd_export_query, "export the query model to ONNX for the edge (uint8 pixels in, "
              "raw embedding out), optionally checked against torch first", config=False)
-    sp.add_argument("--query-model", required=True)
+    sp.add_argument("--query-model", required=True, help=f"query model checkpoint {checkpoint}")
     sp.add_argument("--out", required=True, help="the .onnx file (written only when the check passes)")
     sp.add_argument("--check-dataset", default=None,
                     help="compare onnxruntime with torch on this dataset's --split: max abs difference <= 1e-4 and "
                          "identical top-10 hits, else exit 2 and nothing written")
     sp.add_argument("--check-index", default=None,
                     help="search this built index for the top-10 comparison (default: the split's own embeddings)")
-    sp.add_argument("--split", default="test")
+    sp.add_argument("--split", default="test", help="the --check-dataset split (default %(default)s)")
 
     add("run", cmd_run, "run every step in one process from a config")
 
@@ -676,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
              "add a trained gallery model to a live ensemble (only that model embeds the gallery)")
     sp.add_argument("--dataset", required=True, help="dataset Parquet (train split to fit T, test split = gallery)")
     sp.add_argument("--gallery", required=True, help="current gallery Parquet")
-    sp.add_argument("--query-model", required=True)
+    sp.add_argument("--query-model", required=True, help=f"the served query model {checkpoint}")
     sp.add_argument("--gallery-model", required=True, help="the new gallery model checkpoint")
     sp.add_argument("--out", required=True, help="new gallery Parquet (may equal --gallery: replaced atomically)")
     sp.add_argument("--index-out", default=None, help="also rebuild the index here")
@@ -685,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("upgrade-query-model", cmd_upgrade_query_model,
              "refit all transformations for a new query model from stored embeddings; gallery images unread")
     sp.add_argument("--dataset", required=True, help="dataset Parquet; only its train split is read")
-    sp.add_argument("--gallery", required=True)
+    sp.add_argument("--gallery", required=True, help="current gallery Parquet (its images are not read again)")
     sp.add_argument("--query-model", required=True, help="the new query model checkpoint")
     sp.add_argument("--train-embeddings", nargs="+", required=True,
                     help="stored train embeddings, one file per member, or folders of them")
@@ -694,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--index-out", default=None, help="also rebuild the index here")
 
     sp = add("add-member", cmd_add_member, "add one per-model file (from embed-member) to a gallery", config=False)
-    sp.add_argument("--gallery", required=True)
+    sp.add_argument("--gallery", required=True, help="current gallery Parquet")
     sp.add_argument("--member", required=True, help="per-model file of the new gallery model")
     sp.add_argument("--out", required=True, help="new gallery Parquet (may equal --gallery: replaced atomically)")
 
@@ -722,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "MLFLOW_S3_ENDPOINT_URL and the AWS credential chain)")
 
     sp = add("track-end", cmd_track_end, "close the parent MLflow run", config=False)
-    sp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    sp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"],
+                    help="the run's end status (default %(default)s)")
     sp.add_argument("--mlflow-parent", default=argparse.SUPPRESS, metavar="RUN_ID", help="the parent run to close")
     sp.add_argument("--mlflow-uri", default=argparse.SUPPRESS, help="tracking URI (default: $MLFLOW_TRACKING_URI)")
     return p
