@@ -675,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile every pipeline to YAML (pipeline/*.yaml)")
-    c.add_argument("--out-dir", type=not_blank(local_folder), default=COMPILED.parent)
+    c.add_argument("--out-dir", type=not_blank(local_folder), default=COMPILED.parent,
+                   help="an existing folder for the YAML files (default: pipeline/)")
     for name, help_ in (("run", "run the pipeline"), ("submit", "submit the compiled pipeline to KFP")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--pipeline", default="cmce", choices=sorted(PACKAGES), help="which pipeline (default cmce)")
@@ -690,7 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the params, e.g. train.epochs=2 or gallery_models=[resnet] "
                              "(repeatable; the same syntax as `cmce --set`)")
-        sp.add_argument("--run-name", default=None)
+        sp.add_argument("--run-name", default=None,
+                        help="the name of the MLflow parent run (and of the KFP run when submitted; default: the "
+                             "pipeline's name)")
         sp.add_argument("--embed-shards", type=int_in(1, MAX_SHARDS), default=None,
                         help=f"cmce pipeline: gallery slices in parallel (1 to {MAX_SHARDS})")
         sp.add_argument("--embed-workers", type=int_in(0, MAX_WORKERS), default=None,
@@ -698,14 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.choices["run"]
     r.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local")
     r.add_argument("--root", type=not_blank(), default="runs/kfp", help="pipeline root for local artifacts")
-    r.add_argument("--no-mlflow", action="store_true")
+    r.add_argument("--no-mlflow", action="store_true", help="track nothing: no MLflow runs, no registered models")
     r.add_argument("--parallelism", type=int_in(0, MAX_PARALLELISM), default=1,
                    help=f"gallery-model branches run at once (0 to {MAX_PARALLELISM}, 0 = no cap; default 1: they "
                         "share this machine's cores)")
     s = sub.choices["submit"]
     s.add_argument("--host", type=not_blank(), required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
-    s.add_argument("--namespace", default=None)
-    s.add_argument("--experiment", default="cmce")
+    s.add_argument("--namespace", default=None, help="the Kubeflow namespace (default: the client's own)")
+    s.add_argument("--experiment", default="cmce", help="the KFP experiment the run goes under (default cmce)")
     s.add_argument("--package", type=not_blank(Path), default=None, help="compiled YAML (default: the --pipeline's)")
     return p
 

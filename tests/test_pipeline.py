@@ -568,6 +568,14 @@ def test_a_numeric_option_out_of_its_range_is_refused_at_parse_time_by_name(caps
     assert (usage.parallelism, usage.embed_shards, usage.embed_workers) == (1, None, None)
 
 
+def test_every_flag_of_the_pipeline_runner_has_help():
+    """`--run-name RUN_NAME`, `--no-mlflow`, `--namespace NAMESPACE` and others were shown bare."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    bare = {name: [a.option_strings[-1] for a in sp._actions if a.option_strings and not a.help]
+            for name, sp in sub.items()}
+    assert {name: flags for name, flags in bare.items() if flags} == {}
+
+
 def test_the_numeric_ranges_are_in_the_help(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--help"])
