@@ -422,7 +422,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         # `data.path=<output_dir>/data`: the run wrote its dataset among the ImageFolder's class folders
         raise ValueError(f"data.path: {cfg.data.path} is inside a folder the run writes in output_dir "
                          f"{cfg.output_dir}; keep the data outside it")
-    if is_remote(cfg.output_dir):  # the whole run in scratch, uploaded when it succeeds
+    remote = is_remote(cfg.output_dir)
+    if remote:  # the whole run in scratch, uploaded when it succeeds
         cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -435,6 +436,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         with closing_parent(info) if own else contextlib.nullcontext():
             metrics = stages.run_all(cfg, publish=lambda record: publish(info, record))
     log.info("outputs under %s", restore_uris(cfg.output_dir))
+    lay = RunLayout(Path(cfg.output_dir))
+    if not remote:  # (an s3:// run's files are scratch copies until uploaded)
+        from cmce.next_steps import next_steps
+
+        sys.stderr.write(next_steps(lay.model(cfg.query_model.name), lay.index, lay.dataset))
     _say(markdown_table(metrics))
 
 
