@@ -307,7 +307,7 @@ def run_local(args: argparse.Namespace) -> Path:
                      if p.name != "executor_output.json")
     sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing))
     with contextlib.suppress(OSError, ValueError):  # a hint: an unreadable file there must not fail the run
-        sys.stderr.write(next_steps(run_dir))
+        sys.stderr.write(next_steps(run_dir, arguments))
     if not args.no_mlflow:
         from cmce.redaction import conceal
 

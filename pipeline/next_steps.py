@@ -14,22 +14,25 @@ def _find(run_dir: Path, pattern: str) -> Path | None:
     return next(iter(sorted(run_dir.rglob(pattern))), None)
 
 
-def query_model_of(index: Path, run_dir: Path) -> Path | None:
-    """The run's checkpoint the index was built for: the one whose sha256 its meta.json records."""
+def query_model_of(index: Path, candidates: list[Path]) -> Path | None:
+    """The checkpoint among `candidates` the index was built for: the one whose sha256 its meta.json records."""
     from cmce.storage import file_sha256
 
     try:
         wanted = json.loads((index / "meta.json").read_text())["query_model_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return next((p for p in sorted(run_dir.rglob("model")) if p.is_file() and file_sha256(p) == wanted), None)
+    return next((p for p in candidates if p.is_file() and file_sha256(p) == wanted), None)
 
 
-def next_steps(run_dir: Path) -> str:
-    """cmce.next_steps for a local run's folder; "" when it holds no index built from one of its models."""
+def next_steps(run_dir: Path, arguments: dict) -> str:
+    """cmce.next_steps for a local run's folder, whose query model and dataset may be the run's own or (a lifecycle
+    pipeline's) among its input `arguments`; "" when it holds no index of a query model found there."""
     index = _find(run_dir, "build-index*/index")
-    query = query_model_of(index, run_dir) if index is not None else None
+    given = {key: Path(arguments[key]) for key in ("query_model_uri", "dataset_uri") if arguments.get(key)}
+    models = [*sorted(run_dir.rglob("model")), *([given["query_model_uri"]] if "query_model_uri" in given else [])]
+    query = query_model_of(index, models) if index is not None else None
     if index is None or query is None:
         return ""
-    return steps.next_steps(query, index, _find(run_dir, "prepare-data*/dataset"),
-                            _find(run_dir, "export-query*/edge_model"))
+    dataset = _find(run_dir, "prepare-data*/dataset") or given.get("dataset_uri")
+    return steps.next_steps(query, index, dataset, _find(run_dir, "export-query*/edge_model"))

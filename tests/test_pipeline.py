@@ -221,7 +221,7 @@ def test_a_local_run_names_its_query_model_and_index_and_the_commands_that_use_t
     from cmce.cli import main as cmce
     from pipeline.next_steps import next_steps
 
-    said = next_steps(kfp_run)
+    said = next_steps(kfp_run, {})
     assert f"query model   {kfp_run / 'train-model' / 'model'}\n" in said
     assert f"index         {kfp_run / 'build-index' / 'index'}\n" in said
     assert f"dataset       {kfp_run / 'prepare-data' / 'dataset'}\n" in said
@@ -237,7 +237,23 @@ def test_a_local_run_names_its_query_model_and_index_and_the_commands_that_use_t
     assert "--query-model" in serve and "--index" in serve and "--dataset" in serve
     nothing = kfp_run.parent / "not-a-run"
     nothing.mkdir()
-    assert next_steps(nothing) == ""  # a lifecycle run, or one without an index: no summary
+    assert next_steps(nothing, {}) == ""  # a run without an index: no summary
+
+
+def test_a_lifecycle_runs_summary_finds_its_query_model_among_its_inputs(tmp_path):
+    """add-gallery-model indexes the served query model, an input: no `model` of the run's own is it."""
+    from pipeline.next_steps import next_steps
+
+    run_dir, inputs = tmp_path / "cmce-add-gallery-model-1", tmp_path / "w"
+    for folder in (run_dir / "for-loop-1-iteration-0" / "train-model", run_dir / "build-index" / "index", inputs):
+        folder.mkdir(parents=True)
+    (run_dir / "for-loop-1-iteration-0" / "train-model" / "model").write_bytes(b"the new gallery model")
+    query, dataset = inputs / "query.pt", inputs / "dataset.parquet"
+    query.write_bytes(b"the served query model")
+    (run_dir / "build-index" / "index" / "meta.json").write_text(json.dumps({"query_model_sha256": file_sha256(query)}))
+    said = next_steps(run_dir, {"query_model_uri": str(query), "dataset_uri": str(dataset)})
+    assert f"query model   {query}\n" in said and f"dataset       {dataset}\n" in said
+    assert next_steps(run_dir, {}) == ""  # the index's query model is nowhere: nothing to point to
 
 
 def test_kfp_locals_warnings_of_cluster_settings_are_said_once_not_twice_a_task(caplog):
