@@ -509,30 +509,25 @@ class TidiedRelay:
     DUMP_LINE = re.compile(r"    [ {}]")  # the dump's own lines: indented JSON, or its braces
 
     def __init__(self, stream: Any) -> None:
-        self._stream, self._lock, self._threads = stream, threading.Lock(), threading.local()
+        self._stream, self._lock = stream, threading.Lock()
+        self._threads: dict[int, list] = {}  # a thread's [partial line, in a dump]
         try:
             self._colour = stream.isatty()
         except (AttributeError, ValueError):
             self._colour = False
 
-    def _state(self) -> Any:
-        state = self._threads
-        if not hasattr(state, "pending"):
-            state.pending, state.in_dump = "", False
-        return state
-
     def write(self, text: str) -> int:
-        state = self._state()
-        *lines, state.pending = (state.pending + text).split("\n")
+        state = self._threads.setdefault(threading.get_ident(), ["", False])
+        *lines, state[0] = (state[0] + text).split("\n")
         for line in lines:
             self._line(state, line + "\n")
         return len(text)
 
-    def _line(self, state: Any, line: str) -> None:
-        if state.in_dump and self.DUMP_LINE.match(line):
+    def _line(self, state: list, line: str) -> None:
+        if state[1] and self.DUMP_LINE.match(line):
             return
-        state.in_dump = line.rstrip().endswith(self.DUMP_START)
-        if not state.in_dump:
+        state[1] = line.rstrip().endswith(self.DUMP_START)
+        if not state[1]:
             with self._lock:
                 self._stream.write(line if self._colour else ANSI.sub("", line))
 
@@ -541,11 +536,21 @@ class TidiedRelay:
             self.write(line)
 
     def flush(self) -> None:
-        state = self._state()
-        if state.pending.strip():  # a last line without its end (kfp.local's indentation alone waits)
-            self._line(state, state.pending)
-            state.pending = ""
+        """This thread's line so far is written (not its indentation alone: its line follows). A logging
+        handler flushes after each record: another thread's half line must wait for its end."""
+        self._end(self._threads.get(threading.get_ident()))
         self._stream.flush()
+
+    def flush_all(self) -> None:
+        """As the relay ends: every thread's last line without its end."""
+        for state in list(self._threads.values()):
+            self._end(state)
+        self._stream.flush()
+
+    def _end(self, state: list | None) -> None:
+        if state is not None and state[0].strip():
+            self._line(state, state[0])
+            state[0] = ""
 
     def __getattr__(self, name: str) -> object:  # fileno, encoding, isatty, …
         return getattr(self._stream, name)
@@ -561,7 +566,7 @@ def tidied_stdout() -> Iterator[None]:
     finally:
         sys.stdout = stream
         with contextlib.suppress(Exception):  # its reader gone
-            relay.flush()
+            relay.flush_all()
 
 
 @contextlib.contextmanager

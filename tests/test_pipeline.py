@@ -348,6 +348,25 @@ def test_parallel_branches_relayed_at_once_keep_their_own_lines_and_dumps():
     assert out.getvalue().splitlines() == ["    Traceback (most recent call last):", '      File "/x.py", line 3',
                                            "    ValueError: b failed", "    [KFP Executor 2 INFO]: a done"]
 
+    out.truncate(0)
+    out.seek(0)
+    ended = threading.Event()
+
+    def a_task_ends_without_its_lines_end() -> None:
+        relay.write("    ")  # kfp.local's indentation of the next line, then a half line
+        relay.flush()  # by a logging handler of this thread: the indentation alone waits for its line
+        relay.write("half a line")
+        ended.set()
+
+    worker = threading.Thread(target=a_task_ends_without_its_lines_end)
+    worker.start()
+    ended.wait(10)
+    relay.flush()  # another thread's flush (a log record): the worker's half line is not cut
+    assert out.getvalue() == ""
+    relay.flush_all()  # the run's end
+    assert out.getvalue() == "    half a line"
+    worker.join(10)
+
 
 def test_local_run_matches_in_process_run(kfp_run, smoke_run):
     _, expected = smoke_run
