@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests components pipeline benchmarks
 
 test: lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15  # the slowest tests, to keep the suite fast
 
 clean:
 	rm -rf runs
