@@ -196,6 +196,40 @@ def test_add_gallery_model_cli_equals_combining_all_members(smoke_run, tmp_path)
                                                                                           "mob_c"])
 
 
+def test_add_gallery_model_refuses_another_query_model_before_any_work(smoke_run, tmp_path, caplog):
+    """Another query model than the gallery's was refused once T was fitted and the whole gallery embedded, naming a
+    working file (`…/member_resnet_c.parquet: transformed for query model d6e73033f675, the gallery for …`); two
+    swapped models were named by their file alone."""
+    from cmce.checkpoint import load_embedding_model
+    from cmce.cli import main
+    from cmce.config import DataConfig
+    from cmce.train import train_embedding_model
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    other = tmp_path / "query_v2.pt"
+    spec = ModelSpec(name="query", arch="query_cnn", embedding_dim=24, width=8, seed=7)
+    train_embedding_model(lay.dataset, spec, DataConfig(source="digits", image_size=8), TrainConfig(epochs=1), other)
+    work = tmp_path / "work"
+
+    def add(query: Path, gallery_model: Path) -> str:
+        caplog.clear()
+        assert main(["add-gallery-model", "--config", str(SMOKE), "--dataset", str(lay.dataset), "--gallery",
+                     str(lay.gallery), "--query-model", str(query), "--gallery-model", str(gallery_model),
+                     "--out", str(tmp_path / "grown.parquet"), "--work-dir", str(work)]) == 2
+        assert not work.exists() and not (tmp_path / "grown.parquet").exists()
+        return caplog.records[-1].getMessage()
+
+    served = load_embedding_model(lay.model("query")).sha256
+    assert add(other, lay.model(lay.gallery_names[0])) == (
+        f"cmce add-gallery-model: --query-model {other}: query model {load_embedding_model(other).sha256[:12]}, but "
+        f"the gallery {lay.gallery} was transformed for query model {served[:12]}: give the query model it serves "
+        "(upgrade-query-model moves a gallery to another)")
+    gallery_model = lay.model(lay.gallery_names[0])
+    assert add(gallery_model, lay.model("query")).startswith(f"cmce add-gallery-model: --query-model {gallery_model}: "
+                                                             f"a gallery model {lay.gallery_names[0]!r}")
+
+
 def test_two_train_embeddings_files_of_one_gallery_model_are_refused(smoke_run, tmp_path):
     """`--train-embeddings resnet_a.parquet vgg_b.parquet resnet_a_other.parquet`: the last file of resnet_a won
     silently (its transformation fitted on shuffled rows: loss 5.25 instead of 3.96)."""

@@ -276,6 +276,17 @@ class EnsembleOutputs:
     members_dir: Path  # the per-model files
 
 
+def check_serves(gallery_meta: dict, gallery: Path, query_model: Path) -> None:
+    """Before any work: the gallery was transformed for `query_model` (a new member must be too). Another query
+    model was refused only once T was fitted and the whole gallery embedded, naming a working file."""
+    q_model = require_role(load_embedding_model(query_model), "query", f"--query-model {origin(query_model)}")
+    served = gallery_meta.get("query_model_sha256")
+    if served is not None and served != q_model.sha256:
+        raise ValueError(f"--query-model {origin(query_model)}: query model {q_model.sha256[:12]}, but the gallery "
+                         f"{origin(gallery)} was transformed for query model {served[:12]}: give the query model it "
+                         "serves (upgrade-query-model moves a gallery to another)")
+
+
 def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict[str, str] | None = None
                       ) -> list[str]:
     """Before any work: each gallery model is not the query model, and its name is not taken (by another of them,
@@ -286,9 +297,9 @@ def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict
     query_sha = file_sha256(query_model)
     seen = dict(taken or {})
     for path in gallery_models:
-        model = require_role(load_embedding_model(path), "gallery", str(path))
+        model = require_role(load_embedding_model(path), "gallery", f"--gallery-model {origin(path)}")
         if model.sha256 == query_sha:
-            raise ValueError(f"{path}: is the query model itself, not a gallery model")
+            raise ValueError(f"--gallery-model {origin(path)}: is the query model itself, not a gallery model")
         if model.name in seen:
             raise ValueError(f"{path}: a gallery model named {model.name!r} is already in {seen[model.name]}")
         seen[model.name] = str(path)
@@ -404,6 +415,7 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
 
     gallery_meta = read_metadata(inp.gallery)
     require_whole(gallery_meta, inp.gallery, "add-gallery-model")  # its new member embeds the whole split
+    check_serves(gallery_meta, inp.gallery, inp.query_model)
     [stem] = check_new_members(inp.query_model, [inp.gallery_model],
                                {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
     # work files named by the model (a checked identifier), not by its file: two models both saved as model.pt
