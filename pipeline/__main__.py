@@ -132,7 +132,7 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
     out = {k: v for k, v in out.items() if k in required}
     needed = [k for k in required if k not in out]
     if needed:
-        raise SystemExit(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
+        raise ValueError(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
     sources = {key: f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None)
                else f"--{key.replace('_', '-')}" for key in out}
     for key, uri in out.items():  # URIs first: what no runner reads is said before a path that is missing
@@ -199,6 +199,10 @@ def _arguments(args: argparse.Namespace) -> dict:
     from pipeline.cmce_pipeline import PARAMS_FILE
 
     overrides = parse_overrides(args.set)
+    if args.pipeline == "cmce" and (given := [f"--{key.replace('_', '-')}" for key in ("inputs_from", *INPUT_URIS)
+                                             if getattr(args, key, None)]):  # the whole pipeline ran, exit 0
+        raise ValueError(f"{', '.join(given)}: the lifecycle pipelines' inputs (--pipeline add-gallery-model or "
+                         "upgrade-query-model); the cmce pipeline makes its own")
     out: dict = _lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     # the whole config checked here, not in the first task: the params given, else the ones compiled in
     cfg = load_config(args.params or PARAMS_FILE, overrides)

@@ -603,6 +603,24 @@ def test_a_numeric_option_out_of_its_range_is_refused_at_parse_time_by_name(caps
     assert (usage.parallelism, usage.embed_shards, usage.embed_workers) == (1, None, None)
 
 
+def test_lifecycle_inputs_are_refused_for_the_cmce_pipeline_and_required_for_a_lifecycle_one(tmp_path, caplog):
+    """`--inputs-from RUN` without `--pipeline` ran the whole cmce pipeline, exit 0, the flag unread; a lifecycle
+    pipeline without its inputs exited 1 with a bare line."""
+    from pipeline.__main__ import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for argv, said in [
+        (["--inputs-from", str(run)], "--inputs-from: the lifecycle pipelines' inputs"),
+        (["--query-model-uri", "q.pt", "--gallery-uri", "g.parquet"], "--query-model-uri, --gallery-uri: the"),
+        (["--pipeline", "add-gallery-model"], "pipeline add-gallery-model needs --inputs-from RUN_DIR or "
+                                              "--dataset-uri")]:
+        caplog.clear()
+        assert main(["run", "--local", "--no-mlflow", "--root", str(tmp_path / "root"), *argv]) == 2
+        assert caplog.records[-1].getMessage().startswith(f"python -m pipeline run: {said}")
+    assert not (tmp_path / "root").exists()
+
+
 def test_every_flag_of_the_pipeline_runner_has_help():
     """`--run-name RUN_NAME`, `--no-mlflow`, `--namespace NAMESPACE` and others were shown bare."""
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
