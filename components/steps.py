@@ -304,8 +304,17 @@ def gate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Data
     info = TrackingInfo.read(tracking.path)
     inputs = stages.GateInputs(Path(dataset.path), Path(baseline_query_model.path), Path(baseline_gallery.path),
                                Path(query_model.path), Path(gallery.path))
+
+    def gate(cfg, inputs, outputs):  # noqa: ANN001, ANN202 - the stage, its verdict withheld where no alias can move
+        from cmce.promotion import withhold_unregistered
+
+        record = stages.gate(cfg, inputs, outputs)
+        if info.on:
+            withhold_unregistered(record, outputs.decision, info.uri)
+        return record
+
     with closing_parent(info):
-        record = run_stage(stages.gate, load_config(config.path), inputs, stages.GateOutputs(Path(decision.path)),
+        record = run_stage(gate, load_config(config.path), inputs, stages.GateOutputs(Path(decision.path)),
                            tracking=info)
     for name, value in record.metrics.items():
         metrics.log_metric(name, value)

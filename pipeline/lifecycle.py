@@ -6,9 +6,10 @@ moves MLflow's `production` alias only when no gated metric regresses.
 
 - add-gallery-model: train the new model (lifecycle.add_gallery_model) → fit its transformation →
   embed the gallery with it alone → add it to the running sum → index → gate.
-- upgrade-query-model: train the new query model (lifecycle.new_query_model) → refit every
-  transformation from the stored train embeddings → rebuild the gallery from its stored raw
-  embeddings (no gallery image is read) → index → gate.
+- upgrade-query-model: train the new query model (lifecycle.new_query_model) and export it to ONNX for the
+  edge → refit every transformation from the stored train embeddings → rebuild the gallery from its stored
+  raw embeddings (no gallery image is read) → index → gate (a promotion moves the query model's, its ONNX
+  export's and its pyfunc's `production` together).
 
 Settings come from the params file and KEY=VALUE overrides, as in the main pipeline.
 """
@@ -20,6 +21,7 @@ from components.steps import (
     add_member,
     build_index,
     embed_member,
+    export_query,
     fit_transform,
     gate,
     resolve_config,
@@ -101,6 +103,9 @@ def make_upgrade_query_model_pipeline(params_yaml: str | None = None, placement:
         new_query = train_model(config=config, tracking=track, model_name=cfg.outputs["new_query_model"],
                                 dataset=data)
         place(new_query.set_display_name("train-query-model"), "4", "8Gi", runs_models=True, side_effects=True)
+        # the edge's model: registered before the gate, whose promotion moves its `production` with the query model's
+        edge = export_query(tracking=track, dataset=data, query_model=new_query.outputs["model"])
+        place(edge.set_display_name("export-query-model"), "2", "4Gi", side_effects=True)
         upgraded = place(upgrade_query_model(config=config, tracking=track, dataset=data, gallery=served,
                                              query_model=new_query.outputs["model"], train_embeddings=stored),
                          "2", "16Gi", runs_models=True, side_effects=True)
@@ -108,7 +113,7 @@ def make_upgrade_query_model_pipeline(params_yaml: str | None = None, placement:
                       "2", "16Gi")
         place(gate(config=config, tracking=track, dataset=data, baseline_query_model=old_query,
                    baseline_gallery=served, query_model=new_query.outputs["model"],
-                   gallery=upgraded.outputs["new_gallery"], index=index.outputs["index"]), "2", "16Gi",
+                   gallery=upgraded.outputs["new_gallery"], index=index.outputs["index"]).after(edge), "2", "16Gi",
               runs_models=True, side_effects=True)
 
     return upgrade_query_model_pipeline

@@ -92,6 +92,16 @@ def _component(task: dict) -> str:
     return re.sub(r"-\d+$", "", task["componentRef"]["name"].removeprefix("comp-"))
 
 
+def test_a_query_model_upgrade_exports_its_query_model_for_the_edge_before_the_gate():
+    """A promoted upgrade moved cmce-query's `production` and left cmce-query-onnx's on the old query model, which
+    the promoted index refuses: the upgrade exported nothing. The gate now waits for the export of the new model."""
+    tasks = _tasks(_compiled(PACKAGES["upgrade-query-model"])[0])
+    export = tasks["export-query"]["inputs"]["artifacts"]["query_model"]["taskOutputArtifact"]
+    trained = tasks["upgrade-query-model"]["inputs"]["artifacts"]["query_model"]["taskOutputArtifact"]
+    assert export == trained and export["producerTask"] == "train-model"
+    assert "export-query" in tasks["gate"]["dependentTasks"]
+
+
 @pytest.mark.parametrize("package", list(PACKAGES.values()), ids=list(PACKAGES))
 def test_tasks_with_side_effects_are_never_cached_and_the_rest_retry(package):
     tasks = {name: task for name, task in _tasks(_compiled(package)[0]).items() if "componentRef" in task

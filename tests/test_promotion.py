@@ -84,7 +84,7 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     decision = json.loads((tmp_path / "bad.json").read_text())
     assert not decision["promoted"] and "R@1" in decision["regressed"]
     assert decision["candidate"]["R@1"] < decision["baseline"]["R@1"]
-    for name in ("cmce-query", "cmce-query-onnx"):
+    for name in ("cmce-query", "cmce-query-onnx", "cmce-query-pyfunc"):
         with pytest.raises(Exception, match="production"):
             client.get_model_version_by_alias(name, "production")
     # the numbers are logged on the gate's run either way
@@ -100,8 +100,9 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     for name, sha in served_versions(lay.gallery):
         version = client.get_model_version_by_alias(name, "production")
         assert version.tags["sha256"] == sha, name
-    onnx_version = client.get_model_version_by_alias("cmce-query-onnx", "production")
-    assert onnx_version.tags["sha256"] == client.get_model_version_by_alias("cmce-query", "production").tags["sha256"]
+    served_query = client.get_model_version_by_alias("cmce-query", "production").tags["sha256"]
+    for along in ("cmce-query-onnx", "cmce-query-pyfunc"):  # the edge's model and mlflow.pyfunc's follow it
+        assert client.get_model_version_by_alias(along, "production").tags["sha256"] == served_query, along
     runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
     assert any(r.data.tags.get("promotion") == "done" for r in runs)
     # without a parent run nothing is published, so no alias can move: said, not left to be guessed
@@ -111,6 +112,35 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
                  "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery),
                  "--out", str(tmp_path / "unpublished.json")]) == 0
     assert "promoted, but no alias moved: give --mlflow-parent" in caplog.text
+
+
+def test_the_kfp_gate_task_withholds_a_promotion_no_alias_can_follow(smoke_run, tmp_path, caplog):
+    """A lifecycle pipeline on a `cmce run` folder (whose models were never registered) ended with a decision file
+    saying `"promoted": true`; a warning 50 lines above said no alias moved. The task withholds it as the CLI does."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from cmce.tracking import start_parent_run
+    from components.steps import gate
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = tmp_path / "tracking.json"
+    tracking.write_text(json.dumps({"uri": uri, "run_id": start_parent_run(uri, "lifecycle", {})}))
+    decision, logged = tmp_path / "decision.json", {}
+    at = lambda path: SimpleNamespace(path=str(path))  # noqa: E731 - a KFP artifact as the task sees it
+    gate.python_func(config=at(SMOKE), tracking=at(tracking), dataset=at(lay.dataset),
+                     baseline_query_model=at(lay.model("query")), baseline_gallery=at(lay.gallery),
+                     query_model=at(lay.model("query")), gallery=at(lay.gallery), index=at(tmp_path),
+                     metrics=SimpleNamespace(log_metric=logged.__setitem__), decision=at(decision))
+    said = json.loads(decision.read_text())
+    assert not said["promoted"] and said["regressed"] == [] and "@production not moved" in said["not_promoted"]
+    assert logged["promoted"] == 0.0 and "gate: not promoted: ['cmce-" in caplog.text
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("cmce").experiment_id], "attributes.run_name = 'gate'")
+    assert run[0].data.metrics["promoted"] == 0.0
 
 
 def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_run, tmp_path, caplog):
@@ -131,7 +161,7 @@ def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_ru
     with caplog.at_level(logging.INFO):
         assert main([*gate, "--out", str(tmp_path / "d.json")]) == 0
     assert "gate: promoted" not in caplog.text  # it was logged before "not moving @production"
-    assert "gate: no regression" in caplog.text and "cmce gate: not promoted: ['cmce-" in caplog.text
+    assert "gate: no regression" in caplog.text and "gate: not promoted: ['cmce-" in caplog.text
     decision = json.loads((tmp_path / "d.json").read_text())
     assert not decision["promoted"] and decision["regressed"] == [] and "cmce-query" in decision["not_promoted"]
     assert main([*gate, "--out", str(tmp_path / "required.json"), "--require-promotion"]) == 1

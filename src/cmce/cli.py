@@ -483,15 +483,10 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
         log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
                     "gate and move 'production'")
     why = f"candidate regressed on {record.params['regressed']}"
-    if record.metrics["promoted"] and record.promote and args.mlflow_parent:
-        from cmce.promotion import withhold
-        from cmce.registry import unregistered
+    if args.mlflow_parent:
+        from cmce.promotion import withhold_unregistered
 
-        if missing := unregistered(os.environ["MLFLOW_TRACKING_URI"], record.promote):  # @production cannot move
-            why = f"{missing} have no registered version with the served sha256; @production not moved"
-            withhold(decision, why)
-            record.metrics["promoted"] = 0.0
-            log.warning("cmce gate: not promoted: %s", why)
+        why = withhold_unregistered(record, decision, os.environ["MLFLOW_TRACKING_URI"]) or why
     if args.require_promotion and not record.metrics["promoted"]:  # a verdict, not bad input: exit 1, like diff
         log.error("cmce gate: %s: not promoted: %s (see %s)", args.gallery, why, args.out)
         args.exit_status = 1

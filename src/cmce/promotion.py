@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cmce.checkpoint import load_embedding_model
 from cmce.config import Config
@@ -64,6 +65,24 @@ def withhold(decision: Path, reason: str) -> None:
     report = json.loads(decision.read_text())
     write_text(decision, json.dumps({**report, "promoted": False, "not_promoted": reason}, indent=2,
                                     sort_keys=True) + "\n")
+
+
+def withhold_unregistered(record: Any, decision: Path, tracking_uri: str) -> str | None:
+    """Before a promoting gate's record is published: where a served version has no registered version of its
+    sha256, `production` cannot move (all or nothing), so the record and the decision file say not promoted, and
+    why (a deploy script read `"promoted": true` while nothing moved). Returns the reason; None when all are."""
+    from cmce.registry import unregistered
+
+    if not (record.metrics["promoted"] and record.promote):
+        return None
+    missing = unregistered(tracking_uri, record.promote)
+    if not missing:
+        return None
+    why = f"{missing} have no registered version with the served sha256; @production not moved"
+    withhold(decision, why)
+    record.metrics["promoted"] = 0.0
+    log.warning("gate: not promoted: %s", why)
+    return why
 
 
 def decide(baseline: dict[str, float], candidate: dict[str, float], metrics: list[str],

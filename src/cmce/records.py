@@ -25,7 +25,7 @@ class StepRecord:
     versions_of: list[str] = field(default_factory=list)  # registered models whose current version to record
     promote: list[tuple[str, str]] = field(default_factory=list)  # (registered name, sha256) to move `production` to
     # (registered name, sha256) whose `production` alias follows a promotion where such a version is registered:
-    # the ONNX export of the promoted query model, which a served gallery does not need
+    # the promoted query model's ONNX export and pyfunc, which a served gallery does not need
     promote_along: list[tuple[str, str]] = field(default_factory=list)
     inputs: list[tuple[str, Path]] = field(default_factory=list)  # (role, file): the data sets the step read
     headline: dict = field(default_factory=dict)  # metrics that also go on the pipeline run (the parent)
@@ -33,8 +33,12 @@ class StepRecord:
 
 def registry_name(role: str, name: str) -> str:
     """Registered-model name: cmce-query for any query model (an upgraded query model is a new version
-    of the same registered model) and cmce-query-onnx for its ONNX exports, cmce-<role>-<name> otherwise."""
-    return f"cmce-{role}" if role in ("query", "query-onnx") else f"cmce-{role}-{name}"
+    of the same registered model), cmce-query-onnx for its ONNX exports and cmce-query-pyfunc for it as an MLflow
+    pyfunc, cmce-<role>-<name> otherwise."""
+    return f"cmce-{role}" if role in QUERY_ROLES else f"cmce-{role}-{name}"
+
+
+QUERY_ROLES = ("query", "query-onnx", "query-pyfunc")  # one registered model each, whatever the query model's name
 
 
 def registered_uris(cfg: Config, alias: str = "candidate") -> dict[str, list[str]]:

@@ -518,7 +518,7 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
               "candidate_gallery": origin(inp.gallery)}
     write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
-    # promoted: the served versions move to `production`, and the query model's ONNX export along with them
+    # promoted: the served versions move to `production`, and the query model's ONNX export and pyfunc with them
     served = served_versions(inp.gallery) if decision.promoted else []
     # the measured verdict only: whether an alias moves is decided on publishing (a line saying "promoted" preceded
     # "not moving @production" and a decision file saying promoted: false)
@@ -528,8 +528,8 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": report["baseline_gallery"],
                                "candidate_gallery": report["candidate_gallery"], "regressed": decision.regressed},
                       decision.flat(), [], [out.decision], promote=served,
-                      promote_along=[(registry_name("query-onnx", ""), sha) for name, sha in served
-                                     if name == registry_name("query", "")],
+                      promote_along=[(registry_name(role, ""), sha) for name, sha in served
+                                     if name == registry_name("query", "") for role in ("query-onnx", "query-pyfunc")],
                       inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)])
 
 

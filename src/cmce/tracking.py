@@ -737,8 +737,10 @@ def log_step(
                     client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
                 for name, sha256 in promote_along:
                     version = version_by_sha(client, name, sha256)  # an export: tagged with its source's sha256
-                    if version is None:
-                        log.info("%s has no version with sha256 %s: its @%s stays", name, sha256[:12], PRODUCTION)
+                    if version is None:  # the edge would keep a model the promoted index refuses
+                        log.warning("%s has no version of the promoted query model (sha256 %s): its @%s stays; "
+                                    "register one (cmce export-query --mlflow-parent …) and move it", name,
+                                    sha256[:12], PRODUCTION)
                         continue
                     client.set_registered_model_alias(name, PRODUCTION, version)
                     client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
@@ -845,8 +847,8 @@ def log_artifact_or_reference(client: Any, run_id: str, path: Path) -> None:
         client.log_artifact(run_id, str(path))
 
 
-QUERY_MODEL = "cmce-query"
-PYFUNC = "cmce-query-pyfunc"  # the query model for mlflow.pyfunc.load_model; cmce-query stays the bare checkpoint
+QUERY_MODEL = "cmce-query"  # cmce.records.registry_name's, without importing the models that module reads
+PYFUNC = "cmce-query-pyfunc"  # for mlflow.pyfunc.load_model; cmce-query stays the bare checkpoint
 
 
 def log_query_pyfunc(client: Any, run_id: str, checkpoint: Path, sha256: str) -> str:
