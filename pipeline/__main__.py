@@ -122,6 +122,13 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
     if args.inputs_from:
         from cmce.layout import RunLayout
 
+        if (Path(args.inputs_from) / "prepare-data").is_dir():  # was `…/data/dataset.parquet not found`
+            raise ValueError(f"--inputs-from {args.inputs_from}: a KFP run's folder; --inputs-from reads a `cmce run` "
+                             "output folder: give this run's files with --dataset-uri (prepare-data/dataset), "
+                             "--query-model-uri (train-model/model), --gallery-uri (merge-shards/gallery)"
+                             + (" and --train-embeddings-uri (a folder of its for-loop-*/fit-transform/"
+                                "train_embeddings files, each named NAME.parquet)"
+                                if args.pipeline == "upgrade-query-model" else ""))
         lay = RunLayout(Path(args.inputs_from).resolve())
         out = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
                "gallery_uri": str(lay.gallery), "train_embeddings_uri": str(lay.train_embeddings("x").parent)}

@@ -615,16 +615,20 @@ def test_a_numeric_option_out_of_its_range_is_refused_at_parse_time_by_name(caps
 
 def test_lifecycle_inputs_are_refused_for_the_cmce_pipeline_and_required_for_a_lifecycle_one(tmp_path, caplog):
     """`--inputs-from RUN` without `--pipeline` ran the whole cmce pipeline, exit 0, the flag unread; a lifecycle
-    pipeline without its inputs exited 1 with a bare line."""
+    pipeline without its inputs exited 1 with a bare line; a KFP run's folder was `…/data/dataset.parquet not
+    found`."""
     from pipeline.__main__ import main
 
-    run = tmp_path / "run"
+    run, kfp = tmp_path / "run", tmp_path / "kfp" / "cmce-2026-12-06-07-03-04-122569"
     run.mkdir()
+    (kfp / "prepare-data").mkdir(parents=True)  # as kfp.local names its task folders
     for argv, said in [
         (["--inputs-from", str(run)], "--inputs-from: the lifecycle pipelines' inputs"),
         (["--query-model-uri", "q.pt", "--gallery-uri", "g.parquet"], "--query-model-uri, --gallery-uri: the"),
         (["--pipeline", "add-gallery-model"], "pipeline add-gallery-model needs --inputs-from RUN_DIR or "
-                                              "--dataset-uri")]:
+                                              "--dataset-uri"),
+        (["--pipeline", "add-gallery-model", "--inputs-from", str(kfp)], f"--inputs-from {kfp}: a KFP run's folder; "
+                                                                          "--inputs-from reads a `cmce run` output")]:
         caplog.clear()
         assert main(["run", "--local", "--no-mlflow", "--root", str(tmp_path / "root"), *argv]) == 2
         assert caplog.records[-1].getMessage().startswith(f"python -m pipeline run: {said}")
