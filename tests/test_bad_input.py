@@ -643,6 +643,16 @@ def test_index_searched_with_another_query_model(world, caplog):
                    "--limit", "2"], world.index, f"{world.index}: index was built for query model")
 
 
+def test_a_gallery_given_for_the_dataset_is_named_as_a_gallery(world, tmp_path, caplog):
+    """`--dataset gallery.parquet` (two arguments swapped) was only `missing column 'class_name'`."""
+    said = f"{world.gallery}: missing column 'class_name': it holds a cmce gallery file, not a dataset"
+    fails(caplog, ["search", "--index", world.index, "--query-model", world.query, "--dataset", world.gallery,
+                   "--limit", "2"], world.index, said)
+    grown = tmp_path / "grown.parquet"
+    fails(caplog, ["add-gallery-model", "--config", SMOKE, "--dataset", world.gallery, "--gallery", world.dataset,
+                   "--query-model", world.query, "--gallery-model", world.gallery_models[0], "--out", grown], grown)
+
+
 def test_index_with_damaged_files(world, tmp_path, caplog):
     index = shutil.copytree(world.index, tmp_path / "index")
     (index / "meta.json").write_text("{ not json")

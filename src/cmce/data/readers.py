@@ -16,6 +16,7 @@ import torch
 from cmce import strict_json
 from cmce.data.codec import decode_image
 from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
+from cmce.storage import parquet_kind
 
 
 def open_dataset(path: str | Path) -> pq.ParquetFile:
@@ -31,8 +32,11 @@ def open_dataset(path: str | Path) -> pq.ParquetFile:
     if twice:  # pyarrow then reports the column as missing
         raise DataError(f"{path}: column(s) {twice} appear more than once")
     for col in DATASET_SCHEMA:
-        if col.name not in names:
-            raise DataError(f"{path}: missing column '{col.name}'")
+        if col.name not in names:  # a gallery given for the dataset was only `missing column 'class_name'`
+            kind = parquet_kind(path)
+            given = f": it holds a cmce {kind} file, not a dataset (from prepare-data)" if kind not in (
+                None, "dataset") else ""
+            raise DataError(f"{path}: missing column '{col.name}'{given}")
     for col in [*DATASET_SCHEMA, *([DOMAIN_FIELD] if DOMAIN_FIELD.name in names else [])]:
         actual = pf.schema_arrow.field(col.name).type
         if not _compatible(actual, col.type):
