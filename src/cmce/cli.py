@@ -708,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="new gallery Parquet (may equal --gallery: replaced atomically)")
 
     sp = add("gate", cmd_gate, "promotion gate: compare a candidate gallery with the served one on labelled "
-             "queries; MLflow's `production` alias moves only when no gated metric regresses")
+             "queries; MLflow's `production` alias moves only when no gated metric regresses (record the gate "
+             "with `cmce --mlflow-uri URI --mlflow-parent RUN_ID gate ...`)")
     sp.add_argument("--dataset", required=True, help="dataset Parquet with the labelled queries (lifecycle.gate.split)")
     sp.add_argument("--baseline-query-model", required=True, help="the query model now served")
     sp.add_argument("--baseline-gallery", required=True, help="the gallery now served")
