@@ -106,7 +106,7 @@ def _search(capsys, lay, *argv: str) -> list[dict]:
 
 def test_search_hits_carry_the_servers_label_and_class_name(smoke_run, tmp_path, capsys):
     """`cmce search` hits were {id, score, uncertainty}; the server's also name the item's label and class."""
-    from cmce.serving.queries import class_names
+    from cmce.data.readers import class_names
 
     lay, _ = smoke_run
     gallery = pq.read_table(lay.gallery, columns=["id", "label"])

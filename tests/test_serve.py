@@ -32,9 +32,9 @@ from cmce.checkpoint import load_embedding_model
 from cmce.cli import build_parser, main
 from cmce.data.codec import decode_image
 from cmce.data.loader import split_source
+from cmce.data.readers import class_names
 from cmce.embed import embed_batch
 from cmce.index import load_index, search
-from cmce.serving.queries import class_names
 from cmce.storage import file_sha256
 from tests.serve_world import CLASSES, Server, b64, cmce_env, dataset, gallery_dataset, gallery_index, png, query_model
 

@@ -11,7 +11,7 @@ import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.codec import decode_image_as_found
-from cmce.data.readers import iter_split_batches
+from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
 from cmce.index import SearchResult, load_index, search
 from cmce.storage import file_sha256
@@ -92,8 +92,6 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
     The index refuses another query model, and when `gallery` is given, an index built from another version of
     that gallery file. `exclude_self`: a hit with the query's own id is dropped (leave-one-out, as evaluate
     scores a split against itself)."""
-    from cmce.serving.queries import class_names  # which imports this module
-
     model = load_embedding_model(query_model)
     to_inference_device(model)
     loaded = load_index(index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim,

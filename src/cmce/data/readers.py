@@ -19,6 +19,17 @@ from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
 from cmce.storage import parquet_kind
 
 
+def class_names(dataset: Path) -> list[str]:
+    """The class name of each label: the dataset file's own list (its metadata), else its label and
+    class_name columns (no image is read either way)."""
+    classes = dataset_info(dataset).get("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        return classes
+    table = pq.read_table(dataset, columns=["label", "class_name"], page_checksum_verification=True)
+    names = dict(zip(table.column("label").to_pylist(), table.column("class_name").to_pylist(), strict=True))
+    return [names.get(label, "") for label in range(max(names, default=-1) + 1)]
+
+
 def open_dataset(path: str | Path) -> pq.ParquetFile:
     path = Path(path)
     if not path.exists():

@@ -7,14 +7,11 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from cmce.data.codec import decode_image
-from cmce.data.readers import dataset_info
 from cmce.embed import embed_batch
 from cmce.index import search
 from cmce.method import normalize
@@ -39,17 +36,6 @@ class Limits:
     max_body_bytes: int = 8 << 20  # request body, before it is parsed
     max_bodies_bytes: int = 32 << 20  # all request bodies held at once (see cmce.serving.budget)
     max_image_pixels: int = 4_000_000  # per image, checked from its header before it is decoded
-
-
-def class_names(dataset: Path) -> list[str]:
-    """The class name of each label: the dataset file's own list (its metadata), else its label and
-    class_name columns (no image is read either way)."""
-    classes = dataset_info(dataset).get("classes")
-    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
-        return classes
-    table = pq.read_table(dataset, columns=["label", "class_name"], page_checksum_verification=True)
-    names = dict(zip(table.column("label").to_pylist(), table.column("class_name").to_pylist(), strict=True))
-    return [names.get(label, "") for label in range(max(names, default=-1) + 1)]
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")

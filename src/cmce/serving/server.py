@@ -28,9 +28,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmce.data.codec import pixel_limit
+from cmce.data.readers import class_names
 from cmce.errors import Terminated, escape_controls, forget_signals, not_ignored, unclaimed_ending_signals
 from cmce.serving.app import create_app
-from cmce.serving.queries import Limits, class_names
+from cmce.serving.queries import Limits
 from cmce.serving.state import Holder, QueryModelSource
 from cmce.storage import origin
 
