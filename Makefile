@@ -4,7 +4,7 @@ PYTHON ?= python3
 CONFIG ?= params.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-inprocess repro smoke test lint clean
+.PHONY: install run run-inprocess repro repro-lifecycle smoke test lint clean
 
 $(STAMP): pyproject.toml requirements-weights.txt
 	$(PYTHON) -m venv --upgrade-deps $(VENV)
@@ -24,6 +24,10 @@ run-inprocess: $(STAMP)
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# the live-gallery operations on what `make repro` made: a DVC project of its own, in lifecycle/
+repro-lifecycle: $(STAMP)
+	cd lifecycle && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(VENV)/bin/dvc repro
 
 smoke: $(STAMP)
 	$(VENV)/bin/python -m pipeline run --local --params configs/smoke.yaml --root runs/kfp-smoke
