@@ -481,7 +481,21 @@ def stop(signum: int, _frame: object) -> None:
     os._exit(128 + signum)
 
 
-class SilencedOnStop:
+class _StdoutWrapper:
+    """A wrapper of standard output that changes what `write` does; everything else is the stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> object:  # flush, fileno, encoding, isatty, …
+        return getattr(self._stream, name)
+
+
+class SilencedOnStop(_StdoutWrapper):
     """This process's standard output during a local run, where kfp.local's threads relay each task's output and
     log its status: nothing is written once an ending signal has reached the process. A terminal's Ctrl-C reaches
     the tasks too, and a stopping task's traceback (or kfp.local's `Retrying in 30.0s`) was printed above stop()'s
@@ -489,8 +503,8 @@ class SilencedOnStop:
     wakeup pipe as the signal is taken, before any thread of this process runs Python again: it is read here."""
 
     def __init__(self, stream: object, wakeup: int, signums: tuple[int, ...]) -> None:
-        self._stream, self._wakeup, self._signums = stream, wakeup, set(signums)
-        self._stopped = False
+        super().__init__(stream)
+        self._wakeup, self._signums, self._stopped = wakeup, set(signums), False
 
     def _stopping(self) -> bool:
         if not self._stopped:
@@ -501,15 +515,8 @@ class SilencedOnStop:
     def write(self, text: str) -> int:
         return len(text) if self._stopping() else self._stream.write(text)
 
-    def writelines(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.write(line)
 
-    def __getattr__(self, name: str) -> object:  # flush, fileno, encoding, isatty, …
-        return getattr(self._stream, name)
-
-
-class TidiedRelay:
+class TidiedRelay(_StdoutWrapper):
     """This process's standard output during a local run, where kfp.local relays each task's output indented by 4
     spaces: each task's executor dumped its whole input as JSON (two thirds of `make run`'s 2,400 lines), and
     kfp.local's colour codes reached files and pipes. The dump is dropped (its lines only: any other line ends
@@ -520,7 +527,8 @@ class TidiedRelay:
     DUMP_LINE = re.compile(r"    [ {}]")  # the dump's own lines: indented JSON, or its braces
 
     def __init__(self, stream: Any) -> None:
-        self._stream, self._lock = stream, threading.Lock()
+        super().__init__(stream)
+        self._lock = threading.Lock()
         self._threads: dict[int, list] = {}  # a thread's [partial line, in a dump]
         try:
             self._colour = stream.isatty()
@@ -542,10 +550,6 @@ class TidiedRelay:
             with self._lock:
                 self._stream.write(line if self._colour else ANSI.sub("", line))
 
-    def writelines(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.write(line)
-
     def flush(self) -> None:
         """This thread's line so far is written (not its indentation alone: its line follows). A logging
         handler flushes after each record: another thread's half line must wait for its end."""
@@ -562,9 +566,6 @@ class TidiedRelay:
         if state is not None and state[0].strip():
             self._line(state, state[0])
             state[0] = ""
-
-    def __getattr__(self, name: str) -> object:  # fileno, encoding, isatty, …
-        return getattr(self._stream, name)
 
 
 @contextlib.contextmanager

@@ -410,19 +410,20 @@ def cmd_run(args: argparse.Namespace) -> None:
     from cmce.report import markdown_table
 
     cfg = _config(args)
+    remote = is_remote(cfg.output_dir)
     if (held := working_folder_under(cfg.output_dir)) is not None:  # as `--out .` is for every other step
         raise ValueError(f"output_dir: {cfg.output_dir} {'is' if held == Path('.') else 'holds'} the working folder; "
                          "give a folder for the run's outputs")
-    if cfg.data.path and not is_remote(cfg.output_dir) and is_within(cfg.output_dir, cfg.data.path):
+    if cfg.data.path and not remote and is_within(cfg.output_dir, cfg.data.path):
         # the run's folders landed among the class folders; the next run read them as classes
         raise ValueError(f"output_dir: {cfg.output_dir} is inside data.path {cfg.data.path}, the data it reads; give "
                          "a folder outside it")
-    written = RunLayout(Path(cfg.output_dir)).written_folders()
-    if cfg.data.path and not is_remote(cfg.output_dir) and any(is_within(cfg.data.path, str(f)) for f in written):
+    lay = RunLayout(Path(cfg.output_dir))
+    written = lay.written_folders()
+    if cfg.data.path and not remote and any(is_within(cfg.data.path, str(f)) for f in written):
         # `data.path=<output_dir>/data`: the run wrote its dataset among the ImageFolder's class folders
         raise ValueError(f"data.path: {cfg.data.path} is inside a folder the run writes in output_dir "
                          f"{cfg.output_dir}; keep the data outside it")
-    remote = is_remote(cfg.output_dir)
     if remote:  # the whole run in scratch, uploaded when it succeeds
         cfg = _config(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -436,8 +437,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         with closing_parent(info) if own else contextlib.nullcontext():
             metrics = stages.run_all(cfg, publish=lambda record: publish(info, record))
     log.info("outputs under %s", restore_uris(cfg.output_dir))
-    lay = RunLayout(Path(cfg.output_dir))
-    if not remote:  # (an s3:// run's files are scratch copies until uploaded)
+    if not remote:  # (an s3:// run's files are scratch copies until uploaded; `lay` is the local output_dir)
         from cmce.next_steps import next_steps
 
         sys.stderr.write(next_steps(lay.model(cfg.query_model.name), lay.index, lay.dataset))

@@ -514,8 +514,7 @@ def _turn(fd: int, target: Path) -> bool:
                 log.info("%s: waited %g s for its turn behind a swap; going on beside it", target, TURNSTILE_WAIT_S)
                 return False
             if not said:
-                log.info("%s: waiting for another process that is reading or swapping it (it holds a lock on %s)",
-                         target, target)
+                _say_waiting(target, target)
                 said = True
             time.sleep(0.05)
         except OSError:
@@ -529,9 +528,14 @@ def _wait_for_lock(fd: int, exclusive: bool, target: Path, locked: Path) -> None
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
-        log.info("%s: waiting for another process that is reading or swapping it (it holds a lock on %s)",
-                 target, locked)
+        _say_waiting(target, locked)
         fcntl.flock(fd, mode)
+
+
+def _say_waiting(target: Path, locked: Path) -> None:
+    """Said before a wait on a lock another process holds (a search suspended with Ctrl-Z keeps its own): a silent
+    wait looked like a hang."""
+    log.info("%s: waiting for another process that is reading or swapping it (it holds a lock on %s)", target, locked)
 
 
 @contextlib.contextmanager
