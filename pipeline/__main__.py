@@ -117,21 +117,28 @@ def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
 
 
 def _lifecycle_inputs(args: argparse.Namespace) -> dict:
-    """URIs of the previous run's artifacts: from --inputs-from (a `cmce run` output folder) or flags."""
+    """URIs of the previous run's artifacts: from --inputs-from (a `cmce run` output folder, or a local KFP run of
+    the cmce pipeline) or flags. A KFP run's train embeddings are a list of files, gathered into one folder when the
+    run starts (run_local)."""
     out: dict = {}
     if args.inputs_from:
         from cmce.layout import RunLayout
+        from pipeline.run_folder import is_kfp_run, lifecycle_inputs
 
-        if (Path(args.inputs_from) / "prepare-data").is_dir():  # was `…/data/dataset.parquet not found`
-            raise ValueError(f"--inputs-from {args.inputs_from}: a KFP run's folder; --inputs-from reads a `cmce run` "
-                             "output folder: give this run's files with --dataset-uri (prepare-data/dataset), "
-                             "--query-model-uri (train-model/model), --gallery-uri (merge-shards/gallery)"
-                             + (" and --train-embeddings-uri (a folder of its for-loop-*/fit-transform/"
-                                "train_embeddings files, each named NAME.parquet)"
-                                if args.pipeline == "upgrade-query-model" else ""))
-        lay = RunLayout(Path(args.inputs_from).resolve())
-        out = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
-               "gallery_uri": str(lay.gallery), "train_embeddings_uri": str(lay.train_embeddings("x").parent)}
+        folder = Path(args.inputs_from).resolve()
+        if is_kfp_run(folder):  # `make run`'s runs/kfp/cmce-<timestamp>: was `…/data/dataset.parquet not found`
+            if args.command != "run":
+                raise ValueError(f"--inputs-from {args.inputs_from}: a local KFP run's folder, which a cluster's tasks "
+                                 "cannot read; give its files' s3:// URIs with --dataset-uri, --query-model-uri, "
+                                 "--gallery-uri (and --train-embeddings-uri)")
+            try:
+                out = lifecycle_inputs(folder)
+            except ValueError as err:
+                raise ValueError(f"--inputs-from {err}") from None
+        else:
+            lay = RunLayout(folder)
+            out = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
+                   "gallery_uri": str(lay.gallery), "train_embeddings_uri": str(lay.train_embeddings("x").parent)}
     for key in INPUT_URIS:
         if getattr(args, key, None):
             out[key] = getattr(args, key)
@@ -142,7 +149,8 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
         raise ValueError(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
     sources = {key: f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None)
                else f"--{key.replace('_', '-')}" for key in out}
-    for key, uri in out.items():  # URIs first: what no runner reads is said before a path that is missing
+    uris = {key: uri for key, uri in out.items() if isinstance(uri, str)}  # (a KFP run's files: found there)
+    for key, uri in uris.items():  # URIs first: what no runner reads is said before a path that is missing
         scheme = URI_SCHEME.match(uri)
         if scheme and scheme.group(1).lower() in MLFLOW_SCHEMES:  # was `models:/…: not found (a run folder …?)`
             raise ValueError(f"{sources[key]} {uri}: the pipeline's inputs are files (the local runner's, local "
@@ -151,7 +159,7 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
         if scheme and args.command == "run":  # kfp.local maps s3://b/k to the path /s3/b/k, which nothing mounts
             raise ValueError(f"{sources[key]} {uri}: the local runner reads local paths only; copy it here, or "
                              "submit the run to a cluster, whose tasks read it")
-    for key, uri in out.items():  # a bad local input failed in a task, with a traceback, after 3 tries
+    for key, uri in uris.items():  # a bad local input failed in a task, with a traceback, after 3 tries
         if URI_SCHEME.match(uri):
             continue
         path = Path(uri)
@@ -161,9 +169,14 @@ def _lifecycle_inputs(args: argparse.Namespace) -> dict:
         if path.is_dir() != folder:
             raise ValueError(f"{sources[key]}: {uri} is {'not a folder' if folder else 'a folder, not a file'}"
                              f"{' (one file per gallery model expected)' if folder else ''}")
-    if not any(URI_SCHEME.match(uri) for uri in out.values()):
+    if not any(URI_SCHEME.match(uri) for uri in uris.values()):
         _check_inputs_agree(args.pipeline, out, sources)
     return out
+
+
+def _train_embedding_files(uri: str | list[str]) -> list[Path]:
+    """As the upgrade task reads its folder: every *.parquet in it (a KFP run's files: as found there)."""
+    return [Path(p) for p in uri] if isinstance(uri, list) else sorted(Path(uri).glob("*.parquet"))
 
 
 def _check_inputs_agree(pipeline: str, uris: dict, sources: dict) -> None:
@@ -189,13 +202,14 @@ def _check_inputs_agree(pipeline: str, uris: dict, sources: dict) -> None:
                          f"gallery {gallery} was transformed for ({made_for[:12]}); give that query model")
     if pipeline != "upgrade-query-model":
         return
-    folder = Path(uris["train_embeddings_uri"])  # read as the upgrade task reads it: every *.parquet in it
+    given = uris["train_embeddings_uri"]
     stored = {meta["gallery_model"]["sha256"] for meta in (metadata("train_embeddings_uri", f)
-                                                          for f in sorted(folder.glob("*.parquet")))
+                                                          for f in _train_embedding_files(given))
               if meta.get("kind") == "train_embeddings"}
     missing = [m["name"] for m in gmeta["members"] if m["sha256"] not in stored]
     if missing:
-        raise ValueError(f"{sources['train_embeddings_uri']}: {folder} holds no train embeddings of the gallery's "
+        where = f"{given} holds" if isinstance(given, str) else "its fit-transform/train_embeddings files hold"
+        raise ValueError(f"{sources['train_embeddings_uri']}: {where} no train embeddings of the gallery's "
                          f"model{'s' if missing[1:] else ''} {', '.join(missing)} (no file of their sha256)")
 
 
@@ -292,6 +306,10 @@ def run_local(args: argparse.Namespace) -> Path:
     stopping.root, stopping.before = root, set(root.iterdir())
     os.mkdir(os.path.join(workspace, "tmp"))
     try:
+        if isinstance(files := arguments.get("train_embeddings_uri"), list):  # a KFP run's, in its per-model folders
+            from pipeline.run_folder import gather
+
+            arguments["train_embeddings_uri"] = str(gather(files, Path(workspace) / "train_embeddings"))
         with _tasks_environment(workspace), cluster_settings_said_once():
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                        workspace_root=workspace)
@@ -312,13 +330,15 @@ def run_local(args: argparse.Namespace) -> Path:
                   key=lambda p: p.stat().st_mtime)
     run_dir = runs[-1]
     log.info("pipeline finished in %.0f s; artifacts under %s", time.time() - started, run_dir)
-    from pipeline.next_steps import next_steps
+    from pipeline.next_steps import lifecycle_commands, next_steps
 
     listing = sorted(p for task in run_dir.rglob("executor_output.json") for p in task.parent.iterdir()
                      if p.name != "executor_output.json")
     sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing))
     with contextlib.suppress(OSError, ValueError):  # a hint: an unreadable file there must not fail the run
-        sys.stderr.write(next_steps(run_dir, arguments))
+        said = next_steps(run_dir, arguments)
+        sys.stderr.write(said + (lifecycle_commands(run_dir, LIFECYCLE, args.params)
+                                 if said and args.pipeline == "cmce" else ""))
     if not args.no_mlflow:
         from cmce.redaction import conceal
 
@@ -699,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--pipeline", default="cmce", choices=sorted(PACKAGES), help="which pipeline (default cmce)")
         sp.add_argument("--inputs-from", type=not_blank(), default=None, metavar="RUN_DIR",
                         help="lifecycle pipelines: take the dataset, query model, gallery and train embeddings "
-                             "from this `cmce run` output folder")
+                             "from this `cmce run` output folder, or this local KFP run of the cmce pipeline "
+                             "(runs/kfp/cmce-<timestamp>)")
         for key in INPUT_URIS:
             sp.add_argument(f"--{key.replace('_', '-')}", type=not_blank(), default=None,
                             help="lifecycle pipelines: input artifact URI")

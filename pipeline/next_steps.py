@@ -5,34 +5,38 @@ wrong guess was refused only after loading (`index was built for query model …
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from cmce import next_steps as steps
-
-
-def _find(run_dir: Path, pattern: str) -> Path | None:
-    return next(iter(sorted(run_dir.rglob(pattern))), None)
+from pipeline.run_folder import find, model_with_sha256
 
 
 def query_model_of(index: Path, candidates: list[Path]) -> Path | None:
     """The checkpoint among `candidates` the index was built for: the one whose sha256 its meta.json records."""
-    from cmce.storage import file_sha256
-
     try:
         wanted = json.loads((index / "meta.json").read_text())["query_model_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return next((p for p in candidates if p.is_file() and file_sha256(p) == wanted), None)
+    return model_with_sha256(wanted, candidates) if isinstance(wanted, str) else None
 
 
 def next_steps(run_dir: Path, arguments: dict) -> str:
     """cmce.next_steps for a local run's folder, whose query model and dataset may be the run's own or (a lifecycle
     pipeline's) among its input `arguments`; "" when it holds no index of a query model found there."""
-    index = _find(run_dir, "build-index*/index")
+    index = find(run_dir, "build-index*/index")
     given = {key: Path(arguments[key]) for key in ("query_model_uri", "dataset_uri") if arguments.get(key)}
     models = [*sorted(run_dir.rglob("model")), *([given["query_model_uri"]] if "query_model_uri" in given else [])]
     query = query_model_of(index, models) if index is not None else None
     if index is None or query is None:
         return ""
-    dataset = _find(run_dir, "prepare-data*/dataset") or given.get("dataset_uri")
-    return steps.next_steps(query, index, dataset, _find(run_dir, "export-query*/edge_model"))
+    dataset = find(run_dir, "prepare-data*/dataset") or given.get("dataset_uri")
+    return steps.next_steps(query, index, dataset, find(run_dir, "export-query*/edge_model"))
+
+
+def lifecycle_commands(run_dir: Path, pipelines: tuple[str, ...], params: str | None) -> str:
+    """The live-gallery operations on a cmce pipeline's run, with the params it ran with (their lifecycle section
+    names the models to train)."""
+    python, given = steps.shown(Path(sys.executable)), f" --params {steps.shown(Path(params))}" if params else ""
+    return "".join(f"  {python} -m pipeline run --local --pipeline {name} --inputs-from {steps.shown(run_dir)}{given}\n"
+                   for name in pipelines)

@@ -16,21 +16,17 @@ from tests.conftest import SMOKE
 from tests.conftest import dvc as _dvc
 
 
-def _lifecycle_run(kfp_run: Path, tmp_path: Path, pipeline: str, monkeypatch) -> tuple[Path, str]:
-    """Run a lifecycle pipeline on the artifacts of the smoke KFP run, tracked by a copy of its MLflow
-    store (registered versions included), so the run's own aliases stay as other tests expect them."""
+def _lifecycle_run(kfp_run: Path, tmp_path: Path, pipeline: str, monkeypatch,
+                   inputs: list[str] | None = None) -> tuple[Path, str]:
+    """Run a lifecycle pipeline on the artifacts of the smoke KFP run (`inputs`: by flags; default --inputs-from),
+    tracked by a copy of its MLflow store (registered versions included), so the run's own aliases stay as other
+    tests expect them."""
     db = tmp_path / "mlflow.db"
     shutil.copy(kfp_run.parent / "mlflow.db", db)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    stored = tmp_path / "train_embeddings"  # the per-model train embeddings, gathered in one folder
-    stored.mkdir()
-    for i, path in enumerate(sorted(kfp_run.glob("for-loop-*/fit-transform/train_embeddings"))):
-        shutil.copy(path, stored / f"{i}.parquet")
     argv = ["run", "--local", "--pipeline", pipeline, "--params", str(SMOKE), "--root", str(tmp_path / "kfp"),
-            "--dataset-uri", str(kfp_run / "prepare-data" / "dataset"),
-            "--query-model-uri", str(kfp_run / "train-model" / "model"),
-            "--gallery-uri", str(kfp_run / "merge-shards" / "gallery"), "--train-embeddings-uri", str(stored)]
+            *(inputs or ["--inputs-from", str(kfp_run)])]
     return run_local(build_parser().parse_args(argv)), uri
 
 
@@ -49,7 +45,10 @@ def _check_alias_follows_decision(uri: str, decision: dict, gallery: Path) -> No
 
 
 def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch):
-    run_dir, uri = _lifecycle_run(kfp_run, tmp_path, "add-gallery-model", monkeypatch)
+    run_dir, uri = _lifecycle_run(kfp_run, tmp_path, "add-gallery-model", monkeypatch, [
+        "--dataset-uri", str(kfp_run / "prepare-data" / "dataset"),
+        "--query-model-uri", str(kfp_run / "train-model" / "model"),
+        "--gallery-uri", str(kfp_run / "merge-shards" / "gallery")])
     served, grown = kfp_run / "merge-shards" / "gallery", run_dir / "add-member" / "new_gallery"
     names = [m["name"] for m in read_metadata(grown)["members"]]
     assert names[-1] == "resnet_c" and sorted(names[:-1]) == ["resnet_a", "vgg_b"]
@@ -66,6 +65,7 @@ def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch):
 
 
 def test_upgrade_query_model_pipeline(kfp_run, tmp_path, monkeypatch):
+    """From the KFP run's folder itself: its train embeddings, one per task folder, are gathered for the run."""
     run_dir, uri = _lifecycle_run(kfp_run, tmp_path, "upgrade-query-model", monkeypatch)
     upgraded = run_dir / "upgrade-query-model" / "new_gallery"
     meta = read_metadata(upgraded)

@@ -615,8 +615,8 @@ def test_a_numeric_option_out_of_its_range_is_refused_at_parse_time_by_name(caps
 
 def test_lifecycle_inputs_are_refused_for_the_cmce_pipeline_and_required_for_a_lifecycle_one(tmp_path, caplog):
     """`--inputs-from RUN` without `--pipeline` ran the whole cmce pipeline, exit 0, the flag unread; a lifecycle
-    pipeline without its inputs exited 1 with a bare line; a KFP run's folder was `…/data/dataset.parquet not
-    found`."""
+    pipeline without its inputs exited 1 with a bare line; an unfinished KFP run's folder was `…/data/dataset.parquet
+    not found`."""
     from pipeline.__main__ import main
 
     run, kfp = tmp_path / "run", tmp_path / "kfp" / "cmce-2026-12-06-07-03-04-122569"
@@ -627,12 +627,40 @@ def test_lifecycle_inputs_are_refused_for_the_cmce_pipeline_and_required_for_a_l
         (["--query-model-uri", "q.pt", "--gallery-uri", "g.parquet"], "--query-model-uri, --gallery-uri: the"),
         (["--pipeline", "add-gallery-model"], "pipeline add-gallery-model needs --inputs-from RUN_DIR or "
                                               "--dataset-uri"),
-        (["--pipeline", "add-gallery-model", "--inputs-from", str(kfp)], f"--inputs-from {kfp}: a KFP run's folder; "
-                                                                          "--inputs-from reads a `cmce run` output")]:
+        (["--pipeline", "add-gallery-model", "--inputs-from", str(kfp)], f"--inputs-from {kfp}: no "
+                                                                          "prepare-data/dataset (a KFP run of the")]:
         caplog.clear()
         assert main(["run", "--local", "--no-mlflow", "--root", str(tmp_path / "root"), *argv]) == 2
         assert caplog.records[-1].getMessage().startswith(f"python -m pipeline run: {said}")
     assert not (tmp_path / "root").exists()
+
+
+def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inputs(kfp_run, tmp_path):
+    """`make run` makes a KFP run; --inputs-from took only a `cmce run` folder, and the user had to find the query
+    model among the run's `model` files and gather its train embeddings into one folder by hand. The query model is
+    the one the gallery was made for; a cluster cannot read the run's local files."""
+    import shlex
+
+    from cmce.tables import read_metadata
+    from pipeline.__main__ import LIFECYCLE
+    from pipeline.next_steps import lifecycle_commands
+
+    said = lifecycle_commands(kfp_run, LIFECYCLE, str(SMOKE)).splitlines()  # as a finished run prints them
+    assert [line.split()[line.split().index("--pipeline") + 1] for line in said] == list(LIFECYCLE)
+    argv = shlex.split(said[1])
+    got = _arguments(build_parser().parse_args(argv[argv.index("run"):]))
+    assert (got["dataset_uri"], got["gallery_uri"]) == (str(kfp_run / "prepare-data" / "dataset"),
+                                                         str(kfp_run / "merge-shards" / "gallery"))
+    assert got["query_model_uri"] == str(kfp_run / "train-model" / "model")
+    members = {m["sha256"] for m in read_metadata(got["gallery_uri"])["members"]}
+    assert {read_metadata(f)["gallery_model"]["sha256"] for f in got["train_embeddings_uri"]} == members
+    with pytest.raises(ValueError, match=rf"^--inputs-from {kfp_run}: a local KFP run's folder, which a cluster's "):
+        _arguments(build_parser().parse_args(["submit", "--host", "h", *argv[argv.index("--pipeline"):]]))
+    lifecycle = tmp_path / "cmce-add-gallery-model-2026-12-06-10-00-00-000000"
+    (lifecycle / "add-member").mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"^--inputs-from {lifecycle}: a lifecycle pipeline's run, which holds only"):
+        _arguments(build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model",
+                                              "--inputs-from", str(lifecycle)]))
 
 
 def test_every_flag_of_the_pipeline_runner_has_help():
