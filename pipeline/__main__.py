@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -18,23 +17,26 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+
+from pipeline.cleanup import (
+    WORKSPACE_PREFIX,
+    close_parent_run,
+    ending_signals,
+    hold,
+    remove_orphaned_workspaces,
+    stop,
+    stopping,
+    tasks_environment,
+)
+from pipeline.inputs import INPUT_URIS, URI_SCHEME, lifecycle_inputs
+from pipeline.relay import ANSI, cluster_settings_said_once, silenced_on_stop, tidied_stdout
 
 log = logging.getLogger("pipeline")
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / "pipeline" / "cmce_pipeline.yaml"
 LIFECYCLE = ("add-gallery-model", "upgrade-query-model")
 PACKAGES = {"cmce": COMPILED, **{name: ROOT / "pipeline" / f"{name.replace('-', '_')}.yaml" for name in LIFECYCLE}}
-# the lifecycle pipelines' inputs: artifacts of a previous run, by URI
-INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings_uri")
-FOLDER_INPUTS = ("train_embeddings_uri",)  # one file per gallery model; the others are one file each
-URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a drive letter
-LOCAL_NOOP_WARNINGS = (r"Task '.*': settings \[.*\] have no effect in the current local runner",
-                       r"You may be attemping to run a task that uses custom or non-Python base image")
-MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow's own URIs: no file of a task's, anywhere
 
 
 def placement_from_env():
@@ -116,103 +118,6 @@ def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
     return out
 
 
-def _lifecycle_inputs(args: argparse.Namespace) -> dict:
-    """URIs of the previous run's artifacts: from --inputs-from (a `cmce run` output folder, or a local KFP run of
-    the cmce pipeline) or flags. A KFP run's train embeddings are a list of files, gathered into one folder when the
-    run starts (run_local)."""
-    out: dict = {}
-    if args.inputs_from:
-        from cmce.layout import RunLayout
-        from pipeline.run_folder import is_kfp_run, lifecycle_inputs
-
-        folder = Path(args.inputs_from).resolve()
-        if is_kfp_run(folder):  # `make run`'s runs/kfp/cmce-<timestamp>: was `…/data/dataset.parquet not found`
-            if args.command != "run":
-                raise ValueError(f"--inputs-from {args.inputs_from}: a local KFP run's folder, which a cluster's tasks "
-                                 "cannot read; give its files' s3:// URIs with --dataset-uri, --query-model-uri, "
-                                 "--gallery-uri (and --train-embeddings-uri)")
-            try:
-                out = lifecycle_inputs(folder)
-            except ValueError as err:
-                raise ValueError(f"--inputs-from {err}") from None
-        else:
-            lay = RunLayout(folder)
-            out = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
-                   "gallery_uri": str(lay.gallery), "train_embeddings_uri": str(lay.train_embeddings("x").parent)}
-    for key in INPUT_URIS:
-        if getattr(args, key, None):
-            out[key] = getattr(args, key)
-    required = INPUT_URIS if args.pipeline == "upgrade-query-model" else INPUT_URIS[:3]  # add: no train embeddings
-    out = {k: v for k, v in out.items() if k in required}
-    needed = [k for k in required if k not in out]
-    if needed:
-        raise ValueError(f"pipeline {args.pipeline} needs --inputs-from RUN_DIR or --{needed[0].replace('_', '-')}")
-    sources = {key: f"--inputs-from {args.inputs_from}" if args.inputs_from and not getattr(args, key, None)
-               else f"--{key.replace('_', '-')}" for key in out}
-    uris = {key: uri for key, uri in out.items() if isinstance(uri, str)}  # (a KFP run's files: found there)
-    for key, uri in uris.items():  # URIs first: what no runner reads is said before a path that is missing
-        scheme = URI_SCHEME.match(uri)
-        if scheme and scheme.group(1).lower() in MLFLOW_SCHEMES:  # was `models:/…: not found (a run folder …?)`
-            raise ValueError(f"{sources[key]} {uri}: the pipeline's inputs are files (the local runner's, local "
-                             "paths), not registered models or run artifacts: download it first (`mlflow artifacts "
-                             f"download -u {uri} -d DIR`, with MLFLOW_TRACKING_URI set) and give the file")
-        if scheme and args.command == "run":  # kfp.local maps s3://b/k to the path /s3/b/k, which nothing mounts
-            raise ValueError(f"{sources[key]} {uri}: the local runner reads local paths only; copy it here, or "
-                             "submit the run to a cluster, whose tasks read it")
-    for key, uri in uris.items():  # a bad local input failed in a task, with a traceback, after 3 tries
-        if URI_SCHEME.match(uri):
-            continue
-        path = Path(uri)
-        if not path.exists():
-            raise ValueError(f"{sources[key]}: {uri} not found (a run folder `cmce run` finished?)")
-        folder = key in FOLDER_INPUTS
-        if path.is_dir() != folder:
-            raise ValueError(f"{sources[key]}: {uri} is {'not a folder' if folder else 'a folder, not a file'}"
-                             f"{' (one file per gallery model expected)' if folder else ''}")
-    if not any(URI_SCHEME.match(uri) for uri in uris.values()):
-        _check_inputs_agree(args.pipeline, out, sources)
-    return out
-
-
-def _train_embedding_files(uri: str | list[str]) -> list[Path]:
-    """As the upgrade task reads its folder: every *.parquet in it (a KFP run's files: as found there)."""
-    return [Path(p) for p in uri] if isinstance(uri, list) else sorted(Path(uri).glob("*.parquet"))
-
-
-def _check_inputs_agree(pipeline: str, uris: dict, sources: dict) -> None:
-    """The inputs belong together, as far as their metadata says (the sha256 of the query model, the cmce metadata
-    of the Parquet files): a KD student given as the query model of a gallery made for another query model ran
-    three tasks for 42 s, then failed in add-member (`transformed for query model …`), retried twice."""
-    from cmce.storage import file_sha256
-    from cmce.tables import read_metadata
-
-    def metadata(key: str, path: str | Path) -> dict:
-        try:
-            return read_metadata(path)
-        except ValueError as err:  # it names the file; the flag it came from is said first
-            raise ValueError(f"{sources[key]}: {err}") from None
-
-    gallery, query = uris["gallery_uri"], uris["query_model_uri"]
-    gmeta = metadata("gallery_uri", gallery)
-    if gmeta.get("kind") != "gallery":
-        raise ValueError(f"{sources['gallery_uri']}: {gallery} is not a gallery file (kind {gmeta.get('kind')!r})")
-    made_for, sha256 = gmeta["query_model_sha256"], file_sha256(query)
-    if sha256 != made_for:
-        raise ValueError(f"{sources['query_model_uri']}: {query} (sha256 {sha256[:12]}) is not the query model the "
-                         f"gallery {gallery} was transformed for ({made_for[:12]}); give that query model")
-    if pipeline != "upgrade-query-model":
-        return
-    given = uris["train_embeddings_uri"]
-    stored = {meta["gallery_model"]["sha256"] for meta in (metadata("train_embeddings_uri", f)
-                                                          for f in _train_embedding_files(given))
-              if meta.get("kind") == "train_embeddings"}
-    missing = [m["name"] for m in gmeta["members"] if m["sha256"] not in stored]
-    if missing:
-        where = f"{given} holds" if isinstance(given, str) else "its fit-transform/train_embeddings files hold"
-        raise ValueError(f"{sources['train_embeddings_uri']}: {where} no train embeddings of the gallery's "
-                         f"model{'s' if missing[1:] else ''} {', '.join(missing)} (no file of their sha256)")
-
-
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
@@ -224,7 +129,7 @@ def _arguments(args: argparse.Namespace) -> dict:
                                              if getattr(args, key, None)]):  # the whole pipeline ran, exit 0
         raise ValueError(f"{', '.join(given)}: the lifecycle pipelines' inputs (--pipeline add-gallery-model or "
                          "upgrade-query-model); the cmce pipeline makes its own")
-    out: dict = _lifecycle_inputs(args) if args.pipeline != "cmce" else {}
+    out: dict = lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     # the whole config checked here, not in the first task: the params given, else the ones compiled in
     cfg = load_config(args.params or PARAMS_FILE, overrides)
     if args.params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
@@ -245,6 +150,10 @@ def _arguments(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{key.replace('_', '-')} applies to the cmce pipeline only, not {args.pipeline}")
         out[key] = getattr(args, key)
     return out
+
+
+class PipelineFailed(Exception):
+    """A task of a local run failed (its own output says why); exit status 1."""
 
 
 def tracking_store(root: Path) -> str:
@@ -301,7 +210,7 @@ def run_local(args: argparse.Namespace) -> Path:
     # folders inside it (each task's shell left a `mktemp -d` folder in the temp folder, run or stopped)
     remove_orphaned_workspaces()
     workspace = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX)
-    held = _hold(workspace)  # released by the OS however this process ends: a later run then removes the folder
+    held = hold(workspace)  # released by the OS however this process ends: a later run then removes the folder
     stopping.workspace = workspace
     stopping.root, stopping.before = root, set(root.iterdir())
     os.mkdir(os.path.join(workspace, "tmp"))
@@ -310,7 +219,7 @@ def run_local(args: argparse.Namespace) -> Path:
             from pipeline.run_folder import gather
 
             arguments["train_embeddings_uri"] = str(gather(files, Path(workspace) / "train_embeddings"))
-        with _tasks_environment(workspace), cluster_settings_said_once():
+        with tasks_environment(workspace), cluster_settings_said_once():
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                        workspace_root=workspace)
             started = time.time()
@@ -350,309 +259,6 @@ def run_local(args: argparse.Namespace) -> Path:
     if decision is not None:
         sys.stdout.write(decision.read_text())
     return run_dir
-
-
-WORKSPACE_PREFIX = "kfp-workspace-"
-WORKSPACE_LOCK = ".cmce-run.lock"  # marks a workspace as a cmce run's; flock-held while the run lives
-
-
-@contextlib.contextmanager
-def cluster_settings_said_once() -> Iterator[None]:
-    """kfp.local runs each task in this Python environment, as designed: the images, resource requests and GPUs
-    the tasks name are a cluster's. It warned of them twice a task (`localhost/cmce:cuda` on a CPU-only run read
-    as a fault); one line says it for the run instead."""
-    log.info("kfp.local runs every task in this Python environment; images, resource and GPU requests apply on a "
-             "cluster")
-    with warnings.catch_warnings():
-        for noop in LOCAL_NOOP_WARNINGS:
-            warnings.filterwarnings("ignore", message=noop)
-        yield
-
-
-def _hold(workspace: str) -> int:
-    """The workspace's lock, taken before its file gets its name: another run never finds it free."""
-    fd, unnamed = tempfile.mkstemp(dir=workspace)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.rename(unnamed, os.path.join(workspace, WORKSPACE_LOCK))
-    return fd
-
-
-def remove_orphaned_workspaces() -> None:
-    """The workspaces (with the tasks' temporary folders) of runs killed outright (SIGKILL, the OOM killer, a power
-    cut) stayed in the temp folder for good. A run's workspace holds a lock while it lives: one whose lock can be
-    taken belongs to no run, and is removed. Workspaces without the lock file (other KFP users') are left."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{WORKSPACE_PREFIX}*"):
-        try:
-            fd = os.open(folder / WORKSPACE_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live run's
-        finally:
-            os.close(fd)
-        shutil.rmtree(folder, ignore_errors=True)
-        log.info("removed %s, the workspace of a run that was killed", folder)
-
-
-@contextlib.contextmanager
-def _tasks_environment(workspace: str) -> Iterator[None]:
-    """What the task processes inherit for the block: their temporary folder inside the workspace (this process's
-    is fixed), and, where this process stops its tasks on Ctrl-C (stop), that they leave Ctrl-C to it
-    (cmce.TASK_IGNORES_CTRL_C)."""
-    from cmce import TASK_IGNORES_CTRL_C
-
-    settings = {"TMPDIR": os.path.join(workspace, "tmp")}
-    if signal.SIGINT in stopping.signals:
-        settings[TASK_IGNORES_CTRL_C] = "1"
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-class _Stopping:
-    """What an ending signal must clean up: the workspace of the run under way, the parent MLflow run it opened
-    (its folder is the one under root not in before); the signals taken."""
-    workspace: str | None = None
-    root: Path | None = None
-    before: set[Path] = set()
-    signals: tuple[int, ...] = ()
-
-
-class PipelineFailed(Exception):
-    """A task of a local run failed (its own output says why); exit status 1."""
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its lines
-
-
-def close_parent_run(root: Path, before: set[Path], status: str,
-                     warn: Callable[..., None] = log.warning) -> str:
-    """End the parent MLflow run of the local run whose folder appeared under `root` (absent from `before`) as
-    `status`, if it is still RUNNING: a run stopped or failed before its last task stayed RUNNING for good.
-    Returns "; MLflow run ID marked STATUS" for the last line, or "" (none open, or the store cannot be reached:
-    said in a warning)."""
-    from cmce.tracking import TrackingInfo, end_if_running
-
-    said = []
-    for track in sorted(root.glob("*/start-tracking/tracking")):
-        if track.parent.parent in before:
-            continue
-        try:
-            info = TrackingInfo.read(track)
-            if end_if_running(info, status):
-                said.append(f"; MLflow run {info.run_id} marked {status}")
-        except Exception as err:  # noqa: BLE001 - the run's own failure or stop is what to report
-            from cmce.errors import first_line
-            from cmce.s3 import redact
-
-            warn("the MLflow run of %s stays open: %s", track.parent.parent.name, redact(first_line(err)))
-    return "".join(said)
-
-
-stopping = _Stopping()
-STOP_WAIT_S = 10  # the tasks' own cleanups (a step's scratch files) before they are killed
-
-
-def ending_signals() -> list[int]:
-    """The signals the cmce commands stop on with their cleanups (SIGINT, SIGTERM, SIGHUP, SIGUSR1/2, and those
-    ending the process where nobody else handles them)."""
-    from cmce.errors import unclaimed_ending_signals
-
-    return [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, *unclaimed_ending_signals()]
-
-
-def stop(signum: int, _frame: object) -> None:
-    """An ending signal during a local run: its task processes are stopped (each cleans up after itself), the
-    workspace removed, one line logged, exit 128+signal. Here, not by unwinding: kfp.local's worker threads retry
-    a stopped task after their back-off, and its pool waits for them (killed, the workspace stayed behind)."""
-    from cmce.errors import LOG_FORMAT, OneLineFormatter, signal_name
-
-    for sig in stopping.signals:  # a second signal must not cut this cleanup short
-        signal.signal(sig, signal.SIG_IGN)
-    # kfp.local's worker threads relay what the stopping tasks print and log their failure ("Retrying in 30.0s",
-    # a task's traceback): a signal to the whole process group (Ctrl-C, twice) showed them above this one line.
-    # Logging is off and stdout gone from here on; this function's own lines go straight to stderr.
-    logging.disable(logging.CRITICAL)
-    with contextlib.suppress(Exception):  # what the run printed before the signal still reaches its reader
-        sys.stdout.flush()
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process, which ends below
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
-
-    def say(level: int, msg: str, *args: object) -> None:
-        handler.handle(log.makeRecord(log.name, level, __file__, 0, msg, args, None))
-
-    stopped = _stop_tasks()
-    if stopping.workspace:
-        shutil.rmtree(stopping.workspace, ignore_errors=True)
-    closed = close_parent_run(stopping.root, stopping.before, "KILLED",
-                              lambda *args: say(logging.WARNING, *args)) if stopping.root else ""
-    say(logging.ERROR, "python -m pipeline run: interrupted (%s); %d task process(es) stopped, its temporary files "
-        "removed%s", signal_name(signum), stopped, closed)
-    os._exit(128 + signum)
-
-
-class _StdoutWrapper:
-    """A wrapper of standard output that changes what `write` does; everything else is the stream's."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def writelines(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.write(line)
-
-    def __getattr__(self, name: str) -> object:  # flush, fileno, encoding, isatty, …
-        return getattr(self._stream, name)
-
-
-class SilencedOnStop(_StdoutWrapper):
-    """This process's standard output during a local run, where kfp.local's threads relay each task's output and
-    log its status: nothing is written once an ending signal has reached the process. A terminal's Ctrl-C reaches
-    the tasks too, and a stopping task's traceback (or kfp.local's `Retrying in 30.0s`) was printed above stop()'s
-    line whenever it came before the main thread ran its handler. The signal's C-level handler writes it to the
-    wakeup pipe as the signal is taken, before any thread of this process runs Python again: it is read here."""
-
-    def __init__(self, stream: object, wakeup: int, signums: tuple[int, ...]) -> None:
-        super().__init__(stream)
-        self._wakeup, self._signums, self._stopped = wakeup, set(signums), False
-
-    def _stopping(self) -> bool:
-        if not self._stopped:
-            with contextlib.suppress(BlockingIOError, OSError):
-                self._stopped = any(signum in self._signums for signum in os.read(self._wakeup, 512))
-        return self._stopped
-
-    def write(self, text: str) -> int:
-        return len(text) if self._stopping() else self._stream.write(text)
-
-
-class TidiedRelay(_StdoutWrapper):
-    """This process's standard output during a local run, where kfp.local relays each task's output indented by 4
-    spaces: each task's executor dumped its whole input as JSON (two thirds of `make run`'s 2,400 lines), and
-    kfp.local's colour codes reached files and pipes. The dump is dropped (its lines only: any other line ends
-    it) and colours kept for a terminal alone. Whole lines are written; a partial one waits for its end. Each
-    thread has its own line and dump (kfp.local relays parallel branches from parallel threads)."""
-
-    DUMP_START = "]: Got executor_input:"
-    DUMP_LINE = re.compile(r"    [ {}]")  # the dump's own lines: indented JSON, or its braces
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._lock = threading.Lock()
-        self._threads: dict[int, list] = {}  # a thread's [partial line, in a dump]
-        try:
-            self._colour = stream.isatty()
-        except (AttributeError, ValueError):
-            self._colour = False
-
-    def write(self, text: str) -> int:
-        state = self._threads.setdefault(threading.get_ident(), ["", False])
-        *lines, state[0] = (state[0] + text).split("\n")
-        for line in lines:
-            self._line(state, line + "\n")
-        return len(text)
-
-    def _line(self, state: list, line: str) -> None:
-        if state[1] and self.DUMP_LINE.match(line):
-            return
-        state[1] = line.rstrip().endswith(self.DUMP_START)
-        if not state[1]:
-            with self._lock:
-                self._stream.write(line if self._colour else ANSI.sub("", line))
-
-    def flush(self) -> None:
-        """This thread's line so far is written (not its indentation alone: its line follows). A logging
-        handler flushes after each record: another thread's half line must wait for its end."""
-        self._end(self._threads.get(threading.get_ident()))
-        self._stream.flush()
-
-    def flush_all(self) -> None:
-        """As the relay ends: every thread's last line without its end."""
-        for state in list(self._threads.values()):
-            self._end(state)
-        self._stream.flush()
-
-    def _end(self, state: list | None) -> None:
-        if state is not None and state[0].strip():
-            self._line(state, state[0])
-            state[0] = ""
-
-
-@contextlib.contextmanager
-def tidied_stdout() -> Iterator[None]:
-    """sys.stdout is a TidiedRelay for the block."""
-    stream = sys.stdout
-    sys.stdout = relay = TidiedRelay(stream)
-    try:
-        yield
-    finally:
-        sys.stdout = stream
-        with contextlib.suppress(Exception):  # its reader gone
-            relay.flush_all()
-
-
-@contextlib.contextmanager
-def silenced_on_stop(signums: tuple[int, ...]) -> Iterator[None]:
-    """sys.stdout is a SilencedOnStop for the block (main thread only: the wakeup pipe is the main thread's)."""
-    if not signums or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    read, write = os.pipe()
-    os.set_blocking(read, False)
-    os.set_blocking(write, False)
-    previous_fd, stream = signal.set_wakeup_fd(write, warn_on_full_buffer=False), sys.stdout
-    sys.stdout = SilencedOnStop(stream, read, signums)
-    try:
-        yield
-    finally:
-        sys.stdout = stream
-        signal.set_wakeup_fd(previous_fd)
-        os.close(read)
-        os.close(write)
-
-
-def _stop_tasks() -> int:
-    """SIGTERM to every task process, then SIGKILL to those still running after STOP_WAIT_S; watched until none
-    runs, as a worker thread may start a branch's next task meanwhile. Returns how many there were."""
-    import psutil
-
-    def running(task: psutil.Process) -> bool:
-        try:
-            return task.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    me, seen = psutil.Process(), {}
-    deadline = time.monotonic() + STOP_WAIT_S
-    while True:
-        try:
-            new = [task for task in me.children(recursive=True) if task.pid not in seen]
-        except psutil.Error:
-            new = []
-        for task in new:  # a shell's Python child is watched too: the shell may end first and orphan it
-            seen[task.pid] = task
-            with contextlib.suppress(psutil.Error):
-                task.send_signal(signal.SIGTERM)
-        alive = [task for task in seen.values() if running(task)]
-        if not alive and not new:
-            return len(seen)
-        if time.monotonic() >= deadline:
-            for task in alive:
-                with contextlib.suppress(psutil.Error):
-                    task.kill()
-            psutil.wait_procs(alive, timeout=1)  # reaps those that are this process's children
-            return len(seen)
-        psutil.wait_procs(alive, timeout=0.2)
 
 
 HEALTHZ_TIMEOUT_S = 10

@@ -28,7 +28,7 @@ def model_with_sha256(wanted: str, candidates: list[Path]) -> Path | None:
     return next((p for p in candidates if p.is_file() and file_sha256(p) == wanted), None)
 
 
-def lifecycle_inputs(run_dir: Path) -> dict:
+def kfp_run_inputs(run_dir: Path) -> dict:
     """The lifecycle pipelines' inputs from a finished KFP run of the cmce pipeline (`make run`'s
     runs/kfp/cmce-<timestamp>/): its dataset, its merged gallery, the query model that gallery was transformed for
     and its per-model train embeddings (a list of files: `gather` puts them into one folder)."""

@@ -274,7 +274,7 @@ def test_kfp_locals_warnings_of_cluster_settings_are_said_once_not_twice_a_task(
     from kfp.local.subprocess_task_handler import SubprocessTaskHandler
     from kfp.pipeline_spec import pipeline_spec_pb2 as spec
 
-    from pipeline.__main__ import cluster_settings_said_once
+    from pipeline.relay import cluster_settings_said_once
 
     def warn() -> None:
         SubprocessTaskHandler.validate_image(None, "localhost/cmce:cuda")
@@ -299,7 +299,7 @@ def test_the_relayed_task_output_loses_the_executors_input_dump_and_colours_off_
     indents each relayed line in a write of its own, and colours its lines even into a file."""
     import io
 
-    from pipeline.__main__ import TidiedRelay
+    from pipeline.relay import TidiedRelay
 
     class Stream(io.StringIO):
         def isatty(self) -> bool:
@@ -331,7 +331,7 @@ def test_parallel_branches_relayed_at_once_keep_their_own_lines_and_dumps():
     traceback lines, and one half-written line took the other's text."""
     import io
 
-    from pipeline.__main__ import TidiedRelay
+    from pipeline.relay import TidiedRelay
 
     out = io.StringIO()
     relay = TidiedRelay(out)
@@ -932,12 +932,12 @@ def test_a_task_of_the_local_runner_leaves_ctrl_c_to_it(flag):
 
 def test_the_runner_tells_its_tasks_to_leave_ctrl_c_only_where_it_takes_ctrl_c(monkeypatch, tmp_path):
     from cmce import TASK_IGNORES_CTRL_C
-    from pipeline.__main__ import _tasks_environment, stopping
+    from pipeline.__main__ import stopping, tasks_environment
 
     monkeypatch.delenv(TASK_IGNORES_CTRL_C, raising=False)
     for signals, expected in (((signal.SIGINT, signal.SIGTERM), "1"), ((signal.SIGTERM,), None)):
         monkeypatch.setattr(stopping, "signals", signals)
-        with _tasks_environment(str(tmp_path)):
+        with tasks_environment(str(tmp_path)):
             assert os.environ.get(TASK_IGNORES_CTRL_C) == expected
             assert os.environ["TMPDIR"] == str(tmp_path / "tmp")
         assert TASK_IGNORES_CTRL_C not in os.environ
@@ -1039,7 +1039,7 @@ def test_output_relayed_after_a_stop_signal_is_taken_but_before_its_handler_runs
     not run, the write is dropped all the same; what came before it is kept."""
     import threading
 
-    from pipeline.__main__ import silenced_on_stop
+    from pipeline.relay import silenced_on_stop
 
     handled, seen_by_relay, go = [], [], threading.Event()
     previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: handled.append(signum))
@@ -1073,14 +1073,14 @@ def test_the_workspace_of_a_killed_run_is_removed_by_the_next_run(tmp_path, monk
     temp folder for good. The next run removes it, and leaves a live run's workspace and other KFP users' alone."""
     import tempfile
 
-    from pipeline.__main__ import remove_orphaned_workspaces
+    from pipeline.cleanup import remove_orphaned_workspaces
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     root = Path(__file__).resolve().parents[1]
     path = os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])
-    hold = ("import sys, tempfile, time; from pipeline.__main__ import WORKSPACE_PREFIX, _hold; "
-            "w = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX); _hold(w); open(w + '/task.tmp', 'w').close(); "
+    hold = ("import sys, tempfile, time; from pipeline.cleanup import WORKSPACE_PREFIX, hold; "
+            "w = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX); hold(w); open(w + '/task.tmp', 'w').close(); "
             "print(w, flush=True); time.sleep(600)")
     runs = [subprocess.Popen([sys.executable, "-c", hold], cwd=root, env={**os.environ, "TMPDIR": str(tmp),
                                                                          "PYTHONPATH": path},
@@ -1202,6 +1202,7 @@ def test_a_failed_local_run_closes_its_parent_mlflow_run_and_says_so_in_one_line
 
     import pipeline.__main__ as runner
     from cmce.tracking import start_parent_run
+    from pipeline.cleanup import close_parent_run
 
     root = tmp_path / "root"
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
@@ -1231,5 +1232,5 @@ def test_a_failed_local_run_closes_its_parent_mlflow_run_and_says_so_in_one_line
     assert client.get_run(made[0]).info.status == "FAILED"
     assert client.get_run(older).info.status == "RUNNING"
     # given every folder: the one ended already is not marked twice
-    assert runner.close_parent_run(root, set(), "KILLED") == f"; MLflow run {older} marked KILLED"
+    assert close_parent_run(root, set(), "KILLED") == f"; MLflow run {older} marked KILLED"
     assert client.get_run(made[0]).info.status == "FAILED"
