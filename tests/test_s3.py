@@ -366,9 +366,10 @@ def test_wrong_credentials_are_a_clear_error_without_the_secret(direction, wrong
     assert keys(s3_server, bucket) == {"g.parquet"} and not local.exists()
 
 
-@pytest.mark.parametrize("direction", ["read", "write"])
+@pytest.mark.parametrize("direction", ["read", "write", "write-after-s3-read"])
 def test_missing_bucket_is_a_clear_error_and_nothing_is_written(direction, s3_server, s3_chain, tmp_path,
                                                                 monkeypatch, caplog):
+    """write-after-s3-read: the missing bucket was said only after the gallery had been downloaded."""
     use_server(monkeypatch, s3_server)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -379,8 +380,12 @@ def test_missing_bucket_is_a_clear_error_and_nothing_is_written(direction, s3_se
         argv = ["build-index", "--gallery", uri, "--out", str(local_index)]
     else:
         uri = f"s3://{missing}/index"
-        argv = ["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"), "--out", uri]
+        gallery = f"{s3_chain.root}/gallery.parquet" if direction == "write-after-s3-read" else \
+            str(s3_chain.local / "gallery.parquet")
+        argv = ["build-index", "--gallery", gallery, "--out", uri]
+    caplog.set_level(logging.INFO)
     assert main(argv) == 2
+    assert "downloaded" not in caplog.text
     assert f"{uri}: bucket '{missing}' does not exist" in caplog.text
     assert missing not in {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
     assert not local_index.exists() and list((tmp_path / "tmp").glob("cmce-*")) == []

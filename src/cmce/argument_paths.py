@@ -162,6 +162,20 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     return [inp for _, inp in named(inputs)]
 
 
+def check_output_buckets(args: argparse.Namespace) -> None:
+    """The bucket of every s3:// output, checked before any input is downloaded: a missing one was said only after
+    the whole input (a gallery of many GB) had come down."""
+    from cmce import s3
+
+    checked = set()
+    for name in OUTPUT_ARGS:
+        value = getattr(args, name, None)
+        for uri in value if isinstance(value, list) else [value]:
+            if s3.is_s3(uri) and (bucket := s3.parse(str(uri)).bucket) not in checked:
+                checked.add(bucket)
+                s3.check_writable(str(uri))
+
+
 def default_folder(args: argparse.Namespace, name: str) -> str:
     """The folder `name` a command makes beside its --out when the flag is not given (DEFAULT_FOLDERS)."""
     return sibling(args.out, f"{stem(args.out)}{DEFAULT_FOLDERS[args.command][name]}")

@@ -23,6 +23,7 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.argument_paths import (
     MODEL_URIS,
+    check_output_buckets,
     default_folder,
     expand_home,
     inside_folder,
@@ -851,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_uri_settings(args.mlflow_uri)
         inputs = refuse_outputs_among_inputs(args)
+        check_output_buckets(args)
         if args.mlflow_parent:
             from cmce.tracking import check_parent_run
 
