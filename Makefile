@@ -22,7 +22,9 @@ run: $(STAMP)
 run-inprocess: $(STAMP)
 	$(VENV)/bin/cmce run --config $(CONFIG)
 
+# DVC's settings are params.yaml: another CONFIG was ignored without a word
 repro: $(STAMP)
+	@test "$(CONFIG)" = params.yaml || { echo "make repro runs params.yaml (DVC's params file), not $(CONFIG); a quick run: dvc exp run -S train.epochs=1 ... (docs/guide.md)" >&2; exit 2; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # the live-gallery operations on what `make repro` made: a DVC project of its own, in lifecycle/

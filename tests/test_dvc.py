@@ -17,6 +17,37 @@ from tests.conftest import ROOT
 from tests.conftest import dvc as _dvc
 
 
+def _stages(dvc_yaml: Path):
+    for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        body = stage.get("do", stage)
+        yield name, body, " ".join(body["cmd"]) if isinstance(body["cmd"], list) else body["cmd"]
+
+
+@pytest.mark.parametrize("dvc_yaml", ["dvc.yaml", "lifecycle/dvc.yaml"])
+def test_every_input_and_setting_a_stage_command_reads_is_among_its_deps_and_params(dvc_yaml):
+    """embed_member read {batch_size} without listing it (a changed batch size, other float kernels: the member was
+    kept); gate_added read the query model without it among its deps (retrained, the gate was not run again)."""
+    from cmce.argument_paths import INPUT_ARGS
+
+    inputs = {f"--{name.replace('_', '-')}" for name in INPUT_ARGS} - {"--config"}  # params: checked key by key
+    missing = []
+    for name, body, cmd in _stages(ROOT / dvc_yaml):
+        text = yaml.safe_dump(body)
+        listed = [key for entry in body.get("params", []) for key in (
+            [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
+        for key in re.findall(r"(?<![{$])\{([A-Za-z_][A-Za-z0-9_.]*)\}", cmd):  # dvc_stage's placeholders
+            if key != "key" and f"${{{key}}}" not in text and not any(key == p or key.startswith(f"{p}.")
+                                                                        for p in listed):
+                missing.append(f"{name}: {{{key}}} not among its params")
+        words = cmd.split()
+        deps = [str(d) for d in body.get("deps", [])]
+        for flag, value in zip(words, words[1:], strict=False):  # each word and the next
+            path = re.sub(r"\{(?!key\})", "${", value).replace("{key}", "${key}")
+            if flag in inputs and path not in deps:
+                missing.append(f"{name}: {flag} {value} not among its deps")
+    assert sorted(set(missing)) == []
+
+
 def test_repro_then_status_is_clean(dvc_repo):
     """The lifecycle stages (a DVC project of their own, not yet run) leave the main project's status alone."""
     assert (dvc_repo / "lifecycle" / "dvc.yaml").exists()
