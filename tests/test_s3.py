@@ -1285,3 +1285,44 @@ def test_a_listing_that_never_ends_is_refused_past_a_bound(monkeypatch):
         with pytest.raises(ValueError, match=r"s3://b/idx: its listing goes past 5,000 objects"):
             cmce_s3.list_keys("s3://b/idx")
     assert len(pages) == 6
+
+
+def test_training_to_an_s3_output_resumes_after_a_stop(s3_server, s3_chain, tmp_path, monkeypatch, caplog):
+    """`cmce fit-transform --out s3://…` stopped after an epoch started over from epoch 1 when run again: its resume
+    state lived in the scratch folder, removed as the command ended. It is kept as `<out>.resume` on S3 until the
+    output is uploaded, and the rerun ends with the uninterrupted run's bytes. A foreign object there is refused."""
+    from cmce.resume import Resume
+
+    use_server(monkeypatch, s3_server)
+    bucket, root = new_bucket(s3_server), s3_chain.root
+
+    def fit(out: str) -> list[str]:
+        return ["fit-transform", "--config", str(SMOKE), "--set", "transform.epochs=4", "--dataset",
+                f"{root}/d.parquet", "--query-model", f"{root}/q.pt", "--gallery-model", f"{root}/g.pt", "--out", out]
+
+    assert main(fit(str(tmp_path / "t.pt"))) == 0  # uninterrupted
+    save = Resume.save
+
+    def save_then_stop(self, *args):
+        save(self, *args)
+        if args[4] == 2:  # (module, optimizer, scheduler, generator, finished epochs, ...)
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Resume, "save", save_then_stop)
+        assert main(fit(f"s3://{bucket}/t.pt")) == 130
+    assert keys(s3_server, bucket) == {"t.pt.resume"}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cmce"):
+        assert main(fit(f"s3://{bucket}/t.pt")) == 0
+    assert "after epoch 2 of 4" in caplog.text
+    assert keys(s3_server, bucket) == {"t.pt"}  # the state removed once the output is up
+    assert read_object(s3_server, bucket, "t.pt") == (tmp_path / "t.pt").read_bytes()
+
+    s3_server.client().put_object(Bucket=bucket, Key="u.pt.resume", Body=(s3_chain.local / "d.parquet").read_bytes())
+    caplog.clear()
+    assert main(fit(f"s3://{bucket}/u.pt")) == 2
+    assert only_error(caplog).endswith(f"s3://{bucket}/u.pt.resume: the resume file of --out holds a parquet file, "
+                                       "not a saved training state; move it, or give another --out")
+    assert keys(s3_server, bucket) == {"t.pt", "u.pt.resume"}
+    assert read_object(s3_server, bucket, "u.pt.resume") == (s3_chain.local / "d.parquet").read_bytes()

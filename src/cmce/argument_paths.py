@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cmce.resume import resume_path
+from cmce.resume import check_resume_file, resume_path
 from cmce.s3 import foreign_scheme, scheme_error
 from cmce.storage import is_remote, sibling, stem
 
@@ -158,7 +158,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
                                  "other; give outputs apart")
     for out_name, out in written:
         if out_name == RESUME_FILE:
-            _check_resume_file(Path(out))
+            check_resume_file(Path(out))
     return [inp for _, inp in named(inputs)]
 
 
@@ -179,19 +179,6 @@ def check_output_buckets(args: argparse.Namespace) -> None:
 def default_folder(args: argparse.Namespace, name: str) -> str:
     """The folder `name` a command makes beside its --out when the flag is not given (DEFAULT_FOLDERS)."""
     return sibling(args.out, f"{stem(args.out)}{DEFAULT_FOLDERS[args.command][name]}")
-
-
-def _check_resume_file(path: Path) -> None:
-    """What lies at `<out>.resume` must be a resume state (a torch file) or nothing: a dataset there was read as an
-    unreadable state, replaced by the training's and deleted at its end (exit 0); a folder failed after an epoch."""
-    from cmce.storage import file_format
-
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a pipe, device or socket"
-        raise ValueError(f"{path}: the resume file of --out is {what}; move it, or give another --out")
-    if path.exists() and (kind := file_format(path)) != "checkpoint":
-        raise ValueError(f"{path}: the resume file of --out holds {f'a {kind} file' if kind else 'a foreign file'}, "
-                         "not a saved training state; move it, or give another --out")
 
 
 def _tracking_stores(args: argparse.Namespace) -> list[tuple[str, str]]:

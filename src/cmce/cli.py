@@ -60,6 +60,7 @@ from cmce.storage import (
     regular_files,
     restore_uris,
     scratch_dir,
+    stands_for,
 )
 
 log = logging.getLogger("cmce")
@@ -121,8 +122,9 @@ def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | N
     `own`: the files of a folder replaced whole). An s3:// output is uploaded when the command succeeds
     (main closes args.outputs before tracking); a failed command uploads nothing."""
     check_output(uri, is_dir, own, writes, kinds)
-    if is_remote(uri) and not ddp.is_main():
-        return scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name  # rank 0 writes and uploads
+    if is_remote(uri) and not ddp.is_main():  # rank 0 writes and uploads; this copy stands for it (the resume state)
+        stands_for(path := scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name, uri)
+        return path
     return args.outputs.enter_context(local_output(uri, is_dir, last))
 
 

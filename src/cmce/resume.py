@@ -42,6 +42,21 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(f"{out.name}.resume")
 
 
+def check_resume_file(path: Path, shown: str | None = None) -> None:
+    """What lies at `<out>.resume` must be a resume state (a torch file) or nothing: a dataset there was read as an
+    unreadable state, replaced by the training's and deleted at its end (exit 0); a folder failed after an epoch.
+    `shown`: how to name it (an s3:// resume object's scratch copy by its URI)."""
+    from cmce.storage import file_format
+
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a pipe, device or socket"
+        raise ValueError(f"{shown or path}: the resume file of --out is {what}; move it, or give another --out")
+    if path.exists() and (kind := file_format(path)) != "checkpoint":
+        held = f"a {kind} file" if kind else "a foreign file"
+        raise ValueError(f"{shown or path}: the resume file of --out holds {held}, not a saved training state; move "
+                         "it, or give another --out")
+
+
 def file_identity(path: str | Path) -> dict[str, Any]:
     """Content identity of an input file: its sha256 and size."""
     return {"sha256": file_sha256(path), "size": os.path.getsize(path)}
@@ -93,16 +108,34 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device_gen
 
 @dataclass
 class Resume:
-    """The resume file of one training run and the fingerprint a file must carry to be resumed."""
+    """The resume file of one training run and the fingerprint a file must carry to be resumed. For an s3:// output
+    (`remote`: its `<out>.resume` object) the file is kept on S3 too, uploaded after each epoch: the step writes in
+    a scratch folder that ends with the command, so a rerun of a stopped or preempted job started over."""
 
     path: Path
     fingerprint: str
+    remote: str | None = None
 
     @classmethod
     def next_to(cls, out: str | Path, **parts: Any) -> Resume:
-        return cls(resume_path(out), fingerprint(**parts))
+        from cmce.s3 import is_s3
+        from cmce.storage import origin
+
+        uri = origin(out)  # the s3:// URI a scratch output stands for, else the path itself
+        return cls(resume_path(out), fingerprint(**parts), f"{uri}.resume" if is_s3(uri) else None)
+
+    def _fetch(self) -> None:
+        """The remote resume object, when there is one, into `path`; checked as a local one is before any work."""
+        from cmce import s3
+
+        if self.path.exists() or s3.object_size(self.remote) is None:
+            return
+        s3.download(self.remote, self.path)
+        check_resume_file(self.path, self.remote)
 
     def _read(self) -> dict[str, Any] | None:
+        if self.remote:
+            self._fetch()
         if not self.path.exists():
             return None
         data = self.path.read_bytes()  # read once: checked and loaded from the same bytes
@@ -152,6 +185,10 @@ class Resume:
             "history": history,
         }
         save_torch(obj, self.path)
+        if self.remote:  # a single PUT or a completed multipart upload: the object is the old state or the new
+            from cmce import s3
+
+            s3.upload_file(self.path, self.remote)
 
     def restore(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                 generator: torch.Generator, desc: str,
@@ -176,3 +213,8 @@ class Resume:
         if ddp.is_main():
             self.path.unlink(missing_ok=True)
             clean_stale_temps(self.path)
+            if self.remote:  # once the output is uploaded: a failed upload leaves the state to resume from
+                from cmce import s3
+                from cmce.storage import after_upload
+
+                after_upload(self.path, lambda: s3.delete(self.remote))

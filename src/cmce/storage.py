@@ -34,6 +34,7 @@ from cmce.errors import raise_if_terminated
 
 _scratch: Path | None = None
 _origins: dict[Path, str] = {}  # scratch folder or file → the URI it stands for
+_after_upload: dict[Path, list[Callable[[], None]]] = {}  # a staged s3:// output → what waits for its upload
 _downloaded: dict[str, Path] = {}
 
 log = logging.getLogger(__name__)
@@ -724,6 +725,7 @@ def clear_scratch() -> None:
     _scratch = None
     _origins.clear()
     _downloaded.clear()
+    _after_upload.clear()
 
 
 def forget_download(uri: str) -> None:
@@ -780,7 +782,7 @@ def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None)
     s3.check_writable(uri)
     staged = scratch_dir() / "out" / uuid.uuid4().hex[:12] / (PurePosixPath(u.key).name or u.bucket)
     staged.parent.mkdir(parents=True)
-    _origins[staged] = uri
+    _origins[staged], _after_upload[staged] = uri, []
     with _stdout_held():  # the step's success record is printed only once its output is uploaded
         yield staged
         if not staged.exists():
@@ -789,6 +791,8 @@ def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None)
             s3.upload_dir(staged, uri, last)
         else:
             s3.put_whole(staged, uri)
+        for action in _after_upload.pop(staged):
+            action()
 
 
 @contextlib.contextmanager
@@ -802,6 +806,16 @@ def _stdout_held() -> Iterator[None]:
     finally:
         sys.stdout = real
     real.write(held.getvalue())
+
+
+def after_upload(path: Path, action: Callable[[], None]) -> None:
+    """Run `action` once the s3:// output that the scratch `path` belongs to (the output itself, or a file of its
+    folder, or one beside it) is uploaded; at once for any other path. A failed upload runs nothing."""
+    staged = next((root for root in _after_upload if path.parent == root.parent or path.is_relative_to(root)), None)
+    if staged is None:
+        action()
+    else:
+        _after_upload[staged].append(action)
 
 
 def stands_for(path: Path, uri: str) -> None:
