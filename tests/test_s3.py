@@ -1326,3 +1326,34 @@ def test_training_to_an_s3_output_resumes_after_a_stop(s3_server, s3_chain, tmp_
                                        "not a saved training state; move it, or give another --out")
     assert keys(s3_server, bucket) == {"t.pt", "u.pt.resume"}
     assert read_object(s3_server, bucket, "u.pt.resume") == (s3_chain.local / "d.parquet").read_bytes()
+
+
+def test_a_log_line_names_a_scratch_copy_by_its_uri(tmp_path):
+    """`wrote /tmp/cmce-scratch-…/run1/data/dataset.parquet`: an s3:// run's log named files removed as it ended."""
+    from cmce.errors import OneLineFormatter
+    from cmce.storage import clear_scratch, stands_for
+
+    stands_for(tmp_path / "run1", "s3://b/run1")
+    record = logging.LogRecord("cmce", logging.INFO, __file__, 0, "wrote %s", (tmp_path / "run1" / "d.parquet",), None)
+    try:
+        assert OneLineFormatter("%(message)s").format(record) == "wrote s3://b/run1/d.parquet"
+    finally:
+        clear_scratch()
+
+
+def test_a_run_on_s3_says_its_key_outputs_by_uri_once_uploaded_and_its_search_command_runs(s3_server, monkeypatch,
+                                                                                            capsys):
+    """A local `cmce run` printed its query model, index and the commands over them; an s3:// run printed none."""
+    import shlex
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    root = f"s3://{bucket}/run1"
+    assert main(["run", *QUICK, "--set", "kd.epochs=1", "--set", f"output_dir={root}"]) == 0
+    said = capsys.readouterr().err
+    assert f"query model   {root}/models/query.pt\n" in said and f"index         {root}/index\n" in said
+    assert "cmce-scratch" not in said and "run1/index/meta.json" in keys(s3_server, bucket)
+    search = shlex.split(next(line for line in said.splitlines() if " search " in line and "--dataset" in line))
+    assert main(search[search.index("search"):]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == 3 and all(hit["id"] != a["query"] for a in answers for hit in a["hits"])

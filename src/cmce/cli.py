@@ -440,10 +440,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         with closing_parent(info) if own else contextlib.nullcontext():
             metrics = stages.run_all(cfg, publish=lambda record: publish(info, record))
     log.info("outputs under %s", restore_uris(cfg.output_dir))
-    if not remote:  # (an s3:// run's files are scratch copies until uploaded; `lay` is the local output_dir)
-        from cmce.next_steps import next_steps
+    from cmce.next_steps import next_steps
+    from cmce.storage import after_upload
 
-        sys.stderr.write(next_steps(lay.model(cfg.query_model.name), lay.index, lay.dataset))
+    run = RunLayout(Path(cfg.output_dir))  # an s3:// run's scratch copy: said once uploaded, by the URIs
+    said = next_steps(*(restore_uris(str(p)) for p in (run.model(cfg.query_model.name), run.index, run.dataset)))
+    after_upload(run.root, lambda: sys.stderr.write(said))
     _say(markdown_table(metrics))
 
 

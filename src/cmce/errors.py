@@ -369,10 +369,13 @@ def escape_controls(text: str) -> str:
 
 class OneLineFormatter(logging.Formatter):
     """Every log record one line: its message's control characters escaped (a traceback, when logged, follows);
-    no credential in it, nor in its traceback (cmce.redaction)."""
+    no credential in it, nor in its traceback (cmce.redaction); a scratch copy of an s3:// file named by its URI
+    (`wrote /tmp/cmce-scratch-…/run1/data/dataset.parquet` named a file removed as the command ended)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = escape_controls(record.message)
+        storage = sys.modules.get("cmce.storage")  # loaded by every command that has scratch copies
+        message = storage.restore_uris(record.message) if storage is not None else record.message
+        record.message = escape_controls(message)
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:

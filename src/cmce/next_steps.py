@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 
-def shown(path: Path) -> str:
-    """A path as short as it stays exact: relative to the working folder when inside it (`make run`'s runs/kfp/…)."""
+def shown(path: Path | str) -> str:
+    """A path as short as it stays exact: relative to the working folder when inside it (`make run`'s runs/kfp/…);
+    an s3:// URI as it is."""
+    if "://" in str(path):
+        return shlex.quote(str(path))
     rel = os.path.relpath(path)
     return shlex.quote(str(path) if rel.startswith("..") else rel)
 
@@ -21,7 +24,8 @@ def _cmce() -> str:
     return shown(script) if script.exists() else f"{shlex.quote(sys.executable)} -m cmce"
 
 
-def next_steps(query: Path, index: Path, dataset: Path | None = None, edge: Path | None = None) -> str:
+def next_steps(query: Path | str, index: Path | str, dataset: Path | str | None = None,
+               edge: Path | str | None = None) -> str:
     """The run's key outputs and the search and serve commands over them."""
     lines = ["key outputs:", f"  query model   {shown(query)}", f"  index         {shown(index)}"]
     lines += [f"  dataset       {shown(dataset)}"] if dataset is not None else []

@@ -835,9 +835,11 @@ def origin(path: str | Path) -> str:
 
 
 def restore_uris(text: str) -> str:
-    """`text` with every scratch path replaced by the URI it stands for."""
-    for root in sorted(_origins, key=lambda r: len(str(r)), reverse=True):
-        text = text.replace(str(root), _origins[root])
+    """`text` with every scratch path replaced by the URI it stands for (a copy of the map: log records of other
+    threads are formatted with it while this one adds to it)."""
+    origins = dict(_origins)
+    for root in sorted(origins, key=lambda r: len(str(r)), reverse=True):
+        text = text.replace(str(root), origins[root])
     return text
 
 
