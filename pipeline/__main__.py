@@ -246,8 +246,10 @@ def run_local(args: argparse.Namespace) -> Path:
     sys.stderr.write("artifacts:\n" + "".join(f"  {p}\n" for p in listing))
     with contextlib.suppress(OSError, ValueError):  # a hint: an unreadable file there must not fail the run
         said = next_steps(run_dir, arguments)
-        sys.stderr.write(said + (lifecycle_commands(run_dir, LIFECYCLE, args.params)
-                                 if said and args.pipeline == "cmce" else ""))
+        same = [*(["--params", args.params] if args.params else []), *(x for kv in args.set for x in ("--set", kv)),
+                "--root", args.root, *(["--no-mlflow"] if args.no_mlflow else [])]
+        sys.stderr.write(said + (lifecycle_commands(run_dir, LIFECYCLE, same) if said and args.pipeline == "cmce"
+                                 else ""))
     if not args.no_mlflow:
         from cmce.redaction import conceal
 

@@ -28,8 +28,9 @@ def lifecycle_inputs(args: argparse.Namespace) -> dict:
                 raise ValueError(f"--inputs-from {args.inputs_from}: a local KFP run's folder, which a cluster's tasks "
                                  "cannot read; give its files' s3:// URIs with --dataset-uri, --query-model-uri, "
                                  "--gallery-uri (and --train-embeddings-uri)")
+            flags = {key: getattr(args, key) for key in INPUT_URIS if getattr(args, key, None)}
             try:
-                out = kfp_run_inputs(folder)
+                out = kfp_run_inputs(folder, flags)
             except ValueError as err:
                 raise ValueError(f"--inputs-from {err}") from None
         else:

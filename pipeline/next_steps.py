@@ -5,6 +5,7 @@ wrong guess was refused only after loading (`index was built for query model …
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,9 +35,10 @@ def next_steps(run_dir: Path, arguments: dict) -> str:
     return steps.next_steps(query, index, dataset, find(run_dir, "export-query*/edge_model"))
 
 
-def lifecycle_commands(run_dir: Path, pipelines: tuple[str, ...], params: str | None) -> str:
-    """The live-gallery operations on a cmce pipeline's run, with the params it ran with (their lifecycle section
-    names the models to train)."""
-    python, given = steps.shown(Path(sys.executable)), f" --params {steps.shown(Path(params))}" if params else ""
-    return "".join(f"  {python} -m pipeline run --local --pipeline {name} --inputs-from {steps.shown(run_dir)}{given}\n"
+def lifecycle_commands(run_dir: Path, pipelines: tuple[str, ...], same: list[str]) -> str:
+    """The live-gallery operations on a cmce pipeline's run, with the run's own settings (`same`: its --params, --set,
+    --root and --no-mlflow, as given; the params' lifecycle section names the models to train)."""
+    python = steps.shown(Path(sys.executable))
+    flags = "".join(f" {shlex.quote(flag)}" for flag in same)
+    return "".join(f"  {python} -m pipeline run --local --pipeline {name} --inputs-from {steps.shown(run_dir)}{flags}\n"
                    for name in pipelines)

@@ -28,27 +28,32 @@ def model_with_sha256(wanted: str, candidates: list[Path]) -> Path | None:
     return next((p for p in candidates if p.is_file() and file_sha256(p) == wanted), None)
 
 
-def kfp_run_inputs(run_dir: Path) -> dict:
+def kfp_run_inputs(run_dir: Path, given: dict) -> dict:
     """The lifecycle pipelines' inputs from a finished KFP run of the cmce pipeline (`make run`'s
     runs/kfp/cmce-<timestamp>/): its dataset, its merged gallery, the query model that gallery was transformed for
-    and its per-model train embeddings (a list of files: `gather` puts them into one folder)."""
+    and its per-model train embeddings (a list of files: `gather` puts them into one folder). What `given` (the
+    flags) holds is not looked for."""
     from cmce.tables import read_metadata
 
-    if not (run_dir / "prepare-data").is_dir():  # a lifecycle run: its query model and train embeddings are elsewhere
+    if any((run_dir / task).is_dir() for task in LIFECYCLE_TASKS):  # its query model, train embeddings: elsewhere
         raise ValueError(f"{run_dir}: a lifecycle pipeline's run, which holds only what it changed; give its files "
                          "with --dataset-uri, --query-model-uri, --gallery-uri (and --train-embeddings-uri)")
-    dataset, gallery = find(run_dir, "prepare-data*/dataset"), find(run_dir, "merge-shards*/gallery")
-    if dataset is None or gallery is None:
-        raise ValueError(f"{run_dir}: no {'prepare-data/dataset' if dataset is None else 'merge-shards/gallery'} "
-                         "(a KFP run of the cmce pipeline that finished?)")
-    made_for = read_metadata(gallery).get("query_model_sha256")
-    query = model_with_sha256(made_for, sorted(run_dir.rglob("model"))) if isinstance(made_for, str) else None
-    if query is None:
-        raise ValueError(f"{run_dir}: no model of the run is the query model its gallery {gallery} was transformed "
-                         f"for (sha256 {str(made_for)[:12]})")
-    stored = sorted(run_dir.glob("for-loop-*/fit-transform*/train_embeddings"))
-    return {"dataset_uri": str(dataset), "gallery_uri": str(gallery), "query_model_uri": str(query),
-            "train_embeddings_uri": [str(p) for p in stored]}
+    out = dict(given)
+    for key, task_output in (("dataset_uri", "prepare-data*/dataset"), ("gallery_uri", "merge-shards*/gallery")):
+        if key not in out and (found := find(run_dir, task_output)) is None:
+            raise ValueError(f"{run_dir}: no {task_output.replace('*', '')} (a KFP run of the cmce pipeline that "
+                             "finished?)")
+        out.setdefault(key, str(found))
+    if "query_model_uri" not in out:
+        made_for = read_metadata(out["gallery_uri"]).get("query_model_sha256")
+        query = model_with_sha256(made_for, sorted(run_dir.rglob("model"))) if isinstance(made_for, str) else None
+        if query is None:
+            raise ValueError(f"{run_dir}: no model of the run is the query model its gallery {out['gallery_uri']} "
+                             f"was transformed for (sha256 {str(made_for)[:12]})")
+        out["query_model_uri"] = str(query)
+    out.setdefault("train_embeddings_uri", [str(p) for p in sorted(
+        run_dir.glob("for-loop-*/fit-transform*/train_embeddings"))])
+    return out
 
 
 def gather(files: list[str], folder: Path) -> Path:
@@ -59,7 +64,7 @@ def gather(files: list[str], folder: Path) -> Path:
     for i, path in enumerate(files):
         target = folder / f"{i}.parquet"
         try:
-            os.link(path, target)
+            os.link(os.path.realpath(path), target)  # (a link to a link left dangling where the first was relative)
         except OSError:  # another file system, or one without links
             shutil.copyfile(path, target)
     return folder

@@ -645,10 +645,14 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     from pipeline.__main__ import LIFECYCLE
     from pipeline.next_steps import lifecycle_commands
 
-    said = lifecycle_commands(kfp_run, LIFECYCLE, str(SMOKE)).splitlines()  # as a finished run prints them
+    same = ["--params", str(SMOKE), "--set", "train.epochs=2", "--root", str(tmp_path / "r"), "--no-mlflow"]
+    said = lifecycle_commands(kfp_run, LIFECYCLE, same).splitlines()  # as a finished run prints them
     assert [line.split()[line.split().index("--pipeline") + 1] for line in said] == list(LIFECYCLE)
     argv = shlex.split(said[1])
-    got = _arguments(build_parser().parse_args(argv[argv.index("run"):]))
+    args = build_parser().parse_args(argv[argv.index("run"):])
+    assert (args.params, args.set, args.root, args.no_mlflow) == (str(SMOKE), ["train.epochs=2"], str(tmp_path / "r"),
+                                                                  True)  # the run's own settings
+    got = _arguments(args)
     assert (got["dataset_uri"], got["gallery_uri"]) == (str(kfp_run / "prepare-data" / "dataset"),
                                                          str(kfp_run / "merge-shards" / "gallery"))
     assert got["query_model_uri"] == str(kfp_run / "train-model" / "model")
@@ -656,11 +660,31 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     assert {read_metadata(f)["gallery_model"]["sha256"] for f in got["train_embeddings_uri"]} == members
     with pytest.raises(ValueError, match=rf"^--inputs-from {kfp_run}: a local KFP run's folder, which a cluster's "):
         _arguments(build_parser().parse_args(["submit", "--host", "h", *argv[argv.index("--pipeline"):]]))
-    lifecycle = tmp_path / "cmce-add-gallery-model-2026-12-06-10-00-00-000000"
+    lifecycle = (tmp_path / "cmce-add-gallery-model-2026-12-06-10-00-00-000000").resolve()
     (lifecycle / "add-member").mkdir(parents=True)
+    add = ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from"]
     with pytest.raises(ValueError, match=rf"^--inputs-from {lifecycle}: a lifecycle pipeline's run, which holds only"):
-        _arguments(build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model",
-                                              "--inputs-from", str(lifecycle)]))
+        _arguments(build_parser().parse_args([*add, str(lifecycle)]))
+    unfinished = (tmp_path / "cmce-2026-12-06-10-00-00-000000").resolve()  # stopped before prepare-data
+    for task in ("resolve-config", "start-tracking"):
+        (unfinished / task).mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"^--inputs-from {unfinished}: no prepare-data/dataset \(a KFP run of "):
+        _arguments(build_parser().parse_args([*add, str(unfinished)]))
+    flags = {"--dataset-uri": got["dataset_uri"], "--gallery-uri": got["gallery_uri"],
+             "--query-model-uri": got["query_model_uri"]}  # what the folder lacks, given by flags
+    given = _arguments(build_parser().parse_args([*add, str(unfinished), *(x for kv in flags.items() for x in kv)]))
+    assert (given["dataset_uri"], given["gallery_uri"], given["query_model_uri"]) == tuple(flags.values())
+
+
+def test_a_kfp_runs_train_embeddings_are_gathered_through_links_to_their_files(tmp_path):
+    """A relative link to a file was linked itself, dangling in the folder gathered; a link there is to the file."""
+    from pipeline.run_folder import gather
+
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "real").write_bytes(b"embeddings")
+    (tmp_path / "task" / "train_embeddings").symlink_to("real")
+    folder = gather([str(tmp_path / "task" / "train_embeddings")], tmp_path / "gathered")
+    assert (folder / "0.parquet").read_bytes() == b"embeddings" and not (folder / "0.parquet").is_symlink()
 
 
 def test_every_flag_of_the_pipeline_runner_has_help():

@@ -1291,9 +1291,11 @@ def test_training_to_an_s3_output_resumes_after_a_stop(s3_server, s3_chain, tmp_
     """`cmce fit-transform --out s3://…` stopped after an epoch started over from epoch 1 when run again: its resume
     state lived in the scratch folder, removed as the command ended. It is kept as `<out>.resume` on S3 until the
     output is uploaded, and the rerun ends with the uninterrupted run's bytes. A foreign object there is refused."""
+    import cmce.resume
     from cmce.resume import Resume
 
     use_server(monkeypatch, s3_server)
+    monkeypatch.setattr(cmce.resume, "UPLOAD_EVERY_S", 0.0)  # every epoch's state uploaded (else at most once a minute)
     bucket, root = new_bucket(s3_server), s3_chain.root
 
     def fit(out: str) -> list[str]:
@@ -1319,12 +1321,26 @@ def test_training_to_an_s3_output_resumes_after_a_stop(s3_server, s3_chain, tmp_
     assert keys(s3_server, bucket) == {"t.pt"}  # the state removed once the output is up
     assert read_object(s3_server, bucket, "t.pt") == (tmp_path / "t.pt").read_bytes()
 
-    s3_server.client().put_object(Bucket=bucket, Key="u.pt.resume", Body=(s3_chain.local / "d.parquet").read_bytes())
+    with monkeypatch.context() as m:  # the output's upload fails: the state stays, and the rerun has nothing to train
+        m.setattr(cmce_s3, "put_whole", lambda *_: (_ for _ in ()).throw(OSError("the endpoint went away")))
+        assert main(fit(f"s3://{bucket}/v.pt")) == 2
+    assert keys(s3_server, bucket) == {"t.pt", "v.pt.resume"}
     caplog.clear()
-    assert main(fit(f"s3://{bucket}/u.pt")) == 2
-    assert only_error(caplog).endswith(f"s3://{bucket}/u.pt.resume: the resume file of --out holds a parquet file, "
-                                       "not a saved training state; move it, or give another --out")
-    assert keys(s3_server, bucket) == {"t.pt", "u.pt.resume"}
+    with caplog.at_level(logging.INFO, logger="cmce"):
+        assert main(fit(f"s3://{bucket}/v.pt")) == 0
+    assert "after epoch 4 of 4" in caplog.text and keys(s3_server, bucket) == {"t.pt", "v.pt"}
+
+    s3_server.client().put_object(Bucket=bucket, Key="u.pt.resume", Body=(s3_chain.local / "d.parquet").read_bytes())
+    for extra, said in [([], f"s3://{bucket}/u.pt.resume: the resume file of --out holds a parquet file, not a saved "
+                             "training state; move it, or give another --out"),
+                        (["--train-embeddings-out", f"s3://{bucket}/w.pt.resume"],
+                         f"--train-embeddings-out s3://{bucket}/w.pt.resume and --out's resume file s3://{bucket}/"
+                         f"w.pt.resume would write over each other")]:
+        out = "u.pt" if not extra else "w.pt"
+        caplog.clear()
+        assert main([*fit(f"s3://{bucket}/{out}"), *extra]) == 2
+        assert said in only_error(caplog) and "downloaded" not in caplog.text  # before any work
+    assert keys(s3_server, bucket) == {"t.pt", "v.pt", "u.pt.resume"}
     assert read_object(s3_server, bucket, "u.pt.resume") == (s3_chain.local / "d.parquet").read_bytes()
 
 

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cmce.resume import check_resume_file, resume_path
+from cmce.resume import check_resume_file, check_resume_object, resume_path
 from cmce.s3 import foreign_scheme, scheme_error
 from cmce.storage import is_remote, sibling, stem
 
@@ -128,8 +128,9 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     for name in DEFAULT_FOLDERS.get(args.command, {}):  # made beside --out unless given: checked too
         if not getattr(args, name, None) and getattr(args, "out", None):  # (a dataset in `<out>_added/` was replaced)
             written.append((f"default_{name}", default_folder(args, name)))
-    if args.command in RESUMES and args.out and not is_remote(args.out) and Path(args.out).name:  # `<out>.resume`
-        written.append((RESUME_FILE, str(resume_path(args.out))))
+    if args.command in RESUMES and args.out and (is_remote(args.out) or Path(args.out).name):  # `<out>.resume`
+        written.append((RESUME_FILE, f"{args.out.rstrip('/')}.resume" if is_remote(args.out)
+                        else str(resume_path(args.out))))
     for out_name, out in written:
         if out == "-":  # the usual name of standard output: a file called "-" was written in the working folder
             raise ValueError(f"{flag(out_name)} -: outputs are files or folders here, not standard output; give a name")
@@ -158,7 +159,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
                                  "other; give outputs apart")
     for out_name, out in written:
         if out_name == RESUME_FILE:
-            check_resume_file(Path(out))
+            check_resume_object(out) if is_remote(out) else check_resume_file(Path(out))
     return [inp for _, inp in named(inputs)]
 
 

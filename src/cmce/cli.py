@@ -59,6 +59,7 @@ from cmce.storage import (
     local_output,
     regular_files,
     restore_uris,
+    run_after_uploads,
     scratch_dir,
     stands_for,
 )
@@ -872,6 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         # reads it (a step may open a file more than once) fails every write that would follow
         with contextlib.ExitStack() as args.outputs, inputs_unchanged([p for p in inputs if os.path.isfile(p)]):
             record = args.func(args)
+        run_after_uploads()  # every s3:// output is up
         if args.mlflow_parent and isinstance(record, StepRecord):
             from cmce.tracking import TrackingInfo, publish
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from cmce.storage import clean_stale_temps, file_sha256
 
 log = logging.getLogger(__name__)
 RESUME_FORMAT = "cmce-resume/1"
+UPLOAD_EVERY_S = 60.0  # an s3:// output's state: an upload per epoch of a quick fit was dozens a minute
 
 
 def resume_path(out: str | Path) -> Path:
@@ -55,6 +57,22 @@ def check_resume_file(path: Path, shown: str | None = None) -> None:
         held = f"a {kind} file" if kind else "a foreign file"
         raise ValueError(f"{shown or path}: the resume file of --out holds {held}, not a saved training state; move "
                          "it, or give another --out")
+
+
+def check_resume_object(uri: str) -> None:
+    """check_resume_file for an s3:// output's `<out>.resume` object, by HEAD, LIST and a ranged GET (no download)."""
+    from cmce import s3
+    from cmce.storage import HEAD_BYTES, format_of
+
+    if s3.is_prefix(uri):
+        raise ValueError(f"{uri}: the resume file of --out is a folder (a prefix holding objects); move it, or give "
+                         "another --out")
+    size = s3.object_size(uri)
+    if size is not None and (kind := format_of(s3.read_range(uri, 0, HEAD_BYTES - 1)) if size else None) != \
+            "checkpoint":
+        held = f"a {kind} file" if kind else "a foreign file"
+        raise ValueError(f"{uri}: the resume file of --out holds {held}, not a saved training state; move it, or "
+                         "give another --out")
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:
@@ -115,6 +133,7 @@ class Resume:
     path: Path
     fingerprint: str
     remote: str | None = None
+    _uploaded: float = float("-inf")  # when the state was last uploaded (at most every UPLOAD_EVERY_S, and the last)
 
     @classmethod
     def next_to(cls, out: str | Path, **parts: Any) -> Resume:
@@ -125,7 +144,8 @@ class Resume:
         return cls(resume_path(out), fingerprint(**parts), f"{uri}.resume" if is_s3(uri) else None)
 
     def _fetch(self) -> None:
-        """The remote resume object, when there is one, into `path`; checked as a local one is before any work."""
+        """The remote resume object, when there is one, into `path` (checked before any work: check_resume_object;
+        its copy again, as a local file is)."""
         from cmce import s3
 
         if self.path.exists() or s3.object_size(self.remote) is None:
@@ -185,10 +205,20 @@ class Resume:
             "history": history,
         }
         save_torch(obj, self.path)
-        if self.remote:  # a single PUT or a completed multipart upload: the object is the old state or the new
-            from cmce import s3
+        if self.remote and (epoch == epochs or time.monotonic() - self._uploaded >= UPLOAD_EVERY_S):
+            self._upload()
 
+    def _upload(self) -> None:
+        """One PUT (or a completed multipart upload): the object is the old state or the new. Failed, the training
+        goes on with the state kept here alone (the output's own upload will say whether the endpoint is gone)."""
+        from cmce import s3
+
+        try:
             s3.upload_file(self.path, self.remote)
+            self._uploaded = time.monotonic()
+        except (OSError, ValueError) as err:
+            log.warning("%s: the training state is not kept on S3 from here on (%s)", self.remote, err)
+            self.remote = None
 
     def restore(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                 generator: torch.Generator, desc: str,
@@ -213,8 +243,15 @@ class Resume:
         if ddp.is_main():
             self.path.unlink(missing_ok=True)
             clean_stale_temps(self.path)
-            if self.remote:  # once the output is uploaded: a failed upload leaves the state to resume from
-                from cmce import s3
+            if self.remote:  # once every output is uploaded: a failed upload leaves the state to resume from
                 from cmce.storage import after_upload
 
-                after_upload(self.path, lambda: s3.delete(self.remote))
+                after_upload(self.path, self._delete_remote)
+
+    def _delete_remote(self) -> None:
+        from cmce import s3
+
+        try:
+            s3.delete(self.remote)
+        except (OSError, ValueError) as err:  # the output is up: a state left behind is said, not a failure
+            log.warning("%s: left behind, delete it by hand (%s)", self.remote, err)

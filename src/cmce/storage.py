@@ -35,6 +35,7 @@ from cmce.errors import raise_if_terminated
 _scratch: Path | None = None
 _origins: dict[Path, str] = {}  # scratch folder or file → the URI it stands for
 _after_upload: dict[Path, list[Callable[[], None]]] = {}  # a staged s3:// output → what waits for its upload
+_uploaded_actions: list[Callable[[], None]] = []  # theirs, once uploaded: run when every output is
 _downloaded: dict[str, Path] = {}
 
 log = logging.getLogger(__name__)
@@ -726,6 +727,7 @@ def clear_scratch() -> None:
     _origins.clear()
     _downloaded.clear()
     _after_upload.clear()
+    _uploaded_actions.clear()
 
 
 def forget_download(uri: str) -> None:
@@ -791,8 +793,7 @@ def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None)
             s3.upload_dir(staged, uri, last)
         else:
             s3.put_whole(staged, uri)
-        for action in _after_upload.pop(staged):
-            action()
+        _uploaded_actions.extend(_after_upload.pop(staged))
 
 
 @contextlib.contextmanager
@@ -809,13 +810,20 @@ def _stdout_held() -> Iterator[None]:
 
 
 def after_upload(path: Path, action: Callable[[], None]) -> None:
-    """Run `action` once the s3:// output that the scratch `path` belongs to (the output itself, or a file of its
-    folder, or one beside it) is uploaded; at once for any other path. A failed upload runs nothing."""
+    """Run `action` once the command's s3:// outputs are uploaded (run_after_uploads) when the scratch `path` belongs
+    to one (the output itself, a file of its folder, or one beside it); at once for any other path. A failed upload
+    runs nothing."""
     staged = next((root for root in _after_upload if path.parent == root.parent or path.is_relative_to(root)), None)
     if staged is None:
         action()
     else:
         _after_upload[staged].append(action)
+
+
+def run_after_uploads() -> None:
+    """What waited for the uploads (after_upload), once every output of the command is up."""
+    while _uploaded_actions:
+        _uploaded_actions.pop(0)()
 
 
 def stands_for(path: Path, uri: str) -> None:
