@@ -40,10 +40,12 @@ def kfp_run_inputs(run_dir: Path, given: dict) -> dict:
                          "with --dataset-uri, --query-model-uri, --gallery-uri (and --train-embeddings-uri)")
     out = dict(given)
     for key, task_output in (("dataset_uri", "prepare-data*/dataset"), ("gallery_uri", "merge-shards*/gallery")):
-        if key not in out and (found := find(run_dir, task_output)) is None:
+        if key in out:
+            continue
+        if (found := find(run_dir, task_output)) is None:
             raise ValueError(f"{run_dir}: no {task_output.replace('*', '')} (a KFP run of the cmce pipeline that "
                              "finished?)")
-        out.setdefault(key, str(found))
+        out[key] = str(found)
     if "query_model_uri" not in out:
         made_for = read_metadata(out["gallery_uri"]).get("query_model_sha256")
         query = model_with_sha256(made_for, sorted(run_dir.rglob("model"))) if isinstance(made_for, str) else None

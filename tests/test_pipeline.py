@@ -659,7 +659,8 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     members = {m["sha256"] for m in read_metadata(got["gallery_uri"])["members"]}
     assert {read_metadata(f)["gallery_model"]["sha256"] for f in got["train_embeddings_uri"]} == members
     with pytest.raises(ValueError, match=rf"^--inputs-from {kfp_run}: a local KFP run's folder, which a cluster's "):
-        _arguments(build_parser().parse_args(["submit", "--host", "h", *argv[argv.index("--pipeline"):]]))
+        _arguments(build_parser().parse_args(["submit", "--host", "h", "--pipeline", "upgrade-query-model",
+                                              "--inputs-from", str(kfp_run)]))
     lifecycle = (tmp_path / "cmce-add-gallery-model-2026-12-06-10-00-00-000000").resolve()
     (lifecycle / "add-member").mkdir(parents=True)
     add = ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from"]
