@@ -1373,3 +1373,25 @@ def test_a_run_on_s3_says_its_key_outputs_by_uri_once_uploaded_and_its_search_co
     assert main(search[search.index("search"):]) == 0
     answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(answers) == 3 and all(hit["id"] != a["query"] for a in answers for hit in a["hits"])
+
+
+def test_the_bucket_of_an_output_is_checked_once_a_command(s3_server, s3_chain, monkeypatch):
+    """Each s3:// output's bucket was checked up to three times (before the inputs, by the output's own check, as its
+    scratch copy was made): three requests, and a bucket the user may not check warned about three times."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    heads = []
+
+    def count(**_):
+        heads.append(1)  # (returns None: the request is sent as usual)
+
+    events = cmce_s3.client().meta.events
+    events.register("before-send.s3.HeadBucket", count)
+    export = ["export-query", "--query-model", str(s3_chain.local / "q.pt"), "--out"]
+    try:
+        assert main([*export, f"s3://{bucket}/q.onnx"]) == 0
+        assert len(heads) == 1
+        assert main([*export, f"s3://{bucket}/r.onnx"]) == 0
+        assert len(heads) == 2  # checked again by the next command: a bucket may be gone since
+    finally:
+        events.unregister("before-send.s3.HeadBucket", count)

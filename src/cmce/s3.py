@@ -237,13 +237,19 @@ def endpoint_from(name: str) -> Iterator[None]:
         _ENDPOINT.reset(token)
 
 
-def client() -> Any:
-    """The S3 client for the current environment (cached per endpoint/identity/retry settings)."""
+def _client_key() -> tuple[str, str | None]:
+    """What the S3 client depends on: the environment's settings (hashed, so that no credential is kept as a cache
+    key) and the endpoint this command set."""
     check_env()
     h = hashlib.sha256()
-    for name in _CLIENT_ENV:  # hashed, so that no credential is kept as a cache key
+    for name in _CLIENT_ENV:
         h.update(f"{name}={os.environ.get(name, '')}\0".encode())
-    return _client_for(h.hexdigest(), _ENDPOINT.get())
+    return h.hexdigest(), _ENDPOINT.get()
+
+
+def client() -> Any:
+    """The S3 client for the current environment (cached per endpoint/identity/retry settings)."""
+    return _client_for(*_client_key())
 
 
 def _no_retry_when_stopping(response: Any = None, caught_exception: BaseException | None = None, **_: Any) -> None:
@@ -872,12 +878,23 @@ def _manifest_files(uri: str, dest: Path) -> list[str] | None:
     return names
 
 
+_checked_buckets: set[tuple[tuple[str, str | None], str]] = set()  # (client settings, bucket): checked once
+
+
+def forget_checked_buckets() -> None:
+    _checked_buckets.clear()
+
+
 def check_writable(uri: str) -> None:
     """Fail before any work when the bucket is missing or the credentials are refused. A plain policy
-    denial of the check itself is let through (writers may lack s3:ListBucket); the upload decides."""
+    denial of the check itself is let through (writers may lack s3:ListBucket); the upload decides. Once per
+    bucket and client in a command (its outputs were checked up to three times each, a denial warned as often)."""
     from botocore.exceptions import ClientError
 
     u = parse(uri)
+    checked = (_client_key(), u.bucket)
+    if checked in _checked_buckets:
+        return
     try:
         with _errors(uri, "checking the bucket"):
             try:
@@ -893,6 +910,7 @@ def check_writable(uri: str) -> None:
         if "access denied" not in str(err):
             raise
         log.warning("%s: cannot check the bucket (access denied); trying the upload anyway", uri)
+    _checked_buckets.add(checked)
 
 
 def upload_file(path: Path, uri: str) -> None:

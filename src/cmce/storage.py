@@ -728,6 +728,7 @@ def clear_scratch() -> None:
     _downloaded.clear()
     _after_upload.clear()
     _uploaded_actions.clear()
+    s3.forget_checked_buckets()
 
 
 def forget_download(uri: str) -> None:
