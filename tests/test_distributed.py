@@ -1,5 +1,5 @@
-"""Data-parallel training: two torchrun ranks (gloo, 127.0.0.1) end with identical weights; without
-torchrun nothing changes."""
+"""Data-parallel training: two torchrun ranks (gloo, 127.0.0.1) end with identical weights, and resume together;
+without torchrun nothing changes."""
 
 from __future__ import annotations
 
@@ -170,3 +170,52 @@ def test_a_rank_killed_mid_training_is_one_line_on_the_others(dataset, tmp_path)
     errors = [line for line in text.splitlines() if " ERROR " in line]
     assert "Traceback" not in text and len(errors) == 1, text[-3000:]
     assert "cmce train: rank 0 of 2: lost rank 1" in errors[0], errors[0]
+
+
+def test_ranks_stopped_while_training_to_s3_resume_together_from_its_resume_object(dataset, s3_server, tmp_path):
+    """With an s3:// --out the ranks other than 0 write to scratch copies: unless those stand for the output's URI,
+    they find no state when run again, disagree with rank 0 (which fetched it) and all start over."""
+    import signal
+    import time
+
+    bucket = f"cmce-ddp-{os.getpid()}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    out = f"s3://{bucket}/q.pt"
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+
+    def ranks(run: str) -> tuple[list[subprocess.Popen], list[Path]]:
+        port, procs, logs = _free_port(), [], []
+        for rank in range(WORLD):
+            env = {**os.environ, **s3_server.env(), "PYTHONPATH": path, "RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port), "CMCE_DDP_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
+            logs.append(tmp_path / f"{run}_rank{rank}.log")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "cmce", "train", "--config", str(SMOKE), "--set", "train.epochs=20",
+                 "--dataset", str(dataset), "--model", "query", "--out", out],
+                env=env, stdout=subprocess.DEVNULL, stderr=logs[-1].open("w")))
+        return procs, logs
+
+    def stored() -> set[str]:
+        return {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+    procs, logs = ranks("stopped")
+    try:
+        deadline = time.monotonic() + 240
+        while "q.pt.resume" not in stored():  # the state after the first epoch is up
+            assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.1)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=120) for proc in procs] != [0, 0]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert stored() == {"q.pt.resume"}, logs[0].read_text()[-3000:]
+    procs, logs = ranks("again")
+    assert [proc.wait(timeout=240) for proc in procs] == [0, 0], logs[0].read_text()[-3000:]
+    text = "".join(log.read_text() for log in logs)
+    assert "resuming from" in text and "disagree" not in text, text[-3000:]
+    assert stored() == {"q.pt"}
