@@ -248,8 +248,7 @@ def run_local(args: argparse.Namespace) -> Path:
         said = next_steps(run_dir, arguments)
         same = [*(["--params", args.params] if args.params else []), *(x for kv in args.set for x in ("--set", kv)),
                 "--root", args.root, *(["--no-mlflow"] if args.no_mlflow else [])]
-        sys.stderr.write(said + (lifecycle_commands(run_dir, LIFECYCLE, same) if said and args.pipeline == "cmce"
-                                 else ""))
+        sys.stderr.write(said + (lifecycle_commands(run_dir, LIFECYCLE, same) if said else ""))
     if not args.no_mlflow:
         from cmce.redaction import conceal
 
@@ -327,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--pipeline", default="cmce", choices=sorted(PACKAGES), help="which pipeline (default cmce)")
         sp.add_argument("--inputs-from", type=not_blank(), default=None, metavar="RUN_DIR",
                         help="lifecycle pipelines: take the dataset, query model, gallery and train embeddings "
-                             "from this `cmce run` output folder, or this local KFP run of the cmce pipeline "
-                             "(runs/kfp/cmce-<timestamp>)")
+                             "from this `cmce run` output folder, or this local KFP run (runs/kfp/cmce-<timestamp>; a "
+                             "lifecycle pipeline's run to chain another)")
         for key in INPUT_URIS:
             sp.add_argument(f"--{key.replace('_', '-')}", type=not_blank(), default=None,
                             help="lifecycle pipelines: input artifact URI")

@@ -1,5 +1,5 @@
 """The lifecycle pipelines' inputs, artifacts of a previous run: from --inputs-from (a `cmce run` output folder, or
-a local KFP run of the cmce pipeline) or one flag each, checked before any task runs."""
+a local KFP run, of the cmce pipeline or a lifecycle one) or one flag each, checked before any task runs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow's own URIs: no
 
 
 def lifecycle_inputs(args: argparse.Namespace) -> dict:
-    """URIs of the previous run's artifacts: from --inputs-from (a `cmce run` output folder, or a local KFP run of
-    the cmce pipeline) or flags. A KFP run's train embeddings are a list of files, gathered into one folder when the
+    """URIs of the previous run's artifacts: from --inputs-from (a `cmce run` output folder, or a local KFP run) or
+    flags. A KFP run's train embeddings are a list of files, gathered into one folder when the
     run starts (run_local)."""
     out: dict = {}
     if args.inputs_from:

@@ -36,8 +36,9 @@ def next_steps(run_dir: Path, arguments: dict) -> str:
 
 
 def lifecycle_commands(run_dir: Path, pipelines: tuple[str, ...], same: list[str]) -> str:
-    """The live-gallery operations on a cmce pipeline's run, with the run's own settings (`same`: its --params, --set,
-    --root and --no-mlflow, as given; the params' lifecycle section names the models to train)."""
+    """The live-gallery operations on a finished run (of any pipeline: they chain), with the run's own settings
+    (`same`: its --params, --set, --root and --no-mlflow, as given; the params' lifecycle section names the models
+    to train)."""
     python = steps.shown(Path(sys.executable))
     flags = "".join(f" {shlex.quote(flag)}" for flag in same)
     return "".join(f"  {python} -m pipeline run --local --pipeline {name} --inputs-from {steps.shown(run_dir)}{flags}\n"

@@ -1,12 +1,15 @@
-"""What a finished local KFP run of the cmce pipeline holds, among the task folders kfp.local named
+"""What a finished local KFP run holds, among the task folders kfp.local named
 (`prepare-data/dataset`, `train-model/model`, `for-loop-1-iteration-0/fit-transform/train_embeddings`, ...): found
 by task and output name, and a model by the sha256 that a gallery or an index records."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
+
+log = logging.getLogger("pipeline")
 
 LIFECYCLE_TASKS = ("add-member", "upgrade-query-model")  # a lifecycle run's own tasks
 
@@ -31,13 +34,11 @@ def model_with_sha256(wanted: str, candidates: list[Path]) -> Path | None:
 def kfp_run_inputs(run_dir: Path, given: dict) -> dict:
     """The lifecycle pipelines' inputs from a finished KFP run of the cmce pipeline (`make run`'s
     runs/kfp/cmce-<timestamp>/): its dataset, its merged gallery, the query model that gallery was transformed for
-    and its per-model train embeddings (a list of files: `gather` puts them into one folder). What `given` (the
-    flags) holds is not looked for."""
-    from cmce.tables import read_metadata
+    and its per-model train embeddings (a list of files: `gather` puts them into one folder); or from a lifecycle
+    run, to chain a second operation. What `given` (the flags) holds is not looked for."""
 
-    if any((run_dir / task).is_dir() for task in LIFECYCLE_TASKS):  # its query model, train embeddings: elsewhere
-        raise ValueError(f"{run_dir}: a lifecycle pipeline's run, which holds only what it changed; give its files "
-                         "with --dataset-uri, --query-model-uri, --gallery-uri (and --train-embeddings-uri)")
+    if any((run_dir / task).is_dir() for task in LIFECYCLE_TASKS):
+        return _after_lifecycle_run(run_dir, dict(given))
     out = dict(given)
     for key, task_output in (("dataset_uri", "prepare-data*/dataset"), ("gallery_uri", "merge-shards*/gallery")):
         if key in out:
@@ -47,14 +48,60 @@ def kfp_run_inputs(run_dir: Path, given: dict) -> dict:
                              "finished?)")
         out[key] = str(found)
     if "query_model_uri" not in out:
-        made_for = read_metadata(out["gallery_uri"]).get("query_model_sha256")
-        query = model_with_sha256(made_for, sorted(run_dir.rglob("model"))) if isinstance(made_for, str) else None
-        if query is None:
-            raise ValueError(f"{run_dir}: no model of the run is the query model its gallery {out['gallery_uri']} "
-                             f"was transformed for (sha256 {str(made_for)[:12]})")
-        out["query_model_uri"] = str(query)
+        out["query_model_uri"] = _query_model(run_dir, out["gallery_uri"], sorted(run_dir.rglob("model")))
     out.setdefault("train_embeddings_uri", [str(p) for p in sorted(
         run_dir.glob("for-loop-*/fit-transform*/train_embeddings"))])
+    return out
+
+
+def _query_model(run_dir: Path, gallery: str, candidates: list[Path]) -> str:
+    """The model among `candidates` that `gallery` was transformed for."""
+    from cmce.tables import read_metadata
+
+    made_for = read_metadata(gallery).get("query_model_sha256")
+    query = model_with_sha256(made_for, candidates) if isinstance(made_for, str) else None
+    if query is None:
+        raise ValueError(f"{run_dir}: no model of the run is the query model its gallery {gallery} was transformed "
+                         f"for (sha256 {str(made_for)[:12]})")
+    return str(query)
+
+
+def _after_lifecycle_run(run_dir: Path, out: dict) -> dict:
+    """A lifecycle run holds only what it changed: the gallery (and an upgrade's query model, an addition's train
+    embeddings). The rest comes from the run it started from, the one whose gallery its gate measured as the
+    baseline (a KFP run, again a lifecycle one, or a `cmce run` folder)."""
+    import json
+
+    from cmce.layout import RunLayout
+
+    added = (run_dir / "add-member").is_dir()
+    gallery = find(run_dir, f"{'add-member' if added else 'upgrade-query-model'}*/new_gallery")
+    decision = find(run_dir, "gate*/decision")
+    if gallery is None or decision is None:
+        raise ValueError(f"{run_dir}: no {'new gallery' if gallery is None else 'gate decision'} (a lifecycle run "
+                         "that finished?)")
+    said = json.loads(decision.read_text())
+    if not said.get("promoted"):
+        log.warning("%s: its gate did not promote the gallery it made (regressed on %s); it is taken all the same",
+                    run_dir, ", ".join(said.get("regressed") or []) or "nothing")
+    baseline = Path(said["baseline_gallery"])  # <run>/<task>/gallery (a KFP run) or <run>/gallery.parquet
+    before = baseline.parent.parent if is_kfp_run(baseline.parent.parent) else baseline.parent
+    if is_kfp_run(before):
+        previous = kfp_run_inputs(before, {})
+    elif (lay := RunLayout(before)).dataset.is_file():
+        stored = lay.train_embeddings("x").parent
+        previous = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
+                    "train_embeddings_uri": [str(p) for p in sorted(stored.glob("*.parquet"))]}
+    else:
+        raise ValueError(f"{run_dir}: the run it started from ({baseline}) is not a run folder; give the files with "
+                         "--dataset-uri, --query-model-uri (and --train-embeddings-uri)")
+    out.setdefault("dataset_uri", previous["dataset_uri"])
+    out.setdefault("gallery_uri", str(gallery))
+    if "query_model_uri" not in out:  # an upgrade's own, else the one it started from
+        candidates = [Path(previous["query_model_uri"]), *sorted(run_dir.rglob("model"))]
+        out["query_model_uri"] = _query_model(run_dir, out["gallery_uri"], candidates)
+    own = sorted(run_dir.glob("fit-transform*/train_embeddings")) if added else []  # the added member's
+    out.setdefault("train_embeddings_uri", [*previous["train_embeddings_uri"], *map(str, own)])
     return out
 
 

@@ -62,6 +62,14 @@ def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch):
     assert decision["promoted"] == (not decision["regressed"])
     assert set(decision["candidate"]) == {"R@1", "MAP@R"}
     _check_alias_follows_decision(uri, decision, grown)
+    # chained: the query model upgraded on the grown gallery, from the add run's folder (its dataset, query model
+    # and the other members' train embeddings are found in the run it started from)
+    chained = run_local(build_parser().parse_args(["run", "--local", "--pipeline", "upgrade-query-model", "--params",
+                                                   str(SMOKE), "--root", str(tmp_path / "kfp"),
+                                                   "--inputs-from", str(run_dir)]))
+    upgraded = chained / "upgrade-query-model"
+    assert [m["name"] for m in read_metadata(upgraded / "new_gallery")["members"]] == names
+    assert len(list((upgraded / "transformations").glob("*.pt"))) == 3
 
 
 def test_upgrade_query_model_pipeline(kfp_run, tmp_path, monkeypatch):

@@ -664,7 +664,7 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     lifecycle = (tmp_path / "cmce-add-gallery-model-2026-12-06-10-00-00-000000").resolve()
     (lifecycle / "add-member").mkdir(parents=True)
     add = ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from"]
-    with pytest.raises(ValueError, match=rf"^--inputs-from {lifecycle}: a lifecycle pipeline's run, which holds only"):
+    with pytest.raises(ValueError, match=rf"^--inputs-from {lifecycle}: no new gallery \(a lifecycle run that "):
         _arguments(build_parser().parse_args([*add, str(lifecycle)]))
     unfinished = (tmp_path / "cmce-2026-12-06-10-00-00-000000").resolve()  # stopped before prepare-data
     for task in ("resolve-config", "start-tracking"):

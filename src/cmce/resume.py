@@ -54,9 +54,7 @@ def check_resume_file(path: Path, shown: str | None = None) -> None:
         what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a pipe, device or socket"
         raise ValueError(f"{shown or path}: the resume file of --out is {what}; move it, or give another --out")
     if path.exists() and (kind := file_format(path)) != "checkpoint":
-        held = f"a {kind} file" if kind else "a foreign file"
-        raise ValueError(f"{shown or path}: the resume file of --out holds {held}, not a saved training state; move "
-                         "it, or give another --out")
+        raise _not_a_state(shown or str(path), kind)
 
 
 def check_resume_object(uri: str) -> None:
@@ -68,11 +66,16 @@ def check_resume_object(uri: str) -> None:
         raise ValueError(f"{uri}: the resume file of --out is a folder (a prefix holding objects); move it, or give "
                          "another --out")
     size = s3.object_size(uri)
-    if size is not None and (kind := format_of(s3.read_range(uri, 0, HEAD_BYTES - 1)) if size else None) != \
-            "checkpoint":
-        held = f"a {kind} file" if kind else "a foreign file"
-        raise ValueError(f"{uri}: the resume file of --out holds {held}, not a saved training state; move it, or "
-                         "give another --out")
+    if size is None:
+        return
+    if (kind := format_of(s3.read_range(uri, 0, HEAD_BYTES - 1)) if size else None) != "checkpoint":
+        raise _not_a_state(uri, kind)
+
+
+def _not_a_state(shown: str, kind: str | None) -> ValueError:
+    held = f"a {kind} file" if kind else "a foreign file"
+    return ValueError(f"{shown}: the resume file of --out holds {held}, not a saved training state; move it, or give "
+                      "another --out")
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:
@@ -127,8 +130,9 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device_gen
 @dataclass
 class Resume:
     """The resume file of one training run and the fingerprint a file must carry to be resumed. For an s3:// output
-    (`remote`: its `<out>.resume` object) the file is kept on S3 too, uploaded after each epoch: the step writes in
-    a scratch folder that ends with the command, so a rerun of a stopped or preempted job started over."""
+    (`remote`: its `<out>.resume` object) the file is kept on S3 too, uploaded at most every UPLOAD_EVERY_S and after
+    the last epoch: the step writes in a scratch folder that ends with the command, and a rerun of a stopped or
+    preempted job started over."""
 
     path: Path
     fingerprint: str
