@@ -44,7 +44,7 @@ def _check_alias_follows_decision(uri: str, decision: dict, gallery: Path) -> No
             client.get_model_version_by_alias("cmce-query", "production")
 
 
-def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch):
+def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch, caplog):
     run_dir, uri = _lifecycle_run(kfp_run, tmp_path, "add-gallery-model", monkeypatch, [
         "--dataset-uri", str(kfp_run / "prepare-data" / "dataset"),
         "--query-model-uri", str(kfp_run / "train-model" / "model"),
@@ -63,10 +63,14 @@ def test_add_gallery_model_pipeline(kfp_run, tmp_path, monkeypatch):
     assert set(decision["candidate"]) == {"R@1", "MAP@R"}
     _check_alias_follows_decision(uri, decision, grown)
     # chained: the query model upgraded on the grown gallery, from the add run's folder (its dataset, query model
-    # and the other members' train embeddings are found in the run it started from)
+    # and the other members' train embeddings are found in the run it started from); a gallery the gate refused is
+    # taken with a warning
+    (run_dir / "gate" / "decision").write_text(json.dumps({**decision, "promoted": False, "regressed": ["MAP@R"]}))
+    caplog.clear()
     chained = run_local(build_parser().parse_args(["run", "--local", "--pipeline", "upgrade-query-model", "--params",
                                                    str(SMOKE), "--root", str(tmp_path / "kfp"),
                                                    "--inputs-from", str(run_dir)]))
+    assert f"{run_dir}: its gate did not promote the gallery it made (regressed on MAP@R)" in caplog.text
     upgraded = chained / "upgrade-query-model"
     assert [m["name"] for m in read_metadata(upgraded / "new_gallery")["members"]] == names
     assert len(list((upgraded / "transformations").glob("*.pt"))) == 3
