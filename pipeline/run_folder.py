@@ -31,14 +31,14 @@ def model_with_sha256(wanted: str, candidates: list[Path]) -> Path | None:
     return next((p for p in candidates if p.is_file() and file_sha256(p) == wanted), None)
 
 
-def kfp_run_inputs(run_dir: Path, given: dict) -> dict:
+def kfp_run_inputs(run_dir: Path, given: dict, later: tuple[Path, ...] = ()) -> dict:
     """The lifecycle pipelines' inputs from a finished KFP run of the cmce pipeline (`make run`'s
     runs/kfp/cmce-<timestamp>/): its dataset, its merged gallery, the query model that gallery was transformed for
     and its per-model train embeddings (a list of files: `gather` puts them into one folder); or from a lifecycle
-    run, to chain a second operation. What `given` (the flags) holds is not looked for."""
-
+    run, to chain a second operation. What `given` (the flags) holds is not looked for. `later`: the lifecycle runs
+    that started from this one, in the chain followed so far."""
     if any((run_dir / task).is_dir() for task in LIFECYCLE_TASKS):
-        return _after_lifecycle_run(run_dir, dict(given))
+        return _after_lifecycle_run(run_dir, dict(given), later)
     out = dict(given)
     for key, task_output in (("dataset_uri", "prepare-data*/dataset"), ("gallery_uri", "merge-shards*/gallery")):
         if key in out:
@@ -66,7 +66,7 @@ def _query_model(run_dir: Path, gallery: str, candidates: list[Path]) -> str:
     return str(query)
 
 
-def _after_lifecycle_run(run_dir: Path, out: dict) -> dict:
+def _after_lifecycle_run(run_dir: Path, out: dict, later: tuple[Path, ...]) -> dict:
     """A lifecycle run holds only what it changed: the gallery (and an upgrade's query model, an addition's train
     embeddings). The rest comes from the run it started from, the one whose gallery its gate measured as the
     baseline (a KFP run, again a lifecycle one, or a `cmce run` folder)."""
@@ -80,14 +80,20 @@ def _after_lifecycle_run(run_dir: Path, out: dict) -> dict:
     if gallery is None or decision is None:
         raise ValueError(f"{run_dir}: no {'new gallery' if gallery is None else 'gate decision'} (a lifecycle run "
                          "that finished?)")
-    said = json.loads(decision.read_text())
+    try:
+        said = json.loads(decision.read_text())
+        baseline = Path(said["baseline_gallery"])  # <run>/<task>/gallery (a KFP run) or <run>/gallery.parquet
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{decision}: not a readable gate decision ({type(err).__name__}: {err})") from None
     if not said.get("promoted"):
         log.warning("%s: its gate did not promote the gallery it made (regressed on %s); it is taken all the same",
-                    run_dir, ", ".join(said.get("regressed") or []) or "nothing")
-    baseline = Path(said["baseline_gallery"])  # <run>/<task>/gallery (a KFP run) or <run>/gallery.parquet
-    before = baseline.parent.parent if is_kfp_run(baseline.parent.parent) else baseline.parent
+                    run_dir, ", ".join(map(str, said.get("regressed") or [])) or "nothing")
+    before = (baseline.parent.parent if is_kfp_run(baseline.parent.parent) else baseline.parent).resolve()
+    if before in (run_dir, *later):  # decisions edited by hand
+        raise ValueError(f"{run_dir}: the runs it started from lead back to {before}; give the files with "
+                         "--dataset-uri, --query-model-uri (and --train-embeddings-uri)")
     if is_kfp_run(before):
-        previous = kfp_run_inputs(before, {})
+        previous = kfp_run_inputs(before, {}, (run_dir, *later))
     elif (lay := RunLayout(before)).dataset.is_file():
         stored = lay.train_embeddings("x").parent
         previous = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),

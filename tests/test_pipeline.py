@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -675,6 +676,23 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
              "--query-model-uri": got["query_model_uri"]}  # what the folder lacks, given by flags
     given = _arguments(build_parser().parse_args([*add, str(unfinished), *(x for kv in flags.items() for x in kv)]))
     assert (given["dataset_uri"], given["gallery_uri"], given["query_model_uri"]) == tuple(flags.values())
+
+
+@pytest.mark.parametrize("decision, said", [
+    ("{not json", "not a readable gate decision (JSONDecodeError"),
+    ("{}", "not a readable gate decision (KeyError"),
+    ('{"promoted": true, "baseline_gallery": "RUN/add-member/new_gallery"}', "the runs it started from lead back"),
+])
+def test_a_lifecycle_run_whose_decision_is_unreadable_or_loops_is_refused_naming_it(tmp_path, decision, said):
+    """A decision edited by hand: a KeyError traceback, or a chain of runs followed for ever."""
+    run = (tmp_path / "cmce-add-gallery-model-2026-12-06-11-00-00-000000").resolve()
+    for task in ("add-member", "gate"):
+        (run / task).mkdir(parents=True)
+    (run / "add-member" / "new_gallery").write_bytes(b"PAR1")
+    (run / "gate" / "decision").write_text(decision.replace("RUN", str(run)))
+    with pytest.raises(ValueError, match=re.escape(said)):
+        _arguments(build_parser().parse_args(["run", "--local", "--pipeline", "upgrade-query-model",
+                                              "--inputs-from", str(run)]))
 
 
 def test_a_kfp_runs_train_embeddings_are_gathered_through_links_to_their_files(tmp_path):
