@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cmce.resume import check_resume_file, check_resume_object, resume_path
+from cmce.resume import check_resume_file, check_resume_object, resume_name
 from cmce.s3 import foreign_scheme, scheme_error
 from cmce.storage import is_remote, sibling, stem
 
@@ -129,8 +129,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
         if not getattr(args, name, None) and getattr(args, "out", None):  # (a dataset in `<out>_added/` was replaced)
             written.append((f"default_{name}", default_folder(args, name)))
     if args.command in RESUMES and args.out and (is_remote(args.out) or Path(args.out).name):  # `<out>.resume`
-        written.append((RESUME_FILE, f"{args.out.rstrip('/')}.resume" if is_remote(args.out)
-                        else str(resume_path(args.out))))
+        written.append((RESUME_FILE, resume_name(args.out)))
     for out_name, out in written:
         if out == "-":  # the usual name of standard output: a file called "-" was written in the working folder
             raise ValueError(f"{flag(out_name)} -: outputs are files or folders here, not standard output; give a name")
@@ -168,13 +167,11 @@ def check_output_buckets(args: argparse.Namespace) -> None:
     the whole input (a gallery of many GB) had come down."""
     from cmce import s3
 
-    checked = set()
     for name in OUTPUT_ARGS:
         value = getattr(args, name, None)
         for uri in value if isinstance(value, list) else [value]:
-            if s3.is_s3(uri) and (bucket := s3.parse(str(uri)).bucket) not in checked:
-                checked.add(bucket)
-                s3.check_writable(str(uri))
+            if s3.is_s3(uri):
+                s3.check_writable(str(uri))  # once a bucket: the outputs' own checks then find it checked
 
 
 def default_folder(args: argparse.Namespace, name: str) -> str:

@@ -44,6 +44,13 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(f"{out.name}.resume")
 
 
+def resume_name(out: str) -> str:
+    """`<out>.resume` of a path or of an s3:// URI (as a Path, `s3://b/k` would fold into `s3:/b/k`)."""
+    from cmce.s3 import is_s3
+
+    return f"{out.rstrip('/')}.resume" if is_s3(out) else str(resume_path(out))
+
+
 def check_resume_file(path: Path, shown: str | None = None) -> None:
     """What lies at `<out>.resume` must be a resume state (a torch file) or nothing: a dataset there was read as an
     unreadable state, replaced by the training's and deleted at its end (exit 0); a folder failed after an epoch.
@@ -52,7 +59,7 @@ def check_resume_file(path: Path, shown: str | None = None) -> None:
 
     if path.is_symlink() or (path.exists() and not path.is_file()):
         what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a pipe, device or socket"
-        raise ValueError(f"{shown or path}: the resume file of --out is {what}; move it, or give another --out")
+        raise _refused(shown or str(path), f"is {what}")
     if path.exists() and (kind := file_format(path)) != "checkpoint":
         raise _not_a_state(shown or str(path), kind)
 
@@ -63,8 +70,7 @@ def check_resume_object(uri: str) -> None:
     from cmce.storage import HEAD_BYTES, format_of
 
     if s3.is_prefix(uri):
-        raise ValueError(f"{uri}: the resume file of --out is a folder (a prefix holding objects); move it, or give "
-                         "another --out")
+        raise _refused(uri, "is a folder (a prefix holding objects)")
     size = s3.object_size(uri)
     if size is None:
         return
@@ -73,9 +79,11 @@ def check_resume_object(uri: str) -> None:
 
 
 def _not_a_state(shown: str, kind: str | None) -> ValueError:
-    held = f"a {kind} file" if kind else "a foreign file"
-    return ValueError(f"{shown}: the resume file of --out holds {held}, not a saved training state; move it, or give "
-                      "another --out")
+    return _refused(shown, f"holds {f'a {kind} file' if kind else 'a foreign file'}, not a saved training state")
+
+
+def _refused(shown: str, said: str) -> ValueError:
+    return ValueError(f"{shown}: the resume file of --out {said}; move it, or give another --out")
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:
@@ -145,7 +153,7 @@ class Resume:
         from cmce.storage import origin
 
         uri = origin(out)  # the s3:// URI a scratch output stands for, else the path itself
-        return cls(resume_path(out), fingerprint(**parts), f"{uri}.resume" if is_s3(uri) else None)
+        return cls(resume_path(out), fingerprint(**parts), resume_name(uri) if is_s3(uri) else None)
 
     def _fetch(self) -> None:
         """The remote resume object, when there is one, into `path` (checked before any work: check_resume_object;
