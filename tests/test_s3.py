@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import requests
 
@@ -126,7 +127,8 @@ def s3_chain(s3_server, tmp_path_factory):
         if argv[0] == "evaluate":
             (local / "tdir" / "t.pt").write_bytes((local / "t.pt").read_bytes())
         assert main(argv) == 0, argv[0]
-    return SimpleNamespace(bucket=bucket, root=root, local=local, logs=collect.lines, scratch_left=scratch_left)
+    return SimpleNamespace(bucket=bucket, root=root, local=local, logs=collect.lines, scratch_left=scratch_left,
+                           n_gallery=pq.read_metadata(local / "gallery.parquet").num_rows)
 
 
 def test_smoke_chain_on_s3_gives_the_local_run_byte_for_byte(s3_server, s3_chain):
@@ -569,20 +571,76 @@ def test_an_s3_output_of_its_own_kind_is_replaced(s3_server, s3_chain, monkeypat
     assert keys(s3_server, bucket) == {"g.parquet", *(f"idx/{f}" for f in INDEX_FILES)}
 
 
-def test_serving_an_s3_index_says_it_is_read_once(s3_server, s3_chain, tmp_path):
-    """`cmce serve --index s3://…` serves its downloaded copy: a rebuild in the bucket was never followed, and
-    nothing said so (`--help` called the index watched for rebuilds)."""
+def test_a_served_s3_index_follows_a_rebuild_in_the_bucket(s3_server, s3_chain, tmp_path, monkeypatch):
+    """`cmce serve --index s3://…` served the copy it downloaded at start: a rebuild in the bucket was served only
+    after a restart. It is followed by its meta.json: swapped in while clients search (none refused), and no
+    download is kept in scratch (a server following daily rebuilds filled its disk)."""
     from tests.serve_world import Server, cmce_env
 
-    index = f"s3://{s3_chain.bucket}/run/index"
-    server = Server(["--index", index, "--query-model", str(s3_chain.local / "q.pt")], tmp_path / "serve.log",
-                    env={**cmce_env(), **s3_server.env()})
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    index, gallery = f"s3://{bucket}/served/index", str(s3_chain.local / "gallery.parquet")
+    assert main(["build-index", "--gallery", gallery, "--out", index, "--reject-fraction", "0"]) == 0
+    (tmp := tmp_path / "tmp").mkdir()
+    server = Server(["--index", index, "--query-model", str(s3_chain.local / "q.pt"), "--reload-interval", "0.2"],
+                    tmp_path / "serve.log", env={**cmce_env(), **s3_server.env(), "TMPDIR": str(tmp)})
+    refused, stop = [], threading.Event()
     try:
-        assert requests.get(f"{server.url}/readyz", timeout=10).json()["ready"]
+        before = requests.get(f"{server.url}/version", timeout=10).json()
+        assert before["n_indexed"] == s3_chain.n_gallery
+        query = [[0.1] * before["dim"]]
+
+        def search() -> None:
+            with requests.Session() as session:
+                while not stop.is_set():
+                    answer = server.search(session, embeddings=query, query_model_sha256=before["query_model_sha256"])
+                    if answer.status_code != 200:
+                        refused.append(answer.text)
+
+        client = threading.Thread(target=search)
+        client.start()
+        assert main(["build-index", "--gallery", gallery, "--out", index, "--index-type", "hnsw"]) == 0
+        deadline = time.monotonic() + 60
+        while (now := requests.get(f"{server.url}/version", timeout=10).json())["index_version"] == \
+                before["index_version"]:
+            assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+            time.sleep(0.1)
+        stop.set()
+        client.join()
+        ready = requests.get(f"{server.url}/readyz", timeout=10).json()
     finally:
+        stop.set()
         server.stop()
-    assert (f"serve: {index} is read once; a rebuild there is served after a restart (a local folder is watched)"
-            in server.log.read_text())
+    assert (now["index_type"], now["n_indexed"]) == ("hnsw", s3_chain.n_gallery)
+    assert ready["reloads"] == 1 and ready["last_reload_error"] is None
+    assert refused == []
+    assert [p for p in tmp.rglob("*") if p.is_file()] == []  # (scratch is removed at exit; nothing was left in it)
+    assert f"now serving index {now['index_version'][:12]}" in server.log.read_text()
+
+
+def test_a_served_s3_index_in_replacement_keeps_serving_the_loaded_one(s3_server, s3_chain, monkeypatch):
+    """While meta.json is gone (a build-index between deleting it and writing the new one, or a deletion) the
+    loaded index is served. Gone for UNREADABLE_POLLS polls and REPLACING_S seconds (a replacement copying large
+    files into place takes a while) it is shown, once, and the problem clears once it is back."""
+    from cmce.serving.state import UNREADABLE_POLLS, Holder, QueryModelSource
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    index = f"s3://{bucket}/index"
+    assert main(["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"), "--out", index]) == 0
+    holder = Holder(index, QueryModelSource(str(s3_chain.local / "q.pt"), Path))
+    served = holder.current
+    meta = read_object(s3_server, bucket, "index/meta.json")
+    s3_server.client().delete_object(Bucket=bucket, Key="index/meta.json")
+    for _ in range(UNREADABLE_POLLS + 2):  # within REPLACING_S: a replacement under way
+        assert holder.check() is False and holder.current is served and holder.last_error is None
+    holder.source.replacing_s = 0.0  # (as if REPLACING_S had passed)
+    for _ in range(2):
+        assert holder.check() is False and holder.current is served
+        assert holder.last_error.startswith(f"{index}/meta.json: unreadable for {UNREADABLE_POLLS + 3} polls")
+    s3_server.client().put_object(Bucket=bucket, Key="index/meta.json", Body=meta)
+    assert holder.check() is False and holder.current is served and holder.last_error is None
+    clear_scratch()
 
 
 def test_a_download_longer_than_its_object_is_refused(tmp_path):

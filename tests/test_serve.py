@@ -623,15 +623,15 @@ def test_an_unexpected_poll_error_is_logged_once_and_cleared(world, tmp_path, ca
 
 def test_an_unchanged_folder_is_not_parsed_again_on_each_poll(world, tmp_path, monkeypatch):
     """A 100 MB meta.json kept an idle server at 30 % CPU: every 0.5 s poll read and parsed it again."""
-    import cmce.serving.state as state
+    import cmce.serving.index_source as index_source
     from cmce.serving.state import Holder, QueryModelSource
 
     _, model, index, _ = world
     folder = Path(shutil.copytree(index, tmp_path / "index"))
     holder = Holder(folder, QueryModelSource(str(model), Path))
     reads = []
-    real = state.read_regular
-    monkeypatch.setattr(state, "read_regular", lambda path, limit=None: reads.append(path) or real(path, limit))
+    real = index_source.read_regular
+    monkeypatch.setattr(index_source, "read_regular", lambda path, limit=None: reads.append(path) or real(path, limit))
     for _ in range(5):
         assert holder.check() is False
     assert len(reads) == 1

@@ -374,10 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     opts = ServeOptions(_index_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
                         args.port, args.reload_interval, limits, args.access_log, args.search_threads,
                         args.max_connections, args.head_timeout)
-    if is_remote(args.index):  # its copy is served; the bucket is not polled (a rebuild there is not followed)
-        log.info("serve: %s is read once; a rebuild there is served after a restart (a local folder is watched)",
-                 args.index)
-    serve(opts, _model, lambda line: _say(line, or_log=True), watch=not is_remote(args.index))
+    serve(opts, _model, lambda line: _say(line, or_log=True))
 
 
 def _host(text: str) -> str:
@@ -656,8 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("serve", cmd_serve, "HTTP search service over a built index (POST /search, /healthz, /readyz, "
              "/version); reloads the index when its folder is rebuilt", config=False)
-    sp.add_argument("--index", required=True, help="index folder from build-index (a local one is watched for "
-                                                   "rebuilds; an s3:// one is read once, at start)")
+    sp.add_argument("--index", required=True, help="index folder from build-index, or its s3:// prefix; watched "
+                                                   "for rebuilds (an s3:// one by its meta.json)")
     sp.add_argument("--query-model", required=True, help=query_model_help)
     sp.add_argument("--dataset", default=None, help="dataset Parquet whose class names label the hits")
     sp.add_argument("--host", type=_host, default="127.0.0.1",

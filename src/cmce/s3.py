@@ -1040,13 +1040,19 @@ partial_uploads: list[str] = []  # s3:// folders whose replacement a failure or 
 def object_size(uri: str) -> int | None:
     """The size of the object at `uri`; None when there is none (or when HEAD is refused: without
     s3:ListBucket a missing key answers 403, and the upload decides)."""
+    head = object_head(uri, "checking the output")
+    return None if head is None else int(head["ContentLength"])
+
+
+def object_head(uri: str, action: str = "reading") -> dict | None:
+    """The HEAD answer for the object at `uri` (ContentLength, ETag, LastModified); None when there is none (or
+    when HEAD is refused: without s3:ListBucket a missing key answers 403)."""
     from botocore.exceptions import ClientError
 
     u = parse(uri)
-    with _errors(uri, "checking the output"):
+    with _errors(uri, action):
         try:
-            head = _bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, "checking the output")
-            return int(head["ContentLength"])
+            return _bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, action)
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
                 raise

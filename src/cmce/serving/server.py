@@ -457,10 +457,10 @@ def uvicorn_config(app: Any, opts: ServeOptions) -> uvicorn.Config:
                           timeout_graceful_shutdown=10, backlog=backlog)
 
 
-def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[[str], None],
-          watch: bool = True) -> None:
-    """Load, bind, `say` where it listens, and serve until SIGINT/SIGTERM. `watch`: poll the index folder
-    (and a query-model alias) for a new version; a reloaded index is checked against --dataset as the first."""
+def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[[str], None]) -> None:
+    """Load, bind, `say` where it listens, and serve until SIGINT/SIGTERM, polling the index (a folder, or the
+    s3:// prefix `opts.index` was downloaded from) and a query-model alias for a new version; a reloaded index is
+    checked against --dataset as the first."""
     if not 0 < sys.get_int_max_str_digits() <= DIGITS_LIMIT:  # PYTHONINTMAXSTRDIGITS=0: no limit
         # a 3-million-digit number in a request body was converted for 175 s inside the event loop: every client
         # of the server waited; Python's own default is kept whatever the environment says
@@ -477,7 +477,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
     config = uvicorn_config(app, opts)
     # an s3:// index by its URI; a newline in the path would forge a second line for a script that reads this one
     say(f"serving {escape_controls(origin(opts.index))} on {url(sock)}\n")
-    holder.start(opts.reload_interval_s if watch else 0)
+    holder.start(opts.reload_interval_s)
     try:
         server = _Server(config)
         with (pixel_limit(opts.limits.max_image_pixels, "--max-image-pixels"), _hangup_stops(server),

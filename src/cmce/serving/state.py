@@ -4,10 +4,11 @@
 reads `Holder.current` once and uses that object to the end, so a swap never mixes two versions inside one
 answer, and requests in flight keep the old pair alive until they finish. `Holder.check` (polled by a
 thread) notices a new index from meta.json's content (build-index swaps the folder whole and writes meta.json
-last), loads the new pair fully (load_index takes the folder's shared swap lock and verifies every checksum),
-then replaces the one reference. A pair that fails to load is logged and retried only once something changed:
-the alias, meta.json, or the identity (inode, size, times) of the folder or of any of its files, so a folder
-whose files are still being copied in is loaded once it is whole. The old pair keeps serving meanwhile. What
+last; see index_source for an s3:// prefix), loads the new pair fully (load_index takes the folder's shared
+swap lock and verifies every checksum), then replaces the one reference. A pair that fails to load is logged
+and retried only once something changed: the alias, meta.json, or the source's identity (for a folder: the
+inode, size and times of the folder and of its files), so a folder whose files are still being copied in is
+loaded once it is whole. The old pair keeps serving meanwhile. What
 is wrong (a failed load, an unreadable folder or alias) is settled on each poll: shown in /readyz while it
 holds, logged once when it appears or changes and once when resolved. What a poll waits on (the registry, a
 model download) is shown in /readyz while it lasts.
@@ -27,19 +28,14 @@ from pathlib import Path
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
-from cmce.index import INDEX_FILES, MAX_META_BYTES, LoadedIndex, check_files, load_index
+from cmce.index import LoadedIndex
 from cmce.redaction import conceal
-from cmce.storage import origin, read_regular, restore_uris, scratch_dir, stat_identity
+from cmce.serving.index_source import index_source
+from cmce.storage import origin, restore_uris, scratch_dir
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  # how long a stop waits for a poll in progress
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
-
-
-def folder_identity(index_dir: Path) -> tuple:
-    """What changes when anything in the folder is replaced, rewritten or copied in (a folder swapped whole gets
-    a new inode); cheap enough to take on every poll, unlike the checksums."""
-    return tuple(stat_identity(path, ctime=True) for path in (index_dir, *(index_dir / n for n in INDEX_FILES)))
 
 
 def meta_version(meta: dict) -> str:
@@ -147,23 +143,23 @@ class Holder:
     `accept` checks each index's meta.json before it is served, the first and every reload (raises ValueError):
     e.g. that its gallery was embedded from the dataset whose class names label the hits."""
 
-    def __init__(self, index_dir: Path, models: QueryModelSource, accept: Callable[[dict], None] | None = None):
-        self.index_dir = Path(index_dir)
+    def __init__(self, index: str | Path, models: QueryModelSource, accept: Callable[[dict], None] | None = None):
+        self.source = index_source(index)  # a folder, or an s3:// prefix (its URI, or a download of it)
         self.models = models
         self.accept = accept or (lambda meta: None)
         key = models.key()
         model = models.load(key)
-        self._verified = folder_identity(self.index_dir)  # before the load checks it: a change during it is seen
-        index = load_index(self.index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim)
+        self._verified = self.source.identity()  # before the load checks it: a change during it is seen
+        index = self.source.load(model.sha256, model.embedding_dim)
         self.accept(index.meta)
         self.current = Served(model, key, index, meta_version(index.meta))
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
-        self._failed: tuple | None = None  # (model key, index version, folder_identity) of the last failed load
+        self._failed: tuple | None = None  # (model key, index version, source identity) of the last failed load
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._damage: str | None = None  # what _damaged found in the folder of the served index
-        self._unreadable = 0  # consecutive polls that could not read meta.json
-        self._peeked: tuple[tuple, str] | None = None  # (folder_identity, meta_version) of the last read of meta.json
+        self._unreadable: tuple[int, float, bool] | None = None  # meta.json unreadable: (polls, since when, reported)
+        self._peeked: tuple[tuple | None, str] | None = None  # (source identity, meta_version) of meta.json's last read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy: tuple[str, float] | None = None  # what the poll is waiting on, since when (time.monotonic)
@@ -224,14 +220,17 @@ class Holder:
         """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced). Still
         unreadable after UNREADABLE_POLLS polls, it is broken, not mid-swap: reported (log, /readyz), old pair kept."""
         try:
-            # bounded: a 2 GB file was read whole on every poll (2 GB more memory), never reported
-            version = meta_version(json.loads(read_regular(self.index_dir / "meta.json", MAX_META_BYTES)))
+            with self._waiting_on(f"reading {self.source.shown}/meta.json"):
+                version = meta_version(json.loads(self.source.meta_bytes()))
         except (OSError, ValueError) as err:
-            self._unreadable += 1
-            if self._unreadable == UNREADABLE_POLLS:
-                self._report("index", f"{self.index_dir}/meta.json: unreadable for {UNREADABLE_POLLS} polls: {err}")
+            polls, since, said = self._unreadable or (0, time.monotonic(), False)
+            polls += 1
+            if not said and polls >= UNREADABLE_POLLS and time.monotonic() - since >= self.source.replacing_s:
+                self._report("index", f"{self.source.shown}/meta.json: unreadable for {polls} polls: {err}")
+                said = True  # once: the error's wording may differ from poll to poll
+            self._unreadable = (polls, since, said)
             return None
-        self._unreadable = 0
+        self._unreadable = None
         return version
 
     def check(self) -> bool:
@@ -245,8 +244,9 @@ class Holder:
         except ValueError as err:  # a registry that is down (or an alias deleted) must not stop the server
             self._report("query model", str(err).rstrip("."), logging.WARNING)
             model_key = cur.model_key  # an index rebuilt for the served model is still followed
-        folder = folder_identity(self.index_dir)  # before reading: a change during the load is seen next poll
-        if self._peeked is not None and self._peeked[0] == folder:
+        with self._waiting_on(f"looking at {self.source.shown}"):
+            folder = self.source.identity()  # before reading: a change during the load is seen next poll
+        if folder is not None and self._peeked is not None and self._peeked[0] == folder:
             version = self._peeked[1]  # nothing in the folder changed: meta.json (100 MB, say) is not parsed again
         else:
             version = self._peek()
@@ -266,7 +266,8 @@ class Holder:
             return False
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
-            index = load_index(self.index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim)
+            with self._waiting_on(f"loading the index {self.source.shown}"):
+                index = self.source.load(model.sha256, model.embedding_dim)
             self.accept(index.meta)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
             self._failed = (*wanted, folder)
@@ -284,14 +285,8 @@ class Holder:
         return True
 
     def _damaged(self, meta: dict) -> str | None:
-        """What is wrong with the folder's files, checked against the served index's meta.json: served from memory,
-        the index went on answering while the folder (which a restart loads) was broken, /readyz silent."""
-        try:
-            with self._waiting_on(f"checking {self.index_dir}"):
-                check_files(self.index_dir, meta, str(self.index_dir))
-        except (OSError, ValueError) as err:
-            return f"{err}: the index on disk is damaged (a restart would refuse it); the loaded copy is served"
-        return None
+        with self._waiting_on(f"checking {self.source.shown}"):
+            return self.source.damage(meta)
 
     def start(self, interval_s: float) -> None:
         """Poll every `interval_s` seconds in a daemon thread (0: never)."""

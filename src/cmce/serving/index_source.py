@@ -1,0 +1,94 @@
+"""Where a served index lives, as the reload poll sees it: a local folder, or an s3:// prefix.
+
+Each poll takes the source's cheap `identity` first; only when it changed is meta.json read (its content is the
+index's version), and only a new version is loaded. A local folder's identity is that of the folder and every file
+in it. An s3:// prefix is followed by its meta.json alone (one HEAD a poll): build-index replaces a prefix by
+deleting meta.json, copying the new files into place and writing meta.json last, and a load verifies every file
+against the meta.json it read, reading the prefix again while a replacement is under way. A loaded s3:// index is
+served from memory: its download is removed at once, so that a server following daily rebuilds never fills its
+scratch folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cmce import s3
+from cmce.index import INDEX_FILES, MAX_META_BYTES, LoadedIndex, check_files, load_index
+from cmce.storage import forget_download, origin, read_regular, stat_identity
+
+
+class FolderSource:
+    """An index in a local folder (which build-index swaps whole, writing meta.json last)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.shown = str(folder)
+        self.replacing_s = 0.0  # a swap is two renames: meta.json missing for a few polls is not a rebuild
+
+    def identity(self) -> tuple:
+        """What changes when anything in the folder is replaced, rewritten or copied in (a folder swapped whole
+        gets a new inode); cheap enough to take on every poll, unlike the checksums."""
+        return tuple(stat_identity(path, ctime=True) for path in (self.folder, *(self.folder / n for n in INDEX_FILES)))
+
+    def meta_bytes(self) -> bytes:
+        # bounded: a 2 GB file was read whole on every poll (2 GB more memory), never reported
+        return read_regular(self.folder / "meta.json", MAX_META_BYTES)
+
+    def load(self, query_sha256: str, query_dim: int) -> LoadedIndex:
+        return load_index(self.folder, query_sha256=query_sha256, query_dim=query_dim)
+
+    def damage(self, meta: dict) -> str | None:
+        """What is wrong with the folder's files, checked against the served index's meta.json: served from memory,
+        the index went on answering while the folder (which a restart loads) was broken, /readyz silent."""
+        try:
+            check_files(self.folder, meta, self.shown)
+        except (OSError, ValueError) as err:
+            return f"{err}: the index on disk is damaged (a restart would refuse it); the loaded copy is served"
+        return None
+
+
+REPLACING_S = 120.0  # meta.json missing this long is not a build-index copying the new files into place
+
+
+class PrefixSource:
+    """An index under an s3:// prefix, followed by its meta.json."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.shown = self.uri
+        self.replacing_s = REPLACING_S
+        self._meta = f"{self.uri}/meta.json"
+
+    def identity(self) -> tuple | None:
+        """meta.json's ETag, size and time; None when it cannot be had (missing mid-replacement, the endpoint
+        down): never taken for "unchanged", so the read of meta.json that follows says what is wrong."""
+        try:
+            head = s3.object_head(self._meta)
+        except (OSError, ValueError):
+            return None
+        return None if head is None else (head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified")))
+
+    def meta_bytes(self) -> bytes:
+        if s3.object_size(self._meta) is None:  # (a ranged GET of a missing key is refused less clearly)
+            raise FileNotFoundError(f"{self._meta}: not found (a build-index replacing it, or deleted)")
+        data = s3.read_range(self._meta, 0, MAX_META_BYTES)
+        if len(data) > MAX_META_BYTES:
+            raise ValueError(f"{self._meta}: larger than {MAX_META_BYTES:,} bytes; not an index's meta.json")
+        return data
+
+    def load(self, query_sha256: str, query_dim: int) -> LoadedIndex:
+        try:  # the first load reads the copy the command's checks downloaded; every later one downloads afresh
+            return load_index(self.uri, query_sha256=query_sha256, query_dim=query_dim)
+        finally:
+            for uri in (self.uri, f"{self.uri}/"):  # (downloads are kept by the URI as given)
+                forget_download(uri)
+
+    def damage(self, meta: dict) -> str | None:  # noqa: ARG002 - only meta.json is watched on S3
+        return None
+
+
+def index_source(index: str | Path) -> FolderSource | PrefixSource:
+    """The source of `index`: a local folder, an s3:// URI, or a local download of one (followed by its URI)."""
+    uri = origin(index) if isinstance(index, Path) else str(index)
+    return PrefixSource(uri) if s3.is_s3(uri) else FolderSource(Path(index))
