@@ -1272,6 +1272,45 @@ def test_a_single_file_output_stopped_mid_upload_is_not_written(s3_server, s3_ch
     assert main(argv) == 0 and keys(s3_server, bucket) == {"m/g.parquet"}
 
 
+def test_a_single_file_output_removes_what_a_killed_upload_of_it_staged(s3_server, s3_chain, monkeypatch):
+    """A writer of `s3://b/m/g.parquet` killed between staging and commit left `m/.staging-<id>/g.parquet` for
+    ever: a folder's replacement removed its leftovers, a single file's did not. The next upload of the same file
+    removes them; another file's staging there (a writer beside it, perhaps still running) is kept."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    put = s3_server.client().put_object
+    for key in ("m/.staging-dead00000001/g.parquet", "m/.staging-dead00000002/other.parquet",
+                ".staging-dead00000003/g.parquet"):
+        put(Bucket=bucket, Key=key, Body=b"staged by a killed writer")
+    gallery = str(s3_chain.local / "gallery.parquet")
+    assert main(["merge", gallery, "--out", f"s3://{bucket}/m/g.parquet"]) == 0
+    assert keys(s3_server, bucket) == {"m/g.parquet", "m/.staging-dead00000002/other.parquet",
+                                       ".staging-dead00000003/g.parquet"}
+    assert main(["merge", gallery, "--out", f"s3://{bucket}/g.parquet"]) == 0  # at the bucket's root
+    assert keys(s3_server, bucket) == {"m/g.parquet", "m/.staging-dead00000002/other.parquet", "g.parquet"}
+
+
+def test_an_endpoint_that_freezes_mid_upload_is_said_in_one_line(s3_server, s3_chain, monkeypatch, caplog):
+    """The endpoint stops answering while a step uploads: its staged objects cannot be removed either. That was a
+    warning line before the error's; the error now says both."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+
+    def frozen(*args):
+        raise TimeoutError(f"{args[-1]}: no whole answer from the S3 endpoint within 5 s")
+
+    monkeypatch.setattr(cmce_s3, "upload_file", frozen)
+    monkeypatch.setattr(cmce_s3, "delete", frozen)
+    caplog.clear()
+    out = f"s3://{bucket}/m/g.parquet"
+    assert main(["merge", str(s3_chain.local / "gallery.parquet"), "--out", out]) == 2
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"cmce merge: {out}: no whole answer from the S3 endpoint within 5 s; s3://{bucket}/m/"
+                              ".staging-")
+    assert "staged objects left behind" in said[0]
+
+
 def test_an_s3_index_read_while_it_is_replaced_is_read_again(s3_server, s3_chain, monkeypatch, caplog):
     """A search beside a writer replacing the index got meta.json of one build and files of the next: refused as
     damaged, 4 times in 4. Such a read is downloaded again; a prefix that stays so is named, with the reason."""

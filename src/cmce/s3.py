@@ -632,13 +632,15 @@ def kind(uri: str) -> str:
 MAX_LISTED_KEYS = 100_000  # a cmce folder (an index, shards, models) holds far fewer objects
 
 
-def list_keys(uri: str) -> list[str]:
-    """Keys under the prefix `uri/`, relative to it, sorted; refused past MAX_LISTED_KEYS (a server whose listing
-    never ended, each page in time, held `search` until it was killed, its memory growing)."""
+def list_keys(uri: str, starting: str = "") -> list[str]:
+    """Keys under the prefix `uri/` (that start with `starting` there), relative to it, sorted; refused past
+    MAX_LISTED_KEYS (a server whose listing never ended, each page in time, held `search` until it was killed, its
+    memory growing)."""
     u = parse(uri)
     out: list[str] = []
     with _errors(uri, "listing"):
-        pages = iter(client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket, Prefix=u.dir_prefix))
+        pages = iter(client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket,
+                                                                        Prefix=u.dir_prefix + starting))
         while (page := _bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
             _is_listing(page, uri, "listing")
             out += [o["Key"][len(u.dir_prefix):] for o in page.get("Contents", [])]
@@ -927,7 +929,13 @@ def put_whole(path: Path, uri: str) -> None:
     whole after the step had said nothing was written (its bytes were on the way)."""
     u = parse(uri)
     parent, _, name = u.key.rpartition("/")
-    _replace_staged(S3Uri(u.bucket, parent), {name: path}, lambda staging: copy(str(staging.join(name)), uri))
+    folder = S3Uri(u.bucket, parent)
+
+    def commit(staging: S3Uri) -> None:
+        copy(str(staging.join(name)), uri)
+        _remove_left_staging(folder, staging, name)
+
+    _replace_staged(folder, {name: path}, commit)
 
 
 def delete(uri: str) -> None:
@@ -973,8 +981,22 @@ def _replace_staged(folder: S3Uri, files: dict[str, Path], commit: Callable[[S3U
         raise_if_terminated()  # a stop swallowed by the transfer's threads commits nothing
         with stop_deferred():
             commit(staging)
-    finally:
-        _remove_staged(staging, list(files))
+    except BaseException as err:
+        if (left := _remove_staged(staging, list(files))) is not None:
+            raise _with_note(err, left) from None  # one line: the server that failed the step refused it too
+        raise
+    if (left := _remove_staged(staging, list(files))) is not None:
+        log.warning("%s", left)
+
+
+def _with_note(err: BaseException, note: str) -> BaseException:
+    """`err` with `note` added to its message (an OSError or ValueError cmce raised); any other (a stop) as it is,
+    the note logged."""
+    if isinstance(err, OSError | ValueError):
+        with contextlib.suppress(TypeError):  # (an exception whose constructor wants more than a message)
+            return type(err)(f"{err}; {note}")
+    log.warning("%s", note)
+    return err
 
 
 @contextlib.contextmanager
@@ -1002,26 +1024,29 @@ def _commit(marker: Path, u: S3Uri, staging: S3Uri, rels: list[str], last: str) 
         raise
 
 
-def _remove_staged(staging: S3Uri, rels: list[str]) -> None:
+def _remove_staged(staging: S3Uri, rels: list[str]) -> str | None:
+    """Delete the staged objects; what is left behind, said, or None."""
     for rel in rels:
         try:
             delete(str(staging.join(rel)))
         except (OSError, ValueError) as err:  # the step's own error (or stop) is the one to report
-            log.warning("%s: staged objects left behind (%s); a later replacement of the folder removes them, else "
-                        "delete them", staging, err)
-            return  # the server that refused one refuses the others: no retries of each
+            # the server that refused one refuses the others: no retries of each
+            return (f"{staging}: staged objects left behind ({err}); a later replacement of the output removes them, "
+                    "else delete them")
+    return None
 
 
-def _remove_left_staging(u: S3Uri, ours: S3Uri) -> None:
-    """After a commit: the staging prefixes an earlier replacement of the folder could not remove (a killed
-    process, a server gone). A second writer of the same folder at the same time loses its staged files: two
-    concurrent replacements of one s3:// folder cannot both win, and the other one then fails naming it."""
+def _remove_left_staging(u: S3Uri, ours: S3Uri, name: str | None = None) -> None:
+    """After a commit: the staging prefixes an earlier replacement of the folder (of its file `name` only, when
+    given: other files there may be written beside it) could not remove (a killed process, a server gone). A second
+    writer of the same output at the same time loses its staged files: two concurrent replacements of one s3://
+    output cannot both win, and the other one then fails naming it."""
     try:
-        left = list_keys(str(u))
+        left = list_keys(str(u), STAGING_PREFIX)  # only the staging prefixes: a bucket root may hold millions
     except (OSError, ValueError):  # a writer without s3:ListBucket: nothing to look at, the output is whole
         return
     for rel in left:
-        if rel.startswith(STAGING_PREFIX) and not str(u.join(rel)).startswith(f"{ours}/"):
+        if (name is None or rel.endswith(f"/{name}")) and not str(u.join(rel)).startswith(f"{ours}/"):
             with contextlib.suppress(OSError, ValueError):
                 delete(str(u.join(rel)))
 
