@@ -1062,19 +1062,21 @@ def test_a_pipe_named_meta_json_is_reported_not_waited_on(world, tmp_path):
 
 @pytest.fixture
 def in_process_server(world):
-    """`make(**ServeOptions fields)`: the server serve() runs, in a thread of this process (its state visible)."""
+    """`make(**ServeOptions fields)`: the server serve() runs, in a thread of this process (its state visible); of
+    world's index, or of what `holder` serves."""
     import uvicorn
 
     from cmce.serving.app import create_app
     from cmce.serving.server import ServeOptions, _Server, bind, url, uvicorn_config
     from cmce.serving.state import Holder, QueryModelSource
 
-    _, model, index, _ = world
+    _, model, world_index, _ = world
     running = []
 
-    def make(body_wait_s: float = 5.0, **fields) -> tuple[uvicorn.Server, str]:
-        opts = ServeOptions(index, str(model), **fields)
-        app = create_app(Holder(index, QueryModelSource(str(model), Path)), opts.limits, body_wait_s=body_wait_s)
+    def make(body_wait_s: float = 5.0, holder: Holder | None = None, **fields) -> tuple[uvicorn.Server, str]:
+        opts = ServeOptions(world_index, str(model), **fields)
+        holder = holder or Holder(world_index, QueryModelSource(str(model), Path))
+        app = create_app(holder, opts.limits, body_wait_s=body_wait_s)
         sock = bind("127.0.0.1", 0)
         server = _Server(uvicorn_config(app, opts))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -1512,3 +1514,65 @@ def test_a_sized_body_over_the_limit_arriving_with_its_head_is_refused_as_such(i
     assert reply is not None and reply.startswith(b"HTTP/1.1 413"), reply
     error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
     assert error == "body: request body over 1000 bytes (--max-body-bytes)", error
+
+
+def scraped(base: str, **headers: str) -> dict[tuple[str, tuple], float]:
+    """GET /metrics parsed by prometheus_client's parser of the format it came in: {(sample, sorted labels): value}."""
+    from prometheus_client import parser
+    from prometheus_client.openmetrics import parser as openmetrics
+
+    answer = requests.get(f"{base}/metrics", headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    fmt = openmetrics if answer.headers["content-type"].startswith("application/openmetrics-text") else parser
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in fmt.text_string_to_metric_families(answer.text) for s in family.samples}
+
+
+def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_server, tmp_path):
+    """GET /metrics (Prometheus): requests by endpoint, method and status (a middleware's refusal too; a path or
+    method outside the API as "other", whatever the client sends), queries by input, and the served index as the
+    reload poll leaves it: items, version, reloads, a problem while /readyz shows one."""
+    from cmce.serving.queries import Limits
+    from cmce.serving.state import UNREADABLE_POLLS, Holder, QueryModelSource
+
+    _, model, index, _ = world
+    folder = Path(shutil.copytree(index, tmp_path / "index"))
+    holder = Holder(folder, QueryModelSource(str(model), Path))
+    _, base = in_process_server(holder=holder, limits=Limits(max_body_bytes=4096))
+    sha = requests.get(f"{base}/version", timeout=10).json()["query_model_sha256"]
+    assert requests.post(f"{base}/search", json={"embeddings": [[0.1] * 16, [0.3] * 16],
+                                                  "query_model_sha256": sha, "k": 2}, timeout=10).status_code == 200
+    assert requests.post(f"{base}/search", json={"images": [b64(png(1))], "k": 2}, timeout=10).status_code == 200
+    assert requests.post(f"{base}/search", data=b"x" * 5000, timeout=10).status_code == 413  # BodyLimit's refusal
+    for path in ("/nope", "/nope/1", "/search/../etc"):
+        assert requests.get(f"{base}{path}", timeout=10).status_code == 404
+    assert requests.request("BREW", f"{base}/version", timeout=10).status_code == 405
+    got = scraped(base)
+    requests_total = {labels: v for (name, labels), v in got.items() if name == "cmce_http_requests_total"}
+    assert requests_total == {
+        (("endpoint", "/version"), ("method", "GET"), ("status", "200")): 1.0,
+        (("endpoint", "/search"), ("method", "POST"), ("status", "200")): 2.0,
+        (("endpoint", "/search"), ("method", "POST"), ("status", "413")): 1.0,
+        (("endpoint", "other"), ("method", "GET"), ("status", "404")): 3.0,
+        (("endpoint", "/version"), ("method", "other"), ("status", "405")): 1.0,
+    }
+    assert got[("cmce_http_request_duration_seconds_count", (("endpoint", "/search"),))] == 3.0
+    assert got[("cmce_search_queries_total", (("input", "embeddings"),))] == 2.0
+    assert got[("cmce_search_queries_total", (("input", "images"),))] == 1.0
+    served = holder.current
+    assert got[("cmce_index_items", ())] == len(served.index.ids) == 300
+    info = (("index_type", "flat"), ("index_version", served.version), ("query_model_sha256", sha))
+    assert (got[("cmce_index_info", info)], got[("cmce_index_reloads_total", ())]) == (1.0, 0.0)
+    assert got[("cmce_index_problem", ())] == 0.0
+
+    gallery_index(tmp_path / "work", model, folder, rows=120, seed=1)  # a rebuild, swapped in by the poll
+    assert holder.check() is True
+    (folder / "meta.json").write_text("{")  # then a broken meta.json: the problem /readyz shows
+    for _ in range(UNREADABLE_POLLS):
+        holder.check()
+    got = scraped(base, accept="application/openmetrics-text; version=1.0.0")  # OpenMetrics, when asked for
+    info = (("index_type", "flat"), ("index_version", holder.current.version), ("query_model_sha256", sha))
+    assert got[("cmce_index_items", ())] == 120 and got[("cmce_index_info", info)] == 1.0
+    assert got[("cmce_index_reloads_total", ())] == 1.0
+    assert got[("cmce_index_problem", ())] == 1.0
+    assert requests.get(f"{base}/readyz", timeout=10).json()["last_reload_error"] is not None

@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI): POST /search, GET /healthz, /readyz, /version.
+"""The HTTP API (FastAPI): POST /search, GET /healthz, /readyz, /version, /metrics (Prometheus; see metrics).
 
 Errors are JSON `{"error": message, "field": name}`: 422 for a field that is malformed or out of range (another
 dimension, a non-finite or zero vector, an undecodable image, k over --max-k) or a body that is not readable JSON
@@ -15,7 +15,6 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import faiss
 from fastapi import FastAPI
@@ -31,11 +30,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cmce import strict_json
 from cmce.serving.budget import BodyBudget
+from cmce.serving.metrics import RequestMetrics, ServerMetrics, target_path
 from cmce.serving.queries import Limits, RequestError, answer, check_query_model, embeddings_query, images_query
 from cmce.serving.state import Holder
 
 log = logging.getLogger(__name__)
-ENDPOINTS = "POST /search, GET /healthz, GET /readyz, GET /version"
+ENDPOINTS = "POST /search, GET /healthz, GET /readyz, GET /version, GET /metrics"
 BODY_WAIT_S = 5.0  # a client's usual timeout is longer; a busy server answers sooner than that
 
 
@@ -95,8 +95,7 @@ class RequestFraming:
             refusal = _error(505, "request", f"HTTP/{scope.get('http_version')} is not spoken here: HTTP/1.1 only "
                                              "(no HTTP/2 with prior knowledge)", {"connection": "close"})
             return await refusal(scope, receive, send)
-        if scope["path"].startswith(("http://", "https://")):
-            path = urlsplit(scope["path"]).path or "/"
+        if (path := target_path(scope["path"])) != scope["path"]:
             scope = {**scope, "path": path, "raw_path": path.encode()}
         names = [name for name, _ in scope["headers"]]
         if b"content-length" in names and b"transfer-encoding" in names:
@@ -209,9 +208,11 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
                                         "embeddings or images", redirect_slashes=False)
     app.router.route_class = StrictJSONRoute
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, budget=BodyBudget(limits.max_bodies_bytes),
-                       wait_s=body_wait_s)
-    app.add_middleware(RequestFraming)  # added last: runs first
+    budget = BodyBudget(limits.max_bodies_bytes)
+    metrics = ServerMetrics(holder, budget)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, budget=budget, wait_s=body_wait_s)
+    app.add_middleware(RequestFraming)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: runs first, and sees every answer
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, err: RequestError) -> JSONResponse:
@@ -259,6 +260,11 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     def version() -> dict:
         return {**holder.current.describe(), "class_names": classes is not None}
 
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    def prometheus(request: Request) -> Response:
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     @app.post("/search")
     def search(req: SearchRequest) -> dict:  # a plain def: FastAPI runs it in its thread pool
         served = holder.current  # read once: a reload during this request does not change its answer
@@ -274,7 +280,9 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
                 check_query_model(req.query_model_sha256, served, "images sent for", "send the served model's "
                                   "sha256 (GET /version), or none")
             queries = images_query(req.images or [], served, limits)
+        results = answer(served, queries, req.k, classes)
+        metrics.queries.labels("embeddings" if req.embeddings is not None else "images").inc(len(results))
         return {"index_version": served.version, "query_model_sha256": served.index.meta["query_model_sha256"],
-                "results": answer(served, queries, req.k, classes)}
+                "results": results}
 
     return app
