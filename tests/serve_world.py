@@ -124,7 +124,7 @@ class Server:
         if " on http://" not in line:
             self.stop()
             raise RuntimeError(f"cmce serve did not start: {line!r} {log.read_text()[-3000:]}")
-        self.url = line.rsplit(" on ", 1)[1].strip()
+        self.line, self.url = line, line.rsplit(" on ", 1)[1].strip()
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -608,13 +608,15 @@ def test_a_served_s3_index_follows_a_rebuild_in_the_bucket(s3_server, s3_chain, 
         stop.set()
         client.join()
         ready = requests.get(f"{server.url}/readyz", timeout=10).json()
+        kept = [p for p in tmp.rglob("*") if p.is_file()]  # while it serves: its scratch is removed at exit
     finally:
         stop.set()
         server.stop()
+    assert server.line.startswith(f"serving {index} on http://")  # the URI, not its download's path
     assert (now["index_type"], now["n_indexed"]) == ("hnsw", s3_chain.n_gallery)
     assert ready["reloads"] == 1 and ready["last_reload_error"] is None
     assert refused == []
-    assert [p for p in tmp.rglob("*") if p.is_file()] == []  # (scratch is removed at exit; nothing was left in it)
+    assert kept == []
     assert f"now serving index {now['index_version'][:12]}" in server.log.read_text()
 
 

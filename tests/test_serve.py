@@ -21,6 +21,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1533,7 +1534,7 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
     method outside the API as "other", whatever the client sends), queries by input, and the served index as the
     reload poll leaves it: items, version, reloads, a problem while /readyz shows one."""
     from cmce.serving.queries import Limits
-    from cmce.serving.state import UNREADABLE_POLLS, Holder, QueryModelSource
+    from cmce.serving.state import UNREADABLE_POLLS, Holder, QueryModelSource, Served
 
     _, model, index, _ = world
     folder = Path(shutil.copytree(index, tmp_path / "index"))
@@ -1547,6 +1548,9 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
     for path in ("/nope", "/nope/1", "/search/../etc"):
         assert requests.get(f"{base}{path}", timeout=10).status_code == 404
     assert requests.request("BREW", f"{base}/version", timeout=10).status_code == 405
+    with pytest.MonkeyPatch.context() as mp:  # a fault of the server's own: the answer operators alert on
+        mp.setattr(Served, "describe", lambda _: 1 / 0)
+        assert requests.get(f"{base}/version", timeout=10).status_code == 500
     got = scraped(base)
     requests_total = {labels: v for (name, labels), v in got.items() if name == "cmce_http_requests_total"}
     assert requests_total == {
@@ -1555,6 +1559,7 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
         (("endpoint", "/search"), ("method", "POST"), ("status", "413")): 1.0,
         (("endpoint", "other"), ("method", "GET"), ("status", "404")): 3.0,
         (("endpoint", "/version"), ("method", "other"), ("status", "405")): 1.0,
+        (("endpoint", "/version"), ("method", "GET"), ("status", "500")): 1.0,
     }
     assert got[("cmce_http_request_duration_seconds_count", (("endpoint", "/search"),))] == 3.0
     assert got[("cmce_search_queries_total", (("input", "embeddings"),))] == 2.0
@@ -1576,3 +1581,31 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
     assert got[("cmce_index_reloads_total", ())] == 1.0
     assert got[("cmce_index_problem", ())] == 1.0
     assert requests.get(f"{base}/readyz", timeout=10).json()["last_reload_error"] is not None
+
+
+def test_a_load_that_failed_in_transfer_is_tried_again_after_a_while(world, tmp_path, monkeypatch):
+    """A failed load is tried again only once the source changes: an S3 index whose download timed out once (a
+    503, a slow endpoint) was not served until the next rebuild. A transfer's error (OSError) is retried after
+    RETRY_S; an index refused for what it is (a ValueError) waits for a change."""
+    import cmce.serving.state as state
+    from cmce.serving.state import RETRY_S, Holder, QueryModelSource
+
+    _, model, index, _ = world
+    folder = Path(shutil.copytree(index, tmp_path / "index"))
+    holder = Holder(folder, QueryModelSource(str(model), Path))
+    gallery_index(tmp_path / "work", model, folder, rows=90, seed=2)
+    real, calls = holder.source.load, []
+
+    def load(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise TimeoutError(f"{folder}: no whole answer within 5 s")
+        return real(*args)
+
+    monkeypatch.setattr(holder.source, "load", load)
+    assert holder.check() is False and "no whole answer" in holder.last_error
+    assert holder.check() is False and len(calls) == 1  # within RETRY_S
+    later = time.monotonic() + RETRY_S + 1
+    monkeypatch.setattr(state, "time", SimpleNamespace(monotonic=lambda: later))  # RETRY_S on
+    assert holder.check() is True and len(calls) == 2 and len(holder.current.index.ids) == 90
+    assert holder.last_error is None

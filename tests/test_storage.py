@@ -353,3 +353,33 @@ def _umask_now() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_failed_download_leaves_nothing_in_scratch_and_a_trailing_slash_is_the_same_download(monkeypatch):
+    """A download that failed half-way (a server gone, a prefix replaced meanwhile) stayed in scratch, unknown to
+    forget_download: a server retrying an s3:// index for days filled its disk. `s3://b/idx/` and `s3://b/idx` were
+    two downloads of one prefix."""
+    from cmce import s3, storage
+
+    storage.clear_scratch()
+    fetched = []
+
+    def download(uri, dest, marker=None):
+        dest.mkdir(parents=True)
+        (dest / "index.faiss").write_bytes(b"half")
+        fetched.append(uri)
+        if len(fetched) == 1:
+            raise TimeoutError(f"{uri}: no whole answer within 5 s")
+        return dest
+
+    monkeypatch.setattr(s3, "download", download)
+    try:
+        with pytest.raises(TimeoutError):
+            storage.local_input("s3://b/idx", marker="meta.json")
+        assert [p for p in storage.scratch_dir().rglob("*") if p.is_file()] == []
+        first = storage.local_input("s3://b/idx/", marker="meta.json")
+        assert storage.local_input("s3://b/idx", marker="meta.json") == first and len(fetched) == 2
+        storage.forget_download("s3://b/idx/")
+        assert not first.exists()
+    finally:
+        storage.clear_scratch()

@@ -1046,7 +1046,7 @@ def _remove_left_staging(u: S3Uri, ours: S3Uri, name: str | None = None) -> None
     except (OSError, ValueError):  # a writer without s3:ListBucket: nothing to look at, the output is whole
         return
     for rel in left:
-        if (name is None or rel.endswith(f"/{name}")) and not str(u.join(rel)).startswith(f"{ours}/"):
+        if (name is None or rel.partition("/")[2] == name) and not str(u.join(rel)).startswith(f"{ours}/"):
             with contextlib.suppress(OSError, ValueError):
                 delete(str(u.join(rel)))
 

@@ -733,7 +733,7 @@ def clear_scratch() -> None:
 
 def forget_download(uri: str) -> None:
     """Drop this process's download of `uri` (read again by the next local_input): it changed while read."""
-    path = _downloaded.pop(uri, None)
+    path = _downloaded.pop(uri.rstrip("/"), None)
     if path is not None:
         _origins.pop(path, None)
         if path.is_dir():
@@ -756,14 +756,18 @@ def local_input(uri: str | Path, marker: str | None = None) -> Path:
             raise ValueError(f"{uri}: is not a regular file or folder (a device, pipe or socket); give a file")
         return path
     uri = str(uri)
-    cached = _downloaded.get(uri)
+    cached = _downloaded.get(uri.rstrip("/"))  # `s3://b/idx/` is `s3://b/idx`: downloaded once
     if cached is not None and cached.exists():
         return cached
     u = s3.parse(uri)
     dest = scratch_dir() / "in" / uuid.uuid4().hex[:12] / (PurePosixPath(u.key.rstrip("/")).name or u.bucket)
-    path = s3.download(uri, dest, marker)
+    try:
+        path = s3.download(uri, dest, marker)
+    except BaseException:  # what a failed download wrote: a server retrying it for days filled its scratch
+        shutil.rmtree(dest.parent, ignore_errors=True)
+        raise
     _origins[path] = uri.rstrip("/")
-    _downloaded[uri] = path
+    _downloaded[uri.rstrip("/")] = path
     return path
 
 

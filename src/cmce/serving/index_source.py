@@ -70,19 +70,22 @@ class PrefixSource:
         return None if head is None else (head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified")))
 
     def meta_bytes(self) -> bytes:
-        if s3.object_size(self._meta) is None:  # (a ranged GET of a missing key is refused less clearly)
+        size = s3.object_size(self._meta)
+        if size is None:  # (a ranged GET of a missing key is refused less clearly)
             raise FileNotFoundError(f"{self._meta}: not found (a build-index replacing it, or deleted)")
+        too_large = ValueError(f"{self._meta}: larger than {MAX_META_BYTES:,} bytes; not an index's meta.json")
+        if size > MAX_META_BYTES:
+            raise too_large
         data = s3.read_range(self._meta, 0, MAX_META_BYTES)
-        if len(data) > MAX_META_BYTES:
-            raise ValueError(f"{self._meta}: larger than {MAX_META_BYTES:,} bytes; not an index's meta.json")
+        if len(data) > MAX_META_BYTES:  # a server that ignored the range
+            raise too_large
         return data
 
     def load(self, query_sha256: str, query_dim: int) -> LoadedIndex:
         try:  # the first load reads the copy the command's checks downloaded; every later one downloads afresh
             return load_index(self.uri, query_sha256=query_sha256, query_dim=query_dim)
         finally:
-            for uri in (self.uri, f"{self.uri}/"):  # (downloads are kept by the URI as given)
-                forget_download(uri)
+            forget_download(self.uri)
 
     def damage(self, meta: dict) -> str | None:  # noqa: ARG002 - only meta.json is watched on S3
         return None

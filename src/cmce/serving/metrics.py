@@ -87,19 +87,28 @@ class RequestMetrics:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = self.clock(), None
+        started, status, done = self.clock(), None, False
         path = target_path(scope["path"])
         endpoint = path if path in PATHS else "other"
         method = scope["method"] if scope["method"] in METHODS else "other"
+
+        def count(code: int) -> None:
+            nonlocal done
+            done = True
+            self.metrics.requests.labels(endpoint, method, str(code)).inc()
+            self.metrics.duration.labels(endpoint).observe(self.clock() - started)
 
         async def counted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body") and status is not None:
-                self.metrics.requests.labels(endpoint, method, str(status)).inc()
-                self.metrics.duration.labels(endpoint).observe(self.clock() - started)
-                status = None  # counted once
+            if message["type"] == "http.response.body" and not message.get("more_body") and not done:
+                count(status or 500)
 
-        return await self.app(scope, receive, counted)
+        try:
+            return await self.app(scope, receive, counted)
+        except Exception:
+            if not done:  # Starlette's error middleware, outside this one, answers 500 (or cuts a begun answer)
+                count(500)
+            raise

@@ -33,7 +33,6 @@ from cmce.errors import Terminated, escape_controls, forget_signals, not_ignored
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits
 from cmce.serving.state import Holder, QueryModelSource
-from cmce.storage import origin
 
 log = logging.getLogger(__name__)
 # a client sends a request head (a few hundred bytes) in well under a second, even on a slow mobile link; a
@@ -476,7 +475,7 @@ def serve(opts: ServeOptions, local_model: Callable[[str], Path], say: Callable[
     app = create_app(holder, opts.limits, classes, opts.search_threads)
     config = uvicorn_config(app, opts)
     # an s3:// index by its URI; a newline in the path would forge a second line for a script that reads this one
-    say(f"serving {escape_controls(origin(opts.index))} on {url(sock)}\n")
+    say(f"serving {escape_controls(holder.source.shown)} on {url(sock)}\n")
     holder.start(opts.reload_interval_s)
     try:
         server = _Server(config)

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from cmce.storage import origin, restore_uris, scratch_dir
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  # how long a stop waits for a poll in progress
+RETRY_S = 30.0  # a load that failed for a transfer's or the disk's error is tried again this long after
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
 
 
@@ -155,7 +157,7 @@ class Holder:
         self.current = Served(model, key, index, meta_version(index.meta))
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
-        self._failed: tuple | None = None  # (model key, index version, source identity) of the last failed load
+        self._failed: tuple | None = None  # (model key, index version, source identity, retry at) of a failed load
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._damage: str | None = None  # what _damaged found in the folder of the served index
         self._unreadable: tuple[int, float, bool] | None = None  # meta.json unreadable: (polls, since when, reported)
@@ -262,7 +264,7 @@ class Holder:
                 self._damage = self._damaged(cur.index.meta)
             self._report("index", self._damage)
             return False
-        if (*wanted, folder) == self._failed:
+        if self._failed is not None and self._failed[:3] == (*wanted, folder) and time.monotonic() < self._failed[3]:
             return False
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
@@ -270,7 +272,10 @@ class Holder:
                 index = self.source.load(model.sha256, model.embedding_dim)
             self.accept(index.meta)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
-            self._failed = (*wanted, folder)
+            # tried again once the source changes; a transfer's failure (an S3 timeout, a 503) also after a while:
+            # an S3 index whose download failed once was not reloaded until the next rebuild
+            retry = time.monotonic() + RETRY_S if isinstance(err, OSError) else math.inf
+            self._failed = (*wanted, folder, retry)
             self._report("index", f"reload failed: {err}")
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
