@@ -645,6 +645,57 @@ def test_a_served_s3_index_in_replacement_keeps_serving_the_loaded_one(s3_server
     clear_scratch()
 
 
+def test_a_served_s3_index_says_each_outage_and_what_it_refused(s3_server, s3_chain, monkeypatch, tmp_path):
+    """What /readyz shows of an s3:// index held: wrong credentials were called "not found"; a second outage went
+    unsaid (the first's report was never reset, meta.json having come back unchanged); a broken meta.json waited
+    the 120 s meant for a replacement, and was downloaded again on every poll; an index refused for another query
+    model was hidden for good by an outage's message once the endpoint was back."""
+    from cmce.serving.state import UNREADABLE_POLLS, Holder, QueryModelSource
+    from tests.serve_world import gallery_index, query_model
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    index, put = f"s3://{bucket}/index", s3_server.client().put_object
+    assert main(["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"), "--out", index]) == 0
+    holder = Holder(index, QueryModelSource(str(s3_chain.local / "q.pt"), Path))
+    served, meta = holder.current, read_object(s3_server, bucket, "index/meta.json")
+
+    def polls(n: int) -> str | None:
+        for _ in range(n):
+            assert holder.check() is False and holder.current is served
+        return holder.last_error
+
+    for _ in range(2):  # each outage is said
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        assert polls(UNREADABLE_POLLS - 1) is None
+        said = polls(1)
+        assert said.startswith(f"{index}/meta.json: unreadable for {UNREADABLE_POLLS} polls"), said
+        assert said.endswith("wrong secret access key; check AWS_SECRET_ACCESS_KEY or the AWS profile"), said
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+        assert polls(1) is None
+
+    put(Bucket=bucket, Key="index/meta.json", Body=b"{")  # broken, not missing: said after the polls alone
+    reads = []
+    real = cmce_s3.read_range
+    monkeypatch.setattr(cmce_s3, "read_range", lambda *args: reads.append(args) or real(*args))
+    assert polls(UNREADABLE_POLLS).startswith(f"{index}/meta.json: unreadable for {UNREADABLE_POLLS} polls: Expecting")
+    assert len(reads) == 1  # read once: its ETag did not change
+    put(Bucket=bucket, Key="index/meta.json", Body=meta)
+    assert polls(1) is None
+
+    other = query_model(tmp_path / "other.pt", seed=7, dim=int(json.loads(meta)["dim"]))
+    built = gallery_index(tmp_path / "work", other, tmp_path / "other-index")
+    for name in sorted(p.name for p in built.iterdir() if p.name != "meta.json") + ["meta.json"]:  # as uploaded
+        put(Bucket=bucket, Key=f"index/{name}", Body=(built / name).read_bytes())
+    refused = polls(1)
+    assert refused.startswith("reload failed:") and "query model" in refused
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    assert polls(UNREADABLE_POLLS) != refused
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    assert polls(1) == refused  # said again once the endpoint is back
+    clear_scratch()
+
+
 def test_a_download_longer_than_its_object_is_refused(tmp_path):
     """A server listing an object of 100 kB whose GET declared 50 TiB and streamed zeros fast: neither the deadline
     (bytes kept coming) nor the read timeout ended it; the step ran until it was killed, filling scratch."""

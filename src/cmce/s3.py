@@ -1069,9 +1069,10 @@ def object_size(uri: str) -> int | None:
     return None if head is None else int(head["ContentLength"])
 
 
-def object_head(uri: str, action: str = "reading") -> dict | None:
+def object_head(uri: str, action: str = "reading", diagnose: bool = False) -> dict | None:
     """The HEAD answer for the object at `uri` (ContentLength, ETag, LastModified); None when there is none (or
-    when HEAD is refused: without s3:ListBucket a missing key answers 403)."""
+    when HEAD is refused: without s3:ListBucket a missing key answers 403). `diagnose`: a refused HEAD is looked
+    into with a LIST first, which names wrong credentials or a missing bucket (a HEAD's answer carries no code)."""
     from botocore.exceptions import ClientError
 
     u = parse(uri)
@@ -1081,6 +1082,8 @@ def object_head(uri: str, action: str = "reading") -> dict | None:
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
                 raise
+    if diagnose:
+        _diagnose(u, action)
     return None
 
 

@@ -736,10 +736,7 @@ def forget_download(uri: str) -> None:
     path = _downloaded.pop(uri.rstrip("/"), None)
     if path is not None:
         _origins.pop(path, None)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        shutil.rmtree(path.parent, ignore_errors=True)  # the download's own folder (scratch/in/<id>/), made for it
 
 
 def local_input(uri: str | Path, marker: str | None = None) -> Path:

@@ -32,7 +32,7 @@ class FolderSource:
         return tuple(stat_identity(path, ctime=True) for path in (self.folder, *(self.folder / n for n in INDEX_FILES)))
 
     def meta_bytes(self) -> bytes:
-        # bounded: a 2 GB file was read whole on every poll (2 GB more memory), never reported
+        """meta.json's bytes; bounded: a 2 GB file was read whole on every poll (2 GB more memory), never reported."""
         return read_regular(self.folder / "meta.json", MAX_META_BYTES)
 
     def load(self, query_sha256: str, query_dim: int) -> LoadedIndex:
@@ -59,22 +59,28 @@ class PrefixSource:
         self.shown = self.uri
         self.replacing_s = REPLACING_S
         self._meta = f"{self.uri}/meta.json"
+        self._head: dict | Exception | None = None  # meta.json's HEAD answer (None: no such object) or its error
 
     def identity(self) -> tuple | None:
         """meta.json's ETag, size and time; None when it cannot be had (missing mid-replacement, the endpoint
         down): never taken for "unchanged", so the read of meta.json that follows says what is wrong."""
-        try:
-            head = s3.object_head(self._meta)
-        except (OSError, ValueError):
-            return None
-        return None if head is None else (head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified")))
+        try:  # wrong credentials are named as such: a refused HEAD read as "not found" for as long as they lasted
+            self._head = s3.object_head(self._meta, diagnose=True)
+        except (OSError, ValueError) as err:
+            self._head = err
+        head = self._head
+        return (head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified"))) \
+            if isinstance(head, dict) else None
 
     def meta_bytes(self) -> bytes:
-        size = s3.object_size(self._meta)
-        if size is None:  # (a ranged GET of a missing key is refused less clearly)
+        """meta.json, as the poll's HEAD (identity) found it: an endpoint that froze is not asked twice a poll."""
+        head = self._head
+        if isinstance(head, Exception):
+            raise head
+        if head is None:
             raise FileNotFoundError(f"{self._meta}: not found (a build-index replacing it, or deleted)")
         too_large = ValueError(f"{self._meta}: larger than {MAX_META_BYTES:,} bytes; not an index's meta.json")
-        if size > MAX_META_BYTES:
+        if int(head.get("ContentLength") or 0) > MAX_META_BYTES:
             raise too_large
         data = s3.read_range(self._meta, 0, MAX_META_BYTES)
         if len(data) > MAX_META_BYTES:  # a server that ignored the range

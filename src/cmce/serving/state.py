@@ -157,11 +157,11 @@ class Holder:
         self.current = Served(model, key, index, meta_version(index.meta))
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
-        self._failed: tuple | None = None  # (model key, index version, source identity, retry at) of a failed load
+        self._failed: tuple | None = None  # a failed load: (model key, index version, identity, retry at, message)
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._damage: str | None = None  # what _damaged found in the folder of the served index
         self._unreadable: tuple[int, float, bool] | None = None  # meta.json unreadable: (polls, since when, reported)
-        self._peeked: tuple[tuple | None, str] | None = None  # (source identity, meta_version) of meta.json's last read
+        self._peeked: tuple[tuple | None, str | Exception] | None = None  # (identity, meta_version or error): last read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy: tuple[str, float] | None = None  # what the poll is waiting on, since when (time.monotonic)
@@ -218,22 +218,31 @@ class Holder:
             self.models.discard(self._candidate[1])
             self._candidate = None
 
-    def _peek(self) -> str | None:
-        """The version of the index on disk now, or None while it cannot be read (mid-swap, being replaced). Still
-        unreadable after UNREADABLE_POLLS polls, it is broken, not mid-swap: reported (log, /readyz), old pair kept."""
-        try:
-            with self._waiting_on(f"reading {self.source.shown}/meta.json"):
-                version = meta_version(json.loads(self.source.meta_bytes()))
-        except (OSError, ValueError) as err:
-            polls, since, said = self._unreadable or (0, time.monotonic(), False)
-            polls += 1
-            if not said and polls >= UNREADABLE_POLLS and time.monotonic() - since >= self.source.replacing_s:
-                self._report("index", f"{self.source.shown}/meta.json: unreadable for {polls} polls: {err}")
-                said = True  # once: the error's wording may differ from poll to poll
-            self._unreadable = (polls, since, said)
-            return None
-        self._unreadable = None
-        return version
+    def _peek(self, identity: tuple | None) -> str | None:
+        """The version of the index at the source now, or None while it cannot be read (mid-swap, being replaced).
+        meta.json is read again only when the source's identity changed (a 100 MB meta.json was parsed on every poll;
+        a broken one on S3 downloaded again). Still unreadable after UNREADABLE_POLLS polls (and, when missing, the
+        source's replacing_s), it is broken, not mid-swap: reported (log, /readyz) once, old pair kept."""
+        if identity is not None and self._peeked is not None and self._peeked[0] == identity:
+            outcome = self._peeked[1]
+        else:
+            try:
+                with self._waiting_on(f"reading {self.source.shown}/meta.json"):
+                    outcome = meta_version(json.loads(self.source.meta_bytes()))
+            except (OSError, ValueError) as err:
+                outcome = err
+            self._peeked = (identity, outcome)
+        if isinstance(outcome, str):
+            self._unreadable = None  # a later outage is counted (and said) afresh
+            return outcome
+        polls, since, said = self._unreadable or (0, time.monotonic(), False)
+        polls += 1
+        grace = self.source.replacing_s if isinstance(outcome, FileNotFoundError) else 0.0  # garbage is no swap
+        if not said and polls >= UNREADABLE_POLLS and time.monotonic() - since >= grace:
+            self._report("index", f"{self.source.shown}/meta.json: unreadable for {polls} polls: {outcome}")
+            said = True  # once: the error's wording may differ from poll to poll
+        self._unreadable = (polls, since, said)
+        return None
 
     def check(self) -> bool:
         """Load and swap in a changed index or query model; True if the served pair changed. Each poll also
@@ -248,13 +257,9 @@ class Holder:
             model_key = cur.model_key  # an index rebuilt for the served model is still followed
         with self._waiting_on(f"looking at {self.source.shown}"):
             folder = self.source.identity()  # before reading: a change during the load is seen next poll
-        if folder is not None and self._peeked is not None and self._peeked[0] == folder:
-            version = self._peeked[1]  # nothing in the folder changed: meta.json (100 MB, say) is not parsed again
-        else:
-            version = self._peek()
-            if version is None:  # mid-swap (or broken, reported by _peek): nothing to load yet
-                return False
-            self._peeked = (folder, version)
+        version = self._peek(folder)
+        if version is None:  # mid-swap (or broken, reported by _peek): nothing to load yet
+            return False
         wanted = (model_key, version)
         if wanted == (cur.model_key, cur.version):  # the folder holds the served pair (again)
             self._failed = None
@@ -265,6 +270,7 @@ class Holder:
             self._report("index", self._damage)
             return False
         if self._failed is not None and self._failed[:3] == (*wanted, folder) and time.monotonic() < self._failed[3]:
+            self._report("index", self._failed[4])  # again: an outage's report in between replaced it
             return False
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
@@ -275,8 +281,8 @@ class Holder:
             # tried again once the source changes; a transfer's failure (an S3 timeout, a 503) also after a while:
             # an S3 index whose download failed once was not reloaded until the next rebuild
             retry = time.monotonic() + RETRY_S if isinstance(err, OSError) else math.inf
-            self._failed = (*wanted, folder, retry)
-            self._report("index", f"reload failed: {err}")
+            self._failed = (*wanted, folder, retry, f"reload failed: {err}")
+            self._report("index", self._failed[4])
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
         self.current, self._failed, self._candidate = new, None, None
