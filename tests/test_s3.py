@@ -696,6 +696,32 @@ def test_a_served_s3_index_says_each_outage_and_what_it_refused(s3_server, s3_ch
     clear_scratch()
 
 
+def test_a_new_meta_json_whose_read_failed_once_is_read_again(s3_server, s3_chain, monkeypatch):
+    """A rebuild's meta.json whose HEAD answered but whose GET timed out once: that error was kept for its ETag, and
+    the new index was not served until the next rebuild (/readyz showing the error all along)."""
+    from cmce.serving.state import Holder, QueryModelSource
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    index, gallery = f"s3://{bucket}/index", str(s3_chain.local / "gallery.parquet")
+    assert main(["build-index", "--gallery", gallery, "--out", index]) == 0
+    holder = Holder(index, QueryModelSource(str(s3_chain.local / "q.pt"), Path))
+    assert main(["build-index", "--gallery", gallery, "--out", index, "--index-type", "hnsw"]) == 0
+    real, reads = cmce_s3.read_range, []
+
+    def once_timed_out(*args):
+        reads.append(args)
+        if len(reads) == 1:
+            raise TimeoutError(f"{args[0]}: no whole answer from the S3 endpoint within 5 s")
+        return real(*args)
+
+    monkeypatch.setattr(cmce_s3, "read_range", once_timed_out)
+    assert holder.check() is False
+    assert holder.check() is True and holder.current.index.meta["index_type"] == "hnsw" and len(reads) == 2
+    assert holder.last_error is None
+    clear_scratch()
+
+
 def test_a_download_longer_than_its_object_is_refused(tmp_path):
     """A server listing an object of 100 kB whose GET declared 50 TiB and streamed zeros fast: neither the deadline
     (bytes kept coming) nor the read timeout ended it; the step ran until it was killed, filling scratch."""

@@ -992,8 +992,10 @@ def _replace_staged(folder: S3Uri, files: dict[str, Path], commit: Callable[[S3U
 def _with_note(err: BaseException, note: str) -> BaseException:
     """`err` with `note` added to its message (an OSError or ValueError cmce raised); any other (a stop) as it is,
     the note logged."""
-    if isinstance(err, OSError | ValueError):
-        with contextlib.suppress(TypeError):  # (an exception whose constructor wants more than a message)
+    with contextlib.suppress(TypeError):  # (an exception whose constructor wants more than a message)
+        if isinstance(err, OSError) and err.errno is not None:  # its errno and file name kept (a full disk, say)
+            return type(err)(err.errno, f"{err.strerror}; {note}", *([err.filename] if err.filename else []))
+        if isinstance(err, OSError | ValueError):
             return type(err)(f"{err}; {note}")
     log.warning("%s", note)
     return err

@@ -245,12 +245,14 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
             return _error(422, "body", f"a JSON object with content-type application/json expected: {first['msg']}")
         return _error(422, _field(tuple(first["loc"])), first["msg"])
 
+    # the probes are answered on the event loop, not queued behind searches in the thread pool: a busy server's
+    # probe must answer within the probe's timeout
     @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: what many health probes send
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.api_route("/readyz", methods=["GET", "HEAD"])
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         served = holder.current
         body = {"ready": served is not None, "index_version": served.version if served else None,
                 "reloads": holder.reloads, "last_reload_error": holder.last_error, "in_progress": holder.in_progress}

@@ -231,7 +231,9 @@ class Holder:
                     outcome = meta_version(json.loads(self.source.meta_bytes()))
             except (OSError, ValueError) as err:
                 outcome = err
-            self._peeked = (identity, outcome)
+            # a transfer's or the disk's error is not kept: a GET that timed out once after a new meta.json's HEAD
+            # held that version back until the next rebuild
+            self._peeked = None if isinstance(outcome, OSError) else (identity, outcome)
         if isinstance(outcome, str):
             self._unreadable = None  # a later outage is counted (and said) afresh
             return outcome
