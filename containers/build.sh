@@ -2,7 +2,7 @@
 # Build the step images. Usage: containers/build.sh [cpu|cuda|all] [--smoke]
 #   cpu   FROM a Debian bookworm base (python3.11); built locally with debootstrap when it is missing
 #   cuda  FROM $CUDA_BASE_IMAGE (needs a registry to pull from); torch comes as the CUDA build from PyPI
-#   --smoke  run `cmce --help` and an import + PNG-decode check inside each built image
+#   --smoke  run `cmce --help` and an import (the server's too) + PNG-decode check inside each built image
 # Env: CONTAINER_TOOL (podman|docker), CPU_BASE_IMAGE, CUDA_BASE_IMAGE, IMAGE_PREFIX (default localhost/cmce)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ cpu_base=${CPU_BASE_IMAGE:-localhost/base:bookworm}
 cuda_base=${CUDA_BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
 
 decode_check='import faiss, numpy as np, onnxruntime, torch; from cmce.data.codec import decode_png_fast, encode_png
+import cmce.serving.app, prometheus_client, uvicorn  # the server (deploy/serve.yaml runs it from this image)
 assert decode_png_fast(encode_png(np.full((4, 4), 7, np.uint8)), 1, 4).sum() == 7 * 16'
 
 mounts=()
