@@ -24,7 +24,7 @@ class FolderSource:
     def __init__(self, folder: Path):
         self.folder = folder
         self.shown = str(folder)
-        self.replacing_s = 0.0  # a swap is two renames: meta.json missing for a few polls is not a rebuild
+        self.replacing_s = 0.0  # a swap is two renames: meta.json missing for UNREADABLE_POLLS polls is no swap
 
     def identity(self) -> tuple:
         """What changes when anything in the folder is replaced, rewritten or copied in (a folder swapped whole

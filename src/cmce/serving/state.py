@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.embed import to_inference_device
@@ -38,6 +39,16 @@ log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  # how long a stop waits for a poll in progress
 RETRY_S = 30.0  # a load that failed for a transfer's or the disk's error is tried again this long after
 UNREADABLE_POLLS = 5  # a swap replaces meta.json in two renames: unreadable this long, the folder is broken
+
+
+class FailedLoad(NamedTuple):
+    """A load that failed, and when it is tried again: once any of the first three changes, or at `retry_at`."""
+
+    model_key: str
+    version: str
+    identity: tuple | None
+    retry_at: float  # math.inf: only once something changed
+    message: str
 
 
 def meta_version(meta: dict) -> str:
@@ -157,7 +168,7 @@ class Holder:
         self.current = Served(model, key, index, meta_version(index.meta))
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
-        self._failed: tuple | None = None  # a failed load: (model key, index version, identity, retry at, message)
+        self._failed: FailedLoad | None = None
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._damage: str | None = None  # what _damaged found in the folder of the served index
         self._unreadable: tuple[int, float, bool] | None = None  # meta.json unreadable: (polls, since when, reported)
@@ -271,8 +282,9 @@ class Holder:
                 self._damage = self._damaged(cur.index.meta)
             self._report("index", self._damage)
             return False
-        if self._failed is not None and self._failed[:3] == (*wanted, folder) and time.monotonic() < self._failed[3]:
-            self._report("index", self._failed[4])  # again: an outage's report in between replaced it
+        failed = self._failed
+        if failed is not None and failed[:3] == (*wanted, folder) and time.monotonic() < failed.retry_at:
+            self._report("index", failed.message)  # again: an outage's report in between replaced it
             return False
         try:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
@@ -283,8 +295,8 @@ class Holder:
             # tried again once the source changes; a transfer's failure (an S3 timeout, a 503) also after a while:
             # an S3 index whose download failed once was not reloaded until the next rebuild
             retry = time.monotonic() + RETRY_S if isinstance(err, OSError) else math.inf
-            self._failed = (*wanted, folder, retry, f"reload failed: {err}")
-            self._report("index", self._failed[4])
+            self._failed = FailedLoad(*wanted, folder, retry, f"reload failed: {err}")
+            self._report("index", self._failed.message)
             return False
         new = Served(model, model_key, index, meta_version(index.meta))
         self.current, self._failed, self._candidate = new, None, None
