@@ -1,6 +1,7 @@
 """Load test of `cmce serve`: latency (p50/p99) and throughput of POST /search at 1, 8 and 32 concurrent
 clients, for client-side embeddings and for images embedded on the server, and while the index is rebuilt
-under the clients (build-index's folder swap, picked up by the server's poller).
+under the clients (build-index's folder swap, picked up by the server's poller), in a local folder and under an
+s3:// prefix on a real S3 server on 127.0.0.1 (SeaweedFS, as the tests use; that row is left out without it).
 
     python -m benchmarks.serving [--rows 20000] [--duration 6] [--clients 1,8,32] [--markdown BENCHMARKS.md]
 
@@ -12,10 +13,13 @@ threads of this process, on the same cores as the server. Writes its section to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,8 @@ import requests
 
 from benchmarks.report import LOG_FORMAT, ROOT, write_section
 from cmce.checkpoint import load_embedding_model
-from tests.serve_world import Server, b64, gallery_index, png, query_model
+from tests.s3server import WeedServer, weed_binary
+from tests.serve_world import Server, b64, cmce_env, gallery_index, png, query_model
 
 DIM, SIZE, WIDTH, K = 64, 28, 16, 10  # params.yaml's query model: query_cnn, 64-d, width 16, 28 px
 
@@ -73,19 +78,62 @@ def row(kind: str, clients: int, r: dict) -> str:
 
 
 class Rebuilder(threading.Thread):
-    """Rebuilds the index in place, a new gallery every `every_s` seconds, until stopped."""
+    """Rebuilds the index in place, a new gallery every `every_s` seconds, until stopped. An s3:// `index` is
+    built in a local folder and uploaded as build-index uploads it (staged, meta.json last)."""
 
-    def __init__(self, work: Path, model: Path, index: Path, rows: int, every_s: float):
+    def __init__(self, work: Path, model: Path, index: Path | str, rows: int, every_s: float):
         super().__init__(name="rebuilder")
         self.work, self.model, self.index, self.rows, self.every_s = work, model, index, rows, every_s
         self.builds = 0
         self.done = threading.Event()
 
     def run(self) -> None:
+        from cmce import s3
+
         while not self.done.wait(self.every_s):
             seed = 100 + self.builds
-            gallery_index(self.work, self.model, self.index, rows=self.rows, seed=seed, prefix=f"r{seed}", dim=DIM)
+            local = self.work / "built" if isinstance(self.index, str) else self.index
+            gallery_index(self.work, self.model, local, rows=self.rows, seed=seed, prefix=f"r{seed}", dim=DIM)
+            if isinstance(self.index, str):
+                s3.upload_dir(local, self.index, last="meta.json")
             self.builds += 1
+
+
+def rebuilt_under_load(server: Server, bodies: list[dict], rebuilder: Rebuilder, clients: int, duration_s: float,
+                       where: str) -> str:
+    """The table row of `clients` searching while `rebuilder` rebuilds the index the server follows."""
+    rebuilder.start()
+    r = load(server, bodies, clients, duration_s)
+    finished = rebuilder.builds  # a build still running is not counted: no client saw it
+    rebuilder.done.set()
+    rebuilder.join()
+    logging.info("during reloads of %s: %s", where, r)
+    return row(f"embedding, {where} rebuilt {finished}× meanwhile ({r['versions']} versions answered)", clients, r)
+
+
+@contextlib.contextmanager
+def s3_index(root: Path, index: Path) -> Iterator[tuple[str, dict[str, str]] | None]:
+    """`index` uploaded to a bucket of a fresh S3 server on 127.0.0.1: (its URI, the server's environment); None
+    without the server's binary."""
+    if weed_binary() is None:
+        yield None
+        return
+    from cmce import s3
+
+    server = WeedServer(root / "s3").start()
+    saved = {name: os.environ.get(name) for name in server.env()}
+    os.environ.update(server.env())  # this process uploads the rebuilds
+    try:
+        server.client().create_bucket(Bucket="bench")
+        s3.upload_dir(index, "s3://bench/index", last="meta.json")
+        yield "s3://bench/index", server.env()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,25 +166,33 @@ def main(argv: list[str] | None = None) -> int:
                     r = load(server, bodies, c, args.duration)
                     rows.append(row(kind, c, r))
                     logging.info("%s, %d clients: %s", kind, c, r)
-            rebuilder = Rebuilder(root / "work", model, index, args.rows, args.duration / 8)
             c = clients[len(clients) // 2]
-            rebuilder.start()
-            r = load(server, embedding_bodies, c, 2 * args.duration)  # a build takes seconds on busy cores
-            finished = rebuilder.builds  # a build still running is not counted: no client saw it
-            rebuilder.done.set()
-            rebuilder.join()
-            rows.append(row(f"embedding, index rebuilt {finished}× meanwhile ({r['versions']} versions "
-                            "answered)", c, r))
-            logging.info("during reloads: %s", r)
+            rebuilder = Rebuilder(root / "work", model, index, args.rows, args.duration / 8)
+            # a build takes seconds on busy cores: twice the load time
+            rows.append(rebuilt_under_load(server, embedding_bodies, rebuilder, c, 2 * args.duration, "index"))
         finally:
             server.stop()
+        with s3_index(root, index) as remote:
+            if remote is not None:
+                uri, env = remote
+                server = Server(["--index", uri, "--query-model", str(model), "--reload-interval", "0.5"],
+                                root / "serve-s3.log", env={**cmce_env(), **env})
+                try:
+                    load(server, embedding_bodies, c, min(1.0, args.duration / 4))
+                    rebuilder = Rebuilder(root / "work-s3", model, uri, args.rows, args.duration / 8)
+                    rows.append(rebuilt_under_load(server, embedding_bodies, rebuilder, c, 2 * args.duration,
+                                                   "s3:// index"))
+                finally:
+                    server.stop()
     body = [f"`cmce serve` over a flat index of {args.rows:,} × {DIM} gallery items; one query per request, k = {K}; "
             f"{args.duration:g} s of load per row after a warm-up; the clients are threads of the benchmark "
             "process on the same cores as the server (one uvicorn worker, one thread per FAISS search). Image "
             "queries are 28 px grey PNGs embedded on the server by a query_cnn of params.yaml's size. The last "
-            f"row ({2 * args.duration:g} s) rebuilds the index in place (build-index's atomic folder swap) while the "
-            "clients run; the server polls it every 0.5 s. On a machine shared with other jobs (the load average "
-            "above) rows differ by up to 2× from run to run.", "",
+            f"rows ({2 * args.duration:g} s each) rebuild the index in place while the clients run, the server "
+            "polling it every 0.5 s: in a local folder (build-index's atomic folder swap), then under an s3:// "
+            "prefix on a SeaweedFS server on 127.0.0.1 (uploaded as build-index uploads it, meta.json last; the "
+            "server follows its meta.json, downloads each new version and swaps it in). On a machine shared with "
+            "other jobs (the load average above) rows differ by up to 2× from run to run.", "",
             "| requests | clients | answered | p50 ms | p99 ms | QPS | failed |", "|---|---|---|---|---|---|---|",
             *rows]
     command = f"python -m benchmarks.serving --rows {args.rows} --duration {args.duration:g} --clients {args.clients}"
