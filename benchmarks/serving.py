@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import requests
@@ -121,18 +122,12 @@ def s3_index(root: Path, index: Path) -> Iterator[tuple[str, dict[str, str]] | N
     from cmce import s3
 
     server = WeedServer(root / "s3").start()
-    saved = {name: os.environ.get(name) for name in server.env()}
-    os.environ.update(server.env())  # this process uploads the rebuilds
     try:
-        server.client().create_bucket(Bucket="bench")
-        s3.upload_dir(index, "s3://bench/index", last="meta.json")
-        yield "s3://bench/index", server.env()
+        with mock.patch.dict(os.environ, server.env()):  # this process uploads the rebuilds
+            server.client().create_bucket(Bucket="bench")
+            s3.upload_dir(index, "s3://bench/index", last="meta.json")
+            yield "s3://bench/index", server.env()
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         server.stop()
 
 

@@ -66,6 +66,9 @@ def _query_model(run_dir: Path, gallery: str, candidates: list[Path]) -> str:
     return str(query)
 
 
+GIVE_FILES = "give the files with --dataset-uri, --query-model-uri (and --train-embeddings-uri)"
+
+
 def _after_lifecycle_run(run_dir: Path, out: dict, later: tuple[Path, ...]) -> dict:
     """A lifecycle run holds only what it changed: the gallery (and an upgrade's query model, an addition's train
     embeddings). The rest comes from the run it started from, the one whose gallery its gate measured as the
@@ -90,8 +93,7 @@ def _after_lifecycle_run(run_dir: Path, out: dict, later: tuple[Path, ...]) -> d
                     run_dir, ", ".join(map(str, said.get("regressed") or [])) or "nothing")
     before = (baseline.parent.parent if is_kfp_run(baseline.parent.parent) else baseline.parent).resolve()
     if before in (run_dir, *later):  # decisions edited by hand
-        raise ValueError(f"{run_dir}: the runs it started from lead back to {before}; give the files with "
-                         "--dataset-uri, --query-model-uri (and --train-embeddings-uri)")
+        raise ValueError(f"{run_dir}: the runs it started from lead back to {before}; {GIVE_FILES}")
     if is_kfp_run(before):
         previous = kfp_run_inputs(before, {}, (run_dir, *later))
     elif (lay := RunLayout(before)).dataset.is_file():
@@ -99,8 +101,7 @@ def _after_lifecycle_run(run_dir: Path, out: dict, later: tuple[Path, ...]) -> d
         previous = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
                     "train_embeddings_uri": [str(p) for p in sorted(stored.glob("*.parquet"))]}
     else:
-        raise ValueError(f"{run_dir}: the run it started from ({baseline}) is not a run folder; give the files with "
-                         "--dataset-uri, --query-model-uri (and --train-embeddings-uri)")
+        raise ValueError(f"{run_dir}: the run it started from ({baseline}) is not a run folder; {GIVE_FILES}")
     out.setdefault("dataset_uri", previous["dataset_uri"])
     out.setdefault("gallery_uri", str(gallery))
     if "query_model_uri" not in out:  # an upgrade's own, else the one it started from

@@ -35,7 +35,8 @@ from cmce.serving.queries import Limits, RequestError, answer, check_query_model
 from cmce.serving.state import Holder
 
 log = logging.getLogger(__name__)
-ENDPOINTS = "POST /search, GET /healthz, GET /readyz, GET /version, GET /metrics"
+ROUTES = {"/search": "POST", "/healthz": "GET", "/readyz": "GET", "/version": "GET", "/metrics": "GET"}  # path → method
+ENDPOINTS = ", ".join(f"{method} {path}" for path, method in ROUTES.items())
 BODY_WAIT_S = 5.0  # a client's usual timeout is longer; a busy server answers sooner than that
 
 
@@ -212,7 +213,8 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     metrics = ServerMetrics(holder, budget)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, budget=budget, wait_s=body_wait_s)
     app.add_middleware(RequestFraming)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: runs first, and sees every answer
+    # added last: runs first, and sees every answer
+    app.add_middleware(RequestMetrics, metrics=metrics, paths=tuple(ROUTES))
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, err: RequestError) -> JSONResponse:

@@ -25,7 +25,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cmce.serving.budget import BodyBudget
 from cmce.serving.state import Holder
 
-PATHS = ("/search", "/healthz", "/readyz", "/version", "/metrics")
 METHODS = ("GET", "HEAD", "POST")
 # a search over a flat index answers in milliseconds, one embedding 64 images in a second or more
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -79,17 +78,19 @@ class _ServedState(Collector):
 
 
 class RequestMetrics:
-    """Counts every answer and its duration, outermost (a refusal by another middleware is an answer too)."""
+    """Counts every answer and its duration, outermost (a refusal by another middleware is an answer too), by
+    endpoint: one of the API's `paths`, else "other"."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, clock: Callable[[], float] = time.perf_counter):
-        self.app, self.metrics, self.clock = app, metrics, clock
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, paths: tuple[str, ...],
+                 clock: Callable[[], float] = time.perf_counter):
+        self.app, self.metrics, self.paths, self.clock = app, metrics, paths, clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status, done = self.clock(), None, False
         path = target_path(scope["path"])
-        endpoint = path if path in PATHS else "other"
+        endpoint = path if path in self.paths else "other"
         method = scope["method"] if scope["method"] in METHODS else "other"
 
         def count(code: int) -> None:
