@@ -677,7 +677,7 @@ def test_a_served_s3_index_says_each_outage_and_what_it_refused(s3_server, s3_ch
     put(Bucket=bucket, Key="index/meta.json", Body=b"{")  # broken, not missing: said after the polls alone
     reads = []
     real = cmce_s3.read_range
-    monkeypatch.setattr(cmce_s3, "read_range", lambda *args: reads.append(args) or real(*args))
+    monkeypatch.setattr(cmce_s3, "read_range", lambda *args, **kw: reads.append(args) or real(*args, **kw))
     assert polls(UNREADABLE_POLLS).startswith(f"{index}/meta.json: unreadable for {UNREADABLE_POLLS} polls: Expecting")
     assert len(reads) == 1  # read once: its ETag did not change
     put(Bucket=bucket, Key="index/meta.json", Body=meta)
@@ -709,17 +709,34 @@ def test_a_new_meta_json_whose_read_failed_once_is_read_again(s3_server, s3_chai
     assert main(["build-index", "--gallery", gallery, "--out", index, "--index-type", "hnsw"]) == 0
     real, reads = cmce_s3.read_range, []
 
-    def once_timed_out(*args):
+    def once_timed_out(*args, **kw):
         reads.append(args)
         if len(reads) == 1:
             raise TimeoutError(f"{args[0]}: no whole answer from the S3 endpoint within 5 s")
-        return real(*args)
+        return real(*args, **kw)
 
     monkeypatch.setattr(cmce_s3, "read_range", once_timed_out)
     assert holder.check() is False
     assert holder.check() is True and holder.current.index.meta["index_type"] == "hnsw" and len(reads) == 2
     assert holder.last_error is None
     clear_scratch()
+
+
+def test_a_meta_json_replaced_after_its_head_is_not_read_in_its_place(s3_server, s3_chain, monkeypatch):
+    """The poll's GET of meta.json was not tied to the HEAD before it: a meta.json replaced in between was read, and
+    its version kept for the old ETag (taken for what the prefix holds, should that ETag come back)."""
+    from cmce.serving.index_source import PrefixSource
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    put = s3_server.client().put_object
+    put(Bucket=bucket, Key="index/meta.json", Body=b'{"v": 1}')
+    source = PrefixSource(f"s3://{bucket}/index")
+    first = source.identity()
+    put(Bucket=bucket, Key="index/meta.json", Body=b'{"v": 2}')
+    with pytest.raises(OSError, match=f"s3://{bucket}/index/meta.json: replaced while reading"):
+        source.meta_bytes()
+    assert source.identity() != first and source.meta_bytes() == b'{"v": 2}'
 
 
 def test_a_download_longer_than_its_object_is_refused(tmp_path):

@@ -528,6 +528,8 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
                            f"an S3 error document while {action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
         if code == "NoSuchBucket" or (code in ("404", "NotFound") and action == "checking the bucket"):
             return FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist (cmce never creates buckets)")
+        if code == "PreconditionFailed":  # If-Match: the object was replaced between its HEAD and this GET
+            return OSError(f"{uri}: replaced while {action} (its ETag changed since it was looked at)")
         if code in ("NoSuchKey", "404", "NotFound"):
             return FileNotFoundError(f"{uri}: no such object")
         if code in ("InvalidToken", "ExpiredToken", "TokenRefreshRequired"):
@@ -1089,12 +1091,14 @@ def object_head(uri: str, action: str = "reading", diagnose: bool = False) -> di
     return None
 
 
-def read_range(uri: str, start: int, end: int) -> bytes:
-    """Bytes `start` to `end` (inclusive) of the object at `uri`: a ranged GET, not a download."""
+def read_range(uri: str, start: int, end: int, if_match: str | None = None) -> bytes:
+    """Bytes `start` to `end` (inclusive) of the object at `uri`: a ranged GET, not a download. `if_match`: only
+    the object with this ETag (a HEAD's); one replaced since is refused (OSError), not read in its place."""
     u = parse(uri)
+    match = {"IfMatch": if_match} if if_match else {}
     with _errors(uri, "reading"):
-        return _bounded(lambda: client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}")
-                        ["Body"].read(), uri, "reading")
+        return _bounded(lambda: client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}",
+                                                    **match)["Body"].read(), uri, "reading")
 
 
 def is_prefix(uri: str) -> bool:

@@ -82,7 +82,9 @@ class PrefixSource:
         too_large = ValueError(f"{self._meta}: larger than {MAX_META_BYTES:,} bytes; not an index's meta.json")
         if int(head.get("ContentLength") or 0) > MAX_META_BYTES:
             raise too_large
-        data = s3.read_range(self._meta, 0, MAX_META_BYTES)
+        # the object the HEAD saw, or none: read in its place, a newer meta.json's version was kept for the old ETag
+        # and, should that ETag come back (a rebuild A, B, A between two polls), taken for what the prefix holds
+        data = s3.read_range(self._meta, 0, MAX_META_BYTES, if_match=head.get("ETag"))
         if len(data) > MAX_META_BYTES:  # a server that ignored the range
             raise too_large
         return data
