@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import concurrent.futures
 import contextlib
 import functools
@@ -410,9 +411,14 @@ def test_an_index_folder_broken_for_good_is_reported_and_the_old_one_served(worl
     holder = Holder(folder, QueryModelSource(str(model), Path))
     served = holder.current
     (folder / "meta.json").write_text("{garbage")
+    began = int(time.time())
     for _ in range(UNREADABLE_POLLS - 1):
         assert not holder.check() and holder.last_error is None
-    assert not holder.check() and "meta.json: unreadable for" in holder.last_error
+        time.sleep(0.6)
+    assert not holder.check() and "meta.json: unreadable since " in holder.last_error
+    # since the first poll that found it unreadable (said once, a count of polls stayed the one it was said with)
+    said = re.search(r"since (\S+ \S+) UTC", holder.last_error)[1]
+    assert calendar.timegm(time.strptime(said, "%Y-%m-%d %H:%M:%S")) in (began, began + 1), (said, began)
     assert holder.current is served
     # a 2 GB sparse meta.json was read whole on every poll (2 GB more memory) and never reported
     shutil.copy(index / "meta.json", folder / "meta.json")

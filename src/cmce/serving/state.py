@@ -252,7 +252,10 @@ class Holder:
         polls += 1
         grace = self.source.replacing_s if isinstance(outcome, FileNotFoundError) else 0.0  # garbage is no swap
         if not said and polls >= UNREADABLE_POLLS and time.monotonic() - since >= grace:
-            self._report("index", f"{self.source.shown}/meta.json: unreadable for {polls} polls: {outcome}")
+            # since when, not for how many polls: said once, a count stays at the one it was said with
+            began = time.gmtime(time.time() - (time.monotonic() - since))
+            self._report("index", f"{self.source.shown}/meta.json: unreadable since "
+                                  f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', began)}: {outcome}")
             said = True  # once: the error's wording may differ from poll to poll
         self._unreadable = (polls, since, said)
         return None
