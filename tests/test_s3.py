@@ -29,7 +29,7 @@ from cmce import s3 as cmce_s3
 from cmce.cli import main
 from cmce.index import IndexLoadError, load_index
 from cmce.s3 import _inside, redact
-from cmce.storage import clear_scratch
+from cmce.storage import clear_scratch, local_input
 from cmce.tables import embedding_array, with_metadata, write_table
 from tests.conftest import SMOKE, dvc
 from tests.fake_servers import EMPTY_LISTING, FakeObject, Quiet, s3_env, serving, stopped_when
@@ -619,6 +619,47 @@ def test_a_served_s3_index_follows_a_rebuild_in_the_bucket(s3_server, s3_chain, 
     assert refused == []
     assert kept == []
     assert f"now serving index {now['index_version'][:12]}" in server.log.read_text()
+
+
+def test_a_served_s3_index_whose_files_change_under_its_meta_json_says_so(s3_server, s3_chain, monkeypatch):
+    """Only meta.json was watched on S3: an index file deleted (a bucket's expiry rule) or replaced under it went
+    unsaid while the loaded copy served, /readyz ready, and the next restart refused the index. A rebuild's files are
+    not downloaded again to be checked: the load lists them first."""
+    from cmce.serving import index_source
+    from cmce.serving.state import Holder, QueryModelSource
+
+    use_server(monkeypatch, s3_server)
+    monkeypatch.setattr(index_source, "AUDIT_S", 0.0)  # (as if a minute had passed at every poll)
+    checked = []
+    monkeypatch.setattr(index_source, "local_input", lambda uri: checked.append(uri) or local_input(uri))
+    bucket = new_bucket(s3_server)
+    index, gallery, put = f"s3://{bucket}/index", str(s3_chain.local / "gallery.parquet"), s3_server.client().put_object
+    assert main(["build-index", "--gallery", gallery, "--out", index]) == 0
+    holder = Holder(index, QueryModelSource(str(s3_chain.local / "q.pt"), Path))
+    assert main(["build-index", "--gallery", gallery, "--out", index, "--index-type", "hnsw"]) == 0
+    assert holder.check() is True and holder.check() is False and holder.last_error is None
+    assert checked == []
+    served, ids = holder.current, read_object(s3_server, bucket, "index/ids.parquet")
+    s3_server.client().delete_object(Bucket=bucket, Key="index/ids.parquet")
+    assert holder.check() is False and holder.current is served
+    assert holder.last_error == (f"{index}/ids.parquet: missing: the index in the bucket is damaged (a restart would "
+                                 "refuse it); the loaded copy is served")
+    put(Bucket=bucket, Key="index/ids.parquet", Body=ids[:-1] + bytes([ids[-1] ^ 1]))  # the same size
+    assert holder.check() is False and holder.current is served
+    assert holder.last_error.startswith(f"{index}/ids.parquet: does not match the checksum in meta.json: the index")
+    put(Bucket=bucket, Key="index/ids.parquet", Body=ids)
+    assert holder.check() is False and holder.last_error is None
+    # downloaded to be checked once: the bytes put back have the ETag that was served
+    assert checked == [f"{index}/ids.parquet"]
+    assert holder.check() is False and holder.last_error is None and len(checked) == 1
+    c = s3_server.client()  # the same bytes under another ETag (a multipart upload's): checked once, then trusted
+    upload = c.create_multipart_upload(Bucket=bucket, Key="index/ids.parquet")["UploadId"]
+    part = c.upload_part(Bucket=bucket, Key="index/ids.parquet", UploadId=upload, PartNumber=1, Body=ids)["ETag"]
+    c.complete_multipart_upload(Bucket=bucket, Key="index/ids.parquet", UploadId=upload,
+                                MultipartUpload={"Parts": [{"ETag": part, "PartNumber": 1}]})
+    for _ in range(2):
+        assert holder.check() is False and holder.last_error is None and len(checked) == 2
+    clear_scratch()
 
 
 def test_a_served_s3_index_in_replacement_keeps_serving_the_loaded_one(s3_server, s3_chain, monkeypatch):

@@ -2,20 +2,22 @@
 
 Each poll takes the source's cheap `identity` first; only when it changed is meta.json read (its content is the
 index's version), and only a new version is loaded. A local folder's identity is that of the folder and every file
-in it. An s3:// prefix is followed by its meta.json alone (one HEAD a poll): build-index replaces a prefix by
-deleting meta.json, copying the new files into place and writing meta.json last, and a load verifies every file
-against the meta.json it read, reading the prefix again while a replacement is under way. A loaded s3:// index is
-served from memory: its download is removed at once, so that a server following daily rebuilds never fills its
-scratch folder.
+in it. An s3:// prefix is followed by its meta.json (one HEAD a poll): build-index replaces a prefix by deleting
+meta.json, copying the new files into place and writing meta.json last, and a load verifies every file against the
+meta.json it read, reading the prefix again while a replacement is under way. Its other files are listed every
+AUDIT_S (an ETag and a size each): one deleted, cut or replaced under an unchanged meta.json (a bucket's expiry
+rule, a hand-made copy) is reported, as a local folder's is. A loaded s3:// index is served from memory: its
+download is removed at once, so that a server following daily rebuilds never fills its scratch folder.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from cmce import s3
 from cmce.index import INDEX_FILES, MAX_META_BYTES, LoadedIndex, check_files, load_index
-from cmce.storage import forget_download, origin, read_regular, stat_identity
+from cmce.storage import file_sha256, forget_download, local_input, origin, read_regular, stat_identity
 
 
 class FolderSource:
@@ -44,11 +46,16 @@ class FolderSource:
         try:
             check_files(self.folder, meta, self.shown)
         except (OSError, ValueError) as err:
-            return f"{err}: the index on disk is damaged (a restart would refuse it); the loaded copy is served"
+            return damaged(err, "on disk")
         return None
 
 
+def damaged(err: BaseException | str, where: str) -> str:
+    return f"{err}: the index {where} is damaged (a restart would refuse it); the loaded copy is served"
+
+
 REPLACING_S = 120.0  # meta.json missing this long is not a build-index copying the new files into place
+AUDIT_S = 60.0  # how often the files of an s3:// index are listed: a LIST costs what 12 HEADs do on AWS
 
 
 class PrefixSource:
@@ -60,17 +67,27 @@ class PrefixSource:
         self.replacing_s = REPLACING_S
         self._meta = f"{self.uri}/meta.json"
         self._head: dict | Exception | None = None  # meta.json's HEAD answer (None: no such object) or its error
+        self._files: dict[str, tuple[str, int]] = {}  # the index's files as last listed: name -> (ETag, size)
+        self._listed_at = -AUDIT_S
+        self._trusted: dict[str, str] = {}  # name -> an ETag known to hold the served meta.json's content
 
     def identity(self) -> tuple | None:
-        """meta.json's ETag, size and time; None when it cannot be had (missing mid-replacement, the endpoint
-        down): never taken for "unchanged", so the read of meta.json that follows says what is wrong."""
+        """meta.json's ETag, size and time, and the index's files as last listed; None when meta.json cannot be had
+        (missing mid-replacement, the endpoint down): never taken for "unchanged", so the read of meta.json that
+        follows says what is wrong."""
         try:  # wrong credentials are named as such: a refused HEAD read as "not found" for as long as they lasted
             self._head = s3.object_head(self._meta, diagnose=True)
         except (OSError, ValueError) as err:
             self._head = err
         head = self._head
-        return (head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified"))) \
-            if isinstance(head, dict) else None
+        if not isinstance(head, dict):
+            return None
+        if time.monotonic() - self._listed_at >= AUDIT_S:
+            try:
+                self._list()
+            except (OSError, ValueError):  # listed again next poll; the last listing stands meanwhile
+                pass
+        return head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified")), *sorted(self._files.items())
 
     def meta_bytes(self) -> bytes:
         """meta.json, as the poll's HEAD (identity) found it: an endpoint that froze is not asked twice a poll."""
@@ -89,13 +106,46 @@ class PrefixSource:
             raise too_large
         return data
 
+    def _list(self) -> None:
+        self._files = {k: v for k, v in s3.list_objects(self.uri).items() if k in INDEX_FILES}
+        self._listed_at = time.monotonic()
+
     def load(self, query_sha256: str, query_dim: int) -> LoadedIndex:
+        # listed afresh, before the download: the files it verifies are those of these ETags (an older listing's
+        # would have each file of a rebuild downloaded again at the next audit, to check it)
+        self._list()
+        listed = dict(self._files)
         try:  # the first load reads the copy the command's checks downloaded; every later one downloads afresh
-            return load_index(self.uri, query_sha256=query_sha256, query_dim=query_dim)
+            loaded = load_index(self.uri, query_sha256=query_sha256, query_dim=query_dim)
         finally:
             forget_download(self.uri)
+        self._trusted = {name: etag for name, (etag, _) in listed.items()}
+        return loaded
 
-    def damage(self, meta: dict) -> str | None:  # noqa: ARG002 - only meta.json is watched on S3
+    def damage(self, meta: dict) -> str | None:
+        """What the last listing shows wrong with the files meta.json names: missing, another size, or another
+        ETag whose bytes (downloaded to check) do not match meta.json's checksum."""
+        sizes = meta.get("sizes") if isinstance(meta.get("sizes"), dict) else {}
+        for name in meta["files"]:
+            if name not in self._files:
+                return damaged(f"{self.uri}/{name}: missing", "in the bucket")
+            if type(size := sizes.get(name)) is int and (listed := self._files[name][1]) != size:
+                return damaged(f"{self.uri}/{name}: its size is {listed:,} bytes, meta.json records {size:,}",
+                               "in the bucket")
+        for name, digest in meta["files"].items():
+            etag = self._files[name][0]
+            if self._trusted.get(name) == etag:
+                continue
+            uri = f"{self.uri}/{name}"
+            try:  # replaced by an object of the same size: only its bytes tell
+                same = file_sha256(local_input(uri)) == digest
+            except (OSError, ValueError) as err:
+                return f"{uri}: replaced under an unchanged meta.json, and could not be read to check it: {err}"
+            finally:
+                forget_download(uri)
+            if not same:
+                return damaged(f"{uri}: does not match the checksum in meta.json", "in the bucket")
+            self._trusted[name] = etag
         return None
 
 
