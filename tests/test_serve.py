@@ -1578,6 +1578,7 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
     info = (("index_type", "flat"), ("index_version", served.version), ("query_model_sha256", sha))
     assert (got[("cmce_index_info", info)], got[("cmce_index_reloads_total", ())]) == (1.0, 0.0)
     assert got[("cmce_index_problem", ())] == 0.0
+    assert not [name for name, _ in got if name.endswith("_created")]
 
     gallery_index(tmp_path / "work", model, folder, rows=120, seed=1)  # a rebuild, swapped in by the poll
     assert holder.check() is True
@@ -1589,6 +1590,7 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
     assert got[("cmce_index_items", ())] == 120 and got[("cmce_index_info", info)] == 1.0
     assert got[("cmce_index_reloads_total", ())] == 1.0
     assert got[("cmce_index_problem", ())] == 1.0
+    assert not [name for name, _ in got if name.endswith("_created")]
     assert requests.get(f"{base}/readyz", timeout=10).json()["last_reload_error"] is not None
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -39,6 +39,9 @@ class ServerMetrics:
     """The app's registry: request counters it updates, and the served state read when scraped."""
 
     def __init__(self, holder: Holder, budget: BodyBudget):
+        # no `_created` series beside each counter and histogram (the library's default): one more series per label
+        # set, stored by Prometheus as a gauge of start times that no query here asks for
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.requests = Counter("cmce_http_requests", "HTTP requests answered", ["endpoint", "method", "status"],
                                 registry=self.registry)
