@@ -114,13 +114,14 @@ def _after_lifecycle_run(run_dir: Path, out: dict, later: tuple[Path, ...]) -> d
 
 def gather(files: list[str], folder: Path) -> Path:
     """`files` in one new folder, as the upgrade pipeline reads its train embeddings (one *.parquet per gallery
-    model; the task matches them by the sha256 they record, not by name): linked where the file system allows,
-    else copied."""
+    model; the task matches them by the sha256 they record, not by name): each a symbolic link to its file, so that
+    what the run records as read (MLflow's dataset inputs resolve links) is that file, not the temporary folder
+    (a hard link's path was recorded, gone once the run ended); copied where links cannot be made."""
     folder.mkdir()
     for i, path in enumerate(files):
         target = folder / f"{i}.parquet"
         try:
-            os.link(os.path.realpath(path), target)  # (a link to a link left dangling where the first was relative)
-        except OSError:  # another file system, or one without links
+            os.symlink(os.path.realpath(path), target)  # absolute: a relative link in a task folder left it dangling
+        except OSError:  # a file system without links
             shutil.copyfile(path, target)
     return folder

@@ -89,6 +89,16 @@ def test_upgrade_query_model_pipeline(kfp_run, tmp_path, monkeypatch):
     decision = json.loads((run_dir / "gate" / "decision").read_text())
     assert decision["promoted"] == (not decision["regressed"])
     _check_alias_follows_decision(uri, decision, upgraded)
+    # the train embeddings it read are its run's inputs, by the files in the KFP run (the folder they were gathered
+    # into for the run is gone)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run, = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "attributes.run_name = 'upgrade-query-model'")
+    read = sorted(json.loads(d.dataset.source)["uri"] for d in run.inputs.dataset_inputs
+                  if {t.value for t in d.tags} == {"train_embeddings"})
+    assert read == sorted(p.resolve().as_uri() for p in kfp_run.glob("for-loop-*/fit-transform*/train_embeddings"))
 
 
 def test_dvc_lifecycle_stages(dvc_repo, tmp_path):

@@ -696,14 +696,16 @@ def test_a_lifecycle_run_whose_decision_is_unreadable_or_loops_is_refused_naming
 
 
 def test_a_kfp_runs_train_embeddings_are_gathered_through_links_to_their_files(tmp_path):
-    """A relative link to a file was linked itself, dangling in the folder gathered; a link there is to the file."""
+    """A relative link to a file was linked itself, dangling in the folder gathered; a link there is to the file.
+    It resolves to that file: hard links made the temporary folder's path what the run recorded as read."""
     from pipeline.run_folder import gather
 
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "real").write_bytes(b"embeddings")
     (tmp_path / "task" / "train_embeddings").symlink_to("real")
     folder = gather([str(tmp_path / "task" / "train_embeddings")], tmp_path / "gathered")
-    assert (folder / "0.parquet").read_bytes() == b"embeddings" and not (folder / "0.parquet").is_symlink()
+    assert (folder / "0.parquet").read_bytes() == b"embeddings"
+    assert (folder / "0.parquet").resolve() == tmp_path / "task" / "real"
 
 
 def test_every_flag_of_the_pipeline_runner_has_help():

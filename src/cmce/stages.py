@@ -476,7 +476,8 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
     return StepRecord("upgrade-query-model", {"gallery": origin(inp.gallery), "transform": cfg.transform.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
                       register=[reg for r in refitted for reg in r.register],
-                      inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)])
+                      inputs=[("dataset", inp.dataset), ("gallery", inp.gallery),
+                              *(("train_embeddings", f) for f in inp.train_embeddings)])
 
 
 @dataclass
