@@ -2326,6 +2326,27 @@ def test_serve_refuses_class_names_from_another_dataset(world, tmp_path, caplog)
           tmp_path / "unused", f"--dataset {other}: its 'test' split is not the one the index's gallery was embedded")
 
 
+def test_search_with_another_datasets_queries_names_no_class(world, tmp_path, caplog, capsys):
+    """`search --dataset` labelled every hit with the class names of the dataset its queries came from: a digits
+    index searched with Fashion-MNIST answered `digits-0985 … "class_name": "Dress"`. The queries are searched;
+    the class names, not the index's, are left out, and said so once."""
+    table = pq.read_table(world.dataset)
+    ids = table.column("id").to_pylist()
+    ids[table.column("split").to_pylist().index("test")] = "another-image"
+    other = rewrite(world.dataset, tmp_path / "other.parquet", id=pa.array(ids))
+    for dataset, named in ((world.dataset, True), (other, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["search", "--index", str(world.index), "--query-model", str(world.query),
+                         "--dataset", str(dataset), "--limit", "3", "--k", "2"]) == 0
+        hits = [h for line in capsys.readouterr().out.splitlines() for h in json.loads(line)["hits"]]
+        assert len(hits) == 6 and all((h["class_name"] is not None) == named for h in hits), hits
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warned == ([] if named else [f"--dataset {other}: its 'test' split is not the one the index's gallery "
+                                            "was embedded from (another dataset or version); class names would be "
+                                            "wrong; the hits' class_name is left null"]), warned
+
+
 def test_a_gate_on_a_rank_no_gallery_can_miss_is_refused(world, tmp_path, caplog):
     out = tmp_path / "decision.json"
     fails(caplog, ["gate", "--config", SMOKE, "--set", "lifecycle.gate.metrics=[R@100000]", "--dataset", world.dataset,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.codec import decode_image_as_found
+from cmce.data.loader import same_split, split_source
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
 from cmce.index import SearchResult, load_index, search
@@ -32,6 +33,19 @@ def check_ids_follow_gallery(ids: list[str], gallery: Path, index_dir: Path) -> 
         raise ValueError(f"{index_dir}/ids.parquet: row {row} holds {found!r} where the gallery {gallery} puts "
                          f"{expected[row] if row < len(expected) else 'no item'!r}: its ids are not the gallery's "
                          "(edited or of another build); build the index again")
+
+
+def check_dataset_of_index(dataset: Path, meta: dict, split_of: Callable[[str], dict]) -> None:
+    """The class names must come from the dataset the gallery was embedded from: its split's ids digest, which
+    build-index records from the gallery (an index built before it was recorded is not checked)."""
+    source, split = meta.get("source"), meta.get("split")
+    if not source or not split:
+        log.warning("the index records no dataset digest (built before it did); class names from %s are not "
+                    "checked", dataset)
+        return
+    if not same_split(split_of(split), source):
+        raise ValueError(f"--dataset {dataset}: its '{split}' split is not the one the index's gallery was embedded "
+                         "from (another dataset or version); class names would be wrong")
 
 
 def hit_lists(result: SearchResult, labels: np.ndarray, classes: list[str] | None) -> list[list[dict]]:
@@ -100,6 +114,12 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
         check_ids_follow_gallery(loaded.ids, gallery, index_dir)
     names, queries = embed_queries(model, images, dataset, split, limit)
     classes = class_names(dataset) if dataset is not None else None  # once its images were read, so checked
+    if classes is not None:
+        try:  # queries from another dataset may be searched, but its class names are not the hits' (serve refuses)
+            check_dataset_of_index(dataset, loaded.meta, lambda split: split_source(dataset, split))
+        except ValueError as err:
+            log.warning("%s; the hits' class_name is left null", err)
+            classes = None
     result = search(loaded, queries, k + exclude_self)  # one more, in case the query itself is among them
     for q, hits in zip(names, hit_lists(result, loaded.labels, classes), strict=True):
         yield {"query": q, "hits": [h for h in hits if h["id"] != q][:k] if exclude_self else hits}

@@ -129,25 +129,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def check_dataset_of_index(dataset: Path, meta: dict, split_of: Callable[[str], dict]) -> None:
-    """The class names must come from the dataset the gallery was embedded from: its split's ids digest, which
-    build-index records from the gallery (an index built before it was recorded is not checked)."""
-    from cmce.data.loader import same_split
-
-    source, split = meta.get("source"), meta.get("split")
-    if not source or not split:
-        log.warning("the index records no dataset digest (built before it did); class names from %s are not "
-                    "checked", dataset)
-        return
-    if not same_split(split_of(split), source):
-        raise ValueError(f"--dataset {dataset}: its '{split}' split is not the one the index's gallery was embedded "
-                         "from (another dataset or version); class names would be wrong")
-
-
 def dataset_check(dataset: Path) -> Callable[[dict], None]:
     """check_dataset_of_index for the first index and every reload, against the dataset's splits as first read:
     the class names are read once, at start-up, so a dataset file replaced later must not vouch for an index."""
     from cmce.data.loader import split_source
+    from cmce.search import check_dataset_of_index
 
     split_of = functools.cache(lambda split: split_source(dataset, split))
     return lambda meta: check_dataset_of_index(dataset, meta, split_of)
