@@ -514,3 +514,22 @@ def test_a_thread_count_variable_that_is_no_count_is_named_before_the_libraries_
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert f"environment variable OMP_NUM_THREADS={value!r}: a thread count from 1 to 999999 expected" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, said", [
+    # the typo was unnamed: "the following arguments are required: --config"
+    (["train", "--confg", "c.yaml", "--model", "q", "--dataset", "d", "--out", "o"],
+     "cmce train: unrecognized arguments: --confg (did you mean --config?) (see cmce train --help)"),
+    # named with the top-level help: "(see cmce --help)", which lists no option of search
+    (["search", "--index", "i", "--query-model", "q", "--image", "a.png"],
+     "cmce search: unrecognized arguments: --image a.png (did you mean --images?) (see cmce search --help)"),
+    (["--version"], "cmce: unrecognized arguments: --version (see cmce --help)"),  # was "required: command"
+    (["train", "--model", "q", "--dataset", "d", "--out", "o"],  # no unknown option: what is missing
+     "cmce train: the following arguments are required: --config (see cmce train --help)"),
+])
+def test_an_unknown_option_is_named_by_the_command_it_was_given_to(argv, said, capsys):
+    from cmce.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and capsys.readouterr().err.splitlines() == [said]

@@ -4,8 +4,13 @@ refused (`cmce`, `python -m pipeline`)."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
+import sys
 import typing
 from typing import Any
+
+NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+(e[-+]?\d+)?$")  # a negative number is a value, not an option
 
 
 class OnceAction(argparse._StoreAction):
@@ -32,7 +37,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.register("action", "store", OnceAction)
         self.given: dict[str, str] = {}  # dest: option string, of the OnceAction options this parse has seen
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """An unknown argument is refused by the subcommand it was given to, naming its --help and the option it
+        may have meant (`cmce search --image a.png`: "see cmce --help", the option left to be guessed)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = next((a.choices.get(getattr(parsed, a.dest, None)) for a in self._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            (sub or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.argv = list(sys.argv[1:] if args is None else args)  # what error() looks through for unknown options
         subparsers = [p for a in self._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
         for parser in (self, *subparsers):
             parser.given = {}
@@ -44,7 +60,27 @@ class OneLineParser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message: str) -> typing.NoReturn:
+        unknown = self._unknown_options()
+        if unknown and message.startswith("the following arguments are required"):
+            # `train --confg c.yaml` was "the following arguments are required: --config", the typo unnamed
+            message = f"unrecognized arguments: {' '.join(unknown)}"
+        if message.startswith("unrecognized arguments") and unknown:
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            meant = [m for o in unknown for m in difflib.get_close_matches(o, known, n=1)]
+            message += f" (did you mean {', '.join(meant)}?)" if meant else ""
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def _unknown_options(self) -> list[str]:
+        """The options among this parse's arguments that this parser does not know (a subcommand's parser is given
+        only its own)."""
+        out = []
+        for arg in getattr(self, "argv", []):
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if arg.startswith("-") and arg != "-" and not NUMBER.match(arg) and name not in self._option_string_actions:
+                out.append(name)
+        return out
 
 
 def not_blank(convert: typing.Callable[[str], Any] = str, what: str = "a value") -> typing.Callable[[str], Any]:
