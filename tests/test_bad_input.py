@@ -784,10 +784,14 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(world, tmp_p
 
 
 def test_truncated_checkpoint(world, tmp_path, caplog):
-    bad = tmp_path / "q.pt"
-    bad.write_bytes(world.query.read_bytes()[:500])
+    """Cut short (a partial copy), it was `not a loadable checkpoint: ValueError: negative seek value -468`."""
+    data = world.query.read_bytes()
     out = previous_file(tmp_path / "member.parquet")
-    fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out, f"{bad}: not a loadable checkpoint")
+    for cut in (500, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"q{cut}.pt"
+        bad.write_bytes(data[:cut])
+        fails(caplog, [*embed_member_args(world, query=bad), "--out", out], out,
+              f"{bad}: the checkpoint's archive has no end record: truncated (a copy cut short?); copy it again")
 
 
 def test_exit_code_and_message_of_the_installed_command(world, tmp_path):
@@ -2409,6 +2413,16 @@ def test_an_onnx_export_given_as_a_checkpoint_says_what_it_is(world, tmp_path, c
     out = tmp_path / "m.parquet"
     fails(caplog, [*embed_member_args(world, query=fake), "--out", out], out,
           f"{fake}: not a loadable checkpoint: not a torch checkpoint file")
+
+
+def test_a_folder_of_checkpoints_given_as_one_is_named_a_folder(world, tmp_path, caplog):
+    """The models folder given for a model was "not a torch checkpoint file (an ONNX export, say, ...)"."""
+    (models := tmp_path / "models").mkdir()
+    for name in ("query.pt", "resnet_a.pt"):
+        (models / name).write_bytes(world.query.read_bytes())
+    out = tmp_path / "m.parquet"
+    fails(caplog, [*embed_member_args(world, query=models), "--out", out], out,
+          f"{models}: is a folder; give a checkpoint file (it holds query.pt, resnet_a.pt)")
 
 
 # ---------------------------------------------------------------- a fifth hostile round

@@ -71,6 +71,10 @@ def read_checkpoint(path: str | Path, expected_format: str) -> tuple[dict[str, A
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: {not_found(path, 'checkpoint')}")
+    if path.is_dir():  # was "not a torch checkpoint file (an ONNX export, say, ...)"
+        held = sorted(p.name for p in path.glob("*.pt"))
+        raise CheckpointError(f"{path}: is a folder; give a checkpoint file" + (
+            f" (it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''})" if held else ""))
     try:
         with open_regular(path) as f:
             data = f.read()
@@ -140,8 +144,9 @@ def _check_archive_end(path: Path, data: bytes) -> None:
     model"), or an export went out stamped with a sha256 no artifact has."""
     size = len(data)
     at = data.rfind(ZIP_END, max(0, size - 22 - 65535))
-    if at < 0 or at + 22 > size:
-        return  # no readable end record: torch.load names the damage
+    if at < 0 or at + 22 > size:  # every zip archive ends with one: torch.load said "negative seek value -1405"
+        raise CheckpointError(f"{path}: the checkpoint's archive has no end record: truncated (a copy cut short?); "
+                              "copy it again from its source")
     end = at + 22 + int.from_bytes(data[at + 20:at + 22], "little")
     if end > size:
         raise CheckpointError(f"{path}: the checkpoint's archive ends {end - size} byte(s) past the file: truncated; "
