@@ -524,6 +524,8 @@ def test_a_thread_count_variable_that_is_no_count_is_named_before_the_libraries_
     (["search", "--index", "i", "--query-model", "q", "--image", "a.png"],
      "cmce search: unrecognized arguments: --image a.png (did you mean --images?) (see cmce search --help)"),
     (["--version"], "cmce: unrecognized arguments: --version (see cmce --help)"),  # was "required: command"
+    (["search", "--index", "i", "--query-model", "q", "--dataset", "d", "--split", "tset"],  # was "is empty"
+     "cmce search: argument --split: invalid choice: 'tset' (choose from 'train', 'test') (see cmce search --help)"),
     (["train", "--model", "q", "--dataset", "d", "--out", "o"],  # no unknown option: what is missing
      "cmce train: the following arguments are required: --config (see cmce train --help)"),
 ])

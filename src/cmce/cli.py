@@ -35,6 +35,7 @@ from cmce.argument_paths import (
 from cmce.arguments import OneLineParser, int_in, not_blank
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, index_section_alone, parse_overrides, shown_key
+from cmce.data.readers import SPLITS
 from cmce.errors import (
     Terminated,
     command_begun,
@@ -629,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--query-model", required=True, help=query_model_help)
     sp.add_argument("--images", nargs="*", default=[], help="image files")
     sp.add_argument("--dataset", default=None, help="or a dataset Parquet file (whose class names label the hits)")
-    sp.add_argument("--split", default=None, help="the --dataset split to search with (default test)")
+    sp.add_argument("--split", default=None, choices=SPLITS, help="the --dataset split to search with (default test)")
     sp.add_argument("--limit", type=_count, default=None, help="at most this many --dataset queries (default 0: all)")
     sp.add_argument("--k", type=_positive_int, default=5, help="neighbours per query, >= 1 (default %(default)s)")
     sp.add_argument("--exclude-self", action="store_true",
@@ -647,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "identical top-10 hits, else exit 2 and nothing written")
     sp.add_argument("--check-index", default=None,
                     help="search this built index for the top-10 comparison (default: the split's own embeddings)")
-    sp.add_argument("--split", default="test", help="the --check-dataset split (default %(default)s)")
+    sp.add_argument("--split", default="test", choices=SPLITS, help="the --check-dataset split (default %(default)s)")
 
     add("run", cmd_run, "run every step in one process from a config")
 
