@@ -2203,10 +2203,10 @@ def test_an_output_file_is_replaced_only_by_a_file_of_its_format_and_kind(world,
     gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
     fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--query-model", world.query,
                    "--gallery-model", world.gallery_models[0], "--out", gallery], gallery,
-          f"{gallery}: holds a parquet file; this step writes a checkpoint file")
+          f"{gallery}: holds a Parquet file; this step writes a checkpoint file")
     model = Path(shutil.copyfile(world.query, tmp_path / "model.parquet"))
     fails(caplog, ["combine", "--member", world.members[0], "--out", model], model,
-          f"{model}: holds a checkpoint file; this step writes a parquet file")
+          f"{model}: holds a checkpoint file; this step writes a Parquet file")
     again = tmp_path / "again.parquet"  # a file of the step's own kind is its earlier output: replaced
     assert main(["combine", "--member", str(world.members[0]), "--out", str(again)]) == 0
     assert main(["combine", "--member", str(world.members[1]), "--out", str(again)]) == 0
@@ -2687,13 +2687,13 @@ def test_json_and_onnx_outputs_are_told_apart_from_other_formats(world, tmp_path
     checkpoint, both exit 0: only Parquet and checkpoints were recognised."""
     index = Path(shutil.copytree(world.index, tmp_path / "index"))
     fails(caplog, ["export-query", "--query-model", world.query, "--out", index / "meta.json"], index / "meta.json",
-          f"{index / 'meta.json'}: holds a json file; this step writes a onnx file")
+          f"{index / 'meta.json'}: holds a JSON file; this step writes an ONNX file")
     onnx_file = tmp_path / "q.onnx"
     assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0
     assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0  # its own kind
     fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
                    "query", "--out", onnx_file], onnx_file,
-          f"{onnx_file}: holds a onnx file; this step writes a checkpoint file")
+          f"{onnx_file}: holds an ONNX file; this step writes a checkpoint file")
 
 
 def test_shards_of_two_versions_of_a_dataset_are_not_merged(world, tmp_path, caplog):
@@ -3725,7 +3725,7 @@ def test_a_foreign_file_or_a_folder_at_the_resume_path_is_refused_before_trainin
              "query"]
     foreign = Path(shutil.copy(world.dataset, tmp_path / "r1.pt.resume"))
     fails(caplog, [*train, "--out", tmp_path / "r1.pt"], tmp_path / "r1.pt",
-          f"{foreign}: the resume file of --out holds a parquet file, not a saved training state")
+          f"{foreign}: the resume file of --out holds a Parquet file, not a saved training state")
     assert foreign.read_bytes() == world.dataset.read_bytes()
     (tmp_path / "r3.pt.resume").mkdir()
     fails(caplog, [*train, "--out", tmp_path / "r3.pt"], tmp_path / "r3.pt",

@@ -522,7 +522,7 @@ def test_images_outside_every_class_folder_are_named_not_dropped_unsaid(tmp_path
     assert loose_warnings() == []
     (tmp_path / "only").mkdir()  # images and no class folder at all: said so, not just "no class folders"
     (tmp_path / "only" / "0.png").write_bytes(_png("L"))
-    with pytest.raises(DataError, match=r"only: holds 1 image but no class folders found; an ImageFolder holds one"):
+    with pytest.raises(DataError, match=r"only: holds 1 image but no class folders; an ImageFolder holds one"):
         import_imagefolder(tmp_path / "only")
 
 

@@ -536,12 +536,12 @@ def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_serve
         "file over a prefix": ([*export, f"s3://{bucket}/idx"], "is a folder (a prefix holding objects)"),
         "folder over an object": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
                                    f"s3://{bucket}/q.onnx"], "is an object (a file), not an output folder"),
-        "file over another format": ([*export, f"s3://{bucket}/gallery.parquet"], "holds a parquet file"),
+        "file over another format": ([*export, f"s3://{bucket}/gallery.parquet"], "holds a Parquet file"),
         "Parquet over another kind": (["prepare-data", *QUICK, "--out", f"s3://{bucket}/gallery.parquet"],
                                       "holds a gallery Parquet file; this step writes a dataset file"),
         "folder holding other objects": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
                                           f"s3://{bucket}/q"], "holds notes.txt, which this step does not write"),
-        "ONNX over an index's meta.json": ([*export, f"s3://{bucket}/idx/meta.json"], "holds a json file"),
+        "ONNX over an index's meta.json": ([*export, f"s3://{bucket}/idx/meta.json"], "holds a JSON file"),
         "checkpoint over another kind": (["fit-transform", *QUICK, "--dataset", str(local / "d.parquet"),
                                           "--query-model", str(local / "q.pt"), "--gallery-model", str(local / "g.pt"),
                                           "--out", f"s3://{bucket}/model.pt"],
@@ -1566,7 +1566,7 @@ def test_training_to_an_s3_output_resumes_after_a_stop(s3_server, s3_chain, tmp_
     assert "after epoch 4 of 4" in caplog.text and keys(s3_server, bucket) == {"t.pt", "v.pt"}
 
     s3_server.client().put_object(Bucket=bucket, Key="u.pt.resume", Body=(s3_chain.local / "d.parquet").read_bytes())
-    for extra, said in [([], f"s3://{bucket}/u.pt.resume: the resume file of --out holds a parquet file, not a saved "
+    for extra, said in [([], f"s3://{bucket}/u.pt.resume: the resume file of --out holds a Parquet file, not a saved "
                              "training state; move it, or give another --out"),
                         (["--train-embeddings-out", f"s3://{bucket}/w.pt.resume"],
                          f"--train-embeddings-out s3://{bucket}/w.pt.resume and --out's resume file s3://{bucket}/"

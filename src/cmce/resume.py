@@ -32,7 +32,7 @@ from torch import nn
 
 from cmce import distributed as ddp
 from cmce.checkpoint import archive_damage, save_torch
-from cmce.storage import clean_stale_temps, file_sha256
+from cmce.storage import a_format, clean_stale_temps, file_sha256
 
 log = logging.getLogger(__name__)
 RESUME_FORMAT = "cmce-resume/1"
@@ -79,7 +79,8 @@ def check_resume_object(uri: str) -> None:
 
 
 def _not_a_state(shown: str, kind: str | None) -> ValueError:
-    return _refused(shown, f"holds {f'a {kind} file' if kind else 'a foreign file'}, not a saved training state")
+    held = f"{a_format(kind)} file" if kind else "a foreign file"
+    return _refused(shown, f"holds {held}, not a saved training state")
 
 
 def _refused(shown: str, said: str) -> ValueError:

@@ -395,11 +395,20 @@ def _refuse_other_format(text: str, found: str | None, writes: str | None, kinds
                          kind_of: Callable[[], str | None]) -> None:
     """An existing output file of `found` format is replaced only by a file of its own format and kind."""
     if found and found != writes:
-        raise ValueError(f"{text}: holds a {found} file; this step writes a {writes} file, so give another path")
+        raise ValueError(f"{text}: holds {a_format(found)} file; this step writes {a_format(writes)} file, so give "
+                         "another path")
     if found and kinds and (kind := kind_of()) not in kinds:
-        shown = "Parquet" if found == "parquet" else found
-        raise ValueError(f"{text}: holds a {kind or 'non-cmce'} {shown} file; this step writes a {kinds[0]} file, "
-                         "so give another path")
+        raise ValueError(f"{text}: holds a {kind or 'non-cmce'} {FORMAT_NAMES.get(found, found)} file; this step "
+                         f"writes a {kinds[0]} file, so give another path")
+
+
+FORMAT_NAMES = {"parquet": "Parquet", "onnx": "ONNX", "json": "JSON"}
+
+
+def a_format(fmt: str | None) -> str:
+    """A file format with its article: "a Parquet", "an ONNX" (was "a onnx")."""
+    name = FORMAT_NAMES.get(fmt or "", fmt or "unknown")
+    return f"{'an' if name[0] in 'AEIOUaeiou' else 'a'} {name}"
 
 
 # a Parquet footer larger than this is not read to check an S3 output's kind (its format is still checked)

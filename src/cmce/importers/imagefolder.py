@@ -115,7 +115,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
                         "held-out protocol tests on the training classes", root, len(train & test),
                         sorted(test - train)[:5] or "none", sorted(train - test)[:5] or "none")
     if not classes:
-        raise DataError(f"{root}: {_holds(len(loose))}no class folders found; an ImageFolder holds one folder per "
+        raise DataError(f"{root}: {_holds(len(loose))}no class folders; an ImageFolder holds one folder per "
                         "class (root/<class>/<image>)")
     alike: dict[str, list[str]] = {}
     for c in classes:  # "café" typed on two systems, composed and decomposed; "c0" and "c0 ": classes that print alike
