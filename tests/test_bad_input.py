@@ -2425,6 +2425,15 @@ def test_a_folder_of_checkpoints_given_as_one_is_named_a_folder(world, tmp_path,
           f"{models}: is a folder; give a checkpoint file (it holds query.pt, resnet_a.pt)")
 
 
+def test_fetch_data_into_a_folder_of_other_files_names_its_out(tmp_path, caplog):
+    """It said "point data.path at an empty or missing folder" to a user who had given --out."""
+    (out := tmp_path / "configs").mkdir()
+    (out / "a.yaml").write_text("x: 1\n")
+    fails(caplog, ["fetch-data", "--config", SMOKE, "--set", "data.source=fashion_mnist", "--out", out], out,
+          f"{out}: exists and is not empty, but holds no Fashion-MNIST IDX files; give an empty or missing folder "
+          "(data.path, or fetch-data's --out)")
+
+
 # ---------------------------------------------------------------- a fifth hostile round
 def test_a_registered_model_without_a_registry_writes_nothing_in_the_working_folder(world, tmp_path, caplog,
                                                                                    monkeypatch):

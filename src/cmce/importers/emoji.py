@@ -102,7 +102,7 @@ def fetch_emoji(dest: str | Path) -> Path:
         foreign = sorted(p.name for p in dest.iterdir() if p.name not in VENDORS and not p.name.startswith(_STAGING))
         if foreign:
             raise DataError(f"{dest}: exists and holds other files ({', '.join(foreign[:5])}); "
-                            "point data.path at an empty or missing folder")
+                            "give an empty or missing folder (data.path, or fetch-data's --out)")
     npm = shutil.which("npm")
     if npm is None:
         raise DataError(

@@ -78,7 +78,7 @@ def fetch_fashion_mnist(dest: str | Path) -> Path:
     if dest.exists() and any(dest.iterdir()):
         # never delete or mix into a folder we did not create
         raise DataError(f"{dest}: exists and is not empty, but holds no Fashion-MNIST IDX files; "
-                        "point data.path at an empty or missing folder")
+                        "give an empty or missing folder (data.path, or fetch-data's --out)")
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise DataError(f"fetching Fashion-MNIST needs {tool} (Debian); or set data.path to the IDX files")
