@@ -1,8 +1,19 @@
+import dataclasses
+import logging
+
 import numpy as np
 import pytest
 
 from cmce.config import EvaluateConfig
-from cmce.evaluate import EvalInputs, cosine_scores, evaluate, index_checks, load_evaluation, rejection_curves
+from cmce.evaluate import (
+    EvalInputs,
+    configuration_metrics,
+    cosine_scores,
+    evaluate,
+    index_checks,
+    load_evaluation,
+    rejection_curves,
+)
 from cmce.index import build_index, load_index
 from cmce.tables import TableError
 
@@ -126,6 +137,42 @@ def test_index_settings_show_in_the_index_checks(smoke_run, tmp_path):
     assert rejected["indexed"] == pytest.approx(0.7, abs=1 / len(data.gallery_ids))
     assert rejected["neighbour_recall@10"] < 0.9
     assert metrics["index"]["indexed"] == pytest.approx(0.9, abs=1 / len(data.gallery_ids))  # smoke: 0.1 rejected
+
+
+def test_the_index_checks_leave_lone_queries_out_as_every_configuration_does(smoke_run, tmp_path, caplog):
+    """A query alone in its class in the index was counted as a miss: one test image a class gave the index an
+    R@1 of 0.00 beside configurations that were all undefined."""
+    lay, _ = smoke_run
+    names = lay.gallery_names
+    data = load_evaluation(EvalInputs(lay.dataset, lay.model("query"), lay.gallery,
+                                      [lay.transformation(n) for n in names]))
+    data.index = load_index(build_index(lay.gallery, tmp_path / "index", 0.0, "flat"))
+    before = index_checks(data)["R@1"]
+    row = {i: r for r, i in enumerate(data.index.ids)}
+    alone = [q for q in data.query_ids[::2] if q in row]  # each given a class of its own
+    for n, q in enumerate(alone):
+        data.index.labels[row[q]] = 10_000 + n
+    lone = set(alone)
+    data.query_labels = np.array([10_000 + alone.index(q) if q in lone else y
+                                  for q, y in zip(data.query_ids, data.query_labels.tolist(), strict=True)])
+    others = index_checks(data)["R@1"]
+    kept = [i for i, q in enumerate(data.query_ids) if q not in lone]  # the same index, searched by the others alone
+    alone_out = dataclasses.replace(data, queries=data.queries[kept], query_labels=data.query_labels[kept],
+                                    query_ids=[data.query_ids[i] for i in kept])
+    assert others == pytest.approx(index_checks(alone_out)["R@1"]) and len(kept) < len(data.query_ids)
+    data.index.labels[:] = np.arange(len(data.index.ids)) + 10_000  # every item alone in its class
+    data.query_labels = np.array([10_000 + row[q] for q in data.query_ids])
+    assert np.isnan(index_checks(data)["R@1"]) and not np.isnan(before)
+    # and every configuration undefined is said, once (a table of dashes, exit 0, said nothing)
+    gallery_row = {i: r for r, i in enumerate(data.gallery_ids)}
+    data.gallery_labels = np.arange(len(data.gallery_ids)) + 10_000
+    data.query_labels = np.array([10_000 + gallery_row[q] for q in data.query_ids])
+    data.index = None
+    with caplog.at_level(logging.WARNING, logger="cmce.evaluate"):
+        metrics = configuration_metrics(data, EvaluateConfig())
+    assert all(np.isnan(m["R@1"]) for name, m in metrics.items() if "R@1" in m)
+    said = [r.getMessage() for r in caplog.records if "every query is lone" in r.getMessage()]
+    assert len(said) == 1 and "each class needs at least 2 test images" in said[0], said
 
 
 def test_an_index_of_another_gallery_is_refused(smoke_run, tmp_path):

@@ -20,7 +20,9 @@ the query embeddings are computed once and shared by every configuration that se
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +305,7 @@ def configuration_metrics(data: EvalData, cfg: EvaluateConfig, seed: int = 0) ->
     """Every configuration's metrics from the arrays alone (see the module docstring), and the served
     ensemble's rejection curves, from the same passes over its scores."""
     metrics: Metrics = {}
+    undefined: list[str] = []  # the first configuration whose every query was lone
     g_labels, domains = data.gallery_labels, data.domains
 
     def pairs(queries: np.ndarray, gallery: np.ndarray, cols: np.ndarray, symmetric: bool = False) -> InnerProducts:
@@ -312,6 +315,10 @@ def configuration_metrics(data: EvalData, cfg: EvaluateConfig, seed: int = 0) ->
     def record(name: str, values: dict[str, float]) -> None:
         metrics[name] = values
         log.info("%-28s R@1 %.4f  MAP@R %.4f", name, values["R@1"], values["MAP@R"])
+        if math.isnan(values["R@1"]) and not undefined:
+            undefined.append(name)  # said once: a table of dashes, exit 0, said nothing (one test image a class)
+            log.warning("%s: every query is lone (no other gallery item of its class): R@K and MAP@R are undefined; "
+                        "each class needs at least 2 test images (data.max_test_per_class)", name)
 
     def run(name: str, scores: InnerProducts, qlab: np.ndarray) -> None:
         record(name, retrieval_metrics(scores, qlab, g_labels, cfg.recall_k, cfg.far, block_mb=cfg.block_mb))
@@ -357,7 +364,7 @@ def index_checks(data: EvalData) -> dict[str, float]:
     """The built index searched as it is served, so its settings (rejected fraction, type, search parameters)
     show in a metric: the share of the gallery it holds; neighbour_recall@K, the mean share of each query's K
     nearest gallery items by exact search over the whole gallery that the index returns; and, unless queries
-    must leave their own domain (cross_vendor), R@1 of its first result (own image left out)."""
+    must leave their own domain (cross_vendor), R@1 of its first result (own image and lone queries left out)."""
     assert data.index is not None and data.gallery is not None
     q = normalize(data.queries, "query embeddings")
     k = min(INDEX_K, len(data.gallery_ids) - 1)
@@ -367,10 +374,13 @@ def index_checks(data: EvalData) -> dict[str, float]:
     got = _top_k(data.index.index, data.index.ids, q, data.query_ids, k)
     out = {"indexed": len(data.index.ids) / len(data.gallery_ids),
            f"neighbour_recall@{k}": float(np.mean([len(set(a) & set(b)) / k for a, b in zip(want, got, strict=True)]))}
-    if data.domains is None:
+    if data.domains is None:  # lone queries left out, as in every configuration: a miss no index could avoid
         label = dict(zip(data.index.ids, data.index.labels.tolist(), strict=True))
-        hits = [bool(row) and label[row[0]] == y for row, y in zip(got, data.query_labels.tolist(), strict=True)]
-        out["R@1"] = float(np.mean(hits))
+        per_label = collections.Counter(label.values())
+        hits = [bool(row) and label[row[0]] == y for row, y, q_id in zip(got, data.query_labels.tolist(),
+                                                                         data.query_ids, strict=True)
+                if per_label[y] > (label.get(q_id) == y)]  # another indexed item of its class than itself
+        out["R@1"] = float(np.mean(hits)) if hits else float("nan")  # was 0.00 with every query lone
     return out
 
 
