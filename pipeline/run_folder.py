@@ -61,8 +61,10 @@ def _query_model(run_dir: Path, gallery: str, candidates: list[Path]) -> str:
     made_for = read_metadata(gallery).get("query_model_sha256")
     query = model_with_sha256(made_for, candidates) if isinstance(made_for, str) else None
     if query is None:
+        looked = ", ".join(str(p) for p in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
         raise ValueError(f"{run_dir}: no model of the run is the query model its gallery {gallery} was transformed "
-                         f"for (sha256 {str(made_for)[:12]})")
+                         f"for (sha256 {str(made_for)[:12]}; looked at {looked or 'no model'}): a model replaced since "
+                         "(a run written again into its folder) is not it; give it with --query-model-uri")
     return str(query)
 
 

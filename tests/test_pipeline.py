@@ -695,6 +695,26 @@ def test_a_lifecycle_run_whose_decision_is_unreadable_or_loops_is_refused_naming
                                               "--inputs-from", str(run)]))
 
 
+def test_a_query_model_replaced_since_its_gallery_was_made_is_named_as_the_cause(tmp_path):
+    """A lifecycle run chained from a `cmce run` folder written again since: "no model of the run is the query model
+    its gallery was transformed for", nothing said of the cause or of the files looked at."""
+    import pyarrow as pa
+
+    from cmce.tables import with_metadata, write_table
+    from pipeline.run_folder import _query_model
+
+    gallery = write_table(with_metadata(pa.table({"id": ["a"]}), {"query_model_sha256": "ab" * 32}),
+                          tmp_path / "gallery.parquet")
+    (models := tmp_path / "models").mkdir()
+    (models / "query.pt").write_bytes(b"the model of a later run")
+    with pytest.raises(ValueError) as err:
+        _query_model(tmp_path, str(gallery), [models / "query.pt"])
+    assert str(err.value) == (f"{tmp_path}: no model of the run is the query model its gallery {gallery} was "
+                              f"transformed for (sha256 abababababab; looked at {models / 'query.pt'}): a model "
+                              "replaced since (a run written again into its folder) is not it; give it with "
+                              "--query-model-uri")
+
+
 def test_a_kfp_runs_train_embeddings_are_gathered_through_links_to_their_files(tmp_path):
     """A relative link to a file was linked itself, dangling in the folder gathered; a link there is to the file.
     It resolves to that file: hard links made the temporary folder's path what the run recorded as read."""
