@@ -621,44 +621,98 @@ def test_a_served_s3_index_follows_a_rebuild_in_the_bucket(s3_server, s3_chain, 
     assert f"now serving index {now['index_version'][:12]}" in server.log.read_text()
 
 
+class Clock:
+    """time, with a monotonic clock the test moves on by hand (a minute's audit without a minute's wait)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
 def test_a_served_s3_index_whose_files_change_under_its_meta_json_says_so(s3_server, s3_chain, monkeypatch):
     """Only meta.json was watched on S3: an index file deleted (a bucket's expiry rule) or replaced under it went
-    unsaid while the loaded copy served, /readyz ready, and the next restart refused the index. A rebuild's files are
-    not downloaded again to be checked: the load lists them first."""
-    from cmce.serving import index_source
-    from cmce.serving.state import Holder, QueryModelSource
+    unsaid while the loaded copy served, /readyz ready, and the next restart refused the index. The files are looked
+    at once a minute and whenever meta.json changes: a rebuild's are not downloaded again to be checked, a refused
+    one is loaded once, and a check that could not be made is made again after a while."""
+    from cmce.serving import index_source, state
+    from cmce.serving.state import RETRY_S, Holder, QueryModelSource
 
     use_server(monkeypatch, s3_server)
-    monkeypatch.setattr(index_source, "AUDIT_S", 0.0)  # (as if a minute had passed at every poll)
-    checked = []
-    monkeypatch.setattr(index_source, "local_input", lambda uri: checked.append(uri) or local_input(uri))
+    clock = Clock()
+    monkeypatch.setattr(index_source, "time", clock)
+    monkeypatch.setattr(state, "time", clock)
+    loads, checked, fail = [], [], []
+    monkeypatch.setattr(index_source, "load_index", lambda *a, **kw: loads.append(a) or load_index(*a, **kw))
+
+    def check_download(uri):
+        checked.append(uri)
+        if fail:
+            raise TimeoutError(f"{uri}: {fail.pop()}")
+        return local_input(uri)
+
+    monkeypatch.setattr(index_source, "local_input", check_download)
     bucket = new_bucket(s3_server)
-    index, gallery, put = f"s3://{bucket}/index", str(s3_chain.local / "gallery.parquet"), s3_server.client().put_object
+    index, gallery, c = f"s3://{bucket}/index", str(s3_chain.local / "gallery.parquet"), s3_server.client()
     assert main(["build-index", "--gallery", gallery, "--out", index]) == 0
-    holder = Holder(index, QueryModelSource(str(s3_chain.local / "q.pt"), Path))
-    assert main(["build-index", "--gallery", gallery, "--out", index, "--index-type", "hnsw"]) == 0
-    assert holder.check() is True and holder.check() is False and holder.last_error is None
-    assert checked == []
+
+    refusing = ["hnsw"]
+
+    def accept(meta: dict) -> None:  # (as serve's --dataset check refuses an index of another dataset)
+        if meta["index_type"] in refusing:
+            raise ValueError(f"refused: {meta['index_type']}")
+
+    holder = Holder(index, QueryModelSource(str(s3_chain.local / "q.pt"), Path), accept=accept)
     served, ids = holder.current, read_object(s3_server, bucket, "index/ids.parquet")
-    s3_server.client().delete_object(Bucket=bucket, Key="index/ids.parquet")
-    assert holder.check() is False and holder.current is served
-    assert holder.last_error == (f"{index}/ids.parquet: missing: the index in the bucket is damaged (a restart would "
-                                 "refuse it); the loaded copy is served")
-    put(Bucket=bucket, Key="index/ids.parquet", Body=ids[:-1] + bytes([ids[-1] ^ 1]))  # the same size
-    assert holder.check() is False and holder.current is served
-    assert holder.last_error.startswith(f"{index}/ids.parquet: does not match the checksum in meta.json: the index")
-    put(Bucket=bucket, Key="index/ids.parquet", Body=ids)
-    assert holder.check() is False and holder.last_error is None
-    # downloaded to be checked once: the bytes put back have the ETag that was served
-    assert checked == [f"{index}/ids.parquet"]
-    assert holder.check() is False and holder.last_error is None and len(checked) == 1
-    c = s3_server.client()  # the same bytes under another ETag (a multipart upload's): checked once, then trusted
+
+    def poll(after: float = 0.0) -> str | None:
+        clock.now += after
+        assert holder.check() is False and holder.current is served
+        return holder.last_error
+
+    assert main(["build-index", "--gallery", gallery, "--out", index, "--index-type", "hnsw"]) == 0
+    assert [poll(), poll(10), poll(61)] == ["reload failed: refused: hnsw"] * 3 and len(loads) == 2  # loaded once
+    refusing.clear()
+    assert main(["build-index", "--gallery", gallery, "--out", index, "--config", str(SMOKE), "--index-type", "hnsw",
+                 "--reject-fraction", "0", "--set", "index.hnsw.m=16"]) == 0
+    assert holder.check() is True and len(loads) == 3 and holder.last_error is None
+    served, ids = holder.current, read_object(s3_server, bucket, "index/ids.parquet")
+    assert [poll(), poll(61)] == [None, None] and checked == []  # the rebuild's files: not downloaded to check
+
+    c.delete_object(Bucket=bucket, Key="index/ids.parquet")
+    assert poll(10) is None  # looked at once a minute
+    assert poll(51) == (f"{index}/ids.parquet: missing: the index in the bucket is damaged (a restart would refuse "
+                        "it); the loaded copy is served")
+    c.put_object(Bucket=bucket, Key="index/ids.parquet", Body=ids[:-1] + bytes([ids[-1] ^ 1]))  # the same size
+    assert poll(61).startswith(f"{index}/ids.parquet: does not match the checksum in meta.json: the index")
+    c.put_object(Bucket=bucket, Key="index/ids.parquet", Body=ids)
+    assert poll(61) is None and len(checked) == 1  # the bytes put back have the ETag that was served: not downloaded
+
+    # the same bytes under another ETag (a multipart upload's): downloaded to check; a download that failed is tried
+    # again after RETRY_S, not shown until the next change
     upload = c.create_multipart_upload(Bucket=bucket, Key="index/ids.parquet")["UploadId"]
     part = c.upload_part(Bucket=bucket, Key="index/ids.parquet", UploadId=upload, PartNumber=1, Body=ids)["ETag"]
     c.complete_multipart_upload(Bucket=bucket, Key="index/ids.parquet", UploadId=upload,
                                 MultipartUpload={"Parts": [{"ETag": part, "PartNumber": 1}]})
-    for _ in range(2):
-        assert holder.check() is False and holder.last_error is None and len(checked) == 2
+    fail.append("no whole answer within 5 s")
+    said = poll(61)
+    assert said.startswith(f"{index}/ids.parquet: replaced under an unchanged meta.json, and could not be read to "
+                           "check it"), said
+    assert poll(1) == said and len(checked) == 2
+    assert poll(RETRY_S) is None and len(checked) == 3
+    assert [poll(61), poll(61)] == [None, None] and len(checked) == 3  # checked once, then trusted
+
+    real_head = cmce_s3.object_head  # the files cannot be looked at: said, and looked at again a minute later
+    monkeypatch.setattr(cmce_s3, "object_head", lambda uri, *a, **kw: (
+        (_ for _ in ()).throw(PermissionError(f"{uri}: access denied")) if uri.endswith(".faiss")
+        else real_head(uri, *a, **kw)))
+    assert poll(61) == f"{index}: its files could not be looked at to check them: {index}/index.faiss: access denied"
+    monkeypatch.setattr(cmce_s3, "object_head", real_head)
+    assert poll(61) is None
     clear_scratch()
 
 

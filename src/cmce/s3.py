@@ -638,26 +638,18 @@ def list_keys(uri: str, starting: str = "") -> list[str]:
     """Keys under the prefix `uri/` (that start with `starting` there), relative to it, sorted; refused past
     MAX_LISTED_KEYS (a server whose listing never ended, each page in time, held `search` until it was killed, its
     memory growing)."""
-    return sorted(list_objects(uri, starting))
-
-
-def list_objects(uri: str, starting: str = "") -> dict[str, tuple[str, int]]:
-    """list_keys' keys, each with its ETag and size."""
     u = parse(uri)
-    out: dict[str, tuple[str, int]] = {}
-    seen = 0  # keys listed, repeats included: a server sending one page for ever never grows the dict
+    out: list[str] = []
     with _errors(uri, "listing"):
         pages = iter(client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket,
                                                                         Prefix=u.dir_prefix + starting))
         while (page := _bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
             _is_listing(page, uri, "listing")
-            contents = page.get("Contents", [])
-            out |= {o["Key"][len(u.dir_prefix):]: (str(o.get("ETag")), int(o.get("Size") or 0)) for o in contents}
-            seen += len(contents)
-            if seen > MAX_LISTED_KEYS:
+            out += [o["Key"][len(u.dir_prefix):] for o in page.get("Contents", [])]
+            if len(out) > MAX_LISTED_KEYS:
                 raise ValueError(f"{redact(uri)}: its listing goes past {MAX_LISTED_KEYS:,} objects; a cmce folder "
                                  "holds far fewer (a prefix too broad, or a server whose listing never ends)")
-    return {k: v for k, v in out.items() if k and not k.endswith("/")}  # "folder/" placeholder objects hold nothing
+    return sorted(k for k in out if k and not k.endswith("/"))  # "folder/" placeholder objects hold nothing
 
 
 def _inside(dest: Path, rel: str, uri: str) -> Path:

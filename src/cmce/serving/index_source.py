@@ -4,14 +4,16 @@ Each poll takes the source's cheap `identity` first; only when it changed is met
 index's version), and only a new version is loaded. A local folder's identity is that of the folder and every file
 in it. An s3:// prefix is followed by its meta.json (one HEAD a poll): build-index replaces a prefix by deleting
 meta.json, copying the new files into place and writing meta.json last, and a load verifies every file against the
-meta.json it read, reading the prefix again while a replacement is under way. Its other files are listed every
-AUDIT_S (an ETag and a size each): one deleted, cut or replaced under an unchanged meta.json (a bucket's expiry
-rule, a hand-made copy) is reported, as a local folder's is. A loaded s3:// index is served from memory: its
-download is removed at once, so that a server following daily rebuilds never fills its scratch folder.
+meta.json it read, reading the prefix again while a replacement is under way. Its other files are looked at (a HEAD
+each: an ETag and a size) when meta.json changes and every AUDIT_S: one deleted, cut or replaced under an unchanged
+meta.json (a bucket's expiry rule, a hand-made copy) is reported, as a local folder's is. A loaded s3:// index is
+served from memory: its download is removed at once, so that a server following daily rebuilds never fills its
+scratch folder.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -55,7 +57,8 @@ def damaged(err: BaseException | str, where: str) -> str:
 
 
 REPLACING_S = 120.0  # meta.json missing this long is not a build-index copying the new files into place
-AUDIT_S = 60.0  # how often the files of an s3:// index are listed: a LIST costs what 12 HEADs do on AWS
+AUDIT_S = 60.0  # how often the files beside an s3:// index's meta.json are looked at (a HEAD each)
+AUDITED = tuple(name for name in INDEX_FILES if name != "meta.json")
 
 
 class PrefixSource:
@@ -67,14 +70,15 @@ class PrefixSource:
         self.replacing_s = REPLACING_S
         self._meta = f"{self.uri}/meta.json"
         self._head: dict | Exception | None = None  # meta.json's HEAD answer (None: no such object) or its error
-        self._files: dict[str, tuple[str, int]] = {}  # the index's files as last listed: name -> (ETag, size)
-        self._listed_at = -AUDIT_S
+        self._files: dict[str, tuple[str, int]] = {}  # the other files as last looked at: name -> (ETag, size)
+        self._audit: tuple[str | None, float, Exception | None] = (None, -math.inf, None)  # (meta.json's ETag, when,
+        # the error) of the last look
         self._trusted: dict[str, str] = {}  # name -> an ETag known to hold the served meta.json's content
 
     def identity(self) -> tuple | None:
-        """meta.json's ETag, size and time, and the index's files as last listed; None when meta.json cannot be had
-        (missing mid-replacement, the endpoint down): never taken for "unchanged", so the read of meta.json that
-        follows says what is wrong."""
+        """meta.json's ETag, size and time, and the other files as last looked at (again once meta.json changes, and
+        every AUDIT_S); None when meta.json cannot be had (missing mid-replacement, the endpoint down): never taken
+        for "unchanged", so the read of meta.json that follows says what is wrong."""
         try:  # wrong credentials are named as such: a refused HEAD read as "not found" for as long as they lasted
             self._head = s3.object_head(self._meta, diagnose=True)
         except (OSError, ValueError) as err:
@@ -82,12 +86,18 @@ class PrefixSource:
         head = self._head
         if not isinstance(head, dict):
             return None
-        if time.monotonic() - self._listed_at >= AUDIT_S:
+        etag, looked, _ = self._audit
+        if etag != head.get("ETag") or time.monotonic() - looked >= AUDIT_S:
+            # a new meta.json's files are looked at in the same poll: its load trusts what this saw (a listing a
+            # minute old had every file of a rebuild downloaded again to be checked, and a refused one loaded twice)
             try:
-                self._list()
-            except (OSError, ValueError):  # listed again next poll; the last listing stands meanwhile
-                pass
-        return head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified")), *sorted(self._files.items())
+                self._files = {name: (str(h.get("ETag")), int(h.get("ContentLength") or 0)) for name in AUDITED
+                               if (h := s3.object_head(f"{self.uri}/{name}")) is not None}
+                self._audit = (head.get("ETag"), time.monotonic(), None)
+            except (OSError, ValueError) as err:  # looked at again at the next audit; damage() says it meanwhile
+                self._audit = (head.get("ETag"), time.monotonic(), err)
+        meta = (head.get("ETag"), head.get("ContentLength"), str(head.get("LastModified")))
+        return *meta, *sorted(self._files.items()), self._audit[2] is None
 
     def meta_bytes(self) -> bytes:
         """meta.json, as the poll's HEAD (identity) found it: an endpoint that froze is not asked twice a poll."""
@@ -106,41 +116,37 @@ class PrefixSource:
             raise too_large
         return data
 
-    def _list(self) -> None:
-        self._files = {k: v for k, v in s3.list_objects(self.uri).items() if k in INDEX_FILES}
-        self._listed_at = time.monotonic()
-
     def load(self, query_sha256: str, query_dim: int) -> LoadedIndex:
-        # listed afresh, before the download: the files it verifies are those of these ETags (an older listing's
-        # would have each file of a rebuild downloaded again at the next audit, to check it)
-        self._list()
-        listed = dict(self._files)
+        seen = dict(self._files)  # by this poll's identity: a file replaced during the download is checked later
         try:  # the first load reads the copy the command's checks downloaded; every later one downloads afresh
             loaded = load_index(self.uri, query_sha256=query_sha256, query_dim=query_dim)
         finally:
             forget_download(self.uri)
-        self._trusted = {name: etag for name, (etag, _) in listed.items()}
+        self._trusted = {name: etag for name, (etag, _) in seen.items()}
         return loaded
 
     def damage(self, meta: dict) -> str | None:
-        """What the last listing shows wrong with the files meta.json names: missing, another size, or another
-        ETag whose bytes (downloaded to check) do not match meta.json's checksum."""
+        """What the last look shows wrong with the files meta.json names: missing, another size, or another ETag whose
+        bytes (downloaded to check) do not match meta.json's checksum. OSError when the check could not be made."""
+        if (err := self._audit[2]) is not None:
+            raise OSError(f"{self.uri}: its files could not be looked at to check them: {err}")
         sizes = meta.get("sizes") if isinstance(meta.get("sizes"), dict) else {}
-        for name in meta["files"]:
+        names = [name for name in meta["files"] if name in AUDITED]
+        for name in names:
             if name not in self._files:
                 return damaged(f"{self.uri}/{name}: missing", "in the bucket")
-            if type(size := sizes.get(name)) is int and (listed := self._files[name][1]) != size:
-                return damaged(f"{self.uri}/{name}: its size is {listed:,} bytes, meta.json records {size:,}",
+            if type(size := sizes.get(name)) is int and (found := self._files[name][1]) != size:
+                return damaged(f"{self.uri}/{name}: its size is {found:,} bytes, meta.json records {size:,}",
                                "in the bucket")
-        for name, digest in meta["files"].items():
-            etag = self._files[name][0]
-            if self._trusted.get(name) == etag:
+        for name in names:
+            if self._trusted.get(name) == (etag := self._files[name][0]):
                 continue
             uri = f"{self.uri}/{name}"
             try:  # replaced by an object of the same size: only its bytes tell
-                same = file_sha256(local_input(uri)) == digest
+                same = file_sha256(local_input(uri)) == meta["files"][name]
             except (OSError, ValueError) as err:
-                return f"{uri}: replaced under an unchanged meta.json, and could not be read to check it: {err}"
+                raise OSError(f"{uri}: replaced under an unchanged meta.json, and could not be read to check it: "
+                              f"{err}") from None
             finally:
                 forget_download(uri)
             if not same:

@@ -171,6 +171,7 @@ class Holder:
         self._failed: FailedLoad | None = None
         self._candidate: tuple[str, EmbeddingModel] | None = None
         self._damage: str | None = None  # what _damaged found in the folder of the served index
+        self._recheck_at = math.inf  # when _damaged looks again though nothing changed (its check failed)
         self._unreadable: tuple[int, float, bool] | None = None  # meta.json unreadable: (polls, since when, reported)
         self._peeked: tuple[tuple | None, str | Exception] | None = None  # (identity, meta_version or error): last read
         self._stop = threading.Event()
@@ -280,7 +281,8 @@ class Holder:
         if wanted == (cur.model_key, cur.version):  # the folder holds the served pair (again)
             self._failed = None
             self._drop_candidate()  # the alias moved back: a model loaded meanwhile will not be served
-            if folder != self._verified:  # a file changed under an unchanged meta.json (cut, overwritten)
+            # a file changed under an unchanged meta.json (cut, overwritten), or a check that could not be made
+            if folder != self._verified or time.monotonic() >= self._recheck_at:
                 self._verified = folder
                 self._damage = self._damaged(cur.index.meta)
             self._report("index", self._damage)
@@ -313,8 +315,13 @@ class Holder:
         return True
 
     def _damaged(self, meta: dict) -> str | None:
+        self._recheck_at = math.inf
         with self._waiting_on(f"checking {self.source.shown}"):
-            return self.source.damage(meta)
+            try:
+                return self.source.damage(meta)
+            except OSError as err:  # the check itself failed (a download that timed out): made again after a while,
+                self._recheck_at = time.monotonic() + RETRY_S  # not left in /readyz until the next change
+                return str(err)
 
     def start(self, interval_s: float) -> None:
         """Poll every `interval_s` seconds in a daemon thread (0: never)."""
