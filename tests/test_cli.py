@@ -526,6 +526,10 @@ def test_a_thread_count_variable_that_is_no_count_is_named_before_the_libraries_
     (["--version"], "cmce: unrecognized arguments: --version (see cmce --help)"),  # was "required: command"
     (["search", "--index", "i", "--query-model", "q", "--dataset", "d", "--split", "tset"],  # was "is empty"
      "cmce search: argument --split: invalid choice: 'tset' (choose from 'train', 'test') (see cmce search --help)"),
+    (["train", "--config", "c", "--model", "q", "--dataset", "d", "--out", "o", "--debug"],  # cmce's own option
+     "cmce: argument --debug: an option of cmce itself; give it before train (see cmce --help)"),
+    (["--bogus", "train", "--config", "c", "--model", "q", "--dataset", "d", "--out", "o"],  # not train's to name
+     "cmce: unrecognized arguments: --bogus (see cmce --help)"),
     (["train", "--model", "q", "--dataset", "d", "--out", "o"],  # no unknown option: what is missing
      "cmce train: the following arguments are required: --config (see cmce train --help)"),
 ])

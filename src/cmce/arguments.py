@@ -44,7 +44,12 @@ class OneLineParser(argparse.ArgumentParser):
         if extras:
             sub = next((a.choices.get(getattr(parsed, a.dest, None)) for a in self._actions
                         if isinstance(a, argparse._SubParsersAction)), None)
-            (sub or self).error(f"unrecognized arguments: {' '.join(extras)}")
+            if sub is not None and (ours := [e for e in extras if e.split("=", 1)[0] in self._option_string_actions]):
+                # `cmce train ... --debug`: cmce's own option, which `cmce train --help` does not list
+                self.error(f"argument {ours[0].split('=', 1)[0]}: an option of {self.prog} itself; give it before "
+                           f"{sub.prog.rsplit(' ', 1)[-1]}")
+            theirs = sub is not None and all(e in sub.argv for e in extras)  # not given before the subcommand
+            (sub if theirs else self).error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
@@ -60,21 +65,21 @@ class OneLineParser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message: str) -> typing.NoReturn:
-        unknown = self._unknown_options()
+        unknown = self._unknown_options(getattr(self, "argv", []))
         if unknown and message.startswith("the following arguments are required"):
             # `train --confg c.yaml` was "the following arguments are required: --config", the typo unnamed
             message = f"unrecognized arguments: {' '.join(unknown)}"
-        if message.startswith("unrecognized arguments") and unknown:
+        if message.startswith("unrecognized arguments: "):
             known = [o for o in self._option_string_actions if o.startswith("--")]
-            meant = [m for o in unknown for m in difflib.get_close_matches(o, known, n=1)]
+            meant = [m for o in self._unknown_options(message.split(": ", 1)[1].split())
+                     for m in difflib.get_close_matches(o, known, n=1)]
             message += f" (did you mean {', '.join(meant)}?)" if meant else ""
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
-    def _unknown_options(self) -> list[str]:
-        """The options among this parse's arguments that this parser does not know (a subcommand's parser is given
-        only its own)."""
+    def _unknown_options(self, args: list[str]) -> list[str]:
+        """The options among `args` that this parser does not know (a subcommand's parser sees only its own)."""
         out = []
-        for arg in getattr(self, "argv", []):
+        for arg in args:
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
