@@ -2434,6 +2434,14 @@ def test_fetch_data_into_a_folder_of_other_files_names_its_out(tmp_path, caplog)
           "(data.path, or fetch-data's --out)")
 
 
+def test_a_folder_given_as_the_config_is_named_so(world, tmp_path, caplog):
+    """`--config /tmp` was "TMPDIR /tmp is inside the input folder --config /tmp", and with --out inside it
+    "--out ... is inside the input folder --config /tmp": never that --config must be a file."""
+    for out in (tmp_path / "m.pt", tmp_path.parent / "m.pt"):
+        fails(caplog, ["train", "--config", tmp_path, "--dataset", world.dataset, "--model", "query", "--out", out],
+              out, f"--config {tmp_path}: is a folder; give the YAML config file")
+
+
 # ---------------------------------------------------------------- a fifth hostile round
 def test_a_registered_model_without_a_registry_writes_nothing_in_the_working_folder(world, tmp_path, caplog,
                                                                                    monkeypatch):

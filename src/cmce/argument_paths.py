@@ -119,8 +119,8 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             raise ValueError(scheme_error(value, scheme, flag(name)))
     scratch = tempfile.gettempdir()
     for name, value in named(INPUT_ARGS):  # a served index folder held serve's model download, and refused a rebuild
-        if name == "config":  # a file: a folder given for it is named so where it is read (`--config /tmp`)
-            continue
+        if name == "config" and Path(value).is_dir():  # was "TMPDIR /tmp is inside the input folder --config /tmp"
+            raise ValueError(f"--config {value}: is a folder; give the YAML config file")
         if not is_remote(value) and ":/" not in value and Path(value).is_dir() and is_within(scratch, value):
             raise ValueError(f"TMPDIR {scratch} is inside the input folder {flag(name)} {value}: the "
                              "step's scratch files would be written among its inputs; set TMPDIR elsewhere")

@@ -317,8 +317,9 @@ def configuration_metrics(data: EvalData, cfg: EvaluateConfig, seed: int = 0) ->
         log.info("%-28s R@1 %.4f  MAP@R %.4f", name, values["R@1"], values["MAP@R"])
         if math.isnan(values["R@1"]) and not undefined:
             undefined.append(name)  # said once: a table of dashes, exit 0, said nothing (one test image a class)
-            log.warning("%s: every query is lone (no other gallery item of its class): R@K and MAP@R are undefined; "
-                        "each class needs at least 2 test images (data.max_test_per_class)", name)
+            log.warning("%s: every query is lone (no gallery item of its class it may be matched with): R@K and "
+                        "MAP@R are undefined; %s", name, "each class needs images from at least 2 domains (vendors)"
+                        if domains is not None else "each class needs at least 2 test images (data.max_test_per_class)")
 
     def run(name: str, scores: InnerProducts, qlab: np.ndarray) -> None:
         record(name, retrieval_metrics(scores, qlab, g_labels, cfg.recall_k, cfg.far, block_mb=cfg.block_mb))

@@ -25,6 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cmce.serving.budget import BodyBudget
 from cmce.serving.state import Holder
 
+# no `_created` series beside each counter and histogram (the library's default, process-wide): one more series per
+# label set, stored by Prometheus as a gauge of start times that no query here asks for
+disable_created_metrics()
 METHODS = ("GET", "HEAD", "POST")
 # a search over a flat index answers in milliseconds, one embedding 64 images in a second or more
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -39,9 +42,6 @@ class ServerMetrics:
     """The app's registry: request counters it updates, and the served state read when scraped."""
 
     def __init__(self, holder: Holder, budget: BodyBudget):
-        # no `_created` series beside each counter and histogram (the library's default): one more series per label
-        # set, stored by Prometheus as a gauge of start times that no query here asks for
-        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.requests = Counter("cmce_http_requests", "HTTP requests answered", ["endpoint", "method", "status"],
                                 registry=self.registry)
