@@ -683,10 +683,13 @@ def test_a_served_s3_index_whose_files_change_under_its_meta_json_says_so(s3_ser
     served, ids = holder.current, read_object(s3_server, bucket, "index/ids.parquet")
     assert [poll(), poll(61)] == [None, None] and checked == []  # the rebuild's files: not downloaded to check
 
-    c.delete_object(Bucket=bucket, Key="index/ids.parquet")
+    rejected = read_object(s3_server, bucket, "index/rejected.parquet")
+    for name in ("ids.parquet", "rejected.parquet"):
+        c.delete_object(Bucket=bucket, Key=f"index/{name}")
     assert poll(10) is None  # looked at once a minute
-    assert poll(51) == (f"{index}/ids.parquet: missing: the index in the bucket is damaged (a restart would refuse "
-                        "it); the loaded copy is served")
+    assert poll(51) == (f"{index}/ids.parquet: missing; {index}/rejected.parquet: missing: the index in the bucket is "
+                        "damaged (a restart would refuse it); the loaded copy is served")  # both at once
+    c.put_object(Bucket=bucket, Key="index/rejected.parquet", Body=rejected)
     c.put_object(Bucket=bucket, Key="index/ids.parquet", Body=ids[:-1] + bytes([ids[-1] ^ 1]))  # the same size
     assert poll(61).startswith(f"{index}/ids.parquet: does not match the checksum in meta.json: the index")
     c.put_object(Bucket=bucket, Key="index/ids.parquet", Body=ids)

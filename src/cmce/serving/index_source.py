@@ -132,12 +132,14 @@ class PrefixSource:
             raise OSError(f"{self.uri}: its files could not be looked at to check them: {err}")
         sizes = meta.get("sizes") if isinstance(meta.get("sizes"), dict) else {}
         names = [name for name in meta["files"] if name in AUDITED]
+        wrong = []
         for name in names:
             if name not in self._files:
-                return damaged(f"{self.uri}/{name}: missing", "in the bucket")
-            if type(size := sizes.get(name)) is int and (found := self._files[name][1]) != size:
-                return damaged(f"{self.uri}/{name}: its size is {found:,} bytes, meta.json records {size:,}",
-                               "in the bucket")
+                wrong.append(f"{self.uri}/{name}: missing")
+            elif type(size := sizes.get(name)) is int and (found := self._files[name][1]) != size:
+                wrong.append(f"{self.uri}/{name}: its size is {found:,} bytes, meta.json records {size:,}")
+        if wrong:  # every file at once: named one an audit, each repair cost the operator another minute
+            return damaged("; ".join(wrong), "in the bucket")
         for name in names:
             if self._trusted.get(name) == (etag := self._files[name][0]):
                 continue

@@ -230,7 +230,7 @@ class Holder:
             self.models.discard(self._candidate[1])
             self._candidate = None
 
-    def _peek(self, identity: tuple | None) -> str | None:
+    def _peek(self, identity: tuple | None, started: float) -> str | None:
         """The version of the index at the source now, or None while it cannot be read (mid-swap, being replaced).
         meta.json is read again only when the source's identity changed (a 100 MB meta.json was parsed on every poll;
         a broken one on S3 downloaded again). Still unreadable after UNREADABLE_POLLS polls (and, when missing, the
@@ -249,7 +249,8 @@ class Holder:
         if isinstance(outcome, str):
             self._unreadable = None  # a later outage is counted (and said) afresh
             return outcome
-        polls, since, said = self._unreadable or (0, time.monotonic(), False)
+        # since the poll that found it so began: its HEAD may have waited out a 20 s deadline on a frozen endpoint
+        polls, since, said = self._unreadable or (0, started, False)
         polls += 1
         grace = self.source.replacing_s if isinstance(outcome, FileNotFoundError) else 0.0  # garbage is no swap
         if not said and polls >= UNREADABLE_POLLS and time.monotonic() - since >= grace:
@@ -264,7 +265,7 @@ class Holder:
     def check(self) -> bool:
         """Load and swap in a changed index or query model; True if the served pair changed. Each poll also
         settles what is wrong now: a problem that no longer holds is cleared."""
-        cur = self.current
+        cur, started = self.current, time.monotonic()
         try:
             with self._waiting_on(f"reading the alias of {self.models.uri}"):
                 model_key = self.models.key()
@@ -274,7 +275,7 @@ class Holder:
             model_key = cur.model_key  # an index rebuilt for the served model is still followed
         with self._waiting_on(f"looking at {self.source.shown}"):
             folder = self.source.identity()  # before reading: a change during the load is seen next poll
-        version = self._peek(folder)
+        version = self._peek(folder, started)
         if version is None:  # mid-swap (or broken, reported by _peek): nothing to load yet
             return False
         wanted = (model_key, version)
