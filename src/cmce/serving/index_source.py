@@ -88,8 +88,8 @@ class PrefixSource:
             return None
         etag, looked, _ = self._audit
         if etag != head.get("ETag") or time.monotonic() - looked >= AUDIT_S:
-            # a new meta.json's files are looked at in the same poll: its load trusts what this saw (a listing a
-            # minute old had every file of a rebuild downloaded again to be checked, and a refused one loaded twice)
+            # a new meta.json's files are looked at in the same poll: its load trusts what this saw (a look a minute
+            # old had every file of a rebuild downloaded again to be checked, and a refused one loaded twice)
             try:
                 self._files = {name: (str(h.get("ETag")), int(h.get("ContentLength") or 0)) for name in AUDITED
                                if (h := s3.object_head(f"{self.uri}/{name}")) is not None}
