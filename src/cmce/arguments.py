@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import re
 import sys
 import typing
 from typing import Any
-
-NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+(e[-+]?\d+)?$")  # a negative number is a value, not an option
 
 
 class OnceAction(argparse._StoreAction):
@@ -83,7 +80,9 @@ class OneLineParser(argparse.ArgumentParser):
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
-            if arg.startswith("-") and arg != "-" and not NUMBER.match(arg) and name not in self._option_string_actions:
+            # a negative number is a value: argparse's own rule for telling one from an option
+            if (arg.startswith("-") and arg != "-" and not self._negative_number_matcher.match(arg)
+                    and name not in self._option_string_actions):
                 out.append(name)
         return out
 
