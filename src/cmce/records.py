@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cmce.checkpoint import load_embedding_model
-from cmce.config import Config
-from cmce.tables import read_metadata
-from cmce.transform import load_transformation
+if TYPE_CHECKING:  # the readers below load torch; the names alone (tracking's use) need none of it
+    from cmce.config import Config
 
 
 @dataclass
@@ -50,6 +49,8 @@ def registered_uris(cfg: Config, alias: str = "candidate") -> dict[str, list[str
 
 
 def record_model(cfg: Config, path: Path, role: str) -> StepRecord:
+    from cmce.checkpoint import load_embedding_model
+
     m = load_embedding_model(path)
     spec = {"arch": m.arch, "embedding_dim": m.embedding_dim, "sha256": m.sha256}
     params = {"model": spec, "train": cfg.train.__dict__}
@@ -59,6 +60,8 @@ def record_model(cfg: Config, path: Path, role: str) -> StepRecord:
 
 
 def record_transformation(cfg: Config, path: Path) -> StepRecord:
+    from cmce.transform import load_transformation
+
     t = load_transformation(path)
     final = {f"final_{k}": v for k, v in t.history[-1].items() if k != "epoch"}
     return StepRecord(f"fit-transform-{t.gallery_model}", {"transform": cfg.transform.__dict__, "sha256": t.sha256},
@@ -68,6 +71,8 @@ def record_transformation(cfg: Config, path: Path) -> StepRecord:
 def served_versions(gallery: Path) -> list[tuple[str, str]]:
     """(registered name, sha256) of every model a gallery file is served with: the query model, each
     gallery model and its transformation."""
+    from cmce.tables import read_metadata
+
     meta = read_metadata(gallery)
     out = [(registry_name("query", ""), meta["query_model_sha256"])]
     for m in meta["members"]:

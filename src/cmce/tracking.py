@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cmce.errors import first_line, from_client
+from cmce.records import registry_name
 from cmce.s3 import redact
 
 log = logging.getLogger(__name__)
@@ -847,8 +848,8 @@ def log_artifact_or_reference(client: Any, run_id: str, path: Path) -> None:
         client.log_artifact(run_id, str(path))
 
 
-QUERY_MODEL = "cmce-query"  # cmce.records.registry_name's, without importing the models that module reads
-PYFUNC = "cmce-query-pyfunc"  # for mlflow.pyfunc.load_model; cmce-query stays the bare checkpoint
+QUERY_MODEL = registry_name("query", "")
+PYFUNC = registry_name("query-pyfunc", "")  # for mlflow.pyfunc.load_model; cmce-query stays the bare checkpoint
 
 
 def log_query_pyfunc(client: Any, run_id: str, checkpoint: Path, sha256: str) -> str:
