@@ -234,6 +234,25 @@ def test_unreadable_image_in_imagefolder(tmp_path, caplog, name, data, message):
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out, f"{root / 'dog' / name}: {message}")
 
 
+def test_a_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path, caplog, monkeypatch):
+    """A class folder (or one under it) that could not be listed (chmod 000, for a user bound by permissions) was
+    skipped without a word: prepare-data wrote the dataset without its images, exit 0."""
+    root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    (root / "dog" / "more").mkdir()
+    shutil.copyfile(root / "dog" / "0.png", root / "dog" / "more" / "0.png")
+    real = os.scandir
+    for shut in (root / "dog" / "more", root / "cat"):
+        def scandir(path=".", shut=shut):
+            if Path(path) == shut:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        out = previous_file(tmp_path / "out" / "dataset.parquet")
+        fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+              f"{shut}: cannot be listed (Permission denied): its images would be left out")
+
+
 def test_a_dataset_written_inside_its_imagefolder_is_refused(tmp_path, caplog):
     """prepare-data --out <root>/cat/ds.parquet wrote into the class folder; the next import skipped it by name."""
     root = image_folder(tmp_path / "images", {"cat": 4, "dog": 4})

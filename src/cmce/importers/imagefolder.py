@@ -34,6 +34,11 @@ def _utf8(path: Path, root: Path) -> Path:
     return path
 
 
+def _unlistable(err: OSError) -> None:
+    """os.walk skipped a folder it could not list, without a word: its images were left out of the dataset."""
+    raise DataError(f"{err.filename}: cannot be listed ({err.strerror}): its images would be left out")
+
+
 def _files_under(folder: Path, real_root: Path) -> list[Path]:
     """Every file in `folder` and its subfolders, in a fixed order. Linked subfolders are followed like real
     ones, and refused like a linked class folder when they lead outside the root, or out of their class folder
@@ -41,7 +46,7 @@ def _files_under(folder: Path, real_root: Path) -> list[Path]:
     folder) is read once."""
     found, seen = [], set()
     real_class = folder.resolve()
-    for here, dirs, files in os.walk(folder, followlinks=True):
+    for here, dirs, files in os.walk(folder, followlinks=True, onerror=_unlistable):
         real = Path(here).resolve()
         inside_root(Path(here), real_root)
         if real != real_class and real_class not in real.parents:
