@@ -263,6 +263,19 @@ def test_a_dataset_written_inside_its_imagefolder_is_refused(tmp_path, caplog):
     assert snapshot(root) == kept
 
 
+def test_prepare_data_raw_names_the_imagefolder_it_reads(tmp_path, caplog):
+    """`--raw OTHER` was ignored for an ImageFolder (data.path was read, exit 0), and it turned off the refusal of an
+    --out inside data.path. --raw is the root read, as for the benchmark sources."""
+    base = image_folder(tmp_path / "base", {"cat": 2, "dog": 2})
+    other = image_folder(tmp_path / "other", {"cat": 3, "dog": 3, "eel": 3})
+    out = tmp_path / "out" / "dataset.parquet"
+    assert main(["prepare-data", *imagefolder_args(base), "--raw", str(other), "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == 9
+    inside = other / "cat" / "dataset.parquet"
+    fails(caplog, ["prepare-data", *imagefolder_args(base), "--raw", other, "--out", inside], inside,
+          f"--out {inside} is inside the input folder --raw {other}")
+
+
 def test_a_relative_data_path_is_named_as_the_absolute_path_read(tmp_path, caplog, monkeypatch):
     """A relative data.path is read from the working folder (as the shipped configs and dvc repro expect); the
     message named only `../images`, leaving the user to guess from where (the config file's folder?)."""

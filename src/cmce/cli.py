@@ -231,9 +231,9 @@ def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
     cfg = _config(args)
-    source, key = (args.raw, "--raw") if args.raw else (cfg.data.path, "data.path")
-    if source and inside_folder(str(args.out), str(source)):  # the next import read it as one of its files
-        raise ValueError(f"--out {args.out} is inside the data folder {key} {source}; write it elsewhere")
+    # the next import read it as one of its files (--raw, an input folder, is checked with every input)
+    if not args.raw and cfg.data.path and inside_folder(str(args.out), str(cfg.data.path)):
+        raise ValueError(f"--out {args.out} is inside the data folder data.path {cfg.data.path}; write it elsewhere")
     return stages.prepare_data(cfg, stages.PrepareInputs(_in(args.raw) if args.raw else None, args.will_evaluate),
                                stages.DatasetOutputs(_parquet_out(args, args.out, ("dataset",))))
 
@@ -550,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("prepare-data", cmd_prepare_data, "import the configured data source into a dataset Parquet file")
     sp.add_argument("--out", required=True, help="the dataset Parquet file to write")
-    sp.add_argument("--raw", default=None, help="raw-data folder written by fetch-data (default: data.path)")
+    sp.add_argument("--raw", default=None, help="the folder read: one fetch-data wrote, or a local source's root "
+                    "(an ImageFolder, a benchmark's folder) in place of data.path (default: data.path)")
     sp.add_argument("--will-evaluate", action="store_true",
                     help="its test split will be evaluated with this config: refuse now an evaluate.recall_k it cannot "
                          "meet (K at least its size), not after the training (else a warning)")

@@ -57,7 +57,8 @@ _LOCAL = "read from data.path (a local copy in the standard layout)"
 SOURCES: dict[str, Source] = {
     "digits": Source(lambda cfg, raw_dir: import_digits(raw_dir), fetch_digits),
     "fashion_mnist": Source(_load_fashion, fetch_fashion_mnist),
-    "imagefolder": Source(lambda cfg, raw_dir: import_imagefolder(_need_path(cfg, "a root folder")),
+    # --raw names the root in place of data.path, as for the benchmarks (it was ignored: data.path was read)
+    "imagefolder": Source(lambda cfg, raw_dir: import_imagefolder(raw_dir or _need_path(cfg, "a root folder")),
                           local="an ImageFolder is read from data.path"),
     "emoji": Source(_load_emoji, fetch_emoji),
     "cub200": Source(_benchmark("cub200"), local=_LOCAL),
