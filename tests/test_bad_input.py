@@ -3315,7 +3315,8 @@ def test_a_value_of_the_wrong_type_in_an_index_meta_json_is_named(world, tmp_pat
     meta = json.loads((index / "meta.json").read_text())
     for key, value, shown in [("n_indexed", str(meta["n_indexed"]), f'"{meta["n_indexed"]}", expected an integer'),
                               ("dim", True, "true, expected an integer"),
-                              ("search_params", [], "[], expected an object")]:
+                              ("search_params", [], "[], expected an object"),
+                              ("source", "x", '"x", expected an object'), ("split", [1], "[1], expected a string")]:
         (index / "meta.json").write_text(json.dumps({**meta, key: value}))
         fails(caplog, ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset,
                        "--limit", "1"], tmp_path / "unused", f"{index}/meta.json: {key} is {shown}")

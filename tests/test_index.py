@@ -1,4 +1,5 @@
 import json
+import re
 
 import faiss
 import numpy as np
@@ -137,6 +138,25 @@ def test_loaded_index_searches_with_the_parameters_in_meta(tmp_path):
         meta["search_params"] = params
         (index_dir / "meta.json").write_text(json.dumps(meta))
         assert read(load_index(index_dir).index) == params
+
+
+def test_search_parameters_outside_their_config_ranges_are_refused_at_load(tmp_path):
+    """An edited meta.json's k_factor 0 (or 0.5, or nprobe 0) loaded, then failed a faiss assertion at the first
+    search with a traceback; ef_search 0 or 1.5 was used as given. Each is refused at load, naming the key."""
+    gallery, queries = clustered_gallery(tmp_path)
+    for index_type, key, bad in (("ivfpq", "k_factor", 0), ("ivfpq", "k_factor", 0.5), ("ivfpq", "nprobe", 0),
+                                 ("ivfpq", "k_factor", 1e30), ("hnsw", "ef_search", 0), ("hnsw", "ef_search", 1.5)):
+        index_dir = tmp_path / index_type
+        if not index_dir.exists():
+            build_index(gallery, index_dir, index_type=index_type)
+        meta = json.loads((index_dir / "meta.json").read_text())
+        edited = {**meta, "search_params": {**meta["search_params"], key: bad}}
+        (index_dir / "meta.json").write_text(json.dumps(edited))
+        with pytest.raises(IndexLoadError, match=rf"search_params .* {key} must be an integer in \[1, \d+\], got "
+                                                 rf"{re.escape(json.dumps(bad))}$"):
+            load_index(index_dir)
+        (index_dir / "meta.json").write_text(json.dumps(meta))
+        assert search(load_index(index_dir), queries[:2], k=3).scores.shape == (2, 3)
 
 
 @pytest.mark.parametrize("index_type", ["ivfpq", "hnsw"])

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmce import s3, strict_json
-from cmce.config import HnswConfig, IndexConfig, IvfPqConfig
+from cmce.config import HnswConfig, IndexConfig, IvfPqConfig, in_interval, range_of
 from cmce.errors import last_line
 from cmce.method import normalize, rejection_mask
 from cmce.provenance import SHA256
@@ -202,16 +202,26 @@ def index_type_of(index: Any) -> str | None:
     return None
 
 
+# each search parameter's valid values, as its config key declares them (an edited meta.json's k_factor 0 failed a
+# faiss assertion at the first search, with a traceback; ef_search 0 was used as given)
+SEARCH_PARAMS = {"nprobe": (IvfPqConfig, "nprobe"), "k_factor": (IvfPqConfig, "k_factor"),
+                 "ef_search": (HnswConfig, "ef_search")}
+
+
 def set_search_params(index: Any, search_params: dict[str, int]) -> None:
     """Apply stored search parameters (nprobe, k_factor, ef_search) to an index read from disk."""
-    unknown = sorted(set(search_params) - {"nprobe", "k_factor", "ef_search"})
+    unknown = sorted(set(search_params) - set(SEARCH_PARAMS))
     if unknown:
         raise IndexLoadError(f"unknown search parameter(s) {unknown} in the index metadata")
+    for key, value in search_params.items():
+        interval = range_of(*SEARCH_PARAMS[key])
+        if type(value) is not int or not in_interval(value, interval):
+            raise ValueError(f"{key} must be an integer in {interval}, got {json.dumps(value)[:40]}")
     index = faiss.downcast_index(index)
     if "nprobe" in search_params:
         faiss.extract_index_ivf(index).nprobe = int(search_params["nprobe"])
     if "k_factor" in search_params:
-        index.k_factor = float(search_params["k_factor"])
+        index.k_factor = float(search_params["k_factor"])  # a float in faiss's IndexRefine
     if "ef_search" in search_params:
         index.hnsw.efSearch = int(search_params["ef_search"])
 
@@ -332,7 +342,8 @@ class LoadedIndex:
 # meta.json's keys that cmce reads, and their JSON types
 META_TYPES: dict[str, tuple[type, ...]] = {
     "query_model_sha256": (str,), "dim": (int,), "n_indexed": (int,), "index_type": (str,),
-    "gallery_sha256": (str, type(None)), "search_params": (dict,), "members": (list,),
+    "gallery_sha256": (str, type(None)), "search_params": (dict,), "members": (list,), "source": (dict,),
+    "split": (str,),
 }
 JSON_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
 
