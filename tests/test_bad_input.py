@@ -1857,6 +1857,33 @@ def test_index_files_rewritten_with_matching_checksums_are_still_checked_togethe
     fails(caplog, _search(world, index), index, f"{index}", message)
 
 
+def test_a_faiss_file_claiming_more_bytes_than_it_holds_is_refused_without_allocating_them(world, tmp_path):
+    """A flat index.faiss whose codes' length (bytes 37-44) was edited to 2 GB, meta.json's checksum rewritten to
+    match: faiss allocated the 2 GB before finding them missing (17 GB for an edited HNSW file: an OOM kill, no
+    line). No vector read may be longer than the file."""
+    import json
+
+    index = shutil.copytree(world.index, tmp_path / "index")
+    faiss_file = index / "index.faiss"
+    data = bytearray(faiss_file.read_bytes())
+    assert data[:4] == b"IxFI" and int.from_bytes(data[37:45], "little") == (len(data) - 45) // 4  # in 4-byte words
+    data[37:45] = (1 << 29).to_bytes(8, "little")
+    faiss_file.write_bytes(data)
+    meta = json.loads((index / "meta.json").read_text())
+    meta["files"]["index.faiss"] = file_sha256(faiss_file)
+    (index / "meta.json").write_text(json.dumps(meta))
+    from tests.serve_world import cmce_env
+
+    child = subprocess.Popen([sys.executable, "-m", "cmce", *map(str, _search(world, index))], env=cmce_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak (RUSAGE_CHILDREN: the largest of any)
+    peak_mb = usage.ru_maxrss / 1024
+    assert os.waitstatus_to_exitcode(status) == 2 and "Traceback" not in err, err
+    assert f"{index}/index.faiss: not a readable faiss index: it declares a vector longer than the whole file" in err
+    assert peak_mb < 1500, peak_mb  # the 2 GB never allocated (cmce's own imports take about 500 MB)
+
+
 def test_search_refuses_an_index_built_from_another_version_of_the_gallery(world, tmp_path, caplog, capsys):
     gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
     search = [*_search(world, world.index), "--gallery", gallery]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,7 +450,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{where}: not an index's id table: {err}") from None
     check_unique_ids(ids, where)
     try:
-        index = faiss.read_index(str(d / "index.faiss"))
+        index = read_faiss(d / "index.faiss")
     except RuntimeError as err:
         raise IndexLoadError(f"{shown}/index.faiss: not a readable faiss index: "
                              f"{last_line(err)}") from None
@@ -472,6 +473,26 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{shown}/meta.json: search_params {meta.get('search_params')} do not apply to "
                              f"this {meta.get('index_type', 'flat')} index: {err}") from None
     return LoadedIndex(index=index, ids=ids, labels=labels.astype(np.int64), uncertainty=uncertainty, meta=meta)
+
+
+_READ_LOCK = threading.Lock()  # faiss's limit below is process-wide: one read at a time sets it
+
+
+def read_faiss(path: Path) -> Any:
+    """faiss.read_index, no vector it reads allowed more bytes than the file holds: a 69 KB file whose header
+    claimed 4 GB of codes had faiss allocate them (an edited HNSW file: 17 GB) before finding the bytes missing."""
+    with _READ_LOCK:
+        before = faiss.get_deserialization_vector_byte_limit()
+        faiss.set_deserialization_vector_byte_limit(path.stat().st_size)
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError as err:
+            if "deserialization_vector_byte_limit" in str(err):  # faiss names its own assertion
+                raise RuntimeError("it declares a vector longer than the whole file (a damaged or edited "
+                                   "header)") from None
+            raise
+        finally:
+            faiss.set_deserialization_vector_byte_limit(before)
 
 
 # build_index stores float32 unit vectors, whose norms differ from 1 by rounding only (about sqrt(dim)·6e-8,
