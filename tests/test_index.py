@@ -159,6 +159,46 @@ def test_search_parameters_outside_their_config_ranges_are_refused_at_load(tmp_p
         assert search(load_index(index_dir), queries[:2], k=3).scores.shape == (2, 3)
 
 
+def test_an_ivfpq_file_edited_inside_its_checksum_is_refused_at_load(tmp_path):
+    """index.faiss rewritten with meta.json's checksum to match: marked untrained (a faiss assertion at the first
+    search), list ids out of range (the re-ranking's assertion) or all 0 (one item answered k times, exit 0)."""
+    from cmce.storage import file_sha256
+
+    gallery, queries = clustered_gallery(tmp_path)
+    index_dir = build_index(gallery, tmp_path / "ivfpq", index_type="ivfpq")
+    meta = json.loads((index_dir / "meta.json").read_text())
+    pristine = faiss.read_index(str(index_dir / "index.faiss"))
+
+    def lists_ids(index):
+        lists = faiss.extract_index_ivf(index).invlists
+        return [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(lists.nlist)]
+
+    def untrained(index):
+        index.is_trained = False
+
+    def out_of_range(index):
+        next(ids for ids in lists_ids(index) if len(ids))[0] = index.ntotal
+
+    def all_zero(index):
+        for ids in lists_ids(index):
+            ids[:] = 0
+
+    for edit, message in ((untrained, "an IVF-PQ index marked untrained"),
+                          (out_of_range, "not each of its 3000 items once"),
+                          (all_zero, "not each of its 3000 items once")):
+        index = faiss.clone_index(pristine)
+        edit(index)
+        faiss.write_index(index, str(index_dir / "index.faiss"))
+        sealed = {**meta, "files": {**meta["files"], "index.faiss": file_sha256(index_dir / "index.faiss")},
+                  "sizes": {**meta["sizes"], "index.faiss": (index_dir / "index.faiss").stat().st_size}}
+        (index_dir / "meta.json").write_text(json.dumps(sealed))
+        with pytest.raises(IndexLoadError, match=f"index.faiss: .*{message}; build the index again"):
+            load_index(index_dir)
+    faiss.write_index(pristine, str(index_dir / "index.faiss"))
+    (index_dir / "meta.json").write_text(json.dumps(meta))
+    assert search(load_index(index_dir), queries[:2], k=3).scores.shape == (2, 3)
+
+
 @pytest.mark.parametrize("index_type", ["ivfpq", "hnsw"])
 def test_approximate_types_reach_high_recall_against_flat(tmp_path, index_type):
     gallery, queries = clustered_gallery(tmp_path)

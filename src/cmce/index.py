@@ -450,7 +450,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{where}: not an index's id table: {err}") from None
     check_unique_ids(ids, where)
     try:
-        index = read_faiss(d / "index.faiss")
+        index = read_faiss(d / "index.faiss", meta)
     except RuntimeError as err:
         raise IndexLoadError(f"{shown}/index.faiss: not a readable faiss index: "
                              f"{last_line(err)}") from None
@@ -466,6 +466,8 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
                              f"{'inner products' if index.metric_type == faiss.METRIC_INNER_PRODUCT else 'L2'}, "
                              f"meta.json records index_type {recorded!r} over inner products; build the index again")
     check_unit_vectors(index, ids, f"{shown}/index.faiss")
+    if kind == "ivfpq":
+        check_inverted_lists(index, f"{shown}/index.faiss")
     check_rejected(d / "rejected.parquet", f"{shown}/rejected.parquet", ids, uncertainty, meta.get("n_rejected"))
     try:  # absent in indexes built before index types
         set_search_params(index, meta.get("search_params", {}))
@@ -478,18 +480,23 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
 _READ_LOCK = threading.Lock()  # faiss's limit below is process-wide: one read at a time sets it
 
 
-def read_faiss(path: Path) -> Any:
-    """faiss.read_index, no vector it reads allowed more bytes than the file holds: a 69 KB file whose header
-    claimed 4 GB of codes had faiss allocate them (an edited HNSW file: 17 GB) before finding the bytes missing."""
+def read_faiss(path: Path, meta: dict) -> Any:
+    """faiss.read_index, with what it may allocate bounded by the file's size: a 69 KB file whose header claimed
+    4 GB of codes had faiss allocate them (an edited HNSW file: 17 GB) before finding the bytes missing. faiss's
+    limit allows a vector of a quarter of it, and IVF-PQ's distance tables, computed on reading (not stored), of
+    nlist·m·2^nbits floats: the sizes `meta`'s index_params record."""
+    limit = 4 * path.stat().st_size
+    params = meta.get("index_params") if isinstance(meta.get("index_params"), dict) else {}
+    if meta.get("index_type") == "ivfpq" and all(type(params.get(k)) is int for k in ("nlist", "m", "nbits")):
+        limit = max(limit, 4 * params["nlist"] * params["m"] * 2 ** min(params["nbits"], 24) + 1)
     with _READ_LOCK:
         before = faiss.get_deserialization_vector_byte_limit()
-        faiss.set_deserialization_vector_byte_limit(path.stat().st_size)
+        faiss.set_deserialization_vector_byte_limit(limit)
         try:
             return faiss.read_index(str(path))
         except RuntimeError as err:
             if "deserialization_vector_byte_limit" in str(err):  # faiss names its own assertion
-                raise RuntimeError("it declares a vector longer than the whole file (a damaged or edited "
-                                   "header)") from None
+                raise RuntimeError("it declares more than the file can hold (a damaged or edited header)") from None
             raise
         finally:
             faiss.set_deserialization_vector_byte_limit(before)
@@ -520,6 +527,21 @@ def check_unit_vectors(index: Any, ids: list[str], where: str) -> None:
         row = int(bad[0])
         raise IndexLoadError(f"{where}: row {row} (id {ids[row]!r}) holds a vector of norm {norms[row]:.6g}, not a "
                              f"unit vector (cosine search); {bad.size} such row(s); build the index again")
+
+
+def check_inverted_lists(index: Any, where: str) -> None:
+    """IVF-PQ as build_index writes it: trained, every item in exactly one inverted list. Edited (checksums rewritten
+    to match), an untrained flag failed a faiss assertion at the first search, and list ids out of range failed
+    the re-ranking's; ids all 0 answered every query with one item k times."""
+    ivf = faiss.extract_index_ivf(index)
+    if not (index.is_trained and ivf.is_trained and ivf.quantizer.is_trained):
+        raise IndexLoadError(f"{where}: an IVF-PQ index marked untrained; build the index again")
+    lists = ivf.invlists
+    ids = np.concatenate([np.empty(0, np.int64)] + [
+        faiss.rev_swig_ptr(lists.get_ids(i), size).copy() for i in range(lists.nlist) if (size := lists.list_size(i))])
+    if not np.array_equal(np.sort(ids), np.arange(index.ntotal)):
+        raise IndexLoadError(f"{where}: its inverted lists hold {len(ids)} item numbers, not each of its "
+                             f"{index.ntotal} items once; build the index again")
 
 
 def check_rejected(path: Path, where: str, ids: list[str], uncertainty: np.ndarray, n_rejected: Any) -> None:
