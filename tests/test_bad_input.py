@@ -3674,7 +3674,8 @@ def test_a_checkpoint_link_to_nothing_and_an_index_file_are_named_as_such(world,
 
 def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(world, tmp_path, caplog):
     """ids.parquet's rows shuffled, its sha256 rewritten in meta.json: `search --gallery` answered every query with
-    another item's id (the same scores). The ids must be the gallery's, in its order, less the rejected."""
+    another item's id (the same scores). The ids must be the gallery's, in its order, less the rejected, and so
+    must their labels."""
     index = Path(shutil.copytree(world.index, tmp_path / "index"))
     table = pq.read_table(index / "ids.parquet")
     pq.write_table(table.take(np.random.default_rng(0).permutation(table.num_rows)), index / "ids.parquet")
@@ -3685,6 +3686,18 @@ def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(wo
     search = ["search", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--limit", "1"]
     fails(caplog, [*search, "--gallery", world.gallery], tmp_path / "unused", f"{index}/ids.parquet: row 0 holds ",
           "its ids are not the gallery's")
+    # the same for its labels: each moved to the next class answered every hit with the wrong label and class name
+    labels = table.column("label").to_numpy()
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array((labels + 1) % 10, table.schema.field("label").type)),
+                   index / "ids.parquet")
+    meta["files"]["ids.parquet"] = file_sha256(index / "ids.parquet")
+    meta["sizes"]["ids.parquet"] = (index / "ids.parquet").stat().st_size
+    (index / "meta.json").write_text(json.dumps(meta))
+    first = table.column("id")[0].as_py()
+    fails(caplog, [*search, "--gallery", world.gallery], tmp_path / "unused",
+          f"{index}/ids.parquet: item {first!r} has label {(labels[0] + 1) % 10}, the gallery {world.gallery} "
+          f"{labels[0]} ({table.num_rows} such item(s))")
     assert main(["search", "--index", str(world.index), "--query-model", str(world.query), "--dataset",
                  str(world.dataset), "--limit", "1", "--gallery", str(world.gallery)]) == 0
 

@@ -20,19 +20,29 @@ from cmce.storage import file_sha256
 log = logging.getLogger(__name__)
 
 
-def check_ids_follow_gallery(ids: list[str], gallery: Path, index_dir: Path) -> None:
-    """The index's ids are the gallery's, in the gallery's order, less the rejected: build-index writes them so.
-    ids.parquet's rows shuffled (its checksum rewritten to match) answered every query with another item's id."""
-    from cmce.tables import read_table, string_column
+def check_ids_follow_gallery(ids: list[str], labels: np.ndarray, gallery: Path, index_dir: Path) -> None:
+    """The index's ids and labels are the gallery's, in the gallery's order, less the rejected: build-index writes
+    them so. ids.parquet's rows shuffled, or its labels changed (its checksum rewritten to match), answered every
+    query with another item's id, or another class."""
+    from cmce.tables import int_column, read_table, string_column
 
+    table = read_table(gallery, ["id", "label"])
     indexed = set(ids)
-    expected = [i for i in string_column(read_table(gallery, ["id"]), "id", str(gallery)) if i in indexed]
+    keep = [k for k, i in enumerate(string_column(table, "id", str(gallery))) if i in indexed]
+    expected = [table.column("id")[k].as_py() for k in keep]
     if expected != ids:
         row = next((k for k, (a, b) in enumerate(zip(expected, ids, strict=False)) if a != b), len(expected))
         found = ids[row] if row < len(ids) else "nothing"
         raise ValueError(f"{index_dir}/ids.parquet: row {row} holds {found!r} where the gallery {gallery} puts "
                          f"{expected[row] if row < len(expected) else 'no item'!r}: its ids are not the gallery's "
                          "(edited or of another build); build the index again")
+    given = int_column(table, "label", str(gallery))[keep]
+    differ = np.flatnonzero(given != labels)
+    if differ.size:
+        row = int(differ[0])
+        raise ValueError(f"{index_dir}/ids.parquet: item {ids[row]!r} has label {labels[row]}, the gallery {gallery} "
+                         f"{given[row]} ({differ.size} such item(s)): edited or of another build; build the index "
+                         "again")
 
 
 def check_dataset_of_index(dataset: Path, meta: dict, split_of: Callable[[str], dict]) -> None:
@@ -121,7 +131,7 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
     loaded = load_index(index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim,
                         gallery_sha256=file_sha256(gallery) if gallery is not None else None)
     if gallery is not None:
-        check_ids_follow_gallery(loaded.ids, gallery, index_dir)
+        check_ids_follow_gallery(loaded.ids, loaded.labels, gallery, index_dir)
     names, queries = embed_queries(model, images, dataset, split, limit)
     classes = class_names(dataset) if dataset is not None else None  # once its images were read, so checked
     if classes is not None:
