@@ -337,6 +337,9 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
             if "shard" not in m and len(shard_paths) > 1:  # "shard 0/1 given twice" beside a shard 0/K
                 raise TableError(f"{p}: a whole file, not a shard (embed-member --shard writes shards); merge only "
                                  "the shards of one file")
+            if counts and k not in counts:  # before "given twice": shard 0/3 beside 0/2 is no repeat
+                raise TableError(f"{p}: shard {i}/{k} of {k} shards, beside shards of {counts.pop()} (another "
+                                 "embed run's); merge the shards of one run")
             if i in by_index:
                 raise TableError(f"{p}: shard {i}/{k} given twice (also {by_index[i]})")
             by_index[i] = p
