@@ -513,6 +513,14 @@ def test_paths_escaping_the_imagefolder_root(tmp_path, caplog):
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
           "dog/hard.png and cat/1.png are one file (hard-linked)")
     (root / "dog" / "hard.png").unlink()
+    split = tmp_path / "split"  # a test class folder linked to its train folder: no hard link there
+    shutil.copytree(root / "cat", split / "train" / "cat")
+    shutil.copytree(root / "dog", split / "train" / "dog")
+    (split / "test").mkdir()
+    (split / "test" / "cat").symlink_to("../train/cat")
+    shutil.copytree(root / "dog", split / "test" / "dog")
+    fails(caplog, ["prepare-data", *imagefolder_args(split), "--out", out], out,
+          "test/cat/0.png and train/cat/0.png are one file (linked)")
     # an image file linked to outside the root
     (root / "dog" / "leak.png").symlink_to(outside / "secret" / "0.png")
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,

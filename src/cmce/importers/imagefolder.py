@@ -160,8 +160,9 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 rel = f.relative_to(root).as_posix()
                 st = f.stat()  # a hard link is the same file under another name: one image, two labels or splits
                 first = read_as.setdefault((st.st_dev, st.st_ino), (part, cls, rel))
-                if first[:2] != (part, cls):
-                    raise DataError(f"{root}: {rel} and {first[2]} are one file (hard-linked): its image would be "
+                if first[:2] != (part, cls):  # one name reached through a linked folder (test/a -> ../train/a)?
+                    how = "linked" if f.resolve() == (root / first[2]).resolve() else "hard-linked"
+                    raise DataError(f"{root}: {rel} and {first[2]} are one file ({how}): its image would be "
                                     "read under two classes or in two splits; keep one of them")
                 images.append(to_png(read_image_file(f), f))
                 ids.append(rel)
