@@ -238,7 +238,13 @@ def test_small_gallery_clamps_nlist_or_falls_back_to_flat(tmp_path, caplog, capf
     out = build_index(gallery, tmp_path / "flat", reject_fraction=0.8, index_type="ivfpq")  # 200 items left
     meta = json.loads((out / "meta.json").read_text())
     assert meta["index_type"] == "flat" and meta["index_params"]["requested_type"] == "ivfpq"
-    assert "built an exact flat index instead" in meta["notes"][0]
+    assert meta["notes"][0] == ("ivfpq needs at least 256 training points for 8-bit PQ codebooks, the gallery has "
+                                "200: built an exact flat index instead")
+    out = build_index(gallery, tmp_path / "few", index_type="ivfpq", options=IndexConfig(ivfpq=IvfPqConfig(
+        train_size=100)))  # the setting, not the gallery, was at fault: it was named "the gallery has 1000"
+    assert json.loads((out / "meta.json").read_text())["notes"][0] == (
+        "ivfpq needs at least 256 training points for 8-bit PQ codebooks, index.ivfpq.train_size=100 gives 100: "
+        "built an exact flat index instead")
 
 
 def test_unknown_type_and_bad_pq_split_are_errors(tmp_path):

@@ -148,8 +148,9 @@ def _ivfpq(emb: np.ndarray, opt: IvfPqConfig, params: dict[str, Any], notes: lis
     nlist_wanted = opt.nlist or default_nlist(n)
     n_train = min(n, opt.train_size or max(DEFAULT_TRAIN_SIZE, MIN_POINTS_PER_LIST * nlist_wanted))
     if n_train < 2 ** opt.nbits:
+        given = f"the gallery has {n}" if n_train == n else f"index.ivfpq.train_size={opt.train_size} gives {n_train}"
         _note(notes, f"ivfpq needs at least {2 ** opt.nbits} training points for {opt.nbits}-bit PQ codebooks, "
-                     f"the gallery has {n}: built an exact flat index instead")
+                     f"{given}: built an exact flat index instead")
         return None
     nlist = min(nlist_wanted, max(1, n_train // MIN_POINTS_PER_LIST))
     if nlist < nlist_wanted:
