@@ -115,8 +115,14 @@ def test_upgrade_query_model_without_gallery_images(smoke_run, tmp_path):
         load_index(index_dir, query_sha256=load_embedding_model(lay.model("query")).sha256)
 
 
-def test_upgrade_needs_train_embeddings_of_every_member(smoke_run, tmp_path):
+def test_upgrade_needs_train_embeddings_of_every_member(smoke_run, tmp_path, monkeypatch):
+    """Checked before any work: resnet_a's transformation was refitted (every one but the last, at full size: many
+    minutes) before vgg_b's missing file was found."""
+    import cmce.lifecycle
+
     lay, _ = smoke_run
+    monkeypatch.setattr(cmce.lifecycle, "fit_transformation", lambda *a, **kw: pytest.fail("fitted before the check"))
+    monkeypatch.setattr(cmce.lifecycle, "embed_split", lambda *a, **kw: pytest.fail("embedded before the check"))
     with pytest.raises(TableError, match="no stored train embeddings for gallery model 'vgg_b'"):
         upgrade_query_model(lay.gallery, lay.model("query"), lay.dataset, [lay.train_embeddings("resnet_a")],
                             TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")

@@ -156,7 +156,6 @@ def upgrade_query_model(
     if gmeta.get("kind") != "gallery":
         raise TableError(f"{gallery}: not a gallery file")
     query = require_role(load_embedding_model(new_query_model), "query", f"--query-model {new_query_model}")
-    q_train = embed_split(query, dataset, "train", batch_size)
     stored = {}
     for path in train_embeddings:
         meta = read_metadata(path)
@@ -167,12 +166,14 @@ def upgrade_query_model(
             raise TableError(f"{path} and {stored[sha]}: two train-embeddings files of gallery model "
                              f"{meta['gallery_model'].get('name')!r}; give one")
         stored[sha] = Path(path)
-    table = read_table(gallery)
-    members, fitted = [], []
-    for member in gmeta["members"]:
+    for member in gmeta["members"]:  # before any fit: a missing one was found after every other was refitted
         if member["sha256"] not in stored:
             raise TableError(f"no stored train embeddings for gallery model {member['name']!r} "
                              f"({member['sha256'][:12]}) among {[str(p) for p in train_embeddings]}")
+    q_train = embed_split(query, dataset, "train", batch_size)
+    table = read_table(gallery)
+    members, fitted = [], []
+    for member in gmeta["members"]:
         stored_at = stored[member["sha256"]]
         tr = read_table(stored_at, ["id", "label", "raw"])
         ids = string_column(tr, "id", str(stored_at))
