@@ -112,6 +112,9 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
                  "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery),
                  "--out", str(tmp_path / "unpublished.json")]) == 0
     assert "promoted, but no alias moved: give --mlflow-parent" in caplog.text
+    written = json.loads((tmp_path / "unpublished.json").read_text())  # a metrics table shows the file, not the log
+    assert (written["promoted"], written["production_alias"]) == (True, "not moved: the gate is not tracked (no "
+                                                                        "--mlflow-parent)")
 
 
 def test_the_kfp_gate_task_withholds_a_promotion_no_alias_can_follow(smoke_run, tmp_path, caplog):

@@ -484,6 +484,10 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
     decision = _out(args, args.out, writes="json")
     record = stages.gate(_config(args), inputs, stages.GateOutputs(decision))
     if record.metrics["promoted"] and record.promote and not args.mlflow_parent:  # the aliases move on publishing
+        from cmce.promotion import note_in_decision
+
+        # in the file too: `"promoted": true` in a DVC metrics table read as "production moved"
+        note_in_decision(decision, "production_alias", "not moved: the gate is not tracked (no --mlflow-parent)")
         log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
                     "gate and move 'production'")
     why = f"candidate regressed on {record.params['regressed']}"

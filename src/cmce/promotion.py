@@ -60,11 +60,16 @@ class Decision:
 def withhold(decision: Path, reason: str) -> None:
     """A decision to promote that cannot be carried out (the served versions are not registered): the written
     decision says not promoted, and why, so that a deploy script waiting for a promotion does not go on."""
+    note_in_decision(decision, "promoted", False)
+    note_in_decision(decision, "not_promoted", reason)
+
+
+def note_in_decision(decision: Path, key: str, value: Any) -> None:
+    """`key` set to `value` in a written decision file (rewritten whole, atomically)."""
     from cmce.storage import write_text
 
     report = json.loads(decision.read_text())
-    write_text(decision, json.dumps({**report, "promoted": False, "not_promoted": reason}, indent=2,
-                                    sort_keys=True) + "\n")
+    write_text(decision, json.dumps({**report, key: value}, indent=2, sort_keys=True) + "\n")
 
 
 def withhold_unregistered(record: Any, decision: Path, tracking_uri: str) -> str | None:
