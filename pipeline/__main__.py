@@ -118,22 +118,6 @@ def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
     return out
 
 
-def _run_config(args: argparse.Namespace) -> str | None:
-    """Without --params, a lifecycle run grows a local KFP run with that run's own settings, as its resolve-config
-    task recorded them: params.yaml's, on a `make smoke` run, trained a model of another image size on 8-px digits
-    (their images enlarged), with nothing said. None where the run records none (a `cmce run` folder)."""
-    if args.pipeline == "cmce" or not getattr(args, "inputs_from", None):
-        return None
-    from pipeline.run_folder import find, is_kfp_run
-
-    folder = Path(args.inputs_from)
-    recorded = find(folder, "resolve-config*/config") if is_kfp_run(folder) else None
-    if recorded is None:
-        return None
-    log.info("settings: the config the run %s used (%s); --params gives others", folder, recorded)
-    return str(recorded)
-
-
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
@@ -146,17 +130,16 @@ def _arguments(args: argparse.Namespace) -> dict:
         raise ValueError(f"{', '.join(given)}: the lifecycle pipelines' inputs (--pipeline add-gallery-model or "
                          "upgrade-query-model); the cmce pipeline makes its own")
     out: dict = lifecycle_inputs(args) if args.pipeline != "cmce" else {}
-    params = args.params or _run_config(args)
     # the whole config checked here, not in the first task: the params given, else the ones compiled in
-    cfg = load_config(params or PARAMS_FILE, overrides)
-    if params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
-        out["params_yaml"] = json.dumps(read_yaml(read_config_text(params)))
+    cfg = load_config(args.params or PARAMS_FILE, overrides)
+    if args.params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
+        out["params_yaml"] = json.dumps(read_yaml(read_config_text(args.params)))
     if args.set:
         out["overrides"] = list(args.set)
     if args.command == "run" and cfg.data.path and not os.path.isabs(cfg.data.path):
         # a local run's tasks read a relative data.path from the working folder: started elsewhere than the
         # project, it fetched 30 MB of data there; it is the params file's folder's, as DVC reads its params
-        where = (Path(params).resolve().parent if params else PARAMS_FILE.parent) / cfg.data.path
+        where = (Path(args.params).resolve().parent if args.params else PARAMS_FILE.parent) / cfg.data.path
         out["overrides"] = [*out.get("overrides", []), f"data.path={where}"]
     if args.run_name:
         out["run_name"] = args.run_name

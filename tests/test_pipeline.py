@@ -642,7 +642,6 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     the one the gallery was made for; a cluster cannot read the run's local files."""
     import shlex
 
-    from cmce.config import read_yaml
     from cmce.tables import read_metadata
     from pipeline.__main__ import LIFECYCLE
     from pipeline.next_steps import lifecycle_commands
@@ -660,15 +659,6 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     assert got["query_model_uri"] == str(kfp_run / "train-model" / "model")
     members = {m["sha256"] for m in read_metadata(got["gallery_uri"])["members"]}
     assert {read_metadata(f)["gallery_model"]["sha256"] for f in got["train_embeddings_uri"]} == members
-    # without --params, the run's own settings (its resolve-config's), not params.yaml's: those trained a 28-px model
-    # on the smoke run's 8-px digits, nothing said
-    bare = build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from",
-                                      str(kfp_run)])
-    recorded = json.loads(_arguments(bare)["params_yaml"])
-    assert recorded == read_yaml((kfp_run / "resolve-config" / "config").read_text())
-    added = recorded["lifecycle"]["add_gallery_model"]
-    assert (recorded["data"]["image_size"], added["name"]) == (8, read_yaml(SMOKE.read_text())["lifecycle"][
-        "add_gallery_model"]["name"])
     with pytest.raises(ValueError, match=rf"^--inputs-from {kfp_run}: a local KFP run's folder, which a cluster's "):
         _arguments(build_parser().parse_args(["submit", "--host", "h", "--pipeline", "upgrade-query-model",
                                               "--inputs-from", str(kfp_run)]))
