@@ -1,6 +1,5 @@
 """End-to-end: `cmce run` on the smoke config, then the CLI steps and their error handling."""
 
-import io
 import json
 import shutil
 import signal
@@ -164,22 +163,6 @@ def test_search_says_which_images_it_converted(smoke_run, tmp_path, caplog, caps
     assert len(_search(capsys, lay, "--images", str(rgb), str(grey), "--k", "1")) == 2
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"{rgb}: 64×48 RGB, read as the query model's 8×8 grey"]
-    # a dataset's images of another size were shrunk without a word; its own dataset's are silent
-    table = pq.read_table(lay.dataset)
-    first = table.column("split").to_pylist().index("test")
-    big = io.BytesIO()
-    Image.new("L", (12, 12), 90).save(big, format="PNG")
-    images = table.column("image").to_pylist()
-    images[first] = big.getvalue()
-    other = tmp_path / "other.parquet"
-    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())),
-                   other)
-    for dataset, warned in ((lay.dataset, []), (other, [
-            f"{other} ('test' split, e.g. {table.column('id')[first]}): 12×12 grey, read as the query model's 8×8 "
-            "grey"])):
-        caplog.clear()
-        assert len(_search(capsys, lay, "--dataset", str(dataset), "--limit", "2", "--k", "1")) == 2
-        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == warned
 
 
 def test_every_flag_of_every_command_has_help_and_search_and_serve_say_their_defaults():

@@ -12,7 +12,7 @@ import torch
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.codec import decode_image_as_found
 from cmce.data.loader import same_split, split_source
-from cmce.data.readers import class_names, first_image, iter_split_batches
+from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
 from cmce.index import SearchResult, load_index, search
 from cmce.storage import file_sha256
@@ -80,19 +80,13 @@ MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette"
 def read_query_image(model: EmbeddingModel, name: str, path: Path) -> np.ndarray:
     """A query image file as the model reads it; one of another size or mode is converted, and said so once: a
     colour photo searched with a grey model is a likely mistake."""
-    arr, found = decode_image_as_found(path.read_bytes(), model.in_channels, model.image_size, name)
-    say_if_converted(model, name, found)
-    return arr
-
-
-def say_if_converted(model: EmbeddingModel, name: str, found: tuple[int, int, str]) -> None:
-    """A warning when an image as found (width, height, PIL mode) is not what the query model reads."""
-    width, height, mode = found
+    arr, (width, height, mode) = decode_image_as_found(path.read_bytes(), model.in_channels, model.image_size, name)
     want = "L" if model.in_channels == 1 else "RGB"
     if (width, height, mode) != (model.image_size, model.image_size, want):
         size = model.image_size
         log.warning("%s: %d×%d %s, read as the query model's %d×%d %s", name, width, height,
                     MODE_NAMES.get(mode, mode), size, size, MODE_NAMES.get(want, want))
+    return arr
 
 
 def embed_queries(model: EmbeddingModel, images: list[tuple[str, Path]], dataset: Path | None, split: str,
@@ -105,10 +99,6 @@ def embed_queries(model: EmbeddingModel, images: list[tuple[str, Path]], dataset
         names.append(name)
         embs.append(embed_batch(model, torch.from_numpy(read_query_image(model, name, path)[None])))
     if not images and dataset is not None:
-        # a dataset's images are all of one size and mode (prepare writes them so): its first one says it for all
-        first_id, blob = first_image(dataset, split)
-        found = decode_image_as_found(blob, model.in_channels, model.image_size, f"{dataset} (id {first_id})")[1]
-        say_if_converted(model, f"{dataset} ('{split}' split, e.g. {first_id})", found)
         for batch in iter_split_batches(dataset, split, 256, model.in_channels, model.image_size):
             names += batch.ids
             embs.append(embed_batch(model, batch.images))

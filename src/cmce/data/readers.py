@@ -184,16 +184,6 @@ def iter_split_batches(
         raise DataError(f"{path}: split '{split}' is empty")
 
 
-def first_image(path: str | Path, split: str) -> tuple[str, bytes]:
-    """The id and encoded image of a split's first row, as stored (before any conversion)."""
-    pf = open_dataset(path)
-    for batch in iter_dataset_batches(pf, path, 1024, ["id", "split", "image"]):
-        rows = np.flatnonzero(np.asarray(batch.column("split").to_pylist(), dtype=object) == split)
-        if len(rows):
-            return batch.column("id")[int(rows[0])].as_py(), batch.column("image")[int(rows[0])].as_py()
-    raise DataError(f"{path}: split '{split}' is empty")
-
-
 SPLITS = ("train", "test")
 MAX_CLASSES = 1 << 20  # classifier rows: the largest label + 1 (1M classes × 512 dims is 2 GB of float32)
 
