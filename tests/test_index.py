@@ -152,11 +152,24 @@ def test_search_parameters_outside_their_config_ranges_are_refused_at_load(tmp_p
         meta = json.loads((index_dir / "meta.json").read_text())
         edited = {**meta, "search_params": {**meta["search_params"], key: bad}}
         (index_dir / "meta.json").write_text(json.dumps(edited))
-        with pytest.raises(IndexLoadError, match=rf"search_params .* {key} must be an integer in \[1, \d+\], got "
-                                                 rf"{re.escape(json.dumps(bad))}$"):
+        with pytest.raises(IndexLoadError, match=rf"meta.json: search_params.{key} is {re.escape(json.dumps(bad))}, "
+                                                 r"expected an integer in \[1, \d+\]$"):
             load_index(index_dir)
         (index_dir / "meta.json").write_text(json.dumps(meta))
         assert search(load_index(index_dir), queries[:2], k=3).scores.shape == (2, 3)
+
+
+@pytest.mark.parametrize("options", [IvfPqConfig(nbits=10), IvfPqConfig(m=16)], ids=["nbits10", "m16"])
+def test_ivfpq_indexes_with_large_codebooks_load_under_the_read_bound(tmp_path, options):
+    """The bound on what faiss may allocate when reading index.faiss (the file's size) once refused IVF-PQ indexes
+    built here: faiss computed a distance table of nlist·m·2^nbits floats on reading, larger than the file."""
+    gallery, queries = clustered_gallery(tmp_path)
+    index_dir = build_index(gallery, tmp_path / "index", index_type="ivfpq", options=IndexConfig(ivfpq=options))
+    assert json.loads((index_dir / "meta.json").read_text())["index_type"] == "ivfpq"
+    built, loaded = faiss.read_index(str(index_dir / "index.faiss")), load_index(index_dir).index
+    for ix in (built, loaded):
+        faiss.extract_index_ivf(ix).nprobe = 4
+    np.testing.assert_array_equal(loaded.search(queries[:20], 5)[1], built.search(queries[:20], 5)[1])
 
 
 def test_an_ivfpq_file_edited_inside_its_checksum_is_refused_at_load(tmp_path):

@@ -215,10 +215,6 @@ def set_search_params(index: Any, search_params: dict[str, int]) -> None:
     unknown = sorted(set(search_params) - set(SEARCH_PARAMS))
     if unknown:
         raise IndexLoadError(f"unknown search parameter(s) {unknown} in the index metadata")
-    for key, value in search_params.items():
-        interval = range_of(*SEARCH_PARAMS[key])
-        if type(value) is not int or not in_interval(value, interval):
-            raise ValueError(f"{key} must be an integer in {interval}, got {json.dumps(value)[:40]}")
     index = faiss.downcast_index(index)
     if "nprobe" in search_params:
         faiss.extract_index_ivf(index).nprobe = int(search_params["nprobe"])
@@ -423,6 +419,10 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         if key in meta and not (isinstance(meta[key], kinds) and not isinstance(meta[key], bool)):
             raise IndexLoadError(f"{shown}/meta.json: {key} is {json.dumps(meta[key])[:40]}, expected "
                                  f"{' or '.join(JSON_NAMES[k] for k in kinds)}")
+    for key, value in meta.get("search_params", {}).items():
+        if key in SEARCH_PARAMS and (type(value) is not int or not in_interval(value, range_of(*SEARCH_PARAMS[key]))):
+            raise IndexLoadError(f"{shown}/meta.json: search_params.{key} is {json.dumps(value)[:40]}, expected an "
+                                 f"integer in {range_of(*SEARCH_PARAMS[key])}")
     for key in ("query_model_sha256", "gallery_sha256"):  # a cut one was compared by its first 12 digits only:
         if key in meta and not SHA256.fullmatch(str(meta[key]).lower()):  # "built for 92195e9e8b60, given 92195e9e8b60"
             raise IndexLoadError(f"{shown}/meta.json: {key} is {json.dumps(meta[key])[:80]}, not a sha256 "
@@ -451,7 +451,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{where}: not an index's id table: {err}") from None
     check_unique_ids(ids, where)
     try:
-        index = read_faiss(d / "index.faiss", meta)
+        index = read_faiss(d / "index.faiss")
     except RuntimeError as err:
         raise IndexLoadError(f"{shown}/index.faiss: not a readable faiss index: "
                              f"{last_line(err)}") from None
@@ -481,20 +481,16 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
 _READ_LOCK = threading.Lock()  # faiss's limit below is process-wide: one read at a time sets it
 
 
-def read_faiss(path: Path, meta: dict) -> Any:
-    """faiss.read_index, with what it may allocate bounded by the file's size: a 69 KB file whose header claimed
-    4 GB of codes had faiss allocate them (an edited HNSW file: 17 GB) before finding the bytes missing. faiss's
-    limit allows a vector of a quarter of it, and IVF-PQ's distance tables, computed on reading (not stored), of
-    nlist·m·2^nbits floats: the sizes `meta`'s index_params record."""
-    limit = 4 * path.stat().st_size
-    params = meta.get("index_params") if isinstance(meta.get("index_params"), dict) else {}
-    if meta.get("index_type") == "ivfpq" and all(type(params.get(k)) is int for k in ("nlist", "m", "nbits")):
-        limit = max(limit, 4 * params["nlist"] * params["m"] * 2 ** min(params["nbits"], 24) + 1)
+def read_faiss(path: Path) -> Any:
+    """faiss.read_index, no vector it reads allowed more bytes than the file holds: a 69 KB file whose header
+    claimed 4 GB of codes had faiss allocate them (an edited HNSW file: 17 GB) before finding the bytes missing.
+    IVF-PQ's precomputed distance table, which faiss would compute on reading (not stored, and bounded by the same
+    limit), is skipped: it serves L2 search only, and every index here is over inner products."""
     with _READ_LOCK:
         before = faiss.get_deserialization_vector_byte_limit()
-        faiss.set_deserialization_vector_byte_limit(limit)
+        faiss.set_deserialization_vector_byte_limit(path.stat().st_size)
         try:
-            return faiss.read_index(str(path))
+            return faiss.read_index(str(path), faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
         except RuntimeError as err:
             if "deserialization_vector_byte_limit" in str(err):  # faiss names its own assertion
                 raise RuntimeError("it declares more than the file can hold (a damaged or edited header)") from None
