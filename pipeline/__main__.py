@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.cleanup import (
     WORKSPACE_PREFIX,
@@ -31,6 +32,9 @@ from pipeline.cleanup import (
 )
 from pipeline.inputs import INPUT_URIS, URI_SCHEME, lifecycle_inputs
 from pipeline.relay import ANSI, cluster_settings_said_once, silenced_on_stop, tidied_stdout
+
+if TYPE_CHECKING:
+    from cmce.config import Config
 
 log = logging.getLogger("pipeline")
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +122,26 @@ def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
     return out
 
 
+def _check_settings_fit_the_run(args: argparse.Namespace, inputs: dict, cfg: Config) -> None:
+    """A lifecycle run grows the run its inputs come from with the params given (params.yaml's by default): a
+    `make smoke` run's digits, grown with params.yaml's Fashion-MNIST settings, trained a 28-px model on its 8-px
+    images, nothing said. Checked before any task, where the dataset is a local file."""
+    dataset = inputs.get("dataset_uri")
+    if not isinstance(dataset, str) or URI_SCHEME.match(dataset):  # a cluster's file: read by its tasks only
+        return
+    from cmce.data.readers import made_from_another_source
+    from pipeline.cmce_pipeline import PARAMS_FILE
+
+    try:
+        other = made_from_another_source(dataset, cfg.data.source)
+    except (OSError, ValueError):  # not a dataset at all: its task says so, as for any other input
+        return
+    if other:
+        params = f"--params {args.params}" if args.params else f"the params compiled in ({PARAMS_FILE.name})"
+        raise ValueError(f"{other} ({params}): give the params the run was made with (--params, as the run "
+                         "printed them)")
+
+
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
@@ -132,6 +156,7 @@ def _arguments(args: argparse.Namespace) -> dict:
     out: dict = lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     # the whole config checked here, not in the first task: the params given, else the ones compiled in
     cfg = load_config(args.params or PARAMS_FILE, overrides)
+    _check_settings_fit_the_run(args, out, cfg)
     if args.params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
         out["params_yaml"] = json.dumps(read_yaml(read_config_text(args.params)))
     if args.set:

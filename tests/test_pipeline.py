@@ -659,12 +659,20 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     assert got["query_model_uri"] == str(kfp_run / "train-model" / "model")
     members = {m["sha256"] for m in read_metadata(got["gallery_uri"])["members"]}
     assert {read_metadata(f)["gallery_model"]["sha256"] for f in got["train_embeddings_uri"]} == members
+    # grown with another run's data settings (params.yaml's Fashion-MNIST over the smoke run's digits), before any
+    # task: a 28-px model was trained on the 8-px images enlarged, nothing said
+    bare = build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from",
+                                      str(kfp_run)])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{got['dataset_uri']}: made from data.source=digits, not the settings' fashion_mnist (the params "
+            "compiled in (params.yaml)): give the params the run was made with")):
+        _arguments(bare)
     with pytest.raises(ValueError, match=rf"^--inputs-from {kfp_run}: a local KFP run's folder, which a cluster's "):
         _arguments(build_parser().parse_args(["submit", "--host", "h", "--pipeline", "upgrade-query-model",
                                               "--inputs-from", str(kfp_run)]))
     lifecycle = (tmp_path / "cmce-add-gallery-model-2026-12-06-10-00-00-000000").resolve()
     (lifecycle / "add-member").mkdir(parents=True)
-    add = ["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from"]
+    add = ["run", "--local", "--pipeline", "add-gallery-model", "--params", str(SMOKE), "--inputs-from"]
     with pytest.raises(ValueError, match=rf"^--inputs-from {lifecycle}: no new gallery \(a lifecycle run that "):
         _arguments(build_parser().parse_args([*add, str(lifecycle)]))
     unfinished = (tmp_path / "cmce-2026-12-06-10-00-00-000000").resolve()  # stopped before prepare-data
