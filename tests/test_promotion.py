@@ -144,6 +144,14 @@ def test_the_kfp_gate_task_withholds_a_promotion_no_alias_can_follow(smoke_run, 
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("cmce").experiment_id], "attributes.run_name = 'gate'")
     assert run[0].data.metrics["promoted"] == 0.0
+    # untracked (--no-mlflow), nothing can move either: the file says so beside its verdict, as the CLI's does
+    tracking.write_text(json.dumps({"uri": "", "run_id": ""}))
+    gate.python_func(config=at(SMOKE), tracking=at(tracking), dataset=at(lay.dataset),
+                     baseline_query_model=at(lay.model("query")), baseline_gallery=at(lay.gallery),
+                     query_model=at(lay.model("query")), gallery=at(lay.gallery), index=at(tmp_path),
+                     metrics=SimpleNamespace(log_metric=logged.__setitem__), decision=at(decision))
+    said = json.loads(decision.read_text())
+    assert (said["promoted"], said["production_alias"]) == (True, "not moved: the run is not tracked (--no-mlflow)")
 
 
 def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_run, tmp_path, caplog):

@@ -483,18 +483,14 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
                                _model(args.query_model), _in(args.gallery))
     decision = _out(args, args.out, writes="json")
     record = stages.gate(_config(args), inputs, stages.GateOutputs(decision))
-    if record.metrics["promoted"] and record.promote and not args.mlflow_parent:  # the aliases move on publishing
-        from cmce.promotion import note_in_decision
+    from cmce.promotion import note_unmoved, withhold_unregistered
 
-        # in the file too: `"promoted": true` in a DVC metrics table read as "production moved"
-        note_in_decision(decision, "production_alias", "not moved: the gate is not tracked (no --mlflow-parent)")
-        log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
-                    "gate and move 'production'")
     why = f"candidate regressed on {record.params['regressed']}"
     if args.mlflow_parent:
-        from cmce.promotion import withhold_unregistered
-
         why = withhold_unregistered(record, decision, os.environ["MLFLOW_TRACKING_URI"]) or why
+    elif note_unmoved(record, decision, "the gate is not tracked (no --mlflow-parent)"):  # aliases move on publishing
+        log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
+                    "gate and move 'production'")
     if args.require_promotion and not record.metrics["promoted"]:  # a verdict, not bad input: exit 1, like diff
         log.error("cmce gate: %s: not promoted: %s (see %s)", args.gallery, why, args.out)
         args.exit_status = 1

@@ -60,16 +60,24 @@ class Decision:
 def withhold(decision: Path, reason: str) -> None:
     """A decision to promote that cannot be carried out (the served versions are not registered): the written
     decision says not promoted, and why, so that a deploy script waiting for a promotion does not go on."""
-    note_in_decision(decision, "promoted", False)
-    note_in_decision(decision, "not_promoted", reason)
+    note_in_decision(decision, promoted=False, not_promoted=reason)
 
 
-def note_in_decision(decision: Path, key: str, value: Any) -> None:
-    """`key` set to `value` in a written decision file (rewritten whole, atomically)."""
+def note_unmoved(record: Any, decision: Path, why: str) -> bool:
+    """A promoting decision where no alias can move (the gate is not tracked) says so in its file too: a DVC
+    metrics table showed `promoted: true` alone. Returns whether it was one."""
+    if not (record.metrics["promoted"] and record.promote):
+        return False
+    note_in_decision(decision, production_alias=f"not moved: {why}")
+    return True
+
+
+def note_in_decision(decision: Path, **fields: Any) -> None:
+    """`fields` set in a written decision file (rewritten whole, atomically)."""
     from cmce.storage import write_text
 
     report = json.loads(decision.read_text())
-    write_text(decision, json.dumps({**report, key: value}, indent=2, sort_keys=True) + "\n")
+    write_text(decision, json.dumps({**report, **fields}, indent=2, sort_keys=True) + "\n")
 
 
 def withhold_unregistered(record: Any, decision: Path, tracking_uri: str) -> str | None:
