@@ -274,6 +274,9 @@ def test_prepare_data_raw_names_the_imagefolder_it_reads(tmp_path, caplog):
     inside = other / "cat" / "dataset.parquet"
     fails(caplog, ["prepare-data", *imagefolder_args(base), "--raw", other, "--out", inside], inside,
           f"--out {inside} is inside the input folder --raw {other}")
+    single = image_folder(tmp_path / "single", {"cat": 1, "dog": 1})  # each image goes to train: no test split
+    fails(caplog, ["prepare-data", *imagefolder_args(base), "--raw", single, "--out", out], out,
+          f"{single}: the heldout protocol with data.heldout_fraction=")  # named data.path, which was not read
 
 
 def test_a_relative_data_path_is_named_as_the_absolute_path_read(tmp_path, caplog, monkeypatch):

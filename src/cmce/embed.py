@@ -338,14 +338,15 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                 raise TableError(f"{p}: a whole file, not a shard (embed-member --shard writes shards); merge only "
                                  "the shards of one file")
             if counts and k not in counts:  # before "given twice": shard 0/3 beside 0/2 is no repeat
-                raise TableError(f"{p}: shard {i}/{k} of {k} shards, beside shards of {counts.pop()} (another "
-                                 "embed run's); merge the shards of one run")
+                other = next(iter(counts))
+                raise TableError(f"{p}: shard {i}/{k}, beside shards of {other} (of another embed run); merge the "
+                                 "shards of one run")
             if i in by_index:
                 raise TableError(f"{p}: shard {i}/{k} given twice (also {by_index[i]})")
             by_index[i] = p
             counts.add(k)
-        k = counts.pop() if len(counts) == 1 else 0
-        if not k or sorted(by_index) != list(range(k)):
+        k = counts.pop()  # one count: another was refused above
+        if sorted(by_index) != list(range(k)):
             raise TableError(f"{[str(p) for p in shard_paths]}: need shards 0..K-1 of one K, got "
                              f"{sorted(m.get('shard', '0/1') for m in metas.values())}")
         ordered = [by_index[i] for i in sorted(by_index)]

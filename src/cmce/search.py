@@ -27,9 +27,9 @@ def check_ids_follow_gallery(ids: list[str], labels: np.ndarray, gallery: Path, 
     from cmce.tables import int_column, read_table, string_column
 
     table = read_table(gallery, ["id", "label"])
-    indexed = set(ids)
-    keep = [k for k, i in enumerate(string_column(table, "id", str(gallery))) if i in indexed]
-    expected = [table.column("id")[k].as_py() for k in keep]
+    indexed, all_ids = set(ids), string_column(table, "id", str(gallery))
+    keep = [k for k, i in enumerate(all_ids) if i in indexed]
+    expected = [all_ids[k] for k in keep]
     if expected != ids:
         row = next((k for k, (a, b) in enumerate(zip(expected, ids, strict=False)) if a != b), len(expected))
         found = ids[row] if row < len(ids) else "nothing"

@@ -71,7 +71,7 @@ def fetch_data(cfg: Config, out: FetchOutputs) -> StepRecord:
 
 @dataclass
 class PrepareInputs:
-    raw_dir: Path | None = None  # a fetch-data folder; None: the source's own location (data.path)
+    raw_dir: Path | None = None  # a fetch-data folder, or a local source's root; None: data.path
     # a pipeline evaluates on this test split after its training: a vacuous R@K is refused now, not at its end
     will_evaluate: bool = False
 

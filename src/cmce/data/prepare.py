@@ -40,7 +40,7 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, seed: int = 0, raw_dir: st
     keep = np.flatnonzero(split != "")
     for part in ("train", "test"):
         if not np.any(split[keep] == part):
-            where = cfg.path if cfg.source == "imagefolder" and cfg.path else f"data.source={cfg.source}"
+            where = raw_dir or (cfg.path if cfg.source == "imagefolder" and cfg.path else f"data.source={cfg.source}")
             # every setting that decides the split, so that the one at fault is named
             settings = [f"data.max_{part}_per_class={getattr(cfg, f'max_{part}_per_class')}"]
             if cfg.protocol == "heldout":
