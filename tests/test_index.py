@@ -196,6 +196,22 @@ def test_an_ivfpq_file_edited_inside_its_checksum_is_refused_at_load(tmp_path):
         for ids in lists_ids(index):
             ids[:] = 0
 
+    def faiss_bytes(index):
+        return faiss.serialize_index(index).tobytes()
+
+    # a header claiming 2e7 inverted lists: faiss allocated 3.5 GB for them (about 160 bytes a list) before finding
+    # the lists missing; refused now within the file's size
+    data = bytearray(faiss_bytes(pristine))
+    at = data.index(b"ilar") + 4
+    assert int.from_bytes(data[at:at + 8], "little") == faiss.extract_index_ivf(pristine).nlist
+    data[at:at + 8] = (20_000_000).to_bytes(8, "little")
+    (index_dir / "index.faiss").write_bytes(data)
+    sealed = {**meta, "files": {**meta["files"], "index.faiss": file_sha256(index_dir / "index.faiss")},
+              "sizes": {**meta["sizes"], "index.faiss": len(data)}}
+    (index_dir / "meta.json").write_text(json.dumps(sealed))
+    with pytest.raises(IndexLoadError, match="index.faiss: not a readable faiss index: it declares more than the "
+                                             "file can hold"):
+        load_index(index_dir)
     for edit, message in ((untrained, "an IVF-PQ index marked untrained"),
                           (out_of_range, "not each of its 3000 items once"),
                           (all_zero, "not each of its 3000 items once")):

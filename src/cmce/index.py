@@ -212,9 +212,6 @@ SEARCH_PARAMS = {"nprobe": (IvfPqConfig, "nprobe"), "k_factor": (IvfPqConfig, "k
 
 def set_search_params(index: Any, search_params: dict[str, int]) -> None:
     """Apply stored search parameters (nprobe, k_factor, ef_search) to an index read from disk."""
-    unknown = sorted(set(search_params) - set(SEARCH_PARAMS))
-    if unknown:
-        raise IndexLoadError(f"unknown search parameter(s) {unknown} in the index metadata")
     index = faiss.downcast_index(index)
     if "nprobe" in search_params:
         faiss.extract_index_ivf(index).nprobe = int(search_params["nprobe"])
@@ -420,7 +417,9 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
             raise IndexLoadError(f"{shown}/meta.json: {key} is {json.dumps(meta[key])[:40]}, expected "
                                  f"{' or '.join(JSON_NAMES[k] for k in kinds)}")
     for key, value in meta.get("search_params", {}).items():
-        if key in SEARCH_PARAMS and (type(value) is not int or not in_interval(value, range_of(*SEARCH_PARAMS[key]))):
+        if key not in SEARCH_PARAMS:
+            raise IndexLoadError(f"{shown}/meta.json: search_params.{key}: unknown (valid: {sorted(SEARCH_PARAMS)})")
+        if type(value) is not int or not in_interval(value, range_of(*SEARCH_PARAMS[key])):
             raise IndexLoadError(f"{shown}/meta.json: search_params.{key} is {json.dumps(value)[:40]}, expected an "
                                  f"integer in {range_of(*SEARCH_PARAMS[key])}")
     for key in ("query_model_sha256", "gallery_sha256"):  # a cut one was compared by its first 12 digits only:
@@ -482,21 +481,24 @@ _READ_LOCK = threading.Lock()  # faiss's limit below is process-wide: one read a
 
 
 def read_faiss(path: Path) -> Any:
-    """faiss.read_index, no vector it reads allowed more bytes than the file holds: a 69 KB file whose header
-    claimed 4 GB of codes had faiss allocate them (an edited HNSW file: 17 GB) before finding the bytes missing.
-    IVF-PQ's precomputed distance table, which faiss would compute on reading (not stored, and bounded by the same
-    limit), is skipped: it serves L2 search only, and every index here is over inner products."""
+    """faiss.read_index, with no vector it reads longer than the file, nor more items in a loop (inverted lists) than
+    the file has bytes: a 69 KB file whose header claimed 4 GB of codes had faiss allocate them (an edited HNSW file:
+    17 GB; an IVF-PQ file claiming 2e7 lists, 3.5 GB) before finding the bytes missing. The flag skips faiss's check
+    of an L2-only precomputed table (never built for inner product), whose size is not the file's."""
+    size = path.stat().st_size
     with _READ_LOCK:
-        before = faiss.get_deserialization_vector_byte_limit()
-        faiss.set_deserialization_vector_byte_limit(path.stat().st_size)
+        before = faiss.get_deserialization_vector_byte_limit(), faiss.get_deserialization_loop_limit()
+        faiss.set_deserialization_vector_byte_limit(size)
+        faiss.set_deserialization_loop_limit(size)
         try:
             return faiss.read_index(str(path), faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
         except RuntimeError as err:
-            if "deserialization_vector_byte_limit" in str(err):  # faiss names its own assertion
+            if "deserialization_" in str(err):  # faiss names the limit its assertion checked
                 raise RuntimeError("it declares more than the file can hold (a damaged or edited header)") from None
             raise
         finally:
-            faiss.set_deserialization_vector_byte_limit(before)
+            faiss.set_deserialization_vector_byte_limit(before[0])
+            faiss.set_deserialization_loop_limit(before[1])
 
 
 # build_index stores float32 unit vectors, whose norms differ from 1 by rounding only (about sqrt(dim)·6e-8,
