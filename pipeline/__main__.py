@@ -124,22 +124,29 @@ def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
 
 def _check_settings_fit_the_run(args: argparse.Namespace, inputs: dict, cfg: Config) -> None:
     """A lifecycle run grows the run its inputs come from with the params given (params.yaml's by default): a
-    `make smoke` run's digits, grown with params.yaml's Fashion-MNIST settings, trained a 28-px model on its 8-px
-    images, nothing said. Checked before any task, where the dataset is a local file."""
-    dataset = inputs.get("dataset_uri")
-    if not isinstance(dataset, str) or URI_SCHEME.match(dataset):  # a cluster's file: read by its tasks only
-        return
-    from cmce.data.readers import made_from_another_source
+    `make smoke` run's 8-px digits, grown with params.yaml's, trained a 28-px model on enlarged images, nothing said.
+    Said before any task (a warning: an upgrade may well take another image size), where the inputs are local."""
+    query, dataset = inputs.get("query_model_uri"), inputs.get("dataset_uri")
+    if not all(isinstance(uri, str) and not URI_SCHEME.match(uri) for uri in (query, dataset)):
+        return  # a cluster's files: read by its tasks only
+    from cmce.checkpoint import EMBEDDING_FORMAT, load_checkpoint
+    from cmce.data.readers import dataset_info
+    from cmce.data.sources import SOURCES
     from pipeline.cmce_pipeline import PARAMS_FILE
 
     try:
-        other = made_from_another_source(dataset, cfg.data.source)
-    except (OSError, ValueError):  # not a dataset at all: its task says so, as for any other input
+        made = load_checkpoint(query, EMBEDDING_FORMAT)
+        source = dataset_info(dataset).get("source")
+    except (OSError, ValueError):  # not a model or not a dataset: its task says so, as for any other input
         return
-    if other:
-        params = f"--params {args.params}" if args.params else f"the params compiled in ({PARAMS_FILE.name})"
-        raise ValueError(f"{other} ({params}): give the params the run was made with (--params, as the run "
-                         "printed them)")
+    differ = [f"data.source={source}"] if source in SOURCES and source != cfg.data.source else []
+    if (made.get("image_size"), made.get("in_channels")) != (cfg.data.image_size, cfg.data.channels):
+        differ.append(f"data.image_size={made.get('image_size')}, data.channels={made.get('in_channels')}")
+    if differ:
+        given = f"--params {args.params}" if args.params else PARAMS_FILE.name
+        log.warning("the run's dataset and query model were made with %s; %s (with its --set) says data.source=%s, "
+                    "data.image_size=%d, data.channels=%d: the params that run was made with go with --params",
+                    "; ".join(differ), given, cfg.data.source, cfg.data.image_size, cfg.data.channels)
 
 
 def _arguments(args: argparse.Namespace) -> dict:
@@ -156,7 +163,8 @@ def _arguments(args: argparse.Namespace) -> dict:
     out: dict = lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     # the whole config checked here, not in the first task: the params given, else the ones compiled in
     cfg = load_config(args.params or PARAMS_FILE, overrides)
-    _check_settings_fit_the_run(args, out, cfg)
+    if args.pipeline != "cmce":
+        _check_settings_fit_the_run(args, out, cfg)
     if args.params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
         out["params_yaml"] = json.dumps(read_yaml(read_config_text(args.params)))
     if args.set:

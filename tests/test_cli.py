@@ -165,29 +165,6 @@ def test_search_says_which_images_it_converted(smoke_run, tmp_path, caplog, caps
         f"{rgb}: 64×48 RGB, read as the query model's 8×8 grey"]
 
 
-def test_training_on_a_dataset_made_with_other_data_settings_says_so(smoke_run, tmp_path, caplog, monkeypatch):
-    """A smoke run's digits trained under params.yaml's Fashion-MNIST settings (a lifecycle run given no params):
-    a 28-px model on the 8-px images enlarged, nothing said. The dataset of the settings is silent."""
-    from cmce import stages
-
-    lay, _ = smoke_run
-
-    def stop(*args, **kwargs):
-        raise SystemExit("stopped before training")
-
-    monkeypatch.setattr(stages, "train_embedding_model", stop)
-    for sets, warned in (([], []), (["--set", "data.source=fashion_mnist", "--set", "data.image_size=28"], [
-            "cmce train: --set data.source: not read by this step (a dataset is read as it was made); it applies "
-            "when a dataset is made: fetch-data, prepare-data, run",
-            f"{lay.dataset}: made from data.source=digits, not the settings' fashion_mnist: trained with these "
-            "settings all the same (data.image_size=28, data.channels=1)"])):
-        caplog.clear()
-        with pytest.raises(SystemExit):
-            main(["train", "--config", str(SMOKE), *sets, "--dataset", str(lay.dataset), "--model", "query",
-                  "--out", str(tmp_path / "unused.pt")])
-        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == warned
-
-
 def test_every_flag_of_every_command_has_help_and_search_and_serve_say_their_defaults():
     """`search --help` showed `--index INDEX` and `--query-model QUERY_MODEL` bare, as were 35 flags of 15 other
     commands (`train --dataset DATASET --out OUT`), and neither --k's default nor serve's --host's."""

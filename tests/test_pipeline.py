@@ -636,7 +636,7 @@ def test_lifecycle_inputs_are_refused_for_the_cmce_pipeline_and_required_for_a_l
     assert not (tmp_path / "root").exists()
 
 
-def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inputs(kfp_run, tmp_path):
+def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inputs(kfp_run, tmp_path, caplog):
     """`make run` makes a KFP run; --inputs-from took only a `cmce run` folder, and the user had to find the query
     model among the run's `model` files and gather its train embeddings into one folder by hand. The query model is
     the one the gallery was made for; a cluster cannot read the run's local files."""
@@ -659,14 +659,19 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
     assert got["query_model_uri"] == str(kfp_run / "train-model" / "model")
     members = {m["sha256"] for m in read_metadata(got["gallery_uri"])["members"]}
     assert {read_metadata(f)["gallery_model"]["sha256"] for f in got["train_embeddings_uri"]} == members
-    # grown with another run's data settings (params.yaml's Fashion-MNIST over the smoke run's digits), before any
-    # task: a 28-px model was trained on the 8-px images enlarged, nothing said
+    # grown with another run's data settings (params.yaml's over the smoke run's 8-px digits): a 28-px model was
+    # trained on the images enlarged, nothing said. Said before any task; the run's own params are silent
     bare = build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model", "--inputs-from",
                                       str(kfp_run)])
-    with pytest.raises(ValueError, match=re.escape(
-            f"{got['dataset_uri']}: made from data.source=digits, not the settings' fashion_mnist (the params "
-            "compiled in (params.yaml)): give the params the run was made with")):
-        _arguments(bare)
+    caplog.clear()
+    assert _arguments(bare)["dataset_uri"] == got["dataset_uri"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "the run's dataset and query model were made with data.source=digits; data.image_size=8, data.channels=1; "
+        "params.yaml (with its --set) says data.source=fashion_mnist, data.image_size=28, data.channels=1: the "
+        "params that run was made with go with --params"]
+    caplog.clear()
+    _arguments(args)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
     with pytest.raises(ValueError, match=rf"^--inputs-from {kfp_run}: a local KFP run's folder, which a cluster's "):
         _arguments(build_parser().parse_args(["submit", "--host", "h", "--pipeline", "upgrade-query-model",
                                               "--inputs-from", str(kfp_run)]))

@@ -26,7 +26,7 @@ from cmce.checkpoint import load_embedding_model, require_classes, require_role
 from cmce.config import Config, IndexConfig, ModelSpec
 from cmce.data.loader import WHOLE, Shard, split_source
 from cmce.data.prepare import prepare_dataset
-from cmce.data.readers import dataset_info, made_from_another_source
+from cmce.data.readers import dataset_info
 from cmce.data.sources import fetch_source
 from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model, merge_shards
 from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate
@@ -114,9 +114,6 @@ class ModelOutputs:
 def train_model(cfg: Config, inp: TrainInputs, out: ModelOutputs) -> StepRecord | None:
     """Train one embedding model; the record on the main rank (None on the others under torchrun)."""
     use_device(cfg)
-    if ddp.is_main() and (other := made_from_another_source(inp.dataset, cfg.data.source)):
-        log.warning("%s: trained with these settings all the same (data.image_size=%d, data.channels=%d)", other,
-                    cfg.data.image_size, cfg.data.channels)
     new_query = cfg.lifecycle.new_query_model
     role = "query" if inp.model in (cfg.query_model.name, new_query and new_query.name) else "gallery"
     train_embedding_model(inp.dataset, model_spec(cfg, inp.model), cfg.data, cfg.train, out.checkpoint, role,

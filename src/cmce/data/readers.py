@@ -100,16 +100,6 @@ def dataset_info(path: str | Path) -> dict:
     return metadata_of(open_dataset(path), path)
 
 
-def made_from_another_source(path: str | Path, source: str) -> str | None:
-    """What a dataset's metadata says of its source when that is not `source` (data.source), else None: the data
-    settings are another run's (a smoke run's 8-px digits trained under params.yaml's Fashion-MNIST settings, at
-    28 px, nothing said)."""
-    made = dataset_info(path).get("source")
-    if made is None or made == source:
-        return None
-    return f"{path}: made from data.source={made}, not the settings' {source}"
-
-
 def metadata_of(pf: pq.ParquetFile, path: str | Path) -> dict:
     """A dataset's cmce metadata (its source, protocol, classes); {} for a dataset written without it."""
     meta = (pf.schema_arrow.metadata or {}).get(b"cmce")
