@@ -98,7 +98,7 @@ def test_merge_refuses_incomplete_or_mixed_shards(smoke_run, small_groups, tmp_p
         merge_shards([member(a, 0, 3), member(a, 2, 3)], tmp_path / "out.parquet")
     with pytest.raises(TableError, match="given twice"):
         merge_shards([member(a, 0, 2), member(a, 0, 2)], tmp_path / "out.parquet")
-    with pytest.raises(TableError, match=rf"{a}_0_3.parquet: shard 0/3, beside shards of 2 \(of another embed run\)"):
+    with pytest.raises(TableError, match=rf"{a}_0_3.parquet: shard 0/3, beside shards of a 2-way split \(another"):
         merge_shards([member(a, 0, 2), member(a, 0, 3)], tmp_path / "out.parquet")  # was "shard 0/3 given twice"
     with pytest.raises(TableError, match="metadata differs"):
         merge_shards([member(a, 0, 2), member(b, 1, 2)], tmp_path / "out.parquet")

@@ -339,8 +339,8 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                                  "the shards of one file")
             if counts and k not in counts:  # before "given twice": shard 0/3 beside 0/2 is no repeat
                 other = next(iter(counts))
-                raise TableError(f"{p}: shard {i}/{k}, beside shards of {other} (of another embed run); merge the "
-                                 "shards of one run")
+                raise TableError(f"{p}: shard {i}/{k}, beside shards of a {other}-way split (another embed run); "
+                                 "merge the shards of one run")
             if i in by_index:
                 raise TableError(f"{p}: shard {i}/{k} given twice (also {by_index[i]})")
             by_index[i] = p

@@ -63,10 +63,15 @@ def withhold(decision: Path, reason: str) -> None:
     note_in_decision(decision, promoted=False, not_promoted=reason)
 
 
+def promotes(record: Any) -> bool:
+    """A gate's record that passed and names versions whose `production` alias is to move."""
+    return bool(record.metrics["promoted"] and record.promote)
+
+
 def note_unmoved(record: Any, decision: Path, why: str) -> bool:
     """A promoting decision where no alias can move (the gate is not tracked) says so in its file too: a DVC
     metrics table showed `promoted: true` alone. Returns whether it was one."""
-    if not (record.metrics["promoted"] and record.promote):
+    if not promotes(record):
         return False
     note_in_decision(decision, production_alias=f"not moved: {why}")
     return True
@@ -86,7 +91,7 @@ def withhold_unregistered(record: Any, decision: Path, tracking_uri: str) -> str
     why (a deploy script read `"promoted": true` while nothing moved). Returns the reason; None when all are."""
     from cmce.registry import unregistered
 
-    if not (record.metrics["promoted"] and record.promote):
+    if not promotes(record):
         return None
     missing = unregistered(tracking_uri, record.promote)
     if not missing:
