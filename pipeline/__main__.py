@@ -194,7 +194,7 @@ def tracking_store(root: Path) -> str:
     check it before anything runs: its start-tracking task failed with a traceback, and was retried three times.
     A relative sqlite path (MLflow's docs write `sqlite:///mlflow.db`) names a file in the working folder: it is
     made absolute here, so that every task reads that one store (MLFLOW_REGISTRY_URI likewise)."""
-    from cmce.tracking import (
+    from cmce.tracking_store import (
         REGISTRY_ENV,
         absolute_uri,
         check_registry,
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             submit(args)
     except (ValueError, OSError) as err:  # a bad params file, override or folder: one line, as cmce's steps
-        from cmce.s3 import redact
+        from cmce.redaction import redact
 
         log.error("python -m pipeline %s: %s", args.command, redact(str(err)))  # `--host https://user:pw@…`
         return 2

@@ -97,7 +97,7 @@ def close_parent_run(root: Path, before: set[Path], status: str,
                 said.append(f"; MLflow run {info.run_id} marked {status}")
         except Exception as err:  # noqa: BLE001 - the run's own failure or stop is what to report
             from cmce.errors import first_line
-            from cmce.s3 import redact
+            from cmce.redaction import redact
 
             warn("the MLflow run of %s stays open: %s", track.parent.parent.name, redact(first_line(err)))
     return "".join(said)

@@ -1321,7 +1321,8 @@ def test_output_paths_that_cannot_be_written_are_named_before_any_work(world, tm
 
 # ---------------------------------------------------------------- tracking and the model registry
 def test_a_parent_run_that_cannot_take_the_step_is_refused_before_any_work(world, tmp_path, caplog, monkeypatch):
-    from cmce.tracking import end_run, mlflow_client, start_parent_run
+    from cmce.tracking import end_run, start_parent_run
+    from cmce.tracking_store import mlflow_client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -1424,7 +1425,7 @@ def test_a_locked_store_is_named_without_waiting_on_retries(world, tmp_path, cap
     from cmce.tracking import start_parent_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("cmce.tracking.LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr("cmce.tracking_store.LOCK_WAIT_S", 0.2)
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     run_id = start_parent_run(uri, "parent", {})
@@ -1467,7 +1468,7 @@ def test_a_step_whose_tracking_fails_says_its_outputs_are_written(world, tmp_pat
     from cmce import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("cmce.tracking.LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr("cmce.tracking_store.LOCK_WAIT_S", 0.2)
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     run_id = tracking.start_parent_run(uri, "parent", {})
@@ -1521,7 +1522,7 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
     ./runs/mlflow.db instead."""
     import json
 
-    from cmce.tracking import mlflow_client
+    from cmce.tracking_store import mlflow_client
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -1561,7 +1562,8 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
     import tempfile
 
     from cmce.registry import register_version
-    from cmce.tracking import mlflow_client, start_parent_run
+    from cmce.tracking import start_parent_run
+    from cmce.tracking_store import mlflow_client
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -1590,7 +1592,8 @@ def test_a_registered_model_is_read_under_pythonwarnings_error(world, tmp_path):
     """PYTHONWARNINGS=error (as CI jobs set it) turned SQLAlchemy's deprecation notice inside MLflow's registry into
     `models:/…: registry …: The noload loader strategy is deprecated`: every registered model was refused."""
     from cmce.registry import register_version
-    from cmce.tracking import mlflow_client, start_parent_run
+    from cmce.tracking import start_parent_run
+    from cmce.tracking_store import mlflow_client
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_parent_run(uri, "parent", {})
@@ -3469,7 +3472,7 @@ def test_a_store_of_a_newer_mlflow_is_named_as_such_not_as_out_of_date(world, tm
     'mlflow db upgrade'" cannot apply. It is named as a newer MLflow's; a known older revision keeps the advice."""
     import sqlite3
 
-    from cmce.tracking import check_store, known_revisions, schema_error
+    from cmce.tracking_store import check_store, known_revisions, schema_error
 
     registered = tmp_path / "registered"
     registered.mkdir()

@@ -26,9 +26,11 @@ import pytest
 import requests
 
 from cmce import s3 as cmce_s3
+from cmce import s3_client
 from cmce.cli import main
 from cmce.index import IndexLoadError, load_index
-from cmce.s3 import _inside, redact
+from cmce.redaction import redact
+from cmce.s3 import _inside
 from cmce.storage import clear_scratch, local_input
 from cmce.tables import embedding_array, with_metadata, write_table
 from tests.conftest import SMOKE, dvc
@@ -1212,8 +1214,8 @@ def test_an_unreachable_credentials_endpoint_is_named_not_the_s3_endpoint(s3_ser
     error = only_error(caplog)
     assert f"{uri}: the credentials endpoint {dead} (AWS_CONTAINER_CREDENTIALS_FULL_URI) could not be reached" in error
     assert "S3 endpoint" not in error and not (tmp_path / "idx").exists()
-    monkeypatch.setattr(cmce_s3, "client", lambda: 1 / 0)  # no client can be made: the URL the environment names
-    assert cmce_s3._endpoint() == s3_server.endpoint
+    monkeypatch.setattr(s3_client, "client", lambda: 1 / 0)  # no client can be made: the URL the environment names
+    assert s3_client.endpoint_shown() == s3_server.endpoint
 
 
 def test_a_container_credentials_host_botocore_refuses_is_named_by_its_variable(tmp_path, monkeypatch):

@@ -339,7 +339,7 @@ def test_the_mlflow_http_ranges_are_mlflows_own(monkeypatch):
     from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import _validate_backoff_factor, _validate_max_retries
 
-    from cmce.tracking import check_http_settings
+    from cmce.tracking_store import check_http_settings
 
     for bound, validate, name in ((10, _validate_max_retries, "MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
                                   (120, _validate_backoff_factor, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")):
@@ -363,7 +363,7 @@ def test_the_mlflow_http_ranges_are_mlflows_own(monkeypatch):
 def test_an_in_memory_store_is_refused_and_a_home_store_expanded(monkeypatch, tmp_path):
     """`--mlflow-uri sqlite://` started a run in a store that ended with the process (its artifacts written to
     ./mlruns); `sqlite:///~/t.db` made a folder named `~` in the working folder."""
-    from cmce.tracking import absolute_uri, check_uri_settings
+    from cmce.tracking_store import absolute_uri, check_uri_settings
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for uri in ("sqlite://", "sqlite:///:memory:", "sqlite://?cache=shared"):

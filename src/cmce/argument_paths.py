@@ -184,7 +184,7 @@ def default_folder(args: argparse.Namespace, name: str) -> str:
 def _tracking_stores(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The local tracking store this command may write runs into, as (what names it, path): an output written
     over it replaced the runs and registry with a JSON file, exit 0."""
-    from cmce.tracking import default_store_uri, local_store
+    from cmce.tracking_store import default_store_uri, local_store
 
     if args.mlflow_uri:
         named = "--mlflow-uri", args.mlflow_uri

@@ -79,7 +79,7 @@ _workers = int_in(0, 64)  # decoding processes: more only waits on their start-u
 
 def tracking_error(err: Exception) -> str:
     """The first line of a client's error (MLflow's run to a page), after the URI it was talking to."""
-    from cmce.tracking import proxy_error
+    from cmce.tracking_store import proxy_error
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     text = proxy_error(err, uri) or first_line(err, 400)
@@ -89,7 +89,7 @@ def tracking_error(err: Exception) -> str:
 def one_line(text: str) -> str:
     """An error as one log line: control characters escaped, so that a path holding a newline cannot forge
     a second record (or hide part of itself)."""
-    from cmce.s3 import redact
+    from cmce.redaction import redact
 
     return redact(CONTROL.sub(lambda m: repr(m.group())[1:-1], text))  # and never a password inside a URL
 
@@ -499,7 +499,8 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
 
 def cmd_track_start(args: argparse.Namespace) -> None:
     from cmce.storage import write_text
-    from cmce.tracking import absolute_uri, start_parent_run, tracking_uri
+    from cmce.tracking import start_parent_run
+    from cmce.tracking_store import absolute_uri, tracking_uri
 
     cfg = _config(args)
     # the store as a file path from any working folder: later steps read the URI from this file
@@ -852,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = ok = False
     handlers = terminate_by_exception()
     try:
-        from cmce.tracking import check_uri_settings
+        from cmce.tracking_store import check_uri_settings
 
         check_uri_settings(args.mlflow_uri)
         inputs = refuse_outputs_among_inputs(args)

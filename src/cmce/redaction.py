@@ -23,13 +23,19 @@ _BASIC = re.compile(r"\b(Basic)(\s+)([A-Za-z0-9+/]+={0,2})", re.IGNORECASE)
 _SIGNED = re.compile(r"\b(Signature|X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential)=[^\s&,;\"']+",
                      re.IGNORECASE)
 HIDDEN = "***"
+# a URL's user-info; not after models:// or runs://, where NAME@ALIAS is a registered model, not a user
+# (to the last `@` before the host, as URL parsers read it: `bob:pa@ss@host` is user bob, password pa@ss)
+_USERINFO = re.compile(r"(\b(?!(?:models|runs)://)[a-z][a-z0-9+.-]*://)[^/?#\s]*@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Replace the user-info part of every URL in `text` (``scheme://user:secret@host`` → ``scheme://***@host``)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def conceal(text: str) -> str:
     """`text` with every credential it holds replaced by ***: the user-info of URLs, the values of SECRET_ENV
     (and MLflow's user:password as Basic sends it), bearer tokens, Basic credentials and AWS signatures."""
-    from cmce.s3 import redact
-
     text = redact(text)
     for secret in _secrets():
         text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", HIDDEN, text)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cmce.errors import first_line, from_client
-from cmce.tracking import (
-    ALIAS,
+from cmce.tracking import ALIAS
+from cmce.tracking_store import (
     check_registry,
     check_store,
     http_defaults,
@@ -164,7 +164,7 @@ def ready_version(client: Any, uri: str) -> Any:
 def _registry_error(err: BaseException, tracking: str) -> str:
     """A failed registry read, naming the registry (an HTTP server that is not MLflow answered a bare 404) and,
     when the artifacts' S3 endpoint cannot be reached, the variable that names it for MLflow."""
-    from cmce.s3 import _connection_error
+    from cmce.s3_errors import connection_error
 
     if proxied := proxy_error(err, registry_of(tracking)):
         return proxied
@@ -177,7 +177,7 @@ def _registry_error(err: BaseException, tracking: str) -> str:
     registry = registry_of(tracking)
     reason = text if registry in text else f"registry {registry}: {text}"
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    if endpoint and _connection_error(err) is not None:
+    if endpoint and connection_error(err) is not None:
         reason += f" (MLflow reaches S3 artifacts at MLFLOW_S3_ENDPOINT_URL={endpoint!r})"
     return reason
 

@@ -1,29 +1,16 @@
-"""S3 objects for the storage layer (cmce.storage): the only module that imports boto3.
+"""S3 objects for the storage layer (cmce.storage): s3:// URIs, listing, downloads and uploads.
 
-Endpoint, credentials and region come from the standard AWS chain (environment, shared config and
-credentials files, profiles, instance roles); a non-AWS server is named by ``AWS_ENDPOINT_URL_S3`` or
-``AWS_ENDPOINT_URL``, which boto3 reads itself. Nothing here logs or formats a credential: errors name
-the URI and what to check, and boto3/botocore logging is kept at WARNING whatever the root level.
-
-Transient errors (throttling, 5xx, dropped connections) are retried by botocore with exponential
-backoff (retry mode ``AWS_RETRY_MODE``, default "standard"; ``AWS_MAX_ATTEMPTS``, default 5). Files
-above ``CMCE_S3_MULTIPART_THRESHOLD_MB`` (default 64) go up in parts of ``CMCE_S3_MULTIPART_CHUNK_MB``
-(default 16), ``CMCE_S3_MAX_CONCURRENCY`` (default 8) at a time. An object appears at its key
-only when its single PUT or its multipart upload completes, so a failed upload never leaves a partial
-object there. A prefix holding a manifest (an index's meta.json naming its files) is read as those files only.
-A profile's ``credential_process`` is given ``CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S`` (default 60) to answer.
-Every one of these variables (and ``AWS_REGION`` / ``AWS_DEFAULT_REGION``) is checked (check_env, ranges in
-ENV_RANGES) by the first S3 call of a command, before any work: a value out of range would hang a step (a million
-attempts at a dead endpoint) or fail it only at its upload.
+The client and the environment settings it is made from are cmce.s3_client's; SDK errors become one line naming
+the URI in cmce.s3_errors. An object appears at its key only when its single PUT or its multipart upload
+completes, so a failed upload never leaves a partial object there; a folder with a completion marker is replaced
+through a staging prefix (upload_dir). A prefix holding a manifest (an index's meta.json naming its files) is
+read as those files only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import errno
-import functools
-import hashlib
 import logging
 import os
 import re
@@ -37,34 +24,29 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cmce import strict_json
-from cmce.deadline import within
 from cmce.errors import (
     Terminated,
     raise_if_terminated,
     stop_deferred,
-    stop_pending,
     stopping_on,
     threads_left_running,
 )
+from cmce.redaction import redact
+from cmce.s3_client import (
+    MB,
+    bounded,
+    client,
+    client_key,
+    deadline_message,
+    endpoint_shown,
+    request_deadline,
+    transfer_config,
+)
+from cmce.s3_errors import translated
 
 log = logging.getLogger(__name__)
 SCHEME = "s3://"
 MAX_KEY_BYTES = 1024  # S3's limit on an object key (UTF-8)
-MB = 1 << 20
-# every variable that changes which client (endpoint, identity, retries) a call gets
-_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-               "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
-               "CMCE_S3_READ_TIMEOUT_S", "AWS_METADATA_SERVICE_TIMEOUT", "AWS_METADATA_SERVICE_NUM_ATTEMPTS",
-               "CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-               "AWS_EC2_METADATA_DISABLED", "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-               # the proxies a client is made with (a client made before HTTP_PROXY was set never used it)
-               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
-               "no_proxy")
-# a URL's user-info; not after models:// or runs://, where NAME@ALIAS is a registered model, not a user
-# (to the last `@` before the host, as URL parsers read it: `bob:pa@ss@host` is user bob, password pa@ss)
-_USERINFO = re.compile(r"(\b(?!(?:models|runs)://)[a-z][a-z0-9+.-]*://)[^/?#\s]*@", re.IGNORECASE)
 
 
 def is_s3(uri: object) -> bool:
@@ -85,10 +67,6 @@ def scheme_error(uri: str, scheme: str, what: str) -> str:
     """Why `uri` (of `foreign_scheme`) is refused; `what` names the argument (a flag, or 'an input')."""
     return f"{what} {uri}: {scheme}: URIs are not supported; give a local path or s3://bucket/key (lower case)"
 
-
-def redact(text: str) -> str:
-    """Replace the user-info part of every URL in `text` (``scheme://user:secret@host`` → ``scheme://***@host``)."""
-    return _USERINFO.sub(r"\1***@", text)
 
 
 @dataclass(frozen=True)
@@ -123,474 +101,16 @@ def parse(uri: str) -> S3Uri:
     return S3Uri(bucket, key)
 
 
-# variable: (default, minimum, maximum). A dead endpoint fails within AWS_MAX_ATTEMPTS × (10 s connect +
-# CMCE_S3_READ_TIMEOUT_S) plus botocore's backoff, and a request with its retries within CMCE_S3_DEADLINE_S: by
-# default within 20 s (it was 5 × 20 s + back-off: minutes before a silent endpoint was named).
-# AWS_METADATA_SERVICE_*: botocore's own, for credentials from an instance role; bounded for the same reason.
-ENV_RANGES = {
-    "AWS_MAX_ATTEMPTS": (3, 1, 10),
-    "CMCE_S3_READ_TIMEOUT_S": (10, 1, 300),
-    # one request with its retries (HEAD, LIST, DELETE, a ranged GET), or a download's wait for its next 64 KiB: a
-    # server sending its answer a byte at a time never trips the read timeout (each read gets a byte)
-    "CMCE_S3_DEADLINE_S": (20, 2, 3600),
-    "CMCE_S3_MULTIPART_THRESHOLD_MB": (64, 1, 5120),
-    "CMCE_S3_MULTIPART_CHUNK_MB": (16, 5, 5120),  # S3's parts: 5 MiB to 5 GiB
-    "CMCE_S3_MAX_CONCURRENCY": (8, 1, 64),
-    "AWS_METADATA_SERVICE_TIMEOUT": (1, 1, 30),
-    "AWS_METADATA_SERVICE_NUM_ATTEMPTS": (1, 1, 10),
-    # a profile's credential_process: botocore waits on it without a limit (a `sleep 100` held a step silent)
-    "CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S": (60, 1, 600),
-}
-RETRY_MODES = ("standard", "adaptive", "legacy")
-CONNECT_TIMEOUT_S = 10
-ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
-
-
-def _valid_region(region: str) -> bool:
-    """botocore's own check of a region name (the one its clients apply)."""
-    from botocore.exceptions import InvalidRegionError
-    from botocore.utils import validate_region_name
-
-    try:
-        validate_region_name(region)
-    except InvalidRegionError:
-        return False
-    return True
-
-
-def _env_int(name: str) -> int:
-    from cmce.environment import env_int
-
-    return env_int(name, *ENV_RANGES[name])
-
-
-def _endpoint_url(name: str) -> None:
-    from urllib.parse import urlsplit
-
-    raw = os.environ.get(name)
-    if not raw:
-        return
-    try:
-        parts = urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"environment variable {name}={redact(raw)!r}: an http:// or https:// URL expected")
-    if parts.path.strip("/") or parts.query or parts.fragment:  # botocore puts a path before every bucket
-        raise ValueError(f"environment variable {name}={redact(raw)!r}: the server's URL without a path expected "
-                         f"({parts.scheme}://{parts.netloc}); buckets and keys go in the s3:// URI")
-
-
-def check_env() -> None:
-    """Refuse, naming it, any S3 setting of the environment out of its range (ENV_RANGES, RETRY_MODES, an
-    http(s) endpoint URL, an existing AWS_CA_BUNDLE): called by every S3 call's client(), so the first one of a
-    command (its output check, or its first download) refuses before any work."""
-    for name in ENV_RANGES:
-        _env_int(name)
-    for name in CREDENTIAL_ENV:  # a Secret made from a file keeps its newline: signed requests then fail as
-        value = os.environ.get(name, "")  # an unreachable endpoint (HTTPClientError); the value is never said
-        if any(c.isspace() or not c.isprintable() for c in value):
-            raise ValueError(f"environment variable {name}: holds whitespace or a control character (a newline "
-                             "from the file it came from?); remove it")
-    for name in REGION_ENV:  # else every call failed as an S3 error (InvalidRegionError) naming no variable
-        region = os.environ.get(name)
-        if region and not _valid_region(region):
-            raise ValueError(f"environment variable {name}={region!r}: not a region name (letters, digits and "
-                             "hyphens, such as us-east-1)")
-    mode = os.environ.get("AWS_RETRY_MODE")
-    if mode and mode not in RETRY_MODES:
-        raise ValueError(f"environment variable AWS_RETRY_MODE={mode!r}: one of {', '.join(RETRY_MODES)} expected")
-    for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
-        value = os.environ.get(name)
-        if value and value.strip().lower() not in ("when_supported", "when_required"):
-            raise ValueError(f"environment variable {name}={value!r}: when_supported or when_required expected")
-    for name in ENDPOINT_ENV:
-        _endpoint_url(name)
-    bundle = os.environ.get("AWS_CA_BUNDLE")
-    if bundle and not os.path.exists(bundle):  # else every https request fails as an unreachable endpoint
-        raise ValueError(f"environment variable AWS_CA_BUNDLE={bundle!r}: no such certificate file")
-
-
-def quiet_sdk_logging() -> None:
-    """boto3/botocore/s3transfer/urllib3 log request details (headers, signing steps) at DEBUG; keep them
-    at WARNING so that a DEBUG root logger never records them."""
-    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-_ENDPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("s3_endpoint", default=None)
-
-
-@contextlib.contextmanager
-def endpoint_from(name: str) -> Iterator[None]:
-    """S3 calls inside use the endpoint the environment variable `name` gives, when it is set (MLflow's artifact
-    store reads MLFLOW_S3_ENDPOINT_URL, not the AWS variables); the environment itself is left as it is."""
-    url = os.environ.get(name) or None
-    _endpoint_url(name)
-    token = _ENDPOINT.set(url)
-    try:
-        yield
-    finally:
-        _ENDPOINT.reset(token)
-
-
-def _client_key() -> tuple[str, str | None]:
-    """What the S3 client depends on: the environment's settings (hashed, so that no credential is kept as a cache
-    key) and the endpoint this command set."""
-    check_env()
-    h = hashlib.sha256()
-    for name in _CLIENT_ENV:
-        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
-    return h.hexdigest(), _ENDPOINT.get()
-
-
-def client() -> Any:
-    """The S3 client for the current environment (cached per endpoint/identity/retry settings)."""
-    return _client_for(*_client_key())
-
-
-def _no_retry_when_stopping(response: Any = None, caught_exception: BaseException | None = None, **_: Any) -> None:
-    """botocore's needs-retry hook, first of all: a request that failed after a stop signal is not retried (one
-    that succeeded, such as the removal of a staged upload, goes through)."""
-    failed = caught_exception is not None or (response is not None and response[0].status_code >= 400)
-    if failed and stop_pending():
-        raise OSError(errno.ECANCELED, "the step is stopping: no retry")
-
-
-@functools.lru_cache(maxsize=4)
-def _client_for(_env_digest: str, endpoint: str | None = None) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    quiet_sdk_logging()
-    retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
-               "total_max_attempts": _env_int("AWS_MAX_ATTEMPTS")}  # total, as AWS_MAX_ATTEMPTS means
-    # an endpoint that accepts and never answers costs attempts × read_timeout before the step fails: 3 × 10 s
-    # (it was 5 × 120 s, ten minutes of silence); a part of a multipart upload is answered well within 10 s
-    config = Config(retries=retries, connect_timeout=CONNECT_TIMEOUT_S, read_timeout=_env_int("CMCE_S3_READ_TIMEOUT_S"))
-    session = boto3.session.Session()
-    _bound_credential_process(session)
-    _resolve_credentials(session)
-    s3 = session.client("s3", config=config, endpoint_url=endpoint)
-    s3.meta.events.register_first("needs-retry.s3", _no_retry_when_stopping)
-    return s3
-
-
-class CredentialProcessError(ValueError):
-    """A profile's credential_process gave no usable credentials (or none in time)."""
-
-
-def _credential_process(session: Any) -> str | None:
-    try:
-        return session._session.get_scoped_config().get("credential_process")
-    except Exception:  # noqa: BLE001 - a missing profile is reported by the call that needs it
-        return None
-
-
-def _bound_credential_process(session: Any) -> None:
-    """botocore runs a profile's credential_process and waits on it without a limit (its ProcessProvider takes
-    the Popen it runs it with): it is given one whose wait ends after CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S,
-    killing the process."""
-    import subprocess
-
-    limit = _env_int("CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S")
-    profile = session.profile_name
-
-    class BoundedPopen(subprocess.Popen):
-        def communicate(self, input=None, timeout=None):  # noqa: A002 - Popen's own argument names
-            try:
-                return super().communicate(input, timeout=min(timeout or limit, limit))
-            except subprocess.TimeoutExpired:
-                self.kill()
-                super().communicate()
-                raise CredentialProcessError(
-                    f"AWS profile {profile!r}: its credential_process gave no credentials within {limit} s "
-                    "(CMCE_S3_CREDENTIAL_PROCESS_TIMEOUT_S); check the command, or raise the limit") from None
-
-    resolver = session._session.get_component("credential_provider")
-    provider = resolver.get_provider("custom-process") if resolver is not None else None
-    if provider is not None and hasattr(provider, "_popen"):
-        provider._popen = BoundedPopen
-
-
-def _resolve_credentials(session: Any) -> None:
-    """Credentials are resolved as the client is made: a credential_process that prints no JSON raised the bare
-    `Expecting value: line 1 column 1 (char 0)`, naming no profile; the profile and its process are named."""
-
-    from botocore.exceptions import CredentialRetrievalError
-
-    try:
-        session.get_credentials()
-    except ValueError as err:  # botocore's container provider: "Unsupported host 'x'. Can only retrieve metadata…"
-        if "Unsupported host" not in str(err) or not os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
-            raise _credential_process_error(session, err) from None
-        raise ValueError(f"environment variable AWS_CONTAINER_CREDENTIALS_FULL_URI="
-                         f"{redact(os.environ['AWS_CONTAINER_CREDENTIALS_FULL_URI'])!r}: {str(err).strip()}") from None
-    except CredentialRetrievalError as err:
-        raise _credential_process_error(session, err) from None
-
-
-def _credential_process_error(session: Any, err: BaseException) -> BaseException:
-    """A profile's credential_process that printed no JSON, or failed, named with its profile; else `err`."""
-    import json
-
-    from botocore.exceptions import CredentialRetrievalError
-
-    if isinstance(err, json.JSONDecodeError | UnicodeDecodeError | CredentialRetrievalError):
-        process = _credential_process(session)
-        if process is None:
-            return err
-        if isinstance(err, CredentialRetrievalError):
-            what = f"failed ({redact(str(err).strip().splitlines()[0])})"
-        else:
-            what = "printed no JSON credentials"
-        return CredentialProcessError(f"AWS profile {session.profile_name!r}: its credential_process {what}; run it "
-                                      "by hand to see why")
-    return err
-
-
-def transfer_config() -> Any:
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(
-        multipart_threshold=_env_int("CMCE_S3_MULTIPART_THRESHOLD_MB") * MB,
-        multipart_chunksize=_env_int("CMCE_S3_MULTIPART_CHUNK_MB") * MB,
-        max_concurrency=_env_int("CMCE_S3_MAX_CONCURRENCY"),
-        preferred_transfer_client="classic",
-        io_chunksize=TRANSFER_STEP,  # a download reports progress a chunk at a time (see _transfer)
-    )
-
-
-TRANSFER_STEP = 64 * 1024
-
-
-def _bounded(request: Any, uri: str, action: str) -> Any:
-    """`request()` (one S3 request, botocore's retries included) within the request deadline: a server that
-    trickled its answer a byte a second never tripped the read timeout and held a step until it was killed."""
-    deadline = request_deadline()
-    return within(deadline, request, lambda: TimeoutError(_deadline_message(uri, action, deadline)))
-
-
-def request_deadline() -> int:
-    """CMCE_S3_DEADLINE_S, but never less than one attempt's read timeout (and 5 s): a read timeout raised for a slow
-    server is not cut short by the deadline."""
-    return max(_env_int("CMCE_S3_DEADLINE_S"), _env_int("CMCE_S3_READ_TIMEOUT_S") + 5)
-
-
-def _deadline_message(uri: str, action: str, deadline: int) -> str:
-    return (f"{uri}: no whole answer from the S3 endpoint {_endpoint()} within {deadline} s while {action} "
-            "(CMCE_S3_DEADLINE_S): unreachable, silent or trickling")
-
-
-def _endpoint() -> str:
-    """The S3 endpoint's URL, for an error message: the client's, else (no client can be made) the one the
-    environment names, else "AWS's default"."""
-    try:
-        return redact(str(client().meta.endpoint_url))
-    except Exception:  # noqa: BLE001 - only used to word an error message
-        configured = _ENDPOINT.get() or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return redact(configured) if configured else "(AWS's default)"
-
-
-CONTAINER_HOST = "http://169.254.170.2"  # ECS/EKS: where AWS_CONTAINER_CREDENTIALS_RELATIVE_URI points
-IMDS_DEFAULT = "http://169.254.169.254"  # EC2's instance metadata service
-
-
-def _credentials_endpoint(url: str) -> str | None:
-    """The variable (or service) that sent botocore's credential chain to `url`; None for any other URL."""
-    full = os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-    if full and url.rstrip("/") == full.rstrip("/"):
-        return "AWS_CONTAINER_CREDENTIALS_FULL_URI"
-    relative = os.environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-    if relative and url.rstrip("/") == f"{CONTAINER_HOST}{relative}".rstrip("/"):
-        return "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"
-    imds = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-    if imds and url.startswith(imds.rstrip("/")):
-        return "AWS_EC2_METADATA_SERVICE_ENDPOINT"
-    if url.startswith((IMDS_DEFAULT, "http://[fd00:ec2::254]")):
-        return "the instance metadata service (AWS_EC2_METADATA_DISABLED=true turns it off)"
-    return None
-
-
-def _credentials_error(err: BaseException, uri: str, action: str) -> OSError | None:
-    """Credentials that botocore's chain was sent to fetch from an endpoint (a container's or the instance's
-    metadata) and could not: that endpoint and the variable that named it, not the S3 endpoint (which may be
-    up, and was blamed); else None."""
-    from botocore.exceptions import CredentialRetrievalError, EndpointConnectionError, MetadataRetrievalError
-
-    from cmce.errors import first_line
-
-    seen, retrieval, url = 0, None, None
-    while err is not None and seen < 8:
-        if isinstance(err, CredentialRetrievalError | MetadataRetrievalError) and retrieval is None:
-            retrieval = err
-        if isinstance(err, EndpointConnectionError):
-            url = str(err.kwargs.get("endpoint_url", ""))
-        err = err.__cause__ or err.__context__
-        seen += 1
-    if retrieval is None:
-        return None
-    if url is None:  # the chain holds only the text: "Could not connect to the endpoint URL: "…""
-        found = re.search(r'endpoint URL: "([^"]+)"', str(retrieval))
-        url = found.group(1) if found else ""
-    variable = _credentials_endpoint(url) if url else None
-    if variable is None:
-        provider = str(getattr(retrieval, "kwargs", {}).get("provider", "")) or "the AWS credential chain"
-        return OSError(f"{uri}: no credentials from {provider} while {action}: {redact(first_line(retrieval))}")
-    how = "could not be reached" if url and "connect" in str(retrieval).lower() else "gave no credentials"
-    return OSError(f"{uri}: the credentials endpoint {redact(url)} ({variable}) {how} while {action}; fix or unset "
-                   "it, or give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-
-
-def _credential_sources() -> str:
-    """What the user pointed botocore at for credentials and it found nothing in: a credentials or config file
-    that is no readable file, an instance-metadata endpoint (botocore says only "Unable to locate credentials")."""
-    said = []
-    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
-        value = os.environ.get(name)
-        if value and not os.path.isfile(os.path.expanduser(value)):
-            what = "a folder" if os.path.isdir(os.path.expanduser(value)) else "no file"
-            said.append(f"{name}={redact(value)!r} names {what}")
-    endpoint = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-    if endpoint and os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
-        said.append(f"the instance metadata endpoint AWS_EC2_METADATA_SERVICE_ENDPOINT={redact(endpoint)!r} gave none")
-    return f" ({'; '.join(said)})" if said else ""
-
-
-def _client_error(err: BaseException) -> Any:
-    """The botocore ClientError behind `err` (boto3 wraps upload errors in S3UploadFailedError)."""
-    from botocore.exceptions import ClientError
-
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, ClientError):
-            return err
-        err = err.__cause__ or err.__context__
-        seen += 1
-    return None
-
-
-def _connection_error(err: BaseException) -> BaseException | None:
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
-
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, BotoConnectionError | HTTPClientError):
-            return err
-        last = getattr(err, "last_exception", None)  # s3transfer's RetriesExceededError
-        err = last or err.__cause__ or err.__context__
-        seen += 1
-    return None
-
-
-def _proxy_error(conn: BaseException, uri: str, action: str) -> OSError | None:
-    """A proxy that cannot be reached, named with the variable that set it (botocore reads HTTP(S)_PROXY as
-    urllib does): the endpoint behind it may well be up."""
-    from botocore.exceptions import ProxyConnectionError
-
-    if not isinstance(conn, ProxyConnectionError):
-        return None
-    scheme = "https" if _endpoint().startswith("https") else "http"
-    names = [f"{scheme.upper()}_PROXY", f"{scheme}_proxy", "ALL_PROXY", "all_proxy"]
-    variable = next((n for n in names if os.environ.get(n)), "the proxy settings")
-    return OSError(f"{uri}: cannot reach the proxy {redact(str(conn.kwargs.get('proxy_url', '')))} ({variable}) "
-                   f"while {action} (gave up after retries); fix or unset it, or name the S3 endpoint's host in "
-                   "NO_PROXY")
-
-
-def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError | None:
-    """A clear error naming `uri` (never a credential) for an SDK error, or None for other errors."""
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
-    from botocore.parsers import ResponseParserError
-
-    if isinstance(err, CredentialProcessError):
-        return CredentialProcessError(f"{uri}: {err} (while {action})")
-    if isinstance(err, RecursionError):  # botocore follows a 301 by asking for the bucket's region, which redirects
-        return OSError(f"{uri}: the endpoint {_endpoint()} answers with redirects without end while {action} (an "
-                       "S3 server names a region instead); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
-    if (credentials := _credentials_error(err, uri, action)) is not None:
-        return credentials
-    bucket = parse(uri).bucket
-    ce = _client_error(err)
-    if ce is not None:
-        error = ce.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = ce.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        # an S3 server answers every failed GET/PUT/LIST with an XML error document naming its code; botocore
-        # falls back to the bare HTTP status when there is none (only HEAD answers carry no body)
-        if code.isdigit() and not str(getattr(ce, "operation_name", "")).startswith("Head"):
-            return OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (it answered HTTP {code} without "
-                           f"an S3 error document while {action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
-        if code == "NoSuchBucket" or (code in ("404", "NotFound") and action == "checking the bucket"):
-            return FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist (cmce never creates buckets)")
-        if code == "PreconditionFailed":  # If-Match: the object was replaced between its HEAD and this GET
-            return OSError(f"{uri}: replaced while {action} (its ETag changed since it was looked at)")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return FileNotFoundError(f"{uri}: no such object")
-        if code in ("InvalidToken", "ExpiredToken", "TokenRefreshRequired"):
-            return PermissionError(f"{uri}: the S3 server refused the session token ({code}) while {action}; "
-                                   f"check AWS_SESSION_TOKEN or the AWS profile")
-        if code == "InvalidAccessKeyId":
-            # a server that knows no session tokens looks the pair up with the token and answers this code
-            token = "; AWS_SESSION_TOKEN is set: a stale one, or one for other keys, is refused this way" \
-                if os.environ.get("AWS_SESSION_TOKEN") else ""
-            return PermissionError(f"{uri}: the S3 server does not know the access key id while {action}; "
-                                   f"check AWS_ACCESS_KEY_ID or the AWS profile{token}")
-        if code == "SignatureDoesNotMatch":
-            return PermissionError(f"{uri}: the S3 server rejected the request signature while {action}: wrong "
-                                   f"secret access key; check AWS_SECRET_ACCESS_KEY or the AWS profile")
-        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
-            return PermissionError(f"{uri}: access denied while {action}; check the credentials and the bucket policy")
-        if code == "InvalidBucketName":
-            return ValueError(f"{uri}: invalid bucket name {bucket!r}")
-        return OSError(f"{uri}: S3 error while {action}: {code or status}: {redact(str(error.get('Message', '')))}")
-    if isinstance(err, NoCredentialsError | PartialCredentialsError):
-        return PermissionError(f"{uri}: no complete AWS credentials found while {action}{_credential_sources()}; "
-                               "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
-    if isinstance(err, ProfileNotFound):
-        profile = err.kwargs.get("profile")
-        return ValueError(f"{uri}: AWS_PROFILE (or AWS_DEFAULT_PROFILE) names the profile {profile!r}, which no AWS "
-                          f"config or credentials file defines")
-    if isinstance(err, ResponseParserError):
-        return OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (its answer is not S3's XML while "
-                       f"{action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
-    conn = _connection_error(err)
-    if conn is not None and (proxy := _proxy_error(conn, uri, action)) is not None:
-        return proxy
-    if conn is not None:
-        return OSError(f"{uri}: cannot reach the S3 endpoint {_endpoint()} while {action} (gave up after retries: "
-                       f"{type(conn).__name__})")
-    if isinstance(err, BotoCoreError | Boto3Error):
-        return OSError(f"{uri}: S3 error while {action}: {type(err).__name__}: {redact(str(err))}")
-    return None
-
-
-@contextlib.contextmanager
-def _errors(uri: str, action: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception as err:
-        clear = translate(err, uri, action)
-        if clear is None:
-            raise
-        raise clear from None  # the SDK's chain adds request details, nothing the message lacks
-
-
 def _diagnose(u: S3Uri, action: str) -> None:
     """HEAD responses carry no error code (a 403 may be a wrong key id, a wrong secret or a policy);
     a LIST answers with one. Raises the precise error, or returns when listing is allowed."""
-    with _errors(str(u), action):
+    with translated(str(u), action):
         _listing(u, u.key, str(u), action)
 
 
 def _listing(u: S3Uri, prefix: str, uri: str, action: str) -> dict:
     """The first key under `prefix` in the bucket of `u` (a LIST of one key), from an S3 server."""
-    return _is_listing(_bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=prefix, MaxKeys=1), uri,
+    return _is_listing(bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=prefix, MaxKeys=1), uri,
                                 action), uri, action)
 
 
@@ -598,7 +118,7 @@ def _is_listing(listed: dict, uri: str, action: str) -> dict:
     """An S3 listing always names its bucket. A web server answering every request 200 with a page that parses as
     XML was read as an empty listing: its "objects" were called files (`is a file; an index is the folder`)."""
     if "Name" not in listed:
-        raise OSError(f"{uri}: the endpoint {_endpoint()} is not an S3 server (its answer to a listing names no "
+        raise OSError(f"{uri}: the endpoint {endpoint_shown()} is not an S3 server (its answer to a listing names no "
                       f"bucket, while {action}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     return listed
 
@@ -609,9 +129,9 @@ def kind(uri: str) -> str:
 
     u = parse(uri)
     if u.key and not u.key.endswith("/"):
-        with _errors(uri, "reading"):
+        with translated(uri, "reading"):
             try:
-                _bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, "reading")
+                bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, "reading")
                 found = True
             except ClientError as err:
                 if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
@@ -624,7 +144,7 @@ def kind(uri: str) -> str:
         if found:  # objects under `key/` too: reading the object alone ignored a whole folder (an index)
             raise ValueError(f"{uri}: both an object and a prefix {uri}/ holding objects exist; give {uri}/ for "
                              "the folder, or remove one")
-    with _errors(uri, "listing"):
+    with translated(uri, "listing"):
         listed = _listing(u, u.dir_prefix, uri, "listing")
     if listed.get("KeyCount", 0):
         return "dir"
@@ -640,10 +160,10 @@ def list_keys(uri: str, starting: str = "") -> list[str]:
     memory growing)."""
     u = parse(uri)
     out: list[str] = []
-    with _errors(uri, "listing"):
+    with translated(uri, "listing"):
         pages = iter(client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket,
                                                                         Prefix=u.dir_prefix + starting))
-        while (page := _bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
+        while (page := bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
             _is_listing(page, uri, "listing")
             out += [o["Key"][len(u.dir_prefix):] for o in page.get("Contents", [])]
             if len(out) > MAX_LISTED_KEYS:
@@ -701,8 +221,8 @@ def _fetch(u: S3Uri, key: str, target: Path, uri: str, cfg: Any) -> None:
     """Download one object to `target`, as the bytes its writer meant: one stored with `Content-Encoding: gzip`
     (`aws s3 cp --content-encoding gzip`, CDN sync tools) is decoded, as an HTTP client decodes it; any other
     coding is refused naming it (its bytes are not the file's)."""
-    with _errors(uri, "downloading"):
-        head = _bounded(lambda: client().head_object(Bucket=u.bucket, Key=key), uri, "downloading")
+    with translated(uri, "downloading"):
+        head = bounded(lambda: client().head_object(Bucket=u.bucket, Key=key), uri, "downloading")
         coding = str(head.get("ContentEncoding") or "")
         codings = [c.strip().lower() for c in coding.split(",") if c.strip().lower() not in NO_CODING]
         if codings not in ([], ["gzip"], ["x-gzip"]):
@@ -794,11 +314,11 @@ class _Progress:
         """Until the transfer ends; TimeoutError once it has moved nothing for `deadline` seconds."""
         while not self.done.wait(min(1.0, deadline)):
             if time.monotonic() - self.moved > deadline:
-                raise TimeoutError(_deadline_message(uri, action, deadline))
+                raise TimeoutError(deadline_message(uri, action, deadline))
             if self.size is not None and self.received > self.size:  # a GET declaring 50 TiB over a 249 KB object,
                 # streamed fast: neither deadline nor read timeout ended it
-                raise TimeoutError(f"{uri}: the S3 endpoint {_endpoint()} sent more than the object's {self.size:,} "
-                                   f"bytes (its HEAD) while {action}; refused")
+                raise TimeoutError(f"{uri}: the S3 endpoint {endpoint_shown()} sent more than the object's "
+                                   f"{self.size:,} bytes (its HEAD) while {action}; refused")
 
 
 GZIP_RATIO = 1000
@@ -896,13 +416,13 @@ def check_writable(uri: str) -> None:
     from botocore.exceptions import ClientError
 
     u = parse(uri)
-    checked = (_client_key(), u.bucket)
+    checked = (client_key(), u.bucket)
     if checked in _checked_buckets:
         return
     try:
-        with _errors(uri, "checking the bucket"):
+        with translated(uri, "checking the bucket"):
             try:
-                _bounded(lambda: client().head_bucket(Bucket=u.bucket), uri, "checking the bucket")
+                bounded(lambda: client().head_bucket(Bucket=u.bucket), uri, "checking the bucket")
             except ClientError as err:  # a HEAD answer has no body: LIST tells what the 403 or 404 means
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status not in (403, 404):
@@ -919,7 +439,7 @@ def check_writable(uri: str) -> None:
 
 def upload_file(path: Path, uri: str) -> None:
     u = parse(uri)
-    with _errors(uri, "uploading"):
+    with translated(uri, "uploading"):
         _transfer(transfer_config(), lambda manager, subscribers: manager.upload(
             str(path), u.bucket, u.key, subscribers=subscribers), uri, "uploading")
     log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
@@ -942,8 +462,8 @@ def put_whole(path: Path, uri: str) -> None:
 
 def delete(uri: str) -> None:
     u = parse(uri)
-    with _errors(uri, "deleting"):
-        _bounded(lambda: client().delete_object(Bucket=u.bucket, Key=u.key), uri, "deleting")
+    with translated(uri, "deleting"):
+        bounded(lambda: client().delete_object(Bucket=u.bucket, Key=u.key), uri, "deleting")
 
 
 def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
@@ -1058,7 +578,7 @@ def _remove_left_staging(u: S3Uri, ours: S3Uri, name: str | None = None) -> None
 def copy(src: str, dst: str) -> None:
     """A server-side copy (no bytes through this machine); in parts above the multipart threshold."""
     s, d = parse(src), parse(dst)
-    with _errors(src, "copying"):
+    with translated(src, "copying"):
         _transfer(transfer_config(), lambda manager, subscribers: manager.copy(
             {"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key, subscribers=subscribers), src, "copying")
 
@@ -1080,9 +600,9 @@ def object_head(uri: str, action: str = "reading", diagnose: bool = False) -> di
     from botocore.exceptions import ClientError
 
     u = parse(uri)
-    with _errors(uri, action):
+    with translated(uri, action):
         try:
-            return _bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, action)
+            return bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, action)
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
                 raise
@@ -1096,13 +616,13 @@ def read_range(uri: str, start: int, end: int, if_match: str | None = None) -> b
     the object with this ETag (a HEAD's); one replaced since is refused (OSError), not read in its place."""
     u = parse(uri)
     match = {"IfMatch": if_match} if if_match else {}
-    with _errors(uri, "reading"):
-        return _bounded(lambda: client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}",
+    with translated(uri, "reading"):
+        return bounded(lambda: client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}",
                                                     **match)["Body"].read(), uri, "reading")
 
 
 def is_prefix(uri: str) -> bool:
     """True when objects exist under `uri/` (a "folder" on S3)."""
     u = parse(uri)
-    with _errors(uri, "listing"):
+    with translated(uri, "listing"):
         return bool(_listing(u, u.dir_prefix, uri, "listing").get("KeyCount", 0))
