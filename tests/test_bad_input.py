@@ -3366,7 +3366,7 @@ def test_a_value_of_the_wrong_type_in_an_index_meta_json_is_named(world, tmp_pat
 def test_output_a_narrow_encoding_cannot_hold_is_escaped_not_a_failed_step(monkeypatch):
     """PYTHONIOENCODING=ascii: `serve` on a folder named `índice` loaded, bound, then exited 2 with "'ascii' codec
     can't encode character" naming nothing, because its `serving … on http://…` line could not be printed."""
-    from cmce.cli import _say
+    from cmce.commands import _say
 
     raw = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
