@@ -1554,8 +1554,12 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
                                                   "query_model_sha256": sha, "k": 2}, timeout=10).status_code == 200
     assert requests.post(f"{base}/search", json={"images": [b64(png(1))], "k": 2}, timeout=10).status_code == 200
     assert requests.post(f"{base}/search", data=b"x" * 5000, timeout=10).status_code == 413  # BodyLimit's refusal
-    for path in ("/nope", "/nope/1", "/search/../etc"):
+    for path in ("/nope", "/nope/1", "/search/../etc", "/docs"):  # /docs: a page of CDN scripts, off
         assert requests.get(f"{base}{path}", timeout=10).status_code == 404
+    schema = requests.get(f"{base}/openapi.json", timeout=10).json()  # the API's schema, for client generators
+    assert set(schema["paths"]) == {"/search", "/healthz", "/readyz", "/version", "/metrics"}
+    assert {"images", "embeddings", "query_model_sha256", "k"} <= set(schema["components"]["schemas"]["SearchRequest"]
+                                                                      ["properties"])
     assert requests.request("BREW", f"{base}/version", timeout=10).status_code == 405
     with pytest.MonkeyPatch.context() as mp:  # a fault of the server's own: the answer operators alert on
         mp.setattr(Served, "describe", lambda _: 1 / 0)
@@ -1566,7 +1570,8 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
         (("endpoint", "/version"), ("method", "GET"), ("status", "200")): 1.0,
         (("endpoint", "/search"), ("method", "POST"), ("status", "200")): 2.0,
         (("endpoint", "/search"), ("method", "POST"), ("status", "413")): 1.0,
-        (("endpoint", "other"), ("method", "GET"), ("status", "404")): 3.0,
+        (("endpoint", "other"), ("method", "GET"), ("status", "404")): 4.0,
+        (("endpoint", "/openapi.json"), ("method", "GET"), ("status", "200")): 1.0,
         (("endpoint", "/version"), ("method", "other"), ("status", "405")): 1.0,
         (("endpoint", "/version"), ("method", "GET"), ("status", "500")): 1.0,
     }

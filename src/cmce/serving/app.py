@@ -35,7 +35,10 @@ from cmce.serving.queries import Limits, RequestError, answer, check_query_model
 from cmce.serving.state import Holder
 
 log = logging.getLogger(__name__)
-ROUTES = {"/search": "POST", "/healthz": "GET", "/readyz": "GET", "/version": "GET", "/metrics": "GET"}  # path → method
+# path → method; /openapi.json is FastAPI's schema of the API (its /docs and /redoc pages load their scripts from a
+# CDN: blank on a server without internet, so they are off)
+ROUTES = {"/search": "POST", "/healthz": "GET", "/readyz": "GET", "/version": "GET", "/metrics": "GET",
+          "/openapi.json": "GET"}
 ENDPOINTS = ", ".join(f"{method} {path}" for path, method in ROUTES.items())
 BODY_WAIT_S = 5.0  # a client's usual timeout is longer; a busy server answers sooner than that
 
@@ -207,7 +210,7 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
     # no redirect of `/search/` to `/search`: Starlette built its Location from the Host header, sending a client
     # that follows redirects (its query with it) to whatever host the request named
     app = FastAPI(title="cmce", summary="asymmetric image retrieval: search a gallery index with query "
-                                        "embeddings or images", redirect_slashes=False)
+                                        "embeddings or images", redirect_slashes=False, docs_url=None, redoc_url=None)
     app.router.route_class = StrictJSONRoute
     budget = BodyBudget(limits.max_bodies_bytes)
     metrics = ServerMetrics(holder, budget)
