@@ -13,10 +13,11 @@ from cmce import next_steps as steps
 from pipeline.run_folder import find, model_with_sha256
 
 
-def query_model_of(index: Path, candidates: list[Path]) -> Path | None:
-    """The checkpoint among `candidates` the index was built for: the one whose sha256 its meta.json records."""
+def recorded_by(index: Path, key: str, candidates: list[Path]) -> Path | None:
+    """The file among `candidates` whose sha256 the index's meta.json records under `key` (`query_model_sha256`:
+    the checkpoint it was built for; `gallery_sha256`: the gallery it was built from)."""
     try:
-        wanted = json.loads((index / "meta.json").read_text())["query_model_sha256"]
+        wanted = json.loads((index / "meta.json").read_text())[key]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return model_with_sha256(wanted, candidates) if isinstance(wanted, str) else None
@@ -28,11 +29,12 @@ def next_steps(run_dir: Path, arguments: dict) -> str:
     index = find(run_dir, "build-index*/index")
     given = {key: Path(arguments[key]) for key in ("query_model_uri", "dataset_uri") if arguments.get(key)}
     models = [*sorted(run_dir.rglob("model")), *([given["query_model_uri"]] if "query_model_uri" in given else [])]
-    query = query_model_of(index, models) if index is not None else None
+    query = recorded_by(index, "query_model_sha256", models) if index is not None else None
     if index is None or query is None:
         return ""
     dataset = find(run_dir, "prepare-data*/dataset") or given.get("dataset_uri")
-    return steps.next_steps(query, index, dataset, find(run_dir, "export-query*/edge_model"))
+    gallery = recorded_by(index, "gallery_sha256", sorted(p for p in run_dir.rglob("*gallery*") if p.is_file()))
+    return steps.next_steps(query, index, dataset, find(run_dir, "export-query*/edge_model"), gallery)
 
 
 def lifecycle_commands(run_dir: Path, pipelines: tuple[str, ...], same: list[str]) -> str:

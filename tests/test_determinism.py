@@ -22,6 +22,7 @@ def test_same_config_and_seed_give_identical_metrics_and_artifacts(smoke_run, tm
     assert res.returncode == 0, res.stderr[-3000:]
     query = out / "models" / "query.pt"  # the smoke config's query model, where the run says it is
     assert f"query model   {query}\n" in res.stderr and f"--index {out / 'index'} --query-model {query}" in res.stderr
+    assert f"gallery       {out / 'gallery.parquet'}\n" in res.stderr
 
     assert (out / "eval" / "metrics.json").read_bytes() == (lay.eval_dir / "metrics.json").read_bytes()
     assert json.loads((out / "eval" / "metrics.json").read_text()).keys() == metrics.keys()

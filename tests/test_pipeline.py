@@ -236,6 +236,7 @@ def test_a_local_run_names_its_query_model_and_index_and_the_commands_that_use_t
     assert f"query model   {kfp_run / 'train-model' / 'model'}\n" in said
     assert f"index         {kfp_run / 'build-index' / 'index'}\n" in said
     assert f"dataset       {kfp_run / 'prepare-data' / 'dataset'}\n" in said
+    assert f"gallery       {kfp_run / 'merge-shards' / 'gallery'}\n" in said  # what --gallery takes
     search = [line.split() for line in said.splitlines() if " search " in line and "--dataset" in line]
     assert len(search) == 1
     argv = shlex.split(" ".join(search[0]))

@@ -25,9 +25,11 @@ def _cmce() -> str:
 
 
 def next_steps(query: Path | str, index: Path | str, dataset: Path | str | None = None,
-               edge: Path | str | None = None) -> str:
-    """The run's key outputs and the search and serve commands over them."""
+               edge: Path | str | None = None, gallery: Path | str | None = None) -> str:
+    """The run's key outputs (the gallery: what the live-gallery operations' --gallery take) and the search and
+    serve commands over them."""
     lines = ["key outputs:", f"  query model   {shown(query)}", f"  index         {shown(index)}"]
+    lines += [f"  gallery       {shown(gallery)}"] if gallery is not None else []
     lines += [f"  dataset       {shown(dataset)}"] if dataset is not None else []
     lines += [f"  query ONNX    {shown(edge)}"] if edge is not None else []
     with_dataset = f" --dataset {shown(dataset)}" if dataset is not None else ""
