@@ -33,7 +33,9 @@ def next_steps(run_dir: Path, arguments: dict) -> str:
     if index is None or query is None:
         return ""
     dataset = find(run_dir, "prepare-data*/dataset") or given.get("dataset_uri")
-    gallery = recorded_by(index, "gallery_sha256", sorted(p for p in run_dir.rglob("*gallery*") if p.is_file()))
+    # newest first: the gallery an index was built from is written after the shards or members it was made of
+    galleries = sorted((p for p in run_dir.rglob("*gallery*") if p.is_file()), key=lambda p: -p.stat().st_mtime)
+    gallery = recorded_by(index, "gallery_sha256", galleries)
     return steps.next_steps(query, index, dataset, find(run_dir, "export-query*/edge_model"), gallery)
 
 

@@ -180,7 +180,7 @@ def test_an_s3_index_is_read_by_its_meta_json_and_an_unfinished_one_is_refused_b
     the URI names); a prefix without meta.json (an upload that did not finish) is refused from one listing,
     nothing downloaded."""
     use_server(monkeypatch, s3_server)
-    client = cmce_s3.client()
+    client = s3_client.client()
     unfinished = "elsewhere/unfinished_index"  # outside run/, whose keys another test compares with a local run
     for name in INDEX_FILES - {"meta.json"}:
         s3_server.client().copy_object(Bucket=s3_chain.bucket, Key=f"{unfinished}/{name}",
@@ -955,7 +955,7 @@ def test_no_success_record_is_printed_for_an_upload_that_failed(s3_server, s3_ch
     bucket = new_bucket(s3_server)
     argv = ["export-query", "--query-model", str(s3_chain.local / "q.pt"), "--out", f"s3://{bucket}/q.onnx"]
     throttle = Throttled(failures=1)
-    events = cmce_s3.client().meta.events
+    events = s3_client.client().meta.events
     events.register("before-send.s3.PutObject", throttle)
     try:
         assert main(argv) == 2
@@ -1229,7 +1229,7 @@ def test_a_container_credentials_host_botocore_refuses_is_named_by_its_variable(
     monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://example.invalid/creds")
     with pytest.raises(ValueError, match=r"^environment variable AWS_CONTAINER_CREDENTIALS_FULL_URI="
                                          r"'http://example.invalid/creds': Unsupported host 'example.invalid'"):
-        cmce_s3.client()
+        s3_client.client()
 
 
 @pytest.mark.parametrize(("server", "signum"), [("silent", signal.SIGTERM), ("silent", signal.SIGINT),
@@ -1679,7 +1679,7 @@ def test_the_bucket_of_an_output_is_checked_once_a_command(s3_server, s3_chain, 
     def count(**_):
         heads.append(1)  # (returns None: the request is sent as usual)
 
-    events = cmce_s3.client().meta.events
+    events = s3_client.client().meta.events
     events.register("before-send.s3.HeadBucket", count)
     export = ["export-query", "--query-model", str(s3_chain.local / "q.pt"), "--out"]
     try:

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", commands.cmd_run, "run every step in one process from a config")
 
     sp = add("serve", commands.cmd_serve, "HTTP search service over a built index (POST /search, /healthz, /readyz, "
-             "/version, /metrics); reloads the index when it is rebuilt", config=False)
+             "/version, /metrics, /openapi.json); reloads the index when it is rebuilt", config=False)
     sp.add_argument("--index", required=True, help="index folder from build-index, or its s3:// prefix; watched "
                                                    "for rebuilds (an s3:// one by its meta.json)")
     sp.add_argument("--query-model", required=True, help=query_model_help)

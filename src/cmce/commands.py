@@ -67,7 +67,8 @@ def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | N
          own: tuple[str, ...] | None = None, writes: str | None = None, kinds: tuple[str, ...] = ()) -> Path:
     """The local path a step writes the output `uri` to, checked before any work (cmce.storage.check_output;
     `own`: the files of a folder replaced whole). An s3:// output is uploaded when the command succeeds
-    (main closes args.outputs before tracking); a failed command uploads nothing."""
+    (cmce.cli.main closes args.outputs, the ExitStack it gives each command, before tracking); a failed command
+    uploads nothing."""
     check_output(uri, is_dir, own, writes, kinds)
     if is_remote(uri) and not ddp.is_main():  # rank 0 writes and uploads; this copy stands for it (the resume state)
         stands_for(path := scratch_dir() / f"rank{ddp.current().rank}" / Path(uri).name, uri)

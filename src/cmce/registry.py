@@ -1,6 +1,6 @@
 """MLflow's model registry as cmce uses it: checkpoints registered by sha256 (alias `candidate`), and `models:/`
 URIs resolved to a READY version's one checkpoint file, downloaded into the command's scratch folder. Beside
-cmce.tracking (runs, stores, the server's checks), the modules that import mlflow.
+cmce.tracking (runs) and cmce.tracking_store (stores, the server's checks), the modules that import mlflow.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cmce import strict_json
+from cmce import s3_client, strict_json
 from cmce.errors import (
     Terminated,
     raise_if_terminated,
@@ -35,7 +35,6 @@ from cmce.redaction import redact
 from cmce.s3_client import (
     MB,
     bounded,
-    client,
     client_key,
     deadline_message,
     endpoint_shown,
@@ -110,8 +109,8 @@ def _diagnose(u: S3Uri, action: str) -> None:
 
 def _listing(u: S3Uri, prefix: str, uri: str, action: str) -> dict:
     """The first key under `prefix` in the bucket of `u` (a LIST of one key), from an S3 server."""
-    return _is_listing(bounded(lambda: client().list_objects_v2(Bucket=u.bucket, Prefix=prefix, MaxKeys=1), uri,
-                                action), uri, action)
+    listed = bounded(lambda: s3_client.client().list_objects_v2(Bucket=u.bucket, Prefix=prefix, MaxKeys=1), uri, action)
+    return _is_listing(listed, uri, action)
 
 
 def _is_listing(listed: dict, uri: str, action: str) -> dict:
@@ -131,7 +130,7 @@ def kind(uri: str) -> str:
     if u.key and not u.key.endswith("/"):
         with translated(uri, "reading"):
             try:
-                bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, "reading")
+                bounded(lambda: s3_client.client().head_object(Bucket=u.bucket, Key=u.key), uri, "reading")
                 found = True
             except ClientError as err:
                 if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
@@ -161,7 +160,7 @@ def list_keys(uri: str, starting: str = "") -> list[str]:
     u = parse(uri)
     out: list[str] = []
     with translated(uri, "listing"):
-        pages = iter(client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket,
+        pages = iter(s3_client.client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket,
                                                                         Prefix=u.dir_prefix + starting))
         while (page := bounded(lambda: next(pages, None), uri, "listing")) is not None:  # each page in time
             _is_listing(page, uri, "listing")
@@ -222,7 +221,7 @@ def _fetch(u: S3Uri, key: str, target: Path, uri: str, cfg: Any) -> None:
     (`aws s3 cp --content-encoding gzip`, CDN sync tools) is decoded, as an HTTP client decodes it; any other
     coding is refused naming it (its bytes are not the file's)."""
     with translated(uri, "downloading"):
-        head = bounded(lambda: client().head_object(Bucket=u.bucket, Key=key), uri, "downloading")
+        head = bounded(lambda: s3_client.client().head_object(Bucket=u.bucket, Key=key), uri, "downloading")
         coding = str(head.get("ContentEncoding") or "")
         codings = [c.strip().lower() for c in coding.split(",") if c.strip().lower() not in NO_CODING]
         if codings not in ([], ["gzip"], ["x-gzip"]):
@@ -234,7 +233,7 @@ def _fetch(u: S3Uri, key: str, target: Path, uri: str, cfg: Any) -> None:
 
 
 def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -> None:
-    """client().download_file, given the object's HEAD answer (size and ETag): s3transfer would ask for it again."""
+    """The client's download_file, given the object's HEAD answer (size and ETag): s3transfer would ask for it again."""
     from s3transfer.subscribers import BaseSubscriber
 
     class Known(BaseSubscriber):
@@ -249,10 +248,10 @@ def _download_known(bucket: str, key: str, target: Path, cfg: Any, head: dict) -
 
 def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False, size: int | None = None) -> None:
     """Run the s3transfer transfer `start(manager, subscribers)` begins, to its end. A download that receives no
-    TRANSFER_STEP bytes within the request deadline fails (a server trickling a byte a second held it for good);
-    an upload or a copy is not watched so: its progress is counted when bytes enter the socket, or when a whole
-    part is copied, and a slow link or a long final request (minutes, for a large multipart upload) would read as
-    a stall; botocore's read timeout bounds them. On a stop signal no request is retried; a download is
+    s3_client.TRANSFER_STEP bytes within the request deadline fails (a server trickling a byte a second held it for
+    good); an upload or a copy is not watched so: its progress is counted when bytes enter the socket, or when a
+    whole part is copied, and a slow link or a long final request (minutes, for a large multipart upload) would read
+    as a stall; botocore's read timeout bounds them. On a stop signal no request is retried; a download is
     `abandon`ed: leaving the manager as its context manager
     does waited for its worker threads, which read a slow or silent server to the end of their read (100 s after
     a SIGTERM); they are left to it while the step cleans up and stops now. An upload is not: bytes already sent
@@ -263,7 +262,7 @@ def _transfer(cfg: Any, start: Any, uri: str, action: str, abandon: bool = False
     from boto3.s3.transfer import create_transfer_manager
     from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
 
-    manager = create_transfer_manager(client(), cfg)
+    manager = create_transfer_manager(s3_client.client(), cfg)
     watch = _Progress(size)  # a download: no more bytes than the object's HEAD announced
     future = start(manager, [watch])
     try:
@@ -422,7 +421,7 @@ def check_writable(uri: str) -> None:
     try:
         with translated(uri, "checking the bucket"):
             try:
-                bounded(lambda: client().head_bucket(Bucket=u.bucket), uri, "checking the bucket")
+                bounded(lambda: s3_client.client().head_bucket(Bucket=u.bucket), uri, "checking the bucket")
             except ClientError as err:  # a HEAD answer has no body: LIST tells what the 403 or 404 means
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status not in (403, 404):
@@ -463,7 +462,7 @@ def put_whole(path: Path, uri: str) -> None:
 def delete(uri: str) -> None:
     u = parse(uri)
     with translated(uri, "deleting"):
-        bounded(lambda: client().delete_object(Bucket=u.bucket, Key=u.key), uri, "deleting")
+        bounded(lambda: s3_client.client().delete_object(Bucket=u.bucket, Key=u.key), uri, "deleting")
 
 
 def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
@@ -602,7 +601,7 @@ def object_head(uri: str, action: str = "reading", diagnose: bool = False) -> di
     u = parse(uri)
     with translated(uri, action):
         try:
-            return bounded(lambda: client().head_object(Bucket=u.bucket, Key=u.key), uri, action)
+            return bounded(lambda: s3_client.client().head_object(Bucket=u.bucket, Key=u.key), uri, action)
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404):
                 raise
@@ -617,7 +616,7 @@ def read_range(uri: str, start: int, end: int, if_match: str | None = None) -> b
     u = parse(uri)
     match = {"IfMatch": if_match} if if_match else {}
     with translated(uri, "reading"):
-        return bounded(lambda: client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}",
+        return bounded(lambda: s3_client.client().get_object(Bucket=u.bucket, Key=u.key, Range=f"bytes={start}-{end}",
                                                     **match)["Body"].read(), uri, "reading")
 
 

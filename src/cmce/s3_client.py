@@ -282,7 +282,7 @@ def transfer_config() -> Any:
         multipart_chunksize=_env_int("CMCE_S3_MULTIPART_CHUNK_MB") * MB,
         max_concurrency=_env_int("CMCE_S3_MAX_CONCURRENCY"),
         preferred_transfer_client="classic",
-        io_chunksize=TRANSFER_STEP,  # a download reports progress a chunk at a time (see _transfer)
+        io_chunksize=TRANSFER_STEP,  # a download reports progress a chunk at a time (see cmce.s3._transfer)
     )
 
 

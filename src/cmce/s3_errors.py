@@ -132,7 +132,7 @@ def translate(err: BaseException, uri: str, action: str) -> OSError | ValueError
                        "S3 server names a region instead); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     if (credentials := _credentials_error(err, uri, action)) is not None:
         return credentials
-    bucket = uri.removeprefix("s3://").partition("/")[0]
+    bucket = uri.removeprefix("s3://").partition("/")[0]  # as given: a key that parse() refuses keeps its own error
     ce = _client_error(err)
     if ce is not None:
         error = ce.response.get("Error", {})

@@ -86,7 +86,7 @@ class QueryModelSource:
 
     def __init__(self, uri: str, local: Callable[[str], Path]):
         self.uri = uri
-        self.local = local  # argument → local checkpoint (cmce.cli._model: paths, s3://, models:/)
+        self.local = local  # argument → local checkpoint (cmce.commands._model: paths, s3://, models:/)
         self.follows_alias = uri.startswith("models:/") and "@" in uri
         self._files: list[tuple[EmbeddingModel, Path]] = []  # each loaded model and the file it was read from
 
