@@ -2004,6 +2004,24 @@ def test_members_or_galleries_with_other_labels_for_the_same_ids(world, tmp_path
     gallery = rewrite(world.gallery, tmp_path / "gallery.parquet", label=pa.array(labels, pa.int32()))
     fails(caplog, [*evaluate_args(world, gallery=gallery), "--out", tmp_path / "eval"], tmp_path / "eval",
           f"{gallery}: id ", f"the dataset {world.dataset} says")
+    # indexed, served, gated: every hit of the edited row named another class, exit 0
+    fails(caplog, ["build-index", "--gallery", gallery, "--out", tmp_path / "index"], tmp_path / "index",
+          f"{gallery}: its labels are not those of the 'test' split it records")
+    decision = tmp_path / "decision.json"
+    fails(caplog, ["gate", "--config", SMOKE, "--dataset", world.dataset, "--baseline-query-model", world.query,
+                   "--baseline-gallery", world.gallery, "--query-model", world.query, "--gallery", gallery,
+                   "--out", decision], decision, f"{gallery}: its labels are not those of the 'test' split of")
+    # every member relabelled alike: they agree with each other, not with the split they record
+    alike = [rewrite(m, tmp_path / f"alike_{m.name}", label=pa.array(labels, pa.int32())) for m in world.members]
+    fails(caplog, ["combine", "--member", alike[0], "--member", alike[1], "--out", out], out,
+          "the members: its labels are not those of the split they record")
+    one = tmp_path / "one.parquet"
+    assert main(["combine", "--member", str(alike[0]), "--out", str(one)]) == 2  # checked as a whole split too
+    assert main(["combine", "--member", str(world.members[0]), "--out", str(one)]) == 0
+    relabelled = rewrite(one, tmp_path / "one_relabelled.parquet", label=pa.array(labels, pa.int32()))
+    grown = tmp_path / "grown.parquet"
+    fails(caplog, ["add-member", "--gallery", relabelled, "--member", alike[1], "--out", grown], grown,
+          f"{relabelled}: its labels are not those of the 'test' split it records")
 
 
 def test_a_dataset_replaced_while_it_is_embedded_writes_nothing(world, tmp_path, caplog, monkeypatch):
@@ -3524,7 +3542,7 @@ def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, 
     the index included; `s3://b` (a bucket root) the whole bucket, before `not a complete index (no meta.json)`."""
     import json
 
-    from cmce import s3 as cmce_s3
+    from cmce import s3_client
     from cmce.index import IndexLoadError, load_index
     from cmce.storage import clear_scratch
     from tests.test_s3 import new_bucket, use_server
@@ -3541,7 +3559,7 @@ def test_an_s3_index_reads_only_the_files_its_meta_json_names(world, s3_server, 
     def record(params: dict, **_: object) -> None:
         fetched.append(params["Key"])
 
-    client = cmce_s3.client()
+    client = s3_client.client()
     client.meta.events.register("provide-client-params.s3.GetObject", record)
     try:
         assert main(["search", "--index", f"s3://{bucket}/idx8", "--query-model", str(world.query), "--dataset",

@@ -162,9 +162,37 @@ def test_upgrade_refuses_a_train_split_without_the_stored_training_ids(smoke_run
     short = tmp_path / "short.parquet"
     pq.write_table(train.slice(3), short)  # the first 3 training images are gone
     stored = lay.train_embeddings(lay.gallery_names[0])
-    with pytest.raises(TableError, match=rf"{short}: train split, for the ids stored in {stored}: lacks 3 of the"):
+    with pytest.raises(TableError, match=rf"{stored}: holds {train.num_rows} rows that are not the train split of "
+                                         rf"{short} \({train.num_rows - 3} rows, in order\)"):
         upgrade_query_model(lay.gallery, lay.model("query"), short,
                             [lay.train_embeddings(g) for g in lay.gallery_names],
+                            TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "g.parquet").exists()
+
+
+@pytest.mark.parametrize("edit", ["truncated", "relabelled"])
+def test_upgrade_refuses_stored_train_embeddings_that_are_not_the_train_split(smoke_run, tmp_path, monkeypatch,
+                                                                              edit):
+    """3 of 1,258 stored rows refitted every transformation, and a gallery and index were rebuilt from them, exit 0;
+    embeddings stored with other labels trained each T's classification term on them. Refused before any work."""
+    import cmce.lifecycle
+
+    lay, _ = smoke_run
+    stored = lay.train_embeddings(lay.gallery_names[0])
+    table = pq.read_table(stored)
+    if edit == "truncated":
+        table = table.slice(0, 3)
+    else:
+        labels = table.column("label").to_numpy().copy()
+        labels[0] = (labels[0] + 1) % 10
+        table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+    edited = tmp_path / stored.name
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(stored).metadata), edited)
+    monkeypatch.setattr(cmce.lifecycle, "embed_split", lambda *a, **kw: pytest.fail("embedded before the check"))
+    why = "rows that are not the train split" if edit == "truncated" else "its labels are not those of the train split"
+    with pytest.raises(TableError, match=rf"{edited}: (holds \d+ )?{why} of {lay.dataset}"):
+        upgrade_query_model(lay.gallery, lay.model("query"), lay.dataset,
+                            [edited, *[lay.train_embeddings(g) for g in lay.gallery_names[1:]]],
                             TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")
     assert not (tmp_path / "t").exists() and not (tmp_path / "g.parquet").exists()
 

@@ -1,6 +1,7 @@
 """Streaming, multi-worker, sharded reading of a split; sharded embedding merged equals unsharded."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -131,8 +132,16 @@ def test_merge_refuses_shards_cut_from_other_files_or_layouts(smoke_run, small_g
     assert pq.read_metadata(whole).num_rows == read_metadata(whole)["source"]["split_rows"]
     # same ids, other chunk boundaries: rows lost or repeated at the seams
     mixed = [member(small_groups, 0), member(other_layout, 1), member(small_groups, 2)]
-    with pytest.raises(TableError, match="not the .* rows of the split"):
+    with pytest.raises(TableError, match="rows that are not the split they were cut from"):
         merge_shards(mixed, tmp_path / "out.parquet")
+    relabelled = member(small_groups, 1)  # the same rows with one label edited: merged, indexed, served (exit 0)
+    table = pq.read_table(relabelled)
+    labels = table.column("label").to_numpy().copy()
+    labels[0] += 1
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+                   .replace_schema_metadata(table.schema.metadata), relabelled)
+    with pytest.raises(TableError, match="the shards together: its labels are not those of the split they were cut"):
+        merge_shards([member(small_groups, 0), relabelled, member(small_groups, 2)], tmp_path / "out.parquet")
     with pytest.raises(TableError, match="metadata differs"):
         merge_shards([member(small_groups, 0), member(other_rows, 1), member(small_groups, 2)],
                      tmp_path / "out.parquet")

@@ -32,6 +32,7 @@ from cmce.storage import atomic_path, inputs_unchanged
 from cmce.tables import (
     IdsDigest,
     TableError,
+    check_digest,
     check_unique_ids,
     embedding_array,
     embedding_column,
@@ -281,12 +282,14 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
         out = Path(out)
         iters = [iter_batches(p, batch_size) for p in member_paths]
         seen: set[str] = set()
+        digest = IdsDigest()
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
             for batch, parts in enumerate(zip(*iters, strict=True)):
                 tables = [pa.Table.from_batches([b]) for b in parts]
                 ids = string_column(tables[0], "id", str(member_paths[0]))
                 labels = int_column(tables[0], "label", str(member_paths[0]))
                 check_unique_ids(ids, str(member_paths[0]), seen)
+                digest.update(ids, labels)
                 ens = RunningEnsemble()
                 raws = []
                 for p, t in zip(member_paths, tables, strict=True):
@@ -307,6 +310,9 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
                     *raws,
                 ]
                 writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+            if meta.get("source") and not meta.get("shard"):  # a shard's rows are checked when merged
+                check_digest(digest, meta["source"], f"{member_paths}: the members", "the split they record",
+                             labels=True)
     log.info("wrote %s (%d members: %s)", out, len(names), names)
     return out
 
@@ -371,12 +377,12 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                         first = sorted(seen.intersection(ids))[0]
                         raise TableError(f"{p}: ids also in an earlier shard (e.g. {first!r})")
                     seen.update(ids)
-                    digest.update(ids)
+                    digest.update(ids, int_column(table, "label", str(p)))
                     writer.write_table(table.replace_schema_metadata(schema.metadata))
             source = base.get("source")  # absent in files written before it was recorded
-            if source and (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
-                raise TableError(f"{[str(p) for p in ordered]}: the shards hold {digest.rows} rows that are not the "
-                                 f"{source['split_rows']} rows of the split they were cut from, in order (shards of "
-                                 f"different dataset files or of another version of it); embed them again from one")
+            if source:
+                check_digest(digest, source, f"{[str(p) for p in ordered]}: the shards together",
+                             "the split they were cut from (shards of different dataset files or of another version "
+                             "of it: embed them again from one)", labels=True)
     log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(seen))
     return out

@@ -245,9 +245,9 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     emb = normalize(embedding_column(table, "embedding", str(gallery_path)), f"{gallery_path}: column 'embedding'")
     ids = string_column(table, "id", str(gallery_path))
     check_unique_ids(ids, str(gallery_path))
-    if meta.get("source"):
-        check_rows_are_split(ids, meta["source"], str(gallery_path), f"the '{meta['split']}' split it records")
     labels = int_column(table, "label", str(gallery_path))
+    if meta.get("source"):
+        check_rows_are_split(ids, meta["source"], str(gallery_path), f"the '{meta['split']}' split it records", labels)
     unc = float_column(table, "uncertainty", str(gallery_path))
     if (unc < 0).any():  # a mean squared distance: never negative
         raise TableError(f"{gallery_path}: column 'uncertainty' has negative values (first: row "

@@ -20,13 +20,16 @@ import pyarrow.parquet as pq
 
 from cmce.checkpoint import load_embedding_model, require_role
 from cmce.config import TransformConfig
-from cmce.data.loader import same_split
+from cmce.data.loader import same_split, split_source
 from cmce.embed import embed_split, ensemble_columns, same_embeddings
 from cmce.method import RunningEnsemble
 from cmce.provenance import repeated_model
 from cmce.storage import atomic_dir, atomic_path, inputs_unchanged, named_on_failure, regular_files
 from cmce.tables import (
+    IdsDigest,
     TableError,
+    check_digest,
+    check_rows_are_split,
     embedding_column,
     int_column,
     iter_batches,
@@ -95,6 +98,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
         raw_type = pq.read_schema(member).field("raw").type
         schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
         dim = stored_dim(g_schema, "embedding", str(gallery))
+        digest = IdsDigest()
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
             for batch, (g, m) in enumerate(aligned_batches([gallery, member], batch_size)):
                 if batch == 0:
@@ -104,6 +108,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
                 ids = string_column(g, "id", str(gallery))
                 if string_column(m, "id", str(member)) != ids:
                     raise TableError(f"{member}: ids are not in the gallery's order")
+                digest.update(ids, int_column(g, "label", str(gallery)))
                 if not np.array_equal(int_column(m, "label", str(member)), int_column(g, "label", str(gallery))):
                     raise TableError(f"{member}: labels differ from {gallery} for the same ids (another version of the "
                                      "dataset)")
@@ -114,6 +119,9 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
                 cols |= ensemble_columns(ens)
                 cols[f"raw_{name}"] = m.column("raw")
                 writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
+            if gmeta.get("source") and not gmeta.get("shard"):
+                check_digest(digest, gmeta["source"], str(gallery), f"the '{gmeta['split']}' split it records",
+                             labels=True)
     log.info("added %s to %s → %s (%d members)", name, gallery, out, len(new_meta["members"]))
     return Path(out)
 
@@ -166,12 +174,21 @@ def upgrade_query_model(
             raise TableError(f"{path} and {stored[sha]}: two train-embeddings files of gallery model "
                              f"{meta['gallery_model'].get('name')!r}; give one")
         stored[sha] = Path(path)
+    train = split_source(dataset, "train")
     for member in gmeta["members"]:  # before any fit: a missing one was found after every other was refitted
         if member["sha256"] not in stored:
             raise TableError(f"no stored train embeddings for gallery model {member['name']!r} "
                              f"({member['sha256'][:12]}) among {[str(p) for p in train_embeddings]}")
-    q_train = embed_split(query, dataset, "train", batch_size)
+        # the whole train split, with its labels: 3 rows of 1,258 refitted every transformation, exit 0
+        at = stored[member["sha256"]]
+        rows = read_table(at, ["id", "label"])
+        check_rows_are_split(string_column(rows, "id", str(at)), train, str(at), f"the train split of {dataset}",
+                             int_column(rows, "label", str(at)))
     table = read_table(gallery)
+    if gmeta.get("source"):
+        check_rows_are_split(string_column(table, "id", str(gallery)), gmeta["source"], str(gallery),
+                             f"the '{gmeta['split']}' split it records", int_column(table, "label", str(gallery)))
+    q_train = embed_split(query, dataset, "train", batch_size)
     members, fitted = [], []
     for member in gmeta["members"]:
         stored_at = stored[member["sha256"]]

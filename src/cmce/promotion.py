@@ -137,9 +137,9 @@ def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, 
                          f"not {q_model.sha256[:12]} ({query_model})")
     table = read_table(gallery, ["id", "label", "embedding"])
     g_ids = string_column(table, "id", str(gallery))
-    check_rows_are_split(g_ids, split_source(dataset, meta["split"]), str(gallery),
-                         f"the '{meta['split']}' split of {dataset}")
     g_labels = int_column(table, "label", str(gallery))
+    check_rows_are_split(g_ids, split_source(dataset, meta["split"]), str(gallery),
+                         f"the '{meta['split']}' split of {dataset}", g_labels)
     emb = embedding_column(table, "embedding", str(gallery))
     q = embed_split(q_model, dataset, split, batch_size)
     scores = cosine_scores(q.embeddings, emb, self_columns(q.ids, g_ids), cross_domains(dataset, q.ids, g_ids))

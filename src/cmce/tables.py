@@ -305,33 +305,51 @@ def float_column(table: pa.Table, name: str, where: str) -> np.ndarray:
 
 
 class IdsDigest:
-    """sha256 of a sequence of ids in order (each length-prefixed, so no two sequences share a digest):
-    the fingerprint that proves merged shards hold exactly the rows of the split they were cut from."""
+    """sha256 of a sequence of ids in order (each length-prefixed, so no two sequences share a digest), and of
+    their labels (as little-endian int64): the fingerprints a split's `source` records, which prove that merged
+    shards, a gallery or an index hold exactly the rows of the split they were cut from, with its labels."""
 
     def __init__(self) -> None:
-        self._h = hashlib.sha256()
+        self._h, self._labels = hashlib.sha256(), hashlib.sha256()
         self.rows = 0
 
-    def update(self, ids: list[str]) -> None:
+    def update(self, ids: list[str], labels: np.ndarray | None = None) -> None:
         for i in ids:
             b = i.encode()
             self._h.update(len(b).to_bytes(8, "little"))
             self._h.update(b)
         self.rows += len(ids)
+        if labels is not None:
+            self._labels.update(np.asarray(labels).astype("<i8").tobytes())
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
 
+    def labels_hexdigest(self) -> str:
+        return self._labels.hexdigest()
 
-def check_rows_are_split(ids: list[str], source: dict[str, Any], where: str, what: str) -> None:
-    """`ids` are exactly the rows of a split, in order (`source`: its row count and ids digest): a gallery
-    truncated, edited or embedded from another dataset gives metrics (or an index) of something else."""
-    digest = IdsDigest()
-    digest.update(ids)
+
+def check_digest(digest: IdsDigest, source: dict[str, Any], where: str, what: str, labels: bool = False) -> None:
+    """The rows `digest` saw are exactly those of the split `source` records, in order; with `labels`, their labels
+    too (files written before labels_sha256 was recorded are checked by ids alone)."""
     if (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
         raise TableError(f"{where}: holds {digest.rows} rows that are not {what} ({source.get('split_rows')} rows, "
                          "in order): its rows were reordered (sorted or shuffled), dropped, added or edited, or it was "
                          "embedded from another dataset; write it again with cmce")
+    if labels and "labels_sha256" in source and digest.labels_hexdigest() != source["labels_sha256"]:
+        # searched, served or gated, every hit of an edited row named another class, exit 0
+        raise TableError(f"{where}: its labels are not those of {what} (the same ids with other labels): a label was "
+                         "edited, or it was embedded from a relabelled copy of the dataset; write it again with cmce")
+
+
+def check_rows_are_split(ids: list[str], source: dict[str, Any], where: str, what: str,
+                         labels: np.ndarray | None = None) -> None:
+    """`ids` (and `labels`, when given) are exactly the rows of a split, in order (`source`: its row count and
+    digests): a gallery truncated, edited or embedded from another dataset gives metrics (or an index) of something
+    else."""
+    digest = IdsDigest()
+    digest.update(ids, labels)
+    check_digest(digest, source, where, what, labels is not None)
 
 
 def check_unique_ids(ids: list[str], where: str, seen: set[str] | None = None) -> None:

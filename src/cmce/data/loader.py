@@ -10,7 +10,6 @@ exactly the unsharded order.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,13 +57,12 @@ def split_source(path: str | Path, split: str) -> dict:
     that merging shards can prove it put back exactly the split's rows, in order, all cut from one version of
     one dataset file (a relabelled copy has the same ids)."""
     pf = open_dataset(path)
-    digest, labels, seen = IdsDigest(), hashlib.sha256(), set()
+    digest, seen = IdsDigest(), set()
     for rg in range(pf.num_row_groups):
         rows = read_row_group(pf, path, rg, ["id", "label", "split"])
         idx = split_rows(path, rows, split, seen)
-        digest.update(rows.column("id").take(idx).to_pylist())
-        labels.update(rows.column("label").take(idx).to_numpy().astype("<i8").tobytes())
-    return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest(), "labels_sha256": labels.hexdigest()}
+        digest.update(rows.column("id").take(idx).to_pylist(), rows.column("label").take(idx).to_numpy())
+    return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest(), "labels_sha256": digest.labels_hexdigest()}
 
 
 def same_split(a: dict | None, b: dict | None) -> bool:
