@@ -139,6 +139,58 @@ def test_a_resume_file_for_other_settings_or_unreadable_is_ignored(tmp_path, mon
         assert all(torch.equal(state[k], expected_state[k]) for k in expected_state)
 
 
+def _edit(state: dict, edit: str) -> None:
+    if edit == "extra weight":
+        state["model"]["zzz"] = torch.zeros(3)
+    elif edit == "mis-shaped weight":
+        first = next(iter(state["model"]))
+        state["model"][first] = torch.zeros(2, 2)
+    elif edit == "short rng":
+        state["rng"]["torch"] = state["rng"]["torch"][:10]
+    elif edit == "no model":
+        del state["model"]
+    elif edit == "history of numbers":
+        state["history"] = [1, 2, 3]
+    elif edit == "bad scheduler":
+        state["scheduler"] = {"lr_lambdas": 1}
+    else:  # an epoch past the end, before the start, or a text
+        state["epoch"] = {"epoch 999": 999, "epoch -3": -3, "epoch as text": "1"}[edit]
+
+
+@pytest.mark.parametrize("edit", ["extra weight", "mis-shaped weight", "short rng", "no model", "history of numbers",
+                                  "bad scheduler", "epoch 999", "epoch -3", "epoch as text"])
+def test_a_resume_state_edited_inside_its_fingerprint_starts_over(tmp_path, monkeypatch, caplog, edit):
+    """Tracebacks (load_state_dict, the RNG, the history), a bare key as the error (`cmce train: model`), or, with
+    epoch 999, the weights of 3 finished epochs written as the finished model of 6, exit 0. Now: warned, and the
+    training starts over from untouched objects (a state that failed half-way through loading is undone)."""
+    cfg = TransformConfig(hidden_dim=16, epochs=6, batch_size=32)
+    expected_state, expected_history = _fit(cfg, None)
+    path = tmp_path / "t.pt.resume"
+    with crash_after_epoch(monkeypatch, 3):
+        _fit(cfg, Resume(path, fingerprint(transform=cfg)))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _edit(state, edit)
+    torch.save(state, path)
+    with caplog.at_level(logging.INFO, logger="cmce"):
+        got, history = _fit(cfg, Resume(path, fingerprint(transform=cfg)))
+    assert "a saved state this training cannot take" in caplog.text and "resuming" not in caplog.text
+    assert history == expected_history
+    assert all(torch.equal(got[k], expected_state[k]) for k in expected_state)
+
+
+def test_a_model_checkpoint_at_the_resume_path_is_refused_not_deleted(tmp_path):
+    """A gallery model copied to `T.pt.resume` was read as a state of another format, replaced and deleted."""
+    from cmce.resume import check_resume_file
+    from tests.test_bad_input import tiny_model
+
+    model = tiny_model(tmp_path / "T.pt.resume", "vgg_b", "vgg", 10, seed=3)
+    before = file_sha256(model)
+    with pytest.raises(ValueError, match=r"T.pt.resume: the resume file of --out holds a cmce checkpoint "
+                                         r"\(cmce-embedding-model/\d+\), not a saved training state"):
+        check_resume_file(model)
+    assert file_sha256(model) == before
+
+
 def test_fingerprint_covers_settings_inputs_and_world_size(monkeypatch):
     base = fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "a" * 64, "size": 10})
     assert base == fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "a" * 64, "size": 10})

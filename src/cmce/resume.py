@@ -14,6 +14,7 @@ pick it up. It holds tensors and primitives only and is loaded weights-only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -32,6 +33,7 @@ from torch import nn
 
 from cmce import distributed as ddp
 from cmce.checkpoint import archive_damage, save_torch
+from cmce.errors import first_line
 from cmce.storage import a_format, clean_stale_temps, file_sha256
 
 log = logging.getLogger(__name__)
@@ -55,13 +57,15 @@ def check_resume_file(path: Path, shown: str | None = None) -> None:
     """What lies at `<out>.resume` must be a resume state (a torch file) or nothing: a dataset there was read as an
     unreadable state, replaced by the training's and deleted at its end (exit 0); a folder failed after an epoch.
     `shown`: how to name it (an s3:// resume object's scratch copy by its URI)."""
-    from cmce.storage import file_format
+    from cmce.storage import checkpoint_kind, file_format
 
     if path.is_symlink() or (path.exists() and not path.is_file()):
         what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a pipe, device or socket"
         raise _refused(shown or str(path), f"is {what}")
     if path.exists() and (kind := file_format(path)) != "checkpoint":
         raise _not_a_state(shown or str(path), kind)
+    if path.exists() and (fmt := checkpoint_kind(path)) not in (None, RESUME_FORMAT):  # a model: deleted as unreadable
+        raise _refused(shown or str(path), f"holds a cmce checkpoint ({fmt}), not a saved training state")
 
 
 def check_resume_object(uri: str) -> None:
@@ -134,6 +138,38 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device_gen
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _progress(state: dict[str, Any]) -> tuple[int, int, list[dict[str, float]]]:
+    """(finished epochs, epochs, history) of a saved state, checked: whole numbers with 0 <= epoch <= epochs, one
+    history row of named numbers per finished epoch."""
+    epoch, epochs, history = state["epoch"], state["epochs"], state["history"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (epoch, epochs)) or not 0 <= epoch <= epochs:
+        raise ValueError(f"epoch {epoch!r} of {epochs!r}")
+    if not isinstance(history, list) or len(history) != epoch or not all(
+            isinstance(row, dict) and all(isinstance(k, str) and isinstance(v, int | float) for k, v in row.items())
+            for row in history):
+        raise ValueError(f"a history that is not one row of numbers for each of its {epoch} epochs")
+    # interned keys, as in rows the loop builds: pickle memoizes by identity, so the final checkpoint
+    # is then byte-identical to an uninterrupted run's
+    return epoch, epochs, [{sys.intern(k): v for k, v in row.items()} for row in history]
+
+
+def _snapshot(module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+              generator: torch.Generator, device_generator: torch.Generator | None) -> tuple[Any, ...]:
+    """What restore may change, as it was (a state that fails half-way through loading is undone)."""
+    return ({k: v.detach().clone() for k, v in module.state_dict().items()}, copy.deepcopy(opt.state_dict()),
+            copy.deepcopy(sched.state_dict()), _rng_state(generator, device_generator))
+
+
+def _restore(before: tuple[Any, ...], module: nn.Module, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+             device_generator: torch.Generator | None) -> None:
+    weights, optimizer, scheduler, rng = before
+    module.load_state_dict(weights)
+    opt.load_state_dict(optimizer)
+    sched.load_state_dict(scheduler)
+    _set_rng_state(rng, generator, device_generator)
 
 
 @dataclass
@@ -240,16 +276,26 @@ class Resume:
         state = self.load()
         if state is None:
             return 0, []
-        module.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], generator, device_generator)
+        before = _snapshot(module, opt, sched, generator, device_generator)
+        try:
+            epoch, epochs, history = _progress(state)
+            for name, fresh in (("optimizer", opt.state_dict()), ("scheduler", sched.state_dict())):
+                if not isinstance(state[name], dict) or state[name].keys() != fresh.keys():  # loaded as given
+                    raise ValueError(f"a {name} state with other fields than this training's")
+            module.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"], generator, device_generator)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            # a state edited inside its fingerprint (or left by a cmce whose model changed): a traceback, or a
+            # finished model after one epoch of 3 (epoch 999); the untouched objects train from the start
+            _restore(before, module, opt, sched, generator, device_generator)
+            log.warning("%s: a saved state this training cannot take (%s: %s); starting over", self.path,
+                        type(err).__name__, first_line(err))
+            return 0, []
         if ddp.is_main():
-            log.info("%s: resuming from %s after epoch %d of %d", desc, self.path, state["epoch"], state["epochs"])
-        # interned keys, as in rows the loop builds: pickle memoizes by identity, so the final checkpoint
-        # is then byte-identical to an uninterrupted run's
-        history = [{sys.intern(k): v for k, v in row.items()} for row in state["history"]]
-        return int(state["epoch"]), history
+            log.info("%s: resuming from %s after epoch %d of %d", desc, self.path, epoch, epochs)
+        return epoch, history
 
     def remove(self) -> None:
         """Called once the final output is written."""
