@@ -2187,6 +2187,20 @@ def test_a_checkpoint_with_bytes_appended_is_named_as_damaged(world, tmp_path, c
                    "--limit", "1"], tmp_path / "unused", f"{query}: 300 byte(s) follow the end")
 
 
+def test_a_checkpoint_with_compressed_entries_is_refused_before_anything_is_decompressed(world, tmp_path, caplog):
+    """torch.save stores its entries; a checkpoint re-packed with deflate was read: 625 KB holding 600 MB of zeros
+    took 1 GB of memory and exported with exit 0 (a decompression bomb)."""
+    import zipfile
+
+    query = tmp_path / "q.pt"
+    with zipfile.ZipFile(world.query) as src, zipfile.ZipFile(query, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    out = tmp_path / "q.onnx"
+    fails(caplog, ["export-query", "--query-model", query, "--out", out], out,
+          f"{query}: ", "in the checkpoint's archive is stored compressed, which torch.save never does")
+
+
 def _flip_in_entry(path: Path, entry_prefix: str) -> str:
     """Flip one bit inside the first entry of the zip archive at `path` whose name holds `entry_prefix`, leaving its
     stored CRC-32 as it was (bit rot, not a rewrite); returns the entry's name."""

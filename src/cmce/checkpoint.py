@@ -108,8 +108,13 @@ def archive_damage(data: bytes) -> str | None:
 
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            bad = archive.testzip()
             infos = archive.infolist()
+            # torch.save stores every entry as it is: a deflated one is no torch writer's, and 625 KB of it
+            # expanded to 1 GB in memory (a decompression bomb); refused before anything is decompressed
+            if packed := next((i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED), None):
+                return (f"{packed!r} in the checkpoint's archive is stored compressed, which torch.save never does "
+                        "(a re-packed file, or a decompression bomb)")
+            bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         return None
     if bad is not None:
