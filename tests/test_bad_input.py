@@ -417,6 +417,32 @@ def test_duplicate_ids_in_a_dataset_file(world, tmp_path, caplog, split):
     fails(caplog, [*argv, "--out", out], out, f"{ds}: split '{split}' has duplicate id {ids[rows[2]]!r}")
 
 
+def test_a_very_long_duplicate_id_is_shown_cut(world, tmp_path, caplog):
+    """A 5 MB id given twice was echoed whole: one 5 MB log line."""
+    table = pq.read_table(world.dataset)
+    ids = table.column("id").to_pylist()
+    rows = [i for i, s in enumerate(table.column("split").to_pylist()) if s == "train"]
+    ids[rows[0]] = ids[rows[1]] = "x" * 5_000_000
+    ds = rewrite(world.dataset, tmp_path / "long.parquet", id=pa.array(ids))
+    out = tmp_path / "out.pt"
+    error = fails(caplog, ["train", "--config", SMOKE, "--dataset", ds, "--model", "query", "--out", out], out,
+                  f"{ds}: split 'train' has duplicate id {'x' * 80!r}… (5,000,000 characters)")
+    assert len(error) < 1000
+
+
+def test_shards_whose_columns_differ_name_the_column(world, tmp_path, caplog):
+    """`columns differ from <shard 0>` named neither the column nor its type."""
+    shards = [tmp_path / f"shard{i}.parquet" for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert main([*map(str, embed_member_args(world)), "--shard", f"{i}/2", "--out", str(shard)]) == 0
+    table = pq.read_table(shards[1])
+    wide = table.set_column(table.schema.get_field_index("label"), "label", table.column("label").cast(pa.int64()))
+    pq.write_table(wide.replace_schema_metadata(table.schema.metadata), shards[1])
+    out = tmp_path / "merged.parquet"
+    fails(caplog, ["merge", shards[0], shards[1], "--out", out], out,
+          f"{shards[1]}: columns differ from {shards[0]} (label: int64, not int32)")
+
+
 def test_train_split_with_a_single_class(world, tmp_path, caplog):
     labels = pq.read_table(world.dataset).column("label")
     ds = rewrite(world.dataset, tmp_path / "one_class.parquet", label=pa.array([3] * len(labels), pa.int32()),

@@ -45,6 +45,9 @@ def test_wrong_type_and_literal(tmp_path):
         load_config(_write(tmp_path, GOOD + "train: {epochs: three}\n"))
     with pytest.raises(ConfigError, match=r"data.protocol: 'random' is not one of"):
         load_config(_write(tmp_path, GOOD + "data: {protocol: random}\n"))
+    # refused at load, not once the gate has loaded its models (`split 'validation' is empty`)
+    with pytest.raises(ConfigError, match=r"lifecycle.gate.split: 'validation' is not one of \['train', 'test'\]"):
+        load_config(_write(tmp_path, GOOD + "lifecycle: {gate: {split: validation}}\n"))
 
 
 def test_overrides_and_missing_file(tmp_path):

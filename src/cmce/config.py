@@ -359,7 +359,7 @@ class GateConfig:
     # a metric may drop by at most this much (0 = must not drop at all); the metrics are fractions in [0, 1], so
     # a tolerance of 1 or more makes a gate that no candidate can fail
     tolerance: float = within("[0, 1)", 0.0)
-    split: str = "test"  # labelled queries the decision is measured on
+    split: Literal["train", "test"] = "test"  # labelled queries the decision is measured on
 
 
 @dataclass

@@ -42,6 +42,7 @@ from cmce.tables import (
     read_metadata,
     read_row_group,
     read_schema,
+    shown_id,
     string_column,
     writer_options,
 )
@@ -317,6 +318,17 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
     return out
 
 
+def schema_difference(got: pa.Schema, wanted: pa.Schema) -> str:
+    """The first column two schemas disagree on, said (`label: int64, not int32`)."""
+    for field in wanted:
+        if field.name not in got.names:
+            return f"no column {field.name!r}"
+        if got.field(field.name).type != field.type:
+            return f"{field.name}: {got.field(field.name).type}, not {field.type}"
+    extra = [name for name in got.names if name not in wanted.names]
+    return f"column {extra[0]!r} besides" if extra else "the same columns in another order"
+
+
 def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
     """Concatenate the shards of one file (gallery or per-model) into one, row group by row group.
 
@@ -369,13 +381,14 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
             for p in ordered:
                 pf = open_parquet(p)
                 if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
-                    raise TableError(f"{p}: columns differ from {ordered[0]}")
+                    raise TableError(f"{p}: columns differ from {ordered[0]} "
+                                     f"({schema_difference(pf.schema_arrow, schema)})")
                 for rg in range(pf.num_row_groups):
                     table = read_row_group(pf, p, rg)
                     ids = table.column("id").to_pylist()
                     if seen.intersection(ids):
                         first = sorted(seen.intersection(ids))[0]
-                        raise TableError(f"{p}: ids also in an earlier shard (e.g. {first!r})")
+                        raise TableError(f"{p}: ids also in an earlier shard (e.g. {shown_id(first)})")
                     seen.update(ids)
                     digest.update(ids, int_column(table, "label", str(p)))
                     writer.write_table(table.replace_schema_metadata(schema.metadata))

@@ -56,6 +56,7 @@ from cmce.tables import (
     read_table,
     require_whole,
     rows_of,
+    shown_id,
     string_column,
     with_metadata,
     write_table,
@@ -255,13 +256,14 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
     stored_unc = float_column(table, "uncertainty", str(inputs.gallery))
     off = np.abs(ensemble.uncertainty - stored_unc) > STORED_TOLERANCE * max(len(members), 1)
     if off.any():  # the rejection curves read it: an edited column rejected other items without a word
-        raise TableError(f"{inputs.gallery}: column 'uncertainty' of id {g_ids[int(np.flatnonzero(off)[0])]!r} is "
+        first = shown_id(g_ids[int(np.flatnonzero(off)[0])])
+        raise TableError(f"{inputs.gallery}: column 'uncertainty' of id {first} is "
                          "not the spread of its members' transformed embeddings")
     q = embed_split(query_model, inputs.dataset, "test", batch_size)
     g_labels = int_column(table, "label", str(inputs.gallery))
     if split == "test" and not np.array_equal(g_labels, q.labels):  # the same images: the same classes
         row = int(np.flatnonzero(g_labels != q.labels)[0])
-        raise TableError(f"{inputs.gallery}: id {g_ids[row]!r} has label {g_labels[row]}, the dataset "
+        raise TableError(f"{inputs.gallery}: id {shown_id(g_ids[row])} has label {g_labels[row]}, the dataset "
                          f"{inputs.dataset} says {q.labels[row]}")
     self_cols = self_columns(q.ids, g_ids)
     if (self_cols < 0).all():

@@ -53,6 +53,7 @@ from cmce.tables import (
     int_column,
     read_snapshot,
     require_whole,
+    shown_id,
     stored_running_sum,
     string_column,
     writer_options,
@@ -524,8 +525,8 @@ def check_unit_vectors(index: Any, ids: list[str], where: str) -> None:
     bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))  # `~(<=)`: a NaN norm is bad too
     if bad.size:
         row = int(bad[0])
-        raise IndexLoadError(f"{where}: row {row} (id {ids[row]!r}) holds a vector of norm {norms[row]:.6g}, not a "
-                             f"unit vector (cosine search); {bad.size} such row(s); build the index again")
+        raise IndexLoadError(f"{where}: row {row} (id {shown_id(ids[row])}) holds a vector of norm {norms[row]:.6g}, "
+                             f"not a unit vector (cosine search); {bad.size} such row(s); build the index again")
 
 
 def check_inverted_lists(index: Any, where: str) -> None:
@@ -556,16 +557,16 @@ def check_rejected(path: Path, where: str, ids: list[str], uncertainty: np.ndarr
     both = set(rejected).intersection(ids)
     if both:
         first = next(i for i in rejected if i in both)
-        raise IndexLoadError(f"{where}: id {first!r} is both rejected and indexed (in ids.parquet); {len(both)} such "
-                             "id(s); build the index again")
+        raise IndexLoadError(f"{where}: id {shown_id(first)} is both rejected and indexed (in ids.parquet); "
+                             f"{len(both)} such id(s); build the index again")
     if isinstance(n_rejected, int) and n_rejected != len(rejected):
         raise IndexLoadError(f"{where}: {len(rejected)} rows, meta.json records n_rejected {n_rejected}: files of "
                              "different builds; build the index again")
     if unc is not None and len(unc) and len(uncertainty) and unc.min() < uncertainty.max():
         row = int(np.argmin(unc))
-        raise IndexLoadError(f"{where}: id {rejected[row]!r} has uncertainty {unc[row]:.6g}, below indexed items' "
-                             f"(up to {uncertainty.max():.6g}); rejection leaves out the most uncertain: build the "
-                             "index again")
+        raise IndexLoadError(f"{where}: id {shown_id(rejected[row])} has uncertainty {unc[row]:.6g}, below indexed "
+                             f"items' (up to {uncertainty.max():.6g}); rejection leaves out the most uncertain: build "
+                             "the index again")
 
 
 @dataclass

@@ -352,13 +352,18 @@ def check_rows_are_split(ids: list[str], source: dict[str, Any], where: str, wha
     check_digest(digest, source, where, what, labels is not None)
 
 
+def shown_id(value: str, limit: int = 80) -> str:
+    """An id as a message shows it: quoted, and cut past `limit` characters (a 5 MB id was one 5 MB log line)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value):,} characters)"
+
+
 def check_unique_ids(ids: list[str], where: str, seen: set[str] | None = None) -> None:
     """Ids key every row (index id map, evaluation self-exclusion): a duplicate is an error.
     Pass the same `seen` set across batches of one file."""
     seen = set() if seen is None else seen
     for i in ids:
         if i in seen:
-            raise TableError(f"{where}: column 'id' has duplicate id {i!r}")
+            raise TableError(f"{where}: column 'id' has duplicate id {shown_id(i)}")
         seen.add(i)
 
 
@@ -374,7 +379,7 @@ def rows_of(ids: list[str], wanted: list[str], where: str) -> np.ndarray:
     missing = np.flatnonzero(rows < 0)
     if missing.size:
         raise TableError(f"{where}: lacks {missing.size} of the {len(wanted)} ids asked for "
-                         f"(first {wanted[missing[0]]!r})")
+                         f"(first {shown_id(wanted[missing[0]])})")
     return rows
 
 
@@ -415,12 +420,12 @@ def stored_running_sum(table: pa.Table, n_members: int, where: str, dim: int | N
     bad = (norms > n_members * (1 + STORED_TOLERANCE)) | (cos < 1 - STORED_TOLERANCE)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise TableError(f"{where}: column 'ensemble_sum' of id {string_column(table, 'id', where)[row]!r} is not "
-                         f"the sum of {n_members} unit vectors behind its 'embedding'")
+        raise TableError(f"{where}: column 'ensemble_sum' of id {shown_id(string_column(table, 'id', where)[row])} "
+                         f"is not the sum of {n_members} unit vectors behind its 'embedding'")
     unc = float_column(table, "uncertainty", where)
     bad = np.abs(unc - uncertainty_from_sum(s, n_members)) > STORED_TOLERANCE * max(n_members, 1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise TableError(f"{where}: column 'uncertainty' of id {string_column(table, 'id', where)[row]!r} is not "
-                         f"the spread its 'ensemble_sum' of {n_members} member(s) implies")
+        raise TableError(f"{where}: column 'uncertainty' of id {shown_id(string_column(table, 'id', where)[row])} "
+                         f"is not the spread its 'ensemble_sum' of {n_members} member(s) implies")
     return s

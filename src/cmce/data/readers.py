@@ -17,6 +17,7 @@ from cmce import strict_json
 from cmce.data.codec import decode_image
 from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
 from cmce.storage import parquet_kind
+from cmce.tables import shown_id
 
 
 def class_names(dataset: Path) -> list[str]:
@@ -206,7 +207,7 @@ def split_rows(path: str | Path, rows: pa.RecordBatch | pa.Table, split: str, se
         if not i:
             raise DataError(f"{path}: split '{split}' has an empty id")
         if i in seen:
-            raise DataError(f"{path}: split '{split}' has duplicate id {i!r}")
+            raise DataError(f"{path}: split '{split}' has duplicate id {shown_id(i)}")
         seen.add(i)
     if "image" in rows.schema.names and rows.column("image").null_count:  # the image-less reads decode it later
         nulls = np.flatnonzero(rows.column("image").take(idx).is_null().to_numpy(zero_copy_only=False))
