@@ -235,7 +235,7 @@ def test_an_integer_key_takes_only_an_integer(tmp_path, key, value):
         load_config(_write(tmp_path, GOOD), {key: value})
 
 
-@pytest.mark.parametrize("key", ["output_dir", "data.path", "lifecycle.gate.split", "query_model.arch"])
+@pytest.mark.parametrize("key", ["output_dir", "data.path", "query_model.arch"])
 @pytest.mark.parametrize("value", ["", "  ", "\t"])
 def test_a_text_key_may_not_be_blank(tmp_path, key, value):
     """An empty output_dir would write the whole run into the working folder."""

@@ -106,7 +106,9 @@ def model_keys(key: str, specs: Any) -> list[str]:
             for i, n in enumerate(names)]
 
 
-MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config is a few KB of text; a 6 GB (sparse) file was read whole
+# a config is a few KB of text (the shipped ones 1.6 KB at most); a 6 GB (sparse) file was read whole, and YAML is
+# parsed in Python at about 90 KB/s at worst (a list of 2 million numbers: 183 s before any work at 10 MB)
+MAX_CONFIG_BYTES = 256 * 1024
 MAX_YAML_DEPTH = 100  # a config nests a few levels; 20,000 brackets overflowed PyYAML's recursive composer
 _AMBIGUOUS_INT = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+)")  # YAML 1.1 octal, sexagesimal
 
