@@ -2032,22 +2032,22 @@ def test_members_or_galleries_with_other_labels_for_the_same_ids(world, tmp_path
           f"{gallery}: id ", f"the dataset {world.dataset} says")
     # indexed, served, gated: every hit of the edited row named another class, exit 0
     fails(caplog, ["build-index", "--gallery", gallery, "--out", tmp_path / "index"], tmp_path / "index",
-          f"{gallery}: its labels are not those of the 'test' split it records")
+          f"{gallery}: labels differ from those of the 'test' split it records")
     decision = tmp_path / "decision.json"
     fails(caplog, ["gate", "--config", SMOKE, "--dataset", world.dataset, "--baseline-query-model", world.query,
                    "--baseline-gallery", world.gallery, "--query-model", world.query, "--gallery", gallery,
-                   "--out", decision], decision, f"{gallery}: its labels are not those of the 'test' split of")
+                   "--out", decision], decision, f"{gallery}: labels differ from those of the 'test' split of")
     # every member relabelled alike: they agree with each other, not with the split they record
     alike = [rewrite(m, tmp_path / f"alike_{m.name}", label=pa.array(labels, pa.int32())) for m in world.members]
     fails(caplog, ["combine", "--member", alike[0], "--member", alike[1], "--out", out], out,
-          "the members: its labels are not those of the split they record")
+          f"{alike[0]}, {alike[1]}: labels differ from those of the split they record")
     one = tmp_path / "one.parquet"
     assert main(["combine", "--member", str(alike[0]), "--out", str(one)]) == 2  # checked as a whole split too
     assert main(["combine", "--member", str(world.members[0]), "--out", str(one)]) == 0
     relabelled = rewrite(one, tmp_path / "one_relabelled.parquet", label=pa.array(labels, pa.int32()))
     grown = tmp_path / "grown.parquet"
     fails(caplog, ["add-member", "--gallery", relabelled, "--member", alike[1], "--out", grown], grown,
-          f"{relabelled}: its labels are not those of the 'test' split it records")
+          f"{relabelled}: labels differ from those of the 'test' split it records")
 
 
 def test_a_dataset_replaced_while_it_is_embedded_writes_nothing(world, tmp_path, caplog, monkeypatch):

@@ -163,7 +163,8 @@ def test_upgrade_refuses_a_train_split_without_the_stored_training_ids(smoke_run
     pq.write_table(train.slice(3), short)  # the first 3 training images are gone
     stored = lay.train_embeddings(lay.gallery_names[0])
     with pytest.raises(TableError, match=rf"{stored}: holds {train.num_rows} rows that are not the train split of "
-                                         rf"{short} \({train.num_rows - 3} rows, in order\)"):
+                                         rf"{short} \({train.num_rows - 3} rows, in order\): the stored embeddings "
+                                         "and the dataset differ"):
         upgrade_query_model(lay.gallery, lay.model("query"), short,
                             [lay.train_embeddings(g) for g in lay.gallery_names],
                             TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")
@@ -189,7 +190,7 @@ def test_upgrade_refuses_stored_train_embeddings_that_are_not_the_train_split(sm
     edited = tmp_path / stored.name
     pq.write_table(table.replace_schema_metadata(pq.read_schema(stored).metadata), edited)
     monkeypatch.setattr(cmce.lifecycle, "embed_split", lambda *a, **kw: pytest.fail("embedded before the check"))
-    why = "rows that are not the train split" if edit == "truncated" else "its labels are not those of the train split"
+    why = "rows that are not the train split" if edit == "truncated" else "labels differ from those of the train split"
     with pytest.raises(TableError, match=rf"{edited}: (holds \d+ )?{why} of {lay.dataset}"):
         upgrade_query_model(lay.gallery, lay.model("query"), lay.dataset,
                             [edited, *[lay.train_embeddings(g) for g in lay.gallery_names[1:]]],

@@ -153,12 +153,19 @@ def _edit(state: dict, edit: str) -> None:
         state["history"] = [1, 2, 3]
     elif edit == "bad scheduler":
         state["scheduler"] = {"lr_lambdas": 1}
+    elif edit == "no epoch":
+        del state["epoch"]
+    elif edit == "finished at 999":  # epoch, epochs and history edited together: the loop's own count decides
+        state["epoch"] = state["epochs"] = 999
+        state["history"] = state["history"] * 333
     else:  # an epoch past the end, before the start, or a text
-        state["epoch"] = {"epoch 999": 999, "epoch -3": -3, "epoch as text": "1"}[edit]
+        state["epoch"] = {"epoch 999": 999, "epoch -3": -3, "epoch as text": "1", "epoch None": None,
+                          "epoch x": "x"}[edit]
 
 
 @pytest.mark.parametrize("edit", ["extra weight", "mis-shaped weight", "short rng", "no model", "history of numbers",
-                                  "bad scheduler", "epoch 999", "epoch -3", "epoch as text"])
+                                  "bad scheduler", "epoch 999", "epoch -3", "epoch as text", "epoch None", "epoch x",
+                                  "no epoch", "finished at 999"])
 def test_a_resume_state_edited_inside_its_fingerprint_starts_over(tmp_path, monkeypatch, caplog, edit):
     """Tracebacks (load_state_dict, the RNG, the history), a bare key as the error (`cmce train: model`), or, with
     epoch 999, the weights of 3 finished epochs written as the finished model of 6, exit 0. Now: warned, and the

@@ -312,7 +312,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
                 ]
                 writer.write_table(pa.Table.from_arrays(cols, schema=schema))
             if meta.get("source") and not meta.get("shard"):  # a shard's rows are checked when merged
-                check_digest(digest, meta["source"], f"{member_paths}: the members", "the split they record",
+                check_digest(digest, meta["source"], ", ".join(map(str, member_paths)), "the split they record",
                              labels=True)
     log.info("wrote %s (%d members: %s)", out, len(names), names)
     return out
@@ -323,8 +323,13 @@ def schema_difference(got: pa.Schema, wanted: pa.Schema) -> str:
     for field in wanted:
         if field.name not in got.names:
             return f"no column {field.name!r}"
-        if got.field(field.name).type != field.type:
-            return f"{field.name}: {got.field(field.name).type}, not {field.type}"
+        theirs = got.field(field.name)
+        if theirs.type != field.type:
+            return f"{field.name}: {theirs.type}, not {field.type}"
+        if theirs.nullable != field.nullable:
+            return f"{field.name}: {'nullable' if theirs.nullable else 'not null'} here, not there"
+        if theirs != field:
+            return f"{field.name}: other field metadata"
     extra = [name for name in got.names if name not in wanted.names]
     return f"column {extra[0]!r} besides" if extra else "the same columns in another order"
 
@@ -394,8 +399,8 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                     writer.write_table(table.replace_schema_metadata(schema.metadata))
             source = base.get("source")  # absent in files written before it was recorded
             if source:
-                check_digest(digest, source, f"{[str(p) for p in ordered]}: the shards together",
-                             "the split they were cut from (shards of different dataset files or of another version "
-                             "of it: embed them again from one)", labels=True)
+                check_digest(digest, source, ", ".join(map(str, ordered)), "the split they were cut from", labels=True,
+                             why="shards of different dataset files, or of another version of one, or edited; embed "
+                                 "them again from one")
     log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(seen))
     return out

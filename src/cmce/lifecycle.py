@@ -183,9 +183,12 @@ def upgrade_query_model(
         at = stored[member["sha256"]]
         rows = read_table(at, ["id", "label"])
         check_rows_are_split(string_column(rows, "id", str(at)), train, str(at), f"the train split of {dataset}",
-                             int_column(rows, "label", str(at)))
+                             int_column(rows, "label", str(at)),
+                             why="the stored embeddings and the dataset differ (cut, edited, or another version): "
+                                 "give the dataset they were embedded from, or store them again (fit-transform "
+                                 "--train-embeddings-out)")
     table = read_table(gallery)
-    if gmeta.get("source"):
+    if gmeta.get("source") and not gmeta.get("shard"):  # a shard's rows are checked when merged
         check_rows_are_split(string_column(table, "id", str(gallery)), gmeta["source"], str(gallery),
                              f"the '{gmeta['split']}' split it records", int_column(table, "label", str(gallery)))
     q_train = embed_split(query, dataset, "train", batch_size)

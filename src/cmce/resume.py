@@ -140,12 +140,13 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device_gen
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _progress(state: dict[str, Any]) -> tuple[int, int, list[dict[str, float]]]:
-    """(finished epochs, epochs, history) of a saved state, checked: whole numbers with 0 <= epoch <= epochs, one
-    history row of named numbers per finished epoch."""
+def _progress(state: dict[str, Any], expected: int | None = None) -> tuple[int, int, list[dict[str, float]]]:
+    """(finished epochs, epochs, history) of a saved state, checked: whole numbers with 0 <= epoch <= epochs (the
+    loop's own `expected` count, when given), one history row of named numbers per finished epoch."""
     epoch, epochs, history = state["epoch"], state["epochs"], state["history"]
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (epoch, epochs)) or not 0 <= epoch <= epochs:
-        raise ValueError(f"epoch {epoch!r} of {epochs!r}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (epoch, epochs)) or not 0 <= epoch <= epochs \
+            or expected not in (None, epochs):
+        raise ValueError(f"epoch {epoch!r} of {epochs!r}" + (f", for a training of {expected}" if expected else ""))
     if not isinstance(history, list) or len(history) != epoch or not all(
             isinstance(row, dict) and all(isinstance(k, str) and isinstance(v, int | float) for k, v in row.items())
             for row in history):
@@ -153,6 +154,10 @@ def _progress(state: dict[str, Any]) -> tuple[int, int, list[dict[str, float]]]:
     # interned keys, as in rows the loop builds: pickle memoizes by identity, so the final checkpoint
     # is then byte-identical to an uninterrupted run's
     return epoch, epochs, [{sys.intern(k): v for k, v in row.items()} for row in history]
+
+
+def _public(state: dict[str, Any]) -> set[str]:
+    return {k for k in state if not (isinstance(k, str) and k.startswith("_"))}
 
 
 def _snapshot(module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
@@ -223,6 +228,12 @@ class Resume:
             log.warning("%s was written for other settings, data, input models or world size; ignoring it and "
                         "starting over", self.path)
             return None
+        try:  # its epoch decides, with the other ranks, whether to resume at all
+            _progress(obj)
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("%s: a saved state this training cannot take (%s: %s); starting over", self.path,
+                        type(err).__name__, first_line(err))
+            return None
         return obj
 
     def load(self) -> dict[str, Any] | None:
@@ -270,17 +281,19 @@ class Resume:
             self.remote = None
 
     def restore(self, module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-                generator: torch.Generator, desc: str,
-                device_generator: torch.Generator | None = None) -> tuple[int, list[dict[str, float]]]:
-        """Load the saved state into the given objects; returns (finished epochs, history), (0, []) if none."""
+                generator: torch.Generator, desc: str, device_generator: torch.Generator | None = None,
+                epochs: int | None = None) -> tuple[int, list[dict[str, float]]]:
+        """Load the saved state into the given objects; returns (finished epochs, history), (0, []) if none.
+        `epochs`: the loop's own count, which the state's must be."""
         state = self.load()
         if state is None:
             return 0, []
         before = _snapshot(module, opt, sched, generator, device_generator)
         try:
-            epoch, epochs, history = _progress(state)
+            epoch, epochs, history = _progress(state, epochs)
             for name, fresh in (("optimizer", opt.state_dict()), ("scheduler", sched.state_dict())):
-                if not isinstance(state[name], dict) or state[name].keys() != fresh.keys():  # loaded as given
+                # loaded as given, missing fields kept fresh; torch's private ones (`_is_initial`) come and go
+                if not isinstance(state[name], dict) or _public(state[name]) != _public(fresh):
                     raise ValueError(f"a {name} state with other fields than this training's")
             module.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

@@ -24,7 +24,7 @@ def check_ids_follow_gallery(ids: list[str], labels: np.ndarray, gallery: Path, 
     """The index's ids and labels are the gallery's, in the gallery's order, less the rejected: build-index writes
     them so. ids.parquet's rows shuffled, or its labels changed (its checksum rewritten to match), answered every
     query with another item's id, or another class."""
-    from cmce.tables import int_column, read_table, string_column
+    from cmce.tables import int_column, read_table, shown_id, string_column
 
     table = read_table(gallery, ["id", "label"])
     indexed, all_ids = set(ids), string_column(table, "id", str(gallery))
@@ -40,9 +40,9 @@ def check_ids_follow_gallery(ids: list[str], labels: np.ndarray, gallery: Path, 
     differ = np.flatnonzero(given != labels)
     if differ.size:
         row = int(differ[0])
-        raise ValueError(f"{index_dir}/ids.parquet: item {ids[row]!r} has label {labels[row]}, the gallery {gallery} "
-                         f"{given[row]} ({differ.size} such item(s)): edited or of another build; build the index "
-                         "again")
+        raise ValueError(f"{index_dir}/ids.parquet: item {shown_id(ids[row])} has label {labels[row]}, the gallery "
+                         f"{gallery} {given[row]} ({differ.size} such item(s)): edited or of another build; build the "
+                         "index again")
 
 
 def check_dataset_of_index(dataset: Path, meta: dict, split_of: Callable[[str], dict]) -> None:

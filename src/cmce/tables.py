@@ -329,27 +329,31 @@ class IdsDigest:
         return self._labels.hexdigest()
 
 
-def check_digest(digest: IdsDigest, source: dict[str, Any], where: str, what: str, labels: bool = False) -> None:
+def check_digest(digest: IdsDigest, source: dict[str, Any], where: str, what: str, labels: bool = False,
+                 why: str | None = None) -> None:
     """The rows `digest` saw are exactly those of the split `source` records, in order; with `labels`, their labels
-    too (files written before labels_sha256 was recorded are checked by ids alone)."""
+    too (files written before labels_sha256 was recorded are checked by ids alone). `why`: the likely causes and
+    the remedy, when the caller knows better than a file written again."""
     if (digest.rows, digest.hexdigest()) != (source.get("split_rows"), source.get("ids_sha256")):
         raise TableError(f"{where}: holds {digest.rows} rows that are not {what} ({source.get('split_rows')} rows, "
-                         "in order): its rows were reordered (sorted or shuffled), dropped, added or edited, or it was "
-                         "embedded from another dataset; write it again with cmce")
+                         "in order): " + (why or "its rows were reordered (sorted or shuffled), dropped, added or "
+                                                 "edited, or it was embedded from another dataset; write it again "
+                                                 "with cmce"))
     if labels and "labels_sha256" in source and digest.labels_hexdigest() != source["labels_sha256"]:
         # searched, served or gated, every hit of an edited row named another class, exit 0
-        raise TableError(f"{where}: its labels are not those of {what} (the same ids with other labels): a label was "
-                         "edited, or it was embedded from a relabelled copy of the dataset; write it again with cmce")
+        raise TableError(f"{where}: labels differ from those of {what} (the same ids): " + (
+            why or "a label was edited, or it was embedded from a relabelled copy of the dataset; write it again with "
+                   "cmce"))
 
 
 def check_rows_are_split(ids: list[str], source: dict[str, Any], where: str, what: str,
-                         labels: np.ndarray | None = None) -> None:
+                         labels: np.ndarray | None = None, why: str | None = None) -> None:
     """`ids` (and `labels`, when given) are exactly the rows of a split, in order (`source`: its row count and
     digests): a gallery truncated, edited or embedded from another dataset gives metrics (or an index) of something
-    else."""
+    else. `why`: as for check_digest."""
     digest = IdsDigest()
     digest.update(ids, labels)
-    check_digest(digest, source, where, what, labels is not None)
+    check_digest(digest, source, where, what, labels is not None, why)
 
 
 def shown_id(value: str, limit: int = 80) -> str:

@@ -91,7 +91,7 @@ def run_epochs(
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * epochs, cfg.warmup_fraction))
     feed = BatchFeed(data.images, torch.from_numpy(data.labels), device, cfg.device_data_gb, desc)
-    start, history = resume.restore(model, opt, sched, gen, desc, aug_gen) if resume else (0, [])
+    start, history = resume.restore(model, opt, sched, gen, desc, aug_gen, epochs) if resume else (0, [])
     forward = ddp.wrap(model, ctx)  # after restoring: DDP copies rank 0's (restored) weights to every rank
     for epoch in range(start, epochs):
         model.train()

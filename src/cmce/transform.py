@@ -119,7 +119,7 @@ def fit_transformation(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     gen = torch.Generator().manual_seed(seed)  # the epoch order (and, on the CPU, the dropout masks)
     mask_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-    start, history = resume.restore(mlp, opt, sched, gen, desc, mask_gen) if resume else (0, [])
+    start, history = resume.restore(mlp, opt, sched, gen, desc, mask_gen, cfg.epochs) if resume else (0, [])
     forward = ddp.wrap(mlp, ctx)
     for epoch in tqdm(range(start, cfg.epochs), desc=desc, leave=False, mininterval=2,
                       disable=None if ctx.is_main else True):
