@@ -156,13 +156,16 @@ def test_search_says_which_images_it_converted(smoke_run, tmp_path, caplog, caps
     from PIL import Image
 
     lay, _ = smoke_run
-    rgb, grey = tmp_path / "rgb.jpg", tmp_path / "grey.png"
+    rgb, grey, gif = tmp_path / "rgb.jpg", tmp_path / "grey.png", tmp_path / "moving.gif"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(rgb)
     Image.new("L", (8, 8), 128).save(grey)
+    frames = [Image.new("L", (8, 8), v) for v in (0, 255, 128)]  # only the first was searched, unsaid
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
     caplog.clear()
-    assert len(_search(capsys, lay, "--images", str(rgb), str(grey), "--k", "1")) == 2
+    assert len(_search(capsys, lay, "--images", str(rgb), str(grey), str(gif), "--k", "1")) == 3
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        f"{rgb}: 64×48 RGB, read as the query model's 8×8 grey"]
+        f"{rgb}: 64×48 RGB, read as the query model's 8×8 grey", f"{gif}: an animation of 3 frames; its first is "
+        "searched", f"{gif}: 8×8 palette, read as the query model's 8×8 grey"]
 
 
 def test_every_flag_of_every_command_has_help_and_search_and_serve_say_their_defaults():

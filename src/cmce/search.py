@@ -80,7 +80,10 @@ MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette"
 def read_query_image(model: EmbeddingModel, name: str, path: Path) -> np.ndarray:
     """A query image file as the model reads it; one of another size or mode is converted, and said so once: a
     colour photo searched with a grey model is a likely mistake."""
-    arr, (width, height, mode) = decode_image_as_found(path.read_bytes(), model.in_channels, model.image_size, name)
+    arr, (width, height, mode, frames) = decode_image_as_found(path.read_bytes(), model.in_channels,
+                                                               model.image_size, name)
+    if frames > 1:
+        log.warning("%s: an animation of %d frames; its first is searched", name, frames)
     want = "L" if model.in_channels == 1 else "RGB"
     if (width, height, mode) != (model.image_size, model.image_size, want):
         size = model.image_size

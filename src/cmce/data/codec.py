@@ -207,15 +207,16 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
 
 
 def decode_image_as_found(data: bytes, channels: int, size: int, origin: str
-                          ) -> tuple[np.ndarray, tuple[int, int, str]]:
-    """decode_image's array, and the image as found before conversion: (width, height, PIL mode), upright."""
+                          ) -> tuple[np.ndarray, tuple[int, int, str, int]]:
+    """decode_image's array, and the image as found before conversion: (width, height, PIL mode, frames), upright;
+    of an animation (a GIF, an APNG) the first frame is read."""
     if not isinstance(data, bytes | bytearray | memoryview):  # a null cell of a dataset's image column
         raise DataError(f"{origin}: no image (the image cell is {'null' if data is None else type(data).__name__})")
     fast = decode_png_fast(data, channels, size)
     if fast is not None:
-        return fast, (size, size, "L" if channels == 1 else "RGB")
+        return fast, (size, size, "L" if channels == 1 else "RGB", 1)
     img = open_image(data, origin)
-    return _converted(img, channels, size), (*img.size, img.mode)
+    return _converted(img, channels, size), (*img.size, img.mode, getattr(img, "n_frames", 1))
 
 
 def _converted(img: Image.Image, channels: int, size: int) -> np.ndarray:
