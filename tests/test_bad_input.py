@@ -3272,7 +3272,8 @@ def test_an_output_uri_of_another_scheme_is_refused_not_written_as_a_local_path(
 
 
 def test_storage_refuses_a_uri_of_another_scheme_for_any_caller(tmp_path):
-    from cmce.storage import check_output, local_input, local_output
+    from cmce.output_checks import check_output
+    from cmce.storage import local_input, local_output
 
     with pytest.raises(ValueError, match="the output s3a://b/k: s3a: URIs are not supported"):
         check_output("s3a://b/k")

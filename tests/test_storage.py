@@ -145,7 +145,7 @@ def test_an_output_file_that_cannot_be_replaced_is_refused_before_any_work(tmp_p
     not writable by this user (EACCES) is still replaced by the rename, so it is not refused."""
     import errno
 
-    import cmce.storage as storage
+    import cmce.output_checks as checks
 
     out = tmp_path / "q.pt"
     out.write_bytes(b"x")
@@ -158,11 +158,11 @@ def test_an_output_file_that_cannot_be_replaced_is_refused_before_any_work(tmp_p
             return real_open(path, flags, *args)
         return fake
 
-    monkeypatch.setattr(storage.os, "open", refusing(errno.EPERM))
+    monkeypatch.setattr(checks.os, "open", refusing(errno.EPERM))
     with pytest.raises(ValueError, match=r"q.pt: cannot be replaced: Operation not permitted \(an immutable"):
-        storage.check_output(out)
-    monkeypatch.setattr(storage.os, "open", refusing(errno.EACCES))
-    storage.check_output(out)
+        checks.check_output(out)
+    monkeypatch.setattr(checks.os, "open", refusing(errno.EACCES))
+    checks.check_output(out)
     assert out.read_bytes() == b"x"
 
 

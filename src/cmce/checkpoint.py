@@ -28,7 +28,8 @@ from cmce.config import (
 )
 from cmce.errors import first_line, joined_lines
 from cmce.models import MAX_PARAMETERS, EmbeddingNet, check_arch, embedding_net_parameters
-from cmce.storage import HEAD_BYTES, NotWritten, atomic_path, file_sha256, format_of, not_found, open_regular
+from cmce.output_checks import HEAD_BYTES, format_of, not_found
+from cmce.storage import NotWritten, atomic_path, file_sha256, open_regular
 
 EMBEDDING_FORMAT = "cmce-embedding-model/1"
 TRANSFORM_FORMAT = "cmce-transformation/1"

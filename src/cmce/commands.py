@@ -23,17 +23,9 @@ from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder, is_wi
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, index_section_alone, parse_overrides, shown_key
 from cmce.layout import RunLayout
+from cmce.output_checks import check_output
 from cmce.records import StepRecord
-from cmce.storage import (
-    check_output,
-    is_remote,
-    local_input,
-    local_output,
-    regular_files,
-    restore_uris,
-    scratch_dir,
-    stands_for,
-)
+from cmce.storage import is_remote, local_input, local_output, regular_files, restore_uris, scratch_dir, stands_for
 
 log = logging.getLogger("cmce")
 MAX_HITS = 1_000_000  # hits one search answer may hold (cmce serve)
@@ -65,7 +57,7 @@ def _index_in(uri: str) -> Path:
 
 def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None,
          own: tuple[str, ...] | None = None, writes: str | None = None, kinds: tuple[str, ...] = ()) -> Path:
-    """The local path a step writes the output `uri` to, checked before any work (cmce.storage.check_output;
+    """The local path a step writes the output `uri` to, checked before any work (cmce.output_checks.check_output;
     `own`: the files of a folder replaced whole). An s3:// output is uploaded when the command succeeds
     (cmce.cli.main closes args.outputs, the ExitStack it gives each command, before tracking); a failed command
     uploads nothing."""

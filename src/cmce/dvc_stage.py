@@ -128,7 +128,7 @@ def remove_made_dirs(made: list[Path]) -> None:
 def _role(path: Path) -> str | None:
     """The role an embedding-model checkpoint records; None for any other file (a transformation, a dataset)."""
     from cmce.checkpoint import CheckpointError, load_embedding_model
-    from cmce.storage import file_format
+    from cmce.output_checks import file_format
 
     if file_format(path) != "checkpoint":  # told by its first bytes: no torch load of a foreign file
         return None

@@ -101,7 +101,8 @@ def _registered_checkpoint(uri: str, tracking: str, dst: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cmce.storage import file_format, stands_for
+    from cmce.output_checks import file_format
+    from cmce.storage import stands_for
 
     version = None
     try:

@@ -34,7 +34,8 @@ from torch import nn
 from cmce import distributed as ddp
 from cmce.checkpoint import archive_damage, save_torch
 from cmce.errors import first_line
-from cmce.storage import a_format, clean_stale_temps, file_sha256
+from cmce.output_checks import a_format
+from cmce.storage import clean_stale_temps, file_sha256
 
 log = logging.getLogger(__name__)
 RESUME_FORMAT = "cmce-resume/1"
@@ -57,7 +58,7 @@ def check_resume_file(path: Path, shown: str | None = None) -> None:
     """What lies at `<out>.resume` must be a resume state (a torch file) or nothing: a dataset there was read as an
     unreadable state, replaced by the training's and deleted at its end (exit 0); a folder failed after an epoch.
     `shown`: how to name it (an s3:// resume object's scratch copy by its URI)."""
-    from cmce.storage import checkpoint_kind, file_format
+    from cmce.output_checks import checkpoint_kind, file_format
 
     if path.is_symlink() or (path.exists() and not path.is_file()):
         what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a pipe, device or socket"
@@ -71,7 +72,7 @@ def check_resume_file(path: Path, shown: str | None = None) -> None:
 def check_resume_object(uri: str) -> None:
     """check_resume_file for an s3:// output's `<out>.resume` object, by HEAD, LIST and a ranged GET (no download)."""
     from cmce import s3
-    from cmce.storage import HEAD_BYTES, format_of
+    from cmce.output_checks import HEAD_BYTES, format_of
 
     if s3.is_prefix(uri):
         raise _refused(uri, "is a folder (a prefix holding objects)")

@@ -32,9 +32,10 @@ from cmce.embed import combine_members, embed_augmented_views, embed_split, embe
 from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate
 from cmce.index import INDEX_FILES, build_index
 from cmce.layout import RunLayout, pair_transformations
+from cmce.output_checks import check_output
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
-from cmce.storage import check_output, check_replaceable, origin
+from cmce.storage import check_replaceable, origin
 from cmce.tables import embedding_array, read_metadata, require_whole, with_metadata, write_table
 from cmce.train import train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 
 from cmce import strict_json
 from cmce.errors import first_line
+from cmce.output_checks import not_found
 from cmce.provenance import check_metadata
-from cmce.storage import atomic_path, not_found, open_regular
+from cmce.storage import atomic_path, open_regular
 
 
 class TableError(ValueError):

@@ -16,7 +16,7 @@ import torch
 from cmce import strict_json
 from cmce.data.codec import decode_image
 from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
-from cmce.storage import parquet_kind
+from cmce.output_checks import parquet_kind
 from cmce.tables import shown_id
 
 
