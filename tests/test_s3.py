@@ -437,7 +437,7 @@ def test_transient_server_errors_are_retried_with_backoff(failures, max_attempts
     path.write_bytes(os.urandom(4096))
     uri = f"s3://{bucket}/blob.bin"
     throttle = Throttled(failures)
-    events = s3.client().meta.events
+    events = s3_client.client().meta.events
     events.register("before-send.s3.PutObject", throttle)
     try:
         if succeeds:
