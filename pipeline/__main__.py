@@ -18,13 +18,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cleanup import (
     WORKSPACE_PREFIX,
     close_parent_run,
     ending_signals,
     hold,
+    hold_root,
     remove_orphaned_workspaces,
     stop,
     stopping,
@@ -122,6 +123,29 @@ def compile_pipeline(out: Path = COMPILED, name: str = "cmce") -> Path:
     return out
 
 
+def _check_lifecycle_model(pipeline: str, inputs: dict, cfg: Config) -> None:
+    """The model a lifecycle pipeline trains is named in the params, and one to add is not in the gallery yet: else
+    its train task failed with a KeyError three times, or the run trained and embedded for minutes before add-member
+    refused it (`already has a member named …`), three times, having registered a model version on the way."""
+    key = "add_gallery_model" if pipeline == "add-gallery-model" else "new_query_model"
+    spec = getattr(cfg.lifecycle, key)
+    if spec is None:
+        raise ValueError(f"lifecycle.{key}: not set in the params; the {pipeline} pipeline trains that model (see "
+                         "params.yaml's lifecycle section)")
+    gallery = inputs.get("gallery_uri")
+    if key != "add_gallery_model" or not isinstance(gallery, str) or URI_SCHEME.match(gallery):
+        return
+    from cmce.tables import read_metadata
+
+    try:
+        members = [m.get("name") for m in read_metadata(gallery).get("members", [])]
+    except (OSError, ValueError):  # not a gallery: its check says so
+        return
+    if spec.name in members:
+        raise ValueError(f"lifecycle.add_gallery_model.name: {spec.name!r} is already a member of the gallery "
+                         f"{gallery}; give the model to add another name (--set lifecycle.add_gallery_model.name=...)")
+
+
 def _check_settings_fit_the_run(args: argparse.Namespace, inputs: dict, cfg: Config) -> None:
     """A lifecycle run grows the run its inputs come from with the params given (params.yaml's by default): a
     `make smoke` run's 8-px digits, grown with params.yaml's, trained a 28-px model on enlarged images, nothing said.
@@ -163,7 +187,12 @@ def _arguments(args: argparse.Namespace) -> dict:
     out: dict = lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     # the whole config checked here, not in the first task: the params given, else the ones compiled in
     cfg = load_config(args.params or PARAMS_FILE, overrides)
+    if args.command == "run":  # the tasks compute here: a GPU this machine lacks failed each task three times
+        from cmce.device import resolve
+
+        resolve(cfg.device, "device")
     if args.pipeline != "cmce":
+        _check_lifecycle_model(args.pipeline, out, cfg)
         _check_settings_fit_the_run(args, out, cfg)
     if args.params:  # read as cmce reads it (0o10 is 8 there, the text '0o10' to yaml.safe_load)
         out["params_yaml"] = json.dumps(read_yaml(read_config_text(args.params)))
@@ -216,8 +245,6 @@ def tracking_store(root: Path) -> str:
 
 def run_local(args: argparse.Namespace) -> Path:
     """Run the whole DAG on this machine with kfp.local's subprocess runner (the embedded default)."""
-    from kfp import local
-
     root = Path(args.root).resolve()
     inputs = Path(args.inputs_from).resolve() if getattr(args, "inputs_from", None) else None
     if inputs is not None and (root == inputs or inputs in root.parents):  # the run's files went among its inputs
@@ -237,6 +264,17 @@ def run_local(args: argparse.Namespace) -> Path:
         os.rmdir(tempfile.mkdtemp(prefix=".cmce-probe-", dir=root))
     except OSError as err:
         raise ValueError(f"--root {args.root}: cannot write there ({err.strerror or err})") from None
+    root_held = hold_root(root, args.root)
+    try:
+        return _run_in(root, args, run, arguments, uri)
+    finally:
+        os.close(root_held)
+
+
+def _run_in(root: Path, args: argparse.Namespace, run: Any, arguments: dict, uri: str) -> Path:
+    """run_local's run, once its --root is held."""
+    from kfp import local
+
     if uri:
         os.environ["MLFLOW_TRACKING_URI"] = uri
     # the workspace made here, not by local.init, so that a stop signal finds it to remove it; the tasks' temporary

@@ -29,6 +29,23 @@ def hold(workspace: str) -> int:
     return fd
 
 
+ROOT_LOCK = ".cmce-local-run.lock"
+
+
+def hold_root(root: Path, shown: str) -> int:
+    """The --root's lock, held while a local run writes there: a run's folder is told apart from others only as the
+    newest there, so a second run at once reported the first's folder and results (exit 0), and a stop of one marked
+    the other's MLflow run KILLED. Released by the OS however the run ends."""
+    fd = os.open(root / ROOT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"--root {shown}: another local run is writing there now; wait for it to end, or give "
+                         "another --root") from None
+    return fd
+
+
 def remove_orphaned_workspaces() -> None:
     """The workspaces (with the tasks' temporary folders) of runs killed outright (SIGKILL, the OOM killer, a power
     cut) stayed in the temp folder for good. A run's workspace holds a lock while it lives: one whose lock can be

@@ -37,6 +37,11 @@ def lifecycle_inputs(args: argparse.Namespace) -> dict:
             lay = RunLayout(folder)
             out = {"dataset_uri": str(lay.dataset), "query_model_uri": str(lay.model("query")),
                    "gallery_uri": str(lay.gallery), "train_embeddings_uri": str(lay.train_embeddings("x").parent)}
+            if lay.gallery.is_file() and not getattr(args, "query_model_uri", None):  # a query model named `q`:
+                from pipeline.run_folder import query_model_of  # models/query.pt was looked for, not found
+
+                models = sorted(lay.model("x").parent.glob("*.pt"))
+                out["query_model_uri"] = query_model_of(folder, str(lay.gallery), models)
     for key in INPUT_URIS:
         if getattr(args, key, None):
             out[key] = getattr(args, key)

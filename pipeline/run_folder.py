@@ -48,13 +48,13 @@ def kfp_run_inputs(run_dir: Path, given: dict, later: tuple[Path, ...] = ()) -> 
                              "finished?)")
         out[key] = str(found)
     if "query_model_uri" not in out:
-        out["query_model_uri"] = _query_model(run_dir, out["gallery_uri"], sorted(run_dir.rglob("model")))
+        out["query_model_uri"] = query_model_of(run_dir, out["gallery_uri"], sorted(run_dir.rglob("model")))
     out.setdefault("train_embeddings_uri", [str(p) for p in sorted(
         run_dir.glob("for-loop-*/fit-transform*/train_embeddings"))])
     return out
 
 
-def _query_model(run_dir: Path, gallery: str, candidates: list[Path]) -> str:
+def query_model_of(run_dir: Path, gallery: str, candidates: list[Path]) -> str:
     """The model among `candidates` that `gallery` was transformed for."""
     from cmce.tables import read_metadata
 
@@ -108,7 +108,7 @@ def _after_lifecycle_run(run_dir: Path, out: dict, later: tuple[Path, ...]) -> d
     out.setdefault("gallery_uri", str(gallery))
     if "query_model_uri" not in out:  # an upgrade's own, else the one it started from
         candidates = [Path(previous["query_model_uri"]), *sorted(run_dir.rglob("model"))]
-        out["query_model_uri"] = _query_model(run_dir, out["gallery_uri"], candidates)
+        out["query_model_uri"] = query_model_of(run_dir, out["gallery_uri"], candidates)
     own = sorted(run_dir.glob("fit-transform*/train_embeddings")) if added else []  # the added member's
     out.setdefault("train_embeddings_uri", [*previous["train_embeddings_uri"], *map(str, own)])
     return out

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -690,6 +691,58 @@ def test_a_kfp_run_of_the_cmce_pipeline_gives_the_lifecycle_pipelines_their_inpu
              "--query-model-uri": got["query_model_uri"]}  # what the folder lacks, given by flags
     given = _arguments(build_parser().parse_args([*add, str(unfinished), *(x for kv in flags.items() for x in kv)]))
     assert (given["dataset_uri"], given["gallery_uri"], given["query_model_uri"]) == tuple(flags.values())
+    # the model the pipeline trains: unset (a KeyError in train-model, three times), or already a member (trained
+    # and embedded for minutes, then refused by add-member three times)
+    with pytest.raises(ValueError, match=r"^lifecycle.add_gallery_model: not set in the params"):
+        _arguments(build_parser().parse_args([*add, str(kfp_run), "--set", "lifecycle.add_gallery_model=null"]))
+    import dataclasses
+
+    from cmce.config import load_config
+    from pipeline.__main__ import _check_lifecycle_model
+
+    cfg = load_config(SMOKE)
+    member = read_metadata(got["gallery_uri"])["members"][0]["name"]
+    cfg.lifecycle.add_gallery_model = dataclasses.replace(cfg.lifecycle.add_gallery_model, name=member)
+    with pytest.raises(ValueError, match=rf"^lifecycle.add_gallery_model.name: '{member}' is already a member of"):
+        _check_lifecycle_model("add-gallery-model", got, cfg)
+
+
+def test_a_local_run_asks_for_no_device_this_machine_lacks_and_one_run_at_a_time_writes_into_a_root(tmp_path,
+                                                                                                    monkeypatch,
+                                                                                                    caplog):
+    """`--set device=cuda` on a CPU machine failed each task three times (DeviceError tracebacks); two runs at once
+    into one --root each reported the newest run folder as its own (the other's results, exit 0), and a stop of one
+    marked the other's MLflow run KILLED."""
+    import fcntl
+
+    from pipeline.__main__ import main
+    from pipeline.cleanup import ROOT_LOCK
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    caplog.clear()
+    assert main(["run", "--local", "--no-mlflow", "--params", str(SMOKE), "--set", "device=cuda", "--root",
+                 str(tmp_path / "r")]) == 2
+    assert "device: cuda was asked for, but torch sees no CUDA device" in caplog.records[-1].getMessage()
+    root = tmp_path / "busy"
+    root.mkdir()
+    with open(root / ROOT_LOCK, "w") as held:  # another run's, under way
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        caplog.clear()
+        assert main(["run", "--local", "--no-mlflow", "--params", str(SMOKE), "--root", str(root)]) == 2
+    assert caplog.records[-1].getMessage() == (f"python -m pipeline run: --root {root}: another local run is writing "
+                                               "there now; wait for it to end, or give another --root")
+    assert sorted(p.name for p in root.iterdir()) == [ROOT_LOCK]  # no run folder made
+
+
+def test_a_cmce_run_folder_gives_the_query_model_its_gallery_was_made_for_whatever_its_name(smoke_run, tmp_path):
+    """A run made with query_model.name=q: `--inputs-from` looked for models/query.pt (not found)."""
+    lay, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(lay.root, run)
+    (run / "models" / "query.pt").rename(run / "models" / "q.pt")
+    got = _arguments(build_parser().parse_args(["run", "--local", "--pipeline", "add-gallery-model", "--params",
+                                                str(SMOKE), "--inputs-from", str(run)]))
+    assert got["query_model_uri"] == str(run / "models" / "q.pt")
 
 
 @pytest.mark.parametrize("decision, said", [
