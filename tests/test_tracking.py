@@ -747,3 +747,44 @@ def test_an_experiment_name_longer_than_mlflow_takes_is_named(monkeypatch):
     with pytest.raises(ValueError, match="^environment variable MLFLOW_EXPERIMENT_NAME: 20000 characters, more than "
                                          "MLflow's 500$"):
         experiment_name()
+
+
+def test_a_stop_while_production_moves_moves_every_alias_first(tmp_path, monkeypatch):
+    """SIGTERM between two alias moves left @production half-moved: the new query model served with the old
+    transformation (exit 143, decision.json "promoted": true). The stop now waits for the last alias."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    from cmce.errors import Terminated, forget_signals, terminate_by_exception
+    from cmce.storage import file_sha256
+    from cmce.tracking import PRODUCTION, log_step
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "p", {})
+    files = {name: tmp_path / f"{name}.pt" for name in ("cmce-gallery-a", "cmce-transform-a")}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+        log_step(uri, parent, "train", register=[(name, path, file_sha256(path))])
+    real = MlflowClient.set_registered_model_alias
+    moved = []
+
+    def stopped_after_the_first(self, name, alias, version):
+        real(self, name, alias, version)
+        moved.append(name)
+        if alias == PRODUCTION and len(moved) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", stopped_after_the_first)
+    handlers = terminate_by_exception()
+    try:
+        with pytest.raises(Terminated):
+            log_step(uri, parent, "gate", promote=[(name, file_sha256(p)) for name, p in files.items()])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        forget_signals()
+    client = MlflowClient(tracking_uri=uri)
+    assert moved == list(files)
+    assert all(str(client.get_model_version_by_alias(name, PRODUCTION).version) == "1" for name in files)

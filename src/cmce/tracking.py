@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmce.errors import first_line, from_client
+from cmce.errors import first_line, from_client, stop_deferred
 from cmce.records import registry_name
 from cmce.redaction import redact
 from cmce.tracking_store import (
@@ -316,19 +316,8 @@ def log_step(
                             "with tracking on first)", PRODUCTION, missing)
                 client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
             else:
-                for name, version in versions.items():
-                    client.set_registered_model_alias(name, PRODUCTION, version)
-                    client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-                for name, sha256 in promote_along:
-                    version = version_by_sha(client, name, sha256)  # an export: tagged with its source's sha256
-                    if version is None:  # the edge would keep a model the promoted index refuses
-                        log.warning("%s has no version of the promoted query model (sha256 %s): its @%s stays; "
-                                    "register one (cmce export-query --mlflow-parent …) and move it", name,
-                                    sha256[:12], PRODUCTION)
-                        continue
-                    client.set_registered_model_alias(name, PRODUCTION, version)
-                    client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
-                    versions[name] = version
+                with stop_deferred():  # a stop between two aliases served the new query model with the old ONNX
+                    _move_production(client, rid, versions, promote_along)  # export and transformations
                 client.set_tag(rid, "promotion", "done")
                 log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
     except BaseException:
@@ -337,6 +326,26 @@ def log_step(
         raise
     client.set_terminated(rid)
     return rid
+
+
+def _move_production(client: Any, rid: str, versions: dict[str, str], promote_along: Iterable[tuple[str, str]]
+                     ) -> None:
+    """Move @production to `versions` (name → version), then each export in `promote_along` (name, its source's
+    sha256) that has a version of it; `versions` gains those moved."""
+    from cmce.registry import version_by_sha
+
+    for name, version in versions.items():
+        client.set_registered_model_alias(name, PRODUCTION, version)
+        client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+    for name, sha256 in promote_along:
+        version = version_by_sha(client, name, sha256)  # an export: tagged with its source's sha256
+        if version is None:  # the edge would keep a model the promoted index refuses
+            log.warning("%s has no version of the promoted query model (sha256 %s): its @%s stays; register one "
+                        "(cmce export-query --mlflow-parent …) and move it", name, sha256[:12], PRODUCTION)
+            continue
+        client.set_registered_model_alias(name, PRODUCTION, version)
+        client.log_param(rid, f"promoted.{name}", f"{name}@{PRODUCTION}=v{version}")
+        versions[name] = version
 
 
 def code_tags() -> dict[str, str]:
