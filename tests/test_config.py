@@ -272,6 +272,16 @@ def test_a_model_name_must_be_an_identifier(tmp_path, name):
         load_config(_write(tmp_path, GOOD), {"query_model.name": name})
 
 
+@pytest.mark.parametrize("name", ["1e3", "12E1", "2e-5"])
+def test_a_model_name_yaml_1_2_reads_as_a_number_is_refused(tmp_path, name):
+    """`name: 1e3` is text to PyYAML and 1000.0 to DVC: the stage trained models/1e3.pt, then DVC looked for
+    models/1000.0.pt (rc 255)."""
+    with pytest.raises(ConfigError, match=rf"query_model.name: '{name}' reads as a number in YAML 1.2"):
+        load_config(_write(tmp_path, f"query_model: {{name: {name}, arch: query_cnn}}\n"
+                                     "gallery_models: [{name: g, arch: resnet}]\n"))
+    assert load_config(_write(tmp_path, GOOD), {"query_model.name": "e3"}).query_model.name == "e3"
+
+
 def test_no_model_may_be_named_like_the_kd_student_of_a_gallery_model(tmp_path):
     with pytest.raises(ConfigError, match=r"\['kd_g'\] would be overwritten by the KD student of a gallery model"):
         load_config(_write(tmp_path, GOOD), {"query_model.name": "kd_g"})

@@ -85,6 +85,9 @@ def range_of(cls: type, name: str) -> str:
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# a name YAML 1.2 reads as a float (DVC's params, the `${...}` of dvc.yaml): `1e3` trained artifacts/models/1e3.pt,
+# then DVC looked for 1000.0.pt
+YAML12_FLOAT = re.compile(r"[0-9]+[eE][-+]?[0-9]+")
 
 
 def check_model_name(name: str, key: str) -> str:
@@ -92,6 +95,9 @@ def check_model_name(name: str, key: str) -> str:
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise ConfigError(f"{key}: {shown(name)} is not a model name (1-64 letters, digits, '_' or '-', "
                           "starting with a letter or digit)")
+    if YAML12_FLOAT.fullmatch(name):
+        raise ConfigError(f"{key}: {shown(name)} reads as a number in YAML 1.2, as DVC reads params.yaml; give a "
+                          "name that is not one")
     return name
 
 
