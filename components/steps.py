@@ -306,11 +306,11 @@ def gate(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Data
                                Path(query_model.path), Path(gallery.path))
 
     def gate(cfg, inputs, outputs):  # noqa: ANN001, ANN202 - the stage, its verdict withheld where no alias can move
-        from cmce.promotion import note_unmoved, withhold_unregistered
+        from cmce.promotion import note_unmoved, withhold_unmovable
 
         record = stages.gate(cfg, inputs, outputs)
         if info.on:
-            withhold_unregistered(record, outputs.decision, info.uri)
+            withhold_unmovable(record, outputs.decision, info.uri)
         else:
             note_unmoved(record, outputs.decision, "the run is not tracked (--no-mlflow)")
         return record

@@ -105,6 +105,16 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
         assert client.get_model_version_by_alias(along, "production").tags["sha256"] == served_query, along
     runs = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name = 'gate'")
     assert any(r.data.tags.get("promotion") == "done" for r in runs)
+    # production moved on since this baseline was served (a later upgrade): promoting a candidate grown from the
+    # baseline rolled the upgrade back without a word ("no regression", @production moved to the old query model)
+    vgg = next(n for n, _ in served_versions(lay.gallery) if n.startswith("cmce-transform-"))
+    upgraded = client.create_model_version(vgg, source=str(lay.gallery), tags={"sha256": "0" * 64})
+    client.set_registered_model_alias(vgg, "production", upgraded.version)
+    assert gate(lay.gallery, tmp_path / "rolled_back.json") == 0
+    withheld = json.loads((tmp_path / "rolled_back.json").read_text())
+    assert not withheld["promoted"] and f"{vgg}@production (v{upgraded.version}) moved since the baseline" in \
+        withheld["not_promoted"]
+    assert client.get_model_version_by_alias(vgg, "production").version == upgraded.version
     # without a parent run nothing is published, so no alias can move: said, not left to be guessed
     caplog.clear()
     assert main(["--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset", str(lay.dataset),

@@ -403,11 +403,11 @@ def cmd_gate(args: argparse.Namespace) -> StepRecord:
                                _model(args.query_model), _in(args.gallery))
     decision = _out(args, args.out, writes="json")
     record = stages.gate(config_of(args), inputs, stages.GateOutputs(decision))
-    from cmce.promotion import note_unmoved, withhold_unregistered
+    from cmce.promotion import note_unmoved, withhold_unmovable
 
     why = f"candidate regressed on {record.params['regressed']}"
     if args.mlflow_parent:
-        why = withhold_unregistered(record, decision, os.environ["MLFLOW_TRACKING_URI"]) or why
+        why = withhold_unmovable(record, decision, os.environ["MLFLOW_TRACKING_URI"]) or why
     elif note_unmoved(record, decision, "the gate is not tracked (no --mlflow-parent)"):  # aliases move on publishing
         log.warning("cmce gate: promoted, but no alias moved: give --mlflow-parent (and --mlflow-uri) to record the "
                     "gate and move 'production'")

@@ -85,18 +85,25 @@ def note_in_decision(decision: Path, **fields: Any) -> None:
     write_text(decision, json.dumps({**report, **fields}, indent=2, sort_keys=True) + "\n")
 
 
-def withhold_unregistered(record: Any, decision: Path, tracking_uri: str) -> str | None:
+def withhold_unmovable(record: Any, decision: Path, tracking_uri: str) -> str | None:
     """Before a promoting gate's record is published: where a served version has no registered version of its
-    sha256, `production` cannot move (all or nothing), so the record and the decision file say not promoted, and
-    why (a deploy script read `"promoted": true` while nothing moved). Returns the reason; None when all are."""
-    from cmce.registry import unregistered
+    sha256, `production` cannot move (all or nothing); where @production has moved since the baseline the gate
+    measured (an upgrade promoted after the run the candidate grew from), moving it would roll that back without a
+    word. Then the record and the decision file say not promoted, and why (a deploy script read `"promoted": true`
+    while nothing moved). Returns the reason; None when the move can go ahead."""
+    from cmce.registry import production_elsewhere, unregistered
 
     if not promotes(record):
         return None
-    missing = unregistered(tracking_uri, record.promote)
-    if not missing:
+    if missing := unregistered(tracking_uri, record.promote):
+        why = f"{missing} have no registered version with the served sha256; @production not moved"
+    elif moved := production_elsewhere(tracking_uri, record.promote_from):
+        why = (f"{', '.join(moved)} moved since the baseline this gate measured was served; @production not moved "
+               "(grow the run production serves now)")
+        record.promote, record.promote_along = [], []  # registered all: publishing would move them
+        record.params["promotion"] = f"skipped: {why}"
+    else:
         return None
-    why = f"{missing} have no registered version with the served sha256; @production not moved"
     withhold(decision, why)
     record.metrics["promoted"] = 0.0
     log.warning("gate: not promoted: %s", why)

@@ -26,6 +26,8 @@ class StepRecord:
     # (registered name, sha256) whose `production` alias follows a promotion where such a version is registered:
     # the promoted query model's ONNX export and pyfunc, which a served gallery does not need
     promote_along: list[tuple[str, str]] = field(default_factory=list)
+    # (registered name, sha256) the gate's baseline was served with: `production` moves only from those
+    promote_from: list[tuple[str, str]] = field(default_factory=list)
     inputs: list[tuple[str, Path]] = field(default_factory=list)  # (role, file): the data sets the step read
     headline: dict = field(default_factory=dict)  # metrics that also go on the pipeline run (the parent)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cmce.errors import first_line, from_client
-from cmce.tracking import ALIAS
+from cmce.tracking import ALIAS, PRODUCTION
 from cmce.tracking_store import (
     check_registry,
     check_store,
@@ -73,6 +73,24 @@ def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
     to them (log_step then moves none)."""
     client = mlflow_client(uri)
     return sorted(name for name, sha256 in promote if version_by_sha(client, name, sha256) is None)
+
+
+def production_elsewhere(uri: str, served: Iterable[tuple[str, str]]) -> list[str]:
+    """The models among (name, sha256) pairs (what a gate's baseline was served with) whose @production names
+    another version now: production moved since that baseline was made (a later upgrade), and a promotion measured
+    against it would roll the move back. A model without @production yet is not among them."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(uri)
+    moved = []
+    for name, sha256 in served:
+        try:
+            version = client.get_model_version_by_alias(name, PRODUCTION)
+        except MlflowException:  # no such alias (or model) yet: nothing to roll back
+            continue
+        if version.tags.get("sha256") != sha256:
+            moved.append(f"{name}@{PRODUCTION} (v{version.version})")
+    return moved
 
 
 def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:

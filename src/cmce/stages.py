@@ -530,6 +530,7 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": report["baseline_gallery"],
                                "candidate_gallery": report["candidate_gallery"], "regressed": decision.regressed},
                       decision.flat(), [], [out.decision], promote=served,
+                      promote_from=served_versions(inp.baseline_gallery) if served else [],
                       promote_along=[(registry_name(role, ""), sha) for name, sha in served
                                      if name == registry_name("query", "") for role in ("query-onnx", "query-pyfunc")],
                       inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)])
