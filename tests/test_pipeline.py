@@ -768,14 +768,14 @@ def test_a_query_model_replaced_since_its_gallery_was_made_is_named_as_the_cause
     import pyarrow as pa
 
     from cmce.tables import with_metadata, write_table
-    from pipeline.run_folder import _query_model
+    from pipeline.run_folder import query_model_of
 
     gallery = write_table(with_metadata(pa.table({"id": ["a"]}), {"query_model_sha256": "ab" * 32}),
                           tmp_path / "gallery.parquet")
     (models := tmp_path / "models").mkdir()
     (models / "query.pt").write_bytes(b"the model of a later run")
     with pytest.raises(ValueError) as err:
-        _query_model(tmp_path, str(gallery), [models / "query.pt"])
+        query_model_of(tmp_path, str(gallery), [models / "query.pt"])
     assert str(err.value) == (f"{tmp_path}: no model of the run is the query model its gallery {gallery} was "
                               f"transformed for (sha256 abababababab; looked at {models / 'query.pt'}): a model "
                               "replaced since (a run written again into its folder) is not it; give it with "
