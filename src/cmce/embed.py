@@ -36,6 +36,7 @@ from cmce.tables import (
     check_unique_ids,
     embedding_array,
     embedding_column,
+    holds_whole_split,
     int_column,
     iter_batches,
     open_parquet,
@@ -311,7 +312,7 @@ def combine_members(member_paths: list[str | Path], out: str | Path, batch_size:
                     *raws,
                 ]
                 writer.write_table(pa.Table.from_arrays(cols, schema=schema))
-            if meta.get("source") and not meta.get("shard"):  # a shard's rows are checked when merged
+            if holds_whole_split(meta):
                 check_digest(digest, meta["source"], ", ".join(map(str, member_paths)), "the split they record",
                              labels=True)
     log.info("wrote %s (%d members: %s)", out, len(names), names)

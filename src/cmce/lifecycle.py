@@ -31,11 +31,11 @@ from cmce.tables import (
     check_digest,
     check_rows_are_split,
     embedding_column,
+    holds_whole_split,
     int_column,
     iter_batches,
     read_metadata,
     read_table,
-    rows_of,
     stored_dim,
     stored_running_sum,
     string_column,
@@ -119,7 +119,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
                 cols |= ensemble_columns(ens)
                 cols[f"raw_{name}"] = m.column("raw")
                 writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
-            if gmeta.get("source") and not gmeta.get("shard"):
+            if holds_whole_split(gmeta):
                 check_digest(digest, gmeta["source"], str(gallery), f"the '{gmeta['split']}' split it records",
                              labels=True)
     log.info("added %s to %s → %s (%d members)", name, gallery, out, len(new_meta["members"]))
@@ -188,18 +188,16 @@ def upgrade_query_model(
                                  "give the dataset they were embedded from, or store them again (fit-transform "
                                  "--train-embeddings-out)")
     table = read_table(gallery)
-    if gmeta.get("source") and not gmeta.get("shard"):  # a shard's rows are checked when merged
+    if holds_whole_split(gmeta):
         check_rows_are_split(string_column(table, "id", str(gallery)), gmeta["source"], str(gallery),
                              f"the '{gmeta['split']}' split it records", int_column(table, "label", str(gallery)))
     q_train = embed_split(query, dataset, "train", batch_size)
     members, fitted = [], []
     for member in gmeta["members"]:
         stored_at = stored[member["sha256"]]
-        tr = read_table(stored_at, ["id", "label", "raw"])
-        ids = string_column(tr, "id", str(stored_at))
-        rows = rows_of(q_train.ids, ids, f"{dataset}: train split, for the ids stored in {stored_at}")
-        raw_train = embedding_column(tr, "raw", str(stored_at))
-        mlp, history = fit_transformation(raw_train, q_train.embeddings[rows], q_train.labels[rows],
+        # checked above to be the train split's rows in its order, the order embed_split gives
+        raw_train = embedding_column(read_table(stored_at, ["raw"]), "raw", str(stored_at))
+        mlp, history = fit_transformation(raw_train, q_train.embeddings, q_train.labels,
                                           query.classifier, cfg, seed, f"T[{member['name']}]")
         fitted.append(Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
                                      query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history))

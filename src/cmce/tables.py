@@ -80,6 +80,12 @@ def require_whole(meta: dict[str, Any], path: str | Path, step: str) -> None:
                          "shards first (cmce merge)")
 
 
+def holds_whole_split(meta: dict[str, Any]) -> bool:
+    """The file says it holds every row of the split its `source` records (so its ids and labels can be checked
+    against the recorded digests); a shard's rows are checked when the shards are merged."""
+    return bool(meta.get("source")) and not meta.get("shard")
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
