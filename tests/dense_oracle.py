@@ -153,3 +153,13 @@ def kept_gallery_errors(scores: np.ndarray, query_labels: np.ndarray, gallery_la
     every match was rejected leaves the R@1 denominator: the error is over the queries the kept gallery can answer."""
     m = retrieval_metrics(scores[:, keep], query_labels, gallery_labels[keep], ks=[1], fars=[far], with_map=False)
     return 1.0 - m["R@1"], 1.0 - m[f"TAR@FAR={far:g}"]
+
+
+def unanswerable_share(scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                       keep: np.ndarray) -> float:
+    """The share of the queries the whole gallery answers (not lone) that are lone with only `keep` indexed."""
+    full = retrieval_metrics(scores, query_labels, gallery_labels, ks=[1], fars=[], with_map=False)["lone_queries"]
+    kept = retrieval_metrics(scores[:, keep], query_labels, gallery_labels[keep], ks=[1], fars=[],
+                             with_map=False)["lone_queries"]
+    answered = len(query_labels) - full
+    return (kept - full) / answered if answered else float("nan")

@@ -81,10 +81,11 @@ def test_rejected_galleries_equal_the_dense_oracle_on_the_kept_columns(case, blo
         m = measure(src, ql, gl, [1], [], False, [family, Family.of([keeps[-1]])], far, block_mb)
         for i, keep in enumerate(keeps):
             expected = oracle.kept_gallery_errors(dense, ql, gl, keep, far)
-            r1, tar = m.subsets[0][i]
-            assert same(1.0 - r1, expected[0]) and same(1.0 - tar, expected[1]), (type(src).__name__, i)
+            got = m.subsets[0][i]
+            assert same(1.0 - got.r1, expected[0]) and same(1.0 - got.tar, expected[1]), (type(src).__name__, i)
+            assert same(got.unanswerable, oracle.unanswerable_share(dense, ql, gl, keep)), (type(src).__name__, i)
         alone, within = m.subsets[1][0], m.subsets[0][-1]  # the same subset alone or within its family
-        assert same(alone[0], within[0]) and same(alone[1], within[1])
+        assert all(same(a, b) for a, b in zip(alone, within, strict=True))
 
 
 def clustered(n: int, seed: int = 0):
@@ -160,10 +161,15 @@ def test_evaluations_rejection_curves_equal_the_dense_oracle_per_kept_gallery():
                    for f in families[1:]]
         assert curves["rejection/random"][f"retrieval_error@{rate:g}"] == pytest.approx(
             np.mean([r[0] for r in randoms]), abs=1e-15)
+        assert curves["rejection/uncertainty"][f"unanswerable@{rate:g}"] == oracle.unanswerable_share(
+            dense, labels, labels, families[0].keep(i))
+        assert curves["rejection/random"][f"unanswerable@{rate:g}"] == pytest.approx(np.mean(
+            [oracle.unanswerable_share(dense, labels, labels, f.keep(i)) for f in families[1:]]), abs=1e-15)
         # a random repeat rejects as many items as uncertainty does at each rate, nested across rates
         assert all((~f.keep(i)).sum() == (~families[0].keep(i)).sum() for f in families[1:])
     assert list(curves["rejection/uncertainty"]) == [f"{k}@{r:g}" for r in cfg.rejection_rates
-                                                      for k in ("retrieval_error", "verification_error")]
+                                                      for k in ("retrieval_error", "verification_error",
+                                                                "unanswerable")]
     assert kept_gallery_errors(src, labels, labels, families[0].keep(1), 1e-3) == oracle.kept_gallery_errors(
         dense, labels, labels, families[0].keep(1), 1e-3)
 

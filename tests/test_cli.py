@@ -35,8 +35,9 @@ def test_metrics_json_has_every_configuration(smoke_run):
             on_disk[name]
         )
     assert set(on_disk["rejection/uncertainty"]) == {
-        f"{p}_error@{r}" for p in ("retrieval", "verification") for r in ("0", "0.1", "0.3")
+        f"{p}@{r}" for p in ("retrieval_error", "verification_error", "unanswerable") for r in ("0", "0.1", "0.3")
     }
+    assert on_disk["rejection/random"]["unanswerable@0"] == 0.0  # nothing rejected: every answered query stays
     # the models learned something: far above the 10% chance level of digits
     assert on_disk["sym_query"]["R@1"] > 0.6
     assert on_disk["sym_gallery/resnet_a"]["R@1"] > 0.5

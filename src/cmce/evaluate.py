@@ -121,8 +121,8 @@ def kept_gallery_errors(scores: Scores | np.ndarray, query_labels: np.ndarray, g
     every match was rejected leaves the R@1 denominator: the error is over the queries the kept gallery can answer."""
     m = measure(scores, query_labels, gallery_labels, ks=[1], fars=[], with_map=False,
                 families=[Family.of([keep])], keep_far=far, block_mb=block_mb)
-    r1, tar = m.subsets[0][0]
-    return 1.0 - r1, 1.0 - tar
+    kept = m.subsets[0][0]
+    return 1.0 - kept.r1, 1.0 - kept.tar
 
 
 def rejection_families(uncertainty: np.ndarray, cfg: EvaluateConfig, seed: int) -> tuple[list[float], list[Family]]:
@@ -153,7 +153,8 @@ def measure_with_rejection(scores: Scores | np.ndarray, query_labels: np.ndarray
                            ) -> tuple[dict[str, float], Metrics]:
     """One configuration's metrics (when `with_metrics`) and, from the same passes over its scores, error vs
     rejection rate under the retrieval (1 − R@1) and verification (1 − TAR@rejection_far) protocols, for
-    rejection by uncertainty and at random (mean of the repeats)."""
+    rejection by uncertainty and at random (mean of the repeats), each with the share of queries left with no
+    match in the kept gallery (`unanswerable@rate`; they leave the R@1 denominator, see metrics.Kept)."""
     rates, families = rejection_families(uncertainty, cfg, seed)
     ks, fars = (cfg.recall_k, cfg.far) if with_metrics else ([1], [])
     m = measure(scores, query_labels, gallery_labels, ks, fars, with_metrics, families, cfg.rejection_far,
@@ -161,12 +162,14 @@ def measure_with_rejection(scores: Scores | np.ndarray, query_labels: np.ndarray
     out: Metrics = {"rejection/uncertainty": {}, "rejection/random": {}}
     for rate in cfg.rejection_rates:  # reported in the config's order
         i = rates.index(rate)
-        (r1, tar), randoms = m.subsets[0][i], [f[i] for f in m.subsets[1:]]
-        out["rejection/uncertainty"] |= {f"retrieval_error@{rate:g}": 1.0 - r1,
-                                         f"verification_error@{rate:g}": 1.0 - tar}
-        r_ret, r_ver = np.mean([(1.0 - a, 1.0 - b) for a, b in randoms], axis=0)
-        out["rejection/random"] |= {f"retrieval_error@{rate:g}": float(r_ret),
-                                    f"verification_error@{rate:g}": float(r_ver)}
+        by_uncertainty, randoms = m.subsets[0][i], [f[i] for f in m.subsets[1:]]
+        r_ret, r_ver, r_lost = np.mean([(1.0 - k.r1, 1.0 - k.tar, k.unanswerable) for k in randoms], axis=0)
+        for how, (ret, ver, lost) in (("uncertainty", (1.0 - by_uncertainty.r1, 1.0 - by_uncertainty.tar,
+                                                       by_uncertainty.unanswerable)),
+                                      ("random", (r_ret, r_ver, r_lost))):
+            out[f"rejection/{how}"] |= {f"retrieval_error@{rate:g}": float(ret),
+                                        f"verification_error@{rate:g}": float(ver),
+                                        f"unanswerable@{rate:g}": float(lost)}
     return m.metrics, out
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -133,12 +134,22 @@ class Family:
         return self.levels > r
 
 
+class Kept(NamedTuple):
+    """One kept gallery's measures. `unanswerable`: the share of the queries the whole gallery answers that lost
+    every match to the rejection; they leave `r1`'s denominator (as lone queries do), which flatters a rejection
+    that removes a hard class's matches together, so it is reported beside the error."""
+
+    r1: float
+    tar: float
+    unanswerable: float
+
+
 @dataclass
 class Measured:
-    """Metrics of the whole gallery, and (R@1, TAR@keep_far) of every subset of every family."""
+    """Metrics of the whole gallery, and the measures of every subset of every family."""
 
     metrics: dict[str, float]
-    subsets: list[list[tuple[float, float]]] = field(default_factory=list)
+    subsets: list[list[Kept]] = field(default_factory=list)
 
 
 def retrieval_metrics(
@@ -223,7 +234,8 @@ def measure(
         for i in range(fam.n_subsets):
             answerable = subset_r[f][i] > 0
             r1 = float(top1[f][i][answerable].mean()) if answerable.any() else float("nan")
-            row.append((r1, tars[f + 1, i, keep_far]))
+            lost = float((len(nonlone) - answerable.sum()) / len(nonlone)) if len(nonlone) else float("nan")
+            row.append(Kept(r1, tars[f + 1, i, keep_far], lost))
         subsets.append(row)
     return Measured(out, subsets)
 

@@ -37,14 +37,16 @@ def markdown_table(metrics: Metrics) -> str:
         rates = [k.split("@", 1)[1] for k in unc if k.startswith("retrieval_error@")]
         lines += [
             "",
-            "Error (%) after rejecting the most uncertain gallery items vs the same number at random:",
+            "Error (%) after rejecting the most uncertain gallery items vs the same number at random (1−R@1 is "
+            "over the queries the kept gallery can still answer; the last columns count those it cannot):",
             "",
-            "| rejected | retrieval 1−R@1 (uncertainty) | (random) | verification 1−TAR (uncertainty) | (random) |",
-            "|---|---|---|---|---|",
+            "| rejected | retrieval 1−R@1 (uncertainty) | (random) | verification 1−TAR (uncertainty) | (random) "
+            "| queries left unanswerable (uncertainty) | (random) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in rates:
-            row = [unc[f"retrieval_error@{r}"], rnd[f"retrieval_error@{r}"],
-                   unc[f"verification_error@{r}"], rnd[f"verification_error@{r}"]]
+            row = [src.get(f"{what}@{r}", float("nan")) for what in ("retrieval_error", "verification_error",
+                                                                       "unanswerable") for src in (unc, rnd)]
             lines.append(f"| {100 * float(r):g}% | " + " | ".join(_fmt(v) for v in row) + " |")
     if "index" in metrics:
         lines += ["", "The built index, searched as it is served (%): " + ", ".join(
@@ -77,6 +79,8 @@ def summary(metrics: Metrics) -> dict[str, float]:
         rate = top.split("@")[1]
         out |= {f"rejection/{proto}_error@{rate}/{how}": src[f"{proto}_error@{rate}"]
                 for proto in ("retrieval", "verification") for how, src in (("uncertainty", unc), ("random", rnd))}
+        out |= {f"rejection/unanswerable@{rate}/{how}": src.get(f"unanswerable@{rate}", float("nan"))
+                for how, src in (("uncertainty", unc), ("random", rnd))}
     out |= {f"index/{m}": v for m, v in metrics.get("index", {}).items()}
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
@@ -96,7 +100,9 @@ def rejection_rows(metrics: Metrics) -> list[dict[str, Any]]:
     rates = [k.split("@", 1)[1] for k in unc if k.startswith("retrieval_error@")]
     return [{"rejected": round(100 * float(r), 4),
              **{f"{proto}_{how}": round(100 * src[f"{proto}_error@{r}"], 4)
-                for proto in ("retrieval", "verification") for how, src in (("uncertainty", unc), ("random", rnd))}}
+                for proto in ("retrieval", "verification") for how, src in (("uncertainty", unc), ("random", rnd))},
+             **{f"unanswerable_{how}": round(100 * src.get(f"unanswerable@{r}", float("nan")), 4)
+                for how, src in (("uncertainty", unc), ("random", rnd))}}
             for r in rates]
 
 
@@ -166,8 +172,8 @@ def rejection_figure(metrics: Metrics, far: float | None = None) -> Any:
     unc, rnd = metrics["rejection/uncertainty"], metrics["rejection/random"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     verification = "verification: 1 − TAR" + (f" at FAR = {far:g}" if far is not None else "")
-    for ax, proto, title in zip(axes, ("retrieval", "verification"), ("retrieval: 1 − R@1", verification),
-                                strict=True):
+    retrieval = "retrieval: 1 − R@1 (queries still answerable)"
+    for ax, proto, title in zip(axes, ("retrieval", "verification"), (retrieval, verification), strict=True):
         keys = [k for k in unc if k.startswith(f"{proto}_error@")]
         rates = [100 * float(k.split("@")[1]) for k in keys]
         ax.plot(rates, [100 * unc[k] for k in keys], "-o", label="most uncertain")
