@@ -167,3 +167,42 @@ def test_device_resident_data_is_what_fits_the_budget():
     assert fits_on_device(torch.device("cuda", 0), nbytes=2**30, budget_gb=1.0)
     assert not fits_on_device(torch.device("cuda", 0), nbytes=2**30 + 1, budget_gb=1.0)
     assert math.isclose(TrainConfig().device_data_gb, 4.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 7), st.integers(2, 7), st.integers(0, 3), st.integers(0, 2**31 - 1))
+def test_without_hflip_augmentation_only_shifts(n, h, w, pad, seed):
+    """data.hflip false (a mirror image is another class): every augmented image is its original shifted, never
+    mirrored; the draws are the shifts alone."""
+    images = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 1, h, w), dtype=np.uint8))
+    gen = torch.Generator().manual_seed(seed)
+    out = augment(images, gen, pad, hflip=False)
+    shifts = torch.Generator().manual_seed(seed)
+    dy = torch.randint(-pad, pad + 1, (n, 1), generator=shifts)
+    dx = torch.randint(-pad, pad + 1, (n, 1), generator=shifts)
+    rows = (torch.arange(h)[None] + dy).clamp_(0, h - 1)
+    cols = (torch.arange(w)[None] + dx).clamp_(0, w - 1)
+    for i in range(n):
+        assert torch.equal(out[i, 0], images[i, 0][rows[i]][:, cols[i]])
+    assert gen.get_state().equal(shifts.get_state())
+
+
+def test_data_hflip_reaches_the_training_loop(monkeypatch, tmp_path):
+    """The switch is read where images are augmented: the query, gallery and KD loops all go through run_epochs."""
+    from cmce import train
+    from cmce.config import DataConfig, ModelSpec
+    from cmce.data.prepare import prepare_dataset
+
+    dataset = prepare_dataset(DataConfig(source="digits", image_size=8, max_train_per_class=4), tmp_path / "d.parquet")
+    seen = []
+
+    def spy(images, generator, pad=2, hflip=True):
+        seen.append(hflip)
+        return augment(images, generator, pad, hflip)
+
+    monkeypatch.setattr(train, "augment", spy)
+    for hflip in (False, True):
+        train.train_embedding_model(dataset, ModelSpec(width=4, embedding_dim=8), DataConfig(image_size=8, hflip=hflip),
+                                    TrainConfig(epochs=1, batch_size=16), tmp_path / f"m{hflip}.pt")
+        assert seen and set(seen) == {hflip}
+        seen.clear()

@@ -253,6 +253,9 @@ class DataConfig:
     # images with more pixels are refused when imported, naming the file, before they are decoded
     max_image_pixels: int = within("[1, 2147483647]", 40_000_000)
     channels: Literal[1, 3] = 1
+    # training augmentation may mirror images left to right; false where a mirror image is another class (emoji's
+    # 👈 and 👉, ⬅ and ➡): flipped, they taught each class its mirror's look under its own label
+    hflip: bool = True
 
 
 @dataclass

@@ -121,11 +121,12 @@ def view_generator(seed: int, view: int) -> torch.Generator:
 
 
 def embed_augmented_views(
-    models: list[EmbeddingModel], dataset: str | Path, split: str, views: int, seed: int, batch_size: int = 256
+    models: list[EmbeddingModel], dataset: str | Path, split: str, views: int, seed: int, batch_size: int = 256,
+    hflip: bool = True,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Every model's embeddings of `views` augmented copies of each image of the split (the same copy
     for every model, so the rows pair up), and their labels; view after view, each in file order. The
-    split is decoded once: each batch is augmented once per view."""
+    split is decoded once: each batch is augmented once per view (mirrored at random only with `hflip`)."""
     first = models[0]
     for m in models[1:]:
         if (m.in_channels, m.image_size) != (first.in_channels, first.image_size):
@@ -145,7 +146,7 @@ def embed_augmented_views(
                       disable=None):
         labels.append(batch.labels)
         for gen, view_embs in zip(gens, embs, strict=True):
-            images = augment(batch.images, gen).to(device, non_blocking=True)
+            images = augment(batch.images, gen, hflip=hflip).to(device, non_blocking=True)
             for out, m in zip(view_embs, models, strict=True):
                 out.append(embed_batch(m, images))
     if not labels:

@@ -37,7 +37,7 @@ from cmce.records import StepRecord, record_model, record_transformation, regist
 from cmce.resume import Resume, file_identity
 from cmce.storage import check_replaceable, origin
 from cmce.tables import embedding_array, read_metadata, require_whole, with_metadata, write_table
-from cmce.train import train_distilled_student, train_embedding_model
+from cmce.train import no_flip, train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
 
 log = logging.getLogger(__name__)
@@ -177,11 +177,13 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
     g_fit, q_fit, y_fit = g.embeddings, q.embeddings, q.labels
     if cfg.transform.augment_views:
         (q_aug, g_aug), y_aug = embed_augmented_views([q_model, g_model], inp.dataset, "train",
-                                                      cfg.transform.augment_views, cfg.seed, cfg.batch_size)
+                                                      cfg.transform.augment_views, cfg.seed, cfg.batch_size,
+                                                      cfg.data.hflip)
         g_fit, q_fit, y_fit = (np.concatenate(p) for p in ((g_fit, g_aug), (q_fit, q_aug), (y_fit, y_aug)))
     resume = Resume.next_to(out.transformation, kind="transformation", transform=cfg.transform, seed=cfg.seed,
                             batch_size=cfg.batch_size, dataset=file_identity(inp.dataset),
-                            query_model=q_model.sha256, gallery_model=g_model.sha256)
+                            query_model=q_model.sha256, gallery_model=g_model.sha256,
+                            **(no_flip(cfg.data) if cfg.transform.augment_views else {}))
     mlp, history = fit_transformation(g_fit, q_fit, y_fit, q_model.classifier, cfg.transform, cfg.seed,
                                       f"T[{g_model.name}]", resume)
     t = Transformation(mlp=mlp, gallery_model=g_model.name, gallery_model_sha256=g_model.sha256,

@@ -39,6 +39,12 @@ def subset(data: SplitArrays, fraction: float, seed: int) -> SplitArrays:
     return SplitArrays([data.ids[i] for i in keep], data.labels[keep], data.images[keep])
 
 
+def no_flip(data_cfg: DataConfig) -> dict[str, bool]:
+    """The resume fingerprint's part for data.hflip: present only when off, so states saved before the key
+    existed (always flipped) still match."""
+    return {} if data_cfg.hflip else {"hflip": False}
+
+
 def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
     warmup = max(1, int(total_steps * warmup_fraction))
 
@@ -62,6 +68,7 @@ def run_epochs(
     param_groups: list[dict] | None = None,
     resume: Resume | None = None,
     extra_modules: tuple[nn.Module, ...] = (),
+    hflip: bool = True,
 ) -> History:
     """Shared optimisation loop: AdamW, warmup + cosine LR, optional augmentation, per-epoch log.
 
@@ -72,7 +79,7 @@ def run_epochs(
     optimiser groups of the model's parameters, each with its own peak "lr" (default: one group at
     cfg.lr); the schedule scales every group alike. With `resume`, the state is saved after every epoch
     and a matching saved state is continued from (cmce.resume). `extra_modules` (a frozen KD teacher)
-    are moved to the device alongside the model.
+    are moved to the device alongside the model. `hflip`: whether augmentation may mirror (data.hflip).
 
     Device (cmce.device): the split is fed by cmce.feed. On CUDA, augmentation draws from a seeded CUDA
     generator and, with cfg.mixed_precision, runs under bf16 autocast on channels_last tensors. On the
@@ -103,7 +110,7 @@ def run_epochs(
                          disable=None if ctx.is_main else True):
             if cfg.augment:
                 # the whole global batch, so the generator shared by the ranks stays in step
-                x = augment(x, aug_gen)
+                x = augment(x, aug_gen, hflip=hflip)
             mine = ddp.rank_share(len(x), ctx.rank, ctx.world_size)
             inputs = to_float(x[mine]).contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
@@ -170,10 +177,11 @@ def train_embedding_model(
         {"params": [*net.head.parameters(), *head.parameters()], "lr": cfg.lr},
     ]
     resume = Resume.next_to(out, kind="embedding", spec=spec, channels=data_cfg.channels,
-                            image_size=data_cfg.image_size, train=cfg, epochs=epochs, dataset=file_identity(dataset))
+                            image_size=data_cfg.image_size, train=cfg, epochs=epochs, dataset=file_identity(dataset),
+                            **no_flip(data_cfg))
     # one module (backbone then head) so data-parallel training can wrap it as a whole
     history = run_epochs(nn.Sequential(net, head), data, step_loss, cfg, epochs, spec.seed, spec.name, groups,
-                         resume=resume)
+                         resume=resume, hflip=data_cfg.hflip)
     model = EmbeddingModel(
         name=spec.name,
         arch=spec.arch,
@@ -219,9 +227,9 @@ def train_distilled_student(
     epochs = epochs or cfg.epochs
     resume = Resume.next_to(out, kind="kd_student", spec=student_spec, channels=data_cfg.channels,
                             image_size=data_cfg.image_size, train=cfg, epochs=epochs, dataset=file_identity(dataset),
-                            teacher=teacher.sha256)
+                            teacher=teacher.sha256, **no_flip(data_cfg))
     history = run_epochs(net, data, step_loss, cfg, epochs, student_spec.seed, f"kd/{teacher.name}",
-                         resume=resume, extra_modules=(teacher.net,))
+                         resume=resume, extra_modules=(teacher.net,), hflip=data_cfg.hflip)
     info = dataset_info(dataset)
     student = EmbeddingModel(
         name=f"kd_{teacher.name}",
