@@ -165,8 +165,8 @@ def test_search_says_which_images_it_converted(smoke_run, tmp_path, caplog, caps
     caplog.clear()
     assert len(_search(capsys, lay, "--images", str(rgb), str(grey), str(gif), "--k", "1")) == 3
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        f"{rgb}: 64×48 RGB, read as the query model's 8×8 grey", f"{gif}: an animation of 3 frames; its first is "
-        "searched", f"{gif}: 8×8 palette, read as the query model's 8×8 grey"]
+        f"{rgb}: 64×48 RGB, read as the query model's 8×8 grey", f"{gif}: an animation or a multi-page image; its "
+        "first frame is searched", f"{gif}: 8×8 palette, read as the query model's 8×8 grey"]
 
 
 def test_every_flag_of_every_command_has_help_and_search_and_serve_say_their_defaults():

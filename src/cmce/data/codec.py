@@ -94,12 +94,23 @@ OTHER_FORMATS = ((4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypm
 # Pillow plugins that run another program on the data (EPS: Ghostscript) or open what they hold with every plugin
 # (IPTC): never opened, whoever sends the image
 NOT_OPENED = frozenset({"EPS", "IPTC"})
+# the formats decoded (MPO: a camera's multi-picture JPEG; PPM: also PGM, PBM): the rarely used plugins beside them
+# (DDS, BLP, SPIDER, …) raised NotImplementedError, AttributeError or their own errors on damaged bytes
+DECODED = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+DECODED_SAID = "PNG, JPEG, GIF, BMP, TIFF, WebP, PPM/PGM"
 
 
 def _in_process_formats() -> list[str]:
-    """Every format Pillow has registered, less NOT_OPENED (plugins of other packages included)."""
+    """The DECODED formats Pillow has (none of NOT_OPENED)."""
     Image.init()
-    return [name for name in Image.OPEN if name not in NOT_OPENED]
+    return [name for name in DECODED if name in Image.OPEN]
+
+
+def _damaged(origin: Path | str, err: Exception) -> DataError:
+    """A decoder's failure on damaged bytes as one line: Pillow's plugins raise more than OSError and ValueError
+    on them (TypeError, IndexError, struct.error, …), which gave a 500 and a traceback."""
+    said = str(err) or type(err).__name__
+    return DataError(f"{origin}: corrupt or unreadable image: {said}")
 
 
 def _refused_format(data: bytes) -> str | None:
@@ -131,17 +142,21 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
                             "the data); convert it to PNG or JPEG") from None
         kind = _known_format(data)
         what = f"{kind}, a format" if kind else "damaged, or in a format"
-        raise DataError(f"{origin}: corrupt or unreadable image: {what} this tool does not decode (it decodes PNG, "
-                        "JPEG, GIF, BMP, TIFF, WebP)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
+        raise DataError(f"{origin}: corrupt or unreadable image: {what} this tool does not decode (it decodes "
+                        f"{DECODED_SAID})") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoder failure on hostile bytes (see _damaged)
+        raise _damaged(origin, err) from None
     _check_pixels(img, origin)
     try:
         img.load()
     except Image.DecompressionBombError as err:
         raise _bomb_refused(origin, err) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{origin}: corrupt or unreadable image: {err}") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise _damaged(origin, err) from None
     return upright(img, origin)
 
 
@@ -188,7 +203,9 @@ def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
     every mode conversion and error message. PNG is lossless, so both give the same pixels."""
     if len(data) < PNG_MIN_BYTES or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[-8:-4] != b"IEND":
         return None  # not a PNG, or truncated: PIL's path names the problem (libpng would print to stderr)
-    if b"eXIf" in data:  # an EXIF chunk may hold an orientation, which OpenCV's unchanged read ignores: PIL's path
+    # an EXIF chunk, XMP (iTXt) or a "Raw profile type exif" text chunk may hold an orientation, which OpenCV's
+    # unchanged read ignores: PIL's path (the datasets' own PNGs hold none of them)
+    if any(chunk in data for chunk in (b"eXIf", b"iTXt", b"tEXt", b"zTXt")):
         return None
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     # IHDR colour type 0 = grey, 2 = RGB; checking the header first also keeps oversized images on PIL's
@@ -207,20 +224,44 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
 
 
 def decode_image_as_found(data: bytes, channels: int, size: int, origin: str
-                          ) -> tuple[np.ndarray, tuple[int, int, str, int]]:
-    """decode_image's array, and the image as found before conversion: (width, height, PIL mode, frames), upright;
-    of an animation (a GIF, an APNG) the first frame is read."""
+                          ) -> tuple[np.ndarray, tuple[int, int, str, bool]]:
+    """decode_image's array, and the image as found before conversion: (width, height, PIL mode, whether it has
+    more frames), upright; of an animation (a GIF, an APNG) or a multi-page TIFF the first frame is read."""
     if not isinstance(data, bytes | bytearray | memoryview):  # a null cell of a dataset's image column
         raise DataError(f"{origin}: no image (the image cell is {'null' if data is None else type(data).__name__})")
     fast = decode_png_fast(data, channels, size)
     if fast is not None:
-        return fast, (size, size, "L" if channels == 1 else "RGB", 1)
+        return fast, (size, size, "L" if channels == 1 else "RGB", False)
     img = open_image(data, origin)
-    return _converted(img, channels, size), (*img.size, img.mode, getattr(img, "n_frames", 1))
+    arr = _converted(img, channels, size, origin)
+    return arr, (*img.size, img.mode, _more_frames(img))
 
 
-def _converted(img: Image.Image, channels: int, size: int) -> np.ndarray:
+def _more_frames(img: Image.Image) -> bool:
+    """Whether the image has a second frame or page, from the first's header (`is_animated`): n_frames walked every
+    page of a TIFF, quadratic in their number (140,000 one-pixel pages in 5.9 MB took 138 s)."""
+    try:
+        return bool(getattr(img, "is_animated", False))
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - a damaged second frame: there is one, and only the first is read
+        return True
+
+
+# 32-bit modes without a defined 8-bit scale (as to_png refuses them): guessed, they changed what the model saw
+_NO_SCALE = {"F": "32-bit float"}
+
+
+def _converted(img: Image.Image, channels: int, size: int, origin: Path | str = "image") -> np.ndarray:
     """A decoded image as a model reads it: grey or RGB uint8 CxHxW, size×size."""
+    if img.mode in _NO_SCALE:
+        raise DataError(f"{origin}: unsupported image mode {img.mode!r} ({_NO_SCALE[img.mode]}: no defined "
+                        "intensity scale); convert it to 8- or 16-bit grey or RGB")
+    if img.mode == "I":
+        arr = np.asarray(img)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"{origin}: 32-bit integer image with values outside 0..65535; convert it to 8 or 16 "
+                            "bit")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: a fixed scale, so a dark image is not brightened relative to a bright one
         arr = np.asarray(img, dtype=np.float64)
@@ -231,7 +272,10 @@ def _converted(img: Image.Image, channels: int, size: int) -> np.ndarray:
         img = Image.alpha_composite(bg, rgba)
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:  # convert() copies even when the mode already matches
-        img = img.convert(mode)
+        try:
+            img = img.convert(mode)
+        except ValueError as err:  # a mode Pillow has no conversion for
+            raise DataError(f"{origin}: image mode {img.mode!r} cannot be converted to {mode}: {err}") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.array(img, dtype=np.uint8)  # a copy: np.asarray may share PIL's read-only buffer, which torch warns of
