@@ -3771,6 +3771,12 @@ def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(wo
     fails(caplog, [*search, "--gallery", world.gallery], tmp_path / "unused",
           f"{index}/ids.parquet: item {first!r} has label {(labels[0] + 1) % 10}, the gallery {world.gallery} "
           f"{labels[0]} ({table.num_rows} such item(s))")
+    # without --gallery, the dataset names each item's label: searched, or served, with exit 0 and the wrong classes
+    said = (f"the index's item {first!r} has label {(labels[0] + 1) % 10}, its label in --dataset {world.dataset} is "
+            f"{labels[0]} ({table.num_rows} such item(s))")
+    fails(caplog, search, tmp_path / "unused", said)
+    serve = ["serve", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--port", "0"]
+    fails(caplog, serve, tmp_path / "unused", said)
     assert main(["search", "--index", str(world.index), "--query-model", str(world.query), "--dataset",
                  str(world.dataset), "--limit", "1", "--gallery", str(world.gallery)]) == 0
 

@@ -664,9 +664,9 @@ def test_a_served_s3_index_whose_files_change_under_its_meta_json_says_so(s3_ser
 
     refusing = ["hnsw"]
 
-    def accept(meta: dict) -> None:  # (as serve's --dataset check refuses an index of another dataset)
-        if meta["index_type"] in refusing:
-            raise ValueError(f"refused: {meta['index_type']}")
+    def accept(loaded) -> None:  # (as serve's --dataset check refuses an index of another dataset)
+        if loaded.meta["index_type"] in refusing:
+            raise ValueError(f"refused: {loaded.meta['index_type']}")
 
     holder = Holder(index, QueryModelSource(str(s3_chain.local / "q.pt"), Path), accept=accept)
     served, ids = holder.current, read_object(s3_server, bucket, "index/ids.parquet")

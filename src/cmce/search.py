@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.codec import decode_image_as_found
-from cmce.data.loader import same_split, split_source
+from cmce.data.loader import same_split, split_ids_labels, split_source
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
-from cmce.index import SearchResult, load_index, search
+from cmce.index import LoadedIndex, SearchResult, load_index, search
 from cmce.storage import file_sha256
+from cmce.tables import TableError, shown_id
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +49,43 @@ def check_ids_follow_gallery(ids: list[str], labels: np.ndarray, gallery: Path, 
                          "index again")
 
 
-def check_dataset_of_index(dataset: Path, meta: dict, split_of: Callable[[str], dict]) -> None:
-    """The class names must come from the dataset the gallery was embedded from: its split's ids digest, which
-    build-index records from the gallery (an index built before it was recorded is not checked)."""
+class DatasetSplits:
+    """A dataset file's splits as first read (their digests, ids and labels), kept: the server reads the class
+    names once, so a dataset file replaced later must not vouch for a reloaded index."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.source = functools.cache(lambda split: split_source(path, split))
+        self.rows = functools.cache(lambda split: split_ids_labels(path, split))
+
+
+def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
+    """The class names must come from the dataset the gallery was embedded from: its split's digests, which
+    build-index records from the gallery (an index built before it was recorded is not checked), and each indexed
+    item's label, which must be its label in that split: ids.parquet's labels edited (its checksum rewritten to
+    match) answered each hit with another class's name. That is a TableError: a ValueError says only that the
+    dataset is another one."""
+    meta = index.meta
     source, split = meta.get("source"), meta.get("split")
     if not source or not split:
         log.warning("the index records no dataset digest (built before it did); class names from %s are not "
-                    "checked", dataset)
+                    "checked", dataset.path)
         return
-    if not same_split(split_of(split), source):
-        raise ValueError(f"--dataset {dataset}: its '{split}' split is not the one the index's gallery was embedded "
-                         "from (another dataset or version); class names would be wrong")
+    if not same_split(dataset.source(split), source):
+        raise ValueError(f"--dataset {dataset.path}: its '{split}' split is not the one the index's gallery was "
+                         "embedded from (another dataset or version); class names would be wrong")
+    ids, labels = dataset.rows(split)
+    at = pc.index_in(pa.array(index.ids, pa.string()), value_set=ids).to_numpy(zero_copy_only=False)
+    if np.isnan(at).any():  # (index_in gives null, a NaN here, for an id the split lacks)
+        row = int(np.flatnonzero(np.isnan(at))[0])
+        raise TableError(f"the index's item {shown_id(index.ids[row])} is not in the '{split}' split of --dataset "
+                         f"{dataset.path}: ids.parquet was edited or is of another build; build the index again")
+    differ = np.flatnonzero(labels[at.astype(np.int64)] != index.labels)
+    if differ.size:
+        row = int(differ[0])
+        raise TableError(f"the index's item {shown_id(index.ids[row])} has label {index.labels[row]}, its label in "
+                         f"--dataset {dataset.path} is {labels[int(at[row])]} ({differ.size} such item(s)): "
+                         "ids.parquet was edited or is of another build; build the index again")
 
 
 def hit_lists(result: SearchResult, labels: np.ndarray, classes: list[str] | None) -> list[list[dict]]:
@@ -80,10 +110,10 @@ MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette"
 def read_query_image(model: EmbeddingModel, name: str, path: Path) -> np.ndarray:
     """A query image file as the model reads it; one of another size or mode is converted, and said so once: a
     colour photo searched with a grey model is a likely mistake."""
-    arr, (width, height, mode, frames) = decode_image_as_found(path.read_bytes(), model.in_channels,
-                                                               model.image_size, name)
-    if frames > 1:
-        log.warning("%s: an animation of %d frames; its first is searched", name, frames)
+    arr, (width, height, mode, animated) = decode_image_as_found(path.read_bytes(), model.in_channels,
+                                                                 model.image_size, name)
+    if animated:
+        log.warning("%s: an animation or a multi-page image; its first frame is searched", name)
     want = "L" if model.in_channels == 1 else "RGB"
     if (width, height, mode) != (model.image_size, model.image_size, want):
         size = model.image_size
@@ -129,7 +159,9 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
     classes = class_names(dataset) if dataset is not None else None  # once its images were read, so checked
     if classes is not None:
         try:  # queries from another dataset may be searched, but its class names are not the hits' (serve refuses)
-            check_dataset_of_index(dataset, loaded.meta, lambda split: split_source(dataset, split))
+            check_dataset_of_index(DatasetSplits(dataset), loaded)
+        except TableError:  # the dataset's own split, and the index says other labels for its items
+            raise
         except ValueError as err:
             log.warning("%s; the hits' class_name is left null", err)
             classes = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -63,6 +64,18 @@ def split_source(path: str | Path, split: str) -> dict:
         idx = split_rows(path, rows, split, seen)
         digest.update(rows.column("id").take(idx).to_pylist(), rows.column("label").take(idx).to_numpy())
     return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest(), "labels_sha256": digest.labels_hexdigest()}
+
+
+def split_ids_labels(path: str | Path, split: str) -> tuple[pa.Array, np.ndarray]:
+    """One split's ids (an Arrow array, for vectorised lookups) and labels, in file order."""
+    pf = open_dataset(path)
+    ids, labels, seen = [], [np.zeros(0, np.int64)], set()
+    for rg in range(pf.num_row_groups):
+        rows = read_row_group(pf, path, rg, ["id", "label", "split"])
+        idx = split_rows(path, rows, split, seen)
+        ids.append(rows.column("id").take(idx).cast(pa.string()))
+        labels.append(rows.column("label").take(idx).to_numpy(zero_copy_only=False).astype(np.int64))
+    return pa.chunked_array(ids, pa.string()).combine_chunks(), np.concatenate(labels)
 
 
 def same_split(a: dict | None, b: dict | None) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from cmce.data.codec import pixel_limit
 from cmce.data.readers import class_names
 from cmce.errors import Terminated, escape_controls, forget_signals, not_ignored, unclaimed_ending_signals
+from cmce.index import LoadedIndex
 from cmce.serving.app import create_app
 from cmce.serving.queries import Limits
 from cmce.serving.state import Holder, QueryModelSource
@@ -129,14 +129,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def dataset_check(dataset: Path) -> Callable[[dict], None]:
-    """check_dataset_of_index for the first index and every reload, against the dataset's splits as first read:
-    the class names are read once, at start-up, so a dataset file replaced later must not vouch for an index."""
-    from cmce.data.loader import split_source
-    from cmce.search import check_dataset_of_index
+def dataset_check(dataset: Path) -> Callable[[LoadedIndex], None]:
+    """check_dataset_of_index for the first index and every reload, against the dataset's splits as first read
+    (see DatasetSplits)."""
+    from cmce.search import DatasetSplits, check_dataset_of_index
 
-    split_of = functools.cache(lambda split: split_source(dataset, split))
-    return lambda meta: check_dataset_of_index(dataset, meta, split_of)
+    splits = DatasetSplits(dataset)
+    return lambda index: check_dataset_of_index(splits, index)
 
 
 def _answer_and_close(transport: asyncio.BaseTransport, status: bytes, field: str, error: str) -> None:

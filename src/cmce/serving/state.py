@@ -153,18 +153,19 @@ class QueryModelSource:
 
 class Holder:
     """The served pair and its reloads. Loads once on construction: a bad model or index raises (ValueError).
-    `accept` checks each index's meta.json before it is served, the first and every reload (raises ValueError):
+    `accept` checks each loaded index before it is served, the first and every reload (raises ValueError):
     e.g. that its gallery was embedded from the dataset whose class names label the hits."""
 
-    def __init__(self, index: str | Path, models: QueryModelSource, accept: Callable[[dict], None] | None = None):
+    def __init__(self, index: str | Path, models: QueryModelSource,
+                 accept: Callable[[LoadedIndex], None] | None = None):
         self.source = index_source(index)  # a folder, or an s3:// prefix (its URI, or a download of it)
         self.models = models
-        self.accept = accept or (lambda meta: None)
+        self.accept = accept or (lambda index: None)
         key = models.key()
         model = models.load(key)
         self._verified = self.source.identity()  # before the load checks it: a change during it is seen
         index = self.source.load(model.sha256, model.embedding_dim)
-        self.accept(index.meta)
+        self.accept(index)
         self.current = Served(model, key, index, meta_version(index.meta))
         self.problems: dict[str, str] = {}  # what the polls find wrong now, by kind; replaced whole, never changed
         self.reloads = 0
@@ -296,7 +297,7 @@ class Holder:
             model = cur.model if model_key == cur.model_key else self._candidate_model(model_key)
             with self._waiting_on(f"loading the index {self.source.shown}"):
                 index = self.source.load(model.sha256, model.embedding_dim)
-            self.accept(index.meta)
+            self.accept(index)
         except (ValueError, OSError, RuntimeError) as err:  # faiss reports unreadable files as RuntimeError
             # tried again once the source changes; a transfer's failure (an S3 timeout, a 503) also after a while:
             # an S3 index whose download failed once was not reloaded until the next rebuild
