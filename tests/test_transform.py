@@ -37,6 +37,28 @@ def test_cross_entropy_term_uses_frozen_query_classifier():
     assert torch.equal(w, torch.eye(3, 4))  # classifier not modified
 
 
+def test_the_cross_entropy_temperature_is_the_query_classifiers_own_unless_set(monkeypatch):
+    """transform.scale was 16 whatever the query classifier was trained with: train.scale 8 alone changed the loss
+    the method specifies (s·n(T(g))·n(W_q)ᵀ is the frozen classifier's own scoring)."""
+    from cmce import transform
+
+    seen = []
+
+    def spy(pred, target, labels, weight, lam, scale):
+        seen.append(scale)
+        return real(pred, target, labels, weight, lam, scale)
+
+    real = transform.transformation_loss
+    monkeypatch.setattr(transform, "transformation_loss", spy)
+    g, q = np.ones((8, 4), np.float32), np.ones((8, 3), np.float32)
+    for cfg_scale, query_scale, used in ((None, 8.0, 8.0), (None, 30.0, 30.0), (4.0, 8.0, 4.0)):
+        seen.clear()
+        fit_transformation(g, q, np.zeros(8, int), torch.eye(1, 3), TransformConfig(epochs=1, batch_size=8,
+                                                                                     scale=cfg_scale),
+                           query_scale=query_scale)
+        assert seen and set(seen) == {used}
+
+
 def test_nan_inputs_are_refused():
     g = np.ones((4, 3), np.float32)
     g[2, 1] = np.nan

@@ -295,7 +295,9 @@ class TransformConfig:
     depth: int = within("[1, 64]", 2)  # number of linear layers
     # weight of the CE term through the frozen query classifier (tuned: see docs/results.md)
     lam: float = within("[0, inf)", 0.03)
-    scale: float = within("(0, inf)", 16.0)
+    # the CE term's cosine-softmax temperature s; None: the query classifier's own (the train.scale it was trained
+    # with), so the term scores the train labels as the frozen classifier does
+    scale: float | None = within("(0, inf)", None)
     epochs: int = within("[1, 100000]", 30)
     batch_size: int = within("[1, 1048576]", 256)  # global batch, like train.batch_size
     lr: float = within("(0, inf)", 2e-3)

@@ -198,7 +198,8 @@ def upgrade_query_model(
         # checked above to be the train split's rows in its order, the order embed_split gives
         raw_train = embedding_column(read_table(stored_at, ["raw"]), "raw", str(stored_at))
         mlp, history = fit_transformation(raw_train, q_train.embeddings, q_train.labels,
-                                          query.classifier, cfg, seed, f"T[{member['name']}]")
+                                          query.classifier, cfg, seed, f"T[{member['name']}]",
+                                          query_scale=query.scale)
         fitted.append(Transformation(mlp, member["name"], member["sha256"], query.sha256, raw_train.shape[1],
                                      query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history))
     # everything is fitted before anything is written: a failure above leaves the old state intact. The new

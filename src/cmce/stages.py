@@ -185,7 +185,7 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
                             query_model=q_model.sha256, gallery_model=g_model.sha256,
                             **(no_flip(cfg.data) if cfg.transform.augment_views else {}))
     mlp, history = fit_transformation(g_fit, q_fit, y_fit, q_model.classifier, cfg.transform, cfg.seed,
-                                      f"T[{g_model.name}]", resume)
+                                      f"T[{g_model.name}]", resume, query_scale=q_model.scale)
     t = Transformation(mlp=mlp, gallery_model=g_model.name, gallery_model_sha256=g_model.sha256,
                        query_model_sha256=q_model.sha256, in_dim=g_model.embedding_dim, out_dim=q_model.embedding_dim,
                        hidden_dim=cfg.transform.hidden_dim, depth=cfg.transform.depth, history=history)

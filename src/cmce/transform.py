@@ -92,8 +92,10 @@ def fit_transformation(
     seed: int = 0,
     desc: str = "transform",
     resume: Resume | None = None,
+    query_scale: float = 16.0,
 ) -> tuple[nn.Sequential, list[dict[str, float]]]:
     """Fit the MLP on paired embeddings of the same training images. Returns (mlp, per-epoch history).
+    `query_scale`: the query classifier's temperature, the CE term's unless cfg.scale says another.
     Under torchrun every rank holds all embeddings; `cfg.batch_size` is the global batch (cmce.distributed).
     With `resume`, the state is saved after every epoch and a matching saved state is continued from."""
     if len(gallery_emb) != len(query_emb) or len(gallery_emb) != len(labels):
@@ -113,6 +115,7 @@ def fit_transformation(
     q = torch.from_numpy(np.array(query_emb, dtype=np.float32)).to(device)
     y = torch.as_tensor(labels, dtype=torch.long).to(device)
     w = query_classifier.detach().float().to(device)
+    scale = query_scale if cfg.scale is None else cfg.scale
     mlp = build_mlp(g.shape[1], q.shape[1], cfg.hidden_dim, cfg.depth).to(device)
     opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(g) // cfg.batch_size)
@@ -134,7 +137,7 @@ def fit_transformation(
             if cfg.input_dropout:  # one mask for the global batch: the same on every rank, whatever the world size
                 keep = torch.rand((len(batch), g.shape[1]), generator=mask_gen, device=device) >= cfg.input_dropout
                 x = x * keep[mine] / (1.0 - cfg.input_dropout)
-            loss, align, ce = transformation_loss(forward(x), q[idx], y[idx], w, cfg.lam, cfg.scale)
+            loss, align, ce = transformation_loss(forward(x), q[idx], y[idx], w, cfg.lam, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
