@@ -176,7 +176,8 @@ def _check_settings_fit_the_run(args: argparse.Namespace, inputs: dict, cfg: Con
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import load_config, parse_overrides, read_config_text, read_yaml
+    from cmce.config import load_config, parse_overrides
+    from cmce.config_yaml import read_config_text, read_yaml
     from pipeline.cmce_pipeline import PARAMS_FILE
 
     overrides = parse_overrides(args.set)

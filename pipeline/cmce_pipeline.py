@@ -87,7 +87,7 @@ def default_params(path: Path = PARAMS_FILE) -> str:
     lines, where a newline would break the file."""
     import json
 
-    from cmce.config import read_config_text, read_yaml  # as cmce reads it: 0o10 is 8, 010 refused
+    from cmce.config_yaml import read_config_text, read_yaml  # as cmce reads it: 0o10 is 8, 010 refused
 
     return json.dumps(read_yaml(read_config_text(path)))
 

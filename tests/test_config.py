@@ -501,7 +501,7 @@ def test_a_config_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_pa
 
 def test_a_config_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
     """A 6 GB sparse file given as --config was read whole: a MemoryError traceback under a memory limit."""
-    from cmce.config import MAX_CONFIG_BYTES
+    from cmce.config_yaml import MAX_CONFIG_BYTES
 
     big = tmp_path / "sparse.yaml"
     with open(big, "wb") as f:
@@ -517,7 +517,8 @@ def test_a_config_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
 def test_a_config_nested_past_the_depth_limit_is_named_with_its_file_and_line(tmp_path):
     """`rejection_rates: [[[[…]]]]` 20,000 deep was a RecursionError traceback from PyYAML's composer, in a file
     and through --set alike; a block mapping nested as deep is the same fault."""
-    from cmce.config import MAX_YAML_DEPTH, parse_overrides, read_yaml
+    from cmce.config import parse_overrides
+    from cmce.config_yaml import MAX_YAML_DEPTH, read_yaml
 
     deep = "[" * 20_000 + "]" * 20_000
     path = _write(tmp_path, GOOD + f"evaluate:\n  rejection_rates: {deep}\n")
@@ -555,7 +556,7 @@ def test_an_integer_yaml_1_1_and_1_2_read_differently_is_refused_naming_its_line
                                          ("10", 10), ("'010'", "010"), ("08", "08"), ("010.5", 10.5)])
 def test_integers_yaml_reads_alike_keep_their_value(tmp_path, text, value):
     """`0o10` is YAML 1.2's octal, the spelling an ambiguous `010` is told to use (PyYAML read it as text)."""
-    from cmce.config import read_yaml
+    from cmce.config_yaml import read_yaml
 
     assert read_yaml(f"k: {text}") == {"k": value}
     if isinstance(value, int) and value > 0:

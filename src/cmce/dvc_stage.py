@@ -24,7 +24,8 @@ from pathlib import Path
 import yaml
 
 from cmce.arguments import OneLineParser
-from cmce.config import Config, check_model_name, load_config, parse_overrides, read_config_text, read_yaml
+from cmce.config import Config, check_model_name, load_config, parse_overrides
+from cmce.config_yaml import read_config_text, read_yaml
 from cmce.storage import local_input
 
 log = logging.getLogger("cmce")
