@@ -378,6 +378,8 @@ def test_requests_shaped_past_the_schema_get_the_json_error_form(world):
     refused(server, 422, "k", "valid integer", embeddings=[row], query_model_sha256=sha, k=True)
     refused(server, 422, "k", "valid integer", embeddings=[row], query_model_sha256=sha, k=2.5)
     refused(server, 422, "k", "valid integer", embeddings=[row], query_model_sha256=sha, k="3")
+    huge = server.search(embeddings=[row], query_model_sha256=sha, k=1e308)  # not echoed back as 309 digits
+    assert huge.status_code == 422 and huge.json()["field"] == "k" and len(huge.text) < 300, huge.text
     three = server.search(embeddings=[row], query_model_sha256=sha, k=3.0)  # JSON does not tell 3.0 from 3
     assert three.status_code == 200 and len(three.json()["results"][0]["hits"]) == 3, three.text
     deep = "[" * 100_000 + "]" * 100_000

@@ -44,7 +44,8 @@ BODY_WAIT_S = 5.0  # a client's usual timeout is longer; a busy server answers s
 
 
 def _integral(value: Any) -> Any:
-    return int(value) if type(value) is float and value.is_integer() else value
+    """3.0 as 3; a float past 2^53 is left a float, refused as not an integer (1e308 was refused by its 309 digits)."""
+    return int(value) if type(value) is float and value.is_integer() and abs(value) <= 2**53 else value
 
 
 class SearchRequest(BaseModel):
