@@ -2842,6 +2842,14 @@ def test_json_and_onnx_outputs_are_told_apart_from_other_formats(world, tmp_path
     fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
                    "query", "--out", onnx_file], onnx_file,
           f"{onnx_file}: holds an ONNX file; this step writes a checkpoint file")
+    # a new file named as another format: an ONNX model written as q.pt, a checkpoint as model.onnx, exit 0
+    for argv, out, said in (
+            (["export-query", "--query-model", world.query], tmp_path / "q.pt", "a checkpoint file; this step writes "
+                                                                                "an ONNX file, so give a name ending "
+                                                                                "in .onnx"),
+            (["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query"], tmp_path / "m.onnx",
+             "an ONNX file; this step writes a checkpoint file, so give a name ending in .pt")):
+        fails(caplog, [*argv, "--out", out], out, f"{out}: its name says {said}")
 
 
 def test_shards_of_two_versions_of_a_dataset_are_not_merged(world, tmp_path, caplog):

@@ -14,7 +14,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cmce import s3
 from cmce.storage import check_replaceable, is_remote, open_regular, refuse_foreign, scratch_dir
@@ -110,6 +110,11 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         raise ValueError("an output path is empty")
     if scheme := s3.foreign_scheme(text):
         raise ValueError(s3.scheme_error(text, scheme, "the output"))
+    named = SUFFIX_FORMATS.get(PurePosixPath(text).suffix.lower())
+    # export-query --out q.pt wrote ONNX under a .pt name (a file already there is told by its content, below)
+    if writes and not is_dir and named and named != writes and (is_remote(text) or not Path(text).is_file()):
+        raise ValueError(f"{text}: its name says {a_format(named)} file; this step writes {a_format(writes)} file, so "
+                         f"give a name ending in {WRITTEN_SUFFIX[writes]}")
     if is_remote(text):
         _check_remote_output(text, is_dir, own, writes, kinds)
         return
@@ -173,6 +178,9 @@ def _refuse_other_format(text: str, found: str | None, writes: str | None, kinds
 
 
 FORMAT_NAMES = {"parquet": "Parquet", "onnx": "ONNX", "json": "JSON"}
+# the formats a file's name says it holds (the loaders read by content, so any other name is left alone)
+SUFFIX_FORMATS = {".pt": "checkpoint", ".pth": "checkpoint", ".parquet": "parquet", ".onnx": "onnx", ".json": "json"}
+WRITTEN_SUFFIX = {"checkpoint": ".pt", "parquet": ".parquet", "onnx": ".onnx", "json": ".json"}
 
 
 def a_format(fmt: str | None) -> str:
