@@ -7,7 +7,7 @@ the query side vs the whole gallery ensemble (parameters, FLOPs, CPU latency).
 
 Models are the config's architectures with random weights (speed does not depend on training); images
 are synthetic smooth greyscale PNGs at the config's image size, stored like `prepare-data` stores them.
-Prints Markdown tables and appends them, dated, to BENCHMARKS.md.
+Prints Markdown tables and writes them, dated, to BENCHMARKS.md (in place of this benchmark's previous section).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from benchmarks.args import comma_list, config_or_error, non_negative_int, positive_int, thread_counts
 from benchmarks.report import ROOT, write_section
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
-from cmce.config import ModelSpec, load_config
+from cmce.config import ModelSpec
 from cmce.data.codec import to_float
 from cmce.data.readers import load_split
 from cmce.data.schema import DATASET_SCHEMA
@@ -264,35 +265,38 @@ def model_costs(cfg, work: Path, repeats: int = 50) -> list[str]:
     return rows
 
 
-def thread_counts(text: str) -> list[int]:
-    """`ALL,1` → [torch's default thread count, 1]; each count at least 1."""
-    counts = []
-    for part in text.split(","):
-        part = part.strip()
-        if part.upper() == "ALL":
-            counts.append(torch.get_num_threads())
-        elif part.isdigit() and int(part) >= 1:
-            counts.append(int(part))
-        else:
-            raise argparse.ArgumentTypeError(f"expected thread counts >= 1 or ALL, comma-separated; got {part!r}")
-    return counts
+worker_counts = comma_list(non_negative_int)  # decode workers; 0: decoded in the main process
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
-    p.add_argument("--throughput-images", type=int, default=3_000)
-    p.add_argument("--small", type=int, default=10_000, help="smaller gallery of the memory comparison")
-    p.add_argument("--large", type=int, default=100_000, help="larger gallery of the memory comparison")
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--workers", default="0,1", help="decode worker counts to measure")
+    p.add_argument("--throughput-images", type=positive_int, default=3_000)
+    p.add_argument("--small", type=positive_int, default=10_000, help="smaller gallery of the memory comparison")
+    p.add_argument("--large", type=positive_int, default=100_000, help="larger gallery of the memory comparison")
+    p.add_argument("--repeats", type=positive_int, default=9)
+    p.add_argument("--workers", type=worker_counts, default="0,1", help="decode worker counts to measure")
     p.add_argument("--threads", type=thread_counts, default="ALL,1",
                    help="torch thread counts to measure, comma-separated; ALL = torch's default (every core)")
-    p.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
-    args = p.parse_args()
+    p.add_argument("--no-write", action="store_true", help="print only, do not write BENCHMARKS.md")
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, or the parser's error (exit 2) for flags that do not fit together."""
+    args = p.parse_args(argv)
+    if args.small >= args.large:
+        p.error(f"--small {args.small} must be below --large {args.large} (the two galleries of the memory "
+                "comparison)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = parse_args(p, argv)
     logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(args.config)
-    workers = [int(w) for w in args.workers.split(",")]
+    cfg = config_or_error(p, args.config)
+    workers = args.workers
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="cmce-bench-") as tmp:
         work = Path(tmp)
@@ -309,7 +313,9 @@ def main() -> None:
         body += model_costs(cfg, work)
     command = "python -m benchmarks.embedding" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("throughput_images", "small", "large", "repeats", "workers") and v != p.get_default(k))
+        if k in ("throughput_images", "small", "large", "repeats") and v != p.get_default(k))
+    if args.workers != worker_counts(p.get_default("workers")):
+        command += " --workers " + ",".join(map(str, args.workers))
     if args.threads != thread_counts("ALL,1"):
         command += " --threads " + ",".join(map(str, args.threads))
     if args.no_write:

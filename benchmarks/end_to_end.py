@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from benchmarks.report import ROOT, config_overrides, config_shown, write_section
+from benchmarks.args import config_or_error, config_override, int_in, positive_int
+from benchmarks.report import ROOT, config_shown, write_section
 from cmce import device as devices
-from cmce.config import load_config
 from cmce.data.schema import DATASET_SCHEMA
 from cmce.storage import atomic_path
 
@@ -86,21 +86,36 @@ def last_epoch_or_other(line: str) -> bool:
     return m is None or m[1] == m[2]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "scale.yaml"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--images", type=int, default=60_000)
-    p.add_argument("--classes", type=int, default=3_000)
+    p.add_argument("--set", action="append", default=[], type=config_override, metavar="KEY=VALUE",
+                   help="config override")
+    p.add_argument("--images", type=positive_int, default=60_000)
+    # the class-disjoint split needs at least 2 classes on each side (cmce.data.protocols)
+    p.add_argument("--classes", type=int_in("[4, inf)"), default=3_000)
     p.add_argument("--device", choices=devices.CHOICES, default="auto")
     p.add_argument("--out", default=str(ROOT / "runs" / "end_to_end"))
     p.add_argument("--no-write", action="store_true", help="print only, do not write BENCHMARKS.md")
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, or the parser's error (exit 2) for flags that do not fit together."""
     args = p.parse_args(argv)
+    if args.images < 2 * args.classes:  # leave-one-out: a query needs another image of its class
+        p.error(f"--images {args.images} is less than two a class (--classes {args.classes})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = parse_args(p, argv)
     logging.basicConfig(level=logging.WARNING)
     from cmce.layout import RunLayout
     from cmce.stages import run_all
 
-    cfg = load_config(args.config, {**config_overrides(args.set), "output_dir": args.out, "device": args.device})
+    cfg = config_or_error(p, args.config, {"output_dir": args.out, "device": args.device}, args.set)
     device = devices.select(cfg.device, "--device")
     lay = RunLayout(Path(args.out))
     started = time.perf_counter()

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks.args import comma_list, int_in, non_negative_int, positive_int
 from benchmarks.report import ROOT, write_section
 from cmce import device as devices
 
@@ -114,18 +115,28 @@ def table(results: dict[tuple[int, str], dict], sizes: list[int]) -> list[str]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+# leave-one-out: each query needs another item in the gallery (and, by --per-class >= 2, of its class)
+gallery_sizes = comma_list(int_in("[2, inf)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="10000,30000,100000")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dense-up-to", type=int, default=30_000, help="largest size the dense implementation runs at")
+    p.add_argument("--sizes", type=gallery_sizes, default="10000,30000,100000")
+    p.add_argument("--dim", type=positive_int, default=64)
+    p.add_argument("--per-class", type=int_in("[2, inf)"), default=20)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--dense-up-to", type=non_negative_int, default=30_000,
+                   help="largest size the dense implementation runs at")
     p.add_argument("--device", choices=devices.CHOICES, default="cpu")
     p.add_argument("--no-write", action="store_true", help="print only, do not write BENCHMARKS.md")
     p.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     if args.child:
         sys.stdout.write(json.dumps(run_method(args.child, sizes[0], args.dim, args.per_class, args.repeats,
                                                args.device)) + "\n")
@@ -150,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"{(large / small) ** 2:.0f} pairs."]
     command = "python -m benchmarks.evaluation" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("sizes", "dim", "per_class", "repeats", "dense_up_to", "device") and v != p.get_default(k))
+        if k in ("dim", "per_class", "repeats", "dense_up_to", "device") and v != p.get_default(k))
+    if sizes != gallery_sizes(p.get_default("sizes")):
+        command += " --sizes " + ",".join(map(str, sizes))
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:

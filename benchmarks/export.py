@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.args import config_or_error, non_negative_int, positive_int
 from benchmarks.report import LOG_FORMAT, ROOT, config_shown, write_section
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
-from cmce.config import load_config
 from cmce.export import OnnxQueryModel, RawPixels, to_onnx
 from cmce.models import EmbeddingNet, arch_names
 from cmce.pretrained import MissingPretrainedError
@@ -77,22 +77,37 @@ def measure(model: EmbeddingModel, work: Path, repeats: int) -> str:
             f"{path.stat().st_size / 1024:.1f} | {' | '.join(cells)} | {diff:.1e} |")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "params.yaml"))
     ap.add_argument("--query-model", default=None, help="a query checkpoint to measure (default: random weights)")
-    ap.add_argument("--archs", nargs="+", default=None, help="architectures (default: all in the registry)")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--archs", nargs="+", choices=arch_names(), default=None, metavar="ARCH",
+                    help="architectures (default: all in the registry)")
+    ap.add_argument("--repeats", type=positive_int, default=30)
+    ap.add_argument("--threads", type=non_negative_int, default=0,
                     help="threads for both torch and onnxruntime (default 0: torch's own count); 1 is steadier on a "
                          "shared machine")
     ap.add_argument("--no-write", action="store_true", help="print the section only")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, or the parser's error (exit 2)."""
     args = ap.parse_args(argv)
+    twice = sorted({a for a in args.archs or [] if args.archs.count(a) > 1})
+    if twice:
+        ap.error(f"--archs: {', '.join(twice)} given twice")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = parse_args(ap, argv)
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = config_or_error(ap, args.config)
     rows = ["| architecture | input | parameters | ONNX (KiB) | torch ms/img @1 | onnxruntime ms/img @1 | "
             "speed-up @1 | torch ms/img @64 | onnxruntime ms/img @64 | speed-up @64 | max abs diff |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -8,7 +8,7 @@ so an item's cosine to its centre is about 0.8); the queries come from the same 
 so they are never gallery points. Every index is built with the library's defaults (cmce.index.make_index)
 unless a flag overrides a parameter; exact search (IndexFlatIP) runs in the same process as the baseline
 and gives the ground truth for recall@10. QPS are medians over --repeats runs. Prints a Markdown table and
-appends it, dated, to BENCHMARKS.md.
+writes it, dated, to BENCHMARKS.md (in place of the section of the same gallery size, else at the end).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from benchmarks.args import comma_list, int_in, one_of, positive_int, random_seed
 from benchmarks.report import LOG_FORMAT, ROOT, write_section
-from cmce.config import IndexConfig
-from cmce.index import make_index, set_search_params
+from cmce.config import HnswConfig, IndexConfig, IvfPqConfig, range_of
+from cmce.index import INDEX_TYPES, make_index, set_search_params
 from cmce.method import normalize
 
 K = 10
@@ -125,7 +126,7 @@ def options_from(args: argparse.Namespace) -> IndexConfig:
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], list[int], float]:
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else [faiss.omp_get_max_threads()]
+    threads = args.threads or [faiss.omp_get_max_threads()]
     build_threads = max(threads)
     t0 = time.perf_counter()
     gallery, queries = clustered_unit_vectors(args.n, args.queries, args.dim, args.seed)
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[int], float]:
     options = options_from(args)
     rows: list[Row] = []
     exact_ids = None
-    for index_type in args.types.split(","):
+    for index_type in args.types:
         faiss.omp_set_num_threads(build_threads)
         gc.collect()
         peak_ok = reset_peak_rss()
@@ -178,22 +179,49 @@ def table(rows: list[Row], threads: list[int], n_queries: int) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+OVERRIDES = {"nlist": IvfPqConfig, "m": IvfPqConfig, "nprobe": IvfPqConfig, "k_factor": IvfPqConfig,
+             "train_size": IvfPqConfig, "ef_search": HnswConfig}  # flag → the config class whose range it takes
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1_000_000, help="gallery size (tests run it tiny)")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--queries", type=int, default=1000, help="queries; also the large batch size")
-    p.add_argument("--batch1-queries", type=int, default=100, help="queries searched one at a time")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--types", default="flat,ivfpq,hnsw", help="comma-separated, flat first (the baseline)")
-    p.add_argument("--threads", default=None, help="comma-separated search thread counts (default: faiss's)")
-    for name in ("nlist", "m", "nprobe", "k_factor", "train_size", "ef_search"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
+    # at least K items: every query has K neighbours to find
+    p.add_argument("--n", type=int_in(f"[{K}, inf)"), default=1_000_000, help="gallery size (tests run it tiny)")
+    p.add_argument("--dim", type=positive_int, default=128)
+    p.add_argument("--queries", type=positive_int, default=1000, help="queries; also the large batch size")
+    p.add_argument("--batch1-queries", type=positive_int, default=100,
+                   help="queries searched one at a time (at most --queries)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--seed", type=random_seed, default=0)
+    p.add_argument("--types", type=comma_list(one_of(INDEX_TYPES)), default="flat,ivfpq,hnsw",
+                   help="comma-separated, flat first (the baseline)")
+    p.add_argument("--threads", type=comma_list(positive_int), default=None,
+                   help="comma-separated search thread counts (default: faiss's)")
+    for name, cls in OVERRIDES.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int_in(range_of(cls, name)), default=None,
                        help="override the library default")
-    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file the dated section is appended to")
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"),
+                   help="file the dated section is written to, in place of the section of the same title (gallery "
+                        "size and dimension), else at the end")
     p.add_argument("--no-write", action="store_true", help="only print the table")
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, or the parser's error (exit 2) for flags that do not fit together."""
     args = p.parse_args(argv)
+    if args.types[0] != "flat":
+        p.error(f"--types must start with flat (the baseline and the ground truth), got {','.join(args.types)}")
+    if args.batch1_queries > args.queries:
+        p.error(f"--batch1-queries {args.batch1_queries} is more than --queries {args.queries}")
+    if args.m and args.dim % args.m:
+        p.error(f"--m {args.m} must divide --dim {args.dim} (PQ sub-quantisers split the dimensions)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = parse_args(p, argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     load = os.getloadavg()[0]
     started = time.time()

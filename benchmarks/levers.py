@@ -7,8 +7,8 @@ The backbones are most of a run's cost; the transformations are cheap to refit. 
 keys, e.g. `weight_decay=0.1` or `lam=0.1,epochs=60`) every transformation is refitted on the run's frozen
 models, the gallery rebuilt and every configuration evaluated, under `<run>/levers_tried/`. --config, --set
 and --seed must describe the run (as `benchmarks.method` made it: seed k is its `seed{k}` folder); the run's
-recorded members are checked against them. One levers table, beside the run's own row, is appended to
-BENCHMARKS.md.
+recorded members are checked against them. One levers table, beside the run's own row, is written to
+BENCHMARKS.md (in place of the previous one of that dataset).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.ablations import levers_table
+from benchmarks.args import one_line, random_seed
 from benchmarks.finished_run import check_run
 from benchmarks.method import seeded
 from benchmarks.refit import refit
@@ -71,23 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a seed folder of a finished benchmarks.method run")
     add_config_options(p, "config override of the run")
-    p.add_argument("--seed", type=int, default=0, help="the seed the run was made with")
+    p.add_argument("--seed", type=random_seed, default=0, help="the seed the run was made with")
     p.add_argument("--try", dest="tries", action="append", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
                    help="transform settings to refit with (repeatable)")
     p.add_argument("--no-write", action="store_true")
     return p
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = build_parser()
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    overrides = config_overrides(args.set)
     started = time.time()
     try:
+        overrides = config_overrides(args.set)  # a key given twice
         rows = try_levers(Path(args.config), overrides, args.seed, Path(args.run), args.tries)
     except ValueError as e:  # the config's own errors (ConfigError) are ValueErrors too
-        p.error(str(e))
+        p.error(one_line(e))
     cfg = load_config(args.config, overrides)
     command = (f"python -m benchmarks.levers --run {shlex.quote(args.run)}"
                f" --config {shlex.quote(config_shown(args.config))}"

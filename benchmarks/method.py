@@ -53,6 +53,7 @@ from benchmarks.ablations import (
     query_member_table,
     query_quality_table,
 )
+from benchmarks.args import comma_list, config_or_error, fraction, one_of, random_seed
 from benchmarks.degraded import DEGRADED, NOISE, SCALE, degraded_table
 from benchmarks.diagnostics import compatibility_table, costs_table, residual_table, stored_embeddings
 from benchmarks.grow import grow_run, reusable_members
@@ -61,14 +62,13 @@ from benchmarks.report import (
     LOG_FORMAT,
     ROOT,
     add_config_options,
-    config_overrides,
     config_shown,
     fmt,
     mean_std,
     write_section,
 )
 from benchmarks.tuning import LAMBDA_GRID, TUNE_GRID, Validation, tuning_table
-from cmce.config import Config, ModelSpec, load_config, to_yaml
+from cmce.config import Config, ModelSpec, to_yaml
 from cmce.layout import RunLayout
 from cmce.report import configurations
 from cmce.stages import run_all
@@ -154,10 +154,11 @@ def targets(runs: Runs, n: int) -> list[str]:
 def recorded_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """The command line as run, without options left at their defaults, quoted as a shell needs it (so it
     runs as written, e.g. an empty --ablations '')."""
-    given = {"config": config_shown(args.config),
-             "seeds": args.seeds, "ablations": args.ablations, "val-fraction": f"{args.val_fraction:g}"}
-    defaults = {"config": "params.yaml", "seeds": parser.get_default("seeds"),
-                "ablations": parser.get_default("ablations"), "val-fraction": f"{parser.get_default('val_fraction'):g}"}
+    given = {"config": config_shown(args.config), "seeds": ",".join(map(str, args.seeds)),
+             "ablations": ",".join(args.ablations), "val-fraction": f"{args.val_fraction:g}"}
+    defaults = {"config": "params.yaml", "seeds": ",".join(map(str, seed_list(parser.get_default("seeds")))),
+                "ablations": ",".join(ablation_list(parser.get_default("ablations"))),
+                "val-fraction": f"{parser.get_default('val_fraction'):g}"}
     command = "python -m benchmarks.method" + "".join(f" --{k} {shlex.quote(v)}" for k, v in given.items()
                                                       if v != defaults[k])
     if args.grow_from:
@@ -165,12 +166,17 @@ def recorded_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return command + "".join(f" --set {shlex.quote(s)}" for s in args.set)
 
 
+seed_list = comma_list(random_seed)  # each seed its own run folder: none twice
+ablation_list = comma_list(one_of(ABLATIONS), allow_empty=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(p)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--ablations", default="size,diversity,lambda", help="comma-separated; empty for none")
-    p.add_argument("--val-fraction", type=float, default=0.25,
+    p.add_argument("--seeds", type=seed_list, default="0,1,2")
+    p.add_argument("--ablations", type=ablation_list, default="size,diversity,lambda",
+                   help="comma-separated; empty for none")
+    p.add_argument("--val-fraction", type=fraction, default=0.25,
                    help="share of the train split (heldout: of each class; else: of the classes) T is tuned on")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_method"))
     p.add_argument("--grow-from", metavar="RUN",
@@ -180,16 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = build_parser()
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    overrides = config_overrides(args.set)
-    cfg = load_config(args.config, {**overrides, "kd.enabled": True})
-    seeds = [int(s) for s in args.seeds.split(",")]
-    ablations = [a for a in args.ablations.split(",") if a]
-    if set(ablations) - set(ABLATIONS):
-        p.error(f"unknown ablation(s) {sorted(set(ablations) - set(ABLATIONS))}; valid: {', '.join(ABLATIONS)}")
+    cfg = config_or_error(p, args.config, {"kd.enabled": True}, args.set)
+    seeds, ablations = args.seeds, args.ablations
     kept: dict[int, list[str]] = {}
     if args.grow_from:  # every seed's run checked before any training starts
         try:
@@ -209,8 +211,8 @@ def main() -> None:
         log.info("seed %d: %.0f s", seed, time.time() - t0)
     n = len(cfg.gallery_models)
     body = [f"Config `{Path(args.config).name}`{' with ' + ', '.join(args.set) if args.set else ''}: "
-            f"{cfg.data.source}, {cfg.data.protocol} protocol; {len(seeds)} seeds ({args.seeds}); values in %, "
-            "mean ± std over seeds; leave-one-out on the test split."
+            f"{cfg.data.source}, {cfg.data.protocol} protocol; {len(seeds)} seeds ({','.join(map(str, seeds))}); "
+            "values in %, mean ± std over seeds; leave-one-out on the test split."
             + (f" The query model and the first gallery members were copied from `{args.grow_from}` (the same "
                "config and seeds make them again bit for bit; checked against the config, `benchmarks/grow.py`)."
                if args.grow_from else ""), "",

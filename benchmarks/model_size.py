@@ -5,7 +5,8 @@ the given input sizes (torch.utils.flop_counter, a multiply-add counts 2 FLOPs),
     python -m benchmarks.model_size [--config params.yaml] [--sizes 28 96 128 224] [--dim 128]
 
 Widths come from the config's model of that architecture, else --width (ImageNet backbones have a fixed
-width). Channels from the config's data section. Prints a Markdown table and appends it to BENCHMARKS.md.
+width). Channels from the config's data section. Prints a Markdown table and writes it to BENCHMARKS.md (in place
+of its previous section).
 """
 
 from __future__ import annotations
@@ -14,21 +15,37 @@ import argparse
 import sys
 import time
 
+from benchmarks.args import config_or_error, int_in
 from benchmarks.report import ROOT, write_section
-from cmce.config import load_config
+from cmce.config import DataConfig, ModelSpec, range_of
 from cmce.models import EmbeddingNet, arch_names, count_flops, count_parameters, is_pretrained
 from cmce.pretrained import ImageNetBackbone, MissingPretrainedError
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--sizes", type=int, nargs="+", default=[28, 96, 128, 224])
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--width", type=int, default=16)
+    # the ranges a config allows: data.image_size, a model's embedding_dim and width
+    ap.add_argument("--sizes", type=int_in(range_of(DataConfig, "image_size")), nargs="+", default=[28, 96, 128, 224])
+    ap.add_argument("--dim", type=int_in(range_of(ModelSpec, "embedding_dim")), default=128)
+    ap.add_argument("--width", type=int_in(range_of(ModelSpec, "width")), default=16)
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, or the parser's error (exit 2)."""
     args = ap.parse_args(argv)
+    twice = sorted({s for s in args.sizes if args.sizes.count(s) > 1})
+    if twice:
+        ap.error(f"--sizes: {', '.join(map(str, twice))} given twice")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = parse_args(ap, argv)
     started = time.perf_counter()
-    cfg = load_config(args.config)
+    cfg = config_or_error(ap, args.config)
     ch = cfg.data.channels
     widths = {}
     for m in reversed(cfg.all_models()):  # the first model of an architecture wins

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.args import config_override
+
 ROOT = Path(__file__).resolve().parents[1]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -20,7 +22,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def add_config_options(p: argparse.ArgumentParser, set_help: str = "config override") -> None:
     """--config (default params.yaml) and repeatable --set KEY=VALUE, read back by `config_overrides`."""
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--set", action="append", default=[], type=config_override, metavar="KEY=VALUE", help=set_help)
 
 
 def config_overrides(sets: list[str]) -> dict:

@@ -26,6 +26,7 @@ from unittest import mock
 import numpy as np
 import requests
 
+from benchmarks.args import comma_list, int_in, positive_float, positive_int
 from benchmarks.report import LOG_FORMAT, ROOT, write_section
 from cmce.checkpoint import load_embedding_model
 from tests.s3server import WeedServer, weed_binary
@@ -131,17 +132,25 @@ def s3_index(root: Path, index: Path) -> Iterator[tuple[str, dict[str, str]] | N
         server.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=20000, help="gallery items indexed")
-    p.add_argument("--duration", type=float, default=6.0, help="seconds of load per measurement")
-    p.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
-    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file the section is written to")
+    p.add_argument("--rows", type=int_in(f"[{K}, inf)"), default=20000,
+                   help=f"gallery items indexed (at least k = {K})")
+    p.add_argument("--duration", type=positive_float, default=6.0, help="seconds of load per measurement")
+    p.add_argument("--clients", type=comma_list(positive_int), default="1,8,32",
+                   help="concurrent clients, comma-separated")
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"),
+                   help="file the section is written to, in place of its previous one (else at the end)")
     p.add_argument("--no-write", action="store_true", help="print the section only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     started = time.time()
-    clients = [int(c) for c in args.clients.split(",")]
+    clients = args.clients
     rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cmce-serving-") as tmp:
         root = Path(tmp)
@@ -190,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "other jobs (the load average above) rows differ by up to 2× from run to run.", "",
             "| requests | clients | answered | p50 ms | p99 ms | QPS | failed |", "|---|---|---|---|---|---|---|",
             *rows]
-    command = f"python -m benchmarks.serving --rows {args.rows} --duration {args.duration:g} --clients {args.clients}"
+    command = (f"python -m benchmarks.serving --rows {args.rows} --duration {args.duration:g} "
+               f"--clients {','.join(map(str, clients))}")
     write_section("Serving: latency and throughput of cmce serve", command, body, time.time() - started,
                   Path(args.markdown), write=not args.no_write)
     return 0

@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import requests
 
+from benchmarks.args import positive_int
 from benchmarks.report import ROOT, write_section
 from cmce.checkpoint import load_embedding_model
 from tests.serve_world import Server, gallery_index, query_model
@@ -72,11 +73,16 @@ def burst(server: Server, body: bytes, clients: int) -> dict:
     return {"peak_mb": (peak[0] - idle) / 1e6, "statuses": statuses, "wall_s": wall}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clients", type=positive_int, default=40)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--no-write", action="store_true", help="print the section only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     started = time.time()
     lifted = str(2 * args.clients * (8 << 20))  # room for every body at once

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.report import add_config_options, config_overrides, config_shown, write_section
+from benchmarks.args import config_or_error, positive_int
+from benchmarks.report import add_config_options, config_shown, write_section
 from cmce import device as devices
-from cmce.config import ModelSpec, TrainConfig, load_config
+from cmce.config import ModelSpec, TrainConfig
 from cmce.data.augment import augment
 from cmce.data.codec import to_float
 from cmce.data.readers import SplitArrays
@@ -121,17 +122,23 @@ def measure(cfg, images: int, epochs: int, repeats: int, device: torch.device) -
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(p)
-    p.add_argument("--images", type=int, default=2048, help="training images (random, at the config's size)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--images", type=positive_int, default=2048,
+                   help="training images (random, at the config's size; at least one batch)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="epochs per timed run")
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--device", choices=devices.CHOICES, default="auto")
     p.add_argument("--no-write", action="store_true", help="print only, do not write BENCHMARKS.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(args.config, config_overrides(args.set))
+    cfg = config_or_error(p, args.config, sets=args.set)
     if args.images < cfg.train.batch_size:  # the loops drop the last partial batch: no step would be timed
         p.error(f"--images {args.images} is less than one batch (train.batch_size {cfg.train.batch_size})")
     device = devices.select(args.device, "--device")

@@ -4,7 +4,7 @@ unread), and compare Recall@1 / MAP@R before and after for ensemble sizes 1..N.
 
     python -m benchmarks.upgrade [--config params.yaml] [--out runs/bench_upgrade]
 
-Prints a Markdown table and appends it, dated, to BENCHMARKS.md.
+Prints a Markdown table and writes it, dated, to BENCHMARKS.md (in place of its previous section).
 """
 
 from __future__ import annotations
@@ -15,22 +15,27 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.args import config_or_error
 from benchmarks.report import LOG_FORMAT, ROOT, write_section
 from cmce import stages
-from cmce.config import load_config
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.layout import RunLayout
 from cmce.lifecycle import upgrade_query_model
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_upgrade"))
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     started = time.time()
-    full = load_config(args.config, {"output_dir": args.out, "kd.enabled": False})
+    full = config_or_error(p, args.config, {"output_dir": args.out, "kd.enabled": False})
     half = replace(full, query_model=replace(full.query_model, data_fraction=0.5),
                    gallery_models=[replace(m, data_fraction=0.5) for m in full.gallery_models])
     lay = RunLayout(Path(args.out), [m.name for m in full.gallery_models])

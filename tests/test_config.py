@@ -172,9 +172,9 @@ def test_every_numeric_key_declares_its_range():
 
 
 def _outside(interval: str, tp: type) -> list:
-    from cmce.config import _interval
+    from cmce.config import interval_bounds
 
-    low, high, low_closed, high_closed = _interval(interval)
+    low, high, low_closed, high_closed = interval_bounds(interval)
     step = 1 if tp is int else 0.5
     out = [] if tp is int else [math.nan]
     if math.isfinite(low):

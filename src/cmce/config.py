@@ -36,7 +36,8 @@ _INTERVAL = re.compile(r"([\[(])\s*(-?[0-9.e+]+|-inf)\s*,\s*(-?[0-9.e+]+|inf)\s*
 SEED = "[0, 4294967295]"  # what numpy and torch both accept
 
 
-def _interval(text: str) -> tuple[float, float, bool, bool]:
+def interval_bounds(text: str) -> tuple[float, float, bool, bool]:
+    """`[1, inf)` → (1.0, inf, True, False): the interval notation of `within`."""
     m = _INTERVAL.fullmatch(text)
     if not m:
         raise ValueError(f"not an interval: {text!r}")
@@ -44,7 +45,7 @@ def _interval(text: str) -> tuple[float, float, bool, bool]:
 
 
 def in_interval(value: float, text: str) -> bool:
-    low, high, low_closed, high_closed = _interval(text)
+    low, high, low_closed, high_closed = interval_bounds(text)
     if isinstance(value, float) and not math.isfinite(value):
         return False
     return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
@@ -69,7 +70,7 @@ def shown_key(dotted: str) -> str:
 
 def within(interval: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
     """A field whose value (each element, for a list; None passes where the type allows it) lies in `interval`."""
-    _interval(interval)  # a typo fails at import
+    interval_bounds(interval)  # a typo fails at import
     return field(default=default, default_factory=factory, metadata={"range": interval})
 
 
