@@ -174,6 +174,14 @@ def upright(img: Image.Image, origin: Path | str) -> Image.Image:
 _TO_RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV"}
 
 
+def _sixteen_bit(img: Image.Image, origin: Path | str) -> np.ndarray:
+    """A 32-bit integer image's pixels, refused unless within 16 bits: beyond, no intensity scale is defined."""
+    arr = np.asarray(img)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise DataError(f"{origin}: 32-bit integer image with values outside 0..65535; convert it to 8 or 16 bit")
+    return arr
+
+
 def to_png(data: bytes, origin: Path | str) -> bytes:
     """Re-encode an imported image as PNG, keeping 16-bit grey; modes without a defined intensity
     scale (32-bit float, 32-bit integers beyond 16 bits) are refused rather than guessed."""
@@ -181,10 +189,7 @@ def to_png(data: bytes, origin: Path | str) -> bytes:
     if img.mode in _TO_RGB_MODES:
         img = img.convert("RGB")
     elif img.mode == "I":  # 32-bit integer, e.g. a 16-bit TIFF or PNG some readers widen
-        arr = np.asarray(img)
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise DataError(f"{origin}: 32-bit integer image with values outside 0..65535; convert it to 8 or 16 bit")
-        img = Image.fromarray(arr.astype(np.uint16))
+        img = Image.fromarray(_sixteen_bit(img, origin).astype(np.uint16))
     elif img.mode not in _PNG_MODES:
         raise DataError(f"{origin}: unsupported image mode {img.mode!r}; convert it to 8- or 16-bit grey or RGB(A)")
     buf = io.BytesIO()
@@ -258,10 +263,7 @@ def _converted(img: Image.Image, channels: int, size: int, origin: Path | str = 
         raise DataError(f"{origin}: unsupported image mode {img.mode!r} ({_NO_SCALE[img.mode]}: no defined "
                         "intensity scale); convert it to 8- or 16-bit grey or RGB")
     if img.mode == "I":
-        arr = np.asarray(img)
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise DataError(f"{origin}: 32-bit integer image with values outside 0..65535; convert it to 8 or 16 "
-                            "bit")
+        _sixteen_bit(img, origin)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: a fixed scale, so a dark image is not brightened relative to a bright one
         arr = np.asarray(img, dtype=np.float64)
