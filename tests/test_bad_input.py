@@ -2833,22 +2833,25 @@ def test_a_run_into_a_folder_holding_another_models_transformation_is_refused_be
 def test_json_and_onnx_outputs_are_told_apart_from_other_formats(world, tmp_path, caplog):
     """export-query --out an index's meta.json replaced it by an ONNX model, and train --out an ONNX export by a
     checkpoint, both exit 0: only Parquet and checkpoints were recognised."""
-    index = Path(shutil.copytree(world.index, tmp_path / "index"))
-    fails(caplog, ["export-query", "--query-model", world.query, "--out", index / "meta.json"], index / "meta.json",
-          f"{index / 'meta.json'}: holds a JSON file; this step writes an ONNX file")
+    meta = shutil.copy(world.index / "meta.json", tmp_path / "meta")  # named for no format: told by its content
+    fails(caplog, ["export-query", "--query-model", world.query, "--out", meta], meta,
+          f"{meta}: holds a JSON file; this step writes an ONNX file")
     onnx_file = tmp_path / "q.onnx"
     assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0
     assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0  # its own kind
+    exported = shutil.copy(onnx_file, tmp_path / "q_export")
     fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
-                   "query", "--out", onnx_file], onnx_file,
-          f"{onnx_file}: holds an ONNX file; this step writes a checkpoint file")
+                   "query", "--out", exported], exported,
+          f"{exported}: holds an ONNX file; this step writes a checkpoint file")
     # a new file named as another format: an ONNX model written as q.pt, a checkpoint as model.onnx, exit 0
     for argv, out, said in (
             (["export-query", "--query-model", world.query], tmp_path / "q.pt", "a checkpoint file; this step writes "
                                                                                 "an ONNX file, so give a name ending "
                                                                                 "in .onnx"),
             (["train", "--config", SMOKE, "--dataset", world.dataset, "--model", "query"], tmp_path / "m.onnx",
-             "an ONNX file; this step writes a checkpoint file, so give a name ending in .pt")):
+             "an ONNX file; this step writes a checkpoint file, so give a name ending in .pt"),
+            (["export-query", "--query-model", world.query], world.index / "meta.json",
+             "a JSON file; this step writes an ONNX file, so give a name ending in .onnx")):  # there already, too
         fails(caplog, [*argv, "--out", out], out, f"{out}: its name says {said}")
 
 
@@ -3785,6 +3788,14 @@ def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(wo
     fails(caplog, search, tmp_path / "unused", said)
     serve = ["serve", "--index", index, "--query-model", world.query, "--dataset", world.dataset, "--port", "0"]
     fails(caplog, serve, tmp_path / "unused", said)
+    # an index that records no labels digest (built before it did) may be of another version of the dataset: search
+    # then leaves the class names out, as for another dataset, and says why
+    del meta["source"]["labels_sha256"]
+    (index / "meta.json").write_text(json.dumps(meta))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main([str(a) for a in search]) == 0
+    assert any(said in r.getMessage() and "class_name is left null" in r.getMessage() for r in caplog.records)
     assert main(["search", "--index", str(world.index), "--query-model", str(world.query), "--dataset",
                  str(world.dataset), "--limit", "1", "--gallery", str(world.gallery)]) == 0
 

@@ -119,6 +119,36 @@ def test_a_png_turned_by_xmp_is_decoded_upright_at_any_size(size):
     assert not np.array_equal(np.rot90(want, 2, axes=(1, 2)), want)
 
 
+def test_a_png_with_other_text_chunks_keeps_the_fast_path():
+    """Only the chunks an orientation can be in send a PNG to PIL's slower path (ImageMagick and matplotlib write
+    text chunks into ordinary PNGs)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "matplotlib")
+    info.add_itxt("Comment", "a note", zip=True)
+    buf = io.BytesIO()
+    Image.fromarray(PAGE).save(buf, format="PNG", pnginfo=info)
+    assert np.array_equal(codec.decode_png_fast(buf.getvalue(), 1, 8)[0], PAGE)
+    info.add_text("Raw profile type exif", "\nexif\n       0\n")  # ImageMagick's EXIF: PIL's path
+    buf = io.BytesIO()
+    Image.fromarray(PAGE).save(buf, format="PNG", pnginfo=info)
+    assert codec.decode_png_fast(buf.getvalue(), 1, 8) is None
+
+
+def test_a_gif_whose_second_frame_cannot_be_read_says_it_has_more(monkeypatch):
+    """Whether a GIF has a second frame is found by seeking to it: a damaged one may raise anything there. Its first
+    frame was decoded, so it is kept, and the image is said to have more frames."""
+    from PIL import GifImagePlugin
+
+    def damaged(self):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "is_animated", property(damaged))
+    buf = io.BytesIO()
+    Image.fromarray(PAGE).save(buf, format="GIF")
+    arr, (_, _, _, animated) = decode_image_as_found(buf.getvalue(), 1, 8, "q")
+    assert animated and np.array_equal(arr[0], PAGE)
+
+
 def test_32_bit_pixels_without_a_scale_are_refused_as_the_import_refuses_them():
     """A 0..1 float TIFF was read as an all-black image (the hits of black), a 32-bit integer one with negative
     values clipped; importing either is refused, so the query path guessed what the gallery never saw."""

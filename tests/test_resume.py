@@ -83,7 +83,7 @@ def _fit(cfg: TransformConfig, resume: Resume | None) -> tuple[dict[str, torch.T
     q = (g @ rng.normal(size=(6, 4))).astype(np.float32)
     labels = rng.integers(0, 3, 256)
     mlp, history = fit_transformation(g, q, labels, torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
-                                      cfg, seed=0, resume=resume)
+                                      cfg, seed=0, resume=resume, query_scale=16.0)
     return mlp.state_dict(), history
 
 

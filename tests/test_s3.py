@@ -532,18 +532,20 @@ def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_serve
         put(Bucket=bucket, Key=f"idx/{f}", Body=(local / "index" / f).read_bytes())
     put(Bucket=bucket, Key="q.onnx", Body=b"\x08\x08\x12\x07pytorch")
     put(Bucket=bucket, Key="gallery.parquet", Body=(local / "gallery.parquet").read_bytes())
+    put(Bucket=bucket, Key="gallery", Body=(local / "gallery.parquet").read_bytes())  # told by its content alone
     put(Bucket=bucket, Key="model.pt", Body=(local / "q.pt").read_bytes())
     export = ["export-query", "--query-model", str(local / "q.pt"), "--out"]
     argv, expected = {
         "file over a prefix": ([*export, f"s3://{bucket}/idx"], "is a folder (a prefix holding objects)"),
         "folder over an object": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
                                    f"s3://{bucket}/q.onnx"], "is an object (a file), not an output folder"),
-        "file over another format": ([*export, f"s3://{bucket}/gallery.parquet"], "holds a Parquet file"),
+        "file over another format": ([*export, f"s3://{bucket}/gallery"], "holds a Parquet file"),
         "Parquet over another kind": (["prepare-data", *QUICK, "--out", f"s3://{bucket}/gallery.parquet"],
                                       "holds a gallery Parquet file; this step writes a dataset file"),
         "folder holding other objects": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
                                           f"s3://{bucket}/q"], "holds notes.txt, which this step does not write"),
-        "ONNX over an index's meta.json": ([*export, f"s3://{bucket}/idx/meta.json"], "holds a JSON file"),
+        "ONNX over an index's meta.json": ([*export, f"s3://{bucket}/idx/meta.json"],
+                                           "its name says a JSON file; this step writes an ONNX file"),
         "checkpoint over another kind": (["fit-transform", *QUICK, "--dataset", str(local / "d.parquet"),
                                           "--query-model", str(local / "q.pt"), "--gallery-model", str(local / "g.pt"),
                                           "--out", f"s3://{bucket}/model.pt"],

@@ -133,7 +133,7 @@ def test_the_transformation_fit_on_the_cpu_equals_the_plain_loop_bit_for_bit(dro
     y = rng.integers(0, 4, 90)
     w = torch.from_numpy(rng.normal(size=(4, 6)).astype(np.float32))
     cfg = TransformConfig(hidden_dim=16, depth=2, epochs=3, batch_size=32, input_dropout=dropout, scale=16.0)
-    mlp, history = fit_transformation(g, q, y, w, cfg, seed=5)
+    mlp, history = fit_transformation(g, q, y, w, cfg, seed=5, query_scale=16.0)
     reference, expected = plain_fit(g, q, y, w, cfg, seed=5)
     assert same_weights(mlp, reference)
     assert history == expected

@@ -15,7 +15,8 @@ def test_recovers_a_known_linear_map():
     g_train = rng.normal(size=(3000, 16)).astype(np.float32)
     g_test = rng.normal(size=(500, 16)).astype(np.float32)
     cfg = TransformConfig(hidden_dim=0, depth=1, lam=0.0, epochs=60, batch_size=256, lr=1e-2)
-    mlp, history = fit_transformation(g_train, g_train @ a, np.zeros(3000, int), torch.zeros(1, 8), cfg)
+    mlp, history = fit_transformation(g_train, g_train @ a, np.zeros(3000, int), torch.zeros(1, 8), cfg,
+                                      query_scale=16.0)
     assert history[-1]["loss"] < history[0]["loss"]
     with torch.no_grad():
         pred = normalize(mlp(torch.from_numpy(g_test)).numpy())
@@ -30,7 +31,7 @@ def test_cross_entropy_term_uses_frozen_query_classifier():
     g = rng.normal(size=(600, 6)).astype(np.float32) + 3 * np.eye(3, 6)[labels]
     q = rng.normal(size=(600, 4)).astype(np.float32)  # uninformative alignment target
     cfg = TransformConfig(hidden_dim=32, depth=2, lam=5.0, epochs=40, batch_size=128)
-    mlp, _ = fit_transformation(g, q, labels, w, cfg)
+    mlp, _ = fit_transformation(g, q, labels, w, cfg, query_scale=16.0)
     with torch.no_grad():
         out = mlp(torch.from_numpy(g.astype(np.float32))).numpy()
     assert (out[:, :3].argmax(1) == labels).mean() > 0.9
@@ -63,7 +64,8 @@ def test_nan_inputs_are_refused():
     g = np.ones((4, 3), np.float32)
     g[2, 1] = np.nan
     with pytest.raises(ValueError, match="gallery embeddings contain NaN"):
-        fit_transformation(g, np.ones((4, 2), np.float32), np.zeros(4, int), torch.zeros(1, 2), TransformConfig())
+        fit_transformation(g, np.ones((4, 2), np.float32), np.zeros(4, int), torch.zeros(1, 2), TransformConfig(),
+                           query_scale=16.0)
 
 
 def test_checkpoint_round_trip_and_model_checks(tmp_path):
@@ -71,6 +73,7 @@ def test_checkpoint_round_trip_and_model_checks(tmp_path):
         np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32),
         np.random.default_rng(1).normal(size=(64, 3)).astype(np.float32),
         np.zeros(64, int), torch.zeros(1, 3), TransformConfig(hidden_dim=8, epochs=2, batch_size=32),
+        query_scale=16.0,
     )
     gsha, qsha = "a" * 64, "b" * 64  # a file's sha256: what the loader accepts
     t = Transformation(mlp, "g", gsha, qsha, 5, 3, 8, 2)
@@ -118,8 +121,10 @@ def test_a_batch_of_one_row_is_refused_before_fitting_hidden_layers(tmp_path):
     g, q = rng.normal(size=(1, 8)).astype(np.float32), rng.normal(size=(1, 4)).astype(np.float32)
     one_row = r"^transform.batch_size 64: 1 row\(s\) a step .* \(transform.depth 2\) normalise"
     with pytest.raises(ValueError, match=one_row):
-        fit_transformation(g, q, np.zeros(1, np.int64), torch.zeros(3, 4), TransformConfig(batch_size=64, depth=2))
-    mlp, _ = fit_transformation(g, q, np.zeros(1, np.int64), torch.zeros(3, 4), TransformConfig(depth=1, epochs=1))
+        fit_transformation(g, q, np.zeros(1, np.int64), torch.zeros(3, 4), TransformConfig(batch_size=64, depth=2),
+                           query_scale=16.0)
+    mlp, _ = fit_transformation(g, q, np.zeros(1, np.int64), torch.zeros(3, 4), TransformConfig(depth=1, epochs=1),
+                                query_scale=16.0)
     assert mlp is not None  # a linear map has no batch statistics: one row fits
     with pytest.raises(ConfigError, match=r"transform.batch_size 1: the hidden layers \(transform.depth 2\)"):
         load_config(SMOKE, {"transform.batch_size": 1})

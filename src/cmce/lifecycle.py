@@ -195,8 +195,14 @@ def upgrade_query_model(
     members, fitted = [], []
     for member in gmeta["members"]:
         stored_at = stored[member["sha256"]]
-        # checked above to be the train split's rows in its order, the order embed_split gives
-        raw_train = embedding_column(read_table(stored_at, ["raw"]), "raw", str(stored_at))
+        tr = read_table(stored_at, ["id", "label", "raw"])
+        # checked above to be the split's rows in its order; again here, in the read the pairs come from (a file
+        # replaced meanwhile would pair other images' embeddings)
+        if (string_column(tr, "id", str(stored_at)) != q_train.ids
+                or not np.array_equal(int_column(tr, "label", str(stored_at)), q_train.labels)):
+            raise TableError(f"{stored_at}: its rows are no longer those of the train split of {dataset} (a file "
+                             "replaced while upgrade-query-model ran); run it again")
+        raw_train = embedding_column(tr, "raw", str(stored_at))
         mlp, history = fit_transformation(raw_train, q_train.embeddings, q_train.labels,
                                           query.classifier, cfg, seed, f"T[{member['name']}]",
                                           query_scale=query.scale)

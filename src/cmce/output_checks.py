@@ -111,8 +111,8 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
     if scheme := s3.foreign_scheme(text):
         raise ValueError(s3.scheme_error(text, scheme, "the output"))
     named = SUFFIX_FORMATS.get(PurePosixPath(text).suffix.lower())
-    # export-query --out q.pt wrote ONNX under a .pt name (a file already there is told by its content, below)
-    if writes and not is_dir and named and named != writes and (is_remote(text) or not Path(text).is_file()):
+    # export-query --out q.pt wrote ONNX under a .pt name; local or s3://, new or already there
+    if writes and not is_dir and named and named != writes:
         raise ValueError(f"{text}: its name says {a_format(named)} file; this step writes {a_format(writes)} file, so "
                          f"give a name ending in {WRITTEN_SUFFIX[writes]}")
     if is_remote(text):

@@ -14,12 +14,12 @@ import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.codec import decode_image_as_found
-from cmce.data.loader import same_split, split_ids_labels, split_source
+from cmce.data.loader import same_split, split_ids_labels
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
 from cmce.index import LoadedIndex, SearchResult, load_index, search
 from cmce.storage import file_sha256
-from cmce.tables import TableError, shown_id
+from cmce.tables import IdsDigest, TableError, shown_id
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,28 @@ def check_ids_follow_gallery(ids: list[str], labels: np.ndarray, gallery: Path, 
 
 
 class DatasetSplits:
-    """A dataset file's splits as first read (their digests, ids and labels), kept: the server reads the class
-    names once, so a dataset file replaced later must not vouch for a reloaded index."""
+    """A dataset file's splits, each as first read (its ids and labels, and their digests, from one read), kept:
+    the server reads the class names once, so a dataset file replaced later must not vouch for a reloaded index."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.source = functools.cache(lambda split: split_source(path, split))
         self.rows = functools.cache(lambda split: split_ids_labels(path, split))
+
+    def source(self, split: str) -> dict:
+        """The split's `source` record, as split_source makes it."""
+        ids, labels = self.rows(split)
+        digest = IdsDigest()
+        digest.update(ids.to_pylist(), labels)
+        return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest(),
+                "labels_sha256": digest.labels_hexdigest()}
 
 
 def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
     """The class names must come from the dataset the gallery was embedded from: its split's digests, which
     build-index records from the gallery (an index built before it was recorded is not checked), and each indexed
     item's label, which must be its label in that split: ids.parquet's labels edited (its checksum rewritten to
-    match) answered each hit with another class's name. That is a TableError: a ValueError says only that the
-    dataset is another one."""
+    match) answered each hit with another class's name. That is a TableError; a ValueError says only that the
+    dataset is another one (or, for an index that records no labels digest, may be another version of it)."""
     meta = index.meta
     source, split = meta.get("source"), meta.get("split")
     if not source or not split:
@@ -75,15 +82,17 @@ def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
         raise ValueError(f"--dataset {dataset.path}: its '{split}' split is not the one the index's gallery was "
                          "embedded from (another dataset or version); class names would be wrong")
     ids, labels = dataset.rows(split)
+    # an index built before labels_sha256 was recorded: a relabelled version of the dataset passes the ids digest
+    edited = TableError if "labels_sha256" in source else ValueError
     at = pc.index_in(pa.array(index.ids, pa.string()), value_set=ids).to_numpy(zero_copy_only=False)
     if np.isnan(at).any():  # (index_in gives null, a NaN here, for an id the split lacks)
         row = int(np.flatnonzero(np.isnan(at))[0])
-        raise TableError(f"the index's item {shown_id(index.ids[row])} is not in the '{split}' split of --dataset "
+        raise edited(f"the index's item {shown_id(index.ids[row])} is not in the '{split}' split of --dataset "
                          f"{dataset.path}: ids.parquet was edited or is of another build; build the index again")
     differ = np.flatnonzero(labels[at.astype(np.int64)] != index.labels)
     if differ.size:
         row = int(differ[0])
-        raise TableError(f"the index's item {shown_id(index.ids[row])} has label {index.labels[row]}, its label in "
+        raise edited(f"the index's item {shown_id(index.ids[row])} has label {index.labels[row]}, its label in "
                          f"--dataset {dataset.path} is {labels[int(at[row])]} ({differ.size} such item(s)): "
                          "ids.parquet was edited or is of another build; build the index again")
 
@@ -155,16 +164,17 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
                         gallery_sha256=file_sha256(gallery) if gallery is not None else None)
     if gallery is not None:
         check_ids_follow_gallery(loaded.ids, loaded.labels, gallery, index_dir)
-    names, queries = embed_queries(model, images, dataset, split, limit)
-    classes = class_names(dataset) if dataset is not None else None  # once its images were read, so checked
-    if classes is not None:
+    named = dataset is not None
+    if named:  # before the queries are embedded: an edited index is refused at once
         try:  # queries from another dataset may be searched, but its class names are not the hits' (serve refuses)
             check_dataset_of_index(DatasetSplits(dataset), loaded)
         except TableError:  # the dataset's own split, and the index says other labels for its items
             raise
         except ValueError as err:
             log.warning("%s; the hits' class_name is left null", err)
-            classes = None
+            named = False
+    names, queries = embed_queries(model, images, dataset, split, limit)
+    classes = class_names(dataset) if named else None
     result = search(loaded, queries, k + exclude_self)  # one more, in case the query itself is among them
     for q, hits in zip(names, hit_lists(result, loaded.labels, classes), strict=True):
         yield {"query": q, "hits": [h for h in hits if h["id"] != q][:k] if exclude_self else hits}

@@ -9,6 +9,7 @@ Stages that need no setting beyond their inputs take (inputs, outputs).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -180,7 +181,10 @@ def fit_transform(cfg: Config, inp: FitInputs, out: FitOutputs) -> StepRecord | 
                                                       cfg.transform.augment_views, cfg.seed, cfg.batch_size,
                                                       cfg.data.hflip)
         g_fit, q_fit, y_fit = (np.concatenate(p) for p in ((g_fit, g_aug), (q_fit, q_aug), (y_fit, y_aug)))
-    resume = Resume.next_to(out.transformation, kind="transformation", transform=cfg.transform, seed=cfg.seed,
+    # the scale the fit uses in the fingerprint: states saved when the default was 16 (not None) still match
+    fitted_cfg = dataclasses.replace(cfg.transform, scale=q_model.scale if cfg.transform.scale is None else
+                                     cfg.transform.scale)
+    resume = Resume.next_to(out.transformation, kind="transformation", transform=fitted_cfg, seed=cfg.seed,
                             batch_size=cfg.batch_size, dataset=file_identity(inp.dataset),
                             query_model=q_model.sha256, gallery_model=g_model.sha256,
                             **(no_flip(cfg.data) if cfg.transform.augment_views else {}))

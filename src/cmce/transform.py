@@ -92,7 +92,8 @@ def fit_transformation(
     seed: int = 0,
     desc: str = "transform",
     resume: Resume | None = None,
-    query_scale: float = 16.0,
+    *,
+    query_scale: float,
 ) -> tuple[nn.Sequential, list[dict[str, float]]]:
     """Fit the MLP on paired embeddings of the same training images. Returns (mlp, per-epoch history).
     `query_scale`: the query classifier's temperature, the CE term's unless cfg.scale says another.

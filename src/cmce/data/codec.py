@@ -198,6 +198,9 @@ def to_png(data: bytes, origin: Path | str) -> bytes:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# what, in a PNG, Pillow reads an orientation from: the eXIf chunk, and the keywords (never compressed) of an XMP
+# packet and of ImageMagick's EXIF text chunk
+ORIENTATION_MARKS = (b"eXIf", b"XML:com.adobe.xmp", b"Raw profile type exif")
 PNG_MIN_BYTES = 8 + 25 + 12  # signature, IHDR chunk, IEND chunk
 
 
@@ -208,9 +211,9 @@ def decode_png_fast(data: bytes, channels: int, size: int) -> np.ndarray | None:
     every mode conversion and error message. PNG is lossless, so both give the same pixels."""
     if len(data) < PNG_MIN_BYTES or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[-8:-4] != b"IEND":
         return None  # not a PNG, or truncated: PIL's path names the problem (libpng would print to stderr)
-    # an EXIF chunk, XMP (iTXt) or a "Raw profile type exif" text chunk may hold an orientation, which OpenCV's
-    # unchanged read ignores: PIL's path (the datasets' own PNGs hold none of them)
-    if any(chunk in data for chunk in (b"eXIf", b"iTXt", b"tEXt", b"zTXt")):
+    # an EXIF chunk, XMP or a "Raw profile type exif" text chunk may hold an orientation, which OpenCV's unchanged
+    # read ignores: PIL's path (the datasets' own PNGs hold none of them; other text chunks keep the fast path)
+    if any(mark in data for mark in ORIENTATION_MARKS):
         return None
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     # IHDR colour type 0 = grey, 2 = RGB; checking the header first also keeps oversized images on PIL's
