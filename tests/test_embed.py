@@ -131,6 +131,12 @@ def test_augmented_views_pair_rows_across_models_and_repeat_with_the_seed(smoke_
     np.testing.assert_array_equal(again, eq)
     (other, _), _ = embed_augmented_views([q, g], lay.dataset, "train", views=2, seed=8, batch_size=64)
     assert not np.array_equal(other, eq)
+    # data.hflip false: the copies are shifted, never mirrored
+    (unflipped, _), _ = embed_augmented_views([q, g], lay.dataset, "train", views=1, seed=7, batch_size=64,
+                                              hflip=False)
+    copy = augment(split.images[:64], view_generator(7, 0), hflip=False)
+    np.testing.assert_allclose(unflipped[:64], embed_batch(q, copy), atol=1e-5)
+    assert not np.allclose(unflipped[:64], eq[:64], atol=1e-3)
 
 
 def test_mixed_precision_path_stays_close_to_float32(smoke_run):

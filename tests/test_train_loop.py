@@ -201,8 +201,11 @@ def test_data_hflip_reaches_the_training_loop(monkeypatch, tmp_path):
         return augment(images, generator, pad, hflip)
 
     monkeypatch.setattr(train, "augment", spy)
+    cfg = TrainConfig(epochs=1, batch_size=16)
     for hflip in (False, True):
-        train.train_embedding_model(dataset, ModelSpec(width=4, embedding_dim=8), DataConfig(image_size=8, hflip=hflip),
-                                    TrainConfig(epochs=1, batch_size=16), tmp_path / f"m{hflip}.pt")
-        assert seen and set(seen) == {hflip}
+        data_cfg = DataConfig(image_size=8, hflip=hflip)
+        teacher = tmp_path / f"g{hflip}.pt"
+        train.train_embedding_model(dataset, ModelSpec(width=4, embedding_dim=8), data_cfg, cfg, teacher, "gallery")
+        train.train_distilled_student(dataset, teacher, ModelSpec(width=4), data_cfg, cfg, tmp_path / f"kd{hflip}.pt")
+        assert len(seen) >= 2 and set(seen) == {hflip}
         seen.clear()
