@@ -56,8 +56,9 @@ class DatasetSplits:
     def __init__(self, path: Path):
         self.path = path
         self.rows = functools.cache(lambda split: split_ids_labels(path, split))
+        self.source = functools.cache(self._source)  # hashed once, not on every reload
 
-    def source(self, split: str) -> dict:
+    def _source(self, split: str) -> dict:
         """The split's `source` record, as split_source makes it."""
         ids, labels = self.rows(split)
         digest = IdsDigest()
@@ -88,13 +89,13 @@ def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
     if np.isnan(at).any():  # (index_in gives null, a NaN here, for an id the split lacks)
         row = int(np.flatnonzero(np.isnan(at))[0])
         raise edited(f"the index's item {shown_id(index.ids[row])} is not in the '{split}' split of --dataset "
-                         f"{dataset.path}: ids.parquet was edited or is of another build; build the index again")
+                     f"{dataset.path}: ids.parquet was edited or is of another build; build the index again")
     differ = np.flatnonzero(labels[at.astype(np.int64)] != index.labels)
     if differ.size:
         row = int(differ[0])
         raise edited(f"the index's item {shown_id(index.ids[row])} has label {index.labels[row]}, its label in "
-                         f"--dataset {dataset.path} is {labels[int(at[row])]} ({differ.size} such item(s)): "
-                         "ids.parquet was edited or is of another build; build the index again")
+                     f"--dataset {dataset.path} is {labels[int(at[row])]} ({differ.size} such item(s)): "
+                     "ids.parquet was edited or is of another build; build the index again")
 
 
 def hit_lists(result: SearchResult, labels: np.ndarray, classes: list[str] | None) -> list[list[dict]]:
