@@ -411,7 +411,7 @@ def test_duplicate_ids_in_a_dataset_file(world, tmp_path, caplog, split):
     rows = [i for i, s in enumerate(table.column("split").to_pylist()) if s == split]
     ids[rows[5]] = ids[rows[2]]
     ds = rewrite(world.dataset, tmp_path / "dup.parquet", id=pa.array(ids))
-    out = previous_file(tmp_path / "out.pt")
+    out = previous_file(tmp_path / ("out.parquet" if split == "test" else "out.pt"))
     argv = (embed_member_args(world, dataset=ds) if split == "test"
             else ["train", "--config", SMOKE, "--dataset", ds, "--model", "query"])
     fails(caplog, [*argv, "--out", out], out, f"{ds}: split '{split}' has duplicate id {ids[rows[2]]!r}")
@@ -2331,11 +2331,11 @@ def test_a_named_pipe_inside_an_input_folder_is_named_not_waited_on(world, tmp_p
 
 def test_an_output_file_is_replaced_only_by_a_file_of_its_format_and_kind(world, tmp_path, caplog):
     """fit-transform --out naming a gallery replaced the gallery with a checkpoint (exit 0)."""
-    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
+    gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery"))  # named for no format: told by content
     fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--query-model", world.query,
                    "--gallery-model", world.gallery_models[0], "--out", gallery], gallery,
           f"{gallery}: holds a Parquet file; this step writes a checkpoint file")
-    model = Path(shutil.copyfile(world.query, tmp_path / "model.parquet"))
+    model = Path(shutil.copyfile(world.query, tmp_path / "model"))
     fails(caplog, ["combine", "--member", world.members[0], "--out", model], model,
           f"{model}: holds a checkpoint file; this step writes a Parquet file")
     again = tmp_path / "again.parquet"  # a file of the step's own kind is its earlier output: replaced

@@ -14,12 +14,12 @@ import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.data.codec import decode_image_as_found
-from cmce.data.loader import same_split, split_ids_labels
+from cmce.data.loader import same_split, source_of, split_ids_labels
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
 from cmce.index import LoadedIndex, SearchResult, load_index, search
 from cmce.storage import file_sha256
-from cmce.tables import IdsDigest, TableError, shown_id
+from cmce.tables import TableError, shown_id
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,7 @@ class DatasetSplits:
     def __init__(self, path: Path):
         self.path = path
         self.rows = functools.cache(lambda split: split_ids_labels(path, split))
-        self.source = functools.cache(self._source)  # hashed once, not on every reload
-
-    def _source(self, split: str) -> dict:
-        """The split's `source` record, as split_source makes it."""
-        ids, labels = self.rows(split)
-        digest = IdsDigest()
-        digest.update(ids.to_pylist(), labels)
-        return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest(),
-                "labels_sha256": digest.labels_hexdigest()}
+        self.source = functools.cache(lambda split: source_of(*self.rows(split)))  # hashed once, not every reload
 
 
 def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:

@@ -57,12 +57,13 @@ def split_source(path: str | Path, split: str) -> dict:
     """{"split_rows", "ids_sha256", "labels_sha256"} of one split, in file order: embedding files carry it so
     that merging shards can prove it put back exactly the split's rows, in order, all cut from one version of
     one dataset file (a relabelled copy has the same ids)."""
-    pf = open_dataset(path)
-    digest, seen = IdsDigest(), set()
-    for rg in range(pf.num_row_groups):
-        rows = read_row_group(pf, path, rg, ["id", "label", "split"])
-        idx = split_rows(path, rows, split, seen)
-        digest.update(rows.column("id").take(idx).to_pylist(), rows.column("label").take(idx).to_numpy())
+    return source_of(*split_ids_labels(path, split))
+
+
+def source_of(ids: pa.Array, labels: np.ndarray) -> dict:
+    """The `source` record (see split_source) of a split's ids and labels."""
+    digest = IdsDigest()
+    digest.update(ids.to_pylist(), labels)
     return {"split_rows": digest.rows, "ids_sha256": digest.hexdigest(), "labels_sha256": digest.labels_hexdigest()}
 
 
