@@ -5,13 +5,14 @@ on one device, in one run.
     python -m benchmarks.training [--config params.yaml] [--images 2048] [--epochs 2] [--repeats 5]
                                   [--device auto] [--no-write]
 
-Both loops train the same model from the same weights on the same random images at the config's size:
-the config's batch size, AdamW, the cosine-softmax loss, the same augmentation when the config augments,
-and on CUDA bf16 autocast with channels_last when the config asks for mixed precision. The bare loop is
-what a careful hand-written loop does: the split on the device, one permutation per epoch, no schedule,
-no progress bar, no per-epoch bookkeeping. So the ratio is what the cmce loop's machinery costs. Each
-repeat runs both loops back to back in alternating order; the table gives medians of images/s and of
-the paired ratios. Writes its section of BENCHMARKS.md (one current section, replaced).
+Both loops train the same model from the same weights on the same random images at the config's size: the
+config's batch size, AdamW, the cosine-softmax loss, the same augmentation when the config augments
+(mirroring only with data.hflip), and on CUDA bf16 autocast with channels_last when the config asks for
+mixed precision. The bare loop is what a careful hand-written loop does: the split on the device, one
+permutation per epoch, no schedule, no progress bar, no per-epoch bookkeeping. So the ratio is what the
+cmce loop's machinery costs. Each repeat runs both loops back to back in alternating order; the table
+gives medians of images/s and of the paired ratios. Writes its section of BENCHMARKS.md (one current
+section, replaced).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def sync(device: torch.device) -> None:
 
 
 def bare_loop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, epochs: int,
-              device: torch.device) -> float:
+              device: torch.device, hflip: bool) -> float:
     """Seconds for `epochs` epochs of a plain loop over tensors already on `device`."""
     fast = device.type == "cuda" and cfg.mixed_precision
     layout = torch.channels_last if fast else torch.contiguous_format
@@ -71,7 +72,7 @@ def bare_loop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg:
         order = torch.randperm(len(images), generator=gen, device=device)
         for s in range(steps):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x = augment(x_all[idx], gen) if cfg.augment else x_all[idx]
+            x = augment(x_all[idx], gen, hflip=hflip) if cfg.augment else x_all[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
                 loss, _ = loss_of(model, to_float(x).contiguous(memory_format=layout), y_all[idx])
             opt.zero_grad(set_to_none=True)
@@ -81,9 +82,10 @@ def bare_loop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg:
     return time.perf_counter() - started
 
 
-def cmce_loop(model: nn.Module, data: SplitArrays, cfg: TrainConfig, epochs: int, device: torch.device) -> float:
+def cmce_loop(model: nn.Module, data: SplitArrays, cfg: TrainConfig, epochs: int, device: torch.device,
+              hflip: bool) -> float:
     started = time.perf_counter()
-    run_epochs(model, data, loss_of, cfg, epochs, seed=0, desc="bench")
+    run_epochs(model, data, loss_of, cfg, epochs, seed=0, desc="bench", hflip=hflip)
     sync(device)
     return time.perf_counter() - started
 
@@ -101,19 +103,19 @@ def measure(cfg, images: int, epochs: int, repeats: int, device: torch.device) -
     for spec in specs:
         # warm-up: the first steps of each loop create kernels and allocator pools
         bare_loop(make_model(spec, channels), data.images[: 2 * cfg.train.batch_size],
-                  labels[: 2 * cfg.train.batch_size], cfg.train, 1, device)
+                  labels[: 2 * cfg.train.batch_size], cfg.train, 1, device, cfg.data.hflip)
         cmce_loop(make_model(spec, channels), SplitArrays(data.ids[: 2 * cfg.train.batch_size],
                                                           data.labels[: 2 * cfg.train.batch_size],
                                                           data.images[: 2 * cfg.train.batch_size]),
-                  cfg.train, 1, device)
+                  cfg.train, 1, device, cfg.data.hflip)
         bare, ours = [], []
         for r in range(repeats):
             for side in (("bare", "cmce") if r % 2 == 0 else ("cmce", "bare")):
                 model = make_model(spec, channels)
                 if side == "bare":
-                    bare.append(seen / bare_loop(model, data.images, labels, cfg.train, epochs, device))
+                    bare.append(seen / bare_loop(model, data.images, labels, cfg.train, epochs, device, cfg.data.hflip))
                 else:
-                    ours.append(seen / cmce_loop(model, data, cfg.train, epochs, device))
+                    ours.append(seen / cmce_loop(model, data, cfg.train, epochs, device, cfg.data.hflip))
         ratios = [o / b for o, b in zip(ours, bare, strict=True)]
         params = count_parameters(make_model(spec, channels))
         rows.append(f"| {spec.name} ({spec.arch}, width {spec.width}) | {params:,} | {statistics.median(bare):,.0f} | "
@@ -143,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--images {args.images} is less than one batch (train.batch_size {cfg.train.batch_size})")
     device = devices.select(args.device, "--device")
     started = time.time()
+    augmentation = ("on, mirroring too" if cfg.data.hflip else "on, no mirroring") if cfg.train.augment else "off"
     body = [f"Config `{config_shown(args.config)}`: {cfg.data.image_size}×{cfg.data.image_size}×{cfg.data.channels} "
             f"random images, {args.images:,} a run, {args.epochs} epochs, batch {cfg.train.batch_size}, augmentation "
-            f"{'on' if cfg.train.augment else 'off'}, device {devices.describe(device)}"
+            f"{augmentation}, device {devices.describe(device)}"
             + (f", mixed precision {'on' if cfg.train.mixed_precision else 'off'}" if device.type == "cuda" else "")
             + f". Median of {args.repeats} paired repeats.", ""]
     body += measure(cfg, args.images, args.epochs, args.repeats, device)
