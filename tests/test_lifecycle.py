@@ -276,3 +276,31 @@ def test_two_train_embeddings_files_of_one_gallery_model_are_refused(smoke_run, 
                             [first, *[lay.train_embeddings(g) for g in lay.gallery_names[1:]], other],
                             TransformConfig(hidden_dim=32, epochs=1), tmp_path / "transforms", tmp_path / "g.parquet")
     assert not (tmp_path / "g.parquet").exists()
+
+
+def test_an_upgrade_says_it_fits_without_augmented_views_and_records_what_it_fitted(smoke_run, tmp_path, caplog):
+    """transform.augment_views needs the gallery models run on augmented images, which an upgrade never does: the
+    config's 4 views were silently dropped, and the step's params claimed them."""
+    import dataclasses
+    import logging
+
+    from cmce.config import load_config
+    from cmce.stages import UpgradeInputs, UpgradeOutputs
+    from cmce.stages import upgrade_query_model as upgrade_stage
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    cfg = load_config(SMOKE, {"output_dir": str(tmp_path), "transform.augment_views": 4, "transform.epochs": 2})
+    stored = [lay.train_embeddings(g) for g in lay.gallery_names]
+    with caplog.at_level(logging.WARNING, logger="cmce.stages"):
+        record = upgrade_stage(cfg, UpgradeInputs(lay.dataset, lay.gallery, lay.model("query"), stored),
+                               UpgradeOutputs(tmp_path / "gallery.parquet", tmp_path / "t"))
+    assert any("transform.augment_views=4 is not applied by upgrade-query-model" in r.getMessage()
+               for r in caplog.records)
+    assert record.params["transform"] == dataclasses.asdict(dataclasses.replace(cfg.transform, augment_views=0))
+    # the same fit as a config without views: same seed, same stored embeddings, the same transformations
+    plain = dataclasses.replace(cfg, transform=dataclasses.replace(cfg.transform, augment_views=0))
+    upgrade_stage(plain, UpgradeInputs(lay.dataset, lay.gallery, lay.model("query"), stored),
+                  UpgradeOutputs(tmp_path / "gallery0.parquet", tmp_path / "t0"))
+    for g in lay.gallery_names:
+        assert (tmp_path / "t" / f"{g}.pt").read_bytes() == (tmp_path / "t0" / f"{g}.pt").read_bytes()

@@ -475,12 +475,17 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
     use_device(cfg)
     from cmce.lifecycle import upgrade_query_model as upgrade
 
-    upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, cfg.transform, out.transformations,
+    fitted_cfg = cfg.transform
+    if fitted_cfg.augment_views:  # the gallery models' views of augmented images were never stored
+        log.warning("transform.augment_views=%d is not applied by upgrade-query-model: it refits from the stored "
+                    "embeddings of the unaugmented train split (no gallery model is run)", fitted_cfg.augment_views)
+        fitted_cfg = dataclasses.replace(fitted_cfg, augment_views=0)
+    upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, fitted_cfg, out.transformations,
             out.gallery, cfg.seed, cfg.batch_size)
     if out.index is not None:
         build_index(out.gallery, out.index, options=cfg.index)
     refitted = [record_transformation(cfg, t) for t in sorted(out.transformations.glob("*.pt"))]
-    return StepRecord("upgrade-query-model", {"gallery": origin(inp.gallery), "transform": cfg.transform.__dict__},
+    return StepRecord("upgrade-query-model", {"gallery": origin(inp.gallery), "transform": fitted_cfg.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
                       register=[reg for r in refitted for reg in r.register],
                       inputs=[("dataset", inp.dataset), ("gallery", inp.gallery),
