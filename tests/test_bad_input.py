@@ -2482,6 +2482,15 @@ def test_search_with_another_datasets_queries_names_no_class(world, tmp_path, ca
                                             "wrong; the hits' class_name is left null"]), warned
 
 
+def test_search_with_a_dataset_that_cannot_be_read_is_refused_as_it_is(world, tmp_path, caplog):
+    """Only a readable dataset of another version leaves the class names out: a missing file or a gallery given as
+    --dataset was first warned about as 'another dataset', the hits to be unnamed, before the error."""
+    for dataset, said in ((tmp_path / "none.parquet", "dataset file not found"), (world.gallery, "")):
+        fails(caplog, ["search", "--index", world.index, "--query-model", world.query, "--dataset", dataset],
+              tmp_path / "unused", str(dataset), said)
+        assert not [r for r in caplog.records if "class_name is left null" in r.getMessage()]
+
+
 def test_a_gate_on_a_rank_no_gallery_can_miss_is_refused(world, tmp_path, caplog):
     out = tmp_path / "decision.json"
     fails(caplog, ["gate", "--config", SMOKE, "--set", "lifecycle.gate.metrics=[R@100000]", "--dataset", world.dataset,

@@ -59,12 +59,17 @@ class DatasetSplits:
         self.source = functools.cache(lambda split: source_of(*self.rows(split)))  # hashed once, not every reload
 
 
+class OtherDataset(ValueError):
+    """The dataset file reads well but is not (or may not be) the one the index's gallery was embedded from."""
+
+
 def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
     """The class names must come from the dataset the gallery was embedded from: its split's digests, which
     build-index records from the gallery (an index built before it was recorded is not checked), and each indexed
     item's label, which must be its label in that split: ids.parquet's labels edited (its checksum rewritten to
-    match) answered each hit with another class's name. That is a TableError; a ValueError says only that the
-    dataset is another one (or, for an index that records no labels digest, may be another version of it)."""
+    match) answered each hit with another class's name. That is a TableError; OtherDataset says only that the
+    dataset is another one (or, for an index that records no labels digest, may be another version of it); a
+    dataset file that cannot be read raises as it does anywhere else."""
     meta = index.meta
     source, split = meta.get("source"), meta.get("split")
     if not source or not split:
@@ -72,11 +77,11 @@ def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
                     "checked", dataset.path)
         return
     if not same_split(dataset.source(split), source):
-        raise ValueError(f"--dataset {dataset.path}: its '{split}' split is not the one the index's gallery was "
+        raise OtherDataset(f"--dataset {dataset.path}: its '{split}' split is not the one the index's gallery was "
                          "embedded from (another dataset or version); class names would be wrong")
     ids, labels = dataset.rows(split)
     # an index built before labels_sha256 was recorded: a relabelled version of the dataset passes the ids digest
-    edited = TableError if "labels_sha256" in source else ValueError
+    edited = TableError if "labels_sha256" in source else OtherDataset
     at = pc.index_in(pa.array(index.ids, pa.string()), value_set=ids).to_numpy(zero_copy_only=False)
     if np.isnan(at).any():  # (index_in gives null, a NaN here, for an id the split lacks)
         row = int(np.flatnonzero(np.isnan(at))[0])
@@ -161,9 +166,7 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
     if named:  # before the queries are embedded: an edited index is refused at once
         try:  # queries from another dataset may be searched, but its class names are not the hits' (serve refuses)
             check_dataset_of_index(DatasetSplits(dataset), loaded)
-        except TableError:  # the dataset's own split, and the index says other labels for its items
-            raise
-        except ValueError as err:
+        except OtherDataset as err:  # a file that cannot be read, or an edited index, is an error as ever
             log.warning("%s; the hits' class_name is left null", err)
             named = False
     names, queries = embed_queries(model, images, dataset, split, limit)
