@@ -146,12 +146,13 @@ def config_override(text: str) -> str:
 
 
 def config_or_error(parser: argparse.ArgumentParser, path: str, overrides: dict | None = None,
-                    sets: Iterable[str] = ()):
+                    sets: Iterable[str] = (), flags: dict[str, str] | None = None):
     """cmce.config.load_config(path, --set options + `overrides`), or the parser's one-line error (exit 2) naming
-    what is wrong: a missing file, an unknown key, a value out of range, a key given twice."""
+    what is wrong: a missing file, an unknown key, a value out of range, a key given twice. `flags` names the
+    benchmark's flag an override came from (`{"output_dir": "--out"}`), which a bad value is blamed on."""
     from cmce.config import load_config, parse_overrides
 
     try:
-        return load_config(path, {**parse_overrides(list(sets)), **(overrides or {})})
+        return load_config(path, {**parse_overrides(list(sets)), **(overrides or {})}, flags)
     except ValueError as err:  # ConfigError is a ValueError
         parser.error(one_line(err))

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     from cmce.layout import RunLayout
     from cmce.stages import run_all
 
-    cfg = config_or_error(p, args.config, {"output_dir": args.out, "device": args.device}, args.set)
+    cfg = config_or_error(p, args.config, {"output_dir": args.out, "device": args.device}, args.set,
+                         flags={"output_dir": "--out", "device": "--device"})
     device = devices.select(cfg.device, "--device")
     lay = RunLayout(Path(args.out))
     started = time.perf_counter()

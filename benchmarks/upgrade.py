@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     started = time.time()
-    full = config_or_error(p, args.config, {"output_dir": args.out, "kd.enabled": False})
+    full = config_or_error(p, args.config, {"output_dir": args.out, "kd.enabled": False}, flags={"output_dir": "--out"})
     half = replace(full, query_model=replace(full.query_model, data_fraction=0.5),
                    gallery_models=[replace(m, data_fraction=0.5) for m in full.gallery_models])
     lay = RunLayout(Path(args.out), [m.name for m in full.gallery_models])

@@ -189,3 +189,14 @@ def test_main_stops_at_the_command_line_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         training.main(["--set", "train.epochs=1", "--set", "train.epochs=2"])
     assert exit_.value.code == 2 and "--set train.epochs: given twice" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("module", [end_to_end, upgrade])
+def test_a_bad_out_is_blamed_on_out_not_on_set(module, capsys):
+    """The benchmark's own overrides went to the config as if from --set: `--out ' '` said
+    `--set output_dir: must not be empty` to a user who gave no --set."""
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--out", " "])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert "--out" in last and "--set" not in last, last
