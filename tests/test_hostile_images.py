@@ -62,6 +62,19 @@ def test_the_pages_of_a_tiff_are_not_counted(monkeypatch):
     assert decode_image_as_found(_tiff([PAGE]), 1, 8, "x")[1][3] is False
 
 
+@pytest.mark.parametrize("size", [8, 9])
+def test_an_apng_is_an_animation_at_any_size(size):
+    """At the model's own size a grey PNG takes the fast path, which said "one frame" of a 3-frame APNG: search
+    warned of the animation for a 9 px copy and not for the 8 px one."""
+    frames = [Image.fromarray(np.full((size, size), v, np.uint8)) for v in (10, 20, 30)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    arr, (_, _, _, animated) = decode_image_as_found(buf.getvalue(), 1, 8, "q")
+    assert animated and (arr == 10).all()
+    assert codec.decode_png_fast(buf.getvalue(), 1, 8) is not None or size != 8  # the fast path, at the size
+    assert decode_image_as_found(codec.encode_png(np.full((size, size), 10, np.uint8)), 1, 8, "q")[1][3] is False
+
+
 @pytest.mark.parametrize("error", [TypeError("Missing dimensions"), IndexError("list index out of range"),
                                    NotImplementedError(), AttributeError("'NoneType' object has no attribute 'x'"),
                                    struct.error("unpack requires a buffer of 4 bytes")])

@@ -238,8 +238,8 @@ def decode_image_as_found(data: bytes, channels: int, size: int, origin: str
     if not isinstance(data, bytes | bytearray | memoryview):  # a null cell of a dataset's image column
         raise DataError(f"{origin}: no image (the image cell is {'null' if data is None else type(data).__name__})")
     fast = decode_png_fast(data, channels, size)
-    if fast is not None:
-        return fast, (size, size, "L" if channels == 1 else "RGB", False)
+    if fast is not None:  # an APNG's animation control chunk comes before its first image data
+        return fast, (size, size, "L" if channels == 1 else "RGB", b"acTL" in data[:data.find(b"IDAT")])
     img = open_image(data, origin)
     arr = _converted(img, channels, size, origin)
     return arr, (*img.size, img.mode, _more_frames(img))
