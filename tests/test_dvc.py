@@ -48,6 +48,22 @@ def test_every_input_and_setting_a_stage_command_reads_is_among_its_deps_and_par
     assert sorted(set(missing)) == []
 
 
+@pytest.mark.parametrize("dvc_yaml", ["dvc.yaml", "lifecycle/dvc.yaml"])
+def test_a_stage_that_fits_a_transformation_lists_the_data_section(dvc_yaml):
+    """fit-transform reads data.hflip for transform.augment_views: add_gallery_model (which fits one) did not list
+    `data`, so a changed data.hflip kept its transformation."""
+    fitting = {"fit-transform", "add-gallery-model"}
+    found = []
+    for name, body, cmd in _stages(ROOT / dvc_yaml):
+        words = cmd.split()
+        command = words[words.index("cmce.dvc_stage") + 1] if "cmce.dvc_stage" in words else words[1]
+        if command in fitting:
+            listed = [k for entry in body["params"] for k in (
+                [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
+            found.append((name, "data" in listed))
+    assert found and all(has for _, has in found), found
+
+
 def test_repro_then_status_is_clean(dvc_repo):
     """The lifecycle stages (a DVC project of their own, not yet run) leave the main project's status alone."""
     assert (dvc_repo / "lifecycle" / "dvc.yaml").exists()
