@@ -360,14 +360,37 @@ def check_host(host: str) -> None:
                          f"{'' if answer.status_code != 200 else ' without the JSON of KFP'})")
 
 
+def submit_arguments(args: argparse.Namespace) -> dict:
+    """A submitted run's pipeline arguments: the run's (see _arguments) and the tracking server its tasks log to
+    (--mlflow-uri, else MLFLOW_TRACKING_URI): a run submitted without one was tracked nowhere, unsaid."""
+    from urllib.parse import urlsplit
+
+    out = _arguments(args)
+    uri = args.mlflow_uri if args.mlflow_uri is not None else os.environ.get("MLFLOW_TRACKING_URI", "")
+    named = "--mlflow-uri" if args.mlflow_uri is not None else "MLFLOW_TRACKING_URI"
+    if not uri:
+        log.warning("no --mlflow-uri (nor MLFLOW_TRACKING_URI): the run is tracked nowhere and registers no model")
+        return out
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file", "sqlite"):
+        raise ValueError(f"{named} {uri}: a store on this machine, which the cluster's tasks cannot reach; give the "
+                         "tracking server's http(s):// URI")
+    if parts.username or parts.password:  # run arguments are shown in the KFP UI and kept with the run
+        raise ValueError(f"{named}: credentials in the URI would be shown with the run; the tasks read "
+                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from the cluster's Secret")
+    out["mlflow_uri"] = uri
+    return out
+
+
 def submit(args: argparse.Namespace) -> None:
     """Submit the compiled YAML to a KFP endpoint (cannot be exercised without a cluster)."""
+    arguments = submit_arguments(args)  # before the endpoint is called: a bad setting is said at once
     check_host(args.host)
     import kfp
 
     client = kfp.Client(host=args.host, namespace=args.namespace)
     package = args.package or PACKAGES[args.pipeline]
-    run = client.create_run_from_pipeline_package(str(package), arguments=_arguments(args),
+    run = client.create_run_from_pipeline_package(str(package), arguments=arguments,
                                                   run_name=args.run_name or args.pipeline,
                                                   experiment_name=args.experiment)
     sys.stdout.write(json.dumps({"run_id": run.run_id}) + "\n")
@@ -427,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--namespace", default=None, help="the Kubeflow namespace (default: the client's own)")
     s.add_argument("--experiment", default="cmce", help="the KFP experiment the run goes under (default cmce)")
     s.add_argument("--package", type=not_blank(Path), default=None, help="compiled YAML (default: the --pipeline's)")
+    s.add_argument("--mlflow-uri", type=not_blank(), default=None, metavar="URI",
+                   help="the tracking server the run's tasks log to and register models in, an http(s):// URI they "
+                        "reach (default: MLFLOW_TRACKING_URI; neither: nothing is tracked)")
     return p
 
 

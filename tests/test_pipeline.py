@@ -508,7 +508,7 @@ def test_the_pipeline_command_refuses_bad_input_in_one_line(tmp_path, caplog, ar
     assert len(errors) == 1 and needle.format(tmp=tmp_path) in errors[0], errors
 
 
-def test_submit_to_a_dead_or_foreign_host_is_one_line_naming_it(tmp_path, caplog):
+def test_submit_to_a_dead_or_foreign_host_is_one_line_naming_it(tmp_path, caplog, monkeypatch):
     """A dead KFP host gave three tracebacks; an HTTP server that is not KFP, 158 lines of retries over 25 s,
     neither naming --host."""
     import functools
@@ -518,6 +518,7 @@ def test_submit_to_a_dead_or_foreign_host_is_one_line_naming_it(tmp_path, caplog
 
     from pipeline.__main__ import main
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # a file store there is refused before the host
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
@@ -538,6 +539,34 @@ def test_submit_to_a_dead_or_foreign_host_is_one_line_naming_it(tmp_path, caplog
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_submitted_run_logs_to_the_tracking_server_given(monkeypatch, caplog):
+    """`submit` could not set the pipeline's mlflow_uri: a run submitted as the README said was tracked nowhere and
+    registered no model, unsaid. A store only this machine reaches, or a password the KFP UI would show, is refused
+    before the endpoint is called."""
+    from pipeline.__main__ import build_parser, main, submit_arguments
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def arguments(*argv: str) -> dict:
+        return submit_arguments(build_parser().parse_args(["submit", "--host", "http://127.0.0.1:1", *argv]))
+
+    assert arguments("--mlflow-uri", "https://mlflow.example:5000")["mlflow_uri"] == "https://mlflow.example:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.cluster.local")
+    assert arguments()["mlflow_uri"] == "http://mlflow.cluster.local"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert "mlflow_uri" not in arguments()
+    assert "the run is tracked nowhere and registers no model" in caplog.text
+    for uri, said in (("sqlite:///runs/mlflow.db", "a store on this machine"), ("runs/mlruns", "a store on this"),
+                      ("https://alice:s3cr3tpw@mlflow.example", "credentials in the URI")):
+        caplog.clear()
+        assert main(["submit", "--host", "http://127.0.0.1:1", "--mlflow-uri", uri]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "--mlflow-uri" in errors[0] and said in errors[0], errors
+        assert "s3cr3tpw" not in caplog.text and "KFP API" not in caplog.text  # the host was not called
 
 
 @pytest.mark.parametrize("spelling, gpu", [("false", False), ("No", False), ("off", False), ("true", True),
