@@ -67,6 +67,16 @@ def test_tar_at_far_hand_computed():
     assert tar_at_far(genuine, impostor, 1.0) == 1.0
 
 
+def test_the_impostors_a_far_allows_are_counted_exactly():
+    """m = floor(FAR · n) in floats: floor(3e-4 · 10000) = floor(2.9999999999999996) = 2, one impostor fewer
+    than the definition allows (618 counts below 200,000 impostors at FAR 0.29)."""
+    assert far_threshold(np.arange(10000, dtype=np.float32), 3e-4) == 9996  # 9997, 9998, 9999 above: m = 3
+    from cmce.metrics import impostors_allowed
+
+    assert [impostors_allowed(0.29, n) for n in (100, 200, 300)] == [29, 58, 87]
+    assert impostors_allowed(1e-3, 999) == 0 and impostors_allowed(1.0, 7) == 7
+
+
 def test_tar_ignores_excluded_pairs():
     scores = np.array([[-np.inf, 0.9, 0.1], [0.9, -np.inf, 0.2]])
     m = retrieval_metrics(scores, np.array([0, 0]), np.array([0, 0, 1]), ks=[1], fars=[0.5])

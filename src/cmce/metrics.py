@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import NamedTuple
 
 import numpy as np
@@ -88,13 +89,18 @@ def map_at_r(knn_labels: np.ndarray, query_labels: np.ndarray, r: np.ndarray) ->
     return float(average_precision_at_r(knn_labels, query_labels, r).mean())
 
 
+def impostors_allowed(far: float, impostors: int) -> int:
+    """m = floor(FAR · #impostors), exact for the FAR as written: in floats, floor(3e-4 · 10000) is 2, not 3."""
+    return math.floor(Fraction(repr(far)) * impostors)
+
+
 def far_threshold(impostor: np.ndarray, far: float) -> float:
     """Score threshold t with at most floor(far · n) impostor scores strictly above it (the definition,
     on explicit scores; the streaming form is `measure`)."""
     n = len(impostor)
     if n == 0:
         return float("-inf")
-    m = math.floor(far * n)
+    m = impostors_allowed(far, n)
     if m >= n:
         return float("-inf")
     return float(np.partition(impostor, n - 1 - m)[n - 1 - m])  # the (m+1)-th largest value
@@ -309,7 +315,7 @@ def tar_at_fars(src: Scores, ql: np.ndarray, gl: np.ndarray, families: list[Fami
         totals[f, i] = int(relevant.sum()), int(allowed.sum() - relevant.sum())
     for j, (f, i, far) in enumerate(wanted):
         genuine, impostors = totals[f, i]
-        m = math.floor(far * impostors)
+        m = impostors_allowed(far, impostors)
         if genuine and (impostors == 0 or m >= impostors):
             out[j] = 1.0  # threshold -inf: every genuine pair is accepted
         elif genuine:
