@@ -2496,7 +2496,14 @@ def test_a_gate_on_a_rank_no_gallery_can_miss_is_refused(world, tmp_path, caplog
     fails(caplog, ["gate", "--config", SMOKE, "--set", "lifecycle.gate.metrics=[R@100000]", "--dataset", world.dataset,
                    "--baseline-query-model", world.query, "--baseline-gallery", world.gallery,
                    "--query-model", world.query, "--gallery", world.gallery, "--out", out], out,
-          "lifecycle.gate.metrics: ['R@100000'] cannot regress on a gallery of")
+          "lifecycle.gate.metrics: ['R@100000'] cannot regress where a query is answered from")
+    answered_from = pq.ParquetFile(world.gallery).metadata.num_rows - 1  # the test split: its own image left out
+    fails(caplog, ["gate", "--config", SMOKE, "--set", f"lifecycle.gate.metrics=[R@1, R@{answered_from}]",
+                   "--set", f"evaluate.recall_k=[1, {answered_from - 1}]", "--dataset", world.dataset,
+                   "--baseline-query-model", world.query, "--baseline-gallery", world.gallery,
+                   "--query-model", world.query, "--gallery", world.gallery, "--out", out], out,
+          f"lifecycle.gate.metrics: ['R@{answered_from}'] cannot regress where a query is answered from "
+          f"{answered_from} gallery items")
 
 
 def test_a_typo_in_a_gallery_models_override_is_not_a_new_model(tmp_path, caplog):
@@ -3249,14 +3256,14 @@ def test_evaluate_refuses_a_recall_k_the_gallery_cannot_miss(world, tmp_path, ca
     prepare-data alone warns of it (the pipelines' runs refuse it there: --will-evaluate)."""
     items = pq.ParquetFile(world.gallery).metadata.num_rows
     out = tmp_path / "eval"
-    fails(caplog, [*evaluate_args(world), "--set", f"evaluate.recall_k=[1, {items}]", "--out", out], out,
-          f"evaluate.recall_k: R@{items} is 1 for every query with a match on a gallery of {items} items "
-          f"({world.gallery}); give K below {items}")
+    fails(caplog, [*evaluate_args(world), "--set", f"evaluate.recall_k=[1, {items - 1}]", "--out", out], out,
+          f"evaluate.recall_k: R@{items - 1} is 1 for every query with a match on a gallery of {items} items, less "
+          f"each query's own image ({world.gallery}); give K below {items - 1}")  # leave-one-out: K = n - 1 too
     root = tmp_path / "run"
     fails(caplog, ["run", "--config", SMOKE, *TINY, "--set", f"output_dir={root}", "--set",
                    f"evaluate.recall_k=[1, {items}, 100000]"], root,
-          f"evaluate.recall_k: R@{items}, R@100000 is 1 for every query with a match on a gallery of {items} items "
-          "(the test split the data settings give)")  # before its dataset is written
+          f"evaluate.recall_k: R@{items}, R@100000 is 1 for every query with a match on a gallery of {items} items, "
+          "less each query's own image (the test split the data settings give)")  # before its dataset is written
     # the first step of every runner (cmce run, the KFP and DVC pipelines) says it at once
     caplog.clear()
     assert main(["prepare-data", "--config", str(SMOKE), *TINY, "--set", f"evaluate.recall_k=[{items}]", "--out",

@@ -89,7 +89,8 @@ def prepare_data(cfg: Config, inp: PrepareInputs, out: DatasetOutputs) -> StepRe
     their evaluate step, after the training), else said in a warning."""
     def check(counts: dict[str, int]) -> None:
         try:
-            check_recall_k(cfg.evaluate.recall_k, counts["test"], "the test split the data settings give")
+            check_recall_k(cfg.evaluate.recall_k, counts["test"], "the test split the data settings give",
+                           own_image_left_out=True)
         except ValueError as err:
             if inp.will_evaluate:
                 raise
@@ -522,10 +523,13 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     # measured first: each gallery must be its whole split before its size means anything
     baseline = measured(inp.baseline_query_model, inp.baseline_gallery)
     candidate = measured(inp.query_model, inp.gallery)
-    smallest = min(pq.ParquetFile(p).metadata.num_rows for p in (inp.baseline_gallery, inp.gallery))
+    # the items a query is answered from: a gallery of the queries' own split leaves each query's image out
+    smallest = min(pq.ParquetFile(p).metadata.num_rows - (read_metadata(p).get("split") == g.split)
+                   for p in (inp.baseline_gallery, inp.gallery))
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
-        raise ValueError(f"lifecycle.gate.metrics: {vacuous} cannot regress on a gallery of {smallest} items; "
+        raise ValueError(f"lifecycle.gate.metrics: {vacuous} cannot regress where a query is answered from "
+                         f"{smallest} gallery items (its own image left out where the queries are the gallery's); "
                          "gate on a smaller K")
     decision = decide(baseline, candidate, g.metrics, g.tolerance)
     report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
@@ -593,7 +597,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
     # the gallery is the test split: a vacuous R@K is refused now, not after the training
     gallery_items = split_source(lay.dataset, "test")["split_rows"]
-    check_recall_k(cfg.evaluate.recall_k, gallery_items, f"the test split of {lay.dataset}")
+    check_recall_k(cfg.evaluate.recall_k, gallery_items, f"the test split of {lay.dataset}", own_image_left_out=True)
     q_path = lay.model(cfg.query_model.name)
     if cfg.query_model.name not in keep:
         done(train_model(cfg, TrainInputs(lay.dataset, cfg.query_model.name), ModelOutputs(q_path)))
