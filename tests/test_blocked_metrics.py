@@ -117,6 +117,44 @@ def test_the_tail_floor_from_a_sample_is_exact_and_a_wrong_floor_is_lowered(monk
     assert tried == ["sampled"]
 
 
+def duplicated(n: int = 1003, d: int = 64, seed: int = 0):
+    """Unit float embeddings where gallery items 0 and n-1 are one vector of different labels (7, then 8), and
+    queries of label 7 near it: by the tie rule (column order) each query's first hit is item 0."""
+    rng = np.random.default_rng(seed)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    gallery = unit(rng.standard_normal((n, d)))
+    gallery[-1] = gallery[0]
+    labels = rng.integers(0, 7, n)
+    labels[0], labels[-1] = 7, 8
+    queries = unit(gallery[0] + 0.05 * rng.standard_normal((64, d)))
+    return queries, gallery, np.full(64, 7), labels
+
+
+def test_a_pair_scores_the_same_whatever_is_scored_with_it():
+    """A float32 matmul rounded one pair differently by the block's height and the column's place (MKL's
+    kernels): duplicate gallery items were no ties, and metrics moved with evaluate.block_mb."""
+    queries, gallery, _, _ = duplicated()
+    src = InnerProducts(queries, gallery)
+    whole = src.rows(np.arange(64)).numpy()
+    assert (whole[:, 0] == whole[:, -1]).all()
+    for height in (1, 3, 7, 33):
+        for start in range(0, 64, height):
+            rows = np.arange(start, min(start + height, 64))
+            assert np.array_equal(src.rows(rows, reuse=True).numpy(), whole[rows])
+    vals, idx = src.candidates(np.arange(64), 5)  # faiss's choice, scored as `rows` scores
+    assert np.array_equal(vals.numpy(), np.take_along_axis(whole, idx.numpy(), 1))
+
+
+@pytest.mark.parametrize("faiss_knn", [True, False])
+def test_metrics_of_float_embeddings_with_duplicates_do_not_depend_on_the_block_size(faiss_knn, monkeypatch):
+    queries, gallery, ql, gl = duplicated()
+    if not faiss_knn:
+        monkeypatch.setattr(InnerProducts, "candidates", Scores.candidates)
+    results = [retrieval_metrics(InnerProducts(queries, gallery, block_mb=mb), ql, gl, [1, 2], [1e-3, 1e-2],
+                                 block_mb=mb) for mb in (64.0, 0.02, 0.005, 1e-4)]
+    assert results[0]["R@1"] == 1.0 and all(r == results[0] for r in results), results
+
+
 class Spy(InnerProducts):
     """Records the largest number of query rows scored at once."""
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,6 +111,38 @@ def test_knn_equals_stable_full_sort(data):
     scores = np.array(rows, dtype=np.float32)  # few distinct values: many ties, straddling the cut
     expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     assert knn(scores, k).tolist() == expected.tolist()
+
+
+class NoisyChoice(ScoreMatrix):
+    """Candidates chosen by scores off by up to `candidate_error` (as faiss's float32 ones are), returned with the
+    true scores: an item that belongs at the cut may be left out of the candidates."""
+
+    candidate_error = 0.3
+
+    def candidates(self, queries, k):
+        s = self.rows(queries)
+        noise = torch.from_numpy(np.random.default_rng(len(queries)).uniform(-0.3, 0.3, tuple(s.shape)))
+        idx = torch.topk(s + noise.float(), min(k, s.shape[1]), dim=1).indices
+        return s.gather(1, idx), idx
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 6).flatmap(
+        lambda q: st.integers(2, 12).flatmap(
+            lambda g: st.tuples(
+                st.lists(st.lists(st.integers(0, 3), min_size=g, max_size=g), min_size=q, max_size=q),
+                st.integers(1, g - 1),
+            )
+        )
+    )
+)
+def test_knn_is_exact_when_the_candidates_were_chosen_by_inexact_scores(data):
+    rows, k = data
+    scores = np.array(rows, dtype=np.float32) * 0.25  # steps of 0.25: within the noise's reach
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    got = exact_neighbours(NoisyChoice(scores), np.arange(len(scores)), k, step=2)
+    assert got.tolist() == expected.tolist()
 
 
 @settings(max_examples=40, deadline=None)

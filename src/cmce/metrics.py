@@ -258,9 +258,11 @@ def exact_neighbours(src: Scores, rows: np.ndarray, depth: int, step: int) -> np
     by_score = torch.argsort(-vals, dim=1, stable=True)
     vals, idx = vals.gather(1, by_score), idx.gather(1, by_score)
     out = idx[:, :depth].numpy().copy()
-    # the (depth+1)-th candidate scores as the depth-th: the tie may straddle the cut, so which of the tied
-    # columns make it is decided on the full row
-    crowded = np.flatnonzero((torch.isfinite(vals[:, depth]) & (vals[:, depth] == vals[:, depth - 1])).numpy())
+    # the (depth+1)-th candidate scores as the depth-th (or, where the candidates were chosen by other numbers,
+    # within twice their error of it): a tie may straddle the cut, or an item left out may belong above it, so
+    # the full row decides
+    slack = 2 * src.candidate_error
+    crowded = np.flatnonzero((torch.isfinite(vals[:, depth]) & (vals[:, depth] >= vals[:, depth - 1] - slack)).numpy())
     for start in range(0, len(crowded), step):
         part = crowded[start:start + step]
         order = torch.sort(src.rows(rows[part]).cpu(), dim=1, descending=True, stable=True)

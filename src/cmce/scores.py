@@ -6,6 +6,10 @@ Two sources of scores share one interface (`Scores`):
   pairs a protocol leaves out: each query's own image (`self_cols`) and, under cross-domain protocols,
   every pair within one domain. Scores are computed on demand on the chosen device; nearest neighbours
   come from faiss on the CPU (its fused search) and from a matmul + top-k on a GPU.
+  Each score is the float64 product rounded to float32, so a pair scores the same whatever else is
+  scored with it: a float32 matmul rounded a dot product differently by the block's height and the
+  column's place in it (MKL's kernels), so duplicate gallery items were not ties and R@1 and TAR moved
+  with `evaluate.block_mb`. faiss's float32 candidates are scored again the same way.
 - `ScoreMatrix`: an explicit score matrix (excluded pairs -inf), for tests and small research code.
 
 Excluded pairs score -inf in every block. `pair_counts` counts each query's allowed (same-label) gallery
@@ -60,9 +64,14 @@ class Scores:
                  keep: np.ndarray | None = None) -> np.ndarray:
         return self.pair_counts(query_labels, gallery_labels, keep)[0]
 
+    # how far a score `candidates` chose by may be from the score `rows` gives (0: the same numbers)
+    candidate_error: float = 0.0
+
     def candidates(self, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores, gallery columns) of the k best allowed items per query row, best first, equal scores in
-        any order; padded with (-inf, -1) where fewer are allowed. Exact as a multiset of the k best scores."""
+        """(scores, gallery columns) of the k best allowed items per query row, in the order chosen, equal
+        scores in any order; padded with (-inf, -1) where fewer are allowed. The scores are those of `rows`; the
+        choice of items may be off by `candidate_error` in score (an item left out scores at most the
+        lowest chosen one plus twice that)."""
         s = self.rows(queries)
         vals, idx = torch.topk(s, min(k, s.shape[1]), dim=1)
         idx = torch.where(torch.isfinite(vals), idx, -1)
@@ -136,13 +145,21 @@ class InnerProducts(Scores):
         if self.self_cols is None:
             self.self_cols = np.full(self.n_queries, -1, np.int64)
         self.self_cols = np.asarray(self.self_cols, dtype=np.int64)
-        self._q = torch.from_numpy(self.queries).to(self.device)
-        self._g_t = torch.from_numpy(self.gallery).to(self.device).T.contiguous()
+        # float64 copies: see the module docstring
+        self._q = torch.from_numpy(self.queries).to(self.device, torch.float64)
+        self._g_t = torch.from_numpy(self.gallery).to(self.device, torch.float64).T.contiguous()
         self._domains = None if self.domains is None else tuple(torch.as_tensor(np.asarray(d), device=self.device)
                                                                  for d in self.domains)
         self._buffer: torch.Tensor | None = None
+        self._buffer64: torch.Tensor | None = None
         # faiss searches thousands of queries per call far faster than a few hundred
         self.knn_rows = 8192 if self.device.type == "cpu" else rows_per_block(self.n_gallery, self.block_mb)
+        if self.device.type == "cpu":
+            # a float32 dot product of d terms is within d·2^-24·‖q‖‖g‖ of the exact one (faiss's), ours within
+            # half a float32 step of it
+            norms = [float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a, dtype=np.float64), initial=0.0)))
+                     for a in (self.queries, self.gallery)]
+            self.candidate_error = 1.01 * (self.queries.shape[1] + 1) * 2.0 ** -24 * norms[0] * norms[1]
 
     def rows(self, queries: np.ndarray, reuse: bool = False) -> torch.Tensor:
         """`reuse`: write into one buffer kept for the next call (the result is overwritten then); saves a
@@ -152,9 +169,12 @@ class InnerProducts(Scores):
         if reuse:
             if self._buffer is None or self._buffer.shape[0] < len(queries):
                 self._buffer = torch.empty((len(queries), self.n_gallery), device=self.device)
-            s = torch.mm(self._q[rows_t], self._g_t, out=self._buffer[: len(queries)])
+                self._buffer64 = torch.empty((len(queries), self.n_gallery), device=self.device,
+                                             dtype=torch.float64)
+            exact = torch.mm(self._q[rows_t], self._g_t, out=self._buffer64[: len(queries)])
+            s = self._buffer[: len(queries)].copy_(exact)
         else:
-            s = self._q[rows_t] @ self._g_t
+            s = (self._q[rows_t] @ self._g_t).float()
         own = self.self_cols[queries]
         hit = np.flatnonzero(own >= 0)
         if len(hit):
@@ -217,6 +237,19 @@ class InnerProducts(Scores):
             order = np.argsort(drop, axis=1, kind="stable")[:, :k]
             d, i, drop = (np.take_along_axis(a, order, 1) for a in (d, i, drop))
             width = d.shape[1]
-            vals[rows, :width] = np.where(drop, -np.inf, d)
+            vals[rows, :width] = np.where(drop, -np.inf, self._rescored(queries[rows], i))
             idx[rows, :width] = np.where(drop, -1, i)
         return torch.from_numpy(vals), torch.from_numpy(idx)
+
+    def _rescored(self, queries: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The scores `rows` gives the pairs (queries[r], cols[r, j]) (cols -1: any value), in slices of about
+        a block of float64 products."""
+        out = np.empty(cols.shape, np.float32)
+        step = max(1, int(self.block_mb * (1 << 20) // (8 * max(cols.size // max(len(cols), 1), 1)
+                                                          * self.queries.shape[1])))
+        for start in range(0, len(cols), step):
+            part = slice(start, start + step)
+            q = torch.from_numpy(self.queries[queries[part]]).double()
+            g = torch.from_numpy(self.gallery[np.clip(cols[part], 0, None)]).double()
+            out[part] = torch.bmm(g, q[:, :, None])[:, :, 0].float().numpy()
+        return out
