@@ -145,8 +145,8 @@ class InnerProducts(Scores):
         if self.self_cols is None:
             self.self_cols = np.full(self.n_queries, -1, np.int64)
         self.self_cols = np.asarray(self.self_cols, dtype=np.int64)
-        # float64 copies: see the module docstring
-        self._q = torch.from_numpy(self.queries).to(self.device, torch.float64)
+        # the gallery as float64 (see the module docstring); a block's query rows are widened when scored
+        self._q = torch.from_numpy(self.queries).to(self.device)
         self._g_t = torch.from_numpy(self.gallery).to(self.device, torch.float64).T.contiguous()
         self._domains = None if self.domains is None else tuple(torch.as_tensor(np.asarray(d), device=self.device)
                                                                  for d in self.domains)
@@ -157,8 +157,8 @@ class InnerProducts(Scores):
         if self.device.type == "cpu":
             # a float32 dot product of d terms is within d·2^-24·‖q‖‖g‖ of the exact one (faiss's), ours within
             # half a float32 step of it
-            norms = [float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a, dtype=np.float64), initial=0.0)))
-                     for a in (self.queries, self.gallery)]
+            norms = [float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a), initial=0.0))) for a in (self.queries,
+                                                                                                self.gallery)]
             self.candidate_error = 1.01 * (self.queries.shape[1] + 1) * 2.0 ** -24 * norms[0] * norms[1]
 
     def rows(self, queries: np.ndarray, reuse: bool = False) -> torch.Tensor:
@@ -171,10 +171,10 @@ class InnerProducts(Scores):
                 self._buffer = torch.empty((len(queries), self.n_gallery), device=self.device)
                 self._buffer64 = torch.empty((len(queries), self.n_gallery), device=self.device,
                                              dtype=torch.float64)
-            exact = torch.mm(self._q[rows_t], self._g_t, out=self._buffer64[: len(queries)])
+            exact = torch.mm(self._q[rows_t].double(), self._g_t, out=self._buffer64[: len(queries)])
             s = self._buffer[: len(queries)].copy_(exact)
         else:
-            s = (self._q[rows_t] @ self._g_t).float()
+            s = (self._q[rows_t].double() @ self._g_t).float()
         own = self.self_cols[queries]
         hit = np.flatnonzero(own >= 0)
         if len(hit):
@@ -243,10 +243,10 @@ class InnerProducts(Scores):
 
     def _rescored(self, queries: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The scores `rows` gives the pairs (queries[r], cols[r, j]) (cols -1: any value), in slices of about
-        a block of float64 products."""
+        a quarter block of float64 products."""
         out = np.empty(cols.shape, np.float32)
-        step = max(1, int(self.block_mb * (1 << 20) // (8 * max(cols.size // max(len(cols), 1), 1)
-                                                          * self.queries.shape[1])))
+        step = max(1, int(self.block_mb * (1 << 18) // (8 * max(cols.size // max(len(cols), 1), 1)
+                                                          * self.queries.shape[1])))  # a quarter block
         for start in range(0, len(cols), step):
             part = slice(start, start + step)
             q = torch.from_numpy(self.queries[queries[part]]).double()
