@@ -95,20 +95,21 @@ def test_recall_counts_padding_as_miss():
     assert recall_at_k(neighbour_labels(knn, np.array([0])), np.array([0]), 2) == 0.0
 
 
+def tied_rows(min_gallery: int, max_gallery: int, *, k_below_gallery: bool):
+    """(rows, k): up to 6 queries' scores over one gallery, few distinct values (many ties, straddling the cut), and
+    a K up to the gallery's size (or one below it, where an item must be left out at the cut)."""
+    def rows_and_k(q: int, g: int):
+        rows = st.lists(st.lists(st.integers(0, 3), min_size=g, max_size=g), min_size=q, max_size=q)
+        return st.tuples(rows, st.integers(1, g - 1 if k_below_gallery else g))
+    return st.integers(1, 6).flatmap(
+        lambda q: st.integers(min_gallery, max_gallery).flatmap(lambda g: rows_and_k(q, g)))
+
+
 @settings(max_examples=60, deadline=None)
-@given(
-    st.integers(1, 6).flatmap(
-        lambda q: st.integers(1, 9).flatmap(
-            lambda g: st.tuples(
-                st.lists(st.lists(st.integers(0, 3), min_size=g, max_size=g), min_size=q, max_size=q),
-                st.integers(1, g),
-            )
-        )
-    )
-)
+@given(tied_rows(1, 9, k_below_gallery=False))
 def test_knn_equals_stable_full_sort(data):
     rows, k = data
-    scores = np.array(rows, dtype=np.float32)  # few distinct values: many ties, straddling the cut
+    scores = np.array(rows, dtype=np.float32)
     expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     assert knn(scores, k).tolist() == expected.tolist()
 
@@ -127,16 +128,7 @@ class NoisyChoice(ScoreMatrix):
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    st.integers(1, 6).flatmap(
-        lambda q: st.integers(2, 12).flatmap(
-            lambda g: st.tuples(
-                st.lists(st.lists(st.integers(0, 3), min_size=g, max_size=g), min_size=q, max_size=q),
-                st.integers(1, g - 1),
-            )
-        )
-    )
-)
+@given(tied_rows(2, 12, k_below_gallery=True))
 def test_knn_is_exact_when_the_candidates_were_chosen_by_inexact_scores(data):
     rows, k = data
     scores = np.array(rows, dtype=np.float32) * 0.25  # steps of 0.25: within the noise's reach

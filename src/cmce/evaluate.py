@@ -410,11 +410,17 @@ def write_evaluation(out_dir: Path, data: EvalData, metrics: Metrics, rejection_
         write_reports(metrics, data.versions, tmp, rejection_far)
 
 
+def items_answered_from(gallery_items: int, *, own_image_left_out: bool) -> int:
+    """The gallery items a query is ranked among: where the queries are the gallery's images (leave-one-out), each
+    is answered from the others. An R@K with K at least this many cannot miss (K = 11 of 12 items scored 1.0 beside
+    an R@1 of 0.33)."""
+    return gallery_items - 1 if own_image_left_out else gallery_items
+
+
 def check_recall_k(recall_k: Sequence[int], gallery_items: int, gallery: str, *, own_image_left_out: bool) -> None:
-    """R@K with K at least the items a query is answered from is 1 for every query that has a match: a column that
-    measures nothing, refused before the work (as the gate refuses such a metric). Where the queries are the
-    gallery's images, each is answered from the others (K = 11 of 12 items scored 1.0 beside an R@1 of 0.33)."""
-    answered_from = gallery_items - 1 if own_image_left_out else gallery_items
+    """R@K that cannot miss (K ≥ `items_answered_from`) is 1 for every query that has a match: a column that
+    measures nothing, refused before the work (as the gate refuses such a metric)."""
+    answered_from = items_answered_from(gallery_items, own_image_left_out=own_image_left_out)
     vacuous = [k for k in recall_k if k >= answered_from]
     if vacuous:
         shown = ", ".join(f"R@{k}" for k in vacuous)

@@ -30,7 +30,7 @@ from cmce.data.prepare import prepare_dataset
 from cmce.data.readers import dataset_info
 from cmce.data.sources import fetch_source
 from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model, merge_shards
-from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate
+from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate, items_answered_from
 from cmce.index import INDEX_FILES, build_index
 from cmce.layout import RunLayout, pair_transformations
 from cmce.output_checks import check_output
@@ -523,8 +523,8 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     # measured first: each gallery must be its whole split before its size means anything
     baseline = measured(inp.baseline_query_model, inp.baseline_gallery)
     candidate = measured(inp.query_model, inp.gallery)
-    # the items a query is answered from: a gallery of the queries' own split leaves each query's image out
-    smallest = min(pq.ParquetFile(p).metadata.num_rows - (read_metadata(p).get("split") == g.split)
+    smallest = min(items_answered_from(pq.ParquetFile(p).metadata.num_rows,
+                                       own_image_left_out=read_metadata(p).get("split") == g.split)
                    for p in (inp.baseline_gallery, inp.gallery))
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
