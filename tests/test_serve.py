@@ -944,6 +944,21 @@ def test_images_are_searched_upright_as_their_exif_orientation_says(world):
     np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-6)
 
 
+def test_an_animation_is_searched_by_its_first_frame_and_the_answer_says_so(world):
+    """`cmce search` warned that only an animation's first frame is searched; the server answered it in silence."""
+    server = world[3]
+    first, later = (np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8) for seed in (6, 7))
+    still, animated = io.BytesIO(), io.BytesIO()
+    Image.fromarray(first).save(still, format="PNG")
+    Image.fromarray(first).save(animated, format="GIF", save_all=True, append_images=[Image.fromarray(later)])
+    res = server.search(images=[b64(still.getvalue()), b64(animated.getvalue())], k=5)
+    assert res.status_code == 200, res.text
+    assert res.json()["warnings"] == ["images[1]: an animation or a multi-page image; its first frame is searched"]
+    want, got = (r["hits"] for r in res.json()["results"])
+    assert [h["id"] for h in got] == [h["id"] for h in want]
+    assert server.search(images=[b64(still.getvalue())], k=5).json()["warnings"] == []
+
+
 @pytest.mark.parametrize("stdout", ["closed", "a pipe nobody reads"])
 def test_serve_with_standard_output_closed_logs_where_it_listens(world, tmp_path, stdout):
     """`cmce serve ... >&-` (how some init scripts start daemons): printing the URL to the missing standard output

@@ -281,16 +281,17 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
         if req.k > limits.max_k:
             raise RequestError("k", f"{req.k} is over the {limits.max_k} neighbours a query may ask for (--max-k)")
         faiss.omp_set_num_threads(search_threads)  # an OpenMP setting of the calling thread: set in each worker
+        warnings: list[str] = []  # what the answer must say about its queries (an image's first frame only)
         if req.embeddings is not None:
             queries = embeddings_query(req.embeddings, req.query_model_sha256, served, limits)
         else:
             if req.query_model_sha256:
                 check_query_model(req.query_model_sha256, served, "images sent for", "send the served model's "
                                   "sha256 (GET /version), or none")
-            queries = images_query(req.images or [], served, limits)
+            queries, warnings = images_query(req.images or [], served, limits)
         results = answer(served, queries, req.k, classes)
         metrics.queries.labels("embeddings" if req.embeddings is not None else "images").inc(len(results))
         return {"index_version": served.version, "query_model_sha256": served.index.meta["query_model_sha256"],
-                "results": results}
+                "results": results, "warnings": warnings}
 
     return app

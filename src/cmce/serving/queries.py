@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmce.data.codec import decode_image
+from cmce.data.codec import decode_image_as_found
 from cmce.embed import embed_batch
 from cmce.index import search
 from cmce.method import normalize
@@ -88,11 +88,12 @@ def embeddings_query(rows: list[list[float]], sha256: str | None, served: Served
     return q
 
 
-def images_query(images: list[str], served: Served, limits: Limits) -> np.ndarray:
-    """Base64 PNG/JPEG images decoded and embedded by the served query model."""
+def images_query(images: list[str], served: Served, limits: Limits) -> tuple[np.ndarray, list[str]]:
+    """Base64 PNG/JPEG images decoded and embedded by the served query model, and what the answer must say about
+    them: of an animation or a multi-page image only the first frame is searched (as `cmce search` warns)."""
     check_count("images", len(images), limits)
     model = served.model
-    arrays = []
+    arrays, warnings = [], []
     for i, text in enumerate(images):
         field = f"images[{i}]"
         try:  # line breaks are whitespace in MIME base64 (what `base64 FILE` prints); any other junk is refused
@@ -100,10 +101,13 @@ def images_query(images: list[str], served: Served, limits: Limits) -> np.ndarra
         except (binascii.Error, ValueError) as err:
             raise RequestError(field, f"not valid base64: {err}") from None
         try:
-            arrays.append(decode_image(data, model.in_channels, model.image_size, field))
+            arr, (_, _, _, animated) = decode_image_as_found(data, model.in_channels, model.image_size, field)
         except ValueError as err:  # DataError: names the field, says what is wrong with the image
             raise RequestError(field, str(err).removeprefix(f"{field}: ")) from None
-    return embed_batch(model, torch.from_numpy(np.stack(arrays)))
+        arrays.append(arr)
+        if animated:
+            warnings.append(f"{field}: an animation or a multi-page image; its first frame is searched")
+    return embed_batch(model, torch.from_numpy(np.stack(arrays))), warnings
 
 
 def answer(served: Served, queries: np.ndarray, k: int, classes: list[str] | None) -> list[dict]:
