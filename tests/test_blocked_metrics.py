@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,7 @@ from cmce import metrics
 from cmce.config import EvaluateConfig
 from cmce.evaluate import kept_gallery_errors, measure_with_rejection, rejection_families
 from cmce.metrics import Family, measure, retrieval_metrics
-from cmce.scores import InnerProducts, ScoreMatrix, Scores, rows_per_block
+from cmce.scores import InnerProducts, ScoreMatrix, Scores, candidate_error, rows_per_block
 from tests import dense_oracle as oracle
 
 KS = [1, 2, 3, 5]
@@ -143,6 +144,34 @@ def test_a_pair_scores_the_same_whatever_is_scored_with_it():
             assert np.array_equal(src.rows(rows, reuse=True).numpy(), whole[rows])
     vals, idx = src.candidates(np.arange(64), 5)  # faiss's choice, scored as `rows` scores
     assert np.array_equal(vals.numpy(), np.take_along_axis(whole, idx.numpy(), 1))
+
+
+class OneStepApart(InnerProducts):
+    """A GPU's candidates: the float64 products of a matmul of another shape, summed in another order, so a score
+    on a float32 rounding boundary comes back one float32 step from the one `rows` gives (here: each candidate's
+    score one step down, the duplicate item's one step up)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.candidate_error = candidate_error(self.queries, self.gallery, torch.device("cuda"))
+
+    def candidates(self, queries, k):
+        vals, idx = Scores.candidates(self, queries, k)
+        step = torch.where(idx == self.n_gallery - 1, math.inf, -math.inf)
+        return torch.nextafter(vals, step), idx
+
+
+def test_candidates_one_float32_step_off_give_the_exact_neighbours():
+    """On a GPU the candidates' scores and the full rows come from matmuls of other shapes; with no slack for that
+    (candidate_error 0 there) a tie at the cut went unnoticed and the duplicate item could take the first place."""
+    queries, gallery, _, _ = duplicated()
+    src = OneStepApart(queries, gallery)
+    expected = np.argsort(-src.rows(np.arange(64)).numpy(), axis=1, kind="stable")[:, :1]
+    assert (expected[:, 0] == 0).all()  # the tie rule: item 0 before its duplicate
+    assert np.array_equal(metrics.exact_neighbours(src, np.arange(64), 1, step=8), expected)
+    scores = src.rows(np.arange(64)).numpy()
+    assert src.candidate_error >= np.spacing(np.abs(scores).max()) > 0  # one float32 step of the largest score
+    assert candidate_error(queries, gallery, torch.device("cpu")) > 64 * 2.0 ** -24  # faiss's float32 error
 
 
 @pytest.mark.parametrize("faiss_knn", [True, False])

@@ -117,6 +117,17 @@ class ScoreMatrix(Scores):
         return _counts_from_rows(self, query_labels, gallery_labels, keep, self.block_mb)
 
 
+def candidate_error(queries: np.ndarray, gallery: np.ndarray, device: torch.device) -> float:
+    """How far a score that InnerProducts' `candidates` chose by may be from the one `rows` gives, for scores of
+    at most ‖q‖‖g‖ (the rows' largest norms). On the CPU faiss chooses by float32 dot products, within
+    d·2^-24·‖q‖‖g‖ of the exact ones, and ours are within half a float32 step of those. On a GPU both are float64
+    products rounded to float32, but from matmuls of other shapes: the library may sum in another order for
+    each, and a product on a float32 rounding boundary then rounds one step (2^-23·‖q‖‖g‖ at most) apart."""
+    norms = [float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a), initial=0.0))) for a in (queries, gallery)]
+    steps = (queries.shape[1] + 1) * 2.0 ** -24 if device.type == "cpu" else 2.0 ** -23
+    return 1.01 * steps * norms[0] * norms[1]
+
+
 @dataclass
 class InnerProducts(Scores):
     """Scores = inner products of query rows with gallery rows, computed when asked for.
@@ -154,12 +165,7 @@ class InnerProducts(Scores):
         self._buffer64: torch.Tensor | None = None
         # faiss searches thousands of queries per call far faster than a few hundred
         self.knn_rows = 8192 if self.device.type == "cpu" else rows_per_block(self.n_gallery, self.block_mb)
-        if self.device.type == "cpu":
-            # a float32 dot product of d terms is within d·2^-24·‖q‖‖g‖ of the exact one (faiss's), ours within
-            # half a float32 step of it
-            norms = [float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a), initial=0.0))) for a in (self.queries,
-                                                                                                self.gallery)]
-            self.candidate_error = 1.01 * (self.queries.shape[1] + 1) * 2.0 ** -24 * norms[0] * norms[1]
+        self.candidate_error = candidate_error(self.queries, self.gallery, self.device)
 
     def rows(self, queries: np.ndarray, reuse: bool = False) -> torch.Tensor:
         """`reuse`: write into one buffer kept for the next call (the result is overwritten then); saves a
