@@ -166,3 +166,16 @@ def test_the_first_vector_math_call_of_a_process_is_reproducible():
     runs = [subprocess.run([sys.executable, "-c", FIRST_SQRT.format(setup="import cmce.device")],
                            capture_output=True, text=True, check=True).stdout for _ in range(12)]
     assert runs == [reference] * 12
+
+
+def test_a_rank_beyond_the_visible_gpus_is_refused_naming_local_rank(gpu, monkeypatch):
+    """Two ranks on a node that shows each process one GPU (CUDA_VISIBLE_DEVICES): rank 1 died with CUDA's
+    "invalid device ordinal" from deep in torch."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail(f"set_device({i}) was tried"))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500", "CUDA_VISIBLE_DEVICES": "3"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"^environment variable LOCAL_RANK=1: this rank would use GPU 1, but torch "
+                                         r"sees 1 \(CUDA_VISIBLE_DEVICES=3\)"):
+        ddp.init_from_env("nccl")

@@ -179,7 +179,12 @@ def init_from_env(backend: str | None = None) -> Context:
         raise RuntimeError("this torch build has no torch.distributed; cannot train data-parallel")
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, visible = _env_count("LOCAL_RANK", "0"), torch.cuda.device_count()
+        if local >= visible:  # torch's own message was "invalid device ordinal", from deep in CUDA
+            raise ValueError(f"environment variable LOCAL_RANK={local}: this rank would use GPU {local}, but torch "
+                             f"sees {visible} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')});"
+                             " start at most one rank per visible GPU (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local)
     timeout = ddp_timeout_s()
     # nothing else is logged until every rank has joined: say what it waits for, and for how long at most
     log.info("joining %s ranks at %s:%s (rank %s); waiting up to %.0f s for the others (CMCE_DDP_TIMEOUT_S)",
