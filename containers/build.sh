@@ -6,8 +6,14 @@
 # Env: CONTAINER_TOOL (podman|docker), CPU_BASE_IMAGE, CUDA_BASE_IMAGE, IMAGE_PREFIX (default localhost/cmce)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=${1:-cpu}
-smoke=${2:-}
+target= smoke=
+for arg in "$@"; do  # --smoke in either place: `build.sh --smoke` took it for the target
+  case "$arg" in
+    --smoke) smoke=--smoke ;;
+    *) [ -z "$target" ] || { echo "usage: $0 [cpu|cuda|all] [--smoke] (one target)" >&2; exit 2; }; target=$arg ;;
+  esac
+done
+target=${target:-cpu}
 tool=${CONTAINER_TOOL:-$(command -v podman || command -v docker || true)}
 [ -n "$tool" ] || { echo "build.sh: neither podman nor docker found" >&2; exit 2; }
 prefix=${IMAGE_PREFIX:-localhost/cmce}
