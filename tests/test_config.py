@@ -612,3 +612,17 @@ def test_a_path_too_long_for_the_file_system_is_named_by_its_key(tmp_path, path,
     assert len(str(err.value)) < 300
     with pytest.raises(ConfigError, match=r"data.path: '/tmp/xxx.*too long for the file system"):
         load_config(SMOKE, {"data.path": "/tmp/" + "x" * 300})
+
+
+@pytest.mark.parametrize("overrides, said", [
+    ({"gallery_models": {"a\n": None}}, r"--set gallery_models: gallery_models\['a\\n'\]: expected a mapping"),
+    ({"gallery_models": {"\n": {"": None}}}, r"--set gallery_models: gallery_models\['\\n'\]: unknown key"),
+    ({"output_dir": "~\n"}, r"--set output_dir: '~\\n': no such user's home folder"),
+])
+def test_a_line_break_in_a_model_name_or_path_stays_inside_the_one_line_message(overrides, said):
+    """The fuzz test's rare draws: the name or path went into the message as it was, its line break with it."""
+    from tests.conftest import SMOKE
+
+    with pytest.raises(ConfigError, match=said) as err:
+        load_config(SMOKE, overrides)
+    assert "\n" not in str(err.value)

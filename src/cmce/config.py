@@ -96,6 +96,12 @@ def check_model_name(name: str, key: str) -> str:
     return name
 
 
+def model_key(key: str, name: Any) -> str:
+    """How a message names the model `name` of the mapping at `key`: `key.name`, or `key[<name quoted>]` where the
+    name is no model name (a line break in it broke the message's one line)."""
+    return f"{key}.{name}" if isinstance(name, str) and MODEL_NAME.fullmatch(name) else f"{key}[{shown(name)}]"
+
+
 def model_keys(key: str, specs: Any) -> list[str]:
     """How a message names each entry of `specs`, the raw list of models at `key` (gallery_models): by name,
     `gallery_models.<name>`, as `--set gallery_models.<name>.<key>` addresses it and a params file keys it (its
@@ -453,9 +459,9 @@ def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
         listed = []
         for name, spec in models.items():
             if not isinstance(spec, dict):
-                raise ConfigError(f"gallery_models.{name}: expected a mapping, got {type(spec).__name__}")
+                raise ConfigError(f"{model_key('gallery_models', name)}: expected a mapping, got {type(spec).__name__}")
             if spec.get("name", name) != name:
-                raise ConfigError(f"gallery_models.{name}: its name key says {spec['name']!r}")
+                raise ConfigError(f"{model_key('gallery_models', name)}: its name key says {shown(spec['name'])}")
             listed.append({"name": name, **spec})
         raw["gallery_models"] = listed
     listed = raw.get("gallery_models")
@@ -480,7 +486,8 @@ def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
         cfg.data.path = os.path.expanduser(cfg.data.path)
     for key, value in (("output_dir", cfg.output_dir), ("data.path", cfg.data.path)):
         if value is not None and value.startswith("~"):  # ~nosuchuser would be a folder in the working folder
-            raise ConfigError(f"{where}: {key}: {value}: no such user's home folder")
+            shown_value = value if value.isprintable() else shown(value)  # a line break kept the message one line
+            raise ConfigError(f"{where}: {key}: {shown_value}: no such user's home folder")
         if value is not None and (too_long := path_too_long(value)):  # `[Errno 36]` and 4.5 KB naming no key
             raise ConfigError(f"{where}: {key}: {too_long}")
     return cfg
@@ -588,7 +595,7 @@ def _config_fields(tp: Any) -> dict[str, Any] | None:
 def _check_value_keys(dotted: str, at: str, tp: Any, value: Any) -> None:
     """The keys of a mapping value set at `at`, a section of type `tp` (recursively), and of gallery models'."""
     if tp == list[ModelSpec]:
-        specs = ([(f"{at}.{name}", spec) for name, spec in value.items()] if isinstance(value, dict) else
+        specs = ([(model_key(at, name), spec) for name, spec in value.items()] if isinstance(value, dict) else
                  list(zip(model_keys(at, value), value, strict=True)) if isinstance(value, list) else [])
         for where, spec in specs:
             _check_value_keys(dotted, where, ModelSpec, spec)
