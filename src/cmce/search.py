@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
-from cmce.data.codec import decode_image_as_found
+from cmce.data.codec import FIRST_FRAME_ONLY, decode_image_as_found
 from cmce.data.loader import same_split, source_of, split_ids_labels
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
@@ -120,7 +120,7 @@ def read_query_image(model: EmbeddingModel, name: str, path: Path) -> np.ndarray
     arr, (width, height, mode, animated) = decode_image_as_found(path.read_bytes(), model.in_channels,
                                                                  model.image_size, name)
     if animated:
-        log.warning("%s: an animation or a multi-page image; its first frame is searched", name)
+        log.warning("%s: %s", name, FIRST_FRAME_ONLY)
     want = "L" if model.in_channels == 1 else "RGB"
     if (width, height, mode) != (model.image_size, model.image_size, want):
         size = model.image_size

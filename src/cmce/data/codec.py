@@ -231,6 +231,10 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
     return decode_image_as_found(data, channels, size, origin)[0]
 
 
+# what a search says of an image with more frames or pages than the one it reads (cmce search logs it, serve answers it)
+FIRST_FRAME_ONLY = "an animation or a multi-page image; its first frame is searched"
+
+
 def decode_image_as_found(data: bytes, channels: int, size: int, origin: str
                           ) -> tuple[np.ndarray, tuple[int, int, str, bool]]:
     """decode_image's array, and the image as found before conversion: (width, height, PIL mode, whether it has

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmce.data.codec import decode_image_as_found
+from cmce.data.codec import FIRST_FRAME_ONLY, decode_image_as_found
 from cmce.embed import embed_batch
 from cmce.index import search
 from cmce.method import normalize
@@ -106,7 +106,7 @@ def images_query(images: list[str], served: Served, limits: Limits) -> tuple[np.
             raise RequestError(field, str(err).removeprefix(f"{field}: ")) from None
         arrays.append(arr)
         if animated:
-            warnings.append(f"{field}: an animation or a multi-page image; its first frame is searched")
+            warnings.append(f"{field}: {FIRST_FRAME_ONLY}")
     return embed_batch(model, torch.from_numpy(np.stack(arrays))), warnings
 
 
