@@ -953,10 +953,29 @@ def test_an_animation_is_searched_by_its_first_frame_and_the_answer_says_so(worl
     Image.fromarray(first).save(animated, format="GIF", save_all=True, append_images=[Image.fromarray(later)])
     res = server.search(images=[b64(still.getvalue()), b64(animated.getvalue())], k=5)
     assert res.status_code == 200, res.text
-    assert res.json()["warnings"] == ["images[1]: an animation or a multi-page image; its first frame is searched"]
+    assert res.json()["warnings"] == ["images[1]: an animation or a multi-page image; its first frame is searched",
+                                      "images[1]: 8×8 palette, read as the query model's 8×8 grey"]
     want, got = (r["hits"] for r in res.json()["results"])
     assert [h["id"] for h in got] == [h["id"] for h in want]
     assert server.search(images=[b64(still.getvalue())], k=5).json()["warnings"] == []
+
+
+def test_an_image_of_another_size_or_mode_is_converted_and_the_answer_says_so(world):
+    """`cmce search` warned that a colour photo or an image of another size is converted to what the query model
+    reads (a colour photo searched with a grey model is a likely mistake); the server converted in silence."""
+    server = world[3]
+    grey = np.random.default_rng(8).integers(0, 256, (8, 8), dtype=np.uint8)
+    pngs = []
+    for img in (Image.fromarray(grey), Image.fromarray(grey).convert("RGB"), Image.fromarray(grey).resize((16, 12))):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs.append(b64(buf.getvalue()))
+    res = server.search(images=pngs, k=5)
+    assert res.status_code == 200, res.text
+    assert res.json()["warnings"] == ["images[1]: 8×8 RGB, read as the query model's 8×8 grey",
+                                      "images[2]: 16×12 grey, read as the query model's 8×8 grey"]
+    exact, colour = (r["hits"] for r in res.json()["results"][:2])
+    assert [h["id"] for h in colour] == [h["id"] for h in exact]  # grey as RGB converts back to the same pixels
 
 
 @pytest.mark.parametrize("stdout", ["closed", "a pipe nobody reads"])

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
-from cmce.data.codec import FIRST_FRAME_ONLY, decode_image_as_found
+from cmce.data.codec import FIRST_FRAME_ONLY, conversion_note, decode_image_as_found
 from cmce.data.loader import same_split, source_of, split_ids_labels
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
@@ -110,22 +110,14 @@ def hit_lists(result: SearchResult, labels: np.ndarray, classes: list[str] | Non
     return out
 
 
-MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette", "PA": "palette with alpha",
-              "I": "32-bit grey", "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey"}
-
-
 def read_query_image(model: EmbeddingModel, name: str, path: Path) -> np.ndarray:
-    """A query image file as the model reads it; one of another size or mode is converted, and said so once: a
-    colour photo searched with a grey model is a likely mistake."""
-    arr, (width, height, mode, animated) = decode_image_as_found(path.read_bytes(), model.in_channels,
-                                                                 model.image_size, name)
-    if animated:
+    """A query image file as the model reads it; one of another size or mode is converted, and said so once."""
+    arr, found = decode_image_as_found(path.read_bytes(), model.in_channels, model.image_size, name)
+    if found[3]:
         log.warning("%s: %s", name, FIRST_FRAME_ONLY)
-    want = "L" if model.in_channels == 1 else "RGB"
-    if (width, height, mode) != (model.image_size, model.image_size, want):
-        size = model.image_size
-        log.warning("%s: %d×%d %s, read as the query model's %d×%d %s", name, width, height,
-                    MODE_NAMES.get(mode, mode), size, size, MODE_NAMES.get(want, want))
+    note = conversion_note(found, model.in_channels, model.image_size)
+    if note:
+        log.warning("%s: %s", name, note)
     return arr
 
 

@@ -234,6 +234,20 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
 # what a search says of an image with more frames or pages than the one it reads (cmce search logs it, serve answers it)
 FIRST_FRAME_ONLY = "an animation or a multi-page image; its first frame is searched"
 
+MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette", "PA": "palette with alpha",
+              "I": "32-bit grey", "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey"}
+
+
+def conversion_note(found: tuple[int, int, str, bool], channels: int, size: int) -> str | None:
+    """What a search says of a query image of another size or mode than the query model reads (decode_image_as_found's
+    `found`), None when it needed no conversion: a colour photo searched with a grey model is a likely mistake."""
+    width, height, mode, _ = found
+    want = "L" if channels == 1 else "RGB"
+    if (width, height, mode) == (size, size, want):
+        return None
+    return (f"{width}×{height} {MODE_NAMES.get(mode, mode)}, read as the query model's {size}×{size} "
+            f"{MODE_NAMES.get(want, want)}")
+
 
 def decode_image_as_found(data: bytes, channels: int, size: int, origin: str
                           ) -> tuple[np.ndarray, tuple[int, int, str, bool]]:

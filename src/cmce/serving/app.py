@@ -281,7 +281,7 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
         if req.k > limits.max_k:
             raise RequestError("k", f"{req.k} is over the {limits.max_k} neighbours a query may ask for (--max-k)")
         faiss.omp_set_num_threads(search_threads)  # an OpenMP setting of the calling thread: set in each worker
-        warnings: list[str] = []  # what the answer must say about its queries (an image's first frame only)
+        warnings: list[str] = []  # what the answer must say about its queries (first frame only, converted)
         if req.embeddings is not None:
             queries = embeddings_query(req.embeddings, req.query_model_sha256, served, limits)
         else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmce.data.codec import FIRST_FRAME_ONLY, decode_image_as_found
+from cmce.data.codec import FIRST_FRAME_ONLY, conversion_note, decode_image_as_found
 from cmce.embed import embed_batch
 from cmce.index import search
 from cmce.method import normalize
@@ -90,7 +90,8 @@ def embeddings_query(rows: list[list[float]], sha256: str | None, served: Served
 
 def images_query(images: list[str], served: Served, limits: Limits) -> tuple[np.ndarray, list[str]]:
     """Base64 PNG/JPEG images decoded and embedded by the served query model, and what the answer must say about
-    them: of an animation or a multi-page image only the first frame is searched (as `cmce search` warns)."""
+    them, as `cmce search` warns: of an animation or a multi-page image only the first frame is searched, and one of
+    another size or mode than the model reads is converted (a colour photo to a grey model's pixels)."""
     check_count("images", len(images), limits)
     model = served.model
     arrays, warnings = [], []
@@ -101,12 +102,15 @@ def images_query(images: list[str], served: Served, limits: Limits) -> tuple[np.
         except (binascii.Error, ValueError) as err:
             raise RequestError(field, f"not valid base64: {err}") from None
         try:
-            arr, (_, _, _, animated) = decode_image_as_found(data, model.in_channels, model.image_size, field)
+            arr, found = decode_image_as_found(data, model.in_channels, model.image_size, field)
         except ValueError as err:  # DataError: names the field, says what is wrong with the image
             raise RequestError(field, str(err).removeprefix(f"{field}: ")) from None
         arrays.append(arr)
-        if animated:
+        if found[3]:
             warnings.append(f"{field}: {FIRST_FRAME_ONLY}")
+        note = conversion_note(found, model.in_channels, model.image_size)
+        if note:
+            warnings.append(f"{field}: {note}")
     return embed_batch(model, torch.from_numpy(np.stack(arrays))), warnings
 
 
