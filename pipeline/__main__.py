@@ -161,7 +161,7 @@ def _check_settings_fit_the_run(args: argparse.Namespace, inputs: dict, cfg: Con
     try:
         made = load_checkpoint(query, EMBEDDING_FORMAT)
         source = dataset_info(dataset).get("source")
-    except (OSError, ValueError):  # not a model or not a dataset: its task says so, as for any other input
+    except (OSError, ValueError):  # not a model: its task says so (the dataset is checked with the inputs)
         return
     differ = [f"data.source={source}"] if source in SOURCES and source != cfg.data.source else []
     if (made.get("image_size"), made.get("in_channels")) != (cfg.data.image_size, cfg.data.channels):
@@ -247,10 +247,13 @@ def tracking_store(root: Path) -> str:
 def run_local(args: argparse.Namespace) -> Path:
     """Run the whole DAG on this machine with kfp.local's subprocess runner (the embedded default)."""
     root = Path(args.root).resolve()
-    inputs = Path(args.inputs_from).resolve() if getattr(args, "inputs_from", None) else None
-    if inputs is not None and (root == inputs or inputs in root.parents):  # the run's files went among its inputs
-        raise ValueError(f"--root {args.root} is inside --inputs-from {args.inputs_from}: the run would write into "
-                         "the run folder it reads; give a root elsewhere")
+    for key in ("inputs_from", *INPUT_URIS):  # the run's files went among its inputs
+        given = getattr(args, key, None)
+        inputs = Path(given).resolve() if given and not URI_SCHEME.match(given) else None
+        if inputs is not None and (root == inputs or inputs in root.parents):
+            what = "the run folder" if key == "inputs_from" else "an input"
+            raise ValueError(f"--root {args.root} is inside --{key.replace('_', '-')} {given}: the run would write "
+                             f"into {what} it reads; give a root elsewhere")
     found = next(p for p in (root, *root.parents) if p.exists())
     if not found.is_dir():  # was `[Errno 17] File exists`, naming no flag
         raise ValueError(f"--root {args.root}: {'is a file' if found == root else f'{found} is a file'}, not a folder")
@@ -349,6 +352,8 @@ def check_host(host: str) -> None:
     except requests.RequestException as err:
         reason = type(err).__name__ if isinstance(err, requests.ConnectionError | requests.Timeout) else err
         raise ValueError(f"--host {host}: cannot reach the KFP API ({reason} on {url})") from None
+    except ValueError as err:  # urllib3's LocationParseError (`http://a..b`), past requests' own URL checks
+        raise ValueError(f"--host {host}: not a usable URL ({err})") from None
     if answer.status_code in (401, 403) or answer.is_redirect:
         return
     try:
@@ -372,12 +377,26 @@ def submit_arguments(args: argparse.Namespace) -> dict:
         log.warning("no --mlflow-uri (nor MLFLOW_TRACKING_URI): the run is tracked nowhere and registers no model")
         return out
     parts = urlsplit(uri)
+    if uri == "databricks" or parts.scheme == "databricks":  # was `a store on this machine`
+        raise ValueError(f"{named} {uri}: a Databricks workspace, whose credentials the cluster's tasks do not get "
+                         "(their Secret gives MLflow's and S3's, not DATABRICKS_HOST/DATABRICKS_TOKEN); give the "
+                         "tracking server's http(s):// URI")
     if parts.scheme in ("", "file", "sqlite"):
         raise ValueError(f"{named} {uri}: a store on this machine, which the cluster's tasks cannot reach; give the "
                          "tracking server's http(s):// URI")
+    if parts.scheme not in ("http", "https"):  # ftp:// (MLflow keeps no runs there), mlflow-artifacts:, a database
+        raise ValueError(f"{named} {uri}: not a tracking server's URI ({parts.scheme}:); give the tracking server's "
+                         "http(s):// URI, which the cluster's tasks reach")
     if parts.username or parts.password:  # run arguments are shown in the KFP UI and kept with the run
         raise ValueError(f"{named}: credentials in the URI would be shown with the run; the tasks read "
                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from the cluster's Secret")
+    try:
+        port = parts.port  # `:99999`, `:x`: a ValueError
+    except ValueError:
+        port = 0
+    if not parts.hostname or port == 0:
+        raise ValueError(f"{named} {uri}: {'no host' if not parts.hostname else 'not a port 1 to 65535'}; give the "
+                         "tracking server's http(s)://host[:port] URI")
     out["mlflow_uri"] = uri
     return out
 
@@ -473,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "here, not a URI; the local runner keeps its artifacts on this machine")
         if args.command == "compile":
             if not args.out_dir.is_dir():
-                raise ValueError(f"--out-dir {args.out_dir}: no such folder")
+                why = "not a folder" if args.out_dir.exists() else "no such folder"
+                raise ValueError(f"--out-dir {args.out_dir}: {why}")
             for name, package in PACKAGES.items():
                 log.info("wrote %s", compile_pipeline(args.out_dir / package.name, name))
         elif args.command == "run":

@@ -62,9 +62,12 @@ def lifecycle_inputs(args: argparse.Namespace) -> dict:
         if scheme and args.command == "run":  # kfp.local maps s3://b/k to the path /s3/b/k, which nothing mounts
             raise ValueError(f"{sources[key]} {uri}: the local runner reads local paths only; copy it here, or "
                              "submit the run to a cluster, whose tasks read it")
-    for key, uri in uris.items():  # a bad local input failed in a task, with a traceback, after 3 tries
-        if URI_SCHEME.match(uri):
-            continue
+    local = [key for key, uri in uris.items() if not URI_SCHEME.match(uri)]
+    if local and args.command != "run":  # a `cmce run` folder, or `--dataset-uri d.parquet` beside s3:// files
+        raise ValueError(f"{sources[local[0]]}: {uris[local[0]]} is a path on this machine, which a cluster's tasks "
+                         f"cannot read; give its s3:// URI with --{local[0].replace('_', '-')}")
+    for key in local:  # a bad local input failed in a task, with a traceback, after 3 tries
+        uri = uris[key]
         path = Path(uri)
         if not path.exists():
             raise ValueError(f"{sources[key]}: {uri} not found (a run folder `cmce run` finished?)")
@@ -72,6 +75,13 @@ def lifecycle_inputs(args: argparse.Namespace) -> dict:
         if path.is_dir() != folder:
             raise ValueError(f"{sources[key]}: {uri} is {'not a folder' if folder else 'a folder, not a file'}"
                              f"{' (one file per gallery model expected)' if folder else ''}")
+        if key == "dataset_uri":  # `--dataset-uri params.yaml` was taken, for its tasks to refuse
+            from cmce.data.readers import open_dataset
+
+            try:
+                open_dataset(path)
+            except ValueError as err:  # it names the file; the flag it came from is said first
+                raise ValueError(f"{sources[key]}: {err}") from None
     if not any(URI_SCHEME.match(uri) for uri in uris.values()):
         _check_inputs_agree(args.pipeline, out, sources)
     return out

@@ -90,9 +90,14 @@ def _after_lifecycle_run(run_dir: Path, out: dict, later: tuple[Path, ...]) -> d
         baseline = Path(said["baseline_gallery"])  # <run>/<task>/gallery (a KFP run) or <run>/gallery.parquet
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{decision}: not a readable gate decision ({type(err).__name__}: {err})") from None
+    wrong = next((f"{key}: {what} expected, not {json.dumps(said[key])[:40]}" for key, kind, what in
+                  (("promoted", bool, "true or false"), ("regressed", list, "a list"))
+                  if key in said and not isinstance(said[key], kind)), None)
+    if wrong:  # as the gate writes it; `"regressed": true` ended in a TypeError traceback
+        raise ValueError(f"{decision}: not a readable gate decision ({wrong})")
     if not said.get("promoted"):
         log.warning("%s: its gate did not promote the gallery it made (regressed on %s); it is taken all the same",
-                    run_dir, ", ".join(map(str, said.get("regressed") or [])) or "nothing")
+                    run_dir, ", ".join(map(str, said.get("regressed", []))) or "nothing")
     before = (baseline.parent.parent if is_kfp_run(baseline.parent.parent) else baseline.parent).resolve()
     if before in (run_dir, *later):  # decisions edited by hand
         raise ValueError(f"{run_dir}: the runs it started from lead back to {before}; {GIVE_FILES}")

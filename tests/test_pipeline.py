@@ -491,6 +491,7 @@ def test_mlflow_has_runs_and_loads_registered_query_model(kfp_run):
     (["run", "--local", "--params", "{tmp}/empty_list.yaml"], "empty_list.yaml: top level must be a mapping of "
                                                                "settings, not a YAML list"),
     (["compile", "--out-dir", "{tmp}/no/such"], "--out-dir {tmp}/no/such: no such folder"),
+    (["compile", "--out-dir", "{tmp}/list.yaml"], "--out-dir {tmp}/list.yaml: not a folder"),  # was `no such`
     # a URI as a local path: `./s3:/b/r` was made in the working folder and filled with a whole run, exit 0
     (["run", "--local", "--root", "s3://b/r"], "--root s3://b/r: a local folder is read here, not a URI"),
     (["run", "--local", "--params", "s3://b/p.yaml"], "--params s3://b/p.yaml: a local file is read here, not a URI"),
@@ -561,7 +562,14 @@ def test_a_submitted_run_logs_to_the_tracking_server_given(monkeypatch, caplog):
         assert "mlflow_uri" not in arguments()
     assert "the run is tracked nowhere and registers no model" in caplog.text
     for uri, said in (("sqlite:///runs/mlflow.db", "a store on this machine"), ("runs/mlruns", "a store on this"),
-                      ("https://alice:s3cr3tpw@mlflow.example", "credentials in the URI")):
+                      ("https://alice:s3cr3tpw@mlflow.example", "credentials in the URI"),
+                      # these were taken: the tasks failed on them, or (databricks) were said to be a local store
+                      ("ftp://x", "not a tracking server's URI (ftp:)"),
+                      ("mlflow-artifacts:/x", "not a tracking server's URI (mlflow-artifacts:)"),
+                      ("http://", "no host"), ("https:///path", "no host"), ("http://h:99999", "not a port 1 to 65535"),
+                      ("http://h:0", "not a port"), ("databricks", "a Databricks workspace, whose credentials the "
+                                                                   "cluster's tasks do not get"),
+                      ("databricks://profile", "a Databricks workspace")):
         caplog.clear()
         assert main(["submit", "--host", "http://127.0.0.1:1", "--mlflow-uri", uri]) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -778,6 +786,11 @@ def test_a_cmce_run_folder_gives_the_query_model_its_gallery_was_made_for_whatev
     ("{not json", "not a readable gate decision (JSONDecodeError"),
     ("{}", "not a readable gate decision (KeyError"),
     ('{"promoted": true, "baseline_gallery": "RUN/add-member/new_gallery"}', "the runs it started from lead back"),
+    # a TypeError traceback
+    ('{"promoted": false, "regressed": true, "baseline_gallery": "x"}', "decision: not a readable gate decision "
+                                                                        "(regressed: a list expected, not true)"),
+    ('{"promoted": false, "regressed": 5, "baseline_gallery": "x"}', "(regressed: a list expected, not 5)"),
+    ('{"promoted": "no", "baseline_gallery": "x"}', '(promoted: true or false expected, not "no")'),
 ])
 def test_a_lifecycle_run_whose_decision_is_unreadable_or_loops_is_refused_naming_it(tmp_path, decision, said):
     """A decision edited by hand: a KeyError traceback, or a chain of runs followed for ever."""
@@ -904,11 +917,13 @@ def _run_folder(where):
     bytes (its sha256 matters), a gallery made for it and the train embeddings of its one member (metadata only)."""
     import pyarrow as pa
 
+    from cmce.data.schema import DATASET_SCHEMA
     from cmce.storage import file_sha256
 
-    for rel in ("data/dataset.parquet", "models/query.pt"):
-        (where / rel).parent.mkdir(parents=True, exist_ok=True)
-        (where / rel).write_bytes(b"" if rel.endswith("parquet") else b"the query model")
+    for rel in ("data", "models"):
+        (where / rel).mkdir(parents=True, exist_ok=True)
+    pq.write_table(DATASET_SCHEMA.empty_table(), where / "data/dataset.parquet")
+    (where / "models/query.pt").write_bytes(b"the query model")
     query, member = file_sha256(where / "models/query.pt"), {"name": "resnet_a", "arch": "resnet", "sha256": "1" * 64}
     (where / "embeddings/train").mkdir(parents=True)
     for rel, meta in (("gallery.parquet", {"kind": "gallery", "split": "test", "query_model_sha256": query,
@@ -1030,6 +1045,76 @@ def test_a_root_inside_the_run_folder_a_lifecycle_run_reads_is_refused(tmp_path,
     assert errors == [f"python -m pipeline run: --root {w / 'kroot'} is inside --inputs-from {w}: the run would "
                       "write into the run folder it reads; give a root elsewhere"]
     assert sorted(p.relative_to(w) for p in w.rglob("*")) == before
+
+
+@pytest.mark.parametrize("root", ["{w}/embeddings/train", "{w}/embeddings/train/kroot"])
+def test_a_root_inside_or_at_an_input_given_by_flag_is_refused(tmp_path, caplog, monkeypatch, root):
+    """Only --inputs-from was looked at: `--root <the --train-embeddings-uri folder>` was taken, the run's files
+    written among the train embeddings it reads."""
+    from kfp import local
+
+    from pipeline.__main__ import main
+
+    w = _run_folder(tmp_path / "w")
+    before = sorted(p.relative_to(w) for p in w.rglob("*"))
+    monkeypatch.setattr(local, "init", lambda **_: pytest.fail("a task ran"))
+    inputs = {"--dataset-uri": w / "data/dataset.parquet", "--query-model-uri": w / "models/query.pt",
+              "--gallery-uri": w / "gallery.parquet", "--train-embeddings-uri": w / "embeddings/train"}
+    caplog.clear()
+    assert main(["run", "--local", "--no-mlflow", "--pipeline", "upgrade-query-model", "--root", root.format(w=w),
+                 *(str(x) for kv in inputs.items() for x in kv)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    flag = "--train-embeddings-uri"
+    assert errors == [f"python -m pipeline run: --root {root.format(w=w)} is inside {flag} {inputs[flag]}: the run "
+                      "would write into an input it reads; give a root elsewhere"]
+    assert sorted(p.relative_to(w) for p in w.rglob("*")) == before
+
+
+@pytest.mark.parametrize("dataset, said", [("params.yaml", "params.yaml: not a readable Parquet file"),
+                                           ("{w}/gallery.parquet", "it holds a cmce gallery file, not a dataset")])
+def test_a_dataset_uri_that_is_no_dataset_is_refused_by_name_before_any_task(tmp_path, caplog, monkeypatch,
+                                                                              dataset, said):
+    """`--dataset-uri params.yaml` passed every check, for the run's tasks to fail on it."""
+    from kfp import local
+
+    from pipeline.__main__ import ROOT, main
+
+    w = _run_folder(tmp_path / "w")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(local, "init", lambda **_: pytest.fail("a task ran"))
+    caplog.clear()
+    assert main(["run", "--local", "--no-mlflow", "--pipeline", "add-gallery-model", "--root", str(tmp_path / "r"),
+                 "--inputs-from", str(w), "--dataset-uri", dataset.format(w=w)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("python -m pipeline run: --dataset-uri: ") and said in errors[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_submit_refuses_lifecycle_inputs_on_this_machine_naming_the_flag(tmp_path):
+    """A `cmce run` folder, or `--dataset-uri d.parquet` beside s3:// files, was submitted: the cluster's importer
+    tasks cannot read this machine's files."""
+    w = _run_folder(tmp_path / "w")
+    submit = ["submit", "--host", "h", "--pipeline", "add-gallery-model"]
+    s3 = ["--query-model-uri", "s3://b/query.pt", "--gallery-uri", "s3://b/gallery.parquet"]
+    with pytest.raises(ValueError, match=rf"^--inputs-from {w}: {w / 'data/dataset.parquet'} is a path on this "
+                                         r"machine, which a cluster's tasks cannot read; give its s3:// URI with "
+                                         r"--dataset-uri$"):
+        _arguments(build_parser().parse_args([*submit, "--inputs-from", str(w)]))
+    with pytest.raises(ValueError, match=rf"^--dataset-uri: {w / 'data/dataset.parquet'} is a path on this machine"):
+        _arguments(build_parser().parse_args([*submit, *s3, "--dataset-uri", str(w / "data/dataset.parquet")]))
+    given = _arguments(build_parser().parse_args([*submit, *s3, "--dataset-uri", "s3://b/dataset.parquet"]))
+    assert given["dataset_uri"] == "s3://b/dataset.parquet"  # a cluster's files: taken
+
+
+def test_submit_to_a_host_that_is_no_url_names_host(monkeypatch, caplog):
+    """`--host http://a..b`: urllib3's parse error was said without the flag."""
+    from pipeline.__main__ import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    caplog.clear()
+    assert main(["submit", "--host", "http://a..b"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("python -m pipeline submit: --host http://a..b: not a usable URL")
 
 
 @pytest.mark.parametrize("argv", [
