@@ -239,6 +239,23 @@ def test_plot_data_files_hold_what_the_plots_draw(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_one_member_writes_rejection_files_that_say_there_is_none_and_replace_earlier_curves(tmp_path):
+    """With one gallery member no rejection is measured: rejection.csv and .png were not written, so DVC (which
+    declares them) failed the stage, and an earlier run's curves were left beside the new numbers."""
+    import csv
+
+    from cmce.report import write_reports
+
+    write_reports(_metrics(2), {}, tmp_path, rejection_far=1e-3)
+    before = (tmp_path / "rejection.png").read_bytes()
+    one = {k: v for k, v in _metrics(1).items() if not k.startswith("rejection/")}  # as evaluate reports one member
+    write_reports(one, {}, tmp_path, rejection_far=1e-3)
+    with (tmp_path / "rejection.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert list(reader) == [] and reader.fieldnames[:3] == ["rejected", "retrieval_uncertainty", "retrieval_random"]
+    assert (tmp_path / "rejection.png").read_bytes() != before
+
+
 def test_recall_plot_shows_every_configuration_with_plain_ticks():
     import matplotlib.pyplot as plt
 

@@ -106,9 +106,13 @@ def rejection_rows(metrics: Metrics) -> list[dict[str, Any]]:
             for r in rates]
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+REJECTION_COLUMNS = ["rejected", "retrieval_uncertainty", "retrieval_random", "verification_uncertainty",
+                     "verification_random", "unanswerable_uncertainty", "unanswerable_random"]
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns or list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -186,6 +190,14 @@ def rejection_figure(metrics: Metrics, far: float | None = None) -> Any:
     return fig
 
 
+def no_rejection_figure() -> Any:
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "No rejection by uncertainty: the ensemble has one gallery member\n"
+            "(uncertainty needs at least 2)", ha="center", va="center", fontsize=11)
+    return fig
+
+
 def _save(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.tight_layout()
@@ -205,6 +217,8 @@ def write_reports(metrics: Metrics, versions: dict[str, Any], out_dir: str | Pat
     write_text(out_dir / "results.md", markdown_table(metrics))
     write_text(out_dir / "recall.csv", _csv(recall_rows(metrics)))
     plot_recall(metrics, out_dir / "recall.png")
-    if "rejection/uncertainty" in metrics:
-        write_text(out_dir / "rejection.csv", _csv(rejection_rows(metrics)))
-        plot_rejection(metrics, out_dir / "rejection.png", rejection_far)
+    # with one gallery member there is no uncertainty to reject by: the files still say so, so that no earlier run's
+    # curves are left beside these numbers and a pipeline finds every output it declares (DVC failed without them)
+    rejection = "rejection/uncertainty" in metrics
+    write_text(out_dir / "rejection.csv", _csv(rejection_rows(metrics) if rejection else [], REJECTION_COLUMNS))
+    _save(rejection_figure(metrics, rejection_far) if rejection else no_rejection_figure(), out_dir / "rejection.png")
