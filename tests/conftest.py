@@ -81,9 +81,14 @@ def kfp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_local(args)
 
 
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the venv's dvc in `repo` with the venv first on PATH (stage commands call `cmce`)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def modules_seen(repo: Path) -> Path:
+    """Where the dvc_repo fixture's `dvc repro` wrote the cmce modules each stage loaded (tests/module_spy)."""
+    return repo.with_name(f"{repo.name}-modules")
+
+
+def dvc(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the venv's dvc in `repo` with the venv first on PATH (stage commands call `cmce`); `env`: more variables."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -99,7 +104,10 @@ def dvc_repo(tmp_path_factory):
             shutil.copy(src, repo / name)
     shutil.copy(SMOKE, repo / "params.yaml")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    res = dvc(repo, "repro")
+    seen = modules_seen(repo)
+    seen.mkdir()
+    spy = os.pathsep.join(p for p in (str(ROOT / "tests" / "module_spy"), os.environ.get("PYTHONPATH")) if p)
+    res = dvc(repo, "repro", env={"PYTHONPATH": spy, "CMCE_MODULES_SEEN": str(seen)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return repo
 

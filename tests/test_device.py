@@ -98,7 +98,7 @@ def test_the_flag_wins_over_the_config_and_the_config_over_auto(gpu, monkeypatch
     assert main(base + ["--set", "device=cpu"]) == 0
     assert seen["device"] == torch.device("cpu")
     on_cpu = tmp_path / "cpu.yaml"  # a config file that says cpu: the flag wins
-    on_cpu.write_text(SMOKE.read_text() + "\ndevice: cpu\n")
+    on_cpu.write_text(SMOKE.read_text().replace("device: auto", "device: cpu"))
     assert main(["--device", "cuda", *base[:2], str(on_cpu), *base[3:]]) == 0
     assert seen["device"] == torch.device("cuda", 0)
     # the flag and --set both on the command line: refused, not one of them dropped without a word
@@ -139,13 +139,40 @@ def test_the_kfp_training_component_uses_the_gpu_of_its_pod(gpu, monkeypatch, tm
 
     seen = _capture_train(monkeypatch)
     config = tmp_path / "config.yaml"
-    config.write_text(SMOKE.read_text() + f"\ndevice: {config_device}\n")
+    config.write_text(SMOKE.read_text().replace("device: auto", f"device: {config_device}"))
     tracking = tmp_path / "tracking.json"
     tracking.write_text(json.dumps({"uri": "", "run_id": ""}))
     train_model.python_func(config=SimpleNamespace(path=str(config)), tracking=SimpleNamespace(path=str(tracking)),
                             model_name="query", dataset=SimpleNamespace(path=str(tmp_path / "d.parquet")),
                             model=SimpleNamespace(path=str(tmp_path / "q.pt")))
     assert seen["device"].type == expected
+
+
+@pytest.mark.parametrize(("config", "expected"), [(None, ("cuda", None)), ("cpu", ("cpu", 1))])
+def test_an_embedding_step_given_a_config_computes_on_its_device_with_its_threads(gpu, monkeypatch, tmp_path,
+                                                                                     config, expected):
+    """embed-member took no config: DVC's embed_member stage embedded on the GPU in bf16 although params.yaml said
+    `device: cpu` (which every other stage and `cmce run` obeyed), with torch's thread count, not num_threads."""
+    seen: dict = {}
+
+    def fake_embed(inputs, outputs) -> StepRecord:
+        seen["device"], seen["threads"] = devices.current().type, torch.get_num_threads()
+        return StepRecord("embed")
+
+    monkeypatch.setattr("cmce.stages.embed_member", fake_embed)
+    argv = ["embed-member", "--dataset", str(tmp_path / "d.parquet"), "--query-model", str(tmp_path / "q.pt"),
+            "--gallery-model", str(tmp_path / "g.pt"), "--transform", str(tmp_path / "t.pt"),
+            "--out", str(tmp_path / "m.parquet")]
+    if config:
+        (tmp_path / "c.yaml").write_text(SMOKE.read_text().replace("device: auto", f"device: {config}")
+                                          .replace("num_threads: null", "num_threads: 1"))
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (seen["device"], seen["threads"] if config else None) == expected
 
 
 FIRST_SQRT = """

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, modules_seen
 from tests.conftest import dvc as _dvc
 
 
@@ -62,6 +62,61 @@ def test_a_stage_that_fits_a_transformation_lists_the_data_section(dvc_yaml):
                 [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
             found.append((name, "data" in listed))
     assert found and all(has for _, has in found), found
+
+
+def test_every_library_module_a_stage_ran_is_among_its_deps(dvc_repo):
+    """The stages listed a file or two of the library each (train.py, models.py): an edit to any other module their
+    commands ran (feed.py, data/augment.py, embed.py in fit-transform) kept outputs made by the old code."""
+    bodies = {name: body for name, body, _ in _stages(dvc_repo / "dvc.yaml")}
+    seen = sorted(modules_seen(dvc_repo).iterdir())
+    assert {p.name.partition("@")[0] for p in seen} == set(bodies)
+    missing = []
+    for record in seen:
+        deps = [str(d).rstrip("/") for d in bodies[record.name.partition("@")[0]].get("deps", [])]
+        for module in set(record.read_text().split()):
+            path = Path("src", *module.split("."))
+            file = str(path / "__init__.py" if (ROOT / path).is_dir() else path.with_suffix(".py"))
+            if not any(file == d or file.startswith(f"{d}/") for d in deps):
+                missing.append(f"{record.name}: {file}")
+    assert sorted(missing) == []
+
+
+def test_a_reordered_ensemble_reruns_combine_and_what_reads_the_gallery(dvc_repo, tmp_path):
+    """The ensemble's order is gallery_models' order, and DVC compares that mapping as a dict, order aside: swapping
+    two models left `dvc status` clean, and asym_ensemble/1 named the old first model's numbers."""
+    from cmce.tables import read_metadata
+
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    params = repo / "params.yaml"
+    lines = params.read_text().splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line.startswith("gallery_models:")) + 1
+    lines[first], lines[first + 1] = lines[first + 1], lines[first]
+    params.write_text("".join(lines))
+    res = _dvc(repo, "repro")
+    assert res.returncode == 0, res.stderr
+    ran = re.findall(r"Running stage '([^']+)'", res.stdout)
+    assert ran == ["combine", "build_index", "evaluate"], res.stdout
+    gallery = read_metadata(repo / "artifacts" / "gallery.parquet")
+    assert [m["name"] for m in gallery["members"]] == ["vgg_b", "resnet_a"]
+
+
+@pytest.mark.parametrize("dvc_yaml", ["dvc.yaml", "lifecycle/dvc.yaml"])
+def test_every_stage_that_computes_with_torch_reads_and_tracks_the_device_and_thread_count(dvc_yaml):
+    """embed_member ran without the config: on a GPU host it embedded on CUDA in bf16 although params.yaml said
+    `device: cpu`; and no stage tracked device or num_threads, so changing either kept outputs made otherwise."""
+    computing = {"train", "fit-transform", "embed-member", "evaluate", "gate", "add-gallery-model",
+                 "upgrade-query-model"}
+    wrong = []
+    for name, body, cmd in _stages(ROOT / dvc_yaml):
+        words = cmd.split()
+        command = next(w for w in words[words.index("cmce.dvc_stage") + 1 if "cmce.dvc_stage" in words else 1:]
+                       if not w.startswith("-") and "/" not in w)
+        listed = [key for entry in body.get("params", []) for key in (
+            [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
+        if command in computing and not ("--config" in words and {"device", "num_threads"} <= set(listed)):
+            wrong.append(name)
+    assert wrong == []
 
 
 def test_repro_then_status_is_clean(dvc_repo):
@@ -115,10 +170,13 @@ def test_an_experiment_on_an_index_setting_shows_in_exp_show_metrics_and_plots_d
     shutil.copytree(dvc_repo, repo, symlinks=True)
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "baseline")
+    gallery = (repo / "artifacts" / "gallery.parquet").read_bytes()
     res = _dvc(repo, "exp", "run", "-S", "index.reject_fraction=0.3", "--name", "reject30")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ran = [line for line in res.stdout.splitlines() if line.startswith("Running stage")]
-    assert [line.split("'")[1] for line in ran] == ["build_index", "evaluate"], ran
+    # combine reads the params file for the ensemble's order: it runs on any edit, and writes the same bytes
+    assert [line.split("'")[1] for line in ran] == ["combine", "build_index", "evaluate"], ran
+    assert (repo / "artifacts" / "gallery.parquet").read_bytes() == gallery
     res = _dvc(repo, "exp", "show", "--json")
     assert res.returncode == 0, res.stderr
     indexed = sorted(_find(json.loads(res.stdout), "index/indexed"))

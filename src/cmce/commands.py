@@ -197,13 +197,24 @@ def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
     return stages.fit_transform(cfg, inputs, outputs)
 
 
+def _config_device(args: argparse.Namespace) -> None:
+    """An embedding step given --config computes where the config says, with its thread count (as a pipeline's
+    embedding task does); without one, where --device and --threads say."""
+    if args.config:
+        stages.use_device(config_of(args))
+    elif args.set:
+        raise ValueError("--set needs --config")
+
+
 def cmd_embed_member(args: argparse.Namespace) -> StepRecord:
+    _config_device(args)
     inputs = stages.MemberInputs(_in(args.dataset), _model(args.query_model), _model(args.gallery_model),
                                  _model(args.transform), args.batch_size, _shard(args), args.workers)
     return stages.embed_member(inputs, stages.GalleryOutputs(_parquet_out(args, args.out, ("gallery_member",))))
 
 
 def cmd_embed_gallery(args: argparse.Namespace) -> StepRecord:
+    _config_device(args)
     inputs = stages.EnsembleInputs(_in(args.dataset), _model(args.query_model), [_model(g) for g in args.gallery_model],
                                    [_model(t) for t in args.transform], args.batch_size, _shard(args), args.workers)
     members_dir = args.members_dir or default_folder(args, "members_dir")
