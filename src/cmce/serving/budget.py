@@ -19,6 +19,8 @@ class BodyBudget:
     async def take(self, size: int, wait_s: float) -> bool:
         """Hold `size` bytes, waiting up to `wait_s` seconds behind those who asked first; False if no room came
         (nothing is held then). Cancelled while waiting, it holds nothing either."""
+        if size == 0:  # nothing to hold: a probe's GET waited behind queued bodies, and was answered 503
+            return True
         if not self._waiting and size <= self.free:
             self.free -= size
             return True
