@@ -49,6 +49,11 @@ class ServerMetrics:
                                   "answer's last byte", ["endpoint"], buckets=BUCKETS, registry=self.registry)
         self.queries = Counter("cmce_search_queries", "Queries answered by /search, by what was sent", ["input"],
                                registry=self.registry)
+        # answered by the HTTP layer and closed, before any request reached the app (so not in cmce_http_requests):
+        # connection_cap (503), body_timeout (408), chunk_too_large (413), fragmented_body (400), http09 and
+        # malformed (400)
+        self.refused = Counter("cmce_http_refused", "Connections or requests refused by the HTTP layer, by reason",
+                               ["reason"], registry=self.registry)
         self.registry.register(_ServedState(holder, budget))
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:

@@ -162,6 +162,7 @@ class JsonErrorsH11(H11Protocol):
     max_connections = 1 << 20  # set by serve()
     head_timeout_s = HEAD_TIMEOUT_S
     max_body_bytes = Limits().max_body_bytes
+    count_refusal: Callable[[str], None] = staticmethod(lambda reason: None)  # set by uvicorn_config: /metrics
     _refused = False
     _head_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
@@ -177,6 +178,7 @@ class JsonErrorsH11(H11Protocol):
 
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused, self.transport = True, transport
+        self.count_refusal("connection_cap")
         _answer_and_close(transport, b"503 Service Unavailable", "request",
                           f"request: the server holds its {self.max_connections} connections; try again")
         now = time.monotonic()
@@ -228,14 +230,15 @@ class JsonErrorsH11(H11Protocol):
 
     def _refuse_fragmented_body(self) -> None:
         log.debug("refused a request body sent in %d pieces of %d bytes", self._body_pieces, self._body_bytes)
-        self._refuse_body(b"400 Bad Request", f"body: sent in more than {BODY_PIECES_FREE} pieces (chunks or "
-                                              f"packets) averaging under {MIN_BODY_PIECE_BYTES} bytes; send it in "
-                                              "larger chunks")
+        self._refuse_body(b"400 Bad Request", "fragmented_body",
+                          f"body: sent in more than {BODY_PIECES_FREE} pieces (chunks or packets) averaging under "
+                          f"{MIN_BODY_PIECE_BYTES} bytes; send it in larger chunks")
 
-    def _refuse_body(self, status: bytes, error: str) -> None:
+    def _refuse_body(self, status: bytes, reason: str, error: str) -> None:
         """Stop reading the request's body: answered `status` and closed, or only closed where the app has begun
         its answer already (a 413: the rest is not read)."""
         self._body_refused = True
+        self.count_refusal(reason)
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()
         else:
@@ -257,6 +260,7 @@ class JsonErrorsH11(H11Protocol):
         self._first_line = None
         if REQUEST_LINE.fullmatch(line.rstrip(b"\r")):
             return False
+        self.count_refusal("http09")
         _answer_and_close(self.transport, b"400 Bad Request", "request",
                           "request: malformed HTTP: the request line is not `METHOD TARGET HTTP/1.1` (HTTP/0.9 and "
                           "other versions without one are not spoken)")
@@ -291,7 +295,7 @@ class JsonErrorsH11(H11Protocol):
         # 0: no chunk size line pending (a sized body over the limit is the app's to refuse: "a chunk declares 0")
         if not isinstance(declared, int) or declared == 0 or self._body_bytes + declared <= self.max_body_bytes:
             return False
-        self._refuse_body(b"413 Content Too Large", f"request body over {self.max_body_bytes} bytes "
+        self._refuse_body(b"413 Content Too Large", "chunk_too_large", f"request body over {self.max_body_bytes} bytes "
                                                     f"(--max-body-bytes): a chunk declares {declared} bytes")
         return True
 
@@ -302,6 +306,7 @@ class JsonErrorsH11(H11Protocol):
         self._body_timer = None
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             log.debug("closed a connection whose request body stalled or came too slowly")
+            self.count_refusal("body_timeout")
             _answer_and_close(self.transport, b"408 Request Timeout", "body",
                               f"body: it stopped for {self.head_timeout_s:g} s (--head-timeout) or came slower than "
                               f"{MIN_BODY_BYTES_PER_S} bytes/s after that")
@@ -373,6 +378,7 @@ class JsonErrorsH11(H11Protocol):
             self._await_head()
 
     def send_400_response(self, msg: str) -> None:
+        self.count_refusal("malformed")
         body = json.dumps({"error": f"request: malformed HTTP: {msg}", "field": "request"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
@@ -434,9 +440,12 @@ def url(sock: socket.socket) -> str:
 
 def uvicorn_config(app: Any, opts: ServeOptions) -> uvicorn.Config:
     max_connections, backlog = connection_limits(opts.max_connections)
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    count = (lambda reason: metrics.refused.labels(reason).inc()) if metrics else (lambda reason: None)
     protocol = type("JsonErrorsH11", (JsonErrorsH11,), {"max_connections": max_connections,
                                                         "head_timeout_s": opts.head_timeout_s,
-                                                        "max_body_bytes": opts.limits.max_body_bytes})
+                                                        "max_body_bytes": opts.limits.max_body_bytes,
+                                                        "count_refusal": staticmethod(count)})
     return uvicorn.Config(app, http=protocol, ws="none", log_config=None, access_log=opts.access_log,
                           timeout_graceful_shutdown=10, backlog=backlog)
 
