@@ -1667,6 +1667,8 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
         assert requests.get(f"{base}{path}", timeout=10).status_code == 404
     schema = requests.get(f"{base}/openapi.json", timeout=10).json()  # the API's schema, for client generators
     assert set(schema["paths"]) == {"/search", "/healthz", "/readyz", "/version", "/metrics"}
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)) == 5  # GET and HEAD shared one id: client generators refuse duplicates
     assert {"images", "embeddings", "query_model_sha256", "k"} <= set(schema["components"]["schemas"]["SearchRequest"]
                                                                       ["properties"])
     assert requests.request("BREW", f"{base}/version", timeout=10).status_code == 405
