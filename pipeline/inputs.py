@@ -63,9 +63,10 @@ def lifecycle_inputs(args: argparse.Namespace) -> dict:
             raise ValueError(f"{sources[key]} {uri}: the local runner reads local paths only; copy it here, or "
                              "submit the run to a cluster, whose tasks read it")
     local = [key for key, uri in uris.items() if not URI_SCHEME.match(uri)]
-    if local and args.command != "run":  # a `cmce run` folder, or `--dataset-uri d.parquet` beside s3:// files
-        raise ValueError(f"{sources[local[0]]}: {uris[local[0]]} is a path on this machine, which a cluster's tasks "
-                         f"cannot read; give its s3:// URI with --{local[0].replace('_', '-')}")
+    here = [key for key in uris if key in local or uris[key].lower().startswith("file:")]  # file:// is this machine's
+    if here and args.command != "run":  # a `cmce run` folder, or `--dataset-uri d.parquet` beside s3:// files
+        raise ValueError(f"{sources[here[0]]}: {uris[here[0]]} is a path on this machine, which a cluster's tasks "
+                         f"cannot read; give its s3:// URI with --{here[0].replace('_', '-')}")
     for key in local:  # a bad local input failed in a task, with a traceback, after 3 tries
         uri = uris[key]
         path = Path(uri)

@@ -1102,6 +1102,8 @@ def test_submit_refuses_lifecycle_inputs_on_this_machine_naming_the_flag(tmp_pat
         _arguments(build_parser().parse_args([*submit, "--inputs-from", str(w)]))
     with pytest.raises(ValueError, match=rf"^--dataset-uri: {w / 'data/dataset.parquet'} is a path on this machine"):
         _arguments(build_parser().parse_args([*submit, *s3, "--dataset-uri", str(w / "data/dataset.parquet")]))
+    with pytest.raises(ValueError, match=r"^--dataset-uri: file:///d/dataset.parquet is a path on this machine"):
+        _arguments(build_parser().parse_args([*submit, *s3, "--dataset-uri", "file:///d/dataset.parquet"]))
     given = _arguments(build_parser().parse_args([*submit, *s3, "--dataset-uri", "s3://b/dataset.parquet"]))
     assert given["dataset_uri"] == "s3://b/dataset.parquet"  # a cluster's files: taken
 

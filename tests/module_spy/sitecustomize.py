@@ -17,8 +17,10 @@ if _stage and _folder:
     _exit = os._exit
 
     def _write_then_exit(code: int) -> None:
-        _write()
-        _exit(code)
+        try:
+            _write()
+        finally:
+            _exit(code)
 
     atexit.register(_write)
     os._exit = _write_then_exit
