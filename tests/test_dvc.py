@@ -110,13 +110,38 @@ def test_every_stage_that_computes_with_torch_reads_and_tracks_the_device_and_th
     wrong = []
     for name, body, cmd in _stages(ROOT / dvc_yaml):
         words = cmd.split()
-        command = next(w for w in words[words.index("cmce.dvc_stage") + 1 if "cmce.dvc_stage" in words else 1:]
-                       if not w.startswith("-") and "/" not in w)
+        command = next((w for w in words[words.index("cmce.dvc_stage") + 1 if "cmce.dvc_stage" in words else 1:]
+                       if not w.startswith("-") and "/" not in w), None)  # None: --source-digest, no command
         listed = [key for entry in body.get("params", []) for key in (
             [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
         if command in computing and not ("--config" in words and {"device", "num_threads"} <= set(listed)):
             wrong.append(name)
     assert wrong == []
+
+
+def test_the_lifecycle_stages_follow_the_library_by_its_digest_which_ignores_byte_code(tmp_path, caplog):
+    """lifecycle/ is a DVC project of its own, and DVC applies a .dvcignore only inside one: its stages' dep on
+    ../src/cmce changed with every .pyc Python wrote, and each ran again (a model retrained) after any import."""
+    from cmce.dvc_stage import main as stage
+
+    stages = list(_stages(ROOT / "lifecycle" / "dvc.yaml"))
+    assert stages and all("../artifacts/library.sha256" in body["deps"] and not any(
+        "src/cmce" in str(d) for d in body["deps"]) for _, body, _ in stages)
+    library = shutil.copytree(ROOT / "src" / "cmce", tmp_path / "cmce", ignore=shutil.ignore_patterns("__pycache__"))
+    digest = tmp_path / "library.sha256"
+    assert stage(["--source-digest", str(library), str(digest)]) == 0
+    before = digest.read_text()
+    assert "  dvc_stage.py\n" in before and "  data/codec.py\n" in before
+    (library / "__pycache__").mkdir(exist_ok=True)
+    (library / "__pycache__" / "config.cpython-311.pyc").write_bytes(b"byte code")
+    (library / "stray.pyc").write_bytes(b"byte code")
+    assert stage(["--source-digest", str(library), str(digest)]) == 0 and digest.read_text() == before
+    (library / "method.py").write_text((library / "method.py").read_text() + "\n# an edit\n")
+    assert stage(["--source-digest", str(library), str(digest)]) == 0 and digest.read_text() != before
+    caplog.clear()
+    assert stage(["--source-digest", str(tmp_path / "none"), str(digest)]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"python -m cmce.dvc_stage: --source-digest {tmp_path / 'none'}: not a folder"]
 
 
 def test_repro_then_status_is_clean(dvc_repo):
@@ -319,8 +344,9 @@ def _stand_ins(repo):
     """Empty files for the stages' inputs (DVC removes a stage's outputs, another's inputs, before its command)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     names = [params["query_model"]["name"], *params["gallery_models"]]
-    for dep in ("artifacts/data/dataset.parquet", *(f"artifacts/{kind}/{n}.pt" for kind in ("models", "transforms")
-                                                     for n in names)):
+    deps = ["artifacts/data/dataset.parquet", "artifacts/library.sha256",
+            *(f"artifacts/{kind}/{n}.pt" for kind in ("models", "transforms") for n in names)]
+    for dep in deps:
         (repo / dep).parent.mkdir(parents=True, exist_ok=True)
         (repo / dep).touch()
 

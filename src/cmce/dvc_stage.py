@@ -153,6 +153,18 @@ def remove_stale_student(folder: str, command: list[str], cfg: Config) -> None:
         log.info("removed %s: a student of an earlier run (kd.enabled is false)", out)
 
 
+def write_source_digest(folder: Path, out: Path) -> None:
+    """sha256 of every file under `folder` (Python's byte-code caches aside), one `digest  path` line each: what the
+    lifecycle project depends on for the library's code. DVC applies a .dvcignore only inside its own project, so a
+    dep on ../src/cmce there changed whenever Python wrote a .pyc, and every lifecycle stage ran again."""
+    from cmce.storage import file_sha256, write_text
+
+    if not folder.is_dir():
+        raise ValueError(f"--source-digest {folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+    write_text(out, "".join(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files))
+
+
 def main(argv: list[str] | None = None) -> int:
     from cmce.errors import set_up_command
 
@@ -162,10 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--make-dir", default=None, metavar="DIR", help="the stage's output folder, which a step may "
                    "leave empty: made (removed again if the command fails); an earlier KD student at --out is "
                    "removed once the command has run with kd.enabled false")
+    p.add_argument("--source-digest", nargs=2, default=None, metavar=("FOLDER", "OUT"), help="instead of a command: "
+                   "write the sha256 of every file under FOLDER (byte-code caches aside) to OUT")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the cmce command line, with {placeholders}")
     args = p.parse_args(argv)
     stage = os.environ.get("DVC_STAGE")
     where = f"DVC stage {stage}" if stage else "python -m cmce.dvc_stage"
+    if args.source_digest:
+        try:
+            if args.command:
+                raise ValueError("--source-digest takes no cmce command")
+            write_source_digest(*map(Path, args.source_digest))
+        except (OSError, ValueError) as err:
+            log.error("%s: %s", where, err)
+            return 2
+        return 0
     if not args.command:
         log.error("%s: no cmce command given", where)
         return 2
