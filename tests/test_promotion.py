@@ -164,6 +164,36 @@ def test_the_kfp_gate_task_withholds_a_promotion_no_alias_can_follow(smoke_run, 
     assert (said["promoted"], said["production_alias"]) == (True, "not moved: the run is not tracked (--no-mlflow)")
 
 
+def test_a_gate_whose_query_model_is_registered_only_under_a_lying_tag_is_not_promoted(smoke_run, tmp_path):
+    """The check before publishing read the sha256 tag alone, the move hashed the file: a version tagged with the
+    query model's sha256 over a KD student's file let decision.json say "promoted" (and --require-promotion exit
+    0) while no alias moved."""
+    from mlflow import MlflowClient
+
+    from cmce.cli import main
+    from cmce.storage import file_sha256
+    from cmce.tracking import PRODUCTION, log_step, start_parent_run
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "lifecycle", {})
+    files = [(f"cmce-{role}-{g}", path) for g in lay.gallery_names
+             for role, path in (("gallery", lay.model(g)), ("transform", lay.transformation(g)))]
+    log_step(uri, parent, "train", register=[(name, path, file_sha256(path)) for name, path in files])
+    query, student = lay.model("query"), lay.kd_student(lay.gallery_names[0])
+    log_step(uri, parent, "train", register=[("cmce-query", student, file_sha256(query))])  # its tag lies
+    gate = ["--mlflow-parent", parent, "--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset",
+            str(lay.dataset), "--baseline-query-model", str(query), "--baseline-gallery", str(lay.gallery),
+            "--query-model", str(query), "--gallery", str(lay.gallery), "--out", str(tmp_path / "d.json")]
+    assert main([*gate, "--require-promotion"]) == 1
+    decision = json.loads((tmp_path / "d.json").read_text())
+    assert not decision["promoted"] and "['cmce-query'] have no registered version whose file" in decision[
+        "not_promoted"]
+    client = MlflowClient(tracking_uri=uri)
+    assert not [v for v in client.search_model_versions("name='cmce-query'") if PRODUCTION in v.aliases]
+
+
 def test_gate_moves_nothing_when_the_served_versions_are_not_registered(smoke_run, tmp_path, caplog):
     from mlflow import MlflowClient
 

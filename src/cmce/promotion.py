@@ -96,7 +96,7 @@ def withhold_unmovable(record: Any, decision: Path, tracking_uri: str) -> str | 
     if not promotes(record):
         return None
     if missing := unregistered(tracking_uri, record.promote):
-        why = f"{missing} have no registered version with the served sha256; @production not moved"
+        why = f"{missing} have no registered version whose file has the served sha256; @production not moved"
     elif moved := production_elsewhere(tracking_uri, record.promote_from):
         why = (f"{', '.join(moved)} moved since the baseline this gate measured was served; @production not moved "
                "(grow the run production serves now)")

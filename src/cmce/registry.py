@@ -60,7 +60,11 @@ def version_by_sha(client: Any, name: str, sha256: str, verify_at: str | None = 
     for v in sorted(versions, key=lambda v: -int(v.version)):
         if verify_at is None:
             return str(v.version)
-        found = file_sha256(resolve_model_uri(f"models:/{name}/{v.version}", verify_at))
+        try:
+            found = file_sha256(resolve_model_uri(f"models:/{name}/{v.version}", verify_at))
+        except (OSError, ValueError) as err:  # its file gone: an older version may still hold the right one
+            log.warning("%s v%s: its file cannot be read (%s): not promoted to", name, v.version, err)
+            continue
         if found == sha256:
             return str(v.version)
         log.warning("%s v%s: its sha256 tag says %s, but its file is %s: not promoted to", name, v.version,
@@ -69,10 +73,11 @@ def version_by_sha(client: Any, name: str, sha256: str, verify_at: str | None = 
 
 
 def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
-    """The models among (name, sha256) pairs with no registered version of that sha256: @production cannot move
-    to them (log_step then moves none)."""
+    """The models among (name, sha256) pairs with no registered version whose file has that sha256: @production
+    cannot move to them (log_step then moves none). The files are hashed, as the move hashes them: a version whose
+    tag alone named the sha256 let the gate say "promoted" while nothing moved."""
     client = mlflow_client(uri)
-    return sorted(name for name, sha256 in promote if version_by_sha(client, name, sha256) is None)
+    return sorted(name for name, sha256 in promote if version_by_sha(client, name, sha256, uri) is None)
 
 
 def production_elsewhere(uri: str, served: Iterable[tuple[str, str]]) -> list[str]:

@@ -312,8 +312,8 @@ def log_step(
             missing = sorted(name for name, version in versions.items() if version is None)
             if missing:
                 # e.g. the served models came from a run tracked elsewhere: the decision stands, nothing moves
-                log.warning("not moving @%s: %s have no registered version with the served sha256 (register them "
-                            "with tracking on first)", PRODUCTION, missing)
+                log.warning("not moving @%s: %s have no registered version whose file has the served sha256 (register "
+                            "them with tracking on first)", PRODUCTION, missing)
                 client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
             else:
                 with stop_deferred():  # a stop between two aliases served the new query model with the old ONNX
