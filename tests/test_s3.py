@@ -1640,6 +1640,31 @@ def test_training_to_an_s3_output_resumes_after_a_stop(s3_server, s3_chain, tmp_
     assert read_object(s3_server, bucket, "u.pt.resume") == (s3_chain.local / "d.parquet").read_bytes()
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["export-query", "--query-model", "q.pt", "--check-index", "s3://b/idx", "--out", "s3://b/idx/q.onnx"],
+     "--out s3://b/idx/q.onnx is inside the input folder --check-index s3://b/idx; write it elsewhere"),
+    (["embed-gallery", "--dataset", "s3://b/m/resnet.parquet", "--query-model", "q.pt", "--gallery-model", "g.pt",
+      "--transform", "t.pt", "--out", "s3://b/g.parquet", "--members-dir", "s3://b/m/"],
+     "--members-dir s3://b/m/ would write over the input --dataset s3://b/m/resnet.parquet"),
+    (["combine", "--members-dir", "s3://b/m", "--config", "c.yaml", "--out", "s3://b/m/g.parquet"],
+     "--out s3://b/m/g.parquet is inside the input folder --members-dir s3://b/m; write it elsewhere"),
+    (["embed-gallery", "--dataset", "d.parquet", "--query-model", "q.pt", "--gallery-model", "g.pt", "--transform",
+      "t.pt", "--out", "s3://b/run/g.parquet", "--members-dir", "s3://b/run"],
+     "--out s3://b/run/g.parquet and --members-dir s3://b/run would write over each other; give outputs apart"),
+])
+def test_an_s3_output_inside_an_s3_input_or_holding_one_is_refused_as_a_local_one_is(argv, said):
+    """Only equal s3:// texts were compared: an output inside an input prefix (or a folder of per-model files
+    written by name over the dataset in it) was taken, where the same local paths were refused."""
+    from cmce.argument_paths import refuse_outputs_among_inputs
+    from cmce.cli import build_parser
+
+    with pytest.raises(ValueError) as err:
+        refuse_outputs_among_inputs(build_parser().parse_args(argv))
+    assert str(err.value) == said
+    apart = ["build-index", "--gallery", "s3://b/run/gallery.parquet", "--out", "s3://b/run/index"]  # siblings
+    assert refuse_outputs_among_inputs(build_parser().parse_args(apart)) == ["s3://b/run/gallery.parquet"]
+
+
 def test_a_log_line_names_a_scratch_copy_by_its_uri(tmp_path):
     """`wrote /tmp/cmce-scratch-…/run1/data/dataset.parquet`: an s3:// run's log named files removed as it ended."""
     from cmce.errors import OneLineFormatter

@@ -31,7 +31,9 @@ REPLACES_GALLERY = ("add-member", "add-gallery-model", "upgrade-query-model")
 def _clashes(out: str, inp: str) -> bool:
     """Whether writing `out` could write over `inp`: the same file or folder (through symlinks or hard links),
     or a folder holding it (an output folder is replaced whole, or has files written into it by name)."""
-    if is_remote(out) or is_remote(inp) or ":/" in inp:  # URIs and registry names: equal text only
+    if is_remote(out) and is_remote(inp):  # s3:// prefixes: a folder holds the keys under it, as on a disk
+        return _under(inp, out)
+    if is_remote(out) or is_remote(inp) or ":/" in inp:  # a URI beside a path, registry names: equal text only
         return out.rstrip("/") == inp.rstrip("/")
     o, i = Path(out), Path(inp)
     if o.exists() and i.exists() and os.path.samefile(o, i):
@@ -72,7 +74,15 @@ def is_within(path: str, folder: str) -> bool:
     return p == f or f in p.parents
 
 
+def _under(uri: str, prefix: str) -> bool:
+    """The s3:// `uri` is the object or folder `prefix`, or lies under it (`s3://b/idx/q.onnx` under `s3://b/idx`)."""
+    uri, prefix = uri.rstrip("/"), prefix.rstrip("/")
+    return uri == prefix or uri.startswith(f"{prefix}/")
+
+
 def inside_folder(out: str, inp: str) -> bool:
+    if is_remote(out) and is_remote(inp):  # only equal text was compared: an s3:// output inside an input prefix
+        return _under(out, inp) and out.rstrip("/") != inp.rstrip("/")  # was written there
     if is_remote(out) or is_remote(inp) or ":/" in inp or not Path(inp).is_dir():
         return False
     return _resolved(Path(inp)) in _resolved(Path(out)).parents
