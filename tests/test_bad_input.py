@@ -2791,6 +2791,9 @@ def test_an_output_that_is_a_symbolic_link_is_refused_and_home_is_expanded(world
     # registry and S3 spellings cmce does not read are named, not looked for as files
     fails(caplog, ["combine", "--member", world.members[0], "--out", "s3://b//g.parquet"], out,
           "s3://b//g.parquet: an empty path segment (//) in the key")
+    for uri in ("s3://b/r/./g.parquet", "s3://b/r/../g.parquet"):  # was the server's `400: Bad Request` alone
+        fails(caplog, ["combine", "--member", world.members[0], "--out", uri], out,
+              f"{uri}: a `.` or `..` segment in the key (S3 keys are names, not paths); write the key without it")
     fails(caplog, [*embed_member_args(world, gallery_model="runs:/0123/model.pt"), "--out", out], out,
           "runs:/0123/model.pt: a checkpoint is a path, an s3:// object or models:/NAME@ALIAS")
     mounted = tmp_path / "volume"  # a mounted volume cannot be renamed aside: EBUSY after the whole build

@@ -97,6 +97,10 @@ def parse(uri: str) -> S3Uri:
         raise ValueError(f"{uri}: no bucket name")
     if "//" in key or key.startswith("/"):  # S3 keeps the empty segment, listings do not: names came back cut
         raise ValueError(f"{uri}: an empty path segment (//) in the key; write it with single slashes")
+    if any(part in (".", "..") for part in key.split("/")):  # a server refused it as `400: Bad Request`, or kept the
+        # name literally, and no prefix check can tell what it stands beside
+        raise ValueError(f"{uri}: a `.` or `..` segment in the key (S3 keys are names, not paths); write the key "
+                         "without it")
     return S3Uri(bucket, key)
 
 
