@@ -137,9 +137,15 @@ def test_the_registered_query_model_loads_with_mlflow_pyfunc(smoke_run, tmp_path
     assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, *shape[1:])
     pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     np.testing.assert_array_equal(loaded.predict(pixels), embed_batch(model, torch.from_numpy(pixels)))
-    files = {Path(p).name for p in Path(mlflow.artifacts.download_artifacts(f"models:/{PYFUNC}/1",
-                                                                           dst_path=str(tmp_path / "dl"))).rglob("*")}
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/{PYFUNC}/1", dst_path=str(tmp_path / "dl")))
+    files = {p.name for p in logged.rglob("*")}
     assert "pyfunc_model.py" in files and "query.pt" in files and not any(f.endswith(".pkl") for f in files)
+    # cmce travels in the model; the environment MLflow restores installs its pinned dependencies, not a package a
+    # public index calls `cmce` (a bare requirement did)
+    assert (logged / "code" / "cmce" / "checkpoint.py").is_file()
+    wanted = (logged / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in wanted) and f"mlflow=={mlflow.__version__}" in wanted
+    assert not [r for r in wanted if r.split("==")[0] == "cmce"]
 
 
 def test_the_one_process_run_is_tracked_like_the_pipeline_runs(tmp_path):

@@ -444,6 +444,22 @@ QUERY_MODEL = registry_name("query", "")
 PYFUNC = registry_name("query-pyfunc", "")  # for mlflow.pyfunc.load_model; cmce-query stays the bare checkpoint
 
 
+def pyfunc_requirements() -> list[str]:
+    """What an environment MLflow makes for the pyfunc installs: cmce's own dependencies, pinned as its package pins
+    them, and this MLflow. cmce itself travels inside the model (code_paths): no package index holds it, and a bare
+    `cmce` requirement installed whatever a public index calls so (`mlflow models serve` restores the environment)."""
+    import importlib.metadata
+
+    import mlflow
+
+    try:
+        own = [r for r in importlib.metadata.requires("cmce") or [] if "extra ==" not in r]
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed: the two it imports first
+        log.warning("cmce is not installed as a package: the pyfunc's requirements name torch and numpy unpinned")
+        own = ["torch", "numpy"]
+    return [*own, f"mlflow=={mlflow.__version__}"]
+
+
 def log_query_pyfunc(client: Any, run_id: str, checkpoint: Path, sha256: str) -> str:
     """Log the query checkpoint as an MLflow pyfunc model of its run (models from code: cmce.pyfunc_model, with a
     signature), registered as `cmce-query-pyfunc` with the checkpoint's sha256 tag and alias `candidate`."""
@@ -463,7 +479,8 @@ def log_query_pyfunc(client: Any, run_id: str, checkpoint: Path, sha256: str) ->
     with mlflow.start_run(run_id=run_id, nested=True):
         info = mlflow.pyfunc.log_model(name="pyfunc", python_model=pyfunc_model.__file__,
                                        artifacts={"checkpoint": str(checkpoint)}, signature=signature,
-                                       pip_requirements=["cmce", "torch", "numpy"], registered_model_name=PYFUNC)
+                                       code_paths=[str(Path(pyfunc_model.__file__).parent)],
+                                       pip_requirements=pyfunc_requirements(), registered_model_name=PYFUNC)
     version = str(info.registered_model_version)
     client.set_model_version_tag(PYFUNC, version, "sha256", sha256)
     client.set_registered_model_alias(PYFUNC, ALIAS, version)
