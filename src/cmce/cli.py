@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--members-dir", default=None, help="where per-model files go (default: next to --out)")
         sp.add_argument("--config", default=None, help="YAML config whose device and num_threads the step uses (as "
                         "every step given a config does; a DVC stage passes params.yaml)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (with --config; only device and num_threads are read here)")
 
     sp = add("combine", commands.cmd_combine, "combine per-model embedding files into the gallery Parquet",
              config=False)
