@@ -231,22 +231,22 @@ def decode_image(data: bytes, channels: int, size: int, origin: str) -> np.ndarr
     return decode_image_as_found(data, channels, size, origin)[0]
 
 
-# what a search says of an image with more frames or pages than the one it reads (cmce search logs it, serve answers it)
-FIRST_FRAME_ONLY = "an animation or a multi-page image; its first frame is searched"
-
 MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette", "PA": "palette with alpha",
               "I": "32-bit grey", "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey"}
 
 
-def conversion_note(found: tuple[int, int, str, bool], channels: int, size: int) -> str | None:
-    """What a search says of a query image of another size or mode than the query model reads (decode_image_as_found's
-    `found`), None when it needed no conversion: a colour photo searched with a grey model is a likely mistake."""
-    width, height, mode, _ = found
+def query_image_notes(found: tuple[int, int, str, bool], channels: int, size: int) -> list[str]:
+    """What a search says of a query image as decode_image_as_found found it (`cmce search` logs it, serve answers
+    it): that only the first frame of an animation or a multi-page image is searched, and that one of another size
+    or mode than the query model reads is converted (a colour photo searched with a grey model is a likely
+    mistake). Empty when neither."""
+    width, height, mode, more_frames = found
     want = "L" if channels == 1 else "RGB"
-    if (width, height, mode) == (size, size, want):
-        return None
-    return (f"{width}×{height} {MODE_NAMES.get(mode, mode)}, read as the query model's {size}×{size} "
-            f"{MODE_NAMES.get(want, want)}")
+    notes = ["an animation or a multi-page image; its first frame is searched"] if more_frames else []
+    if (width, height, mode) != (size, size, want):
+        notes.append(f"{width}×{height} {MODE_NAMES.get(mode, mode)}, read as the query model's {size}×{size} "
+                     f"{MODE_NAMES.get(want, want)}")
+    return notes
 
 
 def decode_image_as_found(data: bytes, channels: int, size: int, origin: str

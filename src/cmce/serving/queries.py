@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmce.data.codec import FIRST_FRAME_ONLY, conversion_note, decode_image_as_found
+from cmce.data.codec import decode_image_as_found, query_image_notes
 from cmce.embed import embed_batch
 from cmce.index import search
 from cmce.method import normalize
@@ -106,11 +106,7 @@ def images_query(images: list[str], served: Served, limits: Limits) -> tuple[np.
         except ValueError as err:  # DataError: names the field, says what is wrong with the image
             raise RequestError(field, str(err).removeprefix(f"{field}: ")) from None
         arrays.append(arr)
-        if found[3]:
-            warnings.append(f"{field}: {FIRST_FRAME_ONLY}")
-        note = conversion_note(found, model.in_channels, model.image_size)
-        if note:
-            warnings.append(f"{field}: {note}")
+        warnings += [f"{field}: {note}" for note in query_image_notes(found, model.in_channels, model.image_size)]
     return embed_batch(model, torch.from_numpy(np.stack(arrays))), warnings
 
 
