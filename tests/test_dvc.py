@@ -23,6 +23,19 @@ def _stages(dvc_yaml: Path):
         yield name, body, " ".join(body["cmd"]) if isinstance(body["cmd"], list) else body["cmd"]
 
 
+def _params(body: dict) -> list[str]:
+    """The params keys a stage lists, of its own params file or another's (`- ../params.yaml: [keys]`)."""
+    return [key for entry in body.get("params", []) for key in (
+        [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
+
+
+def _command(cmd: str) -> str | None:
+    """The cmce subcommand a stage's cmd runs (through cmce.dvc_stage or not); None for `--source-digest`."""
+    words = cmd.split()
+    after = words[words.index("cmce.dvc_stage") + 1:] if "cmce.dvc_stage" in words else words[1:]
+    return next((w for w in after if not w.startswith("-") and "/" not in w), None)
+
+
 @pytest.mark.parametrize("dvc_yaml", ["dvc.yaml", "lifecycle/dvc.yaml"])
 def test_every_input_and_setting_a_stage_command_reads_is_among_its_deps_and_params(dvc_yaml):
     """embed_member read {batch_size} without listing it (a changed batch size, other float kernels: the member was
@@ -33,8 +46,7 @@ def test_every_input_and_setting_a_stage_command_reads_is_among_its_deps_and_par
     missing = []
     for name, body, cmd in _stages(ROOT / dvc_yaml):
         text = yaml.safe_dump(body)
-        listed = [key for entry in body.get("params", []) for key in (
-            [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
+        listed = _params(body)
         for key in re.findall(r"(?<![{$])\{([A-Za-z_][A-Za-z0-9_.]*)\}", cmd):  # dvc_stage's placeholders
             if key != "key" and f"${{{key}}}" not in text and not any(key == p or key.startswith(f"{p}.")
                                                                         for p in listed):
@@ -55,12 +67,8 @@ def test_a_stage_that_fits_a_transformation_lists_the_data_section(dvc_yaml):
     fitting = {"fit-transform", "add-gallery-model"}
     found = []
     for name, body, cmd in _stages(ROOT / dvc_yaml):
-        words = cmd.split()
-        command = words[words.index("cmce.dvc_stage") + 1] if "cmce.dvc_stage" in words else words[1]
-        if command in fitting:
-            listed = [k for entry in body["params"] for k in (
-                [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
-            found.append((name, "data" in listed))
+        if _command(cmd) in fitting:
+            found.append((name, "data" in _params(body)))
     assert found and all(has for _, has in found), found
 
 
@@ -109,12 +117,8 @@ def test_every_stage_that_computes_with_torch_reads_and_tracks_the_device_and_th
                  "upgrade-query-model"}
     wrong = []
     for name, body, cmd in _stages(ROOT / dvc_yaml):
-        words = cmd.split()
-        command = next((w for w in words[words.index("cmce.dvc_stage") + 1 if "cmce.dvc_stage" in words else 1:]
-                       if not w.startswith("-") and "/" not in w), None)  # None: --source-digest, no command
-        listed = [key for entry in body.get("params", []) for key in (
-            [k for keys in entry.values() for k in keys] if isinstance(entry, dict) else [entry])]
-        if command in computing and not ("--config" in words and {"device", "num_threads"} <= set(listed)):
+        if _command(cmd) in computing and not ("--config" in cmd.split()
+                                               and {"device", "num_threads"} <= set(_params(body))):
             wrong.append(name)
     assert wrong == []
 
