@@ -5,6 +5,7 @@ cmce.tracking (runs) and cmce.tracking_store (stores, the server's checks), the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -50,7 +51,6 @@ def version_by_sha(client: Any, name: str, sha256: str, verify_at: str | None = 
     file had @production moved to the student)."""
     from mlflow.exceptions import MlflowException
 
-    from cmce.storage import file_sha256
 
     try:
         versions = [v for v in client.search_model_versions(f"name='{name}'")
@@ -61,7 +61,7 @@ def version_by_sha(client: Any, name: str, sha256: str, verify_at: str | None = 
         if verify_at is None:
             return str(v.version)
         try:
-            found = file_sha256(resolve_model_uri(f"models:/{name}/{v.version}", verify_at))
+            found = _version_file_sha256(name, str(v.version), verify_at)
         except (OSError, ValueError) as err:  # its file gone: an older version may still hold the right one
             log.warning("%s v%s: its file cannot be read (%s): not promoted to", name, v.version, err)
             continue
@@ -70,6 +70,15 @@ def version_by_sha(client: Any, name: str, sha256: str, verify_at: str | None = 
         log.warning("%s v%s: its sha256 tag says %s, but its file is %s: not promoted to", name, v.version,
                     sha256[:12], found[:12])
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _version_file_sha256(name: str, version: str, registry: str) -> str:
+    """sha256 of a registered version's file, downloaded once per process: a gate hashes every served version before
+    it publishes (unregistered) and again as it moves @production, and each download stayed in the scratch folder."""
+    from cmce.storage import file_sha256
+
+    return file_sha256(resolve_model_uri(f"models:/{name}/{version}", registry))
 
 
 def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
