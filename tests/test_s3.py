@@ -1716,3 +1716,46 @@ def test_the_bucket_of_an_output_is_checked_once_a_command(s3_server, s3_chain, 
         assert len(heads) == 2  # checked again by the next command: a bucket may be gone since
     finally:
         events.unregister("before-send.s3.HeadBucket", count)
+
+
+def test_a_run_folder_replaced_on_s3_never_shows_its_index_marker_beside_half_replaced_index_files(
+        s3_server, monkeypatch, tmp_path):
+    """`cmce run` to s3:// replaced its folder with one marker, eval/metrics.json: a rerun copied the new index files
+    under the old index/meta.json, so a `cmce serve --index <run>/index` reloading then read an index whose files
+    and manifest disagreed. Each marker is now deleted first and written after everything it completes."""
+    from cmce.layout import RunLayout
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    uri = f"s3://{bucket}/run"
+
+    def run_folder(version: str) -> Path:
+        root = tmp_path / version
+        for rel in ("data/dataset.parquet", "index/index.faiss", "index/ids.parquet", "index/rejected.parquet",
+                    *RunLayout.COMPLETION_MARKERS):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(f"{version} {rel}")
+        return root
+
+    lay = RunLayout(tmp_path)  # the markers name the folders the run writes
+    assert [tmp_path / m for m in RunLayout.COMPLETION_MARKERS] == [lay.index / "meta.json",
+                                                                    lay.eval_dir / "metrics.json"]
+    cmce_s3.upload_dir(run_folder("old"), uri, RunLayout.COMPLETION_MARKERS)
+    seen, real = [], cmce_s3.copy
+
+    def copy_and_look(src, dst):
+        real(src, dst)
+        index = {k: read_object(s3_server, bucket, k).decode().split()[0]
+                 for k in keys(s3_server, bucket, "run/index/")}
+        seen.append(index)
+
+    monkeypatch.setattr(cmce_s3, "copy", copy_and_look)
+    cmce_s3.upload_dir(run_folder("new"), uri, RunLayout.COMPLETION_MARKERS)
+    for index in seen:  # a reader that finds the index's marker finds the files it names, all of one version
+        if "run/index/meta.json" in index:
+            assert set(index.values()) == {index["run/index/meta.json"]}, index
+    assert len(seen) == 4  # the three index files and the dataset, by server-side copies; the markers after them
+    after = {k: read_object(s3_server, bucket, k).decode() for k in keys(s3_server, bucket)}
+    assert after == {f"run/{rel}": f"new {rel}" for rel in ("data/dataset.parquet", "index/index.faiss",
+                                                             "index/ids.parquet", "index/rejected.parquet",
+                                                             *RunLayout.COMPLETION_MARKERS)}

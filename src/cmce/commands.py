@@ -55,7 +55,7 @@ def _index_in(uri: str) -> Path:
     return index_folder(uri, probe_object=True)
 
 
-def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | None = None,
+def _out(args: argparse.Namespace, uri: str, is_dir: bool = False, last: str | tuple[str, ...] | None = None,
          own: tuple[str, ...] | None = None, writes: str | None = None, kinds: tuple[str, ...] = ()) -> Path:
     """The local path a step writes the output `uri` to, checked before any work (cmce.output_checks.check_output;
     `own`: the files of a folder replaced whole). An s3:// output is uploaded when the command succeeds
@@ -356,7 +356,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ValueError(f"data.path: {cfg.data.path} is inside a folder the run writes in output_dir "
                          f"{cfg.output_dir}; keep the data outside it")
     if remote:  # the whole run in scratch, uploaded when it succeeds
-        cfg = config_of(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True, last="eval/metrics.json"))})
+        cfg = config_of(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True,
+                                                          last=RunLayout.COMPLETION_MARKERS))})
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         metrics = stages.run_all(cfg)

@@ -58,6 +58,10 @@ class RunLayout:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
+    # the files that say a folder of the run is complete, the innermost first: its index (read by `cmce serve` while
+    # a rerun replaces it), then the run (its report the last thing written)
+    COMPLETION_MARKERS = ("index/meta.json", "eval/metrics.json")
+
     def written_folders(self) -> tuple[Path, ...]:
         """The folders `cmce run` writes files into by name (data.path must lie outside each)."""
         return (self.dataset.parent, self.model("x").parent, self.transforms_dir, self.members_dir.parent, self.index,

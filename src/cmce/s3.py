@@ -469,13 +469,15 @@ def delete(uri: str) -> None:
         bounded(lambda: s3_client.client().delete_object(Bucket=u.bucket, Key=u.key), uri, "deleting")
 
 
-def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
+def upload_dir(local: Path, uri: str, last: str | tuple[str, ...] | None = None) -> None:
     """Upload every file under `local` to the prefix `uri/`. With `last` (a completion marker such as an
     index's meta.json) the folder is replaced as nearly whole as S3 allows: the files go up under a staging
     prefix inside it first (a failure or stop there leaves the old folder untouched, the staged objects
     removed); then the old marker is deleted, the staged files are copied into place on the server and the new
     marker is written after them. A stop signal waits for that short commit, so a reader finds the old folder,
-    the new one, or no marker (which readers refuse), never a marker next to half-replaced files."""
+    the new one, or no marker (which readers refuse), never a marker next to half-replaced files. Several
+    markers (a run's folder: its index's meta.json, then eval/metrics.json) hold that for each folder they
+    complete: all are deleted first and written last, in the order given (the innermost first)."""
     u = parse(uri)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     rels = [p.relative_to(local).as_posix() for p in files]
@@ -483,12 +485,13 @@ def upload_dir(local: Path, uri: str, last: str | None = None) -> None:
         for rel in rels:
             upload_file(local / rel, str(u.join(rel)))
         return
-    if last not in rels:
-        raise FileNotFoundError(f"{uri}: the step wrote no {last}")
-    rels.remove(last)
+    markers = (last,) if isinstance(last, str) else last
+    if missing := next((m for m in markers if m not in rels), None):
+        raise FileNotFoundError(f"{uri}: the step wrote no {missing}")
+    rels = [rel for rel in rels if rel not in markers]
 
     def commit(staging: S3Uri) -> None:
-        _commit(local / last, u, staging, rels, last)
+        _commit(local, u, staging, rels, markers)
         _remove_left_staging(u, staging)
 
     _replace_staged(u, {rel: local / rel for rel in rels}, commit)
@@ -540,12 +543,14 @@ def _shown_as(staged: str, shown: str) -> Iterator[None]:
 STAGING_PREFIX = ".staging-"  # inside the folder: a reader of the folder's marker never lists it
 
 
-def _commit(marker: Path, u: S3Uri, staging: S3Uri, rels: list[str], last: str) -> None:
-    delete(str(u.join(last)))
+def _commit(local: Path, u: S3Uri, staging: S3Uri, rels: list[str], markers: tuple[str, ...]) -> None:
+    for marker in reversed(markers):  # the outermost first: no reader of the whole finds a part without its marker
+        delete(str(u.join(marker)))
     try:
         for rel in rels:
             copy(str(staging.join(rel)), str(u.join(rel)))
-        upload_file(marker, str(u.join(last)))
+        for marker in markers:
+            upload_file(local / marker, str(u.join(marker)))
     except BaseException:  # S3 has no rename: the old folder is gone, the new one partly there (no marker:
         partial_uploads.append(str(u))  # readers refuse it); said by the command's last line
         raise

@@ -553,7 +553,7 @@ def local_input(uri: str | Path, marker: str | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def local_output(uri: str | Path, is_dir: bool = False, last: str | None = None) -> Iterator[Path]:
+def local_output(uri: str | Path, is_dir: bool = False, last: str | tuple[str, ...] | None = None) -> Iterator[Path]:
     """Yield the local path a step writes `uri` to. Local: the path itself (steps write atomically).
     s3://: a scratch path with the key's file name, uploaded only if the block succeeds; the bucket and
     credentials are checked first, before any work. A folder goes up file by file, `last` (its completion
