@@ -206,3 +206,21 @@ def test_running_out_of_memory_in_the_parity_pass_names_the_file_and_the_image_s
     assert f"{ckpt}: out of memory in the parity check" in error
     assert f"image_size {model.image_size}, batches of 3" in error and "\n" not in error
     assert not out.exists()
+
+
+def test_a_query_model_that_embeds_an_image_as_zeros_is_refused_naming_the_dataset_and_split(smoke_run, tmp_path,
+                                                                                             caplog):
+    """The parity check refused a degenerate embedding as `torch embeddings: row 0 is all zeros` (or, checked
+    against an index, `query embeddings: ...`): no file, no split, no model named. Both are checked before the
+    search now, so one message stands for either."""
+    lay, _ = smoke_run
+    ckpt = tmp_path / "flat.pt"
+    model = _random_model("query_cnn", ckpt, seed=7)
+    head = model.net.head
+    head.weight.data.zero_(), head.bias.data.zero_()  # every image embeds as the zero vector
+    save_embedding_model(model, ckpt, width=8)
+    sha = load_embedding_model(ckpt).sha256
+    out = tmp_path / "flat.onnx"
+    rc = main(["export-query", "--query-model", str(ckpt), "--out", str(out), "--check-dataset", str(lay.dataset)])
+    assert rc == 2 and not out.exists()
+    assert f"query model {sha[:12]}'s embeddings of {lay.dataset} [test]: row 0 is all zeros" in caplog.text

@@ -28,7 +28,7 @@ from cmce.data.readers import iter_split_batches
 from cmce.embed import embed_batch
 from cmce.errors import first_line
 from cmce.method import normalize
-from cmce.storage import atomic_path, file_sha256
+from cmce.storage import atomic_path, file_sha256, origin
 
 if TYPE_CHECKING:
     from cmce.index import LoadedIndex
@@ -201,6 +201,10 @@ def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Pa
         raise ExportError(f"{dataset}: split {split!r} has no images to check the export on")
     ref_all, got_all = np.concatenate(ref), np.concatenate(got)
     max_diff = float(np.abs(ref_all - got_all).max())
+    # a degenerate row was refused as `query embeddings: row 3`, no file named; checked here for both searches
+    of = f"embeddings of {origin(Path(dataset))} [{split}]"
+    unit = normalize(ref_all, f"query model {model.sha256[:12]}'s {of}")
+    normalize(got_all, f"the ONNX export's {of}")
     if index is not None:
         kk = min(k, len(index.ids))
         ref_hits, got_hits = search(index, ref_all, kk), search(index, got_all, kk)
@@ -208,7 +212,7 @@ def check_parity(onnx_path: str | Path, model: EmbeddingModel, dataset: str | Pa
         searched = "index"
     else:
         flat = faiss.IndexFlatIP(ref_all.shape[1])
-        flat.add(np.ascontiguousarray(normalize(ref_all, "torch embeddings")))
+        flat.add(np.ascontiguousarray(unit))
         names = [str(i) for i in range(len(ref_all))]
         kk = min(k, len(ref_all))
         same = same_ranking(*_top_k(ref_all, flat, names, kk), *_top_k(got_all, flat, names, kk))
