@@ -200,9 +200,14 @@ def cmd_fit_transform(args: argparse.Namespace) -> StepRecord | None:
 def _config_device(args: argparse.Namespace) -> None:
     """An embedding step given --config computes where the config says, with its thread count (as a pipeline's
     embedding task does); without one, where --device and --threads say."""
+    _no_set_without_config(args)
     if args.config:
         stages.use_device(config_of(args))
-    elif args.set:
+
+
+def _no_set_without_config(args: argparse.Namespace) -> None:
+    """--set overrides a config: without --config it would change nothing, silently."""
+    if args.set and not args.config:
         raise ValueError("--set needs --config")
 
 
@@ -268,8 +273,7 @@ def cmd_build_index(args: argparse.Namespace) -> StepRecord:
     elif args.config:
         options = config_of(args, flags, named).index
     else:
-        if args.set:
-            raise ValueError("--set needs --config")
+        _no_set_without_config(args)
         options = index_config(flags, "build-index", flags=named)
     return stages.build_gallery_index(options, stages.IndexInputs(_in(args.gallery)),
                                       stages.IndexOutputs(_index_out(args, args.out)))

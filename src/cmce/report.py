@@ -94,20 +94,25 @@ def recall_rows(metrics: Metrics) -> list[dict[str, Any]]:
              **{c: round(100 * metrics[c][f"R@{k}"], 4) for c in configs}} for k in ks]
 
 
+SELECTIONS = ("uncertainty", "random")  # which gallery items are rejected: the most uncertain, or chosen at random
+# rejection.csv's columns: those of rejection_rows, the header alone when nothing was rejected (one gallery model)
+REJECTION_COLUMNS = ["rejected", *(f"{proto}_{how}" for proto in ("retrieval", "verification") for how in SELECTIONS),
+                     *(f"unanswerable_{how}" for how in SELECTIONS)]
+
+
 def rejection_rows(metrics: Metrics) -> list[dict[str, Any]]:
     """rejection.csv: one row per rejection rate (percent), error (percent) by protocol and selection."""
-    unc, rnd = metrics["rejection/uncertainty"], metrics["rejection/random"]
-    rates = [k.split("@", 1)[1] for k in unc if k.startswith("retrieval_error@")]
-    return [{"rejected": round(100 * float(r), 4),
-             **{f"{proto}_{how}": round(100 * src[f"{proto}_error@{r}"], 4)
-                for proto in ("retrieval", "verification") for how, src in (("uncertainty", unc), ("random", rnd))},
-             **{f"unanswerable_{how}": round(100 * src.get(f"unanswerable@{r}", float("nan")), 4)
-                for how, src in (("uncertainty", unc), ("random", rnd))}}
-            for r in rates]
-
-
-REJECTION_COLUMNS = ["rejected", "retrieval_uncertainty", "retrieval_random", "verification_uncertainty",
-                     "verification_random", "unanswerable_uncertainty", "unanswerable_random"]
+    rates = [k.split("@", 1)[1] for k in metrics["rejection/uncertainty"] if k.startswith("retrieval_error@")]
+    rows = []
+    for r in rates:
+        row = {"rejected": round(100 * float(r), 4)}
+        for column in REJECTION_COLUMNS[1:]:
+            what, how = column.rsplit("_", 1)
+            src = metrics[f"rejection/{how}"]  # unanswerable@: absent from reports written before it was counted
+            value = src.get(f"{what}@{r}", float("nan")) if what == "unanswerable" else src[f"{what}_error@{r}"]
+            row[column] = round(100 * value, 4)
+        rows.append(row)
+    return rows
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
