@@ -74,7 +74,7 @@ def far_threshold(impostor: np.ndarray, far: float) -> float:
     n = len(impostor)
     if n == 0:
         return float("-inf")
-    m = math.floor(Fraction(repr(far)) * n)  # exact for the FAR as written (3e-4 · 10000 is 3)
+    m = math.floor(Fraction(repr(float(far))) * n)  # exact for the FAR as written (3e-4 · 10000 is 3)
     if m >= n:
         return float("-inf")
     # the (m+1)-th largest value

@@ -1,5 +1,6 @@
 """Growing the ensemble and upgrading the query model from stored embeddings."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,30 @@ def test_upgrade_needs_train_embeddings_of_every_member(smoke_run, tmp_path, mon
         upgrade_query_model(lay.gallery, lay.model("query"), lay.dataset, [lay.train_embeddings("resnet_a")],
                             TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")
     assert not (tmp_path / "g.parquet").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c[:3], "its classifier has 3 classes, but the train split has labels up to 9"),
+    (lambda c: c * 0, "field 'classifier' has all-zero rows for 10 train class(es) (first: label 0)")])
+def test_an_upgrade_to_a_query_classifier_that_cannot_score_the_train_labels_is_refused_before_any_work(
+        smoke_run, tmp_path, monkeypatch, change, message):
+    """fit-transform refused such a query model; the upgrade, which refits every transformation against the same
+    frozen classifier, embedded the train split and then failed in torch (`Target 9 is out of bounds`), or fitted
+    against zero rows without a word."""
+    import torch
+
+    import cmce.lifecycle
+    from cmce.checkpoint import CheckpointError
+
+    lay, _ = smoke_run
+    obj = torch.load(lay.model("query"), weights_only=True)
+    query = tmp_path / "query.pt"
+    torch.save({**obj, "classifier": change(obj["classifier"])}, query)
+    monkeypatch.setattr(cmce.lifecycle, "embed_split", lambda *a, **kw: pytest.fail("embedded before the check"))
+    with pytest.raises(CheckpointError, match=re.escape(f"--query-model {query}: {message}")):
+        upgrade_query_model(lay.gallery, query, lay.dataset, [lay.train_embeddings(g) for g in lay.gallery_names],
+                            TransformConfig(epochs=1), tmp_path / "t", tmp_path / "g.parquet")
+    assert not (tmp_path / "g.parquet").exists() and not (tmp_path / "t").exists()
 
 
 def test_an_upgrade_whose_gallery_cannot_be_written_keeps_the_old_transformations(smoke_run, tmp_path,

@@ -76,6 +76,10 @@ def test_the_impostors_a_far_allows_are_counted_exactly():
 
     assert [impostors_allowed(0.29, n) for n in (100, 200, 300)] == [29, 58, 87]
     assert impostors_allowed(1e-3, 999) == 0 and impostors_allowed(1.0, 7) == 7
+    # FARs from a numpy array (a library caller's np.logspace): numpy 2 writes a scalar's repr as `np.float64(0.0003)`,
+    # which Fraction refused (ValueError)
+    assert [impostors_allowed(far, 10000) for far in np.array([3e-4, 0.29])] == [3, 2900]
+    assert impostors_allowed(np.float32(0.5), 10) == 5
 
 
 def test_tar_ignores_excluded_pairs():

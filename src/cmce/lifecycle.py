@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmce.checkpoint import load_embedding_model, require_role
+from cmce.checkpoint import load_embedding_model, require_classes, require_role
 from cmce.config import TransformConfig
 from cmce.data.loader import same_split, split_source
 from cmce.embed import embed_split, ensemble_columns, same_embeddings
@@ -182,11 +182,15 @@ def upgrade_query_model(
         # the whole train split, with its labels: 3 rows of 1,258 refitted every transformation, exit 0
         at = stored[member["sha256"]]
         rows = read_table(at, ["id", "label"])
+        labels = int_column(rows, "label", str(at))
         check_rows_are_split(string_column(rows, "id", str(at)), train, str(at), f"the train split of {dataset}",
-                             int_column(rows, "label", str(at)),
+                             labels,
                              why="the stored embeddings and the dataset differ (cut, edited, or another version): "
                                  "give the dataset they were embedded from, or store them again (fit-transform "
                                  "--train-embeddings-out)")
+    if gmeta["members"]:  # the frozen classifier the refits score against, as fit-transform checks it (labels past
+        # its rows failed deep in torch after the embedding; all-zero rows were fitted against without a word)
+        require_classes(query, labels, f"--query-model {new_query_model}")
     table = read_table(gallery)
     if holds_whole_split(gmeta):
         check_rows_are_split(string_column(table, "id", str(gallery)), gmeta["source"], str(gallery),

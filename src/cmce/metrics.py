@@ -91,7 +91,7 @@ def map_at_r(knn_labels: np.ndarray, query_labels: np.ndarray, r: np.ndarray) ->
 
 def impostors_allowed(far: float, impostors: int) -> int:
     """m = floor(FAR · #impostors), exact for the FAR as written: in floats, floor(3e-4 · 10000) is 2, not 3."""
-    return math.floor(Fraction(repr(far)) * impostors)
+    return math.floor(Fraction(repr(float(far))) * impostors)  # float(): a numpy scalar's repr is np.float64(…)
 
 
 def far_threshold(impostor: np.ndarray, far: float) -> float:
