@@ -191,7 +191,7 @@ class TransformConfig:
     augment_views: int = within("[0, 64]", 0)
     # share of each gallery embedding's coordinates dropped (the rest scaled up) at every fitting step, a
     # regulariser for T, which fits the train classes almost exactly (on emoji cos 0.98 on train, 0.9 on unseen
-    # classes); measured there it lowered the ensemble (README, "Regularising T")
+    # classes); measured there it lowered the ensemble (docs/results.md, emoji's "Missed")
     input_dropout: float = within("[0, 1)", 0.0)
 
 
