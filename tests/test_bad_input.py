@@ -4063,3 +4063,30 @@ def test_a_run_dir_that_is_a_file_is_named(tmp_path, caplog, monkeypatch):
     fails(caplog, ["track-start", "--config", SMOKE, "--run-dir", keep, "--out", tmp_path / "t.json"],
           tmp_path / "t.json", f"--run-dir {keep}: is a file, not a folder")
     assert keep.read_text() == "notes"
+
+
+def test_add_gallery_model_refuses_a_gallery_that_is_not_one_and_work_files_of_another_kind_before_any_work(
+        world, tmp_path, caplog, monkeypatch):
+    """A dataset or a member file as --gallery was refused only once T was fitted and the split embedded, the work
+    files left behind; a --work-dir holding a model or a dataset under the names the step writes had them replaced
+    (exit 0), where embed-gallery's --members-dir refuses the same."""
+    import cmce.stages
+
+    new = tiny_model(tmp_path / "resnet_c.pt", "resnet_c", "resnet", 12, seed=9)
+    monkeypatch.setattr(cmce.stages, "fit_transform", lambda *a, **kw: pytest.fail("fitted before the check"))
+    out, work = tmp_path / "g.parquet", tmp_path / "work"
+    add = ["add-gallery-model", "--config", SMOKE, "--dataset", world.dataset, "--query-model", world.query,
+           "--gallery-model", new, "--out", out]
+    for gallery, kind in ((world.dataset, "dataset"), (world.members[0], "gallery_member")):
+        fails(caplog, [*add, "--gallery", gallery, "--work-dir", work], out,
+              f"--gallery {gallery}: a {kind} file, not a gallery")
+        assert not work.exists()
+    work.mkdir()
+    for name, source, held in (("transform_resnet_c.pt", world.query, "a cmce-embedding-model/1 checkpoint file"),
+                               ("train_resnet_c.parquet", world.dataset, "a dataset Parquet file"),
+                               ("member_resnet_c.parquet", world.dataset, "a dataset Parquet file")):
+        shutil.copyfile(source, work / name)
+        kept = _inputs_kept(work)
+        fails(caplog, [*add, "--gallery", world.gallery, "--work-dir", work], out, f"{work / name}: holds {held}")
+        assert _inputs_kept(work) == kept
+        (work / name).unlink()

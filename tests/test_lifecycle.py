@@ -324,3 +324,40 @@ def test_an_upgrade_says_it_fits_without_augmented_views_and_records_what_it_fit
                for r in caplog.records)
     assert record.params["transform"] == dataclasses.asdict(dataclasses.replace(cfg.transform, augment_views=0))
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(f"{g}.pt" for g in lay.gallery_names)
+
+
+def _snapshot(*paths: Path) -> dict:
+    return {p: ({str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()} if p.is_dir()
+                else p.read_bytes()) for p in paths}
+
+
+def test_index_settings_that_cannot_index_the_gallery_are_refused_before_a_lifecycle_step_replaces_it(
+        smoke_run, tmp_path, caplog):
+    """`--set index.ivfpq.m=7` (the smoke query space is 32-d): add-gallery-model and upgrade-query-model wrote the
+    new gallery (and the refitted transformations) over their inputs, then failed building the index, exit 2. The
+    rerun refused the model as already in the gallery, and the old index as built from another gallery version."""
+    from cmce.cli import main
+    from cmce.config import DataConfig
+    from cmce.train import train_embedding_model
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    gallery, transforms = tmp_path / "gallery.parquet", tmp_path / "transforms"
+    shutil.copyfile(lay.gallery, gallery)
+    shutil.copytree(lay.transforms_dir, transforms)
+    bad = ["--set", "index.type=ivfpq", "--set", "index.ivfpq.m=7"]
+    kept = _snapshot(gallery, transforms)
+    common = ["--config", str(SMOKE), *bad, "--dataset", str(lay.dataset), "--gallery", str(gallery),
+              "--out", str(gallery), "--index-out", str(tmp_path / "index")]
+    new = tmp_path / "mob_c.pt"
+    train_embedding_model(lay.dataset, ModelSpec(name="mob_c", arch="mobilenet", embedding_dim=16, width=8, seed=5),
+                          DataConfig(source="digits", image_size=8), TrainConfig(epochs=1), new)
+    for argv in (["add-gallery-model", *common, "--query-model", str(lay.model("query")), "--gallery-model", str(new),
+                  "--work-dir", str(tmp_path / "work")],
+                 ["upgrade-query-model", *common, "--query-model", str(lay.model("query")), "--train-embeddings",
+                  *[str(lay.train_embeddings(g)) for g in lay.gallery_names], "--transforms-out", str(transforms)]):
+        caplog.clear()
+        assert main(argv) == 2, argv[0]
+        assert "index.ivfpq.m=7 must divide the embedding dimension 32" in caplog.text
+        assert _snapshot(gallery, transforms) == kept
+        assert not (tmp_path / "index").exists() and not (tmp_path / "work").exists()

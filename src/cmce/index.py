@@ -140,12 +140,26 @@ def _note(notes: list[str], message: str) -> None:
     notes.append(message)
 
 
+def check_index_fits(options: IndexConfig, dim: int, rows: int | None = None) -> None:
+    """Before any work: refuse index settings that cannot index `dim`-d embeddings (`rows` of them: an `auto` index
+    is checked as ivfpq from auto_threshold rows on; the rejected items are not subtracted). A step that writes a
+    gallery and then its index (add-gallery-model, upgrade-query-model) had replaced the gallery when they failed."""
+    may_be_ivfpq = options.type == "ivfpq" or (options.type == "auto" and rows is not None
+                                               and rows >= options.auto_threshold)
+    if may_be_ivfpq and options.ivfpq.m:
+        _check_pq_m(options.ivfpq.m, dim)
+
+
+def _check_pq_m(m: int, dim: int) -> None:
+    if dim % m:
+        raise ValueError(f"index.ivfpq.m={m} must divide the embedding dimension {dim}")
+
+
 def _ivfpq(emb: np.ndarray, opt: IvfPqConfig, params: dict[str, Any], notes: list[str]) -> BuiltIndex | None:
     """IVF-PQ + exact re-ranking, or None (with a note) when the gallery is too small to train codebooks."""
     n, dim = emb.shape
     m = opt.m or default_pq_m(dim)
-    if dim % m:
-        raise ValueError(f"index.ivfpq.m={m} must divide the embedding dimension {dim}")
+    _check_pq_m(m, dim)
     nlist_wanted = opt.nlist or default_nlist(n)
     n_train = min(n, opt.train_size or max(DEFAULT_TRAIN_SIZE, MIN_POINTS_PER_LIST * nlist_wanted))
     if n_train < 2 ** opt.nbits:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import load_embedding_model, require_classes, require_role
+from cmce.checkpoint import TRANSFORM_FORMAT, load_embedding_model, require_classes, require_role
 from cmce.config import Config, IndexConfig, ModelSpec
 from cmce.data.loader import WHOLE, Shard, split_source
 from cmce.data.prepare import prepare_dataset
@@ -31,9 +31,9 @@ from cmce.data.readers import dataset_info
 from cmce.data.sources import fetch_source
 from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model, merge_shards
 from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate, items_answered_from
-from cmce.index import INDEX_FILES, build_index
+from cmce.index import INDEX_FILES, build_index, check_index_fits
 from cmce.layout import RunLayout, pair_transformations
-from cmce.output_checks import check_output
+from cmce.output_checks import check_output, parquet_kind
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
 from cmce.storage import check_replaceable, origin
@@ -422,16 +422,27 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
     from cmce.lifecycle import add_member as grow
 
     gallery_meta = read_metadata(inp.gallery)
+    if gallery_meta.get("kind") != "gallery":  # (a dataset or a member file was refused only once T was fitted and
+        # the split embedded, the work files left behind)
+        raise ValueError(f"--gallery {origin(inp.gallery)}: a {parquet_kind(inp.gallery) or 'Parquet'} file, not a "
+                         "gallery")
     require_whole(gallery_meta, inp.gallery, "add-gallery-model")  # its new member embeds the whole split
     check_serves(gallery_meta, inp.gallery, inp.query_model)
     [stem] = check_new_members(inp.query_model, [inp.gallery_model],
                                {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
+    if out.index is not None:
+        check_index_fits(cfg.index, load_embedding_model(inp.query_model).embedding_dim,
+                         pq.ParquetFile(inp.gallery).metadata.num_rows)
     # work files named by the model (a checked identifier), not by its file: two models both saved as model.pt
-    # overwrote each other's transformation, train embeddings and member file in one --work-dir
-    transform = out.work_dir / f"transform_{stem}.pt"
+    # overwrote each other's transformation, train embeddings and member file in one --work-dir; a file of another
+    # kind at one of those names (a model, a dataset) is refused before any work, not replaced
+    transform, train, member = (out.work_dir / f"{what}_{stem}.{ext}" for what, ext in
+                                (("transform", "pt"), ("train", "parquet"), ("member", "parquet")))
+    check_output(transform, writes="checkpoint", kinds=(TRANSFORM_FORMAT,))
+    check_output(train, writes="parquet", kinds=("train_embeddings",))
+    check_output(member, writes="parquet", kinds=("gallery_member",))
     record = fit_transform(cfg, FitInputs(inp.dataset, inp.query_model, inp.gallery_model),
-                           FitOutputs(transform, out.work_dir / f"train_{stem}.parquet"))
-    member = out.work_dir / f"member_{stem}.parquet"
+                           FitOutputs(transform, train))
     embed_member(MemberInputs(inp.dataset, inp.query_model, inp.gallery_model, transform, cfg.batch_size),
                  GalleryOutputs(member))
     grow(inp.gallery, member, out.gallery)
@@ -481,6 +492,9 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
         log.warning("transform.augment_views=%d is not applied by upgrade-query-model: it refits from the stored "
                     "embeddings of the unaugmented train split (no gallery model is run)", fitted_cfg.augment_views)
         fitted_cfg = dataclasses.replace(fitted_cfg, augment_views=0)
+    if out.index is not None:  # the gallery and the transformations are replaced before the index is built
+        check_index_fits(cfg.index, load_embedding_model(inp.query_model).embedding_dim,
+                         pq.ParquetFile(inp.gallery).metadata.num_rows)
     upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, fitted_cfg, out.transformations,
             out.gallery, cfg.seed, cfg.batch_size)
     if out.index is not None:
@@ -598,6 +612,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     # the gallery is the test split: a vacuous R@K is refused now, not after the training
     gallery_items = split_source(lay.dataset, "test")["split_rows"]
     check_recall_k(cfg.evaluate.recall_k, gallery_items, f"the test split of {lay.dataset}", own_image_left_out=True)
+    check_index_fits(cfg.index, cfg.query_model.embedding_dim, gallery_items)  # (the gallery lives in query space)
     q_path = lay.model(cfg.query_model.name)
     if cfg.query_model.name not in keep:
         done(train_model(cfg, TrainInputs(lay.dataset, cfg.query_model.name), ModelOutputs(q_path)))
