@@ -4090,3 +4090,29 @@ def test_add_gallery_model_refuses_a_gallery_that_is_not_one_and_work_files_of_a
         fails(caplog, [*add, "--gallery", world.gallery, "--work-dir", work], out, f"{work / name}: holds {held}")
         assert _inputs_kept(work) == kept
         (work / name).unlink()
+
+
+def _with_nan(src: Path, dst: Path, column: str, row: int = 3) -> Path:
+    """A copy of the cmce Parquet file `src` with one value of an embedding column set to NaN (metadata kept)."""
+    table = pq.read_table(src)
+    values = embedding_column(table, column, str(src)).copy()
+    values[row, 0] = np.nan
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), values.shape[1])
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, arr), dst)
+    return dst
+
+
+def test_nan_in_the_embeddings_merge_and_add_member_copy_through_is_refused(world, tmp_path, caplog):
+    """merge and add-member copy columns as they are: a NaN in a member's `raw` (or a shard's `embedding`) went into
+    the file they wrote, exit 0, and evaluate refused that file later; combine refused the same member at once."""
+    one = tmp_path / "vgg_only.parquet"
+    assert main(["combine", "--member", str(world.members[1]), "--out", str(one)]) == 0
+    member = _with_nan(world.members[0], tmp_path / "resnet_a.parquet", "raw")
+    out = tmp_path / "added.parquet"
+    fails(caplog, ["add-member", "--gallery", one, "--member", member, "--out", out], out,
+          f"{member}: column 'raw' has NaN/inf values in 1 rows (first: row 3)")
+    for column in ("raw_resnet_a", "embedding"):
+        shard = _with_nan(world.gallery, tmp_path / f"nan_{column}.parquet", column)
+        merged = tmp_path / "merged.parquet"
+        fails(caplog, ["merge", shard, "--out", merged], merged,
+              f"{shard} (row group 0): column '{column}' has NaN/inf values in 1 rows (first: row 3)")

@@ -33,6 +33,7 @@ from cmce.tables import (
     IdsDigest,
     TableError,
     check_digest,
+    check_finite,
     check_unique_ids,
     embedding_array,
     embedding_column,
@@ -398,6 +399,7 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                         raise TableError(f"{p}: ids also in an earlier shard (e.g. {shown_id(first)})")
                     seen.update(ids)
                     digest.update(ids, int_column(table, "label", str(p)))
+                    check_finite(table, f"{p} (row group {rg})")
                     writer.write_table(table.replace_schema_metadata(schema.metadata))
             source = base.get("source")  # absent in files written before it was recorded
             if source:

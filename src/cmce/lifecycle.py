@@ -29,6 +29,7 @@ from cmce.tables import (
     IdsDigest,
     TableError,
     check_digest,
+    check_finite,
     check_rows_are_split,
     embedding_column,
     holds_whole_split,
@@ -106,6 +107,7 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
                                        for n in gmeta["members"] if f"raw_{n['name']}" in g.column_names),
                                      (str(member), m.column("raw"))])
                 ids = string_column(g, "id", str(gallery))
+                check_finite(g, str(gallery)), check_finite(m, str(member))  # copied through as they are
                 if string_column(m, "id", str(member)) != ids:
                     raise TableError(f"{member}: ids are not in the gallery's order")
                 digest.update(ids, int_column(g, "label", str(gallery)))

@@ -248,6 +248,17 @@ def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = N
     return _check_embeddings(values.reshape(len(arr), width), name, where, dim)
 
 
+def check_finite(table: pa.Table, where: str) -> None:
+    """Every float column of rows a step copies as they are (merge, add-member): a NaN or inf copied through was
+    refused only by a later step reading the file it wrote (exit 0 here, exit 2 there)."""
+    for f in table.schema:
+        inner = f.type.value_type if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) else None
+        if inner is not None and pa.types.is_floating(inner):
+            embedding_column(table, f.name, where)
+        elif pa.types.is_floating(f.type):
+            float_column(table, f.name, where)
+
+
 def stored_dim(schema: pa.Schema, name: str, where: str) -> int:
     """The dimension of an embedding column a step copies as it is (cmce's own layout, fixed_size_list<float32>):
     tables that are only read take other float lists too (embedding_column)."""
