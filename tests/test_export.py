@@ -224,3 +224,24 @@ def test_a_query_model_that_embeds_an_image_as_zeros_is_refused_naming_the_datas
     rc = main(["export-query", "--query-model", str(ckpt), "--out", str(out), "--check-dataset", str(lay.dataset)])
     assert rc == 2 and not out.exists()
     assert f"query model {sha[:12]}'s embeddings of {lay.dataset} [test]: row 0 is all zeros" in caplog.text
+
+
+def test_an_export_leaves_no_onnxruntime_telemetry_behind(smoke_run, tmp_path):
+    """onnxruntime 1.31 keeps a telemetry device id under ~/.cache (and sends usage events) unless told not to: an
+    export wrote `~/.cache/Microsoft/DeveloperTools/.onnxruntime/deviceid`, outside its output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lay, ckpt = _query(smoke_run)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env |= {"HOME": str(home), "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = tmp_path / "q.onnx"
+    done = subprocess.run([sys.executable, "-m", "cmce", "export-query", "--query-model", str(ckpt), "--out", str(out),
+                           "--check-dataset", str(lay.dataset)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.is_file()
+    assert [p for p in home.rglob("*") if "onnxruntime" in p.name.lower()] == []

@@ -12,6 +12,7 @@ with it), the input's shape and the cmce version. onnx and onnxruntime come with
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,10 +80,20 @@ def onnx_metadata(model: EmbeddingModel) -> dict[str, str]:
     }
 
 
+def _onnxruntime() -> Any:
+    """onnxruntime with its telemetry off unless the user turned it on (ORT_DISABLE_TELEMETRY=0): from 1.31 its Linux
+    and macOS wheels send usage events to Microsoft and keep a device id under ~/.cache, which an export step on a
+    customer's machine must not do."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read as onnxruntime initialises: before its import
+    import onnxruntime
+
+    return onnxruntime
+
+
 def _require_edge_packages() -> None:
     try:
         import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
+        _onnxruntime()
         import onnxscript  # noqa: F401 - torch.onnx's exporter builds the graph with it
     except ImportError as err:
         raise ExportError(f"exporting the query model needs the `edge` extra (pip install 'cmce[edge]'): "
@@ -136,8 +147,7 @@ class OnnxQueryModel:
     """An exported query model on onnxruntime (CPU): uint8 N×C×H×W in, raw embeddings out."""
 
     def __init__(self, path: str | Path, threads: int = 0):
-        import onnxruntime as ort
-
+        ort = _onnxruntime()
         self.path = Path(path)
         self.meta = read_onnx_metadata(self.path)
         options = ort.SessionOptions()
