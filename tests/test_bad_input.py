@@ -4116,3 +4116,20 @@ def test_nan_in_the_embeddings_merge_and_add_member_copy_through_is_refused(worl
         merged = tmp_path / "merged.parquet"
         fails(caplog, ["merge", shard, "--out", merged], merged,
               f"{shard} (row group 0): column '{column}' has NaN/inf values in 1 rows (first: row 3)")
+
+
+def test_shards_embedded_into_one_members_folder_do_not_replace_each_other(world, tmp_path, caplog):
+    """The per-model files are named by model alone: `embed-gallery --shard 1/2` into shard 0/2's --members-dir
+    replaced its files (both exit 0), and a merge of the shards' member files then lacked shard 0."""
+    members = tmp_path / "members"
+    embed = ["embed-gallery", "--dataset", world.dataset, "--query-model", world.query,
+             "--gallery-model", world.gallery_models[0], "--transform", world.transforms[0],
+             "--gallery-model", world.gallery_models[1], "--transform", world.transforms[1], "--members-dir", members]
+    assert main([str(a) for a in [*embed, "--shard", "0/2", "--out", tmp_path / "g0.parquet"]]) == 0
+    kept = _inputs_kept(members)
+    out = tmp_path / "g1.parquet"
+    fails(caplog, [*embed, "--shard", "1/2", "--out", out], out,
+          f"{members / 'resnet_a.parquet'}: holds shard 0/2 of its model's embeddings, this run writes shard 1/2")
+    fails(caplog, [*embed, "--out", out], out, "this run writes the whole split; give each shard its own --members-dir")
+    assert _inputs_kept(members) == kept
+    assert main([str(a) for a in [*embed, "--shard", "0/2", "--out", tmp_path / "g0.parquet"]]) == 0  # its own again

@@ -361,3 +361,22 @@ def test_index_settings_that_cannot_index_the_gallery_are_refused_before_a_lifec
         assert "index.ivfpq.m=7 must divide the embedding dimension 32" in caplog.text
         assert _snapshot(gallery, transforms) == kept
         assert not (tmp_path / "index").exists() and not (tmp_path / "work").exists()
+
+
+def test_an_upgrade_of_a_gallery_with_nan_in_a_raw_column_is_refused_before_any_fit(smoke_run, tmp_path, monkeypatch):
+    """The gallery's raw_* columns were read, and a NaN refused, only once every transformation was refitted."""
+    import cmce.lifecycle
+
+    lay, _ = smoke_run
+    table = pq.read_table(lay.gallery)
+    column = f"raw_{lay.gallery_names[0]}"
+    values = embedding_column(table, column, "g").copy()
+    values[2, 1] = np.inf
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), values.shape[1])
+    gallery = tmp_path / "gallery.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, arr), gallery)
+    monkeypatch.setattr(cmce.lifecycle, "fit_transformation", lambda *a, **kw: pytest.fail("fitted before the check"))
+    with pytest.raises(TableError, match=re.escape(f"{gallery}: column '{column}' has NaN/inf values in 1 rows")):
+        upgrade_query_model(gallery, lay.model("query"), lay.dataset,
+                            [lay.train_embeddings(g) for g in lay.gallery_names], TransformConfig(epochs=1),
+                            tmp_path / "t", tmp_path / "g.parquet")

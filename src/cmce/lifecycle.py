@@ -194,6 +194,7 @@ def upgrade_query_model(
         # its rows failed deep in torch after the embedding; all-zero rows were fitted against without a word)
         require_classes(query, labels, f"--query-model {new_query_model}")
     table = read_table(gallery)
+    check_finite(table, str(gallery))  # its raw_* columns are read once every transformation is refitted
     if holds_whole_split(gmeta):
         check_rows_are_split(string_column(table, "id", str(gallery)), gmeta["source"], str(gallery),
                              f"the '{gmeta['split']}' split it records", int_column(table, "label", str(gallery)))

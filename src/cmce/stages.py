@@ -328,6 +328,11 @@ def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
     files = [out.members_dir / f"{name}.parquet" for name in names]
     for member in files:
         check_output(member, writes="parquet", kinds=("gallery_member",))
+        # named by model alone: shards embedded into one folder replaced each other's files without a word
+        if member.is_file() and (held := read_metadata(member).get("shard", str(WHOLE))) != str(inp.shard):
+            raise ValueError(f"{member}: holds shard {held} of its model's embeddings, this run writes "
+                             f"{'shard ' + str(inp.shard) if inp.shard != WHOLE else 'the whole split'}; give each "
+                             "shard its own --members-dir")
     members = []
     for model, transform, member in zip(inp.gallery_models, paired, files, strict=True):
         embed_member(MemberInputs(inp.dataset, inp.query_model, model, transform, inp.batch_size, inp.shard,
