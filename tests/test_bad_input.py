@@ -4133,3 +4133,43 @@ def test_shards_embedded_into_one_members_folder_do_not_replace_each_other(world
     fails(caplog, [*embed, "--out", out], out, "this run writes the whole split; give each shard its own --members-dir")
     assert _inputs_kept(members) == kept
     assert main([str(a) for a in [*embed, "--shard", "0/2", "--out", tmp_path / "g0.parquet"]]) == 0  # its own again
+
+
+def test_link_loops_deep_folders_and_undecodable_folder_names_in_an_imagefolder_are_named(tmp_path, caplog):
+    """A link to itself was `RuntimeError: Symlink loop` (exit 1), a thousand nested folders a RecursionError
+    (exit 1), a subfolder named in bytes that are not UTF-8 an error naming no file after every image was decoded."""
+    out = previous_file(tmp_path / "out" / "dataset.parquet")
+    for name in ("x.png", "sub"):  # an image's name or a folder's: both were resolved before the suffix was looked at
+        root = image_folder(tmp_path / f"loop_{name}", {"a": 2, "b": 2})
+        (root / "a" / name).symlink_to(name)
+        fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+              f"{root / 'a' / name}: a loop of symbolic links")
+    root = image_folder(tmp_path / "deep", {"a": 2, "b": 2})
+    levels, here = 1100, os.getcwd()  # os.walk recurses once a level (Python 3.11); made and removed a level at a time
+    try:  # (Path.mkdir(parents=True) and shutil.rmtree recurse too)
+        os.chdir(root / "a")
+        for _ in range(levels):
+            os.mkdir("d")
+            os.chdir("d")
+        shutil.copyfile(root / "a" / "0.png", "0.png")
+        os.chdir(here)
+        fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+              f"{root / 'a'}: folders nested too deep to read")
+    finally:
+        os.chdir(root / "a")
+        depth = 0
+        while os.path.isdir("d"):
+            os.chdir("d")
+            depth += 1
+        for name in os.listdir("."):
+            os.unlink(name)
+        for _ in range(depth):
+            os.chdir("..")
+            os.rmdir("d")
+        os.chdir(here)
+    root = image_folder(tmp_path / "bytes", {"a": 2, "b": 2})
+    odd = root / "a" / os.fsdecode(b"\xff\xfe")
+    odd.mkdir()
+    (odd / "0.png").write_bytes((root / "a" / "0.png").read_bytes())
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
+          "'a/\\udcff\\udcfe/0.png': the name is not valid UTF-8")

@@ -15,9 +15,17 @@ from pathlib import Path
 from cmce.data.schema import DataError
 
 
+def resolved(path: Path) -> Path:
+    """`path` with its links followed; a loop of links named (Python 3.11's resolve() raised a bare RuntimeError)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise DataError(f"{path}: a loop of symbolic links; remove it") from None
+
+
 def inside_root(path: Path, real_root: Path, root_name: str = "ImageFolder root") -> None:
     """Refuse a file or class folder that resolves outside the data root (a symlink pointing elsewhere, or
     a listed path with `..`): the dataset must be exactly what lies under data.path."""
-    real = path.resolve()
+    real = resolved(path)
     if not real.is_relative_to(real_root):
         raise DataError(f"{path}: resolves to {real}, outside the {root_name} {real_root}")

@@ -12,7 +12,7 @@ import numpy as np
 
 from cmce.data.codec import read_image_file, to_png
 from cmce.data.schema import DataError, RawImages
-from cmce.importers import inside_root
+from cmce.importers import inside_root, resolved
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -25,9 +25,10 @@ def _hidden(name: str) -> bool:
 
 
 def _utf8(path: Path, root: Path) -> Path:
-    """`path`, if its name can be stored: ids and class names are UTF-8 text in the dataset file."""
+    """`path`, if its name can be stored: ids and class names are UTF-8 text in the dataset file (every folder
+    between the root and it too: a subfolder's name is part of the id)."""
     try:
-        path.name.encode("utf-8")
+        str(path.relative_to(root)).encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes, which Python keeps as surrogates
         raise DataError(f"{root}: {ascii(str(path.relative_to(root)))}: the name is not valid UTF-8; "
                         "rename it") from None
@@ -45,27 +46,30 @@ def _files_under(folder: Path, real_root: Path) -> list[Path]:
     (`c0/up -> ..` read every other class's images again as class c0); a folder reached twice (two links to one
     folder) is read once."""
     found, seen = [], set()
-    real_class = folder.resolve()
-    for here, dirs, files in os.walk(folder, followlinks=True, onerror=_unlistable):
-        real = Path(here).resolve()
-        inside_root(Path(here), real_root)
-        if real != real_class and real_class not in real.parents:
-            raise DataError(f"{here}: a link out of its class folder {folder.name} (to {real}): its images would be "
-                            "read again under this class; remove the link")
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        for name in sorted(f for f in files if not _hidden(f)):
-            path = Path(here) / name
-            target = path.resolve()
-            if path.is_symlink() and real_class not in target.parents:
-                # `c1/x.png -> ../c0/0.png`: one image under two labels, exit 0 (a link outside the root: named so)
-                inside_root(path, real_root)
-                raise DataError(f"{path}: a link out of its class folder {folder.name} (to {target}): its image "
-                                "would be read under this class too; remove the link")
-            found.append(path)
+    real_class = resolved(folder)
+    try:  # os.walk is recursive in Python 3.11
+        for here, dirs, files in os.walk(folder, followlinks=True, onerror=_unlistable):
+            real = resolved(Path(here))
+            inside_root(Path(here), real_root)
+            if real != real_class and real_class not in real.parents:
+                raise DataError(f"{here}: a link out of its class folder {folder.name} (to {real}): its images would "
+                                "be read again under this class; remove the link")
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            for name in sorted(f for f in files if not _hidden(f)):
+                path = Path(here) / name
+                target = resolved(path)
+                if path.is_symlink() and real_class not in target.parents:
+                    # `c1/x.png -> ../c0/0.png`: one image under two labels, exit 0 (a link outside the root: named so)
+                    inside_root(path, real_root)
+                    raise DataError(f"{path}: a link out of its class folder {folder.name} (to {target}): its image "
+                                    "would be read under this class too; remove the link")
+                found.append(path)
+    except RecursionError:
+        raise DataError(f"{folder}: folders nested too deep to read (hundreds of levels)") from None
     return found
 
 
@@ -89,7 +93,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{root}: ImageFolder root is not a directory")
-    real_root = root.resolve()
+    real_root = resolved(root)
     parts = [("train", root / "train"), ("test", root / "test")]
     has_split = all(p.is_dir() for _, p in parts)
     one = [name for name, p in parts if p.is_dir()]
@@ -131,7 +135,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
                         "normalisation (accents composed or decomposed) or in spaces at their ends: one class under "
                         "two names? merge or rename them")
     for _, base in parts:  # `c3 -> .`, `c3 -> c0/sub`: one folder's images under two classes
-        reals = {c: (base / c).resolve() for c in classes if (base / c).is_dir()}
+        reals = {c: resolved(base / c) for c in classes if (base / c).is_dir()}
         for c, real in reals.items():
             if real == real_root or real in real_root.parents:
                 raise DataError(f"{base / c}: a link to the ImageFolder root or a folder above it: every image "
@@ -161,7 +165,7 @@ def import_imagefolder(path: str | Path) -> RawImages:
                 st = f.stat()  # a hard link is the same file under another name: one image, two labels or splits
                 first = read_as.setdefault((st.st_dev, st.st_ino), (part, cls, rel))
                 if first[:2] != (part, cls):  # one name reached through a linked folder (test/a -> ../train/a)?
-                    how = "linked" if f.resolve() == (root / first[2]).resolve() else "hard-linked"
+                    how = "linked" if resolved(f) == resolved(root / first[2]) else "hard-linked"
                     raise DataError(f"{root}: {rel} and {first[2]} are one file ({how}): its image would be "
                                     "read under two classes or in two splits; keep one of them")
                 images.append(to_png(read_image_file(f), f))
