@@ -2,6 +2,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import struct
 
 import numpy as np
@@ -312,7 +313,47 @@ def test_truncated_idx_header_names_the_file(tmp_path):
     from cmce.importers.fashion_mnist import read_idx
 
     with pytest.raises(DataError, match="x-idx3-ubyte.gz: truncated IDX header"):
-        read_idx(path)
+        read_idx(path, 3)
+
+
+def _idx_header(path, dims, body: bytes = b""):
+    import struct
+
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(f">HBB{len(dims)}I", 0, 8, len(dims), *dims) + body)
+    return path
+
+
+@pytest.mark.parametrize(("dims", "ndim", "message"), [
+    ((), 3, "an IDX array of 0 dimension(s); expected 3 (images: count × height × width)"),  # was a TypeError
+    ((20,), 3, "an IDX array of 1 dimension(s); expected 3"),  # was an IndexError
+    ((2, 4, 4, 7), 3, "an IDX array of 4 dimension(s); expected 3"),  # was PIL's "Cannot handle this data type"
+    ((20, 1), 1, "an IDX array of 2 dimension(s); expected 1 (labels: count)"),  # named no file
+    ((2, 0, 8), 3, "images of 0 × 8 pixels"),
+    ((1, 20000, 20000), 3, "refused, too many pixels: 20000 × 20000 = 400,000,000, over data.max_image_pixels"),
+    ((65536, 65536, 2), 3, "shape (65536, 65536, 2) holds 8,589,934,592 values, over 1,073,741,824"),
+])
+def test_an_idx_header_is_checked_before_its_body_is_read(tmp_path, dims, ndim, message):
+    """A 389 kB gzip declaring a 20,000 × 20,000 image was decompressed whole (1.2 GB) and imported past the pixel
+    limit; headers of another rank were numpy or PIL tracebacks."""
+    from cmce.importers.fashion_mnist import read_idx
+
+    path = _idx_header(tmp_path / "x-idx3-ubyte.gz", dims)
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        read_idx(path, ndim)
+    assert read_idx(_idx_header(tmp_path / "ok.gz", (2, 3, 3), bytes(18)), 3).shape == (2, 3, 3)
+    with pytest.raises(DataError, match="expected 18 values for shape \\(2, 3, 3\\), got more"):
+        read_idx(_idx_header(tmp_path / "long.gz", (2, 3, 3), bytes(19)), 3)
+
+
+def test_a_pipe_named_like_an_idx_file_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from cmce.importers.fashion_mnist import read_idx
+
+    os.mkfifo(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: cannot read IDX file: not a regular file"):
+        read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 1)
 
 
 def test_source_registry_matches_the_config_and_names_valid_sources(tmp_path):
@@ -633,3 +674,35 @@ def test_an_official_split_whose_classes_partly_differ_is_said(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         import_imagefolder(tmp_path)
     assert "only in test/" not in caplog.text
+
+
+def _fake_debian_tools(bin_dir, dpkg_script: str):
+    """`apt-get download` that leaves a .deb in the working folder, and a dpkg-deb running `dpkg_script` (sh)."""
+    import os
+
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text("#!/bin/sh\necho deb > dataset-fashion-mnist_1.0_all.deb\n")
+    (bin_dir / "dpkg-deb").write_text(f"#!/bin/sh\n{dpkg_script}\n")
+    for tool in ("apt-get", "dpkg-deb"):
+        os.chmod(bin_dir / tool, 0o755)
+
+
+@pytest.mark.parametrize(("dpkg_script", "message"), [
+    ("echo 'dpkg-deb: error: archive is truncated' >&2; exit 2",
+     "dpkg-deb could not unpack dataset-fashion-mnist_1.0_all.deb: dpkg-deb: error: archive is truncated"),
+    ('d="$3/usr/share/datasets/fashion-mnist"; mkdir -p "$d"; echo x > "$d/train-images-idx3-ubyte.gz"; '
+     'ln -s /nowhere "$d/train-labels-idx1-ubyte.gz"',
+     "dataset-fashion-mnist_1.0_all.deb: holds no regular file train-labels-idx1-ubyte.gz")])
+def test_a_fashion_mnist_package_that_cannot_be_unpacked_is_named_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                                     dpkg_script, message):
+    """dpkg-deb's failure was a CalledProcessError traceback (exit 1); a failed copy left a half-filled .fmnist.*
+    folder beside --out, and the folders made for it."""
+    import os
+
+    from cmce.importers.fashion_mnist import fetch_fashion_mnist
+
+    _fake_debian_tools(tmp_path / "bin", dpkg_script)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(DataError, match=re.escape(message)):
+        fetch_fashion_mnist(tmp_path / "new" / "fm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]

@@ -70,7 +70,12 @@ def _bomb_refused(origin: Path | str, err: Image.DecompressionBombError) -> Data
 
 
 def _check_pixels(img: Image.Image, origin: Path | str) -> None:
-    width, height = img.size
+    check_pixel_count(*img.size, origin)
+
+
+def check_pixel_count(width: int, height: int, origin: Path | str) -> None:
+    """Refuse an image of width × height over the pixel limit, before its pixels are read (arrays in IDX or .npz files
+    state their shape first)."""
     if width * height > _max_pixels:
         raise _too_many_pixels(origin, f"{width} × {height} = {width * height:,}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import shutil
 import struct
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data.codec import encode_png
+from cmce.data.codec import check_pixel_count, encode_png
 from cmce.data.schema import DataError, RawImages
+from cmce.storage import make_parents, open_regular, remove_if_empty
 
 log = logging.getLogger(__name__)
 FASHION_CLASSES = [
@@ -22,25 +24,47 @@ FASHION_CLASSES = [
 ]  # fmt: skip
 
 
-def read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
+MAX_IDX_VALUES = 1 << 30  # values one IDX file may hold: Fashion-MNIST's largest holds 47 million
+IDX_FILES = [f"{prefix}-{kind}" for prefix in ("train", "t10k")
+             for kind in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz")]
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte IDX array of `ndim` dimensions (3: images, 1: labels), its header checked before its body is
+    read: a 389 kB gzip declaring 20,000 × 20,000 images was decompressed whole (1.2 GB) and imported past
+    data.max_image_pixels, a header of another rank failed in numpy or PIL (tracebacks), a pipe blocked for ever."""
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read IDX file: {err}") from None
-    if len(data) < 4:
-        raise DataError(f"{path}: truncated IDX header")
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file")
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, got {body.size}")
-    return body.reshape(dims)
+        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: truncated IDX header")
+            zero, dtype_code, rank = struct.unpack(">HBB", head)
+            if zero != 0 or dtype_code != 0x08:
+                raise DataError(f"{path}: not an unsigned-byte IDX file")
+            if rank != ndim:
+                raise DataError(f"{path}: an IDX array of {rank} dimension(s); expected {ndim} "
+                                f"({'images: count × height × width' if ndim == 3 else 'labels: count'})")
+            packed = f.read(4 * rank)
+            if len(packed) < 4 * rank:
+                raise DataError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{rank}I", packed)
+            if ndim == 3:
+                if not (dims[1] and dims[2]):
+                    raise DataError(f"{path}: images of {dims[1]} × {dims[2]} pixels")
+                check_pixel_count(dims[2], dims[1], path)
+            total = math.prod(dims)  # Python ints: numpy's product wrapped (65536⁴·16 "expected 0 values")
+            if total > MAX_IDX_VALUES:
+                raise DataError(f"{path}: shape {dims} holds {total:,} values, over {MAX_IDX_VALUES:,}")
+            body = f.read(total + 1)  # one more: a longer body is refused, not cut
+    except DataError:
+        raise
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise DataError(f"{path}: cannot read IDX file: {reason}") from None
+    if len(body) != total:
+        got = "more" if len(body) > total else len(body)
+        raise DataError(f"{path}: expected {total} values for shape {dims}, got {got}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def find_fashion_dir(path: Path) -> Path:
@@ -54,8 +78,8 @@ def import_fashion_mnist(path: str | Path) -> RawImages:
     root = find_fashion_dir(Path(path))
     ids, labels, images, split = [], [], [], []
     for part, prefix in (("train", "train"), ("test", "t10k")):
-        x = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
-        y = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+        x = read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 3)
+        y = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 1)
         if len(x) != len(y):
             raise DataError(f"{root}: {prefix} has {len(x)} images but {len(y)} labels")
         ids += [f"fmnist-{prefix}-{i:05d}" for i in range(len(x))]
@@ -90,16 +114,30 @@ def fetch_fashion_mnist(dest: str | Path) -> Path:
             res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
             if res.returncode != 0:
                 raise DataError(f"apt-get download dataset-fashion-mnist failed: {res.stderr.strip()}")
-        deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+        deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"), None)
+        if deb is None:
+            raise DataError("apt-get download dataset-fashion-mnist wrote no dataset-fashion-mnist_*.deb")
         unpacked = Path(tmp) / "x"
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+        res = subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], capture_output=True, text=True)
+        if res.returncode != 0:  # a damaged package, a full disk: was a CalledProcessError traceback
+            said = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+            raise DataError(f"dpkg-deb could not unpack {deb.name}: {said}")
         src = find_fashion_dir(unpacked)
-        staging = Path(tempfile.mkdtemp(prefix=".fmnist.", dir=dest.parent if dest.parent.exists() else None))
-        for f in src.iterdir():
-            shutil.copy2(f, staging / f.name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            dest.rmdir()  # empty (checked above)
-        shutil.move(str(staging), dest)
+        # staged beside dest and renamed in, removed whatever fails or stops the copy (a half-copied .fmnist.* was
+        # left there); only the four IDX files, as regular files, go over
+        made = make_parents(dest)
+        staging = Path(tempfile.mkdtemp(prefix=".fmnist.", dir=dest.parent))
+        try:
+            for name in IDX_FILES:
+                if not (src / name).is_file() or (src / name).is_symlink():
+                    raise DataError(f"{deb.name}: holds no regular file {name}")
+                shutil.copyfile(src / name, staging / name)
+            if dest.exists():
+                dest.rmdir()  # empty (checked above)
+            staging.rename(dest)
+            made = []
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            remove_if_empty(made)
     log.info("Fashion-MNIST unpacked into %s", dest)
     return dest
