@@ -197,3 +197,55 @@ def test_sop_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "outside.JPG").write_bytes(b"")
     with pytest.raises(DataError, match=r"outside.JPG: resolves to .* outside the data root"):
         import_sop(root)
+
+
+def test_one_image_file_listed_twice_is_refused_naming_both_rows(tmp_path):
+    """`005.Crested_Auklet/./x.jpg` listed under another class, or a class's image replaced by a link to another's:
+    one file was imported as two images of two classes (or splits), exit 0. ImageFolder refused the same."""
+    root = fake_cub(tmp_path)
+    first = f"{CUB_CLASSES[0]}/{CUB_CLASSES[0].split('.')[1]}_0000.jpg"
+    with (root / "images.txt").open("a") as f:
+        f.write(f"16 {first.replace('/', '/./')}\n")
+    with (root / "image_class_labels.txt").open("a") as f:
+        f.write("16 5\n")
+    with (root / "train_test_split.txt").open("a") as f:
+        f.write("16 1\n")
+    with pytest.raises(DataError, match=r"images.txt:16 is the file listed at .*images.txt:1 \(the same path, a link"):
+        import_cub200(tmp_path)
+    root = fake_cub(tmp_path / "linked")
+    victim = root / "images" / f"{CUB_CLASSES[4]}/{CUB_CLASSES[4].split('.')[1]}_0001.jpg"
+    victim.unlink()
+    victim.symlink_to(root / "images" / first)
+    with pytest.raises(DataError, match=r"images.txt:14 is the file listed at .*images.txt:1 "):
+        import_cub200(tmp_path / "linked")
+
+
+def test_index_files_that_are_pipes_or_mat_files_with_other_variables(tmp_path):
+    """A pipe named classes.txt blocked the import for ever; a cars_annos.mat carrying a large extra variable had it
+    decompressed too (only `annotations` and `class_names` are read)."""
+    import os
+
+    import scipy.io
+
+    root = fake_cub(tmp_path)
+    (root / "classes.txt").unlink()
+    os.mkfifo(root / "classes.txt")
+    with pytest.raises(DataError, match="classes.txt: not readable: .*not a regular file"):
+        import_cub200(tmp_path)
+    cars = fake_cars(tmp_path / "cars")
+    mat = scipy.io.loadmat(cars / "cars_annos.mat")
+    read = []
+    real = scipy.io.loadmat
+
+    def spy(*args, **kwargs):
+        read.append(kwargs.get("variable_names"))
+        return real(*args, **kwargs)
+
+    scipy.io.savemat(cars / "cars_annos.mat", {**{k: v for k, v in mat.items() if not k.startswith("__")},
+                                                "junk": np.zeros((50, 50))}, do_compression=True)
+    scipy.io.loadmat = spy
+    try:
+        raw = import_cars196(cars)
+    finally:
+        scipy.io.loadmat = real
+    assert read == [["annotations", "class_names"]] and len(raw.ids) > 0

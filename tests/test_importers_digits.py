@@ -87,3 +87,39 @@ def test_a_fetched_copy_imports_as_sklearn_digits(tmp_path):
     assert copy.images == fresh.images and np.array_equal(copy.labels, fresh.labels)
     out = prepare_dataset(DataConfig(source="digits", image_size=8), tmp_path / "d.parquet", raw_dir=raw)
     assert open_dataset(out).metadata.num_rows == len(fresh.ids)
+
+
+def test_an_npz_declaring_huge_images_is_refused_before_they_are_read(tmp_path):
+    """A 389 kB digits.npz of 4 × 10,000 × 10,000 zeros was decompressed whole (1.2 GB) and imported past
+    data.max_image_pixels, exit 0."""
+    from cmce.data.codec import pixel_limit
+
+    (tmp_path / "bomb").mkdir()
+    np.savez_compressed(tmp_path / "bomb" / "digits.npz", images=np.zeros((4, 3000, 3000), np.uint8),
+                        labels=np.ones(4, np.int64))
+    with pixel_limit(1000), pytest.raises(DataError, match=r"bomb/digits.npz: refused, too many pixels: 3000 × 3000 "
+                                                           r"= 9,000,000, over data.max_image_pixels \(1,000\)"):
+        import_digits(tmp_path / "bomb")
+    (tmp_path / "flat").mkdir()
+    np.savez(tmp_path / "flat" / "digits.npz", images=np.zeros((4, 0, 8), np.uint8), labels=np.ones(4, np.int64))
+    with pytest.raises(DataError, match="flat/digits.npz: 'images' of 0 × 8 pixels"):
+        import_digits(tmp_path / "flat")
+
+
+def test_fetch_refuses_a_folder_holding_other_files_or_another_digits_npz(tmp_path):
+    """The other sources refuse a folder they did not fill; digits wrote into any, and replaced a digits.npz of the
+    user's (exit 0)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(DataError, match=r"mine: exists and holds other files \(notes.txt\)"):
+        fetch_digits(mine)
+    (mine / "notes.txt").unlink()
+    (mine / "digits.npz").write_text("mine")
+    with pytest.raises(DataError, match="it is not a digits.npz that fetch-data wrote"):
+        fetch_digits(mine)
+    assert (mine / "digits.npz").read_text() == "mine"
+    (mine / "digits.npz").unlink()
+    fetch_digits(mine)
+    fetch_digits(mine)  # its own file: fetched again
+    assert sorted(p.name for p in mine.iterdir()) == ["digits.npz"]

@@ -255,14 +255,16 @@ def test_fetch_extracts_only_what_is_read_and_second_fetch_is_a_no_op(tmp_path, 
 
 
 def test_fetch_failures_are_clear_and_leave_nothing(tmp_path, fake_npm, monkeypatch):
-    dest = tmp_path / "emoji"
+    """Nothing: not even the folders made for --out (an empty `emoji/` was left, and the folders above it)."""
+    dest = tmp_path / "new" / "emoji"
     (fake_npm / "fail").touch()
     with pytest.raises(DataError, match=r"npm pack emoji-datasource-google@16.0.0` failed \(exit 1\).*ENOTFOUND"
                                         r".*registry is reachable"):
         fetch_emoji(dest)
-    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "new").exists()
     (fake_npm / "fail").unlink()
     monkeypatch.setitem(emoji.INTEGRITY, "google", "sha512-other")
+    dest.mkdir(parents=True)  # a folder the user made stays
     with pytest.raises(DataError, match="expected the pinned sha512-other"):
         fetch_emoji(dest)
     assert list(dest.iterdir()) == []
@@ -286,3 +288,19 @@ def test_fetch_data_without_npm_is_a_clear_error(tmp_path, monkeypatch, caplog):
     assert rc == 2
     assert "npm is not on PATH: install Node.js with npm" in caplog.text
     assert not (tmp_path / "raw").exists()
+
+
+def test_json_files_that_are_pipes_are_refused_not_waited_on(tmp_path, fake_npm):
+    """A pipe named emoji.json (import) or package.json (fetch-data's check of a vendor already there) blocked for
+    ever."""
+    import os
+
+    root = fake_emoji_root(tmp_path / "root")
+    (root / "google" / "emoji.json").unlink()
+    os.mkfifo(root / "google" / "emoji.json")
+    with pytest.raises(DataError, match="google/emoji.json: not readable JSON: .*not a regular file"):
+        import_emoji(root)
+    (root / "google" / "package.json").unlink()
+    os.mkfifo(root / "google" / "package.json")
+    with pytest.raises(DataError, match="google: exists but has an unreadable package.json .*not a regular file"):
+        fetch_emoji(root)

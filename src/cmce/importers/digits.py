@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from cmce.data.codec import encode_png
+from cmce.data.codec import check_pixel_count, encode_png
 from cmce.data.schema import DataError, RawImages
 from cmce.storage import atomic_path, open_regular
 
@@ -30,6 +31,7 @@ def read_digits_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy file: one bare array
                 raise DataError(f"{path}: not a .npz archive of 'images' and 'labels' arrays")
             with f:
+                _check_images_header(f, path)  # before f["images"] decompresses the array whole
                 x, y = f["images"], f["labels"]
     except DataError:
         raise
@@ -52,6 +54,24 @@ def read_digits_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.uint8), y.astype(np.int64)
 
 
+MAX_VALUES = 1 << 30  # pixels a digits.npz may hold: sklearn's holds 115,008
+
+
+def _check_images_header(f: np.lib.npyio.NpzFile, path: Path) -> None:
+    """The shape of 'images' from its .npy header, refused past the pixel limit or MAX_VALUES before it is read: a
+    389 kB archive of 10,000 × 10,000 zeros was decompressed whole (1.2 GB) and imported past data.max_image_pixels."""
+    with f.zip.open("images.npy") as member:  # KeyError when absent: named by the caller
+        version = np.lib.format.read_magic(member)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = reader(member)
+    if len(shape) == 3:  # another rank is refused, shape named, once read
+        if not (shape[1] and shape[2]):
+            raise DataError(f"{path}: 'images' of {shape[1]} × {shape[2]} pixels")
+        check_pixel_count(shape[2], shape[1], path)
+    if math.prod(shape) > MAX_VALUES:
+        raise DataError(f"{path}: 'images' has shape {shape}: {math.prod(shape):,} values, over {MAX_VALUES:,}")
+
+
 def import_digits(raw_dir: str | Path | None = None) -> RawImages:
     """sklearn's 8x8 digits, from `raw_dir/digits.npz` when given (a fetched copy), else from sklearn."""
     x, y = read_digits_npz(Path(raw_dir) / "digits.npz") if raw_dir is not None else digits_arrays()
@@ -60,8 +80,18 @@ def import_digits(raw_dir: str | Path | None = None) -> RawImages:
 
 
 def fetch_digits(dest: str | Path) -> Path:
+    """sklearn's digits as `dest/digits.npz` (the folder made by the write, and taken back if it fails); a folder
+    holding anything else is refused, as the other sources refuse one: its own digits.npz was replaced unasked."""
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.is_dir() and (other := sorted(p.name for p in dest.iterdir() if p.name != "digits.npz")):
+        raise DataError(f"{dest}: exists and holds other files ({', '.join(other[:5])}); give an empty or missing "
+                        "folder (data.path, or fetch-data's --out)")
+    if (dest / "digits.npz").exists():  # a file of ours is replaced; anything else named so is refused
+        try:
+            read_digits_npz(dest / "digits.npz")
+        except DataError as err:
+            raise DataError(f"{err}; it is not a digits.npz that fetch-data wrote: move it away, or give another "
+                            "folder") from None
     x, y = digits_arrays()
     with atomic_path(dest / "digits.npz") as tmp:
         with open(tmp, "wb") as f:

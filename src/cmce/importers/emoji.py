@@ -38,6 +38,7 @@ import numpy as np
 from cmce.data.codec import read_image_file, to_png
 from cmce.data.schema import DataError, RawImages
 from cmce.importers import inside_root
+from cmce.storage import TooLarge, make_parents, read_regular, remove_if_empty
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ INTEGRITY = {
     "twitter": "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ==",
 }
 NPM_TIMEOUT_S = 900
+MAX_JSON_BYTES = 64 << 20  # package.json, emoji.json: emoji-datasource's emoji.json is about 1 MB
 _SAFE_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]*\.png$")
 _STAGING = ".fetch-"
 
@@ -70,11 +72,11 @@ def group_of(subcategory: str) -> str:
 # ---------------------------------------------------------------- fetch
 def _vendor_state(folder: Path, vendor: str) -> str | None:
     """None when `folder` holds the pinned package's files; otherwise why not."""
-    try:
-        meta = json.loads((folder / "package.json").read_text())
+    try:  # a regular file of bounded size: a pipe named package.json blocked fetch-data for ever
+        meta = json.loads(read_regular(folder / "package.json", MAX_JSON_BYTES))
     except FileNotFoundError:
         return "has no package.json"
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TooLarge) as err:
         return f"has an unreadable package.json ({err})"
     found = f"{meta.get('name')}@{meta.get('version')}" if isinstance(meta, dict) else "?"
     if found != package_spec(vendor):
@@ -110,9 +112,12 @@ def fetch_emoji(dest: str | Path) -> Path:
             "Node.js with npm (Debian/Ubuntu: apt-get install npm), or unpack the packages yourself into "
             f"{dest}/<vendor>/ (package.json, emoji.json, img/<vendor>/{IMAGE_DIR}/) for vendors {list(VENDORS)}"
         )
-    dest.mkdir(parents=True, exist_ok=True)
-    for vendor in todo:
-        _fetch_vendor(npm, dest, vendor)
+    made = make_parents(dest / todo[0])  # made for it: taken back when no vendor lands (npm failed, Ctrl-C)
+    try:
+        for vendor in todo:
+            _fetch_vendor(npm, dest, vendor)
+    finally:
+        remove_if_empty(made)  # (a folder holding a vendor stays)
     return dest
 
 
@@ -183,11 +188,11 @@ def _extract(tgz: Path, out: Path, vendor: str) -> int:
 # ---------------------------------------------------------------- import
 def _entries(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path, MAX_JSON_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: not found; fetch the emoji source first (`cmce fetch-data` with "
                         "data.source=emoji, or `cmce prepare-data` with data.path set)") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TooLarge) as err:
         raise DataError(f"{path}: not readable JSON: {err}") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of emoji, got {type(data).__name__}")

@@ -29,6 +29,7 @@ import numpy as np
 from cmce.data.codec import open_image, read_image_file, to_png
 from cmce.data.schema import DataError, RawImages
 from cmce.importers import inside_root
+from cmce.storage import TooLarge, open_regular, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,16 @@ def _root(path: str | Path, marker: str, folder: str) -> Path:
     raise DataError(f"{path}: no {marker} here or in {path / folder}; expected the standard {folder} layout")
 
 
+MAX_INDEX_BYTES = 64 << 20  # an index file (images.txt, Ebay_*.txt) lists paths: SOP's largest is 5 MB
+
+
 def _rows(path: Path, fields: list[str], header: bool = False) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of a whitespace-separated index file; blank lines skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a regular file of bounded size: a pipe named like an index file blocked the import for ever
+        text = read_regular(path, MAX_INDEX_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, UnicodeDecodeError, TooLarge) as err:
         raise DataError(f"{path}: not readable: {err}") from None
     lines = text.splitlines()
     if header:
@@ -70,11 +74,17 @@ def _int(value: str, path: Path, number: int, name: str) -> int:
         raise DataError(f"{path}:{number}: {name} {value!r} is not an integer") from None
 
 
-def _image(root: Path, real_root: Path, rel: str, where: str) -> bytes:
+def _image(root: Path, real_root: Path, rel: str, where: str, seen: dict[tuple[int, int], str]) -> bytes:
+    """The image `rel` lists (`where`); `seen`: (device, inode) → where each file read so far was listed, so that one
+    file listed twice (`cls/./x.jpg`, a link) is refused, not read as two images of two classes or splits."""
     f = root / rel
     if not f.is_file():
         raise DataError(f"{f}: image listed at {where} not found")
     inside_root(f, real_root, "data root")
+    st = f.stat()
+    if (first := seen.setdefault((st.st_dev, st.st_ino), where)) != where:
+        raise DataError(f"{f}: listed at {where} is the file listed at {first} (the same path, a link or a hard "
+                        "link): one image read twice, under two classes or splits; list it once")
     data = read_image_file(f)
     img = open_image(data, f)  # decodes fully: a truncated file fails here, naming it
     if img.format == "JPEG" and img.mode in ("RGB", "L"):
@@ -116,7 +126,7 @@ def import_cub200(path: str | Path) -> RawImages:
                 raise DataError(f"{f}:{number}: is_training_image must be 0 or 1, got {is_train!r}")
             official[_int(iid, f, number, "image_id")] = "train" if is_train == "1" else "test"
     label_of = _labels_by_class_id(list(names))
-    ids, labels, images, split = [], [], [], []
+    ids, labels, images, split, seen = [], [], [], [], {}
     f = root / "images.txt"
     for number, (iid, rel) in _rows(f, ["image_id", "path"]):
         iid_ = _int(iid, f, number, "image_id")
@@ -124,7 +134,7 @@ def import_cub200(path: str | Path) -> RawImages:
             raise DataError(f"{f}:{number}: image_id {iid_} has no class in image_class_labels.txt")
         if official and iid_ not in official:
             raise DataError(f"{f}:{number}: image_id {iid_} is not in train_test_split.txt")
-        images.append(_image(root / "images", real_root, rel, f"{f}:{number}"))
+        images.append(_image(root / "images", real_root, rel, f"{f}:{number}", seen))
         ids.append(rel)
         labels.append(label_of[class_of[iid_]])
         split.append(official.get(iid_, ""))
@@ -149,8 +159,9 @@ def import_cars196(path: str | Path) -> RawImages:
     f = root / "cars_annos.mat"
     import scipy.io  # late: only this source needs it
 
-    try:
-        mat = scipy.io.loadmat(f, simplify_cells=True)
+    try:  # the two variables read, from a regular file: every other one was decompressed too (a .mat bomb)
+        with open_regular(f) as handle:
+            mat = scipy.io.loadmat(handle, simplify_cells=True, variable_names=["annotations", "class_names"])
     except Exception as err:  # scipy's parser raises anything from IndexError to MatReadError
         # NotImplementedError: a v7.3 (HDF5) file, not the v5 file of the release
         raise DataError(f"{f}: not a readable MATLAB v5 file: {type(err).__name__}: {err}") from None
@@ -158,7 +169,7 @@ def import_cars196(path: str | Path) -> RawImages:
         if key not in mat:
             raise DataError(f"{f}: no variable '{key}'")
     class_names = [str(c) for c in _mat_list(mat["class_names"])]
-    ids, labels, images, split = [], [], [], []
+    ids, labels, images, split, seen = [], [], [], [], {}
     for n, ann in enumerate(_mat_list(mat["annotations"])):
         where = f"{f}: annotations[{n}]"
         if not isinstance(ann, dict):
@@ -170,7 +181,7 @@ def import_cars196(path: str | Path) -> RawImages:
             raise DataError(f"{where}: field 'class' must be an integer in 1..{len(class_names)}, got {cls!r}")
         if test not in (0, 1):
             raise DataError(f"{where}: field 'test' must be 0 or 1, got {test!r}")
-        images.append(_image(root, real_root, rel, where))
+        images.append(_image(root, real_root, rel, where, seen))
         ids.append(rel)
         labels.append(int(cls) - 1)
         split.append("test" if test == 1 else "train")
@@ -205,7 +216,8 @@ def import_sop(path: str | Path) -> RawImages:
     for cid, _, folder, _, _ in rows:
         folder_of.setdefault(cid, folder)
     class_ids = sorted(label_of)
-    images = [_image(root, real_root, rel, where) for _, rel, _, _, where in rows]
+    seen: dict[tuple[int, int], str] = {}
+    images = [_image(root, real_root, rel, where, seen) for _, rel, _, _, where in rows]
     return RawImages(
         ids=[r[1] for r in rows],
         labels=np.asarray([label_of[r[0]] for r in rows], dtype=np.int64),
