@@ -127,7 +127,7 @@ def test_the_device_is_logged_and_recorded_with_the_steps_tracking_params(gpu, m
             str(SMOKE), "--dataset", str(tmp_path / "d.parquet"), "--model", "query", "--out", str(tmp_path / "q.pt")]
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0
-    assert logged["device"] == "cuda:0 (Pretend GPU)"
+    assert logged["device"] == "cuda:0 (Pretend GPU)" and logged["deterministic"] is False
     assert any("computing on cuda:0 (Pretend GPU)" in r.getMessage() for r in caplog.records)
 
 
@@ -206,3 +206,48 @@ def test_a_rank_beyond_the_visible_gpus_is_refused_naming_local_rank(gpu, monkey
     with pytest.raises(ValueError, match=r"^environment variable LOCAL_RANK=1: this rank would use GPU 1, but torch "
                                          r"sees 1 \(CUDA_VISIBLE_DEVICES=3\)"):
         ddp.init_from_env("nccl")
+
+
+@pytest.fixture
+def determinism_restored(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored (unset) after the test
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+
+
+def test_deterministic_asks_torch_for_deterministic_kernels_and_false_gives_them_back(determinism_restored):
+    """On CUDA, cuDNN's convolution gradients and cuBLAS sum in no fixed order: `deterministic: true` is the one way
+    to the same bytes run to run there. cuBLAS reads its workspace setting when its handle is made, so the stage sets
+    it first (a value the user gave is kept)."""
+    import dataclasses
+    import os
+
+    from cmce import stages
+    from cmce.config import load_config
+
+    cfg = load_config(SMOKE)
+    assert cfg.deterministic is False  # the default: the faster kernels
+    stages.use_device(dataclasses.replace(cfg, deterministic=True))
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    stages.use_device(cfg)  # the next step of the same process (cmce run, a DVC stage) as its config says
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+def test_deterministic_training_on_the_cpu_writes_the_same_bytes(determinism_restored, tmp_path, smoke_run):
+    """The CPU's kernels are deterministic already: the setting changes nothing there but its record."""
+    from cmce.storage import file_sha256
+
+    lay, _ = smoke_run
+    shas = []
+    for value in ("false", "true"):
+        out = tmp_path / f"q_{value}.pt"
+        assert main(["--threads", "1", "train", "--config", str(SMOKE), "--set", "train.epochs=1", "--set",
+                     f"deterministic={value}", "--dataset", str(lay.dataset), "--model", "query",
+                     "--out", str(out)]) == 0
+        shas.append(file_sha256(out))
+    assert shas[0] == shas[1]

@@ -112,13 +112,14 @@ def test_a_reordered_ensemble_reruns_combine_and_what_reads_the_gallery(dvc_repo
 @pytest.mark.parametrize("dvc_yaml", ["dvc.yaml", "lifecycle/dvc.yaml"])
 def test_every_stage_that_computes_with_torch_reads_and_tracks_the_device_and_thread_count(dvc_yaml):
     """embed_member ran without the config: on a GPU host it embedded on CUDA in bf16 although params.yaml said
-    `device: cpu`; and no stage tracked device or num_threads, so changing either kept outputs made otherwise."""
+    `device: cpu`; and no stage tracked device or num_threads, so changing either kept outputs made otherwise
+    (deterministic too: it changes a CUDA run's bytes)."""
     computing = {"train", "fit-transform", "embed-member", "evaluate", "gate", "add-gallery-model",
                  "upgrade-query-model"}
     wrong = []
     for name, body, cmd in _stages(ROOT / dvc_yaml):
         if _command(cmd) in computing and not ("--config" in cmd.split()
-                                               and {"device", "num_threads"} <= set(_params(body))):
+                                               and {"device", "num_threads", "deterministic"} <= set(_params(body))):
             wrong.append(name)
     assert wrong == []
 

@@ -278,6 +278,9 @@ class Config:
     batch_size: int = within("[1, 1048576]", 256)  # inference batch size
     # torch CPU threads of every step; None: torch's default (one per core)
     num_threads: int | None = within("[1, 1024]", None)
+    # deterministic kernels (cuDNN's convolution gradients, cuBLAS, scatter-adds), slower: on CUDA the one way to
+    # the same bytes run to run; the CPU's are so already (cmce.device.use_deterministic)
+    deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     query_model: ModelSpec = field(default_factory=ModelSpec)
     gallery_models: list[ModelSpec] = field(default_factory=list)

@@ -13,6 +13,7 @@ trains, fits, embeds or evaluates imports it.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -80,6 +81,18 @@ def current() -> torch.device:
         log.info("computing on %s", describe(device))
         _announced = device
     return device
+
+
+def use_deterministic(on: bool) -> None:
+    """Ask torch for deterministic kernels (or give them back) for the steps that follow. An op without one warns
+    rather than stops (warn_only). cuBLAS reads its workspace setting when its first handle is made: set here, before
+    the step's first CUDA op (a value the user gave is kept)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False  # autotuning may pick another algorithm each run
 
 
 def describe(device: torch.device) -> str:

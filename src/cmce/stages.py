@@ -52,8 +52,10 @@ def model_spec(cfg: Config, name: str) -> ModelSpec:
 
 
 def use_device(cfg: Config) -> None:
-    """Select the config's device (and its CPU thread count, when it sets one) for the stages that follow."""
+    """Select the config's device (its CPU thread count when it sets one, deterministic kernels when it asks) for the
+    stages that follow."""
     devices.select(cfg.device, "device")
+    devices.use_deterministic(cfg.deterministic)
     if cfg.num_threads:
         import torch
 

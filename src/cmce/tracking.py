@@ -75,13 +75,16 @@ class TrackingInfo:
 
 def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
     """Record a stage's StepRecord as a nested run of the parent run (nothing when tracking is off), with the
-    device it computed on among its params."""
+    device it computed on, and whether on deterministic kernels, among its params."""
+    import torch
+
     from cmce import device as devices
 
     info = info if isinstance(info, TrackingInfo) else TrackingInfo.read(info)
     if record is None or not info.on:
         return None
-    params = {**record.params, "device": devices.describe(devices.current())}
+    params = {**record.params, "device": devices.describe(devices.current()),
+              "deterministic": torch.are_deterministic_algorithms_enabled()}
     try:
         return log_step(info.uri, info.run_id, record.step, params, record.metrics, record.history,
                         record.artifacts, record.register, record.versions_of, record.promote, record.promote_along,
