@@ -16,7 +16,7 @@
 #
 # The headline check runs first, so a budget cut short still answers it. Results: one .md per step (what the
 # benchmark printed), summary.txt (the machine, each step's exit status and time) and logs.tar.gz (every
-# step's stderr): six files, within what a lent machine sends back.
+# step's stderr): seven files, within what a lent machine sends back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -78,4 +78,19 @@ step evaluation 120 "$py" -m benchmarks.evaluation --device "$device" --sizes "$
 # 4. the training loop's pinned-memory prefetch path (a zero memory budget keeps the split on the host)
 step training_prefetch 100 "$py" -m benchmarks.training --device "$device" --config configs/scale.yaml \
     --set train.device_data_gb=0 --no-write "${train_size[@]}"
+# 5. deterministic: true gives the same bytes on the device (the default may not): a smoke query model trained twice
+#    each way, its sha256s printed
+reruns() {
+    "$py" -m cmce prepare-data --config configs/smoke.yaml --out "$run/smoke.parquet" >&2
+    for setting in false true; do
+        for i in 1 2; do
+            "$py" -m cmce --device "$device" train --config configs/smoke.yaml --set "deterministic=$setting" \
+                --set train.epochs=2 --dataset "$run/smoke.parquet" --model query --out "$run/q_${setting}_$i.pt" >&2
+            echo "deterministic=$setting run $i: $(sha256sum < "$run/q_${setting}_$i.pt" | cut -c1-16)"
+        done
+    done
+}
+export -f reruns
+export py device run
+step deterministic 90 bash -c reruns  # (timeout runs programs, not functions)
 cat "$out/summary.txt"
