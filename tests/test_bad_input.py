@@ -4173,3 +4173,14 @@ def test_link_loops_deep_folders_and_undecodable_folder_names_in_an_imagefolder_
     (odd / "0.png").write_bytes((root / "a" / "0.png").read_bytes())
     fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", out], out,
           "'a/\\udcff\\udcfe/0.png': the name is not valid UTF-8")
+
+
+@pytest.mark.parametrize(("setting", "said"), [("data.image_size=16", "data.image_size is 16 and data.channels 1"),
+                                               ("data.channels=3", "data.image_size is 8 and data.channels 3")])
+def test_a_kd_teacher_trained_on_other_images_is_refused(world, tmp_path, caplog, setting, said):
+    """The teacher was fed the config's images, not its own: at another size it was distilled without a word (exit 0,
+    a student recording the other size), at another channel count a conv traceback (exit 1)."""
+    out = tmp_path / "kd.pt"
+    fails(caplog, ["train", "--config", SMOKE, "--set", setting, "--dataset", world.dataset, "--kd-teacher",
+                   world.gallery_models[0], "--out", out], out,
+          f"--kd-teacher {world.gallery_models[0]}: trained on 8×8 images of 1 channel(s), but {said}")

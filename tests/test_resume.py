@@ -205,3 +205,23 @@ def test_fingerprint_covers_settings_inputs_and_world_size(monkeypatch):
     assert base != fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "b" * 64, "size": 10})
     monkeypatch.setattr(cmce.resume.ddp, "current", lambda: ddp.Context(rank=0, world_size=2, backend="gloo"))
     assert base != fingerprint(kind="embedding", train={"lr": 0.005}, dataset={"sha256": "a" * 64, "size": 10})
+
+
+def test_fingerprint_covers_the_cpu_thread_count_and_the_code(monkeypatch):
+    """A state saved under `--threads 2` was resumed under `--threads 1` (bytes no uninterrupted run gives, since
+    another count sums in another order), and one saved by other code (an upgrade between the stop and the rerun)
+    without a word."""
+    parts = {"kind": "embedding", "train": {"lr": 0.005}}
+    threads = torch.get_num_threads()
+    base = fingerprint(**parts)
+    try:
+        torch.set_num_threads(threads + 1)
+        assert fingerprint(**parts) != base
+    finally:
+        torch.set_num_threads(threads)
+    assert fingerprint(**parts) == base
+    monkeypatch.setattr(cmce.resume, "code_digest", lambda: "other code")
+    assert fingerprint(**parts) != base
+    monkeypatch.undo()
+    digest = cmce.resume.code_digest()
+    assert len(digest) == 64 and digest == cmce.resume.code_digest()

@@ -211,3 +211,27 @@ def test_data_hflip_reaches_the_training_loop(monkeypatch, tmp_path):
         train.train_distilled_student(dataset, teacher, ModelSpec(width=4), data_cfg, cfg, tmp_path / f"kd{hflip}.pt")
         assert seen and set(seen) == {hflip}
         seen.clear()
+
+
+def test_a_model_trained_on_a_fraction_of_the_split_has_a_classifier_row_for_every_label_of_the_split(smoke_run,
+                                                                                                      tmp_path):
+    """The classifier was sized by the labels the fraction kept: without label 9, 9 rows, and fit-transform then
+    refused the query model on its own dataset as one 'of another dataset'."""
+    from cmce.checkpoint import load_embedding_model
+    from cmce.cli import main
+    from cmce.data.readers import load_split
+    from cmce.train import subset
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    split = load_split(lay.dataset, "train", 1, 8)
+    fraction = next(f for f in (0.004, 0.005, 0.006, 0.008, 0.01, 0.015, 0.02)
+                    if len(np.unique(labels := subset(split, f, 0).labels)) >= 2 and labels.max() < split.labels.max())
+    out = tmp_path / "q.pt"
+    assert main(["--threads", "1", "train", "--config", str(SMOKE), "--set", "train.epochs=1", "--set",
+                 f"query_model.data_fraction={fraction}", "--set", "query_model.seed=0", "--dataset",
+                 str(lay.dataset), "--model", "query", "--out", str(out)]) == 0
+    assert load_embedding_model(out).classifier.shape[0] == int(split.labels.max()) + 1
+    assert main(["--threads", "1", "fit-transform", "--config", str(SMOKE), "--set", "transform.epochs=1",
+                 "--dataset", str(lay.dataset), "--query-model", str(out), "--gallery-model",
+                 str(lay.model(lay.gallery_names[0])), "--out", str(tmp_path / "t.pt")]) == 0

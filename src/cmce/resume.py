@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -97,10 +98,23 @@ def file_identity(path: str | Path) -> dict[str, Any]:
     return {"sha256": file_sha256(path), "size": os.path.getsize(path)}
 
 
+@functools.cache
+def code_digest() -> str:
+    """sha256 of cmce's own source and torch's version: a state saved by other code (an upgrade between the stop and
+    the rerun) was resumed without a word, and gave bytes neither version gives."""
+    import cmce
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(Path(cmce.__file__).parent.rglob("*.py")):
+        h.update(path.relative_to(Path(cmce.__file__).parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def fingerprint(**parts: Any) -> str:
-    """sha256 of the JSON of `parts` (dataclasses expanded) plus the data-parallel world size and the
-    device type: a batch split over another number of ranks, or run on another kind of device, is a
-    different computation."""
+    """sha256 of the JSON of `parts` (dataclasses expanded) plus the data-parallel world size, the device type, the
+    CPU thread count and the code (code_digest): a batch split over another number of ranks, run on another kind of
+    device, summed by another number of threads or by other code is a different computation, whose bytes a resumed
+    run would give no uninterrupted run."""
     parts = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}
     for part in parts.values():  # where the data lives on the device does not change what is computed
         if isinstance(part, dict):
@@ -108,6 +122,9 @@ def fingerprint(**parts: Any) -> str:
     ctx = ddp.current()
     parts["world_size"] = ctx.world_size
     parts["device"] = ctx.device.type
+    if ctx.device.type == "cpu":
+        parts["num_threads"] = torch.get_num_threads()
+    parts["code"] = code_digest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

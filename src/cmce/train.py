@@ -157,8 +157,10 @@ def train_embedding_model(
                           "least 2 classes, so raise it")
     if len(classes) < 2:
         raise DataError(f"{dataset}: the train split needs at least 2 classes, got {len(classes)}")
-    # classifier rows are indexed by the dataset label so the query head can score any train label
-    num_classes = int(classes.max()) + 1
+    # classifier rows are indexed by the dataset label so the query head can score any train label: every label of
+    # the split, not only of the data_fraction kept (a subset without the top label made a classifier fit-transform
+    # then refused as "of another dataset")
+    num_classes = int(split.labels.max()) + 1
     if num_classes * spec.embedding_dim > MAX_PARAMETERS:  # labels < 2^20 each, embedding_dim ≤ 65536 each
         raise DataError(f"{dataset}: labels up to {num_classes - 1} and {spec.name}'s embedding_dim "
                         f"{spec.embedding_dim} imply a classifier of {num_classes * spec.embedding_dim:,} parameters; "
@@ -208,6 +210,13 @@ def train_distilled_student(
 ) -> EmbeddingModel:
     """KD baseline: a student of the query architecture regressing the teacher's normalised embedding."""
     teacher = require_role(load_embedding_model(teacher_path), "gallery", f"--kd-teacher {teacher_path}")
+    if (teacher.in_channels, teacher.image_size) != (data_cfg.channels, data_cfg.image_size):
+        # the teacher saw images of another size (distilled at it without a word, exit 0) or channel count (a conv
+        # traceback); every other step embeds a model at its own size
+        raise CheckpointError(f"--kd-teacher {teacher_path}: trained on {teacher.image_size}×{teacher.image_size} "
+                              f"images of {teacher.in_channels} channel(s), but data.image_size is "
+                              f"{data_cfg.image_size} and data.channels {data_cfg.channels}: distil it with the "
+                              "settings it was trained with")
     torch.manual_seed(student_spec.seed)
     size = embedding_net_parameters(student_spec.arch, data_cfg.channels, teacher.embedding_dim, student_spec.width)
     if size > MAX_PARAMETERS:  # the config bounds the students of its own gallery models; this teacher is a file
