@@ -4115,7 +4115,7 @@ def test_nan_in_the_embeddings_merge_and_add_member_copy_through_is_refused(worl
         shard = _with_nan(world.gallery, tmp_path / f"nan_{column}.parquet", column)
         merged = tmp_path / "merged.parquet"
         fails(caplog, ["merge", shard, "--out", merged], merged,
-              f"{shard} (row group 0): column '{column}' has NaN/inf values in 1 rows (first: row 3)")
+              f"{shard}: column '{column}' has NaN/inf values in 1 rows (first: row 3)")
 
 
 def test_shards_embedded_into_one_members_folder_do_not_replace_each_other(world, tmp_path, caplog):
@@ -4184,3 +4184,14 @@ def test_a_kd_teacher_trained_on_other_images_is_refused(world, tmp_path, caplog
     fails(caplog, ["train", "--config", SMOKE, "--set", setting, "--dataset", world.dataset, "--kd-teacher",
                    world.gallery_models[0], "--out", out], out,
           f"--kd-teacher {world.gallery_models[0]}: trained on 8×8 images of 1 channel(s), but {said}")
+
+
+def test_a_gallery_that_is_no_parquet_is_named_by_the_index_check_of_a_lifecycle_step(world, tmp_path, caplog):
+    """The index settings' check read the gallery's row count first: pyarrow's `Parquet file size is 6 bytes`,
+    naming no file."""
+    bad = tmp_path / "notgallery.parquet"
+    bad.write_text("hello\n")
+    out = tmp_path / "g.parquet"
+    fails(caplog, ["upgrade-query-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", bad,
+                   "--query-model", world.query, "--train-embeddings", world.members[0], "--transforms-out",
+                   tmp_path / "t", "--out", out, "--index-out", tmp_path / "index"], out, f"{bad}: ")

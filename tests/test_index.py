@@ -576,3 +576,19 @@ def test_rejected_ids_are_checked_against_the_indexed_ids_and_meta_json(tmp_path
     _rewrite(index_dir, "rejected.parquet", write([*rej_ids[:-1], rej_ids[0]], rej_unc))
     with pytest.raises(TableError, match=f"duplicate id '{rej_ids[0]}'"):
         load_index(index_dir)
+
+
+def test_index_settings_are_checked_against_what_rejection_leaves_of_the_gallery():
+    """An `auto` index over fewer items than auto_threshold is flat, whatever ivfpq.m says: 105 rows of which 11 are
+    rejected (ceil(10 %)) leave 94, under a threshold of 100, and were refused for ivfpq.m=7 at 32 dimensions."""
+    from cmce.config import IndexConfig, IvfPqConfig
+    from cmce.index import check_index_fits
+
+    auto = IndexConfig(type="auto", auto_threshold=100, reject_fraction=0.1, ivfpq=IvfPqConfig(m=7))
+    check_index_fits(auto, 32, 105)
+    with pytest.raises(ValueError, match="index.ivfpq.m=7 must divide the embedding dimension 32"):
+        check_index_fits(auto, 32, 112)  # 112 − 12 = 100 indexed: ivfpq
+    with pytest.raises(ValueError, match="index.ivfpq.m=7 must divide"):
+        check_index_fits(IndexConfig(type="ivfpq", ivfpq=IvfPqConfig(m=7)), 32)
+    check_index_fits(IndexConfig(type="ivfpq", ivfpq=IvfPqConfig(m=8)), 32)
+    check_index_fits(IndexConfig(type="hnsw", ivfpq=IvfPqConfig(m=7)), 32, 10**6)

@@ -380,3 +380,19 @@ def test_an_upgrade_of_a_gallery_with_nan_in_a_raw_column_is_refused_before_any_
         upgrade_query_model(gallery, lay.model("query"), lay.dataset,
                             [lay.train_embeddings(g) for g in lay.gallery_names], TransformConfig(epochs=1),
                             tmp_path / "t", tmp_path / "g.parquet")
+
+
+def test_nan_in_a_member_is_named_by_its_row_in_the_file_whatever_the_batch(smoke_run, tmp_path):
+    """add-member reads batches: the row a NaN was named by counted from the batch's start (row 6 said 'row 2' in
+    batches of 4)."""
+    lay, _ = smoke_run
+    member = lay.member(lay.gallery_names[-1])
+    table = pq.read_table(member)
+    values = embedding_column(table, "raw", "m").copy()
+    values[6, 0] = np.nan
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), values.shape[1])
+    bad = tmp_path / "member.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("raw"), "raw", arr), bad)
+    one = combine_members([lay.member(g) for g in lay.gallery_names[:-1]], tmp_path / "g.parquet")
+    with pytest.raises(TableError, match=re.escape(f"{bad}: column 'raw' has NaN/inf values in 1 rows (first: row 6)")):
+        add_member(one, bad, tmp_path / "out.parquet", batch_size=4)

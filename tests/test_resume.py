@@ -225,3 +225,23 @@ def test_fingerprint_covers_the_cpu_thread_count_and_the_code(monkeypatch):
     monkeypatch.undo()
     digest = cmce.resume.code_digest()
     assert len(digest) == 64 and digest == cmce.resume.code_digest()
+
+
+def test_fingerprint_covers_deterministic_kernels_on_cuda_only(monkeypatch):
+    """A CUDA state saved without deterministic kernels was resumed under `deterministic: true` (bytes no
+    deterministic run gives); the CPU's kernels are deterministic either way, so a CPU state stays good."""
+    from types import SimpleNamespace
+
+    parts = {"kind": "embedding"}
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        cpu = fingerprint(**parts)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert fingerprint(**parts) == cpu
+        monkeypatch.setattr(cmce.resume.ddp, "current",
+                            lambda: SimpleNamespace(world_size=1, device=torch.device("cuda", 0)))
+        on = fingerprint(**parts)
+        torch.use_deterministic_algorithms(False)
+        assert fingerprint(**parts) != on
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -1759,3 +1759,31 @@ def test_a_run_folder_replaced_on_s3_never_shows_its_index_marker_beside_half_re
     assert after == {f"run/{rel}": f"new {rel}" for rel in ("data/dataset.parquet", "index/index.faiss",
                                                              "index/ids.parquet", "index/rejected.parquet",
                                                              *RunLayout.COMPLETION_MARKERS)}
+
+
+def test_a_commit_that_deleted_one_marker_and_failed_on_the_next_says_the_folder_is_incomplete(
+        s3_server, monkeypatch, tmp_path):
+    """With two markers the commit deleted eval/metrics.json, then failed deleting index/meta.json: the old run
+    folder had lost its marker, but the step's last line did not call it incomplete."""
+    from cmce.layout import RunLayout
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    uri = f"s3://{bucket}/run"
+    local = tmp_path / "run"
+    for rel in ("index/index.faiss", *RunLayout.COMPLETION_MARKERS):
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_text(rel)
+    cmce_s3.upload_dir(local, uri, RunLayout.COMPLETION_MARKERS)
+    real = cmce_s3.delete
+
+    def refuse_the_second(key):
+        if key.endswith("index/meta.json"):
+            raise OSError(f"{key}: Access Denied")
+        real(key)
+
+    monkeypatch.setattr(cmce_s3, "delete", refuse_the_second)
+    monkeypatch.setattr(cmce_s3, "partial_uploads", [])
+    with pytest.raises(OSError, match="Access Denied"):
+        cmce_s3.upload_dir(local, uri, RunLayout.COMPLETION_MARKERS)
+    assert cmce_s3.partial_uploads == [uri]

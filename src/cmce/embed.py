@@ -387,7 +387,7 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
         out = Path(out)
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
             for p in ordered:
-                pf = open_parquet(p)
+                pf, first_row = open_parquet(p), 0
                 if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
                     raise TableError(f"{p}: columns differ from {ordered[0]} "
                                      f"({schema_difference(pf.schema_arrow, schema)})")
@@ -399,7 +399,8 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                         raise TableError(f"{p}: ids also in an earlier shard (e.g. {shown_id(first)})")
                     seen.update(ids)
                     digest.update(ids, int_column(table, "label", str(p)))
-                    check_finite(table, f"{p} (row group {rg})")
+                    check_finite(table, str(p), first_row)
+                    first_row += table.num_rows
                     writer.write_table(table.replace_schema_metadata(schema.metadata))
             source = base.get("source")  # absent in files written before it was recorded
             if source:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from cmce import s3, strict_json
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig, in_interval, range_of
 from cmce.errors import last_line
-from cmce.method import normalize, rejection_mask
+from cmce.method import normalize, rejected_count, rejection_mask
 from cmce.provenance import SHA256
 from cmce.storage import (
     TooLarge,
@@ -141,11 +141,12 @@ def _note(notes: list[str], message: str) -> None:
 
 
 def check_index_fits(options: IndexConfig, dim: int, rows: int | None = None) -> None:
-    """Before any work: refuse index settings that cannot index `dim`-d embeddings (`rows` of them: an `auto` index
-    is checked as ivfpq from auto_threshold rows on; the rejected items are not subtracted). A step that writes a
+    """Before any work: refuse index settings that cannot index `dim`-d embeddings (of a gallery of `rows`: an `auto`
+    index is checked as ivfpq when what rejection leaves of them reaches auto_threshold). A step that writes a
     gallery and then its index (add-gallery-model, upgrade-query-model) had replaced the gallery when they failed."""
-    may_be_ivfpq = options.type == "ivfpq" or (options.type == "auto" and rows is not None
-                                               and rows >= options.auto_threshold)
+    indexed = None if rows is None else rows - rejected_count(rows, options.reject_fraction)
+    may_be_ivfpq = options.type == "ivfpq" or (options.type == "auto" and indexed is not None
+                                               and indexed >= options.auto_threshold)
     if may_be_ivfpq and options.ivfpq.m:
         _check_pq_m(options.ivfpq.m, dim)
 

@@ -101,13 +101,15 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
         dim = stored_dim(g_schema, "embedding", str(gallery))
         digest = IdsDigest()
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
+            first_row = 0
             for batch, (g, m) in enumerate(aligned_batches([gallery, member], batch_size)):
                 if batch == 0:
                     same_embeddings([*((f"{gallery} (member {n['name']})", g.column(f"raw_{n['name']}"))
                                        for n in gmeta["members"] if f"raw_{n['name']}" in g.column_names),
                                      (str(member), m.column("raw"))])
                 ids = string_column(g, "id", str(gallery))
-                check_finite(g, str(gallery)), check_finite(m, str(member))  # copied through as they are
+                check_finite(g, str(gallery), first_row), check_finite(m, str(member), first_row)  # copied as they are
+                first_row += len(g)
                 if string_column(m, "id", str(member)) != ids:
                     raise TableError(f"{member}: ids are not in the gallery's order")
                 digest.update(ids, int_column(g, "label", str(gallery)))

@@ -119,11 +119,16 @@ class RunningEnsemble:
         return uncertainty_from_sum(self._require(), self.n_models)
 
 
+def rejected_count(n: int, fraction: float) -> int:
+    """How many of n items rejection_mask rejects."""
+    return min(int(np.ceil(fraction * n - 1e-9)), max(n - 1, 0)) if fraction > 0 else 0
+
+
 def rejection_mask(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
     """True for the ceil(fraction·n) most uncertain items (ties broken by position, stable); never all of
     them, as an index needs at least one item. Growing fractions give nested masks."""
     n = len(uncertainty)
-    n_reject = min(int(np.ceil(fraction * n - 1e-9)), max(n - 1, 0)) if fraction > 0 else 0
+    n_reject = rejected_count(n, fraction)
     mask = np.zeros(n, dtype=bool)
     if n_reject:
         mask[np.argsort(-np.asarray(uncertainty), kind="stable")[:n_reject]] = True

@@ -4,7 +4,8 @@ After every epoch a training loop saves its whole state (weights, optimizer, LR 
 draws from, epoch, history) to `<out>.resume`, next to the output it will write, atomically. A run of
 the same step that finds that file continues after the last finished epoch and ends with exactly the
 weights an uninterrupted run gives. The file carries a fingerprint of everything the result depends on
-(settings, the dataset file, the input models, the data-parallel world size); a file written for
+(settings, the dataset file, the input models, the data-parallel world size, the device type, the CPU thread count,
+deterministic kernels on CUDA, the code); a file written for
 anything else is ignored with a warning and training starts over. The step deletes the file once its
 output is in place. Delete it by hand to force a fresh start.
 
@@ -124,6 +125,8 @@ def fingerprint(**parts: Any) -> str:
     parts["device"] = ctx.device.type
     if ctx.device.type == "cpu":
         parts["num_threads"] = torch.get_num_threads()
+    else:  # (the CPU's kernels are deterministic either way)
+        parts["deterministic"] = torch.are_deterministic_algorithms_enabled()
     parts["code"] = code_digest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -243,8 +246,8 @@ class Resume:
             log.warning("%s: not a %s file, starting over", self.path, RESUME_FORMAT)
             return None
         if obj.get("fingerprint") != self.fingerprint:
-            log.warning("%s was written for other settings, data, input models or world size; ignoring it and "
-                        "starting over", self.path)
+            log.warning("%s was written for other settings, data, input models, world size, device, thread count "
+                        "or code; ignoring it and starting over", self.path)
             return None
         try:  # its epoch decides, with the other ranks, whether to resume at all
             _progress(obj)

@@ -544,15 +544,18 @@ STAGING_PREFIX = ".staging-"  # inside the folder: a reader of the folder's mark
 
 
 def _commit(local: Path, u: S3Uri, staging: S3Uri, rels: list[str], markers: tuple[str, ...]) -> None:
-    for marker in reversed(markers):  # the outermost first: no reader of the whole finds a part without its marker
-        delete(str(u.join(marker)))
+    deleted = False
     try:
+        for marker in reversed(markers):  # the outermost first: no reader of the whole finds a part without its marker
+            delete(str(u.join(marker)))
+            deleted = True
         for rel in rels:
             copy(str(staging.join(rel)), str(u.join(rel)))
         for marker in markers:
             upload_file(local / marker, str(u.join(marker)))
     except BaseException:  # S3 has no rename: the old folder is gone, the new one partly there (no marker:
-        partial_uploads.append(str(u))  # readers refuse it); said by the command's last line
+        if deleted:  # readers refuse it); said by the command's last line. Nothing deleted: the old folder is whole
+            partial_uploads.append(str(u))
         raise
 
 

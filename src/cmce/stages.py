@@ -316,6 +316,16 @@ def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict
     return [name for name in seen if name not in (taken or {})]
 
 
+def _slice(shard: str) -> str:
+    return "the whole split" if shard == str(WHOLE) else f"shard {shard}"
+
+
+def _gallery_rows(gallery: Path) -> int:
+    """The rows of a gallery file, read after its metadata (which names the file when it is no Parquet)."""
+    read_metadata(gallery)
+    return pq.ParquetFile(gallery).metadata.num_rows
+
+
 def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
     """Every gallery model over the gallery (or one shard of it), then the ensemble of that slice."""
     if len(inp.gallery_models) != len(inp.transformations):
@@ -331,10 +341,10 @@ def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
     for member in files:
         check_output(member, writes="parquet", kinds=("gallery_member",))
         # named by model alone: shards embedded into one folder replaced each other's files without a word
+        # (a local folder: an s3:// one is a scratch folder here, its objects not looked at)
         if member.is_file() and (held := read_metadata(member).get("shard", str(WHOLE))) != str(inp.shard):
-            raise ValueError(f"{member}: holds shard {held} of its model's embeddings, this run writes "
-                             f"{'shard ' + str(inp.shard) if inp.shard != WHOLE else 'the whole split'}; give each "
-                             "shard its own --members-dir")
+            raise ValueError(f"{member}: holds {_slice(held)} of its model's embeddings, this run writes "
+                             f"{_slice(str(inp.shard))}; give each shard its own --members-dir")
     members = []
     for model, transform, member in zip(inp.gallery_models, paired, files, strict=True):
         embed_member(MemberInputs(inp.dataset, inp.query_model, model, transform, inp.batch_size, inp.shard,
@@ -439,7 +449,7 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
                                {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
     if out.index is not None:
         check_index_fits(cfg.index, load_embedding_model(inp.query_model).embedding_dim,
-                         pq.ParquetFile(inp.gallery).metadata.num_rows)
+                         _gallery_rows(inp.gallery))
     # work files named by the model (a checked identifier), not by its file: two models both saved as model.pt
     # overwrote each other's transformation, train embeddings and member file in one --work-dir; a file of another
     # kind at one of those names (a model, a dataset) is refused before any work, not replaced
@@ -501,7 +511,7 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
         fitted_cfg = dataclasses.replace(fitted_cfg, augment_views=0)
     if out.index is not None:  # the gallery and the transformations are replaced before the index is built
         check_index_fits(cfg.index, load_embedding_model(inp.query_model).embedding_dim,
-                         pq.ParquetFile(inp.gallery).metadata.num_rows)
+                         _gallery_rows(inp.gallery))
     upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, fitted_cfg, out.transformations,
             out.gallery, cfg.seed, cfg.batch_size)
     if out.index is not None:

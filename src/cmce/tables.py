@@ -232,31 +232,33 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
         raise unreadable(path, err) from None
 
 
-def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = None) -> np.ndarray:
+def embedding_column(table: pa.Table, name: str, where: str, dim: int | None = None, first_row: int = 0
+                     ) -> np.ndarray:
     """A fixed-size-list float32 column (or lists of floats of one length) → (rows, dim) float32 array, checked
-    for type, dimension, finiteness."""
+    for type, dimension, finiteness (rows named counting from `first_row`: the table may be a batch of a file)."""
     if name not in table.column_names:
         raise TableError(f"{where}: missing column '{name}'")
     col = table.column(name)
     if not pa.types.is_fixed_size_list(col.type) or col.type.value_type != pa.float32():
-        return _check_embeddings(_other_float_lists(col, name, where, dim), name, where, dim)
+        return _check_embeddings(_other_float_lists(col, name, where, dim), name, where, dim, first_row)
     width = col.type.list_size
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if arr.null_count:
         raise TableError(f"{where}: column '{name}' has {arr.null_count} null rows")
     values = arr.values.to_numpy(zero_copy_only=False)[arr.offset * width : (arr.offset + len(arr)) * width]
-    return _check_embeddings(values.reshape(len(arr), width), name, where, dim)
+    return _check_embeddings(values.reshape(len(arr), width), name, where, dim, first_row)
 
 
-def check_finite(table: pa.Table, where: str) -> None:
-    """Every float column of rows a step copies as they are (merge, add-member): a NaN or inf copied through was
-    refused only by a later step reading the file it wrote (exit 0 here, exit 2 there)."""
+def check_finite(table: pa.Table, where: str, first_row: int = 0) -> None:
+    """Every float column of rows a step copies as they are (merge, add-member; `table` the batch of `where` from
+    `first_row` on): a NaN or inf copied through was refused only by a later step reading the file it wrote (exit 0
+    here, exit 2 there)."""
     for f in table.schema:
         inner = f.type.value_type if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) else None
         if inner is not None and pa.types.is_floating(inner):
-            embedding_column(table, f.name, where)
+            embedding_column(table, f.name, where, first_row=first_row)
         elif pa.types.is_floating(f.type):
-            float_column(table, f.name, where)
+            float_column(table, f.name, where, first_row)
 
 
 def stored_dim(schema: pa.Schema, name: str, where: str) -> int:
@@ -293,18 +295,19 @@ def _other_float_lists(col: pa.ChunkedArray, name: str, where: str, dim: int | N
     return values.reshape(len(arr), width)
 
 
-def _check_embeddings(out: np.ndarray, name: str, where: str, dim: int | None) -> np.ndarray:
+def _check_embeddings(out: np.ndarray, name: str, where: str, dim: int | None, first_row: int = 0) -> np.ndarray:
     if dim is not None and out.shape[1] != dim:
         raise TableError(f"{where}: column '{name}' has dimension {out.shape[1]}, expected {dim}")
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
         raise TableError(
-            f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))})"
+            f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row "
+            f"{first_row + int(np.argmax(bad))})"
         )
     return out
 
 
-def float_column(table: pa.Table, name: str, where: str) -> np.ndarray:
+def float_column(table: pa.Table, name: str, where: str, first_row: int = 0) -> np.ndarray:
     """A scalar floating-point column → float32 array, checked for type, nulls and finiteness."""
     if name not in table.column_names:
         raise TableError(f"{where}: missing column '{name}'")
@@ -317,7 +320,8 @@ def float_column(table: pa.Table, name: str, where: str) -> np.ndarray:
     bad = ~np.isfinite(out)
     if bad.any():
         raise TableError(
-            f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))})"
+            f"{where}: column '{name}' has NaN/inf values in {int(bad.sum())} rows (first: row "
+            f"{first_row + int(np.argmax(bad))})"
         )
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import zipfile
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def fetch_digits(dest: str | Path) -> Path:
     """sklearn's digits as `dest/digits.npz` (the folder made by the write, and taken back if it fails); a folder
     holding anything else is refused, as the other sources refuse one: its own digits.npz was replaced unasked."""
     dest = Path(dest)
-    if dest.is_dir() and (other := sorted(p.name for p in dest.iterdir() if p.name != "digits.npz")):
+    ours = re.compile(r"digits\.npz|\.digits\.npz\..*\.tmp")  # (the temporary of a killed fetch: replaced)
+    if dest.is_dir() and (other := sorted(p.name for p in dest.iterdir() if not ours.fullmatch(p.name))):
         raise DataError(f"{dest}: exists and holds other files ({', '.join(other[:5])}); give an empty or missing "
                         "folder (data.path, or fetch-data's --out)")
     if (dest / "digits.npz").exists():  # a file of ours is replaced; anything else named so is refused

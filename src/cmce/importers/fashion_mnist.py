@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             body = f.read(total + 1)  # one more: a longer body is refused, not cut
     except DataError:
         raise
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a damaged stream zlib's
         reason = err.strerror if isinstance(err, OSError) and err.strerror else err
         raise DataError(f"{path}: cannot read IDX file: {reason}") from None
     if len(body) != total:
