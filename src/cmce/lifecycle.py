@@ -108,7 +108,8 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
                                        for n in gmeta["members"] if f"raw_{n['name']}" in g.column_names),
                                      (str(member), m.column("raw"))])
                 ids = string_column(g, "id", str(gallery))
-                check_finite(g, str(gallery), first_row), check_finite(m, str(member), first_row)  # copied as they are
+                check_finite(g, str(gallery), first_row)  # both copied into the new gallery as they are
+                check_finite(m, str(member), first_row)
                 first_row += len(g)
                 if string_column(m, "id", str(member)) != ids:
                     raise TableError(f"{member}: ids are not in the gallery's order")

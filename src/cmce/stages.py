@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import TRANSFORM_FORMAT, load_embedding_model, require_classes, require_role
+from cmce.checkpoint import TRANSFORM_FORMAT, EmbeddingModel, load_embedding_model, require_classes, require_role
 from cmce.config import Config, IndexConfig, ModelSpec
 from cmce.data.loader import WHOLE, Shard, split_source
 from cmce.data.prepare import prepare_dataset
@@ -286,15 +286,16 @@ class EnsembleOutputs:
     members_dir: Path  # the per-model files
 
 
-def check_serves(gallery_meta: dict, gallery: Path, query_model: Path) -> None:
-    """Before any work: the gallery was transformed for `query_model` (a new member must be too). Another query
-    model was refused only once T was fitted and the whole gallery embedded, naming a working file."""
+def check_serves(gallery_meta: dict, gallery: Path, query_model: Path) -> EmbeddingModel:
+    """Before any work: the gallery was transformed for `query_model` (a new member must be too), which is returned.
+    Another query model was refused only once T was fitted and the whole gallery embedded, naming a working file."""
     q_model = require_role(load_embedding_model(query_model), "query", f"--query-model {origin(query_model)}")
     served = gallery_meta.get("query_model_sha256")
     if served is not None and served != q_model.sha256:
         raise ValueError(f"--query-model {origin(query_model)}: query model {q_model.sha256[:12]}, but the gallery "
                          f"{origin(gallery)} was transformed for query model {served[:12]}: give the query model it "
                          "serves (upgrade-query-model moves a gallery to another)")
+    return q_model
 
 
 def check_new_members(query_model: Path, gallery_models: list[Path], taken: dict[str, str] | None = None
@@ -320,10 +321,12 @@ def _slice(shard: str) -> str:
     return "the whole split" if shard == str(WHOLE) else f"shard {shard}"
 
 
-def _gallery_rows(gallery: Path) -> int:
-    """The rows of a gallery file, read after its metadata (which names the file when it is no Parquet)."""
+def _check_index_out(cfg: Config, query_dim: int, gallery: Path) -> None:
+    """Before a lifecycle step replaces `gallery` (and transformations): its --index-out settings can index the
+    gallery's rows in the query space (they were found wrong once the inputs were replaced). The metadata is read
+    first: it names the file when it is no Parquet."""
     read_metadata(gallery)
-    return pq.ParquetFile(gallery).metadata.num_rows
+    check_index_fits(cfg.index, query_dim, pq.ParquetFile(gallery).metadata.num_rows)
 
 
 def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
@@ -444,12 +447,11 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
         raise ValueError(f"--gallery {origin(inp.gallery)}: a {parquet_kind(inp.gallery) or 'Parquet'} file, not a "
                          "gallery")
     require_whole(gallery_meta, inp.gallery, "add-gallery-model")  # its new member embeds the whole split
-    check_serves(gallery_meta, inp.gallery, inp.query_model)
+    query = check_serves(gallery_meta, inp.gallery, inp.query_model)
     [stem] = check_new_members(inp.query_model, [inp.gallery_model],
                                {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
     if out.index is not None:
-        check_index_fits(cfg.index, load_embedding_model(inp.query_model).embedding_dim,
-                         _gallery_rows(inp.gallery))
+        _check_index_out(cfg, query.embedding_dim, inp.gallery)
     # work files named by the model (a checked identifier), not by its file: two models both saved as model.pt
     # overwrote each other's transformation, train embeddings and member file in one --work-dir; a file of another
     # kind at one of those names (a model, a dataset) is refused before any work, not replaced
@@ -510,8 +512,7 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
                     "embeddings of the unaugmented train split (no gallery model is run)", fitted_cfg.augment_views)
         fitted_cfg = dataclasses.replace(fitted_cfg, augment_views=0)
     if out.index is not None:  # the gallery and the transformations are replaced before the index is built
-        check_index_fits(cfg.index, load_embedding_model(inp.query_model).embedding_dim,
-                         _gallery_rows(inp.gallery))
+        _check_index_out(cfg, load_embedding_model(inp.query_model).embedding_dim, inp.gallery)
     upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, fitted_cfg, out.transformations,
             out.gallery, cfg.seed, cfg.batch_size)
     if out.index is not None:
