@@ -576,6 +576,29 @@ def test_an_s3_output_of_its_own_kind_is_replaced(s3_server, s3_chain, monkeypat
     assert keys(s3_server, bucket) == {"g.parquet", *(f"idx/{f}" for f in INDEX_FILES)}
 
 
+def test_shards_embedded_into_one_s3_members_folder_do_not_replace_each_other(s3_server, s3_chain, monkeypatch,
+                                                                             caplog):
+    """The per-model files are named by model alone, and the check of the shard a member file holds looked at a
+    local --members-dir only: `--shard 1/2` into shard 0/2's s3:// folder replaced its object (both exit 0)."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    local = s3_chain.local
+    members = f"s3://{bucket}/members"
+    embed = ["embed-gallery", "--dataset", str(local / "d.parquet"), "--query-model", str(local / "q.pt"),
+             "--gallery-model", str(local / "g.pt"), "--transform", str(local / "t.pt"), "--members-dir", members]
+    assert main([*embed, "--shard", "0/2", "--out", f"s3://{bucket}/g0.parquet"]) == 0
+    before = {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)}
+    assert "members/vgg_b.parquet" in before
+    for shard, writes in (("1/2", "shard 1/2"), (None, "the whole split")):
+        caplog.clear()
+        assert main([*embed, *(["--shard", shard] if shard else []), "--out", f"s3://{bucket}/g1.parquet"]) == 2
+        assert only_error(caplog) == (f"cmce embed-gallery: {members}/vgg_b.parquet: holds shard 0/2 of its model's "
+                                      f"embeddings, this run writes {writes}; give each shard its own --members-dir")
+        assert {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)} == before
+    assert not any(r.name == "cmce.embed" for r in caplog.records)  # refused before anything was embedded
+    assert main([*embed, "--shard", "0/2", "--out", f"s3://{bucket}/g0.parquet"]) == 0  # its own shard again
+
+
 def test_a_served_s3_index_follows_a_rebuild_in_the_bucket(s3_server, s3_chain, tmp_path, monkeypatch):
     """`cmce serve --index s3://…` served the copy it downloaded at start: a rebuild in the bucket was served only
     after a restart. It is followed by its meta.json: swapped in while clients search (none refused), and no

@@ -66,15 +66,22 @@ def parquet_kind(path: Path | object) -> str | None:
     """What a cmce Parquet file (a path, or a pyarrow buffer holding at least its footer) holds, from its footer:
     the `kind` its writer recorded (gallery, gallery_member, train_embeddings, query), "dataset" for a dataset
     file, None for any other Parquet file."""
+    meta = cmce_metadata(path)
+    if meta is None:
+        return None
+    return meta.get("kind") if isinstance(meta.get("kind"), str) else "dataset" if "protocol" in meta else None
+
+
+def cmce_metadata(path: Path | object) -> dict | None:
+    """The metadata cmce recorded in a Parquet file's footer (a path, or a pyarrow buffer holding at least the
+    footer); None for a file that is no Parquet or holds none."""
     import pyarrow.parquet as pq
 
     try:
         meta = json.loads((pq.read_schema(path).metadata or {}).get(b"cmce", b"null"))
     except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError; so is bad JSON
         return None
-    if not isinstance(meta, dict):
-        return None
-    return meta.get("kind") if isinstance(meta.get("kind"), str) else "dataset" if "protocol" in meta else None
+    return meta if isinstance(meta, dict) else None
 
 
 def not_found(path: str | Path, what: str = "file") -> str:
@@ -194,9 +201,9 @@ MAX_REMOTE_FOOTER = 8 << 20
 MAX_REMOTE_CHECKPOINT = 256 << 20  # nor a checkpoint larger than this downloaded
 
 
-def _remote_parquet_kind(uri: str, size: int) -> tuple[bool, str | None]:
-    """(read, parquet_kind) of an S3 object from two ranged GETs of its end (the footer), not a download;
-    read is False when the footer is too large to be worth reading. A broken footer is no cmce kind (None)."""
+def _remote_footer(uri: str, size: int) -> tuple[bool, object | None]:
+    """(read, footer) of an S3 object from two ranged GETs of its end, not a download: a pyarrow reader of the
+    footer, None where there is no Parquet footer; read is False when the footer is too large to be worth reading."""
     import pyarrow as pa
 
     tail = s3.read_range(uri, size - 8, size - 1) if size >= 12 else b""
@@ -208,7 +215,23 @@ def _remote_parquet_kind(uri: str, size: int) -> tuple[bool, str | None]:
     end = s3.read_range(uri, size - 8 - footer, size - 1)
     footer_copy = pa.BufferOutputStream()  # arrow's own memory: a buffer over Python bytes, released by an arrow
     footer_copy.write(MAGIC["parquet"] + end)  # worker once the interpreter exits, aborted it (tables._native)
-    return True, parquet_kind(pa.BufferReader(footer_copy.getvalue()))  # a footer needs only the magic before it
+    return True, pa.BufferReader(footer_copy.getvalue())  # a footer needs only the magic before it
+
+
+def _remote_parquet_kind(uri: str, size: int) -> tuple[bool, str | None]:
+    """(read, parquet_kind) of an S3 object from its footer (a broken footer is no cmce kind: None)."""
+    read, footer = _remote_footer(uri, size)
+    return read, parquet_kind(footer) if footer is not None else None
+
+
+def existing_metadata(uri: str | Path) -> dict | None:
+    """The cmce metadata of the Parquet file already at an output's place, local or s3:// (read from the footer by
+    ranged GETs, never a download); None where there is none, or it is no cmce Parquet file."""
+    if not is_remote(str(uri)):
+        return cmce_metadata(Path(uri)) if Path(uri).is_file() else None
+    size = s3.object_size(str(uri))
+    footer = _remote_footer(str(uri), size)[1] if size is not None else None
+    return cmce_metadata(footer) if footer is not None else None
 
 
 def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, writes: str | None,

@@ -33,7 +33,7 @@ from cmce.embed import combine_members, embed_augmented_views, embed_split, embe
 from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate, items_answered_from
 from cmce.index import INDEX_FILES, build_index, check_index_fits
 from cmce.layout import RunLayout, pair_transformations
-from cmce.output_checks import check_output, parquet_kind
+from cmce.output_checks import check_output, existing_metadata, parquet_kind
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
 from cmce.storage import check_replaceable, origin
@@ -342,11 +342,12 @@ def embed_gallery(inp: EnsembleInputs, out: EnsembleOutputs) -> StepRecord:
     # another kind there (stored train embeddings, say) is refused before anything is embedded
     files = [out.members_dir / f"{name}.parquet" for name in names]
     for member in files:
-        check_output(member, writes="parquet", kinds=("gallery_member",))
+        where = origin(member)  # an s3:// folder's file is a scratch file here: its object is what gets replaced
+        check_output(where, writes="parquet", kinds=("gallery_member",))
         # named by model alone: shards embedded into one folder replaced each other's files without a word
-        # (a local folder: an s3:// one is a scratch folder here, its objects not looked at)
-        if member.is_file() and (held := read_metadata(member).get("shard", str(WHOLE))) != str(inp.shard):
-            raise ValueError(f"{member}: holds {_slice(held)} of its model's embeddings, this run writes "
+        meta = existing_metadata(where)
+        if meta is not None and (held := meta.get("shard", str(WHOLE))) != str(inp.shard):
+            raise ValueError(f"{where}: holds {_slice(held)} of its model's embeddings, this run writes "
                              f"{_slice(str(inp.shard))}; give each shard its own --members-dir")
     members = []
     for model, transform, member in zip(inp.gallery_models, paired, files, strict=True):
