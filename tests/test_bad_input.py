@@ -2019,6 +2019,17 @@ def test_a_gallery_that_is_not_the_whole_split_is_neither_indexed_evaluated_nor_
           "its rows were reordered (sorted or shuffled)")
 
 
+def test_a_gate_on_a_gallery_of_another_dimension_names_its_column(world, tmp_path, caplog):
+    """A candidate gallery cut to 7 of the query model's 8 dimensions: the gate embedded the split, then failed with
+    "queries (n, 8) and gallery (n, 7) must be 2-d with one dimension", naming no file."""
+    emb = embedding_column(pq.read_table(world.gallery), "embedding", "gallery")[:, :7]
+    cut = rewrite(world.gallery, tmp_path / "cut.parquet", embedding=embedding_array(emb))
+    out = tmp_path / "decision.json"
+    fails(caplog, ["gate", "--config", SMOKE, "--dataset", world.dataset, "--baseline-query-model", world.query,
+                   "--baseline-gallery", world.gallery, "--query-model", world.query, "--gallery", cut, "--out", out],
+          out, f"{cut}: column 'embedding' has dimension 7, expected 8")
+
+
 def test_members_or_galleries_with_other_labels_for_the_same_ids(world, tmp_path, caplog):
     table = pq.read_table(world.members[1])
     labels = table.column("label").to_numpy().copy()
@@ -3817,6 +3828,108 @@ def test_an_index_whose_ids_are_not_the_gallerys_is_refused_given_the_gallery(wo
     assert any(said in r.getMessage() and "class_name is left null" in r.getMessage() for r in caplog.records)
     assert main(["search", "--index", str(world.index), "--query-model", str(world.query), "--dataset",
                  str(world.dataset), "--limit", "1", "--gallery", str(world.gallery)]) == 0
+
+
+def _resealed(index: Path) -> None:
+    """meta.json's checksums and sizes rewritten to match the index's edited files."""
+    meta = json.loads((index / "meta.json").read_text())
+    for name in meta["files"]:
+        meta["files"][name], meta["sizes"][name] = file_sha256(index / name), (index / name).stat().st_size
+    (index / "meta.json").write_text(json.dumps(meta))
+
+
+def _two_rows_of_other_labels(index: Path) -> tuple[int, int]:
+    labels = pq.read_table(index / "ids.parquet").column("label").to_numpy()
+    return 0, int(np.flatnonzero(labels != labels[0])[0])
+
+
+def test_an_index_whose_rows_or_vectors_were_swapped_is_refused(world, tmp_path, caplog):
+    """Two rows of ids.parquet swapped with their labels, or two vectors of index.faiss swapped (the checksums
+    rewritten to match): the dataset's label check passed, and search and serve answered with another item's id and
+    class, exit 0; `search --gallery` and `evaluate --index` checked the ids but not the vectors, and evaluate not
+    even the ids (its index metrics were of another index)."""
+    import faiss
+
+    from cmce.index import stored_vectors
+
+    rows = tmp_path / "rows"
+    shutil.copytree(world.index, rows)
+    a, b = _two_rows_of_other_labels(rows)
+    table = pq.read_table(rows / "ids.parquet")
+    order = np.arange(table.num_rows)
+    order[[a, b]] = order[[b, a]]
+    pq.write_table(table.take(pa.array(order)), rows / "ids.parquet")
+    _resealed(rows)
+    moved, after = table.column("id")[b].as_py(), table.column("id")[int(order[1])].as_py()
+    search = ["search", "--index", rows, "--query-model", world.query, "--dataset", world.dataset, "--limit", "1"]
+    # row 0 now holds an item from further down the split: row 1 is the first that comes before its predecessor
+    said = f"the index's item {after!r} (row 1 of ids.parquet) is out of the order of the 'test' split"
+    fails(caplog, search, tmp_path / "unused", said)
+    fails(caplog, ["serve", "--index", rows, "--query-model", world.query, "--dataset", world.dataset, "--port", "0"],
+          tmp_path / "unused", said)
+    out = tmp_path / "eval"
+    fails(caplog, [*evaluate_args(world), "--index", rows, "--out", out], out,
+          f"{rows}/ids.parquet: row {a} holds {moved!r} where the gallery {world.gallery} puts")
+
+    vectors = tmp_path / "vectors"
+    shutil.copytree(world.index, vectors)
+    index = faiss.read_index(str(vectors / "index.faiss"))
+    stored = stored_vectors(index)  # faiss's own memory: swapped in place
+    stored[[a, b]] = stored[[b, a]]
+    faiss.write_index(index, str(vectors / "index.faiss"))
+    _resealed(vectors)
+    first = table.column("id")[a].as_py()
+    fails(caplog, [*evaluate_args(world), "--index", vectors, "--out", out], out,
+          f"{vectors}/index.faiss: the vector of item {first!r} is not its embedding in the gallery {world.gallery} "
+          "(2 such item(s))")
+    fails(caplog, ["search", "--index", vectors, "--query-model", world.query, "--dataset", world.dataset, "--limit",
+                   "1", "--gallery", world.gallery], tmp_path / "unused", f"{vectors}/index.faiss: the vector of item")
+    assert main([str(a) for a in [*evaluate_args(world), "--index", world.index, "--out", out]]) == 0  # the real one
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("reject_fraction", float("nan"), "reject_fraction is NaN, expected a number in [0, 1)"),
+    ("reject_fraction", 1, "reject_fraction is 1, expected a number in [0, 1)"),
+    ("members", [1, 2], "metadata field 'members[0]' must be an object, got 1"),
+    ("split", "bogus", 'split is "bogus", expected one of [\'train\', \'test\']'),
+    ("source", {"split_rows": 3}, "metadata field 'source' lacks 'ids_sha256'"),
+])
+def test_index_metadata_handed_on_is_checked(world, tmp_path, caplog, field, value, message):
+    """meta.json's fields that go into versions.json and /version, or name the split the dataset is checked in: a
+    NaN reject_fraction went into evaluate's versions.json (invalid JSON), `members: [1, 2]` into /version, and an
+    unknown split was reported as another dataset."""
+    index = Path(shutil.copytree(world.index, tmp_path / "index"))
+    meta = json.loads((index / "meta.json").read_text())
+    (index / "meta.json").write_text(json.dumps({**meta, field: value}))
+    fails(caplog, _search(world, index), tmp_path / "unused", f"{index}/meta.json", message)
+
+
+def test_a_gallery_that_lost_one_of_its_running_sum_columns_is_refused_by_build_index(world, tmp_path, caplog):
+    """With `n_models` (or `ensemble_sum`) dropped, build-index skipped the check of `uncertainty` against the running
+    sum, and rejected by an edited uncertainty column, exit 0."""
+    table = pq.read_table(world.gallery)
+    for dropped, kept in (("n_models", "ensemble_sum"), ("ensemble_sum", "n_models")):
+        unc = table.column("uncertainty").to_numpy()[::-1].copy()
+        edited = table.drop_columns([dropped])
+        edited = edited.set_column(edited.schema.get_field_index("uncertainty"), "uncertainty",
+                                   pa.array(unc, pa.float32()))
+        gallery = tmp_path / f"no_{dropped}.parquet"
+        pq.write_table(edited, gallery)
+        out = tmp_path / "index"
+        fails(caplog, ["build-index", "--gallery", gallery, "--out", out, "--reject-fraction", "0.1"], out,
+              f"{gallery}: has column {kept!r} but not {dropped!r}")
+
+
+def test_a_transformation_other_than_the_galleries_is_named_by_evaluate(world, tmp_path, caplog):
+    """Another fit of T for the same gallery model: evaluate refused the gallery ("stored ensemble embedding does not
+    match its members' transformations"), naming no transformation, once everything was loaded."""
+    torch.manual_seed(99)
+    other = tiny_transform(tmp_path / "t_resnet_a_refit.pt", world.gallery_models[0], "resnet_a", world.query, 12, 8)
+    recorded = read_metadata(world.gallery)["members"][0]["transformation_sha256"]
+    out = tmp_path / "eval"
+    fails(caplog, [*evaluate_args(world, transforms=[other, world.transforms[1]]), "--out", out], out,
+          f"{other}: transformation {file_sha256(other)[:12]} of gallery model resnet_a, but the gallery "
+          f"{world.gallery} was made with its transformation {recorded[:12]}: give that one")
 
 
 def test_unicode_line_breaks_and_reordering_are_escaped_in_a_line():

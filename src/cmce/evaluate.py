@@ -38,7 +38,7 @@ from cmce.config import EvaluateConfig
 from cmce.data.loader import split_source
 from cmce.data.readers import dataset_info, read_domains
 from cmce.embed import embed_split
-from cmce.index import LoadedIndex, load_index
+from cmce.index import LoadedIndex, check_index_rows, load_index
 from cmce.method import STORED_TOLERANCE, RunningEnsemble, normalize, rejection_mask
 from cmce.metrics import Family, measure, retrieval_metrics
 from cmce.scores import BLOCK_MB, InnerProducts, Scores
@@ -222,7 +222,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
         )
     members = gmeta["members"]
     # orchestrators may hand over collected lists in any order: match files to members by content hash
-    by_gallery = {}
+    by_gallery, given = {}, {}
     member_shas = {m["sha256"] for m in members}
     for t_path in inputs.transformations:
         t = load_transformation(t_path, query_sha256=query_model.sha256)
@@ -236,9 +236,15 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
             raise ValueError(f"{t_path}: a second, different transformation for gallery model {t.gallery_model} "
                              f"(another was given too); give one per gallery member")
         by_gallery[t.gallery_model_sha256] = t
+        given[t.sha256] = t_path
     missing = [m["name"] for m in members if m["sha256"] not in by_gallery]
     if missing:
         raise ValueError(f"{inputs.gallery}: need one transformation per gallery member; missing for {missing}")
+    for m in members:  # another fit of T for the same model: the stored ensemble was refused, naming no file
+        if (t := by_gallery[m["sha256"]]).sha256 != m["transformation_sha256"]:
+            raise ValueError(f"{given[t.sha256]}: transformation {t.sha256[:12]} of gallery model {m['name']}, but "
+                             f"the gallery {inputs.gallery} was made with its transformation "
+                             f"{m['transformation_sha256'][:12]}: give that one")
     table = read_table(inputs.gallery)
     g_ids = string_column(table, "id", str(inputs.gallery))
     check_unique_ids(g_ids, str(inputs.gallery))
@@ -300,6 +306,8 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
         index = load_index(inputs.index, query_model.sha256, query_dim=query_model.embedding_dim)
         if index.meta.get("gallery_sha256") != file_sha256(inputs.gallery):
             raise TableError(f"{inputs.index}: index was built from another gallery than {inputs.gallery}")
+        # the checksums in its meta.json rewritten, edited files passed: the index metrics were of another index
+        check_index_rows(index, g_ids, g_labels, stored, inputs.gallery, inputs.index)
         versions["index"] = {k: index.meta.get(k) for k in ("index_type", "reject_fraction", "gallery_sha256")}
     return EvalData(q.ids, q.labels, q.embeddings, g_ids, g_labels,
                     float_column(table, "uncertainty", str(inputs.gallery)), raw, transformed,

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmce import s3, strict_json
+from cmce import provenance, s3, strict_json
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig, in_interval, range_of
 from cmce.errors import last_line
 from cmce.method import normalize, rejected_count, rejection_mask
@@ -268,7 +268,12 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     if (unc < 0).any():  # a mean squared distance: never negative
         raise TableError(f"{gallery_path}: column 'uncertainty' has negative values (first: row "
                          f"{int(np.flatnonzero(unc < 0)[0])})")
-    if "ensemble_sum" in table.column_names and "n_models" in table.column_names:  # older galleries lack them
+    running = [c for c in ("ensemble_sum", "n_models") if c in table.column_names]
+    if len(running) == 1:  # one dropped: `uncertainty` went unchecked, and the rejection read an edited one
+        missing = "n_models" if running == ["ensemble_sum"] else "ensemble_sum"
+        raise TableError(f"{gallery_path}: has column {running[0]!r} but not {missing!r} (a gallery holds both, or, "
+                         "written before they were, neither)")
+    if running:  # older galleries lack them
         stored_running_sum(table, n_members, str(gallery_path))  # the rejection reads `uncertainty`: it must agree
     reject = rejection_mask(unc, reject_fraction)
     keep = ~reject
@@ -407,6 +412,28 @@ def index_folder(index_dir: str | Path, probe_object: bool = False) -> Path:
     return d
 
 
+def check_handed_on(meta: dict, shown: str) -> None:
+    """meta.json's fields that are handed on (into versions.json, /version, the dataset check) are of their shape:
+    a NaN reject_fraction went into versions.json as invalid JSON, `members: [1, 2]` into /version, an unknown
+    split was reported as another dataset."""
+    from cmce.data.readers import SPLITS
+
+    fraction = meta.get("reject_fraction")
+    if "reject_fraction" in meta and not (type(fraction) in (int, float) and 0 <= fraction < 1):  # NaN fails too
+        raise IndexLoadError(f"{shown}/meta.json: reject_fraction is {json.dumps(fraction)[:40]}, expected a number "
+                             "in [0, 1)")
+    try:
+        for i, member in enumerate(meta.get("members", [])):
+            provenance.check_field(member, provenance.MEMBER, f"members[{i}]", f"{shown}/meta.json")
+        if "source" in meta:
+            provenance.check_field(meta["source"], provenance.SOURCE, "source", f"{shown}/meta.json")
+    except provenance.MetadataError as err:
+        raise IndexLoadError(str(err)) from None
+    if "split" in meta and meta["split"] not in SPLITS:
+        raise IndexLoadError(f"{shown}/meta.json: split is {json.dumps(meta['split'])[:40]}, expected one of "
+                             f"{list(SPLITS)}")
+
+
 def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256: str | None,
                 query_dim: int | None = None) -> LoadedIndex:
     shown = str(index_dir).rstrip("/")
@@ -432,6 +459,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         if key in meta and not (isinstance(meta[key], kinds) and not isinstance(meta[key], bool)):
             raise IndexLoadError(f"{shown}/meta.json: {key} is {json.dumps(meta[key])[:40]}, expected "
                                  f"{' or '.join(JSON_NAMES[k] for k in kinds)}")
+    check_handed_on(meta, shown)
     for key, value in meta.get("search_params", {}).items():
         if key not in SEARCH_PARAMS:
             raise IndexLoadError(f"{shown}/meta.json: search_params.{key}: unknown (valid: {sorted(SEARCH_PARAMS)})")
@@ -530,6 +558,41 @@ def stored_vectors(index: Any) -> np.ndarray:
     flat = top if isinstance(top, faiss.IndexFlat) else faiss.downcast_index(
         top.storage if isinstance(top, faiss.IndexHNSWFlat) else top.refine_index)
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def check_index_rows(index: LoadedIndex, ids: list[str], labels: np.ndarray, embeddings: np.ndarray,
+                     gallery: Path, index_dir: Path) -> None:
+    """The index's ids, labels and vectors are the gallery's (`ids`, `labels`, `embeddings`), in the gallery's order,
+    less the rejected: build-index writes them so. ids.parquet's rows shuffled, or its labels changed, or two of
+    index.faiss's vectors swapped (the checksums rewritten to match), answered queries with another item's id or
+    class, exit 0."""
+    indexed = set(index.ids)
+    keep = [k for k, i in enumerate(ids) if i in indexed]
+    expected = [ids[k] for k in keep]
+    if expected != index.ids:
+        row = next((k for k, (a, b) in enumerate(zip(expected, index.ids, strict=False)) if a != b), len(expected))
+        found = index.ids[row] if row < len(index.ids) else "nothing"
+        raise ValueError(f"{index_dir}/ids.parquet: row {row} holds {found!r} where the gallery {gallery} puts "
+                         f"{expected[row] if row < len(expected) else 'no item'!r}: its ids are not the gallery's "
+                         "(edited or of another build); build the index again")
+    given = labels[keep]
+    differ = np.flatnonzero(given != index.labels)
+    if differ.size:
+        row = int(differ[0])
+        raise ValueError(f"{index_dir}/ids.parquet: item {shown_id(index.ids[row])} has label {index.labels[row]}, the "
+                         f"gallery {gallery} {given[row]} ({differ.size} such item(s)): edited or of another build; "
+                         "build the index again")
+    # build-index stores normalize(embedding) of the kept rows, so the same function gives the same floats
+    off = np.abs(stored_vectors(index.index) - normalize(embeddings[keep], f"{gallery}: column 'embedding'"))
+    far = np.flatnonzero(off.max(axis=1, initial=0.0) > VECTOR_TOLERANCE)
+    if far.size:
+        row = int(far[0])
+        raise ValueError(f"{index_dir}/index.faiss: the vector of item {shown_id(index.ids[row])} is not its "
+                         f"embedding in the gallery {gallery} ({far.size} such item(s)): edited or of another build; "
+                         "build the index again")
+
+
+VECTOR_TOLERANCE = 1e-6  # the same floats are expected: a swapped or edited vector is off by far more
 
 
 def check_unit_vectors(index: Any, ids: list[str], where: str) -> None:

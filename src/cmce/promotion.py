@@ -147,7 +147,7 @@ def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, 
     g_labels = int_column(table, "label", str(gallery))
     check_rows_are_split(g_ids, split_source(dataset, meta["split"]), str(gallery),
                          f"the '{meta['split']}' split of {dataset}", g_labels)
-    emb = embedding_column(table, "embedding", str(gallery))
+    emb = embedding_column(table, "embedding", str(gallery), q_model.embedding_dim)  # named before the embedding
     q = embed_split(q_model, dataset, split, batch_size)
     scores = cosine_scores(q.embeddings, emb, self_columns(q.ids, g_ids), cross_domains(dataset, q.ids, g_ids))
     out = retrieval_metrics(scores, q.labels, g_labels, recall_k, fars, block_mb=block_mb)

@@ -78,6 +78,11 @@ def _check(value: Any, spec: Any, key: str, path: Path) -> None:
             raise MetadataError(f"{path}: metadata field '{key}' must be {wanted}, got {shown(value)}")
 
 
+def check_field(value: Any, spec: Any, key: str, path: str | Path) -> None:
+    """One metadata field of the shape `spec` (MODEL, MEMBER, SOURCE), else a MetadataError naming `key`."""
+    _check(value, spec, key, Path(path))
+
+
 def check_metadata(meta: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """`meta` when every field its kind has is of the right shape (kinds not listed: unchecked)."""
     kind = meta.get("kind")

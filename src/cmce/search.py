@@ -17,36 +17,20 @@ from cmce.data.codec import decode_image_as_found, query_image_notes
 from cmce.data.loader import same_split, source_of, split_ids_labels
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
-from cmce.index import LoadedIndex, SearchResult, load_index, search
+from cmce.index import LoadedIndex, SearchResult, check_index_rows, load_index, search
 from cmce.storage import file_sha256
 from cmce.tables import TableError, shown_id
 
 log = logging.getLogger(__name__)
 
 
-def check_ids_follow_gallery(ids: list[str], labels: np.ndarray, gallery: Path, index_dir: Path) -> None:
-    """The index's ids and labels are the gallery's, in the gallery's order, less the rejected: build-index writes
-    them so. ids.parquet's rows shuffled, or its labels changed (its checksum rewritten to match), answered every
-    query with another item's id, or another class."""
-    from cmce.tables import int_column, read_table, shown_id, string_column
+def check_index_follows_gallery(index: LoadedIndex, gallery: Path, index_dir: Path) -> None:
+    """The index holds the gallery file's rows (check_index_rows), read from the file."""
+    from cmce.tables import embedding_column, int_column, read_table, string_column
 
-    table = read_table(gallery, ["id", "label"])
-    indexed, all_ids = set(ids), string_column(table, "id", str(gallery))
-    keep = [k for k, i in enumerate(all_ids) if i in indexed]
-    expected = [all_ids[k] for k in keep]
-    if expected != ids:
-        row = next((k for k, (a, b) in enumerate(zip(expected, ids, strict=False)) if a != b), len(expected))
-        found = ids[row] if row < len(ids) else "nothing"
-        raise ValueError(f"{index_dir}/ids.parquet: row {row} holds {found!r} where the gallery {gallery} puts "
-                         f"{expected[row] if row < len(expected) else 'no item'!r}: its ids are not the gallery's "
-                         "(edited or of another build); build the index again")
-    given = int_column(table, "label", str(gallery))[keep]
-    differ = np.flatnonzero(given != labels)
-    if differ.size:
-        row = int(differ[0])
-        raise ValueError(f"{index_dir}/ids.parquet: item {shown_id(ids[row])} has label {labels[row]}, the gallery "
-                         f"{gallery} {given[row]} ({differ.size} such item(s)): edited or of another build; build the "
-                         "index again")
+    table = read_table(gallery, ["id", "label", "embedding"])
+    check_index_rows(index, string_column(table, "id", str(gallery)), int_column(table, "label", str(gallery)),
+                     embedding_column(table, "embedding", str(gallery)), gallery, index_dir)
 
 
 class DatasetSplits:
@@ -87,6 +71,11 @@ def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
         row = int(np.flatnonzero(np.isnan(at))[0])
         raise edited(f"the index's item {shown_id(index.ids[row])} is not in the '{split}' split of --dataset "
                      f"{dataset.path}: ids.parquet was edited or is of another build; build the index again")
+    if (np.diff(at) <= 0).any():  # build-index keeps the split's order: rows swapped with their labels pass above
+        row = int(np.flatnonzero(np.diff(at) <= 0)[0]) + 1
+        raise edited(f"the index's item {shown_id(index.ids[row])} (row {row} of ids.parquet) is out of the order of "
+                     f"the '{split}' split of --dataset {dataset.path}: ids.parquet was edited or is of another build; "
+                     "build the index again")
     differ = np.flatnonzero(labels[at.astype(np.int64)] != index.labels)
     if differ.size:
         row = int(differ[0])
@@ -150,7 +139,7 @@ def search_images(index_dir: Path, query_model: Path, images: list[tuple[str, Pa
     loaded = load_index(index_dir, query_sha256=model.sha256, query_dim=model.embedding_dim,
                         gallery_sha256=file_sha256(gallery) if gallery is not None else None)
     if gallery is not None:
-        check_ids_follow_gallery(loaded.ids, loaded.labels, gallery, index_dir)
+        check_index_follows_gallery(loaded, gallery, index_dir)
     named = dataset is not None
     if named:  # before the queries are embedded: an edited index is refused at once
         try:  # queries from another dataset may be searched, but its class names are not the hits' (serve refuses)
