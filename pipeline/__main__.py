@@ -173,10 +173,25 @@ def _check_settings_fit_the_run(args: argparse.Namespace, inputs: dict, cfg: Con
                     "; ".join(differ), given, cfg.data.source, cfg.data.image_size, cfg.data.channels)
 
 
+def _without_data_path(overrides: list[str]) -> list[str]:
+    """The --set overrides less the data.path they set (`data.path=x`, or `path` in `data={...}`)."""
+    from cmce.config import parse_overrides
+
+    kept = []
+    for pair in overrides:
+        key, value = next(iter(parse_overrides([pair]).items()))
+        if key == "data" and isinstance(value, dict) and "path" in value:
+            rest = {k: v for k, v in value.items() if k != "path"}
+            kept += [f"data={json.dumps(rest)}"] if rest else []
+        elif key != "data.path":
+            kept.append(pair)
+    return kept
+
+
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import load_config, parse_overrides
+    from cmce.config import leaf_keys, load_config, parse_overrides
     from cmce.config_yaml import read_config_text, read_yaml
     from pipeline.cmce_pipeline import PARAMS_FILE
 
@@ -201,9 +216,12 @@ def _arguments(args: argparse.Namespace) -> dict:
         out["overrides"] = list(args.set)
     if args.command == "run" and cfg.data.path and not os.path.isabs(cfg.data.path):
         # a local run's tasks read a relative data.path from the working folder: started elsewhere than the
-        # project, it fetched 30 MB of data there; it is the params file's folder's, as DVC reads its params
-        where = (Path(args.params).resolve().parent if args.params else PARAMS_FILE.parent) / cfg.data.path
-        out["overrides"] = [*out.get("overrides", []), f"data.path={where}"]
+        # project, it fetched 30 MB of data there. From the params file it is that file's folder's, as DVC reads
+        # its params; from --set, the working folder's, as any path on a command line (the override is replaced:
+        # both went to the tasks, which refused data.path as given twice)
+        by_set = "data.path" in leaf_keys(overrides)
+        base = Path.cwd() if by_set else Path(args.params).resolve().parent if args.params else PARAMS_FILE.parent
+        out["overrides"] = [*_without_data_path(out.get("overrides", [])), f"data.path={base / cfg.data.path}"]
     if args.run_name:
         out["run_name"] = args.run_name
     for key in ("embed_shards", "embed_workers"):

@@ -65,8 +65,10 @@ def test_needs_gallery_models_and_unique_names(tmp_path):
 
 
 def test_override_through_a_non_mapping_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="'gallery_models' is not a mapping"):
-        load_config(_write(tmp_path, GOOD), {"gallery_models.0.epochs": 1})
+    with pytest.raises(ConfigError, match=r"gallery_models.0.epochs: no gallery model named '0'; valid names: \['g'\]"):
+        load_config(_write(tmp_path, GOOD), {"gallery_models.0.epochs": 1})  # by name, not by position
+    with pytest.raises(ConfigError, match=r"^--set train.epochs.x: train.epochs is a value, not a section with keys"):
+        load_config(_write(tmp_path, GOOD), {"train.epochs.x": 1})
     cfg = load_config(_write(tmp_path, GOOD + "train:\n"), {"train.epochs": 2})  # empty section becomes a mapping
     assert cfg.train.epochs == 2
 
@@ -626,3 +628,78 @@ def test_a_line_break_in_a_model_name_or_path_stays_inside_the_one_line_message(
     with pytest.raises(ConfigError, match=said) as err:
         load_config(SMOKE, overrides)
     assert "\n" not in str(err.value)
+
+
+def test_a_key_set_twice_in_two_spellings_is_refused():
+    """`--set train.epochs=1 --set 'train={epochs: 2}'` trained 2 epochs (the other order 1), without a word."""
+    from cmce.config import parse_overrides
+
+    for pairs in (["train.epochs=1", "train={epochs: 2}"], ["train={epochs: 2, lr: 0.1}", "train.epochs=1"]):
+        with pytest.raises(ConfigError, match=r"^--set train.epochs: given twice \(by --set train(.epochs)? and "
+                                              r"--set train(.epochs)?\); give it once$"):
+            parse_overrides(pairs)
+    assert parse_overrides(["train={epochs: 2}", "train.lr=0.1"]) == {"train": {"epochs": 2}, "train.lr": 0.1}
+
+
+def test_an_added_gallery_model_needs_an_arch_and_no_model_is_another_under_a_new_name(tmp_path):
+    """lifecycle.add_gallery_model without arch was the query model's architecture with its defaults: the model
+    `add-gallery-model` trained was the query model itself, tensor for tensor, exit 0. Two models of the same spec
+    (all but the name) train the same weights: refused naming both."""
+    from cmce.config import parse_overrides
+
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"lifecycle.add_gallery_model: lacks 'arch' \(a gallery model needs one\)"):
+        load_config(path, parse_overrides(["lifecycle.add_gallery_model.name=g3"]))
+    with pytest.raises(ConfigError, match=r"lifecycle.new_query_model: the same model as query_model \(architecture, "
+                                          r"sizes, seed and data\): it would train the same weights again"):
+        load_config(path, parse_overrides(["lifecycle.new_query_model={name: q2, arch: query_cnn}"]))
+    with pytest.raises(ConfigError, match=r"gallery_models.h: the same model as gallery_models.g "):
+        (twins := tmp_path / "twins.yaml").write_text(GOOD.replace("[{name: g, arch: resnet}]",
+                                                                 "[{name: g, arch: resnet}, {name: h, arch: resnet}]"))
+        load_config(twins)
+    cfg = load_config(path, parse_overrides(["lifecycle.new_query_model={name: q2, arch: query_cnn, seed: 1}",
+                                             "lifecycle.add_gallery_model={name: g3, arch: vgg}"]))
+    assert (cfg.lifecycle.new_query_model.seed, cfg.lifecycle.add_gallery_model.arch) == (1, "vgg")
+
+
+@pytest.mark.parametrize("pair, said", [
+    ("train.lr=1" + "0" * 400, r"^--set train.lr: 1000.*000 is too large for a float$"),
+    ("evaluate.far=[1" + "0" * 400 + "]",
+     r"^--set evaluate.far: evaluate.far\[0\]: 1000.*000 is too large for a float$"),
+    ("evaluate.block_mb=1e303", r"^--set evaluate.block_mb must be in \(0, 1048576\], got 1e\+303$"),
+    ("train.scale=1:30.0", r"1:30.0 is ambiguous: YAML 1.1 reads it as 90 \(base 60\), YAML 1.2 as text"),
+])
+def test_numbers_a_float_cannot_hold_or_that_yaml_versions_read_apart_are_refused(tmp_path, pair, said):
+    """An integer of 401 digits where a float goes was an OverflowError traceback; evaluate.block_mb 1e303 passed,
+    then evaluate failed with `cannot convert float NaN to integer`; `1:30.0` was 90.0 (YAML 1.1's base 60), text to
+    YAML 1.2 (DVC's), where `1:30` was refused."""
+    from cmce.config import parse_overrides
+
+    with pytest.raises(ConfigError, match=said):
+        load_config(_write(tmp_path, GOOD), parse_overrides([pair]))
+
+
+def test_gate_metrics_are_spelled_as_they_are_measured(tmp_path):
+    """`TAR@FAR=1e-3` or `R@01` passed, then the gate measured both galleries and failed: not measured (the measured
+    names are `TAR@FAR=0.001` and `R@1`). Two spellings of one metric are one metric given twice."""
+    from cmce.config import parse_overrides
+
+    cfg = load_config(_write(tmp_path, GOOD), parse_overrides(['lifecycle.gate.metrics=["TAR@FAR=1e-3", R@01, MAP@R]']))
+    assert cfg.lifecycle.gate.metrics == ["TAR@FAR=0.001", "R@1", "MAP@R"]
+    with pytest.raises(ConfigError, match=r"lifecycle.gate.metrics: R@1 given twice"):
+        load_config(_write(tmp_path, GOOD), parse_overrides(["lifecycle.gate.metrics=[R@1, R@001]"]))
+
+
+def test_one_gallery_model_of_the_list_form_is_set_by_name(tmp_path):
+    """`--set gallery_models=[b, a] --set gallery_models.b.width=5` failed with "'gallery_models' is not a mapping"
+    (the other order passed); so did any `gallery_models.<name>.<key>` over a file's list form."""
+    from cmce.config import parse_overrides
+
+    two = "query_model: {name: q, arch: query_cnn}\ngallery_models: [{name: a, arch: resnet}, {name: b, arch: vgg}]\n"
+    for pairs in (["gallery_models=[b, a]", "gallery_models.b.width=5"], ["gallery_models.b.width=5"],
+                  ["gallery_models.b={width: 5}"]):
+        cfg = load_config(_write(tmp_path, two), parse_overrides(pairs))
+        assert {m.name: m.width for m in cfg.gallery_models}["b"] == 5
+    with pytest.raises(ConfigError, match=r"^--set gallery_models.c.width: no gallery model named 'c'; valid names: "
+                                          r"\['a', 'b'\]$"):
+        load_config(_write(tmp_path, two), parse_overrides(["gallery_models.c.width=5"]))

@@ -901,6 +901,25 @@ def test_a_local_run_reads_a_relative_data_path_from_the_params_folder_and_check
     assert not (tmp_path / "r").exists()
 
 
+def test_a_relative_data_path_given_with_set_is_the_working_folders_and_given_once(tmp_path, monkeypatch):
+    """`run --local --set data.path=rel` appended the launcher's own absolute data.path to the user's: the first task
+    refused `data.path` as given twice, while the launcher's check had passed. A path on the command line is the
+    working folder's; the other overrides are kept."""
+    from cmce.config import load_config, parse_overrides
+    from pipeline.cmce_pipeline import PARAMS_FILE
+
+    monkeypatch.chdir(tmp_path)
+    for given in (["--set", "data.path=rel/data"], ["--set", "data={path: rel/data, heldout_fraction: 0.25}"]):
+        run = build_parser().parse_args(["run", "--local", "--root", str(tmp_path / "r"), *given,
+                                         "--set", "train.epochs=2"])
+        overrides = _arguments(run)["overrides"]
+        assert overrides[-1] == f"data.path={tmp_path / 'rel/data'}"
+        cfg = load_config(PARAMS_FILE, parse_overrides(overrides))  # as the first task reads them
+        assert (cfg.data.path, cfg.train.epochs) == (str(tmp_path / "rel/data"), 2)
+        assert cfg.data.heldout_fraction == (0.25 if "heldout" in given[1] else load_config(PARAMS_FILE).data.
+                                             heldout_fraction)
+
+
 def test_lifecycle_inputs_missing_from_the_run_folder_are_named_before_the_run(tmp_path):
     """`--pipeline add-gallery-model --inputs-from <a run folder without gallery.parquet>` failed in its add-member
     task with a traceback, retried three times (30 s, then 60 s apart)."""

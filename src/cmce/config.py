@@ -245,7 +245,7 @@ class EvaluateConfig:
     random_repeats: int = within("[1, 1000]", 5)
     # scores are computed for blocks of queries against the whole gallery, never as one query × gallery
     # matrix: a block holds at most this many MB of float32 scores (cmce.metrics)
-    block_mb: float = within("(0, inf)", 64.0)
+    block_mb: float = within("(0, 1048576]", 64.0)  # finite: 1e303 MB overflowed to a NaN block size in evaluate
 
 
 @dataclass
@@ -337,7 +337,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         wheres = model_keys(where, value) if args[0] is ModelSpec else [f"{where}[{i}]" for i in range(len(value))]
         return [_coerce(v, args[0], w) for v, w in zip(value, wheres, strict=True)]
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of 400 digits: a traceback naming no key
+            raise ConfigError(f"{where}: {shown(value)} is too large for a float") from None
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         try:
             return float(value)
@@ -395,6 +398,12 @@ def _validate(cfg: Config, where: str, gallery_keys: list[str]) -> None:
             raise ConfigError(f"{where}: {key}.name: {m.name!r} is already the name of {seen[m.name]}; model names "
                               "must be unique")
         seen[m.name] = key
+    specs: dict[tuple, str] = {}
+    for key, m in keys:  # the same architecture, sizes, seed and data train the same weights under another name
+        if (twin := specs.get(spec := dataclasses.astuple(dataclasses.replace(m, name="")))) is not None:
+            raise ConfigError(f"{where}: {key}: the same model as {twin} (architecture, sizes, seed and data): it "
+                              "would train the same weights again; give it another seed")
+        specs[spec] = key
     students = {f"kd_{m.name}" for m in cfg.gallery_models + [cfg.lifecycle.add_gallery_model] if m is not None}
     taken = sorted(students & set(seen))
     if taken:  # models/kd_<g>.pt is the KD student of gallery model g
@@ -408,11 +417,15 @@ def _validate(cfg: Config, where: str, gallery_keys: list[str]) -> None:
     from cmce.metrics import check_metric_name
     from cmce.models import check_arch  # late import: models imports torch
 
+    named = []
     for name in cfg.lifecycle.gate.metrics:
         try:
-            check_metric_name(name)
+            named.append(check_metric_name(name))
         except KeyError as err:
             raise ConfigError(f"{where}: lifecycle.gate.metrics: {err.args[0]}") from None
+        if named[-1] in named[:-1]:
+            raise ConfigError(f"{where}: lifecycle.gate.metrics: {named[-1]} given twice")
+    cfg.lifecycle.gate.metrics = named  # as retrieval_metrics names them, so the gate finds what it measured
     for key, m in keys:
         try:
             check_arch(m.arch)
@@ -480,6 +493,10 @@ def models_as_list(raw: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
     raw = models_as_list(raw or {})
+    life = raw.get("lifecycle")
+    added = life.get("add_gallery_model") if isinstance(life, dict) else None
+    if isinstance(added, dict) and "arch" not in added:  # the query model's defaults: the query model itself
+        raise ConfigError(f"{where}: lifecycle.add_gallery_model: lacks 'arch' (a gallery model needs one)")
     cfg = _build(Config, raw, "")
     _validate(cfg, where, model_keys("gallery_models", raw.get("gallery_models")))
     # `~` as a shell reads it: pyarrow expands it when it opens a file and Python's paths do not, so a run
@@ -510,7 +527,8 @@ def path_too_long(path: str) -> str | None:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings (the --set syntax every runner uses) → {dotted key: value read as YAML}."""
-    out = {}
+    out: dict[str, Any] = {}
+    set_by: dict[str, str] = {}  # each key set, a mapping value's own keys included → the override setting it
     for pair in pairs:
         if not isinstance(pair, str) or "=" not in pair:
             raise ConfigError(f"--set expects KEY=VALUE, got {shown(pair)}")
@@ -521,7 +539,30 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             out[key.strip()] = read_yaml(value)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {shown_key(key)}: value {shown(value)} is not valid YAML: {err}") from None
+        for leaf in leaf_keys({key.strip(): out[key.strip()]}):  # `train.epochs=1` and `train={epochs: 2}`
+            if leaf in set_by:  # the last silently won
+                raise ConfigError(f"--set {shown_key(leaf)}: given twice (by --set {shown_key(set_by[leaf])} and "
+                                  f"--set {shown_key(key.strip())}); give it once")
+            set_by[leaf] = key.strip()
     return out
+
+
+def leaf_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys whose values `overrides` sets (`train={epochs: 1}` sets train.epochs, not all of train)."""
+    keys = []
+    for key, value in overrides.items():
+        keys += leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + str(key)]
+    return keys
+
+
+def dotted_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys `overrides` sets, a mapping value's own keys included (`index={type: hnsw}` sets index.type)."""
+    keys = []
+    for key, value in overrides.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, dict):
+            keys += dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
@@ -550,14 +591,31 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         check_override_key(dotted, value)
         node = raw
         *parents, leaf = dotted.split(".")
+        if parents[:1] == ["gallery_models"] and isinstance(raw.get("gallery_models"), list):
+            # the list form (a file's, or a selection's): the model named by the key's next part
+            if len(parents) == 1:  # the whole model: its mapping merged into the model's
+                model = _listed_model(raw["gallery_models"], leaf, dotted)
+                model.update(_merged(model, value))
+                continue
+            node, parents = _listed_model(raw["gallery_models"], parents[1], dotted), parents[2:]
         for p in parents:
             if node.get(p) is None:
                 node[p] = {}
             if not isinstance(node[p], dict):
-                raise ConfigError(f"override {dotted}: '{p}' is not a mapping")
+                raise ConfigError(f"--set {shown_key(dotted)}: '{p}' is not a mapping")
             node = node[p]
         node[leaf] = _merged(node.get(leaf), value)
     return raw
+
+
+def _listed_model(models: list, name: str, dotted: str) -> dict:
+    """The mapping of the gallery model `name` in the list form of gallery_models, for `--set gallery_models.<name>.
+    <key>` (was: "'gallery_models' is not a mapping", or after a selection of models, in one order of the two)."""
+    found = next((m for m in models if isinstance(m, dict) and m.get("name") == name), None)
+    if found is None:
+        names = [m.get("name") for m in models if isinstance(m, dict)]
+        raise ConfigError(f"--set {shown_key(dotted)}: no gallery model named {shown(name)}; valid names: {names}")
+    return found
 
 
 def _merged(old: Any, new: Any) -> Any:

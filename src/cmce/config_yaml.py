@@ -94,7 +94,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         node.value = merged + node.value[len(node.value) - own:]
 
 
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        """A base-60 float (`1:30.0`, YAML 1.1's 90.0) is text to YAML 1.2 (DVC's reader): refused as the base-60
+        integers are, where `1:30` was refused and `1:30.0` read as 90.0 without a word."""
+        value = super().construct_yaml_float(node)
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is ambiguous: YAML 1.1 reads it as {value:g} (base 60), YAML 1.2 as "
+                f"text; write {value:g} or '{node.value}'", node.start_mark)
+        return value
+
+
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 # YAML 1.2's octal `0o10` (PyYAML read it as text), the spelling an ambiguous `010` is told to use
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0o[0-7_]+$"), list("-+0"))
 

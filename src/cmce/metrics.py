@@ -414,15 +414,17 @@ def _fine_counts(src: Scores, ql: np.ndarray, gl: np.ndarray, families: list[Fam
 
 
 def check_metric_name(name: str) -> str:
-    """A name retrieval_metrics can produce: R@K (K ≥ 1), MAP@R or TAR@FAR=x (0 < x < 1); KeyError otherwise."""
+    """A name retrieval_metrics can produce: R@K (K ≥ 1), MAP@R or TAR@FAR=x (0 < x < 1), in the spelling it
+    produces (`R@01` is R@1, `TAR@FAR=1e-3` TAR@FAR=0.001: measured, then not found under the name given); KeyError
+    otherwise."""
     if name == "MAP@R":
         return name
-    if name.startswith("R@") and name[2:].isdigit() and int(name[2:]) >= 1:
-        return name
+    if name.startswith("R@") and name[2:].isdigit() and name[2:].isascii() and int(name[2:]) >= 1:
+        return f"R@{int(name[2:])}"
     if name.startswith("TAR@FAR="):
         try:
-            if 0.0 < float(name[len("TAR@FAR="):]) < 1.0:
-                return name
+            if 0.0 < (far := float(name[len("TAR@FAR="):])) < 1.0:
+                return f"TAR@FAR={far:g}"
         except ValueError:
             pass
     raise KeyError(f"unknown metric {name!r}; valid names: 'R@K' (K ≥ 1), 'MAP@R', 'TAR@FAR=x' (0 < x < 1)")
