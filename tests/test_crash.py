@@ -41,7 +41,7 @@ POLL_S = 0.002
 
 def temp_pattern(target: Path) -> re.Pattern:
     """Temporary names of atomic_path / atomic_dir for `target`."""
-    return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    return re.compile(rf"\.{re.escape(target.name)}\.cmce-[a-z0-9_]{{8}}\.tmp")
 
 
 def leftovers(out: Path) -> list[str]:
@@ -247,7 +247,7 @@ def test_index_left_mid_swap_is_restored_by_the_next_load_or_build(smoke_run, tm
     out = tmp_path / "index"
     build_index(lay.gallery, out, 0.0)
     old = snapshot(out)
-    half_built = tmp_path / ".index.abcdefgh.tmp"
+    half_built = tmp_path / ".index.cmce-abcdefgh.tmp"
     shutil.copytree(lay.index, half_built)
     (half_built / "meta.json").unlink()
     os.replace(out, tmp_path / ".index.old")

@@ -228,27 +228,33 @@ def _age(path, seconds: float = 2 * STALE_TEMP_AGE_S) -> None:
 
 
 def test_stale_temps_of_the_target_are_removed_young_and_foreign_ones_kept(tmp_path):
+    """Only cmce's own temporaries: a user's `.a.parquet.backup_1.tmp` (eight characters between the dots, as a
+    temporary's random part has) was deleted an hour after it was made, a folder of that name with all it held."""
     target = tmp_path / "a.parquet"
-    stale_file = tmp_path / ".a.parquet.k3x9_q0z.tmp"
-    stale_dir = tmp_path / ".a.parquet.abcdefgh.tmp"
-    young = tmp_path / ".a.parquet.young123.tmp"  # a writer that may still be running
-    other_target = tmp_path / ".b.parquet.abcdefgh.tmp"
-    longer_name = tmp_path / ".a.parquet.resume.abcdefgh.tmp"  # the temp of target a.parquet.resume
+    stale_file = tmp_path / ".a.parquet.cmce-k3x9_q0z.tmp"
+    stale_dir = tmp_path / ".a.parquet.cmce-abcdefgh.tmp"
+    young = tmp_path / ".a.parquet.cmce-young123.tmp"  # a writer that may still be running
+    other_target = tmp_path / ".b.parquet.cmce-abcdefgh.tmp"
+    longer_name = tmp_path / ".a.parquet.resume.cmce-abcdefgh.tmp"  # the temp of target a.parquet.resume
     not_ours = tmp_path / ".a.parquet.backup.tmp"
-    for p in (stale_file, young, other_target, longer_name, not_ours):
+    users_file, users_folder = tmp_path / ".a.parquet.backup_1.tmp", tmp_path / ".a.parquet.snapshot.tmp"
+    for p in (stale_file, young, other_target, longer_name, not_ours, users_file):
         p.write_bytes(b"half")
-    stale_dir.mkdir()
-    (stale_dir / "index.faiss").write_bytes(b"half")
-    for p in (stale_file, stale_dir, other_target, longer_name, not_ours):
+    for folder in (stale_dir, users_folder):
+        folder.mkdir()
+        (folder / "index.faiss").write_bytes(b"half")
+    for p in (stale_file, stale_dir, other_target, longer_name, not_ours, users_file, users_folder):
         _age(p)
     write_text(target, "new")
     assert target.read_text() == "new"
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(p.name for p in (target, young, other_target, longer_name, not_ours))
+    assert left == sorted(p.name for p in (target, young, other_target, longer_name, not_ours, users_file,
+                                           users_folder))
+    assert (users_folder / "index.faiss").read_bytes() == b"half"
 
 
 def test_a_stale_temp_folder_with_a_file_still_being_written_is_kept(tmp_path):
-    tmp_dir = tmp_path / ".index.abcdefgh.tmp"
+    tmp_dir = tmp_path / ".index.cmce-abcdefgh.tmp"
     tmp_dir.mkdir()
     (tmp_dir / "index.faiss").write_bytes(b"growing")
     _age(tmp_dir)
@@ -262,7 +268,7 @@ def test_a_stale_temp_folder_with_a_file_still_being_written_is_kept(tmp_path):
 def _kill_between_the_two_renames(target):
     """What a run killed inside atomic_dir's swap leaves: the old folder moved aside, the new one
     still under its temporary name, nothing at the target."""
-    new = target.with_name(f".{target.name}.abcdefgh.tmp")
+    new = target.with_name(f".{target.name}.cmce-abcdefgh.tmp")
     new.mkdir()
     (new / "x").write_text("new, never swapped in")
     os.replace(target, target.with_name(f".{target.name}.old"))
@@ -281,7 +287,7 @@ def test_next_atomic_dir_restores_a_folder_left_mid_swap_and_keeps_it_if_the_wri
     with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("newer")
     assert (target / "x").read_text() == "newer"
-    _age(tmp_path / ".d.abcdefgh.tmp")
+    _age(tmp_path / ".d.cmce-abcdefgh.tmp")
     with atomic_dir(target, OWN) as tmp:
         (tmp / "x").write_text("newest")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -410,11 +410,11 @@ def test_a_store_a_stop_interrupts_while_it_is_made_is_not_left_half_made(tmp_pa
 
 
 def test_a_store_left_half_made_by_a_kill_is_removed_by_the_next_making(tmp_path):
-    """SIGKILL while a store was made aside: its `.new.db.XXXXXXXX.tmp` stayed, also after a retry made the store."""
+    """SIGKILL while a store was made aside: its `.new.db.cmce-XXXXXXXX.tmp` stayed, also after a retry made the store."""
     import os
     import time
 
-    stale = tmp_path / ".new.db.5e306064.tmp"
+    stale = tmp_path / ".new.db.cmce-5e306064.tmp"
     stale.write_bytes(b"SQLite format 3\x00 half migrated")
     old = time.time() - 3600
     os.utime(stale, (old, old))

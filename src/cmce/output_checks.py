@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from cmce import s3
 from cmce.storage import check_replaceable, is_remote, open_regular, refuse_foreign, scratch_dir
 
-# bytes of an output's own name: its temporary (`.<name>.XXXXXXXX.tmp`) must fit the usual 255-byte limit too
+# bytes of an output's own name: its temporary (`.<name>.cmce-XXXXXXXX.tmp`) must fit the usual 255-byte limit too
 MAX_NAME_BYTES = 200
 
 

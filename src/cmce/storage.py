@@ -60,14 +60,24 @@ def _newest_mtime(path: Path) -> float:
     return max(times)
 
 
+# what marks a temporary name as cmce's own (`.<name>.cmce-XXXXXXXX.tmp`): without it, a user's `.x.backup_1.tmp`
+# (a folder too) beside output x matched, and the next write deleted it once it was an hour old
+TEMP_MARK = "cmce-"
+
+
+def temp_prefix(target: Path) -> str:
+    """The prefix of a temporary file or folder written for `target` (mkstemp/mkdtemp add 8 characters)."""
+    return f".{target.name}.{TEMP_MARK}"
+
+
 def clean_stale_temps(target: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
     """Remove temporary files and folders that a killed writer of `target` left behind: only names of
-    our own pattern (`.<name>.XXXXXXXX.tmp`) for this target, untouched for `max_age_s` (younger ones
+    our own pattern (`.<name>.cmce-XXXXXXXX.tmp`) for this target, untouched for `max_age_s` (younger ones
     may belong to a writer still running). Returns what was removed."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    pattern = re.compile(rf"{re.escape(temp_prefix(target))}[a-z0-9_]{{8}}\.tmp")
     now, removed = time.time(), []
     for p in target.parent.iterdir():
         if not pattern.fullmatch(p.name):
@@ -128,7 +138,8 @@ def _discard_dir(path: Path) -> None:
     leaves a stale temporary folder (cleaned later), never a half-deleted `.old`."""
     if not path.exists():
         return
-    trash = Path(tempfile.mkdtemp(prefix=path.name.removesuffix(".old") + ".", suffix=".tmp", dir=path.parent))
+    trash = Path(tempfile.mkdtemp(prefix=temp_prefix(path.with_name(path.name.removesuffix(".old")[1:])),
+                                  suffix=".tmp", dir=path.parent))
     os.replace(path, trash)  # onto the empty folder just made
     shutil.rmtree(trash, ignore_errors=True)
     if trash.exists():  # a file in it that may not be deleted (immutable, a read-only mount): said, not left unsaid
@@ -157,7 +168,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     made = make_parents(target)
     clean_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -346,7 +357,7 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
         remove_if_empty(made)
         raise
     clean_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         with named_on_failure(target):
             yield tmp

@@ -190,10 +190,10 @@ STORE_MAKING_S = 600.0  # far longer than MLflow's migrations take: an older sto
 def _make_store_whole(store: Path) -> None:
     """A new sqlite store made aside (MLflow's migrations take seconds) and linked into place once whole: a SIGTERM
     while they ran left a half-migrated store, exit 143. Another process that made it first keeps its store."""
-    from cmce.storage import clean_stale_temps
+    from cmce.storage import clean_stale_temps, temp_prefix
 
     clean_stale_temps(store, max_age_s=STORE_MAKING_S)  # a killed maker's (SIGKILL runs no cleanup)
-    tmp = store.with_name(f".{store.name}.{secrets.token_hex(4)}.tmp")
+    tmp = store.with_name(f"{temp_prefix(store)}{secrets.token_hex(4)}.tmp")
     try:
         mlflow_client(f"sqlite:///{tmp}", create=True).search_experiments(max_results=1)  # the tables, all migrations
         _close_engines(f"sqlite:///{tmp}")  # no connection of this process may hold the file as another name
