@@ -643,16 +643,16 @@ def test_a_key_set_twice_in_two_spellings_is_refused():
 
 def test_an_added_gallery_model_needs_an_arch_and_no_model_is_another_under_a_new_name(tmp_path):
     """lifecycle.add_gallery_model without arch was the query model's architecture with its defaults: the model
-    `add-gallery-model` trained was the query model itself, tensor for tensor, exit 0. Two models of the same spec
-    (all but the name) train the same weights: refused naming both."""
+    `add-gallery-model` trained was the query model itself, tensor for tensor, exit 0. Two models a run trains of the
+    same spec (all but the name) train the same weights: refused naming both."""
     from cmce.config import parse_overrides
 
     path = _write(tmp_path, GOOD)
     with pytest.raises(ConfigError, match=r"lifecycle.add_gallery_model: lacks 'arch' \(a gallery model needs one\)"):
         load_config(path, parse_overrides(["lifecycle.add_gallery_model.name=g3"]))
-    with pytest.raises(ConfigError, match=r"lifecycle.new_query_model: the same model as query_model \(architecture, "
+    with pytest.raises(ConfigError, match=r"gallery_models.g: the same model as query_model \(architecture, "
                                           r"sizes, seed and data\): it would train the same weights again"):
-        load_config(path, parse_overrides(["lifecycle.new_query_model={name: q2, arch: query_cnn}"]))
+        load_config(path, parse_overrides(["gallery_models=[{name: g, arch: query_cnn}]"]))
     with pytest.raises(ConfigError, match=r"gallery_models.h: the same model as gallery_models.g "):
         (twins := tmp_path / "twins.yaml").write_text(GOOD.replace("[{name: g, arch: resnet}]",
                                                                  "[{name: g, arch: resnet}, {name: h, arch: resnet}]"))

@@ -410,7 +410,8 @@ def test_a_store_a_stop_interrupts_while_it_is_made_is_not_left_half_made(tmp_pa
 
 
 def test_a_store_left_half_made_by_a_kill_is_removed_by_the_next_making(tmp_path):
-    """SIGKILL while a store was made aside: its `.new.db.cmce-XXXXXXXX.tmp` stayed, also after a retry made the store."""
+    """SIGKILL while a store was made aside: its `.new.db.cmce-XXXXXXXX.tmp` stayed, also after a retry made the
+    store."""
     import os
     import time
 

@@ -399,7 +399,9 @@ def _validate(cfg: Config, where: str, gallery_keys: list[str]) -> None:
                               "must be unique")
         seen[m.name] = key
     specs: dict[tuple, str] = {}
-    for key, m in keys:  # the same architecture, sizes, seed and data train the same weights under another name
+    # the models every run trains (the lifecycle's are trained only by their steps, which refuse a model the gallery
+    # holds): the same architecture, sizes, seed and data train the same weights under another name
+    for key, m in keys[:1 + len(cfg.gallery_models)]:
         if (twin := specs.get(spec := dataclasses.astuple(dataclasses.replace(m, name="")))) is not None:
             raise ConfigError(f"{where}: {key}: the same model as {twin} (architecture, sizes, seed and data): it "
                               "would train the same weights again; give it another seed")
