@@ -150,9 +150,25 @@ def config_or_error(parser: argparse.ArgumentParser, path: str, overrides: dict 
     """cmce.config.load_config(path, --set options + `overrides`), or the parser's one-line error (exit 2) naming
     what is wrong: a missing file, an unknown key, a value out of range, a key given twice. `flags` names the
     benchmark's flag an override came from (`{"output_dir": "--out"}`), which a bad value is blamed on."""
-    from cmce.config import load_config, parse_overrides
+    from cmce.config import leaf_keys, load_config, parse_overrides
 
     try:
-        return load_config(path, {**parse_overrides(list(sets)), **(overrides or {})}, flags)
+        given = parse_overrides(list(sets))
+        for key in leaf_keys(given):  # the benchmark's own setting won without a word (`--set kd.enabled=false`)
+            if clash := next((k for k in overrides or {} if key == k or key.startswith(f"{k}.")), None):
+                by = f"its flag {flags[clash]}" if flags and clash in flags else f"{clash}={overrides[clash]}"
+                parser.error(f"--set {key}: this benchmark sets {clash} itself ({by})")
+        return load_config(path, {**given, **(overrides or {})}, flags)
     except ValueError as err:  # ConfigError is a ValueError
+        parser.error(one_line(err))
+
+
+def device_or_error(parser: argparse.ArgumentParser, name: str, flag: str = "--device"):
+    """cmce.device.select(name), or the parser's one-line error (exit 2): `--device cuda` on a machine without
+    CUDA was a DeviceError traceback."""
+    from cmce import device as devices
+
+    try:
+        return devices.select(name, flag)
+    except ValueError as err:  # DeviceError is a ValueError
         parser.error(one_line(err))

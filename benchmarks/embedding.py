@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import logging
+import shlex
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import torch
 from PIL import Image
 
 from benchmarks.args import comma_list, config_or_error, non_negative_int, positive_int, thread_counts
-from benchmarks.report import ROOT, write_section
+from benchmarks.report import ROOT, config_shown, write_section
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.config import ModelSpec
 from cmce.data.codec import to_float
@@ -136,13 +137,16 @@ def throughput(cfg, work: Path, n: int, repeats: int, workers: list[int], thread
     return rows
 
 
+# the step's own peak (VmHWM: ru_maxrss is kept across exec, and reported this benchmark's own peak, 1 GB, for every
+# row); a decode worker's from ru_maxrss of the children, which fork from the step (no exec)
 PEAK_RSS_CHILD = """
 import resource, sys
+from benchmarks.memory import peak_rss_mb
 from cmce.embed import embed_with_model
 from cmce.checkpoint import load_embedding_model
 d, g, t, q, out, batch, workers = sys.argv[1:]
 embed_with_model(d, g, t, load_embedding_model(q).sha256, out, "test", int(batch), workers=int(workers))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(round(peak_rss_mb() * 1024), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
@@ -300,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="cmce-bench-") as tmp:
         work = Path(tmp)
-        body = [f"Config `{Path(args.config).name}`: {cfg.data.image_size}×{cfg.data.image_size}×{cfg.data.channels} "
+        size = f"{cfg.data.image_size}×{cfg.data.image_size}×{cfg.data.channels}"
+        body = [f"Config `{config_shown(args.config)}`: {size} "
                 f"images, inference batch {cfg.batch_size}. Random weights, synthetic PNGs.", "",
                 f"### Embedding throughput, {args.throughput_images:,} images (median of {args.repeats})", ""]
         body += throughput(cfg, work, args.throughput_images, args.repeats, workers, args.threads)
@@ -318,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         command += " --workers " + ",".join(map(str, args.workers))
     if args.threads != thread_counts("ALL,1"):
         command += " --threads " + ",".join(map(str, args.threads))
+    if args.config != p.get_default("config"):  # another config: the command without it measured params.yaml
+        command += f" --config {shlex.quote(config_shown(args.config))}"
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:

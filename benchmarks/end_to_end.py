@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from benchmarks.args import config_or_error, config_override, int_in, positive_int
+from benchmarks.args import config_or_error, config_override, device_or_error, int_in, positive_int
 from benchmarks.report import ROOT, config_shown, write_section
 from cmce import device as devices
 from cmce.data.schema import DATASET_SCHEMA
@@ -105,6 +106,10 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     args = p.parse_args(argv)
     if args.images < 2 * args.classes:  # leave-one-out: a query needs another image of its class
         p.error(f"--images {args.images} is less than two a class (--classes {args.classes})")
+    out = Path(args.out)
+    if out.is_dir() and (left := next(out.rglob("*.resume"), None)):  # training would resume: its epochs untimed
+        p.error(f"--out {args.out}: holds the resume state of an interrupted run ({left.relative_to(out)}); the "
+                "epochs it kept would not be timed: remove it, or give another folder")
     return args
 
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = config_or_error(p, args.config, {"output_dir": args.out, "device": args.device}, args.set,
                          flags={"output_dir": "--out", "device": "--device"})
-    device = devices.select(cfg.device, "--device")
+    device = device_or_error(p, cfg.device)
     lay = RunLayout(Path(args.out))
     started = time.perf_counter()
     synthetic_disjoint_dataset(lay.dataset, args.images, args.classes, cfg.data.image_size)
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = run_all(cfg, prepare=False)
     wall = time.perf_counter() - started
     n = len(cfg.gallery_models)
-    body = [f"Config `{config_shown(args.config)}`{''.join(f' --set {s}' for s in args.set)}: {args.images:,} "
+    sets = "".join(f" --set {shlex.quote(s)}" for s in args.set)
+    body = [f"Config `{config_shown(args.config)}`{sets}: {args.images:,} "
             f"synthetic {cfg.data.image_size}-px grey images in {args.classes:,} classes (class-disjoint: half "
             f"train, half test), {n} gallery models, KD {'on' if cfg.kd.enabled else 'off'}, "
             f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}; device {devices.describe(device)}.", "",
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.end_to_end" + "".join(
         f" --{k} {v}" for k, v in vars(args).items() if k in ("images", "classes", "device") and v != p.get_default(k))
     command += "" if args.config == p.get_default("config") else f" --config {config_shown(args.config)}"
-    command += "".join(f" --set {s}" for s in args.set)
+    command += "".join(f" --set {shlex.quote(s)}" for s in args.set)
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")
     else:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from benchmarks.args import comma_list, int_in, non_negative_int, positive_int
+from benchmarks.args import comma_list, device_or_error, int_in, non_negative_int, positive_int
+from benchmarks.memory import peak_rss_mb
 from benchmarks.report import ROOT, write_section
 from cmce import device as devices
 
@@ -53,49 +53,63 @@ def embeddings(n: int, dim: int, per_class: int, seed: int = 0):
 
 def run_method(method: str, n: int, dim: int, per_class: int, repeats: int, device: str) -> dict:
     """In this process: time `method` `repeats` times on n items; its results and this process's peak RSS."""
-    import numpy as np
 
     x, labels = embeddings(n, dim, per_class)
     dev = devices.select(device)
+    call = _metric_call(method, x, labels, dev)  # its libraries imported here, not timed
+    call(x[: min(n, 64)], labels[: min(n, 64)])  # a warm-up: the first call pays for lazy set-up (CUDA's included)
     times, result = [], {}
     for _ in range(repeats):
         started = time.perf_counter()
-        if method == "pml":
-            import torch
-            from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
-            calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
-                                      device=dev)
-            out = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels), ref_includes_query=True)
-            result = {"R@1": out["precision_at_1"], "MAP@R": out["mean_average_precision_at_r"]}
-        elif method == "dense":
-            sys.path.insert(0, str(ROOT))
-            from tests.dense_oracle import retrieval_metrics, score_matrix
-
-            result = retrieval_metrics(score_matrix(x, x, np.arange(n)), labels, labels)
-        else:
-            from cmce.config import EvaluateConfig
-            from cmce.evaluate import measure_with_rejection
-            from cmce.metrics import retrieval_metrics
-            from cmce.scores import InnerProducts
-
-            scores = InnerProducts(x, x, np.arange(n), device=dev)
-            if method == "cmce_knn":
-                result = retrieval_metrics(scores, labels, labels, fars=[])
-            elif method == "cmce_all":
-                result = retrieval_metrics(scores, labels, labels)
-            else:
-                uncertainty = np.random.default_rng(1).random(n)
-                result = measure_with_rejection(scores, labels, labels, uncertainty, EvaluateConfig(), 0)[0]
+        result = call(x, labels)
         times.append(time.perf_counter() - started)
-    return {"seconds": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "R@1": result["R@1"], "MAP@R": result["MAP@R"]}
+    return {"seconds": times, "peak_rss_mb": peak_rss_mb(), "R@1": result["R@1"], "MAP@R": result["MAP@R"]}
+
+
+def _metric_call(method: str, x, labels, dev):  # noqa: ANN001, ANN202 - numpy arrays and a torch device in, a call out
+    """`method` as a call (embeddings, labels) → {"R@1", "MAP@R", ...}, scoring the items against themselves."""
+    import numpy as np
+
+    if method == "pml":
+        import torch
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
+                                  device=dev)
+
+        def pml(x, labels):  # noqa: ANN001, ANN202
+            out = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels), ref_includes_query=True)
+            return {"R@1": out["precision_at_1"], "MAP@R": out["mean_average_precision_at_r"]}
+        return pml
+    if method == "dense":
+        sys.path.insert(0, str(ROOT))
+        from tests.dense_oracle import retrieval_metrics, score_matrix
+
+        return lambda x, labels: retrieval_metrics(score_matrix(x, x, np.arange(len(x))), labels, labels)
+    from cmce.config import EvaluateConfig
+    from cmce.evaluate import measure_with_rejection
+    from cmce.metrics import retrieval_metrics
+    from cmce.scores import InnerProducts
+
+    def cmce(x, labels):  # noqa: ANN001, ANN202
+        scores = InnerProducts(x, x, np.arange(len(x)), device=dev)
+        if method == "cmce_knn":
+            return retrieval_metrics(scores, labels, labels, fars=[])
+        if method == "cmce_all":
+            return retrieval_metrics(scores, labels, labels)
+        uncertainty = np.random.default_rng(1).random(len(x))
+        return measure_with_rejection(scores, labels, labels, uncertainty, EvaluateConfig(), 0)[0]
+    return cmce
 
 
 def in_child(method: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.evaluation", "--child", method, "--sizes", str(n), "--dim", str(args.dim),
            "--per-class", str(args.per_class), "--repeats", str(args.repeats), "--device", args.device]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if res.returncode:  # a CalledProcessError traceback, the child's reason swallowed
+        reason = next((line for line in reversed(res.stderr.splitlines()) if line.strip()), "no message")
+        raise SystemExit(f"benchmarks.evaluation: {METHODS[method]} at {n:,} items failed (exit {res.returncode}): "
+                         f"{reason.strip()}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -141,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(json.dumps(run_method(args.child, sizes[0], args.dim, args.per_class, args.repeats,
                                                args.device)) + "\n")
         return
+    device_or_error(p, args.device)  # here, not in each measuring process
     started = time.time()
     results = {}
     for n in sizes:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.args import config_or_error, non_negative_int, positive_int
+from benchmarks.args import config_or_error, non_negative_int, one_line, positive_int
 from benchmarks.report import LOG_FORMAT, ROOT, config_shown, write_section
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
 from cmce.export import OnnxQueryModel, RawPixels, to_onnx
@@ -111,9 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = ["| architecture | input | parameters | ONNX (KiB) | torch ms/img @1 | onnxruntime ms/img @1 | "
             "speed-up @1 | torch ms/img @64 | onnxruntime ms/img @64 | speed-up @64 | max abs diff |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    try:  # a missing or broken checkpoint was a CheckpointError traceback
+        query = load_embedding_model(args.query_model) if args.query_model else None
+    except (ValueError, OSError) as err:
+        ap.error(f"--query-model {args.query_model}: {one_line(err)}")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.query_model:
-            rows.append(measure(load_embedding_model(args.query_model), Path(tmp), args.repeats))
+        if query is not None:
+            rows.append(measure(query, Path(tmp), args.repeats))
         else:
             for arch in args.archs or arch_names():
                 try:

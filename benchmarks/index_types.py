@@ -1,6 +1,6 @@
 """Index types on a synthetic clustered gallery: build time, memory, QPS at batch 1 and 1000, recall@10 vs exact.
 
-    python benchmarks/index_types.py [--n 1000000] [--threads 1,2] [--no-write]
+    python -m benchmarks.index_types [--n 1000000] [--threads 1,2] [--no-write]
 
 The gallery: unit vectors around random unit centres (about 1000 items per cluster, lognormal cluster
 sizes), with anisotropic gaussian noise (variances decaying as 1/i along a random basis, noise norm 0.75,
@@ -8,7 +8,7 @@ so an item's cosine to its centre is about 0.8); the queries come from the same 
 so they are never gallery points. Every index is built with the library's defaults (cmce.index.make_index)
 unless a flag overrides a parameter; exact search (IndexFlatIP) runs in the same process as the baseline
 and gives the ground truth for recall@10. QPS are medians over --repeats runs. Prints a Markdown table and
-writes it, dated, to BENCHMARKS.md (in place of the section of the same gallery size, else at the end).
+writes it, dated, to BENCHMARKS.md (in place of its earlier section, else at the end).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from benchmarks.args import comma_list, int_in, one_of, positive_int, random_seed
+from benchmarks.memory import reset_peak_rss, rss_mb
 from benchmarks.report import LOG_FORMAT, ROOT, write_section
 from cmce.config import HnswConfig, IndexConfig, IvfPqConfig, range_of
 from cmce.index import INDEX_TYPES, make_index, set_search_params
@@ -59,23 +60,6 @@ def clustered_unit_vectors(n: int, n_queries: int, dim: int = 128, seed: int = 0
         return out
 
     return draw(n), draw(n_queries)
-
-
-def rss_mb(field_name: str = "VmRSS") -> float:
-    """Resident (VmRSS) or peak resident (VmHWM) memory of this process in MiB, from /proc."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM so the next peak is this build's (Linux clear_refs); False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -201,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int_in(range_of(cls, name)), default=None,
                        help="override the library default")
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"),
-                   help="file the dated section is written to, in place of the section of the same title (gallery "
-                        "size and dimension), else at the end")
+                   help="file the dated section is written to, in place of its earlier one, else at the end")
     p.add_argument("--no-write", action="store_true", help="only print the table")
     return p
 
@@ -239,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     body = [
         f"faiss {faiss.__version__}; load average {load:.1f} at start: the cores may be shared with other work, "
         f"which hurts multi-threaded OpenMP most; data generation {gen_s:.0f} s.",
-        f"Synthetic clustered unit vectors (`clustered_unit_vectors` in the script: ~1000 items per gaussian "
+        f"{args.n:,} synthetic clustered unit vectors of dimension {args.dim} (`clustered_unit_vectors` in the "
+        "script: ~1000 items per gaussian "
         f"cluster, anisotropic noise); {args.queries} queries from the same clusters, not gallery points. "
         f"QPS: medians of {args.repeats} runs (batch 1: {args.batch1_queries} queries one at a time); builds use "
         f"{max(threads)} threads. recall@{K}: overlap with exact top-{K}. Index MiB: the written index.faiss. "
@@ -250,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         *lines,
         *(["", verdict] if verdict else []),
     ]
-    write_section(f"Index types at {args.n:,} × {args.dim}", command.strip(), body, time.time() - started,
+    # one section whatever the size: a run at another size added a second one for good
+    write_section("Index types", command.strip(), body, time.time() - started,
                    Path(args.markdown), write=not args.no_write)
     return 0
 

@@ -43,7 +43,10 @@ def parse_try(text: str) -> dict[str, object]:
         if not sep or not key.strip():
             raise ValueError(f"--try {text!r}: expected KEY=VALUE[,KEY=VALUE] of transform settings, "
                              "e.g. weight_decay=0.1")
-        change[key.strip()] = yaml.safe_load(value)
+        try:
+            change[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:  # `lam=[1`: a 52-line parser traceback
+            raise ValueError(f"--try {text!r}: {key.strip()}: {value!r} is not valid YAML: {err}") from None
     return change
 
 

@@ -2,7 +2,7 @@
 the given input sizes (torch.utils.flop_counter, a multiply-add counts 2 FLOPs), as embedding models
 (backbone + linear head to --dim).
 
-    python -m benchmarks.model_size [--config params.yaml] [--sizes 28 96 128 224] [--dim 128]
+    python -m benchmarks.model_size [--config params.yaml] [--sizes 28 96 128 224] [--dim 128] [--no-write]
 
 Widths come from the config's model of that architecture, else --width (ImageNet backbones have a fixed
 width). Channels from the config's data section. Prints a Markdown table and writes it to BENCHMARKS.md (in place
@@ -12,6 +12,7 @@ of its previous section).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sizes", type=int_in(range_of(DataConfig, "image_size")), nargs="+", default=[28, 96, 128, 224])
     ap.add_argument("--dim", type=int_in(range_of(ModelSpec, "embedding_dim")), default=128)
     ap.add_argument("--width", type=int_in(range_of(ModelSpec, "width")), default=16)
+    ap.add_argument("--no-write", action="store_true", help="print only, do not write BENCHMARKS.md")
     return ap
 
 
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         *rows,
     ]
     write_section("Model size and FLOPs per architecture", " ".join(["python -m benchmarks.model_size", *(
-        argv if argv is not None else sys.argv[1:])]), body, time.perf_counter() - started)
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")]), body,
+        time.perf_counter() - started, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     started = time.time()
-    lifted = str(2 * args.clients * (8 << 20))  # room for every body at once
+    # room for every body at once, and never below the default (2 clients' room was the default itself)
+    lifted = str(max(2 * args.clients * (8 << 20), 2 * (32 << 20)))
     settings = (("default (4 × --max-body-bytes = 32 MiB)", []), (f"lifted ({lifted} bytes)",
                                                                    ["--max-bodies-bytes", lifted]))
     rows = []

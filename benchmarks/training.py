@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.args import config_or_error, positive_int
+from benchmarks.args import config_or_error, device_or_error, positive_int
 from benchmarks.report import add_config_options, config_shown, write_section
 from cmce import device as devices
 from cmce.config import ModelSpec, TrainConfig
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_error(p, args.config, sets=args.set)
     if args.images < cfg.train.batch_size:  # the loops drop the last partial batch: no step would be timed
         p.error(f"--images {args.images} is less than one batch (train.batch_size {cfg.train.batch_size})")
-    device = devices.select(args.device, "--device")
+    device = device_or_error(p, args.device)
     started = time.time()
     augmentation = ("on, mirroring too" if cfg.data.hflip else "on, no mirroring") if cfg.train.augment else "off"
     body = [f"Config `{config_shown(args.config)}`: {cfg.data.image_size}×{cfg.data.image_size}×{cfg.data.channels} "
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         f" --{k} {v}" for k, v in vars(args).items() if k in ("images", "epochs", "repeats", "device")
         and v != p.get_default(k)) + ("" if args.config == p.get_default("config") else
                                       f" --config {config_shown(args.config)}") + "".join(
-        f" --set {s}" for s in args.set)
+        f" --set {shlex.quote(s)}" for s in args.set)
     title = f"Training loop throughput ({device.type})"
     if args.no_write:
         sys.stdout.write("\n".join(body) + "\n")

@@ -2,7 +2,7 @@
 new query model on 100 %, upgrade (refit transformations from stored embeddings, gallery images
 unread), and compare Recall@1 / MAP@R before and after for ensemble sizes 1..N.
 
-    python -m benchmarks.upgrade [--config params.yaml] [--out runs/bench_upgrade]
+    python -m benchmarks.upgrade [--config params.yaml] [--out runs/bench_upgrade] [--no-write]
 
 Prints a Markdown table and writes it, dated, to BENCHMARKS.md (in place of its previous section).
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.args import config_or_error
-from benchmarks.report import LOG_FORMAT, ROOT, write_section
+from benchmarks.report import LOG_FORMAT, ROOT, config_shown, write_section
 from cmce import stages
 from cmce.evaluate import EvalInputs, evaluate
 from cmce.layout import RunLayout
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_upgrade"))
+    p.add_argument("--no-write", action="store_true", help="print only, do not write BENCHMARKS.md")
     return p
 
 
@@ -70,8 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     body = ["Before: query and gallery models trained on 50 % of the train split. After: a new query model on "
             "100 %, transformations refitted from the stored raw train embeddings, gallery re-transformed from "
             "its stored raw embeddings (no gallery image read). Test split, leave-one-out; values in %.", "", *rows]
+    # the config as the project root reaches it (its file name alone was no path from there)
     write_section("Query-model upgrade without gallery images",
-                   f"python -m benchmarks.upgrade --config {Path(args.config).name}", body, time.time() - started)
+                   f"python -m benchmarks.upgrade --config {shlex.quote(config_shown(args.config))}", body,
+                   time.time() - started, write=not args.no_write)
 
 if __name__ == "__main__":
     main()

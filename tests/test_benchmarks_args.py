@@ -23,6 +23,7 @@ from benchmarks import (
     upgrade,
 )
 from benchmarks.args import comma_list, float_in, int_in, one_of, positive_int, thread_counts
+from tests.conftest import SMOKE
 
 LEVERS_REQUIRED = ["--run", "runs/bench_method/seed0", "--try", "lam=0.1"]
 
@@ -200,3 +201,81 @@ def test_a_bad_out_is_blamed_on_out_not_on_set(module, capsys):
     assert exit_.value.code == 2
     last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
     assert "--out" in last and "--set" not in last, last
+
+
+SMALL_END_TO_END = ["--images", "400", "--classes", "40", "--no-write", "--set", "train.epochs=1", "--set",
+                    "kd.epochs=1", "--set", "transform.epochs=1", "--set", "train.batch_size=64"]
+
+
+def test_a_set_of_what_the_benchmark_sets_itself_is_refused(tmp_path, capsys):
+    """`method --set kd.enabled=false` ran with KD on, `end_to_end --set device=cpu` on `auto`, while the recorded
+    command showed the --set: the benchmark's own setting won without a word."""
+    small = [*SMALL_END_TO_END, "--out", str(tmp_path / "e2e")]  # what a regression would run: seconds
+    for module, argv, said in ((method, ["--config", str(SMOKE), "--seeds", "0", "--ablations", "", "--out",
+                                         str(tmp_path / "m"), "--no-write", "--set", "kd.enabled=false"],
+                                "--set kd.enabled: this benchmark sets kd.enabled itself (kd.enabled=True)"),
+                               (end_to_end, [*small, "--set", "device=cpu"],
+                                "--set device: this benchmark sets device itself (its flag --device)")):
+        with pytest.raises(SystemExit) as exit_:
+            module.main(argv)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.rstrip("\n").splitlines()[-1].endswith(said)
+
+
+def test_a_device_this_machine_lacks_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """`--device cuda` without CUDA: a DeviceError traceback (training, end_to_end), a CalledProcessError with the
+    child's reason swallowed (evaluation)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for module, argv in ((training, ["--device", "cuda", "--no-write"]),
+                         (evaluation, ["--device", "cuda", "--sizes", "10", "--repeats", "1", "--no-write"])):
+        with pytest.raises(SystemExit) as exit_:
+            module.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert "--device: cuda was asked for, but torch sees no CUDA device" in err.splitlines()[-1]
+
+
+def test_end_to_end_refuses_an_out_an_interrupted_run_would_resume_from(tmp_path, capsys):
+    """A rerun into the folder of an interrupted one resumed its training (`vgg epoch 2/4`): the epochs it kept were
+    never timed, under a headline of every model's time."""
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    (tmp_path / "run" / "models" / "vgg.pt.resume").write_bytes(b"state")
+    with pytest.raises(SystemExit) as exit_:
+        end_to_end.main([*SMALL_END_TO_END, "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert "holds the resume state of an interrupted run (models/vgg.pt.resume)" in capsys.readouterr().err
+
+
+def test_a_measuring_process_reports_its_own_peak_memory_not_its_parents(tmp_path):
+    """getrusage's ru_maxrss is kept across exec: the embedding benchmark's step, started by a benchmark that had
+    touched 1 GB, reported 1 GB for every gallery size. VmHWM is the process's own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from benchmarks.report import ROOT
+
+    ballast = np.ones(400 << 20 >> 3)  # 400 MiB touched here
+    probe = ("import resource; from benchmarks.memory import peak_rss_mb; "
+             "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                                               text=True, check=True).stdout.split())
+    assert ballast.sum() > 0 and own < 200  # a bare interpreter
+    assert inherited >= 400 or own < inherited  # what the benchmark printed before (where the kernel keeps it)
+
+
+def test_model_size_and_upgrade_print_without_writing_when_asked(tmp_path, monkeypatch, capsys):
+    """They always replaced their BENCHMARKS.md section: no --no-write (a smoke run replaced the committed table)."""
+    import benchmarks.report as report
+
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text("# Benchmarks\n")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report.write_section, "__defaults__", (bench, True))
+    model_size.main(["--sizes", "28", "--dim", "16", "--width", "4", "--no-write"])
+    assert "## Model size and FLOPs per architecture" in capsys.readouterr().out
+    assert bench.read_text() == "# Benchmarks\n"
+    assert parse(upgrade, ["--no-write"]).no_write

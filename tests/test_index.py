@@ -309,7 +309,12 @@ def test_benchmark_runs_tiny_and_appends_its_section(tmp_path):
     assert main(["--n", "3000", "--dim", "16", "--queries", "40", "--batch1-queries", "5", "--repeats", "1",
                  "--threads", "1", "--markdown", str(bench)]) == 0
     text = bench.read_text()
-    assert text.startswith(before + "\n## Index types at 3,000 × 16")  # appended, the rest untouched
+    assert text.startswith(before + "\n## Index types — ")  # appended, the rest untouched
+    assert "3,000 synthetic clustered unit vectors of dimension 16" in text
+    assert main(["--n", "2000", "--dim", "16", "--queries", "40", "--batch1-queries", "5", "--repeats", "1",
+                 "--threads", "1", "--markdown", str(bench)]) == 0
+    text = bench.read_text()  # another size replaces the section: one current section per benchmark
+    assert text.count("## Index types") == 1 and "2,000 synthetic" in text and "3,000 synthetic" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
     assert [r.split()[1] for r in rows] == ["flat", "ivfpq", "hnsw"]
     assert rows[0].endswith("| 1.0 | 1.0 | 1.0000 |")  # the baseline against itself
