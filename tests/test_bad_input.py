@@ -4308,3 +4308,23 @@ def test_a_gallery_that_is_no_parquet_is_named_by_the_index_check_of_a_lifecycle
     fails(caplog, ["upgrade-query-model", "--config", SMOKE, "--dataset", world.dataset, "--gallery", bad,
                    "--query-model", world.query, "--train-embeddings", world.members[0], "--transforms-out",
                    tmp_path / "t", "--out", out, "--index-out", tmp_path / "index"], out, f"{bad}: ")
+
+
+def test_inputs_larger_than_they_can_be_are_refused_unread(world, tmp_path, caplog):
+    """A checkpoint or a query image padded to gigabytes (sparse here) was read whole into memory before anything
+    looked at it: 21 GB resident for a 20 GB `--query-model`, 8.7 GB for an 8 GB `--images` file, then the hits."""
+    from cmce.checkpoint import MAX_CHECKPOINT_BYTES
+    from cmce.data import codec
+
+    big = tmp_path / "q.pt"
+    shutil.copyfile(world.query, big)
+    os.truncate(big, MAX_CHECKPOINT_BYTES + 1)
+    out = tmp_path / "q.onnx"
+    fails(caplog, ["export-query", "--query-model", big, "--out", out], out,
+          f"{big}: a file of {MAX_CHECKPOINT_BYTES + 1:,} bytes, more than a checkpoint of the largest model cmce "
+          "builds can be", "refused unread")
+    image = tmp_path / "big.png"
+    Image.new("L", (8, 8)).save(image)
+    os.truncate(image, codec._max_pixels * 8 + (16 << 20) + 1)
+    fails(caplog, ["search", "--index", world.index, "--query-model", world.query, "--images", image],
+          tmp_path / "unused", f"{image}: a file of", "refused unread")

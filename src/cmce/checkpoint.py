@@ -7,6 +7,7 @@ import errno
 import hashlib
 import io
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ def save_torch(obj: dict[str, Any], path: str | Path) -> None:
             raise NotWritten(f"{path}: not written: {first_line(err)} (is the disk full?)") from None
 
 
+# the largest checkpoint a model cmce builds can make: its float32 weights, with room for a classifier and the history
+MAX_CHECKPOINT_BYTES = MAX_PARAMETERS * 4 + (256 << 20)
+
+
 def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:
     return read_checkpoint(path, expected_format)[0]
 
@@ -78,6 +83,9 @@ def read_checkpoint(path: str | Path, expected_format: str) -> tuple[dict[str, A
             f" (it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''})" if held else ""))
     try:
         with open_regular(path) as f:
+            if (size := os.fstat(f.fileno()).st_size) > MAX_CHECKPOINT_BYTES:  # a 20 GB file was read whole first
+                raise CheckpointError(f"{path}: a file of {size:,} bytes, more than a checkpoint of the largest model "
+                                      f"cmce builds can be ({MAX_CHECKPOINT_BYTES:,}); refused unread")
             data = f.read()
     except OSError as err:
         if err.errno not in (errno.EINVAL, errno.EISDIR):

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import torch
 
 from cmce.checkpoint import EmbeddingModel, load_embedding_model
-from cmce.data.codec import decode_image_as_found, query_image_notes
+from cmce.data.codec import decode_image_as_found, query_image_notes, read_image_file
 from cmce.data.loader import same_split, source_of, split_ids_labels
 from cmce.data.readers import class_names, iter_split_batches
 from cmce.embed import embed_batch, to_inference_device
@@ -101,7 +101,8 @@ def hit_lists(result: SearchResult, labels: np.ndarray, classes: list[str] | Non
 
 def read_query_image(model: EmbeddingModel, name: str, path: Path) -> np.ndarray:
     """A query image file as the model reads it; one of another size or mode is converted, and said so once."""
-    arr, found = decode_image_as_found(path.read_bytes(), model.in_channels, model.image_size, name)
+    # refused unread past what an image within the pixel limit can be: an 8 GB file was read whole into memory
+    arr, found = decode_image_as_found(read_image_file(path), model.in_channels, model.image_size, name)
     for note in query_image_notes(found, model.in_channels, model.image_size):
         log.warning("%s: %s", name, note)
     return arr
