@@ -351,6 +351,28 @@ def test_a_replaced_output_keeps_its_mode(tmp_path):
         (tmp / "ids.parquet").write_bytes(b"x")  # a file the old folder did not have: the usual mode
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE((folder / "meta.json").stat().st_mode) == 0o600
     assert stat.S_IMODE((folder / "ids.parquet").stat().st_mode) == 0o666 & ~_umask_now()
+    target.chmod(0o040)  # one its owner may not read or write: the new file would be unreadable to its own user
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"newer")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+def test_an_output_that_cannot_be_read_is_not_replaced_unchecked(tmp_path, monkeypatch):
+    """A mode-000 file at --out was replaced without its kind checked (it could not be read), and the step then
+    failed reading its own output back: exit 2, the file replaced."""
+    import os
+
+    from cmce import output_checks
+    from cmce.output_checks import check_output
+
+    out = tmp_path / "g.parquet"
+    out.write_bytes(b"someone's data")
+    real = os.access
+    monkeypatch.setattr(output_checks.os, "access",
+                        lambda p, mode: False if (Path(p) == out and mode == os.R_OK) else real(p, mode))
+    with pytest.raises(ValueError, match=r"g.parquet: cannot be read, so what it holds cannot be checked"):
+        check_output(out, writes="parquet", kinds=("gallery",))
+    assert out.read_bytes() == b"someone's data"
 
 
 def _umask_now() -> int:

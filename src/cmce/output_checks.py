@@ -1,9 +1,10 @@
 """What a path holds, and whether a step may write there: checked before any work (cmce.storage writes).
 
 A file's kind is told by its first bytes (a Parquet file, a torch checkpoint, JSON, ONNX) and, for cmce's own files,
-by the kind recorded inside; an output is replaced only by a file of its own format and kind (a checkpoint never
-replaces a dataset), a folder only when it holds nothing but the step's own files, and an s3:// output is checked
-the same way by HEAD, LIST and ranged GETs, never a download of what it replaces.
+by the kind recorded inside; an output of a format cmce writes is replaced only by a file of its own format and kind
+(a checkpoint never replaces a dataset), one that cannot be read not at all, a folder only when it holds nothing but
+the step's own files, and an s3:// output is checked the same way by HEAD, LIST and ranged GETs, never a download of
+what it replaces. A file of no format cmce writes (a note, a CSV) named as an output is replaced: the name was given.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
         raise ValueError(f"{text}: is a mount point, which cannot be replaced; give {inside}")
     if not is_dir and (text.endswith("/") or target.is_dir()):
         raise ValueError(f"{text}: is a folder; this output is a file, give its path")
+    if writes and target.is_file() and not os.access(target, os.R_OK):  # replaced unchecked, then read back: exit 2
+        raise ValueError(f"{text}: cannot be read, so what it holds cannot be checked; this step replaces only a file "
+                         "of its own kind: make it readable, or give another path")
     found = file_format(target) if writes and target.is_file() else None
     _refuse_other_format(text, found, writes, kinds,
                          lambda: parquet_kind(target) if found == "parquet" else checkpoint_kind(target))

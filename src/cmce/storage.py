@@ -156,7 +156,10 @@ def keep_access(old: Path, new: Path) -> None:
         return
     if stat.S_ISDIR(st.st_mode) != new.is_dir():
         return
-    os.chmod(new, stat.S_IMODE(st.st_mode))
+    # never without the owner's read and write (and a folder's search): a replaced mode-000 file made an output its
+    # own user could not read
+    own = stat.S_IRUSR | stat.S_IWUSR | (stat.S_IXUSR if new.is_dir() else 0)
+    os.chmod(new, stat.S_IMODE(st.st_mode) | own)
     with contextlib.suppress(OSError):  # only root may give a file away
         if (st.st_uid, st.st_gid) != (new.stat().st_uid, new.stat().st_gid):
             os.chown(new, st.st_uid, st.st_gid)
