@@ -703,3 +703,7 @@ def test_one_gallery_model_of_the_list_form_is_set_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set gallery_models.c.width: no gallery model named 'c'; valid names: "
                                           r"\['a', 'b'\]$"):
         load_config(_write(tmp_path, two), parse_overrides(["gallery_models.c.width=5"]))
+    with pytest.raises(ConfigError, match=r"^--set gallery_models.b: expected a mapping, got NoneType$"):
+        load_config(_write(tmp_path, two), parse_overrides(["gallery_models.b=null"]))  # a TypeError traceback
+    with pytest.raises(ConfigError, match=r"^--set gallery_models.b: its name key says 'c'$"):  # renamed it
+        load_config(_write(tmp_path, two), parse_overrides(["gallery_models.b={name: c}"]))

@@ -120,8 +120,11 @@ def test_fetch_refuses_a_folder_holding_other_files_or_another_digits_npz(tmp_pa
         fetch_digits(mine)
     assert (mine / "digits.npz").read_text() == "mine"
     (mine / "digits.npz").unlink()
-    (mine / ".digits.npz.abcd1234.tmp").write_text("left by a killed fetch")  # not counted as foreign
-    os.utime(mine / ".digits.npz.abcd1234.tmp", (1, 1))  # old: the next write clears it (a young one may be running)
+    (mine / ".digits.npz.cmce-abcd1234.tmp").write_text("left by a killed fetch")  # not counted as foreign
+    os.utime(mine / ".digits.npz.cmce-abcd1234.tmp", (1, 1))  # old: the next write clears it (a young one may run)
     fetch_digits(mine)
     fetch_digits(mine)  # its own file: fetched again
     assert sorted(p.name for p in mine.iterdir()) == ["digits.npz"]
+    (mine / ".digits.npz.backup_1.tmp").write_text("the user's")  # named like a temporary, without cmce's mark
+    with pytest.raises(DataError, match=r"holds other files \(.digits.npz.backup_1.tmp\)"):
+        fetch_digits(mine)

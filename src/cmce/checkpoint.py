@@ -62,8 +62,9 @@ def save_torch(obj: dict[str, Any], path: str | Path) -> None:
             raise NotWritten(f"{path}: not written: {first_line(err)} (is the disk full?)") from None
 
 
-# the largest checkpoint a model cmce builds can make: its float32 weights, with room for a classifier and the history
-MAX_CHECKPOINT_BYTES = MAX_PARAMETERS * 4 + (256 << 20)
+# the largest checkpoint a model cmce builds can make: its float32 weights and its classifier (each at most
+# MAX_PARAMETERS; a KD student's teacher classifier within the same bound), with room for the history
+MAX_CHECKPOINT_BYTES = 2 * MAX_PARAMETERS * 4 + (256 << 20)
 
 
 def load_checkpoint(path: str | Path, expected_format: str) -> dict[str, Any]:

@@ -399,8 +399,8 @@ def _validate(cfg: Config, where: str, gallery_keys: list[str]) -> None:
                               "must be unique")
         seen[m.name] = key
     specs: dict[tuple, str] = {}
-    # the models every run trains (the lifecycle's are trained only by their steps, which refuse a model the gallery
-    # holds): the same architecture, sizes, seed and data train the same weights under another name
+    # the models every run trains (not the lifecycle's, trained only by their own steps, whose sections a run's config
+    # often carries unused): the same architecture, sizes, seed and data train the same weights under another name
     for key, m in keys[:1 + len(cfg.gallery_models)]:
         if (twin := specs.get(spec := dataclasses.astuple(dataclasses.replace(m, name="")))) is not None:
             raise ConfigError(f"{where}: {key}: the same model as {twin} (architecture, sizes, seed and data): it "
@@ -576,7 +576,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     A mapping value is merged into the mapping already there (`train={epochs: 1}` changes only train.epochs);
     any other value replaces it. `gallery_models` given as a list of names selects and orders the gallery models
     of the mapping by name (an unknown name is an error listing the valid ones); given as a list of mappings it
-    replaces them. In the mapping form of `gallery_models`, `gallery_models.<name>.<key>` sets one model's key.
+    replaces them. `gallery_models.<name>.<key>` sets one model's key, in the mapping form or the list form.
     A key the config does not have is refused as the override's (`--set KEY`), not the file's."""
     for dotted, value in overrides.items():
         if dotted == "gallery_models" and isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -597,6 +597,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             # the list form (a file's, or a selection's): the model named by the key's next part
             if len(parents) == 1:  # the whole model: its mapping merged into the model's
                 model = _listed_model(raw["gallery_models"], leaf, dotted)
+                if not isinstance(value, dict):  # was a TypeError traceback (the mapping form said this)
+                    raise ConfigError(f"--set {shown_key(dotted)}: expected a mapping, got {type(value).__name__}")
+                if value.get("name", leaf) != leaf:  # the mapping form refuses a rename so
+                    raise ConfigError(f"--set {shown_key(dotted)}: its name key says {shown(value['name'])}")
                 model.update(_merged(model, value))
                 continue
             node, parents = _listed_model(raw["gallery_models"], parents[1], dotted), parents[2:]

@@ -11,7 +11,7 @@ import numpy as np
 
 from cmce.data.codec import check_pixel_count, encode_png
 from cmce.data.schema import DataError, RawImages
-from cmce.storage import atomic_path, open_regular
+from cmce.storage import atomic_path, open_regular, temp_prefix
 
 DIGIT_CLASSES = [str(c) for c in range(10)]
 
@@ -84,7 +84,8 @@ def fetch_digits(dest: str | Path) -> Path:
     """sklearn's digits as `dest/digits.npz` (the folder made by the write, and taken back if it fails); a folder
     holding anything else is refused, as the other sources refuse one: its own digits.npz was replaced unasked."""
     dest = Path(dest)
-    ours = re.compile(r"digits\.npz|\.digits\.npz\..*\.tmp")  # (the temporary of a killed fetch: replaced)
+    # digits.npz, and the temporary of a killed fetch (cleaned by the next write); a look-alike is the user's
+    ours = re.compile(rf"digits\.npz|{re.escape(temp_prefix(dest / 'digits.npz'))}[a-z0-9_]{{8}}\.tmp")
     if dest.is_dir() and (other := sorted(p.name for p in dest.iterdir() if not ours.fullmatch(p.name))):
         raise DataError(f"{dest}: exists and holds other files ({', '.join(other[:5])}); give an empty or missing "
                         "folder (data.path, or fetch-data's --out)")
