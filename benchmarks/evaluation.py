@@ -53,7 +53,6 @@ def embeddings(n: int, dim: int, per_class: int, seed: int = 0):
 
 def run_method(method: str, n: int, dim: int, per_class: int, repeats: int, device: str) -> dict:
     """In this process: time `method` `repeats` times on n items; its results and this process's peak RSS."""
-
     x, labels = embeddings(n, dim, per_class)
     dev = devices.select(device)
     call = _metric_call(method, x, labels, dev)  # its libraries imported here, not timed

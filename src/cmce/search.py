@@ -71,8 +71,9 @@ def check_dataset_of_index(dataset: DatasetSplits, index: LoadedIndex) -> None:
         row = int(np.flatnonzero(np.isnan(at))[0])
         raise edited(f"the index's item {shown_id(index.ids[row])} is not in the '{split}' split of --dataset "
                      f"{dataset.path}: ids.parquet was edited or is of another build; build the index again")
-    if (np.diff(at) <= 0).any():  # build-index keeps the split's order: rows swapped with their labels pass above
-        row = int(np.flatnonzero(np.diff(at) <= 0)[0]) + 1
+    backwards = np.flatnonzero(np.diff(at) <= 0)  # build-index keeps the split's order: rows swapped with their
+    if backwards.size:  # labels pass the checks above
+        row = int(backwards[0]) + 1
         raise edited(f"the index's item {shown_id(index.ids[row])} (row {row} of ids.parquet) is out of the order of "
                      f"the '{split}' split of --dataset {dataset.path}: ids.parquet was edited or is of another build; "
                      "build the index again")

@@ -70,6 +70,11 @@ def temp_prefix(target: Path) -> str:
     return f".{target.name}.{TEMP_MARK}"
 
 
+def temp_pattern(target: Path) -> re.Pattern:
+    """The names of the temporaries written for `target` (`.<name>.cmce-XXXXXXXX.tmp`), to match whole."""
+    return re.compile(rf"{re.escape(temp_prefix(target))}[a-z0-9_]{{8}}\.tmp")
+
+
 def clean_stale_temps(target: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
     """Remove temporary files and folders that a killed writer of `target` left behind: only names of
     our own pattern (`.<name>.cmce-XXXXXXXX.tmp`) for this target, untouched for `max_age_s` (younger ones
@@ -77,7 +82,7 @@ def clean_stale_temps(target: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    pattern = re.compile(rf"{re.escape(temp_prefix(target))}[a-z0-9_]{{8}}\.tmp")
+    pattern = temp_pattern(target)
     now, removed = time.time(), []
     for p in target.parent.iterdir():
         if not pattern.fullmatch(p.name):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import zipfile
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from cmce.data.codec import check_pixel_count, encode_png
 from cmce.data.schema import DataError, RawImages
-from cmce.storage import atomic_path, open_regular, temp_prefix
+from cmce.storage import atomic_path, open_regular, temp_pattern
 
 DIGIT_CLASSES = [str(c) for c in range(10)]
 
@@ -85,8 +84,9 @@ def fetch_digits(dest: str | Path) -> Path:
     holding anything else is refused, as the other sources refuse one: its own digits.npz was replaced unasked."""
     dest = Path(dest)
     # digits.npz, and the temporary of a killed fetch (cleaned by the next write); a look-alike is the user's
-    ours = re.compile(rf"digits\.npz|{re.escape(temp_prefix(dest / 'digits.npz'))}[a-z0-9_]{{8}}\.tmp")
-    if dest.is_dir() and (other := sorted(p.name for p in dest.iterdir() if not ours.fullmatch(p.name))):
+    temporary = temp_pattern(dest / "digits.npz")
+    if dest.is_dir() and (other := sorted(p.name for p in dest.iterdir()
+                                          if p.name != "digits.npz" and not temporary.fullmatch(p.name))):
         raise DataError(f"{dest}: exists and holds other files ({', '.join(other[:5])}); give an empty or missing "
                         "folder (data.path, or fetch-data's --out)")
     if (dest / "digits.npz").exists():  # a file of ours is replaced; anything else named so is refused
