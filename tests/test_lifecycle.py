@@ -396,3 +396,45 @@ def test_nan_in_a_member_is_named_by_its_row_in_the_file_whatever_the_batch(smok
     one = combine_members([lay.member(g) for g in lay.gallery_names[:-1]], tmp_path / "g.parquet")
     with pytest.raises(TableError, match=re.escape(f"{bad}: column 'raw' has NaN/inf values in 1 rows (first: row 6)")):
         add_member(one, bad, tmp_path / "out.parquet", batch_size=4)
+
+
+def test_an_index_that_cannot_be_written_leaves_the_gallery_and_transformations_of_an_in_place_update(
+        smoke_run, tmp_path, monkeypatch, caplog):
+    """A full disk at the index: add-gallery-model and upgrade-query-model had already put the new gallery (and
+    the refitted transformations) in place, beside the old index built from the old gallery. Now the index is
+    built from the new gallery before it is renamed in: all of them are new, or none is."""
+    import errno
+
+    import cmce.index
+    from cmce.cli import main
+    from cmce.config import DataConfig
+    from cmce.train import train_embedding_model
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    gallery, transforms, index = tmp_path / "gallery.parquet", tmp_path / "transforms", tmp_path / "index"
+    shutil.copyfile(lay.gallery, gallery)
+    shutil.copytree(lay.transforms_dir, transforms)
+    build_index(gallery, index)
+    kept = _snapshot(gallery, transforms, index)
+    new = tmp_path / "mob_c.pt"
+    train_embedding_model(lay.dataset, ModelSpec(name="mob_c", arch="mobilenet", embedding_dim=16, width=8, seed=5),
+                          DataConfig(source="digits", image_size=8), TrainConfig(epochs=1), new)
+
+    def disk_full(index, path, out_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cmce.index, "_write_faiss", disk_full)
+    common = ["--config", str(SMOKE), "--dataset", str(lay.dataset), "--gallery", str(gallery), "--out", str(gallery),
+              "--index-out", str(index), "--query-model", str(lay.model("query"))]
+    for argv in (["add-gallery-model", *common, "--gallery-model", str(new), "--work-dir", str(tmp_path / "work")],
+                 ["upgrade-query-model", *common, "--train-embeddings",
+                  *[str(lay.train_embeddings(g)) for g in lay.gallery_names], "--transforms-out", str(transforms)]):
+        caplog.clear()
+        assert main(argv) == 2, argv[0]
+        assert f"{index}: not written: No space left on device" in caplog.text
+        assert _snapshot(gallery, transforms, index) == kept, argv[0]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], argv[0]
+    monkeypatch.undo()
+    assert main(["add-gallery-model", *common, "--gallery-model", str(new), "--work-dir", str(tmp_path / "work")]) == 0
+    assert load_index(index).meta["gallery_sha256"] == cmce.index.file_sha256(gallery)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +76,11 @@ def _gallery_schema(base: pa.Schema, extra: list[tuple[str, pa.DataType]], meta:
 
 
 
-def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_size: int = 8192) -> Path:
-    """New gallery file = `gallery` plus the model in `member` (a per-model file from embed-member)."""
+def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_size: int = 8192,
+               before_commit: Callable[[Path], None] | None = None) -> Path:
+    """New gallery file = `gallery` plus the model in `member` (a per-model file from embed-member).
+    `before_commit(written)` runs on the new gallery, written aside, before it is renamed in (an index built
+    from it and put in place first: a failure there leaves the old gallery)."""
     gallery, member = Path(gallery), Path(member)
     with inputs_unchanged([gallery, member]):  # every atomic write below checks them before its rename
         gmeta, mmeta = read_metadata(gallery), read_metadata(member)
@@ -100,35 +103,44 @@ def add_member(gallery: str | Path, member: str | Path, out: str | Path, batch_s
         schema = _gallery_schema(g_schema, [(f"raw_{name}", raw_type)], new_meta)
         dim = stored_dim(g_schema, "embedding", str(gallery))
         digest = IdsDigest()
-        with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
-            first_row = 0
-            for batch, (g, m) in enumerate(aligned_batches([gallery, member], batch_size)):
-                if batch == 0:
-                    same_embeddings([*((f"{gallery} (member {n['name']})", g.column(f"raw_{n['name']}"))
-                                       for n in gmeta["members"] if f"raw_{n['name']}" in g.column_names),
-                                     (str(member), m.column("raw"))])
-                ids = string_column(g, "id", str(gallery))
-                check_finite(g, str(gallery), first_row)  # both copied into the new gallery as they are
-                check_finite(m, str(member), first_row)
-                first_row += len(g)
-                if string_column(m, "id", str(member)) != ids:
-                    raise TableError(f"{member}: ids are not in the gallery's order")
-                digest.update(ids, int_column(g, "label", str(gallery)))
-                if not np.array_equal(int_column(m, "label", str(member)), int_column(g, "label", str(gallery))):
-                    raise TableError(f"{member}: labels differ from {gallery} for the same ids (another version of the "
-                                     "dataset)")
-                members = len(gmeta["members"])
-                ens = RunningEnsemble(stored_running_sum(g, members, str(gallery), dim), members)
-                ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
-                cols = {c: g.column(c) for c in g.column_names}
-                cols |= ensemble_columns(ens)
-                cols[f"raw_{name}"] = m.column("raw")
-                writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
+        with atomic_path(out) as tmp:
+            with pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
+                _write_grown(gallery, member, gmeta, name, schema, dim, writer, digest, batch_size)
             if holds_whole_split(gmeta):
                 check_digest(digest, gmeta["source"], str(gallery), f"the '{gmeta['split']}' split it records",
                              labels=True)
+            if before_commit is not None:
+                before_commit(tmp)
     log.info("added %s to %s → %s (%d members)", name, gallery, out, len(new_meta["members"]))
     return Path(out)
+
+
+def _write_grown(gallery: Path, member: Path, gmeta: dict, name: str, schema: pa.Schema, dim: int,
+                 writer: pq.ParquetWriter, digest: IdsDigest, batch_size: int) -> None:
+    """The gallery's rows, one batch at a time, with the new member's embeddings added to the running sum."""
+    first_row = 0
+    for batch, (g, m) in enumerate(aligned_batches([gallery, member], batch_size)):
+        if batch == 0:
+            same_embeddings([*((f"{gallery} (member {n['name']})", g.column(f"raw_{n['name']}"))
+                               for n in gmeta["members"] if f"raw_{n['name']}" in g.column_names),
+                             (str(member), m.column("raw"))])
+        ids = string_column(g, "id", str(gallery))
+        check_finite(g, str(gallery), first_row)  # both copied into the new gallery as they are
+        check_finite(m, str(member), first_row)
+        first_row += len(g)
+        if string_column(m, "id", str(member)) != ids:
+            raise TableError(f"{member}: ids are not in the gallery's order")
+        digest.update(ids, int_column(g, "label", str(gallery)))
+        if not np.array_equal(int_column(m, "label", str(member)), int_column(g, "label", str(gallery))):
+            raise TableError(f"{member}: labels differ from {gallery} for the same ids (another version of the "
+                             "dataset)")
+        members = len(gmeta["members"])
+        ens = RunningEnsemble(stored_running_sum(g, members, str(gallery), dim), members)
+        ens.add(embedding_column(m, "transformed", str(member), dim), f"{member}: column 'transformed'")
+        cols = {c: g.column(c) for c in g.column_names}
+        cols |= ensemble_columns(ens)
+        cols[f"raw_{name}"] = m.column("raw")
+        writer.write_table(pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema))
 
 
 def train_embedding_files(paths: list[Path]) -> list[Path]:
@@ -157,12 +169,14 @@ def upgrade_query_model(
     out: str | Path,
     seed: int = 0,
     batch_size: int = 256,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Refit all transformations for a new query model and rebuild the gallery from stored embeddings.
 
     Reads only the train split of `dataset` (to embed the training images with the new query model)
     and the raw gallery-model embeddings stored in `gallery` and `train_embeddings`. `transforms_dir`
     is replaced as a whole once every transformation is fitted, then the gallery file is written.
+    `before_commit(written)` runs on the new gallery, written aside, before either is put in place.
     """
     gallery = Path(gallery)
     gmeta = read_metadata(gallery)
@@ -220,7 +234,7 @@ def upgrade_query_model(
                                      query.embedding_dim, cfg.hidden_dim, cfg.depth, history=history))
     # everything is fitted before anything is written: a failure above leaves the old state intact. The new
     # gallery is written (aside) before the transformations are swapped in, so that a failed write (a full
-    # disk) leaves both as they were; the gallery is renamed in last.
+    # disk) leaves both as they were; the gallery is renamed in last (after an index built from it, if any).
     with atomic_path(out) as tmp_gallery:
         with atomic_dir(transforms_dir, ("*.pt",)) as tmp_dir:
             for t in fitted:
@@ -238,5 +252,7 @@ def upgrade_query_model(
             new = pa.table(cols).replace_schema_metadata({"cmce": json.dumps(meta, sort_keys=True)})
             with named_on_failure(out):
                 pq.write_table(new, tmp_gallery, row_group_size=8192, **writer_options(new.schema))
+            if before_commit is not None:
+                before_commit(tmp_gallery)
     log.info("upgraded %s to query model %s → %s", gallery, query.sha256[:12], out)
     return Path(out)

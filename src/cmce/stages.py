@@ -36,7 +36,7 @@ from cmce.layout import RunLayout, pair_transformations
 from cmce.output_checks import check_output, existing_metadata, parquet_kind
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
-from cmce.storage import check_replaceable, origin
+from cmce.storage import check_replaceable, origin, stands_for
 from cmce.tables import embedding_array, read_metadata, require_whole, with_metadata, write_table
 from cmce.train import no_flip, train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
@@ -321,6 +321,20 @@ def _slice(shard: str) -> str:
     return "the whole split" if shard == str(WHOLE) else f"shard {shard}"
 
 
+def _index_built(cfg: Config, index: Path | None, gallery: Path) -> Callable[[Path], None] | None:
+    """What a lifecycle step runs on its new gallery, written aside: the --index-out index built from it and put
+    in place before the gallery is renamed in. Built after the gallery was in place, a failed index (a full disk)
+    left the new gallery beside the old index, and a rerun refused the model as already a member."""
+    if index is None:
+        return None
+
+    def build(written: Path) -> None:
+        stands_for(written, origin(gallery))  # messages name the gallery's own path, not its temporary name
+        build_index(written, index, options=cfg.index)
+
+    return build
+
+
 def _check_index_out(cfg: Config, query_dim: int, gallery: Path) -> None:
     """Before a lifecycle step replaces `gallery` (and transformations): its --index-out settings can index the
     gallery's rows in the query space (they were found wrong once the inputs were replaced). The metadata is read
@@ -465,9 +479,7 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
                            FitOutputs(transform, train))
     embed_member(MemberInputs(inp.dataset, inp.query_model, inp.gallery_model, transform, cfg.batch_size),
                  GalleryOutputs(member))
-    grow(inp.gallery, member, out.gallery)
-    if out.index is not None:
-        build_index(out.gallery, out.index, options=cfg.index)
+    grow(inp.gallery, member, out.gallery, before_commit=_index_built(cfg, out.index, out.gallery))
     return record
 
 
@@ -515,9 +527,7 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
     if out.index is not None:  # the gallery and the transformations are replaced before the index is built
         _check_index_out(cfg, load_embedding_model(inp.query_model).embedding_dim, inp.gallery)
     upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, fitted_cfg, out.transformations,
-            out.gallery, cfg.seed, cfg.batch_size)
-    if out.index is not None:
-        build_index(out.gallery, out.index, options=cfg.index)
+            out.gallery, cfg.seed, cfg.batch_size, before_commit=_index_built(cfg, out.index, out.gallery))
     refitted = [record_transformation(cfg, t) for t in sorted(out.transformations.glob("*.pt"))]
     return StepRecord("upgrade-query-model", {"gallery": origin(inp.gallery), "transform": fitted_cfg.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
