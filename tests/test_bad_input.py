@@ -2860,6 +2860,27 @@ def test_a_run_into_a_folder_holding_another_models_transformation_is_refused_be
     assert f"{root / 'transforms'}: holds resnet_c.pt, of gallery models this config does not have" in caplog.text
 
 
+def test_a_run_into_a_folder_holding_other_files_at_its_output_names_is_refused_before_any_work(smoke_run, tmp_path,
+                                                                                                caplog):
+    """`cmce run` checked only its index and eval folders: a dataset at a member's path was replaced by the member
+    file, exit 0, and a folder at a model's path failed once the models before it had trained."""
+    lay, _ = smoke_run
+    for where, put, said in (
+            ("embeddings/gallery/vgg_b.parquet", lambda p: shutil.copyfile(lay.dataset, p),
+             "holds a dataset Parquet file; this step writes a gallery_member file"),
+            ("models/kd_resnet_a.pt", lambda p: p.mkdir(), "is a folder; this output is a file"),
+            ("transforms/vgg_b.pt", lambda p: shutil.copyfile(lay.model("vgg_b"), p),
+             "holds a cmce-embedding-model/1 checkpoint file; this step writes a cmce-transformation/1 file")):
+        root = tmp_path / where.replace("/", "_")
+        (root / where).parent.mkdir(parents=True)
+        put(root / where)
+        kept = sorted(p.relative_to(root) for p in root.rglob("*"))
+        caplog.clear()
+        assert main(["run", "--config", str(SMOKE), "--set", f"output_dir={root}"]) == 2, where
+        assert f"cmce run: {root / where}: {said}" in caplog.text
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == kept, where  # no dataset prepared, nothing
+
+
 def test_json_and_onnx_outputs_are_told_apart_from_other_formats(world, tmp_path, caplog):
     """export-query --out an index's meta.json replaced it by an ONNX model, and train --out an ONNX export by a
     checkpoint, both exit 0: only Parquet and checkpoints were recognised."""

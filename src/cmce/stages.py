@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import TRANSFORM_FORMAT, EmbeddingModel, load_embedding_model, require_classes, require_role
+from cmce.checkpoint import (
+    EMBEDDING_FORMAT,
+    TRANSFORM_FORMAT,
+    EmbeddingModel,
+    load_embedding_model,
+    require_classes,
+    require_role,
+)
 from cmce.config import Config, IndexConfig, ModelSpec
 from cmce.data.loader import WHOLE, Shard, split_source
 from cmce.data.prepare import prepare_dataset
@@ -617,6 +624,24 @@ def _refuse_other_members(lay: RunLayout, cfg: Config) -> None:
                              f"({sorted(names)}); remove them, or give another output_dir")
 
 
+def _check_run_outputs(lay: RunLayout, cfg: Config, prepare: bool, keep: Collection[str]) -> None:
+    """Each file the run writes, checked as the step writing it alone checks its --out: a dataset at a member's
+    path was replaced by the member file, and a folder at a model's path failed once the query model had trained."""
+    model, parquet = {"writes": "checkpoint", "kinds": (EMBEDDING_FORMAT,)}, "parquet"
+    planned: list[tuple[Path, dict]] = [(lay.dataset, {"writes": parquet, "kinds": ("dataset",)})] if prepare else []
+    if cfg.query_model.name not in keep:
+        planned.append((lay.model(cfg.query_model.name), model))
+    for g in (g.name for g in cfg.gallery_models if g.name not in keep):
+        planned += [(lay.model(g), model),
+                    (lay.transformation(g), {"writes": "checkpoint", "kinds": (TRANSFORM_FORMAT,)}),
+                    (lay.train_embeddings(g), {"writes": parquet, "kinds": ("train_embeddings",)}),
+                    (lay.member(g), {"writes": parquet, "kinds": ("gallery_member",)}),
+                    *([(lay.kd_student(g), model)] if cfg.kd.enabled else [])]
+    planned.append((lay.gallery, {"writes": parquet, "kinds": ("gallery",)}))
+    for path, kind in planned:
+        check_output(path, **kind)
+
+
 def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
             publish: Callable[[StepRecord | None], object] | None = None) -> dict:
     """Every stage in one process, in dependency order, under cfg.output_dir; returns the metrics.
@@ -633,6 +658,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     # models beside the old index and evaluation
     check_replaceable(lay.index, INDEX_FILES)
     check_replaceable(lay.eval_dir, EVAL_FILES)
+    _check_run_outputs(lay, cfg, prepare, keep)
     _refuse_other_members(lay, cfg)
     if prepare:
         done(prepare_data(cfg, PrepareInputs(will_evaluate=True), DatasetOutputs(lay.dataset)))
