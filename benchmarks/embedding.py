@@ -42,8 +42,6 @@ from cmce.models import EmbeddingNet, count_flops, count_parameters
 from cmce.tables import embedding_column, read_table, write_table
 from cmce.transform import Transformation, build_mlp, save_transformation
 
-log = logging.getLogger("bench")
-
 
 def synthetic_dataset(path: Path, n: int, size: int, seed: int = 0, row_group: int = 4096) -> Path:
     """n smooth random greyscale PNGs (upsampled 7x7 noise), streamed to Parquet in row groups."""

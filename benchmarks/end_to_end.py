@@ -35,8 +35,6 @@ from cmce import device as devices
 from cmce.data.schema import DATASET_SCHEMA
 from cmce.storage import atomic_path
 
-log = logging.getLogger("bench")
-
 
 def synthetic_disjoint_dataset(out: Path, images: int, classes: int, size: int, seed: int = 0) -> Path:
     """`images` grey PNGs of `size` px in `classes` classes (as equal as the division allows); classes

@@ -28,8 +28,8 @@ from benchmarks.args import one_line, random_seed
 from benchmarks.finished_run import check_run
 from benchmarks.method import seeded
 from benchmarks.refit import refit
-from benchmarks.report import LOG_FORMAT, add_config_options, config_overrides, config_shown, write_section
-from cmce.config import Config, load_config
+from benchmarks.report import LOG_FORMAT, add_config_options, config_shown, write_section
+from cmce.config import Config, load_config, parse_overrides
 from cmce.layout import RunLayout
 
 log = logging.getLogger("bench")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     started = time.time()
     try:
-        overrides = config_overrides(args.set)  # a key given twice
+        overrides = parse_overrides(args.set)  # a key given twice
         rows = try_levers(Path(args.config), overrides, args.seed, Path(args.run), args.tries)
     except ValueError as e:  # the config's own errors (ConfigError) are ValueErrors too
         p.error(one_line(e))

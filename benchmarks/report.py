@@ -20,16 +20,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_config_options(p: argparse.ArgumentParser, set_help: str = "config override") -> None:
-    """--config (default params.yaml) and repeatable --set KEY=VALUE, read back by `config_overrides`."""
+    """--config (default params.yaml) and repeatable --set KEY=VALUE, read back by `cmce.config.parse_overrides`."""
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
     p.add_argument("--set", action="append", default=[], type=config_override, metavar="KEY=VALUE", help=set_help)
-
-
-def config_overrides(sets: list[str]) -> dict:
-    """--set options → {dotted key: value read as YAML} (cmce.config.parse_overrides: one vocabulary)."""
-    from cmce.config import parse_overrides
-
-    return parse_overrides(sets)
 
 
 def config_shown(path: str) -> str:

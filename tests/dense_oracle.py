@@ -164,3 +164,16 @@ def unanswerable_share(scores: np.ndarray, query_labels: np.ndarray, gallery_lab
                              with_map=False)["lone_queries"]
     answered = len(query_labels) - full
     return (kept - full) / answered if answered else float("nan")
+
+
+def pairwise_uncertainty(members: np.ndarray) -> np.ndarray:
+    """The direct form of cmce.method's uncertainty, from the running sum: mean over i<j of ‖e_i − e_j‖² for
+    members of shape (N, items, dim)."""
+    n = members.shape[0]
+    if n < 2:
+        return np.zeros(members.shape[1], dtype=np.float32)
+    total = np.zeros(members.shape[1], dtype=np.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            total += ((members[i].astype(np.float64) - members[j]) ** 2).sum(-1)
+    return (total / (n * (n - 1) / 2)).astype(np.float32)

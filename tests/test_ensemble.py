@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cmce.method import RunningEnsemble, normalize, pairwise_uncertainty, uncertainty_from_sum
+from cmce.method import RunningEnsemble, normalize, uncertainty_from_sum
+from tests.dense_oracle import pairwise_uncertainty
 
 
 def _members(n: int, items: int = 50, dim: int = 8, seed: int = 0) -> np.ndarray:

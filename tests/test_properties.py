@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 
 from cmce.config import ConfigError, check_model_name
 from cmce.embed import combine_members, member_metadata, member_schema, member_table
-from cmce.method import normalize, pairwise_uncertainty, uncertainty_from_sum
+from cmce.method import normalize, uncertainty_from_sum
 from cmce.metrics import retrieval_metrics
 from cmce.tables import (
     embedding_array,
@@ -28,6 +28,7 @@ from cmce.tables import (
     with_metadata,
     write_table,
 )
+from tests.dense_oracle import pairwise_uncertainty
 
 KS = [1, 2, 3, 5]
 FARS = [0.0, 0.1, 0.25, 0.5, 1.0]

@@ -100,7 +100,3 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({torch.get_num_threads()} threads)"
-
-
-def is_cuda(device: torch.device) -> bool:
-    return device.type == "cuda"

@@ -72,18 +72,6 @@ def uncertainty_from_sum(running_sum: np.ndarray, n_models: int) -> np.ndarray:
     return np.clip((n_models**2 - sq) / pairs, 0.0, None).astype(np.float32)
 
 
-def pairwise_uncertainty(members: np.ndarray) -> np.ndarray:
-    """The direct form, for reference: mean over i<j of ‖e_i − e_j‖² for members of shape (N, items, dim)."""
-    n = members.shape[0]
-    if n < 2:
-        return np.zeros(members.shape[1], dtype=np.float32)
-    total = np.zeros(members.shape[1], dtype=np.float64)
-    for i in range(n):
-        for j in range(i + 1, n):
-            total += ((members[i].astype(np.float64) - members[j]) ** 2).sum(-1)
-    return (total / (n * (n - 1) / 2)).astype(np.float32)
-
-
 class RunningEnsemble:
     """Accumulates normalised member embeddings e_i into S; gives the ensemble embedding and uncertainty."""
 

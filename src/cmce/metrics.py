@@ -53,14 +53,6 @@ def neighbour_labels(knn: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
     return np.where(knn >= 0, labels, NO_LABEL)
 
 
-def recall_at_k(knn_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
-    """Recall@K over the given (non-lone) queries; see the module docstring."""
-    if len(query_labels) == 0:
-        return float("nan")
-    hits = (knn_labels[:, :k] == np.asarray(query_labels)[:, None]).any(axis=1)
-    return float(hits.mean())
-
-
 def average_precision_at_r(knn_labels: np.ndarray, query_labels: np.ndarray, r: np.ndarray,
                            width: int | None = None) -> np.ndarray:
     """AP@R of each query; `r` is each query's count of same-label gallery items (≥ 1). The sums run over
@@ -82,13 +74,6 @@ def average_precision_at_r(knn_labels: np.ndarray, query_labels: np.ndarray, r: 
     return (precision * rel).sum(axis=1) / r
 
 
-def map_at_r(knn_labels: np.ndarray, query_labels: np.ndarray, r: np.ndarray) -> float:
-    """MAP@R over the given queries; `r` is each query's count of same-label gallery items (≥ 1)."""
-    if len(query_labels) == 0:
-        return float("nan")
-    return float(average_precision_at_r(knn_labels, query_labels, r).mean())
-
-
 def impostors_allowed(far: float, impostors: int) -> int:
     """m = floor(FAR · #impostors), exact for the FAR as written: in floats, floor(3e-4 · 10000) is 2, not 3."""
     return math.floor(Fraction(repr(float(far))) * impostors)  # float(): a numpy scalar's repr is np.float64(…)
@@ -104,13 +89,6 @@ def far_threshold(impostor: np.ndarray, far: float) -> float:
     if m >= n:
         return float("-inf")
     return float(np.partition(impostor, n - 1 - m)[n - 1 - m])  # the (m+1)-th largest value
-
-
-def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
-    """True-accept rate at the given false-accept rate, on explicit genuine and impostor scores."""
-    if len(genuine) == 0:
-        return float("nan")
-    return float((np.asarray(genuine) > far_threshold(np.asarray(impostor), far)).mean())
 
 
 @dataclass

@@ -173,10 +173,6 @@ def _span(ax: Any, values: list[float]) -> None:
     ax.set_ylim(lo, hi)
 
 
-def plot_rejection(metrics: Metrics, path: Path, far: float | None = None) -> None:
-    _save(rejection_figure(metrics, far), path)
-
-
 def rejection_figure(metrics: Metrics, far: float | None = None) -> Any:
     unc, rnd = metrics["rejection/uncertainty"], metrics["rejection/random"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))

@@ -110,9 +110,6 @@ class SplitChunks(Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def n_rows(self) -> int:
-        return int(sum(len(rows) for _, rows in self.chunks))
-
     def __getitem__(self, k: int) -> SplitArrays:
         if self._file is None:
             self._file = open_parquet(self.path)

@@ -20,7 +20,6 @@ byte for byte when RGB or grey; anything else is re-encoded as PNG.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from cmce.data.codec import open_image, read_image_file, to_png
 from cmce.data.schema import DataError, RawImages
 from cmce.importers import inside_root
 from cmce.storage import TooLarge, open_regular, read_regular
-
-log = logging.getLogger(__name__)
 
 
 def _root(path: str | Path, marker: str, folder: str) -> Path:
