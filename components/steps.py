@@ -281,10 +281,9 @@ def upgrade_query_model(config: Input[Artifact], tracking: Input[Artifact], data
     from cmce.config import load_config
     from cmce.runner import run_stage
 
-    stored = Path(train_embeddings.path)
-    files = sorted(stored.glob("*.parquet")) if stored.is_dir() else [stored]
     run_stage(stages.upgrade_query_model, load_config(config.path),
-              stages.UpgradeInputs(Path(dataset.path), Path(gallery.path), Path(query_model.path), files),
+              stages.UpgradeInputs(Path(dataset.path), Path(gallery.path), Path(query_model.path),
+                                   [Path(train_embeddings.path)]),
               stages.UpgradeOutputs(Path(new_gallery.path), Path(transformations.path)), tracking=tracking.path)
 
 

@@ -385,11 +385,10 @@ def cmd_add_gallery_model(args: argparse.Namespace) -> StepRecord:
 
 
 def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
-    from cmce.lifecycle import train_embedding_files
     from cmce.transform import check_transform_folder
 
     inputs = stages.UpgradeInputs(_in(args.dataset), _in(args.gallery), _model(args.query_model),
-                                  train_embedding_files([_in(p) for p in args.train_embeddings]))
+                                  [_in(p) for p in args.train_embeddings])
 
     index = _index_out(args, args.index_out) if args.index_out else None
     if not is_remote(args.transforms_out):

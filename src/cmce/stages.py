@@ -511,7 +511,7 @@ class UpgradeInputs:
     dataset: Path  # only its train split is read
     gallery: Path
     query_model: Path  # the new query model
-    train_embeddings: list[Path]  # the stored raw train embeddings, one file per member
+    train_embeddings: list[Path]  # the stored raw train embeddings, one file per member, or folders holding them
 
 
 @dataclass
@@ -524,7 +524,10 @@ class UpgradeOutputs:
 def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) -> StepRecord:
     """Refit every transformation for a new query model from stored embeddings; gallery images unread."""
     use_device(cfg)
+    from cmce.lifecycle import train_embedding_files
     from cmce.lifecycle import upgrade_query_model as upgrade
+
+    stored = train_embedding_files(inp.train_embeddings)  # the files of kind train_embeddings in a folder
 
     fitted_cfg = cfg.transform
     if fitted_cfg.augment_views:  # the gallery models' views of augmented images were never stored
@@ -533,14 +536,14 @@ def upgrade_query_model(cfg: Config, inp: UpgradeInputs, out: UpgradeOutputs) ->
         fitted_cfg = dataclasses.replace(fitted_cfg, augment_views=0)
     if out.index is not None:  # the gallery and the transformations are replaced before the index is built
         _check_index_out(cfg, load_embedding_model(inp.query_model).embedding_dim, inp.gallery)
-    upgrade(inp.gallery, inp.query_model, inp.dataset, inp.train_embeddings, fitted_cfg, out.transformations,
+    upgrade(inp.gallery, inp.query_model, inp.dataset, stored, fitted_cfg, out.transformations,
             out.gallery, cfg.seed, cfg.batch_size, before_commit=_index_built(cfg, out.index, out.gallery))
     refitted = [record_transformation(cfg, t) for t in sorted(out.transformations.glob("*.pt"))]
     return StepRecord("upgrade-query-model", {"gallery": origin(inp.gallery), "transform": fitted_cfg.__dict__},
                       {f"{r.step}/{k}": v for r in refitted for k, v in r.metrics.items()},
                       register=[reg for r in refitted for reg in r.register],
                       inputs=[("dataset", inp.dataset), ("gallery", inp.gallery),
-                              *(("train_embeddings", f) for f in inp.train_embeddings)])
+                              *(("train_embeddings", f) for f in stored)])
 
 
 @dataclass
