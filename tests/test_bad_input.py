@@ -4059,6 +4059,22 @@ def test_a_folder_flag_of_evaluate_that_is_no_folder_is_named(world, tmp_path, c
     fails(caplog, [*args, flag, a_file, "--out", out], out, f"{flag} {a_file}: is a file, not a folder")
 
 
+def test_a_transform_dir_left_mid_swap_is_put_back_by_its_reader(world, tmp_path, caplog):
+    """An upgrade-query-model killed between atomic_dir's two renames leaves `.transforms.old` alone: `evaluate
+    --transform-dir transforms` said "no such folder", and the next swap deleted the only copy."""
+    folder = tmp_path / "transforms"
+    folder.mkdir()
+    for t in world.transforms:
+        shutil.copy(t, folder)
+    os.replace(folder, tmp_path / ".transforms.old")  # as the kill left it
+    args = evaluate_args(world)[:-2 * len(world.transforms)]
+    caplog.clear()
+    assert main([*map(str, args), "--transform-dir", str(folder), "--out", str(tmp_path / "eval")]) == 0, caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == sorted(Path(t).name for t in world.transforms)
+    assert not (tmp_path / ".transforms.old").exists()
+    assert "restored the previous version from .transforms.old" in caplog.text
+
+
 def test_a_foreign_file_or_a_folder_at_the_resume_path_is_refused_before_training(world, tmp_path, caplog):
     """A dataset copied to `o/r1.pt.resume`: read as an unreadable resume state, replaced and deleted at the end of
     the training (exit 0); a folder there failed after an epoch with a raw `[Errno 21] Is a directory`."""

@@ -438,3 +438,83 @@ def test_an_index_that_cannot_be_written_leaves_the_gallery_and_transformations_
     monkeypatch.undo()
     assert main(["add-gallery-model", *common, "--gallery-model", str(new), "--work-dir", str(tmp_path / "work")]) == 0
     assert load_index(index).meta["gallery_sha256"] == cmce.index.file_sha256(gallery)
+
+
+def test_add_gallery_model_refuses_a_dataset_whose_split_is_not_the_gallerys_before_any_work(smoke_run, tmp_path,
+                                                                                               caplog):
+    """A --dataset with ten test rows less was refused only once T was fitted and the split embedded, naming a work
+    file (`work/member_X.parquet: embeds another dataset file or split than ...`), whose earlier version it had
+    already replaced."""
+    from cmce.cli import main
+    from cmce.config import DataConfig
+    from cmce.train import train_embedding_model
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    table = pq.read_table(lay.dataset)
+    test_rows = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "test")
+    cut = tmp_path / "cut.parquet"
+    pq.write_table(table.filter(~np.isin(np.arange(table.num_rows), test_rows[:10])), cut)
+    new = tmp_path / "mob_c.pt"
+    train_embedding_model(lay.dataset, ModelSpec(name="mob_c", arch="mobilenet", embedding_dim=16, width=8, seed=5),
+                          DataConfig(source="digits", image_size=8), TrainConfig(epochs=1), new)
+    caplog.clear()
+    assert main(["add-gallery-model", "--config", str(SMOKE), "--dataset", str(cut), "--gallery", str(lay.gallery),
+                 "--query-model", str(lay.model("query")), "--gallery-model", str(new),
+                 "--out", str(tmp_path / "grown.parquet"), "--work-dir", str(tmp_path / "work")]) == 2
+    assert caplog.records[-1].getMessage() == (
+        f"cmce add-gallery-model: --dataset {cut}: its 'test' split is not the one {lay.gallery} embeds (other ids "
+        "or labels): give the dataset the gallery was made from")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "grown.parquet").exists()
+
+
+def test_a_lifecycle_step_stopped_between_its_renames_is_completed_by_running_it_again(smoke_run, tmp_path,
+                                                                                         monkeypatch):
+    """The outputs of an in-place update are renamed in one after another, the gallery last: a step stopped between
+    them leaves the index (and the transformations) new beside the old gallery, which still lacks the change, so
+    the same command run again completes it."""
+    import errno
+    import os
+
+    import cmce.storage
+    from cmce.cli import main
+    from cmce.config import DataConfig
+    from cmce.storage import file_sha256
+    from cmce.train import train_embedding_model
+    from cmce.transform import load_transformation
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    gallery, transforms, index = tmp_path / "gallery.parquet", tmp_path / "transforms", tmp_path / "index"
+    shutil.copyfile(lay.gallery, gallery)
+    shutil.copytree(lay.transforms_dir, transforms)
+    build_index(gallery, index)
+    new = tmp_path / "mob_c.pt"
+    train_embedding_model(lay.dataset, ModelSpec(name="mob_c", arch="mobilenet", embedding_dim=16, width=8, seed=5),
+                          DataConfig(source="digits", image_size=8), TrainConfig(epochs=1), new)
+    replace = os.replace
+
+    def stopped_at_the_gallery(src, dst):
+        if Path(dst) == gallery:
+            raise OSError(errno.EIO, "Input/output error")
+        replace(src, dst)
+
+    common = ["--config", str(SMOKE), "--dataset", str(lay.dataset), "--gallery", str(gallery), "--out", str(gallery),
+              "--index-out", str(index), "--query-model", str(lay.model("query"))]
+    for argv in (["add-gallery-model", *common, "--gallery-model", str(new), "--work-dir", str(tmp_path / "work")],
+                 ["upgrade-query-model", *common, "--train-embeddings",
+                  *[str(lay.train_embeddings(g)) for g in lay.gallery_names], str(tmp_path / "work"),
+                  "--transforms-out", str(transforms)]):
+        before = gallery.read_bytes()
+        with monkeypatch.context() as m:
+            m.setattr(cmce.storage.os, "replace", stopped_at_the_gallery)
+            assert main(argv) == 2, argv[0]
+        assert gallery.read_bytes() == before, argv[0]
+        assert main(argv) == 0, argv[0]
+        meta = read_metadata(gallery)
+        assert load_index(index).meta["gallery_sha256"] == file_sha256(gallery), argv[0]
+        assert {m["name"]: m["transformation_sha256"] for m in meta["members"]} == (
+            {t.stem: load_transformation(t).sha256 for t in transforms.glob("*.pt")}
+            if argv[0] == "upgrade-query-model" else
+            {**{t.stem: load_transformation(t).sha256 for t in transforms.glob("*.pt")},
+             "mob_c": load_transformation(tmp_path / "work" / "transform_mob_c.pt").sha256}), argv[0]

@@ -32,7 +32,7 @@ from cmce.checkpoint import (
     require_role,
 )
 from cmce.config import Config, IndexConfig, ModelSpec
-from cmce.data.loader import WHOLE, Shard, split_source
+from cmce.data.loader import WHOLE, Shard, same_split, split_source
 from cmce.data.prepare import prepare_dataset
 from cmce.data.readers import dataset_info
 from cmce.data.sources import fetch_source
@@ -469,6 +469,11 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
         raise ValueError(f"--gallery {origin(inp.gallery)}: a {parquet_kind(inp.gallery) or 'Parquet'} file, not a "
                          "gallery")
     require_whole(gallery_meta, inp.gallery, "add-gallery-model")  # its new member embeds the whole split
+    split = gallery_meta.get("split", "test")
+    if gallery_meta.get("source") and not same_split(split_source(inp.dataset, split), gallery_meta["source"]):
+        # (found only by add_member, once T was fitted and the split embedded over the work files of a former run)
+        raise ValueError(f"--dataset {origin(inp.dataset)}: its {split!r} split is not the one {origin(inp.gallery)} "
+                         "embeds (other ids or labels): give the dataset the gallery was made from")
     query = check_serves(gallery_meta, inp.gallery, inp.query_model)
     [stem] = check_new_members(inp.query_model, [inp.gallery_model],
                                {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
