@@ -4004,6 +4004,16 @@ def test_a_run_whose_output_dir_is_its_imagefolder_is_refused(tmp_path, caplog):
     fails(caplog, ["run", *imagefolder_args(inside), "--set", f"output_dir={tmp_path / 'run'}"], tmp_path / "x",
           f"data.path: {inside} is inside a folder the run writes in output_dir {tmp_path / 'run'}")
     assert snapshot(inside) == kept
+    # the library's runner checks it too: the benchmarks call it without the CLI (and wrote among the classes)
+    from cmce.config import load_config
+    from cmce.stages import run_all
+
+    before = snapshot(root)
+    cfg = load_config(SMOKE, {"data": {"source": "imagefolder", "path": str(root), "image_size": 8, "channels": 1},
+                              "output_dir": str(root / "run")})
+    with pytest.raises(ValueError, match=f"^output_dir: {root / 'run'} is inside data.path {root}, the data it reads"):
+        run_all(cfg)
+    assert snapshot(root) == before
 
 
 def test_an_output_over_the_tracking_store_is_refused_before_any_run(world, tmp_path, caplog, monkeypatch):

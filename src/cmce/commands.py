@@ -19,7 +19,7 @@ from typing import Any
 
 from cmce import distributed as ddp
 from cmce import stages
-from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder, is_within, working_folder_under
+from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, dotted_keys, index_section_alone, parse_overrides, shown_key
 from cmce.layout import RunLayout
@@ -341,19 +341,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     cfg = config_of(args)
     remote = is_remote(cfg.output_dir)
-    if (held := working_folder_under(cfg.output_dir)) is not None:  # as `--out .` is for every other step
-        raise ValueError(f"output_dir: {cfg.output_dir} {'is' if held == Path('.') else 'holds'} the working folder; "
-                         "give a folder for the run's outputs")
-    if cfg.data.path and not remote and is_within(cfg.output_dir, cfg.data.path):
-        # the run's folders landed among the class folders; the next run read them as classes
-        raise ValueError(f"output_dir: {cfg.output_dir} is inside data.path {cfg.data.path}, the data it reads; give "
-                         "a folder outside it")
-    lay = RunLayout(Path(cfg.output_dir))
-    written = lay.written_folders()
-    if cfg.data.path and not remote and any(is_within(cfg.data.path, str(f)) for f in written):
-        # `data.path=<output_dir>/data`: the run wrote its dataset among the ImageFolder's class folders
-        raise ValueError(f"data.path: {cfg.data.path} is inside a folder the run writes in output_dir "
-                         f"{cfg.output_dir}; keep the data outside it")
+    stages.check_run_folder(cfg)  # before an s3:// output_dir is checked (and its scratch copy made)
     if remote:  # the whole run in scratch, uploaded when it succeeds
         cfg = config_of(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True,
                                                           last=RunLayout.COMPLETION_MARKERS))})

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from cmce import device as devices
 from cmce import distributed as ddp
+from cmce.argument_paths import is_within, working_folder_under
 from cmce.checkpoint import (
     EMBEDDING_FORMAT,
     TRANSFORM_FORMAT,
@@ -43,7 +44,7 @@ from cmce.layout import RunLayout, pair_transformations
 from cmce.output_checks import check_output, existing_metadata, parquet_kind
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
-from cmce.storage import check_replaceable, origin, stands_for
+from cmce.storage import check_replaceable, is_remote, origin, stands_for
 from cmce.tables import embedding_array, read_metadata, require_whole, with_metadata, write_table
 from cmce.train import no_flip, train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
@@ -610,15 +611,31 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
 
 
 # ---------------------------------------------------------------- the whole run in one process
-def _check_run_root(root: Path) -> None:
-    """output_dir is a folder the run writes into, or one it can make: a file there or above it is named (the
-    first write under it failed with a bare `Not a directory` about a path the user never gave)."""
-    existing = root.absolute()
+def check_run_folder(cfg: Config) -> None:
+    """output_dir is a folder the run can write into, as `--out` of every other step is checked: not the working
+    folder nor one holding it, not inside data.path, nor data.path inside a folder the run writes; a file there
+    or above it is named (the first write under it failed with a bare `Not a directory` about a path the user
+    never gave). In run_all, not the CLI alone: the benchmarks call it directly."""
+    out = cfg.output_dir
+    if (held := working_folder_under(out)) is not None:
+        raise ValueError(f"output_dir: {out} {'is' if held == Path('.') else 'holds'} the working folder; give a "
+                         "folder for the run's outputs")
+    if is_remote(out):
+        return
+    if cfg.data.path and is_within(out, cfg.data.path):
+        # the run's folders landed among the class folders; the next run read them as classes
+        raise ValueError(f"output_dir: {out} is inside data.path {cfg.data.path}, the data it reads; give a folder "
+                         "outside it")
+    if cfg.data.path and any(is_within(cfg.data.path, str(f)) for f in RunLayout(Path(out)).written_folders()):
+        # `data.path=<output_dir>/data`: the run wrote its dataset among the ImageFolder's class folders
+        raise ValueError(f"data.path: {cfg.data.path} is inside a folder the run writes in output_dir {out}; keep "
+                         "the data outside it")
+    existing = Path(out).absolute()
     while not os.path.lexists(existing):
         existing = existing.parent
     if not existing.is_dir():
-        where = "is a file" if existing == root.absolute() else f"cannot be created: {existing} is a file"
-        raise ValueError(f"output_dir: {root} {where}; give a folder for the run's outputs")
+        where = "is a file" if existing == Path(out).absolute() else f"cannot be created: {existing} is a file"
+        raise ValueError(f"output_dir: {out} {where}; give a folder for the run's outputs")
 
 
 def _refuse_other_members(lay: RunLayout, cfg: Config) -> None:
@@ -658,7 +675,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     cfg.output_dir, made by this very config (the caller vouches for that): the model and, for a gallery
     model, its transformation, embeddings and KD student are used as they are, not made again.
     `publish` is handed each stage's record as the stage ends (the CLI passes the tracker's)."""
-    _check_run_root(Path(cfg.output_dir))
+    check_run_folder(cfg)
     use_device(cfg)
     done = publish or (lambda record: None)
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
