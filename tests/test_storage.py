@@ -14,6 +14,7 @@ from cmce.storage import (
     atomic_path,
     check_replaceable,
     clean_stale_temps,
+    named_on_failure,
     read_regular,
     restore_dir,
     write_text,
@@ -411,3 +412,19 @@ def test_a_failed_download_leaves_nothing_in_scratch_and_a_trailing_slash_is_the
         assert not first.exists()
     finally:
         storage.clear_scratch()
+
+
+def test_a_full_disk_inside_a_folder_output_names_the_output_not_its_temporary(tmp_path):
+    """`evaluate --out eval` on a full disk said `.eval.cmce-e_5px3vy.tmp/recall.png: not written`: a path that
+    is gone once the step has failed."""
+    import errno
+
+    from cmce.storage import NotWritten
+
+    target = tmp_path / "eval"
+    with pytest.raises(NotWritten) as err, atomic_dir(target, ("*.json",)) as tmp:
+        write_text(tmp / "a.json", "{}")
+        with named_on_failure(tmp / "b.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(err.value) == f"{target / 'b.json'}: not written: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
