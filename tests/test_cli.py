@@ -370,7 +370,7 @@ def test_build_index_takes_a_file_of_the_index_section_alone(tmp_path, caplog, m
     (["--threads", "2", "train", "--model", "query", "--set", "num_threads=1"], "--set num_threads and --threads"),
     (["build-index", "--set", "index.reject_fraction=0.2", "--reject-fraction", "0.3"],
      "--set index.reject_fraction and --reject-fraction"),
-    (["build-index", "--set", "index={type: hnsw}", "--index-type", "flat"], "--set index and --index-type"),
+    (["build-index", "--set", "index={type: hnsw}", "--index-type", "flat"], "--set index.type and --index-type"),
 ])
 def test_a_setting_given_by_set_and_by_its_flag_is_refused(tmp_path, caplog, argv, said):
     """`--set index.reject_fraction=0.2 --reject-fraction 0.3` used 0.3, `--device cpu … --set device=cuda` trained
@@ -383,6 +383,19 @@ def test_a_setting_given_by_set_and_by_its_flag_is_refused(tmp_path, caplog, arg
     inputs = (["--gallery", str(gallery)] if "build-index" in argv else ["--dataset", str(tmp_path / "none.parquet")])
     assert main([*argv, "--config", str(cfg), *inputs, "--out", str(tmp_path / "out")]) == 2
     assert f"{said} both set" in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_a_mapping_set_beside_a_flag_of_another_key_of_its_section_is_taken(tmp_path):
+    """`--set 'index={type: flat}' --reject-fraction 0.1` was refused as both setting index.reject_fraction: a
+    mapping sets only its own keys (`train={epochs: 1}` changes only train.epochs)."""
+    from cmce.index import load_index
+    from tests.test_index import clustered_gallery
+
+    gallery, _ = clustered_gallery(tmp_path, n=200, members=2)
+    assert main(["build-index", "--config", str(SMOKE), "--set", "index={type: flat}", "--reject-fraction", "0.1",
+                 "--gallery", str(gallery), "--out", str(tmp_path / "out")]) == 0
+    meta = load_index(tmp_path / "out").meta
+    assert (meta["index_type"], meta["reject_fraction"]) == ("flat", 0.1)
 
 
 @pytest.mark.parametrize("soft, hard, said", [

@@ -557,16 +557,6 @@ def leaf_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def dotted_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
-    """The keys `overrides` sets, a mapping value's own keys included (`index={type: hnsw}` sets index.type)."""
-    keys = []
-    for key, value in overrides.items():
-        keys.append(prefix + str(key))
-        if isinstance(value, dict):
-            keys += dotted_keys(value, f"{prefix}{key}.")
-    return keys
-
-
 OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
