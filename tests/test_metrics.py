@@ -164,3 +164,38 @@ def test_linear_cka_matches_the_kernel_definition_and_its_invariances():
     assert linear_cka(x, x * np.array([10, 1, 1, 1, 1, 1])) < 0.9  # not invariant to anisotropic scaling
     with pytest.raises(ValueError, match="same rows"):
         linear_cka(x, y[:-1])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_recall_and_map_at_r_equal_pytorch_metric_learnings_on_scores_without_ties(symmetric):
+    """The definitions as the field's reference implements them: AccuracyCalculator's precision_at_1 and
+    mean_average_precision_at_r (faiss inner-product search, k = the largest class), on random unit vectors (no
+    exact ties), with lone queries, and with each query's own image left out when queries are the gallery."""
+    ac = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    import faiss
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
+    from cmce.scores import InnerProducts
+
+    rng = np.random.default_rng(3)
+    gallery = rng.normal(size=(300, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    gallery_labels = rng.integers(0, 30, 300)
+    if symmetric:
+        queries, query_labels, own = gallery, gallery_labels.copy(), np.arange(300)
+        query_labels[:5] = gallery_labels[:5] = 100 + np.arange(5)  # singletons: lone once their own image is out
+    else:
+        queries = rng.normal(size=(120, 16)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        query_labels, own = rng.integers(0, 34, 120), None  # labels 30-33: lone
+    ours = retrieval_metrics(InnerProducts(queries, gallery, own, None, torch.device("cpu"), 64.0), query_labels,
+                             gallery_labels, [1], [0.1])
+    calc = ac.AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), avg_of_avgs=False,
+                                 k="max_bin_count", device=torch.device("cpu"),
+                                 knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP))
+    pml = (calc.get_accuracy(torch.from_numpy(queries), torch.from_numpy(query_labels)) if symmetric else
+           calc.get_accuracy(torch.from_numpy(queries), torch.from_numpy(query_labels), torch.from_numpy(gallery),
+                             torch.from_numpy(gallery_labels), ref_includes_query=False))
+    assert ours["lone_queries"] > 0 and 0 < ours["R@1"] < 1 and 0 < ours["MAP@R"] < 1
+    assert ours["R@1"] == pytest.approx(pml["precision_at_1"], abs=1e-9)
+    assert ours["MAP@R"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-9)
