@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmce.s3 import URI_SCHEME
 from pipeline.cleanup import (
     WORKSPACE_PREFIX,
     close_parent_run,
@@ -31,7 +32,7 @@ from pipeline.cleanup import (
     stopping,
     tasks_environment,
 )
-from pipeline.inputs import INPUT_URIS, URI_SCHEME, lifecycle_inputs
+from pipeline.inputs import INPUT_URIS, lifecycle_inputs
 from pipeline.relay import ANSI, cluster_settings_said_once, silenced_on_stop, tidied_stdout
 
 if TYPE_CHECKING:

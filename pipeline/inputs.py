@@ -4,12 +4,12 @@ a local KFP run, of the cmce pipeline or a lifecycle one) or one flag each, chec
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
+
+from cmce.s3 import URI_SCHEME
 
 INPUT_URIS = ("dataset_uri", "query_model_uri", "gallery_uri", "train_embeddings_uri")
 FOLDER_INPUTS = ("train_embeddings_uri",)  # one file per gallery model; the others are one file each
-URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a drive letter
 MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow's own URIs: no file of a task's, anywhere
 
 

@@ -21,6 +21,16 @@ def from_client(err: BaseException) -> bool:
     return type(err).__module__.startswith(CLIENT_MODULES)
 
 
+def causes(err: BaseException | None, limit: int = 8) -> Iterator[BaseException]:
+    """`err` and the errors behind it, nearest first: s3transfer's `last_exception` (its RetriesExceededError holds
+    the real one there), else `__cause__`, else `__context__`; at most `limit` (a chain may loop)."""
+    for _ in range(limit):
+        if err is None:
+            return
+        yield err
+        err = getattr(err, "last_exception", None) or err.__cause__ or err.__context__
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The line that says what went wrong (the first), cut to `limit` characters at a word's end; the type when
     it is empty."""

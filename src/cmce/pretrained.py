@@ -65,7 +65,8 @@ class WeightsFile:
         path = self.path()
         # hub-style names end in the first 8 hex digits of the file's sha256: a corrupt or replaced file fails here
         expected = path.stem.rsplit("-", 1)[-1]
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "rb") as f:  # not read whole: a weights file is tens of MB
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         if not digest.startswith(expected):
             raise ValueError(f"{path}: sha256 {digest[:8]} does not match the {expected} in its name")
         return torch.load(path, map_location="cpu", weights_only=True)

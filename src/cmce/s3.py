@@ -26,6 +26,7 @@ from typing import Any
 from cmce import s3_client, strict_json
 from cmce.errors import (
     Terminated,
+    causes,
     raise_if_terminated,
     stop_deferred,
     stopping_on,
@@ -52,13 +53,13 @@ def is_s3(uri: object) -> bool:
     return isinstance(uri, str) and uri.startswith(SCHEME)
 
 
-_ANY_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a Windows drive
+URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters or more: not a Windows drive
 
 
 def foreign_scheme(uri: object) -> str | None:
     """The scheme of a URI that is not `s3://` (`s3a://`, `S3://`, `gs://`, `s3:/`), else None. Such a text
     would otherwise be a relative local path (`./s3a:/b/k`), written where nobody looks for it."""
-    m = _ANY_SCHEME.match(uri) if isinstance(uri, str) else None
+    m = URI_SCHEME.match(uri) if isinstance(uri, str) else None
     return m.group(1) if m and not is_s3(uri) else None
 
 
@@ -205,13 +206,8 @@ def download(uri: str, dest: Path, marker: str | None = None) -> Path:
 
 def _no_room(err: BaseException | None) -> OSError | None:
     """The full-disk error (no space, quota, file size limit) behind `err`, if any."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return err
-        err = err.__cause__ or err.__context__
-        seen += 1
-    return None
+    return next((behind for behind in causes(err) if isinstance(behind, OSError)
+                 and behind.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)), None)
 
 
 MANIFEST = "meta.json"  # a folder written with a manifest (an index) names its files in it: {"files": {name: ...}}

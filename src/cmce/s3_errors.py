@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from cmce.errors import causes
 from cmce.redaction import redact
 from cmce.s3_client import CredentialProcessError, endpoint_shown
 
@@ -40,14 +41,12 @@ def _credentials_error(err: BaseException, uri: str, action: str) -> OSError | N
 
     from cmce.errors import first_line
 
-    seen, retrieval, url = 0, None, None
-    while err is not None and seen < 8:
-        if isinstance(err, CredentialRetrievalError | MetadataRetrievalError) and retrieval is None:
-            retrieval = err
-        if isinstance(err, EndpointConnectionError):
-            url = str(err.kwargs.get("endpoint_url", ""))
-        err = err.__cause__ or err.__context__
-        seen += 1
+    retrieval, url = None, None
+    for behind in causes(err):
+        if isinstance(behind, CredentialRetrievalError | MetadataRetrievalError) and retrieval is None:
+            retrieval = behind
+        if isinstance(behind, EndpointConnectionError):
+            url = str(behind.kwargs.get("endpoint_url", ""))
     if retrieval is None:
         return None
     if url is None:  # the chain holds only the text: "Could not connect to the endpoint URL: "…""
@@ -81,27 +80,14 @@ def _client_error(err: BaseException) -> Any:
     """The botocore ClientError behind `err` (boto3 wraps upload errors in S3UploadFailedError)."""
     from botocore.exceptions import ClientError
 
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, ClientError):
-            return err
-        err = err.__cause__ or err.__context__
-        seen += 1
-    return None
+    return next((behind for behind in causes(err) if isinstance(behind, ClientError)), None)
 
 
 def connection_error(err: BaseException) -> BaseException | None:
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
 
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, BotoConnectionError | HTTPClientError):
-            return err
-        last = getattr(err, "last_exception", None)  # s3transfer's RetriesExceededError
-        err = last or err.__cause__ or err.__context__
-        seen += 1
-    return None
+    return next((behind for behind in causes(err) if isinstance(behind, BotoConnectionError | HTTPClientError)), None)
 
 
 def _proxy_error(conn: BaseException, uri: str, action: str) -> OSError | None:

@@ -504,11 +504,8 @@ def read_regular(path: str | Path, limit: int | None = None) -> bytes:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open_regular(path) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def is_remote(uri: str | Path) -> bool:

@@ -150,11 +150,8 @@ def _fetch_vendor(npm: str, dest: Path, vendor: str) -> None:
 
 
 def _sha512(path: Path) -> bytes:
-    h = hashlib.sha512()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
+        return hashlib.file_digest(f, "sha512").digest()
 
 
 def _extract(tgz: Path, out: Path, vendor: str) -> int:
