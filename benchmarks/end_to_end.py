@@ -116,11 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(p, argv)
     logging.basicConfig(level=logging.WARNING)
     from cmce.layout import RunLayout
-    from cmce.stages import run_all
+    from cmce.stages import check_run_folder, run_all
 
     cfg = config_or_error(p, args.config, {"output_dir": args.out, "device": args.device}, args.set,
                          flags={"output_dir": "--out", "device": "--device"})
     device = device_or_error(p, cfg.device)
+    try:
+        check_run_folder(cfg)  # before the synthetic dataset is written into it
+    except ValueError as err:
+        p.error(f"--out {args.out}: {err}")
     lay = RunLayout(Path(args.out))
     started = time.perf_counter()
     synthetic_disjoint_dataset(lay.dataset, args.images, args.classes, cfg.data.image_size)

@@ -46,6 +46,7 @@ def grow_run(cfg: Config, src: Path, kept: list[str] | None = None) -> dict:
     finished run `src` made by the same config; the other members are trained, fitted and embedded under
     cfg.output_dir, then the gallery, index and evaluation are made for all of them. `kept`: what
     `reusable_members(cfg, src)` returned, when the caller has already checked the run (it loads every model)."""
+    stages.check_run_folder(cfg)  # before the dataset and the kept files are written there (run_all checks it late)
     kept = reusable_members(cfg, src) if kept is None else kept
     old, new = RunLayout(src, kept), RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
     stages.prepare_data(cfg, stages.PrepareInputs(), stages.DatasetOutputs(new.dataset))

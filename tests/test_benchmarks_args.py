@@ -248,6 +248,17 @@ def test_end_to_end_refuses_an_out_an_interrupted_run_would_resume_from(tmp_path
     assert "holds the resume state of an interrupted run (models/vgg.pt.resume)" in capsys.readouterr().err
 
 
+def test_end_to_end_refuses_the_working_folder_as_out_before_writing_its_dataset(tmp_path, monkeypatch, capsys):
+    """`--out .`: the synthetic dataset was written into the working folder, then the run refused it with a
+    traceback (the check of the run folder came after the benchmark's own first write)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        end_to_end.main([*SMALL_END_TO_END, "--out", "."])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--out .: output_dir: . is the working folder" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_measuring_process_reports_its_own_peak_memory_not_its_parents(tmp_path):
     """getrusage's ru_maxrss is kept across exec: the embedding benchmark's step, started by a benchmark that had
     touched 1 GB, reported 1 GB for every gallery size. VmHWM is the process's own."""

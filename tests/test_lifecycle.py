@@ -436,6 +436,25 @@ def test_an_index_that_cannot_be_written_leaves_the_gallery_and_transformations_
         assert _snapshot(gallery, transforms, index) == kept, argv[0]
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], argv[0]
     monkeypatch.undo()
+    # a failure of the index outside its own writes (its temporary folder not made) is the index's, not the gallery's
+    import tempfile
+
+    mkdtemp = tempfile.mkdtemp
+
+    def no_room_for_the_index(*args, **kwargs):
+        if kwargs.get("prefix", "").startswith(".index."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return mkdtemp(*args, **kwargs)
+
+    for argv in (["add-gallery-model", *common, "--gallery-model", str(new), "--work-dir", str(tmp_path / "work")],
+                 ["upgrade-query-model", *common, "--train-embeddings",
+                  *[str(lay.train_embeddings(g)) for g in lay.gallery_names], "--transforms-out", str(transforms)]):
+        caplog.clear()
+        with monkeypatch.context() as m:
+            m.setattr(tempfile, "mkdtemp", no_room_for_the_index)
+            assert main(argv) == 2, argv[0]
+        assert f"{index}: not written: No space left on device" in caplog.text, argv[0]
+        assert _snapshot(gallery, transforms, index) == kept, argv[0]
     assert main(["add-gallery-model", *common, "--gallery-model", str(new), "--work-dir", str(tmp_path / "work")]) == 0
     assert load_index(index).meta["gallery_sha256"] == cmce.index.file_sha256(gallery)
 

@@ -39,7 +39,7 @@ def _in(uri: str) -> Path:
 def _folder_in(uri: str, flag: str) -> Path:
     """An input folder: one missing, or a file, read as "no files" (evaluate's --kd-dir gave a report without
     its KD rows, exit 0). A folder of checkpoints that an upgrade-query-model killed mid-swap left as `.<name>.old`
-    is put back first, as an index's reader does."""
+    is put back first, as an index's reader puts back its folder."""
     from cmce.storage import restore_dir, swap_lock
 
     path = _in(uri)

@@ -553,7 +553,8 @@ def leaf_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
     """The keys whose values `overrides` sets (`train={epochs: 1}` sets train.epochs, not all of train)."""
     keys = []
     for key, value in overrides.items():
-        keys += leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + str(key)]
+        # an empty mapping sets its key itself (`index.type={}`, refused later as no type): a leaf
+        keys += leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [prefix + str(key)]
     return keys
 
 

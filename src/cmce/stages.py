@@ -44,7 +44,7 @@ from cmce.layout import RunLayout, pair_transformations
 from cmce.output_checks import check_output, existing_metadata, parquet_kind
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
-from cmce.storage import check_replaceable, is_remote, origin, stands_for
+from cmce.storage import check_replaceable, is_remote, named_on_failure, origin, stands_for
 from cmce.tables import embedding_array, read_metadata, require_whole, with_metadata, write_table
 from cmce.train import no_flip, train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
@@ -338,7 +338,8 @@ def _index_built(cfg: Config, index: Path | None, gallery: Path) -> Callable[[Pa
 
     def build(written: Path) -> None:
         stands_for(written, origin(gallery))  # messages name the gallery's own path, not its temporary name
-        build_index(written, index, options=cfg.index)
+        with named_on_failure(index):  # its failures outside its own writes (its folder made, renamed) are its own:
+            build_index(written, index, options=cfg.index)  # the gallery's (around this) would take them
 
     return build
 
