@@ -166,15 +166,35 @@ def test_linear_cka_matches_the_kernel_definition_and_its_invariances():
         linear_cka(x, y[:-1])
 
 
+# pytorch-metric-learning, run in a child process: importing it patches faiss's Index.search process-wide
+# (faiss.contrib.torch_utils), after which cmce's own searches with search parameters fail
+ACCURACY_CALCULATOR = """
+import json, sys
+import faiss, numpy as np, torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import FaissKNN
+a = np.load(sys.argv[1])
+calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), avg_of_avgs=False,
+                          k="max_bin_count", device=torch.device("cpu"),
+                          knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP))
+q, ql = torch.from_numpy(a["queries"]), torch.from_numpy(a["query_labels"])
+got = (calc.get_accuracy(q, ql) if a["symmetric"] else
+       calc.get_accuracy(q, ql, torch.from_numpy(a["gallery"]), torch.from_numpy(a["gallery_labels"]),
+                         ref_includes_query=False))
+print(json.dumps(got))
+"""
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_recall_and_map_at_r_equal_pytorch_metric_learnings_on_scores_without_ties(symmetric):
+def test_recall_and_map_at_r_equal_pytorch_metric_learnings_on_scores_without_ties(symmetric, tmp_path):
     """The definitions as the field's reference implements them: AccuracyCalculator's precision_at_1 and
     mean_average_precision_at_r (faiss inner-product search, k = the largest class), on random unit vectors (no
     exact ties), with lone queries, and with each query's own image left out when queries are the gallery."""
-    ac = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
-    import faiss
-    from pytorch_metric_learning.utils.inference import FaissKNN
+    import json
+    import subprocess
+    import sys
 
+    pytest.importorskip("pytorch_metric_learning")
     from cmce.scores import InnerProducts
 
     rng = np.random.default_rng(3)
@@ -190,12 +210,11 @@ def test_recall_and_map_at_r_equal_pytorch_metric_learnings_on_scores_without_ti
         query_labels, own = rng.integers(0, 34, 120), None  # labels 30-33: lone
     ours = retrieval_metrics(InnerProducts(queries, gallery, own, None, torch.device("cpu"), 64.0), query_labels,
                              gallery_labels, [1], [0.1])
-    calc = ac.AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), avg_of_avgs=False,
-                                 k="max_bin_count", device=torch.device("cpu"),
-                                 knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP))
-    pml = (calc.get_accuracy(torch.from_numpy(queries), torch.from_numpy(query_labels)) if symmetric else
-           calc.get_accuracy(torch.from_numpy(queries), torch.from_numpy(query_labels), torch.from_numpy(gallery),
-                             torch.from_numpy(gallery_labels), ref_includes_query=False))
+    np.savez(tmp_path / "case.npz", queries=queries, query_labels=query_labels, gallery=gallery,
+             gallery_labels=gallery_labels, symmetric=symmetric)
+    child = subprocess.run([sys.executable, "-c", ACCURACY_CALCULATOR, str(tmp_path / "case.npz")],
+                           capture_output=True, text=True, check=True)
+    pml = json.loads(child.stdout.splitlines()[-1])
     assert ours["lone_queries"] > 0 and 0 < ours["R@1"] < 1 and 0 < ours["MAP@R"] < 1
     assert ours["R@1"] == pytest.approx(pml["precision_at_1"], abs=1e-9)
     assert ours["MAP@R"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-9)
