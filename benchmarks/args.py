@@ -150,14 +150,14 @@ def config_or_error(parser: argparse.ArgumentParser, path: str, overrides: dict 
     """cmce.config.load_config(path, --set options + `overrides`), or the parser's one-line error (exit 2) naming
     what is wrong: a missing file, an unknown key, a value out of range, a key given twice. `flags` names the
     benchmark's flag an override came from (`{"output_dir": "--out"}`), which a bad value is blamed on."""
-    from cmce.config import leaf_keys, load_config, parse_overrides
+    from cmce.config import clashing_key, load_config, parse_overrides
 
     try:
         given = parse_overrides(list(sets))
-        for key in leaf_keys(given):  # the benchmark's own setting won without a word (`--set kd.enabled=false`)
-            if clash := next((k for k in overrides or {} if key == k or key.startswith(f"{k}.")), None):
-                by = f"its flag {flags[clash]}" if flags and clash in flags else f"{clash}={overrides[clash]}"
-                parser.error(f"--set {key}: this benchmark sets {clash} itself ({by})")
+        for own in overrides or {}:  # the benchmark's own setting won without a word (`--set kd.enabled=false`)
+            if key := clashing_key(given, own):
+                by = f"its flag {flags[own]}" if flags and own in flags else f"{own}={overrides[own]}"
+                parser.error(f"--set {key}: this benchmark sets {own} itself ({by})")
         return load_config(path, {**given, **(overrides or {})}, flags)
     except ValueError as err:  # ConfigError is a ValueError
         parser.error(one_line(err))

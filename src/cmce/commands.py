@@ -21,7 +21,7 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
-from cmce.config import Config, index_section_alone, leaf_keys, parse_overrides, shown_key
+from cmce.config import Config, clashing_key, index_section_alone, parse_overrides, shown_key
 from cmce.layout import RunLayout
 from cmce.output_checks import check_output
 from cmce.records import StepRecord
@@ -103,8 +103,7 @@ def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None, fla
                *((key, flag, key in (extra or {})) for key, flag in (flags or {}).items())]
     given = {key: flag for key, flag, value in flagged if value}  # the keys a flag gave
     for key, flag in given.items():
-        if clash := next((k for k in leaf_keys(out) if k == key or key.startswith(f"{k}.")
-                          or k.startswith(f"{key}.")), None):
+        if clash := clashing_key(out, key):
             raise ValueError(f"--set {shown_key(clash)} and {flag} both set {key}; give it once")
     if args.device:
         out["device"] = args.device
@@ -341,7 +340,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     cfg = config_of(args)
     remote = is_remote(cfg.output_dir)
-    stages.check_run_folder(cfg)  # before an s3:// output_dir is checked (and its scratch copy made)
+    stages.check_run_folder(cfg)  # before a tracking run is opened (run_all checks again: benchmarks call it alone)
     if remote:  # the whole run in scratch, uploaded when it succeeds
         cfg = config_of(args, {"output_dir": str(_out(args, cfg.output_dir, is_dir=True,
                                                           last=RunLayout.COMPLETION_MARKERS))})

@@ -558,6 +558,13 @@ def leaf_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def clashing_key(overrides: dict[str, Any], key: str) -> str | None:
+    """The key of `overrides` (--set pairs, parsed) that sets `key` too: the key itself, a section holding it, or a
+    key inside it; None when none does."""
+    return next((k for k in leaf_keys(overrides) if k == key or key.startswith(f"{k}.") or k.startswith(f"{key}.")),
+                None)
+
+
 OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 

@@ -367,11 +367,8 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
-        try:
-            with named_on_failure(target):
-                yield tmp
-        except NotWritten as err:  # a file of the folder, named by the output it is part of, not by the temporary
-            raise NotWritten(str(err).replace(str(tmp), str(target))) from None
+        with named_on_failure(target):
+            yield tmp
         for name in KEPT_ACROSS_SWAPS:
             if (target / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(target / name, tmp / name)
@@ -388,6 +385,8 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
             os.replace(tmp, target)
         _discard_dir(old)
         made = []
+    except NotWritten as err:  # a file of the folder, named by the output it is part of, not by the temporary
+        raise NotWritten(str(err).replace(str(tmp), str(target))) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
