@@ -537,3 +537,63 @@ def test_a_lifecycle_step_stopped_between_its_renames_is_completed_by_running_it
             if argv[0] == "upgrade-query-model" else
             {**{t.stem: load_transformation(t).sha256 for t in transforms.glob("*.pt")},
              "mob_c": load_transformation(tmp_path / "work" / "transform_mob_c.pt").sha256}), argv[0]
+
+
+def test_a_tracked_addition_stopped_before_its_record_was_published_is_completed_by_running_it_again(
+        smoke_run, tmp_path, monkeypatch, caplog):
+    """A tracked in-place add-gallery-model whose tracking server failed (or that was killed) after the new gallery
+    was put in place: the transformation was never registered, and the rerun was refused as "already a member", so
+    production could not follow that gallery. The rerun now registers it, fitting nothing again."""
+    from mlflow import MlflowClient
+
+    import cmce.stages
+    import cmce.tracking
+    from cmce.cli import main
+    from cmce.config import DataConfig
+    from cmce.records import registry_name
+    from cmce.storage import file_sha256
+    from cmce.tracking import start_parent_run
+    from cmce.train import train_embedding_model
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    gallery, index, work = tmp_path / "gallery.parquet", tmp_path / "index", tmp_path / "work"
+    shutil.copyfile(lay.gallery, gallery)
+    new = tmp_path / "mob_c.pt"
+    train_embedding_model(lay.dataset, ModelSpec(name="mob_c", arch="mobilenet", embedding_dim=16, width=8, seed=5),
+                          DataConfig(source="digits", image_size=8), TrainConfig(epochs=1), new)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "lifecycle", {})
+    argv = ["--mlflow-parent", parent, "--mlflow-uri", uri, "add-gallery-model", "--config", str(SMOKE),
+            "--dataset", str(lay.dataset), "--gallery", str(gallery), "--out", str(gallery), "--index-out",
+            str(index), "--query-model", str(lay.model("query")), "--gallery-model", str(new), "--work-dir",
+            str(work)]
+
+    def unreachable(*args, **kwargs):
+        raise OSError("tracking server unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(cmce.tracking, "publish", unreachable)
+        assert main(argv) == 2
+    grown = gallery.read_bytes()
+    added = {m["name"]: m for m in read_metadata(gallery)["members"]}["mob_c"]
+    client = MlflowClient(tracking_uri=uri)
+    name = registry_name("transform", "mob_c")
+    assert not client.search_model_versions(f"name='{name}'")
+
+    with monkeypatch.context() as m:  # nothing is fitted or embedded again
+        m.setattr(cmce.stages, "fit_transform", lambda *a, **kw: pytest.fail("fitted again"))
+        m.setattr(cmce.stages, "embed_member", lambda *a, **kw: pytest.fail("embedded again"))
+        assert main(argv) == 0
+    assert gallery.read_bytes() == grown
+    [version] = client.search_model_versions(f"name='{name}'")
+    assert version.tags["sha256"] == added["transformation_sha256"] == file_sha256(work / "transform_mob_c.pt")
+    assert load_index(index).meta["gallery_sha256"] == file_sha256(gallery)
+
+    # not the same work folder, or another gallery asked for: the member is refused as before
+    for flag, other in (("--work-dir", tmp_path / "other"), ("--out", tmp_path / "g2.parquet")):
+        changed = [*argv]
+        changed[changed.index(flag) + 1] = str(other)
+        caplog.clear()
+        assert main(changed) == 2, flag
+        assert "a gallery model named 'mob_c' is already in" in caplog.text, flag

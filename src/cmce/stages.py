@@ -477,10 +477,12 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
         raise ValueError(f"--dataset {origin(inp.dataset)}: its {split!r} split is not the one {origin(inp.gallery)} "
                          "embeds (other ids or labels): give the dataset the gallery was made from")
     query = check_serves(gallery_meta, inp.gallery, inp.query_model)
-    [stem] = check_new_members(inp.query_model, [inp.gallery_model],
-                               {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
     if out.index is not None:
         _check_index_out(cfg, query.embedding_dim, inp.gallery)
+    if (transform := _added_before(gallery_meta, inp, out)) is not None:
+        return _finish_addition(cfg, inp, out, transform)
+    [stem] = check_new_members(inp.query_model, [inp.gallery_model],
+                               {m["name"]: str(inp.gallery) for m in gallery_meta.get("members", [])})
     # work files named by the model (a checked identifier), not by its file: two models both saved as model.pt
     # overwrote each other's transformation, train embeddings and member file in one --work-dir; a file of another
     # kind at one of those names (a model, a dataset) is refused before any work, not replaced
@@ -495,6 +497,34 @@ def add_gallery_model(cfg: Config, inp: AddModelInputs, out: AddModelOutputs) ->
                  GalleryOutputs(member))
     grow(inp.gallery, member, out.gallery, before_commit=_index_built(cfg, out.index, out.gallery))
     return record
+
+
+def _added_before(gallery_meta: dict, inp: AddModelInputs, out: AddModelOutputs) -> Path | None:
+    """The transformation of an earlier in-place run of this addition that put the new gallery in place but
+    stopped before its record was published (killed, or the tracking server down): the gallery holds this model
+    with the transformation its work folder still has. A rerun was refused as "already a member", and the
+    transformation was never registered, so the served gallery could not be promoted. None otherwise."""
+    from cmce.storage import file_sha256
+
+    if out.gallery.resolve() != inp.gallery.resolve():  # another gallery asked for: the member is refused
+        return None
+    model = load_embedding_model(inp.gallery_model)
+    transform = out.work_dir / f"transform_{model.name}.pt"  # the name is a checked identifier
+    member = next((m for m in gallery_meta.get("members", []) if m.get("name") == model.name), {})
+    if member.get("sha256") != model.sha256 or not transform.is_file():
+        return None
+    return transform if file_sha256(transform) == member.get("transformation_sha256") else None
+
+
+def _finish_addition(cfg: Config, inp: AddModelInputs, out: AddModelOutputs, transform: Path) -> StepRecord:
+    """What an interrupted addition may have left to do: its record, and its --index-out index (built again: it
+    may name another folder than the first, and the same gallery gives the same index)."""
+    log.info("%s already holds %s with the transformation in %s (an earlier run of this step): not fitted again; "
+             "its record is made again", origin(inp.gallery), transform.stem.removeprefix("transform_"),
+             origin(out.work_dir))
+    if out.index is not None:
+        build_index(inp.gallery, out.index, options=cfg.index)
+    return read_data(record_transformation(cfg, transform), inp.dataset)
 
 
 @dataclass
