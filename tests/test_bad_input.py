@@ -2086,7 +2086,7 @@ def test_a_gallery_replaced_while_it_is_evaluated_writes_nothing(world, tmp_path
     import cmce.evaluate
 
     gallery = Path(shutil.copyfile(world.gallery, tmp_path / "gallery.parquet"))
-    real = cmce.evaluate.read_metadata
+    real = cmce.evaluate.served_gallery  # its metadata read
 
     def replaced_after_the_first_read(path, *args, **kwargs):
         meta = real(path, *args, **kwargs)
@@ -2095,7 +2095,7 @@ def test_a_gallery_replaced_while_it_is_evaluated_writes_nothing(world, tmp_path
             os.replace(tmp_path / "other.parquet", gallery)
         return meta
 
-    monkeypatch.setattr(cmce.evaluate, "read_metadata", replaced_after_the_first_read)
+    monkeypatch.setattr(cmce.evaluate, "served_gallery", replaced_after_the_first_read)
     out = tmp_path / "eval"
     fails(caplog, [*evaluate_args(world, gallery=gallery), "--out", out], out,
           f"{gallery}: was replaced or changed while this step read it")

@@ -52,10 +52,9 @@ from cmce.tables import (
     float_column,
     id_rows,
     int_column,
-    read_metadata,
     read_table,
-    require_whole,
     rows_of,
+    served_gallery,
     shown_id,
     string_column,
     with_metadata,
@@ -211,15 +210,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
     match transformations and students to members by content hash, embed the test split with the query model
     (once) and with the students, apply each T."""
     query_model = load_embedding_model(inputs.query_model)
-    gmeta = read_metadata(inputs.gallery)
-    if gmeta.get("kind") != "gallery":
-        raise TableError(f"{inputs.gallery}: not a gallery file (kind={gmeta.get('kind')!r})")
-    require_whole(gmeta, inputs.gallery, "evaluate")
-    if gmeta["query_model_sha256"] != query_model.sha256:
-        raise TableError(
-            f"{inputs.gallery}: gallery was transformed for query model {gmeta['query_model_sha256'][:12]}, "
-            f"not {query_model.sha256[:12]} ({inputs.query_model})"
-        )
+    gmeta = served_gallery(inputs.gallery, query_model.sha256, inputs.query_model, "evaluate")
     members = gmeta["members"]
     # orchestrators may hand over collected lists in any order: match files to members by content hash
     by_gallery, given = {}, {}

@@ -23,13 +23,11 @@ from cmce.evaluate import cosine_scores, cross_domains, self_columns
 from cmce.metrics import retrieval_metrics
 from cmce.scores import BLOCK_MB
 from cmce.tables import (
-    TableError,
     check_rows_are_split,
     embedding_column,
     int_column,
-    read_metadata,
     read_table,
-    require_whole,
+    served_gallery,
     string_column,
 )
 
@@ -135,13 +133,7 @@ def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, 
                    fars: list[float], batch_size: int = 256, block_mb: float = BLOCK_MB) -> dict[str, float]:
     """Metrics of the query model searching the gallery's stored ensemble embedding."""
     q_model = load_embedding_model(query_model)
-    meta = read_metadata(gallery)
-    if meta.get("kind") != "gallery":
-        raise TableError(f"{gallery}: not a gallery file (kind={meta.get('kind')!r})")
-    require_whole(meta, gallery, "the gate")
-    if meta["query_model_sha256"] != q_model.sha256:
-        raise TableError(f"{gallery}: gallery was transformed for query model {meta['query_model_sha256'][:12]}, "
-                         f"not {q_model.sha256[:12]} ({query_model})")
+    meta = served_gallery(gallery, q_model.sha256, query_model, "the gate")
     table = read_table(gallery, ["id", "label", "embedding"])
     g_ids = string_column(table, "id", str(gallery))
     g_labels = int_column(table, "label", str(gallery))

@@ -80,6 +80,19 @@ def require_whole(meta: dict[str, Any], path: str | Path, step: str) -> None:
                          "shards first (cmce merge)")
 
 
+def served_gallery(gallery: str | Path, query_sha256: str, query_model: str | Path, step: str) -> dict[str, Any]:
+    """The metadata of `gallery`, refused unless it is a whole gallery transformed for the query model whose
+    checkpoint (`query_model`) has `query_sha256`: evaluated or gated against another, its scores meant nothing."""
+    meta = read_metadata(gallery)
+    if meta.get("kind") != "gallery":
+        raise TableError(f"{gallery}: not a gallery file (kind={meta.get('kind')!r})")
+    require_whole(meta, gallery, step)
+    if (made_for := str(meta.get("query_model_sha256"))) != query_sha256:
+        raise TableError(f"{gallery}: gallery was transformed for query model {made_for[:12]}, not "
+                         f"{query_sha256[:12]} ({query_model})")
+    return meta
+
+
 def holds_whole_split(meta: dict[str, Any]) -> bool:
     """The file says it holds every row of the split its `source` records (so its ids and labels can be checked
     against the recorded digests); a shard's rows are checked when the shards are merged."""
