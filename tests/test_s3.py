@@ -1719,6 +1719,31 @@ def test_a_run_on_s3_says_its_key_outputs_by_uri_once_uploaded_and_its_search_co
     assert len(answers) == 3 and all(hit["id"] != a["query"] for a in answers for hit in a["hits"])
 
 
+def test_a_run_on_s3_checks_the_objects_already_under_its_prefix_before_any_work(s3_server, monkeypatch, tmp_path,
+                                                                               caplog):
+    """An s3:// `cmce run` checked its files only in its empty scratch copy: a Parquet file at a model's key was
+    replaced by the model, and a foreign object in its index folder was kept beside the new index. Each is now
+    refused before any work, as a local run refuses them."""
+    import cmce.stages
+
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    root = f"s3://{bucket}/run"
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "notes.parquet")
+    monkeypatch.setattr(cmce.stages, "prepare_data", lambda *a, **kw: pytest.fail("work started"))
+    for key, said in (("run/models/query.pt", f"{root}/models/query.pt: holds a Parquet file; this step writes a "
+                                              "checkpoint file"),
+                      ("run/index/notes.parquet", f"{root}/index: holds notes.parquet, which this step does not "
+                                                  "write")):
+        s3_server.client().upload_file(str(tmp_path / "notes.parquet"), bucket, key)
+        caplog.clear()
+        assert main(["run", *QUICK, "--set", f"output_dir={root}"]) == 2, key
+        assert said in caplog.text, key
+        assert read_object(s3_server, bucket, key) == (tmp_path / "notes.parquet").read_bytes()
+        s3_server.client().delete_object(Bucket=bucket, Key=key)
+    assert keys(s3_server, bucket) == set()
+
+
 def test_the_bucket_of_an_output_is_checked_once_a_command(s3_server, s3_chain, monkeypatch):
     """Each s3:// output's bucket was checked up to three times (before the inputs, by the output's own check, as its
     scratch copy was made): three requests, and a bucket the user may not check warned about three times."""

@@ -44,7 +44,7 @@ from cmce.layout import RunLayout, pair_transformations
 from cmce.output_checks import check_output, existing_metadata, parquet_kind
 from cmce.records import StepRecord, record_model, record_transformation, registry_name, served_versions
 from cmce.resume import Resume, file_identity
-from cmce.storage import check_replaceable, is_remote, named_on_failure, origin, stands_for
+from cmce.storage import is_remote, named_on_failure, origin, stands_for
 from cmce.tables import embedding_array, read_metadata, require_whole, with_metadata, write_table
 from cmce.train import no_flip, train_distilled_student, train_embedding_model
 from cmce.transform import Transformation, fit_transformation, load_transformation, save_transformation
@@ -682,7 +682,8 @@ def _refuse_other_members(lay: RunLayout, cfg: Config) -> None:
 
 def _check_run_outputs(lay: RunLayout, cfg: Config, prepare: bool, keep: Collection[str]) -> None:
     """Each file the run writes, checked as the step writing it alone checks its --out: a dataset at a member's
-    path was replaced by the member file, and a folder at a model's path failed once the query model had trained."""
+    path was replaced by the member file, and a folder at a model's path failed once the query model had trained.
+    An s3:// run (its scratch copy here) is checked where it is uploaded: the copy is empty."""
     model, parquet = {"writes": "checkpoint", "kinds": (EMBEDDING_FORMAT,)}, "parquet"
     planned: list[tuple[Path, dict]] = [(lay.dataset, {"writes": parquet, "kinds": ("dataset",)})] if prepare else []
     if cfg.query_model.name not in keep:
@@ -695,7 +696,7 @@ def _check_run_outputs(lay: RunLayout, cfg: Config, prepare: bool, keep: Collect
                     *([(lay.kd_student(g), model)] if cfg.kd.enabled else [])]
     planned.append((lay.gallery, {"writes": parquet, "kinds": ("gallery",)}))
     for path, kind in planned:
-        check_output(path, **kind)
+        check_output(origin(path), **kind)
 
 
 def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
@@ -712,8 +713,8 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     lay = RunLayout(Path(cfg.output_dir), [m.name for m in cfg.gallery_models])
     # the folders replaced whole at the end are checked first: a refusal after the training would leave new
     # models beside the old index and evaluation
-    check_replaceable(lay.index, INDEX_FILES)
-    check_replaceable(lay.eval_dir, EVAL_FILES)
+    check_output(origin(lay.index), is_dir=True, own=INDEX_FILES)
+    check_output(origin(lay.eval_dir), is_dir=True, own=EVAL_FILES)
     _check_run_outputs(lay, cfg, prepare, keep)
     _refuse_other_members(lay, cfg)
     if prepare:
