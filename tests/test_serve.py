@@ -1593,13 +1593,15 @@ def test_a_request_without_a_body_never_waits_behind_queued_bodies():
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize(("body", "field", "said"), [
-    ({"embeddings": [["x"] * 100_000] * 3, "query_model_sha256": "0" * 64}, "embeddings[0][0]", "valid number"),
-    ({"embeddings": [0.5] * 100_000, "query_model_sha256": "0" * 64}, "embeddings[0]", "valid list"),
-    ({"images": list(range(100_000))}, "images[0]", "valid string"),
-    ({"images": [], **{f"x{i}": 1 for i in range(100_000)}}, "x0", "Extra inputs"),
+@pytest.mark.parametrize(("body", "status", "field", "said"), [
+    ({"embeddings": [["x"] * 100_000] * 3, "query_model_sha256": "0" * 64}, 422, "embeddings[0][0]", "valid number"),
+    # over --max-queries as well: refused for that before pydantic reads a row
+    ({"embeddings": [0.5] * 100_000, "query_model_sha256": "0" * 64}, 413, "embeddings", "more than the 64"),
+    ({"images": list(range(100_000))}, 413, "images", "more than the 64"),
+    ({"images": [], **{f"x{i}": 1 for i in range(100_000)}}, 422, "x0", "Extra inputs"),
 ])
-def test_a_body_of_many_wrong_values_is_refused_by_its_first_with_one_error(in_process_server, body, field, said):
+def test_a_body_of_many_wrong_values_is_refused_by_its_first_with_one_error(in_process_server, body, status, field,
+                                                                            said):
     """pydantic listed every wrong value of a body on the event loop, though the answer names the first: 5 MB of
     strings where numbers go stalled every request and probe for 13 s, and 8 MB took 2.3 GB."""
     from pydantic import ValidationError
@@ -1611,7 +1613,40 @@ def test_a_body_of_many_wrong_values_is_refused_by_its_first_with_one_error(in_p
     assert err.value.error_count() <= 2  # the field's list, and `null`, the union's other member
     _, url = in_process_server()
     res = requests.post(f"{url}/search", json=body, timeout=60)
-    assert res.status_code == 422 and res.json()["field"] == field and said in res.json()["error"], res.text
+    assert res.status_code == status and res.json()["field"] == field and said in res.json()["error"], res.text
+
+
+@pytest.mark.parametrize(("field", "rows"), [("embeddings", [["x"]] + [[1]] * 1_000_000), ("images", [7] * 65)])
+def test_too_many_queries_are_refused_before_their_rows_are_validated(in_process_server, field, rows):
+    """--max-queries was checked by the route, after pydantic had validated every row on the event loop: 2 M
+    one-value rows (8 MB) held every request and probe for 1.3 s, then got the 413. Now a body over it is refused as
+    it is read: its first row, invalid, is not reached (a 422 naming it would mean the rows were validated first)."""
+    _, url = in_process_server()
+    res = requests.post(f"{url}/search", json={field: rows, "query_model_sha256": "0" * 64}, timeout=60)
+    assert res.status_code == 413 and res.json()["field"] == field, res.text
+    assert f"{len(rows)} queries, more than the 64 a request may hold (--max-queries)" in res.json()["error"]
+
+
+def test_the_pixels_of_a_requests_images_together_are_bounded_before_any_is_decoded(in_process_server,
+                                                                                      monkeypatch):
+    """Each image was bounded alone (--max-image-pixels): 64 PNGs of 2000×2000 in 1.7 MB were all decoded, 5.6 s
+    of CPU for one request. Their headers' pixels together are now held to --max-request-pixels, before a decode."""
+    import cmce.serving.queries
+    from cmce.serving.queries import Limits
+
+    big = io.BytesIO()
+    Image.new("L", (1000, 1000)).save(big, format="PNG")  # 1 M pixels in a few kB
+    _, url = in_process_server(limits=Limits(max_request_pixels=2_500_000))
+    assert requests.post(f"{url}/search", json={"images": [b64(big.getvalue())] * 2}, timeout=60).status_code == 200
+    decoded = []
+    real = cmce.serving.queries.decode_image_as_found
+    monkeypatch.setattr(cmce.serving.queries, "decode_image_as_found",
+                        lambda *a, **kw: decoded.append(1) or real(*a, **kw))
+    res = requests.post(f"{url}/search", json={"images": [b64(big.getvalue())] * 3}, timeout=60)
+    assert res.status_code == 413 and res.json() == {
+        "error": "images: 3,000,000 pixels in images[0..2], more than the 2,500,000 a request may hold "
+                 "(--max-request-pixels)", "field": "images"}, res.text
+    assert not decoded
 
 
 def test_a_sized_body_over_the_limit_arriving_with_its_head_is_refused_as_such(in_process_server):
@@ -1705,6 +1740,23 @@ def test_metrics_count_every_answer_and_show_the_served_index(world, in_process_
     assert got[("cmce_index_problem", ())] == 1.0
     assert not [name for name, _ in got if name.endswith("_created")]
     assert requests.get(f"{base}/readyz", timeout=10).json()["last_reload_error"] is not None
+
+
+def test_a_malformed_target_or_accept_header_is_answered_not_a_500(in_process_server):
+    """`GET http://[::1/search` (a host urlsplit cannot parse) and a scrape asking for OpenMetrics `version=abc` were
+    500s in plain text with a traceback in the log, and the first was not counted. Now: 400 in the API's form,
+    counted; the scrape gets the Prometheus text format, as a scraper that asks for nothing does."""
+    _, base = in_process_server()
+    head, answer, closed = raw_exchange(SimpleNamespace(url=base),
+                                        b"GET http://[::1/search HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"http/1.1 400") and closed, head
+    assert json.loads(answer) == {"error": "request: the request target 'http://[::1/search' is not a valid "
+                                           "absolute URL", "field": "request"}, answer
+    res = requests.get(f"{base}/metrics", headers={"accept": "application/openmetrics-text; version=abc"},
+                       timeout=10)
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain"), res.text
+    got = scraped(base)
+    assert got[("cmce_http_requests_total", (("endpoint", "other"), ("method", "GET"), ("status", "400")))] == 1.0
 
 
 def test_a_load_that_failed_in_transfer_is_tried_again_after_a_while(world, tmp_path, monkeypatch):

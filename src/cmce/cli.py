@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "--max-body-bytes)")
     sp.add_argument("--max-image-pixels", type=int_in(1, 100_000_000), default=4_000_000,
                     help="per query image, from its header (default 4,000,000)")
+    sp.add_argument("--max-request-pixels", type=int_in(1, 10_000_000_000), default=32_000_000,
+                    help="all query images of one request together, from their headers (default 32,000,000)")
     sp.add_argument("--search-threads", type=_threads, default=1,
                     help="threads of one index search; requests already run in parallel (default 1)")
     sp.add_argument("--access-log", action="store_true", help="log every request")

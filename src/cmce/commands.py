@@ -318,7 +318,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if bodies < args.max_body_bytes:  # the largest body allowed would never be served
         raise ValueError(f"--max-bodies-bytes {bodies} is less than --max-body-bytes {args.max_body_bytes}")
     limits = Limits(max_queries=args.max_queries, max_k=args.max_k, max_body_bytes=args.max_body_bytes,
-                    max_bodies_bytes=bodies, max_image_pixels=args.max_image_pixels)
+                    max_bodies_bytes=bodies, max_image_pixels=args.max_image_pixels,
+                    max_request_pixels=args.max_request_pixels)
     opts = ServeOptions(_index_in(args.index), args.query_model, _in(args.dataset) if args.dataset else None, args.host,
                         args.port, args.reload_interval, limits, args.access_log, args.search_threads,
                         args.max_connections, args.head_timeout)

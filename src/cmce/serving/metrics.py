@@ -33,9 +33,19 @@ METHODS = ("GET", "HEAD", "POST")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+ABSOLUTE_FORM = ("http://", "https://")
+
+
 def target_path(target: str) -> str:
-    """The path of a request target, absolute-form included (`http://host/search` → `/search`)."""
-    return urlsplit(target).path or "/" if target.startswith(("http://", "https://")) else target
+    """The path of a request target, absolute-form included (`http://host/search` → `/search`); an absolute
+    target whose host cannot be parsed (`http://[::1/search`) is returned as it is (urlsplit's ValueError was a
+    500 and a traceback, and the answer went uncounted)."""
+    if not target.startswith(ABSOLUTE_FORM):
+        return target
+    try:
+        return urlsplit(target).path or "/"
+    except ValueError:
+        return target
 
 
 class ServerMetrics:
@@ -59,7 +69,10 @@ class ServerMetrics:
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape's body and content type: OpenMetrics when the scraper's Accept header asks for it, else the
         Prometheus text format."""
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except (TypeError, ValueError):  # `version=abc`: the library compares it as a number (a 500, a traceback)
+            encoder, content_type = choose_encoder(None)
         return encoder(self.registry), content_type
 
 
