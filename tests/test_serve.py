@@ -143,7 +143,8 @@ def test_refusals_name_the_field(world):
     # images pinned to another query model than the one that would embed them (the pin was ignored: 200)
     refused(server, 409, "query_model_sha256", "images sent for query model", images=[b64(png(0))],
             query_model_sha256="0" * 64)
-    refused(server, 422, "query_model_sha256", "64 hex digits", images=[b64(png(0))], query_model_sha256="abc")
+    for pin in ("abc", ""):  # an empty pin was ignored (200), and refused with embeddings
+        refused(server, 422, "query_model_sha256", "64 hex digits", images=[b64(png(0))], query_model_sha256=pin)
     assert server.search(images=[b64(png(0))], query_model_sha256=sha).status_code == 200
     # a key given twice: the last won silently (a wrong pin, then the right one: 200)
     for body, key in ((f'{{"embeddings": [{row}], "k": 1, "k": 2, "query_model_sha256": "{sha}"}}', "k"),

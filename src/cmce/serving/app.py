@@ -342,7 +342,7 @@ def create_app(holder: Holder, limits: Limits, classes: list[str] | None = None,
         if req.embeddings is not None:
             queries = embeddings_query(req.embeddings, req.query_model_sha256, served, limits)
         else:
-            if req.query_model_sha256:
+            if req.query_model_sha256 is not None:  # "" too: refused as with embeddings (was ignored, 200)
                 check_query_model(req.query_model_sha256, served, "images sent for", "send the served model's "
                                   "sha256 (GET /version), or none")
             queries, warnings = images_query(req.images or [], served, limits)
