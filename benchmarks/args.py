@@ -135,8 +135,8 @@ def one_line(err: BaseException) -> str:
 
 
 def config_override(text: str) -> str:
-    """A type for --set: KEY=VALUE with a YAML value (cmce.config.parse_overrides); the text itself is kept."""
-    from cmce.config import parse_overrides
+    """A type for --set: KEY=VALUE with a YAML value (cmce.overrides.parse_overrides); the text itself is kept."""
+    from cmce.overrides import parse_overrides
 
     try:
         parse_overrides([text])
@@ -150,7 +150,8 @@ def config_or_error(parser: argparse.ArgumentParser, path: str, overrides: dict 
     """cmce.config.load_config(path, --set options + `overrides`), or the parser's one-line error (exit 2) naming
     what is wrong: a missing file, an unknown key, a value out of range, a key given twice. `flags` names the
     benchmark's flag an override came from (`{"output_dir": "--out"}`), which a bad value is blamed on."""
-    from cmce.config import clashing_key, load_config, parse_overrides
+    from cmce.config import load_config
+    from cmce.overrides import clashing_key, parse_overrides
 
     try:
         given = parse_overrides(list(sets))

@@ -29,8 +29,9 @@ from benchmarks.finished_run import check_run
 from benchmarks.method import seeded
 from benchmarks.refit import refit
 from benchmarks.report import LOG_FORMAT, add_config_options, config_shown, write_section
-from cmce.config import Config, load_config, parse_overrides
+from cmce.config import Config, load_config
 from cmce.layout import RunLayout
+from cmce.overrides import parse_overrides
 
 log = logging.getLogger("bench")
 

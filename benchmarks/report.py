@@ -20,7 +20,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_config_options(p: argparse.ArgumentParser, set_help: str = "config override") -> None:
-    """--config (default params.yaml) and repeatable --set KEY=VALUE, read back by `cmce.config.parse_overrides`."""
+    """--config (default params.yaml) and repeatable --set KEY=VALUE, read back by `cmce.overrides.parse_overrides`."""
     p.add_argument("--config", default=str(ROOT / "params.yaml"))
     p.add_argument("--set", action="append", default=[], type=config_override, metavar="KEY=VALUE", help=set_help)
 

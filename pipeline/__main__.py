@@ -176,7 +176,7 @@ def _check_settings_fit_the_run(args: argparse.Namespace, inputs: dict, cfg: Con
 
 def _without_data_path(overrides: list[str]) -> list[str]:
     """The --set overrides less the data.path they set (`data.path=x`, or `path` in `data={...}`)."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     kept = []
     for pair in overrides:
@@ -192,8 +192,9 @@ def _without_data_path(overrides: list[str]) -> list[str]:
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import leaf_keys, load_config, parse_overrides
+    from cmce.config import load_config
     from cmce.config_yaml import read_config_text, read_yaml
+    from cmce.overrides import leaf_keys, parse_overrides
     from pipeline.cmce_pipeline import PARAMS_FILE
 
     overrides = parse_overrides(args.set)

@@ -343,7 +343,7 @@ VALID_ARCHS = r"; valid names: \[.*'resnet'.*\]$"
 def test_a_gallery_models_fault_names_it_as_set_addresses_it(pair, message):
     """`--set gallery_models.resnet.arch=resnett` said `gallery_models[0].arch: unknown architecture`: the model by
     its position in the list the keyed form is read as, which the user never wrote. Named by its name now."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
     from tests.conftest import ROOT
 
     with pytest.raises(ConfigError, match=rf"^{message}") as err:
@@ -402,7 +402,7 @@ def test_gallery_models_of_another_type_is_refused_naming_the_key(tmp_path, valu
 def test_a_mapping_given_to_a_section_is_merged_into_it(tmp_path):
     """`--set 'train={epochs: 1}'` replaced the whole section: the file's batch_size and lr fell back to the
     defaults without a word."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     path = _write(tmp_path, GOOD + "train: {epochs: 3, batch_size: 64, lr: 0.005}\n"
                                    "index: {type: ivfpq, ivfpq: {nlist: 32, nprobe: 4}}\n")
@@ -431,7 +431,7 @@ def test_a_mapping_given_to_a_section_is_merged_into_it(tmp_path):
 def test_an_unknown_key_from_an_override_is_named_as_the_override(tmp_path, pair, message):
     """`--set nosuch.key=1` was blamed on the config file (`c.yaml: : unknown key(s) ['nosuch']`), which has no
     such key; the same key in the file is still the file's."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     path = _write(tmp_path, GOOD)
     with pytest.raises(ConfigError, match=rf"^{message}") as err:
@@ -444,7 +444,7 @@ def test_an_unknown_key_from_an_override_is_named_as_the_override(tmp_path, pair
 def test_a_number_past_pythons_digit_limit_is_named_at_its_key_or_line(tmp_path):
     """`epochs: 999…9` (5000 digits) was a bare "Exceeds the limit (4300 digits) for integer string conversion"
     naming no key, file or line, in the file and through --set alike."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     huge = "9" * 5000
     with pytest.raises(ConfigError, match=r"^--set train.epochs: value .* is not valid YAML: a number of 5000 digits"):
@@ -464,7 +464,7 @@ def test_a_number_past_pythons_digit_limit_is_named_at_its_key_or_line(tmp_path)
 def test_a_bad_value_from_an_override_is_named_as_the_override(tmp_path, pairs, message):
     """`--set train.epochs=abc` was blamed on the config file (`c.yaml: train.epochs: expected int`), which holds
     a good value; a fault the file itself holds is still the file's, overrides or not."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     path = _write(tmp_path, GOOD)
     with pytest.raises(ConfigError) as err:
@@ -519,8 +519,8 @@ def test_a_config_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
 def test_a_config_nested_past_the_depth_limit_is_named_with_its_file_and_line(tmp_path):
     """`rejection_rates: [[[[…]]]]` 20,000 deep was a RecursionError traceback from PyYAML's composer, in a file
     and through --set alike; a block mapping nested as deep is the same fault."""
-    from cmce.config import parse_overrides
     from cmce.config_yaml import MAX_YAML_DEPTH, read_yaml
+    from cmce.overrides import parse_overrides
 
     deep = "[" * 20_000 + "]" * 20_000
     path = _write(tmp_path, GOOD + f"evaluate:\n  rejection_rates: {deep}\n")
@@ -543,7 +543,7 @@ def test_a_config_nested_past_the_depth_limit_is_named_with_its_file_and_line(tm
 def test_an_integer_yaml_1_1_and_1_2_read_differently_is_refused_naming_its_line(tmp_path, text, means):
     """`train: {epochs: 010}` trained 8 epochs without a word: YAML 1.1 (PyYAML) reads a leading zero as octal,
     YAML 1.2 (DVC's reader of params.yaml) as decimal; `1:30` is 90 in 1.1 (base 60), text in 1.2."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     path = _write(tmp_path, GOOD + f"train:\n  epochs: {text}\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid YAML: {re.escape(text)} is ambiguous: "
@@ -570,7 +570,7 @@ def test_integers_yaml_reads_alike_keep_their_value(tmp_path, text, value):
 def test_a_set_key_of_thousands_of_letters_is_cut_in_its_error(tmp_path, override):
     """`--set <10,000 letters>=1`: one 10,332-byte error line, the key cut in the list of unknown keys but printed
     whole before it."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, GOOD), parse_overrides(override.split(" ")))
@@ -580,7 +580,7 @@ def test_a_set_key_of_thousands_of_letters_is_cut_in_its_error(tmp_path, overrid
 def test_a_new_gallery_model_named_by_set_must_have_a_model_name(tmp_path):
     """`--set gallery_models.<100,000 letters>.width=1` gave one 200,177-byte line, the name echoed twice in full,
     saying it lacked `arch`: the fault (not a model name) was never stated."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, GOOD), parse_overrides([f"gallery_models.{'y' * 100_000}.width=1"]))
@@ -592,7 +592,8 @@ def test_a_new_gallery_model_named_by_set_must_have_a_model_name(tmp_path):
 
 def test_a_key_set_twice_on_the_command_line_is_refused():
     """`--set train.epochs=1 --set train.epochs=2` trained 2 epochs without a word (a YAML key twice is refused)."""
-    from cmce.config import ConfigError, parse_overrides
+    from cmce.config import ConfigError
+    from cmce.overrides import parse_overrides
 
     with pytest.raises(ConfigError, match=r"^--set train.epochs: given twice; give it once$"):
         parse_overrides(["train.epochs=1", " train.epochs =2"])
@@ -632,7 +633,7 @@ def test_a_line_break_in_a_model_name_or_path_stays_inside_the_one_line_message(
 
 def test_a_key_set_twice_in_two_spellings_is_refused():
     """`--set train.epochs=1 --set 'train={epochs: 2}'` trained 2 epochs (the other order 1), without a word."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     for pairs in (["train.epochs=1", "train={epochs: 2}"], ["train={epochs: 2, lr: 0.1}", "train.epochs=1"]):
         with pytest.raises(ConfigError, match=r"^--set train.epochs: given twice \(by --set train(.epochs)? and "
@@ -645,7 +646,7 @@ def test_an_added_gallery_model_needs_an_arch_and_no_model_is_another_under_a_ne
     """lifecycle.add_gallery_model without arch was the query model's architecture with its defaults: the model
     `add-gallery-model` trained was the query model itself, tensor for tensor, exit 0. Two models a run trains of the
     same spec (all but the name) train the same weights: refused naming both."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     path = _write(tmp_path, GOOD)
     with pytest.raises(ConfigError, match=r"lifecycle.add_gallery_model: lacks 'arch' \(a gallery model needs one\)"):
@@ -673,7 +674,7 @@ def test_numbers_a_float_cannot_hold_or_that_yaml_versions_read_apart_are_refuse
     """An integer of 401 digits where a float goes was an OverflowError traceback; evaluate.block_mb 1e303 passed,
     then evaluate failed with `cannot convert float NaN to integer`; `1:30.0` was 90.0 (YAML 1.1's base 60), text to
     YAML 1.2 (DVC's), where `1:30` was refused."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     with pytest.raises(ConfigError, match=said):
         load_config(_write(tmp_path, GOOD), parse_overrides([pair]))
@@ -682,7 +683,7 @@ def test_numbers_a_float_cannot_hold_or_that_yaml_versions_read_apart_are_refuse
 def test_gate_metrics_are_spelled_as_they_are_measured(tmp_path):
     """`TAR@FAR=1e-3` or `R@01` passed, then the gate measured both galleries and failed: not measured (the measured
     names are `TAR@FAR=0.001` and `R@1`). Two spellings of one metric are one metric given twice."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     cfg = load_config(_write(tmp_path, GOOD), parse_overrides(['lifecycle.gate.metrics=["TAR@FAR=1e-3", R@01, MAP@R]']))
     assert cfg.lifecycle.gate.metrics == ["TAR@FAR=0.001", "R@1", "MAP@R"]
@@ -693,7 +694,7 @@ def test_gate_metrics_are_spelled_as_they_are_measured(tmp_path):
 def test_one_gallery_model_of_the_list_form_is_set_by_name(tmp_path):
     """`--set gallery_models=[b, a] --set gallery_models.b.width=5` failed with "'gallery_models' is not a mapping"
     (the other order passed); so did any `gallery_models.<name>.<key>` over a file's list form."""
-    from cmce.config import parse_overrides
+    from cmce.overrides import parse_overrides
 
     two = "query_model: {name: q, arch: query_cnn}\ngallery_models: [{name: a, arch: resnet}, {name: b, arch: vgg}]\n"
     for pairs in (["gallery_models=[b, a]", "gallery_models.b.width=5"], ["gallery_models.b.width=5"],

@@ -576,8 +576,9 @@ def test_an_earlier_student_is_removed_only_once_a_kd_disabled_command_has_run(s
 def test_a_placeholder_takes_the_value_the_commands_own_set_gives(tmp_path, monkeypatch):
     """`--set query_model.width=4 --out 'q_w{query_model.width}.pt'` wrote a width-4 model named q_w8.pt: the
     placeholders were filled from the config file alone."""
-    from cmce.config import load_config, parse_overrides
+    from cmce.config import load_config
     from cmce.dvc_stage import overrides_of, resolve
+    from cmce.overrides import parse_overrides
     from tests.conftest import SMOKE
 
     command = ["train", "--config", str(SMOKE), "--set", "query_model.width=4", "--set=query_model.name=q2",

@@ -905,7 +905,8 @@ def test_a_relative_data_path_given_with_set_is_the_working_folders_and_given_on
     """`run --local --set data.path=rel` appended the launcher's own absolute data.path to the user's: the first task
     refused `data.path` as given twice, while the launcher's check had passed. A path on the command line is the
     working folder's; the other overrides are kept."""
-    from cmce.config import load_config, parse_overrides
+    from cmce.config import load_config
+    from cmce.overrides import parse_overrides
     from pipeline.cmce_pipeline import PARAMS_FILE
 
     monkeypatch.chdir(tmp_path)

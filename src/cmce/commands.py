@@ -21,9 +21,10 @@ from cmce import distributed as ddp
 from cmce import stages
 from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
-from cmce.config import Config, clashing_key, index_section_alone, parse_overrides, shown_key
+from cmce.config import Config, index_section_alone, shown_key
 from cmce.layout import RunLayout
 from cmce.output_checks import check_output
+from cmce.overrides import clashing_key, parse_overrides
 from cmce.records import StepRecord
 from cmce.storage import is_remote, local_input, local_output, regular_files, restore_uris, scratch_dir, stands_for
 

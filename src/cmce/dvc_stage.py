@@ -24,8 +24,9 @@ from pathlib import Path
 import yaml
 
 from cmce.arguments import OneLineParser
-from cmce.config import Config, check_model_name, load_config, parse_overrides
+from cmce.config import Config, check_model_name, load_config
 from cmce.config_yaml import read_config_text, read_yaml
+from cmce.overrides import parse_overrides
 from cmce.storage import local_input
 
 log = logging.getLogger("cmce")
