@@ -2890,6 +2890,17 @@ def test_json_and_onnx_outputs_are_told_apart_from_other_formats(world, tmp_path
     onnx_file = tmp_path / "q.onnx"
     assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0
     assert main(["export-query", "--query-model", str(world.query), "--out", str(onnx_file)]) == 0  # its own kind
+    # an ONNX model cmce did not export (no cmce-query-onnx metadata): replaced, exit 0
+    import onnx
+    from onnx import TensorProto, helper
+
+    foreign = tmp_path / "detector.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "detector",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(foreign))
+    fails(caplog, ["export-query", "--query-model", world.query, "--out", foreign], foreign,
+          f"{foreign}: holds a non-cmce ONNX file; this step writes a cmce-query-onnx/1 file")
     exported = shutil.copy(onnx_file, tmp_path / "q_export")
     fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--dataset", world.dataset, "--model",
                    "query", "--out", exported], exported,

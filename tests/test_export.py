@@ -12,6 +12,7 @@ import torch
 from cmce import export
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, save_embedding_model
 from cmce.cli import main
+from cmce.data.codec import PREPROCESS, decode_image
 from cmce.data.readers import iter_split_batches
 from cmce.embed import embed_batch
 from cmce.models import EmbeddingNet
@@ -42,6 +43,7 @@ def test_export_embeds_like_torch_and_finds_the_same_top_10_in_the_index(smoke_r
     assert meta["query_model_sha256"] == model.sha256 == index_meta["query_model_sha256"]
     assert (meta["embedding_dim"], meta["image_size"], meta["in_channels"]) == ("32", "8", "1")
     assert meta["arch"] == "query_cnn" and meta["cmce_version"]
+    assert meta["preprocess"] == PREPROCESS.format(size=8, mode="L")  # how the server makes its pixels
 
     # raw uint8 pixels in, any batch size; the raw (unnormalised) embedding out, as torch computes it
     session = export.OnnxQueryModel(out)
@@ -131,6 +133,43 @@ def test_an_index_of_another_query_model_and_a_file_that_is_not_an_export_are_re
     assert "built for query model" in caplog.text and "parity on" not in caplog.text
     with pytest.raises(export.ExportError, match="other.pt: not a loadable ONNX file"):
         export.OnnxQueryModel(other)
+
+
+def test_the_preprocessing_the_export_describes_gives_the_servers_pixels():
+    """An edge client had only "bilinear" to go by: a phone's resize (no antialiasing) or a photo read without its
+    EXIF turn found other neighbours. The steps the metadata names, done with Pillow, give decode_image's pixels."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turned 90° as phones store portraits
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG", exif=exif)
+    for mode, channels in (("RGB", 3), ("L", 1)):
+        assert "EXIF orientation" in PREPROCESS and "antialiases" in PREPROCESS
+        img = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))
+        assert img.size == (20, 30)  # turned
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img).convert(mode).resize((8, 8), Image.Resampling.BILINEAR)
+        pixels = np.array(img)
+        want = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        np.testing.assert_array_equal(decode_image(buf.getvalue(), channels, 8, "photo"), want)
+
+
+def test_a_missing_check_dataset_is_refused_before_the_export_is_traced(smoke_run, tmp_path, caplog, monkeypatch):
+    """--check-dataset was first read by the parity pass, after the trace (10 s for a 96-px model)."""
+    lay, ckpt = _query(smoke_run)
+    monkeypatch.setattr(export, "to_onnx", lambda *a, **kw: pytest.fail("traced before the dataset was read"))
+    out = tmp_path / "q.onnx"
+    for dataset, said in ((tmp_path / "none.parquet", "dataset file not found"),
+                          (ckpt, "not a readable Parquet file")):
+        caplog.clear()
+        assert main(["export-query", "--query-model", str(ckpt), "--out", str(out), "--check-dataset",
+                     str(dataset)]) == 2
+        assert f"{dataset}: {said}" in caplog.text and not out.exists()
 
 
 def test_the_export_is_registered_beside_the_query_model(smoke_run, tmp_path):

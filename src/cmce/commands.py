@@ -328,11 +328,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_export_query(args: argparse.Namespace) -> StepRecord:
+    from cmce.export import ONNX_FORMAT
+
     inputs = stages.ExportInputs(_model(args.query_model), _in(args.check_dataset) if args.check_dataset else None,
                                  _index_in(args.check_index) if args.check_index else None, args.split)
     if inputs.check_index and not inputs.check_dataset:
         raise ValueError("--check-index needs --check-dataset (the images to search it with)")
-    record = stages.export_query(inputs, stages.ExportOutputs(_out(args, args.out, writes="onnx")))
+    # an ONNX file there is replaced only by a cmce export (a detector model was replaced, exit 0)
+    out = _out(args, args.out, writes="onnx", kinds=(ONNX_FORMAT,))
+    record = stages.export_query(inputs, stages.ExportOutputs(out))
     _say(json.dumps({"out": args.out, **record.params, **record.metrics}) + "\n")
     return record
 

@@ -24,8 +24,8 @@ from torch import nn
 
 import cmce
 from cmce.checkpoint import EmbeddingModel, load_embedding_model, require_role
-from cmce.data.codec import to_float
-from cmce.data.readers import iter_split_batches
+from cmce.data.codec import PREPROCESS, to_float
+from cmce.data.readers import iter_split_batches, open_dataset
 from cmce.embed import embed_batch
 from cmce.errors import first_line
 from cmce.method import normalize
@@ -76,6 +76,7 @@ def onnx_metadata(model: EmbeddingModel) -> dict[str, str]:
         "input": f"{INPUT_NAME}: uint8 [batch, {model.in_channels}, {model.image_size}, {model.image_size}], "
                  "pixels 0-255 (grey 1 channel, RGB 3)",
         "output": f"{OUTPUT_NAME}: float32 [batch, {model.embedding_dim}], raw (not L2-normalised)",
+        "preprocess": PREPROCESS.format(size=model.image_size, mode="L" if model.in_channels == 1 else "RGB"),
         "cmce_version": cmce.__version__,
     }
 
@@ -265,6 +266,8 @@ def export_query_model(checkpoint: str | Path, out: str | Path, check_dataset: s
     # another query model's index is refused before the export and the parity pass, not after them
     index = (load_index(check_index, query_sha256=model.sha256, query_dim=model.embedding_dim)
              if check_index is not None else None)
+    if check_dataset is not None:  # a missing or unreadable one, as the index: not after the trace (10 s at 96 px)
+        open_dataset(check_dataset)
     proto = to_onnx(model)
     out = Path(out)
     parity = None

@@ -63,6 +63,21 @@ def checkpoint_kind(path: Path) -> str | None:
     return obj.get("format") if isinstance(obj, dict) and isinstance(obj.get("format"), str) else None
 
 
+def onnx_kind(path: Path) -> str | None:
+    """A cmce ONNX export's `format` metadata (its weights, if stored beside it, not read); None for any other
+    ONNX model (or onnx not installed: no cmce export could have been made here either)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a damaged protobuf raises the decoder's own errors; it is then no cmce file
+        return None
+    return next((p.value for p in model.metadata_props if p.key == "format"), None)
+
+
+KIND_READERS: dict[str, Callable[[Path], str | None]] = {"checkpoint": checkpoint_kind, "onnx": onnx_kind}
+
+
 def parquet_kind(path: Path | object) -> str | None:
     """What a cmce Parquet file (a path, or a pyarrow buffer holding at least its footer) holds, from its footer:
     the `kind` its writer recorded (gallery, gallery_member, train_embeddings, query), "dataset" for a dataset
@@ -145,7 +160,7 @@ def check_output(uri: str | Path, is_dir: bool = False, own: tuple[str, ...] | N
                          "of its own kind: make it readable, or give another path")
     found = file_format(target) if writes and target.is_file() else None
     _refuse_other_format(text, found, writes, kinds,
-                         lambda: parquet_kind(target) if found == "parquet" else checkpoint_kind(target))
+                         lambda: parquet_kind(target) if found == "parquet" else KIND_READERS[found](target))
     if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
         raise ValueError(f"{text}: the file name is longer than {MAX_NAME_BYTES} bytes")
     if is_dir and own is not None:
@@ -202,7 +217,7 @@ def a_format(fmt: str | None) -> str:
 
 # a Parquet footer larger than this is not read to check an S3 output's kind (its format is still checked)
 MAX_REMOTE_FOOTER = 8 << 20
-MAX_REMOTE_CHECKPOINT = 256 << 20  # nor a checkpoint larger than this downloaded
+MAX_REMOTE_CHECKPOINT = 256 << 20  # nor a checkpoint or ONNX file larger than this downloaded
 
 
 def _remote_footer(uri: str, size: int) -> tuple[bool, object | None]:
@@ -268,10 +283,10 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
     if size is None or not writes:
         return
     found = format_of(s3.read_range(uri, 0, HEAD_BYTES - 1)) if size else None
-    if found == "checkpoint" and kinds and size <= MAX_REMOTE_CHECKPOINT:  # its kind is inside the archive
+    if found in KIND_READERS and kinds and size <= MAX_REMOTE_CHECKPOINT:  # its kind is inside the file
         local = scratch_dir() / "kind" / uuid.uuid4().hex[:12]
         s3.download(uri, local)
-        read, kind = True, checkpoint_kind(local)
+        read, kind = True, KIND_READERS[found](local)
         local.unlink()
     else:
         read, kind = _remote_parquet_kind(uri, size) if found == "parquet" and kinds else (False, None)

@@ -283,6 +283,13 @@ def _more_frames(img: Image.Image) -> bool:
 _NO_SCALE = {"F": "32-bit float"}
 
 
+# how an image becomes a model's pixels (open_image, then _converted), for an edge client that must do the same: a
+# phone's own bilinear resize (no antialiasing) or a photo read without its EXIF turn found other neighbours
+PREPROCESS = ("EXIF orientation applied; 16-bit grey scaled by 255/65535; transparency composited over white; "
+              "converted to {mode} by Pillow; resized to {size}x{size} (aspect not kept) by Pillow's BILINEAR filter, "
+              "which antialiases when shrinking; uint8, channels first")
+
+
 def _converted(img: Image.Image, channels: int, size: int, origin: Path | str = "image") -> np.ndarray:
     """A decoded image as a model reads it: grey or RGB uint8 CxHxW, size×size."""
     if img.mode in _NO_SCALE:
