@@ -27,6 +27,17 @@ def test_decide_promotes_ties_and_improvements_only():
     assert flat["promoted"] == 0.0 and flat["candidate/R@1"] == 0.85 and flat["baseline/MAP@R"] == 0.50
 
 
+def test_a_drop_of_exactly_the_tolerance_passes_whatever_the_float_rounding():
+    """The docs promise a promotion unless a metric drops by more than the tolerance; `c - b >= -tolerance` in
+    floats refused 90 of 100 drops of exactly 30 queries in 3,000 at tolerance 0.01 (51/3000 - 21/3000 is
+    -0.010000000000000002). One query more is still a regression."""
+    exact = [k for k in range(2400, 2500) if decide({"R@1": k / 3000}, {"R@1": (k - 30) / 3000}, ["R@1"],
+                                                     tolerance=0.01).promoted]
+    assert len(exact) == 100
+    assert not any(decide({"R@1": k / 3000}, {"R@1": (k - 31) / 3000}, ["R@1"], tolerance=0.01).promoted
+                   for k in range(2400, 2500))
+
+
 def test_served_metrics_equal_the_evaluation_of_the_full_ensemble(smoke_run):
     lay, metrics = smoke_run
     served = served_metrics(lay.dataset, lay.model("query"), lay.gallery, "test", [1, 2], [1e-3])
