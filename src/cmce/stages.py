@@ -38,7 +38,14 @@ from cmce.data.prepare import prepare_dataset
 from cmce.data.readers import dataset_info
 from cmce.data.sources import fetch_source
 from cmce.embed import combine_members, embed_augmented_views, embed_split, embed_with_model, merge_shards
-from cmce.evaluate import EVAL_FILES, EvalInputs, check_recall_k, evaluate, items_answered_from
+from cmce.evaluate import (
+    EVAL_FILES,
+    EvalInputs,
+    check_recall_k,
+    evaluate,
+    items_answered_from,
+    largest_own_domain,
+)
 from cmce.index import INDEX_FILES, build_index, check_index_fits
 from cmce.layout import RunLayout, pair_transformations
 from cmce.output_checks import check_output, existing_metadata, parquet_kind
@@ -614,7 +621,8 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     baseline = measured(inp.baseline_query_model, inp.baseline_gallery)
     candidate = measured(inp.query_model, inp.gallery)
     smallest = min(items_answered_from(pq.ParquetFile(p).metadata.num_rows,
-                                       own_image_left_out=read_metadata(p).get("split") == g.split)
+                                       own_image_left_out=read_metadata(p).get("split") == g.split,
+                                       own_domain_items=largest_own_domain(inp.dataset, read_metadata(p)["split"]))
                    for p in (inp.baseline_gallery, inp.gallery))
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
@@ -723,7 +731,8 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     log.info("dataset: %s", json.dumps({k: v for k, v in dataset_info(lay.dataset).items() if k not in per_class}))
     # the gallery is the test split: a vacuous R@K is refused now, not after the training
     gallery_items = split_source(lay.dataset, "test")["split_rows"]
-    check_recall_k(cfg.evaluate.recall_k, gallery_items, f"the test split of {lay.dataset}", own_image_left_out=True)
+    check_recall_k(cfg.evaluate.recall_k, gallery_items, f"the test split of {lay.dataset}", own_image_left_out=True,
+                   own_domain_items=largest_own_domain(lay.dataset, "test"))
     check_index_fits(cfg.index, cfg.query_model.embedding_dim, gallery_items)  # (the gallery lives in query space)
     q_path = lay.model(cfg.query_model.name)
     if cfg.query_model.name not in keep:
