@@ -145,6 +145,9 @@ def make_pipeline(params_yaml: str | None = None, parallelism: int = 0, placemen
             report = evaluate(config=config, tracking=track, dataset=data, query_model=query.outputs["model"],
                               gallery=ensemble.outputs["gallery"], members=bundle.outputs["bundle"],
                               index=index.outputs["index"], **kd_students)
+            # it closes the parent run: the export's nested run and registration land under a running parent, and
+            # a failed export fails the run first (nothing ordered them: on kfp.local it ran after, by hash seed)
+            report.after(edge)
             place(report, "2", "16Gi", runs_models=True, side_effects=True)  # closes the run; reads aliases
 
         # The KD baseline only where the config enables it. KFP lets nothing outside a condition read a task

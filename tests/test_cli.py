@@ -231,6 +231,16 @@ def test_a_vacuous_recall_k_is_refused_by_prepare_data_where_an_evaluation_follo
     assert "R@1000 is 1 for every query" in caplog.text and not (tmp_path / "run" / "data" / "dataset.parquet").exists()
 
 
+def test_index_settings_that_cannot_index_the_query_space_are_refused_by_prepare_data_where_an_evaluation_follows(
+        tmp_path, caplog):
+    """`index.ivfpq.m=7` for a 32-d query space: `cmce run` refused it before training, the KFP and DVC pipelines
+    only at build-index, once every model had trained (and KFP retried it twice)."""
+    bad = ["--config", str(SMOKE), "--set", "index.type=ivfpq", "--set", "index.ivfpq.m=7"]
+    out = tmp_path / "d.parquet"
+    assert main(["prepare-data", *bad, "--out", str(out), "--will-evaluate"]) == 2
+    assert "index.ivfpq.m=7 must divide the embedding dimension 32" in caplog.text and not out.exists()
+
+
 def test_the_pipelines_prepare_data_refuses_what_their_evaluate_would():
     """Both pipelines' prepare-data step is told that an evaluation follows."""
     import yaml

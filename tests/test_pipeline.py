@@ -104,6 +104,21 @@ def test_a_query_model_upgrade_exports_its_query_model_for_the_edge_before_the_g
     assert "export-query" in tasks["gate"]["dependentTasks"]
 
 
+def test_the_evaluation_that_closes_the_parent_run_waits_for_the_export():
+    """evaluate closes the MLflow parent run; nothing ordered it after export-query, whose nested run and ONNX
+    registration then landed under a FINISHED parent (on kfp.local, with 5 hash seeds in 8), and whose failure
+    left the run FINISHED with its metrics. Each evaluation's branch now waits for the export."""
+    spec, _ = _compiled()
+
+    def evaluates(task: dict) -> bool:  # the task is evaluate, or a loop or condition holding one
+        inner = spec["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks", {})
+        return _component(task) == "evaluate" or any(evaluates(t) for t in inner.values())
+
+    root = spec["root"]["dag"]["tasks"]
+    branches = [name for name, task in root.items() if evaluates(task)]
+    assert branches and all("export-query" in root[b]["dependentTasks"] for b in branches), branches
+
+
 @pytest.mark.parametrize("package", list(PACKAGES.values()), ids=list(PACKAGES))
 def test_tasks_with_side_effects_are_never_cached_and_the_rest_retry(package):
     tasks = {name: task for name, task in _tasks(_compiled(package)[0]).items() if "componentRef" in task

@@ -108,6 +108,9 @@ def prepare_data(cfg: Config, inp: PrepareInputs, out: DatasetOutputs) -> StepRe
         try:
             check_recall_k(cfg.evaluate.recall_k, counts["test"], "the test split the data settings give",
                            own_image_left_out=True)
+            # index settings that cannot index the query space: the pipelines refused them only at build-index,
+            # after every model had trained (`cmce run` refuses them here)
+            check_index_fits(cfg.index, cfg.query_model.embedding_dim, counts["test"])
         except ValueError as err:
             if inp.will_evaluate:
                 raise
