@@ -394,6 +394,7 @@ def test_requests_shaped_past_the_schema_get_the_json_error_form(world):
     (["--reload-interval", "0.0001"], "argument --reload-interval: must be 0 (never) or within [0.1, 3600]"),
     (["--max-queries", "4096", "--max-k", "10000"], "allows more than 1,000,000 hits in one answer"),
     (["--max-body-bytes", "1000", "--max-bodies-bytes", "999"], "--max-bodies-bytes 999 is less than --max-body-bytes"),
+    (["--max-image-pixels", "50000000"], "--max-request-pixels 32000000 is less than --max-image-pixels 50000000"),
 ])
 def test_limits_that_no_machine_could_serve_are_refused(world, caplog, capsys, flags, needle):
     _, model, index, _ = world
@@ -1640,9 +1641,10 @@ def test_the_pixels_of_a_requests_images_together_are_bounded_before_any_is_deco
     _, url = in_process_server(limits=Limits(max_request_pixels=2_500_000))
     assert requests.post(f"{url}/search", json={"images": [b64(big.getvalue())] * 2}, timeout=60).status_code == 200
     decoded = []
-    real = cmce.serving.queries.decode_image_as_found
+    real, load = cmce.serving.queries.decode_image_as_found, Image.Image.load
     monkeypatch.setattr(cmce.serving.queries, "decode_image_as_found",
                         lambda *a, **kw: decoded.append(1) or real(*a, **kw))
+    monkeypatch.setattr(Image.Image, "load", lambda self, *a: decoded.append(2) or load(self, *a))  # Pillow's decode
     res = requests.post(f"{url}/search", json={"images": [b64(big.getvalue())] * 3}, timeout=60)
     assert res.status_code == 413 and res.json() == {
         "error": "images: 3,000,000 pixels in images[0..2], more than the 2,500,000 a request may hold "

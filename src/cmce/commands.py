@@ -318,6 +318,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     bodies = 4 * args.max_body_bytes if args.max_bodies_bytes is None else args.max_bodies_bytes
     if bodies < args.max_body_bytes:  # the largest body allowed would never be served
         raise ValueError(f"--max-bodies-bytes {bodies} is less than --max-body-bytes {args.max_body_bytes}")
+    if args.max_request_pixels < args.max_image_pixels:  # the largest image allowed would be refused as a request
+        raise ValueError(f"--max-request-pixels {args.max_request_pixels} is less than --max-image-pixels "
+                         f"{args.max_image_pixels}")
     limits = Limits(max_queries=args.max_queries, max_k=args.max_k, max_body_bytes=args.max_body_bytes,
                     max_bodies_bytes=bodies, max_image_pixels=args.max_image_pixels,
                     max_request_pixels=args.max_request_pixels)

@@ -244,7 +244,7 @@ def load_evaluation(inputs: EvalInputs, batch_size: int = 256, recall_k: Sequenc
                          f"the '{split}' split of {inputs.dataset}")
     # before the queries are embedded; they are the test split's images: from a gallery of that split, leave-one-out
     check_recall_k(recall_k, len(g_ids), str(inputs.gallery), own_image_left_out=split == "test",
-                   own_domain_items=largest_own_domain(inputs.dataset, split))
+                   own_domain_items=smallest_own_domain(inputs.dataset, split))
     raw, transformed = {}, {}
     ensemble = RunningEnsemble()
     for m in members:
@@ -411,19 +411,19 @@ def write_evaluation(out_dir: Path, data: EvalData, metrics: Metrics, rejection_
 
 
 def items_answered_from(gallery_items: int, *, own_image_left_out: bool, own_domain_items: int = 0) -> int:
-    """The gallery items the worst-placed query is ranked among: where the queries are the gallery's images
+    """The gallery items the best-placed query is ranked among: where the queries are the gallery's images
     (leave-one-out), each is answered from the others; under cross_vendor, from the other domains' items only
-    (`own_domain_items`: the largest domain's). An R@K with K at least this many cannot miss (K = 11 of 12 items
-    scored 1.0 beside an R@1 of 0.33)."""
+    (`own_domain_items`: the smallest domain's). An R@K with K at least this many cannot miss for any query (K = 11
+    of 12 items scored 1.0 beside an R@1 of 0.33)."""
     return gallery_items - max(own_domain_items, int(own_image_left_out))
 
 
-def largest_own_domain(dataset: Path, split: str) -> int:
-    """Under the cross_vendor protocol, the items of the split's largest domain (all left out for a query of that
-    domain); 0 under any other protocol."""
+def smallest_own_domain(dataset: Path, split: str) -> int:
+    """Under the cross_vendor protocol, the items of the split's smallest domain (all left out for a query of that
+    domain, which is ranked among the most items); 0 under any other protocol."""
     if dataset_info(dataset).get("protocol") != "cross_vendor":
         return 0
-    return max(collections.Counter(read_domains(dataset, split).values()).values(), default=0)
+    return min(collections.Counter(read_domains(dataset, split).values()).values(), default=0)
 
 
 def check_recall_k(recall_k: Sequence[int], gallery_items: int, gallery: str, *, own_image_left_out: bool,
@@ -435,8 +435,8 @@ def check_recall_k(recall_k: Sequence[int], gallery_items: int, gallery: str, *,
     vacuous = [k for k in recall_k if k >= answered_from]
     if vacuous:
         shown = ", ".join(f"R@{k}" for k in vacuous)
-        less = (f", less the {own_domain_items} items of a query's own domain (cross_vendor)" if own_domain_items
-                else ", less each query's own image" if own_image_left_out else "")
+        less = (f", less at least the {own_domain_items} items of a query's own domain (cross_vendor)"
+                if own_domain_items else ", less each query's own image" if own_image_left_out else "")
         raise ValueError(f"evaluate.recall_k: {shown} is 1 for every query with a match on a gallery of "
                          f"{gallery_items} items{less} ({gallery}); give K below {answered_from}")
 

@@ -44,7 +44,7 @@ from cmce.evaluate import (
     check_recall_k,
     evaluate,
     items_answered_from,
-    largest_own_domain,
+    smallest_own_domain,
 )
 from cmce.index import INDEX_FILES, build_index, check_index_fits
 from cmce.layout import RunLayout, pair_transformations
@@ -625,7 +625,7 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     candidate = measured(inp.query_model, inp.gallery)
     smallest = min(items_answered_from(pq.ParquetFile(p).metadata.num_rows,
                                        own_image_left_out=read_metadata(p).get("split") == g.split,
-                                       own_domain_items=largest_own_domain(inp.dataset, read_metadata(p)["split"]))
+                                       own_domain_items=smallest_own_domain(inp.dataset, read_metadata(p)["split"]))
                    for p in (inp.baseline_gallery, inp.gallery))
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
@@ -735,7 +735,7 @@ def run_all(cfg: Config, prepare: bool = True, keep: Collection[str] = (),
     # the gallery is the test split: a vacuous R@K is refused now, not after the training
     gallery_items = split_source(lay.dataset, "test")["split_rows"]
     check_recall_k(cfg.evaluate.recall_k, gallery_items, f"the test split of {lay.dataset}", own_image_left_out=True,
-                   own_domain_items=largest_own_domain(lay.dataset, "test"))
+                   own_domain_items=smallest_own_domain(lay.dataset, "test"))
     check_index_fits(cfg.index, cfg.query_model.embedding_dim, gallery_items)  # (the gallery lives in query space)
     q_path = lay.model(cfg.query_model.name)
     if cfg.query_model.name not in keep:

@@ -135,6 +135,21 @@ def _known_format(data: bytes) -> str | None:
 def open_image(data: bytes, origin: Path | str) -> Image.Image:
     """Decoded image; one with more pixels than the limit is refused from its header, before it is decoded, by a
     message naming the limit whichever check caught it."""
+    img = image_header(data, origin)
+    try:
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise _bomb_refused(origin, err) from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise _damaged(origin, err) from None
+    return upright(img, origin)
+
+
+def image_header(data: bytes, origin: Path | str) -> Image.Image:
+    """The image opened from its header alone (size and mode known, no pixel decoded), refused as open_image
+    refuses it: empty, in a format not decoded here, damaged, or over the pixel limit."""
     if not data:
         raise DataError(f"{origin}: empty (zero-byte) image")
     try:
@@ -154,15 +169,7 @@ def open_image(data: bytes, origin: Path | str) -> Image.Image:
     except Exception as err:  # noqa: BLE001 - any decoder failure on hostile bytes (see _damaged)
         raise _damaged(origin, err) from None
     _check_pixels(img, origin)
-    try:
-        img.load()
-    except Image.DecompressionBombError as err:
-        raise _bomb_refused(origin, err) from None
-    except MemoryError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise _damaged(origin, err) from None
-    return upright(img, origin)
+    return img
 
 
 def upright(img: Image.Image, origin: Path | str) -> Image.Image:

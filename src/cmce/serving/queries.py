@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmce.data.codec import decode_image_as_found, open_image, query_image_notes
+from cmce.data.codec import decode_image_as_found, image_header, query_image_notes
 from cmce.embed import embed_batch
 from cmce.index import search
 from cmce.method import normalize
@@ -127,7 +127,7 @@ def _check_pixels(datas: list[bytes], limits: Limits) -> None:
     total = 0
     for i, data in enumerate(datas):
         try:
-            with open_image(data, f"images[{i}]") as img:
+            with image_header(data, f"images[{i}]") as img:  # nothing decoded: the size is in the header
                 total += img.width * img.height
         except ValueError as err:  # DataError: the decode below names it the same way, in order
             raise RequestError(f"images[{i}]", str(err).removeprefix(f"images[{i}]: ")) from None
