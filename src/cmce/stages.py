@@ -514,14 +514,19 @@ def _added_before(gallery_meta: dict, inp: AddModelInputs, out: AddModelOutputs)
     stopped before its record was published (killed, or the tracking server down): the gallery holds this model
     with the transformation its work folder still has. A rerun was refused as "already a member", and the
     transformation was never registered, so the served gallery could not be promoted. None otherwise."""
+    from cmce.config import MODEL_NAME
     from cmce.storage import file_sha256
 
     if out.gallery.resolve() != inp.gallery.resolve():  # another gallery asked for: the member is refused
         return None
-    model = load_embedding_model(inp.gallery_model)
-    transform = out.work_dir / f"transform_{model.name}.pt"  # the name is a checked identifier
-    member = next((m for m in gallery_meta.get("members", []) if m.get("name") == model.name), {})
-    if member.get("sha256") != model.sha256 or not transform.is_file():
+    # the member by the model file's sha256 (what a member records): the model is loaded once, by check_new_members
+    sha = file_sha256(inp.gallery_model)
+    member = next((m for m in gallery_meta.get("members", []) if m.get("sha256") == sha), {})
+    name = member.get("name")
+    if not (isinstance(name, str) and MODEL_NAME.fullmatch(name)):  # names a work file: an identifier only
+        return None
+    transform = out.work_dir / f"transform_{name}.pt"
+    if not transform.is_file():
         return None
     return transform if file_sha256(transform) == member.get("transformation_sha256") else None
 
@@ -623,10 +628,10 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     # measured first: each gallery must be its whole split before its size means anything
     baseline = measured(inp.baseline_query_model, inp.baseline_gallery)
     candidate = measured(inp.query_model, inp.gallery)
-    smallest = min(items_answered_from(pq.ParquetFile(p).metadata.num_rows,
-                                       own_image_left_out=read_metadata(p).get("split") == g.split,
-                                       own_domain_items=smallest_own_domain(inp.dataset, read_metadata(p)["split"]))
-                   for p in (inp.baseline_gallery, inp.gallery))
+    splits = {p: read_metadata(p)["split"] for p in (inp.baseline_gallery, inp.gallery)}
+    smallest = min(items_answered_from(pq.ParquetFile(p).metadata.num_rows, own_image_left_out=split == g.split,
+                                       own_domain_items=smallest_own_domain(inp.dataset, split))
+                   for p, split in splits.items())
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
         raise ValueError(f"lifecycle.gate.metrics: {vacuous} cannot regress where a query is answered from "
