@@ -192,7 +192,7 @@ def _without_data_path(overrides: list[str]) -> list[str]:
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import load_config
+    from cmce.config import config_with_overrides, load_config
     from cmce.config_yaml import read_config_text, read_yaml
     from cmce.overrides import leaf_keys, parse_overrides
     from pipeline.cmce_pipeline import PARAMS_FILE
@@ -203,8 +203,14 @@ def _arguments(args: argparse.Namespace) -> dict:
         raise ValueError(f"{', '.join(given)}: the lifecycle pipelines' inputs (--pipeline add-gallery-model or "
                          "upgrade-query-model); the cmce pipeline makes its own")
     out: dict = lifecycle_inputs(args) if args.pipeline != "cmce" else {}
-    # the whole config checked here, not in the first task: the params given, else the ones compiled in
-    cfg = load_config(args.params or PARAMS_FILE, overrides)
+    # the whole config checked here, not in the first task: the params given, else the ones the run gets (a
+    # submitted run, its package's compiled-in params: params.yaml's were checked while the package's ran)
+    compiled = compiled_params(submitted_package(args), args.pipeline) if args.command == "submit" else None
+    if args.params or compiled is None:
+        cfg = load_config(args.params or PARAMS_FILE, overrides)
+    else:
+        cfg = config_with_overrides(compiled, overrides,
+                                    f"--package {submitted_package(args)} (its compiled-in params)")
     if args.command == "run":  # the tasks compute here: a GPU this machine lacks failed each task three times
         from cmce.device import resolve
 
@@ -421,6 +427,40 @@ def submit_arguments(args: argparse.Namespace) -> dict:
     return out
 
 
+def submitted_package(args: argparse.Namespace) -> Path:
+    return args.package or PACKAGES[args.pipeline]
+
+
+def pipeline_name(pipeline: str) -> str:
+    """The name a --pipeline's package is compiled under (its @dsl.pipeline's)."""
+    return pipeline if pipeline == "cmce" else f"cmce-{pipeline}"
+
+
+def compiled_params(package: Path, pipeline: str) -> dict:
+    """The params a compiled `pipeline` runs with when none are given: its params_yaml parameter's default."""
+    import yaml
+
+    from cmce.config_yaml import read_yaml
+
+    try:
+        spec = next(yaml.safe_load_all(package.read_text()), None)  # a compile for a cluster adds a platform spec
+        name = spec["pipelineInfo"]["name"]
+        params = read_yaml(spec["root"]["inputDefinitions"]["parameters"]["params_yaml"]["defaultValue"])
+    except UnicodeDecodeError:
+        raise ValueError(f"--package {package}: not text, not a compiled pipeline") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"--package {package}: not YAML ({str(err).splitlines()[0]})") from None
+    except (TypeError, KeyError, AttributeError):
+        raise ValueError(f"--package {package}: not a compiled cmce pipeline (`python -m pipeline compile` writes "
+                         "them)") from None
+    if name != pipeline_name(pipeline):  # another pipeline's arguments: refused by KFP only once submitted
+        raise ValueError(f"--package {package}: compiled pipeline {name!r}, not --pipeline {pipeline}'s "
+                         f"{pipeline_name(pipeline)!r}")
+    if not isinstance(params, dict):
+        raise ValueError(f"--package {package}: its compiled-in params are not a mapping")
+    return params
+
+
 def submit(args: argparse.Namespace) -> None:
     """Submit the compiled YAML to a KFP endpoint (cannot be exercised without a cluster)."""
     arguments = submit_arguments(args)  # before the endpoint is called: a bad setting is said at once
@@ -428,7 +468,7 @@ def submit(args: argparse.Namespace) -> None:
     import kfp
 
     client = kfp.Client(host=args.host, namespace=args.namespace)
-    package = args.package or PACKAGES[args.pipeline]
+    package = submitted_package(args)
     run = client.create_run_from_pipeline_package(str(package), arguments=arguments,
                                                   run_name=args.run_name or args.pipeline,
                                                   experiment_name=args.experiment)

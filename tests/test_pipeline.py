@@ -1517,3 +1517,32 @@ def test_a_failed_local_run_closes_its_parent_mlflow_run_and_says_so_in_one_line
     # given every folder: the one ended already is not marked twice
     assert close_parent_run(root, set(), "KILLED") == f"; MLflow run {older} marked KILLED"
     assert client.get_run(made[0]).info.status == "FAILED"
+
+
+def test_a_submission_without_params_checks_the_params_compiled_into_the_package_it_submits(tmp_path):
+    """`submit` without --params checked params.yaml, while the run gets its package's compiled-in params: a
+    package compiled from other params, lacking the model an add-gallery-model run trains, was submitted and failed
+    on the cluster. Its compiled-in params are checked; a package of another pipeline, or no package, is refused."""
+    spec, *platform = yaml.safe_load_all(PACKAGES["add-gallery-model"].read_text())  # and its Secret's placement
+    default = spec["root"]["inputDefinitions"]["parameters"]["params_yaml"]
+    params = json.loads(default["defaultValue"])
+    del params["lifecycle"]["add_gallery_model"]
+    default["defaultValue"] = json.dumps(params)
+    package = tmp_path / "add.yaml"
+    package.write_text(yaml.safe_dump_all([spec, *platform]))
+    submit = ["submit", "--host", "h", "--pipeline", "add-gallery-model", "--query-model-uri", "s3://b/query.pt",
+              "--gallery-uri", "s3://b/gallery.parquet", "--dataset-uri", "s3://b/dataset.parquet"]
+    assert _arguments(build_parser().parse_args(submit))["gallery_uri"] == "s3://b/gallery.parquet"
+    with pytest.raises(ValueError, match=r"^lifecycle.add_gallery_model: not set in the params; "):
+        _arguments(build_parser().parse_args([*submit, "--package", str(package)]))
+    given = _arguments(build_parser().parse_args([*submit, "--package", str(package), "--params", str(SMOKE)]))
+    assert json.loads(given["params_yaml"])["lifecycle"]["add_gallery_model"]  # --params given: those are sent
+    with pytest.raises(ValueError, match=rf"^--package {COMPILED}: compiled pipeline 'cmce', not --pipeline "
+                                         r"add-gallery-model's 'cmce-add-gallery-model'$"):
+        _arguments(build_parser().parse_args([*submit, "--package", str(COMPILED)]))
+    (tmp_path / "notes.yaml").write_text("a: 1\n")
+    with pytest.raises(ValueError, match=r"notes.yaml: not a compiled cmce pipeline \(`python -m pipeline compile`"):
+        _arguments(build_parser().parse_args([*submit, "--package", str(tmp_path / "notes.yaml")]))
+    (tmp_path / "bytes.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"bytes.yaml: not text, not a compiled pipeline$"):
+        _arguments(build_parser().parse_args([*submit, "--package", str(tmp_path / "bytes.yaml")]))
