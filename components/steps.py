@@ -177,7 +177,9 @@ def bundle_members(config: Input[Artifact], gallery_models: Input[list[Model]], 
 def embed_gallery_shard(config: Input[Artifact], tracking: Input[Artifact], dataset: Input[Dataset],
                         query_model: Input[Model], bundle: Input[Artifact], shard: str, workers: int,
                         gallery: Output[Dataset]):
-    """One slice of the gallery through every gallery model, and the ensemble of that slice."""
+    """One slice of the gallery through every gallery model, and the ensemble of that slice. The per-model files
+    are working files: kept beside the artifact, they were left in the pipeline root, outside the task's output."""
+    import tempfile
     from pathlib import Path
 
     from cmce import stages
@@ -191,9 +193,9 @@ def embed_gallery_shard(config: Input[Artifact], tracking: Input[Artifact], data
     members = member_bundle(Path(bundle.path))
     inputs = stages.EnsembleInputs(Path(dataset.path), Path(query_model.path), [m for _, m, _ in members],
                                    [t for _, _, t in members], cfg.batch_size, parse_shard(shard), workers)
-    run_stage(stages.embed_gallery, inputs,
-              stages.EnsembleOutputs(Path(gallery.path), Path(gallery.path).with_name("members")),
-              tracking=tracking.path)
+    with tempfile.TemporaryDirectory(prefix="cmce-members-") as members_dir:
+        run_stage(stages.embed_gallery, inputs, stages.EnsembleOutputs(Path(gallery.path), Path(members_dir)),
+                  tracking=tracking.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

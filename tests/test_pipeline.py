@@ -228,6 +228,8 @@ def test_local_run_has_every_per_model_and_per_shard_output(kfp_run):
         assert (it / "train-kd-student" / "student").stat().st_size > 0, it
     shard_rows = []
     for it in per_shard:
+        task = sorted(p.name for p in (it / "embed-gallery-shard").iterdir())
+        assert task == ["executor_output.json", "gallery"]  # kfp.local's record and the artifact: no working files
         meta = json.loads(pq.read_schema(it / "embed-gallery-shard" / "gallery").metadata[b"cmce"])
         assert meta["shard"] in ("0/2", "1/2") and [m["name"] for m in meta["members"]] == GALLERY
         shard_rows.append(pq.ParquetFile(it / "embed-gallery-shard" / "gallery").metadata.num_rows)
