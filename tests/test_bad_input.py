@@ -29,8 +29,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cmce.checkpoint import EMBEDDING_FORMAT, EmbeddingModel, save_embedding_model
+from cmce.checkpoint import (
+    EMBEDDING_FORMAT,
+    CheckpointError,
+    EmbeddingModel,
+    load_embedding_model,
+    save_embedding_model,
+)
 from cmce.cli import main
+from cmce.config import ConfigError, load_config
 from cmce.data.codec import decode_image
 from cmce.embed import member_metadata, member_schema, member_table
 from cmce.errors import signal_name
@@ -1254,7 +1261,46 @@ def test_a_diverged_training_run_writes_no_model(world, tmp_path, caplog):
     out = tmp_path / "q.pt"
     fails(caplog, ["train", "--config", SMOKE, *TINY, "--set", "train.lr=1e30", "--set", "train.epochs=3",
                    "--model", "query", "--dataset", world.dataset, "--out", out], out,
-          f"{out}: not written: weights", "are NaN or infinite (training diverged")
+          "query: epoch ", ": loss nan: training diverged, nothing written")  # stopped at the epoch
+
+
+def test_an_infinite_loss_with_finite_weights_stops_at_its_epoch_and_keeps_the_model_at_out(world, tmp_path, caplog):
+    """A loss scale of 1e37 gives an infinite loss while the weights stay finite: the model was written over --out,
+    exit 2, then refused by every step for the infinity in its history. The epoch is named, --out kept."""
+    out = shutil.copy(world.query, tmp_path / "q.pt")
+    fails(caplog, ["train", "--config", SMOKE, *TINY, "--set", "train.scale=1e37", "--set", "train.epochs=1",
+                   "--model", "query", "--dataset", world.dataset, "--out", out], out,
+          "query: epoch 1: loss inf", "training diverged, nothing written")
+    t = shutil.copy(world.transforms[0], tmp_path / "t.pt")
+    fails(caplog, ["fit-transform", "--config", SMOKE, *TINY, "--set", "transform.scale=3e38", "--set",
+                   "transform.lam=1e-35", "--set", "transform.epochs=1", "--dataset", world.dataset, "--query-model",
+                   world.query, "--gallery-model", world.gallery_models[0], "--out", t], t,
+          "epoch 1: loss inf", "training diverged, nothing written")
+
+
+def test_a_model_its_loader_would_refuse_is_not_written_over_out(world, tmp_path, caplog):
+    """The check runs on the written file before it replaces --out (a history row with an infinity, say)."""
+    model = load_embedding_model(world.query)
+    model.meta = {**model.meta, "history": [{"epoch": 1, "loss": float("inf")}]}
+    out = shutil.copy(world.query, tmp_path / "q.pt")
+    before = out.read_bytes()
+    with pytest.raises(CheckpointError, match=rf"^{out}: not written: field 'meta' 'history' must be a list of "):
+        save_embedding_model(model, out, 4)
+    assert out.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_a_kd_teacher_whose_student_name_would_be_too_long_is_refused_before_training(world, tmp_path, caplog):
+    """A gallery model named with 62-64 characters makes a student `kd_<name>` longer than a model name: refused
+    once trained, after its --out (a model) had been replaced and its resume state deleted."""
+    teacher = tiny_model(tmp_path / "long.pt", "a" * 64, "resnet", 12, seed=2, role="gallery")
+    out = shutil.copy(world.query, tmp_path / "kd.pt")
+    fails(caplog, ["train", "--config", SMOKE, *TINY, "--set", "kd.epochs=1", "--kd-teacher", teacher, "--dataset",
+                   world.dataset, "--out", out], out, f"--kd-teacher {teacher}: its KD student's name:",
+          "the teacher's name has 64 characters; at most 61")
+    long = {"arch": "resnet", "embedding_dim": 12, "width": 4, "seed": 9}
+    with pytest.raises(ConfigError, match=r"gallery_models.b{62}.name: with kd.enabled its KD student is named "):
+        load_config(SMOKE, {f"gallery_models.{'b' * 62}": long})
+    assert load_config(SMOKE, {f"gallery_models.{'b' * 62}": long, "kd.enabled": False})  # no student, no limit
 
 
 def test_a_gate_with_no_metrics_is_refused(tmp_path, caplog):

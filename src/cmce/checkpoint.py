@@ -41,25 +41,44 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or of the wrong kind; the message names the file."""
 
 
-def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
+def save_checkpoint(obj: dict[str, Any], path: str | Path,
+                    check: Callable[[Path], object] | None = None) -> str:
+    """Write `obj` to `path`; `check` (the kind's loader) reads the written file back before it replaces `path`:
+    a file its own loader refuses (a 67-character KD student name, an infinite loss in the history) replaced a good
+    model and was refused only afterwards."""
     bad = sorted(k for k, v in obj.get("state_dict", {}).items()
                  if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all())
     if bad:  # a diverged run (a learning rate too high, a NaN teacher): refused, not saved as a model
         raise CheckpointError(f"{path}: not written: weights {bad[:3]} are NaN or infinite (training diverged; "
                               "check the learning rate and the inputs)")
-    save_torch(obj, path)
+    save_torch(obj, path, check)
     return file_sha256(path)
 
 
-def save_torch(obj: dict[str, Any], path: str | Path) -> None:
-    """torch.save, written aside and renamed in; a failed write names the file."""
+def save_torch(obj: dict[str, Any], path: str | Path, check: Callable[[Path], object] | None = None) -> None:
+    """torch.save, written aside and renamed in once `check` accepts the file; a failed write names the file."""
     # through a file handle: torch.save(obj, PATH) stores the file's (random temp) name inside the
     # archive, which would give identical weights a different sha256 (= version) on every save
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as err:  # torch's zip writer reports a short write (a full disk) as "unexpected pos"
-            raise NotWritten(f"{path}: not written: {first_line(err)} (is the disk full?)") from None
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:  # torch's zip writer reports a short write (a full disk) as "unexpected pos"
+                raise NotWritten(f"{path}: not written: {first_line(err)} (is the disk full?)") from None
+        if check is not None:
+            try:
+                check(tmp)
+            except CheckpointError as err:
+                raise CheckpointError(f"{path}: not written: {str(err).removeprefix(f'{tmp}: ')}") from None
+
+
+def refuse_diverged(row: dict[str, float], desc: str) -> None:
+    """An epoch whose mean loss is NaN or infinite ends the training there, naming it: its weights may still be
+    finite (a loss scale of 1e37), and a model with such a history was written, replacing --out, then refused."""
+    bad = [f"{key} {value}" for key, value in row.items() if not math.isfinite(value)]
+    if bad:
+        raise CheckpointError(f"{desc}: epoch {row.get('epoch', '?')}: {', '.join(bad)}: training diverged, nothing "
+                              "written (check the learning rate, the loss scale and the inputs)")
 
 
 # the largest checkpoint a model cmce builds can make: its float32 weights and its classifier (each at most
@@ -252,7 +271,7 @@ def save_embedding_model(m: EmbeddingModel, path: str | Path, width: int) -> str
         "state_dict": {k: v.detach().cpu().clone() for k, v in m.net.state_dict().items()},
         "meta": m.meta,
     }
-    return save_checkpoint(obj, path)
+    return save_checkpoint(obj, path, load_embedding_model)
 
 
 # roles a step taking one accepts: a KD student is a query-architecture copy of a gallery model, made to answer

@@ -410,6 +410,10 @@ def _validate(cfg: Config, where: str, gallery_keys: list[str]) -> None:
     taken = sorted(students & set(seen))
     if taken:  # models/kd_<g>.pt is the KD student of gallery model g
         raise ConfigError(f"{where}: model name(s) {taken} would be overwritten by the KD student of a gallery model")
+    long = [key for key, m in zip(gallery_keys, cfg.gallery_models, strict=True) if len(f"kd_{m.name}") > 64]
+    if cfg.kd.enabled and long:  # refused when the student was saved, after every gallery model had trained
+        raise ConfigError(f"{where}: {long[0]}.name: with kd.enabled its KD student is named kd_<name>, which must be "
+                          "a model name too: give a gallery model name of at most 61 characters")
     if cfg.transform.depth > 1 and cfg.transform.batch_size < 2:  # checked per rank again when fitting
         raise ConfigError(f"{where}: transform.batch_size 1: the hidden layers (transform.depth "
                           f"{cfg.transform.depth}) normalise over the batch (BatchNorm); give at least 2")

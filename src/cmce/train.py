@@ -17,8 +17,15 @@ from tqdm import tqdm
 
 from cmce import device as devices
 from cmce import distributed as ddp
-from cmce.checkpoint import CheckpointError, EmbeddingModel, load_embedding_model, require_role, save_embedding_model
-from cmce.config import ConfigError, DataConfig, ModelSpec, TrainConfig
+from cmce.checkpoint import (
+    CheckpointError,
+    EmbeddingModel,
+    load_embedding_model,
+    refuse_diverged,
+    require_role,
+    save_embedding_model,
+)
+from cmce.config import ConfigError, DataConfig, ModelSpec, TrainConfig, check_model_name
 from cmce.data.augment import augment
 from cmce.data.codec import to_float
 from cmce.data.readers import SplitArrays, dataset_info, load_split
@@ -124,6 +131,7 @@ def run_epochs(
         loss_mean, metric_mean = ddp.mean_over_ranks([loss_sum / steps_per_epoch, metric_sum / steps_per_epoch], ctx)
         row = {"epoch": epoch + 1, "loss": loss_mean, "metric": metric_mean}
         history.append(row)
+        refuse_diverged(row, desc)
         if ctx.is_main:
             log.info("%s epoch %d/%d loss %.4f metric %.4f", desc, epoch + 1, epochs, row["loss"], row["metric"])
         if resume:
@@ -210,6 +218,11 @@ def train_distilled_student(
 ) -> EmbeddingModel:
     """KD baseline: a student of the query architecture regressing the teacher's normalised embedding."""
     teacher = require_role(load_embedding_model(teacher_path), "gallery", f"--kd-teacher {teacher_path}")
+    try:  # its student's name, checked before the training rather than when the student is saved
+        check_model_name(f"kd_{teacher.name}", "its KD student's name")
+    except ConfigError as err:
+        raise CheckpointError(f"--kd-teacher {teacher_path}: {err} (the teacher's name has {len(teacher.name)} "
+                              "characters; at most 61 leave room for the kd_ prefix)") from None
     if (teacher.in_channels, teacher.image_size) != (data_cfg.channels, data_cfg.image_size):
         # the teacher saw images of another size (distilled at it without a word, exit 0) or channel count (a conv
         # traceback); every other step embeds a model at its own size
@@ -261,7 +274,7 @@ def _save_on_main(model: EmbeddingModel, out: str | Path, width: int, resume: Re
     the file is in place."""
     if ddp.is_main():
         save_embedding_model(model, out, width)
-        resume.remove()
         model = load_embedding_model(out)
+        resume.remove()
     ddp.barrier()
     return model

@@ -29,6 +29,7 @@ from cmce.checkpoint import (
     check_weights,
     load_checkpoint,
     read_checkpoint,
+    refuse_diverged,
     require_keys,
     save_checkpoint,
 )
@@ -146,6 +147,7 @@ def fit_transformation(
             sums += torch.stack([loss.detach(), align.detach(), ce.detach()]).double()
         row = dict(zip(("loss", "align", "ce"), ddp.mean_over_ranks((sums / steps).tolist(), ctx), strict=True))
         history.append({"epoch": epoch + 1, **row})
+        refuse_diverged(history[-1], desc)
         if resume:
             resume.save(mlp, opt, sched, gen, epoch + 1, cfg.epochs, history, mask_gen)
     if ctx.is_main:
@@ -168,7 +170,7 @@ def save_transformation(t: Transformation, path: str | Path) -> str:
         "history": t.history,
         "state_dict": {k: v.detach().cpu().clone() for k, v in t.mlp.state_dict().items()},
     }
-    t.sha256 = save_checkpoint(obj, path)
+    t.sha256 = save_checkpoint(obj, path, load_transformation)
     return t.sha256
 
 
