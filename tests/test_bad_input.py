@@ -749,6 +749,12 @@ def test_build_index_refuses_an_output_folder_of_other_files(world, tmp_path, ca
     (folder / "notes.txt").write_text("mine")
     fails(caplog, ["build-index", "--gallery", gallery, "--out", folder], folder,
           f"{folder}: holds notes.txt, which this step does not write")
+    for named in ("index.faiss", ".gitignore"):  # a folder named like a file it writes (or keeps) was deleted whole
+        held = tmp_path / named.strip(".")
+        (held / named).mkdir(parents=True)
+        (held / named / "mine.txt").write_text("mine")
+        fails(caplog, ["build-index", "--gallery", gallery, "--out", held], held,
+              f"{held}: holds {named}/, which this step does not write")
     index = shutil.copytree(world.index, tmp_path / "index")  # an earlier index is replaced as before
     assert main(["build-index", "--gallery", str(gallery), "--out", str(index), "--reject-fraction", "0.2"]) == 0
     assert snapshot(index) != snapshot(world.index)

@@ -519,7 +519,8 @@ def only_error(caplog: pytest.LogCaptureFixture) -> str:
 
 @pytest.mark.parametrize("case", ["file over a prefix", "folder over an object", "file over another format",
                                   "Parquet over another kind", "folder holding other objects",
-                                  "ONNX over an index's meta.json", "checkpoint over another kind"])
+                                  "folder holding a folder named like its file", "ONNX over an index's meta.json",
+                                  "checkpoint over another kind"])
 def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_server, s3_chain, tmp_path, monkeypatch,
                                                                    caplog, capsys):
     """export-query --out naming an index's prefix uploaded an object at the prefix's key, and the index could no
@@ -544,6 +545,9 @@ def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_serve
                                       "holds a gallery Parquet file; this step writes a dataset file"),
         "folder holding other objects": (["build-index", "--gallery", str(local / "gallery.parquet"), "--out",
                                           f"s3://{bucket}/q"], "holds notes.txt, which this step does not write"),
+        "folder holding a folder named like its file": (["build-index", "--gallery", str(local / "gallery.parquet"),
+                                                         "--out", f"s3://{bucket}/f"],
+                                                        "holds index.faiss/, which this step does not write"),
         "ONNX over an index's meta.json": ([*export, f"s3://{bucket}/idx/meta.json"],
                                            "its name says a JSON file; this step writes an ONNX file"),
         "checkpoint over another kind": (["fit-transform", *QUICK, "--dataset", str(local / "d.parquet"),
@@ -552,6 +556,7 @@ def test_an_s3_output_is_checked_before_any_work_like_a_local_one(case, s3_serve
                                          "holds a cmce-embedding-model/1 checkpoint file"),
     }[case]
     put(Bucket=bucket, Key="q/notes.txt", Body=b"not an index file")
+    put(Bucket=bucket, Key="f/index.faiss/notes.txt", Body=b"a user's folder, deleted with the replaced index")
     before = {k: read_object(s3_server, bucket, k) for k in keys(s3_server, bucket)}
     caplog.clear()
     assert main(argv) == 2

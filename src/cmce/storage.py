@@ -126,8 +126,19 @@ def _is_own_old(old: Path, own: tuple[str, ...]) -> bool:
     of that name was deleted by the next swap, or put in place of a missing output."""
     if old.is_symlink() or not old.is_dir():
         return False
-    return not [n for n in os.listdir(old) if n not in KEPT_ACROSS_SWAPS and not any(fnmatch.fnmatch(n, g)
-                                                                                       for g in own)]
+    return not _foreign(os.listdir(old), own, _folders_in(old))
+
+
+def _folders_in(folder: Path) -> set[str]:
+    """The names of the folders in `folder` (not links to one): a step writes files only, and a folder named like
+    one of them (`index.faiss/`) was deleted whole with the output it was swapped out of."""
+    return {entry.name for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)}
+
+
+def _foreign(names: list[str], own: tuple[str, ...], folders: set[str]) -> list[str]:
+    """The names the step did not write, a folder's with a trailing /."""
+    return sorted({f"{n}/" if n in folders else n for n in names
+                   if n in folders or (n not in KEPT_ACROSS_SWAPS and not any(fnmatch.fnmatch(n, g) for g in own))})
 
 
 def _check_old(target: Path, own: tuple[str, ...]) -> None:
@@ -253,13 +264,12 @@ def check_replaceable(target: str | Path, own: tuple[str, ...]) -> None:
         return
     if not target.is_dir():
         raise ForeignOutputError(f"{target}: is a file, not an output folder")
-    refuse_foreign(str(target), [p.name for p in target.iterdir()], own)
+    refuse_foreign(str(target), [p.name for p in target.iterdir()], own, _folders_in(target))
 
 
-def refuse_foreign(target: str, names: list[str], own: tuple[str, ...]) -> None:
-    """check_replaceable for the top-level `names` of a folder or S3 prefix."""
-    foreign = sorted({n for n in names
-                      if n not in KEPT_ACROSS_SWAPS and not any(fnmatch.fnmatch(n, g) for g in own)})
+def refuse_foreign(target: str, names: list[str], own: tuple[str, ...], folders: set[str] = frozenset()) -> None:
+    """check_replaceable for the top-level `names` of a folder or S3 prefix, `folders` those that are folders."""
+    foreign = _foreign(names, own, folders)
     if foreign:
         raise ForeignOutputError(
             f"{target}: holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, which this step "
