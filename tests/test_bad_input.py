@@ -3007,6 +3007,37 @@ def test_merged_shards_replace_only_a_file_of_their_own_kind(world, tmp_path, ca
     assert main(["merge", *map(str, shards), "--out", str(tmp_path / "member2.parquet")]) == 0  # a new file: written
 
 
+def without_source(src: Path, dst: Path, **columns) -> Path:
+    """`src` rewritten with `columns`, its metadata without `source` (a file of no known dataset, whose ids and
+    labels no digest checks)."""
+    rewrite(src, dst, **columns)
+    table = pq.read_table(dst)
+    meta = {k: v for k, v in read_metadata(dst).items() if k != "source"}
+    pq.write_table(table.replace_schema_metadata({b"cmce": json.dumps(meta).encode()}), dst)
+    return dst
+
+
+def test_merge_refuses_a_null_or_repeated_id_and_a_label_beyond_32_bits_naming_the_file(world, tmp_path, caplog):
+    """A null or integer id was a traceback; an id repeated within one shard was merged (the count logged short by
+    one) and refused only by build-index; an int64 label of 2**32 + 1 was stored as 1 by merge and build-index."""
+    ids = pq.read_table(world.gallery).column("id").to_pylist()
+    labels = pq.read_table(world.gallery).column("label").to_numpy().astype(np.int64)
+    out = tmp_path / "merged.parquet"
+    cases = {"null": (pa.array([None, *ids[1:]], pa.string()), None, "column 'id' has 1 null rows"),
+             "integer": (pa.array(range(len(ids)), pa.int64()), None, "column 'id' has type int64, expected string"),
+             "repeated": (pa.array([ids[0], *ids[:-1]], pa.string()), None, f"column 'id' has duplicate id '{ids[0]}'"),
+             "wide label": (None, pa.array([2**32 + 1, *labels[1:]], pa.int64()),
+                            "column 'label' has 4294967297, beyond the 32-bit integers cmce's files store")}
+    for case, (id_column, label_column, said) in cases.items():
+        columns = {**({"id": id_column} if id_column is not None else {}),
+                   **({"label": label_column} if label_column is not None else {})}
+        shard = without_source(world.gallery, tmp_path / f"{case.replace(' ', '_')}.parquet", **columns)
+        fails(caplog, ["merge", shard, "--out", out], out, f"{shard}: {said}")
+    wide = tmp_path / "wide_label.parquet"
+    index = tmp_path / "index"
+    fails(caplog, ["build-index", "--gallery", wide, "--out", index], index, f"{wide}: column 'label' has 4294967297")
+
+
 def test_add_gallery_model_names_its_work_files_by_the_model(world, tmp_path):
     """Two gallery models both saved as model.pt, added one after the other with one --work-dir: the second
     overwrote the first's transformation, train embeddings and member file (named by the file, not the model)."""

@@ -382,30 +382,31 @@ def merge_shards(shard_paths: list[str | Path], out: str | Path) -> Path:
                 raise TableError(f"{p}: metadata differs from {ordered[0]} (another model, query model, split or "
                                  "dataset version)")
         schema = pq.read_schema(ordered[0]).with_metadata({"cmce": json.dumps(base, sort_keys=True)})
-        seen: set[str] = set()
+        earlier: set[str] = set()  # the ids of the shards before
         digest = IdsDigest()
         out = Path(out)
         with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **writer_options(schema)) as writer:
             for p in ordered:
-                pf, first_row = open_parquet(p), 0
+                pf, first_row, mine = open_parquet(p), 0, set()
                 if pf.schema_arrow.remove_metadata() != schema.remove_metadata():
                     raise TableError(f"{p}: columns differ from {ordered[0]} "
                                      f"({schema_difference(pf.schema_arrow, schema)})")
                 for rg in range(pf.num_row_groups):
                     table = read_row_group(pf, p, rg)
-                    ids = table.column("id").to_pylist()
-                    if seen.intersection(ids):
-                        first = sorted(seen.intersection(ids))[0]
+                    ids = string_column(table, "id", str(p))  # a null id was a traceback
+                    if earlier.intersection(ids):
+                        first = sorted(earlier.intersection(ids))[0]
                         raise TableError(f"{p}: ids also in an earlier shard (e.g. {shown_id(first)})")
-                    seen.update(ids)
+                    check_unique_ids(ids, str(p), mine)  # a shard's own repeat was merged, refused at build-index
                     digest.update(ids, int_column(table, "label", str(p)))
                     check_finite(table, str(p), first_row)
                     first_row += table.num_rows
                     writer.write_table(table.replace_schema_metadata(schema.metadata))
+                earlier |= mine
             source = base.get("source")  # absent in files written before it was recorded
             if source:
                 check_digest(digest, source, ", ".join(map(str, ordered)), "the split they were cut from", labels=True,
                              why="shards of different dataset files, or of another version of one, or edited; embed "
                                  "them again from one")
-    log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(seen))
+    log.info("merged %d shards into %s (%d rows)", len(ordered), out, len(earlier))
     return out

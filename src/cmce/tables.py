@@ -439,7 +439,15 @@ def int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
         raise TableError(f"{where}: column '{name}' has type {table.column(name).type}, expected an integer")
     if table.column(name).null_count:
         raise TableError(f"{where}: column '{name}' has {table.column(name).null_count} null rows")
-    return table.column(name).to_numpy().astype(np.int64)
+    values = table.column(name).to_numpy().astype(np.int64)
+    outside = (values < INT32.min) | (values > INT32.max)
+    if outside.any():  # written as int32 (labels, counts): 2**32 + 1 was stored as 1, exit 0
+        raise TableError(f"{where}: column '{name}' has {int(values[outside][0])}, beyond the 32-bit integers cmce's "
+                         "files store")
+    return values
+
+
+INT32 = np.iinfo(np.int32)
 
 
 def stored_running_sum(table: pa.Table, n_members: int, where: str, dim: int | None = None) -> np.ndarray:
