@@ -597,3 +597,27 @@ def test_index_settings_are_checked_against_what_rejection_leaves_of_the_gallery
         check_index_fits(IndexConfig(type="ivfpq", ivfpq=IvfPqConfig(m=7)), 32)
     check_index_fits(IndexConfig(type="ivfpq", ivfpq=IvfPqConfig(m=8)), 32)
     check_index_fits(IndexConfig(type="hnsw", ivfpq=IvfPqConfig(m=7)), 32, 10**6)
+
+
+@pytest.mark.parametrize("index_type, part", [("hnsw", "storage"), ("ivfpq", "refine_index"),
+                                              ("ivfpq", "base_index.quantizer")])
+def test_an_index_whose_inner_index_scores_by_l2_is_refused(tmp_path, index_type, part):
+    """An HNSW file whose flat storage was set to L2, its own metric left inner product (checksums rewritten):
+    search answered other neighbours with other scores, exit 0. Each inner index is checked too."""
+    gallery, _ = clustered_gallery(tmp_path, n=1200, members=2)
+    index_dir = build_index(gallery, tmp_path / "index", index_type=index_type,
+                            options=IndexConfig(ivfpq=IvfPqConfig(nbits=4)))
+    load_index(index_dir)
+
+    def to_l2(path):
+        index = faiss.read_index(str(path))
+        inner = faiss.downcast_index(index)
+        for name in part.split("."):
+            inner = faiss.downcast_index(getattr(inner, name))
+        inner.metric_type = faiss.METRIC_L2
+        faiss.write_index(index, str(path))
+
+    _rewrite(index_dir, "index.faiss", to_l2)
+    with pytest.raises(IndexLoadError, match=rf"index.faiss: its {part} holds \d+ vectors scored by L2, the index "
+                                             r"\d+ by inner products: an edited file; build the index again$"):
+        load_index(index_dir)

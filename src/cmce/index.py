@@ -220,6 +220,25 @@ def index_type_of(index: Any) -> str | None:
     return None
 
 
+def check_parts(index: Any, where: str) -> None:
+    """The indexes inside an HNSW or IVF-PQ index score by inner product too, and hold what it holds: an HNSW index
+    whose flat storage was set to L2 (its own metric left inner product) answered other neighbours, exit 0."""
+    top = faiss.downcast_index(index)
+    parts: list[tuple[str, Any, bool]] = []  # name, index, holds every vector
+    if isinstance(top, faiss.IndexHNSWFlat):
+        parts = [("storage", top.storage, True)]
+    elif isinstance(top, faiss.IndexRefineFlat):
+        base = faiss.downcast_index(top.base_index)
+        parts = [("base_index", base, True), ("refine_index", top.refine_index, True),
+                 ("base_index.quantizer", base.quantizer, False)]
+    for name, part, whole in parts:
+        if part.metric_type != faiss.METRIC_INNER_PRODUCT or (whole and part.ntotal != index.ntotal):
+            metric = {faiss.METRIC_INNER_PRODUCT: "inner products", faiss.METRIC_L2: "L2"}.get(
+                part.metric_type, f"faiss metric {part.metric_type}")
+            raise IndexLoadError(f"{where}: its {name} holds {part.ntotal} vectors scored by {metric}, the index "
+                                 f"{index.ntotal} by inner products: an edited file; build the index again")
+
+
 # each search parameter's valid values, as its config key declares them (an edited meta.json's k_factor 0 failed a
 # faiss assertion at the first search, with a traceback; ef_search 0 was used as given)
 SEARCH_PARAMS = {"nprobe": (IvfPqConfig, "nprobe"), "k_factor": (IvfPqConfig, "k_factor"),
@@ -509,6 +528,7 @@ def _load_index(index_dir: str | Path, query_sha256: str | None, gallery_sha256:
         raise IndexLoadError(f"{shown}: index.faiss is a {found} index over "
                              f"{'inner products' if index.metric_type == faiss.METRIC_INNER_PRODUCT else 'L2'}, "
                              f"meta.json records index_type {recorded!r} over inner products; build the index again")
+    check_parts(index, f"{shown}/index.faiss")
     check_unit_vectors(index, ids, f"{shown}/index.faiss")
     if kind == "ivfpq":
         check_inverted_lists(index, f"{shown}/index.faiss")
