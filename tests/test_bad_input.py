@@ -4019,6 +4019,23 @@ def test_index_metadata_handed_on_is_checked(world, tmp_path, caplog, field, val
     fails(caplog, _search(world, index), tmp_path / "unused", f"{index}/meta.json", message)
 
 
+@pytest.mark.parametrize("kind", ["gallery", "member"])
+def test_a_gallery_of_no_split_a_dataset_has_is_refused_before_its_index_is_built(world, tmp_path, caplog, kind):
+    """A gallery recording split `validation` was indexed (exit 0), and every search of that index was refused."""
+    src = world.gallery if kind == "gallery" else world.members[0]
+    edited = tmp_path / f"{kind}.parquet"
+    table = pq.read_table(src)
+    meta = {**read_metadata(src), "split": "validation"}
+    pq.write_table(table.replace_schema_metadata({b"cmce": json.dumps(meta).encode()}), edited)
+    said = "metadata field 'split' must be one of ['train', 'test'], got 'validation'"
+    if kind == "gallery":
+        out = tmp_path / "index"
+        fails(caplog, ["build-index", "--gallery", edited, "--out", out], out, f"{edited}: {said}")
+    else:
+        out = tmp_path / "combined.parquet"
+        fails(caplog, ["combine", "--member", edited, "--out", out], out, f"{edited}: {said}")
+
+
 def test_a_gallery_that_lost_one_of_its_running_sum_columns_is_refused_by_build_index(world, tmp_path, caplog):
     """With `n_models` (or `ensemble_sum`) dropped, build-index skipped the check of `uncertainty` against the running
     sum, and rejected by an edited uncertainty column, exit 0."""

@@ -15,6 +15,7 @@ from cmce.config import ConfigError, check_model_name, shown
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 SHARD = re.compile(r"(\d+)/(\d+)")
+SPLITS = ("train", "test")  # a dataset's splits (a gallery of one is embedded from it)
 
 
 class MetadataError(ValueError):
@@ -23,6 +24,11 @@ class MetadataError(ValueError):
 
 def _sha256(value: Any) -> str | None:
     return None if isinstance(value, str) and SHA256.fullmatch(value) else "a sha256 hex digest"
+
+
+def _split(value: Any) -> str | None:
+    # any text was taken: build-index wrote `validation` into meta.json, which search then refused
+    return None if value in SPLITS else f"one of {list(SPLITS)}"
 
 
 def _text(value: Any) -> str | None:
@@ -51,9 +57,9 @@ MEMBER = {**MODEL, "transformation_sha256": _sha256}
 SOURCE = {"split_rows": _count, "ids_sha256": _sha256}
 # per kind: required fields, optional fields
 FIELDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "gallery": ({"split": _text, "query_model_sha256": _sha256, "members": [MEMBER]},
+    "gallery": ({"split": _split, "query_model_sha256": _sha256, "members": [MEMBER]},
                 {"shard": _shard, "source": SOURCE, "upgraded_from_query_model_sha256": _sha256}),
-    "gallery_member": ({"split": _text, "gallery_model": MODEL, "transformation_sha256": _sha256,
+    "gallery_member": ({"split": _split, "gallery_model": MODEL, "transformation_sha256": _sha256,
                         "query_model_sha256": _sha256}, {"shard": _shard, "source": SOURCE}),
     "train_embeddings": ({"gallery_model": {"name": _name, "sha256": _sha256}, "query_model_sha256": _sha256}, {}),
 }

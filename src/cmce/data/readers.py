@@ -17,6 +17,7 @@ from cmce import strict_json
 from cmce.data.codec import decode_image
 from cmce.data.schema import DATASET_SCHEMA, DOMAIN_FIELD, DataError
 from cmce.output_checks import parquet_kind
+from cmce.provenance import SPLITS
 from cmce.tables import shown_id
 
 
@@ -185,7 +186,6 @@ def iter_split_batches(
         raise DataError(f"{path}: split '{split}' is empty")
 
 
-SPLITS = ("train", "test")
 MAX_CLASSES = 1 << 20  # classifier rows: the largest label + 1 (1M classes × 512 dims is 2 GB of float32)
 
 
