@@ -153,6 +153,11 @@ def _edit(state: dict, edit: str) -> None:
         state["history"] = [1, 2, 3]
     elif edit == "bad scheduler":
         state["scheduler"] = {"lr_lambdas": 1}
+    elif edit == "mis-shaped optimizer moment":  # a traceback at the first optimizer step, every rerun
+        moments = next(iter(state["optimizer"]["state"].values()))
+        moments["exp_avg"] = torch.zeros(3, 3)
+    elif edit == "short scheduler list":  # `zip() argument 2 is shorter than argument 1`, every rerun
+        state["scheduler"]["base_lrs"] = state["scheduler"]["base_lrs"][:-1]
     elif edit == "no epoch":
         del state["epoch"]
     elif edit == "finished at 999":  # epoch, epochs and history edited together: the loop's own count decides
@@ -164,7 +169,8 @@ def _edit(state: dict, edit: str) -> None:
 
 
 @pytest.mark.parametrize("edit", ["extra weight", "mis-shaped weight", "short rng", "no model", "history of numbers",
-                                  "bad scheduler", "epoch 999", "epoch -3", "epoch as text", "epoch None", "epoch x",
+                                  "bad scheduler", "mis-shaped optimizer moment", "short scheduler list",
+                                  "epoch 999", "epoch -3", "epoch as text", "epoch None", "epoch x",
                                   "no epoch", "finished at 999"])
 def test_a_resume_state_edited_inside_its_fingerprint_starts_over(tmp_path, monkeypatch, caplog, edit):
     """Tracebacks (load_state_dict, the RNG, the history), a bare key as the error (`cmce train: model`), or, with

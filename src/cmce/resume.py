@@ -316,8 +316,10 @@ class Resume:
                 # loaded as given, missing fields kept fresh; torch's private ones (`_is_initial`) come and go
                 if not isinstance(state[name], dict) or _public(state[name]) != _public(fresh):
                     raise ValueError(f"a {name} state with other fields than this training's")
+            _check_lists(state["scheduler"], sched.state_dict(), "scheduler")
             module.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            _check_optimizer_shapes(opt)
             sched.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"], generator, device_generator)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
@@ -348,3 +350,22 @@ class Resume:
             s3.delete(self.remote)
         except (OSError, ValueError) as err:  # the output is up: a state left behind is said, not a failure
             log.warning("%s: left behind, delete it by hand (%s)", self.remote, err)
+
+
+def _check_lists(state: dict, fresh: dict, name: str) -> None:
+    """Each list of the state as long as this training's (one value per parameter group): a shorter `base_lrs` failed
+    the first scheduler step, on every rerun."""
+    for key, value in fresh.items():
+        if isinstance(value, list) and (not isinstance(state.get(key), list) or len(state[key]) != len(value)):
+            raise ValueError(f"a {name} state whose {key!r} is not a list of {len(value)}")
+
+
+def _check_optimizer_shapes(opt: torch.optim.Optimizer) -> None:
+    """Each per-parameter tensor of the loaded optimizer state (Adam's moments) of its parameter's shape: another
+    shape failed the first optimizer step with a traceback, on every rerun."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for key, value in opt.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"an optimizer state {key!r} of shape {tuple(value.shape)} for a parameter of "
+                                     f"shape {tuple(param.shape)}")
