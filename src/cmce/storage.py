@@ -184,7 +184,7 @@ def keep_access(old: Path, new: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path next to `target`; rename it onto `target` only on success."""
-    target = Path(target)
+    target = climbed_lexically(Path(target))
     made = make_parents(target)
     clean_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
@@ -223,6 +223,18 @@ def named_on_failure(target: Path) -> Iterator[None]:
         if err.errno not in WRITE_FAILURES:
             raise
         raise NotWritten(f"{target}: not written: {os.strerror(err.errno)}") from None
+
+
+def climbed_lexically(target: Path) -> Path:
+    """`target` with each `..` after its first missing folder taken out with the folder before it: the kernel takes
+    them only once mkdir has made the folders they climb out of, which were left behind, empty
+    (`--out a/b/../../y.pt`). Folders that exist (a link among them) are left to the kernel."""
+    parts = target.parts
+    missing = next((i for i in range(1, len(parts) + 1) if not os.path.lexists(Path(*parts[:i]))), None)
+    if missing is None or ".." not in parts[missing - 1:]:
+        return target
+    rest = os.path.normpath(os.path.join(*parts[missing - 1:]))
+    return Path(*parts[:missing - 1], rest) if missing > 1 else Path(rest)
 
 
 def make_parents(target: Path) -> list[Path]:
@@ -365,7 +377,7 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     swap_lock never see it. A run killed in that window leaves only `.<name>.old`, which restore_dir
     (called here and by readers such as cmce.index.load_index) puts back.
     """
-    target = Path(target)
+    target = climbed_lexically(Path(target))
     made = make_parents(target)
     try:
         with swap_lock(target, exclusive=True):
