@@ -109,11 +109,21 @@ def test_dvc_lifecycle_stages(dvc_repo, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ran = [line for line in res.stdout.splitlines() if line.startswith("Running stage")]
     # the main pipeline was already reproduced: only the lifecycle stages run
-    assert len(ran) == 6, ran
+    assert len(ran) == 7, ran
     for op in ("added", "upgraded"):
         decision = json.loads((ops / "artifacts" / op / "decision.json").read_text())
         assert decision["promoted"] == (not decision["regressed"])
         assert (ops / "artifacts" / op / "index" / "meta.json").exists()
+    # the upgraded query model is exported for the edge, as the KFP upgrade does (DVC exported none)
+    import onnx
+
+    from cmce.config import load_config
+    from cmce.storage import file_sha256
+
+    new_query = load_config(repo / "params.yaml").lifecycle.new_query_model.name
+    exported = onnx.load(ops / "artifacts" / "edge" / f"{new_query}.onnx")
+    props = {p.key: p.value for p in exported.metadata_props}
+    assert props["query_model_sha256"] == file_sha256(ops / "artifacts" / "models" / f"{new_query}.pt")
     res = _dvc(ops, "metrics", "show", "--json")
     assert res.returncode == 0 and "artifacts/upgraded/decision.json" in res.stdout, res.stdout[-2000:]
     for where in (ops, repo):
