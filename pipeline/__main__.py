@@ -192,7 +192,7 @@ def _without_data_path(overrides: list[str]) -> list[str]:
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import config_with_overrides, load_config
+    from cmce.config import ConfigError, config_with_overrides, load_config
     from cmce.config_yaml import read_config_text, read_yaml
     from cmce.overrides import leaf_keys, parse_overrides
     from pipeline.cmce_pipeline import PARAMS_FILE
@@ -209,8 +209,11 @@ def _arguments(args: argparse.Namespace) -> dict:
     if args.params or compiled is None:
         cfg = load_config(args.params or PARAMS_FILE, overrides)
     else:
-        cfg = config_with_overrides(compiled, overrides,
-                                    f"--package {submitted_package(args)} (its compiled-in params)")
+        where = f"--package {submitted_package(args)} (its compiled-in params)"
+        try:
+            cfg = config_with_overrides(compiled, overrides, where)
+        except ConfigError as err:  # as load_config names its file: structural faults do not start with it
+            raise ConfigError(msg if (msg := str(err)).startswith((where, "--")) else f"{where}: {msg}") from None
     if args.command == "run":  # the tasks compute here: a GPU this machine lacks failed each task three times
         from cmce.device import resolve
 

@@ -1537,6 +1537,11 @@ def test_a_submission_without_params_checks_the_params_compiled_into_the_package
     assert _arguments(build_parser().parse_args(submit))["gallery_uri"] == "s3://b/gallery.parquet"
     with pytest.raises(ValueError, match=r"^lifecycle.add_gallery_model: not set in the params; "):
         _arguments(build_parser().parse_args([*submit, "--package", str(package)]))
+    params["bogus"] = 1
+    default["defaultValue"] = json.dumps(params)
+    (tmp_path / "bogus.yaml").write_text(yaml.safe_dump_all([spec, *platform]))
+    with pytest.raises(ValueError, match=rf"^--package {tmp_path / 'bogus.yaml'} \(its compiled-in params\): unknown "):
+        _arguments(build_parser().parse_args([*submit, "--package", str(tmp_path / "bogus.yaml")]))
     given = _arguments(build_parser().parse_args([*submit, "--package", str(package), "--params", str(SMOKE)]))
     assert json.loads(given["params_yaml"])["lifecycle"]["add_gallery_model"]  # --params given: those are sent
     with pytest.raises(ValueError, match=rf"^--package {COMPILED}: compiled pipeline 'cmce', not --pipeline "
