@@ -1309,6 +1309,24 @@ def test_a_kd_teacher_whose_student_name_would_be_too_long_is_refused_before_tra
     assert load_config(SMOKE, {f"gallery_models.{'b' * 62}": long, "kd.enabled": False})  # no student, no limit
 
 
+def test_dot_dots_after_a_missing_folder_of_an_output_are_taken_before_any_check(world, tmp_path, caplog,
+                                                                                 monkeypatch):
+    """`--out missing/../ds.parquet` left `missing/` behind, empty (mkdir made it for the kernel to climb out of), and
+    its check found no file through the missing folder: a gallery at `missing/../g.pt` was replaced by a model. Folders
+    that exist (a link among them) are still the kernel's to climb."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare-data", "--config", str(SMOKE), *TINY, "--out", "missing/deeper/../../ds.parquet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.parquet"]
+    gallery = Path(shutil.copy(world.gallery, tmp_path / "g.pt"))
+    fails(caplog, ["train", "--config", SMOKE, "--set", "train.epochs=1", "--model", "query", "--dataset",
+                   tmp_path / "ds.parquet", "--out", "missing/../g.pt"], gallery,
+          "train: g.pt: holds a Parquet file; this step writes a checkpoint file")
+    (tmp_path / "real" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "inner")
+    assert main(["prepare-data", "--config", str(SMOKE), *TINY, "--out", "link/../ds2.parquet"]) == 0
+    assert (tmp_path / "real" / "ds2.parquet").is_file() and not (tmp_path / "ds2.parquet").exists()
+
+
 def test_a_gate_with_no_metrics_is_refused(tmp_path, caplog):
     out = previous_file(tmp_path / "dataset.parquet")
     fails(caplog, ["prepare-data", "--config", SMOKE, "--set", "lifecycle.gate.metrics=[]", "--out", out], out,

@@ -239,6 +239,20 @@ def expand_home(args: argparse.Namespace) -> None:
             setattr(args, name, [_home(v, name) if isinstance(v, str) else v for v in value])
 
 
+def climb_outputs(args: argparse.Namespace) -> None:
+    """Each local output's `..` after a missing folder taken lexically (storage.climbed_lexically), once, before any
+    check: `--out missing/../y.pt` made `missing/` for the kernel to climb out of (left behind, empty), and its check
+    of what the output would replace found no file through the missing folder (a Parquet y.pt was replaced)."""
+    from cmce.storage import climbed_lexically
+
+    for name in OUTPUT_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "://" not in value:
+            climbed = str(climbed_lexically(Path(value)))
+            if climbed != str(Path(value)):
+                setattr(args, name, climbed + ("/" if value.endswith("/") else ""))
+
+
 def _home(path: str, name: str) -> str:
     if not path.strip():
         raise ValueError(f"{shown_flag(name)} {path!r}: empty; give a value")

@@ -21,6 +21,7 @@ from cmce import device as devices
 from cmce import distributed as ddp
 from cmce.argument_paths import (
     check_output_buckets,
+    climb_outputs,
     expand_home,
     refuse_outputs_among_inputs,
     refuse_repeats,
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + early
     try:
         expand_home(args)
+        climb_outputs(args)
         refuse_repeats(args)
     except ValueError as err:
         log.error("cmce %s: %s", args.command, err)

@@ -184,7 +184,7 @@ def keep_access(old: Path, new: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path next to `target`; rename it onto `target` only on success."""
-    target = climbed_lexically(Path(target))
+    target = Path(target)
     made = make_parents(target)
     clean_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
@@ -377,7 +377,7 @@ def atomic_dir(target: str | Path, own: tuple[str, ...]) -> Iterator[Path]:
     swap_lock never see it. A run killed in that window leaves only `.<name>.old`, which restore_dir
     (called here and by readers such as cmce.index.load_index) puts back.
     """
-    target = climbed_lexically(Path(target))
+    target = Path(target)
     made = make_parents(target)
     try:
         with swap_lock(target, exclusive=True):
