@@ -597,3 +597,27 @@ def test_the_stage_entry_point_runs_without_docstrings():
     res = subprocess.run([sys.executable, "-m", "cmce.dvc_stage", "--help"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "usage: python -m cmce.dvc_stage" in res.stdout, res.stderr
+
+
+def test_a_stage_command_without_config_reads_its_placeholders_from_params(tmp_path, caplog, monkeypatch):
+    """The lifecycle project's export of the new query model (export-query takes no --config) resolved
+    `{lifecycle.new_query_model.name}` from params.yaml in its own folder, which has none: the stage failed."""
+    from cmce.config import load_config
+    from cmce.dvc_stage import main
+    from tests.conftest import SMOKE
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    name = load_config(SMOKE).query_model.name
+    export = ["export-query", "--query-model", "{query_model.name}.pt", "--out", "edge/{query_model.name}.onnx"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["--params", str(SMOKE), *export]) == 2  # resolved, then refused by cmce: no such model
+    said = [r.getMessage() for r in caplog.records]
+    assert f"python -m cmce.dvc_stage: cmce export-query --query-model {name}.pt --out edge/{name}.onnx" in said
+    assert _stage_error(caplog, export).endswith("params.yaml: config file not found")  # no --params: here's
+    assert _stage_error(caplog, ["--params", str(SMOKE), "train", "--config", str(SMOKE), "--model", "x", "--out",
+                                 "m.pt"]).endswith("--params is for a cmce command that takes no --config; this "
+                                                   "one's --config is its params")
+    assert _stage_error(caplog, ["--params=", *export]).endswith(": --params: empty")
+    assert list(tmp_path.iterdir()) == []

@@ -1,11 +1,11 @@
-"""`python -m cmce.dvc_stage [--make-dir DIR] <cmce arguments>`: the `cmd` of a DVC stage that names models.
+"""`python -m cmce.dvc_stage [--make-dir DIR] [--params FILE] <cmce arguments>`: a DVC stage's `cmd` naming models.
 
 DVC runs every `cmd` through a shell after putting `${...}` values into it, so a model name from params.yaml
 in a `cmd` (`q1;touch X;#`, `query v2`) was shell text. Here the command line holds no config text at all:
 `{dotted.key}` stands for that config value (`{query_model.name}`, `{batch_size}`) and `{key}` for the gallery
 model of a `foreach` stage, read from DVC_STAGE (`train_gallery@resnet`), which DVC sets for each stage's
-command. The config (the command's `--config`, else `params.yaml`) is checked whole first, and each value
-becomes one argument of `cmce`, never shell text. A bad name is exit 2 and one line naming its key.
+command. The config (the command's `--config`, else `--params`, else `params.yaml`) is checked whole first, and
+each value becomes one argument of `cmce`, never shell text. A bad name is exit 2 and one line naming its key.
 `{{` and `}}` are literal braces, as in str.format: `--out 'o/{{run}}.pt'` writes `o/{run}.pt`.
 A config that is not a regular file, an empty `--config=`, a `--make-dir` that is a file: exit 2, one line.
 An entry point beside cli.py, as thin: it imports nothing of DVC and reads only that variable.
@@ -94,9 +94,14 @@ def overrides_of(command: list[str]) -> list[str]:
     return option_values(command, "--set")
 
 
-def config_path(command: list[str]) -> Path:
-    """The local config file of `command`, checked as cmce checks it before reading (a FIFO hung here)."""
-    path = params_file(command)
+def config_path(command: list[str], params: str | None = None) -> Path:
+    """The local config file of `command` (`params` for one that reads none, as export-query), checked as cmce checks
+    it before reading (a FIFO hung here)."""
+    if params is not None and option_values(command, "--config"):
+        raise ValueError("--params is for a cmce command that takes no --config; this one's --config is its params")
+    path = params_file(command) if params is None else params
+    if params == "":
+        raise ValueError("--params: empty")
     if not path:
         raise ValueError("--config: empty")
     return local_input(path)
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--make-dir", default=None, metavar="DIR", help="the stage's output folder, which a step may "
                    "leave empty: made (removed again if the command fails); an earlier KD student at --out is "
                    "removed once the command has run with kd.enabled false")
+    p.add_argument("--params", default=None, metavar="FILE", help="the params file the {placeholders} read, for a "
+                   "cmce command without --config (default: the command's --config, else params.yaml here)")
     p.add_argument("--source-digest", nargs=2, default=None, metavar=("FOLDER", "OUT"), help="instead of a command: "
                    "write the sha256 of every file under FOLDER (byte-code caches aside) to OUT")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the cmce command line, with {placeholders}")
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: no cmce command given", where)
         return 2
     try:
-        path = config_path(args.command)
+        path = config_path(args.command, args.params)
         check_gallery_keys(path)
         cfg = load_config(path, parse_overrides(overrides_of(args.command)))  # as the command will run: its --set too
         command = resolve(args.command, cfg, stage)
