@@ -192,7 +192,7 @@ def _without_data_path(overrides: list[str]) -> list[str]:
 def _arguments(args: argparse.Namespace) -> dict:
     """The run's pipeline arguments: the params file, the --set overrides (checked here, so a typo fails
     before anything runs), and the runner's own knobs."""
-    from cmce.config import ConfigError, config_with_overrides, load_config
+    from cmce.config import load_config, named_config
     from cmce.config_yaml import read_config_text, read_yaml
     from cmce.overrides import leaf_keys, parse_overrides
     from pipeline.cmce_pipeline import PARAMS_FILE
@@ -205,15 +205,12 @@ def _arguments(args: argparse.Namespace) -> dict:
     out: dict = lifecycle_inputs(args) if args.pipeline != "cmce" else {}
     # the whole config checked here, not in the first task: the params given, else the ones the run gets (a
     # submitted run, its package's compiled-in params: params.yaml's were checked while the package's ran)
-    compiled = compiled_params(submitted_package(args), args.pipeline) if args.command == "submit" else None
+    package = submitted_package(args) if args.command == "submit" else None
+    compiled = compiled_params(package, args.pipeline) if package is not None else None
     if args.params or compiled is None:
         cfg = load_config(args.params or PARAMS_FILE, overrides)
     else:
-        where = f"--package {submitted_package(args)} (its compiled-in params)"
-        try:
-            cfg = config_with_overrides(compiled, overrides, where)
-        except ConfigError as err:  # as load_config names its file: structural faults do not start with it
-            raise ConfigError(msg if (msg := str(err)).startswith((where, "--")) else f"{where}: {msg}") from None
+        cfg = named_config(compiled, overrides, f"--package {package} (its compiled-in params)")
     if args.command == "run":  # the tasks compute here: a GPU this machine lacks failed each task three times
         from cmce.device import resolve
 

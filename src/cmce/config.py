@@ -410,7 +410,8 @@ def _validate(cfg: Config, where: str, gallery_keys: list[str]) -> None:
     taken = sorted(students & set(seen))
     if taken:  # models/kd_<g>.pt is the KD student of gallery model g
         raise ConfigError(f"{where}: model name(s) {taken} would be overwritten by the KD student of a gallery model")
-    long = [key for key, m in zip(gallery_keys, cfg.gallery_models, strict=True) if len(f"kd_{m.name}") > 64]
+    long = [key for key, m in zip(gallery_keys, cfg.gallery_models, strict=True)
+            if not MODEL_NAME.fullmatch(f"kd_{m.name}")]
     if cfg.kd.enabled and long:  # refused when the student was saved, after every gallery model had trained
         raise ConfigError(f"{where}: {long[0]}.name: with kd.enabled its KD student is named kd_<name>, which must be "
                           "a model name too: give a gallery model name of at most 61 characters")
@@ -540,12 +541,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
     """Read a YAML config; `overrides` maps dotted keys (``train.epochs``) to values; `flags` names the command-line
     flag an override came from where it was not `--set KEY` (a fault it brings is blamed on that flag)."""
     path = Path(path)
-    raw = read_config_mapping(path)
+    return named_config(read_config_mapping(path), overrides or {}, str(path), flags)
+
+
+def named_config(raw: dict[str, Any], overrides: dict[str, Any], where: str,
+                 flags: dict[str, str] | None = None) -> Config:
+    """config_with_overrides, every fault starting with `where` (the file, or what stands for it) or `--set K`."""
     try:
-        return config_with_overrides(raw, overrides or {}, str(path), flags)
+        return config_with_overrides(raw, overrides, where, flags)
     except ConfigError as err:
-        msg = str(err)  # validation messages already start with the path; structural ones do not
-        raise ConfigError(msg if msg.startswith((f"{path}:", "--")) else f"{path}: {msg}") from None  # "--set K"
+        msg = str(err)  # validation messages already start with `where`; structural ones do not
+        raise ConfigError(msg if msg.startswith((f"{where}:", "--")) else f"{where}: {msg}") from None  # "--set K"
 
 
 def read_config_mapping(path: Path) -> dict[str, Any]:
