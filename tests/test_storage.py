@@ -428,4 +428,3 @@ def test_a_full_disk_inside_a_folder_output_names_the_output_not_its_temporary(t
             raise OSError(errno.ENOSPC, "No space left on device")
     assert str(err.value) == f"{target / 'b.json'}: not written: No space left on device"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-
