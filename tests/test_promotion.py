@@ -46,12 +46,27 @@ def test_served_metrics_equal_the_evaluation_of_the_full_ensemble(smoke_run):
         assert served[key] == pytest.approx(metrics[f"asym_ensemble/{n}"][key], abs=1e-6), key
 
 
+def test_served_metrics_leave_out_what_the_served_index_rejects(smoke_run):
+    """The gate measured the whole stored gallery while the served index left out its most uncertain items, so a
+    candidate was judged on items nobody searched. At the index's fraction it now meets the evaluation's curve."""
+    lay, metrics = smoke_run
+    whole = served_metrics(lay.dataset, lay.model("query"), lay.gallery, "test", [1], [1e-3])
+    served = served_metrics(lay.dataset, lay.model("query"), lay.gallery, "test", [1], [1e-3], reject_fraction=0.3)
+    rows = pq.ParquetFile(lay.gallery).metadata.num_rows
+    assert whole["rejected"] == 0 and served["rejected"] == math.ceil(0.3 * rows)
+    assert served["R@1"] == pytest.approx(1 - metrics["rejection/uncertainty"]["retrieval_error@0.3"], abs=1e-6)
+    assert served["R@1"] != whole["R@1"]
+
+
 def _scrambled(gallery, out, seed=0):
-    """Same file and versions, embeddings moved to other rows: a candidate that must regress."""
+    """Same file and versions, each row's ensemble (embedding, running sum, uncertainty) moved to another row: a
+    consistent candidate that must regress."""
     table = pq.read_table(gallery)
-    perm = np.random.default_rng(seed).permutation(table.num_rows)
-    i = table.schema.get_field_index("embedding")
-    pq.write_table(table.set_column(i, table.schema.field(i), table.column(i).take(pa.array(perm))), out)
+    perm = pa.array(np.random.default_rng(seed).permutation(table.num_rows))
+    for name in ("embedding", "ensemble_sum", "uncertainty"):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(i), table.column(i).take(perm))
+    pq.write_table(table, out)
     return out
 
 
@@ -95,6 +110,9 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
     decision = json.loads((tmp_path / "bad.json").read_text())
     assert not decision["promoted"] and "R@1" in decision["regressed"]
     assert decision["candidate"]["R@1"] < decision["baseline"]["R@1"]
+    rows = pq.ParquetFile(lay.gallery).metadata.num_rows  # measured as served: the config's index rejects 10 %
+    assert decision["reject_fraction"] == 0.1 and decision["rejected"] == {"baseline": math.ceil(0.1 * rows),
+                                                                           "candidate": math.ceil(0.1 * rows)}
     for name in ("cmce-query", "cmce-query-onnx", "cmce-query-pyfunc"):
         with pytest.raises(Exception, match="production"):
             client.get_model_version_by_alias(name, "production")

@@ -48,13 +48,13 @@ from cmce.tables import (
     TableError,
     check_rows_are_split,
     check_unique_ids,
+    checked_uncertainty,
     embedding_column,
     float_column,
     int_column,
     read_snapshot,
     require_whole,
     shown_id,
-    stored_running_sum,
     string_column,
     writer_options,
 )
@@ -283,17 +283,7 @@ def build_index(gallery_path: str | Path, out_dir: str | Path, reject_fraction: 
     labels = int_column(table, "label", str(gallery_path))
     if meta.get("source"):
         check_rows_are_split(ids, meta["source"], str(gallery_path), f"the '{meta['split']}' split it records", labels)
-    unc = float_column(table, "uncertainty", str(gallery_path))
-    if (unc < 0).any():  # a mean squared distance: never negative
-        raise TableError(f"{gallery_path}: column 'uncertainty' has negative values (first: row "
-                         f"{int(np.flatnonzero(unc < 0)[0])})")
-    running = [c for c in ("ensemble_sum", "n_models") if c in table.column_names]
-    if len(running) == 1:  # one dropped: `uncertainty` went unchecked, and the rejection read an edited one
-        missing = "n_models" if running == ["ensemble_sum"] else "ensemble_sum"
-        raise TableError(f"{gallery_path}: has column {running[0]!r} but not {missing!r} (a gallery holds both, or, "
-                         "written before they were, neither)")
-    if running:  # older galleries lack them
-        stored_running_sum(table, n_members, str(gallery_path))  # the rejection reads `uncertainty`: it must agree
+    unc = checked_uncertainty(table, n_members, str(gallery_path))
     reject = rejection_mask(unc, reject_fraction)
     keep = ~reject
     built = make_index(emb[keep], index_type, options)

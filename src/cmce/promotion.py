@@ -21,12 +21,15 @@ from cmce.config import Config
 from cmce.data.loader import split_source
 from cmce.embed import embed_split
 from cmce.evaluate import cosine_scores, cross_domains, self_columns
+from cmce.method import rejection_mask
 from cmce.metrics import retrieval_metrics
 from cmce.scores import BLOCK_MB
 from cmce.tables import (
     check_rows_are_split,
+    checked_uncertainty,
     embedding_column,
     int_column,
+    read_schema,
     read_table,
     served_gallery,
     string_column,
@@ -134,19 +137,32 @@ def gate_measures(cfg: Config) -> tuple[list[int], list[float]]:
 
 
 def served_metrics(dataset: Path, query_model: Path, gallery: Path, split: str, recall_k: list[int],
-                   fars: list[float], batch_size: int = 256, block_mb: float = BLOCK_MB) -> dict[str, float]:
-    """Metrics of the query model searching the gallery's stored ensemble embedding."""
+                   fars: list[float], batch_size: int = 256, block_mb: float = BLOCK_MB,
+                   reject_fraction: float = 0.0) -> dict[str, float]:
+    """Metrics of the query model searching the gallery's stored ensemble embedding, without the items an index
+    built at `reject_fraction` leaves out (build-index's rule; a gallery of one member rejects nothing, as it can
+    only have been served whole). `rejected` counts them."""
     q_model = load_embedding_model(query_model)
     meta = served_gallery(gallery, q_model.sha256, query_model, "the gate")
-    table = read_table(gallery, ["id", "label", "embedding"])
+    n_members = len(meta.get("members", []))
+    rejecting = reject_fraction > 0 and n_members >= 2
+    running = [c for c in ("ensemble_sum", "n_models") if rejecting and c in read_schema(gallery).names]
+    table = read_table(gallery, ["id", "label", "embedding", *(["uncertainty", *running] if rejecting else [])])
     g_ids = string_column(table, "id", str(gallery))
     g_labels = int_column(table, "label", str(gallery))
     check_rows_are_split(g_ids, split_source(dataset, meta["split"]), str(gallery),
                          f"the '{meta['split']}' split of {dataset}", g_labels)
     emb = embedding_column(table, "embedding", str(gallery), q_model.embedding_dim)  # named before the embedding
+    if rejecting:
+        keep = ~rejection_mask(checked_uncertainty(table, n_members, str(gallery)), reject_fraction)
+        emb, g_labels, g_ids = emb[keep], g_labels[keep], [i for i, k in zip(g_ids, keep, strict=True) if k]
+    elif reject_fraction > 0:
+        log.warning("%s has %d gallery member(s): measured whole (rejecting by uncertainty needs at least 2)",
+                    gallery, n_members)
+    rejected = table.num_rows - len(g_ids)
     q = embed_split(q_model, dataset, split, batch_size)
     scores = cosine_scores(q.embeddings, emb, self_columns(q.ids, g_ids), cross_domains(dataset, q.ids, g_ids))
-    out = retrieval_metrics(scores, q.labels, g_labels, recall_k, fars, block_mb=block_mb)
-    log.info("%s with %s: %s", gallery, Path(query_model).name,
-             ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "lone_queries"))
+    out = retrieval_metrics(scores, q.labels, g_labels, recall_k, fars, block_mb=block_mb) | {"rejected": rejected}
+    log.info("%s with %s (%d rejected): %s", gallery, Path(query_model).name, rejected,
+             ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k not in ("lone_queries", "rejected")))
     return out

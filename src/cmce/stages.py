@@ -622,24 +622,29 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     g = cfg.lifecycle.gate
     ks, fars = gate_measures(cfg)
 
-    def measured(query: Path, gallery: Path) -> dict[str, float]:
-        return served_metrics(inp.dataset, query, gallery, g.split, ks, fars, cfg.batch_size, cfg.evaluate.block_mb)
+    def measured(query: Path, gallery: Path) -> dict[str, float]:  # as served: without what its index rejects
+        return served_metrics(inp.dataset, query, gallery, g.split, ks, fars, cfg.batch_size, cfg.evaluate.block_mb,
+                              cfg.index.reject_fraction)
 
     # measured first: each gallery must be its whole split before its size means anything
     baseline = measured(inp.baseline_query_model, inp.baseline_gallery)
     candidate = measured(inp.query_model, inp.gallery)
     splits = {p: read_metadata(p)["split"] for p in (inp.baseline_gallery, inp.gallery)}
-    smallest = min(items_answered_from(pq.ParquetFile(p).metadata.num_rows, own_image_left_out=split == g.split,
+    rejected = {inp.baseline_gallery: int(baseline["rejected"]), inp.gallery: int(candidate["rejected"])}
+    smallest = min(items_answered_from(pq.ParquetFile(p).metadata.num_rows - rejected[p],
+                                       own_image_left_out=split == g.split,
                                        own_domain_items=smallest_own_domain(inp.dataset, split))
                    for p, split in splits.items())
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
         raise ValueError(f"lifecycle.gate.metrics: {vacuous} cannot regress where a query is answered from "
-                         f"{smallest} gallery items (its own image left out where the queries are the gallery's); "
+                         f"{smallest} gallery items (its own image left out where the queries are the gallery's, "
+                         "and the items its index rejects); "
                          "gate on a smaller K")
     decision = decide(baseline, candidate, g.metrics, g.tolerance)
     report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
-              "candidate_gallery": origin(inp.gallery)}
+              "candidate_gallery": origin(inp.gallery), "reject_fraction": cfg.index.reject_fraction,
+              "rejected": {"baseline": rejected[inp.baseline_gallery], "candidate": rejected[inp.gallery]}}
     write_text(out.decision, json.dumps(report, indent=2, sort_keys=True) + "\n")
     # promoted: the served versions move to `production`, and the query model's ONNX export and pyfunc with them
     served = served_versions(inp.gallery) if decision.promoted else []
@@ -648,7 +653,8 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
     verdict = "no regression" if decision.promoted else f"NOT promoted (regressed: {decision.regressed})"
     log.info("gate: %s; %s", verdict, ", ".join(f"{m} {decision.baseline[m]:.4f} → {decision.candidate[m]:.4f}"
                                                  for m in decision.metrics))
-    return StepRecord("gate", {"gate": g.__dict__, "baseline_gallery": report["baseline_gallery"],
+    return StepRecord("gate", {"gate": g.__dict__, "reject_fraction": cfg.index.reject_fraction,
+                               "baseline_gallery": report["baseline_gallery"],
                                "candidate_gallery": report["candidate_gallery"], "regressed": decision.regressed},
                       decision.flat(), [], [out.decision], promote=served,
                       promote_from=served_versions(inp.baseline_gallery) if served else [],

@@ -476,3 +476,20 @@ def stored_running_sum(table: pa.Table, n_members: int, where: str, dim: int | N
         raise TableError(f"{where}: column 'uncertainty' of id {shown_id(string_column(table, 'id', where)[row])} "
                          f"is not the spread its 'ensemble_sum' of {n_members} member(s) implies")
     return s
+
+
+def checked_uncertainty(table: pa.Table, n_members: int, where: str) -> np.ndarray:
+    """A gallery's `uncertainty`, which the rejection reads (build-index, the gate): never negative, and the spread
+    its stored running sum implies where the gallery holds one (galleries written before it do not)."""
+    unc = float_column(table, "uncertainty", where)
+    if (unc < 0).any():  # a mean squared distance: never negative
+        raise TableError(f"{where}: column 'uncertainty' has negative values (first: row "
+                         f"{int(np.flatnonzero(unc < 0)[0])})")
+    running = [c for c in ("ensemble_sum", "n_models") if c in table.column_names]
+    if len(running) == 1:  # one dropped: `uncertainty` went unchecked, and the rejection read an edited one
+        missing = "n_models" if running == ["ensemble_sum"] else "ensemble_sum"
+        raise TableError(f"{where}: has column {running[0]!r} but not {missing!r} (a gallery holds both, or, "
+                         "written before they were, neither)")
+    if running:
+        stored_running_sum(table, n_members, where)
+    return unc
