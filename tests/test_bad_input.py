@@ -4506,3 +4506,22 @@ def test_inputs_larger_than_they_can_be_are_refused_unread(world, tmp_path, capl
     os.truncate(image, codec._max_pixels * 8 + (16 << 20) + 1)
     fails(caplog, ["search", "--index", world.index, "--query-model", world.query, "--images", image],
           tmp_path / "unused", f"{image}: a file of", "refused unread")
+
+
+def test_a_model_whose_finite_weights_overflow_is_named_by_every_step_that_embeds(world, tmp_path, caplog):
+    """Finite weights can still give infinite embeddings: fit-transform said `gallery embeddings contain NaN or inf
+    values`, naming no model file."""
+    m = load_embedding_model(world.gallery_models[0])
+    with torch.no_grad():
+        for p in m.net.parameters():
+            if p.dim() > 1:
+                p.mul_(1e6)
+    big = tmp_path / "big.pt"
+    save_embedding_model(m, big, 4)
+    fails(caplog, ["fit-transform", "--config", SMOKE, "--dataset", world.dataset, "--query-model", world.query,
+                   "--gallery-model", big, "--out", tmp_path / "t.pt"], tmp_path / "t.pt",
+          f"{big}: its embedding of id ", "is not finite")
+    fails(caplog, ["embed-gallery", "--dataset", world.dataset, "--query-model", world.query, "--gallery-model", big,
+                   "--transform", tiny_transform(tmp_path / "t_big.pt", big, "resnet_a", world.query, 12, 8),
+                   "--out", tmp_path / "g.parquet"], tmp_path / "g.parquet",
+          f"{big}: its embedding of id ", "is not finite")

@@ -255,6 +255,11 @@ class EmbeddingModel:
     embedding_dim: int
     sha256: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    path: str = ""  # the file it was loaded from, to name it in errors
+
+    @property
+    def shown(self) -> str:
+        return self.path or f"model {self.name!r}"
 
 
 def save_embedding_model(m: EmbeddingModel, path: str | Path, width: int) -> str:
@@ -397,4 +402,5 @@ def load_embedding_model(path: str | Path) -> EmbeddingModel:
         embedding_dim=obj["embedding_dim"],
         sha256=sha256,
         meta=obj.get("meta", {}),
+        path=str(path),
     )

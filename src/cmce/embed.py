@@ -93,7 +93,17 @@ def iter_embeddings(
     chunks = iter_split_chunks(dataset, split, model.in_channels, model.image_size, shard, workers)
     desc = f"embed {model.name} [{split}{'' if shard.count == 1 else f' shard {shard}'}]"
     for batch in tqdm(rebatch(chunks, batch_size), desc=desc, leave=False, mininterval=2, disable=None):
-        yield batch, embed_batch(model, batch.images)
+        yield batch, finite(embed_batch(model, batch.images), model, batch.ids, dataset)
+
+
+def finite(emb: np.ndarray, model: EmbeddingModel, ids: list[str], dataset: str | Path) -> np.ndarray:
+    """The batch's embeddings, refused naming the model file when one is not finite (finite weights that overflow):
+    the step that read them named no model (`gallery embeddings contain NaN or inf values`)."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{model.shown}: its embedding of id {shown_id(ids[int(np.flatnonzero(bad)[0])])} in "
+                         f"{dataset} is not finite (its weights overflow)")
+    return emb
 
 
 def same_embeddings(raws: list[tuple[str, pa.Array]]) -> None:
@@ -149,7 +159,7 @@ def embed_augmented_views(
         for gen, view_embs in zip(gens, embs, strict=True):
             images = augment(batch.images, gen, hflip=hflip).to(device, non_blocking=True)
             for out, m in zip(view_embs, models, strict=True):
-                out.append(embed_batch(m, images))
+                out.append(finite(embed_batch(m, images), m, batch.ids, dataset))
     if not labels:
         return no_rows
     per_model = [np.concatenate([b for view_embs in embs for b in view_embs[i]]) for i in range(len(models))]

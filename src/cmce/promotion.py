@@ -2,9 +2,9 @@
 
 Both sides are measured the way they are served: query-model embeddings of labelled queries searched
 against the gallery file's stored ensemble embedding, less the items its index rejects (cosine, a query's
-own image excluded, the conventions of cmce.metrics). The candidate is promoted when no gated metric drops by more than the
-tolerance: ``candidate[m] >= baseline[m] - tolerance`` for every m. Ties promote (an equal gallery
-that carries a new model version is not a regression).
+own image excluded, the conventions of cmce.metrics). The candidate is promoted when no gated metric
+drops by more than the tolerance: ``candidate[m] >= baseline[m] - tolerance`` for every m. Ties promote
+(an equal gallery that carries a new model version is not a regression).
 """
 
 from __future__ import annotations
