@@ -271,6 +271,23 @@ def test_a_dataset_written_inside_its_imagefolder_is_refused(tmp_path, caplog):
     assert snapshot(root) == kept
 
 
+def test_a_folder_with_a_colon_in_its_name_is_no_uri(tmp_path, caplog):
+    """A path holding `:/` was taken for a URI and compared as text only: prepare-data wrote its dataset over one of
+    the images it read (`--raw col:/d --out col:/d/cat/0.png`) and over its own config, exit 0."""
+    root = image_folder(tmp_path / "col:" / "d", {"cat": 4, "dog": 4})
+    kept = snapshot(root)
+    over = root / "cat" / "0.png"
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--raw", root, "--out", over], over,
+          f"--out {over} is inside the input folder --raw {root}")
+    inside = root / "cat" / "dataset.parquet"
+    fails(caplog, ["prepare-data", *imagefolder_args(root), "--out", inside], inside,
+          f"--out {inside} is inside the data folder data.path {root}")
+    assert snapshot(root) == kept
+    config = tmp_path / "col:" / "c.yaml"
+    config.write_text(SMOKE.read_text())
+    fails(caplog, ["prepare-data", "--config", config, "--out", tmp_path / "col:" / "." / "c.yaml"], config, "--out")
+
+
 def test_prepare_data_raw_names_the_imagefolder_it_reads(tmp_path, caplog):
     """`--raw OTHER` was ignored for an ImageFolder (data.path was read, exit 0), and it turned off the refusal of an
     --out inside data.path. --raw is the root read, as for the benchmark sources."""

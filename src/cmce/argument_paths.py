@@ -33,13 +33,19 @@ def _clashes(out: str, inp: str) -> bool:
     or a folder holding it (an output folder is replaced whole, or has files written into it by name)."""
     if is_remote(out) and is_remote(inp):  # s3:// prefixes: a folder holds the keys under it, as on a disk
         return _under(inp, out)
-    if is_remote(out) or is_remote(inp) or ":/" in inp:  # a URI beside a path, registry names: equal text only
+    if is_remote(out) or is_remote(inp) or is_registered(inp):  # a URI beside a path, registry names: equal text
         return out.rstrip("/") == inp.rstrip("/")
     o, i = Path(out), Path(inp)
     if o.exists() and i.exists() and os.path.samefile(o, i):
         return True
     o, i = _resolved(o), _resolved(i)
     return o == i or o in i.parents
+
+
+def is_registered(value: str) -> bool:
+    """A registered model, `models:/NAME@ALIAS`: the one URI beside s3:// an input may be (foreign schemes are
+    refused first). Any `:/` was taken for one: a local folder `col:` turned off every check of outputs over inputs."""
+    return value.startswith("models:/")
 
 
 def working_folder_under(out: str) -> Path | None:
@@ -83,7 +89,7 @@ def _under(uri: str, prefix: str) -> bool:
 def inside_folder(out: str, inp: str) -> bool:
     if is_remote(out) and is_remote(inp):  # only equal text was compared: an s3:// output inside an input prefix
         return _under(out, inp) and out.rstrip("/") != inp.rstrip("/")  # was written there
-    if is_remote(out) or is_remote(inp) or ":/" in inp or not Path(inp).is_dir():
+    if is_remote(out) or is_remote(inp) or is_registered(inp) or not Path(inp).is_dir():
         return False
     return _resolved(Path(inp)) in _resolved(Path(out)).parents
 
@@ -123,7 +129,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
             raise ValueError(_not_utf8(flag(name), value)) from None
         if "\x00" in value:
             raise ValueError(f"{flag(name)} {ascii(value)}: holds a NUL character")
-        if name in MODEL_ARGS and foreign_scheme(value) and not value.startswith("models:/"):
+        if name in MODEL_ARGS and foreign_scheme(value) and not is_registered(value):
             raise ValueError(f"{flag(name)} {value}: {MODEL_URIS}")
         if name not in MODEL_ARGS and (scheme := foreign_scheme(value)):
             raise ValueError(scheme_error(value, scheme, flag(name)))
@@ -131,7 +137,7 @@ def refuse_outputs_among_inputs(args: argparse.Namespace) -> list[str]:
     for name, value in named(INPUT_ARGS):  # a served index folder held serve's model download, and refused a rebuild
         if name == "config" and Path(value).is_dir():  # was "TMPDIR /tmp is inside the input folder --config /tmp"
             raise ValueError(f"--config {value}: is a folder; give the YAML config file")
-        if not is_remote(value) and ":/" not in value and Path(value).is_dir() and is_within(scratch, value):
+        if not is_remote(value) and not is_registered(value) and Path(value).is_dir() and is_within(scratch, value):
             raise ValueError(f"TMPDIR {scratch} is inside the input folder {flag(name)} {value}: the "
                              "step's scratch files would be written among its inputs; set TMPDIR elsewhere")
     if args.command == "combine":  # there --members-dir is where the per-model files are read from
@@ -221,7 +227,7 @@ def refuse_repeats(args: argparse.Namespace) -> None:
         seen: dict[str, str] = {}
         values = getattr(args, name, None)  # a list where the flag repeats (`--transform` is one file elsewhere)
         for value in values if isinstance(values, list) else []:
-            key = value if is_remote(value) or value.startswith("models:/") else os.path.realpath(value)
+            key = value if is_remote(value) or is_registered(value) else os.path.realpath(value)
             if key in seen:
                 same = "" if seen[key] == value else f" (as {seen[key]})"
                 raise ValueError(f"{shown_flag(name)} {value}: given twice{same}; give each file once")
