@@ -1517,6 +1517,23 @@ def test_a_single_file_output_removes_what_a_killed_upload_of_it_staged(s3_serve
     assert keys(s3_server, bucket) == {"m/g.parquet", "m/.staging-dead00000002/other.parquet", "g.parquet"}
 
 
+def test_objects_named_like_staging_but_not_staged_by_cmce_are_kept(s3_server, s3_chain, monkeypatch, caplog):
+    """Any `.staging-*` key was taken for an upload's leftovers: a user's `u/.staging-v2/g.parquet` was deleted by
+    `merge ... --out s3://b/u/g.parquet`, even when it was the step's own input, and `.staging-keep/notes.txt`
+    inside an output folder was deleted instead of refused as a file the step does not own."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    theirs = f"s3://{bucket}/u/.staging-v2/g.parquet"
+    assert main(["merge", str(s3_chain.local / "gallery.parquet"), "--out", theirs]) == 0
+    assert main(["merge", theirs, "--out", f"s3://{bucket}/u/g.parquet"]) == 0
+    assert keys(s3_server, bucket) == {"u/.staging-v2/g.parquet", "u/g.parquet"}
+    s3_server.client().put_object(Bucket=bucket, Key="v/.staging-keep/notes.txt", Body=b"mine")
+    caplog.clear()
+    assert main(["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"), "--out",
+                 f"s3://{bucket}/v"]) == 2
+    assert ".staging-keep" in caplog.text and "v/.staging-keep/notes.txt" in keys(s3_server, bucket)
+
+
 def test_an_endpoint_that_freezes_mid_upload_is_said_in_one_line(s3_server, s3_chain, monkeypatch, caplog):
     """The endpoint stops answering while a step uploads: its staged objects cannot be removed either. That was a
     warning line before the error's; the error now says both."""

@@ -275,7 +275,7 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
             s3.is_prefix(uri)  # a web server answering 200 to every HEAD is named as no S3 server by its listing
             raise ValueError(f"{uri}: is an object (a file), not an output folder; give another prefix")
         if own is not None:
-            keys = [k for k in s3.list_keys(uri) if not k.startswith(s3.STAGING_PREFIX)]  # an upload's left: own
+            keys = [k for k in s3.list_keys(uri) if not s3.is_staged(k)]  # an upload's leftovers: its own
             refuse_foreign(uri, [k.split("/", 1)[0] for k in keys], own, {k.split("/", 1)[0] for k in keys if "/" in k})
         return
     if s3.is_prefix(uri):

@@ -537,6 +537,13 @@ def _shown_as(staged: str, shown: str) -> Iterator[None]:
 
 
 STAGING_PREFIX = ".staging-"  # inside the folder: a reader of the folder's marker never lists it
+STAGING_ID = re.compile(r"\.staging-[0-9a-f]{12}/")  # the prefix and 12 hex digits of a uuid4: cmce's own
+
+
+def is_staged(rel: str) -> bool:
+    """`rel` (a key inside an output folder) lies under a staging prefix cmce made. Any `.staging-` name was taken
+    for one: a user's `.staging-v2/g.parquet` was deleted, even as the step's own input."""
+    return STAGING_ID.match(rel) is not None
 
 
 def _commit(local: Path, u: S3Uri, staging: S3Uri, rels: list[str], markers: tuple[str, ...]) -> None:
@@ -577,7 +584,8 @@ def _remove_left_staging(u: S3Uri, ours: S3Uri, name: str | None = None) -> None
     except (OSError, ValueError):  # a writer without s3:ListBucket: nothing to look at, the output is whole
         return
     for rel in left:
-        if (name is None or rel.partition("/")[2] == name) and not str(u.join(rel)).startswith(f"{ours}/"):
+        if is_staged(rel) and (name is None or rel.partition("/")[2] == name) and \
+                not str(u.join(rel)).startswith(f"{ours}/"):
             with contextlib.suppress(OSError, ValueError):
                 delete(str(u.join(rel)))
 
