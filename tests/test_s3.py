@@ -1857,3 +1857,38 @@ def test_a_commit_that_deleted_one_marker_and_failed_on_the_next_says_the_folder
     with pytest.raises(OSError, match="Access Denied"):
         cmce_s3.upload_dir(local, uri, RunLayout.COMPLETION_MARKERS)
     assert cmce_s3.partial_uploads == [uri]
+
+
+def test_an_s3_transforms_folder_holding_other_checkpoints_is_not_written_over(s3_server, s3_chain, monkeypatch,
+                                                                                caplog):
+    """upgrade-query-model checked that --transforms-out held only transformations on local folders only: on s3:// the
+    gallery models there were overwritten with transformations, exit 0."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    local, client = s3_chain.local, s3_server.client()
+    for name in ("q.pt", "g.pt"):
+        client.upload_file(str(local / name), bucket, f"m/{name}")
+    before = {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys(s3_server, bucket)}
+    caplog.clear()
+    assert main(["upgrade-query-model", *QUICK, "--dataset", str(local / "d.parquet"), "--gallery",
+                 str(local / "gallery.parquet"), "--query-model", str(local / "q.pt"), "--train-embeddings",
+                 str(local / "train_g.parquet"), "--transforms-out", f"s3://{bucket}/m",
+                 "--out", str(local / "upgraded.parquet")]) == 2
+    assert f"s3://{bucket}/m: holds g.pt, which is not a transformation" in caplog.text
+    assert {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys(s3_server, bucket)} == before
+    assert not (local / "upgraded.parquet").exists()
+
+
+def test_fetch_data_to_an_s3_prefix_holding_files_is_refused(s3_server, monkeypatch, caplog):
+    """fetch-data's importer checks the folder it fills, for s3:// an empty scratch copy: a user's digits.npz at
+    the prefix was written over, exit 0. A prefix holding anything is refused; an empty one is filled."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="raw/digits.npz", Body=b"my own file")
+    caplog.clear()
+    assert main(["fetch-data", "--config", str(SMOKE), "--out", f"s3://{bucket}/raw"]) == 2
+    assert f"s3://{bucket}/raw: holds digits.npz, which this step does not write;" in caplog.text
+    assert client.get_object(Bucket=bucket, Key="raw/digits.npz")["Body"].read() == b"my own file"
+    assert main(["fetch-data", "--config", str(SMOKE), "--out", f"s3://{bucket}/fresh"]) == 0
+    assert keys(s3_server, bucket, "fresh/") == {"fresh/digits.npz"}

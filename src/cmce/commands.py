@@ -14,11 +14,12 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from cmce import distributed as ddp
-from cmce import stages
+from cmce import s3, stages
 from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, index_section_alone, shown_key
@@ -159,7 +160,10 @@ def _shard(args: argparse.Namespace):
 
 
 def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
-    return stages.fetch_data(config_of(args), stages.FetchOutputs(_out(args, args.out, is_dir=True)))
+    # an importer checks the folder it fills, which for s3:// is an empty scratch copy: a prefix holding anything
+    # is refused (its digits.npz, whatever it held, was written over)
+    own = () if is_remote(args.out) else None
+    return stages.fetch_data(config_of(args), stages.FetchOutputs(_out(args, args.out, is_dir=True, own=own)))
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:
@@ -392,11 +396,29 @@ def cmd_upgrade_query_model(args: argparse.Namespace) -> StepRecord:
                                   [_in(p) for p in args.train_embeddings])
 
     index = _index_out(args, args.index_out) if args.index_out else None
-    if not is_remote(args.transforms_out):
+    if is_remote(args.transforms_out):  # the checkpoints there were written over, exit 0
+        _check_remote_transform_folder(args.transforms_out)
+    else:
         check_transform_folder(args.transforms_out)
     outputs = stages.UpgradeOutputs(_parquet_out(args, args.out, GALLERY),
                                     _out(args, args.transforms_out, is_dir=True, own=("*.pt",)), index)
     return stages.upgrade_query_model(config_of(args), inputs, outputs)
+
+
+def _check_remote_transform_folder(uri: str) -> None:
+    """check_transform_folder of an s3:// prefix, on copies of its *.pt objects (none larger than a checkpoint
+    whose kind is read before a step: MAX_REMOTE_CHECKPOINT)."""
+    from cmce.output_checks import MAX_REMOTE_CHECKPOINT
+    from cmce.transform import check_transform_folder
+
+    uri = uri.rstrip("/")
+    with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
+        for name in (k for k in s3.list_keys(uri) if "/" not in k and k.endswith(".pt")):
+            if (s3.object_size(f"{uri}/{name}") or 0) > MAX_REMOTE_CHECKPOINT:
+                raise ValueError(f"{uri}: holds {name}, larger than a transformation is; this step replaces the "
+                                 "folder whole, so give an empty or new folder")
+            s3.download(f"{uri}/{name}", Path(tmp) / name)
+        check_transform_folder(tmp, shown=uri)
 
 
 def cmd_add_member(args: argparse.Namespace) -> StepRecord:

@@ -174,9 +174,10 @@ def save_transformation(t: Transformation, path: str | Path) -> str:
     return t.sha256
 
 
-def check_transform_folder(folder: str | Path) -> None:
+def check_transform_folder(folder: str | Path, shown: str | None = None) -> None:
     """A folder of transformations replaced whole (upgrade-query-model): every *.pt already in it must be a
-    transformation, or replacing it would delete model checkpoints that happen to end in .pt too."""
+    transformation, or replacing it would delete model checkpoints that happen to end in .pt too. `shown`: the
+    folder as the user gave it, where `folder` is a local copy of its *.pt files."""
     folder = Path(folder)
     if not folder.is_dir():
         return
@@ -185,8 +186,8 @@ def check_transform_folder(folder: str | Path) -> None:
             load_checkpoint(path, TRANSFORM_FORMAT)
         except CheckpointError as err:
             reason = str(err).removeprefix(f"{path}: ")
-            raise CheckpointError(f"{folder}: holds {path.name}, which is not a transformation ({reason}); this step "
-                                  "replaces the folder whole, so give an empty or new folder") from None
+            raise CheckpointError(f"{shown or folder}: holds {path.name}, which is not a transformation ({reason}); "
+                                  "this step replaces the folder whole, so give an empty or new folder") from None
 
 
 def load_transformation(
