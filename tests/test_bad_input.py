@@ -1702,6 +1702,31 @@ def test_registered_models_are_fetched_into_scratch_and_unknown_ones_named(world
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_a_registered_file_changed_since_its_registration_is_refused(world, tmp_path, caplog, monkeypatch):
+    """A registry fetch believed the artifact store: another model's file copied over a registered query model was
+    used (exported, searched with), exit 0. The file must hash to the version's sha256 tag."""
+    import shutil as sh
+    from urllib.parse import urlparse
+
+    from cmce.registry import register_version
+    from cmce.tracking import start_parent_run
+    from cmce.tracking_store import mlflow_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_id = start_parent_run(uri, "parent", {}, artifact_location=str(tmp_path / "artifacts"))
+    client = mlflow_client(uri)
+    client.log_artifact(run_id, str(world.query), artifact_path="registered/q")
+    source = f"{client.get_run(run_id).info.artifact_uri}/registered/q"
+    register_version(client, "q", source, run_id, file_sha256(world.query))
+    search = ["search", "--index", world.index, "--dataset", world.dataset, "--limit", "1", "--query-model",
+              "models:/q@candidate"]
+    assert main([str(a) for a in search]) == 0
+    sh.copyfile(world.other_query, Path(urlparse(source).path) / world.query.name)
+    fails(caplog, search, tmp_path / "unused", "models:/q@candidate: the registered file's sha256 is "
+          f"{file_sha256(world.other_query)[:12]}, but version 1 was registered as {file_sha256(world.query)[:12]}")
+
+
 def test_a_registered_model_is_read_under_pythonwarnings_error(world, tmp_path):
     """PYTHONWARNINGS=error (as CI jobs set it) turned SQLAlchemy's deprecation notice inside MLflow's registry into
     `models:/…: registry …: The noload loader strategy is deprecated`: every registered model was refused."""

@@ -78,7 +78,7 @@ def _version_file_sha256(name: str, version: str, registry: str) -> str:
     it publishes (unregistered) and again as it moves @production, and each download stayed in the scratch folder."""
     from cmce.storage import file_sha256
 
-    return file_sha256(resolve_model_uri(f"models:/{name}/{version}", registry))
+    return file_sha256(resolve_model_uri(f"models:/{name}/{version}", registry, verify=False))
 
 
 def unregistered(uri: str, promote: Iterable[tuple[str, str]]) -> list[str]:
@@ -107,9 +107,10 @@ def production_elsewhere(uri: str, served: Iterable[tuple[str, str]]) -> list[st
     return moved
 
 
-def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
+def resolve_model_uri(uri: str, tracking: str | None = None, verify: bool = True) -> Path:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → local path of the registered checkpoint file, in the
-    command's scratch folder (removed when it ends)."""
+    command's scratch folder (removed when it ends). With `verify`, a checkpoint whose sha256 is not its version's
+    sha256 tag is refused (a file changed in the artifact store was used, exit 0)."""
     require_registry(uri, tracking)
     http_defaults()
     import mlflow
@@ -122,19 +123,19 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
     logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.ERROR)
     dst = Path(tempfile.mkdtemp(prefix="model-", dir=scratch_dir()))
     try:
-        return _registered_checkpoint(uri, tracking, dst)
+        return _registered_checkpoint(uri, tracking, dst, verify)
     except BaseException:  # a refused version's download goes now (a server kept one per alias move until it stopped)
         shutil.rmtree(dst, ignore_errors=True)
         raise
 
 
-def _registered_checkpoint(uri: str, tracking: str, dst: Path) -> Path:
+def _registered_checkpoint(uri: str, tracking: str, dst: Path, verify: bool) -> Path:
     """resolve_model_uri's download into `dst`, and the one checkpoint file in it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from cmce.output_checks import file_format
-    from cmce.storage import stands_for
+    from cmce.storage import file_sha256, stands_for
 
     version = None
     try:
@@ -166,6 +167,11 @@ def _registered_checkpoint(uri: str, tracking: str, dst: Path) -> Path:
         shown = ", ".join(p.relative_to(local).as_posix() for p in files[:3]) if local.is_dir() else ""
         raise ValueError(f"{uri}: expected one checkpoint file in the registered version, found {len(files)}"
                          + (f" ({shown})" if shown else ""))
+    tagged = version.tags.get("sha256") if version is not None else None
+    if verify and tagged and file_format(files[0]) == "checkpoint":  # an ONNX export is tagged with its model's
+        if (found := file_sha256(files[0])) != tagged:
+            raise ValueError(f"{uri}: the registered file's sha256 is {found[:12]}, but version {version.version} was "
+                             f"registered as {tagged[:12]}: the file was changed since; register it again")
     stands_for(files[0], uri)  # errors about the file name the registered model, not its scratch copy
     return files[0]
 
