@@ -156,6 +156,37 @@ def test_gate_moves_production_alias_only_without_regression(smoke_run, tmp_path
                                                                         "--mlflow-parent)")
 
 
+def test_a_gate_that_cannot_be_tracked_says_not_promoted(smoke_run, tmp_path, caplog, monkeypatch):
+    """The decision is written before the gate's record is published, and @production moves on publishing: when the
+    artifact store failed, decision.json still said `"promoted": true` while no alias moved (exit 2)."""
+    from mlflow import MlflowClient
+
+    import cmce.tracking
+    from cmce.cli import main
+    from cmce.config import load_config
+    from cmce.tracking import start_parent_run
+    from tests.conftest import SMOKE
+
+    lay, _ = smoke_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "lifecycle", {})
+    _register_smoke_models(uri, parent, lay, load_config(SMOKE))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cmce.tracking, "log_artifact_or_reference", full)
+    assert main(["--mlflow-parent", parent, "--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset",
+                 str(lay.dataset), "--baseline-query-model", str(lay.model("query")), "--baseline-gallery",
+                 str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery),
+                 "--out", str(tmp_path / "decision.json"), "--require-promotion"]) == 2
+    said = json.loads((tmp_path / "decision.json").read_text())
+    assert not said["promoted"] and "the gate could not be tracked" in said["not_promoted"], said
+    assert "No space left on device" in said["not_promoted"]
+    with pytest.raises(Exception, match="production"):
+        MlflowClient(tracking_uri=uri).get_model_version_by_alias("cmce-query", "production")
+
+
 def test_the_kfp_gate_task_withholds_a_promotion_no_alias_can_follow(smoke_run, tmp_path, caplog):
     """A lifecycle pipeline on a `cmce run` folder (whose models were never registered) ended with a decision file
     saying `"promoted": true`; a warning 50 lines above said no alias moved. The task withholds it as the CLI does."""

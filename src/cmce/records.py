@@ -30,6 +30,7 @@ class StepRecord:
     promote_from: list[tuple[str, str]] = field(default_factory=list)
     inputs: list[tuple[str, Path]] = field(default_factory=list)  # (role, file): the data sets the step read
     headline: dict = field(default_factory=dict)  # metrics that also go on the pipeline run (the parent)
+    decision: Path | None = None  # a gate's decision file: said not promoted when the record cannot be published
 
 
 def registry_name(role: str, name: str) -> str:

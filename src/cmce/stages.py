@@ -660,7 +660,7 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
                       promote_from=served_versions(inp.baseline_gallery) if served else [],
                       promote_along=[(registry_name(role, ""), sha) for name, sha in served
                                      if name == registry_name("query", "") for role in ("query-onnx", "query-pyfunc")],
-                      inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)])
+                      inputs=[("dataset", inp.dataset), ("gallery", inp.gallery)], decision=out.decision)
 
 
 # ---------------------------------------------------------------- the whole run in one process

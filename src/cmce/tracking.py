@@ -95,6 +95,10 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
         # the step has written its outputs by now: say so, rather than let a failed step look like no step
         reason = proxy_error(err, info.uri) or schema_error(err) or first_line(err)
         where = "" if info.uri in reason else f"{info.uri}: "
+        if record.decision is not None and record.promote and record.metrics.get("promoted"):
+            from cmce.promotion import withhold  # @production moves last: a deploy script read "promoted": true
+
+            withhold(record.decision, f"the gate could not be tracked ({reason}); @production not moved")
         raise ValueError(f"{where}{record.step}: its outputs are written but not tracked: {reason}") from err
 
 
@@ -321,7 +325,10 @@ def log_step(
             else:
                 with stop_deferred():  # a stop between two aliases served the new query model with the old ONNX
                     _move_production(client, rid, versions, promote_along)  # export and transformations
-                client.set_tag(rid, "promotion", "done")
+                try:  # moved: a failure now must not make the gate's decision say otherwise (see publish)
+                    client.set_tag(rid, "promotion", "done")
+                except Exception as err:
+                    log.warning("moved @%s, but could not tag the gate's run: %s", PRODUCTION, first_line(err))
                 log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
     except BaseException:
         with contextlib.suppress(Exception):  # left RUNNING, it would look like a step still going
