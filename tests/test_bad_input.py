@@ -1656,6 +1656,8 @@ def test_tracking_flags_before_track_start_and_track_end_are_not_dropped(tmp_pat
     (None, "ftp://127.0.0.1/x", "MLFLOW_TRACKING_URI ftp://127.0.0.1/x: MLflow keeps no runs at a ftp: URI"),
     ("databricks", None, "--mlflow-uri databricks: no Databricks workspace configured (DATABRICKS_HOST"),
     (None, "http://[::1:80", "MLFLOW_TRACKING_URI http://[::1:80: not a valid URL (Invalid IPv6 URL)"),
+    # SQLAlchemy opens `app db.sqlite`, cmce's checks read `app%20db.sqlite`: another application's file was migrated
+    ("sqlite:///app%20db.sqlite", None, "--mlflow-uri sqlite:///app%20db.sqlite: holds a % escape"),
 ])
 def test_a_blank_tracking_uri_is_named(world, tmp_path, caplog, monkeypatch, flag, env, message):
     monkeypatch.chdir(tmp_path)
