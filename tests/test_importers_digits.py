@@ -104,6 +104,12 @@ def test_an_npz_declaring_huge_images_is_refused_before_they_are_read(tmp_path):
     np.savez(tmp_path / "flat" / "digits.npz", images=np.zeros((4, 0, 8), np.uint8), labels=np.ones(4, np.int64))
     with pytest.raises(DataError, match="flat/digits.npz: 'images' of 0 × 8 pixels"):
         import_digits(tmp_path / "flat")
+    # 200 million 1 × 1 images in 389 kB held prepare-data for an hour, encoding one PNG each at 10 GB and growing
+    (tmp_path / "many").mkdir()
+    np.savez_compressed(tmp_path / "many" / "digits.npz", images=np.zeros((2_000_001, 1, 1), np.uint8),
+                        labels=np.ones(2_000_001, np.int64))
+    with pytest.raises(DataError, match="many/digits.npz: states 2,000,001 images, over the 2,000,000"):
+        import_digits(tmp_path / "many")
 
 
 def test_fetch_refuses_a_folder_holding_other_files_or_another_digits_npz(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data.codec import check_pixel_count, encode_png
+from cmce.data.codec import check_image_count, check_pixel_count, encode_png
 from cmce.data.schema import DataError, RawImages
 from cmce.storage import atomic_path, open_regular, temp_pattern
 
@@ -68,6 +68,7 @@ def _check_images_header(f: np.lib.npyio.NpzFile, path: Path) -> None:
         if not (shape[1] and shape[2]):
             raise DataError(f"{path}: 'images' of {shape[1]} × {shape[2]} pixels")
         check_pixel_count(shape[2], shape[1], path)
+        check_image_count(shape[0], path)
     if math.prod(shape) > MAX_VALUES:
         raise DataError(f"{path}: 'images' has shape {shape}: {math.prod(shape):,} values, over {MAX_VALUES:,}")
 

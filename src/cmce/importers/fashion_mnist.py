@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmce.data.codec import check_pixel_count, encode_png
+from cmce.data.codec import check_image_count, check_pixel_count, encode_png
 from cmce.data.schema import DataError, RawImages
 from cmce.storage import make_parents, open_regular, remove_if_empty
 
@@ -53,6 +53,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
                 if not (dims[1] and dims[2]):
                     raise DataError(f"{path}: images of {dims[1]} × {dims[2]} pixels")
                 check_pixel_count(dims[2], dims[1], path)
+                check_image_count(dims[0], path)
             total = math.prod(dims)  # Python ints: numpy's product wrapped (65536⁴·16 "expected 0 values")
             if total > MAX_IDX_VALUES:
                 raise DataError(f"{path}: shape {dims} holds {total:,} values, over {MAX_IDX_VALUES:,}")
