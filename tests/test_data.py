@@ -677,6 +677,37 @@ def test_an_official_split_whose_classes_partly_differ_is_said(tmp_path, caplog)
     assert "only in test/" not in caplog.text
 
 
+def test_an_imagefolder_split_into_disjoint_classes_is_kept_by_the_disjoint_protocol(tmp_path, caplog):
+    """train/ {zeta, zulu} and test/ {alpha, bravo}: the disjoint protocol ignored the folders and took the first
+    half of the sorted names, so the test classes trained and the train classes tested (exit 0); heldout read them
+    without a word that no test class is ever trained on."""
+    from cmce.data.protocols import assign_splits
+
+    for part, classes in (("train", ("zeta", "zulu")), ("test", ("alpha", "bravo"))):
+        for cls in classes:
+            (tmp_path / part / cls).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / part / cls / f"{i}.png").write_bytes(_png("L"))
+    raw = import_imagefolder(tmp_path)
+    split = assign_splits(raw, DataConfig(source="imagefolder", protocol="disjoint"), 0)
+    assert {raw.classes[c] for c in raw.labels[split == "train"]} == {"zeta", "zulu"}
+    assert {raw.classes[c] for c in raw.labels[split == "test"]} == {"alpha", "bravo"}
+    with caplog.at_level(logging.WARNING):
+        assign_splits(raw, DataConfig(source="imagefolder", protocol="heldout"), 0)
+    assert "its own train/test split shares no class" in caplog.text
+
+
+def test_the_heldout_protocol_keeps_an_image_of_every_class_for_training():
+    """At heldout_fraction 0.75 a class of 2 images went wholly to test: round(1.5) = 2."""
+    from cmce.data.protocols import assign_splits
+    from cmce.data.schema import RawImages
+
+    labels = np.array([0] * 6 + [1] * 2)
+    raw = RawImages([f"i{n}" for n in range(8)], labels, ["big", "tiny"], [b""] * 8)
+    split = assign_splits(raw, DataConfig(protocol="heldout", heldout_fraction=0.75), 0)
+    assert list(split[labels == 1]).count("train") == 1 and list(split[labels == 0]).count("test") == 4
+
+
 def _fake_debian_tools(bin_dir, dpkg_script: str):
     """`apt-get download` that leaves a .deb in the working folder, and a dpkg-deb running `dpkg_script` (sh)."""
     import os

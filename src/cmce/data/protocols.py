@@ -92,10 +92,14 @@ def assign_splits(raw: RawImages, cfg: DataConfig, seed: int) -> np.ndarray:
         split[:] = np.where(train_class[labels], "train", "test")
     elif raw.official_split is not None:
         split[:] = raw.official_split
+        if not set(labels[split == "train"]) & set(labels[split == "test"]):  # written as heldout, said nowhere
+            log.warning("data.source=%s: its own train/test split shares no class: read under data.protocol=heldout, "
+                        "the test classes are never trained on; data.protocol=disjoint names it so", cfg.source)
     else:
         for c in range(n_classes):
             idx = rng.permutation(np.flatnonzero(labels == c))
-            n_test = int(round(len(idx) * cfg.heldout_fraction)) if len(idx) > 1 else 0
+            # at least one image stays for training: at 0.75 a class of 2 went wholly to test, never trained on
+            n_test = min(int(round(len(idx) * cfg.heldout_fraction)), len(idx) - 1) if len(idx) > 1 else 0
             split[idx[:n_test]] = "test"
             split[idx[n_test:]] = "train"
     for part, cap in (("train", cfg.max_train_per_class), ("test", cfg.max_test_per_class)):

@@ -117,9 +117,12 @@ def import_imagefolder(path: str | Path) -> RawImages:
             raise DataError(f"{base}: {_holds(sum(f.parent == base for f in loose))}no class folders; an official "
                             "split (train/, test/) holds one folder per class")
     classes = sorted({_utf8(c, root).name for _, p in parts for c in _class_folders(p)})
+    disjoint_folders = None
     if has_split:  # the official split is then neither heldout (the same classes) nor disjoint: said, not guessed
         train, test = ({c.name for c in _class_folders(p)} for _, p in parts)
-        if train & test and train != test:
+        if not train & test:  # a class-disjoint split: disjoint_by auto takes it (it took the first half of the names)
+            disjoint_folders = train
+        elif train != test:
             log.warning("%s: train/ and test/ share %d class(es), but %s only in test/ and %s only in train/: a "
                         "held-out protocol tests on the training classes", root, len(train & test),
                         sorted(test - train)[:5] or "none", sorted(train - test)[:5] or "none")
@@ -191,4 +194,5 @@ def import_imagefolder(path: str | Path) -> RawImages:
         # One line for all (297 such classes gave 297 lines)
         log.warning("%s: %d class(es) have a single image (%s%s); such an image cannot be both query and gallery",
                     root, len(single), ", ".join(repr(c) for c in single[:3]), ", …" if len(single) > 3 else "")
-    return RawImages(ids, np.asarray(labels), classes, images, split if has_split else None)
+    class_split = ["train" if c in disjoint_folders else "test" for c in classes] if disjoint_folders else None
+    return RawImages(ids, np.asarray(labels), classes, images, split if has_split else None, class_split)
