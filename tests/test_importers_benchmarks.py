@@ -88,7 +88,17 @@ def test_cub_errors_name_the_file_and_line(tmp_path):
     (root / "images.txt").write_text("\n".join([*lines[:3], "4 002.Laysan_Albatross/gone.jpg", *lines[4:]]))
     with pytest.raises(DataError, match=r"gone.jpg: image listed at .*images.txt:4 not found"):
         import_cub200(root)
+    # an id listed twice: the last line won, moving the image to another class or split without a word
+    (root / "images.txt").write_text("\n".join([*lines, lines[0].replace("1 ", "1 x", 1)]))
+    with pytest.raises(DataError, match=rf"images.txt:{len(lines) + 1}: image_id 1 listed twice"):
+        import_cub200(root)
     (root / "images.txt").write_text("\n".join(lines))
+    for name in ("image_class_labels.txt", "train_test_split.txt"):
+        kept = (root / name).read_text()
+        (root / name).write_text(kept + "1 1\n")
+        with pytest.raises(DataError, match=rf"{name}:16: image_id 1 listed twice"):
+            import_cub200(root)
+        (root / name).write_text(kept)
     (root / "image_class_labels.txt").write_text("1 1\n2 9\n")
     with pytest.raises(DataError, match=r"image_class_labels.txt:2: class_id 9 is not in classes.txt"):
         import_cub200(root)

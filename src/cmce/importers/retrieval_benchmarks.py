@@ -114,19 +114,28 @@ def import_cub200(path: str | Path) -> RawImages:
         cid_ = _int(cid, f, number, "class_id")
         if cid_ not in names:
             raise DataError(f"{f}:{number}: class_id {cid_} is not in classes.txt")
-        class_of[_int(iid, f, number, "image_id")] = cid_
+        iid_ = _int(iid, f, number, "image_id")
+        if iid_ in class_of:  # the last line silently won: an image moved to another class
+            raise DataError(f"{f}:{number}: image_id {iid_} listed twice")
+        class_of[iid_] = cid_
     official: dict[int, str] = {}
     f = root / "train_test_split.txt"
     if f.exists():
         for number, (iid, is_train) in _rows(f, ["image_id", "is_training_image"]):
             if is_train not in ("0", "1"):
                 raise DataError(f"{f}:{number}: is_training_image must be 0 or 1, got {is_train!r}")
-            official[_int(iid, f, number, "image_id")] = "train" if is_train == "1" else "test"
+            iid_ = _int(iid, f, number, "image_id")
+            if iid_ in official:
+                raise DataError(f"{f}:{number}: image_id {iid_} listed twice")
+            official[iid_] = "train" if is_train == "1" else "test"
     label_of = _labels_by_class_id(list(names))
-    ids, labels, images, split, seen = [], [], [], [], {}
+    ids, labels, images, split, seen, listed = [], [], [], [], {}, set()
     f = root / "images.txt"
     for number, (iid, rel) in _rows(f, ["image_id", "path"]):
         iid_ = _int(iid, f, number, "image_id")
+        if iid_ in listed:
+            raise DataError(f"{f}:{number}: image_id {iid_} listed twice")
+        listed.add(iid_)
         if iid_ not in class_of:
             raise DataError(f"{f}:{number}: image_id {iid_} has no class in image_class_labels.txt")
         if official and iid_ not in official:
