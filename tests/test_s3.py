@@ -1892,3 +1892,16 @@ def test_fetch_data_to_an_s3_prefix_holding_files_is_refused(s3_server, monkeypa
     assert client.get_object(Bucket=bucket, Key="raw/digits.npz")["Body"].read() == b"my own file"
     assert main(["fetch-data", "--config", str(SMOKE), "--out", f"s3://{bucket}/fresh"]) == 0
     assert keys(s3_server, bucket, "fresh/") == {"fresh/digits.npz"}
+
+
+def test_an_output_below_an_existing_object_is_refused(s3_server, s3_chain, monkeypatch, caplog):
+    """`--out s3://b/run/q.pt/idx` beside the object `run/q.pt` made that key both an object and a prefix: every
+    later reader of the model was refused (exit 0 here, exit 2 in each of them)."""
+    use_server(monkeypatch, s3_server)
+    bucket = new_bucket(s3_server)
+    s3_server.client().upload_file(str(s3_chain.local / "q.pt"), bucket, "run/q.pt")
+    caplog.clear()
+    assert main(["build-index", "--gallery", str(s3_chain.local / "gallery.parquet"), "--out",
+                 f"s3://{bucket}/run/q.pt/idx"]) == 2
+    assert f"s3://{bucket}/run/q.pt/idx: cannot be created: s3://{bucket}/run/q.pt is an object" in caplog.text
+    assert keys(s3_server, bucket) == {"run/q.pt"}

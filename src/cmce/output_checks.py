@@ -269,6 +269,11 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
         raise ValueError(f"{uri}: the key is {len(u.key.encode())} bytes; S3 keys are at most {s3.MAX_KEY_BYTES}"
                          + (" with the names of the folder's files" if is_dir else ""))
     s3.check_writable(uri)
+    parts = u.key.split("/")
+    for depth in range(1, len(parts)):  # an object `a/q.pt` below which `a/q.pt/idx` is written: then both an
+        above = f"{s3.SCHEME}{u.bucket}/{'/'.join(parts[:depth])}"  # object and a prefix, which no reader takes
+        if s3.object_head(above, "checking the output") is not None:
+            raise ValueError(f"{uri}: cannot be created: {above} is an object (a file)")
     size = s3.object_size(uri)
     if is_dir:
         if size is not None:
