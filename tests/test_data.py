@@ -738,3 +738,21 @@ def test_a_fashion_mnist_package_that_cannot_be_unpacked_is_named_and_leaves_not
     with pytest.raises(DataError, match=re.escape(message)):
         fetch_fashion_mnist(tmp_path / "new" / "fm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+def test_an_apt_mirror_that_stops_answering_is_given_up_on(tmp_path, monkeypatch, caplog):
+    """`apt-get download` (then `apt-get update`, which the log now says) ran without a time limit: a mirror that
+    stopped answering held fetch-data for ever."""
+    import os
+
+    import cmce.importers.fashion_mnist as fm
+
+    _fake_debian_tools(tmp_path / "bin", "exit 0")
+    (tmp_path / "bin" / "apt-get").write_text('#!/bin/sh\n[ "$1" = update ] && exec sleep 30\nexit 100\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(fm, "APT_TIMEOUT_S", 1)
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match=re.escape(
+            "`apt-get update -qq` did not finish within 1 s; is the package mirror reachable?")):
+        fm.fetch_fashion_mnist(tmp_path / "new" / "fm")
+    assert "refreshing the package lists (apt-get update)" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]

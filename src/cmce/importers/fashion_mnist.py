@@ -91,6 +91,17 @@ def import_fashion_mnist(path: str | Path) -> RawImages:
     return RawImages(ids, np.concatenate(labels), list(FASHION_CLASSES), images, split)
 
 
+APT_TIMEOUT_S = 900  # a mirror that stops answering held fetch-data for ever
+
+
+def _apt(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DataError(f"`{' '.join(cmd)}` did not finish within {APT_TIMEOUT_S} s; is the package mirror "
+                        "reachable? Or set data.path to the IDX files") from None
+
+
 def fetch_fashion_mnist(dest: str | Path) -> Path:
     """Unpack Debian's dataset-fashion-mnist package into `dest` (nothing is downloaded from a hub).
 
@@ -110,10 +121,11 @@ def fetch_fashion_mnist(dest: str | Path) -> Path:
             raise DataError(f"fetching Fashion-MNIST needs {tool} (Debian); or set data.path to the IDX files")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["apt-get", "download", "dataset-fashion-mnist"]
-        if subprocess.run(cmd, cwd=tmp, capture_output=True).returncode != 0:
-            # a fresh machine has no package lists yet
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-            res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if _apt(cmd, tmp).returncode != 0:
+            # a fresh machine has no package lists yet: the machine's lists are refreshed, said so
+            log.warning("apt-get download dataset-fashion-mnist failed; refreshing the package lists (apt-get update)")
+            _apt(["apt-get", "update", "-qq"], tmp)
+            res = _apt(cmd, tmp)
             if res.returncode != 0:
                 raise DataError(f"apt-get download dataset-fashion-mnist failed: {res.stderr.strip()}")
         deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"), None)
