@@ -333,6 +333,7 @@ def _idx_header(path, dims, body: bytes = b""):
     ((1, 20000, 20000), 3, "refused, too many pixels: 20000 × 20000 = 400,000,000, over data.max_image_pixels"),
     ((65536, 65536, 2), 3, "shape (65536, 65536, 2) holds 8,589,934,592 values, over 1,073,741,824"),
     ((200_000_000, 1, 1), 3, "states 200,000,000 images, over the 2,000,000"),  # one PNG each: an hour, 10 GB
+    ((0, 28, 28), 3, "holds 0 images"),  # blamed on data.heldout_fraction, which the official split never reads
 ])
 def test_an_idx_header_is_checked_before_its_body_is_read(tmp_path, dims, ndim, message):
     """A 389 kB gzip declaring a 20,000 × 20,000 image was decompressed whole (1.2 GB) and imported past the pixel

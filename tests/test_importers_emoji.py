@@ -4,6 +4,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import sys
 import tarfile
 from collections import defaultdict
@@ -105,6 +106,19 @@ def test_classes_instances_ids_and_skin_tones(tmp_path):
     # the stored image is the vendor's drawing, still RGBA (composited on white only when decoded)
     img = Image.open(io.BytesIO(raw.images[raw.ids.index("twitter/1f44b-1f3ff")]))
     assert img.mode == "RGBA" and img.size == (8, 8)
+
+
+def test_an_image_listed_by_two_emoji_is_named_in_emoji_json(tmp_path):
+    """Two entries sharing one image gave `<out>: column 'id' has duplicate id 'google/…'`, blaming the output."""
+    root = fake_emoji_root(tmp_path)
+    listing = root / "google" / "emoji.json"
+    entries = json.loads(listing.read_text())
+    drawn = [e for e in entries if e.get("has_img_google")]
+    drawn[1]["image"] = drawn[0]["image"]
+    listing.write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=re.escape(f"{listing}: image {drawn[0]['image']} is listed twice (by emoji "
+                                                  f"{drawn[0]['unified']} and {drawn[1]['unified']})")):
+        import_emoji(root)
 
 
 def _class_sides(dataset: Path) -> tuple[dict[str, set], dict]:

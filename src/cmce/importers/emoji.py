@@ -248,14 +248,20 @@ def import_emoji(path: str | Path) -> RawImages:
     ids, labels, images, domains = [], [], [], []
     for vendor, rows in per_vendor.items():
         folder = root / vendor / "img" / vendor / IMAGE_DIR
+        listed: dict[str, str] = {}  # id → the emoji listing it: the output was blamed for a twice-listed image
         for unified, names in rows:
             for name in names:
+                id_ = f"{vendor}/{Path(name).stem}"
+                if id_ in listed:
+                    raise DataError(f"{root / vendor / 'emoji.json'}: image {name} is listed twice (by emoji "
+                                    f"{listed[id_]} and {unified})")
+                listed[id_] = unified
                 f = folder / name
                 if not f.is_file():
                     raise DataError(f"{f}: listed in {root / vendor / 'emoji.json'} (has_img_{vendor}) but missing; "
                                     f"the fetch is incomplete: remove {root / vendor} and fetch again")
                 inside_root(f, real_root, "data root")
-                ids.append(f"{vendor}/{Path(name).stem}")
+                ids.append(id_)
                 labels.append(label_of[unified])
                 images.append(to_png(read_image_file(f), f))
                 domains.append(vendor)

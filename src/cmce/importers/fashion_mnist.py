@@ -54,6 +54,8 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
                     raise DataError(f"{path}: images of {dims[1]} × {dims[2]} pixels")
                 check_pixel_count(dims[2], dims[1], path)
                 check_image_count(dims[0], path)
+                if not dims[0]:  # its split came out empty, blamed on data.heldout_fraction, which it never reads
+                    raise DataError(f"{path}: holds 0 images")
             total = math.prod(dims)  # Python ints: numpy's product wrapped (65536⁴·16 "expected 0 values")
             if total > MAX_IDX_VALUES:
                 raise DataError(f"{path}: shape {dims} holds {total:,} values, over {MAX_IDX_VALUES:,}")
