@@ -185,6 +185,38 @@ def test_a_gate_that_cannot_be_tracked_says_not_promoted(smoke_run, tmp_path, ca
     assert "No space left on device" in said["not_promoted"]
     with pytest.raises(Exception, match="production"):
         MlflowClient(tracking_uri=uri).get_model_version_by_alias("cmce-query", "production")
+    monkeypatch.undo()
+
+    def gate(out):
+        return main(["--mlflow-parent", parent, "--mlflow-uri", uri, "gate", "--config", str(SMOKE), "--dataset",
+                     str(lay.dataset), "--baseline-query-model", str(lay.model("query")), "--baseline-gallery",
+                     str(lay.gallery), "--query-model", str(lay.model("query")), "--gallery", str(lay.gallery),
+                     "--out", str(out)])
+
+    # a failure while the aliases move may leave some moved: the decision is not made to say none did
+    def cut(*args, **kwargs):
+        raise OSError("the registry went away")
+
+    monkeypatch.setattr(cmce.tracking, "_move_production", cut)
+    assert gate(tmp_path / "cut.json") == 2
+    said = json.loads((tmp_path / "cut.json").read_text())
+    assert said["promoted"] and said["production_alias"].startswith("may be partly moved: the registry went away")
+    monkeypatch.undo()
+    # moved, then the run could not be closed: the promotion stands, a warning says so
+    real = MlflowClient.set_terminated
+
+    def unclosable(self, run_id, status=None, end_time=None):
+        if status in (None, "FINISHED"):
+            raise OSError("the store went away")
+        return real(self, run_id, status, end_time)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", unclosable)
+    caplog.clear()
+    assert gate(tmp_path / "moved.json") == 0
+    assert json.loads((tmp_path / "moved.json").read_text())["promoted"]
+    assert "moved @production, but could not close the gate's run" in caplog.text
+    monkeypatch.undo()
+    assert MlflowClient(tracking_uri=uri).get_model_version_by_alias("cmce-query", "production")
 
 
 def test_the_kfp_gate_task_withholds_a_promotion_no_alias_can_follow(smoke_run, tmp_path, caplog):

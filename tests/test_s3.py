@@ -1888,7 +1888,7 @@ def test_fetch_data_to_an_s3_prefix_holding_files_is_refused(s3_server, monkeypa
     client.put_object(Bucket=bucket, Key="raw/digits.npz", Body=b"my own file")
     caplog.clear()
     assert main(["fetch-data", "--config", str(SMOKE), "--out", f"s3://{bucket}/raw"]) == 2
-    assert f"s3://{bucket}/raw: holds digits.npz, which this step does not write;" in caplog.text
+    assert f"s3://{bucket}/raw: holds digits.npz; fetch-data fills only an empty s3:// prefix" in caplog.text
     assert client.get_object(Bucket=bucket, Key="raw/digits.npz")["Body"].read() == b"my own file"
     assert main(["fetch-data", "--config", str(SMOKE), "--out", f"s3://{bucket}/fresh"]) == 0
     assert keys(s3_server, bucket, "fresh/") == {"fresh/digits.npz"}

@@ -162,8 +162,11 @@ def _shard(args: argparse.Namespace):
 def cmd_fetch_data(args: argparse.Namespace) -> StepRecord:
     # an importer checks the folder it fills, which for s3:// is an empty scratch copy: a prefix holding anything
     # is refused (its digits.npz, whatever it held, was written over)
-    own = () if is_remote(args.out) else None
-    return stages.fetch_data(config_of(args), stages.FetchOutputs(_out(args, args.out, is_dir=True, own=own)))
+    if is_remote(args.out) and (held := s3.list_keys(args.out.rstrip("/"))):
+        raise ValueError(f"{args.out}: holds {', '.join(held[:5])}{' …' if len(held) > 5 else ''}; fetch-data fills "
+                         "only an empty s3:// prefix (what is there, even an earlier fetch, is not checked): delete "
+                         "it, or give another prefix")
+    return stages.fetch_data(config_of(args), stages.FetchOutputs(_out(args, args.out, is_dir=True)))
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> StepRecord:

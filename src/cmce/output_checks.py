@@ -273,6 +273,7 @@ def _check_remote_output(text: str, is_dir: bool, own: tuple[str, ...] | None, w
     for depth in range(1, len(parts)):  # an object `a/q.pt` below which `a/q.pt/idx` is written: then both an
         above = f"{s3.SCHEME}{u.bucket}/{'/'.join(parts[:depth])}"  # object and a prefix, which no reader takes
         if s3.object_head(above, "checking the output") is not None:
+            s3.is_prefix(above)  # a web server answering 200 to every HEAD is named as no S3 server by its listing
             raise ValueError(f"{uri}: cannot be created: {above} is an object (a file)")
     size = s3.object_size(uri)
     if is_dir:

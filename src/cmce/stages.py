@@ -637,10 +637,10 @@ def gate(cfg: Config, inp: GateInputs, out: GateOutputs) -> StepRecord:
                    for p, split in splits.items())
     vacuous = [m for m in g.metrics if m.startswith("R@") and int(m[2:]) >= smallest]
     if vacuous:  # every query finds a match within K items of a gallery no bigger than K: any candidate passes
+        less = ", and the items its index rejects" if any(rejected.values()) else ""
         raise ValueError(f"lifecycle.gate.metrics: {vacuous} cannot regress where a query is answered from "
-                         f"{smallest} gallery items (its own image left out where the queries are the gallery's, "
-                         "and the items its index rejects); "
-                         "gate on a smaller K")
+                         f"{smallest} gallery items (its own image left out where the queries are the gallery's"
+                         f"{less}); gate on a smaller K")
     decision = decide(baseline, candidate, g.metrics, g.tolerance)
     report = {**decision.to_dict(), "baseline_gallery": origin(inp.baseline_gallery),
               "candidate_gallery": origin(inp.gallery), "reject_fraction": cfg.index.reject_fraction,

@@ -96,10 +96,24 @@ def publish(info: TrackingInfo | str | Path, record: Any) -> str | None:
         reason = proxy_error(err, info.uri) or schema_error(err) or first_line(err)
         where = "" if info.uri in reason else f"{info.uri}: "
         if record.decision is not None and record.promote and record.metrics.get("promoted"):
-            from cmce.promotion import withhold  # @production moves last: a deploy script read "promoted": true
-
-            withhold(record.decision, f"the gate could not be tracked ({reason}); @production not moved")
+            _decision_unpublished(record.decision, reason, getattr(err, "production_touched", False))
         raise ValueError(f"{where}{record.step}: its outputs are written but not tracked: {reason}") from err
+
+
+def _decision_unpublished(decision: Path, reason: str, touched: bool) -> None:
+    """A promoting gate whose record could not be published: @production moves last, so before the move its decision
+    says not promoted (a deploy script read `"promoted": true` while nothing moved); after the move began, that
+    the aliases may be partly moved. An s3:// decision, uploaded already, goes up again."""
+    from cmce import s3
+    from cmce.promotion import note_in_decision, withhold
+    from cmce.storage import origin
+
+    if touched:
+        note_in_decision(decision, production_alias=f"may be partly moved: {reason}; check the registry")
+    else:
+        withhold(decision, f"the gate could not be tracked ({reason}); @production not moved")
+    if (shown := origin(decision)) != str(decision):
+        s3.put_whole(Path(decision), shown)
 
 
 @contextlib.contextmanager
@@ -286,6 +300,7 @@ def log_step(
     tags = {"mlflow.parentRunId": parent_run_id, **code_tags(), **({DATA_TAG: data_sha} if data_sha else {})}
     run = client.create_run(parent.info.experiment_id, run_name=step, tags=tags)
     rid = run.info.run_id
+    moving = moved = False
     try:
         if data_sha and DATA_TAG not in parent.data.tags:  # the first step that reads the dataset versions the run
             client.set_tag(parent_run_id, DATA_TAG, data_sha)
@@ -323,18 +338,28 @@ def log_step(
                             "them with tracking on first)", PRODUCTION, missing)
                 client.set_tag(rid, "promotion", f"skipped: unregistered {missing}")
             else:
+                moving = True  # from here a failure may leave aliases moved: the decision is not withheld (publish)
                 with stop_deferred():  # a stop between two aliases served the new query model with the old ONNX
                     _move_production(client, rid, versions, promote_along)  # export and transformations
-                try:  # moved: a failure now must not make the gate's decision say otherwise (see publish)
+                moved = True
+                try:  # moved: a failure now must not fail the step whose promotion is done
                     client.set_tag(rid, "promotion", "done")
                 except Exception as err:
                     log.warning("moved @%s, but could not tag the gate's run: %s", PRODUCTION, first_line(err))
                 log.info("moved @%s to %s", PRODUCTION, ", ".join(f"{n} v{v}" for n, v in versions.items()))
-    except BaseException:
+    except BaseException as err:
+        if moving:
+            with contextlib.suppress(AttributeError):
+                err.production_touched = True
         with contextlib.suppress(Exception):  # left RUNNING, it would look like a step still going
             client.set_terminated(rid, "FAILED")
         raise
-    client.set_terminated(rid)
+    try:
+        client.set_terminated(rid)
+    except Exception as err:
+        if not moved:
+            raise
+        log.warning("moved @%s, but could not close the gate's run: %s", PRODUCTION, first_line(err))
     return rid
 
 

@@ -51,7 +51,7 @@ def check_uri_settings(flag: str | None) -> None:
                 urlparse(value).port  # noqa: B018 - parsing the port checks the whole authority
             except ValueError as err:
                 raise ValueError(f"{name} {redact(value)}: not a valid URL ({err})") from None
-        if value and value.startswith("sqlite:") and "%" in value.partition("?")[0]:
+        if value and value.startswith("sqlite:") and re.search("%[0-9A-Fa-f]{2}", value.partition("?")[0]):
             # SQLAlchemy decodes `%20` in the path, cmce's checks of the store read it as written: another
             # application's `app db.sqlite` was migrated into, a half-made store left beside it
             raise ValueError(f"{name} {value}: holds a % escape, which SQLAlchemy decodes into another file name; "
