@@ -23,6 +23,7 @@ from cmce.argument_paths import (
     check_output_buckets,
     climb_outputs,
     expand_home,
+    is_registered,
     refuse_outputs_among_inputs,
     refuse_repeats,
 )
@@ -344,7 +345,6 @@ def _select_device(args: argparse.Namespace) -> None:
 
 
 TRACKING_COMMANDS = ("run", "track-start", "track-end")  # they read --mlflow-uri without --mlflow-parent
-REGISTRY_SCHEMES = ("models:/",)
 
 
 def _string_arguments(args: argparse.Namespace) -> list[str]:
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cmce %s: --mlflow-parent needs --mlflow-uri or MLFLOW_TRACKING_URI", args.command)
         return 2  # before any work: a step that cannot be tracked does not write its outputs either
     if args.mlflow_uri and not args.mlflow_parent and args.command not in TRACKING_COMMANDS and not any(
-            isinstance(v, str) and v.startswith(REGISTRY_SCHEMES) for v in _string_arguments(args)):
+            isinstance(v, str) and is_registered(v) for v in _string_arguments(args)):
         log.warning("cmce %s: --mlflow-uri is read by a step only with --mlflow-parent RUN_ID or for models:/ "
                     "arguments: this one records nothing in MLflow (`cmce run` tracks itself)", args.command)
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")

@@ -20,7 +20,7 @@ from typing import Any
 
 from cmce import distributed as ddp
 from cmce import s3, stages
-from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder
+from cmce.argument_paths import MODEL_URIS, default_folder, inside_folder, is_registered
 from cmce.checkpoint import EMBEDDING_FORMAT, TRANSFORM_FORMAT
 from cmce.config import Config, index_section_alone, shown_key
 from cmce.layout import RunLayout
@@ -144,7 +144,7 @@ def _warn_of_dataset_keys(command: str, overrides: dict[str, Any]) -> None:
 
 def _model(path: str) -> Path:
     """A checkpoint argument: a local path, an s3:// object, or a registered model `models:/NAME@ALIAS`."""
-    if path.startswith("models:/"):
+    if is_registered(path):
         from cmce.registry import resolve_model_uri
 
         return resolve_model_uri(path)

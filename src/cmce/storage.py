@@ -283,10 +283,9 @@ def refuse_foreign(target: str, names: list[str], own: tuple[str, ...], folders:
     """check_replaceable for the top-level `names` of a folder or S3 prefix, `folders` those that are folders."""
     foreign = _foreign(names, own, folders)
     if foreign:
-        written = f" ({', '.join(own)})" if own else ""
         raise ForeignOutputError(
             f"{target}: holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, which this step "
-            f"does not write{written}; it replaces its output folder whole, so give an empty or new folder"
+            f"does not write ({', '.join(own)}); it replaces its output folder whole, so give an empty or new folder"
         )
 
 
